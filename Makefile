@@ -1,0 +1,30 @@
+# Ferry: the README's two commands are `make demo` and `make test`.
+BUILD ?= build
+
+.PHONY: all setup build test demo asan clean
+
+all: build
+
+setup:
+	scripts/setup.sh
+
+build:
+	scripts/setup.sh --no-model
+	[ -f $(BUILD)/build.ninja ] || meson setup $(BUILD)
+	ninja -C $(BUILD)
+
+# Sets up, builds, runs every suite; the last line is "N passed, N failed, N skipped".
+test:
+	scripts/test.sh $(BUILD)
+
+# A local cluster on this machine with the real model (see README.md).
+demo:
+	scripts/demo.sh
+
+# Unit, integration and fuzz suites under AddressSanitizer + UndefinedBehaviorSanitizer.
+asan:
+	FERRY_MESON_ARGS="-Db_sanitize=address,undefined -Dcuda=disabled -Dbuildtype=debug" \
+		scripts/test.sh build-asan --suite unit --suite integration --suite fuzz
+
+clean:
+	rm -rf build build-asan
