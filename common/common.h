@@ -8,6 +8,7 @@
  *   software fallback otherwise).
  * - CRC32C (Castagnoli; SSE4.2 when available, slicing table fallback).
  * - monotonic clock, a thread pool with a blocking parallel-for, an arena allocator.
+ * - configuration (defaults < YAML file < flags) and a metrics registry (Prometheus text).
  * - CUDA twins of the buffer conversions (return FY_ERR_NO_DEVICE in builds without CUDA).
  */
 #ifndef FERRY_COMMON_H
@@ -17,6 +18,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -258,6 +260,123 @@ void *fy_arena_alloc(fy_arena_t *arena, size_t size, size_t align);
 void *fy_arena_calloc(fy_arena_t *arena, size_t count, size_t size, size_t align);
 /* Releases everything but keeps the largest block for reuse. */
 void fy_arena_reset(fy_arena_t *arena);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Configuration: defaults < config file (YAML) < command-line flags                           */
+/* ------------------------------------------------------------------------------------------ */
+
+typedef enum {
+    FY_OPT_STRING = 0,
+    FY_OPT_INT,    // int64, decimal or 0x hex
+    FY_OPT_SIZE,   // bytes; accepts suffixes K, M, G, T (powers of 1024) and KiB/MiB/GiB/TiB, KB/MB/GB
+    FY_OPT_DOUBLE,
+    FY_OPT_BOOL,   // true/false, yes/no, on/off, 1/0; a bare flag means true
+    FY_OPT_DURATION, // milliseconds; accepts suffixes ms, s, m, h (bare numbers are ms)
+} fy_opt_type_t;
+
+/* One option of a daemon or command. The flag is --<name>; in a config file the key is the
+ * same name, with '-' or '_' (so kv-memory and kv_memory are one key). */
+typedef struct {
+    const char *name;
+    fy_opt_type_t type;
+    const char *def;  // default as text; NULL = unset (and required when `required`)
+    const char *help;
+    bool required;
+} fy_opt_t;
+
+typedef struct fy_config fy_config_t;
+
+/* Creates a configuration over the option table; opts is borrowed for the config's lifetime.
+ * Thread: any. */
+fy_status_t fy_config_create(const fy_opt_t *opts, size_t n_opts, fy_config_t **cfg_p);
+/* Frees the config; accepts NULL. */
+void fy_config_destroy(fy_config_t *cfg);
+
+/* Loads a YAML file: a mapping of option names to scalars. Nested mappings give dotted keys
+ * ("codec: {budget: 0.25}" sets codec.budget). Unknown keys and bad values fail with a
+ * message naming the file, line and key in err. Thread: not thread-safe. */
+fy_status_t fy_config_load_file(fy_config_t *cfg, const char *path, char *err, size_t err_len);
+
+/* Parses argv: first --config FILE (if given, loaded first), then every --name=value,
+ * --name value or --flag (bools). Arguments that are not options are left as positionals
+ * (fy_config_positional). "--help"/"-h" sets fy_config_help_requested. A later value
+ * overrides an earlier one. Thread: not thread-safe. */
+fy_status_t fy_config_parse_args(fy_config_t *cfg, int argc, char **argv, char *err,
+                                 size_t err_len);
+
+/* Checks that every required option has a value and every value parses. */
+fy_status_t fy_config_validate(const fy_config_t *cfg, char *err, size_t err_len);
+
+/* Sets one option from text, as a flag would. FY_ERR_NOT_FOUND for an unknown name. */
+fy_status_t fy_config_set(fy_config_t *cfg, const char *name, const char *value, char *err,
+                          size_t err_len);
+
+bool fy_config_help_requested(const fy_config_t *cfg);
+size_t fy_config_n_positional(const fy_config_t *cfg);
+/* The i-th positional argument; valid until the config is destroyed. */
+const char *fy_config_positional(const fy_config_t *cfg, size_t i);
+
+/* Typed getters. They return the parsed value, or the zero value when the option is unset
+ * (or unknown: a programming error, logged). Thread: any, once parsing is done. */
+const char *fy_config_str(const fy_config_t *cfg, const char *name);
+int64_t fy_config_int(const fy_config_t *cfg, const char *name);
+uint64_t fy_config_size(const fy_config_t *cfg, const char *name);
+double fy_config_double(const fy_config_t *cfg, const char *name);
+bool fy_config_bool(const fy_config_t *cfg, const char *name);
+uint64_t fy_config_duration_ms(const fy_config_t *cfg, const char *name);
+/* Whether the option was given by a file or a flag (not just defaulted). */
+bool fy_config_is_set(const fy_config_t *cfg, const char *name);
+
+/* Prints "usage: prog [options] <args>", the summary and one line per option with its
+ * default. */
+void fy_config_print_help(const fy_config_t *cfg, FILE *out, const char *usage_line,
+                          const char *summary);
+
+/* Value parsers shared with other modules; on error *_p is untouched. */
+fy_status_t fy_parse_size(const char *s, uint64_t *bytes_p);
+fy_status_t fy_parse_duration_ms(const char *s, uint64_t *ms_p);
+fy_status_t fy_parse_bool(const char *s, bool *b_p);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Metrics: counters, gauges, histograms; Prometheus text exposition format 0.0.4              */
+/* ------------------------------------------------------------------------------------------ */
+
+typedef struct fy_metrics fy_metrics_t;
+typedef struct fy_metric fy_metric_t;
+
+typedef enum { FY_METRIC_COUNTER, FY_METRIC_GAUGE, FY_METRIC_HISTOGRAM } fy_metric_kind_t;
+
+/* Creates an empty registry. Thread: any. */
+fy_status_t fy_metrics_create(fy_metrics_t **m_p);
+/* Frees the registry and its metrics; accepts NULL. */
+void fy_metrics_destroy(fy_metrics_t *m);
+
+/* Registers (or returns the already registered) series `name{labels}`. labels is the text
+ * inside the braces, e.g. `reason="deadline"`, or NULL. Histograms take n_bounds ascending
+ * upper bounds (the +Inf bucket is implicit). The returned pointer lives as long as the
+ * registry. NULL on bad names, a kind conflict or out of memory. Thread: any (takes a lock);
+ * register at start-up, update on the hot path. */
+fy_metric_t *fy_metrics_counter(fy_metrics_t *m, const char *name, const char *labels,
+                                const char *help);
+fy_metric_t *fy_metrics_gauge(fy_metrics_t *m, const char *name, const char *labels,
+                              const char *help);
+fy_metric_t *fy_metrics_histogram(fy_metrics_t *m, const char *name, const char *labels,
+                                  const char *help, const double *bounds, size_t n_bounds);
+
+/* Updates; lock-free. Accept NULL (no-op) so optional metrics need no checks. Thread: any. */
+void fy_metric_add(fy_metric_t *c, double v); // counters (v >= 0) and gauges
+void fy_metric_inc(fy_metric_t *c);
+void fy_metric_set(fy_metric_t *g, double v); // gauges
+void fy_metric_observe(fy_metric_t *h, double v); // histograms
+double fy_metric_value(const fy_metric_t *c);     // counter or gauge value; histogram sum
+uint64_t fy_metric_count(const fy_metric_t *h);   // histogram observation count
+
+/* Renders every series in the Prometheus text format into a malloc'd NUL-terminated string
+ * that the caller frees. Thread: any. */
+fy_status_t fy_metrics_render(fy_metrics_t *m, char **text_p, size_t *len_p);
+
+/* Bucket bounds in seconds suited to latencies from 0.5 ms to 60 s (n = 16). */
+extern const double fy_metrics_latency_bounds[16];
 
 /* ------------------------------------------------------------------------------------------ */
 /* CUDA twins (common/half.cu)                                                                 */
