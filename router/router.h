@@ -1,0 +1,128 @@
+/*
+ * router.h: the router's building blocks below the daemon.
+ *
+ * - router_registry: the set of live workers (register, heartbeat, expiry, draining, recent
+ *   failures) and placement: a prefill worker with the fewest queued prefill tokens and a
+ *   decode worker with the most free KV pages, then the fewest running sequences. Placement
+ *   books the chosen request against the cached load so that requests placed between two
+ *   heartbeats spread out instead of piling onto the worker that looked idlest.
+ *
+ * The daemon (router/main.c) owns RPC, retries and metrics; this header never includes it.
+ */
+#ifndef FERRY_ROUTER_H
+#define FERRY_ROUTER_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "common.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum {
+    ROUTER_ROLE_PREFILL = 1,
+    ROUTER_ROLE_DECODE = 2,
+} router_role_t;
+
+/* Load a worker reports with each heartbeat. */
+typedef struct {
+    uint32_t queued_prefill_tokens;
+    uint32_t running_sequences;
+    uint64_t free_kv_pages;
+    uint64_t total_kv_pages;
+    uint32_t page_bytes;
+} router_load_t;
+
+/* What the registry knows of one worker. Strings are NUL-terminated copies. */
+typedef struct {
+    char id[64];
+    router_role_t role;
+    char rpc_address[128];
+    char kv_address[128];
+    uint64_t model_fingerprint;
+    router_load_t load;     // last reported, minus what placement booked since
+    uint64_t last_seen_ns;  // fy_clock_ns() of the last register/heartbeat
+    uint64_t avoid_until_ns; // after a failure, placed only if nothing else is available
+    uint32_t consecutive_failures;
+    bool draining;
+} router_worker_t;
+
+typedef struct {
+    uint32_t lease_ms;         // workers heartbeat at least this often (default 1000)
+    uint32_t expiry_leases;    // a worker silent for this many leases is dropped (default 3)
+    uint32_t failure_backoff_ms; // first avoidance after a failure, doubling (default 2000)
+    uint32_t max_workers;      // default 1024
+} router_registry_params_t;
+
+void router_registry_params_default(router_registry_params_t *params);
+
+typedef struct router_registry router_registry_t;
+
+/* Creates an empty registry; params NULL = defaults. Thread: any. */
+fy_status_t router_registry_create(const router_registry_params_t *params,
+                                   router_registry_t **reg_p);
+/* Frees it; accepts NULL. */
+void router_registry_destroy(router_registry_t *reg);
+
+/* Adds a worker or refreshes one with the same id (a restarted worker re-registers).
+ * FY_ERR_INVALID_ARG for an empty id or role, FY_ERR_RESOURCE_EXHAUSTED when full.
+ * info is copied. Thread: any. */
+fy_status_t router_registry_register(router_registry_t *reg, const router_worker_t *info,
+                                     uint64_t now_ns);
+
+/* Records a heartbeat and its load. FY_ERR_NOT_FOUND for an unknown (e.g. expired) worker,
+ * which should register again. Thread: any. */
+fy_status_t router_registry_heartbeat(router_registry_t *reg, const char *id,
+                                      const router_load_t *load, uint64_t now_ns);
+
+/* Removes a worker (it said goodbye, or its connection died). Thread: any. */
+fy_status_t router_registry_remove(router_registry_t *reg, const char *id);
+
+/* Marks a worker draining: it keeps its running work but gets nothing new. Thread: any. */
+fy_status_t router_registry_set_draining(router_registry_t *reg, const char *id, bool draining);
+
+/* Drops workers whose last heartbeat is older than expiry_leases * lease_ms; writes up to
+ * max_ids removed ids into ids_p (may be NULL) and returns how many were removed.
+ * Thread: any. */
+size_t router_registry_expire(router_registry_t *reg, uint64_t now_ns,
+                              char (*ids_p)[64], size_t max_ids);
+
+/* Reports the outcome of a request on a worker: a failure puts it in exponential backoff,
+ * a success clears it. Thread: any. */
+void router_registry_report(router_registry_t *reg, const char *id, bool ok, uint64_t now_ns);
+
+/* What one placement asks for. */
+typedef struct {
+    uint64_t model_fingerprint; // 0 = any
+    uint32_t prompt_tokens;
+    uint64_t kv_pages;           // pages the decode side must reserve
+    const char *exclude_prefill; // a worker that just failed this request, or NULL
+    const char *exclude_decode;
+} router_place_req_t;
+
+/* Picks a (prefill, decode) pair and books the request against their cached load
+ * (queued tokens, free pages, running sequences) until their next heartbeat. Workers in
+ * failure backoff are used only if no other worker qualifies. FY_ERR_UNAVAILABLE when no
+ * live, non-draining pair serves the model; FY_ERR_RESOURCE_EXHAUSTED when decode workers
+ * exist but none has kv_pages free. Copies of the chosen workers go to *_p.
+ * Thread: any. */
+fy_status_t router_registry_place(router_registry_t *reg, const router_place_req_t *req,
+                                  uint64_t now_ns, router_worker_t *prefill_p,
+                                  router_worker_t *decode_p);
+
+/* Returns booked load to the cached figures when a placed request ends before the next
+ * heartbeat would have said so (prefill done: tokens; decode done: sequence and pages). */
+void router_registry_release(router_registry_t *reg, const char *prefill_id,
+                             uint32_t prompt_tokens, const char *decode_id, uint64_t kv_pages);
+
+/* Copies up to max workers into out (for status and metrics); returns the total count.
+ * Thread: any. */
+size_t router_registry_snapshot(router_registry_t *reg, router_worker_t *out, size_t max);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FERRY_ROUTER_H */
