@@ -1,0 +1,77 @@
+/*
+ * decode.h: the decode worker's building blocks below the daemon.
+ *
+ * - decode_leases: admission control. The router asks a decode worker to reserve KV pages for
+ *   a request before its prefill starts; the reservation is a lease that is released when the
+ *   request completes, is cancelled or fails, or when no KV arrives before the lease expires.
+ *   Reserved pages are promised, not yet allocated: a new reservation is refused with
+ *   FY_ERR_RESOURCE_EXHAUSTED when pages in use plus pages promised would exceed the pool.
+ */
+#ifndef FERRY_DECODE_H
+#define FERRY_DECODE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "common.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct decode_leases decode_leases_t;
+
+typedef struct {
+    uint64_t id;            // reservation id, never 0
+    char request_id[64];
+    uint64_t pages;         // pages promised
+    uint64_t pages_used;    // pages allocated against it so far (by placed frames)
+    uint64_t expires_ns;    // 0 once the KV has fully arrived (the lease no longer expires)
+} decode_lease_t;
+
+/* Creates a table over a pool of total_pages. Thread: any (all calls take one lock). */
+fy_status_t decode_leases_create(uint64_t total_pages, decode_leases_t **leases_p);
+/* Frees the table; accepts NULL. */
+void decode_leases_destroy(decode_leases_t *leases);
+
+/* Reserves pages for request_id until now_ns + lease_ms unless it is made permanent first.
+ * FY_ERR_RESOURCE_EXHAUSTED when it does not fit, FY_ERR_EXISTS for a request id that holds
+ * a reservation already, FY_ERR_INVALID_ARG for 0 pages or an empty id. The id goes to
+ * *id_p. */
+fy_status_t decode_leases_reserve(decode_leases_t *leases, const char *request_id,
+                                  uint64_t pages, uint32_t lease_ms, uint64_t now_ns,
+                                  uint64_t *id_p);
+
+/* Counts pages allocated for a reservation (frames placed). Fails with
+ * FY_ERR_RESOURCE_EXHAUSTED, changing nothing, if that would exceed the reservation. */
+fy_status_t decode_leases_use(decode_leases_t *leases, uint64_t id, uint64_t pages);
+
+/* Marks the KV complete: the lease stops expiring and unused promised pages return to the
+ * pool. */
+fy_status_t decode_leases_commit(decode_leases_t *leases, uint64_t id);
+
+/* Grows a committed reservation as decoding appends tail pages; same failure rule as reserve.
+ */
+fy_status_t decode_leases_grow(decode_leases_t *leases, uint64_t id, uint64_t pages);
+
+/* Ends a reservation (completion, cancel, failure): all its pages return. */
+fy_status_t decode_leases_release(decode_leases_t *leases, uint64_t id);
+
+/* Looks a reservation up; the copy goes to *lease_p. */
+fy_status_t decode_leases_get(decode_leases_t *leases, uint64_t id, decode_lease_t *lease_p);
+
+/* Releases every reservation whose lease ran out; writes up to max of them to expired_p (so
+ * the caller can free the pages they used) and returns how many expired. */
+size_t decode_leases_expire(decode_leases_t *leases, uint64_t now_ns, decode_lease_t *expired_p,
+                            size_t max);
+
+/* Pages neither used nor promised. */
+uint64_t decode_leases_available(decode_leases_t *leases);
+/* Live reservations. */
+size_t decode_leases_count(decode_leases_t *leases);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FERRY_DECODE_H */
