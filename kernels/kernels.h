@@ -1,0 +1,123 @@
+/*
+ * kernels.h: the compute ops of the model forward pass.
+ *
+ * One file per op (kernels/<op>.c for the CPU; a CUDA twin kernels/<op>.cu with the same
+ * signature may sit beside it). The CPU versions are the reference: always built, plain C with
+ * explicit dimensions and row strides (in elements), no allocation. All tensors are FP32 unless
+ * the name says otherwise; FP16 is IEEE binary16 stored as uint16_t.
+ *
+ * Layout conventions:
+ * - A weight matrix is W [n_out][n_in] row-major (the GGUF order: ne0 = n_in is contiguous),
+ *   so a linear layer is y = x · Wᵀ.
+ * - Activations are [n_tokens][width] with a row stride.
+ * - Keys and values of one layer are [n_kv_heads][n_ctx][head_dim] (K after RoPE), the layout
+ *   the KV codec consumes.
+ */
+#ifndef FERRY_KERNELS_H
+#define FERRY_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ------------------------------------------------------------------------------------------ */
+/* GEMM (gemm.c): OpenBLAS                                                                      */
+/* ------------------------------------------------------------------------------------------ */
+
+/* y[m][n] = x[m][k] · w[n][k]ᵀ (+ y when accumulate). Row strides ldx, ldw, ldy in elements.
+ * m == 1 takes the matrix-vector path. Threads: OpenBLAS's own (see krn_gemm_set_threads).
+ * Thread: any (buffers owned by the caller must not overlap y). */
+void krn_gemm_f32(int m, int n, int k, const float *x, int ldx, const float *w, int ldw, float *y,
+                  int ldy, int accumulate);
+
+/* Sets how many threads OpenBLAS uses for the GEMMs (a process-wide OpenBLAS setting, which is
+ * why it lives here and nowhere else). n <= 0 keeps the library default. Thread: any. */
+void krn_gemm_set_threads(int n);
+
+/* ------------------------------------------------------------------------------------------ */
+/* RMSNorm (rmsnorm.c)                                                                          */
+/* ------------------------------------------------------------------------------------------ */
+
+/* out[i][:] = x[i][:] / sqrt(mean(x[i][:]²) + eps) * w[:] for n_rows rows of dim elements.
+ * out may equal x. Thread: any. */
+void krn_rmsnorm_f32(float *out, int ldo, const float *x, int ldx, const float *w, int n_rows,
+                     int dim, float eps);
+
+/* ------------------------------------------------------------------------------------------ */
+/* RoPE (rope.c)                                                                                */
+/* ------------------------------------------------------------------------------------------ */
+
+typedef enum {
+    KRN_ROPE_NORM = 0, /* rotate adjacent pairs (x[2i], x[2i+1]): GGUF Llama (permuted Q/K) */
+    KRN_ROPE_NEOX = 2, /* rotate halves (x[i], x[i + n_rot/2]): Qwen2, HF layout */
+} krn_rope_mode_t;
+
+/* RoPE parameters of a model (from its metadata). */
+typedef struct {
+    krn_rope_mode_t mode;
+    int n_rot;                 /* rotated dims per head (<= head_dim, even) */
+    float theta;               /* base frequency */
+    float freq_scale;          /* linear scaling: position * freq_scale (1 = none) */
+    const float *freq_factors; /* [n_rot / 2] divisors of each frequency (Llama 3), or NULL;
+                                  borrowed */
+} krn_rope_t;
+
+/* Rotates in place x [n_tokens][n_heads][head_dim] (row stride ldx between tokens, heads
+ * contiguous) at positions pos[n_tokens]. Thread: any. */
+void krn_rope_f32(float *x, int ldx, int n_tokens, int n_heads, int head_dim, const int32_t *pos,
+                  const krn_rope_t *rope);
+
+/* ------------------------------------------------------------------------------------------ */
+/* SwiGLU (swiglu.c)                                                                            */
+/* ------------------------------------------------------------------------------------------ */
+
+/* out[i] = silu(gate[i]) * up[i] for n elements; out may equal gate or up. Thread: any. */
+void krn_swiglu_f32(float *out, const float *gate, const float *up, size_t n);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Causal attention (attention.c): prefill                                                     */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Causal grouped-query attention of one query head over contiguous keys, for queries at
+ * positions q_begin .. q_begin + n_q - 1 of a context of keys 0 .. q_begin + n_q - 1:
+ *   q   [n_q][q_stride]    row i holds the query of position q_begin + i (head_dim used)
+ *   k,v [n_ctx][head_dim]  this head's KV group (n_ctx >= q_begin + n_q)
+ *   out [n_q][out_stride]  head_dim written per row
+ *   scratch [n_ctx] floats
+ * scale is usually 1/sqrt(head_dim). Thread: any (one call per head can run in parallel). */
+void krn_attention_causal_f32(float *out, int out_stride, const float *q, int q_stride,
+                              const float *k, const float *v, int q_begin, int n_q,
+                              int head_dim, float scale, float *scratch);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Paged attention (paged_attention.c): decode                                                  */
+/* ------------------------------------------------------------------------------------------ */
+
+/* One (layer, kv head) of one sequence as a list of FP16 pages. Page i holds tokens
+ * [i * page_tokens, (i + 1) * page_tokens) as k [page_tokens][head_dim] followed by
+ * v [page_tokens][head_dim]; the last page may be partly filled (n_tokens says how far).
+ * Token order does not matter to attention, only that K and V of a token share a slot. */
+typedef struct {
+    const uint16_t *const *pages; /* [n_pages] borrowed */
+    int n_pages;
+    int page_tokens;
+    int n_tokens;
+} krn_page_list_t;
+
+/* Attention of n_q query heads that share one kv head over its paged cache, with an online
+ * softmax (never materializes the scores or an FP32 copy of the cache):
+ *   q   [n_q][head_dim], out [n_q][head_dim].
+ * Thread: any (calls on different outputs can run in parallel). */
+void krn_paged_attention_f16(float *out, const float *q, int n_q, int head_dim, float scale,
+                             const krn_page_list_t *list);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FERRY_KERNELS_H */

@@ -1,0 +1,799 @@
+/*
+ * llama.c: the Llama-family forward pass (Llama, Mistral, SmolLM, Qwen2) on the CPU.
+ *
+ * Per layer, as in the paper:
+ *   xn = RMSNorm(x);  q, k, v = xn·Wqᵀ (+bq), xn·Wkᵀ (+bk), xn·Wvᵀ (+bv);  RoPE(q, k)
+ *   x += Attention(q, k, v)·Woᵀ          (causal, grouped-query: n_heads / n_kv_heads per group)
+ *   xn = RMSNorm(x);  x += (silu(xn·Wgateᵀ) * xn·Wupᵀ)·Wdownᵀ
+ * then logits = RMSNorm(x)·Woutᵀ (Wout = the token embedding when tied).
+ *
+ * Weights are dequantized to FP32 at load; Q, K and V share one fused matrix, gate and up
+ * another, so each step is one GEMM. Prefill goes layer by layer over the whole prompt (GEMMs
+ * in row chunks to bound scratch), which is what lets a finished layer's K, V and window
+ * queries be handed out while the next layer computes. Decode takes one token for each of a
+ * batch of sequences and attends over their paged FP16 cache.
+ *
+ * Config, weights and run state are kept apart: mdl_model_t is read-only after load and may be
+ * shared; mdl_ctx_t owns the scratch, which grows only when a longer prompt or larger batch
+ * arrives, so a steady-state forward pass does not allocate.
+ */
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "model_int.h"
+
+typedef struct {
+    float *attn_norm; // [dim]
+    float *wqkv;      // [q_dim + 2 * kv_dim][dim]
+    float *bqkv;      // [q_dim + 2 * kv_dim] or NULL
+    float *wo;        // [dim][q_dim]
+    float *ffn_norm;  // [dim]
+    float *wgu;       // [2 * ffn_dim][dim]: gate rows, then up rows
+    float *wdown;     // [dim][ffn_dim]
+} layer_w_t;
+
+struct mdl_model {
+    mdl_config_t cfg;
+    float *tok_embd;    // [n_vocab][dim]
+    float *output_norm; // [dim]
+    float *output;      // [n_vocab][dim]; == tok_embd when tied
+    float *rope_freqs;  // [n_rot / 2] or NULL
+    layer_w_t *layers;  // [n_layers]
+    mdl_tokenizer_t *tok;
+};
+
+/* ------------------------------------------------------------------------------------------ */
+/* Loading                                                                                      */
+/* ------------------------------------------------------------------------------------------ */
+
+void mdl_model_params_default(mdl_model_params_t *p)
+{
+    memset(p, 0, sizeof(*p));
+}
+
+static fy_status_t errf(char *err, size_t len, fy_status_t st, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+static fy_status_t errf(char *err, size_t len, fy_status_t st, const char *fmt, ...)
+{
+    if (err != NULL && len > 0) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, len, fmt, ap);
+        va_end(ap);
+    }
+    return st;
+}
+
+/* Dequantizes tensor `name` of shape [ne1][ne0] into dst. Missing tensors are FY_ERR_NOT_FOUND
+ * (the caller decides whether that is fatal). */
+static fy_status_t load_into(const mdl_gguf_t *g, const char *name, uint64_t ne0, uint64_t ne1,
+                             float *dst, char *err, size_t err_len)
+{
+    const mdl_gguf_tensor_t *t = mdl_gguf_find_tensor(g, name);
+    if (t == NULL)
+        return errf(err, err_len, FY_ERR_NOT_FOUND, "model: tensor '%s' missing", name);
+    if (t->ne[0] != ne0 || t->ne[1] != ne1 || t->ne[2] != 1 || t->ne[3] != 1)
+        return errf(err, err_len, FY_ERR_FORMAT,
+                    "model: tensor '%s' has shape [%llu, %llu, %llu, %llu], expected [%llu, %llu]",
+                    name, (unsigned long long)t->ne[0], (unsigned long long)t->ne[1],
+                    (unsigned long long)t->ne[2], (unsigned long long)t->ne[3],
+                    (unsigned long long)ne0, (unsigned long long)ne1);
+    if (!mdl_tensor_type_supported(t->type))
+        return errf(err, err_len, FY_ERR_UNSUPPORTED,
+                    "model: tensor '%s' has type %s (%u), not supported", name,
+                    mdl_tensor_type_name(t->type), t->type);
+    return mdl_gguf_tensor_to_f32(t, dst);
+}
+
+static fy_status_t load_alloc(const mdl_gguf_t *g, const char *name, uint64_t ne0, uint64_t ne1,
+                              float **dst_p, char *err, size_t err_len)
+{
+    float *d = malloc((size_t)ne0 * (size_t)ne1 * sizeof(float));
+    if (d == NULL)
+        return FY_ERR_NO_MEMORY;
+    fy_status_t st = load_into(g, name, ne0, ne1, d, err, err_len);
+    if (st != FY_OK) {
+        free(d);
+        return st;
+    }
+    *dst_p = d;
+    return FY_OK;
+}
+
+/* Reads an integer hyper-parameter "<arch>.<suffix>" into *v within [lo, hi]. */
+static fy_status_t get_hp(const mdl_gguf_t *g, const char *arch, const char *suffix, bool required,
+                          int64_t lo, int64_t hi, int *v, char *err, size_t err_len)
+{
+    char key[128];
+    snprintf(key, sizeof(key), "%s.%s", arch, suffix);
+    int64_t x;
+    fy_status_t st = mdl_gguf_get_i64(g, key, &x);
+    if (st == FY_ERR_NOT_FOUND && !required)
+        return FY_OK;
+    if (st != FY_OK)
+        return errf(err, err_len, st == FY_ERR_NOT_FOUND ? FY_ERR_FORMAT : st,
+                    "model: metadata '%s' %s", key,
+                    st == FY_ERR_NOT_FOUND ? "missing" : "is not an integer");
+    if (x < lo || x > hi)
+        return errf(err, err_len, FY_ERR_OUT_OF_RANGE, "model: metadata '%s' = %lld out of [%lld, %lld]",
+                    key, (long long)x, (long long)lo, (long long)hi);
+    *v = (int)x;
+    return FY_OK;
+}
+
+static fy_status_t read_config(const mdl_gguf_t *g, mdl_config_t *c, char *err, size_t err_len)
+{
+    const char *arch_s;
+    size_t arch_len;
+    if (mdl_gguf_get_str(g, "general.architecture", &arch_s, &arch_len) != FY_OK)
+        return errf(err, err_len, FY_ERR_FORMAT, "model: metadata 'general.architecture' missing");
+    char arch[32];
+    if (arch_len >= sizeof(arch))
+        return errf(err, err_len, FY_ERR_UNSUPPORTED, "model: architecture name too long");
+    memcpy(arch, arch_s, arch_len);
+    arch[arch_len] = '\0';
+    memset(c, 0, sizeof(*c));
+    if (strcmp(arch, "llama") == 0 || strcmp(arch, "mistral") == 0) {
+        c->arch = MDL_ARCH_LLAMA;
+        c->rope.mode = KRN_ROPE_NORM;
+    } else if (strcmp(arch, "qwen2") == 0) {
+        c->arch = MDL_ARCH_QWEN2;
+        c->rope.mode = KRN_ROPE_NEOX;
+    } else {
+        return errf(err, err_len, FY_ERR_UNSUPPORTED,
+                    "model: architecture '%s' not supported (llama, mistral, qwen2)", arch);
+    }
+    fy_status_t st;
+#define HP(suffix, req, lo, hi, field)                                                          \
+    if ((st = get_hp(g, arch, suffix, req, lo, hi, &c->field, err, err_len)) != FY_OK)          \
+        return st;
+    HP("block_count", true, 1, 1024, n_layers);
+    HP("embedding_length", true, 1, 1 << 16, dim);
+    HP("feed_forward_length", true, 1, 1 << 18, ffn_dim);
+    HP("attention.head_count", true, 1, 1024, n_heads);
+    c->n_kv_heads = c->n_heads;
+    HP("attention.head_count_kv", false, 1, 1024, n_kv_heads);
+    c->n_ctx_train = 4096;
+    HP("context_length", false, 1, 1 << 24, n_ctx_train);
+    if (c->dim % c->n_heads != 0)
+        return errf(err, err_len, FY_ERR_FORMAT, "model: embedding_length %d not divisible by head_count %d",
+                    c->dim, c->n_heads);
+    c->head_dim = c->dim / c->n_heads;
+    HP("attention.key_length", false, 1, 256, head_dim);
+    if (c->head_dim > 256 || c->n_heads % c->n_kv_heads != 0 ||
+        c->n_heads / c->n_kv_heads > 32)
+        return errf(err, err_len, FY_ERR_UNSUPPORTED,
+                    "model: head_dim %d / heads %d / kv heads %d not supported", c->head_dim,
+                    c->n_heads, c->n_kv_heads);
+    c->rope.n_rot = c->head_dim;
+    HP("rope.dimension_count", false, 2, c->head_dim, rope.n_rot);
+    if (c->rope.n_rot % 2 != 0)
+        return errf(err, err_len, FY_ERR_FORMAT, "model: rope.dimension_count must be even");
+#undef HP
+    char key[128];
+    c->rms_eps = 1e-5f;
+    snprintf(key, sizeof(key), "%s.attention.layer_norm_rms_epsilon", arch);
+    mdl_gguf_get_f32(g, key, &c->rms_eps);
+    c->rope.theta = 10000.0f;
+    snprintf(key, sizeof(key), "%s.rope.freq_base", arch);
+    mdl_gguf_get_f32(g, key, &c->rope.theta);
+    c->rope.freq_scale = 1.0f;
+    snprintf(key, sizeof(key), "%s.rope.scaling.type", arch);
+    const char *stype;
+    size_t slen;
+    if (mdl_gguf_get_str(g, key, &stype, &slen) == FY_OK && slen == 6 &&
+        memcmp(stype, "linear", 6) == 0) {
+        float factor = 1.0f;
+        snprintf(key, sizeof(key), "%s.rope.scaling.factor", arch);
+        mdl_gguf_get_f32(g, key, &factor);
+        if (factor > 0.0f)
+            c->rope.freq_scale = 1.0f / factor;
+    }
+    if (!(c->rms_eps > 0.0f && c->rms_eps < 1.0f) || !(c->rope.theta > 1.0f))
+        return errf(err, err_len, FY_ERR_OUT_OF_RANGE, "model: rms epsilon or rope.freq_base out of range");
+    const mdl_gguf_tensor_t *emb = mdl_gguf_find_tensor(g, "token_embd.weight");
+    if (emb == NULL)
+        return errf(err, err_len, FY_ERR_FORMAT, "model: tensor 'token_embd.weight' missing");
+    if (emb->ne[1] < 1 || emb->ne[1] > (1 << 22))
+        return errf(err, err_len, FY_ERR_FORMAT, "model: token_embd.weight has %llu rows",
+                    (unsigned long long)emb->ne[1]);
+    c->n_vocab = (int)emb->ne[1];
+    c->tied_embeddings = mdl_gguf_find_tensor(g, "output.weight") == NULL;
+    c->qkv_bias = mdl_gguf_find_tensor(g, "blk.0.attn_q.bias") != NULL;
+    return FY_OK;
+}
+
+void mdl_model_destroy(mdl_model_t *m)
+{
+    if (m == NULL)
+        return;
+    if (m->layers != NULL) {
+        for (int l = 0; l < m->cfg.n_layers; l++) {
+            layer_w_t *w = &m->layers[l];
+            free(w->attn_norm);
+            free(w->wqkv);
+            free(w->bqkv);
+            free(w->wo);
+            free(w->ffn_norm);
+            free(w->wgu);
+            free(w->wdown);
+        }
+    }
+    free(m->layers);
+    if (m->output != m->tok_embd)
+        free(m->output);
+    free(m->tok_embd);
+    free(m->output_norm);
+    free(m->rope_freqs);
+    mdl_tokenizer_destroy(m->tok);
+    free(m);
+}
+
+static fy_status_t load_layer(const mdl_gguf_t *g, const mdl_config_t *c, int l, layer_w_t *w,
+                              char *err, size_t err_len)
+{
+    int q_dim = c->n_heads * c->head_dim, kv_dim = c->n_kv_heads * c->head_dim;
+    int qkv_dim = q_dim + 2 * kv_dim;
+    char name[96];
+    fy_status_t st;
+#define NAME(s) (snprintf(name, sizeof(name), "blk.%d.%s", l, s), name)
+    if ((st = load_alloc(g, NAME("attn_norm.weight"), c->dim, 1, &w->attn_norm, err, err_len)))
+        return st;
+    if ((st = load_alloc(g, NAME("ffn_norm.weight"), c->dim, 1, &w->ffn_norm, err, err_len)))
+        return st;
+    w->wqkv = malloc((size_t)qkv_dim * c->dim * sizeof(float));
+    w->wgu = malloc((size_t)2 * c->ffn_dim * c->dim * sizeof(float));
+    if (w->wqkv == NULL || w->wgu == NULL)
+        return FY_ERR_NO_MEMORY;
+    if ((st = load_into(g, NAME("attn_q.weight"), c->dim, q_dim, w->wqkv, err, err_len)) ||
+        (st = load_into(g, NAME("attn_k.weight"), c->dim, kv_dim,
+                        w->wqkv + (size_t)q_dim * c->dim, err, err_len)) ||
+        (st = load_into(g, NAME("attn_v.weight"), c->dim, kv_dim,
+                        w->wqkv + (size_t)(q_dim + kv_dim) * c->dim, err, err_len)))
+        return st;
+    if (c->qkv_bias) {
+        w->bqkv = malloc((size_t)qkv_dim * sizeof(float));
+        if (w->bqkv == NULL)
+            return FY_ERR_NO_MEMORY;
+        if ((st = load_into(g, NAME("attn_q.bias"), q_dim, 1, w->bqkv, err, err_len)) ||
+            (st = load_into(g, NAME("attn_k.bias"), kv_dim, 1, w->bqkv + q_dim, err, err_len)) ||
+            (st = load_into(g, NAME("attn_v.bias"), kv_dim, 1, w->bqkv + q_dim + kv_dim, err,
+                            err_len)))
+            return st;
+    }
+    if ((st = load_alloc(g, NAME("attn_output.weight"), q_dim, c->dim, &w->wo, err, err_len)))
+        return st;
+    if ((st = load_into(g, NAME("ffn_gate.weight"), c->dim, c->ffn_dim, w->wgu, err, err_len)) ||
+        (st = load_into(g, NAME("ffn_up.weight"), c->dim, c->ffn_dim,
+                        w->wgu + (size_t)c->ffn_dim * c->dim, err, err_len)))
+        return st;
+    if ((st = load_alloc(g, NAME("ffn_down.weight"), c->ffn_dim, c->dim, &w->wdown, err,
+                         err_len)))
+        return st;
+#undef NAME
+    return FY_OK;
+}
+
+fy_status_t mdl_model_create_from_gguf(const mdl_gguf_t *g, mdl_model_t **model_p, char *err,
+                                       size_t err_len)
+{
+    if (err != NULL && err_len > 0)
+        err[0] = '\0';
+    mdl_model_t *m = calloc(1, sizeof(*m));
+    if (m == NULL)
+        return FY_ERR_NO_MEMORY;
+    fy_status_t st = read_config(g, &m->cfg, err, err_len);
+    if (st != FY_OK)
+        goto fail;
+    mdl_config_t *c = &m->cfg;
+    m->layers = calloc((size_t)c->n_layers, sizeof(*m->layers));
+    if (m->layers == NULL) {
+        st = FY_ERR_NO_MEMORY;
+        goto fail;
+    }
+    if ((st = load_alloc(g, "token_embd.weight", c->dim, c->n_vocab, &m->tok_embd, err, err_len)) ||
+        (st = load_alloc(g, "output_norm.weight", c->dim, 1, &m->output_norm, err, err_len)))
+        goto fail;
+    if (c->tied_embeddings) {
+        m->output = m->tok_embd;
+    } else if ((st = load_alloc(g, "output.weight", c->dim, c->n_vocab, &m->output, err,
+                                err_len))) {
+        goto fail;
+    }
+    if (mdl_gguf_find_tensor(g, "rope_freqs.weight") != NULL) {
+        if ((st = load_alloc(g, "rope_freqs.weight", (uint64_t)c->rope.n_rot / 2, 1,
+                             &m->rope_freqs, err, err_len)))
+            goto fail;
+        c->rope.freq_factors = m->rope_freqs;
+    }
+    for (int l = 0; l < c->n_layers; l++) {
+        if ((st = load_layer(g, c, l, &m->layers[l], err, err_len)) != FY_OK)
+            goto fail;
+    }
+    if ((st = mdl_tokenizer_create(g, &m->tok, err, err_len)) != FY_OK)
+        goto fail;
+    if (mdl_tokenizer_n_vocab(m->tok) > c->n_vocab) {
+        st = errf(err, err_len, FY_ERR_FORMAT,
+                  "model: tokenizer has %d tokens but token_embd.weight only %d rows",
+                  mdl_tokenizer_n_vocab(m->tok), c->n_vocab);
+        goto fail;
+    }
+    *model_p = m;
+    return FY_OK;
+fail:
+    if (st == FY_ERR_NO_MEMORY && err != NULL && err_len > 0 && err[0] == '\0')
+        snprintf(err, err_len, "model: out of memory loading weights");
+    mdl_model_destroy(m);
+    return st;
+}
+
+fy_status_t mdl_model_create(const mdl_model_params_t *params, mdl_model_t **model_p, char *err,
+                             size_t err_len)
+{
+    if (params == NULL || params->path == NULL)
+        return FY_ERR_INVALID_ARG;
+    mdl_gguf_t *g = NULL;
+    fy_status_t st = mdl_gguf_open(params->path, &g, err, err_len);
+    if (st != FY_OK)
+        return st;
+    st = mdl_model_create_from_gguf(g, model_p, err, err_len);
+    mdl_gguf_close(g); // weights were copied out
+    return st;
+}
+
+const mdl_config_t *mdl_model_config(const mdl_model_t *m)
+{
+    return &m->cfg;
+}
+
+const mdl_tokenizer_t *mdl_model_tokenizer(const mdl_model_t *m)
+{
+    return m->tok;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Run state                                                                                    */
+/* ------------------------------------------------------------------------------------------ */
+
+struct mdl_ctx {
+    const mdl_model_t *m;
+    mdl_ctx_params_t p;
+    fy_pool_t *pool;
+    int n_threads;
+    // Prefill scratch, sized for cap_tokens tokens.
+    int cap_tokens;
+    float *x;       // [n][dim] residual stream
+    float *xn;      // [n][dim] normed input of the current block
+    float *q;       // [n][q_dim] queries after RoPE
+    float *k;       // [n_kv][n][head_dim] keys after RoPE (the handed-out layout)
+    float *v;       // [n_kv][n][head_dim]
+    float *att;     // [n][q_dim] attention output
+    float *qwin;    // [n_heads][window][head_dim]
+    int cap_window;
+    int32_t *pos;   // [n]
+    float *scores;  // [n_threads][n] one score row per worker
+    // Chunk scratch, sized for prefill_chunk (or max_batch) rows.
+    int cap_rows;
+    float *qkv;     // [rows][qkv_dim]
+    float *gu;      // [rows][2 * ffn_dim]
+    // Decode page-pointer scratch.
+    int cap_pages;
+    const uint16_t **pages; // [n_threads][cap_pages]
+};
+
+void mdl_ctx_params_default(mdl_ctx_params_t *p)
+{
+    memset(p, 0, sizeof(*p));
+    p->n_threads = 0;
+    p->prefill_chunk = 512;
+    p->max_batch = 64;
+}
+
+void mdl_ctx_destroy(mdl_ctx_t *ctx)
+{
+    if (ctx == NULL)
+        return;
+    fy_pool_destroy(ctx->pool);
+    free(ctx->x);
+    free(ctx->xn);
+    free(ctx->q);
+    free(ctx->k);
+    free(ctx->v);
+    free(ctx->att);
+    free(ctx->qwin);
+    free(ctx->pos);
+    free(ctx->scores);
+    free(ctx->qkv);
+    free(ctx->gu);
+    free(ctx->pages);
+    free(ctx);
+}
+
+static int qkv_width(const mdl_config_t *c)
+{
+    return (c->n_heads + 2 * c->n_kv_heads) * c->head_dim;
+}
+
+fy_status_t mdl_ctx_create(const mdl_model_t *m, const mdl_ctx_params_t *params, mdl_ctx_t **ctx_p)
+{
+    mdl_ctx_params_t p;
+    if (params != NULL)
+        p = *params;
+    else
+        mdl_ctx_params_default(&p);
+    if (m == NULL || p.n_threads < 0 || p.prefill_chunk <= 0 || p.max_batch <= 0)
+        return FY_ERR_INVALID_ARG;
+    mdl_ctx_t *ctx = calloc(1, sizeof(*ctx));
+    if (ctx == NULL)
+        return FY_ERR_NO_MEMORY;
+    ctx->m = m;
+    ctx->p = p;
+    fy_status_t st = fy_pool_create(p.n_threads, &ctx->pool);
+    if (st != FY_OK) {
+        free(ctx);
+        return st;
+    }
+    ctx->n_threads = fy_pool_size(ctx->pool);
+    krn_gemm_set_threads(ctx->n_threads);
+    const mdl_config_t *c = &m->cfg;
+    ctx->cap_rows = FY_MAX(p.prefill_chunk, p.max_batch);
+    ctx->qkv = malloc((size_t)ctx->cap_rows * qkv_width(c) * sizeof(float));
+    ctx->gu = malloc((size_t)ctx->cap_rows * 2 * c->ffn_dim * sizeof(float));
+    if (ctx->qkv == NULL || ctx->gu == NULL) {
+        mdl_ctx_destroy(ctx);
+        return FY_ERR_NO_MEMORY;
+    }
+    *ctx_p = ctx;
+    return FY_OK;
+}
+
+/* Grows the per-token scratch to hold n tokens (and a window of w queries). */
+static fy_status_t ensure_tokens(mdl_ctx_t *ctx, int n, int w)
+{
+    const mdl_config_t *c = &ctx->m->cfg;
+    if (n > ctx->cap_tokens) {
+        int cap = FY_MAX(n, 64);
+        size_t q_dim = (size_t)c->n_heads * c->head_dim, kv_dim = (size_t)c->n_kv_heads * c->head_dim;
+        float *bufs[7];
+        size_t sizes[7] = {(size_t)c->dim, (size_t)c->dim, q_dim, kv_dim, kv_dim, q_dim,
+                           (size_t)ctx->n_threads};
+        for (int i = 0; i < 7; i++) {
+            bufs[i] = malloc((size_t)cap * sizes[i] * sizeof(float));
+            if (bufs[i] == NULL) {
+                for (int j = 0; j < i; j++)
+                    free(bufs[j]);
+                return FY_ERR_NO_MEMORY;
+            }
+        }
+        int32_t *pos = malloc((size_t)cap * sizeof(int32_t));
+        if (pos == NULL) {
+            for (int j = 0; j < 7; j++)
+                free(bufs[j]);
+            return FY_ERR_NO_MEMORY;
+        }
+        float **dst[7] = {&ctx->x, &ctx->xn, &ctx->q, &ctx->k, &ctx->v, &ctx->att, &ctx->scores};
+        for (int i = 0; i < 7; i++) {
+            free(*dst[i]);
+            *dst[i] = bufs[i];
+        }
+        free(ctx->pos);
+        ctx->pos = pos;
+        ctx->cap_tokens = cap;
+    }
+    if (w > ctx->cap_window) {
+        float *qw = malloc((size_t)w * c->n_heads * c->head_dim * sizeof(float));
+        if (qw == NULL)
+            return FY_ERR_NO_MEMORY;
+        free(ctx->qwin);
+        ctx->qwin = qw;
+        ctx->cap_window = w;
+    }
+    return FY_OK;
+}
+
+static fy_status_t check_tokens(const mdl_config_t *c, const int32_t *tokens, int n)
+{
+    for (int i = 0; i < n; i++) {
+        if (tokens[i] < 0 || tokens[i] >= c->n_vocab)
+            return FY_ERR_OUT_OF_RANGE;
+    }
+    return FY_OK;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Shared blocks                                                                                */
+/* ------------------------------------------------------------------------------------------ */
+
+/* x[rows] += FFN(RMSNorm(x[rows])) in chunks of cap_rows rows; xn is scratch [rows][dim]. */
+static void ffn_block(mdl_ctx_t *ctx, const layer_w_t *w, float *x, float *xn, int rows)
+{
+    const mdl_config_t *c = &ctx->m->cfg;
+    int dim = c->dim, ffn = c->ffn_dim;
+    krn_rmsnorm_f32(xn, dim, x, dim, w->ffn_norm, rows, dim, c->rms_eps);
+    for (int r0 = 0; r0 < rows; r0 += ctx->cap_rows) {
+        int nr = FY_MIN(ctx->cap_rows, rows - r0);
+        // gu [nr][2 * ffn]: gate in the first ffn columns, up in the rest.
+        krn_gemm_f32(nr, 2 * ffn, dim, xn + (size_t)r0 * dim, dim, w->wgu, dim, ctx->gu, 2 * ffn,
+                     0);
+        for (int r = 0; r < nr; r++) {
+            float *g = ctx->gu + (size_t)r * 2 * ffn;
+            krn_swiglu_f32(g, g, g + ffn, (size_t)ffn);
+        }
+        krn_gemm_f32(nr, dim, ffn, ctx->gu, 2 * ffn, w->wdown, ffn, x + (size_t)r0 * dim, dim, 1);
+    }
+}
+
+/* logits[rows][n_vocab] = RMSNorm(x[rows]) · outputᵀ. */
+static void logits_block(mdl_ctx_t *ctx, const float *x, int rows, float *xn, float *logits)
+{
+    const mdl_model_t *m = ctx->m;
+    const mdl_config_t *c = &m->cfg;
+    krn_rmsnorm_f32(xn, c->dim, x, c->dim, m->output_norm, rows, c->dim, c->rms_eps);
+    krn_gemm_f32(rows, c->n_vocab, c->dim, xn, c->dim, m->output, c->dim, logits, c->n_vocab, 0);
+}
+
+static void embed(const mdl_model_t *m, const int32_t *tokens, int n, float *x)
+{
+    size_t dim = (size_t)m->cfg.dim;
+    for (int i = 0; i < n; i++)
+        memcpy(x + i * dim, m->tok_embd + (size_t)tokens[i] * dim, dim * sizeof(float));
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Prefill                                                                                      */
+/* ------------------------------------------------------------------------------------------ */
+
+void mdl_prefill_params_default(mdl_prefill_params_t *p)
+{
+    memset(p, 0, sizeof(*p));
+}
+
+enum { ATT_QBLOCK = 32 };
+
+typedef struct {
+    mdl_ctx_t *ctx;
+    int n;
+    int n_qblocks;
+} prefill_att_t;
+
+/* Work item = (query head, block of ATT_QBLOCK queries). */
+static void prefill_att_range(void *arg, size_t begin, size_t end, int thread)
+{
+    prefill_att_t *a = arg;
+    mdl_ctx_t *ctx = a->ctx;
+    const mdl_config_t *c = &ctx->m->cfg;
+    int hd = c->head_dim, q_dim = c->n_heads * hd, group = c->n_heads / c->n_kv_heads;
+    float scale = 1.0f / sqrtf((float)hd);
+    float *scores = ctx->scores + (size_t)thread * ctx->cap_tokens;
+    for (size_t it = begin; it < end; it++) {
+        int h = (int)(it / (size_t)a->n_qblocks);
+        int q0 = (int)(it % (size_t)a->n_qblocks) * ATT_QBLOCK;
+        int nq = FY_MIN(ATT_QBLOCK, a->n - q0);
+        int kvh = h / group;
+        const float *kh = ctx->k + (size_t)kvh * a->n * hd;
+        const float *vh = ctx->v + (size_t)kvh * a->n * hd;
+        krn_attention_causal_f32(ctx->att + (size_t)q0 * q_dim + (size_t)h * hd, q_dim,
+                                 ctx->q + (size_t)q0 * q_dim + (size_t)h * hd, q_dim, kh, vh, q0,
+                                 nq, hd, scale, scores);
+    }
+}
+
+fy_status_t mdl_prefill(mdl_ctx_t *ctx, const int32_t *tokens, int n,
+                        const mdl_prefill_params_t *params, float *logits)
+{
+    mdl_prefill_params_t dp;
+    if (params == NULL) {
+        mdl_prefill_params_default(&dp);
+        params = &dp;
+    }
+    const mdl_model_t *m = ctx->m;
+    const mdl_config_t *c = &m->cfg;
+    if (tokens == NULL || n <= 0 || logits == NULL || params->window < 0)
+        return FY_ERR_INVALID_ARG;
+    if (n > c->n_ctx_train)
+        return FY_ERR_OUT_OF_RANGE;
+    fy_status_t st = check_tokens(c, tokens, n);
+    if (st != FY_OK)
+        return st;
+    mdl_kv_seq_t *seq = params->seq;
+    if (seq != NULL) {
+        if (mdl_kv_seq_len(seq) != 0)
+            return FY_ERR_STATE;
+        if ((st = mdl_kv_seq_reserve(seq, n)) != FY_OK)
+            return st;
+    }
+    int w = FY_MIN(params->window, n);
+    if ((st = ensure_tokens(ctx, n, w)) != FY_OK)
+        return st;
+
+    int dim = c->dim, hd = c->head_dim, n_kv = c->n_kv_heads;
+    int q_dim = c->n_heads * hd, kv_dim = n_kv * hd, qkv_dim = qkv_width(c);
+    for (int i = 0; i < n; i++)
+        ctx->pos[i] = i;
+    embed(m, tokens, n, ctx->x);
+
+    for (int l = 0; l < c->n_layers; l++) {
+        const layer_w_t *lw = &m->layers[l];
+        // Attention block: QKV in row chunks, scattered into q [n][q_dim] and the
+        // [n_kv][n][hd] K/V layout.
+        krn_rmsnorm_f32(ctx->xn, dim, ctx->x, dim, lw->attn_norm, n, dim, c->rms_eps);
+        for (int r0 = 0; r0 < n; r0 += ctx->cap_rows) {
+            int nr = FY_MIN(ctx->cap_rows, n - r0);
+            krn_gemm_f32(nr, qkv_dim, dim, ctx->xn + (size_t)r0 * dim, dim, lw->wqkv, dim,
+                         ctx->qkv, qkv_dim, 0);
+            if (lw->bqkv != NULL) {
+                for (int r = 0; r < nr; r++) {
+                    float *row = ctx->qkv + (size_t)r * qkv_dim;
+                    for (int j = 0; j < qkv_dim; j++)
+                        row[j] += lw->bqkv[j];
+                }
+            }
+            // RoPE on q and k (k heads follow q heads in each row).
+            krn_rope_f32(ctx->qkv, qkv_dim, nr, c->n_heads + n_kv, hd, ctx->pos + r0, &c->rope);
+            for (int r = 0; r < nr; r++) {
+                const float *row = ctx->qkv + (size_t)r * qkv_dim;
+                memcpy(ctx->q + (size_t)(r0 + r) * q_dim, row, (size_t)q_dim * sizeof(float));
+                for (int h = 0; h < n_kv; h++) {
+                    size_t dst = ((size_t)h * n + r0 + r) * hd;
+                    memcpy(ctx->k + dst, row + q_dim + (size_t)h * hd, (size_t)hd * sizeof(float));
+                    memcpy(ctx->v + dst, row + q_dim + kv_dim + (size_t)h * hd,
+                           (size_t)hd * sizeof(float));
+                }
+            }
+        }
+        prefill_att_t a = {.ctx = ctx, .n = n, .n_qblocks = (n + ATT_QBLOCK - 1) / ATT_QBLOCK};
+        fy_pool_parallel_for(ctx->pool, (size_t)c->n_heads * a.n_qblocks, 1, prefill_att_range,
+                             &a);
+        for (int r0 = 0; r0 < n; r0 += ctx->cap_rows) {
+            int nr = FY_MIN(ctx->cap_rows, n - r0);
+            krn_gemm_f32(nr, dim, q_dim, ctx->att + (size_t)r0 * q_dim, q_dim, lw->wo, q_dim,
+                         ctx->x + (size_t)r0 * dim, dim, 1);
+        }
+        ffn_block(ctx, lw, ctx->x, ctx->xn, n);
+
+        // The layer's KV is final: store it and hand it out.
+        if (seq != NULL && (st = mdl_kv_seq_load_layer(seq, l, n, ctx->k, ctx->v)) != FY_OK)
+            goto fail;
+        if (params->on_layer != NULL) {
+            for (int h = 0; h < c->n_heads; h++) {
+                for (int i = 0; i < w; i++)
+                    memcpy(ctx->qwin + ((size_t)h * w + i) * hd,
+                           ctx->q + (size_t)(n - w + i) * q_dim + (size_t)h * hd,
+                           (size_t)hd * sizeof(float));
+            }
+            mdl_layer_kv_t kv = {.layer = l, .n_tokens = n, .n_kv_heads = n_kv,
+                                 .n_heads = c->n_heads, .head_dim = hd, .k = ctx->k, .v = ctx->v,
+                                 .n_window = w, .q_window = w > 0 ? ctx->qwin : NULL};
+            if ((st = params->on_layer(params->cb_arg, &kv)) != FY_OK)
+                goto fail;
+        }
+    }
+    if (params->all_logits) {
+        // In row chunks so the normed copy fits the scratch it reuses.
+        logits_block(ctx, ctx->x, n, ctx->xn, logits);
+    } else {
+        logits_block(ctx, ctx->x + (size_t)(n - 1) * dim, 1, ctx->xn, logits);
+    }
+    if (seq != NULL && (st = mdl_kv_seq_commit(seq, n)) != FY_OK)
+        goto fail;
+    return FY_OK;
+fail:
+    if (seq != NULL)
+        mdl_kv_seq_clear(seq);
+    return st;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Decode                                                                                       */
+/* ------------------------------------------------------------------------------------------ */
+
+typedef struct {
+    mdl_ctx_t *ctx;
+    mdl_kv_seq_t *const *seqs;
+    int layer;
+    fy_status_t status; // first failure (written by any worker; any non-OK value will do)
+} decode_att_t;
+
+/* Work item = (sequence, kv head): the group's query heads attend over its pages. */
+static void decode_att_range(void *arg, size_t begin, size_t end, int thread)
+{
+    decode_att_t *a = arg;
+    mdl_ctx_t *ctx = a->ctx;
+    const mdl_config_t *c = &ctx->m->cfg;
+    int hd = c->head_dim, n_kv = c->n_kv_heads, group = c->n_heads / n_kv;
+    int q_dim = c->n_heads * hd, qkv_dim = qkv_width(c);
+    float scale = 1.0f / sqrtf((float)hd);
+    const uint16_t **pages = ctx->pages + (size_t)thread * ctx->cap_pages;
+    for (size_t it = begin; it < end; it++) {
+        int b = (int)(it / (size_t)n_kv), h = (int)(it % (size_t)n_kv);
+        krn_page_list_t list;
+        fy_status_t st = mdl_kv_seq_pages(a->seqs[b], a->layer, h, 1, pages, ctx->cap_pages, &list);
+        if (st != FY_OK) {
+            a->status = st;
+            continue;
+        }
+        const float *q = ctx->qkv + (size_t)b * qkv_dim + (size_t)h * group * hd;
+        float *out = ctx->att + (size_t)b * q_dim + (size_t)h * group * hd;
+        krn_paged_attention_f16(out, q, group, hd, scale, &list);
+    }
+}
+
+fy_status_t mdl_decode(mdl_ctx_t *ctx, mdl_kv_seq_t *const *seqs, const int32_t *tokens, int n,
+                       float *logits)
+{
+    const mdl_model_t *m = ctx->m;
+    const mdl_config_t *c = &m->cfg;
+    if (seqs == NULL || tokens == NULL || logits == NULL || n <= 0)
+        return FY_ERR_INVALID_ARG;
+    if (n > ctx->p.max_batch)
+        return FY_ERR_OUT_OF_RANGE;
+    fy_status_t st = check_tokens(c, tokens, n);
+    if (st != FY_OK)
+        return st;
+    int64_t max_len = 0;
+    for (int i = 0; i < n; i++) {
+        if (seqs[i] == NULL)
+            return FY_ERR_INVALID_ARG;
+        for (int j = 0; j < i; j++) {
+            if (seqs[j] == seqs[i])
+                return FY_ERR_INVALID_ARG;
+        }
+        if (mdl_kv_seq_len(seqs[i]) >= c->n_ctx_train)
+            return FY_ERR_OUT_OF_RANGE;
+        max_len = FY_MAX(max_len, mdl_kv_seq_len(seqs[i]) + 1);
+    }
+    for (int i = 0; i < n; i++) {
+        if ((st = mdl_kv_seq_reserve(seqs[i], 1)) != FY_OK)
+            return st;
+    }
+    if ((st = ensure_tokens(ctx, n, 0)) != FY_OK)
+        return st;
+    // Page-pointer scratch for the longest sequence (smallest page size is 1 token).
+    int64_t need_pages = max_len; // upper bound without knowing the page size
+    if (need_pages > ctx->cap_pages) {
+        const uint16_t **pp = malloc((size_t)need_pages * ctx->n_threads * sizeof(*pp));
+        if (pp == NULL)
+            return FY_ERR_NO_MEMORY;
+        free(ctx->pages);
+        ctx->pages = pp;
+        ctx->cap_pages = (int)need_pages;
+    }
+
+    int dim = c->dim, hd = c->head_dim, n_kv = c->n_kv_heads;
+    int q_dim = c->n_heads * hd, kv_dim = n_kv * hd, qkv_dim = qkv_width(c);
+    for (int i = 0; i < n; i++)
+        ctx->pos[i] = (int32_t)mdl_kv_seq_len(seqs[i]);
+    embed(m, tokens, n, ctx->x);
+    for (int l = 0; l < c->n_layers; l++) {
+        const layer_w_t *lw = &m->layers[l];
+        krn_rmsnorm_f32(ctx->xn, dim, ctx->x, dim, lw->attn_norm, n, dim, c->rms_eps);
+        krn_gemm_f32(n, qkv_dim, dim, ctx->xn, dim, lw->wqkv, dim, ctx->qkv, qkv_dim, 0);
+        for (int r = 0; r < n; r++) {
+            float *row = ctx->qkv + (size_t)r * qkv_dim;
+            if (lw->bqkv != NULL) {
+                for (int j = 0; j < qkv_dim; j++)
+                    row[j] += lw->bqkv[j];
+            }
+            krn_rope_f32(row, qkv_dim, 1, c->n_heads + n_kv, hd, ctx->pos + r, &c->rope);
+            for (int h = 0; h < n_kv; h++)
+                mdl_kv_seq_write(seqs[r], l, h, ctx->pos[r], row + q_dim + (size_t)h * hd,
+                                 row + q_dim + kv_dim + (size_t)h * hd);
+        }
+        decode_att_t a = {.ctx = ctx, .seqs = seqs, .layer = l, .status = FY_OK};
+        fy_pool_parallel_for(ctx->pool, (size_t)n * n_kv, 1, decode_att_range, &a);
+        if (a.status != FY_OK)
+            return a.status;
+        krn_gemm_f32(n, dim, q_dim, ctx->att, q_dim, lw->wo, q_dim, ctx->x, dim, 1);
+        ffn_block(ctx, lw, ctx->x, ctx->xn, n);
+    }
+    logits_block(ctx, ctx->x, n, ctx->xn, logits);
+    for (int i = 0; i < n; i++) {
+        if ((st = mdl_kv_seq_commit(seqs[i], 1)) != FY_OK)
+            return st;
+    }
+    return FY_OK;
+}

@@ -1,0 +1,203 @@
+/*
+ * sampler.c: next-token selection. In order: repetition penalty over the recent tokens
+ * (CTRL-style: positive logits divided, negative multiplied), then greedy when temperature is
+ * 0, else temperature, top-k, top-p (nucleus) and a draw from a seeded generator
+ * (xoshiro256**), so a seed reproduces a generation exactly.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "model.h"
+
+struct mdl_sampler {
+    mdl_sampler_params_t p;
+    int n_vocab;
+    uint64_t rng[4];
+    int32_t *recent; /* ring of the last penalty_last_n tokens */
+    int n_recent;
+    int recent_pos;
+    int n_sampled;
+    int32_t *idx;  /* [n_vocab] candidate order */
+    float *probs;  /* [n_vocab] */
+};
+
+void mdl_sampler_params_default(mdl_sampler_params_t *p)
+{
+    memset(p, 0, sizeof(*p));
+    p->temperature = 0.7f;
+    p->top_k = 40;
+    p->top_p = 0.95f;
+    p->repetition_penalty = 1.0f;
+    p->penalty_last_n = 64;
+    p->seed = 0x5eed;
+    p->max_tokens = 256;
+}
+
+static uint64_t splitmix(uint64_t *x)
+{
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static uint64_t rotl(uint64_t x, int k)
+{
+    return (x << k) | (x >> (64 - k));
+}
+
+static uint64_t next_u64(uint64_t *s)
+{
+    uint64_t r = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl(s[3], 45);
+    return r;
+}
+
+fy_status_t mdl_sampler_create(const mdl_sampler_params_t *params, int n_vocab,
+                               mdl_sampler_t **s_p)
+{
+    if (params == NULL || n_vocab <= 0 || params->top_k < 0 || params->penalty_last_n < 0 ||
+        !(params->top_p > 0.0f && params->top_p <= 1.0f) ||
+        !(params->repetition_penalty > 0.0f) || params->n_stop < 0 ||
+        params->n_stop > MDL_MAX_STOP || isnan(params->temperature))
+        return FY_ERR_INVALID_ARG;
+    mdl_sampler_t *s = calloc(1, sizeof(*s));
+    if (s == NULL)
+        return FY_ERR_NO_MEMORY;
+    s->p = *params;
+    s->n_vocab = n_vocab;
+    uint64_t x = params->seed;
+    for (int i = 0; i < 4; i++)
+        s->rng[i] = splitmix(&x);
+    s->recent = malloc((size_t)FY_MAX(params->penalty_last_n, 1) * sizeof(int32_t));
+    s->idx = malloc((size_t)n_vocab * sizeof(int32_t));
+    s->probs = malloc((size_t)n_vocab * sizeof(float));
+    if (s->recent == NULL || s->idx == NULL || s->probs == NULL) {
+        mdl_sampler_destroy(s);
+        return FY_ERR_NO_MEMORY;
+    }
+    *s_p = s;
+    return FY_OK;
+}
+
+void mdl_sampler_destroy(mdl_sampler_t *s)
+{
+    if (s == NULL)
+        return;
+    free(s->recent);
+    free(s->idx);
+    free(s->probs);
+    free(s);
+}
+
+void mdl_sampler_accept(mdl_sampler_t *s, int32_t token)
+{
+    if (s->p.penalty_last_n == 0)
+        return;
+    s->recent[s->recent_pos] = token;
+    s->recent_pos = (s->recent_pos + 1) % s->p.penalty_last_n;
+    if (s->n_recent < s->p.penalty_last_n)
+        s->n_recent++;
+}
+
+/* Sorts candidate indices by logit, descending (ties: lower id first). */
+static int cmp_desc(const void *a, const void *b, void *arg)
+{
+    const float *l = arg;
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    if (l[x] != l[y])
+        return l[x] > l[y] ? -1 : 1;
+    return x < y ? -1 : 1;
+}
+
+int32_t mdl_sampler_sample(mdl_sampler_t *s, float *logits)
+{
+    int n = s->n_vocab;
+    s->n_sampled++;
+    if (s->p.repetition_penalty != 1.0f) {
+        // Penalize each distinct recent token once.
+        for (int i = 0; i < s->n_recent; i++) {
+            int32_t t = s->recent[i];
+            if (t < 0 || t >= n)
+                continue;
+            bool seen = false;
+            for (int j = 0; j < i; j++)
+                seen |= s->recent[j] == t;
+            if (seen)
+                continue;
+            logits[t] = logits[t] > 0 ? logits[t] / s->p.repetition_penalty
+                                      : logits[t] * s->p.repetition_penalty;
+        }
+    }
+    if (s->p.temperature <= 0.0f) {
+        int32_t best = 0;
+        for (int i = 1; i < n; i++) {
+            if (logits[i] > logits[best])
+                best = i;
+        }
+        return best;
+    }
+    // Top-k candidates, sorted (a full sort when top-k is off: only top-p then trims).
+    int k = s->p.top_k > 0 && s->p.top_k < n ? s->p.top_k : n;
+    for (int i = 0; i < n; i++)
+        s->idx[i] = i;
+    if (k <= 64) {
+        // Small k: selection of the k best is cheaper than sorting the vocabulary.
+        for (int i = 0; i < k; i++) {
+            int best = i;
+            for (int j = i + 1; j < n; j++) {
+                if (logits[s->idx[j]] > logits[s->idx[best]])
+                    best = j;
+            }
+            int32_t tmp = s->idx[i];
+            s->idx[i] = s->idx[best];
+            s->idx[best] = tmp;
+        }
+    } else {
+        qsort_r(s->idx, (size_t)n, sizeof(int32_t), cmp_desc, logits);
+    }
+    float inv_t = 1.0f / s->p.temperature;
+    float mx = logits[s->idx[0]];
+    double sum = 0.0;
+    for (int i = 0; i < k; i++) {
+        s->probs[i] = expf((logits[s->idx[i]] - mx) * inv_t);
+        sum += s->probs[i];
+    }
+    // Top-p: the smallest prefix whose mass reaches top_p.
+    int keep = k;
+    if (s->p.top_p < 1.0f) {
+        double acc = 0.0;
+        for (int i = 0; i < k; i++) {
+            acc += s->probs[i] / sum;
+            if (acc >= s->p.top_p) {
+                keep = i + 1;
+                break;
+            }
+        }
+    }
+    double kept = 0.0;
+    for (int i = 0; i < keep; i++)
+        kept += s->probs[i];
+    double r = (double)(next_u64(s->rng) >> 11) * 0x1.0p-53 * kept;
+    for (int i = 0; i < keep; i++) {
+        r -= s->probs[i];
+        if (r < 0.0)
+            return s->idx[i];
+    }
+    return s->idx[keep - 1];
+}
+
+bool mdl_sampler_done(const mdl_sampler_t *s, int32_t token)
+{
+    for (int i = 0; i < s->p.n_stop; i++) {
+        if (s->p.stop[i] == token)
+            return true;
+    }
+    return s->p.max_tokens > 0 && s->n_sampled >= s->p.max_tokens;
+}
