@@ -83,6 +83,7 @@ typedef struct kvlink_peer {
     fy_status_t fail_st;
     int refs;         /* bound requests */
     bool closed;      /* ep close posted */
+    bool refused;     /* we refused its handshake; waiting for it to hang up */
     uint64_t remote_instance;
     uint64_t remote_max_frame;
     kvlink_list_t sends; /* kvlink_send_t.node */
@@ -147,7 +148,6 @@ struct kvlink_buf {
 typedef struct {
     uint8_t hdr[KVLINK_HDR_MAX];
     char reason[KVLINK_REASON_MAX];
-    kvlink_peer_t *close_after; /* graceful close once sent (refused handshake) */
 } ctl_msg_t;
 
 struct kvlink {
@@ -236,6 +236,14 @@ fy_status_t kvlink_ctx_create(const kvlink_ctx_params_t *params, kvlink_ctx_t **
         snprintf(v, sizeof(v), "%ums", params->keepalive_ms);
         ucp_config_modify(config, "KEEPALIVE_INTERVAL", v); // best effort: older UCX lacks it
     }
+    // UCX 1.13 leaves shared memory out of endpoints that need peer failure detection (ours
+    // do) unless its error handling is enabled.
+    const char *tls = getenv("UCX_TLS");
+    bool may_use_shm = tls == NULL || strstr(tls, "all") || strstr(tls, "sm") ||
+                       strstr(tls, "posix") || strstr(tls, "sysv") || strstr(tls, "mm");
+    if (may_use_shm && getenv("UCX_MM_ERROR_HANDLING") == NULL &&
+        ucp_config_modify(config, "MM_ERROR_HANDLING", "y") != UCS_OK)
+        FY_LOG_DEBUG(MOD, "this UCX has no MM_ERROR_HANDLING setting");
     ucp_params_t up;
     memset(&up, 0, sizeof(up));
     up.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED;
@@ -351,19 +359,12 @@ static void link_sweep_arm(kvlink_t *link)
 
 static void ctl_done(void *request, ucs_status_t status, void *user_data)
 {
-    ctl_msg_t *c = user_data;
-    if (c->close_after != NULL) {
-        kvlink_peer_t *p = c->close_after;
-        p->refs--;
-        peer_fail(p, FY_ERR_MISMATCH, "handshake refused");
-    }
-    free(c);
+    free(user_data);
     ucp_request_free(request);
 }
 
 /* Sends one control message on peer's endpoint. Failures show up as endpoint errors. */
-static void send_ctl(kvlink_peer_t *peer, const kvlink_msg_t *m, const char *reason,
-                     bool close_after)
+static void send_ctl(kvlink_peer_t *peer, const kvlink_msg_t *m, const char *reason)
 {
     if (peer->ep == NULL || peer->closed)
         return;
@@ -376,10 +377,6 @@ static void send_ctl(kvlink_peer_t *peer, const kvlink_msg_t *m, const char *rea
         rl = strnlen(reason, KVLINK_REASON_MAX - 1);
         memcpy(c->reason, reason, rl);
     }
-    if (close_after) {
-        c->close_after = peer;
-        peer->refs++;
-    }
     ucp_request_param_t rp;
     memset(&rp, 0, sizeof(rp));
     rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA |
@@ -391,8 +388,6 @@ static void send_ctl(kvlink_peer_t *peer, const kvlink_msg_t *m, const char *rea
     if (UCS_PTR_IS_ERR(r)) {
         FY_LOG_WARN(MOD, "%s: control message %d: %s", peer->addr, (int)m->id,
                     ucs_status_string(UCS_PTR_STATUS(r)));
-        if (c->close_after != NULL)
-            peer->refs--;
         free(c);
         return;
     }
@@ -403,7 +398,7 @@ static void send_status_msg(kvlink_peer_t *peer, kvlink_am_id_t id, uint64_t req
                             fy_status_t st)
 {
     kvlink_msg_t m = {.id = id, .request_id = request_id, .status = st};
-    send_ctl(peer, &m, NULL, false);
+    send_ctl(peer, &m, NULL);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -462,6 +457,12 @@ static void peer_log_transports(kvlink_peer_t *p)
             continue;
         while (*lane == ' ')
             lane++;
+        // Squeeze UCX's column padding.
+        char *o = lane;
+        for (char *i = lane; *i != '\0'; i++)
+            if (*i != ' ' || (o > lane && o[-1] != ' '))
+                *o++ = *i;
+        *o = '\0';
         int w = snprintf(summary + used, sizeof(summary) - used, "%s%s", used ? " | " : "",
                          lane);
         if (w < 0 || (size_t)w >= sizeof(summary) - used)
@@ -542,7 +543,7 @@ static void peer_ready(kvlink_peer_t *p)
         n = n->next;
         if (!req->open_sent && !req->ended) {
             kvlink_msg_t m = {.id = KVLINK_AM_OPEN, .request_id = req->id};
-            send_ctl(p, &m, NULL, false);
+            send_ctl(p, &m, NULL);
             req->open_sent = true;
         }
     }
@@ -600,7 +601,7 @@ static void send_hello(kvlink_peer_t *p, kvlink_am_id_t id, fy_status_t st, cons
         .max_frame = link->params.max_frame_bytes,
         .status = st,
     };
-    send_ctl(p, &m, reason, st != FY_OK);
+    send_ctl(p, &m, reason);
 }
 
 static kvlink_peer_t *peer_connect(kvlink_t *link, const char *addr, fy_status_t *st_p)
@@ -835,7 +836,7 @@ void kvlink_buf_release(kvlink_buf_t *b)
         r->outstanding -= len;
         if (r->peer != NULL && r->peer->state == PEER_READY) {
             kvlink_msg_t m = {.id = KVLINK_AM_CREDIT, .request_id = r->id, .bytes = len};
-            send_ctl(r->peer, &m, NULL, false);
+            send_ctl(r->peer, &m, NULL);
         }
     }
     buf_free(link, b);
@@ -890,12 +891,21 @@ static void recv_data_done(void *request, ucs_status_t status, size_t length, vo
     frame_arrived(b->link, b, st);
 }
 
-static ucs_status_t reject(kvlink_t *link, const char *what, unsigned am_id, uint64_t rid)
+/* Counts and logs a refused message. The return value is what the AM handler gives UCX:
+ * an error refuses a rendezvous (the sender's send fails with it, no bytes move); an eager
+ * message must be answered UCS_OK, which drops it. */
+static ucs_status_t reject_am(kvlink_t *link, const char *what, unsigned am_id, uint64_t rid,
+                              bool rndv)
 {
     link->st.rejected++;
     FY_LOG_WARN(MOD, "rejected message %u (request %llu): %s", am_id, (unsigned long long)rid,
                 what);
-    return UCS_ERR_INVALID_PARAM; // for a rendezvous, the sender's send fails with this
+    return rndv ? UCS_ERR_INVALID_PARAM : UCS_OK;
+}
+
+static void reject(kvlink_t *link, const char *what, unsigned am_id, uint64_t rid)
+{
+    reject_am(link, what, am_id, rid, false);
 }
 
 static ucs_status_t on_frame_am(kvlink_t *link, kvlink_peer_t *p, const kvlink_msg_t *m,
@@ -904,28 +914,29 @@ static ucs_status_t on_frame_am(kvlink_t *link, kvlink_peer_t *p, const kvlink_m
     bool rndv = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
     kvlink_rreq_t *r = rreq_find(link, m->request_id);
     if (r == NULL || r->peer != p)
-        return reject(link, "frame for an unknown request", KVLINK_AM_FRAME, m->request_id);
+        return reject_am(link, "frame for an unknown request", KVLINK_AM_FRAME, m->request_id,
+                         rndv);
     if (m->bytes != length || length > link->params.max_frame_bytes) {
         reject(link, "frame length does not match its header or exceeds the maximum",
                KVLINK_AM_FRAME, m->request_id);
         rreq_finish(link, r, FY_ERR_PROTOCOL, true);
-        return UCS_ERR_INVALID_PARAM;
+        return rndv ? UCS_ERR_INVALID_PARAM : UCS_OK;
     }
     if (r->end_seen && r->frames_seen >= r->end_frames) {
         reject(link, "frame after END", KVLINK_AM_FRAME, m->request_id);
         rreq_finish(link, r, FY_ERR_PROTOCOL, true);
-        return UCS_ERR_INVALID_PARAM;
+        return rndv ? UCS_ERR_INVALID_PARAM : UCS_OK;
     }
     if (r->outstanding + length > r->window) {
         link->st.credit_violations++;
         reject(link, "frame beyond the granted credits", KVLINK_AM_FRAME, m->request_id);
         rreq_finish(link, r, FY_ERR_PROTOCOL, true);
-        return UCS_ERR_INVALID_PARAM;
+        return rndv ? UCS_ERR_INVALID_PARAM : UCS_OK;
     }
     kvlink_buf_t *b = calloc(1, sizeof(*b));
     if (b == NULL) {
         rreq_finish(link, r, FY_ERR_NO_MEMORY, true);
-        return UCS_ERR_NO_MEMORY;
+        return rndv ? UCS_ERR_NO_MEMORY : UCS_OK;
     }
     b->link = link;
     b->rreq = r;
@@ -944,7 +955,7 @@ static ucs_status_t on_frame_am(kvlink_t *link, kvlink_peer_t *p, const kvlink_m
         if (b->data == NULL) {
             free(b);
             rreq_finish(link, r, FY_ERR_NO_MEMORY, true);
-            return UCS_ERR_NO_MEMORY;
+            return rndv ? UCS_ERR_NO_MEMORY : UCS_OK;
         }
     }
     list_push(&link->bufs, &b->node);
@@ -1000,7 +1011,7 @@ static void on_open_am(kvlink_t *link, kvlink_peer_t *p, const kvlink_msg_t *m)
                       .request_id = r->id,
                       .bytes = r->window,
                       .flags = KVLINK_CREDIT_INITIAL};
-    send_ctl(p, &c, NULL, false);
+    send_ctl(p, &c, NULL);
 }
 
 static void on_end_am(kvlink_t *link, kvlink_peer_t *p, const kvlink_msg_t *m)
@@ -1164,7 +1175,7 @@ static void send_pump(kvlink_send_t *req)
                           .request_id = req->id,
                           .frames = req->n_frames,
                           .bytes = req->n_bytes};
-        send_ctl(p, &m, NULL, false);
+        send_ctl(p, &m, NULL);
         req->end_sent = true;
     }
     link_kick(link);
@@ -1194,7 +1205,7 @@ fy_status_t kvlink_send_open(kvlink_t *link, const char *addr, uint64_t request_
     link_sweep_arm(link);
     if (p->state == PEER_READY) {
         kvlink_msg_t m = {.id = KVLINK_AM_OPEN, .request_id = request_id};
-        send_ctl(p, &m, NULL, false);
+        send_ctl(p, &m, NULL);
         req->open_sent = true;
     }
     *req_p = req;
@@ -1320,29 +1331,32 @@ static ucs_status_t am_dispatch(void *arg, const void *header, size_t header_len
     if (link->destroying)
         return rndv ? UCS_ERR_CANCELED : UCS_OK;
     if (kvlink_msg_unpack(id, header, header_length, &m) != FY_OK)
-        return reject(link, "malformed header", id, 0);
+        return reject_am(link, "malformed header", id, 0, rndv);
     ucp_ep_h ep = (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) ? param->reply_ep : NULL;
     kvlink_peer_t *p = peer_by_ep(link, ep);
     if (p == NULL)
-        return reject(link, "message from an unknown endpoint", id, m.request_id);
+        return reject_am(link, "message from an unknown endpoint", id, m.request_id, rndv);
     if (id == KVLINK_AM_FRAME) {
         if (p->state != PEER_READY)
-            return reject(link, "frame before the handshake", id, m.request_id);
+            return reject_am(link, "frame before the handshake", id, m.request_id, rndv);
         return on_frame_am(link, p, &m, data, length, param);
     }
     if (rndv || length > KVLINK_REASON_MAX)
-        return reject(link, "control message with a payload", id, m.request_id);
+        return reject_am(link, "control message with a payload", id, m.request_id, rndv);
     char why[256];
     switch (id) {
     case KVLINK_AM_HELLO: {
-        if (p->outgoing || p->state != PEER_CONNECTING)
-            return reject(link, "unexpected HELLO", id, 0);
+        if (p->outgoing || p->state != PEER_CONNECTING || p->refused)
+            return reject_am(link, "unexpected HELLO", id, 0, rndv);
         p->remote_instance = m.instance_id;
         p->remote_max_frame = m.max_frame;
         const char *bad = compat_mismatch(&link->params.compat, &m, why, sizeof(why));
         if (bad != NULL) {
+            // The refused side closes: closing here could drop the answer on shared memory.
+            // The peer stays unusable (never READY) until its endpoint goes away.
             FY_LOG_WARN(MOD, "refusing %s: incompatible peer: %s", p->addr, bad);
             send_hello(p, KVLINK_AM_HELLO_ACK, FY_ERR_MISMATCH, bad);
+            p->refused = true;
             return UCS_OK;
         }
         send_hello(p, KVLINK_AM_HELLO_ACK, FY_OK, NULL);
@@ -1351,7 +1365,7 @@ static ucs_status_t am_dispatch(void *arg, const void *header, size_t header_len
     }
     case KVLINK_AM_HELLO_ACK: {
         if (!p->outgoing || p->state != PEER_CONNECTING)
-            return reject(link, "unexpected HELLO_ACK", id, 0);
+            return reject_am(link, "unexpected HELLO_ACK", id, 0, rndv);
         p->remote_instance = m.instance_id;
         p->remote_max_frame = m.max_frame;
         fy_status_t st = kvlink_status_from_wire(m.status);
@@ -1381,7 +1395,7 @@ static ucs_status_t am_dispatch(void *arg, const void *header, size_t header_len
         break;
     }
     if (p->state != PEER_READY)
-        return reject(link, "request message before the handshake", id, m.request_id);
+        return reject_am(link, "request message before the handshake", id, m.request_id, rndv);
     switch (id) {
     case KVLINK_AM_OPEN:
         on_open_am(link, p, &m);
@@ -1402,7 +1416,7 @@ static ucs_status_t am_dispatch(void *arg, const void *header, size_t header_len
         break;
     }
     default:
-        return reject(link, "unknown message", id, m.request_id);
+        return reject_am(link, "unknown message", id, m.request_id, rndv);
     }
     return UCS_OK;
 }

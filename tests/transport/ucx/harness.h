@@ -54,7 +54,7 @@ static inline bool h_check(const uint8_t *p, size_t len, uint64_t request_id, ui
 
 typedef bool (*h_cond_fn)(void *arg);
 
-static void h_tick(uv_timer_t *t)
+static inline void h_tick(uv_timer_t *t)
 {
 }
 
@@ -91,7 +91,7 @@ static inline void h_run_for(uv_loop_t *loop, uint64_t ms)
 }
 
 /* Closes every handle left on a test loop and closes the loop. */
-static void h_close_walk(uv_handle_t *h, void *arg)
+static inline void h_close_walk(uv_handle_t *h, void *arg)
 {
     if (!uv_is_closing(h))
         uv_close(h, NULL);

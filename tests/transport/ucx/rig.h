@@ -34,7 +34,7 @@ typedef struct {
     char peer_msg[256];
 } rig_t;
 
-static void rig_on_frame(kvlink_t *link, uint64_t request_id, uint32_t layer, kvlink_buf_t *buf,
+static inline void rig_on_frame(kvlink_t *link, uint64_t request_id, uint32_t layer, kvlink_buf_t *buf,
                          const void *data, size_t len, void *arg)
 {
     rig_t *r = arg;
@@ -49,7 +49,7 @@ static void rig_on_frame(kvlink_t *link, uint64_t request_id, uint32_t layer, kv
         r->held[r->n_held++] = buf;
 }
 
-static void rig_on_recv_end(kvlink_t *link, uint64_t request_id, fy_status_t st, void *arg)
+static inline void rig_on_recv_end(kvlink_t *link, uint64_t request_id, fy_status_t st, void *arg)
 {
     rig_t *r = arg;
     if (r->n_rx_end < RIG_MAX_REQ) {
@@ -59,7 +59,7 @@ static void rig_on_recv_end(kvlink_t *link, uint64_t request_id, fy_status_t st,
     r->n_rx_end++;
 }
 
-static void rig_on_peer(kvlink_t *link, const char *addr, fy_status_t st, const char *msg,
+static inline void rig_on_peer(kvlink_t *link, const char *addr, fy_status_t st, const char *msg,
                         void *arg)
 {
     rig_t *r = arg;
@@ -68,7 +68,7 @@ static void rig_on_peer(kvlink_t *link, const char *addr, fy_status_t st, const 
     snprintf(r->peer_msg, sizeof(r->peer_msg), "%s", msg ? msg : "");
 }
 
-static void rig_on_send_end(kvlink_send_t *req, fy_status_t st, void *arg)
+static inline void rig_on_send_end(kvlink_send_t *req, fy_status_t st, void *arg)
 {
     rig_t *r = arg;
     if (r->n_tx_end < RIG_MAX_REQ)
@@ -76,7 +76,7 @@ static void rig_on_send_end(kvlink_send_t *req, fy_status_t st, void *arg)
     r->n_tx_end++;
 }
 
-static void rig_release_all(rig_t *r)
+static inline void rig_release_all(rig_t *r)
 {
     for (size_t i = 0; i < r->n_held; i++)
         kvlink_buf_release(r->held[i]);
