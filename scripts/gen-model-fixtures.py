@@ -48,6 +48,22 @@ PROMPTS = [
 ]
 
 
+def fix_pre_tokenizer(tok, model_path):
+    """transformers' GGUF import gives every byte-level BPE plain GPT-2 ByteLevel splitting.
+    SmolLM2's own tokenizer.json (and llama.cpp's "smollm" pre-tokenizer) first isolates every
+    \\p{N} character; without that, " ½" or " ²" tokenize differently. Restore it."""
+    from gguf import GGUFReader
+    from tokenizers import pre_tokenizers
+
+    field = GGUFReader(model_path).fields.get("tokenizer.ggml.pre")
+    pre = bytes(field.parts[field.data[0]]).decode() if field is not None else ""
+    if pre == "smollm":
+        tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+
+
 def load(model_path, threads):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -55,6 +71,7 @@ def load(model_path, threads):
     torch.set_num_threads(threads)
     d, f = os.path.dirname(os.path.abspath(model_path)), os.path.basename(model_path)
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    fix_pre_tokenizer(tok, model_path)
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
     model.eval()
     return tok, model
