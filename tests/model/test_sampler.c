@@ -1,0 +1,138 @@
+// Sampler: greedy is the argmax; a seed reproduces a sequence and another seed changes it;
+// top-k 1 and a tiny top-p are greedy; temperature spreads choices in proportion; the
+// repetition penalty moves the choice off a repeated token; stop tokens and max tokens end.
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+
+#include <math.h>
+
+#include "test_util.h"
+
+enum { NV = 50 };
+
+static void fill(float *l)
+{
+    for (int i = 0; i < NV; i++)
+        l[i] = -0.1f * (float)((i * 7) % NV);
+    l[13] = 3.0f;
+    l[21] = 2.5f;
+    l[34] = 2.0f;
+}
+
+static int32_t draw(mdl_sampler_t *s)
+{
+    float l[NV];
+    fill(l);
+    return mdl_sampler_sample(s, l);
+}
+
+static void test_greedy(void **state)
+{
+    mdl_sampler_params_t p;
+    mdl_sampler_params_default(&p);
+    p.temperature = 0.0f;
+    mdl_sampler_t *s;
+    assert_int_equal(mdl_sampler_create(&p, NV, &s), FY_OK);
+    for (int i = 0; i < 5; i++)
+        assert_int_equal(draw(s), 13);
+    mdl_sampler_destroy(s);
+    // top-k 1 and a tiny top-p are greedy even when hot.
+    p.temperature = 5.0f;
+    p.top_k = 1;
+    assert_int_equal(mdl_sampler_create(&p, NV, &s), FY_OK);
+    for (int i = 0; i < 20; i++)
+        assert_int_equal(draw(s), 13);
+    mdl_sampler_destroy(s);
+    p.top_k = 0;
+    p.top_p = 1e-4f;
+    assert_int_equal(mdl_sampler_create(&p, NV, &s), FY_OK);
+    for (int i = 0; i < 20; i++)
+        assert_int_equal(draw(s), 13);
+    mdl_sampler_destroy(s);
+}
+
+static void test_seed_and_distribution(void **state)
+{
+    mdl_sampler_params_t p;
+    mdl_sampler_params_default(&p);
+    p.temperature = 1.0f;
+    p.top_k = 3;
+    p.top_p = 1.0f;
+    p.max_tokens = 0;
+    mdl_sampler_t *a, *b, *c;
+    assert_int_equal(mdl_sampler_create(&p, NV, &a), FY_OK);
+    assert_int_equal(mdl_sampler_create(&p, NV, &b), FY_OK);
+    p.seed = 12345;
+    assert_int_equal(mdl_sampler_create(&p, NV, &c), FY_OK);
+    int counts[NV] = {0};
+    bool differs = false;
+    enum { DRAWS = 6000 };
+    for (int i = 0; i < DRAWS; i++) {
+        int32_t x = draw(a), y = draw(b), z = draw(c);
+        assert_int_equal(x, y);
+        differs |= x != z;
+        counts[x]++;
+    }
+    assert_true(differs);
+    // Only the top 3 appear, in proportion to exp(logit).
+    double e0 = exp(3.0), e1 = exp(2.5), e2 = exp(2.0), sum = e0 + e1 + e2;
+    assert_int_equal(counts[13] + counts[21] + counts[34], DRAWS);
+    assert_true(fabs(counts[13] / (double)DRAWS - e0 / sum) < 0.03);
+    assert_true(fabs(counts[21] / (double)DRAWS - e1 / sum) < 0.03);
+    assert_true(fabs(counts[34] / (double)DRAWS - e2 / sum) < 0.03);
+    mdl_sampler_destroy(a);
+    mdl_sampler_destroy(b);
+    mdl_sampler_destroy(c);
+    // top-p 0.6 keeps the first two (0.51 < 0.6 <= 0.82).
+    p.top_k = 0;
+    p.top_p = 0.6f;
+    assert_int_equal(mdl_sampler_create(&p, NV, &a), FY_OK);
+    int seen[NV] = {0};
+    for (int i = 0; i < 2000; i++)
+        seen[draw(a)]++;
+    assert_true(seen[13] > 0 && seen[21] > 0);
+    assert_int_equal(seen[13] + seen[21], 2000);
+    mdl_sampler_destroy(a);
+}
+
+static void test_penalty_and_stop(void **state)
+{
+    mdl_sampler_params_t p;
+    mdl_sampler_params_default(&p);
+    p.temperature = 0.0f;
+    p.repetition_penalty = 1.5f; // 3.0 / 1.5 = 2.0 < 2.5
+    p.n_stop = 1;
+    p.stop[0] = 7;
+    p.max_tokens = 3;
+    mdl_sampler_t *s;
+    assert_int_equal(mdl_sampler_create(&p, NV, &s), FY_OK);
+    mdl_sampler_accept(s, 13);
+    assert_int_equal(draw(s), 21);
+    assert_false(mdl_sampler_done(s, 21));
+    assert_true(mdl_sampler_done(s, 7));
+    draw(s);
+    assert_false(mdl_sampler_done(s, 21));
+    draw(s);
+    assert_true(mdl_sampler_done(s, 21)); // max tokens reached
+    mdl_sampler_destroy(s);
+    // Invalid parameters.
+    p.top_p = 0.0f;
+    assert_int_equal(mdl_sampler_create(&p, NV, &s), FY_ERR_INVALID_ARG);
+    p.top_p = 1.0f;
+    p.n_stop = MDL_MAX_STOP + 1;
+    assert_int_equal(mdl_sampler_create(&p, NV, &s), FY_ERR_INVALID_ARG);
+    p.n_stop = 0;
+    assert_int_equal(mdl_sampler_create(&p, 0, &s), FY_ERR_INVALID_ARG);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_greedy),
+        cmocka_unit_test(test_seed_and_distribution),
+        cmocka_unit_test(test_penalty_and_stop),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

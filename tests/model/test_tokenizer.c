@@ -1,0 +1,183 @@
+// Tokenizers built from small GGUF vocabularies (no download): byte-level BPE merges in rank
+// order with the pre-tokenizer splits; SentencePiece-style BPE merges by score with byte
+// fallback; malformed tokenizer metadata is an error.
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+
+#include "test_util.h"
+
+static mdl_tokenizer_t *tok_from(mdlt_gguf_t *w)
+{
+    uint8_t *buf;
+    size_t len;
+    mdlt_gguf_to_mem(w, &buf, &len);
+    mdl_gguf_t *g;
+    mdl_tokenizer_t *t = NULL;
+    char err[MDL_ERR_LEN] = "";
+    assert_int_equal(mdl_gguf_open_mem(buf, len, &g, NULL, 0), FY_OK);
+    if (mdl_tokenizer_create(g, &t, err, sizeof(err)) != FY_OK)
+        fprintf(stderr, "tokenizer: %s\n", err);
+    mdl_gguf_close(g);
+    free(buf);
+    return t;
+}
+
+static size_t enc(const mdl_tokenizer_t *t, const char *s, int32_t *ids)
+{
+    size_t n;
+    assert_int_equal(mdl_tokenizer_encode(t, s, strlen(s), true, ids, 64, &n), FY_OK);
+    return n;
+}
+
+static void test_tiny_bpe(void **state)
+{
+    mdlt_tiny_params_t tp;
+    mdlt_tiny_params_default(&tp);
+    mdl_model_t *m = tu_tiny_model(&tp);
+    assert_non_null(m);
+    const mdl_tokenizer_t *t = mdl_model_tokenizer(m);
+    int32_t ids[64];
+    // "Ġthe" is merged (ranks: Ġt, he, Ġt+he); "in" too; the rest are byte tokens.
+    size_t n = enc(t, "the then in", ids);
+    int32_t gthe = mdl_tokenizer_find(t, "\xc4\xa0the"), he = mdl_tokenizer_find(t, "he");
+    int32_t in = mdl_tokenizer_find(t, "in"), gin = mdl_tokenizer_find(t, "\xc4\xa0");
+    assert_true(gthe > 258 && he > 258 && in > 258);
+    assert_int_equal(n, 6);
+    assert_int_equal(ids[0], 3 + 't');
+    assert_int_equal(ids[1], he);
+    assert_int_equal(ids[2], gthe);
+    assert_int_equal(ids[3], 3 + 'n');
+    assert_int_equal(ids[4], gin);
+    assert_int_equal(ids[5], in);
+    // Digits split one by one (smollm); specials are matched; a too-small buffer says so.
+    n = enc(t, "a12<|im_end|>", ids);
+    assert_int_equal(n, 4);
+    assert_int_equal(ids[1], 3 + '1');
+    assert_int_equal(ids[2], 3 + '2');
+    assert_int_equal(ids[3], 2);
+    size_t need;
+    assert_int_equal(mdl_tokenizer_encode(t, "abc", 3, false, ids, 2, &need),
+                     FY_ERR_RESOURCE_EXHAUSTED);
+    assert_int_equal(need, 3);
+    // Invalid UTF-8 still encodes (as its bytes) and decodes back.
+    const char bad[] = "x\xff\xc3(";
+    n = enc(t, bad, ids);
+    char back[16];
+    size_t w = 0;
+    for (size_t i = 0; i < n; i++)
+        w += (size_t)mdl_tokenizer_token_bytes(t, ids[i], back + w, sizeof(back) - w);
+    assert_int_equal(w, 4);
+    assert_memory_equal(back, bad, 4);
+    assert_int_equal(mdl_tokenizer_token_bytes(t, -1, back, sizeof(back)), -1);
+    // The tiny template has no default system prompt.
+    mdl_chat_msg_t msg = {"user", "hi"};
+    char *s;
+    assert_int_equal(mdl_chat_render(t, &msg, 1, true, &s), FY_OK);
+    assert_string_equal(s, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+    free(s);
+    mdl_model_destroy(m);
+}
+
+// SentencePiece-style BPE: the best-scoring merges win, spaces are U+2581 with a leading one,
+// and characters outside the vocabulary become byte tokens.
+static void test_spm(void **state)
+{
+    // <unk> <s> </s>, byte tokens, then pieces with scores.
+    const char *pieces[] = {"\xe2\x96\x81", "h", "e", "l", "o", "w", "r", "d", "\xe2\x96\x81h",
+                            "ll", "\xe2\x96\x81he", "\xe2\x96\x81hell", "\xe2\x96\x81hello",
+                            "\xe2\x96\x81w", "or", "\xe2\x96\x81wor", "ld", "\xe2\x96\x81world"};
+    enum { NP = sizeof(pieces) / sizeof(pieces[0]), NV = 3 + 256 + NP };
+    const char *toks[NV];
+    char bytes[256][8];
+    int32_t types[NV];
+    float scores[NV];
+    toks[0] = "<unk>", toks[1] = "<s>", toks[2] = "</s>";
+    types[0] = 2, types[1] = 3, types[2] = 3;
+    scores[0] = scores[1] = scores[2] = 0;
+    for (int b = 0; b < 256; b++) {
+        snprintf(bytes[b], sizeof(bytes[b]), "<0x%02X>", b);
+        toks[3 + b] = bytes[b];
+        types[3 + b] = 6;
+        scores[3 + b] = 0;
+    }
+    for (int i = 0; i < NP; i++) {
+        toks[259 + i] = pieces[i];
+        types[259 + i] = 1;
+        scores[259 + i] = (float)strlen(pieces[i]); // longer pieces win
+    }
+    mdlt_gguf_t *w = mdlt_gguf_new();
+    mdlt_gguf_str(w, "tokenizer.ggml.model", "llama");
+    mdlt_gguf_arr_str(w, "tokenizer.ggml.tokens", toks, NV);
+    mdlt_gguf_arr_f32(w, "tokenizer.ggml.scores", scores, NV);
+    mdlt_gguf_arr_i32(w, "tokenizer.ggml.token_type", types, NV);
+    mdlt_gguf_u32(w, "tokenizer.ggml.bos_token_id", 1);
+    mdlt_gguf_u32(w, "tokenizer.ggml.eos_token_id", 2);
+    mdlt_gguf_u32(w, "tokenizer.ggml.unknown_token_id", 0);
+    mdl_tokenizer_t *t = tok_from(w);
+    mdlt_gguf_free(w);
+    assert_non_null(t);
+    assert_int_equal(mdl_tokenizer_kind(t), MDL_TOK_SPM);
+    assert_true(mdl_tokenizer_add_bos(t));
+    int32_t ids[64];
+    size_t n = enc(t, "hello world", ids);
+    assert_int_equal(n, 2);
+    assert_int_equal(ids[0], 259 + 12);
+    assert_int_equal(ids[1], 259 + 17);
+    // A character outside the vocabulary falls back to its UTF-8 bytes.
+    n = enc(t, "h\xc3\xa9", ids); // "hé"
+    assert_int_equal(n, 3);
+    assert_int_equal(ids[0], 259 + 8);
+    assert_int_equal(ids[1], 3 + 0xc3);
+    assert_int_equal(ids[2], 3 + 0xa9);
+    // Detokenizing drops the leading space and reassembles the bytes.
+    mdl_detok_t d;
+    mdl_detok_init(&d, t, true);
+    char out[64] = "", piece[32];
+    for (size_t i = 0; i < n; i++) {
+        mdl_detok_push(&d, ids[i], piece, sizeof(piece));
+        strcat(out, piece);
+    }
+    assert_string_equal(out, "h\xc3\xa9");
+    // No ChatML template: rendering is unsupported.
+    mdl_chat_msg_t msg = {"user", "hi"};
+    char *s;
+    assert_int_equal(mdl_chat_render(t, &msg, 1, true, &s), FY_ERR_UNSUPPORTED);
+    mdl_tokenizer_destroy(t);
+}
+
+static void test_bad_metadata(void **state)
+{
+    mdlt_gguf_t *w = mdlt_gguf_new();
+    mdlt_gguf_str(w, "tokenizer.ggml.model", "bert");
+    assert_null(tok_from(w));
+    mdlt_gguf_free(w);
+    w = mdlt_gguf_new();
+    const char *toks[] = {"a", "b"};
+    mdlt_gguf_str(w, "tokenizer.ggml.model", "gpt2");
+    mdlt_gguf_arr_str(w, "tokenizer.ggml.tokens", toks, 2);
+    assert_null(tok_from(w)); // no merges
+    const char *merges[] = {"a b"};
+    mdlt_gguf_arr_str(w, "tokenizer.ggml.merges", merges, 1);
+    mdlt_gguf_u32(w, "tokenizer.ggml.eos_token_id", 5); // outside the vocabulary
+    assert_null(tok_from(w));
+    mdlt_gguf_free(w);
+    w = mdlt_gguf_new();
+    int32_t types[1] = {1};
+    mdlt_gguf_str(w, "tokenizer.ggml.model", "llama");
+    mdlt_gguf_arr_str(w, "tokenizer.ggml.tokens", toks, 2);
+    mdlt_gguf_arr_i32(w, "tokenizer.ggml.token_type", types, 1); // length mismatch
+    assert_null(tok_from(w));
+    mdlt_gguf_free(w);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_tiny_bpe),
+        cmocka_unit_test(test_spm),
+        cmocka_unit_test(test_bad_metadata),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
