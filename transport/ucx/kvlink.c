@@ -148,6 +148,7 @@ struct kvlink_buf {
 typedef struct {
     uint8_t hdr[KVLINK_HDR_MAX];
     char reason[KVLINK_REASON_MAX];
+    kvlink_t *link;
 } ctl_msg_t;
 
 struct kvlink {
@@ -171,6 +172,8 @@ struct kvlink {
     uint64_t next_serial;
     kvlink_stats_t st;
     int in_progress;
+    int closing;      /* endpoint closes in progress */
+    int ctl_inflight; /* control messages UCX still holds */
     bool destroying, quiet;
 };
 
@@ -277,6 +280,13 @@ void kvlink_ctx_destroy(kvlink_ctx_t *ctx)
 /* Progress                                                                                    */
 /* ------------------------------------------------------------------------------------------ */
 
+static void ep_closed(void *request, ucs_status_t status, void *user_data)
+{
+    kvlink_t *link = user_data;
+    link->closing--;
+    ucp_request_free(request);
+}
+
 static void link_reap_peers(kvlink_t *link)
 {
     // Failed peers: close the endpoint outside UCX callbacks, free once unreferenced.
@@ -288,10 +298,15 @@ static void link_reap_peers(kvlink_t *link)
             ucp_request_param_t rp;
             memset(&rp, 0, sizeof(rp));
             rp.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+            // Force: a live peer was flushed first (kvlink_destroy); a graceful close would
+            // wait for the other side, which may be gone or busy.
             rp.flags = UCP_EP_CLOSE_FLAG_FORCE;
+            rp.op_attr_mask |= UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+            rp.cb.send = ep_closed;
+            rp.user_data = link;
             void *r = ucp_ep_close_nbx(p->ep, &rp);
             if (UCS_PTR_IS_PTR(r))
-                ucp_request_free(r); // completes on its own; nothing of ours depends on it
+                link->closing++;
             p->closed = true;
             p->ep = NULL;
         }
@@ -359,7 +374,9 @@ static void link_sweep_arm(kvlink_t *link)
 
 static void ctl_done(void *request, ucs_status_t status, void *user_data)
 {
-    free(user_data);
+    ctl_msg_t *c = user_data;
+    c->link->ctl_inflight--;
+    free(c);
     ucp_request_free(request);
 }
 
@@ -371,6 +388,7 @@ static void send_ctl(kvlink_peer_t *peer, const kvlink_msg_t *m, const char *rea
     ctl_msg_t *c = calloc(1, sizeof(*c));
     if (c == NULL)
         return; // the request will hit its deadline; logging here would flood under OOM
+    c->link = peer->link;
     size_t hl = kvlink_msg_pack(m, c->hdr);
     size_t rl = 0;
     if (reason != NULL) {
@@ -384,14 +402,18 @@ static void send_ctl(kvlink_peer_t *peer, const kvlink_msg_t *m, const char *rea
     rp.cb.send = ctl_done;
     rp.user_data = c;
     rp.flags = UCP_AM_SEND_FLAG_REPLY | UCP_AM_SEND_FLAG_EAGER;
+    // Counted before posting: with NO_IMM_CMPL, UCX may run ctl_done inside the call.
+    kvlink_t *link = peer->link;
+    link->ctl_inflight++;
     void *r = ucp_am_send_nbx(peer->ep, m->id, c->hdr, hl, rl ? c->reason : NULL, rl, &rp);
     if (UCS_PTR_IS_ERR(r)) {
         FY_LOG_WARN(MOD, "%s: control message %d: %s", peer->addr, (int)m->id,
                     ucs_status_string(UCS_PTR_STATUS(r)));
+        link->ctl_inflight--;
         free(c);
         return;
     }
-    link_kick(peer->link);
+    link_kick(link);
 }
 
 static void send_status_msg(kvlink_peer_t *peer, kvlink_am_id_t id, uint64_t request_id,
@@ -507,7 +529,11 @@ static void peer_fail(kvlink_peer_t *p, fy_status_t st, const char *why)
     p->fail_st = st;
     list_del(&p->node);
     list_push(&link->dead_peers, &p->node);
-    if (!link->quiet)
+    if (link->quiet)
+        ;
+    else if (p->refs == 0 && was_ready)
+        FY_LOG_INFO(MOD, "peer %s went away while idle (%s)", p->addr, why);
+    else
         FY_LOG_WARN(MOD, "peer %s failed: %s (%s)", p->addr, fy_status_str(st), why);
     p->refs++; // keep p alive through the callbacks below
     while (!list_empty(&p->sends)) {
@@ -1121,7 +1147,7 @@ static void frame_sent(void *request, ucs_status_t status, void *user_data)
 }
 
 /* Posts queued frames while credits allow, then END once finished. */
-static void send_pump(kvlink_send_t *req)
+static void send_pump_held(kvlink_send_t *req)
 {
     kvlink_t *link = req->link;
     kvlink_peer_t *p = req->peer;
@@ -1153,9 +1179,14 @@ static void send_pump(kvlink_send_t *req)
         rp.flags = UCP_AM_SEND_FLAG_REPLY;
         if (f->len >= link->params.rndv_threshold)
             rp.flags |= UCP_AM_SEND_FLAG_RNDV;
+        // In flight before posting: UCX may complete it (frame_sent) inside the call.
+        req->n_inflight++;
+        link->st.frames_in_flight++;
         void *r = ucp_am_send_nbx(p->ep, KVLINK_AM_FRAME, f->hdr, f->hdr_len, f->data, f->len,
                                   &rp);
         if (UCS_PTR_IS_ERR(r)) {
+            req->n_inflight--;
+            link->st.frames_in_flight--;
             fy_status_t st = status_from_ucs(UCS_PTR_STATUS(r));
             FY_LOG_WARN(MOD, "request %llu: frame send: %s", (unsigned long long)req->id,
                         ucs_status_string(UCS_PTR_STATUS(r)));
@@ -1167,8 +1198,8 @@ static void send_pump(kvlink_send_t *req)
             send_fail(req, st, true);
             return;
         }
-        req->n_inflight++;
-        link->st.frames_in_flight++;
+        if (req->ended)
+            return; // a frame completed inside the call failed the request
     }
     if (req->finished && !req->end_sent) {
         kvlink_msg_t m = {.id = KVLINK_AM_END,
@@ -1179,6 +1210,16 @@ static void send_pump(kvlink_send_t *req)
         req->end_sent = true;
     }
     link_kick(link);
+}
+
+/* send_pump_held with req held alive: completions inside UCX calls may end it. req may be
+ * freed on return. */
+static void send_pump(kvlink_send_t *req)
+{
+    req->n_queued++;
+    send_pump_held(req);
+    req->n_queued--;
+    send_maybe_free(req);
 }
 
 fy_status_t kvlink_send_open(kvlink_t *link, const char *addr, uint64_t request_id,
@@ -1639,6 +1680,11 @@ void kvlink_destroy(kvlink_t *link)
     link->quiet = true;
     while (!list_empty(&link->rreqs))
         rreq_finish(link, CONTAINER(link->rreqs.next, kvlink_rreq_t, node), FY_ERR_CLOSED, true);
+    // What we already sent (such as a last STATUS) should leave before the endpoints are
+    // dropped: wait for the control sends, bounded in time.
+    uint64_t flush_until = fy_clock_ns() + 1000ull * 1000 * 1000;
+    while (link->ctl_inflight > 0 && fy_clock_ns() < flush_until)
+        ucp_worker_progress(link->worker);
     while (!list_empty(&link->peers))
         peer_fail(CONTAINER(link->peers.next, kvlink_peer_t, node), FY_ERR_CLOSED,
                   "link closed");
@@ -1649,7 +1695,7 @@ void kvlink_destroy(kvlink_t *link)
     uint64_t until = fy_clock_ns() + 2000ull * 1000 * 1000;
     link_reap_peers(link);
     while ((link->st.frames_in_flight > 0 || link->st.recv_pending > 0 ||
-            !list_empty(&link->dead_peers)) &&
+            !list_empty(&link->dead_peers) || link->closing > 0) &&
            fy_clock_ns() < until) {
         ucp_worker_progress(link->worker);
         link_reap_peers(link);
