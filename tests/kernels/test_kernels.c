@@ -1,0 +1,215 @@
+// Each CPU kernel against a plain double-precision reference written here: GEMM (both paths),
+// RMSNorm, RoPE (both layouts, scaling, freq factors), SwiGLU, causal attention, and paged
+// attention over FP16 pages (any page size, partly filled last page) against dense attention.
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels.h"
+
+static uint64_t g_rng = 42;
+
+static float rnd(void)
+{
+    g_rng = g_rng * 6364136223846793005ull + 1442695040888963407ull;
+    return (float)((g_rng >> 40) / (double)(1ull << 24)) * 2.0f - 1.0f;
+}
+
+static float *rnd_buf(size_t n)
+{
+    float *b = malloc(n * sizeof(float));
+    for (size_t i = 0; i < n; i++)
+        b[i] = rnd();
+    return b;
+}
+
+static void test_gemm(void **state)
+{
+    static const int shapes[][3] = {{1, 7, 5}, {3, 17, 9}, {33, 64, 48}, {1, 1, 1}};
+    for (size_t s = 0; s < FY_ARRAY_SIZE(shapes); s++) {
+        int m = shapes[s][0], n = shapes[s][1], k = shapes[s][2];
+        float *x = rnd_buf((size_t)m * k), *w = rnd_buf((size_t)n * k);
+        float *y = rnd_buf((size_t)m * n), *y0 = malloc(sizeof(float) * m * n);
+        memcpy(y0, y, sizeof(float) * m * n);
+        for (int acc = 0; acc < 2; acc++) {
+            memcpy(y, y0, sizeof(float) * m * n);
+            krn_gemm_f32(m, n, k, x, k, w, k, y, n, acc);
+            for (int i = 0; i < m; i++) {
+                for (int j = 0; j < n; j++) {
+                    double r = acc ? y0[i * n + j] : 0.0;
+                    for (int t = 0; t < k; t++)
+                        r += (double)x[i * k + t] * w[j * k + t];
+                    assert_true(fabs(y[i * n + j] - r) < 1e-4 * (1 + fabs(r)));
+                }
+            }
+        }
+        free(x);
+        free(w);
+        free(y);
+        free(y0);
+    }
+    krn_gemm_set_threads(2);
+    krn_gemm_f32(0, 3, 3, NULL, 3, NULL, 3, NULL, 3, 0); // empty: nothing to do
+}
+
+static void test_rmsnorm_swiglu(void **state)
+{
+    enum { R = 3, D = 37 };
+    float *x = rnd_buf(R * D), *w = rnd_buf(D), out[R * D];
+    krn_rmsnorm_f32(out, D, x, D, w, R, D, 1e-5f);
+    for (int r = 0; r < R; r++) {
+        double ss = 0;
+        for (int i = 0; i < D; i++)
+            ss += (double)x[r * D + i] * x[r * D + i];
+        double inv = 1.0 / sqrt(ss / D + 1e-5);
+        for (int i = 0; i < D; i++)
+            assert_true(fabs(out[r * D + i] - x[r * D + i] * inv * w[i]) < 1e-5);
+    }
+    // In place.
+    krn_rmsnorm_f32(x, D, x, D, w, R, D, 1e-5f);
+    assert_memory_equal(x, out, sizeof(out));
+    float g[5] = {-3, -0.5f, 0, 0.5f, 4}, u[5] = {1, 2, 3, -1, 0.5f}, o[5];
+    krn_swiglu_f32(o, g, u, 5);
+    for (int i = 0; i < 5; i++)
+        assert_true(fabs(o[i] - g[i] / (1 + exp(-g[i])) * u[i]) < 1e-6);
+    free(x);
+    free(w);
+}
+
+static void test_rope(void **state)
+{
+    enum { T = 4, H = 3, HD = 8 };
+    int32_t pos[T] = {0, 1, 7, 100};
+    float ff[HD / 2] = {1, 2, 4, 8};
+    for (int mode = 0; mode < 2; mode++) {
+        for (int variant = 0; variant < 2; variant++) {
+            krn_rope_t rope = {.mode = mode ? KRN_ROPE_NEOX : KRN_ROPE_NORM, .n_rot = HD,
+                               .theta = 10000.0f, .freq_scale = variant ? 0.5f : 1.0f,
+                               .freq_factors = variant ? ff : NULL};
+            float *x = rnd_buf(T * H * HD), y[T * H * HD];
+            memcpy(y, x, sizeof(y));
+            krn_rope_f32(y, H * HD, T, H, HD, pos, &rope);
+            for (int t = 0; t < T; t++) {
+                for (int h = 0; h < H; h++) {
+                    const float *a = x + (t * H + h) * HD;
+                    const float *b = y + (t * H + h) * HD;
+                    for (int i = 0; i < HD / 2; i++) {
+                        int i0 = mode ? i : 2 * i, i1 = mode ? i + HD / 2 : 2 * i + 1;
+                        double f = pow(10000.0, -2.0 * i / HD) / (variant ? ff[i] : 1.0);
+                        double ang = pos[t] * (variant ? 0.5 : 1.0) * f;
+                        double r0 = a[i0] * cos(ang) - a[i1] * sin(ang);
+                        double r1 = a[i0] * sin(ang) + a[i1] * cos(ang);
+                        assert_true(fabs(b[i0] - r0) < 1e-5 && fabs(b[i1] - r1) < 1e-5);
+                    }
+                }
+            }
+            free(x);
+        }
+    }
+}
+
+/* Dense causal attention in double for one head. */
+static void ref_attention(double *out, const float *q, const float *k, const float *v, int n_keys,
+                          int hd, float scale)
+{
+    double *s = malloc(sizeof(double) * n_keys), mx = -INFINITY, sum = 0;
+    for (int j = 0; j < n_keys; j++) {
+        double d = 0;
+        for (int t = 0; t < hd; t++)
+            d += (double)q[t] * k[j * hd + t];
+        s[j] = d * scale;
+        mx = fmax(mx, s[j]);
+    }
+    for (int j = 0; j < n_keys; j++)
+        sum += s[j] = exp(s[j] - mx);
+    for (int t = 0; t < hd; t++) {
+        out[t] = 0;
+        for (int j = 0; j < n_keys; j++)
+            out[t] += s[j] / sum * v[j * hd + t];
+    }
+    free(s);
+}
+
+static void test_causal_attention(void **state)
+{
+    enum { N = 19, HD = 16 };
+    float *q = rnd_buf(N * HD), *k = rnd_buf(N * HD), *v = rnd_buf(N * HD);
+    float out[N * HD], scratch[N];
+    float scale = 1.0f / sqrtf(HD);
+    // In two blocks, as prefill splits query rows.
+    krn_attention_causal_f32(out, HD, q, HD, k, v, 0, 7, HD, scale, scratch);
+    krn_attention_causal_f32(out + 7 * HD, HD, q + 7 * HD, HD, k, v, 7, N - 7, HD, scale, scratch);
+    for (int i = 0; i < N; i++) {
+        double r[HD];
+        ref_attention(r, q + i * HD, k, v, i + 1, HD, scale);
+        for (int t = 0; t < HD; t++)
+            assert_true(fabs(out[i * HD + t] - r[t]) < 1e-5);
+    }
+    free(q);
+    free(k);
+    free(v);
+}
+
+static void test_paged_attention(void **state)
+{
+    enum { HD = 64, G = 3, MAXN = 70 };
+    float scale = 1.0f / sqrtf(HD);
+    static const int page_sizes[] = {1, 4, 16, 33, 128};
+    static const int lens[] = {1, 5, 16, 17, 70};
+    for (size_t ps = 0; ps < FY_ARRAY_SIZE(page_sizes); ps++) {
+        for (size_t li = 0; li < FY_ARRAY_SIZE(lens); li++) {
+            int pt = page_sizes[ps], n = lens[li];
+            // Keys/values as they are after FP16 storage, so the reference sees the same data.
+            float *k = rnd_buf(MAXN * HD), *v = rnd_buf(MAXN * HD), *q = rnd_buf(G * HD);
+            for (int i = 0; i < MAXN * HD; i++) {
+                k[i] = fy_fp16_to_fp32(fy_fp32_to_fp16(k[i] * 3));
+                v[i] = fy_fp16_to_fp32(fy_fp32_to_fp16(v[i]));
+            }
+            int np = (n + pt - 1) / pt;
+            uint16_t **pages = malloc(sizeof(*pages) * np);
+            for (int p = 0; p < np; p++) {
+                pages[p] = calloc((size_t)2 * pt * HD, sizeof(uint16_t));
+                for (int s = 0; s < pt && p * pt + s < n; s++) {
+                    fy_fp32_to_fp16_buf(pages[p] + s * HD, k + (p * pt + s) * HD, HD);
+                    fy_fp32_to_fp16_buf(pages[p] + (pt + s) * HD, v + (p * pt + s) * HD, HD);
+                }
+            }
+            krn_page_list_t list = {.pages = (const uint16_t *const *)pages, .n_pages = np,
+                                    .page_tokens = pt, .n_tokens = n};
+            float out[G * HD];
+            krn_paged_attention_f16(out, q, G, HD, scale, &list);
+            for (int h = 0; h < G; h++) {
+                double r[HD];
+                ref_attention(r, q + h * HD, k, v, n, HD, scale);
+                for (int t = 0; t < HD; t++) {
+                    if (fabs(out[h * HD + t] - r[t]) > 1e-5)
+                        fail_msg("page %d len %d head %d dim %d: %f vs %f", pt, n, h, t,
+                                 out[h * HD + t], r[t]);
+                }
+            }
+            for (int p = 0; p < np; p++)
+                free(pages[p]);
+            free(pages);
+            free(k);
+            free(v);
+            free(q);
+        }
+    }
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_gemm),
+        cmocka_unit_test(test_rmsnorm_swiglu),
+        cmocka_unit_test(test_rope),
+        cmocka_unit_test(test_causal_attention),
+        cmocka_unit_test(test_paged_attention),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
