@@ -9,10 +9,21 @@ scripts/setup.sh
 ninja -C build
 
 model=models/SmolLM2-135M-Instruct.Q4_1.gguf
+prompts=(
+  "What is the capital of France?"
+  "Write a haiku about a ferry crossing a river at dawn."
+  "Explain in two sentences why a compressed KV cache helps when the network is slow."
+)
+
 echo
 echo "== Ferry demo =="
-echo "The serving path (router, prefill and decode workers) is not built yet."
-echo "What runs today: the foundation library checks (status codes, fp16/bf16, CRC32C,"
-echo "thread pool, arena) and the verified default model file:"
-ls -l "$model"
-meson test -C build --suite common --print-errorlogs
+echo "The disaggregated serving path (router -> prefill -> UCX -> decode) is not wired up yet."
+echo "This demo runs the real model in-process with 'ferry generate --local' (the same model"
+echo "runtime the workers will use) on $(basename "$model"), greedy decoding."
+for p in "${prompts[@]}"; do
+  echo
+  echo ">>> $p"
+  ./build/client/ferry generate --local --model "$model" --chat --temperature 0 \
+    --max-tokens 96 --stats "$p"
+  echo
+done
