@@ -766,12 +766,12 @@ void mdl_gguf_kv_format(const mdl_gguf_t *g, int64_t i, char *buf, size_t cap)
         const uint8_t *p;
         if (arr_elem(g, i, j, &t, &p) != FY_OK)
             break;
-        w += fmt_scalar(g, t, p, buf + w, cap - w);
-        if (w + 2 < cap)
+        if (j > 0)
             w += (size_t)snprintf(buf + w, cap - w, ", ");
+        w += fmt_scalar(g, t, p, buf + w, cap - w);
     }
-    if (kv->arr_len > 5 && w + 4 < cap)
-        snprintf(buf + w, cap - w, "...");
+    if (kv->arr_len > 5 && w + 6 < cap)
+        snprintf(buf + w, cap - w, ", ...");
 }
 
 const mdl_gguf_tensor_t *mdl_gguf_tensor(const mdl_gguf_t *g, int64_t i)

@@ -147,7 +147,7 @@ fy_status_t mdl_kv_seq_reserve(mdl_kv_seq_t *s, int64_t n_more)
         int64_t *t = malloc((size_t)cap * (size_t)n_lists(kv) * sizeof(int64_t));
         if (t == NULL)
             return FY_ERR_NO_MEMORY;
-        for (int l = 0; l < n_lists(kv); l++)
+        for (int l = 0; l < n_lists(kv) && s->n_pages > 0; l++)
             memcpy(t + (size_t)l * cap, s->table + (size_t)l * s->cap,
                    (size_t)s->n_pages * sizeof(int64_t));
         free(s->table);

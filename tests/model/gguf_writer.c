@@ -28,6 +28,7 @@ struct mdlt_gguf {
     uint64_t n_kv;
     wtensor_t *t;
     size_t n_t;
+    uint32_t align; /* general.alignment when set, else 32 */
 };
 
 static void *xrealloc(void *p, size_t n)
@@ -40,6 +41,8 @@ static void *xrealloc(void *p, size_t n)
 
 static void put(buf_t *b, const void *src, size_t n)
 {
+    if (n == 0)
+        return;
     if (b->n + n > b->cap) {
         b->cap = (b->n + n) * 2 + 64;
         b->p = xrealloc(b->p, b->cap);
@@ -94,6 +97,8 @@ static void key(mdlt_gguf_t *w, const char *k, uint32_t type)
 
 void mdlt_gguf_u32(mdlt_gguf_t *w, const char *k, uint32_t v)
 {
+    if (strcmp(k, "general.alignment") == 0)
+        w->align = v;
     key(w, k, MDL_GGUF_U32);
     put_u32(&w->kv, v);
 }
@@ -243,6 +248,7 @@ void mdlt_gguf_tensor(mdlt_gguf_t *w, const char *name, uint32_t type, int n_dim
 void mdlt_gguf_to_mem(const mdlt_gguf_t *w, uint8_t **buf_p, size_t *len_p)
 {
     buf_t b = {0};
+    size_t al = w->align ? w->align : 32;
     put_u32(&b, 0x46554747u);
     put_u32(&b, 3);
     put_u64(&b, w->n_t);
@@ -257,14 +263,17 @@ void mdlt_gguf_to_mem(const mdlt_gguf_t *w, uint8_t **buf_p, size_t *len_p)
             put_u64(&b, t->ne[d]);
         put_u32(&b, t->type);
         put_u64(&b, off);
-        off += (t->data.n + 31) / 32 * 32;
+        off += (t->data.n + al - 1) / al * al;
     }
-    static const uint8_t zeros[32];
-    put(&b, zeros, (32 - b.n % 32) % 32);
+    uint8_t *zeros = calloc(1, al);
+    if (zeros == NULL)
+        abort();
+    put(&b, zeros, (al - b.n % al) % al);
     for (size_t i = 0; i < w->n_t; i++) {
         put(&b, w->t[i].data.p, w->t[i].data.n);
-        put(&b, zeros, (32 - w->t[i].data.n % 32) % 32);
+        put(&b, zeros, (al - w->t[i].data.n % al) % al);
     }
+    free(zeros);
     *buf_p = b.p;
     *len_p = b.n;
 }

@@ -19,7 +19,7 @@ typedef struct mdlt_gguf mdlt_gguf_t;
 mdlt_gguf_t *mdlt_gguf_new(void);
 void mdlt_gguf_free(mdlt_gguf_t *w);
 
-/* Metadata, in the order added. */
+/* Metadata, in the order added. A general.alignment set with mdlt_gguf_u32 is honoured. */
 void mdlt_gguf_u32(mdlt_gguf_t *w, const char *key, uint32_t v);
 void mdlt_gguf_i32(mdlt_gguf_t *w, const char *key, int32_t v);
 void mdlt_gguf_f32(mdlt_gguf_t *w, const char *key, float v);
