@@ -90,6 +90,7 @@ struct rpc_channel {
     rpc_ccall_t *all;
     size_t conns_open;                // connection objects not yet freed
     int handles_open;                 // backoff timers
+    size_t calls_open;                // call objects not yet freed (timers closing)
     bool destroyed;
 };
 
@@ -154,6 +155,7 @@ static void on_call_timer_closed(uv_handle_t *h)
     free(call->grpc_message);
     rpc_reader_cleanup(&call->reader);
     free(call);
+    ch->calls_open--;
     channel_maybe_free(ch);
 }
 
@@ -230,28 +232,30 @@ static void call_attempt_failed(rpc_ccall_t *call, int code, const char *message
     uv_timer_start(&call->aux_timer, on_retry_timer, delay, 0);
 }
 
+/* Completes the call with code, then resets its stream (the status is decided here, not by
+ * the stream's close). */
+static void call_abort(rpc_ccall_t *call, int code, const char *message)
+{
+    rpc_cconn_t *conn = call->state == CALL_ACTIVE ? call->conn : NULL;
+    int32_t stream_id = call->stream_id;
+    call_complete(call, code, message);
+    if (conn && !conn->h2.closing) {
+        nghttp2_submit_rst_stream(conn->h2.session, NGHTTP2_FLAG_NONE, stream_id,
+                                  NGHTTP2_CANCEL);
+        rpc_h2_flush(&conn->h2);
+    }
+}
+
 static void on_deadline(uv_timer_t *t)
 {
-    rpc_ccall_t *call = t->data;
-    if (call->state == CALL_ACTIVE && call->conn && !call->conn->h2.closing) {
-        nghttp2_submit_rst_stream(call->conn->h2.session, NGHTTP2_FLAG_NONE, call->stream_id,
-                                  NGHTTP2_CANCEL);
-        rpc_h2_flush(&call->conn->h2);
-    }
-    call_complete(call, RPC_CODE_DEADLINE_EXCEEDED, "deadline exceeded");
+    call_abort(t->data, RPC_CODE_DEADLINE_EXCEEDED, "deadline exceeded");
 }
 
 void rpc_ccall_cancel(rpc_ccall_t *call)
 {
     if (call == NULL || call->state == CALL_DONE)
         return;
-    if (call->state == CALL_ACTIVE && call->conn && !call->conn->h2.closing) {
-        rpc_cconn_t *conn = call->conn;
-        nghttp2_submit_rst_stream(conn->h2.session, NGHTTP2_FLAG_NONE, call->stream_id,
-                                  NGHTTP2_CANCEL);
-        rpc_h2_flush(&conn->h2);
-    }
-    call_complete(call, RPC_CODE_CANCELLED, "cancelled by the client");
+    call_abort(call, RPC_CODE_CANCELLED, "cancelled by the client");
 }
 
 /* ---- nghttp2 callbacks ------------------------------------------------------------------- */
@@ -307,6 +311,8 @@ static int on_header(nghttp2_session *session, const nghttp2_frame *frame, const
 static fy_status_t on_resp_message(void *arg, const uint8_t *data, size_t len)
 {
     rpc_ccall_t *call = arg;
+    if (call->state == CALL_DONE)
+        return FY_ERR_CANCELLED; // cancelled from inside an earlier on_msg
     ProtobufCMessage *msg = protobuf_c_message_unpack(call->resp_desc, NULL, len, data);
     if (msg == NULL)
         return FY_ERR_CORRUPT;
@@ -694,7 +700,7 @@ static void on_sub_timer_closed(uv_handle_t *h)
 
 static void channel_maybe_free(rpc_channel_t *ch)
 {
-    if (!ch->destroyed || ch->handles_open > 0 || ch->conns_open > 0 || ch->all != NULL)
+    if (!ch->destroyed || ch->handles_open > 0 || ch->conns_open > 0 || ch->calls_open > 0)
         return;
     free(ch->subs);
     free(ch->authorization);
@@ -844,6 +850,7 @@ fy_status_t rpc_channel_call(rpc_channel_t *ch, const char *path, const Protobuf
     uv_timer_init(ch->loop, &call->aux_timer);
     call->deadline_timer.data = call->aux_timer.data = call;
     call->timers_open = 2;
+    ch->calls_open++;
     call->all_next = ch->all;
     if (ch->all)
         ch->all->all_prev = call;

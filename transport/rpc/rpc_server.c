@@ -108,6 +108,7 @@ struct rpc_call {
     bool stream_closed;
     bool handler_started;
     bool handler_done;
+    int pins;             // > 0 while a function below still uses the call after a flush
 };
 
 static void call_maybe_free(rpc_call_t *call);
@@ -173,7 +174,7 @@ static void call_detach(rpc_call_t *call)
 
 static void call_maybe_free(rpc_call_t *call)
 {
-    if (!call->stream_closed)
+    if (!call->stream_closed || call->pins > 0)
         return;
     if (call->handler_started && !call->handler_done)
         return;
@@ -230,8 +231,6 @@ static ssize_t on_data_read(nghttp2_session *session, int32_t stream_id, uint8_t
                                         call->wire_message && call->wire_message[0] ? 2 : 1);
         if (rv != 0)
             return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
-        if (!call->remote_closed)
-            nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, stream_id, NGHTTP2_NO_ERROR);
         return (ssize_t)n;
     }
     if (n == 0) {
@@ -256,8 +255,6 @@ static void call_submit_headers(rpc_call_t *call, bool trailers_only)
         if (call->wire_message && call->wire_message[0])
             nv[n++] = rpc_nv("grpc-message", call->wire_message);
         nghttp2_submit_response(s, call->stream_id, nv, n, NULL);
-        if (!call->remote_closed)
-            nghttp2_submit_rst_stream(s, NGHTTP2_FLAG_NONE, call->stream_id, NGHTTP2_NO_ERROR);
     } else {
         nghttp2_data_provider dp = {.source.ptr = call, .read_callback = on_data_read};
         nghttp2_submit_response(s, call->stream_id, nv, n, &dp);
@@ -278,7 +275,18 @@ static void call_emit_final(rpc_call_t *call)
     conn_flush(call->conn);
 }
 
+static void call_send_local_pinned(rpc_call_t *call, uint8_t *data, size_t len);
+
+/* Flushing may close the stream (and would free the call): pin it meanwhile. */
 static void call_send_local(rpc_call_t *call, uint8_t *data, size_t len)
+{
+    call->pins++;
+    call_send_local_pinned(call, data, len);
+    call->pins--;
+    call_maybe_free(call);
+}
+
+static void call_send_local_pinned(rpc_call_t *call, uint8_t *data, size_t len)
 {
     if (call->wire_final || call->conn == NULL || call->stream_closed ||
         atomic_load(&call->cancelled) || call->conn->h2.closing) {
@@ -318,7 +326,9 @@ static void call_finish_local(rpc_call_t *call, int code, const char *message)
     if (code < 0 || code > 16)
         code = RPC_CODE_UNKNOWN;
     set_final(call, code, message);
+    call->pins++;
     call_emit_final(call);
+    call->pins--;
     call_maybe_free(call);
 }
 
@@ -448,8 +458,11 @@ void *rpc_call_user(const rpc_call_t *call)
 static void on_deadline(uv_timer_t *t)
 {
     rpc_call_t *call = t->data;
+    call->pins++;
     call_fail(call, RPC_CODE_DEADLINE_EXCEEDED, "deadline exceeded");
     call_cancel(call);
+    call->pins--;
+    call_maybe_free(call);
 }
 
 static fy_status_t on_request_message(void *arg, const uint8_t *data, size_t len)
@@ -702,6 +715,20 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, v
     return 0;
 }
 
+/* Once the status went out with END_STREAM while the client has not finished sending (an
+ * early refusal), RST_STREAM(NO_ERROR) tells it to stop. Sending the reset only now keeps it
+ * behind the HEADERS that carry the status. */
+static int on_frame_send(nghttp2_session *session, const nghttp2_frame *frame, void *user_data)
+{
+    if (frame->hd.type != NGHTTP2_HEADERS || !(frame->hd.flags & NGHTTP2_FLAG_END_STREAM))
+        return 0;
+    rpc_call_t *call = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
+    if (call != NULL && !call->remote_closed)
+        nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, frame->hd.stream_id,
+                                  NGHTTP2_NO_ERROR);
+    return 0;
+}
+
 static int on_stream_close(nghttp2_session *session, int32_t stream_id, uint32_t error_code,
                            void *user_data)
 {
@@ -710,8 +737,10 @@ static int on_stream_close(nghttp2_session *session, int32_t stream_id, uint32_t
         return 0;
     call->stream_closed = true;
     call_detach(call);
+    call->pins++;
     if (!call->wire_final || error_code != NGHTTP2_NO_ERROR)
         call_cancel(call);
+    call->pins--;
     call_maybe_free(call);
     return 0;
 }
@@ -728,7 +757,9 @@ static void on_conn_closed(rpc_h2_t *h)
         rpc_call_t *call = conn->calls;
         call->stream_closed = true;
         call_detach(call);
+        call->pins++;
         call_cancel(call);
+        call->pins--;
         call_maybe_free(call);
     }
     nghttp2_session_del(conn->h2.session);
@@ -772,6 +803,7 @@ static fy_status_t session_create(rpc_sconn_t *conn)
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, on_data_chunk);
     nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, on_frame_recv);
     nghttp2_session_callbacks_set_on_stream_close_callback(cbs, on_stream_close);
+    nghttp2_session_callbacks_set_on_frame_send_callback(cbs, on_frame_send);
     int rv = nghttp2_session_server_new(&conn->h2.session, cbs, conn);
     nghttp2_session_callbacks_del(cbs);
     if (rv != 0)
