@@ -1,0 +1,263 @@
+/*
+ * attend.c: attention of a query block over a sequence's compressed pages, the CPU reference
+ * the CUDA kernel is checked against.
+ *
+ * Flash-decoding style: one page at a time, logits of every query row for the page's tokens,
+ * one online-softmax rescale per page, then the value accumulation. Nothing is materialized in
+ * FP16 or fp32 beyond one row of codes. For a quantized key group (per-channel scale s_c and
+ * zero z_c) the logit is  sum_c (q_c s_c) code_c + sum_c q_c z_c,  so q is pre-scaled once
+ * per group; for a value token (scale s_t, zero z_t) the contribution is
+ * (p_t s_t) code + p_t z_t, so the zeros collapse into one scalar per row and page.
+ * Rotated pages use H q for the logits and a separate accumulator that is rotated back once.
+ */
+#include <math.h>
+#include <stdlib.h>
+
+#include "kvcodec_int.h"
+
+typedef struct {
+    uint32_t d, n_q, max_tokens;
+    float *acc;  // [n_q][d]   plain-space value accumulator
+    float *accr; // [n_q][d]   rotated-space value accumulator
+    float *qr;   // [n_q][d]   H q
+    float *qs;   // [n_q][d]   q * key scale * softmax scale, per group
+    float *lg;   // [n_q][max_tokens] logits, then probabilities, of one page
+    float *row;  // [d]        one unpacked row
+    float m[KVC_MAX_QROWS], l[KVC_MAX_QROWS];
+    bool any_rot;
+} attn_t;
+
+static uint32_t max_page_tokens(const kvc_pool_t *pool)
+{
+    uint32_t mx = 0;
+    for (int o = 0; o < KVC_OPT_DROP; o++)
+        mx = FY_MAX(mx, kvc_pool_page_tokens(pool, (kvc_opt_t)o));
+    return mx;
+}
+
+static void axpy(float *y, float a, const float *x, uint32_t d)
+{
+    for (uint32_t c = 0; c < d; c++)
+        y[c] += a * x[c];
+}
+
+static void attend_page(attn_t *A, const kvc_pool_t *pool, const uint8_t *pg, const float *q,
+                        float scale)
+{
+    kvc_page_hdr_t h;
+    kvc_page_hdr_read(pg, &h);
+    uint32_t d = A->d, nq = A->n_q, T = A->max_tokens;
+    if (h.n_tokens == 0 || h.opt >= KVC_OPT_DROP)
+        return;
+    size_t sb = kvc_pool_slot_bytes(pool, h.opt);
+    bool rot = (h.flags & KVC_PAGE_FLAG_ROTATED) != 0;
+    const float *qq = rot ? A->qr : q;
+    int kb = kvc_opt_kbits((kvc_opt_t)h.opt), vb = kvc_opt_vbits((kvc_opt_t)h.opt);
+    size_t rowk = (size_t)d * kb / 8, rowv = (size_t)d * vb / 8;
+    uint32_t cap = h.group;
+    uint16_t tmp16[KVC_MAX_HEAD_DIM];
+
+    // 1. Logits of every row for every token of the page.
+    uint32_t tok = 0;
+    for (uint32_t s = 0; s < h.n_slots; s++) {
+        const uint8_t *slot = pg + KVC_PAGE_HEADER_BYTES + s * sb;
+        uint32_t m = s + 1 == h.n_slots ? h.last_tokens : cap;
+        if (h.opt == KVC_OPT_F16) {
+            memcpy(tmp16, slot, 2 * (size_t)d);
+            fy_fp16_to_fp32_buf(A->row, tmp16, d);
+            for (uint32_t r = 0; r < nq; r++)
+                A->lg[(size_t)r * T + tok] = kvc_dot(qq + (size_t)r * d, A->row, d) * scale;
+            tok++;
+            continue;
+        }
+        float ks[KVC_MAX_HEAD_DIM], kz[KVC_MAX_HEAD_DIM], qz[KVC_MAX_QROWS];
+        memcpy(tmp16, slot, 2 * (size_t)d);
+        fy_fp16_to_fp32_buf(ks, tmp16, d);
+        memcpy(tmp16, slot + 2 * d, 2 * (size_t)d);
+        fy_fp16_to_fp32_buf(kz, tmp16, d);
+        for (uint32_t r = 0; r < nq; r++) {
+            const float *qrow = qq + (size_t)r * d;
+            float *qs = A->qs + (size_t)r * d;
+            for (uint32_t c = 0; c < d; c++)
+                qs[c] = qrow[c] * ks[c] * scale;
+            qz[r] = kvc_dot(qrow, kz, d) * scale;
+        }
+        const uint8_t *kc = slot + 4 * d + 4 * (size_t)cap;
+        for (uint32_t j = 0; j < m; j++, tok++) {
+            kvc_unpack_row(kc + j * rowk, d, kb, A->row);
+            for (uint32_t r = 0; r < nq; r++)
+                A->lg[(size_t)r * T + tok] = kvc_dot(A->qs + (size_t)r * d, A->row, d) + qz[r];
+        }
+    }
+    uint32_t n = tok;
+
+    // 2. Online softmax: one rescale per row per page; lg becomes exp(logit - max).
+    float zsum[KVC_MAX_QROWS];
+    for (uint32_t r = 0; r < nq; r++) {
+        float *lg = A->lg + (size_t)r * T;
+        float mx = A->m[r];
+        for (uint32_t t = 0; t < n; t++)
+            mx = lg[t] > mx ? lg[t] : mx;
+        float alpha = A->m[r] == -INFINITY ? 0.0f : expf(A->m[r] - mx);
+        float sum = 0;
+        for (uint32_t t = 0; t < n; t++) {
+            lg[t] = expf(lg[t] - mx);
+            sum += lg[t];
+        }
+        A->l[r] = A->l[r] * alpha + sum;
+        A->m[r] = mx;
+        if (alpha != 1.0f) {
+            float *acc = A->acc + (size_t)r * d, *accr = A->accr + (size_t)r * d;
+            for (uint32_t c = 0; c < d; c++)
+                acc[c] *= alpha;
+            if (A->any_rot)
+                for (uint32_t c = 0; c < d; c++)
+                    accr[c] *= alpha;
+        }
+        zsum[r] = 0;
+    }
+
+    // 3. Values.
+    float *accbase = rot ? A->accr : A->acc;
+    tok = 0;
+    for (uint32_t s = 0; s < h.n_slots; s++) {
+        const uint8_t *slot = pg + KVC_PAGE_HEADER_BYTES + s * sb;
+        uint32_t m = s + 1 == h.n_slots ? h.last_tokens : cap;
+        if (h.opt == KVC_OPT_F16) {
+            memcpy(tmp16, slot + 2 * d, 2 * (size_t)d);
+            fy_fp16_to_fp32_buf(A->row, tmp16, d);
+            for (uint32_t r = 0; r < nq; r++)
+                axpy(accbase + (size_t)r * d, A->lg[(size_t)r * T + tok], A->row, d);
+            tok++;
+            continue;
+        }
+        const uint8_t *vs = slot + 4 * d, *vz = vs + 2 * cap;
+        const uint8_t *vc = slot + 4 * d + 4 * (size_t)cap + (size_t)cap * rowk;
+        for (uint32_t j = 0; j < m; j++, tok++) {
+            float sv = fy_fp16_to_fp32(kvc_rd16(vs + 2 * j));
+            float zv = fy_fp16_to_fp32(kvc_rd16(vz + 2 * j));
+            kvc_unpack_row(vc + j * rowv, d, vb, A->row);
+            for (uint32_t r = 0; r < nq; r++) {
+                float p = A->lg[(size_t)r * T + tok];
+                axpy(accbase + (size_t)r * d, p * sv, A->row, d);
+                zsum[r] += p * zv;
+            }
+        }
+    }
+    if (h.opt != KVC_OPT_F16) {
+        for (uint32_t r = 0; r < nq; r++) {
+            float *acc = accbase + (size_t)r * d;
+            for (uint32_t c = 0; c < d; c++)
+                acc[c] += zsum[r];
+        }
+    }
+}
+
+fy_status_t kvc_attend(const kvc_pool_t *pool, const kvc_page_id_t *pages, uint32_t n_pages,
+                       const float *q, uint32_t n_q, float scale, float *out)
+{
+    if (pool == NULL || q == NULL || out == NULL || n_q == 0 || n_q > KVC_MAX_QROWS ||
+        (n_pages > 0 && pages == NULL))
+        return FY_ERR_INVALID_ARG;
+    uint32_t d = kvc_pool_head_dim(pool), n_total = kvc_pool_n_pages(pool);
+    attn_t A;
+    memset(&A, 0, sizeof(A));
+    A.d = d;
+    A.n_q = n_q;
+    A.max_tokens = max_page_tokens(pool);
+    size_t nd = (size_t)n_q * d;
+    float *mem = malloc((4 * nd + (size_t)n_q * A.max_tokens + d) * sizeof(float));
+    if (mem == NULL)
+        return FY_ERR_NO_MEMORY;
+    A.acc = mem;
+    A.accr = A.acc + nd;
+    A.qr = A.accr + nd;
+    A.qs = A.qr + nd;
+    A.lg = A.qs + nd;
+    A.row = A.lg + (size_t)n_q * A.max_tokens;
+    memset(A.acc, 0, 2 * nd * sizeof(float));
+    for (uint32_t r = 0; r < n_q; r++) {
+        A.m[r] = -INFINITY;
+        A.l[r] = 0;
+    }
+    for (uint32_t i = 0; i < n_pages; i++) {
+        if (pages[i] >= n_total) {
+            free(mem);
+            return FY_ERR_OUT_OF_RANGE;
+        }
+        const uint8_t *pg = kvc_page_data(pool, pages[i]);
+        if ((pg[1] & KVC_PAGE_FLAG_ROTATED) && !A.any_rot) {
+            if (d & (d - 1)) {
+                free(mem);
+                return FY_ERR_FORMAT;
+            }
+            memcpy(A.qr, q, nd * sizeof(float));
+            for (uint32_t r = 0; r < n_q; r++)
+                kvc_hadamard(A.qr + (size_t)r * d, d);
+            A.any_rot = true;
+        }
+    }
+    for (uint32_t i = 0; i < n_pages; i++)
+        attend_page(&A, pool, kvc_page_data(pool, pages[i]), q, scale);
+    for (uint32_t r = 0; r < n_q; r++) {
+        float *o = out + (size_t)r * d;
+        float *acc = A.acc + (size_t)r * d, *accr = A.accr + (size_t)r * d;
+        if (A.any_rot) {
+            kvc_hadamard(accr, d); // H is its own inverse
+            for (uint32_t c = 0; c < d; c++)
+                acc[c] += accr[c];
+        }
+        float inv = A.l[r] > 0 ? 1.0f / A.l[r] : 0.0f;
+        for (uint32_t c = 0; c < d; c++)
+            o[c] = acc[c] * inv;
+    }
+    free(mem);
+    return FY_OK;
+}
+
+typedef struct {
+    const kvc_seq_t *seq;
+    uint32_t layer, grp, d;
+    const float *q;
+    float scale;
+    float *out;
+    fy_status_t st[KVC_MAX_KV_HEADS];
+} layer_ctx_t;
+
+static void layer_range(void *arg, size_t begin, size_t end, int thread)
+{
+    layer_ctx_t *c = arg;
+    for (size_t g = begin; g < end; g++) {
+        uint32_t n;
+        const kvc_page_id_t *ids = kvc_seq_pages(c->seq, c->layer, (uint32_t)g, &n);
+        size_t off = (size_t)g * c->grp * c->d;
+        c->st[g] = kvc_attend(kvc_seq_pool(c->seq), ids, n, c->q + off, c->grp, c->scale,
+                              c->out + off);
+    }
+}
+
+fy_status_t kvc_attend_layer(const kvc_seq_t *seq, uint32_t layer, uint32_t n_heads,
+                             const float *q, float scale, float *out, fy_pool_t *threads)
+{
+    if (seq == NULL || q == NULL || out == NULL || layer >= kvc_seq_n_layers(seq))
+        return FY_ERR_INVALID_ARG;
+    uint32_t n_kv = kvc_seq_n_kv_heads(seq);
+    if (n_heads == 0 || n_heads % n_kv || n_heads / n_kv > KVC_MAX_QROWS)
+        return FY_ERR_INVALID_ARG;
+    layer_ctx_t *c = malloc(sizeof(*c));
+    if (c == NULL)
+        return FY_ERR_NO_MEMORY;
+    c->seq = seq;
+    c->layer = layer;
+    c->grp = n_heads / n_kv;
+    c->d = kvc_pool_head_dim(kvc_seq_pool(seq));
+    c->q = q;
+    c->scale = scale;
+    c->out = out;
+    fy_pool_parallel_for(threads, n_kv, 1, layer_range, c);
+    fy_status_t st = FY_OK;
+    for (uint32_t g = 0; g < n_kv && st == FY_OK; g++)
+        st = c->st[g];
+    free(c);
+    return st;
+}

@@ -1,0 +1,624 @@
+/*
+ * encode.c: the prefill side. For one layer: per-(kv head, token) distortion of every allowed
+ * option (trial quantization), a Lagrangian multiple-choice knapsack under the layer's byte
+ * allowance, and the wire frame. Across layers a rate controller (kvc_encoder_t) starts each
+ * layer from the previous multiplier and corrects it so the request's bytes end just under
+ * b x FP16 bytes and never above.
+ */
+#include <math.h>
+#include <stdlib.h>
+
+#include "kvcodec_int.h"
+
+struct kvc_encoder {
+    kvc_encoder_params_t p;
+    kvc_policy_t policy;
+    double budget; // effective b
+    uint32_t next_layer;
+    uint64_t spent, total_budget;
+    double lambda_prev; // < 0: none yet
+    size_t n_items;     // n_kv_heads * n_tokens
+    float *dist;        // [n_items][KVC_OPT_COUNT] modelled distortion
+    uint8_t *allowed;   // [n_items] option mask
+    uint8_t *choice;    // [n_items] chosen option
+    uint8_t *tmp_choice; // [n_items]
+    float *kf, *vf;     // [n_tokens][head_dim] one head, fp32
+    float *kr, *vr;     // [n_tokens][head_dim] the same, Hadamard-rotated (when rotating)
+    float *errk, *errv; // [group]
+    float *gk, *gv;     // [group][head_dim] one group gathered for the quantizer
+    float *cand;        // [n_items] greedy-fill candidate ratios
+    uint32_t *cand_idx; // [n_items]
+    uint8_t *cand_opt;  // [n_items]
+    uint64_t *counts;   // [n_kv_heads][KVC_OPT_COUNT]
+    kvc_scores_t scores;
+    float cost[KVC_OPT_COUNT]; // amortized bytes per token of each option
+};
+
+static const float k_rank_pen[KVC_OPT_COUNT] = {0, 1.5e-5f, 4.4e-3f, 5.8e-2f, 1.1e-1f, 1.0f};
+
+void kvc_encoder_params_default(kvc_encoder_params_t *p)
+{
+    memset(p, 0, sizeof(*p));
+    p->budget = -1;
+}
+
+static size_t frame_fixed_bytes(uint32_t n_kv, uint32_t n)
+{
+    return KVC_FRAME_HEADER_BYTES + FY_ALIGN_UP((size_t)n_kv * kvc_map_bytes(n), 8) + 4;
+}
+
+void kvc_encoder_destroy(kvc_encoder_t *e)
+{
+    if (e == NULL)
+        return;
+    free(e->dist), free(e->allowed), free(e->choice), free(e->tmp_choice);
+    free(e->kf), free(e->vf), free(e->kr), free(e->vr), free(e->errk), free(e->errv);
+    free(e->gk), free(e->gv), free(e->cand), free(e->cand_idx), free(e->cand_opt);
+    free(e->counts);
+    kvc_scores_cleanup(&e->scores);
+    free(e);
+}
+
+fy_status_t kvc_encoder_create(const kvc_encoder_params_t *p, kvc_encoder_t **enc_p)
+{
+    if (p == NULL || enc_p == NULL || p->policy == NULL)
+        return FY_ERR_INVALID_ARG;
+    if (kvc_policy_validate(p->policy, NULL, 0) != FY_OK)
+        return FY_ERR_INVALID_ARG;
+    uint32_t d = p->head_dim;
+    if (p->n_layers == 0 || p->n_layers > KVC_MAX_LAYERS || p->n_kv_heads == 0 ||
+        p->n_kv_heads > KVC_MAX_KV_HEADS || p->n_heads == 0 || p->n_heads % p->n_kv_heads ||
+        d == 0 || d % 8 || d > KVC_MAX_HEAD_DIM || p->n_tokens == 0 ||
+        p->n_tokens > KVC_MAX_TOKENS || p->budget > 1)
+        return FY_ERR_INVALID_ARG;
+    if (p->policy->rotate && (d & (d - 1)))
+        return FY_ERR_INVALID_ARG; // Hadamard needs a power of two
+    kvc_encoder_t *e = calloc(1, sizeof(*e));
+    if (e == NULL)
+        return FY_ERR_NO_MEMORY;
+    e->p = *p;
+    e->policy = *p->policy;
+    e->p.policy = &e->policy;
+    e->budget = p->budget >= 0 ? p->budget : e->policy.budget;
+    e->lambda_prev = -1;
+    e->n_items = (size_t)p->n_kv_heads * p->n_tokens;
+    uint64_t fp16_layer = 4ull * p->n_kv_heads * p->n_tokens * d;
+    e->total_budget = e->budget > 0 ? (uint64_t)floor(e->budget * (double)fp16_layer *
+                                                      (double)p->n_layers)
+                                    : UINT64_MAX;
+    size_t n = p->n_tokens, G = e->policy.group;
+    e->dist = malloc(e->n_items * KVC_OPT_COUNT * sizeof(float));
+    e->allowed = malloc(e->n_items);
+    e->choice = malloc(e->n_items);
+    e->tmp_choice = malloc(e->n_items);
+    e->kf = malloc(n * d * sizeof(float));
+    e->vf = malloc(n * d * sizeof(float));
+    if (e->policy.rotate) {
+        e->kr = malloc(n * d * sizeof(float));
+        e->vr = malloc(n * d * sizeof(float));
+    }
+    e->errk = malloc(G * sizeof(float));
+    e->errv = malloc(G * sizeof(float));
+    e->gk = malloc(G * d * sizeof(float));
+    e->gv = malloc(G * d * sizeof(float));
+    e->cand = malloc(e->n_items * sizeof(float));
+    e->cand_idx = malloc(e->n_items * sizeof(uint32_t));
+    e->cand_opt = malloc(e->n_items);
+    e->counts = malloc((size_t)p->n_kv_heads * KVC_OPT_COUNT * sizeof(uint64_t));
+    if (!e->dist || !e->allowed || !e->choice || !e->tmp_choice || !e->kf || !e->vf ||
+        (e->policy.rotate && (!e->kr || !e->vr)) || !e->errk || !e->errv || !e->gk || !e->gv ||
+        !e->cand || !e->cand_idx || !e->cand_opt || !e->counts ||
+        kvc_scores_init(&e->scores, p->n_kv_heads, p->n_tokens, d) != FY_OK) {
+        kvc_encoder_destroy(e);
+        return FY_ERR_NO_MEMORY;
+    }
+    for (int o = 0; o < KVC_OPT_COUNT; o++) {
+        if (o == KVC_OPT_F16)
+            e->cost[o] = 4.0f * d;
+        else if (o == KVC_OPT_DROP)
+            e->cost[o] = 0;
+        else
+            e->cost[o] = (float)(d * (kvc_opt_kbits(o) + kvc_opt_vbits(o)) / 8 + 4) +
+                         4.0f * d / (float)G;
+    }
+    *enc_p = e;
+    return FY_OK;
+}
+
+size_t kvc_encoder_max_frame_bytes(const kvc_encoder_t *e)
+{
+    size_t items = e->n_items, d = e->p.head_dim;
+    // The largest per-token option is F16 (4d bytes); a quantized token costs less even
+    // with its share of scales, but a partial group may cost more, so bound generously.
+    size_t worst = 0;
+    for (int o = 0; o < KVC_OPT_DROP; o++)
+        worst = FY_MAX(worst, kvc_group_bytes(o, (uint32_t)d, 1));
+    return frame_fixed_bytes(e->p.n_kv_heads, e->p.n_tokens) + items * worst;
+}
+
+void kvc_encoder_totals(const kvc_encoder_t *e, uint64_t *bytes_p, uint64_t *budget_p)
+{
+    if (bytes_p)
+        *bytes_p = e->spent;
+    if (budget_p)
+        *budget_p = e->total_budget;
+}
+
+/* ---- distortion model ---- */
+
+static bool is_backbone(const kvc_policy_t *pol, uint32_t t, uint32_t n)
+{
+    // HEX-style backbone: m evenly spaced tokens, t_i = floor((i + 1/2) n / m)
+    // (docs/kvcodec-policies.md explains the choice).
+    if (pol->backbone_frac <= 0)
+        return false;
+    uint64_t m = (uint64_t)ceil((double)pol->backbone_frac * n);
+    if (m == 0)
+        return false;
+    // t is a backbone token iff some i has floor((2i + 1) n / 2m) == t.
+    uint64_t i = ((uint64_t)2 * t * m) / ((uint64_t)2 * n); // candidate, then neighbours
+    for (uint64_t j = i > 0 ? i - 1 : 0; j <= i + 1 && j < m; j++)
+        if (((2 * j + 1) * (uint64_t)n) / (2 * m) == t)
+            return true;
+    return false;
+}
+
+static void load_rows(const uint16_t *src, size_t stride, uint32_t n, uint32_t d, float *dst)
+{
+    for (uint32_t t = 0; t < n; t++)
+        fy_fp16_to_fp32_buf(dst + (size_t)t * d, src + (size_t)t * stride, d);
+}
+
+static void build_items(kvc_encoder_t *e, const kvc_layer_input_t *in, const kvc_scores_t *sc,
+                        uint32_t h, bool pins)
+{
+    const kvc_policy_t *pol = &e->policy;
+    uint32_t n = e->p.n_tokens, d = e->p.head_dim, G = pol->group;
+    const float *imp = sc->importance + (size_t)h * n;
+    const float *obar = sc->obar + (size_t)h * d;
+    const float *qsq = sc->qsq + (size_t)h * d;
+    float qsq_mean = 0;
+    for (uint32_t c = 0; c < d; c++)
+        qsq_mean += qsq[c];
+    qsq_mean /= (float)d;
+    float kw_rot[KVC_MAX_HEAD_DIM]; // rotation mixes channels: use the mean sensitivity
+    for (uint32_t c = 0; c < d; c++)
+        kw_rot[c] = qsq_mean;
+    bool stat = pol->hybrid_threshold > 0 && sc->is_static[h];
+
+    // Value deviation from the window output: what losing the token costs (per token when
+    // joint_kv, else the head's mean).
+    float *dev = e->cand; // scratch [n]
+    double dev_mean = 0;
+    for (uint32_t t = 0; t < n; t++) {
+        const float *vr = e->vf + (size_t)t * d;
+        float s = 0;
+        for (uint32_t c = 0; c < d; c++)
+            s += (vr[c] - obar[c]) * (vr[c] - obar[c]);
+        dev[t] = s;
+        dev_mean += s;
+    }
+    dev_mean /= n;
+
+    for (uint32_t t = 0; t < n; t++) {
+        size_t it = (size_t)h * n + t;
+        float *D = e->dist + it * KVC_OPT_COUNT;
+        float w;
+        if (pol->dist == KVC_DIST_POSITION)
+            w = (float)(t + 1) / (float)n;
+        else
+            w = imp[t];
+        bool middle = t >= pol->sinks && t + pol->recent < n;
+        if (stat && middle)
+            w *= pol->hybrid_factor;
+        uint8_t mask = (uint8_t)pol->options;
+        if (pins && (t < pol->sinks || t + pol->recent >= n))
+            mask = KVC_OPT_BIT(KVC_OPT_F16);
+        else if (pins && is_backbone(pol, t, n))
+            mask = (uint8_t)KVC_OPT_BIT(pol->backbone_opt);
+        e->allowed[it] = mask;
+        float dv = pol->joint_kv ? dev[t] : (float)dev_mean;
+        if (pol->dist == KVC_DIST_TRIAL) {
+            float w2 = w * w; // output error ~ p^2 |delta|^2
+            D[KVC_OPT_F16] = 0;
+            D[KVC_OPT_DROP] = w2 * dv;
+            for (int o = KVC_OPT_Q8; o <= KVC_OPT_Q2; o++)
+                D[o] = 0; // filled by the trial pass below
+            (void)w2;
+        } else {
+            for (int o = 0; o < KVC_OPT_COUNT; o++)
+                D[o] = w * k_rank_pen[o];
+        }
+    }
+    if (pol->dist != KVC_DIST_TRIAL)
+        return;
+    // Trial quantization over groups of G consecutive tokens.
+    for (int o = KVC_OPT_Q8; o <= KVC_OPT_Q2; o++) {
+        if (!(pol->options & KVC_OPT_BIT(o)))
+            continue;
+        bool rot = pol->rotate && kvc_opt_rotatable(o);
+        const float *ks = rot ? e->kr : e->kf, *vs = rot ? e->vr : e->vf;
+        for (uint32_t t0 = 0; t0 < n; t0 += G) {
+            uint32_t m = FY_MIN(G, n - t0);
+            kvc_group_errors(o, d, m, ks + (size_t)t0 * d, vs + (size_t)t0 * d,
+                             rot ? kw_rot : qsq, e->errk, e->errv);
+            for (uint32_t j = 0; j < m; j++) {
+                uint32_t t = t0 + j;
+                size_t it = (size_t)h * n + t;
+                float w = pol->dist == KVC_DIST_POSITION ? (float)(t + 1) / n : imp[t];
+                if (stat && t >= pol->sinks && t + pol->recent < n)
+                    w *= pol->hybrid_factor;
+                float dv = pol->joint_kv ? dev[t] : (float)dev_mean;
+                // Value error plus the output error of the logit perturbation a key error
+                // causes: p * delta_s * (v - obar).
+                e->dist[it * KVC_OPT_COUNT + o] = w * w * (e->errv[j] + dv * e->errk[j]);
+            }
+        }
+    }
+}
+
+/* Choice at multiplier lambda; returns the amortized bytes. */
+static double assign(const kvc_encoder_t *e, double lambda, uint8_t *choice)
+{
+    double total = 0;
+    for (size_t i = 0; i < e->n_items; i++) {
+        const float *D = e->dist + i * KVC_OPT_COUNT;
+        uint8_t mask = e->allowed[i];
+        int best = -1;
+        double bv = 0;
+        for (int o = KVC_OPT_COUNT - 1; o >= 0; o--) { // cheapest first: ties go cheap
+            if (!(mask & (1u << o)))
+                continue;
+            double v = (double)D[o] + lambda * (double)e->cost[o];
+            if (best < 0 || v < bv) {
+                best = o;
+                bv = v;
+            }
+        }
+        choice[i] = (uint8_t)best;
+        total += e->cost[best];
+    }
+    return total;
+}
+
+static void assign_cheapest(const kvc_encoder_t *e, bool allow_drop, uint8_t *choice)
+{
+    for (size_t i = 0; i < e->n_items; i++) {
+        uint8_t mask = e->allowed[i];
+        if (!allow_drop && mask != KVC_OPT_BIT(KVC_OPT_DROP))
+            mask &= (uint8_t)~KVC_OPT_BIT(KVC_OPT_DROP);
+        int o = KVC_OPT_COUNT - 1;
+        while (o > 0 && !(mask & (1u << o)))
+            o--;
+        choice[i] = (uint8_t)o;
+    }
+}
+
+/* Exact frame bytes of a choice. */
+static size_t exact_bytes(const kvc_encoder_t *e, const uint8_t *choice)
+{
+    uint32_t n = e->p.n_tokens, d = e->p.head_dim, G = e->policy.group;
+    size_t total = frame_fixed_bytes(e->p.n_kv_heads, n);
+    for (uint32_t h = 0; h < e->p.n_kv_heads; h++) {
+        uint64_t cnt[KVC_OPT_COUNT] = {0};
+        for (uint32_t t = 0; t < n; t++)
+            cnt[choice[(size_t)h * n + t]]++;
+        for (int o = 0; o < KVC_OPT_DROP; o++)
+            total += kvc_run_bytes(o, d, G, cnt[o]);
+    }
+    return total;
+}
+
+static int cmp_cand(const void *a, const void *b, void *ctx)
+{
+    const float *r = ctx;
+    uint32_t ia = *(const uint32_t *)a, ib = *(const uint32_t *)b;
+    if (r[ia] != r[ib])
+        return r[ia] > r[ib] ? -1 : 1;
+    return ia < ib ? -1 : ia > ib; // deterministic order on ties
+}
+
+/* Upgrades items along their hulls, best distortion saved per byte first, while the exact
+ * frame size stays <= target (a token that opens a new group pays the group's scales). */
+static size_t greedy_fill(kvc_encoder_t *e, size_t total, size_t target)
+{
+    uint32_t n = e->p.n_tokens, d = e->p.head_dim, G = e->policy.group;
+    uint64_t *cnt = e->counts; // [n_kv][KVC_OPT_COUNT]
+    memset(cnt, 0, (size_t)e->p.n_kv_heads * KVC_OPT_COUNT * sizeof(uint64_t));
+    for (size_t i = 0; i < e->n_items; i++)
+        cnt[(i / n) * KVC_OPT_COUNT + e->choice[i]]++;
+    for (int pass = 0; pass < 2; pass++) {
+        size_t nc = 0;
+        for (size_t i = 0; i < e->n_items; i++) {
+            const float *D = e->dist + i * KVC_OPT_COUNT;
+            int cur = e->choice[i];
+            float best = 0;
+            int bo = -1;
+            for (int o = 0; o < KVC_OPT_COUNT; o++) {
+                if (!(e->allowed[i] & (1u << o)) || e->cost[o] <= e->cost[cur])
+                    continue;
+                float r = (D[cur] - D[o]) / (e->cost[o] - e->cost[cur]);
+                if (r > best) {
+                    best = r;
+                    bo = o;
+                }
+            }
+            if (bo >= 0) {
+                e->cand[i] = best;
+                e->cand_opt[i] = (uint8_t)bo;
+                e->cand_idx[nc++] = (uint32_t)i;
+            }
+        }
+        if (nc == 0)
+            break;
+        qsort_r(e->cand_idx, nc, sizeof(uint32_t), cmp_cand, e->cand);
+        for (size_t k = 0; k < nc; k++) {
+            uint32_t i = e->cand_idx[k];
+            int cur = e->choice[i], to = e->cand_opt[i];
+            uint64_t *c = cnt + (i / n) * KVC_OPT_COUNT;
+            int64_t delta = (int64_t)kvc_run_bytes(to, d, G, c[to] + 1) -
+                            (int64_t)kvc_run_bytes(to, d, G, c[to]) +
+                            (int64_t)kvc_run_bytes(cur, d, G, c[cur] - 1) -
+                            (int64_t)kvc_run_bytes(cur, d, G, c[cur]);
+            if ((int64_t)total + delta <= (int64_t)target) {
+                total = (size_t)((int64_t)total + delta);
+                c[to]++;
+                c[cur]--;
+                e->choice[i] = (uint8_t)to;
+            }
+        }
+    }
+    return total;
+}
+
+/* Smallest multiplier whose exact frame size is <= target (bisection in log space), then the
+ * greedy fill of the slack. The caller guarantees the all-cheapest assignment fits. */
+static double solve(kvc_encoder_t *e, size_t target, double lambda0)
+{
+    double lo = lambda0 > 0 ? lambda0 : 1e-6, hi = lo;
+    // Bracket: bytes(lo) > target >= bytes(hi).
+    assign(e, lo, e->tmp_choice);
+    if (exact_bytes(e, e->tmp_choice) <= target) {
+        for (;;) {
+            hi = lo;
+            lo /= 64;
+            if (lo <= 1e-30) { // even lambda ~ 0 fits: best quality everywhere
+                assign(e, 0, e->choice);
+                if (exact_bytes(e, e->choice) <= target)
+                    return 0;
+                break;
+            }
+            assign(e, lo, e->tmp_choice);
+            if (exact_bytes(e, e->tmp_choice) > target)
+                break;
+        }
+    } else {
+        for (;;) {
+            hi *= 64;
+            assign(e, hi, e->tmp_choice);
+            if (hi >= 1e30 || exact_bytes(e, e->tmp_choice) <= target)
+                break;
+        }
+    }
+    for (int it = 0; it < 40 && hi > lo * 1.0001; it++) {
+        double mid = sqrt(lo * hi);
+        assign(e, mid, e->tmp_choice);
+        if (exact_bytes(e, e->tmp_choice) <= target)
+            hi = mid;
+        else
+            lo = mid;
+    }
+    assign(e, hi, e->choice);
+    size_t x = exact_bytes(e, e->choice);
+    if (x > target) { // not reachable by any multiplier: the cheapest assignment
+        assign_cheapest(e, true, e->choice);
+        x = exact_bytes(e, e->choice);
+    }
+    greedy_fill(e, x, target);
+    return hi;
+}
+
+/* ---- frame writer ---- */
+
+static size_t write_frame(kvc_encoder_t *e, const kvc_layer_input_t *in, uint8_t *out,
+                          uint64_t *counts)
+{
+    uint32_t n = e->p.n_tokens, d = e->p.head_dim, n_kv = e->p.n_kv_heads;
+    uint32_t G = e->policy.group;
+    bool rotate = e->policy.rotate;
+    size_t map_bytes = kvc_map_bytes(n);
+    size_t maps_total = FY_ALIGN_UP((size_t)n_kv * map_bytes, 8);
+    uint8_t *maps = out + KVC_FRAME_HEADER_BYTES;
+    memset(maps, 0, maps_total);
+    uint32_t opt_mask = 0;
+    uint8_t *w = maps + maps_total;
+    for (uint32_t h = 0; h < n_kv; h++) {
+        const uint8_t *ch = e->choice + (size_t)h * n;
+        uint8_t *mp = maps + (size_t)h * map_bytes;
+        for (uint32_t t = 0; t < n; t++) {
+            mp[t / 2] |= (uint8_t)(ch[t] << (4 * (t & 1)));
+            opt_mask |= 1u << ch[t];
+            counts[ch[t]]++;
+        }
+        const uint16_t *kh = in->k + (size_t)h * in->head_stride;
+        const uint16_t *vh = in->v + (size_t)h * in->head_stride;
+        bool loaded = false;
+        for (int o = 0; o < KVC_OPT_DROP; o++) {
+            if (o == KVC_OPT_F16) {
+                for (uint32_t t = 0; t < n; t++) {
+                    if (ch[t] != KVC_OPT_F16)
+                        continue;
+                    memcpy(w, kh + (size_t)t * in->token_stride, 2 * (size_t)d);
+                    memcpy(w + 2 * d, vh + (size_t)t * in->token_stride, 2 * (size_t)d);
+                    w += 4 * (size_t)d;
+                }
+                continue;
+            }
+            bool any = false;
+            for (uint32_t t = 0; t < n && !any; t++)
+                any = ch[t] == o;
+            if (!any)
+                continue;
+            if (!loaded) {
+                load_rows(kh, in->token_stride, n, d, e->kf);
+                load_rows(vh, in->token_stride, n, d, e->vf);
+                if (rotate) {
+                    memcpy(e->kr, e->kf, (size_t)n * d * sizeof(float));
+                    memcpy(e->vr, e->vf, (size_t)n * d * sizeof(float));
+                    for (uint32_t t = 0; t < n; t++) {
+                        kvc_hadamard(e->kr + (size_t)t * d, d);
+                        kvc_hadamard(e->vr + (size_t)t * d, d);
+                    }
+                }
+                loaded = true;
+            }
+            bool rot = rotate && kvc_opt_rotatable(o);
+            const float *ks = rot ? e->kr : e->kf, *vs = rot ? e->vr : e->vf;
+            uint32_t m = 0;
+            for (uint32_t t = 0; t <= n; t++) {
+                if (t < n && ch[t] == o) {
+                    memcpy(e->gk + (size_t)m * d, ks + (size_t)t * d, d * sizeof(float));
+                    memcpy(e->gv + (size_t)m * d, vs + (size_t)t * d, d * sizeof(float));
+                    m++;
+                }
+                if (m == G || (t == n && m > 0)) {
+                    kvc_quant_group(o, d, m, m, e->gk, e->gv, w);
+                    w += kvc_group_bytes(o, d, m);
+                    m = 0;
+                }
+            }
+        }
+    }
+    size_t payload = (size_t)(w - (maps + maps_total));
+    size_t total = (size_t)(w - out) + 4;
+    uint8_t *hd = out;
+    memset(hd, 0, KVC_FRAME_HEADER_BYTES);
+    kvc_wr32(hd + 0, KVC_FRAME_MAGIC);
+    kvc_wr16(hd + 4, KVC_FRAME_VERSION);
+    kvc_wr16(hd + 6, KVC_FRAME_HEADER_BYTES);
+    kvc_wr64(hd + 8, e->p.model_fingerprint);
+    kvc_wr64(hd + 16, e->p.seq_id);
+    kvc_wr32(hd + 24, in->layer);
+    kvc_wr32(hd + 28, e->p.n_layers);
+    kvc_wr32(hd + 32, n);
+    kvc_wr16(hd + 36, (uint16_t)n_kv);
+    kvc_wr16(hd + 38, (uint16_t)d);
+    kvc_wr16(hd + 40, (uint16_t)G);
+    kvc_wr16(hd + 42, rotate ? KVC_FRAME_FLAG_ROTATED : 0);
+    hd[44] = (uint8_t)opt_mask;
+    kvc_wr64(hd + 48, payload);
+    kvc_wr64(hd + 56, total);
+    kvc_wr32(w, fy_crc32c(0, out, (size_t)(w - out)));
+    return total;
+}
+
+/* ---- the layer ---- */
+
+fy_status_t kvc_encoder_encode_layer(kvc_encoder_t *e, const kvc_layer_input_t *in,
+                                     const kvc_scores_t *scores, uint8_t *out, size_t out_cap,
+                                     size_t *len_p, kvc_layer_info_t *info_p)
+{
+    if (e == NULL || in == NULL || out == NULL || len_p == NULL || !in->k || !in->v)
+        return FY_ERR_INVALID_ARG;
+    if (in->layer != e->next_layer || e->next_layer >= e->p.n_layers)
+        return FY_ERR_STATE;
+    if (in->token_stride < e->p.head_dim)
+        return FY_ERR_INVALID_ARG;
+    if (out_cap < kvc_encoder_max_frame_bytes(e))
+        return FY_ERR_INVALID_ARG;
+    uint32_t n = e->p.n_tokens, d = e->p.head_dim, n_kv = e->p.n_kv_heads;
+    kvc_layer_info_t info;
+    memset(&info, 0, sizeof(info));
+    uint64_t t0 = fy_clock_ns();
+    const kvc_scores_t *sc = scores;
+    if (sc == NULL) {
+        fy_status_t st = kvc_score(&e->policy, e->p.n_heads, n_kv, n, d, in, &e->scores);
+        if (st != FY_OK)
+            return st;
+        sc = &e->scores;
+    } else if (sc->n_kv_heads != n_kv || sc->n_tokens != n || sc->head_dim != d) {
+        return FY_ERR_INVALID_ARG;
+    }
+    uint64_t t1 = fy_clock_ns();
+
+    bool no_budget = !(e->budget > 0);
+    uint32_t L = e->p.n_layers, l = in->layer, r = L - l;
+    double remain = no_budget ? 0 : (double)(e->total_budget - FY_MIN(e->spent, e->total_budget));
+    bool pins = true;
+    double lambda = 0;
+    for (int attempt = 0; attempt < 2; attempt++, pins = false) {
+        for (uint32_t h = 0; h < n_kv; h++) {
+            const uint16_t *kh = in->k + (size_t)h * in->head_stride;
+            const uint16_t *vh = in->v + (size_t)h * in->head_stride;
+            load_rows(kh, in->token_stride, n, d, e->kf);
+            load_rows(vh, in->token_stride, n, d, e->vf);
+            if (e->policy.rotate && e->policy.dist == KVC_DIST_TRIAL) {
+                memcpy(e->kr, e->kf, (size_t)n * d * sizeof(float));
+                memcpy(e->vr, e->vf, (size_t)n * d * sizeof(float));
+                for (uint32_t t = 0; t < n; t++) {
+                    kvc_hadamard(e->kr + (size_t)t * d, d);
+                    kvc_hadamard(e->vr + (size_t)t * d, d);
+                }
+            }
+            build_items(e, in, sc, h, pins);
+        }
+        if (no_budget) {
+            assign_cheapest(e, false, e->choice);
+            info.budget_met = true;
+            break;
+        }
+        // The smallest this layer can be, and what later layers need at least.
+        assign_cheapest(e, true, e->tmp_choice);
+        double floor_l = (double)exact_bytes(e, e->tmp_choice);
+        double cap = remain - (double)(r - 1) * floor_l;
+        double share = remain / r;
+        if (r > 1)
+            cap = FY_MIN(cap, share * (1 + e->policy.rate_flex));
+        if (floor_l > cap) {
+            if (pins)
+                continue; // the pins alone do not fit: retry with every item free
+            memcpy(e->choice, e->tmp_choice, e->n_items);
+            info.budget_met = floor_l <= remain;
+            break;
+        }
+        bool accepted = false;
+        if (e->lambda_prev >= 0 && r > 1) {
+            // Rate control: keep the previous multiplier while this layer's bytes stay
+            // within the flexible band around its share, so budget flows to layers that
+            // need it.
+            double a = assign(e, e->lambda_prev, e->choice);
+            double x = (double)exact_bytes(e, e->choice);
+            (void)a;
+            if (x <= cap && x >= share * (1 - e->policy.rate_flex)) {
+                accepted = true;
+                lambda = e->lambda_prev;
+            }
+        }
+        if (!accepted) {
+            double target = r > 1 ? FY_MIN(share, cap) : remain;
+            lambda = solve(e, (size_t)target, e->lambda_prev);
+        }
+        info.budget_met = true;
+        break;
+    }
+    e->lambda_prev = lambda;
+    size_t len = write_frame(e, in, out, info.tokens);
+    e->spent += len;
+    e->next_layer++;
+    uint64_t t2 = fy_clock_ns();
+    double dist = 0;
+    for (size_t i = 0; i < e->n_items; i++)
+        dist += e->dist[i * KVC_OPT_COUNT + e->choice[i]];
+    info.frame_bytes = len;
+    info.fp16_bytes = (size_t)4 * n_kv * n * d;
+    info.lambda = lambda;
+    info.distortion = dist;
+    info.score_ns = scores ? 0 : t1 - t0;
+    info.encode_ns = t2 - t1;
+    if (!no_budget && e->spent > e->total_budget)
+        info.budget_met = false;
+    *len_p = len;
+    if (info_p)
+        *info_p = info;
+    return FY_OK;
+}

@@ -1,0 +1,170 @@
+/*
+ * frame.c: the wire frame reader. Every frame comes from the network, so the parser checks
+ * the length before each read, the CRC32C before trusting any field, every field's range and
+ * every derived size (with overflow checks) before anyone walks the payload.
+ */
+#include <stdlib.h>
+
+#include "kvcodec_int.h"
+
+kvc_opt_t kvc_frame_opt(const kvc_frame_t *f, uint32_t h, uint32_t t)
+{
+    const uint8_t *mp = f->maps + (size_t)h * kvc_map_bytes(f->n_tokens);
+    return (kvc_opt_t)((mp[t / 2] >> (4 * (t & 1))) & 15);
+}
+
+fy_status_t kvc_frame_parse(const uint8_t *buf, size_t len, kvc_frame_t *frame_p)
+{
+    if (buf == NULL || frame_p == NULL)
+        return FY_ERR_INVALID_ARG;
+    if (len < KVC_FRAME_HEADER_BYTES + 4)
+        return FY_ERR_TRUNCATED;
+    if (kvc_rd32(buf) != KVC_FRAME_MAGIC)
+        return FY_ERR_FORMAT;
+    if (kvc_rd16(buf + 4) != KVC_FRAME_VERSION)
+        return FY_ERR_UNSUPPORTED;
+    if (kvc_rd16(buf + 6) != KVC_FRAME_HEADER_BYTES)
+        return FY_ERR_FORMAT;
+    uint64_t frame_bytes = kvc_rd64(buf + 56);
+    if (frame_bytes > len)
+        return FY_ERR_TRUNCATED;
+    if (frame_bytes != len)
+        return FY_ERR_FORMAT;
+    if (fy_crc32c(0, buf, len - 4) != kvc_rd32(buf + len - 4))
+        return FY_ERR_CORRUPT;
+
+    kvc_frame_t f;
+    memset(&f, 0, sizeof(f));
+    f.model_fingerprint = kvc_rd64(buf + 8);
+    f.seq_id = kvc_rd64(buf + 16);
+    f.layer = kvc_rd32(buf + 24);
+    f.n_layers = kvc_rd32(buf + 28);
+    f.n_tokens = kvc_rd32(buf + 32);
+    f.n_kv_heads = kvc_rd16(buf + 36);
+    f.head_dim = kvc_rd16(buf + 38);
+    f.group = kvc_rd16(buf + 40);
+    f.flags = kvc_rd16(buf + 42);
+    f.opt_mask = buf[44];
+    uint64_t payload = kvc_rd64(buf + 48);
+    if (buf[45] != 0 || kvc_rd16(buf + 46) != 0)
+        return FY_ERR_FORMAT;
+    if (f.n_layers == 0 || f.n_layers > KVC_MAX_LAYERS || f.layer >= f.n_layers)
+        return FY_ERR_FORMAT;
+    if (f.n_tokens == 0 || f.n_tokens > KVC_MAX_TOKENS)
+        return FY_ERR_FORMAT;
+    if (f.n_kv_heads == 0 || f.n_kv_heads > KVC_MAX_KV_HEADS)
+        return FY_ERR_FORMAT;
+    if (f.head_dim == 0 || f.head_dim % 8 || f.head_dim > KVC_MAX_HEAD_DIM)
+        return FY_ERR_FORMAT;
+    if (f.group < 8 || f.group > 256 || f.group % 8)
+        return FY_ERR_FORMAT;
+    if (f.flags & ~KVC_FRAME_FLAG_ROTATED)
+        return FY_ERR_UNSUPPORTED;
+    if ((f.flags & KVC_FRAME_FLAG_ROTATED) && (f.head_dim & (f.head_dim - 1)))
+        return FY_ERR_FORMAT;
+    if (f.opt_mask == 0 || (f.opt_mask & ~KVC_OPT_ALL_MASK))
+        return FY_ERR_FORMAT;
+
+    size_t map_bytes = kvc_map_bytes(f.n_tokens), maps_total;
+    if (!fy_size_mul(map_bytes, f.n_kv_heads, &maps_total))
+        return FY_ERR_FORMAT;
+    maps_total = FY_ALIGN_UP(maps_total, 8);
+    size_t fixed = KVC_FRAME_HEADER_BYTES + maps_total + 4;
+    if (fixed > len)
+        return FY_ERR_TRUNCATED;
+    const uint8_t *maps = buf + KVC_FRAME_HEADER_BYTES;
+    // Walk the maps: option codes in range, padding zero, counts -> exact payload size.
+    uint32_t seen = 0;
+    size_t need = 0;
+    for (uint32_t h = 0; h < f.n_kv_heads; h++) {
+        const uint8_t *mp = maps + (size_t)h * map_bytes;
+        uint64_t cnt[16] = {0};
+        for (size_t i = 0; i < map_bytes; i++) {
+            cnt[mp[i] & 15]++;
+            cnt[mp[i] >> 4]++;
+        }
+        if (f.n_tokens & 1) {
+            if (mp[map_bytes - 1] >> 4)
+                return FY_ERR_FORMAT; // the unused nibble must be zero
+            cnt[0]--;
+        }
+        for (int o = KVC_OPT_COUNT; o < 16; o++)
+            if (cnt[o])
+                return FY_ERR_FORMAT;
+        for (int o = 0; o < KVC_OPT_COUNT; o++) {
+            if (cnt[o])
+                seen |= 1u << o;
+            size_t b = kvc_run_bytes(o, f.head_dim, f.group, cnt[o]);
+            if (!fy_size_add(need, b, &need))
+                return FY_ERR_FORMAT;
+        }
+    }
+    for (size_t i = (size_t)f.n_kv_heads * map_bytes; i < maps_total; i++)
+        if (maps[i] != 0)
+            return FY_ERR_FORMAT;
+    if (seen != f.opt_mask)
+        return FY_ERR_FORMAT;
+    if (payload != need)
+        return FY_ERR_FORMAT;
+    size_t total;
+    if (!fy_size_add(fixed, need, &total))
+        return FY_ERR_FORMAT;
+    if (total > len)
+        return FY_ERR_TRUNCATED;
+    if (total != len)
+        return FY_ERR_FORMAT;
+    f.maps = maps;
+    f.payload = maps + maps_total;
+    f.payload_bytes = need;
+    f.frame_bytes = len;
+    *frame_p = f;
+    return FY_OK;
+}
+
+fy_status_t kvc_frame_dequantize(const kvc_frame_t *f, float *k, float *v, uint8_t *kept)
+{
+    if (f == NULL || k == NULL || v == NULL)
+        return FY_ERR_INVALID_ARG;
+    uint32_t n = f->n_tokens, d = f->head_dim, G = f->group;
+    bool rotated = (f->flags & KVC_FRAME_FLAG_ROTATED) != 0;
+    float *gk = malloc((size_t)G * d * sizeof(float)); // [G][d]
+    float *gv = malloc((size_t)G * d * sizeof(float));
+    uint32_t *idx = malloc((size_t)G * sizeof(uint32_t));
+    if (!gk || !gv || !idx) {
+        free(gk), free(gv), free(idx);
+        return FY_ERR_NO_MEMORY;
+    }
+    memset(k, 0, (size_t)f->n_kv_heads * n * d * sizeof(float));
+    memset(v, 0, (size_t)f->n_kv_heads * n * d * sizeof(float));
+    if (kept)
+        memset(kept, 0, (size_t)f->n_kv_heads * n);
+    const uint8_t *r = f->payload;
+    for (uint32_t h = 0; h < f->n_kv_heads; h++) {
+        float *kh = k + (size_t)h * n * d, *vh = v + (size_t)h * n * d;
+        for (int o = 0; o < KVC_OPT_DROP; o++) {
+            uint32_t gs = kvc_group_tokens(o, G), m = 0;
+            for (uint32_t t = 0; t <= n; t++) {
+                if (t < n && kvc_frame_opt(f, h, t) == (kvc_opt_t)o)
+                    idx[m++] = t;
+                if (m == gs || (t == n && m > 0)) {
+                    kvc_dequant_group(o, d, m, m, r, gk, gv);
+                    r += kvc_group_bytes(o, d, m);
+                    for (uint32_t j = 0; j < m; j++) {
+                        float *kr = gk + (size_t)j * d, *vr = gv + (size_t)j * d;
+                        if (rotated && kvc_opt_rotatable(o)) {
+                            kvc_hadamard(kr, d);
+                            kvc_hadamard(vr, d);
+                        }
+                        memcpy(kh + (size_t)idx[j] * d, kr, d * sizeof(float));
+                        memcpy(vh + (size_t)idx[j] * d, vr, d * sizeof(float));
+                        if (kept)
+                            kept[(size_t)h * n + idx[j]] = 1;
+                    }
+                    m = 0;
+                }
+            }
+        }
+    }
+    free(gk), free(gv), free(idx);
+    return FY_OK;
+}

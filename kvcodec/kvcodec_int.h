@@ -1,0 +1,176 @@
+/*
+ * kvcodec_int.h: private to kvcodec/. Option geometry, the group quantizers shared by the
+ * encoder, the frame reader, the pages and the conversion, and the Hadamard rotation.
+ *
+ * A group is the unit both the frame and the pages store. For F16 a group is one token:
+ *   K[d] fp16, V[d] fp16.
+ * For a quantized option with key bits kb and value bits vb, a group of m tokens stored in a
+ * slot of capacity cap (cap = m in a frame, cap = G in a page) is:
+ *   kscale[d] fp16 | kzero[d] fp16 | vscale[cap] fp16 | vzero[cap] fp16 |
+ *   kcodes[cap][d * kb / 8] | vcodes[cap][d * vb / 8]
+ * Codes are packed little-endian inside a byte: channel c of a row lives in byte c * b / 8 at
+ * bit (c * b) % 8. Key scale/zero are per channel over the group, value scale/zero per token.
+ */
+#ifndef FERRY_KVCODEC_INT_H
+#define FERRY_KVCODEC_INT_H
+
+#include <string.h>
+
+#include "kvcodec.h"
+
+#define KVC_MAX_HEAD_DIM 512
+#define KVC_MAX_KV_HEADS 1024
+#define KVC_MAX_TOKENS (1u << 24)
+#define KVC_MAX_LAYERS 4096
+#define KVC_MAX_QROWS 64
+
+static inline bool kvc_opt_quantized(int o)
+{
+    return o >= KVC_OPT_Q8 && o <= KVC_OPT_Q2;
+}
+
+/* Whether option o is stored rotated when a frame or page carries the rotated flag. */
+static inline bool kvc_opt_rotatable(int o)
+{
+    return o >= KVC_OPT_Q4 && o <= KVC_OPT_Q2;
+}
+
+/* Tokens per group: 1 for F16, G otherwise. */
+static inline uint32_t kvc_group_tokens(int o, uint32_t group)
+{
+    return o == KVC_OPT_F16 ? 1u : group;
+}
+
+/* Bytes of a group of an option stored with capacity cap (see the layout above). */
+static inline size_t kvc_group_bytes(int o, uint32_t d, uint32_t cap)
+{
+    if (o == KVC_OPT_F16)
+        return (size_t)4 * d;
+    if (!kvc_opt_quantized(o))
+        return 0;
+    size_t rowk = (size_t)d * (size_t)kvc_opt_kbits(o) / 8;
+    size_t rowv = (size_t)d * (size_t)kvc_opt_vbits(o) / 8;
+    return (size_t)4 * d + (size_t)4 * cap + (size_t)cap * (rowk + rowv);
+}
+
+/* Bytes of count tokens of one option of one head in a frame: full groups plus a partial. */
+static inline size_t kvc_run_bytes(int o, uint32_t d, uint32_t group, uint64_t count)
+{
+    if (o == KVC_OPT_DROP || count == 0)
+        return 0;
+    uint32_t gs = kvc_group_tokens(o, group);
+    uint64_t full = count / gs, rest = count % gs;
+    size_t b = (size_t)full * kvc_group_bytes(o, d, gs);
+    if (rest)
+        b += kvc_group_bytes(o, d, (uint32_t)rest);
+    return b;
+}
+
+static inline size_t kvc_map_bytes(uint32_t n_tokens)
+{
+    return ((size_t)n_tokens + 1) / 2;
+}
+
+static inline uint16_t kvc_rd16(const uint8_t *p)
+{
+    return (uint16_t)(p[0] | (p[1] << 8));
+}
+static inline uint32_t kvc_rd32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) |
+           ((uint32_t)p[3] << 24);
+}
+static inline uint64_t kvc_rd64(const uint8_t *p)
+{
+    return (uint64_t)kvc_rd32(p) | ((uint64_t)kvc_rd32(p + 4) << 32);
+}
+static inline void kvc_wr16(uint8_t *p, uint16_t v)
+{
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+}
+static inline void kvc_wr32(uint8_t *p, uint32_t v)
+{
+    for (int i = 0; i < 4; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+static inline void kvc_wr64(uint8_t *p, uint64_t v)
+{
+    kvc_wr32(p, (uint32_t)v);
+    kvc_wr32(p + 4, (uint32_t)(v >> 32));
+}
+
+/* Quantizes a group of m tokens (m <= cap) into dst laid out with capacity cap.
+ * k, v: [m][d] fp32 (already rotated when the option is stored rotated). */
+void kvc_quant_group(int o, uint32_t d, uint32_t m, uint32_t cap, const float *k,
+                     const float *v, uint8_t *dst);
+/* Reconstructs m tokens of a group stored with capacity cap. k, v: [m][d]. */
+void kvc_dequant_group(int o, uint32_t d, uint32_t m, uint32_t cap, const uint8_t *src,
+                       float *k, float *v);
+/* Trial quantization: per-token squared reconstruction errors of a group of m tokens.
+ * errk[t] = sum_c w_c (k - k~)^2 with w = kw (or 1 when kw is NULL); errv[t] = |v - v~|^2. */
+void kvc_group_errors(int o, uint32_t d, uint32_t m, const float *k, const float *v,
+                      const float *kw, float *errk, float *errv);
+
+/* In-place orthonormal Walsh-Hadamard transform (H / sqrt(d)); d a power of two. H is
+ * symmetric and orthonormal, so it is its own inverse. */
+void kvc_hadamard(float *x, uint32_t d);
+
+/* Dot product with 8 independent partial sums (vectorizes without reassociation). */
+static inline float kvc_dot(const float *a, const float *b, uint32_t d)
+{
+    float acc[8] = {0};
+    uint32_t c = 0;
+    for (; c + 8 <= d; c += 8)
+        for (int j = 0; j < 8; j++)
+            acc[j] += a[c + j] * b[c + j];
+    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; c < d; c++)
+        s += a[c] * b[c];
+    return s;
+}
+
+/* Unpacks one row of d codes of b bits into floats. */
+void kvc_unpack_row(const uint8_t *src, uint32_t d, int bits, float *dst);
+
+/* Page header accessors (layout in docs/kvcodec-format.md §3). */
+typedef struct {
+    uint8_t opt, flags;
+    uint16_t head_dim;
+    uint16_t n_slots, last_tokens; // tokens in the last slot
+    uint16_t group;                // tokens per slot (1 for F16)
+    uint16_t cap_slots;
+    uint32_t n_tokens;
+} kvc_page_hdr_t;
+
+static inline void kvc_page_hdr_read(const uint8_t *p, kvc_page_hdr_t *h)
+{
+    h->opt = p[0];
+    h->flags = p[1];
+    h->head_dim = kvc_rd16(p + 2);
+    h->n_slots = kvc_rd16(p + 4);
+    h->last_tokens = kvc_rd16(p + 6);
+    h->group = kvc_rd16(p + 8);
+    h->cap_slots = kvc_rd16(p + 10);
+    h->n_tokens = kvc_rd32(p + 12);
+}
+static inline void kvc_page_hdr_write(uint8_t *p, const kvc_page_hdr_t *h)
+{
+    p[0] = h->opt;
+    p[1] = h->flags;
+    kvc_wr16(p + 2, h->head_dim);
+    kvc_wr16(p + 4, h->n_slots);
+    kvc_wr16(p + 6, h->last_tokens);
+    kvc_wr16(p + 8, h->group);
+    kvc_wr16(p + 10, h->cap_slots);
+    kvc_wr32(p + 12, h->n_tokens);
+}
+
+/* Internal pool access used by attention. */
+size_t kvc_pool_slot_bytes(const kvc_pool_t *pool, int o);
+uint32_t kvc_pool_head_dim(const kvc_pool_t *pool);
+const kvc_pool_t *kvc_seq_pool(const kvc_seq_t *seq);
+uint32_t kvc_seq_n_kv_heads(const kvc_seq_t *seq);
+uint32_t kvc_seq_n_layers(const kvc_seq_t *seq);
+
+#endif /* FERRY_KVCODEC_INT_H */

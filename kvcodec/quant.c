@@ -1,0 +1,367 @@
+/*
+ * quant.c: the quantizers every other part of kvcodec shares, so the frame, the pages and the
+ * conversion reconstruct identical values.
+ *
+ * Asymmetric min/max, round to nearest, FP16 scale and zero. The zero is min rounded DOWN to
+ * FP16 and the scale (max - zero) / qmax rounded UP, so every input lies in
+ * [zero, zero + qmax * scale] and the reconstruction error of an element is at most scale / 2
+ * (plus fp32 rounding). All arithmetic is plain fp32 in a fixed order (no FMA contraction in
+ * C11 mode, no reassociation), so encoding is bit-exact across runs and machines.
+ */
+#include <math.h>
+
+#include "kvcodec_int.h"
+
+static const struct {
+    const char *name;
+    int kbits, vbits;
+} k_opts[KVC_OPT_COUNT] = {
+    {"16/16", 16, 16}, {"8/8", 8, 8}, {"4/4", 4, 4}, {"4/2", 4, 2}, {"2/2", 2, 2}, {"drop", 0, 0},
+};
+
+const char *kvc_opt_name(kvc_opt_t opt)
+{
+    return (unsigned)opt < KVC_OPT_COUNT ? k_opts[opt].name : "?";
+}
+
+int kvc_opt_kbits(kvc_opt_t opt)
+{
+    return (unsigned)opt < KVC_OPT_COUNT ? k_opts[opt].kbits : 0;
+}
+
+int kvc_opt_vbits(kvc_opt_t opt)
+{
+    return (unsigned)opt < KVC_OPT_COUNT ? k_opts[opt].vbits : 0;
+}
+
+fy_status_t kvc_opt_parse(const char *s, kvc_opt_t *opt_p)
+{
+    static const struct {
+        const char *alias;
+        kvc_opt_t opt;
+    } aliases[] = {{"fp16", KVC_OPT_F16}, {"int8", KVC_OPT_Q8}, {"int4", KVC_OPT_Q4},
+                   {"int2", KVC_OPT_Q2},  {"evict", KVC_OPT_DROP}};
+    if (s == NULL)
+        return FY_ERR_INVALID_ARG;
+    for (int o = 0; o < KVC_OPT_COUNT; o++) {
+        if (strcmp(s, k_opts[o].name) == 0) {
+            *opt_p = (kvc_opt_t)o;
+            return FY_OK;
+        }
+    }
+    for (size_t i = 0; i < FY_ARRAY_SIZE(aliases); i++) {
+        if (strcmp(s, aliases[i].alias) == 0) {
+            *opt_p = aliases[i].opt;
+            return FY_OK;
+        }
+    }
+    return FY_ERR_INVALID_ARG;
+}
+
+/* ---- FP16 directed rounding ---- */
+
+static uint16_t fp16_step_down(uint16_t h)
+{
+    if (h == 0x0000)
+        return 0x8001;
+    return (h & 0x8000) ? (uint16_t)(h + 1) : (uint16_t)(h - 1);
+}
+
+static uint16_t fp16_step_up(uint16_t h)
+{
+    if (h == 0x8000)
+        return 0x0001;
+    return (h & 0x8000) ? (uint16_t)(h - 1) : (uint16_t)(h + 1);
+}
+
+static uint16_t fp16_clamp_finite(uint16_t h)
+{
+    if ((h & 0x7fff) >= 0x7c00) // inf or NaN: the largest finite value of that sign
+        return (h & 0x8000) ? 0xfbff : 0x7bff;
+    return h;
+}
+
+/* Largest FP16 <= x (finite). */
+static uint16_t fp16_floor(float x)
+{
+    uint16_t h = fp16_clamp_finite(fy_fp32_to_fp16(x));
+    if (fy_fp16_to_fp32(h) > x && h != 0xfbff)
+        h = fp16_step_down(h);
+    return h;
+}
+
+/* Smallest FP16 >= x (finite, clamped to 65504). */
+static uint16_t fp16_ceil(float x)
+{
+    uint16_t h = fp16_clamp_finite(fy_fp32_to_fp16(x));
+    if (fy_fp16_to_fp32(h) < x && h != 0x7bff)
+        h = fp16_step_up(h);
+    return h;
+}
+
+/* Scale and zero for the range [mn, mx] at qmax levels. */
+static void asym_params(float mn, float mx, float qmax, uint16_t *s16, uint16_t *z16)
+{
+    uint16_t z = fp16_floor(mn);
+    float zf = fy_fp16_to_fp32(z);
+    float s = (mx - zf) / qmax;
+    if (!(s > 0))
+        s = 0;
+    *z16 = z;
+    *s16 = fp16_ceil(s);
+}
+
+static inline uint8_t quant_one(float x, float z, float inv, float qmax)
+{
+    float f = (x - z) * inv + 0.5f;
+    f = f > 0 ? f : 0; // NaN lands here as 0
+    f = f < qmax ? f : qmax;
+    return (uint8_t)f;
+}
+
+static void pack_row(const uint8_t *codes, uint32_t d, int bits, uint8_t *dst)
+{
+    if (bits == 8) {
+        memcpy(dst, codes, d);
+    } else if (bits == 4) {
+        for (uint32_t c = 0; c < d / 2; c++)
+            dst[c] = (uint8_t)(codes[2 * c] | (codes[2 * c + 1] << 4));
+    } else {
+        for (uint32_t c = 0; c < d / 4; c++)
+            dst[c] = (uint8_t)(codes[4 * c] | (codes[4 * c + 1] << 2) | (codes[4 * c + 2] << 4) |
+                               (codes[4 * c + 3] << 6));
+    }
+}
+
+void kvc_unpack_row(const uint8_t *src, uint32_t d, int bits, float *dst)
+{
+    if (bits == 8) {
+        for (uint32_t c = 0; c < d; c++)
+            dst[c] = (float)src[c];
+    } else if (bits == 4) {
+        for (uint32_t c = 0; c < d / 2; c++) {
+            dst[2 * c] = (float)(src[c] & 15);
+            dst[2 * c + 1] = (float)(src[c] >> 4);
+        }
+    } else {
+        for (uint32_t c = 0; c < d / 4; c++) {
+            uint8_t b = src[c];
+            dst[4 * c] = (float)(b & 3);
+            dst[4 * c + 1] = (float)((b >> 2) & 3);
+            dst[4 * c + 2] = (float)((b >> 4) & 3);
+            dst[4 * c + 3] = (float)(b >> 6);
+        }
+    }
+}
+
+static void row_minmax(const float *x, uint32_t d, float *mn_p, float *mx_p)
+{
+    float mn[8], mx[8];
+    for (int j = 0; j < 8; j++)
+        mn[j] = mx[j] = x[0];
+    uint32_t c = 0;
+    for (; c + 8 <= d; c += 8) {
+        for (int j = 0; j < 8; j++) {
+            float a = x[c + j];
+            mn[j] = a < mn[j] ? a : mn[j];
+            mx[j] = a > mx[j] ? a : mx[j];
+        }
+    }
+    for (; c < d; c++) {
+        mn[0] = x[c] < mn[0] ? x[c] : mn[0];
+        mx[0] = x[c] > mx[0] ? x[c] : mx[0];
+    }
+    float a = mn[0], b = mx[0];
+    for (int j = 1; j < 8; j++) {
+        a = mn[j] < a ? mn[j] : a;
+        b = mx[j] > b ? mx[j] : b;
+    }
+    *mn_p = a;
+    *mx_p = b;
+}
+
+/* Per-group parameters in fp32, decoded from the FP16 values actually stored. */
+typedef struct {
+    float ks[KVC_MAX_HEAD_DIM], kz[KVC_MAX_HEAD_DIM], kinv[KVC_MAX_HEAD_DIM];
+} kparams_t;
+
+static void key_params(const float *k, uint32_t d, uint32_t m, float qmax, uint8_t *dst_s,
+                       uint8_t *dst_z, kparams_t *p)
+{
+    float mn[KVC_MAX_HEAD_DIM], mx[KVC_MAX_HEAD_DIM];
+    memcpy(mn, k, d * sizeof(float));
+    memcpy(mx, k, d * sizeof(float));
+    for (uint32_t t = 1; t < m; t++) {
+        const float *row = k + (size_t)t * d;
+        for (uint32_t c = 0; c < d; c++) {
+            mn[c] = row[c] < mn[c] ? row[c] : mn[c];
+            mx[c] = row[c] > mx[c] ? row[c] : mx[c];
+        }
+    }
+    for (uint32_t c = 0; c < d; c++) {
+        uint16_t s16, z16;
+        asym_params(mn[c], mx[c], qmax, &s16, &z16);
+        if (dst_s) {
+            kvc_wr16(dst_s + 2 * c, s16);
+            kvc_wr16(dst_z + 2 * c, z16);
+        }
+        p->ks[c] = fy_fp16_to_fp32(s16);
+        p->kz[c] = fy_fp16_to_fp32(z16);
+        p->kinv[c] = p->ks[c] > 0 ? 1.0f / p->ks[c] : 0.0f;
+    }
+}
+
+static void value_params(const float *row, uint32_t d, float qmax, uint16_t *s16, uint16_t *z16,
+                         float *s, float *z, float *inv)
+{
+    float mn, mx;
+    row_minmax(row, d, &mn, &mx);
+    asym_params(mn, mx, qmax, s16, z16);
+    *s = fy_fp16_to_fp32(*s16);
+    *z = fy_fp16_to_fp32(*z16);
+    *inv = *s > 0 ? 1.0f / *s : 0.0f;
+}
+
+void kvc_quant_group(int o, uint32_t d, uint32_t m, uint32_t cap, const float *k,
+                     const float *v, uint8_t *dst)
+{
+    if (o == KVC_OPT_F16) {
+        uint16_t tmp[KVC_MAX_HEAD_DIM]; // dst may sit at any byte offset of a frame
+        fy_fp32_to_fp16_buf(tmp, k, d);
+        memcpy(dst, tmp, 2 * (size_t)d);
+        fy_fp32_to_fp16_buf(tmp, v, d);
+        memcpy(dst + 2 * d, tmp, 2 * (size_t)d);
+        return;
+    }
+    int kb = kvc_opt_kbits((kvc_opt_t)o), vb = kvc_opt_vbits((kvc_opt_t)o);
+    float kq = (float)((1 << kb) - 1), vq = (float)((1 << vb) - 1);
+    size_t rowk = (size_t)d * kb / 8, rowv = (size_t)d * vb / 8;
+    uint8_t *ks = dst, *kz = dst + 2 * d, *vs = dst + 4 * d, *vz = vs + 2 * cap;
+    uint8_t *kc = dst + 4 * d + 4 * (size_t)cap, *vc = kc + (size_t)cap * rowk;
+    kparams_t p;
+    key_params(k, d, m, kq, ks, kz, &p);
+    uint8_t codes[KVC_MAX_HEAD_DIM];
+    for (uint32_t t = 0; t < m; t++) {
+        const float *row = k + (size_t)t * d;
+        for (uint32_t c = 0; c < d; c++)
+            codes[c] = quant_one(row[c], p.kz[c], p.kinv[c], kq);
+        pack_row(codes, d, kb, kc + t * rowk);
+    }
+    for (uint32_t t = 0; t < m; t++) {
+        const float *row = v + (size_t)t * d;
+        uint16_t s16, z16;
+        float s, z, inv;
+        value_params(row, d, vq, &s16, &z16, &s, &z, &inv);
+        kvc_wr16(vs + 2 * t, s16);
+        kvc_wr16(vz + 2 * t, z16);
+        for (uint32_t c = 0; c < d; c++)
+            codes[c] = quant_one(row[c], z, inv, vq);
+        pack_row(codes, d, vb, vc + t * rowv);
+    }
+    // Unused capacity stays zero so pages and frames never carry stale bytes.
+    if (cap > m) {
+        memset(vs + 2 * m, 0, 2 * (size_t)(cap - m));
+        memset(vz + 2 * m, 0, 2 * (size_t)(cap - m));
+        memset(kc + m * rowk, 0, (cap - m) * rowk);
+        memset(vc + m * rowv, 0, (cap - m) * rowv);
+    }
+}
+
+void kvc_dequant_group(int o, uint32_t d, uint32_t m, uint32_t cap, const uint8_t *src,
+                       float *k, float *v)
+{
+    if (o == KVC_OPT_F16) {
+        for (uint32_t c = 0; c < d; c++) {
+            k[c] = fy_fp16_to_fp32(kvc_rd16(src + 2 * c));
+            v[c] = fy_fp16_to_fp32(kvc_rd16(src + 2 * d + 2 * c));
+        }
+        return;
+    }
+    int kb = kvc_opt_kbits((kvc_opt_t)o), vb = kvc_opt_vbits((kvc_opt_t)o);
+    size_t rowk = (size_t)d * kb / 8, rowv = (size_t)d * vb / 8;
+    const uint8_t *ks = src, *kz = src + 2 * d, *vs = src + 4 * d, *vz = vs + 2 * cap;
+    const uint8_t *kc = src + 4 * d + 4 * (size_t)cap, *vc = kc + (size_t)cap * rowk;
+    float s[KVC_MAX_HEAD_DIM], z[KVC_MAX_HEAD_DIM], codes[KVC_MAX_HEAD_DIM];
+    for (uint32_t c = 0; c < d; c++) {
+        s[c] = fy_fp16_to_fp32(kvc_rd16(ks + 2 * c));
+        z[c] = fy_fp16_to_fp32(kvc_rd16(kz + 2 * c));
+    }
+    for (uint32_t t = 0; t < m; t++) {
+        kvc_unpack_row(kc + t * rowk, d, kb, codes);
+        float *row = k + (size_t)t * d;
+        for (uint32_t c = 0; c < d; c++)
+            row[c] = codes[c] * s[c] + z[c];
+    }
+    for (uint32_t t = 0; t < m; t++) {
+        float sv = fy_fp16_to_fp32(kvc_rd16(vs + 2 * t));
+        float zv = fy_fp16_to_fp32(kvc_rd16(vz + 2 * t));
+        kvc_unpack_row(vc + t * rowv, d, vb, codes);
+        float *row = v + (size_t)t * d;
+        for (uint32_t c = 0; c < d; c++)
+            row[c] = codes[c] * sv + zv;
+    }
+}
+
+void kvc_group_errors(int o, uint32_t d, uint32_t m, const float *k, const float *v,
+                      const float *kw, float *errk, float *errv)
+{
+    if (o == KVC_OPT_F16) {
+        // FP16 inputs are reproduced exactly (rotation is never applied to F16).
+        for (uint32_t t = 0; t < m; t++)
+            errk[t] = errv[t] = 0;
+        return;
+    }
+    int kb = kvc_opt_kbits((kvc_opt_t)o), vb = kvc_opt_vbits((kvc_opt_t)o);
+    float kq = (float)((1 << kb) - 1), vq = (float)((1 << vb) - 1);
+    kparams_t p;
+    key_params(k, d, m, kq, NULL, NULL, &p);
+    for (uint32_t t = 0; t < m; t++) {
+        const float *row = k + (size_t)t * d;
+        float acc[8] = {0};
+        for (uint32_t c = 0; c < d; c += 8) {
+            for (int j = 0; j < 8; j++) {
+                float x = row[c + j];
+                float f = (x - p.kz[c + j]) * p.kinv[c + j] + 0.5f;
+                f = f > 0 ? f : 0;
+                f = f < kq ? f : kq;
+                float e = (float)(int)f * p.ks[c + j] + p.kz[c + j] - x;
+                acc[j] += (kw ? kw[c + j] : 1.0f) * e * e;
+            }
+        }
+        errk[t] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    }
+    for (uint32_t t = 0; t < m; t++) {
+        const float *row = v + (size_t)t * d;
+        uint16_t s16, z16;
+        float s, z, inv;
+        value_params(row, d, vq, &s16, &z16, &s, &z, &inv);
+        float acc[8] = {0};
+        for (uint32_t c = 0; c < d; c += 8) {
+            for (int j = 0; j < 8; j++) {
+                float x = row[c + j];
+                float f = (x - z) * inv + 0.5f;
+                f = f > 0 ? f : 0;
+                f = f < vq ? f : vq;
+                float e = (float)(int)f * s + z - x;
+                acc[j] += e * e;
+            }
+        }
+        errv[t] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    }
+}
+
+void kvc_hadamard(float *x, uint32_t d)
+{
+    for (uint32_t len = 1; len < d; len <<= 1) {
+        for (uint32_t i = 0; i < d; i += 2 * len) {
+            for (uint32_t j = i; j < i + len; j++) {
+                float a = x[j], b = x[j + len];
+                x[j] = a + b;
+                x[j + len] = a - b;
+            }
+        }
+    }
+    float s = 1.0f / sqrtf((float)d);
+    for (uint32_t c = 0; c < d; c++)
+        x[c] *= s;
+}

@@ -1,0 +1,239 @@
+// Encoder: budget adherence over awkward shapes (n not a multiple of G, n below the recent
+// window, one head, head_dim 64 and 128) for b in {1, 1/2, 1/4, 1/8, 1/16}; the rate
+// controller is never over budget after any layer; identical inputs give identical bytes;
+// every built-in policy produces frames that parse and decode within their options' bounds.
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+
+#include <stdio.h>
+
+#include "kvtest.h"
+
+typedef struct {
+    uint32_t n_heads, n_kv, n, d;
+} shape_t;
+
+static const shape_t k_shapes[] = {
+    {1, 1, 37, 64},  {4, 2, 50, 128}, {9, 3, 100, 64},
+    {2, 1, 300, 128}, {2, 2, 257, 64}, {32, 8, 600, 128},
+};
+static const double k_budgets[] = {1.0, 0.5, 0.25, 0.125, 0.0625};
+
+/* Encodes n_layers layers (each its own synthetic data); returns total bytes. */
+static uint64_t encode_request(const kvc_policy_t *pol, const shape_t *s, uint32_t n_layers,
+                               double b, uint64_t seed, uint64_t *budget_p, bool *met_p,
+                               uint8_t **frames, size_t *lens)
+{
+    kvt_layer_t L;
+    kvt_layer_make(&L, seed, s->n_heads, s->n_kv, s->n, s->d, 32);
+    kvc_encoder_params_t p = kvt_params(pol, &L, n_layers, b);
+    kvc_encoder_t *enc = NULL;
+    assert_int_equal(kvc_encoder_create(&p, &enc), FY_OK);
+    size_t cap = kvc_encoder_max_frame_bytes(enc);
+    uint8_t *buf = malloc(cap);
+    uint64_t total = 0, budget = 0;
+    bool met = true;
+    for (uint32_t l = 0; l < n_layers; l++) {
+        if (l > 0)
+            kvc_synth_layer(seed + l, s->n_heads, s->n_kv, s->n, s->d, L.W, L.k, L.v, L.q);
+        kvc_layer_input_t in = kvt_input(&L, l);
+        size_t len = 0;
+        kvc_layer_info_t info;
+        assert_int_equal(kvc_encoder_encode_layer(enc, &in, NULL, buf, cap, &len, &info), FY_OK);
+        assert_int_equal(info.frame_bytes, len);
+        met = met && info.budget_met;
+        total += len;
+        uint64_t spent;
+        kvc_encoder_totals(enc, &spent, &budget);
+        assert_int_equal(spent, total);
+        if (b > 0 && info.budget_met)
+            assert_true(spent <= budget); // never over, after every layer
+        kvc_frame_t f;
+        assert_int_equal(kvc_frame_parse(buf, len, &f), FY_OK);
+        assert_int_equal(f.layer, l);
+        if (frames) {
+            frames[l] = malloc(len);
+            memcpy(frames[l], buf, len);
+            lens[l] = len;
+        }
+    }
+    // A layer out of order is refused.
+    kvc_layer_input_t in = kvt_input(&L, 0);
+    size_t len;
+    assert_int_equal(kvc_encoder_encode_layer(enc, &in, NULL, buf, cap, &len, NULL),
+                     FY_ERR_STATE);
+    free(buf);
+    kvc_encoder_destroy(enc);
+    kvt_layer_free(&L);
+    if (budget_p)
+        *budget_p = budget;
+    if (met_p)
+        *met_p = met;
+    return total;
+}
+
+static void test_budget_adherence(void **state)
+{
+    kvc_policy_t pol;
+    assert_int_equal(kvc_policy_builtin("ferry", &pol), FY_OK);
+    for (size_t i = 0; i < FY_ARRAY_SIZE(k_shapes); i++) {
+        for (size_t j = 0; j < FY_ARRAY_SIZE(k_budgets); j++) {
+            uint64_t budget;
+            bool met;
+            uint64_t total =
+                encode_request(&pol, &k_shapes[i], 4, k_budgets[j], 100 + i, &budget, &met,
+                               NULL, NULL);
+            const shape_t *s = &k_shapes[i];
+            uint64_t fp16 = 4ull * 4 * s->n_kv * s->n * s->d;
+            assert_int_equal(budget, (uint64_t)floor(k_budgets[j] * (double)fp16));
+            assert_true(met); // every shape here is above the frame floor
+            assert_true(total <= budget);
+            // Ends within 3 % under the budget.
+            assert_true((double)total >= 0.97 * (double)budget);
+            if (getenv("KVC_TEST_VERBOSE"))
+                printf("shape %zu b %.4f: %llu / %llu (%.3f)\n", i, k_budgets[j],
+                       (unsigned long long)total, (unsigned long long)budget,
+                       (double)total / (double)budget);
+        }
+    }
+}
+
+static void test_below_floor(void **state)
+{
+    // A budget below the frame floor cannot be met: the encoder says so instead of failing.
+    kvc_policy_t pol;
+    kvc_policy_builtin("int4", &pol); // no DROP allowed
+    pol.budget = 0.01;
+    shape_t s = {1, 1, 5, 64};
+    bool met = true;
+    uint64_t budget;
+    encode_request(&pol, &s, 2, 0.01, 5, &budget, &met, NULL, NULL);
+    assert_false(met);
+}
+
+static void test_determinism(void **state)
+{
+    kvc_policy_t pol;
+    kvc_policy_builtin("ferry", &pol);
+    shape_t s = {9, 3, 200, 64};
+    uint8_t *a[3], *b[3];
+    size_t la[3], lb[3];
+    encode_request(&pol, &s, 3, 0.2, 9, NULL, NULL, a, la);
+    encode_request(&pol, &s, 3, 0.2, 9, NULL, NULL, b, lb);
+    for (int l = 0; l < 3; l++) {
+        assert_int_equal(la[l], lb[l]);
+        assert_memory_equal(a[l], b[l], la[l]);
+        free(a[l]), free(b[l]);
+    }
+}
+
+static void test_builtin_policies(void **state)
+{
+    const char *const *names = kvc_policy_builtin_names();
+    shape_t s = {4, 2, 333, 64};
+    for (size_t i = 0; names[i]; i++) {
+        kvc_policy_t pol;
+        assert_int_equal(kvc_policy_builtin(names[i], &pol), FY_OK);
+        assert_int_equal(kvc_policy_validate(&pol, NULL, 0), FY_OK);
+        uint8_t *fr[2];
+        size_t len[2];
+        uint64_t budget;
+        uint64_t total = encode_request(&pol, &s, 2, -1, 3, &budget, NULL, fr, len);
+        kvc_frame_t f;
+        assert_int_equal(kvc_frame_parse(fr[1], len[1], &f), FY_OK);
+        size_t ne = (size_t)s.n_kv * s.n * s.d;
+        float *k = malloc(ne * 4), *v = malloc(ne * 4);
+        uint8_t *kept = malloc((size_t)s.n_kv * s.n);
+        assert_int_equal(kvc_frame_dequantize(&f, k, v, kept), FY_OK);
+        kvt_layer_t L;
+        kvt_layer_make(&L, 3 + 1, s.n_heads, s.n_kv, s.n, s.d, 32);
+        double err = 0, ref = 0;
+        size_t n_kept = 0;
+        for (size_t t = 0; t < (size_t)s.n_kv * s.n; t++) {
+            n_kept += kept[t];
+            for (uint32_t c = 0; c < s.d && kept[t]; c++) {
+                double x = fy_fp16_to_fp32(L.v[t * s.d + c]);
+                err += (v[t * s.d + c] - x) * (v[t * s.d + c] - x);
+                ref += x * x;
+            }
+        }
+        if (strcmp(names[i], "fp16") == 0) {
+            assert_true(err == 0);
+            assert_int_equal(n_kept, (size_t)s.n_kv * s.n);
+            assert_true(total > budget * 0 + (uint64_t)4 * 2 * s.n_kv * s.n * s.d);
+        } else if (strcmp(names[i], "int8") == 0) {
+            assert_true(err < 1e-4 * ref);
+        } else if (strcmp(names[i], "int4") == 0) {
+            assert_true(err < 2e-2 * ref);
+        }
+        if (strcmp(names[i], "kivi2") == 0) {
+            // The last 128 tokens of every head stay F16.
+            for (uint32_t h = 0; h < s.n_kv; h++)
+                for (uint32_t t = s.n - 128; t < s.n; t++)
+                    assert_int_equal(kvc_frame_opt(&f, h, t), KVC_OPT_F16);
+            assert_int_equal(kvc_frame_opt(&f, 0, 0), KVC_OPT_Q2);
+        }
+        if (strcmp(names[i], "snapkv") == 0 || strcmp(names[i], "h2o") == 0 ||
+            strcmp(names[i], "pdtrim") == 0) {
+            for (uint32_t h = 0; h < s.n_kv; h++)
+                for (uint32_t t = 0; t < s.n; t++) {
+                    kvc_opt_t o = kvc_frame_opt(&f, h, t);
+                    assert_true(o == KVC_OPT_F16 || o == KVC_OPT_DROP);
+                }
+        }
+        if (strcmp(names[i], "pdtrim") == 0) {
+            // First 4 tokens kept; kept tokens otherwise form a suffix.
+            for (uint32_t h = 0; h < s.n_kv; h++) {
+                for (uint32_t t = 0; t < 4; t++)
+                    assert_int_equal(kvc_frame_opt(&f, h, t), KVC_OPT_F16);
+                bool seen_kept = false;
+                for (uint32_t t = 4; t < s.n; t++) {
+                    bool k2 = kvc_frame_opt(&f, h, t) == KVC_OPT_F16;
+                    assert_true(!seen_kept || k2);
+                    seen_kept = seen_kept || k2;
+                }
+            }
+        }
+        kvt_layer_free(&L);
+        free(k), free(v), free(kept), free(fr[0]), free(fr[1]);
+    }
+}
+
+static void test_bad_params(void **state)
+{
+    kvc_policy_t pol;
+    kvc_policy_builtin("ferry", &pol);
+    kvt_layer_t L;
+    kvt_layer_make(&L, 1, 4, 2, 40, 64, 8);
+    kvc_encoder_params_t p = kvt_params(&pol, &L, 2, 0.25);
+    kvc_encoder_t *enc = NULL;
+    p.head_dim = 60; // not a multiple of 8
+    assert_int_equal(kvc_encoder_create(&p, &enc), FY_ERR_INVALID_ARG);
+    p.head_dim = 72; // not a power of two, and the policy rotates
+    assert_int_equal(kvc_encoder_create(&p, &enc), FY_ERR_INVALID_ARG);
+    p = kvt_params(&pol, &L, 2, 0.25);
+    p.n_heads = 3;
+    assert_int_equal(kvc_encoder_create(&p, &enc), FY_ERR_INVALID_ARG);
+    p = kvt_params(&pol, &L, 2, 0.25);
+    assert_int_equal(kvc_encoder_create(&p, &enc), FY_OK);
+    uint8_t small[64];
+    size_t len;
+    kvc_layer_input_t in = kvt_input(&L, 0);
+    assert_int_equal(kvc_encoder_encode_layer(enc, &in, NULL, small, sizeof(small), &len, NULL),
+                     FY_ERR_INVALID_ARG);
+    kvc_encoder_destroy(enc);
+    kvc_encoder_destroy(NULL);
+    kvt_layer_free(&L);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_budget_adherence), cmocka_unit_test(test_below_floor),
+        cmocka_unit_test(test_determinism),      cmocka_unit_test(test_builtin_policies),
+        cmocka_unit_test(test_bad_params),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

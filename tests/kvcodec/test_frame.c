@@ -1,0 +1,171 @@
+// Frames: a valid frame parses; every single-byte change and every truncation or extension
+// is rejected; frames with a recomputed CRC but hostile fields are rejected with a clear
+// status; the reference dequantizer keeps exactly the tokens the map says.
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+
+#include "../../kvcodec/kvcodec_int.h"
+#include "kvtest.h"
+
+typedef struct {
+    uint8_t *buf;
+    size_t len;
+    kvt_layer_t L;
+} fixture_t;
+
+static int setup(void **state)
+{
+    fixture_t *fx = calloc(1, sizeof(*fx));
+    kvc_policy_t pol;
+    kvc_policy_builtin("ferry", &pol);
+    pol.recent = 8;
+    pol.group = 8;
+    kvt_layer_make(&fx->L, 21, 4, 2, 61, 16, 8);
+    kvc_encoder_params_t p = kvt_params(&pol, &fx->L, 3, 0.3);
+    kvc_encoder_t *enc;
+    assert_int_equal(kvc_encoder_create(&p, &enc), FY_OK);
+    size_t cap = kvc_encoder_max_frame_bytes(enc);
+    fx->buf = malloc(cap);
+    kvc_layer_input_t in = kvt_input(&fx->L, 0);
+    assert_int_equal(kvc_encoder_encode_layer(enc, &in, NULL, fx->buf, cap, &fx->len, NULL),
+                     FY_OK);
+    kvc_encoder_destroy(enc);
+    *state = fx;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    fixture_t *fx = *state;
+    kvt_layer_free(&fx->L);
+    free(fx->buf);
+    free(fx);
+    return 0;
+}
+
+static void test_valid(void **state)
+{
+    fixture_t *fx = *state;
+    kvc_frame_t f;
+    assert_int_equal(kvc_frame_parse(fx->buf, fx->len, &f), FY_OK);
+    assert_int_equal(f.n_tokens, 61);
+    assert_int_equal(f.n_kv_heads, 2);
+    assert_int_equal(f.head_dim, 16);
+    assert_int_equal(f.group, 8);
+    assert_int_equal(f.layer, 0);
+    assert_int_equal(f.n_layers, 3);
+    assert_true(f.flags & KVC_FRAME_FLAG_ROTATED);
+    assert_true(f.model_fingerprint == 0x1234abcd5678ef00ull);
+    // The budget forces a mix: more than two options present.
+    int n_opts = __builtin_popcount(f.opt_mask);
+    assert_true(n_opts >= 3);
+    size_t ne = (size_t)2 * 61 * 16;
+    float *k = malloc(ne * 4), *v = malloc(ne * 4);
+    uint8_t kept[122];
+    assert_int_equal(kvc_frame_dequantize(&f, k, v, kept), FY_OK);
+    for (uint32_t h = 0; h < 2; h++)
+        for (uint32_t t = 0; t < 61; t++) {
+            kvc_opt_t o = kvc_frame_opt(&f, h, t);
+            assert_int_equal(kept[h * 61 + t], o != KVC_OPT_DROP);
+            if (o == KVC_OPT_F16) // exact
+                for (uint32_t c = 0; c < 16; c++)
+                    assert_true(k[(h * 61 + t) * 16 + c] ==
+                                fy_fp16_to_fp32(fx->L.k[(h * 61 + t) * 16 + c]));
+        }
+    // Sinks and recent tokens stay F16.
+    for (uint32_t t = 0; t < 4; t++)
+        assert_int_equal(kvc_frame_opt(&f, 0, t), KVC_OPT_F16);
+    for (uint32_t t = 61 - 8; t < 61; t++)
+        assert_int_equal(kvc_frame_opt(&f, 1, t), KVC_OPT_F16);
+    free(k), free(v);
+}
+
+static void test_every_byte_flip(void **state)
+{
+    fixture_t *fx = *state;
+    uint8_t *b = malloc(fx->len);
+    kvc_frame_t f;
+    for (size_t i = 0; i < fx->len; i++) {
+        for (int m = 0; m < 3; m++) {
+            static const uint8_t masks[] = {0x01, 0x80, 0xff};
+            memcpy(b, fx->buf, fx->len);
+            b[i] ^= masks[m];
+            assert_int_not_equal(kvc_frame_parse(b, fx->len, &f), FY_OK);
+        }
+    }
+    free(b);
+}
+
+static void test_every_truncation(void **state)
+{
+    fixture_t *fx = *state;
+    kvc_frame_t f;
+    for (size_t n = 0; n < fx->len; n++) {
+        uint8_t *b = malloc(n ? n : 1); // exact-size copies so ASan sees any over-read
+        memcpy(b, fx->buf, n);
+        assert_int_not_equal(kvc_frame_parse(b, n, &f), FY_OK);
+        free(b);
+    }
+    uint8_t *b = malloc(fx->len + 1);
+    memcpy(b, fx->buf, fx->len);
+    b[fx->len] = 0;
+    assert_int_not_equal(kvc_frame_parse(b, fx->len + 1, &f), FY_OK);
+    free(b);
+}
+
+/* Rewrites a header field and recomputes the CRC, as an attacker could. */
+static fy_status_t parse_forged(const fixture_t *fx, size_t off, int width, uint64_t value)
+{
+    uint8_t *b = malloc(fx->len);
+    memcpy(b, fx->buf, fx->len);
+    if (width == 1)
+        b[off] = (uint8_t)value;
+    else if (width == 2)
+        kvc_wr16(b + off, (uint16_t)value);
+    else if (width == 4)
+        kvc_wr32(b + off, (uint32_t)value);
+    else
+        kvc_wr64(b + off, value);
+    kvc_wr32(b + fx->len - 4, fy_crc32c(0, b, fx->len - 4));
+    kvc_frame_t f;
+    fy_status_t st = kvc_frame_parse(b, fx->len, &f);
+    free(b);
+    return st;
+}
+
+static void test_forged_fields(void **state)
+{
+    fixture_t *fx = *state;
+    assert_int_equal(parse_forged(fx, 4, 2, 2), FY_ERR_UNSUPPORTED);       // version
+    assert_int_equal(parse_forged(fx, 6, 2, 72), FY_ERR_FORMAT);           // header size
+    assert_int_equal(parse_forged(fx, 24, 4, 3), FY_ERR_FORMAT);           // layer >= n_layers
+    assert_int_equal(parse_forged(fx, 28, 4, 0), FY_ERR_FORMAT);           // no layers
+    assert_int_equal(parse_forged(fx, 32, 4, 0xffffffffu), FY_ERR_FORMAT); // tokens
+    assert_int_equal(parse_forged(fx, 32, 4, 62), FY_ERR_FORMAT);          // maps shift
+    assert_int_equal(parse_forged(fx, 36, 2, 0), FY_ERR_FORMAT);           // kv heads
+    assert_int_equal(parse_forged(fx, 36, 2, 3), FY_ERR_FORMAT);
+    assert_int_equal(parse_forged(fx, 38, 2, 12), FY_ERR_FORMAT);          // head_dim % 8
+    assert_int_equal(parse_forged(fx, 38, 2, 24), FY_ERR_FORMAT);          // rotated, not 2^k
+    assert_int_equal(parse_forged(fx, 40, 2, 7), FY_ERR_FORMAT);           // group
+    assert_int_equal(parse_forged(fx, 40, 2, 264), FY_ERR_FORMAT);         // group > 256
+    assert_int_equal(parse_forged(fx, 42, 2, 0x4), FY_ERR_UNSUPPORTED);    // unknown flag
+    assert_int_equal(parse_forged(fx, 44, 1, 0x3f), FY_ERR_FORMAT);        // options present
+    assert_int_equal(parse_forged(fx, 45, 1, 1), FY_ERR_FORMAT);           // reserved
+    assert_int_equal(parse_forged(fx, 48, 8, 1ull << 62), FY_ERR_FORMAT);  // payload size
+    assert_int_equal(parse_forged(fx, 56, 8, 1ull << 62), FY_ERR_TRUNCATED);
+    assert_int_equal(parse_forged(fx, 64, 1, 0x77), FY_ERR_FORMAT);        // option code 7
+    assert_int_equal(parse_forged(fx, 64, 1, 0x66), FY_ERR_FORMAT);        // option code 6
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_valid),
+        cmocka_unit_test(test_every_byte_flip),
+        cmocka_unit_test(test_every_truncation),
+        cmocka_unit_test(test_forged_fields),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}

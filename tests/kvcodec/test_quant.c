@@ -1,0 +1,149 @@
+// Quantizers: per-option round-trip error within half a step, F16 exact, bit-exact
+// determinism, directed FP16 rounding of scale and zero, and the Hadamard rotation.
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+
+#include "../../kvcodec/kvcodec_int.h"
+#include "kvtest.h"
+
+static void fill(float *x, size_t n, uint64_t seed, float outlier)
+{
+    uint16_t *k = malloc(n * 2), *v = malloc(n * 2);
+    kvc_synth_layer(seed, 1, 1, (uint32_t)(n / 64), 64, 0, k, v, NULL);
+    for (size_t i = 0; i < n; i++)
+        x[i] = fy_fp16_to_fp32(k[i]) * (i % 13 == 0 ? outlier : 1.0f);
+    free(k), free(v);
+}
+
+static void check_option(int o, uint32_t d, uint32_t m, uint64_t seed)
+{
+    float *k = malloc((size_t)m * d * 4), *v = malloc((size_t)m * d * 4);
+    float *k2 = malloc((size_t)m * d * 4), *v2 = malloc((size_t)m * d * 4);
+    float *buf = malloc((size_t)64 * 512 * 4);
+    fill(buf, 64 * 512, seed, 10.0f);
+    memcpy(k, buf, (size_t)m * d * 4);
+    memcpy(v, buf + (size_t)m * d, (size_t)m * d * 4);
+    uint32_t cap = m + 3; // a page slot has spare capacity
+    size_t gb = kvc_group_bytes(o, d, cap);
+    uint8_t *g1 = malloc(gb), *g2 = malloc(gb);
+    memset(g1, 0xaa, gb);
+    memset(g2, 0x55, gb);
+    kvc_quant_group(o, d, m, cap, k, v, g1);
+    kvc_quant_group(o, d, m, cap, k, v, g2);
+    assert_memory_equal(g1, g2, o == KVC_OPT_F16 ? 4 * d : gb); // deterministic, no stale bytes
+    kvc_dequant_group(o, d, m, cap, g1, k2, v2);
+    if (o == KVC_OPT_F16) {
+        for (uint32_t c = 0; c < d; c++) {
+            assert_true(k2[c] == fy_fp16_to_fp32(fy_fp32_to_fp16(k[c])));
+            assert_true(v2[c] == fy_fp16_to_fp32(fy_fp32_to_fp16(v[c])));
+        }
+    } else {
+        int kb = kvc_opt_kbits(o), vb = kvc_opt_vbits(o);
+        for (uint32_t c = 0; c < d; c++) {
+            float s = fy_fp16_to_fp32(kvc_rd16(g1 + 2 * c));
+            float mn = k[c], mx = k[c];
+            for (uint32_t t = 0; t < m; t++) {
+                float x = k[(size_t)t * d + c];
+                mn = x < mn ? x : mn;
+                mx = x > mx ? x : mx;
+                float err = fabsf(k2[(size_t)t * d + c] - x);
+                assert_true(err <= s * 0.5f * (1 + 1e-5f) + 1e-6f * (1 + fabsf(x)));
+            }
+            // The step is the analytic one, rounded up by at most an FP16 ulp.
+            float step = (mx - mn) / (float)((1 << kb) - 1);
+            assert_true(s <= step * (1 + 1.0f / 512) + fabsf(mn) / 512 / ((1 << kb) - 1) + 1e-7f);
+        }
+        const uint8_t *vs = g1 + 4 * d;
+        for (uint32_t t = 0; t < m; t++) {
+            float s = fy_fp16_to_fp32(kvc_rd16(vs + 2 * t));
+            for (uint32_t c = 0; c < d; c++) {
+                float x = v[(size_t)t * d + c];
+                float err = fabsf(v2[(size_t)t * d + c] - x);
+                assert_true(err <= s * 0.5f * (1 + 1e-5f) + 1e-6f * (1 + fabsf(x)));
+            }
+            (void)vb;
+        }
+    }
+    free(k), free(v), free(k2), free(v2), free(buf), free(g1), free(g2);
+}
+
+static void test_roundtrip_bounds(void **state)
+{
+    const uint32_t ds[] = {64, 128};
+    const uint32_t ms[] = {1, 7, 32};
+    for (int o = 0; o < KVC_OPT_DROP; o++)
+        for (size_t i = 0; i < 2; i++)
+            for (size_t j = 0; j < 3; j++)
+                check_option(o, ds[i], o == KVC_OPT_F16 ? 1 : ms[j], 11 + o * 7 + i + j);
+}
+
+static void test_constant_group(void **state)
+{
+    float k[8 * 32], v[8 * 32], k2[8 * 32], v2[8 * 32];
+    for (int i = 0; i < 8 * 32; i++)
+        k[i] = v[i] = 0.3f;
+    uint8_t g[4096];
+    kvc_quant_group(KVC_OPT_Q2, 32, 8, 8, k, v, g);
+    kvc_dequant_group(KVC_OPT_Q2, 32, 8, 8, g, k2, v2);
+    for (int i = 0; i < 8 * 32; i++) {
+        assert_true(fabsf(k2[i] - 0.3f) <= 0.3f / 1024);
+        assert_true(fabsf(v2[i] - 0.3f) <= 0.3f / 1024);
+    }
+}
+
+static void test_hostile_values(void **state)
+{
+    // NaN and infinities must not crash or trip UBSan; finite neighbours stay finite.
+    float k[8 * 8], v[8 * 8], k2[8 * 8], v2[8 * 8];
+    for (int i = 0; i < 64; i++)
+        k[i] = v[i] = (float)i;
+    k[3] = NAN;
+    v[5] = INFINITY;
+    k[9] = -INFINITY;
+    uint8_t g[4096];
+    for (int o = KVC_OPT_Q8; o <= KVC_OPT_Q2; o++) {
+        kvc_quant_group(o, 8, 8, 8, k, v, g);
+        kvc_dequant_group(o, 8, 8, 8, g, k2, v2);
+    }
+}
+
+static void test_hadamard(void **state)
+{
+    float x[128], y[128];
+    for (int i = 0; i < 128; i++)
+        x[i] = y[i] = sinf((float)i * 0.7f) * (i % 9 == 0 ? 20 : 1);
+    double n0 = 0, n1 = 0;
+    kvc_hadamard(y, 128);
+    for (int i = 0; i < 128; i++) {
+        n0 += (double)x[i] * x[i];
+        n1 += (double)y[i] * y[i];
+    }
+    assert_true(fabs(n0 - n1) <= 1e-5 * n0);
+    kvc_hadamard(y, 128); // its own inverse
+    for (int i = 0; i < 128; i++)
+        assert_true(fabsf(y[i] - x[i]) <= 1e-5f * (1 + fabsf(x[i])));
+}
+
+static void test_option_names(void **state)
+{
+    for (int o = 0; o < KVC_OPT_COUNT; o++) {
+        kvc_opt_t p;
+        assert_int_equal(kvc_opt_parse(kvc_opt_name(o), &p), FY_OK);
+        assert_int_equal(p, o);
+    }
+    kvc_opt_t p;
+    assert_int_equal(kvc_opt_parse("3/3", &p), FY_ERR_INVALID_ARG);
+    assert_string_equal(kvc_opt_name((kvc_opt_t)9), "?");
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_roundtrip_bounds), cmocka_unit_test(test_constant_group),
+        cmocka_unit_test(test_hostile_values),   cmocka_unit_test(test_hadamard),
+        cmocka_unit_test(test_option_names),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
