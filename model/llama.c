@@ -25,6 +25,10 @@
 
 #include "model_int.h"
 
+/* Prefill attention: query rows per work item of the scalar kernel; prompts from
+ * ATT_BLAS_MIN tokens on use the GEMM kernel over blocks of ATT_BLAS_BLOCK queries. */
+enum { ATT_QBLOCK = 32, ATT_BLAS_MIN = 64, ATT_BLAS_BLOCK = 256 };
+
 typedef struct {
     float *attn_norm; // [dim]
     float *wqkv;      // [q_dim + 2 * kv_dim][dim]
@@ -376,6 +380,7 @@ struct mdl_ctx {
     int cap_window;
     int32_t *pos;   // [n]
     float *scores;  // [n_threads][n] one score row per worker
+    float *att_scores; // [ATT_BLAS_BLOCK][n] scores of one block of queries
     // Chunk scratch, sized for prefill_chunk (or max_batch) rows.
     int cap_rows;
     float *qkv;     // [rows][qkv_dim]
@@ -407,6 +412,7 @@ void mdl_ctx_destroy(mdl_ctx_t *ctx)
     free(ctx->qwin);
     free(ctx->pos);
     free(ctx->scores);
+    free(ctx->att_scores);
     free(ctx->qkv);
     free(ctx->gu);
     free(ctx->pages);
@@ -458,10 +464,10 @@ static fy_status_t ensure_tokens(mdl_ctx_t *ctx, int n, int w)
     if (n > ctx->cap_tokens) {
         int cap = FY_MAX(n, 64);
         size_t q_dim = (size_t)c->n_heads * c->head_dim, kv_dim = (size_t)c->n_kv_heads * c->head_dim;
-        float *bufs[7];
-        size_t sizes[7] = {(size_t)c->dim, (size_t)c->dim, q_dim, kv_dim, kv_dim, q_dim,
-                           (size_t)ctx->n_threads};
-        for (int i = 0; i < 7; i++) {
+        float *bufs[8];
+        size_t sizes[8] = {(size_t)c->dim, (size_t)c->dim, q_dim, kv_dim, kv_dim, q_dim,
+                           (size_t)ctx->n_threads, ATT_BLAS_BLOCK};
+        for (int i = 0; i < 8; i++) {
             bufs[i] = malloc((size_t)cap * sizes[i] * sizeof(float));
             if (bufs[i] == NULL) {
                 for (int j = 0; j < i; j++)
@@ -471,12 +477,13 @@ static fy_status_t ensure_tokens(mdl_ctx_t *ctx, int n, int w)
         }
         int32_t *pos = malloc((size_t)cap * sizeof(int32_t));
         if (pos == NULL) {
-            for (int j = 0; j < 7; j++)
+            for (int j = 0; j < 8; j++)
                 free(bufs[j]);
             return FY_ERR_NO_MEMORY;
         }
-        float **dst[7] = {&ctx->x, &ctx->xn, &ctx->q, &ctx->k, &ctx->v, &ctx->att, &ctx->scores};
-        for (int i = 0; i < 7; i++) {
+        float **dst[8] = {&ctx->x, &ctx->xn, &ctx->q, &ctx->k, &ctx->v, &ctx->att, &ctx->scores,
+                          &ctx->att_scores};
+        for (int i = 0; i < 8; i++) {
             free(*dst[i]);
             *dst[i] = bufs[i];
         }
@@ -552,7 +559,6 @@ void mdl_prefill_params_default(mdl_prefill_params_t *p)
     memset(p, 0, sizeof(*p));
 }
 
-enum { ATT_QBLOCK = 32 };
 
 typedef struct {
     mdl_ctx_t *ctx;
@@ -579,6 +585,32 @@ static void prefill_att_range(void *arg, size_t begin, size_t end, int thread)
         krn_attention_causal_f32(ctx->att + (size_t)q0 * q_dim + (size_t)h * hd, q_dim,
                                  ctx->q + (size_t)q0 * q_dim + (size_t)h * hd, q_dim, kh, vh, q0,
                                  nq, hd, scale, scores);
+    }
+}
+
+/* Causal attention of all heads over the prompt. Short prompts: the scalar kernel, heads and
+ * query blocks spread over the pool. Longer ones: per head and block of ATT_BLAS_BLOCK
+ * queries, two GEMMs that OpenBLAS spreads over its threads. */
+static void attention_prefill(mdl_ctx_t *ctx, int n)
+{
+    const mdl_config_t *c = &ctx->m->cfg;
+    if (n < ATT_BLAS_MIN) {
+        prefill_att_t a = {.ctx = ctx, .n = n, .n_qblocks = (n + ATT_QBLOCK - 1) / ATT_QBLOCK};
+        fy_pool_parallel_for(ctx->pool, (size_t)c->n_heads * a.n_qblocks, 1, prefill_att_range,
+                             &a);
+        return;
+    }
+    int hd = c->head_dim, q_dim = c->n_heads * hd, group = c->n_heads / c->n_kv_heads;
+    float scale = 1.0f / sqrtf((float)hd);
+    for (int h = 0; h < c->n_heads; h++) {
+        const float *kh = ctx->k + (size_t)(h / group) * n * hd;
+        const float *vh = ctx->v + (size_t)(h / group) * n * hd;
+        for (int q0 = 0; q0 < n; q0 += ATT_BLAS_BLOCK) {
+            int nq = FY_MIN(ATT_BLAS_BLOCK, n - q0);
+            krn_attention_causal_blas_f32(ctx->att + (size_t)q0 * q_dim + (size_t)h * hd, q_dim,
+                                          ctx->q + (size_t)q0 * q_dim + (size_t)h * hd, q_dim,
+                                          kh, vh, q0, nq, hd, scale, ctx->att_scores);
+        }
     }
 }
 
@@ -645,9 +677,7 @@ fy_status_t mdl_prefill(mdl_ctx_t *ctx, const int32_t *tokens, int n,
                 }
             }
         }
-        prefill_att_t a = {.ctx = ctx, .n = n, .n_qblocks = (n + ATT_QBLOCK - 1) / ATT_QBLOCK};
-        fy_pool_parallel_for(ctx->pool, (size_t)c->n_heads * a.n_qblocks, 1, prefill_att_range,
-                             &a);
+        attention_prefill(ctx, n);
         for (int r0 = 0; r0 < n; r0 += ctx->cap_rows) {
             int nr = FY_MIN(ctx->cap_rows, n - r0);
             krn_gemm_f32(nr, dim, q_dim, ctx->att + (size_t)r0 * q_dim, q_dim, lw->wo, q_dim,

@@ -162,6 +162,10 @@ def bench(args):
             out = model(ids, use_cache=True)
             past = out.past_key_values
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            for _ in range(2):  # warm-up steps, as ferry-bench does one
+                out = model(nxt, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 out = model(nxt, past_key_values=past, use_cache=True)

@@ -95,6 +95,54 @@ static void test_llama_decode_matches_recompute(void **state)
     check_decode_matches_recompute(&tp, 2);
 }
 
+// A prompt long enough for the GEMM attention path (several query blocks) followed by decode.
+static void test_long_prompt_decode(void **state)
+{
+    mdlt_tiny_params_t tp;
+    mdlt_tiny_params_default(&tp);
+    mdl_model_t *m = tu_tiny_model(&tp);
+    assert_non_null(m);
+    int nv = mdl_model_config(m)->n_vocab;
+    enum { N = 300, K = 290 };
+    int32_t *toks = malloc(sizeof(int32_t) * N);
+    for (int i = 0; i < N; i++)
+        toks[i] = (int32_t)((i * 37 + 11) % nv);
+    mdl_ctx_t *ctx;
+    assert_int_equal(mdl_ctx_create(m, NULL, &ctx), FY_OK);
+    float *full = malloc(sizeof(float) * N * nv), *step = malloc(sizeof(float) * nv);
+    mdl_prefill_params_t pp;
+    mdl_prefill_params_default(&pp);
+    pp.all_logits = true;
+    assert_int_equal(mdl_prefill(ctx, toks, N, &pp, full), FY_OK);
+    // The first 40 rows agree with a short prefill (scalar attention path).
+    float *short_l = malloc(sizeof(float) * 40 * nv);
+    assert_int_equal(mdl_prefill(ctx, toks, 40, &pp, short_l), FY_OK);
+    assert_true(max_abs_diff(short_l, full, (size_t)40 * nv) < 1e-3f);
+    mdl_kv_params_t kp;
+    mdl_kv_params_default(&kp, m);
+    kp.n_pages = mdl_kv_pages_for(&kp, N);
+    mdl_kv_t *kv;
+    mdl_kv_seq_t *s;
+    assert_int_equal(mdl_kv_create(&kp, &kv), FY_OK);
+    assert_int_equal(mdl_kv_seq_create(kv, &s), FY_OK);
+    pp.all_logits = false;
+    pp.seq = s;
+    assert_int_equal(mdl_prefill(ctx, toks, K, &pp, step), FY_OK);
+    assert_true(max_abs_diff(step, full + (size_t)(K - 1) * nv, (size_t)nv) < 1e-3f);
+    for (int i = K; i < N; i++) {
+        assert_int_equal(mdl_decode(ctx, &s, &toks[i], 1, step), FY_OK);
+        assert_true(max_abs_diff(step, full + (size_t)i * nv, (size_t)nv) < 2e-2f);
+    }
+    mdl_kv_seq_destroy(s);
+    mdl_kv_destroy(kv);
+    free(short_l);
+    free(full);
+    free(step);
+    free(toks);
+    mdl_ctx_destroy(ctx);
+    mdl_model_destroy(m);
+}
+
 static void test_qwen2_decode_matches_recompute(void **state)
 {
     mdlt_tiny_params_t tp;
@@ -337,6 +385,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_llama_decode_matches_recompute),
         cmocka_unit_test(test_qwen2_decode_matches_recompute),
+        cmocka_unit_test(test_long_prompt_decode),
         cmocka_unit_test(test_layer_handout_and_external_kv),
         cmocka_unit_test(test_window_queries),
         cmocka_unit_test(test_errors),
