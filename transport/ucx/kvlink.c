@@ -868,6 +868,11 @@ void kvlink_buf_release(kvlink_buf_t *b)
     buf_free(link, b);
 }
 
+uint32_t kvlink_buf_crc(const kvlink_buf_t *buf)
+{
+    return buf->crc;
+}
+
 /* A frame's bytes are all in b: check the CRC and hand the buffer to the application. */
 static void frame_arrived(kvlink_t *link, kvlink_buf_t *b, fy_status_t st)
 {
@@ -879,7 +884,7 @@ static void frame_arrived(kvlink_t *link, kvlink_buf_t *b, fy_status_t st)
     }
     r->recv_pending--;
     link->st.recv_pending--;
-    if (st == FY_OK && fy_crc32c(0, b->data, b->len) != b->crc) {
+    if (st == FY_OK && link->params.verify_crc && fy_crc32c(0, b->data, b->len) != b->crc) {
         link->st.crc_errors++;
         FY_LOG_WARN(MOD, "request %llu layer %u: frame CRC32C mismatch",
                     (unsigned long long)r->id, b->layer);
@@ -1258,6 +1263,15 @@ fy_status_t kvlink_send_frame(kvlink_send_t *req, uint32_t layer, const void *da
 {
     if (req == NULL || data == NULL || len == 0)
         return FY_ERR_INVALID_ARG;
+    return kvlink_send_frame_crc(req, layer, data, len, fy_crc32c(0, data, len), on_done, arg);
+}
+
+fy_status_t kvlink_send_frame_crc(kvlink_send_t *req, uint32_t layer, const void *data,
+                                  size_t len, uint32_t crc, kvlink_frame_done_cb on_done,
+                                  void *arg)
+{
+    if (req == NULL || data == NULL || len == 0)
+        return FY_ERR_INVALID_ARG;
     kvlink_t *link = req->link;
     if (req->ended || req->finished)
         return FY_ERR_STATE;
@@ -1278,7 +1292,7 @@ fy_status_t kvlink_send_frame(kvlink_send_t *req, uint32_t layer, const void *da
                       .request_id = req->id,
                       .bytes = len,
                       .layer = layer,
-                      .crc = fy_crc32c(0, data, len)};
+                      .crc = crc};
     f->hdr_len = kvlink_msg_pack(&m, f->hdr);
     list_push(&req->queue, &f->node);
     req->n_queued++;
@@ -1516,6 +1530,7 @@ void kvlink_params_default(kvlink_params_t *params)
     params->max_frame_bytes = (size_t)64 << 20;
     params->rndv_threshold = (size_t)8 << 10;
     params->sweep_ms = 10;
+    params->verify_crc = true;
 }
 
 /* The per-id callback arguments live right after the link in one allocation. */

@@ -115,6 +115,10 @@ typedef struct {
     size_t rndv_threshold;
     /* Granularity of deadline checks, ms. */
     uint32_t sweep_ms;
+    /* Check each frame's CRC32C before on_frame (default). Turn off only when the consumer
+     * checks it itself (kvlink_buf_crc), e.g. a decoder that validates the frame anyway: it
+     * saves a pass over every byte on the loop thread. */
+    bool verify_crc;
     /* Receive side callbacks (may be NULL on a link that only sends) and their argument. */
     kvlink_frame_cb on_frame;
     kvlink_recv_end_cb on_recv_end;
@@ -123,7 +127,7 @@ typedef struct {
 } kvlink_params_t;
 
 /* Fills the defaults: compat {KVLINK_PROTOCOL_VERSION, 0, 0, 0}, recv pool 256 MiB, max frame
- * 64 MiB, rendezvous from 8 KiB, sweep 10 ms. Thread: any. */
+ * 64 MiB, rendezvous from 8 KiB, sweep 10 ms, CRC verified. Thread: any. */
 void kvlink_params_default(kvlink_params_t *params);
 
 /* Creates a link: a UCX worker on ctx, polled through its event fd by loop. ctx and loop are
@@ -173,6 +177,10 @@ fy_status_t kvlink_recv_cancel(kvlink_t *link, uint64_t request_id);
  * Thread: loop thread. */
 void kvlink_buf_release(kvlink_buf_t *buf);
 
+/* The CRC32C the sender announced for this frame (fy_crc32c(0, data, len) when intact).
+ * Thread: loop thread, or any thread that owns buf. */
+uint32_t kvlink_buf_crc(const kvlink_buf_t *buf);
+
 /* ------------------------------------------------------------------------------------------ */
 /* Send side                                                                                   */
 /* ------------------------------------------------------------------------------------------ */
@@ -207,6 +215,13 @@ fy_status_t kvlink_send_open(kvlink_t *link, const char *addr, uint64_t request_
  * Thread: loop thread. */
 fy_status_t kvlink_send_frame(kvlink_send_t *req, uint32_t layer, const void *data, size_t len,
                               kvlink_frame_done_cb on_done, void *arg);
+
+/* kvlink_send_frame with the frame's CRC32C (fy_crc32c(0, data, len)) supplied by the caller,
+ * e.g. computed by the encoder while it wrote the frame, which saves a pass over the bytes. A
+ * wrong crc makes the receiver fail the request with FY_ERR_CORRUPT. Thread: loop thread. */
+fy_status_t kvlink_send_frame_crc(kvlink_send_t *req, uint32_t layer, const void *data,
+                                  size_t len, uint32_t crc, kvlink_frame_done_cb on_done,
+                                  void *arg);
 
 /* No more frames: END follows the queued ones; on_end(FY_OK) comes when the receiver has all.
  * Thread: loop thread. */
