@@ -206,6 +206,7 @@ static void call_complete_soon(rpc_ccall_t *call, int code, const char *message)
 /* An attempt ended with code: retry it or complete the call. */
 static void call_attempt_failed(rpc_ccall_t *call, int code, const char *message)
 {
+    call->attempts++;
     bool retry = code == RPC_CODE_UNAVAILABLE && call->n_msgs == 0 &&
                  (call->idempotent || call->refused) && call->attempts < call->max_attempts &&
                  !call->ch->destroyed;
@@ -605,7 +606,6 @@ static void call_start_on(rpc_ccall_t *call, rpc_cconn_t *conn)
         nv[n++] = rpc_nv(call->md[2 * i], call->md[2 * i + 1]);
     nghttp2_data_provider dp = {.source.ptr = call, .read_callback = on_req_read};
     call->req_off = 0;
-    call->attempts++;
     int32_t id = nghttp2_submit_request(conn->h2.session, NULL, nv, n, &dp, call);
     if (id < 0) {
         call_attempt_failed(call, RPC_CODE_UNAVAILABLE, nghttp2_strerror(id));

@@ -1,5 +1,6 @@
 /*
- * echo_service.c: handlers of the interop test service. Stream and Slow run on timers so
+ * echo_service.c: handlers of the interop test service (and of ferry.v1.Ferry with canned
+ * answers, for the SDK tests). Stream and Slow run on timers so
  * they can be cancelled mid-flight; Unary with from_thread answers from a new thread through
  * the thread-safe rpc_call_send / rpc_call_finish.
  */
@@ -205,11 +206,85 @@ static void h_health(rpc_call_t *call, const ProtobufCMessage *m, void *arg)
     rpc_call_finish(call, RPC_CODE_OK, NULL);
 }
 
+// A stand-in for the router's client service, for SDK tests: Generate streams max_tokens
+// (default 5) pieces "t0", "t1", ... with the finish reason on the last; Complete answers the
+// concatenation; Tokenize returns the bytes of the text as ids; ListModels one model.
+static uint32_t gen_count(const Ferry__V1__GenerateRequest *req)
+{
+    uint32_t n = req->sampling && req->sampling->max_tokens ? req->sampling->max_tokens : 5;
+    return n > 100000 ? 100000 : n;
+}
+
+static void h_generate(rpc_call_t *call, const ProtobufCMessage *m, void *arg)
+{
+    const Ferry__V1__GenerateRequest *req = (const Ferry__V1__GenerateRequest *)m;
+    uint32_t n = gen_count(req);
+    for (uint32_t i = 0; i < n; i++) {
+        char text[16];
+        snprintf(text, sizeof(text), "t%u", i);
+        Ferry__V1__GenerateResponse resp = FERRY__V1__GENERATE_RESPONSE__INIT;
+        resp.text = text;
+        resp.request_id = req->request_id;
+        if (i + 1 == n)
+            resp.finish_reason = FERRY__V1__FINISH_REASON__FINISH_REASON_LENGTH;
+        rpc_call_send(call, &resp.base);
+    }
+    rpc_call_finish(call, RPC_CODE_OK, NULL);
+}
+
+static void h_complete(rpc_call_t *call, const ProtobufCMessage *m, void *arg)
+{
+    const Ferry__V1__GenerateRequest *req = (const Ferry__V1__GenerateRequest *)m;
+    if (req->input_case != FERRY__V1__GENERATE_REQUEST__INPUT_PROMPT) {
+        rpc_call_finish(call, RPC_CODE_INVALID_ARGUMENT, "prompt required");
+        return;
+    }
+    Ferry__V1__CompleteResponse resp = FERRY__V1__COMPLETE_RESPONSE__INIT;
+    resp.text = req->prompt;
+    resp.finish_reason = FERRY__V1__FINISH_REASON__FINISH_REASON_STOP;
+    rpc_call_send(call, &resp.base);
+    rpc_call_finish(call, RPC_CODE_OK, NULL);
+}
+
+static void h_tokenize(rpc_call_t *call, const ProtobufCMessage *m, void *arg)
+{
+    const Ferry__V1__TokenizeRequest *req = (const Ferry__V1__TokenizeRequest *)m;
+    size_t n = req->text ? strlen(req->text) : 0;
+    uint32_t *ids = calloc(n ? n : 1, sizeof(uint32_t));
+    if (ids == NULL) {
+        rpc_call_finish(call, RPC_CODE_RESOURCE_EXHAUSTED, "out of memory");
+        return;
+    }
+    for (size_t i = 0; i < n; i++)
+        ids[i] = (unsigned char)req->text[i];
+    Ferry__V1__TokenizeResponse resp = FERRY__V1__TOKENIZE_RESPONSE__INIT;
+    resp.ids = ids;
+    resp.n_ids = n;
+    rpc_call_send(call, &resp.base);
+    free(ids);
+    rpc_call_finish(call, RPC_CODE_OK, NULL);
+}
+
+static void h_list_models(rpc_call_t *call, const ProtobufCMessage *m, void *arg)
+{
+    Ferry__V1__ModelInfo info = FERRY__V1__MODEL_INFO__INIT;
+    info.name = "echo";
+    info.n_layers = 2;
+    Ferry__V1__ModelInfo *models[1] = {&info};
+    Ferry__V1__ListModelsResponse resp = FERRY__V1__LIST_MODELS_RESPONSE__INIT;
+    resp.models = models;
+    resp.n_models = 1;
+    rpc_call_send(call, &resp.base);
+    rpc_call_finish(call, RPC_CODE_OK, NULL);
+}
+
 // In ferry.test.Echo order: Unary, Stream, Slow, Fail.
 static const rpc_handler_cb k_echo_handlers[] = {h_unary, h_stream, h_slow, h_fail};
 static const bool k_echo_streaming[] = {false, true, false, false};
 // In ferry.v1.Ferry order: Generate, Complete, Tokenize, ListModels, Health.
-static const rpc_handler_cb k_ferry_handlers[] = {NULL, NULL, NULL, NULL, h_health};
+static const rpc_handler_cb k_ferry_handlers[] = {h_generate, h_complete, h_tokenize,
+                                                   h_list_models, h_health};
+static const bool k_ferry_streaming[] = {true, false, false, false, false};
 
 fy_status_t echo_service_register(rpc_server_t *srv, uv_loop_t *loop)
 {
@@ -217,8 +292,8 @@ fy_status_t echo_service_register(rpc_server_t *srv, uv_loop_t *loop)
                                             k_echo_handlers, k_echo_streaming, loop);
     if (st != FY_OK)
         return st;
-    return rpc_server_add_service(srv, &ferry__v1__ferry__descriptor, k_ferry_handlers, NULL,
-                                  NULL);
+    return rpc_server_add_service(srv, &ferry__v1__ferry__descriptor, k_ferry_handlers,
+                                  k_ferry_streaming, NULL);
 }
 
 struct echo_thread {

@@ -237,10 +237,10 @@ static void test_status_and_unknown(void **state)
     result_init(&r);
     assert_int_equal(call_sync(&f->loop, f->ch, "/no.Such/Service", &req.base, NULL, &r), FY_OK);
     assert_int_equal(r.code, RPC_CODE_UNIMPLEMENTED);
-    // Health is registered with the other methods of ferry.v1.Ferry left out.
-    Ferry__V1__GenerateRequest g = FERRY__V1__GENERATE_REQUEST__INIT;
+    // A method the Worker service declares but this server never registered.
+    Ferry__V1__CancelRequest cr = FERRY__V1__CANCEL_REQUEST__INIT;
     result_init(&r);
-    assert_int_equal(call_sync(&f->loop, f->ch, "/ferry.v1.Ferry/Complete", &g.base, NULL, &r),
+    assert_int_equal(call_sync(&f->loop, f->ch, "/ferry.v1.Worker/Cancel", &cr.base, NULL, &r),
                      FY_OK);
     assert_int_equal(r.code, RPC_CODE_UNIMPLEMENTED);
 }
