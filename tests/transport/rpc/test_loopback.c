@@ -110,6 +110,48 @@ static void test_stream_10000(void **state)
     assert_int_equal(r.bytes, 10000 * 16);
 }
 
+typedef struct {
+    result_t r;
+    bool paused;
+} slow_reader_t;
+
+static void slow_on_msg(rpc_ccall_t *call, const ProtobufCMessage *msg, void *arg)
+{
+    slow_reader_t *s = arg;
+    test_on_msg(call, msg, &s->r);
+    // Stall the client once, long enough for the server to fill every window.
+    if (!s->paused && s->r.n_msgs == 1) {
+        s->paused = true;
+        fy_sleep_ns(300 * 1000000ull);
+    }
+}
+
+static void slow_on_done(rpc_ccall_t *call, int code, const char *message, void *arg)
+{
+    test_on_done(call, code, message, &((slow_reader_t *)arg)->r);
+}
+
+static void test_flow_control(void **state)
+{
+    // 400 x 60 KB = 24 MB: far more than the stream and connection windows, so the server
+    // has to wait for WINDOW_UPDATEs, including across a stalled reader.
+    fixture_t *f = *state;
+    Ferry__Test__StreamRequest req = FERRY__TEST__STREAM_REQUEST__INIT;
+    req.count = 400;
+    req.size = 60000;
+    slow_reader_t s = {0};
+    result_init(&s.r);
+    assert_int_equal(rpc_channel_call(f->ch, EP("Stream"), &req.base,
+                                      &ferry__test__echo_response__descriptor, NULL, slow_on_msg,
+                                      slow_on_done, &s, NULL),
+                     FY_OK);
+    run_until_done(&f->loop, &s.r);
+    assert_int_equal(s.r.code, RPC_CODE_OK);
+    assert_int_equal(s.r.n_msgs, 400);
+    assert_true(s.r.in_order);
+    assert_int_equal(s.r.bytes, 400u * 60000u);
+}
+
 static void test_many_concurrent_streams(void **state)
 {
     fixture_t *f = *state;
@@ -509,6 +551,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_unary, setup, teardown),
         cmocka_unit_test_setup_teardown(test_stream_10000, setup, teardown),
         cmocka_unit_test_setup_teardown(test_many_concurrent_streams, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_flow_control, setup, teardown),
         cmocka_unit_test_setup_teardown(test_deadline, setup, teardown),
         cmocka_unit_test_setup_teardown(test_cancel_mid_stream, setup, teardown),
         cmocka_unit_test_setup_teardown(test_size_limits, setup, teardown),
