@@ -24,7 +24,7 @@ struct kvc_encoder {
     uint8_t *tmp_choice; // [n_items]
     float *kf, *vf;     // [n_tokens][head_dim] one head, fp32
     float *kr, *vr;     // [n_tokens][head_dim] the same, Hadamard-rotated (when rotating)
-    float *errk, *errv; // [group]
+    float *errk, *errv; // [9][group] trial errors by bit width
     float *gk, *gv;     // [group][head_dim] one group gathered for the quantizer
     float *cand;        // [n_items] greedy-fill candidate ratios
     uint32_t *cand_idx; // [n_items]
@@ -97,8 +97,8 @@ fy_status_t kvc_encoder_create(const kvc_encoder_params_t *p, kvc_encoder_t **en
         e->kr = malloc(n * d * sizeof(float));
         e->vr = malloc(n * d * sizeof(float));
     }
-    e->errk = malloc(G * sizeof(float));
-    e->errv = malloc(G * sizeof(float));
+    e->errk = malloc(9 * G * sizeof(float));
+    e->errv = malloc(9 * G * sizeof(float));
     e->gk = malloc(G * d * sizeof(float));
     e->gv = malloc(G * d * sizeof(float));
     e->cand = malloc(e->n_items * sizeof(float));
@@ -190,7 +190,7 @@ static void build_items(kvc_encoder_t *e, const kvc_layer_input_t *in, const kvc
     // joint_kv, else the head's mean).
     float *dev = e->cand; // scratch [n]
     double dev_mean = 0;
-    for (uint32_t t = 0; t < n; t++) {
+    for (uint32_t t = 0; t < n && pol->dist == KVC_DIST_TRIAL; t++) {
         const float *vr = e->vf + (size_t)t * d;
         float s = 0;
         for (uint32_t c = 0; c < d; c++)
@@ -232,27 +232,48 @@ static void build_items(kvc_encoder_t *e, const kvc_layer_input_t *in, const kvc
     }
     if (pol->dist != KVC_DIST_TRIAL)
         return;
-    // Trial quantization over groups of G consecutive tokens.
-    for (int o = KVC_OPT_Q8; o <= KVC_OPT_Q2; o++) {
-        if (!(pol->options & KVC_OPT_BIT(o)))
-            continue;
-        bool rot = pol->rotate && kvc_opt_rotatable(o);
-        const float *ks = rot ? e->kr : e->kf, *vs = rot ? e->vr : e->vf;
-        for (uint32_t t0 = 0; t0 < n; t0 += G) {
-            uint32_t m = FY_MIN(G, n - t0);
-            kvc_group_errors(o, d, m, ks + (size_t)t0 * d, vs + (size_t)t0 * d,
-                             rot ? kw_rot : qsq, e->errk, e->errv);
-            for (uint32_t j = 0; j < m; j++) {
-                uint32_t t = t0 + j;
-                size_t it = (size_t)h * n + t;
-                float w = pol->dist == KVC_DIST_POSITION ? (float)(t + 1) / n : imp[t];
-                if (stat && t >= pol->sinks && t + pol->recent < n)
-                    w *= pol->hybrid_factor;
-                float dv = pol->joint_kv ? dev[t] : (float)dev_mean;
-                // Value error plus the output error of the logit perturbation a key error
-                // causes: p * delta_s * (v - obar).
-                e->dist[it * KVC_OPT_COUNT + o] = w * w * (e->errv[j] + dv * e->errk[j]);
-            }
+    // Trial quantization over groups of G consecutive tokens, once per bit width: 4/2 reuses
+    // the 4-bit key and 2-bit value errors.
+    uint32_t opts = pol->options;
+    bool need[9] = {false};
+    need[8] = opts & KVC_OPT_BIT(KVC_OPT_Q8);
+    need[4] = opts & (KVC_OPT_BIT(KVC_OPT_Q4) | KVC_OPT_BIT(KVC_OPT_Q4V2));
+    bool needv4 = opts & KVC_OPT_BIT(KVC_OPT_Q4);
+    need[2] = opts & (KVC_OPT_BIT(KVC_OPT_Q4V2) | KVC_OPT_BIT(KVC_OPT_Q2));
+    bool needk2 = opts & KVC_OPT_BIT(KVC_OPT_Q2);
+    float *ek = e->errk, *ev = e->errv; // [9][G] by bit width
+    for (uint32_t t0 = 0; t0 < n; t0 += G) {
+        uint32_t m = FY_MIN(G, n - t0);
+        for (int b = 2; b <= 8; b *= 2) {
+            if (!need[b])
+                continue;
+            bool rot = pol->rotate && b <= 4;
+            const float *ks = (rot ? e->kr : e->kf) + (size_t)t0 * d;
+            const float *vs = (rot ? e->vr : e->vf) + (size_t)t0 * d;
+            if (b != 2 || needk2)
+                kvc_key_errors(b, d, m, ks, rot ? kw_rot : qsq, ek + (size_t)b * G);
+            if (b != 4 || needv4)
+                kvc_value_errors(b, d, m, vs, ev + (size_t)b * G);
+        }
+        for (uint32_t j = 0; j < m; j++) {
+            uint32_t t = t0 + j;
+            size_t it = (size_t)h * n + t;
+            float w = pol->dist == KVC_DIST_POSITION ? (float)(t + 1) / n : imp[t];
+            if (stat && t >= pol->sinks && t + pol->recent < n)
+                w *= pol->hybrid_factor;
+            float w2 = w * w;
+            float dv = pol->joint_kv ? dev[t] : (float)dev_mean;
+            // Value error plus the output error a key error causes through the logit:
+            // p * delta_s * (v - obar).
+            float *D = e->dist + it * KVC_OPT_COUNT;
+            if (need[8])
+                D[KVC_OPT_Q8] = w2 * (ev[8 * G + j] + dv * ek[8 * G + j]);
+            if (needv4)
+                D[KVC_OPT_Q4] = w2 * (ev[4 * G + j] + dv * ek[4 * G + j]);
+            if (need[2] && need[4])
+                D[KVC_OPT_Q4V2] = w2 * (ev[2 * G + j] + dv * ek[4 * G + j]);
+            if (needk2)
+                D[KVC_OPT_Q2] = w2 * (ev[2 * G + j] + dv * ek[2 * G + j]);
         }
     }
 }
@@ -442,7 +463,6 @@ static size_t write_frame(kvc_encoder_t *e, const kvc_layer_input_t *in, uint8_t
         }
         const uint16_t *kh = in->k + (size_t)h * in->head_stride;
         const uint16_t *vh = in->v + (size_t)h * in->head_stride;
-        bool loaded = false;
         for (int o = 0; o < KVC_OPT_DROP; o++) {
             if (o == KVC_OPT_F16) {
                 for (uint32_t t = 0; t < n; t++) {
@@ -454,31 +474,17 @@ static size_t write_frame(kvc_encoder_t *e, const kvc_layer_input_t *in, uint8_t
                 }
                 continue;
             }
-            bool any = false;
-            for (uint32_t t = 0; t < n && !any; t++)
-                any = ch[t] == o;
-            if (!any)
-                continue;
-            if (!loaded) {
-                load_rows(kh, in->token_stride, n, d, e->kf);
-                load_rows(vh, in->token_stride, n, d, e->vf);
-                if (rotate) {
-                    memcpy(e->kr, e->kf, (size_t)n * d * sizeof(float));
-                    memcpy(e->vr, e->vf, (size_t)n * d * sizeof(float));
-                    for (uint32_t t = 0; t < n; t++) {
-                        kvc_hadamard(e->kr + (size_t)t * d, d);
-                        kvc_hadamard(e->vr + (size_t)t * d, d);
-                    }
-                }
-                loaded = true;
-            }
             bool rot = rotate && kvc_opt_rotatable(o);
-            const float *ks = rot ? e->kr : e->kf, *vs = rot ? e->vr : e->vf;
             uint32_t m = 0;
             for (uint32_t t = 0; t <= n; t++) {
                 if (t < n && ch[t] == o) {
-                    memcpy(e->gk + (size_t)m * d, ks + (size_t)t * d, d * sizeof(float));
-                    memcpy(e->gv + (size_t)m * d, vs + (size_t)t * d, d * sizeof(float));
+                    float *gk = e->gk + (size_t)m * d, *gv = e->gv + (size_t)m * d;
+                    fy_fp16_to_fp32_buf(gk, kh + (size_t)t * in->token_stride, d);
+                    fy_fp16_to_fp32_buf(gv, vh + (size_t)t * in->token_stride, d);
+                    if (rot) {
+                        kvc_hadamard(gk, d);
+                        kvc_hadamard(gv, d);
+                    }
                     m++;
                 }
                 if (m == G || (t == n && m > 0)) {
@@ -550,8 +556,10 @@ fy_status_t kvc_encoder_encode_layer(kvc_encoder_t *e, const kvc_layer_input_t *
         for (uint32_t h = 0; h < n_kv; h++) {
             const uint16_t *kh = in->k + (size_t)h * in->head_stride;
             const uint16_t *vh = in->v + (size_t)h * in->head_stride;
-            load_rows(kh, in->token_stride, n, d, e->kf);
-            load_rows(vh, in->token_stride, n, d, e->vf);
+            if (e->policy.dist == KVC_DIST_TRIAL) {
+                load_rows(kh, in->token_stride, n, d, e->kf);
+                load_rows(vh, in->token_stride, n, d, e->vf);
+            }
             if (e->policy.rotate && e->policy.dist == KVC_DIST_TRIAL) {
                 memcpy(e->kr, e->kf, (size_t)n * d * sizeof(float));
                 memcpy(e->vr, e->vf, (size_t)n * d * sizeof(float));

@@ -18,6 +18,14 @@
 
 #include "kvcodec.h"
 
+/* Hot loops get an AVX2 clone picked at load time. They are written without reassociation
+ * and C11 mode disables FMA contraction, so both clones give bit-identical results. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
+#define KVC_HOT __attribute__((target_clones("avx2", "default")))
+#else
+#define KVC_HOT
+#endif
+
 #define KVC_MAX_HEAD_DIM 512
 #define KVC_MAX_KV_HEADS 1024
 #define KVC_MAX_TOKENS (1u << 24)
@@ -107,10 +115,12 @@ void kvc_quant_group(int o, uint32_t d, uint32_t m, uint32_t cap, const float *k
 /* Reconstructs m tokens of a group stored with capacity cap. k, v: [m][d]. */
 void kvc_dequant_group(int o, uint32_t d, uint32_t m, uint32_t cap, const uint8_t *src,
                        float *k, float *v);
-/* Trial quantization: per-token squared reconstruction errors of a group of m tokens.
- * errk[t] = sum_c w_c (k - k~)^2 with w = kw (or 1 when kw is NULL); errv[t] = |v - v~|^2. */
-void kvc_group_errors(int o, uint32_t d, uint32_t m, const float *k, const float *v,
-                      const float *kw, float *errk, float *errv);
+/* Trial quantization of a group of m tokens at a bit width: per-token squared errors,
+ * errk[t] = sum_c kw_c (k - k~)^2 (keys per channel over the group), errv[t] = |v - v~|^2
+ * (values per token). k, v: [m][d]. */
+void kvc_key_errors(int bits, uint32_t d, uint32_t m, const float *k, const float *kw,
+                    float *errk);
+void kvc_value_errors(int bits, uint32_t d, uint32_t m, const float *v, float *errv);
 
 /* In-place orthonormal Walsh-Hadamard transform (H / sqrt(d)); d a power of two. H is
  * symmetric and orthonormal, so it is its own inverse. */

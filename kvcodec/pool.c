@@ -437,8 +437,9 @@ fy_status_t kvc_place(kvc_seq_t *s, const kvc_frame_t *f)
             uint64_t left = cnt[o];
             uint8_t *pg = NULL;
             kvc_page_hdr_t hd;
+            size_t gb = kvc_group_bytes(o, d, gs);
+            bool dense = pool->slot_bytes[o] == gb; // slots back to back, as in the frame
             while (left > 0) {
-                uint32_t m = (uint32_t)FY_MIN((uint64_t)gs, left);
                 if (pg == NULL || hd.n_slots == hd.cap_slots) {
                     if (pg)
                         kvc_page_hdr_write(pg, &hd);
@@ -449,6 +450,21 @@ fy_status_t kvc_place(kvc_seq_t *s, const kvc_frame_t *f)
                     l->ids[l->n++] = id;
                 }
                 uint8_t *slot = pg + KVC_PAGE_HEADER_BYTES + hd.n_slots * pool->slot_bytes[o];
+                uint64_t full = left / gs;
+                uint32_t room = hd.cap_slots - hd.n_slots;
+                if (dense && full > 1) {
+                    // A run of full groups fits with one copy.
+                    uint32_t k = (uint32_t)FY_MIN(full, (uint64_t)room);
+                    memcpy(slot, r, (size_t)k * gb);
+                    r += (size_t)k * gb;
+                    hd.n_slots = (uint16_t)(hd.n_slots + k);
+                    hd.last_tokens = (uint16_t)gs;
+                    hd.n_tokens += k * gs;
+                    l->n_tokens += k * gs;
+                    left -= (uint64_t)k * gs;
+                    continue;
+                }
+                uint32_t m = (uint32_t)FY_MIN((uint64_t)gs, left);
                 copy_group(o, d, m, gs, r, slot);
                 r += kvc_group_bytes(o, d, m);
                 hd.n_slots++;

@@ -133,7 +133,7 @@ static void pack_row(const uint8_t *codes, uint32_t d, int bits, uint8_t *dst)
     }
 }
 
-void kvc_unpack_row(const uint8_t *src, uint32_t d, int bits, float *dst)
+KVC_HOT void kvc_unpack_row(const uint8_t *src, uint32_t d, int bits, float *dst)
 {
     if (bits == 8) {
         for (uint32_t c = 0; c < d; c++)
@@ -154,7 +154,7 @@ void kvc_unpack_row(const uint8_t *src, uint32_t d, int bits, float *dst)
     }
 }
 
-static void row_minmax(const float *x, uint32_t d, float *mn_p, float *mx_p)
+KVC_HOT static void row_minmax(const float *x, uint32_t d, float *mn_p, float *mx_p)
 {
     float mn[8], mx[8];
     for (int j = 0; j < 8; j++)
@@ -222,7 +222,7 @@ static void value_params(const float *row, uint32_t d, float qmax, uint16_t *s16
     *inv = *s > 0 ? 1.0f / *s : 0.0f;
 }
 
-void kvc_quant_group(int o, uint32_t d, uint32_t m, uint32_t cap, const float *k,
+KVC_HOT void kvc_quant_group(int o, uint32_t d, uint32_t m, uint32_t cap, const float *k,
                      const float *v, uint8_t *dst)
 {
     if (o == KVC_OPT_F16) {
@@ -302,47 +302,60 @@ void kvc_dequant_group(int o, uint32_t d, uint32_t m, uint32_t cap, const uint8_
     }
 }
 
-void kvc_group_errors(int o, uint32_t d, uint32_t m, const float *k, const float *v,
-                      const float *kw, float *errk, float *errv)
+/* Trial quantization uses the same rounding rule with fp32 scale and zero (the FP16 rounding
+ * of the stored parameters changes the error by well under a percent, and skipping it keeps
+ * trial quantization cheap). */
+KVC_HOT void kvc_key_errors(int bits, uint32_t d, uint32_t m, const float *k, const float *kw,
+                            float *errk)
 {
-    if (o == KVC_OPT_F16) {
-        // FP16 inputs are reproduced exactly (rotation is never applied to F16).
-        for (uint32_t t = 0; t < m; t++)
-            errk[t] = errv[t] = 0;
-        return;
+    float qmax = (float)((1 << bits) - 1);
+    float mn[KVC_MAX_HEAD_DIM], mx[KVC_MAX_HEAD_DIM], s[KVC_MAX_HEAD_DIM], inv[KVC_MAX_HEAD_DIM];
+    memcpy(mn, k, d * sizeof(float));
+    memcpy(mx, k, d * sizeof(float));
+    for (uint32_t t = 1; t < m; t++) {
+        const float *row = k + (size_t)t * d;
+        for (uint32_t c = 0; c < d; c++) {
+            mn[c] = row[c] < mn[c] ? row[c] : mn[c];
+            mx[c] = row[c] > mx[c] ? row[c] : mx[c];
+        }
     }
-    int kb = kvc_opt_kbits((kvc_opt_t)o), vb = kvc_opt_vbits((kvc_opt_t)o);
-    float kq = (float)((1 << kb) - 1), vq = (float)((1 << vb) - 1);
-    kparams_t p;
-    key_params(k, d, m, kq, NULL, NULL, &p);
+    for (uint32_t c = 0; c < d; c++) {
+        s[c] = (mx[c] - mn[c]) / qmax;
+        inv[c] = s[c] > 0 ? 1.0f / s[c] : 0.0f;
+    }
     for (uint32_t t = 0; t < m; t++) {
         const float *row = k + (size_t)t * d;
         float acc[8] = {0};
         for (uint32_t c = 0; c < d; c += 8) {
             for (int j = 0; j < 8; j++) {
                 float x = row[c + j];
-                float f = (x - p.kz[c + j]) * p.kinv[c + j] + 0.5f;
+                float f = (x - mn[c + j]) * inv[c + j] + 0.5f;
                 f = f > 0 ? f : 0;
-                f = f < kq ? f : kq;
-                float e = (float)(int)f * p.ks[c + j] + p.kz[c + j] - x;
-                acc[j] += (kw ? kw[c + j] : 1.0f) * e * e;
+                f = f < qmax ? f : qmax;
+                float e = (float)(int)f * s[c + j] + mn[c + j] - x;
+                acc[j] += kw[c + j] * e * e;
             }
         }
         errk[t] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
     }
+}
+
+KVC_HOT void kvc_value_errors(int bits, uint32_t d, uint32_t m, const float *v, float *errv)
+{
+    float qmax = (float)((1 << bits) - 1);
     for (uint32_t t = 0; t < m; t++) {
         const float *row = v + (size_t)t * d;
-        uint16_t s16, z16;
-        float s, z, inv;
-        value_params(row, d, vq, &s16, &z16, &s, &z, &inv);
+        float mn, mx;
+        row_minmax(row, d, &mn, &mx);
+        float s = (mx - mn) / qmax, inv = s > 0 ? 1.0f / s : 0.0f;
         float acc[8] = {0};
         for (uint32_t c = 0; c < d; c += 8) {
             for (int j = 0; j < 8; j++) {
                 float x = row[c + j];
-                float f = (x - z) * inv + 0.5f;
+                float f = (x - mn) * inv + 0.5f;
                 f = f > 0 ? f : 0;
-                f = f < vq ? f : vq;
-                float e = (float)(int)f * s + z - x;
+                f = f < qmax ? f : qmax;
+                float e = (float)(int)f * s + mn - x;
                 acc[j] += e * e;
             }
         }
@@ -350,14 +363,36 @@ void kvc_group_errors(int o, uint32_t d, uint32_t m, const float *k, const float
     }
 }
 
-void kvc_hadamard(float *x, uint32_t d)
+KVC_HOT void kvc_hadamard(float *x, uint32_t d)
 {
-    for (uint32_t len = 1; len < d; len <<= 1) {
+    uint32_t len = 1;
+    if (d >= 8) {
+        // The first three butterfly stages inside each block of 8, written out (the generic
+        // loop below only vectorizes once a stage's run is at least 8 long).
+        for (uint32_t i = 0; i < d; i += 8) {
+            float *b = x + i;
+            float a0 = b[0] + b[1], a1 = b[0] - b[1], a2 = b[2] + b[3], a3 = b[2] - b[3];
+            float a4 = b[4] + b[5], a5 = b[4] - b[5], a6 = b[6] + b[7], a7 = b[6] - b[7];
+            float c0 = a0 + a2, c1 = a1 + a3, c2 = a0 - a2, c3 = a1 - a3;
+            float c4 = a4 + a6, c5 = a5 + a7, c6 = a4 - a6, c7 = a5 - a7;
+            b[0] = c0 + c4;
+            b[1] = c1 + c5;
+            b[2] = c2 + c6;
+            b[3] = c3 + c7;
+            b[4] = c0 - c4;
+            b[5] = c1 - c5;
+            b[6] = c2 - c6;
+            b[7] = c3 - c7;
+        }
+        len = 8;
+    }
+    for (; len < d; len <<= 1) {
         for (uint32_t i = 0; i < d; i += 2 * len) {
-            for (uint32_t j = i; j < i + len; j++) {
-                float a = x[j], b = x[j + len];
-                x[j] = a + b;
-                x[j + len] = a - b;
+            float *lo = x + i, *hi = x + i + len;
+            for (uint32_t j = 0; j < len; j++) {
+                float a = lo[j], b = hi[j];
+                lo[j] = a + b;
+                hi[j] = a - b;
             }
         }
     }

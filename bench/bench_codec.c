@@ -1,0 +1,357 @@
+/*
+ * bench_codec.c: `ferry-bench codec`: KV codec throughput and quality on synthetic KV with
+ * realistic outlier channels (kvc_synth_layer), per built-in policy:
+ *   - score: window-attention scoring cost (GB/s of FP16 K+V scored), reported apart;
+ *   - encode: optimize + quantize + frame write, one core (GB/s of FP16 K+V input);
+ *   - place: parse (CRC included) + place into the page pool, one core (GB/s of FP16 input);
+ *   - wire ratio: frame bytes / FP16 bytes, everything counted;
+ *   - error: relative L2 error of the attention output of the window queries over the placed
+ *     pages vs the same attention over FP16 pages (dropped tokens included), and the relative
+ *     reconstruction error of the kept values;
+ *   - attend: one decode step of one layer (all query heads) over the compressed pages.
+ * Usage: ferry-bench codec [--json FILE] [--model smollm2|llama3] [--tokens N] [--budget B]
+ *                          [--reps R] [--policy NAME]
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+#include "kvcodec.h"
+
+typedef struct {
+    const char *name;
+    uint32_t n_heads, n_kv, d;
+} model_shape_t;
+
+static const model_shape_t k_models[] = {
+    {"smollm2", 9, 3, 64},
+    {"llama3", 32, 8, 128},
+};
+
+/* The pool the current measurement placed into (kvc_attend needs it with the pages). */
+static const kvc_pool_t *bench_pool;
+
+typedef struct {
+    char policy[32];
+    double budget, wire_ratio, score_gbs, encode_gbs, place_gbs, attn_err, v_err, attend_us;
+    uint64_t tokens[KVC_OPT_COUNT];
+} row_t;
+
+static double now_s(void)
+{
+    return (double)fy_clock_ns() * 1e-9;
+}
+
+static fy_status_t place_frame(kvc_pool_t *pool, const uint8_t *buf, size_t len, uint32_t n_kv,
+                               kvc_seq_t **seq_p)
+{
+    kvc_frame_t f;
+    fy_status_t st = kvc_frame_parse(buf, len, &f);
+    if (st != FY_OK)
+        return st;
+    kvc_seq_t *seq;
+    if ((st = kvc_seq_create(pool, f.n_layers, n_kv, f.model_fingerprint, f.seq_id, &seq)))
+        return st;
+    if ((st = kvc_place(seq, &f)) != FY_OK) {
+        kvc_seq_destroy(seq);
+        return st;
+    }
+    *seq_p = seq;
+    return FY_OK;
+}
+
+/* Attention of the window queries over a placed layer: [n_heads][W][d]. */
+static void window_attention(const kvc_seq_t *seq, uint32_t layer, const model_shape_t *m,
+                             const float *q, uint32_t W, float *out)
+{
+    uint32_t grp = m->n_heads / m->n_kv;
+    float *qb = malloc((size_t)grp * m->d * sizeof(float));
+    float *ob = malloc((size_t)grp * m->d * sizeof(float));
+    for (uint32_t g = 0; g < m->n_kv; g++) {
+        uint32_t n;
+        const kvc_page_id_t *ids = kvc_seq_pages(seq, layer, g, &n);
+        for (uint32_t w = 0; w < W; w++) {
+            for (uint32_t j = 0; j < grp; j++)
+                memcpy(qb + (size_t)j * m->d, q + (((size_t)(g * grp + j)) * W + w) * m->d,
+                       m->d * sizeof(float));
+            kvc_attend(bench_pool, ids, n, qb, grp, 1.0f / sqrtf((float)m->d), ob);
+            for (uint32_t j = 0; j < grp; j++)
+                memcpy(out + (((size_t)(g * grp + j)) * W + w) * m->d, ob + (size_t)j * m->d,
+                       m->d * sizeof(float));
+        }
+    }
+    free(qb), free(ob);
+}
+
+static int run_policy(const char *name, double budget, const model_shape_t *m, uint32_t n,
+                      int reps, uint16_t *k, uint16_t *v, float *q, uint32_t W,
+                      const float *ref_out, row_t *row)
+{
+    kvc_policy_t pol;
+    if (kvc_policy_builtin(name, &pol) != FY_OK)
+        return 1;
+    kvc_encoder_params_t p;
+    kvc_encoder_params_default(&p);
+    p.policy = &pol;
+    p.budget = pol.budget > 0 ? budget : -1;
+    p.n_layers = 1;
+    p.n_heads = m->n_heads;
+    p.n_kv_heads = m->n_kv;
+    p.head_dim = m->d;
+    p.n_tokens = n;
+    p.model_fingerprint = 42;
+    p.seq_id = 1;
+    kvc_layer_input_t in = {.layer = 0,
+                            .k = k,
+                            .v = v,
+                            .head_stride = (size_t)n * m->d,
+                            .token_stride = m->d,
+                            .q_window = q,
+                            .n_window = W};
+    kvc_scores_t sc;
+    kvc_scores_init(&sc, m->n_kv, n, m->d);
+    double fp16 = 4.0 * m->n_kv * n * m->d;
+    double t0 = now_s();
+    for (int r = 0; r < reps; r++)
+        kvc_score(&pol, m->n_heads, m->n_kv, n, m->d, &in, &sc);
+    double t_score = (now_s() - t0) / reps;
+
+    // One encoder over reps layers of the same data, as a prefill worker codes layer after
+    // layer; the first layer warms the scratch and is not timed.
+    p.n_layers = (uint32_t)reps + 1;
+    kvc_encoder_t *enc;
+    if (kvc_encoder_create(&p, &enc) != FY_OK)
+        return 1;
+    size_t cap = kvc_encoder_max_frame_bytes(enc), len = 0;
+    uint8_t *buf = malloc(cap);
+    double t_enc = 0;
+    kvc_layer_info_t info;
+    for (int r = 0; r <= reps; r++) {
+        in.layer = (uint32_t)r;
+        double a = now_s();
+        fy_status_t st = kvc_encoder_encode_layer(enc, &in, &sc, buf, cap, &len, &info);
+        if (r > 0)
+            t_enc += now_s() - a;
+        if (st != FY_OK)
+            return 1;
+    }
+    kvc_encoder_destroy(enc);
+    t_enc /= reps;
+
+    kvc_pool_params_t pp;
+    kvc_pool_params_default(&pp);
+    pp.head_dim = m->d;
+    pp.page_bytes = m->d > 64 ? 65536 : 32768;
+    pp.n_pages = (uint32_t)(2 * fp16 / pp.page_bytes) + 64 * m->n_kv;
+    kvc_pool_t *pool;
+    if (kvc_pool_create(&pp, &pool) != FY_OK)
+        return 1;
+    bench_pool = pool;
+    double t_place = 0;
+    kvc_seq_t *seq = NULL;
+    for (int r = 0; r <= reps; r++) { // the first placement touches fresh pool memory
+        kvc_seq_destroy(seq);
+        seq = NULL;
+        double a = now_s();
+        if (place_frame(pool, buf, len, m->n_kv, &seq) != FY_OK)
+            return 1;
+        if (r > 0)
+            t_place += now_s() - a;
+    }
+    t_place /= reps;
+
+    // Quality: window attention over the placed pages vs the FP16 reference.
+    float *out = malloc((size_t)m->n_heads * W * m->d * sizeof(float));
+    window_attention(seq, (uint32_t)reps, m, q, W, out);
+    double num = 0, den = 0;
+    for (size_t i = 0; i < (size_t)m->n_heads * W * m->d; i++) {
+        num += (out[i] - ref_out[i]) * (double)(out[i] - ref_out[i]);
+        den += (double)ref_out[i] * ref_out[i];
+    }
+    // Kept-value reconstruction error.
+    kvc_frame_t f;
+    kvc_frame_parse(buf, len, &f);
+    size_t ne = (size_t)m->n_kv * n * m->d;
+    float *dk = malloc(ne * 4), *dv = malloc(ne * 4);
+    uint8_t *kept = malloc((size_t)m->n_kv * n);
+    kvc_frame_dequantize(&f, dk, dv, kept);
+    double vn = 0, vd = 0;
+    for (size_t t = 0; t < (size_t)m->n_kv * n; t++)
+        for (uint32_t c = 0; c < m->d && kept[t]; c++) {
+            double x = fy_fp16_to_fp32(v[t * m->d + c]);
+            vn += (dv[t * m->d + c] - x) * (dv[t * m->d + c] - x);
+            vd += x * x;
+        }
+    // One decode step: all query heads over the layer's pages.
+    float *qd = malloc((size_t)m->n_heads * m->d * 4), *od = malloc((size_t)m->n_heads * m->d * 4);
+    for (uint32_t i = 0; i < m->n_heads * m->d; i++)
+        qd[i] = q[i];
+    double a = now_s();
+    for (int r = 0; r < reps * 4; r++)
+        kvc_attend_layer(seq, (uint32_t)reps, m->n_heads, qd, 1.0f / sqrtf((float)m->d), od, NULL);
+    double t_att = (now_s() - a) / (reps * 4);
+
+    snprintf(row->policy, sizeof(row->policy), "%s", name);
+    row->budget = pol.budget > 0 ? budget : 0;
+    row->wire_ratio = (double)len / fp16;
+    row->score_gbs = fp16 / t_score * 1e-9;
+    row->encode_gbs = fp16 / t_enc * 1e-9;
+    row->place_gbs = fp16 / t_place * 1e-9;
+    row->attn_err = den > 0 ? sqrt(num / den) : 0;
+    row->v_err = vd > 0 ? sqrt(vn / vd) : 0;
+    row->attend_us = t_att * 1e6;
+    memcpy(row->tokens, info.tokens, sizeof(row->tokens));
+    free(out), free(dk), free(dv), free(kept), free(qd), free(od), free(buf);
+    kvc_seq_destroy(seq);
+    kvc_pool_destroy(pool);
+    kvc_scores_cleanup(&sc);
+    return 0;
+}
+
+int bench_codec_main(int argc, char **argv)
+{
+    const char *json = NULL, *only = NULL;
+    const model_shape_t *m = &k_models[0];
+    uint32_t n = 4096, W = 32;
+    double budget = 0.25;
+    int reps = 3;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *val = i + 1 < argc ? argv[i + 1] : NULL;
+        if (strcmp(a, "--json") == 0 && val) {
+            json = val, i++;
+        } else if (strcmp(a, "--model") == 0 && val) {
+            m = NULL;
+            for (size_t j = 0; j < FY_ARRAY_SIZE(k_models); j++)
+                if (strcmp(val, k_models[j].name) == 0)
+                    m = &k_models[j];
+            if (m == NULL) {
+                fprintf(stderr, "codec: unknown model %s (smollm2, llama3)\n", val);
+                return 2;
+            }
+            i++;
+        } else if (strcmp(a, "--tokens") == 0 && val) {
+            n = (uint32_t)strtoul(val, NULL, 10), i++;
+        } else if (strcmp(a, "--budget") == 0 && val) {
+            budget = strtod(val, NULL), i++;
+        } else if (strcmp(a, "--reps") == 0 && val) {
+            reps = atoi(val), i++;
+        } else if (strcmp(a, "--policy") == 0 && val) {
+            only = val, i++;
+        } else {
+            fprintf(stderr,
+                    "usage: ferry-bench codec [--json FILE] [--model smollm2|llama3] "
+                    "[--tokens N] [--budget B] [--reps R] [--policy NAME]\n");
+            return strcmp(a, "--help") == 0 ? 0 : 2;
+        }
+    }
+    if (n < W || n > (1u << 20) || reps < 1 || !(budget > 0 && budget <= 1)) {
+        fprintf(stderr, "codec: bad --tokens, --reps or --budget\n");
+        return 2;
+    }
+    size_t ne = (size_t)m->n_kv * n * m->d;
+    uint16_t *k = malloc(ne * 2), *v = malloc(ne * 2);
+    float *q = malloc((size_t)m->n_heads * W * m->d * sizeof(float));
+    kvc_synth_layer(2026, m->n_heads, m->n_kv, n, m->d, W, k, v, q);
+
+    // FP16 reference attention output of the window queries.
+    float *ref = malloc((size_t)m->n_heads * W * m->d * sizeof(float));
+    {
+        row_t tmp;
+        float *zero = calloc((size_t)m->n_heads * W * m->d, sizeof(float));
+        // Run fp16 first to get the reference: attention error against zeros is discarded.
+        (void)tmp;
+        kvc_policy_t pol;
+        kvc_policy_builtin("fp16", &pol);
+        kvc_encoder_params_t p;
+        kvc_encoder_params_default(&p);
+        p.policy = &pol;
+        p.n_layers = 1;
+        p.n_heads = m->n_heads;
+        p.n_kv_heads = m->n_kv;
+        p.head_dim = m->d;
+        p.n_tokens = n;
+        p.model_fingerprint = 42;
+        p.seq_id = 1;
+        kvc_encoder_t *enc;
+        kvc_encoder_create(&p, &enc);
+        size_t cap = kvc_encoder_max_frame_bytes(enc), len;
+        uint8_t *buf = malloc(cap);
+        kvc_layer_input_t in = {.k = k, .v = v, .head_stride = (size_t)n * m->d,
+                                .token_stride = m->d};
+        kvc_encoder_encode_layer(enc, &in, NULL, buf, cap, &len, NULL);
+        kvc_pool_params_t pp;
+        kvc_pool_params_default(&pp);
+        pp.head_dim = m->d;
+        pp.page_bytes = 65536;
+        pp.n_pages = (uint32_t)(len / 60000) + 16 * m->n_kv;
+        kvc_pool_t *pool;
+        kvc_pool_create(&pp, &pool);
+        bench_pool = pool;
+        kvc_seq_t *seq;
+        place_frame(pool, buf, len, m->n_kv, &seq);
+        window_attention(seq, 0, m, q, W, ref);
+        kvc_seq_destroy(seq);
+        kvc_pool_destroy(pool);
+        kvc_encoder_destroy(enc);
+        free(buf), free(zero);
+    }
+
+    printf("ferry-bench codec: model shape %s (%u q heads, %u kv heads, head_dim %u), %u tokens, "
+           "1 layer, budget %.3g, %d reps, 1 thread\n",
+           m->name, m->n_heads, m->n_kv, m->d, n, budget, reps);
+    printf("%-10s %6s %7s %9s %9s %9s %9s %8s %10s  %s\n", "policy", "b", "wire", "score", "encode",
+           "place", "attn_err", "v_err", "step_us", "tokens 16/8/4/4-2/2/drop");
+    const char *const *names = kvc_policy_builtin_names();
+    row_t rows[16];
+    int n_rows = 0;
+    for (size_t i = 0; names[i]; i++) {
+        if (only && strcmp(only, names[i]) != 0)
+            continue;
+        row_t *r = &rows[n_rows];
+        memset(r, 0, sizeof(*r));
+        if (run_policy(names[i], budget, m, n, reps, k, v, q, W, ref, r) != 0) {
+            fprintf(stderr, "codec: policy %s failed\n", names[i]);
+            return 1;
+        }
+        printf("%-10s %6.3f %7.4f %7.2f GB/s %6.2f GB/s %6.2f GB/s %8.5f %8.5f %10.1f  "
+               "%llu/%llu/%llu/%llu/%llu/%llu\n",
+               r->policy, r->budget, r->wire_ratio, r->score_gbs, r->encode_gbs, r->place_gbs,
+               r->attn_err, r->v_err, r->attend_us, (unsigned long long)r->tokens[0],
+               (unsigned long long)r->tokens[1], (unsigned long long)r->tokens[2],
+               (unsigned long long)r->tokens[3], (unsigned long long)r->tokens[4],
+               (unsigned long long)r->tokens[5]);
+        n_rows++;
+    }
+    if (json) {
+        FILE *f = fopen(json, "w");
+        if (f == NULL) {
+            fprintf(stderr, "codec: cannot write %s\n", json);
+            return 1;
+        }
+        fprintf(f, "{\"model_shape\": \"%s\", \"n_heads\": %u, \"n_kv_heads\": %u, "
+                   "\"head_dim\": %u, \"tokens\": %u, \"budget\": %g, \"reps\": %d, "
+                   "\"threads\": 1, \"results\": [\n",
+                m->name, m->n_heads, m->n_kv, m->d, n, budget, reps);
+        for (int i = 0; i < n_rows; i++) {
+            row_t *r = &rows[i];
+            fprintf(f,
+                    "  {\"policy\": \"%s\", \"budget\": %g, \"wire_ratio\": %.6f, "
+                    "\"score_gbps\": %.4f, \"encode_gbps\": %.4f, \"place_gbps\": %.4f, "
+                    "\"attn_rel_err\": %.6f, \"v_rel_err\": %.6f, \"decode_step_us\": %.2f, "
+                    "\"tokens\": [%llu, %llu, %llu, %llu, %llu, %llu]}%s\n",
+                    r->policy, r->budget, r->wire_ratio, r->score_gbs, r->encode_gbs,
+                    r->place_gbs, r->attn_err, r->v_err, r->attend_us,
+                    (unsigned long long)r->tokens[0], (unsigned long long)r->tokens[1],
+                    (unsigned long long)r->tokens[2], (unsigned long long)r->tokens[3],
+                    (unsigned long long)r->tokens[4], (unsigned long long)r->tokens[5],
+                    i + 1 < n_rows ? "," : "");
+        }
+        fprintf(f, "]}\n");
+        fclose(f);
+    }
+    free(k), free(v), free(q), free(ref);
+    return 0;
+}
