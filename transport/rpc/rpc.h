@@ -196,6 +196,11 @@ void rpc_server_destroy(rpc_server_t *srv);
  * finish; FY_ERR_RESOURCE_EXHAUSTED when over max_send_message. Thread: any. */
 fy_status_t rpc_call_send(rpc_call_t *call, const ProtobufCMessage *msg);
 
+/* Bytes accepted by rpc_call_send and not yet handed to HTTP/2, i.e. waiting for the
+ * client's flow-control window. A streaming handler that produces faster than the client
+ * reads can pause above a high-water mark instead of queueing without bound. Thread: any. */
+size_t rpc_call_pending_bytes(const rpc_call_t *call);
+
 /* Ends the call with a gRPC code and an optional message (copied). The call must not be
  * used afterwards. Thread: any. */
 void rpc_call_finish(rpc_call_t *call, int code, const char *message);

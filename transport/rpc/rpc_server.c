@@ -101,6 +101,7 @@ struct rpc_call {
     int wire_code;
     char *wire_message;
     atomic_bool cancelled;
+    atomic_size_t pending;  // bytes accepted by rpc_call_send, not yet given to nghttp2
     bool remote_closed;   // client half-closed
     bool headers_sent;
     bool wire_final;      // the status is decided; nothing more is sent but it
@@ -209,6 +210,7 @@ static void call_fail(rpc_call_t *call, int code, const char *message)
     FY_LOG_DEBUG(RPC_MODULE, "%s: %s %s", call->path ? call->path : "?", rpc_code_name(code),
                  message ? message : "");
     set_final(call, code, message);
+    atomic_fetch_sub(&call->pending, call->out.bytes);
     rpc_bufq_clear(&call->out);
     call_emit_final(call);
 }
@@ -221,6 +223,7 @@ static ssize_t on_data_read(nghttp2_session *session, int32_t stream_id, uint8_t
 {
     rpc_call_t *call = source->ptr;
     size_t n = rpc_bufq_read(&call->out, buf, length);
+    atomic_fetch_sub(&call->pending, n);
     if (call->out.bytes == 0 && call->wire_final) {
         *data_flags |= NGHTTP2_DATA_FLAG_EOF | NGHTTP2_DATA_FLAG_NO_END_STREAM;
         char code[16];
@@ -290,15 +293,18 @@ static void call_send_local_pinned(rpc_call_t *call, uint8_t *data, size_t len)
 {
     if (call->wire_final || call->conn == NULL || call->stream_closed ||
         atomic_load(&call->cancelled) || call->conn->h2.closing) {
+        atomic_fetch_sub(&call->pending, len);
         free(data);
         return;
     }
     call->n_sent++;
     if (!call->streaming && call->n_sent > 1) {
+        atomic_fetch_sub(&call->pending, len);
         free(data);
         return; // reported at finish
     }
     if (rpc_bufq_push(&call->out, data, len) != FY_OK) {
+        atomic_fetch_sub(&call->pending, len);
         call_fail(call, RPC_CODE_RESOURCE_EXHAUSTED, "server out of memory");
         return;
     }
@@ -391,11 +397,20 @@ fy_status_t rpc_call_send(rpc_call_t *call, const ProtobufCMessage *msg)
     fy_status_t st = rpc_message_pack(msg, max, &buf, &len);
     if (st != FY_OK)
         return st;
+    atomic_fetch_add(&call->pending, len);
     if (call->srv == NULL || on_loop_thread(call->srv)) {
         call_send_local(call, buf, len);
         return FY_OK;
     }
-    return post_op(call, buf, len, 0, NULL);
+    st = post_op(call, buf, len, 0, NULL);
+    if (st != FY_OK)
+        atomic_fetch_sub(&call->pending, len);
+    return st;
+}
+
+size_t rpc_call_pending_bytes(const rpc_call_t *call)
+{
+    return atomic_load(&((rpc_call_t *)call)->pending);
 }
 
 void rpc_call_finish(rpc_call_t *call, int code, const char *message)
@@ -590,6 +605,7 @@ static int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame
     call->conn = conn;
     call->stream_id = frame->hd.stream_id;
     atomic_init(&call->cancelled, false);
+    atomic_init(&call->pending, 0);
     call->next = conn->calls;
     if (conn->calls)
         conn->calls->prev = call;

@@ -13,6 +13,12 @@
 #include "interop.pb-c.h"
 
 static atomic_uint g_cancels;
+static atomic_size_t g_stream_pending; // rpc_call_pending_bytes after a burst of sends
+
+size_t echo_service_stream_pending(void)
+{
+    return atomic_load(&g_stream_pending);
+}
 
 unsigned echo_service_cancels(void)
 {
@@ -108,6 +114,7 @@ static void h_stream(rpc_call_t *call, const ProtobufCMessage *m, void *arg)
     if (req->interval_ms == 0) {
         while (job->sent < job->count)
             send_one(job);
+        atomic_store(&g_stream_pending, rpc_call_pending_bytes(call));
         job_end(job, RPC_CODE_OK, NULL);
         return;
     }

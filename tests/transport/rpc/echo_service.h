@@ -13,6 +13,8 @@ fy_status_t echo_service_register(rpc_server_t *srv, uv_loop_t *loop);
 
 /* Cancellations the Echo handlers have seen (for tests). Thread: any. */
 unsigned echo_service_cancels(void);
+/* Response bytes queued behind flow control right after the last burst of Stream sends. */
+size_t echo_service_stream_pending(void);
 
 /* An echo server on its own thread and loop, for tests that block on the main thread. */
 typedef struct echo_thread echo_thread_t;

@@ -150,6 +150,8 @@ static void test_flow_control(void **state)
     assert_int_equal(s.r.n_msgs, 400);
     assert_true(s.r.in_order);
     assert_int_equal(s.r.bytes, 400u * 60000u);
+    // Right after its burst the handler saw everything still queued behind the windows.
+    assert_true(echo_service_stream_pending() >= 400u * 60000u);
 }
 
 static void test_many_concurrent_streams(void **state)
