@@ -40,6 +40,46 @@ void krn_gemm_f32(int m, int n, int k, const float *x, int ldx, const float *w, 
 void krn_gemm_set_threads(int n);
 
 /* ------------------------------------------------------------------------------------------ */
+/* Matmul from stored weight types (matmul_q.c): decode                                        */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Weight storage types, numbered as in ggml/GGUF. Block types hold 32 weights per block:
+ * Q8_0 = fp16 scale + 32 int8; Q4_0 = fp16 scale + 16 bytes of nibbles (q - 8);
+ * Q4_1 = fp16 scale + fp16 min + 16 bytes of nibbles (low nibbles are weights 0..15). */
+typedef enum {
+    KRN_Q_F32 = 0,
+    KRN_Q_F16 = 1,
+    KRN_Q_Q4_0 = 2,
+    KRN_Q_Q4_1 = 3,
+    KRN_Q_Q8_0 = 8,
+} krn_qtype_t;
+
+/* A weight matrix [rows][cols] in a storage type; data borrowed, rows row_bytes apart. */
+typedef struct {
+    krn_qtype_t type;
+    int rows;         /* n_out */
+    int cols;         /* n_in (a multiple of 32 for block types, <= 16384) */
+    size_t row_bytes; /* krn_qtype_row_bytes(type, cols) */
+    const void *data;
+} krn_qmat_t;
+
+bool krn_qtype_supported(krn_qtype_t type);
+/* Bytes of one row of k weights (0 for unsupported types). Thread: any. */
+size_t krn_qtype_row_bytes(krn_qtype_t type, int k);
+
+/* y[m][rows] = x[m][cols] · Wᵀ (+ y when accumulate), reading W in its storage type: one
+ * weight row at a time is expanded to FP32 and dotted with every x row. Meant for small m
+ * (decode), where reading the weights is the cost. Output rows spread over pool (NULL =
+ * inline); AVX2/FMA/F16C when the CPU has them. FY_ERR_UNSUPPORTED for other types or
+ * shapes. Thread: one call at a time per pool. */
+fy_status_t krn_matmul_q_f32(fy_pool_t *pool, int m, const float *x, int ldx,
+                             const krn_qmat_t *w, float *y, int ldy, int accumulate);
+
+/* The portable path alone, single-threaded (for parity tests). */
+void krn_matmul_q_reference_f32(int m, const float *x, int ldx, const krn_qmat_t *w, float *y,
+                                int ldy);
+
+/* ------------------------------------------------------------------------------------------ */
 /* RMSNorm (rmsnorm.c)                                                                          */
 /* ------------------------------------------------------------------------------------------ */
 

@@ -37,6 +37,8 @@ typedef struct {
     float *ffn_norm;  // [dim]
     float *wgu;       // [2 * ffn_dim][dim]: gate rows, then up rows
     float *wdown;     // [dim][ffn_dim]
+    // The same matrices in their file storage type, for decode (see krn_matmul_q_f32).
+    krn_qmat_t qq, qk, qv, qo, qgate, qup, qdown;
 } layer_w_t;
 
 struct mdl_model {
@@ -46,8 +48,15 @@ struct mdl_model {
     float *output;      // [n_vocab][dim]; == tok_embd when tied
     float *rope_freqs;  // [n_rot / 2] or NULL
     layer_w_t *layers;  // [n_layers]
+    krn_qmat_t qout;    // output (or tied embedding) in its storage type
+    void **raw;         // copies of the stored tensors the qmats point to
+    int n_raw;
     mdl_tokenizer_t *tok;
 };
+
+/* Decode steps with at most this many rows read weights in their storage type; larger batches
+ * (and prefill) use OpenBLAS on the FP32 copies. */
+enum { DECODE_Q_MAX_ROWS = 16 };
 
 /* ------------------------------------------------------------------------------------------ */
 /* Loading                                                                                      */
@@ -105,6 +114,34 @@ static fy_status_t load_alloc(const mdl_gguf_t *g, const char *name, uint64_t ne
         return st;
     }
     *dst_p = d;
+    return FY_OK;
+}
+
+/* Describes tensor `name` [rows][cols] for krn_matmul_q_f32: its stored bytes (copied, owned
+ * by the model) when the type is one the kernel reads, else the FP32 copy f32. */
+static fy_status_t make_qmat(mdl_model_t *m, const mdl_gguf_t *g, const char *name, int rows,
+                             int cols, const float *f32, krn_qmat_t *q)
+{
+    const mdl_gguf_tensor_t *t = mdl_gguf_find_tensor(g, name);
+    krn_qtype_t type = t != NULL ? (krn_qtype_t)t->type : KRN_Q_F32;
+    *q = (krn_qmat_t){.type = KRN_Q_F32, .rows = rows, .cols = cols,
+                      .row_bytes = (size_t)cols * sizeof(float), .data = f32};
+    if (t == NULL || type == KRN_Q_F32 || !krn_qtype_supported(type) ||
+        krn_qtype_row_bytes(type, cols) * (size_t)rows != t->n_bytes)
+        return FY_OK;
+    void *copy = malloc(t->n_bytes);
+    void **raw = realloc(m->raw, sizeof(void *) * (size_t)(m->n_raw + 1));
+    if (copy == NULL || raw == NULL) {
+        free(copy);
+        if (raw != NULL)
+            m->raw = raw;
+        return FY_ERR_NO_MEMORY;
+    }
+    m->raw = raw;
+    m->raw[m->n_raw++] = copy;
+    memcpy(copy, t->data, t->n_bytes);
+    *q = (krn_qmat_t){.type = type, .rows = rows, .cols = cols,
+                      .row_bytes = krn_qtype_row_bytes(type, cols), .data = copy};
     return FY_OK;
 }
 
@@ -233,12 +270,15 @@ void mdl_model_destroy(mdl_model_t *m)
     free(m->tok_embd);
     free(m->output_norm);
     free(m->rope_freqs);
+    for (int i = 0; i < m->n_raw; i++)
+        free(m->raw[i]);
+    free(m->raw);
     mdl_tokenizer_destroy(m->tok);
     free(m);
 }
 
-static fy_status_t load_layer(const mdl_gguf_t *g, const mdl_config_t *c, int l, layer_w_t *w,
-                              char *err, size_t err_len)
+static fy_status_t load_layer(mdl_model_t *m, const mdl_gguf_t *g, const mdl_config_t *c, int l,
+                              layer_w_t *w, char *err, size_t err_len)
 {
     int q_dim = c->n_heads * c->head_dim, kv_dim = c->n_kv_heads * c->head_dim;
     int qkv_dim = q_dim + 2 * kv_dim;
@@ -278,6 +318,16 @@ static fy_status_t load_layer(const mdl_gguf_t *g, const mdl_config_t *c, int l,
     if ((st = load_alloc(g, NAME("ffn_down.weight"), c->ffn_dim, c->dim, &w->wdown, err,
                          err_len)))
         return st;
+    const float *wk = w->wqkv + (size_t)q_dim * c->dim, *wv = wk + (size_t)kv_dim * c->dim;
+    if ((st = make_qmat(m, g, NAME("attn_q.weight"), q_dim, c->dim, w->wqkv, &w->qq)) ||
+        (st = make_qmat(m, g, NAME("attn_k.weight"), kv_dim, c->dim, wk, &w->qk)) ||
+        (st = make_qmat(m, g, NAME("attn_v.weight"), kv_dim, c->dim, wv, &w->qv)) ||
+        (st = make_qmat(m, g, NAME("attn_output.weight"), c->dim, q_dim, w->wo, &w->qo)) ||
+        (st = make_qmat(m, g, NAME("ffn_gate.weight"), c->ffn_dim, c->dim, w->wgu, &w->qgate)) ||
+        (st = make_qmat(m, g, NAME("ffn_up.weight"), c->ffn_dim, c->dim,
+                        w->wgu + (size_t)c->ffn_dim * c->dim, &w->qup)) ||
+        (st = make_qmat(m, g, NAME("ffn_down.weight"), c->dim, c->ffn_dim, w->wdown, &w->qdown)))
+        return st;
 #undef NAME
     return FY_OK;
 }
@@ -315,9 +365,12 @@ fy_status_t mdl_model_create_from_gguf(const mdl_gguf_t *g, mdl_model_t **model_
         c->rope.freq_factors = m->rope_freqs;
     }
     for (int l = 0; l < c->n_layers; l++) {
-        if ((st = load_layer(g, c, l, &m->layers[l], err, err_len)) != FY_OK)
+        if ((st = load_layer(m, g, c, l, &m->layers[l], err, err_len)) != FY_OK)
             goto fail;
     }
+    if ((st = make_qmat(m, g, c->tied_embeddings ? "token_embd.weight" : "output.weight",
+                        c->n_vocab, c->dim, m->output, &m->qout)) != FY_OK)
+        goto fail;
     if ((st = mdl_tokenizer_create(g, &m->tok, err, err_len)) != FY_OK)
         goto fail;
     if (mdl_tokenizer_n_vocab(m->tok) > c->n_vocab) {
@@ -515,6 +568,17 @@ static fy_status_t check_tokens(const mdl_config_t *c, const int32_t *tokens, in
 /* Shared blocks                                                                                */
 /* ------------------------------------------------------------------------------------------ */
 
+/* y[rows][n] (+)= x[rows][k] · Wᵀ: small row counts read the stored weights (decode is bound
+ * by weight bytes), larger ones go through OpenBLAS on the FP32 copy w. */
+static void linear(mdl_ctx_t *ctx, int rows, const float *x, int ldx, const float *w,
+                   const krn_qmat_t *q, float *y, int ldy, int accumulate)
+{
+    if (rows <= DECODE_Q_MAX_ROWS &&
+        krn_matmul_q_f32(ctx->pool, rows, x, ldx, q, y, ldy, accumulate) == FY_OK)
+        return;
+    krn_gemm_f32(rows, q->rows, q->cols, x, ldx, w, q->cols, y, ldy, accumulate);
+}
+
 /* x[rows] += FFN(RMSNorm(x[rows])) in chunks of cap_rows rows; xn is scratch [rows][dim]. */
 static void ffn_block(mdl_ctx_t *ctx, const layer_w_t *w, float *x, float *xn, int rows)
 {
@@ -524,13 +588,14 @@ static void ffn_block(mdl_ctx_t *ctx, const layer_w_t *w, float *x, float *xn, i
     for (int r0 = 0; r0 < rows; r0 += ctx->cap_rows) {
         int nr = FY_MIN(ctx->cap_rows, rows - r0);
         // gu [nr][2 * ffn]: gate in the first ffn columns, up in the rest.
-        krn_gemm_f32(nr, 2 * ffn, dim, xn + (size_t)r0 * dim, dim, w->wgu, dim, ctx->gu, 2 * ffn,
-                     0);
+        const float *xr = xn + (size_t)r0 * dim;
+        linear(ctx, nr, xr, dim, w->wgu, &w->qgate, ctx->gu, 2 * ffn, 0);
+        linear(ctx, nr, xr, dim, w->wgu + (size_t)ffn * dim, &w->qup, ctx->gu + ffn, 2 * ffn, 0);
         for (int r = 0; r < nr; r++) {
             float *g = ctx->gu + (size_t)r * 2 * ffn;
             krn_swiglu_f32(g, g, g + ffn, (size_t)ffn);
         }
-        krn_gemm_f32(nr, dim, ffn, ctx->gu, 2 * ffn, w->wdown, ffn, x + (size_t)r0 * dim, dim, 1);
+        linear(ctx, nr, ctx->gu, 2 * ffn, w->wdown, &w->qdown, x + (size_t)r0 * dim, dim, 1);
     }
 }
 
@@ -540,7 +605,7 @@ static void logits_block(mdl_ctx_t *ctx, const float *x, int rows, float *xn, fl
     const mdl_model_t *m = ctx->m;
     const mdl_config_t *c = &m->cfg;
     krn_rmsnorm_f32(xn, c->dim, x, c->dim, m->output_norm, rows, c->dim, c->rms_eps);
-    krn_gemm_f32(rows, c->n_vocab, c->dim, xn, c->dim, m->output, c->dim, logits, c->n_vocab, 0);
+    linear(ctx, rows, xn, c->dim, m->output, &m->qout, logits, c->n_vocab, 0);
 }
 
 static void embed(const mdl_model_t *m, const int32_t *tokens, int n, float *x)
@@ -801,7 +866,14 @@ fy_status_t mdl_decode(mdl_ctx_t *ctx, mdl_kv_seq_t *const *seqs, const int32_t 
     for (int l = 0; l < c->n_layers; l++) {
         const layer_w_t *lw = &m->layers[l];
         krn_rmsnorm_f32(ctx->xn, dim, ctx->x, dim, lw->attn_norm, n, dim, c->rms_eps);
-        krn_gemm_f32(n, qkv_dim, dim, ctx->xn, dim, lw->wqkv, dim, ctx->qkv, qkv_dim, 0);
+        if (n <= DECODE_Q_MAX_ROWS) {
+            const float *wk = lw->wqkv + (size_t)q_dim * dim, *wv = wk + (size_t)kv_dim * dim;
+            linear(ctx, n, ctx->xn, dim, lw->wqkv, &lw->qq, ctx->qkv, qkv_dim, 0);
+            linear(ctx, n, ctx->xn, dim, wk, &lw->qk, ctx->qkv + q_dim, qkv_dim, 0);
+            linear(ctx, n, ctx->xn, dim, wv, &lw->qv, ctx->qkv + q_dim + kv_dim, qkv_dim, 0);
+        } else {
+            krn_gemm_f32(n, qkv_dim, dim, ctx->xn, dim, lw->wqkv, dim, ctx->qkv, qkv_dim, 0);
+        }
         for (int r = 0; r < n; r++) {
             float *row = ctx->qkv + (size_t)r * qkv_dim;
             if (lw->bqkv != NULL) {
@@ -817,7 +889,7 @@ fy_status_t mdl_decode(mdl_ctx_t *ctx, mdl_kv_seq_t *const *seqs, const int32_t 
         fy_pool_parallel_for(ctx->pool, (size_t)n * n_kv, 1, decode_att_range, &a);
         if (a.status != FY_OK)
             return a.status;
-        krn_gemm_f32(n, dim, q_dim, ctx->att, q_dim, lw->wo, q_dim, ctx->x, dim, 1);
+        linear(ctx, n, ctx->att, q_dim, lw->wo, &lw->qo, ctx->x, dim, 1);
         ffn_block(ctx, lw, ctx->x, ctx->xn, n);
     }
     logits_block(ctx, ctx->x, n, ctx->xn, logits);

@@ -226,6 +226,115 @@ static void test_paged_attention(void **state)
     }
 }
 
+/* Quantizes FP32 rows into a storage type, the ggml way (a test-only encoder). */
+static void encode_rows(krn_qtype_t type, const float *w, int rows, int cols, uint8_t *out)
+{
+    size_t rb = krn_qtype_row_bytes(type, cols);
+    for (int r = 0; r < rows; r++) {
+        uint8_t *p = out + (size_t)r * rb;
+        const float *x = w + (size_t)r * cols;
+        if (type == KRN_Q_F32) {
+            memcpy(p, x, rb);
+            continue;
+        }
+        if (type == KRN_Q_F16) {
+            fy_fp32_to_fp16_buf((uint16_t *)(void *)p, x, (size_t)cols);
+            continue;
+        }
+        for (int b = 0; b < cols / 32; b++) {
+            const float *v = x + b * 32;
+            float mn = v[0], mx = v[0], amax = 0;
+            for (int j = 0; j < 32; j++) {
+                mn = fminf(mn, v[j]);
+                mx = fmaxf(mx, v[j]);
+                amax = fmaxf(amax, fabsf(v[j]));
+            }
+            uint16_t h;
+            if (type == KRN_Q_Q8_0) {
+                float d = amax / 127;
+                h = fy_fp32_to_fp16(d);
+                memcpy(p, &h, 2);
+                for (int j = 0; j < 32; j++)
+                    p[2 + j] = (uint8_t)(int8_t)roundf(d ? v[j] / d : 0);
+                p += 34;
+            } else if (type == KRN_Q_Q4_0) {
+                float d = amax / 8;
+                h = fy_fp32_to_fp16(d);
+                memcpy(p, &h, 2);
+                for (int j = 0; j < 16; j++) {
+                    int a = (int)fminf(15, roundf(d ? v[j] / d : 0) + 8);
+                    int c = (int)fminf(15, roundf(d ? v[j + 16] / d : 0) + 8);
+                    p[2 + j] = (uint8_t)(FY_MAX(a, 0) | FY_MAX(c, 0) << 4);
+                }
+                p += 18;
+            } else {
+                float d = (mx - mn) / 15;
+                h = fy_fp32_to_fp16(d);
+                memcpy(p, &h, 2);
+                h = fy_fp32_to_fp16(mn);
+                memcpy(p + 2, &h, 2);
+                for (int j = 0; j < 16; j++) {
+                    int a = (int)roundf(d ? (v[j] - mn) / d : 0);
+                    int c = (int)roundf(d ? (v[j + 16] - mn) / d : 0);
+                    p[4 + j] = (uint8_t)(FY_MIN(a, 15) | FY_MIN(c, 15) << 4);
+                }
+                p += 20;
+            }
+        }
+    }
+}
+
+// The stored-type matmul (SIMD when available, threaded) equals the portable reference, and
+// the reference equals a double-precision product with the decoded weights.
+static void test_matmul_q(void **state)
+{
+    static const krn_qtype_t types[] = {KRN_Q_F32, KRN_Q_F16, KRN_Q_Q8_0, KRN_Q_Q4_0,
+                                        KRN_Q_Q4_1};
+    enum { M = 6, N = 70, K = 96 };
+    fy_pool_t *pool;
+    assert_int_equal(fy_pool_create(3, &pool), FY_OK);
+    float *w = rnd_buf(N * K), *x = rnd_buf(M * K);
+    for (size_t t = 0; t < FY_ARRAY_SIZE(types); t++) {
+        size_t rb = krn_qtype_row_bytes(types[t], K);
+        assert_true(krn_qtype_supported(types[t]) && rb > 0);
+        uint8_t *raw = malloc(rb * N);
+        encode_rows(types[t], w, N, K, raw);
+        krn_qmat_t q = {.type = types[t], .rows = N, .cols = K, .row_bytes = rb, .data = raw};
+        float ref[M * N], got[M * N], one[N];
+        krn_matmul_q_reference_f32(M, x, K, &q, ref, N);
+        for (int m = 1; m <= M; m++) {
+            for (int i = 0; i < m * N; i++)
+                got[i] = 1.0f;
+            assert_int_equal(krn_matmul_q_f32(pool, m, x, K, &q, got, N, 1), FY_OK);
+            for (int i = 0; i < m * N; i++)
+                assert_true(fabsf(got[i] - 1.0f - ref[i]) < 1e-4f * (1 + fabsf(ref[i])));
+        }
+        // Reference vs the decoded weights (one row decoded through a 1-row identity input).
+        for (int j = 0; j < N; j++) {
+            double r = 0;
+            for (int c = 0; c < K; c++) {
+                float e[K];
+                memset(e, 0, sizeof(e));
+                e[c] = 1.0f;
+                krn_qmat_t row = q;
+                row.rows = 1;
+                row.data = raw + (size_t)j * rb;
+                krn_matmul_q_reference_f32(1, e, K, &row, one, 1);
+                r += (double)one[0] * x[c];
+            }
+            assert_true(fabs(ref[j] - r) < 1e-4 * (1 + fabs(r)));
+        }
+        free(raw);
+    }
+    krn_qmat_t bad = {.type = (krn_qtype_t)12, .rows = 1, .cols = 32, .row_bytes = 32,
+                      .data = w};
+    float y[1];
+    assert_int_equal(krn_matmul_q_f32(pool, 1, x, K, &bad, y, 1, 0), FY_ERR_UNSUPPORTED);
+    fy_pool_destroy(pool);
+    free(w);
+    free(x);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -235,6 +344,7 @@ int main(void)
         cmocka_unit_test(test_causal_attention),
         cmocka_unit_test(test_causal_attention_blas),
         cmocka_unit_test(test_paged_attention),
+        cmocka_unit_test(test_matmul_q),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
