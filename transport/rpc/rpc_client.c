@@ -460,6 +460,11 @@ static void on_cconn_closed(rpc_h2_t *h)
         sub->conn = NULL;
         if (ch->destroyed) {
             sub->state = SUB_IDLE;
+        } else if (conn->ready) {
+            // An established connection went away (idle close, server restart): the next
+            // call reconnects at once; backoff is for attempts that fail.
+            sub->state = SUB_IDLE;
+            FY_LOG_DEBUG(RPC_MODULE, "%s: connection closed", sub->authority);
         } else {
             // A connection that never came up, or was lost: back off before the next try.
             sub->state = SUB_BACKOFF;
@@ -480,6 +485,8 @@ static void on_cconn_closed(rpc_h2_t *h)
     nghttp2_session_del(conn->h2.session);
     free(conn);
     ch->conns_open--;
+    if (!ch->destroyed && ch->pending && sub && sub->state == SUB_IDLE)
+        sub_connect(sub);
     if (!ch->destroyed)
         fail_pending_fast(ch, "no connection to any address");
     channel_maybe_free(ch);

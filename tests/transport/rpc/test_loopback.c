@@ -406,6 +406,18 @@ static void test_unavailable_and_reconnect(void **state)
     run_until_done(&loop, &r);
     assert_int_equal(r.code, RPC_CODE_OK);
 
+    // A restart between two calls: the dropped connection is not a failed attempt, so a
+    // plain call (no retry, no wait) reconnects at once and succeeds.
+    echo_thread_stop(srv, 100);
+    uint64_t t1 = fy_clock_ns();
+    while (rpc_channel_connected(ch) > 0 && fy_clock_ns() - t1 < 2000 * 1000000ull)
+        uv_run(&loop, UV_RUN_NOWAIT);
+    assert_int_equal(rpc_channel_connected(ch), 0);
+    assert_int_equal(echo_thread_start(&p, &srv), FY_OK);
+    result_init(&r);
+    assert_int_equal(call_sync(&loop, ch, EP("Unary"), &req.base, NULL, &r), FY_OK);
+    assert_int_equal(r.code, RPC_CODE_OK);
+
     rpc_channel_destroy(ch);
     drain_loop(&loop);
     echo_thread_stop(srv, 100);
