@@ -7,6 +7,8 @@
 #ifndef FERRY_RPC_INT_H
 #define FERRY_RPC_INT_H
 
+#include <string.h>
+
 #include <nghttp2/nghttp2.h>
 
 #include "rpc.h"
@@ -63,6 +65,13 @@ fy_status_t rpc_h2_start_read(rpc_h2_t *h);
 void rpc_h2_flush(rpc_h2_t *h);
 /* Closes the handles (once); on_closed runs later. */
 void rpc_h2_close(rpc_h2_t *h);
+
+/* Feeds bytes to a fresh server-side HTTP/2 session of srv as if they came from one
+ * connection, runs the handlers and discards what the server would send, then tears the
+ * session down (calls whose handler has not finished are detached as on a lost
+ * connection). For fuzzing the whole request path without sockets. Thread: loop thread. */
+fy_status_t rpc_server_feed_raw(rpc_server_t *srv, const uint8_t *data, size_t len,
+                                size_t *out_bytes_p);
 
 /* Finds header values in nghttp2 name/value arrays. */
 static inline nghttp2_nv rpc_nv(const char *name, const char *value)

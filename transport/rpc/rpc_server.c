@@ -1072,3 +1072,43 @@ void rpc_server_destroy(rpc_server_t *srv)
     for (rpc_sconn_t *c = srv->conns; c; c = c->next)
         rpc_h2_close(&c->h2);
 }
+
+fy_status_t rpc_server_feed_raw(rpc_server_t *srv, const uint8_t *data, size_t len,
+                                size_t *out_bytes_p)
+{
+    rpc_sconn_t *conn = calloc(1, sizeof(*conn));
+    if (conn == NULL)
+        return FY_ERR_NO_MEMORY;
+    conn->srv = srv;
+    conn->h2.owner = conn;
+    conn->h2.busy = 1; // no socket: output is pulled below, never written
+    fy_status_t st = session_create(conn);
+    size_t out = 0;
+    if (st == FY_OK) {
+        ssize_t n = nghttp2_session_mem_recv(conn->h2.session, data, len);
+        st = n < 0 ? FY_ERR_PROTOCOL : FY_OK;
+        // Ops posted from other threads are not expected here; the fuzz handlers finish
+        // on the loop thread. Pull everything the session wants to send.
+        for (;;) {
+            const uint8_t *p;
+            ssize_t m = nghttp2_session_mem_send(conn->h2.session, &p);
+            if (m <= 0)
+                break;
+            out += (size_t)m;
+        }
+    }
+    while (conn->calls) {
+        rpc_call_t *call = conn->calls;
+        call->stream_closed = true;
+        call_detach(call);
+        call->pins++;
+        call_cancel(call);
+        call->pins--;
+        call_maybe_free(call);
+    }
+    nghttp2_session_del(conn->h2.session);
+    free(conn);
+    if (out_bytes_p)
+        *out_bytes_p = out;
+    return st;
+}
