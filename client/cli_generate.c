@@ -7,8 +7,28 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "model.h"
+
+
+/* Re-executes this process with OPENBLAS_CORETYPE set when OpenBLAS chose slower kernels than
+ * the CPU supports (see krn_gemm_better_coretype); returns only when nothing was done. */
+static void tune_blas(int argc, char **argv, const char *sub)
+{
+    const char *core = getenv("OPENBLAS_CORETYPE") == NULL ? krn_gemm_better_coretype() : NULL;
+    if (core == NULL || argc > 250)
+        return;
+    char *args[256];
+    args[0] = (char *)"ferry";
+    args[1] = (char *)sub;
+    for (int i = 1; i < argc; i++)
+        args[i + 1] = argv[i];
+    args[argc + 1] = NULL;
+    setenv("OPENBLAS_CORETYPE", core, 1);
+    execv("/proc/self/exe", args);
+    unsetenv("OPENBLAS_CORETYPE"); // exec failed: go on with what we have
+}
 
 static void usage(FILE *out)
 {
@@ -41,6 +61,7 @@ static bool parse_num(const char *s, double lo, double hi, double *v)
 
 int cli_generate_main(int argc, char **argv)
 {
+    tune_blas(argc, argv, "generate");
     const char *model_path = NULL, *prompt = NULL, *system = NULL;
     bool local = false, chat = false, stats = false;
     int threads = 0;

@@ -39,6 +39,12 @@ void krn_gemm_f32(int m, int n, int k, const float *x, int ldx, const float *w, 
  * why it lives here and nowhere else). n <= 0 keeps the library default. Thread: any. */
 void krn_gemm_set_threads(int n);
 
+/* The OPENBLAS_CORETYPE value that would give faster GEMMs on this CPU ("Haswell" when
+ * OpenBLAS picked pre-AVX2 kernels on a CPU with AVX2/FMA, as it does on VMs with a generic
+ * CPUID model), or NULL. OpenBLAS reads the variable only when it loads, so a program that
+ * wants it sets it and re-executes itself. Thread: any. */
+const char *krn_gemm_better_coretype(void);
+
 /* ------------------------------------------------------------------------------------------ */
 /* Matmul from stored weight types (matmul_q.c): decode                                        */
 /* ------------------------------------------------------------------------------------------ */
