@@ -356,12 +356,84 @@ static void test_compat_mismatch(void **state)
     check_refused(other_codec, "codec version");
 }
 
+/* ---- caller-supplied CRC, verification on and off ---- */
+
+static uint32_t g_seen_crc;
+
+static void crc_on_frame(kvlink_t *link, uint64_t request_id, uint32_t layer, kvlink_buf_t *buf,
+                         const void *data, size_t len, void *arg)
+{
+    g_seen_crc = kvlink_buf_crc(buf);
+    rig_on_frame(link, request_id, layer, buf, data, len, arg);
+}
+
+static void trusting(kvlink_params_t *p)
+{
+    p->verify_crc = false;
+    p->on_frame = crc_on_frame;
+}
+
+/* One frame with the given CRC; returns the receiver's end status. */
+static void one_frame_with_crc(rig_t *r, uint64_t id, uint32_t crc)
+{
+    kvlink_recv_params_t rp;
+    kvlink_recv_params_default(r->rx, &rp);
+    assert_int_equal(kvlink_recv_expect(r->rx, id, &rp), FY_OK);
+    kvlink_send_params_t sp;
+    kvlink_send_params_default(&sp);
+    sp.on_end = rig_on_send_end;
+    sp.arg = r;
+    kvlink_send_t *req;
+    assert_int_equal(kvlink_send_open(r->tx, r->addr, id, &sp, &req), FY_OK);
+    h_fill(g_frame, 5000, id, 2);
+    r->n_rx_end = r->n_tx_end = 0;
+    assert_int_equal(kvlink_send_frame_crc(req, 2, g_frame, 5000, crc, NULL, NULL), FY_OK);
+    assert_int_equal(kvlink_send_finish(req), FY_OK);
+    assert_true(h_run_until(&r->loop, rx_and_tx_ended, r, 5000));
+}
+
+static void test_frame_crc(void **state)
+{
+    rig_t r;
+    assert_int_equal(rig_init(&r, NULL, NULL), FY_OK);
+    r.release_inline = true;
+    h_fill(g_frame, 5000, 20, 2);
+    uint32_t good = fy_crc32c(0, g_frame, 5000);
+    one_frame_with_crc(&r, 20, good);
+    assert_int_equal(r.rx_end_st[0], FY_OK);
+    assert_int_equal(r.tx_end_st[0], FY_OK);
+    // A wrong CRC is caught by the receiver: DATA_LOSS on both sides, no frame delivered.
+    uint64_t delivered = r.frames_ok;
+    one_frame_with_crc(&r, 21, good ^ 1);
+    assert_int_equal(r.rx_end_st[0], FY_ERR_CORRUPT);
+    assert_int_equal(r.tx_end_st[0], FY_ERR_CORRUPT);
+    assert_int_equal(r.frames_ok, delivered);
+    kvlink_stats_t s;
+    kvlink_stats(r.rx, &s);
+    assert_int_equal(s.crc_errors, 1);
+    assert_true(h_run_until(&r.loop, (h_cond_fn)rig_idle, r.rx, 5000));
+    rig_fini(&r);
+
+    // With verification left to the consumer the frame is delivered with the announced CRC.
+    assert_int_equal(rig_init(&r, trusting, NULL), FY_OK);
+    r.release_inline = true;
+    h_fill(g_frame, 5000, 22, 2);
+    good = fy_crc32c(0, g_frame, 5000);
+    one_frame_with_crc(&r, 22, good ^ 1);
+    assert_int_equal(r.rx_end_st[0], FY_OK);
+    assert_int_equal(g_seen_crc, good ^ 1);
+    assert_int_equal(r.frames_ok, 1);
+    assert_true(h_run_until(&r.loop, (h_cond_fn)rig_idle, r.rx, 5000));
+    rig_fini(&r);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_thousand_frames),  cmocka_unit_test(test_cancel_by_receiver),
         cmocka_unit_test(test_cancel_by_sender), cmocka_unit_test(test_deadline),
         cmocka_unit_test(test_unexpected_request), cmocka_unit_test(test_compat_mismatch),
+        cmocka_unit_test(test_frame_crc),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
