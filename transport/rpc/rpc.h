@@ -82,9 +82,11 @@ fy_status_t rpc_code_to_status(int code);
 typedef struct {
     uint8_t hdr[5];    // the prefix being read
     uint32_t hdr_got;  // bytes of hdr filled
-    uint8_t *msg;      // [msg_len] the body being read, malloc'd
+    uint8_t *msg;      // [msg_cap] the body being read, malloc'd; grows with the bytes
+                       // that actually arrive, so a large length prefix alone costs nothing
     uint32_t msg_len;
     uint32_t msg_got;
+    uint32_t msg_cap;
     uint32_t max_message; // larger prefixes fail with FY_ERR_RESOURCE_EXHAUSTED
     bool failed;          // a previous feed failed; the stream is unusable
 } rpc_reader_t;

@@ -59,6 +59,7 @@ void rpc_reader_cleanup(rpc_reader_t *r)
 {
     free(r->msg);
     r->msg = NULL;
+    r->msg_cap = 0;
 }
 
 bool rpc_reader_idle(const rpc_reader_t *r)
@@ -97,14 +98,21 @@ fy_status_t rpc_reader_feed(rpc_reader_t *r, const uint8_t *data, size_t len,
             }
             r->msg_len = mlen;
             r->msg_got = 0;
-            free(r->msg);
-            r->msg = malloc(mlen ? mlen : 1);
-            if (r->msg == NULL) {
+        }
+        size_t n = FY_MIN(len, (size_t)(r->msg_len - r->msg_got));
+        if (r->msg == NULL || r->msg_got + n > r->msg_cap) {
+            // Grow geometrically, never past the declared length.
+            size_t want = FY_MAX((size_t)r->msg_got + n, FY_MIN((size_t)r->msg_cap * 2,
+                                                                (size_t)r->msg_len));
+            want = FY_MAX(want, FY_MIN((size_t)r->msg_len, (size_t)4096));
+            uint8_t *m = realloc(r->msg, want ? want : 1);
+            if (m == NULL) {
                 r->failed = true;
                 return FY_ERR_NO_MEMORY;
             }
+            r->msg = m;
+            r->msg_cap = (uint32_t)want;
         }
-        size_t n = FY_MIN(len, (size_t)(r->msg_len - r->msg_got));
         if (n > 0) {
             memcpy(r->msg + r->msg_got, data, n);
             r->msg_got += (uint32_t)n;
@@ -114,8 +122,12 @@ fy_status_t rpc_reader_feed(rpc_reader_t *r, const uint8_t *data, size_t len,
         if (r->msg_got == r->msg_len) {
             r->hdr_got = 0;
             fy_status_t st = cb ? cb(arg, r->msg, r->msg_len) : FY_OK;
-            free(r->msg);
-            r->msg = NULL;
+            // Keep a small buffer for the next message; drop a large one.
+            if (r->msg_cap > 65536) {
+                free(r->msg);
+                r->msg = NULL;
+                r->msg_cap = 0;
+            }
             if (st != FY_OK) {
                 r->failed = true;
                 return st;

@@ -77,6 +77,14 @@ static void test_reader_errors(void **state)
                      FY_ERR_PROTOCOL);
     rpc_reader_cleanup(&r);
 
+    // A 4 GiB-1 prefix under a 4 GiB limit allocates only for the bytes that arrived.
+    rpc_reader_init(&r, UINT32_MAX);
+    assert_int_equal(rpc_reader_feed(&r, (uint8_t[]){0, 0xff, 0xff, 0xff, 0xff, 1, 2}, 7,
+                                     collect, &g),
+                     FY_OK);
+    assert_true(r.msg_cap <= 4096);
+    rpc_reader_cleanup(&r);
+
     // A partial message is not idle (END_STREAM there means truncation).
     rpc_reader_init(&r, 10);
     assert_int_equal(rpc_reader_feed(&r, (uint8_t[]){0, 0, 0, 0, 4, 1}, 6, collect, &g), FY_OK);
