@@ -241,7 +241,18 @@ fy_status_t kvlink_ctx_create(const kvlink_ctx_params_t *params, kvlink_ctx_t **
     }
     // UCX 1.13 leaves shared memory out of endpoints that need peer failure detection (ours
     // do) unless its error handling is enabled.
-    const char *tls = getenv("UCX_TLS");
+    if (params->tls != NULL && ucp_config_modify(config, "TLS", params->tls) != UCS_OK) {
+        FY_LOG_ERROR(MOD, "invalid UCX transport list '%s'", params->tls);
+        ucp_config_release(config);
+        return FY_ERR_INVALID_ARG;
+    }
+    if (params->net_devices != NULL &&
+        ucp_config_modify(config, "NET_DEVICES", params->net_devices) != UCS_OK) {
+        FY_LOG_ERROR(MOD, "invalid UCX device list '%s'", params->net_devices);
+        ucp_config_release(config);
+        return FY_ERR_INVALID_ARG;
+    }
+    const char *tls = params->tls != NULL ? params->tls : getenv("UCX_TLS");
     bool may_use_shm = tls == NULL || strstr(tls, "all") || strstr(tls, "sm") ||
                        strstr(tls, "posix") || strstr(tls, "sysv") || strstr(tls, "mm");
     if (may_use_shm && getenv("UCX_MM_ERROR_HANDLING") == NULL &&

@@ -61,9 +61,16 @@ typedef struct {
      * keepalive), in milliseconds; 0 keeps UCX's default. UCX_KEEPALIVE_INTERVAL in the
      * environment wins. */
     uint32_t keepalive_ms;
+    /* UCX transports and devices, as UCX_TLS and UCX_NET_DEVICES take them ("tcp",
+     * "posix,sysv,cma,tcp", "mlx5_0:1"...), for a daemon's config file. NULL leaves UCX's
+     * environment and defaults alone; a value here overrides the environment. Borrowed for the
+     * call. */
+    const char *tls;
+    const char *net_devices;
 } kvlink_ctx_params_t;
 
-/* Fills the defaults (keepalive 1000 ms). Thread: any. */
+/* Fills the defaults (keepalive 1000 ms, transports and devices from the environment).
+ * Thread: any. */
 void kvlink_ctx_params_default(kvlink_ctx_params_t *params);
 
 /* Creates the UCX context (active messages, wakeup; UCX_TLS / UCX_NET_DEVICES from the

@@ -427,13 +427,44 @@ static void test_frame_crc(void **state)
     rig_fini(&r);
 }
 
+static void test_ctx_params(void **state)
+{
+    kvlink_ctx_params_t cp;
+    kvlink_ctx_params_default(&cp);
+    assert_int_equal(cp.keepalive_ms, 1000);
+    assert_null(cp.tls);
+    cp.tls = "tcp";
+    cp.net_devices = "lo";
+    kvlink_ctx_t *ctx;
+    assert_int_equal(kvlink_ctx_create(&cp, &ctx), FY_OK);
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    kvlink_params_t p;
+    kvlink_params_default(&p);
+    p.recv_pool_bytes = 1u << 20;
+    kvlink_t *link;
+    assert_int_equal(kvlink_create(ctx, &loop, &p, &link), FY_OK);
+    uint16_t port = 0;
+    assert_int_equal(kvlink_listen(link, "127.0.0.1", 0, &port), FY_OK);
+    assert_true(port != 0);
+    assert_int_equal(kvlink_listen(link, "127.0.0.1", 0, &port), FY_ERR_STATE);
+    p.max_frame_bytes = 0;
+    kvlink_t *bad;
+    assert_int_equal(kvlink_create(ctx, &loop, &p, &bad), FY_ERR_INVALID_ARG);
+    kvlink_destroy(link);
+    kvlink_destroy(NULL);
+    kvlink_ctx_destroy(ctx);
+    kvlink_ctx_destroy(NULL);
+    h_loop_close(&loop);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_thousand_frames),  cmocka_unit_test(test_cancel_by_receiver),
         cmocka_unit_test(test_cancel_by_sender), cmocka_unit_test(test_deadline),
         cmocka_unit_test(test_unexpected_request), cmocka_unit_test(test_compat_mismatch),
-        cmocka_unit_test(test_frame_crc),
+        cmocka_unit_test(test_frame_crc),          cmocka_unit_test(test_ctx_params),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
