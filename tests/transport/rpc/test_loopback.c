@@ -462,12 +462,13 @@ static void test_round_robin(void **state)
 
 typedef struct {
     echo_thread_t *srv;
+    uint32_t drain_ms;
 } stopper_t;
 
 static void stop_server(void *arg)
 {
     stopper_t *s = arg;
-    echo_thread_stop(s->srv, 5000);
+    echo_thread_stop(s->srv, s->drain_ms);
 }
 
 static void test_graceful_shutdown(void **state)
@@ -492,7 +493,7 @@ static void test_graceful_shutdown(void **state)
     while (fy_clock_ns() - t0 < 100 * 1000000ull)
         uv_run(&loop, UV_RUN_NOWAIT);
     // Shut down while the call is in flight: GOAWAY, the call still completes.
-    stopper_t s = {srv};
+    stopper_t s = {srv, 5000};
     uv_thread_t th;
     assert_int_equal(uv_thread_create(&th, stop_server, &s), 0);
     run_until_done(&loop, &r);
@@ -504,6 +505,43 @@ static void test_graceful_shutdown(void **state)
     result_init(&r);
     assert_int_equal(call_sync(&loop, ch, EP("Unary"), &e.base, NULL, &r), FY_OK);
     assert_int_equal(r.code, RPC_CODE_UNAVAILABLE);
+    rpc_channel_destroy(ch);
+    drain_loop(&loop);
+    assert_int_equal(uv_loop_close(&loop), 0);
+}
+
+static void test_drain_timeout(void **state)
+{
+    // A call longer than the drain period is cancelled on the server and the client sees
+    // the connection go.
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    rpc_server_params_t p;
+    rpc_server_params_default(&p);
+    echo_thread_t *srv;
+    assert_int_equal(echo_thread_start(&p, &srv), FY_OK);
+    int port = echo_thread_port(srv);
+    rpc_channel_t *ch = channel_to(&loop, &port, 1, NULL);
+    unsigned before = echo_service_cancels();
+    Ferry__Test__SlowRequest req = FERRY__TEST__SLOW_REQUEST__INIT;
+    req.delay_ms = 10000;
+    result_t r;
+    result_init(&r);
+    assert_int_equal(rpc_channel_call(ch, EP("Slow"), &req.base,
+                                      &ferry__test__echo_response__descriptor, NULL, test_on_msg,
+                                      test_on_done, &r, NULL),
+                     FY_OK);
+    uint64_t t0 = fy_clock_ns();
+    while (fy_clock_ns() - t0 < 100 * 1000000ull)
+        uv_run(&loop, UV_RUN_NOWAIT);
+    stopper_t s = {srv, 200};
+    uv_thread_t th;
+    assert_int_equal(uv_thread_create(&th, stop_server, &s), 0);
+    run_until_done(&loop, &r);
+    assert_int_equal(r.code, RPC_CODE_UNAVAILABLE);
+    assert_true(fy_clock_ns() - t0 < 5000 * 1000000ull);
+    uv_thread_join(&th);
+    assert_true(echo_service_cancels() >= before + 1);
     rpc_channel_destroy(ch);
     drain_loop(&loop);
     assert_int_equal(uv_loop_close(&loop), 0);
@@ -574,6 +612,7 @@ int main(void)
         cmocka_unit_test(test_unavailable_and_reconnect),
         cmocka_unit_test(test_round_robin),
         cmocka_unit_test(test_graceful_shutdown),
+        cmocka_unit_test(test_drain_timeout),
         cmocka_unit_test(test_auth_and_keepalive),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
