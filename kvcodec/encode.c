@@ -30,6 +30,7 @@ struct kvc_encoder {
     uint32_t *cand_idx; // [n_items]
     uint8_t *cand_opt;  // [n_items]
     uint64_t *counts;   // [n_kv_heads][KVC_OPT_COUNT]
+    uint8_t *backbone;  // [n_tokens] 1 = HEX backbone token
     kvc_scores_t scores;
     float cost[KVC_OPT_COUNT]; // amortized bytes per token of each option
 };
@@ -47,6 +48,23 @@ static size_t frame_fixed_bytes(uint32_t n_kv, uint32_t n)
     return KVC_FRAME_HEADER_BYTES + FY_ALIGN_UP((size_t)n_kv * kvc_map_bytes(n), 8) + 4;
 }
 
+static bool is_backbone(const kvc_policy_t *pol, uint32_t t, uint32_t n)
+{
+    // HEX-style backbone: m evenly spaced tokens, t_i = floor((i + 1/2) n / m)
+    // (docs/kvcodec-policies.md explains the choice).
+    if (pol->backbone_frac <= 0)
+        return false;
+    uint64_t m = (uint64_t)ceil((double)pol->backbone_frac * n);
+    if (m == 0)
+        return false;
+    // t is a backbone token iff some i has floor((2i + 1) n / 2m) == t.
+    uint64_t i = ((uint64_t)2 * t * m) / ((uint64_t)2 * n); // candidate, then neighbours
+    for (uint64_t j = i > 0 ? i - 1 : 0; j <= i + 1 && j < m; j++)
+        if (((2 * j + 1) * (uint64_t)n) / (2 * m) == t)
+            return true;
+    return false;
+}
+
 void kvc_encoder_destroy(kvc_encoder_t *e)
 {
     if (e == NULL)
@@ -54,7 +72,7 @@ void kvc_encoder_destroy(kvc_encoder_t *e)
     free(e->dist), free(e->allowed), free(e->choice), free(e->tmp_choice);
     free(e->kf), free(e->vf), free(e->kr), free(e->vr), free(e->errk), free(e->errv);
     free(e->gk), free(e->gv), free(e->cand), free(e->cand_idx), free(e->cand_opt);
-    free(e->counts);
+    free(e->counts), free(e->backbone);
     kvc_scores_cleanup(&e->scores);
     free(e);
 }
@@ -105,13 +123,16 @@ fy_status_t kvc_encoder_create(const kvc_encoder_params_t *p, kvc_encoder_t **en
     e->cand_idx = malloc(e->n_items * sizeof(uint32_t));
     e->cand_opt = malloc(e->n_items);
     e->counts = malloc((size_t)p->n_kv_heads * KVC_OPT_COUNT * sizeof(uint64_t));
+    e->backbone = malloc(n);
     if (!e->dist || !e->allowed || !e->choice || !e->tmp_choice || !e->kf || !e->vf ||
         (e->policy.rotate && (!e->kr || !e->vr)) || !e->errk || !e->errv || !e->gk || !e->gv ||
-        !e->cand || !e->cand_idx || !e->cand_opt || !e->counts ||
+        !e->cand || !e->cand_idx || !e->cand_opt || !e->counts || !e->backbone ||
         kvc_scores_init(&e->scores, p->n_kv_heads, p->n_tokens, d) != FY_OK) {
         kvc_encoder_destroy(e);
         return FY_ERR_NO_MEMORY;
     }
+    for (uint32_t t = 0; t < p->n_tokens; t++)
+        e->backbone[t] = is_backbone(&e->policy, t, p->n_tokens);
     for (int o = 0; o < KVC_OPT_COUNT; o++) {
         if (o == KVC_OPT_F16)
             e->cost[o] = 4.0f * d;
@@ -146,27 +167,40 @@ void kvc_encoder_totals(const kvc_encoder_t *e, uint64_t *bytes_p, uint64_t *bud
 
 /* ---- distortion model ---- */
 
-static bool is_backbone(const kvc_policy_t *pol, uint32_t t, uint32_t n)
-{
-    // HEX-style backbone: m evenly spaced tokens, t_i = floor((i + 1/2) n / m)
-    // (docs/kvcodec-policies.md explains the choice).
-    if (pol->backbone_frac <= 0)
-        return false;
-    uint64_t m = (uint64_t)ceil((double)pol->backbone_frac * n);
-    if (m == 0)
-        return false;
-    // t is a backbone token iff some i has floor((2i + 1) n / 2m) == t.
-    uint64_t i = ((uint64_t)2 * t * m) / ((uint64_t)2 * n); // candidate, then neighbours
-    for (uint64_t j = i > 0 ? i - 1 : 0; j <= i + 1 && j < m; j++)
-        if (((2 * j + 1) * (uint64_t)n) / (2 * m) == t)
-            return true;
-    return false;
-}
-
 static void load_rows(const uint16_t *src, size_t stride, uint32_t n, uint32_t d, float *dst)
 {
     for (uint32_t t = 0; t < n; t++)
         fy_fp16_to_fp32_buf(dst + (size_t)t * d, src + (size_t)t * stride, d);
+}
+
+/* Modelled errors: a uniform quantizer with step s has mean squared error s^2 / 12. */
+static void model_errors(int bits, uint32_t d, uint32_t m, const float *k, const float *v,
+                         const float *kw, float *errk, float *errv)
+{
+    float qmax = (float)((1 << bits) - 1);
+    float mn[KVC_MAX_HEAD_DIM], mx[KVC_MAX_HEAD_DIM];
+    memcpy(mn, k, d * sizeof(float));
+    memcpy(mx, k, d * sizeof(float));
+    for (uint32_t t = 1; t < m; t++) {
+        const float *row = k + (size_t)t * d;
+        for (uint32_t c = 0; c < d; c++) {
+            mn[c] = row[c] < mn[c] ? row[c] : mn[c];
+            mx[c] = row[c] > mx[c] ? row[c] : mx[c];
+        }
+    }
+    float ke = 0;
+    for (uint32_t c = 0; c < d; c++) {
+        float s = (mx[c] - mn[c]) / qmax;
+        ke += kw[c] * s * s;
+    }
+    ke /= 12.0f;
+    for (uint32_t t = 0; t < m; t++) {
+        float a, b;
+        kvc_row_minmax(v + (size_t)t * d, d, &a, &b);
+        float s = (b - a) / qmax;
+        errk[t] = ke;
+        errv[t] = (float)d * s * s / 12.0f;
+    }
 }
 
 static void build_items(kvc_encoder_t *e, const kvc_layer_input_t *in, const kvc_scores_t *sc,
@@ -188,13 +222,15 @@ static void build_items(kvc_encoder_t *e, const kvc_layer_input_t *in, const kvc
 
     // Value deviation from the window output: what losing the token costs (per token when
     // joint_kv, else the head's mean).
+    bool measured = pol->dist == KVC_DIST_TRIAL || pol->dist == KVC_DIST_MODEL;
     float *dev = e->cand; // scratch [n]
     double dev_mean = 0;
-    for (uint32_t t = 0; t < n && pol->dist == KVC_DIST_TRIAL; t++) {
+    for (uint32_t t = 0; t < n && measured; t++) {
         const float *vr = e->vf + (size_t)t * d;
-        float s = 0;
+        float diff[KVC_MAX_HEAD_DIM];
         for (uint32_t c = 0; c < d; c++)
-            s += (vr[c] - obar[c]) * (vr[c] - obar[c]);
+            diff[c] = vr[c] - obar[c];
+        float s = kvc_dot(diff, diff, d);
         dev[t] = s;
         dev_mean += s;
     }
@@ -214,11 +250,11 @@ static void build_items(kvc_encoder_t *e, const kvc_layer_input_t *in, const kvc
         uint8_t mask = (uint8_t)pol->options;
         if (pins && (t < pol->sinks || t + pol->recent >= n))
             mask = KVC_OPT_BIT(KVC_OPT_F16);
-        else if (pins && is_backbone(pol, t, n))
+        else if (pins && e->backbone[t])
             mask = (uint8_t)KVC_OPT_BIT(pol->backbone_opt);
         e->allowed[it] = mask;
         float dv = pol->joint_kv ? dev[t] : (float)dev_mean;
-        if (pol->dist == KVC_DIST_TRIAL) {
+        if (measured) {
             float w2 = w * w; // output error ~ p^2 |delta|^2
             D[KVC_OPT_F16] = 0;
             D[KVC_OPT_DROP] = w2 * dv;
@@ -230,7 +266,7 @@ static void build_items(kvc_encoder_t *e, const kvc_layer_input_t *in, const kvc
                 D[o] = w * k_rank_pen[o];
         }
     }
-    if (pol->dist != KVC_DIST_TRIAL)
+    if (!measured)
         return;
     // Trial quantization over groups of G consecutive tokens, once per bit width: 4/2 reuses
     // the 4-bit key and 2-bit value errors.
@@ -250,6 +286,11 @@ static void build_items(kvc_encoder_t *e, const kvc_layer_input_t *in, const kvc
             bool rot = pol->rotate && b <= 4;
             const float *ks = (rot ? e->kr : e->kf) + (size_t)t0 * d;
             const float *vs = (rot ? e->vr : e->vf) + (size_t)t0 * d;
+            if (pol->dist == KVC_DIST_MODEL) {
+                model_errors(b, d, m, ks, vs, rot ? kw_rot : qsq, ek + (size_t)b * G,
+                             ev + (size_t)b * G);
+                continue;
+            }
             if (b != 2 || needk2)
                 kvc_key_errors(b, d, m, ks, rot ? kw_rot : qsq, ek + (size_t)b * G);
             if (b != 4 || needv4)
@@ -421,7 +462,8 @@ static double solve(kvc_encoder_t *e, size_t target, double lambda0)
                 break;
         }
     }
-    for (int it = 0; it < 40 && hi > lo * 1.0001; it++) {
+    // A 1 % bracket is enough: the greedy fill below spends what the multiplier leaves.
+    for (int it = 0; it < 40 && hi > lo * 1.01; it++) {
         double mid = sqrt(lo * hi);
         assign(e, mid, e->tmp_choice);
         if (exact_bytes(e, e->tmp_choice) <= target)
@@ -556,11 +598,12 @@ fy_status_t kvc_encoder_encode_layer(kvc_encoder_t *e, const kvc_layer_input_t *
         for (uint32_t h = 0; h < n_kv; h++) {
             const uint16_t *kh = in->k + (size_t)h * in->head_stride;
             const uint16_t *vh = in->v + (size_t)h * in->head_stride;
-            if (e->policy.dist == KVC_DIST_TRIAL) {
+            if (e->policy.dist == KVC_DIST_TRIAL || e->policy.dist == KVC_DIST_MODEL) {
                 load_rows(kh, in->token_stride, n, d, e->kf);
                 load_rows(vh, in->token_stride, n, d, e->vf);
             }
-            if (e->policy.rotate && e->policy.dist == KVC_DIST_TRIAL) {
+            if (e->policy.rotate &&
+                (e->policy.dist == KVC_DIST_TRIAL || e->policy.dist == KVC_DIST_MODEL)) {
                 memcpy(e->kr, e->kf, (size_t)n * d * sizeof(float));
                 memcpy(e->vr, e->vf, (size_t)n * d * sizeof(float));
                 for (uint32_t t = 0; t < n; t++) {

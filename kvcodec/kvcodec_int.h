@@ -126,19 +126,41 @@ void kvc_value_errors(int bits, uint32_t d, uint32_t m, const float *v, float *e
  * symmetric and orthonormal, so it is its own inverse. */
 void kvc_hadamard(float *x, uint32_t d);
 
-/* Dot product with 8 independent partial sums (vectorizes without reassociation). */
+/* Eight fp32 lanes as a GCC/Clang vector: elementwise semantics, so the result is identical
+ * whether the compiler lowers it to AVX2 or to SSE pairs. */
+typedef float kvc_v8 __attribute__((vector_size(32)));
+typedef int32_t kvc_v8i __attribute__((vector_size(32)));
+
+/* Loads and reductions go through pointers: vectors never cross a function boundary by
+ * value, which would change the ABI between the AVX2 and the default clones. */
+#define KVC_V8_LOAD(v, p) memcpy(&(v), (p), sizeof(kvc_v8))
+
+static inline float kvc_v8_sum(const kvc_v8 *a)
+{
+    return (((*a)[0] + (*a)[1]) + ((*a)[2] + (*a)[3])) +
+           (((*a)[4] + (*a)[5]) + ((*a)[6] + (*a)[7]));
+}
+
+/* Dot product with 8 independent partial sums in a fixed order (d a multiple of 8 is the
+ * fast path). */
 static inline float kvc_dot(const float *a, const float *b, uint32_t d)
 {
-    float acc[8] = {0};
+    kvc_v8 acc = {0};
     uint32_t c = 0;
-    for (; c + 8 <= d; c += 8)
-        for (int j = 0; j < 8; j++)
-            acc[j] += a[c + j] * b[c + j];
-    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; c + 8 <= d; c += 8) {
+        kvc_v8 x, y;
+        KVC_V8_LOAD(x, a + c);
+        KVC_V8_LOAD(y, b + c);
+        acc += x * y;
+    }
+    float s = kvc_v8_sum(&acc);
     for (; c < d; c++)
         s += a[c] * b[c];
     return s;
 }
+
+/* Minimum and maximum of a row (8 independent lanes). */
+void kvc_row_minmax(const float *x, uint32_t d, float *mn_p, float *mx_p);
 
 /* Unpacks one row of d codes of b bits into floats. */
 void kvc_unpack_row(const uint8_t *src, uint32_t d, int bits, float *dst);

@@ -128,7 +128,7 @@ fy_status_t kvc_policy_validate(const kvc_policy_t *p, char *err, size_t err_len
         FAIL("pooling kernel %u: must be odd, 1..255", p->pool_kernel);
     if (p->reduce != KVC_REDUCE_MEAN && p->reduce != KVC_REDUCE_MAX)
         FAIL("reduce: unknown value");
-    if ((unsigned)p->dist > KVC_DIST_POSITION)
+    if ((unsigned)p->dist > KVC_DIST_MODEL)
         FAIL("distortion: unknown value");
     if (!(p->backbone_frac >= 0 && p->backbone_frac <= 0.5f))
         FAIL("backbone fraction %g: must be in [0, 0.5]", (double)p->backbone_frac);
@@ -251,8 +251,11 @@ static fy_status_t apply_key(kvc_policy_t *p, const cJSON *it, char *err, size_t
             p->dist = KVC_DIST_RANK;
         else if (cJSON_IsString(it) && strcmp(it->valuestring, "position") == 0)
             p->dist = KVC_DIST_POSITION;
+        else if (cJSON_IsString(it) && strcmp(it->valuestring, "model") == 0)
+            p->dist = KVC_DIST_MODEL;
         else
-            return jerr(err, err_len, k, "expected \"trial\", \"rank\" or \"position\"");
+            return jerr(err, err_len, k,
+                        "expected \"trial\", \"model\", \"rank\" or \"position\"");
     } else if (strcmp(k, "budget") == 0) {
         st = j_num(it, -1, 1, &p->budget, err, err_len);
     } else if (strcmp(k, "rate_flex") == 0) {

@@ -111,12 +111,34 @@ static void asym_params(float mn, float mx, float qmax, uint16_t *s16, uint16_t 
     *s16 = fp16_ceil(s);
 }
 
+/* Round to nearest (ties to even) by the 1.5 * 2^23 trick: exact for |x| < 2^22 and free of
+ * int conversions, so it vectorizes. No fast-math, so (x + M) - M is not folded away. */
+#define KVC_ROUND_MAGIC 12582912.0f
+
+static inline float round_clamp(float x, float qmax)
+{
+    x = x > -1.0f ? x : -1.0f; // keeps x + M exact; NaN lands here as -1
+    x = x < qmax + 1.0f ? x : qmax + 1.0f;
+    float r = (x + KVC_ROUND_MAGIC) - KVC_ROUND_MAGIC;
+    r = r > 0 ? r : 0;
+    return r < qmax ? r : qmax;
+}
+
+/* The same rounding on 8 lanes (masks instead of branches). */
+#define KVC_SEL(m, a, b) ((kvc_v8)(((m) & (kvc_v8i)(a)) | (~(m) & (kvc_v8i)(b))))
+#define KVC_ROUND_CLAMP8(r, x, qmax8, lo8, hi8, magic8, zero8)                                  \
+    do {                                                                                       \
+        kvc_v8 x_ = (x);                                                                       \
+        x_ = KVC_SEL(x_ > (lo8), x_, (lo8));                                                   \
+        x_ = KVC_SEL(x_ < (hi8), x_, (hi8));                                                   \
+        kvc_v8 r_ = (x_ + (magic8)) - (magic8);                                                \
+        r_ = KVC_SEL(r_ > (zero8), r_, (zero8));                                               \
+        (r) = KVC_SEL(r_ < (qmax8), r_, (qmax8));                                              \
+    } while (0)
+
 static inline uint8_t quant_one(float x, float z, float inv, float qmax)
 {
-    float f = (x - z) * inv + 0.5f;
-    f = f > 0 ? f : 0; // NaN lands here as 0
-    f = f < qmax ? f : qmax;
-    return (uint8_t)f;
+    return (uint8_t)round_clamp((x - z) * inv, qmax);
 }
 
 static void pack_row(const uint8_t *codes, uint32_t d, int bits, uint8_t *dst)
@@ -154,27 +176,30 @@ KVC_HOT void kvc_unpack_row(const uint8_t *src, uint32_t d, int bits, float *dst
     }
 }
 
-KVC_HOT static void row_minmax(const float *x, uint32_t d, float *mn_p, float *mx_p)
+KVC_HOT void kvc_row_minmax(const float *x, uint32_t d, float *mn_p, float *mx_p)
 {
-    float mn[8], mx[8];
-    for (int j = 0; j < 8; j++)
-        mn[j] = mx[j] = x[0];
+    float a = x[0], b = x[0];
     uint32_t c = 0;
-    for (; c + 8 <= d; c += 8) {
-        for (int j = 0; j < 8; j++) {
-            float a = x[c + j];
-            mn[j] = a < mn[j] ? a : mn[j];
-            mx[j] = a > mx[j] ? a : mx[j];
+    if (d >= 8) {
+        kvc_v8 mn, mx, v;
+        KVC_V8_LOAD(mn, x);
+        mx = mn;
+        for (c = 8; c + 8 <= d; c += 8) {
+            KVC_V8_LOAD(v, x + c);
+            kvc_v8i lt = v < mn, gt = v > mx;
+            mn = (kvc_v8)((lt & (kvc_v8i)v) | (~lt & (kvc_v8i)mn));
+            mx = (kvc_v8)((gt & (kvc_v8i)v) | (~gt & (kvc_v8i)mx));
+        }
+        a = mn[0];
+        b = mx[0];
+        for (int j = 1; j < 8; j++) {
+            a = mn[j] < a ? mn[j] : a;
+            b = mx[j] > b ? mx[j] : b;
         }
     }
     for (; c < d; c++) {
-        mn[0] = x[c] < mn[0] ? x[c] : mn[0];
-        mx[0] = x[c] > mx[0] ? x[c] : mx[0];
-    }
-    float a = mn[0], b = mx[0];
-    for (int j = 1; j < 8; j++) {
-        a = mn[j] < a ? mn[j] : a;
-        b = mx[j] > b ? mx[j] : b;
+        a = x[c] < a ? x[c] : a;
+        b = x[c] > b ? x[c] : b;
     }
     *mn_p = a;
     *mx_p = b;
@@ -215,7 +240,7 @@ static void value_params(const float *row, uint32_t d, float qmax, uint16_t *s16
                          float *s, float *z, float *inv)
 {
     float mn, mx;
-    row_minmax(row, d, &mn, &mx);
+    kvc_row_minmax(row, d, &mn, &mx);
     asym_params(mn, mx, qmax, s16, z16);
     *s = fy_fp16_to_fp32(*s16);
     *z = fy_fp16_to_fp32(*z16);
@@ -323,43 +348,54 @@ KVC_HOT void kvc_key_errors(int bits, uint32_t d, uint32_t m, const float *k, co
         s[c] = (mx[c] - mn[c]) / qmax;
         inv[c] = s[c] > 0 ? 1.0f / s[c] : 0.0f;
     }
+    kvc_v8 q8 = {0}, lo8 = {0}, hi8 = {0}, magic8 = {0}, zero8 = {0};
+    q8 += qmax;
+    lo8 += -1.0f;
+    hi8 += qmax + 1.0f;
+    magic8 += KVC_ROUND_MAGIC;
     for (uint32_t t = 0; t < m; t++) {
         const float *row = k + (size_t)t * d;
-        float acc[8] = {0};
+        kvc_v8 acc = {0};
         for (uint32_t c = 0; c < d; c += 8) {
-            for (int j = 0; j < 8; j++) {
-                float x = row[c + j];
-                float f = (x - mn[c + j]) * inv[c + j] + 0.5f;
-                f = f > 0 ? f : 0;
-                f = f < qmax ? f : qmax;
-                float e = (float)(int)f * s[c + j] + mn[c + j] - x;
-                acc[j] += kw[c + j] * e * e;
-            }
+            kvc_v8 x, vmn, vinv, vs, w, r;
+            KVC_V8_LOAD(x, row + c);
+            KVC_V8_LOAD(vmn, mn + c);
+            KVC_V8_LOAD(vinv, inv + c);
+            KVC_V8_LOAD(vs, s + c);
+            KVC_V8_LOAD(w, kw + c);
+            KVC_ROUND_CLAMP8(r, (x - vmn) * vinv, q8, lo8, hi8, magic8, zero8);
+            kvc_v8 err = r * vs + vmn - x;
+            acc += w * err * err;
         }
-        errk[t] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+        errk[t] = kvc_v8_sum(&acc);
     }
 }
 
 KVC_HOT void kvc_value_errors(int bits, uint32_t d, uint32_t m, const float *v, float *errv)
 {
     float qmax = (float)((1 << bits) - 1);
+    kvc_v8 q8 = {0}, lo8 = {0}, hi8 = {0}, magic8 = {0}, zero8 = {0};
+    q8 += qmax;
+    lo8 += -1.0f;
+    hi8 += qmax + 1.0f;
+    magic8 += KVC_ROUND_MAGIC;
     for (uint32_t t = 0; t < m; t++) {
         const float *row = v + (size_t)t * d;
         float mn, mx;
-        row_minmax(row, d, &mn, &mx);
+        kvc_row_minmax(row, d, &mn, &mx);
         float s = (mx - mn) / qmax, inv = s > 0 ? 1.0f / s : 0.0f;
-        float acc[8] = {0};
+        kvc_v8 acc = {0}, vmn = {0}, vinv = {0}, vs = {0};
+        vmn += mn;
+        vinv += inv;
+        vs += s;
         for (uint32_t c = 0; c < d; c += 8) {
-            for (int j = 0; j < 8; j++) {
-                float x = row[c + j];
-                float f = (x - mn) * inv + 0.5f;
-                f = f > 0 ? f : 0;
-                f = f < qmax ? f : qmax;
-                float e = (float)(int)f * s + mn - x;
-                acc[j] += e * e;
-            }
+            kvc_v8 x, r;
+            KVC_V8_LOAD(x, row + c);
+            KVC_ROUND_CLAMP8(r, (x - vmn) * vinv, q8, lo8, hi8, magic8, zero8);
+            kvc_v8 err = r * vs + vmn - x;
+            acc += err * err;
         }
-        errv[t] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+        errv[t] = kvc_v8_sum(&acc);
     }
 }
 
