@@ -39,7 +39,8 @@ typedef struct ferry_call ferry_call_t;
 typedef struct {
     const char *addresses;   // "host:port[,host:port...]"; borrowed for create
     const char *token;       // bearer token sent as "authorization: Bearer <token>", or NULL
-    uint32_t timeout_ms;     // default deadline per call; 0 = none (default 30000)
+    uint32_t timeout_ms;     // deadline of every call, Generate included; 0 = none
+                             // (default 30000; long generations want more or 0)
     uint32_t max_message;    // largest message sent or received (default 4 MiB)
     uint32_t max_attempts;   // attempts for idempotent calls (default 3)
     uint32_t connect_timeout_ms; // default 5000

@@ -146,7 +146,8 @@ typedef void (*rpc_cancel_cb)(rpc_call_t *call, void *arg);
 typedef fy_status_t (*rpc_auth_cb)(void *arg, const char *path, const char *authorization);
 
 typedef struct {
-    const char *host;              // listen address (default "127.0.0.1"); borrowed
+    const char *host;              // IPv4/IPv6 literal or "localhost" (default "127.0.0.1");
+                                   // "0.0.0.0" or "::" for every interface; borrowed
     int port;                      // 0 = pick a free port (see rpc_server_port)
     uint32_t max_message;          // largest request accepted (default 4 MiB)
     uint32_t max_send_message;     // largest response sent (default 4 MiB)
