@@ -123,8 +123,8 @@ static void start_one(load_t *l)
         Ferry__V1__GenerateRequest req = FERRY__V1__GENERATE_REQUEST__INIT;
         req.sampling = &sp;
         st = rpc_channel_call(l->ch, "/ferry.v1.Ferry/Generate", &req.base,
-                              &ferry__v1__generate_response__descriptor, NULL, on_msg, on_done,
-                              l, NULL);
+                              &ferry__v1__generate_response__descriptor, NULL, on_msg, on_done, l,
+                              NULL);
     } else {
         Ferry__V1__HealthRequest req = FERRY__V1__HEALTH_REQUEST__INIT;
         st = rpc_channel_call(l->ch, "/ferry.v1.Ferry/Health", &req.base,
@@ -190,8 +190,7 @@ static const workload_t k_work[] = {
     {"stream msgs/s, 64 streams", true, 64},
 };
 
-static const char *k_pairs[] = {"ferry->ferry", "grpcio->grpcio", "ferry->grpcio",
-                                "grpcio->ferry"};
+static const char *k_pairs[] = {"ferry->ferry", "grpcio->grpcio", "ferry->grpcio", "grpcio->ferry"};
 
 /* Starts `python bench_grpcio.py serve`; returns its pid and port, or -1. */
 static pid_t py_serve(const char *python, const char *script, int *port_p)
@@ -273,8 +272,8 @@ int bench_rpc_main(int argc, char **argv)
     snprintf(py, sizeof(py), "%s/.venv/bin/python", root);
     snprintf(script, sizeof(script), "%s/tests/transport/rpc/bench_grpcio.py", root);
     if (python && (access(py, X_OK) != 0 || access(script, R_OK) != 0)) {
-        fprintf(stderr, "rpc: %s or %s missing (run scripts/setup.sh, or pass --no-python)\n",
-                py, script);
+        fprintf(stderr, "rpc: %s or %s missing (run scripts/setup.sh, or pass --no-python)\n", py,
+                script);
         return 1;
     }
 
@@ -302,8 +301,7 @@ int bench_rpc_main(int argc, char **argv)
         pid_t pid = py_serve(py, script, &py_port);
         if (pid > 0) {
             for (size_t w = 0; w < FY_ARRAY_SIZE(k_work); w++)
-                rate[2][w] = ferry_client_run(py_port, k_work[w].stream, k_work[w].conc,
-                                              seconds);
+                rate[2][w] = ferry_client_run(py_port, k_work[w].stream, k_work[w].conc, seconds);
             if (py_client(py, script, py_port, seconds, r))
                 for (size_t w = 0; w < 4; w++)
                     rate[1][w] = r[w];

@@ -23,10 +23,14 @@ static void usage(FILE *out)
 static const char *status_name(Ferry__V1__HealthResponse__ServingStatus s)
 {
     switch (s) {
-    case FERRY__V1__HEALTH_RESPONSE__SERVING_STATUS__SERVING: return "SERVING";
-    case FERRY__V1__HEALTH_RESPONSE__SERVING_STATUS__NOT_SERVING: return "NOT_SERVING";
-    case FERRY__V1__HEALTH_RESPONSE__SERVING_STATUS__DRAINING: return "DRAINING";
-    default: return "UNKNOWN";
+    case FERRY__V1__HEALTH_RESPONSE__SERVING_STATUS__SERVING:
+        return "SERVING";
+    case FERRY__V1__HEALTH_RESPONSE__SERVING_STATUS__NOT_SERVING:
+        return "NOT_SERVING";
+    case FERRY__V1__HEALTH_RESPONSE__SERVING_STATUS__DRAINING:
+        return "DRAINING";
+    default:
+        return "UNKNOWN";
     }
 }
 

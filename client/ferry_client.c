@@ -12,7 +12,7 @@
 
 struct ferry_client {
     uv_loop_t *loop;
-    uv_loop_t own_loop;  // the loop of a blocking client
+    uv_loop_t own_loop; // the loop of a blocking client
     bool owns_loop;
     rpc_channel_t *ch;
     ferry_client_params_t params;
@@ -164,8 +164,7 @@ static void async_done(rpc_ccall_t *rc, int code, const char *message, void *arg
 
 int ferry_call_async(ferry_client_t *c, const char *method, const ProtobufCMessage *req,
                      const ProtobufCMessageDescriptor *resp_desc, const ferry_call_opts_t *opts,
-                     ferry_msg_cb on_msg, ferry_done_cb on_done, void *arg,
-                     ferry_call_t **call_p)
+                     ferry_msg_cb on_msg, ferry_done_cb on_done, void *arg, ferry_call_t **call_p)
 {
     if (c == NULL || method == NULL || req == NULL || resp_desc == NULL || on_done == NULL)
         return FY_ERR_INVALID_ARG;
@@ -175,15 +174,16 @@ int ferry_call_async(ferry_client_t *c, const char *method, const ProtobufCMessa
     call->on_msg = on_msg;
     call->on_done = on_done;
     call->arg = arg;
-    rpc_call_opts_t o = {.timeout_ms = c->params.timeout_ms, .max_attempts = c->params.max_attempts};
+    rpc_call_opts_t o = {.timeout_ms = c->params.timeout_ms,
+                         .max_attempts = c->params.max_attempts};
     if (opts) {
         if (opts->timeout_ms)
             o.timeout_ms = opts->timeout_ms;
         o.idempotent = opts->idempotent;
         o.wait_for_ready = opts->wait_for_ready;
     }
-    fy_status_t st = rpc_channel_call(c->ch, method, req, resp_desc, &o, async_msg, async_done,
-                                      call, &call->rc);
+    fy_status_t st =
+        rpc_channel_call(c->ch, method, req, resp_desc, &o, async_msg, async_done, call, &call->rc);
     if (st != FY_OK) {
         free(call);
         return st;
@@ -242,8 +242,8 @@ static void sync_done(ferry_call_t *call, int code, const char *message, void *a
 }
 
 static int sync_call(ferry_client_t *c, const char *method, const ProtobufCMessage *req,
-                     const ProtobufCMessageDescriptor *resp_desc, bool idempotent,
-                     sync_state_t *s, ferry_error_t *err)
+                     const ProtobufCMessageDescriptor *resp_desc, bool idempotent, sync_state_t *s,
+                     ferry_error_t *err)
 {
     if (c == NULL || !c->owns_loop) {
         if (err) {
@@ -321,8 +321,7 @@ int ferry_tokenize(ferry_client_t *c, const Ferry__V1__TokenizeRequest *req,
     return code;
 }
 
-int ferry_list_models(ferry_client_t *c, Ferry__V1__ListModelsResponse **resp_p,
-                      ferry_error_t *err)
+int ferry_list_models(ferry_client_t *c, Ferry__V1__ListModelsResponse **resp_p, ferry_error_t *err)
 {
     Ferry__V1__ListModelsRequest req = FERRY__V1__LIST_MODELS_REQUEST__INIT;
     sync_state_t s = {0};
@@ -335,8 +334,8 @@ int ferry_list_models(ferry_client_t *c, Ferry__V1__ListModelsResponse **resp_p,
     return code;
 }
 
-int ferry_generate(ferry_client_t *c, const Ferry__V1__GenerateRequest *req,
-                   ferry_generate_cb cb, void *arg, ferry_error_t *err)
+int ferry_generate(ferry_client_t *c, const Ferry__V1__GenerateRequest *req, ferry_generate_cb cb,
+                   void *arg, ferry_error_t *err)
 {
     if (req == NULL || cb == NULL)
         return RPC_CODE_INVALID_ARGUMENT;

@@ -37,12 +37,12 @@ typedef struct ferry_client ferry_client_t;
 typedef struct ferry_call ferry_call_t;
 
 typedef struct {
-    const char *addresses;   // "host:port[,host:port...]"; borrowed for create
-    const char *token;       // bearer token sent as "authorization: Bearer <token>", or NULL
-    uint32_t timeout_ms;     // deadline of every call, Generate included; 0 = none
-                             // (default 30000; long generations want more or 0)
-    uint32_t max_message;    // largest message sent or received (default 4 MiB)
-    uint32_t max_attempts;   // attempts for idempotent calls (default 3)
+    const char *addresses;       // "host:port[,host:port...]"; borrowed for create
+    const char *token;           // bearer token sent as "authorization: Bearer <token>", or NULL
+    uint32_t timeout_ms;         // deadline of every call, Generate included; 0 = none
+                                 // (default 30000; long generations want more or 0)
+    uint32_t max_message;        // largest message sent or received (default 4 MiB)
+    uint32_t max_attempts;       // attempts for idempotent calls (default 3)
     uint32_t connect_timeout_ms; // default 5000
 } ferry_client_params_t;
 
@@ -107,9 +107,9 @@ typedef void (*ferry_msg_cb)(ferry_call_t *call, const ProtobufCMessage *msg, vo
 typedef void (*ferry_done_cb)(ferry_call_t *call, int code, const char *message, void *arg);
 
 typedef struct {
-    uint32_t timeout_ms;  // 0 = the client's default
-    bool idempotent;      // retried on UNAVAILABLE before any response
-    bool wait_for_ready;  // wait for a connection instead of failing fast
+    uint32_t timeout_ms; // 0 = the client's default
+    bool idempotent;     // retried on UNAVAILABLE before any response
+    bool wait_for_ready; // wait for a connection instead of failing fast
 } ferry_call_opts_t;
 
 /* Calls method ("/ferry.v1.Ferry/Generate", ...) with req (borrowed for the call to this
@@ -118,8 +118,7 @@ typedef struct {
  * until then. Thread: loop thread. */
 int ferry_call_async(ferry_client_t *client, const char *method, const ProtobufCMessage *req,
                      const ProtobufCMessageDescriptor *resp_desc, const ferry_call_opts_t *opts,
-                     ferry_msg_cb on_msg, ferry_done_cb on_done, void *arg,
-                     ferry_call_t **call_p);
+                     ferry_msg_cb on_msg, ferry_done_cb on_done, void *arg, ferry_call_t **call_p);
 
 /* Cancels a call; its done callback runs with CANCELLED before this returns. Thread: loop
  * thread. */

@@ -80,10 +80,10 @@ fy_status_t rpc_code_to_status(int code);
 /* Reassembles length-prefixed messages from DATA chunks of any size. Caller-allocated;
  * rpc_reader_init / rpc_reader_cleanup. */
 typedef struct {
-    uint8_t hdr[5];    // the prefix being read
-    uint32_t hdr_got;  // bytes of hdr filled
-    uint8_t *msg;      // [msg_cap] the body being read, malloc'd; grows with the bytes
-                       // that actually arrive, so a large length prefix alone costs nothing
+    uint8_t hdr[5];   // the prefix being read
+    uint32_t hdr_got; // bytes of hdr filled
+    uint8_t *msg;     // [msg_cap] the body being read, malloc'd; grows with the bytes
+                      // that actually arrive, so a large length prefix alone costs nothing
     uint32_t msg_len;
     uint32_t msg_got;
     uint32_t msg_cap;
@@ -101,8 +101,8 @@ void rpc_reader_cleanup(rpc_reader_t *r);
  * prefix over max_message), FY_ERR_UNSUPPORTED (compressed flag set), FY_ERR_PROTOCOL (a flag
  * byte other than 0 or 1), FY_ERR_NO_MEMORY, or cb's status. After an error every later feed
  * fails with FY_ERR_PROTOCOL. Thread: not thread-safe. */
-fy_status_t rpc_reader_feed(rpc_reader_t *r, const uint8_t *data, size_t len,
-                            rpc_reader_msg_cb cb, void *arg);
+fy_status_t rpc_reader_feed(rpc_reader_t *r, const uint8_t *data, size_t len, rpc_reader_msg_cb cb,
+                            void *arg);
 /* Whether the reader sits between messages (no partial prefix or body): at END_STREAM
  * anything else is a truncated message. */
 bool rpc_reader_idle(const rpc_reader_t *r);
@@ -146,16 +146,16 @@ typedef void (*rpc_cancel_cb)(rpc_call_t *call, void *arg);
 typedef fy_status_t (*rpc_auth_cb)(void *arg, const char *path, const char *authorization);
 
 typedef struct {
-    const char *host;              // IPv4/IPv6 literal or "localhost" (default "127.0.0.1");
-                                   // "0.0.0.0" or "::" for every interface; borrowed
-    int port;                      // 0 = pick a free port (see rpc_server_port)
-    uint32_t max_message;          // largest request accepted (default 4 MiB)
-    uint32_t max_send_message;     // largest response sent (default 4 MiB)
+    const char *host;                // IPv4/IPv6 literal or "localhost" (default "127.0.0.1");
+                                     // "0.0.0.0" or "::" for every interface; borrowed
+    int port;                        // 0 = pick a free port (see rpc_server_port)
+    uint32_t max_message;            // largest request accepted (default 4 MiB)
+    uint32_t max_send_message;       // largest response sent (default 4 MiB)
     uint32_t max_concurrent_streams; // advertised SETTINGS_MAX_CONCURRENT_STREAMS (default 1024)
-    uint32_t keepalive_ms;         // PING idle connections this often; 0 = off (default 0)
-    uint32_t keepalive_timeout_ms; // close when a PING is not acked in time (default 20000)
-    rpc_auth_cb auth;              // NULL = accept every call
-    void *auth_arg;                // borrowed
+    uint32_t keepalive_ms;           // PING idle connections this often; 0 = off (default 0)
+    uint32_t keepalive_timeout_ms;   // close when a PING is not acked in time (default 20000)
+    rpc_auth_cb auth;                // NULL = accept every call
+    void *auth_arg;                  // borrowed
 } rpc_server_params_t;
 
 void rpc_server_params_default(rpc_server_params_t *p);
@@ -236,12 +236,12 @@ typedef struct rpc_ccall rpc_ccall_t;
 typedef struct {
     const char *const *addresses; // "host:port" entries (IPv6 as "[::1]:port"); borrowed
     size_t n_addresses;
-    uint32_t max_message;         // largest response accepted (default 4 MiB)
-    uint32_t max_send_message;    // largest request sent (default 4 MiB)
-    uint32_t backoff_initial_ms;  // first reconnect delay after a failure (default 100)
-    uint32_t backoff_max_ms;      // cap (default 5000); the delay grows 1.6x per failure
-    uint32_t connect_timeout_ms;  // default 5000
-    const char *authorization;    // sent as `authorization` on every call, e.g. "Bearer x"
+    uint32_t max_message;        // largest response accepted (default 4 MiB)
+    uint32_t max_send_message;   // largest request sent (default 4 MiB)
+    uint32_t backoff_initial_ms; // first reconnect delay after a failure (default 100)
+    uint32_t backoff_max_ms;     // cap (default 5000); the delay grows 1.6x per failure
+    uint32_t connect_timeout_ms; // default 5000
+    const char *authorization;   // sent as `authorization` on every call, e.g. "Bearer x"
 } rpc_channel_params_t;
 
 void rpc_channel_params_default(rpc_channel_params_t *p);
@@ -264,12 +264,12 @@ typedef void (*rpc_ccall_msg_cb)(rpc_ccall_t *call, const ProtobufCMessage *msg,
 typedef void (*rpc_ccall_done_cb)(rpc_ccall_t *call, int code, const char *message, void *arg);
 
 typedef struct {
-    uint32_t timeout_ms;       // per-call deadline; 0 = none
-    bool idempotent;           // may be retried on UNAVAILABLE before any response arrived
-    uint32_t max_attempts;     // for idempotent calls (default 3 when 0)
-    bool wait_for_ready;       // queue while no connection is up instead of failing fast
+    uint32_t timeout_ms;         // per-call deadline; 0 = none
+    bool idempotent;             // may be retried on UNAVAILABLE before any response arrived
+    uint32_t max_attempts;       // for idempotent calls (default 3 when 0)
+    bool wait_for_ready;         // queue while no connection is up instead of failing fast
     const char *const *metadata; // extra headers as key, value pairs (lower-case keys)
-    size_t n_metadata;         // number of pairs
+    size_t n_metadata;           // number of pairs
 } rpc_call_opts_t;
 
 /* Starts a call to path ("/pkg.Service/Method") with request req (packed before return:

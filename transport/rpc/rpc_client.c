@@ -28,17 +28,17 @@ typedef struct {
     struct sockaddr_storage addr;
     char authority[256];
     sub_state_t state;
-    rpc_cconn_t *conn;      // the live connection (NULL when none)
+    rpc_cconn_t *conn; // the live connection (NULL when none)
     uv_timer_t backoff;
-    uint32_t backoff_ms;    // next delay
+    uint32_t backoff_ms; // next delay
 } rpc_subch_t;
 
 struct rpc_cconn {
     rpc_h2_t h2; // first
     rpc_channel_t *ch;
-    rpc_subch_t *sub;       // NULL once detached (GOAWAY received, or closed)
+    rpc_subch_t *sub; // NULL once detached (GOAWAY received, or closed)
     uv_connect_t connect_req;
-    rpc_ccall_t *calls;     // active streams
+    rpc_ccall_t *calls; // active streams
     bool ready;
 };
 
@@ -52,45 +52,45 @@ struct rpc_ccall {
     ccall_state_t state;
     int32_t stream_id;
     char *path;
-    uint8_t *req;                     // [req_len] packed, prefixed request
+    uint8_t *req; // [req_len] packed, prefixed request
     size_t req_len;
     size_t req_off;
     const ProtobufCMessageDescriptor *resp_desc;
     rpc_ccall_msg_cb on_msg;
     rpc_ccall_done_cb on_done;
     void *arg;
-    char **md;                        // [2 * n_md] copies
+    char **md; // [2 * n_md] copies
     size_t n_md;
     bool idempotent;
     bool wait_for_ready;
     uint32_t max_attempts;
     uint32_t attempts;
-    uint64_t deadline_ns;             // fy_clock_ns time; 0 = none
+    uint64_t deadline_ns; // fy_clock_ns time; 0 = none
     uv_timer_t deadline_timer;
-    uv_timer_t aux_timer;             // retry delay and deferred completion
+    uv_timer_t aux_timer; // retry delay and deferred completion
     int timers_open;
     uint32_t n_msgs;
     int http_status;
-    int grpc_status;                  // -1 until seen
+    int grpc_status; // -1 until seen
     char *grpc_message;
-    int local_code;                   // -1 unless the client decided the status
+    int local_code; // -1 unless the client decided the status
     char local_message[128];
     rpc_reader_t reader;
-    bool refused;                     // stream refused unprocessed: safe to retry
+    bool refused; // stream refused unprocessed: safe to retry
 };
 
 struct rpc_channel {
     uv_loop_t *loop;
     rpc_channel_params_t params;
     char *authorization;
-    rpc_subch_t *subs;                // [n_subs]
+    rpc_subch_t *subs; // [n_subs]
     size_t n_subs;
     size_t rr;
-    rpc_ccall_t *pending;             // waiting for a connection (FIFO by append)
+    rpc_ccall_t *pending; // waiting for a connection (FIFO by append)
     rpc_ccall_t *all;
-    size_t conns_open;                // connection objects not yet freed
-    int handles_open;                 // backoff timers
-    size_t calls_open;                // call objects not yet freed (timers closing)
+    size_t conns_open; // connection objects not yet freed
+    int handles_open;  // backoff timers
+    size_t calls_open; // call objects not yet freed (timers closing)
     bool destroyed;
 };
 
@@ -241,8 +241,7 @@ static void call_abort(rpc_ccall_t *call, int code, const char *message)
     int32_t stream_id = call->stream_id;
     call_complete(call, code, message);
     if (conn && !conn->h2.closing) {
-        nghttp2_submit_rst_stream(conn->h2.session, NGHTTP2_FLAG_NONE, stream_id,
-                                  NGHTTP2_CANCEL);
+        nghttp2_submit_rst_stream(conn->h2.session, NGHTTP2_FLAG_NONE, stream_id, NGHTTP2_CANCEL);
         rpc_h2_flush(&conn->h2);
     }
 }
@@ -261,9 +260,8 @@ void rpc_ccall_cancel(rpc_ccall_t *call)
 
 /* ---- nghttp2 callbacks ------------------------------------------------------------------- */
 
-static ssize_t on_req_read(nghttp2_session *session, int32_t stream_id, uint8_t *buf,
-                           size_t length, uint32_t *data_flags, nghttp2_data_source *source,
-                           void *user_data)
+static ssize_t on_req_read(nghttp2_session *session, int32_t stream_id, uint8_t *buf, size_t length,
+                           uint32_t *data_flags, nghttp2_data_source *source, void *user_data)
 {
     rpc_ccall_t *call = nghttp2_session_get_stream_user_data(session, stream_id);
     if (call == NULL) {
@@ -338,8 +336,7 @@ static int on_data_chunk(nghttp2_session *session, uint8_t flags, int32_t stream
         case FY_ERR_RESOURCE_EXHAUSTED:
             call->local_code = RPC_CODE_RESOURCE_EXHAUSTED;
             snprintf(call->local_message, sizeof(call->local_message),
-                     "response message larger than the limit (%u bytes)",
-                     call->reader.max_message);
+                     "response message larger than the limit (%u bytes)", call->reader.max_message);
             break;
         case FY_ERR_CORRUPT:
             call->local_code = RPC_CODE_INTERNAL;
@@ -360,15 +357,21 @@ static int on_data_chunk(nghttp2_session *session, uint8_t flags, int32_t stream
 static int http_to_grpc(int http)
 {
     switch (http) {
-    case 400: return RPC_CODE_INTERNAL;
-    case 401: return RPC_CODE_UNAUTHENTICATED;
-    case 403: return RPC_CODE_PERMISSION_DENIED;
-    case 404: return RPC_CODE_UNIMPLEMENTED;
+    case 400:
+        return RPC_CODE_INTERNAL;
+    case 401:
+        return RPC_CODE_UNAUTHENTICATED;
+    case 403:
+        return RPC_CODE_PERMISSION_DENIED;
+    case 404:
+        return RPC_CODE_UNIMPLEMENTED;
     case 429:
     case 502:
     case 503:
-    case 504: return RPC_CODE_UNAVAILABLE;
-    default: return RPC_CODE_UNKNOWN;
+    case 504:
+        return RPC_CODE_UNAVAILABLE;
+    default:
+        return RPC_CODE_UNKNOWN;
     }
 }
 
@@ -576,8 +579,8 @@ static void sub_connect(rpc_subch_t *sub)
     sub->conn = conn;
     sub->state = SUB_CONNECTING;
     conn->connect_req.data = conn;
-    int rv = uv_tcp_connect(&conn->connect_req, &conn->h2.tcp,
-                            (const struct sockaddr *)&sub->addr, on_connect);
+    int rv = uv_tcp_connect(&conn->connect_req, &conn->h2.tcp, (const struct sockaddr *)&sub->addr,
+                            on_connect);
     if (rv != 0) {
         FY_LOG_DEBUG(RPC_MODULE, "%s: connect: %s", sub->authority, uv_strerror(rv));
         rpc_h2_close(&conn->h2);
@@ -748,8 +751,8 @@ fy_status_t rpc_channel_create(uv_loop_t *loop, const rpc_channel_params_t *para
     }
     ch->params.authorization = NULL;
     for (size_t i = 0; i < params->n_addresses; i++) {
-        fy_status_t st = resolve(params->addresses[i], &ch->subs[i].addr,
-                                 ch->subs[i].authority, sizeof(ch->subs[i].authority));
+        fy_status_t st = resolve(params->addresses[i], &ch->subs[i].addr, ch->subs[i].authority,
+                                 sizeof(ch->subs[i].authority));
         if (st != FY_OK) {
             FY_LOG_DEBUG(RPC_MODULE, "cannot resolve '%s'", params->addresses[i]);
             free(ch->authorization);
@@ -813,8 +816,7 @@ fy_status_t rpc_channel_call(rpc_channel_t *ch, const char *path, const Protobuf
     rpc_ccall_t *call = calloc(1, sizeof(*call));
     if (call == NULL)
         return FY_ERR_NO_MEMORY;
-    fy_status_t st = rpc_message_pack(req, ch->params.max_send_message, &call->req,
-                                      &call->req_len);
+    fy_status_t st = rpc_message_pack(req, ch->params.max_send_message, &call->req, &call->req_len);
     if (st != FY_OK) {
         free(call);
         return st;

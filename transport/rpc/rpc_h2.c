@@ -12,7 +12,7 @@
 #include "rpc_int.h"
 
 #define RPC_WRITE_HIGH_WATER (1u << 20)
-#define RPC_WRITE_BATCH (64u * 1024u)
+#define RPC_WRITE_BATCH      (64u * 1024u)
 
 fy_status_t rpc_bufq_push(rpc_bufq_t *q, uint8_t *data, size_t len)
 {
@@ -181,9 +181,8 @@ void rpc_h2_flush(rpc_h2_t *h)
     h->busy--;
     if (w != NULL && !write_batch(h, w))
         return;
-    if (h->write_inflight == 0 &&
-        (h->fatal || (!nghttp2_session_want_read(h->session) &&
-                      !nghttp2_session_want_write(h->session))))
+    if (h->write_inflight == 0 && (h->fatal || (!nghttp2_session_want_read(h->session) &&
+                                                !nghttp2_session_want_write(h->session))))
         rpc_h2_close(h);
 }
 

@@ -13,7 +13,7 @@
 
 #include "rpc.h"
 
-#define RPC_MODULE "rpc"
+#define RPC_MODULE     "rpc"
 #define FY_RPC_VERSION "0.1"
 
 /* Queue of malloc'd byte buffers (packed, prefixed messages). */
@@ -21,7 +21,7 @@ typedef struct rpc_buf {
     struct rpc_buf *next;
     uint8_t *data; // [len], owned
     size_t len;
-    size_t off;    // bytes already read out
+    size_t off; // bytes already read out
 } rpc_buf_t;
 
 typedef struct {
@@ -43,16 +43,16 @@ typedef void (*rpc_h2_closed_cb)(rpc_h2_t *h);
 
 struct rpc_h2 {
     uv_tcp_t tcp;
-    uv_timer_t timer;        // keepalive (server) or connect timeout (client)
+    uv_timer_t timer; // keepalive (server) or connect timeout (client)
     nghttp2_session *session;
     rpc_h2_closed_cb on_closed;
     void *owner;
-    size_t write_inflight;   // bytes handed to uv_write and not yet completed
-    int handles_open;        // of tcp and timer, counted down by close callbacks
+    size_t write_inflight; // bytes handed to uv_write and not yet completed
+    int handles_open;      // of tcp and timer, counted down by close callbacks
     bool closing;
     bool reading;
-    bool fatal;              // protocol error or drained: close once output is written
-    int busy;                // inside nghttp2 mem_recv/mem_send: flush later, not now
+    bool fatal; // protocol error or drained: close once output is written
+    int busy;   // inside nghttp2 mem_recv/mem_send: flush later, not now
     uint8_t rbuf[65536];
 };
 

@@ -53,7 +53,7 @@ struct rpc_server {
     int port;
     rpc_service_t *services;
     rpc_sconn_t *conns;
-    uv_mutex_t mu;      // guards ops
+    uv_mutex_t mu; // guards ops
     rpc_op_t *ops_head, *ops_tail;
     uv_thread_t loop_thread;
     size_t calls_in_flight;
@@ -83,8 +83,8 @@ struct rpc_call {
     char *md[RPC_MAX_METADATA * 2]; // key, value pairs (copies)
     size_t n_md;
     uint64_t deadline_ns;
-    int http_error;            // non-zero: header validation failed with this HTTP status
-    int early_code;            // non-zero: refuse with this gRPC code after the headers
+    int http_error; // non-zero: header validation failed with this HTTP status
+    int early_code; // non-zero: refuse with this gRPC code after the headers
     const char *early_message;
     const rpc_service_t *svc;
     const ProtobufCMethodDescriptor *method;
@@ -101,15 +101,15 @@ struct rpc_call {
     int wire_code;
     char *wire_message;
     atomic_bool cancelled;
-    atomic_size_t pending;  // bytes accepted by rpc_call_send, not yet given to nghttp2
-    bool remote_closed;   // client half-closed
+    atomic_size_t pending; // bytes accepted by rpc_call_send, not yet given to nghttp2
+    bool remote_closed;    // client half-closed
     bool headers_sent;
-    bool wire_final;      // the status is decided; nothing more is sent but it
-    bool deferred;        // data provider is waiting for data
+    bool wire_final; // the status is decided; nothing more is sent but it
+    bool deferred;   // data provider is waiting for data
     bool stream_closed;
     bool handler_started;
     bool handler_done;
-    int pins;             // > 0 while a function below still uses the call after a flush
+    int pins; // > 0 while a function below still uses the call after a flush
 };
 
 static void call_maybe_free(rpc_call_t *call);
@@ -545,8 +545,8 @@ static void call_headers_done(rpc_call_t *call)
         fy_status_t st = srv->params.auth(srv->params.auth_arg, call->path,
                                           rpc_call_metadata(call, "authorization"));
         if (st != FY_OK) {
-            int code = st == FY_ERR_PERMISSION ? RPC_CODE_PERMISSION_DENIED
-                                               : RPC_CODE_UNAUTHENTICATED;
+            int code =
+                st == FY_ERR_PERMISSION ? RPC_CODE_PERMISSION_DENIED : RPC_CODE_UNAUTHENTICATED;
             call_fail(call, code, fy_status_str(st));
             return;
         }
@@ -592,8 +592,7 @@ static void call_request_done(rpc_call_t *call)
     call->handler(call, call->req, call->svc->arg);
 }
 
-static int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame,
-                            void *user_data)
+static int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame, void *user_data)
 {
     rpc_sconn_t *conn = user_data;
     if (frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST)
@@ -796,7 +795,8 @@ static void on_keepalive(uv_timer_t *t)
         return;
     uint64_t now = fy_clock_ns();
     if (conn->ping_outstanding) {
-        if (now - conn->ping_sent_ns >= (uint64_t)conn->srv->params.keepalive_timeout_ms * 1000000u) {
+        if (now - conn->ping_sent_ns >=
+            (uint64_t)conn->srv->params.keepalive_timeout_ms * 1000000u) {
             FY_LOG_INFO(RPC_MODULE, "closing a connection: keepalive ping not acknowledged");
             rpc_h2_close(&conn->h2);
         }
@@ -931,8 +931,7 @@ static fy_status_t parse_listen_addr(const char *host, int port, struct sockaddr
 fy_status_t rpc_server_create(uv_loop_t *loop, const rpc_server_params_t *params,
                               rpc_server_t **srv_p)
 {
-    if (loop == NULL || params == NULL || srv_p == NULL || params->port < 0 ||
-        params->port > 65535)
+    if (loop == NULL || params == NULL || srv_p == NULL || params->port < 0 || params->port > 65535)
         return FY_ERR_INVALID_ARG;
     struct sockaddr_storage ss;
     memset(&ss, 0, sizeof(ss));
@@ -991,8 +990,7 @@ int rpc_server_port(const rpc_server_t *srv)
 }
 
 fy_status_t rpc_server_add_service(rpc_server_t *srv, const ProtobufCServiceDescriptor *desc,
-                                   const rpc_handler_cb *handlers, const bool *streaming,
-                                   void *arg)
+                                   const rpc_handler_cb *handlers, const bool *streaming, void *arg)
 {
     if (srv == NULL || desc == NULL || handlers == NULL)
         return FY_ERR_INVALID_ARG;

@@ -9,9 +9,22 @@
 #include "rpc.h"
 
 static const char *const k_code_names[] = {
-    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
-    "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
-    "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
     "UNAUTHENTICATED",
 };
 
@@ -30,22 +43,38 @@ rpc_code_t rpc_code_from_status(fy_status_t st)
 fy_status_t rpc_code_to_status(int code)
 {
     switch (code) {
-    case RPC_CODE_OK: return FY_OK;
-    case RPC_CODE_CANCELLED: return FY_ERR_CANCELLED;
-    case RPC_CODE_INVALID_ARGUMENT: return FY_ERR_INVALID_ARG;
-    case RPC_CODE_DEADLINE_EXCEEDED: return FY_ERR_TIMEOUT;
-    case RPC_CODE_NOT_FOUND: return FY_ERR_NOT_FOUND;
-    case RPC_CODE_ALREADY_EXISTS: return FY_ERR_EXISTS;
-    case RPC_CODE_PERMISSION_DENIED: return FY_ERR_PERMISSION;
-    case RPC_CODE_RESOURCE_EXHAUSTED: return FY_ERR_RESOURCE_EXHAUSTED;
-    case RPC_CODE_FAILED_PRECONDITION: return FY_ERR_STATE;
-    case RPC_CODE_ABORTED: return FY_ERR_BUSY;
-    case RPC_CODE_OUT_OF_RANGE: return FY_ERR_OUT_OF_RANGE;
-    case RPC_CODE_UNIMPLEMENTED: return FY_ERR_UNSUPPORTED;
-    case RPC_CODE_UNAVAILABLE: return FY_ERR_UNAVAILABLE;
-    case RPC_CODE_DATA_LOSS: return FY_ERR_CORRUPT;
-    case RPC_CODE_UNAUTHENTICATED: return FY_ERR_UNAUTHENTICATED;
-    default: return FY_ERR_INTERNAL;
+    case RPC_CODE_OK:
+        return FY_OK;
+    case RPC_CODE_CANCELLED:
+        return FY_ERR_CANCELLED;
+    case RPC_CODE_INVALID_ARGUMENT:
+        return FY_ERR_INVALID_ARG;
+    case RPC_CODE_DEADLINE_EXCEEDED:
+        return FY_ERR_TIMEOUT;
+    case RPC_CODE_NOT_FOUND:
+        return FY_ERR_NOT_FOUND;
+    case RPC_CODE_ALREADY_EXISTS:
+        return FY_ERR_EXISTS;
+    case RPC_CODE_PERMISSION_DENIED:
+        return FY_ERR_PERMISSION;
+    case RPC_CODE_RESOURCE_EXHAUSTED:
+        return FY_ERR_RESOURCE_EXHAUSTED;
+    case RPC_CODE_FAILED_PRECONDITION:
+        return FY_ERR_STATE;
+    case RPC_CODE_ABORTED:
+        return FY_ERR_BUSY;
+    case RPC_CODE_OUT_OF_RANGE:
+        return FY_ERR_OUT_OF_RANGE;
+    case RPC_CODE_UNIMPLEMENTED:
+        return FY_ERR_UNSUPPORTED;
+    case RPC_CODE_UNAVAILABLE:
+        return FY_ERR_UNAVAILABLE;
+    case RPC_CODE_DATA_LOSS:
+        return FY_ERR_CORRUPT;
+    case RPC_CODE_UNAUTHENTICATED:
+        return FY_ERR_UNAUTHENTICATED;
+    default:
+        return FY_ERR_INTERNAL;
     }
 }
 
@@ -67,8 +96,8 @@ bool rpc_reader_idle(const rpc_reader_t *r)
     return r->hdr_got == 0;
 }
 
-fy_status_t rpc_reader_feed(rpc_reader_t *r, const uint8_t *data, size_t len,
-                            rpc_reader_msg_cb cb, void *arg)
+fy_status_t rpc_reader_feed(rpc_reader_t *r, const uint8_t *data, size_t len, rpc_reader_msg_cb cb,
+                            void *arg)
 {
     if (r->failed)
         return FY_ERR_PROTOCOL;
@@ -102,8 +131,8 @@ fy_status_t rpc_reader_feed(rpc_reader_t *r, const uint8_t *data, size_t len,
         size_t n = FY_MIN(len, (size_t)(r->msg_len - r->msg_got));
         if (r->msg == NULL || r->msg_got + n > r->msg_cap) {
             // Grow geometrically, never past the declared length.
-            size_t want = FY_MAX((size_t)r->msg_got + n, FY_MIN((size_t)r->msg_cap * 2,
-                                                                (size_t)r->msg_len));
+            size_t want =
+                FY_MAX((size_t)r->msg_got + n, FY_MIN((size_t)r->msg_cap * 2, (size_t)r->msg_len));
             want = FY_MAX(want, FY_MIN((size_t)r->msg_len, (size_t)4096));
             uint8_t *m = realloc(r->msg, want ? want : 1);
             if (m == NULL) {
@@ -169,13 +198,26 @@ fy_status_t rpc_timeout_parse(const char *s, size_t len, uint64_t *ns_p)
     }
     uint64_t mul;
     switch (s[len - 1]) {
-    case 'H': mul = 3600ull * 1000000000ull; break;
-    case 'M': mul = 60ull * 1000000000ull; break;
-    case 'S': mul = 1000000000ull; break;
-    case 'm': mul = 1000000ull; break;
-    case 'u': mul = 1000ull; break;
-    case 'n': mul = 1ull; break;
-    default: return FY_ERR_FORMAT;
+    case 'H':
+        mul = 3600ull * 1000000000ull;
+        break;
+    case 'M':
+        mul = 60ull * 1000000000ull;
+        break;
+    case 'S':
+        mul = 1000000000ull;
+        break;
+    case 'm':
+        mul = 1000000ull;
+        break;
+    case 'u':
+        mul = 1000ull;
+        break;
+    case 'n':
+        mul = 1ull;
+        break;
+    default:
+        return FY_ERR_FORMAT;
     }
     uint64_t ns;
     if (__builtin_mul_overflow(v, mul, &ns))

@@ -94,7 +94,6 @@ static echo_job_t *job_new(rpc_call_t *call, uv_loop_t *loop, uint32_t size)
     return job;
 }
 
-
 static void h_stream(rpc_call_t *call, const ProtobufCMessage *m, void *arg)
 {
     const Ferry__Test__StreamRequest *req = (const Ferry__Test__StreamRequest *)m;
@@ -289,14 +288,14 @@ static void h_list_models(rpc_call_t *call, const ProtobufCMessage *m, void *arg
 static const rpc_handler_cb k_echo_handlers[] = {h_unary, h_stream, h_slow, h_fail};
 static const bool k_echo_streaming[] = {false, true, false, false};
 // In ferry.v1.Ferry order: Generate, Complete, Tokenize, ListModels, Health.
-static const rpc_handler_cb k_ferry_handlers[] = {h_generate, h_complete, h_tokenize,
-                                                   h_list_models, h_health};
+static const rpc_handler_cb k_ferry_handlers[] = {h_generate, h_complete, h_tokenize, h_list_models,
+                                                  h_health};
 static const bool k_ferry_streaming[] = {true, false, false, false, false};
 
 fy_status_t echo_service_register(rpc_server_t *srv, uv_loop_t *loop)
 {
-    fy_status_t st = rpc_server_add_service(srv, &ferry__test__echo__descriptor,
-                                            k_echo_handlers, k_echo_streaming, loop);
+    fy_status_t st = rpc_server_add_service(srv, &ferry__test__echo__descriptor, k_echo_handlers,
+                                            k_echo_streaming, loop);
     if (st != FY_OK)
         return st;
     return rpc_server_add_service(srv, &ferry__v1__ferry__descriptor, k_ferry_handlers,

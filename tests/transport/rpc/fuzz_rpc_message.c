@@ -9,8 +9,8 @@
 
 static fy_status_t unpack(void *arg, const uint8_t *data, size_t len)
 {
-    ProtobufCMessage *m = protobuf_c_message_unpack(&ferry__test__echo_request__descriptor, NULL,
-                                                    len, data);
+    ProtobufCMessage *m =
+        protobuf_c_message_unpack(&ferry__test__echo_request__descriptor, NULL, len, data);
     if (m == NULL)
         return FY_ERR_CORRUPT;
     protobuf_c_message_free_unpacked(m, NULL);

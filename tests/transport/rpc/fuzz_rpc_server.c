@@ -49,8 +49,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         rpc_server_params_default(&p);
         p.max_message = 4096;
         if (rpc_server_create(&g_loop, &p, &g_srv) != FY_OK ||
-            rpc_server_add_service(g_srv, &ferry__test__echo__descriptor, k_handlers,
-                                   k_streaming, NULL) != FY_OK)
+            rpc_server_add_service(g_srv, &ferry__test__echo__descriptor, k_handlers, k_streaming,
+                                   NULL) != FY_OK)
             abort();
     }
     size_t out = 0;

@@ -30,7 +30,10 @@ static ssize_t rd(nghttp2_session *s, int32_t id, uint8_t *buf, size_t length, u
     return (ssize_t)n;
 }
 
-#define NV(a, b) {(uint8_t *)(a), (uint8_t *)(b), sizeof(a) - 1, strlen(b), 0}
+#define NV(a, b)                                                                                   \
+    {                                                                                              \
+        (uint8_t *)(a), (uint8_t *)(b), sizeof(a) - 1, strlen(b), 0                                \
+    }
 
 static void seed(const char *dir, const char *name, const char *path, const char *ctype,
                  const char *timeout, const uint8_t *body, size_t len, bool cancel)
@@ -42,8 +45,7 @@ static void seed(const char *dir, const char *name, const char *path, const char
     nghttp2_session_callbacks_del(cbs);
     nghttp2_submit_settings(s, NGHTTP2_FLAG_NONE, NULL, 0);
     nghttp2_nv nv[8] = {NV(":method", "POST"), NV(":scheme", "http"), NV(":path", path),
-                        NV(":authority", "x"), NV("te", "trailers"),
-                        NV("content-type", ctype)};
+                        NV(":authority", "x"), NV("te", "trailers"),  NV("content-type", ctype)};
     size_t n = 6;
     if (timeout) {
         nghttp2_nv t = NV("grpc-timeout", timeout);
@@ -88,8 +90,7 @@ int main(int argc, char **argv)
     seed(d, "h2_deadline", "/ferry.test.Echo/Unary", g, "1m", unary, sizeof(unary), false);
     seed(d, "h2_cancel", "/ferry.test.Echo/Stream", g, NULL, stream, sizeof(stream), true);
     seed(d, "h2_unknown", "/ferry.test.Echo/Slow", g, NULL, unary, sizeof(unary), false);
-    seed(d, "h2_ctype", "/ferry.test.Echo/Unary", "text/plain", NULL, unary, sizeof(unary),
-         false);
+    seed(d, "h2_ctype", "/ferry.test.Echo/Unary", "text/plain", NULL, unary, sizeof(unary), false);
     seed(d, "h2_trunc", "/ferry.test.Echo/Unary", g, NULL, trunc, sizeof(trunc), false);
     seed(d, "h2_huge", "/ferry.test.Echo/Unary", g, NULL, huge, sizeof(huge), false);
     seed(d, "h2_comp", "/ferry.test.Echo/Unary", g, NULL, comp, sizeof(comp), false);

@@ -22,8 +22,7 @@ static void check(const char *name, bool ok, const result_t *r)
         printf("ok   %s\n", name);
     } else {
         g_failed++;
-        printf("FAIL %s: status %d (%s) after %u messages\n", name, r->code, r->message,
-               r->n_msgs);
+        printf("FAIL %s: status %d (%s) after %u messages\n", name, r->code, r->message, r->n_msgs);
     }
     fflush(stdout);
 }
@@ -59,8 +58,9 @@ int main(int argc, char **argv)
     req.payload.len = sizeof(small);
     result_init(&r);
     call_sync(&loop, ch, EP("Unary"), &req.base, &wait, &r);
-    check("unary", r.code == 0 && r.n_msgs == 1 && strcmp(r.text, "hello") == 0 &&
-                       r.bytes == sizeof(small), &r);
+    check("unary",
+          r.code == 0 && r.n_msgs == 1 && strcmp(r.text, "hello") == 0 && r.bytes == sizeof(small),
+          &r);
 
     Ferry__Test__StreamRequest sreq = FERRY__TEST__STREAM_REQUEST__INIT;
     sreq.count = 10000;
@@ -73,8 +73,8 @@ int main(int argc, char **argv)
     static result_t many[N];
     for (int i = 0; i < N; i++) {
         result_init(&many[i]);
-        rpc_channel_call(ch, EP("Unary"), &req.base, &ferry__test__echo_response__descriptor,
-                         NULL, test_on_msg, test_on_done, &many[i], NULL);
+        rpc_channel_call(ch, EP("Unary"), &req.base, &ferry__test__echo_response__descriptor, NULL,
+                         test_on_msg, test_on_done, &many[i], NULL);
     }
     bool all_ok = true;
     for (int i = 0; i < N; i++) {
@@ -89,8 +89,8 @@ int main(int argc, char **argv)
     result_init(&r);
     uint64_t t0 = fy_clock_ns();
     call_sync(&loop, ch, EP("Slow"), &slow.base, &dl, &r);
-    check("deadline", r.code == RPC_CODE_DEADLINE_EXCEEDED &&
-                          fy_clock_ns() - t0 < 3000ull * 1000000ull, &r);
+    check("deadline",
+          r.code == RPC_CODE_DEADLINE_EXCEEDED && fy_clock_ns() - t0 < 3000ull * 1000000ull, &r);
 
     sreq.count = 1000;
     sreq.size = 8;

@@ -135,8 +135,8 @@ static ssize_t raw_read(nghttp2_session *s, int32_t id, uint8_t *buf, size_t len
     return (ssize_t)n;
 }
 
-static int raw_header(nghttp2_session *s, const nghttp2_frame *f, const uint8_t *name,
-                      size_t nlen, const uint8_t *value, size_t vlen, uint8_t flags, void *ud)
+static int raw_header(nghttp2_session *s, const nghttp2_frame *f, const uint8_t *name, size_t nlen,
+                      const uint8_t *value, size_t vlen, uint8_t flags, void *ud)
 {
     raw_stream_t *rs = ud;
     char v[16] = {0};
@@ -180,8 +180,8 @@ static inline int raw_call(int port, const char *path, const uint8_t *body, size
     nv[n++] = NV(":path", path);
     nv[n++] = NV(":authority", "localhost");
     nv[n++] = NV("te", "trailers");
-    nv[n++] = NV("content-type", hname && strcmp(hname, "content-type") == 0 ? hvalue
-                                                                              : "application/grpc");
+    nv[n++] = NV("content-type",
+                 hname && strcmp(hname, "content-type") == 0 ? hvalue : "application/grpc");
     if (hname && strcmp(hname, "content-type") != 0)
         nv[n++] = NV(hname, hvalue);
 #undef NV

@@ -175,8 +175,8 @@ static void test_async_on_loop(void **state)
     async_t h = {0}, g = {0};
     ferry_call_opts_t idem = {.idempotent = true};
     assert_int_equal(ferry_call_async(c, "/ferry.v1.Ferry/Health", &hreq.base,
-                                      &ferry__v1__health_response__descriptor, &idem, NULL,
-                                      a_done, &h, NULL),
+                                      &ferry__v1__health_response__descriptor, &idem, NULL, a_done,
+                                      &h, NULL),
                      0);
     assert_int_equal(ferry_call_async(c, "/ferry.v1.Ferry/Generate", &greq.base,
                                       &ferry__v1__generate_response__descriptor, &idem, a_msg,

@@ -317,21 +317,20 @@ static void test_malformed_requests(void **state)
     assert_int_equal(raw_call(f->port, EP("Unary"), junk, sizeof(junk), NULL, NULL, &http),
                      RPC_CODE_INTERNAL);
     // No message at all, and two messages on a unary method.
-    assert_int_equal(raw_call(f->port, EP("Unary"), NULL, 0, NULL, NULL, &http),
-                     RPC_CODE_INTERNAL);
+    assert_int_equal(raw_call(f->port, EP("Unary"), NULL, 0, NULL, NULL, &http), RPC_CODE_INTERNAL);
     uint8_t two[] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
     assert_int_equal(raw_call(f->port, EP("Unary"), two, sizeof(two), NULL, NULL, &http),
                      RPC_CODE_INTERNAL);
     // Compression asked for, and a content type that is not gRPC.
     uint8_t empty[] = {0, 0, 0, 0, 0};
-    assert_int_equal(raw_call(f->port, EP("Unary"), empty, sizeof(empty), "grpc-encoding",
-                              "gzip", &http),
-                     RPC_CODE_UNIMPLEMENTED);
+    assert_int_equal(
+        raw_call(f->port, EP("Unary"), empty, sizeof(empty), "grpc-encoding", "gzip", &http),
+        RPC_CODE_UNIMPLEMENTED);
     raw_call(f->port, EP("Unary"), empty, sizeof(empty), "content-type", "text/plain", &http);
     assert_int_equal(http, 415);
-    assert_int_equal(raw_call(f->port, EP("Unary"), empty, sizeof(empty), "grpc-timeout",
-                              "12x", &http),
-                     RPC_CODE_INTERNAL);
+    assert_int_equal(
+        raw_call(f->port, EP("Unary"), empty, sizeof(empty), "grpc-timeout", "12x", &http),
+        RPC_CODE_INTERNAL);
     // A well-formed raw request still works.
     assert_int_equal(raw_call(f->port, EP("Unary"), empty, sizeof(empty), NULL, NULL, &http),
                      RPC_CODE_OK);
@@ -395,8 +394,8 @@ static void test_unavailable_and_reconnect(void **state)
     rpc_call_opts_t idem = {.idempotent = true, .max_attempts = 50, .timeout_ms = 5000};
     result_init(&r);
     assert_int_equal(rpc_channel_call(ch, EP("Unary"), &req.base,
-                                      &ferry__test__echo_response__descriptor, &idem,
-                                      test_on_msg, test_on_done, &r, NULL),
+                                      &ferry__test__echo_response__descriptor, &idem, test_on_msg,
+                                      test_on_done, &r, NULL),
                      FY_OK);
     uint64_t t0 = fy_clock_ns();
     while (fy_clock_ns() - t0 < 150 * 1000000ull && !r.done)
@@ -550,7 +549,7 @@ static void test_drain_timeout(void **state)
 static fy_status_t need_token(void *arg, const char *path, const char *authorization)
 {
     return authorization && strcmp(authorization, "Bearer s3cret") == 0 ? FY_OK
-                                                                         : FY_ERR_UNAUTHENTICATED;
+                                                                        : FY_ERR_UNAUTHENTICATED;
 }
 
 static void test_auth_and_keepalive(void **state)

@@ -42,9 +42,8 @@ static void test_reassembly_any_chunking(void **state)
         rpc_reader_init(&r, 1000);
         got_t g = {0};
         for (size_t i = 0; i < sizeof(buf); i += step)
-            assert_int_equal(rpc_reader_feed(&r, buf + i, FY_MIN(step, sizeof(buf) - i), collect,
-                                             &g),
-                             FY_OK);
+            assert_int_equal(
+                rpc_reader_feed(&r, buf + i, FY_MIN(step, sizeof(buf) - i), collect, &g), FY_OK);
         assert_int_equal(g.n, 3);
         assert_int_equal(g.lens[0], 0);
         assert_int_equal(g.lens[1], 1);
@@ -79,9 +78,8 @@ static void test_reader_errors(void **state)
 
     // A 4 GiB-1 prefix under a 4 GiB limit allocates only for the bytes that arrived.
     rpc_reader_init(&r, UINT32_MAX);
-    assert_int_equal(rpc_reader_feed(&r, (uint8_t[]){0, 0xff, 0xff, 0xff, 0xff, 1, 2}, 7,
-                                     collect, &g),
-                     FY_OK);
+    assert_int_equal(
+        rpc_reader_feed(&r, (uint8_t[]){0, 0xff, 0xff, 0xff, 0xff, 1, 2}, 7, collect, &g), FY_OK);
     assert_true(r.msg_cap <= 4096);
     rpc_reader_cleanup(&r);
 
@@ -159,12 +157,9 @@ static void test_codes(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_reassembly_any_chunking),
-        cmocka_unit_test(test_reader_errors),
-        cmocka_unit_test(test_pack_roundtrip),
-        cmocka_unit_test(test_timeout),
-        cmocka_unit_test(test_message_encoding),
-        cmocka_unit_test(test_codes),
+        cmocka_unit_test(test_reassembly_any_chunking), cmocka_unit_test(test_reader_errors),
+        cmocka_unit_test(test_pack_roundtrip),          cmocka_unit_test(test_timeout),
+        cmocka_unit_test(test_message_encoding),        cmocka_unit_test(test_codes),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
