@@ -99,16 +99,51 @@ static uint16_t fp16_ceil(float x)
     return h;
 }
 
-/* Scale and zero for the range [mn, mx] at qmax levels. */
-static void asym_params(float mn, float mx, float qmax, uint16_t *s16, uint16_t *z16)
+/* Buffer versions (F16C through common's buffer conversion, which is bit-identical to the
+ * scalar one), with the directed fix-up only where round-to-nearest went the wrong way. */
+static void fp16_floor_buf(const float *x, uint32_t n, uint16_t *h, float *hf)
 {
-    uint16_t z = fp16_floor(mn);
-    float zf = fy_fp16_to_fp32(z);
-    float s = (mx - zf) / qmax;
-    if (!(s > 0))
-        s = 0;
-    *z16 = z;
-    *s16 = fp16_ceil(s);
+    fy_fp32_to_fp16_buf(h, x, n);
+    fy_fp16_to_fp32_buf(hf, h, n);
+    for (uint32_t i = 0; i < n; i++) {
+        if ((h[i] & 0x7fff) >= 0x7c00) {
+            h[i] = fp16_floor(x[i]);
+            hf[i] = fy_fp16_to_fp32(h[i]);
+        } else if (hf[i] > x[i]) { // rounded up: one FP16 step down
+            h[i] = fp16_step_down(h[i]);
+            hf[i] = fy_fp16_to_fp32(h[i]);
+        }
+    }
+}
+
+static void fp16_ceil_buf(const float *x, uint32_t n, uint16_t *h, float *hf)
+{
+    fy_fp32_to_fp16_buf(h, x, n);
+    fy_fp16_to_fp32_buf(hf, h, n);
+    for (uint32_t i = 0; i < n; i++) {
+        if ((h[i] & 0x7fff) >= 0x7c00) {
+            h[i] = fp16_ceil(x[i]);
+            hf[i] = fy_fp16_to_fp32(h[i]);
+        } else if (hf[i] < x[i] && h[i] != 0x7bff) { // rounded down: one FP16 step up
+            h[i] = fp16_step_up(h[i]);
+            hf[i] = fy_fp16_to_fp32(h[i]);
+        }
+    }
+}
+
+/* Scale and zero for n ranges [mn, mx] at qmax levels: FP16 bits and their fp32 values. */
+static void asym_params_buf(const float *mn, const float *mx, uint32_t n, float qmax,
+                            uint16_t *s16, uint16_t *z16, float *s, float *z, float *inv)
+{
+    float tmp[KVC_MAX_HEAD_DIM > 256 ? KVC_MAX_HEAD_DIM : 256];
+    fp16_floor_buf(mn, n, z16, z);
+    for (uint32_t i = 0; i < n; i++) {
+        float v = (mx[i] - z[i]) / qmax;
+        tmp[i] = v > 0 ? v : 0;
+    }
+    fp16_ceil_buf(tmp, n, s16, s);
+    for (uint32_t i = 0; i < n; i++)
+        inv[i] = s[i] > 0 ? 1.0f / s[i] : 0.0f;
 }
 
 /* Round to nearest (ties to even) by the 1.5 * 2^23 trick: exact for |x| < 2^22 and free of
@@ -223,28 +258,14 @@ static void key_params(const float *k, uint32_t d, uint32_t m, float qmax, uint8
             mx[c] = row[c] > mx[c] ? row[c] : mx[c];
         }
     }
-    for (uint32_t c = 0; c < d; c++) {
-        uint16_t s16, z16;
-        asym_params(mn[c], mx[c], qmax, &s16, &z16);
-        if (dst_s) {
-            kvc_wr16(dst_s + 2 * c, s16);
-            kvc_wr16(dst_z + 2 * c, z16);
+    uint16_t s16[KVC_MAX_HEAD_DIM], z16[KVC_MAX_HEAD_DIM];
+    asym_params_buf(mn, mx, d, qmax, s16, z16, p->ks, p->kz, p->kinv);
+    if (dst_s) {
+        for (uint32_t c = 0; c < d; c++) {
+            kvc_wr16(dst_s + 2 * c, s16[c]);
+            kvc_wr16(dst_z + 2 * c, z16[c]);
         }
-        p->ks[c] = fy_fp16_to_fp32(s16);
-        p->kz[c] = fy_fp16_to_fp32(z16);
-        p->kinv[c] = p->ks[c] > 0 ? 1.0f / p->ks[c] : 0.0f;
     }
-}
-
-static void value_params(const float *row, uint32_t d, float qmax, uint16_t *s16, uint16_t *z16,
-                         float *s, float *z, float *inv)
-{
-    float mn, mx;
-    kvc_row_minmax(row, d, &mn, &mx);
-    asym_params(mn, mx, qmax, s16, z16);
-    *s = fy_fp16_to_fp32(*s16);
-    *z = fy_fp16_to_fp32(*z16);
-    *inv = *s > 0 ? 1.0f / *s : 0.0f;
 }
 
 KVC_HOT void kvc_quant_group(int o, uint32_t d, uint32_t m, uint32_t cap, const float *k,
@@ -272,15 +293,17 @@ KVC_HOT void kvc_quant_group(int o, uint32_t d, uint32_t m, uint32_t cap, const 
             codes[c] = quant_one(row[c], p.kz[c], p.kinv[c], kq);
         pack_row(codes, d, kb, kc + t * rowk);
     }
+    float vmn[256] = {0}, vmx[256] = {0}, sv[256], zv[256], iv[256];
+    uint16_t sv16[256], zv16[256];
+    for (uint32_t t = 0; t < m; t++)
+        kvc_row_minmax(v + (size_t)t * d, d, &vmn[t], &vmx[t]);
+    asym_params_buf(vmn, vmx, m, vq, sv16, zv16, sv, zv, iv);
     for (uint32_t t = 0; t < m; t++) {
         const float *row = v + (size_t)t * d;
-        uint16_t s16, z16;
-        float s, z, inv;
-        value_params(row, d, vq, &s16, &z16, &s, &z, &inv);
-        kvc_wr16(vs + 2 * t, s16);
-        kvc_wr16(vz + 2 * t, z16);
+        kvc_wr16(vs + 2 * t, sv16[t]);
+        kvc_wr16(vz + 2 * t, zv16[t]);
         for (uint32_t c = 0; c < d; c++)
-            codes[c] = quant_one(row[c], z, inv, vq);
+            codes[c] = quant_one(row[c], zv[t], iv[t], vq);
         pack_row(codes, d, vb, vc + t * rowv);
     }
     // Unused capacity stays zero so pages and frames never carry stale bytes.
