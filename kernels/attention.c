@@ -61,7 +61,7 @@ void krn_attention_causal_blas_f32(float *out, int out_stride, const float *q, i
         int visible = q_begin + i + 1;
         float mx = -INFINITY;
         for (int j = 0; j < visible; j++)
-            mx = fmaxf(mx, s[j]);
+            mx = s[j] > mx ? s[j] : mx;
         float sum = 0.0f;
         for (int j = 0; j < visible; j++) {
             s[j] = expf(s[j] - mx);

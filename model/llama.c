@@ -433,7 +433,7 @@ struct mdl_ctx {
     int cap_window;
     int32_t *pos;   // [n]
     float *scores;  // [n_threads][n] one score row per worker
-    float *att_scores; // [ATT_BLAS_BLOCK][n] scores of one block of queries
+    float *att_scores; // [n_threads][ATT_BLAS_BLOCK][n] scores of one block of queries
     // Chunk scratch, sized for prefill_chunk (or max_batch) rows.
     int cap_rows;
     float *qkv;     // [rows][qkv_dim]
@@ -519,7 +519,8 @@ static fy_status_t ensure_tokens(mdl_ctx_t *ctx, int n, int w)
         size_t q_dim = (size_t)c->n_heads * c->head_dim, kv_dim = (size_t)c->n_kv_heads * c->head_dim;
         float *bufs[8];
         size_t sizes[8] = {(size_t)c->dim, (size_t)c->dim, q_dim, kv_dim, kv_dim, q_dim,
-                           (size_t)ctx->n_threads, ATT_BLAS_BLOCK};
+                           (size_t)ctx->n_threads,
+                           (size_t)ATT_BLAS_BLOCK * (size_t)ctx->n_threads};
         for (int i = 0; i < 8; i++) {
             bufs[i] = malloc((size_t)cap * sizes[i] * sizeof(float));
             if (bufs[i] == NULL) {
@@ -653,9 +654,30 @@ static void prefill_att_range(void *arg, size_t begin, size_t end, int thread)
     }
 }
 
+/* Work item = (query head, block of ATT_BLAS_BLOCK queries) for the GEMM kernel. */
+static void prefill_att_blas_range(void *arg, size_t begin, size_t end, int thread)
+{
+    prefill_att_t *a = arg;
+    mdl_ctx_t *ctx = a->ctx;
+    const mdl_config_t *c = &ctx->m->cfg;
+    int hd = c->head_dim, q_dim = c->n_heads * hd, group = c->n_heads / c->n_kv_heads;
+    float scale = 1.0f / sqrtf((float)hd);
+    float *scores = ctx->att_scores + (size_t)thread * ATT_BLAS_BLOCK * ctx->cap_tokens;
+    for (size_t it = begin; it < end; it++) {
+        int h = (int)(it / (size_t)a->n_qblocks);
+        int q0 = (int)(it % (size_t)a->n_qblocks) * ATT_BLAS_BLOCK;
+        int nq = FY_MIN(ATT_BLAS_BLOCK, a->n - q0);
+        const float *kh = ctx->k + (size_t)(h / group) * a->n * hd;
+        const float *vh = ctx->v + (size_t)(h / group) * a->n * hd;
+        krn_attention_causal_blas_f32(ctx->att + (size_t)q0 * q_dim + (size_t)h * hd, q_dim,
+                                      ctx->q + (size_t)q0 * q_dim + (size_t)h * hd, q_dim, kh,
+                                      vh, q0, nq, hd, scale, scores);
+    }
+}
+
 /* Causal attention of all heads over the prompt. Short prompts: the scalar kernel, heads and
  * query blocks spread over the pool. Longer ones: per head and block of ATT_BLAS_BLOCK
- * queries, two GEMMs that OpenBLAS spreads over its threads. */
+ * queries, two GEMMs (see prefill_att_blas_range). */
 static void attention_prefill(mdl_ctx_t *ctx, int n)
 {
     const mdl_config_t *c = &ctx->m->cfg;
@@ -665,18 +687,14 @@ static void attention_prefill(mdl_ctx_t *ctx, int n)
                              &a);
         return;
     }
-    int hd = c->head_dim, q_dim = c->n_heads * hd, group = c->n_heads / c->n_kv_heads;
-    float scale = 1.0f / sqrtf((float)hd);
-    for (int h = 0; h < c->n_heads; h++) {
-        const float *kh = ctx->k + (size_t)(h / group) * n * hd;
-        const float *vh = ctx->v + (size_t)(h / group) * n * hd;
-        for (int q0 = 0; q0 < n; q0 += ATT_BLAS_BLOCK) {
-            int nq = FY_MIN(ATT_BLAS_BLOCK, n - q0);
-            krn_attention_causal_blas_f32(ctx->att + (size_t)q0 * q_dim + (size_t)h * hd, q_dim,
-                                          ctx->q + (size_t)q0 * q_dim + (size_t)h * hd, q_dim,
-                                          kh, vh, q0, nq, hd, scale, ctx->att_scores);
-        }
-    }
+    // One (head, query block) per work item on the pool, each GEMM single-threaded: the
+    // softmax between the two GEMMs runs in parallel too, and OpenBLAS's own workers do not
+    // spin against ours.
+    prefill_att_t a = {.ctx = ctx, .n = n, .n_qblocks = (n + ATT_BLAS_BLOCK - 1) / ATT_BLAS_BLOCK};
+    krn_gemm_set_threads(1);
+    fy_pool_parallel_for(ctx->pool, (size_t)c->n_heads * a.n_qblocks, 1, prefill_att_blas_range,
+                         &a);
+    krn_gemm_set_threads(ctx->n_threads);
 }
 
 fy_status_t mdl_prefill(mdl_ctx_t *ctx, const int32_t *tokens, int n,
