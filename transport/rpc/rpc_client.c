@@ -65,6 +65,7 @@ struct rpc_ccall {
     bool wait_for_ready;
     uint32_t max_attempts;
     uint32_t attempts;
+    uint32_t transparent_retries;
     uint64_t deadline_ns; // fy_clock_ns time; 0 = none
     uv_timer_t deadline_timer;
     uv_timer_t aux_timer; // retry delay and deferred completion
@@ -206,10 +207,16 @@ static void call_complete_soon(rpc_ccall_t *call, int code, const char *message)
 /* An attempt ended with code: retry it or complete the call. */
 static void call_attempt_failed(rpc_ccall_t *call, int code, const char *message)
 {
-    call->attempts++;
-    bool retry = code == RPC_CODE_UNAVAILABLE && call->n_msgs == 0 &&
-                 (call->idempotent || call->refused) && call->attempts < call->max_attempts &&
-                 !call->ch->destroyed;
+    // A stream the server refused unprocessed (over its concurrency limit, or after a
+    // GOAWAY) is retried transparently, without counting as an attempt; a bounded number
+    // of times so a server that refuses everything still ends the call.
+    bool transparent = call->refused && call->transparent_retries < 100;
+    if (transparent)
+        call->transparent_retries++;
+    else
+        call->attempts++;
+    bool retry = code == RPC_CODE_UNAVAILABLE && call->n_msgs == 0 && !call->ch->destroyed &&
+                 (transparent || (call->idempotent && call->attempts < call->max_attempts));
     if (!retry) {
         call_complete(call, code, message);
         return;
@@ -225,9 +232,13 @@ static void call_attempt_failed(rpc_ccall_t *call, int code, const char *message
     rpc_reader_cleanup(&call->reader);
     rpc_reader_init(&call->reader, call->ch->params.max_message);
     uint64_t delay = call->ch->params.backoff_initial_ms;
-    for (uint32_t i = 1; i < call->attempts && delay < call->ch->params.backoff_max_ms; i++)
-        delay *= 2;
-    delay = FY_MIN(delay, (uint64_t)call->ch->params.backoff_max_ms);
+    if (transparent) {
+        delay = call->transparent_retries == 1 ? 0 : delay; // the first one at once
+    } else {
+        for (uint32_t i = 1; i < call->attempts && delay < call->ch->params.backoff_max_ms; i++)
+            delay *= 2;
+        delay = FY_MIN(delay, (uint64_t)call->ch->params.backoff_max_ms);
+    }
     FY_LOG_DEBUG(RPC_MODULE, "%s: retrying after %s (attempt %u)", call->path, message,
                  call->attempts + 1);
     uv_timer_start(&call->aux_timer, on_retry_timer, delay, 0);

@@ -177,6 +177,42 @@ static void test_many_concurrent_streams(void **state)
     }
 }
 
+static void test_streams_over_server_limit(void **state)
+{
+    // The server allows 4 concurrent streams; 64 calls queue on the client and all finish.
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    rpc_server_params_t p;
+    rpc_server_params_default(&p);
+    p.max_concurrent_streams = 4;
+    echo_thread_t *srv;
+    assert_int_equal(echo_thread_start(&p, &srv), FY_OK);
+    int port = echo_thread_port(srv);
+    rpc_channel_t *ch = channel_to(&loop, &port, 1, NULL);
+    enum { N = 64 };
+    result_t r[N];
+    Ferry__Test__StreamRequest req = FERRY__TEST__STREAM_REQUEST__INIT;
+    req.count = 20;
+    req.size = 10;
+    req.interval_ms = 1;
+    for (int i = 0; i < N; i++) {
+        result_init(&r[i]);
+        assert_int_equal(rpc_channel_call(ch, EP("Stream"), &req.base,
+                                          &ferry__test__echo_response__descriptor, NULL,
+                                          test_on_msg, test_on_done, &r[i], NULL),
+                         FY_OK);
+    }
+    for (int i = 0; i < N; i++) {
+        run_until_done(&loop, &r[i]);
+        assert_int_equal(r[i].code, RPC_CODE_OK);
+        assert_int_equal(r[i].n_msgs, 20);
+    }
+    rpc_channel_destroy(ch);
+    drain_loop(&loop);
+    echo_thread_stop(srv, 100);
+    assert_int_equal(uv_loop_close(&loop), 0);
+}
+
 static void wait_cancels(unsigned want)
 {
     for (int i = 0; i < 200 && echo_service_cancels() < want; i++)
@@ -603,6 +639,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_stream_10000, setup, teardown),
         cmocka_unit_test_setup_teardown(test_many_concurrent_streams, setup, teardown),
         cmocka_unit_test_setup_teardown(test_flow_control, setup, teardown),
+        cmocka_unit_test(test_streams_over_server_limit),
         cmocka_unit_test_setup_teardown(test_deadline, setup, teardown),
         cmocka_unit_test_setup_teardown(test_cancel_mid_stream, setup, teardown),
         cmocka_unit_test_setup_teardown(test_size_limits, setup, teardown),
