@@ -109,7 +109,7 @@ static void fp16_floor_buf(const float *x, uint32_t n, uint16_t *h, float *hf)
         if ((h[i] & 0x7fff) >= 0x7c00) {
             h[i] = fp16_floor(x[i]);
             hf[i] = fy_fp16_to_fp32(h[i]);
-        } else if (hf[i] > x[i]) { // rounded up: one FP16 step down
+        } else if (hf[i] > x[i] && h[i] != 0xfbff) { // rounded up: one FP16 step down
             h[i] = fp16_step_down(h[i]);
             hf[i] = fy_fp16_to_fp32(h[i]);
         }
