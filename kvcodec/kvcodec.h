@@ -206,10 +206,12 @@ void kvc_encoder_destroy(kvc_encoder_t *enc);
 /* Upper bound of one layer's frame size (everything F16), for sizing staging buffers. */
 size_t kvc_encoder_max_frame_bytes(const kvc_encoder_t *enc);
 
-/* Encodes the next layer (layers must come in order 0, 1, ...) into out (out_cap bytes,
- * caller-owned). scores may be NULL (the encoder scores in->q_window itself). On success
- * writes the frame length to *len_p and, if info_p is not NULL, the layer's info.
- * Identical inputs give identical bytes. Thread: not thread-safe (one encoder per request). */
+/* Encodes the next layer (layers must come in order 0, 1, ...; FY_ERR_STATE otherwise) into
+ * out (caller-owned; out_cap must be at least kvc_encoder_max_frame_bytes). scores (borrowed,
+ * may be NULL: the encoder then scores in->q_window itself) lets the prefill side reuse scores
+ * its attention kernel produced. On success writes the frame length to *len_p and, if info_p
+ * is not NULL, the layer's info. Identical inputs give identical bytes.
+ * Thread: not thread-safe (one encoder per request). */
 fy_status_t kvc_encoder_encode_layer(kvc_encoder_t *enc, const kvc_layer_input_t *in,
                                      const kvc_scores_t *scores, uint8_t *out, size_t out_cap,
                                      size_t *len_p, kvc_layer_info_t *info_p);
