@@ -81,6 +81,14 @@ size_t krn_qtype_row_bytes(krn_qtype_t type, int k);
 fy_status_t krn_matmul_q_f32(fy_pool_t *pool, int m, const float *x, int ldx,
                              const krn_qmat_t *w, float *y, int ldy, int accumulate);
 
+/* Several matrices with the same input width applied to the same x in one parallel pass
+ * (Q, K and V; gate and up): w[i] writes y[i] (each with row stride ldy). At most
+ * KRN_MATMUL_Q_MAX_MATS matrices. Thread: one call at a time per pool. */
+#define KRN_MATMUL_Q_MAX_MATS 4
+fy_status_t krn_matmul_q_multi_f32(fy_pool_t *pool, int m, const float *x, int ldx,
+                                   const krn_qmat_t *const *w, float *const *y, int ldy,
+                                   int n_mats, int accumulate);
+
 /* The portable path alone, single-threaded (for parity tests). */
 void krn_matmul_q_reference_f32(int m, const float *x, int ldx, const krn_qmat_t *w, float *y,
                                 int ldy);

@@ -239,9 +239,9 @@ typedef struct {
     bool simd;
 } mq_ctx_t;
 
-static void mq_range(void *arg, size_t begin, size_t end, int thread)
+/* Output rows [begin, end) of one matrix. */
+static void mq_rows(const mq_ctx_t *c, size_t begin, size_t end)
 {
-    const mq_ctx_t *c = arg;
     float row[MQ_MAX_K];
     for (size_t j = begin; j < end; j++) {
         const uint8_t *src = (const uint8_t *)c->w->data + j * c->w->row_bytes;
@@ -269,18 +269,57 @@ static void mq_range(void *arg, size_t begin, size_t end, int thread)
     }
 }
 
+typedef struct {
+    mq_ctx_t job[KRN_MATMUL_Q_MAX_MATS];
+    size_t first[KRN_MATMUL_Q_MAX_MATS + 1]; /* first global row of each matrix */
+    int n;
+} mq_multi_t;
+
+/* Global rows [begin, end) over the concatenated matrices. */
+static void mq_range(void *arg, size_t begin, size_t end, int thread)
+{
+    const mq_multi_t *mm = arg;
+    for (int i = 0; i < mm->n && begin < end; i++) {
+        size_t lo = mm->first[i], hi = mm->first[i + 1];
+        if (begin >= hi)
+            continue;
+        size_t b = begin - lo, e = FY_MIN(end, hi) - lo;
+        mq_rows(&mm->job[i], b, e);
+        begin = FY_MIN(end, hi);
+    }
+}
+
+static bool mq_shape_ok(const krn_qmat_t *w)
+{
+    return w->cols > 0 && w->cols <= MQ_MAX_K && krn_qtype_supported(w->type) &&
+           (w->type == KRN_Q_F32 || w->type == KRN_Q_F16 || w->cols % 32 == 0);
+}
+
+fy_status_t krn_matmul_q_multi_f32(fy_pool_t *pool, int m, const float *x, int ldx,
+                                   const krn_qmat_t *const *w, float *const *y, int ldy,
+                                   int n_mats, int accumulate)
+{
+    if (m <= 0 || n_mats == 0)
+        return FY_OK;
+    if (n_mats < 0 || n_mats > KRN_MATMUL_Q_MAX_MATS)
+        return FY_ERR_INVALID_ARG;
+    mq_multi_t mm = {.n = n_mats};
+    bool simd = have_avx2();
+    for (int i = 0; i < n_mats; i++) {
+        if (!mq_shape_ok(w[i]) || w[i]->cols != w[0]->cols)
+            return FY_ERR_UNSUPPORTED;
+        mm.job[i] = (mq_ctx_t){.m = m, .k = w[i]->cols, .ldx = ldx, .ldy = ldy, .x = x,
+                               .w = w[i], .y = y[i], .accumulate = accumulate, .simd = simd};
+        mm.first[i + 1] = mm.first[i] + (size_t)w[i]->rows;
+    }
+    fy_pool_parallel_for(pool, mm.first[n_mats], 64, mq_range, &mm);
+    return FY_OK;
+}
+
 fy_status_t krn_matmul_q_f32(fy_pool_t *pool, int m, const float *x, int ldx,
                              const krn_qmat_t *w, float *y, int ldy, int accumulate)
 {
-    if (m <= 0)
-        return FY_OK;
-    if (w->cols <= 0 || w->cols > MQ_MAX_K || !krn_qtype_supported(w->type) ||
-        (w->type >= KRN_Q_Q8_0 && w->cols % 32 != 0))
-        return FY_ERR_UNSUPPORTED;
-    mq_ctx_t c = {.m = m, .k = w->cols, .ldx = ldx, .ldy = ldy, .x = x, .w = w, .y = y,
-                  .accumulate = accumulate, .simd = have_avx2()};
-    fy_pool_parallel_for(pool, (size_t)w->rows, 64, mq_range, &c);
-    return FY_OK;
+    return krn_matmul_q_multi_f32(pool, m, x, ldx, &w, &y, ldy, 1, accumulate);
 }
 
 void krn_matmul_q_reference_f32(int m, const float *x, int ldx, const krn_qmat_t *w, float *y,
@@ -288,5 +327,5 @@ void krn_matmul_q_reference_f32(int m, const float *x, int ldx, const krn_qmat_t
 {
     mq_ctx_t c = {.m = m, .k = w->cols, .ldx = ldx, .ldy = ldy, .x = x, .w = w, .y = y,
                   .accumulate = 0, .simd = false};
-    mq_range(&c, 0, (size_t)w->rows, 0);
+    mq_rows(&c, 0, (size_t)w->rows);
 }

@@ -590,8 +590,11 @@ static void ffn_block(mdl_ctx_t *ctx, const layer_w_t *w, float *x, float *xn, i
         int nr = FY_MIN(ctx->cap_rows, rows - r0);
         // gu [nr][2 * ffn]: gate in the first ffn columns, up in the rest.
         const float *xr = xn + (size_t)r0 * dim;
-        linear(ctx, nr, xr, dim, w->wgu, &w->qgate, ctx->gu, 2 * ffn, 0);
-        linear(ctx, nr, xr, dim, w->wgu + (size_t)ffn * dim, &w->qup, ctx->gu + ffn, 2 * ffn, 0);
+        const krn_qmat_t *qs[2] = {&w->qgate, &w->qup};
+        float *ys[2] = {ctx->gu, ctx->gu + ffn};
+        if (nr > DECODE_Q_MAX_ROWS ||
+            krn_matmul_q_multi_f32(ctx->pool, nr, xr, dim, qs, ys, 2 * ffn, 2, 0) != FY_OK)
+            krn_gemm_f32(nr, 2 * ffn, dim, xr, dim, w->wgu, dim, ctx->gu, 2 * ffn, 0);
         for (int r = 0; r < nr; r++) {
             float *g = ctx->gu + (size_t)r * 2 * ffn;
             krn_swiglu_f32(g, g, g + ffn, (size_t)ffn);
@@ -884,14 +887,11 @@ fy_status_t mdl_decode(mdl_ctx_t *ctx, mdl_kv_seq_t *const *seqs, const int32_t 
     for (int l = 0; l < c->n_layers; l++) {
         const layer_w_t *lw = &m->layers[l];
         krn_rmsnorm_f32(ctx->xn, dim, ctx->x, dim, lw->attn_norm, n, dim, c->rms_eps);
-        if (n <= DECODE_Q_MAX_ROWS) {
-            const float *wk = lw->wqkv + (size_t)q_dim * dim, *wv = wk + (size_t)kv_dim * dim;
-            linear(ctx, n, ctx->xn, dim, lw->wqkv, &lw->qq, ctx->qkv, qkv_dim, 0);
-            linear(ctx, n, ctx->xn, dim, wk, &lw->qk, ctx->qkv + q_dim, qkv_dim, 0);
-            linear(ctx, n, ctx->xn, dim, wv, &lw->qv, ctx->qkv + q_dim + kv_dim, qkv_dim, 0);
-        } else {
+        const krn_qmat_t *qs[3] = {&lw->qq, &lw->qk, &lw->qv};
+        float *ys[3] = {ctx->qkv, ctx->qkv + q_dim, ctx->qkv + q_dim + kv_dim};
+        if (n > DECODE_Q_MAX_ROWS ||
+            krn_matmul_q_multi_f32(ctx->pool, n, ctx->xn, dim, qs, ys, qkv_dim, 3, 0) != FY_OK)
             krn_gemm_f32(n, qkv_dim, dim, ctx->xn, dim, lw->wqkv, dim, ctx->qkv, qkv_dim, 0);
-        }
         for (int r = 0; r < n; r++) {
             float *row = ctx->qkv + (size_t)r * qkv_dim;
             if (lw->bqkv != NULL) {

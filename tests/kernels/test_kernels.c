@@ -309,6 +309,22 @@ static void test_matmul_q(void **state)
             for (int i = 0; i < m * N; i++)
                 assert_true(fabsf(got[i] - 1.0f - ref[i]) < 1e-4f * (1 + fabsf(ref[i])));
         }
+        // Two matrices in one pass (the second a row-shifted view of the same data) land in
+        // their own outputs.
+        krn_qmat_t tail = q;
+        tail.rows = N - 10;
+        tail.data = raw + 10 * rb;
+        const krn_qmat_t *ws[2] = {&q, &tail};
+        float y2[M * (2 * N)];
+        float *ys[2] = {y2, y2 + N};
+        assert_int_equal(krn_matmul_q_multi_f32(pool, M, x, K, ws, ys, 2 * N, 2, 0), FY_OK);
+        for (int i = 0; i < M; i++) {
+            for (int j = 0; j < N; j++)
+                assert_true(fabsf(y2[i * 2 * N + j] - ref[i * N + j]) < 1e-4f * (1 + fabsf(ref[i * N + j])));
+            for (int j = 0; j < N - 10; j++)
+                assert_true(fabsf(y2[i * 2 * N + N + j] - ref[i * N + 10 + j]) <
+                            1e-4f * (1 + fabsf(ref[i * N + 10 + j])));
+        }
         // Reference vs the decoded weights (one row decoded through a 1-row identity input).
         for (int j = 0; j < N; j++) {
             double r = 0;
