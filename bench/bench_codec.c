@@ -4,7 +4,7 @@
  *   - score: window-attention scoring cost (GB/s of FP16 K+V scored), reported apart;
  *   - encode: optimize + quantize + frame write, one core (GB/s of FP16 K+V input);
  *   - place: parse (CRC included) + place into the page pool, one core (GB/s of FP16 input);
- *   - wire ratio: frame bytes / FP16 bytes, everything counted;
+ *   - wire ratio: all frame bytes of the request (reps + 1 layers) / their FP16 bytes;
  *   - error: relative L2 error of the attention output of the window queries over the placed
  *     pages vs the same attention over FP16 pages (dropped tokens included), and the relative
  *     reconstruction error of the kept values;
@@ -165,6 +165,8 @@ static int run_policy(const char *name, double budget, const model_shape_t *m, u
         if (st != FY_OK)
             return 1;
     }
+    uint64_t spent = 0;
+    kvc_encoder_totals(enc, &spent, NULL);
     kvc_encoder_destroy(enc);
     t_enc /= reps;
 
@@ -223,7 +225,7 @@ static int run_policy(const char *name, double budget, const model_shape_t *m, u
 
     snprintf(row->policy, sizeof(row->policy), "%s", name);
     row->budget = pol.budget > 0 ? budget : 0;
-    row->wire_ratio = (double)len / fp16;
+    row->wire_ratio = (double)spent / (fp16 * (reps + 1)); // the whole request
     row->score_gbs = fp16 / t_score * 1e-9;
     row->encode_gbs = fp16 / t_enc * 1e-9;
     row->place_gbs = fp16 / t_place * 1e-9;
