@@ -7,7 +7,8 @@
  *   - raw FP16 frames (budget b = 1) and frames encoded at budgets b < 1, which are b times as
  *     large; frames are opaque to kvlink, so an encoded frame costs exactly its bytes, and the
  *     effective FP16-equivalent bandwidth is goodput / b;
- *   - goodput with 4 frames in flight (first post to the receiver's confirmation), and the
+ *   - goodput with ~16 MiB in flight (4 to 64 frames; first post to the receiver's
+ *     confirmation), and the
  *     latency of single frames (post to completion) as percentiles;
  *   - ucx_perftest tag_bw on the same transport and sizes, and our raw goodput as a ratio.
  * Output: a table, JSON (--json FILE) and a PNG plot of goodput vs frame size (--png FILE).
@@ -82,6 +83,8 @@ static void srv_signal(uv_signal_t *h, int signum)
     uv_stop(h->loop);
 }
 
+static int g_spin_us = -1; /* -1: kvlink's default */
+
 static int net_serve(bool trust)
 {
     uv_loop_t loop;
@@ -98,6 +101,8 @@ static int net_serve(bool trust)
     p.on_recv_end = srv_end;
     p.cb_arg = &s;
     p.verify_crc = !trust;
+    if (g_spin_us >= 0)
+        p.spin_us = (uint32_t)g_spin_us;
     if (kvlink_create(ctx, &loop, &p, &s.link) != FY_OK)
         return 1;
     uint16_t port;
@@ -242,7 +247,10 @@ static pid_t spawn_server(const char *self, bool trust, int *port_p)
         dup2(fds[1], 1);
         close(fds[0]);
         close(fds[1]);
-        execl(self, self, "net", "--serve", trust ? "--trust" : NULL, (char *)NULL);
+        char spin[16];
+        snprintf(spin, sizeof(spin), "%d", g_spin_us);
+        execl(self, self, "net", "--spin-us", spin, "--serve", trust ? "--trust" : NULL,
+              (char *)NULL);
         _exit(127);
     }
     close(fds[1]);
@@ -508,6 +516,7 @@ static void usage(void)
     printf("usage: ferry-bench net [--json FILE] [--png FILE] [--tls tcp|shm|all]\n"
            "                       [--sizes 64K,256K,...] [--budgets 1,0.5,0.25]\n"
            "                       [--mib-per-point N] [--runs R] [--no-perftest] [--trust]\n"
+           "                       [--spin-us N]\n"
            "Pushes KV frames over kvlink to a server process on loopback, per UCX transport,\n"
            "and compares with ucx_perftest tag_bw. Bandwidths in MiB/s. --trust: the server\n"
            "leaves CRC32C checks to its consumer (kvlink_params_t.verify_crc = false).\n");
@@ -524,6 +533,10 @@ int bench_net_main(int argc, char **argv)
     int reps = 3;
     bool perftest = true, trust = false;
     for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--spin-us") == 0 && i + 1 < argc) {
+            g_spin_us = atoi(argv[++i]);
+            continue;
+        }
         if (strcmp(argv[i], "--serve") == 0)
             return net_serve(i + 1 < argc && strcmp(argv[i + 1], "--trust") == 0);
         if (strcmp(argv[i], "--trust") == 0) {
@@ -625,6 +638,8 @@ int bench_net_main(int argc, char **argv)
         kvlink_params_default(&p);
         p.recv_pool_bytes = 0;
         p.max_frame_bytes = (size_t)64 << 20;
+        if (g_spin_us >= 0)
+            p.spin_us = (uint32_t)g_spin_us;
         if (kvlink_ctx_create(NULL, &ctx) != FY_OK ||
             kvlink_create(ctx, &loop, &p, &link) != FY_OK) {
             stop_child(srv);
@@ -645,7 +660,10 @@ int bench_net_main(int argc, char **argv)
                 for (int b = 0; b < n_budgets; b++) {
                     size_t len = (size_t)ceil(budgets[b] * (double)sizes[s]);
                     int n = (int)FY_MAX(16.0, FY_MIN(4000.0, mib_per_point * MIB / len));
-                    double secs = cli_run(&c, len, n, 4, NULL);
+                    // A prefill worker queues each layer as it is ready; model that with
+                    // about 16 MiB in flight (4 to 64 frames), within the server's window.
+                    int depth = (int)FY_MAX(4.0, FY_MIN(64.0, 16.0 * MIB / len));
+                    double secs = cli_run(&c, len, n, depth, NULL);
                     if (secs <= 0) {
                         fprintf(stderr, "net: %s %zu B failed: %s\n", k_tls[t].name, len,
                                 fy_status_str(c.end_st));
@@ -698,6 +716,8 @@ int bench_net_main(int argc, char **argv)
                 cJSON_AddNumberToObject(o, "budget", budgets[b]);
                 cJSON_AddNumberToObject(o, "frame_bytes", (double)len);
                 cJSON_AddNumberToObject(o, "frames_per_run", n);
+                cJSON_AddNumberToObject(o, "frames_in_flight",
+                                        FY_MAX(4.0, FY_MIN(64.0, 16.0 * MIB / len)));
                 cJSON_AddNumberToObject(o, "runs", reps);
                 cJSON_AddNumberToObject(o, "goodput_mib_s", gp);
                 cJSON_AddNumberToObject(o, "goodput_min_mib_s", gp_rep[b][0]);

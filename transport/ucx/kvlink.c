@@ -330,12 +330,27 @@ static void link_reap_peers(kvlink_t *link)
     }
 }
 
+/* Whether UCX holds work of ours that an answer from the peer will move on. */
+static bool link_busy(const kvlink_t *link)
+{
+    return link->st.frames_in_flight > 0 || link->st.recv_pending > 0 || link->ctl_inflight > 0;
+}
+
 static void link_progress_once(kvlink_t *link)
 {
     link->in_progress++;
     for (;;) {
         while (ucp_worker_progress(link->worker) != 0)
             ;
+        // While transfers are in flight, poll a little longer before sleeping: a rendezvous
+        // takes several round trips and each wakeup through epoll costs more than the wait.
+        // Bounded by spin_us after the last progress, so an idle link still sleeps.
+        if (link->params.spin_us > 0 && link_busy(link)) {
+            uint64_t until = fy_clock_ns() + link->params.spin_us * 1000ull;
+            while (fy_clock_ns() < until && link_busy(link))
+                if (ucp_worker_progress(link->worker) != 0)
+                    until = fy_clock_ns() + link->params.spin_us * 1000ull;
+        }
         if (link->in_progress == 1)
             link_reap_peers(link);
         ucs_status_t s = ucp_worker_arm(link->worker);
@@ -1542,6 +1557,7 @@ void kvlink_params_default(kvlink_params_t *params)
     params->rndv_threshold = (size_t)8 << 10;
     params->sweep_ms = 10;
     params->verify_crc = true;
+    params->spin_us = 50;
 }
 
 /* The per-id callback arguments live right after the link in one allocation. */

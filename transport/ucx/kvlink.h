@@ -126,6 +126,10 @@ typedef struct {
      * checks it itself (kvlink_buf_crc), e.g. a decoder that validates the frame anyway: it
      * saves a pass over every byte on the loop thread. */
     bool verify_crc;
+    /* While transfers are in flight, keep polling up to this many microseconds after the
+     * last progress before sleeping in epoll (each rendezvous takes several round trips).
+     * 0 = always sleep. An idle link never spins. */
+    uint32_t spin_us;
     /* Receive side callbacks (may be NULL on a link that only sends) and their argument. */
     kvlink_frame_cb on_frame;
     kvlink_recv_end_cb on_recv_end;
@@ -134,7 +138,7 @@ typedef struct {
 } kvlink_params_t;
 
 /* Fills the defaults: compat {KVLINK_PROTOCOL_VERSION, 0, 0, 0}, recv pool 256 MiB, max frame
- * 64 MiB, rendezvous from 8 KiB, sweep 10 ms, CRC verified. Thread: any. */
+ * 64 MiB, rendezvous from 8 KiB, sweep 10 ms, CRC verified, spin 50 us. Thread: any. */
 void kvlink_params_default(kvlink_params_t *params);
 
 /* Creates a link: a UCX worker on ctx, polled through its event fd by loop. ctx and loop are
