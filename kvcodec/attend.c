@@ -23,6 +23,7 @@ typedef struct {
     float *qs;   // [n_q][d]   q * key scale * softmax scale, per group
     float *lg;   // [n_q][max_tokens] logits, then probabilities, of one page
     float *row;  // [d]        one unpacked row
+    float *tile; // [32][2 d]  one tile of F16 tokens (K row, V row) converted at once
     float m[KVC_MAX_QROWS], l[KVC_MAX_QROWS];
     bool any_rot;
 } attn_t;
@@ -35,13 +36,27 @@ static uint32_t max_page_tokens(const kvc_pool_t *pool)
     return mx;
 }
 
+/* Converts nt F16 slots (slot_bytes apart; 4d bytes each when dense) into A->tile. */
+static void convert_tile(attn_t *A, const uint8_t *src, uint32_t nt, size_t slot_bytes)
+{
+    uint32_t d = A->d;
+    uint16_t tmp[32 * 2 * KVC_MAX_HEAD_DIM];
+    if (slot_bytes == 4 * (size_t)d) {
+        memcpy(tmp, src, (size_t)nt * 4 * d);
+    } else {
+        for (uint32_t j = 0; j < nt; j++)
+            memcpy(tmp + (size_t)j * 2 * d, src + j * slot_bytes, 4 * (size_t)d);
+    }
+    fy_fp16_to_fp32_buf(A->tile, tmp, (size_t)nt * 2 * d);
+}
+
 static void axpy(float *y, float a, const float *x, uint32_t d)
 {
     for (uint32_t c = 0; c < d; c++)
         y[c] += a * x[c];
 }
 
-static void attend_page(attn_t *A, const kvc_pool_t *pool, const uint8_t *pg, const float *q,
+KVC_HOT static void attend_page(attn_t *A, const kvc_pool_t *pool, const uint8_t *pg, const float *q,
                         float scale)
 {
     kvc_page_hdr_t h;
@@ -59,7 +74,19 @@ static void attend_page(attn_t *A, const kvc_pool_t *pool, const uint8_t *pg, co
 
     // 1. Logits of every row for every token of the page.
     uint32_t tok = 0;
-    for (uint32_t s = 0; s < h.n_slots; s++) {
+    if (h.opt == KVC_OPT_F16) {
+        // F16 slots are back to back (K row, V row): convert 32 tokens per call.
+        for (uint32_t t0 = 0; t0 < h.n_slots; t0 += 32) {
+            uint32_t nt = FY_MIN(32u, (uint32_t)h.n_slots - t0);
+            convert_tile(A, pg + KVC_PAGE_HEADER_BYTES + t0 * sb, nt, sb);
+            for (uint32_t j = 0; j < nt; j++)
+                for (uint32_t r = 0; r < nq; r++)
+                    A->lg[(size_t)r * T + t0 + j] =
+                        kvc_dot(qq + (size_t)r * d, A->tile + (size_t)j * 2 * d, d) * scale;
+        }
+        tok = h.n_slots;
+    }
+    for (uint32_t s = 0; s < h.n_slots && h.opt != KVC_OPT_F16; s++) {
         const uint8_t *slot = pg + KVC_PAGE_HEADER_BYTES + s * sb;
         uint32_t m = s + 1 == h.n_slots ? h.last_tokens : cap;
         if (h.opt == KVC_OPT_F16) {
@@ -119,6 +146,17 @@ static void attend_page(attn_t *A, const kvc_pool_t *pool, const uint8_t *pg, co
 
     // 3. Values.
     float *accbase = rot ? A->accr : A->acc;
+    if (h.opt == KVC_OPT_F16) {
+        for (uint32_t t0 = 0; t0 < h.n_slots; t0 += 32) {
+            uint32_t nt = FY_MIN(32u, (uint32_t)h.n_slots - t0);
+            convert_tile(A, pg + KVC_PAGE_HEADER_BYTES + t0 * sb, nt, sb);
+            for (uint32_t j = 0; j < nt; j++)
+                for (uint32_t r = 0; r < nq; r++)
+                    axpy(accbase + (size_t)r * d, A->lg[(size_t)r * T + t0 + j],
+                         A->tile + (size_t)j * 2 * d + d, d);
+        }
+        return;
+    }
     tok = 0;
     for (uint32_t s = 0; s < h.n_slots; s++) {
         const uint8_t *slot = pg + KVC_PAGE_HEADER_BYTES + s * sb;
@@ -166,7 +204,8 @@ fy_status_t kvc_attend(const kvc_pool_t *pool, const kvc_page_id_t *pages, uint3
     A.n_q = n_q;
     A.max_tokens = max_page_tokens(pool);
     size_t nd = (size_t)n_q * d;
-    float *mem = malloc((4 * nd + (size_t)n_q * A.max_tokens + d) * sizeof(float));
+    float *mem = malloc((4 * nd + (size_t)n_q * A.max_tokens + d + (size_t)64 * d) *
+                        sizeof(float));
     if (mem == NULL)
         return FY_ERR_NO_MEMORY;
     A.acc = mem;
@@ -175,6 +214,7 @@ fy_status_t kvc_attend(const kvc_pool_t *pool, const kvc_page_id_t *pages, uint3
     A.qs = A.qr + nd;
     A.lg = A.qs + nd;
     A.row = A.lg + (size_t)n_q * A.max_tokens;
+    A.tile = A.row + d;
     memset(A.acc, 0, 2 * nd * sizeof(float));
     for (uint32_t r = 0; r < n_q; r++) {
         A.m[r] = -INFINITY;

@@ -59,7 +59,7 @@ static void max_pool(const float *in, uint32_t n, uint32_t kernel, float *out)
     }
 }
 
-fy_status_t kvc_score(const kvc_policy_t *policy, uint32_t n_heads, uint32_t n_kv,
+KVC_HOT fy_status_t kvc_score(const kvc_policy_t *policy, uint32_t n_heads, uint32_t n_kv,
                       uint32_t n, uint32_t d, const kvc_layer_input_t *in, kvc_scores_t *out)
 {
     if (!policy || !in || !out || n_kv == 0 || n_heads == 0 || n_heads % n_kv || n == 0 ||
