@@ -286,7 +286,9 @@ static void build_items(kvc_encoder_t *e, const kvc_layer_input_t *in, const kvc
             bool rot = pol->rotate && b <= 4;
             const float *ks = (rot ? e->kr : e->kf) + (size_t)t0 * d;
             const float *vs = (rot ? e->vr : e->vf) + (size_t)t0 * d;
-            if (pol->dist == KVC_DIST_MODEL) {
+            // At 8 bits the step^2/12 model is accurate (errors are nearly uniform), so only
+            // the 4- and 2-bit errors are measured.
+            if (pol->dist == KVC_DIST_MODEL || b == 8) {
                 model_errors(b, d, m, ks, vs, rot ? kw_rot : qsq, ek + (size_t)b * G,
                              ev + (size_t)b * G);
                 continue;
