@@ -109,12 +109,29 @@ KVC_HOT static void attend_page(attn_t *A, const kvc_pool_t *pool, const uint8_t
                 qs[c] = qrow[c] * ks[c] * scale;
             qz[r] = kvc_dot(qrow, kz, d) * scale;
         }
+        // MixKVQ: protected channels are coded in an 8-bit block; their main codes are 0.
+        uint32_t P = kvc_opt_protectable(h.opt) ? kvc_pool_protect(pool) : 0;
+        const uint8_t *pi = slot + kvc_group_bytes(h.opt, d, cap, 0), *pc = pi + 2 * P;
+        float qsp[KVC_MAX_QROWS * KVC_MAX_PROTECT];
+        for (uint32_t jj = 0; jj < P; jj++) {
+            uint32_t c = kvc_rd16(pi + 2 * jj);
+            for (uint32_t r = 0; r < nq; r++) {
+                qsp[r * P + jj] = c < d ? A->qs[(size_t)r * d + c] : 0.0f;
+                if (c < d)
+                    A->qs[(size_t)r * d + c] = 0;
+            }
+        }
         const uint8_t *kc = slot + 4 * d + 4 * (size_t)cap;
         for (uint32_t j = 0; j < m; j++, tok++) {
             kvc_unpack_row(kc + j * rowk, d, kb, A->row);
-            for (uint32_t r = 0; r < nq; r++)
-                A->lg[(size_t)r * T + tok] = kvc_dot(A->qs + (size_t)r * d, A->row, d) + qz[r];
+            for (uint32_t r = 0; r < nq; r++) {
+                float lgv = kvc_dot(A->qs + (size_t)r * d, A->row, d) + qz[r];
+                for (uint32_t jj = 0; jj < P; jj++)
+                    lgv += qsp[r * P + jj] * (float)pc[j * P + jj];
+                A->lg[(size_t)r * T + tok] = lgv;
+            }
         }
+
     }
     uint32_t n = tok;
 

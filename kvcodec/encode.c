@@ -91,6 +91,8 @@ fy_status_t kvc_encoder_create(const kvc_encoder_params_t *p, kvc_encoder_t **en
         return FY_ERR_INVALID_ARG;
     if (p->policy->rotate && (d & (d - 1)))
         return FY_ERR_INVALID_ARG; // Hadamard needs a power of two
+    if (p->policy->protect_channels >= d)
+        return FY_ERR_INVALID_ARG;
     kvc_encoder_t *e = calloc(1, sizeof(*e));
     if (e == NULL)
         return FY_ERR_NO_MEMORY;
@@ -141,6 +143,10 @@ fy_status_t kvc_encoder_create(const kvc_encoder_params_t *p, kvc_encoder_t **en
         else
             e->cost[o] = (float)(d * (kvc_opt_kbits(o) + kvc_opt_vbits(o)) / 8 + 4) +
                          4.0f * d / (float)G;
+        if (kvc_opt_protectable(o) && e->policy.protect_channels) {
+            float P = (float)e->policy.protect_channels;
+            e->cost[o] += P + 2.0f * P / (float)G;
+        }
     }
     *enc_p = e;
     return FY_OK;
@@ -153,7 +159,7 @@ size_t kvc_encoder_max_frame_bytes(const kvc_encoder_t *e)
     // with its share of scales, but a partial group may cost more, so bound generously.
     size_t worst = 0;
     for (int o = 0; o < KVC_OPT_DROP; o++)
-        worst = FY_MAX(worst, kvc_group_bytes(o, (uint32_t)d, 1));
+        worst = FY_MAX(worst, kvc_group_bytes(o, (uint32_t)d, 1, e->policy.protect_channels));
     return frame_fixed_bytes(e->p.n_kv_heads, e->p.n_tokens) + items * worst;
 }
 
@@ -362,13 +368,14 @@ static void assign_cheapest(const kvc_encoder_t *e, bool allow_drop, uint8_t *ch
 static size_t exact_bytes(const kvc_encoder_t *e, const uint8_t *choice)
 {
     uint32_t n = e->p.n_tokens, d = e->p.head_dim, G = e->policy.group;
+    uint32_t P = e->policy.protect_channels;
     size_t total = frame_fixed_bytes(e->p.n_kv_heads, n);
     for (uint32_t h = 0; h < e->p.n_kv_heads; h++) {
         uint64_t cnt[KVC_OPT_COUNT] = {0};
         for (uint32_t t = 0; t < n; t++)
             cnt[choice[(size_t)h * n + t]]++;
         for (int o = 0; o < KVC_OPT_DROP; o++)
-            total += kvc_run_bytes(o, d, G, cnt[o]);
+            total += kvc_run_bytes(o, d, G, P, cnt[o]);
     }
     return total;
 }
@@ -387,6 +394,7 @@ static int cmp_cand(const void *a, const void *b, void *ctx)
 static size_t greedy_fill(kvc_encoder_t *e, size_t total, size_t target)
 {
     uint32_t n = e->p.n_tokens, d = e->p.head_dim, G = e->policy.group;
+    uint32_t P = e->policy.protect_channels;
     uint64_t *cnt = e->counts; // [n_kv][KVC_OPT_COUNT]
     memset(cnt, 0, (size_t)e->p.n_kv_heads * KVC_OPT_COUNT * sizeof(uint64_t));
     for (size_t i = 0; i < e->n_items; i++)
@@ -420,10 +428,10 @@ static size_t greedy_fill(kvc_encoder_t *e, size_t total, size_t target)
             uint32_t i = e->cand_idx[k];
             int cur = e->choice[i], to = e->cand_opt[i];
             uint64_t *c = cnt + (i / n) * KVC_OPT_COUNT;
-            int64_t delta = (int64_t)kvc_run_bytes(to, d, G, c[to] + 1) -
-                            (int64_t)kvc_run_bytes(to, d, G, c[to]) +
-                            (int64_t)kvc_run_bytes(cur, d, G, c[cur] - 1) -
-                            (int64_t)kvc_run_bytes(cur, d, G, c[cur]);
+            int64_t delta = (int64_t)kvc_run_bytes(to, d, G, P, c[to] + 1) -
+                            (int64_t)kvc_run_bytes(to, d, G, P, c[to]) +
+                            (int64_t)kvc_run_bytes(cur, d, G, P, c[cur] - 1) -
+                            (int64_t)kvc_run_bytes(cur, d, G, P, c[cur]);
             if ((int64_t)total + delta <= (int64_t)target) {
                 total = (size_t)((int64_t)total + delta);
                 c[to]++;
@@ -485,9 +493,10 @@ static double solve(kvc_encoder_t *e, size_t target, double lambda0)
 
 /* ---- frame writer ---- */
 
-static size_t write_frame(kvc_encoder_t *e, const kvc_layer_input_t *in, uint8_t *out,
-                          uint64_t *counts)
+static size_t write_frame(kvc_encoder_t *e, const kvc_layer_input_t *in,
+                          const kvc_scores_t *sc, uint8_t *out, uint64_t *counts)
 {
+    uint32_t P = e->policy.protect_channels;
     uint32_t n = e->p.n_tokens, d = e->p.head_dim, n_kv = e->p.n_kv_heads;
     uint32_t G = e->policy.group;
     bool rotate = e->policy.rotate;
@@ -507,6 +516,9 @@ static size_t write_frame(kvc_encoder_t *e, const kvc_layer_input_t *in, uint8_t
         }
         const uint16_t *kh = in->k + (size_t)h * in->head_stride;
         const uint16_t *vh = in->v + (size_t)h * in->head_stride;
+        float chan_w[KVC_MAX_HEAD_DIM]; // sqrt of the mean squared query per channel
+        for (uint32_t c = 0; c < d; c++)
+            chan_w[c] = sqrtf(sc->qsq[(size_t)h * d + c]);
         for (int o = 0; o < KVC_OPT_DROP; o++) {
             if (o == KVC_OPT_F16) {
                 for (uint32_t t = 0; t < n; t++) {
@@ -532,8 +544,10 @@ static size_t write_frame(kvc_encoder_t *e, const kvc_layer_input_t *in, uint8_t
                     m++;
                 }
                 if (m == G || (t == n && m > 0)) {
-                    kvc_quant_group(o, d, m, m, e->gk, e->gv, w);
-                    w += kvc_group_bytes(o, d, m);
+                    // MixKVQ salience: query magnitude per channel (unrotated options only;
+                    // rotation mixes channels, so rotated groups use the range alone).
+                    kvc_quant_group(o, d, m, m, P, rot ? NULL : chan_w, e->gk, e->gv, w);
+                    w += kvc_group_bytes(o, d, m, P);
                     m = 0;
                 }
             }
@@ -556,6 +570,7 @@ static size_t write_frame(kvc_encoder_t *e, const kvc_layer_input_t *in, uint8_t
     kvc_wr16(hd + 40, (uint16_t)G);
     kvc_wr16(hd + 42, rotate ? KVC_FRAME_FLAG_ROTATED : 0);
     hd[44] = (uint8_t)opt_mask;
+    hd[45] = (uint8_t)P;
     kvc_wr64(hd + 48, payload);
     kvc_wr64(hd + 56, total);
     kvc_wr32(w, fy_crc32c(0, out, (size_t)(w - out)));
@@ -655,7 +670,7 @@ fy_status_t kvc_encoder_encode_layer(kvc_encoder_t *e, const kvc_layer_input_t *
         break;
     }
     e->lambda_prev = lambda;
-    size_t len = write_frame(e, in, out, info.tokens);
+    size_t len = write_frame(e, in, sc, out, info.tokens);
     e->spent += len;
     e->next_layer++;
     uint64_t t2 = fy_clock_ns();

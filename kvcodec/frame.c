@@ -46,7 +46,8 @@ fy_status_t kvc_frame_parse(const uint8_t *buf, size_t len, kvc_frame_t *frame_p
     f.flags = kvc_rd16(buf + 42);
     f.opt_mask = buf[44];
     uint64_t payload = kvc_rd64(buf + 48);
-    if (buf[45] != 0 || kvc_rd16(buf + 46) != 0)
+    f.protect = buf[45];
+    if (kvc_rd16(buf + 46) != 0)
         return FY_ERR_FORMAT;
     if (f.n_layers == 0 || f.n_layers > KVC_MAX_LAYERS || f.layer >= f.n_layers)
         return FY_ERR_FORMAT;
@@ -63,6 +64,8 @@ fy_status_t kvc_frame_parse(const uint8_t *buf, size_t len, kvc_frame_t *frame_p
     if ((f.flags & KVC_FRAME_FLAG_ROTATED) && (f.head_dim & (f.head_dim - 1)))
         return FY_ERR_FORMAT;
     if (f.opt_mask == 0 || (f.opt_mask & ~KVC_OPT_ALL_MASK))
+        return FY_ERR_FORMAT;
+    if (f.protect > KVC_MAX_PROTECT || f.protect >= f.head_dim)
         return FY_ERR_FORMAT;
 
     size_t map_bytes = kvc_map_bytes(f.n_tokens), maps_total;
@@ -94,7 +97,7 @@ fy_status_t kvc_frame_parse(const uint8_t *buf, size_t len, kvc_frame_t *frame_p
         for (int o = 0; o < KVC_OPT_COUNT; o++) {
             if (cnt[o])
                 seen |= 1u << o;
-            size_t b = kvc_run_bytes(o, f.head_dim, f.group, cnt[o]);
+            size_t b = kvc_run_bytes(o, f.head_dim, f.group, f.protect, cnt[o]);
             if (!fy_size_add(need, b, &need))
                 return FY_ERR_FORMAT;
         }
@@ -113,6 +116,34 @@ fy_status_t kvc_frame_parse(const uint8_t *buf, size_t len, kvc_frame_t *frame_p
         return FY_ERR_TRUNCATED;
     if (total != len)
         return FY_ERR_FORMAT;
+    // Protected channel lists: strictly increasing and inside head_dim, in every group.
+    if (f.protect > 0) {
+        const uint8_t *r = maps + maps_total;
+        for (uint32_t h = 0; h < f.n_kv_heads; h++) {
+            const uint8_t *mp = maps + (size_t)h * map_bytes;
+            uint64_t cnt[KVC_OPT_COUNT] = {0};
+            for (uint32_t t = 0; t < f.n_tokens; t++)
+                cnt[(mp[t / 2] >> (4 * (t & 1))) & 15]++;
+            for (int o = 0; o < KVC_OPT_DROP; o++) {
+                uint32_t gs = kvc_group_tokens(o, f.group);
+                for (uint64_t left = cnt[o]; left > 0;) {
+                    uint32_t m = (uint32_t)FY_MIN((uint64_t)gs, left);
+                    if (kvc_opt_protectable(o)) {
+                        const uint8_t *pi = r + kvc_group_bytes(o, f.head_dim, m, 0);
+                        uint32_t prev = 0;
+                        for (uint32_t j = 0; j < f.protect; j++) {
+                            uint32_t c = kvc_rd16(pi + 2 * j);
+                            if (c >= f.head_dim || (j > 0 && c <= prev))
+                                return FY_ERR_FORMAT;
+                            prev = c;
+                        }
+                    }
+                    r += kvc_group_bytes(o, f.head_dim, m, f.protect);
+                    left -= m;
+                }
+            }
+        }
+    }
     f.maps = maps;
     f.payload = maps + maps_total;
     f.payload_bytes = need;
@@ -147,8 +178,8 @@ fy_status_t kvc_frame_dequantize(const kvc_frame_t *f, float *k, float *v, uint8
                 if (t < n && kvc_frame_opt(f, h, t) == (kvc_opt_t)o)
                     idx[m++] = t;
                 if (m == gs || (t == n && m > 0)) {
-                    kvc_dequant_group(o, d, m, m, r, gk, gv);
-                    r += kvc_group_bytes(o, d, m);
+                    kvc_dequant_group(o, d, m, m, f->protect, r, gk, gv);
+                    r += kvc_group_bytes(o, d, m, f->protect);
                     for (uint32_t j = 0; j < m; j++) {
                         float *kr = gk + (size_t)j * d, *vr = gv + (size_t)j * d;
                         if (rotated && kvc_opt_rotatable(o)) {

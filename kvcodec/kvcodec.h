@@ -97,6 +97,8 @@ typedef struct {
     float hybrid_threshold; // HybridKV: a head whose window mass on sinks + local tokens is
                             // >= this is static and gives up middle tokens first (0 = off)
     float hybrid_factor;    // importance multiplier for a static head's middle tokens
+    uint32_t protect_channels; // MixKVQ: key channels of each <= 4-bit group kept at 8 bits,
+                               // the most salient by mean |q| x range (0..32, < head_dim)
     kvc_dist_t dist;
     double budget;        // b: all wire bytes / FP16 K+V bytes; <= 0: no budget, every free
                           // token takes the cheapest allowed option except DROP
@@ -236,6 +238,7 @@ typedef struct {
     uint32_t layer, n_layers;
     uint32_t n_kv_heads, head_dim, n_tokens, group;
     uint32_t flags;
+    uint32_t protect;    // P: key channels kept at 8 bits in each 4/4, 4/2, 2/2 group
     uint32_t opt_mask;   // options present
     const uint8_t *maps; // [n_kv_heads][ceil(n_tokens / 2)] 4-bit option per token
     const uint8_t *payload;
@@ -275,6 +278,7 @@ typedef struct {
     uint32_t n_pages;
     uint32_t head_dim;
     uint32_t group; // G of the frames this pool accepts
+    uint32_t protect; // P (MixKVQ protected channels) of the frames this pool accepts
 } kvc_pool_params_t;
 
 void kvc_pool_params_default(kvc_pool_params_t *params);

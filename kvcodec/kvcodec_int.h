@@ -43,14 +43,23 @@ static inline bool kvc_opt_rotatable(int o)
     return o >= KVC_OPT_Q4 && o <= KVC_OPT_Q2;
 }
 
+/* Options whose key groups keep the P most salient channels at 8 bits (MixKVQ). */
+static inline bool kvc_opt_protectable(int o)
+{
+    return o >= KVC_OPT_Q4 && o <= KVC_OPT_Q2;
+}
+
+#define KVC_MAX_PROTECT 32
+
 /* Tokens per group: 1 for F16, G otherwise. */
 static inline uint32_t kvc_group_tokens(int o, uint32_t group)
 {
     return o == KVC_OPT_F16 ? 1u : group;
 }
 
-/* Bytes of a group of an option stored with capacity cap (see the layout above). */
-static inline size_t kvc_group_bytes(int o, uint32_t d, uint32_t cap)
+/* Bytes of a group of an option stored with capacity cap, P protected channels (see the
+ * layout above; protected options append pidx[P] u16 and pcodes[cap][P] u8). */
+static inline size_t kvc_group_bytes(int o, uint32_t d, uint32_t cap, uint32_t P)
 {
     if (o == KVC_OPT_F16)
         return (size_t)4 * d;
@@ -58,19 +67,22 @@ static inline size_t kvc_group_bytes(int o, uint32_t d, uint32_t cap)
         return 0;
     size_t rowk = (size_t)d * (size_t)kvc_opt_kbits(o) / 8;
     size_t rowv = (size_t)d * (size_t)kvc_opt_vbits(o) / 8;
-    return (size_t)4 * d + (size_t)4 * cap + (size_t)cap * (rowk + rowv);
+    size_t b = (size_t)4 * d + (size_t)4 * cap + (size_t)cap * (rowk + rowv);
+    if (P && kvc_opt_protectable(o))
+        b += (size_t)2 * P + (size_t)cap * P;
+    return b;
 }
 
 /* Bytes of count tokens of one option of one head in a frame: full groups plus a partial. */
-static inline size_t kvc_run_bytes(int o, uint32_t d, uint32_t group, uint64_t count)
+static inline size_t kvc_run_bytes(int o, uint32_t d, uint32_t group, uint32_t P, uint64_t count)
 {
     if (o == KVC_OPT_DROP || count == 0)
         return 0;
     uint32_t gs = kvc_group_tokens(o, group);
     uint64_t full = count / gs, rest = count % gs;
-    size_t b = (size_t)full * kvc_group_bytes(o, d, gs);
+    size_t b = (size_t)full * kvc_group_bytes(o, d, gs, P);
     if (rest)
-        b += kvc_group_bytes(o, d, (uint32_t)rest);
+        b += kvc_group_bytes(o, d, (uint32_t)rest, P);
     return b;
 }
 
@@ -108,13 +120,16 @@ static inline void kvc_wr64(uint8_t *p, uint64_t v)
     kvc_wr32(p + 4, (uint32_t)(v >> 32));
 }
 
-/* Quantizes a group of m tokens (m <= cap) into dst laid out with capacity cap.
- * k, v: [m][d] fp32 (already rotated when the option is stored rotated). */
-void kvc_quant_group(int o, uint32_t d, uint32_t m, uint32_t cap, const float *k,
-                     const float *v, uint8_t *dst);
-/* Reconstructs m tokens of a group stored with capacity cap. k, v: [m][d]. */
-void kvc_dequant_group(int o, uint32_t d, uint32_t m, uint32_t cap, const uint8_t *src,
-                       float *k, float *v);
+/* Quantizes a group of m tokens (m <= cap) into dst laid out with capacity cap. With P > 0
+ * and a protectable option, the P key channels of highest salience (chan_w[c] x range, or the
+ * range alone when chan_w is NULL) are coded at 8 bits in the pcodes block and their main
+ * codes are 0. k, v: [m][d] fp32 (already rotated when the option is stored rotated). */
+void kvc_quant_group(int o, uint32_t d, uint32_t m, uint32_t cap, uint32_t P,
+                     const float *chan_w, const float *k, const float *v, uint8_t *dst);
+/* Reconstructs m tokens of a group stored with capacity cap. k, v: [m][d]. pidx must have
+ * been validated (strictly increasing, < d). */
+void kvc_dequant_group(int o, uint32_t d, uint32_t m, uint32_t cap, uint32_t P,
+                       const uint8_t *src, float *k, float *v);
 /* Trial quantization of a group of m tokens at a bit width: per-token squared errors,
  * errk[t] = sum_c kw_c (k - k~)^2 (keys per channel over the group), errv[t] = |v - v~|^2
  * (values per token). k, v: [m][d]. */
@@ -201,6 +216,7 @@ static inline void kvc_page_hdr_write(uint8_t *p, const kvc_page_hdr_t *h)
 /* Internal pool access used by attention. */
 size_t kvc_pool_slot_bytes(const kvc_pool_t *pool, int o);
 uint32_t kvc_pool_head_dim(const kvc_pool_t *pool);
+uint32_t kvc_pool_protect(const kvc_pool_t *pool);
 const kvc_pool_t *kvc_seq_pool(const kvc_seq_t *seq);
 uint32_t kvc_seq_n_kv_heads(const kvc_seq_t *seq);
 uint32_t kvc_seq_n_layers(const kvc_seq_t *seq);

@@ -140,6 +140,8 @@ fy_status_t kvc_policy_validate(const kvc_policy_t *p, char *err, size_t err_len
         FAIL("hybrid factor %g: must be in [0, 1]", (double)p->hybrid_factor);
     if (!(p->budget <= 1.0) || isnan(p->budget))
         FAIL("budget %g: must be <= 1 (<= 0 for none)", p->budget);
+    if (p->protect_channels > KVC_MAX_PROTECT)
+        FAIL("protect_channels %u: at most %d", p->protect_channels, KVC_MAX_PROTECT);
     if (!(p->rate_flex >= 0 && p->rate_flex <= 4))
         FAIL("rate_flex %g: must be in [0, 4]", p->rate_flex);
     return FY_OK;
@@ -258,6 +260,8 @@ static fy_status_t apply_key(kvc_policy_t *p, const cJSON *it, char *err, size_t
                         "expected \"trial\", \"model\", \"rank\" or \"position\"");
     } else if (strcmp(k, "budget") == 0) {
         st = j_num(it, -1, 1, &p->budget, err, err_len);
+    } else if (strcmp(k, "protect_channels") == 0) {
+        st = j_uint(it, KVC_MAX_PROTECT, &p->protect_channels, err, err_len);
     } else if (strcmp(k, "rate_flex") == 0) {
         st = j_num(it, 0, 4, &p->rate_flex, err, err_len);
     } else {

@@ -51,7 +51,8 @@ fy_status_t kvc_pool_create(const kvc_pool_params_t *p, kvc_pool_t **pool_p)
 {
     if (p == NULL || pool_p == NULL || p->n_pages == 0 || p->head_dim == 0 ||
         p->head_dim % 8 || p->head_dim > KVC_MAX_HEAD_DIM || p->group < 8 || p->group > 256 ||
-        p->group % 8 || p->page_bytes % 64 || p->page_bytes > (1u << 30))
+        p->group % 8 || p->page_bytes % 64 || p->page_bytes > (1u << 30) ||
+        p->protect > KVC_MAX_PROTECT || p->protect >= p->head_dim)
         return FY_ERR_INVALID_ARG;
     kvc_pool_t *pool = calloc(1, sizeof(*pool));
     if (pool == NULL)
@@ -59,7 +60,7 @@ fy_status_t kvc_pool_create(const kvc_pool_params_t *p, kvc_pool_t **pool_p)
     pool->p = *p;
     for (int o = 0; o < KVC_OPT_DROP; o++) {
         uint32_t gs = kvc_group_tokens(o, p->group);
-        pool->slot_bytes[o] = FY_ALIGN_UP(kvc_group_bytes(o, p->head_dim, gs), 16);
+        pool->slot_bytes[o] = FY_ALIGN_UP(kvc_group_bytes(o, p->head_dim, gs, p->protect), 16);
         size_t slots = (p->page_bytes - FY_MIN(p->page_bytes, KVC_PAGE_HEADER_BYTES)) /
                        pool->slot_bytes[o];
         if (slots == 0 || slots > UINT16_MAX) {
@@ -126,6 +127,11 @@ size_t kvc_pool_slot_bytes(const kvc_pool_t *pool, int o)
 uint32_t kvc_pool_head_dim(const kvc_pool_t *pool)
 {
     return pool->p.head_dim;
+}
+
+uint32_t kvc_pool_protect(const kvc_pool_t *pool)
+{
+    return pool->p.protect;
 }
 
 uint8_t *kvc_page_data(const kvc_pool_t *pool, kvc_page_id_t id)
@@ -232,7 +238,8 @@ fy_status_t kvc_page_dequantize(const kvc_pool_t *pool, kvc_page_id_t id, float 
     for (uint32_t s = 0; s < h.n_slots; s++) {
         uint32_t m = s + 1 == h.n_slots ? h.last_tokens : h.group;
         float *kr = k + (size_t)n * d, *vr = v + (size_t)n * d;
-        kvc_dequant_group(h.opt, d, m, h.group, pg + KVC_PAGE_HEADER_BYTES + s * sb, kr, vr);
+        kvc_dequant_group(h.opt, d, m, h.group, pool->p.protect,
+                          pg + KVC_PAGE_HEADER_BYTES + s * sb, kr, vr);
         if (h.flags & KVC_PAGE_FLAG_ROTATED) {
             for (uint32_t j = 0; j < m; j++) {
                 kvc_hadamard(kr + (size_t)j * d, d);
@@ -247,15 +254,15 @@ fy_status_t kvc_page_dequantize(const kvc_pool_t *pool, kvc_page_id_t id, float 
 }
 
 /* Copies a frame group of m tokens (capacity m) into a page slot (capacity cap). */
-static void copy_group(int o, uint32_t d, uint32_t m, uint32_t cap, const uint8_t *src,
-                       uint8_t *dst)
+static void copy_group(int o, uint32_t d, uint32_t m, uint32_t cap, uint32_t P,
+                       const uint8_t *src, uint8_t *dst)
 {
     if (o == KVC_OPT_F16 || m == cap) {
-        memcpy(dst, src, kvc_group_bytes(o, d, m));
+        memcpy(dst, src, kvc_group_bytes(o, d, m, P));
         return;
     }
     size_t rowk = (size_t)d * kvc_opt_kbits(o) / 8, rowv = (size_t)d * kvc_opt_vbits(o) / 8;
-    memset(dst, 0, kvc_group_bytes(o, d, cap));
+    memset(dst, 0, kvc_group_bytes(o, d, cap, P));
     memcpy(dst, src, 4 * (size_t)d);                             // kscale, kzero
     memcpy(dst + 4 * d, src + 4 * d, 2 * (size_t)m);             // vscale
     memcpy(dst + 4 * d + 2 * cap, src + 4 * d + 2 * m, 2 * (size_t)m); // vzero
@@ -263,6 +270,12 @@ static void copy_group(int o, uint32_t d, uint32_t m, uint32_t cap, const uint8_
     uint8_t *dkc = dst + 4 * d + 4 * (size_t)cap;
     memcpy(dkc, skc, m * rowk);
     memcpy(dkc + cap * rowk, skc + m * rowk, m * rowv);
+    if (P && kvc_opt_protectable(o)) { // pidx, then pcodes
+        const uint8_t *sp = src + kvc_group_bytes(o, d, m, 0);
+        uint8_t *dp = dst + kvc_group_bytes(o, d, cap, 0);
+        memcpy(dp, sp, 2 * (size_t)P);
+        memcpy(dp + 2 * P, sp + 2 * P, (size_t)m * P);
+    }
 }
 
 /* ---- sequences ---- */
@@ -380,7 +393,8 @@ fy_status_t kvc_pool_pages_needed(const kvc_pool_t *pool, const kvc_frame_t *f,
 {
     if (pool == NULL || f == NULL || n_pages_p == NULL)
         return FY_ERR_INVALID_ARG;
-    if (f->head_dim != pool->p.head_dim || f->group != pool->p.group)
+    if (f->head_dim != pool->p.head_dim || f->group != pool->p.group ||
+        f->protect != pool->p.protect)
         return FY_ERR_MISMATCH;
     uint64_t total = 0;
     for (uint32_t h = 0; h < f->n_kv_heads; h++) {
@@ -402,7 +416,8 @@ fy_status_t kvc_place(kvc_seq_t *s, const kvc_frame_t *f)
     kvc_pool_t *pool = s->pool;
     if (f->model_fingerprint != s->fingerprint || f->seq_id != s->seq_id ||
         f->n_layers != s->n_layers || f->n_kv_heads != s->n_kv ||
-        f->head_dim != pool->p.head_dim || f->group != pool->p.group)
+        f->head_dim != pool->p.head_dim || f->group != pool->p.group ||
+        f->protect != pool->p.protect)
         return FY_ERR_MISMATCH;
     if (f->layer >= s->n_layers)
         return FY_ERR_OUT_OF_RANGE;
@@ -437,7 +452,8 @@ fy_status_t kvc_place(kvc_seq_t *s, const kvc_frame_t *f)
             uint64_t left = cnt[o];
             uint8_t *pg = NULL;
             kvc_page_hdr_t hd;
-            size_t gb = kvc_group_bytes(o, d, gs);
+            uint32_t P = pool->p.protect;
+            size_t gb = kvc_group_bytes(o, d, gs, P);
             bool dense = pool->slot_bytes[o] == gb; // slots back to back, as in the frame
             while (left > 0) {
                 if (pg == NULL || hd.n_slots == hd.cap_slots) {
@@ -465,8 +481,8 @@ fy_status_t kvc_place(kvc_seq_t *s, const kvc_frame_t *f)
                     continue;
                 }
                 uint32_t m = (uint32_t)FY_MIN((uint64_t)gs, left);
-                copy_group(o, d, m, gs, r, slot);
-                r += kvc_group_bytes(o, d, m);
+                copy_group(o, d, m, gs, P, r, slot);
+                r += kvc_group_bytes(o, d, m, P);
                 hd.n_slots++;
                 hd.last_tokens = (uint16_t)m;
                 hd.n_tokens += m;
@@ -601,7 +617,7 @@ fy_status_t kvc_seq_convert(kvc_seq_t *s, uint32_t layer, uint32_t head, kvc_opt
                 kvc_page_hdr_read(pg, &hd);
             }
             uint8_t *slot = pg + KVC_PAGE_HEADER_BYTES + hd.n_slots * pool->slot_bytes[to];
-            kvc_quant_group(to, d, m, gs, k + t0 * d, v + t0 * d, slot);
+            kvc_quant_group(to, d, m, gs, pool->p.protect, NULL, k + t0 * d, v + t0 * d, slot);
             hd.n_slots++;
             hd.last_tokens = (uint16_t)m;
             hd.n_tokens += m;

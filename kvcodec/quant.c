@@ -245,8 +245,14 @@ typedef struct {
     float ks[KVC_MAX_HEAD_DIM], kz[KVC_MAX_HEAD_DIM], kinv[KVC_MAX_HEAD_DIM];
 } kparams_t;
 
+static void pick_protected(const float *mn, const float *mx, const float *chan_w, uint32_t d,
+                           uint32_t P, uint16_t *pidx);
+
+/* Per-channel parameters of a key group; the P protected channels (picked into pidx) get
+ * 8-bit parameters. */
 static void key_params(const float *k, uint32_t d, uint32_t m, float qmax, uint8_t *dst_s,
-                       uint8_t *dst_z, kparams_t *p)
+                       uint8_t *dst_z, kparams_t *p, uint32_t P, const float *chan_w,
+                       uint16_t *pidx)
 {
     float mn[KVC_MAX_HEAD_DIM], mx[KVC_MAX_HEAD_DIM];
     memcpy(mn, k, d * sizeof(float));
@@ -260,6 +266,25 @@ static void key_params(const float *k, uint32_t d, uint32_t m, float qmax, uint8
     }
     uint16_t s16[KVC_MAX_HEAD_DIM], z16[KVC_MAX_HEAD_DIM];
     asym_params_buf(mn, mx, d, qmax, s16, z16, p->ks, p->kz, p->kinv);
+    if (P > 0) {
+        pick_protected(mn, mx, chan_w, d, P, pidx);
+        float pmn[KVC_MAX_PROTECT], pmx[KVC_MAX_PROTECT], ps[KVC_MAX_PROTECT],
+            pz[KVC_MAX_PROTECT], pinv[KVC_MAX_PROTECT];
+        uint16_t ps16[KVC_MAX_PROTECT], pz16[KVC_MAX_PROTECT];
+        for (uint32_t j = 0; j < P; j++) {
+            pmn[j] = mn[pidx[j]];
+            pmx[j] = mx[pidx[j]];
+        }
+        asym_params_buf(pmn, pmx, P, 255.0f, ps16, pz16, ps, pz, pinv);
+        for (uint32_t j = 0; j < P; j++) {
+            uint32_t c = pidx[j];
+            s16[c] = ps16[j];
+            z16[c] = pz16[j];
+            p->ks[c] = ps[j];
+            p->kz[c] = pz[j];
+            p->kinv[c] = pinv[j];
+        }
+    }
     if (dst_s) {
         for (uint32_t c = 0; c < d; c++) {
             kvc_wr16(dst_s + 2 * c, s16[c]);
@@ -268,8 +293,33 @@ static void key_params(const float *k, uint32_t d, uint32_t m, float qmax, uint8
     }
 }
 
-KVC_HOT void kvc_quant_group(int o, uint32_t d, uint32_t m, uint32_t cap, const float *k,
-                     const float *v, uint8_t *dst)
+/* The P most salient channels, ascending (ties to the lower index). */
+static void pick_protected(const float *mn, const float *mx, const float *chan_w, uint32_t d,
+                           uint32_t P, uint16_t *pidx)
+{
+    uint8_t taken[KVC_MAX_HEAD_DIM] = {0};
+    for (uint32_t j = 0; j < P; j++) {
+        int best = -1;
+        float bs = 0;
+        for (uint32_t c = 0; c < d; c++) {
+            if (taken[c])
+                continue;
+            float sal = (mx[c] - mn[c]) * (chan_w ? chan_w[c] : 1.0f);
+            if (best < 0 || sal > bs) {
+                best = (int)c;
+                bs = sal;
+            }
+        }
+        taken[best] = 1;
+    }
+    uint32_t j = 0;
+    for (uint32_t c = 0; c < d && j < P; c++)
+        if (taken[c])
+            pidx[j++] = (uint16_t)c;
+}
+
+KVC_HOT void kvc_quant_group(int o, uint32_t d, uint32_t m, uint32_t cap, uint32_t P,
+                             const float *chan_w, const float *k, const float *v, uint8_t *dst)
 {
     if (o == KVC_OPT_F16) {
         uint16_t tmp[KVC_MAX_HEAD_DIM]; // dst may sit at any byte offset of a frame
@@ -285,13 +335,29 @@ KVC_HOT void kvc_quant_group(int o, uint32_t d, uint32_t m, uint32_t cap, const 
     uint8_t *ks = dst, *kz = dst + 2 * d, *vs = dst + 4 * d, *vz = vs + 2 * cap;
     uint8_t *kc = dst + 4 * d + 4 * (size_t)cap, *vc = kc + (size_t)cap * rowk;
     kparams_t p;
-    key_params(k, d, m, kq, ks, kz, &p);
+    bool prot = P > 0 && kvc_opt_protectable(o);
+    uint16_t pidx[KVC_MAX_PROTECT];
+    key_params(k, d, m, kq, ks, kz, &p, prot ? P : 0, chan_w, pidx);
     uint8_t codes[KVC_MAX_HEAD_DIM];
     for (uint32_t t = 0; t < m; t++) {
         const float *row = k + (size_t)t * d;
         for (uint32_t c = 0; c < d; c++)
             codes[c] = quant_one(row[c], p.kz[c], p.kinv[c], kq);
+        for (uint32_t j = 0; prot && j < P; j++)
+            codes[pidx[j]] = 0; // carried by the 8-bit block
         pack_row(codes, d, kb, kc + t * rowk);
+    }
+    if (prot) {
+        uint8_t *pi = dst + kvc_group_bytes(o, d, cap, 0), *pc = pi + 2 * P;
+        for (uint32_t j = 0; j < P; j++)
+            kvc_wr16(pi + 2 * j, pidx[j]);
+        for (uint32_t t = 0; t < m; t++)
+            for (uint32_t j = 0; j < P; j++) {
+                uint32_t c = pidx[j];
+                pc[t * P + j] = quant_one(k[(size_t)t * d + c], p.kz[c], p.kinv[c], 255.0f);
+            }
+        if (cap > m)
+            memset(pc + (size_t)m * P, 0, (size_t)(cap - m) * P);
     }
     float vmn[256] = {0}, vmx[256] = {0}, sv[256], zv[256], iv[256];
     uint16_t sv16[256], zv16[256];
@@ -315,8 +381,8 @@ KVC_HOT void kvc_quant_group(int o, uint32_t d, uint32_t m, uint32_t cap, const 
     }
 }
 
-void kvc_dequant_group(int o, uint32_t d, uint32_t m, uint32_t cap, const uint8_t *src,
-                       float *k, float *v)
+void kvc_dequant_group(int o, uint32_t d, uint32_t m, uint32_t cap, uint32_t P,
+                       const uint8_t *src, float *k, float *v)
 {
     if (o == KVC_OPT_F16) {
         for (uint32_t c = 0; c < d; c++) {
@@ -339,6 +405,14 @@ void kvc_dequant_group(int o, uint32_t d, uint32_t m, uint32_t cap, const uint8_
         float *row = k + (size_t)t * d;
         for (uint32_t c = 0; c < d; c++)
             row[c] = codes[c] * s[c] + z[c];
+    }
+    if (P > 0 && kvc_opt_protectable(o)) {
+        const uint8_t *pi = src + kvc_group_bytes(o, d, cap, 0), *pc = pi + 2 * P;
+        for (uint32_t j = 0; j < P; j++) {
+            uint32_t c = kvc_rd16(pi + 2 * j);
+            for (uint32_t t = 0; t < m; t++)
+                k[(size_t)t * d + c] = (float)pc[t * P + j] * s[c] + z[c];
+        }
     }
     for (uint32_t t = 0; t < m; t++) {
         float sv = fy_fp16_to_fp32(kvc_rd16(vs + 2 * t));

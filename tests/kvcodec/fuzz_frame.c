@@ -37,6 +37,7 @@ static void place_and_attend(const uint8_t *data, size_t size)
     kvc_pool_params_default(&pp);
     pp.head_dim = f.head_dim;
     pp.group = f.group;
+    pp.protect = f.protect;
     pp.n_pages = 16;
     pp.page_bytes = 65536;
     kvc_pool_t *pool = NULL;

@@ -22,6 +22,7 @@ static int setup(void **state)
     kvc_policy_builtin("ferry", &pol);
     pol.recent = 8;
     pol.group = 8;
+    pol.protect_channels = 2; // exercise the MixKVQ block too
     kvt_layer_make(&fx->L, 21, 4, 2, 61, 16, 8);
     kvc_encoder_params_t p = kvt_params(&pol, &fx->L, 3, 0.3);
     kvc_encoder_t *enc;
@@ -58,6 +59,7 @@ static void test_valid(void **state)
     assert_int_equal(f.n_layers, 3);
     assert_true(f.flags & KVC_FRAME_FLAG_ROTATED);
     assert_true(f.model_fingerprint == 0x1234abcd5678ef00ull);
+    assert_int_equal(f.protect, 2);
     // The budget forces a mix: more than two options present.
     int n_opts = __builtin_popcount(f.opt_mask);
     assert_true(n_opts >= 3);
@@ -152,7 +154,9 @@ static void test_forged_fields(void **state)
     assert_int_equal(parse_forged(fx, 40, 2, 264), FY_ERR_FORMAT);         // group > 256
     assert_int_equal(parse_forged(fx, 42, 2, 0x4), FY_ERR_UNSUPPORTED);    // unknown flag
     assert_int_equal(parse_forged(fx, 44, 1, 0x3f), FY_ERR_FORMAT);        // options present
-    assert_int_equal(parse_forged(fx, 45, 1, 1), FY_ERR_FORMAT);           // reserved
+    assert_int_equal(parse_forged(fx, 45, 1, 33), FY_ERR_FORMAT);          // protect > 32
+    assert_int_equal(parse_forged(fx, 45, 1, 3), FY_ERR_FORMAT);           // sizes change
+    assert_int_equal(parse_forged(fx, 46, 2, 1), FY_ERR_FORMAT);           // reserved
     assert_int_equal(parse_forged(fx, 48, 8, 1ull << 62), FY_ERR_FORMAT);  // payload size
     assert_int_equal(parse_forged(fx, 56, 8, 1ull << 62), FY_ERR_TRUNCATED);
     assert_int_equal(parse_forged(fx, 64, 1, 0x77), FY_ERR_FORMAT);        // option code 7

@@ -89,6 +89,7 @@ static void test_errors(void **state)
     expect_fail("{\"base\": \"nope\"}", "base");
     expect_fail("{\"backbone_option\": \"4/4\"}", "backbone");
     expect_fail("{\"name\": \"\"}", "name");
+    expect_fail("{\"protect_channels\": 33}", "protect_channels");
     expect_fail("[1, 2]", "object");
     expect_fail("{\"group\": ", "JSON");
 }

@@ -18,11 +18,14 @@ typedef struct {
     kvc_frame_t f;
 } enc_t;
 
+static uint32_t g_protect; // MixKVQ protected channels for the next encode_one / make_pool
+
 static void encode_one(enc_t *E, const char *policy, double b, uint32_t n_heads, uint32_t n_kv,
                        uint32_t n, uint32_t d, uint64_t seed)
 {
     kvc_policy_t pol;
     assert_int_equal(kvc_policy_builtin(policy, &pol), FY_OK);
+    pol.protect_channels = g_protect;
     kvt_layer_make(&E->L, seed, n_heads, n_kv, n, d, 32);
     kvc_encoder_params_t p = kvt_params(&pol, &E->L, 2, b);
     kvc_encoder_t *enc;
@@ -49,6 +52,7 @@ static kvc_pool_t *make_pool(uint32_t d, uint32_t n_pages, size_t page_bytes)
     pp.head_dim = d;
     pp.n_pages = n_pages;
     pp.page_bytes = page_bytes;
+    pp.protect = g_protect;
     kvc_pool_t *pool;
     assert_int_equal(kvc_pool_create(&pp, &pool), FY_OK);
     return pool;
@@ -334,12 +338,56 @@ static void test_attend_layer_threads(void **state)
     enc_free(&E);
 }
 
+static void test_protected_channels(void **state)
+{
+    // MixKVQ: 4 key channels of every 4/4, 4/2, 2/2 group at 8 bits, rotated and not.
+    for (int rot = 0; rot < 2; rot++) {
+        g_protect = 4;
+        enc_t E;
+        uint32_t d = 64;
+        kvc_policy_t pol;
+        kvc_policy_builtin("ferry", &pol);
+        encode_one(&E, "ferry", 0.15, 4, 2, 500, d, 90 + rot);
+        assert_int_equal(E.f.protect, 4);
+        assert_true(E.f.opt_mask & (KVC_OPT_BIT(KVC_OPT_Q4) | KVC_OPT_BIT(KVC_OPT_Q2) |
+                                    KVC_OPT_BIT(KVC_OPT_Q4V2)));
+        kvc_pool_t *pool = make_pool(d, 256, 32768);
+        kvc_seq_t *seq;
+        assert_int_equal(kvc_seq_create(pool, 2, 2, E.f.model_fingerprint, E.f.seq_id, &seq),
+                         FY_OK);
+        assert_int_equal(kvc_place(seq, &E.f), FY_OK);
+        for (uint32_t h = 0; h < 2; h++) {
+            uint32_t n_ids;
+            const kvc_page_id_t *ids = kvc_seq_pages(seq, 0, h, &n_ids);
+            check_attention(pool, ids, n_ids, d, 20 + h);
+        }
+        uint32_t conv;
+        assert_int_equal(kvc_seq_convert(seq, 0, 0, KVC_OPT_Q8, KVC_OPT_Q2, rot, 0, &conv), FY_OK);
+        uint32_t n_ids;
+        const kvc_page_id_t *ids = kvc_seq_pages(seq, 0, 0, &n_ids);
+        check_attention(pool, ids, n_ids, d, 30);
+        kvc_seq_destroy(seq);
+        kvc_pool_destroy(pool);
+        // A pool without protection refuses the frame.
+        g_protect = 0;
+        pool = make_pool(d, 256, 32768);
+        assert_int_equal(kvc_seq_create(pool, 2, 2, E.f.model_fingerprint, E.f.seq_id, &seq),
+                         FY_OK);
+        assert_int_equal(kvc_place(seq, &E.f), FY_ERR_MISMATCH);
+        kvc_seq_destroy(seq);
+        kvc_pool_destroy(pool);
+        enc_free(&E);
+        (void)pol;
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_place_and_attend),   cmocka_unit_test(test_place_all_or_nothing),
         cmocka_unit_test(test_refcounts),          cmocka_unit_test(test_append_and_convert),
         cmocka_unit_test(test_attend_layer_threads),
+        cmocka_unit_test(test_protected_channels),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -17,7 +17,7 @@ static void fill(float *x, size_t n, uint64_t seed, float outlier)
     free(k), free(v);
 }
 
-static void check_option(int o, uint32_t d, uint32_t m, uint64_t seed)
+static void check_option(int o, uint32_t d, uint32_t m, uint32_t P, uint64_t seed)
 {
     float *k = malloc((size_t)m * d * 4), *v = malloc((size_t)m * d * 4);
     float *k2 = malloc((size_t)m * d * 4), *v2 = malloc((size_t)m * d * 4);
@@ -26,14 +26,15 @@ static void check_option(int o, uint32_t d, uint32_t m, uint64_t seed)
     memcpy(k, buf, (size_t)m * d * 4);
     memcpy(v, buf + (size_t)m * d, (size_t)m * d * 4);
     uint32_t cap = m + 3; // a page slot has spare capacity
-    size_t gb = kvc_group_bytes(o, d, cap);
+    size_t gb = kvc_group_bytes(o, d, cap, P);
+    bool prot = P > 0 && o >= KVC_OPT_Q4 && o <= KVC_OPT_Q2;
     uint8_t *g1 = malloc(gb), *g2 = malloc(gb);
     memset(g1, 0xaa, gb);
     memset(g2, 0x55, gb);
-    kvc_quant_group(o, d, m, cap, k, v, g1);
-    kvc_quant_group(o, d, m, cap, k, v, g2);
+    kvc_quant_group(o, d, m, cap, P, NULL, k, v, g1);
+    kvc_quant_group(o, d, m, cap, P, NULL, k, v, g2);
     assert_memory_equal(g1, g2, o == KVC_OPT_F16 ? 4 * d : gb); // deterministic, no stale bytes
-    kvc_dequant_group(o, d, m, cap, g1, k2, v2);
+    kvc_dequant_group(o, d, m, cap, P, g1, k2, v2);
     if (o == KVC_OPT_F16) {
         for (uint32_t c = 0; c < d; c++) {
             assert_true(k2[c] == fy_fp16_to_fp32(fy_fp32_to_fp16(k[c])));
@@ -41,7 +42,19 @@ static void check_option(int o, uint32_t d, uint32_t m, uint64_t seed)
         }
     } else {
         int kb = kvc_opt_kbits(o), vb = kvc_opt_vbits(o);
+        uint8_t is_p[512] = {0};
+        if (prot) {
+            const uint8_t *pi = g1 + kvc_group_bytes(o, d, cap, 0);
+            for (uint32_t j = 0; j < P; j++) {
+                uint32_t c = kvc_rd16(pi + 2 * j);
+                assert_true(c < d);
+                if (j > 0)
+                    assert_true(c > kvc_rd16(pi + 2 * (j - 1)));
+                is_p[c] = 1;
+            }
+        }
         for (uint32_t c = 0; c < d; c++) {
+            int bits = is_p[c] ? 8 : kb;
             float s = fy_fp16_to_fp32(kvc_rd16(g1 + 2 * c));
             float mn = k[c], mx = k[c];
             for (uint32_t t = 0; t < m; t++) {
@@ -52,8 +65,9 @@ static void check_option(int o, uint32_t d, uint32_t m, uint64_t seed)
                 assert_true(err <= s * 0.5f * (1 + 1e-5f) + 1e-6f * (1 + fabsf(x)));
             }
             // The step is the analytic one, rounded up by at most an FP16 ulp.
-            float step = (mx - mn) / (float)((1 << kb) - 1);
-            assert_true(s <= step * (1 + 1.0f / 512) + fabsf(mn) / 512 / ((1 << kb) - 1) + 1e-7f);
+            float step = (mx - mn) / (float)((1 << bits) - 1);
+            assert_true(s <= step * (1 + 1.0f / 512) + fabsf(mn) / 512 / ((1 << bits) - 1) +
+                                 1e-7f);
         }
         const uint8_t *vs = g1 + 4 * d;
         for (uint32_t t = 0; t < m; t++) {
@@ -76,7 +90,8 @@ static void test_roundtrip_bounds(void **state)
     for (int o = 0; o < KVC_OPT_DROP; o++)
         for (size_t i = 0; i < 2; i++)
             for (size_t j = 0; j < 3; j++)
-                check_option(o, ds[i], o == KVC_OPT_F16 ? 1 : ms[j], 11 + o * 7 + i + j);
+                for (uint32_t P = 0; P <= 4; P += 4)
+                    check_option(o, ds[i], o == KVC_OPT_F16 ? 1 : ms[j], P, 11 + o * 7 + i + j);
 }
 
 static void test_constant_group(void **state)
@@ -85,8 +100,8 @@ static void test_constant_group(void **state)
     for (int i = 0; i < 8 * 32; i++)
         k[i] = v[i] = 0.3f;
     uint8_t g[4096];
-    kvc_quant_group(KVC_OPT_Q2, 32, 8, 8, k, v, g);
-    kvc_dequant_group(KVC_OPT_Q2, 32, 8, 8, g, k2, v2);
+    kvc_quant_group(KVC_OPT_Q2, 32, 8, 8, 0, NULL, k, v, g);
+    kvc_dequant_group(KVC_OPT_Q2, 32, 8, 8, 0, g, k2, v2);
     for (int i = 0; i < 8 * 32; i++) {
         assert_true(fabsf(k2[i] - 0.3f) <= 0.3f / 1024);
         assert_true(fabsf(v2[i] - 0.3f) <= 0.3f / 1024);
@@ -104,8 +119,8 @@ static void test_hostile_values(void **state)
     k[9] = -INFINITY;
     uint8_t g[4096];
     for (int o = KVC_OPT_Q8; o <= KVC_OPT_Q2; o++) {
-        kvc_quant_group(o, 8, 8, 8, k, v, g);
-        kvc_dequant_group(o, 8, 8, 8, g, k2, v2);
+        kvc_quant_group(o, 8, 8, 8, 2, NULL, k, v, g);
+        kvc_dequant_group(o, 8, 8, 8, 2, g, k2, v2);
     }
 }
 
