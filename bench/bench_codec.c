@@ -9,6 +9,7 @@
  *     pages vs the same attention over FP16 pages (dropped tokens included), and the relative
  *     reconstruction error of the kept values;
  *   - attend: one decode step of one layer (all query heads) over the compressed pages.
+ * Variants ferry-model, -hybrid, -nohex, -norot, -mixkvq change one feature of `ferry`.
  * Usage: ferry-bench codec [--json FILE] [--model smollm2|llama3] [--tokens N] [--budget B]
  *                          [--reps R] [--policy NAME]
  */
@@ -92,7 +93,7 @@ static void window_attention(const kvc_seq_t *seq, uint32_t layer, const model_s
 
 /* Built-in policies plus variants of `ferry` that isolate one feature. */
 static const char *const k_variants[] = {"ferry-model", "ferry-hybrid", "ferry-nohex",
-                                         "ferry-norot", NULL};
+                                         "ferry-norot", "ferry-mixkvq", NULL};
 
 static fy_status_t get_policy(const char *name, kvc_policy_t *pol)
 {
@@ -107,6 +108,8 @@ static fy_status_t get_policy(const char *name, kvc_policy_t *pol)
         pol->backbone_frac = 0; // no HEX backbone
     else if (strcmp(name, "ferry-norot") == 0)
         pol->rotate = false; // no Hadamard rotation
+    else if (strcmp(name, "ferry-mixkvq") == 0)
+        pol->protect_channels = 4; // MixKVQ: 4 key channels per low-bit group at 8 bits
     else
         return FY_ERR_NOT_FOUND;
     snprintf(pol->name, sizeof(pol->name), "%s", name);
@@ -174,6 +177,7 @@ static int run_policy(const char *name, double budget, const model_shape_t *m, u
     kvc_pool_params_default(&pp);
     pp.head_dim = m->d;
     pp.page_bytes = m->d > 64 ? 65536 : 32768;
+    pp.protect = pol.protect_channels;
     pp.n_pages = (uint32_t)(2 * fp16 / pp.page_bytes) + 64 * m->n_kv;
     kvc_pool_t *pool;
     if (kvc_pool_create(&pp, &pool) != FY_OK)
