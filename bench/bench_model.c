@@ -7,6 +7,7 @@
  * best of three runs on both sides.
  *
  *   ferry-bench model [--model PATH] [--threads N] [--steps N] [--torch PYTHON] [--json FILE]
+ *                     [--only prefill|decode]   (--only measures Ferry alone)
  */
 #include <cjson/cJSON.h>
 #include <stdio.h>
@@ -151,6 +152,7 @@ int bench_model_main(int argc, char **argv)
     tune_blas(argc, argv, "model");
     const char *model_path = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
     const char *json_path = NULL, *torch = getenv("FERRY_TORCH_PYTHON");
+    const char *only = NULL;
     int threads = 0, steps = 16;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--model") == 0 && i + 1 < argc)
@@ -163,9 +165,11 @@ int bench_model_main(int argc, char **argv)
             torch = argv[++i];
         else if (strcmp(argv[i], "--json") == 0 && i + 1 < argc)
             json_path = argv[++i];
+        else if (strcmp(argv[i], "--only") == 0 && i + 1 < argc)
+            only = argv[++i];
         else {
             fprintf(stderr, "usage: ferry-bench model [--model PATH] [--threads N] [--steps N] "
-                            "[--torch PYTHON] [--json FILE]\n");
+                            "[--torch PYTHON] [--json FILE] [--only prefill|decode]\n");
             return strcmp(argv[i], "--help") == 0 ? 0 : 2;
         }
     }
@@ -197,12 +201,19 @@ int bench_model_main(int argc, char **argv)
                 {"prefill 2048 (tok/s)", "prefill_2048_tok_s", 0, 0},
                 {"decode b1 (tok/s)", "decode_b1_tok_s", 0, 0},
                 {"decode b16 (tok/s)", "decode_b16_tok_s", 0, 0}};
-    rows[0].ferry = bench_prefill(ctx, c->n_vocab, 512);
-    rows[1].ferry = bench_prefill(ctx, c->n_vocab, 2048);
-    rows[2].ferry = bench_decode(m, ctx, 1, steps);
-    rows[3].ferry = bench_decode(m, ctx, 16, steps);
+    bool do_prefill = only == NULL || strcmp(only, "prefill") == 0;
+    bool do_decode = only == NULL || strcmp(only, "decode") == 0;
+    if (do_prefill) {
+        rows[0].ferry = bench_prefill(ctx, c->n_vocab, 512);
+        rows[1].ferry = bench_prefill(ctx, c->n_vocab, 2048);
+    }
+    if (do_decode) {
+        rows[2].ferry = bench_decode(m, ctx, 1, steps);
+        rows[3].ferry = bench_decode(m, ctx, 16, steps);
+    }
     int used_threads = threads > 0 ? threads : (int)sysconf(_SC_NPROCESSORS_ONLN);
-    cJSON *tj = torch != NULL ? run_torch(torch, model_path, used_threads, steps) : NULL;
+    cJSON *tj = torch != NULL && only == NULL ? run_torch(torch, model_path, used_threads, steps)
+                                              : NULL;
     printf("model %s, %d threads, decode over a %d-token context, %d steps\n", model_path,
            used_threads, CONTEXT, steps);
     printf("%-22s %12s %12s %8s\n", "", "ferry", "torch", "ratio");
