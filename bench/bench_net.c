@@ -83,7 +83,8 @@ static void srv_signal(uv_signal_t *h, int signum)
     uv_stop(h->loop);
 }
 
-static int g_spin_us = -1; /* -1: kvlink's default */
+static int g_spin_us = -1;     /* -1: kvlink's default */
+static long g_rndv_bytes = -1; /* -1: kvlink's default */
 
 static int net_serve(bool trust)
 {
@@ -516,7 +517,7 @@ static void usage(void)
     printf("usage: ferry-bench net [--json FILE] [--png FILE] [--tls tcp|shm|all]\n"
            "                       [--sizes 64K,256K,...] [--budgets 1,0.5,0.25]\n"
            "                       [--mib-per-point N] [--runs R] [--no-perftest] [--trust]\n"
-           "                       [--spin-us N]\n"
+           "                       [--spin-us N] [--rndv BYTES]\n"
            "Pushes KV frames over kvlink to a server process on loopback, per UCX transport,\n"
            "and compares with ucx_perftest tag_bw. Bandwidths in MiB/s. --trust: the server\n"
            "leaves CRC32C checks to its consumer (kvlink_params_t.verify_crc = false).\n");
@@ -533,6 +534,10 @@ int bench_net_main(int argc, char **argv)
     int reps = 3;
     bool perftest = true, trust = false;
     for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--rndv") == 0 && i + 1 < argc) {
+            g_rndv_bytes = (long)parse_size(argv[++i]);
+            continue;
+        }
         if (strcmp(argv[i], "--spin-us") == 0 && i + 1 < argc) {
             g_spin_us = atoi(argv[++i]);
             continue;
@@ -640,6 +645,8 @@ int bench_net_main(int argc, char **argv)
         p.max_frame_bytes = (size_t)64 << 20;
         if (g_spin_us >= 0)
             p.spin_us = (uint32_t)g_spin_us;
+        if (g_rndv_bytes >= 0)
+            p.rndv_threshold = (size_t)g_rndv_bytes;
         if (kvlink_ctx_create(NULL, &ctx) != FY_OK ||
             kvlink_create(ctx, &loop, &p, &link) != FY_OK) {
             stop_child(srv);

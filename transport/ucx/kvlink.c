@@ -1557,7 +1557,7 @@ void kvlink_params_default(kvlink_params_t *params)
     params->rndv_threshold = (size_t)8 << 10;
     params->sweep_ms = 10;
     params->verify_crc = true;
-    params->spin_us = 50;
+    params->spin_us = 0;
 }
 
 /* The per-id callback arguments live right after the link in one allocation. */
