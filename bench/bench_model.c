@@ -223,6 +223,8 @@ int bench_model_main(int argc, char **argv)
     cJSON_AddNumberToObject(out, "decode_context", CONTEXT);
     cJSON_AddNumberToObject(out, "decode_steps", steps);
     for (size_t i = 0; i < FY_ARRAY_SIZE(rows); i++) {
+        if (rows[i].ferry == 0.0)
+            continue; // not measured (--only)
         const cJSON *tv = tj != NULL ? cJSON_GetObjectItem(tj, rows[i].torch_key) : NULL;
         rows[i].torch = cJSON_IsNumber(tv) ? tv->valuedouble : 0.0;
         if (rows[i].torch > 0)

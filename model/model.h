@@ -361,8 +361,10 @@ typedef struct {
 
 void mdl_ctx_params_default(mdl_ctx_params_t *p);
 
-/* Scratch and a thread pool for running a model; model is borrowed until destroy.
- * Thread: any. */
+/* Scratch and a thread pool for running a model; model is borrowed until destroy. GEMMs use
+ * OpenBLAS, whose thread count is process-wide: each call sets it to this context's n_threads
+ * (prefill attention drops it to 1 while the pool runs heads in parallel), so contexts that
+ * run at the same time in one process should use the same n_threads. Thread: any. */
 fy_status_t mdl_ctx_create(const mdl_model_t *model, const mdl_ctx_params_t *params,
                            mdl_ctx_t **ctx_p);
 void mdl_ctx_destroy(mdl_ctx_t *ctx);
