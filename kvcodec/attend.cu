@@ -20,6 +20,7 @@
  * computed the way pool.c computes them (kvc_group_bytes rounded up to 16).
  */
 #include "kvcodec_cuda.h"
+#include "kvcodec_cuda_int.h"
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -539,13 +540,6 @@ __global__ void __launch_bounds__(kThreads) attend_combine_kernel(attn_params A,
     }
 }
 
-fy_status_t cuda_status(cudaError_t e)
-{
-    if (e == cudaSuccess)
-        return FY_OK;
-    return e == cudaErrorMemoryAllocation ? FY_ERR_RESOURCE_EXHAUSTED : FY_ERR_CUDA;
-}
-
 size_t align_up(size_t x, size_t a)
 {
     return (x + a - 1) / a * a;
@@ -590,9 +584,9 @@ fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt,
     pl->n_items = (uint32_t)items;
 
     int dev = 0, sms = 0;
-    fy_status_t st = cuda_status(cudaGetDevice(&dev));
+    fy_status_t st = kvc_cuda_status(cudaGetDevice(&dev));
     if (st == FY_OK)
-        st = cuda_status(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+        st = kvc_cuda_status(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     if (st != FY_OK)
         return st;
     // Enough blocks to fill every SM about four times over, never more splits than pages.
@@ -613,7 +607,7 @@ fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt,
     pl->smem_split = pl->buf_bytes + (2 * (size_t)rows * d + (size_t)rows * kChunk) * sizeof(float);
     pl->smem_combine = ((size_t)rows * pl->n_splits + (size_t)rows * d) * sizeof(float);
     int optin = 0;
-    st = cuda_status(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    st = kvc_cuda_status(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
     if (st != FY_OK)
         return st;
     // Leave room for the kernels' static shared memory (a few hundred bytes).
@@ -640,13 +634,13 @@ template <int NQ, int CPT>
 fy_status_t launch_split(const plan &pl, const attn_params &A, cudaStream_t stream)
 {
     auto kern = attend_split_kernel<NQ, CPT>;
-    fy_status_t st = cuda_status(cudaFuncSetAttribute(
+    fy_status_t st = kvc_cuda_status(cudaFuncSetAttribute(
         kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pl.smem_split));
     if (st != FY_OK)
         return st;
     dim3 grid(pl.n_splits, pl.n_items);
     kern<<<grid, kThreads, pl.smem_split, stream>>>(A);
-    return cuda_status(cudaGetLastError());
+    return kvc_cuda_status(cudaGetLastError());
 }
 
 template <int CPT>
@@ -666,6 +660,16 @@ fy_status_t launch_split_rows(const plan &pl, const attn_params &A, cudaStream_t
 }
 
 } // namespace
+
+extern "C" void kvc_gpu_pool_view(const kvc_gpu_pool_t *pool, kvc_gpu_pages_t *view_p)
+{
+    view_p->base = kvc_gpu_pool_base(pool);
+    view_p->page_bytes = kvc_gpu_pool_page_bytes(pool);
+    view_p->n_pages = kvc_gpu_pool_n_pages(pool);
+    view_p->head_dim = kvc_gpu_pool_head_dim(pool);
+    view_p->group = kvc_gpu_pool_group(pool);
+    view_p->protect = kvc_gpu_pool_protect(pool);
+}
 
 extern "C" fy_status_t kvc_attend_batch_cuda_workspace(const kvc_gpu_pages_t *pool,
                                                        const kvc_attend_batch_t *batch,
@@ -723,21 +727,21 @@ extern "C" fy_status_t kvc_attend_batch_cuda(const kvc_gpu_pages_t *pool,
     A.ws_rot = reinterpret_cast<uint32_t *>(ws + pl.off_rot);
 
     cudaStream_t s = static_cast<cudaStream_t>(stream);
-    st = cuda_status(cudaMemsetAsync(A.ws_err, 0, sizeof(uint32_t), s));
+    st = kvc_cuda_status(cudaMemsetAsync(A.ws_err, 0, sizeof(uint32_t), s));
     if (st != FY_OK)
         return st;
     st = pl.cpt == 8 ? launch_split_rows<8>(pl, A, s) : launch_split_rows<16>(pl, A, s);
     if (st != FY_OK)
         return st;
     if (pl.smem_combine > 48 * 1024) {
-        st = cuda_status(cudaFuncSetAttribute(attend_combine_kernel,
+        st = kvc_cuda_status(cudaFuncSetAttribute(attend_combine_kernel,
                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
                                               (int)pl.smem_combine));
         if (st != FY_OK)
             return st;
     }
     attend_combine_kernel<<<pl.n_items, kThreads, pl.smem_combine, s>>>(A, pl.rows);
-    return cuda_status(cudaGetLastError());
+    return kvc_cuda_status(cudaGetLastError());
 }
 
 extern "C" fy_status_t kvc_attend_batch_cuda_bad_pages(const void *workspace, void *stream,
@@ -747,10 +751,10 @@ extern "C" fy_status_t kvc_attend_batch_cuda_bad_pages(const void *workspace, vo
         return FY_ERR_INVALID_ARG;
     uint32_t n = 0;
     cudaStream_t s = static_cast<cudaStream_t>(stream);
-    fy_status_t st = cuda_status(cudaMemcpyAsync(&n, workspace, sizeof(n),
+    fy_status_t st = kvc_cuda_status(cudaMemcpyAsync(&n, workspace, sizeof(n),
                                                  cudaMemcpyDeviceToHost, s));
     if (st == FY_OK)
-        st = cuda_status(cudaStreamSynchronize(s));
+        st = kvc_cuda_status(cudaStreamSynchronize(s));
     if (st != FY_OK)
         return st;
     *n_bad_p = n;
