@@ -917,3 +917,89 @@ fy_status_t mdl_decode(mdl_ctx_t *ctx, mdl_kv_seq_t *const *seqs, const int32_t 
     }
     return FY_OK;
 }
+
+/* ------------------------------------------------------------------------------------------ */
+/* Decode over an outside KV store (model_int.h; decode_kvc.c uses it for kvcodec pages)        */
+/* ------------------------------------------------------------------------------------------ */
+
+const mdl_model_t *mdl_ctx_model(const mdl_ctx_t *ctx)
+{
+    return ctx->m;
+}
+
+fy_status_t mdl_decode_ext(mdl_ctx_t *ctx, const int32_t *tokens, const int32_t *pos, int n,
+                           const mdl_decode_ops_t *ops, void *arg, float *logits)
+{
+    if (ctx == NULL || tokens == NULL || pos == NULL || ops == NULL || ops->store == NULL ||
+        ops->attend == NULL || logits == NULL || n <= 0)
+        return FY_ERR_INVALID_ARG;
+    const mdl_model_t *m = ctx->m;
+    const mdl_config_t *c = &m->cfg;
+    if (n > ctx->p.max_batch)
+        return FY_ERR_OUT_OF_RANGE;
+    fy_status_t st = check_tokens(c, tokens, n);
+    if (st != FY_OK)
+        return st;
+    for (int i = 0; i < n; i++) {
+        if (pos[i] < 0 || pos[i] >= c->n_ctx_train)
+            return FY_ERR_OUT_OF_RANGE;
+    }
+    if ((st = ensure_tokens(ctx, n, 0)) != FY_OK)
+        return st;
+    int dim = c->dim, hd = c->head_dim, n_kv = c->n_kv_heads;
+    int q_dim = c->n_heads * hd, kv_dim = n_kv * hd, qkv_dim = qkv_width(c);
+    memcpy(ctx->pos, pos, (size_t)n * sizeof(int32_t));
+    embed(m, tokens, n, ctx->x);
+    for (int l = 0; l < c->n_layers; l++) {
+        const layer_w_t *lw = &m->layers[l];
+        krn_rmsnorm_f32(ctx->xn, dim, ctx->x, dim, lw->attn_norm, n, dim, c->rms_eps);
+        // qkv [n][qkv_dim]: q heads, then k heads, then v heads of each row.
+        const krn_qmat_t *qs[3] = {&lw->qq, &lw->qk, &lw->qv};
+        float *ys[3] = {ctx->qkv, ctx->qkv + q_dim, ctx->qkv + q_dim + kv_dim};
+        if (n > DECODE_Q_MAX_ROWS ||
+            krn_matmul_q_multi_f32(ctx->pool, n, ctx->xn, dim, qs, ys, qkv_dim, 3, 0) != FY_OK)
+            krn_gemm_f32(n, qkv_dim, dim, ctx->xn, dim, lw->wqkv, dim, ctx->qkv, qkv_dim, 0);
+        for (int r = 0; r < n; r++) {
+            float *row = ctx->qkv + (size_t)r * qkv_dim;
+            if (lw->bqkv != NULL) {
+                for (int j = 0; j < qkv_dim; j++)
+                    row[j] += lw->bqkv[j];
+            }
+            krn_rope_f32(row, qkv_dim, 1, c->n_heads + n_kv, hd, ctx->pos + r, &c->rope);
+            if ((st = ops->store(arg, r, l, row + q_dim, row + q_dim + kv_dim)) != FY_OK)
+                return st;
+        }
+        if ((st = ops->attend(arg, l, n, ctx->qkv, (size_t)qkv_dim, ctx->att, (size_t)q_dim,
+                              ctx->pool)) != FY_OK)
+            return st;
+        linear(ctx, n, ctx->att, q_dim, lw->wo, &lw->qo, ctx->x, dim, 1);
+        ffn_block(ctx, lw, ctx->x, ctx->xn, n);
+    }
+    logits_block(ctx, ctx->x, n, ctx->xn, logits);
+    return FY_OK;
+}
+
+uint64_t mdl_model_fingerprint(const mdl_model_t *m)
+{
+    if (m == NULL)
+        return 0;
+    const mdl_config_t *c = &m->cfg;
+    // Two CRC32C streams over the shape and the weights that every token touches: the
+    // embedding (and output) matrix and every norm vector.
+    int32_t shape[] = {(int32_t)c->arch, c->n_vocab,  c->dim,     c->n_layers, c->n_heads,
+                       c->n_kv_heads,    c->head_dim, c->ffn_dim, c->n_ctx_train};
+    float rope[] = {c->rope.theta, c->rms_eps};
+    size_t dim = (size_t)c->dim;
+    uint32_t lo = fy_crc32c(0, shape, sizeof(shape));
+    lo = fy_crc32c(lo, m->tok_embd, (size_t)c->n_vocab * dim * sizeof(float));
+    if (!c->tied_embeddings)
+        lo = fy_crc32c(lo, m->output, (size_t)c->n_vocab * dim * sizeof(float));
+    uint32_t hi = fy_crc32c(0x9e3779b9u, rope, sizeof(rope));
+    hi = fy_crc32c(hi, m->output_norm, dim * sizeof(float));
+    for (int l = 0; l < c->n_layers; l++) {
+        hi = fy_crc32c(hi, m->layers[l].attn_norm, dim * sizeof(float));
+        hi = fy_crc32c(hi, m->layers[l].ffn_norm, dim * sizeof(float));
+    }
+    uint64_t fp = (uint64_t)hi << 32 | lo;
+    return fp != 0 ? fp : 1; // 0 means "any model" to the router
+}
