@@ -21,6 +21,7 @@
 #include "ferry.pb-c.h"
 #include "kvlink.h"
 #include "prefill_frames.h"
+#include "router.h"
 #include "rpc.h"
 
 enum { N_GEN = 12, N_PROMPTS = 2, MAX_TOKENS_SEEN = 512 };
@@ -243,10 +244,12 @@ static fy_status_t send_frames(uint64_t id, const pf_stream_t *s, int corrupt_la
 
 /* ---- setup -------------------------------------------------------------------------------- */
 
-static fy_status_t start_worker(uint64_t kv_memory, decode_worker_t **w_p)
+static fy_status_t start_worker_at(uint64_t kv_memory, const char *router,
+                                   decode_worker_t **w_p)
 {
     decode_worker_params_t p;
     decode_worker_params_default(&p);
+    p.router = router;
     p.model = G.m;
     p.threads = 2;
     p.max_batch = 8;
@@ -257,6 +260,11 @@ static fy_status_t start_worker(uint64_t kv_memory, decode_worker_t **w_p)
     if (st != FY_OK)
         fprintf(stderr, "decode worker: %s\n", err);
     return st;
+}
+
+static fy_status_t start_worker(uint64_t kv_memory, decode_worker_t **w_p)
+{
+    return start_worker_at(kv_memory, NULL, w_p);
 }
 
 static void connect_to(decode_worker_t *w)
@@ -471,6 +479,12 @@ static void test_two_in_one_batch(void **state)
            (unsigned long long)steps);
     assert_int_equal(tokens, 2 * N_GEN);
     assert_true(steps < tokens); // they shared steps
+    fy_metric_t *h = fy_metrics_histogram(decode_worker_metrics(G.w), "ferry_decode_step_seconds",
+                                          NULL, "", fy_metrics_latency_bounds, 16);
+    assert_non_null(h);
+    printf("mean decode step so far: %.2f ms over %llu steps\n",
+           1e3 * fy_metric_value(h) / (double)fy_metric_count(h),
+           (unsigned long long)fy_metric_count(h));
     assert_pool_idle(G.w);
 }
 
@@ -587,6 +601,57 @@ static void test_pool_full(void **state)
     decode_worker_destroy(small);
 }
 
+// With --router the worker registers (RPC and KV addresses, the model's fingerprint, its free
+// pages), heartbeats its load, and announces draining.
+static void test_registers_with_router(void **state)
+{
+    (void)state;
+    router_registry_params_t rp;
+    router_registry_params_default(&rp);
+    rp.lease_ms = 200;
+    router_registry_t *reg = NULL;
+    assert_int_equal(router_registry_create(&rp, &reg), FY_OK);
+    rpc_server_params_t sp;
+    rpc_server_params_default(&sp);
+    rpc_server_t *srv = NULL;
+    assert_int_equal(rpc_server_create(&G.loop, &sp, &srv), FY_OK);
+    assert_int_equal(router_registry_serve(srv, reg), FY_OK);
+    char router[64];
+    snprintf(router, sizeof(router), "127.0.0.1:%d", rpc_server_port(srv));
+    decode_worker_t *w = NULL;
+    assert_int_equal(start_worker_at(64u << 20, router, &w), FY_OK);
+    router_worker_t info;
+    uint64_t end = fy_clock_ns() + 20000000000ull;
+    bool seen = false;
+    while (!seen && fy_clock_ns() < end) {
+        run_for(20);
+        seen = router_registry_snapshot(reg, &info, 1) == 1 && info.load.total_kv_pages > 0;
+    }
+    assert_true(seen);
+    assert_int_equal(info.role, ROUTER_ROLE_DECODE);
+    assert_true(info.model_fingerprint == mdl_model_fingerprint(G.m));
+    char want[64];
+    snprintf(want, sizeof(want), "127.0.0.1:%d", decode_worker_kv_port(w));
+    assert_string_equal(info.kv_address, want);
+    snprintf(want, sizeof(want), "127.0.0.1:%d", decode_worker_rpc_port(w));
+    assert_string_equal(info.rpc_address, want);
+    assert_int_equal(info.load.total_kv_pages, (64u << 20) / 32768);
+    assert_int_equal(info.load.free_kv_pages, info.load.total_kv_pages);
+    // Draining reaches the registry with the next heartbeat.
+    assert_int_equal(decode_worker_drain(w, 0), 0);
+    end = fy_clock_ns() + 10000000000ull;
+    while (fy_clock_ns() < end) {
+        run_for(20);
+        if (router_registry_snapshot(reg, &info, 1) == 1 && info.draining)
+            break;
+    }
+    assert_true(info.draining);
+    decode_worker_destroy(w);
+    rpc_server_destroy(srv);
+    run_for(50);
+    router_registry_destroy(reg);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -596,6 +661,7 @@ int main(void)
         cmocka_unit_test(test_lease_expires),
         cmocka_unit_test(test_cancel_mid_stream),
         cmocka_unit_test(test_pool_full),
+        cmocka_unit_test(test_registers_with_router),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
