@@ -150,18 +150,15 @@ static int reserve(const char *request_id, const prompt_t *p, int policy, uint32
     return r->code;
 }
 
-static void start_decode(call_t *r, const char *request_id, uint64_t reservation,
-                         const prompt_t *p, uint32_t max_tokens, bool ignore_eos)
+static void start_decode_with(call_t *r, const char *request_id, uint64_t reservation,
+                              const prompt_t *p, Ferry__V1__SamplingParams *sp, int32_t first)
 {
-    Ferry__V1__SamplingParams sp = FERRY__V1__SAMPLING_PARAMS__INIT;
-    sp.max_tokens = max_tokens;
-    sp.ignore_eos = ignore_eos;
     Ferry__V1__DecodeRequest req = FERRY__V1__DECODE_REQUEST__INIT;
     req.request_id = (char *)request_id;
     req.reservation_id = reservation;
-    req.sampling = &sp;
+    req.sampling = sp;
     req.return_token_ids = true;
-    req.first_token_id = (uint32_t)p->first;
+    req.first_token_id = (uint32_t)first;
     req.completion_tokens_sent = 1;
     uint32_t *ids = malloc(sizeof(uint32_t) * (size_t)p->n);
     for (int i = 0; i < p->n; i++)
@@ -170,6 +167,15 @@ static void start_decode(call_t *r, const char *request_id, uint64_t reservation
     req.prompt_token_ids = ids;
     start_call(r, "Decode", &req.base, &ferry__v1__generate_response__descriptor);
     free(ids);
+}
+
+static void start_decode(call_t *r, const char *request_id, uint64_t reservation,
+                         const prompt_t *p, uint32_t max_tokens, bool ignore_eos)
+{
+    Ferry__V1__SamplingParams sp = FERRY__V1__SAMPLING_PARAMS__INIT;
+    sp.max_tokens = max_tokens;
+    sp.ignore_eos = ignore_eos;
+    start_decode_with(r, request_id, reservation, p, &sp, p->first);
 }
 
 static bool cancel(const char *request_id)
@@ -601,6 +607,82 @@ static void test_pool_full(void **state)
     decode_worker_destroy(small);
 }
 
+// A seeded sampled run continues the request's random stream: the worker skips the draw the
+// prefill side made for the first token, so the stream equals a local run with that seed.
+static void test_seeded_sampling_continues(void **state)
+{
+    (void)state;
+    const prompt_t *p = &G.prompts[1];
+    const mdl_config_t *c = mdl_model_config(G.m);
+    mdl_sampler_params_t lp;
+    mdl_sampler_params_default(&lp);
+    lp.temperature = 0.9f;
+    lp.top_k = 40;
+    lp.top_p = 0.95f;
+    lp.seed = 4242;
+    lp.max_tokens = 0;
+    lp.n_stop = 1;
+    lp.stop[0] = mdl_tokenizer_eos(mdl_model_tokenizer(G.m));
+    mdl_sampler_t *smp;
+    assert_int_equal(mdl_sampler_create(&lp, c->n_vocab, &smp), FY_OK);
+    for (int i = 0; i < p->n; i++)
+        mdl_sampler_accept(smp, p->ids[i]);
+    mdl_ctx_params_t cp;
+    mdl_ctx_params_default(&cp);
+    cp.n_threads = 2;
+    mdl_ctx_t *ctx;
+    assert_int_equal(mdl_ctx_create(G.m, &cp, &ctx), FY_OK);
+    mdl_kv_params_t kp;
+    mdl_kv_params_default(&kp, G.m);
+    kp.n_pages = mdl_kv_pages_for(&kp, p->n + N_GEN + 1);
+    mdl_kv_t *kv;
+    mdl_kv_seq_t *seq;
+    assert_int_equal(mdl_kv_create(&kp, &kv), FY_OK);
+    assert_int_equal(mdl_kv_seq_create(kv, &seq), FY_OK);
+    float *logits = malloc(sizeof(float) * (size_t)c->n_vocab);
+    mdl_prefill_params_t pp;
+    mdl_prefill_params_default(&pp);
+    pp.seq = seq;
+    assert_int_equal(mdl_prefill(ctx, p->ids, p->n, &pp, logits), FY_OK);
+    int32_t first = mdl_sampler_sample(smp, logits);
+    mdl_sampler_accept(smp, first);
+    int32_t local[N_GEN];
+    int n_local = 0;
+    for (int32_t t = first; n_local < N_GEN;) {
+        assert_int_equal(mdl_decode(ctx, &seq, &t, 1, logits), FY_OK);
+        t = mdl_sampler_sample(smp, logits);
+        mdl_sampler_accept(smp, t);
+        if (mdl_sampler_done(smp, t))
+            break;
+        local[n_local++] = t;
+    }
+    mdl_kv_seq_destroy(seq);
+    mdl_kv_destroy(kv);
+    mdl_ctx_destroy(ctx);
+    mdl_sampler_destroy(smp);
+    free(logits);
+
+    char id[32];
+    snprintf(id, sizeof(id), "%s", next_id());
+    call_t r, d;
+    assert_int_equal(reserve(id, p, 0, 10000, &r), RPC_CODE_OK);
+    assert_int_equal(send_frames(r.reservation_id, &p->stream[0], -1), FY_OK);
+    Ferry__V1__SamplingParams sp = FERRY__V1__SAMPLING_PARAMS__INIT;
+    sp.temperature = lp.temperature;
+    sp.top_k = (uint32_t)lp.top_k;
+    sp.top_p = lp.top_p;
+    sp.seed = lp.seed;
+    sp.max_tokens = N_GEN + 1;
+    start_decode_with(&d, id, r.reservation_id, p, &sp, first);
+    assert_true(run_until(&d.done, 120000));
+    assert_int_equal(d.code, RPC_CODE_OK);
+    assert_int_equal(d.n_tokens, n_local);
+    for (int i = 0; i < n_local; i++)
+        assert_int_equal((int32_t)d.tokens[i], local[i]);
+    printf("seeded sampling: %d tokens equal the local run\n", n_local);
+    assert_pool_idle(G.w);
+}
+
 // With --router the worker registers (RPC and KV addresses, the model's fingerprint, its free
 // pages), heartbeats its load, and announces draining.
 static void test_registers_with_router(void **state)
@@ -661,6 +743,7 @@ int main(void)
         cmocka_unit_test(test_lease_expires),
         cmocka_unit_test(test_cancel_mid_stream),
         cmocka_unit_test(test_pool_full),
+        cmocka_unit_test(test_seeded_sampling_continues),
         cmocka_unit_test(test_registers_with_router),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
