@@ -13,6 +13,8 @@
  *   n_pages x page_bytes, page p at base + p x page_bytes holding exactly the bytes a CPU pool's
  *   page holds (docs/kvcodec-format.md §3). Free list, reference counts and per-sequence page
  *   lists stay on the host.
+ * - Decode attention over compressed pages (kvc_attend_batch_cuda): the twin of kvc_attend for
+ *   a batch of page lists, flash-decoding with the page list split over thread blocks.
  *
  * Streams are passed as void * (a cudaStream_t; NULL = the legacy default stream) so this
  * header stays plain C. Every function returns FY_ERR_NO_DEVICE when the library was built
@@ -142,6 +144,63 @@ fy_status_t kvc_gpu_pool_pages_needed(const kvc_gpu_pool_t *pool, const kvc_fram
  * error the sequence and pool are unchanged. Thread: not thread-safe per sequence. */
 fy_status_t kvc_place_cuda(kvc_gpu_seq_t *seq, const kvc_frame_t *frame, const uint8_t *frame_dev,
                            void *stream);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Attention over compressed pages (kvcodec/attend.cu, twin of kvc_attend)                     */
+/* ------------------------------------------------------------------------------------------ */
+
+/* A GPU page pool as attention reads it: a plain view (kvc_gpu_pool_view fills it from a
+ * kvc_gpu_pool_t; a test may fill it for a copy of a CPU pool's bytes). The geometry must equal
+ * the pool's params. */
+typedef struct {
+    const uint8_t *base; // device: [n_pages][page_bytes], 16-byte aligned (cudaMalloc is)
+    size_t page_bytes;   // multiple of 64, as the CPU pool
+    uint32_t n_pages;
+    uint32_t head_dim; // multiple of 8, <= 512
+    uint32_t group;    // G of the pool
+    uint32_t protect;  // P of the pool (MixKVQ protected key channels)
+} kvc_gpu_pages_t;
+
+/* The attention view of a GPU pool (borrowed; valid until the pool is destroyed).
+ * Thread: any. */
+void kvc_gpu_pool_view(const kvc_gpu_pool_t *pool, kvc_gpu_pages_t *view_p);
+
+/* One decode step's worth of page lists: for sequence b and kv head h, list i = b * n_kv_heads + h
+ * is page_ids[list_start[i] .. list_start[i + 1]). Query rows of list i are the GQA group
+ * q[b][h * g .. h * g + g - 1] with g = n_heads / n_kv_heads (as kvc_attend_layer maps them). */
+typedef struct {
+    uint32_t batch;      // sequences, >= 1
+    uint32_t n_heads;    // query heads per sequence
+    uint32_t n_kv_heads; // page lists per sequence; n_heads / n_kv_heads must be 1..8
+    const uint32_t *list_start;    // device: [batch * n_kv_heads + 1], non-decreasing
+    const kvc_page_id_t *page_ids; // device: [list_start[batch * n_kv_heads]]
+    uint32_t max_list_pages; // the longest list (sizes the split of each list over thread
+                             // blocks; longer lists are still attended in full, more slowly)
+} kvc_attend_batch_t;
+
+/* Bytes of device workspace kvc_attend_batch_cuda needs for this pool and batch shape.
+ * Thread: any. */
+fy_status_t kvc_attend_batch_cuda_workspace(const kvc_gpu_pages_t *pool,
+                                            const kvc_attend_batch_t *batch, size_t *bytes_p);
+
+/* Decode attention of a batch over compressed pages, flash-decoding style: every list is split
+ * over several thread blocks, each dequantizing its pages in registers by the option in each
+ * page's header (read on the device) and keeping a partial online softmax; a second kernel
+ * combines the partials. Same result as kvc_attend per list (rotated pages: H q for the logits,
+ * the rotated part of the accumulator rotated back once). An empty list gives zeros.
+ * q: device [batch][n_heads][head_dim] fp32; out: device, same shape. workspace: device,
+ * workspace_bytes >= kvc_attend_batch_cuda_workspace(). All pointers borrowed until the stream
+ * reaches the end of the work queued here. Pages whose id or header is invalid are skipped and
+ * counted (kvc_attend_batch_cuda_bad_pages). Thread: any; one call per workspace at a time. */
+fy_status_t kvc_attend_batch_cuda(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *batch,
+                                  const float *q, float scale, float *out, void *workspace,
+                                  size_t workspace_bytes, void *stream);
+
+/* Waits for the stream and reports how many pages the last kvc_attend_batch_cuda on this
+ * workspace skipped because the page id was out of range or the header did not match the pool
+ * (0 for pages built by kvc_place / copied from the CPU pool). Thread: as above. */
+fy_status_t kvc_attend_batch_cuda_bad_pages(const void *workspace, void *stream,
+                                            uint32_t *n_bad_p);
 
 #ifdef __cplusplus
 }
