@@ -52,6 +52,8 @@ struct mdl_model {
     void **raw;         // copies of the stored tensors the qmats point to
     int n_raw;
     mdl_tokenizer_t *tok;
+    mdl_device_t device;
+    mdl_cuda_model_t *cuda; // the weights on the GPU (device CUDA; the FP32 arrays stay NULL)
 };
 
 /* Decode steps with at most this many rows read weights in their storage type; larger batches
@@ -274,6 +276,7 @@ void mdl_model_destroy(mdl_model_t *m)
         free(m->raw[i]);
     free(m->raw);
     mdl_tokenizer_destroy(m->tok);
+    mdl_cuda_model_destroy(m->cuda);
     free(m);
 }
 
@@ -332,18 +335,34 @@ static fy_status_t load_layer(mdl_model_t *m, const mdl_gguf_t *g, const mdl_con
     return FY_OK;
 }
 
-fy_status_t mdl_model_create_from_gguf(const mdl_gguf_t *g, mdl_model_t **model_p, char *err,
-                                       size_t err_len)
+static fy_status_t model_create(const mdl_gguf_t *g, mdl_device_t device, mdl_model_t **model_p,
+                                char *err, size_t err_len)
 {
     if (err != NULL && err_len > 0)
         err[0] = '\0';
+    if (device != MDL_DEVICE_CPU && device != MDL_DEVICE_CUDA)
+        return FY_ERR_INVALID_ARG;
     mdl_model_t *m = calloc(1, sizeof(*m));
     if (m == NULL)
         return FY_ERR_NO_MEMORY;
+    m->device = device;
     fy_status_t st = read_config(g, &m->cfg, err, err_len);
     if (st != FY_OK)
         goto fail;
     mdl_config_t *c = &m->cfg;
+    if (device == MDL_DEVICE_CUDA) {
+        // Weights go straight from the file to the GPU; only the small vectors the config
+        // points to are read on the host.
+        if (mdl_gguf_find_tensor(g, "rope_freqs.weight") != NULL) {
+            if ((st = load_alloc(g, "rope_freqs.weight", (uint64_t)c->rope.n_rot / 2, 1,
+                                 &m->rope_freqs, err, err_len)))
+                goto fail;
+            c->rope.freq_factors = m->rope_freqs;
+        }
+        if ((st = mdl_cuda_model_load(g, c, &m->cuda, err, err_len)) != FY_OK)
+            goto fail;
+        goto tokenizer;
+    }
     m->layers = calloc((size_t)c->n_layers, sizeof(*m->layers));
     if (m->layers == NULL) {
         st = FY_ERR_NO_MEMORY;
@@ -371,6 +390,7 @@ fy_status_t mdl_model_create_from_gguf(const mdl_gguf_t *g, mdl_model_t **model_
     if ((st = make_qmat(m, g, c->tied_embeddings ? "token_embd.weight" : "output.weight",
                         c->n_vocab, c->dim, m->output, &m->qout)) != FY_OK)
         goto fail;
+tokenizer:
     if ((st = mdl_tokenizer_create(g, &m->tok, err, err_len)) != FY_OK)
         goto fail;
     if (mdl_tokenizer_n_vocab(m->tok) > c->n_vocab) {
@@ -388,6 +408,12 @@ fail:
     return st;
 }
 
+fy_status_t mdl_model_create_from_gguf(const mdl_gguf_t *g, mdl_model_t **model_p, char *err,
+                                       size_t err_len)
+{
+    return model_create(g, MDL_DEVICE_CPU, model_p, err, err_len);
+}
+
 fy_status_t mdl_model_create(const mdl_model_params_t *params, mdl_model_t **model_p, char *err,
                              size_t err_len)
 {
@@ -397,7 +423,7 @@ fy_status_t mdl_model_create(const mdl_model_params_t *params, mdl_model_t **mod
     fy_status_t st = mdl_gguf_open(params->path, &g, err, err_len);
     if (st != FY_OK)
         return st;
-    st = mdl_model_create_from_gguf(g, model_p, err, err_len);
+    st = model_create(g, params->device, model_p, err, err_len);
     mdl_gguf_close(g); // weights were copied out
     return st;
 }
@@ -410,6 +436,11 @@ const mdl_config_t *mdl_model_config(const mdl_model_t *m)
 const mdl_tokenizer_t *mdl_model_tokenizer(const mdl_model_t *m)
 {
     return m->tok;
+}
+
+mdl_device_t mdl_model_device(const mdl_model_t *m)
+{
+    return m->device;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -441,6 +472,7 @@ struct mdl_ctx {
     // Decode page-pointer scratch.
     int cap_pages;
     const uint16_t **pages; // [n_threads][cap_pages]
+    mdl_cuda_ctx_t *cuda;   // device CUDA: everything runs there (the CPU scratch stays empty)
 };
 
 void mdl_ctx_params_default(mdl_ctx_params_t *p)
@@ -455,6 +487,7 @@ void mdl_ctx_destroy(mdl_ctx_t *ctx)
 {
     if (ctx == NULL)
         return;
+    mdl_cuda_ctx_destroy(ctx->cuda);
     fy_pool_destroy(ctx->pool);
     free(ctx->x);
     free(ctx->xn);
@@ -484,13 +517,23 @@ fy_status_t mdl_ctx_create(const mdl_model_t *m, const mdl_ctx_params_t *params,
         p = *params;
     else
         mdl_ctx_params_default(&p);
-    if (m == NULL || p.n_threads < 0 || p.prefill_chunk <= 0 || p.max_batch <= 0)
+    if (m == NULL || p.n_threads < 0 || p.prefill_chunk <= 0 || p.max_batch <= 0 ||
+        p.device != m->device)
         return FY_ERR_INVALID_ARG;
     mdl_ctx_t *ctx = calloc(1, sizeof(*ctx));
     if (ctx == NULL)
         return FY_ERR_NO_MEMORY;
     ctx->m = m;
     ctx->p = p;
+    if (p.device == MDL_DEVICE_CUDA) {
+        fy_status_t cst = mdl_cuda_ctx_create(m->cuda, &p, &ctx->cuda);
+        if (cst != FY_OK) {
+            free(ctx);
+            return cst;
+        }
+        *ctx_p = ctx;
+        return FY_OK;
+    }
     fy_status_t st = fy_pool_create(p.n_threads, &ctx->pool);
     if (st != FY_OK) {
         free(ctx);
@@ -719,12 +762,22 @@ fy_status_t mdl_prefill(mdl_ctx_t *ctx, const int32_t *tokens, int n,
         return st;
     mdl_kv_seq_t *seq = params->seq;
     if (seq != NULL) {
+        if (mdl_kv_params_of(mdl_kv_seq_pool(seq))->device != ctx->p.device)
+            return FY_ERR_INVALID_ARG;
         if (mdl_kv_seq_len(seq) != 0)
             return FY_ERR_STATE;
         if ((st = mdl_kv_seq_reserve(seq, n)) != FY_OK)
             return st;
     }
     int w = FY_MIN(params->window, n);
+    if (ctx->cuda != NULL) {
+        st = mdl_cuda_prefill(ctx->cuda, tokens, n, w, params, logits);
+        if (st == FY_OK && seq != NULL)
+            st = mdl_kv_seq_commit(seq, n);
+        if (st != FY_OK && seq != NULL)
+            mdl_kv_seq_clear(seq);
+        return st;
+    }
     if ((st = ensure_tokens(ctx, n, w)) != FY_OK)
         return st;
 
@@ -860,11 +913,22 @@ fy_status_t mdl_decode(mdl_ctx_t *ctx, mdl_kv_seq_t *const *seqs, const int32_t 
         }
         if (mdl_kv_seq_len(seqs[i]) >= c->n_ctx_train)
             return FY_ERR_OUT_OF_RANGE;
+        if (mdl_kv_params_of(mdl_kv_seq_pool(seqs[i]))->device != ctx->p.device)
+            return FY_ERR_INVALID_ARG;
         max_len = FY_MAX(max_len, mdl_kv_seq_len(seqs[i]) + 1);
     }
     for (int i = 0; i < n; i++) {
         if ((st = mdl_kv_seq_reserve(seqs[i], 1)) != FY_OK)
             return st;
+    }
+    if (ctx->cuda != NULL) {
+        if ((st = mdl_cuda_decode(ctx->cuda, seqs, tokens, n, logits)) != FY_OK)
+            return st;
+        for (int i = 0; i < n; i++) {
+            if ((st = mdl_kv_seq_commit(seqs[i], 1)) != FY_OK)
+                return st;
+        }
+        return FY_OK;
     }
     if ((st = ensure_tokens(ctx, n, 0)) != FY_OK)
         return st;
