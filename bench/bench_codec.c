@@ -10,8 +10,10 @@
  *     reconstruction error of the kept values;
  *   - attend: one decode step of one layer (all query heads) over the compressed pages.
  * Variants ferry-model, -hybrid, -nohex, -norot, -mixkvq change one feature of `ferry`.
+ * With --gguf the K, V and window queries are a real model's instead: one layer of a prefill
+ * over the first N tokens of a text file (default: a license text every Debian system ships).
  * Usage: ferry-bench codec [--json FILE] [--model smollm2|llama3] [--tokens N] [--budget B]
- *                          [--reps R] [--policy NAME]
+ *                          [--reps R] [--policy NAME] [--gguf PATH [--layer L] [--text FILE]]
  */
 #include <math.h>
 #include <stdio.h>
@@ -21,6 +23,7 @@
 
 #include "common.h"
 #include "kvcodec.h"
+#include "model.h"
 
 typedef struct {
     const char *name;
@@ -31,6 +34,106 @@ static const model_shape_t k_models[] = {
     {"smollm2", 9, 3, 64},
     {"llama3", 32, 8, 128},
 };
+
+/* A real model's layer, captured from a prefill. */
+typedef struct {
+    int layer;
+    uint32_t n, W;
+    uint16_t *k, *v; // [n_kv][n][d] FP16
+    float *q;        // [n_heads][W][d]
+    bool done;
+} capture_t;
+
+static fy_status_t capture_layer(void *arg, const mdl_layer_kv_t *kv)
+{
+    capture_t *c = arg;
+    if (kv->layer != c->layer)
+        return FY_OK;
+    size_t ne = (size_t)kv->n_kv_heads * kv->n_tokens * kv->head_dim;
+    for (size_t i = 0; i < ne; i++) {
+        c->k[i] = fy_fp32_to_fp16(kv->k[i]);
+        c->v[i] = fy_fp32_to_fp16(kv->v[i]);
+    }
+    memcpy(c->q, kv->q_window, (size_t)kv->n_heads * kv->n_window * kv->head_dim * sizeof(float));
+    c->done = true;
+    return FY_OK;
+}
+
+/* Prefills the first n tokens of a text file through the model at gguf and captures one
+ * layer's K (after RoPE), V and window queries; fills *shape from the model. */
+static int load_model_layer(const char *gguf, const char *text_path, int layer, uint32_t n,
+                            uint32_t W, model_shape_t *shape, uint16_t **k_p, uint16_t **v_p,
+                            float **q_p)
+{
+    char err[MDL_ERR_LEN];
+    mdl_model_params_t mp;
+    mdl_model_params_default(&mp);
+    mp.path = gguf;
+    mdl_model_t *model;
+    if (mdl_model_create(&mp, &model, err, sizeof(err)) != FY_OK) {
+        fprintf(stderr, "codec: %s: %s\n", gguf, err);
+        return 1;
+    }
+    const mdl_config_t *cfg = mdl_model_config(model);
+    if (layer < 0)
+        layer = cfg->n_layers / 2;
+    if (layer >= cfg->n_layers || (int)n > cfg->n_ctx_train) {
+        fprintf(stderr, "codec: layer %d or %u tokens out of range for this model\n", layer, n);
+        mdl_model_destroy(model);
+        return 1;
+    }
+    FILE *f = fopen(text_path, "rb");
+    if (f == NULL) {
+        fprintf(stderr, "codec: cannot read %s\n", text_path);
+        mdl_model_destroy(model);
+        return 1;
+    }
+    char *text = malloc(1 << 20);
+    size_t len = fread(text, 1, (1 << 20) - 1, f);
+    fclose(f);
+    size_t n_ids = 0;
+    int32_t *ids = malloc((len + 16) * sizeof(int32_t));
+    fy_status_t st = mdl_tokenizer_encode(mdl_model_tokenizer(model), text, len, false, ids,
+                                          len + 16, &n_ids);
+    free(text);
+    if (st != FY_OK || n_ids < n) {
+        fprintf(stderr, "codec: %s has %zu tokens, %u wanted\n", text_path, n_ids, n);
+        free(ids);
+        mdl_model_destroy(model);
+        return 1;
+    }
+    *shape = (model_shape_t){"gguf", (uint32_t)cfg->n_heads, (uint32_t)cfg->n_kv_heads,
+                             (uint32_t)cfg->head_dim};
+    size_t ne = (size_t)shape->n_kv * n * shape->d;
+    capture_t cap = {.layer = layer, .n = n, .W = W, .k = malloc(ne * 2), .v = malloc(ne * 2),
+                     .q = malloc((size_t)shape->n_heads * W * shape->d * sizeof(float))};
+    mdl_ctx_params_t cp;
+    mdl_ctx_params_default(&cp);
+    mdl_ctx_t *ctx;
+    st = mdl_ctx_create(model, &cp, &ctx);
+    float *logits = st == FY_OK ? malloc((size_t)cfg->n_vocab * sizeof(float)) : NULL;
+    if (st == FY_OK) {
+        mdl_prefill_params_t pp;
+        mdl_prefill_params_default(&pp);
+        pp.on_layer = capture_layer;
+        pp.cb_arg = &cap;
+        pp.window = (int)W;
+        st = mdl_prefill(ctx, ids, (int)n, &pp, logits);
+        mdl_ctx_destroy(ctx);
+    }
+    free(logits);
+    free(ids);
+    mdl_model_destroy(model);
+    if (st != FY_OK || !cap.done) {
+        fprintf(stderr, "codec: prefill failed: %s\n", fy_status_str(st));
+        free(cap.k), free(cap.v), free(cap.q);
+        return 1;
+    }
+    printf("ferry-bench codec: K/V of layer %d of %s over the first %u tokens of %s\n", layer,
+           gguf, n, text_path);
+    *k_p = cap.k, *v_p = cap.v, *q_p = cap.q;
+    return 0;
+}
 
 /* The pool the current measurement placed into (kvc_attend needs it with the pages). */
 static const kvc_pool_t *bench_pool;
@@ -246,7 +349,10 @@ static int run_policy(const char *name, double budget, const model_shape_t *m, u
 
 int bench_codec_main(int argc, char **argv)
 {
-    const char *json = NULL, *only = NULL;
+    const char *json = NULL, *only = NULL, *gguf = NULL;
+    const char *text_path = "/usr/share/common-licenses/GPL-3";
+    int layer = -1;
+    model_shape_t gguf_shape;
     const model_shape_t *m = &k_models[0];
     uint32_t n = 4096, W = 32;
     double budget = 0.25;
@@ -274,10 +380,17 @@ int bench_codec_main(int argc, char **argv)
             reps = atoi(val), i++;
         } else if (strcmp(a, "--policy") == 0 && val) {
             only = val, i++;
+        } else if (strcmp(a, "--gguf") == 0 && val) {
+            gguf = val, i++;
+        } else if (strcmp(a, "--layer") == 0 && val) {
+            layer = atoi(val), i++;
+        } else if (strcmp(a, "--text") == 0 && val) {
+            text_path = val, i++;
         } else {
             fprintf(stderr,
                     "usage: ferry-bench codec [--json FILE] [--model smollm2|llama3] "
-                    "[--tokens N] [--budget B] [--reps R] [--policy NAME]\n");
+                    "[--tokens N] [--budget B] [--reps R] [--policy NAME] "
+                    "[--gguf PATH [--layer L] [--text FILE]]\n");
             return strcmp(a, "--help") == 0 ? 0 : 2;
         }
     }
@@ -285,10 +398,18 @@ int bench_codec_main(int argc, char **argv)
         fprintf(stderr, "codec: bad --tokens, --reps or --budget\n");
         return 2;
     }
-    size_t ne = (size_t)m->n_kv * n * m->d;
-    uint16_t *k = malloc(ne * 2), *v = malloc(ne * 2);
-    float *q = malloc((size_t)m->n_heads * W * m->d * sizeof(float));
-    kvc_synth_layer(2026, m->n_heads, m->n_kv, n, m->d, W, k, v, q);
+    uint16_t *k, *v;
+    float *q;
+    if (gguf != NULL) {
+        if (load_model_layer(gguf, text_path, layer, n, W, &gguf_shape, &k, &v, &q) != 0)
+            return 1;
+        m = &gguf_shape;
+    } else {
+        size_t ne = (size_t)m->n_kv * n * m->d;
+        k = malloc(ne * 2), v = malloc(ne * 2);
+        q = malloc((size_t)m->n_heads * W * m->d * sizeof(float));
+        kvc_synth_layer(2026, m->n_heads, m->n_kv, n, m->d, W, k, v, q);
+    }
 
     // FP16 reference attention output of the window queries.
     float *ref = malloc((size_t)m->n_heads * W * m->d * sizeof(float));

@@ -54,6 +54,7 @@ struct mdl_model {
     mdl_tokenizer_t *tok;
     mdl_device_t device;
     mdl_cuda_model_t *cuda; // the weights on the GPU (device CUDA; the FP32 arrays stay NULL)
+    uint64_t fingerprint;   // device CUDA: mdl_model_fingerprint, computed at load
 };
 
 /* Decode steps with at most this many rows read weights in their storage type; larger batches
@@ -335,6 +336,63 @@ static fy_status_t load_layer(mdl_model_t *m, const mdl_gguf_t *g, const mdl_con
     return FY_OK;
 }
 
+/* crc over tensor `name` [rows][cols] dequantized to FP32, a chunk of rows at a time (the
+ * same bytes as a CRC over the whole FP32 array, which is what the CPU model hashes). */
+static fy_status_t crc_tensor_f32(const mdl_gguf_t *g, const char *name, uint64_t cols,
+                                  uint64_t rows, uint32_t *crc)
+{
+    const mdl_gguf_tensor_t *t = mdl_gguf_find_tensor(g, name);
+    if (t == NULL || t->ne[0] != cols || t->ne[1] != rows || t->n_elems != cols * rows ||
+        rows == 0 || t->n_bytes % rows != 0)
+        return FY_ERR_FORMAT;
+    enum { CHUNK_ROWS = 256 };
+    uint64_t row_bytes = t->n_bytes / rows;
+    float *buf = malloc((size_t)CHUNK_ROWS * (size_t)cols * sizeof(float));
+    if (buf == NULL)
+        return FY_ERR_NO_MEMORY;
+    fy_status_t st = FY_OK;
+    for (uint64_t r0 = 0; r0 < rows && st == FY_OK; r0 += CHUNK_ROWS) {
+        uint64_t nr = FY_MIN((uint64_t)CHUNK_ROWS, rows - r0);
+        mdl_gguf_tensor_t part = *t;
+        part.data = (const uint8_t *)t->data + r0 * row_bytes;
+        part.ne[1] = nr;
+        part.n_elems = nr * cols;
+        part.n_bytes = nr * row_bytes;
+        if ((st = mdl_gguf_tensor_to_f32(&part, buf)) == FY_OK)
+            *crc = fy_crc32c(*crc, buf, (size_t)(nr * cols) * sizeof(float));
+    }
+    free(buf);
+    return st;
+}
+
+/* mdl_model_fingerprint's value for a model whose FP32 weights are not on the host. */
+static fy_status_t fingerprint_from_file(const mdl_gguf_t *g, const mdl_config_t *c,
+                                         uint64_t *fp_p)
+{
+    int32_t shape[] = {(int32_t)c->arch, c->n_vocab,  c->dim,     c->n_layers, c->n_heads,
+                       c->n_kv_heads,    c->head_dim, c->ffn_dim, c->n_ctx_train};
+    float rope[] = {c->rope.theta, c->rms_eps};
+    uint64_t dim = (uint64_t)c->dim;
+    uint32_t lo = fy_crc32c(0, shape, sizeof(shape));
+    fy_status_t st = crc_tensor_f32(g, "token_embd.weight", dim, (uint64_t)c->n_vocab, &lo);
+    if (st == FY_OK && !c->tied_embeddings)
+        st = crc_tensor_f32(g, "output.weight", dim, (uint64_t)c->n_vocab, &lo);
+    uint32_t hi = fy_crc32c(0x9e3779b9u, rope, sizeof(rope));
+    if (st == FY_OK)
+        st = crc_tensor_f32(g, "output_norm.weight", dim, 1, &hi);
+    char name[96];
+    for (int l = 0; l < c->n_layers && st == FY_OK; l++) {
+        snprintf(name, sizeof(name), "blk.%d.attn_norm.weight", l);
+        st = crc_tensor_f32(g, name, dim, 1, &hi);
+        snprintf(name, sizeof(name), "blk.%d.ffn_norm.weight", l);
+        if (st == FY_OK)
+            st = crc_tensor_f32(g, name, dim, 1, &hi);
+    }
+    uint64_t fp = (uint64_t)hi << 32 | lo;
+    *fp_p = fp != 0 ? fp : 1;
+    return st;
+}
+
 static fy_status_t model_create(const mdl_gguf_t *g, mdl_device_t device, mdl_model_t **model_p,
                                 char *err, size_t err_len)
 {
@@ -359,7 +417,8 @@ static fy_status_t model_create(const mdl_gguf_t *g, mdl_device_t device, mdl_mo
                 goto fail;
             c->rope.freq_factors = m->rope_freqs;
         }
-        if ((st = mdl_cuda_model_load(g, c, &m->cuda, err, err_len)) != FY_OK)
+        if ((st = mdl_cuda_model_load(g, c, &m->cuda, err, err_len)) != FY_OK ||
+            (st = fingerprint_from_file(g, c, &m->fingerprint)) != FY_OK)
             goto fail;
         goto tokenizer;
     }
@@ -980,4 +1039,94 @@ fy_status_t mdl_decode(mdl_ctx_t *ctx, mdl_kv_seq_t *const *seqs, const int32_t 
             return st;
     }
     return FY_OK;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Decode over an outside KV store (model_int.h; decode_kvc.c uses it for kvcodec pages)        */
+/* ------------------------------------------------------------------------------------------ */
+
+const mdl_model_t *mdl_ctx_model(const mdl_ctx_t *ctx)
+{
+    return ctx->m;
+}
+
+fy_status_t mdl_decode_ext(mdl_ctx_t *ctx, const int32_t *tokens, const int32_t *pos, int n,
+                           const mdl_decode_ops_t *ops, void *arg, float *logits)
+{
+    if (ctx == NULL || tokens == NULL || pos == NULL || ops == NULL || ops->store == NULL ||
+        ops->attend == NULL || logits == NULL || n <= 0)
+        return FY_ERR_INVALID_ARG;
+    if (ctx->cuda != NULL)
+        return FY_ERR_UNSUPPORTED; // host callbacks per layer: a CPU context's job
+    const mdl_model_t *m = ctx->m;
+    const mdl_config_t *c = &m->cfg;
+    if (n > ctx->p.max_batch)
+        return FY_ERR_OUT_OF_RANGE;
+    fy_status_t st = check_tokens(c, tokens, n);
+    if (st != FY_OK)
+        return st;
+    for (int i = 0; i < n; i++) {
+        if (pos[i] < 0 || pos[i] >= c->n_ctx_train)
+            return FY_ERR_OUT_OF_RANGE;
+    }
+    if ((st = ensure_tokens(ctx, n, 0)) != FY_OK)
+        return st;
+    int dim = c->dim, hd = c->head_dim, n_kv = c->n_kv_heads;
+    int q_dim = c->n_heads * hd, kv_dim = n_kv * hd, qkv_dim = qkv_width(c);
+    memcpy(ctx->pos, pos, (size_t)n * sizeof(int32_t));
+    embed(m, tokens, n, ctx->x);
+    for (int l = 0; l < c->n_layers; l++) {
+        const layer_w_t *lw = &m->layers[l];
+        krn_rmsnorm_f32(ctx->xn, dim, ctx->x, dim, lw->attn_norm, n, dim, c->rms_eps);
+        // qkv [n][qkv_dim]: q heads, then k heads, then v heads of each row.
+        const krn_qmat_t *qs[3] = {&lw->qq, &lw->qk, &lw->qv};
+        float *ys[3] = {ctx->qkv, ctx->qkv + q_dim, ctx->qkv + q_dim + kv_dim};
+        if (n > DECODE_Q_MAX_ROWS ||
+            krn_matmul_q_multi_f32(ctx->pool, n, ctx->xn, dim, qs, ys, qkv_dim, 3, 0) != FY_OK)
+            krn_gemm_f32(n, qkv_dim, dim, ctx->xn, dim, lw->wqkv, dim, ctx->qkv, qkv_dim, 0);
+        for (int r = 0; r < n; r++) {
+            float *row = ctx->qkv + (size_t)r * qkv_dim;
+            if (lw->bqkv != NULL) {
+                for (int j = 0; j < qkv_dim; j++)
+                    row[j] += lw->bqkv[j];
+            }
+            krn_rope_f32(row, qkv_dim, 1, c->n_heads + n_kv, hd, ctx->pos + r, &c->rope);
+            if ((st = ops->store(arg, r, l, row + q_dim, row + q_dim + kv_dim)) != FY_OK)
+                return st;
+        }
+        if ((st = ops->attend(arg, l, n, ctx->qkv, (size_t)qkv_dim, ctx->att, (size_t)q_dim,
+                              ctx->pool)) != FY_OK)
+            return st;
+        linear(ctx, n, ctx->att, q_dim, lw->wo, &lw->qo, ctx->x, dim, 1);
+        ffn_block(ctx, lw, ctx->x, ctx->xn, n);
+    }
+    logits_block(ctx, ctx->x, n, ctx->xn, logits);
+    return FY_OK;
+}
+
+uint64_t mdl_model_fingerprint(const mdl_model_t *m)
+{
+    if (m == NULL)
+        return 0;
+    if (m->device == MDL_DEVICE_CUDA)
+        return m->fingerprint; // computed from the file at load (no FP32 host weights)
+    const mdl_config_t *c = &m->cfg;
+    // Two CRC32C streams over the shape and the weights that every token touches: the
+    // embedding (and output) matrix and every norm vector.
+    int32_t shape[] = {(int32_t)c->arch, c->n_vocab,  c->dim,     c->n_layers, c->n_heads,
+                       c->n_kv_heads,    c->head_dim, c->ffn_dim, c->n_ctx_train};
+    float rope[] = {c->rope.theta, c->rms_eps};
+    size_t dim = (size_t)c->dim;
+    uint32_t lo = fy_crc32c(0, shape, sizeof(shape));
+    lo = fy_crc32c(lo, m->tok_embd, (size_t)c->n_vocab * dim * sizeof(float));
+    if (!c->tied_embeddings)
+        lo = fy_crc32c(lo, m->output, (size_t)c->n_vocab * dim * sizeof(float));
+    uint32_t hi = fy_crc32c(0x9e3779b9u, rope, sizeof(rope));
+    hi = fy_crc32c(hi, m->output_norm, dim * sizeof(float));
+    for (int l = 0; l < c->n_layers; l++) {
+        hi = fy_crc32c(hi, m->layers[l].attn_norm, dim * sizeof(float));
+        hi = fy_crc32c(hi, m->layers[l].ffn_norm, dim * sizeof(float));
+    }
+    uint64_t fp = (uint64_t)hi << 32 | lo;
+    return fp != 0 ? fp : 1; // 0 means "any model" to the router
 }

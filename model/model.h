@@ -33,6 +33,7 @@
 
 #include "common.h"
 #include "kernels.h"
+#include "kvcodec.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -431,6 +432,34 @@ fy_status_t mdl_prefill(mdl_ctx_t *ctx, const int32_t *tokens, int n,
  * (length + 1) on success. Distinct sequences only. Thread: one call at a time per ctx. */
 fy_status_t mdl_decode(mdl_ctx_t *ctx, mdl_kv_seq_t *const *seqs, const int32_t *tokens, int n,
                        float *logits);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Decode over kvcodec pages (decode_kvc.c)                                                     */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Identifies the model (shape, embedding, norms) for KV exchange: the value a prefill worker
+ * writes into frames and kvlink handshakes and a decode worker checks. Never 0. Reads the
+ * embedding (tens of ms on a large model): compute it once. Thread: any. */
+uint64_t mdl_model_fingerprint(const mdl_model_t *model);
+
+/* Pages one more decode token of seq (shaped for model) takes from pool: one per (layer,
+ * kv head) whose FP16 tail page is full, shared or absent. Thread: not against changes of
+ * seq. */
+uint32_t mdl_kvc_step_pages(const mdl_model_t *model, const kvc_pool_t *pool,
+                            const kvc_seq_t *seq);
+
+/* mdl_decode over kvcodec pages: token i goes into seqs[i] (a prompt placed from frames with
+ * kvc_place, still compressed, plus the FP16 tail of earlier steps) at RoPE position pos[i]
+ * (the prompt length plus the tokens decoded so far: with evicted tokens the sequence holds
+ * fewer tokens than its position). Attention runs over the compressed pages
+ * (kvc_attend_layer); the new token's K (after RoPE, in the GGUF head order prefill hands out)
+ * and V are appended in FP16 (kvc_seq_append). pool (borrowed) holds every sequence's pages
+ * and was created with the model's head_dim; each sequence has the model's layers and kv heads
+ * and all of them placed. Pages are checked first: FY_ERR_RESOURCE_EXHAUSTED, nothing changed,
+ * when the pool cannot take this step's tail pages. Distinct sequences only; logits
+ * [n][n_vocab]. Thread: one call at a time per ctx; the sequences must not change meanwhile. */
+fy_status_t mdl_decode_kvc(mdl_ctx_t *ctx, kvc_pool_t *pool, kvc_seq_t *const *seqs,
+                           const int32_t *pos, const int32_t *tokens, int n, float *logits);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Sampler (sampler.c)                                                                          */

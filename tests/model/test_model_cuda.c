@@ -12,7 +12,8 @@
 // The layer callback must deliver layers in order, with K, V and window queries within the
 // same relative tolerance of the CPU's, and window scores equal (1e-4) to their definition
 // recomputed in double from the delivered K and window queries. A CUDA KV pool filled with
-// mdl_kv_seq_load_layer from the CPU's K/V must decode the CPU's next logits.
+// mdl_kv_seq_load_layer from the CPU's K/V must decode the CPU's next logits, and the model
+// fingerprint must not depend on the device.
 // Exits 77 without a GPU.
 #include <math.h>
 #include <stdio.h>
@@ -395,6 +396,13 @@ static int compare_model(const char *name, const char *path, const int32_t *cons
     if (mdl_ctx_create(gm, &cp, &wrong) != FY_ERR_INVALID_ARG) {
         printf("FAIL %s: a CPU context on a CUDA model was accepted\n", name);
         mdl_ctx_destroy(wrong);
+        bad++;
+    }
+    // The fingerprint (for KV exchange) is the same whichever device holds the weights.
+    if (mdl_model_fingerprint(cm) != mdl_model_fingerprint(gm)) {
+        printf("FAIL %s: fingerprint %016llx on the CPU, %016llx on the GPU\n", name,
+               (unsigned long long)mdl_model_fingerprint(cm),
+               (unsigned long long)mdl_model_fingerprint(gm));
         bad++;
     }
     run_t rc, rg;
