@@ -161,6 +161,7 @@ struct decode_worker {
     int kv_port;
     kv_cmd_t *cmds; // under mu
     bool kv_stop;
+    bool kv_closed; // the thread takes no more commands (under mu)
 
     // Scheduler thread.
     pthread_t sched_thread;
@@ -287,13 +288,20 @@ static void end_status(decode_worker_t *w, req_t *r, fy_status_t st, const char 
 /* kvlink thread: frames in, placement, lease expiry                                            */
 /* ------------------------------------------------------------------------------------------ */
 
-static void kv_post(decode_worker_t *w, kv_cmd_t *c)
+/* Queues a command for the kvlink thread; false once that thread has stopped taking them (the
+ * caller then owns c still). The wake-up is sent under the lock, so it never reaches a closed
+ * handle. */
+static bool kv_post(decode_worker_t *w, kv_cmd_t *c)
 {
     pthread_mutex_lock(&w->mu);
-    c->next = w->cmds;
-    w->cmds = c;
+    bool ok = !w->kv_closed;
+    if (ok) {
+        c->next = w->cmds;
+        w->cmds = c;
+        uv_async_send(&w->kv_async);
+    }
     pthread_mutex_unlock(&w->mu);
-    uv_async_send(&w->kv_async);
+    return ok;
 }
 
 /* Fails the transfer of r (kvlink thread, before kv_done): on_recv_end follows and ends r. */
@@ -611,6 +619,10 @@ static void *kv_main(void *arg)
     kvlink_destroy(w->link);
     w->link = NULL;
     run_cmds(w); // commands that came meanwhile (answered as failures)
+    pthread_mutex_lock(&w->mu);
+    w->kv_closed = true;
+    pthread_mutex_unlock(&w->mu);
+    run_cmds(w);
     uv_close((uv_handle_t *)&w->kv_sweep, NULL);
     uv_close((uv_handle_t *)&w->kv_async, NULL);
     uv_run(&w->kv_loop, UV_RUN_DEFAULT);
@@ -857,12 +869,20 @@ static void h_reserve(rpc_call_t *call, const ProtobufCMessage *m, void *arg)
     c->id = r->id;
     c->call = call;
     c->credit = credit;
-    kv_post(w, c); // the kvlink thread answers once the transfer is expected
+    if (!kv_post(w, c)) { // the kvlink thread answers once the transfer is expected
+        free(c);
+        pthread_mutex_lock(&w->mu);
+        r->ending = true;
+        pthread_mutex_unlock(&w->mu);
+        req_end(w, r, RPC_CODE_UNAVAILABLE, "decode worker shutting down", FAIL_SHUTDOWN);
+        rpc_call_finish(call, RPC_CODE_UNAVAILABLE, "decode worker shutting down");
+        return;
+    }
     update_gauges(w);
 }
 
 static fy_status_t make_sampler(decode_worker_t *w, const Ferry__V1__DecodeRequest *req,
-                                uint32_t limit, mdl_sampler_t **s_p)
+                                mdl_sampler_t **s_p)
 {
     mdl_sampler_params_t sp;
     mdl_sampler_params_default(&sp);
@@ -874,19 +894,19 @@ static fy_status_t make_sampler(decode_worker_t *w, const Ferry__V1__DecodeReque
         in != NULL && in->repetition_penalty > 0.0f ? in->repetition_penalty : 1.0f;
     if (in != NULL && in->seed != 0)
         sp.seed = in->seed;
-    sp.max_tokens = 0; // the scheduler counts against limit itself
-    (void)limit;
+    sp.max_tokens = 0; // the scheduler counts against its own limit
     sp.n_stop = 0;
     int32_t eos = mdl_tokenizer_eos(mdl_model_tokenizer(w->model));
     if (eos >= 0 && (in == NULL || !in->ignore_eos))
         sp.stop[sp.n_stop++] = eos;
-    for (size_t i = 0; in != NULL && i < in->n_stop_token_ids && sp.n_stop < MDL_MAX_STOP; i++) {
+    size_t n_ids = in != NULL ? in->n_stop_token_ids : 0;
+    if (n_ids > (size_t)(MDL_MAX_STOP - sp.n_stop))
+        return FY_ERR_OUT_OF_RANGE;
+    for (size_t i = 0; i < n_ids; i++) {
         if (in->stop_token_ids[i] >= (uint32_t)w->cfg->n_vocab)
             return FY_ERR_OUT_OF_RANGE;
         sp.stop[sp.n_stop++] = (int32_t)in->stop_token_ids[i];
     }
-    if (in != NULL && in->n_stop_token_ids + (sp.n_stop > 0 && eos >= 0) > MDL_MAX_STOP)
-        return FY_ERR_OUT_OF_RANGE;
     mdl_sampler_t *s;
     fy_status_t st = mdl_sampler_create(&sp, w->cfg->n_vocab, &s);
     if (st != FY_OK)
@@ -894,6 +914,21 @@ static fy_status_t make_sampler(decode_worker_t *w, const Ferry__V1__DecodeReque
     for (size_t i = 0; i < req->n_prompt_token_ids; i++)
         mdl_sampler_accept(s, (int32_t)req->prompt_token_ids[i]);
     mdl_sampler_accept(s, (int32_t)req->first_token_id);
+    // The prefill worker drew the tokens the client has from the same seed, one random draw
+    // per sampled token: skip as many draws so this stream continues the request's, and a
+    // seeded run gives the tokens a local run with that seed gives.
+    if (sp.temperature > 0.0f && req->completion_tokens_sent > 0) {
+        float *dummy = calloc((size_t)w->cfg->n_vocab, sizeof(float));
+        if (dummy == NULL) {
+            mdl_sampler_destroy(s);
+            return FY_ERR_NO_MEMORY;
+        }
+        for (uint32_t i = 0; i < FY_MIN(req->completion_tokens_sent, 4096u); i++) {
+            memset(dummy, 0, (size_t)w->cfg->n_vocab * sizeof(float));
+            mdl_sampler_sample(s, dummy);
+        }
+        free(dummy);
+    }
     *s_p = s;
     return FY_OK;
 }
@@ -916,9 +951,10 @@ static void h_decode(rpc_call_t *call, const ProtobufCMessage *m, void *arg)
                          ? req->sampling->max_tokens
                          : w->p.default_max_tokens;
     mdl_sampler_t *sampler = NULL;
-    fy_status_t st = make_sampler(w, req, limit, &sampler);
+    fy_status_t st = make_sampler(w, req, &sampler);
     if (st != FY_OK) {
-        rpc_call_finish(call, rpc_code_from_status(st), "sampling parameters");
+        rpc_call_finish(call, rpc_code_from_status(st),
+                        "sampling: at most 8 stop tokens (EOS included), each in the vocabulary");
         return;
     }
     pthread_mutex_lock(&w->mu);
@@ -991,8 +1027,8 @@ static void h_cancel(rpc_call_t *call, const ProtobufCMessage *m, void *arg)
     pthread_mutex_unlock(&w->mu);
     if (end_now != NULL)
         req_end(w, end_now, RPC_CODE_CANCELLED, "cancelled", FAIL_CANCELLED);
-    if (cmd != NULL)
-        kv_post(w, cmd);
+    if (cmd != NULL && !kv_post(w, cmd))
+        free(cmd); // stopping: the listener's end fails the transfer anyway
     rpc_call_send(call, &resp.base);
     rpc_call_finish(call, RPC_CODE_OK, NULL);
 }
@@ -1259,8 +1295,9 @@ static void stop_threads(decode_worker_t *w, bool rpc, bool kv, bool sched)
     if (kv) {
         pthread_mutex_lock(&w->mu);
         w->kv_stop = true;
+        if (!w->kv_closed)
+            uv_async_send(&w->kv_async);
         pthread_mutex_unlock(&w->mu);
-        uv_async_send(&w->kv_async);
         pthread_join(w->kv_thread, NULL);
     }
     if (rpc) {
