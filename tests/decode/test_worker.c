@@ -7,7 +7,10 @@
 // - a corrupt frame fails that request only (DATA_LOSS), its pages come back, the worker
 //   keeps serving;
 // - a full pool answers RESOURCE_EXHAUSTED; a lease with no KV expires and frees its pages;
-// - Cancel mid-stream ends the Decode call with CANCELLED and frees the pages.
+// - Cancel mid-stream ends the Decode call with CANCELLED and frees the pages;
+// - a seeded sampled stream continues the request's random stream;
+// - draining refuses new reservations and finishes the stream in flight;
+// - with a router address the worker registers and heartbeats.
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -683,6 +686,36 @@ static void test_seeded_sampling_continues(void **state)
     assert_pool_idle(G.w);
 }
 
+// Draining refuses new reservations (UNAVAILABLE) and lets the stream in flight finish.
+static void test_drain_finishes_in_flight(void **state)
+{
+    (void)state;
+    const prompt_t *p = &G.prompts[0];
+    decode_worker_t *w = NULL;
+    assert_int_equal(start_worker(64u << 20, &w), FY_OK);
+    connect_to(w);
+    char id[32];
+    snprintf(id, sizeof(id), "%s", next_id());
+    call_t r, d, r2;
+    assert_int_equal(reserve(id, p, 0, 10000, &r), RPC_CODE_OK);
+    assert_int_equal(send_frames(r.reservation_id, &p->stream[0], -1), FY_OK);
+    start_decode(&d, id, r.reservation_id, p, N_GEN + 1, true);
+    uint64_t end = fy_clock_ns() + 60000000000ull;
+    while (d.n_tokens < 1 && !d.done && fy_clock_ns() < end)
+        uv_run(&G.loop, UV_RUN_ONCE);
+    assert_false(d.done);
+    assert_int_equal(decode_worker_drain(w, 0), 1);
+    snprintf(id, sizeof(id), "%s", next_id());
+    assert_int_equal(reserve(id, p, 0, 10000, &r2), RPC_CODE_UNAVAILABLE);
+    assert_true(run_until(&d.done, 120000));
+    assert_int_equal(d.code, RPC_CODE_OK);
+    assert_int_equal(d.n_tokens, N_GEN);
+    assert_pool_idle(w);
+    assert_int_equal(decode_worker_drain(w, 1000), 0);
+    connect_to(G.w);
+    decode_worker_destroy(w);
+}
+
 // With --router the worker registers (RPC and KV addresses, the model's fingerprint, its free
 // pages), heartbeats its load, and announces draining.
 static void test_registers_with_router(void **state)
@@ -744,6 +777,7 @@ int main(void)
         cmocka_unit_test(test_cancel_mid_stream),
         cmocka_unit_test(test_pool_full),
         cmocka_unit_test(test_seeded_sampling_continues),
+        cmocka_unit_test(test_drain_finishes_in_flight),
         cmocka_unit_test(test_registers_with_router),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
