@@ -1,7 +1,7 @@
 # Ferry: the README's two commands are `make demo` and `make test`.
 BUILD ?= build
 
-.PHONY: all setup build test demo asan clean
+.PHONY: all setup build test demo asan bundle clean
 
 all: build
 
@@ -25,6 +25,11 @@ demo:
 asan:
 	FERRY_MESON_ARGS="-Db_sanitize=address,undefined -Dcuda=disabled -Dbuildtype=debug" \
 		scripts/test.sh build-asan --suite unit --suite integration --suite fuzz
+
+# Offline GPU bundle: dist/ferry-bundle/ and dist/ferry-bundle.tar.gz, at most 60 MiB
+# (release build with CUDA in build-bundle; see docs/gpu.md).
+bundle:
+	scripts/bundle.sh
 
 clean:
 	rm -rf build build-asan

@@ -209,7 +209,7 @@ static void model_errors(int bits, uint32_t d, uint32_t m, const float *k, const
     }
 }
 
-static void build_items(kvc_encoder_t *e, const kvc_layer_input_t *in, const kvc_scores_t *sc,
+static void build_items(kvc_encoder_t *e, const kvc_scores_t *sc, const kvc_err_tables_t *tab,
                         uint32_t h, bool pins)
 {
     const kvc_policy_t *pol = &e->policy;
@@ -232,11 +232,16 @@ static void build_items(kvc_encoder_t *e, const kvc_layer_input_t *in, const kvc
     float *dev = e->cand; // scratch [n]
     double dev_mean = 0;
     for (uint32_t t = 0; t < n && measured; t++) {
-        const float *vr = e->vf + (size_t)t * d;
-        float diff[KVC_MAX_HEAD_DIM];
-        for (uint32_t c = 0; c < d; c++)
-            diff[c] = vr[c] - obar[c];
-        float s = kvc_dot(diff, diff, d);
+        float s;
+        if (tab) {
+            s = tab->dev[(size_t)h * n + t];
+        } else {
+            const float *vr = e->vf + (size_t)t * d;
+            float diff[KVC_MAX_HEAD_DIM];
+            for (uint32_t c = 0; c < d; c++)
+                diff[c] = vr[c] - obar[c];
+            s = kvc_dot(diff, diff, d);
+        }
         dev[t] = s;
         dev_mean += s;
     }
@@ -283,26 +288,35 @@ static void build_items(kvc_encoder_t *e, const kvc_layer_input_t *in, const kvc
     bool needv4 = opts & KVC_OPT_BIT(KVC_OPT_Q4);
     need[2] = opts & (KVC_OPT_BIT(KVC_OPT_Q4V2) | KVC_OPT_BIT(KVC_OPT_Q2));
     bool needk2 = opts & KVC_OPT_BIT(KVC_OPT_Q2);
-    float *ek = e->errk, *ev = e->errv; // [9][G] by bit width
+    // Errors of token t0 + j at bit width b: ek[b][j], ev[b][j] (measured here into
+    // errk/errv [9][G], or read from the tables).
+    const float *ek[9] = {NULL}, *ev[9] = {NULL};
     for (uint32_t t0 = 0; t0 < n; t0 += G) {
         uint32_t m = FY_MIN(G, n - t0);
         for (int b = 2; b <= 8; b *= 2) {
             if (!need[b])
                 continue;
+            if (tab) {
+                ek[b] = tab->ek[b] ? tab->ek[b] + (size_t)h * n + t0 : NULL;
+                ev[b] = tab->ev[b] ? tab->ev[b] + (size_t)h * n + t0 : NULL;
+                continue;
+            }
+            ek[b] = e->errk + (size_t)b * G;
+            ev[b] = e->errv + (size_t)b * G;
             bool rot = pol->rotate && b <= 4;
             const float *ks = (rot ? e->kr : e->kf) + (size_t)t0 * d;
             const float *vs = (rot ? e->vr : e->vf) + (size_t)t0 * d;
             // At 8 bits the step^2/12 model is accurate (errors are nearly uniform), so only
             // the 4- and 2-bit errors are measured.
             if (pol->dist == KVC_DIST_MODEL || b == 8) {
-                model_errors(b, d, m, ks, vs, rot ? kw_rot : qsq, ek + (size_t)b * G,
-                             ev + (size_t)b * G);
+                model_errors(b, d, m, ks, vs, rot ? kw_rot : qsq, e->errk + (size_t)b * G,
+                             e->errv + (size_t)b * G);
                 continue;
             }
             if (b != 2 || needk2)
-                kvc_key_errors(b, d, m, ks, rot ? kw_rot : qsq, ek + (size_t)b * G);
+                kvc_key_errors(b, d, m, ks, rot ? kw_rot : qsq, e->errk + (size_t)b * G);
             if (b != 4 || needv4)
-                kvc_value_errors(b, d, m, vs, ev + (size_t)b * G);
+                kvc_value_errors(b, d, m, vs, e->errv + (size_t)b * G);
         }
         for (uint32_t j = 0; j < m; j++) {
             uint32_t t = t0 + j;
@@ -316,13 +330,13 @@ static void build_items(kvc_encoder_t *e, const kvc_layer_input_t *in, const kvc
             // p * delta_s * (v - obar).
             float *D = e->dist + it * KVC_OPT_COUNT;
             if (need[8])
-                D[KVC_OPT_Q8] = w2 * (ev[8 * G + j] + dv * ek[8 * G + j]);
+                D[KVC_OPT_Q8] = w2 * (ev[8][j] + dv * ek[8][j]);
             if (needv4)
-                D[KVC_OPT_Q4] = w2 * (ev[4 * G + j] + dv * ek[4 * G + j]);
+                D[KVC_OPT_Q4] = w2 * (ev[4][j] + dv * ek[4][j]);
             if (need[2] && need[4])
-                D[KVC_OPT_Q4V2] = w2 * (ev[2 * G + j] + dv * ek[4 * G + j]);
+                D[KVC_OPT_Q4V2] = w2 * (ev[2][j] + dv * ek[4][j]);
             if (needk2)
-                D[KVC_OPT_Q2] = w2 * (ev[2 * G + j] + dv * ek[2 * G + j]);
+                D[KVC_OPT_Q2] = w2 * (ev[2][j] + dv * ek[2][j]);
         }
     }
 }
@@ -493,6 +507,56 @@ static double solve(kvc_encoder_t *e, size_t target, double lambda0)
 
 /* ---- frame writer ---- */
 
+size_t kvc_encoder_write_head(const kvc_encoder_t *e, uint32_t layer, uint8_t *out,
+                              uint64_t *counts, size_t *frame_bytes_p)
+{
+    uint32_t P = e->policy.protect_channels;
+    uint32_t n = e->p.n_tokens, d = e->p.head_dim, n_kv = e->p.n_kv_heads;
+    uint32_t G = e->policy.group;
+    size_t map_bytes = kvc_map_bytes(n);
+    size_t maps_total = FY_ALIGN_UP((size_t)n_kv * map_bytes, 8);
+    uint8_t *maps = out + KVC_FRAME_HEADER_BYTES;
+    memset(maps, 0, maps_total);
+    uint32_t opt_mask = 0;
+    size_t payload = 0;
+    for (uint32_t h = 0; h < n_kv; h++) {
+        const uint8_t *ch = e->choice + (size_t)h * n;
+        uint8_t *mp = maps + (size_t)h * map_bytes;
+        uint64_t cnt[KVC_OPT_COUNT] = {0};
+        for (uint32_t t = 0; t < n; t++) {
+            mp[t / 2] |= (uint8_t)(ch[t] << (4 * (t & 1)));
+            opt_mask |= 1u << ch[t];
+            cnt[ch[t]]++;
+        }
+        for (int o = 0; o < KVC_OPT_COUNT; o++) {
+            counts[o] += cnt[o];
+            payload += kvc_run_bytes(o, d, G, P, cnt[o]);
+        }
+    }
+    size_t head = KVC_FRAME_HEADER_BYTES + maps_total;
+    size_t total = head + payload + 4;
+    uint8_t *hd = out;
+    memset(hd, 0, KVC_FRAME_HEADER_BYTES);
+    kvc_wr32(hd + 0, KVC_FRAME_MAGIC);
+    kvc_wr16(hd + 4, KVC_FRAME_VERSION);
+    kvc_wr16(hd + 6, KVC_FRAME_HEADER_BYTES);
+    kvc_wr64(hd + 8, e->p.model_fingerprint);
+    kvc_wr64(hd + 16, e->p.seq_id);
+    kvc_wr32(hd + 24, layer);
+    kvc_wr32(hd + 28, e->p.n_layers);
+    kvc_wr32(hd + 32, n);
+    kvc_wr16(hd + 36, (uint16_t)n_kv);
+    kvc_wr16(hd + 38, (uint16_t)d);
+    kvc_wr16(hd + 40, (uint16_t)G);
+    kvc_wr16(hd + 42, e->policy.rotate ? KVC_FRAME_FLAG_ROTATED : 0);
+    hd[44] = (uint8_t)opt_mask;
+    hd[45] = (uint8_t)P;
+    kvc_wr64(hd + 48, payload);
+    kvc_wr64(hd + 56, total);
+    *frame_bytes_p = total;
+    return head;
+}
+
 static size_t write_frame(kvc_encoder_t *e, const kvc_layer_input_t *in,
                           const kvc_scores_t *sc, uint8_t *out, uint64_t *counts)
 {
@@ -500,20 +564,10 @@ static size_t write_frame(kvc_encoder_t *e, const kvc_layer_input_t *in,
     uint32_t n = e->p.n_tokens, d = e->p.head_dim, n_kv = e->p.n_kv_heads;
     uint32_t G = e->policy.group;
     bool rotate = e->policy.rotate;
-    size_t map_bytes = kvc_map_bytes(n);
-    size_t maps_total = FY_ALIGN_UP((size_t)n_kv * map_bytes, 8);
-    uint8_t *maps = out + KVC_FRAME_HEADER_BYTES;
-    memset(maps, 0, maps_total);
-    uint32_t opt_mask = 0;
-    uint8_t *w = maps + maps_total;
+    size_t total;
+    uint8_t *w = out + kvc_encoder_write_head(e, in->layer, out, counts, &total);
     for (uint32_t h = 0; h < n_kv; h++) {
         const uint8_t *ch = e->choice + (size_t)h * n;
-        uint8_t *mp = maps + (size_t)h * map_bytes;
-        for (uint32_t t = 0; t < n; t++) {
-            mp[t / 2] |= (uint8_t)(ch[t] << (4 * (t & 1)));
-            opt_mask |= 1u << ch[t];
-            counts[ch[t]]++;
-        }
         const uint16_t *kh = in->k + (size_t)h * in->head_stride;
         const uint16_t *vh = in->v + (size_t)h * in->head_stride;
         float chan_w[KVC_MAX_HEAD_DIM]; // sqrt of the mean squared query per channel
@@ -553,37 +607,27 @@ static size_t write_frame(kvc_encoder_t *e, const kvc_layer_input_t *in,
             }
         }
     }
-    size_t payload = (size_t)(w - (maps + maps_total));
-    size_t total = (size_t)(w - out) + 4;
-    uint8_t *hd = out;
-    memset(hd, 0, KVC_FRAME_HEADER_BYTES);
-    kvc_wr32(hd + 0, KVC_FRAME_MAGIC);
-    kvc_wr16(hd + 4, KVC_FRAME_VERSION);
-    kvc_wr16(hd + 6, KVC_FRAME_HEADER_BYTES);
-    kvc_wr64(hd + 8, e->p.model_fingerprint);
-    kvc_wr64(hd + 16, e->p.seq_id);
-    kvc_wr32(hd + 24, in->layer);
-    kvc_wr32(hd + 28, e->p.n_layers);
-    kvc_wr32(hd + 32, n);
-    kvc_wr16(hd + 36, (uint16_t)n_kv);
-    kvc_wr16(hd + 38, (uint16_t)d);
-    kvc_wr16(hd + 40, (uint16_t)G);
-    kvc_wr16(hd + 42, rotate ? KVC_FRAME_FLAG_ROTATED : 0);
-    hd[44] = (uint8_t)opt_mask;
-    hd[45] = (uint8_t)P;
-    kvc_wr64(hd + 48, payload);
-    kvc_wr64(hd + 56, total);
+    FY_ASSERT((size_t)(w - out) + 4 == total);
     kvc_wr32(w, fy_crc32c(0, out, (size_t)(w - out)));
     return total;
 }
 
 /* ---- the layer ---- */
 
-fy_status_t kvc_encoder_encode_layer(kvc_encoder_t *e, const kvc_layer_input_t *in,
-                                     const kvc_scores_t *scores, uint8_t *out, size_t out_cap,
-                                     size_t *len_p, kvc_layer_info_t *info_p)
+const uint8_t *kvc_encoder_choice(const kvc_encoder_t *e)
 {
-    if (e == NULL || in == NULL || out == NULL || len_p == NULL || !in->k || !in->v)
+    return e->choice;
+}
+
+const kvc_encoder_params_t *kvc_encoder_params(const kvc_encoder_t *e)
+{
+    return &e->p;
+}
+
+fy_status_t kvc_encoder_check_layer(const kvc_encoder_t *e, const kvc_layer_input_t *in,
+                                    size_t out_cap)
+{
+    if (e == NULL || in == NULL || !in->k || !in->v)
         return FY_ERR_INVALID_ARG;
     if (in->layer != e->next_layer || e->next_layer >= e->p.n_layers)
         return FY_ERR_STATE;
@@ -591,48 +635,41 @@ fy_status_t kvc_encoder_encode_layer(kvc_encoder_t *e, const kvc_layer_input_t *
         return FY_ERR_INVALID_ARG;
     if (out_cap < kvc_encoder_max_frame_bytes(e))
         return FY_ERR_INVALID_ARG;
-    uint32_t n = e->p.n_tokens, d = e->p.head_dim, n_kv = e->p.n_kv_heads;
-    kvc_layer_info_t info;
-    memset(&info, 0, sizeof(info));
-    uint64_t t0 = fy_clock_ns();
-    const kvc_scores_t *sc = scores;
-    if (sc == NULL) {
-        fy_status_t st = kvc_score(&e->policy, e->p.n_heads, n_kv, n, d, in, &e->scores);
-        if (st != FY_OK)
-            return st;
-        sc = &e->scores;
-    } else if (sc->n_kv_heads != n_kv || sc->n_tokens != n || sc->head_dim != d) {
-        return FY_ERR_INVALID_ARG;
-    }
-    uint64_t t1 = fy_clock_ns();
+    return FY_OK;
+}
 
+fy_status_t kvc_encoder_choose(kvc_encoder_t *e, const kvc_layer_input_t *in,
+                               const kvc_scores_t *sc, const kvc_err_tables_t *tab,
+                               kvc_layer_info_t *info)
+{
+    uint32_t n = e->p.n_tokens, d = e->p.head_dim, n_kv = e->p.n_kv_heads;
     bool no_budget = !(e->budget > 0);
     uint32_t L = e->p.n_layers, l = in->layer, r = L - l;
     double remain = no_budget ? 0 : (double)(e->total_budget - FY_MIN(e->spent, e->total_budget));
     bool pins = true;
+    bool measured = e->policy.dist == KVC_DIST_TRIAL || e->policy.dist == KVC_DIST_MODEL;
     double lambda = 0;
     for (int attempt = 0; attempt < 2; attempt++, pins = false) {
         for (uint32_t h = 0; h < n_kv; h++) {
-            const uint16_t *kh = in->k + (size_t)h * in->head_stride;
-            const uint16_t *vh = in->v + (size_t)h * in->head_stride;
-            if (e->policy.dist == KVC_DIST_TRIAL || e->policy.dist == KVC_DIST_MODEL) {
+            if (measured && tab == NULL) {
+                const uint16_t *kh = in->k + (size_t)h * in->head_stride;
+                const uint16_t *vh = in->v + (size_t)h * in->head_stride;
                 load_rows(kh, in->token_stride, n, d, e->kf);
                 load_rows(vh, in->token_stride, n, d, e->vf);
-            }
-            if (e->policy.rotate &&
-                (e->policy.dist == KVC_DIST_TRIAL || e->policy.dist == KVC_DIST_MODEL)) {
-                memcpy(e->kr, e->kf, (size_t)n * d * sizeof(float));
-                memcpy(e->vr, e->vf, (size_t)n * d * sizeof(float));
-                for (uint32_t t = 0; t < n; t++) {
-                    kvc_hadamard(e->kr + (size_t)t * d, d);
-                    kvc_hadamard(e->vr + (size_t)t * d, d);
+                if (e->policy.rotate) {
+                    memcpy(e->kr, e->kf, (size_t)n * d * sizeof(float));
+                    memcpy(e->vr, e->vf, (size_t)n * d * sizeof(float));
+                    for (uint32_t t = 0; t < n; t++) {
+                        kvc_hadamard(e->kr + (size_t)t * d, d);
+                        kvc_hadamard(e->vr + (size_t)t * d, d);
+                    }
                 }
             }
-            build_items(e, in, sc, h, pins);
+            build_items(e, sc, tab, h, pins);
         }
         if (no_budget) {
             assign_cheapest(e, false, e->choice);
-            info.budget_met = true;
+            info->budget_met = true;
             break;
         }
         // The smallest this layer can be, and what later layers need at least.
@@ -646,7 +683,7 @@ fy_status_t kvc_encoder_encode_layer(kvc_encoder_t *e, const kvc_layer_input_t *
             if (pins)
                 continue; // the pins alone do not fit: retry with every item free
             memcpy(e->choice, e->tmp_choice, e->n_items);
-            info.budget_met = floor_l <= remain;
+            info->budget_met = floor_l <= remain;
             break;
         }
         bool accepted = false;
@@ -666,25 +703,59 @@ fy_status_t kvc_encoder_encode_layer(kvc_encoder_t *e, const kvc_layer_input_t *
             double target = r > 1 ? FY_MIN(share, cap) : remain;
             lambda = solve(e, (size_t)target, e->lambda_prev);
         }
-        info.budget_met = true;
+        info->budget_met = true;
         break;
     }
     e->lambda_prev = lambda;
-    size_t len = write_frame(e, in, sc, out, info.tokens);
+    info->lambda = lambda;
+    return FY_OK;
+}
+
+void kvc_encoder_commit(kvc_encoder_t *e, size_t len, kvc_layer_info_t *info)
+{
+    uint32_t n = e->p.n_tokens, d = e->p.head_dim, n_kv = e->p.n_kv_heads;
     e->spent += len;
     e->next_layer++;
-    uint64_t t2 = fy_clock_ns();
     double dist = 0;
     for (size_t i = 0; i < e->n_items; i++)
         dist += e->dist[i * KVC_OPT_COUNT + e->choice[i]];
-    info.frame_bytes = len;
-    info.fp16_bytes = (size_t)4 * n_kv * n * d;
-    info.lambda = lambda;
-    info.distortion = dist;
+    info->frame_bytes = len;
+    info->fp16_bytes = (size_t)4 * n_kv * n * d;
+    info->distortion = dist;
+    if (e->budget > 0 && e->spent > e->total_budget)
+        info->budget_met = false;
+}
+
+fy_status_t kvc_encoder_encode_layer(kvc_encoder_t *e, const kvc_layer_input_t *in,
+                                     const kvc_scores_t *scores, uint8_t *out, size_t out_cap,
+                                     size_t *len_p, kvc_layer_info_t *info_p)
+{
+    if (out == NULL || len_p == NULL)
+        return FY_ERR_INVALID_ARG;
+    fy_status_t st = kvc_encoder_check_layer(e, in, out_cap);
+    if (st != FY_OK)
+        return st;
+    uint32_t n = e->p.n_tokens, d = e->p.head_dim, n_kv = e->p.n_kv_heads;
+    kvc_layer_info_t info;
+    memset(&info, 0, sizeof(info));
+    uint64_t t0 = fy_clock_ns();
+    const kvc_scores_t *sc = scores;
+    if (sc == NULL) {
+        st = kvc_score(&e->policy, e->p.n_heads, n_kv, n, d, in, &e->scores);
+        if (st != FY_OK)
+            return st;
+        sc = &e->scores;
+    } else if (sc->n_kv_heads != n_kv || sc->n_tokens != n || sc->head_dim != d) {
+        return FY_ERR_INVALID_ARG;
+    }
+    uint64_t t1 = fy_clock_ns();
+    if ((st = kvc_encoder_choose(e, in, sc, NULL, &info)) != FY_OK)
+        return st;
+    size_t len = write_frame(e, in, sc, out, info.tokens);
+    kvc_encoder_commit(e, len, &info);
+    uint64_t t2 = fy_clock_ns();
     info.score_ns = scores ? 0 : t1 - t0;
     info.encode_ns = t2 - t1;
-    if (!no_budget && e->spent > e->total_budget)
-        info.budget_met = false;
     *len_p = len;
     if (info_p)
         *info_p = info;

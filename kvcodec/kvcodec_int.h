@@ -65,8 +65,8 @@ static inline size_t kvc_group_bytes(int o, uint32_t d, uint32_t cap, uint32_t P
         return (size_t)4 * d;
     if (!kvc_opt_quantized(o))
         return 0;
-    size_t rowk = (size_t)d * (size_t)kvc_opt_kbits(o) / 8;
-    size_t rowv = (size_t)d * (size_t)kvc_opt_vbits(o) / 8;
+    size_t rowk = (size_t)d * (size_t)kvc_opt_kbits((kvc_opt_t)o) / 8;
+    size_t rowv = (size_t)d * (size_t)kvc_opt_vbits((kvc_opt_t)o) / 8;
     size_t b = (size_t)4 * d + (size_t)4 * cap + (size_t)cap * (rowk + rowv);
     if (P && kvc_opt_protectable(o))
         b += (size_t)2 * P + (size_t)cap * P;
@@ -220,5 +220,36 @@ uint32_t kvc_pool_protect(const kvc_pool_t *pool);
 const kvc_pool_t *kvc_seq_pool(const kvc_seq_t *seq);
 uint32_t kvc_seq_n_kv_heads(const kvc_seq_t *seq);
 uint32_t kvc_seq_n_layers(const kvc_seq_t *seq);
+
+/* ---- Encoder stages, shared by kvc_encoder_encode_layer and the CUDA encoder ---- */
+
+/* Per-(kv head, token) distortion inputs measured elsewhere (the GPU), each [n_kv][n_tokens]:
+ * dev = |v_t - obar|^2, ek[b] / ev[b] the key / value errors at bit width b (8, 4, 2) exactly
+ * as the CPU's trial or modelled pass computes them; NULL where the policy needs none. */
+typedef struct {
+    const float *dev;
+    const float *ek[9], *ev[9];
+} kvc_err_tables_t;
+
+/* The argument checks of kvc_encoder_encode_layer (layer order, strides, out_cap). */
+fy_status_t kvc_encoder_check_layer(const kvc_encoder_t *e, const kvc_layer_input_t *in,
+                                    size_t out_cap);
+/* Distortion table and option choice of the next layer (the rate controller's step): with
+ * tab NULL the errors are measured from in->k, in->v (host memory); otherwise in's pointers
+ * are not read. Sets info->lambda and info->budget_met. sc: host arrays. */
+fy_status_t kvc_encoder_choose(kvc_encoder_t *e, const kvc_layer_input_t *in,
+                               const kvc_scores_t *sc, const kvc_err_tables_t *tab,
+                               kvc_layer_info_t *info);
+/* The chosen options, [n_kv_heads][n_tokens], valid until the next choose. */
+const uint8_t *kvc_encoder_choice(const kvc_encoder_t *e);
+const kvc_encoder_params_t *kvc_encoder_params(const kvc_encoder_t *e);
+/* Writes the frame header and maps of the current choice into out; adds the items per option
+ * to counts[KVC_OPT_COUNT]; returns the header + maps bytes (where the payload starts) and the
+ * whole frame size in *frame_bytes_p. */
+size_t kvc_encoder_write_head(const kvc_encoder_t *e, uint32_t layer, uint8_t *out,
+                              uint64_t *counts, size_t *frame_bytes_p);
+/* Accounts a written frame of len bytes to the rate controller and fills info's frame_bytes,
+ * fp16_bytes and distortion; the next layer may come. */
+void kvc_encoder_commit(kvc_encoder_t *e, size_t len, kvc_layer_info_t *info);
 
 #endif /* FERRY_KVCODEC_INT_H */

@@ -284,3 +284,18 @@ size_t router_registry_snapshot(router_registry_t *reg, router_worker_t *out, si
     pthread_mutex_unlock(&reg->mu);
     return n;
 }
+
+uint32_t router_registry_lease_ms(const router_registry_t *reg)
+{
+    return reg->params.lease_ms;
+}
+
+fy_status_t router_registry_get(router_registry_t *reg, const char *id, router_worker_t *out)
+{
+    pthread_mutex_lock(&reg->mu);
+    router_worker_t *w = find_locked(reg, id);
+    if (w != NULL && out != NULL)
+        *out = *w;
+    pthread_mutex_unlock(&reg->mu);
+    return w != NULL ? FY_OK : FY_ERR_NOT_FOUND;
+}

@@ -7,7 +7,14 @@
  *   books the chosen request against the cached load so that requests placed between two
  *   heartbeats spread out instead of piling onto the worker that looked idlest.
  *
- * The daemon (router/main.c) owns RPC, retries and metrics; this header never includes it.
+ * - the registry's RPC face (registry_svc.c): the router side of ferry.v1.Worker's
+ *   RegisterWorker and Heartbeat, serving a registry on an rpc_server.
+ * - router_agent (agent.c): the worker side, used by ferry-prefill and ferry-decode. It
+ *   registers with the router, heartbeats with the worker's load, registers again when the
+ *   router forgot it (restart, expiry) and announces draining.
+ *
+ * The daemon (router/main.c) owns the client service, retries and metrics. This header names
+ * the rpc and libuv types only as incomplete structs, so it never includes them.
  */
 #ifndef FERRY_ROUTER_H
 #define FERRY_ROUTER_H
@@ -120,6 +127,76 @@ void router_registry_release(router_registry_t *reg, const char *prefill_id,
 /* Copies up to max workers into out (for status and metrics); returns the total count.
  * Thread: any. */
 size_t router_registry_snapshot(router_registry_t *reg, router_worker_t *out, size_t max);
+
+/* Copies the worker with this id into *out. FY_ERR_NOT_FOUND when unknown. Thread: any. */
+fy_status_t router_registry_get(router_registry_t *reg, const char *id, router_worker_t *out);
+
+/* The heartbeat period workers are told to keep (params.lease_ms). Thread: any. */
+uint32_t router_registry_lease_ms(const router_registry_t *reg);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Registry service: RegisterWorker and Heartbeat of ferry.v1.Worker (registry_svc.c)          */
+/* ------------------------------------------------------------------------------------------ */
+
+struct rpc_server;
+struct uv_loop_s;
+
+/* Serves RegisterWorker and Heartbeat of ferry.v1.Worker on srv from reg (borrowed; must
+ * outlive the server); the other Worker methods answer UNIMPLEMENTED. A heartbeat from an
+ * unknown worker answers known = false; one with draining set marks the worker draining.
+ * FY_ERR_EXISTS when srv already serves ferry.v1.Worker. Thread: srv's loop thread. */
+fy_status_t router_registry_serve(struct rpc_server *srv, router_registry_t *reg);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Worker agent (agent.c)                                                                      */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Fills the worker's current load; runs on the loop thread before each heartbeat. */
+typedef void (*router_agent_load_cb)(void *arg, router_load_t *load_p);
+
+typedef struct {
+    const char *router_address; // "host:port" of the router
+    const char *worker_id;      // unique in the cluster; NULL = "<role>@<rpc_address>"
+    router_role_t role;
+    const char *rpc_address;    // "host:port" where this worker serves ferry.v1.Worker
+    const char *kv_address;     // "host:port" of the UCX listener (decode), or NULL
+    const char *model_name;     // for status output, or NULL
+    uint64_t model_fingerprint;
+    uint32_t heartbeat_ms;      // 0 = half the lease the router announces; never above it
+    uint32_t retry_ms;          // first retry after a failed registration (default 200),
+                                // doubling up to the heartbeat period
+    router_agent_load_cb load;  // NULL = report zero load
+    void *load_arg;             // borrowed
+} router_agent_params_t;
+
+typedef struct router_agent router_agent_t;
+
+/* Creates the agent on loop (borrowed; must outlive it) and starts registering at once;
+ * every string is copied. FY_ERR_INVALID_ARG for a missing address or role, or an
+ * unparsable router address. Thread: loop thread. */
+fy_status_t router_agent_create(struct uv_loop_s *loop, const router_agent_params_t *params,
+                                router_agent_t **agent_p);
+
+/* Announces draining (or its end) with an immediate heartbeat; the router then places nothing
+ * new on this worker. Thread: loop thread. */
+void router_agent_set_draining(router_agent_t *agent, bool draining);
+
+/* Sends a heartbeat now instead of at the next period (e.g. after a large load change).
+ * Thread: loop thread. */
+void router_agent_poke(router_agent_t *agent);
+
+/* Whether the router currently knows this worker (the last register or heartbeat said so). */
+bool router_agent_registered(const router_agent_t *agent);
+/* Successful registrations so far (1 after the first; more after the router forgot it). */
+uint32_t router_agent_registrations(const router_agent_t *agent);
+/* Heartbeats the router acknowledged so far. */
+uint64_t router_agent_heartbeats(const router_agent_t *agent);
+/* The worker id in use. */
+const char *router_agent_worker_id(const router_agent_t *agent);
+
+/* Stops heartbeating, cancels a call in flight and frees the agent once its libuv handles
+ * have closed (keep running the loop). Accepts NULL. Thread: loop thread. */
+void router_agent_destroy(router_agent_t *agent);
 
 #ifdef __cplusplus
 }

@@ -145,6 +145,9 @@ typedef void (*rpc_cancel_cb)(rpc_call_t *call, void *arg);
  * the `authorization` header value or NULL; path is "/pkg.Service/Method". Loop thread. */
 typedef fy_status_t (*rpc_auth_cb)(void *arg, const char *path, const char *authorization);
 
+/* Whether the process serves (GET /healthz). Loop thread. */
+typedef bool (*rpc_healthy_cb)(void *arg);
+
 typedef struct {
     const char *host;                // IPv4/IPv6 literal or "localhost" (default "127.0.0.1");
                                      // "0.0.0.0" or "::" for every interface; borrowed
@@ -156,6 +159,16 @@ typedef struct {
     uint32_t keepalive_timeout_ms;   // close when a PING is not acked in time (default 20000)
     rpc_auth_cb auth;                // NULL = accept every call
     void *auth_arg;                  // borrowed
+    // Plain HTTP/1.1 GET on the same port (a connection whose first bytes are a request line
+    // instead of the HTTP/2 preface), for scrapers and load balancers; one response per
+    // connection, then it closes:
+    //   GET /metrics  200, Prometheus text of `metrics` (404 when NULL)
+    //   GET /healthz  200 "ok" when `healthy` is NULL or returns true, else 503 "unavailable";
+    //                 503 "draining" once rpc_server_shutdown was called
+    // anything else 404 (other methods 405).
+    fy_metrics_t *metrics;           // borrowed; rendered on the loop thread
+    rpc_healthy_cb healthy;          // loop thread
+    void *healthy_arg;               // borrowed
 } rpc_server_params_t;
 
 void rpc_server_params_default(rpc_server_params_t *p);

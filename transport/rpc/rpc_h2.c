@@ -140,9 +140,29 @@ static bool write_batch(rpc_h2_t *h, rpc_write_t *w)
     return true;
 }
 
+fy_status_t rpc_h2_write_raw(rpc_h2_t *h, const void *data, size_t len)
+{
+    if (h->closing)
+        return FY_ERR_CLOSED;
+    rpc_write_t *w = malloc(sizeof(*w) + len);
+    if (w == NULL)
+        return FY_ERR_NO_MEMORY;
+    memcpy(w->data, data, len);
+    w->len = len;
+    return write_batch(h, w) ? FY_OK : FY_ERR_TRANSPORT;
+}
+
 void rpc_h2_flush(rpc_h2_t *h)
 {
-    if (h->closing || h->session == NULL || h->busy)
+    if (h->closing)
+        return;
+    if (h->hold) {
+        // Nothing from nghttp2 goes out; a finished (fatal) connection closes once written.
+        if (h->fatal && h->write_inflight == 0)
+            rpc_h2_close(h);
+        return;
+    }
+    if (h->session == NULL || h->busy)
         return;
     h->busy++;
     rpc_write_t *w = NULL;
@@ -204,6 +224,12 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
     }
     if (nread == 0)
         return;
+    if (h->sniff != NULL) {
+        if (h->sniff(h, (const uint8_t *)buf->base, (size_t)nread))
+            return;
+        h->sniff = NULL;
+        h->hold = false;
+    }
     h->busy++;
     ssize_t n = nghttp2_session_mem_recv(h->session, (const uint8_t *)buf->base, (size_t)nread);
     h->busy--;

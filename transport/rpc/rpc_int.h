@@ -41,6 +41,11 @@ typedef struct rpc_h2 rpc_h2_t;
 /* Runs once after the TCP handle and the keepalive timer have closed; the owner frees. */
 typedef void (*rpc_h2_closed_cb)(rpc_h2_t *h);
 
+/* Sees a connection's bytes before nghttp2 does while set (server side: telling HTTP/1.1
+ * GET from HTTP/2). Returns true when it consumed them, false to hand these and every later
+ * byte to nghttp2 (the hook is then cleared and output released). */
+typedef bool (*rpc_h2_sniff_cb)(rpc_h2_t *h, const uint8_t *data, size_t len);
+
 struct rpc_h2 {
     uv_tcp_t tcp;
     uv_timer_t timer; // keepalive (server) or connect timeout (client)
@@ -53,6 +58,8 @@ struct rpc_h2 {
     bool reading;
     bool fatal; // protocol error or drained: close once output is written
     int busy;   // inside nghttp2 mem_recv/mem_send: flush later, not now
+    rpc_h2_sniff_cb sniff; // see rpc_h2_sniff_cb; NULL = HTTP/2 only
+    bool hold;  // nghttp2 output held (the protocol is not known yet, or it is not HTTP/2)
     uint8_t rbuf[65536];
 };
 
@@ -65,6 +72,9 @@ fy_status_t rpc_h2_start_read(rpc_h2_t *h);
 void rpc_h2_flush(rpc_h2_t *h);
 /* Closes the handles (once); on_closed runs later. */
 void rpc_h2_close(rpc_h2_t *h);
+/* Writes bytes (copied) straight to the socket, outside HTTP/2 (HTTP/1.1 answers). With
+ * fatal set and hold on, the connection closes once they are written. */
+fy_status_t rpc_h2_write_raw(rpc_h2_t *h, const void *data, size_t len);
 
 /* Feeds bytes to a fresh server-side HTTP/2 session of srv as if they came from one
  * connection, runs the handlers and discards what the server would send, then tears the

@@ -72,6 +72,8 @@ struct rpc_sconn {
     rpc_call_t *calls;
     uint64_t ping_sent_ns;
     bool ping_outstanding;
+    char *http1;      // HTTP/1.1 request head read so far (malloc'd), NULL for HTTP/2
+    size_t http1_len;
 };
 
 struct rpc_call {
@@ -778,6 +780,7 @@ static void on_conn_closed(rpc_h2_t *h)
         call_maybe_free(call);
     }
     nghttp2_session_del(conn->h2.session);
+    free(conn->http1);
     if (conn->prev)
         conn->prev->next = conn->next;
     else
@@ -835,6 +838,119 @@ static fy_status_t session_create(rpc_sconn_t *conn)
     return FY_OK;
 }
 
+/* ---- HTTP/1.1 GET (/metrics, /healthz) on the gRPC port ---------------------------------- */
+
+#define RPC_HTTP1_MAX_HEAD 8192
+
+static void http1_respond(rpc_sconn_t *conn, int status, const char *reason,
+                          const char *content_type, const char *body, size_t body_len)
+{
+    char head[256];
+    int n = snprintf(head, sizeof(head),
+                     "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
+                     "Connection: close\r\n\r\n",
+                     status, reason, content_type, body_len);
+    rpc_h2_t *h = &conn->h2;
+    if (h->reading) {
+        uv_read_stop((uv_stream_t *)&h->tcp);
+        h->reading = false;
+    }
+    h->fatal = true; // with hold on: close once written
+    if (rpc_h2_write_raw(h, head, (size_t)n) == FY_OK && body_len > 0)
+        rpc_h2_write_raw(h, body, body_len);
+    rpc_h2_flush(h);
+}
+
+static void http1_serve(rpc_sconn_t *conn, const char *method, const char *target)
+{
+    rpc_server_t *srv = conn->srv;
+    static const char text[] = "text/plain; charset=utf-8";
+    FY_LOG_DEBUG(RPC_MODULE, "HTTP/1.1 %s %s", method, target);
+    if (strcmp(method, "GET") != 0) {
+        http1_respond(conn, 405, "Method Not Allowed", text, "method not allowed\n", 19);
+        return;
+    }
+    char path[128];
+    size_t plen = strcspn(target, "?");
+    if (plen >= sizeof(path))
+        plen = sizeof(path) - 1;
+    memcpy(path, target, plen);
+    path[plen] = '\0';
+    if (strcmp(path, "/healthz") == 0) {
+        if (srv->shutting_down)
+            http1_respond(conn, 503, "Service Unavailable", text, "draining\n", 9);
+        else if (srv->params.healthy == NULL || srv->params.healthy(srv->params.healthy_arg))
+            http1_respond(conn, 200, "OK", text, "ok\n", 3);
+        else
+            http1_respond(conn, 503, "Service Unavailable", text, "unavailable\n", 12);
+        return;
+    }
+    if (strcmp(path, "/metrics") == 0 && srv->params.metrics != NULL) {
+        char *body = NULL;
+        size_t len = 0;
+        if (fy_metrics_render(srv->params.metrics, &body, &len) != FY_OK) {
+            http1_respond(conn, 500, "Internal Server Error", text, "metrics unavailable\n", 20);
+            return;
+        }
+        http1_respond(conn, 200, "OK", "text/plain; version=0.0.4; charset=utf-8", body, len);
+        free(body);
+        return;
+    }
+    http1_respond(conn, 404, "Not Found", text, "not found\n", 10);
+}
+
+/* Parses the request head once complete: "METHOD SP target SP HTTP/1.x CRLF headers CRLF". */
+static void http1_head_done(rpc_sconn_t *conn)
+{
+    char *line_end = strstr(conn->http1, "\r\n");
+    char *sp1 = memchr(conn->http1, ' ', (size_t)(line_end - conn->http1));
+    char *sp2 = sp1 ? memchr(sp1 + 1, ' ', (size_t)(line_end - sp1 - 1)) : NULL;
+    if (sp1 == NULL || sp2 == NULL || sp2 == sp1 + 1 || strncmp(sp2 + 1, "HTTP/1.", 7) != 0) {
+        static const char bad[] = "bad request\n";
+        http1_respond(conn, 400, "Bad Request", "text/plain; charset=utf-8", bad,
+                      sizeof(bad) - 1);
+        return;
+    }
+    *sp1 = '\0';
+    *sp2 = '\0';
+    http1_serve(conn, conn->http1, sp1 + 1);
+}
+
+/* The first bytes decide: the HTTP/2 client preface starts with 'P' ("PRI * HTTP/2.0");
+ * an HTTP/1.1 request line with a method such as "GET" or "HEAD". Anything that is not an
+ * upper-case letter other than 'P' goes to nghttp2, which refuses what is not HTTP/2. */
+static bool server_sniff(rpc_h2_t *h, const uint8_t *data, size_t len)
+{
+    rpc_sconn_t *conn = h->owner;
+    if (conn->http1 == NULL) {
+        if (data[0] == 'P' || data[0] < 'A' || data[0] > 'Z')
+            return false;
+        conn->http1 = malloc(RPC_HTTP1_MAX_HEAD + 1);
+        if (conn->http1 == NULL) {
+            rpc_h2_close(h);
+            return true;
+        }
+        conn->http1_len = 0;
+    }
+    if (h->fatal)
+        return true; // answered already; ignore what follows
+    size_t room = RPC_HTTP1_MAX_HEAD - conn->http1_len;
+    size_t n = FY_MIN(room, len);
+    memcpy(conn->http1 + conn->http1_len, data, n);
+    conn->http1_len += n;
+    conn->http1[conn->http1_len] = '\0';
+    if (memchr(conn->http1, '\0', conn->http1_len) != NULL) {
+        http1_respond(conn, 400, "Bad Request", "text/plain; charset=utf-8", "bad request\n", 12);
+        return true;
+    }
+    if (strstr(conn->http1, "\r\n\r\n") != NULL)
+        http1_head_done(conn);
+    else if (conn->http1_len == RPC_HTTP1_MAX_HEAD)
+        http1_respond(conn, 431, "Request Header Fields Too Large", "text/plain; charset=utf-8",
+                      "request head too large\n", 23);
+    return true;
+}
+
 static void on_connection(uv_stream_t *listener, int status)
 {
     rpc_server_t *srv = listener->data;
@@ -860,6 +976,9 @@ static void on_connection(uv_stream_t *listener, int status)
         return;
     }
     uv_tcp_nodelay(&conn->h2.tcp, 1);
+    // Nothing is sent (not even SETTINGS) until the first bytes say HTTP/2 or HTTP/1.1.
+    conn->h2.sniff = server_sniff;
+    conn->h2.hold = true;
     if (srv->params.keepalive_ms)
         uv_timer_start(&conn->h2.timer, on_keepalive, srv->params.keepalive_ms,
                        srv->params.keepalive_ms);

@@ -1,0 +1,762 @@
+/*
+ * attend.cu: decode attention over compressed KV pages on the GPU, the twin of kvc_attend in
+ * attend.c (the reference it is tested against, tests/kvcodec/test_attend_cuda.c).
+ *
+ * Flash-decoding. Kernel 1 runs one thread block per (page list, split): the list's pages are
+ * cut into n_splits contiguous ranges. For each page the block reads the 16-byte header on the
+ * device, copies the used part of the page into shared memory with 16-byte loads, and then
+ *   1. logits: LPT lanes share one token, each lane dequantizes CPT channels of the key
+ *      (code * scale + zero, or the raw FP16) in registers and dots them with the query rows;
+ *      a butterfly of warp shuffles sums the lanes;
+ *   2. online softmax per row over a chunk of up to CH tokens (running max m, sum l);
+ *   3. values: each lane dequantizes the same CPT channels of the value rows and accumulates
+ *      p * v into registers; token lanes keep separate partial sums, added at the end.
+ * Rotated pages (Hadamard-coded 4/4, 4/2, 2/2) use H q for the logits and a second accumulator,
+ * exactly as attend.c does. MixKVQ protected channels take their 8-bit code from the group's
+ * pcodes block. Kernel 2 combines the splits' (m, l, acc, acc_rot) of each list, applies H to
+ * the rotated sum once, divides by l and writes the output rows.
+ *
+ * Geometry and the page layout are those of docs/kvcodec-format.md §3; the slot sizes below are
+ * computed the way pool.c computes them (kvc_group_bytes rounded up to 16).
+ */
+#include "kvcodec_cuda.h"
+#include "kvcodec_cuda_int.h"
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+
+namespace {
+
+constexpr int kThreads = 128; // threads per block of kernel 1 (4 warps)
+constexpr int kChunk = 256;   // tokens per logit/softmax chunk
+constexpr int kMaxRows = 8;   // GQA group size handled per block
+constexpr int kMaxSplits = 256;
+constexpr int kOpts = 5; // F16, 8/8, 4/4, 4/2, 2/2
+constexpr size_t kWsAlign = 256;
+
+struct attn_params {
+    const uint8_t *base;
+    size_t page_bytes;
+    uint32_t n_pages, d, G, P;
+    uint32_t slot_bytes[kOpts];
+    uint32_t n_heads, n_kv, n_items, n_splits;
+    uint32_t lpt;       // lanes per token (power of two, <= 32)
+    uint32_t buf_bytes; // shared staging buffer (page, then the token-lane reduction)
+    const uint32_t *list_start;
+    const uint32_t *page_ids;
+    const float *q;
+    float scale;
+    float *out;
+    float *ws_m, *ws_l;        // [n_items][n_splits][rows]
+    float *ws_acc, *ws_accr;   // [n_items][n_splits][rows][d]
+    uint32_t *ws_rot;          // [n_items][n_splits]
+    uint32_t *ws_err;          // [1] pages skipped
+};
+
+__host__ __device__ inline int opt_kbits(int o)
+{
+    return o == 0 ? 16 : o == 1 ? 8 : o == 2 ? 4 : o == 3 ? 4 : 2;
+}
+__host__ __device__ inline int opt_vbits(int o)
+{
+    return o == 0 ? 16 : o == 1 ? 8 : o == 2 ? 4 : 2;
+}
+__host__ __device__ inline bool opt_protectable(int o)
+{
+    return o >= 2 && o <= 4;
+}
+
+/* kvc_group_bytes of kvcodec_int.h: the layout of one group (docs/kvcodec-format.md §2). */
+inline size_t group_bytes(int o, uint32_t d, uint32_t cap, uint32_t P)
+{
+    if (o == 0)
+        return (size_t)4 * d;
+    size_t rowk = (size_t)d * opt_kbits(o) / 8, rowv = (size_t)d * opt_vbits(o) / 8;
+    size_t b = (size_t)4 * d + (size_t)4 * cap + (size_t)cap * (rowk + rowv);
+    if (P && opt_protectable(o))
+        b += (size_t)2 * P + (size_t)cap * P;
+    return b;
+}
+
+__device__ __forceinline__ float h2f(uint32_t bits16)
+{
+    return __half2float(__ushort_as_half((unsigned short)(bits16 & 0xffffu)));
+}
+
+__device__ __forceinline__ uint32_t rd16(const uint8_t *p)
+{
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8);
+}
+
+/* Eight FP16 values at a 16-byte aligned shared address. */
+__device__ __forceinline__ void load8_f16(const uint8_t *p, float *x)
+{
+    uint4 u = *reinterpret_cast<const uint4 *>(p);
+    uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        x[2 * i] = h2f(w[i]);
+        x[2 * i + 1] = h2f(w[i] >> 16);
+    }
+}
+
+/* Eight codes of `bits` bits for channels c .. c+7 of a packed row (c a multiple of 8, so the
+ * byte offset c * bits / 8 is aligned to the load size). */
+__device__ __forceinline__ void load8_codes(const uint8_t *row, uint32_t c, int bits, float *x)
+{
+    if (bits == 8) {
+        uint2 u = *reinterpret_cast<const uint2 *>(row + c);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            x[i] = (float)((u.x >> (8 * i)) & 0xffu);
+            x[4 + i] = (float)((u.y >> (8 * i)) & 0xffu);
+        }
+    } else if (bits == 4) {
+        uint32_t u = *reinterpret_cast<const uint32_t *>(row + c / 2);
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            x[i] = (float)((u >> (4 * i)) & 15u);
+    } else {
+        uint32_t u = *reinterpret_cast<const uint16_t *>(row + c / 4);
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            x[i] = (float)((u >> (2 * i)) & 3u);
+    }
+}
+
+/* Page header fields (docs/kvcodec-format.md §3). */
+struct page_hdr {
+    uint32_t opt, flags, head_dim, n_slots, last_tokens, slot_tokens, cap_slots, n_tokens;
+};
+
+__device__ __forceinline__ page_hdr read_hdr(const uint8_t *pg)
+{
+    uint4 u = __ldg(reinterpret_cast<const uint4 *>(pg));
+    page_hdr h;
+    h.opt = u.x & 0xffu;
+    h.flags = (u.x >> 8) & 0xffu;
+    h.head_dim = u.x >> 16;
+    h.n_slots = u.y & 0xffffu;
+    h.last_tokens = u.y >> 16;
+    h.slot_tokens = u.z & 0xffffu;
+    h.cap_slots = u.z >> 16;
+    h.n_tokens = u.w;
+    return h;
+}
+
+/* In-place orthonormal Walsh-Hadamard transform of `rows` rows of d floats in shared memory
+ * (d a power of two), the same butterflies as kvc_hadamard. Called by the whole block. */
+__device__ void block_hadamard(float *x, uint32_t rows, uint32_t d)
+{
+    uint32_t half = d / 2;
+    for (uint32_t len = 1; len < d; len <<= 1) {
+        for (uint32_t idx = threadIdx.x; idx < rows * half; idx += blockDim.x) {
+            uint32_t r = idx / half, k = idx % half;
+            uint32_t i = (k / len) * 2 * len + (k % len);
+            float *row = x + (size_t)r * d;
+            float a = row[i], b = row[i + len];
+            row[i] = a + b;
+            row[i + len] = a - b;
+        }
+        __syncthreads();
+    }
+    float s = 1.0f / sqrtf((float)d);
+    for (uint32_t idx = threadIdx.x; idx < rows * d; idx += blockDim.x)
+        x[idx] *= s;
+    __syncthreads();
+}
+
+/* Channels c0 .. c0+CPT-1 (those below d) of an FP16 row. */
+template <int CPT>
+__device__ __forceinline__ void load_f16_row(const uint8_t *row, uint32_t c0, uint32_t d, float *x)
+{
+#pragma unroll
+    for (int h = 0; h < CPT / 8; h++)
+        if (c0 + 8 * h < d)
+            load8_f16(row + 2 * (c0 + 8 * h), x + 8 * h);
+}
+
+/* Dequantized key channels c0 .. c0+CPT-1 of token t of the staged page. */
+template <int CPT>
+__device__ __forceinline__ void load_key(const attn_params &A, const uint8_t *pg, uint32_t opt,
+                                         uint32_t t, uint32_t c0, float *kf)
+{
+    const uint32_t d = A.d;
+    const uint8_t *slots = pg + KVC_PAGE_HEADER_BYTES;
+    if (opt == 0) {
+        load_f16_row<CPT>(slots + (size_t)t * A.slot_bytes[0], c0, d, kf);
+        return;
+    }
+    const uint32_t G = A.G, s = t / G, j = t % G;
+    const uint8_t *sl = slots + (size_t)s * A.slot_bytes[opt];
+    const int kb = opt_kbits(opt);
+    const uint32_t rowk = d * kb / 8;
+    const uint8_t *kc = sl + 4 * d + 4 * G + (size_t)j * rowk;
+#pragma unroll
+    for (int h = 0; h < CPT / 8; h++) {
+        uint32_t c = c0 + 8 * h;
+        if (c >= d)
+            continue;
+        float ks[8], kz[8], code[8];
+        load8_f16(sl + 2 * c, ks);
+        load8_f16(sl + 2 * d + 2 * c, kz);
+        load8_codes(kc, c, kb, code);
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            kf[8 * h + i] = code[i] * ks[i] + kz[i];
+    }
+    // MixKVQ: a protected channel's main code is 0; its 8-bit code is in the pcodes block and
+    // its kscale/kzero are the 8-bit parameters.
+    if (A.P && opt_protectable(opt)) {
+        const uint32_t P = A.P;
+        const uint32_t rowv = d * opt_vbits(opt) / 8;
+        const uint8_t *pi = sl + 4 * d + 4 * G + (size_t)G * (rowk + rowv);
+        const uint8_t *pc = pi + 2 * P + (size_t)j * P;
+        for (uint32_t jj = 0; jj < P; jj++) {
+            uint32_t c = rd16(pi + 2 * jj);
+            if (c < c0 || c >= c0 + CPT || c >= d)
+                continue;
+            float ks = h2f(rd16(sl + 2 * c)), kz = h2f(rd16(sl + 2 * d + 2 * c));
+            float v = (float)pc[jj] * ks + kz;
+#pragma unroll
+            for (int i = 0; i < CPT; i++)
+                if (c == c0 + i)
+                    kf[i] = v;
+        }
+    }
+}
+
+/* Dequantized value channels c0 .. c0+CPT-1 of token t of the staged page. */
+template <int CPT>
+__device__ __forceinline__ void load_value(const attn_params &A, const uint8_t *pg,
+                                           uint32_t opt, uint32_t t, uint32_t c0, float *vf)
+{
+    const uint32_t d = A.d;
+    const uint8_t *slots = pg + KVC_PAGE_HEADER_BYTES;
+    if (opt == 0) {
+        load_f16_row<CPT>(slots + (size_t)t * A.slot_bytes[0] + 2 * d, c0, d, vf);
+        return;
+    }
+    const uint32_t G = A.G, s = t / G, j = t % G;
+    const uint8_t *sl = slots + (size_t)s * A.slot_bytes[opt];
+    const int kb = opt_kbits(opt), vb = opt_vbits(opt);
+    const uint32_t rowk = d * kb / 8, rowv = d * vb / 8;
+    float vs = h2f(rd16(sl + 4 * d + 2 * j)), vz = h2f(rd16(sl + 4 * d + 2 * G + 2 * j));
+    const uint8_t *vc = sl + 4 * d + 4 * G + (size_t)G * rowk + (size_t)j * rowv;
+#pragma unroll
+    for (int h = 0; h < CPT / 8; h++) {
+        uint32_t c = c0 + 8 * h;
+        if (c >= d)
+            continue;
+        float code[8];
+        load8_codes(vc, c, vb, code);
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            vf[8 * h + i] = code[i] * vs + vz;
+    }
+}
+
+template <int NQ, int CPT>
+__global__ void __launch_bounds__(kThreads) attend_split_kernel(attn_params A)
+{
+    extern __shared__ __align__(16) uint8_t smem[];
+    __shared__ float s_m[NQ], s_l[NQ], s_alpha[NQ];
+
+    const uint32_t d = A.d, tid = threadIdx.x;
+    const uint32_t item = blockIdx.y, split = blockIdx.x;
+    uint8_t *buf = smem;                                    // [buf_bytes]
+    float *qv = reinterpret_cast<float *>(smem + A.buf_bytes); // [NQ][d] q * scale
+    float *qr = qv + NQ * d;                                // [NQ][d] H q * scale
+    float *lg = qr + NQ * d;                                // [NQ][kChunk] logits, then p
+
+    const uint32_t b = item / A.n_kv, kvh = item % A.n_kv;
+    const float *q = A.q + ((size_t)b * A.n_heads + (size_t)kvh * NQ) * d;
+    for (uint32_t i = tid; i < NQ * d; i += blockDim.x)
+        qv[i] = q[i] * A.scale;
+    if (tid < NQ) {
+        s_m[tid] = -INFINITY;
+        s_l[tid] = 0.0f;
+    }
+
+    uint32_t ls = A.list_start[item], le = A.list_start[item + 1];
+    if (le < ls) { // a malformed descriptor: attend nothing, report it once
+        if (tid == 0 && split == 0)
+            atomicAdd(A.ws_err, 1u);
+        le = ls;
+    }
+    const uint32_t n = le - ls;
+    const uint32_t pps = (n + A.n_splits - 1) / A.n_splits;
+    const uint32_t p0 = min(n, split * pps), p1 = min(n, p0 + pps);
+
+    const uint32_t lpt = A.lpt, tpb = kThreads / lpt; // token lanes per block
+    const uint32_t li = tid % lpt, tl = tid / lpt, c0 = li * CPT;
+    const bool lane_active = c0 < d;
+
+    float acc[NQ][CPT], accr[NQ][CPT];
+#pragma unroll
+    for (int r = 0; r < NQ; r++)
+#pragma unroll
+        for (int i = 0; i < CPT; i++)
+            acc[r][i] = accr[r][i] = 0.0f;
+    bool any_rot = false;
+    __syncthreads();
+
+    for (uint32_t pi = p0; pi < p1; pi++) {
+        const uint32_t pid = A.page_ids[ls + pi];
+        if (pid >= A.n_pages) {
+            if (tid == 0)
+                atomicAdd(A.ws_err, 1u);
+            continue;
+        }
+        const uint8_t *gpg = A.base + (size_t)pid * A.page_bytes;
+        const page_hdr h = read_hdr(gpg);
+        if (h.n_tokens == 0 || h.opt >= kOpts) // as attend.c: empty or dropped, nothing to do
+            continue;
+        const uint32_t opt = h.opt;
+        const uint32_t sb = A.slot_bytes[opt];
+        const bool bad = h.head_dim != d || h.slot_tokens != (opt == 0 ? 1u : A.G) ||
+                         h.n_slots > h.cap_slots ||
+                         (size_t)KVC_PAGE_HEADER_BYTES + (size_t)h.n_slots * sb > A.page_bytes ||
+                         (opt != 0 && h.n_slots > 0 &&
+                          (h.last_tokens == 0 || h.last_tokens > A.G));
+        const bool rot = (h.flags & KVC_PAGE_FLAG_ROTATED) != 0;
+        if (bad || (rot && (d & (d - 1)) != 0)) {
+            if (tid == 0)
+                atomicAdd(A.ws_err, 1u);
+            continue;
+        }
+        if (h.n_slots == 0)
+            continue;
+        if (rot && !any_rot) { // first rotated page of this block: H q once
+            for (uint32_t i = tid; i < NQ * d; i += blockDim.x)
+                qr[i] = qv[i];
+            __syncthreads();
+            block_hadamard(qr, NQ, d);
+            any_rot = true;
+        }
+        // Stage the used bytes of the page: 16-byte loads, consecutive threads on consecutive
+        // 16-byte words (slot_bytes is a multiple of 16, pages are 64-byte aligned).
+        const uint32_t n16 = (KVC_PAGE_HEADER_BYTES + h.n_slots * sb) / 16;
+        const uint4 *src = reinterpret_cast<const uint4 *>(gpg);
+        uint4 *dst = reinterpret_cast<uint4 *>(buf);
+        for (uint32_t i = tid; i < n16; i += blockDim.x)
+            dst[i] = __ldg(src + i);
+        __syncthreads();
+
+        const uint32_t ntok = opt == 0 ? h.n_slots : (h.n_slots - 1) * A.G + h.last_tokens;
+        const float *qq = rot ? qr : qv;
+        for (uint32_t t0 = 0; t0 < ntok; t0 += kChunk) {
+            const uint32_t nc = min((uint32_t)kChunk, ntok - t0);
+            // 1. Logits. The loop count is the same for every lane of a warp (the shuffles
+            // need all 32), idle lanes carry zeros.
+            const uint32_t iters = (nc + tpb - 1) / tpb;
+            for (uint32_t it = 0; it < iters; it++) {
+                const uint32_t tt = it * tpb + tl;
+                const bool valid = tt < nc && lane_active;
+                float kf[CPT];
+#pragma unroll
+                for (int i = 0; i < CPT; i++)
+                    kf[i] = 0.0f;
+                if (valid)
+                    load_key<CPT>(A, buf, opt, t0 + tt, c0, kf);
+                float part[NQ];
+#pragma unroll
+                for (int r = 0; r < NQ; r++) {
+                    float s = 0.0f;
+                    if (valid) {
+#pragma unroll
+                        for (int i = 0; i < CPT; i++)
+                            if (c0 + i < d)
+                                s += qq[r * d + c0 + i] * kf[i];
+                    }
+                    part[r] = s;
+                }
+                for (uint32_t off = lpt / 2; off > 0; off >>= 1)
+#pragma unroll
+                    for (int r = 0; r < NQ; r++)
+                        part[r] += __shfl_xor_sync(0xffffffffu, part[r], off);
+                if (li == 0 && tt < nc)
+#pragma unroll
+                    for (int r = 0; r < NQ; r++)
+                        lg[r * kChunk + tt] = part[r];
+            }
+            __syncthreads();
+            // 2. Online softmax: one warp per row.
+            const uint32_t warp = tid / 32, lane = tid % 32;
+            for (uint32_t r = warp; r < NQ; r += kThreads / 32) {
+                float *row = lg + r * kChunk;
+                float mx = -INFINITY;
+                for (uint32_t j = lane; j < nc; j += 32)
+                    mx = fmaxf(mx, row[j]);
+                for (int off = 16; off > 0; off >>= 1)
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+                const float mo = s_m[r], mn = fmaxf(mo, mx);
+                float sum = 0.0f;
+                for (uint32_t j = lane; j < nc; j += 32) {
+                    float e = mn == -INFINITY ? 0.0f : expf(row[j] - mn);
+                    row[j] = e;
+                    sum += e;
+                }
+                for (int off = 16; off > 0; off >>= 1)
+                    sum += __shfl_xor_sync(0xffffffffu, sum, off);
+                __syncwarp();
+                if (lane == 0) {
+                    const float alpha = mo == -INFINITY ? 0.0f : expf(mo - mn);
+                    s_alpha[r] = alpha;
+                    s_l[r] = s_l[r] * alpha + sum;
+                    s_m[r] = mn;
+                }
+            }
+            __syncthreads();
+            // 3. Values into this lane's channels, rotated pages into the second accumulator.
+#pragma unroll
+            for (int r = 0; r < NQ; r++) {
+                const float a = s_alpha[r];
+#pragma unroll
+                for (int i = 0; i < CPT; i++) {
+                    acc[r][i] *= a;
+                    accr[r][i] *= a;
+                }
+            }
+            if (lane_active) {
+                for (uint32_t tt = tl; tt < nc; tt += tpb) {
+                    float vf[CPT];
+#pragma unroll
+                    for (int i = 0; i < CPT; i++)
+                        vf[i] = 0.0f;
+                    load_value<CPT>(A, buf, opt, t0 + tt, c0, vf);
+                    if (rot) {
+#pragma unroll
+                        for (int r = 0; r < NQ; r++) {
+                            const float p = lg[r * kChunk + tt];
+#pragma unroll
+                            for (int i = 0; i < CPT; i++)
+                                accr[r][i] += p * vf[i];
+                        }
+                    } else {
+#pragma unroll
+                        for (int r = 0; r < NQ; r++) {
+                            const float p = lg[r * kChunk + tt];
+#pragma unroll
+                            for (int i = 0; i < CPT; i++)
+                                acc[r][i] += p * vf[i];
+                        }
+                    }
+                }
+            }
+            __syncthreads(); // lg and the staged page are reused next
+        }
+    }
+
+    // Sum the token lanes' partial accumulators through shared memory and write this split's
+    // partial result. buf holds [tpb][NQ][d] floats (the host sized it).
+    const size_t slot = (size_t)item * A.n_splits + split;
+    float *red = reinterpret_cast<float *>(buf);
+    for (int pass = 0; pass < 2; pass++) {
+        if (pass == 1 && !any_rot)
+            break;
+        if (lane_active) {
+#pragma unroll
+            for (int r = 0; r < NQ; r++)
+#pragma unroll
+                for (int i = 0; i < CPT; i++)
+                    if (c0 + i < d)
+                        red[((size_t)tl * NQ + r) * d + c0 + i] = pass ? accr[r][i] : acc[r][i];
+        }
+        __syncthreads();
+        float *dst = (pass ? A.ws_accr : A.ws_acc) + slot * NQ * d;
+        for (uint32_t idx = tid; idx < NQ * d; idx += blockDim.x) {
+            float s = 0.0f;
+            for (uint32_t l = 0; l < tpb; l++)
+                s += red[(size_t)l * NQ * d + idx];
+            dst[idx] = s;
+        }
+        __syncthreads();
+    }
+    if (tid < NQ) {
+        A.ws_m[slot * NQ + tid] = s_m[tid];
+        A.ws_l[slot * NQ + tid] = s_l[tid];
+    }
+    if (tid == 0)
+        A.ws_rot[slot] = any_rot ? 1u : 0u;
+}
+
+/* One block per list: weights exp(m_s - M) per split, sum, H on the rotated sum, divide. */
+__global__ void __launch_bounds__(kThreads) attend_combine_kernel(attn_params A, uint32_t rows)
+{
+    extern __shared__ __align__(16) uint8_t smem[];
+    float *w = reinterpret_cast<float *>(smem); // [rows][n_splits]
+    float *rot = w + rows * A.n_splits;        // [rows][d]
+    __shared__ float s_l[kMaxRows];
+    __shared__ uint32_t s_any_rot;
+
+    const uint32_t item = blockIdx.x, tid = threadIdx.x, d = A.d, S = A.n_splits;
+    const size_t base = (size_t)item * S;
+    if (tid == 0) {
+        uint32_t any = 0;
+        for (uint32_t s = 0; s < S; s++)
+            any |= A.ws_rot[base + s];
+        s_any_rot = any;
+    }
+    if (tid < rows) {
+        float M = -INFINITY;
+        for (uint32_t s = 0; s < S; s++)
+            M = fmaxf(M, A.ws_m[(base + s) * rows + tid]);
+        float L = 0.0f;
+        for (uint32_t s = 0; s < S; s++) {
+            const float m = A.ws_m[(base + s) * rows + tid];
+            const float ws = m == -INFINITY ? 0.0f : expf(m - M);
+            w[tid * S + s] = ws;
+            L += A.ws_l[(base + s) * rows + tid] * ws;
+        }
+        s_l[tid] = L;
+    }
+    __syncthreads();
+    const bool any_rot = s_any_rot != 0;
+    if (any_rot) {
+        for (uint32_t idx = tid; idx < rows * d; idx += blockDim.x) {
+            const uint32_t r = idx / d;
+            float s = 0.0f;
+            for (uint32_t sp = 0; sp < S; sp++)
+                if (A.ws_rot[base + sp])
+                    s += A.ws_accr[(base + sp) * rows * d + idx] * w[r * S + sp];
+            rot[idx] = s;
+        }
+        __syncthreads();
+        block_hadamard(rot, rows, d); // H is its own inverse
+    }
+    const uint32_t b = item / A.n_kv, kvh = item % A.n_kv;
+    float *out = A.out + ((size_t)b * A.n_heads + (size_t)kvh * rows) * d;
+    for (uint32_t idx = tid; idx < rows * d; idx += blockDim.x) {
+        const uint32_t r = idx / d;
+        float s = 0.0f;
+        for (uint32_t sp = 0; sp < S; sp++)
+            s += A.ws_acc[(base + sp) * rows * d + idx] * w[r * S + sp];
+        if (any_rot)
+            s += rot[idx];
+        const float L = s_l[r];
+        out[idx] = L > 0.0f ? s / L : 0.0f;
+    }
+}
+
+size_t align_up(size_t x, size_t a)
+{
+    return (x + a - 1) / a * a;
+}
+
+/* Everything the host derives from the pool and the batch shape. */
+struct plan {
+    uint32_t rows, cpt, lpt, n_items, n_splits;
+    uint32_t slot_bytes[kOpts];
+    size_t buf_bytes, smem_split, smem_combine;
+    size_t off_m, off_l, off_acc, off_accr, off_rot, ws_bytes; // offset 0: the error counter
+};
+
+fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt, plan *pl)
+{
+    if (pool == NULL || bt == NULL)
+        return FY_ERR_INVALID_ARG;
+    const uint32_t d = pool->head_dim, G = pool->group, P = pool->protect;
+    if (d == 0 || d % 8 || d > 512 || G < 8 || G > 256 || G % 8 || P > 32 || P >= d ||
+        pool->page_bytes % 64 || pool->page_bytes < 64 || pool->n_pages == 0)
+        return FY_ERR_INVALID_ARG;
+    if (bt->batch == 0 || bt->n_kv_heads == 0 || bt->n_heads % bt->n_kv_heads)
+        return FY_ERR_INVALID_ARG;
+    const uint32_t rows = bt->n_heads / bt->n_kv_heads;
+    if (rows == 0 || rows > kMaxRows)
+        return FY_ERR_UNSUPPORTED;
+    uint64_t items = (uint64_t)bt->batch * bt->n_kv_heads;
+    if (items > 65535) // gridDim.y of kernel 1
+        return FY_ERR_UNSUPPORTED;
+    for (int o = 0; o < kOpts; o++) {
+        size_t sb = align_up(group_bytes(o, d, o == 0 ? 1 : G, P), 16);
+        if (sb + KVC_PAGE_HEADER_BYTES > pool->page_bytes)
+            return FY_ERR_INVALID_ARG; // the CPU pool refuses this geometry as well
+        pl->slot_bytes[o] = (uint32_t)sb;
+    }
+    pl->rows = rows;
+    pl->cpt = d <= 256 ? 8 : 16;
+    uint32_t lanes = (d + pl->cpt - 1) / pl->cpt, lpt = 1;
+    while (lpt < lanes)
+        lpt <<= 1;
+    pl->lpt = lpt; // <= 32: d <= 256 -> <= 32 lanes of 8, d <= 512 -> <= 32 lanes of 16
+    pl->n_items = (uint32_t)items;
+
+    int dev = 0, sms = 0;
+    fy_status_t st = kvc_cuda_status(cudaGetDevice(&dev));
+    if (st == FY_OK)
+        st = kvc_cuda_status(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    if (st != FY_OK)
+        return st;
+    // Enough blocks to fill every SM about four times over, never more splits than pages.
+    uint64_t target = (uint64_t)(sms > 0 ? sms : 1) * 4;
+    uint64_t splits = (target + items - 1) / items;
+    splits = splits < 1 ? 1 : splits;
+    if (splits > bt->max_list_pages)
+        splits = bt->max_list_pages > 0 ? bt->max_list_pages : 1;
+    if (splits > kMaxSplits)
+        splits = kMaxSplits;
+    pl->n_splits = (uint32_t)splits;
+
+    const uint32_t tpb = kThreads / lpt;
+    pl->buf_bytes = align_up(pool->page_bytes, 16);
+    size_t red = (size_t)tpb * rows * d * sizeof(float);
+    if (red > pl->buf_bytes)
+        pl->buf_bytes = red;
+    pl->smem_split = pl->buf_bytes + (2 * (size_t)rows * d + (size_t)rows * kChunk) * sizeof(float);
+    pl->smem_combine = ((size_t)rows * pl->n_splits + (size_t)rows * d) * sizeof(float);
+    int optin = 0;
+    st = kvc_cuda_status(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    if (st != FY_OK)
+        return st;
+    // Leave room for the kernels' static shared memory (a few hundred bytes).
+    if (pl->smem_split + 1024 > (size_t)optin || pl->smem_combine + 1024 > (size_t)optin)
+        return FY_ERR_UNSUPPORTED; // pages too large to stage in shared memory
+
+    const size_t parts = (size_t)items * pl->n_splits;
+    size_t off = kWsAlign; // the bad-page counter
+    pl->off_m = off;
+    off = align_up(off + parts * rows * sizeof(float), kWsAlign);
+    pl->off_l = off;
+    off = align_up(off + parts * rows * sizeof(float), kWsAlign);
+    pl->off_acc = off;
+    off = align_up(off + parts * rows * d * sizeof(float), kWsAlign);
+    pl->off_accr = off;
+    off = align_up(off + parts * rows * d * sizeof(float), kWsAlign);
+    pl->off_rot = off;
+    off = align_up(off + parts * sizeof(uint32_t), kWsAlign);
+    pl->ws_bytes = off;
+    return FY_OK;
+}
+
+template <int NQ, int CPT>
+fy_status_t launch_split(const plan &pl, const attn_params &A, cudaStream_t stream)
+{
+    auto kern = attend_split_kernel<NQ, CPT>;
+    fy_status_t st = kvc_cuda_status(cudaFuncSetAttribute(
+        kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pl.smem_split));
+    if (st != FY_OK)
+        return st;
+    dim3 grid(pl.n_splits, pl.n_items);
+    kern<<<grid, kThreads, pl.smem_split, stream>>>(A);
+    return kvc_cuda_status(cudaGetLastError());
+}
+
+template <int CPT>
+fy_status_t launch_split_rows(const plan &pl, const attn_params &A, cudaStream_t stream)
+{
+    switch (pl.rows) {
+    case 1: return launch_split<1, CPT>(pl, A, stream);
+    case 2: return launch_split<2, CPT>(pl, A, stream);
+    case 3: return launch_split<3, CPT>(pl, A, stream);
+    case 4: return launch_split<4, CPT>(pl, A, stream);
+    case 5: return launch_split<5, CPT>(pl, A, stream);
+    case 6: return launch_split<6, CPT>(pl, A, stream);
+    case 7: return launch_split<7, CPT>(pl, A, stream);
+    case 8: return launch_split<8, CPT>(pl, A, stream);
+    default: return FY_ERR_UNSUPPORTED;
+    }
+}
+
+} // namespace
+
+extern "C" void kvc_gpu_pool_view(const kvc_gpu_pool_t *pool, kvc_gpu_pages_t *view_p)
+{
+    view_p->base = kvc_gpu_pool_base(pool);
+    view_p->page_bytes = kvc_gpu_pool_page_bytes(pool);
+    view_p->n_pages = kvc_gpu_pool_n_pages(pool);
+    view_p->head_dim = kvc_gpu_pool_head_dim(pool);
+    view_p->group = kvc_gpu_pool_group(pool);
+    view_p->protect = kvc_gpu_pool_protect(pool);
+}
+
+extern "C" fy_status_t kvc_attend_batch_cuda_workspace(const kvc_gpu_pages_t *pool,
+                                                       const kvc_attend_batch_t *batch,
+                                                       size_t *bytes_p)
+{
+    if (bytes_p == NULL)
+        return FY_ERR_INVALID_ARG;
+    plan pl;
+    fy_status_t st = make_plan(pool, batch, &pl);
+    if (st != FY_OK)
+        return st;
+    *bytes_p = pl.ws_bytes;
+    return FY_OK;
+}
+
+extern "C" fy_status_t kvc_attend_batch_cuda(const kvc_gpu_pages_t *pool,
+                                             const kvc_attend_batch_t *batch, const float *q,
+                                             float scale, float *out, void *workspace,
+                                             size_t workspace_bytes, void *stream)
+{
+    plan pl;
+    fy_status_t st = make_plan(pool, batch, &pl);
+    if (st != FY_OK)
+        return st;
+    if (pool->base == NULL || ((uintptr_t)pool->base & 15) || batch->list_start == NULL ||
+        batch->page_ids == NULL || q == NULL || out == NULL || workspace == NULL ||
+        ((uintptr_t)workspace & (kWsAlign - 1)) || workspace_bytes < pl.ws_bytes)
+        return FY_ERR_INVALID_ARG;
+    uint8_t *ws = static_cast<uint8_t *>(workspace);
+    attn_params A;
+    A.base = pool->base;
+    A.page_bytes = pool->page_bytes;
+    A.n_pages = pool->n_pages;
+    A.d = pool->head_dim;
+    A.G = pool->group;
+    A.P = pool->protect;
+    for (int o = 0; o < kOpts; o++)
+        A.slot_bytes[o] = pl.slot_bytes[o];
+    A.n_heads = batch->n_heads;
+    A.n_kv = batch->n_kv_heads;
+    A.n_items = pl.n_items;
+    A.n_splits = pl.n_splits;
+    A.lpt = pl.lpt;
+    A.buf_bytes = (uint32_t)pl.buf_bytes;
+    A.list_start = batch->list_start;
+    A.page_ids = batch->page_ids;
+    A.q = q;
+    A.scale = scale;
+    A.out = out;
+    A.ws_err = reinterpret_cast<uint32_t *>(ws);
+    A.ws_m = reinterpret_cast<float *>(ws + pl.off_m);
+    A.ws_l = reinterpret_cast<float *>(ws + pl.off_l);
+    A.ws_acc = reinterpret_cast<float *>(ws + pl.off_acc);
+    A.ws_accr = reinterpret_cast<float *>(ws + pl.off_accr);
+    A.ws_rot = reinterpret_cast<uint32_t *>(ws + pl.off_rot);
+
+    cudaStream_t s = static_cast<cudaStream_t>(stream);
+    st = kvc_cuda_status(cudaMemsetAsync(A.ws_err, 0, sizeof(uint32_t), s));
+    if (st != FY_OK)
+        return st;
+    st = pl.cpt == 8 ? launch_split_rows<8>(pl, A, s) : launch_split_rows<16>(pl, A, s);
+    if (st != FY_OK)
+        return st;
+    if (pl.smem_combine > 48 * 1024) {
+        st = kvc_cuda_status(cudaFuncSetAttribute(attend_combine_kernel,
+                                              cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              (int)pl.smem_combine));
+        if (st != FY_OK)
+            return st;
+    }
+    attend_combine_kernel<<<pl.n_items, kThreads, pl.smem_combine, s>>>(A, pl.rows);
+    return kvc_cuda_status(cudaGetLastError());
+}
+
+extern "C" fy_status_t kvc_attend_batch_cuda_bad_pages(const void *workspace, void *stream,
+                                                       uint32_t *n_bad_p)
+{
+    if (workspace == NULL || n_bad_p == NULL)
+        return FY_ERR_INVALID_ARG;
+    uint32_t n = 0;
+    cudaStream_t s = static_cast<cudaStream_t>(stream);
+    fy_status_t st = kvc_cuda_status(cudaMemcpyAsync(&n, workspace, sizeof(n),
+                                                 cudaMemcpyDeviceToHost, s));
+    if (st == FY_OK)
+        st = kvc_cuda_status(cudaStreamSynchronize(s));
+    if (st != FY_OK)
+        return st;
+    *n_bad_p = n;
+    return FY_OK;
+}

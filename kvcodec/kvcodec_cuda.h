@@ -1,0 +1,209 @@
+/*
+ * kvcodec_cuda.h: the KV codec on the GPU, CUDA twins of kvcodec.h (the CPU code is the
+ * reference every function here is tested against).
+ *
+ * - Scoring (kvc_score_cuda): the same importance, window output, query sensitivity and
+ *   HybridKV classes as kvc_score, from device K, V and either the window queries or the
+ *   attention kernel's window_attn.
+ * - Encoding (kvc_encoder_cuda_t): K and V of a layer in device memory -> a wire frame in
+ *   device memory, byte-identical to kvc_encoder_encode_layer for the same input and scores.
+ *   Trial/modelled distortion, rotation, quantization, packing and the CRC run on the GPU; the
+ *   option-choice optimizer (small per-token tables) and the rate controller stay on the host.
+ * - GPU page pool (kvc_gpu_pool_t) and placement (kvc_place_cuda): one device allocation of
+ *   n_pages x page_bytes, page p at base + p x page_bytes holding exactly the bytes a CPU pool's
+ *   page holds (docs/kvcodec-format.md §3). Free list, reference counts and per-sequence page
+ *   lists stay on the host.
+ * - Decode attention over compressed pages (kvc_attend_batch_cuda): the twin of kvc_attend for
+ *   a batch of page lists, flash-decoding with the page list split over thread blocks.
+ *
+ * Streams are passed as void * (a cudaStream_t; NULL = the legacy default stream) so this
+ * header stays plain C. Every function returns FY_ERR_NO_DEVICE when the library was built
+ * without CUDA, FY_ERR_CUDA when the CUDA runtime failed, FY_ERR_RESOURCE_EXHAUSTED when device
+ * memory ran out.
+ */
+#ifndef FERRY_KVCODEC_CUDA_H
+#define FERRY_KVCODEC_CUDA_H
+
+#include "kvcodec.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ------------------------------------------------------------------------------------------ */
+/* Scoring                                                                                     */
+/* ------------------------------------------------------------------------------------------ */
+
+/* A kvc_scores_t whose four arrays live in device memory (same shapes as kvc_scores_init).
+ * _cleanup accepts a zeroed struct. Thread: any. */
+fy_status_t kvc_scores_init_cuda(kvc_scores_t *s, uint32_t n_kv_heads, uint32_t n_tokens,
+                                 uint32_t head_dim);
+void kvc_scores_cleanup_cuda(kvc_scores_t *s);
+
+/* kvc_score on the GPU. in_dev's k, v, q_window and window_attn are device pointers (same
+ * shapes and strides as for kvc_score); out_dev comes from kvc_scores_init_cuda. From
+ * window_attn the results are bit-identical to kvc_score; from q_window they agree to fp32
+ * rounding (the GPU's expf and the order of the softmax sums differ from the CPU's).
+ * Asynchronous on stream; scratch comes from the stream-ordered allocator.
+ * Thread: any (one call per out_dev at a time). */
+fy_status_t kvc_score_cuda(const kvc_policy_t *policy, uint32_t n_heads, uint32_t n_kv_heads,
+                           uint32_t n_tokens, uint32_t head_dim, const kvc_layer_input_t *in_dev,
+                           kvc_scores_t *out_dev, void *stream);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Encoder                                                                                     */
+/* ------------------------------------------------------------------------------------------ */
+
+typedef struct kvc_encoder_cuda kvc_encoder_cuda_t;
+
+/* Same parameters and rate controller as kvc_encoder_create; allocates the device scratch for
+ * one layer of params->n_tokens tokens once. Makes the current device the encoder's device.
+ * Thread: any. */
+fy_status_t kvc_encoder_cuda_create(const kvc_encoder_params_t *params,
+                                    kvc_encoder_cuda_t **enc_p);
+/* Accepts NULL. */
+void kvc_encoder_cuda_destroy(kvc_encoder_cuda_t *enc);
+
+/* Upper bound of one layer's frame (as kvc_encoder_max_frame_bytes). */
+size_t kvc_encoder_cuda_max_frame_bytes(const kvc_encoder_cuda_t *enc);
+
+/* Encodes the next layer: in_dev->k and in_dev->v (and q_window / window_attn when scores_dev
+ * is NULL) are device pointers; scores_dev (borrowed, may be NULL: the encoder then runs
+ * kvc_score_cuda) holds device arrays from kvc_scores_init_cuda. The frame is written to
+ * out_dev (device memory, at least kvc_encoder_cuda_max_frame_bytes); the bytes equal what
+ * kvc_encoder_encode_layer writes for the same K, V and scores (for finite inputs). The call
+ * returns once the frame is complete on the device (it synchronizes stream, because the
+ * optimizer runs on the host between the GPU passes). Thread: not thread-safe (one encoder
+ * per request). */
+fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *enc, const kvc_layer_input_t *in_dev,
+                                          const kvc_scores_t *scores_dev, uint8_t *out_dev,
+                                          size_t out_cap, size_t *len_p,
+                                          kvc_layer_info_t *info_p, void *stream);
+
+/* Cumulative frame bytes and the request's byte budget (as kvc_encoder_totals). */
+void kvc_encoder_cuda_totals(const kvc_encoder_cuda_t *enc, uint64_t *bytes_p,
+                             uint64_t *budget_p);
+
+/* ------------------------------------------------------------------------------------------ */
+/* GPU page pool, sequences and placement                                                      */
+/* ------------------------------------------------------------------------------------------ */
+
+typedef struct kvc_gpu_pool kvc_gpu_pool_t;
+
+/* One device allocation of n_pages x page_bytes (same parameters and checks as
+ * kvc_pool_create) plus host bookkeeping. Page headers are written on the device by the
+ * placement; a host copy of each page's header is kept for bookkeeping. Thread: any. */
+fy_status_t kvc_gpu_pool_create(const kvc_pool_params_t *params, kvc_gpu_pool_t **pool_p);
+/* Frees the device memory too; accepts NULL. */
+void kvc_gpu_pool_destroy(kvc_gpu_pool_t *pool);
+
+/* Device base address: page id p starts at base + p x page_bytes. Valid until destroy. */
+uint8_t *kvc_gpu_pool_base(const kvc_gpu_pool_t *pool);
+size_t kvc_gpu_pool_page_bytes(const kvc_gpu_pool_t *pool);
+uint32_t kvc_gpu_pool_n_pages(const kvc_gpu_pool_t *pool);
+uint32_t kvc_gpu_pool_head_dim(const kvc_gpu_pool_t *pool);
+uint32_t kvc_gpu_pool_group(const kvc_gpu_pool_t *pool);
+uint32_t kvc_gpu_pool_protect(const kvc_gpu_pool_t *pool);
+/* Bytes between slot starts of an option's pages (as the CPU pool). 0 for DROP. */
+size_t kvc_gpu_pool_slot_bytes(const kvc_gpu_pool_t *pool, kvc_opt_t opt);
+/* Free pages now. Thread: any (the pool's lock). */
+uint32_t kvc_gpu_pool_free_count(const kvc_gpu_pool_t *pool);
+/* Host copy of a page's 16-byte header (docs/kvcodec-format.md §3): option, flags, counts.
+ * FY_ERR_INVALID_ARG for an id out of range. Thread: not thread-safe against placement into
+ * the same page. */
+fy_status_t kvc_gpu_page_header(const kvc_gpu_pool_t *pool, kvc_page_id_t id,
+                                uint8_t hdr[KVC_PAGE_HEADER_BYTES]);
+/* Reference counting as kvc_page_ref / kvc_page_unref. Thread: any. */
+void kvc_gpu_page_ref(kvc_gpu_pool_t *pool, kvc_page_id_t id);
+void kvc_gpu_page_unref(kvc_gpu_pool_t *pool, kvc_page_id_t id);
+uint32_t kvc_gpu_page_refcount(const kvc_gpu_pool_t *pool, kvc_page_id_t id);
+
+/* A sequence's pages in a GPU pool: per (layer, kv head) a list of page ids, one reference per
+ * page (the twin of kvc_seq_t). pool is borrowed and must outlive the sequence. Thread: any. */
+typedef struct kvc_gpu_seq kvc_gpu_seq_t;
+fy_status_t kvc_gpu_seq_create(kvc_gpu_pool_t *pool, uint32_t n_layers, uint32_t n_kv_heads,
+                               uint64_t model_fingerprint, uint64_t seq_id,
+                               kvc_gpu_seq_t **seq_p);
+/* Drops every page reference; accepts NULL. */
+void kvc_gpu_seq_destroy(kvc_gpu_seq_t *seq);
+/* Page list of (layer, head) (host memory), valid until the list changes. */
+const kvc_page_id_t *kvc_gpu_seq_pages(const kvc_gpu_seq_t *seq, uint32_t layer, uint32_t head,
+                                       uint32_t *n_pages_p);
+uint32_t kvc_gpu_seq_n_tokens(const kvc_gpu_seq_t *seq, uint32_t layer, uint32_t head);
+bool kvc_gpu_seq_layer_placed(const kvc_gpu_seq_t *seq, uint32_t layer);
+
+/* Pages a frame needs in this pool (as kvc_pool_pages_needed). Thread: any. */
+fy_status_t kvc_gpu_pool_pages_needed(const kvc_gpu_pool_t *pool, const kvc_frame_t *frame,
+                                      uint32_t *n_pages_p);
+
+/* Places a frame without dequantizing, as kvc_place: frame is the kvc_frame_parse result of
+ * the frame's bytes on the host (header fields and maps are read from it), frame_dev the same
+ * frame_bytes in device memory. The page bookkeeping is planned on the host and the copies run
+ * in one kernel on stream (asynchronous: the pages are complete once stream reaches this point;
+ * frame_dev must stay valid until then). Same checks as kvc_place; all-or-nothing: on any
+ * error the sequence and pool are unchanged. Thread: not thread-safe per sequence. */
+fy_status_t kvc_place_cuda(kvc_gpu_seq_t *seq, const kvc_frame_t *frame, const uint8_t *frame_dev,
+                           void *stream);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Attention over compressed pages (kvcodec/attend.cu, twin of kvc_attend)                     */
+/* ------------------------------------------------------------------------------------------ */
+
+/* A GPU page pool as attention reads it: a plain view (kvc_gpu_pool_view fills it from a
+ * kvc_gpu_pool_t; a test may fill it for a copy of a CPU pool's bytes). The geometry must equal
+ * the pool's params. */
+typedef struct {
+    const uint8_t *base; // device: [n_pages][page_bytes], 16-byte aligned (cudaMalloc is)
+    size_t page_bytes;   // multiple of 64, as the CPU pool
+    uint32_t n_pages;
+    uint32_t head_dim; // multiple of 8, <= 512
+    uint32_t group;    // G of the pool
+    uint32_t protect;  // P of the pool (MixKVQ protected key channels)
+} kvc_gpu_pages_t;
+
+/* The attention view of a GPU pool (borrowed; valid until the pool is destroyed).
+ * Thread: any. */
+void kvc_gpu_pool_view(const kvc_gpu_pool_t *pool, kvc_gpu_pages_t *view_p);
+
+/* One decode step's worth of page lists: for sequence b and kv head h, list i = b * n_kv_heads + h
+ * is page_ids[list_start[i] .. list_start[i + 1]). Query rows of list i are the GQA group
+ * q[b][h * g .. h * g + g - 1] with g = n_heads / n_kv_heads (as kvc_attend_layer maps them). */
+typedef struct {
+    uint32_t batch;      // sequences, >= 1
+    uint32_t n_heads;    // query heads per sequence
+    uint32_t n_kv_heads; // page lists per sequence; n_heads / n_kv_heads must be 1..8
+    const uint32_t *list_start;    // device: [batch * n_kv_heads + 1], non-decreasing
+    const kvc_page_id_t *page_ids; // device: [list_start[batch * n_kv_heads]]
+    uint32_t max_list_pages; // the longest list (sizes the split of each list over thread
+                             // blocks; longer lists are still attended in full, more slowly)
+} kvc_attend_batch_t;
+
+/* Bytes of device workspace kvc_attend_batch_cuda needs for this pool and batch shape.
+ * Thread: any. */
+fy_status_t kvc_attend_batch_cuda_workspace(const kvc_gpu_pages_t *pool,
+                                            const kvc_attend_batch_t *batch, size_t *bytes_p);
+
+/* Decode attention of a batch over compressed pages, flash-decoding style: every list is split
+ * over several thread blocks, each dequantizing its pages in registers by the option in each
+ * page's header (read on the device) and keeping a partial online softmax; a second kernel
+ * combines the partials. Same result as kvc_attend per list (rotated pages: H q for the logits,
+ * the rotated part of the accumulator rotated back once). An empty list gives zeros.
+ * q: device [batch][n_heads][head_dim] fp32; out: device, same shape. workspace: device,
+ * workspace_bytes >= kvc_attend_batch_cuda_workspace(). All pointers borrowed until the stream
+ * reaches the end of the work queued here. Pages whose id or header is invalid are skipped and
+ * counted (kvc_attend_batch_cuda_bad_pages). Thread: any; one call per workspace at a time. */
+fy_status_t kvc_attend_batch_cuda(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *batch,
+                                  const float *q, float scale, float *out, void *workspace,
+                                  size_t workspace_bytes, void *stream);
+
+/* Waits for the stream and reports how many pages the last kvc_attend_batch_cuda on this
+ * workspace skipped because the page id was out of range or the header did not match the pool
+ * (0 for pages built by kvc_place / copied from the CPU pool). Thread: as above. */
+fy_status_t kvc_attend_batch_cuda_bad_pages(const void *workspace, void *stream,
+                                            uint32_t *n_bad_p);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FERRY_KVCODEC_CUDA_H */

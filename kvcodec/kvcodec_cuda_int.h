@@ -1,0 +1,208 @@
+/*
+ * kvcodec_cuda_int.h: private to the .cu files of kvcodec/. Error mapping for CUDA calls and the device
+ * twins of the scalar arithmetic in quant.c.
+ *
+ * Bit-exactness with the CPU reference rests on three rules, kept by every kernel that
+ * produces frame bytes or distortion tables:
+ * 1. every fp32 add, subtract, multiply and divide goes through the _rn intrinsics below, so
+ *    nvcc never contracts a multiply and an add into an FMA (the CPU code is compiled without
+ *    contraction);
+ * 2. sums run in the CPU's order: sequential where the CPU loops, and the CPU's 8-lane partial
+ *    sums with the same final tree where it uses kvc_v8;
+ * 3. fp16 conversions use the same integer algorithm as common/half.c.
+ * Min/max over equal values keeps the first, as the CPU's `a < b ? a : b` does; this differs
+ * from the CPU only when an input is NaN (documented: frames are bit-identical for finite K/V).
+ */
+#ifndef FERRY_KVCODEC_CUDA_INT_H
+#define FERRY_KVCODEC_CUDA_INT_H
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "common.h"
+
+/* Maps a CUDA error to fy_status_t (out of memory is the caller's resource problem). */
+static inline fy_status_t kvc_cuda_status(cudaError_t e)
+{
+    if (e == cudaSuccess)
+        return FY_OK;
+    if (e == cudaErrorMemoryAllocation)
+        return FY_ERR_RESOURCE_EXHAUSTED;
+    if (e == cudaErrorNoDevice || e == cudaErrorInsufficientDriver)
+        return FY_ERR_NO_DEVICE;
+    return FY_ERR_CUDA;
+}
+
+/* Evaluates a CUDA call; on failure stores the status in `st` and jumps to `label`. */
+#define KVC_CUDA_GOTO(call, st, label)                                                         \
+    do {                                                                                       \
+        cudaError_t e_ = (call);                                                               \
+        if (e_ != cudaSuccess) {                                                               \
+            (st) = kvc_cuda_status(e_);                                                        \
+            FY_LOG_ERROR("kvcodec", "%s: %s", #call, cudaGetErrorString(e_));                  \
+            goto label;                                                                        \
+        }                                                                                      \
+    } while (0)
+
+/* After a launch: the launch's own error (bad configuration, no device). */
+#define KVC_LAUNCH_GOTO(st, label) KVC_CUDA_GOTO(cudaGetLastError(), st, label)
+
+/* Grid size for n work items of `per_block` each, at least 1, clamped to the x limit (kernels
+ * loop with a grid stride over what a clamped grid leaves). */
+static inline unsigned kvc_grid(size_t n, unsigned per_block)
+{
+    size_t b = (n + per_block - 1) / per_block;
+    if (b == 0)
+        b = 1;
+    return (unsigned)(b > 0x7fffffffu ? 0x7fffffffu : b);
+}
+
+#ifdef __CUDACC__
+
+static __device__ __forceinline__ float kadd(float a, float b)
+{
+    return __fadd_rn(a, b);
+}
+static __device__ __forceinline__ float ksub(float a, float b)
+{
+    return __fsub_rn(a, b);
+}
+static __device__ __forceinline__ float kmul(float a, float b)
+{
+    return __fmul_rn(a, b);
+}
+static __device__ __forceinline__ float kdiv(float a, float b)
+{
+    return __fdiv_rn(a, b);
+}
+
+/* common/half.c's conversions, bit for bit (NaN payloads included). */
+static __device__ __forceinline__ float kvc_dev_h2f(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu;
+    uint32_t mant = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 0) {
+        if (mant == 0) {
+            bits = sign;
+        } else {
+            int lz = __clz(mant) - 21; // shifts until bit 10 is set
+            mant = (mant << lz) & 0x3ffu;
+            bits = sign | ((uint32_t)(113 - lz) << 23) | (mant << 13);
+        }
+    } else if (exp == 31) {
+        bits = mant == 0 ? (sign | 0x7f800000u) : (sign | 0x7fc00000u | (mant << 13));
+    } else {
+        bits = sign | ((exp + 112) << 23) | (mant << 13);
+    }
+    return __uint_as_float(bits);
+}
+
+static __device__ __forceinline__ uint16_t kvc_dev_f2h(float f)
+{
+    uint32_t x = __float_as_uint(f);
+    uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
+    x &= 0x7fffffffu;
+    if (x >= 0x7f800000u)
+        return x == 0x7f800000u ? (uint16_t)(sign | 0x7c00u)
+                                : (uint16_t)(sign | 0x7e00u | ((x >> 13) & 0x3ffu));
+    if (x >= 0x477ff000u)
+        return sign | 0x7c00u;
+    if (x < 0x38800000u) {
+        uint32_t e = x >> 23;
+        uint32_t shift = 126u - e;
+        if (shift >= 32u)
+            return sign;
+        uint32_t mant = (x & 0x7fffffu) | (e != 0 ? 0x800000u : 0u);
+        uint32_t q = mant >> shift;
+        uint32_t rem = mant & ((1u << shift) - 1u);
+        uint32_t halfway = 1u << (shift - 1u);
+        if (rem > halfway || (rem == halfway && (q & 1u)))
+            q++;
+        return (uint16_t)(sign | q);
+    }
+    uint32_t h = (((x >> 23) - 112u) << 10) | ((x & 0x7fffffu) >> 13);
+    uint32_t rem = x & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u)))
+        h++;
+    return (uint16_t)(sign | h);
+}
+
+/* quant.c's directed FP16 rounding (fp16_floor_buf / fp16_ceil_buf, element by element). */
+static __device__ __forceinline__ uint16_t kvc_dev_h_clamp_finite(uint16_t h)
+{
+    if ((h & 0x7fff) >= 0x7c00)
+        return (h & 0x8000) ? 0xfbff : 0x7bff;
+    return h;
+}
+static __device__ __forceinline__ uint16_t kvc_dev_h_step_down(uint16_t h)
+{
+    if (h == 0x0000)
+        return 0x8001;
+    return (h & 0x8000) ? (uint16_t)(h + 1) : (uint16_t)(h - 1);
+}
+static __device__ __forceinline__ uint16_t kvc_dev_h_step_up(uint16_t h)
+{
+    if (h == 0x8000)
+        return 0x0001;
+    return (h & 0x8000) ? (uint16_t)(h - 1) : (uint16_t)(h + 1);
+}
+/* Largest FP16 <= x (finite). */
+static __device__ __forceinline__ uint16_t kvc_dev_h_floor(float x)
+{
+    uint16_t h = kvc_dev_h_clamp_finite(kvc_dev_f2h(x));
+    if (kvc_dev_h2f(h) > x && h != 0xfbff)
+        h = kvc_dev_h_step_down(h);
+    return h;
+}
+/* Smallest FP16 >= x (finite, clamped to 65504). */
+static __device__ __forceinline__ uint16_t kvc_dev_h_ceil(float x)
+{
+    uint16_t h = kvc_dev_h_clamp_finite(kvc_dev_f2h(x));
+    if (kvc_dev_h2f(h) < x && h != 0x7bff)
+        h = kvc_dev_h_step_up(h);
+    return h;
+}
+
+/* Asymmetric parameters of one range at qmax levels (quant.c's asym_params_buf for one
+ * element): FP16 bits of scale and zero, their fp32 values and 1/scale. */
+static __device__ __forceinline__ void kvc_dev_asym(float mn, float mx, float qmax,
+                                                    uint16_t *s16, uint16_t *z16, float *s,
+                                                    float *z, float *inv)
+{
+    *z16 = kvc_dev_h_floor(mn);
+    *z = kvc_dev_h2f(*z16);
+    float v = kdiv(ksub(mx, *z), qmax);
+    v = v > 0 ? v : 0;
+    *s16 = kvc_dev_h_ceil(v);
+    *s = kvc_dev_h2f(*s16);
+    *inv = *s > 0 ? kdiv(1.0f, *s) : 0.0f;
+}
+
+/* quant.c's round_clamp: round half to even by the 1.5 * 2^23 trick after clamping. */
+static __device__ __forceinline__ float kvc_dev_round_clamp(float x, float qmax)
+{
+    x = x > -1.0f ? x : -1.0f; // NaN lands here as -1
+    float hi = kadd(qmax, 1.0f);
+    x = x < hi ? x : hi;
+    float r = ksub(kadd(x, 12582912.0f), 12582912.0f);
+    r = r > 0 ? r : 0;
+    return r < qmax ? r : qmax;
+}
+
+static __device__ __forceinline__ uint32_t kvc_dev_quant_one(float x, float z, float inv,
+                                                            float qmax)
+{
+    return (uint32_t)kvc_dev_round_clamp(kmul(ksub(x, z), inv), qmax);
+}
+
+/* kvc_v8_sum's tree over eight partial sums. */
+static __device__ __forceinline__ float kvc_dev_sum8(const float a[8])
+{
+    return kadd(kadd(kadd(a[0], a[1]), kadd(a[2], a[3])), kadd(kadd(a[4], a[5]), kadd(a[6], a[7])));
+}
+
+#endif /* __CUDACC__ */
+
+#endif /* FERRY_KVCODEC_CUDA_INT_H */

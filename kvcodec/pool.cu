@@ -1,0 +1,619 @@
+/*
+ * pool.cu: the GPU page pool and placement, twin of pool.c's pool, sequences and kvc_place.
+ *
+ * The pool is one device allocation of n_pages x page_bytes; page p lives at
+ * base + p x page_bytes and holds the same bytes a CPU pool page holds after the same
+ * placements (docs/kvcodec-format.md §3). Everything that decides — free list, reference
+ * counts, page lists, the header of each page — is on the host, computed by the same walk
+ * kvc_place does. Placing a frame turns that walk into a list of byte-range copies (frame
+ * payload -> page slot, a page header from a small host-built blob, or zero fill for the
+ * unused capacity of a partial group) that one kernel executes, one op per block. Ops never
+ * overlap, so their order inside the kernel does not matter.
+ */
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvcodec_cuda.h"
+extern "C" {
+#include "kvcodec_int.h"
+}
+#include "kvcodec_cuda_int.h"
+
+struct kvc_gpu_pool {
+    kvc_pool_params_t p;
+    size_t slot_bytes[KVC_OPT_COUNT];
+    uint32_t cap_slots[KVC_OPT_COUNT];
+    uint8_t *dev;       // [n_pages][page_bytes] device
+    uint8_t *hdrs;      // [n_pages][KVC_PAGE_HEADER_BYTES] host copy of each page's header
+    uint32_t *refcnt;   // [n_pages]
+    uint32_t *free_ids; // stack of free pages, lowest id on top (as the CPU pool)
+    uint32_t n_free;
+    pthread_mutex_t lock;
+};
+
+typedef struct {
+    kvc_page_id_t *ids;
+    uint32_t n, cap;
+    uint32_t n_tokens;
+} gpu_list_t;
+
+struct kvc_gpu_seq {
+    kvc_gpu_pool_t *pool;
+    uint32_t n_layers, n_kv;
+    uint64_t fingerprint, seq_id;
+    gpu_list_t *lists; // [n_layers][n_kv]
+    uint8_t *placed;   // [n_layers]
+};
+
+/* ---- pool ---- */
+
+extern "C" fy_status_t kvc_gpu_pool_create(const kvc_pool_params_t *p, kvc_gpu_pool_t **pool_p)
+{
+    if (p == NULL || pool_p == NULL || p->n_pages == 0 || p->head_dim == 0 ||
+        p->head_dim % 8 || p->head_dim > KVC_MAX_HEAD_DIM || p->group < 8 || p->group > 256 ||
+        p->group % 8 || p->page_bytes % 64 || p->page_bytes > (1u << 30) ||
+        p->protect > KVC_MAX_PROTECT || p->protect >= p->head_dim)
+        return FY_ERR_INVALID_ARG;
+    kvc_gpu_pool_t *pool = (kvc_gpu_pool_t *)calloc(1, sizeof(*pool));
+    if (pool == NULL)
+        return FY_ERR_NO_MEMORY;
+    pool->p = *p;
+    for (int o = 0; o < KVC_OPT_DROP; o++) {
+        uint32_t gs = kvc_group_tokens(o, p->group);
+        pool->slot_bytes[o] = FY_ALIGN_UP(kvc_group_bytes(o, p->head_dim, gs, p->protect), 16);
+        size_t slots = (p->page_bytes - FY_MIN(p->page_bytes, (size_t)KVC_PAGE_HEADER_BYTES)) /
+                       pool->slot_bytes[o];
+        if (slots == 0 || slots > UINT16_MAX) {
+            free(pool);
+            return FY_ERR_INVALID_ARG;
+        }
+        pool->cap_slots[o] = (uint32_t)slots;
+    }
+    size_t total;
+    if (!fy_size_mul(p->page_bytes, p->n_pages, &total)) {
+        free(pool);
+        return FY_ERR_INVALID_ARG;
+    }
+    fy_status_t st = FY_OK;
+    pool->hdrs = (uint8_t *)calloc(p->n_pages, KVC_PAGE_HEADER_BYTES);
+    pool->refcnt = (uint32_t *)calloc(p->n_pages, sizeof(uint32_t));
+    pool->free_ids = (uint32_t *)malloc((size_t)p->n_pages * sizeof(uint32_t));
+    if (!pool->hdrs || !pool->refcnt || !pool->free_ids) {
+        st = FY_ERR_NO_MEMORY;
+        goto fail;
+    }
+    KVC_CUDA_GOTO(cudaMalloc((void **)&pool->dev, total), st, fail);
+    for (uint32_t i = 0; i < p->n_pages; i++)
+        pool->free_ids[i] = p->n_pages - 1 - i;
+    pool->n_free = p->n_pages;
+    pthread_mutex_init(&pool->lock, NULL);
+    *pool_p = pool;
+    return FY_OK;
+fail: // undo the host allocations (the device one is the last step)
+    free(pool->hdrs), free(pool->refcnt), free(pool->free_ids), free(pool);
+    return st;
+}
+
+extern "C" void kvc_gpu_pool_destroy(kvc_gpu_pool_t *pool)
+{
+    if (pool == NULL)
+        return;
+    pthread_mutex_destroy(&pool->lock);
+    cudaError_t e = cudaFree(pool->dev);
+    if (e != cudaSuccess)
+        FY_LOG_WARN("kvcodec", "cudaFree of the page pool: %s", cudaGetErrorString(e));
+    free(pool->hdrs), free(pool->refcnt), free(pool->free_ids), free(pool);
+}
+
+extern "C" uint8_t *kvc_gpu_pool_base(const kvc_gpu_pool_t *pool)
+{
+    return pool->dev;
+}
+extern "C" size_t kvc_gpu_pool_page_bytes(const kvc_gpu_pool_t *pool)
+{
+    return pool->p.page_bytes;
+}
+extern "C" uint32_t kvc_gpu_pool_n_pages(const kvc_gpu_pool_t *pool)
+{
+    return pool->p.n_pages;
+}
+extern "C" uint32_t kvc_gpu_pool_head_dim(const kvc_gpu_pool_t *pool)
+{
+    return pool->p.head_dim;
+}
+extern "C" uint32_t kvc_gpu_pool_group(const kvc_gpu_pool_t *pool)
+{
+    return pool->p.group;
+}
+extern "C" uint32_t kvc_gpu_pool_protect(const kvc_gpu_pool_t *pool)
+{
+    return pool->p.protect;
+}
+extern "C" size_t kvc_gpu_pool_slot_bytes(const kvc_gpu_pool_t *pool, kvc_opt_t opt)
+{
+    return (unsigned)opt < KVC_OPT_DROP ? pool->slot_bytes[opt] : 0;
+}
+
+extern "C" uint32_t kvc_gpu_pool_free_count(const kvc_gpu_pool_t *pool)
+{
+    kvc_gpu_pool_t *m = (kvc_gpu_pool_t *)pool;
+    pthread_mutex_lock(&m->lock);
+    uint32_t n = m->n_free;
+    pthread_mutex_unlock(&m->lock);
+    return n;
+}
+
+extern "C" fy_status_t kvc_gpu_page_header(const kvc_gpu_pool_t *pool, kvc_page_id_t id,
+                                           uint8_t hdr[KVC_PAGE_HEADER_BYTES])
+{
+    if (pool == NULL || hdr == NULL || id >= pool->p.n_pages)
+        return FY_ERR_INVALID_ARG;
+    memcpy(hdr, pool->hdrs + (size_t)id * KVC_PAGE_HEADER_BYTES, KVC_PAGE_HEADER_BYTES);
+    return FY_OK;
+}
+
+/* Takes n pages at once or none. */
+static fy_status_t alloc_many(kvc_gpu_pool_t *pool, uint32_t n, kvc_page_id_t *ids)
+{
+    pthread_mutex_lock(&pool->lock);
+    if (pool->n_free < n) {
+        pthread_mutex_unlock(&pool->lock);
+        return FY_ERR_RESOURCE_EXHAUSTED;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        ids[i] = pool->free_ids[--pool->n_free];
+        pool->refcnt[ids[i]] = 1;
+    }
+    pthread_mutex_unlock(&pool->lock);
+    return FY_OK;
+}
+
+extern "C" void kvc_gpu_page_ref(kvc_gpu_pool_t *pool, kvc_page_id_t id)
+{
+    FY_ASSERT(id < pool->p.n_pages);
+    pthread_mutex_lock(&pool->lock);
+    FY_ASSERT(pool->refcnt[id] > 0);
+    pool->refcnt[id]++;
+    pthread_mutex_unlock(&pool->lock);
+}
+
+extern "C" void kvc_gpu_page_unref(kvc_gpu_pool_t *pool, kvc_page_id_t id)
+{
+    FY_ASSERT(id < pool->p.n_pages);
+    pthread_mutex_lock(&pool->lock);
+    FY_ASSERT(pool->refcnt[id] > 0);
+    if (--pool->refcnt[id] == 0)
+        pool->free_ids[pool->n_free++] = id;
+    pthread_mutex_unlock(&pool->lock);
+}
+
+extern "C" uint32_t kvc_gpu_page_refcount(const kvc_gpu_pool_t *pool, kvc_page_id_t id)
+{
+    if (id >= pool->p.n_pages)
+        return 0;
+    kvc_gpu_pool_t *m = (kvc_gpu_pool_t *)pool;
+    pthread_mutex_lock(&m->lock);
+    uint32_t r = m->refcnt[id];
+    pthread_mutex_unlock(&m->lock);
+    return r;
+}
+
+/* ---- sequences ---- */
+
+extern "C" fy_status_t kvc_gpu_seq_create(kvc_gpu_pool_t *pool, uint32_t n_layers,
+                                          uint32_t n_kv_heads, uint64_t model_fingerprint,
+                                          uint64_t seq_id, kvc_gpu_seq_t **seq_p)
+{
+    if (pool == NULL || seq_p == NULL || n_layers == 0 || n_layers > KVC_MAX_LAYERS ||
+        n_kv_heads == 0 || n_kv_heads > KVC_MAX_KV_HEADS)
+        return FY_ERR_INVALID_ARG;
+    kvc_gpu_seq_t *s = (kvc_gpu_seq_t *)calloc(1, sizeof(*s));
+    if (s == NULL)
+        return FY_ERR_NO_MEMORY;
+    s->pool = pool;
+    s->n_layers = n_layers;
+    s->n_kv = n_kv_heads;
+    s->fingerprint = model_fingerprint;
+    s->seq_id = seq_id;
+    s->lists = (gpu_list_t *)calloc((size_t)n_layers * n_kv_heads, sizeof(gpu_list_t));
+    s->placed = (uint8_t *)calloc(n_layers, 1);
+    if (!s->lists || !s->placed) {
+        free(s->lists), free(s->placed), free(s);
+        return FY_ERR_NO_MEMORY;
+    }
+    *seq_p = s;
+    return FY_OK;
+}
+
+extern "C" void kvc_gpu_seq_destroy(kvc_gpu_seq_t *s)
+{
+    if (s == NULL)
+        return;
+    for (size_t i = 0; s->lists && i < (size_t)s->n_layers * s->n_kv; i++) {
+        for (uint32_t j = 0; j < s->lists[i].n; j++)
+            kvc_gpu_page_unref(s->pool, s->lists[i].ids[j]);
+        free(s->lists[i].ids);
+    }
+    free(s->lists), free(s->placed), free(s);
+}
+
+extern "C" const kvc_page_id_t *kvc_gpu_seq_pages(const kvc_gpu_seq_t *seq, uint32_t layer,
+                                                  uint32_t head, uint32_t *n_pages_p)
+{
+    if (seq == NULL || layer >= seq->n_layers || head >= seq->n_kv) {
+        if (n_pages_p)
+            *n_pages_p = 0;
+        return NULL;
+    }
+    const gpu_list_t *l = &seq->lists[(size_t)layer * seq->n_kv + head];
+    if (n_pages_p)
+        *n_pages_p = l->n;
+    return l->ids;
+}
+
+extern "C" uint32_t kvc_gpu_seq_n_tokens(const kvc_gpu_seq_t *seq, uint32_t layer,
+                                         uint32_t head)
+{
+    if (seq == NULL || layer >= seq->n_layers || head >= seq->n_kv)
+        return 0;
+    return seq->lists[(size_t)layer * seq->n_kv + head].n_tokens;
+}
+
+extern "C" bool kvc_gpu_seq_layer_placed(const kvc_gpu_seq_t *seq, uint32_t layer)
+{
+    return seq != NULL && layer < seq->n_layers && seq->placed[layer];
+}
+
+static fy_status_t list_reserve(gpu_list_t *l, uint32_t extra)
+{
+    if (l->n + (uint64_t)extra <= l->cap)
+        return FY_OK;
+    uint64_t cap = FY_MAX((uint64_t)l->cap * 2, (uint64_t)l->n + extra);
+    if (cap > UINT32_MAX)
+        return FY_ERR_NO_MEMORY;
+    kvc_page_id_t *ids = (kvc_page_id_t *)realloc(l->ids, cap * sizeof(kvc_page_id_t));
+    if (ids == NULL)
+        return FY_ERR_NO_MEMORY;
+    l->ids = ids;
+    l->cap = (uint32_t)cap;
+    return FY_OK;
+}
+
+static uint32_t run_pages(const kvc_gpu_pool_t *pool, int o, uint64_t count)
+{
+    if (o == KVC_OPT_DROP || count == 0)
+        return 0;
+    uint64_t gs = kvc_group_tokens(o, pool->p.group);
+    uint64_t groups = (count + gs - 1) / gs;
+    return (uint32_t)((groups + pool->cap_slots[o] - 1) / pool->cap_slots[o]);
+}
+
+static void frame_counts(const kvc_frame_t *f, uint32_t h, uint64_t *cnt)
+{
+    for (int o = 0; o < KVC_OPT_COUNT; o++)
+        cnt[o] = 0;
+    for (uint32_t t = 0; t < f->n_tokens; t++)
+        cnt[kvc_frame_opt(f, h, t)]++;
+}
+
+extern "C" fy_status_t kvc_gpu_pool_pages_needed(const kvc_gpu_pool_t *pool,
+                                                 const kvc_frame_t *f, uint32_t *n_pages_p)
+{
+    if (pool == NULL || f == NULL || n_pages_p == NULL)
+        return FY_ERR_INVALID_ARG;
+    if (f->head_dim != pool->p.head_dim || f->group != pool->p.group ||
+        f->protect != pool->p.protect)
+        return FY_ERR_MISMATCH;
+    uint64_t total = 0;
+    for (uint32_t h = 0; h < f->n_kv_heads; h++) {
+        uint64_t cnt[KVC_OPT_COUNT];
+        frame_counts(f, h, cnt);
+        for (int o = 0; o < KVC_OPT_DROP; o++)
+            total += run_pages(pool, o, cnt[o]);
+    }
+    if (total > UINT32_MAX)
+        return FY_ERR_OUT_OF_RANGE;
+    *n_pages_p = (uint32_t)total;
+    return FY_OK;
+}
+
+/* ---- the placement plan and its kernel ---- */
+
+enum { SRC_FRAME = 0, SRC_BLOB = 1, SRC_ZERO = 2 };
+
+/* One byte-range copy: [src + src_off, +bytes) -> [pool + dst_off, +bytes). */
+typedef struct {
+    uint64_t src_off, dst_off;
+    uint32_t bytes, src;
+} place_op_t;
+
+typedef struct {
+    place_op_t *ops;
+    size_t n, cap;
+    uint8_t *blob; // page headers, KVC_PAGE_HEADER_BYTES each
+    size_t blob_n, blob_cap;
+    bool oom;
+} plan_t;
+
+static void plan_op(plan_t *pl, uint32_t src, uint64_t src_off, uint64_t dst_off, size_t bytes)
+{
+    if (bytes == 0 || pl->oom)
+        return;
+    if (pl->n == pl->cap) {
+        size_t cap = pl->cap ? pl->cap * 2 : 256;
+        place_op_t *ops = (place_op_t *)realloc(pl->ops, cap * sizeof(place_op_t));
+        if (ops == NULL) {
+            pl->oom = true;
+            return;
+        }
+        pl->ops = ops;
+        pl->cap = cap;
+    }
+    FY_ASSERT(bytes <= UINT32_MAX);
+    place_op_t op = {src_off, dst_off, (uint32_t)bytes, src};
+    pl->ops[pl->n++] = op;
+}
+
+/* Records the final header of a page: into the pool's host copy (by the caller, once the
+ * placement succeeded) and as a copy from the blob. */
+static void plan_header(plan_t *pl, uint64_t page_off, const kvc_page_hdr_t *hd)
+{
+    if (pl->oom)
+        return;
+    if (pl->blob_n + KVC_PAGE_HEADER_BYTES > pl->blob_cap) {
+        size_t cap = pl->blob_cap ? pl->blob_cap * 2 : 4096;
+        uint8_t *b = (uint8_t *)realloc(pl->blob, cap);
+        if (b == NULL) {
+            pl->oom = true;
+            return;
+        }
+        pl->blob = b;
+        pl->blob_cap = cap;
+    }
+    kvc_page_hdr_write(pl->blob + pl->blob_n, hd);
+    plan_op(pl, SRC_BLOB, pl->blob_n, page_off, KVC_PAGE_HEADER_BYTES);
+    pl->blob_n += KVC_PAGE_HEADER_BYTES;
+}
+
+/* pool.c's copy_group as ops: a frame group of m tokens (capacity m) at src_off into a slot of
+ * capacity cap at dst_off; the unused capacity of a partial group is zero-filled. */
+static void plan_group(plan_t *pl, int o, uint32_t d, uint32_t m, uint32_t cap, uint32_t P,
+                       uint64_t src, uint64_t dst)
+{
+    if (o == KVC_OPT_F16 || m == cap) {
+        plan_op(pl, SRC_FRAME, src, dst, kvc_group_bytes(o, d, m, P));
+        return;
+    }
+    size_t rowk = (size_t)d * kvc_opt_kbits((kvc_opt_t)o) / 8;
+    size_t rowv = (size_t)d * kvc_opt_vbits((kvc_opt_t)o) / 8;
+    size_t gap = cap - m;
+    plan_op(pl, SRC_FRAME, src, dst, 4 * (size_t)d); // kscale, kzero
+    uint64_t s = src + 4 * (uint64_t)d, t = dst + 4 * (uint64_t)d;
+    plan_op(pl, SRC_FRAME, s, t, 2 * (size_t)m); // vscale
+    plan_op(pl, SRC_ZERO, 0, t + 2 * m, 2 * gap);
+    plan_op(pl, SRC_FRAME, s + 2 * m, t + 2 * (uint64_t)cap, 2 * (size_t)m); // vzero
+    plan_op(pl, SRC_ZERO, 0, t + 2 * (uint64_t)cap + 2 * m, 2 * gap);
+    s += 4 * (uint64_t)m; // kcodes
+    t += 4 * (uint64_t)cap;
+    plan_op(pl, SRC_FRAME, s, t, m * rowk);
+    plan_op(pl, SRC_ZERO, 0, t + m * rowk, gap * rowk);
+    s += m * rowk; // vcodes
+    t += cap * rowk;
+    plan_op(pl, SRC_FRAME, s, t, m * rowv);
+    plan_op(pl, SRC_ZERO, 0, t + m * rowv, gap * rowv);
+    if (P && kvc_opt_protectable(o)) { // pidx, then pcodes
+        s = src + kvc_group_bytes(o, d, m, 0);
+        t = dst + kvc_group_bytes(o, d, cap, 0);
+        plan_op(pl, SRC_FRAME, s, t, 2 * (size_t)P);
+        plan_op(pl, SRC_FRAME, s + 2 * P, t + 2 * P, (size_t)m * P);
+        plan_op(pl, SRC_ZERO, 0, t + 2 * P + (uint64_t)m * P, gap * P);
+    }
+}
+
+/* Copies `bytes` bytes to a 4-byte-aligned-or-not destination: single bytes up to the first
+ * aligned destination word, then whole words (the source word assembled from the two aligned
+ * words around it, which never leave the allocation since they contain a byte of the range),
+ * then the last bytes. The whole block works on one op. */
+static __device__ void block_copy(uint8_t *dst, const uint8_t *src, uint32_t bytes)
+{
+    uint32_t head = (uint32_t)((4 - ((uintptr_t)dst & 3)) & 3);
+    if (head > bytes)
+        head = bytes;
+    for (uint32_t i = threadIdx.x; i < head; i += blockDim.x)
+        dst[i] = src ? src[i] : 0;
+    uint32_t words = (bytes - head) / 4;
+    uint32_t *dw = (uint32_t *)(dst + head);
+    if (src == NULL) {
+        for (uint32_t i = threadIdx.x; i < words; i += blockDim.x)
+            dw[i] = 0;
+    } else {
+        const uint8_t *s = src + head;
+        uint32_t sh = (uint32_t)((uintptr_t)s & 3);
+        const uint32_t *sw = (const uint32_t *)(s - sh);
+        if (sh == 0) {
+            for (uint32_t i = threadIdx.x; i < words; i += blockDim.x)
+                dw[i] = sw[i];
+        } else {
+            for (uint32_t i = threadIdx.x; i < words; i += blockDim.x)
+                dw[i] = __funnelshift_r(sw[i], sw[i + 1], 8 * sh);
+        }
+    }
+    for (uint32_t i = head + 4 * words + threadIdx.x; i < bytes; i += blockDim.x)
+        dst[i] = src ? src[i] : 0;
+}
+
+__global__ void place_kernel(const place_op_t *ops, size_t n_ops, const uint8_t *frame,
+                             const uint8_t *blob, uint8_t *pool)
+{
+    for (size_t i = blockIdx.x; i < n_ops; i += gridDim.x) {
+        place_op_t op = ops[i];
+        const uint8_t *src = op.src == SRC_FRAME  ? frame + op.src_off
+                             : op.src == SRC_BLOB ? blob + op.src_off
+                                                  : NULL;
+        block_copy(pool + op.dst_off, src, op.bytes);
+    }
+}
+
+extern "C" fy_status_t kvc_place_cuda(kvc_gpu_seq_t *s, const kvc_frame_t *f,
+                                      const uint8_t *frame_dev, void *stream)
+{
+    if (s == NULL || f == NULL || frame_dev == NULL || f->maps == NULL || f->payload == NULL)
+        return FY_ERR_INVALID_ARG;
+    kvc_gpu_pool_t *pool = s->pool;
+    if (f->model_fingerprint != s->fingerprint || f->seq_id != s->seq_id ||
+        f->n_layers != s->n_layers || f->n_kv_heads != s->n_kv ||
+        f->head_dim != pool->p.head_dim || f->group != pool->p.group ||
+        f->protect != pool->p.protect)
+        return FY_ERR_MISMATCH;
+    if (f->layer >= s->n_layers)
+        return FY_ERR_OUT_OF_RANGE;
+    if (s->placed[f->layer])
+        return FY_ERR_EXISTS;
+    uint32_t need;
+    fy_status_t st = kvc_gpu_pool_pages_needed(pool, f, &need);
+    if (st != FY_OK)
+        return st;
+    // Where the payload starts inside the frame (the parser set maps = buf + header).
+    uint64_t payload_off = (uint64_t)(f->payload - f->maps) + KVC_FRAME_HEADER_BYTES;
+    if (f->payload < f->maps || payload_off + f->payload_bytes + 4 != f->frame_bytes)
+        return FY_ERR_INVALID_ARG;
+    for (uint32_t h = 0; h < f->n_kv_heads; h++) {
+        gpu_list_t *l = &s->lists[(size_t)f->layer * s->n_kv + h];
+        if ((st = list_reserve(l, need)) != FY_OK)
+            return st;
+    }
+    kvc_page_id_t *ids = (kvc_page_id_t *)malloc((size_t)FY_MAX(need, 1) * sizeof(kvc_page_id_t));
+    uint32_t *head_pages = (uint32_t *)calloc((size_t)f->n_kv_heads + 1, sizeof(uint32_t));
+    uint32_t *head_tokens = (uint32_t *)calloc(f->n_kv_heads, sizeof(uint32_t));
+    plan_t pl;
+    memset(&pl, 0, sizeof(pl));
+    uint8_t *dbuf = NULL;
+    cudaStream_t cs = (cudaStream_t)stream;
+    bool have_pages = false;
+    if (ids == NULL || head_pages == NULL || head_tokens == NULL) {
+        st = FY_ERR_NO_MEMORY;
+        goto out;
+    }
+    if ((st = alloc_many(pool, need, ids)) != FY_OK)
+        goto out;
+    have_pages = true;
+    {
+        // The walk of kvc_place, recording copies instead of doing them.
+        uint32_t d = f->head_dim, G = f->group, P = pool->p.protect, used = 0;
+        bool rotated = (f->flags & KVC_FRAME_FLAG_ROTATED) != 0;
+        uint64_t r = payload_off;
+        for (uint32_t h = 0; h < f->n_kv_heads; h++) {
+            uint64_t cnt[KVC_OPT_COUNT];
+            frame_counts(f, h, cnt);
+            head_pages[h] = used;
+            for (int o = 0; o < KVC_OPT_DROP; o++) {
+                uint32_t gs = kvc_group_tokens(o, G);
+                uint64_t left = cnt[o];
+                uint64_t page_off = 0;
+                bool have_pg = false;
+                kvc_page_hdr_t hd;
+                size_t gb = kvc_group_bytes(o, d, gs, P);
+                size_t sb = pool->slot_bytes[o];
+                bool dense = sb == gb;
+                while (left > 0) {
+                    if (!have_pg || hd.n_slots == hd.cap_slots) {
+                        if (have_pg)
+                            plan_header(&pl, page_off, &hd);
+                        kvc_page_id_t id = ids[used++];
+                        page_off = (uint64_t)id * pool->p.page_bytes;
+                        hd.opt = (uint8_t)o;
+                        hd.flags = (uint8_t)(rotated && kvc_opt_rotatable(o)
+                                                 ? KVC_PAGE_FLAG_ROTATED
+                                                 : 0);
+                        hd.head_dim = (uint16_t)d;
+                        hd.n_slots = 0;
+                        hd.last_tokens = 0;
+                        hd.group = (uint16_t)gs;
+                        hd.cap_slots = (uint16_t)pool->cap_slots[o];
+                        hd.n_tokens = 0;
+                        have_pg = true;
+                    }
+                    uint64_t slot = page_off + KVC_PAGE_HEADER_BYTES + (uint64_t)hd.n_slots * sb;
+                    uint64_t full = left / gs;
+                    uint32_t room = hd.cap_slots - hd.n_slots;
+                    if (dense && full > 1) {
+                        uint32_t k = (uint32_t)FY_MIN(full, (uint64_t)room);
+                        plan_op(&pl, SRC_FRAME, r, slot, (size_t)k * gb);
+                        r += (uint64_t)k * gb;
+                        hd.n_slots = (uint16_t)(hd.n_slots + k);
+                        hd.last_tokens = (uint16_t)gs;
+                        hd.n_tokens += k * gs;
+                        head_tokens[h] += k * gs;
+                        left -= (uint64_t)k * gs;
+                        continue;
+                    }
+                    uint32_t m = (uint32_t)FY_MIN((uint64_t)gs, left);
+                    plan_group(&pl, o, d, m, gs, P, r, slot);
+                    r += kvc_group_bytes(o, d, m, P);
+                    hd.n_slots++;
+                    hd.last_tokens = (uint16_t)m;
+                    hd.n_tokens += m;
+                    if (m < gs)
+                        hd.flags |= KVC_PAGE_FLAG_SEALED;
+                    head_tokens[h] += m;
+                    left -= m;
+                }
+                if (have_pg)
+                    plan_header(&pl, page_off, &hd);
+            }
+        }
+        head_pages[f->n_kv_heads] = used;
+        FY_ASSERT(used == need);
+        FY_ASSERT(r == payload_off + f->payload_bytes);
+    }
+    if (pl.oom) {
+        st = FY_ERR_NO_MEMORY;
+        goto out;
+    }
+    if (pl.n > 0) {
+        // One upload: the ops, then the header blob (16-byte aligned behind them).
+        size_t ops_bytes = FY_ALIGN_UP(pl.n * sizeof(place_op_t), 16);
+        KVC_CUDA_GOTO(cudaMallocAsync((void **)&dbuf, ops_bytes + pl.blob_n, cs), st, out);
+        KVC_CUDA_GOTO(cudaMemcpyAsync(dbuf, pl.ops, pl.n * sizeof(place_op_t),
+                                      cudaMemcpyHostToDevice, cs),
+                      st, out);
+        KVC_CUDA_GOTO(cudaMemcpyAsync(dbuf + ops_bytes, pl.blob, pl.blob_n,
+                                      cudaMemcpyHostToDevice, cs),
+                      st, out);
+        unsigned grid = (unsigned)FY_MIN(pl.n, (size_t)65535);
+        place_kernel<<<grid, 256, 0, cs>>>((const place_op_t *)dbuf, pl.n, frame_dev,
+                                            dbuf + ops_bytes, pool->dev);
+        KVC_LAUNCH_GOTO(st, out);
+    }
+    // Committed: the host side of the pages and lists, as kvc_place leaves them.
+    for (size_t i = 0; i < pl.n; i++) {
+        if (pl.ops[i].src != SRC_BLOB)
+            continue;
+        uint64_t id = pl.ops[i].dst_off / pool->p.page_bytes;
+        memcpy(pool->hdrs + id * KVC_PAGE_HEADER_BYTES, pl.blob + pl.ops[i].src_off,
+               KVC_PAGE_HEADER_BYTES);
+    }
+    for (uint32_t h = 0; h < f->n_kv_heads; h++) {
+        gpu_list_t *l = &s->lists[(size_t)f->layer * s->n_kv + h];
+        for (uint32_t i = head_pages[h]; i < head_pages[h + 1]; i++)
+            l->ids[l->n++] = ids[i];
+        l->n_tokens += head_tokens[h];
+    }
+    s->placed[f->layer] = 1;
+    have_pages = false; // now owned by the lists
+out:
+    if (dbuf) {
+        cudaError_t e = cudaFreeAsync(dbuf, cs);
+        if (e != cudaSuccess && st == FY_OK)
+            st = kvc_cuda_status(e);
+        // On a failed free after a good launch the pages are placed; the error still says
+        // the stream is in trouble.
+    }
+    if (have_pages) {
+        for (uint32_t i = 0; i < need; i++)
+            kvc_gpu_page_unref(pool, ids[i]);
+    }
+    free(ids), free(head_pages), free(head_tokens), free(pl.ops), free(pl.blob);
+    return st;
+}

@@ -1,0 +1,899 @@
+/*
+ * worker.c: the prefill worker (see prefill.h).
+ *
+ * A request (a job) lives on the loop thread from the Prefill call until its call has finished
+ * and every frame buffer came back from kvlink. In between:
+ *   loop:    validate, open the kvlink send (the handshake overlaps the queue wait), enqueue
+ *   compute: mdl_prefill; per layer: FP16 conversion, kvc_encoder, CRC, post the frame
+ *   loop:    kvlink_send_frame_crc for each posted frame (transfer runs while compute goes on)
+ *   compute: sample the first token, post "computed"
+ *   loop:    kvlink_send_finish; on the send's end: answer the call.
+ * Aborts (cancel, deadline, a failed send) set job->abort, which the compute thread checks
+ * between layers, and cancel the send.
+ *
+ * Hidden transfer: the loop thread keeps the intervals during which the job had frames (or the
+ * final END/STATUS exchange) in kvlink's hands. Their total is transfer_ms; the part that lies
+ * inside [compute start, compute end] was hidden behind compute.
+ */
+#include <math.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ferry.pb-c.h"
+#include "prefill.h"
+
+#define MODULE "prefill"
+
+typedef struct pf_job pf_job_t;
+
+typedef struct {
+    pf_job_t *job;
+    uint32_t layer;
+    uint8_t *data;
+    size_t len;
+    uint32_t crc;
+} pf_frame_t;
+
+typedef enum { OP_FRAME = 1, OP_COMPUTED = 2 } pf_op_kind_t;
+
+typedef struct pf_op {
+    struct pf_op *next;
+    pf_op_kind_t kind;
+    pf_job_t *job;
+    pf_frame_t *frame;
+} pf_op_t;
+
+struct pf_job {
+    pf_job_t *qnext;       // compute queue (under pf->mu)
+    pf_job_t *prev, *next; // live list (loop thread)
+    prefill_t *pf;
+    rpc_call_t *call; // NULL once finished
+    char request_id[64];
+    uint64_t reservation_id;
+    char kv_addr[160];
+    int32_t *tokens;
+    int n_tokens;
+    mdl_sampler_params_t sp;
+    kvc_policy_t policy;
+    double budget; // < 0: the policy's
+    uint64_t deadline_ns;
+    atomic_int abort; // 0, or the fy_status_t the job is aborted with
+    // Written by the compute thread before OP_COMPUTED.
+    fy_status_t compute_st;
+    int32_t first_token;
+    uint64_t t_enqueued, t_compute_start, t_compute_end;
+    uint64_t raw_bytes, wire_bytes;
+    // Loop thread.
+    kvlink_send_t *send;
+    bool send_ended;
+    fy_status_t send_st;
+    bool computed;
+    bool finish_sent;
+    uint32_t frames_out; // frames handed to kvlink whose done callback has not come
+    uint32_t busy;       // frames (and the END exchange) in kvlink's hands
+    uint64_t *iv;        // [2 * n_iv_cap] busy intervals start, end
+    uint32_t n_iv, n_iv_cap;
+    int pins; // > 0 while a function below still uses the job after kvlink callbacks
+};
+
+struct prefill {
+    uv_loop_t *loop;
+    prefill_params_t params;
+    kvc_policy_t policy;
+    const mdl_config_t *cfg;
+    mdl_ctx_t *ctx;
+    uv_thread_t thread;
+    uv_mutex_t mu;
+    uv_cond_t cond;
+    pf_job_t *q_head, *q_tail; // under mu
+    bool stop;                 // under mu
+    pf_op_t *ops_head, *ops_tail; // under mu
+    uv_async_t async;
+    pf_job_t *live;
+    size_t n_live;
+    atomic_uint_fast64_t queued_tokens;
+    bool draining;
+    float *logits; // compute thread
+    uint16_t *k16, *v16;
+    size_t kv16_cap; // elements
+    struct {
+        fy_metric_t *requests_ok, *requests_failed, *requests_cancelled, *tokens, *prefill_s,
+            *queue_s, *raw_bytes, *wire_bytes, *transfer_s, *hidden, *queued_tokens, *in_flight;
+    } m;
+};
+
+static void job_maybe_finish(pf_job_t *job);
+
+/* ---- helpers ------------------------------------------------------------------------------ */
+
+void prefill_params_default(prefill_params_t *p)
+{
+    memset(p, 0, sizeof(*p));
+    p->budget = -1;
+}
+
+fy_status_t prefill_sampler_params(const Ferry__V1__SamplingParams *s, mdl_sampler_params_t *out)
+{
+    mdl_sampler_params_default(out);
+    out->temperature = 0;
+    out->top_k = 0;
+    out->top_p = 1;
+    out->repetition_penalty = 1;
+    out->n_stop = 0;
+    if (s == NULL)
+        return FY_OK;
+    if (!(s->temperature >= 0) || !isfinite(s->temperature) || !(s->top_p >= 0) ||
+        s->top_p > 1 || !(s->repetition_penalty >= 0) || !isfinite(s->repetition_penalty) ||
+        s->top_k > (1u << 24))
+        return FY_ERR_INVALID_ARG;
+    out->temperature = s->temperature;
+    out->top_k = (int)s->top_k;
+    out->top_p = s->top_p > 0 ? s->top_p : 1;
+    out->repetition_penalty = s->repetition_penalty > 0 ? s->repetition_penalty : 1;
+    out->seed = s->seed;
+    return FY_OK;
+}
+
+static int status_code(fy_status_t st)
+{
+    switch (st) {
+    case FY_ERR_CANCELLED:
+        return RPC_CODE_CANCELLED;
+    case FY_ERR_TIMEOUT:
+        return RPC_CODE_DEADLINE_EXCEEDED;
+    case FY_ERR_MISMATCH:
+        return RPC_CODE_FAILED_PRECONDITION;
+    case FY_ERR_CLOSED:
+    case FY_ERR_TRANSPORT:
+    case FY_ERR_UNAVAILABLE:
+        return RPC_CODE_UNAVAILABLE;
+    default:
+        return rpc_code_from_status(st);
+    }
+}
+
+/* ---- loop side: ops from the compute thread --------------------------------------------- */
+
+static void post_op(prefill_t *pf, pf_op_kind_t kind, pf_job_t *job, pf_frame_t *frame)
+{
+    pf_op_t *op = calloc(1, sizeof(*op));
+    FY_ASSERT(op != NULL); // a lost op would strand the job: out of memory here is fatal
+    op->kind = kind;
+    op->job = job;
+    op->frame = frame;
+    uv_mutex_lock(&pf->mu);
+    if (pf->ops_tail)
+        pf->ops_tail->next = op;
+    else
+        pf->ops_head = op;
+    pf->ops_tail = op;
+    uv_mutex_unlock(&pf->mu);
+    uv_async_send(&pf->async);
+}
+
+static void busy_begin(pf_job_t *job)
+{
+    if (job->busy++ == 0 && job->n_iv < job->n_iv_cap) {
+        job->iv[2 * job->n_iv] = fy_clock_ns();
+        job->iv[2 * job->n_iv + 1] = 0;
+        job->n_iv++;
+    }
+}
+
+static void busy_end(pf_job_t *job)
+{
+    if (job->busy == 0)
+        return;
+    if (--job->busy == 0 && job->n_iv > 0 && job->iv[2 * (job->n_iv - 1) + 1] == 0)
+        job->iv[2 * (job->n_iv - 1) + 1] = fy_clock_ns();
+}
+
+static void job_free(pf_job_t *job)
+{
+    prefill_t *pf = job->pf;
+    if (job->prev)
+        job->prev->next = job->next;
+    else
+        pf->live = job->next;
+    if (job->next)
+        job->next->prev = job->prev;
+    pf->n_live--;
+    fy_metric_set(pf->m.in_flight, (double)pf->n_live);
+    free(job->tokens);
+    free(job->iv);
+    free(job);
+}
+
+static void job_maybe_free(pf_job_t *job)
+{
+    if (job->pins == 0 && job->call == NULL && job->computed && job->frames_out == 0 &&
+        (job->send == NULL || job->send_ended))
+        job_free(job);
+}
+
+static void on_frame_done(kvlink_send_t *req, fy_status_t st, void *arg)
+{
+    pf_frame_t *fr = arg;
+    pf_job_t *job = fr->job;
+    free(fr->data);
+    free(fr);
+    job->frames_out--;
+    busy_end(job);
+    job_maybe_free(job);
+}
+
+/* Stops the job: the compute thread sees it between layers; the send is cancelled. */
+static void job_abort(pf_job_t *job, fy_status_t why)
+{
+    int expected = 0;
+    atomic_compare_exchange_strong(&job->abort, &expected, (int)why);
+    job->pins++;
+    if (job->send != NULL && !job->send_ended)
+        kvlink_send_cancel(job->send); // on_send_end runs inside
+    job->pins--;
+    job_maybe_free(job);
+}
+
+static void on_send_end(kvlink_send_t *req, fy_status_t st, void *arg)
+{
+    pf_job_t *job = arg;
+    job->send_ended = true;
+    job->send_st = st;
+    if (job->finish_sent)
+        busy_end(job);
+    if (st != FY_OK && !job->computed) {
+        // The decode side is gone or refused: stop computing for nothing.
+        int expected = 0;
+        atomic_compare_exchange_strong(&job->abort, &expected, (int)st);
+    }
+    if (st != FY_OK)
+        FY_LOG_DEBUG(MODULE, "%s: transfer to %s ended: %s", job->request_id, job->kv_addr,
+                     fy_status_str(st));
+    job_maybe_finish(job);
+    job_maybe_free(job);
+}
+
+static void handle_frame(prefill_t *pf, pf_frame_t *fr)
+{
+    pf_job_t *job = fr->job;
+    if (job->send == NULL || job->send_ended || atomic_load(&job->abort) != 0) {
+        free(fr->data);
+        free(fr);
+        return;
+    }
+    job->frames_out++;
+    busy_begin(job);
+    uint32_t layer = fr->layer;
+    job->pins++;
+    fy_status_t st = kvlink_send_frame_crc(job->send, layer, fr->data, fr->len, fr->crc,
+                                           on_frame_done, fr);
+    if (st != FY_OK) {
+        job->frames_out--;
+        busy_end(job);
+        free(fr->data);
+        free(fr);
+        FY_LOG_WARN(MODULE, "%s: frame of layer %u not sent: %s", job->request_id, layer,
+                    fy_status_str(st));
+        job_abort(job, st);
+    }
+    job->pins--;
+    job_maybe_free(job);
+}
+
+static void handle_computed(prefill_t *pf, pf_job_t *job)
+{
+    job->computed = true;
+    job->pins++;
+    atomic_fetch_sub(&pf->queued_tokens, (uint64_t)job->n_tokens);
+    fy_metric_set(pf->m.queued_tokens, (double)atomic_load(&pf->queued_tokens));
+    if (job->compute_st == FY_OK && atomic_load(&job->abort) == 0 && job->send != NULL &&
+        !job->send_ended) {
+        fy_status_t st = kvlink_send_finish(job->send);
+        if (st == FY_OK) {
+            job->finish_sent = true;
+            busy_begin(job); // END and the receiver's STATUS
+        } else {
+            job_abort(job, st);
+        }
+    } else if (job->send != NULL && !job->send_ended) {
+        kvlink_send_cancel(job->send);
+    }
+    job_maybe_finish(job);
+    job->pins--;
+    job_maybe_free(job);
+}
+
+static void on_async(uv_async_t *a)
+{
+    prefill_t *pf = a->data;
+    uv_mutex_lock(&pf->mu);
+    pf_op_t *op = pf->ops_head;
+    pf->ops_head = pf->ops_tail = NULL;
+    uv_mutex_unlock(&pf->mu);
+    while (op) {
+        pf_op_t *next = op->next;
+        if (op->kind == OP_FRAME)
+            handle_frame(pf, op->frame);
+        else
+            handle_computed(pf, op->job);
+        free(op);
+        op = next;
+    }
+}
+
+/* Transfer time (busy intervals) and the part inside the compute interval. */
+static void transfer_times(const pf_job_t *job, double *transfer_ms, double *hidden_frac)
+{
+    uint64_t total = 0, hidden = 0, end_default = fy_clock_ns();
+    for (uint32_t i = 0; i < job->n_iv; i++) {
+        uint64_t s = job->iv[2 * i], e = job->iv[2 * i + 1] ? job->iv[2 * i + 1] : end_default;
+        if (e <= s)
+            continue;
+        total += e - s;
+        uint64_t lo = FY_MAX(s, job->t_compute_start), hi = FY_MIN(e, job->t_compute_end);
+        if (hi > lo)
+            hidden += hi - lo;
+    }
+    *transfer_ms = total / 1e6;
+    *hidden_frac = total ? (double)hidden / (double)total : 0;
+}
+
+/* Answers the call once computation and transfer have both stopped. */
+static void job_maybe_finish(pf_job_t *job)
+{
+    prefill_t *pf = job->pf;
+    if (job->call == NULL || !job->computed || (job->send != NULL && !job->send_ended))
+        return;
+    fy_status_t abort_st = (fy_status_t)atomic_load(&job->abort);
+    fy_status_t st = abort_st != FY_OK         ? abort_st
+                     : job->compute_st != FY_OK ? job->compute_st
+                     : job->send == NULL        ? FY_ERR_INTERNAL
+                                                : job->send_st;
+    rpc_call_t *call = job->call;
+    job->call = NULL;
+    double prefill_ms = (job->t_compute_end - job->t_compute_start) / 1e6;
+    if (st != FY_OK) {
+        char msg[256];
+        snprintf(msg, sizeof(msg), "prefill of %s: %s%s%s", job->request_id, fy_status_str(st),
+                 job->send_st != FY_OK && st == job->send_st ? " (KV transfer to " : "",
+                 job->send_st != FY_OK && st == job->send_st ? job->kv_addr : "");
+        if (job->send_st != FY_OK && st == job->send_st)
+            strncat(msg, ")", sizeof(msg) - strlen(msg) - 1);
+        FY_LOG_INFO(MODULE, "%s failed: %s", job->request_id, fy_status_str(st));
+        if (st == FY_ERR_CANCELLED || st == FY_ERR_TIMEOUT)
+            fy_metric_inc(pf->m.requests_cancelled);
+        else
+            fy_metric_inc(pf->m.requests_failed);
+        rpc_call_finish(call, status_code(st), msg);
+        return;
+    }
+    double transfer_ms, hidden;
+    transfer_times(job, &transfer_ms, &hidden);
+    Ferry__V1__PrefillResponse resp = FERRY__V1__PREFILL_RESPONSE__INIT;
+    resp.first_token_id = (uint32_t)job->first_token;
+    resp.kv_raw_bytes = job->raw_bytes;
+    resp.kv_wire_bytes = job->wire_bytes;
+    resp.prefill_ms = prefill_ms;
+    resp.transfer_ms = transfer_ms;
+    resp.hidden_transfer_fraction = hidden;
+    FY_LOG_INFO(MODULE,
+                "%s: %d tokens in %.1f ms (queued %.1f ms), KV %llu -> %llu bytes (%s), "
+                "transfer %.1f ms, %.0f%% hidden, first token %d",
+                job->request_id, job->n_tokens, prefill_ms,
+                (job->t_compute_start - job->t_enqueued) / 1e6,
+                (unsigned long long)job->raw_bytes, (unsigned long long)job->wire_bytes,
+                job->policy.name, transfer_ms, hidden * 100, job->first_token);
+    fy_metric_inc(pf->m.requests_ok);
+    fy_metric_add(pf->m.tokens, job->n_tokens);
+    fy_metric_observe(pf->m.prefill_s, prefill_ms / 1e3);
+    fy_metric_observe(pf->m.queue_s, (job->t_compute_start - job->t_enqueued) / 1e9);
+    fy_metric_add(pf->m.raw_bytes, (double)job->raw_bytes);
+    fy_metric_add(pf->m.wire_bytes, (double)job->wire_bytes);
+    fy_metric_observe(pf->m.transfer_s, transfer_ms / 1e3);
+    fy_metric_set(pf->m.hidden, hidden);
+    rpc_call_send(call, &resp.base);
+    rpc_call_finish(call, RPC_CODE_OK, NULL);
+}
+
+/* ---- compute thread ----------------------------------------------------------------------- */
+
+typedef struct {
+    prefill_t *pf;
+    pf_job_t *job;
+    kvc_encoder_t *enc;
+} pf_run_t;
+
+static fy_status_t job_check(const pf_job_t *job)
+{
+    int a = atomic_load(&((pf_job_t *)job)->abort);
+    if (a != 0)
+        return (fy_status_t)a;
+    if (job->deadline_ns != 0 && fy_clock_ns() >= job->deadline_ns)
+        return FY_ERR_TIMEOUT;
+    return FY_OK;
+}
+
+static fy_status_t on_layer(void *arg, const mdl_layer_kv_t *kv)
+{
+    pf_run_t *r = arg;
+    prefill_t *pf = r->pf;
+    pf_job_t *job = r->job;
+    fy_status_t st = job_check(job);
+    if (st != FY_OK)
+        return st;
+    size_t n = (size_t)kv->n_kv_heads * (size_t)kv->n_tokens * (size_t)kv->head_dim;
+    if (n > pf->kv16_cap)
+        return FY_ERR_INTERNAL;
+    fy_fp32_to_fp16_buf(pf->k16, kv->k, n);
+    fy_fp32_to_fp16_buf(pf->v16, kv->v, n);
+    kvc_layer_input_t in = {.layer = (uint32_t)kv->layer,
+                            .k = pf->k16,
+                            .v = pf->v16,
+                            .head_stride = (size_t)kv->n_tokens * kv->head_dim,
+                            .token_stride = (size_t)kv->head_dim,
+                            .q_window = kv->n_window > 0 ? kv->q_window : NULL,
+                            .n_window = (uint32_t)kv->n_window};
+    size_t cap = kvc_encoder_max_frame_bytes(r->enc), len = 0;
+    pf_frame_t *fr = calloc(1, sizeof(*fr));
+    uint8_t *buf = malloc(cap);
+    if (fr == NULL || buf == NULL) {
+        free(fr);
+        free(buf);
+        return FY_ERR_NO_MEMORY;
+    }
+    kvc_layer_info_t info;
+    st = kvc_encoder_encode_layer(r->enc, &in, NULL, buf, cap, &len, &info);
+    if (st != FY_OK) {
+        free(fr);
+        free(buf);
+        return st;
+    }
+    uint8_t *shrunk = realloc(buf, len);
+    fr->job = job;
+    fr->layer = (uint32_t)kv->layer;
+    fr->data = shrunk ? shrunk : buf;
+    fr->len = len;
+    fr->crc = fy_crc32c(0, fr->data, len);
+    job->raw_bytes += info.fp16_bytes;
+    job->wire_bytes += len;
+    post_op(pf, OP_FRAME, job, fr);
+    return FY_OK;
+}
+
+static fy_status_t run_job(prefill_t *pf, pf_job_t *job)
+{
+    fy_status_t st = job_check(job);
+    if (st != FY_OK)
+        return st;
+    const mdl_config_t *c = pf->cfg;
+    size_t need = (size_t)c->n_kv_heads * (size_t)job->n_tokens * (size_t)c->head_dim;
+    if (need > pf->kv16_cap) {
+        uint16_t *k = realloc(pf->k16, need * sizeof(uint16_t));
+        if (k == NULL)
+            return FY_ERR_NO_MEMORY;
+        pf->k16 = k;
+        uint16_t *v = realloc(pf->v16, need * sizeof(uint16_t));
+        if (v == NULL)
+            return FY_ERR_NO_MEMORY;
+        pf->v16 = v;
+        pf->kv16_cap = need;
+    }
+    kvc_encoder_params_t ep;
+    kvc_encoder_params_default(&ep);
+    ep.policy = &job->policy;
+    ep.budget = job->budget;
+    ep.n_layers = (uint32_t)c->n_layers;
+    ep.n_heads = (uint32_t)c->n_heads;
+    ep.n_kv_heads = (uint32_t)c->n_kv_heads;
+    ep.head_dim = (uint32_t)c->head_dim;
+    ep.n_tokens = (uint32_t)job->n_tokens;
+    ep.model_fingerprint = pf->params.fingerprint;
+    ep.seq_id = job->reservation_id;
+    pf_run_t r = {.pf = pf, .job = job};
+    if ((st = kvc_encoder_create(&ep, &r.enc)) != FY_OK)
+        return st;
+    mdl_prefill_params_t pp;
+    mdl_prefill_params_default(&pp);
+    pp.on_layer = on_layer;
+    pp.cb_arg = &r;
+    pp.window = (int)job->policy.window;
+    st = mdl_prefill(pf->ctx, job->tokens, job->n_tokens, &pp, pf->logits);
+    kvc_encoder_destroy(r.enc);
+    if (st != FY_OK)
+        return st;
+    mdl_sampler_t *smp = NULL;
+    if ((st = mdl_sampler_create(&job->sp, c->n_vocab, &smp)) != FY_OK)
+        return st;
+    for (int i = 0; i < job->n_tokens; i++)
+        mdl_sampler_accept(smp, job->tokens[i]);
+    job->first_token = mdl_sampler_sample(smp, pf->logits);
+    mdl_sampler_destroy(smp);
+    return job_check(job);
+}
+
+static void compute_main(void *arg)
+{
+    prefill_t *pf = arg;
+    for (;;) {
+        uv_mutex_lock(&pf->mu);
+        while (pf->q_head == NULL && !pf->stop)
+            uv_cond_wait(&pf->cond, &pf->mu);
+        if (pf->q_head == NULL) {
+            uv_mutex_unlock(&pf->mu);
+            return;
+        }
+        pf_job_t *job = pf->q_head;
+        pf->q_head = job->qnext;
+        if (pf->q_head == NULL)
+            pf->q_tail = NULL;
+        uv_mutex_unlock(&pf->mu);
+        job->t_compute_start = fy_clock_ns();
+        job->compute_st = run_job(pf, job);
+        job->t_compute_end = fy_clock_ns();
+        post_op(pf, OP_COMPUTED, job, NULL);
+    }
+}
+
+/* ---- RPC handlers ------------------------------------------------------------------------- */
+
+static void on_call_cancel(rpc_call_t *call, void *arg)
+{
+    pf_job_t *job = arg;
+    uint64_t dl = rpc_call_deadline_ns(call);
+    job_abort(job, dl != 0 && fy_clock_ns() >= dl ? FY_ERR_TIMEOUT : FY_ERR_CANCELLED);
+}
+
+/* The job's policy and budget: the request's CodecParams, else the worker's defaults. */
+static fy_status_t pick_policy(prefill_t *pf, const Ferry__V1__CodecParams *codec, pf_job_t *job,
+                               char *err, size_t err_len)
+{
+    job->policy = pf->policy;
+    job->budget = pf->params.budget > 0 ? pf->params.budget : -1;
+    if (codec == NULL)
+        return FY_OK;
+    if (codec->policy != NULL && codec->policy[0] != '\0') {
+        // Only built-in names from the wire: policy files are the operator's (--policy).
+        if (kvc_policy_builtin(codec->policy, &job->policy) != FY_OK) {
+            snprintf(err, err_len, "unknown codec policy \"%.40s\"", codec->policy);
+            return FY_ERR_INVALID_ARG;
+        }
+        job->budget = -1;
+    }
+    if (codec->budget != 0) {
+        if (!(codec->budget > 0 && codec->budget <= 1)) {
+            snprintf(err, err_len, "codec budget %g outside (0, 1]", (double)codec->budget);
+            return FY_ERR_INVALID_ARG;
+        }
+        job->budget = codec->budget;
+    }
+    return FY_OK;
+}
+
+static void on_prefill(rpc_call_t *call, const ProtobufCMessage *msg, void *arg)
+{
+    prefill_t *pf = arg;
+    const Ferry__V1__PrefillRequest *req = (const Ferry__V1__PrefillRequest *)msg;
+    char err[160] = "";
+    if (pf->draining) {
+        rpc_call_finish(call, RPC_CODE_UNAVAILABLE, "prefill worker draining");
+        return;
+    }
+    const mdl_config_t *c = pf->cfg;
+    if (req->n_prompt_token_ids == 0 || req->n_prompt_token_ids >= (size_t)c->n_ctx_train) {
+        snprintf(err, sizeof(err), "prompt of %zu tokens: need 1 to %d", req->n_prompt_token_ids,
+                 c->n_ctx_train - 1);
+        rpc_call_finish(call, RPC_CODE_INVALID_ARGUMENT, err);
+        return;
+    }
+    for (size_t i = 0; i < req->n_prompt_token_ids; i++) {
+        if (req->prompt_token_ids[i] >= (uint32_t)c->n_vocab) {
+            snprintf(err, sizeof(err), "token %u at %zu outside the vocabulary (%d)",
+                     req->prompt_token_ids[i], i, c->n_vocab);
+            rpc_call_finish(call, RPC_CODE_INVALID_ARGUMENT, err);
+            return;
+        }
+    }
+    if (req->reservation_id == 0 || req->decode_kv_address == NULL ||
+        req->decode_kv_address[0] == '\0' || strlen(req->decode_kv_address) >= 160 ||
+        strlen(req->request_id) >= 64) {
+        rpc_call_finish(call, RPC_CODE_INVALID_ARGUMENT,
+                        "need reservation_id, decode_kv_address and a request_id under 64 bytes");
+        return;
+    }
+    uint64_t limit = pf->params.max_queued_tokens;
+    if (limit != 0 && atomic_load(&pf->queued_tokens) + req->n_prompt_token_ids > limit) {
+        rpc_call_finish(call, RPC_CODE_RESOURCE_EXHAUSTED, "prefill queue full");
+        return;
+    }
+    pf_job_t *job = calloc(1, sizeof(*job));
+    if (job == NULL) {
+        rpc_call_finish(call, RPC_CODE_RESOURCE_EXHAUSTED, "out of memory");
+        return;
+    }
+    job->pf = pf;
+    job->n_tokens = (int)req->n_prompt_token_ids;
+    job->tokens = malloc((size_t)job->n_tokens * sizeof(int32_t));
+    job->n_iv_cap = (uint32_t)c->n_layers + 2;
+    job->iv = calloc(2 * (size_t)job->n_iv_cap, sizeof(uint64_t));
+    atomic_init(&job->abort, 0);
+    fy_status_t st = job->tokens && job->iv ? FY_OK : FY_ERR_NO_MEMORY;
+    if (st == FY_OK && prefill_sampler_params(req->sampling, &job->sp) != FY_OK) {
+        snprintf(err, sizeof(err), "sampling parameters out of range");
+        st = FY_ERR_INVALID_ARG;
+    }
+    if (st == FY_OK)
+        st = pick_policy(pf, req->codec, job, err, sizeof(err));
+    if (st != FY_OK) {
+        rpc_call_finish(call, status_code(st), err[0] ? err : fy_status_str(st));
+        free(job->tokens);
+        free(job->iv);
+        free(job);
+        return;
+    }
+    for (int i = 0; i < job->n_tokens; i++)
+        job->tokens[i] = (int32_t)req->prompt_token_ids[i];
+    snprintf(job->request_id, sizeof(job->request_id), "%s", req->request_id);
+    snprintf(job->kv_addr, sizeof(job->kv_addr), "%s", req->decode_kv_address);
+    job->reservation_id = req->reservation_id;
+    uint64_t now = fy_clock_ns();
+    job->deadline_ns = rpc_call_deadline_ns(call);
+    if (req->deadline_unix_ms != 0) {
+        uint64_t wall = fy_clock_realtime_ns();
+        uint64_t dl_wall = req->deadline_unix_ms * 1000000ull;
+        uint64_t dl = dl_wall > wall ? now + (dl_wall - wall) : now;
+        if (job->deadline_ns == 0 || dl < job->deadline_ns)
+            job->deadline_ns = dl;
+    }
+    job->t_enqueued = now;
+    job->call = call;
+    job->next = pf->live;
+    if (pf->live)
+        pf->live->prev = job;
+    pf->live = job;
+    pf->n_live++;
+    fy_metric_set(pf->m.in_flight, (double)pf->n_live);
+    if (job->deadline_ns != 0 && now >= job->deadline_ns) {
+        job->computed = true; // never queued
+        atomic_store(&job->abort, (int)FY_ERR_TIMEOUT);
+        job_maybe_finish(job);
+        job_maybe_free(job);
+        return;
+    }
+    // Open the transfer now: connecting and the handshake overlap the queue and compute.
+    kvlink_send_params_t sp;
+    kvlink_send_params_default(&sp);
+    sp.deadline_ns = job->deadline_ns;
+    sp.on_end = on_send_end;
+    sp.arg = job;
+    st = kvlink_send_open(pf->params.link, job->kv_addr, job->reservation_id, &sp, &job->send);
+    if (st != FY_OK) {
+        job->send = NULL;
+        job->computed = true;
+        atomic_store(&job->abort, (int)st);
+        FY_LOG_WARN(MODULE, "%s: cannot open the KV transfer to %s: %s", job->request_id,
+                    job->kv_addr, fy_status_str(st));
+        job_maybe_finish(job);
+        job_maybe_free(job);
+        return;
+    }
+    rpc_call_set_cancel_cb(call, on_call_cancel, job);
+    atomic_fetch_add(&pf->queued_tokens, (uint64_t)job->n_tokens);
+    fy_metric_set(pf->m.queued_tokens, (double)atomic_load(&pf->queued_tokens));
+    FY_LOG_DEBUG(MODULE, "%s: %d tokens queued for %s (reservation %llu, policy %s)",
+                 job->request_id, job->n_tokens, job->kv_addr,
+                 (unsigned long long)job->reservation_id, job->policy.name);
+    uv_mutex_lock(&pf->mu);
+    if (pf->q_tail)
+        pf->q_tail->qnext = job;
+    else
+        pf->q_head = job;
+    pf->q_tail = job;
+    uv_cond_signal(&pf->cond);
+    uv_mutex_unlock(&pf->mu);
+}
+
+static void on_cancel(rpc_call_t *call, const ProtobufCMessage *msg, void *arg)
+{
+    prefill_t *pf = arg;
+    const Ferry__V1__CancelRequest *req = (const Ferry__V1__CancelRequest *)msg;
+    Ferry__V1__CancelResponse resp = FERRY__V1__CANCEL_RESPONSE__INIT;
+    for (pf_job_t *j = pf->live, *next; j; j = next) {
+        next = j->next; // j may be freed by the abort
+        if (j->call != NULL && strcmp(j->request_id, req->request_id) == 0) {
+            job_abort(j, FY_ERR_CANCELLED);
+            resp.found = true;
+        }
+    }
+    rpc_call_send(call, &resp.base);
+    rpc_call_finish(call, RPC_CODE_OK, NULL);
+}
+
+static void on_drain(rpc_call_t *call, const ProtobufCMessage *msg, void *arg)
+{
+    prefill_t *pf = arg;
+    prefill_set_draining(pf, true);
+    Ferry__V1__DrainResponse resp = FERRY__V1__DRAIN_RESPONSE__INIT;
+    resp.in_flight = (uint32_t)pf->n_live;
+    rpc_call_send(call, &resp.base);
+    rpc_call_finish(call, RPC_CODE_OK, NULL);
+}
+
+fy_status_t prefill_serve(prefill_t *pf, rpc_server_t *srv)
+{
+    static rpc_handler_cb handlers[16];
+    const ProtobufCServiceDescriptor *d = &ferry__v1__worker__descriptor;
+    if (d->n_methods > FY_ARRAY_SIZE(handlers))
+        return FY_ERR_INTERNAL;
+    for (unsigned i = 0; i < d->n_methods; i++) {
+        const char *name = d->methods[i].name;
+        handlers[i] = strcmp(name, "Prefill") == 0  ? on_prefill
+                      : strcmp(name, "Cancel") == 0 ? on_cancel
+                      : strcmp(name, "Drain") == 0  ? on_drain
+                                                    : NULL;
+    }
+    return rpc_server_add_service(srv, d, handlers, NULL, pf);
+}
+
+/* ---- lifecycle ---------------------------------------------------------------------------- */
+
+static void register_metrics(prefill_t *pf)
+{
+    fy_metrics_t *m = pf->params.metrics;
+    if (m == NULL)
+        return;
+    pf->m.requests_ok = fy_metrics_counter(m, "ferry_prefill_requests_total", "status=\"ok\"",
+                                           "prefill requests by outcome");
+    pf->m.requests_failed = fy_metrics_counter(m, "ferry_prefill_requests_total",
+                                               "status=\"failed\"", "prefill requests by outcome");
+    pf->m.requests_cancelled = fy_metrics_counter(
+        m, "ferry_prefill_requests_total", "status=\"cancelled\"", "prefill requests by outcome");
+    pf->m.tokens = fy_metrics_counter(m, "ferry_prefill_tokens_total", NULL,
+                                      "prompt tokens prefilled");
+    pf->m.prefill_s = fy_metrics_histogram(m, "ferry_prefill_seconds", NULL,
+                                           "prefill compute time per request",
+                                           fy_metrics_latency_bounds, 16);
+    pf->m.queue_s = fy_metrics_histogram(m, "ferry_prefill_queue_seconds", NULL,
+                                         "time a request waited for the compute thread",
+                                         fy_metrics_latency_bounds, 16);
+    pf->m.raw_bytes = fy_metrics_counter(m, "ferry_prefill_kv_raw_bytes_total", NULL,
+                                         "FP16 bytes of the prompts' K and V");
+    pf->m.wire_bytes = fy_metrics_counter(m, "ferry_prefill_kv_wire_bytes_total", NULL,
+                                          "encoded KV bytes sent");
+    pf->m.transfer_s = fy_metrics_histogram(m, "ferry_prefill_transfer_seconds", NULL,
+                                            "time KV frames spent in transfer per request",
+                                            fy_metrics_latency_bounds, 16);
+    pf->m.hidden = fy_metrics_gauge(m, "ferry_prefill_hidden_transfer_fraction", NULL,
+                                    "share of the last request's transfer time hidden "
+                                    "behind compute");
+    pf->m.queued_tokens = fy_metrics_gauge(m, "ferry_prefill_queued_tokens", NULL,
+                                           "prompt tokens queued or computing");
+    pf->m.in_flight = fy_metrics_gauge(m, "ferry_prefill_in_flight", NULL,
+                                       "requests queued, computing or transferring");
+}
+
+fy_status_t prefill_create(uv_loop_t *loop, const prefill_params_t *params, prefill_t **pf_p)
+{
+    if (loop == NULL || params == NULL || pf_p == NULL || params->model == NULL ||
+        params->link == NULL)
+        return FY_ERR_INVALID_ARG;
+    prefill_t *pf = calloc(1, sizeof(*pf));
+    if (pf == NULL)
+        return FY_ERR_NO_MEMORY;
+    pf->loop = loop;
+    pf->params = *params;
+    if (params->policy != NULL)
+        pf->policy = *params->policy;
+    else
+        kvc_policy_default(&pf->policy);
+    char err[128];
+    if (kvc_policy_validate(&pf->policy, err, sizeof(err)) != FY_OK) {
+        FY_LOG_ERROR(MODULE, "default policy: %s", err);
+        free(pf);
+        return FY_ERR_INVALID_ARG;
+    }
+    pf->cfg = mdl_model_config(params->model);
+    atomic_init(&pf->queued_tokens, 0);
+    mdl_ctx_params_t cp;
+    mdl_ctx_params_default(&cp);
+    cp.n_threads = params->n_threads;
+    if (params->prefill_chunk > 0)
+        cp.prefill_chunk = params->prefill_chunk;
+    cp.max_batch = 1;
+    fy_status_t st = mdl_ctx_create(params->model, &cp, &pf->ctx);
+    if (st == FY_OK) {
+        pf->logits = malloc((size_t)pf->cfg->n_vocab * sizeof(float));
+        if (pf->logits == NULL)
+            st = FY_ERR_NO_MEMORY;
+    }
+    if (st != FY_OK) {
+        mdl_ctx_destroy(pf->ctx);
+        free(pf);
+        return st;
+    }
+    uv_mutex_init(&pf->mu);
+    uv_cond_init(&pf->cond);
+    uv_async_init(loop, &pf->async, on_async);
+    pf->async.data = pf;
+    register_metrics(pf);
+    if (uv_thread_create(&pf->thread, compute_main, pf) != 0) {
+        uv_close((uv_handle_t *)&pf->async, NULL);
+        uv_cond_destroy(&pf->cond);
+        uv_mutex_destroy(&pf->mu);
+        mdl_ctx_destroy(pf->ctx);
+        free(pf->logits);
+        free(pf);
+        return FY_ERR_RESOURCE_EXHAUSTED;
+    }
+    *pf_p = pf;
+    return FY_OK;
+}
+
+uint64_t prefill_queued_tokens(const prefill_t *pf)
+{
+    return atomic_load(&((prefill_t *)pf)->queued_tokens);
+}
+
+size_t prefill_in_flight(const prefill_t *pf)
+{
+    return pf->n_live;
+}
+
+void prefill_set_draining(prefill_t *pf, bool draining)
+{
+    if (pf->draining != draining)
+        FY_LOG_INFO(MODULE, "%s (%zu request(s) in hand)",
+                    draining ? "draining: no new requests" : "accepting requests again",
+                    pf->n_live);
+    pf->draining = draining;
+}
+
+bool prefill_draining(const prefill_t *pf)
+{
+    return pf->draining;
+}
+
+void prefill_abort_all(prefill_t *pf, const char *reason)
+{
+    if (pf->n_live > 0)
+        FY_LOG_WARN(MODULE, "aborting %zu request(s): %s", pf->n_live, reason);
+    for (pf_job_t *j = pf->live, *next; j; j = next) {
+        next = j->next; // j may be freed by the abort
+        job_abort(j, FY_ERR_CANCELLED);
+    }
+}
+
+static void on_async_closed(uv_handle_t *h)
+{
+    prefill_t *pf = h->data;
+    uv_cond_destroy(&pf->cond);
+    uv_mutex_destroy(&pf->mu);
+    free(pf);
+}
+
+void prefill_destroy(prefill_t *pf)
+{
+    if (pf == NULL)
+        return;
+    uv_mutex_lock(&pf->mu);
+    pf->stop = true;
+    uv_cond_signal(&pf->cond);
+    uv_mutex_unlock(&pf->mu);
+    uv_thread_join(&pf->thread);
+    on_async(&pf->async); // ops the thread posted last
+    while (pf->live != NULL) {
+        // Only reachable when the caller did not wait: drop what is left.
+        pf_job_t *j = pf->live;
+        if (j->call) {
+            rpc_call_finish(j->call, RPC_CODE_UNAVAILABLE, "prefill worker shutting down");
+            j->call = NULL;
+        }
+        job_free(j);
+    }
+    mdl_ctx_destroy(pf->ctx);
+    free(pf->logits);
+    free(pf->k16);
+    free(pf->v16);
+    uv_close((uv_handle_t *)&pf->async, on_async_closed);
+}

@@ -1,0 +1,183 @@
+/*
+ * daemon.c: start-up pieces shared by the ferry-* daemons (see daemon.h).
+ */
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "daemon.h"
+#include "ferry.pb-c.h"
+
+fy_status_t daemon_config(const fy_opt_t *opts, size_t n_opts, int argc, char **argv,
+                          const char *usage, const char *summary, fy_config_t **cfg_p,
+                          int *exit_p)
+{
+    fy_config_t *cfg = NULL;
+    char err[256] = "";
+    *exit_p = -1;
+    fy_status_t st = fy_config_create(opts, n_opts, &cfg);
+    if (st != FY_OK) {
+        *exit_p = 1;
+        return st;
+    }
+    st = fy_config_parse_args(cfg, argc, argv, err, sizeof(err));
+    if (st == FY_OK && fy_config_help_requested(cfg)) {
+        fy_config_print_help(cfg, stdout, usage, summary);
+        fy_config_destroy(cfg);
+        *exit_p = 0;
+        return FY_OK;
+    }
+    if (st == FY_OK)
+        st = fy_config_validate(cfg, err, sizeof(err));
+    if (st == FY_OK && fy_config_n_positional(cfg) > 0) {
+        snprintf(err, sizeof(err), "unexpected argument \"%s\"", fy_config_positional(cfg, 0));
+        st = FY_ERR_INVALID_ARG;
+    }
+    const char *fmt = st == FY_OK ? fy_config_str(cfg, "log-format") : NULL;
+    if (st == FY_OK && fmt != NULL && strcmp(fmt, "text") != 0 && strcmp(fmt, "json") != 0) {
+        snprintf(err, sizeof(err), "--log-format must be text or json, not \"%s\"", fmt);
+        st = FY_ERR_INVALID_ARG;
+    }
+    const char *lvl = st == FY_OK ? fy_config_str(cfg, "log-level") : NULL;
+    fy_log_level_t level;
+    if (st == FY_OK && lvl != NULL && lvl[0] != '\0' && fy_log_level_parse(lvl, &level) != FY_OK) {
+        snprintf(err, sizeof(err), "--log-level must be trace|debug|info|warn|error|off");
+        st = FY_ERR_INVALID_ARG;
+    }
+    if (st != FY_OK) {
+        fprintf(stderr, "%s: %s\n", argv[0], err[0] ? err : fy_status_str(st));
+        fprintf(stderr, "usage: %s (see --help)\n", usage);
+        fy_config_destroy(cfg);
+        *exit_p = 2;
+        return st;
+    }
+    if (fmt != NULL && strcmp(fmt, "json") == 0)
+        fy_log_set_json(true);
+    if (lvl != NULL && lvl[0] != '\0')
+        fy_log_set_level(level);
+    *cfg_p = cfg;
+    return FY_OK;
+}
+
+fy_status_t daemon_hostport(const char *addr, char *host, size_t cap, int *port_p)
+{
+    if (addr == NULL)
+        return FY_ERR_INVALID_ARG;
+    const char *colon = strrchr(addr, ':');
+    if (colon == NULL || colon[1] == '\0')
+        return FY_ERR_INVALID_ARG;
+    const char *h = addr;
+    size_t hl = (size_t)(colon - addr);
+    if (hl >= 2 && h[0] == '[' && h[hl - 1] == ']') {
+        h++;
+        hl -= 2;
+    }
+    if (hl == 0 || hl >= cap)
+        return FY_ERR_INVALID_ARG;
+    char *end;
+    long port = strtol(colon + 1, &end, 10);
+    if (*end != '\0' || port < 0 || port > 65535)
+        return FY_ERR_INVALID_ARG;
+    memcpy(host, h, hl);
+    host[hl] = '\0';
+    *port_p = (int)port;
+    return FY_OK;
+}
+
+fy_status_t daemon_port_file(const char *path, int port)
+{
+    if (path == NULL || path[0] == '\0')
+        return FY_OK;
+    char tmp[4096];
+    if ((size_t)snprintf(tmp, sizeof(tmp), "%s.tmp.%d", path, (int)getpid()) >= sizeof(tmp))
+        return FY_ERR_INVALID_ARG;
+    FILE *f = fopen(tmp, "w");
+    if (f == NULL)
+        return FY_ERR_IO;
+    bool ok = fprintf(f, "%d\n", port) > 0;
+    ok = fclose(f) == 0 && ok;
+    if (!ok || rename(tmp, path) != 0) {
+        unlink(tmp);
+        return FY_ERR_IO;
+    }
+    return FY_OK;
+}
+
+typedef struct {
+    const char *role;
+    const bool *draining;
+} health_arg_t;
+
+void daemon_health_answer(rpc_call_t *call, const char *role, bool draining)
+{
+    Ferry__V1__HealthResponse resp = FERRY__V1__HEALTH_RESPONSE__INIT;
+    resp.status = draining ? FERRY__V1__HEALTH_RESPONSE__SERVING_STATUS__DRAINING
+                           : FERRY__V1__HEALTH_RESPONSE__SERVING_STATUS__SERVING;
+    resp.version = (char *)FY_VERSION_STRING;
+    resp.role = (char *)role;
+    rpc_call_send(call, &resp.base);
+    rpc_call_finish(call, RPC_CODE_OK, NULL);
+}
+
+static void on_health(rpc_call_t *call, const ProtobufCMessage *msg, void *arg)
+{
+    health_arg_t *h = arg;
+    daemon_health_answer(call, h->role, *h->draining);
+}
+
+fy_status_t daemon_health_serve(rpc_server_t *srv, const char *role, const bool *draining)
+{
+    static rpc_handler_cb handlers[8];
+    static health_arg_t arg;
+    const ProtobufCServiceDescriptor *d = &ferry__v1__ferry__descriptor;
+    if (d->n_methods > FY_ARRAY_SIZE(handlers))
+        return FY_ERR_INTERNAL;
+    for (unsigned i = 0; i < d->n_methods; i++)
+        handlers[i] = strcmp(d->methods[i].name, "Health") == 0 ? on_health : NULL;
+    arg.role = role;
+    arg.draining = draining;
+    return rpc_server_add_service(srv, d, handlers, NULL, &arg);
+}
+
+static void on_signal(uv_signal_t *h, int signum)
+{
+    daemon_signals_t *s = h->data;
+    s->count++;
+    if (s->count == 1) {
+        FY_LOG_INFO("daemon", "%s: draining (send it again to stop at once)",
+                    signum == SIGTERM ? "SIGTERM" : "SIGINT");
+        s->drain(s->arg);
+    } else {
+        FY_LOG_WARN("daemon", "second signal: stopping now");
+        s->stop(s->arg);
+    }
+}
+
+fy_status_t daemon_signals_start(daemon_signals_t *s, uv_loop_t *loop, daemon_signal_cb drain,
+                                 daemon_signal_cb stop, void *arg)
+{
+    memset(s, 0, sizeof(*s));
+    s->drain = drain;
+    s->stop = stop;
+    s->arg = arg;
+    signal(SIGPIPE, SIG_IGN);
+    if (uv_signal_init(loop, &s->term) != 0 || uv_signal_init(loop, &s->intr) != 0)
+        return FY_ERR_INTERNAL;
+    s->term.data = s->intr.data = s;
+    if (uv_signal_start(&s->term, on_signal, SIGTERM) != 0 ||
+        uv_signal_start(&s->intr, on_signal, SIGINT) != 0)
+        return FY_ERR_INTERNAL;
+    return FY_OK;
+}
+
+void daemon_signals_close(daemon_signals_t *s)
+{
+    if (s->term.data == NULL)
+        return; // never started
+    if (!uv_is_closing((uv_handle_t *)&s->term))
+        uv_close((uv_handle_t *)&s->term, NULL);
+    if (!uv_is_closing((uv_handle_t *)&s->intr))
+        uv_close((uv_handle_t *)&s->intr, NULL);
+}

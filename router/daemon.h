@@ -1,0 +1,61 @@
+/*
+ * daemon.h: what the ferry-* daemons share around their service code: command-line and config
+ * start-up, "host:port" addresses, the port file tests and scripts read, the Ferry Health
+ * method, and SIGTERM/SIGINT handling (first signal drains, a second one stops at once).
+ */
+#ifndef FERRY_DAEMON_H
+#define FERRY_DAEMON_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include <uv.h>
+
+#include "common.h"
+#include "rpc.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Parses argv over opts (which must include "log-format" and "log-level" string options),
+ * prints --help (returns 0 through *exit_p) and errors (exit 2), and applies the log
+ * settings. *exit_p = -1 when the daemon should run. Thread: main. */
+fy_status_t daemon_config(const fy_opt_t *opts, size_t n_opts, int argc, char **argv,
+                          const char *usage, const char *summary, fy_config_t **cfg_p,
+                          int *exit_p);
+
+/* Splits "host:port" ("[v6]:port" too) into host (cap bytes) and port (0..65535).
+ * FY_ERR_INVALID_ARG otherwise. Thread: any. */
+fy_status_t daemon_hostport(const char *addr, char *host, size_t cap, int *port_p);
+
+/* Writes "port\n" to path (atomically: a temporary file renamed), when path is set. */
+fy_status_t daemon_port_file(const char *path, int port);
+
+/* Serves ferry.v1.Ferry Health on srv: SERVING, or DRAINING while *draining; role is
+ * "router", "prefill" or "decode". Used only by workers: the router serves the whole Ferry
+ * service itself. role and draining are borrowed for the server's lifetime. */
+fy_status_t daemon_health_serve(rpc_server_t *srv, const char *role, const bool *draining);
+
+/* Fills a HealthResponse-shaped answer for the router's own Health method. */
+void daemon_health_answer(rpc_call_t *call, const char *role, bool draining);
+
+/* SIGTERM / SIGINT: the first calls drain(arg), a second one calls stop(arg). Thread: loop. */
+typedef void (*daemon_signal_cb)(void *arg);
+typedef struct {
+    uv_signal_t term, intr;
+    daemon_signal_cb drain, stop;
+    void *arg;
+    int count;
+} daemon_signals_t;
+
+fy_status_t daemon_signals_start(daemon_signals_t *s, uv_loop_t *loop, daemon_signal_cb drain,
+                                 daemon_signal_cb stop, void *arg);
+/* Closes the handles (run the loop afterwards). */
+void daemon_signals_close(daemon_signals_t *s);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FERRY_DAEMON_H */

@@ -1,0 +1,204 @@
+#!/usr/bin/env bash
+# bundle.sh: builds the offline GPU bundle, dist/ferry-bundle/ and dist/ferry-bundle.tar.gz:
+# a release build with CUDA, its binaries, every CUDA test, a few CPU tests that prove the
+# bundle runs, the shared libraries a GPU node may lack, bench/gpu-benchmarks.txt and the GPU
+# check (bin/ferry-gpu-check). Relocatable: every ELF file gets RPATH $ORIGIN/../lib. See
+# docs/gpu.md.
+#
+#   scripts/bundle.sh            (make bundle)
+#
+# Environment: FERRY_BUNDLE_BUILD (build folder, default build-bundle), FERRY_BUNDLE_DIST
+# (default dist), FERRY_BUNDLE_MAX_MIB (size limit, default 60), FERRY_JOBS (ninja -j, 2).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+build=${FERRY_BUNDLE_BUILD:-build-bundle}
+dist=${FERRY_BUNDLE_DIST:-dist}
+max_mib=${FERRY_BUNDLE_MAX_MIB:-60}
+jobs=${FERRY_JOBS:-2}
+name=ferry-bundle
+out="$dist/$name"
+
+die() { echo "bundle: $*" >&2; exit 1; }
+
+# is_elf FILE: true for an ELF binary or library (no dependency on file(1)).
+is_elf() { [ -f "$1" ] && [ "$(head -c 4 "$1" 2>/dev/null | tail -c 3)" = ELF ]; }
+
+for tool in meson ninja patchelf strip ldd tar; do
+  command -v "$tool" >/dev/null || die "$tool is missing (patchelf: apt-get install patchelf)"
+done
+
+# CPU tests shipped with the bundle: each exercises bundled libraries (OpenBLAS, UCX and its
+# transport modules, libuv + nghttp2 + protobuf-c) so that a passing run proves lib/ works.
+cpu_tests=(test_crc32c test_half test_kernels test_kvc_quant test_rpc_loopback
+           test_kvlink_wire test_kvlink_loopback)
+# Environment for a shipped test (tests/<name>.env, KEY=VALUE lines; see gpu-check.sh).
+declare -A test_env=(
+  [test_kvlink_loopback]=$'UCX_TLS=tcp\nUCX_NET_DEVICES=lo'
+)
+# Daemons and tools, shipped when built.
+programs=(ferry ferry-bench ferry-router ferry-prefill ferry-decode)
+
+# ---- Build: its own folder, release, CUDA required. Reconfigure so that new bench_*.c and
+# test_*_cuda sources are picked up.
+if [ -f "$build/build.ninja" ]; then
+  meson setup --reconfigure "$build" -Dbuildtype=release -Dcuda=enabled -Dtests=true >/dev/null
+else
+  meson setup "$build" -Dbuildtype=release -Dcuda=enabled -Dtests=true >/dev/null
+fi
+ninja -C "$build" -j"$jobs"
+
+# ---- Stage.
+rm -rf "$out" "$dist/$name.tar.gz"
+mkdir -p "$out"/{bin,tests,lib/ucx,bench,scripts}
+
+find_exe() { find "$build" -type f -perm -u+x -name "$1" -not -path '*.p/*' | sort | head -n1; }
+
+for p in "${programs[@]}"; do
+  f=$(find_exe "$p")
+  if [ -n "$f" ]; then cp "$f" "$out/bin/"; else echo "bundle: $p not built (skipped)"; fi
+done
+[ -f "$out/bin/ferry-bench" ] || die "ferry-bench was not built"
+
+n_cuda=0
+while IFS= read -r f; do
+  [ -n "$f" ] || continue
+  base=$(basename "$f")
+  [ -e "$out/tests/$base" ] && die "two CUDA tests are named $base"
+  cp "$f" "$out/tests/"
+  n_cuda=$((n_cuda + 1))
+done < <(find "$build/tests" -type f -perm -u+x -name 'test_*_cuda' -not -path '*.p/*' | sort)
+[ "$n_cuda" -gt 0 ] || die "no test_*_cuda built: is CUDA (nvcc) available?"
+
+for t in "${cpu_tests[@]}"; do
+  f=$(find_exe "$t")
+  [ -n "$f" ] || die "CPU test $t was not built"
+  cp "$f" "$out/tests/"
+done
+for t in "${!test_env[@]}"; do
+  printf '%s\n' "${test_env[$t]}" > "$out/tests/$t.env"
+done
+
+cp scripts/gpu-check.sh "$out/bin/ferry-gpu-check"
+cp scripts/gpu-check.sh "$out/scripts/gpu-check.sh"
+cp scripts/bundle.sh "$out/scripts/bundle.sh"
+cp bench/gpu-benchmarks.txt "$out/bench/gpu-benchmarks.txt"
+cp bench/attend_sdpa.py "$out/bench/" # the SDPA baseline of ferry-bench attend
+chmod +x "$out/bin/ferry-gpu-check" "$out/scripts/"*.sh
+
+# ---- Shared libraries. Everything ldd resolves is bundled except glibc, the C++/GCC runtime,
+# the driver and the CUDA toolkit: those come from the node (cuBLAS alone is hundreds of MiB).
+is_system_lib() {
+  case "$1" in
+    linux-vdso.so*|ld-linux*|libc.so*|libm.so*|libdl.so*|libpthread.so*|librt.so*) return 0 ;;
+    libresolv.so*|libutil.so*|libnsl.so*|libanl.so*|libmvec.so*|libBrokenLocale.so*) return 0 ;;
+    libstdc++.so*|libgcc_s.so*|libatomic.so*) return 0 ;;
+    libcuda.so*|libnvidia-*|libcudart.so*|libcublas.so*|libcublasLt.so*|libnccl.so*) return 0 ;;
+    libnvrtc*|libnvJitLink*|libcurand*|libcusparse*|libcusolver*|libcufft*|libnvToolsExt*) return 0 ;;
+  esac
+  return 1
+}
+
+# bundle_deps FILE: copies FILE's non-system dependencies into lib/ (ldd lists the closure).
+bundle_deps() {
+  local line soname path
+  while IFS= read -r line; do
+    case "$line" in
+      *'=> not found'*)
+        soname=${line%% =>*}; soname=${soname//[[:space:]]/}
+        is_system_lib "$soname" || die "$1 needs $soname, which is not found here"
+        continue ;;
+      *'=>'*) ;;
+      *) continue ;;
+    esac
+    soname=${line%% =>*}; soname=${soname//[[:space:]]/}
+    path=${line#*=> }; path=${path%% (*}
+    is_system_lib "$soname" && continue
+    [ -e "$out/lib/$soname" ] || cp -L "$path" "$out/lib/$soname"
+  done < <(ldd "$1")
+}
+
+for f in "$out"/bin/* "$out"/tests/*; do
+  is_elf "$f" || continue
+  bundle_deps "$f"
+done
+
+# UCX loads its transport modules at run time from <dir of libucs>/ucx/. Ship the ones whose
+# own libraries are small and common (shared memory: cma; InfiniBand needs rdma-core, which a
+# node with InfiniBand has, so ib and rdmacm are shipped without it: UCX skips a module whose
+# libraries are missing).
+if [ -e "$out/lib/libucs.so.0" ]; then
+  ucs_real=$(ldd "$out/bin/ferry-bench" | awk '/libucs.so/ {print $3}')
+  ucx_mod_dir=$(dirname "$(readlink -f "$ucs_real")")/ucx
+  for m in "$ucx_mod_dir"/libuct_*.so.0; do
+    [ -e "$m" ] || continue
+    cp -L "$m" "$out/lib/ucx/"
+  done
+  for m in "$out"/lib/ucx/*.so.0; do
+    [ -e "$m" ] || continue
+    while IFS= read -r line; do
+      case "$line" in *'=>'*) ;; *) continue ;; esac
+      soname=${line%% =>*}; soname=${soname//[[:space:]]/}
+      path=${line#*=> }; path=${path%% (*}
+      # Another module (rdmacm needs ib) is found beside it; InfiniBand libraries stay out.
+      case "$soname" in libuct_*|libibverbs*|librdmacm*|libmlx*|libnl-*) continue ;; esac
+      [ "$path" = "not found" ] && continue
+      is_system_lib "$soname" && continue
+      [ -e "$out/lib/$soname" ] || cp -L "$path" "$out/lib/$soname"
+    done < <(ldd "$m")
+  done
+fi
+rmdir "$out/lib/ucx" 2>/dev/null || true
+
+# ---- Strip, then make every ELF file find lib/ relative to itself. DT_RPATH (not RUNPATH)
+# on executables also applies to the libraries they load, and wins over a stale
+# LD_LIBRARY_PATH on the node.
+chmod u+w "$out"/lib/*.so* "$out"/lib/ucx/*.so* 2>/dev/null || true
+for f in "$out"/bin/* "$out"/tests/*; do
+  is_elf "$f" || continue
+  strip --strip-all "$f"
+  patchelf --force-rpath --set-rpath '$ORIGIN/../lib' "$f"
+done
+for f in "$out"/lib/*.so*; do
+  strip --strip-unneeded "$f" 2>/dev/null || true
+  patchelf --force-rpath --set-rpath '$ORIGIN' "$f"
+done
+for f in "$out"/lib/ucx/*.so*; do
+  [ -e "$f" ] || continue
+  strip --strip-unneeded "$f" 2>/dev/null || true
+  patchelf --force-rpath --set-rpath '$ORIGIN:$ORIGIN/..' "$f"
+done
+
+# ---- What was built, from where.
+{
+  echo "ferry bundle"
+  echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -m)"
+  echo "commit: $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$root" diff --quiet HEAD 2>/dev/null || echo ' (modified)')"
+  echo "nvcc: $(nvcc --version 2>/dev/null | sed -n 's/.*release \([^,]*\),.*/\1/p' | head -n1)"
+  echo "glibc (build host): $(getconf GNU_LIBC_VERSION 2>/dev/null)"
+  echo "cuda archs: sm_80, sm_90 (+ compute_90 PTX)"
+  echo
+  echo "node must provide: glibc >= the build host's, libstdc++, NVIDIA driver (libcuda)"
+  echo "  and the CUDA 13 runtime libraries the binaries name:"
+  for f in "$out"/bin/* "$out"/tests/*; do
+    is_elf "$f" || continue
+    readelf -d "$f" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p'
+  done | grep -E '^lib(cudart|cublas|cublasLt|nccl|nvrtc|nvJitLink)' | sort -u | sed 's/^/    /'
+  echo
+  echo "files (bytes):"
+  (cd "$out" && find . -type f ! -name MANIFEST.txt -printf '%s\t%P\n' | sort -k2)
+} > "$out/MANIFEST.txt"
+
+# ---- Size limit (the GPU node takes 64 MiB of transfer in all), then the archive.
+bytes=$(du -sb "$out" | cut -f1)
+mib=$(awk -v b="$bytes" 'BEGIN { printf "%.1f", b / 1048576 }')
+echo "bundle: $out: $mib MiB uncompressed (limit $max_mib MiB)"
+du -sh "$out"/bin "$out"/tests "$out"/lib 2>/dev/null | sed 's/^/bundle:   /'
+if [ "$bytes" -gt $((max_mib * 1048576)) ]; then
+  echo "bundle: largest files:" >&2
+  (cd "$out" && find . -type f -printf '%s\t%P\n' | sort -rn | head -n 10) >&2
+  die "over the $max_mib MiB limit"
+fi
+tar -C "$dist" -czf "$dist/$name.tar.gz" "$name"
+echo "bundle: $dist/$name.tar.gz: $(du -h "$dist/$name.tar.gz" | cut -f1) compressed"

@@ -1,0 +1,254 @@
+// GPU page pool parity: frames placed with kvc_place_cuda into a GPU pool give the same page
+// lists, token counts and page bytes (header plus every used slot at full capacity) as
+// kvc_place into a CPU pool, for every option, rotated and not, with and without MixKVQ
+// protected channels, odd token counts, several layers and heads, pages that fill up, partial
+// groups. The GPU pool is poisoned first so an unwritten byte shows. Placement is
+// all-or-nothing (exhaustion, mismatch, a layer twice). Exits 77 without a GPU.
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+
+#include <stdio.h>
+
+#include "kvcodec_cuda.h"
+#include "kvtest.h"
+
+#if FY_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#define CK(call) assert_int_equal((int)(call), (int)cudaSuccess)
+
+typedef struct {
+    const char *policy;
+    double budget;
+    int rotate; // -1: as the policy says
+    uint32_t protect, n_heads, n_kv, n, d, n_layers;
+    size_t page_bytes;
+} pcase_t;
+
+/* Bytes of a page that carry meaning: the header and each used slot at full capacity (the
+ * padding between a slot's group bytes and slot_bytes is never written, on either side). */
+static size_t page_meaningful(const uint8_t *pg, uint32_t d, uint32_t P, size_t slot_bytes,
+                              size_t *ranges, size_t max_ranges)
+{
+    kvc_opt_t o = (kvc_opt_t)pg[0];
+    uint32_t n_slots = (uint32_t)(pg[4] | (pg[5] << 8));
+    uint32_t gs = (uint32_t)(pg[8] | (pg[9] << 8));
+    size_t gb;
+    if (o == KVC_OPT_F16) {
+        gb = 4 * (size_t)d;
+    } else {
+        size_t rk = (size_t)d * kvc_opt_kbits(o) / 8, rv = (size_t)d * kvc_opt_vbits(o) / 8;
+        gb = 4 * (size_t)d + 4 * (size_t)gs + gs * (rk + rv);
+        if (P && o >= KVC_OPT_Q4 && o <= KVC_OPT_Q2)
+            gb += 2 * (size_t)P + (size_t)gs * P;
+    }
+    size_t n = 0;
+    ranges[n++] = 0;
+    ranges[n++] = KVC_PAGE_HEADER_BYTES;
+    for (uint32_t s = 0; s < n_slots && n + 2 <= max_ranges; s++) {
+        ranges[n++] = KVC_PAGE_HEADER_BYTES + s * slot_bytes;
+        ranges[n++] = gb;
+    }
+    return n;
+}
+
+static void run_case(const pcase_t *c, uint64_t seed)
+{
+    kvc_policy_t pol;
+    assert_int_equal(kvc_policy_builtin(c->policy, &pol), FY_OK);
+    if (c->rotate >= 0)
+        pol.rotate = c->rotate != 0;
+    pol.protect_channels = c->protect;
+    kvc_pool_params_t pp;
+    kvc_pool_params_default(&pp);
+    pp.head_dim = c->d;
+    pp.group = pol.group;
+    pp.protect = c->protect;
+    pp.page_bytes = c->page_bytes;
+    pp.n_pages = 4096;
+    kvc_pool_t *cpu;
+    kvc_gpu_pool_t *gpu;
+    assert_int_equal(kvc_pool_create(&pp, &cpu), FY_OK);
+    assert_int_equal(kvc_gpu_pool_create(&pp, &gpu), FY_OK);
+    size_t pool_bytes = pp.page_bytes * pp.n_pages;
+    CK(cudaMemset(kvc_gpu_pool_base(gpu), 0xa5, pool_bytes));
+    kvc_seq_t *cs;
+    kvc_gpu_seq_t *gs;
+    assert_int_equal(kvc_seq_create(cpu, c->n_layers, c->n_kv, 0x1234abcd5678ef00ull, 77, &cs),
+                     FY_OK);
+    assert_int_equal(
+        kvc_gpu_seq_create(gpu, c->n_layers, c->n_kv, 0x1234abcd5678ef00ull, 77, &gs), FY_OK);
+
+    kvt_layer_t L;
+    kvt_layer_make(&L, seed, c->n_heads, c->n_kv, c->n, c->d, 32);
+    kvc_encoder_params_t p = kvt_params(&pol, &L, c->n_layers, c->budget);
+    kvc_encoder_t *enc;
+    assert_int_equal(kvc_encoder_create(&p, &enc), FY_OK);
+    size_t cap = kvc_encoder_max_frame_bytes(enc);
+    uint8_t *frame = malloc(cap);
+    uint8_t *dframe;
+    CK(cudaMalloc((void **)&dframe, cap));
+    for (uint32_t l = 0; l < c->n_layers; l++) {
+        kvt_layer_t Ll;
+        kvt_layer_make(&Ll, seed * 31 + l, c->n_heads, c->n_kv, c->n, c->d, 32);
+        kvc_layer_input_t in = kvt_input(&Ll, l);
+        size_t len;
+        assert_int_equal(kvc_encoder_encode_layer(enc, &in, NULL, frame, cap, &len, NULL), FY_OK);
+        kvt_layer_free(&Ll);
+        kvc_frame_t f;
+        assert_int_equal(kvc_frame_parse(frame, len, &f), FY_OK);
+        CK(cudaMemcpy(dframe, frame, len, cudaMemcpyHostToDevice));
+        assert_int_equal(kvc_place(cs, &f), FY_OK);
+        assert_int_equal(kvc_place_cuda(gs, &f, dframe, NULL), FY_OK);
+        assert_true(kvc_gpu_seq_layer_placed(gs, l));
+        // A second placement of the same layer changes nothing.
+        assert_int_equal(kvc_place_cuda(gs, &f, dframe, NULL), FY_ERR_EXISTS);
+    }
+    CK(cudaDeviceSynchronize());
+    assert_int_equal(kvc_gpu_pool_free_count(gpu), kvc_pool_free_count(cpu));
+
+    uint8_t *host = malloc(pool_bytes);
+    CK(cudaMemcpy(host, kvc_gpu_pool_base(gpu), pool_bytes, cudaMemcpyDeviceToHost));
+    size_t ranges[2 * 4096];
+    uint64_t pages_checked = 0;
+    for (uint32_t l = 0; l < c->n_layers; l++) {
+        for (uint32_t h = 0; h < c->n_kv; h++) {
+            uint32_t nc, ng;
+            const kvc_page_id_t *ic = kvc_seq_pages(cs, l, h, &nc);
+            const kvc_page_id_t *ig = kvc_gpu_seq_pages(gs, l, h, &ng);
+            assert_int_equal(nc, ng);
+            assert_int_equal(kvc_seq_n_tokens(cs, l, h), kvc_gpu_seq_n_tokens(gs, l, h));
+            for (uint32_t i = 0; i < nc; i++) {
+                assert_int_equal(ic[i], ig[i]);
+                const uint8_t *pc = kvc_page_data(cpu, ic[i]);
+                const uint8_t *pg = host + (size_t)ig[i] * pp.page_bytes;
+                uint8_t hdr[KVC_PAGE_HEADER_BYTES];
+                assert_int_equal(kvc_gpu_page_header(gpu, ig[i], hdr), FY_OK);
+                assert_memory_equal(hdr, pc, KVC_PAGE_HEADER_BYTES);
+                size_t sb = kvc_gpu_pool_slot_bytes(gpu, (kvc_opt_t)pc[0]);
+                size_t nr = page_meaningful(pc, c->d, c->protect, sb, ranges, 2 * 4096);
+                for (size_t r = 0; r < nr; r += 2) {
+                    if (memcmp(pc + ranges[r], pg + ranges[r], ranges[r + 1]) != 0) {
+                        fprintf(stderr, "%s rot %d P %u n %u d %u: layer %u head %u page %u "
+                                        "(opt %u) range %zu+%zu differs\n",
+                                c->policy, c->rotate, c->protect, c->n, c->d, l, h, ic[i],
+                                pc[0], ranges[r], ranges[r + 1]);
+                        fail();
+                    }
+                }
+                pages_checked++;
+            }
+        }
+    }
+    assert_true(pages_checked > 0);
+    free(host);
+    kvc_seq_destroy(cs);
+    kvc_gpu_seq_destroy(gs);
+    assert_int_equal(kvc_gpu_pool_free_count(gpu), pp.n_pages);
+    kvc_encoder_destroy(enc);
+    kvt_layer_free(&L);
+    free(frame);
+    CK(cudaFree(dframe));
+    kvc_pool_destroy(cpu);
+    kvc_gpu_pool_destroy(gpu);
+}
+
+static void test_parity(void **state)
+{
+    (void)state;
+    static const pcase_t cases[] = {
+        {"ferry", 0.25, -1, 0, 8, 2, 301, 64, 2, 8192},
+        {"ferry", 0.25, 0, 0, 8, 2, 301, 64, 2, 8192},
+        {"ferry", 0.125, 1, 4, 9, 3, 517, 64, 3, 16384},
+        {"ferry", 0.0625, 0, 7, 4, 1, 1001, 128, 2, 32768},
+        {"fp16", -1, 0, 0, 4, 2, 133, 64, 2, 8192},
+        {"int8", -1, 0, 0, 4, 2, 299, 64, 2, 8192},
+        {"int4", -1, 1, 0, 6, 3, 77, 128, 2, 32768},
+        {"int4", -1, 0, 3, 6, 3, 77, 128, 2, 32768},
+        {"kivi2", -1, 0, 0, 4, 2, 333, 64, 2, 16384},
+        {"kivi2", -1, 1, 5, 4, 2, 333, 64, 2, 16384},
+        {"snapkv", 0.25, 0, 0, 4, 2, 257, 64, 2, 8192},
+        {"spectrum3", 0.25, 0, 0, 8, 4, 95, 64, 4, 8192},
+        {"pdtrim", 0.25, 0, 0, 4, 4, 255, 96, 2, 16384},
+        {"ferry", 0.5, 1, 0, 2, 1, 37, 32, 2, 4096},
+        {"ferry", 0.25, 0, 2, 8, 8, 2049, 64, 1, 65536},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+        run_case(&cases[i], 1000 + i);
+}
+
+/* Exhaustion leaves pool and sequence unchanged; a mismatched frame is refused. */
+static void test_all_or_nothing(void **state)
+{
+    (void)state;
+    kvc_policy_t pol;
+    assert_int_equal(kvc_policy_builtin("int8", &pol), FY_OK);
+    kvt_layer_t L;
+    kvt_layer_make(&L, 5, 4, 2, 300, 64, 32);
+    kvc_encoder_params_t p = kvt_params(&pol, &L, 1, -1);
+    kvc_encoder_t *enc;
+    assert_int_equal(kvc_encoder_create(&p, &enc), FY_OK);
+    size_t cap = kvc_encoder_max_frame_bytes(enc), len;
+    uint8_t *frame = malloc(cap), *dframe;
+    kvc_layer_input_t in = kvt_input(&L, 0);
+    assert_int_equal(kvc_encoder_encode_layer(enc, &in, NULL, frame, cap, &len, NULL), FY_OK);
+    kvc_frame_t f;
+    assert_int_equal(kvc_frame_parse(frame, len, &f), FY_OK);
+    CK(cudaMalloc((void **)&dframe, len));
+    CK(cudaMemcpy(dframe, frame, len, cudaMemcpyHostToDevice));
+
+    kvc_pool_params_t pp;
+    kvc_pool_params_default(&pp);
+    pp.head_dim = 64;
+    pp.page_bytes = 8192;
+    pp.n_pages = 4;
+    kvc_gpu_pool_t *gpu;
+    assert_int_equal(kvc_gpu_pool_create(&pp, &gpu), FY_OK);
+    uint32_t need;
+    assert_int_equal(kvc_gpu_pool_pages_needed(gpu, &f, &need), FY_OK);
+    assert_true(need > 4);
+    kvc_gpu_seq_t *s;
+    assert_int_equal(kvc_gpu_seq_create(gpu, 1, 2, 0x1234abcd5678ef00ull, 77, &s), FY_OK);
+    assert_int_equal(kvc_place_cuda(s, &f, dframe, NULL), FY_ERR_RESOURCE_EXHAUSTED);
+    assert_int_equal(kvc_gpu_pool_free_count(gpu), 4);
+    assert_false(kvc_gpu_seq_layer_placed(s, 0));
+    assert_int_equal(kvc_gpu_seq_n_tokens(s, 0, 0), 0);
+    kvc_gpu_seq_destroy(s);
+    // Another sequence id, another model, another head count: refused.
+    assert_int_equal(kvc_gpu_seq_create(gpu, 1, 2, 0x1234abcd5678ef00ull, 78, &s), FY_OK);
+    assert_int_equal(kvc_place_cuda(s, &f, dframe, NULL), FY_ERR_MISMATCH);
+    kvc_gpu_seq_destroy(s);
+    assert_int_equal(kvc_gpu_seq_create(gpu, 1, 3, 0x1234abcd5678ef00ull, 77, &s), FY_OK);
+    assert_int_equal(kvc_place_cuda(s, &f, dframe, NULL), FY_ERR_MISMATCH);
+    kvc_gpu_seq_destroy(s);
+    assert_int_equal(kvc_gpu_pool_free_count(gpu), 4);
+    kvc_gpu_pool_destroy(gpu);
+    // Bad pool parameters are refused like the CPU pool's.
+    pp.page_bytes = 100;
+    assert_int_equal(kvc_gpu_pool_create(&pp, &gpu), FY_ERR_INVALID_ARG);
+    CK(cudaFree(dframe));
+    free(frame);
+    kvc_encoder_destroy(enc);
+    kvt_layer_free(&L);
+}
+#endif
+
+int main(void)
+{
+#if !FY_HAVE_CUDA
+    printf("SKIP: built without CUDA\n");
+    return 77;
+#else
+    if (fy_cuda_device_count() == 0) {
+        printf("SKIP: no CUDA device\n");
+        return 77;
+    }
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_parity),
+        cmocka_unit_test(test_all_or_nothing),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+#endif
+}
