@@ -599,11 +599,10 @@ int bench_quality_main(int argc, char **argv)
         cJSON_AddItemToObject(root, "niah_trials", trials);
         trials = NULL;
     }
-    for (int k = 0; k < 2; k++) {
-        if (outs[k] != NULL)
-            fprintf(outs[k], "%s%s; %s; %.0f s.\n", k ? "Command: `" : "", cmd,
-                    machine, secs);
-    }
+    if (md != NULL)
+        fprintf(md, "Command: `%s`\n\nMachine: %s. Date: %s. Wall time: %.0f s.\n", cmd, machine,
+                date, secs);
+    printf("%s\n%s, %s, %.0f s\n", cmd, machine, date, secs);
     if (md != NULL)
         fclose(md);
     rc = 0;

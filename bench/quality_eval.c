@@ -40,15 +40,12 @@ fy_status_t qual_config_builtin(const char *name, double budget, qual_config_t *
         if (st != FY_OK)
             return st;
     }
-    if (!qual_policy_has_budget(&c.policy)) {
-        c.budget = -1;
+    if (!qual_policy_has_budget(&c.policy) || c.sinks_only) {
+        c.budget = -1; // sinks: fitted per context
         snprintf(c.label, sizeof(c.label), "%s", name);
     } else {
         c.budget = budget >= 0 ? budget : c.policy.budget;
-        if (c.sinks_only)
-            snprintf(c.label, sizeof(c.label), "sinks");
-        else
-            snprintf(c.label, sizeof(c.label), "%s@%g", name, c.budget);
+        snprintf(c.label, sizeof(c.label), "%s@%g", name, c.budget);
     }
     *cfg_p = c;
     return FY_OK;
@@ -85,8 +82,7 @@ typedef struct {
     qual_code_info_t info;
     double lambda_sum;
     int n_lambda;
-    kvc_pool_t *pool;       // QUAL_DECODE_KVC
-    kvc_seq_t *seq;
+    kvc_seq_t *seq;         // QUAL_DECODE_KVC
     mdl_kv_seq_t *kseq;     // QUAL_DECODE_DEQUANT
 } row_t;
 
@@ -110,6 +106,10 @@ struct qual_batch {
     uint8_t *frame_buf;     // one frame of the largest size
     uint8_t *frame_buf2;    // a second one for one-layer rows
     size_t frame_cap;
+    uint32_t group, protect; // G and P of every row's frames (one page pool takes them all)
+    kvc_pool_t *pool;       // QUAL_DECODE_KVC: every row's pages
+    kvc_seq_t **seqs;       // [n_all]
+    int32_t *step_pos;      // [n_all]
     mdl_kv_t *kv;           // QUAL_DECODE_DEQUANT page pool
     mdl_kv_seq_t **kseqs;   // [n_all]
 };
@@ -144,14 +144,16 @@ static void batch_reset(qual_batch_t *b)
         }
         kvc_seq_destroy(w->seq);
         w->seq = NULL;
-        kvc_pool_destroy(w->pool);
-        w->pool = NULL;
+        b->seqs[r] = NULL;
         mdl_kv_seq_destroy(w->kseq);
         w->kseq = NULL;
+        b->kseqs[r] = NULL;
         memset(&w->info, 0, sizeof(w->info));
         w->lambda_sum = 0;
         w->n_lambda = 0;
     }
+    kvc_pool_destroy(b->pool);
+    b->pool = NULL;
     mdl_kv_destroy(b->kv);
     b->kv = NULL;
     free(b->k16), free(b->v16), free(b->qwin), free(b->frame_buf), free(b->frame_buf2);
@@ -176,6 +178,8 @@ void qual_batch_destroy(qual_batch_t *b)
     }
     free(b->rows);
     free(b->kseqs);
+    free(b->seqs);
+    free(b->step_pos);
     free(b->step_tokens);
     free(b->step_logits);
     free(b);
@@ -190,8 +194,11 @@ fy_status_t qual_batch_create(mdl_ctx_t *ctx, const mdl_model_t *model, qual_dec
     const mdl_config_t *c = mdl_model_config(model);
     for (int i = 0; i < n_cfg; i++) {
         char err[128];
+        // One page pool takes every row, so every policy has the same G and P.
         if (kvc_policy_validate(&cfgs[i].policy, err, sizeof(err)) != FY_OK ||
-            cfgs[i].only_layer < -1 || cfgs[i].only_layer >= c->n_layers)
+            cfgs[i].only_layer < -1 || cfgs[i].only_layer >= c->n_layers ||
+            cfgs[i].policy.group != cfgs[0].policy.group ||
+            cfgs[i].policy.protect_channels != cfgs[0].policy.protect_channels)
             return FY_ERR_INVALID_ARG;
     }
     qual_batch_t *b = calloc(1, sizeof(*b));
@@ -213,13 +220,20 @@ fy_status_t qual_batch_create(mdl_ctx_t *ctx, const mdl_model_t *model, qual_dec
                          : NULL;
     b->rows = calloc((size_t)b->n_all, sizeof(row_t));
     b->kseqs = calloc((size_t)b->n_all, sizeof(mdl_kv_seq_t *));
-    if (b->rows == NULL || b->kseqs == NULL || b->step_tokens == NULL ||
+    b->seqs = calloc((size_t)b->n_all, sizeof(kvc_seq_t *));
+    b->step_pos = malloc(sizeof(int32_t) * (size_t)b->n_all);
+    if (b->rows == NULL || b->kseqs == NULL || b->seqs == NULL || b->step_pos == NULL ||
+        b->step_tokens == NULL ||
         (b->n_all > b->n_rows && b->step_logits == NULL)) {
         qual_batch_destroy(b);
         return FY_ERR_NO_MEMORY;
     }
     qual_config_builtin("fp16", -1, &b->rows[0].cfg);
     snprintf(b->rows[0].cfg.label, sizeof(b->rows[0].cfg.label), "reference (fp16)");
+    b->group = n_cfg > 0 ? cfgs[0].policy.group : b->rows[0].cfg.policy.group;
+    b->protect = n_cfg > 0 ? cfgs[0].policy.protect_channels : 0;
+    b->rows[0].cfg.policy.group = b->group; // 16/16 frames carry G and P only in their header
+    b->rows[0].cfg.policy.protect_channels = b->protect;
     for (int i = 0; i < n_cfg; i++)
         b->rows[i + 1].cfg = cfgs[i];
     if (b->n_all > b->n_rows)
@@ -325,12 +339,17 @@ static double sinks_budget(const mdl_config_t *c, const kvc_policy_t *p, int n)
 static fy_status_t make_encoders(qual_batch_t *b, int n, const kvc_policy_t *fp16)
 {
     const mdl_config_t *c = b->c;
+    // One-layer rows' other layers: FP16 frames with the batch's G and P.
+    kvc_policy_t f16 = *fp16;
+    f16.group = b->group;
+    f16.protect_channels = b->protect;
     for (int r = 0; r < b->n_all; r++) {
         row_t *w = &b->rows[r];
         kvc_encoder_params_t p;
         kvc_encoder_params_default(&p);
         p.policy = &w->cfg.policy;
-        p.budget = qual_policy_has_budget(&w->cfg.policy) ? w->cfg.budget : -1;
+        p.budget = qual_policy_has_budget(&w->cfg.policy) && w->cfg.budget >= 0 ? w->cfg.budget
+                                                                                : -1;
         p.n_layers = (uint32_t)c->n_layers;
         p.n_heads = (uint32_t)c->n_heads;
         p.n_kv_heads = (uint32_t)c->n_kv_heads;
@@ -342,7 +361,7 @@ static fy_status_t make_encoders(qual_batch_t *b, int n, const kvc_policy_t *fp1
             p.budget = sinks_budget(c, &w->cfg.policy, n);
         fy_status_t st = kvc_encoder_create(&p, &w->enc);
         if (st == FY_OK && w->cfg.only_layer >= 0) {
-            p.policy = fp16;
+            p.policy = &f16;
             p.budget = -1;
             st = kvc_encoder_create(&p, &w->enc16);
         }
@@ -354,47 +373,53 @@ static fy_status_t make_encoders(qual_batch_t *b, int n, const kvc_policy_t *fp1
     return FY_OK;
 }
 
-/* Places row r's frames into a pool sized for them plus max_new appended tokens. */
-static fy_status_t place_row(qual_batch_t *b, row_t *w, uint64_t seq_id, int max_new)
+/* Parses every row's frames, sizes one pool for them plus max_new appended tokens per
+ * (row, layer, head), and places each row into its own sequence. */
+static fy_status_t place_rows(qual_batch_t *b, int max_new)
 {
     const mdl_config_t *c = b->c;
     kvc_pool_params_t pp;
     kvc_pool_params_default(&pp);
     pp.head_dim = (uint32_t)c->head_dim;
-    pp.group = w->cfg.policy.group;
-    pp.protect = w->cfg.policy.protect_channels;
+    pp.group = b->group;
+    pp.protect = b->protect;
     pp.n_pages = 1;
     kvc_pool_t *probe;
     fy_status_t st = kvc_pool_create(&pp, &probe);
     if (st != FY_OK)
         return st;
+    size_t nf = (size_t)b->n_all * c->n_layers;
+    kvc_frame_t *f = calloc(nf, sizeof(kvc_frame_t)); // [n_all][n_layers]
     uint64_t need = 0;
-    kvc_frame_t *f = calloc((size_t)c->n_layers, sizeof(kvc_frame_t));
-    if (f == NULL) {
-        kvc_pool_destroy(probe);
-        return FY_ERR_NO_MEMORY;
-    }
-    for (int l = 0; l < c->n_layers && st == FY_OK; l++) {
+    if (f == NULL)
+        st = FY_ERR_NO_MEMORY;
+    for (size_t i = 0; i < nf && st == FY_OK; i++) {
+        row_t *w = &b->rows[i / (size_t)c->n_layers];
+        size_t l = i % (size_t)c->n_layers;
         uint32_t np = 0;
-        st = kvc_frame_parse(w->frames[l], w->frame_len[l], &f[l]);
+        st = kvc_frame_parse(w->frames[l], w->frame_len[l], &f[i]);
         if (st == FY_OK)
-            st = kvc_pool_pages_needed(probe, &f[l], &np);
+            st = kvc_pool_pages_needed(probe, &f[i], &np);
         need += np;
     }
-    uint32_t tail = (uint32_t)((max_new + kvc_pool_page_tokens(probe, KVC_OPT_F16) - 1) /
-                               kvc_pool_page_tokens(probe, KVC_OPT_F16)) + 1;
+    uint32_t tail_tokens = kvc_pool_page_tokens(probe, KVC_OPT_F16);
     kvc_pool_destroy(probe);
-    need += (uint64_t)tail * c->n_layers * c->n_kv_heads;
+    // The FP16 tail: max_new tokens per (row, layer, head), plus the page each starts on.
+    need += (uint64_t)b->n_all * c->n_layers * c->n_kv_heads *
+            (((uint64_t)max_new + tail_tokens - 1) / tail_tokens + 1);
     if (st == FY_OK && need > UINT32_MAX)
         st = FY_ERR_OUT_OF_RANGE;
-    pp.n_pages = (uint32_t)need;
+    pp.n_pages = (uint32_t)FY_MAX(need, 1);
     if (st == FY_OK)
-        st = kvc_pool_create(&pp, &w->pool);
-    if (st == FY_OK)
-        st = kvc_seq_create(w->pool, (uint32_t)c->n_layers, (uint32_t)c->n_kv_heads,
-                            QUAL_FINGERPRINT, seq_id, &w->seq);
-    for (int l = 0; l < c->n_layers && st == FY_OK; l++)
-        st = kvc_place(w->seq, &f[l]);
+        st = kvc_pool_create(&pp, &b->pool);
+    for (int r = 0; r < b->n_all && st == FY_OK; r++) {
+        row_t *w = &b->rows[r];
+        st = kvc_seq_create(b->pool, (uint32_t)c->n_layers, (uint32_t)c->n_kv_heads,
+                            QUAL_FINGERPRINT, (uint64_t)r + 1, &w->seq);
+        b->seqs[r] = w->seq;
+        for (int l = 0; l < c->n_layers && st == FY_OK; l++)
+            st = kvc_place(w->seq, &f[(size_t)r * c->n_layers + l]);
+    }
     free(f);
     return st;
 }
@@ -459,11 +484,11 @@ fy_status_t qual_batch_start(qual_batch_t *b, const int32_t *tokens, int n, int 
         kp.n_pages = b->n_all * mdl_kv_pages_for(&kp, (int64_t)n + max_new);
         st = mdl_kv_create(&kp, &b->kv);
     }
-    for (int r = 0; r < b->n_all && st == FY_OK; r++) {
-        row_t *w = &b->rows[r];
-        st = b->mode == QUAL_DECODE_KVC ? place_row(b, w, (uint64_t)r + 1, max_new)
-                                        : load_row_dequant(b, w, n);
-        b->kseqs[r] = w->kseq;
+    if (st == FY_OK && b->mode == QUAL_DECODE_KVC)
+        st = place_rows(b, max_new);
+    for (int r = 0; r < b->n_all && st == FY_OK && b->mode == QUAL_DECODE_DEQUANT; r++) {
+        st = load_row_dequant(b, &b->rows[r], n);
+        b->kseqs[r] = b->rows[r].kseq;
     }
     // The frames are placed (or loaded); only the coding facts are kept.
     for (int r = 0; r < b->n_all; r++) {
@@ -499,7 +524,11 @@ fy_status_t qual_batch_step(qual_batch_t *b, const int32_t *tokens, float *logit
     if (b->mode == QUAL_DECODE_DEQUANT) {
         st = mdl_decode(b->ctx, b->kseqs, b->step_tokens, b->n_all, out);
     } else {
-        st = FY_ERR_UNSUPPORTED; // decode over compressed pages: model/decode_kvc.c
+        // Every row continues at the same RoPE position, whatever it evicted.
+        for (int r = 0; r < b->n_all; r++)
+            b->step_pos[r] = (int32_t)b->pos;
+        st = mdl_decode_kvc(b->ctx, b->pool, b->seqs, b->step_pos, b->step_tokens, b->n_all,
+                            out);
     }
     if (st == FY_OK && out != logits)
         memcpy(logits, out, sizeof(float) * (size_t)b->n_rows * (size_t)b->c->n_vocab);
