@@ -84,7 +84,15 @@ cp scripts/gpu-check.sh "$out/bin/ferry-gpu-check"
 cp scripts/gpu-check.sh "$out/scripts/gpu-check.sh"
 cp scripts/bundle.sh "$out/scripts/bundle.sh"
 cp bench/gpu-benchmarks.txt "$out/bench/gpu-benchmarks.txt"
-cp bench/attend_sdpa.py "$out/bench/" # the SDPA baseline of ferry-bench attend
+# Files of the source tree that a benchmark line names (bench/attend_sdpa.py...), so the
+# commands find them relative to the bundle root as they would in a checkout.
+while IFS= read -r f; do
+  [ -f "$f" ] || die "bench/gpu-benchmarks.txt names $f, which does not exist"
+  mkdir -p "$out/$(dirname "$f")"
+  cp "$f" "$out/$f"
+done < <(grep -v '^[[:space:]]*#' bench/gpu-benchmarks.txt | cut -s -d'|' -f2- |
+         grep -oE '(^|[[:space:]])(bench|scripts|tests)/[A-Za-z0-9_./-]+' |
+         sed 's/^[[:space:]]*//' | sort -u)
 chmod +x "$out/bin/ferry-gpu-check" "$out/scripts/"*.sh
 
 # ---- Shared libraries. Everything ldd resolves is bundled except glibc, the C++/GCC runtime,
