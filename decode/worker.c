@@ -789,7 +789,8 @@ static uint64_t pages_for(const decode_worker_t *w, uint32_t prompt, uint32_t ma
         uint64_t est = (wire_bytes + wire_bytes / 8 + payload - 1) / payload + lists;
         prompt_pages = FY_MIN(fp16 + lists * (KVC_OPT_DROP - 1), est);
     }
-    return prompt_pages + lists * ((max_new + tpp - 1) / tpp + 1);
+    // Appends fill the last FP16 page first, so max_new tokens never take more than this.
+    return prompt_pages + lists * ((max_new + tpp - 1) / tpp);
 }
 
 /* Largest frame of one layer of a prompt (everything FP16) plus slack for headers and maps. */
@@ -1216,8 +1217,8 @@ void decode_worker_params_default(decode_worker_params_t *p)
     memset(p, 0, sizeof(*p));
     p->listen_host = "127.0.0.1";
     p->kv_host = "127.0.0.1";
-    p->kv_memory = 256ull << 20;
-    p->page_bytes = 32u << 10;
+    p->kv_memory = 512ull << 20;
+    p->page_bytes = 16u << 10;
     p->recv_buffer = 64ull << 20;
     p->max_batch = 32;
     p->default_max_tokens = 256;

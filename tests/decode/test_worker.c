@@ -598,7 +598,7 @@ static void test_pool_full(void **state)
     const prompt_t *p = &G.prompts[1];
     // A pool that holds one reservation of this prompt but not two.
     decode_worker_t *small = NULL;
-    assert_int_equal(start_worker(450ull * 32768, &small), FY_OK);
+    assert_int_equal(start_worker(350ull * 16384, &small), FY_OK);
     connect_to(small);
     char id1[32], id2[32], id3[32];
     snprintf(id1, sizeof(id1), "%s", next_id());
@@ -844,7 +844,7 @@ static void test_registers_with_router(void **state)
     assert_string_equal(info.kv_address, want);
     snprintf(want, sizeof(want), "127.0.0.1:%d", decode_worker_rpc_port(w));
     assert_string_equal(info.rpc_address, want);
-    assert_int_equal(info.load.total_kv_pages, (64u << 20) / 32768);
+    assert_int_equal(info.load.total_kv_pages, (64u << 20) / 16384);
     assert_int_equal(info.load.free_kv_pages, info.load.total_kv_pages);
     // Draining reaches the registry with the next heartbeat.
     assert_int_equal(decode_worker_drain(w, 0), 0);
