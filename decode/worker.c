@@ -118,6 +118,7 @@ struct kv_cmd {
 struct decode_worker {
     decode_worker_params_t p;
     char listen_host[64], kv_host[64], advertise_host[64], router_addr[128], worker_id[64];
+    char ucx_tls[128], ucx_devices[128];
     mdl_model_t *own_model;
     const mdl_model_t *model;
     const mdl_config_t *cfg;
@@ -577,7 +578,11 @@ static void *kv_main(void *arg)
 {
     decode_worker_t *w = arg;
     uv_loop_init(&w->kv_loop);
-    fy_status_t st = kvlink_ctx_create(NULL, &w->kv_ctx);
+    kvlink_ctx_params_t kcp;
+    kvlink_ctx_params_default(&kcp);
+    kcp.tls = w->ucx_tls[0] ? w->ucx_tls : NULL;
+    kcp.net_devices = w->ucx_devices[0] ? w->ucx_devices : NULL;
+    fy_status_t st = kvlink_ctx_create(&kcp, &w->kv_ctx);
     if (st == FY_OK) {
         kvlink_params_t kp;
         kvlink_params_default(&kp);
@@ -784,7 +789,8 @@ static uint64_t pages_for(const decode_worker_t *w, uint32_t prompt, uint32_t ma
         uint64_t est = (wire_bytes + wire_bytes / 8 + payload - 1) / payload + lists;
         prompt_pages = FY_MIN(fp16 + lists * (KVC_OPT_DROP - 1), est);
     }
-    return prompt_pages + lists * ((max_new + tpp - 1) / tpp + 1);
+    // Appends fill the last FP16 page first, so max_new tokens never take more than this.
+    return prompt_pages + lists * ((max_new + tpp - 1) / tpp);
 }
 
 /* Largest frame of one layer of a prompt (everything FP16) plus slack for headers and maps. */
@@ -1175,6 +1181,7 @@ static void *rpc_main(void *arg)
                                         .rpc_address = rpc_addr,
                                         .kv_address = kv_addr,
                                         .model_fingerprint = w->fingerprint,
+                                        .heartbeat_ms = w->p.heartbeat_ms,
                                         .load = agent_load,
                                         .load_arg = w};
             st = router_agent_create(&w->rpc_loop, &ap, &w->agent);
@@ -1210,8 +1217,8 @@ void decode_worker_params_default(decode_worker_params_t *p)
     memset(p, 0, sizeof(*p));
     p->listen_host = "127.0.0.1";
     p->kv_host = "127.0.0.1";
-    p->kv_memory = 256ull << 20;
-    p->page_bytes = 32u << 10;
+    p->kv_memory = 512ull << 20;
+    p->page_bytes = 16u << 10;
     p->recv_buffer = 64ull << 20;
     p->max_batch = 32;
     p->default_max_tokens = 256;
@@ -1363,6 +1370,12 @@ fy_status_t decode_worker_create(const decode_worker_params_t *params,
                                                     : w->listen_host;
     snprintf(w->advertise_host, sizeof(w->advertise_host), "%s", adv);
     snprintf(w->router_addr, sizeof(w->router_addr), "%s", p.router != NULL ? p.router : "");
+    snprintf(w->ucx_tls, sizeof(w->ucx_tls), "%s", p.ucx_tls != NULL ? p.ucx_tls : "");
+    snprintf(w->ucx_devices, sizeof(w->ucx_devices), "%s",
+             p.ucx_devices != NULL ? p.ucx_devices : "");
+    p.ucx_tls = p.ucx_devices = NULL;
+    const char *model_path = p.model_path; // used below only, while the caller's string lives
+    p.model_path = NULL;
     p.listen_host = w->listen_host;
     p.kv_host = w->kv_host;
     p.advertise_host = w->advertise_host;
@@ -1376,7 +1389,7 @@ fy_status_t decode_worker_create(const decode_worker_params_t *params,
     } else {
         mdl_model_params_t mp;
         mdl_model_params_default(&mp);
-        mp.path = p.model_path;
+        mp.path = model_path;
         if (mp.path == NULL) {
             st = errf(err, err_len, FY_ERR_INVALID_ARG, "no model given (--model)");
             goto fail;

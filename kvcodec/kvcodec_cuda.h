@@ -80,6 +80,11 @@ fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *enc, const kvc_lay
                                           size_t out_cap, size_t *len_p,
                                           kvc_layer_info_t *info_p, void *stream);
 
+/* Stream time the last encode_layer_cuda spent in its two GPU phases (scoring, rotation and
+ * distortion tables; payload and CRC), in ns; the rest of its wall time is the host's
+ * optimizer and planning. Thread: as the encoder. */
+uint64_t kvc_encoder_cuda_last_gpu_ns(const kvc_encoder_cuda_t *enc);
+
 /* Cumulative frame bytes and the request's byte budget (as kvc_encoder_totals). */
 void kvc_encoder_cuda_totals(const kvc_encoder_cuda_t *enc, uint64_t *bytes_p,
                              uint64_t *budget_p);

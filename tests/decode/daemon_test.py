@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """ferry-decode as a process: --help, a bad flag, a --config file with a flag that overrides
-it, /healthz and /metrics on the RPC port, and SIGTERM draining to a clean exit.
+it, --port-file, /healthz and /metrics on the RPC port, and SIGTERM draining to a clean exit.
 
 usage: daemon_test.py FERRY_DECODE MODEL_PATH
 """
@@ -37,19 +37,24 @@ def main():
         with open(cfg, "w") as f:
             f.write(f"model: {model}\nlisten: 127.0.0.1:0\nkv-listen: 127.0.0.1:0\n"
                     "kv_memory: 64M\nthreads: 2\nmax-batch: 4\n")
-        # The flag overrides the file: 32 MiB of 32 KiB pages.
-        proc = subprocess.Popen([exe, "--config", cfg, "--kv-memory", "32M", "--log-level", "info"],
+        # The flag overrides the file: 32 MiB of 16 KiB pages.
+        port_file = os.path.join(tmp, "port")
+        proc = subprocess.Popen([exe, "--config", cfg, "--kv-memory", "32M", "--log-level", "info",
+                                 "--port-file", port_file],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             line = proc.stdout.readline()
             if "rpc=" not in line:
                 fail(f"no listening line: {line!r} {proc.stderr.read()}")
             port = int(line.split("rpc=")[1].split()[0].rsplit(":", 1)[1])
+            with open(port_file) as f:
+                if int(f.read()) != port:
+                    fail("--port-file disagrees with the listening line")
             status, body = get(port, "/healthz")
             if status != 200 or body.strip() != "ok":
                 fail(f"/healthz: {status} {body!r}")
             status, body = get(port, "/metrics")
-            if status != 200 or "ferry_decode_total_pages 1024" not in body:
+            if status != 200 or "ferry_decode_total_pages 2048" not in body:
                 fail(f"/metrics: {status}: {body[:400]!r}")
             for name in ("ferry_decode_free_pages", "ferry_decode_running_sequences",
                          "ferry_decode_tokens_generated_total", "ferry_decode_step_seconds",

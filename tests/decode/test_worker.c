@@ -7,7 +7,10 @@
 // - a corrupt frame fails that request only (DATA_LOSS), its pages come back, the worker
 //   keeps serving;
 // - a full pool answers RESOURCE_EXHAUSTED; a lease with no KV expires and frees its pages;
-// - Cancel mid-stream ends the Decode call with CANCELLED and frees the pages.
+// - Cancel mid-stream ends the Decode call with CANCELLED and frees the pages;
+// - a seeded sampled stream continues the request's random stream;
+// - draining refuses new reservations and finishes the stream in flight;
+// - with a router address the worker registers and heartbeats.
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -20,6 +23,7 @@
 #include "decode.h"
 #include "ferry.pb-c.h"
 #include "kvlink.h"
+#include "prefill.h"
 #include "prefill_frames.h"
 #include "router.h"
 #include "rpc.h"
@@ -85,6 +89,7 @@ typedef struct {
     char msg[256];
     uint64_t reservation_id, credit;
     bool found;
+    Ferry__V1__PrefillResponse prefill; // scalars of the PrefillResponse
     // Decode stream
     uint32_t tokens[MAX_TOKENS_SEEN];
     int n_tokens;
@@ -101,6 +106,8 @@ static void on_msg(rpc_ccall_t *c, const ProtobufCMessage *m, void *arg)
         const Ferry__V1__ReserveKVResponse *resp = (const Ferry__V1__ReserveKVResponse *)m;
         r->reservation_id = resp->reservation_id;
         r->credit = resp->credit_bytes;
+    } else if (m->descriptor == &ferry__v1__prefill_response__descriptor) {
+        r->prefill = *(const Ferry__V1__PrefillResponse *)m;
     } else if (m->descriptor == &ferry__v1__cancel_response__descriptor) {
         r->found = ((const Ferry__V1__CancelResponse *)m)->found;
     } else if (m->descriptor == &ferry__v1__generate_response__descriptor) {
@@ -125,15 +132,21 @@ static void on_done(rpc_ccall_t *c, int code, const char *msg, void *arg)
     snprintf(r->msg, sizeof(r->msg), "%s", msg != NULL ? msg : "");
 }
 
-static void start_call(call_t *r, const char *method, const ProtobufCMessage *req,
-                       const ProtobufCMessageDescriptor *resp_desc)
+static void start_call_on(rpc_channel_t *ch, call_t *r, const char *method,
+                          const ProtobufCMessage *req, const ProtobufCMessageDescriptor *resp_desc)
 {
     memset(r, 0, sizeof(*r));
     char path[64];
     snprintf(path, sizeof(path), "/ferry.v1.Worker/%s", method);
     rpc_call_opts_t o = {.timeout_ms = 120000, .wait_for_ready = true};
     assert_int_equal(
-        rpc_channel_call(G.ch, path, req, resp_desc, &o, on_msg, on_done, r, &r->call), FY_OK);
+        rpc_channel_call(ch, path, req, resp_desc, &o, on_msg, on_done, r, &r->call), FY_OK);
+}
+
+static void start_call(call_t *r, const char *method, const ProtobufCMessage *req,
+                       const ProtobufCMessageDescriptor *resp_desc)
+{
+    start_call_on(G.ch, r, method, req, resp_desc);
 }
 
 static int reserve(const char *request_id, const prompt_t *p, int policy, uint32_t lease_ms,
@@ -585,7 +598,7 @@ static void test_pool_full(void **state)
     const prompt_t *p = &G.prompts[1];
     // A pool that holds one reservation of this prompt but not two.
     decode_worker_t *small = NULL;
-    assert_int_equal(start_worker(450ull * 32768, &small), FY_OK);
+    assert_int_equal(start_worker(350ull * 16384, &small), FY_OK);
     connect_to(small);
     char id1[32], id2[32], id3[32];
     snprintf(id1, sizeof(id1), "%s", next_id());
@@ -683,6 +696,120 @@ static void test_seeded_sampling_continues(void **state)
     assert_pool_idle(G.w);
 }
 
+// Draining refuses new reservations (UNAVAILABLE) and lets the stream in flight finish.
+static void test_drain_finishes_in_flight(void **state)
+{
+    (void)state;
+    const prompt_t *p = &G.prompts[0];
+    decode_worker_t *w = NULL;
+    assert_int_equal(start_worker(64u << 20, &w), FY_OK);
+    connect_to(w);
+    char id[32];
+    snprintf(id, sizeof(id), "%s", next_id());
+    call_t r, d, r2;
+    assert_int_equal(reserve(id, p, 0, 10000, &r), RPC_CODE_OK);
+    assert_int_equal(send_frames(r.reservation_id, &p->stream[0], -1), FY_OK);
+    start_decode(&d, id, r.reservation_id, p, N_GEN + 1, true);
+    uint64_t end = fy_clock_ns() + 60000000000ull;
+    while (d.n_tokens < 1 && !d.done && fy_clock_ns() < end)
+        uv_run(&G.loop, UV_RUN_ONCE);
+    assert_false(d.done);
+    assert_int_equal(decode_worker_drain(w, 0), 1);
+    snprintf(id, sizeof(id), "%s", next_id());
+    assert_int_equal(reserve(id, p, 0, 10000, &r2), RPC_CODE_UNAVAILABLE);
+    assert_true(run_until(&d.done, 120000));
+    assert_int_equal(d.code, RPC_CODE_OK);
+    assert_int_equal(d.n_tokens, N_GEN);
+    assert_pool_idle(w);
+    assert_int_equal(decode_worker_drain(w, 1000), 0);
+    connect_to(G.w);
+    decode_worker_destroy(w);
+}
+
+// The real prefill worker (prefill/, in this process) sends to the decode worker: FP16 frames
+// give the local greedy run's tokens; the ferry policy at b = 0.25 stays within its budget and
+// decodes.
+static void test_with_prefill_worker(void **state)
+{
+    (void)state;
+    rpc_server_params_t sp;
+    rpc_server_params_default(&sp);
+    rpc_server_t *srv = NULL;
+    assert_int_equal(rpc_server_create(&G.loop, &sp, &srv), FY_OK);
+    prefill_params_t pp;
+    prefill_params_default(&pp);
+    pp.model = G.m;
+    pp.fingerprint = mdl_model_fingerprint(G.m);
+    pp.n_threads = 2;
+    pp.link = G.tx;
+    prefill_t *pf = NULL;
+    assert_int_equal(prefill_create(&G.loop, &pp, &pf), FY_OK);
+    assert_int_equal(prefill_serve(pf, srv), FY_OK);
+    char addr[64];
+    snprintf(addr, sizeof(addr), "127.0.0.1:%d", rpc_server_port(srv));
+    const char *addrs[] = {addr};
+    rpc_channel_params_t cp;
+    rpc_channel_params_default(&cp);
+    cp.addresses = addrs;
+    cp.n_addresses = 1;
+    rpc_channel_t *pch = NULL;
+    assert_int_equal(rpc_channel_create(&G.loop, &cp, &pch), FY_OK);
+
+    static const struct {
+        const char *policy;
+        float budget;
+    } runs[] = {{"fp16", 0}, {"ferry", 0.25f}};
+    for (int k = 0; k < 2; k++) {
+        for (int i = 0; i < N_PROMPTS; i++) {
+            const prompt_t *p = &G.prompts[i];
+            char id[32];
+            snprintf(id, sizeof(id), "%s", next_id());
+            call_t r, pr, d;
+            assert_int_equal(reserve(id, p, k, 10000, &r), RPC_CODE_OK);
+            Ferry__V1__CodecParams codec = FERRY__V1__CODEC_PARAMS__INIT;
+            codec.policy = (char *)runs[k].policy;
+            codec.budget = runs[k].budget;
+            Ferry__V1__PrefillRequest req = FERRY__V1__PREFILL_REQUEST__INIT;
+            req.request_id = id;
+            uint32_t *ids = malloc(sizeof(uint32_t) * (size_t)p->n);
+            for (int t = 0; t < p->n; t++)
+                ids[t] = (uint32_t)p->ids[t];
+            req.n_prompt_token_ids = (size_t)p->n;
+            req.prompt_token_ids = ids;
+            req.codec = &codec;
+            req.decode_kv_address = G.kv_addr;
+            req.reservation_id = r.reservation_id;
+            start_call_on(pch, &pr, "Prefill", &req.base, &ferry__v1__prefill_response__descriptor);
+            free(ids);
+            assert_true(run_until(&pr.done, 120000));
+            if (pr.code != RPC_CODE_OK)
+                fail_msg("Prefill: %s: %s", rpc_code_name(pr.code), pr.msg);
+            assert_int_equal((int32_t)pr.prefill.first_token_id, p->first);
+            start_decode(&d, id, r.reservation_id, p, N_GEN + 1, false);
+            assert_true(run_until(&d.done, 120000));
+            double ratio = (double)pr.prefill.kv_wire_bytes / (double)pr.prefill.kv_raw_bytes;
+            int agree = 0;
+            while (agree < d.n_tokens && agree < p->n_ref && (int32_t)d.tokens[agree] == p->ref[agree])
+                agree++;
+            printf("prefill worker -> decode worker, %s b=%.2f, prompt %d: wire/raw %.3f, "
+                   "%d tokens, first %d equal the local greedy run\n",
+                   runs[k].policy, runs[k].budget, i, ratio, d.n_tokens, agree);
+            assert_int_equal(d.code, RPC_CODE_OK);
+            if (k == 0) {
+                assert_same_as_local(&d, p);
+            } else {
+                assert_true(d.n_tokens > 0);
+                assert_true(ratio <= 0.25 + 1e-9);
+            }
+            assert_pool_idle(G.w);
+        }
+    }
+    rpc_channel_destroy(pch);
+    prefill_destroy(pf);
+    rpc_server_destroy(srv);
+    run_for(50);
+}
+
 // With --router the worker registers (RPC and KV addresses, the model's fingerprint, its free
 // pages), heartbeats its load, and announces draining.
 static void test_registers_with_router(void **state)
@@ -717,7 +844,7 @@ static void test_registers_with_router(void **state)
     assert_string_equal(info.kv_address, want);
     snprintf(want, sizeof(want), "127.0.0.1:%d", decode_worker_rpc_port(w));
     assert_string_equal(info.rpc_address, want);
-    assert_int_equal(info.load.total_kv_pages, (64u << 20) / 32768);
+    assert_int_equal(info.load.total_kv_pages, (64u << 20) / 16384);
     assert_int_equal(info.load.free_kv_pages, info.load.total_kv_pages);
     // Draining reaches the registry with the next heartbeat.
     assert_int_equal(decode_worker_drain(w, 0), 0);
@@ -744,6 +871,8 @@ int main(void)
         cmocka_unit_test(test_cancel_mid_stream),
         cmocka_unit_test(test_pool_full),
         cmocka_unit_test(test_seeded_sampling_continues),
+        cmocka_unit_test(test_drain_finishes_in_flight),
+        cmocka_unit_test(test_with_prefill_worker),
         cmocka_unit_test(test_registers_with_router),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
