@@ -114,24 +114,35 @@ __device__ __forceinline__ float code_f(uint32_t c)
     return __uint_as_float(0x4b000000u | c) - 8388608.0f;
 }
 
+/* Byte i of x as a float (a code < 256): the byte placed in the mantissa of 2^23 with one
+ * byte permute, minus 2^23. */
+__device__ __forceinline__ float byte_f(uint32_t x, int i)
+{
+    return __uint_as_float(__byte_perm(x, 0x4b000000u, 0x7440u | (uint32_t)i)) - 8388608.0f;
+}
+
 /* Eight codes of `bits` bits for channels c .. c+7 of a packed row (c a multiple of 8, so the
  * byte offset c * bits / 8 is aligned to the load size). */
 __device__ __forceinline__ void load8_codes(const uint8_t *row, uint32_t c, int bits, float *x)
 {
     if (bits == 8) {
-        uint2 u = *reinterpret_cast<const uint2 *>(row + c);
+        const uint2 u = *reinterpret_cast<const uint2 *>(row + c);
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            x[i] = code_f((u.x >> (8 * i)) & 0xffu);
-            x[4 + i] = code_f((u.y >> (8 * i)) & 0xffu);
+            x[i] = byte_f(u.x, i);
+            x[4 + i] = byte_f(u.y, i);
         }
     } else if (bits == 4) {
-        uint32_t u = *reinterpret_cast<const uint32_t *>(row + c / 2);
+        // Even channels are the low nibbles, odd channels the high ones.
+        const uint32_t u = *reinterpret_cast<const uint32_t *>(row + c / 2);
+        const uint32_t lo = u & 0x0f0f0f0fu, hi = (u >> 4) & 0x0f0f0f0fu;
 #pragma unroll
-        for (int i = 0; i < 8; i++)
-            x[i] = code_f((u >> (4 * i)) & 15u);
+        for (int i = 0; i < 4; i++) {
+            x[2 * i] = byte_f(lo, i);
+            x[2 * i + 1] = byte_f(hi, i);
+        }
     } else {
-        uint32_t u = *reinterpret_cast<const uint16_t *>(row + c / 4);
+        const uint32_t u = *reinterpret_cast<const uint16_t *>(row + c / 4);
 #pragma unroll
         for (int i = 0; i < 8; i++)
             x[i] = code_f((u >> (2 * i)) & 3u);
