@@ -645,6 +645,77 @@ static void test_pool_full(void **state)
     decode_worker_destroy(small);
 }
 
+// Many requests at once, joining and leaving the batch at different times: FP16 ones give
+// the local greedy tokens, every fourth is cancelled after its first token, and afterwards
+// every page is back.
+static void test_many_concurrent(void **state)
+{
+    (void)state;
+    enum { N = 16 };
+    static call_t r[N], d[N];
+    char ids[N][32];
+    decode_worker_stats_t before, after;
+    decode_worker_stats(G.w, &before);
+    for (int i = 0; i < N; i++) {
+        const prompt_t *p = &G.prompts[i % N_PROMPTS];
+        snprintf(ids[i], sizeof(ids[i]), "%s", next_id());
+        assert_int_equal(reserve(ids[i], p, 0, 30000, &r[i]), RPC_CODE_OK);
+        // Half the Decode calls come before their KV, half after.
+        if (i % 2 == 0)
+            start_decode(&d[i], ids[i], r[i].reservation_id, p, N_GEN + 1, false);
+    }
+    for (int i = 0; i < N; i++) {
+        const prompt_t *p = &G.prompts[i % N_PROMPTS];
+        assert_int_equal(send_frames(r[i].reservation_id, &p->stream[i % 3 == 0 ? 1 : 0], -1),
+                         FY_OK);
+        if (i % 2 == 1)
+            start_decode(&d[i], ids[i], r[i].reservation_id, p, N_GEN + 1, false);
+    }
+    bool cancelled[N] = {false};
+    uint64_t end = fy_clock_ns() + 300000000000ull;
+    for (;;) {
+        bool all = true;
+        for (int i = 0; i < N; i++) {
+            if (i % 4 == 3 && !cancelled[i] && (d[i].n_tokens > 0 || d[i].done)) {
+                cancelled[i] = true;
+                cancel(ids[i]);
+            }
+            all = all && d[i].done;
+        }
+        if (all || fy_clock_ns() > end)
+            break;
+        uv_run(&G.loop, UV_RUN_ONCE);
+    }
+    decode_worker_stats(G.w, &after);
+    int n_cancelled = 0;
+    for (int i = 0; i < N; i++) {
+        const prompt_t *p = &G.prompts[i % N_PROMPTS];
+        assert_true(d[i].done);
+        if (i % 4 == 3 && d[i].code == RPC_CODE_CANCELLED) {
+            n_cancelled++;
+            continue;
+        }
+        assert_int_equal(d[i].code, RPC_CODE_OK); // finished before the cancel came, or not
+        if (i % 3 != 0 && i % 4 != 3) { // FP16 frames, not cancelled
+            if (d[i].n_tokens != p->n_ref) {
+                printf("request %d (prompt %d): %d tokens, finish %d:", i, i % N_PROMPTS,
+                       d[i].n_tokens, d[i].finish_reason);
+                for (int k = 0; k < d[i].n_tokens; k++)
+                    printf(" %u", d[i].tokens[k]);
+                printf(" | local:");
+                for (int k = 0; k < p->n_ref; k++)
+                    printf(" %d", p->ref[k]);
+                printf("\n");
+            }
+            assert_same_as_local(&d[i], p);
+        }
+    }
+    printf("%d concurrent requests: %d cancelled mid-stream, %llu tokens in %llu steps\n", N,
+           n_cancelled, (unsigned long long)(after.tokens_generated - before.tokens_generated),
+           (unsigned long long)(after.steps - before.steps));
+    assert_pool_idle(G.w);
+}
+
 // A seeded sampled run continues the request's random stream: the worker skips the draw the
 // prefill side made for the first token, so the stream equals a local run with that seed.
 static void test_seeded_sampling_continues(void **state)
@@ -895,6 +966,7 @@ int main(void)
         cmocka_unit_test(test_lease_expires),
         cmocka_unit_test(test_cancel_mid_stream),
         cmocka_unit_test(test_pool_full),
+        cmocka_unit_test(test_many_concurrent),
         cmocka_unit_test(test_seeded_sampling_continues),
         cmocka_unit_test(test_drain_finishes_in_flight),
         cmocka_unit_test(test_with_prefill_worker),
