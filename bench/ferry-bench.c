@@ -17,6 +17,7 @@ BENCH_DECL(model)
 BENCH_DECL(rpc)
 BENCH_DECL(quality)
 BENCH_DECL(e2e)
+BENCH_DECL(attend)
 
 #ifndef FY_BENCH_HAVE_CODEC
 #define bench_codec_main NULL
@@ -36,6 +37,9 @@ BENCH_DECL(e2e)
 #ifndef FY_BENCH_HAVE_E2E
 #define bench_e2e_main NULL
 #endif
+#ifndef FY_BENCH_HAVE_ATTEND
+#define bench_attend_main NULL
+#endif
 
 static const struct {
     const char *name;
@@ -48,6 +52,7 @@ static const struct {
     {"rpc", bench_rpc_main, "gRPC unary calls/s and streamed messages/s vs grpcio"},
     {"quality", bench_quality_main, "dPPL, top-1 agreement, KL and NIAH per policy and budget"},
     {"e2e", bench_e2e_main, "TTFT, TPOT, throughput on a cluster under a link limit"},
+    {"attend", bench_attend_main, "GPU decode attention over compressed pages vs FP16, SDPA"},
 };
 
 static void usage(FILE *out)

@@ -70,6 +70,73 @@ uint64_t decode_leases_available(decode_leases_t *leases);
 /* Live reservations. */
 size_t decode_leases_count(decode_leases_t *leases);
 
+
+/* ------------------------------------------------------------------------------------------ */
+/* The decode worker (worker.c)                                                                */
+/* ------------------------------------------------------------------------------------------ */
+
+struct mdl_model;
+
+typedef struct decode_worker decode_worker_t;
+
+typedef struct {
+    const char *model_path;      // GGUF file, loaded at create, unless model is set
+    const struct mdl_model *model; // an already loaded model (borrowed; outlives the worker)
+    const char *listen_host;     // RPC (gRPC + /metrics), default "127.0.0.1"
+    int listen_port;             // 0 = pick a free port
+    const char *kv_host;         // kvlink (UCX) listener, default "127.0.0.1"
+    int kv_port;                 // 0 = pick a free port
+    const char *advertise_host;  // how the router reaches us; NULL = the listen host
+                                 // (127.0.0.1 when that is a wildcard)
+    uint64_t kv_memory;          // page pool bytes (default 256 MiB)
+    uint32_t page_bytes;         // page size (default 32 KiB)
+    uint64_t recv_buffer;        // kvlink receive memory (default 64 MiB)
+    int max_batch;               // sequences per decode step (default 32)
+    int threads;                 // compute threads (0 = all cores)
+    uint32_t default_max_tokens; // when a request says 0 (default 256)
+    uint32_t default_lease_ms;   // when ReserveKV says 0 (default 10000)
+    const char *router;          // "host:port" to register with, or NULL
+    const char *worker_id;       // NULL = "decode@<rpc address>"
+} decode_worker_params_t;
+
+void decode_worker_params_default(decode_worker_params_t *params);
+
+/* Loads the model (unless given), creates the pool and starts the RPC, kvlink and scheduler
+ * threads; returns once both listeners are bound. err (optional) says what failed.
+ * Thread: any. */
+fy_status_t decode_worker_create(const decode_worker_params_t *params,
+                                 decode_worker_t **worker_p, char *err, size_t err_len);
+
+/* Bound ports. Thread: any. */
+int decode_worker_rpc_port(const decode_worker_t *worker);
+int decode_worker_kv_port(const decode_worker_t *worker);
+
+/* Stops taking reservations (ReserveKV answers UNAVAILABLE, the router is told) and waits up
+ * to timeout_ms for requests in flight to end; returns how many are left. Thread: any but
+ * the worker's own. */
+size_t decode_worker_drain(decode_worker_t *worker, uint32_t timeout_ms);
+
+/* Counters for tests and status. */
+typedef struct {
+    uint32_t total_pages;
+    uint32_t free_pages;       // pool pages not allocated
+    uint64_t available_pages;  // neither allocated nor promised to a reservation
+    uint32_t running;          // sequences in the batch
+    uint32_t requests;         // reservations alive (any state)
+    uint64_t tokens_generated;
+    uint64_t steps;
+    uint64_t failures;         // requests that ended in an error (cancel not counted)
+} decode_worker_stats_t;
+
+void decode_worker_stats(decode_worker_t *worker, decode_worker_stats_t *stats_p);
+
+/* The metrics registry (/metrics renders it); valid until destroy. Thread: any. */
+fy_metrics_t *decode_worker_metrics(decode_worker_t *worker);
+
+/* Fails what is still in flight (UNAVAILABLE), stops the threads and frees everything;
+ * accepts NULL. Thread: any but the worker's own. */
+void decode_worker_destroy(decode_worker_t *worker);
+
 #ifdef __cplusplus
 }
 #endif

@@ -84,6 +84,7 @@ cp scripts/gpu-check.sh "$out/bin/ferry-gpu-check"
 cp scripts/gpu-check.sh "$out/scripts/gpu-check.sh"
 cp scripts/bundle.sh "$out/scripts/bundle.sh"
 cp bench/gpu-benchmarks.txt "$out/bench/gpu-benchmarks.txt"
+cp bench/attend_sdpa.py "$out/bench/" # the SDPA baseline of ferry-bench attend
 chmod +x "$out/bin/ferry-gpu-check" "$out/scripts/"*.sh
 
 # ---- Shared libraries. Everything ldd resolves is bundled except glibc, the C++/GCC runtime,

@@ -1,0 +1,601 @@
+// The decode worker end to end in one process, with the real SmolLM2 model: this test plays
+// router and prefill worker. It prefills prompts itself, encodes every layer into wire frames,
+// reserves pages with Worker.ReserveKV, pushes the frames over kvlink (UCX on loopback) and
+// reads the Decode stream:
+// - the stream carries the tokens of a local greedy run (mdl_decode over the FP16 cache);
+// - two sequences decoded together in one batch give the same tokens as alone;
+// - a corrupt frame fails that request only (DATA_LOSS), its pages come back, the worker
+//   keeps serving;
+// - a full pool answers RESOURCE_EXHAUSTED; a lease with no KV expires and frees its pages;
+// - Cancel mid-stream ends the Decode call with CANCELLED and frees the pages.
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "decode.h"
+#include "ferry.pb-c.h"
+#include "kvlink.h"
+#include "prefill_frames.h"
+#include "rpc.h"
+
+enum { N_GEN = 12, N_PROMPTS = 2, MAX_TOKENS_SEEN = 512 };
+
+static const char *const k_prompts[N_PROMPTS] = {
+    "<|im_start|>user\nWhat is the capital of France? Answer in one sentence.<|im_end|>\n"
+    "<|im_start|>assistant\n",
+    "<|im_start|>user\nWrite a haiku about a ferry crossing a cold grey sea at dawn, with gulls "
+    "and the smell of diesel.<|im_end|>\n<|im_start|>assistant\n",
+};
+
+typedef struct {
+    int32_t *ids;
+    int n;
+    pf_stream_t stream[2]; // fp16, ferry b = 0.5
+    int32_t first;
+    int32_t ref[N_GEN]; // greedy continuation after `first` (mdl_decode, FP16 cache)
+    int n_ref;          // up to and excluding EOS
+} prompt_t;
+
+static struct {
+    mdl_model_t *m;
+    prompt_t prompts[N_PROMPTS];
+    decode_worker_t *w;
+    char rpc_addr[64], kv_addr[64];
+    uv_loop_t loop;
+    uv_timer_t tick;
+    rpc_channel_t *ch;
+    kvlink_ctx_t *kctx;
+    kvlink_t *tx;
+    int next_req;
+} G;
+
+/* ---- loop helpers ------------------------------------------------------------------------ */
+
+static void on_tick(uv_timer_t *t)
+{
+    (void)t;
+}
+
+/* Runs the test loop until *flag is set or timeout_ms passes; returns *flag. */
+static bool run_until(const bool *flag, int timeout_ms)
+{
+    uint64_t end = fy_clock_ns() + (uint64_t)timeout_ms * 1000000ull;
+    while (!*flag && fy_clock_ns() < end)
+        uv_run(&G.loop, UV_RUN_ONCE);
+    return *flag;
+}
+
+static void run_for(int ms)
+{
+    bool never = false;
+    run_until(&never, ms);
+}
+
+/* ---- RPC calls --------------------------------------------------------------------------- */
+
+typedef struct {
+    bool done;
+    int code;
+    char msg[256];
+    uint64_t reservation_id, credit;
+    bool found;
+    // Decode stream
+    uint32_t tokens[MAX_TOKENS_SEEN];
+    int n_tokens;
+    int finish_reason;
+    uint32_t completion_tokens;
+    rpc_ccall_t *call;
+} call_t;
+
+static void on_msg(rpc_ccall_t *c, const ProtobufCMessage *m, void *arg)
+{
+    (void)c;
+    call_t *r = arg;
+    if (m->descriptor == &ferry__v1__reserve_kvresponse__descriptor) {
+        const Ferry__V1__ReserveKVResponse *resp = (const Ferry__V1__ReserveKVResponse *)m;
+        r->reservation_id = resp->reservation_id;
+        r->credit = resp->credit_bytes;
+    } else if (m->descriptor == &ferry__v1__cancel_response__descriptor) {
+        r->found = ((const Ferry__V1__CancelResponse *)m)->found;
+    } else if (m->descriptor == &ferry__v1__generate_response__descriptor) {
+        const Ferry__V1__GenerateResponse *g = (const Ferry__V1__GenerateResponse *)m;
+        for (size_t i = 0; i < g->n_token_ids && r->n_tokens < MAX_TOKENS_SEEN; i++)
+            r->tokens[r->n_tokens++] = g->token_ids[i];
+        if (g->finish_reason != 0) {
+            r->finish_reason = g->finish_reason;
+            if (g->stats != NULL)
+                r->completion_tokens = g->stats->completion_tokens;
+        }
+    }
+}
+
+static void on_done(rpc_ccall_t *c, int code, const char *msg, void *arg)
+{
+    (void)c;
+    call_t *r = arg;
+    r->done = true;
+    r->code = code;
+    r->call = NULL;
+    snprintf(r->msg, sizeof(r->msg), "%s", msg != NULL ? msg : "");
+}
+
+static void start_call(call_t *r, const char *method, const ProtobufCMessage *req,
+                       const ProtobufCMessageDescriptor *resp_desc)
+{
+    memset(r, 0, sizeof(*r));
+    char path[64];
+    snprintf(path, sizeof(path), "/ferry.v1.Worker/%s", method);
+    rpc_call_opts_t o = {.timeout_ms = 120000, .wait_for_ready = true};
+    assert_int_equal(
+        rpc_channel_call(G.ch, path, req, resp_desc, &o, on_msg, on_done, r, &r->call), FY_OK);
+}
+
+static int reserve(const char *request_id, const prompt_t *p, int policy, uint32_t lease_ms,
+                   call_t *r)
+{
+    Ferry__V1__ReserveKVRequest req = FERRY__V1__RESERVE_KVREQUEST__INIT;
+    req.request_id = (char *)request_id;
+    req.prompt_tokens = (uint32_t)p->n;
+    req.max_new_tokens = N_GEN + 1;
+    req.expected_wire_bytes = p->stream[policy].wire_bytes;
+    req.lease_ms = lease_ms;
+    start_call(r, "ReserveKV", &req.base, &ferry__v1__reserve_kvresponse__descriptor);
+    assert_true(run_until(&r->done, 30000));
+    return r->code;
+}
+
+static void start_decode(call_t *r, const char *request_id, uint64_t reservation,
+                         const prompt_t *p, uint32_t max_tokens, bool ignore_eos)
+{
+    Ferry__V1__SamplingParams sp = FERRY__V1__SAMPLING_PARAMS__INIT;
+    sp.max_tokens = max_tokens;
+    sp.ignore_eos = ignore_eos;
+    Ferry__V1__DecodeRequest req = FERRY__V1__DECODE_REQUEST__INIT;
+    req.request_id = (char *)request_id;
+    req.reservation_id = reservation;
+    req.sampling = &sp;
+    req.return_token_ids = true;
+    req.first_token_id = (uint32_t)p->first;
+    req.completion_tokens_sent = 1;
+    uint32_t *ids = malloc(sizeof(uint32_t) * (size_t)p->n);
+    for (int i = 0; i < p->n; i++)
+        ids[i] = (uint32_t)p->ids[i];
+    req.n_prompt_token_ids = (size_t)p->n;
+    req.prompt_token_ids = ids;
+    start_call(r, "Decode", &req.base, &ferry__v1__generate_response__descriptor);
+    free(ids);
+}
+
+static bool cancel(const char *request_id)
+{
+    Ferry__V1__CancelRequest req = FERRY__V1__CANCEL_REQUEST__INIT;
+    req.request_id = (char *)request_id;
+    call_t r;
+    start_call(&r, "Cancel", &req.base, &ferry__v1__cancel_response__descriptor);
+    assert_true(run_until(&r.done, 30000));
+    assert_int_equal(r.code, RPC_CODE_OK);
+    return r.found;
+}
+
+/* ---- KV transfer -------------------------------------------------------------------------- */
+
+typedef struct {
+    bool ended;
+    fy_status_t st;
+    int frames_done;
+    uint8_t *copy; // corrupted copy of one frame
+} xfer_t;
+
+static void on_frame_done(kvlink_send_t *req, fy_status_t st, void *arg)
+{
+    (void)req;
+    (void)st;
+    ((xfer_t *)arg)->frames_done++;
+}
+
+static void on_send_end(kvlink_send_t *req, fy_status_t st, void *arg)
+{
+    (void)req;
+    xfer_t *x = arg;
+    x->ended = true;
+    x->st = st;
+}
+
+/* Sends every frame of a stream for reservation id; corrupt_layer >= 0 flips a payload byte of
+ * that layer (the transport's own CRC is computed over the damaged bytes, so only the frame's
+ * check can tell). Returns the sender's end status. */
+static fy_status_t send_frames(uint64_t id, const pf_stream_t *s, int corrupt_layer)
+{
+    xfer_t x = {0};
+    kvlink_send_params_t sp;
+    kvlink_send_params_default(&sp);
+    sp.on_end = on_send_end;
+    sp.arg = &x;
+    kvlink_send_t *req = NULL;
+    assert_int_equal(kvlink_send_open(G.tx, G.kv_addr, id, &sp, &req), FY_OK);
+    for (int l = 0; l < s->n_layers; l++) {
+        const uint8_t *data = s->frames[l];
+        if (l == corrupt_layer) {
+            x.copy = malloc(s->lens[l]);
+            memcpy(x.copy, data, s->lens[l]);
+            x.copy[s->lens[l] / 2] ^= 0x5a;
+            data = x.copy;
+        }
+        fy_status_t st = kvlink_send_frame(req, (uint32_t)l, data, s->lens[l], on_frame_done, &x);
+        if (st != FY_OK)
+            break; // the request already failed (the receiver cancelled it)
+    }
+    if (!x.ended)
+        kvlink_send_finish(req);
+    assert_true(run_until(&x.ended, 60000));
+    // Frames still in UCX's hands report done after the end.
+    uint64_t end = fy_clock_ns() + 5000000000ull;
+    while (x.frames_done < s->n_layers && fy_clock_ns() < end && x.frames_done > 0)
+        uv_run(&G.loop, UV_RUN_ONCE);
+    free(x.copy);
+    return x.st;
+}
+
+/* ---- setup -------------------------------------------------------------------------------- */
+
+static fy_status_t start_worker(uint64_t kv_memory, decode_worker_t **w_p)
+{
+    decode_worker_params_t p;
+    decode_worker_params_default(&p);
+    p.model = G.m;
+    p.threads = 2;
+    p.max_batch = 8;
+    p.kv_memory = kv_memory;
+    p.recv_buffer = 16u << 20;
+    char err[256] = "";
+    fy_status_t st = decode_worker_create(&p, w_p, err, sizeof(err));
+    if (st != FY_OK)
+        fprintf(stderr, "decode worker: %s\n", err);
+    return st;
+}
+
+static void connect_to(decode_worker_t *w)
+{
+    if (G.ch != NULL)
+        rpc_channel_destroy(G.ch);
+    snprintf(G.rpc_addr, sizeof(G.rpc_addr), "127.0.0.1:%d", decode_worker_rpc_port(w));
+    snprintf(G.kv_addr, sizeof(G.kv_addr), "127.0.0.1:%d", decode_worker_kv_port(w));
+    const char *addrs[] = {G.rpc_addr};
+    rpc_channel_params_t cp;
+    rpc_channel_params_default(&cp);
+    cp.addresses = addrs;
+    cp.n_addresses = 1;
+    assert_int_equal(rpc_channel_create(&G.loop, &cp, &G.ch), FY_OK);
+}
+
+static int setup(void **state)
+{
+    (void)state;
+    const char *root = getenv("FERRY_SOURCE_ROOT");
+    char path[4096];
+    snprintf(path, sizeof(path), "%s/models/SmolLM2-135M-Instruct.Q4_1.gguf",
+             root != NULL ? root : ".");
+    mdl_model_params_t mp;
+    mdl_model_params_default(&mp);
+    mp.path = path;
+    char err[MDL_ERR_LEN] = "";
+    if (mdl_model_create(&mp, &G.m, err, sizeof(err)) != FY_OK) {
+        fprintf(stderr, "cannot load %s: %s; run scripts/setup.sh to fetch it\n", path, err);
+        return -1;
+    }
+    const mdl_config_t *c = mdl_model_config(G.m);
+    mdl_ctx_params_t cp;
+    mdl_ctx_params_default(&cp);
+    cp.n_threads = 2;
+    mdl_ctx_t *ctx;
+    if (mdl_ctx_create(G.m, &cp, &ctx) != FY_OK)
+        return -1;
+    int32_t eos = mdl_tokenizer_eos(mdl_model_tokenizer(G.m));
+    float *logits = malloc(sizeof(float) * (size_t)c->n_vocab);
+    for (int i = 0; i < N_PROMPTS; i++) {
+        prompt_t *p = &G.prompts[i];
+        size_t n = 0;
+        p->ids = malloc(512 * sizeof(int32_t));
+        if (mdl_tokenizer_encode(mdl_model_tokenizer(G.m), k_prompts[i], strlen(k_prompts[i]),
+                                 true, p->ids, 512, &n) != FY_OK)
+            return -1;
+        p->n = (int)n;
+        kvc_policy_builtin("fp16", &p->stream[0].policy);
+        kvc_policy_builtin("ferry", &p->stream[1].policy);
+        p->stream[0].budget = -1;
+        p->stream[1].budget = 0.5;
+        mdl_kv_params_t kp;
+        mdl_kv_params_default(&kp, G.m);
+        kp.n_pages = mdl_kv_pages_for(&kp, p->n + N_GEN + 1);
+        mdl_kv_t *kv;
+        mdl_kv_seq_t *seq;
+        if (mdl_kv_create(&kp, &kv) != FY_OK || mdl_kv_seq_create(kv, &seq) != FY_OK)
+            return -1;
+        if (pf_prefill(ctx, G.m, p->ids, p->n, p->stream, 2, 1000 + (uint64_t)i, seq, logits) !=
+            FY_OK)
+            return -1;
+        p->first = pf_argmax(logits, c->n_vocab);
+        int32_t t = p->first;
+        for (p->n_ref = 0; p->n_ref < N_GEN; p->n_ref++) {
+            if (mdl_decode(ctx, &seq, &t, 1, logits) != FY_OK)
+                return -1;
+            t = pf_argmax(logits, c->n_vocab);
+            if (t == eos)
+                break;
+            p->ref[p->n_ref] = t;
+        }
+        mdl_kv_seq_destroy(seq);
+        mdl_kv_destroy(kv);
+    }
+    free(logits);
+    mdl_ctx_destroy(ctx);
+
+    if (start_worker(256u << 20, &G.w) != FY_OK)
+        return -1;
+    uv_loop_init(&G.loop);
+    uv_timer_init(&G.loop, &G.tick);
+    uv_timer_start(&G.tick, on_tick, 5, 5);
+    if (kvlink_ctx_create(NULL, &G.kctx) != FY_OK)
+        return -1;
+    kvlink_params_t kp;
+    kvlink_params_default(&kp);
+    kp.compat.codec_version = KVC_FRAME_VERSION;
+    kp.compat.model_fingerprint = mdl_model_fingerprint(G.m);
+    kp.recv_pool_bytes = 0;
+    if (kvlink_create(G.kctx, &G.loop, &kp, &G.tx) != FY_OK)
+        return -1;
+    connect_to(G.w);
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    rpc_channel_destroy(G.ch);
+    kvlink_destroy(G.tx);
+    kvlink_ctx_destroy(G.kctx);
+    uv_timer_stop(&G.tick);
+    uv_close((uv_handle_t *)&G.tick, NULL);
+    uv_run(&G.loop, UV_RUN_DEFAULT);
+    uv_loop_close(&G.loop);
+    decode_worker_destroy(G.w);
+    for (int i = 0; i < N_PROMPTS; i++) {
+        pf_stream_cleanup(&G.prompts[i].stream[0]);
+        pf_stream_cleanup(&G.prompts[i].stream[1]);
+        free(G.prompts[i].ids);
+    }
+    mdl_model_destroy(G.m);
+    return 0;
+}
+
+/* Waits until the worker holds no request and every page is free again. */
+static void assert_pool_idle(decode_worker_t *w)
+{
+    decode_worker_stats_t s;
+    uint64_t end = fy_clock_ns() + 10000000000ull;
+    do {
+        run_for(10);
+        decode_worker_stats(w, &s);
+    } while ((s.requests != 0 || s.free_pages != s.total_pages ||
+              s.available_pages != s.total_pages) &&
+             fy_clock_ns() < end);
+    assert_int_equal(s.requests, 0);
+    assert_int_equal(s.free_pages, s.total_pages);
+    assert_int_equal(s.available_pages, s.total_pages);
+}
+
+static const char *next_id(void)
+{
+    static char buf[32];
+    snprintf(buf, sizeof(buf), "req-%d", G.next_req++);
+    return buf;
+}
+
+/* Checks a finished Decode stream against the prompt's local greedy run. */
+static void assert_same_as_local(const call_t *d, const prompt_t *p)
+{
+    assert_int_equal(d->code, RPC_CODE_OK);
+    assert_int_equal(d->n_tokens, p->n_ref);
+    for (int i = 0; i < p->n_ref; i++) {
+        if ((int32_t)d->tokens[i] != p->ref[i])
+            fail_msg("token %d: decode worker %u, local %d", i, d->tokens[i], p->ref[i]);
+    }
+    assert_int_equal(d->finish_reason, p->n_ref == N_GEN
+                                           ? FERRY__V1__FINISH_REASON__FINISH_REASON_LENGTH
+                                           : FERRY__V1__FINISH_REASON__FINISH_REASON_STOP);
+    assert_int_equal(d->completion_tokens, 1 + p->n_ref);
+}
+
+/* ---- tests -------------------------------------------------------------------------------- */
+
+static void test_stream_equals_local_greedy(void **state)
+{
+    (void)state;
+    const prompt_t *p = &G.prompts[0];
+    char id[32];
+    snprintf(id, sizeof(id), "%s", next_id());
+    call_t r;
+    assert_int_equal(reserve(id, p, 0, 10000, &r), RPC_CODE_OK);
+    assert_true(r.reservation_id != 0 && r.credit > 0);
+    assert_int_equal(send_frames(r.reservation_id, &p->stream[0], -1), FY_OK);
+    call_t d;
+    start_decode(&d, id, r.reservation_id, p, N_GEN + 1, false);
+    assert_true(run_until(&d.done, 120000));
+    assert_same_as_local(&d, p);
+    printf("stream equals the local greedy run: %d tokens\n", d.n_tokens);
+    assert_pool_idle(G.w);
+    // The metrics saw it.
+    fy_metrics_t *m = decode_worker_metrics(G.w);
+    char *text;
+    size_t len;
+    assert_int_equal(fy_metrics_render(m, &text, &len), FY_OK);
+    assert_non_null(strstr(text, "ferry_decode_placed_wire_bytes_total"));
+    assert_non_null(strstr(text, "ferry_decode_step_seconds_count"));
+    free(text);
+}
+
+static void test_two_in_one_batch(void **state)
+{
+    (void)state;
+    char ids[2][32];
+    call_t r[2], d[2];
+    decode_worker_stats_t before, after;
+    // Decode calls first: each waits for its KV, so both join the batch within a step or two.
+    for (int i = 0; i < 2; i++) {
+        snprintf(ids[i], sizeof(ids[i]), "%s", next_id());
+        assert_int_equal(reserve(ids[i], &G.prompts[i], 1, 10000, &r[i]), RPC_CODE_OK);
+    }
+    decode_worker_stats(G.w, &before);
+    for (int i = 0; i < 2; i++)
+        start_decode(&d[i], ids[i], r[i].reservation_id, &G.prompts[i], N_GEN + 1, true);
+    for (int i = 0; i < 2; i++)
+        assert_int_equal(send_frames(r[i].reservation_id, &G.prompts[i].stream[0], -1), FY_OK);
+    for (int i = 0; i < 2; i++)
+        assert_true(run_until(&d[i].done, 120000));
+    decode_worker_stats(G.w, &after);
+    for (int i = 0; i < 2; i++) {
+        assert_int_equal(d[i].code, RPC_CODE_OK);
+        // ignore_eos: N_GEN tokens each; they start with the local greedy run's.
+        assert_int_equal(d[i].n_tokens, N_GEN);
+        for (int k = 0; k < G.prompts[i].n_ref; k++)
+            assert_int_equal((int32_t)d[i].tokens[k], G.prompts[i].ref[k]);
+    }
+    uint64_t tokens = after.tokens_generated - before.tokens_generated;
+    uint64_t steps = after.steps - before.steps;
+    printf("two sequences: %llu tokens in %llu steps\n", (unsigned long long)tokens,
+           (unsigned long long)steps);
+    assert_int_equal(tokens, 2 * N_GEN);
+    assert_true(steps < tokens); // they shared steps
+    assert_pool_idle(G.w);
+}
+
+static void test_corrupt_frame_fails_that_request(void **state)
+{
+    (void)state;
+    const prompt_t *p = &G.prompts[1];
+    char id[32];
+    snprintf(id, sizeof(id), "%s", next_id());
+    call_t r, d;
+    assert_int_equal(reserve(id, p, 1, 10000, &r), RPC_CODE_OK);
+    start_decode(&d, id, r.reservation_id, p, N_GEN + 1, false);
+    fy_status_t st = send_frames(r.reservation_id, &p->stream[1], 5);
+    assert_true(st != FY_OK); // the receiver cancelled the transfer
+    assert_true(run_until(&d.done, 30000));
+    assert_int_equal(d.code, RPC_CODE_DATA_LOSS);
+    printf("corrupt frame: Decode ended %s: %s\n", rpc_code_name(d.code), d.msg);
+    assert_int_equal(d.n_tokens, 0);
+    assert_pool_idle(G.w);
+    decode_worker_stats_t s;
+    decode_worker_stats(G.w, &s);
+    assert_true(s.failures >= 1);
+    // The worker keeps serving.
+    snprintf(id, sizeof(id), "%s", next_id());
+    assert_int_equal(reserve(id, p, 1, 10000, &r), RPC_CODE_OK);
+    assert_int_equal(send_frames(r.reservation_id, &p->stream[0], -1), FY_OK);
+    start_decode(&d, id, r.reservation_id, p, N_GEN + 1, false);
+    assert_true(run_until(&d.done, 120000));
+    assert_same_as_local(&d, p);
+    assert_pool_idle(G.w);
+}
+
+static void test_lease_expires(void **state)
+{
+    (void)state;
+    const prompt_t *p = &G.prompts[0];
+    char id[32];
+    snprintf(id, sizeof(id), "%s", next_id());
+    call_t r;
+    assert_int_equal(reserve(id, p, 0, 200, &r), RPC_CODE_OK);
+    decode_worker_stats_t s;
+    decode_worker_stats(G.w, &s);
+    assert_int_equal(s.requests, 1);
+    assert_true(s.available_pages < s.total_pages);
+    run_for(600);
+    assert_pool_idle(G.w);
+    // A Decode call for it learns why.
+    call_t d;
+    start_decode(&d, id, r.reservation_id, p, N_GEN + 1, false);
+    assert_true(run_until(&d.done, 10000));
+    assert_int_equal(d.code, RPC_CODE_DEADLINE_EXCEEDED);
+}
+
+static void test_cancel_mid_stream(void **state)
+{
+    (void)state;
+    const prompt_t *p = &G.prompts[0];
+    char id[32];
+    snprintf(id, sizeof(id), "%s", next_id());
+    call_t r, d;
+    assert_int_equal(reserve(id, p, 1, 10000, &r), RPC_CODE_OK);
+    assert_int_equal(send_frames(r.reservation_id, &p->stream[1], -1), FY_OK);
+    start_decode(&d, id, r.reservation_id, p, 400, true);
+    uint64_t end = fy_clock_ns() + 60000000000ull;
+    while (d.n_tokens < 3 && !d.done && fy_clock_ns() < end)
+        uv_run(&G.loop, UV_RUN_ONCE);
+    assert_false(d.done);
+    assert_true(cancel(id));
+    assert_true(run_until(&d.done, 30000));
+    assert_int_equal(d.code, RPC_CODE_CANCELLED);
+    assert_true(d.n_tokens >= 3 && d.n_tokens < 399);
+    assert_pool_idle(G.w);
+    assert_false(cancel(id)); // gone
+
+    // The client going away (RST_STREAM) ends it too.
+    snprintf(id, sizeof(id), "%s", next_id());
+    assert_int_equal(reserve(id, p, 1, 10000, &r), RPC_CODE_OK);
+    assert_int_equal(send_frames(r.reservation_id, &p->stream[1], -1), FY_OK);
+    start_decode(&d, id, r.reservation_id, p, 400, true);
+    end = fy_clock_ns() + 60000000000ull;
+    while (d.n_tokens < 2 && !d.done && fy_clock_ns() < end)
+        uv_run(&G.loop, UV_RUN_ONCE);
+    assert_false(d.done);
+    rpc_ccall_cancel(d.call);
+    assert_true(d.done);
+    assert_pool_idle(G.w);
+}
+
+static void test_pool_full(void **state)
+{
+    (void)state;
+    const prompt_t *p = &G.prompts[1];
+    // A pool that holds one reservation of this prompt but not two.
+    decode_worker_t *small = NULL;
+    assert_int_equal(start_worker(450ull * 32768, &small), FY_OK);
+    connect_to(small);
+    char id1[32], id2[32], id3[32];
+    snprintf(id1, sizeof(id1), "%s", next_id());
+    snprintf(id2, sizeof(id2), "%s", next_id());
+    snprintf(id3, sizeof(id3), "%s", next_id());
+    call_t r1, r2, r3;
+    assert_int_equal(reserve(id1, p, 0, 10000, &r1), RPC_CODE_OK);
+    assert_int_equal(reserve(id2, p, 0, 10000, &r2), RPC_CODE_RESOURCE_EXHAUSTED);
+    printf("pool full: %s\n", r2.msg);
+    // The same request id twice is refused as such.
+    assert_int_equal(reserve(id1, p, 0, 10000, &r3), RPC_CODE_ALREADY_EXISTS);
+    // Cancelling the first makes room again.
+    assert_true(cancel(id1));
+    assert_pool_idle(small);
+    assert_int_equal(reserve(id3, p, 0, 10000, &r3), RPC_CODE_OK);
+    assert_true(cancel(id3));
+    assert_pool_idle(small);
+    connect_to(G.w);
+    decode_worker_destroy(small);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_stream_equals_local_greedy),
+        cmocka_unit_test(test_two_in_one_batch),
+        cmocka_unit_test(test_corrupt_frame_fails_that_request),
+        cmocka_unit_test(test_lease_expires),
+        cmocka_unit_test(test_cancel_mid_stream),
+        cmocka_unit_test(test_pool_full),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}

@@ -1,0 +1,270 @@
+// GPU encoder parity: kvc_encoder_encode_layer_cuda writes the same frame bytes as
+// kvc_encoder_encode_layer for the same K, V and scores — every built-in policy and the ferry
+// variants (modelled distortion, HybridKV, MixKVQ protected channels, rotation on and off),
+// budgets from 1 to 1/16, odd token counts, one and several kv heads, head_dim 32..128, strided
+// K/V, several layers through the rate controller. The output buffer is poisoned first. Also
+// the encoder scoring by itself from window_attn on the GPU (bit-exact path) against the CPU
+// encoder scoring from the same window_attn. Exits 77 without a GPU.
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+
+#include <stdio.h>
+
+#include "kvcodec_cuda.h"
+#include "kvtest.h"
+
+#if FY_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#define CK(call) assert_int_equal((int)(call), (int)cudaSuccess)
+
+typedef struct {
+    const char *policy;
+    double budget; // < 0: the policy's
+    int rotate;    // -1: the policy's
+    uint32_t protect;
+    int variant; // 0 none, 1 modelled distortion, 2 HybridKV, 3 no backbone
+    uint32_t n_heads, n_kv, n, d, n_layers;
+    uint32_t pad; // extra elements per token row and per head (strided input)
+    int from_attn; // 1: no scores passed; both encoders score from window_attn
+} ecase_t;
+
+/* K, V laid out with strides on the host and the device. */
+typedef struct {
+    size_t hs, ts, elems;
+    uint16_t *k, *v;   // host, strided
+    uint16_t *dk, *dv; // device
+} strided_t;
+
+static void strided_make(strided_t *S, const kvt_layer_t *L, uint32_t pad)
+{
+    S->ts = L->d + pad;
+    S->hs = (size_t)L->n * S->ts + pad;
+    S->elems = S->hs * L->n_kv;
+    S->k = malloc(S->elems * 2);
+    S->v = malloc(S->elems * 2);
+    for (size_t i = 0; i < S->elems; i++)
+        S->k[i] = S->v[i] = 0x7e00; // NaN in the gaps: never read
+    for (uint32_t h = 0; h < L->n_kv; h++)
+        for (uint32_t t = 0; t < L->n; t++) {
+            size_t src = ((size_t)h * L->n + t) * L->d, dst = h * S->hs + t * S->ts;
+            memcpy(S->k + dst, L->k + src, L->d * 2);
+            memcpy(S->v + dst, L->v + src, L->d * 2);
+        }
+    CK(cudaMalloc((void **)&S->dk, S->elems * 2));
+    CK(cudaMalloc((void **)&S->dv, S->elems * 2));
+    CK(cudaMemcpy(S->dk, S->k, S->elems * 2, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(S->dv, S->v, S->elems * 2, cudaMemcpyHostToDevice));
+}
+
+static void strided_free(strided_t *S)
+{
+    free(S->k), free(S->v);
+    CK(cudaFree(S->dk));
+    CK(cudaFree(S->dv));
+}
+
+/* Deterministic window attention rows with a few values the scorer must sanitize. */
+static void make_window_attn(float *wa, uint32_t n_heads, uint32_t n, uint64_t seed)
+{
+    uint64_t s = seed * 2654435761u + 1;
+    for (size_t i = 0; i < (size_t)n_heads * n; i++) {
+        s = s * 6364136223846793005ull + 1442695040888963407ull;
+        float u = (float)(s >> 40) / (float)(1u << 24);
+        wa[i] = u * u * 4.0f / (float)n;
+        if (i % 97 == 5)
+            wa[i] = -0.5f;
+        if (i % 101 == 7)
+            wa[i] = 3.0f;
+    }
+}
+
+static void describe_diff(const uint8_t *a, const uint8_t *b, size_t len)
+{
+    size_t i = 0;
+    while (i < len && a[i] == b[i])
+        i++;
+    kvc_frame_t f;
+    size_t payload = 0;
+    if (kvc_frame_parse(a, len, &f) == FY_OK)
+        payload = (size_t)(f.payload - a);
+    fprintf(stderr, "first difference at byte %zu of %zu (payload starts at %zu): cpu", i, len,
+            payload);
+    for (size_t j = i; j < len && j < i + 16; j++)
+        fprintf(stderr, " %02x", a[j]);
+    fprintf(stderr, " gpu");
+    for (size_t j = i; j < len && j < i + 16; j++)
+        fprintf(stderr, " %02x", b[j]);
+    fprintf(stderr, "\n");
+}
+
+static void run_case(const ecase_t *c, uint64_t seed)
+{
+    kvc_policy_t pol;
+    assert_int_equal(kvc_policy_builtin(c->policy, &pol), FY_OK);
+    if (c->rotate >= 0)
+        pol.rotate = c->rotate != 0;
+    pol.protect_channels = c->protect;
+    if (c->variant == 1)
+        pol.dist = KVC_DIST_MODEL;
+    else if (c->variant == 2)
+        pol.hybrid_threshold = 0.6f;
+    else if (c->variant == 3)
+        pol.backbone_frac = 0;
+    kvt_layer_t L;
+    kvt_layer_make(&L, seed, c->n_heads, c->n_kv, c->n, c->d, 32);
+    kvc_encoder_params_t p = kvt_params(&pol, &L, c->n_layers, c->budget);
+    kvc_encoder_t *cpu;
+    kvc_encoder_cuda_t *gpu;
+    assert_int_equal(kvc_encoder_create(&p, &cpu), FY_OK);
+    assert_int_equal(kvc_encoder_cuda_create(&p, &gpu), FY_OK);
+    size_t cap = kvc_encoder_max_frame_bytes(cpu);
+    assert_int_equal(kvc_encoder_cuda_max_frame_bytes(gpu), cap);
+    uint8_t *fc = malloc(cap), *fg = malloc(cap), *dout;
+    CK(cudaMalloc((void **)&dout, cap));
+    kvc_scores_t sc, dsc;
+    assert_int_equal(kvc_scores_init(&sc, c->n_kv, c->n, c->d), FY_OK);
+    assert_int_equal(kvc_scores_init_cuda(&dsc, c->n_kv, c->n, c->d), FY_OK);
+    float *wa = malloc((size_t)c->n_heads * c->n * sizeof(float)), *dwa;
+    CK(cudaMalloc((void **)&dwa, (size_t)c->n_heads * c->n * sizeof(float)));
+    cudaStream_t stream;
+    CK(cudaStreamCreate(&stream));
+    for (uint32_t l = 0; l < c->n_layers; l++) {
+        if (l > 0)
+            kvc_synth_layer(seed + l, c->n_heads, c->n_kv, c->n, c->d, L.W, L.k, L.v, L.q);
+        strided_t S;
+        strided_make(&S, &L, c->pad);
+        kvc_layer_input_t in = kvt_input(&L, l);
+        in.k = S.k;
+        in.v = S.v;
+        in.head_stride = S.hs;
+        in.token_stride = S.ts;
+        kvc_layer_input_t din = in;
+        din.k = S.dk;
+        din.v = S.dv;
+        din.q_window = NULL;
+        din.n_window = 0;
+        const kvc_scores_t *csc = &sc, *gsc = &dsc;
+        if (c->from_attn) {
+            make_window_attn(wa, c->n_heads, c->n, seed + 17 * l);
+            CK(cudaMemcpy(dwa, wa, (size_t)c->n_heads * c->n * sizeof(float),
+                          cudaMemcpyHostToDevice));
+            in.q_window = NULL;
+            in.n_window = 0;
+            in.window_attn = wa;
+            din.window_attn = dwa;
+            csc = gsc = NULL;
+        } else {
+            // Both encoders get the CPU's scores.
+            assert_int_equal(kvc_score(&pol, c->n_heads, c->n_kv, c->n, c->d, &in, &sc), FY_OK);
+            size_t nt = (size_t)c->n_kv * c->n, nd = (size_t)c->n_kv * c->d;
+            CK(cudaMemcpy(dsc.importance, sc.importance, nt * 4, cudaMemcpyHostToDevice));
+            CK(cudaMemcpy(dsc.obar, sc.obar, nd * 4, cudaMemcpyHostToDevice));
+            CK(cudaMemcpy(dsc.qsq, sc.qsq, nd * 4, cudaMemcpyHostToDevice));
+            CK(cudaMemcpy(dsc.is_static, sc.is_static, c->n_kv, cudaMemcpyHostToDevice));
+        }
+        size_t lc = 0, lg = 0;
+        kvc_layer_info_t ic, ig;
+        assert_int_equal(kvc_encoder_encode_layer(cpu, &in, csc, fc, cap, &lc, &ic), FY_OK);
+        CK(cudaMemset(dout, 0xa5, cap));
+        assert_int_equal(
+            kvc_encoder_encode_layer_cuda(gpu, &din, gsc, dout, cap, &lg, &ig, stream), FY_OK);
+        CK(cudaMemcpy(fg, dout, cap, cudaMemcpyDeviceToHost));
+        if (lc != lg || memcmp(fc, fg, lc) != 0) {
+            fprintf(stderr, "%s b %.4f rot %d P %u var %d shape %u/%u n %u d %u layer %u: "
+                            "cpu %zu bytes, gpu %zu bytes\n",
+                    c->policy, c->budget, c->rotate, c->protect, c->variant, c->n_heads, c->n_kv,
+                    c->n, c->d, l, lc, lg);
+            describe_diff(fc, fg, FY_MIN(lc, lg));
+            fail();
+        }
+        // Nothing written past the frame.
+        for (size_t i = lg; i < cap && i < lg + 256; i++)
+            assert_int_equal(fg[i], 0xa5);
+        assert_int_equal(ic.frame_bytes, ig.frame_bytes);
+        assert_true(ic.lambda == ig.lambda);
+        assert_true(ic.budget_met == ig.budget_met);
+        for (int o = 0; o < KVC_OPT_COUNT; o++)
+            assert_int_equal(ic.tokens[o], ig.tokens[o]);
+        kvc_frame_t f;
+        assert_int_equal(kvc_frame_parse(fg, lg, &f), FY_OK);
+        strided_free(&S);
+    }
+    uint64_t bc, bg, budc, budg;
+    kvc_encoder_totals(cpu, &bc, &budc);
+    kvc_encoder_cuda_totals(gpu, &bg, &budg);
+    assert_int_equal(bc, bg);
+    assert_int_equal(budc, budg);
+    // Layers come in order on the GPU encoder too.
+    kvc_layer_input_t bad = {0};
+    bad.layer = 0;
+    bad.k = (const uint16_t *)dout;
+    bad.v = (const uint16_t *)dout;
+    bad.token_stride = c->d;
+    size_t lbad;
+    assert_int_equal(kvc_encoder_encode_layer_cuda(gpu, &bad, &dsc, dout, cap, &lbad, NULL, stream),
+                     FY_ERR_STATE);
+    CK(cudaStreamDestroy(stream));
+    CK(cudaFree(dwa));
+    CK(cudaFree(dout));
+    free(wa), free(fc), free(fg);
+    kvc_scores_cleanup(&sc);
+    kvc_scores_cleanup_cuda(&dsc);
+    kvc_encoder_destroy(cpu);
+    kvc_encoder_cuda_destroy(gpu);
+    kvt_layer_free(&L);
+}
+
+static void test_parity(void **state)
+{
+    (void)state;
+    static const ecase_t cases[] = {
+        // policy, b, rot, P, variant, heads, kv, n, d, layers, pad, from_attn
+        {"ferry", 0.25, -1, 0, 0, 8, 2, 301, 64, 3, 0, 0},
+        {"ferry", 0.25, 0, 0, 0, 8, 2, 301, 64, 2, 8, 0},
+        {"ferry", 0.125, 1, 4, 0, 9, 3, 517, 64, 2, 0, 0},
+        {"ferry", 0.0625, 0, 7, 0, 4, 1, 1001, 128, 2, 16, 0},
+        {"ferry", 0.5, 1, 0, 1, 4, 2, 255, 128, 3, 0, 0},
+        {"ferry", 0.25, 0, 0, 1, 4, 2, 255, 64, 2, 0, 0},
+        {"ferry", 0.25, 1, 3, 2, 8, 4, 400, 64, 2, 0, 0},
+        {"ferry", 0.125, 1, 0, 3, 2, 1, 37, 32, 2, 0, 0},
+        {"ferry", 1.0, 1, 0, 0, 2, 2, 129, 64, 1, 0, 0},
+        {"ferry", 0.25, 1, 2, 0, 6, 2, 2049, 64, 2, 0, 0},
+        {"fp16", -1, 0, 0, 0, 4, 2, 133, 64, 2, 8, 0},
+        {"int8", -1, 0, 0, 0, 4, 2, 299, 64, 2, 0, 0},
+        {"int4", -1, 1, 0, 0, 6, 3, 77, 128, 2, 0, 0},
+        {"int4", -1, 0, 3, 0, 6, 3, 77, 128, 2, 0, 0},
+        {"kivi2", -1, 0, 0, 0, 4, 2, 333, 64, 2, 0, 0},
+        {"kivi2", -1, 1, 5, 0, 4, 2, 333, 64, 2, 0, 0},
+        {"snapkv", 0.25, 0, 0, 0, 4, 2, 257, 64, 2, 0, 0},
+        {"h2o", 0.25, 0, 0, 0, 4, 2, 257, 64, 2, 0, 0},
+        {"spectrum3", 0.25, 0, 0, 0, 8, 4, 95, 64, 3, 0, 0},
+        {"pdtrim", 0.25, 0, 0, 0, 4, 4, 255, 96, 2, 0, 0},
+        // The encoder scoring by itself on the GPU from window_attn.
+        {"ferry", 0.25, 1, 0, 0, 8, 2, 301, 64, 2, 0, 1},
+        {"ferry", 0.125, 0, 2, 2, 6, 3, 211, 64, 2, 8, 1},
+        {"h2o", 0.25, 0, 0, 0, 4, 2, 257, 64, 1, 0, 1},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+        run_case(&cases[i], 500 + i);
+}
+#endif
+
+int main(void)
+{
+#if !FY_HAVE_CUDA
+    printf("SKIP: built without CUDA\n");
+    return 77;
+#else
+    if (fy_cuda_device_count() == 0) {
+        printf("SKIP: no CUDA device\n");
+        return 77;
+    }
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_parity),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+#endif
+}
