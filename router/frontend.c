@@ -89,6 +89,7 @@ typedef struct rt_req {
     bool booked_p, booked_d;
     char excl_p[64], excl_d[64];
     uint32_t attempts, full_tries;
+    bool pool_full; // a decode worker refused for lack of pages
     uint64_t kv_pages, expected_wire;
     uint64_t reservation_id;
     rpc_ccall_t *wcall; // worker call in flight
@@ -820,6 +821,7 @@ static void on_reserve_done(rpc_ccall_t *call, int code, const char *message, vo
         // Another decode worker may have room; this is no failure of the worker.
         fy_metric_inc(rt->m.fail[FAIL_POOL_FULL]);
         release_bookings(r);
+        r->pool_full = true;
         if (++r->full_tries < 4) {
             r->attempts--; // not a retry
             req_place(r);
@@ -850,6 +852,12 @@ static void req_place(rt_req_t *r)
     fy_status_t st = router_registry_place(rt->params.reg, &pr, fy_clock_ns(), &r->pw, &r->dw);
     if (st == FY_ERR_RESOURCE_EXHAUSTED) {
         req_fail(r, RPC_CODE_RESOURCE_EXHAUSTED, "no decode worker has room for this prompt",
+                 FAIL_POOL_FULL);
+        return;
+    }
+    if (st != FY_OK && r->pool_full) {
+        // Every decode worker that could take it said its pool is full.
+        req_fail(r, RPC_CODE_RESOURCE_EXHAUSTED, "KV page pools of the decode workers are full",
                  FAIL_POOL_FULL);
         return;
     }
