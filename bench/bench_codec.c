@@ -12,6 +12,8 @@
  * Variants ferry-model, -hybrid, -nohex, -norot, -mixkvq change one feature of `ferry`.
  * With --gguf the K, V and window queries are a real model's instead: one layer of a prefill
  * over the first N tokens of a text file (default: a license text every Debian system ships).
+ * With --device cuda: the GPU encoder and placement against the device's copy bandwidth (see
+ * codec_cuda_main below).
  * Usage: ferry-bench codec [--json FILE] [--model smollm2|llama3] [--tokens N] [--budget B]
  *                          [--reps R] [--policy NAME] [--gguf PATH [--layer L] [--text FILE]]
  */
@@ -23,6 +25,11 @@
 
 #include "common.h"
 #include "kvcodec.h"
+#if FY_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#include "kvcodec_cuda.h"
+#endif
 #include "model.h"
 
 typedef struct {
@@ -347,6 +354,402 @@ static int run_policy(const char *name, double budget, const model_shape_t *m, u
     return 0;
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* --device cuda                                                                               */
+/* ------------------------------------------------------------------------------------------ */
+
+#if FY_HAVE_CUDA
+/* ferry-bench codec --device cuda: encode (kvc_encoder_encode_layer_cuda, scores given, as the
+ * prefill attention kernel provides them) and place (kvc_place_cuda) throughput in GB/s of FP16
+ * K+V input, next to the device-to-device cudaMemcpy bandwidth (bytes read + written), on
+ * synthetic layers shaped like SmolLM2 and Llama-3-8B. Each row also checks that the GPU frame
+ * equals the CPU encoder's for the same input and scores. Scoring from window_attn is timed
+ * apart. Inputs rotate over copies whose total exceeds the L2 cache; warm-up first, median of
+ * the repeats, CUDA events. */
+
+#define CU(call)                                                                               \
+    do {                                                                                       \
+        cudaError_t e_ = (call);                                                               \
+        if (e_ != cudaSuccess) {                                                               \
+            fprintf(stderr, "codec: %s: %s\n", #call, cudaGetErrorString(e_));                \
+            goto fail;                                                                         \
+        }                                                                                      \
+    } while (0)
+#define FY(call)                                                                               \
+    do {                                                                                       \
+        fy_status_t s_ = (call);                                                               \
+        if (s_ != FY_OK) {                                                                     \
+            fprintf(stderr, "codec: %s: %s\n", #call, fy_status_str(s_));                      \
+            goto fail;                                                                         \
+        }                                                                                      \
+    } while (0)
+
+typedef struct {
+    const char *shape, *policy;
+    uint32_t n;
+    double fp16_mb, wire_ratio, encode_ms, encode_gbs, place_ms, place_gbs, score_ms, score_gbs;
+    double encode_vs_copy, place_vs_copy;
+    double gpu_ms, gpu_gbs, gpu_vs_copy; // the encoder's GPU passes alone (no host optimizer)
+    bool identical;
+} cuda_row_t;
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double median(double *x, int n)
+{
+    qsort(x, (size_t)n, sizeof(double), cmp_double);
+    return n % 2 ? x[n / 2] : 0.5 * (x[n / 2 - 1] + x[n / 2]);
+}
+
+/* Device-to-device copy bandwidth, bytes read + written per second. */
+static double copy_bandwidth(cudaStream_t s, cudaEvent_t e0, cudaEvent_t e1)
+{
+    const size_t bytes = (size_t)512 << 20;
+    uint8_t *a = NULL, *b = NULL;
+    double t[7], bw = 0;
+    CU(cudaMalloc((void **)&a, bytes));
+    CU(cudaMalloc((void **)&b, bytes));
+    CU(cudaMemsetAsync(a, 1, bytes, s));
+    CU(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, s)); // warm-up
+    for (int r = 0; r < 7; r++) {
+        CU(cudaEventRecord(e0, s));
+        CU(cudaMemcpyAsync(r % 2 ? a : b, r % 2 ? b : a, bytes, cudaMemcpyDeviceToDevice, s));
+        CU(cudaEventRecord(e1, s));
+        CU(cudaEventSynchronize(e1));
+        float ms;
+        CU(cudaEventElapsedTime(&ms, e0, e1));
+        t[r] = ms;
+    }
+    bw = 2.0 * (double)bytes / (median(t, 7) * 1e-3) / 1e9;
+fail:
+    cudaFree(a);
+    cudaFree(b);
+    return bw;
+}
+
+/* One (shape, length, policy) row. */
+static int cuda_row(const model_shape_t *m, uint32_t n, const char *policy, double budget,
+                    int reps, double copy_gbs, cudaStream_t s, cudaEvent_t e0, cudaEvent_t e1,
+                    cuda_row_t *row)
+{
+    const uint32_t W = 32;
+    const int warm = 1;
+    int rc = 1;
+    size_t ne = (size_t)m->n_kv * n * m->d, layer_bytes = ne * 4; // K + V, FP16
+    int copies = (int)FY_MIN((size_t)32, ((size_t)192 << 20) / layer_bytes + 1);
+    uint16_t *hk = malloc(ne * 2), *hv = malloc(ne * 2);
+    float *hq = malloc((size_t)m->n_heads * W * m->d * sizeof(float));
+    float *hwa = malloc((size_t)m->n_heads * n * sizeof(float));
+    uint16_t *dkv = NULL; // [copies][2][ne]
+    float *dq = NULL, *dwa = NULL;
+    uint8_t *dout = NULL, *hframe = NULL, *cframe = NULL;
+    kvc_scores_t dsc = {0}, hsc = {0};
+    kvc_encoder_cuda_t *enc = NULL;
+    kvc_encoder_t *cenc = NULL;
+    kvc_gpu_pool_t *pool = NULL;
+    kvc_gpu_seq_t *seq = NULL;
+    double te[16], tp[16], ts[16], tg[16];
+    kvc_policy_t pol;
+    FY(get_policy(policy, &pol));
+    if (!hk || !hv || !hq || !hwa) {
+        fprintf(stderr, "codec: out of host memory\n");
+        goto fail;
+    }
+    kvc_synth_layer(2026 + n, m->n_heads, m->n_kv, n, m->d, W, hk, hv, hq);
+    for (size_t i = 0; i < (size_t)m->n_heads * n; i++) // window attention the kernel would give
+        hwa[i] = (float)((i * 2654435761u) % 1000u + 1) / (500.0f * (float)n);
+    CU(cudaMalloc((void **)&dkv, (size_t)copies * 2 * ne * 2));
+    CU(cudaMalloc((void **)&dq, (size_t)m->n_heads * W * m->d * sizeof(float)));
+    CU(cudaMalloc((void **)&dwa, (size_t)m->n_heads * n * sizeof(float)));
+    CU(cudaMemcpy(dkv, hk, ne * 2, cudaMemcpyHostToDevice));
+    CU(cudaMemcpy(dkv + ne, hv, ne * 2, cudaMemcpyHostToDevice));
+    for (int c = 1; c < copies; c++)
+        CU(cudaMemcpy(dkv + (size_t)c * 2 * ne, dkv, 2 * ne * 2, cudaMemcpyDeviceToDevice));
+    CU(cudaMemcpy(dq, hq, (size_t)m->n_heads * W * m->d * sizeof(float), cudaMemcpyHostToDevice));
+    CU(cudaMemcpy(dwa, hwa, (size_t)m->n_heads * n * sizeof(float), cudaMemcpyHostToDevice));
+
+    kvc_encoder_params_t p;
+    kvc_encoder_params_default(&p);
+    p.policy = &pol;
+    p.budget = pol.budget > 0 ? budget : -1;
+    p.n_layers = (uint32_t)(warm + reps);
+    p.n_heads = m->n_heads;
+    p.n_kv_heads = m->n_kv;
+    p.head_dim = m->d;
+    p.n_tokens = n;
+    p.model_fingerprint = 42;
+    p.seq_id = 1;
+    FY(kvc_encoder_cuda_create(&p, &enc));
+    FY(kvc_encoder_create(&p, &cenc));
+    size_t cap = kvc_encoder_cuda_max_frame_bytes(enc), len = 0;
+    CU(cudaMalloc((void **)&dout, cap));
+    hframe = malloc(cap);
+    cframe = malloc(cap);
+    FY(kvc_scores_init_cuda(&dsc, m->n_kv, n, m->d));
+    FY(kvc_scores_init(&hsc, m->n_kv, n, m->d));
+    kvc_layer_input_t din = {.k = dkv, .v = dkv + ne, .head_stride = (size_t)n * m->d,
+                             .token_stride = m->d, .q_window = dq, .n_window = W};
+    // Scores from the window queries once (what the encoder is given), then scoring from
+    // window_attn timed on its own.
+    FY(kvc_score_cuda(&pol, m->n_heads, m->n_kv, n, m->d, &din, &dsc, s));
+    {
+        kvc_scores_t tmp;
+        FY(kvc_scores_init_cuda(&tmp, m->n_kv, n, m->d));
+        kvc_layer_input_t wa_in = din;
+        wa_in.q_window = NULL;
+        wa_in.n_window = 0;
+        wa_in.window_attn = dwa;
+        for (int r = 0; r < warm + reps; r++) {
+            CU(cudaEventRecord(e0, s));
+            FY(kvc_score_cuda(&pol, m->n_heads, m->n_kv, n, m->d, &wa_in, &tmp, s));
+            CU(cudaEventRecord(e1, s));
+            CU(cudaEventSynchronize(e1));
+            float ms;
+            CU(cudaEventElapsedTime(&ms, e0, e1));
+            if (r >= warm)
+                ts[r - warm] = ms;
+        }
+        kvc_scores_cleanup_cuda(&tmp);
+    }
+    CU(cudaStreamSynchronize(s));
+    for (int r = 0; r < warm + reps; r++) {
+        const uint16_t *base = dkv + (size_t)(r % copies) * 2 * ne;
+        din.layer = (uint32_t)r;
+        din.k = base;
+        din.v = base + ne;
+        kvc_layer_info_t info;
+        CU(cudaEventRecord(e0, s));
+        FY(kvc_encoder_encode_layer_cuda(enc, &din, &dsc, dout, cap, &len, &info, s));
+        CU(cudaEventRecord(e1, s));
+        CU(cudaEventSynchronize(e1));
+        float ms;
+        CU(cudaEventElapsedTime(&ms, e0, e1));
+        if (r >= warm) {
+            te[r - warm] = ms;
+            tg[r - warm] = (double)kvc_encoder_cuda_last_gpu_ns(enc) * 1e-6;
+        }
+        if (r > 0)
+            continue;
+        // The CPU encoder on the same data and scores: the first layer's frame must be the
+        // same bytes (later layers depend on the rate controller state only, which the same
+        // bytes keep in step).
+        size_t nt = (size_t)m->n_kv * n, nd = (size_t)m->n_kv * m->d;
+        CU(cudaMemcpy(hsc.importance, dsc.importance, nt * 4, cudaMemcpyDeviceToHost));
+        CU(cudaMemcpy(hsc.obar, dsc.obar, nd * 4, cudaMemcpyDeviceToHost));
+        CU(cudaMemcpy(hsc.qsq, dsc.qsq, nd * 4, cudaMemcpyDeviceToHost));
+        CU(cudaMemcpy(hsc.is_static, dsc.is_static, m->n_kv, cudaMemcpyDeviceToHost));
+        kvc_layer_input_t hin = {.layer = 0, .k = hk, .v = hv, .head_stride = (size_t)n * m->d,
+                                 .token_stride = m->d};
+        size_t clen = 0;
+        FY(kvc_encoder_encode_layer(cenc, &hin, &hsc, cframe, cap, &clen, NULL));
+        CU(cudaMemcpy(hframe, dout, len, cudaMemcpyDeviceToHost));
+        row->identical = clen == len && memcmp(cframe, hframe, len) == 0;
+    }
+    CU(cudaMemcpy(hframe, dout, len, cudaMemcpyDeviceToHost));
+    kvc_frame_t f;
+    FY(kvc_frame_parse(hframe, len, &f)); // the last layer's frame, checked on the host
+    {
+        kvc_pool_params_t pp;
+        kvc_pool_params_default(&pp);
+        pp.head_dim = m->d;
+        pp.group = pol.group;
+        pp.protect = pol.protect_channels;
+        pp.n_pages = (uint32_t)(cap / pp.page_bytes * 11 / 10 + 8u * m->n_kv + 16);
+        FY(kvc_gpu_pool_create(&pp, &pool));
+    }
+    for (int r = 0; r < warm + reps; r++) {
+        FY(kvc_gpu_seq_create(pool, f.n_layers, m->n_kv, 42, 1, &seq));
+        CU(cudaEventRecord(e0, s));
+        FY(kvc_place_cuda(seq, &f, dout, s));
+        CU(cudaEventRecord(e1, s));
+        CU(cudaEventSynchronize(e1));
+        float ms;
+        CU(cudaEventElapsedTime(&ms, e0, e1));
+        if (r >= warm)
+            tp[r - warm] = ms;
+        kvc_gpu_seq_destroy(seq);
+        seq = NULL;
+    }
+    row->shape = m->name;
+    row->policy = policy;
+    row->n = n;
+    row->fp16_mb = (double)layer_bytes / 1e6;
+    row->wire_ratio = (double)len / (double)layer_bytes;
+    row->encode_ms = median(te, reps);
+    row->place_ms = median(tp, reps);
+    row->score_ms = median(ts, reps);
+    row->gpu_ms = median(tg, reps);
+    row->gpu_gbs = (double)layer_bytes / (row->gpu_ms * 1e-3) / 1e9;
+    row->gpu_vs_copy = row->gpu_gbs / copy_gbs;
+    row->encode_gbs = (double)layer_bytes / (row->encode_ms * 1e-3) / 1e9;
+    row->place_gbs = (double)layer_bytes / (row->place_ms * 1e-3) / 1e9;
+    row->score_gbs = (double)layer_bytes / (row->score_ms * 1e-3) / 1e9;
+    row->encode_vs_copy = row->encode_gbs / copy_gbs;
+    row->place_vs_copy = row->place_gbs / copy_gbs;
+    rc = 0;
+fail:
+    kvc_gpu_seq_destroy(seq);
+    kvc_gpu_pool_destroy(pool);
+    kvc_encoder_cuda_destroy(enc);
+    kvc_encoder_destroy(cenc);
+    kvc_scores_cleanup_cuda(&dsc);
+    kvc_scores_cleanup(&hsc);
+    cudaFree(dkv), cudaFree(dq), cudaFree(dwa), cudaFree(dout);
+    free(hk), free(hv), free(hq), free(hwa), free(hframe), free(cframe);
+    return rc;
+}
+
+static int codec_cuda_main(int argc, char **argv)
+{
+    const char *json = NULL, *only_model = NULL, *only_policy = NULL;
+    uint32_t only_n = 0;
+    double budget = 0.25;
+    int reps = 3;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *val = i + 1 < argc ? argv[i + 1] : NULL;
+        if (strcmp(a, "--device") == 0 && val) {
+            i++;
+        } else if (strcmp(a, "--json") == 0 && val) {
+            json = val, i++;
+        } else if (strcmp(a, "--model") == 0 && val) {
+            only_model = val, i++;
+        } else if (strcmp(a, "--policy") == 0 && val) {
+            only_policy = val, i++;
+        } else if (strcmp(a, "--tokens") == 0 && val) {
+            only_n = (uint32_t)strtoul(val, NULL, 10), i++;
+        } else if (strcmp(a, "--budget") == 0 && val) {
+            budget = strtod(val, NULL), i++;
+        } else if (strcmp(a, "--reps") == 0 && val) {
+            reps = atoi(val), i++;
+        } else {
+            fprintf(stderr, "usage: ferry-bench codec --device cuda [--json FILE] "
+                            "[--model smollm2|llama3] [--policy NAME] [--tokens N] "
+                            "[--budget B] [--reps R]\n");
+            return strcmp(a, "--help") == 0 ? 0 : 2;
+        }
+    }
+    if (reps < 1 || reps > 16 || !(budget > 0 && budget <= 1) ||
+        (only_n && (only_n < 64 || only_n > (1u << 20)))) {
+        fprintf(stderr, "codec: bad --reps (1..16), --budget or --tokens\n");
+        return 2;
+    }
+    if (fy_cuda_device_count() == 0) {
+        fprintf(stderr, "codec: no CUDA device\n");
+        return 1;
+    }
+    static const uint32_t lengths[] = {4096, 16384, 32768};
+    static const char *const policies[] = {"ferry", "int4", "fp16"};
+    cuda_row_t rows[32];
+    int n_rows = 0, rc = 1;
+    uint64_t t_start = fy_clock_ns();
+    cudaStream_t s = NULL;
+    cudaEvent_t e0 = NULL, e1 = NULL;
+    struct cudaDeviceProp prop;
+    int dev = 0, driver = 0, runtime = 0;
+    char date[32];
+    time_t now = time(NULL);
+    strftime(date, sizeof(date), "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
+    CU(cudaGetDevice(&dev));
+    CU(cudaGetDeviceProperties(&prop, dev));
+    CU(cudaDriverGetVersion(&driver));
+    CU(cudaRuntimeGetVersion(&runtime));
+    CU(cudaStreamCreate(&s));
+    CU(cudaEventCreate(&e0));
+    CU(cudaEventCreate(&e1));
+    double copy_gbs = copy_bandwidth(s, e0, e1);
+    if (!(copy_gbs > 0))
+        goto fail;
+    printf("ferry-bench codec --device cuda: %s, driver %d, runtime %d, %s\n", prop.name, driver,
+           runtime, date);
+    printf("device-to-device copy: %.1f GB/s (bytes read + written); GB/s below are FP16 K+V "
+           "input bytes per second, budget %.3g, median of %d\n",
+           copy_gbs, budget, reps);
+    printf("encode: end to end (GPU passes + the host optimizer between them); enc-gpu: the "
+           "GPU passes alone\n");
+    printf("%-8s %-6s %6s %8s %6s %10s %7s %10s %7s %10s %7s %10s  %s\n", "shape", "policy",
+           "tokens", "fp16 MB", "wire", "encode", "/copy", "enc-gpu", "/copy", "place", "/copy",
+           "score", "same as CPU");
+    for (size_t mi = 0; mi < FY_ARRAY_SIZE(k_models); mi++) {
+        const model_shape_t *m = &k_models[mi];
+        if (only_model && strcmp(only_model, m->name) != 0)
+            continue;
+        for (size_t li = 0; li < FY_ARRAY_SIZE(lengths); li++) {
+            uint32_t n = only_n ? only_n : lengths[li];
+            if (only_n && li > 0)
+                break;
+            for (size_t pi = 0; pi < FY_ARRAY_SIZE(policies); pi++) {
+                if (only_policy && strcmp(only_policy, policies[pi]) != 0)
+                    continue;
+                // Stay well inside the 60 s the GPU check allows.
+                if ((double)(fy_clock_ns() - t_start) * 1e-9 > 40.0 ||
+                    n_rows == (int)FY_ARRAY_SIZE(rows)) {
+                    printf("(time limit: remaining rows skipped)\n");
+                    goto done;
+                }
+                cuda_row_t *r = &rows[n_rows];
+                memset(r, 0, sizeof(*r));
+                if (cuda_row(m, n, policies[pi], budget, reps, copy_gbs, s, e0, e1, r) != 0)
+                    goto fail;
+                n_rows++;
+                printf("%-8s %-6s %6u %8.1f %6.3f %5.0f GB/s %6.1f%% %5.0f GB/s %6.1f%% "
+                       "%5.0f GB/s %6.1f%% %5.0f GB/s  %s\n",
+                       r->shape, r->policy, r->n, r->fp16_mb, r->wire_ratio, r->encode_gbs,
+                       100 * r->encode_vs_copy, r->gpu_gbs, 100 * r->gpu_vs_copy, r->place_gbs,
+                       100 * r->place_vs_copy, r->score_gbs, r->identical ? "yes" : "NO");
+                fflush(stdout);
+            }
+        }
+    }
+done:
+    rc = 0;
+    for (int i = 0; i < n_rows; i++)
+        if (!rows[i].identical)
+            rc = 1; // a GPU frame that differs from the CPU's is a failure, not a number
+    if (json) {
+        FILE *f = fopen(json, "w");
+        if (f == NULL) {
+            fprintf(stderr, "codec: cannot write %s\n", json);
+            rc = 1;
+            goto fail;
+        }
+        fprintf(f, "{\"device\": \"%s\", \"driver\": %d, \"runtime\": %d, \"date\": \"%s\", "
+                   "\"copy_gbps\": %.2f, \"budget\": %g, \"reps\": %d, \"results\": [\n",
+                prop.name, driver, runtime, date, copy_gbs, budget, reps);
+        for (int i = 0; i < n_rows; i++) {
+            cuda_row_t *r = &rows[i];
+            fprintf(f,
+                    "  {\"shape\": \"%s\", \"policy\": \"%s\", \"tokens\": %u, \"fp16_mb\": %.3f, "
+                    "\"wire_ratio\": %.5f, \"encode_ms\": %.4f, \"encode_gbps\": %.3f, "
+                    "\"encode_vs_copy\": %.4f, \"encode_gpu_ms\": %.4f, "
+                    "\"encode_gpu_gbps\": %.3f, \"encode_gpu_vs_copy\": %.4f, "
+                    "\"place_ms\": %.4f, \"place_gbps\": %.3f, "
+                    "\"place_vs_copy\": %.4f, \"score_ms\": %.4f, \"score_gbps\": %.3f, "
+                    "\"identical_to_cpu\": %s}%s\n",
+                    r->shape, r->policy, r->n, r->fp16_mb, r->wire_ratio, r->encode_ms,
+                    r->encode_gbs, r->encode_vs_copy, r->gpu_ms, r->gpu_gbs, r->gpu_vs_copy,
+                    r->place_ms, r->place_gbs,
+                    r->place_vs_copy, r->score_ms, r->score_gbs,
+                    r->identical ? "true" : "false", i + 1 < n_rows ? "," : "");
+        }
+        fprintf(f, "]}\n");
+        fclose(f);
+    }
+fail:
+    if (e0)
+        cudaEventDestroy(e0);
+    if (e1)
+        cudaEventDestroy(e1);
+    if (s)
+        cudaStreamDestroy(s);
+    return rc;
+}
+#endif
+
 int bench_codec_main(int argc, char **argv)
 {
     const char *json = NULL, *only = NULL, *gguf = NULL;
@@ -357,10 +760,26 @@ int bench_codec_main(int argc, char **argv)
     uint32_t n = 4096, W = 32;
     double budget = 0.25;
     int reps = 3;
+    for (int i = 1; i + 1 < argc; i++) {
+        if (strcmp(argv[i], "--device") != 0 || strcmp(argv[i + 1], "cpu") == 0)
+            continue;
+#if FY_HAVE_CUDA
+        if (strcmp(argv[i + 1], "cuda") == 0)
+            return codec_cuda_main(argc, argv);
+#endif
+#if FY_HAVE_CUDA
+        fprintf(stderr, "codec: --device %s: unknown (cpu, cuda)\n", argv[i + 1]);
+#else
+        fprintf(stderr, "codec: --device %s: this build has the cpu device only\n", argv[i + 1]);
+#endif
+        return 2;
+    }
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *val = i + 1 < argc ? argv[i + 1] : NULL;
-        if (strcmp(a, "--json") == 0 && val) {
+        if (strcmp(a, "--device") == 0 && val) {
+            i++; // cpu: this code
+        } else if (strcmp(a, "--json") == 0 && val) {
             json = val, i++;
         } else if (strcmp(a, "--model") == 0 && val) {
             m = NULL;

@@ -51,6 +51,7 @@ static void usage(FILE *out)
             "  --repeat-penalty R    1 = off (default 1.0)\n"
             "  --seed S              sampling seed (default 0x5eed)\n"
             "  --threads N           worker threads (default: all CPUs; --local)\n"
+            "  --device cpu|cuda     where the model runs (default cpu; --local)\n"
             "  --stop TEXT           stop string (repeatable; remote)\n"
             "  --policy NAME         KV codec policy for the transfer (remote; default: the "
             "worker's)\n"
@@ -219,6 +220,7 @@ int cli_generate_main(int argc, char **argv)
     int threads = 0;
     double budget = 0;
     uint64_t timeout_ms = 300000;
+    mdl_device_t device = MDL_DEVICE_CPU;
     mdl_sampler_params_t sp;
     mdl_sampler_params_default(&sp);
     for (int i = 1; i < argc; i++) {
@@ -243,6 +245,16 @@ int cli_generate_main(int argc, char **argv)
             stats = true;
         } else if (strcmp(a, "--model") == 0 && val != NULL) {
             model_path = val;
+            i++;
+        } else if (strcmp(a, "--device") == 0 && val != NULL) {
+            if (strcmp(val, "cpu") == 0) {
+                device = MDL_DEVICE_CPU;
+            } else if (strcmp(val, "cuda") == 0) {
+                device = MDL_DEVICE_CUDA;
+            } else {
+                fprintf(stderr, "ferry generate: --device takes cpu or cuda\n");
+                return 2;
+            }
             i++;
         } else if (strcmp(a, "--system") == 0 && val != NULL) {
             system = val;
@@ -334,6 +346,7 @@ int cli_generate_main(int argc, char **argv)
     mdl_model_params_t mp;
     mdl_model_params_default(&mp);
     mp.path = model_path;
+    mp.device = device;
     mdl_model_t *model = NULL;
     mdl_ctx_t *ctx = NULL;
     mdl_kv_t *kv = NULL;
@@ -397,6 +410,7 @@ int cli_generate_main(int argc, char **argv)
     mdl_ctx_params_t cp;
     mdl_ctx_params_default(&cp);
     cp.n_threads = threads;
+    cp.device = device;
     cp.max_batch = 1;
     mdl_kv_params_t kp;
     mdl_kv_params_default(&kp, model);

@@ -88,8 +88,8 @@ typedef struct {
     int kv_port;                 // 0 = pick a free port
     const char *advertise_host;  // how the router reaches us; NULL = the listen host
                                  // (127.0.0.1 when that is a wildcard)
-    uint64_t kv_memory;          // page pool bytes (default 256 MiB)
-    uint32_t page_bytes;         // page size (default 32 KiB)
+    uint64_t kv_memory;          // page pool bytes (default 512 MiB)
+    uint32_t page_bytes;         // page size (default 16 KiB: 63 FP16 tokens of head_dim 64)
     uint64_t recv_buffer;        // kvlink receive memory (default 64 MiB)
     int max_batch;               // sequences per decode step (default 32)
     int threads;                 // compute threads (0 = all cores)
@@ -97,13 +97,16 @@ typedef struct {
     uint32_t default_lease_ms;   // when ReserveKV says 0 (default 10000)
     const char *router;          // "host:port" to register with, or NULL
     const char *worker_id;       // NULL = "decode@<rpc address>"
+    uint32_t heartbeat_ms;       // 0 = half the router's lease
+    const char *ucx_tls;         // UCX transports (as UCX_TLS), NULL = UCX's choice
+    const char *ucx_devices;     // UCX devices (as UCX_NET_DEVICES), NULL = UCX's choice
 } decode_worker_params_t;
 
 void decode_worker_params_default(decode_worker_params_t *params);
 
 /* Loads the model (unless given), creates the pool and starts the RPC, kvlink and scheduler
- * threads; returns once both listeners are bound. err (optional) says what failed.
- * Thread: any. */
+ * threads; returns once both listeners are bound. Strings in params are copied. err
+ * (optional) says what failed. Thread: any. */
 fy_status_t decode_worker_create(const decode_worker_params_t *params,
                                  decode_worker_t **worker_p, char *err, size_t err_len);
 

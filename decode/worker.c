@@ -118,6 +118,7 @@ struct kv_cmd {
 struct decode_worker {
     decode_worker_params_t p;
     char listen_host[64], kv_host[64], advertise_host[64], router_addr[128], worker_id[64];
+    char ucx_tls[128], ucx_devices[128];
     mdl_model_t *own_model;
     const mdl_model_t *model;
     const mdl_config_t *cfg;
@@ -161,6 +162,7 @@ struct decode_worker {
     int kv_port;
     kv_cmd_t *cmds; // under mu
     bool kv_stop;
+    bool kv_closed; // the thread takes no more commands (under mu)
 
     // Scheduler thread.
     pthread_t sched_thread;
@@ -287,13 +289,20 @@ static void end_status(decode_worker_t *w, req_t *r, fy_status_t st, const char 
 /* kvlink thread: frames in, placement, lease expiry                                            */
 /* ------------------------------------------------------------------------------------------ */
 
-static void kv_post(decode_worker_t *w, kv_cmd_t *c)
+/* Queues a command for the kvlink thread; false once that thread has stopped taking them (the
+ * caller then owns c still). The wake-up is sent under the lock, so it never reaches a closed
+ * handle. */
+static bool kv_post(decode_worker_t *w, kv_cmd_t *c)
 {
     pthread_mutex_lock(&w->mu);
-    c->next = w->cmds;
-    w->cmds = c;
+    bool ok = !w->kv_closed;
+    if (ok) {
+        c->next = w->cmds;
+        w->cmds = c;
+        uv_async_send(&w->kv_async);
+    }
     pthread_mutex_unlock(&w->mu);
-    uv_async_send(&w->kv_async);
+    return ok;
 }
 
 /* Fails the transfer of r (kvlink thread, before kv_done): on_recv_end follows and ends r. */
@@ -569,7 +578,11 @@ static void *kv_main(void *arg)
 {
     decode_worker_t *w = arg;
     uv_loop_init(&w->kv_loop);
-    fy_status_t st = kvlink_ctx_create(NULL, &w->kv_ctx);
+    kvlink_ctx_params_t kcp;
+    kvlink_ctx_params_default(&kcp);
+    kcp.tls = w->ucx_tls[0] ? w->ucx_tls : NULL;
+    kcp.net_devices = w->ucx_devices[0] ? w->ucx_devices : NULL;
+    fy_status_t st = kvlink_ctx_create(&kcp, &w->kv_ctx);
     if (st == FY_OK) {
         kvlink_params_t kp;
         kvlink_params_default(&kp);
@@ -611,6 +624,10 @@ static void *kv_main(void *arg)
     kvlink_destroy(w->link);
     w->link = NULL;
     run_cmds(w); // commands that came meanwhile (answered as failures)
+    pthread_mutex_lock(&w->mu);
+    w->kv_closed = true;
+    pthread_mutex_unlock(&w->mu);
+    run_cmds(w);
     uv_close((uv_handle_t *)&w->kv_sweep, NULL);
     uv_close((uv_handle_t *)&w->kv_async, NULL);
     uv_run(&w->kv_loop, UV_RUN_DEFAULT);
@@ -772,7 +789,8 @@ static uint64_t pages_for(const decode_worker_t *w, uint32_t prompt, uint32_t ma
         uint64_t est = (wire_bytes + wire_bytes / 8 + payload - 1) / payload + lists;
         prompt_pages = FY_MIN(fp16 + lists * (KVC_OPT_DROP - 1), est);
     }
-    return prompt_pages + lists * ((max_new + tpp - 1) / tpp + 1);
+    // Appends fill the last FP16 page first, so max_new tokens never take more than this.
+    return prompt_pages + lists * ((max_new + tpp - 1) / tpp);
 }
 
 /* Largest frame of one layer of a prompt (everything FP16) plus slack for headers and maps. */
@@ -857,12 +875,20 @@ static void h_reserve(rpc_call_t *call, const ProtobufCMessage *m, void *arg)
     c->id = r->id;
     c->call = call;
     c->credit = credit;
-    kv_post(w, c); // the kvlink thread answers once the transfer is expected
+    if (!kv_post(w, c)) { // the kvlink thread answers once the transfer is expected
+        free(c);
+        pthread_mutex_lock(&w->mu);
+        r->ending = true;
+        pthread_mutex_unlock(&w->mu);
+        req_end(w, r, RPC_CODE_UNAVAILABLE, "decode worker shutting down", FAIL_SHUTDOWN);
+        rpc_call_finish(call, RPC_CODE_UNAVAILABLE, "decode worker shutting down");
+        return;
+    }
     update_gauges(w);
 }
 
 static fy_status_t make_sampler(decode_worker_t *w, const Ferry__V1__DecodeRequest *req,
-                                uint32_t limit, mdl_sampler_t **s_p)
+                                mdl_sampler_t **s_p)
 {
     mdl_sampler_params_t sp;
     mdl_sampler_params_default(&sp);
@@ -874,19 +900,19 @@ static fy_status_t make_sampler(decode_worker_t *w, const Ferry__V1__DecodeReque
         in != NULL && in->repetition_penalty > 0.0f ? in->repetition_penalty : 1.0f;
     if (in != NULL && in->seed != 0)
         sp.seed = in->seed;
-    sp.max_tokens = 0; // the scheduler counts against limit itself
-    (void)limit;
+    sp.max_tokens = 0; // the scheduler counts against its own limit
     sp.n_stop = 0;
     int32_t eos = mdl_tokenizer_eos(mdl_model_tokenizer(w->model));
     if (eos >= 0 && (in == NULL || !in->ignore_eos))
         sp.stop[sp.n_stop++] = eos;
-    for (size_t i = 0; in != NULL && i < in->n_stop_token_ids && sp.n_stop < MDL_MAX_STOP; i++) {
+    size_t n_ids = in != NULL ? in->n_stop_token_ids : 0;
+    if (n_ids > (size_t)(MDL_MAX_STOP - sp.n_stop))
+        return FY_ERR_OUT_OF_RANGE;
+    for (size_t i = 0; i < n_ids; i++) {
         if (in->stop_token_ids[i] >= (uint32_t)w->cfg->n_vocab)
             return FY_ERR_OUT_OF_RANGE;
         sp.stop[sp.n_stop++] = (int32_t)in->stop_token_ids[i];
     }
-    if (in != NULL && in->n_stop_token_ids + (sp.n_stop > 0 && eos >= 0) > MDL_MAX_STOP)
-        return FY_ERR_OUT_OF_RANGE;
     mdl_sampler_t *s;
     fy_status_t st = mdl_sampler_create(&sp, w->cfg->n_vocab, &s);
     if (st != FY_OK)
@@ -894,6 +920,21 @@ static fy_status_t make_sampler(decode_worker_t *w, const Ferry__V1__DecodeReque
     for (size_t i = 0; i < req->n_prompt_token_ids; i++)
         mdl_sampler_accept(s, (int32_t)req->prompt_token_ids[i]);
     mdl_sampler_accept(s, (int32_t)req->first_token_id);
+    // The prefill worker drew the tokens the client has from the same seed, one random draw
+    // per sampled token: skip as many draws so this stream continues the request's, and a
+    // seeded run gives the tokens a local run with that seed gives.
+    if (sp.temperature > 0.0f && req->completion_tokens_sent > 0) {
+        float *dummy = calloc((size_t)w->cfg->n_vocab, sizeof(float));
+        if (dummy == NULL) {
+            mdl_sampler_destroy(s);
+            return FY_ERR_NO_MEMORY;
+        }
+        for (uint32_t i = 0; i < FY_MIN(req->completion_tokens_sent, 4096u); i++) {
+            memset(dummy, 0, (size_t)w->cfg->n_vocab * sizeof(float));
+            mdl_sampler_sample(s, dummy);
+        }
+        free(dummy);
+    }
     *s_p = s;
     return FY_OK;
 }
@@ -916,9 +957,10 @@ static void h_decode(rpc_call_t *call, const ProtobufCMessage *m, void *arg)
                          ? req->sampling->max_tokens
                          : w->p.default_max_tokens;
     mdl_sampler_t *sampler = NULL;
-    fy_status_t st = make_sampler(w, req, limit, &sampler);
+    fy_status_t st = make_sampler(w, req, &sampler);
     if (st != FY_OK) {
-        rpc_call_finish(call, rpc_code_from_status(st), "sampling parameters");
+        rpc_call_finish(call, rpc_code_from_status(st),
+                        "sampling: at most 8 stop tokens (EOS included), each in the vocabulary");
         return;
     }
     pthread_mutex_lock(&w->mu);
@@ -991,8 +1033,8 @@ static void h_cancel(rpc_call_t *call, const ProtobufCMessage *m, void *arg)
     pthread_mutex_unlock(&w->mu);
     if (end_now != NULL)
         req_end(w, end_now, RPC_CODE_CANCELLED, "cancelled", FAIL_CANCELLED);
-    if (cmd != NULL)
-        kv_post(w, cmd);
+    if (cmd != NULL && !kv_post(w, cmd))
+        free(cmd); // stopping: the listener's end fails the transfer anyway
     rpc_call_send(call, &resp.base);
     rpc_call_finish(call, RPC_CODE_OK, NULL);
 }
@@ -1139,6 +1181,7 @@ static void *rpc_main(void *arg)
                                         .rpc_address = rpc_addr,
                                         .kv_address = kv_addr,
                                         .model_fingerprint = w->fingerprint,
+                                        .heartbeat_ms = w->p.heartbeat_ms,
                                         .load = agent_load,
                                         .load_arg = w};
             st = router_agent_create(&w->rpc_loop, &ap, &w->agent);
@@ -1174,8 +1217,8 @@ void decode_worker_params_default(decode_worker_params_t *p)
     memset(p, 0, sizeof(*p));
     p->listen_host = "127.0.0.1";
     p->kv_host = "127.0.0.1";
-    p->kv_memory = 256ull << 20;
-    p->page_bytes = 32u << 10;
+    p->kv_memory = 512ull << 20;
+    p->page_bytes = 16u << 10;
     p->recv_buffer = 64ull << 20;
     p->max_batch = 32;
     p->default_max_tokens = 256;
@@ -1259,8 +1302,9 @@ static void stop_threads(decode_worker_t *w, bool rpc, bool kv, bool sched)
     if (kv) {
         pthread_mutex_lock(&w->mu);
         w->kv_stop = true;
+        if (!w->kv_closed)
+            uv_async_send(&w->kv_async);
         pthread_mutex_unlock(&w->mu);
-        uv_async_send(&w->kv_async);
         pthread_join(w->kv_thread, NULL);
     }
     if (rpc) {
@@ -1326,6 +1370,12 @@ fy_status_t decode_worker_create(const decode_worker_params_t *params,
                                                     : w->listen_host;
     snprintf(w->advertise_host, sizeof(w->advertise_host), "%s", adv);
     snprintf(w->router_addr, sizeof(w->router_addr), "%s", p.router != NULL ? p.router : "");
+    snprintf(w->ucx_tls, sizeof(w->ucx_tls), "%s", p.ucx_tls != NULL ? p.ucx_tls : "");
+    snprintf(w->ucx_devices, sizeof(w->ucx_devices), "%s",
+             p.ucx_devices != NULL ? p.ucx_devices : "");
+    p.ucx_tls = p.ucx_devices = NULL;
+    const char *model_path = p.model_path; // used below only, while the caller's string lives
+    p.model_path = NULL;
     p.listen_host = w->listen_host;
     p.kv_host = w->kv_host;
     p.advertise_host = w->advertise_host;
@@ -1339,7 +1389,7 @@ fy_status_t decode_worker_create(const decode_worker_params_t *params,
     } else {
         mdl_model_params_t mp;
         mdl_model_params_default(&mp);
-        mp.path = p.model_path;
+        mp.path = model_path;
         if (mp.path == NULL) {
             st = errf(err, err_len, FY_ERR_INVALID_ARG, "no model given (--model)");
             goto fail;

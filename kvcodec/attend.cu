@@ -4,17 +4,21 @@
  *
  * Flash-decoding. Kernel 1 runs one thread block per (page list, split): the list's pages are
  * cut into n_splits contiguous ranges. For each page the block reads the 16-byte header on the
- * device, copies the used part of the page into shared memory with 16-byte loads, and then
- *   1. logits: LPT lanes share one token, each lane dequantizes CPT channels of the key
- *      (code * scale + zero, or the raw FP16) in registers and dots them with the query rows;
- *      a butterfly of warp shuffles sums the lanes;
- *   2. online softmax per row over a chunk of up to CH tokens (running max m, sum l);
- *   3. values: each lane dequantizes the same CPT channels of the value rows and accumulates
- *      p * v into registers; token lanes keep separate partial sums, added at the end.
- * Rotated pages (Hadamard-coded 4/4, 4/2, 2/2) use H q for the logits and a second accumulator,
- * exactly as attend.c does. MixKVQ protected channels take their 8-bit code from the group's
- * pcodes block. Kernel 2 combines the splits' (m, l, acc, acc_rot) of each list, applies H to
- * the rotated sum once, divides by l and writes the output rows.
+ * device (fetched one page ahead), copies the used part of the page into shared memory with
+ * 16-byte asynchronous copies, and then
+ *   1. logits: LPT lanes share one token, each lane holds CPT channels. For a quantized slot the
+ *      lane pre-scales its query channels once (q * kscale, and sum q * kzero), as attend.c
+ *      does, so a token costs one FMA per channel and row on its codes; F16 keys are dotted
+ *      with q directly; a butterfly of warp shuffles sums the lanes;
+ *   2. online softmax per row over a chunk of up to kChunk tokens (running max m, sum l);
+ *   3. values: each lane dequantizes the same CPT channels of the value rows in registers and
+ *      accumulates p * v; token lanes keep separate partial sums, added at the end.
+ * Rotated pages (Hadamard-coded 4/4, 4/2, 2/2) use H q for the logits and a separate
+ * accumulator, exactly as attend.c does: the block attends its plain pages in a first pass and
+ * its rotated pages in a second (page order does not matter), so only one accumulator lives in
+ * registers. MixKVQ protected channels take their 8-bit code from the group's pcodes block.
+ * Kernel 2 combines the splits' partial results of each list (each scaled to its own running
+ * max), applies H to the rotated sum once, divides by the softmax sum and writes the rows.
  *
  * Geometry and the page layout are those of docs/kvcodec-format.md §3; the slot sizes below are
  * computed the way pool.c computes them (kvc_group_bytes rounded up to 16).
@@ -23,6 +27,7 @@
 #include "kvcodec_cuda_int.h"
 
 #include <cuda_fp16.h>
+#include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 #include <math.h>
 
@@ -48,8 +53,9 @@ struct attn_params {
     const float *q;
     float scale;
     float *out;
-    float *ws_m, *ws_l;        // [n_items][n_splits][rows]
-    float *ws_acc, *ws_accr;   // [n_items][n_splits][rows][d]
+    float *ws_m, *ws_l;        // [n_items][n_splits][rows] running max and sum at the end
+    float *ws_mp;              // [n_items][n_splits][rows] running max when ws_acc was taken
+    float *ws_acc, *ws_accr;   // [n_items][n_splits][rows][d] plain / rotated accumulators
     uint32_t *ws_rot;          // [n_items][n_splits]
     uint32_t *ws_err;          // [1] pages skipped
 };
@@ -101,27 +107,45 @@ __device__ __forceinline__ void load8_f16(const uint8_t *p, float *x)
     }
 }
 
+/* An integer code (< 2^23) as a float without the conversion unit (I2F runs at a quarter of the
+ * FMA rate): the code in the mantissa of 2^23, minus 2^23. Exact. */
+__device__ __forceinline__ float code_f(uint32_t c)
+{
+    return __uint_as_float(0x4b000000u | c) - 8388608.0f;
+}
+
+/* Byte i of x as a float (a code < 256): the byte placed in the mantissa of 2^23 with one
+ * byte permute, minus 2^23. */
+__device__ __forceinline__ float byte_f(uint32_t x, int i)
+{
+    return __uint_as_float(__byte_perm(x, 0x4b000000u, 0x7440u | (uint32_t)i)) - 8388608.0f;
+}
+
 /* Eight codes of `bits` bits for channels c .. c+7 of a packed row (c a multiple of 8, so the
  * byte offset c * bits / 8 is aligned to the load size). */
 __device__ __forceinline__ void load8_codes(const uint8_t *row, uint32_t c, int bits, float *x)
 {
     if (bits == 8) {
-        uint2 u = *reinterpret_cast<const uint2 *>(row + c);
+        const uint2 u = *reinterpret_cast<const uint2 *>(row + c);
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            x[i] = (float)((u.x >> (8 * i)) & 0xffu);
-            x[4 + i] = (float)((u.y >> (8 * i)) & 0xffu);
+            x[i] = byte_f(u.x, i);
+            x[4 + i] = byte_f(u.y, i);
         }
     } else if (bits == 4) {
-        uint32_t u = *reinterpret_cast<const uint32_t *>(row + c / 2);
+        // Even channels are the low nibbles, odd channels the high ones.
+        const uint32_t u = *reinterpret_cast<const uint32_t *>(row + c / 2);
+        const uint32_t lo = u & 0x0f0f0f0fu, hi = (u >> 4) & 0x0f0f0f0fu;
 #pragma unroll
-        for (int i = 0; i < 8; i++)
-            x[i] = (float)((u >> (4 * i)) & 15u);
+        for (int i = 0; i < 4; i++) {
+            x[2 * i] = byte_f(lo, i);
+            x[2 * i + 1] = byte_f(hi, i);
+        }
     } else {
-        uint32_t u = *reinterpret_cast<const uint16_t *>(row + c / 4);
+        const uint32_t u = *reinterpret_cast<const uint16_t *>(row + c / 4);
 #pragma unroll
         for (int i = 0; i < 8; i++)
-            x[i] = (float)((u >> (2 * i)) & 3u);
+            x[i] = code_f((u >> (2 * i)) & 3u);
     }
 }
 
@@ -130,9 +154,8 @@ struct page_hdr {
     uint32_t opt, flags, head_dim, n_slots, last_tokens, slot_tokens, cap_slots, n_tokens;
 };
 
-__device__ __forceinline__ page_hdr read_hdr(const uint8_t *pg)
+__device__ __forceinline__ page_hdr parse_hdr(uint4 u)
 {
-    uint4 u = __ldg(reinterpret_cast<const uint4 *>(pg));
     page_hdr h;
     h.opt = u.x & 0xffu;
     h.flags = (u.x >> 8) & 0xffu;
@@ -143,6 +166,12 @@ __device__ __forceinline__ page_hdr read_hdr(const uint8_t *pg)
     h.cap_slots = u.z >> 16;
     h.n_tokens = u.w;
     return h;
+}
+
+/* The 16-byte header of page pid (pid < n_pages). */
+__device__ __forceinline__ uint4 load_hdr(const attn_params &A, uint32_t pid)
+{
+    return __ldg(reinterpret_cast<const uint4 *>(A.base + (size_t)pid * A.page_bytes));
 }
 
 /* In-place orthonormal Walsh-Hadamard transform of `rows` rows of d floats in shared memory
@@ -177,72 +206,119 @@ __device__ __forceinline__ void load_f16_row(const uint8_t *row, uint32_t c0, ui
             load8_f16(row + 2 * (c0 + 8 * h), x + 8 * h);
 }
 
-/* Dequantized key channels c0 .. c0+CPT-1 of token t of the staged page. */
-template <int CPT>
-__device__ __forceinline__ void load_key(const attn_params &A, const uint8_t *pg, uint32_t opt,
-                                         uint32_t t, uint32_t c0, float *kf)
+/* Moves (slot s, token j of the slot) forward by n tokens, slots of st tokens. */
+__device__ __forceinline__ void advance(uint32_t &s, uint32_t &j, uint32_t n, uint32_t st)
 {
-    const uint32_t d = A.d;
-    const uint8_t *slots = pg + KVC_PAGE_HEADER_BYTES;
-    if (opt == 0) {
-        load_f16_row<CPT>(slots + (size_t)t * A.slot_bytes[0], c0, d, kf);
+    if (st == 1) {
+        s += n;
         return;
     }
-    const uint32_t G = A.G, s = t / G, j = t % G;
-    const uint8_t *sl = slots + (size_t)s * A.slot_bytes[opt];
+    j += n;
+    while (j >= st) {
+        j -= st;
+        s++;
+    }
+}
+
+/* Per-slot key factors of this lane's channels: for a quantized slot qs = q * kscale and
+ * qz = sum_c q * kzero over the lane's channels, so that a token's partial logit is
+ * sum_i qs[i] * code[i] + qz (attend.c's pre-scaled query); for F16 pages qs = q, qz = 0.
+ * qq: [NQ][d] (q or H q, times the softmax scale) in shared memory. */
+template <int NQ, int CPT>
+__device__ __forceinline__ void slot_keys(const uint8_t *sl, bool f16, const float *qq, uint32_t d,
+                                          uint32_t c0, float (&qs)[NQ][CPT], float (&qz)[NQ])
+{
+#pragma unroll
+    for (int r = 0; r < NQ; r++)
+        qz[r] = 0.0f;
+#pragma unroll
+    for (int h = 0; h < CPT / 8; h++) {
+        const uint32_t c = c0 + 8 * h;
+        float ks[8], kz[8];
+        if (c < d && !f16) {
+            load8_f16(sl + 2 * c, ks);
+            load8_f16(sl + 2 * d + 2 * c, kz);
+        }
+#pragma unroll
+        for (int r = 0; r < NQ; r++) {
+            float qv[8];
+            if (c < d) {
+                const float4 a = *reinterpret_cast<const float4 *>(qq + r * d + c);
+                const float4 b = *reinterpret_cast<const float4 *>(qq + r * d + c + 4);
+                qv[0] = a.x, qv[1] = a.y, qv[2] = a.z, qv[3] = a.w;
+                qv[4] = b.x, qv[5] = b.y, qv[6] = b.z, qv[7] = b.w;
+            } else {
+#pragma unroll
+                for (int i = 0; i < 8; i++)
+                    qv[i] = 0.0f;
+            }
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                if (f16 || c >= d) {
+                    qs[r][8 * h + i] = qv[i];
+                } else {
+                    qs[r][8 * h + i] = qv[i] * ks[i];
+                    qz[r] += qv[i] * kz[i];
+                }
+            }
+        }
+    }
+}
+
+/* Key codes (quantized) or key values (F16) of channels c0 .. c0+CPT-1 of token j of the slot
+ * at sl (an F16 slot is one token, j = 0). */
+template <int CPT>
+__device__ __forceinline__ void key_codes(const attn_params &A, const uint8_t *sl, uint32_t opt,
+                                          uint32_t j, uint32_t c0, float *code)
+{
+    const uint32_t d = A.d;
+    if (opt == 0) {
+        load_f16_row<CPT>(sl, c0, d, code);
+        return;
+    }
+    const uint32_t G = A.G;
     const int kb = opt_kbits(opt);
     const uint32_t rowk = d * kb / 8;
     const uint8_t *kc = sl + 4 * d + 4 * G + (size_t)j * rowk;
 #pragma unroll
-    for (int h = 0; h < CPT / 8; h++) {
-        uint32_t c = c0 + 8 * h;
-        if (c >= d)
-            continue;
-        float ks[8], kz[8], code[8];
-        load8_f16(sl + 2 * c, ks);
-        load8_f16(sl + 2 * d + 2 * c, kz);
-        load8_codes(kc, c, kb, code);
-#pragma unroll
-        for (int i = 0; i < 8; i++)
-            kf[8 * h + i] = code[i] * ks[i] + kz[i];
-    }
-    // MixKVQ: a protected channel's main code is 0; its 8-bit code is in the pcodes block and
-    // its kscale/kzero are the 8-bit parameters.
+    for (int h = 0; h < CPT / 8; h++)
+        if (c0 + 8 * h < d)
+            load8_codes(kc, c0 + 8 * h, kb, code + 8 * h);
+    // MixKVQ: a protected channel's code is its 8-bit code from the pcodes block (its main
+    // code is 0 and attend.c ignores it; its kscale/kzero are the 8-bit parameters).
     if (A.P && opt_protectable(opt)) {
         const uint32_t P = A.P;
         const uint32_t rowv = d * opt_vbits(opt) / 8;
         const uint8_t *pi = sl + 4 * d + 4 * G + (size_t)G * (rowk + rowv);
         const uint8_t *pc = pi + 2 * P + (size_t)j * P;
         for (uint32_t jj = 0; jj < P; jj++) {
-            uint32_t c = rd16(pi + 2 * jj);
+            const uint32_t c = rd16(pi + 2 * jj);
             if (c < c0 || c >= c0 + CPT || c >= d)
                 continue;
-            float ks = h2f(rd16(sl + 2 * c)), kz = h2f(rd16(sl + 2 * d + 2 * c));
-            float v = (float)pc[jj] * ks + kz;
+            const float v = code_f(pc[jj]);
 #pragma unroll
             for (int i = 0; i < CPT; i++)
                 if (c == c0 + i)
-                    kf[i] = v;
+                    code[i] = v;
         }
     }
 }
 
-/* Dequantized value channels c0 .. c0+CPT-1 of token t of the staged page. */
+/* Dequantized value channels c0 .. c0+CPT-1 of token j of the slot at sl. */
 template <int CPT>
-__device__ __forceinline__ void load_value(const attn_params &A, const uint8_t *pg,
-                                           uint32_t opt, uint32_t t, uint32_t c0, float *vf)
+__device__ __forceinline__ void load_value(const attn_params &A, const uint8_t *sl,
+                                           uint32_t opt, uint32_t j, uint32_t c0, float *vf)
 {
     const uint32_t d = A.d;
-    const uint8_t *slots = pg + KVC_PAGE_HEADER_BYTES;
     if (opt == 0) {
-        load_f16_row<CPT>(slots + (size_t)t * A.slot_bytes[0] + 2 * d, c0, d, vf);
+        load_f16_row<CPT>(sl + 2 * d, c0, d, vf);
         return;
     }
-    const uint32_t G = A.G, s = t / G, j = t % G;
-    const uint8_t *sl = slots + (size_t)s * A.slot_bytes[opt];
+    const uint32_t G = A.G;
     const int kb = opt_kbits(opt), vb = opt_vbits(opt);
     const uint32_t rowk = d * kb / 8, rowv = d * vb / 8;
-    float vs = h2f(rd16(sl + 4 * d + 2 * j)), vz = h2f(rd16(sl + 4 * d + 2 * G + 2 * j));
+    const uint16_t *vsz = reinterpret_cast<const uint16_t *>(sl + 4 * d); // vscale[G], vzero[G]
+    const float vs = h2f(vsz[j]), vz = h2f(vsz[G + j]);
     const uint8_t *vc = sl + 4 * d + 4 * G + (size_t)G * rowk + (size_t)j * rowv;
 #pragma unroll
     for (int h = 0; h < CPT / 8; h++) {
@@ -257,9 +333,23 @@ __device__ __forceinline__ void load_value(const attn_params &A, const uint8_t *
     }
 }
 
-template <int NQ, int CPT>
-__global__ void __launch_bounds__(kThreads) attend_split_kernel(attn_params A)
+/* The next power of two >= n. */
+__host__ __device__ constexpr int pow2ceil(int n)
 {
+    return n <= 1 ? 1 : 2 * pow2ceil((n + 1) / 2);
+}
+
+/* Blocks per SM the register budget is sized for (3: at most 168 registers, 2: 255), chosen so
+ * that the common shapes (GQA groups up to 5 at head_dim <= 256) do not spill. */
+constexpr int min_blocks(int nq, int cpt)
+{
+    return nq * cpt <= 40 ? 3 : 2;
+}
+
+template <int NQ, int CPT>
+__global__ void __launch_bounds__(kThreads, min_blocks(NQ, CPT)) attend_split_kernel(attn_params A)
+{
+    constexpr int NQP = pow2ceil(NQ);
     extern __shared__ __align__(16) uint8_t smem[];
     __shared__ float s_m[NQ], s_l[NQ], s_alpha[NQ];
 
@@ -293,187 +383,254 @@ __global__ void __launch_bounds__(kThreads) attend_split_kernel(attn_params A)
     const uint32_t li = tid % lpt, tl = tid / lpt, c0 = li * CPT;
     const bool lane_active = c0 < d;
 
-    float acc[NQ][CPT], accr[NQ][CPT];
+    // One accumulator in registers: pass 0 attends the plain pages of this split, pass 1 the
+    // rotated ones (page order does not matter to attention), so the plain accumulator is
+    // written out between the passes, together with the running max it is scaled to.
+    float acc[NQ][CPT];
 #pragma unroll
     for (int r = 0; r < NQ; r++)
 #pragma unroll
         for (int i = 0; i < CPT; i++)
-            acc[r][i] = accr[r][i] = 0.0f;
+            acc[r][i] = 0.0f;
+    float qs[NQ][CPT], qz[NQ]; // key factors of the current slot (slot_keys)
+#pragma unroll
+    for (int r = 0; r < NQ; r++) {
+        qz[r] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < CPT; i++)
+            qs[r][i] = 0.0f;
+    }
     bool any_rot = false;
-    __syncthreads();
-
-    for (uint32_t pi = p0; pi < p1; pi++) {
-        const uint32_t pid = A.page_ids[ls + pi];
-        if (pid >= A.n_pages) {
-            if (tid == 0)
-                atomicAdd(A.ws_err, 1u);
-            continue;
-        }
-        const uint8_t *gpg = A.base + (size_t)pid * A.page_bytes;
-        const page_hdr h = read_hdr(gpg);
-        if (h.n_tokens == 0 || h.opt >= kOpts) // as attend.c: empty or dropped, nothing to do
-            continue;
-        const uint32_t opt = h.opt;
-        const uint32_t sb = A.slot_bytes[opt];
-        const bool bad = h.head_dim != d || h.slot_tokens != (opt == 0 ? 1u : A.G) ||
-                         h.n_slots > h.cap_slots ||
-                         (size_t)KVC_PAGE_HEADER_BYTES + (size_t)h.n_slots * sb > A.page_bytes ||
-                         (opt != 0 && h.n_slots > 0 &&
-                          (h.last_tokens == 0 || h.last_tokens > A.G));
-        const bool rot = (h.flags & KVC_PAGE_FLAG_ROTATED) != 0;
-        if (bad || (rot && (d & (d - 1)) != 0)) {
-            if (tid == 0)
-                atomicAdd(A.ws_err, 1u);
-            continue;
-        }
-        if (h.n_slots == 0)
-            continue;
-        if (rot && !any_rot) { // first rotated page of this block: H q once
-            for (uint32_t i = tid; i < NQ * d; i += blockDim.x)
-                qr[i] = qv[i];
-            __syncthreads();
-            block_hadamard(qr, NQ, d);
-            any_rot = true;
-        }
-        // Stage the used bytes of the page: 16-byte loads, consecutive threads on consecutive
-        // 16-byte words (slot_bytes is a multiple of 16, pages are 64-byte aligned).
-        const uint32_t n16 = (KVC_PAGE_HEADER_BYTES + h.n_slots * sb) / 16;
-        const uint4 *src = reinterpret_cast<const uint4 *>(gpg);
-        uint4 *dst = reinterpret_cast<uint4 *>(buf);
-        for (uint32_t i = tid; i < n16; i += blockDim.x)
-            dst[i] = __ldg(src + i);
-        __syncthreads();
-
-        const uint32_t ntok = opt == 0 ? h.n_slots : (h.n_slots - 1) * A.G + h.last_tokens;
-        const float *qq = rot ? qr : qv;
-        for (uint32_t t0 = 0; t0 < ntok; t0 += kChunk) {
-            const uint32_t nc = min((uint32_t)kChunk, ntok - t0);
-            // 1. Logits. The loop count is the same for every lane of a warp (the shuffles
-            // need all 32), idle lanes carry zeros.
-            const uint32_t iters = (nc + tpb - 1) / tpb;
-            for (uint32_t it = 0; it < iters; it++) {
-                const uint32_t tt = it * tpb + tl;
-                const bool valid = tt < nc && lane_active;
-                float kf[CPT];
-#pragma unroll
-                for (int i = 0; i < CPT; i++)
-                    kf[i] = 0.0f;
-                if (valid)
-                    load_key<CPT>(A, buf, opt, t0 + tt, c0, kf);
-                float part[NQ];
-#pragma unroll
-                for (int r = 0; r < NQ; r++) {
-                    float s = 0.0f;
-                    if (valid) {
-#pragma unroll
-                        for (int i = 0; i < CPT; i++)
-                            if (c0 + i < d)
-                                s += qq[r * d + c0 + i] * kf[i];
-                    }
-                    part[r] = s;
-                }
-                for (uint32_t off = lpt / 2; off > 0; off >>= 1)
-#pragma unroll
-                    for (int r = 0; r < NQ; r++)
-                        part[r] += __shfl_xor_sync(0xffffffffu, part[r], off);
-                if (li == 0 && tt < nc)
-#pragma unroll
-                    for (int r = 0; r < NQ; r++)
-                        lg[r * kChunk + tt] = part[r];
-            }
-            __syncthreads();
-            // 2. Online softmax: one warp per row.
-            const uint32_t warp = tid / 32, lane = tid % 32;
-            for (uint32_t r = warp; r < NQ; r += kThreads / 32) {
-                float *row = lg + r * kChunk;
-                float mx = -INFINITY;
-                for (uint32_t j = lane; j < nc; j += 32)
-                    mx = fmaxf(mx, row[j]);
-                for (int off = 16; off > 0; off >>= 1)
-                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-                const float mo = s_m[r], mn = fmaxf(mo, mx);
-                float sum = 0.0f;
-                for (uint32_t j = lane; j < nc; j += 32) {
-                    float e = mn == -INFINITY ? 0.0f : expf(row[j] - mn);
-                    row[j] = e;
-                    sum += e;
-                }
-                for (int off = 16; off > 0; off >>= 1)
-                    sum += __shfl_xor_sync(0xffffffffu, sum, off);
-                __syncwarp();
-                if (lane == 0) {
-                    const float alpha = mo == -INFINITY ? 0.0f : expf(mo - mn);
-                    s_alpha[r] = alpha;
-                    s_l[r] = s_l[r] * alpha + sum;
-                    s_m[r] = mn;
-                }
-            }
-            __syncthreads();
-            // 3. Values into this lane's channels, rotated pages into the second accumulator.
-#pragma unroll
-            for (int r = 0; r < NQ; r++) {
-                const float a = s_alpha[r];
-#pragma unroll
-                for (int i = 0; i < CPT; i++) {
-                    acc[r][i] *= a;
-                    accr[r][i] *= a;
-                }
-            }
-            if (lane_active) {
-                for (uint32_t tt = tl; tt < nc; tt += tpb) {
-                    float vf[CPT];
-#pragma unroll
-                    for (int i = 0; i < CPT; i++)
-                        vf[i] = 0.0f;
-                    load_value<CPT>(A, buf, opt, t0 + tt, c0, vf);
-                    if (rot) {
-#pragma unroll
-                        for (int r = 0; r < NQ; r++) {
-                            const float p = lg[r * kChunk + tt];
-#pragma unroll
-                            for (int i = 0; i < CPT; i++)
-                                accr[r][i] += p * vf[i];
-                        }
-                    } else {
-#pragma unroll
-                        for (int r = 0; r < NQ; r++) {
-                            const float p = lg[r * kChunk + tt];
-#pragma unroll
-                            for (int i = 0; i < CPT; i++)
-                                acc[r][i] += p * vf[i];
-                        }
-                    }
-                }
-            }
-            __syncthreads(); // lg and the staged page are reused next
-        }
-    }
-
-    // Sum the token lanes' partial accumulators through shared memory and write this split's
-    // partial result. buf holds [tpb][NQ][d] floats (the host sized it).
     const size_t slot = (size_t)item * A.n_splits + split;
-    float *red = reinterpret_cast<float *>(buf);
+    float *red = reinterpret_cast<float *>(buf); // [tpb][NQ][d] between and after the passes
+    __syncthreads();
     for (int pass = 0; pass < 2; pass++) {
-        if (pass == 1 && !any_rot)
-            break;
-        if (lane_active) {
+        // Page ids and headers are fetched one page ahead (the id two ahead), so the loads of
+        // the next page's header overlap this page's work.
+        uint32_t pid = p0 < p1 ? A.page_ids[ls + p0] : 0;
+        uint4 hraw = p0 < p1 && pid < A.n_pages ? load_hdr(A, pid) : make_uint4(0, 0, 0, 0);
+        uint32_t pid_next = p0 + 1 < p1 ? A.page_ids[ls + p0 + 1] : 0;
+        for (uint32_t pi = p0; pi < p1; pi++) {
+            uint4 hraw_next = make_uint4(0, 0, 0, 0);
+            if (pi + 1 < p1 && pid_next < A.n_pages)
+                hraw_next = load_hdr(A, pid_next);
+            const uint32_t pid_after = pi + 2 < p1 ? A.page_ids[ls + pi + 2] : 0;
+            do { // one page; `break` skips it (every condition below is uniform over the block)
+                if (pid >= A.n_pages) {
+                    if (tid == 0 && pass == 0) // counted once
+                        atomicAdd(A.ws_err, 1u);
+                    break;
+                }
+                const page_hdr h = parse_hdr(hraw);
+                if (h.n_tokens == 0 || h.opt >= kOpts) // as attend.c: empty or dropped
+                    break;
+                const uint32_t opt = h.opt;
+                const uint32_t sb = A.slot_bytes[opt];
+                const bool bad =
+                    h.head_dim != d || h.slot_tokens != (opt == 0 ? 1u : A.G) ||
+                    h.n_slots > h.cap_slots ||
+                    (size_t)KVC_PAGE_HEADER_BYTES + (size_t)h.n_slots * sb > A.page_bytes ||
+                    (opt != 0 && h.n_slots > 0 && (h.last_tokens == 0 || h.last_tokens > A.G));
+                const bool rot = (h.flags & KVC_PAGE_FLAG_ROTATED) != 0;
+                if (bad || (rot && (d & (d - 1)) != 0)) {
+                    if (tid == 0 && pass == 0)
+                        atomicAdd(A.ws_err, 1u);
+                    break;
+                }
+                if (h.n_slots == 0 || (int)rot != pass)
+                    break;
+                if (rot && !any_rot) { // first rotated page of this block: H q once
+                    for (uint32_t i = tid; i < NQ * d; i += blockDim.x)
+                        qr[i] = qv[i];
+                    __syncthreads();
+                    block_hadamard(qr, NQ, d);
+                    any_rot = true;
+                }
+                // Stage the used bytes of the page in shared memory: 16-byte asynchronous
+                // copies (cp.async), consecutive threads on consecutive words (slot_bytes is a
+                // multiple of 16, pages are 64-byte aligned), the whole page in flight at once.
+                const uint32_t n16 = (KVC_PAGE_HEADER_BYTES + h.n_slots * sb) / 16;
+                const uint4 *src =
+                    reinterpret_cast<const uint4 *>(A.base + (size_t)pid * A.page_bytes);
+                uint4 *dst = reinterpret_cast<uint4 *>(buf);
+                for (uint32_t i = tid; i < n16; i += kThreads)
+                    __pipeline_memcpy_async(dst + i, src + i, sizeof(uint4));
+                __pipeline_commit();
+                __pipeline_wait_prior(0);
+                __syncthreads();
+
+                const uint32_t ntok =
+                    opt == 0 ? h.n_slots : (h.n_slots - 1) * A.G + h.last_tokens;
+                const float *qq = rot ? qr : qv;
+                const uint8_t *slots = buf + KVC_PAGE_HEADER_BYTES;
+                const uint32_t slot_tok = opt == 0 ? 1u : A.G; // tokens per slot
+                uint32_t cur_slot = 0xffffffffu; // slot whose key factors are in qs, qz
+                if (opt == 0)
+                    slot_keys<NQ, CPT>(slots, true, qq, d, c0, qs, qz);
+                for (uint32_t t0 = 0; t0 < ntok; t0 += kChunk) {
+                    const uint32_t nc = min((uint32_t)kChunk, ntok - t0);
+                    // 1. Logits. The loop count is the same for every lane of a warp (the
+                    // shuffles need all 32); idle lanes carry zeros.
+                    // This lane's token t0 + tt is token kj of slot ksl (one division per chunk;
+                    // then steps of tpb tokens).
+                    const uint32_t iters = (nc + tpb - 1) / tpb;
+                    uint32_t ksl = (t0 + tl) / slot_tok, kj = (t0 + tl) % slot_tok;
+                    for (uint32_t it = 0; it < iters; it++) {
+                        const uint32_t tt = it * tpb + tl;
+                        const bool valid = tt < nc && lane_active;
+                        float code[CPT];
 #pragma unroll
-            for (int r = 0; r < NQ; r++)
+                        for (int k = 0; k < CPT; k++)
+                            code[k] = 0.0f;
+                        if (valid) {
+                            const uint8_t *sl = slots + (size_t)ksl * sb;
+                            if (opt != 0 && ksl != cur_slot) {
+                                cur_slot = ksl;
+                                slot_keys<NQ, CPT>(sl, false, qq, d, c0, qs, qz);
+                            }
+                            key_codes<CPT>(A, sl, opt, kj, c0, code);
+                        }
+                        advance(ksl, kj, tpb, slot_tok);
+                        float part[NQ];
 #pragma unroll
-                for (int i = 0; i < CPT; i++)
-                    if (c0 + i < d)
-                        red[((size_t)tl * NQ + r) * d + c0 + i] = pass ? accr[r][i] : acc[r][i];
+                        for (int r = 0; r < NQ; r++) {
+                            float s = 0.0f;
+                            if (valid) {
+                                s = qz[r];
+#pragma unroll
+                                for (int k = 0; k < CPT; k++)
+                                    s += qs[r][k] * code[k];
+                            }
+                            part[r] = s;
+                        }
+                        if (lpt >= (uint32_t)NQP) {
+                            // Transposing reduction: each step halves the rows a lane carries
+                            // (NQP - 1 shuffles in all instead of NQ per step), then plain
+                            // steps; lane li ends with the sum of row `row`.
+                            float v[NQP];
+#pragma unroll
+                            for (int r = 0; r < NQP; r++)
+                                v[r] = r < NQ ? part[r] : 0.0f;
+                            uint32_t row = 0, off = lpt >> 1;
+#pragma unroll
+                            for (int w = NQP; w > 1; w >>= 1) {
+                                const bool upper = (li & off) != 0;
+#pragma unroll
+                                for (int k = 0; k < w / 2; k++) {
+                                    const float send = upper ? v[k] : v[k + w / 2];
+                                    const float keep = upper ? v[k + w / 2] : v[k];
+                                    v[k] = keep + __shfl_xor_sync(0xffffffffu, send, off);
+                                }
+                                row += upper ? (uint32_t)(w / 2) : 0u;
+                                off >>= 1;
+                            }
+                            for (; off > 0; off >>= 1)
+                                v[0] += __shfl_xor_sync(0xffffffffu, v[0], off);
+                            if ((li & (lpt / NQP - 1)) == 0 && row < (uint32_t)NQ && tt < nc)
+                                lg[row * kChunk + tt] = v[0];
+                        } else {
+                            for (uint32_t off = lpt / 2; off > 0; off >>= 1)
+#pragma unroll
+                                for (int r = 0; r < NQ; r++)
+                                    part[r] += __shfl_xor_sync(0xffffffffu, part[r], off);
+                            if (li == 0 && tt < nc)
+#pragma unroll
+                                for (int r = 0; r < NQ; r++)
+                                    lg[r * kChunk + tt] = part[r];
+                        }
+                    }
+                    __syncthreads();
+                    // 2. Online softmax: one warp per row.
+                    const uint32_t warp = tid / 32, lane = tid % 32;
+                    for (uint32_t r = warp; r < NQ; r += kThreads / 32) {
+                        float *row = lg + r * kChunk;
+                        float mx = -INFINITY;
+                        for (uint32_t j = lane; j < nc; j += 32)
+                            mx = fmaxf(mx, row[j]);
+                        for (int off = 16; off > 0; off >>= 1)
+                            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+                        const float mo = s_m[r], mn = fmaxf(mo, mx);
+                        float sum = 0.0f;
+                        for (uint32_t j = lane; j < nc; j += 32) {
+                            const float e = mn == -INFINITY ? 0.0f : expf(row[j] - mn);
+                            row[j] = e;
+                            sum += e;
+                        }
+                        for (int off = 16; off > 0; off >>= 1)
+                            sum += __shfl_xor_sync(0xffffffffu, sum, off);
+                        __syncwarp();
+                        if (lane == 0) {
+                            const float alpha = mo == -INFINITY ? 0.0f : expf(mo - mn);
+                            s_alpha[r] = alpha;
+                            s_l[r] = s_l[r] * alpha + sum;
+                            s_m[r] = mn;
+                        }
+                    }
+                    __syncthreads();
+                    // 3. Values into this lane's channels (dequantized in registers).
+#pragma unroll
+                    for (int r = 0; r < NQ; r++) {
+                        const float a = s_alpha[r];
+#pragma unroll
+                        for (int k = 0; k < CPT; k++)
+                            acc[r][k] *= a;
+                    }
+                    if (lane_active) {
+                        uint32_t vsl = (t0 + tl) / slot_tok, vj = (t0 + tl) % slot_tok;
+                        for (uint32_t tt = tl; tt < nc; tt += tpb) {
+                            float vf[CPT];
+#pragma unroll
+                            for (int k = 0; k < CPT; k++)
+                                vf[k] = 0.0f;
+                            load_value<CPT>(A, slots + (size_t)vsl * sb, opt, vj, c0, vf);
+                            advance(vsl, vj, tpb, slot_tok);
+#pragma unroll
+                            for (int r = 0; r < NQ; r++) {
+                                const float p = lg[r * kChunk + tt];
+#pragma unroll
+                                for (int k = 0; k < CPT; k++)
+                                    acc[r][k] += p * vf[k];
+                            }
+                        }
+                    }
+                    __syncthreads(); // lg and the staged page are reused next
+                }
+            } while (0);
+            pid = pid_next;
+            hraw = hraw_next;
+            pid_next = pid_after;
         }
-        __syncthreads();
-        float *dst = (pass ? A.ws_accr : A.ws_acc) + slot * NQ * d;
-        for (uint32_t idx = tid; idx < NQ * d; idx += blockDim.x) {
-            float s = 0.0f;
-            for (uint32_t l = 0; l < tpb; l++)
-                s += red[(size_t)l * NQ * d + idx];
-            dst[idx] = s;
+
+        // End of a pass: sum the token lanes' partial accumulators through shared memory into
+        // this split's plain (pass 0) or rotated (pass 1) partial result.
+        if (pass == 0 || any_rot) {
+            if (lane_active) {
+#pragma unroll
+                for (int r = 0; r < NQ; r++)
+#pragma unroll
+                    for (int k = 0; k < CPT; k++)
+                        if (c0 + k < d)
+                            red[((size_t)tl * NQ + r) * d + c0 + k] = acc[r][k];
+            }
+            __syncthreads();
+            float *dst = (pass ? A.ws_accr : A.ws_acc) + slot * NQ * d;
+            for (uint32_t idx = tid; idx < NQ * d; idx += blockDim.x) {
+                float sum = 0.0f;
+                for (uint32_t l = 0; l < tpb; l++)
+                    sum += red[(size_t)l * NQ * d + idx];
+                dst[idx] = sum;
+            }
+            if (pass == 0 && tid < NQ)
+                A.ws_mp[slot * NQ + tid] = s_m[tid];
+            __syncthreads(); // red (= the page buffer) is reused by pass 1
         }
-        __syncthreads();
-    }
+#pragma unroll
+        for (int r = 0; r < NQ; r++)
+#pragma unroll
+            for (int k = 0; k < CPT; k++)
+                acc[r][k] = 0.0f;
+    } // pass
+
     if (tid < NQ) {
         A.ws_m[slot * NQ + tid] = s_m[tid];
         A.ws_l[slot * NQ + tid] = s_l[tid];
@@ -486,8 +643,9 @@ __global__ void __launch_bounds__(kThreads) attend_split_kernel(attn_params A)
 __global__ void __launch_bounds__(kThreads) attend_combine_kernel(attn_params A, uint32_t rows)
 {
     extern __shared__ __align__(16) uint8_t smem[];
-    float *w = reinterpret_cast<float *>(smem); // [rows][n_splits]
-    float *rot = w + rows * A.n_splits;        // [rows][d]
+    float *w = reinterpret_cast<float *>(smem); // [rows][n_splits] exp(m_s - M)
+    float *wp = w + rows * A.n_splits;         // [rows][n_splits] exp(mp_s - M), plain part
+    float *rot = wp + rows * A.n_splits;       // [rows][d]
     __shared__ float s_l[kMaxRows];
     __shared__ uint32_t s_any_rot;
 
@@ -506,8 +664,10 @@ __global__ void __launch_bounds__(kThreads) attend_combine_kernel(attn_params A,
         float L = 0.0f;
         for (uint32_t s = 0; s < S; s++) {
             const float m = A.ws_m[(base + s) * rows + tid];
+            const float mp = A.ws_mp[(base + s) * rows + tid];
             const float ws = m == -INFINITY ? 0.0f : expf(m - M);
             w[tid * S + s] = ws;
+            wp[tid * S + s] = mp == -INFINITY ? 0.0f : expf(mp - M);
             L += A.ws_l[(base + s) * rows + tid] * ws;
         }
         s_l[tid] = L;
@@ -532,7 +692,7 @@ __global__ void __launch_bounds__(kThreads) attend_combine_kernel(attn_params A,
         const uint32_t r = idx / d;
         float s = 0.0f;
         for (uint32_t sp = 0; sp < S; sp++)
-            s += A.ws_acc[(base + sp) * rows * d + idx] * w[r * S + sp];
+            s += A.ws_acc[(base + sp) * rows * d + idx] * wp[r * S + sp];
         if (any_rot)
             s += rot[idx];
         const float L = s_l[r];
@@ -550,7 +710,7 @@ struct plan {
     uint32_t rows, cpt, lpt, n_items, n_splits;
     uint32_t slot_bytes[kOpts];
     size_t buf_bytes, smem_split, smem_combine;
-    size_t off_m, off_l, off_acc, off_accr, off_rot, ws_bytes; // offset 0: the error counter
+    size_t off_m, off_l, off_mp, off_acc, off_accr, off_rot, ws_bytes; // 0: the error counter
 };
 
 fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt, plan *pl)
@@ -605,7 +765,7 @@ fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt,
     if (red > pl->buf_bytes)
         pl->buf_bytes = red;
     pl->smem_split = pl->buf_bytes + (2 * (size_t)rows * d + (size_t)rows * kChunk) * sizeof(float);
-    pl->smem_combine = ((size_t)rows * pl->n_splits + (size_t)rows * d) * sizeof(float);
+    pl->smem_combine = ((size_t)2 * rows * pl->n_splits + (size_t)rows * d) * sizeof(float);
     int optin = 0;
     st = kvc_cuda_status(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
     if (st != FY_OK)
@@ -619,6 +779,8 @@ fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt,
     pl->off_m = off;
     off = align_up(off + parts * rows * sizeof(float), kWsAlign);
     pl->off_l = off;
+    off = align_up(off + parts * rows * sizeof(float), kWsAlign);
+    pl->off_mp = off;
     off = align_up(off + parts * rows * sizeof(float), kWsAlign);
     pl->off_acc = off;
     off = align_up(off + parts * rows * d * sizeof(float), kWsAlign);
@@ -723,6 +885,7 @@ extern "C" fy_status_t kvc_attend_batch_cuda(const kvc_gpu_pages_t *pool,
     A.ws_m = reinterpret_cast<float *>(ws + pl.off_m);
     A.ws_l = reinterpret_cast<float *>(ws + pl.off_l);
     A.ws_acc = reinterpret_cast<float *>(ws + pl.off_acc);
+    A.ws_mp = reinterpret_cast<float *>(ws + pl.off_mp);
     A.ws_accr = reinterpret_cast<float *>(ws + pl.off_accr);
     A.ws_rot = reinterpret_cast<uint32_t *>(ws + pl.off_rot);
 

@@ -67,6 +67,10 @@ struct kvc_encoder_cuda {
     uint8_t *h_head;        // header + maps
     float *h_imp, *h_qsq, *h_obar; // host copies of the scores
     uint8_t *h_static;
+    // Stream time of the two GPU phases of the last layer: [0, 1] scoring + rotation +
+    // tables, [2, 3] payload + CRC.
+    cudaEvent_t ev[4];
+    uint64_t last_gpu_ns;
 };
 
 /* ------------------------------------------------------------------------------------------ */
@@ -527,7 +531,7 @@ __global__ void crc_kernel(const uint8_t *buf, size_t len, uint32_t *crcs)
             n = CRC_CHUNK;
         uint32_t c = 0xffffffffu;
         size_t i = 0;
-        if (n == CRC_CHUNK) { // chunk starts are 4 KiB aligned in a 256-aligned buffer
+        if (n == CRC_CHUNK && ((uintptr_t)p & 15) == 0) { // 16-byte loads where aligned
             const uint4 *q = (const uint4 *)p;
             for (; i < CRC_CHUNK / 16; i++) {
                 uint4 w = q[i];
@@ -605,6 +609,9 @@ extern "C" void kvc_encoder_cuda_destroy(kvc_encoder_cuda_t *e)
     kvc_scores_cleanup_cuda(&e->d_scores);
     cudaFreeHost(e->h_tab), cudaFreeHost(e->h_tok), cudaFreeHost(e->h_work);
     cudaFreeHost(e->h_crc), cudaFreeHost(e->h_head);
+    for (int i = 0; i < 4; i++)
+        if (e->ev[i])
+            cudaEventDestroy(e->ev[i]);
     free(e->h_imp), free(e->h_qsq), free(e->h_obar), free(e->h_static);
     free(e);
 }
@@ -654,6 +661,8 @@ extern "C" fy_status_t kvc_encoder_cuda_create(const kvc_encoder_params_t *param
     KVC_CUDA_GOTO(cudaMallocHost((void **)&e->h_crc, (e->max_chunks + 1) * sizeof(uint32_t)), st,
                   fail);
     KVC_CUDA_GOTO(cudaMallocHost((void **)&e->h_head, head_max), st, fail);
+    for (int i = 0; i < 4; i++)
+        KVC_CUDA_GOTO(cudaEventCreate(&e->ev[i]), st, fail);
     if ((st = kvc_scores_init_cuda(&e->d_scores, e->n_kv, e->n, e->d)) != FY_OK)
         goto fail;
     e->h_imp = (float *)malloc(e->n_items * sizeof(float));
@@ -669,6 +678,11 @@ extern "C" fy_status_t kvc_encoder_cuda_create(const kvc_encoder_params_t *param
 fail: // destroy takes half-built encoders
     kvc_encoder_cuda_destroy(e);
     return st;
+}
+
+extern "C" uint64_t kvc_encoder_cuda_last_gpu_ns(const kvc_encoder_cuda_t *e)
+{
+    return e->last_gpu_ns;
 }
 
 extern "C" size_t kvc_encoder_cuda_max_frame_bytes(const kvc_encoder_cuda_t *e)
@@ -741,6 +755,9 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
     kvc_layer_info_t info;
     memset(&info, 0, sizeof(info));
     uint64_t t0 = fy_clock_ns();
+    cudaError_t ce = cudaEventRecord(e->ev[0], cs);
+    if (ce != cudaSuccess)
+        return kvc_cuda_status(ce);
     const kvc_scores_t *sc = scores;
     if (sc == NULL) {
         if ((st = kvc_score_cuda(&e->policy, e->n_heads, n_kv, n, d, in, &e->d_scores, cs)) !=
@@ -808,6 +825,7 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
                                       cudaMemcpyDeviceToHost, cs),
                       st, out);
     }
+    KVC_CUDA_GOTO(cudaEventRecord(e->ev[1], cs), st, out);
     KVC_CUDA_GOTO(cudaStreamSynchronize(cs), st, out);
     {
         // The optimizer, on the host, from the GPU's tables.
@@ -840,6 +858,7 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
         size_t n_tok = 0;
         for (size_t i = n_f16; i < n_work; i++)
             n_tok += (size_t)e->h_work[i].m_minus_1 + 1;
+        KVC_CUDA_GOTO(cudaEventRecord(e->ev[2], cs), st, out);
         KVC_CUDA_GOTO(cudaMemcpyAsync(out, e->h_head, head, cudaMemcpyHostToDevice, cs), st, out);
         if (n_work > 0)
             KVC_CUDA_GOTO(cudaMemcpyAsync(e->d_work, e->h_work, n_work * sizeof(work_t),
@@ -878,7 +897,12 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
         KVC_CUDA_GOTO(cudaMemcpyAsync(e->h_crc, e->d_crc, chunks * sizeof(uint32_t),
                                       cudaMemcpyDeviceToHost, cs),
                       st, out);
+        KVC_CUDA_GOTO(cudaEventRecord(e->ev[3], cs), st, out);
         KVC_CUDA_GOTO(cudaStreamSynchronize(cs), st, out);
+        float ms01 = 0, ms23 = 0;
+        KVC_CUDA_GOTO(cudaEventElapsedTime(&ms01, e->ev[0], e->ev[1]), st, out);
+        KVC_CUDA_GOTO(cudaEventElapsedTime(&ms23, e->ev[2], e->ev[3]), st, out);
+        e->last_gpu_ns = (uint64_t)((double)(ms01 + ms23) * 1e6);
         uint32_t crc = crc_combine_chunks(e->h_crc, chunks, body);
         uint8_t *cb = (uint8_t *)&e->h_crc[e->max_chunks];
         kvc_wr32(cb, crc);

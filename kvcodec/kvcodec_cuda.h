@@ -80,6 +80,11 @@ fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *enc, const kvc_lay
                                           size_t out_cap, size_t *len_p,
                                           kvc_layer_info_t *info_p, void *stream);
 
+/* Stream time the last encode_layer_cuda spent in its two GPU phases (scoring, rotation and
+ * distortion tables; payload and CRC), in ns; the rest of its wall time is the host's
+ * optimizer and planning. Thread: as the encoder. */
+uint64_t kvc_encoder_cuda_last_gpu_ns(const kvc_encoder_cuda_t *enc);
+
 /* Cumulative frame bytes and the request's byte budget (as kvc_encoder_totals). */
 void kvc_encoder_cuda_totals(const kvc_encoder_cuda_t *enc, uint64_t *bytes_p,
                              uint64_t *budget_p);
@@ -189,7 +194,7 @@ fy_status_t kvc_attend_batch_cuda_workspace(const kvc_gpu_pages_t *pool,
  * combines the partials. Same result as kvc_attend per list (rotated pages: H q for the logits,
  * the rotated part of the accumulator rotated back once). An empty list gives zeros.
  * q: device [batch][n_heads][head_dim] fp32; out: device, same shape. workspace: device,
- * workspace_bytes >= kvc_attend_batch_cuda_workspace(). All pointers borrowed until the stream
+ * 256-byte aligned (cudaMalloc is), workspace_bytes >= kvc_attend_batch_cuda_workspace(). All pointers borrowed until the stream
  * reaches the end of the work queued here. Pages whose id or header is invalid are skipped and
  * counted (kvc_attend_batch_cuda_bad_pages). Thread: any; one call per workspace at a time. */
 fy_status_t kvc_attend_batch_cuda(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *batch,

@@ -297,6 +297,29 @@ static void frame_counts(const kvc_frame_t *f, uint32_t h, uint64_t *cnt)
         cnt[kvc_frame_opt(f, h, t)]++;
 }
 
+/* Items per option of every head in one pass over the maps (two nibbles per byte):
+ * cnt[h * 16 + code]. FY_ERR_FORMAT for a code that is not an option (a frame that did not
+ * come from kvc_frame_parse). */
+static fy_status_t frame_counts_all(const kvc_frame_t *f, uint64_t *cnt)
+{
+    size_t mb = kvc_map_bytes(f->n_tokens), full = f->n_tokens / 2;
+    for (uint32_t h = 0; h < f->n_kv_heads; h++) {
+        const uint8_t *mp = f->maps + h * mb;
+        uint64_t *c = cnt + (size_t)h * 16;
+        memset(c, 0, 16 * sizeof(uint64_t));
+        for (size_t i = 0; i < full; i++) {
+            c[mp[i] & 15]++;
+            c[mp[i] >> 4]++;
+        }
+        if (f->n_tokens & 1)
+            c[mp[full] & 15]++;
+        for (int o = KVC_OPT_COUNT; o < 16; o++)
+            if (c[o])
+                return FY_ERR_FORMAT;
+    }
+    return FY_OK;
+}
+
 extern "C" fy_status_t kvc_gpu_pool_pages_needed(const kvc_gpu_pool_t *pool,
                                                  const kvc_frame_t *f, uint32_t *n_pages_p)
 {
@@ -470,18 +493,31 @@ extern "C" fy_status_t kvc_place_cuda(kvc_gpu_seq_t *s, const kvc_frame_t *f,
         return FY_ERR_OUT_OF_RANGE;
     if (s->placed[f->layer])
         return FY_ERR_EXISTS;
-    uint32_t need;
-    fy_status_t st = kvc_gpu_pool_pages_needed(pool, f, &need);
-    if (st != FY_OK)
-        return st;
     // Where the payload starts inside the frame (the parser set maps = buf + header).
     uint64_t payload_off = (uint64_t)(f->payload - f->maps) + KVC_FRAME_HEADER_BYTES;
     if (f->payload < f->maps || payload_off + f->payload_bytes + 4 != f->frame_bytes)
         return FY_ERR_INVALID_ARG;
+    uint64_t *counts = (uint64_t *)malloc((size_t)f->n_kv_heads * 16 * sizeof(uint64_t));
+    if (counts == NULL)
+        return FY_ERR_NO_MEMORY;
+    fy_status_t st = frame_counts_all(f, counts);
+    uint64_t need64 = 0;
+    for (uint32_t h = 0; h < f->n_kv_heads && st == FY_OK; h++)
+        for (int o = 0; o < KVC_OPT_DROP; o++)
+            need64 += run_pages(pool, o, counts[(size_t)h * 16 + o]);
+    if (st == FY_OK && need64 > UINT32_MAX)
+        st = FY_ERR_OUT_OF_RANGE;
+    if (st != FY_OK) {
+        free(counts);
+        return st;
+    }
+    uint32_t need = (uint32_t)need64;
     for (uint32_t h = 0; h < f->n_kv_heads; h++) {
         gpu_list_t *l = &s->lists[(size_t)f->layer * s->n_kv + h];
-        if ((st = list_reserve(l, need)) != FY_OK)
+        if ((st = list_reserve(l, need)) != FY_OK) {
+            free(counts);
             return st;
+        }
     }
     kvc_page_id_t *ids = (kvc_page_id_t *)malloc((size_t)FY_MAX(need, 1) * sizeof(kvc_page_id_t));
     uint32_t *head_pages = (uint32_t *)calloc((size_t)f->n_kv_heads + 1, sizeof(uint32_t));
@@ -504,8 +540,7 @@ extern "C" fy_status_t kvc_place_cuda(kvc_gpu_seq_t *s, const kvc_frame_t *f,
         bool rotated = (f->flags & KVC_FRAME_FLAG_ROTATED) != 0;
         uint64_t r = payload_off;
         for (uint32_t h = 0; h < f->n_kv_heads; h++) {
-            uint64_t cnt[KVC_OPT_COUNT];
-            frame_counts(f, h, cnt);
+            const uint64_t *cnt = counts + (size_t)h * 16;
             head_pages[h] = used;
             for (int o = 0; o < KVC_OPT_DROP; o++) {
                 uint32_t gs = kvc_group_tokens(o, G);
@@ -614,6 +649,6 @@ out:
         for (uint32_t i = 0; i < need; i++)
             kvc_gpu_page_unref(pool, ids[i]);
     }
-    free(ids), free(head_pages), free(head_tokens), free(pl.ops), free(pl.blob);
+    free(ids), free(head_pages), free(head_tokens), free(pl.ops), free(pl.blob), free(counts);
     return st;
 }

@@ -38,6 +38,7 @@ void mdl_kv_params_default(mdl_kv_params_t *p, const mdl_model_t *model)
         p->n_layers = c->n_layers;
         p->n_kv_heads = c->n_kv_heads;
         p->head_dim = c->head_dim;
+        p->device = mdl_model_device(model);
     }
 }
 
@@ -51,7 +52,9 @@ fy_status_t mdl_kv_create(const mdl_kv_params_t *params, mdl_kv_t **kv_p)
 {
     if (params == NULL || params->n_layers <= 0 || params->n_kv_heads <= 0 ||
         params->head_dim <= 0 || params->head_dim > 256 || params->page_tokens <= 0 ||
-        params->n_pages <= 0)
+        params->n_pages <= 0 ||
+        (params->device != MDL_DEVICE_CPU && params->device != MDL_DEVICE_CUDA) ||
+        (params->device == MDL_DEVICE_CUDA && params->n_pages > INT32_MAX))
         return FY_ERR_INVALID_ARG;
     mdl_kv_t *kv = calloc(1, sizeof(*kv));
     if (kv == NULL)
@@ -63,9 +66,21 @@ fy_status_t mdl_kv_create(const mdl_kv_params_t *params, mdl_kv_t **kv_p)
         free(kv);
         return FY_ERR_INVALID_ARG;
     }
-    kv->mem = malloc(bytes);
     kv->free_ids = malloc((size_t)params->n_pages * sizeof(int64_t));
-    if (kv->mem == NULL || kv->free_ids == NULL) {
+    if (kv->free_ids == NULL) {
+        mdl_kv_destroy(kv);
+        return FY_ERR_NO_MEMORY;
+    }
+    if (params->device == MDL_DEVICE_CUDA) {
+        // One device allocation, page p at mem + p * page_elems (the GPU page pool contract).
+        void *mem = NULL;
+        fy_status_t st = mdl_dev_alloc(bytes, &mem);
+        if (st != FY_OK) {
+            mdl_kv_destroy(kv);
+            return st;
+        }
+        kv->mem = mem;
+    } else if ((kv->mem = malloc(bytes)) == NULL) {
         mdl_kv_destroy(kv);
         return FY_ERR_NO_MEMORY;
     }
@@ -81,7 +96,10 @@ void mdl_kv_destroy(mdl_kv_t *kv)
 {
     if (kv == NULL)
         return;
-    free(kv->mem);
+    if (kv->p.device == MDL_DEVICE_CUDA)
+        mdl_dev_free(kv->mem);
+    else
+        free(kv->mem);
     free(kv->free_ids);
     free(kv);
 }
@@ -174,11 +192,36 @@ void mdl_kv_seq_write(mdl_kv_seq_t *s, int layer, int head, int64_t pos, const f
 {
     const mdl_kv_t *kv = s->kv;
     int hd = kv->p.head_dim, pt = kv->p.page_tokens;
-    FY_ASSERT(pos / pt < s->n_pages);
+    FY_ASSERT(pos / pt < s->n_pages && kv->p.device == MDL_DEVICE_CPU);
     uint16_t *page = page_ptr(s, layer, head, pos / pt);
     int slot = (int)(pos % pt);
     fy_fp32_to_fp16_buf(page + (size_t)slot * hd, k, (size_t)hd);
     fy_fp32_to_fp16_buf(page + ((size_t)pt + slot) * hd, v, (size_t)hd);
+}
+
+/* load_layer for a CUDA pool: the page ids of the layer go with K and V to the GPU, which
+ * converts and places every token (mdl_dev_store_layer). */
+static fy_status_t load_layer_dev(mdl_kv_seq_t *s, int layer, int64_t n_tokens, const float *k,
+                                  const float *v)
+{
+    const mdl_kv_t *kv = s->kv;
+    int n_kv = kv->p.n_kv_heads;
+    if (n_tokens == 0)
+        return FY_OK;
+    if (s->n_pages > INT32_MAX / n_kv || s->len + n_tokens > INT32_MAX)
+        return FY_ERR_OUT_OF_RANGE;
+    int32_t *ids = malloc((size_t)n_kv * (size_t)s->n_pages * sizeof(int32_t));
+    if (ids == NULL)
+        return FY_ERR_NO_MEMORY;
+    for (int h = 0; h < n_kv; h++) {
+        for (int64_t i = 0; i < s->n_pages; i++)
+            ids[(size_t)h * s->n_pages + i] =
+                (int32_t)s->table[((size_t)layer * n_kv + h) * s->cap + i];
+    }
+    fy_status_t st = mdl_dev_store_layer(&kv->p, kv->mem, ids, (int)s->n_pages, s->len,
+                                         n_tokens, k, v);
+    free(ids);
+    return st;
 }
 
 fy_status_t mdl_kv_seq_load_layer(mdl_kv_seq_t *s, int layer, int64_t n_tokens, const float *k,
@@ -191,6 +234,8 @@ fy_status_t mdl_kv_seq_load_layer(mdl_kv_seq_t *s, int layer, int64_t n_tokens, 
     if (st != FY_OK)
         return st;
     int hd = kv->p.head_dim;
+    if (kv->p.device == MDL_DEVICE_CUDA)
+        return load_layer_dev(s, layer, n_tokens, k, v);
     for (int h = 0; h < kv->p.n_kv_heads; h++) {
         for (int64_t t = 0; t < n_tokens; t++) {
             size_t off = ((size_t)h * (size_t)n_tokens + (size_t)t) * hd;
@@ -235,6 +280,24 @@ fy_status_t mdl_kv_seq_read(const mdl_kv_seq_t *s, int layer, int head, float *k
     if (layer < 0 || layer >= kv->p.n_layers || head < 0 || head >= kv->p.n_kv_heads)
         return FY_ERR_INVALID_ARG;
     int hd = kv->p.head_dim, pt = kv->p.page_tokens;
+    if (kv->p.device == MDL_DEVICE_CUDA) {
+        // Page by page through a host copy.
+        uint16_t *tmp = malloc(kv->page_elems * sizeof(uint16_t));
+        if (tmp == NULL)
+            return FY_ERR_NO_MEMORY;
+        fy_status_t st = FY_OK;
+        for (int64_t t0 = 0; t0 < s->len && st == FY_OK; t0 += pt) {
+            st = mdl_dev_copy_d2h(tmp, page_ptr(s, layer, head, t0 / pt),
+                                  kv->page_elems * sizeof(uint16_t));
+            int64_t nt = FY_MIN((int64_t)pt, s->len - t0);
+            if (st == FY_OK) {
+                fy_fp16_to_fp32_buf(k + (size_t)t0 * hd, tmp, (size_t)nt * hd);
+                fy_fp16_to_fp32_buf(v + (size_t)t0 * hd, tmp + (size_t)pt * hd, (size_t)nt * hd);
+            }
+        }
+        free(tmp);
+        return st;
+    }
     for (int64_t t = 0; t < s->len; t++) {
         const uint16_t *page = page_ptr(s, layer, head, t / pt);
         int slot = (int)(t % pt);
@@ -242,4 +305,34 @@ fy_status_t mdl_kv_seq_read(const mdl_kv_seq_t *s, int layer, int head, float *k
         fy_fp16_to_fp32_buf(v + (size_t)t * hd, page + ((size_t)pt + slot) * hd, (size_t)hd);
     }
     return FY_OK;
+}
+
+const mdl_kv_params_t *mdl_kv_params_of(const mdl_kv_t *kv)
+{
+    return &kv->p;
+}
+
+mdl_kv_t *mdl_kv_seq_pool(const mdl_kv_seq_t *s)
+{
+    return s->kv;
+}
+
+uint16_t *mdl_kv_mem(const mdl_kv_t *kv)
+{
+    return kv->mem;
+}
+
+size_t mdl_kv_page_elems(const mdl_kv_t *kv)
+{
+    return kv->page_elems;
+}
+
+int64_t mdl_kv_seq_n_pages(const mdl_kv_seq_t *s)
+{
+    return s->n_pages;
+}
+
+int64_t mdl_kv_seq_page_id(const mdl_kv_seq_t *s, int layer, int head, int64_t i)
+{
+    return s->table[((size_t)layer * s->kv->p.n_kv_heads + head) * s->cap + i];
 }

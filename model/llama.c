@@ -52,6 +52,9 @@ struct mdl_model {
     void **raw;         // copies of the stored tensors the qmats point to
     int n_raw;
     mdl_tokenizer_t *tok;
+    mdl_device_t device;
+    mdl_cuda_model_t *cuda; // the weights on the GPU (device CUDA; the FP32 arrays stay NULL)
+    uint64_t fingerprint;   // device CUDA: mdl_model_fingerprint, computed at load
 };
 
 /* Decode steps with at most this many rows read weights in their storage type; larger batches
@@ -274,6 +277,7 @@ void mdl_model_destroy(mdl_model_t *m)
         free(m->raw[i]);
     free(m->raw);
     mdl_tokenizer_destroy(m->tok);
+    mdl_cuda_model_destroy(m->cuda);
     free(m);
 }
 
@@ -332,18 +336,92 @@ static fy_status_t load_layer(mdl_model_t *m, const mdl_gguf_t *g, const mdl_con
     return FY_OK;
 }
 
-fy_status_t mdl_model_create_from_gguf(const mdl_gguf_t *g, mdl_model_t **model_p, char *err,
-                                       size_t err_len)
+/* crc over tensor `name` [rows][cols] dequantized to FP32, a chunk of rows at a time (the
+ * same bytes as a CRC over the whole FP32 array, which is what the CPU model hashes). */
+static fy_status_t crc_tensor_f32(const mdl_gguf_t *g, const char *name, uint64_t cols,
+                                  uint64_t rows, uint32_t *crc)
+{
+    const mdl_gguf_tensor_t *t = mdl_gguf_find_tensor(g, name);
+    if (t == NULL || t->ne[0] != cols || t->ne[1] != rows || t->n_elems != cols * rows ||
+        rows == 0 || t->n_bytes % rows != 0)
+        return FY_ERR_FORMAT;
+    enum { CHUNK_ROWS = 256 };
+    uint64_t row_bytes = t->n_bytes / rows;
+    float *buf = malloc((size_t)CHUNK_ROWS * (size_t)cols * sizeof(float));
+    if (buf == NULL)
+        return FY_ERR_NO_MEMORY;
+    fy_status_t st = FY_OK;
+    for (uint64_t r0 = 0; r0 < rows && st == FY_OK; r0 += CHUNK_ROWS) {
+        uint64_t nr = FY_MIN((uint64_t)CHUNK_ROWS, rows - r0);
+        mdl_gguf_tensor_t part = *t;
+        part.data = (const uint8_t *)t->data + r0 * row_bytes;
+        part.ne[1] = nr;
+        part.n_elems = nr * cols;
+        part.n_bytes = nr * row_bytes;
+        if ((st = mdl_gguf_tensor_to_f32(&part, buf)) == FY_OK)
+            *crc = fy_crc32c(*crc, buf, (size_t)(nr * cols) * sizeof(float));
+    }
+    free(buf);
+    return st;
+}
+
+/* mdl_model_fingerprint's value for a model whose FP32 weights are not on the host. */
+static fy_status_t fingerprint_from_file(const mdl_gguf_t *g, const mdl_config_t *c,
+                                         uint64_t *fp_p)
+{
+    int32_t shape[] = {(int32_t)c->arch, c->n_vocab,  c->dim,     c->n_layers, c->n_heads,
+                       c->n_kv_heads,    c->head_dim, c->ffn_dim, c->n_ctx_train};
+    float rope[] = {c->rope.theta, c->rms_eps};
+    uint64_t dim = (uint64_t)c->dim;
+    uint32_t lo = fy_crc32c(0, shape, sizeof(shape));
+    fy_status_t st = crc_tensor_f32(g, "token_embd.weight", dim, (uint64_t)c->n_vocab, &lo);
+    if (st == FY_OK && !c->tied_embeddings)
+        st = crc_tensor_f32(g, "output.weight", dim, (uint64_t)c->n_vocab, &lo);
+    uint32_t hi = fy_crc32c(0x9e3779b9u, rope, sizeof(rope));
+    if (st == FY_OK)
+        st = crc_tensor_f32(g, "output_norm.weight", dim, 1, &hi);
+    char name[96];
+    for (int l = 0; l < c->n_layers && st == FY_OK; l++) {
+        snprintf(name, sizeof(name), "blk.%d.attn_norm.weight", l);
+        st = crc_tensor_f32(g, name, dim, 1, &hi);
+        snprintf(name, sizeof(name), "blk.%d.ffn_norm.weight", l);
+        if (st == FY_OK)
+            st = crc_tensor_f32(g, name, dim, 1, &hi);
+    }
+    uint64_t fp = (uint64_t)hi << 32 | lo;
+    *fp_p = fp != 0 ? fp : 1;
+    return st;
+}
+
+static fy_status_t model_create(const mdl_gguf_t *g, mdl_device_t device, mdl_model_t **model_p,
+                                char *err, size_t err_len)
 {
     if (err != NULL && err_len > 0)
         err[0] = '\0';
+    if (device != MDL_DEVICE_CPU && device != MDL_DEVICE_CUDA)
+        return FY_ERR_INVALID_ARG;
     mdl_model_t *m = calloc(1, sizeof(*m));
     if (m == NULL)
         return FY_ERR_NO_MEMORY;
+    m->device = device;
     fy_status_t st = read_config(g, &m->cfg, err, err_len);
     if (st != FY_OK)
         goto fail;
     mdl_config_t *c = &m->cfg;
+    if (device == MDL_DEVICE_CUDA) {
+        // Weights go straight from the file to the GPU; only the small vectors the config
+        // points to are read on the host.
+        if (mdl_gguf_find_tensor(g, "rope_freqs.weight") != NULL) {
+            if ((st = load_alloc(g, "rope_freqs.weight", (uint64_t)c->rope.n_rot / 2, 1,
+                                 &m->rope_freqs, err, err_len)))
+                goto fail;
+            c->rope.freq_factors = m->rope_freqs;
+        }
+        if ((st = mdl_cuda_model_load(g, c, &m->cuda, err, err_len)) != FY_OK ||
+            (st = fingerprint_from_file(g, c, &m->fingerprint)) != FY_OK)
+            goto fail;
+        goto tokenizer;
+    }
     m->layers = calloc((size_t)c->n_layers, sizeof(*m->layers));
     if (m->layers == NULL) {
         st = FY_ERR_NO_MEMORY;
@@ -371,6 +449,7 @@ fy_status_t mdl_model_create_from_gguf(const mdl_gguf_t *g, mdl_model_t **model_
     if ((st = make_qmat(m, g, c->tied_embeddings ? "token_embd.weight" : "output.weight",
                         c->n_vocab, c->dim, m->output, &m->qout)) != FY_OK)
         goto fail;
+tokenizer:
     if ((st = mdl_tokenizer_create(g, &m->tok, err, err_len)) != FY_OK)
         goto fail;
     if (mdl_tokenizer_n_vocab(m->tok) > c->n_vocab) {
@@ -388,6 +467,12 @@ fail:
     return st;
 }
 
+fy_status_t mdl_model_create_from_gguf(const mdl_gguf_t *g, mdl_model_t **model_p, char *err,
+                                       size_t err_len)
+{
+    return model_create(g, MDL_DEVICE_CPU, model_p, err, err_len);
+}
+
 fy_status_t mdl_model_create(const mdl_model_params_t *params, mdl_model_t **model_p, char *err,
                              size_t err_len)
 {
@@ -397,7 +482,7 @@ fy_status_t mdl_model_create(const mdl_model_params_t *params, mdl_model_t **mod
     fy_status_t st = mdl_gguf_open(params->path, &g, err, err_len);
     if (st != FY_OK)
         return st;
-    st = mdl_model_create_from_gguf(g, model_p, err, err_len);
+    st = model_create(g, params->device, model_p, err, err_len);
     mdl_gguf_close(g); // weights were copied out
     return st;
 }
@@ -410,6 +495,11 @@ const mdl_config_t *mdl_model_config(const mdl_model_t *m)
 const mdl_tokenizer_t *mdl_model_tokenizer(const mdl_model_t *m)
 {
     return m->tok;
+}
+
+mdl_device_t mdl_model_device(const mdl_model_t *m)
+{
+    return m->device;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -441,6 +531,7 @@ struct mdl_ctx {
     // Decode page-pointer scratch.
     int cap_pages;
     const uint16_t **pages; // [n_threads][cap_pages]
+    mdl_cuda_ctx_t *cuda;   // device CUDA: everything runs there (the CPU scratch stays empty)
 };
 
 void mdl_ctx_params_default(mdl_ctx_params_t *p)
@@ -455,6 +546,7 @@ void mdl_ctx_destroy(mdl_ctx_t *ctx)
 {
     if (ctx == NULL)
         return;
+    mdl_cuda_ctx_destroy(ctx->cuda);
     fy_pool_destroy(ctx->pool);
     free(ctx->x);
     free(ctx->xn);
@@ -484,13 +576,23 @@ fy_status_t mdl_ctx_create(const mdl_model_t *m, const mdl_ctx_params_t *params,
         p = *params;
     else
         mdl_ctx_params_default(&p);
-    if (m == NULL || p.n_threads < 0 || p.prefill_chunk <= 0 || p.max_batch <= 0)
+    if (m == NULL || p.n_threads < 0 || p.prefill_chunk <= 0 || p.max_batch <= 0 ||
+        p.device != m->device)
         return FY_ERR_INVALID_ARG;
     mdl_ctx_t *ctx = calloc(1, sizeof(*ctx));
     if (ctx == NULL)
         return FY_ERR_NO_MEMORY;
     ctx->m = m;
     ctx->p = p;
+    if (p.device == MDL_DEVICE_CUDA) {
+        fy_status_t cst = mdl_cuda_ctx_create(m->cuda, &p, &ctx->cuda);
+        if (cst != FY_OK) {
+            free(ctx);
+            return cst;
+        }
+        *ctx_p = ctx;
+        return FY_OK;
+    }
     fy_status_t st = fy_pool_create(p.n_threads, &ctx->pool);
     if (st != FY_OK) {
         free(ctx);
@@ -719,12 +821,22 @@ fy_status_t mdl_prefill(mdl_ctx_t *ctx, const int32_t *tokens, int n,
         return st;
     mdl_kv_seq_t *seq = params->seq;
     if (seq != NULL) {
+        if (mdl_kv_params_of(mdl_kv_seq_pool(seq))->device != ctx->p.device)
+            return FY_ERR_INVALID_ARG;
         if (mdl_kv_seq_len(seq) != 0)
             return FY_ERR_STATE;
         if ((st = mdl_kv_seq_reserve(seq, n)) != FY_OK)
             return st;
     }
     int w = FY_MIN(params->window, n);
+    if (ctx->cuda != NULL) {
+        st = mdl_cuda_prefill(ctx->cuda, tokens, n, w, params, logits);
+        if (st == FY_OK && seq != NULL)
+            st = mdl_kv_seq_commit(seq, n);
+        if (st != FY_OK && seq != NULL)
+            mdl_kv_seq_clear(seq);
+        return st;
+    }
     if ((st = ensure_tokens(ctx, n, w)) != FY_OK)
         return st;
 
@@ -860,11 +972,22 @@ fy_status_t mdl_decode(mdl_ctx_t *ctx, mdl_kv_seq_t *const *seqs, const int32_t 
         }
         if (mdl_kv_seq_len(seqs[i]) >= c->n_ctx_train)
             return FY_ERR_OUT_OF_RANGE;
+        if (mdl_kv_params_of(mdl_kv_seq_pool(seqs[i]))->device != ctx->p.device)
+            return FY_ERR_INVALID_ARG;
         max_len = FY_MAX(max_len, mdl_kv_seq_len(seqs[i]) + 1);
     }
     for (int i = 0; i < n; i++) {
         if ((st = mdl_kv_seq_reserve(seqs[i], 1)) != FY_OK)
             return st;
+    }
+    if (ctx->cuda != NULL) {
+        if ((st = mdl_cuda_decode(ctx->cuda, seqs, tokens, n, logits)) != FY_OK)
+            return st;
+        for (int i = 0; i < n; i++) {
+            if ((st = mdl_kv_seq_commit(seqs[i], 1)) != FY_OK)
+                return st;
+        }
+        return FY_OK;
     }
     if ((st = ensure_tokens(ctx, n, 0)) != FY_OK)
         return st;
@@ -933,6 +1056,8 @@ fy_status_t mdl_decode_ext(mdl_ctx_t *ctx, const int32_t *tokens, const int32_t 
     if (ctx == NULL || tokens == NULL || pos == NULL || ops == NULL || ops->store == NULL ||
         ops->attend == NULL || logits == NULL || n <= 0)
         return FY_ERR_INVALID_ARG;
+    if (ctx->cuda != NULL)
+        return FY_ERR_UNSUPPORTED; // host callbacks per layer: a CPU context's job
     const mdl_model_t *m = ctx->m;
     const mdl_config_t *c = &m->cfg;
     if (n > ctx->p.max_batch)
@@ -983,6 +1108,8 @@ uint64_t mdl_model_fingerprint(const mdl_model_t *m)
 {
     if (m == NULL)
         return 0;
+    if (m->device == MDL_DEVICE_CUDA)
+        return m->fingerprint; // computed from the file at load (no FP32 host weights)
     const mdl_config_t *c = &m->cfg;
     // Two CRC32C streams over the shape and the weights that every token touches: the
     // embedding (and output) matrix and every norm vector.

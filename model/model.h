@@ -259,8 +259,17 @@ typedef struct {
 
 typedef struct mdl_model mdl_model_t;
 
+/* Where a model's weights, a context's compute and a KV pool's pages live. MDL_DEVICE_CUDA
+ * needs a CUDA build and a GPU (FY_ERR_NO_DEVICE otherwise); the CPU is the default. */
+typedef enum {
+    MDL_DEVICE_CPU = 0,
+    MDL_DEVICE_CUDA = 1,
+} mdl_device_t;
+
 typedef struct {
-    const char *path; /* GGUF file; borrowed for the call */
+    const char *path;    /* GGUF file; borrowed for the call */
+    mdl_device_t device; /* CUDA: weights resident on the GPU in FP16 (dequantized there), no
+                            FP32 host copy; such a model runs only in CUDA contexts */
 } mdl_model_params_t;
 
 void mdl_model_params_default(mdl_model_params_t *p);
@@ -277,6 +286,7 @@ void mdl_model_destroy(mdl_model_t *model);
 
 /* Valid as long as the model. Thread: any. */
 const mdl_config_t *mdl_model_config(const mdl_model_t *model);
+mdl_device_t mdl_model_device(const mdl_model_t *model);
 const mdl_tokenizer_t *mdl_model_tokenizer(const mdl_model_t *model);
 
 /* ------------------------------------------------------------------------------------------ */
@@ -296,9 +306,13 @@ typedef struct {
     int head_dim;
     int page_tokens; /* tokens per page (default 16) */
     int64_t n_pages; /* pages in the pool */
+    mdl_device_t device; /* CUDA: the pages are one GPU allocation of n_pages pages (same page
+                            format); bookkeeping stays on the host. Such a pool serves CUDA
+                            contexts only; load/read copy through the host. */
 } mdl_kv_params_t;
 
-/* Fills page_tokens = 16 and the shape of model (may be NULL), n_pages = 0 (set it). */
+/* Fills page_tokens = 16 and the shape and device of model (may be NULL: CPU), n_pages = 0
+ * (set it). */
 void mdl_kv_params_default(mdl_kv_params_t *p, const mdl_model_t *model);
 
 /* Pages needed to hold n_tokens for every (layer, kv head) of a sequence. Thread: any. */
@@ -340,7 +354,7 @@ void mdl_kv_seq_clear(mdl_kv_seq_t *seq);
 
 /* The page list of one (layer, kv head), covering n_tokens tokens (the committed length plus
  * n_extra uncommitted ones written this step). pages is filled into caller storage of
- * cap entries. Thread: any (read-only). */
+ * cap entries (for a CUDA pool they are device addresses). Thread: any (read-only). */
 fy_status_t mdl_kv_seq_pages(const mdl_kv_seq_t *seq, int layer, int head, int64_t n_extra,
                              const uint16_t **pages, int cap, krn_page_list_t *list_p);
 
@@ -358,6 +372,11 @@ typedef struct {
     int n_threads;      /* workers for attention and elementwise ops, and OpenBLAS (0 = all) */
     int prefill_chunk;  /* rows per GEMM chunk in prefill (default 512) */
     int max_batch;      /* decode batch capacity (default 64) */
+    mdl_device_t device; /* must match the model's device (FY_ERR_INVALID_ARG otherwise).
+                            CUDA: prefill and decode run on the GPU (cuBLAS FP16 GEMMs with FP32
+                            accumulation, FP32 elsewhere), decode over a CUDA KV pool, logits
+                            copied back; the layer callback still gets host buffers, copied on
+                            a second stream while the next layer computes. */
 } mdl_ctx_params_t;
 
 void mdl_ctx_params_default(mdl_ctx_params_t *p);
@@ -383,6 +402,9 @@ typedef struct {
     const float *v;        /* [n_kv_heads][n_tokens][head_dim] */
     int n_window;          /* min(window, n_tokens) */
     const float *q_window; /* [n_heads][n_window][head_dim]: the last queries, after RoPE */
+    const float *window_attn; /* [n_heads][n_tokens]: per query head the mean over the window
+                                 of the softmax rows (kvc_layer_input_t.window_attn), when the
+                                 attention kernel computed it (CUDA contexts), else NULL */
 } mdl_layer_kv_t;
 
 /* A non-OK return aborts the prefill with that status. */

@@ -32,6 +32,54 @@ const mdl_model_t *mdl_ctx_model(const mdl_ctx_t *ctx);
 fy_status_t mdl_decode_ext(mdl_ctx_t *ctx, const int32_t *tokens, const int32_t *pos, int n,
                            const mdl_decode_ops_t *ops, void *arg, float *logits);
 
+/* ---- Pool internals the CUDA forward pass reads (kvcache.c) ---- */
+
+const mdl_kv_params_t *mdl_kv_params_of(const mdl_kv_t *kv);
+mdl_kv_t *mdl_kv_seq_pool(const mdl_kv_seq_t *seq);
+/* The pool memory: [n_pages][page_elems] FP16 (device memory for a CUDA pool). */
+uint16_t *mdl_kv_mem(const mdl_kv_t *kv);
+size_t mdl_kv_page_elems(const mdl_kv_t *kv);
+/* Pages per list the sequence holds, and the id of page i of list (layer, head). */
+int64_t mdl_kv_seq_n_pages(const mdl_kv_seq_t *seq);
+int64_t mdl_kv_seq_page_id(const mdl_kv_seq_t *seq, int layer, int head, int64_t i);
+
+/* ---- Device memory for CUDA pools (llama_cuda.c; FY_ERR_NO_DEVICE without CUDA) ---- */
+
+fy_status_t mdl_dev_alloc(size_t bytes, void **ptr_p);
+void mdl_dev_free(void *ptr); /* accepts NULL */
+fy_status_t mdl_dev_copy_d2h(void *dst, const void *src, size_t bytes);
+/* Writes n_tokens tokens of K and V (host FP32 [n_kv_heads][n_tokens][head_dim]) at positions
+ * pos0.. into the pages of a CUDA pool (mem), page ids [n_kv_heads][n_ids] (host); returns when
+ * they are in place. */
+fy_status_t mdl_dev_store_layer(const mdl_kv_params_t *p, uint16_t *mem, const int32_t *ids,
+                                int n_ids, int64_t pos0, int64_t n_tokens, const float *k,
+                                const float *v);
+
+/* ---- The CUDA forward pass (llama_cuda.c) ---- */
+
+typedef struct mdl_cuda_model mdl_cuda_model_t;
+typedef struct mdl_cuda_ctx mdl_cuda_ctx_t;
+
+/* Uploads the weights of g (shape-checked as the CPU loader does) to the GPU in FP16. cfg is
+ * the model's (copied). Thread: any. */
+fy_status_t mdl_cuda_model_load(const mdl_gguf_t *g, const mdl_config_t *cfg,
+                                mdl_cuda_model_t **w_p, char *err, size_t err_len);
+void mdl_cuda_model_destroy(mdl_cuda_model_t *w);
+
+fy_status_t mdl_cuda_ctx_create(const mdl_cuda_model_t *w, const mdl_ctx_params_t *p,
+                                mdl_cuda_ctx_t **ctx_p);
+void mdl_cuda_ctx_destroy(mdl_cuda_ctx_t *ctx);
+
+/* Prefill of validated tokens[n] with a window of w (<= n) queries; when params->seq is set
+ * its pages for n tokens are reserved and on a CUDA pool. Writes logits like mdl_prefill.
+ * Does not commit the sequence. */
+fy_status_t mdl_cuda_prefill(mdl_cuda_ctx_t *ctx, const int32_t *tokens, int n, int w,
+                             const mdl_prefill_params_t *params, float *logits);
+/* One decode step over validated, distinct sequences of one CUDA pool, each with a page
+ * reserved for its next token. Does not commit. */
+fy_status_t mdl_cuda_decode(mdl_cuda_ctx_t *ctx, mdl_kv_seq_t *const *seqs,
+                            const int32_t *tokens, int n, float *logits);
+
 /* Unicode classes the pre-tokenizers need (unicode.c). */
 bool mdl_uni_is_letter(uint32_t cp);
 bool mdl_uni_is_number(uint32_t cp);

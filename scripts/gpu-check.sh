@@ -3,17 +3,19 @@
 # In the bundle it is bin/ferry-gpu-check; it finds the bundle root from its own location.
 #
 #   bin/ferry-gpu-check [--tests-only | --benches-only] [--filter REGEX] [--timeout S]
-#                       [--benches FILE] [--list]
+#                       [--benches FILE] [--list] [--pack | --no-pack]
 #
 # 1. Prints the machine: GPUs (nvidia-smi: name, driver, memory), CUDA (nvcc or the driver's
 #    version), glibc, CPU; and which CUDA libraries the binaries need and where they resolve.
 # 2. Runs every tests/test_*_cuda (exit 0 pass, 77 skip, else fail), then the shipped CPU
 #    tests (tests/test_*), each under the timeout, with tests/<name>.env added if present.
 # 3. Runs every line of bench/gpu-benchmarks.txt ("<name>|<command>", relative to the bundle
-#    root) under the timeout.
+#    root) under the timeout (exit 0 pass, 77 skip, else fail).
 # Each command's output goes to $FERRY_RESULTS/<name>.log; a summary table ends the run and is
 # also written to $FERRY_RESULTS/summary.txt. A failure never stops the run; the exit status is
-# 1 when anything failed or timed out, else 0.
+# 1 when anything failed or timed out, else 0. With --pack (the default when the results go
+# to $OUT, from which only a few files come back) the logs and env.txt end up in one
+# $FERRY_RESULTS/logs.tar.gz, leaving summary.txt, the archive and the benchmarks' own files.
 #
 # Environment: FERRY_MODEL (GGUF path, default models/SmolLM2-135M-Instruct.Q4_1.gguf in the
 # current directory), FERRY_RESULTS (default $OUT if set, else ./gpu-results),
@@ -34,7 +36,8 @@ filter=''
 timeout_s=${FERRY_CHECK_TIMEOUT:-90}
 benches_file="$bundle/bench/gpu-benchmarks.txt"
 list_only=0
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+pack=''
+usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --tests-only) run_benches=0 ;;
@@ -46,6 +49,8 @@ while [ $# -gt 0 ]; do
     --benches) [ $# -ge 2 ] || { usage >&2; exit 2; }; benches_file=$2; shift ;;
     --benches=*) benches_file=${1#--benches=} ;;
     --list) list_only=1 ;;
+    --pack) pack=1 ;;
+    --no-pack) pack=0 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "ferry-gpu-check: unknown option $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -90,14 +95,16 @@ except Exception:
 EOF
 )
 fi
-ld_path="$bundle/lib"
+# The bundle's own lib/ is not added: every bundled ELF file finds it through its RPATH,
+# and leaving it out keeps it away from other programs a benchmark runs (python3, torch).
+ld_path=''
 declare -A seen=()
 for d in "${cuda_dirs[@]}"; do
   [ -n "${seen[$d]:-}" ] && continue
   seen[$d]=1
-  ld_path="$ld_path:$d"
+  ld_path="${ld_path:+$ld_path:}$d"
 done
-export LD_LIBRARY_PATH="$ld_path${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export LD_LIBRARY_PATH="$ld_path${LD_LIBRARY_PATH:+${ld_path:+:}$LD_LIBRARY_PATH}"
 
 # ---- What to run.
 tests=()
@@ -204,11 +211,14 @@ run_one() {
   secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", (b - a) / 1000 }')
   if [ "$rc" = 0 ]; then
     verdict=pass; n_pass=$((n_pass + 1))
-  elif [ "$rc" = 77 ] && [ "$kind" = test ]; then
+  elif [ "$rc" = 77 ]; then
     verdict=skip; n_skip=$((n_skip + 1))
-    # A CUDA test that skips where nvidia-smi sees GPUs means the runtime could not use them
-    # (driver too old for CUDA 13, no device nodes...): worth a look, see its log.
-    if [ "$gpu_count" -gt 0 ] && [[ "$name" == *_cuda ]]; then verdict='skip (GPU present!)'; fi
+    # A CUDA test or a benchmark that skips where nvidia-smi sees GPUs means the runtime could
+    # not use them (driver too old for CUDA 13, no device nodes...), unless it needs more
+    # GPUs than there are (test_nccl_cuda wants two): see its log.
+    if [ "$gpu_count" -gt 0 ] && { [ "$kind" = bench ] || [[ "$name" == *_cuda ]]; }; then
+      verdict='skip (GPU present!)'
+    fi
   elif [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
     verdict="timeout (${timeout_s}s)"; n_fail=$((n_fail + 1))
   else
@@ -240,5 +250,25 @@ done
   echo "== summary ($(date -u +%Y-%m-%dT%H:%M:%SZ), results in $FERRY_RESULTS)"
   for s in "${summary[@]}"; do echo "$s"; done
   echo "$n_pass passed, $n_fail failed, $n_skip skipped"
-} | tee "$FERRY_RESULTS/summary.txt"
+} > "$FERRY_RESULTS/summary.part"
+cat "$FERRY_RESULTS/summary.part"
+# The file keeps the machine description too, as the logs may be packed away.
+cat "$FERRY_RESULTS/env.txt" "$FERRY_RESULTS/summary.part" > "$FERRY_RESULTS/summary.txt"
+rm -f "$FERRY_RESULTS/summary.part"
+if [ -z "$pack" ]; then
+  pack=0
+  [ -n "${OUT:-}" ] && [ -d "$OUT" ] && [ "$(cd "$OUT" && pwd)" = "$FERRY_RESULTS" ] && pack=1
+fi
+if [ "$pack" = 1 ]; then
+  logs=()
+  [ -f "$FERRY_RESULTS/env.txt" ] && logs+=(env.txt)
+  for s in "${summary[@]}"; do
+    n=$(awk '{print $2}' <<<"$s")
+    [ -f "$FERRY_RESULTS/$n.log" ] && logs+=("$n.log")
+  done
+  if tar -C "$FERRY_RESULTS" -czf "$FERRY_RESULTS/logs.tar.gz" "${logs[@]}"; then
+    (cd "$FERRY_RESULTS" && rm -f "${logs[@]}")
+    echo "logs: $FERRY_RESULTS/logs.tar.gz"
+  fi
+fi
 [ "$n_fail" = 0 ]

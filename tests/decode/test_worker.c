@@ -7,7 +7,10 @@
 // - a corrupt frame fails that request only (DATA_LOSS), its pages come back, the worker
 //   keeps serving;
 // - a full pool answers RESOURCE_EXHAUSTED; a lease with no KV expires and frees its pages;
-// - Cancel mid-stream ends the Decode call with CANCELLED and frees the pages.
+// - Cancel mid-stream ends the Decode call with CANCELLED and frees the pages;
+// - a seeded sampled stream continues the request's random stream;
+// - draining refuses new reservations and finishes the stream in flight;
+// - with a router address the worker registers and heartbeats.
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -20,7 +23,9 @@
 #include "decode.h"
 #include "ferry.pb-c.h"
 #include "kvlink.h"
+#include "prefill.h"
 #include "prefill_frames.h"
+#include "router.h"
 #include "rpc.h"
 
 enum { N_GEN = 12, N_PROMPTS = 2, MAX_TOKENS_SEEN = 512 };
@@ -84,6 +89,7 @@ typedef struct {
     char msg[256];
     uint64_t reservation_id, credit;
     bool found;
+    Ferry__V1__PrefillResponse prefill; // scalars of the PrefillResponse
     // Decode stream
     uint32_t tokens[MAX_TOKENS_SEEN];
     int n_tokens;
@@ -100,6 +106,8 @@ static void on_msg(rpc_ccall_t *c, const ProtobufCMessage *m, void *arg)
         const Ferry__V1__ReserveKVResponse *resp = (const Ferry__V1__ReserveKVResponse *)m;
         r->reservation_id = resp->reservation_id;
         r->credit = resp->credit_bytes;
+    } else if (m->descriptor == &ferry__v1__prefill_response__descriptor) {
+        r->prefill = *(const Ferry__V1__PrefillResponse *)m;
     } else if (m->descriptor == &ferry__v1__cancel_response__descriptor) {
         r->found = ((const Ferry__V1__CancelResponse *)m)->found;
     } else if (m->descriptor == &ferry__v1__generate_response__descriptor) {
@@ -124,15 +132,21 @@ static void on_done(rpc_ccall_t *c, int code, const char *msg, void *arg)
     snprintf(r->msg, sizeof(r->msg), "%s", msg != NULL ? msg : "");
 }
 
-static void start_call(call_t *r, const char *method, const ProtobufCMessage *req,
-                       const ProtobufCMessageDescriptor *resp_desc)
+static void start_call_on(rpc_channel_t *ch, call_t *r, const char *method,
+                          const ProtobufCMessage *req, const ProtobufCMessageDescriptor *resp_desc)
 {
     memset(r, 0, sizeof(*r));
     char path[64];
     snprintf(path, sizeof(path), "/ferry.v1.Worker/%s", method);
     rpc_call_opts_t o = {.timeout_ms = 120000, .wait_for_ready = true};
     assert_int_equal(
-        rpc_channel_call(G.ch, path, req, resp_desc, &o, on_msg, on_done, r, &r->call), FY_OK);
+        rpc_channel_call(ch, path, req, resp_desc, &o, on_msg, on_done, r, &r->call), FY_OK);
+}
+
+static void start_call(call_t *r, const char *method, const ProtobufCMessage *req,
+                       const ProtobufCMessageDescriptor *resp_desc)
+{
+    start_call_on(G.ch, r, method, req, resp_desc);
 }
 
 static int reserve(const char *request_id, const prompt_t *p, int policy, uint32_t lease_ms,
@@ -149,18 +163,15 @@ static int reserve(const char *request_id, const prompt_t *p, int policy, uint32
     return r->code;
 }
 
-static void start_decode(call_t *r, const char *request_id, uint64_t reservation,
-                         const prompt_t *p, uint32_t max_tokens, bool ignore_eos)
+static void start_decode_with(call_t *r, const char *request_id, uint64_t reservation,
+                              const prompt_t *p, Ferry__V1__SamplingParams *sp, int32_t first)
 {
-    Ferry__V1__SamplingParams sp = FERRY__V1__SAMPLING_PARAMS__INIT;
-    sp.max_tokens = max_tokens;
-    sp.ignore_eos = ignore_eos;
     Ferry__V1__DecodeRequest req = FERRY__V1__DECODE_REQUEST__INIT;
     req.request_id = (char *)request_id;
     req.reservation_id = reservation;
-    req.sampling = &sp;
+    req.sampling = sp;
     req.return_token_ids = true;
-    req.first_token_id = (uint32_t)p->first;
+    req.first_token_id = (uint32_t)first;
     req.completion_tokens_sent = 1;
     uint32_t *ids = malloc(sizeof(uint32_t) * (size_t)p->n);
     for (int i = 0; i < p->n; i++)
@@ -169,6 +180,15 @@ static void start_decode(call_t *r, const char *request_id, uint64_t reservation
     req.prompt_token_ids = ids;
     start_call(r, "Decode", &req.base, &ferry__v1__generate_response__descriptor);
     free(ids);
+}
+
+static void start_decode(call_t *r, const char *request_id, uint64_t reservation,
+                         const prompt_t *p, uint32_t max_tokens, bool ignore_eos)
+{
+    Ferry__V1__SamplingParams sp = FERRY__V1__SAMPLING_PARAMS__INIT;
+    sp.max_tokens = max_tokens;
+    sp.ignore_eos = ignore_eos;
+    start_decode_with(r, request_id, reservation, p, &sp, p->first);
 }
 
 static bool cancel(const char *request_id)
@@ -243,10 +263,12 @@ static fy_status_t send_frames(uint64_t id, const pf_stream_t *s, int corrupt_la
 
 /* ---- setup -------------------------------------------------------------------------------- */
 
-static fy_status_t start_worker(uint64_t kv_memory, decode_worker_t **w_p)
+static fy_status_t start_worker_at(uint64_t kv_memory, const char *router,
+                                   decode_worker_t **w_p)
 {
     decode_worker_params_t p;
     decode_worker_params_default(&p);
+    p.router = router;
     p.model = G.m;
     p.threads = 2;
     p.max_batch = 8;
@@ -257,6 +279,11 @@ static fy_status_t start_worker(uint64_t kv_memory, decode_worker_t **w_p)
     if (st != FY_OK)
         fprintf(stderr, "decode worker: %s\n", err);
     return st;
+}
+
+static fy_status_t start_worker(uint64_t kv_memory, decode_worker_t **w_p)
+{
+    return start_worker_at(kv_memory, NULL, w_p);
 }
 
 static void connect_to(decode_worker_t *w)
@@ -471,6 +498,12 @@ static void test_two_in_one_batch(void **state)
            (unsigned long long)steps);
     assert_int_equal(tokens, 2 * N_GEN);
     assert_true(steps < tokens); // they shared steps
+    fy_metric_t *h = fy_metrics_histogram(decode_worker_metrics(G.w), "ferry_decode_step_seconds",
+                                          NULL, "", fy_metrics_latency_bounds, 16);
+    assert_non_null(h);
+    printf("mean decode step so far: %.2f ms over %llu steps\n",
+           1e3 * fy_metric_value(h) / (double)fy_metric_count(h),
+           (unsigned long long)fy_metric_count(h));
     assert_pool_idle(G.w);
 }
 
@@ -565,7 +598,7 @@ static void test_pool_full(void **state)
     const prompt_t *p = &G.prompts[1];
     // A pool that holds one reservation of this prompt but not two.
     decode_worker_t *small = NULL;
-    assert_int_equal(start_worker(450ull * 32768, &small), FY_OK);
+    assert_int_equal(start_worker(350ull * 16384, &small), FY_OK);
     connect_to(small);
     char id1[32], id2[32], id3[32];
     snprintf(id1, sizeof(id1), "%s", next_id());
@@ -587,6 +620,247 @@ static void test_pool_full(void **state)
     decode_worker_destroy(small);
 }
 
+// A seeded sampled run continues the request's random stream: the worker skips the draw the
+// prefill side made for the first token, so the stream equals a local run with that seed.
+static void test_seeded_sampling_continues(void **state)
+{
+    (void)state;
+    const prompt_t *p = &G.prompts[1];
+    const mdl_config_t *c = mdl_model_config(G.m);
+    mdl_sampler_params_t lp;
+    mdl_sampler_params_default(&lp);
+    lp.temperature = 0.9f;
+    lp.top_k = 40;
+    lp.top_p = 0.95f;
+    lp.seed = 4242;
+    lp.max_tokens = 0;
+    lp.n_stop = 1;
+    lp.stop[0] = mdl_tokenizer_eos(mdl_model_tokenizer(G.m));
+    mdl_sampler_t *smp;
+    assert_int_equal(mdl_sampler_create(&lp, c->n_vocab, &smp), FY_OK);
+    for (int i = 0; i < p->n; i++)
+        mdl_sampler_accept(smp, p->ids[i]);
+    mdl_ctx_params_t cp;
+    mdl_ctx_params_default(&cp);
+    cp.n_threads = 2;
+    mdl_ctx_t *ctx;
+    assert_int_equal(mdl_ctx_create(G.m, &cp, &ctx), FY_OK);
+    mdl_kv_params_t kp;
+    mdl_kv_params_default(&kp, G.m);
+    kp.n_pages = mdl_kv_pages_for(&kp, p->n + N_GEN + 1);
+    mdl_kv_t *kv;
+    mdl_kv_seq_t *seq;
+    assert_int_equal(mdl_kv_create(&kp, &kv), FY_OK);
+    assert_int_equal(mdl_kv_seq_create(kv, &seq), FY_OK);
+    float *logits = malloc(sizeof(float) * (size_t)c->n_vocab);
+    mdl_prefill_params_t pp;
+    mdl_prefill_params_default(&pp);
+    pp.seq = seq;
+    assert_int_equal(mdl_prefill(ctx, p->ids, p->n, &pp, logits), FY_OK);
+    int32_t first = mdl_sampler_sample(smp, logits);
+    mdl_sampler_accept(smp, first);
+    int32_t local[N_GEN];
+    int n_local = 0;
+    for (int32_t t = first; n_local < N_GEN;) {
+        assert_int_equal(mdl_decode(ctx, &seq, &t, 1, logits), FY_OK);
+        t = mdl_sampler_sample(smp, logits);
+        mdl_sampler_accept(smp, t);
+        if (mdl_sampler_done(smp, t))
+            break;
+        local[n_local++] = t;
+    }
+    mdl_kv_seq_destroy(seq);
+    mdl_kv_destroy(kv);
+    mdl_ctx_destroy(ctx);
+    mdl_sampler_destroy(smp);
+    free(logits);
+
+    char id[32];
+    snprintf(id, sizeof(id), "%s", next_id());
+    call_t r, d;
+    assert_int_equal(reserve(id, p, 0, 10000, &r), RPC_CODE_OK);
+    assert_int_equal(send_frames(r.reservation_id, &p->stream[0], -1), FY_OK);
+    Ferry__V1__SamplingParams sp = FERRY__V1__SAMPLING_PARAMS__INIT;
+    sp.temperature = lp.temperature;
+    sp.top_k = (uint32_t)lp.top_k;
+    sp.top_p = lp.top_p;
+    sp.seed = lp.seed;
+    sp.max_tokens = N_GEN + 1;
+    start_decode_with(&d, id, r.reservation_id, p, &sp, first);
+    assert_true(run_until(&d.done, 120000));
+    assert_int_equal(d.code, RPC_CODE_OK);
+    assert_int_equal(d.n_tokens, n_local);
+    for (int i = 0; i < n_local; i++)
+        assert_int_equal((int32_t)d.tokens[i], local[i]);
+    printf("seeded sampling: %d tokens equal the local run\n", n_local);
+    assert_pool_idle(G.w);
+}
+
+// Draining refuses new reservations (UNAVAILABLE) and lets the stream in flight finish.
+static void test_drain_finishes_in_flight(void **state)
+{
+    (void)state;
+    const prompt_t *p = &G.prompts[0];
+    decode_worker_t *w = NULL;
+    assert_int_equal(start_worker(64u << 20, &w), FY_OK);
+    connect_to(w);
+    char id[32];
+    snprintf(id, sizeof(id), "%s", next_id());
+    call_t r, d, r2;
+    assert_int_equal(reserve(id, p, 0, 10000, &r), RPC_CODE_OK);
+    assert_int_equal(send_frames(r.reservation_id, &p->stream[0], -1), FY_OK);
+    start_decode(&d, id, r.reservation_id, p, N_GEN + 1, true);
+    uint64_t end = fy_clock_ns() + 60000000000ull;
+    while (d.n_tokens < 1 && !d.done && fy_clock_ns() < end)
+        uv_run(&G.loop, UV_RUN_ONCE);
+    assert_false(d.done);
+    assert_int_equal(decode_worker_drain(w, 0), 1);
+    snprintf(id, sizeof(id), "%s", next_id());
+    assert_int_equal(reserve(id, p, 0, 10000, &r2), RPC_CODE_UNAVAILABLE);
+    assert_true(run_until(&d.done, 120000));
+    assert_int_equal(d.code, RPC_CODE_OK);
+    assert_int_equal(d.n_tokens, N_GEN);
+    assert_pool_idle(w);
+    assert_int_equal(decode_worker_drain(w, 1000), 0);
+    connect_to(G.w);
+    decode_worker_destroy(w);
+}
+
+// The real prefill worker (prefill/, in this process) sends to the decode worker: FP16 frames
+// give the local greedy run's tokens; the ferry policy at b = 0.25 stays within its budget and
+// decodes.
+static void test_with_prefill_worker(void **state)
+{
+    (void)state;
+    rpc_server_params_t sp;
+    rpc_server_params_default(&sp);
+    rpc_server_t *srv = NULL;
+    assert_int_equal(rpc_server_create(&G.loop, &sp, &srv), FY_OK);
+    prefill_params_t pp;
+    prefill_params_default(&pp);
+    pp.model = G.m;
+    pp.fingerprint = mdl_model_fingerprint(G.m);
+    pp.n_threads = 2;
+    pp.link = G.tx;
+    prefill_t *pf = NULL;
+    assert_int_equal(prefill_create(&G.loop, &pp, &pf), FY_OK);
+    assert_int_equal(prefill_serve(pf, srv), FY_OK);
+    char addr[64];
+    snprintf(addr, sizeof(addr), "127.0.0.1:%d", rpc_server_port(srv));
+    const char *addrs[] = {addr};
+    rpc_channel_params_t cp;
+    rpc_channel_params_default(&cp);
+    cp.addresses = addrs;
+    cp.n_addresses = 1;
+    rpc_channel_t *pch = NULL;
+    assert_int_equal(rpc_channel_create(&G.loop, &cp, &pch), FY_OK);
+
+    static const struct {
+        const char *policy;
+        float budget;
+    } runs[] = {{"fp16", 0}, {"ferry", 0.25f}};
+    for (int k = 0; k < 2; k++) {
+        for (int i = 0; i < N_PROMPTS; i++) {
+            const prompt_t *p = &G.prompts[i];
+            char id[32];
+            snprintf(id, sizeof(id), "%s", next_id());
+            call_t r, pr, d;
+            assert_int_equal(reserve(id, p, k, 10000, &r), RPC_CODE_OK);
+            Ferry__V1__CodecParams codec = FERRY__V1__CODEC_PARAMS__INIT;
+            codec.policy = (char *)runs[k].policy;
+            codec.budget = runs[k].budget;
+            Ferry__V1__PrefillRequest req = FERRY__V1__PREFILL_REQUEST__INIT;
+            req.request_id = id;
+            uint32_t *ids = malloc(sizeof(uint32_t) * (size_t)p->n);
+            for (int t = 0; t < p->n; t++)
+                ids[t] = (uint32_t)p->ids[t];
+            req.n_prompt_token_ids = (size_t)p->n;
+            req.prompt_token_ids = ids;
+            req.codec = &codec;
+            req.decode_kv_address = G.kv_addr;
+            req.reservation_id = r.reservation_id;
+            start_call_on(pch, &pr, "Prefill", &req.base, &ferry__v1__prefill_response__descriptor);
+            free(ids);
+            assert_true(run_until(&pr.done, 120000));
+            if (pr.code != RPC_CODE_OK)
+                fail_msg("Prefill: %s: %s", rpc_code_name(pr.code), pr.msg);
+            assert_int_equal((int32_t)pr.prefill.first_token_id, p->first);
+            start_decode(&d, id, r.reservation_id, p, N_GEN + 1, false);
+            assert_true(run_until(&d.done, 120000));
+            double ratio = (double)pr.prefill.kv_wire_bytes / (double)pr.prefill.kv_raw_bytes;
+            int agree = 0;
+            while (agree < d.n_tokens && agree < p->n_ref && (int32_t)d.tokens[agree] == p->ref[agree])
+                agree++;
+            printf("prefill worker -> decode worker, %s b=%.2f, prompt %d: wire/raw %.3f, "
+                   "%d tokens, first %d equal the local greedy run\n",
+                   runs[k].policy, runs[k].budget, i, ratio, d.n_tokens, agree);
+            assert_int_equal(d.code, RPC_CODE_OK);
+            if (k == 0) {
+                assert_same_as_local(&d, p);
+            } else {
+                assert_true(d.n_tokens > 0);
+                assert_true(ratio <= 0.25 + 1e-9);
+            }
+            assert_pool_idle(G.w);
+        }
+    }
+    rpc_channel_destroy(pch);
+    prefill_destroy(pf);
+    rpc_server_destroy(srv);
+    run_for(50);
+}
+
+// With --router the worker registers (RPC and KV addresses, the model's fingerprint, its free
+// pages), heartbeats its load, and announces draining.
+static void test_registers_with_router(void **state)
+{
+    (void)state;
+    router_registry_params_t rp;
+    router_registry_params_default(&rp);
+    rp.lease_ms = 200;
+    router_registry_t *reg = NULL;
+    assert_int_equal(router_registry_create(&rp, &reg), FY_OK);
+    rpc_server_params_t sp;
+    rpc_server_params_default(&sp);
+    rpc_server_t *srv = NULL;
+    assert_int_equal(rpc_server_create(&G.loop, &sp, &srv), FY_OK);
+    assert_int_equal(router_registry_serve(srv, reg), FY_OK);
+    char router[64];
+    snprintf(router, sizeof(router), "127.0.0.1:%d", rpc_server_port(srv));
+    decode_worker_t *w = NULL;
+    assert_int_equal(start_worker_at(64u << 20, router, &w), FY_OK);
+    router_worker_t info;
+    uint64_t end = fy_clock_ns() + 20000000000ull;
+    bool seen = false;
+    while (!seen && fy_clock_ns() < end) {
+        run_for(20);
+        seen = router_registry_snapshot(reg, &info, 1) == 1 && info.load.total_kv_pages > 0;
+    }
+    assert_true(seen);
+    assert_int_equal(info.role, ROUTER_ROLE_DECODE);
+    assert_true(info.model_fingerprint == mdl_model_fingerprint(G.m));
+    char want[64];
+    snprintf(want, sizeof(want), "127.0.0.1:%d", decode_worker_kv_port(w));
+    assert_string_equal(info.kv_address, want);
+    snprintf(want, sizeof(want), "127.0.0.1:%d", decode_worker_rpc_port(w));
+    assert_string_equal(info.rpc_address, want);
+    assert_int_equal(info.load.total_kv_pages, (64u << 20) / 16384);
+    assert_int_equal(info.load.free_kv_pages, info.load.total_kv_pages);
+    // Draining reaches the registry with the next heartbeat.
+    assert_int_equal(decode_worker_drain(w, 0), 0);
+    end = fy_clock_ns() + 10000000000ull;
+    while (fy_clock_ns() < end) {
+        run_for(20);
+        if (router_registry_snapshot(reg, &info, 1) == 1 && info.draining)
+            break;
+    }
+    assert_true(info.draining);
+    decode_worker_destroy(w);
+    rpc_server_destroy(srv);
+    run_for(50);
+    router_registry_destroy(reg);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -596,6 +870,10 @@ int main(void)
         cmocka_unit_test(test_lease_expires),
         cmocka_unit_test(test_cancel_mid_stream),
         cmocka_unit_test(test_pool_full),
+        cmocka_unit_test(test_seeded_sampling_continues),
+        cmocka_unit_test(test_drain_finishes_in_flight),
+        cmocka_unit_test(test_with_prefill_worker),
+        cmocka_unit_test(test_registers_with_router),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

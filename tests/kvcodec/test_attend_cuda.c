@@ -172,7 +172,8 @@ static void run_and_compare(const built_t *B, uint32_t extra_bad, uint32_t max_o
             uint32_t n;
             const kvc_page_id_t *ids = kvc_seq_pages(B->seqs[i], 0, h, &n);
             starts[i * B->n_kv + h] = n_ids;
-            memcpy(ids_all + n_ids, ids, (size_t)n * sizeof(uint32_t));
+            if (n > 0)
+                memcpy(ids_all + n_ids, ids, (size_t)n * sizeof(uint32_t));
             n_ids += n;
             for (uint32_t e = 0; e < extra_bad && n > 0; e++, expect_bad++)
                 ids_all[n_ids++] = n_total + e * 7; // out of range

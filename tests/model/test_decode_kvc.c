@@ -37,6 +37,7 @@ static struct {
     // The reference: mdl_decode over the FP16 mdl_kv cache.
     int32_t ref_tokens[N_GEN];           // ref_tokens[0] = first
     float *ref_logits;                   // [N_GEN][n_vocab]: after feeding ref_tokens[i]
+    uint64_t ref_ns;                     // time in mdl_decode
 } G;
 
 static kvc_pool_t *make_pool(uint32_t n_pages)
@@ -104,8 +105,10 @@ static int setup(void **state)
     for (int i = 0; i < N_GEN; i++) {
         G.ref_tokens[i] = t;
         float *row = G.ref_logits + (size_t)i * G.n_vocab;
+        uint64_t t0 = fy_clock_ns();
         if (mdl_decode(G.ctx, &ref, &t, 1, row) != FY_OK)
             return -1;
+        G.ref_ns += fy_clock_ns() - t0;
         t = pf_argmax(row, G.n_vocab);
     }
     printf("prompt %d tokens; fp16 frames %.1f KiB, ferry b=0.5 frames %.1f KiB (%.3f of FP16)\n",
@@ -160,17 +163,21 @@ static void test_fp16_frames_equal_mdl_decode(void **state)
     float *logits = malloc(sizeof(float) * (size_t)G.n_vocab);
     int32_t t = G.first;
     float max_diff = 0;
+    uint64_t ns = 0;
     for (int i = 0; i < N_GEN; i++) {
         assert_int_equal(t, G.ref_tokens[i]);
         int32_t pos = G.n_prompt + i;
+        uint64_t t0 = fy_clock_ns();
         assert_int_equal(mdl_decode_kvc(G.ctx, pool, &seq, &pos, &t, 1, logits), FY_OK);
+        ns += fy_clock_ns() - t0;
         const float *ref = G.ref_logits + (size_t)i * G.n_vocab;
         for (int v = 0; v < G.n_vocab; v++)
             max_diff = fmaxf(max_diff, fabsf(logits[v] - ref[v]));
         t = pf_argmax(logits, G.n_vocab);
     }
-    printf("fp16 frames: %d/%d greedy tokens equal, max |logit diff| %g\n", N_GEN, N_GEN,
-           max_diff);
+    printf("fp16 frames: %d/%d greedy tokens equal, max |logit diff| %g, %.2f ms per step "
+           "(mdl_decode: %.2f ms)\n",
+           N_GEN, N_GEN, max_diff, ns / 1e6 / N_GEN, G.ref_ns / 1e6 / N_GEN);
     assert_true(max_diff < 0.05f);
     // Every (layer, head) holds the prompt plus the decoded tokens.
     const mdl_config_t *c = mdl_model_config(G.m);
@@ -196,10 +203,13 @@ static void test_ferry_frames_close(void **state)
     int agree = 0, same_prefix = 0;
     bool diverged = false;
     double kl_sum = 0, kl_max = 0;
+    uint64_t ns = 0;
     int32_t t_free = G.first;
     for (int i = 0; i < N_GEN; i++) {
         int32_t pos = G.n_prompt + i, t = G.ref_tokens[i];
+        uint64_t t0 = fy_clock_ns();
         assert_int_equal(mdl_decode_kvc(G.ctx, pool, &forced, &pos, &t, 1, logits), FY_OK);
+        ns += fy_clock_ns() - t0;
         const float *ref = G.ref_logits + (size_t)i * G.n_vocab;
         agree += pf_argmax(logits, G.n_vocab) == pf_argmax(ref, G.n_vocab);
         double kl = kl_div(ref, logits, G.n_vocab);
@@ -212,8 +222,8 @@ static void test_ferry_frames_close(void **state)
         t_free = pf_argmax(logits, G.n_vocab);
     }
     printf("ferry b=0.5: top-1 agreement %d/%d (teacher-forced), mean KL %.4f, max KL %.4f, "
-           "free-running greedy equal for the first %d/%d tokens\n",
-           agree, N_GEN, kl_sum / N_GEN, kl_max, same_prefix, N_GEN);
+           "free-running greedy equal for the first %d/%d tokens; %.2f ms per step\n",
+           agree, N_GEN, kl_sum / N_GEN, kl_max, same_prefix, N_GEN, ns / 1e6 / N_GEN);
     assert_true(agree >= 12);
     assert_true(kl_sum / N_GEN < 0.15);
     assert_true(kl_max < 1.0);

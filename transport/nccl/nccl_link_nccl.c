@@ -1,0 +1,304 @@
+/*
+ * nccl_link_nccl.c: the NCCL backend of the NCCL link. Each end owns a non-blocking
+ * communicator of two ranks (ncclCommInitRankConfig with blocking = 0, so that neither the
+ * set-up nor a round ever blocks the owner thread, and one thread can drive both ends of a
+ * pair), a non-blocking stream, device and pinned host copies of the control blocks, and an
+ * event that marks the end of each round.
+ *
+ * A round on the stream: control block host -> device, then one NCCL group with the frame
+ * sends (or receives) in announcement order, the control block send and the peer's control
+ * block receive, then the peer's block device -> host and the event. With a non-blocking
+ * communicator ncclGroupEnd may return ncclInProgress before the kernels are enqueued; the
+ * copy back and the event are enqueued only once ncclCommGetAsyncError says ncclSuccess.
+ */
+#include "nccl_link_int.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include <cuda_runtime.h>
+// nccl.h declares a few functions with () parameter lists.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wstrict-prototypes"
+#include <nccl.h>
+#pragma GCC diagnostic pop
+
+#define MOD "kvlink-nccl"
+
+typedef enum {
+    BE_IDLE,
+    BE_ENQUEUING, /* ncclGroupEnd returned ncclInProgress */
+    BE_RUNNING,   /* everything enqueued, waiting for the event */
+} be_state_t;
+
+typedef struct {
+    int device;
+    int rank;
+    ncclComm_t comm;
+    bool comm_live; /* not yet aborted */
+    cudaStream_t stream;
+    cudaEvent_t done;
+    uint8_t *d_out, *d_in; /* [KVLINK_NCCL_CTL_BYTES] device */
+    uint8_t *h_out, *h_in; /* [KVLINK_NCCL_CTL_BYTES] pinned host */
+    be_state_t state;
+} nccl_be_t;
+
+static fy_status_t from_cuda(cudaError_t e, const char *what)
+{
+    if (e == cudaSuccess)
+        return FY_OK;
+    FY_LOG_WARN(MOD, "%s: %s", what, cudaGetErrorString(e));
+    if (e == cudaErrorMemoryAllocation)
+        return FY_ERR_RESOURCE_EXHAUSTED;
+    if (e == cudaErrorNoDevice || e == cudaErrorInvalidDevice || e == cudaErrorInsufficientDriver)
+        return FY_ERR_NO_DEVICE;
+    return FY_ERR_CUDA;
+}
+
+static fy_status_t from_nccl(ncclResult_t r, const char *what)
+{
+    if (r == ncclSuccess)
+        return FY_OK;
+    if (r == ncclInProgress)
+        return FY_ERR_AGAIN;
+    FY_LOG_WARN(MOD, "%s: %s", what, ncclGetErrorString(r));
+    switch (r) {
+    case ncclInvalidArgument:
+    case ncclInvalidUsage:
+        return FY_ERR_INVALID_ARG;
+    case ncclSystemError:
+    case ncclRemoteError:
+        return FY_ERR_UNAVAILABLE;
+    default:
+        return FY_ERR_TRANSPORT;
+    }
+}
+
+fy_status_t kvlink_nccl_id_create(uint8_t *id)
+{
+    if (id == NULL)
+        return FY_ERR_INVALID_ARG;
+    ncclUniqueId uid;
+    fy_status_t st = from_nccl(ncclGetUniqueId(&uid), "ncclGetUniqueId");
+    if (st != FY_OK)
+        return st == FY_ERR_AGAIN ? FY_ERR_TRANSPORT : st;
+    _Static_assert(sizeof(uid.internal) == KVLINK_NCCL_ID_BYTES, "ncclUniqueId size");
+    memcpy(id, uid.internal, KVLINK_NCCL_ID_BYTES);
+    return FY_OK;
+}
+
+static fy_status_t be_init_test(void *arg)
+{
+    nccl_be_t *be = arg;
+    ncclResult_t async = ncclSuccess;
+    fy_status_t st = from_nccl(ncclCommGetAsyncError(be->comm, &async), "ncclCommGetAsyncError");
+    if (st != FY_OK)
+        return st == FY_ERR_AGAIN ? FY_ERR_TRANSPORT : st;
+    return from_nccl(async, "communicator set-up");
+}
+
+static fy_status_t be_post_round(void *arg, const kvlink_nccl_xfer_t *xfers, size_t n, bool send,
+                                 const uint8_t *ctl_out)
+{
+    nccl_be_t *be = arg;
+    if (be->state != BE_IDLE)
+        return FY_ERR_STATE;
+    int peer = 1 - be->rank;
+    fy_status_t st = from_cuda(cudaSetDevice(be->device), "cudaSetDevice");
+    if (st != FY_OK)
+        return st;
+    // The previous round's event completed, so h_out is no longer read by a copy.
+    memcpy(be->h_out, ctl_out, KVLINK_NCCL_CTL_BYTES);
+    st = from_cuda(cudaMemcpyAsync(be->d_out, be->h_out, KVLINK_NCCL_CTL_BYTES,
+                                   cudaMemcpyHostToDevice, be->stream),
+                   "control block to device");
+    if (st != FY_OK)
+        return st;
+    ncclResult_t r = ncclGroupStart();
+    if (r != ncclSuccess)
+        return from_nccl(r, "ncclGroupStart");
+    for (size_t i = 0; i < n && r == ncclSuccess; i++) {
+        if (send)
+            r = ncclSend(xfers[i].ptr, xfers[i].len, ncclUint8, peer, be->comm, be->stream);
+        else
+            r = ncclRecv(xfers[i].ptr, xfers[i].len, ncclUint8, peer, be->comm, be->stream);
+    }
+    if (r == ncclSuccess)
+        r = ncclSend(be->d_out, KVLINK_NCCL_CTL_BYTES, ncclUint8, peer, be->comm, be->stream);
+    if (r == ncclSuccess)
+        r = ncclRecv(be->d_in, KVLINK_NCCL_CTL_BYTES, ncclUint8, peer, be->comm, be->stream);
+    ncclResult_t r_end = ncclGroupEnd(); // always closes the group, even after an error
+    if (r != ncclSuccess)
+        return from_nccl(r, "posting a round");
+    if (r_end != ncclSuccess && r_end != ncclInProgress)
+        return from_nccl(r_end, "ncclGroupEnd");
+    // Enqueued now or later: be_test_round adds the copy back once the communicator says so.
+    be->state = BE_ENQUEUING;
+    return FY_OK;
+}
+
+/* The group is enqueued: add the copy back and the event. */
+static fy_status_t be_enqueue_tail(nccl_be_t *be)
+{
+    fy_status_t st = from_cuda(cudaMemcpyAsync(be->h_in, be->d_in, KVLINK_NCCL_CTL_BYTES,
+                                               cudaMemcpyDeviceToHost, be->stream),
+                               "control block to host");
+    if (st == FY_OK)
+        st = from_cuda(cudaEventRecord(be->done, be->stream), "cudaEventRecord");
+    if (st == FY_OK)
+        be->state = BE_RUNNING;
+    return st;
+}
+
+static fy_status_t be_test_round(void *arg, uint8_t *ctl_in)
+{
+    nccl_be_t *be = arg;
+    fy_status_t st = from_cuda(cudaSetDevice(be->device), "cudaSetDevice");
+    if (st != FY_OK)
+        return st;
+    ncclResult_t async = ncclSuccess;
+    st = from_nccl(ncclCommGetAsyncError(be->comm, &async), "ncclCommGetAsyncError");
+    if (st != FY_OK)
+        return st == FY_ERR_AGAIN ? FY_ERR_TRANSPORT : st;
+    if (async == ncclInProgress) // the group is still being enqueued
+        return FY_ERR_AGAIN;
+    if (async != ncclSuccess)
+        return from_nccl(async, "communicator");
+    if (be->state == BE_ENQUEUING) {
+        st = be_enqueue_tail(be);
+        if (st != FY_OK)
+            return st;
+    }
+    if (be->state != BE_RUNNING)
+        return FY_ERR_STATE;
+    cudaError_t e = cudaEventQuery(be->done);
+    if (e == cudaErrorNotReady)
+        return FY_ERR_AGAIN;
+    if (e != cudaSuccess)
+        return from_cuda(e, "round");
+    memcpy(ctl_in, be->h_in, KVLINK_NCCL_CTL_BYTES);
+    be->state = BE_IDLE;
+    return FY_OK;
+}
+
+static fy_status_t be_mem_alloc(void *arg, size_t bytes, void **ptr_p)
+{
+    nccl_be_t *be = arg;
+    fy_status_t st = from_cuda(cudaSetDevice(be->device), "cudaSetDevice");
+    if (st != FY_OK)
+        return st;
+    void *p = NULL;
+    st = from_cuda(cudaMalloc(&p, bytes), "cudaMalloc");
+    if (st != FY_OK)
+        return st;
+    *ptr_p = p;
+    return FY_OK;
+}
+
+static void be_mem_free(void *arg, void *ptr)
+{
+    nccl_be_t *be = arg;
+    if (ptr == NULL)
+        return;
+    (void)cudaSetDevice(be->device);
+    (void)cudaFree(ptr);
+}
+
+static void be_abort(void *arg)
+{
+    nccl_be_t *be = arg;
+    if (!be->comm_live)
+        return;
+    (void)cudaSetDevice(be->device);
+    // Aborts the kernels still waiting for the peer, so the stream drains; for a
+    // non-blocking communicator it may return ncclInProgress while it finishes.
+    ncclResult_t r = ncclCommAbort(be->comm);
+    if (r != ncclSuccess && r != ncclInProgress)
+        FY_LOG_WARN(MOD, "ncclCommAbort: %s", ncclGetErrorString(r));
+    be->comm_live = false;
+    be->state = BE_IDLE;
+}
+
+static void be_destroy(void *arg)
+{
+    nccl_be_t *be = arg;
+    if (be == NULL)
+        return;
+    be_abort(be); // the aborted kernels leave the stream, so nothing below waits on the peer
+    (void)cudaSetDevice(be->device);
+    if (be->done != NULL)
+        (void)cudaEventDestroy(be->done);
+    if (be->stream != NULL)
+        (void)cudaStreamDestroy(be->stream);
+    (void)cudaFree(be->d_out);
+    (void)cudaFree(be->d_in);
+    (void)cudaFreeHost(be->h_out);
+    (void)cudaFreeHost(be->h_in);
+    free(be);
+}
+
+static const kvlink_nccl_ops_t k_nccl_ops = {
+    .init_test = be_init_test,
+    .post_round = be_post_round,
+    .test_round = be_test_round,
+    .mem_alloc = be_mem_alloc,
+    .mem_free = be_mem_free,
+    .abort = be_abort,
+    .destroy = be_destroy,
+};
+
+fy_status_t kvlink_nccl_create(const uint8_t *id, size_t id_len, const kvlink_nccl_params_t *params,
+                               kvlink_nccl_t **pair_p)
+{
+    if (id == NULL || id_len != KVLINK_NCCL_ID_BYTES || params == NULL || pair_p == NULL)
+        return FY_ERR_INVALID_ARG;
+    if (params->role != KVLINK_NCCL_SENDER && params->role != KVLINK_NCCL_RECEIVER)
+        return FY_ERR_INVALID_ARG;
+    int n_dev = 0;
+    if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev <= 0)
+        return FY_ERR_NO_DEVICE;
+    if (params->device < 0 || params->device >= n_dev)
+        return FY_ERR_INVALID_ARG;
+
+    nccl_be_t *be = calloc(1, sizeof(*be));
+    if (be == NULL)
+        return FY_ERR_NO_MEMORY;
+    be->device = params->device;
+    be->rank = params->role == KVLINK_NCCL_SENDER ? 0 : 1;
+    fy_status_t st = from_cuda(cudaSetDevice(be->device), "cudaSetDevice");
+    if (st == FY_OK)
+        st = from_cuda(cudaStreamCreateWithFlags(&be->stream, cudaStreamNonBlocking),
+                       "cudaStreamCreate");
+    if (st == FY_OK)
+        st = from_cuda(cudaEventCreateWithFlags(&be->done, cudaEventDisableTiming),
+                       "cudaEventCreate");
+    if (st == FY_OK)
+        st = from_cuda(cudaMalloc((void **)&be->d_out, KVLINK_NCCL_CTL_BYTES), "cudaMalloc");
+    if (st == FY_OK)
+        st = from_cuda(cudaMalloc((void **)&be->d_in, KVLINK_NCCL_CTL_BYTES), "cudaMalloc");
+    if (st == FY_OK)
+        st = from_cuda(
+            cudaHostAlloc((void **)&be->h_out, KVLINK_NCCL_CTL_BYTES, cudaHostAllocDefault),
+            "cudaHostAlloc");
+    if (st == FY_OK)
+        st = from_cuda(
+            cudaHostAlloc((void **)&be->h_in, KVLINK_NCCL_CTL_BYTES, cudaHostAllocDefault),
+            "cudaHostAlloc");
+    if (st == FY_OK) {
+        ncclUniqueId uid;
+        memcpy(uid.internal, id, KVLINK_NCCL_ID_BYTES);
+        ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
+        cfg.blocking = 0;
+        ncclResult_t r = ncclCommInitRankConfig(&be->comm, 2, uid, be->rank, &cfg);
+        if (r == ncclSuccess || r == ncclInProgress) {
+            be->comm_live = true;
+        } else {
+            st = from_nccl(r, "ncclCommInitRankConfig");
+        }
+    }
+    if (st != FY_OK) {
+        be_destroy(be);
+        return st;
+    }
+    return kvlink_nccl_create_ops(&k_nccl_ops, be, params, pair_p);
+}
