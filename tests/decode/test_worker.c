@@ -229,7 +229,8 @@ static void on_send_end(kvlink_send_t *req, fy_status_t st, void *arg)
 /* Sends every frame of a stream for reservation id; corrupt_layer >= 0 flips a payload byte of
  * that layer (the transport's own CRC is computed over the damaged bytes, so only the frame's
  * check can tell). Returns the sender's end status. */
-static fy_status_t send_frames(uint64_t id, const pf_stream_t *s, int corrupt_layer)
+static fy_status_t send_frames_mixed(uint64_t id, const pf_stream_t *s, int corrupt_layer,
+                                     const pf_stream_t *alt, int alt_layer)
 {
     xfer_t x = {0};
     kvlink_send_params_t sp;
@@ -238,27 +239,40 @@ static fy_status_t send_frames(uint64_t id, const pf_stream_t *s, int corrupt_la
     sp.arg = &x;
     kvlink_send_t *req = NULL;
     assert_int_equal(kvlink_send_open(G.tx, G.kv_addr, id, &sp, &req), FY_OK);
+    int queued = 0;
     for (int l = 0; l < s->n_layers; l++) {
         const uint8_t *data = s->frames[l];
+        size_t len = s->lens[l];
+        if (l == alt_layer) { // a valid frame of another prompt in this one's place
+            data = alt->frames[l];
+            len = alt->lens[l];
+        }
         if (l == corrupt_layer) {
-            x.copy = malloc(s->lens[l]);
-            memcpy(x.copy, data, s->lens[l]);
-            x.copy[s->lens[l] / 2] ^= 0x5a;
+            x.copy = malloc(len);
+            memcpy(x.copy, data, len);
+            x.copy[len / 2] ^= 0x5a;
             data = x.copy;
         }
-        fy_status_t st = kvlink_send_frame(req, (uint32_t)l, data, s->lens[l], on_frame_done, &x);
+        fy_status_t st = kvlink_send_frame(req, (uint32_t)l, data, len, on_frame_done, &x);
         if (st != FY_OK)
             break; // the request already failed (the receiver cancelled it)
+        queued++;
     }
     if (!x.ended)
         kvlink_send_finish(req);
     assert_true(run_until(&x.ended, 60000));
     // Frames still in UCX's hands report done after the end.
     uint64_t end = fy_clock_ns() + 5000000000ull;
-    while (x.frames_done < s->n_layers && fy_clock_ns() < end && x.frames_done > 0)
+    while (x.frames_done < queued && fy_clock_ns() < end)
         uv_run(&G.loop, UV_RUN_ONCE);
+    assert_int_equal(x.frames_done, queued); // the frames' bytes are ours again
     free(x.copy);
     return x.st;
+}
+
+static fy_status_t send_frames(uint64_t id, const pf_stream_t *s, int corrupt_layer)
+{
+    return send_frames_mixed(id, s, corrupt_layer, NULL, -1);
 }
 
 /* ---- setup -------------------------------------------------------------------------------- */
@@ -526,6 +540,17 @@ static void test_corrupt_frame_fails_that_request(void **state)
     decode_worker_stats_t s;
     decode_worker_stats(G.w, &s);
     assert_true(s.failures >= 1);
+    // A valid frame that does not belong (another prompt's layer 7): placement refuses it,
+    // only this request fails.
+    snprintf(id, sizeof(id), "%s", next_id());
+    assert_int_equal(reserve(id, p, 1, 10000, &r), RPC_CODE_OK);
+    start_decode(&d, id, r.reservation_id, p, N_GEN + 1, false);
+    assert_true(send_frames_mixed(r.reservation_id, &p->stream[1], -1, &G.prompts[0].stream[1],
+                                  7) != FY_OK);
+    assert_true(run_until(&d.done, 30000));
+    assert_int_equal(d.code, RPC_CODE_FAILED_PRECONDITION);
+    printf("foreign frame: Decode ended %s: %s\n", rpc_code_name(d.code), d.msg);
+    assert_pool_idle(G.w);
     // The worker keeps serving.
     snprintf(id, sizeof(id), "%s", next_id());
     assert_int_equal(reserve(id, p, 1, 10000, &r), RPC_CODE_OK);
