@@ -23,6 +23,7 @@
 #include "decode.h"
 #include "ferry.pb-c.h"
 #include "kvlink.h"
+#include "prefill.h"
 #include "prefill_frames.h"
 #include "router.h"
 #include "rpc.h"
@@ -88,6 +89,7 @@ typedef struct {
     char msg[256];
     uint64_t reservation_id, credit;
     bool found;
+    Ferry__V1__PrefillResponse prefill; // scalars of the PrefillResponse
     // Decode stream
     uint32_t tokens[MAX_TOKENS_SEEN];
     int n_tokens;
@@ -104,6 +106,8 @@ static void on_msg(rpc_ccall_t *c, const ProtobufCMessage *m, void *arg)
         const Ferry__V1__ReserveKVResponse *resp = (const Ferry__V1__ReserveKVResponse *)m;
         r->reservation_id = resp->reservation_id;
         r->credit = resp->credit_bytes;
+    } else if (m->descriptor == &ferry__v1__prefill_response__descriptor) {
+        r->prefill = *(const Ferry__V1__PrefillResponse *)m;
     } else if (m->descriptor == &ferry__v1__cancel_response__descriptor) {
         r->found = ((const Ferry__V1__CancelResponse *)m)->found;
     } else if (m->descriptor == &ferry__v1__generate_response__descriptor) {
@@ -128,15 +132,21 @@ static void on_done(rpc_ccall_t *c, int code, const char *msg, void *arg)
     snprintf(r->msg, sizeof(r->msg), "%s", msg != NULL ? msg : "");
 }
 
-static void start_call(call_t *r, const char *method, const ProtobufCMessage *req,
-                       const ProtobufCMessageDescriptor *resp_desc)
+static void start_call_on(rpc_channel_t *ch, call_t *r, const char *method,
+                          const ProtobufCMessage *req, const ProtobufCMessageDescriptor *resp_desc)
 {
     memset(r, 0, sizeof(*r));
     char path[64];
     snprintf(path, sizeof(path), "/ferry.v1.Worker/%s", method);
     rpc_call_opts_t o = {.timeout_ms = 120000, .wait_for_ready = true};
     assert_int_equal(
-        rpc_channel_call(G.ch, path, req, resp_desc, &o, on_msg, on_done, r, &r->call), FY_OK);
+        rpc_channel_call(ch, path, req, resp_desc, &o, on_msg, on_done, r, &r->call), FY_OK);
+}
+
+static void start_call(call_t *r, const char *method, const ProtobufCMessage *req,
+                       const ProtobufCMessageDescriptor *resp_desc)
+{
+    start_call_on(G.ch, r, method, req, resp_desc);
 }
 
 static int reserve(const char *request_id, const prompt_t *p, int policy, uint32_t lease_ms,
@@ -219,7 +229,8 @@ static void on_send_end(kvlink_send_t *req, fy_status_t st, void *arg)
 /* Sends every frame of a stream for reservation id; corrupt_layer >= 0 flips a payload byte of
  * that layer (the transport's own CRC is computed over the damaged bytes, so only the frame's
  * check can tell). Returns the sender's end status. */
-static fy_status_t send_frames(uint64_t id, const pf_stream_t *s, int corrupt_layer)
+static fy_status_t send_frames_mixed(uint64_t id, const pf_stream_t *s, int corrupt_layer,
+                                     const pf_stream_t *alt, int alt_layer)
 {
     xfer_t x = {0};
     kvlink_send_params_t sp;
@@ -228,27 +239,40 @@ static fy_status_t send_frames(uint64_t id, const pf_stream_t *s, int corrupt_la
     sp.arg = &x;
     kvlink_send_t *req = NULL;
     assert_int_equal(kvlink_send_open(G.tx, G.kv_addr, id, &sp, &req), FY_OK);
+    int queued = 0;
     for (int l = 0; l < s->n_layers; l++) {
         const uint8_t *data = s->frames[l];
+        size_t len = s->lens[l];
+        if (l == alt_layer) { // a valid frame of another prompt in this one's place
+            data = alt->frames[l];
+            len = alt->lens[l];
+        }
         if (l == corrupt_layer) {
-            x.copy = malloc(s->lens[l]);
-            memcpy(x.copy, data, s->lens[l]);
-            x.copy[s->lens[l] / 2] ^= 0x5a;
+            x.copy = malloc(len);
+            memcpy(x.copy, data, len);
+            x.copy[len / 2] ^= 0x5a;
             data = x.copy;
         }
-        fy_status_t st = kvlink_send_frame(req, (uint32_t)l, data, s->lens[l], on_frame_done, &x);
+        fy_status_t st = kvlink_send_frame(req, (uint32_t)l, data, len, on_frame_done, &x);
         if (st != FY_OK)
             break; // the request already failed (the receiver cancelled it)
+        queued++;
     }
     if (!x.ended)
         kvlink_send_finish(req);
     assert_true(run_until(&x.ended, 60000));
     // Frames still in UCX's hands report done after the end.
     uint64_t end = fy_clock_ns() + 5000000000ull;
-    while (x.frames_done < s->n_layers && fy_clock_ns() < end && x.frames_done > 0)
+    while (x.frames_done < queued && fy_clock_ns() < end)
         uv_run(&G.loop, UV_RUN_ONCE);
+    assert_int_equal(x.frames_done, queued); // the frames' bytes are ours again
     free(x.copy);
     return x.st;
+}
+
+static fy_status_t send_frames(uint64_t id, const pf_stream_t *s, int corrupt_layer)
+{
+    return send_frames_mixed(id, s, corrupt_layer, NULL, -1);
 }
 
 /* ---- setup -------------------------------------------------------------------------------- */
@@ -516,6 +540,17 @@ static void test_corrupt_frame_fails_that_request(void **state)
     decode_worker_stats_t s;
     decode_worker_stats(G.w, &s);
     assert_true(s.failures >= 1);
+    // A valid frame that does not belong (another prompt's layer 7): placement refuses it,
+    // only this request fails.
+    snprintf(id, sizeof(id), "%s", next_id());
+    assert_int_equal(reserve(id, p, 1, 10000, &r), RPC_CODE_OK);
+    start_decode(&d, id, r.reservation_id, p, N_GEN + 1, false);
+    assert_true(send_frames_mixed(r.reservation_id, &p->stream[1], -1, &G.prompts[0].stream[1],
+                                  7) != FY_OK);
+    assert_true(run_until(&d.done, 30000));
+    assert_int_equal(d.code, RPC_CODE_FAILED_PRECONDITION);
+    printf("foreign frame: Decode ended %s: %s\n", rpc_code_name(d.code), d.msg);
+    assert_pool_idle(G.w);
     // The worker keeps serving.
     snprintf(id, sizeof(id), "%s", next_id());
     assert_int_equal(reserve(id, p, 1, 10000, &r), RPC_CODE_OK);
@@ -588,7 +623,7 @@ static void test_pool_full(void **state)
     const prompt_t *p = &G.prompts[1];
     // A pool that holds one reservation of this prompt but not two.
     decode_worker_t *small = NULL;
-    assert_int_equal(start_worker(450ull * 32768, &small), FY_OK);
+    assert_int_equal(start_worker(350ull * 16384, &small), FY_OK);
     connect_to(small);
     char id1[32], id2[32], id3[32];
     snprintf(id1, sizeof(id1), "%s", next_id());
@@ -608,6 +643,77 @@ static void test_pool_full(void **state)
     assert_pool_idle(small);
     connect_to(G.w);
     decode_worker_destroy(small);
+}
+
+// Many requests at once, joining and leaving the batch at different times: FP16 ones give
+// the local greedy tokens, every fourth is cancelled after its first token, and afterwards
+// every page is back.
+static void test_many_concurrent(void **state)
+{
+    (void)state;
+    enum { N = 16 };
+    static call_t r[N], d[N];
+    char ids[N][32];
+    decode_worker_stats_t before, after;
+    decode_worker_stats(G.w, &before);
+    for (int i = 0; i < N; i++) {
+        const prompt_t *p = &G.prompts[i % N_PROMPTS];
+        snprintf(ids[i], sizeof(ids[i]), "%s", next_id());
+        assert_int_equal(reserve(ids[i], p, 0, 30000, &r[i]), RPC_CODE_OK);
+        // Half the Decode calls come before their KV, half after.
+        if (i % 2 == 0)
+            start_decode(&d[i], ids[i], r[i].reservation_id, p, N_GEN + 1, false);
+    }
+    for (int i = 0; i < N; i++) {
+        const prompt_t *p = &G.prompts[i % N_PROMPTS];
+        assert_int_equal(send_frames(r[i].reservation_id, &p->stream[i % 3 == 0 ? 1 : 0], -1),
+                         FY_OK);
+        if (i % 2 == 1)
+            start_decode(&d[i], ids[i], r[i].reservation_id, p, N_GEN + 1, false);
+    }
+    bool cancelled[N] = {false};
+    uint64_t end = fy_clock_ns() + 300000000000ull;
+    for (;;) {
+        bool all = true;
+        for (int i = 0; i < N; i++) {
+            if (i % 4 == 3 && !cancelled[i] && (d[i].n_tokens > 0 || d[i].done)) {
+                cancelled[i] = true;
+                cancel(ids[i]);
+            }
+            all = all && d[i].done;
+        }
+        if (all || fy_clock_ns() > end)
+            break;
+        uv_run(&G.loop, UV_RUN_ONCE);
+    }
+    decode_worker_stats(G.w, &after);
+    int n_cancelled = 0;
+    for (int i = 0; i < N; i++) {
+        const prompt_t *p = &G.prompts[i % N_PROMPTS];
+        assert_true(d[i].done);
+        if (i % 4 == 3 && d[i].code == RPC_CODE_CANCELLED) {
+            n_cancelled++;
+            continue;
+        }
+        assert_int_equal(d[i].code, RPC_CODE_OK); // finished before the cancel came, or not
+        if (i % 3 != 0 && i % 4 != 3) { // FP16 frames, not cancelled
+            if (d[i].n_tokens != p->n_ref) {
+                printf("request %d (prompt %d): %d tokens, finish %d:", i, i % N_PROMPTS,
+                       d[i].n_tokens, d[i].finish_reason);
+                for (int k = 0; k < d[i].n_tokens; k++)
+                    printf(" %u", d[i].tokens[k]);
+                printf(" | local:");
+                for (int k = 0; k < p->n_ref; k++)
+                    printf(" %d", p->ref[k]);
+                printf("\n");
+            }
+            assert_same_as_local(&d[i], p);
+        }
+    }
+    printf("%d concurrent requests: %d cancelled mid-stream, %llu tokens in %llu steps\n", N,
+           n_cancelled, (unsigned long long)(after.tokens_generated - before.tokens_generated),
+           (unsigned long long)(after.steps - before.steps));
+    assert_pool_idle(G.w);
 }
 
 // A seeded sampled run continues the request's random stream: the worker skips the draw the
@@ -716,6 +822,90 @@ static void test_drain_finishes_in_flight(void **state)
     decode_worker_destroy(w);
 }
 
+// The real prefill worker (prefill/, in this process) sends to the decode worker: FP16 frames
+// give the local greedy run's tokens; the ferry policy at b = 0.25 stays within its budget and
+// decodes.
+static void test_with_prefill_worker(void **state)
+{
+    (void)state;
+    rpc_server_params_t sp;
+    rpc_server_params_default(&sp);
+    rpc_server_t *srv = NULL;
+    assert_int_equal(rpc_server_create(&G.loop, &sp, &srv), FY_OK);
+    prefill_params_t pp;
+    prefill_params_default(&pp);
+    pp.model = G.m;
+    pp.fingerprint = mdl_model_fingerprint(G.m);
+    pp.n_threads = 2;
+    pp.link = G.tx;
+    prefill_t *pf = NULL;
+    assert_int_equal(prefill_create(&G.loop, &pp, &pf), FY_OK);
+    assert_int_equal(prefill_serve(pf, srv), FY_OK);
+    char addr[64];
+    snprintf(addr, sizeof(addr), "127.0.0.1:%d", rpc_server_port(srv));
+    const char *addrs[] = {addr};
+    rpc_channel_params_t cp;
+    rpc_channel_params_default(&cp);
+    cp.addresses = addrs;
+    cp.n_addresses = 1;
+    rpc_channel_t *pch = NULL;
+    assert_int_equal(rpc_channel_create(&G.loop, &cp, &pch), FY_OK);
+
+    static const struct {
+        const char *policy;
+        float budget;
+    } runs[] = {{"fp16", 0}, {"ferry", 0.25f}};
+    for (int k = 0; k < 2; k++) {
+        for (int i = 0; i < N_PROMPTS; i++) {
+            const prompt_t *p = &G.prompts[i];
+            char id[32];
+            snprintf(id, sizeof(id), "%s", next_id());
+            call_t r, pr, d;
+            assert_int_equal(reserve(id, p, k, 10000, &r), RPC_CODE_OK);
+            Ferry__V1__CodecParams codec = FERRY__V1__CODEC_PARAMS__INIT;
+            codec.policy = (char *)runs[k].policy;
+            codec.budget = runs[k].budget;
+            Ferry__V1__PrefillRequest req = FERRY__V1__PREFILL_REQUEST__INIT;
+            req.request_id = id;
+            uint32_t *ids = malloc(sizeof(uint32_t) * (size_t)p->n);
+            for (int t = 0; t < p->n; t++)
+                ids[t] = (uint32_t)p->ids[t];
+            req.n_prompt_token_ids = (size_t)p->n;
+            req.prompt_token_ids = ids;
+            req.codec = &codec;
+            req.decode_kv_address = G.kv_addr;
+            req.reservation_id = r.reservation_id;
+            start_call_on(pch, &pr, "Prefill", &req.base, &ferry__v1__prefill_response__descriptor);
+            free(ids);
+            assert_true(run_until(&pr.done, 120000));
+            if (pr.code != RPC_CODE_OK)
+                fail_msg("Prefill: %s: %s", rpc_code_name(pr.code), pr.msg);
+            assert_int_equal((int32_t)pr.prefill.first_token_id, p->first);
+            start_decode(&d, id, r.reservation_id, p, N_GEN + 1, false);
+            assert_true(run_until(&d.done, 120000));
+            double ratio = (double)pr.prefill.kv_wire_bytes / (double)pr.prefill.kv_raw_bytes;
+            int agree = 0;
+            while (agree < d.n_tokens && agree < p->n_ref && (int32_t)d.tokens[agree] == p->ref[agree])
+                agree++;
+            printf("prefill worker -> decode worker, %s b=%.2f, prompt %d: wire/raw %.3f, "
+                   "%d tokens, first %d equal the local greedy run\n",
+                   runs[k].policy, runs[k].budget, i, ratio, d.n_tokens, agree);
+            assert_int_equal(d.code, RPC_CODE_OK);
+            if (k == 0) {
+                assert_same_as_local(&d, p);
+            } else {
+                assert_true(d.n_tokens > 0);
+                assert_true(ratio <= 0.25 + 1e-9);
+            }
+            assert_pool_idle(G.w);
+        }
+    }
+    rpc_channel_destroy(pch);
+    prefill_destroy(pf);
+    rpc_server_destroy(srv);
+    run_for(50);
+}
+
 // With --router the worker registers (RPC and KV addresses, the model's fingerprint, its free
 // pages), heartbeats its load, and announces draining.
 static void test_registers_with_router(void **state)
@@ -750,7 +940,7 @@ static void test_registers_with_router(void **state)
     assert_string_equal(info.kv_address, want);
     snprintf(want, sizeof(want), "127.0.0.1:%d", decode_worker_rpc_port(w));
     assert_string_equal(info.rpc_address, want);
-    assert_int_equal(info.load.total_kv_pages, (64u << 20) / 32768);
+    assert_int_equal(info.load.total_kv_pages, (64u << 20) / 16384);
     assert_int_equal(info.load.free_kv_pages, info.load.total_kv_pages);
     // Draining reaches the registry with the next heartbeat.
     assert_int_equal(decode_worker_drain(w, 0), 0);
@@ -776,8 +966,10 @@ int main(void)
         cmocka_unit_test(test_lease_expires),
         cmocka_unit_test(test_cancel_mid_stream),
         cmocka_unit_test(test_pool_full),
+        cmocka_unit_test(test_many_concurrent),
         cmocka_unit_test(test_seeded_sampling_continues),
         cmocka_unit_test(test_drain_finishes_in_flight),
+        cmocka_unit_test(test_with_prefill_worker),
         cmocka_unit_test(test_registers_with_router),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

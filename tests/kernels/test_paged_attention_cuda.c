@@ -115,7 +115,7 @@ static int run(uint64_t *rng, shape_t s)
 int main(void)
 {
     tcu_require_gpu();
-    uint64_t rng = 0xdec0deull;
+    uint64_t rng = tcu_seed();
     static const shape_t shapes[] = {
         {1, 1, 1, 32, 16, 1, 0},     {3, 9, 3, 64, 16, 300, 1},  {4, 32, 8, 128, 16, 1000, 0},
         {2, 32, 1, 64, 7, 157, 3},   {5, 4, 4, 80, 5, 33, 0},    {1, 8, 2, 256, 16, 700, 0},
