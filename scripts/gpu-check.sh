@@ -19,11 +19,12 @@
 #
 # Environment: FERRY_MODEL (GGUF path, default models/SmolLM2-135M-Instruct.Q4_1.gguf in the
 # current directory), FERRY_RESULTS (default $OUT if set, else ./gpu-results),
-# FERRY_CHECK_TIMEOUT (seconds per command, default 90), CUDA_HOME.
+# FERRY_SOURCE_ROOT (default the current directory), FERRY_CHECK_TIMEOUT (seconds per
+# command, default 90), CUDA_HOME.
 set -uo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-if [ -d "$here/../tests" ] && [ -d "$here/../bench" ]; then
+if [ -f "$here/../MANIFEST.txt" ] && [ -d "$here/../tests" ] && [ -d "$here/../bench" ]; then
   bundle=$(cd "$here/.." && pwd)
 else
   echo "ferry-gpu-check: run it from an extracted bundle (bin/ferry-gpu-check)" >&2
@@ -37,7 +38,7 @@ timeout_s=${FERRY_CHECK_TIMEOUT:-90}
 benches_file="$bundle/bench/gpu-benchmarks.txt"
 list_only=0
 pack=''
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --tests-only) run_benches=0 ;;
@@ -66,6 +67,10 @@ is_elf() { [ -f "$1" ] && [ "$(head -c 4 "$1" 2>/dev/null | tail -c 3)" = ELF ];
 model=${FERRY_MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
 case "$model" in /*) ;; *) model="$(pwd)/$model" ;; esac
 export FERRY_MODEL=$model
+# Tests that read fixtures or the model from a checkout (tests/model) look under
+# FERRY_SOURCE_ROOT: the folder the check was started from, unless set.
+FERRY_SOURCE_ROOT=${FERRY_SOURCE_ROOT:-$(pwd)}
+export FERRY_SOURCE_ROOT
 results=${FERRY_RESULTS:-${OUT:-./gpu-results}}
 mkdir -p "$results" || { echo "ferry-gpu-check: cannot create $results" >&2; exit 2; }
 FERRY_RESULTS=$(cd "$results" && pwd)
@@ -149,7 +154,7 @@ fi
 
 # ---- The machine.
 {
-  echo "== ferry-gpu-check $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname)"
+  echo "== ferry-gpu-check $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(cat /proc/sys/kernel/hostname 2>/dev/null || echo unknown)"
   [ -f "$bundle/MANIFEST.txt" ] && sed -n '2,3p' "$bundle/MANIFEST.txt" | sed 's/^/bundle /'
   if command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=index,name,driver_version,memory.total,compute_cap --format=csv,noheader 2>&1 | sed 's/^/gpu: /'

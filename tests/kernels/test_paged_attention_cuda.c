@@ -40,8 +40,9 @@ static int run(uint64_t *rng, shape_t s)
     const uint16_t **pages = malloc((size_t)max_pages * sizeof(*pages));
     for (int b = 0; b < s.n_seqs; b++) {
         for (int h = 0; h < s.n_kv; h++) {
+            const int32_t *row = ids + ((size_t)b * s.n_kv + h) * max_pages;
             for (int p = 0; p < max_pages; p++)
-                pages[p] = pool + (size_t)ids[((size_t)b * s.n_kv + h) * max_pages + p] * page_elems;
+                pages[p] = pool + (size_t)row[p] * page_elems;
             krn_page_list_t list = {.pages = pages, .n_pages = max_pages,
                                     .page_tokens = s.page_tokens, .n_tokens = lens[b]};
             krn_paged_attention_f16(ref + (size_t)b * ldo + (size_t)h * group * s.hd,
