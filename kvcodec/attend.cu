@@ -174,6 +174,22 @@ __device__ __forceinline__ uint4 load_hdr(const attn_params &A, uint32_t pid)
     return __ldg(reinterpret_cast<const uint4 *>(A.base + (size_t)pid * A.page_bytes));
 }
 
+/* Asks L2 for the used bytes of page pid when this pass will attend it (a hint: nothing is
+ * read from a header that does not fit the pool). */
+__device__ __forceinline__ void prefetch_page(const attn_params &A, uint32_t pid,
+                                              const page_hdr &h, int pass, uint32_t tid)
+{
+    if (h.opt >= kOpts || h.n_tokens == 0 || h.n_slots > h.cap_slots ||
+        (int)((h.flags & KVC_PAGE_FLAG_ROTATED) != 0) != pass)
+        return;
+    const size_t bytes = KVC_PAGE_HEADER_BYTES + (size_t)h.n_slots * A.slot_bytes[h.opt];
+    if (bytes > A.page_bytes)
+        return;
+    const uint8_t *pg = A.base + (size_t)pid * A.page_bytes;
+    for (size_t off = (size_t)tid * 128; off < bytes; off += (size_t)kThreads * 128)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(pg + off));
+}
+
 /* In-place orthonormal Walsh-Hadamard transform of `rows` rows of d floats in shared memory
  * (d a power of two), the same butterflies as kvc_hadamard. Called by the whole block. */
 __device__ void block_hadamard(float *x, uint32_t rows, uint32_t d)
@@ -405,16 +421,21 @@ __global__ void __launch_bounds__(kThreads, min_blocks(NQ, CPT)) attend_split_ke
     float *red = reinterpret_cast<float *>(buf); // [tpb][NQ][d] between and after the passes
     __syncthreads();
     for (int pass = 0; pass < 2; pass++) {
-        // Page ids and headers are fetched one page ahead (the id two ahead), so the loads of
-        // the next page's header overlap this page's work.
+        // A pipeline over the page list: while page pi is attended, the next page is
+        // prefetched into L2 (its header arrived an iteration ago), the header after it is
+        // loaded and the id after that; so HBM keeps working while the block computes.
+        const uint4 zero4 = make_uint4(0, 0, 0, 0);
         uint32_t pid = p0 < p1 ? A.page_ids[ls + p0] : 0;
-        uint4 hraw = p0 < p1 && pid < A.n_pages ? load_hdr(A, pid) : make_uint4(0, 0, 0, 0);
+        uint4 hraw = p0 < p1 && pid < A.n_pages ? load_hdr(A, pid) : zero4;
         uint32_t pid_next = p0 + 1 < p1 ? A.page_ids[ls + p0 + 1] : 0;
+        uint4 hraw_next = p0 + 1 < p1 && pid_next < A.n_pages ? load_hdr(A, pid_next) : zero4;
+        uint32_t pid_after = p0 + 2 < p1 ? A.page_ids[ls + p0 + 2] : 0;
         for (uint32_t pi = p0; pi < p1; pi++) {
-            uint4 hraw_next = make_uint4(0, 0, 0, 0);
+            const uint4 hraw_after =
+                pi + 2 < p1 && pid_after < A.n_pages ? load_hdr(A, pid_after) : zero4;
+            const uint32_t pid_later = pi + 3 < p1 ? A.page_ids[ls + pi + 3] : 0;
             if (pi + 1 < p1 && pid_next < A.n_pages)
-                hraw_next = load_hdr(A, pid_next);
-            const uint32_t pid_after = pi + 2 < p1 ? A.page_ids[ls + pi + 2] : 0;
+                prefetch_page(A, pid_next, parse_hdr(hraw_next), pass, tid);
             do { // one page; `break` skips it (every condition below is uniform over the block)
                 if (pid >= A.n_pages) {
                     if (tid == 0 && pass == 0) // counted once
@@ -599,6 +620,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks(NQ, CPT)) attend_split_ke
             pid = pid_next;
             hraw = hraw_next;
             pid_next = pid_after;
+            hraw_next = hraw_after;
+            pid_after = pid_later;
         }
 
         // End of a pass: sum the token lanes' partial accumulators through shared memory into
