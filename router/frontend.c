@@ -630,7 +630,11 @@ static void on_decode_done(rpc_ccall_t *call, int code, const char *message, voi
     snprintf(msg, sizeof(msg), "decode worker %s: %s", r->dw.id, message);
     if (code == RPC_CODE_UNAVAILABLE || code == RPC_CODE_INTERNAL || code == RPC_CODE_UNKNOWN)
         router_registry_report(r->rt->params.reg, r->dw.id, false, fy_clock_ns());
-    req_fail(r, code == RPC_CODE_CANCELLED ? RPC_CODE_UNAVAILABLE : code, msg, FAIL_DECODE);
+    // The worker call carries the client's deadline: running out of it is the client's.
+    bool deadline = code == RPC_CODE_DEADLINE_EXCEEDED && r->deadline_ns != 0 &&
+                    fy_clock_ns() + 5000000u >= r->deadline_ns;
+    req_fail(r, code == RPC_CODE_CANCELLED ? RPC_CODE_UNAVAILABLE : code, msg,
+             deadline ? FAIL_DEADLINE : FAIL_DECODE);
 }
 
 static void start_decode(rt_req_t *r, uint32_t first)
@@ -721,6 +725,7 @@ static void on_prefill_done(rpc_ccall_t *call, int code, const char *message, vo
         if (code != RPC_CODE_INVALID_ARGUMENT && code != RPC_CODE_DEADLINE_EXCEEDED)
             router_registry_report(rt->params.reg, blame, false, fy_clock_ns());
         if (code == RPC_CODE_INVALID_ARGUMENT || code == RPC_CODE_DEADLINE_EXCEEDED) {
+            // Not the workers' fault: bad input, or the client's deadline ran out.
             req_fail(r, code, message, code == RPC_CODE_INVALID_ARGUMENT ? FAIL_INVALID
                                                                         : FAIL_DEADLINE);
             return;

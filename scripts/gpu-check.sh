@@ -207,7 +207,7 @@ now_ms() { date +%s%3N; }
 run_one() {
   local kind=$1 name=$2
   shift 2
-  local log="$FERRY_RESULTS/$name.log" t0 t1 rc secs verdict
+  local log="$FERRY_RESULTS/$name.log" t0 t1 rc secs verdict note=''
   echo "-- $kind $name"
   t0=$(now_ms)
   ( cd "$bundle" && exec timeout -k 5 "$timeout_s" "$@" ) > "$log" 2>&1 < /dev/null
@@ -218,10 +218,13 @@ run_one() {
     verdict=pass; n_pass=$((n_pass + 1))
   elif [ "$rc" = 77 ]; then
     verdict=skip; n_skip=$((n_skip + 1))
+    # The reason a test gives ("SKIP: ..."), for the summary.
+    note=$(grep -m1 -i '^skip' "$log" | sed 's/^[Ss][Kk][Ii][Pp][: ]*//' | cut -c1-60)
     # A CUDA test or a benchmark that skips where nvidia-smi sees GPUs means the runtime could
-    # not use them (driver too old for CUDA 13, no device nodes...), unless it needs more
-    # GPUs than there are (test_nccl_cuda wants two): see its log.
-    if [ "$gpu_count" -gt 0 ] && { [ "$kind" = bench ] || [[ "$name" == *_cuda ]]; }; then
+    # not use them (driver too old for CUDA 13, no device nodes...), unless it says it needs
+    # more GPUs than there are (test_nccl_cuda wants two): see its log.
+    if [ "$gpu_count" -gt 0 ] && { [ "$kind" = bench ] || [[ "$name" == *_cuda ]]; } &&
+       ! grep -qiE 'needs (two|[0-9]+) GPUs' "$log"; then
       verdict='skip (GPU present!)'
     fi
   elif [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
@@ -231,7 +234,8 @@ run_one() {
   fi
   echo "   $verdict rc=$rc ${secs}s  ($log)"
   if [ "$verdict" != pass ] && [ "$verdict" != skip ]; then tail -n 5 "$log" | sed 's/^/   | /'; fi
-  summary+=("$(printf '%-5s %-36s %-22s rc=%-4s %7ss' "$kind" "$name" "$verdict" "$rc" "$secs")")
+  summary+=("$(printf '%-5s %-36s %-22s rc=%-4s %7ss%s' "$kind" "$name" "$verdict" "$rc" "$secs" \
+                      "${note:+  $note}")")
 }
 
 for f in "${tests[@]}"; do
