@@ -28,7 +28,7 @@ extern "C" {
 #include "kvcodec_cuda_int.h"
 
 #define CRC_CHUNK 4096u
-#define STATS_THREADS 128
+#define STATS_THREADS 64
 #define QUANT_THREADS 128
 #define ROT_THREADS 256
 
@@ -179,12 +179,16 @@ static __device__ __forceinline__ float st_x(const stats_args_t &a, bool val, bo
 /* One block per (kv head, group of G consecutive tokens): the distortion inputs of build_items. */
 __global__ void stats_kernel(stats_args_t a)
 {
-    __shared__ float s_mn[2][KVC_MAX_HEAD_DIM], s_mx[2][KVC_MAX_HEAD_DIM];
-    __shared__ float s_s[3][KVC_MAX_HEAD_DIM], s_inv[3][KVC_MAX_HEAD_DIM];
+    // Per channel, sized by head_dim so that small heads leave room for more blocks:
+    // range [unrotated, rotated], and per width slot (8, 4, 2 bits) the step and 1 / step.
+    extern __shared__ float st_sm[]; // [10][d]
+    uint32_t d = a.d;
+    float *s_mn[2] = {st_sm, st_sm + d}, *s_mx[2] = {st_sm + 2 * d, st_sm + 3 * d};
+    float *s_s[3] = {st_sm + 4 * d, st_sm + 5 * d, st_sm + 6 * d};
+    float *s_inv[3] = {st_sm + 7 * d, st_sm + 8 * d, st_sm + 9 * d};
     __shared__ float s_ke[3]; // modelled key error per width slot
     __shared__ float s_kwrot;
     uint32_t chunks = (a.n + a.G - 1) / a.G;
-    uint32_t d = a.d;
     size_t plane = (size_t)a.n_kv * a.n;
     for (size_t blk = blockIdx.x; blk < (size_t)a.n_kv * chunks; blk += gridDim.x) {
         uint32_t h = (uint32_t)(blk / chunks);
@@ -886,7 +890,7 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
         a.needk2 = (opts & KVC_OPT_BIT(KVC_OPT_Q2)) != 0;
         a.tab = e->d_tab;
         size_t blocks = (size_t)n_kv * ((n + e->G - 1) / e->G);
-        stats_kernel<<<kvc_grid(blocks, 1), STATS_THREADS, 0, cs>>>(a);
+        stats_kernel<<<kvc_grid(blocks, 1), STATS_THREADS, (size_t)10 * d * sizeof(float), cs>>>(a);
         KVC_LAUNCH_GOTO(st, out);
         // Only the tables the optimizer will read come back.
         bool want[TAB_COUNT] = {true,
