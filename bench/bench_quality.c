@@ -9,7 +9,7 @@
  *
  *   ferry-bench quality [--quick] [--json FILE] [--md FILE] [--png PREFIX] [--model PATH]
  *       [--corpus FILE|DIR]... [--contexts 512,1024,2048] [--continuation 256] [--samples N]
- *       [--policies fp16,int8,...] [--budgets 0.5,0.3,...] [--niah-lengths 1024,2048,4096]
+ *       [--policies int8,...,FILE.json] [--budgets 0.5,...] [--niah-lengths 1024,2048,4096]
  *       [--niah-depths N] [--no-niah] [--decode kvc|dequant] [--threads N]
  *
  * The default corpus is build/quality-corpus (scripts/build-corpus.sh writes it).
@@ -137,7 +137,7 @@ static void usage(FILE *f)
     fprintf(f,
             "usage: ferry-bench quality [--quick] [--json FILE] [--md FILE] [--png PREFIX]\n"
             "         [--model PATH] [--corpus FILE|DIR]... [--contexts 512,1024,2048]\n"
-            "         [--continuation 256] [--samples N] [--policies a,b,...]\n"
+            "         [--continuation 256] [--samples N] [--policies a,b,...,FILE.json]\n"
             "         [--budgets 0.5,0.3,0.25,0.125,0.0625] [--niah-lengths 1024,2048,4096]\n"
             "         [--niah-depths N] [--no-niah] [--decode kvc|dequant] [--threads N]\n"
             "Default corpus: " DEFAULT_CORPUS " (scripts/build-corpus.sh).\n"
@@ -247,8 +247,19 @@ static int build_configs(const opts_t *o, qual_config_t *cfgs)
     int n = 0;
     for (int p = 0; p < o->n_policies; p++) {
         qual_config_t c;
-        if (qual_config_builtin(o->policies[p], -1, &c) != FY_OK) {
-            fprintf(stderr, "quality: unknown policy '%s'\n", o->policies[p]);
+        const char *name = o->policies[p];
+        size_t len = strlen(name);
+        kvc_policy_t file;
+        char err[256];
+        bool is_file = len > 5 && strcmp(name + len - 5, ".json") == 0;
+        if (is_file && kvc_policy_load_file(name, &file, err, sizeof(err)) != FY_OK) {
+            fprintf(stderr, "quality: policy file %s: %s\n", name, err);
+            return -1;
+        }
+        if (is_file) {
+            qual_config_from_policy(&file, -1, &c);
+        } else if (qual_config_builtin(name, -1, &c) != FY_OK) {
+            fprintf(stderr, "quality: unknown policy '%s'\n", name);
             return -1;
         }
         if (!qual_policy_has_budget(&c.policy) || strcmp(o->policies[p], "sinks") == 0) {
@@ -260,7 +271,10 @@ static int build_configs(const opts_t *o, qual_config_t *cfgs)
         for (int b = 0; b < o->n_budgets; b++) {
             if (n == MAX_CFG)
                 return -1;
-            qual_config_builtin(o->policies[p], o->budgets[b], &cfgs[n++]);
+            if (is_file)
+                qual_config_from_policy(&file, o->budgets[b], &cfgs[n++]);
+            else
+                qual_config_builtin(name, o->budgets[b], &cfgs[n++]);
         }
     }
     return n;
@@ -384,11 +398,14 @@ int bench_quality_main(int argc, char **argv)
         goto out;
     }
 
+    // Progress in decode steps; a prefill of C tokens and its coding count as C / 16 steps
+    // (about what they take on a CPU next to a step of a dozen rows).
     progress_t pr = {.t0 = fy_clock_ns(), .tty = isatty(2), .last_pct = -1};
     for (int ci = 0; ci < o.n_contexts; ci++)
-        pr.total += (uint64_t)o.samples * (uint64_t)(o.continuation - 1);
+        pr.total += (uint64_t)o.samples * (uint64_t)(o.contexts[ci] / 16 + o.continuation - 1);
     int n_niah = o.niah ? o.n_niah_lengths * o.niah_depths : 0;
-    pr.total += (uint64_t)n_niah * NIAH_MAX_NEW;
+    for (int li = 0; li < (o.niah ? o.n_niah_lengths : 0); li++)
+        pr.total += (uint64_t)o.niah_depths * (uint64_t)(o.niah_lengths[li] / 16 + NIAH_MAX_NEW);
 
     // ---- teacher forcing ----
     acc = calloc((size_t)o.n_contexts * n_rows, sizeof(qual_acc_t));
@@ -405,6 +422,7 @@ int bench_quality_main(int argc, char **argv)
                 goto out;
             }
             snprintf(pr.what, sizeof(pr.what), "C=%d text %d/%d", C, s + 1, o.samples);
+            pr.done_before += (uint64_t)(C / 16);
             st = qual_eval_text(batch, ids, C, o.continuation, acc + (size_t)ci * n_rows,
                                 progress_cb, &pr);
             if (st != FY_OK) {
@@ -439,7 +457,8 @@ int bench_quality_main(int argc, char **argv)
             // Each trial reads the haystack from a different place in the corpus.
             size_t off = ((size_t)trial * 7919u) % (n_filler - (size_t)H + 1);
             qual_niah_prompt_t p;
-            fy_status_t st = qual_niah_build(tok, filler + off, n_filler - off, H, depth, value, &p);
+            fy_status_t st =
+                qual_niah_build(tok, filler + off, n_filler - off, H, depth, value, &p);
             snprintf(pr.what, sizeof(pr.what), "NIAH %d tokens, depth %.0f%%", H, depth * 100);
             progress_show(&pr, pr.done_before);
             if (st == FY_OK)
@@ -463,7 +482,7 @@ int bench_quality_main(int argc, char **argv)
             }
             cJSON_AddItemToArray(trials, t);
             qual_niah_prompt_free(&p);
-            pr.done_before += NIAH_MAX_NEW;
+            pr.done_before += (uint64_t)(H / 16 + NIAH_MAX_NEW);
             progress_show(&pr, pr.done_before);
         }
     }

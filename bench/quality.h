@@ -49,9 +49,14 @@ typedef struct {
 
 /* Fills a configuration from a built-in policy name (kvcodec's, plus "sinks": 16/16 and drop,
  * the first 4 tokens kept, everything else dropped, the budget fitted to each context) and a
- * budget (< 0: the policy's default). Policies without a budget get budget -1 and a label without "@b".
+ * budget (< 0: the policy's default). Policies without a budget get budget -1 and a label
+ * without "@b".
  * FY_ERR_NOT_FOUND for an unknown name. */
 fy_status_t qual_config_builtin(const char *name, double budget, qual_config_t *cfg_p);
+
+/* A configuration of any policy (a policy file's, say) at a budget (< 0: the policy's own),
+ * labelled "name@b", or "name" when the policy has no budget. Thread: any. */
+void qual_config_from_policy(const kvc_policy_t *policy, double budget, qual_config_t *cfg_p);
 
 /* Whether a policy takes a budget (snapkv, pdtrim, ferry, ...) or codes every token the same
  * way whatever the budget (fp16, int8, int4, kivi2). */

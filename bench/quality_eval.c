@@ -22,33 +22,42 @@ bool qual_policy_has_budget(const kvc_policy_t *p)
     return p->budget > 0;
 }
 
+void qual_config_from_policy(const kvc_policy_t *policy, double budget, qual_config_t *cfg_p)
+{
+    qual_config_t c;
+    memset(&c, 0, sizeof(c));
+    c.only_layer = -1;
+    c.policy = *policy;
+    if (!qual_policy_has_budget(&c.policy)) {
+        c.budget = -1;
+        snprintf(c.label, sizeof(c.label), "%s", c.policy.name);
+    } else {
+        c.budget = budget >= 0 ? budget : c.policy.budget;
+        snprintf(c.label, sizeof(c.label), "%s@%g", c.policy.name, c.budget);
+    }
+    *cfg_p = c;
+}
+
 fy_status_t qual_config_builtin(const char *name, double budget, qual_config_t *cfg_p)
 {
     if (name == NULL || cfg_p == NULL)
         return FY_ERR_INVALID_ARG;
-    qual_config_t c;
-    memset(&c, 0, sizeof(c));
-    c.only_layer = -1;
+    kvc_policy_t p;
     if (strcmp(name, "sinks") == 0) {
         // Only the attention sinks survive: a lower bound on quality that any eviction policy
         // must beat. pdtrim's pins (the first 4 tokens) with a budget that buys nothing more.
-        kvc_policy_builtin("pdtrim", &c.policy);
-        snprintf(c.policy.name, sizeof(c.policy.name), "sinks");
-        c.sinks_only = true;
-    } else {
-        fy_status_t st = kvc_policy_builtin(name, &c.policy);
-        if (st != FY_OK)
-            return st;
+        kvc_policy_builtin("pdtrim", &p);
+        snprintf(p.name, sizeof(p.name), "sinks");
+        qual_config_from_policy(&p, -1, cfg_p);
+        cfg_p->sinks_only = true;
+        cfg_p->budget = -1; // fitted per context
+        snprintf(cfg_p->label, sizeof(cfg_p->label), "sinks");
+        return FY_OK;
     }
-    if (!qual_policy_has_budget(&c.policy) || c.sinks_only) {
-        c.budget = -1; // sinks: fitted per context
-        snprintf(c.label, sizeof(c.label), "%s", name);
-    } else {
-        c.budget = budget >= 0 ? budget : c.policy.budget;
-        snprintf(c.label, sizeof(c.label), "%s@%g", name, c.budget);
-    }
-    *cfg_p = c;
-    return FY_OK;
+    fy_status_t st = kvc_policy_builtin(name, &p);
+    if (st == FY_OK)
+        qual_config_from_policy(&p, budget, cfg_p);
+    return st;
 }
 
 fy_status_t qual_decode_parse(const char *s, qual_decode_t *mode_p)

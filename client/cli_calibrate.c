@@ -243,7 +243,8 @@ int cli_calibrate_main(int argc, char **argv)
         cJSON_AddNumberToObject(e, "wire_ratio", q.wire_ratio);
         cJSON_AddBoolToObject(e, "tolerated", niah_ok && kl_ok);
         cJSON_AddItemToArray(probes, e);
-        fprintf(stderr, "calibrate: %-5s NIAH %d/%d (full cache %d/%d), KL %.4f, dPPL %+.2f %% -> %s\n",
+        fprintf(stderr,
+                "calibrate: %-5s NIAH %d/%d (full cache %d/%d), KL %.4f, dPPL %+.2f %% -> %s\n",
                 kvc_opt_name(k_probe_opts[i]), found[i + 1], o.trials, found[0], o.trials,
                 q.kl_mean, q.dppl_pct, niah_ok && kl_ok ? "tolerated" : "disabled");
     }

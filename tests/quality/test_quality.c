@@ -8,6 +8,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 
@@ -255,6 +256,51 @@ static void test_niah_answer(void **state)
     qual_batch_destroy(b);
 }
 
+/* Corpus files: tokenized whole, samples inside one document, never overlapping. */
+static void test_corpus(void **state)
+{
+    fixture_t *f = *state;
+    const mdl_tokenizer_t *tok = mdl_model_tokenizer(f->m);
+    char dir[] = "/tmp/ferry-quality-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    char a[64], b[64], bad[64];
+    snprintf(a, sizeof(a), "%s/a.txt", dir);
+    snprintf(b, sizeof(b), "%s/b.txt", dir);
+    snprintf(bad, sizeof(bad), "%s/bin.dat", dir);
+    FILE *fa = fopen(a, "w"), *fb = fopen(b, "w"), *fx = fopen(bad, "wb");
+    for (int i = 0; i < 300; i++)
+        fputc('a' + i % 26, fa); // 300 byte tokens
+    fputs("short", fb);
+    fwrite("x\0y", 1, 3, fx);
+    fclose(fa), fclose(fb), fclose(fx);
+
+    qual_corpus_t c;
+    char err[256];
+    const char *paths[] = {dir};
+    assert_int_equal(qual_corpus_load(tok, paths, 1, &c, err, sizeof(err)), FY_OK);
+    assert_int_equal(c.n_docs, 2); // the .txt files only, sorted
+    assert_non_null(strstr(c.names[0], "a.txt"));
+    assert_int_equal(c.n_ids[0], 300);
+    const int32_t *s0, *s1;
+    int d0, d1;
+    assert_int_equal(qual_corpus_sample(&c, 100, 3, 0, &s0, &d0), FY_OK);
+    assert_int_equal(qual_corpus_sample(&c, 100, 3, 1, &s1, &d1), FY_OK);
+    assert_int_equal(d0, 0);
+    assert_int_equal(d1, 0);
+    assert_true(s1 >= s0 + 100); // no overlap
+    assert_int_equal(qual_corpus_sample(&c, 100, 4, 0, &s0, NULL), FY_ERR_OUT_OF_RANGE);
+    assert_int_equal(qual_corpus_sample(&c, 301, 1, 0, &s0, NULL), FY_ERR_NOT_FOUND);
+    int32_t *all;
+    size_t n_all;
+    assert_int_equal(qual_corpus_concat(&c, &all, &n_all), FY_OK);
+    assert_int_equal(n_all, c.n_ids[0] + c.n_ids[1]);
+    free(all);
+    qual_corpus_free(&c);
+    const char *binp[] = {bad};
+    assert_int_equal(qual_corpus_load(tok, binp, 1, &c, err, sizeof(err)), FY_ERR_FORMAT);
+    remove(a), remove(b), remove(bad), rmdir(dir);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -264,6 +310,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_only_layer, setup, teardown),
         cmocka_unit_test_setup_teardown(test_niah_prompt, setup, teardown),
         cmocka_unit_test_setup_teardown(test_niah_answer, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_corpus, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
