@@ -36,6 +36,8 @@ static const fy_opt_t k_opts[] = {
     {"ucx-tls", FY_OPT_STRING, "", "UCX transports (as UCX_TLS), empty = UCX's choice", false},
     {"ucx-devices", FY_OPT_STRING, "", "UCX devices (as UCX_NET_DEVICES)", false},
     {"port-file", FY_OPT_STRING, "", "write the bound RPC port to this file", false},
+    {"test-corrupt-frames", FY_OPT_INT, "0", "test hook: damage one KV frame of each of the "
+                                             "first N requests", false},
     {"log-format", FY_OPT_STRING, "text", "text or json", false},
     {"log-level", FY_OPT_STRING, "", "trace|debug|info|warn|error (default info or $FERRY_LOG)",
      false},
@@ -213,6 +215,8 @@ static int run(app_t *a)
     pp.link = a->link;
     pp.metrics = a->metrics;
     pp.max_queued_tokens = (uint64_t)fy_config_int(cfg, "max-queued-tokens");
+    int64_t corrupt = fy_config_int(cfg, "test-corrupt-frames");
+    pp.test_corrupt_frames = corrupt > 0 && corrupt < (1 << 30) ? (uint32_t)corrupt : 0;
     if ((st = prefill_create(&a->loop, &pp, &a->pf)) != FY_OK ||
         (st = prefill_serve(a->pf, a->srv)) != FY_OK ||
         (st = daemon_health_serve(a->srv, "prefill", &a->draining)) != FY_OK) {

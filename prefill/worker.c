@@ -94,6 +94,7 @@ struct prefill {
     pf_job_t *live;
     size_t n_live;
     atomic_uint_fast64_t queued_tokens;
+    uint32_t corrupt_left; // test hook (compute thread)
     bool draining;
     float *logits; // compute thread
     uint16_t *k16, *v16;
@@ -450,6 +451,14 @@ static fy_status_t on_layer(void *arg, const mdl_layer_kv_t *kv)
         free(buf);
         return st;
     }
+    if (pf->corrupt_left > 0 && kv->layer == pf->cfg->n_layers / 2 && len > 64) {
+        // Test hook: one payload byte flipped after the frame's own CRC was written, so only
+        // the decode side's validation can notice.
+        pf->corrupt_left--;
+        buf[len - 1] ^= 0x5a;
+        FY_LOG_WARN(MODULE, "%s: test hook: frame of layer %d damaged", job->request_id,
+                    kv->layer);
+    }
     uint8_t *shrunk = realloc(buf, len);
     fr->job = job;
     fr->layer = (uint32_t)kv->layer;
@@ -794,6 +803,7 @@ fy_status_t prefill_create(uv_loop_t *loop, const prefill_params_t *params, pref
         return FY_ERR_INVALID_ARG;
     }
     pf->cfg = mdl_model_config(params->model);
+    pf->corrupt_left = params->test_corrupt_frames;
     atomic_init(&pf->queued_tokens, 0);
     mdl_ctx_params_t cp;
     mdl_ctx_params_default(&cp);

@@ -565,8 +565,10 @@ static void on_client_cancel(rpc_call_t *call, void *arg)
     rt_req_t *r = arg;
     if (r->state == ST_DONE)
         return;
+    // A client that gives up at its deadline resets the stream a moment before the server's
+    // own deadline timer would fire: both are the deadline.
     uint64_t dl = rpc_call_deadline_ns(call);
-    bool deadline = dl != 0 && fy_clock_ns() >= dl;
+    bool deadline = dl != 0 && fy_clock_ns() + 50000000u >= dl;
     rt_state_t st = r->state;
     r->state = ST_DONE;
     if (r->wcall != NULL)
@@ -855,6 +857,13 @@ static void req_place(rt_req_t *r)
                              .exclude_prefill = r->excl_p[0] ? r->excl_p : NULL,
                              .exclude_decode = r->excl_d[0] ? r->excl_d : NULL};
     fy_status_t st = router_registry_place(rt->params.reg, &pr, fy_clock_ns(), &r->pw, &r->dw);
+    if (st == FY_ERR_UNAVAILABLE && r->attempts > 1 && !r->pool_full &&
+        (pr.exclude_prefill != NULL || pr.exclude_decode != NULL)) {
+        // No other pair: a retry on the same one beats failing (a dead worker fails fast,
+        // and the backoff after a failure still prefers any other worker).
+        pr.exclude_prefill = pr.exclude_decode = NULL;
+        st = router_registry_place(rt->params.reg, &pr, fy_clock_ns(), &r->pw, &r->dw);
+    }
     if (st == FY_ERR_RESOURCE_EXHAUSTED) {
         req_fail(r, RPC_CODE_RESOURCE_EXHAUSTED, "no decode worker has room for this prompt",
                  FAIL_POOL_FULL);
