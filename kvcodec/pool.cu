@@ -527,6 +527,7 @@ extern "C" fy_status_t kvc_place_cuda(kvc_gpu_seq_t *s, const kvc_frame_t *f,
     uint8_t *dbuf = NULL;
     cudaStream_t cs = (cudaStream_t)stream;
     bool have_pages = false;
+    bool pools = kvc_cuda_pools();
     if (ids == NULL || head_pages == NULL || head_tokens == NULL) {
         st = FY_ERR_NO_MEMORY;
         goto out;
@@ -609,7 +610,8 @@ extern "C" fy_status_t kvc_place_cuda(kvc_gpu_seq_t *s, const kvc_frame_t *f,
     if (pl.n > 0) {
         // One upload: the ops, then the header blob (16-byte aligned behind them).
         size_t ops_bytes = FY_ALIGN_UP(pl.n * sizeof(place_op_t), 16);
-        KVC_CUDA_GOTO(cudaMallocAsync((void **)&dbuf, ops_bytes + pl.blob_n, cs), st, out);
+        KVC_CUDA_GOTO(kvc_cuda_scratch_alloc((void **)&dbuf, ops_bytes + pl.blob_n, cs, pools),
+                      st, out);
         KVC_CUDA_GOTO(cudaMemcpyAsync(dbuf, pl.ops, pl.n * sizeof(place_op_t),
                                       cudaMemcpyHostToDevice, cs),
                       st, out);
@@ -639,7 +641,7 @@ extern "C" fy_status_t kvc_place_cuda(kvc_gpu_seq_t *s, const kvc_frame_t *f,
     have_pages = false; // now owned by the lists
 out:
     if (dbuf) {
-        cudaError_t e = cudaFreeAsync(dbuf, cs);
+        cudaError_t e = kvc_cuda_scratch_free(dbuf, cs, pools);
         if (e != cudaSuccess && st == FY_OK)
             st = kvc_cuda_status(e);
         // On a failed free after a good launch the pages are placed; the error still says
