@@ -688,7 +688,8 @@ extern "C" fy_status_t kvc_encoder_cuda_create(const kvc_encoder_params_t *param
     }
     e->max_frame = kvc_encoder_max_frame_bytes(e->enc);
     e->max_chunks = (e->max_frame + CRC_CHUNK - 1) / CRC_CHUNK;
-    size_t head_max = KVC_FRAME_HEADER_BYTES + FY_ALIGN_UP((size_t)e->n_kv * kvc_map_bytes(e->n), 8);
+    size_t head_max =
+        KVC_FRAME_HEADER_BYTES + FY_ALIGN_UP((size_t)e->n_kv * kvc_map_bytes(e->n), 8);
     size_t rows = e->n_items * e->d * sizeof(float);
     size_t tab = (size_t)TAB_COUNT * e->n_items * sizeof(float);
     if (e->policy.rotate) {
@@ -903,8 +904,9 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
         for (int ti = 0; ti < TAB_COUNT; ti++) {
             if (!want[ti])
                 continue;
-            KVC_CUDA_GOTO(cudaMemcpyAsync(e->h_tab + (size_t)ti * plane, e->d_tab + (size_t)ti * plane,
-                                          plane * sizeof(float), cudaMemcpyDeviceToHost, cs),
+            size_t at = (size_t)ti * plane;
+            KVC_CUDA_GOTO(cudaMemcpyAsync(e->h_tab + at, e->d_tab + at, plane * sizeof(float),
+                                          cudaMemcpyDeviceToHost, cs),
                           st, out);
         }
     }

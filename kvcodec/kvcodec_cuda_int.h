@@ -1,6 +1,6 @@
 /*
- * kvcodec_cuda_int.h: private to the .cu files of kvcodec/. Error mapping for CUDA calls and the device
- * twins of the scalar arithmetic in quant.c.
+ * kvcodec_cuda_int.h: private to the .cu files of kvcodec/. Error mapping for CUDA calls and
+ * the device twins of the scalar arithmetic in quant.c.
  *
  * Bit-exactness with the CPU reference rests on three rules, kept by every kernel that
  * produces frame bytes or distortion tables:

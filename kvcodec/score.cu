@@ -39,8 +39,8 @@ extern "C" fy_status_t kvc_scores_init_cuda(kvc_scores_t *s, uint32_t n_kv_heads
     s->n_tokens = n_tokens;
     s->head_dim = head_dim;
     fy_status_t st = FY_OK;
-    KVC_CUDA_GOTO(cudaMalloc((void **)&s->importance, (size_t)n_kv_heads * n_tokens * sizeof(float)),
-                  st, fail);
+    size_t nt = (size_t)n_kv_heads * n_tokens;
+    KVC_CUDA_GOTO(cudaMalloc((void **)&s->importance, nt * sizeof(float)), st, fail);
     KVC_CUDA_GOTO(cudaMalloc((void **)&s->obar, (size_t)n_kv_heads * head_dim * sizeof(float)), st,
                   fail);
     KVC_CUDA_GOTO(cudaMalloc((void **)&s->qsq, (size_t)n_kv_heads * head_dim * sizeof(float)), st,

@@ -158,10 +158,19 @@ static int group_setup(void **state)
     if (im_end >= 0 && im_end != G.stops[0])
         G.stops[G.n_stops++] = im_end;
 
-    // Reservations outlive the prefill queue even when 32 streams arrive at once on a slow
-    // (sanitizer) build.
-    const char *rargs[] = {"--model", G.model_path, "--lease", "500ms", "--reserve-lease", "10m",
-                           "--log-level", "warn", NULL};
+    // The router reads a YAML config file; flags override it. Reservations outlive the prefill
+    // queue even when 32 streams arrive at once on a slow (sanitizer) build.
+    static char cfg_path[256];
+    snprintf(cfg_path, sizeof(cfg_path), "%s/ferry-router-%d.yaml",
+             getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp", (int)getpid());
+    FILE *cf = fopen(cfg_path, "w");
+    if (cf == NULL)
+        return -1;
+    fprintf(cf, "# e2e router\nlease: 500ms\nreserve-lease: 10m\nmax_tokens: 64\n"
+                "log-level: debug\n");
+    fclose(cf);
+    const char *rargs[] = {"--config", cfg_path, "--model", G.model_path, "--log-level", "warn",
+                           NULL};
     if (du_start(&G.router, "router", "router/ferry-router", rargs, 60000) != FY_OK) {
         du_dump_log(&G.router);
         return -1;
@@ -430,6 +439,15 @@ static void test_complete_tokenize_models(void **state)
     assert_int_equal(lm->models[0]->n_kv_heads, G.cfg->n_kv_heads);
     assert_true(lm->models[0]->fingerprint == mdl_model_fingerprint(G.model));
     ferry_message_free(lm);
+
+    // max_tokens 0 takes the router's default, 64 from its config file.
+    s.max_tokens = 0;
+    s.ignore_eos = true;
+    assert_int_equal(ferry_complete(G.client, &req, &c, &err), 0);
+    assert_int_equal(c->stats->completion_tokens, 64);
+    assert_int_equal(c->finish_reason, FERRY__V1__FINISH_REASON__FINISH_REASON_LENGTH);
+    ferry_message_free(c);
+    s.ignore_eos = false;
 
     // Bad input: an unknown model, an out-of-range budget.
     req.model = "no-such-model";
