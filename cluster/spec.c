@@ -568,8 +568,9 @@ static fy_status_t validate(pctx_t *c, yaml_node_t *root, fy_cluster_spec_t *s)
                 return FY_ERR_INVALID_ARG;
             }
         }
-        if (h->address[0] == '\0' && s->backend != FY_CLUSTER_LOCAL &&
-            s->backend != FY_CLUSTER_K8S) {
+        /* local runs on loopback, slurm takes the nodes of the allocation, k8s pod IPs */
+        if (h->address[0] == '\0' &&
+            (s->backend == FY_CLUSTER_NETNS || s->backend == FY_CLUSTER_SSH)) {
             if (s->backend == FY_CLUSTER_NETNS) {
                 /* netns: hosts get subnet addresses .10, .11, ... */
                 unsigned char o[4];
