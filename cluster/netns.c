@@ -60,6 +60,25 @@ static fy_status_t cmdv(fy_cluster_cmd_t *cmds, int max, int *n, ...)
     return FY_OK;
 }
 
+/* One command from a prefix and the rest of its words. */
+static fy_status_t cmd_words(fy_cluster_cmd_t *cmds, int max, int *n, const char *const *pre,
+                             int np, const char *const *w, int nw)
+{
+    if (*n >= max)
+        return FY_ERR_OUT_OF_RANGE;
+    fy_cluster_cmd_t *c = &cmds[*n];
+    memset(c, 0, sizeof(*c));
+    fy_status_t st = FY_OK;
+    for (int i = 0; st == FY_OK && i < np + nw; i++)
+        st = fy_cluster_cmd_add(c, i < np ? pre[i] : w[i - np]);
+    if (st != FY_OK) {
+        fy_cluster_cmd_free(c);
+        return st;
+    }
+    (*n)++;
+    return FY_OK;
+}
+
 static void bridge_ip(const fy_cluster_spec_t *spec, char *out, size_t out_len)
 {
     const char *slash = strchr(spec->subnet, '/');
@@ -73,7 +92,6 @@ static fy_status_t shape_cmds(const fy_cluster_host_t *h, const char *ns, const 
                               bool replace, fy_cluster_cmd_t *cmds, int max, int *n)
 {
     char delay[32], loss[32], rate[32], burst[32];
-    const char *nsa = ns ? "-n" : NULL;
     fy_status_t st = FY_OK;
     if (replace) {
         /* `tc qdisc del` fails when there is nothing to delete: run it through sh || true */
@@ -86,29 +104,42 @@ static fy_status_t shape_cmds(const fy_cluster_host_t *h, const char *ns, const 
     }
     if (h->bandwidth_bps == 0 && h->delay_ms <= 0 && h->loss_pct <= 0)
         return FY_OK;
-    snprintf(delay, sizeof(delay), "%.3fms", h->delay_ms);
-    snprintf(loss, sizeof(loss), "%.4f%%", h->loss_pct);
-    if (nsa)
-        st = cmdv(cmds, max, n, "tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "handle",
-                  "1:", "netem", "delay", delay, "loss", loss, "limit", "100000", NULL);
-    else
-        st = cmdv(cmds, max, n, "tc", "qdisc", "add", "dev", dev, "root", "handle", "1:",
-                  "netem", "delay", delay, "loss", loss, "limit", "100000", NULL);
-    if (st != FY_OK || h->bandwidth_bps == 0)
-        return st;
+    /* tc [-n NS] qdisc add dev DEV <where> ...: one prefix for both qdiscs */
+    const char *pre[8];
+    int np = 0;
+    pre[np++] = "tc";
+    if (ns != NULL) {
+        pre[np++] = "-n";
+        pre[np++] = ns;
+    }
+    pre[np++] = "qdisc";
+    pre[np++] = "add";
+    pre[np++] = "dev";
+    pre[np++] = dev;
+    bool netem = h->delay_ms > 0 || h->loss_pct > 0;
+    if (netem) {
+        /* delay and loss: netem at the root (needs sch_netem), the rate limit as its child */
+        snprintf(delay, sizeof(delay), "%.3fms", h->delay_ms);
+        snprintf(loss, sizeof(loss), "%.4f%%", h->loss_pct);
+        const char *w[] = {"root", "handle", "1:", "netem", "delay", delay, "loss", loss,
+                           "limit", "100000"};
+        st = cmd_words(cmds, max, n, pre, np, w, (int)FY_ARRAY_SIZE(w));
+        if (st != FY_OK || h->bandwidth_bps == 0)
+            return st;
+    }
     uint64_t bytes_per_s = h->bandwidth_bps / 8;
     uint64_t b = bytes_per_s / 100; /* 10 ms of traffic, at least two 64 KiB GSO packets */
     if (b < 131072)
         b = 131072;
     snprintf(rate, sizeof(rate), "%llubit", (unsigned long long)h->bandwidth_bps);
     snprintf(burst, sizeof(burst), "%llu", (unsigned long long)b);
-    if (nsa)
-        st = cmdv(cmds, max, n, "tc", "-n", ns, "qdisc", "add", "dev", dev, "parent", "1:1",
-                  "handle", "10:", "tbf", "rate", rate, "burst", burst, "latency", "100ms", NULL);
-    else
-        st = cmdv(cmds, max, n, "tc", "qdisc", "add", "dev", dev, "parent", "1:1", "handle",
-                  "10:", "tbf", "rate", rate, "burst", burst, "latency", "100ms", NULL);
-    return st;
+    const char *w_child[] = {"parent", "1:1", "handle", "10:", "tbf", "rate", rate,
+                             "burst", burst, "latency", "100ms"};
+    const char *w_root[] = {"root", "handle", "10:", "tbf", "rate", rate,
+                            "burst", burst, "latency", "100ms"};
+    if (netem)
+        return cmd_words(cmds, max, n, pre, np, w_child, (int)FY_ARRAY_SIZE(w_child));
+    return cmd_words(cmds, max, n, pre, np, w_root, (int)FY_ARRAY_SIZE(w_root));
 }
 
 fy_status_t fy_cluster_link_cmds(const fy_cluster_spec_t *spec, int h, bool replace,
@@ -218,7 +249,12 @@ fy_status_t fy_cluster_netns_setup(const fy_cluster_spec_t *spec, fy_cluster_sta
             char line[1024];
             fy_cluster_cmd_shell(&cmds[i], line, sizeof(line));
             snprintf(err, err_len, "`%s` failed (exit %d)%s; see %s/network.log", line, x,
-                     x == 127 ? ": is iproute2 installed?" : "", spec->log_dir);
+                     x == 127                         ? ": is iproute2 installed?"
+                     : strstr(line, " netem ") != NULL ? ": this kernel may lack sch_netem "
+                                                         "(link delay and loss need it; "
+                                                         "bandwidth alone uses tbf)"
+                                                       : "",
+                     spec->log_dir);
             rc = FY_ERR_INTERNAL;
         }
     }

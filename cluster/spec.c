@@ -568,8 +568,9 @@ static fy_status_t validate(pctx_t *c, yaml_node_t *root, fy_cluster_spec_t *s)
                 return FY_ERR_INVALID_ARG;
             }
         }
-        if (h->address[0] == '\0' && s->backend != FY_CLUSTER_LOCAL &&
-            s->backend != FY_CLUSTER_K8S) {
+        /* local runs on loopback, slurm takes the nodes of the allocation, k8s pod IPs */
+        if (h->address[0] == '\0' &&
+            (s->backend == FY_CLUSTER_NETNS || s->backend == FY_CLUSTER_SSH)) {
             if (s->backend == FY_CLUSTER_NETNS) {
                 /* netns: hosts get subnet addresses .10, .11, ... */
                 unsigned char o[4];
@@ -721,6 +722,12 @@ static fy_status_t parse_root(pctx_t *c, yaml_node_t *root, fy_cluster_spec_t *s
             st = get_str(c, v, key, s->lease, sizeof(s->lease));
             if (st == FY_OK && parse_delay_ms(s->lease, &ms) != FY_OK)
                 return perr(c, v, "bad lease '%s' (e.g. 1s, 500ms)", s->lease);
+        } else if (strcmp(key, "log_level") == 0) {
+            st = get_str(c, v, key, s->log_level, sizeof(s->log_level));
+            fy_log_level_t lv;
+            if (st == FY_OK && fy_log_level_parse(s->log_level, &lv) != FY_OK)
+                return perr(c, v, "bad log_level '%s' (trace, debug, info, warn, error)",
+                            s->log_level);
         } else if (strcmp(key, "image") == 0) {
             st = get_str(c, v, key, s->image, sizeof(s->image));
         } else if (strcmp(key, "partition") == 0) {
@@ -731,7 +738,7 @@ static fy_status_t parse_root(pctx_t *c, yaml_node_t *root, fy_cluster_spec_t *s
             roles = v;
         } else {
             return perr(c, k, "unknown key '%s' (name, backend, model, bin_dir, log_dir, codec, "
-                              "ucx, network, kv_memory, threads, max_tokens, lease, image, "
+                              "ucx, network, kv_memory, threads, max_tokens, lease, log_level, image, "
                               "partition, hosts, roles)", key);
         }
         if (st != FY_OK)
@@ -779,6 +786,7 @@ static void spec_defaults(fy_cluster_spec_t *s)
     s->budget_min = 0.125;
     s->budget_max = 1.0;
     snprintf(s->image, sizeof(s->image), "ferry:latest");
+    snprintf(s->log_level, sizeof(s->log_level), "info");
 }
 
 fy_status_t fy_cluster_spec_parse(const char *text, size_t len, const char *file,
@@ -963,6 +971,7 @@ fy_status_t fy_cluster_daemon_cmd(const fy_cluster_spec_t *spec, int i, const ch
     st = st ? st : fy_cluster_cmd_add(cmd, "--model");
     st = st ? st : fy_cluster_cmd_add(cmd, spec->model);
     st = st ? st : cmd_addf(cmd, "--listen=%s:%d", bind, d->port);
+    st = st ? st : cmd_addf(cmd, "--log-level=%s", spec->log_level);
     int threads = d->threads ? d->threads : spec->threads;
     if (d->role == FY_CLUSTER_ROUTER) {
         if (spec->max_tokens > 0)

@@ -297,8 +297,8 @@ static void test_netns_plan(void **state)
     }
     assert_int_equal(n_ns, 3);
     assert_int_equal(n_addr, 4); /* the bridge and three hosts */
-    /* r: no shaping; p0 and d0: both directions */
-    assert_int_equal(n_netem, 4);
+    /* r: no shaping; p0 (delay, loss, rate): netem + tbf child both ways; d0 (rate): tbf */
+    assert_int_equal(n_netem, 2);
     assert_int_equal(n_tbf, 4);
     /* the link of p0, on its own */
     fy_cluster_cmd_t lc[8];
@@ -306,10 +306,20 @@ static void test_netns_plan(void **state)
     assert_int_equal(fy_cluster_link_cmds(s, 1, false, lc, 8, &ln), FY_OK);
     assert_int_equal(ln, 4);
     fy_cluster_cmd_shell(&lc[1], line, sizeof(line));
-    assert_non_null(strstr(line, "tbf rate 1000000000bit burst 1250000"));
+    assert_non_null(strstr(line, "parent 1:1 handle 10: tbf rate 1000000000bit burst 1250000"));
     fy_cluster_cmd_shell(&lc[2], line, sizeof(line));
     assert_non_null(strstr(line, "tc -n fy"));
     assert_non_null(strstr(line, "dev eth0 root handle 1: netem delay 2.000ms loss 0.1000%"));
+    for (int i = 0; i < ln; i++)
+        fy_cluster_cmd_free(&lc[i]);
+    /* d0: the rate alone is a root tbf; replacing first deletes what is there */
+    ln = 0;
+    assert_int_equal(fy_cluster_link_cmds(s, 2, true, lc, 8, &ln), FY_OK);
+    assert_int_equal(ln, 4);
+    fy_cluster_cmd_shell(&lc[0], line, sizeof(line));
+    assert_non_null(strstr(line, "qdisc del dev"));
+    fy_cluster_cmd_shell(&lc[1], line, sizeof(line));
+    assert_non_null(strstr(line, "root handle 10: tbf rate 100000000bit burst 131072"));
     for (int i = 0; i < ln; i++)
         fy_cluster_cmd_free(&lc[i]);
     /* too little room is an error, not an overflow */
