@@ -171,9 +171,9 @@ fy_status_t fy_cluster_gen_slurm(const fy_cluster_spec_t *spec, FILE *out)
         if (d->role == FY_CLUSTER_ROUTER) {
             char bin[FY_CLUSTER_PATH_MAX + 32];
             snprintf(bin, sizeof(bin), "%s", s->bin_dir[0] ? s->bin_dir : ".");
-            fprintf(out, "for _ in $(seq 1 600); do (exec 3<>/dev/tcp/");
-            expand_hosts(router, out);
-            fprintf(out, ") 2>/dev/null && break; sleep 0.1; done\n");
+            fprintf(out, "for _ in $(seq 1 600); do (exec 3<>/dev/tcp/${ips[%d]}/%d) "
+                         "2>/dev/null && break; sleep 0.1; done\n",
+                    d->host, d->port);
             fprintf(out, "router_addr=");
             expand_hosts(router, out);
             fprintf(out, "\n");

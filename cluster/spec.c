@@ -568,8 +568,9 @@ static fy_status_t validate(pctx_t *c, yaml_node_t *root, fy_cluster_spec_t *s)
                 return FY_ERR_INVALID_ARG;
             }
         }
-        if (h->address[0] == '\0' && s->backend != FY_CLUSTER_LOCAL &&
-            s->backend != FY_CLUSTER_K8S) {
+        /* local runs on loopback, slurm takes the nodes of the allocation, k8s pod IPs */
+        if (h->address[0] == '\0' &&
+            (s->backend == FY_CLUSTER_NETNS || s->backend == FY_CLUSTER_SSH)) {
             if (s->backend == FY_CLUSTER_NETNS) {
                 /* netns: hosts get subnet addresses .10, .11, ... */
                 unsigned char o[4];
@@ -996,6 +997,11 @@ fy_status_t fy_cluster_daemon_cmd(const fy_cluster_spec_t *spec, int i, const ch
             st = st ? st : cmd_addf(cmd, "--policy=%s", spec->policy);
         if (spec->budget > 0)
             st = st ? st : cmd_addf(cmd, "--budget=%g", spec->budget);
+        if (spec->ttft_target_ms > 0) {
+            st = st ? st : cmd_addf(cmd, "--ttft-target=%.0fms", spec->ttft_target_ms);
+            st = st ? st : cmd_addf(cmd, "--min-budget=%g", spec->budget_min);
+            st = st ? st : cmd_addf(cmd, "--max-budget=%g", spec->budget_max);
+        }
     } else if (d->role == FY_CLUSTER_DECODE) {
         if (spec->backend == FY_CLUSTER_K8S) {
             st = st ? st : cmd_addf(cmd, "--kv-listen=0.0.0.0:%d", d->kv_port);
