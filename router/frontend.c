@@ -1252,6 +1252,30 @@ fy_status_t rt_serve(rt_t *rt, rpc_server_t *srv)
     return rpc_server_add_service(srv, d, handlers, streaming, rt);
 }
 
+void rt_gc(rt_t *rt)
+{
+    router_worker_t ws[256];
+    size_t nw = FY_MIN(router_registry_snapshot(rt->params.reg, ws, FY_ARRAY_SIZE(ws)),
+                       FY_ARRAY_SIZE(ws));
+    for (size_t i = 0; i < rt->n_chans;) {
+        const char *addr = rt->chans[i].addr;
+        bool used = false;
+        for (size_t j = 0; j < nw && !used; j++)
+            used = strcmp(ws[j].rpc_address, addr) == 0;
+        for (rt_req_t *r = rt->live; r != NULL && !used; r = r->next)
+            used = strcmp(r->pw.rpc_address, addr) == 0 || strcmp(r->dw.rpc_address, addr) == 0;
+        if (used) {
+            i++;
+            continue;
+        }
+        // No registered worker and no request uses it: only fire-and-forget Cancel calls
+        // can still be in flight, and they may go.
+        FY_LOG_DEBUG(MODULE, "closing the channel to %s (worker gone)", addr);
+        rpc_channel_destroy(rt->chans[i].ch);
+        rt->chans[i] = rt->chans[--rt->n_chans];
+    }
+}
+
 void rt_abort_all(rt_t *rt, const char *reason)
 {
     for (rt_req_t *r = rt->live, *next; r; r = next) {

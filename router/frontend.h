@@ -59,6 +59,9 @@ size_t rt_in_flight(const rt_t *rt);
 void rt_set_draining(rt_t *rt, bool draining);
 /* Whether a prefill and a decode worker are available and the router is not draining. */
 bool rt_serving(const rt_t *rt);
+/* Closes channels to workers that left the registry and that no request uses (call it
+ * periodically: workers come and go on new addresses). */
+void rt_gc(rt_t *rt);
 /* Cancels every request in flight (their clients get UNAVAILABLE). */
 void rt_abort_all(rt_t *rt, const char *reason);
 /* Frees the router frontend once nothing is in flight (abort and run the loop first); worker

@@ -95,6 +95,7 @@ static void on_tick(uv_timer_t *t)
     for (size_t i = 0; i < FY_MIN(n, (size_t)16); i++)
         FY_LOG_WARN(MODULE, "worker %s expired: no heartbeat for 3 leases", ids[i]);
     fy_metric_add(a->expired, (double)n);
+    rt_gc(a->rt);
     router_worker_t ws[256];
     size_t nw = router_registry_snapshot(a->reg, ws, FY_ARRAY_SIZE(ws));
     unsigned np = 0, nd = 0;
