@@ -11,6 +11,7 @@
 
 #include "cluster.h"
 #include "common.h"
+#include "cluster_health.h"
 #include "ferry_client.h"
 
 static void usage(FILE *out)
@@ -33,36 +34,13 @@ static void usage(FILE *out)
             "See docs/cluster.md for the spec.\n");
 }
 
-static int health_cb(void *arg, const char *addr)
-{
-    (void)arg;
-    ferry_client_params_t p;
-    ferry_client_params_default(&p);
-    p.addresses = addr;
-    p.timeout_ms = 2000;
-    p.connect_timeout_ms = 1000;
-    p.max_attempts = 1;
-    ferry_client_t *c;
-    if (ferry_client_create(&p, &c) != 0)
-        return -1;
-    Ferry__V1__HealthResponse *resp = NULL;
-    ferry_error_t err;
-    int code = ferry_health(c, NULL, &resp, &err);
-    int rc = code == 0 && resp != NULL &&
-                     resp->status == FERRY__V1__HEALTH_RESPONSE__SERVING_STATUS__SERVING
-                 ? 0
-                 : 1;
-    ferry_message_free(resp);
-    ferry_client_destroy(c);
-    return rc;
-}
 
 static int wait_router(const fy_cluster_spec_t *spec, uint64_t timeout_ms)
 {
     char router[128];
     fy_cluster_router_addr(spec, router, sizeof(router));
     uint64_t deadline = fy_clock_ns() + timeout_ms * 1000000ull;
-    while (health_cb(NULL, router) != 0) {
+    while (fy_cluster_sdk_health(NULL, router) != 0) {
         if (fy_clock_ns() >= deadline) {
             fprintf(stderr, "ferry cluster: router %s not SERVING after %llu ms\n", router,
                     (unsigned long long)timeout_ms);
@@ -227,7 +205,7 @@ int cli_cluster_main(int argc, char **argv)
     }
     fy_cluster_run_opts_t o;
     fy_cluster_run_opts_default(&o);
-    o.health = health_cb;
+    o.health = fy_cluster_sdk_health;
     o.timeout_ms = timeout_ms;
     o.drain_timeout_ms = drain_ms;
     o.quiet = quiet;

@@ -589,10 +589,9 @@ static fy_status_t pick_policy(prefill_t *pf, const Ferry__V1__CodecParams *code
 static void adaptive_pick(prefill_t *pf, const Ferry__V1__CodecParams *codec, pf_job_t *job)
 {
     const mdl_config_t *c = pf->cfg;
-    if (!(pf->params.ttft_target_ms > 0) || pf->params.budget > 0 ||
-        (codec != NULL && codec->budget != 0) || job->policy.budget <= 0)
+    if (!(pf->params.ttft_target_ms > 0))
         return;
-    if (pf->adaptive == NULL) {
+    if (pf->adaptive == NULL) { // every transfer feeds it from now on, whatever its budget
         pf_adaptive_params_t ap;
         pf_adaptive_params_default(&ap);
         ap.ttft_target_ms = pf->params.ttft_target_ms;
@@ -602,6 +601,9 @@ static void adaptive_pick(prefill_t *pf, const Ferry__V1__CodecParams *codec, pf
         if (pf_adaptive_create(&ap, &pf->adaptive) != FY_OK)
             return;
     }
+    if (pf->params.budget > 0 || (codec != NULL && codec->budget != 0) ||
+        job->policy.budget <= 0)
+        return;
     uint64_t raw = (uint64_t)job->n_tokens * (uint64_t)c->n_layers * (uint64_t)c->n_kv_heads *
                    (uint64_t)c->head_dim * 2 * sizeof(uint16_t);
     double b = pf_adaptive_choose(pf->adaptive, job->kv_addr, job->n_tokens, raw,

@@ -29,6 +29,7 @@
 #include <unistd.h>
 
 #include "cluster.h"
+#include "cluster_health.h"
 #include "ferry_client.h"
 #include "model.h"
 
@@ -55,30 +56,6 @@ static const char *k_prompts[] = {
 };
 #define MAX_TOKENS 6
 
-/* ---- health through the SDK (what the CLI passes) ---- */
-
-static int health_cb(void *arg, const char *addr)
-{
-    (void)arg;
-    ferry_client_params_t p;
-    ferry_client_params_default(&p);
-    p.addresses = addr;
-    p.timeout_ms = 3000;
-    p.connect_timeout_ms = 1000;
-    p.max_attempts = 1;
-    ferry_client_t *c;
-    if (ferry_client_create(&p, &c) != 0)
-        return -1;
-    Ferry__V1__HealthResponse *resp = NULL;
-    ferry_error_t err;
-    int code = ferry_health(c, NULL, &resp, &err);
-    int rc = code == 0 && resp->status == FERRY__V1__HEALTH_RESPONSE__SERVING_STATUS__SERVING
-                 ? 0
-                 : 1;
-    ferry_message_free(resp);
-    ferry_client_destroy(c);
-    return rc;
-}
 
 /* ---- the local greedy reference ---- */
 
@@ -271,7 +248,7 @@ static int setup(void **state)
         return -1;
     }
     fy_cluster_run_opts_default(&G.opts);
-    G.opts.health = health_cb;
+    G.opts.health = fy_cluster_sdk_health;
     G.opts.timeout_ms = 600000; /* sanitizer builds load the model slowly on a busy machine */
     G.opts.drain_timeout_ms = 20000;
     G.opts.quiet = true;
@@ -424,7 +401,7 @@ static void test_cluster(void **state)
     fy_cluster_state_t *st = malloc(sizeof(*st));
     assert_int_equal(fy_cluster_state_read(G.spec->log_dir, st), FY_ERR_NOT_FOUND);
     free(st);
-    assert_int_not_equal(health_cb(NULL, G.router), 0);
+    assert_int_not_equal(fy_cluster_sdk_health(NULL, G.router), 0);
     if (G.netns) {
         for (int h = 0; h < G.spec->n_hosts; h++) {
             char ns[32], p[64];
