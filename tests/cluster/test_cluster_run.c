@@ -494,6 +494,87 @@ static void test_ssh_lines_run(void **state)
     free(s);
 }
 
+/* The Slurm backend's batch script, run with bash and stand-ins for scontrol (a one-node
+ * allocation: this host) and srun (drops its options, runs the step): the srun steps start
+ * the cluster, it serves, and stopping the script stops every step. */
+static void test_slurm_script_run(void **state)
+{
+    (void)state;
+    if (G.netns)
+        skip();
+    char text[2048], err[512], dir[256];
+    snprintf(dir, sizeof(dir), "%s/slurm", G.dir);
+    const char *build = getenv("FERRY_BUILD_ROOT");
+    snprintf(text, sizeof(text),
+             "name: sl%u\nbackend: slurm\nmodel: %s\nbin_dir: %s\nlog_dir: %s\n"
+             "threads: 1\nkv_memory: 64M\nlease: 500ms\nucx: {tls: tcp}\n"
+             "hosts: [{name: n0}]\nroles:\n"
+             "  router: {host: n0, port: %d}\n  prefill: {host: n0, port: %d}\n"
+             "  decode: {host: n0, port: %d, kv_port: %d}\n",
+             (unsigned)getpid() % 1000, G.model_path, build ? build : "build", dir, free_port(),
+             free_port(), free_port(), free_port());
+    fy_cluster_spec_t *s = malloc(sizeof(*s));
+    if (fy_cluster_spec_parse(text, strlen(text), "slurm.yaml", NULL, -1, s, err, sizeof(err)) !=
+        FY_OK)
+        fail_msg("%s", err);
+    char path[1024], stubs[300];
+    snprintf(stubs, sizeof(stubs), "%s/stubs", G.dir);
+    snprintf(path, sizeof(path), "mkdir -p %s %s", stubs, dir);
+    assert_int_equal(system(path), 0);
+    snprintf(path, sizeof(path), "%s/scontrol", stubs);
+    FILE *f = fopen(path, "w");
+    fprintf(f, "#!/bin/sh\necho localhost\n");
+    fclose(f);
+    chmod(path, 0755);
+    snprintf(path, sizeof(path), "%s/srun", stubs);
+    f = fopen(path, "w");
+    /* srun --opt ... --output=FILE CMD...: run CMD with its output to FILE */
+    fprintf(f, "#!/bin/bash\nout=/dev/null\nwhile [ \"${1#--}\" != \"$1\" ]; do\n"
+               "  case $1 in --output=*) out=${1#--output=};; esac; shift\ndone\n"
+               "exec \"$@\" >\"$out\" 2>&1\n");
+    fclose(f);
+    chmod(path, 0755);
+    snprintf(path, sizeof(path), "%s/job.sbatch", dir);
+    f = fopen(path, "w");
+    assert_int_equal(fy_cluster_gen_slurm(s, f), FY_OK);
+    fclose(f);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        char p2[1024];
+        snprintf(p2, sizeof(p2), "%s:%s", stubs, getenv("PATH") ? getenv("PATH") : "/usr/bin");
+        setenv("PATH", p2, 1);
+        setenv("SLURM_JOB_NODELIST", "localhost", 1);
+        setpgid(0, 0);
+        execlp("bash", "bash", path, (char *)NULL);
+        _exit(127);
+    }
+    char router[64];
+    snprintf(router, sizeof(router), "127.0.0.1:%d", s->daemons[0].port);
+    snprintf(G.router, sizeof(G.router), "%s", router);
+    double w = NAN;
+    for (int t = 0; t < 6000 && (w = router_workers("decode")) != 1; t++) {
+        if (waitpid(pid, NULL, WNOHANG) == pid)
+            fail_msg("the batch script ended early (see %s)", dir);
+        usleep(100000);
+    }
+    assert_true(w == 1);
+    for (int t = 0; t < 6000 && router_workers("prefill") != 1; t++)
+        usleep(100000);
+    batch_t *b = serve(2, 1);
+    assert_int_equal(b[0].ok, 2);
+    free(b);
+    /* scancel: SIGTERM to the batch script, whose trap stops its steps */
+    kill(pid, SIGTERM);
+    int status;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    for (int t = 0; t < 300 && fy_cluster_sdk_health(NULL, router) == 0; t++)
+        usleep(100000);
+    assert_int_not_equal(fy_cluster_sdk_health(NULL, router), 0);
+    kill(-pid, SIGKILL); /* anything left of the job's process group */
+    free(s);
+}
+
 /* A launcher that died after creating the network: `down` still removes everything. */
 static void test_down_after_crash(void **state)
 {
@@ -552,6 +633,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_cluster),
         cmocka_unit_test(test_down_after_crash),
         cmocka_unit_test(test_ssh_lines_run),
+        cmocka_unit_test(test_slurm_script_run),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
