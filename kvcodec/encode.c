@@ -638,14 +638,41 @@ fy_status_t kvc_encoder_check_layer(const kvc_encoder_t *e, const kvc_layer_inpu
     return FY_OK;
 }
 
+void kvc_encoder_opt_inputs(const kvc_encoder_t *e, uint32_t layer, kvc_opt_inputs_t *oi)
+{
+    for (int o = 0; o < KVC_OPT_COUNT; o++) {
+        oi->cost[o] = e->cost[o];
+        oi->rank_pen[o] = k_rank_pen[o];
+    }
+    oi->backbone = e->backbone;
+    oi->no_budget = !(e->budget > 0);
+    oi->r = e->p.n_layers - layer;
+    oi->remain = oi->no_budget
+                     ? 0
+                     : (double)(e->total_budget - FY_MIN(e->spent, e->total_budget));
+    oi->lambda_prev = e->lambda_prev;
+}
+
+uint8_t *kvc_encoder_choice_buf(kvc_encoder_t *e)
+{
+    return e->choice;
+}
+
+void kvc_encoder_set_lambda(kvc_encoder_t *e, double lambda)
+{
+    e->lambda_prev = lambda;
+}
+
 fy_status_t kvc_encoder_choose(kvc_encoder_t *e, const kvc_layer_input_t *in,
                                const kvc_scores_t *sc, const kvc_err_tables_t *tab,
                                kvc_layer_info_t *info)
 {
     uint32_t n = e->p.n_tokens, d = e->p.head_dim, n_kv = e->p.n_kv_heads;
-    bool no_budget = !(e->budget > 0);
-    uint32_t L = e->p.n_layers, l = in->layer, r = L - l;
-    double remain = no_budget ? 0 : (double)(e->total_budget - FY_MIN(e->spent, e->total_budget));
+    kvc_opt_inputs_t oi;
+    kvc_encoder_opt_inputs(e, in->layer, &oi);
+    bool no_budget = oi.no_budget;
+    uint32_t r = oi.r;
+    double remain = oi.remain;
     bool pins = true;
     bool measured = e->policy.dist == KVC_DIST_TRIAL || e->policy.dist == KVC_DIST_MODEL;
     double lambda = 0;
@@ -713,12 +740,17 @@ fy_status_t kvc_encoder_choose(kvc_encoder_t *e, const kvc_layer_input_t *in,
 
 void kvc_encoder_commit(kvc_encoder_t *e, size_t len, kvc_layer_info_t *info)
 {
-    uint32_t n = e->p.n_tokens, d = e->p.head_dim, n_kv = e->p.n_kv_heads;
-    e->spent += len;
-    e->next_layer++;
     double dist = 0;
     for (size_t i = 0; i < e->n_items; i++)
         dist += e->dist[i * KVC_OPT_COUNT + e->choice[i]];
+    kvc_encoder_commit_dist(e, len, dist, info);
+}
+
+void kvc_encoder_commit_dist(kvc_encoder_t *e, size_t len, double dist, kvc_layer_info_t *info)
+{
+    uint32_t n = e->p.n_tokens, d = e->p.head_dim, n_kv = e->p.n_kv_heads;
+    e->spent += len;
+    e->next_layer++;
     info->frame_bytes = len;
     info->fp16_bytes = (size_t)4 * n_kv * n * d;
     info->distortion = dist;

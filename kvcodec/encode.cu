@@ -27,6 +27,10 @@ extern "C" {
 }
 #include "kvcodec_cuda_int.h"
 
+#include <cooperative_groups.h>
+#include <cub/device/device_radix_sort.cuh>
+namespace cg = cooperative_groups;
+
 #define CRC_CHUNK 4096u
 #define STATS_THREADS 64
 #define QUANT_THREADS 128
@@ -44,6 +48,14 @@ typedef struct {
     uint8_t opt;
     uint8_t m_minus_1;
 } work_t;
+
+/* The device optimizer's result for the host. */
+typedef struct {
+    double lambda;
+    unsigned long long total, target; // greedy fill: frame bytes of the choice and the cap
+    int budget_met, need_greedy;
+    double dist; // the distortion of the final choice
+} opt_out_t;
 
 struct kvc_encoder_cuda {
     kvc_encoder_t *enc; // host optimizer and rate controller
@@ -68,6 +80,19 @@ struct kvc_encoder_cuda {
     float *h_imp, *h_qsq, *h_obar; // host copies of the scores
     uint8_t *h_static;
     uint64_t *h_plan;       // [4][n_kv][KVC_OPT_COUNT] payload planning scratch
+    // Device optimizer (opt_on: the device and shape allow it, else the host optimizer runs)
+    bool opt_on;
+    unsigned opt_grid;           // blocks of the cooperative choose_kernel
+    float *d_dist;               // [n_items][KVC_OPT_COUNT]
+    uint8_t *d_opt8;             // [4][n_items]: allowed, choice, tmp, cand_opt
+    unsigned long long *d_cnt;   // [3][n_kv][8]
+    long long *d_gcnt;           // [n_kv][8]
+    float *d_dev_mean;           // [n_kv]
+    uint8_t *d_backbone;         // [n]
+    uint32_t *d_keys, *d_idx;    // [2][n_items] greedy candidates and their sorted order
+    void *d_sort_tmp;
+    size_t sort_tmp_bytes;
+    opt_out_t *d_out, *h_out;    // device result and its pinned host copy
     // Stream time of the two GPU phases of the last layer: [0, 1] scoring + rotation +
     // tables, [2, 3] payload + CRC.
     cudaEvent_t ev[4];
@@ -595,6 +620,478 @@ __global__ void crc_kernel(const uint8_t *buf, size_t len, uint32_t *crcs)
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* The option-choice optimizer on the device (kvc_encoder_choose's build_items, rate control,  */
+/* multiplier bisection and greedy slack fill), the choice never leaving the GPU              */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Every decision of the CPU optimizer rests on integer byte counts and on per-item float /
+ * double comparisons, so the device reproduces it exactly: each item's distortions and
+ * Lagrangian values are computed with the CPU's roundings (no contraction), byte counts are
+ * integer sums (any order gives the same), and the scalar steps (bracket, bisection, rate
+ * control) run identically in every block of one cooperative grid. The greedy fill is
+ * sequential by nature: its candidates are sorted on the device (a stable radix sort on the
+ * ratio gives the CPU's ratio-then-index order) and one warp walks them 32 at a time, taking
+ * the first that still fits and restarting behind it. */
+
+#define OPT_THREADS 256
+#define OPT_MAX_KV 64       // per-block byte-count histogram; more heads take the host optimizer
+#define GREEDY_CHUNK 2048
+
+typedef struct {
+    uint32_t n_kv, n, G;
+    size_t n_items;
+    // policy
+    int dist_kind, joint_kv, stat_on, measured, pins_ok;
+    uint32_t sinks, recent, options, backbone_opt;
+    float hybrid_factor;
+    int need8, need4, needv4, need2, needk2;
+    double flex;
+    float cost[KVC_OPT_COUNT], pen[KVC_OPT_COUNT];
+    // byte model: a group of m tokens of option o is gfix[o] + m * gtok[o] bytes
+    unsigned long long gfix[KVC_OPT_COUNT], gtok[KVC_OPT_COUNT], gsz[KVC_OPT_COUNT];
+    unsigned long long fixed; // header + maps + CRC
+    // rate controller
+    int no_budget;
+    uint32_t r;
+    double remain, lambda_prev;
+    // inputs
+    const float *imp;
+    const uint8_t *is_static, *backbone;
+    const float *tab; // [TAB_COUNT][n_kv][n]
+    const float *dev_mean; // [n_kv]
+    // work
+    float *dist;       // [n_items][KVC_OPT_COUNT]
+    uint8_t *allowed, *choice, *tmp, *cand_opt;
+    unsigned long long *cnt; // [3][n_kv][8] count passes, rotating
+    long long *gcnt;         // [n_kv][8] counts of the choice, kept by the greedy fill
+    opt_out_t *out;
+} opt_args_t;
+
+static __device__ __forceinline__ double o_dadd(double a, double b)
+{
+    return __dadd_rn(a, b);
+}
+static __device__ __forceinline__ double o_dmul(double a, double b)
+{
+    return __dmul_rn(a, b);
+}
+
+/* kvc_run_bytes from the byte model. */
+static __device__ __forceinline__ unsigned long long run_bytes(const opt_args_t &a, int o,
+                                                              unsigned long long count)
+{
+    if (o == KVC_OPT_DROP || count == 0)
+        return 0;
+    unsigned long long gs = a.gsz[o], full = count / gs, rest = count % gs;
+    unsigned long long b = full * (a.gfix[o] + gs * a.gtok[o]);
+    if (rest)
+        b += a.gfix[o] + rest * a.gtok[o];
+    return b;
+}
+
+/* Mean of the head's value deviations in the CPU's order (a double sum over tokens); only the
+ * policies that weigh every token by the head's mean deviation need it. */
+__global__ void dev_mean_kernel(const float *dev, uint32_t n_kv, uint32_t n, float *mean)
+{
+    uint32_t h = blockIdx.x * blockDim.x + threadIdx.x;
+    if (h >= n_kv)
+        return;
+    double s = 0;
+    for (uint32_t t = 0; t < n; t++)
+        s = o_dadd(s, (double)dev[(size_t)h * n + t]);
+    mean[h] = (float)__ddiv_rn(s, (double)n);
+}
+
+/* build_items for one item. */
+static __device__ void build_item(const opt_args_t &a, size_t it, bool pins)
+{
+    uint32_t h = (uint32_t)(it / a.n), t = (uint32_t)(it % a.n), n = a.n;
+    float *D = a.dist + it * KVC_OPT_COUNT;
+    float w = a.dist_kind == KVC_DIST_POSITION ? __fdiv_rn((float)(t + 1), (float)n) : a.imp[it];
+    bool middle = t >= a.sinks && t + a.recent < n;
+    if (a.stat_on && a.is_static[h] && middle)
+        w = kmul(w, a.hybrid_factor);
+    uint8_t mask = (uint8_t)a.options;
+    if (pins && (t < a.sinks || t + a.recent >= n))
+        mask = KVC_OPT_BIT(KVC_OPT_F16);
+    else if (pins && a.backbone[t])
+        mask = (uint8_t)KVC_OPT_BIT(a.backbone_opt);
+    a.allowed[it] = mask;
+    if (!a.measured) {
+        for (int o = 0; o < KVC_OPT_COUNT; o++)
+            D[o] = kmul(w, a.pen[o]);
+        return;
+    }
+    size_t plane = a.n_items;
+    float dv = a.joint_kv ? a.tab[TAB_DEV * plane + it] : a.dev_mean[h];
+    float w2 = kmul(w, w);
+    D[KVC_OPT_F16] = 0;
+    D[KVC_OPT_DROP] = kmul(w2, dv);
+    float q8 = 0, q4 = 0, q42 = 0, q2 = 0;
+    if (a.need8)
+        q8 = kmul(w2, kadd(a.tab[TAB_EV8 * plane + it], kmul(dv, a.tab[TAB_EK8 * plane + it])));
+    if (a.needv4)
+        q4 = kmul(w2, kadd(a.tab[TAB_EV4 * plane + it], kmul(dv, a.tab[TAB_EK4 * plane + it])));
+    if (a.need2 && a.need4)
+        q42 = kmul(w2, kadd(a.tab[TAB_EV2 * plane + it], kmul(dv, a.tab[TAB_EK4 * plane + it])));
+    if (a.needk2)
+        q2 = kmul(w2, kadd(a.tab[TAB_EV2 * plane + it], kmul(dv, a.tab[TAB_EK2 * plane + it])));
+    D[KVC_OPT_Q8] = q8;
+    D[KVC_OPT_Q4] = q4;
+    D[KVC_OPT_Q4V2] = q42;
+    D[KVC_OPT_Q2] = q2;
+}
+
+/* assign's choice for one item at lambda. */
+static __device__ __forceinline__ int assign_one(const opt_args_t &a, size_t it, double lambda)
+{
+    const float *D = a.dist + it * KVC_OPT_COUNT;
+    uint8_t mask = a.allowed[it];
+    int best = -1;
+    double bv = 0;
+    for (int o = KVC_OPT_COUNT - 1; o >= 0; o--) {
+        if (!(mask & (1u << o)))
+            continue;
+        double v = o_dadd((double)D[o], o_dmul(lambda, (double)a.cost[o]));
+        if (best < 0 || v < bv) {
+            best = o;
+            bv = v;
+        }
+    }
+    return best;
+}
+
+static __device__ __forceinline__ int cheapest_one(const opt_args_t &a, size_t it, bool allow_drop)
+{
+    uint8_t mask = a.allowed[it];
+    if (!allow_drop && mask != KVC_OPT_BIT(KVC_OPT_DROP))
+        mask &= (uint8_t)~KVC_OPT_BIT(KVC_OPT_DROP);
+    int o = KVC_OPT_COUNT - 1;
+    while (o > 0 && !(mask & (1u << o)))
+        o--;
+    return o;
+}
+
+enum { PASS_ASSIGN = 0, PASS_CHEAP = 1, PASS_CHEAP_NODROP = 2, PASS_COPY = 3 };
+
+/* One pass over every item: the choice by `mode` (written to dst when not NULL), its byte
+ * counts per (head, option) added into count buffer `buf` (zero before the pass). Then the
+ * grid synchronizes and every block returns the exact frame bytes of that choice. */
+static __device__ unsigned long long count_pass(const opt_args_t &a, cg::grid_group &grid,
+                                                int mode, double lambda, uint8_t *dst,
+                                                const uint8_t *src, int buf, unsigned *s_cnt,
+                                                unsigned long long *s_total)
+{
+    uint32_t nk8 = a.n_kv * 8;
+    for (uint32_t i = threadIdx.x; i < nk8; i += blockDim.x)
+        s_cnt[i] = 0;
+    __syncthreads();
+    size_t stride = (size_t)gridDim.x * blockDim.x;
+    size_t rounds = (a.n_items + stride - 1) / stride;
+    uint32_t lane = threadIdx.x % 32;
+    for (size_t k = 0; k < rounds; k++) { // uniform trip count: the warp votes below
+        size_t it = k * stride + (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+        bool live = it < a.n_items;
+        int o = -1;
+        uint32_t h = 0;
+        if (live) {
+            o = mode == PASS_ASSIGN  ? assign_one(a, it, lambda)
+                : mode == PASS_COPY  ? (int)src[it]
+                                     : cheapest_one(a, it, mode == PASS_CHEAP);
+            h = (uint32_t)(it / a.n);
+            if (dst)
+                dst[it] = (uint8_t)o;
+        }
+        uint32_t h0 = __shfl_sync(0xffffffffu, h, 0);
+        bool same = __all_sync(0xffffffffu, !live || h == h0);
+        if (same) {
+            for (int q = 0; q < KVC_OPT_COUNT; q++) {
+                unsigned m = __ballot_sync(0xffffffffu, o == q);
+                if (lane == 0 && m)
+                    atomicAdd(&s_cnt[h0 * 8 + q], (unsigned)__popc(m));
+            }
+        } else if (live) {
+            atomicAdd(&s_cnt[h * 8 + o], 1u);
+        }
+    }
+    __syncthreads();
+    unsigned long long *g = a.cnt + (size_t)buf * nk8;
+    for (uint32_t i = threadIdx.x; i < nk8; i += blockDim.x)
+        if (s_cnt[i])
+            atomicAdd(&g[i], (unsigned long long)s_cnt[i]);
+    grid.sync();
+    if (threadIdx.x == 0) {
+        unsigned long long tot = a.fixed;
+        for (uint32_t h = 0; h < a.n_kv; h++)
+            for (int q = 0; q < KVC_OPT_DROP; q++)
+                tot += run_bytes(a, q, __ldcg(&g[h * 8 + q])); // other SMs' atomics: not L1
+        *s_total = tot;
+    }
+    // The buffer two passes ahead is the one the previous pass filled: every block has read
+    // it (before this pass's grid barrier), so it can be cleared for reuse.
+    if (blockIdx.x == 0) {
+        unsigned long long *z = a.cnt + (size_t)((buf + 2) % 3) * nk8;
+        for (uint32_t i = threadIdx.x; i < nk8; i += blockDim.x)
+            z[i] = 0;
+    }
+    __syncthreads();
+    return *s_total;
+}
+
+/* kvc_encoder_choose from the distortion tables, for one layer, as one cooperative grid. */
+__global__ void __launch_bounds__(OPT_THREADS) choose_kernel(opt_args_t a)
+{
+    cg::grid_group grid = cg::this_grid();
+    __shared__ unsigned s_cnt[OPT_MAX_KV * 8];
+    __shared__ unsigned long long s_total;
+    int buf = 0;
+    double lambda = 0;
+    int budget_met = 0, need_greedy = 0;
+    unsigned long long g_total = 0, g_target = 0;
+    size_t stride = (size_t)gridDim.x * blockDim.x;
+    size_t first = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    bool pins = true;
+#define PASS(mode, lam, dst, src) count_pass(a, grid, mode, lam, dst, src, buf++ % 3, s_cnt, &s_total)
+    for (int attempt = 0; attempt < 2; attempt++, pins = false) {
+        for (size_t it = first; it < a.n_items; it += stride)
+            build_item(a, it, pins);
+        grid.sync();
+        if (a.no_budget) {
+            PASS(PASS_CHEAP_NODROP, 0, a.choice, NULL);
+            budget_met = 1;
+            break;
+        }
+        double floor_l = (double)PASS(PASS_CHEAP, 0, a.tmp, NULL);
+        double cap = a.remain - o_dmul((double)(a.r - 1), floor_l);
+        double share = __ddiv_rn(a.remain, (double)a.r);
+        if (a.r > 1)
+            {
+                double c2 = o_dmul(share, o_dadd(1, a.flex));
+                cap = cap < c2 ? cap : c2;
+            }
+        if (floor_l > cap) {
+            if (pins)
+                continue; // the pins alone do not fit: retry with every item free
+            PASS(PASS_COPY, 0, a.choice, a.tmp);
+            budget_met = floor_l <= a.remain;
+            break;
+        }
+        bool accepted = false;
+        if (a.lambda_prev >= 0 && a.r > 1) {
+            double x = (double)PASS(PASS_ASSIGN, a.lambda_prev, a.choice, NULL);
+            if (x <= cap && x >= o_dmul(share, __dsub_rn(1, a.flex))) {
+                accepted = true;
+                lambda = a.lambda_prev;
+            }
+        }
+        if (!accepted) {
+            double tgt = a.r > 1 ? (share < cap ? share : cap) : a.remain;
+            unsigned long long target = (unsigned long long)tgt;
+            // solve(): bracket, bisection in log space, then the greedy fill (later kernels).
+            double lo = a.lambda_prev > 0 ? a.lambda_prev : 1e-6, hi = lo;
+            bool done = false;
+            if (PASS(PASS_ASSIGN, lo, NULL, NULL) <= target) {
+                for (;;) {
+                    hi = lo;
+                    lo /= 64;
+                    if (lo <= 1e-30) {
+                        if (PASS(PASS_ASSIGN, 0, a.choice, NULL) <= target) {
+                            lambda = 0;
+                            done = true;
+                        }
+                        break;
+                    }
+                    if (PASS(PASS_ASSIGN, lo, NULL, NULL) > target)
+                        break;
+                }
+            } else {
+                for (;;) {
+                    hi *= 64;
+                    unsigned long long x = PASS(PASS_ASSIGN, hi, NULL, NULL);
+                    if (hi >= 1e30 || x <= target)
+                        break;
+                }
+            }
+            if (!done) {
+                for (int it = 0; it < 40 && hi > o_dmul(lo, 1.01); it++) {
+                    double mid = __dsqrt_rn(o_dmul(lo, hi));
+                    if (PASS(PASS_ASSIGN, mid, NULL, NULL) <= target)
+                        hi = mid;
+                    else
+                        lo = mid;
+                }
+                unsigned long long x = PASS(PASS_ASSIGN, hi, a.choice, NULL);
+                if (x > target)
+                    x = PASS(PASS_CHEAP, 0, a.choice, NULL);
+                need_greedy = 1;
+                g_total = x;
+                g_target = target;
+                lambda = hi;
+                // The counts of the final choice, for the greedy fill.
+                const unsigned long long *g = a.cnt + (size_t)((buf - 1) % 3) * a.n_kv * 8;
+                if (blockIdx.x == 0)
+                    for (uint32_t i = threadIdx.x; i < a.n_kv * 8; i += blockDim.x)
+                        a.gcnt[i] = (long long)__ldcg(&g[i]);
+            }
+        }
+        budget_met = 1;
+        break;
+    }
+#undef PASS
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        a.out->lambda = lambda;
+        a.out->budget_met = budget_met;
+        a.out->need_greedy = need_greedy;
+        a.out->total = g_total;
+        a.out->target = g_target;
+    }
+}
+
+/* The greedy fill's candidates of one pass: per item its best upgrade along the hull (ratio
+ * of distortion saved per byte) as a sort key (a positive float's bits order as the float),
+ * 0 for none. */
+__global__ void cand_kernel(opt_args_t a, uint32_t *keys, uint32_t *idx)
+{
+    bool on = a.out->need_greedy != 0;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < a.n_items;
+         i += (size_t)gridDim.x * blockDim.x) {
+        idx[i] = (uint32_t)i;
+        int bo = -1;
+        float best = 0;
+        if (on) {
+            const float *D = a.dist + i * KVC_OPT_COUNT;
+            int cur = a.choice[i];
+            uint8_t mask = a.allowed[i];
+            for (int o = 0; o < KVC_OPT_COUNT; o++) {
+                if (!(mask & (1u << o)) || a.cost[o] <= a.cost[cur])
+                    continue;
+                float r = __fdiv_rn(ksub(D[cur], D[o]), ksub(a.cost[o], a.cost[cur]));
+                if (r > best) {
+                    best = r;
+                    bo = o;
+                }
+            }
+        }
+        keys[i] = bo >= 0 ? __float_as_uint(best) : 0u;
+        a.cand_opt[i] = (uint8_t)(bo >= 0 ? bo : 0);
+    }
+}
+
+/* One pass of the greedy fill over the sorted candidates: a block stages GREEDY_CHUNK of them
+ * in shared memory, its first warp takes, 32 at a time, the first whose exact byte change
+ * still fits (the ones before it do not fit under the same state) and goes on behind it. */
+__global__ void __launch_bounds__(256) greedy_kernel(opt_args_t a, const uint32_t *keys,
+                                                     const uint32_t *idx)
+{
+    __shared__ long long s_cnt[OPT_MAX_KV * 8];
+    __shared__ uint32_t s_idx[GREEDY_CHUNK];
+    __shared__ uint8_t s_cur[GREEDY_CHUNK], s_to[GREEDY_CHUNK];
+    __shared__ int s_done;
+    __shared__ long long s_total;
+    if (!a.out->need_greedy)
+        return;
+    uint32_t nk8 = a.n_kv * 8;
+    for (uint32_t i = threadIdx.x; i < nk8; i += blockDim.x)
+        s_cnt[i] = a.gcnt[i];
+    if (threadIdx.x == 0) {
+        s_done = 0;
+        s_total = (long long)a.out->total;
+    }
+    const long long target = (long long)a.out->target;
+    const uint32_t none = 0xffffffffu;
+    for (size_t base = 0; base < a.n_items; base += GREEDY_CHUNK) {
+        __syncthreads();
+        for (uint32_t k = threadIdx.x; k < GREEDY_CHUNK; k += blockDim.x) {
+            size_t pos = base + k;
+            uint32_t i = none;
+            if (pos < a.n_items && keys[pos] != 0) {
+                i = idx[pos];
+                s_cur[k] = a.choice[i];
+                s_to[k] = a.cand_opt[i];
+            }
+            s_idx[k] = i;
+        }
+        __syncthreads();
+        if (threadIdx.x < 32) {
+            uint32_t lane = threadIdx.x;
+            long long total = s_total;
+            uint32_t p = 0;
+            bool finished = false;
+            while (p < GREEDY_CHUNK) {
+                uint32_t k = p + lane;
+                bool in_chunk = k < GREEDY_CHUNK;
+                uint32_t i = in_chunk ? s_idx[k] : none;
+                bool valid = i != none;
+                bool ok = false;
+                long long delta = 0;
+                uint32_t h = 0;
+                int cur = 0, to = 0;
+                if (valid) {
+                    h = i / a.n;
+                    cur = s_cur[k];
+                    to = s_to[k];
+                    long long ct = s_cnt[h * 8 + to], cc = s_cnt[h * 8 + cur];
+                    delta = (long long)run_bytes(a, to, ct + 1) - (long long)run_bytes(a, to, ct) +
+                            (long long)run_bytes(a, cur, cc - 1) - (long long)run_bytes(a, cur, cc);
+                    ok = total + delta <= target;
+                }
+                unsigned m = __ballot_sync(0xffffffffu, ok);
+                if (m == 0) {
+                    // No candidate of the window fits; an empty slot means the candidates
+                    // ended (zero keys sort last).
+                    if (__any_sync(0xffffffffu, in_chunk && !valid)) {
+                        finished = true;
+                        break;
+                    }
+                    p += 32;
+                    continue;
+                }
+                uint32_t f = (uint32_t)(__ffs(m) - 1);
+                if (lane == f) {
+                    s_cnt[h * 8 + to]++;
+                    s_cnt[h * 8 + cur]--;
+                    a.choice[i] = (uint8_t)to;
+                }
+                total += __shfl_sync(0xffffffffu, delta, f);
+                __syncwarp();
+                p += f + 1;
+            }
+            if (lane == 0) {
+                s_total = total;
+                s_done = finished;
+            }
+        }
+        __syncthreads();
+        if (s_done)
+            break;
+    }
+    __syncthreads();
+    for (uint32_t i = threadIdx.x; i < nk8; i += blockDim.x)
+        a.gcnt[i] = s_cnt[i];
+    if (threadIdx.x == 0)
+        a.out->total = (unsigned long long)s_total;
+}
+
+/* The distortion of the final choice (info only): fixed-order partial sums, so it is the same
+ * on every run, though not rounded as the CPU's serial sum. */
+__global__ void dist_kernel(opt_args_t a)
+{
+    __shared__ double part[1024];
+    double s = 0;
+    for (size_t i = threadIdx.x; i < a.n_items; i += blockDim.x)
+        s = o_dadd(s, (double)a.dist[i * KVC_OPT_COUNT + a.choice[i]]);
+    part[threadIdx.x] = s;
+    __syncthreads();
+    for (uint32_t w = blockDim.x / 2; w > 0; w /= 2) {
+        if (threadIdx.x < w)
+            part[threadIdx.x] = o_dadd(part[threadIdx.x], part[threadIdx.x + w]);
+        __syncthreads();
+    }
+    if (threadIdx.x == 0)
+        a.out->dist = part[0];
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* Host                                                                                        */
 /* ------------------------------------------------------------------------------------------ */
 
@@ -650,6 +1147,9 @@ extern "C" void kvc_encoder_cuda_destroy(kvc_encoder_cuda_t *e)
     kvc_encoder_destroy(e->enc);
     cudaFree(e->d_kr), cudaFree(e->d_vr), cudaFree(e->d_tab), cudaFree(e->d_tok);
     cudaFree(e->d_work), cudaFree(e->d_crc);
+    cudaFree(e->d_dist), cudaFree(e->d_opt8), cudaFree(e->d_cnt), cudaFree(e->d_gcnt);
+    cudaFree(e->d_dev_mean), cudaFree(e->d_backbone), cudaFree(e->d_keys), cudaFree(e->d_idx);
+    cudaFree(e->d_sort_tmp), cudaFree(e->d_out), cudaFreeHost(e->h_out);
     kvc_scores_cleanup_cuda(&e->d_scores);
     cudaFreeHost(e->h_tab), cudaFreeHost(e->h_tok), cudaFreeHost(e->h_work);
     cudaFreeHost(e->h_crc), cudaFreeHost(e->h_head);
@@ -658,6 +1158,54 @@ extern "C" void kvc_encoder_cuda_destroy(kvc_encoder_cuda_t *e)
             cudaEventDestroy(e->ev[i]);
     free(e->h_imp), free(e->h_qsq), free(e->h_obar), free(e->h_static), free(e->h_plan);
     free(e);
+}
+
+/* The device optimizer's buffers, when the device runs cooperative grids and the heads fit
+ * its count histogram; otherwise opt_on stays false and the host optimizer runs. */
+static fy_status_t opt_create(kvc_encoder_cuda_t *e)
+{
+    fy_status_t st = FY_OK;
+    int dev = 0, coop = 0, sms = 0, per_sm = 0;
+    if (e->n_kv > OPT_MAX_KV)
+        return FY_OK;
+    KVC_CUDA_GOTO(cudaGetDevice(&dev), st, fail);
+    KVC_CUDA_GOTO(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev), st, fail);
+    KVC_CUDA_GOTO(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), st, fail);
+    KVC_CUDA_GOTO(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, choose_kernel,
+                                                                 OPT_THREADS, 0),
+                  st, fail);
+    if (!coop || per_sm < 1 || sms < 1)
+        return FY_OK;
+    {
+        size_t items = e->n_items;
+        size_t need = (items + OPT_THREADS - 1) / OPT_THREADS;
+        e->opt_grid = (unsigned)FY_MIN((size_t)per_sm * (size_t)sms, FY_MAX(need, (size_t)1));
+        KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_dist, items * KVC_OPT_COUNT * sizeof(float)), st,
+                      fail);
+        KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_opt8, 4 * items), st, fail);
+        KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_cnt, 3 * (size_t)e->n_kv * 8 * 8), st, fail);
+        KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_gcnt, (size_t)e->n_kv * 8 * 8), st, fail);
+        KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_dev_mean, (size_t)e->n_kv * sizeof(float)), st,
+                      fail);
+        KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_backbone, e->n), st, fail);
+        KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_keys, 2 * items * sizeof(uint32_t)), st, fail);
+        KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_idx, 2 * items * sizeof(uint32_t)), st, fail);
+        KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_out, sizeof(opt_out_t)), st, fail);
+        KVC_CUDA_GOTO(cudaMallocHost((void **)&e->h_out, sizeof(opt_out_t)), st, fail);
+        KVC_CUDA_GOTO(cub::DeviceRadixSort::SortPairsDescending(
+                          NULL, e->sort_tmp_bytes, e->d_keys, e->d_keys + items, e->d_idx,
+                          e->d_idx + items, (int)items),
+                      st, fail);
+        KVC_CUDA_GOTO(cudaMalloc(&e->d_sort_tmp, FY_MAX(e->sort_tmp_bytes, (size_t)16)), st, fail);
+        kvc_opt_inputs_t oi;
+        kvc_encoder_opt_inputs(e->enc, 0, &oi);
+        KVC_CUDA_GOTO(cudaMemcpy(e->d_backbone, oi.backbone, e->n, cudaMemcpyHostToDevice), st,
+                      fail);
+    }
+    e->opt_on = true;
+    return FY_OK;
+fail:
+    return st;
 }
 
 extern "C" fy_status_t kvc_encoder_cuda_create(const kvc_encoder_params_t *params,
@@ -719,6 +1267,8 @@ extern "C" fy_status_t kvc_encoder_cuda_create(const kvc_encoder_params_t *param
         st = FY_ERR_NO_MEMORY;
         goto fail;
     }
+    if ((st = opt_create(e)) != FY_OK)
+        goto fail;
     *enc_p = e;
     return FY_OK;
 fail: // destroy takes half-built encoders
@@ -810,6 +1360,109 @@ static void plan_payload(kvc_encoder_cuda_t *e, size_t payload_off, size_t *n_f1
     *n_work_p = o_q;
 }
 
+/* Queues the device optimizer for the layer on stream: distortions, the choice (rate control,
+ * bisection, greedy fill), its distortion; then the choice into the host encoder's choice
+ * array and the result into h_out, both valid once the stream reaches this point. */
+static fy_status_t opt_enqueue(kvc_encoder_cuda_t *e, uint32_t layer, const kvc_scores_t *sc,
+                               bool measured, cudaStream_t cs)
+{
+    fy_status_t st = FY_OK;
+    const kvc_policy_t *pol = &e->policy;
+    uint32_t opts = pol->options, d = e->d, G = e->G, P = e->P;
+    size_t items = e->n_items;
+    kvc_opt_inputs_t oi;
+    kvc_encoder_opt_inputs(e->enc, layer, &oi);
+    opt_args_t a;
+    memset(&a, 0, sizeof(a));
+    a.n_kv = e->n_kv;
+    a.n = e->n;
+    a.G = G;
+    a.n_items = items;
+    a.dist_kind = pol->dist;
+    a.joint_kv = pol->joint_kv;
+    a.stat_on = pol->hybrid_threshold > 0;
+    a.measured = measured;
+    a.sinks = pol->sinks;
+    a.recent = pol->recent;
+    a.options = opts;
+    a.backbone_opt = pol->backbone_opt;
+    a.hybrid_factor = pol->hybrid_factor;
+    a.need8 = (opts & KVC_OPT_BIT(KVC_OPT_Q8)) != 0;
+    a.need4 = (opts & (KVC_OPT_BIT(KVC_OPT_Q4) | KVC_OPT_BIT(KVC_OPT_Q4V2))) != 0;
+    a.needv4 = (opts & KVC_OPT_BIT(KVC_OPT_Q4)) != 0;
+    a.need2 = (opts & (KVC_OPT_BIT(KVC_OPT_Q4V2) | KVC_OPT_BIT(KVC_OPT_Q2))) != 0;
+    a.needk2 = (opts & KVC_OPT_BIT(KVC_OPT_Q2)) != 0;
+    a.flex = pol->rate_flex;
+    for (int o = 0; o < KVC_OPT_COUNT; o++) {
+        a.cost[o] = oi.cost[o];
+        a.pen[o] = oi.rank_pen[o];
+        uint32_t gs = kvc_group_tokens(o, G);
+        a.gsz[o] = gs;
+        if (o == KVC_OPT_DROP) {
+            a.gfix[o] = a.gtok[o] = 0;
+        } else {
+            // kvc_group_bytes is affine in the token count.
+            a.gfix[o] = kvc_group_bytes(o, d, 0, P);
+            a.gtok[o] = kvc_group_bytes(o, d, 1, P) - a.gfix[o];
+            if (o == KVC_OPT_F16) { // a group is one token of 4d bytes
+                a.gfix[o] = 4 * (unsigned long long)d;
+                a.gtok[o] = 0;
+            }
+        }
+    }
+    a.fixed = KVC_FRAME_HEADER_BYTES + FY_ALIGN_UP((size_t)e->n_kv * kvc_map_bytes(e->n), 8) + 4;
+    a.no_budget = oi.no_budget;
+    a.r = oi.r;
+    a.remain = oi.remain;
+    a.lambda_prev = oi.lambda_prev;
+    a.imp = sc->importance;
+    a.is_static = sc->is_static;
+    a.backbone = e->d_backbone;
+    a.tab = e->d_tab;
+    a.dev_mean = e->d_dev_mean;
+    a.dist = e->d_dist;
+    a.allowed = e->d_opt8;
+    a.choice = e->d_opt8 + items;
+    a.tmp = e->d_opt8 + 2 * items;
+    a.cand_opt = e->d_opt8 + 3 * items;
+    a.cnt = e->d_cnt;
+    a.gcnt = e->d_gcnt;
+    a.out = e->d_out;
+    if (measured && !pol->joint_kv) {
+        dev_mean_kernel<<<kvc_grid(e->n_kv, 32), 32, 0, cs>>>(e->d_tab + TAB_DEV * items, e->n_kv,
+                                                              e->n, e->d_dev_mean);
+        KVC_LAUNCH_GOTO(st, out);
+    }
+    KVC_CUDA_GOTO(cudaMemsetAsync(e->d_cnt, 0, 3 * (size_t)e->n_kv * 8 * 8, cs), st, out);
+    {
+        void *args[] = {&a};
+        KVC_CUDA_GOTO(cudaLaunchCooperativeKernel((const void *)choose_kernel, e->opt_grid,
+                                                  OPT_THREADS, args, 0, cs),
+                      st, out);
+    }
+    for (int pass = 0; pass < 2; pass++) {
+        cand_kernel<<<kvc_grid(items, 256), 256, 0, cs>>>(a, e->d_keys, e->d_idx);
+        KVC_LAUNCH_GOTO(st, out);
+        size_t tmp_bytes = e->sort_tmp_bytes;
+        KVC_CUDA_GOTO(cub::DeviceRadixSort::SortPairsDescending(
+                          e->d_sort_tmp, tmp_bytes, e->d_keys, e->d_keys + items, e->d_idx,
+                          e->d_idx + items, (int)items, 0, 32, cs),
+                      st, out);
+        greedy_kernel<<<1, 256, 0, cs>>>(a, e->d_keys + items, e->d_idx + items);
+        KVC_LAUNCH_GOTO(st, out);
+    }
+    dist_kernel<<<1, 1024, 0, cs>>>(a);
+    KVC_LAUNCH_GOTO(st, out);
+    KVC_CUDA_GOTO(cudaMemcpyAsync(kvc_encoder_choice_buf(e->enc), a.choice, items,
+                                  cudaMemcpyDeviceToHost, cs),
+                  st, out);
+    KVC_CUDA_GOTO(cudaMemcpyAsync(e->h_out, e->d_out, sizeof(opt_out_t), cudaMemcpyDeviceToHost,
+                                  cs),
+                  st, out);
+out:
+    return st;
+}
+
 extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
                                                      const kvc_layer_input_t *in,
                                                      const kvc_scores_t *scores,
@@ -844,17 +1497,20 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
     const kvc_policy_t *pol = &e->policy;
     bool measured = pol->dist == KVC_DIST_TRIAL || pol->dist == KVC_DIST_MODEL;
     uint32_t opts = pol->options;
-    KVC_CUDA_GOTO(cudaMemcpyAsync(e->h_imp, sc->importance, plane * sizeof(float),
-                                  cudaMemcpyDeviceToHost, cs),
-                  st, out);
-    KVC_CUDA_GOTO(cudaMemcpyAsync(e->h_qsq, sc->qsq, (size_t)n_kv * d * sizeof(float),
-                                  cudaMemcpyDeviceToHost, cs),
-                  st, out);
-    KVC_CUDA_GOTO(cudaMemcpyAsync(e->h_obar, sc->obar, (size_t)n_kv * d * sizeof(float),
-                                  cudaMemcpyDeviceToHost, cs),
-                  st, out);
-    KVC_CUDA_GOTO(cudaMemcpyAsync(e->h_static, sc->is_static, n_kv, cudaMemcpyDeviceToHost, cs),
-                  st, out);
+    if (!e->opt_on) { // the host optimizer reads the scores on the host
+        KVC_CUDA_GOTO(cudaMemcpyAsync(e->h_imp, sc->importance, plane * sizeof(float),
+                                      cudaMemcpyDeviceToHost, cs),
+                      st, out);
+        KVC_CUDA_GOTO(cudaMemcpyAsync(e->h_qsq, sc->qsq, (size_t)n_kv * d * sizeof(float),
+                                      cudaMemcpyDeviceToHost, cs),
+                      st, out);
+        KVC_CUDA_GOTO(cudaMemcpyAsync(e->h_obar, sc->obar, (size_t)n_kv * d * sizeof(float),
+                                      cudaMemcpyDeviceToHost, cs),
+                      st, out);
+        KVC_CUDA_GOTO(
+            cudaMemcpyAsync(e->h_static, sc->is_static, n_kv, cudaMemcpyDeviceToHost, cs), st,
+            out);
+    }
     kv_src_t src;
     src.k = in->k;
     src.v = in->v;
@@ -901,7 +1557,7 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
                                 a.need4 && (a.model || a.needv4),
                                 a.need2 && (a.model || a.needk2),
                                 (bool)a.need2};
-        for (int ti = 0; ti < TAB_COUNT; ti++) {
+        for (int ti = 0; ti < TAB_COUNT && !e->opt_on; ti++) {
             if (!want[ti])
                 continue;
             size_t at = (size_t)ti * plane;
@@ -910,9 +1566,15 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
                           st, out);
         }
     }
+    if (e->opt_on && (st = opt_enqueue(e, in->layer, sc, measured, cs)) != FY_OK)
+        goto out;
     KVC_CUDA_GOTO(cudaEventRecord(e->ev[1], cs), st, out);
     KVC_CUDA_GOTO(cudaStreamSynchronize(cs), st, out);
-    {
+    if (e->opt_on) {
+        info.lambda = e->h_out->lambda;
+        info.budget_met = e->h_out->budget_met != 0;
+        kvc_encoder_set_lambda(e->enc, e->h_out->lambda);
+    } else {
         // The optimizer, on the host, from the GPU's tables.
         kvc_scores_t hs;
         hs.n_kv_heads = n_kv;
@@ -993,7 +1655,10 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
         kvc_wr32(cb, crc);
         KVC_CUDA_GOTO(cudaMemcpyAsync(out + body, cb, 4, cudaMemcpyHostToDevice, cs), st, out);
         KVC_CUDA_GOTO(cudaStreamSynchronize(cs), st, out);
-        kvc_encoder_commit(e->enc, total, &info);
+        if (e->opt_on)
+            kvc_encoder_commit_dist(e->enc, total, e->h_out->dist, &info);
+        else
+            kvc_encoder_commit(e->enc, total, &info);
         *len_p = total;
     }
     info.score_ns = scores ? 0 : t1 - t0;

@@ -251,5 +251,25 @@ size_t kvc_encoder_write_head(const kvc_encoder_t *e, uint32_t layer, uint8_t *o
 /* Accounts a written frame of len bytes to the rate controller and fills info's frame_bytes,
  * fp16_bytes and distortion; the next layer may come. */
 void kvc_encoder_commit(kvc_encoder_t *e, size_t len, kvc_layer_info_t *info);
+/* The same with the layer's distortion computed elsewhere (the GPU's optimizer). */
+void kvc_encoder_commit_dist(kvc_encoder_t *e, size_t len, double dist, kvc_layer_info_t *info);
+
+/* What an optimizer outside encode.c (the GPU's) needs to make the same choice as
+ * kvc_encoder_choose for the next layer: the option costs and rank penalties, the backbone
+ * tokens and the rate controller's state. */
+typedef struct {
+    float cost[KVC_OPT_COUNT];     // amortized bytes per token of each option
+    float rank_pen[KVC_OPT_COUNT]; // distortion weight of each option under rank policies
+    const uint8_t *backbone;       // [n_tokens] 1 = HEX backbone token
+    bool no_budget;
+    uint32_t r;         // layers left, this one included
+    double remain;      // bytes of the request budget left
+    double lambda_prev; // < 0: none yet
+} kvc_opt_inputs_t;
+void kvc_encoder_opt_inputs(const kvc_encoder_t *e, uint32_t layer, kvc_opt_inputs_t *oi);
+/* The choice array ([n_kv_heads][n_tokens]) to fill with an outside optimizer's result, and
+ * the multiplier it ended at (the next layer starts from it). */
+uint8_t *kvc_encoder_choice_buf(kvc_encoder_t *e);
+void kvc_encoder_set_lambda(kvc_encoder_t *e, double lambda);
 
 #endif /* FERRY_KVCODEC_INT_H */
