@@ -186,7 +186,19 @@ typedef struct {
     const kvc_page_id_t *page_ids; // device: [list_start[batch * n_kv_heads]]
     uint32_t max_list_pages; // the longest list (sizes the split of each list over thread
                              // blocks; longer lists are still attended in full, more slowly)
+    uint32_t impl;           // KVC_ATTEND_IMPL_*: 0 (AUTO) unless a test or benchmark asks
 } kvc_attend_batch_t;
+
+/* Kernels of kvc_attend_batch_cuda. AUTO: the environment variable FERRY_ATTEND_IMPL ("simt" or
+ * "mma") when set, else MMA. MMA (tensor cores: FP16 operands split hi + lo, FP32
+ * accumulation) takes head_dim 64 and 128 with GQA groups up to 4 rows; other shapes, and
+ * MMA asked of them, run SIMT (FP32 dequantization in registers), which takes every shape. */
+enum { KVC_ATTEND_IMPL_AUTO = 0, KVC_ATTEND_IMPL_SIMT = 1, KVC_ATTEND_IMPL_MMA = 2 };
+
+/* The kernel (KVC_ATTEND_IMPL_SIMT or _MMA) kvc_attend_batch_cuda runs for this pool and batch.
+ * Thread: any. */
+fy_status_t kvc_attend_batch_cuda_impl(const kvc_gpu_pages_t *pool,
+                                       const kvc_attend_batch_t *batch, uint32_t *impl_p);
 
 /* Bytes of device workspace kvc_attend_batch_cuda needs for this pool and batch shape.
  * Thread: any. */

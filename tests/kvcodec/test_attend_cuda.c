@@ -4,9 +4,9 @@
 // sequences of different lengths must match kvc_attend on the same pages list by list:
 // |gpu - cpu| <= 1e-3 * max|cpu row| + 1e-6 for every element (both are fp32; only the order of
 // the sums differs). Every option, rotated and unrotated pages, MixKVQ protected channels,
-// GQA 3:1 and 1:1, head_dim 64 and 128 (and 72, 256, 512 for the other lane layouts), odd
+// GQA 4:1, 3:1, 2:1 and 1:1, head_dim 64 and 128 (and 72, 256, 512 for the other lane layouts), odd
 // token counts, empty lists (zeros), one split per list and many, and invalid page ids
-// (skipped and counted). Outputs are poisoned with NaN first. Exits 77 (skipped) without a
+// (skipped and counted); each with both kernels (SIMT, and MMA where the shape allows it). Outputs are poisoned with NaN first. Exits 77 (skipped) without a
 // CUDA build or a GPU.
 #include <setjmp.h>
 #include <stdarg.h>
@@ -153,7 +153,11 @@ static void unbuild(built_t *B)
 /* Runs the GPU kernel over every list of B (plus `extra_bad` invalid page ids at the end of
  * each non-empty list) and compares with kvc_attend. max_list_pages_override 0: the true
  * maximum. */
-static void run_and_compare(const built_t *B, uint32_t extra_bad, uint32_t max_override)
+/* Runs kernel `impl` (KVC_ATTEND_IMPL_SIMT or _MMA) over the built pages and compares with the
+ * CPU. MMA asked of a shape it does not take runs SIMT; kvc_attend_batch_cuda_impl must say so
+ * exactly for the shapes the header names. */
+static void run_and_compare(const built_t *B, uint32_t extra_bad, uint32_t max_override,
+                            uint32_t impl)
 {
     const uint32_t d = B->d, n_items = B->n_seqs * B->n_kv, grp = B->n_heads / B->n_kv;
     const uint32_t n_total = kvc_pool_n_pages(B->pool);
@@ -234,7 +238,13 @@ static void run_and_compare(const built_t *B, uint32_t extra_bad, uint32_t max_o
         .list_start = d_starts,
         .page_ids = d_ids,
         .max_list_pages = max_override ? max_override : max_list,
+        .impl = impl,
     };
+    uint32_t ran = 0;
+    assert_int_equal(kvc_attend_batch_cuda_impl(&gp, &bt, &ran), FY_OK);
+    const bool mma_shape = (d == 64 || d == 128) && grp <= 4;
+    assert_int_equal(ran, impl == KVC_ATTEND_IMPL_MMA && mma_shape ? KVC_ATTEND_IMPL_MMA
+                                                                   : KVC_ATTEND_IMPL_SIMT);
     size_t ws_bytes = 0;
     assert_int_equal(kvc_attend_batch_cuda_workspace(&gp, &bt, &ws_bytes), FY_OK);
     void *d_ws;
@@ -264,8 +274,10 @@ static void run_and_compare(const built_t *B, uint32_t extra_bad, uint32_t max_o
                 worst = fmax(worst, err / mref);
         }
     }
-    printf("  d %u, %u seqs x %u kv heads x %u rows, %u pages, max list %u: worst rel err %.2e\n",
-           d, B->n_seqs, B->n_kv, grp, n_ids, max_list, worst);
+    printf("  %s d %u, %u seqs x %u kv heads x %u rows, %u pages, max list %u: worst rel err "
+           "%.2e\n",
+           ran == KVC_ATTEND_IMPL_MMA ? "mma " : "simt", d, B->n_seqs, B->n_kv, grp, n_ids,
+           max_list, worst);
     CK(cudaFree(d_ws));
     CK(cudaFree(d_pool));
     CK(cudaFree(d_starts));
@@ -306,6 +318,25 @@ static const config_t k_configs[] = {
       {"fp16", -1, -1, 131, 7, false},
       {"ferry", 0.35, 0, 451, 0, false},
       {"kivi2", -1, 1, 263, 0, false}}},
+    // The Llama-3 shape for the tensor-core kernel: d 128, GQA 4:1, no protection, every option.
+    {128, 2, 4, 0, 32768, 512, 6,
+     {{"ferry", 0.2, -1, 1029, 0, false},
+      {"int4", -1, 1, 333, 0, false},
+      {"int8", -1, -1, 211, 3, false},
+      {"kivi2", -1, 0, 517, 0, false},
+      {"fp16", -1, -1, 190, 1, true},
+      {"ferry", 0.3, 0, 77, 0, false}}},
+    // GQA 4:1 with MixKVQ P = 3 at d 64, and GQA 2:1 with P = 5 at d 128 (16 KiB pages).
+    {64, 2, 4, 3, 16384, 1024, 4,
+     {{"ferry", 0.2, -1, 801, 0, false},
+      {"ferry", 0.25, 0, 263, 9, true},
+      {"kivi2", -1, 1, 95, 0, false},
+      {"int4", -1, 0, 31, 0, false}}},
+    {128, 2, 2, 5, 16384, 1024, 4,
+     {{"ferry", 0.15, -1, 611, 0, false},
+      {"ferry", 0.3, 1, 300, 2, false},
+      {"int8", -1, -1, 45, 0, false},
+      {"fp16", -1, -1, 5, 0, false}}},
     // Beyond the brief's shapes, the kernel's other lane layouts: d 72 (not a power of two, so
     // nothing rotated; 9 of 16 lanes per token hold channels), d 256 with GQA 8 (32 lanes per
     // token, 8 rows), d 512 with GQA 2 (16 channels per lane, 64 KiB pages).
@@ -334,8 +365,10 @@ static void test_parity(void **state)
         for (int o = 0; o < KVC_OPT_DROP; o++)
             opts[o] += B.opt_pages[o];
         rot += B.rot_pages;
-        run_and_compare(&B, 0, 0);
-        run_and_compare(&B, 0, 1);
+        for (uint32_t impl = KVC_ATTEND_IMPL_SIMT; impl <= KVC_ATTEND_IMPL_MMA; impl++) {
+            run_and_compare(&B, 0, 0, impl);
+            run_and_compare(&B, 0, 1, impl);
+        }
         unbuild(&B);
     }
     for (int o = 0; o < KVC_OPT_DROP; o++) {
@@ -352,7 +385,8 @@ static void test_bad_ids(void **state)
     (void)state;
     built_t B;
     build(&B, &k_configs[0]);
-    run_and_compare(&B, 2, 0);
+    run_and_compare(&B, 2, 0, KVC_ATTEND_IMPL_SIMT);
+    run_and_compare(&B, 2, 0, KVC_ATTEND_IMPL_MMA);
     unbuild(&B);
 }
 
@@ -362,7 +396,7 @@ static void test_refusals(void **state)
     (void)state;
     uint32_t starts[2] = {0, 0};
     kvc_gpu_pages_t gp = {(const uint8_t *)starts, 32768, 4, 128, 32, 0};
-    kvc_attend_batch_t bt = {1, 32, 8, starts, starts, 1};
+    kvc_attend_batch_t bt = {1, 32, 8, starts, starts, 1, KVC_ATTEND_IMPL_AUTO};
     size_t ws;
     assert_int_equal(kvc_attend_batch_cuda_workspace(&gp, &bt, &ws), FY_OK);
     bt.n_heads = 30; // not a multiple of the kv heads
@@ -376,6 +410,9 @@ static void test_refusals(void **state)
     gp.page_bytes = 1024; // cannot hold one key group
     assert_int_equal(kvc_attend_batch_cuda_workspace(&gp, &bt, &ws), FY_ERR_INVALID_ARG);
     gp.page_bytes = 32768;
+    bt.impl = 3; // no such kernel
+    assert_int_equal(kvc_attend_batch_cuda_workspace(&gp, &bt, &ws), FY_ERR_INVALID_ARG);
+    bt.impl = KVC_ATTEND_IMPL_AUTO;
     assert_int_equal(kvc_attend_batch_cuda(&gp, &bt, NULL, 1.0f, NULL, NULL, 0, NULL),
                      FY_ERR_INVALID_ARG);
 }
