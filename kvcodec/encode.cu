@@ -700,11 +700,22 @@ static __device__ __forceinline__ unsigned long long run_bytes(const opt_args_t 
 {
     if (o == KVC_OPT_DROP || count == 0)
         return 0;
-    unsigned long long gs = a.gsz[o], full = count / gs, rest = count % gs;
-    unsigned long long b = full * (a.gfix[o] + gs * a.gtok[o]);
+    // A head's count fits 32 bits (n_tokens <= KVC_MAX_TOKENS): 32-bit division.
+    uint32_t gs = (uint32_t)a.gsz[o], c = (uint32_t)count, full = c / gs, rest = c - full * gs;
+    unsigned long long b = (unsigned long long)full * (a.gfix[o] + gs * a.gtok[o]);
     if (rest)
         b += a.gfix[o] + rest * a.gtok[o];
     return b;
+}
+
+/* run_bytes(o, c + 1) - run_bytes(o, c): a token's bytes, plus the group's fixed bytes when it
+ * opens a group. */
+static __device__ __forceinline__ long long add_bytes(const opt_args_t &a, int o, uint32_t c)
+{
+    if (o == KVC_OPT_DROP)
+        return 0;
+    uint32_t gs = (uint32_t)a.gsz[o];
+    return (long long)a.gtok[o] + (c % gs == 0 ? (long long)a.gfix[o] : 0);
 }
 
 /* Mean of the head's value deviations in the CPU's order (a double sum over tokens); only the
@@ -882,11 +893,10 @@ __global__ void __launch_bounds__(OPT_THREADS) choose_kernel(opt_args_t a)
         double floor_l = (double)PASS(PASS_CHEAP, 0, a.tmp, NULL);
         double cap = a.remain - o_dmul((double)(a.r - 1), floor_l);
         double share = __ddiv_rn(a.remain, (double)a.r);
-        if (a.r > 1)
-            {
-                double c2 = o_dmul(share, o_dadd(1, a.flex));
-                cap = cap < c2 ? cap : c2;
-            }
+        if (a.r > 1) {
+            double c2 = o_dmul(share, o_dadd(1, a.flex));
+            cap = cap < c2 ? cap : c2;
+        }
         if (floor_l > cap) {
             if (pins)
                 continue; // the pins alone do not fit: retry with every item free
@@ -1049,8 +1059,9 @@ __global__ void __launch_bounds__(256) greedy_kernel(opt_args_t a, const uint32_
                     cur = s_cur[k];
                     to = s_to[k];
                     long long ct = s_cnt[h * 8 + to], cc = s_cnt[h * 8 + cur];
-                    delta = (long long)run_bytes(a, to, ct + 1) - (long long)run_bytes(a, to, ct) +
-                            (long long)run_bytes(a, cur, cc - 1) - (long long)run_bytes(a, cur, cc);
+                    // run_bytes(to, ct + 1) - run_bytes(to, ct) + run_bytes(cur, cc - 1) -
+                    // run_bytes(cur, cc), from the per-token steps.
+                    delta = add_bytes(a, to, (uint32_t)ct) - add_bytes(a, cur, (uint32_t)(cc - 1));
                     ok = total + delta <= target;
                 }
                 unsigned m = __ballot_sync(0xffffffffu, ok);
