@@ -653,7 +653,8 @@ __global__ void crc_kernel(const uint8_t *buf, const plan_dev_t *plan, uint32_t 
 
 #define OPT_THREADS 256
 #define OPT_MAX_KV 64       // per-block byte-count histogram; more heads take the host optimizer
-#define GREEDY_CHUNK 2048
+#define GREEDY_CHUNK 4096
+#define GREEDY_THREADS 256
 
 typedef struct {
     uint32_t n_kv, n, G;
@@ -1005,29 +1006,30 @@ __global__ void cand_kernel(opt_args_t a, uint32_t *keys, uint32_t *idx)
     }
 }
 
-/* One pass of the greedy fill over the sorted candidates: a block stages GREEDY_CHUNK of them
- * in shared memory, its first warp takes, 32 at a time, the first whose exact byte change
- * still fits (the ones before it do not fit under the same state) and goes on behind it. */
-__global__ void __launch_bounds__(256) greedy_kernel(opt_args_t a, const uint32_t *keys,
-                                                     const uint32_t *idx)
+/* One pass of the greedy fill over the sorted candidates: the block stages GREEDY_CHUNK of
+ * them in shared memory, then evaluates GREEDY_THREADS at a time against the current state
+ * (counts, frame bytes) and takes the first whose exact byte change still fits (the ones before
+ * it do not fit under the same state, as on the CPU) and goes on right behind it. */
+__global__ void __launch_bounds__(GREEDY_THREADS) greedy_kernel(opt_args_t a, const uint32_t *keys,
+                                                                const uint32_t *idx)
 {
     __shared__ long long s_cnt[OPT_MAX_KV * 8];
     __shared__ uint32_t s_idx[GREEDY_CHUNK];
     __shared__ uint8_t s_cur[GREEDY_CHUNK], s_to[GREEDY_CHUNK];
-    __shared__ int s_done;
+    __shared__ uint32_t s_first[GREEDY_THREADS / 32];
+    __shared__ int s_end[GREEDY_THREADS / 32];
     __shared__ long long s_total;
     if (!a.out->need_greedy)
         return;
-    uint32_t nk8 = a.n_kv * 8;
+    uint32_t nk8 = a.n_kv * 8, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const uint32_t none = 0xffffffffu, nwarps = GREEDY_THREADS / 32;
     for (uint32_t i = threadIdx.x; i < nk8; i += blockDim.x)
         s_cnt[i] = a.gcnt[i];
-    if (threadIdx.x == 0) {
-        s_done = 0;
+    if (threadIdx.x == 0)
         s_total = (long long)a.out->total;
-    }
     const long long target = (long long)a.out->target;
-    const uint32_t none = 0xffffffffu;
-    for (size_t base = 0; base < a.n_items; base += GREEDY_CHUNK) {
+    bool finished = false;
+    for (size_t base = 0; base < a.n_items && !finished; base += GREEDY_CHUNK) {
         __syncthreads();
         for (uint32_t k = threadIdx.x; k < GREEDY_CHUNK; k += blockDim.x) {
             size_t pos = base + k;
@@ -1040,59 +1042,58 @@ __global__ void __launch_bounds__(256) greedy_kernel(opt_args_t a, const uint32_
             s_idx[k] = i;
         }
         __syncthreads();
-        if (threadIdx.x < 32) {
-            uint32_t lane = threadIdx.x;
-            long long total = s_total;
-            uint32_t p = 0;
-            bool finished = false;
-            while (p < GREEDY_CHUNK) {
-                uint32_t k = p + lane;
-                bool in_chunk = k < GREEDY_CHUNK;
-                uint32_t i = in_chunk ? s_idx[k] : none;
-                bool valid = i != none;
-                bool ok = false;
-                long long delta = 0;
-                uint32_t h = 0;
-                int cur = 0, to = 0;
-                if (valid) {
-                    h = i / a.n;
-                    cur = s_cur[k];
-                    to = s_to[k];
-                    long long ct = s_cnt[h * 8 + to], cc = s_cnt[h * 8 + cur];
-                    // run_bytes(to, ct + 1) - run_bytes(to, ct) + run_bytes(cur, cc - 1) -
-                    // run_bytes(cur, cc), from the per-token steps.
-                    delta = add_bytes(a, to, (uint32_t)ct) - add_bytes(a, cur, (uint32_t)(cc - 1));
-                    ok = total + delta <= target;
-                }
-                unsigned m = __ballot_sync(0xffffffffu, ok);
-                if (m == 0) {
-                    // No candidate of the window fits; an empty slot means the candidates
-                    // ended (zero keys sort last).
-                    if (__any_sync(0xffffffffu, in_chunk && !valid)) {
-                        finished = true;
-                        break;
-                    }
-                    p += 32;
-                    continue;
-                }
-                uint32_t f = (uint32_t)(__ffs(m) - 1);
-                if (lane == f) {
-                    s_cnt[h * 8 + to]++;
-                    s_cnt[h * 8 + cur]--;
-                    a.choice[i] = (uint8_t)to;
-                }
-                total += __shfl_sync(0xffffffffu, delta, f);
-                __syncwarp();
-                p += f + 1;
+        uint32_t p = 0;
+        while (p < GREEDY_CHUNK) {
+            uint32_t k = p + threadIdx.x;
+            bool in_chunk = k < GREEDY_CHUNK;
+            uint32_t i = in_chunk ? s_idx[k] : none;
+            bool valid = i != none, ok = false;
+            long long delta = 0;
+            uint32_t h = 0;
+            int cur = 0, to = 0;
+            if (valid) {
+                h = i / a.n;
+                cur = s_cur[k];
+                to = s_to[k];
+                long long ct = s_cnt[h * 8 + to], cc = s_cnt[h * 8 + cur];
+                // run_bytes(to, ct + 1) - run_bytes(to, ct) + run_bytes(cur, cc - 1) -
+                // run_bytes(cur, cc), from the per-token steps.
+                delta = add_bytes(a, to, (uint32_t)ct) - add_bytes(a, cur, (uint32_t)(cc - 1));
+                ok = s_total + delta <= target;
             }
+            unsigned m = __ballot_sync(0xffffffffu, ok);
+            unsigned e = __ballot_sync(0xffffffffu, in_chunk && !valid);
             if (lane == 0) {
-                s_total = total;
-                s_done = finished;
+                s_first[warp] = m ? warp * 32 + (uint32_t)(__ffs(m) - 1) : none;
+                s_end[warp] = e != 0;
             }
+            __syncthreads();
+            uint32_t f = none;
+            int end = 0;
+            for (uint32_t w = 0; w < nwarps; w++) {
+                f = f == none ? s_first[w] : f;
+                end |= s_end[w];
+            }
+            if (f == none) {
+                // Nothing in the window fits; an empty slot means the candidates ended (the
+                // zero keys sort last).
+                __syncthreads();
+                if (end) {
+                    finished = true;
+                    break;
+                }
+                p += GREEDY_THREADS;
+                continue;
+            }
+            if (threadIdx.x == f) {
+                s_cnt[h * 8 + to]++;
+                s_cnt[h * 8 + cur]--;
+                s_total += delta;
+                a.choice[i] = (uint8_t)to;
+            }
+            __syncthreads();
+            p += f + 1;
         }
-        __syncthreads();
-        if (s_done)
-            break;
     }
     __syncthreads();
     for (uint32_t i = threadIdx.x; i < nk8; i += blockDim.x)
@@ -1669,7 +1670,7 @@ static fy_status_t opt_enqueue(kvc_encoder_cuda_t *e, uint32_t layer, const kvc_
                           e->d_sort_tmp, tmp_bytes, e->d_keys, e->d_keys + items, e->d_idx,
                           e->d_idx + items, (int)items, 0, 32, cs),
                       st, out);
-        greedy_kernel<<<1, 256, 0, cs>>>(a, e->d_keys + items, e->d_idx + items);
+        greedy_kernel<<<1, GREEDY_THREADS, 0, cs>>>(a, e->d_keys + items, e->d_idx + items);
         KVC_LAUNCH_GOTO(st, out);
     }
     dist_kernel<<<1, 1024, 0, cs>>>(a);
