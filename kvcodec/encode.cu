@@ -1320,31 +1320,41 @@ static __device__ uint32_t gf2_x8n(uint64_t len)
 }
 
 /* One block: the frame's CRC32C from the chunk CRCs, combined pairwise in a tree
- * (crc(A || B) = crc(A) x^(8|B|) + crc(B)), written behind the body. crcs is overwritten. */
+ * (crc(A || B) = crc(A) x^(8|B|) + crc(B)), written behind the body. crcs is overwritten. A
+ * right-hand side of full chunks is shifted by s_pow[level] (x^(8 CRC_CHUNK 2^level)); the one
+ * that ends with the short last chunk by x^(8 tail) times the powers of its full chunks. */
 __global__ void crc_final_kernel(uint32_t *crcs, const plan_dev_t *plan, uint8_t *out)
 {
-    __shared__ uint32_t s_pow; // x^(8 * span bytes) for a full right-hand span
+    __shared__ uint32_t s_pow[64];
+    __shared__ uint32_t s_tail;
     size_t len = plan->body;
     size_t chunks = (len + CRC_CHUNK - 1) / CRC_CHUNK;
-    if (threadIdx.x == 0)
-        s_pow = gf2_x8n(CRC_CHUNK);
+    if (threadIdx.x == 0) {
+        s_pow[0] = gf2_x8n(CRC_CHUNK);
+        s_tail = gf2_x8n(len - (chunks - 1) * CRC_CHUNK);
+    }
     __syncthreads();
-    for (size_t span = 1; span < chunks; span *= 2) { // span: chunks per right-hand side
+    int level = 0;
+    for (size_t span = 1; span < chunks; span *= 2, level++) { // span: chunks per side
         for (size_t i = (size_t)threadIdx.x * 2 * span; i + span < chunks;
              i += (size_t)blockDim.x * 2 * span) {
-            size_t rc = chunks - (i + span) < span ? chunks - (i + span) : span;
-            size_t rbytes = i + span + rc == chunks ? len - (i + span) * CRC_CHUNK
-                                                   : rc * CRC_CHUNK;
-            uint32_t x = rbytes == span * CRC_CHUNK ? s_pow : gf2_x8n(rbytes);
+            uint32_t x = s_pow[level];
+            if (i + 2 * span >= chunks) { // the right side ends the body
+                size_t full = chunks - (i + span) - 1;
+                x = s_tail;
+                for (int k = 0; k < level; k++)
+                    if ((full >> k) & 1)
+                        x = gf2_mul(x, s_pow[k]);
+            }
             crcs[i] = gf2_mul(x, crcs[i]) ^ crcs[i + span];
         }
         __syncthreads();
         if (threadIdx.x == 0)
-            s_pow = gf2_mul(s_pow, s_pow);
+            s_pow[level + 1] = gf2_mul(s_pow[level], s_pow[level]);
         __syncthreads();
     }
     if (threadIdx.x < 4)
-        out[len + threadIdx.x] = (uint8_t)((chunks ? crcs[0] : 0u) >> (8 * threadIdx.x));
+        out[len + threadIdx.x] = (uint8_t)(crcs[0] >> (8 * threadIdx.x));
 }
 
 /* ------------------------------------------------------------------------------------------ */
