@@ -893,6 +893,24 @@ __device__ __forceinline__ uint32_t v_pair(const uint32_t *w0, const uint32_t *w
     return sub1024(((y >> (2 * (x % 8))) & 0x00030003u) | 0x64006400u);
 }
 
+/* A lane's query fragments for all k steps from its row of the table (tp: row r, lane kq):
+ * a0/a2 the hi pairs 2s, 2s + 1 (rows 0-7), a1/a3 the lo ones (rows 8-15). */
+template <int D>
+__device__ __forceinline__ void mma_load_a(const uint8_t *tp, uint32_t (&afr)[D / 16][4])
+{
+    uint32_t tw[D / 4];
+#pragma unroll
+    for (int i = 0; i < D / 16; i++)
+        lds_words<4>(tp + i * 64, tw + 4 * i);
+#pragma unroll
+    for (int s = 0; s < D / 16; s++) {
+        afr[s][0] = tw[2 * s];
+        afr[s][1] = tw[D / 8 + 2 * s];
+        afr[s][2] = tw[2 * s + 1];
+        afr[s][3] = tw[D / 8 + 2 * s + 1];
+    }
+}
+
 /* Per-warp running state of one pass: this lane's part of the softmax of row r = g & 3 and of
  * O^T (rows 2kq, 2kq + 1 of the hi/lo columns; channels g D/8 + u and g D/8 + D/16 + u). */
 template <int D>
@@ -926,72 +944,74 @@ __device__ void mma_tokens(const attn_params &A, const uint8_t *slots, uint32_t 
     int cur = -1;
     for (uint32_t tile = warp; tile < ntiles; tile += kMmaWarps) {
         const uint32_t T0 = tb + 16 * tile;
-        float sv[2][2];
+        // Logits of the tile's two n-tiles (8 tokens each). Their mma chains are interleaved
+        // (independent accumulators) when both n-tiles are of one slot, as they are whenever
+        // G is a multiple of 16; else the second one reloads the table.
+        const bool two = T0 + 8 < te; // the second n-tile has tokens
+        int sl[2];
+        sl[0] = OPT == 0 ? 0 : (int)(T0 / G - s0);
+        sl[1] = OPT == 0 || !two ? sl[0] : (int)((T0 + 8) / G - s0);
+        if (sl[0] != cur) {
+            cur = sl[0];
+            mma_load_a<D>(tab + (uint32_t)cur * TABS + r * RS + kq * 16, afr);
+        }
+        uint32_t kw[2][OPT == 0 ? D / 8 : (KB / 4 > 0 ? KB / 4 : 1)];
 #pragma unroll
         for (int j = 0; j < 2; j++) {
-            const uint32_t tn = T0 + 8 * j;
-            if (tn >= te) {
-                sv[j][0] = sv[j][1] = -INFINITY;
-                continue;
-            }
-            const int sl = OPT == 0 ? 0 : (int)(tn / G - s0);
-            if (sl != cur) {
-                cur = sl;
-                uint32_t tw[D / 4];
-                const uint8_t *tp = tab + (uint32_t)sl * TABS + r * RS + kq * 16;
-#pragma unroll
-                for (int i = 0; i < D / 16; i++) {
-                    const uint4 u = *reinterpret_cast<const uint4 *>(tp + i * 64);
-                    tw[4 * i] = u.x, tw[4 * i + 1] = u.y, tw[4 * i + 2] = u.z, tw[4 * i + 3] = u.w;
-                }
-#pragma unroll
-                for (int s = 0; s < KS; s++) {
-                    afr[s][0] = tw[2 * s];
-                    afr[s][1] = tw[D / 8 + 2 * s];
-                    afr[s][2] = tw[2 * s + 1];
-                    afr[s][3] = tw[D / 8 + 2 * s + 1];
-                }
-            }
-            const uint32_t tok = min(tn + mma_tau(g), te - 1);
-            uint32_t kw[OPT == 0 ? D / 8 : (KB / 4 > 0 ? KB / 4 : 1)];
+            const uint32_t tok = min(T0 + 8 * j + mma_tau(g), te - 1);
             if (OPT == 0) {
                 const uint8_t *row = slots + (size_t)tok * (4 * D);
                 const uint32_t sw = mma_swz(tok);
 #pragma unroll
-                for (int jj = 0; jj < D / 32; jj++) {
-                    const uint4 u = *reinterpret_cast<const uint4 *>(
-                        row + 16 * ((kq + 4 * jj) ^ sw));
-                    kw[4 * jj] = u.x, kw[4 * jj + 1] = u.y, kw[4 * jj + 2] = u.z,
-                            kw[4 * jj + 3] = u.w;
-                }
+                for (int jj = 0; jj < D / 32; jj++)
+                    lds_words<4>(row + 16 * ((kq + 4 * jj) ^ sw), kw[j] + 4 * jj);
             } else {
                 const uint8_t *sp = slots + (size_t)(tok / G) * sb;
-                lds_words<KB / 4>(sp + koff + (tok % G) * rowk + kq * KB, kw);
+                lds_words<KB / 4>(sp + koff + (tok % G) * rowk + kq * KB, kw[j]);
             }
-            float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        }
+        float c[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+        if (sl[1] == sl[0]) {
 #pragma unroll
             for (int s = 0; s < KS; s++)
-                mma16816(c, afr[s][0], afr[s][1], afr[s][2], afr[s][3], k_pair<OPT>(kw, 2 * s),
-                         k_pair<OPT>(kw, 2 * s + 1));
+#pragma unroll
+                for (int j = 0; j < 2; j++)
+                    mma16816(c[j], afr[s][0], afr[s][1], afr[s][2], afr[s][3],
+                             k_pair<OPT>(kw[j], 2 * s), k_pair<OPT>(kw[j], 2 * s + 1));
+        } else {
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                if (j == 1) {
+                    cur = sl[1];
+                    mma_load_a<D>(tab + (uint32_t)cur * TABS + r * RS + kq * 16, afr);
+                }
+#pragma unroll
+                for (int s = 0; s < KS; s++)
+                    mma16816(c[j], afr[s][0], afr[s][1], afr[s][2], afr[s][3],
+                             k_pair<OPT>(kw[j], 2 * s), k_pair<OPT>(kw[j], 2 * s + 1));
+            }
+        }
+        float sv[2][2];
+#pragma unroll
+        for (int j = 0; j < 2; j++)
 #pragma unroll
             for (int e = 0; e < 2; e++) {
-                const uint32_t t = tn + mma_tau(2 * kq + e);
-                float v = c[e] + c[2 + e];
+                const uint32_t t = T0 + 8 * j + mma_tau(2 * kq + e);
+                float v = c[j][e] + c[j][2 + e];
                 if (t >= te) {
                     v = -INFINITY;
                 } else if (OPT != 0) {
-                    v += qz[sl * 4 + r];
+                    v += qz[sl[j] * 4 + r];
                     if (P > 0 && opt_protectable(OPT)) {
                         const uint8_t *pc =
                             slots + (size_t)(t / G) * sb + poff + 2 * P + (t % G) * P;
-                        const float *qp = qsp + ((size_t)sl * 4 + r) * P;
+                        const float *qp = qsp + ((size_t)sl[j] * 4 + r) * P;
                         for (uint32_t jj = 0; jj < P; jj++)
                             v += qp[jj] * (float)pc[jj];
                     }
                 }
                 sv[j][e] = v;
             }
-        }
         // Online softmax of row r over the 16 tokens (the 4 kq lanes of g hold them all).
         float mt = fmaxf(fmaxf(sv[0][0], sv[0][1]), fmaxf(sv[1][0], sv[1][1]));
         mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 1));
@@ -1030,12 +1050,9 @@ __device__ void mma_tokens(const attn_params &A, const uint8_t *slots, uint32_t 
                     const uint8_t *row = slots + (size_t)tok * (4 * D);
                     const uint32_t sw = mma_swz(tok);
 #pragma unroll
-                    for (int jj = 0; jj < D / 64; jj++) {
-                        const uint4 u = *reinterpret_cast<const uint4 *>(
-                            row + 16 * ((D / 8 + g * (D / 64) + jj) ^ sw));
-                        vw[j][e][4 * jj] = u.x, vw[j][e][4 * jj + 1] = u.y,
-                                  vw[j][e][4 * jj + 2] = u.z, vw[j][e][4 * jj + 3] = u.w;
-                    }
+                    for (int jj = 0; jj < D / 64; jj++)
+                        lds_words<4>(row + 16 * ((D / 8 + g * (D / 64) + jj) ^ sw),
+                                     vw[j][e] + 4 * jj);
                     ps[j][e] = p[j][e];
                 } else {
                     const uint8_t *sp = slots + (size_t)(tok / G) * sb;

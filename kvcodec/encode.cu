@@ -7,15 +7,19 @@
  *    tokens) the tables encode.c's build_items computes on the CPU — |v - obar|^2 and the key
  *    and value errors at 8, 4 and 2 bits, trial-quantized or modelled — in the CPU's exact
  *    arithmetic order;
- * 3. host: the tables go to kvc_encoder_choose (the same optimizer and rate controller the CPU
- *    encoder runs), which gives the option of every (head, token); the header and maps are
- *    written by kvc_encoder_write_head and the payload is cut into groups;
- * 4. f16_kernel (a warp per FP16 token) and quant_kernel (a block per quantized group) write
- *    the payload; crc_kernel computes CRC32C of 4 KiB chunks, combined on the host.
+ * 3. the optimizer on the device (choose_kernel, one cooperative grid: distortions from the
+ *    tables, the rate controller, the multiplier bracket and bisection; cand_kernel, a radix
+ *    sort and greedy_kernel: the greedy slack fill), the twin of kvc_encoder_choose;
+ * 4. the layout on the device (maps_kernel, layout_kernel, scatter_kernel): maps, header, run
+ *    offsets and the payload's work items, the twin of kvc_encoder_write_head and plan_payload;
+ * 5. f16_kernel (a warp per FP16 token) and quant_kernel (a block per quantized group) write
+ *    the payload; crc_kernel computes CRC32C of 4 KiB chunks, crc_final_kernel combines them.
  *
  * The frame equals kvc_encoder_encode_layer's byte for byte for finite inputs (the rules are in
- * kvcodec_cuda_int.h). The optimizer needs every table before it can choose, so the call
- * synchronizes the stream twice (after the tables, after the chunk CRCs).
+ * kvcodec_cuda_int.h and above choose_kernel). The layer is one chain of kernels on the stream;
+ * the call synchronizes once at the end for the frame size and the rate controller. With more
+ * than OPT_MAX_KV kv heads or without cooperative launches the optimizer and the layout run on
+ * the host between two synchronizations instead (the earlier design, same bytes).
  */
 #include <math.h>
 #include <stdlib.h>
@@ -48,6 +52,12 @@ typedef struct {
     uint8_t opt;
     uint8_t m_minus_1;
 } work_t;
+
+/* What the payload kernels and the host read of a layer's layout (device memory). */
+typedef struct {
+    unsigned long long n_f16, n_work, total, body;
+    unsigned long long tokens[KVC_OPT_COUNT];
+} plan_dev_t;
 
 /* The device optimizer's result for the host. */
 typedef struct {
@@ -93,6 +103,11 @@ struct kvc_encoder_cuda {
     void *d_sort_tmp;
     size_t sort_tmp_bytes;
     opt_out_t *d_out, *h_out;    // device result and its pinned host copy
+    // Frame layout (both optimizers)
+    plan_dev_t *d_plan, *h_lay;     // device layout and its pinned host copy
+    unsigned long long *d_hcnt;     // [n_kv][8]
+    unsigned long long *d_runs;     // [n_kv][8][3]
+    unsigned sms;
     // Stream time of the two GPU phases of the last layer: [0, 1] scoring + rotation +
     // tables, [2, 3] payload + CRC.
     cudaEvent_t ev[4];
@@ -394,9 +409,10 @@ static __device__ void copy_bytes(uint8_t *dst, const uint8_t *src, uint32_t byt
 }
 
 /* A warp per FP16 token: K row then V row, unchanged. */
-__global__ void f16_kernel(const work_t *work, size_t n_work, const uint16_t *k, const uint16_t *v,
-                           size_t hs, size_t ts, uint32_t d, uint8_t *out)
+__global__ void f16_kernel(const work_t *work, const plan_dev_t *plan, const uint16_t *k,
+                           const uint16_t *v, size_t hs, size_t ts, uint32_t d, uint8_t *out)
 {
+    size_t n_work = plan->n_f16; // the FP16 tokens come first
     size_t wpb = blockDim.x / 32;
     uint32_t lane = threadIdx.x % 32;
     for (size_t i = (size_t)blockIdx.x * wpb + threadIdx.x / 32; i < n_work;
@@ -410,8 +426,8 @@ __global__ void f16_kernel(const work_t *work, size_t n_work, const uint16_t *k,
 }
 
 typedef struct {
-    const work_t *work;
-    size_t n_work;
+    const work_t *work;         // every work item: the groups follow the FP16 tokens
+    const plan_dev_t *plan;     // how many of each
     const uint32_t *tok; // token indices of the groups
     kv_src_t src;
     const float *qsq;     // [n_kv][d] device scores (MixKVQ salience of unrotated groups)
@@ -442,8 +458,9 @@ __global__ void quant_kernel(quant_args_t a)
     __shared__ uint8_t s_prot[KVC_MAX_HEAD_DIM];
     __shared__ uint16_t s_pidx[KVC_MAX_PROTECT];
     uint32_t d = a.d;
-    for (size_t gi = blockIdx.x; gi < a.n_work; gi += gridDim.x) {
-        work_t w = a.work[gi];
+    size_t n0 = a.plan->n_f16, n_work = a.plan->n_work - n0;
+    for (size_t gi = blockIdx.x; gi < n_work; gi += gridDim.x) {
+        work_t w = a.work[n0 + gi];
         int o = w.opt;
         uint32_t m = (uint32_t)w.m_minus_1 + 1, h = w.head;
         int kb = o == KVC_OPT_Q8 ? 8 : 4, vb = o == KVC_OPT_Q8 ? 8 : (o == KVC_OPT_Q4 ? 4 : 2);
@@ -576,8 +593,9 @@ __global__ void quant_kernel(quant_args_t a)
 
 /* CRC32C (reflected 0x82F63B78) of each CRC_CHUNK-byte chunk of buf[0, len), as fy_crc32c(0,
  * chunk) would give: slicing by 4 with the tables in shared memory, a thread per chunk. */
-__global__ void crc_kernel(const uint8_t *buf, size_t len, uint32_t *crcs)
+__global__ void crc_kernel(const uint8_t *buf, const plan_dev_t *plan, uint32_t *crcs)
 {
+    size_t len = plan->body;
     __shared__ uint32_t tab[4][256];
     for (uint32_t i = threadIdx.x; i < 256; i += blockDim.x) {
         uint32_t c = i;
@@ -1092,11 +1110,173 @@ __global__ void dist_kernel(opt_args_t a)
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* Host                                                                                        */
+/* Frame layout on the device: maps, header, payload work items and the CRC from the choice    */
 /* ------------------------------------------------------------------------------------------ */
 
+typedef struct {
+    uint32_t n_kv, n, d, G;
+    unsigned long long gfix[KVC_OPT_COUNT], gtok[KVC_OPT_COUNT], gsz[KVC_OPT_COUNT];
+    size_t map_bytes, maps_total;
+    uint8_t hdr[KVC_FRAME_HEADER_BYTES]; // the header but opt_mask, payload and total
+    const uint8_t *choice;               // [n_kv][n]
+    unsigned long long *hcnt;            // [n_kv][8] tokens per (head, option)
+    unsigned long long *runs;            // [n_kv][8][3] frame offset, first work item, first token
+    work_t *work;
+    uint32_t *tok;
+    plan_dev_t *plan;
+    uint8_t *out;
+} plan_args_t;
+
+static __device__ __forceinline__ unsigned long long plan_run_bytes(const plan_args_t &a, int o,
+                                                                   unsigned long long count)
+{
+    if (o == KVC_OPT_DROP || count == 0)
+        return 0;
+    unsigned long long gs = a.gsz[o], full = count / gs, rest = count % gs;
+    unsigned long long b = full * (a.gfix[o] + gs * a.gtok[o]);
+    if (rest)
+        b += a.gfix[o] + rest * a.gtok[o];
+    return b;
+}
+
+/* A block per head: its map bytes (two tokens a byte, low nibble first) and its tokens per
+ * option. */
+__global__ void maps_kernel(plan_args_t a)
+{
+    __shared__ unsigned s_c[KVC_OPT_COUNT];
+    uint32_t h = blockIdx.x, n = a.n;
+    if (threadIdx.x < KVC_OPT_COUNT)
+        s_c[threadIdx.x] = 0;
+    __syncthreads();
+    const uint8_t *ch = a.choice + (size_t)h * n;
+    uint8_t *mp = a.out + KVC_FRAME_HEADER_BYTES + (size_t)h * a.map_bytes;
+    unsigned c[KVC_OPT_COUNT] = {0, 0, 0, 0, 0, 0};
+    for (uint32_t b = threadIdx.x; b < a.map_bytes; b += blockDim.x) {
+        uint32_t t = 2 * b;
+        uint32_t lo = ch[t], hi = t + 1 < n ? ch[t + 1] : 0;
+        mp[b] = (uint8_t)(lo | (hi << 4));
+        for (int o = 0; o < KVC_OPT_COUNT; o++)
+            c[o] += (lo == (uint32_t)o) + (t + 1 < n && hi == (uint32_t)o);
+    }
+    for (int o = 0; o < KVC_OPT_COUNT; o++) {
+        unsigned v = c[o];
+        for (int off = 16; off > 0; off >>= 1)
+            v += __shfl_xor_sync(0xffffffffu, v, off);
+        if (threadIdx.x % 32 == 0 && v)
+            atomicAdd(&s_c[o], v);
+    }
+    __syncthreads();
+    if (threadIdx.x < KVC_OPT_COUNT)
+        a.hcnt[h * 8 + threadIdx.x] = s_c[threadIdx.x];
+}
+
+/* One thread: plan_payload's run offsets (per head, the options in order), the header, the
+ * zero padding of the maps. */
+__global__ void layout_kernel(plan_args_t a)
+{
+    unsigned long long n_f16 = 0, tokens[KVC_OPT_COUNT] = {0, 0, 0, 0, 0, 0};
+    for (uint32_t h = 0; h < a.n_kv; h++)
+        for (int o = 0; o < KVC_OPT_COUNT; o++)
+            tokens[o] += a.hcnt[h * 8 + o];
+    n_f16 = tokens[KVC_OPT_F16];
+    unsigned long long head = KVC_FRAME_HEADER_BYTES + a.maps_total;
+    unsigned long long o_off = head, o_f16 = 0, o_q = n_f16, o_tok = 0;
+    for (uint32_t h = 0; h < a.n_kv; h++) {
+        for (int o = 0; o < KVC_OPT_DROP; o++) {
+            unsigned long long cnt = a.hcnt[h * 8 + o], *r = a.runs + ((size_t)h * 8 + o) * 3;
+            r[0] = o_off;
+            o_off += plan_run_bytes(a, o, cnt);
+            if (o == KVC_OPT_F16) {
+                r[1] = o_f16;
+                o_f16 += cnt;
+            } else {
+                r[1] = o_q;
+                o_q += (cnt + a.G - 1) / a.G;
+                r[2] = o_tok;
+                o_tok += cnt;
+            }
+        }
+    }
+    unsigned long long payload = o_off - head, total = o_off + 4;
+    uint32_t opt_mask = 0;
+    for (int o = 0; o < KVC_OPT_COUNT; o++) {
+        if (tokens[o])
+            opt_mask |= 1u << o;
+        a.plan->tokens[o] = tokens[o];
+    }
+    a.plan->n_f16 = n_f16;
+    a.plan->n_work = o_q;
+    a.plan->total = total;
+    a.plan->body = total - 4;
+    uint8_t *hd = a.out;
+    for (int i = 0; i < KVC_FRAME_HEADER_BYTES; i++)
+        hd[i] = a.hdr[i];
+    hd[44] = (uint8_t)opt_mask;
+    for (int i = 0; i < 8; i++) {
+        hd[48 + i] = (uint8_t)(payload >> (8 * i));
+        hd[56 + i] = (uint8_t)(total >> (8 * i));
+    }
+    for (size_t i = (size_t)a.n_kv * a.map_bytes; i < a.maps_total; i++)
+        hd[KVC_FRAME_HEADER_BYTES + i] = 0;
+}
+
+/* A block per head: every token's rank among its head's tokens of the same option (a scan of
+ * 256 tokens at a time, warp ballots then the warps in order), giving the work items in
+ * plan_payload's order: an FP16 token each, a quantized group per G tokens of an option. */
+__global__ void __launch_bounds__(256) scatter_kernel(plan_args_t a)
+{
+    __shared__ unsigned s_w[8][KVC_OPT_COUNT]; // per warp, tokens of each option
+    __shared__ unsigned long long s_base[KVC_OPT_COUNT];
+    uint32_t h = blockIdx.x, n = a.n, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const uint8_t *ch = a.choice + (size_t)h * n;
+    if (threadIdx.x < KVC_OPT_COUNT)
+        s_base[threadIdx.x] = 0;
+    unsigned lt = (1u << lane) - 1;
+    for (uint32_t t0 = 0; t0 < n; t0 += 256) {
+        uint32_t t = t0 + threadIdx.x;
+        int o = t < n ? ch[t] : -1;
+        unsigned my_rank = 0;
+        for (int q = 0; q < KVC_OPT_COUNT; q++) {
+            unsigned m = __ballot_sync(0xffffffffu, o == q);
+            if (o == q)
+                my_rank = __popc(m & lt);
+            if (lane == 0)
+                s_w[warp][q] = __popc(m);
+        }
+        __syncthreads();
+        if (o >= 0 && o != KVC_OPT_DROP) {
+            unsigned long long k = s_base[o] + my_rank;
+            for (uint32_t w = 0; w < warp; w++)
+                k += s_w[w][o];
+            const unsigned long long *r = a.runs + ((size_t)h * 8 + o) * 3;
+            if (o == KVC_OPT_F16) {
+                work_t wk = {r[0] + 4 * (unsigned long long)a.d * k, t, (uint16_t)h, (uint8_t)o,
+                             0};
+                a.work[r[1] + k] = wk;
+            } else {
+                a.tok[r[2] + k] = t;
+                if (k % a.G == 0) {
+                    unsigned long long g = k / a.G, cnt = a.hcnt[h * 8 + o];
+                    unsigned long long m = cnt - k < a.G ? cnt - k : a.G;
+                    work_t wk = {r[0] + g * (a.gfix[o] + a.G * a.gtok[o]), (uint32_t)(r[2] + k),
+                                 (uint16_t)h, (uint8_t)o, (uint8_t)(m - 1)};
+                    a.work[r[1] + g] = wk;
+                }
+            }
+        }
+        __syncthreads();
+        if (threadIdx.x < KVC_OPT_COUNT) {
+            unsigned s = 0;
+            for (uint32_t w = 0; w < blockDim.x / 32; w++)
+                s += s_w[w][threadIdx.x];
+            s_base[threadIdx.x] += s;
+        }
+        __syncthreads();
+    }
+}
+
 /* GF(2) arithmetic modulo the reflected CRC32C polynomial (zlib's crc32_combine method). */
-static uint32_t gf2_mul(uint32_t a, uint32_t b)
+static __device__ uint32_t gf2_mul(uint32_t a, uint32_t b)
 {
     uint32_t m = 1u << 31, p = 0;
     for (;;) {
@@ -1112,7 +1292,7 @@ static uint32_t gf2_mul(uint32_t a, uint32_t b)
 }
 
 /* x^(8 * len) modulo the polynomial. */
-static uint32_t gf2_x8n(uint64_t len)
+static __device__ uint32_t gf2_x8n(uint64_t len)
 {
     uint32_t sq = 1u << 30; // x^1
     for (int k = 0; k < 3; k++)
@@ -1127,18 +1307,37 @@ static uint32_t gf2_x8n(uint64_t len)
     return p;
 }
 
-/* CRC32C of the concatenation of chunks (each of CRC_CHUNK bytes but the last) from their own
- * CRCs: crc(A || B) = crc(A) * x^(8|B|) + crc(B). */
-static uint32_t crc_combine_chunks(const uint32_t *crcs, size_t n_chunks, size_t len)
+/* One block: the frame's CRC32C from the chunk CRCs, combined pairwise in a tree
+ * (crc(A || B) = crc(A) x^(8|B|) + crc(B)), written behind the body. crcs is overwritten. */
+__global__ void crc_final_kernel(uint32_t *crcs, const plan_dev_t *plan, uint8_t *out)
 {
-    uint32_t full = gf2_x8n(CRC_CHUNK);
-    uint32_t c = crcs[0];
-    for (size_t i = 1; i < n_chunks; i++) {
-        size_t l = i + 1 < n_chunks ? CRC_CHUNK : len - i * CRC_CHUNK;
-        c = gf2_mul(l == CRC_CHUNK ? full : gf2_x8n(l), c) ^ crcs[i];
+    __shared__ uint32_t s_pow; // x^(8 * span bytes) for a full right-hand span
+    size_t len = plan->body;
+    size_t chunks = (len + CRC_CHUNK - 1) / CRC_CHUNK;
+    if (threadIdx.x == 0)
+        s_pow = gf2_x8n(CRC_CHUNK);
+    __syncthreads();
+    for (size_t span = 1; span < chunks; span *= 2) { // span: chunks per right-hand side
+        for (size_t i = (size_t)threadIdx.x * 2 * span; i + span < chunks;
+             i += (size_t)blockDim.x * 2 * span) {
+            size_t rc = chunks - (i + span) < span ? chunks - (i + span) : span;
+            size_t rbytes = i + span + rc == chunks ? len - (i + span) * CRC_CHUNK
+                                                   : rc * CRC_CHUNK;
+            uint32_t x = rbytes == span * CRC_CHUNK ? s_pow : gf2_x8n(rbytes);
+            crcs[i] = gf2_mul(x, crcs[i]) ^ crcs[i + span];
+        }
+        __syncthreads();
+        if (threadIdx.x == 0)
+            s_pow = gf2_mul(s_pow, s_pow);
+        __syncthreads();
     }
-    return c;
+    if (threadIdx.x < 4)
+        out[len + threadIdx.x] = (uint8_t)((chunks ? crcs[0] : 0u) >> (8 * threadIdx.x));
 }
+
+/* ------------------------------------------------------------------------------------------ */
+/* Host                                                                                        */
+/* ------------------------------------------------------------------------------------------ */
 
 extern "C" void kvc_encoder_cuda_destroy(kvc_encoder_cuda_t *e)
 {
@@ -1150,6 +1349,7 @@ extern "C" void kvc_encoder_cuda_destroy(kvc_encoder_cuda_t *e)
     cudaFree(e->d_dist), cudaFree(e->d_opt8), cudaFree(e->d_cnt), cudaFree(e->d_gcnt);
     cudaFree(e->d_dev_mean), cudaFree(e->d_backbone), cudaFree(e->d_keys), cudaFree(e->d_idx);
     cudaFree(e->d_sort_tmp), cudaFree(e->d_out), cudaFreeHost(e->h_out);
+    cudaFree(e->d_plan), cudaFreeHost(e->h_lay), cudaFree(e->d_hcnt), cudaFree(e->d_runs);
     kvc_scores_cleanup_cuda(&e->d_scores);
     cudaFreeHost(e->h_tab), cudaFreeHost(e->h_tok), cudaFreeHost(e->h_work);
     cudaFreeHost(e->h_crc), cudaFreeHost(e->h_head);
@@ -1267,6 +1467,16 @@ extern "C" fy_status_t kvc_encoder_cuda_create(const kvc_encoder_params_t *param
         st = FY_ERR_NO_MEMORY;
         goto fail;
     }
+    {
+        int dev = 0, sms = 0;
+        KVC_CUDA_GOTO(cudaGetDevice(&dev), st, fail);
+        KVC_CUDA_GOTO(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), st, fail);
+        e->sms = (unsigned)FY_MAX(sms, 1);
+    }
+    KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_plan, sizeof(plan_dev_t)), st, fail);
+    KVC_CUDA_GOTO(cudaMallocHost((void **)&e->h_lay, sizeof(plan_dev_t)), st, fail);
+    KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_hcnt, (size_t)e->n_kv * 8 * 8), st, fail);
+    KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_runs, (size_t)e->n_kv * 8 * 3 * 8), st, fail);
     if ((st = opt_create(e)) != FY_OK)
         goto fail;
     *enc_p = e;
@@ -1453,12 +1663,51 @@ static fy_status_t opt_enqueue(kvc_encoder_cuda_t *e, uint32_t layer, const kvc_
     }
     dist_kernel<<<1, 1024, 0, cs>>>(a);
     KVC_LAUNCH_GOTO(st, out);
-    KVC_CUDA_GOTO(cudaMemcpyAsync(kvc_encoder_choice_buf(e->enc), a.choice, items,
-                                  cudaMemcpyDeviceToHost, cs),
-                  st, out);
     KVC_CUDA_GOTO(cudaMemcpyAsync(e->h_out, e->d_out, sizeof(opt_out_t), cudaMemcpyDeviceToHost,
                                   cs),
                   st, out);
+out:
+    return st;
+}
+
+/* Queues the frame layout of the device optimizer's choice: maps and counts, run offsets and
+ * header, work items (the twin of plan_payload). */
+static fy_status_t layout_enqueue(kvc_encoder_cuda_t *e, uint32_t layer, uint8_t *out,
+                                  cudaStream_t cs)
+{
+    fy_status_t st = FY_OK;
+    plan_args_t a;
+    memset(&a, 0, sizeof(a));
+    a.n_kv = e->n_kv;
+    a.n = e->n;
+    a.d = e->d;
+    a.G = e->G;
+    for (int o = 0; o < KVC_OPT_COUNT; o++) {
+        uint32_t gs = kvc_group_tokens(o, e->G);
+        a.gsz[o] = gs;
+        a.gfix[o] = o == KVC_OPT_DROP ? 0 : kvc_group_bytes(o, e->d, 0, e->P);
+        a.gtok[o] = o == KVC_OPT_DROP ? 0 : kvc_group_bytes(o, e->d, 1, e->P) - a.gfix[o];
+        if (o == KVC_OPT_F16) { // a group is one token of 4d bytes
+            a.gfix[o] = 4 * (unsigned long long)e->d;
+            a.gtok[o] = 0;
+        }
+    }
+    a.map_bytes = kvc_map_bytes(e->n);
+    a.maps_total = FY_ALIGN_UP((size_t)e->n_kv * a.map_bytes, 8);
+    kvc_encoder_header_fill(e->enc, layer, 0, 0, 0, a.hdr);
+    a.choice = e->d_opt8 + e->n_items;
+    a.hcnt = e->d_hcnt;
+    a.runs = e->d_runs;
+    a.work = e->d_work;
+    a.tok = e->d_tok;
+    a.plan = e->d_plan;
+    a.out = out;
+    maps_kernel<<<e->n_kv, 256, 0, cs>>>(a);
+    KVC_LAUNCH_GOTO(st, out);
+    layout_kernel<<<1, 1, 0, cs>>>(a);
+    KVC_LAUNCH_GOTO(st, out);
+    scatter_kernel<<<e->n_kv, 256, 0, cs>>>(a);
+    KVC_LAUNCH_GOTO(st, out);
 out:
     return st;
 }
@@ -1566,15 +1815,17 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
                           st, out);
         }
     }
-    if (e->opt_on && (st = opt_enqueue(e, in->layer, sc, measured, cs)) != FY_OK)
-        goto out;
-    KVC_CUDA_GOTO(cudaEventRecord(e->ev[1], cs), st, out);
-    KVC_CUDA_GOTO(cudaStreamSynchronize(cs), st, out);
     if (e->opt_on) {
-        info.lambda = e->h_out->lambda;
-        info.budget_met = e->h_out->budget_met != 0;
-        kvc_encoder_set_lambda(e->enc, e->h_out->lambda);
+        // Device optimizer and layout: no host step until the frame is complete.
+        if ((st = opt_enqueue(e, in->layer, sc, measured, cs)) != FY_OK)
+            goto out;
+        KVC_CUDA_GOTO(cudaEventRecord(e->ev[1], cs), st, out);
+        KVC_CUDA_GOTO(cudaEventRecord(e->ev[2], cs), st, out);
+        if ((st = layout_enqueue(e, in->layer, out, cs)) != FY_OK)
+            goto out;
     } else {
+        KVC_CUDA_GOTO(cudaEventRecord(e->ev[1], cs), st, out);
+        KVC_CUDA_GOTO(cudaStreamSynchronize(cs), st, out);
         // The optimizer, on the host, from the GPU's tables.
         kvc_scores_t hs;
         hs.n_kv_heads = n_kv;
@@ -1595,17 +1846,25 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
         tab.ev[2] = e->h_tab + TAB_EV2 * plane;
         if ((st = kvc_encoder_choose(e->enc, in, &hs, measured ? &tab : NULL, &info)) != FY_OK)
             goto out;
-    }
-    {
+        uint64_t tokens[KVC_OPT_COUNT] = {0};
         size_t total;
-        size_t head = kvc_encoder_write_head(e->enc, in->layer, e->h_head, info.tokens, &total);
+        size_t head = kvc_encoder_write_head(e->enc, in->layer, e->h_head, tokens, &total);
         FY_ASSERT(total <= out_cap && total - 4 <= e->max_chunks * CRC_CHUNK);
         size_t n_f16, n_work;
         plan_payload(e, head, &n_f16, &n_work);
         size_t n_tok = 0;
         for (size_t i = n_f16; i < n_work; i++)
             n_tok += (size_t)e->h_work[i].m_minus_1 + 1;
+        plan_dev_t *hp = e->h_lay;
+        hp->n_f16 = n_f16;
+        hp->n_work = n_work;
+        hp->total = total;
+        hp->body = total - 4;
+        for (int o = 0; o < KVC_OPT_COUNT; o++)
+            hp->tokens[o] = tokens[o];
         KVC_CUDA_GOTO(cudaEventRecord(e->ev[2], cs), st, out);
+        KVC_CUDA_GOTO(cudaMemcpyAsync(e->d_plan, hp, sizeof(*hp), cudaMemcpyHostToDevice, cs),
+                      st, out);
         KVC_CUDA_GOTO(cudaMemcpyAsync(out, e->h_head, head, cudaMemcpyHostToDevice, cs), st, out);
         if (n_work > 0)
             KVC_CUDA_GOTO(cudaMemcpyAsync(e->d_work, e->h_work, n_work * sizeof(work_t),
@@ -1615,50 +1874,54 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
             KVC_CUDA_GOTO(cudaMemcpyAsync(e->d_tok, e->h_tok, n_tok * sizeof(uint32_t),
                                           cudaMemcpyHostToDevice, cs),
                           st, out);
-        if (n_f16 > 0) {
-            f16_kernel<<<kvc_grid(n_f16, 8), 256, 0, cs>>>(e->d_work, n_f16, in->k, in->v,
-                                                           in->head_stride, in->token_stride, d,
-                                                           out);
-            KVC_LAUNCH_GOTO(st, out);
-        }
-        if (n_work > n_f16) {
-            quant_args_t a;
-            memset(&a, 0, sizeof(a));
-            a.work = e->d_work + n_f16;
-            a.n_work = n_work - n_f16;
-            a.tok = e->d_tok;
-            a.src = src;
-            a.qsq = sc->qsq;
-            a.n = n;
-            a.d = d;
-            a.P = e->P;
-            a.rotate = pol->rotate;
-            a.out = out;
-            quant_kernel<<<kvc_grid(a.n_work, 1), QUANT_THREADS, 0, cs>>>(a);
-            KVC_LAUNCH_GOTO(st, out);
-        }
-        size_t body = total - 4;
-        size_t chunks = (body + CRC_CHUNK - 1) / CRC_CHUNK;
-        crc_kernel<<<kvc_grid(chunks, 256), 256, 0, cs>>>(out, body, e->d_crc);
+    }
+    {
+        // The payload and the CRC, sized on the device (grid-stride loops over the counts in
+        // d_plan).
+        unsigned wide = FY_MAX(e->sms, 1u) * 16;
+        f16_kernel<<<(unsigned)FY_MIN((size_t)wide, (size_t)kvc_grid(plane, 8)), 256, 0, cs>>>(
+            e->d_work, e->d_plan, in->k, in->v, in->head_stride, in->token_stride, d, out);
         KVC_LAUNCH_GOTO(st, out);
-        KVC_CUDA_GOTO(cudaMemcpyAsync(e->h_crc, e->d_crc, chunks * sizeof(uint32_t),
-                                      cudaMemcpyDeviceToHost, cs),
-                      st, out);
+        quant_args_t a;
+        memset(&a, 0, sizeof(a));
+        a.work = e->d_work;
+        a.plan = e->d_plan;
+        a.tok = e->d_tok;
+        a.src = src;
+        a.qsq = sc->qsq;
+        a.n = n;
+        a.d = d;
+        a.P = e->P;
+        a.rotate = pol->rotate;
+        a.out = out;
+        quant_kernel<<<wide, QUANT_THREADS, 0, cs>>>(a);
+        KVC_LAUNCH_GOTO(st, out);
+        crc_kernel<<<kvc_grid(e->max_chunks, 256), 256, 0, cs>>>(out, e->d_plan, e->d_crc);
+        KVC_LAUNCH_GOTO(st, out);
+        crc_final_kernel<<<1, 1024, 0, cs>>>(e->d_crc, e->d_plan, out);
+        KVC_LAUNCH_GOTO(st, out);
+        if (e->opt_on)
+            KVC_CUDA_GOTO(cudaMemcpyAsync(e->h_lay, e->d_plan, sizeof(plan_dev_t),
+                                          cudaMemcpyDeviceToHost, cs),
+                          st, out);
         KVC_CUDA_GOTO(cudaEventRecord(e->ev[3], cs), st, out);
         KVC_CUDA_GOTO(cudaStreamSynchronize(cs), st, out);
         float ms01 = 0, ms23 = 0;
         KVC_CUDA_GOTO(cudaEventElapsedTime(&ms01, e->ev[0], e->ev[1]), st, out);
         KVC_CUDA_GOTO(cudaEventElapsedTime(&ms23, e->ev[2], e->ev[3]), st, out);
         e->last_gpu_ns = (uint64_t)((double)(ms01 + ms23) * 1e6);
-        uint32_t crc = crc_combine_chunks(e->h_crc, chunks, body);
-        uint8_t *cb = (uint8_t *)&e->h_crc[e->max_chunks];
-        kvc_wr32(cb, crc);
-        KVC_CUDA_GOTO(cudaMemcpyAsync(out + body, cb, 4, cudaMemcpyHostToDevice, cs), st, out);
-        KVC_CUDA_GOTO(cudaStreamSynchronize(cs), st, out);
-        if (e->opt_on)
+        size_t total = (size_t)e->h_lay->total;
+        FY_ASSERT(total <= out_cap);
+        for (int o = 0; o < KVC_OPT_COUNT; o++)
+            info.tokens[o] = e->h_lay->tokens[o];
+        if (e->opt_on) {
+            info.lambda = e->h_out->lambda;
+            info.budget_met = e->h_out->budget_met != 0;
+            kvc_encoder_set_lambda(e->enc, e->h_out->lambda);
             kvc_encoder_commit_dist(e->enc, total, e->h_out->dist, &info);
-        else
+        } else {
             kvc_encoder_commit(e->enc, total, &info);
+        }
         *len_p = total;
     }
     info.score_ns = scores ? 0 : t1 - t0;
