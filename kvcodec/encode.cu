@@ -420,8 +420,21 @@ __global__ void f16_kernel(const work_t *work, const plan_dev_t *plan, const uin
         work_t w = work[i];
         size_t row = (size_t)w.head * hs + (size_t)w.tok * ts;
         uint8_t *dst = out + w.out_off;
-        copy_bytes(dst, (const uint8_t *)(k + row), 2 * d, lane, 32);
-        copy_bytes(dst + 2 * d, (const uint8_t *)(v + row), 2 * d, lane, 32);
+        const uint16_t *kr = k + row, *vr = v + row;
+        if ((((uintptr_t)dst | (uintptr_t)kr | (uintptr_t)vr) & 7) == 0) {
+            // The usual case (payload at an 8-byte offset, rows of 4 or more halves): 8 bytes
+            // a lane; d % 8 == 0 keeps both rows whole words.
+            uint2 *dw = (uint2 *)dst;
+            const uint2 *kw = (const uint2 *)kr, *vw = (const uint2 *)vr;
+            uint32_t words = d / 4; // 8-byte words per row
+            for (uint32_t j = lane; j < words; j += 32) {
+                dw[j] = kw[j];
+                dw[words + j] = vw[j];
+            }
+            continue;
+        }
+        copy_bytes(dst, (const uint8_t *)kr, 2 * d, lane, 32);
+        copy_bytes(dst + 2 * d, (const uint8_t *)vr, 2 * d, lane, 32);
     }
 }
 
@@ -433,6 +446,7 @@ typedef struct {
     const float *qsq;     // [n_kv][d] device scores (MixKVQ salience of unrotated groups)
     uint32_t n, d, P;
     int rotate;
+    int stage; // the group's K and V rows are staged in dynamic shared memory (2 x G x d fp32)
     uint8_t *out;
 } quant_args_t;
 
@@ -448,9 +462,44 @@ static __device__ __forceinline__ void st16(uint8_t *p, uint16_t x)
     p[1] = (uint8_t)(x >> 8);
 }
 
-/* One block per quantized group: quant.c's kvc_quant_group with cap = m, written in place. */
+/* Element c of the group's j-th token (t): from the staged rows, or read where it lives. */
+static __device__ __forceinline__ float g_x(const quant_args_t &a, const float *sk,
+                                            const float *sv, bool val, bool rot, uint32_t h,
+                                            uint32_t j, uint32_t t, uint32_t c)
+{
+    if (a.stage)
+        return (val ? sv : sk)[(size_t)j * a.d + c];
+    return q_x(a, val, rot, h, t, c);
+}
+
+/* row_minmax of a staged row (the same lanes and order). */
+static __device__ void row_minmax_f(const float *x, uint32_t d, float *mn_p, float *mx_p)
+{
+    float mn[8], mx[8];
+    for (int l = 0; l < 8; l++)
+        mn[l] = mx[l] = x[l];
+    for (uint32_t c = 8; c + 8 <= d; c += 8) {
+        for (int l = 0; l < 8; l++) {
+            float v = x[c + l];
+            mn[l] = v < mn[l] ? v : mn[l];
+            mx[l] = v > mx[l] ? v : mx[l];
+        }
+    }
+    float lo = mn[0], hi = mx[0];
+    for (int l = 1; l < 8; l++) {
+        lo = mn[l] < lo ? mn[l] : lo;
+        hi = mx[l] > hi ? mx[l] : hi;
+    }
+    *mn_p = lo;
+    *mx_p = hi;
+}
+
+/* One block per quantized group: quant.c's kvc_quant_group with cap = m, written in place.
+ * With a.stage the group's rows are read once, coalesced, into shared memory. */
 __global__ void quant_kernel(quant_args_t a)
 {
+    extern __shared__ float q_sm[]; // stage: [G][d] K rows, then [G][d] V rows
+    float *sk = q_sm, *sv = q_sm + (size_t)a.stage * a.d; // a.stage: the staged group size
     __shared__ uint32_t s_tok[256];
     __shared__ float s_mn[KVC_MAX_HEAD_DIM], s_mx[KVC_MAX_HEAD_DIM];
     __shared__ float s_kz[KVC_MAX_HEAD_DIM], s_kinv[KVC_MAX_HEAD_DIM];
@@ -480,11 +529,19 @@ __global__ void quant_kernel(quant_args_t a)
         for (uint32_t c = threadIdx.x; c < d; c += blockDim.x)
             s_prot[c] = 0;
         __syncthreads();
+        if (a.stage) {
+            for (uint32_t i = threadIdx.x; i < m * d; i += blockDim.x) {
+                uint32_t j = i / d, c = i % d;
+                sk[i] = q_x(a, false, rot, h, s_tok[j], c);
+                sv[i] = q_x(a, true, rot, h, s_tok[j], c);
+            }
+            __syncthreads();
+        }
         // Key range per channel over the group, in token order.
         for (uint32_t c = threadIdx.x; c < d; c += blockDim.x) {
-            float mn = q_x(a, false, rot, h, s_tok[0], c), mx = mn;
+            float mn = g_x(a, sk, sv, false, rot, h, 0, s_tok[0], c), mx = mn;
             for (uint32_t j = 1; j < m; j++) {
-                float x = q_x(a, false, rot, h, s_tok[j], c);
+                float x = g_x(a, sk, sv, false, rot, h, j, s_tok[j], c);
                 mn = x < mn ? x : mn;
                 mx = x > mx ? x : mx;
             }
@@ -543,7 +600,10 @@ __global__ void quant_kernel(quant_args_t a)
         // Value parameters per token.
         for (uint32_t j = threadIdx.x; j < m; j += blockDim.x) {
             float lo, hi;
-            row_minmax(a.src, true, rot, h, s_tok[j], &lo, &hi);
+            if (a.stage)
+                row_minmax_f(sv + (size_t)j * d, d, &lo, &hi);
+            else
+                row_minmax(a.src, true, rot, h, s_tok[j], &lo, &hi);
             uint16_t s16, z16;
             float s, z, inv;
             kvc_dev_asym(lo, hi, vq, &s16, &z16, &s, &z, &inv);
@@ -561,7 +621,7 @@ __global__ void quant_kernel(quant_args_t a)
             for (uint32_t q = 0; q < per_k; q++) {
                 uint32_t c = c0 + q;
                 uint32_t code = s_prot[c] ? 0
-                                          : kvc_dev_quant_one(q_x(a, false, rot, h, s_tok[j], c),
+                                          : kvc_dev_quant_one(g_x(a, sk, sv, false, rot, h, j, s_tok[j], c),
                                                               s_kz[c], s_kinv[c], kq);
                 byte |= code << (q * kb);
             }
@@ -572,7 +632,7 @@ __global__ void quant_kernel(quant_args_t a)
             uint32_t j = i / rowv, c0 = (i % rowv) * per_v;
             uint32_t byte = 0;
             for (uint32_t q = 0; q < per_v; q++) {
-                uint32_t code = kvc_dev_quant_one(q_x(a, true, rot, h, s_tok[j], c0 + q),
+                uint32_t code = kvc_dev_quant_one(g_x(a, sk, sv, true, rot, h, j, s_tok[j], c0 + q),
                                                   s_vz[j], s_vinv[j], vq);
                 byte |= code << (q * vb);
             }
@@ -584,7 +644,7 @@ __global__ void quant_kernel(quant_args_t a)
                 st16(pi + 2 * j, s_pidx[j]);
             for (uint32_t i = threadIdx.x; i < m * P; i += blockDim.x) {
                 uint32_t j = i / P, c = s_pidx[i % P];
-                pc[i] = (uint8_t)kvc_dev_quant_one(q_x(a, false, rot, h, s_tok[j], c), s_kz[c],
+                pc[i] = (uint8_t)kvc_dev_quant_one(g_x(a, sk, sv, false, rot, h, j, s_tok[j], c), s_kz[c],
                                                    s_kinv[c], 255.0f);
             }
         }
@@ -1916,7 +1976,11 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
         a.P = e->P;
         a.rotate = pol->rotate;
         a.out = out;
-        quant_kernel<<<wide, QUANT_THREADS, 0, cs>>>(a);
+        // Stage the group's rows in shared memory where they fit the default 48 KiB with the
+        // kernel's own arrays (G 32, d 128: 32 KiB).
+        size_t stage_bytes = (size_t)2 * e->G * d * sizeof(float);
+        a.stage = stage_bytes <= 32768 ? (int)e->G : 0;
+        quant_kernel<<<wide, QUANT_THREADS, a.stage ? stage_bytes : 0, cs>>>(a);
         KVC_LAUNCH_GOTO(st, out);
         crc_kernel<<<kvc_grid(e->max_chunks, 256), 256, 0, cs>>>(out, e->d_plan, e->d_crc);
         KVC_LAUNCH_GOTO(st, out);
