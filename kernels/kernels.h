@@ -73,8 +73,11 @@ bool krn_qtype_supported(krn_qtype_t type);
 /* Bytes of one row of k weights (0 for unsupported types). Thread: any. */
 size_t krn_qtype_row_bytes(krn_qtype_t type, int k);
 
-/* y[m][rows] = x[m][cols] · Wᵀ (+ y when accumulate), reading W in its storage type: one
- * weight row at a time is expanded to FP32 and dotted with every x row. Meant for small m
+/* y[m][rows] = x[m][cols] · Wᵀ (+ y when accumulate), reading W in its storage type: weight
+ * rows are expanded to FP32 and dotted with every x row, except for block types (Q8_0, Q4_0,
+ * Q4_1) at m <= KRN_MATMUL_Q8_MAX_ROWS, where each x row is first quantized to blocks of 32
+ * (two int8 terms per value, ~15 bits) and the dots are integer (the result is
+ * krn_matmul_q8_reference_f32's up to summation order). Meant for small m
  * (decode), where reading the weights is the cost. Output rows spread over pool (NULL =
  * inline); AVX2/FMA/F16C when the CPU has them. FY_ERR_UNSUPPORTED for other types or
  * shapes. Thread: one call at a time per pool. */
@@ -89,9 +92,22 @@ fy_status_t krn_matmul_q_multi_f32(fy_pool_t *pool, int m, const float *x, int l
                                    const krn_qmat_t *const *w, float *const *y, int ldy,
                                    int n_mats, int accumulate);
 
-/* The portable path alone, single-threaded (for parity tests). */
+/* The portable FP32 path alone, single-threaded (for parity tests): exact dequantized weights
+ * times FP32 x. */
 void krn_matmul_q_reference_f32(int m, const float *x, int ldx, const krn_qmat_t *w, float *y,
                                 int ldy);
+
+/* Up to this many x rows, block-type weights take the integer path (faster there; more rows
+ * are faster through the FP32 expansion). */
+#define KRN_MATMUL_Q8_MAX_ROWS 2
+
+/* The portable integer path krn_matmul_q_f32 takes for block types, single-threaded, for any
+ * m: x quantized per block of 32 to x ≈ d·(254·q + r) with d = max|x|/127/254 and q, r int8,
+ * integer block dots. Differs from krn_matmul_q_reference_f32 by at most
+ * Σ_blocks d/2 · Σ|w| plus FP32 rounding. FY_ERR_UNSUPPORTED for F32/F16 or bad shapes.
+ * Thread: any. */
+fy_status_t krn_matmul_q8_reference_f32(int m, const float *x, int ldx, const krn_qmat_t *w,
+                                        float *y, int ldy);
 
 /* ------------------------------------------------------------------------------------------ */
 /* RMSNorm (rmsnorm.c)                                                                          */

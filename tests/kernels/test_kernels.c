@@ -302,12 +302,22 @@ static void test_matmul_q(void **state)
         krn_qmat_t q = {.type = types[t], .rows = N, .cols = K, .row_bytes = rb, .data = raw};
         float ref[M * N], got[M * N], one[N];
         krn_matmul_q_reference_f32(M, x, K, &q, ref, N);
+        // Block types at few rows take the integer path; its own portable reference is exact
+        // up to summation order (test_matmul_q8 bounds it against this FP32 reference).
+        bool block = types[t] != KRN_Q_F32 && types[t] != KRN_Q_F16;
+        float ref_q8[M * N];
+        if (block)
+            assert_int_equal(krn_matmul_q8_reference_f32(M, x, K, &q, ref_q8, N), FY_OK);
+        else
+            assert_int_equal(krn_matmul_q8_reference_f32(M, x, K, &q, got, N),
+                             FY_ERR_UNSUPPORTED);
         for (int m = 1; m <= M; m++) {
+            const float *e = block && m <= KRN_MATMUL_Q8_MAX_ROWS ? ref_q8 : ref;
             for (int i = 0; i < m * N; i++)
                 got[i] = 1.0f;
             assert_int_equal(krn_matmul_q_f32(pool, m, x, K, &q, got, N, 1), FY_OK);
             for (int i = 0; i < m * N; i++)
-                assert_true(fabsf(got[i] - 1.0f - ref[i]) < 1e-4f * (1 + fabsf(ref[i])));
+                assert_true(fabsf(got[i] - 1.0f - e[i]) < 1e-4f * (1 + fabsf(e[i])));
         }
         // Two matrices in one pass (the second a row-shifted view of the same data) land in
         // their own outputs.
@@ -351,6 +361,96 @@ static void test_matmul_q(void **state)
     free(x);
 }
 
+// The integer path for block weights, odd shapes (every tile shape, row tails, block counts
+// not a multiple of 8, a zero block, outliers), threaded and with accumulate:
+// - SIMD/threaded result vs its portable reference (same integers) up to
+//   KRN_MATMUL_Q8_MAX_ROWS rows, vs the FP32 reference above: |d| <= 1e-5 · Σ|w||x|;
+// - portable integer reference vs the FP32 reference: |d| <= Σ_blocks dx/2 · Σ|w| +
+//   1e-5 · Σ|w||x|, dx = max|x| / 127 / 254 of the x block (the activation rounding bound).
+static void test_matmul_q8(void **state)
+{
+    static const krn_qtype_t types[] = {KRN_Q_Q8_0, KRN_Q_Q4_0, KRN_Q_Q4_1};
+    static const int ks[] = {32, 96, 544};
+    static const int ns[] = {1, 7, 70};
+    enum { MMAX = 17 };
+    fy_pool_t *pool;
+    assert_int_equal(fy_pool_create(3, &pool), FY_OK);
+    for (size_t ki = 0; ki < FY_ARRAY_SIZE(ks); ki++) {
+        int K = ks[ki];
+        float *x = rnd_buf((size_t)MMAX * K);
+        for (int c = 0; c < 32; c++)
+            x[(size_t)2 * K + c] = 0; // a zero block (scale 0)
+        x[(size_t)3 * K + 5] = 40.0f; // an outlier
+        float *eye = calloc((size_t)K * K, sizeof(float));
+        for (int c = 0; c < K; c++)
+            eye[(size_t)c * K + c] = 1.0f;
+        for (size_t ni = 0; ni < FY_ARRAY_SIZE(ns); ni++) {
+            int N = ns[ni];
+            float *w = rnd_buf((size_t)N * K);
+            for (size_t t = 0; t < FY_ARRAY_SIZE(types); t++) {
+                size_t rb = krn_qtype_row_bytes(types[t], K);
+                uint8_t *raw = malloc(rb * N);
+                encode_rows(types[t], w, N, K, raw);
+                krn_qmat_t q = {.type = types[t], .rows = N, .cols = K, .row_bytes = rb,
+                                .data = raw};
+                float *wd_t = malloc(sizeof(float) * K * N); // [c][j] = decoded W[j][c]
+                krn_matmul_q_reference_f32(K, eye, K, &q, wd_t, N);
+                float *ref = malloc(sizeof(float) * MMAX * N);
+                float *q8 = malloc(sizeof(float) * MMAX * N);
+                float *got = malloc(sizeof(float) * MMAX * N);
+                krn_matmul_q_reference_f32(MMAX, x, K, &q, ref, N);
+                assert_int_equal(krn_matmul_q8_reference_f32(MMAX, x, K, &q, q8, N), FY_OK);
+                for (int i = 0; i < MMAX; i++) {
+                    for (int j = 0; j < N; j++) {
+                        double bound = 0, mag = 0;
+                        for (int b = 0; b < K / 32; b++) {
+                            double amax = 0, wabs = 0;
+                            for (int c = b * 32; c < b * 32 + 32; c++) {
+                                double xa = fabs(x[(size_t)i * K + c]);
+                                double wa = fabs(wd_t[(size_t)c * N + j]);
+                                amax = xa > amax ? xa : amax;
+                                wabs += wa;
+                                mag += wa * xa;
+                            }
+                            bound += amax / 127 / 254 / 2 * wabs;
+                        }
+                        float r = ref[(size_t)i * N + j], g = q8[(size_t)i * N + j];
+                        assert_true(fabs((double)g - r) <= bound + 1e-5 * mag + 1e-6);
+                    }
+                }
+                for (int m = 1; m <= MMAX; m++) {
+                    for (int acc = 0; acc < 2; acc++) {
+                        for (int i = 0; i < m * N; i++)
+                            got[i] = acc ? 0.5f : NAN;
+                        assert_int_equal(krn_matmul_q_f32(pool, m, x, K, &q, got, N, acc),
+                                         FY_OK);
+                        for (int i = 0; i < m; i++) {
+                            for (int j = 0; j < N; j++) {
+                                double mag = 0;
+                                for (int c = 0; c < K; c++)
+                                    mag += fabs(wd_t[(size_t)c * N + j] * x[(size_t)i * K + c]);
+                                const float *ex = m <= KRN_MATMUL_Q8_MAX_ROWS ? q8 : ref;
+                                float e = ex[(size_t)i * N + j] + (acc ? 0.5f : 0.0f);
+                                assert_true(fabs((double)got[(size_t)i * N + j] - e) <=
+                                            1e-5 * mag + 1e-6);
+                            }
+                        }
+                    }
+                }
+                free(ref);
+                free(q8);
+                free(got);
+                free(wd_t);
+                free(raw);
+            }
+            free(w);
+        }
+        free(eye);
+        free(x);
+    }
+    fy_pool_destroy(pool);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -361,6 +461,7 @@ int main(void)
         cmocka_unit_test(test_causal_attention_blas),
         cmocka_unit_test(test_paged_attention),
         cmocka_unit_test(test_matmul_q),
+        cmocka_unit_test(test_matmul_q8),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
