@@ -25,8 +25,12 @@
  * (the model tests allow 0.01) and changed greedy continuations, so each activation is held
  * as two int8 terms, x ≈ d·(254·q + r) (about 15 bits; the logit error falls to the FP32
  * path's level). That doubles the integer work: measured on the 2-core AVX2 VM (Q4_1, 1536×576,
- * one thread) the integer path takes 0.55-0.65× the FP32 path's time at 1-2 activation rows
- * and 1.5-1.8× from 4 rows on, so it serves m <= KRN_MATMUL_Q8_MAX_ROWS only.
+ * one thread) the integer path takes 0.45-0.5× the FP32 path's time at 1-2 activation rows
+ * but 1.15× at 4 and 1.6× at 16 (where the FP32 path runs two weight rows × four x rows per
+ * pass), so it serves m <= KRN_MATMUL_Q8_MAX_ROWS only.
+ *
+ * The tiles' accumulator arrays are unrolled explicitly (GCC's -O2 does not unroll, and a
+ * rolled loop keeps them in memory: 1.5× slower).
  */
 #include <math.h>
 #include <stdlib.h>
@@ -352,11 +356,14 @@ tile_q8(krn_qtype_t type, const uint8_t *w, size_t row_bytes, const mq_xq_t *xq,
     const int nb = xq->nb;
     __m256 acc[4][4];
     float mn[4][MQ_MAX_K / 32];
+    _Pragma("GCC unroll 4")
     for (int r = 0; r < NW; r++)
+        _Pragma("GCC unroll 4")
         for (int t = 0; t < NX; t++)
             acc[r][t] = _mm256_setzero_ps();
     const int8_t *xb[4], *xr[4];
     const float *dx[4];
+    _Pragma("GCC unroll 4")
     for (int t = 0; t < NX; t++) {
         xb[t] = xq->q + (size_t)(i0 + t) * nb * 32;
         xr[t] = xq->r + (size_t)(i0 + t) * nb * 32;
@@ -365,6 +372,7 @@ tile_q8(krn_qtype_t type, const uint8_t *w, size_t row_bytes, const mq_xq_t *xq,
     for (int b = 0; b < nb; b++) {
         __m256i wq[4];
         float dw[4];
+        _Pragma("GCC unroll 4")
         for (int r = 0; r < NW; r++) {
             const uint8_t *p = w + r * row_bytes + (size_t)b * bs;
             float m;
@@ -373,10 +381,12 @@ tile_q8(krn_qtype_t type, const uint8_t *w, size_t row_bytes, const mq_xq_t *xq,
             mn[r][b] = m;
             wq[r] = load_wq(type, p, bs);
         }
+        _Pragma("GCC unroll 4")
         for (int t = 0; t < NX; t++) {
             __m256i xv = _mm256_loadu_si256((const __m256i *)(const void *)(xb[t] + b * 32));
             __m256i rv = _mm256_loadu_si256((const __m256i *)(const void *)(xr[t] + b * 32));
             float d = dx[t][b];
+            _Pragma("GCC unroll 4")
             for (int r = 0; r < NW; r++) {
                 __m256 f;
                 if (type == KRN_Q_Q8_0)
@@ -388,7 +398,9 @@ tile_q8(krn_qtype_t type, const uint8_t *w, size_t row_bytes, const mq_xq_t *xq,
             }
         }
     }
+    _Pragma("GCC unroll 4")
     for (int r = 0; r < NW; r++) {
+        _Pragma("GCC unroll 4")
         for (int t = 0; t < NX; t++) {
             float m = 0;
             if (type != KRN_Q_Q8_0) {
@@ -433,6 +445,38 @@ static const mq_tile_fn mq_tiles[3][2][2] = {MQ_TILE_ROW(KRN_Q_Q8_0), MQ_TILE_RO
 static int tile_type_index(krn_qtype_t type)
 {
     return type == KRN_Q_Q8_0 ? 0 : type == KRN_Q_Q4_0 ? 1 : 2;
+}
+
+/* Dots two weight rows with up to 4 activation rows at once: each loaded x vector serves both
+ * weight rows (8 accumulators; half the loads per FMA of dot4_avx2). */
+MQ_AVX2 static void dot2x4_avx2(const float *w0, const float *w1, const float *x, int ldx,
+                                int nx, int k, float r[2][4])
+{
+    __m256 a[2][4];
+    _Pragma("GCC unroll 4")
+    for (int t = 0; t < 4; t++)
+        a[0][t] = a[1][t] = _mm256_setzero_ps();
+    const float *xs[4];
+    for (int t = 0; t < 4; t++)
+        xs[t] = x + (size_t)(t < nx ? t : 0) * ldx;
+    int i = 0;
+    for (; i + 8 <= k; i += 8) {
+        __m256 v0 = _mm256_loadu_ps(w0 + i), v1 = _mm256_loadu_ps(w1 + i);
+        _Pragma("GCC unroll 4")
+        for (int t = 0; t < 4; t++) {
+            __m256 xv = _mm256_loadu_ps(xs[t] + i);
+            a[0][t] = _mm256_fmadd_ps(v0, xv, a[0][t]);
+            a[1][t] = _mm256_fmadd_ps(v1, xv, a[1][t]);
+        }
+    }
+    for (int t = 0; t < nx; t++) {
+        r[0][t] = hsum(a[0][t]);
+        r[1][t] = hsum(a[1][t]);
+        for (int c = i; c < k; c++) {
+            r[0][t] += w0[c] * xs[t][c];
+            r[1][t] += w1[c] * xs[t][c];
+        }
+    }
 }
 
 static bool have_avx2(void)
@@ -503,10 +547,27 @@ static void mq_rows(const mq_ctx_t *c, size_t begin, size_t end)
         mq_rows_q8(c, begin, end);
         return;
     }
-    float row[MQ_MAX_K];
+    float row[MQ_MAX_K], row2[MQ_MAX_K];
     for (size_t j = begin; j < end; j++) {
         const uint8_t *src = (const uint8_t *)c->w->data + j * c->w->row_bytes;
 #if defined(__x86_64__)
+        if (c->simd && c->m >= 3 && j + 1 < end) {
+            // Two weight rows per pass: at 3+ x rows the FMAs, not the weight bytes, bound
+            // the step, and each x load then feeds two FMAs.
+            row_to_f32_avx2(c->w->type, src, c->k, row);
+            row_to_f32_avx2(c->w->type, src + c->w->row_bytes, c->k, row2);
+            for (int i0 = 0; i0 < c->m; i0 += 4) {
+                float r[2][4];
+                int nx = FY_MIN(4, c->m - i0);
+                dot2x4_avx2(row, row2, c->x + (size_t)i0 * c->ldx, c->ldx, nx, c->k, r);
+                for (int t = 0; t < nx; t++) {
+                    mq_store(c, i0 + t, j, r[0][t]);
+                    mq_store(c, i0 + t, j + 1, r[1][t]);
+                }
+            }
+            j++;
+            continue;
+        }
         if (c->simd) {
             row_to_f32_avx2(c->w->type, src, c->k, row);
             for (int i0 = 0; i0 < c->m; i0 += 4) {
