@@ -420,8 +420,21 @@ __global__ void f16_kernel(const work_t *work, const plan_dev_t *plan, const uin
         work_t w = work[i];
         size_t row = (size_t)w.head * hs + (size_t)w.tok * ts;
         uint8_t *dst = out + w.out_off;
-        copy_bytes(dst, (const uint8_t *)(k + row), 2 * d, lane, 32);
-        copy_bytes(dst + 2 * d, (const uint8_t *)(v + row), 2 * d, lane, 32);
+        const uint16_t *kr = k + row, *vr = v + row;
+        if ((((uintptr_t)dst | (uintptr_t)kr | (uintptr_t)vr) & 7) == 0) {
+            // The usual case (payload at an 8-byte offset, rows of 4 or more halves): 8 bytes
+            // a lane; d % 8 == 0 keeps both rows whole words.
+            uint2 *dw = (uint2 *)dst;
+            const uint2 *kw = (const uint2 *)kr, *vw = (const uint2 *)vr;
+            uint32_t words = d / 4; // 8-byte words per row
+            for (uint32_t j = lane; j < words; j += 32) {
+                dw[j] = kw[j];
+                dw[words + j] = vw[j];
+            }
+            continue;
+        }
+        copy_bytes(dst, (const uint8_t *)kr, 2 * d, lane, 32);
+        copy_bytes(dst + 2 * d, (const uint8_t *)vr, 2 * d, lane, 32);
     }
 }
 
@@ -433,6 +446,7 @@ typedef struct {
     const float *qsq;     // [n_kv][d] device scores (MixKVQ salience of unrotated groups)
     uint32_t n, d, P;
     int rotate;
+    int stage; // the group's K and V rows are staged in dynamic shared memory (2 x G x d fp32)
     uint8_t *out;
 } quant_args_t;
 
@@ -448,9 +462,44 @@ static __device__ __forceinline__ void st16(uint8_t *p, uint16_t x)
     p[1] = (uint8_t)(x >> 8);
 }
 
-/* One block per quantized group: quant.c's kvc_quant_group with cap = m, written in place. */
+/* Element c of the group's j-th token (t): from the staged rows, or read where it lives. */
+static __device__ __forceinline__ float g_x(const quant_args_t &a, const float *sk,
+                                            const float *sv, bool val, bool rot, uint32_t h,
+                                            uint32_t j, uint32_t t, uint32_t c)
+{
+    if (a.stage)
+        return (val ? sv : sk)[(size_t)j * a.d + c];
+    return q_x(a, val, rot, h, t, c);
+}
+
+/* row_minmax of a staged row (the same lanes and order). */
+static __device__ void row_minmax_f(const float *x, uint32_t d, float *mn_p, float *mx_p)
+{
+    float mn[8], mx[8];
+    for (int l = 0; l < 8; l++)
+        mn[l] = mx[l] = x[l];
+    for (uint32_t c = 8; c + 8 <= d; c += 8) {
+        for (int l = 0; l < 8; l++) {
+            float v = x[c + l];
+            mn[l] = v < mn[l] ? v : mn[l];
+            mx[l] = v > mx[l] ? v : mx[l];
+        }
+    }
+    float lo = mn[0], hi = mx[0];
+    for (int l = 1; l < 8; l++) {
+        lo = mn[l] < lo ? mn[l] : lo;
+        hi = mx[l] > hi ? mx[l] : hi;
+    }
+    *mn_p = lo;
+    *mx_p = hi;
+}
+
+/* One block per quantized group: quant.c's kvc_quant_group with cap = m, written in place.
+ * With a.stage the group's rows are read once, coalesced, into shared memory. */
 __global__ void quant_kernel(quant_args_t a)
 {
+    extern __shared__ float q_sm[]; // stage: [G][d] K rows, then [G][d] V rows
+    float *sk = q_sm, *sv = q_sm + (size_t)a.stage * a.d; // a.stage: the staged group size
     __shared__ uint32_t s_tok[256];
     __shared__ float s_mn[KVC_MAX_HEAD_DIM], s_mx[KVC_MAX_HEAD_DIM];
     __shared__ float s_kz[KVC_MAX_HEAD_DIM], s_kinv[KVC_MAX_HEAD_DIM];
@@ -480,11 +529,19 @@ __global__ void quant_kernel(quant_args_t a)
         for (uint32_t c = threadIdx.x; c < d; c += blockDim.x)
             s_prot[c] = 0;
         __syncthreads();
+        if (a.stage) {
+            for (uint32_t i = threadIdx.x; i < m * d; i += blockDim.x) {
+                uint32_t j = i / d, c = i % d;
+                sk[i] = q_x(a, false, rot, h, s_tok[j], c);
+                sv[i] = q_x(a, true, rot, h, s_tok[j], c);
+            }
+            __syncthreads();
+        }
         // Key range per channel over the group, in token order.
         for (uint32_t c = threadIdx.x; c < d; c += blockDim.x) {
-            float mn = q_x(a, false, rot, h, s_tok[0], c), mx = mn;
+            float mn = g_x(a, sk, sv, false, rot, h, 0, s_tok[0], c), mx = mn;
             for (uint32_t j = 1; j < m; j++) {
-                float x = q_x(a, false, rot, h, s_tok[j], c);
+                float x = g_x(a, sk, sv, false, rot, h, j, s_tok[j], c);
                 mn = x < mn ? x : mn;
                 mx = x > mx ? x : mx;
             }
@@ -543,7 +600,10 @@ __global__ void quant_kernel(quant_args_t a)
         // Value parameters per token.
         for (uint32_t j = threadIdx.x; j < m; j += blockDim.x) {
             float lo, hi;
-            row_minmax(a.src, true, rot, h, s_tok[j], &lo, &hi);
+            if (a.stage)
+                row_minmax_f(sv + (size_t)j * d, d, &lo, &hi);
+            else
+                row_minmax(a.src, true, rot, h, s_tok[j], &lo, &hi);
             uint16_t s16, z16;
             float s, z, inv;
             kvc_dev_asym(lo, hi, vq, &s16, &z16, &s, &z, &inv);
@@ -561,7 +621,7 @@ __global__ void quant_kernel(quant_args_t a)
             for (uint32_t q = 0; q < per_k; q++) {
                 uint32_t c = c0 + q;
                 uint32_t code = s_prot[c] ? 0
-                                          : kvc_dev_quant_one(q_x(a, false, rot, h, s_tok[j], c),
+                                          : kvc_dev_quant_one(g_x(a, sk, sv, false, rot, h, j, s_tok[j], c),
                                                               s_kz[c], s_kinv[c], kq);
                 byte |= code << (q * kb);
             }
@@ -572,7 +632,7 @@ __global__ void quant_kernel(quant_args_t a)
             uint32_t j = i / rowv, c0 = (i % rowv) * per_v;
             uint32_t byte = 0;
             for (uint32_t q = 0; q < per_v; q++) {
-                uint32_t code = kvc_dev_quant_one(q_x(a, true, rot, h, s_tok[j], c0 + q),
+                uint32_t code = kvc_dev_quant_one(g_x(a, sk, sv, true, rot, h, j, s_tok[j], c0 + q),
                                                   s_vz[j], s_vinv[j], vq);
                 byte |= code << (q * vb);
             }
@@ -584,7 +644,7 @@ __global__ void quant_kernel(quant_args_t a)
                 st16(pi + 2 * j, s_pidx[j]);
             for (uint32_t i = threadIdx.x; i < m * P; i += blockDim.x) {
                 uint32_t j = i / P, c = s_pidx[i % P];
-                pc[i] = (uint8_t)kvc_dev_quant_one(q_x(a, false, rot, h, s_tok[j], c), s_kz[c],
+                pc[i] = (uint8_t)kvc_dev_quant_one(g_x(a, sk, sv, false, rot, h, j, s_tok[j], c), s_kz[c],
                                                    s_kinv[c], 255.0f);
             }
         }
@@ -653,7 +713,8 @@ __global__ void crc_kernel(const uint8_t *buf, const plan_dev_t *plan, uint32_t 
 
 #define OPT_THREADS 256
 #define OPT_MAX_KV 64       // per-block byte-count histogram; more heads take the host optimizer
-#define GREEDY_CHUNK 2048
+#define GREEDY_CHUNK 4096
+#define GREEDY_THREADS 256
 
 typedef struct {
     uint32_t n_kv, n, G;
@@ -700,11 +761,22 @@ static __device__ __forceinline__ unsigned long long run_bytes(const opt_args_t 
 {
     if (o == KVC_OPT_DROP || count == 0)
         return 0;
-    unsigned long long gs = a.gsz[o], full = count / gs, rest = count % gs;
-    unsigned long long b = full * (a.gfix[o] + gs * a.gtok[o]);
+    // A head's count fits 32 bits (n_tokens <= KVC_MAX_TOKENS): 32-bit division.
+    uint32_t gs = (uint32_t)a.gsz[o], c = (uint32_t)count, full = c / gs, rest = c - full * gs;
+    unsigned long long b = (unsigned long long)full * (a.gfix[o] + gs * a.gtok[o]);
     if (rest)
         b += a.gfix[o] + rest * a.gtok[o];
     return b;
+}
+
+/* run_bytes(o, c + 1) - run_bytes(o, c): a token's bytes, plus the group's fixed bytes when it
+ * opens a group. */
+static __device__ __forceinline__ long long add_bytes(const opt_args_t &a, int o, uint32_t c)
+{
+    if (o == KVC_OPT_DROP)
+        return 0;
+    uint32_t gs = (uint32_t)a.gsz[o];
+    return (long long)a.gtok[o] + (c % gs == 0 ? (long long)a.gfix[o] : 0);
 }
 
 /* Mean of the head's value deviations in the CPU's order (a double sum over tokens); only the
@@ -882,11 +954,10 @@ __global__ void __launch_bounds__(OPT_THREADS) choose_kernel(opt_args_t a)
         double floor_l = (double)PASS(PASS_CHEAP, 0, a.tmp, NULL);
         double cap = a.remain - o_dmul((double)(a.r - 1), floor_l);
         double share = __ddiv_rn(a.remain, (double)a.r);
-        if (a.r > 1)
-            {
-                double c2 = o_dmul(share, o_dadd(1, a.flex));
-                cap = cap < c2 ? cap : c2;
-            }
+        if (a.r > 1) {
+            double c2 = o_dmul(share, o_dadd(1, a.flex));
+            cap = cap < c2 ? cap : c2;
+        }
         if (floor_l > cap) {
             if (pins)
                 continue; // the pins alone do not fit: retry with every item free
@@ -995,29 +1066,30 @@ __global__ void cand_kernel(opt_args_t a, uint32_t *keys, uint32_t *idx)
     }
 }
 
-/* One pass of the greedy fill over the sorted candidates: a block stages GREEDY_CHUNK of them
- * in shared memory, its first warp takes, 32 at a time, the first whose exact byte change
- * still fits (the ones before it do not fit under the same state) and goes on behind it. */
-__global__ void __launch_bounds__(256) greedy_kernel(opt_args_t a, const uint32_t *keys,
-                                                     const uint32_t *idx)
+/* One pass of the greedy fill over the sorted candidates: the block stages GREEDY_CHUNK of
+ * them in shared memory, then evaluates GREEDY_THREADS at a time against the current state
+ * (counts, frame bytes) and takes the first whose exact byte change still fits (the ones before
+ * it do not fit under the same state, as on the CPU) and goes on right behind it. */
+__global__ void __launch_bounds__(GREEDY_THREADS) greedy_kernel(opt_args_t a, const uint32_t *keys,
+                                                                const uint32_t *idx)
 {
     __shared__ long long s_cnt[OPT_MAX_KV * 8];
     __shared__ uint32_t s_idx[GREEDY_CHUNK];
     __shared__ uint8_t s_cur[GREEDY_CHUNK], s_to[GREEDY_CHUNK];
-    __shared__ int s_done;
+    __shared__ uint32_t s_first[GREEDY_THREADS / 32];
+    __shared__ int s_end[GREEDY_THREADS / 32];
     __shared__ long long s_total;
     if (!a.out->need_greedy)
         return;
-    uint32_t nk8 = a.n_kv * 8;
+    uint32_t nk8 = a.n_kv * 8, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const uint32_t none = 0xffffffffu, nwarps = GREEDY_THREADS / 32;
     for (uint32_t i = threadIdx.x; i < nk8; i += blockDim.x)
         s_cnt[i] = a.gcnt[i];
-    if (threadIdx.x == 0) {
-        s_done = 0;
+    if (threadIdx.x == 0)
         s_total = (long long)a.out->total;
-    }
     const long long target = (long long)a.out->target;
-    const uint32_t none = 0xffffffffu;
-    for (size_t base = 0; base < a.n_items; base += GREEDY_CHUNK) {
+    bool finished = false;
+    for (size_t base = 0; base < a.n_items && !finished; base += GREEDY_CHUNK) {
         __syncthreads();
         for (uint32_t k = threadIdx.x; k < GREEDY_CHUNK; k += blockDim.x) {
             size_t pos = base + k;
@@ -1030,58 +1102,58 @@ __global__ void __launch_bounds__(256) greedy_kernel(opt_args_t a, const uint32_
             s_idx[k] = i;
         }
         __syncthreads();
-        if (threadIdx.x < 32) {
-            uint32_t lane = threadIdx.x;
-            long long total = s_total;
-            uint32_t p = 0;
-            bool finished = false;
-            while (p < GREEDY_CHUNK) {
-                uint32_t k = p + lane;
-                bool in_chunk = k < GREEDY_CHUNK;
-                uint32_t i = in_chunk ? s_idx[k] : none;
-                bool valid = i != none;
-                bool ok = false;
-                long long delta = 0;
-                uint32_t h = 0;
-                int cur = 0, to = 0;
-                if (valid) {
-                    h = i / a.n;
-                    cur = s_cur[k];
-                    to = s_to[k];
-                    long long ct = s_cnt[h * 8 + to], cc = s_cnt[h * 8 + cur];
-                    delta = (long long)run_bytes(a, to, ct + 1) - (long long)run_bytes(a, to, ct) +
-                            (long long)run_bytes(a, cur, cc - 1) - (long long)run_bytes(a, cur, cc);
-                    ok = total + delta <= target;
-                }
-                unsigned m = __ballot_sync(0xffffffffu, ok);
-                if (m == 0) {
-                    // No candidate of the window fits; an empty slot means the candidates
-                    // ended (zero keys sort last).
-                    if (__any_sync(0xffffffffu, in_chunk && !valid)) {
-                        finished = true;
-                        break;
-                    }
-                    p += 32;
-                    continue;
-                }
-                uint32_t f = (uint32_t)(__ffs(m) - 1);
-                if (lane == f) {
-                    s_cnt[h * 8 + to]++;
-                    s_cnt[h * 8 + cur]--;
-                    a.choice[i] = (uint8_t)to;
-                }
-                total += __shfl_sync(0xffffffffu, delta, f);
-                __syncwarp();
-                p += f + 1;
+        uint32_t p = 0;
+        while (p < GREEDY_CHUNK) {
+            uint32_t k = p + threadIdx.x;
+            bool in_chunk = k < GREEDY_CHUNK;
+            uint32_t i = in_chunk ? s_idx[k] : none;
+            bool valid = i != none, ok = false;
+            long long delta = 0;
+            uint32_t h = 0;
+            int cur = 0, to = 0;
+            if (valid) {
+                h = i / a.n;
+                cur = s_cur[k];
+                to = s_to[k];
+                long long ct = s_cnt[h * 8 + to], cc = s_cnt[h * 8 + cur];
+                // run_bytes(to, ct + 1) - run_bytes(to, ct) + run_bytes(cur, cc - 1) -
+                // run_bytes(cur, cc), from the per-token steps.
+                delta = add_bytes(a, to, (uint32_t)ct) - add_bytes(a, cur, (uint32_t)(cc - 1));
+                ok = s_total + delta <= target;
             }
+            unsigned m = __ballot_sync(0xffffffffu, ok);
+            unsigned e = __ballot_sync(0xffffffffu, in_chunk && !valid);
             if (lane == 0) {
-                s_total = total;
-                s_done = finished;
+                s_first[warp] = m ? warp * 32 + (uint32_t)(__ffs(m) - 1) : none;
+                s_end[warp] = e != 0;
             }
+            __syncthreads();
+            uint32_t f = none;
+            int end = 0;
+            for (uint32_t w = 0; w < nwarps; w++) {
+                f = f == none ? s_first[w] : f;
+                end |= s_end[w];
+            }
+            if (f == none) {
+                // Nothing in the window fits; an empty slot means the candidates ended (the
+                // zero keys sort last).
+                __syncthreads();
+                if (end) {
+                    finished = true;
+                    break;
+                }
+                p += GREEDY_THREADS;
+                continue;
+            }
+            if (threadIdx.x == f) {
+                s_cnt[h * 8 + to]++;
+                s_cnt[h * 8 + cur]--;
+                s_total += delta;
+                a.choice[i] = (uint8_t)to;
+            }
+            __syncthreads();
+            p += f + 1;
         }
-        __syncthreads();
-        if (s_done)
-            break;
     }
     __syncthreads();
     for (uint32_t i = threadIdx.x; i < nk8; i += blockDim.x)
@@ -1308,31 +1380,41 @@ static __device__ uint32_t gf2_x8n(uint64_t len)
 }
 
 /* One block: the frame's CRC32C from the chunk CRCs, combined pairwise in a tree
- * (crc(A || B) = crc(A) x^(8|B|) + crc(B)), written behind the body. crcs is overwritten. */
+ * (crc(A || B) = crc(A) x^(8|B|) + crc(B)), written behind the body. crcs is overwritten. A
+ * right-hand side of full chunks is shifted by s_pow[level] (x^(8 CRC_CHUNK 2^level)); the one
+ * that ends with the short last chunk by x^(8 tail) times the powers of its full chunks. */
 __global__ void crc_final_kernel(uint32_t *crcs, const plan_dev_t *plan, uint8_t *out)
 {
-    __shared__ uint32_t s_pow; // x^(8 * span bytes) for a full right-hand span
+    __shared__ uint32_t s_pow[64];
+    __shared__ uint32_t s_tail;
     size_t len = plan->body;
     size_t chunks = (len + CRC_CHUNK - 1) / CRC_CHUNK;
-    if (threadIdx.x == 0)
-        s_pow = gf2_x8n(CRC_CHUNK);
+    if (threadIdx.x == 0) {
+        s_pow[0] = gf2_x8n(CRC_CHUNK);
+        s_tail = gf2_x8n(len - (chunks - 1) * CRC_CHUNK);
+    }
     __syncthreads();
-    for (size_t span = 1; span < chunks; span *= 2) { // span: chunks per right-hand side
+    int level = 0;
+    for (size_t span = 1; span < chunks; span *= 2, level++) { // span: chunks per side
         for (size_t i = (size_t)threadIdx.x * 2 * span; i + span < chunks;
              i += (size_t)blockDim.x * 2 * span) {
-            size_t rc = chunks - (i + span) < span ? chunks - (i + span) : span;
-            size_t rbytes = i + span + rc == chunks ? len - (i + span) * CRC_CHUNK
-                                                   : rc * CRC_CHUNK;
-            uint32_t x = rbytes == span * CRC_CHUNK ? s_pow : gf2_x8n(rbytes);
+            uint32_t x = s_pow[level];
+            if (i + 2 * span >= chunks) { // the right side ends the body
+                size_t full = chunks - (i + span) - 1;
+                x = s_tail;
+                for (int k = 0; k < level; k++)
+                    if ((full >> k) & 1)
+                        x = gf2_mul(x, s_pow[k]);
+            }
             crcs[i] = gf2_mul(x, crcs[i]) ^ crcs[i + span];
         }
         __syncthreads();
         if (threadIdx.x == 0)
-            s_pow = gf2_mul(s_pow, s_pow);
+            s_pow[level + 1] = gf2_mul(s_pow[level], s_pow[level]);
         __syncthreads();
     }
     if (threadIdx.x < 4)
-        out[len + threadIdx.x] = (uint8_t)((chunks ? crcs[0] : 0u) >> (8 * threadIdx.x));
+        out[len + threadIdx.x] = (uint8_t)(crcs[0] >> (8 * threadIdx.x));
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -1658,7 +1740,7 @@ static fy_status_t opt_enqueue(kvc_encoder_cuda_t *e, uint32_t layer, const kvc_
                           e->d_sort_tmp, tmp_bytes, e->d_keys, e->d_keys + items, e->d_idx,
                           e->d_idx + items, (int)items, 0, 32, cs),
                       st, out);
-        greedy_kernel<<<1, 256, 0, cs>>>(a, e->d_keys + items, e->d_idx + items);
+        greedy_kernel<<<1, GREEDY_THREADS, 0, cs>>>(a, e->d_keys + items, e->d_idx + items);
         KVC_LAUNCH_GOTO(st, out);
     }
     dist_kernel<<<1, 1024, 0, cs>>>(a);
@@ -1894,7 +1976,11 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
         a.P = e->P;
         a.rotate = pol->rotate;
         a.out = out;
-        quant_kernel<<<wide, QUANT_THREADS, 0, cs>>>(a);
+        // Stage the group's rows in shared memory where they fit the default 48 KiB with the
+        // kernel's own arrays (G 32, d 128: 32 KiB).
+        size_t stage_bytes = (size_t)2 * e->G * d * sizeof(float);
+        a.stage = stage_bytes <= 32768 ? (int)e->G : 0;
+        quant_kernel<<<wide, QUANT_THREADS, a.stage ? stage_bytes : 0, cs>>>(a);
         KVC_LAUNCH_GOTO(st, out);
         crc_kernel<<<kvc_grid(e->max_chunks, 256), 256, 0, cs>>>(out, e->d_plan, e->d_crc);
         KVC_LAUNCH_GOTO(st, out);
