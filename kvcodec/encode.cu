@@ -183,16 +183,16 @@ static __device__ __forceinline__ float src_x(const kv_src_t &a, bool val, bool 
     return ld_h(val ? a.v : a.k, a.hs, a.ts, h, t, c);
 }
 
-/* kvc_row_minmax: eight lanes over c, then lanes 0..7 in order. */
-static __device__ void row_minmax(const kv_src_t &a, bool val, bool rot, uint32_t h, uint32_t t,
-                                  float *mn_p, float *mx_p)
+/* kvc_row_minmax over element c = get(c): eight lanes over c, then lanes 0..7 in order. */
+template <typename F>
+static __device__ __forceinline__ void minmax_lanes(F get, uint32_t d, float *mn_p, float *mx_p)
 {
     float mn[8], mx[8];
     for (int l = 0; l < 8; l++)
-        mn[l] = mx[l] = src_x(a, val, rot, h, t, l);
-    for (uint32_t c = 8; c + 8 <= a.d; c += 8) {
+        mn[l] = mx[l] = get((uint32_t)l);
+    for (uint32_t c = 8; c + 8 <= d; c += 8) {
         for (int l = 0; l < 8; l++) {
-            float x = src_x(a, val, rot, h, t, c + l);
+            float x = get(c + l);
             mn[l] = x < mn[l] ? x : mn[l];
             mx[l] = x > mx[l] ? x : mx[l];
         }
@@ -204,6 +204,13 @@ static __device__ void row_minmax(const kv_src_t &a, bool val, bool rot, uint32_
     }
     *mn_p = lo;
     *mx_p = hi;
+}
+
+/* kvc_row_minmax of a row where it lives. */
+static __device__ void row_minmax(const kv_src_t &a, bool val, bool rot, uint32_t h, uint32_t t,
+                                  float *mn_p, float *mx_p)
+{
+    minmax_lanes([&](uint32_t c) { return src_x(a, val, rot, h, t, c); }, a.d, mn_p, mx_p);
 }
 
 /* rotate_kernel on rows staged in shared memory (rows x d, `stride` floats apart): the same
@@ -234,23 +241,7 @@ static __device__ void sm_hadamard_rows(float *x, uint32_t rows, uint32_t d, uin
 /* row_minmax of a staged row (the same lanes and order). */
 static __device__ void row_minmax_f(const float *x, uint32_t d, float *mn_p, float *mx_p)
 {
-    float mn[8], mx[8];
-    for (int l = 0; l < 8; l++)
-        mn[l] = mx[l] = x[l];
-    for (uint32_t c = 8; c + 8 <= d; c += 8) {
-        for (int l = 0; l < 8; l++) {
-            float v = x[c + l];
-            mn[l] = v < mn[l] ? v : mn[l];
-            mx[l] = v > mx[l] ? v : mx[l];
-        }
-    }
-    float lo = mn[0], hi = mx[0];
-    for (int l = 1; l < 8; l++) {
-        lo = mn[l] < lo ? mn[l] : lo;
-        hi = mx[l] > hi ? mx[l] : hi;
-    }
-    *mn_p = lo;
-    *mx_p = hi;
+    minmax_lanes([&](uint32_t c) { return x[c]; }, d, mn_p, mx_p);
 }
 
 typedef struct {
