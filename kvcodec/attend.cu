@@ -988,9 +988,20 @@ __device__ void mma_tokens(const attn_params &A, const uint8_t *slots, uint32_t 
         // (independent accumulators) when both n-tiles are of one slot, as they are whenever
         // G is a multiple of 16; else the second one reloads the table.
         const bool two = T0 + 8 < te; // the second n-tile has tokens
+        // Each n-tile lies in one slot (G and tile starts are multiples of 8); an empty second
+        // n-tile takes the first one's (its tokens are clamped into it). Slot sp[j], table
+        // entry sl[j], and the n-tile's first token nb[j] is token jb[j] of its slot.
         int sl[2];
-        sl[0] = OPT == 0 ? 0 : (int)(T0 / G - s0);
-        sl[1] = OPT == 0 || !two ? sl[0] : (int)((T0 + 8) / G - s0);
+        const uint8_t *sp[2];
+        uint32_t nb[2], jb[2];
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            nb[j] = j == 1 && two ? T0 + 8 : T0;
+            const uint32_t si = OPT == 0 ? 0 : nb[j] / G;
+            sl[j] = OPT == 0 ? 0 : (int)(si - s0);
+            sp[j] = slots + (size_t)si * sb;
+            jb[j] = nb[j] - si * G;
+        }
         if (sl[0] != cur) {
             cur = sl[0];
             mma_load_a<D>(tab + (uint32_t)cur * TABS + r * RS + kq * 16, afr);
@@ -1006,8 +1017,7 @@ __device__ void mma_tokens(const attn_params &A, const uint8_t *slots, uint32_t 
                 for (int jj = 0; jj < D / 32; jj++)
                     lds_words<4>(row + 16 * ((kq + 4 * jj) ^ sw), kw[j] + 4 * jj);
             } else {
-                const uint8_t *sp = slots + (size_t)(tok / G) * sb;
-                lds_words<KB / 4>(sp + koff + (tok % G) * rowk + kq * KB, kw[j]);
+                lds_words<KB / 4>(sp[j] + koff + (jb[j] + tok - nb[j]) * rowk + kq * KB, kw[j]);
             }
         }
         float c[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
@@ -1043,8 +1053,7 @@ __device__ void mma_tokens(const attn_params &A, const uint8_t *slots, uint32_t 
                 } else if (OPT != 0) {
                     v += qz[sl[j] * 4 + r];
                     if (P > 0 && opt_protectable(OPT)) {
-                        const uint8_t *pc =
-                            slots + (size_t)(t / G) * sb + poff + 2 * P + (t % G) * P;
+                        const uint8_t *pc = sp[j] + poff + 2 * P + (jb[j] + t - nb[j]) * P;
                         const float *qp = qsp + ((size_t)sl[j] * 4 + r) * P;
                         for (uint32_t jj = 0; jj < P; jj++)
                             v += qp[jj] * (float)pc[jj];
@@ -1095,15 +1104,14 @@ __device__ void mma_tokens(const attn_params &A, const uint8_t *slots, uint32_t 
                                      vw[j][e] + 4 * jj);
                     ps[j][e] = p[j][e];
                 } else {
-                    const uint8_t *sp = slots + (size_t)(tok / G) * sb;
-                    const uint32_t jt = tok % G;
-                    const uint8_t *vp = sp + voff + jt * rowv + g * VB;
+                    const uint32_t jt = jb[j] + tok - nb[j];
+                    const uint8_t *vp = sp[j] + voff + jt * rowv + g * VB;
                     if (VB >= 4)
                         lds_words<VW>(vp, vw[j][e]);
                     else
                         vw[j][e][0] = *reinterpret_cast<const uint16_t *>(vp);
-                    ps[j][e] = p[j][e] * h2f_at(sp + 4 * D + 2 * jt);
-                    st.pz += p[j][e] * h2f_at(sp + 4 * D + 2 * G + 2 * jt);
+                    ps[j][e] = p[j][e] * h2f_at(sp[j] + 4 * D + 2 * jt);
+                    st.pz += p[j][e] * h2f_at(sp[j] + 4 * D + 2 * G + 2 * jt);
                 }
             }
         const bool lo = g >= 4;
@@ -1133,6 +1141,7 @@ __device__ void mma_table(const attn_params &A, const uint8_t *slots, uint32_t s
     const uint32_t rowv = OPT == 0 ? 0 : D * opt_vbits(OPT) / 8;
     const uint32_t poff = 4 * D + 4 * G + G * (rowk + rowv);
     constexpr uint32_t per_slot = 16 * (D / 4);
+#pragma unroll 4
     for (uint32_t idx = threadIdx.x; idx < ns * per_slot; idx += blockDim.x) {
         const uint32_t sl = idx / per_slot, rem = idx % per_slot;
         const uint32_t r = rem / (4 * (D / 4)), kq = (rem / (D / 4)) % 4, w = rem % (D / 4);
