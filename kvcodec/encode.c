@@ -535,7 +535,17 @@ size_t kvc_encoder_write_head(const kvc_encoder_t *e, uint32_t layer, uint8_t *o
     }
     size_t head = KVC_FRAME_HEADER_BYTES + maps_total;
     size_t total = head + payload + 4;
-    uint8_t *hd = out;
+    kvc_encoder_header_fill(e, layer, opt_mask, payload, total, out);
+    *frame_bytes_p = total;
+    return head;
+}
+
+void kvc_encoder_header_fill(const kvc_encoder_t *e, uint32_t layer, uint32_t opt_mask,
+                             size_t payload, size_t total, uint8_t *hd)
+{
+    uint32_t P = e->policy.protect_channels;
+    uint32_t n = e->p.n_tokens, d = e->p.head_dim, n_kv = e->p.n_kv_heads;
+    uint32_t G = e->policy.group;
     memset(hd, 0, KVC_FRAME_HEADER_BYTES);
     kvc_wr32(hd + 0, KVC_FRAME_MAGIC);
     kvc_wr16(hd + 4, KVC_FRAME_VERSION);
@@ -553,8 +563,6 @@ size_t kvc_encoder_write_head(const kvc_encoder_t *e, uint32_t layer, uint8_t *o
     hd[45] = (uint8_t)P;
     kvc_wr64(hd + 48, payload);
     kvc_wr64(hd + 56, total);
-    *frame_bytes_p = total;
-    return head;
 }
 
 static size_t write_frame(kvc_encoder_t *e, const kvc_layer_input_t *in,
@@ -651,11 +659,6 @@ void kvc_encoder_opt_inputs(const kvc_encoder_t *e, uint32_t layer, kvc_opt_inpu
                      ? 0
                      : (double)(e->total_budget - FY_MIN(e->spent, e->total_budget));
     oi->lambda_prev = e->lambda_prev;
-}
-
-uint8_t *kvc_encoder_choice_buf(kvc_encoder_t *e)
-{
-    return e->choice;
 }
 
 void kvc_encoder_set_lambda(kvc_encoder_t *e, double lambda)

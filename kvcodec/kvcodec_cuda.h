@@ -7,8 +7,9 @@
  *   attention kernel's window_attn.
  * - Encoding (kvc_encoder_cuda_t): K and V of a layer in device memory -> a wire frame in
  *   device memory, byte-identical to kvc_encoder_encode_layer for the same input and scores.
- *   Trial/modelled distortion, rotation, quantization, packing and the CRC run on the GPU; the
- *   option-choice optimizer (small per-token tables) and the rate controller stay on the host.
+ *   Trial/modelled distortion, rotation, the option-choice optimizer and rate controller step,
+ *   the frame layout, quantization, packing and the CRC all run on the GPU (the host keeps the
+ *   rate controller's running totals).
  * - GPU page pool (kvc_gpu_pool_t) and placement (kvc_place_cuda): one device allocation of
  *   n_pages x page_bytes, page p at base + p x page_bytes holding exactly the bytes a CPU pool's
  *   page holds (docs/kvcodec-format.md §3). Free list, reference counts and per-sequence page
@@ -73,17 +74,18 @@ size_t kvc_encoder_cuda_max_frame_bytes(const kvc_encoder_cuda_t *enc);
  * kvc_score_cuda) holds device arrays from kvc_scores_init_cuda. The frame is written to
  * out_dev (device memory, at least kvc_encoder_cuda_max_frame_bytes); the bytes equal what
  * kvc_encoder_encode_layer writes for the same K, V and scores (for finite inputs). The call
- * returns once the frame is complete on the device (it synchronizes stream, because the
- * optimizer runs on the host between the GPU passes). Thread: not thread-safe (one encoder
+ * returns once the frame is complete on the device (it synchronizes stream once, at the end,
+ * for the frame size; with more than 64 kv heads or without cooperative launches the
+ * optimizer runs on the host, one more synchronization). Thread: not thread-safe (one encoder
  * per request). */
 fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *enc, const kvc_layer_input_t *in_dev,
                                           const kvc_scores_t *scores_dev, uint8_t *out_dev,
                                           size_t out_cap, size_t *len_p,
                                           kvc_layer_info_t *info_p, void *stream);
 
-/* Stream time the last encode_layer_cuda spent in its two GPU phases (scoring, rotation and
- * distortion tables; payload and CRC), in ns; the rest of its wall time is the host's
- * optimizer and planning. Thread: as the encoder. */
+/* Stream time the last encode_layer_cuda spent in its GPU phases (scoring, rotation,
+ * distortion tables and the optimizer; layout, payload and CRC), in ns; the rest of its wall
+ * time is the host's launches and the final synchronization. Thread: as the encoder. */
 uint64_t kvc_encoder_cuda_last_gpu_ns(const kvc_encoder_cuda_t *enc);
 
 /* Cumulative frame bytes and the request's byte budget (as kvc_encoder_totals). */
