@@ -856,6 +856,22 @@ fy_status_t fy_cluster_status(const fy_cluster_spec_t *spec, const fy_cluster_ru
     static char body[131072];
     fprintf(out, "cluster %s (%s backend), logs in %s\n", spec->name, st->backend, spec->log_dir);
     int down = 0;
+    for (int h = 0; h < st->n_netns && h < spec->n_hosts; h++) {
+        const fy_cluster_host_t *ho = &spec->hosts[h];
+        char p[80];
+        snprintf(p, sizeof(p), "/run/netns/%s", st->netns[h]);
+        bool there = access(p, F_OK) == 0;
+        fprintf(out, "  host %-10s %-15s netns %s%s, spec link ", ho->name, ho->address,
+                st->netns[h], there ? "" : " (MISSING)");
+        if (ho->bandwidth_bps)
+            fprintf(out, "%.0f Mbit/s", ho->bandwidth_bps / 1e6);
+        else
+            fprintf(out, "unlimited");
+        if (ho->delay_ms > 0 || ho->loss_pct > 0)
+            fprintf(out, ", delay %.2f ms, loss %.2f%%", ho->delay_ms, ho->loss_pct);
+        fputc('\n', out);
+        down += !there;
+    }
     for (int i = 0; i < st->n_daemons; i++) {
         const fy_cluster_state_daemon_t *d = &st->daemons[i];
         bool alive = daemon_alive(d->pid, d->name);

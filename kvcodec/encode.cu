@@ -1,8 +1,9 @@
 /*
  * encode.cu: the encoder on the GPU, twin of encode.c. For one layer of K, V in device memory:
  *
- * 1. rotate_kernel: when the policy rotates, the Hadamard-rotated fp32 copy of every K and V
- *    row ([n_kv][n][d] each), used by the trial pass and the rotated options;
+ * 1. rotation: where a group's rows fit shared memory (G 32, d 128 do) the stats and quantizer
+ *    rotate their staged rows themselves; otherwise rotate_kernel writes the Hadamard-rotated
+ *    fp32 copy of every K and V row ([n_kv][n][d] each) for them to read (same values);
  * 2. stats_kernel (policies that measure distortion): per (kv head, group of G consecutive
  *    tokens) the tables encode.c's build_items computes on the CPU — |v - obar|^2 and the key
  *    and value errors at 8, 4 and 2 bits, trial-quantized or modelled — in the CPU's exact
@@ -182,16 +183,16 @@ static __device__ __forceinline__ float src_x(const kv_src_t &a, bool val, bool 
     return ld_h(val ? a.v : a.k, a.hs, a.ts, h, t, c);
 }
 
-/* kvc_row_minmax: eight lanes over c, then lanes 0..7 in order. */
-static __device__ void row_minmax(const kv_src_t &a, bool val, bool rot, uint32_t h, uint32_t t,
-                                  float *mn_p, float *mx_p)
+/* kvc_row_minmax over element c = get(c): eight lanes over c, then lanes 0..7 in order. */
+template <typename F>
+static __device__ __forceinline__ void minmax_lanes(F get, uint32_t d, float *mn_p, float *mx_p)
 {
     float mn[8], mx[8];
     for (int l = 0; l < 8; l++)
-        mn[l] = mx[l] = src_x(a, val, rot, h, t, l);
-    for (uint32_t c = 8; c + 8 <= a.d; c += 8) {
+        mn[l] = mx[l] = get((uint32_t)l);
+    for (uint32_t c = 8; c + 8 <= d; c += 8) {
         for (int l = 0; l < 8; l++) {
-            float x = src_x(a, val, rot, h, t, c + l);
+            float x = get(c + l);
             mn[l] = x < mn[l] ? x : mn[l];
             mx[l] = x > mx[l] ? x : mx[l];
         }
@@ -205,26 +206,42 @@ static __device__ void row_minmax(const kv_src_t &a, bool val, bool rot, uint32_
     *mx_p = hi;
 }
 
+/* kvc_row_minmax of a row where it lives. */
+static __device__ void row_minmax(const kv_src_t &a, bool val, bool rot, uint32_t h, uint32_t t,
+                                  float *mn_p, float *mx_p)
+{
+    minmax_lanes([&](uint32_t c) { return src_x(a, val, rot, h, t, c); }, a.d, mn_p, mx_p);
+}
+
+/* rotate_kernel on rows staged in shared memory (rows x d, `stride` floats apart): the same
+ * butterflies in the same stages, then the same scale, so every value equals the rotated copy
+ * rotate_kernel writes. The whole block calls it. */
+static __device__ void sm_hadamard_rows(float *x, uint32_t rows, uint32_t d, uint32_t stride,
+                                        float scale)
+{
+    uint32_t half = d / 2;
+    for (uint32_t len = 1; len < d; len <<= 1) {
+        for (uint32_t i2 = threadIdx.x; i2 < rows * half; i2 += blockDim.x) {
+            uint32_t r = i2 / half, j = i2 % half;
+            uint32_t i = (j / len) * 2 * len + (j % len);
+            float *row = x + (size_t)r * stride;
+            float p = row[i], q = row[i + len];
+            row[i] = kadd(p, q);
+            row[i + len] = ksub(p, q);
+        }
+        __syncthreads();
+    }
+    for (uint32_t i2 = threadIdx.x; i2 < rows * d; i2 += blockDim.x) {
+        float *px = x + (size_t)(i2 / d) * stride + i2 % d;
+        *px = kmul(*px, scale);
+    }
+    __syncthreads();
+}
+
 /* row_minmax of a staged row (the same lanes and order). */
 static __device__ void row_minmax_f(const float *x, uint32_t d, float *mn_p, float *mx_p)
 {
-    float mn[8], mx[8];
-    for (int l = 0; l < 8; l++)
-        mn[l] = mx[l] = x[l];
-    for (uint32_t c = 8; c + 8 <= d; c += 8) {
-        for (int l = 0; l < 8; l++) {
-            float v = x[c + l];
-            mn[l] = v < mn[l] ? v : mn[l];
-            mx[l] = v > mx[l] ? v : mx[l];
-        }
-    }
-    float lo = mn[0], hi = mx[0];
-    for (int l = 1; l < 8; l++) {
-        lo = mn[l] < lo ? mn[l] : lo;
-        hi = mx[l] > hi ? mx[l] : hi;
-    }
-    *mn_p = lo;
-    *mx_p = hi;
+    minmax_lanes([&](uint32_t c) { return x[c]; }, d, mn_p, mx_p);
 }
 
 typedef struct {
@@ -236,6 +253,8 @@ typedef struct {
     int need8, need4, needv4, need2, needk2;
     float *tab;  // [TAB_COUNT][n_kv][n]
     int stage;   // the group's K and V rows of the 4/2-bit source staged in shared memory
+    int fused;   // with stage and rotate: the staged rows are rotated here (no rotated copy)
+    float rot_scale;
 } stats_args_t;
 
 static __device__ __forceinline__ float st_x(const stats_args_t &a, bool val, bool rot, uint32_t h,
@@ -278,13 +297,17 @@ __global__ void stats_kernel(stats_args_t a)
         const float *obar = a.obar + (size_t)h * d;
         __syncthreads(); // shared arrays free from the previous block
         if (a.stage) {
-            bool rs = a.rotate != 0;
+            bool rs = a.rotate != 0 && !a.fused; // fused: load as given, rotate below
             for (uint32_t i = threadIdx.x; i < m * d; i += blockDim.x) {
                 uint32_t j = i / d, c = i % d;
                 sk[(size_t)j * (d + 1) + c] = st_x(a, false, rs, h, t0 + j, c);
                 sv[(size_t)j * (d + 1) + c] = st_x(a, true, rs, h, t0 + j, c);
             }
             __syncthreads();
+            if (a.fused) {
+                sm_hadamard_rows(sk, m, d, d + 1, a.rot_scale);
+                sm_hadamard_rows(sv, m, d, d + 1, a.rot_scale);
+            }
         }
         if (threadIdx.x == 0) {
             float s = 0;
@@ -498,6 +521,8 @@ typedef struct {
     uint32_t n, d, P;
     int rotate;
     int stage; // the group's K and V rows are staged in dynamic shared memory (2 x G x d fp32)
+    int fused; // with stage: rotated groups are rotated in shared memory (no rotated copy)
+    float rot_scale;
     uint8_t *out;
 } quant_args_t;
 
@@ -559,12 +584,17 @@ __global__ void quant_kernel(quant_args_t a)
             s_prot[c] = 0;
         __syncthreads();
         if (a.stage) {
+            bool rs = rot && !a.fused; // fused: load as given, rotate below
             for (uint32_t i = threadIdx.x; i < m * d; i += blockDim.x) {
                 uint32_t j = i / d, c = i % d;
-                sk[i] = q_x(a, false, rot, h, s_tok[j], c);
-                sv[i] = q_x(a, true, rot, h, s_tok[j], c);
+                sk[i] = q_x(a, false, rs, h, s_tok[j], c);
+                sv[i] = q_x(a, true, rs, h, s_tok[j], c);
             }
             __syncthreads();
+            if (rot && a.fused) {
+                sm_hadamard_rows(sk, m, d, d, a.rot_scale);
+                sm_hadamard_rows(sv, m, d, d, a.rot_scale);
+            }
         }
         // Key range per channel over the group, in token order.
         for (uint32_t c = threadIdx.x; c < d; c += blockDim.x) {
@@ -1882,6 +1912,18 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
     size_t plane = e->n_items;
     kvc_layer_info_t info;
     memset(&info, 0, sizeof(info));
+    // The stats and quantizer stage a group's rows in shared memory where they fit the default
+    // 48 KiB beside their own arrays (G 32, d 128: 38 and 32 KiB); when both do, a rotating
+    // policy rotates the staged rows there and no rotated copy of the layer is written.
+    size_t st_sm = (size_t)10 * d * sizeof(float);
+    size_t st_sm_stage = st_sm + (size_t)2 * e->G * (d + 1) * sizeof(float);
+    bool st_stage = st_sm_stage <= 40960;
+    size_t q_stage_bytes = (size_t)2 * e->G * d * sizeof(float);
+    bool q_stage = q_stage_bytes <= 32768;
+    bool fused = e->policy.rotate && q_stage &&
+                 (!(e->policy.dist == KVC_DIST_TRIAL || e->policy.dist == KVC_DIST_MODEL) ||
+                  st_stage);
+    float rot_scale = 1.0f / sqrtf((float)d);
     uint64_t t0 = fy_clock_ns();
     cudaError_t ce = cudaEventRecord(e->ev[0], cs);
     if (ce != cudaSuccess)
@@ -1923,12 +1965,12 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
     src.vr = e->d_vr;
     src.n = n;
     src.d = d;
-    if (pol->rotate) {
+    if (pol->rotate && !fused) {
         int wpb = ROT_THREADS / 32;
         size_t rows = (size_t)2 * plane;
         rotate_kernel<<<kvc_grid(rows, wpb), ROT_THREADS, (size_t)wpb * d * sizeof(float), cs>>>(
             in->k, in->v, in->head_stride, in->token_stride, n_kv, n, d,
-            1.0f / sqrtf((float)d), e->d_kr, e->d_vr);
+            rot_scale, e->d_kr, e->d_vr);
         KVC_LAUNCH_GOTO(st, out);
     }
     if (measured) {
@@ -1950,12 +1992,11 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
         a.needk2 = (opts & KVC_OPT_BIT(KVC_OPT_Q2)) != 0;
         a.tab = e->d_tab;
         size_t blocks = (size_t)n_kv * ((n + e->G - 1) / e->G);
-        // Stage the group's rows where they fit the default 48 KiB (G 32, d 128: 38 KiB).
-        size_t sm = (size_t)10 * d * sizeof(float);
-        size_t sm_stage = sm + (size_t)2 * e->G * (d + 1) * sizeof(float);
-        a.stage = sm_stage <= 40960;
+        a.stage = st_stage;
+        a.fused = fused;
+        a.rot_scale = rot_scale;
         stats_kernel<<<kvc_grid(blocks, 1), a.stage ? 2 * STATS_THREADS : STATS_THREADS,
-                       a.stage ? sm_stage : sm, cs>>>(a);
+                       a.stage ? st_sm_stage : st_sm, cs>>>(a);
         KVC_LAUNCH_GOTO(st, out);
         // Only the tables the optimizer will read come back.
         bool want[TAB_COUNT] = {true,
@@ -2053,11 +2094,10 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
         a.P = e->P;
         a.rotate = pol->rotate;
         a.out = out;
-        // Stage the group's rows in shared memory where they fit the default 48 KiB with the
-        // kernel's own arrays (G 32, d 128: 32 KiB).
-        size_t stage_bytes = (size_t)2 * e->G * d * sizeof(float);
-        a.stage = stage_bytes <= 32768 ? (int)e->G : 0;
-        quant_kernel<<<wide, QUANT_THREADS, a.stage ? stage_bytes : 0, cs>>>(a);
+        a.stage = q_stage ? (int)e->G : 0;
+        a.fused = fused;
+        a.rot_scale = rot_scale;
+        quant_kernel<<<wide, QUANT_THREADS, a.stage ? q_stage_bytes : 0, cs>>>(a);
         KVC_LAUNCH_GOTO(st, out);
         crc_kernel<<<kvc_grid(e->max_chunks, 256), 256, 0, cs>>>(out, e->d_plan, e->d_crc);
         KVC_LAUNCH_GOTO(st, out);
