@@ -398,10 +398,18 @@ static void test_cluster(void **state)
         /* status reports the lost worker: the router counts 1 decode worker */
         expect_status(true, "decode 1");
     }
+    fy_cluster_state_t *st = malloc(sizeof(*st));
+    assert_int_equal(fy_cluster_state_read(G.spec->log_dir, st), FY_OK);
+    assert_int_equal(st->n_daemons, G.spec->n_daemons);
     if (fy_cluster_down(G.spec, &G.opts, err, sizeof(err)) != FY_OK)
         fail_msg("down: %s", err);
-    /* nothing left: no state, no process answering, no namespace, no bridge */
-    fy_cluster_state_t *st = malloc(sizeof(*st));
+    /* nothing left: no daemon process (they were our children: reaped), no state, no process
+     * answering, no namespace, no bridge */
+    for (int i = 0; i < st->n_daemons; i++) {
+        if (kill(st->daemons[i].pid, 0) == 0)
+            fail_msg("%s (pid %d) is still there after down", st->daemons[i].name,
+                     st->daemons[i].pid);
+    }
     assert_int_equal(fy_cluster_state_read(G.spec->log_dir, st), FY_ERR_NOT_FOUND);
     free(st);
     assert_int_not_equal(fy_cluster_sdk_health(NULL, G.router), 0);
