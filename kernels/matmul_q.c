@@ -535,9 +535,10 @@ static void mq_rows_q8(const mq_ctx_t *c, size_t begin, size_t end)
         return;
     }
 #endif
+    size_t bs = krn_qtype_row_bytes(c->w->type, 32);
     for (size_t j = begin; j < end; j++)
         for (int i = 0; i < c->m; i++)
-            mq_store(c, i, j, dot_q8_c(c->w->type, base + j * rb, rb / (size_t)c->xq->nb, c->xq, i));
+            mq_store(c, i, j, dot_q8_c(c->w->type, base + j * rb, bs, c->xq, i));
 }
 
 /* Output rows [begin, end) of one matrix. */
