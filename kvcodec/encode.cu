@@ -1535,6 +1535,25 @@ extern "C" void kvc_encoder_cuda_destroy(kvc_encoder_cuda_t *e)
     free(e);
 }
 
+/* Where the stats and quantizer kernels stage a group's rows in shared memory: where they fit
+ * the default 48 KiB beside their own arrays (G 32, d 128: 38 and 32 KiB). When both do, a
+ * rotating policy rotates the staged rows there and no rotated copy of the layer exists. */
+typedef struct {
+    size_t st_sm, st_sm_stage, q_stage_bytes;
+    bool st_stage, q_stage, fused;
+} stage_t;
+
+static void stage_plan(const kvc_encoder_cuda_t *e, stage_t *sg)
+{
+    bool measured = e->policy.dist == KVC_DIST_TRIAL || e->policy.dist == KVC_DIST_MODEL;
+    sg->st_sm = (size_t)10 * e->d * sizeof(float);
+    sg->st_sm_stage = sg->st_sm + (size_t)2 * e->G * (e->d + 1) * sizeof(float);
+    sg->st_stage = sg->st_sm_stage <= 40960;
+    sg->q_stage_bytes = (size_t)2 * e->G * e->d * sizeof(float);
+    sg->q_stage = sg->q_stage_bytes <= 32768;
+    sg->fused = e->policy.rotate && sg->q_stage && (!measured || sg->st_stage);
+}
+
 /* The device optimizer's buffers, when the device runs cooperative grids and the heads fit
  * its count histogram; otherwise opt_on stays false and the host optimizer runs. */
 static fy_status_t opt_create(kvc_encoder_cuda_t *e)
@@ -1618,7 +1637,9 @@ extern "C" fy_status_t kvc_encoder_cuda_create(const kvc_encoder_params_t *param
         KVC_FRAME_HEADER_BYTES + FY_ALIGN_UP((size_t)e->n_kv * kvc_map_bytes(e->n), 8);
     size_t rows = e->n_items * e->d * sizeof(float);
     size_t tab = (size_t)TAB_COUNT * e->n_items * sizeof(float);
-    if (e->policy.rotate) {
+    stage_t sg;
+    stage_plan(e, &sg);
+    if (e->policy.rotate && !sg.fused) { // fused: the rotated rows live in shared memory only
         KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_kr, rows), st, fail);
         KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_vr, rows), st, fail);
     }
@@ -1912,17 +1933,10 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
     size_t plane = e->n_items;
     kvc_layer_info_t info;
     memset(&info, 0, sizeof(info));
-    // The stats and quantizer stage a group's rows in shared memory where they fit the default
-    // 48 KiB beside their own arrays (G 32, d 128: 38 and 32 KiB); when both do, a rotating
-    // policy rotates the staged rows there and no rotated copy of the layer is written.
-    size_t st_sm = (size_t)10 * d * sizeof(float);
-    size_t st_sm_stage = st_sm + (size_t)2 * e->G * (d + 1) * sizeof(float);
-    bool st_stage = st_sm_stage <= 40960;
-    size_t q_stage_bytes = (size_t)2 * e->G * d * sizeof(float);
-    bool q_stage = q_stage_bytes <= 32768;
-    bool fused = e->policy.rotate && q_stage &&
-                 (!(e->policy.dist == KVC_DIST_TRIAL || e->policy.dist == KVC_DIST_MODEL) ||
-                  st_stage);
+    stage_t sg;
+    stage_plan(e, &sg);
+    size_t st_sm = sg.st_sm, st_sm_stage = sg.st_sm_stage, q_stage_bytes = sg.q_stage_bytes;
+    bool st_stage = sg.st_stage, q_stage = sg.q_stage, fused = sg.fused;
     float rot_scale = 1.0f / sqrtf((float)d);
     uint64_t t0 = fy_clock_ns();
     cudaError_t ce = cudaEventRecord(e->ev[0], cs);
