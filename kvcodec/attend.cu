@@ -812,17 +812,18 @@ constexpr int kMmaWarps = 4;
 constexpr int kMmaThreads = 32 * kMmaWarps;
 constexpr uint32_t kMmaRows = 4;
 
-/* Bytes of one query row of the per-slot table: D/16 units of 64 bytes (16 per kq lane), plus
- * 64 bytes of padding so that rows r and r + 1 fall on different banks. */
+/* Bytes of one query row of the per-slot table: D/16 units of 64 bytes (16 per kq lane). Odd
+ * rows store unit i at i ^ 1, so that rows r and r + 1 (read in one phase) use different banks. */
 __host__ __device__ constexpr uint32_t mma_row_stride(uint32_t d)
 {
-    return (d / 16 + 1) * 64;
+    return d / 16 * 64;
 }
 
-/* Slots of one table (slots whose tokens are attended between two table builds). */
+/* Slots of one table (slots whose tokens are attended between two table builds): 128 tokens
+ * or more, so that the 4 warps get whole tiles each. */
 __host__ __device__ inline uint32_t mma_table_slots(uint32_t G)
 {
-    return 64 / G < 2 ? 2 : 64 / G;
+    return 128 / G < 2 ? 2 : 128 / G;
 }
 
 /* Token order inside 8 tokens and the chunk swizzle of an FP16 token row (see the header). */
@@ -933,15 +934,16 @@ __device__ __forceinline__ uint32_t v_pair(const uint32_t *w0, const uint32_t *w
     return sub1024(((y >> (2 * (x % 8))) & 0x00030003u) | 0x64006400u);
 }
 
-/* A lane's query fragments for all k steps from its row of the table (tp: row r, lane kq):
- * a0/a2 the hi pairs 2s, 2s + 1 (rows 0-7), a1/a3 the lo ones (rows 8-15). */
+/* A lane's query fragments for all k steps from its row of the table (tp: row r, lane kq;
+ * odd: r & 1): a0/a2 the hi pairs 2s, 2s + 1 (rows 0-7), a1/a3 the lo ones (rows 8-15). */
 template <int D>
-__device__ __forceinline__ void mma_load_a(const uint8_t *tp, uint32_t (&afr)[D / 16][4])
+__device__ __forceinline__ void mma_load_a(const uint8_t *tp, uint32_t odd,
+                                           uint32_t (&afr)[D / 16][4])
 {
     uint32_t tw[D / 4];
 #pragma unroll
     for (int i = 0; i < D / 16; i++)
-        lds_words<4>(tp + i * 64, tw + 4 * i);
+        lds_words<4>(tp + (i ^ odd) * 64, tw + 4 * i);
 #pragma unroll
     for (int s = 0; s < D / 16; s++) {
         afr[s][0] = tw[2 * s];
@@ -1004,7 +1006,7 @@ __device__ void mma_tokens(const attn_params &A, const uint8_t *slots, uint32_t 
         }
         if (sl[0] != cur) {
             cur = sl[0];
-            mma_load_a<D>(tab + (uint32_t)cur * TABS + r * RS + kq * 16, afr);
+            mma_load_a<D>(tab + (uint32_t)cur * TABS + r * RS + kq * 16, r & 1, afr);
         }
         uint32_t kw[2][OPT == 0 ? D / 8 : (KB / 4 > 0 ? KB / 4 : 1)];
 #pragma unroll
@@ -1033,7 +1035,7 @@ __device__ void mma_tokens(const attn_params &A, const uint8_t *slots, uint32_t 
             for (int j = 0; j < 2; j++) {
                 if (j == 1) {
                     cur = sl[1];
-                    mma_load_a<D>(tab + (uint32_t)cur * TABS + r * RS + kq * 16, afr);
+                    mma_load_a<D>(tab + (uint32_t)cur * TABS + r * RS + kq * 16, r & 1, afr);
                 }
 #pragma unroll
                 for (int s = 0; s < KS; s++)
@@ -1161,7 +1163,7 @@ __device__ void mma_table(const attn_params &A, const uint8_t *slots, uint32_t s
                     x1 = 0.0f;
             }
         }
-        *reinterpret_cast<uint32_t *>(tab + sl * TABS + r * RS + (w / 4) * 64 + kq * 16 +
+        *reinterpret_cast<uint32_t *>(tab + sl * TABS + r * RS + ((w / 4) ^ (r & 1)) * 64 + kq * 16 +
                                       (w % 4) * 4) = pack_h2(split_part(x0, hl), split_part(x1, hl));
     }
     if (OPT == 0)
@@ -1346,7 +1348,7 @@ template <int D>
 __global__ void __launch_bounds__(kMmaThreads, 3) attend_mma_kernel(attn_params A)
 {
     extern __shared__ __align__(16) uint8_t smem[];
-    float *qf = reinterpret_cast<float *>(smem + A.m_off_q); // [2][4][D] q, H q (times scale)
+    float *qf = reinterpret_cast<float *>(smem + A.m_off_q); // [4][D] q (pass 1: H q), * scale
     uint8_t *tab = smem + A.m_off_tab;
     float *qz = reinterpret_cast<float *>(smem + A.m_off_qz);
     float *qsp = reinterpret_cast<float *>(smem + A.m_off_qsp);
@@ -1358,7 +1360,6 @@ __global__ void __launch_bounds__(kMmaThreads, 3) attend_mma_kernel(attn_params 
     for (uint32_t i = tid; i < 4 * D; i += blockDim.x) {
         const float v = i / D < rows ? q[i] * A.scale : 0.0f;
         qf[i] = v;
-        qf[4 * D + i] = v;
     }
     uint32_t ls, p0, p1;
     split_range(A, item, split, &ls, &p0, &p1);
@@ -1380,9 +1381,9 @@ __global__ void __launch_bounds__(kMmaThreads, 3) attend_mma_kernel(attn_params 
         if (pass == 1) {
             if (!any_rot)
                 break;
-            block_hadamard(qf + 4 * D, 4, D);
+            block_hadamard(qf, 4, D); // pass 1 attends only rotated pages
         }
-        const float *qq = qf + pass * 4 * D;
+        const float *qq = qf;
         uint32_t pid = p0 < p1 ? A.page_ids[ls + p0] : 0;
         uint4 hraw = p0 < p1 && pid < A.n_pages ? load_hdr(A, pid) : zero4;
         if (p0 < p1)
@@ -1490,9 +1491,10 @@ split_kernel_t split_kernel(uint32_t rows, uint32_t cpt)
 }
 
 /* Splits per list: blocks = items x splits should fill whole waves of resident blocks
- * (`resident` over the GPU), at least one, else short lists leave most SMs idle in the last
- * wave. The fewest splits whose waves are >= 90% full, trying up to four waves; never more
- * splits than pages. */
+ * (`resident` over the GPU), else short lists leave most SMs idle in the last wave. The fewest
+ * splits whose waves are >= 90% full (one wave 90% full is better than two full ones: each
+ * block pays its pipeline's start once, and the combine reads half as many partials), trying
+ * up to four waves; never more splits than pages. */
 uint32_t choose_splits(uint64_t items, uint64_t resident, uint32_t max_list_pages)
 {
     uint64_t cap = max_list_pages > 0 ? max_list_pages : 1;
@@ -1503,7 +1505,7 @@ uint32_t choose_splits(uint64_t items, uint64_t resident, uint32_t max_list_page
         const uint64_t blocks = items * s;
         const uint64_t waves = (blocks + resident - 1) / resident;
         const double eff = (double)blocks / (double)(waves * resident);
-        if (blocks >= resident && eff >= 0.9)
+        if (eff >= 0.9)
             return (uint32_t)s;
         if (eff > best_eff + 1e-9 && waves <= 4) {
             best = s;
@@ -1607,7 +1609,7 @@ fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt,
         size_t off = 2 * pbuf;
         pl->m_pbuf = (uint32_t)pbuf;
         pl->m_off_q = (uint32_t)off;
-        off += (size_t)2 * 4 * d * sizeof(float);
+        off += (size_t)4 * d * sizeof(float);
         pl->m_off_tab = (uint32_t)off;
         off += (size_t)pl->m_ts * 4 * mma_row_stride(d);
         pl->m_off_qz = (uint32_t)off;

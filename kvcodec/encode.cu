@@ -183,16 +183,16 @@ static __device__ __forceinline__ float src_x(const kv_src_t &a, bool val, bool 
     return ld_h(val ? a.v : a.k, a.hs, a.ts, h, t, c);
 }
 
-/* kvc_row_minmax: eight lanes over c, then lanes 0..7 in order. */
-static __device__ void row_minmax(const kv_src_t &a, bool val, bool rot, uint32_t h, uint32_t t,
-                                  float *mn_p, float *mx_p)
+/* kvc_row_minmax over element c = get(c): eight lanes over c, then lanes 0..7 in order. */
+template <typename F>
+static __device__ __forceinline__ void minmax_lanes(F get, uint32_t d, float *mn_p, float *mx_p)
 {
     float mn[8], mx[8];
     for (int l = 0; l < 8; l++)
-        mn[l] = mx[l] = src_x(a, val, rot, h, t, l);
-    for (uint32_t c = 8; c + 8 <= a.d; c += 8) {
+        mn[l] = mx[l] = get((uint32_t)l);
+    for (uint32_t c = 8; c + 8 <= d; c += 8) {
         for (int l = 0; l < 8; l++) {
-            float x = src_x(a, val, rot, h, t, c + l);
+            float x = get(c + l);
             mn[l] = x < mn[l] ? x : mn[l];
             mx[l] = x > mx[l] ? x : mx[l];
         }
@@ -204,6 +204,13 @@ static __device__ void row_minmax(const kv_src_t &a, bool val, bool rot, uint32_
     }
     *mn_p = lo;
     *mx_p = hi;
+}
+
+/* kvc_row_minmax of a row where it lives. */
+static __device__ void row_minmax(const kv_src_t &a, bool val, bool rot, uint32_t h, uint32_t t,
+                                  float *mn_p, float *mx_p)
+{
+    minmax_lanes([&](uint32_t c) { return src_x(a, val, rot, h, t, c); }, a.d, mn_p, mx_p);
 }
 
 /* rotate_kernel on rows staged in shared memory (rows x d, `stride` floats apart): the same
@@ -234,23 +241,7 @@ static __device__ void sm_hadamard_rows(float *x, uint32_t rows, uint32_t d, uin
 /* row_minmax of a staged row (the same lanes and order). */
 static __device__ void row_minmax_f(const float *x, uint32_t d, float *mn_p, float *mx_p)
 {
-    float mn[8], mx[8];
-    for (int l = 0; l < 8; l++)
-        mn[l] = mx[l] = x[l];
-    for (uint32_t c = 8; c + 8 <= d; c += 8) {
-        for (int l = 0; l < 8; l++) {
-            float v = x[c + l];
-            mn[l] = v < mn[l] ? v : mn[l];
-            mx[l] = v > mx[l] ? v : mx[l];
-        }
-    }
-    float lo = mn[0], hi = mx[0];
-    for (int l = 1; l < 8; l++) {
-        lo = mn[l] < lo ? mn[l] : lo;
-        hi = mx[l] > hi ? mx[l] : hi;
-    }
-    *mn_p = lo;
-    *mx_p = hi;
+    minmax_lanes([&](uint32_t c) { return x[c]; }, d, mn_p, mx_p);
 }
 
 typedef struct {
@@ -1544,6 +1535,25 @@ extern "C" void kvc_encoder_cuda_destroy(kvc_encoder_cuda_t *e)
     free(e);
 }
 
+/* Where the stats and quantizer kernels stage a group's rows in shared memory: where they fit
+ * the default 48 KiB beside their own arrays (G 32, d 128: 38 and 32 KiB). When both do, a
+ * rotating policy rotates the staged rows there and no rotated copy of the layer exists. */
+typedef struct {
+    size_t st_sm, st_sm_stage, q_stage_bytes;
+    bool st_stage, q_stage, fused;
+} stage_t;
+
+static void stage_plan(const kvc_encoder_cuda_t *e, stage_t *sg)
+{
+    bool measured = e->policy.dist == KVC_DIST_TRIAL || e->policy.dist == KVC_DIST_MODEL;
+    sg->st_sm = (size_t)10 * e->d * sizeof(float);
+    sg->st_sm_stage = sg->st_sm + (size_t)2 * e->G * (e->d + 1) * sizeof(float);
+    sg->st_stage = sg->st_sm_stage <= 40960;
+    sg->q_stage_bytes = (size_t)2 * e->G * e->d * sizeof(float);
+    sg->q_stage = sg->q_stage_bytes <= 32768;
+    sg->fused = e->policy.rotate && sg->q_stage && (!measured || sg->st_stage);
+}
+
 /* The device optimizer's buffers, when the device runs cooperative grids and the heads fit
  * its count histogram; otherwise opt_on stays false and the host optimizer runs. */
 static fy_status_t opt_create(kvc_encoder_cuda_t *e)
@@ -1627,7 +1637,9 @@ extern "C" fy_status_t kvc_encoder_cuda_create(const kvc_encoder_params_t *param
         KVC_FRAME_HEADER_BYTES + FY_ALIGN_UP((size_t)e->n_kv * kvc_map_bytes(e->n), 8);
     size_t rows = e->n_items * e->d * sizeof(float);
     size_t tab = (size_t)TAB_COUNT * e->n_items * sizeof(float);
-    if (e->policy.rotate) {
+    stage_t sg;
+    stage_plan(e, &sg);
+    if (e->policy.rotate && !sg.fused) { // fused: the rotated rows live in shared memory only
         KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_kr, rows), st, fail);
         KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_vr, rows), st, fail);
     }
@@ -1921,17 +1933,10 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
     size_t plane = e->n_items;
     kvc_layer_info_t info;
     memset(&info, 0, sizeof(info));
-    // The stats and quantizer stage a group's rows in shared memory where they fit the default
-    // 48 KiB beside their own arrays (G 32, d 128: 38 and 32 KiB); when both do, a rotating
-    // policy rotates the staged rows there and no rotated copy of the layer is written.
-    size_t st_sm = (size_t)10 * d * sizeof(float);
-    size_t st_sm_stage = st_sm + (size_t)2 * e->G * (d + 1) * sizeof(float);
-    bool st_stage = st_sm_stage <= 40960;
-    size_t q_stage_bytes = (size_t)2 * e->G * d * sizeof(float);
-    bool q_stage = q_stage_bytes <= 32768;
-    bool fused = e->policy.rotate && q_stage &&
-                 (!(e->policy.dist == KVC_DIST_TRIAL || e->policy.dist == KVC_DIST_MODEL) ||
-                  st_stage);
+    stage_t sg;
+    stage_plan(e, &sg);
+    size_t st_sm = sg.st_sm, st_sm_stage = sg.st_sm_stage, q_stage_bytes = sg.q_stage_bytes;
+    bool st_stage = sg.st_stage, q_stage = sg.q_stage, fused = sg.fused;
     float rot_scale = 1.0f / sqrtf((float)d);
     uint64_t t0 = fy_clock_ns();
     cudaError_t ce = cudaEventRecord(e->ev[0], cs);

@@ -33,7 +33,11 @@ struct kvc_gpu_pool {
     // Map counting on the device (placement): one request at a time under cnt_lock.
     uint32_t *d_cnt; // [KVC_MAX_KV_HEADS][8] device
     uint32_t *h_cnt; // its pinned host copy
-    pthread_mutex_t cnt_lock;
+    // Pinned staging of the placement plan's upload, free again once stage_ev has passed.
+    uint8_t *h_stage;
+    size_t stage_cap;
+    cudaEvent_t stage_ev;
+    pthread_mutex_t cnt_lock; // d_cnt, h_cnt, h_stage
 };
 
 typedef struct {
@@ -90,6 +94,7 @@ extern "C" fy_status_t kvc_gpu_pool_create(const kvc_pool_params_t *p, kvc_gpu_p
     KVC_CUDA_GOTO(cudaMalloc((void **)&pool->d_cnt, (size_t)KVC_MAX_KV_HEADS * 8 * 4), st, fail);
     KVC_CUDA_GOTO(cudaMallocHost((void **)&pool->h_cnt, (size_t)KVC_MAX_KV_HEADS * 8 * 4), st,
                   fail);
+    KVC_CUDA_GOTO(cudaEventCreateWithFlags(&pool->stage_ev, cudaEventDisableTiming), st, fail);
     KVC_CUDA_GOTO(cudaMalloc((void **)&pool->dev, total), st, fail);
     for (uint32_t i = 0; i < p->n_pages; i++)
         pool->free_ids[i] = p->n_pages - 1 - i;
@@ -100,6 +105,8 @@ extern "C" fy_status_t kvc_gpu_pool_create(const kvc_pool_params_t *p, kvc_gpu_p
     return FY_OK;
 fail: // undo the allocations (the pool's own memory is the last step)
     cudaFree(pool->d_cnt), cudaFreeHost(pool->h_cnt);
+    if (pool->stage_ev)
+        cudaEventDestroy(pool->stage_ev);
     free(pool->hdrs), free(pool->refcnt), free(pool->free_ids), free(pool);
     return st;
 }
@@ -110,7 +117,8 @@ extern "C" void kvc_gpu_pool_destroy(kvc_gpu_pool_t *pool)
         return;
     pthread_mutex_destroy(&pool->lock);
     pthread_mutex_destroy(&pool->cnt_lock);
-    cudaFree(pool->d_cnt), cudaFreeHost(pool->h_cnt);
+    cudaFree(pool->d_cnt), cudaFreeHost(pool->h_cnt), cudaFreeHost(pool->h_stage);
+    cudaEventDestroy(pool->stage_ev);
     cudaError_t e = cudaFree(pool->dev);
     if (e != cudaSuccess)
         FY_LOG_WARN("kvcodec", "cudaFree of the page pool: %s", cudaGetErrorString(e));
@@ -578,6 +586,33 @@ __global__ void place_kernel(const place_op_t *ops, size_t n_ops, const uint8_t 
     }
 }
 
+/* The plan (ops, then the header blob at ops_bytes) to dst through the pool's pinned staging
+ * buffer, so the copy is a real asynchronous one; the buffer is reused once the previous
+ * upload from it has run (its event). */
+static fy_status_t upload_plan(kvc_gpu_pool_t *pool, const plan_t *pl, size_t ops_bytes,
+                               uint8_t *dst, cudaStream_t cs)
+{
+    fy_status_t st = FY_OK;
+    size_t up = ops_bytes + pl->blob_n;
+    pthread_mutex_lock(&pool->cnt_lock);
+    KVC_CUDA_GOTO(cudaEventSynchronize(pool->stage_ev), st, out);
+    if (up > pool->stage_cap) {
+        size_t cap = FY_MAX(up, 2 * pool->stage_cap);
+        cudaFreeHost(pool->h_stage);
+        pool->h_stage = NULL;
+        pool->stage_cap = 0;
+        KVC_CUDA_GOTO(cudaMallocHost((void **)&pool->h_stage, cap), st, out);
+        pool->stage_cap = cap;
+    }
+    memcpy(pool->h_stage, pl->ops, pl->n * sizeof(place_op_t));
+    memcpy(pool->h_stage + ops_bytes, pl->blob, pl->blob_n);
+    KVC_CUDA_GOTO(cudaMemcpyAsync(dst, pool->h_stage, up, cudaMemcpyHostToDevice, cs), st, out);
+    KVC_CUDA_GOTO(cudaEventRecord(pool->stage_ev, cs), st, out);
+out:
+    pthread_mutex_unlock(&pool->cnt_lock);
+    return st;
+}
+
 extern "C" fy_status_t kvc_place_cuda(kvc_gpu_seq_t *s, const kvc_frame_t *f,
                                       const uint8_t *frame_dev, void *stream)
 {
@@ -715,12 +750,8 @@ extern "C" fy_status_t kvc_place_cuda(kvc_gpu_seq_t *s, const kvc_frame_t *f,
         size_t ops_bytes = FY_ALIGN_UP(pl.n * sizeof(place_op_t), 16);
         KVC_CUDA_GOTO(kvc_cuda_scratch_alloc((void **)&dbuf, ops_bytes + pl.blob_n, cs, pools),
                       st, out);
-        KVC_CUDA_GOTO(cudaMemcpyAsync(dbuf, pl.ops, pl.n * sizeof(place_op_t),
-                                      cudaMemcpyHostToDevice, cs),
-                      st, out);
-        KVC_CUDA_GOTO(cudaMemcpyAsync(dbuf + ops_bytes, pl.blob, pl.blob_n,
-                                      cudaMemcpyHostToDevice, cs),
-                      st, out);
+        if ((st = upload_plan(pool, &pl, ops_bytes, dbuf, cs)) != FY_OK)
+            goto out;
         unsigned grid = (unsigned)FY_MIN(pl.n, (size_t)65535);
         place_kernel<<<grid, 256, 0, cs>>>((const place_op_t *)dbuf, pl.n, frame_dev,
                                             dbuf + ops_bytes, pool->dev);
