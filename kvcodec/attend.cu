@@ -1491,9 +1491,10 @@ split_kernel_t split_kernel(uint32_t rows, uint32_t cpt)
 }
 
 /* Splits per list: blocks = items x splits should fill whole waves of resident blocks
- * (`resident` over the GPU), at least one, else short lists leave most SMs idle in the last
- * wave. The fewest splits whose waves are >= 90% full, trying up to four waves; never more
- * splits than pages. */
+ * (`resident` over the GPU), else short lists leave most SMs idle in the last wave. The fewest
+ * splits whose waves are >= 90% full (one wave 90% full is better than two full ones: each
+ * block pays its pipeline's start once, and the combine reads half as many partials), trying
+ * up to four waves; never more splits than pages. */
 uint32_t choose_splits(uint64_t items, uint64_t resident, uint32_t max_list_pages)
 {
     uint64_t cap = max_list_pages > 0 ? max_list_pages : 1;
@@ -1504,7 +1505,7 @@ uint32_t choose_splits(uint64_t items, uint64_t resident, uint32_t max_list_page
         const uint64_t blocks = items * s;
         const uint64_t waves = (blocks + resident - 1) / resident;
         const double eff = (double)blocks / (double)(waves * resident);
-        if (blocks >= resident && eff >= 0.9)
+        if (eff >= 0.9)
             return (uint32_t)s;
         if (eff > best_eff + 1e-9 && waves <= 4) {
             best = s;
