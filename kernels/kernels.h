@@ -97,9 +97,14 @@ fy_status_t krn_matmul_q_multi_f32(fy_pool_t *pool, int m, const float *x, int l
 void krn_matmul_q_reference_f32(int m, const float *x, int ldx, const krn_qmat_t *w, float *y,
                                 int ldy);
 
-/* Up to this many x rows, block-type weights take the integer path (faster there; more rows
- * are faster through the FP32 expansion). */
+/* Up to this many x rows, block-type weights take the integer path when it is on (faster
+ * there; more rows are faster through the FP32 expansion). */
 #define KRN_MATMUL_Q8_MAX_ROWS 2
+
+/* Turns the integer path on or off for the whole process (off by default: it changes 1-2-row
+ * results by ~1e-5 of each activation block's max, so a prompt's logits depend on whether it
+ * ran alone or batched by more than tests/model's 1e-4). Thread: any. */
+void krn_matmul_q_set_int8(bool on);
 
 /* The portable integer path krn_matmul_q_f32 takes for block types, single-threaded, for any
  * m: x quantized per block of 32 to x ≈ d·(254·q + r) with d = max|x|/127/254 and q, r int8,

@@ -305,6 +305,7 @@ static void test_matmul_q(void **state)
         // Block types at few rows take the integer path; its own portable reference is exact
         // up to summation order (test_matmul_q8 bounds it against this FP32 reference).
         bool block = types[t] != KRN_Q_F32 && types[t] != KRN_Q_F16;
+        krn_matmul_q_set_int8(true);
         float ref_q8[M * N];
         if (block)
             assert_int_equal(krn_matmul_q8_reference_f32(M, x, K, &q, ref_q8, N), FY_OK);
@@ -319,6 +320,14 @@ static void test_matmul_q(void **state)
             for (int i = 0; i < m * N; i++)
                 assert_true(fabsf(got[i] - 1.0f - e[i]) < 1e-4f * (1 + fabsf(e[i])));
         }
+        // Off (the default), every row count takes the FP32 path.
+        krn_matmul_q_set_int8(false);
+        for (int i = 0; i < N; i++)
+            got[i] = 0.0f;
+        assert_int_equal(krn_matmul_q_f32(pool, 1, x, K, &q, got, N, 1), FY_OK);
+        for (int i = 0; i < N; i++)
+            assert_true(fabsf(got[i] - ref[i]) < 1e-4f * (1 + fabsf(ref[i])));
+        krn_matmul_q_set_int8(true);
         // Two matrices in one pass (the second a row-shifted view of the same data) land in
         // their own outputs.
         krn_qmat_t tail = q;
@@ -373,6 +382,7 @@ static void test_matmul_q8(void **state)
     static const int ks[] = {32, 96, 544};
     static const int ns[] = {1, 7, 70};
     enum { MMAX = 17 };
+    krn_matmul_q_set_int8(true);
     fy_pool_t *pool;
     assert_int_equal(fy_pool_create(3, &pool), FY_OK);
     for (size_t ki = 0; ki < FY_ARRAY_SIZE(ks); ki++) {
@@ -448,6 +458,7 @@ static void test_matmul_q8(void **state)
         free(eye);
         free(x);
     }
+    krn_matmul_q_set_int8(false);
     fy_pool_destroy(pool);
 }
 
