@@ -225,6 +225,9 @@ static void build_items(kvc_encoder_t *e, const kvc_scores_t *sc, const kvc_err_
     for (uint32_t c = 0; c < d; c++)
         kw_rot[c] = qsq_mean;
     bool stat = pol->hybrid_threshold > 0 && sc->is_static[h];
+    // Queries after the window attend too: a uniform share of their mass keeps a token the
+    // window ignored from looking free to drop (adds exactly 0 when the prior is off).
+    float prior = pol->prior / (float)n;
 
     // Value deviation from the window output: what losing the token costs (per token when
     // joint_kv, else the head's mean).
@@ -254,7 +257,7 @@ static void build_items(kvc_encoder_t *e, const kvc_scores_t *sc, const kvc_err_
         if (pol->dist == KVC_DIST_POSITION)
             w = (float)(t + 1) / (float)n;
         else
-            w = imp[t];
+            w = imp[t] + prior;
         bool middle = t >= pol->sinks && t + pol->recent < n;
         if (stat && middle)
             w *= pol->hybrid_factor;
@@ -321,7 +324,7 @@ static void build_items(kvc_encoder_t *e, const kvc_scores_t *sc, const kvc_err_
         for (uint32_t j = 0; j < m; j++) {
             uint32_t t = t0 + j;
             size_t it = (size_t)h * n + t;
-            float w = pol->dist == KVC_DIST_POSITION ? (float)(t + 1) / n : imp[t];
+            float w = pol->dist == KVC_DIST_POSITION ? (float)(t + 1) / n : imp[t] + prior;
             if (stat && t >= pol->sinks && t + pol->recent < n)
                 w *= pol->hybrid_factor;
             float w2 = w * w;

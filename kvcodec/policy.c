@@ -144,6 +144,8 @@ fy_status_t kvc_policy_validate(const kvc_policy_t *p, char *err, size_t err_len
         FAIL("protect_channels %u: at most %d", p->protect_channels, KVC_MAX_PROTECT);
     if (!(p->rate_flex >= 0 && p->rate_flex <= 4))
         FAIL("rate_flex %g: must be in [0, 4]", p->rate_flex);
+    if (!(p->prior >= 0 && p->prior <= 64))
+        FAIL("prior %g: must be in [0, 64]", (double)p->prior);
     return FY_OK;
 #undef FAIL
 }
@@ -264,6 +266,9 @@ static fy_status_t apply_key(kvc_policy_t *p, const cJSON *it, char *err, size_t
         st = j_uint(it, KVC_MAX_PROTECT, &p->protect_channels, err, err_len);
     } else if (strcmp(k, "rate_flex") == 0) {
         st = j_num(it, 0, 4, &p->rate_flex, err, err_len);
+    } else if (strcmp(k, "prior") == 0) {
+        if ((st = j_num(it, 0, 64, &d, err, err_len)) == FY_OK)
+            p->prior = (float)d;
     } else {
         return jerr(err, err_len, k, "unknown key");
     }
