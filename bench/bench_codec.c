@@ -686,7 +686,7 @@ static int codec_cuda_main(int argc, char **argv)
                 if (only_policy && strcmp(only_policy, policies[pi]) != 0)
                     continue;
                 // Stay well inside the 60 s the GPU check allows.
-                if ((double)(fy_clock_ns() - t_start) * 1e-9 > 40.0 ||
+                if ((double)(fy_clock_ns() - t_start) * 1e-9 > 35.0 ||
                     n_rows == (int)FY_ARRAY_SIZE(rows)) {
                     printf("(time limit: remaining rows skipped)\n");
                     goto done;

@@ -1,7 +1,9 @@
 /*
- * cli_generate.c: `ferry generate --local --model PATH [options] "prompt"` runs the model in
- * this process and streams the continuation to stdout as it is sampled. (Generation through a
- * router arrives with the serving path; until then --local is required.)
+ * cli_generate.c: `ferry generate` streams a continuation to stdout as it is produced, either
+ *   - through a router: `ferry generate --router HOST:PORT [options] "prompt"` (or the address
+ *     as a first positional argument), over the client SDK (ferry_client.h); or
+ *   - in this process: `ferry generate --local --model PATH [options] "prompt"`.
+ * --stats prints, after the text, the request's figures (remote: the router's RequestStats).
  */
 #include <errno.h>
 #include <stdio.h>
@@ -9,6 +11,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "ferry_client.h"
 #include "model.h"
 
 
@@ -33,9 +36,12 @@ static void tune_blas(int argc, char **argv, const char *sub)
 static void usage(FILE *out)
 {
     fprintf(out,
-            "usage: ferry generate --local --model PATH [options] \"prompt\"\n"
+            "usage: ferry generate --router HOST:PORT [options] \"prompt\"\n"
+            "       ferry generate HOST:PORT [options] \"prompt\"\n"
+            "       ferry generate --local --model PATH [options] \"prompt\"\n"
+            "  --router HOST:PORT    generate through this router (ferry-router)\n"
             "  --local               run the model in this process\n"
-            "  --model PATH          GGUF model file\n"
+            "  --model PATH          GGUF model file (with --local)\n"
             "  --chat                wrap the prompt in the model's chat template\n"
             "  --system TEXT         system message (with --chat)\n"
             "  --max-tokens N        tokens to generate (default 256)\n"
@@ -44,8 +50,16 @@ static void usage(FILE *out)
             "  --top-p P             1 = off (default 0.95)\n"
             "  --repeat-penalty R    1 = off (default 1.0)\n"
             "  --seed S              sampling seed (default 0x5eed)\n"
-            "  --threads N           worker threads (default: all CPUs)\n"
-            "  --stats               print prompt/generation speed to stderr\n");
+            "  --threads N           worker threads (default: all CPUs; --local)\n"
+            "  --device cpu|cuda     where the model runs (default cpu; --local)\n"
+            "  --stop TEXT           stop string (repeatable; remote)\n"
+            "  --policy NAME         KV codec policy for the transfer (remote; default: the "
+            "worker's)\n"
+            "  --budget B            KV codec budget in (0, 1] (remote)\n"
+            "  --timeout DURATION    deadline of a remote request (default 300s)\n"
+            "  --token TOKEN         bearer token for the router\n"
+            "  --ids                 print the generated token ids to stderr (remote)\n"
+            "  --stats               print TTFT, speed and KV transfer figures to stderr\n");
 }
 
 static bool parse_num(const char *s, double lo, double hi, double *v)
@@ -59,12 +73,154 @@ static bool parse_num(const char *s, double lo, double hi, double *v)
     return true;
 }
 
+typedef struct {
+    const char *router, *prompt, *system, *policy, *token;
+    bool chat, stats, show_ids;
+    double budget;
+    uint64_t timeout_ms;
+    const char *const *stops;
+    size_t n_stops;
+} remote_opts_t;
+
+typedef struct {
+    const remote_opts_t *o;
+    uint64_t t0, t_first;
+    unsigned n_msgs;
+    Ferry__V1__RequestStats stats;
+    bool have_stats;
+    char policy[64], prefill[64], decode[64];
+    Ferry__V1__FinishReason finish;
+} remote_state_t;
+
+static int on_chunk(void *arg, const Ferry__V1__GenerateResponse *m)
+{
+    remote_state_t *st = arg;
+    if (st->n_msgs++ == 0)
+        st->t_first = fy_clock_ns();
+    if (m->text != NULL && m->text[0] != '\0') {
+        fputs(m->text, stdout);
+        fflush(stdout);
+    }
+    if (st->o->show_ids)
+        for (size_t i = 0; i < m->n_token_ids; i++)
+            fprintf(stderr, "%s%u", i == 0 && st->n_msgs == 1 ? "ids:" : " ", m->token_ids[i]);
+    if (m->stats != NULL) {
+        st->stats = *m->stats;
+        snprintf(st->policy, sizeof(st->policy), "%s", m->stats->policy ? m->stats->policy : "");
+        snprintf(st->prefill, sizeof(st->prefill), "%s",
+                 m->stats->prefill_worker ? m->stats->prefill_worker : "");
+        snprintf(st->decode, sizeof(st->decode), "%s",
+                 m->stats->decode_worker ? m->stats->decode_worker : "");
+        st->have_stats = true;
+    }
+    if (m->finish_reason != FERRY__V1__FINISH_REASON__FINISH_REASON_UNSPECIFIED)
+        st->finish = m->finish_reason;
+    return 0;
+}
+
+/* Generation through a router over the SDK, streaming the text as it arrives. */
+static int generate_remote(const remote_opts_t *o, const mdl_sampler_params_t *sp)
+{
+    ferry_client_params_t p;
+    ferry_client_params_default(&p);
+    p.addresses = o->router;
+    p.token = o->token;
+    p.timeout_ms = (uint32_t)FY_MIN(o->timeout_ms, (uint64_t)UINT32_MAX);
+    p.max_message = 64u << 20;
+    ferry_client_t *client = NULL;
+    if (ferry_client_create(&p, &client) != 0) {
+        fprintf(stderr, "ferry generate: bad router address '%s'\n", o->router);
+        return 2;
+    }
+    Ferry__V1__GenerateRequest req = FERRY__V1__GENERATE_REQUEST__INIT;
+    Ferry__V1__SamplingParams s = FERRY__V1__SAMPLING_PARAMS__INIT;
+    Ferry__V1__CodecParams codec = FERRY__V1__CODEC_PARAMS__INIT;
+    Ferry__V1__ChatMessages chat = FERRY__V1__CHAT_MESSAGES__INIT;
+    Ferry__V1__ChatMessage m_sys = FERRY__V1__CHAT_MESSAGE__INIT,
+                           m_user = FERRY__V1__CHAT_MESSAGE__INIT;
+    Ferry__V1__ChatMessage *msgs[2];
+    if (o->chat) {
+        size_t n = 0;
+        if (o->system != NULL) {
+            m_sys.role = "system";
+            m_sys.content = (char *)o->system;
+            msgs[n++] = &m_sys;
+        }
+        m_user.role = "user";
+        m_user.content = (char *)o->prompt;
+        msgs[n++] = &m_user;
+        chat.messages = msgs;
+        chat.n_messages = n;
+        req.input_case = FERRY__V1__GENERATE_REQUEST__INPUT_CHAT;
+        req.chat = &chat;
+    } else {
+        req.input_case = FERRY__V1__GENERATE_REQUEST__INPUT_PROMPT;
+        req.prompt = (char *)o->prompt;
+    }
+    // The same sampling as --local: the CLI's defaults travel explicitly.
+    s.temperature = sp->temperature;
+    s.top_k = (uint32_t)sp->top_k;
+    s.top_p = sp->top_p;
+    s.repetition_penalty = sp->repetition_penalty;
+    s.seed = sp->seed;
+    s.max_tokens = (uint32_t)sp->max_tokens;
+    s.stop = (char **)o->stops;
+    s.n_stop = o->n_stops;
+    req.sampling = &s;
+    codec.policy = (char *)(o->policy ? o->policy : "");
+    codec.budget = (float)o->budget;
+    req.codec = &codec;
+    req.return_token_ids = o->show_ids;
+    remote_state_t st = {.o = o, .t0 = fy_clock_ns()};
+    ferry_error_t err;
+    int code = ferry_generate(client, &req, on_chunk, &st, &err);
+    uint64_t t_end = fy_clock_ns();
+    fputc('\n', stdout);
+    fflush(stdout);
+    if (o->show_ids)
+        fputc('\n', stderr);
+    ferry_client_destroy(client);
+    if (code != 0) {
+        fprintf(stderr, "ferry generate: %s: %s\n", ferry_code_name(code), err.message);
+        return 1;
+    }
+    if (o->stats && st.have_stats) {
+        const Ferry__V1__RequestStats *r = &st.stats;
+        char budget[32];
+        if (r->budget > 0)
+            snprintf(budget, sizeof(budget), "%.3g", (double)r->budget);
+        else
+            snprintf(budget, sizeof(budget), "(policy's)");
+        double gen_s = (t_end - (st.t_first ? st.t_first : st.t0)) / 1e9;
+        fprintf(stderr,
+                "prompt %u tokens, completion %u tokens (%s); TTFT %.1f ms (client %.1f ms), "
+                "TPOT %.2f ms, %.1f tok/s\n"
+                "KV %llu bytes raw -> %llu bytes wire (%.3f), transfer %.1f ms; policy %s, "
+                "budget %s; prefill %s, decode %s\n",
+                r->prompt_tokens, r->completion_tokens,
+                st.finish == FERRY__V1__FINISH_REASON__FINISH_REASON_LENGTH ? "length" : "stop",
+                r->ttft_ms, st.t_first ? (st.t_first - st.t0) / 1e6 : 0.0, r->tpot_ms,
+                r->completion_tokens > 1 && gen_s > 0 ? (r->completion_tokens - 1) / gen_s : 0.0,
+                (unsigned long long)r->kv_raw_bytes, (unsigned long long)r->kv_wire_bytes,
+                r->kv_raw_bytes ? (double)r->kv_wire_bytes / (double)r->kv_raw_bytes : 0.0,
+                r->transfer_ms, st.policy[0] ? st.policy : "(worker default)", budget,
+                st.prefill, st.decode);
+    }
+    return 0;
+}
+
 int cli_generate_main(int argc, char **argv)
 {
     tune_blas(argc, argv, "generate");
-    const char *model_path = NULL, *prompt = NULL, *system = NULL;
-    bool local = false, chat = false, stats = false;
+    const char *model_path = NULL, *prompt = NULL, *system = NULL, *router = NULL;
+    const char *policy = NULL, *token = NULL, *positional[2] = {NULL, NULL};
+    const char *stops[8];
+    size_t n_stops = 0, n_positional = 0;
+    bool local = false, chat = false, stats = false, show_ids = false;
     int threads = 0;
+    double budget = 0;
+    uint64_t timeout_ms = 300000;
+    mdl_device_t device = MDL_DEVICE_CPU;
     mdl_sampler_params_t sp;
     mdl_sampler_params_default(&sp);
     for (int i = 1; i < argc; i++) {
@@ -90,9 +246,46 @@ int cli_generate_main(int argc, char **argv)
         } else if (strcmp(a, "--model") == 0 && val != NULL) {
             model_path = val;
             i++;
+        } else if (strcmp(a, "--device") == 0 && val != NULL) {
+            if (strcmp(val, "cpu") == 0) {
+                device = MDL_DEVICE_CPU;
+            } else if (strcmp(val, "cuda") == 0) {
+                device = MDL_DEVICE_CUDA;
+            } else {
+                fprintf(stderr, "ferry generate: --device takes cpu or cuda\n");
+                return 2;
+            }
+            i++;
         } else if (strcmp(a, "--system") == 0 && val != NULL) {
             system = val;
             i++;
+        } else if (strcmp(a, "--router") == 0 && val != NULL) {
+            router = val;
+            i++;
+        } else if (strcmp(a, "--policy") == 0 && val != NULL) {
+            policy = val;
+            i++;
+        } else if (strcmp(a, "--token") == 0 && val != NULL) {
+            token = val;
+            i++;
+        } else if (strcmp(a, "--stop") == 0 && val != NULL) {
+            if (n_stops == FY_ARRAY_SIZE(stops)) {
+                fprintf(stderr, "ferry generate: at most %zu --stop strings\n",
+                        FY_ARRAY_SIZE(stops));
+                return 2;
+            }
+            stops[n_stops++] = val;
+            i++;
+        } else if (strcmp(a, "--timeout") == 0 && val != NULL) {
+            if (fy_parse_duration_ms(val, &timeout_ms) != FY_OK) {
+                fprintf(stderr, "ferry generate: bad --timeout '%s'\n", val);
+                return 2;
+            }
+            i++;
+        } else if (strcmp(a, "--ids") == 0) {
+            show_ids = true;
+        } else if (NUM("--budget", 1e-6, 1)) {
+            budget = x;
         } else if (NUM("--max-tokens", 1, 1 << 20)) {
             sp.max_tokens = (int)x;
         } else if (NUM("--temperature", 0, 100)) {
@@ -111,18 +304,38 @@ int cli_generate_main(int argc, char **argv)
             fprintf(stderr, "ferry generate: unknown option %s\n", a);
             usage(stderr);
             return 2;
-        } else if (prompt == NULL) {
-            prompt = a;
+        } else if (n_positional < 2) {
+            positional[n_positional++] = a;
         } else {
             fprintf(stderr, "ferry generate: one prompt only (quote it)\n");
             return 2;
         }
 #undef NUM
     }
-    if (!local) {
-        fprintf(stderr, "ferry generate: only --local is available in this build "
-                        "(the router path is not built yet)\n");
+    // "ADDR prompt": the address may come first instead of --router.
+    if (n_positional == 2 && !local && router == NULL) {
+        router = positional[0];
+        prompt = positional[1];
+    } else if (n_positional == 1) {
+        prompt = positional[0];
+    } else if (n_positional == 2) {
+        fprintf(stderr, "ferry generate: one prompt only (quote it)\n");
         return 2;
+    }
+    if (local && router != NULL) {
+        fprintf(stderr, "ferry generate: --local and --router exclude each other\n");
+        return 2;
+    }
+    if (!local) {
+        if (router == NULL || prompt == NULL) {
+            usage(stderr);
+            return 2;
+        }
+        remote_opts_t ro = {.router = router, .prompt = prompt, .system = system, .chat = chat,
+                            .policy = policy, .budget = budget, .token = token,
+                            .timeout_ms = timeout_ms, .stops = stops, .n_stops = n_stops,
+                            .stats = stats, .show_ids = show_ids};
+        return generate_remote(&ro, &sp);
     }
     if (model_path == NULL || prompt == NULL) {
         usage(stderr);
@@ -133,6 +346,7 @@ int cli_generate_main(int argc, char **argv)
     mdl_model_params_t mp;
     mdl_model_params_default(&mp);
     mp.path = model_path;
+    mp.device = device;
     mdl_model_t *model = NULL;
     mdl_ctx_t *ctx = NULL;
     mdl_kv_t *kv = NULL;
@@ -196,6 +410,7 @@ int cli_generate_main(int argc, char **argv)
     mdl_ctx_params_t cp;
     mdl_ctx_params_default(&cp);
     cp.n_threads = threads;
+    cp.device = device;
     cp.max_batch = 1;
     mdl_kv_params_t kp;
     mdl_kv_params_default(&kp, model);

@@ -88,8 +88,8 @@ typedef struct {
     int kv_port;                 // 0 = pick a free port
     const char *advertise_host;  // how the router reaches us; NULL = the listen host
                                  // (127.0.0.1 when that is a wildcard)
-    uint64_t kv_memory;          // page pool bytes (default 256 MiB)
-    uint32_t page_bytes;         // page size (default 32 KiB)
+    uint64_t kv_memory;          // page pool bytes (default 512 MiB)
+    uint32_t page_bytes;         // page size (default 16 KiB: 63 FP16 tokens of head_dim 64)
     uint64_t recv_buffer;        // kvlink receive memory (default 64 MiB)
     int max_batch;               // sequences per decode step (default 32)
     int threads;                 // compute threads (0 = all cores)

@@ -90,6 +90,7 @@ struct req {
     bool ending; // claimed by a thread that ends it outside the usual owner (under mu)
     // Scheduler state.
     bool running;
+    bool finished; // its last message is sent; it leaves after this step
     int32_t next_token;
     int32_t pos;
     uint32_t generated;
@@ -730,24 +731,26 @@ static void *sched_main(void *arg)
         atomic_fetch_add(&w->steps, 1);
         fy_metric_observe(w->m_step, (double)(t1 - t0) / 1e9);
         fy_metric_observe(w->m_batch, w->n_batch);
-        for (int i = 0; i < w->n_batch;) {
+        // Row i of the logits belongs to batch[i]: finished sequences are only marked here
+        // and leave after the loop, so no sequence moves to another row meanwhile.
+        int n_rows = w->n_batch;
+        for (int i = 0; i < n_rows; i++) {
             req_t *r = w->batch[i];
             float *row = w->logits + (size_t)i * n_vocab;
             int32_t tok = mdl_sampler_sample(r->sampler, row);
             mdl_sampler_accept(r->sampler, tok);
             if (r->generated == 0)
                 r->first_step_ns = t1;
-            r->generated++;
             r->pos++;
             r->next_token = tok;
             // Stop tokens (EOS unless ignored, the request's stop ids) end the completion
             // without being part of it, as `ferry generate` prints them.
             if (mdl_sampler_done(r->sampler, tok)) {
-                r->generated--;
                 send_final(r, FERRY__V1__FINISH_REASON__FINISH_REASON_STOP);
-                leave(w, i, RPC_CODE_OK, NULL, FAIL_INTERNAL);
+                r->finished = true;
                 continue;
             }
+            r->generated++;
             atomic_fetch_add(&w->tokens_generated, 1);
             fy_metric_inc(w->m_tokens);
             Ferry__V1__GenerateResponse resp = FERRY__V1__GENERATE_RESPONSE__INIT;
@@ -760,10 +763,14 @@ static void *sched_main(void *arg)
             rpc_call_send(r->call, &resp.base);
             if (r->already_sent + r->generated >= r->limit || r->pos + 1 >= w->cfg->n_ctx_train) {
                 send_final(r, FERRY__V1__FINISH_REASON__FINISH_REASON_LENGTH);
-                leave(w, i, RPC_CODE_OK, NULL, FAIL_INTERNAL);
-                continue;
+                r->finished = true;
             }
-            i++;
+        }
+        for (int i = 0; i < w->n_batch;) {
+            if (w->batch[i]->finished)
+                leave(w, i, RPC_CODE_OK, NULL, FAIL_INTERNAL);
+            else
+                i++;
         }
         update_gauges(w);
     }
@@ -789,7 +796,8 @@ static uint64_t pages_for(const decode_worker_t *w, uint32_t prompt, uint32_t ma
         uint64_t est = (wire_bytes + wire_bytes / 8 + payload - 1) / payload + lists;
         prompt_pages = FY_MIN(fp16 + lists * (KVC_OPT_DROP - 1), est);
     }
-    return prompt_pages + lists * ((max_new + tpp - 1) / tpp + 1);
+    // Appends fill the last FP16 page first, so max_new tokens never take more than this.
+    return prompt_pages + lists * ((max_new + tpp - 1) / tpp);
 }
 
 /* Largest frame of one layer of a prompt (everything FP16) plus slack for headers and maps. */
@@ -1216,8 +1224,8 @@ void decode_worker_params_default(decode_worker_params_t *p)
     memset(p, 0, sizeof(*p));
     p->listen_host = "127.0.0.1";
     p->kv_host = "127.0.0.1";
-    p->kv_memory = 256ull << 20;
-    p->page_bytes = 32u << 10;
+    p->kv_memory = 512ull << 20;
+    p->page_bytes = 16u << 10;
     p->recv_buffer = 64ull << 20;
     p->max_batch = 32;
     p->default_max_tokens = 256;

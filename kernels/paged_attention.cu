@@ -45,7 +45,8 @@ static __device__ __forceinline__ size_t pa_slot(const krn_paged_cuda_t c, int b
     if (pid < 0 || pid >= c.n_pages)
         return 0;
     *ok = true;
-    return (size_t)pid * c.page_elems + (size_t)slot * c.head_dim; // k row; v is page_tokens rows on
+    // The key row; its value row is page_tokens rows further on.
+    return (size_t)pid * c.page_elems + (size_t)slot * c.head_dim;
 }
 
 __global__ void __launch_bounds__(PA_THREADS)

@@ -114,24 +114,35 @@ __device__ __forceinline__ float code_f(uint32_t c)
     return __uint_as_float(0x4b000000u | c) - 8388608.0f;
 }
 
+/* Byte i of x as a float (a code < 256): the byte placed in the mantissa of 2^23 with one
+ * byte permute, minus 2^23. */
+__device__ __forceinline__ float byte_f(uint32_t x, int i)
+{
+    return __uint_as_float(__byte_perm(x, 0x4b000000u, 0x7440u | (uint32_t)i)) - 8388608.0f;
+}
+
 /* Eight codes of `bits` bits for channels c .. c+7 of a packed row (c a multiple of 8, so the
  * byte offset c * bits / 8 is aligned to the load size). */
 __device__ __forceinline__ void load8_codes(const uint8_t *row, uint32_t c, int bits, float *x)
 {
     if (bits == 8) {
-        uint2 u = *reinterpret_cast<const uint2 *>(row + c);
+        const uint2 u = *reinterpret_cast<const uint2 *>(row + c);
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            x[i] = code_f((u.x >> (8 * i)) & 0xffu);
-            x[4 + i] = code_f((u.y >> (8 * i)) & 0xffu);
+            x[i] = byte_f(u.x, i);
+            x[4 + i] = byte_f(u.y, i);
         }
     } else if (bits == 4) {
-        uint32_t u = *reinterpret_cast<const uint32_t *>(row + c / 2);
+        // Even channels are the low nibbles, odd channels the high ones.
+        const uint32_t u = *reinterpret_cast<const uint32_t *>(row + c / 2);
+        const uint32_t lo = u & 0x0f0f0f0fu, hi = (u >> 4) & 0x0f0f0f0fu;
 #pragma unroll
-        for (int i = 0; i < 8; i++)
-            x[i] = code_f((u >> (4 * i)) & 15u);
+        for (int i = 0; i < 4; i++) {
+            x[2 * i] = byte_f(lo, i);
+            x[2 * i + 1] = byte_f(hi, i);
+        }
     } else {
-        uint32_t u = *reinterpret_cast<const uint16_t *>(row + c / 4);
+        const uint32_t u = *reinterpret_cast<const uint16_t *>(row + c / 4);
 #pragma unroll
         for (int i = 0; i < 8; i++)
             x[i] = code_f((u >> (2 * i)) & 3u);
@@ -195,6 +206,20 @@ __device__ __forceinline__ void load_f16_row(const uint8_t *row, uint32_t c0, ui
             load8_f16(row + 2 * (c0 + 8 * h), x + 8 * h);
 }
 
+/* Moves (slot s, token j of the slot) forward by n tokens, slots of st tokens. */
+__device__ __forceinline__ void advance(uint32_t &s, uint32_t &j, uint32_t n, uint32_t st)
+{
+    if (st == 1) {
+        s += n;
+        return;
+    }
+    j += n;
+    while (j >= st) {
+        j -= st;
+        s++;
+    }
+}
+
 /* Per-slot key factors of this lane's channels: for a quantized slot qs = q * kscale and
  * qz = sum_c q * kzero over the lane's channels, so that a token's partial logit is
  * sum_i qs[i] * code[i] + qz (attend.c's pre-scaled query); for F16 pages qs = q, qz = 0.
@@ -240,19 +265,18 @@ __device__ __forceinline__ void slot_keys(const uint8_t *sl, bool f16, const flo
     }
 }
 
-/* Key codes (quantized) or key values (F16) of channels c0 .. c0+CPT-1 of token t. */
+/* Key codes (quantized) or key values (F16) of channels c0 .. c0+CPT-1 of token j of the slot
+ * at sl (an F16 slot is one token, j = 0). */
 template <int CPT>
-__device__ __forceinline__ void key_codes(const attn_params &A, const uint8_t *pg, uint32_t opt,
-                                          uint32_t t, uint32_t c0, float *code)
+__device__ __forceinline__ void key_codes(const attn_params &A, const uint8_t *sl, uint32_t opt,
+                                          uint32_t j, uint32_t c0, float *code)
 {
     const uint32_t d = A.d;
-    const uint8_t *slots = pg + KVC_PAGE_HEADER_BYTES;
     if (opt == 0) {
-        load_f16_row<CPT>(slots + (size_t)t * A.slot_bytes[0], c0, d, code);
+        load_f16_row<CPT>(sl, c0, d, code);
         return;
     }
-    const uint32_t G = A.G, s = t / G, j = t % G;
-    const uint8_t *sl = slots + (size_t)s * A.slot_bytes[opt];
+    const uint32_t G = A.G;
     const int kb = opt_kbits(opt);
     const uint32_t rowk = d * kb / 8;
     const uint8_t *kc = sl + 4 * d + 4 * G + (size_t)j * rowk;
@@ -280,19 +304,17 @@ __device__ __forceinline__ void key_codes(const attn_params &A, const uint8_t *p
     }
 }
 
-/* Dequantized value channels c0 .. c0+CPT-1 of token t of the staged page. */
+/* Dequantized value channels c0 .. c0+CPT-1 of token j of the slot at sl. */
 template <int CPT>
-__device__ __forceinline__ void load_value(const attn_params &A, const uint8_t *pg,
-                                           uint32_t opt, uint32_t t, uint32_t c0, float *vf)
+__device__ __forceinline__ void load_value(const attn_params &A, const uint8_t *sl,
+                                           uint32_t opt, uint32_t j, uint32_t c0, float *vf)
 {
     const uint32_t d = A.d;
-    const uint8_t *slots = pg + KVC_PAGE_HEADER_BYTES;
     if (opt == 0) {
-        load_f16_row<CPT>(slots + (size_t)t * A.slot_bytes[0] + 2 * d, c0, d, vf);
+        load_f16_row<CPT>(sl + 2 * d, c0, d, vf);
         return;
     }
-    const uint32_t G = A.G, s = t / G, j = t % G;
-    const uint8_t *sl = slots + (size_t)s * A.slot_bytes[opt];
+    const uint32_t G = A.G;
     const int kb = opt_kbits(opt), vb = opt_vbits(opt);
     const uint32_t rowk = d * kb / 8, rowv = d * vb / 8;
     const uint16_t *vsz = reinterpret_cast<const uint16_t *>(sl + 4 * d); // vscale[G], vzero[G]
@@ -311,6 +333,12 @@ __device__ __forceinline__ void load_value(const attn_params &A, const uint8_t *
     }
 }
 
+/* The next power of two >= n. */
+__host__ __device__ constexpr int pow2ceil(int n)
+{
+    return n <= 1 ? 1 : 2 * pow2ceil((n + 1) / 2);
+}
+
 /* Blocks per SM the register budget is sized for (3: at most 168 registers, 2: 255), chosen so
  * that the common shapes (GQA groups up to 5 at head_dim <= 256) do not spill. */
 constexpr int min_blocks(int nq, int cpt)
@@ -321,6 +349,7 @@ constexpr int min_blocks(int nq, int cpt)
 template <int NQ, int CPT>
 __global__ void __launch_bounds__(kThreads, min_blocks(NQ, CPT)) attend_split_kernel(attn_params A)
 {
+    constexpr int NQP = pow2ceil(NQ);
     extern __shared__ __align__(16) uint8_t smem[];
     __shared__ float s_m[NQ], s_l[NQ], s_alpha[NQ];
 
@@ -434,6 +463,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks(NQ, CPT)) attend_split_ke
                     opt == 0 ? h.n_slots : (h.n_slots - 1) * A.G + h.last_tokens;
                 const float *qq = rot ? qr : qv;
                 const uint8_t *slots = buf + KVC_PAGE_HEADER_BYTES;
+                const uint32_t slot_tok = opt == 0 ? 1u : A.G; // tokens per slot
                 uint32_t cur_slot = 0xffffffffu; // slot whose key factors are in qs, qz
                 if (opt == 0)
                     slot_keys<NQ, CPT>(slots, true, qq, d, c0, qs, qz);
@@ -441,7 +471,10 @@ __global__ void __launch_bounds__(kThreads, min_blocks(NQ, CPT)) attend_split_ke
                     const uint32_t nc = min((uint32_t)kChunk, ntok - t0);
                     // 1. Logits. The loop count is the same for every lane of a warp (the
                     // shuffles need all 32); idle lanes carry zeros.
+                    // This lane's token t0 + tt is token kj of slot ksl (one division per chunk;
+                    // then steps of tpb tokens).
                     const uint32_t iters = (nc + tpb - 1) / tpb;
+                    uint32_t ksl = (t0 + tl) / slot_tok, kj = (t0 + tl) % slot_tok;
                     for (uint32_t it = 0; it < iters; it++) {
                         const uint32_t tt = it * tpb + tl;
                         const bool valid = tt < nc && lane_active;
@@ -450,14 +483,14 @@ __global__ void __launch_bounds__(kThreads, min_blocks(NQ, CPT)) attend_split_ke
                         for (int k = 0; k < CPT; k++)
                             code[k] = 0.0f;
                         if (valid) {
-                            const uint32_t t = t0 + tt;
-                            if (opt != 0 && t / A.G != cur_slot) {
-                                cur_slot = t / A.G;
-                                slot_keys<NQ, CPT>(slots + (size_t)cur_slot * sb, false, qq, d,
-                                                   c0, qs, qz);
+                            const uint8_t *sl = slots + (size_t)ksl * sb;
+                            if (opt != 0 && ksl != cur_slot) {
+                                cur_slot = ksl;
+                                slot_keys<NQ, CPT>(sl, false, qq, d, c0, qs, qz);
                             }
-                            key_codes<CPT>(A, buf, opt, t, c0, code);
+                            key_codes<CPT>(A, sl, opt, kj, c0, code);
                         }
+                        advance(ksl, kj, tpb, slot_tok);
                         float part[NQ];
 #pragma unroll
                         for (int r = 0; r < NQ; r++) {
@@ -470,14 +503,41 @@ __global__ void __launch_bounds__(kThreads, min_blocks(NQ, CPT)) attend_split_ke
                             }
                             part[r] = s;
                         }
-                        for (uint32_t off = lpt / 2; off > 0; off >>= 1)
+                        if (lpt >= (uint32_t)NQP) {
+                            // Transposing reduction: each step halves the rows a lane carries
+                            // (NQP - 1 shuffles in all instead of NQ per step), then plain
+                            // steps; lane li ends with the sum of row `row`.
+                            float v[NQP];
 #pragma unroll
-                            for (int r = 0; r < NQ; r++)
-                                part[r] += __shfl_xor_sync(0xffffffffu, part[r], off);
-                        if (li == 0 && tt < nc)
+                            for (int r = 0; r < NQP; r++)
+                                v[r] = r < NQ ? part[r] : 0.0f;
+                            uint32_t row = 0, off = lpt >> 1;
 #pragma unroll
-                            for (int r = 0; r < NQ; r++)
-                                lg[r * kChunk + tt] = part[r];
+                            for (int w = NQP; w > 1; w >>= 1) {
+                                const bool upper = (li & off) != 0;
+#pragma unroll
+                                for (int k = 0; k < w / 2; k++) {
+                                    const float send = upper ? v[k] : v[k + w / 2];
+                                    const float keep = upper ? v[k + w / 2] : v[k];
+                                    v[k] = keep + __shfl_xor_sync(0xffffffffu, send, off);
+                                }
+                                row += upper ? (uint32_t)(w / 2) : 0u;
+                                off >>= 1;
+                            }
+                            for (; off > 0; off >>= 1)
+                                v[0] += __shfl_xor_sync(0xffffffffu, v[0], off);
+                            if ((li & (lpt / NQP - 1)) == 0 && row < (uint32_t)NQ && tt < nc)
+                                lg[row * kChunk + tt] = v[0];
+                        } else {
+                            for (uint32_t off = lpt / 2; off > 0; off >>= 1)
+#pragma unroll
+                                for (int r = 0; r < NQ; r++)
+                                    part[r] += __shfl_xor_sync(0xffffffffu, part[r], off);
+                            if (li == 0 && tt < nc)
+#pragma unroll
+                                for (int r = 0; r < NQ; r++)
+                                    lg[r * kChunk + tt] = part[r];
+                        }
                     }
                     __syncthreads();
                     // 2. Online softmax: one warp per row.
@@ -516,12 +576,14 @@ __global__ void __launch_bounds__(kThreads, min_blocks(NQ, CPT)) attend_split_ke
                             acc[r][k] *= a;
                     }
                     if (lane_active) {
+                        uint32_t vsl = (t0 + tl) / slot_tok, vj = (t0 + tl) % slot_tok;
                         for (uint32_t tt = tl; tt < nc; tt += tpb) {
                             float vf[CPT];
 #pragma unroll
                             for (int k = 0; k < CPT; k++)
                                 vf[k] = 0.0f;
-                            load_value<CPT>(A, buf, opt, t0 + tt, c0, vf);
+                            load_value<CPT>(A, slots + (size_t)vsl * sb, opt, vj, c0, vf);
+                            advance(vsl, vj, tpb, slot_tok);
 #pragma unroll
                             for (int r = 0; r < NQ; r++) {
                                 const float p = lg[r * kChunk + tt];

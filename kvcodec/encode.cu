@@ -236,66 +236,105 @@ __global__ void stats_kernel(stats_args_t a)
             s_ke[w] = kdiv(ke, 12.0f);
         }
         __syncthreads();
+        // Per token: four passes over its row, each feeding every width that reads the same
+        // data (each accumulator keeps the CPU's own chain and final tree).
+        bool trial = !a.model;
+        bool kerr4 = trial && a.need4, kerr2 = trial && a.need2 && a.needk2;
+        bool verr4 = trial && a.need4 && a.needv4, verr2 = trial && a.need2;
+        bool want_r = (a.model && (a.need4 || a.need2)) || verr4 || verr2; // V range, 4/2 bits
+        bool rot = a.rotate != 0; // the source of the 4- and 2-bit widths
+        float rot_kw = s_kwrot;
         for (uint32_t j = threadIdx.x; j < m; j += blockDim.x) {
             uint32_t t = t0 + j;
             size_t it = (size_t)h * a.n + t;
-            // |v - obar|^2 with kvc_dot's eight partial sums.
-            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            // Pass 1, unrotated V: |v - obar|^2 (kvc_dot's lanes) and the row range.
+            float dacc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, umn[8], umx[8];
             for (uint32_t c = 0; c < d; c += 8) {
                 for (int l = 0; l < 8; l++) {
-                    float df = ksub(st_x(a, true, false, h, t, c + l), obar[c + l]);
-                    acc[l] = kadd(acc[l], kmul(df, df));
+                    float x = st_x(a, true, false, h, t, c + l);
+                    float df = ksub(x, obar[c + l]);
+                    dacc[l] = kadd(dacc[l], kmul(df, df));
+                    if (c == 0) {
+                        umn[l] = umx[l] = x;
+                    } else {
+                        umn[l] = x < umn[l] ? x : umn[l];
+                        umx[l] = x > umx[l] ? x : umx[l];
+                    }
                 }
             }
-            a.tab[TAB_DEV * plane + it] = kvc_dev_sum8(acc);
-            for (int w = 0; w < 3; w++) {
-                int b = w == 0 ? 8 : (w == 1 ? 4 : 2);
-                bool need = w == 0 ? a.need8 : (w == 1 ? a.need4 : a.need2);
-                if (!need)
-                    continue;
-                bool rot = a.rotate && b <= 4;
-                float qmax = (float)((1 << b) - 1);
-                float *ek = a.tab + (size_t)(TAB_EK8 + 2 * w) * plane;
-                float *ev = a.tab + (size_t)(TAB_EV8 + 2 * w) * plane;
-                if (a.model || b == 8) {
-                    float vmn, vmx;
-                    row_minmax(a.src, true, rot, h, t, &vmn, &vmx);
-                    float s = kdiv(ksub(vmx, vmn), qmax);
-                    ek[it] = s_ke[w];
-                    ev[it] = kdiv(kmul(kmul((float)d, s), s), 12.0f);
-                    continue;
-                }
-                if (b != 2 || a.needk2) { // kvc_key_errors
-                    float kacc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-                    for (uint32_t c = 0; c < d; c += 8) {
-                        for (int l = 0; l < 8; l++) {
-                            uint32_t cc = c + l;
-                            float x = st_x(a, false, rot, h, t, cc);
-                            float mn = s_mn[rot][cc];
-                            float r = kvc_dev_round_clamp(kmul(ksub(x, mn), s_inv[w][cc]), qmax);
-                            float err = ksub(kadd(kmul(r, s_s[w][cc]), mn), x);
-                            float kw = rot ? s_kwrot : qsq[cc];
-                            kacc[l] = kadd(kacc[l], kmul(kmul(kw, err), err));
+            a.tab[TAB_DEV * plane + it] = kvc_dev_sum8(dacc);
+            float ulo = umn[0], uhi = umx[0];
+            for (int l = 1; l < 8; l++) {
+                ulo = umn[l] < ulo ? umn[l] : ulo;
+                uhi = umx[l] > uhi ? umx[l] : uhi;
+            }
+            // Pass 2, K of the 4/2-bit source: trial key errors of both widths.
+            if (kerr4 || kerr2) {
+                float k4[8] = {0, 0, 0, 0, 0, 0, 0, 0}, k2[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+                for (uint32_t c = 0; c < d; c += 8) {
+                    for (int l = 0; l < 8; l++) {
+                        uint32_t cc = c + l;
+                        float x = st_x(a, false, rot, h, t, cc);
+                        float mn = s_mn[rot][cc];
+                        float kw = rot ? rot_kw : qsq[cc];
+                        if (kerr4) {
+                            float r = kvc_dev_round_clamp(kmul(ksub(x, mn), s_inv[1][cc]), 15.0f);
+                            float err = ksub(kadd(kmul(r, s_s[1][cc]), mn), x);
+                            k4[l] = kadd(k4[l], kmul(kmul(kw, err), err));
+                        }
+                        if (kerr2) {
+                            float r = kvc_dev_round_clamp(kmul(ksub(x, mn), s_inv[2][cc]), 3.0f);
+                            float err = ksub(kadd(kmul(r, s_s[2][cc]), mn), x);
+                            k2[l] = kadd(k2[l], kmul(kmul(kw, err), err));
                         }
                     }
-                    ek[it] = kvc_dev_sum8(kacc);
                 }
-                if (b != 4 || a.needv4) { // kvc_value_errors
-                    float vmn, vmx;
-                    row_minmax(a.src, true, rot, h, t, &vmn, &vmx);
-                    float s = kdiv(ksub(vmx, vmn), qmax);
-                    float inv = s > 0 ? kdiv(1.0f, s) : 0.0f;
-                    float vacc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-                    for (uint32_t c = 0; c < d; c += 8) {
-                        for (int l = 0; l < 8; l++) {
-                            float x = st_x(a, true, rot, h, t, c + l);
-                            float r = kvc_dev_round_clamp(kmul(ksub(x, vmn), inv), qmax);
-                            float err = ksub(kadd(kmul(r, s), vmn), x);
-                            vacc[l] = kadd(vacc[l], kmul(err, err));
+                if (kerr4)
+                    a.tab[TAB_EK4 * plane + it] = kvc_dev_sum8(k4);
+                if (kerr2)
+                    a.tab[TAB_EK2 * plane + it] = kvc_dev_sum8(k2);
+            }
+            // Pass 3, the V range of the 4/2-bit source (the unrotated one is pass 1's).
+            float rlo = ulo, rhi = uhi;
+            if (want_r && rot)
+                row_minmax(a.src, true, true, h, t, &rlo, &rhi);
+            float s4 = kdiv(ksub(rhi, rlo), 15.0f), s2 = kdiv(ksub(rhi, rlo), 3.0f);
+            if (a.need8) { // 8 bits: always the step^2 / 12 model, unrotated
+                float s8 = kdiv(ksub(uhi, ulo), 255.0f);
+                a.tab[TAB_EK8 * plane + it] = s_ke[0];
+                a.tab[TAB_EV8 * plane + it] = kdiv(kmul(kmul((float)d, s8), s8), 12.0f);
+            }
+            if (a.model && a.need4) {
+                a.tab[TAB_EK4 * plane + it] = s_ke[1];
+                a.tab[TAB_EV4 * plane + it] = kdiv(kmul(kmul((float)d, s4), s4), 12.0f);
+            }
+            if (a.model && a.need2) {
+                a.tab[TAB_EK2 * plane + it] = s_ke[2];
+                a.tab[TAB_EV2 * plane + it] = kdiv(kmul(kmul((float)d, s2), s2), 12.0f);
+            }
+            // Pass 4, V of the 4/2-bit source: trial value errors of both widths.
+            if (verr4 || verr2) {
+                float i4 = s4 > 0 ? kdiv(1.0f, s4) : 0.0f, i2 = s2 > 0 ? kdiv(1.0f, s2) : 0.0f;
+                float v4[8] = {0, 0, 0, 0, 0, 0, 0, 0}, v2[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+                for (uint32_t c = 0; c < d; c += 8) {
+                    for (int l = 0; l < 8; l++) {
+                        float x = st_x(a, true, rot, h, t, c + l);
+                        if (verr4) {
+                            float r = kvc_dev_round_clamp(kmul(ksub(x, rlo), i4), 15.0f);
+                            float err = ksub(kadd(kmul(r, s4), rlo), x);
+                            v4[l] = kadd(v4[l], kmul(err, err));
+                        }
+                        if (verr2) {
+                            float r = kvc_dev_round_clamp(kmul(ksub(x, rlo), i2), 3.0f);
+                            float err = ksub(kadd(kmul(r, s2), rlo), x);
+                            v2[l] = kadd(v2[l], kmul(err, err));
                         }
                     }
-                    ev[it] = kvc_dev_sum8(vacc);
                 }
+                if (verr4)
+                    a.tab[TAB_EV4 * plane + it] = kvc_dev_sum8(v4);
+                if (verr2)
+                    a.tab[TAB_EV2 * plane + it] = kvc_dev_sum8(v2);
             }
         }
     }

@@ -194,7 +194,7 @@ fy_status_t kvc_attend_batch_cuda_workspace(const kvc_gpu_pages_t *pool,
  * combines the partials. Same result as kvc_attend per list (rotated pages: H q for the logits,
  * the rotated part of the accumulator rotated back once). An empty list gives zeros.
  * q: device [batch][n_heads][head_dim] fp32; out: device, same shape. workspace: device,
- * workspace_bytes >= kvc_attend_batch_cuda_workspace(). All pointers borrowed until the stream
+ * 256-byte aligned (cudaMalloc is), workspace_bytes >= kvc_attend_batch_cuda_workspace(). All pointers borrowed until the stream
  * reaches the end of the work queued here. Pages whose id or header is invalid are skipped and
  * counted (kvc_attend_batch_cuda_bad_pages). Thread: any; one call per workspace at a time. */
 fy_status_t kvc_attend_batch_cuda(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *batch,

@@ -199,35 +199,28 @@ void mdl_kv_seq_write(mdl_kv_seq_t *s, int layer, int head, int64_t pos, const f
     fy_fp32_to_fp16_buf(page + ((size_t)pt + slot) * hd, v, (size_t)hd);
 }
 
-/* load_layer for a CUDA pool: each run of tokens that shares a page is converted on the
- * host and copied as one K block and one V block. */
+/* load_layer for a CUDA pool: the page ids of the layer go with K and V to the GPU, which
+ * converts and places every token (mdl_dev_store_layer). */
 static fy_status_t load_layer_dev(mdl_kv_seq_t *s, int layer, int64_t n_tokens, const float *k,
                                   const float *v)
 {
     const mdl_kv_t *kv = s->kv;
-    int hd = kv->p.head_dim, pt = kv->p.page_tokens;
-    uint16_t *tmp = malloc((size_t)pt * hd * sizeof(uint16_t));
-    if (tmp == NULL)
+    int n_kv = kv->p.n_kv_heads;
+    if (n_tokens == 0)
+        return FY_OK;
+    if (s->n_pages > INT32_MAX / n_kv || s->len + n_tokens > INT32_MAX)
+        return FY_ERR_OUT_OF_RANGE;
+    int32_t *ids = malloc((size_t)n_kv * (size_t)s->n_pages * sizeof(int32_t));
+    if (ids == NULL)
         return FY_ERR_NO_MEMORY;
-    fy_status_t st = FY_OK;
-    for (int h = 0; h < kv->p.n_kv_heads && st == FY_OK; h++) {
-        for (int64_t t = 0; t < n_tokens && st == FY_OK;) {
-            int64_t pos = s->len + t;
-            int slot = (int)(pos % pt);
-            int64_t run = FY_MIN((int64_t)(pt - slot), n_tokens - t);
-            uint16_t *page = page_ptr(s, layer, h, pos / pt);
-            size_t off = ((size_t)h * (size_t)n_tokens + (size_t)t) * hd;
-            size_t n_el = (size_t)run * hd, bytes = n_el * sizeof(uint16_t);
-            fy_fp32_to_fp16_buf(tmp, k + off, n_el);
-            st = mdl_dev_copy_h2d(page + (size_t)slot * hd, tmp, bytes);
-            if (st == FY_OK) {
-                fy_fp32_to_fp16_buf(tmp, v + off, n_el);
-                st = mdl_dev_copy_h2d(page + ((size_t)pt + slot) * hd, tmp, bytes);
-            }
-            t += run;
-        }
+    for (int h = 0; h < n_kv; h++) {
+        for (int64_t i = 0; i < s->n_pages; i++)
+            ids[(size_t)h * s->n_pages + i] =
+                (int32_t)s->table[((size_t)layer * n_kv + h) * s->cap + i];
     }
-    free(tmp);
+    fy_status_t st = mdl_dev_store_layer(&kv->p, kv->mem, ids, (int)s->n_pages, s->len,
+                                         n_tokens, k, v);
+    free(ids);
     return st;
 }
 

@@ -75,14 +75,50 @@ void mdl_dev_free(void *ptr)
         cudaFree(ptr);
 }
 
-fy_status_t mdl_dev_copy_h2d(void *dst, const void *src, size_t bytes)
-{
-    return cu_status(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice), "cudaMemcpy H2D");
-}
-
 fy_status_t mdl_dev_copy_d2h(void *dst, const void *src, size_t bytes)
 {
     return cu_status(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy D2H");
+}
+
+fy_status_t mdl_dev_store_layer(const mdl_kv_params_t *p, uint16_t *mem, const int32_t *ids,
+                                int n_ids, int64_t pos0, int64_t n_tokens, const float *k,
+                                const float *v)
+{
+    size_t n_el = (size_t)p->n_kv_heads * (size_t)n_tokens * p->head_dim;
+    size_t n_id = (size_t)p->n_kv_heads * (size_t)n_ids;
+    float *dk = NULL, *dv = NULL;
+    int32_t *did = NULL;
+    cudaStream_t s = NULL;
+    fy_status_t st;
+    if (n_tokens <= 0 || n_tokens > INT32_MAX || pos0 < 0 || pos0 + n_tokens > INT32_MAX)
+        return FY_ERR_INVALID_ARG;
+    int32_t pos = (int32_t)pos0;
+    CU(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    CU(cudaMalloc((void **)&dk, n_el * sizeof(float)));
+    CU(cudaMalloc((void **)&dv, n_el * sizeof(float)));
+    CU(cudaMalloc((void **)&did, (n_id + 1) * sizeof(int32_t)));
+    CU(cudaMemcpyAsync(dk, k, n_el * sizeof(float), cudaMemcpyHostToDevice, s));
+    CU(cudaMemcpyAsync(dv, v, n_el * sizeof(float), cudaMemcpyHostToDevice, s));
+    CU(cudaMemcpyAsync(did, ids, n_id * sizeof(int32_t), cudaMemcpyHostToDevice, s));
+    CU(cudaMemcpyAsync(did + n_id, &pos, sizeof(int32_t), cudaMemcpyHostToDevice, s));
+    krn_paged_cuda_t cache = {.pool = mem,
+                              .page_elems = 2 * (size_t)p->page_tokens * p->head_dim,
+                              .n_pages = p->n_pages, .page_tokens = p->page_tokens,
+                              .head_dim = p->head_dim, .page_ids = did, .ids_seq_stride = 0,
+                              .max_pages = n_ids};
+    TRY(krn_paged_store_f16_cuda(&cache, 1, p->n_kv_heads, (int)n_tokens, did + n_id, dk, dv, 0,
+                                 (size_t)n_tokens * p->head_dim, (size_t)p->head_dim, s));
+    CU(cudaStreamSynchronize(s)); // pageable sources: done only when the stream is
+    st = FY_OK;
+fail:
+    if (s != NULL) {
+        cudaStreamSynchronize(s);
+        cudaStreamDestroy(s);
+    }
+    cudaFree(dk);
+    cudaFree(dv);
+    cudaFree(did);
+    return st;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -291,6 +327,9 @@ static fy_status_t load_layer(loader_t *L, const mdl_config_t *c, int l, cu_laye
             st = cu_status(cudaMemcpy(y->bqkv + q_dim + kv_dim, bv, kv_dim * 4,
                                       cudaMemcpyDeviceToDevice),
                            "bias");
+        cudaError_t e = cudaDeviceSynchronize(); // the copies out of bq, bk, bv are done
+        if (st == FY_OK)
+            st = cu_status(e, "bias");
         cudaFree(bq);
         cudaFree(bk);
         cudaFree(bv);
@@ -346,7 +385,9 @@ fy_status_t mdl_cuda_model_load(const mdl_gguf_t *g, const mdl_config_t *cfg,
     }
     for (int l = 0; l < c->n_layers; l++)
         TRY(load_layer(&L, c, l, &w->layers[l]));
-    CU(cudaStreamSynchronize(L.s));
+    // Everything (the loader stream and the synchronous copies of the small vectors on the
+    // legacy stream) has landed before any context's stream reads it.
+    CU(cudaDeviceSynchronize());
     *w_p = w;
     st = FY_OK;
     goto done;

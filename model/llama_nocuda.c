@@ -13,12 +13,14 @@ void mdl_dev_free(void *ptr)
 {
 }
 
-fy_status_t mdl_dev_copy_h2d(void *dst, const void *src, size_t bytes)
+fy_status_t mdl_dev_copy_d2h(void *dst, const void *src, size_t bytes)
 {
     return FY_ERR_NO_DEVICE;
 }
 
-fy_status_t mdl_dev_copy_d2h(void *dst, const void *src, size_t bytes)
+fy_status_t mdl_dev_store_layer(const mdl_kv_params_t *p, uint16_t *mem, const int32_t *ids,
+                                int n_ids, int64_t pos0, int64_t n_tokens, const float *k,
+                                const float *v)
 {
     return FY_ERR_NO_DEVICE;
 }

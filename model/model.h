@@ -20,6 +20,10 @@
  * can also be loaded from outside (mdl_kv_seq_load_layer), then decoded from: that is how a
  * decode worker continues a prompt prefilled elsewhere.
  *
+ * With MDL_DEVICE_CUDA (model, context and KV pool) the same calls run on one GPU
+ * (llama_cuda.c): FP16 weights, cuBLAS GEMMs with FP32 accumulation, FP32 elsewhere, FP16
+ * pages in one GPU allocation; inputs, outputs and callbacks stay on the host.
+ *
  * Objects: mdl_gguf_t (a parsed file), mdl_model_t (weights + tokenizer; read-only once
  * created, shareable between threads), mdl_ctx_t (scratch and threads for one caller),
  * mdl_kv_t (page pool), mdl_kv_seq_t (one sequence's pages), mdl_sampler_t.

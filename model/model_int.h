@@ -47,8 +47,13 @@ int64_t mdl_kv_seq_page_id(const mdl_kv_seq_t *seq, int layer, int head, int64_t
 
 fy_status_t mdl_dev_alloc(size_t bytes, void **ptr_p);
 void mdl_dev_free(void *ptr); /* accepts NULL */
-fy_status_t mdl_dev_copy_h2d(void *dst, const void *src, size_t bytes);
 fy_status_t mdl_dev_copy_d2h(void *dst, const void *src, size_t bytes);
+/* Writes n_tokens tokens of K and V (host FP32 [n_kv_heads][n_tokens][head_dim]) at positions
+ * pos0.. into the pages of a CUDA pool (mem), page ids [n_kv_heads][n_ids] (host); returns when
+ * they are in place. */
+fy_status_t mdl_dev_store_layer(const mdl_kv_params_t *p, uint16_t *mem, const int32_t *ids,
+                                int n_ids, int64_t pos0, int64_t n_tokens, const float *k,
+                                const float *v);
 
 /* ---- The CUDA forward pass (llama_cuda.c) ---- */
 

@@ -161,6 +161,7 @@ static int run(app_t *a)
         FY_LOG_ERROR(MODULE, "cannot load %s: %s", mp.path, err[0] ? err : fy_status_str(st));
         return 1;
     }
+    uv_update_time(&a->loop); // timers started from here on count from now, not before the load
     uint64_t fingerprint = mdl_model_fingerprint(a->model);
     const mdl_config_t *mc = mdl_model_config(a->model);
     FY_LOG_INFO(MODULE, "model %s loaded in %.0f ms: %d layers, %d kv heads x %d, fingerprint "

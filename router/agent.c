@@ -266,6 +266,7 @@ fy_status_t router_agent_create(struct uv_loop_s *loop, const router_agent_param
     }
     uv_timer_init(loop, &a->timer);
     a->timer.data = a;
+    uv_update_time(loop); // the loop may have been idle (model loading): deadlines start now
     *agent_p = a;
     send_next(a);
     return FY_OK;

@@ -37,7 +37,7 @@ def main():
         with open(cfg, "w") as f:
             f.write(f"model: {model}\nlisten: 127.0.0.1:0\nkv-listen: 127.0.0.1:0\n"
                     "kv_memory: 64M\nthreads: 2\nmax-batch: 4\n")
-        # The flag overrides the file: 32 MiB of 32 KiB pages.
+        # The flag overrides the file: 32 MiB of 16 KiB pages.
         port_file = os.path.join(tmp, "port")
         proc = subprocess.Popen([exe, "--config", cfg, "--kv-memory", "32M", "--log-level", "info",
                                  "--port-file", port_file],
@@ -54,7 +54,7 @@ def main():
             if status != 200 or body.strip() != "ok":
                 fail(f"/healthz: {status} {body!r}")
             status, body = get(port, "/metrics")
-            if status != 200 or "ferry_decode_total_pages 1024" not in body:
+            if status != 200 or "ferry_decode_total_pages 2048" not in body:
                 fail(f"/metrics: {status}: {body[:400]!r}")
             for name in ("ferry_decode_free_pages", "ferry_decode_running_sequences",
                          "ferry_decode_tokens_generated_total", "ferry_decode_step_seconds",

@@ -229,7 +229,8 @@ static void on_send_end(kvlink_send_t *req, fy_status_t st, void *arg)
 /* Sends every frame of a stream for reservation id; corrupt_layer >= 0 flips a payload byte of
  * that layer (the transport's own CRC is computed over the damaged bytes, so only the frame's
  * check can tell). Returns the sender's end status. */
-static fy_status_t send_frames(uint64_t id, const pf_stream_t *s, int corrupt_layer)
+static fy_status_t send_frames_mixed(uint64_t id, const pf_stream_t *s, int corrupt_layer,
+                                     const pf_stream_t *alt, int alt_layer)
 {
     xfer_t x = {0};
     kvlink_send_params_t sp;
@@ -238,27 +239,40 @@ static fy_status_t send_frames(uint64_t id, const pf_stream_t *s, int corrupt_la
     sp.arg = &x;
     kvlink_send_t *req = NULL;
     assert_int_equal(kvlink_send_open(G.tx, G.kv_addr, id, &sp, &req), FY_OK);
+    int queued = 0;
     for (int l = 0; l < s->n_layers; l++) {
         const uint8_t *data = s->frames[l];
+        size_t len = s->lens[l];
+        if (l == alt_layer) { // a valid frame of another prompt in this one's place
+            data = alt->frames[l];
+            len = alt->lens[l];
+        }
         if (l == corrupt_layer) {
-            x.copy = malloc(s->lens[l]);
-            memcpy(x.copy, data, s->lens[l]);
-            x.copy[s->lens[l] / 2] ^= 0x5a;
+            x.copy = malloc(len);
+            memcpy(x.copy, data, len);
+            x.copy[len / 2] ^= 0x5a;
             data = x.copy;
         }
-        fy_status_t st = kvlink_send_frame(req, (uint32_t)l, data, s->lens[l], on_frame_done, &x);
+        fy_status_t st = kvlink_send_frame(req, (uint32_t)l, data, len, on_frame_done, &x);
         if (st != FY_OK)
             break; // the request already failed (the receiver cancelled it)
+        queued++;
     }
     if (!x.ended)
         kvlink_send_finish(req);
     assert_true(run_until(&x.ended, 60000));
     // Frames still in UCX's hands report done after the end.
     uint64_t end = fy_clock_ns() + 5000000000ull;
-    while (x.frames_done < s->n_layers && fy_clock_ns() < end && x.frames_done > 0)
+    while (x.frames_done < queued && fy_clock_ns() < end)
         uv_run(&G.loop, UV_RUN_ONCE);
+    assert_int_equal(x.frames_done, queued); // the frames' bytes are ours again
     free(x.copy);
     return x.st;
+}
+
+static fy_status_t send_frames(uint64_t id, const pf_stream_t *s, int corrupt_layer)
+{
+    return send_frames_mixed(id, s, corrupt_layer, NULL, -1);
 }
 
 /* ---- setup -------------------------------------------------------------------------------- */
@@ -526,6 +540,17 @@ static void test_corrupt_frame_fails_that_request(void **state)
     decode_worker_stats_t s;
     decode_worker_stats(G.w, &s);
     assert_true(s.failures >= 1);
+    // A valid frame that does not belong (another prompt's layer 7): placement refuses it,
+    // only this request fails.
+    snprintf(id, sizeof(id), "%s", next_id());
+    assert_int_equal(reserve(id, p, 1, 10000, &r), RPC_CODE_OK);
+    start_decode(&d, id, r.reservation_id, p, N_GEN + 1, false);
+    assert_true(send_frames_mixed(r.reservation_id, &p->stream[1], -1, &G.prompts[0].stream[1],
+                                  7) != FY_OK);
+    assert_true(run_until(&d.done, 30000));
+    assert_int_equal(d.code, RPC_CODE_FAILED_PRECONDITION);
+    printf("foreign frame: Decode ended %s: %s\n", rpc_code_name(d.code), d.msg);
+    assert_pool_idle(G.w);
     // The worker keeps serving.
     snprintf(id, sizeof(id), "%s", next_id());
     assert_int_equal(reserve(id, p, 1, 10000, &r), RPC_CODE_OK);
@@ -598,7 +623,7 @@ static void test_pool_full(void **state)
     const prompt_t *p = &G.prompts[1];
     // A pool that holds one reservation of this prompt but not two.
     decode_worker_t *small = NULL;
-    assert_int_equal(start_worker(450ull * 32768, &small), FY_OK);
+    assert_int_equal(start_worker(350ull * 16384, &small), FY_OK);
     connect_to(small);
     char id1[32], id2[32], id3[32];
     snprintf(id1, sizeof(id1), "%s", next_id());
@@ -618,6 +643,77 @@ static void test_pool_full(void **state)
     assert_pool_idle(small);
     connect_to(G.w);
     decode_worker_destroy(small);
+}
+
+// Many requests at once, joining and leaving the batch at different times: FP16 ones give
+// the local greedy tokens, every fourth is cancelled after its first token, and afterwards
+// every page is back.
+static void test_many_concurrent(void **state)
+{
+    (void)state;
+    enum { N = 16 };
+    static call_t r[N], d[N];
+    char ids[N][32];
+    decode_worker_stats_t before, after;
+    decode_worker_stats(G.w, &before);
+    for (int i = 0; i < N; i++) {
+        const prompt_t *p = &G.prompts[i % N_PROMPTS];
+        snprintf(ids[i], sizeof(ids[i]), "%s", next_id());
+        assert_int_equal(reserve(ids[i], p, 0, 30000, &r[i]), RPC_CODE_OK);
+        // Half the Decode calls come before their KV, half after.
+        if (i % 2 == 0)
+            start_decode(&d[i], ids[i], r[i].reservation_id, p, N_GEN + 1, false);
+    }
+    for (int i = 0; i < N; i++) {
+        const prompt_t *p = &G.prompts[i % N_PROMPTS];
+        assert_int_equal(send_frames(r[i].reservation_id, &p->stream[i % 3 == 0 ? 1 : 0], -1),
+                         FY_OK);
+        if (i % 2 == 1)
+            start_decode(&d[i], ids[i], r[i].reservation_id, p, N_GEN + 1, false);
+    }
+    bool cancelled[N] = {false};
+    uint64_t end = fy_clock_ns() + 300000000000ull;
+    for (;;) {
+        bool all = true;
+        for (int i = 0; i < N; i++) {
+            if (i % 4 == 3 && !cancelled[i] && (d[i].n_tokens > 0 || d[i].done)) {
+                cancelled[i] = true;
+                cancel(ids[i]);
+            }
+            all = all && d[i].done;
+        }
+        if (all || fy_clock_ns() > end)
+            break;
+        uv_run(&G.loop, UV_RUN_ONCE);
+    }
+    decode_worker_stats(G.w, &after);
+    int n_cancelled = 0;
+    for (int i = 0; i < N; i++) {
+        const prompt_t *p = &G.prompts[i % N_PROMPTS];
+        assert_true(d[i].done);
+        if (i % 4 == 3 && d[i].code == RPC_CODE_CANCELLED) {
+            n_cancelled++;
+            continue;
+        }
+        assert_int_equal(d[i].code, RPC_CODE_OK); // finished before the cancel came, or not
+        if (i % 3 != 0 && i % 4 != 3) { // FP16 frames, not cancelled
+            if (d[i].n_tokens != p->n_ref) {
+                printf("request %d (prompt %d): %d tokens, finish %d:", i, i % N_PROMPTS,
+                       d[i].n_tokens, d[i].finish_reason);
+                for (int k = 0; k < d[i].n_tokens; k++)
+                    printf(" %u", d[i].tokens[k]);
+                printf(" | local:");
+                for (int k = 0; k < p->n_ref; k++)
+                    printf(" %d", p->ref[k]);
+                printf("\n");
+            }
+            assert_same_as_local(&d[i], p);
+        }
+    }
+    printf("%d concurrent requests: %d cancelled mid-stream, %llu tokens in %llu steps\n", N,
+           n_cancelled, (unsigned long long)(after.tokens_generated - before.tokens_generated),
+           (unsigned long long)(after.steps - before.steps));
+    assert_pool_idle(G.w);
 }
 
 // A seeded sampled run continues the request's random stream: the worker skips the draw the
@@ -844,7 +940,7 @@ static void test_registers_with_router(void **state)
     assert_string_equal(info.kv_address, want);
     snprintf(want, sizeof(want), "127.0.0.1:%d", decode_worker_rpc_port(w));
     assert_string_equal(info.rpc_address, want);
-    assert_int_equal(info.load.total_kv_pages, (64u << 20) / 32768);
+    assert_int_equal(info.load.total_kv_pages, (64u << 20) / 16384);
     assert_int_equal(info.load.free_kv_pages, info.load.total_kv_pages);
     // Draining reaches the registry with the next heartbeat.
     assert_int_equal(decode_worker_drain(w, 0), 0);
@@ -870,6 +966,7 @@ int main(void)
         cmocka_unit_test(test_lease_expires),
         cmocka_unit_test(test_cancel_mid_stream),
         cmocka_unit_test(test_pool_full),
+        cmocka_unit_test(test_many_concurrent),
         cmocka_unit_test(test_seeded_sampling_continues),
         cmocka_unit_test(test_drain_finishes_in_flight),
         cmocka_unit_test(test_with_prefill_worker),

@@ -7,11 +7,14 @@
 #ifndef FERRY_TESTS_DAEMON_UTIL_H
 #define FERRY_TESTS_DAEMON_UTIL_H
 
+#include <arpa/inet.h>
 #include <errno.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -57,17 +60,38 @@ typedef struct {
     char name[32];
 } du_proc_t;
 
-/* Starts build/<rel_exe> with args (NULL-terminated) plus --listen 127.0.0.1:0 --port-file.
- * stdout and stderr go to a log file in TMPDIR (printed by du_dump_log). Waits up to
- * timeout_ms for the port file. FY_OK with p->port set. */
-static inline fy_status_t du_start(du_proc_t *p, const char *name, const char *rel_exe,
-                                   const char *const *args, uint32_t timeout_ms)
+/* A TCP port free right now on 127.0.0.1 (bound, then closed), for daemons that take a fixed
+ * port; 0 on failure. */
+static inline int du_free_port(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t alen = sizeof(a);
+    int port = 0;
+    if (fd >= 0 && bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0 &&
+        getsockname(fd, (struct sockaddr *)&a, &alen) == 0)
+        port = ntohs(a.sin_port);
+    if (fd >= 0)
+        close(fd);
+    return port;
+}
+
+/* Starts build/<rel_exe> with args (NULL-terminated). With port_file, --listen 127.0.0.1:0
+ * --port-file are added and the call waits up to timeout_ms for the port (p->port); without,
+ * the caller chose the ports and waits for readiness itself. stdout and stderr go to a log
+ * file in TMPDIR (printed by du_dump_log). */
+static inline fy_status_t du_start_ex(du_proc_t *p, const char *name, const char *rel_exe,
+                                      const char *const *args, bool port_file,
+                                      uint32_t timeout_ms)
 {
     memset(p, 0, sizeof(*p));
     snprintf(p->name, sizeof(p->name), "%s", name);
     const char *tmp = getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
     snprintf(p->port_file, sizeof(p->port_file), "%s/ferry-%s-%d.port", tmp, name, (int)getpid());
-    snprintf(p->log_file, sizeof(p->log_file), "%s/ferry-%s-%d.log", tmp, name, (int)getpid());
+    static int starts;
+    snprintf(p->log_file, sizeof(p->log_file), "%s/ferry-%s-%d-%d.log", tmp, name, (int)getpid(),
+             ++starts);
     unlink(p->port_file);
     char exe[4096];
     snprintf(exe, sizeof(exe), "%s/%s", du_build_root(), rel_exe);
@@ -76,10 +100,12 @@ static inline fy_status_t du_start(du_proc_t *p, const char *name, const char *r
     argv[n++] = exe;
     for (size_t i = 0; args[i] != NULL && n < 58; i++)
         argv[n++] = args[i];
-    argv[n++] = "--listen";
-    argv[n++] = "127.0.0.1:0";
-    argv[n++] = "--port-file";
-    argv[n++] = p->port_file;
+    if (port_file) {
+        argv[n++] = "--listen";
+        argv[n++] = "127.0.0.1:0";
+        argv[n++] = "--port-file";
+        argv[n++] = p->port_file;
+    }
     argv[n] = NULL;
     pid_t pid = fork();
     if (pid < 0)
@@ -93,6 +119,8 @@ static inline fy_status_t du_start(du_proc_t *p, const char *name, const char *r
         _exit(127);
     }
     p->pid = pid;
+    if (!port_file)
+        return FY_OK;
     for (uint32_t waited = 0; waited < timeout_ms; waited += 20) {
         FILE *f = fopen(p->port_file, "r");
         if (f != NULL) {
@@ -114,6 +142,12 @@ static inline fy_status_t du_start(du_proc_t *p, const char *name, const char *r
     }
     fprintf(stderr, "%s did not start in %u ms\n", name, timeout_ms);
     return FY_ERR_TIMEOUT;
+}
+
+static inline fy_status_t du_start(du_proc_t *p, const char *name, const char *rel_exe,
+                                   const char *const *args, uint32_t timeout_ms)
+{
+    return du_start_ex(p, name, rel_exe, args, true, timeout_ms);
 }
 
 static inline void du_dump_log(const du_proc_t *p)
@@ -184,7 +218,7 @@ typedef struct {
     void *arg;
 } du_result_t;
 
-static void du_on_msg(rpc_ccall_t *call, const ProtobufCMessage *msg, void *arg)
+static inline void du_on_msg(rpc_ccall_t *call, const ProtobufCMessage *msg, void *arg)
 {
     du_result_t *r = arg;
     r->n_msgs++;
@@ -202,7 +236,7 @@ static void du_on_msg(rpc_ccall_t *call, const ProtobufCMessage *msg, void *arg)
     free(buf);
 }
 
-static void du_on_done(rpc_ccall_t *call, int code, const char *message, void *arg)
+static inline void du_on_done(rpc_ccall_t *call, int code, const char *message, void *arg)
 {
     du_result_t *r = arg;
     r->code = code;

@@ -80,7 +80,7 @@ static int run(uint64_t *rng, shape_t s)
 int main(void)
 {
     tcu_require_gpu();
-    uint64_t rng = 0x77aa55ull;
+    uint64_t rng = tcu_seed();
     static const shape_t shapes[] = {
         {1, 0, 1, 2, 1, 32, 1, 0},       {37, 0, 37, 4, 2, 64, 5, 3},
         {100, 60, 40, 6, 2, 80, 40, 0},  {300, 0, 300, 8, 1, 128, 32, 1},

@@ -40,8 +40,9 @@ static int run(uint64_t *rng, shape_t s)
     const uint16_t **pages = malloc((size_t)max_pages * sizeof(*pages));
     for (int b = 0; b < s.n_seqs; b++) {
         for (int h = 0; h < s.n_kv; h++) {
+            const int32_t *row = ids + ((size_t)b * s.n_kv + h) * max_pages;
             for (int p = 0; p < max_pages; p++)
-                pages[p] = pool + (size_t)ids[((size_t)b * s.n_kv + h) * max_pages + p] * page_elems;
+                pages[p] = pool + (size_t)row[p] * page_elems;
             krn_page_list_t list = {.pages = pages, .n_pages = max_pages,
                                     .page_tokens = s.page_tokens, .n_tokens = lens[b]};
             krn_paged_attention_f16(ref + (size_t)b * ldo + (size_t)h * group * s.hd,
@@ -115,7 +116,7 @@ static int run(uint64_t *rng, shape_t s)
 int main(void)
 {
     tcu_require_gpu();
-    uint64_t rng = 0xdec0deull;
+    uint64_t rng = tcu_seed();
     static const shape_t shapes[] = {
         {1, 1, 1, 32, 16, 1, 0},     {3, 9, 3, 64, 16, 300, 1},  {4, 32, 8, 128, 16, 1000, 0},
         {2, 32, 1, 64, 7, 157, 3},   {5, 4, 4, 80, 5, 33, 0},    {1, 8, 2, 256, 16, 700, 0},

@@ -40,7 +40,7 @@ static int run(uint64_t *rng, int rows, int dim, int pad, float scale)
 int main(void)
 {
     tcu_require_gpu();
-    uint64_t rng = 0x1234567ull;
+    uint64_t rng = tcu_seed();
     int bad = 0;
     bad += run(&rng, 1, 1, 0, 1);
     bad += run(&rng, 7, 33, 3, 10);

@@ -42,6 +42,17 @@ static inline void tcu_require_gpu(void)
     }
 }
 
+/* The inputs' seed: fresh each run (from the clock) unless FERRY_TEST_SEED pins it; printed
+ * so a failure can be replayed. */
+static inline uint64_t tcu_seed(void)
+{
+    const char *e = getenv("FERRY_TEST_SEED");
+    uint64_t s = e != NULL && e[0] != '\0' ? strtoull(e, NULL, 0) : fy_clock_ns();
+    s = s != 0 ? s : 1; // xorshift needs a nonzero state
+    printf("seed %llu (FERRY_TEST_SEED to replay)\n", (unsigned long long)s);
+    return s;
+}
+
 static inline uint64_t tcu_next(uint64_t *s)
 {
     *s ^= *s << 13;

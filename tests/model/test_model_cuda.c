@@ -405,7 +405,7 @@ static int compare_model(const char *name, const char *path, const int32_t *cons
                (unsigned long long)mdl_model_fingerprint(gm));
         bad++;
     }
-    run_t rc, rg;
+    run_t rc = {0}, rg = {0};
     int L = mdl_model_config(cm)->n_layers;
     if (generate(cm, MDL_DEVICE_CPU, prompts, lens, n_prompts, steps, &rc) != 0 ||
         generate(gm, MDL_DEVICE_CUDA, prompts, lens, n_prompts, steps, &rg) != 0)

@@ -59,7 +59,8 @@ typedef enum {
 } kvlink_nccl_role_t;
 
 /* Makes a new communicator id (ncclGetUniqueId) into id[KVLINK_NCCL_ID_BYTES], to be carried
- * to the other side. FY_ERR_UNSUPPORTED in builds without NCCL. Thread: any. */
+ * to the other side. Exists only in builds with NCCL (kvlink_nccl_dep), like
+ * kvlink_nccl_create. Thread: any. */
 fy_status_t kvlink_nccl_id_create(uint8_t *id);
 
 /* ------------------------------------------------------------------------------------------ */
@@ -112,8 +113,9 @@ void kvlink_nccl_params_default(kvlink_nccl_params_t *params);
 /* Creates this end of a pair from the communicator id (id_len must be
  * KVLINK_NCCL_ID_BYTES): a stream, the receive pool and a non-blocking NCCL communicator on
  * params->device. The communicator and the handshake complete in kvlink_nccl_progress
- * (on_peer says how). FY_ERR_NO_DEVICE without a usable device, FY_ERR_UNSUPPORTED in builds
- * without NCCL. params and id are copied. Thread: the owner thread. */
+ * (on_peer says how). FY_ERR_NO_DEVICE without a usable device. All device memory of the pair
+ * is stream-ordered on its stream, so no call of the link ever waits for the device. params
+ * and id are copied. Thread: the owner thread. */
 fy_status_t kvlink_nccl_create(const uint8_t *id, size_t id_len, const kvlink_nccl_params_t *params,
                                kvlink_nccl_t **pair_p);
 

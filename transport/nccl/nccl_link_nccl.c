@@ -2,14 +2,22 @@
  * nccl_link_nccl.c: the NCCL backend of the NCCL link. Each end owns a non-blocking
  * communicator of two ranks (ncclCommInitRankConfig with blocking = 0, so that neither the
  * set-up nor a round ever blocks the owner thread, and one thread can drive both ends of a
- * pair), a non-blocking stream, device and pinned host copies of the control blocks, and an
- * event that marks the end of each round.
+ * pair), a non-blocking stream, device copies of the control blocks, and an event that
+ * marks the end of each round.
  *
  * A round on the stream: control block host -> device, then one NCCL group with the frame
  * sends (or receives) in announcement order, the control block send and the peer's control
- * block receive, then the peer's block device -> host and the event. With a non-blocking
- * communicator ncclGroupEnd may return ncclInProgress before the kernels are enqueued; the
- * copy back and the event are enqueued only once ncclCommGetAsyncError says ncclSuccess.
+ * block receive, then the event. With a non-blocking communicator ncclGroupEnd may return
+ * ncclInProgress before the kernels are enqueued; the event is recorded only once
+ * ncclCommGetAsyncError says ncclSuccess. The peer's block comes back to the host after the
+ * event, when the stream is idle.
+ *
+ * Nothing here may wait on the device: a round can hang on a dead peer until the peer timeout
+ * aborts it, and one thread may own several pairs (or both ends of one), so a call that
+ * synchronized the device (cudaMalloc, cudaFree, cudaFreeHost) could wait forever. All device
+ * memory is therefore stream-ordered on the pair's stream (cudaMallocAsync / cudaFreeAsync),
+ * host copies of the control blocks are plain memory copied while the stream is idle, and
+ * teardown only enqueues.
  */
 #include "nccl_link_int.h"
 
@@ -38,8 +46,8 @@ typedef struct {
     bool comm_live; /* not yet aborted */
     cudaStream_t stream;
     cudaEvent_t done;
-    uint8_t *d_out, *d_in; /* [KVLINK_NCCL_CTL_BYTES] device */
-    uint8_t *h_out, *h_in; /* [KVLINK_NCCL_CTL_BYTES] pinned host */
+    uint8_t *d_out, *d_in;                /* [KVLINK_NCCL_CTL_BYTES] device, stream-ordered */
+    uint8_t h_out[KVLINK_NCCL_CTL_BYTES]; /* host staging of the outgoing block */
     be_state_t state;
 } nccl_be_t;
 
@@ -107,7 +115,8 @@ static fy_status_t be_post_round(void *arg, const kvlink_nccl_xfer_t *xfers, siz
     fy_status_t st = from_cuda(cudaSetDevice(be->device), "cudaSetDevice");
     if (st != FY_OK)
         return st;
-    // The previous round's event completed, so h_out is no longer read by a copy.
+    // The stream is idle (the previous round's event completed): a copy from pageable memory
+    // is staged at once.
     memcpy(be->h_out, ctl_out, KVLINK_NCCL_CTL_BYTES);
     st = from_cuda(cudaMemcpyAsync(be->d_out, be->h_out, KVLINK_NCCL_CTL_BYTES,
                                    cudaMemcpyHostToDevice, be->stream),
@@ -137,14 +146,10 @@ static fy_status_t be_post_round(void *arg, const kvlink_nccl_xfer_t *xfers, siz
     return FY_OK;
 }
 
-/* The group is enqueued: add the copy back and the event. */
+/* The group is enqueued: mark its end. */
 static fy_status_t be_enqueue_tail(nccl_be_t *be)
 {
-    fy_status_t st = from_cuda(cudaMemcpyAsync(be->h_in, be->d_in, KVLINK_NCCL_CTL_BYTES,
-                                               cudaMemcpyDeviceToHost, be->stream),
-                               "control block to host");
-    if (st == FY_OK)
-        st = from_cuda(cudaEventRecord(be->done, be->stream), "cudaEventRecord");
+    fy_status_t st = from_cuda(cudaEventRecord(be->done, be->stream), "cudaEventRecord");
     if (st == FY_OK)
         be->state = BE_RUNNING;
     return st;
@@ -176,7 +181,14 @@ static fy_status_t be_test_round(void *arg, uint8_t *ctl_in)
         return FY_ERR_AGAIN;
     if (e != cudaSuccess)
         return from_cuda(e, "round");
-    memcpy(ctl_in, be->h_in, KVLINK_NCCL_CTL_BYTES);
+    // The stream is idle now, so this copy to pageable memory returns at once.
+    st = from_cuda(cudaMemcpyAsync(ctl_in, be->d_in, KVLINK_NCCL_CTL_BYTES, cudaMemcpyDeviceToHost,
+                                   be->stream),
+                   "control block to host");
+    if (st == FY_OK)
+        st = from_cuda(cudaStreamSynchronize(be->stream), "cudaStreamSynchronize");
+    if (st != FY_OK)
+        return st;
     be->state = BE_IDLE;
     return FY_OK;
 }
@@ -188,7 +200,7 @@ static fy_status_t be_mem_alloc(void *arg, size_t bytes, void **ptr_p)
     if (st != FY_OK)
         return st;
     void *p = NULL;
-    st = from_cuda(cudaMalloc(&p, bytes), "cudaMalloc");
+    st = from_cuda(cudaMallocAsync(&p, bytes, be->stream), "cudaMallocAsync");
     if (st != FY_OK)
         return st;
     *ptr_p = p;
@@ -201,7 +213,8 @@ static void be_mem_free(void *arg, void *ptr)
     if (ptr == NULL)
         return;
     (void)cudaSetDevice(be->device);
-    (void)cudaFree(ptr);
+    // After whatever the stream still holds that uses it (a round, or aborted kernels).
+    (void)cudaFreeAsync(ptr, be->stream);
 }
 
 static void be_abort(void *arg)
@@ -224,16 +237,19 @@ static void be_destroy(void *arg)
     nccl_be_t *be = arg;
     if (be == NULL)
         return;
-    be_abort(be); // the aborted kernels leave the stream, so nothing below waits on the peer
+    be_abort(be); // the aborted kernels leave the stream
     (void)cudaSetDevice(be->device);
+    // Only enqueued: the frees run, and the stream's resources go, once the stream drains.
+    if (be->stream != NULL) {
+        if (be->d_out != NULL)
+            (void)cudaFreeAsync(be->d_out, be->stream);
+        if (be->d_in != NULL)
+            (void)cudaFreeAsync(be->d_in, be->stream);
+    }
     if (be->done != NULL)
         (void)cudaEventDestroy(be->done);
     if (be->stream != NULL)
         (void)cudaStreamDestroy(be->stream);
-    (void)cudaFree(be->d_out);
-    (void)cudaFree(be->d_in);
-    (void)cudaFreeHost(be->h_out);
-    (void)cudaFreeHost(be->h_in);
     free(be);
 }
 
@@ -273,17 +289,9 @@ fy_status_t kvlink_nccl_create(const uint8_t *id, size_t id_len, const kvlink_nc
         st = from_cuda(cudaEventCreateWithFlags(&be->done, cudaEventDisableTiming),
                        "cudaEventCreate");
     if (st == FY_OK)
-        st = from_cuda(cudaMalloc((void **)&be->d_out, KVLINK_NCCL_CTL_BYTES), "cudaMalloc");
+        st = be_mem_alloc(be, KVLINK_NCCL_CTL_BYTES, (void **)&be->d_out);
     if (st == FY_OK)
-        st = from_cuda(cudaMalloc((void **)&be->d_in, KVLINK_NCCL_CTL_BYTES), "cudaMalloc");
-    if (st == FY_OK)
-        st = from_cuda(
-            cudaHostAlloc((void **)&be->h_out, KVLINK_NCCL_CTL_BYTES, cudaHostAllocDefault),
-            "cudaHostAlloc");
-    if (st == FY_OK)
-        st = from_cuda(
-            cudaHostAlloc((void **)&be->h_in, KVLINK_NCCL_CTL_BYTES, cudaHostAllocDefault),
-            "cudaHostAlloc");
+        st = be_mem_alloc(be, KVLINK_NCCL_CTL_BYTES, (void **)&be->d_in);
     if (st == FY_OK) {
         ncclUniqueId uid;
         memcpy(uid.internal, id, KVLINK_NCCL_ID_BYTES);

@@ -37,27 +37,37 @@ static fy_status_t nccl_make_pair(const kvlink_nccl_params_t *ps, const kvlink_n
     return st;
 }
 
+/* One helper stream per GPU. Both ends run on this thread, so the harness must never wait on
+ * a whole device (cudaMalloc, cudaFree, cudaMemcpy can): a round of one end in flight waits
+ * for the other end's next call. Frames are stream-ordered allocations on the helper stream,
+ * which only ever waits for its own copies. */
+static cudaStream_t g_helper[2];
+
 /* Sender frames live on GPU 0. */
 static void *dev_frame_alloc(const uint8_t *host, size_t len)
 {
     void *p = NULL;
     check_cuda(cudaSetDevice(0), "cudaSetDevice");
-    check_cuda(cudaMalloc(&p, len), "cudaMalloc");
-    check_cuda(cudaMemcpy(p, host, len, cudaMemcpyHostToDevice), "cudaMemcpy");
+    check_cuda(cudaMallocAsync(&p, len, g_helper[0]), "cudaMallocAsync");
+    check_cuda(cudaMemcpyAsync(p, host, len, cudaMemcpyHostToDevice, g_helper[0]),
+               "cudaMemcpyAsync");
+    check_cuda(cudaStreamSynchronize(g_helper[0]), "cudaStreamSynchronize");
     return p;
 }
 
 static void dev_frame_free(void *p)
 {
     check_cuda(cudaSetDevice(0), "cudaSetDevice");
-    check_cuda(cudaFree(p), "cudaFree");
+    check_cuda(cudaFreeAsync(p, g_helper[0]), "cudaFreeAsync");
 }
 
 /* Received frames live on GPU 1. */
 static void dev_read_back(void *host, const void *data, size_t len)
 {
     check_cuda(cudaSetDevice(1), "cudaSetDevice");
-    check_cuda(cudaMemcpy(host, data, len, cudaMemcpyDeviceToHost), "cudaMemcpy");
+    check_cuda(cudaMemcpyAsync(host, data, len, cudaMemcpyDeviceToHost, g_helper[1]),
+               "cudaMemcpyAsync");
+    check_cuda(cudaStreamSynchronize(g_helper[1]), "cudaStreamSynchronize");
 }
 
 static void test_bad_args(void **state)
@@ -80,6 +90,18 @@ int main(void)
     if (cudaGetDeviceCount(&n) != cudaSuccess || n < 2) {
         printf("SKIP: the NCCL link test needs two GPUs (found %d)\n", n);
         return 77;
+    }
+    // Both ranks share this process, where NCCL would otherwise read and write user buffers
+    // of the other GPU directly (P2P direct); the link's buffers are stream-ordered
+    // allocations that other GPUs may not map, and between two processes, as deployed, NCCL
+    // never touches them from the peer. Make this process behave like two.
+    setenv("NCCL_P2P_DIRECT_DISABLE", "1", 0);
+    for (int d = 0; d < 2; d++) {
+        if (cudaSetDevice(d) != cudaSuccess ||
+            cudaStreamCreateWithFlags(&g_helper[d], cudaStreamNonBlocking) != cudaSuccess) {
+            fprintf(stderr, "cannot set up GPU %d\n", d);
+            return 1;
+        }
     }
     g_h = (harness_t){.make_pair = nccl_make_pair,
                       .frame_alloc = dev_frame_alloc,

@@ -1,0 +1,725 @@
+// The serving path end to end with the real model (missing model = failure): ferry-router,
+// ferry-prefill and ferry-decode as child processes on free ports, UCX over loopback, clients
+// through the SDK.
+// - greedy through router -> prefill -> UCX -> decode with the fp16 policy gives exactly the
+//   tokens of a local greedy run (raw prompts, a chat prompt, prompt token ids);
+// - the ferry policy at b = 0.25 completes with wire bytes ~ b x raw;
+// - Complete, Tokenize, ListModels; stop strings; concurrent streams, after which the decode
+//   pool has all its pages back; client cancel and deadlines get their status;
+// - killing the decode worker mid-request gives the client an error, not a hang, and the
+//   router stays up; SIGTERM drains every daemon with a request in flight.
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <poll.h>
+
+#include "daemon_util.h"
+#include "ferry_client.h"
+#include "model.h"
+
+static struct {
+    const char *model_path;
+    mdl_model_t *model;
+    const mdl_config_t *cfg;
+    mdl_ctx_t *ctx;
+    du_proc_t router, prefill, decode;
+    int decode_port, decode_kv_port;
+    char router_addr[32];
+    ferry_client_t *client;
+    int32_t stops[2];
+    int n_stops;
+} G;
+
+/* ---- local reference -------------------------------------------------------------------- */
+
+static int32_t *tokenize_local(const char *text, bool chat, size_t *n_p)
+{
+    const mdl_tokenizer_t *tok = mdl_model_tokenizer(G.model);
+    char *rendered = NULL;
+    if (chat) {
+        mdl_chat_msg_t m = {"user", text};
+        assert_int_equal(mdl_chat_render(tok, &m, 1, true, &rendered), FY_OK);
+        text = rendered;
+    }
+    size_t n = 0, len = strlen(text);
+    mdl_tokenizer_encode(tok, text, len, chat, NULL, 0, &n);
+    size_t off = mdl_tokenizer_add_bos(tok) ? 1 : 0;
+    int32_t *ids = malloc((n + 1) * sizeof(int32_t));
+    assert_int_equal(mdl_tokenizer_encode(tok, text, len, chat, ids + off, n, &n), FY_OK);
+    if (off)
+        ids[0] = mdl_tokenizer_bos(tok);
+    free(rendered);
+    *n_p = n + off;
+    return ids;
+}
+
+static bool is_stop(int32_t id)
+{
+    for (int i = 0; i < G.n_stops; i++)
+        if (G.stops[i] == id)
+            return true;
+    return false;
+}
+
+/* Greedy continuation of ids[n] as `ferry generate --local --temperature 0` produces it: up to
+ * max_tokens sampled, the stop token ending it (and not part of the output). */
+static size_t local_greedy(const int32_t *ids, size_t n, int max_tokens, int32_t *out)
+{
+    mdl_kv_params_t kp;
+    mdl_kv_params_default(&kp, G.model);
+    kp.n_pages = mdl_kv_pages_for(&kp, (int64_t)n + max_tokens + 1);
+    mdl_kv_t *kv = NULL;
+    mdl_kv_seq_t *seq = NULL;
+    assert_int_equal(mdl_kv_create(&kp, &kv), FY_OK);
+    assert_int_equal(mdl_kv_seq_create(kv, &seq), FY_OK);
+    float *logits = malloc((size_t)G.cfg->n_vocab * sizeof(float));
+    mdl_prefill_params_t pp;
+    mdl_prefill_params_default(&pp);
+    pp.seq = seq;
+    assert_int_equal(mdl_prefill(G.ctx, ids, (int)n, &pp, logits), FY_OK);
+    size_t n_out = 0;
+    for (int i = 0; i < max_tokens; i++) {
+        int32_t best = 0;
+        for (int v = 1; v < G.cfg->n_vocab; v++)
+            best = logits[v] > logits[best] ? v : best;
+        if (is_stop(best))
+            break;
+        out[n_out++] = best;
+        if (i + 1 == max_tokens)
+            break;
+        assert_int_equal(mdl_decode(G.ctx, &seq, &best, 1, logits), FY_OK);
+    }
+    free(logits);
+    mdl_kv_seq_destroy(seq);
+    mdl_kv_destroy(kv);
+    return n_out;
+}
+
+/* ---- cluster ------------------------------------------------------------------------------ */
+
+static bool router_serving(uint32_t timeout_ms)
+{
+    uint64_t end = fy_clock_ns() + (uint64_t)timeout_ms * 1000000u;
+    while (fy_clock_ns() < end) {
+        Ferry__V1__HealthResponse *h = NULL;
+        ferry_error_t err;
+        if (ferry_health(G.client, NULL, &h, &err) == 0) {
+            bool ok = h->status == FERRY__V1__HEALTH_RESPONSE__SERVING_STATUS__SERVING;
+            ferry_message_free(h);
+            if (ok)
+                return true;
+        }
+        fy_sleep_ns(100 * 1000000ull);
+    }
+    return false;
+}
+
+static fy_status_t start_decode(void)
+{
+    char listen[32], kv[32], router[32];
+    G.decode_port = du_free_port();
+    G.decode_kv_port = du_free_port();
+    snprintf(listen, sizeof(listen), "127.0.0.1:%d", G.decode_port);
+    snprintf(kv, sizeof(kv), "127.0.0.1:%d", G.decode_kv_port);
+    snprintf(router, sizeof(router), "%s", G.router_addr);
+    const char *args[] = {"--model", G.model_path, "--listen", listen, "--kv-listen", kv,
+                          "--router", router, "--threads", "1", "--kv-memory", "256M",
+                          "--page-bytes", "8K",
+                          "--log-level", "warn", NULL};
+    fy_status_t st = du_start_ex(&G.decode, "decode", "decode/ferry-decode", args, false, 0);
+    G.decode.port = G.decode_port;
+    return st;
+}
+
+static int group_setup(void **state)
+{
+    G.model_path = du_model_path();
+    if (G.model_path == NULL)
+        return -1;
+    mdl_model_params_t mp;
+    mdl_model_params_default(&mp);
+    mp.path = G.model_path;
+    char err[MDL_ERR_LEN];
+    if (mdl_model_create(&mp, &G.model, err, sizeof(err)) != FY_OK)
+        return -1;
+    G.cfg = mdl_model_config(G.model);
+    mdl_ctx_params_t cp;
+    mdl_ctx_params_default(&cp);
+    cp.n_threads = 1;
+    cp.max_batch = 1;
+    if (mdl_ctx_create(G.model, &cp, &G.ctx) != FY_OK)
+        return -1;
+    const mdl_tokenizer_t *tok = mdl_model_tokenizer(G.model);
+    G.stops[G.n_stops++] = mdl_tokenizer_eos(tok);
+    int32_t im_end = mdl_tokenizer_find(tok, "<|im_end|>");
+    if (im_end >= 0 && im_end != G.stops[0])
+        G.stops[G.n_stops++] = im_end;
+
+    const char *rargs[] = {"--model", G.model_path, "--lease", "500ms", "--log-level", "warn",
+                           NULL};
+    if (du_start(&G.router, "router", "router/ferry-router", rargs, 60000) != FY_OK) {
+        du_dump_log(&G.router);
+        return -1;
+    }
+    snprintf(G.router_addr, sizeof(G.router_addr), "127.0.0.1:%d", G.router.port);
+    if (start_decode() != FY_OK)
+        return -1;
+    const char *pargs[] = {"--model", G.model_path, "--router", G.router_addr, "--threads", "1",
+                           "--log-level", "warn", NULL};
+    if (du_start(&G.prefill, "prefill", "prefill/ferry-prefill", pargs, 120000) != FY_OK) {
+        du_dump_log(&G.prefill);
+        return -1;
+    }
+    ferry_client_params_t p;
+    ferry_client_params_default(&p);
+    p.addresses = G.router_addr;
+    p.timeout_ms = 120000;
+    if (ferry_client_create(&p, &G.client) != 0)
+        return -1;
+    if (!router_serving(180000)) {
+        fprintf(stderr, "the router never had a prefill and a decode worker\n");
+        du_dump_log(&G.router);
+        du_dump_log(&G.decode);
+        du_dump_log(&G.prefill);
+        return -1;
+    }
+    return 0;
+}
+
+static int group_teardown(void **state)
+{
+    ferry_client_destroy(G.client);
+    du_kill(&G.router);
+    du_kill(&G.prefill);
+    du_kill(&G.decode);
+    mdl_ctx_destroy(G.ctx);
+    mdl_model_destroy(G.model);
+    return 0;
+}
+
+/* ---- generation through the router -------------------------------------------------------- */
+
+typedef struct {
+    uint32_t ids[1024];
+    size_t n_ids;
+    char text[16384];
+    size_t text_len;
+    unsigned n_msgs;
+    Ferry__V1__FinishReason finish;
+    Ferry__V1__RequestStats stats;
+    bool have_stats;
+    unsigned cancel_after; // return non-zero from the callback after this many messages
+    void (*on_first)(void);
+} gen_t;
+
+static int on_chunk(void *arg, const Ferry__V1__GenerateResponse *m)
+{
+    gen_t *g = arg;
+    g->n_msgs++;
+    for (size_t i = 0; i < m->n_token_ids && g->n_ids < 1024; i++)
+        g->ids[g->n_ids++] = m->token_ids[i];
+    size_t l = strlen(m->text);
+    if (g->text_len + l < sizeof(g->text)) {
+        memcpy(g->text + g->text_len, m->text, l + 1);
+        g->text_len += l;
+    }
+    if (m->finish_reason != FERRY__V1__FINISH_REASON__FINISH_REASON_UNSPECIFIED)
+        g->finish = m->finish_reason;
+    if (m->stats != NULL) {
+        g->stats = *m->stats;
+        g->stats.prefill_worker = g->stats.decode_worker = g->stats.policy = NULL;
+        g->have_stats = true;
+    }
+    if (g->n_msgs == 1 && g->on_first)
+        g->on_first();
+    return g->cancel_after && g->n_msgs >= g->cancel_after;
+}
+
+typedef struct {
+    const char *prompt;
+    bool chat;
+    const uint32_t *ids;
+    size_t n_ids;
+    const char *policy;
+    float budget;
+    uint32_t max_tokens;
+    const char *stop;
+} gen_req_t;
+
+static int generate(ferry_client_t *client, const gen_req_t *q, gen_t *g, ferry_error_t *err)
+{
+    Ferry__V1__GenerateRequest req = FERRY__V1__GENERATE_REQUEST__INIT;
+    Ferry__V1__SamplingParams s = FERRY__V1__SAMPLING_PARAMS__INIT;
+    Ferry__V1__CodecParams codec = FERRY__V1__CODEC_PARAMS__INIT;
+    Ferry__V1__ChatMessages chat = FERRY__V1__CHAT_MESSAGES__INIT;
+    Ferry__V1__ChatMessage user = FERRY__V1__CHAT_MESSAGE__INIT;
+    Ferry__V1__ChatMessage *msgs[1] = {&user};
+    Ferry__V1__TokenIds tids = FERRY__V1__TOKEN_IDS__INIT;
+    char *stops[1] = {(char *)q->stop};
+    if (q->ids != NULL) {
+        tids.ids = (uint32_t *)q->ids;
+        tids.n_ids = q->n_ids;
+        req.input_case = FERRY__V1__GENERATE_REQUEST__INPUT_PROMPT_TOKEN_IDS;
+        req.prompt_token_ids = &tids;
+    } else if (q->chat) {
+        user.role = "user";
+        user.content = (char *)q->prompt;
+        chat.messages = msgs;
+        chat.n_messages = 1;
+        req.input_case = FERRY__V1__GENERATE_REQUEST__INPUT_CHAT;
+        req.chat = &chat;
+    } else {
+        req.input_case = FERRY__V1__GENERATE_REQUEST__INPUT_PROMPT;
+        req.prompt = (char *)q->prompt;
+    }
+    s.temperature = 0;
+    s.max_tokens = q->max_tokens;
+    if (q->stop != NULL) {
+        s.stop = stops;
+        s.n_stop = 1;
+    }
+    req.sampling = &s;
+    codec.policy = (char *)(q->policy ? q->policy : "");
+    codec.budget = q->budget;
+    req.codec = &codec;
+    req.return_token_ids = true;
+    return ferry_generate(client, &req, on_chunk, g, err);
+}
+
+static void expect_local(const gen_req_t *q, const int32_t *prompt, size_t n_prompt)
+{
+    int32_t want[256];
+    size_t n_want = local_greedy(prompt, n_prompt, (int)q->max_tokens, want);
+    gen_t *g = calloc(1, sizeof(*g));
+    ferry_error_t err;
+    int code = generate(G.client, q, g, &err);
+    if (code != 0)
+        fprintf(stderr, "Generate: %s %s\n", ferry_code_name(code), err.message);
+    assert_int_equal(code, 0);
+    fprintf(stderr, "fp16 through the router: %zu tokens, local: %zu; \"%s\"\n", g->n_ids, n_want,
+            g->text);
+    assert_int_equal(g->n_ids, n_want);
+    for (size_t i = 0; i < n_want; i++)
+        assert_int_equal(g->ids[i], (uint32_t)want[i]);
+    // The text is the detokenized ids.
+    mdl_detok_t d;
+    mdl_detok_init(&d, mdl_model_tokenizer(G.model), true);
+    char text[16384] = "";
+    size_t tl = 0;
+    for (size_t i = 0; i < n_want; i++)
+        tl += (size_t)mdl_detok_push(&d, want[i], text + tl, sizeof(text) - tl);
+    tl += (size_t)mdl_detok_flush(&d, text + tl, sizeof(text) - tl);
+    assert_string_equal(g->text, text);
+    assert_true(g->have_stats);
+    assert_int_equal(g->stats.prompt_tokens, n_prompt);
+    assert_true(g->stats.ttft_ms > 0);
+    assert_true(g->stats.kv_wire_bytes > g->stats.kv_raw_bytes); // FP16 plus headers
+    assert_int_equal(g->finish, n_want < q->max_tokens
+                                    ? FERRY__V1__FINISH_REASON__FINISH_REASON_STOP
+                                    : FERRY__V1__FINISH_REASON__FINISH_REASON_LENGTH);
+    free(g);
+}
+
+static void test_fp16_greedy_matches_local(void **state)
+{
+    static const char *const prompts[] = {"The capital of France is",
+                                          "Here is a short poem about the sea:\n",
+                                          "def fibonacci(n):"};
+    for (size_t i = 0; i < FY_ARRAY_SIZE(prompts); i++) {
+        size_t n;
+        int32_t *ids = tokenize_local(prompts[i], false, &n);
+        gen_req_t q = {.prompt = prompts[i], .policy = "fp16", .max_tokens = 24};
+        expect_local(&q, ids, n);
+        free(ids);
+    }
+    // A chat prompt (template rendered by the router) and pre-tokenized input.
+    size_t n;
+    int32_t *ids = tokenize_local("What is the capital of France?", true, &n);
+    gen_req_t q = {.prompt = "What is the capital of France?", .chat = true, .policy = "fp16",
+                   .max_tokens = 40};
+    expect_local(&q, ids, n);
+    uint32_t *u = malloc(n * sizeof(uint32_t));
+    for (size_t i = 0; i < n; i++)
+        u[i] = (uint32_t)ids[i];
+    gen_req_t q2 = {.ids = u, .n_ids = n, .policy = "fp16", .max_tokens = 16};
+    expect_local(&q2, ids, n);
+    free(u);
+    free(ids);
+}
+
+static void test_ferry_budget(void **state)
+{
+    char prompt[4096] = "Summarize the following notes.\n";
+    static const char *const lines[] = {
+        "The river rose two meters after the storm and the bridge was closed for a day. ",
+        "Farmers moved their animals to higher fields and the school opened late. ",
+        "By the evening the water went down and the roads were cleared by volunteers. "};
+    for (int i = 0; i < 6; i++)
+        strcat(prompt, lines[i % 3]);
+    gen_t *g = calloc(1, sizeof(*g));
+    ferry_error_t err;
+    gen_req_t q = {.prompt = prompt, .policy = "ferry", .budget = 0.25f, .max_tokens = 16};
+    int code = generate(G.client, &q, g, &err);
+    assert_int_equal(code, 0);
+    assert_true(g->have_stats);
+    double ratio = (double)g->stats.kv_wire_bytes / (double)g->stats.kv_raw_bytes;
+    fprintf(stderr, "ferry b=0.25: %u prompt tokens, KV %llu -> %llu bytes (%.4f), ttft %.1f ms\n",
+            g->stats.prompt_tokens, (unsigned long long)g->stats.kv_raw_bytes,
+            (unsigned long long)g->stats.kv_wire_bytes, ratio, g->stats.ttft_ms);
+    assert_true(g->stats.prompt_tokens > 80);
+    assert_true(ratio <= 0.25 * 1.01 && ratio >= 0.25 * 0.8);
+    assert_true(g->n_ids >= 1);
+    assert_true(g->stats.completion_tokens >= 1);
+    assert_true(fabs(g->stats.budget - 0.25) < 1e-6);
+    free(g);
+}
+
+static void test_complete_tokenize_models(void **state)
+{
+    Ferry__V1__GenerateRequest req = FERRY__V1__GENERATE_REQUEST__INIT;
+    Ferry__V1__SamplingParams s = FERRY__V1__SAMPLING_PARAMS__INIT;
+    Ferry__V1__CodecParams codec = FERRY__V1__CODEC_PARAMS__INIT;
+    req.input_case = FERRY__V1__GENERATE_REQUEST__INPUT_PROMPT;
+    req.prompt = "The capital of France is";
+    s.max_tokens = 8;
+    req.sampling = &s;
+    codec.policy = "fp16";
+    req.codec = &codec;
+    req.request_id = "mine-1";
+    Ferry__V1__CompleteResponse *c = NULL;
+    ferry_error_t err;
+    assert_int_equal(ferry_complete(G.client, &req, &c, &err), 0);
+    size_t n;
+    int32_t *ids = tokenize_local(req.prompt, false, &n);
+    int32_t want[16];
+    size_t n_want = local_greedy(ids, n, 8, want);
+    mdl_detok_t d;
+    mdl_detok_init(&d, mdl_model_tokenizer(G.model), true);
+    char text[1024];
+    size_t tl = 0;
+    for (size_t i = 0; i < n_want; i++)
+        tl += (size_t)mdl_detok_push(&d, want[i], text + tl, sizeof(text) - tl);
+    assert_string_equal(c->text, text);
+    assert_string_equal(c->request_id, "mine-1");
+    assert_non_null(c->stats);
+    assert_int_equal(c->stats->completion_tokens, 8);
+    ferry_message_free(c);
+
+    Ferry__V1__TokenizeRequest tr = FERRY__V1__TOKENIZE_REQUEST__INIT;
+    tr.text = "The capital of France is";
+    tr.add_special = false;
+    Ferry__V1__TokenizeResponse *t = NULL;
+    assert_int_equal(ferry_tokenize(G.client, &tr, &t, &err), 0);
+    size_t off = mdl_tokenizer_add_bos(mdl_model_tokenizer(G.model)) ? 1 : 0;
+    assert_int_equal(t->n_ids, n - off);
+    for (size_t i = 0; i < t->n_ids; i++)
+        assert_int_equal(t->ids[i], (uint32_t)ids[i + off]);
+    assert_int_equal(t->n_pieces, t->n_ids);
+    ferry_message_free(t);
+    free(ids);
+
+    Ferry__V1__ListModelsResponse *lm = NULL;
+    assert_int_equal(ferry_list_models(G.client, &lm, &err), 0);
+    assert_int_equal(lm->n_models, 1);
+    assert_int_equal(lm->models[0]->n_layers, G.cfg->n_layers);
+    assert_int_equal(lm->models[0]->n_kv_heads, G.cfg->n_kv_heads);
+    assert_true(lm->models[0]->fingerprint == mdl_model_fingerprint(G.model));
+    ferry_message_free(lm);
+
+    // Bad input: an unknown model, an out-of-range budget.
+    req.model = "no-such-model";
+    assert_int_equal(ferry_complete(G.client, &req, &c, &err), RPC_CODE_NOT_FOUND);
+    req.model = "";
+    codec.budget = 3;
+    assert_int_equal(ferry_complete(G.client, &req, &c, &err), RPC_CODE_INVALID_ARGUMENT);
+}
+
+static void test_stop_string(void **state)
+{
+    size_t n;
+    int32_t *ids = tokenize_local("The capital of France is", false, &n);
+    int32_t want[32];
+    size_t n_want = local_greedy(ids, n, 24, want);
+    free(ids);
+    mdl_detok_t d;
+    mdl_detok_init(&d, mdl_model_tokenizer(G.model), true);
+    char text[4096];
+    size_t tl = 0;
+    for (size_t i = 0; i < n_want; i++)
+        tl += (size_t)mdl_detok_push(&d, want[i], text + tl, sizeof(text) - tl);
+    // Stop at the second word of the continuation, wherever its tokens fall.
+    assert_true(tl > 8);
+    const char *stop = "answer";
+    char *at = strstr(text, stop);
+    if (at == NULL) {
+        stop = text + tl / 2;
+        at = text + tl / 2;
+    }
+    char stop_copy[64];
+    snprintf(stop_copy, sizeof(stop_copy), "%.5s", stop);
+    at = strstr(text, stop_copy);
+    gen_t *g = calloc(1, sizeof(*g));
+    gen_req_t q = {.prompt = "The capital of France is", .policy = "fp16", .max_tokens = 24,
+                   .stop = stop_copy};
+    ferry_error_t err;
+    assert_int_equal(generate(G.client, &q, g, &err), 0);
+    assert_int_equal(g->finish, FERRY__V1__FINISH_REASON__FINISH_REASON_STOP);
+    assert_int_equal(g->text_len, (size_t)(at - text));
+    assert_memory_equal(g->text, text, g->text_len);
+    free(g);
+}
+
+/* ---- many streams, cancel, deadline ------------------------------------------------------- */
+
+static double decode_metric(const char *name)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)G.decode.port)};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (connect(fd, (struct sockaddr *)&a, sizeof(a)) != 0) {
+        close(fd);
+        return -1;
+    }
+    static const char req[] = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+    assert_int_equal(write(fd, req, sizeof(req) - 1), (ssize_t)(sizeof(req) - 1));
+    size_t cap = 1 << 20, got = 0;
+    char *buf = malloc(cap);
+    for (;;) {
+        ssize_t m = read(fd, buf + got, cap - 1 - got);
+        if (m <= 0)
+            break;
+        got += (size_t)m;
+    }
+    close(fd);
+    buf[got] = '\0';
+    double v = -1;
+    char key[128];
+    snprintf(key, sizeof(key), "\n%s ", name);
+    char *p = strstr(buf, key);
+    if (p != NULL)
+        v = strtod(p + strlen(key), NULL);
+    free(buf);
+    return v;
+}
+
+typedef struct {
+    int code;
+    bool done;
+    unsigned n_msgs;
+    uint32_t n_ids;
+} async_t;
+
+static void async_msg(ferry_call_t *call, const ProtobufCMessage *msg, void *arg)
+{
+    async_t *a = arg;
+    a->n_msgs++;
+    a->n_ids += (uint32_t)((const Ferry__V1__GenerateResponse *)msg)->n_token_ids;
+}
+
+static void async_done(ferry_call_t *call, int code, const char *message, void *arg)
+{
+    async_t *a = arg;
+    a->code = code;
+    a->done = true;
+    if (code != 0)
+        fprintf(stderr, "stream: %s %s\n", ferry_code_name(code), message);
+}
+
+static void test_concurrent_streams(void **state)
+{
+    enum { N = 32 };
+    // Initially (and after everything ends) every page of the pool is free.
+    double free0 = decode_metric("ferry_decode_total_pages");
+    assert_true(free0 > 0);
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    ferry_client_params_t p;
+    ferry_client_params_default(&p);
+    p.addresses = G.router_addr;
+    p.timeout_ms = 300000;
+    ferry_client_t *c = NULL;
+    assert_int_equal(ferry_client_create_on_loop(&loop, &p, &c), 0);
+    static async_t res[N];
+    memset(res, 0, sizeof(res));
+    static const char *const prompts[] = {"One", "Two birds", "The sky is", "Numbers: 1, 2,"};
+    for (int i = 0; i < N; i++) {
+        Ferry__V1__GenerateRequest req = FERRY__V1__GENERATE_REQUEST__INIT;
+        Ferry__V1__SamplingParams s = FERRY__V1__SAMPLING_PARAMS__INIT;
+        req.input_case = FERRY__V1__GENERATE_REQUEST__INPUT_PROMPT;
+        req.prompt = (char *)prompts[i % 4];
+        s.max_tokens = 6;
+        s.ignore_eos = true;
+        req.sampling = &s;
+        req.return_token_ids = true;
+        assert_int_equal(ferry_call_async(c, "/ferry.v1.Ferry/Generate", &req.base,
+                                          &ferry__v1__generate_response__descriptor, NULL,
+                                          async_msg, async_done, &res[i], NULL),
+                         0);
+    }
+    for (;;) {
+        int done = 0;
+        for (int i = 0; i < N; i++)
+            done += res[i].done;
+        if (done == N)
+            break;
+        uv_run(&loop, UV_RUN_ONCE);
+    }
+    ferry_client_destroy(c);
+    du_drain_loop(&loop);
+    uv_loop_close(&loop);
+    for (int i = 0; i < N; i++) {
+        assert_int_equal(res[i].code, 0);
+        assert_int_equal(res[i].n_ids, 6);
+    }
+    // Every page came back.
+    double free1 = -1;
+    for (int i = 0; i < 100 && free1 != free0; i++) {
+        free1 = decode_metric("ferry_decode_free_pages");
+        if (free1 != free0)
+            fy_sleep_ns(50 * 1000000ull);
+    }
+    if (free1 != free0)
+        fprintf(stderr, "decode free pages: %.0f before, %.0f after 32 streams\n", free0, free1);
+    assert_true(free1 == free0);
+}
+
+static void test_cancel_and_deadline(void **state)
+{
+    double free0 = decode_metric("ferry_decode_total_pages");
+    gen_t *g = calloc(1, sizeof(*g));
+    g->cancel_after = 3;
+    gen_req_t q = {.prompt = "Write a long story about a dragon.", .chat = true,
+                   .max_tokens = 200};
+    ferry_error_t err;
+    assert_int_equal(generate(G.client, &q, g, &err), RPC_CODE_CANCELLED);
+    assert_int_equal(g->n_msgs, 3);
+    free(g);
+
+    ferry_client_params_t p;
+    ferry_client_params_default(&p);
+    p.addresses = G.router_addr;
+    p.timeout_ms = 300; // far below 200 tokens' worth
+    ferry_client_t *c = NULL;
+    assert_int_equal(ferry_client_create(&p, &c), 0);
+    g = calloc(1, sizeof(*g));
+    assert_int_equal(generate(c, &q, g, &err), RPC_CODE_DEADLINE_EXCEEDED);
+    free(g);
+    ferry_client_destroy(c);
+    // The decode side let go of both requests' pages.
+    double free1 = -1;
+    for (int i = 0; i < 100 && free1 != free0; i++) {
+        free1 = decode_metric("ferry_decode_free_pages");
+        if (free1 != free0)
+            fy_sleep_ns(50 * 1000000ull);
+    }
+    assert_true(free1 == free0);
+    // And the path still works.
+    g = calloc(1, sizeof(*g));
+    gen_req_t q2 = {.prompt = "Hello", .max_tokens = 4};
+    assert_int_equal(generate(G.client, &q2, g, &err), 0);
+    free(g);
+}
+
+/* ---- failures and shutdown ----------------------------------------------------------------- */
+
+static void kill_decode(void)
+{
+    kill(G.decode.pid, SIGKILL);
+}
+
+static void test_decode_killed(void **state)
+{
+    gen_t *g = calloc(1, sizeof(*g));
+    g->on_first = kill_decode; // once the first token is out, the decode worker dies
+    gen_req_t q = {.prompt = "Write a long story about a dragon.", .chat = true,
+                   .max_tokens = 200};
+    ferry_error_t err;
+    uint64_t t0 = fy_clock_ns();
+    int code = generate(G.client, &q, g, &err);
+    double secs = (fy_clock_ns() - t0) / 1e9;
+    fprintf(stderr, "decode killed mid-stream: %s \"%s\" after %.1f s\n", ferry_code_name(code),
+            err.message, secs);
+    assert_int_equal(code, RPC_CODE_UNAVAILABLE);
+    assert_true(secs < 30);
+    free(g);
+    du_wait(&G.decode, 5000);
+    // Once its lease runs out the router drops it and says so.
+    uint64_t until = fy_clock_ns() + 10000000000ull;
+    bool not_serving = false;
+    while (!not_serving && fy_clock_ns() < until) {
+        Ferry__V1__HealthResponse *h = NULL;
+        if (ferry_health(G.client, NULL, &h, &err) == 0) {
+            not_serving = h->status == FERRY__V1__HEALTH_RESPONSE__SERVING_STATUS__NOT_SERVING;
+            ferry_message_free(h);
+        }
+        fy_sleep_ns(50 * 1000000ull);
+    }
+    assert_true(not_serving);
+    // The router is up: it answers, and says it cannot serve without a decode worker.
+    Ferry__V1__ListModelsResponse *lm = NULL;
+    assert_int_equal(ferry_list_models(G.client, &lm, &err), 0);
+    ferry_message_free(lm);
+    g = calloc(1, sizeof(*g));
+    gen_req_t q2 = {.prompt = "Hello", .max_tokens = 4};
+    code = generate(G.client, &q2, g, &err);
+    assert_int_not_equal(code, 0);
+    assert_int_not_equal(code, RPC_CODE_DEADLINE_EXCEEDED);
+    free(g);
+    // A new decode worker joins and requests flow again.
+    assert_int_equal(start_decode(), FY_OK);
+    assert_true(router_serving(180000));
+    g = calloc(1, sizeof(*g));
+    assert_int_equal(generate(G.client, &q2, g, &err), 0);
+    free(g);
+}
+
+static du_proc_t *g_term_target;
+
+static void term_target(void)
+{
+    kill(g_term_target->pid, SIGTERM);
+}
+
+static void test_sigterm_drains(void **state)
+{
+    // The router gets SIGTERM with a stream in flight: the stream completes, then it exits.
+    g_term_target = &G.router;
+    gen_t *g = calloc(1, sizeof(*g));
+    g->on_first = term_target;
+    gen_req_t q = {.prompt = "Count to twenty: 1, 2, 3,", .max_tokens = 24, .policy = "fp16"};
+    ferry_error_t err;
+    assert_int_equal(generate(G.client, &q, g, &err), 0);
+    assert_int_equal(g->n_ids, 24);
+    free(g);
+    int rc = du_wait(&G.router, 20000);
+    if (rc != 0)
+        du_dump_log(&G.router);
+    assert_int_equal(rc, 0);
+    // The workers drain and exit too.
+    rc = du_stop(&G.prefill, 30000);
+    if (rc != 0)
+        du_dump_log(&G.prefill);
+    assert_int_equal(rc, 0);
+    rc = du_stop(&G.decode, 30000);
+    if (rc != 0)
+        du_dump_log(&G.decode);
+    assert_int_equal(rc, 0);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_fp16_greedy_matches_local),
+        cmocka_unit_test(test_ferry_budget),
+        cmocka_unit_test(test_complete_tokenize_models),
+        cmocka_unit_test(test_stop_string),
+        cmocka_unit_test(test_concurrent_streams),
+        cmocka_unit_test(test_cancel_and_deadline),
+        cmocka_unit_test(test_decode_killed),
+        cmocka_unit_test(test_sigterm_drains),
+    };
+    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+}
