@@ -532,11 +532,12 @@ int bench_quality_main(int argc, char **argv)
         FILE *f = outs[k];
         if (f == NULL)
             continue;
-        fprintf(f, "%sferry-bench quality: %s, decode over %s, %d text(s) x %d-token "
-                   "continuation per context\n\n",
-                k ? "## " : "", o.model,
-                o.decode == QUAL_DECODE_KVC ? "the compressed pages" : "a dequantized FP16 cache",
-                o.samples, o.continuation);
+        fprintf(f, "%sferry-bench quality: %s, decode over %s", k ? "## " : "", o.model,
+                o.decode == QUAL_DECODE_KVC ? "the compressed pages" : "a dequantized FP16 cache");
+        if (o.ppl)
+            fprintf(f, ", %d text(s) x %d-token continuation per context", o.samples,
+                    o.continuation);
+        fprintf(f, "\n\n");
     }
     for (int ci = 0; ci < (o.ppl ? o.n_contexts : 0) && acc != NULL; ci++) {
         const qual_acc_t *a = acc + (size_t)ci * n_rows;
