@@ -225,13 +225,13 @@ static void build_items(kvc_encoder_t *e, const kvc_scores_t *sc, const kvc_err_
     for (uint32_t c = 0; c < d; c++)
         kw_rot[c] = qsq_mean;
     bool stat = pol->hybrid_threshold > 0 && sc->is_static[h];
-    // Queries after the window attend too: a uniform share of their mass keeps a token the
-    // window ignored from looking free to drop (adds exactly 0 when the prior is off).
-    float prior = pol->prior / (float)n;
 
     // Value deviation from the window output: what losing the token costs (per token when
     // joint_kv, else the head's mean).
     bool measured = pol->dist == KVC_DIST_TRIAL || pol->dist == KVC_DIST_MODEL;
+    // Queries after the window attend too: a uniform share of their mass keeps a token the
+    // window ignored from looking free to drop (adds exactly 0 when the prior is off).
+    float prior = measured ? pol->prior / (float)n : 0.0f;
     float *dev = e->cand; // scratch [n]
     double dev_mean = 0;
     for (uint32_t t = 0; t < n && measured; t++) {

@@ -108,7 +108,8 @@ typedef struct {
                           // over the prompt (0 = window attention alone)
 } kvc_policy_t;
 
-/* The `ferry` defaults (all options, G 32, sinks 4, recent 64, W 32, pool 7, budget 0.25).
+/* The `ferry` defaults (all options, G 32, sinks 4, recent 16, W 32, pool 7, prior 4,
+ * budget 0.25).
  * Thread: any. */
 void kvc_policy_default(kvc_policy_t *policy);
 
