@@ -174,6 +174,22 @@ __device__ __forceinline__ uint4 load_hdr(const attn_params &A, uint32_t pid)
     return __ldg(reinterpret_cast<const uint4 *>(A.base + (size_t)pid * A.page_bytes));
 }
 
+/* Asks L2 for the used bytes of page pid when this pass will attend it (a hint: nothing is
+ * read from a header that does not fit the pool). */
+__device__ __forceinline__ void prefetch_page(const attn_params &A, uint32_t pid,
+                                              const page_hdr &h, int pass, uint32_t tid)
+{
+    if (h.opt >= kOpts || h.n_tokens == 0 || h.n_slots > h.cap_slots ||
+        (int)((h.flags & KVC_PAGE_FLAG_ROTATED) != 0) != pass)
+        return;
+    const size_t bytes = KVC_PAGE_HEADER_BYTES + (size_t)h.n_slots * A.slot_bytes[h.opt];
+    if (bytes > A.page_bytes)
+        return;
+    const uint8_t *pg = A.base + (size_t)pid * A.page_bytes;
+    for (size_t off = (size_t)tid * 128; off < bytes; off += (size_t)kThreads * 128)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(pg + off));
+}
+
 /* In-place orthonormal Walsh-Hadamard transform of `rows` rows of d floats in shared memory
  * (d a power of two), the same butterflies as kvc_hadamard. Called by the whole block. */
 __device__ void block_hadamard(float *x, uint32_t rows, uint32_t d)
@@ -405,16 +421,21 @@ __global__ void __launch_bounds__(kThreads, min_blocks(NQ, CPT)) attend_split_ke
     float *red = reinterpret_cast<float *>(buf); // [tpb][NQ][d] between and after the passes
     __syncthreads();
     for (int pass = 0; pass < 2; pass++) {
-        // Page ids and headers are fetched one page ahead (the id two ahead), so the loads of
-        // the next page's header overlap this page's work.
+        // A pipeline over the page list: while page pi is attended, the next page is
+        // prefetched into L2 (its header arrived an iteration ago), the header after it is
+        // loaded and the id after that; so HBM keeps working while the block computes.
+        const uint4 zero4 = make_uint4(0, 0, 0, 0);
         uint32_t pid = p0 < p1 ? A.page_ids[ls + p0] : 0;
-        uint4 hraw = p0 < p1 && pid < A.n_pages ? load_hdr(A, pid) : make_uint4(0, 0, 0, 0);
+        uint4 hraw = p0 < p1 && pid < A.n_pages ? load_hdr(A, pid) : zero4;
         uint32_t pid_next = p0 + 1 < p1 ? A.page_ids[ls + p0 + 1] : 0;
+        uint4 hraw_next = p0 + 1 < p1 && pid_next < A.n_pages ? load_hdr(A, pid_next) : zero4;
+        uint32_t pid_after = p0 + 2 < p1 ? A.page_ids[ls + p0 + 2] : 0;
         for (uint32_t pi = p0; pi < p1; pi++) {
-            uint4 hraw_next = make_uint4(0, 0, 0, 0);
+            const uint4 hraw_after =
+                pi + 2 < p1 && pid_after < A.n_pages ? load_hdr(A, pid_after) : zero4;
+            const uint32_t pid_later = pi + 3 < p1 ? A.page_ids[ls + pi + 3] : 0;
             if (pi + 1 < p1 && pid_next < A.n_pages)
-                hraw_next = load_hdr(A, pid_next);
-            const uint32_t pid_after = pi + 2 < p1 ? A.page_ids[ls + pi + 2] : 0;
+                prefetch_page(A, pid_next, parse_hdr(hraw_next), pass, tid);
             do { // one page; `break` skips it (every condition below is uniform over the block)
                 if (pid >= A.n_pages) {
                     if (tid == 0 && pass == 0) // counted once
@@ -599,6 +620,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks(NQ, CPT)) attend_split_ke
             pid = pid_next;
             hraw = hraw_next;
             pid_next = pid_after;
+            hraw_next = hraw_after;
+            pid_after = pid_later;
         }
 
         // End of a pass: sum the token lanes' partial accumulators through shared memory into
@@ -710,8 +733,58 @@ struct plan {
     uint32_t rows, cpt, lpt, n_items, n_splits;
     uint32_t slot_bytes[kOpts];
     size_t buf_bytes, smem_split, smem_combine;
+    void (*kernel)(attn_params); // kernel 1 for rows and cpt
     size_t off_m, off_l, off_mp, off_acc, off_accr, off_rot, ws_bytes; // 0: the error counter
 };
+
+typedef void (*split_kernel_t)(attn_params);
+
+/* The instance of kernel 1 for a GQA group size (1..8) and channels per lane (8 or 16). */
+split_kernel_t split_kernel(uint32_t rows, uint32_t cpt)
+{
+#define KVC_SPLIT_CASE(n)                                                                      \
+    case n:                                                                                    \
+        return cpt == 8 ? attend_split_kernel<n, 8> : attend_split_kernel<n, 16>;
+    switch (rows) {
+        KVC_SPLIT_CASE(1)
+        KVC_SPLIT_CASE(2)
+        KVC_SPLIT_CASE(3)
+        KVC_SPLIT_CASE(4)
+        KVC_SPLIT_CASE(5)
+        KVC_SPLIT_CASE(6)
+        KVC_SPLIT_CASE(7)
+        KVC_SPLIT_CASE(8)
+    default:
+        return NULL;
+    }
+#undef KVC_SPLIT_CASE
+}
+
+/* Splits per list: blocks = items x splits should fill whole waves of resident blocks
+ * (`resident` over the GPU), at least one, else short lists leave most SMs idle in the last
+ * wave. The fewest splits whose waves are >= 90% full, trying up to four waves; never more
+ * splits than pages. */
+uint32_t choose_splits(uint64_t items, uint64_t resident, uint32_t max_list_pages)
+{
+    uint64_t cap = max_list_pages > 0 ? max_list_pages : 1;
+    cap = cap < kMaxSplits ? cap : kMaxSplits;
+    uint64_t best = 1;
+    double best_eff = 0;
+    for (uint64_t s = 1; s <= cap; s++) {
+        const uint64_t blocks = items * s;
+        const uint64_t waves = (blocks + resident - 1) / resident;
+        const double eff = (double)blocks / (double)(waves * resident);
+        if (blocks >= resident && eff >= 0.9)
+            return (uint32_t)s;
+        if (eff > best_eff + 1e-9 && waves <= 4) {
+            best = s;
+            best_eff = eff;
+        }
+        if (waves > 4)
+            break;
+    }
+    return (uint32_t)best;
+}
 
 fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt, plan *pl)
 {
@@ -749,30 +822,39 @@ fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt,
         st = kvc_cuda_status(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     if (st != FY_OK)
         return st;
-    // Enough blocks to fill every SM about four times over, never more splits than pages.
-    uint64_t target = (uint64_t)(sms > 0 ? sms : 1) * 4;
-    uint64_t splits = (target + items - 1) / items;
-    splits = splits < 1 ? 1 : splits;
-    if (splits > bt->max_list_pages)
-        splits = bt->max_list_pages > 0 ? bt->max_list_pages : 1;
-    if (splits > kMaxSplits)
-        splits = kMaxSplits;
-    pl->n_splits = (uint32_t)splits;
-
     const uint32_t tpb = kThreads / lpt;
     pl->buf_bytes = align_up(pool->page_bytes, 16);
     size_t red = (size_t)tpb * rows * d * sizeof(float);
     if (red > pl->buf_bytes)
         pl->buf_bytes = red;
-    pl->smem_split = pl->buf_bytes + (2 * (size_t)rows * d + (size_t)rows * kChunk) * sizeof(float);
-    pl->smem_combine = ((size_t)2 * rows * pl->n_splits + (size_t)rows * d) * sizeof(float);
+    pl->smem_split =
+        pl->buf_bytes + (2 * (size_t)rows * d + (size_t)rows * kChunk) * sizeof(float);
     int optin = 0;
-    st = kvc_cuda_status(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    st = kvc_cuda_status(
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
     if (st != FY_OK)
         return st;
     // Leave room for the kernels' static shared memory (a few hundred bytes).
-    if (pl->smem_split + 1024 > (size_t)optin || pl->smem_combine + 1024 > (size_t)optin)
+    if (pl->smem_split + 1024 > (size_t)optin)
         return FY_ERR_UNSUPPORTED; // pages too large to stage in shared memory
+    pl->kernel = split_kernel(rows, pl->cpt);
+    if (pl->kernel == NULL)
+        return FY_ERR_UNSUPPORTED;
+    st = kvc_cuda_status(cudaFuncSetAttribute(
+        pl->kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pl->smem_split));
+    int per_sm = 0;
+    if (st == FY_OK)
+        st = kvc_cuda_status(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+            &per_sm, pl->kernel, kThreads, pl->smem_split));
+    if (st != FY_OK)
+        return st;
+    const uint64_t resident =
+        (uint64_t)(sms > 0 ? sms : 1) * (uint64_t)(per_sm > 0 ? per_sm : 1);
+    pl->n_splits = choose_splits(items, resident, bt->max_list_pages);
+
+    pl->smem_combine = ((size_t)2 * rows * pl->n_splits + (size_t)rows * d) * sizeof(float);
+    if (pl->smem_combine + 1024 > (size_t)optin)
+        return FY_ERR_UNSUPPORTED;
 
     const size_t parts = (size_t)items * pl->n_splits;
     size_t off = kWsAlign; // the bad-page counter
@@ -790,35 +872,6 @@ fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt,
     off = align_up(off + parts * sizeof(uint32_t), kWsAlign);
     pl->ws_bytes = off;
     return FY_OK;
-}
-
-template <int NQ, int CPT>
-fy_status_t launch_split(const plan &pl, const attn_params &A, cudaStream_t stream)
-{
-    auto kern = attend_split_kernel<NQ, CPT>;
-    fy_status_t st = kvc_cuda_status(cudaFuncSetAttribute(
-        kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pl.smem_split));
-    if (st != FY_OK)
-        return st;
-    dim3 grid(pl.n_splits, pl.n_items);
-    kern<<<grid, kThreads, pl.smem_split, stream>>>(A);
-    return kvc_cuda_status(cudaGetLastError());
-}
-
-template <int CPT>
-fy_status_t launch_split_rows(const plan &pl, const attn_params &A, cudaStream_t stream)
-{
-    switch (pl.rows) {
-    case 1: return launch_split<1, CPT>(pl, A, stream);
-    case 2: return launch_split<2, CPT>(pl, A, stream);
-    case 3: return launch_split<3, CPT>(pl, A, stream);
-    case 4: return launch_split<4, CPT>(pl, A, stream);
-    case 5: return launch_split<5, CPT>(pl, A, stream);
-    case 6: return launch_split<6, CPT>(pl, A, stream);
-    case 7: return launch_split<7, CPT>(pl, A, stream);
-    case 8: return launch_split<8, CPT>(pl, A, stream);
-    default: return FY_ERR_UNSUPPORTED;
-    }
 }
 
 } // namespace
@@ -893,7 +946,9 @@ extern "C" fy_status_t kvc_attend_batch_cuda(const kvc_gpu_pages_t *pool,
     st = kvc_cuda_status(cudaMemsetAsync(A.ws_err, 0, sizeof(uint32_t), s));
     if (st != FY_OK)
         return st;
-    st = pl.cpt == 8 ? launch_split_rows<8>(pl, A, s) : launch_split_rows<16>(pl, A, s);
+    dim3 grid(pl.n_splits, pl.n_items);
+    pl.kernel<<<grid, kThreads, pl.smem_split, s>>>(A); // its shared memory size set by make_plan
+    st = kvc_cuda_status(cudaGetLastError());
     if (st != FY_OK)
         return st;
     if (pl.smem_combine > 48 * 1024) {

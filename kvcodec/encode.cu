@@ -28,7 +28,7 @@ extern "C" {
 #include "kvcodec_cuda_int.h"
 
 #define CRC_CHUNK 4096u
-#define STATS_THREADS 128
+#define STATS_THREADS 64
 #define QUANT_THREADS 128
 #define ROT_THREADS 256
 
@@ -67,6 +67,7 @@ struct kvc_encoder_cuda {
     uint8_t *h_head;        // header + maps
     float *h_imp, *h_qsq, *h_obar; // host copies of the scores
     uint8_t *h_static;
+    uint64_t *h_plan;       // [4][n_kv][KVC_OPT_COUNT] payload planning scratch
     // Stream time of the two GPU phases of the last layer: [0, 1] scoring + rotation +
     // tables, [2, 3] payload + CRC.
     cudaEvent_t ev[4];
@@ -178,12 +179,16 @@ static __device__ __forceinline__ float st_x(const stats_args_t &a, bool val, bo
 /* One block per (kv head, group of G consecutive tokens): the distortion inputs of build_items. */
 __global__ void stats_kernel(stats_args_t a)
 {
-    __shared__ float s_mn[2][KVC_MAX_HEAD_DIM], s_mx[2][KVC_MAX_HEAD_DIM];
-    __shared__ float s_s[3][KVC_MAX_HEAD_DIM], s_inv[3][KVC_MAX_HEAD_DIM];
+    // Per channel, sized by head_dim so that small heads leave room for more blocks:
+    // range [unrotated, rotated], and per width slot (8, 4, 2 bits) the step and 1 / step.
+    extern __shared__ float st_sm[]; // [10][d]
+    uint32_t d = a.d;
+    float *s_mn[2] = {st_sm, st_sm + d}, *s_mx[2] = {st_sm + 2 * d, st_sm + 3 * d};
+    float *s_s[3] = {st_sm + 4 * d, st_sm + 5 * d, st_sm + 6 * d};
+    float *s_inv[3] = {st_sm + 7 * d, st_sm + 8 * d, st_sm + 9 * d};
     __shared__ float s_ke[3]; // modelled key error per width slot
     __shared__ float s_kwrot;
     uint32_t chunks = (a.n + a.G - 1) / a.G;
-    uint32_t d = a.d;
     size_t plane = (size_t)a.n_kv * a.n;
     for (size_t blk = blockIdx.x; blk < (size_t)a.n_kv * chunks; blk += gridDim.x) {
         uint32_t h = (uint32_t)(blk / chunks);
@@ -651,7 +656,7 @@ extern "C" void kvc_encoder_cuda_destroy(kvc_encoder_cuda_t *e)
     for (int i = 0; i < 4; i++)
         if (e->ev[i])
             cudaEventDestroy(e->ev[i]);
-    free(e->h_imp), free(e->h_qsq), free(e->h_obar), free(e->h_static);
+    free(e->h_imp), free(e->h_qsq), free(e->h_obar), free(e->h_static), free(e->h_plan);
     free(e);
 }
 
@@ -683,7 +688,8 @@ extern "C" fy_status_t kvc_encoder_cuda_create(const kvc_encoder_params_t *param
     }
     e->max_frame = kvc_encoder_max_frame_bytes(e->enc);
     e->max_chunks = (e->max_frame + CRC_CHUNK - 1) / CRC_CHUNK;
-    size_t head_max = KVC_FRAME_HEADER_BYTES + FY_ALIGN_UP((size_t)e->n_kv * kvc_map_bytes(e->n), 8);
+    size_t head_max =
+        KVC_FRAME_HEADER_BYTES + FY_ALIGN_UP((size_t)e->n_kv * kvc_map_bytes(e->n), 8);
     size_t rows = e->n_items * e->d * sizeof(float);
     size_t tab = (size_t)TAB_COUNT * e->n_items * sizeof(float);
     if (e->policy.rotate) {
@@ -708,7 +714,8 @@ extern "C" fy_status_t kvc_encoder_cuda_create(const kvc_encoder_params_t *param
     e->h_qsq = (float *)malloc((size_t)e->n_kv * e->d * sizeof(float));
     e->h_obar = (float *)malloc((size_t)e->n_kv * e->d * sizeof(float));
     e->h_static = (uint8_t *)malloc(e->n_kv);
-    if (!e->h_imp || !e->h_qsq || !e->h_obar || !e->h_static) {
+    e->h_plan = (uint64_t *)malloc((size_t)4 * e->n_kv * KVC_OPT_COUNT * sizeof(uint64_t));
+    if (!e->h_imp || !e->h_qsq || !e->h_obar || !e->h_static || !e->h_plan) {
         st = FY_ERR_NO_MEMORY;
         goto fail;
     }
@@ -736,45 +743,71 @@ extern "C" void kvc_encoder_cuda_totals(const kvc_encoder_cuda_t *e, uint64_t *b
 }
 
 /* Cuts the payload of the current choice into work items: FP16 tokens first (work[0, n_f16)),
- * then the quantized groups, each with its frame offset, as write_frame lays them out. */
+ * then the quantized groups, each with its frame offset, in write_frame's order (per head: the
+ * options in order, each option's tokens in order, G at a time). Two passes over the choice:
+ * counts per (head, option), then every token goes to its place. */
 static void plan_payload(kvc_encoder_cuda_t *e, size_t payload_off, size_t *n_f16_p,
                          size_t *n_work_p)
 {
     const uint8_t *choice = kvc_encoder_choice(e->enc);
     uint32_t n = e->n, d = e->d, G = e->G, P = e->P;
-    size_t n_f16 = 0;
-    for (size_t i = 0; i < e->n_items; i++)
-        n_f16 += choice[i] == KVC_OPT_F16;
-    size_t wf = 0, wq = n_f16, nt = 0;
-    uint64_t off = payload_off;
+    uint64_t *cnt = e->h_plan;                         // [n_kv][KVC_OPT_COUNT]
+    uint64_t *off = cnt + (size_t)e->n_kv * KVC_OPT_COUNT;   // frame offset of each run
+    uint64_t *wrk = off + (size_t)e->n_kv * KVC_OPT_COUNT;   // first work item of each run
+    uint64_t *tok = wrk + (size_t)e->n_kv * KVC_OPT_COUNT;   // first token slot of each run
+    memset(cnt, 0, (size_t)e->n_kv * KVC_OPT_COUNT * sizeof(uint64_t));
     for (uint32_t h = 0; h < e->n_kv; h++) {
         const uint8_t *ch = choice + (size_t)h * n;
+        uint64_t *c = cnt + (size_t)h * KVC_OPT_COUNT;
+        for (uint32_t t = 0; t < n; t++)
+            c[ch[t]]++;
+    }
+    size_t n_f16 = 0;
+    for (uint32_t h = 0; h < e->n_kv; h++)
+        n_f16 += cnt[(size_t)h * KVC_OPT_COUNT + KVC_OPT_F16];
+    uint64_t o_off = payload_off, o_f16 = 0, o_q = n_f16, o_tok = 0;
+    for (uint32_t h = 0; h < e->n_kv; h++) {
         for (int o = 0; o < KVC_OPT_DROP; o++) {
-            uint32_t m = 0;
-            for (uint32_t t = 0; t <= n; t++) {
-                if (t < n && ch[t] == o) {
-                    if (o == KVC_OPT_F16) {
-                        work_t w = {off, t, (uint16_t)h, (uint8_t)o, 0};
-                        e->h_work[wf++] = w;
-                        off += 4 * (uint64_t)d;
-                        continue;
-                    }
-                    e->h_tok[nt + m] = t;
-                    m++;
-                }
-                if (o != KVC_OPT_F16 && (m == G || (t == n && m > 0))) {
-                    work_t w = {off, (uint32_t)nt, (uint16_t)h, (uint8_t)o, (uint8_t)(m - 1)};
-                    e->h_work[wq++] = w;
-                    off += kvc_group_bytes(o, d, m, P);
-                    nt += m;
-                    m = 0;
-                }
+            size_t r = (size_t)h * KVC_OPT_COUNT + o;
+            off[r] = o_off;
+            o_off += kvc_run_bytes(o, d, G, P, cnt[r]);
+            if (o == KVC_OPT_F16) {
+                wrk[r] = o_f16;
+                o_f16 += cnt[r];
+            } else {
+                wrk[r] = o_q;
+                o_q += (cnt[r] + G - 1) / G;
+                tok[r] = o_tok;
+                o_tok += cnt[r];
             }
         }
     }
-    FY_ASSERT(wf == n_f16);
+    for (uint32_t h = 0; h < e->n_kv; h++) {
+        const uint8_t *ch = choice + (size_t)h * n;
+        uint64_t seen[KVC_OPT_COUNT] = {0};
+        for (uint32_t t = 0; t < n; t++) {
+            int o = ch[t];
+            if (o == KVC_OPT_DROP)
+                continue;
+            size_t r = (size_t)h * KVC_OPT_COUNT + o;
+            uint64_t k = seen[o]++;
+            if (o == KVC_OPT_F16) {
+                work_t w = {off[r] + 4 * (uint64_t)d * k, t, (uint16_t)h, (uint8_t)o, 0};
+                e->h_work[wrk[r] + k] = w;
+                continue;
+            }
+            e->h_tok[tok[r] + k] = t;
+            if (k % G == 0) {
+                uint64_t g = k / G, m = FY_MIN((uint64_t)G, cnt[r] - k);
+                work_t w = {off[r] + g * kvc_group_bytes(o, d, G, P), (uint32_t)(tok[r] + k),
+                            (uint16_t)h, (uint8_t)o, (uint8_t)(m - 1)};
+                e->h_work[wrk[r] + g] = w;
+            }
+        }
+    }
+    FY_ASSERT(o_f16 == n_f16);
     *n_f16_p = n_f16;
-    *n_work_p = wq;
+    *n_work_p = o_q;
 }
 
 extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
@@ -858,11 +891,24 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
         a.needk2 = (opts & KVC_OPT_BIT(KVC_OPT_Q2)) != 0;
         a.tab = e->d_tab;
         size_t blocks = (size_t)n_kv * ((n + e->G - 1) / e->G);
-        stats_kernel<<<kvc_grid(blocks, 1), STATS_THREADS, 0, cs>>>(a);
+        stats_kernel<<<kvc_grid(blocks, 1), STATS_THREADS, (size_t)10 * d * sizeof(float), cs>>>(a);
         KVC_LAUNCH_GOTO(st, out);
-        KVC_CUDA_GOTO(cudaMemcpyAsync(e->h_tab, e->d_tab, (size_t)TAB_COUNT * plane * sizeof(float),
-                                      cudaMemcpyDeviceToHost, cs),
-                      st, out);
+        // Only the tables the optimizer will read come back.
+        bool want[TAB_COUNT] = {true,
+                                (bool)a.need8,
+                                (bool)a.need8,
+                                (bool)a.need4,
+                                a.need4 && (a.model || a.needv4),
+                                a.need2 && (a.model || a.needk2),
+                                (bool)a.need2};
+        for (int ti = 0; ti < TAB_COUNT; ti++) {
+            if (!want[ti])
+                continue;
+            size_t at = (size_t)ti * plane;
+            KVC_CUDA_GOTO(cudaMemcpyAsync(e->h_tab + at, e->d_tab + at, plane * sizeof(float),
+                                          cudaMemcpyDeviceToHost, cs),
+                          st, out);
+        }
     }
     KVC_CUDA_GOTO(cudaEventRecord(e->ev[1], cs), st, out);
     KVC_CUDA_GOTO(cudaStreamSynchronize(cs), st, out);

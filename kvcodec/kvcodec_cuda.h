@@ -44,7 +44,8 @@ void kvc_scores_cleanup_cuda(kvc_scores_t *s);
  * shapes and strides as for kvc_score); out_dev comes from kvc_scores_init_cuda. From
  * window_attn the results are bit-identical to kvc_score; from q_window they agree to fp32
  * rounding (the GPU's expf and the order of the softmax sums differ from the CPU's).
- * Asynchronous on stream; scratch comes from the stream-ordered allocator.
+ * Asynchronous on stream; scratch comes from the stream-ordered allocator (on a device
+ * without memory pools the call waits for stream to free it).
  * Thread: any (one call per out_dev at a time). */
 fy_status_t kvc_score_cuda(const kvc_policy_t *policy, uint32_t n_heads, uint32_t n_kv_heads,
                            uint32_t n_tokens, uint32_t head_dim, const kvc_layer_input_t *in_dev,
@@ -144,9 +145,11 @@ fy_status_t kvc_gpu_pool_pages_needed(const kvc_gpu_pool_t *pool, const kvc_fram
 /* Places a frame without dequantizing, as kvc_place: frame is the kvc_frame_parse result of
  * the frame's bytes on the host (header fields and maps are read from it), frame_dev the same
  * frame_bytes in device memory. The page bookkeeping is planned on the host and the copies run
- * in one kernel on stream (asynchronous: the pages are complete once stream reaches this point;
- * frame_dev must stay valid until then). Same checks as kvc_place; all-or-nothing: on any
- * error the sequence and pool are unchanged. Thread: not thread-safe per sequence. */
+ * in one kernel on stream: the pages are complete once stream reaches this point, and frame_dev
+ * must stay valid until then (the call itself may wait for work already queued on stream, as
+ * its small upload of the plan is from pageable memory). Same checks as kvc_place;
+ * all-or-nothing: on any error the sequence and pool are unchanged. Thread: not thread-safe
+ * per sequence. */
 fy_status_t kvc_place_cuda(kvc_gpu_seq_t *seq, const kvc_frame_t *frame, const uint8_t *frame_dev,
                            void *stream);
 

@@ -1,6 +1,6 @@
 /*
- * kvcodec_cuda_int.h: private to the .cu files of kvcodec/. Error mapping for CUDA calls and the device
- * twins of the scalar arithmetic in quant.c.
+ * kvcodec_cuda_int.h: private to the .cu files of kvcodec/. Error mapping for CUDA calls and
+ * the device twins of the scalar arithmetic in quant.c.
  *
  * Bit-exactness with the CPU reference rests on three rules, kept by every kernel that
  * produces frame bytes or distortion tables:
@@ -46,6 +46,33 @@ static inline fy_status_t kvc_cuda_status(cudaError_t e)
 
 /* After a launch: the launch's own error (bad configuration, no device). */
 #define KVC_LAUNCH_GOTO(st, label) KVC_CUDA_GOTO(cudaGetLastError(), st, label)
+
+/* Stream-ordered scratch where the device has memory pools (some virtualized GPUs do not):
+ * cudaMallocAsync / cudaFreeAsync there, else cudaMalloc and, to free, a wait for the stream
+ * then cudaFree. kvc_cuda_pools says which; pass its answer to both calls. */
+static inline bool kvc_cuda_pools(void)
+{
+    int dev = 0, pools = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, dev) != cudaSuccess) {
+        (void)cudaGetLastError(); // not sticky; the allocation below reports real trouble
+        return false;
+    }
+    return pools != 0;
+}
+
+static inline cudaError_t kvc_cuda_scratch_alloc(void **p, size_t n, cudaStream_t s, bool pools)
+{
+    return pools ? cudaMallocAsync(p, n, s) : cudaMalloc(p, n);
+}
+
+static inline cudaError_t kvc_cuda_scratch_free(void *p, cudaStream_t s, bool pools)
+{
+    if (pools)
+        return cudaFreeAsync(p, s);
+    cudaError_t e = cudaStreamSynchronize(s), f = cudaFree(p);
+    return e != cudaSuccess ? e : f;
+}
 
 /* Grid size for n work items of `per_block` each, at least 1, clamped to the x limit (kernels
  * loop with a grid stride over what a clamped grid leaves). */

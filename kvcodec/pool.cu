@@ -303,13 +303,25 @@ static void frame_counts(const kvc_frame_t *f, uint32_t h, uint64_t *cnt)
 static fy_status_t frame_counts_all(const kvc_frame_t *f, uint64_t *cnt)
 {
     size_t mb = kvc_map_bytes(f->n_tokens), full = f->n_tokens / 2;
+    uint32_t hist[4][256]; // four byte histograms, so consecutive bytes rarely hit one counter
     for (uint32_t h = 0; h < f->n_kv_heads; h++) {
         const uint8_t *mp = f->maps + h * mb;
         uint64_t *c = cnt + (size_t)h * 16;
         memset(c, 0, 16 * sizeof(uint64_t));
-        for (size_t i = 0; i < full; i++) {
-            c[mp[i] & 15]++;
-            c[mp[i] >> 4]++;
+        memset(hist, 0, sizeof(hist));
+        size_t i = 0;
+        for (; i + 4 <= full; i += 4) {
+            hist[0][mp[i]]++;
+            hist[1][mp[i + 1]]++;
+            hist[2][mp[i + 2]]++;
+            hist[3][mp[i + 3]]++;
+        }
+        for (; i < full; i++)
+            hist[0][mp[i]]++;
+        for (int b = 0; b < 256; b++) {
+            uint64_t k = (uint64_t)hist[0][b] + hist[1][b] + hist[2][b] + hist[3][b];
+            c[b & 15] += k;
+            c[b >> 4] += k;
         }
         if (f->n_tokens & 1)
             c[mp[full] & 15]++;
@@ -434,35 +446,55 @@ static void plan_group(plan_t *pl, int o, uint32_t d, uint32_t m, uint32_t cap, 
     }
 }
 
-/* Copies `bytes` bytes to a 4-byte-aligned-or-not destination: single bytes up to the first
- * aligned destination word, then whole words (the source word assembled from the two aligned
- * words around it, which never leave the allocation since they contain a byte of the range),
- * then the last bytes. The whole block works on one op. */
+/* Copies `bytes` bytes (src NULL: zeros) with the whole block: single bytes up to the first
+ * 16-byte-aligned destination, then 16-byte stores whose source is read with the widest loads
+ * its alignment allows (16, 8 or 4 bytes; at an odd alignment, 4-byte words assembled from
+ * the aligned words around them, which never leave the allocation since each holds a byte of
+ * the range), then the last bytes. Frame payloads sit at 8-byte offsets and page slots at
+ * 16-byte ones, so the big copies take the 16- or 8-byte path. */
 static __device__ void block_copy(uint8_t *dst, const uint8_t *src, uint32_t bytes)
 {
-    uint32_t head = (uint32_t)((4 - ((uintptr_t)dst & 3)) & 3);
+    uint32_t head = (uint32_t)((16 - ((uintptr_t)dst & 15)) & 15);
     if (head > bytes)
         head = bytes;
     for (uint32_t i = threadIdx.x; i < head; i += blockDim.x)
         dst[i] = src ? src[i] : 0;
-    uint32_t words = (bytes - head) / 4;
-    uint32_t *dw = (uint32_t *)(dst + head);
+    uint32_t vecs = (bytes - head) / 16;
+    uint4 *dv = (uint4 *)(dst + head);
     if (src == NULL) {
-        for (uint32_t i = threadIdx.x; i < words; i += blockDim.x)
-            dw[i] = 0;
+        for (uint32_t i = threadIdx.x; i < vecs; i += blockDim.x)
+            dv[i] = make_uint4(0, 0, 0, 0);
     } else {
         const uint8_t *s = src + head;
-        uint32_t sh = (uint32_t)((uintptr_t)s & 3);
-        const uint32_t *sw = (const uint32_t *)(s - sh);
-        if (sh == 0) {
-            for (uint32_t i = threadIdx.x; i < words; i += blockDim.x)
-                dw[i] = sw[i];
+        uintptr_t a = (uintptr_t)s;
+        if ((a & 15) == 0) {
+            const uint4 *sv = (const uint4 *)s;
+            for (uint32_t i = threadIdx.x; i < vecs; i += blockDim.x)
+                dv[i] = __ldg(sv + i);
+        } else if ((a & 7) == 0) {
+            const uint2 *s2 = (const uint2 *)s;
+            for (uint32_t i = threadIdx.x; i < vecs; i += blockDim.x) {
+                uint2 x = __ldg(s2 + 2 * i), y = __ldg(s2 + 2 * i + 1);
+                dv[i] = make_uint4(x.x, x.y, y.x, y.y);
+            }
+        } else if ((a & 3) == 0) {
+            const uint32_t *s4 = (const uint32_t *)s;
+            for (uint32_t i = threadIdx.x; i < vecs; i += blockDim.x)
+                dv[i] = make_uint4(__ldg(s4 + 4 * i), __ldg(s4 + 4 * i + 1),
+                                   __ldg(s4 + 4 * i + 2), __ldg(s4 + 4 * i + 3));
         } else {
-            for (uint32_t i = threadIdx.x; i < words; i += blockDim.x)
-                dw[i] = __funnelshift_r(sw[i], sw[i + 1], 8 * sh);
+            uint32_t sh = 8 * (uint32_t)(a & 3);
+            const uint32_t *sw = (const uint32_t *)(s - (a & 3));
+            for (uint32_t i = threadIdx.x; i < vecs; i += blockDim.x) {
+                const uint32_t *w = sw + 4 * i;
+                uint32_t w0 = __ldg(w), w1 = __ldg(w + 1), w2 = __ldg(w + 2), w3 = __ldg(w + 3),
+                         w4 = __ldg(w + 4);
+                dv[i] = make_uint4(__funnelshift_r(w0, w1, sh), __funnelshift_r(w1, w2, sh),
+                                   __funnelshift_r(w2, w3, sh), __funnelshift_r(w3, w4, sh));
+            }
         }
     }
-    for (uint32_t i = head + 4 * words + threadIdx.x; i < bytes; i += blockDim.x)
+    for (uint32_t i = head + 16 * vecs + threadIdx.x; i < bytes; i += blockDim.x)
         dst[i] = src ? src[i] : 0;
 }
 
@@ -527,6 +559,7 @@ extern "C" fy_status_t kvc_place_cuda(kvc_gpu_seq_t *s, const kvc_frame_t *f,
     uint8_t *dbuf = NULL;
     cudaStream_t cs = (cudaStream_t)stream;
     bool have_pages = false;
+    bool pools = kvc_cuda_pools();
     if (ids == NULL || head_pages == NULL || head_tokens == NULL) {
         st = FY_ERR_NO_MEMORY;
         goto out;
@@ -609,7 +642,8 @@ extern "C" fy_status_t kvc_place_cuda(kvc_gpu_seq_t *s, const kvc_frame_t *f,
     if (pl.n > 0) {
         // One upload: the ops, then the header blob (16-byte aligned behind them).
         size_t ops_bytes = FY_ALIGN_UP(pl.n * sizeof(place_op_t), 16);
-        KVC_CUDA_GOTO(cudaMallocAsync((void **)&dbuf, ops_bytes + pl.blob_n, cs), st, out);
+        KVC_CUDA_GOTO(kvc_cuda_scratch_alloc((void **)&dbuf, ops_bytes + pl.blob_n, cs, pools),
+                      st, out);
         KVC_CUDA_GOTO(cudaMemcpyAsync(dbuf, pl.ops, pl.n * sizeof(place_op_t),
                                       cudaMemcpyHostToDevice, cs),
                       st, out);
@@ -639,7 +673,7 @@ extern "C" fy_status_t kvc_place_cuda(kvc_gpu_seq_t *s, const kvc_frame_t *f,
     have_pages = false; // now owned by the lists
 out:
     if (dbuf) {
-        cudaError_t e = cudaFreeAsync(dbuf, cs);
+        cudaError_t e = kvc_cuda_scratch_free(dbuf, cs, pools);
         if (e != cudaSuccess && st == FY_OK)
             st = kvc_cuda_status(e);
         // On a failed free after a good launch the pages are placed; the error still says

@@ -39,8 +39,8 @@ extern "C" fy_status_t kvc_scores_init_cuda(kvc_scores_t *s, uint32_t n_kv_heads
     s->n_tokens = n_tokens;
     s->head_dim = head_dim;
     fy_status_t st = FY_OK;
-    KVC_CUDA_GOTO(cudaMalloc((void **)&s->importance, (size_t)n_kv_heads * n_tokens * sizeof(float)),
-                  st, fail);
+    size_t nt = (size_t)n_kv_heads * n_tokens;
+    KVC_CUDA_GOTO(cudaMalloc((void **)&s->importance, nt * sizeof(float)), st, fail);
     KVC_CUDA_GOTO(cudaMalloc((void **)&s->obar, (size_t)n_kv_heads * head_dim * sizeof(float)), st,
                   fail);
     KVC_CUDA_GOTO(cudaMalloc((void **)&s->qsq, (size_t)n_kv_heads * head_dim * sizeof(float)), st,
@@ -293,12 +293,17 @@ extern "C" fy_status_t kvc_score_cuda(const kvc_policy_t *policy, uint32_t n_hea
     float *pbar = NULL, *acc = NULL, *ah = NULL;
     float2 *stats = NULL;
     fy_status_t st = FY_OK;
-    KVC_CUDA_GOTO(cudaMallocAsync((void **)&pbar, items * sizeof(float), cs), st, out);
-    KVC_CUDA_GOTO(cudaMallocAsync((void **)&acc, items * sizeof(float), cs), st, out);
+    bool pools = kvc_cuda_pools();
+    KVC_CUDA_GOTO(kvc_cuda_scratch_alloc((void **)&pbar, items * sizeof(float), cs, pools), st,
+                  out);
+    KVC_CUDA_GOTO(kvc_cuda_scratch_alloc((void **)&acc, items * sizeof(float), cs, pools), st,
+                  out);
     if (have_q) {
-        KVC_CUDA_GOTO(cudaMallocAsync((void **)&ah, (size_t)n_heads * n * sizeof(float), cs), st,
-                      out);
-        KVC_CUDA_GOTO(cudaMallocAsync((void **)&stats, (size_t)n_heads * a.W * sizeof(float2), cs),
+        KVC_CUDA_GOTO(kvc_cuda_scratch_alloc((void **)&ah, (size_t)n_heads * n * sizeof(float), cs,
+                                             pools),
+                      st, out);
+        KVC_CUDA_GOTO(kvc_cuda_scratch_alloc((void **)&stats,
+                                             (size_t)n_heads * a.W * sizeof(float2), cs, pools),
                       st, out);
         row_stats_kernel<<<kvc_grid((size_t)n_heads * a.W, 1), ROW_THREADS, 0, cs>>>(a, stats);
         KVC_LAUNCH_GOTO(st, out);
@@ -320,13 +325,13 @@ extern "C" fy_status_t kvc_score_cuda(const kvc_policy_t *policy, uint32_t n_hea
                                                       out->importance);
     KVC_LAUNCH_GOTO(st, out);
 out: // scratch goes back to the stream's pool once the kernels are done
-    if (pbar)
-        cudaFreeAsync(pbar, cs);
-    if (acc)
-        cudaFreeAsync(acc, cs);
-    if (ah)
-        cudaFreeAsync(ah, cs);
-    if (stats)
-        cudaFreeAsync(stats, cs);
+    void *scratch[4] = {pbar, acc, ah, stats};
+    for (int i = 0; i < 4; i++) {
+        if (scratch[i] == NULL)
+            continue;
+        cudaError_t e = kvc_cuda_scratch_free(scratch[i], cs, pools);
+        if (e != cudaSuccess && st == FY_OK)
+            st = kvc_cuda_status(e);
+    }
     return st;
 }

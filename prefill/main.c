@@ -28,6 +28,10 @@ static const fy_opt_t k_opts[] = {
     {"policy", FY_OPT_STRING, "ferry", "default codec policy: a built-in name or a JSON file",
      false},
     {"budget", FY_OPT_DOUBLE, "0", "default budget b in (0, 1]; 0 = the policy's", false},
+    {"ttft-target", FY_OPT_DURATION, "0", "bandwidth-adaptive budget: pick b per request so "
+                                          "the KV transfer fits this TTFT (0 = off)", false},
+    {"min-budget", FY_OPT_DOUBLE, "0.125", "lowest adaptive budget", false},
+    {"max-budget", FY_OPT_DOUBLE, "1", "highest adaptive budget", false},
     {"max-queued-tokens", FY_OPT_INT, "0", "refuse prompts beyond this many queued tokens "
                                            "(0 = no limit)", false},
     {"worker-id", FY_OPT_STRING, "", "id in the cluster (default prefill@ADVERTISE)", false},
@@ -36,6 +40,8 @@ static const fy_opt_t k_opts[] = {
     {"ucx-tls", FY_OPT_STRING, "", "UCX transports (as UCX_TLS), empty = UCX's choice", false},
     {"ucx-devices", FY_OPT_STRING, "", "UCX devices (as UCX_NET_DEVICES)", false},
     {"port-file", FY_OPT_STRING, "", "write the bound RPC port to this file", false},
+    {"test-corrupt-frames", FY_OPT_INT, "0", "test hook: damage one KV frame of each of the "
+                                             "first N requests", false},
     {"log-format", FY_OPT_STRING, "text", "text or json", false},
     {"log-level", FY_OPT_STRING, "", "trace|debug|info|warn|error (default info or $FERRY_LOG)",
      false},
@@ -213,6 +219,16 @@ static int run(app_t *a)
     pp.link = a->link;
     pp.metrics = a->metrics;
     pp.max_queued_tokens = (uint64_t)fy_config_int(cfg, "max-queued-tokens");
+    pp.ttft_target_ms = (double)fy_config_duration_ms(cfg, "ttft-target");
+    pp.budget_min = fy_config_double(cfg, "min-budget");
+    pp.budget_max = fy_config_double(cfg, "max-budget");
+    if (pp.ttft_target_ms > 0 && !(pp.budget_min > 0 && pp.budget_min <= pp.budget_max &&
+                                   pp.budget_max <= 1)) {
+        FY_LOG_ERROR(MODULE, "need 0 < --min-budget <= --max-budget <= 1");
+        return 1;
+    }
+    int64_t corrupt = fy_config_int(cfg, "test-corrupt-frames");
+    pp.test_corrupt_frames = corrupt > 0 && corrupt < (1 << 30) ? (uint32_t)corrupt : 0;
     if ((st = prefill_create(&a->loop, &pp, &a->pf)) != FY_OK ||
         (st = prefill_serve(a->pf, a->srv)) != FY_OK ||
         (st = daemon_health_serve(a->srv, "prefill", &a->draining)) != FY_OK) {

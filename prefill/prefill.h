@@ -47,6 +47,11 @@ typedef struct {
     kvlink_t *link;           // borrowed, on the same loop; sends only
     fy_metrics_t *metrics;    // borrowed or NULL
     uint64_t max_queued_tokens; // refuse (RESOURCE_EXHAUSTED) beyond this; 0 = no limit
+    uint32_t test_corrupt_frames; // test hook: damage one frame of each of the first N
+                                  // requests (the decode side must refuse it); 0 = off
+    double ttft_target_ms;    // > 0: bandwidth-adaptive budget aiming at this TTFT for
+                              // requests without a budget of their own (adaptive.h)
+    double budget_min, budget_max; // its limits; 0 = 0.125 and 1
 } prefill_params_t;
 
 void prefill_params_default(prefill_params_t *p);

@@ -22,6 +22,7 @@
 #include <string.h>
 
 #include "ferry.pb-c.h"
+#include "adaptive.h"
 #include "prefill.h"
 
 #define MODULE "prefill"
@@ -94,7 +95,9 @@ struct prefill {
     pf_job_t *live;
     size_t n_live;
     atomic_uint_fast64_t queued_tokens;
+    uint32_t corrupt_left; // test hook (compute thread)
     bool draining;
+    pf_adaptive_t *adaptive; // loop thread; created at the first request that may use it
     float *logits; // compute thread
     uint16_t *k16, *v16;
     size_t kv16_cap; // elements
@@ -393,6 +396,9 @@ static void job_maybe_finish(pf_job_t *job)
     fy_metric_add(pf->m.wire_bytes, (double)job->wire_bytes);
     fy_metric_observe(pf->m.transfer_s, transfer_ms / 1e3);
     fy_metric_set(pf->m.hidden, hidden);
+    if (pf->adaptive != NULL)
+        pf_adaptive_observe(pf->adaptive, job->kv_addr, job->wire_bytes, transfer_ms,
+                            job->n_tokens, prefill_ms);
     rpc_call_send(call, &resp.base);
     rpc_call_finish(call, RPC_CODE_OK, NULL);
 }
@@ -449,6 +455,14 @@ static fy_status_t on_layer(void *arg, const mdl_layer_kv_t *kv)
         free(fr);
         free(buf);
         return st;
+    }
+    if (pf->corrupt_left > 0 && kv->layer == pf->cfg->n_layers / 2 && len > 64) {
+        // Test hook: one payload byte flipped after the frame's own CRC was written, so only
+        // the decode side's validation can notice.
+        pf->corrupt_left--;
+        buf[len - 1] ^= 0x5a;
+        FY_LOG_WARN(MODULE, "%s: test hook: frame of layer %d damaged", job->request_id,
+                    kv->layer);
     }
     uint8_t *shrunk = realloc(buf, len);
     fr->job = job;
@@ -571,6 +585,36 @@ static fy_status_t pick_policy(prefill_t *pf, const Ferry__V1__CodecParams *code
     return FY_OK;
 }
 
+/* The bandwidth-adaptive budget (adaptive.h) for a job whose request and worker set none. */
+static void adaptive_pick(prefill_t *pf, const Ferry__V1__CodecParams *codec, pf_job_t *job)
+{
+    const mdl_config_t *c = pf->cfg;
+    if (!(pf->params.ttft_target_ms > 0))
+        return;
+    if (pf->adaptive == NULL) { // every transfer feeds it from now on, whatever its budget
+        pf_adaptive_params_t ap;
+        pf_adaptive_params_default(&ap);
+        ap.ttft_target_ms = pf->params.ttft_target_ms;
+        ap.budget_min = pf->params.budget_min > 0 ? pf->params.budget_min : ap.budget_min;
+        ap.budget_max = pf->params.budget_max > 0 ? pf->params.budget_max : ap.budget_max;
+        ap.n_layers = c->n_layers;
+        if (pf_adaptive_create(&ap, &pf->adaptive) != FY_OK)
+            return;
+    }
+    if (pf->params.budget > 0 || (codec != NULL && codec->budget != 0) ||
+        job->policy.budget <= 0)
+        return;
+    uint64_t raw = (uint64_t)job->n_tokens * (uint64_t)c->n_layers * (uint64_t)c->n_kv_heads *
+                   (uint64_t)c->head_dim * 2 * sizeof(uint16_t);
+    double b = pf_adaptive_choose(pf->adaptive, job->kv_addr, job->n_tokens, raw,
+                                  atomic_load(&pf->queued_tokens));
+    if (b > 0) {
+        job->budget = b;
+        FY_LOG_DEBUG(MODULE, "%s: adaptive budget %.3f for %s", job->request_id, b,
+                     job->kv_addr);
+    }
+}
+
 static void on_prefill(rpc_call_t *call, const ProtobufCMessage *msg, void *arg)
 {
     prefill_t *pf = arg;
@@ -637,6 +681,7 @@ static void on_prefill(rpc_call_t *call, const ProtobufCMessage *msg, void *arg)
     snprintf(job->request_id, sizeof(job->request_id), "%s", req->request_id);
     snprintf(job->kv_addr, sizeof(job->kv_addr), "%s", req->decode_kv_address);
     job->reservation_id = req->reservation_id;
+    adaptive_pick(pf, req->codec, job);
     uint64_t now = fy_clock_ns();
     job->deadline_ns = rpc_call_deadline_ns(call);
     if (req->deadline_unix_ms != 0) {
@@ -794,6 +839,7 @@ fy_status_t prefill_create(uv_loop_t *loop, const prefill_params_t *params, pref
         return FY_ERR_INVALID_ARG;
     }
     pf->cfg = mdl_model_config(params->model);
+    pf->corrupt_left = params->test_corrupt_frames;
     atomic_init(&pf->queued_tokens, 0);
     mdl_ctx_params_t cp;
     mdl_ctx_params_default(&cp);
@@ -895,5 +941,6 @@ void prefill_destroy(prefill_t *pf)
     free(pf->logits);
     free(pf->k16);
     free(pf->v16);
+    pf_adaptive_destroy(pf->adaptive);
     uv_close((uv_handle_t *)&pf->async, on_async_closed);
 }

@@ -70,7 +70,9 @@ typedef struct rt_req {
     rt_t *rt;
     rpc_call_t *call; // client call; NULL once finished
     bool streaming;
-    char id[64];         // unique id sent to workers
+    char id[64];         // unique id of the request (logs)
+    char wid[80];        // id of the current attempt, what workers see (a retry must not
+                         // collide with a reservation the first attempt still holds)
     char client_id[128]; // echoed back
     uint32_t *prompt;
     size_t n_prompt;
@@ -123,6 +125,7 @@ void rt_params_default(rt_params_t *p)
     p->retries = 1;
     p->reserve_lease_ms = 30000;
     p->worker_timeout_ms = 5000;
+    p->prefill_timeout_ms = 300000;
     p->default_policy = "";
 }
 
@@ -565,16 +568,18 @@ static void on_client_cancel(rpc_call_t *call, void *arg)
     rt_req_t *r = arg;
     if (r->state == ST_DONE)
         return;
+    // A client that gives up at its deadline resets the stream a moment before the server's
+    // own deadline timer would fire: both are the deadline.
     uint64_t dl = rpc_call_deadline_ns(call);
-    bool deadline = dl != 0 && fy_clock_ns() >= dl;
+    bool deadline = dl != 0 && fy_clock_ns() + 50000000u >= dl;
     rt_state_t st = r->state;
     r->state = ST_DONE;
     if (r->wcall != NULL)
         rpc_ccall_cancel(r->wcall); // its done callback sees ST_DONE and leaves r alone
     if (st == ST_PREFILL)
-        worker_cancel(r->rt, r->pw.rpc_address, r->id);
+        worker_cancel(r->rt, r->pw.rpc_address, r->wid);
     if (st >= ST_RESERVE && r->dw.rpc_address[0])
-        worker_cancel(r->rt, r->dw.rpc_address, r->id);
+        worker_cancel(r->rt, r->dw.rpc_address, r->wid);
     req_fail(r, deadline ? RPC_CODE_DEADLINE_EXCEEDED : RPC_CODE_CANCELLED,
              deadline ? "deadline exceeded" : "cancelled by the client",
              deadline ? FAIL_DEADLINE : FAIL_CANCELLED);
@@ -603,7 +608,7 @@ static void on_decode_msg(rpc_ccall_t *call, const ProtobufCMessage *msg, void *
     if (!more && r->wcall != NULL && m->finish_reason ==
                                          FERRY__V1__FINISH_REASON__FINISH_REASON_UNSPECIFIED) {
         // Stopped here (stop string, stop token, length): the decode side need not go on.
-        worker_cancel(r->rt, r->dw.rpc_address, r->id);
+        worker_cancel(r->rt, r->dw.rpc_address, r->wid);
         req_finish_ok(r);           // r stays: its worker call is still in flight
         rpc_ccall_cancel(r->wcall); // the done callback frees r
     }
@@ -630,7 +635,11 @@ static void on_decode_done(rpc_ccall_t *call, int code, const char *message, voi
     snprintf(msg, sizeof(msg), "decode worker %s: %s", r->dw.id, message);
     if (code == RPC_CODE_UNAVAILABLE || code == RPC_CODE_INTERNAL || code == RPC_CODE_UNKNOWN)
         router_registry_report(r->rt->params.reg, r->dw.id, false, fy_clock_ns());
-    req_fail(r, code == RPC_CODE_CANCELLED ? RPC_CODE_UNAVAILABLE : code, msg, FAIL_DECODE);
+    // The worker call carries the client's deadline: running out of it is the client's.
+    bool deadline = code == RPC_CODE_DEADLINE_EXCEEDED && r->deadline_ns != 0 &&
+                    fy_clock_ns() + 5000000u >= r->deadline_ns;
+    req_fail(r, code == RPC_CODE_CANCELLED ? RPC_CODE_UNAVAILABLE : code, msg,
+             deadline ? FAIL_DEADLINE : FAIL_DECODE);
 }
 
 static void start_decode(rt_req_t *r, uint32_t first)
@@ -642,7 +651,7 @@ static void start_decode(rt_req_t *r, uint32_t first)
         return;
     }
     Ferry__V1__DecodeRequest req = FERRY__V1__DECODE_REQUEST__INIT;
-    req.request_id = r->id;
+    req.request_id = r->wid;
     req.reservation_id = r->reservation_id;
     req.sampling = &r->sampling;
     req.return_token_ids = true;
@@ -657,7 +666,7 @@ static void start_decode(rt_req_t *r, uint32_t first)
                                       on_decode_msg, on_decode_done, r, &r->wcall);
     if (st != FY_OK) {
         r->wcall = NULL;
-        worker_cancel(rt, r->dw.rpc_address, r->id);
+        worker_cancel(rt, r->dw.rpc_address, r->wid);
         req_fail(r, RPC_CODE_INTERNAL, fy_status_str(st), FAIL_DECODE);
     }
 }
@@ -715,12 +724,13 @@ static void on_prefill_done(rpc_ccall_t *call, int code, const char *message, vo
     rt_t *rt = r->rt;
     if (code != RPC_CODE_OK || !r->got_prefill) {
         // The reservation is useless now; the decode side frees it at once.
-        worker_cancel(rt, r->dw.rpc_address, r->id);
+        worker_cancel(rt, r->dw.rpc_address, r->wid);
         bool transfer = strstr(message, "KV transfer") != NULL;
         const char *blame = transfer ? r->dw.id : r->pw.id;
         if (code != RPC_CODE_INVALID_ARGUMENT && code != RPC_CODE_DEADLINE_EXCEEDED)
             router_registry_report(rt->params.reg, blame, false, fy_clock_ns());
         if (code == RPC_CODE_INVALID_ARGUMENT || code == RPC_CODE_DEADLINE_EXCEEDED) {
+            // Not the workers' fault: bad input, or the client's deadline ran out.
             req_fail(r, code, message, code == RPC_CODE_INVALID_ARGUMENT ? FAIL_INVALID
                                                                         : FAIL_DEADLINE);
             return;
@@ -751,7 +761,7 @@ static void on_prefill_done(rpc_ccall_t *call, int code, const char *message, vo
     bool more = push_token(r, first);
     stream_out(r, false);
     if (!more) {
-        worker_cancel(rt, r->dw.rpc_address, r->id); // nothing to decode
+        worker_cancel(rt, r->dw.rpc_address, r->wid); // nothing to decode
         req_finish_ok(r);
         return;
     }
@@ -767,7 +777,7 @@ static void start_prefill(rt_req_t *r)
         return;
     }
     Ferry__V1__PrefillRequest req = FERRY__V1__PREFILL_REQUEST__INIT;
-    req.request_id = r->id;
+    req.request_id = r->wid;
     req.prompt_token_ids = r->prompt;
     req.n_prompt_token_ids = r->n_prompt;
     req.sampling = &r->sampling;
@@ -778,7 +788,7 @@ static void start_prefill(rt_req_t *r)
         req.deadline_unix_ms =
             (fy_clock_realtime_ns() + (r->deadline_ns - FY_MIN(r->deadline_ns, fy_clock_ns()))) /
             1000000u;
-    rpc_call_opts_t opts = {.timeout_ms = (uint32_t)remaining_ms(r, 0)};
+    rpc_call_opts_t opts = {.timeout_ms = (uint32_t)remaining_ms(r, rt->params.prefill_timeout_ms)};
     r->state = ST_PREFILL;
     r->got_prefill = false;
     fy_status_t st = rpc_channel_call(ch, "/ferry.v1.Worker/Prefill", &req.base,
@@ -786,7 +796,7 @@ static void start_prefill(rt_req_t *r)
                                       on_prefill_msg, on_prefill_done, r, &r->wcall);
     if (st != FY_OK) {
         r->wcall = NULL;
-        worker_cancel(rt, r->dw.rpc_address, r->id);
+        worker_cancel(rt, r->dw.rpc_address, r->wid);
         req_fail(r, RPC_CODE_INTERNAL, fy_status_str(st), FAIL_PREFILL);
     }
 }
@@ -805,7 +815,7 @@ static void on_reserve_done(rpc_ccall_t *call, int code, const char *message, vo
     r->wcall = NULL;
     if (r->state != ST_RESERVE) {
         if (code == RPC_CODE_OK)
-            worker_cancel(r->rt, r->dw.rpc_address, r->id);
+            worker_cancel(r->rt, r->dw.rpc_address, r->wid);
         req_maybe_free(r);
         return;
     }
@@ -844,12 +854,23 @@ static void req_place(rt_req_t *r)
     rt_t *rt = r->rt;
     r->attempts++;
     r->reservation_id = 0;
+    if (r->attempts == 1)
+        snprintf(r->wid, sizeof(r->wid), "%s", r->id);
+    else
+        snprintf(r->wid, sizeof(r->wid), "%s.%u", r->id, r->attempts);
     router_place_req_t pr = {.model_fingerprint = 0,
                              .prompt_tokens = (uint32_t)r->n_prompt,
                              .kv_pages = r->kv_pages,
                              .exclude_prefill = r->excl_p[0] ? r->excl_p : NULL,
                              .exclude_decode = r->excl_d[0] ? r->excl_d : NULL};
     fy_status_t st = router_registry_place(rt->params.reg, &pr, fy_clock_ns(), &r->pw, &r->dw);
+    if (st == FY_ERR_UNAVAILABLE && r->attempts > 1 && !r->pool_full &&
+        (pr.exclude_prefill != NULL || pr.exclude_decode != NULL)) {
+        // No other pair: a retry on the same one beats failing (a dead worker fails fast,
+        // and the backoff after a failure still prefers any other worker).
+        pr.exclude_prefill = pr.exclude_decode = NULL;
+        st = router_registry_place(rt->params.reg, &pr, fy_clock_ns(), &r->pw, &r->dw);
+    }
     if (st == FY_ERR_RESOURCE_EXHAUSTED) {
         req_fail(r, RPC_CODE_RESOURCE_EXHAUSTED, "no decode worker has room for this prompt",
                  FAIL_POOL_FULL);
@@ -875,7 +896,7 @@ static void req_place(rt_req_t *r)
         return;
     }
     Ferry__V1__ReserveKVRequest req = FERRY__V1__RESERVE_KVREQUEST__INIT;
-    req.request_id = r->id;
+    req.request_id = r->wid;
     req.prompt_tokens = (uint32_t)r->n_prompt;
     req.max_new_tokens = r->max_tokens;
     req.expected_wire_bytes = r->expected_wire;
@@ -1231,6 +1252,30 @@ fy_status_t rt_serve(rt_t *rt, rpc_server_t *srv)
     return rpc_server_add_service(srv, d, handlers, streaming, rt);
 }
 
+void rt_gc(rt_t *rt)
+{
+    router_worker_t ws[256];
+    size_t nw = FY_MIN(router_registry_snapshot(rt->params.reg, ws, FY_ARRAY_SIZE(ws)),
+                       FY_ARRAY_SIZE(ws));
+    for (size_t i = 0; i < rt->n_chans;) {
+        const char *addr = rt->chans[i].addr;
+        bool used = false;
+        for (size_t j = 0; j < nw && !used; j++)
+            used = strcmp(ws[j].rpc_address, addr) == 0;
+        for (rt_req_t *r = rt->live; r != NULL && !used; r = r->next)
+            used = strcmp(r->pw.rpc_address, addr) == 0 || strcmp(r->dw.rpc_address, addr) == 0;
+        if (used) {
+            i++;
+            continue;
+        }
+        // No registered worker and no request uses it: only fire-and-forget Cancel calls
+        // can still be in flight, and they may go.
+        FY_LOG_DEBUG(MODULE, "closing the channel to %s (worker gone)", addr);
+        rpc_channel_destroy(rt->chans[i].ch);
+        rt->chans[i] = rt->chans[--rt->n_chans];
+    }
+}
+
 void rt_abort_all(rt_t *rt, const char *reason)
 {
     for (rt_req_t *r = rt->live, *next; r; r = next) {
@@ -1242,7 +1287,7 @@ void rt_abort_all(rt_t *rt, const char *reason)
         if (r->wcall != NULL)
             rpc_ccall_cancel(r->wcall);
         if (st >= ST_RESERVE && r->dw.rpc_address[0])
-            worker_cancel(rt, r->dw.rpc_address, r->id);
+            worker_cancel(rt, r->dw.rpc_address, r->wid);
         req_fail(r, RPC_CODE_UNAVAILABLE, reason, FAIL_DECODE);
     }
 }

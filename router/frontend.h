@@ -40,6 +40,7 @@ typedef struct {
     uint32_t retries;               // extra attempts after a failed reserve/prefill/transfer
     uint32_t reserve_lease_ms;      // ReserveKV lease (default 30000)
     uint32_t worker_timeout_ms;     // ReserveKV and Cancel deadline (default 5000)
+    uint32_t prefill_timeout_ms;    // Prefill deadline when the client set none (default 5 min)
     const char *default_policy;     // codec policy when the request names none ("" = workers')
     float default_budget;           // 0 = the policy's
 } rt_params_t;
@@ -58,6 +59,9 @@ size_t rt_in_flight(const rt_t *rt);
 void rt_set_draining(rt_t *rt, bool draining);
 /* Whether a prefill and a decode worker are available and the router is not draining. */
 bool rt_serving(const rt_t *rt);
+/* Closes channels to workers that left the registry and that no request uses (call it
+ * periodically: workers come and go on new addresses). */
+void rt_gc(rt_t *rt);
 /* Cancels every request in flight (their clients get UNAVAILABLE). */
 void rt_abort_all(rt_t *rt, const char *reason);
 /* Frees the router frontend once nothing is in flight (abort and run the loop first); worker

@@ -31,6 +31,9 @@ static const fy_opt_t k_opts[] = {
     {"reserve-lease", FY_OPT_DURATION, "30s", "how long a decode worker holds pages for KV "
                                               "that has not arrived", false},
     {"worker-timeout", FY_OPT_DURATION, "5s", "deadline of ReserveKV and Cancel calls", false},
+    {"prefill-timeout", FY_OPT_DURATION, "5m", "longest a Prefill call may take (queue "
+                                               "included) when the client set no deadline",
+     false},
     {"policy", FY_OPT_STRING, "", "codec policy when a request names none (empty: the prefill "
                                   "worker's default)", false},
     {"budget", FY_OPT_DOUBLE, "0", "codec budget when a request sets none (0: the policy's)",
@@ -92,6 +95,7 @@ static void on_tick(uv_timer_t *t)
     for (size_t i = 0; i < FY_MIN(n, (size_t)16); i++)
         FY_LOG_WARN(MODULE, "worker %s expired: no heartbeat for 3 leases", ids[i]);
     fy_metric_add(a->expired, (double)n);
+    rt_gc(a->rt);
     router_worker_t ws[256];
     size_t nw = router_registry_snapshot(a->reg, ws, FY_ARRAY_SIZE(ws));
     unsigned np = 0, nd = 0;
@@ -187,6 +191,8 @@ static int run(app_t *a)
     tp.retries = (uint32_t)retries;
     tp.reserve_lease_ms = (uint32_t)fy_config_duration_ms(cfg, "reserve-lease");
     tp.worker_timeout_ms = (uint32_t)fy_config_duration_ms(cfg, "worker-timeout");
+    tp.prefill_timeout_ms = (uint32_t)FY_MIN(fy_config_duration_ms(cfg, "prefill-timeout"),
+                                             (uint64_t)UINT32_MAX);
     tp.default_policy = fy_config_str(cfg, "policy");
     tp.default_budget = (float)budget;
     if ((st = rt_create(&a->loop, &tp, &a->rt)) != FY_OK)

@@ -279,7 +279,7 @@ size_t router_registry_snapshot(router_registry_t *reg, router_worker_t *out, si
 {
     pthread_mutex_lock(&reg->mu);
     size_t n = reg->n;
-    if (out != NULL)
+    if (out != NULL && n > 0 && max > 0)
         memcpy(out, reg->workers, FY_MIN(n, max) * sizeof(*out));
     pthread_mutex_unlock(&reg->mu);
     return n;

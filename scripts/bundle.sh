@@ -66,6 +66,12 @@ for p in "${programs[@]}"; do
   if [ -n "$f" ]; then cp "$f" "$out/bin/"; else echo "bundle: $p not built (skipped)"; fi
 done
 [ -f "$out/bin/ferry-bench" ] || die "ferry-bench was not built"
+# ucx_perftest (Debian ucx-utils): `ferry-bench net` measures kvlink against it on the node.
+if command -v ucx_perftest >/dev/null; then
+  cp "$(command -v ucx_perftest)" "$out/bin/"
+else
+  echo "bundle: ucx_perftest not found (apt-get install ucx-utils); ferry-bench net will run without it"
+fi
 
 n_cuda=0
 while IFS= read -r f; do

@@ -19,11 +19,12 @@
 #
 # Environment: FERRY_MODEL (GGUF path, default models/SmolLM2-135M-Instruct.Q4_1.gguf in the
 # current directory), FERRY_RESULTS (default $OUT if set, else ./gpu-results),
-# FERRY_CHECK_TIMEOUT (seconds per command, default 90), CUDA_HOME.
+# FERRY_SOURCE_ROOT (default the current directory), FERRY_CHECK_TIMEOUT (seconds per
+# command, default 90), CUDA_HOME.
 set -uo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-if [ -d "$here/../tests" ] && [ -d "$here/../bench" ]; then
+if [ -f "$here/../MANIFEST.txt" ] && [ -d "$here/../tests" ] && [ -d "$here/../bench" ]; then
   bundle=$(cd "$here/.." && pwd)
 else
   echo "ferry-gpu-check: run it from an extracted bundle (bin/ferry-gpu-check)" >&2
@@ -37,7 +38,7 @@ timeout_s=${FERRY_CHECK_TIMEOUT:-90}
 benches_file="$bundle/bench/gpu-benchmarks.txt"
 list_only=0
 pack=''
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --tests-only) run_benches=0 ;;
@@ -66,6 +67,10 @@ is_elf() { [ -f "$1" ] && [ "$(head -c 4 "$1" 2>/dev/null | tail -c 3)" = ELF ];
 model=${FERRY_MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
 case "$model" in /*) ;; *) model="$(pwd)/$model" ;; esac
 export FERRY_MODEL=$model
+# Tests that read fixtures or the model from a checkout (tests/model) look under
+# FERRY_SOURCE_ROOT: the folder the check was started from, unless set.
+FERRY_SOURCE_ROOT=${FERRY_SOURCE_ROOT:-$(pwd)}
+export FERRY_SOURCE_ROOT
 results=${FERRY_RESULTS:-${OUT:-./gpu-results}}
 mkdir -p "$results" || { echo "ferry-gpu-check: cannot create $results" >&2; exit 2; }
 FERRY_RESULTS=$(cd "$results" && pwd)
@@ -149,7 +154,7 @@ fi
 
 # ---- The machine.
 {
-  echo "== ferry-gpu-check $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname)"
+  echo "== ferry-gpu-check $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(cat /proc/sys/kernel/hostname 2>/dev/null || echo unknown)"
   [ -f "$bundle/MANIFEST.txt" ] && sed -n '2,3p' "$bundle/MANIFEST.txt" | sed 's/^/bundle /'
   if command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=index,name,driver_version,memory.total,compute_cap --format=csv,noheader 2>&1 | sed 's/^/gpu: /'
@@ -202,7 +207,7 @@ now_ms() { date +%s%3N; }
 run_one() {
   local kind=$1 name=$2
   shift 2
-  local log="$FERRY_RESULTS/$name.log" t0 t1 rc secs verdict
+  local log="$FERRY_RESULTS/$name.log" t0 t1 rc secs verdict note=''
   echo "-- $kind $name"
   t0=$(now_ms)
   ( cd "$bundle" && exec timeout -k 5 "$timeout_s" "$@" ) > "$log" 2>&1 < /dev/null
@@ -213,10 +218,13 @@ run_one() {
     verdict=pass; n_pass=$((n_pass + 1))
   elif [ "$rc" = 77 ]; then
     verdict=skip; n_skip=$((n_skip + 1))
+    # The reason a test gives ("SKIP: ..."), for the summary.
+    note=$(grep -m1 -i '^skip' "$log" | sed 's/^[Ss][Kk][Ii][Pp][: ]*//' | cut -c1-60)
     # A CUDA test or a benchmark that skips where nvidia-smi sees GPUs means the runtime could
-    # not use them (driver too old for CUDA 13, no device nodes...), unless it needs more
-    # GPUs than there are (test_nccl_cuda wants two): see its log.
-    if [ "$gpu_count" -gt 0 ] && { [ "$kind" = bench ] || [[ "$name" == *_cuda ]]; }; then
+    # not use them (driver too old for CUDA 13, no device nodes...), unless it says it needs
+    # more GPUs than there are (test_nccl_cuda wants two): see its log.
+    if [ "$gpu_count" -gt 0 ] && { [ "$kind" = bench ] || [[ "$name" == *_cuda ]]; } &&
+       ! grep -qiE 'needs (two|[0-9]+) GPUs' "$log"; then
       verdict='skip (GPU present!)'
     fi
   elif [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
@@ -226,7 +234,8 @@ run_one() {
   fi
   echo "   $verdict rc=$rc ${secs}s  ($log)"
   if [ "$verdict" != pass ] && [ "$verdict" != skip ]; then tail -n 5 "$log" | sed 's/^/   | /'; fi
-  summary+=("$(printf '%-5s %-36s %-22s rc=%-4s %7ss' "$kind" "$name" "$verdict" "$rc" "$secs")")
+  summary+=("$(printf '%-5s %-36s %-22s rc=%-4s %7ss%s' "$kind" "$name" "$verdict" "$rc" "$secs" \
+                      "${note:+  $note}")")
 }
 
 for f in "${tests[@]}"; do

@@ -206,6 +206,38 @@ static inline void du_kill(du_proc_t *p)
     unlink(p->port_file);
 }
 
+/* GET path over HTTP/1.1 from 127.0.0.1:port; the whole response (malloc'd, caller frees), or
+ * NULL when the connection fails. */
+static inline char *du_http_get(int port, const char *path)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (fd < 0 || connect(fd, (struct sockaddr *)&a, sizeof(a)) != 0) {
+        if (fd >= 0)
+            close(fd);
+        return NULL;
+    }
+    char req[256];
+    int n = snprintf(req, sizeof(req), "GET %s HTTP/1.1\r\nHost: localhost\r\n\r\n", path);
+    if (write(fd, req, (size_t)n) != n) {
+        close(fd);
+        return NULL;
+    }
+    size_t cap = 1 << 20, got = 0;
+    char *buf = malloc(cap);
+    while (buf != NULL && got < cap - 1) {
+        ssize_t m = read(fd, buf + got, cap - 1 - got);
+        if (m <= 0)
+            break;
+        got += (size_t)m;
+    }
+    close(fd);
+    if (buf != NULL)
+        buf[got] = '\0';
+    return buf;
+}
+
 /* ---- a blocking call over an rpc_channel on a private loop --------------------------------- */
 
 typedef struct {

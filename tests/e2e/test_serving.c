@@ -158,7 +158,18 @@ static int group_setup(void **state)
     if (im_end >= 0 && im_end != G.stops[0])
         G.stops[G.n_stops++] = im_end;
 
-    const char *rargs[] = {"--model", G.model_path, "--lease", "500ms", "--log-level", "warn",
+    // The router reads a YAML config file; flags override it. Reservations outlive the prefill
+    // queue even when 32 streams arrive at once on a slow (sanitizer) build.
+    static char cfg_path[256];
+    snprintf(cfg_path, sizeof(cfg_path), "%s/ferry-router-%d.yaml",
+             getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp", (int)getpid());
+    FILE *cf = fopen(cfg_path, "w");
+    if (cf == NULL)
+        return -1;
+    fprintf(cf, "# e2e router\nlease: 500ms\nreserve-lease: 10m\nmax_tokens: 64\n"
+                "log-level: debug\n");
+    fclose(cf);
+    const char *rargs[] = {"--config", cfg_path, "--model", G.model_path, "--log-level", "warn",
                            NULL};
     if (du_start(&G.router, "router", "router/ferry-router", rargs, 60000) != FY_OK) {
         du_dump_log(&G.router);
@@ -429,6 +440,15 @@ static void test_complete_tokenize_models(void **state)
     assert_true(lm->models[0]->fingerprint == mdl_model_fingerprint(G.model));
     ferry_message_free(lm);
 
+    // max_tokens 0 takes the router's default, 64 from its config file.
+    s.max_tokens = 0;
+    s.ignore_eos = true;
+    assert_int_equal(ferry_complete(G.client, &req, &c, &err), 0);
+    assert_int_equal(c->stats->completion_tokens, 64);
+    assert_int_equal(c->finish_reason, FERRY__V1__FINISH_REASON__FINISH_REASON_LENGTH);
+    ferry_message_free(c);
+    s.ignore_eos = false;
+
     // Bad input: an unknown model, an out-of-range budget.
     req.model = "no-such-model";
     assert_int_equal(ferry_complete(G.client, &req, &c, &err), RPC_CODE_NOT_FOUND);
@@ -474,27 +494,11 @@ static void test_stop_string(void **state)
 
 /* ---- many streams, cancel, deadline ------------------------------------------------------- */
 
-static double decode_metric(const char *name)
+static double metric_at(int port, const char *name)
 {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)G.decode.port)};
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (connect(fd, (struct sockaddr *)&a, sizeof(a)) != 0) {
-        close(fd);
+    char *buf = du_http_get(port, "/metrics");
+    if (buf == NULL)
         return -1;
-    }
-    static const char req[] = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
-    assert_int_equal(write(fd, req, sizeof(req) - 1), (ssize_t)(sizeof(req) - 1));
-    size_t cap = 1 << 20, got = 0;
-    char *buf = malloc(cap);
-    for (;;) {
-        ssize_t m = read(fd, buf + got, cap - 1 - got);
-        if (m <= 0)
-            break;
-        got += (size_t)m;
-    }
-    close(fd);
-    buf[got] = '\0';
     double v = -1;
     char key[128];
     snprintf(key, sizeof(key), "\n%s ", name);
@@ -503,6 +507,11 @@ static double decode_metric(const char *name)
         v = strtod(p + strlen(key), NULL);
     free(buf);
     return v;
+}
+
+static double decode_metric(const char *name)
+{
+    return metric_at(G.decode.port, name);
 }
 
 typedef struct {
@@ -528,6 +537,19 @@ static void async_done(ferry_call_t *call, int code, const char *message, void *
         fprintf(stderr, "stream: %s %s\n", ferry_code_name(code), message);
 }
 
+/* An asynchronous SDK client on a fresh loop. */
+static ferry_client_t *async_client(uv_loop_t *loop)
+{
+    uv_loop_init(loop);
+    ferry_client_params_t p;
+    ferry_client_params_default(&p);
+    p.addresses = G.router_addr;
+    p.timeout_ms = 300000;
+    ferry_client_t *c = NULL;
+    assert_int_equal(ferry_client_create_on_loop(loop, &p, &c), 0);
+    return c;
+}
+
 static void test_concurrent_streams(void **state)
 {
     enum { N = 32 };
@@ -535,13 +557,7 @@ static void test_concurrent_streams(void **state)
     double free0 = decode_metric("ferry_decode_total_pages");
     assert_true(free0 > 0);
     uv_loop_t loop;
-    uv_loop_init(&loop);
-    ferry_client_params_t p;
-    ferry_client_params_default(&p);
-    p.addresses = G.router_addr;
-    p.timeout_ms = 300000;
-    ferry_client_t *c = NULL;
-    assert_int_equal(ferry_client_create_on_loop(&loop, &p, &c), 0);
+    ferry_client_t *c = async_client(&loop);
     static async_t res[N];
     memset(res, 0, sizeof(res));
     static const char *const prompts[] = {"One", "Two birds", "The sky is", "Numbers: 1, 2,"};
@@ -623,7 +639,124 @@ static void test_cancel_and_deadline(void **state)
     free(g);
 }
 
+static void test_router_metrics(void **state)
+{
+    char *m = du_http_get(G.router.port, "/metrics");
+    assert_non_null(m);
+    assert_non_null(strstr(m, "HTTP/1.1 200 OK"));
+    static const char *const series[] = {
+        "ferry_router_requests_total{status=\"ok\"} ",
+        "ferry_router_requests_total{status=\"cancelled\"} ",
+        "ferry_router_ttft_seconds_bucket{le=",
+        "ferry_router_tpot_seconds_count ",
+        "ferry_router_kv_raw_bytes_total ",
+        "ferry_router_kv_wire_bytes_total ",
+        "ferry_router_kv_wire_ratio ",
+        "ferry_router_kv_transfer_seconds_count ",
+        "ferry_router_failures_total{reason=\"deadline\"} 1",
+        "ferry_router_failures_total{reason=\"cancelled\"} 1",
+        "ferry_router_workers{role=\"decode\"} 1",
+    };
+    for (size_t i = 0; i < FY_ARRAY_SIZE(series); i++) {
+        if (strstr(m, series[i]) == NULL)
+            fprintf(stderr, "missing %s in\n%s\n", series[i], m);
+        assert_non_null(strstr(m, series[i]));
+    }
+    free(m);
+    char *h = du_http_get(G.router.port, "/healthz");
+    assert_non_null(strstr(h, "200 OK"));
+    free(h);
+}
+
 /* ---- failures and shutdown ----------------------------------------------------------------- */
+
+static bool prefill_workers(int n, uint32_t timeout_ms)
+{
+    uint64_t end = fy_clock_ns() + (uint64_t)timeout_ms * 1000000u;
+    while (fy_clock_ns() < end) {
+        if (metric_at(G.router.port, "ferry_router_workers{role=\"prefill\"}") == n &&
+            (n == 0 || router_serving(1000)))
+            return true;
+        fy_sleep_ns(100 * 1000000ull);
+    }
+    return false;
+}
+
+static fy_status_t start_prefill(du_proc_t *p, const char *extra_flag, const char *extra_val)
+{
+    const char *args[] = {"--model", G.model_path, "--router", G.router_addr, "--threads", "1",
+                          "--log-level", "warn", extra_flag, extra_val, NULL};
+    return du_start(p, "prefill", "prefill/ferry-prefill", args, 120000);
+}
+
+/* A corrupt KV frame is refused by the decode side and the request is retried (OK for the
+ * client); a prefill worker killed mid-prefill is replaced by the other one on retry. */
+static void test_corrupt_frame_and_prefill_killed(void **state)
+{
+    // The prefill worker is replaced by one that damages one frame of its first request.
+    assert_int_equal(du_stop(&G.prefill, 30000), 0);
+    assert_true(prefill_workers(0, 10000));
+    assert_int_equal(start_prefill(&G.prefill, "--test-corrupt-frames", "1"), FY_OK);
+    assert_true(prefill_workers(1, 180000));
+    double retries0 = metric_at(G.router.port, "ferry_router_retries_total");
+    double transfer0 = metric_at(G.router.port, "ferry_router_failures_total{reason=\"transfer\"}");
+    size_t n;
+    int32_t *ids = tokenize_local("The capital of France is", false, &n);
+    gen_req_t q = {.prompt = "The capital of France is", .policy = "fp16", .max_tokens = 12};
+    expect_local(&q, ids, n); // same tokens, after one retry
+    free(ids);
+    assert_true(metric_at(G.router.port, "ferry_router_retries_total") == retries0 + 1);
+    assert_true(metric_at(G.router.port, "ferry_router_failures_total{reason=\"transfer\"}") ==
+                transfer0 + 1);
+
+    // Two prefill workers; the one computing a long prompt is killed.
+    du_proc_t other;
+    assert_int_equal(start_prefill(&other, "--log-level", "warn"), FY_OK);
+    assert_true(prefill_workers(2, 180000));
+    char text[8192] = "Read this list and say which word comes most often:";
+    for (int i = 0; i < 500; i++)
+        strcat(text, i % 3 ? " lamp" : " river");
+    uv_loop_t loop;
+    ferry_client_t *c = async_client(&loop);
+    Ferry__V1__GenerateRequest req = FERRY__V1__GENERATE_REQUEST__INIT;
+    Ferry__V1__SamplingParams s = FERRY__V1__SAMPLING_PARAMS__INIT;
+    req.input_case = FERRY__V1__GENERATE_REQUEST__INPUT_PROMPT;
+    req.prompt = text;
+    s.max_tokens = 4;
+    s.ignore_eos = true;
+    req.sampling = &s;
+    req.return_token_ids = true;
+    async_t res = {0};
+    assert_int_equal(ferry_call_async(c, "/ferry.v1.Ferry/Generate", &req.base,
+                                      &ferry__v1__generate_response__descriptor, NULL, async_msg,
+                                      async_done, &res, NULL),
+                     0);
+    du_proc_t *victim = NULL;
+    while (!res.done) {
+        uv_run(&loop, UV_RUN_NOWAIT);
+        if (victim == NULL) {
+            if (metric_at(G.prefill.port, "ferry_prefill_in_flight") == 1)
+                victim = &G.prefill;
+            else if (metric_at(other.port, "ferry_prefill_in_flight") == 1)
+                victim = &other;
+            if (victim != NULL)
+                kill(victim->pid, SIGKILL);
+        }
+        fy_sleep_ns(2 * 1000000ull);
+    }
+    ferry_client_destroy(c);
+    du_drain_loop(&loop);
+    uv_loop_close(&loop);
+    assert_non_null(victim);
+    assert_int_equal(res.code, 0);
+    assert_int_equal(res.n_ids, 4);
+    du_wait(victim, 5000);
+    if (victim == &G.prefill)
+        G.prefill = other; // the survivor serves the rest
+    else
+        du_kill(&other);
+    assert_true(prefill_workers(1, 10000));
+}
 
 static void kill_decode(void)
 {
@@ -718,6 +851,8 @@ int main(void)
         cmocka_unit_test(test_stop_string),
         cmocka_unit_test(test_concurrent_streams),
         cmocka_unit_test(test_cancel_and_deadline),
+        cmocka_unit_test(test_router_metrics),
+        cmocka_unit_test(test_corrupt_frame_and_prefill_killed),
         cmocka_unit_test(test_decode_killed),
         cmocka_unit_test(test_sigterm_drains),
     };

@@ -4,9 +4,10 @@
 // sequences of different lengths must match kvc_attend on the same pages list by list:
 // |gpu - cpu| <= 1e-3 * max|cpu row| + 1e-6 for every element (both are fp32; only the order of
 // the sums differs). Every option, rotated and unrotated pages, MixKVQ protected channels,
-// GQA 3:1 and 1:1, head_dim 64 and 128, odd token counts, empty lists (zeros), one split per
-// list and many, and invalid page ids (skipped and counted). Outputs are poisoned with NaN
-// first. Exits 77 (skipped) without a CUDA build or a GPU.
+// GQA 3:1 and 1:1, head_dim 64 and 128 (and 72, 256, 512 for the other lane layouts), odd
+// token counts, empty lists (zeros), one split per list and many, and invalid page ids
+// (skipped and counted). Outputs are poisoned with NaN first. Exits 77 (skipped) without a
+// CUDA build or a GPU.
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -305,6 +306,20 @@ static const config_t k_configs[] = {
       {"fp16", -1, -1, 131, 7, false},
       {"ferry", 0.35, 0, 451, 0, false},
       {"kivi2", -1, 1, 263, 0, false}}},
+    // Beyond the brief's shapes, the kernel's other lane layouts: d 72 (not a power of two, so
+    // nothing rotated; 9 of 16 lanes per token hold channels), d 256 with GQA 8 (32 lanes per
+    // token, 8 rows), d 512 with GQA 2 (16 channels per lane, 64 KiB pages).
+    {72, 2, 2, 3, 32768, 512, 3,
+     {{"ferry", 0.25, 0, 389, 0, false},
+      {"int8", -1, -1, 45, 0, false},
+      {"kivi2", -1, 0, 301, 0, false}}},
+    {256, 1, 8, 0, 32768, 1024, 3,
+     {{"ferry", 0.2, -1, 457, 0, false},
+      {"int4", -1, 1, 67, 0, false},
+      {"fp16", -1, -1, 97, 0, false}}},
+    {512, 1, 2, 4, 65536, 512, 2,
+     {{"ferry", 0.25, -1, 303, 0, false},
+      {"int4", -1, 0, 129, 3, false}}},
 };
 
 /* Every config, with the kernel's own split (several pages per block for long lists, up to one

@@ -2,7 +2,8 @@
 // scorer must clamp) every output is bit-identical: importance (GQA mean and max, pooling 1
 // and 7), window output, query sensitivity and HybridKV classes. From the window queries the
 // GPU's expf and softmax sums differ in rounding, so importance and window output are compared
-// to 1e-4 relative (plus 1e-6 of the largest value, for sums that cancel) and the query sensitivity exactly.
+// to 1e-4 relative (plus 1e-6 of the largest value, for sums that cancel) and the query
+// sensitivity exactly.
 // Odd token counts, GQA groups of 1 to 4, head_dim 64 and 128. Exits 77 without a GPU.
 #include <setjmp.h>
 #include <stdarg.h>

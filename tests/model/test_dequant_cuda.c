@@ -37,10 +37,10 @@ static int run(uint64_t *rng, uint32_t type, size_t n)
     for (size_t b = 0; b < n / blk; b++) {
         uint8_t *p = src + b * bytes;
         if (blk == 32) {
-            uint16_t d = fy_fp32_to_fp16((float)((next(rng) % 2000) - 1000) / 1e4f);
+            uint16_t d = fy_fp32_to_fp16((float)((int64_t)(next(rng) % 2000) - 1000) / 1e4f);
             memcpy(p, &d, 2);
             if (type == MDL_TENSOR_Q4_1) {
-                uint16_t m = fy_fp32_to_fp16((float)((next(rng) % 2000) - 1000) / 1e3f);
+                uint16_t m = fy_fp32_to_fp16((float)((int64_t)(next(rng) % 2000) - 1000) / 1e3f);
                 memcpy(p + 2, &m, 2);
             }
         } else if (type == MDL_TENSOR_F32) {

@@ -470,16 +470,9 @@ static void test_invalid_requests(void **state)
 static void test_decode_unreachable(void **state)
 {
     int32_t ids[4] = {1, 2, 3, 4};
-    // A port nobody listens on: bind one and close it.
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET};
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t alen = sizeof(a);
-    assert_int_equal(bind(fd, (struct sockaddr *)&a, sizeof(a)), 0);
-    getsockname(fd, (struct sockaddr *)&a, &alen);
+    // A port nobody listens on.
     char addr[32];
-    snprintf(addr, sizeof(addr), "127.0.0.1:%d", ntohs(a.sin_port));
-    close(fd);
+    snprintf(addr, sizeof(addr), "127.0.0.1:%d", du_free_port());
     call_t c = {.ids = ids, .n = 4, .kv_addr = addr, .timeout_ms = 30000};
     du_result_t r;
     uint64_t t0 = fy_clock_ns();
@@ -528,34 +521,9 @@ static void test_cancel_and_deadline(void **state)
     du_result_clear(&r);
 }
 
-static char *http_get(int port, const char *path)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (connect(fd, (struct sockaddr *)&a, sizeof(a)) != 0) {
-        close(fd);
-        return NULL;
-    }
-    char req[128];
-    int n = snprintf(req, sizeof(req), "GET %s HTTP/1.1\r\nHost: x\r\n\r\n", path);
-    assert_int_equal(write(fd, req, (size_t)n), n);
-    size_t cap = 1 << 20, got = 0;
-    char *buf = malloc(cap);
-    for (;;) {
-        ssize_t m = read(fd, buf + got, cap - 1 - got);
-        if (m <= 0)
-            break;
-        got += (size_t)m;
-    }
-    close(fd);
-    buf[got] = '\0';
-    return buf;
-}
-
 static void test_metrics(void **state)
 {
-    char *m = http_get(G.proc.port, "/metrics");
+    char *m = du_http_get(G.proc.port, "/metrics");
     assert_non_null(m);
     assert_non_null(strstr(m, "HTTP/1.1 200 OK"));
     assert_non_null(strstr(m, "ferry_prefill_tokens_total "));
@@ -566,7 +534,7 @@ static void test_metrics(void **state)
     assert_non_null(strstr(m, "ferry_prefill_hidden_transfer_fraction "));
     assert_non_null(strstr(m, "ferry_prefill_requests_total{status=\"cancelled\"} 2"));
     free(m);
-    char *h = http_get(G.proc.port, "/healthz");
+    char *h = du_http_get(G.proc.port, "/healthz");
     assert_non_null(strstr(h, "200 OK"));
     free(h);
 }

@@ -45,6 +45,7 @@ struct kvlink_nccl_send {
     kvlink_nccl_send_params_t params;
     sframe_t *head, *tail; /* queued, not yet announced */
     uint64_t credit;       /* bytes that may still be announced */
+    uint64_t window;       /* the receiver's whole window (its first grant) */
     bool granted;
     bool finished; /* kvlink_nccl_send_finish called */
     bool end_sent;
@@ -534,6 +535,8 @@ fy_status_t kvlink_nccl_send_frame_crc(kvlink_nccl_send_t *req, uint32_t layer, 
         return FY_ERR_INVALID_ARG;
     if (req->ended || req->finished)
         return FY_ERR_STATE;
+    if (req->granted && len > req->window)
+        return FY_ERR_OUT_OF_RANGE; // larger than the receiver's whole window: could never go
     if (req->n_frames == UINT32_MAX)
         return FY_ERR_OUT_OF_RANGE;
     sframe_t *f = calloc(1, sizeof(*f));
@@ -810,7 +813,18 @@ static fy_status_t apply_entries(kvlink_nccl_t *pair, const kvlink_nccl_ctl_t *c
                     continue;
                 }
                 s->credit += e->bytes;
-                s->granted = true;
+                if (!s->granted) {
+                    s->granted = true;
+                    s->window = e->bytes;
+                    // A queued frame larger than the whole window could never go.
+                    for (const sframe_t *f = s->head; f != NULL; f = f->next) {
+                        if (f->len > s->window) {
+                            (void)q_push(pair, KVLINK_NCCL_E_CANCEL, s->id, FY_ERR_OUT_OF_RANGE, 0);
+                            sreq_end(pair, s, FY_ERR_OUT_OF_RANGE);
+                            break;
+                        }
+                    }
+                }
             } else if (e->type == KVLINK_NCCL_E_STATUS) {
                 fy_status_t st = kvlink_status_from_wire(e->status);
                 if (s == NULL)

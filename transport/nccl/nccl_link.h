@@ -198,7 +198,9 @@ fy_status_t kvlink_nccl_send_open(kvlink_nccl_t *pair, uint64_t request_id,
 /* Queues one frame. data ([len] bytes of device memory on the pair's GPU, 1 <= len <= max
  * frame, fully written before the call: synchronize the stream that produced it) is borrowed
  * until on_done (exactly once). Frames go out in order as credits allow. FY_ERR_STATE after
- * finish or failure (on_done not called). Thread: owner thread. */
+ * finish or failure, FY_ERR_OUT_OF_RANGE for a frame larger than the receiver's whole window
+ * (on_done not called); a frame queued before the window was known and larger than it ends
+ * the request with FY_ERR_OUT_OF_RANGE. Thread: owner thread. */
 fy_status_t kvlink_nccl_send_frame(kvlink_nccl_send_t *req, uint32_t layer, const void *data,
                                    size_t len, kvlink_nccl_frame_done_cb on_done, void *arg);
 

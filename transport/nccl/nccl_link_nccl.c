@@ -44,6 +44,7 @@ typedef struct {
     int rank;
     ncclComm_t comm;
     bool comm_live; /* not yet aborted */
+    bool pools;     /* the device has stream-ordered memory pools */
     cudaStream_t stream;
     cudaEvent_t done;
     uint8_t *d_out, *d_in;                /* [KVLINK_NCCL_CTL_BYTES] device, stream-ordered */
@@ -200,7 +201,10 @@ static fy_status_t be_mem_alloc(void *arg, size_t bytes, void **ptr_p)
     if (st != FY_OK)
         return st;
     void *p = NULL;
-    st = from_cuda(cudaMallocAsync(&p, bytes, be->stream), "cudaMallocAsync");
+    if (be->pools)
+        st = from_cuda(cudaMallocAsync(&p, bytes, be->stream), "cudaMallocAsync");
+    else
+        st = from_cuda(cudaMalloc(&p, bytes), "cudaMalloc");
     if (st != FY_OK)
         return st;
     *ptr_p = p;
@@ -214,7 +218,10 @@ static void be_mem_free(void *arg, void *ptr)
         return;
     (void)cudaSetDevice(be->device);
     // After whatever the stream still holds that uses it (a round, or aborted kernels).
-    (void)cudaFreeAsync(ptr, be->stream);
+    if (be->pools)
+        (void)cudaFreeAsync(ptr, be->stream);
+    else
+        (void)cudaFree(ptr);
 }
 
 static void be_abort(void *arg)
@@ -241,10 +248,8 @@ static void be_destroy(void *arg)
     (void)cudaSetDevice(be->device);
     // Only enqueued: the frees run, and the stream's resources go, once the stream drains.
     if (be->stream != NULL) {
-        if (be->d_out != NULL)
-            (void)cudaFreeAsync(be->d_out, be->stream);
-        if (be->d_in != NULL)
-            (void)cudaFreeAsync(be->d_in, be->stream);
+        be_mem_free(be, be->d_out);
+        be_mem_free(be, be->d_in);
     }
     if (be->done != NULL)
         (void)cudaEventDestroy(be->done);
@@ -288,6 +293,18 @@ fy_status_t kvlink_nccl_create(const uint8_t *id, size_t id_len, const kvlink_nc
     if (st == FY_OK)
         st = from_cuda(cudaEventCreateWithFlags(&be->done, cudaEventDisableTiming),
                        "cudaEventCreate");
+    if (st == FY_OK) {
+        // Without memory pools (some virtualized GPUs) allocations fall back to cudaMalloc and
+        // cudaFree, which may wait on the device: a dead peer then stalls frees until the
+        // peer timeout aborts it, and one thread should own only one end of a pair.
+        int pools = 0;
+        if (cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, be->device) ==
+                cudaSuccess &&
+            pools != 0)
+            be->pools = true;
+        else
+            FY_LOG_WARN(MOD, "device %d has no memory pools: synchronous allocations", be->device);
+    }
     if (st == FY_OK)
         st = be_mem_alloc(be, KVLINK_NCCL_CTL_BYTES, (void **)&be->d_out);
     if (st == FY_OK)

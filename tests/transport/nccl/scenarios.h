@@ -421,6 +421,41 @@ static void test_refused_open_and_deadlines(void **state)
     rec_free(rec);
 }
 
+static bool req1_both_ended(rec_t *rec)
+{
+    return rec->send_ended[1] && rec->recv_ended[1];
+}
+static bool req2_granted_frames(rec_t *rec)
+{
+    return rec->rx_per_req[2] >= 1;
+}
+
+/* A frame larger than the receiver's whole window could never be sent: queued before the
+ * window is known it ends the request (both sides) with FY_ERR_OUT_OF_RANGE; offered after,
+ * it is refused at once. */
+static void test_frame_beyond_window(void **state)
+{
+    (void)state;
+    rec_t *rec = rec_ready();
+    expect_req(rec, 1, 1000, 0);
+    send_req(rec, 1, 3, 4000, 0, true); // frame lengths up to 4000 bytes, some above 1000
+    assert_true(pump(rec, req1_both_ended, 30000));
+    assert_int_equal(rec->send_st[1], FY_ERR_OUT_OF_RANGE);
+    assert_int_equal(rec->recv_st[1], FY_ERR_OUT_OF_RANGE);
+    assert_int_equal(rec->done_fail, 3);
+
+    expect_req(rec, 2, 1000, 0);
+    kvlink_nccl_send_t *req = send_req(rec, 2, 1, 500, 0, false);
+    assert_true(pump(rec, req2_granted_frames, 30000));
+    uint8_t host[2000] = {0};
+    void *big = g_h.frame_alloc(host, sizeof(host));
+    assert_int_equal(kvlink_nccl_send_frame(req, 1, big, sizeof(host), NULL, NULL),
+                     FY_ERR_OUT_OF_RANGE);
+    g_h.frame_free(big);
+    kvlink_nccl_send_cancel(req);
+    rec_free(rec);
+}
+
 static bool peers_reported(rec_t *rec)
 {
     return rec->peer_calls[0] && rec->peer_calls[1];
@@ -509,6 +544,7 @@ static void test_destroy_with_open_requests(void **state)
 #define NCCL_SCENARIO_TESTS                                                                        \
     cmocka_unit_test(test_transfer_with_credits), cmocka_unit_test(test_cancel_both_sides),        \
         cmocka_unit_test(test_refused_open_and_deadlines), cmocka_unit_test(test_compat_mismatch), \
+        cmocka_unit_test(test_frame_beyond_window),                                                \
         cmocka_unit_test(test_destroy_with_open_requests), cmocka_unit_test(test_peer_death)
 
 #endif /* FERRY_TESTS_NCCL_SCENARIOS_H */
