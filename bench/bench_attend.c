@@ -14,7 +14,9 @@
  * fits in L2. When the pages would exceed the pool cap the ids wrap (the cap is far larger than
  * L2, and the wrap distance is not a multiple of a list's length, so wrapped reads never meet
  * in time). Timing: CUDA events around 8 back-to-back steps (page sets rotating), one warm-up
- * interval, median over --reps intervals.
+ * interval, median over --reps intervals. Each case runs with both kernels of
+ * kvc_attend_batch_cuda: the tensor-core one (the default; the goals are its rows) and the SIMT
+ * one (reps / 4 intervals), side by side.
  * Bytes read = page headers + used slots of every page (what the kernel loads).
  */
 #include <math.h>
@@ -51,6 +53,7 @@ static const variant_t k_variants[] = {
 
 typedef struct {
     const char *variant;
+    const char *kernel; // "mma" or "simt" (KVC_ATTEND_IMPL_*)
     uint32_t context, batch, tokens_per_list, pages_per_list;
     double bytes, ms, gbps, vs_f16, sdpa_ms;
 } row_t;
@@ -288,7 +291,7 @@ int bench_attend_main(int argc, char **argv)
     void *d_ws = NULL;
     size_t ws_cap = 0;
     cudaEvent_t ev0 = NULL, ev1 = NULL;
-    row_t *rows = calloc(N_VARIANTS * (size_t)n_ctx * n_b, sizeof(row_t));
+    row_t *rows = calloc(2 * N_VARIANTS * (size_t)n_ctx * n_b, sizeof(row_t));
     double *times = malloc((size_t)reps * sizeof(double));
     int n_rows = 0;
     kvc_pool_t *src_pool = NULL;
@@ -328,8 +331,8 @@ int bench_attend_main(int argc, char **argv)
     fprintf(out, "attend on %s (driver %d, %zu MiB L2), Llama-3-8B layer: %d q heads, %d kv "
                  "heads, head_dim %d, %u KiB pages\n",
             prop.name, driver, l2 >> 20, N_HEADS, N_KV, HEAD_DIM, PAGE_BYTES / 1024);
-    fprintf(out, "%-9s %8s %5s %7s %10s %9s %9s %8s %9s\n", "pages", "context", "batch",
-            "pages/l", "MB read", "us/step", "GB/s", "vs f16", "vs sdpa");
+    fprintf(out, "%-9s %-6s %8s %5s %7s %10s %9s %9s %8s %9s\n", "pages", "kernel", "context",
+            "batch", "pages/l", "MB read", "us/step", "GB/s", "vs f16", "vs sdpa");
 
     for (size_t vi = 0; vi < N_VARIANTS; vi++) {
         const variant_t *v = &k_variants[vi];
@@ -420,7 +423,16 @@ int bench_attend_main(int argc, char **argv)
                 CU(cudaMemcpy(d_starts, h_starts, (size_t)sets * (items + 1) * sizeof(uint32_t),
                               cudaMemcpyHostToDevice));
                 kvc_gpu_pages_t gp = {d_pool, PAGE_BYTES, filled, HEAD_DIM, GROUP, 0};
-                kvc_attend_batch_t bt = {B, N_HEADS, N_KV, d_starts, d_ids, ppl};
+                // Both kernels: the tensor-core one (the default, the goals' rows) and the
+                // SIMT one beside it, timed with fewer reps.
+                for (uint32_t impl = KVC_ATTEND_IMPL_MMA; impl >= KVC_ATTEND_IMPL_SIMT; impl--) {
+                const int kreps = impl == KVC_ATTEND_IMPL_MMA ? reps : FY_MAX(3, reps / 4);
+                kvc_attend_batch_t bt = {B, N_HEADS, N_KV, d_starts, d_ids, ppl, impl};
+                uint32_t ran = 0;
+                if ((st = kvc_attend_batch_cuda_impl(&gp, &bt, &ran)) != FY_OK) {
+                    fprintf(stderr, "attend: impl: %s\n", fy_status_str(st));
+                    goto fail;
+                }
                 size_t ws_need;
                 if ((st = kvc_attend_batch_cuda_workspace(&gp, &bt, &ws_need)) != FY_OK) {
                     fprintf(stderr, "attend: workspace: %s\n", fy_status_str(st));
@@ -435,7 +447,7 @@ int bench_attend_main(int argc, char **argv)
                 const float scale = 1.0f / sqrtf((float)HEAD_DIM);
                 // Each timed rep runs STEPS steps back to back (as a decode loop would, so host
                 // launch overhead is hidden whenever the GPU is the slower side).
-                for (int r = -1; r < reps; r++) {
+                for (int r = -1; r < kreps; r++) {
                     CU(cudaEventRecord(ev0, NULL));
                     for (int k = 0; k < STEPS; k++) {
                         uint32_t set = (uint32_t)((r + 1) * STEPS + k) % sets;
@@ -461,26 +473,28 @@ int bench_attend_main(int argc, char **argv)
                 }
                 row_t *R = &rows[n_rows++];
                 R->variant = v->name;
+                R->kernel = ran == KVC_ATTEND_IMPL_MMA ? "mma" : "simt";
                 R->context = contexts[ci];
                 R->batch = B;
                 R->pages_per_list = ppl;
                 R->tokens_per_list = ppl * page_tokens;
                 R->bytes = step_bytes;
-                R->ms = median(times, reps);
+                R->ms = median(times, kreps);
                 R->gbps = step_bytes / (R->ms * 1e-3) / 1e9;
                 R->vs_f16 = 0;
                 R->sdpa_ms = sdpa ? sdpa_lookup(sdpa, contexts[ci], B) : -1;
                 for (int k = 0; k < n_rows; k++)
                     if (strcmp(rows[k].variant, "f16") == 0 && rows[k].context == R->context &&
-                        rows[k].batch == B)
+                        rows[k].batch == B && strcmp(rows[k].kernel, R->kernel) == 0)
                         R->vs_f16 = R->ms / rows[k].ms;
                 char vs_sdpa[16] = "-";
                 if (vi == 0 && R->sdpa_ms > 0)
                     snprintf(vs_sdpa, sizeof(vs_sdpa), "%.2f", R->ms / R->sdpa_ms);
-                fprintf(out, "%-9s %8u %5u %7u %10.1f %9.1f %9.0f %8.2f %9s\n", v->name,
-                        R->context, B, ppl, step_bytes / 1e6, R->ms * 1e3, R->gbps, R->vs_f16,
-                        vs_sdpa);
+                fprintf(out, "%-9s %-6s %8u %5u %7u %10.1f %9.1f %9.0f %8.2f %9s\n", v->name,
+                        R->kernel, R->context, B, ppl, step_bytes / 1e6, R->ms * 1e3, R->gbps,
+                        R->vs_f16, vs_sdpa);
                 fflush(out);
+                } // impl
             }
         }
     }
@@ -503,6 +517,7 @@ int bench_attend_main(int argc, char **argv)
         const row_t *R = &rows[k];
         cJSON *o = cJSON_CreateObject();
         cJSON_AddStringToObject(o, "pages", R->variant);
+        cJSON_AddStringToObject(o, "kernel", R->kernel);
         cJSON_AddNumberToObject(o, "context", R->context);
         cJSON_AddNumberToObject(o, "batch", R->batch);
         cJSON_AddNumberToObject(o, "tokens_per_list", R->tokens_per_list);
@@ -521,6 +536,8 @@ int bench_attend_main(int argc, char **argv)
     for (int k = 0; k < n_rows; k++) {
         const row_t *R = &rows[k];
         char key[64];
+        if (strcmp(R->kernel, "mma") != 0)
+            continue; // the goals are the default kernel's
         if (strcmp(R->variant, "int4") == 0 && R->context == 32768) {
             snprintf(key, sizeof(key), "int4_vs_f16_32k_b%u", R->batch);
             cJSON_AddNumberToObject(goals, key, R->vs_f16);

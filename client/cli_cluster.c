@@ -54,46 +54,26 @@ static int wait_router(const fy_cluster_spec_t *spec, uint64_t timeout_ms)
 
 static int run_ssh(const fy_cluster_spec_t *spec, bool down, bool dry_run, uint64_t timeout_ms)
 {
-    if (dry_run || down) {
-        FILE *out = dry_run ? stdout : tmpfile();
-        if (out == NULL)
-            return 1;
-        if (fy_cluster_gen_ssh(spec, down, out) != FY_OK)
-            return 1;
-        if (dry_run)
-            return 0;
-        rewind(out);
-        char line[16384];
-        int rc = 0;
-        while (fgets(line, sizeof(line), out) != NULL) {
-            if (line[0] == '#' || strncmp(line, "set ", 4) == 0)
-                continue;
-            fy_cluster_cmd_t c = {0};
-            fy_cluster_cmd_add(&c, "sh");
-            fy_cluster_cmd_add(&c, "-c");
-            fy_cluster_cmd_add(&c, line);
-            if (fy_cluster_run_cmd(&c, 2) != 0)
-                rc = 1;
-            fy_cluster_cmd_free(&c);
-        }
-        fclose(out);
-        return rc;
-    }
+    if (dry_run)
+        return fy_cluster_gen_ssh(spec, down, stdout) == FY_OK ? 0 : 1;
+    int rc = 0;
     for (int i = 0; i < spec->n_daemons; i++) {
         fy_cluster_cmd_t c;
-        if (fy_cluster_ssh_cmd(spec, i, &c) != FY_OK)
+        if (fy_cluster_ssh_cmd(spec, i, down, &c) != FY_OK)
             return 1;
         int x = fy_cluster_run_cmd(&c, 2);
         fy_cluster_cmd_free(&c);
         if (x != 0) {
-            fprintf(stderr, "ferry cluster: starting %s over ssh failed (exit %d)\n",
-                    spec->daemons[i].name, x);
-            return 1;
+            fprintf(stderr, "ferry cluster: %s %s over ssh failed (exit %d)\n",
+                    down ? "stopping" : "starting", spec->daemons[i].name, x);
+            if (!down)
+                return 1;
+            rc = 1;
         }
-        if (spec->daemons[i].role == FY_CLUSTER_ROUTER)
+        if (!down && spec->daemons[i].role == FY_CLUSTER_ROUTER)
             fy_sleep_ns(2000 * 1000000ull);
     }
-    return wait_router(spec, timeout_ms);
+    return down ? rc : wait_router(spec, timeout_ms);
 }
 
 static void make_log_dir(const fy_cluster_spec_t *spec)

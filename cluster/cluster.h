@@ -203,7 +203,10 @@ fy_status_t fy_cluster_set_link(fy_cluster_spec_t *spec, int h, uint64_t bandwid
 
 /* ssh: one line per daemon that starts it on its host (and the stop lines with `down`). */
 fy_status_t fy_cluster_gen_ssh(const fy_cluster_spec_t *spec, bool down, FILE *out);
-fy_status_t fy_cluster_ssh_cmd(const fy_cluster_spec_t *spec, int i, fy_cluster_cmd_t *cmd);
+/* The ssh command that starts daemon i on its host, detached, writing LOG_DIR/NAME.pid and
+ * .log (down: SIGTERM it and wait until it is gone); argv[6] is the remote shell line. */
+fy_status_t fy_cluster_ssh_cmd(const fy_cluster_spec_t *spec, int i, bool down,
+                               fy_cluster_cmd_t *cmd);
 /* slurm: an sbatch script with an srun step per daemon. */
 fy_status_t fy_cluster_gen_slurm(const fy_cluster_spec_t *spec, FILE *out);
 /* k8s: a multi-document YAML (ConfigMap, Deployments, Services). */

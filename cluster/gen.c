@@ -33,19 +33,32 @@ static fy_status_t start_line(const fy_cluster_spec_t *spec, int i, char *out, s
         return st;
     const char *name = spec->daemons[i].name, *log = spec->log_dir;
     int n = snprintf(out, out_len,
-                     "mkdir -p %s && nohup env %s >%s/%s.log 2>&1 </dev/null & echo $! >%s/%s.pid",
+                     "mkdir -p %s && { nohup env %s >%s/%s.log 2>&1 </dev/null & echo $! "
+                     ">%s/%s.pid; }",
                      log, line, log, name, log, name);
     return n < 0 || (size_t)n >= out_len ? FY_ERR_OUT_OF_RANGE : FY_OK;
 }
 
-fy_status_t fy_cluster_ssh_cmd(const fy_cluster_spec_t *spec, int i, fy_cluster_cmd_t *cmd)
+fy_status_t fy_cluster_ssh_cmd(const fy_cluster_spec_t *spec, int i, bool down,
+                               fy_cluster_cmd_t *cmd)
 {
     if (spec == NULL || cmd == NULL || i < 0 || i >= spec->n_daemons)
         return FY_ERR_INVALID_ARG;
     memset(cmd, 0, sizeof(*cmd));
     const fy_cluster_host_t *h = &spec->hosts[spec->daemons[i].host];
     char remote[LINE_MAX_LEN], target[160];
-    fy_status_t st = start_line(spec, i, remote, sizeof(remote));
+    fy_status_t st = FY_OK;
+    if (down) {
+        /* SIGTERM drains; the pid file goes once the process is gone */
+        int n = snprintf(remote, sizeof(remote),
+                         "p=$(cat %s/%s.pid) && kill -TERM $p && "
+                         "while kill -0 $p 2>/dev/null; do sleep 0.2; done; rm -f %s/%s.pid",
+                         spec->log_dir, spec->daemons[i].name, spec->log_dir,
+                         spec->daemons[i].name);
+        st = n < 0 || (size_t)n >= sizeof(remote) ? FY_ERR_OUT_OF_RANGE : FY_OK;
+    } else {
+        st = start_line(spec, i, remote, sizeof(remote));
+    }
     if (st != FY_OK)
         return st;
     if (h->ssh_user[0])
@@ -70,23 +83,15 @@ fy_status_t fy_cluster_gen_ssh(const fy_cluster_spec_t *spec, bool down, FILE *o
     char line[LINE_MAX_LEN * 2];
     /* start: router first (workers register at start); stop: router first (drain) */
     for (int i = 0; i < spec->n_daemons; i++) {
-        const fy_cluster_host_t *h = &spec->hosts[spec->daemons[i].host];
-        if (down) {
-            fprintf(out, "ssh -o BatchMode=yes -o ConnectTimeout=10 %s%s%s "
-                         "'kill -TERM $(cat %s/%s.pid)'\n",
-                    h->ssh_user, h->ssh_user[0] ? "@" : "", h->address, spec->log_dir,
-                    spec->daemons[i].name);
-            continue;
-        }
         fy_cluster_cmd_t cmd;
-        fy_status_t st = fy_cluster_ssh_cmd(spec, i, &cmd);
+        fy_status_t st = fy_cluster_ssh_cmd(spec, i, down, &cmd);
         if (st == FY_OK)
             st = fy_cluster_cmd_shell(&cmd, line, sizeof(line));
         fy_cluster_cmd_free(&cmd);
         if (st != FY_OK)
             return st;
         fprintf(out, "%s\n", line);
-        if (spec->daemons[i].role == FY_CLUSTER_ROUTER)
+        if (!down && spec->daemons[i].role == FY_CLUSTER_ROUTER)
             fprintf(out, "sleep 2  # the router listens before workers register\n");
     }
     return FY_OK;

@@ -168,6 +168,8 @@ static bool daemon_alive(int pid, const char *name)
     n = fread(buf, 1, sizeof(buf) - 1, f);
     fclose(f);
     buf[n] = '\0';
+    if (n == 0)
+        return true; /* exiting: its memory is gone but it is not a zombie yet */
     char want[48];
     const char *dash = strchr(name, '-');
     snprintf(want, sizeof(want), "ferry-%.*s", dash ? (int)(dash - name) : (int)strlen(name),

@@ -2,6 +2,10 @@
  * attend.cu: decode attention over compressed KV pages on the GPU, the twin of kvc_attend in
  * attend.c (the reference it is tested against, tests/kvcodec/test_attend_cuda.c).
  *
+ * Two kernels do the per-split work (kvc_attend_batch_t.impl, FERRY_ATTEND_IMPL): the tensor-core
+ * one (attend_mma_kernel, below the SIMT one; head_dim 64 and 128, GQA groups up to 4; the
+ * default wherever it applies) and the SIMT one described here, which takes every shape.
+ *
  * Flash-decoding. Kernel 1 runs one thread block per (page list, split): the list's pages are
  * cut into n_splits contiguous ranges. For each page the block reads the 16-byte header on the
  * device (fetched one page ahead), copies the used part of the page into shared memory with
@@ -30,6 +34,8 @@
 #include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 #include <math.h>
+#include <stdlib.h>
+#include <string.h>
 
 namespace {
 
@@ -58,17 +64,21 @@ struct attn_params {
     float *ws_acc, *ws_accr;   // [n_items][n_splits][rows][d] plain / rotated accumulators
     uint32_t *ws_rot;          // [n_items][n_splits]
     uint32_t *ws_err;          // [1] pages skipped
+    // Tensor-core path (attend_mma_kernel) only: shared memory layout, see mma_layout.
+    uint32_t rows;    // query rows per list
+    uint32_t m_pbuf;  // bytes of one page buffer (two of them)
+    uint32_t m_off_q, m_off_tab, m_off_qz, m_off_qsp, m_ts;
 };
 
-__host__ __device__ inline int opt_kbits(int o)
+__host__ __device__ constexpr int opt_kbits(int o)
 {
     return o == 0 ? 16 : o == 1 ? 8 : o == 2 ? 4 : o == 3 ? 4 : 2;
 }
-__host__ __device__ inline int opt_vbits(int o)
+__host__ __device__ constexpr int opt_vbits(int o)
 {
     return o == 0 ? 16 : o == 1 ? 8 : o == 2 ? 4 : 2;
 }
-__host__ __device__ inline bool opt_protectable(int o)
+__host__ __device__ constexpr bool opt_protectable(int o)
 {
     return o >= 2 && o <= 4;
 }
@@ -349,6 +359,24 @@ __device__ __forceinline__ void load_value(const attn_params &A, const uint8_t *
     }
 }
 
+/* List `item`'s pages [p0, p1) for this split (page_ids[ls + p0 ..]); a malformed descriptor
+ * (end before start) attends nothing and is reported once. */
+__device__ __forceinline__ void split_range(const attn_params &A, uint32_t item, uint32_t split,
+                                            uint32_t *ls_p, uint32_t *p0_p, uint32_t *p1_p)
+{
+    uint32_t ls = A.list_start[item], le = A.list_start[item + 1];
+    if (le < ls) {
+        if (threadIdx.x == 0 && split == 0)
+            atomicAdd(A.ws_err, 1u);
+        le = ls;
+    }
+    const uint32_t n = le - ls;
+    const uint32_t pps = (n + A.n_splits - 1) / A.n_splits;
+    *ls_p = ls;
+    *p0_p = min(n, split * pps);
+    *p1_p = min(n, *p0_p + pps);
+}
+
 /* The next power of two >= n. */
 __host__ __device__ constexpr int pow2ceil(int n)
 {
@@ -385,15 +413,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks(NQ, CPT)) attend_split_ke
         s_l[tid] = 0.0f;
     }
 
-    uint32_t ls = A.list_start[item], le = A.list_start[item + 1];
-    if (le < ls) { // a malformed descriptor: attend nothing, report it once
-        if (tid == 0 && split == 0)
-            atomicAdd(A.ws_err, 1u);
-        le = ls;
-    }
-    const uint32_t n = le - ls;
-    const uint32_t pps = (n + A.n_splits - 1) / A.n_splits;
-    const uint32_t p0 = min(n, split * pps), p1 = min(n, p0 + pps);
+    uint32_t ls, p0, p1;
+    split_range(A, item, split, &ls, &p0, &p1);
 
     const uint32_t lpt = A.lpt, tpb = kThreads / lpt; // token lanes per block
     const uint32_t li = tid % lpt, tl = tid / lpt, c0 = li * CPT;
@@ -723,6 +744,661 @@ __global__ void __launch_bounds__(kThreads) attend_combine_kernel(attn_params A,
     }
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* Tensor-core path: mma.sync m16n8k16, FP16 operands, FP32 accumulation                       */
+/* ------------------------------------------------------------------------------------------ */
+/*
+ * The same flash-decoding split and the same workspace as attend_split_kernel, for head_dim 64
+ * and 128 and GQA groups of up to 4 rows. The 4 warps of a block share each staged page (whole
+ * pages, double-buffered with cp.async: page i+1 is in flight while page i is attended) and
+ * split its tokens into tiles of 16; each warp keeps its own online softmax and accumulator,
+ * combined at the end of a pass.
+ *   logits  S = Qa K^T: one m16n8k16 per 8 tokens and 16 channels. Qa's 16 rows are the query
+ *           rows split into an FP16 high and low part (rows 0-7: hi of row r & 3, rows 8-15: lo),
+ *           so S = hi + lo carries ~22 bits of the FP32 query. For a quantized slot Qa holds
+ *           q * kscale (attend.c's pre-scaled query, hi/lo, built once per slot in a shared
+ *           table) and K^T holds the integer codes, exact in FP16; + q.kzero per slot, + the
+ *           MixKVQ 8-bit block in FP32.
+ *   values  O^T = V^T P^T: one m16n8k16 per 16 channels and 16 tokens, V^T the codes (or FP16
+ *           values) of two tokens per register, P^T's 8 columns the probabilities times the
+ *           token's vscale, hi (columns 0-3) and lo (4-7); + sum p * vzero per row in FP32.
+ * The dot product does not depend on the order of channels, nor the sums on the order of
+ * tokens, so each lane takes the channels its loads deliver (kphys below) and the same order
+ * is used for the query table; codes become FP16 with one LOP3 and one HSUB2 per two codes
+ * (0x6400 | c is 1024 + c). FP16 pages are staged with their 16-byte chunks XOR-swizzled per
+ * token (mma_swz) so that the fragment loads are free of bank conflicts.
+ */
+constexpr int kMmaWarps = 4;
+constexpr int kMmaThreads = 32 * kMmaWarps;
+constexpr uint32_t kMmaRows = 4;
+
+/* Bytes of one query row of the per-slot table: D/16 units of 64 bytes (16 per kq lane), plus
+ * 64 bytes of padding so that rows r and r + 1 fall on different banks. */
+__host__ __device__ constexpr uint32_t mma_row_stride(uint32_t d)
+{
+    return (d / 16 + 1) * 64;
+}
+
+/* Slots of one table (slots whose tokens are attended between two table builds). */
+__host__ __device__ inline uint32_t mma_table_slots(uint32_t G)
+{
+    return 64 / G < 2 ? 2 : 64 / G;
+}
+
+/* Token order inside 8 tokens and the chunk swizzle of an FP16 token row (see the header). */
+__device__ __forceinline__ uint32_t mma_tau(uint32_t n)
+{
+    return n ^ ((n >> 2) & 1u);
+}
+__device__ __forceinline__ uint32_t mma_swz(uint32_t t)
+{
+    return ((t >> 1) & 1u) | ((t & 1u) << 2);
+}
+
+/* The channel of element e of FP16 pair hp of key lane kq (the table and the K fragments agree
+ * on it); a bijection of (kq < 4, hp < D/8, e < 2) onto the D channels for each option. */
+template <int D, int OPT>
+__device__ __forceinline__ uint32_t kphys(uint32_t kq, uint32_t hp, uint32_t e)
+{
+    if (OPT == 0)
+        return 8 * (kq + 4 * (hp / 4)) + 2 * (hp % 4) + e;
+    if (OPT == 1)
+        return kq * (D / 4) + 4 * (hp / 2) + (hp % 2) + 2 * e;
+    if (OPT == 2 || OPT == 3)
+        return kq * (D / 4) + 8 * (hp / 4) + (hp % 4) + 4 * e;
+    return kq * (D / 4) + 16 * (hp / 8) + (hp % 8) + 8 * e;
+}
+
+__device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                         uint32_t a3, uint32_t b0, uint32_t b1)
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
+                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+/* (1024 + a, 1024 + b) as FP16x2 minus 1024: exact. */
+__device__ __forceinline__ uint32_t sub1024(uint32_t u)
+{
+    uint32_t r;
+    asm("sub.f16x2 %0, %1, %2;" : "=r"(r) : "r"(u), "r"(0x64006400u));
+    return r;
+}
+
+__device__ __forceinline__ uint32_t pack_h2(float lo, float hi)
+{
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t *>(&h);
+}
+
+/* x split into FP16 hi + lo (hi when `lo` is false). */
+__device__ __forceinline__ float split_part(float x, bool lo)
+{
+    const float h = __half2float(__float2half_rn(x));
+    return lo ? x - h : h;
+}
+
+__device__ __forceinline__ float h2f_at(const uint8_t *p)
+{
+    return __half2float(*reinterpret_cast<const __half *>(p));
+}
+
+/* N 32-bit words from a shared address aligned to min(16, 4 N) bytes. */
+template <int N>
+__device__ __forceinline__ void lds_words(const uint8_t *p, uint32_t *w)
+{
+    if (N % 4 == 0) {
+#pragma unroll
+        for (int i = 0; i < N / 4; i++) {
+            const uint4 u = reinterpret_cast<const uint4 *>(p)[i];
+            w[4 * i] = u.x, w[4 * i + 1] = u.y, w[4 * i + 2] = u.z, w[4 * i + 3] = u.w;
+        }
+    } else if (N == 2) {
+        const uint2 u = *reinterpret_cast<const uint2 *>(p);
+        w[0] = u.x, w[1] = u.y;
+    } else {
+        w[0] = *reinterpret_cast<const uint32_t *>(p);
+    }
+}
+
+/* FP16 pair hp of a key lane's words (codes as FP16, or FP16 keys). */
+template <int OPT>
+__device__ __forceinline__ uint32_t k_pair(const uint32_t *w, int hp)
+{
+    if (OPT == 0)
+        return w[hp];
+    if (OPT == 1)
+        return sub1024(__byte_perm(w[hp / 2], 0x64646464u, (hp % 2) ? 0x4341 : 0x4240));
+    if (OPT == 2 || OPT == 3)
+        return sub1024(((w[hp / 4] >> (4 * (hp % 4))) & 0x000f000fu) | 0x64006400u);
+    return sub1024(((w[hp / 8] >> (2 * (hp % 8))) & 0x00030003u) | 0x64006400u);
+}
+
+/* Channel x of a value lane's words for two tokens (w0, w1) as one FP16x2 (token w0 low). */
+template <int OPT>
+__device__ __forceinline__ uint32_t v_pair(const uint32_t *w0, const uint32_t *w1, int x)
+{
+    if (OPT == 0)
+        return __byte_perm(w0[x / 2], w1[x / 2], (x % 2) ? 0x7632 : 0x5410);
+    if (OPT == 1)
+        return sub1024((__byte_perm(w0[x / 4], w1[x / 4], (x % 4) | ((4 + x % 4) << 8)) &
+                        0x00ff00ffu) |
+                       0x64006400u);
+    if (OPT == 2) {
+        const uint32_t y = __byte_perm(w0[x / 8], w1[x / 8], (x % 8) < 4 ? 0x5410 : 0x7632);
+        return sub1024(((y >> (4 * (x % 4))) & 0x000f000fu) | 0x64006400u);
+    }
+    const uint32_t y = __byte_perm(w0[x / 16], w1[x / 16], (x % 16) < 8 ? 0x5410 : 0x7632);
+    return sub1024(((y >> (2 * (x % 8))) & 0x00030003u) | 0x64006400u);
+}
+
+/* A lane's query fragments for all k steps from its row of the table (tp: row r, lane kq):
+ * a0/a2 the hi pairs 2s, 2s + 1 (rows 0-7), a1/a3 the lo ones (rows 8-15). */
+template <int D>
+__device__ __forceinline__ void mma_load_a(const uint8_t *tp, uint32_t (&afr)[D / 16][4])
+{
+    uint32_t tw[D / 4];
+#pragma unroll
+    for (int i = 0; i < D / 16; i++)
+        lds_words<4>(tp + i * 64, tw + 4 * i);
+#pragma unroll
+    for (int s = 0; s < D / 16; s++) {
+        afr[s][0] = tw[2 * s];
+        afr[s][1] = tw[D / 8 + 2 * s];
+        afr[s][2] = tw[2 * s + 1];
+        afr[s][3] = tw[D / 8 + 2 * s + 1];
+    }
+}
+
+/* Per-warp running state of one pass: this lane's part of the softmax of row r = g & 3 and of
+ * O^T (rows 2kq, 2kq + 1 of the hi/lo columns; channels g D/8 + u and g D/8 + D/16 + u). */
+template <int D>
+struct mma_state {
+    float m, l, pz;
+    float acc[D / 16][4];
+};
+
+/* Attends tokens [tb, te) of a staged page (slots at `slots`), whose keys' query table for slots
+ * s0 .. is at tab (qz, qsp beside it). Called by every warp; warp w takes tiles w, w + 4, ... */
+template <int D, int OPT>
+__device__ void mma_tokens(const attn_params &A, const uint8_t *slots, uint32_t sb, uint32_t s0,
+                           uint32_t tb, uint32_t te, const uint8_t *tab, const float *qz,
+                           const float *qsp, uint32_t P, mma_state<D> &st)
+{
+    constexpr int KS = D / 16;                                  // k steps (and m tiles)
+    constexpr int KB = OPT == 0 ? 0 : D * opt_kbits(OPT) / 32; // key bytes per lane
+    constexpr int VB = D * opt_vbits(OPT) / 64;                 // value bytes per lane
+    constexpr int VW = VB >= 4 ? VB / 4 : 1;
+    const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const uint32_t g = lane >> 2, kq = lane & 3, r = g & 3;
+    const uint32_t G = A.G;
+    const uint32_t rowk = OPT == 0 ? 0 : D * opt_kbits(OPT) / 8;
+    const uint32_t rowv = OPT == 0 ? 0 : D * opt_vbits(OPT) / 8;
+    const uint32_t koff = 4 * D + 4 * G, voff = koff + G * rowk;
+    const uint32_t poff = voff + G * rowv; // pidx, then pcodes
+    const uint32_t RS = mma_row_stride(D), TABS = 4 * RS;
+    const uint32_t ntiles = (te - tb + 15) / 16;
+
+    uint32_t afr[KS][4];
+    int cur = -1;
+    for (uint32_t tile = warp; tile < ntiles; tile += kMmaWarps) {
+        const uint32_t T0 = tb + 16 * tile;
+        // Logits of the tile's two n-tiles (8 tokens each). Their mma chains are interleaved
+        // (independent accumulators) when both n-tiles are of one slot, as they are whenever
+        // G is a multiple of 16; else the second one reloads the table.
+        const bool two = T0 + 8 < te; // the second n-tile has tokens
+        int sl[2];
+        sl[0] = OPT == 0 ? 0 : (int)(T0 / G - s0);
+        sl[1] = OPT == 0 || !two ? sl[0] : (int)((T0 + 8) / G - s0);
+        if (sl[0] != cur) {
+            cur = sl[0];
+            mma_load_a<D>(tab + (uint32_t)cur * TABS + r * RS + kq * 16, afr);
+        }
+        uint32_t kw[2][OPT == 0 ? D / 8 : (KB / 4 > 0 ? KB / 4 : 1)];
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            const uint32_t tok = min(T0 + 8 * j + mma_tau(g), te - 1);
+            if (OPT == 0) {
+                const uint8_t *row = slots + (size_t)tok * (4 * D);
+                const uint32_t sw = mma_swz(tok);
+#pragma unroll
+                for (int jj = 0; jj < D / 32; jj++)
+                    lds_words<4>(row + 16 * ((kq + 4 * jj) ^ sw), kw[j] + 4 * jj);
+            } else {
+                const uint8_t *sp = slots + (size_t)(tok / G) * sb;
+                lds_words<KB / 4>(sp + koff + (tok % G) * rowk + kq * KB, kw[j]);
+            }
+        }
+        float c[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+        if (sl[1] == sl[0]) {
+#pragma unroll
+            for (int s = 0; s < KS; s++)
+#pragma unroll
+                for (int j = 0; j < 2; j++)
+                    mma16816(c[j], afr[s][0], afr[s][1], afr[s][2], afr[s][3],
+                             k_pair<OPT>(kw[j], 2 * s), k_pair<OPT>(kw[j], 2 * s + 1));
+        } else {
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                if (j == 1) {
+                    cur = sl[1];
+                    mma_load_a<D>(tab + (uint32_t)cur * TABS + r * RS + kq * 16, afr);
+                }
+#pragma unroll
+                for (int s = 0; s < KS; s++)
+                    mma16816(c[j], afr[s][0], afr[s][1], afr[s][2], afr[s][3],
+                             k_pair<OPT>(kw[j], 2 * s), k_pair<OPT>(kw[j], 2 * s + 1));
+            }
+        }
+        float sv[2][2];
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const uint32_t t = T0 + 8 * j + mma_tau(2 * kq + e);
+                float v = c[j][e] + c[j][2 + e];
+                if (t >= te) {
+                    v = -INFINITY;
+                } else if (OPT != 0) {
+                    v += qz[sl[j] * 4 + r];
+                    if (P > 0 && opt_protectable(OPT)) {
+                        const uint8_t *pc =
+                            slots + (size_t)(t / G) * sb + poff + 2 * P + (t % G) * P;
+                        const float *qp = qsp + ((size_t)sl[j] * 4 + r) * P;
+                        for (uint32_t jj = 0; jj < P; jj++)
+                            v += qp[jj] * (float)pc[jj];
+                    }
+                }
+                sv[j][e] = v;
+            }
+        // Online softmax of row r over the 16 tokens (the 4 kq lanes of g hold them all).
+        float mt = fmaxf(fmaxf(sv[0][0], sv[0][1]), fmaxf(sv[1][0], sv[1][1]));
+        mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 1));
+        mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 2));
+        const float mn = fmaxf(st.m, mt); // finite: token T0 < te is valid
+        const float alpha = st.m == -INFINITY ? 0.0f : __expf(st.m - mn);
+        st.m = mn;
+        float p[2][2], psum = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                p[j][e] = sv[j][e] == -INFINITY ? 0.0f : __expf(sv[j][e] - mn);
+                psum += p[j][e];
+            }
+        st.l = st.l * alpha + psum;
+        st.pz *= alpha;
+        const float al0 = __shfl_sync(0xffffffffu, alpha, 4 * ((2 * kq) & 3));
+        const float al1 = __shfl_sync(0xffffffffu, alpha, 4 * ((2 * kq + 1) & 3));
+#pragma unroll
+        for (int u = 0; u < KS; u++) {
+            st.acc[u][0] *= al0;
+            st.acc[u][1] *= al1;
+            st.acc[u][2] *= al0;
+            st.acc[u][3] *= al1;
+        }
+        // Values: P^T columns (hi for g < 4, lo for g >= 4) times the token's vscale.
+        uint32_t vw[2][2][OPT == 0 ? D / 16 : VW];
+        float ps[2][2];
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const uint32_t tok = min(T0 + 8 * j + mma_tau(2 * kq + e), te - 1);
+                if (OPT == 0) {
+                    const uint8_t *row = slots + (size_t)tok * (4 * D);
+                    const uint32_t sw = mma_swz(tok);
+#pragma unroll
+                    for (int jj = 0; jj < D / 64; jj++)
+                        lds_words<4>(row + 16 * ((D / 8 + g * (D / 64) + jj) ^ sw),
+                                     vw[j][e] + 4 * jj);
+                    ps[j][e] = p[j][e];
+                } else {
+                    const uint8_t *sp = slots + (size_t)(tok / G) * sb;
+                    const uint32_t jt = tok % G;
+                    const uint8_t *vp = sp + voff + jt * rowv + g * VB;
+                    if (VB >= 4)
+                        lds_words<VW>(vp, vw[j][e]);
+                    else
+                        vw[j][e][0] = *reinterpret_cast<const uint16_t *>(vp);
+                    ps[j][e] = p[j][e] * h2f_at(sp + 4 * D + 2 * jt);
+                    st.pz += p[j][e] * h2f_at(sp + 4 * D + 2 * G + 2 * jt);
+                }
+            }
+        const bool lo = g >= 4;
+        const uint32_t b0 = pack_h2(split_part(ps[0][0], lo), split_part(ps[0][1], lo));
+        const uint32_t b1 = pack_h2(split_part(ps[1][0], lo), split_part(ps[1][1], lo));
+#pragma unroll
+        for (int u = 0; u < KS; u++)
+            mma16816(st.acc[u], v_pair<OPT>(vw[0][0], vw[0][1], u),
+                     v_pair<OPT>(vw[0][0], vw[0][1], D / 16 + u),
+                     v_pair<OPT>(vw[1][0], vw[1][1], u),
+                     v_pair<OPT>(vw[1][0], vw[1][1], D / 16 + u), b0, b1);
+    }
+}
+
+/* Builds the query table of slots s0 .. s0 + ns - 1 of a staged page (FP16 pages: one entry, q
+ * itself): for each row r < 4, key lane kq and pair hp, (q * kscale) at the two channels of
+ * kphys, hi then lo; qz = q . kzero; qsp = q * kscale at the P protected channels (whose main
+ * entries are 0, as in attend.c; P is 0 for options without them). Called by the whole block;
+ * a barrier must follow. */
+template <int D, int OPT>
+__device__ void mma_table(const attn_params &A, const uint8_t *slots, uint32_t sb, uint32_t s0,
+                          uint32_t ns, const float *qq, uint8_t *tab, float *qz, float *qsp,
+                          uint32_t P)
+{
+    const uint32_t G = A.G, RS = mma_row_stride(D), TABS = 4 * RS;
+    const uint32_t rowk = OPT == 0 ? 0 : D * opt_kbits(OPT) / 8;
+    const uint32_t rowv = OPT == 0 ? 0 : D * opt_vbits(OPT) / 8;
+    const uint32_t poff = 4 * D + 4 * G + G * (rowk + rowv);
+    constexpr uint32_t per_slot = 16 * (D / 4);
+    for (uint32_t idx = threadIdx.x; idx < ns * per_slot; idx += blockDim.x) {
+        const uint32_t sl = idx / per_slot, rem = idx % per_slot;
+        const uint32_t r = rem / (4 * (D / 4)), kq = (rem / (D / 4)) % 4, w = rem % (D / 4);
+        const bool hl = w >= D / 8;
+        const uint32_t hp = w % (D / 8);
+        const uint32_t c0 = kphys<D, OPT>(kq, hp, 0), c1 = kphys<D, OPT>(kq, hp, 1);
+        float x0 = qq[r * D + c0], x1 = qq[r * D + c1];
+        if (OPT != 0) {
+            const uint8_t *sp = slots + (size_t)(s0 + sl) * sb;
+            x0 *= h2f_at(sp + 2 * c0);
+            x1 *= h2f_at(sp + 2 * c1);
+            for (uint32_t jj = 0; jj < P; jj++) {
+                const uint32_t c = rd16(sp + poff + 2 * jj);
+                if (c == c0)
+                    x0 = 0.0f;
+                if (c == c1)
+                    x1 = 0.0f;
+            }
+        }
+        *reinterpret_cast<uint32_t *>(tab + sl * TABS + r * RS + (w / 4) * 64 + kq * 16 +
+                                      (w % 4) * 4) = pack_h2(split_part(x0, hl), split_part(x1, hl));
+    }
+    if (OPT == 0)
+        return;
+    const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    for (uint32_t i = warp; i < ns * 4; i += blockDim.x / 32) {
+        const uint32_t sl = i / 4, r = i % 4;
+        const uint8_t *sp = slots + (size_t)(s0 + sl) * sb;
+        float s = 0.0f;
+        for (uint32_t c = lane; c < D; c += 32)
+            s += qq[r * D + c] * h2f_at(sp + 2 * D + 2 * c);
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1)
+            s += __shfl_xor_sync(0xffffffffu, s, off);
+        if (lane == 0)
+            qz[i] = s;
+    }
+    for (uint32_t idx = threadIdx.x; idx < ns * 4 * P; idx += blockDim.x) {
+        const uint32_t sl = idx / (4 * P), r = (idx / P) % 4, jj = idx % P;
+        const uint8_t *sp = slots + (size_t)(s0 + sl) * sb;
+        const uint32_t c = rd16(sp + poff + 2 * jj);
+        qsp[idx] = c < D ? qq[r * D + c] * h2f_at(sp + 2 * c) : 0.0f;
+    }
+}
+
+/* One staged page of option OPT: tables and tokens, a group of table slots at a time. */
+template <int D, int OPT>
+__device__ void mma_page(const attn_params &A, const uint8_t *pg, const page_hdr &h,
+                         const float *qq, uint8_t *tab, float *qz, float *qsp, mma_state<D> &st)
+{
+    const uint8_t *slots = pg + KVC_PAGE_HEADER_BYTES;
+    const uint32_t sb = A.slot_bytes[OPT], G = A.G;
+    if (OPT == 0) {
+        mma_table<D, 0>(A, slots, sb, 0, 1, qq, tab, qz, qsp, 0);
+        __syncthreads();
+        mma_tokens<D, 0>(A, slots, sb, 0, 0, h.n_slots, tab, qz, qsp, 0, st);
+        return;
+    }
+    const uint32_t ntok = (h.n_slots - 1) * G + h.last_tokens;
+    const uint32_t P = opt_protectable(OPT) ? A.P : 0;
+    for (uint32_t s0 = 0; s0 < h.n_slots; s0 += A.m_ts) {
+        const uint32_t ns = min(A.m_ts, h.n_slots - s0);
+        mma_table<D, OPT>(A, slots, sb, s0, ns, qq, tab, qz, qsp, P);
+        __syncthreads();
+        mma_tokens<D, OPT>(A, slots, sb, s0, s0 * G, min(ntok, (s0 + ns) * G), tab, qz, qsp, P,
+                           st);
+        __syncthreads(); // the table is rebuilt next
+    }
+}
+
+/* What a page is to pass `pass`: 0 nothing, 1 a bad page (counted in pass 0), 2 attend it
+ * (the checks of attend_split_kernel). */
+__device__ __forceinline__ int mma_page_kind(const attn_params &A, uint32_t pid, uint4 hraw,
+                                             int pass)
+{
+    if (pid >= A.n_pages)
+        return 1;
+    const page_hdr h = parse_hdr(hraw);
+    if (h.n_tokens == 0 || h.opt >= kOpts)
+        return 0;
+    const uint32_t opt = h.opt, sb = A.slot_bytes[opt], d = A.d;
+    const bool bad = h.head_dim != d || h.slot_tokens != (opt == 0 ? 1u : A.G) ||
+                     h.n_slots > h.cap_slots ||
+                     (size_t)KVC_PAGE_HEADER_BYTES + (size_t)h.n_slots * sb > A.page_bytes ||
+                     (opt != 0 && h.n_slots > 0 && (h.last_tokens == 0 || h.last_tokens > A.G));
+    const bool rot = (h.flags & KVC_PAGE_FLAG_ROTATED) != 0;
+    if (bad || (rot && (d & (d - 1)) != 0))
+        return 1;
+    if (h.n_slots == 0 || (int)rot != pass)
+        return 0;
+    return 2;
+}
+
+/* Starts the asynchronous copy of the used bytes of page pid into dst (FP16 pages swizzled)
+ * when pass attends it; always commits one group. */
+template <int D>
+__device__ __forceinline__ void mma_stage(const attn_params &A, uint32_t pid, uint4 hraw,
+                                          int pass, uint8_t *dst)
+{
+    if (mma_page_kind(A, pid, hraw, pass) == 2) {
+        const page_hdr h = parse_hdr(hraw);
+        const uint32_t n16 = (KVC_PAGE_HEADER_BYTES + h.n_slots * A.slot_bytes[h.opt]) / 16;
+        const uint4 *src = reinterpret_cast<const uint4 *>(A.base + (size_t)pid * A.page_bytes);
+        uint4 *d16 = reinterpret_cast<uint4 *>(dst);
+        if (h.opt == 0) {
+            constexpr uint32_t cpt = D / 4; // 16-byte chunks per FP16 token (K and V)
+            for (uint32_t i = threadIdx.x; i < n16; i += blockDim.x) {
+                uint32_t o = i;
+                if (i > 0) {
+                    const uint32_t t = (i - 1) / cpt, c = (i - 1) % cpt;
+                    o = 1 + t * cpt + (c ^ mma_swz(t));
+                }
+                __pipeline_memcpy_async(d16 + o, src + i, sizeof(uint4));
+            }
+        } else {
+            for (uint32_t i = threadIdx.x; i < n16; i += blockDim.x)
+                __pipeline_memcpy_async(d16 + i, src + i, sizeof(uint4));
+        }
+    }
+    __pipeline_commit();
+}
+
+/* End of a pass: the warps' partial results of this split combined into dst ([rows][D], scaled
+ * to the block's running max M), M into *mp_out (or NULL); with `last`, M and the softmax sum
+ * into ws_m, ws_l. acc and pz restart at zero; m and l run on into the next pass. */
+template <int D>
+__device__ void mma_finish(const attn_params &A, mma_state<D> &st, uint8_t *red_bytes, float *dst,
+                           float *mp_out, bool last, size_t slot)
+{
+    constexpr int KS = D / 16;
+    const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32, tid = threadIdx.x;
+    const uint32_t g = lane >> 2, kq = lane & 3;
+    float *red = reinterpret_cast<float *>(red_bytes); // [warps][4][D]
+    float *wm = red + kMmaWarps * 4 * D, *wl = wm + kMmaWarps * 4;
+    float l = st.l + __shfl_xor_sync(0xffffffffu, st.l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    float pz = st.pz + __shfl_xor_sync(0xffffffffu, st.pz, 1);
+    pz += __shfl_xor_sync(0xffffffffu, pz, 2);
+    const float pz0 = __shfl_sync(0xffffffffu, pz, 4 * ((2 * kq) & 3));
+    const float pz1 = __shfl_sync(0xffffffffu, pz, 4 * ((2 * kq + 1) & 3));
+#pragma unroll
+    for (int u = 0; u < KS; u++)
+#pragma unroll
+        for (int k = 0; k < 4; k++)
+            st.acc[u][k] += __shfl_xor_sync(0xffffffffu, st.acc[u][k], 2);
+    if (kq < 2) {
+        const uint32_t r0 = 2 * kq, ch = g * (D / 8);
+        float *w0 = red + ((size_t)warp * 4 + r0) * D, *w1 = w0 + D;
+#pragma unroll
+        for (int u = 0; u < KS; u++) {
+            w0[ch + u] = st.acc[u][0] + pz0;
+            w1[ch + u] = st.acc[u][1] + pz1;
+            w0[ch + D / 16 + u] = st.acc[u][2] + pz0;
+            w1[ch + D / 16 + u] = st.acc[u][3] + pz1;
+        }
+    }
+    if (kq == 0 && g < 4) {
+        wm[warp * 4 + g] = st.m;
+        wl[warp * 4 + g] = l;
+    }
+    __syncthreads();
+    const uint32_t rows = A.rows;
+    for (uint32_t idx = tid; idx < rows * D; idx += blockDim.x) {
+        const uint32_t r = idx / D;
+        float M = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < kMmaWarps; w++)
+            M = fmaxf(M, wm[w * 4 + r]);
+        float s = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kMmaWarps; w++) {
+            const float mw = wm[w * 4 + r];
+            if (mw != -INFINITY)
+                s += red[((size_t)w * 4 + r) * D + idx % D] * __expf(mw - M);
+        }
+        dst[idx] = s;
+    }
+    if (tid < rows) {
+        float M = -INFINITY, L = 0.0f;
+        for (int w = 0; w < kMmaWarps; w++)
+            M = fmaxf(M, wm[w * 4 + tid]);
+        for (int w = 0; w < kMmaWarps; w++)
+            if (wm[w * 4 + tid] != -INFINITY)
+                L += wl[w * 4 + tid] * __expf(wm[w * 4 + tid] - M);
+        if (mp_out != NULL)
+            mp_out[tid] = M;
+        if (last) {
+            A.ws_m[slot * rows + tid] = M;
+            A.ws_l[slot * rows + tid] = L;
+        }
+    }
+    __syncthreads(); // red (a page buffer) is reused
+    st.pz = 0.0f;
+#pragma unroll
+    for (int u = 0; u < KS; u++)
+#pragma unroll
+        for (int k = 0; k < 4; k++)
+            st.acc[u][k] = 0.0f;
+}
+
+template <int D>
+__global__ void __launch_bounds__(kMmaThreads, 3) attend_mma_kernel(attn_params A)
+{
+    extern __shared__ __align__(16) uint8_t smem[];
+    float *qf = reinterpret_cast<float *>(smem + A.m_off_q); // [2][4][D] q, H q (times scale)
+    uint8_t *tab = smem + A.m_off_tab;
+    float *qz = reinterpret_cast<float *>(smem + A.m_off_qz);
+    float *qsp = reinterpret_cast<float *>(smem + A.m_off_qsp);
+
+    const uint32_t tid = threadIdx.x, item = blockIdx.y, split = blockIdx.x;
+    const uint32_t rows = A.rows;
+    const uint32_t b = item / A.n_kv, kvh = item % A.n_kv;
+    const float *q = A.q + ((size_t)b * A.n_heads + (size_t)kvh * rows) * D;
+    for (uint32_t i = tid; i < 4 * D; i += blockDim.x) {
+        const float v = i / D < rows ? q[i] * A.scale : 0.0f;
+        qf[i] = v;
+        qf[4 * D + i] = v;
+    }
+    uint32_t ls, p0, p1;
+    split_range(A, item, split, &ls, &p0, &p1);
+    const size_t slot = (size_t)item * A.n_splits + split;
+
+    mma_state<D> st;
+    st.m = -INFINITY;
+    st.l = 0.0f;
+    st.pz = 0.0f;
+#pragma unroll
+    for (int u = 0; u < D / 16; u++)
+#pragma unroll
+        for (int k = 0; k < 4; k++)
+            st.acc[u][k] = 0.0f;
+    bool any_rot = false; // block-uniform: a rotated page was seen in pass 0
+    __syncthreads();
+    const uint4 zero4 = make_uint4(0, 0, 0, 0);
+    for (int pass = 0; pass < 2; pass++) {
+        if (pass == 1) {
+            if (!any_rot)
+                break;
+            block_hadamard(qf + 4 * D, 4, D);
+        }
+        const float *qq = qf + pass * 4 * D;
+        uint32_t pid = p0 < p1 ? A.page_ids[ls + p0] : 0;
+        uint4 hraw = p0 < p1 && pid < A.n_pages ? load_hdr(A, pid) : zero4;
+        if (p0 < p1)
+            mma_stage<D>(A, pid, hraw, pass, smem);
+        uint32_t pid_next = p0 + 1 < p1 ? A.page_ids[ls + p0 + 1] : 0;
+        uint4 hraw_next = p0 + 1 < p1 && pid_next < A.n_pages ? load_hdr(A, pid_next) : zero4;
+        for (uint32_t pi = p0; pi < p1; pi++) {
+            const uint32_t bsel = (pi - p0) & 1;
+            if (pi + 1 < p1)
+                mma_stage<D>(A, pid_next, hraw_next, pass, smem + (bsel ^ 1) * A.m_pbuf);
+            else
+                __pipeline_commit();
+            const uint32_t pid_after = pi + 2 < p1 ? A.page_ids[ls + pi + 2] : 0;
+            const uint4 hraw_after =
+                pi + 2 < p1 && pid_after < A.n_pages ? load_hdr(A, pid_after) : zero4;
+            __pipeline_wait_prior(1);
+            __syncthreads();
+            const int kind = mma_page_kind(A, pid, hraw, pass);
+            if (kind == 1 && pass == 0 && tid == 0)
+                atomicAdd(A.ws_err, 1u);
+            if (pass == 0 && pid < A.n_pages && kind != 1) {
+                const page_hdr hh = parse_hdr(hraw);
+                if (hh.opt < kOpts && hh.n_tokens > 0 && hh.n_slots > 0 &&
+                    (hh.flags & KVC_PAGE_FLAG_ROTATED) != 0)
+                    any_rot = true;
+            }
+            if (kind == 2) {
+                const page_hdr h = parse_hdr(hraw);
+                const uint8_t *pg = smem + bsel * A.m_pbuf; // pages alternate buffers
+                switch (h.opt) {
+                case 0:
+                    mma_page<D, 0>(A, pg, h, qq, tab, qz, qsp, st);
+                    break;
+                case 1:
+                    mma_page<D, 1>(A, pg, h, qq, tab, qz, qsp, st);
+                    break;
+                case 2:
+                    mma_page<D, 2>(A, pg, h, qq, tab, qz, qsp, st);
+                    break;
+                case 3:
+                    mma_page<D, 3>(A, pg, h, qq, tab, qz, qsp, st);
+                    break;
+                default:
+                    mma_page<D, 4>(A, pg, h, qq, tab, qz, qsp, st);
+                    break;
+                }
+            }
+            __syncthreads(); // this buffer is staged again two pages on
+            pid = pid_next;
+            hraw = hraw_next;
+            pid_next = pid_after;
+            hraw_next = hraw_after;
+        }
+        __pipeline_wait_prior(0);
+        __syncthreads();
+        if (pass == 0)
+            mma_finish<D>(A, st, smem, A.ws_acc + slot * rows * D, A.ws_mp + slot * rows,
+                          !any_rot, slot);
+        else
+            mma_finish<D>(A, st, smem, A.ws_accr + slot * rows * D, NULL, true, slot);
+    }
+    if (tid == 0)
+        A.ws_rot[slot] = any_rot ? 1u : 0u;
+}
+
 size_t align_up(size_t x, size_t a)
 {
     return (x + a - 1) / a * a;
@@ -734,6 +1410,10 @@ struct plan {
     uint32_t slot_bytes[kOpts];
     size_t buf_bytes, smem_split, smem_combine;
     void (*kernel)(attn_params); // kernel 1 for rows and cpt
+    bool mma;                    // the tensor-core kernel runs instead (attend_mma_kernel)
+    void (*mma_kernel)(attn_params);
+    size_t smem_mma;
+    uint32_t m_pbuf, m_off_q, m_off_tab, m_off_qz, m_off_qsp, m_ts;
     size_t off_m, off_l, off_mp, off_acc, off_accr, off_rot, ws_bytes; // 0: the error counter
 };
 
@@ -786,6 +1466,18 @@ uint32_t choose_splits(uint64_t items, uint64_t resident, uint32_t max_list_page
     return (uint32_t)best;
 }
 
+/* The kernel a batch asks for: its impl field, else FERRY_ATTEND_IMPL ("simt" or "mma"), else
+ * the tensor-core kernel wherever it applies. */
+uint32_t attend_impl(const kvc_attend_batch_t *bt)
+{
+    if (bt->impl == KVC_ATTEND_IMPL_SIMT || bt->impl == KVC_ATTEND_IMPL_MMA)
+        return bt->impl;
+    const char *e = getenv("FERRY_ATTEND_IMPL");
+    if (e != NULL && strcmp(e, "simt") == 0)
+        return KVC_ATTEND_IMPL_SIMT;
+    return KVC_ATTEND_IMPL_MMA;
+}
+
 fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt, plan *pl)
 {
     if (pool == NULL || bt == NULL)
@@ -794,7 +1486,8 @@ fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt,
     if (d == 0 || d % 8 || d > 512 || G < 8 || G > 256 || G % 8 || P > 32 || P >= d ||
         pool->page_bytes % 64 || pool->page_bytes < 64 || pool->n_pages == 0)
         return FY_ERR_INVALID_ARG;
-    if (bt->batch == 0 || bt->n_kv_heads == 0 || bt->n_heads % bt->n_kv_heads)
+    if (bt->batch == 0 || bt->n_kv_heads == 0 || bt->n_heads % bt->n_kv_heads ||
+        bt->impl > KVC_ATTEND_IMPL_MMA)
         return FY_ERR_INVALID_ARG;
     const uint32_t rows = bt->n_heads / bt->n_kv_heads;
     if (rows == 0 || rows > kMaxRows)
@@ -851,12 +1544,55 @@ fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt,
     const uint64_t resident =
         (uint64_t)(sms > 0 ? sms : 1) * (uint64_t)(per_sm > 0 ? per_sm : 1);
     pl->n_splits = choose_splits(items, resident, bt->max_list_pages);
+    uint32_t max_splits = pl->n_splits; // the workspace fits either kernel's split
 
-    pl->smem_combine = ((size_t)2 * rows * pl->n_splits + (size_t)rows * d) * sizeof(float);
+    // The tensor-core kernel: head_dim 64 or 128, GQA groups up to 4, its shared memory.
+    pl->mma = false;
+    pl->mma_kernel = d == 64 ? attend_mma_kernel<64> : attend_mma_kernel<128>;
+    if ((d == 64 || d == 128) && rows <= kMmaRows) {
+        pl->m_ts = mma_table_slots(G);
+        size_t pbuf = align_up(pool->page_bytes, 16);
+        const size_t red = ((size_t)kMmaWarps * 4 * d + 2 * kMmaWarps * 4) * sizeof(float);
+        if (2 * pbuf < red)
+            pbuf = align_up(red / 2, 16);
+        size_t off = 2 * pbuf;
+        pl->m_pbuf = (uint32_t)pbuf;
+        pl->m_off_q = (uint32_t)off;
+        off += (size_t)2 * 4 * d * sizeof(float);
+        pl->m_off_tab = (uint32_t)off;
+        off += (size_t)pl->m_ts * 4 * mma_row_stride(d);
+        pl->m_off_qz = (uint32_t)off;
+        off += align_up((size_t)pl->m_ts * 4 * sizeof(float), 16);
+        pl->m_off_qsp = (uint32_t)off;
+        off += align_up((size_t)pl->m_ts * 4 * (P > 0 ? P : 1) * sizeof(float), 16);
+        pl->smem_mma = off;
+        int mper = 0;
+        if (pl->smem_mma + 1024 <= (size_t)optin) {
+            st = kvc_cuda_status(cudaFuncSetAttribute(pl->mma_kernel,
+                                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                      (int)pl->smem_mma));
+            if (st == FY_OK)
+                st = kvc_cuda_status(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                    &mper, pl->mma_kernel, kMmaThreads, pl->smem_mma));
+            if (st != FY_OK)
+                return st;
+        }
+        if (mper > 0) {
+            const uint64_t mres = (uint64_t)(sms > 0 ? sms : 1) * (uint64_t)mper;
+            const uint32_t ms = choose_splits(items, mres, bt->max_list_pages);
+            max_splits = ms > max_splits ? ms : max_splits;
+            if (attend_impl(bt) != KVC_ATTEND_IMPL_SIMT) {
+                pl->mma = true;
+                pl->n_splits = ms;
+            }
+        }
+    }
+
+    pl->smem_combine = ((size_t)2 * rows * max_splits + (size_t)rows * d) * sizeof(float);
     if (pl->smem_combine + 1024 > (size_t)optin)
         return FY_ERR_UNSUPPORTED;
 
-    const size_t parts = (size_t)items * pl->n_splits;
+    const size_t parts = (size_t)items * max_splits;
     size_t off = kWsAlign; // the bad-page counter
     pl->off_m = off;
     off = align_up(off + parts * rows * sizeof(float), kWsAlign);
@@ -886,18 +1622,33 @@ extern "C" void kvc_gpu_pool_view(const kvc_gpu_pool_t *pool, kvc_gpu_pages_t *v
     view_p->protect = kvc_gpu_pool_protect(pool);
 }
 
-extern "C" fy_status_t kvc_attend_batch_cuda_workspace(const kvc_gpu_pages_t *pool,
-                                                       const kvc_attend_batch_t *batch,
-                                                       size_t *bytes_p)
+/* What make_plan says of a pool and batch: the workspace bytes or the kernel (either may be NULL). */
+static fy_status_t plan_query(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *batch,
+                              size_t *bytes_p, uint32_t *impl_p)
 {
-    if (bytes_p == NULL)
-        return FY_ERR_INVALID_ARG;
     plan pl;
     fy_status_t st = make_plan(pool, batch, &pl);
     if (st != FY_OK)
         return st;
-    *bytes_p = pl.ws_bytes;
+    if (bytes_p != NULL)
+        *bytes_p = pl.ws_bytes;
+    if (impl_p != NULL)
+        *impl_p = pl.mma ? KVC_ATTEND_IMPL_MMA : KVC_ATTEND_IMPL_SIMT;
     return FY_OK;
+}
+
+extern "C" fy_status_t kvc_attend_batch_cuda_workspace(const kvc_gpu_pages_t *pool,
+                                                       const kvc_attend_batch_t *batch,
+                                                       size_t *bytes_p)
+{
+    return bytes_p == NULL ? FY_ERR_INVALID_ARG : plan_query(pool, batch, bytes_p, NULL);
+}
+
+extern "C" fy_status_t kvc_attend_batch_cuda_impl(const kvc_gpu_pages_t *pool,
+                                                  const kvc_attend_batch_t *batch,
+                                                  uint32_t *impl_p)
+{
+    return impl_p == NULL ? FY_ERR_INVALID_ARG : plan_query(pool, batch, NULL, impl_p);
 }
 
 extern "C" fy_status_t kvc_attend_batch_cuda(const kvc_gpu_pages_t *pool,
@@ -946,8 +1697,19 @@ extern "C" fy_status_t kvc_attend_batch_cuda(const kvc_gpu_pages_t *pool,
     st = kvc_cuda_status(cudaMemsetAsync(A.ws_err, 0, sizeof(uint32_t), s));
     if (st != FY_OK)
         return st;
+    A.rows = pl.rows;
+    A.m_pbuf = pl.m_pbuf;
+    A.m_off_q = pl.m_off_q;
+    A.m_off_tab = pl.m_off_tab;
+    A.m_off_qz = pl.m_off_qz;
+    A.m_off_qsp = pl.m_off_qsp;
+    A.m_ts = pl.m_ts;
     dim3 grid(pl.n_splits, pl.n_items);
-    pl.kernel<<<grid, kThreads, pl.smem_split, s>>>(A); // its shared memory size set by make_plan
+    // Shared memory sizes were set on both kernels by make_plan.
+    if (pl.mma)
+        pl.mma_kernel<<<grid, kMmaThreads, pl.smem_mma, s>>>(A);
+    else
+        pl.kernel<<<grid, kThreads, pl.smem_split, s>>>(A);
     st = kvc_cuda_status(cudaGetLastError());
     if (st != FY_OK)
         return st;

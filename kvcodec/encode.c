@@ -538,7 +538,17 @@ size_t kvc_encoder_write_head(const kvc_encoder_t *e, uint32_t layer, uint8_t *o
     }
     size_t head = KVC_FRAME_HEADER_BYTES + maps_total;
     size_t total = head + payload + 4;
-    uint8_t *hd = out;
+    kvc_encoder_header_fill(e, layer, opt_mask, payload, total, out);
+    *frame_bytes_p = total;
+    return head;
+}
+
+void kvc_encoder_header_fill(const kvc_encoder_t *e, uint32_t layer, uint32_t opt_mask,
+                             size_t payload, size_t total, uint8_t *hd)
+{
+    uint32_t P = e->policy.protect_channels;
+    uint32_t n = e->p.n_tokens, d = e->p.head_dim, n_kv = e->p.n_kv_heads;
+    uint32_t G = e->policy.group;
     memset(hd, 0, KVC_FRAME_HEADER_BYTES);
     kvc_wr32(hd + 0, KVC_FRAME_MAGIC);
     kvc_wr16(hd + 4, KVC_FRAME_VERSION);
@@ -556,8 +566,6 @@ size_t kvc_encoder_write_head(const kvc_encoder_t *e, uint32_t layer, uint8_t *o
     hd[45] = (uint8_t)P;
     kvc_wr64(hd + 48, payload);
     kvc_wr64(hd + 56, total);
-    *frame_bytes_p = total;
-    return head;
 }
 
 static size_t write_frame(kvc_encoder_t *e, const kvc_layer_input_t *in,
@@ -641,14 +649,36 @@ fy_status_t kvc_encoder_check_layer(const kvc_encoder_t *e, const kvc_layer_inpu
     return FY_OK;
 }
 
+void kvc_encoder_opt_inputs(const kvc_encoder_t *e, uint32_t layer, kvc_opt_inputs_t *oi)
+{
+    for (int o = 0; o < KVC_OPT_COUNT; o++) {
+        oi->cost[o] = e->cost[o];
+        oi->rank_pen[o] = k_rank_pen[o];
+    }
+    oi->backbone = e->backbone;
+    oi->no_budget = !(e->budget > 0);
+    oi->r = e->p.n_layers - layer;
+    oi->remain = oi->no_budget
+                     ? 0
+                     : (double)(e->total_budget - FY_MIN(e->spent, e->total_budget));
+    oi->lambda_prev = e->lambda_prev;
+}
+
+void kvc_encoder_set_lambda(kvc_encoder_t *e, double lambda)
+{
+    e->lambda_prev = lambda;
+}
+
 fy_status_t kvc_encoder_choose(kvc_encoder_t *e, const kvc_layer_input_t *in,
                                const kvc_scores_t *sc, const kvc_err_tables_t *tab,
                                kvc_layer_info_t *info)
 {
     uint32_t n = e->p.n_tokens, d = e->p.head_dim, n_kv = e->p.n_kv_heads;
-    bool no_budget = !(e->budget > 0);
-    uint32_t L = e->p.n_layers, l = in->layer, r = L - l;
-    double remain = no_budget ? 0 : (double)(e->total_budget - FY_MIN(e->spent, e->total_budget));
+    kvc_opt_inputs_t oi;
+    kvc_encoder_opt_inputs(e, in->layer, &oi);
+    bool no_budget = oi.no_budget;
+    uint32_t r = oi.r;
+    double remain = oi.remain;
     bool pins = true;
     bool measured = e->policy.dist == KVC_DIST_TRIAL || e->policy.dist == KVC_DIST_MODEL;
     double lambda = 0;
@@ -716,12 +746,17 @@ fy_status_t kvc_encoder_choose(kvc_encoder_t *e, const kvc_layer_input_t *in,
 
 void kvc_encoder_commit(kvc_encoder_t *e, size_t len, kvc_layer_info_t *info)
 {
-    uint32_t n = e->p.n_tokens, d = e->p.head_dim, n_kv = e->p.n_kv_heads;
-    e->spent += len;
-    e->next_layer++;
     double dist = 0;
     for (size_t i = 0; i < e->n_items; i++)
         dist += e->dist[i * KVC_OPT_COUNT + e->choice[i]];
+    kvc_encoder_commit_dist(e, len, dist, info);
+}
+
+void kvc_encoder_commit_dist(kvc_encoder_t *e, size_t len, double dist, kvc_layer_info_t *info)
+{
+    uint32_t n = e->p.n_tokens, d = e->p.head_dim, n_kv = e->p.n_kv_heads;
+    e->spent += len;
+    e->next_layer++;
     info->frame_bytes = len;
     info->fp16_bytes = (size_t)4 * n_kv * n * d;
     info->distortion = dist;

@@ -7,15 +7,19 @@
  *    tokens) the tables encode.c's build_items computes on the CPU — |v - obar|^2 and the key
  *    and value errors at 8, 4 and 2 bits, trial-quantized or modelled — in the CPU's exact
  *    arithmetic order;
- * 3. host: the tables go to kvc_encoder_choose (the same optimizer and rate controller the CPU
- *    encoder runs), which gives the option of every (head, token); the header and maps are
- *    written by kvc_encoder_write_head and the payload is cut into groups;
- * 4. f16_kernel (a warp per FP16 token) and quant_kernel (a block per quantized group) write
- *    the payload; crc_kernel computes CRC32C of 4 KiB chunks, combined on the host.
+ * 3. the optimizer on the device (choose_kernel, one cooperative grid: distortions from the
+ *    tables, the rate controller, the multiplier bracket and bisection; cand_kernel, a radix
+ *    sort and greedy_kernel: the greedy slack fill), the twin of kvc_encoder_choose;
+ * 4. the layout on the device (maps_kernel, layout_kernel, scatter_kernel): maps, header, run
+ *    offsets and the payload's work items, the twin of kvc_encoder_write_head and plan_payload;
+ * 5. f16_kernel (a warp per FP16 token) and quant_kernel (a block per quantized group) write
+ *    the payload; crc_kernel computes CRC32C of 4 KiB chunks, crc_final_kernel combines them.
  *
  * The frame equals kvc_encoder_encode_layer's byte for byte for finite inputs (the rules are in
- * kvcodec_cuda_int.h). The optimizer needs every table before it can choose, so the call
- * synchronizes the stream twice (after the tables, after the chunk CRCs).
+ * kvcodec_cuda_int.h and above choose_kernel). The layer is one chain of kernels on the stream;
+ * the call synchronizes once at the end for the frame size and the rate controller. With more
+ * than OPT_MAX_KV kv heads or without cooperative launches the optimizer and the layout run on
+ * the host between two synchronizations instead (the earlier design, same bytes).
  */
 #include <math.h>
 #include <stdlib.h>
@@ -26,6 +30,10 @@ extern "C" {
 #include "kvcodec_int.h"
 }
 #include "kvcodec_cuda_int.h"
+
+#include <cooperative_groups.h>
+#include <cub/device/device_radix_sort.cuh>
+namespace cg = cooperative_groups;
 
 #define CRC_CHUNK 4096u
 #define STATS_THREADS 64
@@ -44,6 +52,20 @@ typedef struct {
     uint8_t opt;
     uint8_t m_minus_1;
 } work_t;
+
+/* What the payload kernels and the host read of a layer's layout (device memory). */
+typedef struct {
+    unsigned long long n_f16, n_work, total, body;
+    unsigned long long tokens[KVC_OPT_COUNT];
+} plan_dev_t;
+
+/* The device optimizer's result for the host. */
+typedef struct {
+    double lambda;
+    unsigned long long total, target; // greedy fill: frame bytes of the choice and the cap
+    int budget_met, need_greedy;
+    double dist; // the distortion of the final choice
+} opt_out_t;
 
 struct kvc_encoder_cuda {
     kvc_encoder_t *enc; // host optimizer and rate controller
@@ -68,6 +90,24 @@ struct kvc_encoder_cuda {
     float *h_imp, *h_qsq, *h_obar; // host copies of the scores
     uint8_t *h_static;
     uint64_t *h_plan;       // [4][n_kv][KVC_OPT_COUNT] payload planning scratch
+    // Device optimizer (opt_on: the device and shape allow it, else the host optimizer runs)
+    bool opt_on;
+    unsigned opt_grid;           // blocks of the cooperative choose_kernel
+    float *d_dist;               // [n_items][KVC_OPT_COUNT]
+    uint8_t *d_opt8;             // [4][n_items]: allowed, choice, tmp, cand_opt
+    unsigned long long *d_cnt;   // [3][n_kv][8]
+    long long *d_gcnt;           // [n_kv][8]
+    float *d_dev_mean;           // [n_kv]
+    uint8_t *d_backbone;         // [n]
+    uint32_t *d_keys, *d_idx;    // [2][n_items] greedy candidates and their sorted order
+    void *d_sort_tmp;
+    size_t sort_tmp_bytes;
+    opt_out_t *d_out, *h_out;    // device result and its pinned host copy
+    // Frame layout (both optimizers)
+    plan_dev_t *d_plan, *h_lay;     // device layout and its pinned host copy
+    unsigned long long *d_hcnt;     // [n_kv][8]
+    unsigned long long *d_runs;     // [n_kv][8][3]
+    unsigned sms;
     // Stream time of the two GPU phases of the last layer: [0, 1] scoring + rotation +
     // tables, [2, 3] payload + CRC.
     cudaEvent_t ev[4];
@@ -369,9 +409,10 @@ static __device__ void copy_bytes(uint8_t *dst, const uint8_t *src, uint32_t byt
 }
 
 /* A warp per FP16 token: K row then V row, unchanged. */
-__global__ void f16_kernel(const work_t *work, size_t n_work, const uint16_t *k, const uint16_t *v,
-                           size_t hs, size_t ts, uint32_t d, uint8_t *out)
+__global__ void f16_kernel(const work_t *work, const plan_dev_t *plan, const uint16_t *k,
+                           const uint16_t *v, size_t hs, size_t ts, uint32_t d, uint8_t *out)
 {
+    size_t n_work = plan->n_f16; // the FP16 tokens come first
     size_t wpb = blockDim.x / 32;
     uint32_t lane = threadIdx.x % 32;
     for (size_t i = (size_t)blockIdx.x * wpb + threadIdx.x / 32; i < n_work;
@@ -379,19 +420,33 @@ __global__ void f16_kernel(const work_t *work, size_t n_work, const uint16_t *k,
         work_t w = work[i];
         size_t row = (size_t)w.head * hs + (size_t)w.tok * ts;
         uint8_t *dst = out + w.out_off;
-        copy_bytes(dst, (const uint8_t *)(k + row), 2 * d, lane, 32);
-        copy_bytes(dst + 2 * d, (const uint8_t *)(v + row), 2 * d, lane, 32);
+        const uint16_t *kr = k + row, *vr = v + row;
+        if ((((uintptr_t)dst | (uintptr_t)kr | (uintptr_t)vr) & 7) == 0) {
+            // The usual case (payload at an 8-byte offset, rows of 4 or more halves): 8 bytes
+            // a lane; d % 8 == 0 keeps both rows whole words.
+            uint2 *dw = (uint2 *)dst;
+            const uint2 *kw = (const uint2 *)kr, *vw = (const uint2 *)vr;
+            uint32_t words = d / 4; // 8-byte words per row
+            for (uint32_t j = lane; j < words; j += 32) {
+                dw[j] = kw[j];
+                dw[words + j] = vw[j];
+            }
+            continue;
+        }
+        copy_bytes(dst, (const uint8_t *)kr, 2 * d, lane, 32);
+        copy_bytes(dst + 2 * d, (const uint8_t *)vr, 2 * d, lane, 32);
     }
 }
 
 typedef struct {
-    const work_t *work;
-    size_t n_work;
+    const work_t *work;         // every work item: the groups follow the FP16 tokens
+    const plan_dev_t *plan;     // how many of each
     const uint32_t *tok; // token indices of the groups
     kv_src_t src;
     const float *qsq;     // [n_kv][d] device scores (MixKVQ salience of unrotated groups)
     uint32_t n, d, P;
     int rotate;
+    int stage; // the group's K and V rows are staged in dynamic shared memory (2 x G x d fp32)
     uint8_t *out;
 } quant_args_t;
 
@@ -407,9 +462,44 @@ static __device__ __forceinline__ void st16(uint8_t *p, uint16_t x)
     p[1] = (uint8_t)(x >> 8);
 }
 
-/* One block per quantized group: quant.c's kvc_quant_group with cap = m, written in place. */
+/* Element c of the group's j-th token (t): from the staged rows, or read where it lives. */
+static __device__ __forceinline__ float g_x(const quant_args_t &a, const float *sk,
+                                            const float *sv, bool val, bool rot, uint32_t h,
+                                            uint32_t j, uint32_t t, uint32_t c)
+{
+    if (a.stage)
+        return (val ? sv : sk)[(size_t)j * a.d + c];
+    return q_x(a, val, rot, h, t, c);
+}
+
+/* row_minmax of a staged row (the same lanes and order). */
+static __device__ void row_minmax_f(const float *x, uint32_t d, float *mn_p, float *mx_p)
+{
+    float mn[8], mx[8];
+    for (int l = 0; l < 8; l++)
+        mn[l] = mx[l] = x[l];
+    for (uint32_t c = 8; c + 8 <= d; c += 8) {
+        for (int l = 0; l < 8; l++) {
+            float v = x[c + l];
+            mn[l] = v < mn[l] ? v : mn[l];
+            mx[l] = v > mx[l] ? v : mx[l];
+        }
+    }
+    float lo = mn[0], hi = mx[0];
+    for (int l = 1; l < 8; l++) {
+        lo = mn[l] < lo ? mn[l] : lo;
+        hi = mx[l] > hi ? mx[l] : hi;
+    }
+    *mn_p = lo;
+    *mx_p = hi;
+}
+
+/* One block per quantized group: quant.c's kvc_quant_group with cap = m, written in place.
+ * With a.stage the group's rows are read once, coalesced, into shared memory. */
 __global__ void quant_kernel(quant_args_t a)
 {
+    extern __shared__ float q_sm[]; // stage: [G][d] K rows, then [G][d] V rows
+    float *sk = q_sm, *sv = q_sm + (size_t)a.stage * a.d; // a.stage: the staged group size
     __shared__ uint32_t s_tok[256];
     __shared__ float s_mn[KVC_MAX_HEAD_DIM], s_mx[KVC_MAX_HEAD_DIM];
     __shared__ float s_kz[KVC_MAX_HEAD_DIM], s_kinv[KVC_MAX_HEAD_DIM];
@@ -417,8 +507,9 @@ __global__ void quant_kernel(quant_args_t a)
     __shared__ uint8_t s_prot[KVC_MAX_HEAD_DIM];
     __shared__ uint16_t s_pidx[KVC_MAX_PROTECT];
     uint32_t d = a.d;
-    for (size_t gi = blockIdx.x; gi < a.n_work; gi += gridDim.x) {
-        work_t w = a.work[gi];
+    size_t n0 = a.plan->n_f16, n_work = a.plan->n_work - n0;
+    for (size_t gi = blockIdx.x; gi < n_work; gi += gridDim.x) {
+        work_t w = a.work[n0 + gi];
         int o = w.opt;
         uint32_t m = (uint32_t)w.m_minus_1 + 1, h = w.head;
         int kb = o == KVC_OPT_Q8 ? 8 : 4, vb = o == KVC_OPT_Q8 ? 8 : (o == KVC_OPT_Q4 ? 4 : 2);
@@ -438,11 +529,19 @@ __global__ void quant_kernel(quant_args_t a)
         for (uint32_t c = threadIdx.x; c < d; c += blockDim.x)
             s_prot[c] = 0;
         __syncthreads();
+        if (a.stage) {
+            for (uint32_t i = threadIdx.x; i < m * d; i += blockDim.x) {
+                uint32_t j = i / d, c = i % d;
+                sk[i] = q_x(a, false, rot, h, s_tok[j], c);
+                sv[i] = q_x(a, true, rot, h, s_tok[j], c);
+            }
+            __syncthreads();
+        }
         // Key range per channel over the group, in token order.
         for (uint32_t c = threadIdx.x; c < d; c += blockDim.x) {
-            float mn = q_x(a, false, rot, h, s_tok[0], c), mx = mn;
+            float mn = g_x(a, sk, sv, false, rot, h, 0, s_tok[0], c), mx = mn;
             for (uint32_t j = 1; j < m; j++) {
-                float x = q_x(a, false, rot, h, s_tok[j], c);
+                float x = g_x(a, sk, sv, false, rot, h, j, s_tok[j], c);
                 mn = x < mn ? x : mn;
                 mx = x > mx ? x : mx;
             }
@@ -501,7 +600,10 @@ __global__ void quant_kernel(quant_args_t a)
         // Value parameters per token.
         for (uint32_t j = threadIdx.x; j < m; j += blockDim.x) {
             float lo, hi;
-            row_minmax(a.src, true, rot, h, s_tok[j], &lo, &hi);
+            if (a.stage)
+                row_minmax_f(sv + (size_t)j * d, d, &lo, &hi);
+            else
+                row_minmax(a.src, true, rot, h, s_tok[j], &lo, &hi);
             uint16_t s16, z16;
             float s, z, inv;
             kvc_dev_asym(lo, hi, vq, &s16, &z16, &s, &z, &inv);
@@ -519,7 +621,7 @@ __global__ void quant_kernel(quant_args_t a)
             for (uint32_t q = 0; q < per_k; q++) {
                 uint32_t c = c0 + q;
                 uint32_t code = s_prot[c] ? 0
-                                          : kvc_dev_quant_one(q_x(a, false, rot, h, s_tok[j], c),
+                                          : kvc_dev_quant_one(g_x(a, sk, sv, false, rot, h, j, s_tok[j], c),
                                                               s_kz[c], s_kinv[c], kq);
                 byte |= code << (q * kb);
             }
@@ -530,7 +632,7 @@ __global__ void quant_kernel(quant_args_t a)
             uint32_t j = i / rowv, c0 = (i % rowv) * per_v;
             uint32_t byte = 0;
             for (uint32_t q = 0; q < per_v; q++) {
-                uint32_t code = kvc_dev_quant_one(q_x(a, true, rot, h, s_tok[j], c0 + q),
+                uint32_t code = kvc_dev_quant_one(g_x(a, sk, sv, true, rot, h, j, s_tok[j], c0 + q),
                                                   s_vz[j], s_vinv[j], vq);
                 byte |= code << (q * vb);
             }
@@ -542,7 +644,7 @@ __global__ void quant_kernel(quant_args_t a)
                 st16(pi + 2 * j, s_pidx[j]);
             for (uint32_t i = threadIdx.x; i < m * P; i += blockDim.x) {
                 uint32_t j = i / P, c = s_pidx[i % P];
-                pc[i] = (uint8_t)kvc_dev_quant_one(q_x(a, false, rot, h, s_tok[j], c), s_kz[c],
+                pc[i] = (uint8_t)kvc_dev_quant_one(g_x(a, sk, sv, false, rot, h, j, s_tok[j], c), s_kz[c],
                                                    s_kinv[c], 255.0f);
             }
         }
@@ -551,8 +653,9 @@ __global__ void quant_kernel(quant_args_t a)
 
 /* CRC32C (reflected 0x82F63B78) of each CRC_CHUNK-byte chunk of buf[0, len), as fy_crc32c(0,
  * chunk) would give: slicing by 4 with the tables in shared memory, a thread per chunk. */
-__global__ void crc_kernel(const uint8_t *buf, size_t len, uint32_t *crcs)
+__global__ void crc_kernel(const uint8_t *buf, const plan_dev_t *plan, uint32_t *crcs)
 {
+    size_t len = plan->body;
     __shared__ uint32_t tab[4][256];
     for (uint32_t i = threadIdx.x; i < 256; i += blockDim.x) {
         uint32_t c = i;
@@ -595,11 +698,657 @@ __global__ void crc_kernel(const uint8_t *buf, size_t len, uint32_t *crcs)
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* Host                                                                                        */
+/* The option-choice optimizer on the device (kvc_encoder_choose's build_items, rate control,  */
+/* multiplier bisection and greedy slack fill), the choice never leaving the GPU              */
 /* ------------------------------------------------------------------------------------------ */
 
+/* Every decision of the CPU optimizer rests on integer byte counts and on per-item float /
+ * double comparisons, so the device reproduces it exactly: each item's distortions and
+ * Lagrangian values are computed with the CPU's roundings (no contraction), byte counts are
+ * integer sums (any order gives the same), and the scalar steps (bracket, bisection, rate
+ * control) run identically in every block of one cooperative grid. The greedy fill is
+ * sequential by nature: its candidates are sorted on the device (a stable radix sort on the
+ * ratio gives the CPU's ratio-then-index order) and one warp walks them 32 at a time, taking
+ * the first that still fits and restarting behind it. */
+
+#define OPT_THREADS 256
+#define OPT_MAX_KV 64       // per-block byte-count histogram; more heads take the host optimizer
+#define GREEDY_CHUNK 4096
+#define GREEDY_THREADS 256
+
+typedef struct {
+    uint32_t n_kv, n, G;
+    size_t n_items;
+    // policy
+    int dist_kind, joint_kv, stat_on, measured, pins_ok;
+    uint32_t sinks, recent, options, backbone_opt;
+    float hybrid_factor;
+    int need8, need4, needv4, need2, needk2;
+    double flex;
+    float cost[KVC_OPT_COUNT], pen[KVC_OPT_COUNT];
+    // byte model: a group of m tokens of option o is gfix[o] + m * gtok[o] bytes
+    unsigned long long gfix[KVC_OPT_COUNT], gtok[KVC_OPT_COUNT], gsz[KVC_OPT_COUNT];
+    unsigned long long fixed; // header + maps + CRC
+    // rate controller
+    int no_budget;
+    uint32_t r;
+    double remain, lambda_prev;
+    // inputs
+    const float *imp;
+    const uint8_t *is_static, *backbone;
+    const float *tab; // [TAB_COUNT][n_kv][n]
+    const float *dev_mean; // [n_kv]
+    // work
+    float *dist;       // [n_items][KVC_OPT_COUNT]
+    uint8_t *allowed, *choice, *tmp, *cand_opt;
+    unsigned long long *cnt; // [3][n_kv][8] count passes, rotating
+    long long *gcnt;         // [n_kv][8] counts of the choice, kept by the greedy fill
+    opt_out_t *out;
+} opt_args_t;
+
+static __device__ __forceinline__ double o_dadd(double a, double b)
+{
+    return __dadd_rn(a, b);
+}
+static __device__ __forceinline__ double o_dmul(double a, double b)
+{
+    return __dmul_rn(a, b);
+}
+
+/* kvc_run_bytes from the byte model. */
+static __device__ __forceinline__ unsigned long long run_bytes(const opt_args_t &a, int o,
+                                                              unsigned long long count)
+{
+    if (o == KVC_OPT_DROP || count == 0)
+        return 0;
+    // A head's count fits 32 bits (n_tokens <= KVC_MAX_TOKENS): 32-bit division.
+    uint32_t gs = (uint32_t)a.gsz[o], c = (uint32_t)count, full = c / gs, rest = c - full * gs;
+    unsigned long long b = (unsigned long long)full * (a.gfix[o] + gs * a.gtok[o]);
+    if (rest)
+        b += a.gfix[o] + rest * a.gtok[o];
+    return b;
+}
+
+/* run_bytes(o, c + 1) - run_bytes(o, c): a token's bytes, plus the group's fixed bytes when it
+ * opens a group. */
+static __device__ __forceinline__ long long add_bytes(const opt_args_t &a, int o, uint32_t c)
+{
+    if (o == KVC_OPT_DROP)
+        return 0;
+    uint32_t gs = (uint32_t)a.gsz[o];
+    return (long long)a.gtok[o] + (c % gs == 0 ? (long long)a.gfix[o] : 0);
+}
+
+/* Mean of the head's value deviations in the CPU's order (a double sum over tokens); only the
+ * policies that weigh every token by the head's mean deviation need it. */
+__global__ void dev_mean_kernel(const float *dev, uint32_t n_kv, uint32_t n, float *mean)
+{
+    uint32_t h = blockIdx.x * blockDim.x + threadIdx.x;
+    if (h >= n_kv)
+        return;
+    double s = 0;
+    for (uint32_t t = 0; t < n; t++)
+        s = o_dadd(s, (double)dev[(size_t)h * n + t]);
+    mean[h] = (float)__ddiv_rn(s, (double)n);
+}
+
+/* build_items for one item. */
+static __device__ void build_item(const opt_args_t &a, size_t it, bool pins)
+{
+    uint32_t h = (uint32_t)(it / a.n), t = (uint32_t)(it % a.n), n = a.n;
+    float *D = a.dist + it * KVC_OPT_COUNT;
+    float w = a.dist_kind == KVC_DIST_POSITION ? __fdiv_rn((float)(t + 1), (float)n) : a.imp[it];
+    bool middle = t >= a.sinks && t + a.recent < n;
+    if (a.stat_on && a.is_static[h] && middle)
+        w = kmul(w, a.hybrid_factor);
+    uint8_t mask = (uint8_t)a.options;
+    if (pins && (t < a.sinks || t + a.recent >= n))
+        mask = KVC_OPT_BIT(KVC_OPT_F16);
+    else if (pins && a.backbone[t])
+        mask = (uint8_t)KVC_OPT_BIT(a.backbone_opt);
+    a.allowed[it] = mask;
+    if (!a.measured) {
+        for (int o = 0; o < KVC_OPT_COUNT; o++)
+            D[o] = kmul(w, a.pen[o]);
+        return;
+    }
+    size_t plane = a.n_items;
+    float dv = a.joint_kv ? a.tab[TAB_DEV * plane + it] : a.dev_mean[h];
+    float w2 = kmul(w, w);
+    D[KVC_OPT_F16] = 0;
+    D[KVC_OPT_DROP] = kmul(w2, dv);
+    float q8 = 0, q4 = 0, q42 = 0, q2 = 0;
+    if (a.need8)
+        q8 = kmul(w2, kadd(a.tab[TAB_EV8 * plane + it], kmul(dv, a.tab[TAB_EK8 * plane + it])));
+    if (a.needv4)
+        q4 = kmul(w2, kadd(a.tab[TAB_EV4 * plane + it], kmul(dv, a.tab[TAB_EK4 * plane + it])));
+    if (a.need2 && a.need4)
+        q42 = kmul(w2, kadd(a.tab[TAB_EV2 * plane + it], kmul(dv, a.tab[TAB_EK4 * plane + it])));
+    if (a.needk2)
+        q2 = kmul(w2, kadd(a.tab[TAB_EV2 * plane + it], kmul(dv, a.tab[TAB_EK2 * plane + it])));
+    D[KVC_OPT_Q8] = q8;
+    D[KVC_OPT_Q4] = q4;
+    D[KVC_OPT_Q4V2] = q42;
+    D[KVC_OPT_Q2] = q2;
+}
+
+/* assign's choice for one item at lambda. */
+static __device__ __forceinline__ int assign_one(const opt_args_t &a, size_t it, double lambda)
+{
+    const float *D = a.dist + it * KVC_OPT_COUNT;
+    uint8_t mask = a.allowed[it];
+    int best = -1;
+    double bv = 0;
+    for (int o = KVC_OPT_COUNT - 1; o >= 0; o--) {
+        if (!(mask & (1u << o)))
+            continue;
+        double v = o_dadd((double)D[o], o_dmul(lambda, (double)a.cost[o]));
+        if (best < 0 || v < bv) {
+            best = o;
+            bv = v;
+        }
+    }
+    return best;
+}
+
+static __device__ __forceinline__ int cheapest_one(const opt_args_t &a, size_t it, bool allow_drop)
+{
+    uint8_t mask = a.allowed[it];
+    if (!allow_drop && mask != KVC_OPT_BIT(KVC_OPT_DROP))
+        mask &= (uint8_t)~KVC_OPT_BIT(KVC_OPT_DROP);
+    int o = KVC_OPT_COUNT - 1;
+    while (o > 0 && !(mask & (1u << o)))
+        o--;
+    return o;
+}
+
+enum { PASS_ASSIGN = 0, PASS_CHEAP = 1, PASS_CHEAP_NODROP = 2, PASS_COPY = 3 };
+
+/* One pass over every item: the choice by `mode` (written to dst when not NULL), its byte
+ * counts per (head, option) added into count buffer `buf` (zero before the pass). Then the
+ * grid synchronizes and every block returns the exact frame bytes of that choice. */
+static __device__ unsigned long long count_pass(const opt_args_t &a, cg::grid_group &grid,
+                                                int mode, double lambda, uint8_t *dst,
+                                                const uint8_t *src, int buf, unsigned *s_cnt,
+                                                unsigned long long *s_total)
+{
+    uint32_t nk8 = a.n_kv * 8;
+    for (uint32_t i = threadIdx.x; i < nk8; i += blockDim.x)
+        s_cnt[i] = 0;
+    __syncthreads();
+    size_t stride = (size_t)gridDim.x * blockDim.x;
+    size_t rounds = (a.n_items + stride - 1) / stride;
+    uint32_t lane = threadIdx.x % 32;
+    for (size_t k = 0; k < rounds; k++) { // uniform trip count: the warp votes below
+        size_t it = k * stride + (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+        bool live = it < a.n_items;
+        int o = -1;
+        uint32_t h = 0;
+        if (live) {
+            o = mode == PASS_ASSIGN  ? assign_one(a, it, lambda)
+                : mode == PASS_COPY  ? (int)src[it]
+                                     : cheapest_one(a, it, mode == PASS_CHEAP);
+            h = (uint32_t)(it / a.n);
+            if (dst)
+                dst[it] = (uint8_t)o;
+        }
+        uint32_t h0 = __shfl_sync(0xffffffffu, h, 0);
+        bool same = __all_sync(0xffffffffu, !live || h == h0);
+        if (same) {
+            for (int q = 0; q < KVC_OPT_COUNT; q++) {
+                unsigned m = __ballot_sync(0xffffffffu, o == q);
+                if (lane == 0 && m)
+                    atomicAdd(&s_cnt[h0 * 8 + q], (unsigned)__popc(m));
+            }
+        } else if (live) {
+            atomicAdd(&s_cnt[h * 8 + o], 1u);
+        }
+    }
+    __syncthreads();
+    unsigned long long *g = a.cnt + (size_t)buf * nk8;
+    for (uint32_t i = threadIdx.x; i < nk8; i += blockDim.x)
+        if (s_cnt[i])
+            atomicAdd(&g[i], (unsigned long long)s_cnt[i]);
+    grid.sync();
+    if (threadIdx.x == 0) {
+        unsigned long long tot = a.fixed;
+        for (uint32_t h = 0; h < a.n_kv; h++)
+            for (int q = 0; q < KVC_OPT_DROP; q++)
+                tot += run_bytes(a, q, __ldcg(&g[h * 8 + q])); // other SMs' atomics: not L1
+        *s_total = tot;
+    }
+    // The buffer two passes ahead is the one the previous pass filled: every block has read
+    // it (before this pass's grid barrier), so it can be cleared for reuse.
+    if (blockIdx.x == 0) {
+        unsigned long long *z = a.cnt + (size_t)((buf + 2) % 3) * nk8;
+        for (uint32_t i = threadIdx.x; i < nk8; i += blockDim.x)
+            z[i] = 0;
+    }
+    __syncthreads();
+    return *s_total;
+}
+
+/* kvc_encoder_choose from the distortion tables, for one layer, as one cooperative grid. */
+__global__ void __launch_bounds__(OPT_THREADS) choose_kernel(opt_args_t a)
+{
+    cg::grid_group grid = cg::this_grid();
+    __shared__ unsigned s_cnt[OPT_MAX_KV * 8];
+    __shared__ unsigned long long s_total;
+    int buf = 0;
+    double lambda = 0;
+    int budget_met = 0, need_greedy = 0;
+    unsigned long long g_total = 0, g_target = 0;
+    size_t stride = (size_t)gridDim.x * blockDim.x;
+    size_t first = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    bool pins = true;
+#define PASS(mode, lam, dst, src) count_pass(a, grid, mode, lam, dst, src, buf++ % 3, s_cnt, &s_total)
+    for (int attempt = 0; attempt < 2; attempt++, pins = false) {
+        for (size_t it = first; it < a.n_items; it += stride)
+            build_item(a, it, pins);
+        grid.sync();
+        if (a.no_budget) {
+            PASS(PASS_CHEAP_NODROP, 0, a.choice, NULL);
+            budget_met = 1;
+            break;
+        }
+        double floor_l = (double)PASS(PASS_CHEAP, 0, a.tmp, NULL);
+        double cap = a.remain - o_dmul((double)(a.r - 1), floor_l);
+        double share = __ddiv_rn(a.remain, (double)a.r);
+        if (a.r > 1) {
+            double c2 = o_dmul(share, o_dadd(1, a.flex));
+            cap = cap < c2 ? cap : c2;
+        }
+        if (floor_l > cap) {
+            if (pins)
+                continue; // the pins alone do not fit: retry with every item free
+            PASS(PASS_COPY, 0, a.choice, a.tmp);
+            budget_met = floor_l <= a.remain;
+            break;
+        }
+        bool accepted = false;
+        if (a.lambda_prev >= 0 && a.r > 1) {
+            double x = (double)PASS(PASS_ASSIGN, a.lambda_prev, a.choice, NULL);
+            if (x <= cap && x >= o_dmul(share, __dsub_rn(1, a.flex))) {
+                accepted = true;
+                lambda = a.lambda_prev;
+            }
+        }
+        if (!accepted) {
+            double tgt = a.r > 1 ? (share < cap ? share : cap) : a.remain;
+            unsigned long long target = (unsigned long long)tgt;
+            // solve(): bracket, bisection in log space, then the greedy fill (later kernels).
+            double lo = a.lambda_prev > 0 ? a.lambda_prev : 1e-6, hi = lo;
+            bool done = false;
+            if (PASS(PASS_ASSIGN, lo, NULL, NULL) <= target) {
+                for (;;) {
+                    hi = lo;
+                    lo /= 64;
+                    if (lo <= 1e-30) {
+                        if (PASS(PASS_ASSIGN, 0, a.choice, NULL) <= target) {
+                            lambda = 0;
+                            done = true;
+                        }
+                        break;
+                    }
+                    if (PASS(PASS_ASSIGN, lo, NULL, NULL) > target)
+                        break;
+                }
+            } else {
+                for (;;) {
+                    hi *= 64;
+                    unsigned long long x = PASS(PASS_ASSIGN, hi, NULL, NULL);
+                    if (hi >= 1e30 || x <= target)
+                        break;
+                }
+            }
+            if (!done) {
+                for (int it = 0; it < 40 && hi > o_dmul(lo, 1.01); it++) {
+                    double mid = __dsqrt_rn(o_dmul(lo, hi));
+                    if (PASS(PASS_ASSIGN, mid, NULL, NULL) <= target)
+                        hi = mid;
+                    else
+                        lo = mid;
+                }
+                unsigned long long x = PASS(PASS_ASSIGN, hi, a.choice, NULL);
+                if (x > target)
+                    x = PASS(PASS_CHEAP, 0, a.choice, NULL);
+                need_greedy = 1;
+                g_total = x;
+                g_target = target;
+                lambda = hi;
+                // The counts of the final choice, for the greedy fill.
+                const unsigned long long *g = a.cnt + (size_t)((buf - 1) % 3) * a.n_kv * 8;
+                if (blockIdx.x == 0)
+                    for (uint32_t i = threadIdx.x; i < a.n_kv * 8; i += blockDim.x)
+                        a.gcnt[i] = (long long)__ldcg(&g[i]);
+            }
+        }
+        budget_met = 1;
+        break;
+    }
+#undef PASS
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        a.out->lambda = lambda;
+        a.out->budget_met = budget_met;
+        a.out->need_greedy = need_greedy;
+        a.out->total = g_total;
+        a.out->target = g_target;
+    }
+}
+
+/* The greedy fill's candidates of one pass: per item its best upgrade along the hull (ratio
+ * of distortion saved per byte) as a sort key (a positive float's bits order as the float),
+ * 0 for none. */
+__global__ void cand_kernel(opt_args_t a, uint32_t *keys, uint32_t *idx)
+{
+    bool on = a.out->need_greedy != 0;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < a.n_items;
+         i += (size_t)gridDim.x * blockDim.x) {
+        idx[i] = (uint32_t)i;
+        int bo = -1;
+        float best = 0;
+        if (on) {
+            const float *D = a.dist + i * KVC_OPT_COUNT;
+            int cur = a.choice[i];
+            uint8_t mask = a.allowed[i];
+            for (int o = 0; o < KVC_OPT_COUNT; o++) {
+                if (!(mask & (1u << o)) || a.cost[o] <= a.cost[cur])
+                    continue;
+                float r = __fdiv_rn(ksub(D[cur], D[o]), ksub(a.cost[o], a.cost[cur]));
+                if (r > best) {
+                    best = r;
+                    bo = o;
+                }
+            }
+        }
+        keys[i] = bo >= 0 ? __float_as_uint(best) : 0u;
+        a.cand_opt[i] = (uint8_t)(bo >= 0 ? bo : 0);
+    }
+}
+
+/* One pass of the greedy fill over the sorted candidates: the block stages GREEDY_CHUNK of
+ * them in shared memory, then evaluates GREEDY_THREADS at a time against the current state
+ * (counts, frame bytes) and takes the first whose exact byte change still fits (the ones before
+ * it do not fit under the same state, as on the CPU) and goes on right behind it. */
+__global__ void __launch_bounds__(GREEDY_THREADS) greedy_kernel(opt_args_t a, const uint32_t *keys,
+                                                                const uint32_t *idx)
+{
+    __shared__ long long s_cnt[OPT_MAX_KV * 8];
+    __shared__ uint32_t s_idx[GREEDY_CHUNK];
+    __shared__ uint8_t s_cur[GREEDY_CHUNK], s_to[GREEDY_CHUNK];
+    __shared__ uint32_t s_first[GREEDY_THREADS / 32];
+    __shared__ int s_end[GREEDY_THREADS / 32];
+    __shared__ long long s_total;
+    if (!a.out->need_greedy)
+        return;
+    uint32_t nk8 = a.n_kv * 8, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const uint32_t none = 0xffffffffu, nwarps = GREEDY_THREADS / 32;
+    for (uint32_t i = threadIdx.x; i < nk8; i += blockDim.x)
+        s_cnt[i] = a.gcnt[i];
+    if (threadIdx.x == 0)
+        s_total = (long long)a.out->total;
+    const long long target = (long long)a.out->target;
+    bool finished = false;
+    for (size_t base = 0; base < a.n_items && !finished; base += GREEDY_CHUNK) {
+        __syncthreads();
+        for (uint32_t k = threadIdx.x; k < GREEDY_CHUNK; k += blockDim.x) {
+            size_t pos = base + k;
+            uint32_t i = none;
+            if (pos < a.n_items && keys[pos] != 0) {
+                i = idx[pos];
+                s_cur[k] = a.choice[i];
+                s_to[k] = a.cand_opt[i];
+            }
+            s_idx[k] = i;
+        }
+        __syncthreads();
+        uint32_t p = 0;
+        while (p < GREEDY_CHUNK) {
+            uint32_t k = p + threadIdx.x;
+            bool in_chunk = k < GREEDY_CHUNK;
+            uint32_t i = in_chunk ? s_idx[k] : none;
+            bool valid = i != none, ok = false;
+            long long delta = 0;
+            uint32_t h = 0;
+            int cur = 0, to = 0;
+            if (valid) {
+                h = i / a.n;
+                cur = s_cur[k];
+                to = s_to[k];
+                long long ct = s_cnt[h * 8 + to], cc = s_cnt[h * 8 + cur];
+                // run_bytes(to, ct + 1) - run_bytes(to, ct) + run_bytes(cur, cc - 1) -
+                // run_bytes(cur, cc), from the per-token steps.
+                delta = add_bytes(a, to, (uint32_t)ct) - add_bytes(a, cur, (uint32_t)(cc - 1));
+                ok = s_total + delta <= target;
+            }
+            unsigned m = __ballot_sync(0xffffffffu, ok);
+            unsigned e = __ballot_sync(0xffffffffu, in_chunk && !valid);
+            if (lane == 0) {
+                s_first[warp] = m ? warp * 32 + (uint32_t)(__ffs(m) - 1) : none;
+                s_end[warp] = e != 0;
+            }
+            __syncthreads();
+            uint32_t f = none;
+            int end = 0;
+            for (uint32_t w = 0; w < nwarps; w++) {
+                f = f == none ? s_first[w] : f;
+                end |= s_end[w];
+            }
+            if (f == none) {
+                // Nothing in the window fits; an empty slot means the candidates ended (the
+                // zero keys sort last).
+                __syncthreads();
+                if (end) {
+                    finished = true;
+                    break;
+                }
+                p += GREEDY_THREADS;
+                continue;
+            }
+            if (threadIdx.x == f) {
+                s_cnt[h * 8 + to]++;
+                s_cnt[h * 8 + cur]--;
+                s_total += delta;
+                a.choice[i] = (uint8_t)to;
+            }
+            __syncthreads();
+            p += f + 1;
+        }
+    }
+    __syncthreads();
+    for (uint32_t i = threadIdx.x; i < nk8; i += blockDim.x)
+        a.gcnt[i] = s_cnt[i];
+    if (threadIdx.x == 0)
+        a.out->total = (unsigned long long)s_total;
+}
+
+/* The distortion of the final choice (info only): fixed-order partial sums, so it is the same
+ * on every run, though not rounded as the CPU's serial sum. */
+__global__ void dist_kernel(opt_args_t a)
+{
+    __shared__ double part[1024];
+    double s = 0;
+    for (size_t i = threadIdx.x; i < a.n_items; i += blockDim.x)
+        s = o_dadd(s, (double)a.dist[i * KVC_OPT_COUNT + a.choice[i]]);
+    part[threadIdx.x] = s;
+    __syncthreads();
+    for (uint32_t w = blockDim.x / 2; w > 0; w /= 2) {
+        if (threadIdx.x < w)
+            part[threadIdx.x] = o_dadd(part[threadIdx.x], part[threadIdx.x + w]);
+        __syncthreads();
+    }
+    if (threadIdx.x == 0)
+        a.out->dist = part[0];
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Frame layout on the device: maps, header, payload work items and the CRC from the choice    */
+/* ------------------------------------------------------------------------------------------ */
+
+typedef struct {
+    uint32_t n_kv, n, d, G;
+    unsigned long long gfix[KVC_OPT_COUNT], gtok[KVC_OPT_COUNT], gsz[KVC_OPT_COUNT];
+    size_t map_bytes, maps_total;
+    uint8_t hdr[KVC_FRAME_HEADER_BYTES]; // the header but opt_mask, payload and total
+    const uint8_t *choice;               // [n_kv][n]
+    unsigned long long *hcnt;            // [n_kv][8] tokens per (head, option)
+    unsigned long long *runs;            // [n_kv][8][3] frame offset, first work item, first token
+    work_t *work;
+    uint32_t *tok;
+    plan_dev_t *plan;
+    uint8_t *out;
+} plan_args_t;
+
+static __device__ __forceinline__ unsigned long long plan_run_bytes(const plan_args_t &a, int o,
+                                                                   unsigned long long count)
+{
+    if (o == KVC_OPT_DROP || count == 0)
+        return 0;
+    unsigned long long gs = a.gsz[o], full = count / gs, rest = count % gs;
+    unsigned long long b = full * (a.gfix[o] + gs * a.gtok[o]);
+    if (rest)
+        b += a.gfix[o] + rest * a.gtok[o];
+    return b;
+}
+
+/* A block per head: its map bytes (two tokens a byte, low nibble first) and its tokens per
+ * option. */
+__global__ void maps_kernel(plan_args_t a)
+{
+    __shared__ unsigned s_c[KVC_OPT_COUNT];
+    uint32_t h = blockIdx.x, n = a.n;
+    if (threadIdx.x < KVC_OPT_COUNT)
+        s_c[threadIdx.x] = 0;
+    __syncthreads();
+    const uint8_t *ch = a.choice + (size_t)h * n;
+    uint8_t *mp = a.out + KVC_FRAME_HEADER_BYTES + (size_t)h * a.map_bytes;
+    unsigned c[KVC_OPT_COUNT] = {0, 0, 0, 0, 0, 0};
+    for (uint32_t b = threadIdx.x; b < a.map_bytes; b += blockDim.x) {
+        uint32_t t = 2 * b;
+        uint32_t lo = ch[t], hi = t + 1 < n ? ch[t + 1] : 0;
+        mp[b] = (uint8_t)(lo | (hi << 4));
+        for (int o = 0; o < KVC_OPT_COUNT; o++)
+            c[o] += (lo == (uint32_t)o) + (t + 1 < n && hi == (uint32_t)o);
+    }
+    for (int o = 0; o < KVC_OPT_COUNT; o++) {
+        unsigned v = c[o];
+        for (int off = 16; off > 0; off >>= 1)
+            v += __shfl_xor_sync(0xffffffffu, v, off);
+        if (threadIdx.x % 32 == 0 && v)
+            atomicAdd(&s_c[o], v);
+    }
+    __syncthreads();
+    if (threadIdx.x < KVC_OPT_COUNT)
+        a.hcnt[h * 8 + threadIdx.x] = s_c[threadIdx.x];
+}
+
+/* One thread: plan_payload's run offsets (per head, the options in order), the header, the
+ * zero padding of the maps. */
+__global__ void layout_kernel(plan_args_t a)
+{
+    unsigned long long n_f16 = 0, tokens[KVC_OPT_COUNT] = {0, 0, 0, 0, 0, 0};
+    for (uint32_t h = 0; h < a.n_kv; h++)
+        for (int o = 0; o < KVC_OPT_COUNT; o++)
+            tokens[o] += a.hcnt[h * 8 + o];
+    n_f16 = tokens[KVC_OPT_F16];
+    unsigned long long head = KVC_FRAME_HEADER_BYTES + a.maps_total;
+    unsigned long long o_off = head, o_f16 = 0, o_q = n_f16, o_tok = 0;
+    for (uint32_t h = 0; h < a.n_kv; h++) {
+        for (int o = 0; o < KVC_OPT_DROP; o++) {
+            unsigned long long cnt = a.hcnt[h * 8 + o], *r = a.runs + ((size_t)h * 8 + o) * 3;
+            r[0] = o_off;
+            o_off += plan_run_bytes(a, o, cnt);
+            if (o == KVC_OPT_F16) {
+                r[1] = o_f16;
+                o_f16 += cnt;
+            } else {
+                r[1] = o_q;
+                o_q += (cnt + a.G - 1) / a.G;
+                r[2] = o_tok;
+                o_tok += cnt;
+            }
+        }
+    }
+    unsigned long long payload = o_off - head, total = o_off + 4;
+    uint32_t opt_mask = 0;
+    for (int o = 0; o < KVC_OPT_COUNT; o++) {
+        if (tokens[o])
+            opt_mask |= 1u << o;
+        a.plan->tokens[o] = tokens[o];
+    }
+    a.plan->n_f16 = n_f16;
+    a.plan->n_work = o_q;
+    a.plan->total = total;
+    a.plan->body = total - 4;
+    uint8_t *hd = a.out;
+    for (int i = 0; i < KVC_FRAME_HEADER_BYTES; i++)
+        hd[i] = a.hdr[i];
+    hd[44] = (uint8_t)opt_mask;
+    for (int i = 0; i < 8; i++) {
+        hd[48 + i] = (uint8_t)(payload >> (8 * i));
+        hd[56 + i] = (uint8_t)(total >> (8 * i));
+    }
+    for (size_t i = (size_t)a.n_kv * a.map_bytes; i < a.maps_total; i++)
+        hd[KVC_FRAME_HEADER_BYTES + i] = 0;
+}
+
+/* A block per head: every token's rank among its head's tokens of the same option (a scan of
+ * 256 tokens at a time, warp ballots then the warps in order), giving the work items in
+ * plan_payload's order: an FP16 token each, a quantized group per G tokens of an option. */
+__global__ void __launch_bounds__(256) scatter_kernel(plan_args_t a)
+{
+    __shared__ unsigned s_w[8][KVC_OPT_COUNT]; // per warp, tokens of each option
+    __shared__ unsigned long long s_base[KVC_OPT_COUNT];
+    uint32_t h = blockIdx.x, n = a.n, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const uint8_t *ch = a.choice + (size_t)h * n;
+    if (threadIdx.x < KVC_OPT_COUNT)
+        s_base[threadIdx.x] = 0;
+    unsigned lt = (1u << lane) - 1;
+    for (uint32_t t0 = 0; t0 < n; t0 += 256) {
+        uint32_t t = t0 + threadIdx.x;
+        int o = t < n ? ch[t] : -1;
+        unsigned my_rank = 0;
+        for (int q = 0; q < KVC_OPT_COUNT; q++) {
+            unsigned m = __ballot_sync(0xffffffffu, o == q);
+            if (o == q)
+                my_rank = __popc(m & lt);
+            if (lane == 0)
+                s_w[warp][q] = __popc(m);
+        }
+        __syncthreads();
+        if (o >= 0 && o != KVC_OPT_DROP) {
+            unsigned long long k = s_base[o] + my_rank;
+            for (uint32_t w = 0; w < warp; w++)
+                k += s_w[w][o];
+            const unsigned long long *r = a.runs + ((size_t)h * 8 + o) * 3;
+            if (o == KVC_OPT_F16) {
+                work_t wk = {r[0] + 4 * (unsigned long long)a.d * k, t, (uint16_t)h, (uint8_t)o,
+                             0};
+                a.work[r[1] + k] = wk;
+            } else {
+                a.tok[r[2] + k] = t;
+                if (k % a.G == 0) {
+                    unsigned long long g = k / a.G, cnt = a.hcnt[h * 8 + o];
+                    unsigned long long m = cnt - k < a.G ? cnt - k : a.G;
+                    work_t wk = {r[0] + g * (a.gfix[o] + a.G * a.gtok[o]), (uint32_t)(r[2] + k),
+                                 (uint16_t)h, (uint8_t)o, (uint8_t)(m - 1)};
+                    a.work[r[1] + g] = wk;
+                }
+            }
+        }
+        __syncthreads();
+        if (threadIdx.x < KVC_OPT_COUNT) {
+            unsigned s = 0;
+            for (uint32_t w = 0; w < blockDim.x / 32; w++)
+                s += s_w[w][threadIdx.x];
+            s_base[threadIdx.x] += s;
+        }
+        __syncthreads();
+    }
+}
+
 /* GF(2) arithmetic modulo the reflected CRC32C polynomial (zlib's crc32_combine method). */
-static uint32_t gf2_mul(uint32_t a, uint32_t b)
+static __device__ uint32_t gf2_mul(uint32_t a, uint32_t b)
 {
     uint32_t m = 1u << 31, p = 0;
     for (;;) {
@@ -615,7 +1364,7 @@ static uint32_t gf2_mul(uint32_t a, uint32_t b)
 }
 
 /* x^(8 * len) modulo the polynomial. */
-static uint32_t gf2_x8n(uint64_t len)
+static __device__ uint32_t gf2_x8n(uint64_t len)
 {
     uint32_t sq = 1u << 30; // x^1
     for (int k = 0; k < 3; k++)
@@ -630,18 +1379,47 @@ static uint32_t gf2_x8n(uint64_t len)
     return p;
 }
 
-/* CRC32C of the concatenation of chunks (each of CRC_CHUNK bytes but the last) from their own
- * CRCs: crc(A || B) = crc(A) * x^(8|B|) + crc(B). */
-static uint32_t crc_combine_chunks(const uint32_t *crcs, size_t n_chunks, size_t len)
+/* One block: the frame's CRC32C from the chunk CRCs, combined pairwise in a tree
+ * (crc(A || B) = crc(A) x^(8|B|) + crc(B)), written behind the body. crcs is overwritten. A
+ * right-hand side of full chunks is shifted by s_pow[level] (x^(8 CRC_CHUNK 2^level)); the one
+ * that ends with the short last chunk by x^(8 tail) times the powers of its full chunks. */
+__global__ void crc_final_kernel(uint32_t *crcs, const plan_dev_t *plan, uint8_t *out)
 {
-    uint32_t full = gf2_x8n(CRC_CHUNK);
-    uint32_t c = crcs[0];
-    for (size_t i = 1; i < n_chunks; i++) {
-        size_t l = i + 1 < n_chunks ? CRC_CHUNK : len - i * CRC_CHUNK;
-        c = gf2_mul(l == CRC_CHUNK ? full : gf2_x8n(l), c) ^ crcs[i];
+    __shared__ uint32_t s_pow[64];
+    __shared__ uint32_t s_tail;
+    size_t len = plan->body;
+    size_t chunks = (len + CRC_CHUNK - 1) / CRC_CHUNK;
+    if (threadIdx.x == 0) {
+        s_pow[0] = gf2_x8n(CRC_CHUNK);
+        s_tail = gf2_x8n(len - (chunks - 1) * CRC_CHUNK);
     }
-    return c;
+    __syncthreads();
+    int level = 0;
+    for (size_t span = 1; span < chunks; span *= 2, level++) { // span: chunks per side
+        for (size_t i = (size_t)threadIdx.x * 2 * span; i + span < chunks;
+             i += (size_t)blockDim.x * 2 * span) {
+            uint32_t x = s_pow[level];
+            if (i + 2 * span >= chunks) { // the right side ends the body
+                size_t full = chunks - (i + span) - 1;
+                x = s_tail;
+                for (int k = 0; k < level; k++)
+                    if ((full >> k) & 1)
+                        x = gf2_mul(x, s_pow[k]);
+            }
+            crcs[i] = gf2_mul(x, crcs[i]) ^ crcs[i + span];
+        }
+        __syncthreads();
+        if (threadIdx.x == 0)
+            s_pow[level + 1] = gf2_mul(s_pow[level], s_pow[level]);
+        __syncthreads();
+    }
+    if (threadIdx.x < 4)
+        out[len + threadIdx.x] = (uint8_t)(crcs[0] >> (8 * threadIdx.x));
 }
+
+/* ------------------------------------------------------------------------------------------ */
+/* Host                                                                                        */
+/* ------------------------------------------------------------------------------------------ */
 
 extern "C" void kvc_encoder_cuda_destroy(kvc_encoder_cuda_t *e)
 {
@@ -650,6 +1428,10 @@ extern "C" void kvc_encoder_cuda_destroy(kvc_encoder_cuda_t *e)
     kvc_encoder_destroy(e->enc);
     cudaFree(e->d_kr), cudaFree(e->d_vr), cudaFree(e->d_tab), cudaFree(e->d_tok);
     cudaFree(e->d_work), cudaFree(e->d_crc);
+    cudaFree(e->d_dist), cudaFree(e->d_opt8), cudaFree(e->d_cnt), cudaFree(e->d_gcnt);
+    cudaFree(e->d_dev_mean), cudaFree(e->d_backbone), cudaFree(e->d_keys), cudaFree(e->d_idx);
+    cudaFree(e->d_sort_tmp), cudaFree(e->d_out), cudaFreeHost(e->h_out);
+    cudaFree(e->d_plan), cudaFreeHost(e->h_lay), cudaFree(e->d_hcnt), cudaFree(e->d_runs);
     kvc_scores_cleanup_cuda(&e->d_scores);
     cudaFreeHost(e->h_tab), cudaFreeHost(e->h_tok), cudaFreeHost(e->h_work);
     cudaFreeHost(e->h_crc), cudaFreeHost(e->h_head);
@@ -658,6 +1440,54 @@ extern "C" void kvc_encoder_cuda_destroy(kvc_encoder_cuda_t *e)
             cudaEventDestroy(e->ev[i]);
     free(e->h_imp), free(e->h_qsq), free(e->h_obar), free(e->h_static), free(e->h_plan);
     free(e);
+}
+
+/* The device optimizer's buffers, when the device runs cooperative grids and the heads fit
+ * its count histogram; otherwise opt_on stays false and the host optimizer runs. */
+static fy_status_t opt_create(kvc_encoder_cuda_t *e)
+{
+    fy_status_t st = FY_OK;
+    int dev = 0, coop = 0, sms = 0, per_sm = 0;
+    if (e->n_kv > OPT_MAX_KV)
+        return FY_OK;
+    KVC_CUDA_GOTO(cudaGetDevice(&dev), st, fail);
+    KVC_CUDA_GOTO(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev), st, fail);
+    KVC_CUDA_GOTO(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), st, fail);
+    KVC_CUDA_GOTO(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, choose_kernel,
+                                                                 OPT_THREADS, 0),
+                  st, fail);
+    if (!coop || per_sm < 1 || sms < 1)
+        return FY_OK;
+    {
+        size_t items = e->n_items;
+        size_t need = (items + OPT_THREADS - 1) / OPT_THREADS;
+        e->opt_grid = (unsigned)FY_MIN((size_t)per_sm * (size_t)sms, FY_MAX(need, (size_t)1));
+        KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_dist, items * KVC_OPT_COUNT * sizeof(float)), st,
+                      fail);
+        KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_opt8, 4 * items), st, fail);
+        KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_cnt, 3 * (size_t)e->n_kv * 8 * 8), st, fail);
+        KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_gcnt, (size_t)e->n_kv * 8 * 8), st, fail);
+        KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_dev_mean, (size_t)e->n_kv * sizeof(float)), st,
+                      fail);
+        KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_backbone, e->n), st, fail);
+        KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_keys, 2 * items * sizeof(uint32_t)), st, fail);
+        KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_idx, 2 * items * sizeof(uint32_t)), st, fail);
+        KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_out, sizeof(opt_out_t)), st, fail);
+        KVC_CUDA_GOTO(cudaMallocHost((void **)&e->h_out, sizeof(opt_out_t)), st, fail);
+        KVC_CUDA_GOTO(cub::DeviceRadixSort::SortPairsDescending(
+                          NULL, e->sort_tmp_bytes, e->d_keys, e->d_keys + items, e->d_idx,
+                          e->d_idx + items, (int)items),
+                      st, fail);
+        KVC_CUDA_GOTO(cudaMalloc(&e->d_sort_tmp, FY_MAX(e->sort_tmp_bytes, (size_t)16)), st, fail);
+        kvc_opt_inputs_t oi;
+        kvc_encoder_opt_inputs(e->enc, 0, &oi);
+        KVC_CUDA_GOTO(cudaMemcpy(e->d_backbone, oi.backbone, e->n, cudaMemcpyHostToDevice), st,
+                      fail);
+    }
+    e->opt_on = true;
+    return FY_OK;
+fail:
+    return st;
 }
 
 extern "C" fy_status_t kvc_encoder_cuda_create(const kvc_encoder_params_t *params,
@@ -719,6 +1549,18 @@ extern "C" fy_status_t kvc_encoder_cuda_create(const kvc_encoder_params_t *param
         st = FY_ERR_NO_MEMORY;
         goto fail;
     }
+    {
+        int dev = 0, sms = 0;
+        KVC_CUDA_GOTO(cudaGetDevice(&dev), st, fail);
+        KVC_CUDA_GOTO(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), st, fail);
+        e->sms = (unsigned)FY_MAX(sms, 1);
+    }
+    KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_plan, sizeof(plan_dev_t)), st, fail);
+    KVC_CUDA_GOTO(cudaMallocHost((void **)&e->h_lay, sizeof(plan_dev_t)), st, fail);
+    KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_hcnt, (size_t)e->n_kv * 8 * 8), st, fail);
+    KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_runs, (size_t)e->n_kv * 8 * 3 * 8), st, fail);
+    if ((st = opt_create(e)) != FY_OK)
+        goto fail;
     *enc_p = e;
     return FY_OK;
 fail: // destroy takes half-built encoders
@@ -810,6 +1652,148 @@ static void plan_payload(kvc_encoder_cuda_t *e, size_t payload_off, size_t *n_f1
     *n_work_p = o_q;
 }
 
+/* Queues the device optimizer for the layer on stream: distortions, the choice (rate control,
+ * bisection, greedy fill), its distortion; then the choice into the host encoder's choice
+ * array and the result into h_out, both valid once the stream reaches this point. */
+static fy_status_t opt_enqueue(kvc_encoder_cuda_t *e, uint32_t layer, const kvc_scores_t *sc,
+                               bool measured, cudaStream_t cs)
+{
+    fy_status_t st = FY_OK;
+    const kvc_policy_t *pol = &e->policy;
+    uint32_t opts = pol->options, d = e->d, G = e->G, P = e->P;
+    size_t items = e->n_items;
+    kvc_opt_inputs_t oi;
+    kvc_encoder_opt_inputs(e->enc, layer, &oi);
+    opt_args_t a;
+    memset(&a, 0, sizeof(a));
+    a.n_kv = e->n_kv;
+    a.n = e->n;
+    a.G = G;
+    a.n_items = items;
+    a.dist_kind = pol->dist;
+    a.joint_kv = pol->joint_kv;
+    a.stat_on = pol->hybrid_threshold > 0;
+    a.measured = measured;
+    a.sinks = pol->sinks;
+    a.recent = pol->recent;
+    a.options = opts;
+    a.backbone_opt = pol->backbone_opt;
+    a.hybrid_factor = pol->hybrid_factor;
+    a.need8 = (opts & KVC_OPT_BIT(KVC_OPT_Q8)) != 0;
+    a.need4 = (opts & (KVC_OPT_BIT(KVC_OPT_Q4) | KVC_OPT_BIT(KVC_OPT_Q4V2))) != 0;
+    a.needv4 = (opts & KVC_OPT_BIT(KVC_OPT_Q4)) != 0;
+    a.need2 = (opts & (KVC_OPT_BIT(KVC_OPT_Q4V2) | KVC_OPT_BIT(KVC_OPT_Q2))) != 0;
+    a.needk2 = (opts & KVC_OPT_BIT(KVC_OPT_Q2)) != 0;
+    a.flex = pol->rate_flex;
+    for (int o = 0; o < KVC_OPT_COUNT; o++) {
+        a.cost[o] = oi.cost[o];
+        a.pen[o] = oi.rank_pen[o];
+        uint32_t gs = kvc_group_tokens(o, G);
+        a.gsz[o] = gs;
+        if (o == KVC_OPT_DROP) {
+            a.gfix[o] = a.gtok[o] = 0;
+        } else {
+            // kvc_group_bytes is affine in the token count.
+            a.gfix[o] = kvc_group_bytes(o, d, 0, P);
+            a.gtok[o] = kvc_group_bytes(o, d, 1, P) - a.gfix[o];
+            if (o == KVC_OPT_F16) { // a group is one token of 4d bytes
+                a.gfix[o] = 4 * (unsigned long long)d;
+                a.gtok[o] = 0;
+            }
+        }
+    }
+    a.fixed = KVC_FRAME_HEADER_BYTES + FY_ALIGN_UP((size_t)e->n_kv * kvc_map_bytes(e->n), 8) + 4;
+    a.no_budget = oi.no_budget;
+    a.r = oi.r;
+    a.remain = oi.remain;
+    a.lambda_prev = oi.lambda_prev;
+    a.imp = sc->importance;
+    a.is_static = sc->is_static;
+    a.backbone = e->d_backbone;
+    a.tab = e->d_tab;
+    a.dev_mean = e->d_dev_mean;
+    a.dist = e->d_dist;
+    a.allowed = e->d_opt8;
+    a.choice = e->d_opt8 + items;
+    a.tmp = e->d_opt8 + 2 * items;
+    a.cand_opt = e->d_opt8 + 3 * items;
+    a.cnt = e->d_cnt;
+    a.gcnt = e->d_gcnt;
+    a.out = e->d_out;
+    if (measured && !pol->joint_kv) {
+        dev_mean_kernel<<<kvc_grid(e->n_kv, 32), 32, 0, cs>>>(e->d_tab + TAB_DEV * items, e->n_kv,
+                                                              e->n, e->d_dev_mean);
+        KVC_LAUNCH_GOTO(st, out);
+    }
+    KVC_CUDA_GOTO(cudaMemsetAsync(e->d_cnt, 0, 3 * (size_t)e->n_kv * 8 * 8, cs), st, out);
+    {
+        void *args[] = {&a};
+        KVC_CUDA_GOTO(cudaLaunchCooperativeKernel((const void *)choose_kernel, e->opt_grid,
+                                                  OPT_THREADS, args, 0, cs),
+                      st, out);
+    }
+    for (int pass = 0; pass < 2; pass++) {
+        cand_kernel<<<kvc_grid(items, 256), 256, 0, cs>>>(a, e->d_keys, e->d_idx);
+        KVC_LAUNCH_GOTO(st, out);
+        size_t tmp_bytes = e->sort_tmp_bytes;
+        KVC_CUDA_GOTO(cub::DeviceRadixSort::SortPairsDescending(
+                          e->d_sort_tmp, tmp_bytes, e->d_keys, e->d_keys + items, e->d_idx,
+                          e->d_idx + items, (int)items, 0, 32, cs),
+                      st, out);
+        greedy_kernel<<<1, GREEDY_THREADS, 0, cs>>>(a, e->d_keys + items, e->d_idx + items);
+        KVC_LAUNCH_GOTO(st, out);
+    }
+    dist_kernel<<<1, 1024, 0, cs>>>(a);
+    KVC_LAUNCH_GOTO(st, out);
+    KVC_CUDA_GOTO(cudaMemcpyAsync(e->h_out, e->d_out, sizeof(opt_out_t), cudaMemcpyDeviceToHost,
+                                  cs),
+                  st, out);
+out:
+    return st;
+}
+
+/* Queues the frame layout of the device optimizer's choice: maps and counts, run offsets and
+ * header, work items (the twin of plan_payload). */
+static fy_status_t layout_enqueue(kvc_encoder_cuda_t *e, uint32_t layer, uint8_t *out,
+                                  cudaStream_t cs)
+{
+    fy_status_t st = FY_OK;
+    plan_args_t a;
+    memset(&a, 0, sizeof(a));
+    a.n_kv = e->n_kv;
+    a.n = e->n;
+    a.d = e->d;
+    a.G = e->G;
+    for (int o = 0; o < KVC_OPT_COUNT; o++) {
+        uint32_t gs = kvc_group_tokens(o, e->G);
+        a.gsz[o] = gs;
+        a.gfix[o] = o == KVC_OPT_DROP ? 0 : kvc_group_bytes(o, e->d, 0, e->P);
+        a.gtok[o] = o == KVC_OPT_DROP ? 0 : kvc_group_bytes(o, e->d, 1, e->P) - a.gfix[o];
+        if (o == KVC_OPT_F16) { // a group is one token of 4d bytes
+            a.gfix[o] = 4 * (unsigned long long)e->d;
+            a.gtok[o] = 0;
+        }
+    }
+    a.map_bytes = kvc_map_bytes(e->n);
+    a.maps_total = FY_ALIGN_UP((size_t)e->n_kv * a.map_bytes, 8);
+    kvc_encoder_header_fill(e->enc, layer, 0, 0, 0, a.hdr);
+    a.choice = e->d_opt8 + e->n_items;
+    a.hcnt = e->d_hcnt;
+    a.runs = e->d_runs;
+    a.work = e->d_work;
+    a.tok = e->d_tok;
+    a.plan = e->d_plan;
+    a.out = out;
+    maps_kernel<<<e->n_kv, 256, 0, cs>>>(a);
+    KVC_LAUNCH_GOTO(st, out);
+    layout_kernel<<<1, 1, 0, cs>>>(a);
+    KVC_LAUNCH_GOTO(st, out);
+    scatter_kernel<<<e->n_kv, 256, 0, cs>>>(a);
+    KVC_LAUNCH_GOTO(st, out);
+out:
+    return st;
+}
+
 extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
                                                      const kvc_layer_input_t *in,
                                                      const kvc_scores_t *scores,
@@ -844,17 +1828,20 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
     const kvc_policy_t *pol = &e->policy;
     bool measured = pol->dist == KVC_DIST_TRIAL || pol->dist == KVC_DIST_MODEL;
     uint32_t opts = pol->options;
-    KVC_CUDA_GOTO(cudaMemcpyAsync(e->h_imp, sc->importance, plane * sizeof(float),
-                                  cudaMemcpyDeviceToHost, cs),
-                  st, out);
-    KVC_CUDA_GOTO(cudaMemcpyAsync(e->h_qsq, sc->qsq, (size_t)n_kv * d * sizeof(float),
-                                  cudaMemcpyDeviceToHost, cs),
-                  st, out);
-    KVC_CUDA_GOTO(cudaMemcpyAsync(e->h_obar, sc->obar, (size_t)n_kv * d * sizeof(float),
-                                  cudaMemcpyDeviceToHost, cs),
-                  st, out);
-    KVC_CUDA_GOTO(cudaMemcpyAsync(e->h_static, sc->is_static, n_kv, cudaMemcpyDeviceToHost, cs),
-                  st, out);
+    if (!e->opt_on) { // the host optimizer reads the scores on the host
+        KVC_CUDA_GOTO(cudaMemcpyAsync(e->h_imp, sc->importance, plane * sizeof(float),
+                                      cudaMemcpyDeviceToHost, cs),
+                      st, out);
+        KVC_CUDA_GOTO(cudaMemcpyAsync(e->h_qsq, sc->qsq, (size_t)n_kv * d * sizeof(float),
+                                      cudaMemcpyDeviceToHost, cs),
+                      st, out);
+        KVC_CUDA_GOTO(cudaMemcpyAsync(e->h_obar, sc->obar, (size_t)n_kv * d * sizeof(float),
+                                      cudaMemcpyDeviceToHost, cs),
+                      st, out);
+        KVC_CUDA_GOTO(
+            cudaMemcpyAsync(e->h_static, sc->is_static, n_kv, cudaMemcpyDeviceToHost, cs), st,
+            out);
+    }
     kv_src_t src;
     src.k = in->k;
     src.v = in->v;
@@ -901,7 +1888,7 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
                                 a.need4 && (a.model || a.needv4),
                                 a.need2 && (a.model || a.needk2),
                                 (bool)a.need2};
-        for (int ti = 0; ti < TAB_COUNT; ti++) {
+        for (int ti = 0; ti < TAB_COUNT && !e->opt_on; ti++) {
             if (!want[ti])
                 continue;
             size_t at = (size_t)ti * plane;
@@ -910,9 +1897,17 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
                           st, out);
         }
     }
-    KVC_CUDA_GOTO(cudaEventRecord(e->ev[1], cs), st, out);
-    KVC_CUDA_GOTO(cudaStreamSynchronize(cs), st, out);
-    {
+    if (e->opt_on) {
+        // Device optimizer and layout: no host step until the frame is complete.
+        if ((st = opt_enqueue(e, in->layer, sc, measured, cs)) != FY_OK)
+            goto out;
+        KVC_CUDA_GOTO(cudaEventRecord(e->ev[1], cs), st, out);
+        KVC_CUDA_GOTO(cudaEventRecord(e->ev[2], cs), st, out);
+        if ((st = layout_enqueue(e, in->layer, out, cs)) != FY_OK)
+            goto out;
+    } else {
+        KVC_CUDA_GOTO(cudaEventRecord(e->ev[1], cs), st, out);
+        KVC_CUDA_GOTO(cudaStreamSynchronize(cs), st, out);
         // The optimizer, on the host, from the GPU's tables.
         kvc_scores_t hs;
         hs.n_kv_heads = n_kv;
@@ -933,17 +1928,25 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
         tab.ev[2] = e->h_tab + TAB_EV2 * plane;
         if ((st = kvc_encoder_choose(e->enc, in, &hs, measured ? &tab : NULL, &info)) != FY_OK)
             goto out;
-    }
-    {
+        uint64_t tokens[KVC_OPT_COUNT] = {0};
         size_t total;
-        size_t head = kvc_encoder_write_head(e->enc, in->layer, e->h_head, info.tokens, &total);
+        size_t head = kvc_encoder_write_head(e->enc, in->layer, e->h_head, tokens, &total);
         FY_ASSERT(total <= out_cap && total - 4 <= e->max_chunks * CRC_CHUNK);
         size_t n_f16, n_work;
         plan_payload(e, head, &n_f16, &n_work);
         size_t n_tok = 0;
         for (size_t i = n_f16; i < n_work; i++)
             n_tok += (size_t)e->h_work[i].m_minus_1 + 1;
+        plan_dev_t *hp = e->h_lay;
+        hp->n_f16 = n_f16;
+        hp->n_work = n_work;
+        hp->total = total;
+        hp->body = total - 4;
+        for (int o = 0; o < KVC_OPT_COUNT; o++)
+            hp->tokens[o] = tokens[o];
         KVC_CUDA_GOTO(cudaEventRecord(e->ev[2], cs), st, out);
+        KVC_CUDA_GOTO(cudaMemcpyAsync(e->d_plan, hp, sizeof(*hp), cudaMemcpyHostToDevice, cs),
+                      st, out);
         KVC_CUDA_GOTO(cudaMemcpyAsync(out, e->h_head, head, cudaMemcpyHostToDevice, cs), st, out);
         if (n_work > 0)
             KVC_CUDA_GOTO(cudaMemcpyAsync(e->d_work, e->h_work, n_work * sizeof(work_t),
@@ -953,47 +1956,58 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
             KVC_CUDA_GOTO(cudaMemcpyAsync(e->d_tok, e->h_tok, n_tok * sizeof(uint32_t),
                                           cudaMemcpyHostToDevice, cs),
                           st, out);
-        if (n_f16 > 0) {
-            f16_kernel<<<kvc_grid(n_f16, 8), 256, 0, cs>>>(e->d_work, n_f16, in->k, in->v,
-                                                           in->head_stride, in->token_stride, d,
-                                                           out);
-            KVC_LAUNCH_GOTO(st, out);
-        }
-        if (n_work > n_f16) {
-            quant_args_t a;
-            memset(&a, 0, sizeof(a));
-            a.work = e->d_work + n_f16;
-            a.n_work = n_work - n_f16;
-            a.tok = e->d_tok;
-            a.src = src;
-            a.qsq = sc->qsq;
-            a.n = n;
-            a.d = d;
-            a.P = e->P;
-            a.rotate = pol->rotate;
-            a.out = out;
-            quant_kernel<<<kvc_grid(a.n_work, 1), QUANT_THREADS, 0, cs>>>(a);
-            KVC_LAUNCH_GOTO(st, out);
-        }
-        size_t body = total - 4;
-        size_t chunks = (body + CRC_CHUNK - 1) / CRC_CHUNK;
-        crc_kernel<<<kvc_grid(chunks, 256), 256, 0, cs>>>(out, body, e->d_crc);
+    }
+    {
+        // The payload and the CRC, sized on the device (grid-stride loops over the counts in
+        // d_plan).
+        unsigned wide = FY_MAX(e->sms, 1u) * 16;
+        f16_kernel<<<(unsigned)FY_MIN((size_t)wide, (size_t)kvc_grid(plane, 8)), 256, 0, cs>>>(
+            e->d_work, e->d_plan, in->k, in->v, in->head_stride, in->token_stride, d, out);
         KVC_LAUNCH_GOTO(st, out);
-        KVC_CUDA_GOTO(cudaMemcpyAsync(e->h_crc, e->d_crc, chunks * sizeof(uint32_t),
-                                      cudaMemcpyDeviceToHost, cs),
-                      st, out);
+        quant_args_t a;
+        memset(&a, 0, sizeof(a));
+        a.work = e->d_work;
+        a.plan = e->d_plan;
+        a.tok = e->d_tok;
+        a.src = src;
+        a.qsq = sc->qsq;
+        a.n = n;
+        a.d = d;
+        a.P = e->P;
+        a.rotate = pol->rotate;
+        a.out = out;
+        // Stage the group's rows in shared memory where they fit the default 48 KiB with the
+        // kernel's own arrays (G 32, d 128: 32 KiB).
+        size_t stage_bytes = (size_t)2 * e->G * d * sizeof(float);
+        a.stage = stage_bytes <= 32768 ? (int)e->G : 0;
+        quant_kernel<<<wide, QUANT_THREADS, a.stage ? stage_bytes : 0, cs>>>(a);
+        KVC_LAUNCH_GOTO(st, out);
+        crc_kernel<<<kvc_grid(e->max_chunks, 256), 256, 0, cs>>>(out, e->d_plan, e->d_crc);
+        KVC_LAUNCH_GOTO(st, out);
+        crc_final_kernel<<<1, 1024, 0, cs>>>(e->d_crc, e->d_plan, out);
+        KVC_LAUNCH_GOTO(st, out);
+        if (e->opt_on)
+            KVC_CUDA_GOTO(cudaMemcpyAsync(e->h_lay, e->d_plan, sizeof(plan_dev_t),
+                                          cudaMemcpyDeviceToHost, cs),
+                          st, out);
         KVC_CUDA_GOTO(cudaEventRecord(e->ev[3], cs), st, out);
         KVC_CUDA_GOTO(cudaStreamSynchronize(cs), st, out);
         float ms01 = 0, ms23 = 0;
         KVC_CUDA_GOTO(cudaEventElapsedTime(&ms01, e->ev[0], e->ev[1]), st, out);
         KVC_CUDA_GOTO(cudaEventElapsedTime(&ms23, e->ev[2], e->ev[3]), st, out);
         e->last_gpu_ns = (uint64_t)((double)(ms01 + ms23) * 1e6);
-        uint32_t crc = crc_combine_chunks(e->h_crc, chunks, body);
-        uint8_t *cb = (uint8_t *)&e->h_crc[e->max_chunks];
-        kvc_wr32(cb, crc);
-        KVC_CUDA_GOTO(cudaMemcpyAsync(out + body, cb, 4, cudaMemcpyHostToDevice, cs), st, out);
-        KVC_CUDA_GOTO(cudaStreamSynchronize(cs), st, out);
-        kvc_encoder_commit(e->enc, total, &info);
+        size_t total = (size_t)e->h_lay->total;
+        FY_ASSERT(total <= out_cap);
+        for (int o = 0; o < KVC_OPT_COUNT; o++)
+            info.tokens[o] = e->h_lay->tokens[o];
+        if (e->opt_on) {
+            info.lambda = e->h_out->lambda;
+            info.budget_met = e->h_out->budget_met != 0;
+            kvc_encoder_set_lambda(e->enc, e->h_out->lambda);
+            kvc_encoder_commit_dist(e->enc, total, e->h_out->dist, &info);
+        } else {
+            kvc_encoder_commit(e->enc, total, &info);
+        }
         *len_p = total;
     }
     info.score_ns = scores ? 0 : t1 - t0;

@@ -7,8 +7,9 @@
  *   attention kernel's window_attn.
  * - Encoding (kvc_encoder_cuda_t): K and V of a layer in device memory -> a wire frame in
  *   device memory, byte-identical to kvc_encoder_encode_layer for the same input and scores.
- *   Trial/modelled distortion, rotation, quantization, packing and the CRC run on the GPU; the
- *   option-choice optimizer (small per-token tables) and the rate controller stay on the host.
+ *   Trial/modelled distortion, rotation, the option-choice optimizer and rate controller step,
+ *   the frame layout, quantization, packing and the CRC all run on the GPU (the host keeps the
+ *   rate controller's running totals).
  * - GPU page pool (kvc_gpu_pool_t) and placement (kvc_place_cuda): one device allocation of
  *   n_pages x page_bytes, page p at base + p x page_bytes holding exactly the bytes a CPU pool's
  *   page holds (docs/kvcodec-format.md §3). Free list, reference counts and per-sequence page
@@ -73,17 +74,18 @@ size_t kvc_encoder_cuda_max_frame_bytes(const kvc_encoder_cuda_t *enc);
  * kvc_score_cuda) holds device arrays from kvc_scores_init_cuda. The frame is written to
  * out_dev (device memory, at least kvc_encoder_cuda_max_frame_bytes); the bytes equal what
  * kvc_encoder_encode_layer writes for the same K, V and scores (for finite inputs). The call
- * returns once the frame is complete on the device (it synchronizes stream, because the
- * optimizer runs on the host between the GPU passes). Thread: not thread-safe (one encoder
+ * returns once the frame is complete on the device (it synchronizes stream once, at the end,
+ * for the frame size; with more than 64 kv heads or without cooperative launches the
+ * optimizer runs on the host, one more synchronization). Thread: not thread-safe (one encoder
  * per request). */
 fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *enc, const kvc_layer_input_t *in_dev,
                                           const kvc_scores_t *scores_dev, uint8_t *out_dev,
                                           size_t out_cap, size_t *len_p,
                                           kvc_layer_info_t *info_p, void *stream);
 
-/* Stream time the last encode_layer_cuda spent in its two GPU phases (scoring, rotation and
- * distortion tables; payload and CRC), in ns; the rest of its wall time is the host's
- * optimizer and planning. Thread: as the encoder. */
+/* Stream time the last encode_layer_cuda spent in its GPU phases (scoring, rotation,
+ * distortion tables and the optimizer; layout, payload and CRC), in ns; the rest of its wall
+ * time is the host's launches and the final synchronization. Thread: as the encoder. */
 uint64_t kvc_encoder_cuda_last_gpu_ns(const kvc_encoder_cuda_t *enc);
 
 /* Cumulative frame bytes and the request's byte budget (as kvc_encoder_totals). */
@@ -184,7 +186,19 @@ typedef struct {
     const kvc_page_id_t *page_ids; // device: [list_start[batch * n_kv_heads]]
     uint32_t max_list_pages; // the longest list (sizes the split of each list over thread
                              // blocks; longer lists are still attended in full, more slowly)
+    uint32_t impl;           // KVC_ATTEND_IMPL_*: 0 (AUTO) unless a test or benchmark asks
 } kvc_attend_batch_t;
+
+/* Kernels of kvc_attend_batch_cuda. AUTO: the environment variable FERRY_ATTEND_IMPL ("simt" or
+ * "mma") when set, else MMA. MMA (tensor cores: FP16 operands split hi + lo, FP32
+ * accumulation) takes head_dim 64 and 128 with GQA groups up to 4 rows; other shapes, and
+ * MMA asked of them, run SIMT (FP32 dequantization in registers), which takes every shape. */
+enum { KVC_ATTEND_IMPL_AUTO = 0, KVC_ATTEND_IMPL_SIMT = 1, KVC_ATTEND_IMPL_MMA = 2 };
+
+/* The kernel (KVC_ATTEND_IMPL_SIMT or _MMA) kvc_attend_batch_cuda runs for this pool and batch.
+ * Thread: any. */
+fy_status_t kvc_attend_batch_cuda_impl(const kvc_gpu_pages_t *pool,
+                                       const kvc_attend_batch_t *batch, uint32_t *impl_p);
 
 /* Bytes of device workspace kvc_attend_batch_cuda needs for this pool and batch shape.
  * Thread: any. */

@@ -248,8 +248,30 @@ const kvc_encoder_params_t *kvc_encoder_params(const kvc_encoder_t *e);
  * whole frame size in *frame_bytes_p. */
 size_t kvc_encoder_write_head(const kvc_encoder_t *e, uint32_t layer, uint8_t *out,
                               uint64_t *counts, size_t *frame_bytes_p);
+/* The frame header (KVC_FRAME_HEADER_BYTES) of a layer with these options present (bit per
+ * option), payload bytes and frame bytes. */
+void kvc_encoder_header_fill(const kvc_encoder_t *e, uint32_t layer, uint32_t opt_mask,
+                             size_t payload, size_t total, uint8_t *hd);
 /* Accounts a written frame of len bytes to the rate controller and fills info's frame_bytes,
  * fp16_bytes and distortion; the next layer may come. */
 void kvc_encoder_commit(kvc_encoder_t *e, size_t len, kvc_layer_info_t *info);
+/* The same with the layer's distortion computed elsewhere (the GPU's optimizer). */
+void kvc_encoder_commit_dist(kvc_encoder_t *e, size_t len, double dist, kvc_layer_info_t *info);
+
+/* What an optimizer outside encode.c (the GPU's) needs to make the same choice as
+ * kvc_encoder_choose for the next layer: the option costs and rank penalties, the backbone
+ * tokens and the rate controller's state. */
+typedef struct {
+    float cost[KVC_OPT_COUNT];     // amortized bytes per token of each option
+    float rank_pen[KVC_OPT_COUNT]; // distortion weight of each option under rank policies
+    const uint8_t *backbone;       // [n_tokens] 1 = HEX backbone token
+    bool no_budget;
+    uint32_t r;         // layers left, this one included
+    double remain;      // bytes of the request budget left
+    double lambda_prev; // < 0: none yet
+} kvc_opt_inputs_t;
+void kvc_encoder_opt_inputs(const kvc_encoder_t *e, uint32_t layer, kvc_opt_inputs_t *oi);
+/* The multiplier an outside optimizer ended at (the next layer starts from it). */
+void kvc_encoder_set_lambda(kvc_encoder_t *e, double lambda);
 
 #endif /* FERRY_KVCODEC_INT_H */

@@ -64,7 +64,7 @@ static peer_t *find(const pf_adaptive_t *a, const char *addr)
 }
 
 void pf_adaptive_observe(pf_adaptive_t *a, const char *peer, uint64_t wire_bytes,
-                         double transfer_ms, int n_tokens, double compute_ms)
+                         double span_ms, double tail_ms, int n_tokens, double compute_ms)
 {
     if (a == NULL || peer == NULL || strlen(peer) >= sizeof(a->peers[0].addr))
         return;
@@ -73,9 +73,10 @@ void pf_adaptive_observe(pf_adaptive_t *a, const char *peer, uint64_t wire_bytes
         double m = compute_ms / n_tokens;
         a->ms_per_token = a->p.alpha * m + (1 - a->p.alpha) * a->ms_per_token;
     }
-    if (wire_bytes == 0 || !(transfer_ms > 0) || !isfinite(transfer_ms))
+    if (wire_bytes == 0 || !(span_ms > 0) || !isfinite(span_ms))
         return;
-    double g = (double)wire_bytes / (transfer_ms / 1e3);
+    double g = (double)wire_bytes / (span_ms / 1e3);
+    bool link_bound = tail_ms > 0.2 * span_ms;
     peer_t *pe = find(a, peer);
     if (pe == NULL) {
         if (a->n_peers < PEERS_MAX) {
@@ -90,8 +91,10 @@ void pf_adaptive_observe(pf_adaptive_t *a, const char *peer, uint64_t wire_bytes
         memset(pe, 0, sizeof(*pe));
         memcpy(pe->addr, peer, strlen(peer) + 1);
         pe->goodput = g;
-    } else {
+    } else if (link_bound) {
         pe->goodput = a->p.alpha * g + (1 - a->p.alpha) * pe->goodput;
+    } else if (g > pe->goodput) {
+        pe->goodput = g; /* a lower bound above the estimate */
     }
     pe->samples++;
     pe->last_used = a->tick;

@@ -2,8 +2,13 @@
  * adaptive.h: the bandwidth-adaptive KV budget of a prefill worker (KVServe's idea).
  *
  * The worker records, per decode peer (its UCX address), the goodput of finished KV transfers
- * (wire bytes over the time kvlink had frames in flight, an exponentially weighted mean) and
- * its own compute speed (ms per prompt token). For a new request without a budget of its own
+ * and its own compute speed (ms per prompt token). A transfer that ended well after the
+ * compute (its tail, from the last layer computed to the receiver's confirmation, is over a
+ * fifth of its span) was limited by the link: wire bytes over its span (first frame sent to
+ * confirmation) is a goodput sample, averaged with weight alpha. A transfer that kept up with
+ * the compute only shows the link is at least that fast: it can raise the estimate, never
+ * lower it. (Frame completions are local, into socket buffers, so busy time alone would
+ * overstate a thin link.) For a new request without a budget of its own
  * (neither in the request nor the worker's --budget) it picks the largest b within the
  * limits whose predicted transfer fits the TTFT target:
  *
@@ -41,10 +46,11 @@ typedef struct pf_adaptive pf_adaptive_t;
 fy_status_t pf_adaptive_create(const pf_adaptive_params_t *p, pf_adaptive_t **a_p);
 void pf_adaptive_destroy(pf_adaptive_t *a);
 
-/* A finished request: its wire bytes and transfer time to `peer`, its prompt tokens and
- * compute time. Samples without bytes or time are ignored. */
+/* A finished request to `peer`: its wire bytes, the span of its transfer (first frame sent to
+ * the receiver's confirmation), the tail of that span after the compute ended, its prompt
+ * tokens and compute time. Samples without bytes or span are ignored. */
 void pf_adaptive_observe(pf_adaptive_t *a, const char *peer, uint64_t wire_bytes,
-                         double transfer_ms, int n_tokens, double compute_ms);
+                         double span_ms, double tail_ms, int n_tokens, double compute_ms);
 
 /* The goodput estimate to peer in bytes/s; false when there is no history. */
 bool pf_adaptive_goodput(const pf_adaptive_t *a, const char *peer, double *bytes_per_s);

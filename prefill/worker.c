@@ -396,9 +396,14 @@ static void job_maybe_finish(pf_job_t *job)
     fy_metric_add(pf->m.wire_bytes, (double)job->wire_bytes);
     fy_metric_observe(pf->m.transfer_s, transfer_ms / 1e3);
     fy_metric_set(pf->m.hidden, hidden);
-    if (pf->adaptive != NULL)
-        pf_adaptive_observe(pf->adaptive, job->kv_addr, job->wire_bytes, transfer_ms,
-                            job->n_tokens, prefill_ms);
+    if (pf->adaptive != NULL && job->n_iv > 0) {
+        uint64_t first = job->iv[0], end = job->iv[2 * job->n_iv - 1] ? job->iv[2 * job->n_iv - 1]
+                                                                       : fy_clock_ns();
+        double tail = end > job->t_compute_end ? (end - job->t_compute_end) / 1e6 : 0;
+        pf_adaptive_observe(pf->adaptive, job->kv_addr, job->wire_bytes,
+                            end > first ? (end - first) / 1e6 : 0, tail, job->n_tokens,
+                            prefill_ms);
+    }
     rpc_call_send(call, &resp.base);
     rpc_call_finish(call, RPC_CODE_OK, NULL);
 }

@@ -100,17 +100,19 @@ static void test_ssh(void **state)
     assert_non_null(strstr(up, "/opt/ferry/bin/ferry-router --model /srv/models/m.gguf "
                                "--listen=10.0.0.1:8080"));
     assert_non_null(strstr(up, "--router=10.0.0.1:8080"));
+    assert_non_null(strstr(up, "mkdir -p /var/log/ferry && { nohup env "));
     assert_non_null(strstr(up, ">/var/log/ferry/decode-1.log 2>&1 </dev/null & echo $! "
-                               ">/var/log/ferry/decode-1.pid"));
+                               ">/var/log/ferry/decode-1.pid; }"));
     assert_non_null(strstr(up, "CUDA_VISIBLE_DEVICES=2"));
     /* the two prefill workers on g1 take consecutive ports */
     assert_non_null(strstr(up, "--listen=10.0.0.2:50061"));
     assert_non_null(strstr(up, "--listen=10.0.0.2:50062"));
-    assert_int_equal(count(down, "kill -TERM $(cat /var/log/ferry/"), 5);
+    assert_int_equal(count(down, "p=$(cat /var/log/ferry/"), 5);
+    assert_int_equal(count(down, " && kill -TERM $p && "), 5);
 
     /* the argv of one ssh command: the remote part is a single word that sh accepts */
     fy_cluster_cmd_t c;
-    assert_int_equal(fy_cluster_ssh_cmd(s, 3, &c), FY_OK);
+    assert_int_equal(fy_cluster_ssh_cmd(s, 3, false, &c), FY_OK);
     assert_string_equal(c.argv[0], "ssh");
     assert_string_equal(c.argv[5], "10.0.0.3");
     assert_int_equal(c.argc, 7);
@@ -120,7 +122,7 @@ static void test_ssh(void **state)
     assert_non_null(strstr(c.argv[6], "--kv-memory=8G"));
     assert_non_null(strstr(c.argv[6], "UCX_TLS=rc,tcp"));
     fy_cluster_cmd_free(&c);
-    assert_int_equal(fy_cluster_ssh_cmd(s, 9, &c), FY_ERR_INVALID_ARG);
+    assert_int_equal(fy_cluster_ssh_cmd(s, 9, false, &c), FY_ERR_INVALID_ARG);
     free(up);
     free(down);
     free(s);

@@ -24,6 +24,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -395,10 +398,18 @@ static void test_cluster(void **state)
         /* status reports the lost worker: the router counts 1 decode worker */
         expect_status(true, "decode 1");
     }
+    fy_cluster_state_t *st = malloc(sizeof(*st));
+    assert_int_equal(fy_cluster_state_read(G.spec->log_dir, st), FY_OK);
+    assert_int_equal(st->n_daemons, G.spec->n_daemons);
     if (fy_cluster_down(G.spec, &G.opts, err, sizeof(err)) != FY_OK)
         fail_msg("down: %s", err);
-    /* nothing left: no state, no process answering, no namespace, no bridge */
-    fy_cluster_state_t *st = malloc(sizeof(*st));
+    /* nothing left: no daemon process (they were our children: reaped), no state, no process
+     * answering, no namespace, no bridge */
+    for (int i = 0; i < st->n_daemons; i++) {
+        if (kill(st->daemons[i].pid, 0) == 0)
+            fail_msg("%s (pid %d) is still there after down", st->daemons[i].name,
+                     st->daemons[i].pid);
+    }
     assert_int_equal(fy_cluster_state_read(G.spec->log_dir, st), FY_ERR_NOT_FOUND);
     free(st);
     assert_int_not_equal(fy_cluster_sdk_health(NULL, G.router), 0);
@@ -414,6 +425,162 @@ static void test_cluster(void **state)
         snprintf(p, sizeof(p), "/sys/class/net/%s", br);
         assert_int_not_equal(access(p, F_OK), 0);
     }
+}
+
+/* The ssh backend's generated remote lines, run here with sh instead of over ssh (the host
+ * is 127.0.0.1): they start the daemons detached with pid files, the cluster serves, and the
+ * stop lines drain them away. */
+static int free_port(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t l = sizeof(a);
+    int port = 0;
+    if (fd >= 0 && bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0 &&
+        getsockname(fd, (struct sockaddr *)&a, &l) == 0)
+        port = ntohs(a.sin_port);
+    if (fd >= 0)
+        close(fd);
+    return port;
+}
+
+static void test_ssh_lines_run(void **state)
+{
+    (void)state;
+    if (G.netns)
+        skip();
+    char text[2048], err[512];
+    const char *build = getenv("FERRY_BUILD_ROOT");
+    snprintf(text, sizeof(text),
+             "name: ssh%u\nbackend: ssh\nmodel: %s\nbin_dir: %s\nlog_dir: %s/ssh\n"
+             "threads: 1\nkv_memory: 64M\nlease: 500ms\nucx: {tls: tcp}\n"
+             "hosts: [{name: h, address: 127.0.0.1}]\nroles:\n"
+             "  router: {host: h, port: %d}\n  prefill: {host: h, port: %d}\n"
+             "  decode: {host: h, port: %d, kv_port: %d}\n",
+             (unsigned)getpid() % 1000, G.model_path, build ? build : "build", G.dir,
+             free_port(), free_port(), free_port(), free_port());
+    fy_cluster_spec_t *s = malloc(sizeof(*s));
+    if (fy_cluster_spec_parse(text, strlen(text), "ssh.yaml", NULL, -1, s, err, sizeof(err)) !=
+        FY_OK)
+        fail_msg("%s", err);
+    for (int i = 0; i < s->n_daemons; i++) {
+        fy_cluster_cmd_t c, sh = {0};
+        assert_int_equal(fy_cluster_ssh_cmd(s, i, false, &c), FY_OK);
+        fy_cluster_cmd_add(&sh, "sh");
+        fy_cluster_cmd_add(&sh, "-c");
+        fy_cluster_cmd_add(&sh, c.argv[6]);
+        assert_int_equal(fy_cluster_run_cmd(&sh, 2), 0);
+        fy_cluster_cmd_free(&c);
+        fy_cluster_cmd_free(&sh);
+    }
+    char router[64];
+    fy_cluster_router_addr(s, router, sizeof(router));
+    snprintf(G.router, sizeof(G.router), "%s", router);
+    double w = NAN;
+    for (int t = 0; t < 6000 && (w = router_workers("decode")) != 1; t++)
+        usleep(100000);
+    assert_true(w == 1);
+    for (int t = 0; t < 6000 && router_workers("prefill") != 1; t++)
+        usleep(100000);
+    batch_t *b = serve(2, 1);
+    assert_int_equal(b[0].ok, 2);
+    free(b);
+    for (int i = 0; i < s->n_daemons; i++) {
+        fy_cluster_cmd_t c, sh = {0};
+        assert_int_equal(fy_cluster_ssh_cmd(s, i, true, &c), FY_OK);
+        fy_cluster_cmd_add(&sh, "sh");
+        fy_cluster_cmd_add(&sh, "-c");
+        fy_cluster_cmd_add(&sh, c.argv[6]);
+        assert_int_equal(fy_cluster_run_cmd(&sh, 2), 0);
+        fy_cluster_cmd_free(&c);
+        fy_cluster_cmd_free(&sh);
+        char pid[FY_CLUSTER_PATH_MAX + 64];
+        snprintf(pid, sizeof(pid), "%s/%s.pid", s->log_dir, s->daemons[i].name);
+        assert_int_not_equal(access(pid, F_OK), 0);
+    }
+    assert_int_not_equal(fy_cluster_sdk_health(NULL, router), 0);
+    free(s);
+}
+
+/* The Slurm backend's batch script, run with bash and stand-ins for scontrol (a one-node
+ * allocation: this host) and srun (drops its options, runs the step): the srun steps start
+ * the cluster, it serves, and stopping the script stops every step. */
+static void test_slurm_script_run(void **state)
+{
+    (void)state;
+    if (G.netns)
+        skip();
+    char text[2048], err[512], dir[256];
+    snprintf(dir, sizeof(dir), "%s/slurm", G.dir);
+    const char *build = getenv("FERRY_BUILD_ROOT");
+    snprintf(text, sizeof(text),
+             "name: sl%u\nbackend: slurm\nmodel: %s\nbin_dir: %s\nlog_dir: %s\n"
+             "threads: 1\nkv_memory: 64M\nlease: 500ms\nucx: {tls: tcp}\n"
+             "hosts: [{name: n0}]\nroles:\n"
+             "  router: {host: n0, port: %d}\n  prefill: {host: n0, port: %d}\n"
+             "  decode: {host: n0, port: %d, kv_port: %d}\n",
+             (unsigned)getpid() % 1000, G.model_path, build ? build : "build", dir, free_port(),
+             free_port(), free_port(), free_port());
+    fy_cluster_spec_t *s = malloc(sizeof(*s));
+    if (fy_cluster_spec_parse(text, strlen(text), "slurm.yaml", NULL, -1, s, err, sizeof(err)) !=
+        FY_OK)
+        fail_msg("%s", err);
+    char path[1024], stubs[300];
+    snprintf(stubs, sizeof(stubs), "%s/stubs", G.dir);
+    snprintf(path, sizeof(path), "mkdir -p %s %s", stubs, dir);
+    assert_int_equal(system(path), 0);
+    snprintf(path, sizeof(path), "%s/scontrol", stubs);
+    FILE *f = fopen(path, "w");
+    fprintf(f, "#!/bin/sh\necho localhost\n");
+    fclose(f);
+    chmod(path, 0755);
+    snprintf(path, sizeof(path), "%s/srun", stubs);
+    f = fopen(path, "w");
+    /* srun --opt ... --output=FILE CMD...: run CMD with its output to FILE */
+    fprintf(f, "#!/bin/bash\nout=/dev/null\nwhile [ \"${1#--}\" != \"$1\" ]; do\n"
+               "  case $1 in --output=*) out=${1#--output=};; esac; shift\ndone\n"
+               "exec \"$@\" >\"$out\" 2>&1\n");
+    fclose(f);
+    chmod(path, 0755);
+    snprintf(path, sizeof(path), "%s/job.sbatch", dir);
+    f = fopen(path, "w");
+    assert_int_equal(fy_cluster_gen_slurm(s, f), FY_OK);
+    fclose(f);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        char p2[1024];
+        snprintf(p2, sizeof(p2), "%s:%s", stubs, getenv("PATH") ? getenv("PATH") : "/usr/bin");
+        setenv("PATH", p2, 1);
+        setenv("SLURM_JOB_NODELIST", "localhost", 1);
+        setpgid(0, 0);
+        execlp("bash", "bash", path, (char *)NULL);
+        _exit(127);
+    }
+    char router[64];
+    snprintf(router, sizeof(router), "127.0.0.1:%d", s->daemons[0].port);
+    snprintf(G.router, sizeof(G.router), "%s", router);
+    double w = NAN;
+    for (int t = 0; t < 6000 && (w = router_workers("decode")) != 1; t++) {
+        if (waitpid(pid, NULL, WNOHANG) == pid)
+            fail_msg("the batch script ended early (see %s)", dir);
+        usleep(100000);
+    }
+    assert_true(w == 1);
+    for (int t = 0; t < 6000 && router_workers("prefill") != 1; t++)
+        usleep(100000);
+    batch_t *b = serve(2, 1);
+    assert_int_equal(b[0].ok, 2);
+    free(b);
+    /* scancel: SIGTERM to the batch script, whose trap stops its steps */
+    kill(pid, SIGTERM);
+    int status;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    for (int t = 0; t < 300 && fy_cluster_sdk_health(NULL, router) == 0; t++)
+        usleep(100000);
+    assert_int_not_equal(fy_cluster_sdk_health(NULL, router), 0);
+    kill(-pid, SIGKILL); /* anything left of the job's process group */
+    free(s);
 }
 
 /* A launcher that died after creating the network: `down` still removes everything. */
@@ -473,6 +640,8 @@ int main(int argc, char **argv)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_cluster),
         cmocka_unit_test(test_down_after_crash),
+        cmocka_unit_test(test_ssh_lines_run),
+        cmocka_unit_test(test_slurm_script_run),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -4,9 +4,9 @@
 // sequences of different lengths must match kvc_attend on the same pages list by list:
 // |gpu - cpu| <= 1e-3 * max|cpu row| + 1e-6 for every element (both are fp32; only the order of
 // the sums differs). Every option, rotated and unrotated pages, MixKVQ protected channels,
-// GQA 3:1 and 1:1, head_dim 64 and 128 (and 72, 256, 512 for the other lane layouts), odd
+// GQA 4:1, 3:1, 2:1 and 1:1, head_dim 64 and 128 (and 72, 256, 512 for the other lane layouts), odd
 // token counts, empty lists (zeros), one split per list and many, and invalid page ids
-// (skipped and counted). Outputs are poisoned with NaN first. Exits 77 (skipped) without a
+// (skipped and counted); each with both kernels (SIMT, and MMA where the shape allows it). Outputs are poisoned with NaN first. Exits 77 (skipped) without a
 // CUDA build or a GPU.
 #include <setjmp.h>
 #include <stdarg.h>
@@ -44,12 +44,13 @@ typedef struct {
     uint32_t n_pages;
     uint32_t n_seqs; // sequences; a spec with n_tokens 0 is a sequence with empty lists
     seq_spec_t seqs[MAX_SEQS];
+    uint32_t group; // G of the pool and the policies
 } config_t;
 
 typedef struct {
     kvc_pool_t *pool;
     kvc_seq_t *seqs[MAX_SEQS];
-    uint32_t n_seqs, n_kv, n_heads, d, protect;
+    uint32_t n_seqs, n_kv, n_heads, d, protect, group;
     size_t page_bytes;
     uint32_t opt_pages[KVC_OPT_DROP]; // pages per option over all lists
     uint32_t rot_pages;
@@ -76,7 +77,7 @@ static void place_one(built_t *B, const config_t *C, uint32_t i)
     if (S->rotate >= 0)
         pol.rotate = S->rotate != 0;
     pol.protect_channels = C->protect;
-    pol.group = 32;
+    pol.group = C->group;
     kvt_layer_t L;
     kvt_layer_make(&L, 1000 + i * 17 + C->d, C->n_kv * C->grp, C->n_kv, S->n_tokens, C->d, 32);
     kvc_encoder_params_t p = kvt_params(&pol, &L, 1, S->budget);
@@ -119,7 +120,7 @@ static void build(built_t *B, const config_t *C)
     pp.head_dim = C->d;
     pp.n_pages = C->n_pages;
     pp.page_bytes = C->page_bytes;
-    pp.group = 32;
+    pp.group = C->group;
     pp.protect = C->protect;
     assert_int_equal(kvc_pool_create(&pp, &B->pool), FY_OK);
     B->n_seqs = C->n_seqs;
@@ -127,6 +128,7 @@ static void build(built_t *B, const config_t *C)
     B->n_heads = C->n_kv * C->grp;
     B->d = C->d;
     B->protect = C->protect;
+    B->group = pp.group;
     B->page_bytes = C->page_bytes;
     for (uint32_t i = 0; i < C->n_seqs; i++)
         place_one(B, C, i);
@@ -153,7 +155,11 @@ static void unbuild(built_t *B)
 /* Runs the GPU kernel over every list of B (plus `extra_bad` invalid page ids at the end of
  * each non-empty list) and compares with kvc_attend. max_list_pages_override 0: the true
  * maximum. */
-static void run_and_compare(const built_t *B, uint32_t extra_bad, uint32_t max_override)
+/* Runs kernel `impl` (KVC_ATTEND_IMPL_SIMT or _MMA) over the built pages and compares with the
+ * CPU. MMA asked of a shape it does not take runs SIMT; kvc_attend_batch_cuda_impl must say so
+ * exactly for the shapes the header names. */
+static void run_and_compare(const built_t *B, uint32_t extra_bad, uint32_t max_override,
+                            uint32_t impl)
 {
     const uint32_t d = B->d, n_items = B->n_seqs * B->n_kv, grp = B->n_heads / B->n_kv;
     const uint32_t n_total = kvc_pool_n_pages(B->pool);
@@ -224,7 +230,7 @@ static void run_and_compare(const built_t *B, uint32_t extra_bad, uint32_t max_o
         .page_bytes = B->page_bytes,
         .n_pages = n_total,
         .head_dim = d,
-        .group = 32,
+        .group = B->group,
         .protect = B->protect,
     };
     kvc_attend_batch_t bt = {
@@ -234,7 +240,13 @@ static void run_and_compare(const built_t *B, uint32_t extra_bad, uint32_t max_o
         .list_start = d_starts,
         .page_ids = d_ids,
         .max_list_pages = max_override ? max_override : max_list,
+        .impl = impl,
     };
+    uint32_t ran = 0;
+    assert_int_equal(kvc_attend_batch_cuda_impl(&gp, &bt, &ran), FY_OK);
+    const bool mma_shape = (d == 64 || d == 128) && grp <= 4;
+    assert_int_equal(ran, impl == KVC_ATTEND_IMPL_MMA && mma_shape ? KVC_ATTEND_IMPL_MMA
+                                                                   : KVC_ATTEND_IMPL_SIMT);
     size_t ws_bytes = 0;
     assert_int_equal(kvc_attend_batch_cuda_workspace(&gp, &bt, &ws_bytes), FY_OK);
     void *d_ws;
@@ -264,8 +276,10 @@ static void run_and_compare(const built_t *B, uint32_t extra_bad, uint32_t max_o
                 worst = fmax(worst, err / mref);
         }
     }
-    printf("  d %u, %u seqs x %u kv heads x %u rows, %u pages, max list %u: worst rel err %.2e\n",
-           d, B->n_seqs, B->n_kv, grp, n_ids, max_list, worst);
+    printf("  %s d %u, %u seqs x %u kv heads x %u rows, %u pages, max list %u: worst rel err "
+           "%.2e\n",
+           ran == KVC_ATTEND_IMPL_MMA ? "mma " : "simt", d, B->n_seqs, B->n_kv, grp, n_ids,
+           max_list, worst);
     CK(cudaFree(d_ws));
     CK(cudaFree(d_pool));
     CK(cudaFree(d_starts));
@@ -284,7 +298,8 @@ static const config_t k_configs[] = {
       {"int4", -1, 1, 257, 0, false},
       {"kivi2", -1, -1, 77, 5, false},
       {"fp16", -1, -1, 301, 0, true},
-      {"", 0, 0, 0, 0, false}}},
+      {"", 0, 0, 0, 0, false}},
+     32},
     // d 128, GQA 1:1, MixKVQ P = 4, 32 KiB pages.
     {128, 2, 1, 4, 32768, 512, 6,
      {{"ferry", 0.2, -1, 517, 0, false},
@@ -292,34 +307,75 @@ static const config_t k_configs[] = {
       {"ferry", 0.3, 0, 255, 3, false},
       {"int4", -1, 0, 97, 0, false},
       {"kivi2", -1, 1, 1023, 0, false},
-      {"fp16", -1, -1, 33, 0, false}}},
+      {"fp16", -1, -1, 33, 0, false}},
+     32},
     // d 128, GQA 3:1, P = 2, 16 KiB pages (more pages per list).
     {128, 1, 3, 2, 16384, 1024, 5,
      {{"ferry", 0.15, -1, 1201, 0, false},
       {"int8", -1, -1, 211, 0, false},
       {"ferry", 0.25, 0, 605, 41, true},
       {"kivi2", -1, -1, 9, 0, false},
-      {"int4", -1, 1, 333, 0, false}}},
+      {"int4", -1, 1, 333, 0, false}},
+     32},
     // d 64, GQA 1:1, P = 0, 8 KiB pages, three kv heads.
     {64, 3, 1, 0, 8192, 2048, 4,
      {{"ferry", 0.2, -1, 999, 0, false},
       {"fp16", -1, -1, 131, 7, false},
       {"ferry", 0.35, 0, 451, 0, false},
-      {"kivi2", -1, 1, 263, 0, false}}},
+      {"kivi2", -1, 1, 263, 0, false}},
+     32},
+    // The Llama-3 shape for the tensor-core kernel: d 128, GQA 4:1, no protection, every option.
+    {128, 2, 4, 0, 32768, 512, 6,
+     {{"ferry", 0.2, -1, 1029, 0, false},
+      {"int4", -1, 1, 333, 0, false},
+      {"int8", -1, -1, 211, 3, false},
+      {"kivi2", -1, 0, 517, 0, false},
+      {"fp16", -1, -1, 190, 1, true},
+      {"ferry", 0.3, 0, 77, 0, false}},
+     32},
+    // GQA 4:1 with MixKVQ P = 3 at d 64, and GQA 2:1 with P = 5 at d 128 (16 KiB pages).
+    {64, 2, 4, 3, 16384, 1024, 4,
+     {{"ferry", 0.2, -1, 801, 0, false},
+      {"ferry", 0.25, 0, 263, 9, true},
+      {"kivi2", -1, 1, 95, 0, false},
+      {"int4", -1, 0, 31, 0, false}},
+     32},
+    {128, 2, 2, 5, 16384, 1024, 4,
+     {{"ferry", 0.15, -1, 611, 0, false},
+      {"ferry", 0.3, 1, 300, 2, false},
+      {"int8", -1, -1, 45, 0, false},
+      {"fp16", -1, -1, 5, 0, false}},
+     32},
+    // Groups that are not a multiple of 16 tokens (a 16-token tile of the tensor-core kernel
+    // then spans two slots) and small groups (more slots per table): G 24 at d 128 GQA 4:1,
+    // G 8 at d 64 GQA 2:1 with P = 2.
+    {128, 2, 4, 0, 32768, 512, 3,
+     {{"ferry", 0.2, -1, 611, 0, false},
+      {"int4", -1, 1, 203, 0, false},
+      {"kivi2", -1, 0, 97, 4, true}},
+     24},
+    {64, 1, 2, 2, 16384, 1024, 3,
+     {{"ferry", 0.25, -1, 403, 0, false},
+      {"int8", -1, -1, 77, 0, false},
+      {"kivi2", -1, 1, 151, 0, false}},
+     8},
     // Beyond the brief's shapes, the kernel's other lane layouts: d 72 (not a power of two, so
     // nothing rotated; 9 of 16 lanes per token hold channels), d 256 with GQA 8 (32 lanes per
     // token, 8 rows), d 512 with GQA 2 (16 channels per lane, 64 KiB pages).
     {72, 2, 2, 3, 32768, 512, 3,
      {{"ferry", 0.25, 0, 389, 0, false},
       {"int8", -1, -1, 45, 0, false},
-      {"kivi2", -1, 0, 301, 0, false}}},
+      {"kivi2", -1, 0, 301, 0, false}},
+     32},
     {256, 1, 8, 0, 32768, 1024, 3,
      {{"ferry", 0.2, -1, 457, 0, false},
       {"int4", -1, 1, 67, 0, false},
-      {"fp16", -1, -1, 97, 0, false}}},
+      {"fp16", -1, -1, 97, 0, false}},
+     32},
     {512, 1, 2, 4, 65536, 512, 2,
      {{"ferry", 0.25, -1, 303, 0, false},
-      {"int4", -1, 0, 129, 3, false}}},
+      {"int4", -1, 0, 129, 3, false}},
+     32},
 };
 
 /* Every config, with the kernel's own split (several pages per block for long lists, up to one
@@ -334,8 +390,10 @@ static void test_parity(void **state)
         for (int o = 0; o < KVC_OPT_DROP; o++)
             opts[o] += B.opt_pages[o];
         rot += B.rot_pages;
-        run_and_compare(&B, 0, 0);
-        run_and_compare(&B, 0, 1);
+        for (uint32_t impl = KVC_ATTEND_IMPL_SIMT; impl <= KVC_ATTEND_IMPL_MMA; impl++) {
+            run_and_compare(&B, 0, 0, impl);
+            run_and_compare(&B, 0, 1, impl);
+        }
         unbuild(&B);
     }
     for (int o = 0; o < KVC_OPT_DROP; o++) {
@@ -352,7 +410,8 @@ static void test_bad_ids(void **state)
     (void)state;
     built_t B;
     build(&B, &k_configs[0]);
-    run_and_compare(&B, 2, 0);
+    run_and_compare(&B, 2, 0, KVC_ATTEND_IMPL_SIMT);
+    run_and_compare(&B, 2, 0, KVC_ATTEND_IMPL_MMA);
     unbuild(&B);
 }
 
@@ -362,7 +421,7 @@ static void test_refusals(void **state)
     (void)state;
     uint32_t starts[2] = {0, 0};
     kvc_gpu_pages_t gp = {(const uint8_t *)starts, 32768, 4, 128, 32, 0};
-    kvc_attend_batch_t bt = {1, 32, 8, starts, starts, 1};
+    kvc_attend_batch_t bt = {1, 32, 8, starts, starts, 1, KVC_ATTEND_IMPL_AUTO};
     size_t ws;
     assert_int_equal(kvc_attend_batch_cuda_workspace(&gp, &bt, &ws), FY_OK);
     bt.n_heads = 30; // not a multiple of the kv heads
@@ -376,6 +435,9 @@ static void test_refusals(void **state)
     gp.page_bytes = 1024; // cannot hold one key group
     assert_int_equal(kvc_attend_batch_cuda_workspace(&gp, &bt, &ws), FY_ERR_INVALID_ARG);
     gp.page_bytes = 32768;
+    bt.impl = 3; // no such kernel
+    assert_int_equal(kvc_attend_batch_cuda_workspace(&gp, &bt, &ws), FY_ERR_INVALID_ARG);
+    bt.impl = KVC_ATTEND_IMPL_AUTO;
     assert_int_equal(kvc_attend_batch_cuda(&gp, &bt, NULL, 1.0f, NULL, NULL, 0, NULL),
                      FY_ERR_INVALID_ARG);
 }
