@@ -84,6 +84,7 @@ static void srv_signal(uv_signal_t *h, int signum)
 }
 
 static int g_spin_us = -1;     /* -1: kvlink's default */
+static bool g_link_crc;        /* frames carry a link CRC32C instead of being self-checked */
 static long g_rndv_bytes = -1; /* -1: kvlink's default */
 
 static int net_serve(bool trust)
@@ -93,10 +94,11 @@ static int net_serve(bool trust)
     kvlink_ctx_t *ctx;
     if (kvlink_ctx_create(NULL, &ctx) != FY_OK)
         return 1;
-    net_server_t s = {.next_id = 1, .window = (size_t)128 << 20};
+    // Room for 4 frames of 64 MiB in flight (the client's depth at that size).
+    net_server_t s = {.next_id = 1, .window = (size_t)256 << 20};
     kvlink_params_t p;
     kvlink_params_default(&p);
-    p.recv_pool_bytes = (size_t)256 << 20;
+    p.recv_pool_bytes = (size_t)512 << 20;
     p.max_frame_bytes = (size_t)64 << 20;
     p.on_frame = srv_frame;
     p.on_recv_end = srv_end;
@@ -167,10 +169,15 @@ static void cli_post(net_client_t *c)
     while (c->posted < c->total && c->posted - c->done < c->depth) {
         if (c->post_ns != NULL)
             c->post_ns[c->posted] = fy_clock_ns();
-        // The encoder produced the CRC32C with the frame (as kvcodec does), so it is not
-        // recomputed here; the server checks every frame unless --trust.
-        fy_status_t st = kvlink_send_frame_crc(c->req, (uint32_t)c->posted, c->data, c->len,
-                                               c->crc, cli_frame_done, c);
+        // A kvcodec frame carries its own CRC32C, checked by kvc_frame_parse at the decode
+        // side, so the prefill worker sends it self-checked and the link checksums nothing.
+        // With --link-crc the frame carries a link CRC32C instead (computed with the frame, as
+        // an encoder would, so not here) and the server checks every frame unless --trust.
+        fy_status_t st =
+            g_link_crc ? kvlink_send_frame_crc(c->req, (uint32_t)c->posted, c->data, c->len,
+                                               c->crc, cli_frame_done, c)
+                       : kvlink_send_frame_self_checked(c->req, (uint32_t)c->posted, c->data,
+                                                        c->len, cli_frame_done, c);
         if (st != FY_OK) {
             c->end_st = st;
             c->ended = true;
@@ -200,7 +207,7 @@ static double cli_run(net_client_t *c, size_t len, int n, int depth, double *lat
     c->ended = false;
     c->end_st = FY_OK;
     c->len = len;
-    c->crc = fy_crc32c(0, c->data, len);
+    c->crc = g_link_crc ? fy_crc32c(0, c->data, len) : 0;
     c->lat_us = lat_us;
     c->post_ns = lat_us != NULL ? calloc((size_t)n, sizeof(uint64_t)) : NULL;
     uint64_t t0 = fy_clock_ns();
@@ -517,10 +524,12 @@ static void usage(void)
     printf("usage: ferry-bench net [--json FILE] [--png FILE] [--tls tcp|shm|all]\n"
            "                       [--sizes 64K,256K,...] [--budgets 1,0.5,0.25]\n"
            "                       [--mib-per-point N] [--runs R] [--no-perftest] [--trust]\n"
-           "                       [--spin-us N] [--rndv BYTES]\n"
+           "                       [--spin-us N] [--rndv BYTES] [--link-crc]\n"
            "Pushes KV frames over kvlink to a server process on loopback, per UCX transport,\n"
-           "and compares with ucx_perftest tag_bw. Bandwidths in MiB/s. --trust: the server\n"
-           "leaves CRC32C checks to its consumer (kvlink_params_t.verify_crc = false).\n");
+           "and compares with ucx_perftest tag_bw. Bandwidths in MiB/s. Frames go\n"
+           "self-checked, as kvcodec frames do (their CRC32C is checked by the decoder);\n"
+           "--link-crc: they carry a link CRC32C that the server checks; --trust: the server\n"
+           "leaves it to its consumer (kvlink_params_t.verify_crc = false).\n");
 }
 
 int bench_net_main(int argc, char **argv)
@@ -544,6 +553,10 @@ int bench_net_main(int argc, char **argv)
         }
         if (strcmp(argv[i], "--serve") == 0)
             return net_serve(i + 1 < argc && strcmp(argv[i + 1], "--trust") == 0);
+        if (strcmp(argv[i], "--link-crc") == 0) {
+            g_link_crc = true;
+            continue;
+        }
         if (strcmp(argv[i], "--trust") == 0) {
             trust = true;
             continue;
@@ -612,7 +625,8 @@ int bench_net_main(int argc, char **argv)
     cJSON *root = cJSON_CreateObject();
     cJSON_AddStringToObject(root, "bench", "net");
     cJSON_AddStringToObject(root, "units", "MiB/s, microseconds");
-    cJSON_AddBoolToObject(root, "receiver_verifies_crc32c", !trust);
+    cJSON_AddBoolToObject(root, "link_crc32c", g_link_crc);
+    cJSON_AddBoolToObject(root, "receiver_verifies_crc32c", g_link_crc && !trust);
     cJSON *jres = cJSON_AddArrayToObject(root, "results");
     int n_tls_run = 0;
     double ours_raw[2 * 16] = {0}, perf_bw[2 * 16] = {0};

@@ -11,17 +11,10 @@
 
 #define LINE_MAX_LEN 8192
 
-static fy_status_t remote_dirs(const fy_cluster_spec_t *spec, const char **bin_dir)
-{
-    *bin_dir = spec->bin_dir[0] ? spec->bin_dir : ".";
-    return FY_OK;
-}
-
 /* The shell line that starts daemon i in the background on its host, writing NAME.pid. */
 static fy_status_t start_line(const fy_cluster_spec_t *spec, int i, char *out, size_t out_len)
 {
-    const char *bin_dir;
-    remote_dirs(spec, &bin_dir);
+    const char *bin_dir = spec->bin_dir[0] ? spec->bin_dir : ".";
     fy_cluster_cmd_t cmd;
     fy_status_t st = fy_cluster_daemon_cmd(spec, i, bin_dir, &cmd);
     if (st != FY_OK)

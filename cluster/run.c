@@ -109,6 +109,41 @@ fy_status_t fy_cluster_state_read(const char *log_dir, fy_cluster_state_t *st)
 
 /* ---- commands ---- */
 
+/* The environment of a child: ours with the command's NAME=VALUE entries (and `extra`, one
+ * more or NULL) in place of ours of the same name. Built before fork, so the child only
+ * execs (no malloc between fork and exec in a process that may have threads). The strings
+ * are borrowed; free the array. */
+static char **child_env(const fy_cluster_cmd_t *cmd, const char *extra)
+{
+    extern char **environ;
+    size_t n = 0;
+    while (environ[n] != NULL)
+        n++;
+    char **env = calloc(n + (size_t)cmd->n_env + 2, sizeof(char *));
+    if (env == NULL)
+        return NULL;
+    size_t k = 0;
+    const char *adds[16];
+    int n_adds = 0;
+    for (int i = 0; i < cmd->n_env && n_adds < 15; i++)
+        adds[n_adds++] = cmd->env[i];
+    if (extra != NULL)
+        adds[n_adds++] = extra;
+    for (size_t i = 0; i < n; i++) {
+        bool replaced = false;
+        for (int a = 0; a < n_adds && !replaced; a++) {
+            size_t l = strcspn(adds[a], "=");
+            replaced = strncmp(environ[i], adds[a], l) == 0 && environ[i][l] == '=';
+        }
+        if (!replaced)
+            env[k++] = environ[i];
+    }
+    for (int a = 0; a < n_adds; a++)
+        env[k++] = (char *)adds[a];
+    env[k] = NULL;
+    return env;
+}
+
 int fy_cluster_run_cmd(const fy_cluster_cmd_t *cmd, int log_fd)
 {
     if (cmd == NULL || cmd->argc == 0)
@@ -118,20 +153,24 @@ int fy_cluster_run_cmd(const fy_cluster_cmd_t *cmd, int log_fd)
         if (fy_cluster_cmd_shell(cmd, line, sizeof(line)) == FY_OK)
             dprintf(log_fd, "+ %s\n", line);
     }
-    pid_t pid = fork();
-    if (pid < 0)
+    char **env = child_env(cmd, NULL);
+    if (env == NULL)
         return -1;
+    pid_t pid = fork();
+    if (pid < 0) {
+        free(env);
+        return -1;
+    }
     if (pid == 0) {
         int fd = log_fd >= 0 ? log_fd : open("/dev/null", O_WRONLY);
         if (fd >= 0) {
             dup2(fd, 1);
             dup2(fd, 2);
         }
-        for (int i = 0; i < cmd->n_env; i++)
-            putenv(cmd->env[i]);
-        execvp(cmd->argv[0], cmd->argv);
+        execvpe(cmd->argv[0], cmd->argv, env);
         _exit(127);
     }
+    free(env);
     int status;
     while (waitpid(pid, &status, 0) < 0) {
         if (errno != EINTR)
@@ -195,9 +234,13 @@ static fy_status_t spawn_daemon(const fy_cluster_spec_t *spec, const fy_cluster_
             return fy_status_from_errno(e);
         }
     }
+    char **env = child_env(cmd, netns != NULL && spec->ucx_devices[0] == '\0'
+                                    ? "UCX_NET_DEVICES=eth0" /* not lo: peers are elsewhere */
+                                    : NULL);
     /* a close-on-exec pipe: EOF once exec succeeded, an errno if it failed */
     int sync[2];
-    if (pipe2(sync, O_CLOEXEC) != 0) {
+    if (env == NULL || pipe2(sync, O_CLOEXEC) != 0) {
+        free(env);
         int e = errno;
         close(log_fd);
         if (ns_fd >= 0)
@@ -207,6 +250,7 @@ static fy_status_t spawn_daemon(const fy_cluster_spec_t *spec, const fy_cluster_
     pid_t pid = fork();
     if (pid < 0) {
         int e = errno;
+        free(env);
         close(log_fd);
         close(sync[0]);
         close(sync[1]);
@@ -218,7 +262,7 @@ static fy_status_t spawn_daemon(const fy_cluster_spec_t *spec, const fy_cluster_
         close(sync[0]);
         setsid();
         if (ns_fd >= 0 && setns(ns_fd, CLONE_NEWNET) != 0) {
-            dprintf(log_fd, "cluster: setns %s: %s\n", netns, strerror(errno));
+            dprintf(log_fd, "cluster: setns into %s failed: errno %d\n", netns, errno);
             _exit(126);
         }
         int null_fd = open("/dev/null", O_RDONLY);
@@ -233,17 +277,14 @@ static fy_status_t spawn_daemon(const fy_cluster_spec_t *spec, const fy_cluster_
         signal(SIGPIPE, SIG_DFL);
         signal(SIGINT, SIG_DFL);
         signal(SIGTERM, SIG_DFL);
-        for (int i = 0; i < cmd->n_env; i++)
-            putenv(cmd->env[i]);
-        if (netns != NULL && spec->ucx_devices[0] == '\0')
-            setenv("UCX_NET_DEVICES", "eth0", 1); /* not lo: peers are in other namespaces */
-        execv(cmd->argv[0], cmd->argv);
+        execve(cmd->argv[0], cmd->argv, env);
         int e = errno;
-        dprintf(log_fd, "cluster: exec %s: %s\n", cmd->argv[0], strerror(e));
+        dprintf(log_fd, "cluster: exec failed: errno %d\n", e);
         if (write(sync[1], &e, sizeof(e)) < 0)
             _exit(127);
         _exit(127);
     }
+    free(env);
     close(sync[1]);
     close(log_fd);
     if (ns_fd >= 0)
@@ -815,6 +856,22 @@ fy_status_t fy_cluster_status(const fy_cluster_spec_t *spec, const fy_cluster_ru
     static char body[131072];
     fprintf(out, "cluster %s (%s backend), logs in %s\n", spec->name, st->backend, spec->log_dir);
     int down = 0;
+    for (int h = 0; h < st->n_netns && h < spec->n_hosts; h++) {
+        const fy_cluster_host_t *ho = &spec->hosts[h];
+        char p[80];
+        snprintf(p, sizeof(p), "/run/netns/%s", st->netns[h]);
+        bool there = access(p, F_OK) == 0;
+        fprintf(out, "  host %-10s %-15s netns %s%s, spec link ", ho->name, ho->address,
+                st->netns[h], there ? "" : " (MISSING)");
+        if (ho->bandwidth_bps)
+            fprintf(out, "%.0f Mbit/s", ho->bandwidth_bps / 1e6);
+        else
+            fprintf(out, "unlimited");
+        if (ho->delay_ms > 0 || ho->loss_pct > 0)
+            fprintf(out, ", delay %.2f ms, loss %.2f%%", ho->delay_ms, ho->loss_pct);
+        fputc('\n', out);
+        down += !there;
+    }
     for (int i = 0; i < st->n_daemons; i++) {
         const fy_cluster_state_daemon_t *d = &st->daemons[i];
         bool alive = daemon_alive(d->pid, d->name);

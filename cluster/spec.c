@@ -424,7 +424,6 @@ static fy_status_t parse_roles(pctx_t *c, yaml_node_t *n, fy_cluster_spec_t *s)
     if (n->type != YAML_MAPPING_NODE)
         return perr(c, n, "'roles' must be a mapping (router, prefill, decode)");
     int n_router = 0, ip = 0, id = 0;
-    yaml_node_t *rnode = NULL;
     /* router first, then prefill, then decode, whatever the order in the file */
     for (int pass = 0; pass < 3; pass++) {
         FOR_PAIRS(n, p)
@@ -440,7 +439,6 @@ static fy_status_t parse_roles(pctx_t *c, yaml_node_t *n, fy_cluster_spec_t *s)
                 if (v->type != YAML_MAPPING_NODE)
                     return perr(c, v, "'router' must be one {host: ..., port: ...} mapping");
                 st = add_daemons(c, v, s, FY_CLUSTER_ROUTER, &n_router);
-                rnode = v;
                 n_router = 1;
             } else if (strcmp(key, "prefill") == 0) {
                 if (pass != 1)
@@ -457,7 +455,6 @@ static fy_status_t parse_roles(pctx_t *c, yaml_node_t *n, fy_cluster_spec_t *s)
                 return st;
         }
     }
-    (void)rnode;
     if (n_router == 0)
         return perr(c, n, "'roles' needs a router");
     if (ip == 0)
@@ -557,7 +554,7 @@ static fy_status_t parse_network(pctx_t *c, yaml_node_t *n, fy_cluster_spec_t *s
     return FY_OK;
 }
 
-static fy_status_t validate(pctx_t *c, yaml_node_t *root, fy_cluster_spec_t *s)
+static fy_status_t validate(pctx_t *c, fy_cluster_spec_t *s)
 {
     for (int i = 0; i < s->n_hosts; i++) {
         fy_cluster_host_t *h = &s->hosts[i];
@@ -668,7 +665,6 @@ static fy_status_t validate(pctx_t *c, yaml_node_t *root, fy_cluster_spec_t *s)
             }
         }
     }
-    (void)root;
     return FY_OK;
 }
 
@@ -775,7 +771,7 @@ static fy_status_t parse_root(pctx_t *c, yaml_node_t *root, fy_cluster_spec_t *s
         return st;
     if (c->backend_override >= 0)
         s->backend = (fy_cluster_backend_t)c->backend_override;
-    return validate(c, root, s);
+    return validate(c, s);
 }
 
 static void spec_defaults(fy_cluster_spec_t *s)

@@ -683,64 +683,104 @@ __global__ void __launch_bounds__(kThreads, min_blocks(NQ, CPT)) attend_split_ke
         A.ws_rot[slot] = any_rot ? 1u : 0u;
 }
 
-/* One block per list: weights exp(m_s - M) per split, sum, H on the rotated sum, divide. */
-__global__ void __launch_bounds__(kThreads) attend_combine_kernel(attn_params A, uint32_t rows)
+constexpr int kCombThreads = 256; // threads per block of kernel 2
+
+/* Sum (op 0) or max (op 1) of v over the block; every thread gets it. red: [warps] scratch. */
+__device__ float block_reduce(float v, int op, float *red)
+{
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        const float o = __shfl_xor_sync(0xffffffffu, v, off);
+        v = op ? fmaxf(v, o) : v + o;
+    }
+    if (threadIdx.x % 32 == 0)
+        red[threadIdx.x / 32] = v;
+    __syncthreads();
+    v = red[0];
+    for (uint32_t i = 1; i < blockDim.x / 32; i++)
+        v = op ? fmaxf(v, red[i]) : v + red[i];
+    __syncthreads(); // red is reused
+    return v;
+}
+
+/* One block per (list, query row), the splits spread over the threads: weights exp(m_s - M)
+ * per split and the softmax sum, then each thread sums its channel over a share of the splits
+ * (plain and rotated parts), the shares are added, H is applied to the rotated sum once and
+ * the row is divided by the sum. */
+__global__ void __launch_bounds__(kCombThreads) attend_combine_kernel(attn_params A, uint32_t rows)
 {
     extern __shared__ __align__(16) uint8_t smem[];
-    float *w = reinterpret_cast<float *>(smem); // [rows][n_splits] exp(m_s - M)
-    float *wp = w + rows * A.n_splits;         // [rows][n_splits] exp(mp_s - M), plain part
-    float *rot = wp + rows * A.n_splits;       // [rows][d]
-    __shared__ float s_l[kMaxRows];
-    __shared__ uint32_t s_any_rot;
-
-    const uint32_t item = blockIdx.x, tid = threadIdx.x, d = A.d, S = A.n_splits;
+    __shared__ float red[kCombThreads / 32];
+    const uint32_t item = blockIdx.x, r = blockIdx.y, tid = threadIdx.x, d = A.d, S = A.n_splits;
+    const uint32_t cw = min(d, blockDim.x), groups = blockDim.x / cw;
+    float *w = reinterpret_cast<float *>(smem); // [S] exp(m_s - M)
+    float *wp = w + S;                         // [S] exp(mp_s - M), the plain part's weight
+    float *acc = wp + S;                       // [groups][d] plain sums
+    float *accr = acc + (size_t)groups * d;    // [groups][d] rotated sums
     const size_t base = (size_t)item * S;
-    if (tid == 0) {
-        uint32_t any = 0;
-        for (uint32_t s = 0; s < S; s++)
-            any |= A.ws_rot[base + s];
-        s_any_rot = any;
+
+    float mx = -INFINITY, anyr = 0.0f;
+    for (uint32_t s = tid; s < S; s += blockDim.x) {
+        mx = fmaxf(mx, A.ws_m[(base + s) * rows + r]);
+        if (A.ws_rot[base + s])
+            anyr = 1.0f;
     }
-    if (tid < rows) {
-        float M = -INFINITY;
-        for (uint32_t s = 0; s < S; s++)
-            M = fmaxf(M, A.ws_m[(base + s) * rows + tid]);
-        float L = 0.0f;
-        for (uint32_t s = 0; s < S; s++) {
-            const float m = A.ws_m[(base + s) * rows + tid];
-            const float mp = A.ws_mp[(base + s) * rows + tid];
-            const float ws = m == -INFINITY ? 0.0f : expf(m - M);
-            w[tid * S + s] = ws;
-            wp[tid * S + s] = mp == -INFINITY ? 0.0f : expf(mp - M);
-            L += A.ws_l[(base + s) * rows + tid] * ws;
+    const float M = block_reduce(mx, 1, red);
+    const bool any_rot = block_reduce(anyr, 1, red) != 0.0f;
+    float lsum = 0.0f;
+    for (uint32_t s = tid; s < S; s += blockDim.x) {
+        const float m = A.ws_m[(base + s) * rows + r], mp = A.ws_mp[(base + s) * rows + r];
+        const float ws = m == -INFINITY ? 0.0f : expf(m - M);
+        w[s] = ws;
+        wp[s] = mp == -INFINITY ? 0.0f : expf(mp - M);
+        lsum += A.ws_l[(base + s) * rows + r] * ws;
+    }
+    const float L = block_reduce(lsum, 0, red); // its barriers publish w and wp
+
+    const uint32_t grp = tid / cw;
+    if (grp < groups) {
+        for (uint32_t c = tid % cw; c < d; c += cw) {
+            float a[4] = {0.0f, 0.0f, 0.0f, 0.0f}, b[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            const float *src = A.ws_acc + (base * rows + r) * d + c;
+            const float *srcr = A.ws_accr + (base * rows + r) * d + c;
+            const size_t stride = (size_t)rows * d; // one split
+            uint32_t s = grp;
+            for (; s + 3 * groups < S; s += 4 * groups) { // four loads in flight
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    const uint32_t sk = s + k * groups;
+                    a[k] += src[sk * stride] * wp[sk];
+                    if (any_rot && A.ws_rot[base + sk])
+                        b[k] += srcr[sk * stride] * w[sk];
+                }
+            }
+            for (; s < S; s += groups) {
+                a[0] += src[s * stride] * wp[s];
+                if (any_rot && A.ws_rot[base + s])
+                    b[0] += srcr[s * stride] * w[s];
+            }
+            acc[grp * d + c] = (a[0] + a[1]) + (a[2] + a[3]);
+            accr[grp * d + c] = (b[0] + b[1]) + (b[2] + b[3]);
         }
-        s_l[tid] = L;
     }
     __syncthreads();
-    const bool any_rot = s_any_rot != 0;
-    if (any_rot) {
-        for (uint32_t idx = tid; idx < rows * d; idx += blockDim.x) {
-            const uint32_t r = idx / d;
-            float s = 0.0f;
-            for (uint32_t sp = 0; sp < S; sp++)
-                if (A.ws_rot[base + sp])
-                    s += A.ws_accr[(base + sp) * rows * d + idx] * w[r * S + sp];
-            rot[idx] = s;
+    for (uint32_t c = tid; c < d; c += blockDim.x) {
+        float p = 0.0f, q = 0.0f;
+        for (uint32_t g = 0; g < groups; g++) {
+            p += acc[g * d + c];
+            q += accr[g * d + c];
         }
-        __syncthreads();
-        block_hadamard(rot, rows, d); // H is its own inverse
+        acc[c] = p;
+        accr[c] = q;
     }
+    __syncthreads();
+    if (any_rot)
+        block_hadamard(accr, 1, d); // H is its own inverse
     const uint32_t b = item / A.n_kv, kvh = item % A.n_kv;
-    float *out = A.out + ((size_t)b * A.n_heads + (size_t)kvh * rows) * d;
-    for (uint32_t idx = tid; idx < rows * d; idx += blockDim.x) {
-        const uint32_t r = idx / d;
-        float s = 0.0f;
-        for (uint32_t sp = 0; sp < S; sp++)
-            s += A.ws_acc[(base + sp) * rows * d + idx] * wp[r * S + sp];
-        if (any_rot)
-            s += rot[idx];
-        const float L = s_l[r];
-        out[idx] = L > 0.0f ? s / L : 0.0f;
+    float *out = A.out + ((size_t)b * A.n_heads + (size_t)kvh * rows + r) * d;
+    for (uint32_t c = tid; c < d; c += blockDim.x) {
+        const float v = acc[c] + (any_rot ? accr[c] : 0.0f);
+        out[c] = L > 0.0f ? v / L : 0.0f;
     }
 }
 
@@ -772,17 +812,18 @@ constexpr int kMmaWarps = 4;
 constexpr int kMmaThreads = 32 * kMmaWarps;
 constexpr uint32_t kMmaRows = 4;
 
-/* Bytes of one query row of the per-slot table: D/16 units of 64 bytes (16 per kq lane), plus
- * 64 bytes of padding so that rows r and r + 1 fall on different banks. */
+/* Bytes of one query row of the per-slot table: D/16 units of 64 bytes (16 per kq lane). Odd
+ * rows store unit i at i ^ 1, so that rows r and r + 1 (read in one phase) use different banks. */
 __host__ __device__ constexpr uint32_t mma_row_stride(uint32_t d)
 {
-    return (d / 16 + 1) * 64;
+    return d / 16 * 64;
 }
 
-/* Slots of one table (slots whose tokens are attended between two table builds). */
+/* Slots of one table (slots whose tokens are attended between two table builds): 128 tokens
+ * or more, so that the 4 warps get whole tiles each. */
 __host__ __device__ inline uint32_t mma_table_slots(uint32_t G)
 {
-    return 64 / G < 2 ? 2 : 64 / G;
+    return 128 / G < 2 ? 2 : 128 / G;
 }
 
 /* Token order inside 8 tokens and the chunk swizzle of an FP16 token row (see the header). */
@@ -893,15 +934,16 @@ __device__ __forceinline__ uint32_t v_pair(const uint32_t *w0, const uint32_t *w
     return sub1024(((y >> (2 * (x % 8))) & 0x00030003u) | 0x64006400u);
 }
 
-/* A lane's query fragments for all k steps from its row of the table (tp: row r, lane kq):
- * a0/a2 the hi pairs 2s, 2s + 1 (rows 0-7), a1/a3 the lo ones (rows 8-15). */
+/* A lane's query fragments for all k steps from its row of the table (tp: row r, lane kq;
+ * odd: r & 1): a0/a2 the hi pairs 2s, 2s + 1 (rows 0-7), a1/a3 the lo ones (rows 8-15). */
 template <int D>
-__device__ __forceinline__ void mma_load_a(const uint8_t *tp, uint32_t (&afr)[D / 16][4])
+__device__ __forceinline__ void mma_load_a(const uint8_t *tp, uint32_t odd,
+                                           uint32_t (&afr)[D / 16][4])
 {
     uint32_t tw[D / 4];
 #pragma unroll
     for (int i = 0; i < D / 16; i++)
-        lds_words<4>(tp + i * 64, tw + 4 * i);
+        lds_words<4>(tp + (i ^ odd) * 64, tw + 4 * i);
 #pragma unroll
     for (int s = 0; s < D / 16; s++) {
         afr[s][0] = tw[2 * s];
@@ -948,12 +990,23 @@ __device__ void mma_tokens(const attn_params &A, const uint8_t *slots, uint32_t 
         // (independent accumulators) when both n-tiles are of one slot, as they are whenever
         // G is a multiple of 16; else the second one reloads the table.
         const bool two = T0 + 8 < te; // the second n-tile has tokens
+        // Each n-tile lies in one slot (G and tile starts are multiples of 8); an empty second
+        // n-tile takes the first one's (its tokens are clamped into it). Slot sp[j], table
+        // entry sl[j], and the n-tile's first token nb[j] is token jb[j] of its slot.
         int sl[2];
-        sl[0] = OPT == 0 ? 0 : (int)(T0 / G - s0);
-        sl[1] = OPT == 0 || !two ? sl[0] : (int)((T0 + 8) / G - s0);
+        const uint8_t *sp[2];
+        uint32_t nb[2], jb[2];
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            nb[j] = j == 1 && two ? T0 + 8 : T0;
+            const uint32_t si = OPT == 0 ? 0 : nb[j] / G;
+            sl[j] = OPT == 0 ? 0 : (int)(si - s0);
+            sp[j] = slots + (size_t)si * sb;
+            jb[j] = nb[j] - si * G;
+        }
         if (sl[0] != cur) {
             cur = sl[0];
-            mma_load_a<D>(tab + (uint32_t)cur * TABS + r * RS + kq * 16, afr);
+            mma_load_a<D>(tab + (uint32_t)cur * TABS + r * RS + kq * 16, r & 1, afr);
         }
         uint32_t kw[2][OPT == 0 ? D / 8 : (KB / 4 > 0 ? KB / 4 : 1)];
 #pragma unroll
@@ -966,8 +1019,7 @@ __device__ void mma_tokens(const attn_params &A, const uint8_t *slots, uint32_t 
                 for (int jj = 0; jj < D / 32; jj++)
                     lds_words<4>(row + 16 * ((kq + 4 * jj) ^ sw), kw[j] + 4 * jj);
             } else {
-                const uint8_t *sp = slots + (size_t)(tok / G) * sb;
-                lds_words<KB / 4>(sp + koff + (tok % G) * rowk + kq * KB, kw[j]);
+                lds_words<KB / 4>(sp[j] + koff + (jb[j] + tok - nb[j]) * rowk + kq * KB, kw[j]);
             }
         }
         float c[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
@@ -983,7 +1035,7 @@ __device__ void mma_tokens(const attn_params &A, const uint8_t *slots, uint32_t 
             for (int j = 0; j < 2; j++) {
                 if (j == 1) {
                     cur = sl[1];
-                    mma_load_a<D>(tab + (uint32_t)cur * TABS + r * RS + kq * 16, afr);
+                    mma_load_a<D>(tab + (uint32_t)cur * TABS + r * RS + kq * 16, r & 1, afr);
                 }
 #pragma unroll
                 for (int s = 0; s < KS; s++)
@@ -1003,8 +1055,7 @@ __device__ void mma_tokens(const attn_params &A, const uint8_t *slots, uint32_t 
                 } else if (OPT != 0) {
                     v += qz[sl[j] * 4 + r];
                     if (P > 0 && opt_protectable(OPT)) {
-                        const uint8_t *pc =
-                            slots + (size_t)(t / G) * sb + poff + 2 * P + (t % G) * P;
+                        const uint8_t *pc = sp[j] + poff + 2 * P + (jb[j] + t - nb[j]) * P;
                         const float *qp = qsp + ((size_t)sl[j] * 4 + r) * P;
                         for (uint32_t jj = 0; jj < P; jj++)
                             v += qp[jj] * (float)pc[jj];
@@ -1055,15 +1106,14 @@ __device__ void mma_tokens(const attn_params &A, const uint8_t *slots, uint32_t 
                                      vw[j][e] + 4 * jj);
                     ps[j][e] = p[j][e];
                 } else {
-                    const uint8_t *sp = slots + (size_t)(tok / G) * sb;
-                    const uint32_t jt = tok % G;
-                    const uint8_t *vp = sp + voff + jt * rowv + g * VB;
+                    const uint32_t jt = jb[j] + tok - nb[j];
+                    const uint8_t *vp = sp[j] + voff + jt * rowv + g * VB;
                     if (VB >= 4)
                         lds_words<VW>(vp, vw[j][e]);
                     else
                         vw[j][e][0] = *reinterpret_cast<const uint16_t *>(vp);
-                    ps[j][e] = p[j][e] * h2f_at(sp + 4 * D + 2 * jt);
-                    st.pz += p[j][e] * h2f_at(sp + 4 * D + 2 * G + 2 * jt);
+                    ps[j][e] = p[j][e] * h2f_at(sp[j] + 4 * D + 2 * jt);
+                    st.pz += p[j][e] * h2f_at(sp[j] + 4 * D + 2 * G + 2 * jt);
                 }
             }
         const bool lo = g >= 4;
@@ -1093,6 +1143,7 @@ __device__ void mma_table(const attn_params &A, const uint8_t *slots, uint32_t s
     const uint32_t rowv = OPT == 0 ? 0 : D * opt_vbits(OPT) / 8;
     const uint32_t poff = 4 * D + 4 * G + G * (rowk + rowv);
     constexpr uint32_t per_slot = 16 * (D / 4);
+#pragma unroll 4
     for (uint32_t idx = threadIdx.x; idx < ns * per_slot; idx += blockDim.x) {
         const uint32_t sl = idx / per_slot, rem = idx % per_slot;
         const uint32_t r = rem / (4 * (D / 4)), kq = (rem / (D / 4)) % 4, w = rem % (D / 4);
@@ -1112,7 +1163,7 @@ __device__ void mma_table(const attn_params &A, const uint8_t *slots, uint32_t s
                     x1 = 0.0f;
             }
         }
-        *reinterpret_cast<uint32_t *>(tab + sl * TABS + r * RS + (w / 4) * 64 + kq * 16 +
+        *reinterpret_cast<uint32_t *>(tab + sl * TABS + r * RS + ((w / 4) ^ (r & 1)) * 64 + kq * 16 +
                                       (w % 4) * 4) = pack_h2(split_part(x0, hl), split_part(x1, hl));
     }
     if (OPT == 0)
@@ -1297,7 +1348,7 @@ template <int D>
 __global__ void __launch_bounds__(kMmaThreads, 3) attend_mma_kernel(attn_params A)
 {
     extern __shared__ __align__(16) uint8_t smem[];
-    float *qf = reinterpret_cast<float *>(smem + A.m_off_q); // [2][4][D] q, H q (times scale)
+    float *qf = reinterpret_cast<float *>(smem + A.m_off_q); // [4][D] q (pass 1: H q), * scale
     uint8_t *tab = smem + A.m_off_tab;
     float *qz = reinterpret_cast<float *>(smem + A.m_off_qz);
     float *qsp = reinterpret_cast<float *>(smem + A.m_off_qsp);
@@ -1309,7 +1360,6 @@ __global__ void __launch_bounds__(kMmaThreads, 3) attend_mma_kernel(attn_params 
     for (uint32_t i = tid; i < 4 * D; i += blockDim.x) {
         const float v = i / D < rows ? q[i] * A.scale : 0.0f;
         qf[i] = v;
-        qf[4 * D + i] = v;
     }
     uint32_t ls, p0, p1;
     split_range(A, item, split, &ls, &p0, &p1);
@@ -1331,9 +1381,9 @@ __global__ void __launch_bounds__(kMmaThreads, 3) attend_mma_kernel(attn_params 
         if (pass == 1) {
             if (!any_rot)
                 break;
-            block_hadamard(qf + 4 * D, 4, D);
+            block_hadamard(qf, 4, D); // pass 1 attends only rotated pages
         }
-        const float *qq = qf + pass * 4 * D;
+        const float *qq = qf;
         uint32_t pid = p0 < p1 ? A.page_ids[ls + p0] : 0;
         uint4 hraw = p0 < p1 && pid < A.n_pages ? load_hdr(A, pid) : zero4;
         if (p0 < p1)
@@ -1441,9 +1491,10 @@ split_kernel_t split_kernel(uint32_t rows, uint32_t cpt)
 }
 
 /* Splits per list: blocks = items x splits should fill whole waves of resident blocks
- * (`resident` over the GPU), at least one, else short lists leave most SMs idle in the last
- * wave. The fewest splits whose waves are >= 90% full, trying up to four waves; never more
- * splits than pages. */
+ * (`resident` over the GPU), else short lists leave most SMs idle in the last wave. The fewest
+ * splits whose waves are >= 90% full (one wave 90% full is better than two full ones: each
+ * block pays its pipeline's start once, and the combine reads half as many partials), trying
+ * up to four waves; never more splits than pages. */
 uint32_t choose_splits(uint64_t items, uint64_t resident, uint32_t max_list_pages)
 {
     uint64_t cap = max_list_pages > 0 ? max_list_pages : 1;
@@ -1454,7 +1505,7 @@ uint32_t choose_splits(uint64_t items, uint64_t resident, uint32_t max_list_page
         const uint64_t blocks = items * s;
         const uint64_t waves = (blocks + resident - 1) / resident;
         const double eff = (double)blocks / (double)(waves * resident);
-        if (blocks >= resident && eff >= 0.9)
+        if (eff >= 0.9)
             return (uint32_t)s;
         if (eff > best_eff + 1e-9 && waves <= 4) {
             best = s;
@@ -1558,7 +1609,7 @@ fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt,
         size_t off = 2 * pbuf;
         pl->m_pbuf = (uint32_t)pbuf;
         pl->m_off_q = (uint32_t)off;
-        off += (size_t)2 * 4 * d * sizeof(float);
+        off += (size_t)4 * d * sizeof(float);
         pl->m_off_tab = (uint32_t)off;
         off += (size_t)pl->m_ts * 4 * mma_row_stride(d);
         pl->m_off_qz = (uint32_t)off;
@@ -1588,7 +1639,9 @@ fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt,
         }
     }
 
-    pl->smem_combine = ((size_t)2 * rows * max_splits + (size_t)rows * d) * sizeof(float);
+    const uint32_t cw = d < (uint32_t)kCombThreads ? d : (uint32_t)kCombThreads;
+    pl->smem_combine =
+        ((size_t)2 * max_splits + (size_t)2 * (kCombThreads / cw) * d) * sizeof(float);
     if (pl->smem_combine + 1024 > (size_t)optin)
         return FY_ERR_UNSUPPORTED;
 
@@ -1720,7 +1773,8 @@ extern "C" fy_status_t kvc_attend_batch_cuda(const kvc_gpu_pages_t *pool,
         if (st != FY_OK)
             return st;
     }
-    attend_combine_kernel<<<pl.n_items, kThreads, pl.smem_combine, s>>>(A, pl.rows);
+    attend_combine_kernel<<<dim3(pl.n_items, pl.rows), kCombThreads, pl.smem_combine, s>>>(
+        A, pl.rows);
     return kvc_cuda_status(cudaGetLastError());
 }
 

@@ -1,8 +1,9 @@
 /*
  * encode.cu: the encoder on the GPU, twin of encode.c. For one layer of K, V in device memory:
  *
- * 1. rotate_kernel: when the policy rotates, the Hadamard-rotated fp32 copy of every K and V
- *    row ([n_kv][n][d] each), used by the trial pass and the rotated options;
+ * 1. rotation: where a group's rows fit shared memory (G 32, d 128 do) the stats and quantizer
+ *    rotate their staged rows themselves; otherwise rotate_kernel writes the Hadamard-rotated
+ *    fp32 copy of every K and V row ([n_kv][n][d] each) for them to read (same values);
  * 2. stats_kernel (policies that measure distortion): per (kv head, group of G consecutive
  *    tokens) the tables encode.c's build_items computes on the CPU — |v - obar|^2 and the key
  *    and value errors at 8, 4 and 2 bits, trial-quantized or modelled — in the CPU's exact
@@ -59,12 +60,15 @@ typedef struct {
     unsigned long long tokens[KVC_OPT_COUNT];
 } plan_dev_t;
 
+#define DIST_BLOCKS 128
+
 /* The device optimizer's result for the host. */
 typedef struct {
     double lambda;
     unsigned long long total, target; // greedy fill: frame bytes of the choice and the cap
     int budget_met, need_greedy;
     double dist; // the distortion of the final choice
+    double part[DIST_BLOCKS]; // its per-block partial sums
 } opt_out_t;
 
 struct kvc_encoder_cuda {
@@ -107,6 +111,8 @@ struct kvc_encoder_cuda {
     plan_dev_t *d_plan, *h_lay;     // device layout and its pinned host copy
     unsigned long long *d_hcnt;     // [n_kv][8]
     unsigned long long *d_runs;     // [n_kv][8][3]
+    unsigned long long *d_scnt;     // [2][n_kv][n_seg][8] segment counts and bases
+    uint32_t n_seg;
     unsigned sms;
     // Stream time of the two GPU phases of the last layer: [0, 1] scoring + rotation +
     // tables, [2, 3] payload + CRC.
@@ -177,16 +183,16 @@ static __device__ __forceinline__ float src_x(const kv_src_t &a, bool val, bool 
     return ld_h(val ? a.v : a.k, a.hs, a.ts, h, t, c);
 }
 
-/* kvc_row_minmax: eight lanes over c, then lanes 0..7 in order. */
-static __device__ void row_minmax(const kv_src_t &a, bool val, bool rot, uint32_t h, uint32_t t,
-                                  float *mn_p, float *mx_p)
+/* kvc_row_minmax over element c = get(c): eight lanes over c, then lanes 0..7 in order. */
+template <typename F>
+static __device__ __forceinline__ void minmax_lanes(F get, uint32_t d, float *mn_p, float *mx_p)
 {
     float mn[8], mx[8];
     for (int l = 0; l < 8; l++)
-        mn[l] = mx[l] = src_x(a, val, rot, h, t, l);
-    for (uint32_t c = 8; c + 8 <= a.d; c += 8) {
+        mn[l] = mx[l] = get((uint32_t)l);
+    for (uint32_t c = 8; c + 8 <= d; c += 8) {
         for (int l = 0; l < 8; l++) {
-            float x = src_x(a, val, rot, h, t, c + l);
+            float x = get(c + l);
             mn[l] = x < mn[l] ? x : mn[l];
             mx[l] = x > mx[l] ? x : mx[l];
         }
@@ -200,6 +206,44 @@ static __device__ void row_minmax(const kv_src_t &a, bool val, bool rot, uint32_
     *mx_p = hi;
 }
 
+/* kvc_row_minmax of a row where it lives. */
+static __device__ void row_minmax(const kv_src_t &a, bool val, bool rot, uint32_t h, uint32_t t,
+                                  float *mn_p, float *mx_p)
+{
+    minmax_lanes([&](uint32_t c) { return src_x(a, val, rot, h, t, c); }, a.d, mn_p, mx_p);
+}
+
+/* rotate_kernel on rows staged in shared memory (rows x d, `stride` floats apart): the same
+ * butterflies in the same stages, then the same scale, so every value equals the rotated copy
+ * rotate_kernel writes. The whole block calls it. */
+static __device__ void sm_hadamard_rows(float *x, uint32_t rows, uint32_t d, uint32_t stride,
+                                        float scale)
+{
+    uint32_t half = d / 2;
+    for (uint32_t len = 1; len < d; len <<= 1) {
+        for (uint32_t i2 = threadIdx.x; i2 < rows * half; i2 += blockDim.x) {
+            uint32_t r = i2 / half, j = i2 % half;
+            uint32_t i = (j / len) * 2 * len + (j % len);
+            float *row = x + (size_t)r * stride;
+            float p = row[i], q = row[i + len];
+            row[i] = kadd(p, q);
+            row[i + len] = ksub(p, q);
+        }
+        __syncthreads();
+    }
+    for (uint32_t i2 = threadIdx.x; i2 < rows * d; i2 += blockDim.x) {
+        float *px = x + (size_t)(i2 / d) * stride + i2 % d;
+        *px = kmul(*px, scale);
+    }
+    __syncthreads();
+}
+
+/* row_minmax of a staged row (the same lanes and order). */
+static __device__ void row_minmax_f(const float *x, uint32_t d, float *mn_p, float *mx_p)
+{
+    minmax_lanes([&](uint32_t c) { return x[c]; }, d, mn_p, mx_p);
+}
+
 typedef struct {
     kv_src_t src;
     const float *obar, *qsq; // [n_kv][d] device scores
@@ -208,6 +252,9 @@ typedef struct {
     int rotate;  // widths <= 4 use the rotated rows and the mean sensitivity
     int need8, need4, needv4, need2, needk2;
     float *tab;  // [TAB_COUNT][n_kv][n]
+    int stage;   // the group's K and V rows of the 4/2-bit source staged in shared memory
+    int fused;   // with stage and rotate: the staged rows are rotated here (no rotated copy)
+    float rot_scale;
 } stats_args_t;
 
 static __device__ __forceinline__ float st_x(const stats_args_t &a, bool val, bool rot, uint32_t h,
@@ -216,13 +263,25 @@ static __device__ __forceinline__ float st_x(const stats_args_t &a, bool val, bo
     return src_x(a.src, val, rot, h, t, c);
 }
 
+/* Element c of the group's token j (t0 + j): staged rows (stride d + 1, so that threads on
+ * different rows hit different banks) when they hold this source, else where it lives. */
+static __device__ __forceinline__ float st_g(const stats_args_t &a, const float *sk,
+                                             const float *sv, bool val, bool rot, uint32_t h,
+                                             uint32_t t0, uint32_t j, uint32_t c)
+{
+    if (a.stage && rot == (a.rotate != 0))
+        return (val ? sv : sk)[(size_t)j * (a.d + 1) + c];
+    return st_x(a, val, rot, h, t0 + j, c);
+}
+
 /* One block per (kv head, group of G consecutive tokens): the distortion inputs of build_items. */
 __global__ void stats_kernel(stats_args_t a)
 {
     // Per channel, sized by head_dim so that small heads leave room for more blocks:
     // range [unrotated, rotated], and per width slot (8, 4, 2 bits) the step and 1 / step.
-    extern __shared__ float st_sm[]; // [10][d]
+    extern __shared__ float st_sm[]; // [10][d], then with a.stage K and V rows [G][d + 1] each
     uint32_t d = a.d;
+    float *sk = st_sm + 10 * d, *sv = sk + (size_t)a.G * (d + 1);
     float *s_mn[2] = {st_sm, st_sm + d}, *s_mx[2] = {st_sm + 2 * d, st_sm + 3 * d};
     float *s_s[3] = {st_sm + 4 * d, st_sm + 5 * d, st_sm + 6 * d};
     float *s_inv[3] = {st_sm + 7 * d, st_sm + 8 * d, st_sm + 9 * d};
@@ -237,6 +296,19 @@ __global__ void stats_kernel(stats_args_t a)
         const float *qsq = a.qsq + (size_t)h * d;
         const float *obar = a.obar + (size_t)h * d;
         __syncthreads(); // shared arrays free from the previous block
+        if (a.stage) {
+            bool rs = a.rotate != 0 && !a.fused; // fused: load as given, rotate below
+            for (uint32_t i = threadIdx.x; i < m * d; i += blockDim.x) {
+                uint32_t j = i / d, c = i % d;
+                sk[(size_t)j * (d + 1) + c] = st_x(a, false, rs, h, t0 + j, c);
+                sv[(size_t)j * (d + 1) + c] = st_x(a, true, rs, h, t0 + j, c);
+            }
+            __syncthreads();
+            if (a.fused) {
+                sm_hadamard_rows(sk, m, d, d + 1, a.rot_scale);
+                sm_hadamard_rows(sv, m, d, d + 1, a.rot_scale);
+            }
+        }
         if (threadIdx.x == 0) {
             float s = 0;
             for (uint32_t c = 0; c < d; c++)
@@ -246,9 +318,9 @@ __global__ void stats_kernel(stats_args_t a)
         // Per-channel min/max over the group: [0] unrotated, [1] rotated.
         for (uint32_t c = threadIdx.x; c < d; c += blockDim.x) {
             for (int r = 0; r < (a.rotate ? 2 : 1); r++) {
-                float mn = st_x(a, false, r == 1, h, t0, c), mx = mn;
+                float mn = st_g(a, sk, sv, false, r == 1, h, t0, 0, c), mx = mn;
                 for (uint32_t j = 1; j < m; j++) {
-                    float x = st_x(a, false, r == 1, h, t0 + j, c);
+                    float x = st_g(a, sk, sv, false, r == 1, h, t0, j, c);
                     mn = x < mn ? x : mn;
                     mx = x > mx ? x : mx;
                 }
@@ -296,7 +368,7 @@ __global__ void stats_kernel(stats_args_t a)
             float dacc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, umn[8], umx[8];
             for (uint32_t c = 0; c < d; c += 8) {
                 for (int l = 0; l < 8; l++) {
-                    float x = st_x(a, true, false, h, t, c + l);
+                    float x = st_g(a, sk, sv, true, false, h, t0, j, c + l);
                     float df = ksub(x, obar[c + l]);
                     dacc[l] = kadd(dacc[l], kmul(df, df));
                     if (c == 0) {
@@ -319,7 +391,7 @@ __global__ void stats_kernel(stats_args_t a)
                 for (uint32_t c = 0; c < d; c += 8) {
                     for (int l = 0; l < 8; l++) {
                         uint32_t cc = c + l;
-                        float x = st_x(a, false, rot, h, t, cc);
+                        float x = st_g(a, sk, sv, false, rot, h, t0, j, cc);
                         float mn = s_mn[rot][cc];
                         float kw = rot ? rot_kw : qsq[cc];
                         if (kerr4) {
@@ -341,7 +413,9 @@ __global__ void stats_kernel(stats_args_t a)
             }
             // Pass 3, the V range of the 4/2-bit source (the unrotated one is pass 1's).
             float rlo = ulo, rhi = uhi;
-            if (want_r && rot)
+            if (want_r && rot && a.stage)
+                row_minmax_f(sv + (size_t)j * (d + 1), d, &rlo, &rhi);
+            else if (want_r && rot)
                 row_minmax(a.src, true, true, h, t, &rlo, &rhi);
             float s4 = kdiv(ksub(rhi, rlo), 15.0f), s2 = kdiv(ksub(rhi, rlo), 3.0f);
             if (a.need8) { // 8 bits: always the step^2 / 12 model, unrotated
@@ -363,7 +437,7 @@ __global__ void stats_kernel(stats_args_t a)
                 float v4[8] = {0, 0, 0, 0, 0, 0, 0, 0}, v2[8] = {0, 0, 0, 0, 0, 0, 0, 0};
                 for (uint32_t c = 0; c < d; c += 8) {
                     for (int l = 0; l < 8; l++) {
-                        float x = st_x(a, true, rot, h, t, c + l);
+                        float x = st_g(a, sk, sv, true, rot, h, t0, j, c + l);
                         if (verr4) {
                             float r = kvc_dev_round_clamp(kmul(ksub(x, rlo), i4), 15.0f);
                             float err = ksub(kadd(kmul(r, s4), rlo), x);
@@ -447,6 +521,8 @@ typedef struct {
     uint32_t n, d, P;
     int rotate;
     int stage; // the group's K and V rows are staged in dynamic shared memory (2 x G x d fp32)
+    int fused; // with stage: rotated groups are rotated in shared memory (no rotated copy)
+    float rot_scale;
     uint8_t *out;
 } quant_args_t;
 
@@ -470,28 +546,6 @@ static __device__ __forceinline__ float g_x(const quant_args_t &a, const float *
     if (a.stage)
         return (val ? sv : sk)[(size_t)j * a.d + c];
     return q_x(a, val, rot, h, t, c);
-}
-
-/* row_minmax of a staged row (the same lanes and order). */
-static __device__ void row_minmax_f(const float *x, uint32_t d, float *mn_p, float *mx_p)
-{
-    float mn[8], mx[8];
-    for (int l = 0; l < 8; l++)
-        mn[l] = mx[l] = x[l];
-    for (uint32_t c = 8; c + 8 <= d; c += 8) {
-        for (int l = 0; l < 8; l++) {
-            float v = x[c + l];
-            mn[l] = v < mn[l] ? v : mn[l];
-            mx[l] = v > mx[l] ? v : mx[l];
-        }
-    }
-    float lo = mn[0], hi = mx[0];
-    for (int l = 1; l < 8; l++) {
-        lo = mn[l] < lo ? mn[l] : lo;
-        hi = mx[l] > hi ? mx[l] : hi;
-    }
-    *mn_p = lo;
-    *mx_p = hi;
 }
 
 /* One block per quantized group: quant.c's kvc_quant_group with cap = m, written in place.
@@ -530,12 +584,17 @@ __global__ void quant_kernel(quant_args_t a)
             s_prot[c] = 0;
         __syncthreads();
         if (a.stage) {
+            bool rs = rot && !a.fused; // fused: load as given, rotate below
             for (uint32_t i = threadIdx.x; i < m * d; i += blockDim.x) {
                 uint32_t j = i / d, c = i % d;
-                sk[i] = q_x(a, false, rot, h, s_tok[j], c);
-                sv[i] = q_x(a, true, rot, h, s_tok[j], c);
+                sk[i] = q_x(a, false, rs, h, s_tok[j], c);
+                sv[i] = q_x(a, true, rs, h, s_tok[j], c);
             }
             __syncthreads();
+            if (rot && a.fused) {
+                sm_hadamard_rows(sk, m, d, d, a.rot_scale);
+                sm_hadamard_rows(sv, m, d, d, a.rot_scale);
+            }
         }
         // Key range per channel over the group, in token order.
         for (uint32_t c = threadIdx.x; c < d; c += blockDim.x) {
@@ -715,6 +774,7 @@ __global__ void crc_kernel(const uint8_t *buf, const plan_dev_t *plan, uint32_t 
 #define OPT_MAX_KV 64       // per-block byte-count histogram; more heads take the host optimizer
 #define GREEDY_CHUNK 4096
 #define GREEDY_THREADS 256
+#define LAYOUT_SEG 2048 // tokens of a head per layout block (even: whole map bytes)
 
 typedef struct {
     uint32_t n_kv, n, G;
@@ -1164,11 +1224,12 @@ __global__ void __launch_bounds__(GREEDY_THREADS) greedy_kernel(opt_args_t a, co
 
 /* The distortion of the final choice (info only): fixed-order partial sums, so it is the same
  * on every run, though not rounded as the CPU's serial sum. */
-__global__ void dist_kernel(opt_args_t a)
+__global__ void __launch_bounds__(256) dist_kernel(opt_args_t a)
 {
-    __shared__ double part[1024];
+    __shared__ double part[256];
     double s = 0;
-    for (size_t i = threadIdx.x; i < a.n_items; i += blockDim.x)
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < a.n_items;
+         i += (size_t)gridDim.x * blockDim.x)
         s = o_dadd(s, (double)a.dist[i * KVC_OPT_COUNT + a.choice[i]]);
     part[threadIdx.x] = s;
     __syncthreads();
@@ -1178,7 +1239,22 @@ __global__ void dist_kernel(opt_args_t a)
         __syncthreads();
     }
     if (threadIdx.x == 0)
-        a.out->dist = part[0];
+        a.out->part[blockIdx.x] = part[0];
+}
+
+/* The blocks' partial sums in a fixed tree. */
+__global__ void dist_final_kernel(opt_out_t *out)
+{
+    __shared__ double part[DIST_BLOCKS];
+    part[threadIdx.x] = out->part[threadIdx.x];
+    __syncthreads();
+    for (uint32_t w = DIST_BLOCKS / 2; w > 0; w /= 2) {
+        if (threadIdx.x < w)
+            part[threadIdx.x] = o_dadd(part[threadIdx.x], part[threadIdx.x + w]);
+        __syncthreads();
+    }
+    if (threadIdx.x == 0)
+        out->dist = part[0];
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -1191,6 +1267,9 @@ typedef struct {
     size_t map_bytes, maps_total;
     uint8_t hdr[KVC_FRAME_HEADER_BYTES]; // the header but opt_mask, payload and total
     const uint8_t *choice;               // [n_kv][n]
+    uint32_t n_seg;                      // segments of LAYOUT_SEG tokens per head
+    unsigned long long *scnt;            // [n_kv][n_seg][8] tokens per (head, segment, option)
+    unsigned long long *sbase;           // [n_kv][n_seg][8] the same before the segment
     unsigned long long *hcnt;            // [n_kv][8] tokens per (head, option)
     unsigned long long *runs;            // [n_kv][8][3] frame offset, first work item, first token
     work_t *work;
@@ -1211,19 +1290,20 @@ static __device__ __forceinline__ unsigned long long plan_run_bytes(const plan_a
     return b;
 }
 
-/* A block per head: its map bytes (two tokens a byte, low nibble first) and its tokens per
- * option. */
-__global__ void maps_kernel(plan_args_t a)
+/* A block per (segment of LAYOUT_SEG tokens, head): its map bytes (two tokens a byte, low
+ * nibble first) and its tokens per option. */
+__global__ void __launch_bounds__(256) maps_kernel(plan_args_t a)
 {
     __shared__ unsigned s_c[KVC_OPT_COUNT];
-    uint32_t h = blockIdx.x, n = a.n;
+    uint32_t seg = blockIdx.x, h = blockIdx.y, n = a.n;
+    uint32_t t_lo = seg * LAYOUT_SEG, t_hi = min(n, t_lo + LAYOUT_SEG);
     if (threadIdx.x < KVC_OPT_COUNT)
         s_c[threadIdx.x] = 0;
     __syncthreads();
     const uint8_t *ch = a.choice + (size_t)h * n;
     uint8_t *mp = a.out + KVC_FRAME_HEADER_BYTES + (size_t)h * a.map_bytes;
     unsigned c[KVC_OPT_COUNT] = {0, 0, 0, 0, 0, 0};
-    for (uint32_t b = threadIdx.x; b < a.map_bytes; b += blockDim.x) {
+    for (uint32_t b = t_lo / 2 + threadIdx.x; 2 * b < t_hi; b += blockDim.x) {
         uint32_t t = 2 * b;
         uint32_t lo = ch[t], hi = t + 1 < n ? ch[t + 1] : 0;
         mp[b] = (uint8_t)(lo | (hi << 4));
@@ -1239,7 +1319,7 @@ __global__ void maps_kernel(plan_args_t a)
     }
     __syncthreads();
     if (threadIdx.x < KVC_OPT_COUNT)
-        a.hcnt[h * 8 + threadIdx.x] = s_c[threadIdx.x];
+        a.scnt[((size_t)h * a.n_seg + seg) * 8 + threadIdx.x] = s_c[threadIdx.x];
 }
 
 /* One thread: plan_payload's run offsets (per head, the options in order), the header, the
@@ -1247,9 +1327,18 @@ __global__ void maps_kernel(plan_args_t a)
 __global__ void layout_kernel(plan_args_t a)
 {
     unsigned long long n_f16 = 0, tokens[KVC_OPT_COUNT] = {0, 0, 0, 0, 0, 0};
-    for (uint32_t h = 0; h < a.n_kv; h++)
-        for (int o = 0; o < KVC_OPT_COUNT; o++)
-            tokens[o] += a.hcnt[h * 8 + o];
+    for (uint32_t h = 0; h < a.n_kv; h++) {
+        for (int o = 0; o < KVC_OPT_COUNT; o++) {
+            unsigned long long c = 0;
+            for (uint32_t sg = 0; sg < a.n_seg; sg++) {
+                size_t at = ((size_t)h * a.n_seg + sg) * 8 + o;
+                a.sbase[at] = c;
+                c += a.scnt[at];
+            }
+            a.hcnt[h * 8 + o] = c;
+            tokens[o] += c;
+        }
+    }
     n_f16 = tokens[KVC_OPT_F16];
     unsigned long long head = KVC_FRAME_HEADER_BYTES + a.maps_total;
     unsigned long long o_off = head, o_f16 = 0, o_q = n_f16, o_tok = 0;
@@ -1292,21 +1381,24 @@ __global__ void layout_kernel(plan_args_t a)
         hd[KVC_FRAME_HEADER_BYTES + i] = 0;
 }
 
-/* A block per head: every token's rank among its head's tokens of the same option (a scan of
- * 256 tokens at a time, warp ballots then the warps in order), giving the work items in
- * plan_payload's order: an FP16 token each, a quantized group per G tokens of an option. */
+/* A block per (segment, head): every token's rank among its head's tokens of the same option
+ * (the segment's base from layout_kernel, then a scan of 256 tokens at a time: warp ballots,
+ * the warps in order), giving the work items in plan_payload's order: an FP16 token each, a
+ * quantized group per G tokens of an option. */
 __global__ void __launch_bounds__(256) scatter_kernel(plan_args_t a)
 {
     __shared__ unsigned s_w[8][KVC_OPT_COUNT]; // per warp, tokens of each option
     __shared__ unsigned long long s_base[KVC_OPT_COUNT];
-    uint32_t h = blockIdx.x, n = a.n, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    uint32_t seg = blockIdx.x, h = blockIdx.y, n = a.n, warp = threadIdx.x / 32,
+             lane = threadIdx.x % 32;
+    uint32_t t_lo = seg * LAYOUT_SEG, t_hi = min(n, t_lo + LAYOUT_SEG);
     const uint8_t *ch = a.choice + (size_t)h * n;
     if (threadIdx.x < KVC_OPT_COUNT)
-        s_base[threadIdx.x] = 0;
+        s_base[threadIdx.x] = a.sbase[((size_t)h * a.n_seg + seg) * 8 + threadIdx.x];
     unsigned lt = (1u << lane) - 1;
-    for (uint32_t t0 = 0; t0 < n; t0 += 256) {
+    for (uint32_t t0 = t_lo; t0 < t_hi; t0 += 256) {
         uint32_t t = t0 + threadIdx.x;
-        int o = t < n ? ch[t] : -1;
+        int o = t < t_hi ? ch[t] : -1;
         unsigned my_rank = 0;
         for (int q = 0; q < KVC_OPT_COUNT; q++) {
             unsigned m = __ballot_sync(0xffffffffu, o == q);
@@ -1432,6 +1524,7 @@ extern "C" void kvc_encoder_cuda_destroy(kvc_encoder_cuda_t *e)
     cudaFree(e->d_dev_mean), cudaFree(e->d_backbone), cudaFree(e->d_keys), cudaFree(e->d_idx);
     cudaFree(e->d_sort_tmp), cudaFree(e->d_out), cudaFreeHost(e->h_out);
     cudaFree(e->d_plan), cudaFreeHost(e->h_lay), cudaFree(e->d_hcnt), cudaFree(e->d_runs);
+    cudaFree(e->d_scnt);
     kvc_scores_cleanup_cuda(&e->d_scores);
     cudaFreeHost(e->h_tab), cudaFreeHost(e->h_tok), cudaFreeHost(e->h_work);
     cudaFreeHost(e->h_crc), cudaFreeHost(e->h_head);
@@ -1440,6 +1533,25 @@ extern "C" void kvc_encoder_cuda_destroy(kvc_encoder_cuda_t *e)
             cudaEventDestroy(e->ev[i]);
     free(e->h_imp), free(e->h_qsq), free(e->h_obar), free(e->h_static), free(e->h_plan);
     free(e);
+}
+
+/* Where the stats and quantizer kernels stage a group's rows in shared memory: where they fit
+ * the default 48 KiB beside their own arrays (G 32, d 128: 38 and 32 KiB). When both do, a
+ * rotating policy rotates the staged rows there and no rotated copy of the layer exists. */
+typedef struct {
+    size_t st_sm, st_sm_stage, q_stage_bytes;
+    bool st_stage, q_stage, fused;
+} stage_t;
+
+static void stage_plan(const kvc_encoder_cuda_t *e, stage_t *sg)
+{
+    bool measured = e->policy.dist == KVC_DIST_TRIAL || e->policy.dist == KVC_DIST_MODEL;
+    sg->st_sm = (size_t)10 * e->d * sizeof(float);
+    sg->st_sm_stage = sg->st_sm + (size_t)2 * e->G * (e->d + 1) * sizeof(float);
+    sg->st_stage = sg->st_sm_stage <= 40960;
+    sg->q_stage_bytes = (size_t)2 * e->G * e->d * sizeof(float);
+    sg->q_stage = sg->q_stage_bytes <= 32768;
+    sg->fused = e->policy.rotate && sg->q_stage && (!measured || sg->st_stage);
 }
 
 /* The device optimizer's buffers, when the device runs cooperative grids and the heads fit
@@ -1473,6 +1585,9 @@ static fy_status_t opt_create(kvc_encoder_cuda_t *e)
         KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_keys, 2 * items * sizeof(uint32_t)), st, fail);
         KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_idx, 2 * items * sizeof(uint32_t)), st, fail);
         KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_out, sizeof(opt_out_t)), st, fail);
+        e->n_seg = (e->n + LAYOUT_SEG - 1) / LAYOUT_SEG;
+        KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_scnt, (size_t)2 * e->n_kv * e->n_seg * 8 * 8), st,
+                      fail);
         KVC_CUDA_GOTO(cudaMallocHost((void **)&e->h_out, sizeof(opt_out_t)), st, fail);
         KVC_CUDA_GOTO(cub::DeviceRadixSort::SortPairsDescending(
                           NULL, e->sort_tmp_bytes, e->d_keys, e->d_keys + items, e->d_idx,
@@ -1522,7 +1637,9 @@ extern "C" fy_status_t kvc_encoder_cuda_create(const kvc_encoder_params_t *param
         KVC_FRAME_HEADER_BYTES + FY_ALIGN_UP((size_t)e->n_kv * kvc_map_bytes(e->n), 8);
     size_t rows = e->n_items * e->d * sizeof(float);
     size_t tab = (size_t)TAB_COUNT * e->n_items * sizeof(float);
-    if (e->policy.rotate) {
+    stage_t sg;
+    stage_plan(e, &sg);
+    if (e->policy.rotate && !sg.fused) { // fused: the rotated rows live in shared memory only
         KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_kr, rows), st, fail);
         KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_vr, rows), st, fail);
     }
@@ -1732,7 +1849,7 @@ static fy_status_t opt_enqueue(kvc_encoder_cuda_t *e, uint32_t layer, const kvc_
                                                   OPT_THREADS, args, 0, cs),
                       st, out);
     }
-    for (int pass = 0; pass < 2; pass++) {
+    for (int pass = 0; pass < 2 && !oi.no_budget; pass++) { // no budget: nothing to fill
         cand_kernel<<<kvc_grid(items, 256), 256, 0, cs>>>(a, e->d_keys, e->d_idx);
         KVC_LAUNCH_GOTO(st, out);
         size_t tmp_bytes = e->sort_tmp_bytes;
@@ -1743,7 +1860,9 @@ static fy_status_t opt_enqueue(kvc_encoder_cuda_t *e, uint32_t layer, const kvc_
         greedy_kernel<<<1, GREEDY_THREADS, 0, cs>>>(a, e->d_keys + items, e->d_idx + items);
         KVC_LAUNCH_GOTO(st, out);
     }
-    dist_kernel<<<1, 1024, 0, cs>>>(a);
+    dist_kernel<<<DIST_BLOCKS, 256, 0, cs>>>(a);
+    KVC_LAUNCH_GOTO(st, out);
+    dist_final_kernel<<<1, DIST_BLOCKS, 0, cs>>>(e->d_out);
     KVC_LAUNCH_GOTO(st, out);
     KVC_CUDA_GOTO(cudaMemcpyAsync(e->h_out, e->d_out, sizeof(opt_out_t), cudaMemcpyDeviceToHost,
                                   cs),
@@ -1778,17 +1897,21 @@ static fy_status_t layout_enqueue(kvc_encoder_cuda_t *e, uint32_t layer, uint8_t
     a.maps_total = FY_ALIGN_UP((size_t)e->n_kv * a.map_bytes, 8);
     kvc_encoder_header_fill(e->enc, layer, 0, 0, 0, a.hdr);
     a.choice = e->d_opt8 + e->n_items;
+    a.n_seg = e->n_seg;
+    a.scnt = e->d_scnt;
+    a.sbase = e->d_scnt + (size_t)e->n_kv * e->n_seg * 8;
     a.hcnt = e->d_hcnt;
     a.runs = e->d_runs;
     a.work = e->d_work;
     a.tok = e->d_tok;
     a.plan = e->d_plan;
     a.out = out;
-    maps_kernel<<<e->n_kv, 256, 0, cs>>>(a);
+    dim3 grid(a.n_seg, e->n_kv);
+    maps_kernel<<<grid, 256, 0, cs>>>(a);
     KVC_LAUNCH_GOTO(st, out);
     layout_kernel<<<1, 1, 0, cs>>>(a);
     KVC_LAUNCH_GOTO(st, out);
-    scatter_kernel<<<e->n_kv, 256, 0, cs>>>(a);
+    scatter_kernel<<<grid, 256, 0, cs>>>(a);
     KVC_LAUNCH_GOTO(st, out);
 out:
     return st;
@@ -1810,6 +1933,11 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
     size_t plane = e->n_items;
     kvc_layer_info_t info;
     memset(&info, 0, sizeof(info));
+    stage_t sg;
+    stage_plan(e, &sg);
+    size_t st_sm = sg.st_sm, st_sm_stage = sg.st_sm_stage, q_stage_bytes = sg.q_stage_bytes;
+    bool st_stage = sg.st_stage, q_stage = sg.q_stage, fused = sg.fused;
+    float rot_scale = 1.0f / sqrtf((float)d);
     uint64_t t0 = fy_clock_ns();
     cudaError_t ce = cudaEventRecord(e->ev[0], cs);
     if (ce != cudaSuccess)
@@ -1851,12 +1979,12 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
     src.vr = e->d_vr;
     src.n = n;
     src.d = d;
-    if (pol->rotate) {
+    if (pol->rotate && !fused) {
         int wpb = ROT_THREADS / 32;
         size_t rows = (size_t)2 * plane;
         rotate_kernel<<<kvc_grid(rows, wpb), ROT_THREADS, (size_t)wpb * d * sizeof(float), cs>>>(
             in->k, in->v, in->head_stride, in->token_stride, n_kv, n, d,
-            1.0f / sqrtf((float)d), e->d_kr, e->d_vr);
+            rot_scale, e->d_kr, e->d_vr);
         KVC_LAUNCH_GOTO(st, out);
     }
     if (measured) {
@@ -1878,7 +2006,11 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
         a.needk2 = (opts & KVC_OPT_BIT(KVC_OPT_Q2)) != 0;
         a.tab = e->d_tab;
         size_t blocks = (size_t)n_kv * ((n + e->G - 1) / e->G);
-        stats_kernel<<<kvc_grid(blocks, 1), STATS_THREADS, (size_t)10 * d * sizeof(float), cs>>>(a);
+        a.stage = st_stage;
+        a.fused = fused;
+        a.rot_scale = rot_scale;
+        stats_kernel<<<kvc_grid(blocks, 1), a.stage ? 2 * STATS_THREADS : STATS_THREADS,
+                       a.stage ? st_sm_stage : st_sm, cs>>>(a);
         KVC_LAUNCH_GOTO(st, out);
         // Only the tables the optimizer will read come back.
         bool want[TAB_COUNT] = {true,
@@ -1976,11 +2108,10 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
         a.P = e->P;
         a.rotate = pol->rotate;
         a.out = out;
-        // Stage the group's rows in shared memory where they fit the default 48 KiB with the
-        // kernel's own arrays (G 32, d 128: 32 KiB).
-        size_t stage_bytes = (size_t)2 * e->G * d * sizeof(float);
-        a.stage = stage_bytes <= 32768 ? (int)e->G : 0;
-        quant_kernel<<<wide, QUANT_THREADS, a.stage ? stage_bytes : 0, cs>>>(a);
+        a.stage = q_stage ? (int)e->G : 0;
+        a.fused = fused;
+        a.rot_scale = rot_scale;
+        quant_kernel<<<wide, QUANT_THREADS, a.stage ? q_stage_bytes : 0, cs>>>(a);
         KVC_LAUNCH_GOTO(st, out);
         crc_kernel<<<kvc_grid(e->max_chunks, 256), 256, 0, cs>>>(out, e->d_plan, e->d_crc);
         KVC_LAUNCH_GOTO(st, out);

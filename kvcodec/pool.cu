@@ -30,6 +30,14 @@ struct kvc_gpu_pool {
     uint32_t *free_ids; // stack of free pages, lowest id on top (as the CPU pool)
     uint32_t n_free;
     pthread_mutex_t lock;
+    // Map counting on the device (placement): one request at a time under cnt_lock.
+    uint32_t *d_cnt; // [KVC_MAX_KV_HEADS][8] device
+    uint32_t *h_cnt; // its pinned host copy
+    // Pinned staging of the placement plan's upload, free again once stage_ev has passed.
+    uint8_t *h_stage;
+    size_t stage_cap;
+    cudaEvent_t stage_ev;
+    pthread_mutex_t cnt_lock; // d_cnt, h_cnt, h_stage
 };
 
 typedef struct {
@@ -83,14 +91,22 @@ extern "C" fy_status_t kvc_gpu_pool_create(const kvc_pool_params_t *p, kvc_gpu_p
         st = FY_ERR_NO_MEMORY;
         goto fail;
     }
+    KVC_CUDA_GOTO(cudaMalloc((void **)&pool->d_cnt, (size_t)KVC_MAX_KV_HEADS * 8 * 4), st, fail);
+    KVC_CUDA_GOTO(cudaMallocHost((void **)&pool->h_cnt, (size_t)KVC_MAX_KV_HEADS * 8 * 4), st,
+                  fail);
+    KVC_CUDA_GOTO(cudaEventCreateWithFlags(&pool->stage_ev, cudaEventDisableTiming), st, fail);
     KVC_CUDA_GOTO(cudaMalloc((void **)&pool->dev, total), st, fail);
     for (uint32_t i = 0; i < p->n_pages; i++)
         pool->free_ids[i] = p->n_pages - 1 - i;
     pool->n_free = p->n_pages;
     pthread_mutex_init(&pool->lock, NULL);
+    pthread_mutex_init(&pool->cnt_lock, NULL);
     *pool_p = pool;
     return FY_OK;
-fail: // undo the host allocations (the device one is the last step)
+fail: // undo the allocations (the pool's own memory is the last step)
+    cudaFree(pool->d_cnt), cudaFreeHost(pool->h_cnt);
+    if (pool->stage_ev)
+        cudaEventDestroy(pool->stage_ev);
     free(pool->hdrs), free(pool->refcnt), free(pool->free_ids), free(pool);
     return st;
 }
@@ -100,6 +116,9 @@ extern "C" void kvc_gpu_pool_destroy(kvc_gpu_pool_t *pool)
     if (pool == NULL)
         return;
     pthread_mutex_destroy(&pool->lock);
+    pthread_mutex_destroy(&pool->cnt_lock);
+    cudaFree(pool->d_cnt), cudaFreeHost(pool->h_cnt), cudaFreeHost(pool->h_stage);
+    cudaEventDestroy(pool->stage_ev);
     cudaError_t e = cudaFree(pool->dev);
     if (e != cudaSuccess)
         FY_LOG_WARN("kvcodec", "cudaFree of the page pool: %s", cudaGetErrorString(e));
@@ -332,6 +351,63 @@ static fy_status_t frame_counts_all(const kvc_frame_t *f, uint64_t *cnt)
     return FY_OK;
 }
 
+/* Items per option of each head from the frame's maps in device memory: a block per (range
+ * of map bytes, head), per-thread counters summed by warps into cnt[h * 8 + code] (code 6 and 7
+ * collect the codes that are not options). */
+__global__ void __launch_bounds__(256) map_count_kernel(const uint8_t *maps, size_t map_bytes,
+                                                        uint32_t n_tokens, uint32_t *cnt)
+{
+    uint32_t h = blockIdx.y;
+    const uint8_t *mp = maps + (size_t)h * map_bytes;
+    uint32_t c[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (size_t b = (size_t)blockIdx.x * blockDim.x + threadIdx.x; b < map_bytes;
+         b += (size_t)gridDim.x * blockDim.x) {
+        uint32_t x = mp[b], lo = x & 15, hi = x >> 4;
+        bool two = 2 * b + 1 < n_tokens;
+        for (int o = 0; o < 8; o++)
+            c[o] += (lo == (uint32_t)o || (o == 7 && lo >= 7)) +
+                    (two && (hi == (uint32_t)o || (o == 7 && hi >= 7)));
+    }
+    for (int o = 0; o < 8; o++) {
+        uint32_t v = c[o];
+        for (int off = 16; off > 0; off >>= 1)
+            v += __shfl_xor_sync(0xffffffffu, v, off);
+        if (threadIdx.x % 32 == 0 && v)
+            atomicAdd(&cnt[h * 8 + o], v);
+    }
+}
+
+/* frame_counts_all on the device (the maps are the frame's bytes after its header): waits for
+ * the stream, as the placement may. */
+static fy_status_t frame_counts_dev(kvc_gpu_pool_t *pool, const kvc_frame_t *f,
+                                    const uint8_t *frame_dev, cudaStream_t cs, uint64_t *cnt)
+{
+    fy_status_t st = FY_OK;
+    size_t mb = kvc_map_bytes(f->n_tokens);
+    unsigned bx = (unsigned)FY_MIN((mb + 4095) / 4096, (size_t)64);
+    pthread_mutex_lock(&pool->cnt_lock);
+    KVC_CUDA_GOTO(cudaMemsetAsync(pool->d_cnt, 0, (size_t)f->n_kv_heads * 8 * 4, cs), st, out);
+    map_count_kernel<<<dim3(FY_MAX(bx, 1u), f->n_kv_heads), 256, 0, cs>>>(
+        frame_dev + KVC_FRAME_HEADER_BYTES, mb, f->n_tokens, pool->d_cnt);
+    KVC_LAUNCH_GOTO(st, out);
+    KVC_CUDA_GOTO(cudaMemcpyAsync(pool->h_cnt, pool->d_cnt, (size_t)f->n_kv_heads * 8 * 4,
+                                  cudaMemcpyDeviceToHost, cs),
+                  st, out);
+    KVC_CUDA_GOTO(cudaStreamSynchronize(cs), st, out);
+    for (uint32_t h = 0; h < f->n_kv_heads && st == FY_OK; h++) {
+        uint64_t *c = cnt + (size_t)h * 16;
+        memset(c, 0, 16 * sizeof(uint64_t));
+        for (int o = 0; o < 8; o++)
+            c[o] = pool->h_cnt[h * 8 + o];
+        for (int o = KVC_OPT_COUNT; o < 8; o++)
+            if (c[o])
+                st = FY_ERR_FORMAT;
+    }
+out:
+    pthread_mutex_unlock(&pool->cnt_lock);
+    return st;
+}
+
 extern "C" fy_status_t kvc_gpu_pool_pages_needed(const kvc_gpu_pool_t *pool,
                                                  const kvc_frame_t *f, uint32_t *n_pages_p)
 {
@@ -510,6 +586,33 @@ __global__ void place_kernel(const place_op_t *ops, size_t n_ops, const uint8_t 
     }
 }
 
+/* The plan (ops, then the header blob at ops_bytes) to dst through the pool's pinned staging
+ * buffer, so the copy is a real asynchronous one; the buffer is reused once the previous
+ * upload from it has run (its event). */
+static fy_status_t upload_plan(kvc_gpu_pool_t *pool, const plan_t *pl, size_t ops_bytes,
+                               uint8_t *dst, cudaStream_t cs)
+{
+    fy_status_t st = FY_OK;
+    size_t up = ops_bytes + pl->blob_n;
+    pthread_mutex_lock(&pool->cnt_lock);
+    KVC_CUDA_GOTO(cudaEventSynchronize(pool->stage_ev), st, out);
+    if (up > pool->stage_cap) {
+        size_t cap = FY_MAX(up, 2 * pool->stage_cap);
+        cudaFreeHost(pool->h_stage);
+        pool->h_stage = NULL;
+        pool->stage_cap = 0;
+        KVC_CUDA_GOTO(cudaMallocHost((void **)&pool->h_stage, cap), st, out);
+        pool->stage_cap = cap;
+    }
+    memcpy(pool->h_stage, pl->ops, pl->n * sizeof(place_op_t));
+    memcpy(pool->h_stage + ops_bytes, pl->blob, pl->blob_n);
+    KVC_CUDA_GOTO(cudaMemcpyAsync(dst, pool->h_stage, up, cudaMemcpyHostToDevice, cs), st, out);
+    KVC_CUDA_GOTO(cudaEventRecord(pool->stage_ev, cs), st, out);
+out:
+    pthread_mutex_unlock(&pool->cnt_lock);
+    return st;
+}
+
 extern "C" fy_status_t kvc_place_cuda(kvc_gpu_seq_t *s, const kvc_frame_t *f,
                                       const uint8_t *frame_dev, void *stream)
 {
@@ -532,7 +635,10 @@ extern "C" fy_status_t kvc_place_cuda(kvc_gpu_seq_t *s, const kvc_frame_t *f,
     uint64_t *counts = (uint64_t *)malloc((size_t)f->n_kv_heads * 16 * sizeof(uint64_t));
     if (counts == NULL)
         return FY_ERR_NO_MEMORY;
-    fy_status_t st = frame_counts_all(f, counts);
+    // Counting the maps on the device beats the host's pass over them for big frames.
+    fy_status_t st = f->n_tokens >= 8192
+                         ? frame_counts_dev(pool, f, frame_dev, (cudaStream_t)stream, counts)
+                         : frame_counts_all(f, counts);
     uint64_t need64 = 0;
     for (uint32_t h = 0; h < f->n_kv_heads && st == FY_OK; h++)
         for (int o = 0; o < KVC_OPT_DROP; o++)
@@ -644,12 +750,8 @@ extern "C" fy_status_t kvc_place_cuda(kvc_gpu_seq_t *s, const kvc_frame_t *f,
         size_t ops_bytes = FY_ALIGN_UP(pl.n * sizeof(place_op_t), 16);
         KVC_CUDA_GOTO(kvc_cuda_scratch_alloc((void **)&dbuf, ops_bytes + pl.blob_n, cs, pools),
                       st, out);
-        KVC_CUDA_GOTO(cudaMemcpyAsync(dbuf, pl.ops, pl.n * sizeof(place_op_t),
-                                      cudaMemcpyHostToDevice, cs),
-                      st, out);
-        KVC_CUDA_GOTO(cudaMemcpyAsync(dbuf + ops_bytes, pl.blob, pl.blob_n,
-                                      cudaMemcpyHostToDevice, cs),
-                      st, out);
+        if ((st = upload_plan(pool, &pl, ops_bytes, dbuf, cs)) != FY_OK)
+            goto out;
         unsigned grid = (unsigned)FY_MIN(pl.n, (size_t)65535);
         place_kernel<<<grid, 256, 0, cs>>>((const place_op_t *)dbuf, pl.n, frame_dev,
                                             dbuf + ops_bytes, pool->dev);

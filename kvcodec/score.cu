@@ -10,7 +10,8 @@
  *    fp32 rounding, not bit for bit.
  * 2. group_kernel: a thread per (kv head, token) reduces its GQA group (mean, or max) in head
  *    order, and keeps the group mean pbar for the window output;
- * 3. obar_kernel: a thread per (kv head, channel) sums pbar_t v_t over the tokens in order;
+ * 3. obar_tile_kernel: a block per (kv head, 32 channels) sums pbar_t v_t over the tokens in
+ *    order, one lane per channel, while the block's other warps stage the products;
  * 4. static_kernel: HybridKV's window mass on sinks + recent tokens, per kv head;
  * 5. pool_kernel: 1-D max pooling along tokens.
  * From window_attn (the attention kernel's output) steps 2-5 repeat the CPU's arithmetic in
@@ -199,20 +200,45 @@ __global__ void group_kernel(score_args_t a, const float *ah, int have_q, int re
     }
 }
 
-/* A thread per (kv head, channel): obar_c = sum_t pbar_t v_tc, tokens in order. */
-__global__ void obar_kernel(score_args_t a, const float *pbar, float *obar)
+#define OBAR_T 128 // tokens per tile of obar_tile_kernel
+
+/* obar_c = sum_t pbar_t v_tc, tokens in order, with the memory traffic off the chain: a block per (kv head, 32 channels);
+ * warps 1.. load tiles of OBAR_T tokens and form the products pbar_t v_tc into shared memory
+ * (double-buffered) while warp 0 adds them, a lane per channel, tokens in order: the same
+ * products and the same serial sums as score.c. */
+__global__ void __launch_bounds__(256) obar_tile_kernel(score_args_t a, const float *pbar,
+                                                        float *obar)
 {
-    size_t total = (size_t)a.n_kv * a.d;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (size_t)gridDim.x * blockDim.x) {
-        uint32_t g = (uint32_t)(i / a.d), c = (uint32_t)(i % a.d);
-        const float *pb = pbar + (size_t)g * a.n;
-        const uint16_t *vh = a.v + (size_t)g * a.hs + c;
-        float s = 0;
-        for (uint32_t t = 0; t < a.n; t++)
-            s = kadd(s, kmul(pb[t], kvc_dev_h2f(vh[(size_t)t * a.ts])));
-        obar[i] = s;
+    __shared__ float tile[2][OBAR_T][33];
+    uint32_t slices = (a.d + 31) / 32;
+    uint32_t g = blockIdx.x / slices, c0 = (blockIdx.x % slices) * 32;
+    const float *pb = pbar + (size_t)g * a.n;
+    const uint16_t *vh = a.v + (size_t)g * a.hs;
+    uint32_t tiles = (a.n + OBAR_T - 1) / OBAR_T;
+    uint32_t lane = threadIdx.x % 32, loaders = blockDim.x - 32;
+    bool chain = threadIdx.x < 32;
+    float s = 0;
+    for (uint32_t k = 0; k <= tiles; k++) {
+        // Loaders fill tile k while the chain adds tile k - 1.
+        if (!chain && k < tiles) {
+            float(*tl)[33] = tile[k % 2];
+            for (uint32_t i = threadIdx.x - 32; i < OBAR_T * 32; i += loaders) {
+                uint32_t tt = i / 32, cc = i % 32, t = k * OBAR_T + tt, c = c0 + cc;
+                tl[tt][cc] = t < a.n && c < a.d
+                                 ? kmul(pb[t], kvc_dev_h2f(vh[(size_t)t * a.ts + c]))
+                                 : 0.0f;
+            }
+        }
+        if (chain && k > 0) {
+            float(*tl)[33] = tile[(k - 1) % 2];
+            uint32_t m = min((uint32_t)OBAR_T, a.n - (k - 1) * OBAR_T);
+            for (uint32_t tt = 0; tt < m; tt++)
+                s = kadd(s, tl[tt][lane]);
+        }
+        __syncthreads();
     }
+    if (chain && c0 + lane < a.d)
+        obar[(size_t)g * a.d + c0 + lane] = s;
 }
 
 /* A thread per kv head: HybridKV's class from the window mass on sinks and recent tokens. */
@@ -315,7 +341,7 @@ extern "C" fy_status_t kvc_score_cuda(const kvc_policy_t *policy, uint32_t n_hea
     group_kernel<<<kvc_grid(items, 256), 256, 0, cs>>>(a, ah, have_q,
                                                        policy->reduce == KVC_REDUCE_MAX, pbar, acc);
     KVC_LAUNCH_GOTO(st, out);
-    obar_kernel<<<kvc_grid((size_t)n_kv * d, 64), 64, 0, cs>>>(a, pbar, out->obar);
+    obar_tile_kernel<<<n_kv * ((d + 31) / 32), 256, 0, cs>>>(a, pbar, out->obar);
     KVC_LAUNCH_GOTO(st, out);
     static_kernel<<<kvc_grid(n_kv, 64), 64, 0, cs>>>(
         a, pbar, policy->hybrid_threshold > 0 && (have_q || in->window_attn != NULL),

@@ -733,8 +733,11 @@ void mdl_prefill_params_default(mdl_prefill_params_t *p)
 
 typedef struct {
     mdl_ctx_t *ctx;
-    int n;
+    int n;          // tokens of the prompt
     int n_qblocks;
+    const float *q; // [n][q_dim] the prompt's queries
+    float *att;     // [n][q_dim] its attention output
+    const float *k, *v; // [n_kv][n][head_dim] its keys and values
 } prefill_att_t;
 
 /* Work item = (query head, block of ATT_QBLOCK queries). */
@@ -751,10 +754,10 @@ static void prefill_att_range(void *arg, size_t begin, size_t end, int thread)
         int q0 = (int)(it % (size_t)a->n_qblocks) * ATT_QBLOCK;
         int nq = FY_MIN(ATT_QBLOCK, a->n - q0);
         int kvh = h / group;
-        const float *kh = ctx->k + (size_t)kvh * a->n * hd;
-        const float *vh = ctx->v + (size_t)kvh * a->n * hd;
-        krn_attention_causal_f32(ctx->att + (size_t)q0 * q_dim + (size_t)h * hd, q_dim,
-                                 ctx->q + (size_t)q0 * q_dim + (size_t)h * hd, q_dim, kh, vh, q0,
+        const float *kh = a->k + (size_t)kvh * a->n * hd;
+        const float *vh = a->v + (size_t)kvh * a->n * hd;
+        krn_attention_causal_f32(a->att + (size_t)q0 * q_dim + (size_t)h * hd, q_dim,
+                                 a->q + (size_t)q0 * q_dim + (size_t)h * hd, q_dim, kh, vh, q0,
                                  nq, hd, scale, scores);
     }
 }
@@ -772,22 +775,27 @@ static void prefill_att_blas_range(void *arg, size_t begin, size_t end, int thre
         int h = (int)(it / (size_t)a->n_qblocks);
         int q0 = (int)(it % (size_t)a->n_qblocks) * ATT_BLAS_BLOCK;
         int nq = FY_MIN(ATT_BLAS_BLOCK, a->n - q0);
-        const float *kh = ctx->k + (size_t)(h / group) * a->n * hd;
-        const float *vh = ctx->v + (size_t)(h / group) * a->n * hd;
-        krn_attention_causal_blas_f32(ctx->att + (size_t)q0 * q_dim + (size_t)h * hd, q_dim,
-                                      ctx->q + (size_t)q0 * q_dim + (size_t)h * hd, q_dim, kh,
+        const float *kh = a->k + (size_t)(h / group) * a->n * hd;
+        const float *vh = a->v + (size_t)(h / group) * a->n * hd;
+        krn_attention_causal_blas_f32(a->att + (size_t)q0 * q_dim + (size_t)h * hd, q_dim,
+                                      a->q + (size_t)q0 * q_dim + (size_t)h * hd, q_dim, kh,
                                       vh, q0, nq, hd, scale, scores);
     }
 }
 
-/* Causal attention of all heads over the prompt. Short prompts: the scalar kernel, heads and
- * query blocks spread over the pool. Longer ones: per head and block of ATT_BLAS_BLOCK
- * queries, two GEMMs (see prefill_att_blas_range). */
-static void attention_prefill(mdl_ctx_t *ctx, int n)
+/* Causal attention of all heads over one prompt of n tokens whose queries start at row r0 of
+ * the batch and whose K/V block starts at ctx->k/v + r0 * kv_dim. Short prompts: the scalar
+ * kernel, heads and query blocks spread over the pool. Longer ones: per head and block of
+ * ATT_BLAS_BLOCK queries, two GEMMs (see prefill_att_blas_range). */
+static void attention_prefill(mdl_ctx_t *ctx, int r0, int n)
 {
     const mdl_config_t *c = &ctx->m->cfg;
+    size_t q_dim = (size_t)c->n_heads * c->head_dim, kv_dim = (size_t)c->n_kv_heads * c->head_dim;
+    prefill_att_t a = {.ctx = ctx, .n = n, .q = ctx->q + (size_t)r0 * q_dim,
+                       .att = ctx->att + (size_t)r0 * q_dim, .k = ctx->k + (size_t)r0 * kv_dim,
+                       .v = ctx->v + (size_t)r0 * kv_dim};
     if (n < ATT_BLAS_MIN) {
-        prefill_att_t a = {.ctx = ctx, .n = n, .n_qblocks = (n + ATT_QBLOCK - 1) / ATT_QBLOCK};
+        a.n_qblocks = (n + ATT_QBLOCK - 1) / ATT_QBLOCK;
         fy_pool_parallel_for(ctx->pool, (size_t)c->n_heads * a.n_qblocks, 1, prefill_att_range,
                              &a);
         return;
@@ -795,23 +803,18 @@ static void attention_prefill(mdl_ctx_t *ctx, int n)
     // One (head, query block) per work item on the pool, each GEMM single-threaded: the
     // softmax between the two GEMMs runs in parallel too, and OpenBLAS's own workers do not
     // spin against ours.
-    prefill_att_t a = {.ctx = ctx, .n = n, .n_qblocks = (n + ATT_BLAS_BLOCK - 1) / ATT_BLAS_BLOCK};
+    a.n_qblocks = (n + ATT_BLAS_BLOCK - 1) / ATT_BLAS_BLOCK;
     krn_gemm_set_threads(1);
     fy_pool_parallel_for(ctx->pool, (size_t)c->n_heads * a.n_qblocks, 1, prefill_att_blas_range,
                          &a);
     krn_gemm_set_threads(ctx->n_threads);
 }
 
-fy_status_t mdl_prefill(mdl_ctx_t *ctx, const int32_t *tokens, int n,
-                        const mdl_prefill_params_t *params, float *logits)
+/* Checks one prompt of a prefill and reserves its sequence's pages. */
+static fy_status_t prefill_check(const mdl_ctx_t *ctx, const int32_t *tokens, int n,
+                                 const mdl_prefill_params_t *params, const float *logits)
 {
-    mdl_prefill_params_t dp;
-    if (params == NULL) {
-        mdl_prefill_params_default(&dp);
-        params = &dp;
-    }
-    const mdl_model_t *m = ctx->m;
-    const mdl_config_t *c = &m->cfg;
+    const mdl_config_t *c = &ctx->m->cfg;
     if (tokens == NULL || n <= 0 || logits == NULL || params->window < 0)
         return FY_ERR_INVALID_ARG;
     if (n > c->n_ctx_train)
@@ -825,34 +828,43 @@ fy_status_t mdl_prefill(mdl_ctx_t *ctx, const int32_t *tokens, int n,
             return FY_ERR_INVALID_ARG;
         if (mdl_kv_seq_len(seq) != 0)
             return FY_ERR_STATE;
-        if ((st = mdl_kv_seq_reserve(seq, n)) != FY_OK)
-            return st;
     }
-    int w = FY_MIN(params->window, n);
-    if (ctx->cuda != NULL) {
-        st = mdl_cuda_prefill(ctx->cuda, tokens, n, w, params, logits);
-        if (st == FY_OK && seq != NULL)
-            st = mdl_kv_seq_commit(seq, n);
-        if (st != FY_OK && seq != NULL)
-            mdl_kv_seq_clear(seq);
-        return st;
-    }
-    if ((st = ensure_tokens(ctx, n, w)) != FY_OK)
+    return FY_OK;
+}
+
+/* The CPU forward of n_seqs checked prompts laid one after another in the rows of the scratch:
+ * prompt s owns rows [start[s], start[s] + n[s]) of x, xn, q and att, and the K/V block at
+ * k/v + start[s] * kv_dim laid out [n_kv][n[s]][hd], which is what its callback gets. GEMMs
+ * run over all rows in chunks of cap_rows; RoPE positions and attention are per prompt. */
+static fy_status_t prefill_cpu(mdl_ctx_t *ctx, int n_seqs, const int32_t *const *tokens,
+                               const int *n_tok, const int *start, int total,
+                               const mdl_prefill_params_t *params, float *const *logits)
+{
+    const mdl_model_t *m = ctx->m;
+    const mdl_config_t *c = &m->cfg;
+    int w_max = 0;
+    for (int s = 0; s < n_seqs; s++)
+        w_max = FY_MAX(w_max, FY_MIN(params[s].window, n_tok[s]));
+    fy_status_t st = ensure_tokens(ctx, total, w_max);
+    if (st != FY_OK)
         return st;
 
     int dim = c->dim, hd = c->head_dim, n_kv = c->n_kv_heads;
     int q_dim = c->n_heads * hd, kv_dim = n_kv * hd, qkv_dim = qkv_width(c);
-    for (int i = 0; i < n; i++)
-        ctx->pos[i] = i;
-    embed(m, tokens, n, ctx->x);
+    for (int s = 0; s < n_seqs; s++) {
+        for (int i = 0; i < n_tok[s]; i++)
+            ctx->pos[start[s] + i] = i;
+        embed(m, tokens[s], n_tok[s], ctx->x + (size_t)start[s] * dim);
+    }
 
     for (int l = 0; l < c->n_layers; l++) {
         const layer_w_t *lw = &m->layers[l];
-        // Attention block: QKV in row chunks, scattered into q [n][q_dim] and the
-        // [n_kv][n][hd] K/V layout.
-        krn_rmsnorm_f32(ctx->xn, dim, ctx->x, dim, lw->attn_norm, n, dim, c->rms_eps);
-        for (int r0 = 0; r0 < n; r0 += ctx->cap_rows) {
-            int nr = FY_MIN(ctx->cap_rows, n - r0);
+        // Attention block: QKV in row chunks, scattered into q [total][q_dim] and each
+        // prompt's [n_kv][n][hd] K/V block.
+        krn_rmsnorm_f32(ctx->xn, dim, ctx->x, dim, lw->attn_norm, total, dim, c->rms_eps);
+        int s = 0;
+        for (int r0 = 0; r0 < total; r0 += ctx->cap_rows) {
+            int nr = FY_MIN(ctx->cap_rows, total - r0);
             krn_gemm_f32(nr, qkv_dim, dim, ctx->xn + (size_t)r0 * dim, dim, lw->wqkv, dim,
                          ctx->qkv, qkv_dim, 0);
             if (lw->bqkv != NULL) {
@@ -865,53 +877,150 @@ fy_status_t mdl_prefill(mdl_ctx_t *ctx, const int32_t *tokens, int n,
             // RoPE on q and k (k heads follow q heads in each row).
             krn_rope_f32(ctx->qkv, qkv_dim, nr, c->n_heads + n_kv, hd, ctx->pos + r0, &c->rope);
             for (int r = 0; r < nr; r++) {
+                int row_i = r0 + r;
+                while (row_i >= start[s] + n_tok[s])
+                    s++;
+                int n = n_tok[s], i = row_i - start[s];
                 const float *row = ctx->qkv + (size_t)r * qkv_dim;
-                memcpy(ctx->q + (size_t)(r0 + r) * q_dim, row, (size_t)q_dim * sizeof(float));
+                memcpy(ctx->q + (size_t)row_i * q_dim, row, (size_t)q_dim * sizeof(float));
+                float *kb = ctx->k + (size_t)start[s] * kv_dim;
+                float *vb = ctx->v + (size_t)start[s] * kv_dim;
                 for (int h = 0; h < n_kv; h++) {
-                    size_t dst = ((size_t)h * n + r0 + r) * hd;
-                    memcpy(ctx->k + dst, row + q_dim + (size_t)h * hd, (size_t)hd * sizeof(float));
-                    memcpy(ctx->v + dst, row + q_dim + kv_dim + (size_t)h * hd,
+                    size_t dst = ((size_t)h * n + i) * hd;
+                    memcpy(kb + dst, row + q_dim + (size_t)h * hd, (size_t)hd * sizeof(float));
+                    memcpy(vb + dst, row + q_dim + kv_dim + (size_t)h * hd,
                            (size_t)hd * sizeof(float));
                 }
             }
         }
-        attention_prefill(ctx, n);
-        for (int r0 = 0; r0 < n; r0 += ctx->cap_rows) {
-            int nr = FY_MIN(ctx->cap_rows, n - r0);
+        for (s = 0; s < n_seqs; s++)
+            attention_prefill(ctx, start[s], n_tok[s]);
+        for (int r0 = 0; r0 < total; r0 += ctx->cap_rows) {
+            int nr = FY_MIN(ctx->cap_rows, total - r0);
             krn_gemm_f32(nr, dim, q_dim, ctx->att + (size_t)r0 * q_dim, q_dim, lw->wo, q_dim,
                          ctx->x + (size_t)r0 * dim, dim, 1);
         }
-        ffn_block(ctx, lw, ctx->x, ctx->xn, n);
+        ffn_block(ctx, lw, ctx->x, ctx->xn, total);
 
-        // The layer's KV is final: store it and hand it out.
-        if (seq != NULL && (st = mdl_kv_seq_load_layer(seq, l, n, ctx->k, ctx->v)) != FY_OK)
-            goto fail;
-        if (params->on_layer != NULL) {
+        // The layer's KV is final: store it and hand it out, prompt by prompt.
+        for (s = 0; s < n_seqs; s++) {
+            const mdl_prefill_params_t *p = &params[s];
+            int n = n_tok[s], w = FY_MIN(p->window, n);
+            const float *kb = ctx->k + (size_t)start[s] * kv_dim;
+            const float *vb = ctx->v + (size_t)start[s] * kv_dim;
+            if (p->seq != NULL && (st = mdl_kv_seq_load_layer(p->seq, l, n, kb, vb)) != FY_OK)
+                return st;
+            if (p->on_layer == NULL)
+                continue;
+            const float *qs = ctx->q + (size_t)start[s] * q_dim;
             for (int h = 0; h < c->n_heads; h++) {
                 for (int i = 0; i < w; i++)
                     memcpy(ctx->qwin + ((size_t)h * w + i) * hd,
-                           ctx->q + (size_t)(n - w + i) * q_dim + (size_t)h * hd,
+                           qs + (size_t)(n - w + i) * q_dim + (size_t)h * hd,
                            (size_t)hd * sizeof(float));
             }
             mdl_layer_kv_t kv = {.layer = l, .n_tokens = n, .n_kv_heads = n_kv,
-                                 .n_heads = c->n_heads, .head_dim = hd, .k = ctx->k, .v = ctx->v,
+                                 .n_heads = c->n_heads, .head_dim = hd, .k = kb, .v = vb,
                                  .n_window = w, .q_window = w > 0 ? ctx->qwin : NULL};
-            if ((st = params->on_layer(params->cb_arg, &kv)) != FY_OK)
-                goto fail;
+            if ((st = p->on_layer(p->cb_arg, &kv)) != FY_OK)
+                return st;
         }
     }
-    if (params->all_logits) {
-        // In row chunks so the normed copy fits the scratch it reuses.
-        logits_block(ctx, ctx->x, n, ctx->xn, logits);
-    } else {
-        logits_block(ctx, ctx->x + (size_t)(n - 1) * dim, 1, ctx->xn, logits);
+    for (int s = 0; s < n_seqs; s++) {
+        const float *xs = ctx->x + (size_t)start[s] * dim;
+        if (params[s].all_logits)
+            logits_block(ctx, xs, n_tok[s], ctx->xn, logits[s]);
+        else
+            logits_block(ctx, xs + (size_t)(n_tok[s] - 1) * dim, 1, ctx->xn, logits[s]);
     }
-    if (seq != NULL && (st = mdl_kv_seq_commit(seq, n)) != FY_OK)
-        goto fail;
+    for (int s = 0; s < n_seqs; s++) {
+        if (params[s].seq != NULL && (st = mdl_kv_seq_commit(params[s].seq, n_tok[s])) != FY_OK)
+            return st;
+    }
     return FY_OK;
-fail:
-    if (seq != NULL)
+}
+
+fy_status_t mdl_prefill(mdl_ctx_t *ctx, const int32_t *tokens, int n,
+                        const mdl_prefill_params_t *params, float *logits)
+{
+    mdl_prefill_params_t dp;
+    if (params == NULL) {
+        mdl_prefill_params_default(&dp);
+        params = &dp;
+    }
+    if (ctx == NULL)
+        return FY_ERR_INVALID_ARG;
+    fy_status_t st = prefill_check(ctx, tokens, n, params, logits);
+    if (st != FY_OK)
+        return st;
+    mdl_kv_seq_t *seq = params->seq;
+    if (seq != NULL && (st = mdl_kv_seq_reserve(seq, n)) != FY_OK)
+        return st;
+    if (ctx->cuda != NULL) {
+        int w = FY_MIN(params->window, n);
+        st = mdl_cuda_prefill(ctx->cuda, tokens, n, w, params, logits);
+        if (st == FY_OK && seq != NULL)
+            st = mdl_kv_seq_commit(seq, n);
+    } else {
+        int start = 0;
+        st = prefill_cpu(ctx, 1, &tokens, &n, &start, n, params, &logits);
+    }
+    if (st != FY_OK && seq != NULL)
         mdl_kv_seq_clear(seq);
+    return st;
+}
+
+fy_status_t mdl_prefill_batch(mdl_ctx_t *ctx, int n_seqs, const int32_t *const *tokens,
+                              const int *n_tokens, const mdl_prefill_params_t *params,
+                              float *const *logits)
+{
+    if (ctx == NULL || n_seqs <= 0 || tokens == NULL || n_tokens == NULL || logits == NULL)
+        return FY_ERR_INVALID_ARG;
+    mdl_prefill_params_t *pp = malloc((size_t)n_seqs * sizeof(*pp));
+    int *start = malloc((size_t)n_seqs * sizeof(int));
+    fy_status_t st = pp != NULL && start != NULL ? FY_OK : FY_ERR_NO_MEMORY;
+    int64_t total = 0;
+    int n_reserved = 0;
+    for (int s = 0; st == FY_OK && s < n_seqs; s++) {
+        if (params != NULL)
+            pp[s] = params[s];
+        else
+            mdl_prefill_params_default(&pp[s]);
+        st = prefill_check(ctx, tokens[s], n_tokens[s], &pp[s], logits[s]);
+        for (int j = 0; st == FY_OK && j < s; j++) {
+            if (pp[s].seq != NULL && pp[j].seq == pp[s].seq)
+                st = FY_ERR_INVALID_ARG; // one sequence twice
+        }
+        if (st != FY_OK)
+            break;
+        start[s] = (int)total;
+        total += n_tokens[s];
+        if (total > INT32_MAX / 2)
+            st = FY_ERR_OUT_OF_RANGE;
+    }
+    for (int s = 0; st == FY_OK && s < n_seqs; s++) {
+        if (pp[s].seq != NULL && (st = mdl_kv_seq_reserve(pp[s].seq, n_tokens[s])) == FY_OK)
+            n_reserved = s + 1;
+    }
+    if (st == FY_OK && ctx->cuda != NULL) {
+        // The GPU path runs the prompts one after another.
+        for (int s = 0; st == FY_OK && s < n_seqs; s++) {
+            int w = FY_MIN(pp[s].window, n_tokens[s]);
+            st = mdl_cuda_prefill(ctx->cuda, tokens[s], n_tokens[s], w, &pp[s], logits[s]);
+            if (st == FY_OK && pp[s].seq != NULL)
+                st = mdl_kv_seq_commit(pp[s].seq, n_tokens[s]);
+        }
+    } else if (st == FY_OK) {
+        st = prefill_cpu(ctx, n_seqs, tokens, n_tokens, start, (int)total, pp, logits);
+    }
+    if (st != FY_OK) {
+        for (int s = 0; s < n_reserved; s++) { // all were empty
+            if (pp[s].seq != NULL)
+                mdl_kv_seq_clear(pp[s].seq);
+        }
+    }
+    free(pp);
+    free(start);
     return st;
 }
 

@@ -430,6 +430,20 @@ void mdl_prefill_params_default(mdl_prefill_params_t *p);
 fy_status_t mdl_prefill(mdl_ctx_t *ctx, const int32_t *tokens, int n,
                         const mdl_prefill_params_t *params, float *logits);
 
+/* Runs n_seqs prompts (n_seqs >= 1) together, each from position 0: prompt s is tokens[s]
+ * [n_tokens[s]] with params[s] (NULL: defaults for all) and logits[s] as in mdl_prefill. The
+ * GEMMs of each layer run over the rows of all prompts at once (in chunks of prefill_chunk
+ * rows); RoPE positions and causal attention are per prompt. After each layer every prompt's
+ * callback gets that prompt's own K, V and window queries, in prompt order. Results equal
+ * running the prompts one by one up to float rounding. A failure (a callback's non-OK return
+ * included) aborts the whole batch with that status and clears every prompt's sequence: a
+ * caller that wants to drop one prompt only should make its callback skip its work instead.
+ * Distinct sequences only. CUDA contexts run the prompts one after another. Thread: one call
+ * at a time per ctx. */
+fy_status_t mdl_prefill_batch(mdl_ctx_t *ctx, int n_seqs, const int32_t *const *tokens,
+                              const int *n_tokens, const mdl_prefill_params_t *params,
+                              float *const *logits);
+
 /* One decode step for a batch: token i goes into seqs[i] at position mdl_kv_seq_len(seqs[i]);
  * logits [n][n_vocab]. Pages are reserved first for every sequence, so a full pool fails
  * with FY_ERR_RESOURCE_EXHAUSTED before anything changes. The sequences are committed

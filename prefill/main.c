@@ -25,6 +25,9 @@ static const fy_opt_t k_opts[] = {
     {"model", FY_OPT_STRING, NULL, "GGUF model file", true},
     {"threads", FY_OPT_INT, "0", "compute threads (0 = all CPUs)", false},
     {"prefill-chunk", FY_OPT_INT, "0", "prompt rows per GEMM chunk (0 = model default)", false},
+    {"max-batch-tokens", FY_OPT_INT, "2048", "queued prompts run together up to this many "
+                                            "tokens (a longer prompt runs alone; 1 = one "
+                                            "prompt at a time)", false},
     {"policy", FY_OPT_STRING, "ferry", "default codec policy: a built-in name or a JSON file",
      false},
     {"budget", FY_OPT_DOUBLE, "0", "default budget b in (0, 1]; 0 = the policy's", false},
@@ -214,6 +217,12 @@ static int run(app_t *a)
     pp.fingerprint = fingerprint;
     pp.n_threads = (int)fy_config_int(cfg, "threads");
     pp.prefill_chunk = (int)fy_config_int(cfg, "prefill-chunk");
+    int64_t mbt = fy_config_int(cfg, "max-batch-tokens");
+    if (mbt < 1 || mbt > (1 << 24)) {
+        FY_LOG_ERROR(MODULE, "--max-batch-tokens must be in [1, 16777216]");
+        return 2;
+    }
+    pp.max_batch_tokens = (int)mbt;
     pp.policy = &policy;
     pp.budget = budget > 0 ? budget : -1;
     pp.link = a->link;

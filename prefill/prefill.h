@@ -2,8 +2,11 @@
  * prefill.h: the prefill worker below its daemon (prefill/main.c is ferry-prefill).
  *
  * Serves ferry.v1.Worker Prefill, Cancel and Drain on an rpc_server. A Prefill request joins a
- * queue; one compute thread runs the prompts in arrival order (mdl_prefill chunks long
- * prompts itself). As each layer finishes, its K, V and window queries go through a
+ * queue; one compute thread runs the prompts in arrival order, in batches: the queue's head
+ * together with the requests behind it while their prompts fit max_batch_tokens
+ * (mdl_prefill_batch: one pass over the weights per layer for all of them; a longer prompt
+ * runs alone, chunked by the model). Each request of a batch completes, fails or is
+ * cancelled on its own. As each layer finishes, its K, V and window queries go through a
  * kvc_encoder (the request's CodecParams policy and budget, else the worker's defaults) and the
  * frame is handed to kvlink on the loop thread, addressed to the decode worker's UCX address
  * with kvlink request id = reservation_id, so layer l travels while layer l+1 computes. After
@@ -42,6 +45,8 @@ typedef struct {
     uint64_t fingerprint;     // mdl_model_fingerprint(model), computed once by the caller
     int n_threads;            // model context threads (0 = all CPUs)
     int prefill_chunk;        // rows per GEMM chunk (0 = the model's default)
+    int max_batch_tokens;     // prompt tokens one batch takes at most (0 = 2048); a longer
+                              // prompt still runs, alone
     const kvc_policy_t *policy; // default policy (copied); NULL = the built-in "ferry"
     double budget;            // default budget b, > 0 overrides the policy's; <= 0 = policy's
     kvlink_t *link;           // borrowed, on the same loop; sends only
@@ -53,6 +58,8 @@ typedef struct {
                               // requests without a budget of their own (adaptive.h)
     double budget_min, budget_max; // its limits; 0 = 0.125 and 1
 } prefill_params_t;
+
+#define PREFILL_MAX_BATCH_TOKENS 2048
 
 void prefill_params_default(prefill_params_t *p);
 

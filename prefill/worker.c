@@ -4,12 +4,16 @@
  * A request (a job) lives on the loop thread from the Prefill call until its call has finished
  * and every frame buffer came back from kvlink. In between:
  *   loop:    validate, open the kvlink send (the handshake overlaps the queue wait), enqueue
- *   compute: mdl_prefill; per layer: FP16 conversion, kvc_encoder, CRC, post the frame
+ *   compute: mdl_prefill_batch over the queued jobs that fit max_batch_tokens (a longer
+ *            prompt runs alone); per layer and job: FP16 conversion, kvc_encoder, CRC, post
+ *            the frame
  *   loop:    kvlink_send_frame_crc for each posted frame (transfer runs while compute goes on)
  *   compute: sample the first token, post "computed"
  *   loop:    kvlink_send_finish; on the send's end: answer the call.
  * Aborts (cancel, deadline, a failed send) set job->abort, which the compute thread checks
- * between layers, and cancel the send.
+ * between layers, and cancel the send. Inside a batch an aborted or failed job only stops
+ * encoding and sending (its callbacks skip it, so the other jobs of the batch go on); the
+ * batch stops early only once every job in it has stopped.
  *
  * Hidden transfer: the loop thread keeps the intervals during which the job had frames (or the
  * final END/STATUS exchange) in kvlink's hands. Their total is transfer_ms; the part that lies
@@ -66,6 +70,8 @@ struct pf_job {
     int32_t first_token;
     uint64_t t_enqueued, t_compute_start, t_compute_end;
     uint64_t raw_bytes, wire_bytes;
+    int batch_jobs;    // jobs in the batch it was computed in
+    int batch_tokens;  // their prompt tokens
     // Loop thread.
     kvlink_send_t *send;
     bool send_ended;
@@ -98,12 +104,15 @@ struct prefill {
     uint32_t corrupt_left; // test hook (compute thread)
     bool draining;
     pf_adaptive_t *adaptive; // loop thread; created at the first request that may use it
-    float *logits; // compute thread
+    int max_batch_tokens;
+    float *logits; // compute thread: [logits_cap][n_vocab]
+    int logits_cap;
     uint16_t *k16, *v16;
     size_t kv16_cap; // elements
     struct {
         fy_metric_t *requests_ok, *requests_failed, *requests_cancelled, *tokens, *prefill_s,
-            *queue_s, *raw_bytes, *wire_bytes, *transfer_s, *hidden, *queued_tokens, *in_flight;
+            *queue_s, *raw_bytes, *wire_bytes, *transfer_s, *hidden, *queued_tokens, *in_flight,
+            *batch_jobs, *batch_tokens;
     } m;
 };
 
@@ -382,9 +391,9 @@ static void job_maybe_finish(pf_job_t *job)
     resp.transfer_ms = transfer_ms;
     resp.hidden_transfer_fraction = hidden;
     FY_LOG_INFO(MODULE,
-                "%s: %d tokens in %.1f ms (queued %.1f ms), KV %llu -> %llu bytes (%s), "
-                "transfer %.1f ms, %.0f%% hidden, first token %d",
-                job->request_id, job->n_tokens, prefill_ms,
+                "%s: %d tokens in %.1f ms (batch of %d, %d tokens; queued %.1f ms), KV %llu -> "
+                "%llu bytes (%s), transfer %.1f ms, %.0f%% hidden, first token %d",
+                job->request_id, job->n_tokens, prefill_ms, job->batch_jobs, job->batch_tokens,
                 (job->t_compute_start - job->t_enqueued) / 1e6,
                 (unsigned long long)job->raw_bytes, (unsigned long long)job->wire_bytes,
                 job->policy.name, transfer_ms, hidden * 100, job->first_token);
@@ -411,9 +420,15 @@ static void job_maybe_finish(pf_job_t *job)
 /* ---- compute thread ----------------------------------------------------------------------- */
 
 typedef struct {
+    int n_live; // jobs of the batch still computing
+} pf_batch_t;
+
+typedef struct {
     prefill_t *pf;
     pf_job_t *job;
     kvc_encoder_t *enc;
+    pf_batch_t *batch;
+    fy_status_t st; // the job's own failure: its later layers are skipped
 } pf_run_t;
 
 static fy_status_t job_check(const pf_job_t *job)
@@ -426,9 +441,8 @@ static fy_status_t job_check(const pf_job_t *job)
     return FY_OK;
 }
 
-static fy_status_t on_layer(void *arg, const mdl_layer_kv_t *kv)
+static fy_status_t encode_layer(pf_run_t *r, const mdl_layer_kv_t *kv)
 {
-    pf_run_t *r = arg;
     prefill_t *pf = r->pf;
     pf_job_t *job = r->job;
     fy_status_t st = job_check(job);
@@ -481,24 +495,42 @@ static fy_status_t on_layer(void *arg, const mdl_layer_kv_t *kv)
     return FY_OK;
 }
 
-static fy_status_t run_job(prefill_t *pf, pf_job_t *job)
+/* The batch's layer callback for one job: a job that failed or was aborted stops here while
+ * the rest of the batch goes on; only when no job of the batch is left does the error stop
+ * the computation. */
+static fy_status_t on_layer(void *arg, const mdl_layer_kv_t *kv)
 {
-    fy_status_t st = job_check(job);
-    if (st != FY_OK)
-        return st;
+    pf_run_t *r = arg;
+    if (r->st != FY_OK)
+        return FY_OK;
+    fy_status_t st = encode_layer(r, kv);
+    if (st == FY_OK)
+        return FY_OK;
+    r->st = st;
+    return --r->batch->n_live == 0 ? st : FY_OK;
+}
+
+/* Grows the FP16 staging buffers to n elements. */
+static fy_status_t ensure_kv16(prefill_t *pf, size_t need)
+{
+    if (need <= pf->kv16_cap)
+        return FY_OK;
+    uint16_t *k = realloc(pf->k16, need * sizeof(uint16_t));
+    if (k == NULL)
+        return FY_ERR_NO_MEMORY;
+    pf->k16 = k;
+    uint16_t *v = realloc(pf->v16, need * sizeof(uint16_t));
+    if (v == NULL)
+        return FY_ERR_NO_MEMORY;
+    pf->v16 = v;
+    pf->kv16_cap = need;
+    return FY_OK;
+}
+
+/* The job's encoder (its policy and budget). */
+static fy_status_t job_encoder(prefill_t *pf, pf_job_t *job, kvc_encoder_t **enc_p)
+{
     const mdl_config_t *c = pf->cfg;
-    size_t need = (size_t)c->n_kv_heads * (size_t)job->n_tokens * (size_t)c->head_dim;
-    if (need > pf->kv16_cap) {
-        uint16_t *k = realloc(pf->k16, need * sizeof(uint16_t));
-        if (k == NULL)
-            return FY_ERR_NO_MEMORY;
-        pf->k16 = k;
-        uint16_t *v = realloc(pf->v16, need * sizeof(uint16_t));
-        if (v == NULL)
-            return FY_ERR_NO_MEMORY;
-        pf->v16 = v;
-        pf->kv16_cap = need;
-    }
     kvc_encoder_params_t ep;
     kvc_encoder_params_default(&ep);
     ep.policy = &job->policy;
@@ -510,31 +542,120 @@ static fy_status_t run_job(prefill_t *pf, pf_job_t *job)
     ep.n_tokens = (uint32_t)job->n_tokens;
     ep.model_fingerprint = pf->params.fingerprint;
     ep.seq_id = job->reservation_id;
-    pf_run_t r = {.pf = pf, .job = job};
-    if ((st = kvc_encoder_create(&ep, &r.enc)) != FY_OK)
-        return st;
-    mdl_prefill_params_t pp;
-    mdl_prefill_params_default(&pp);
-    pp.on_layer = on_layer;
-    pp.cb_arg = &r;
-    pp.window = (int)job->policy.window;
-    st = mdl_prefill(pf->ctx, job->tokens, job->n_tokens, &pp, pf->logits);
-    kvc_encoder_destroy(r.enc);
-    if (st != FY_OK)
-        return st;
+    return kvc_encoder_create(&ep, enc_p);
+}
+
+/* The first token from the job's logits with its sampling parameters. */
+static fy_status_t job_sample(prefill_t *pf, pf_job_t *job, float *logits)
+{
     mdl_sampler_t *smp = NULL;
-    if ((st = mdl_sampler_create(&job->sp, c->n_vocab, &smp)) != FY_OK)
+    fy_status_t st = mdl_sampler_create(&job->sp, pf->cfg->n_vocab, &smp);
+    if (st != FY_OK)
         return st;
     for (int i = 0; i < job->n_tokens; i++)
         mdl_sampler_accept(smp, job->tokens[i]);
-    job->first_token = mdl_sampler_sample(smp, pf->logits);
+    job->first_token = mdl_sampler_sample(smp, logits);
     mdl_sampler_destroy(smp);
     return job_check(job);
 }
 
+/* Runs jobs[n] as one batch; each job's compute_st says how it went. */
+static void run_batch(prefill_t *pf, pf_job_t **jobs, int n)
+{
+    const mdl_config_t *c = pf->cfg;
+    size_t nv = (size_t)c->n_vocab;
+    pf_run_t *runs = calloc((size_t)n, sizeof(*runs));
+    const int32_t **toks = calloc((size_t)n, sizeof(*toks));
+    int *n_toks = calloc((size_t)n, sizeof(*n_toks));
+    mdl_prefill_params_t *pp = calloc((size_t)n, sizeof(*pp));
+    float **logits = calloc((size_t)n, sizeof(*logits));
+    fy_status_t st = runs && toks && n_toks && pp && logits ? FY_OK : FY_ERR_NO_MEMORY;
+    if (st == FY_OK && n > pf->logits_cap) {
+        float *l = realloc(pf->logits, (size_t)n * nv * sizeof(float));
+        if (l == NULL) {
+            st = FY_ERR_NO_MEMORY;
+        } else {
+            pf->logits = l;
+            pf->logits_cap = n;
+        }
+    }
+    int max_tokens = 0, total = 0;
+    for (int i = 0; i < n; i++) {
+        max_tokens = FY_MAX(max_tokens, jobs[i]->n_tokens);
+        total += jobs[i]->n_tokens;
+    }
+    if (st == FY_OK)
+        st = ensure_kv16(pf, (size_t)c->n_kv_heads * (size_t)max_tokens * (size_t)c->head_dim);
+    // The jobs still worth computing (aborted or expired ones are left out).
+    pf_batch_t batch = {.n_live = 0};
+    int m = 0;
+    for (int i = 0; i < n; i++) {
+        pf_job_t *job = jobs[i];
+        job->batch_jobs = n;
+        job->batch_tokens = total;
+        job->compute_st = st != FY_OK ? st : job_check(job);
+        if (job->compute_st != FY_OK)
+            continue;
+        pf_run_t *r = &runs[m];
+        *r = (pf_run_t){.pf = pf, .job = job, .batch = &batch};
+        if ((job->compute_st = job_encoder(pf, job, &r->enc)) != FY_OK)
+            continue;
+        toks[m] = job->tokens;
+        n_toks[m] = job->n_tokens;
+        mdl_prefill_params_default(&pp[m]);
+        pp[m].on_layer = on_layer;
+        pp[m].cb_arg = r;
+        pp[m].window = (int)job->policy.window;
+        logits[m] = pf->logits + (size_t)m * nv;
+        m++;
+    }
+    if (m > 0) {
+        batch.n_live = m;
+        uint64_t t0 = fy_clock_ns();
+        st = mdl_prefill_batch(pf->ctx, m, toks, n_toks, pp, logits);
+        if (n > 1)
+            FY_LOG_DEBUG(MODULE, "batch of %d prompts (%d tokens) in %.1f ms: %s", m, total,
+                         (fy_clock_ns() - t0) / 1e6, fy_status_str(st));
+        for (int i = 0; i < m; i++) {
+            pf_run_t *r = &runs[i];
+            kvc_encoder_destroy(r->enc);
+            r->job->compute_st = r->st != FY_OK ? r->st
+                                 : st != FY_OK  ? st
+                                                : job_sample(pf, r->job, logits[i]);
+        }
+    }
+    free(runs);
+    free(toks);
+    free(n_toks);
+    free(pp);
+    free(logits);
+}
+
+/* Takes the next batch off the queue (under pf->mu): the head, then the jobs behind it in
+ * arrival order while their prompts fit max_batch_tokens together. */
+static int take_batch(prefill_t *pf, pf_job_t **jobs, int cap)
+{
+    int n = 0, total = 0;
+    while (pf->q_head != NULL && n < cap) {
+        pf_job_t *job = pf->q_head;
+        if (n > 0 && total + job->n_tokens > pf->max_batch_tokens)
+            break;
+        total += job->n_tokens;
+        jobs[n++] = job;
+        pf->q_head = job->qnext;
+        job->qnext = NULL;
+    }
+    if (pf->q_head == NULL)
+        pf->q_tail = NULL;
+    return n;
+}
+
+enum { PF_MAX_BATCH_JOBS = 64 };
+
 static void compute_main(void *arg)
 {
     prefill_t *pf = arg;
+    pf_job_t *jobs[PF_MAX_BATCH_JOBS];
     for (;;) {
         uv_mutex_lock(&pf->mu);
         while (pf->q_head == NULL && !pf->stop)
@@ -543,15 +664,19 @@ static void compute_main(void *arg)
             uv_mutex_unlock(&pf->mu);
             return;
         }
-        pf_job_t *job = pf->q_head;
-        pf->q_head = job->qnext;
-        if (pf->q_head == NULL)
-            pf->q_tail = NULL;
+        int n = take_batch(pf, jobs, PF_MAX_BATCH_JOBS);
         uv_mutex_unlock(&pf->mu);
-        job->t_compute_start = fy_clock_ns();
-        job->compute_st = run_job(pf, job);
-        job->t_compute_end = fy_clock_ns();
-        post_op(pf, OP_COMPUTED, job, NULL);
+        uint64_t t0 = fy_clock_ns();
+        for (int i = 0; i < n; i++)
+            jobs[i]->t_compute_start = t0;
+        run_batch(pf, jobs, n);
+        fy_metric_observe(pf->m.batch_jobs, n);
+        fy_metric_observe(pf->m.batch_tokens, jobs[0]->batch_tokens);
+        uint64_t t1 = fy_clock_ns();
+        for (int i = 0; i < n; i++) {
+            jobs[i]->t_compute_end = t1;
+            post_op(pf, OP_COMPUTED, jobs[i], NULL);
+        }
     }
 }
 
@@ -821,6 +946,14 @@ static void register_metrics(prefill_t *pf)
                                            "prompt tokens queued or computing");
     pf->m.in_flight = fy_metrics_gauge(m, "ferry_prefill_in_flight", NULL,
                                        "requests queued, computing or transferring");
+    static const double job_bounds[] = {1, 2, 4, 8, 16, 32, 64};
+    static const double token_bounds[] = {64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384};
+    pf->m.batch_jobs = fy_metrics_histogram(m, "ferry_prefill_batch_requests", NULL,
+                                            "requests computed together per prefill batch",
+                                            job_bounds, FY_ARRAY_SIZE(job_bounds));
+    pf->m.batch_tokens = fy_metrics_histogram(m, "ferry_prefill_batch_tokens", NULL,
+                                              "prompt tokens per prefill batch", token_bounds,
+                                              FY_ARRAY_SIZE(token_bounds));
 }
 
 fy_status_t prefill_create(uv_loop_t *loop, const prefill_params_t *params, prefill_t **pf_p)
@@ -845,6 +978,8 @@ fy_status_t prefill_create(uv_loop_t *loop, const prefill_params_t *params, pref
     }
     pf->cfg = mdl_model_config(params->model);
     pf->corrupt_left = params->test_corrupt_frames;
+    pf->max_batch_tokens = params->max_batch_tokens > 0 ? params->max_batch_tokens
+                                                        : PREFILL_MAX_BATCH_TOKENS;
     atomic_init(&pf->queued_tokens, 0);
     mdl_ctx_params_t cp;
     mdl_ctx_params_default(&cp);
@@ -855,6 +990,7 @@ fy_status_t prefill_create(uv_loop_t *loop, const prefill_params_t *params, pref
     fy_status_t st = mdl_ctx_create(params->model, &cp, &pf->ctx);
     if (st == FY_OK) {
         pf->logits = malloc((size_t)pf->cfg->n_vocab * sizeof(float));
+        pf->logits_cap = 1;
         if (pf->logits == NULL)
             st = FY_ERR_NO_MEMORY;
     }

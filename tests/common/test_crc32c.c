@@ -71,11 +71,32 @@ static void test_incremental_and_unaligned(void **state)
     free(buf);
 }
 
+/* Every length around the block sizes of the interleaved hardware path (3 x 256 and
+ * 3 x 8192 bytes) and their multiples, against the table implementation. */
+static void test_lengths_across_blocks(void **state)
+{
+    size_t n = 3 * 3 * 8192 + 3 * 256 + 64;
+    uint8_t *buf = malloc(n);
+    uint64_t rng = 11;
+    for (size_t i = 0; i < n; i++) {
+        rng = rng * 6364136223846793005ull + 1;
+        buf[i] = (uint8_t)(rng >> 56);
+    }
+    for (size_t len = 0; len < 2 * 3 * 256 + 16; len++)
+        assert_int_equal(fy_crc32c(0x1234u, buf + 1, len), fy_crc32c_sw(0x1234u, buf + 1, len));
+    const size_t anchors[] = {3 * 8192, 2 * 3 * 8192, 3 * 8192 + 3 * 256, n - 16};
+    for (size_t a = 0; a < FY_ARRAY_SIZE(anchors); a++)
+        for (size_t len = anchors[a] - 9; len <= anchors[a] + 9 && len <= n - 3; len++)
+            assert_int_equal(fy_crc32c(0, buf + 3, len), fy_crc32c_sw(0, buf + 3, len));
+    free(buf);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_rfc3720_vectors),
         cmocka_unit_test(test_incremental_and_unaligned),
+        cmocka_unit_test(test_lengths_across_blocks),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,8 +1,9 @@
 // GPU encoder parity: kvc_encoder_encode_layer_cuda writes the same frame bytes as
 // kvc_encoder_encode_layer for the same K, V and scores — every built-in policy and the ferry
 // variants (modelled distortion, HybridKV, MixKVQ protected channels, rotation on and off),
-// budgets from 1 to 1/16, odd token counts, one and several kv heads, head_dim 32..128, strided
-// K/V, several layers through the rate controller. The output buffer is poisoned first. Also
+// budgets from 1 to 1/16, odd token counts, one to 72 kv heads (past 64 the optimizer runs on
+// the host), head_dim 32..256 (at 256 the groups do not fit shared memory: the rotated copy and
+// unstaged passes), strided K/V, several layers through the rate controller. The output buffer is poisoned first. Also
 // the encoder scoring by itself from window_attn on the GPU (bit-exact path) against the CPU
 // encoder scoring from the same window_attn. Exits 77 without a GPU.
 #include <setjmp.h>
@@ -242,6 +243,12 @@ static void test_parity(void **state)
         {"h2o", 0.25, 0, 0, 0, 4, 2, 257, 64, 2, 0, 0},
         {"spectrum3", 0.25, 0, 0, 0, 8, 4, 95, 64, 3, 0, 0},
         {"pdtrim", 0.25, 0, 0, 0, 4, 4, 255, 96, 2, 0, 0},
+        // Groups too big for shared memory: the rotated copy and unstaged passes.
+        {"ferry", 0.25, 1, 3, 0, 4, 2, 131, 256, 2, 0, 0},
+        // More kv heads than the device optimizer's histogram: the host optimizer.
+        {"ferry", 0.25, 1, 0, 0, 72, 72, 67, 32, 2, 0, 0},
+        // Several layout segments per head.
+        {"ferry", 0.25, 1, 0, 0, 4, 2, 4500, 64, 2, 0, 0},
         // The encoder scoring by itself on the GPU from window_attn.
         {"ferry", 0.25, 1, 0, 0, 8, 2, 301, 64, 2, 0, 1},
         {"ferry", 0.125, 0, 2, 2, 6, 3, 211, 64, 2, 8, 1},

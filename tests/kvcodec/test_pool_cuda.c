@@ -174,6 +174,9 @@ static void test_parity(void **state)
         {"pdtrim", 0.25, 0, 0, 4, 4, 255, 96, 2, 16384},
         {"ferry", 0.5, 1, 0, 2, 1, 37, 32, 2, 4096},
         {"ferry", 0.25, 0, 2, 8, 8, 2049, 64, 1, 65536},
+        // Long layers: the placement counts the maps on the device.
+        {"ferry", 0.25, -1, 0, 4, 2, 9001, 64, 2, 32768},
+        {"int4", -1, 0, 0, 4, 1, 8192, 128, 1, 65536},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
         run_case(&cases[i], 1000 + i);

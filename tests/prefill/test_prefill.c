@@ -3,7 +3,8 @@
 // carry the model fingerprint and place into a kvcodec sequence; FP16 frames hold the model's
 // K and V; the first token is the model's (greedy and seeded sampling); the ferry policy keeps
 // the budget; bad requests are refused; Cancel, deadlines and an unreachable decode worker end
-// the call with the right status and the worker keeps serving; /metrics; SIGTERM drains.
+// the call with the right status and the worker keeps serving; requests queued together run
+// as a batch and complete (or are cancelled) one by one; /metrics; SIGTERM drains.
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -47,12 +48,30 @@ static struct {
     rpc_channel_t *ch;
     recv_t recv;
     uint64_t next_res;
+    struct {
+        uint64_t req;
+        int n_frames;
+        bool ended;
+        fy_status_t end_st;
+    } multi[16]; // requests followed at the same time (req 0 = unused)
 } G;
+
+static int multi_find(uint64_t req)
+{
+    for (int i = 0; i < (int)FY_ARRAY_SIZE(G.multi); i++) {
+        if (G.multi[i].req == req && req != 0)
+            return i;
+    }
+    return -1;
+}
 
 static void on_frame(kvlink_t *link, uint64_t request_id, uint32_t layer, kvlink_buf_t *buf,
                      const void *data, size_t len, void *arg)
 {
     recv_t *r = &G.recv;
+    int mi = multi_find(request_id);
+    if (mi >= 0)
+        G.multi[mi].n_frames++;
     if (request_id == r->req && r->n_frames < MAX_LAYERS) {
         if (layer != (uint32_t)r->n_frames)
             r->bad_layer++;
@@ -66,6 +85,11 @@ static void on_frame(kvlink_t *link, uint64_t request_id, uint32_t layer, kvlink
 
 static void on_recv_end(kvlink_t *link, uint64_t request_id, fy_status_t st, void *arg)
 {
+    int mi = multi_find(request_id);
+    if (mi >= 0) {
+        G.multi[mi].ended = true;
+        G.multi[mi].end_st = st;
+    }
     if (request_id == G.recv.req) {
         G.recv.ended = true;
         G.recv.end_st = st;
@@ -156,6 +180,22 @@ typedef struct {
     bool cancel_after_first_frame;
 } call_t;
 
+/* Worker.Cancel for a request id; waits for the answer. */
+static void send_cancel(const char *rid)
+{
+    Ferry__V1__CancelRequest creq = FERRY__V1__CANCEL_REQUEST__INIT;
+    creq.request_id = (char *)rid;
+    du_result_t cr = {0};
+    assert_int_equal(rpc_channel_call(G.ch, "/ferry.v1.Worker/Cancel", &creq.base,
+                                      &ferry__v1__cancel_response__descriptor, NULL, du_on_msg,
+                                      du_on_done, &cr, NULL),
+                     FY_OK);
+    while (!cr.done)
+        uv_run(&G.loop, UV_RUN_ONCE);
+    assert_int_equal(cr.code, RPC_CODE_OK);
+    du_result_clear(&cr);
+}
+
 static void do_prefill(const call_t *c, du_result_t *r, uint64_t *res_p)
 {
     uint64_t res = ++G.next_res;
@@ -193,17 +233,7 @@ static void do_prefill(const call_t *c, du_result_t *r, uint64_t *res_p)
         uv_run(&G.loop, UV_RUN_ONCE);
         if (c->cancel_after_first_frame && !cancelled && G.recv.n_frames > 0) {
             cancelled = true;
-            Ferry__V1__CancelRequest creq = FERRY__V1__CANCEL_REQUEST__INIT;
-            creq.request_id = rid;
-            du_result_t cr = {0};
-            assert_int_equal(rpc_channel_call(G.ch, "/ferry.v1.Worker/Cancel", &creq.base,
-                                              &ferry__v1__cancel_response__descriptor, NULL,
-                                              du_on_msg, du_on_done, &cr, NULL),
-                             FY_OK);
-            while (!cr.done)
-                uv_run(&G.loop, UV_RUN_ONCE);
-            assert_int_equal(cr.code, RPC_CODE_OK);
-            du_result_clear(&cr);
+            send_cancel(rid);
         }
     }
     if (res_p)
@@ -521,6 +551,140 @@ static void test_cancel_and_deadline(void **state)
     du_result_clear(&r);
 }
 
+/* Starts a Prefill call for ids[n] under a fresh reservation the receiver expects; the call's
+ * result lands in r. */
+static uint64_t start_prefill(const int32_t *ids, int n, const char *rid, du_result_t *r)
+{
+    uint64_t res = ++G.next_res;
+    kvlink_recv_params_t rp;
+    kvlink_recv_params_default(G.link, &rp);
+    rp.credit_bytes = 4u << 20; // several requests share the receive pool
+    assert_int_equal(kvlink_recv_expect(G.link, res, &rp), FY_OK);
+    Ferry__V1__PrefillRequest req = FERRY__V1__PREFILL_REQUEST__INIT;
+    uint32_t *u = malloc((size_t)n * sizeof(uint32_t));
+    for (int i = 0; i < n; i++)
+        u[i] = (uint32_t)ids[i];
+    req.request_id = (char *)rid;
+    req.prompt_token_ids = u;
+    req.n_prompt_token_ids = (size_t)n;
+    req.decode_kv_address = G.kv_addr;
+    req.reservation_id = res;
+    rpc_call_opts_t opts = {.timeout_ms = 120000};
+    memset(r, 0, sizeof(*r));
+    assert_int_equal(rpc_channel_call(G.ch, "/ferry.v1.Worker/Prefill", &req.base,
+                                      &ferry__v1__prefill_response__descriptor, &opts, du_on_msg,
+                                      du_on_done, r, NULL),
+                     FY_OK);
+    free(u);
+    return res;
+}
+
+/* Value of a metric line "name value" in a /metrics page, or -1. */
+static double metric_value(const char *page, const char *name)
+{
+    char key[128];
+    snprintf(key, sizeof(key), "\n%s ", name);
+    const char *p = strstr(page, key);
+    return p ? strtod(p + strlen(key), NULL) : -1;
+}
+
+static void test_batched_requests(void **state)
+{
+    // A long prompt keeps the compute thread busy while the short ones queue up behind it;
+    // they then run as one batch. One of them is cancelled once its first frame arrived: it
+    // alone ends CANCELLED, the others complete with the model's own first token.
+    enum { N_SHORT = 6, CANCEL = 3 };
+    static const char *const texts[N_SHORT] = {
+        "The capital of France is", "Once upon a time", "1 2 3 4 5 6 7 8 9",
+        "The quick brown fox jumps over the lazy dog and then", "Hello", "Water boils at"};
+    int n_long = 0;
+    int32_t *long_ids = long_prompt(500, &n_long);
+    int32_t *ids[N_SHORT];
+    int n[N_SHORT];
+    int32_t expect_tok[N_SHORT];
+    float *logits = malloc((size_t)G.cfg->n_vocab * sizeof(float));
+    for (int i = 0; i < N_SHORT; i++) {
+        ids[i] = tokenize(texts[i], &n[i]);
+        capture_t cap = {0};
+        local_prefill(ids[i], n[i], logits, &cap);
+        expect_tok[i] = argmax(logits, G.cfg->n_vocab);
+    }
+    char *before = du_http_get(G.proc.port, "/metrics");
+    assert_non_null(before);
+    double batches0 = metric_value(before, "ferry_prefill_batch_requests_count");
+    double jobs0 = metric_value(before, "ferry_prefill_batch_requests_sum");
+    free(before);
+    assert_true(batches0 >= 0 && jobs0 >= 0);
+
+    memset(G.multi, 0, sizeof(G.multi));
+    du_result_t rl, rs[N_SHORT];
+    char rids[N_SHORT + 1][32];
+    snprintf(rids[N_SHORT], sizeof(rids[0]), "batch-long");
+    G.multi[N_SHORT].req = start_prefill(long_ids, n_long, rids[N_SHORT], &rl);
+    while (G.multi[N_SHORT].n_frames == 0 && !rl.done)
+        uv_run(&G.loop, UV_RUN_ONCE);
+    for (int i = 0; i < N_SHORT; i++) {
+        snprintf(rids[i], sizeof(rids[i]), "batch-%d", i);
+        G.multi[i].req = start_prefill(ids[i], n[i], rids[i], &rs[i]);
+    }
+    bool cancelled = false;
+    for (;;) {
+        bool all = rl.done;
+        for (int i = 0; i < N_SHORT; i++)
+            all = all && rs[i].done;
+        if (all)
+            break;
+        uv_run(&G.loop, UV_RUN_ONCE);
+        if (!cancelled && G.multi[CANCEL].n_frames > 0) {
+            cancelled = true;
+            send_cancel(rids[CANCEL]);
+        }
+    }
+    assert_true(cancelled);
+    assert_int_equal(rl.code, RPC_CODE_OK);
+    uint64_t end = fy_clock_ns() + 5000000000ull;
+    for (bool all = false; !all && fy_clock_ns() < end;) {
+        uv_run(&G.loop, UV_RUN_NOWAIT);
+        fy_sleep_ns(1000000);
+        all = true;
+        for (int i = 0; i <= N_SHORT; i++)
+            all = all && G.multi[i].ended;
+    }
+    for (int i = 0; i < N_SHORT; i++) {
+        assert_true(G.multi[i].ended);
+        if (i == CANCEL) {
+            assert_int_equal(rs[i].code, RPC_CODE_CANCELLED);
+            assert_int_not_equal(G.multi[i].end_st, FY_OK);
+            assert_true(G.multi[i].n_frames < G.cfg->n_layers);
+        } else {
+            if (rs[i].code != RPC_CODE_OK)
+                fail_msg("request %d: code %d (%s)", i, rs[i].code, rs[i].message);
+            assert_int_equal(G.multi[i].end_st, FY_OK);
+            assert_int_equal(G.multi[i].n_frames, G.cfg->n_layers);
+            assert_non_null(rs[i].last);
+            const Ferry__V1__PrefillResponse *resp =
+                (const Ferry__V1__PrefillResponse *)rs[i].last;
+            assert_int_equal((int32_t)resp->first_token_id, expect_tok[i]);
+        }
+        du_result_clear(&rs[i]);
+        free(ids[i]);
+    }
+    assert_int_equal(G.multi[N_SHORT].end_st, FY_OK);
+    assert_int_equal(G.multi[N_SHORT].n_frames, G.cfg->n_layers);
+    du_result_clear(&rl);
+    memset(G.multi, 0, sizeof(G.multi));
+    // The short requests ran in fewer batches than requests.
+    char *after = du_http_get(G.proc.port, "/metrics");
+    assert_non_null(after);
+    double batches = metric_value(after, "ferry_prefill_batch_requests_count") - batches0;
+    double jobs = metric_value(after, "ferry_prefill_batch_requests_sum") - jobs0;
+    free(after);
+    assert_true(jobs == N_SHORT + 1);
+    assert_true(batches >= 2 && batches < jobs);
+    free(long_ids);
+    free(logits);
+}
+
 static void test_metrics(void **state)
 {
     char *m = du_http_get(G.proc.port, "/metrics");
@@ -532,7 +696,8 @@ static void test_metrics(void **state)
     assert_non_null(strstr(m, "ferry_prefill_kv_wire_bytes_total "));
     assert_non_null(strstr(m, "ferry_prefill_transfer_seconds_count "));
     assert_non_null(strstr(m, "ferry_prefill_hidden_transfer_fraction "));
-    assert_non_null(strstr(m, "ferry_prefill_requests_total{status=\"cancelled\"} 2"));
+    assert_non_null(strstr(m, "ferry_prefill_requests_total{status=\"cancelled\"} 3"));
+    assert_non_null(strstr(m, "ferry_prefill_batch_tokens_bucket"));
     free(m);
     char *h = du_http_get(G.proc.port, "/healthz");
     assert_non_null(strstr(h, "200 OK"));
@@ -596,6 +761,7 @@ int main(void)
         cmocka_unit_test(test_invalid_requests),
         cmocka_unit_test(test_decode_unreachable),
         cmocka_unit_test(test_cancel_and_deadline),
+        cmocka_unit_test(test_batched_requests),
         cmocka_unit_test(test_metrics),
         cmocka_unit_test(test_sigterm_drains),
     };

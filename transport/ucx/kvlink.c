@@ -140,7 +140,7 @@ struct kvlink_buf {
     uint32_t layer, crc;
     size_t len;
     uint8_t *data; /* [len] */
-    bool in_pool, delivered;
+    bool in_pool, delivered, self_checked;
     size_t off, alen;
 };
 
@@ -899,6 +899,11 @@ uint32_t kvlink_buf_crc(const kvlink_buf_t *buf)
     return buf->crc;
 }
 
+bool kvlink_buf_self_checked(const kvlink_buf_t *buf)
+{
+    return buf->self_checked;
+}
+
 /* A frame's bytes are all in b: check the CRC and hand the buffer to the application. */
 static void frame_arrived(kvlink_t *link, kvlink_buf_t *b, fy_status_t st)
 {
@@ -910,7 +915,8 @@ static void frame_arrived(kvlink_t *link, kvlink_buf_t *b, fy_status_t st)
     }
     r->recv_pending--;
     link->st.recv_pending--;
-    if (st == FY_OK && link->params.verify_crc && fy_crc32c(0, b->data, b->len) != b->crc) {
+    if (st == FY_OK && link->params.verify_crc && !b->self_checked &&
+        fy_crc32c(0, b->data, b->len) != b->crc) {
         link->st.crc_errors++;
         FY_LOG_WARN(MOD, "request %llu layer %u: frame CRC32C mismatch",
                     (unsigned long long)r->id, b->layer);
@@ -1000,6 +1006,7 @@ static ucs_status_t on_frame_am(kvlink_t *link, kvlink_peer_t *p, const kvlink_m
     b->request_id = r->id;
     b->layer = m->layer;
     b->crc = m->crc;
+    b->self_checked = (m->flags & KVLINK_FRAME_SELF_CHECKED) != 0;
     b->len = length;
     if (kvlink_pool_alloc(&link->pool, length, &b->off, &b->alen) == FY_OK) {
         b->in_pool = true;
@@ -1292,9 +1299,9 @@ fy_status_t kvlink_send_frame(kvlink_send_t *req, uint32_t layer, const void *da
     return kvlink_send_frame_crc(req, layer, data, len, fy_crc32c(0, data, len), on_done, arg);
 }
 
-fy_status_t kvlink_send_frame_crc(kvlink_send_t *req, uint32_t layer, const void *data,
-                                  size_t len, uint32_t crc, kvlink_frame_done_cb on_done,
-                                  void *arg)
+static fy_status_t send_frame(kvlink_send_t *req, uint32_t layer, const void *data, size_t len,
+                              uint32_t crc, uint32_t flags, kvlink_frame_done_cb on_done,
+                              void *arg)
 {
     if (req == NULL || data == NULL || len == 0)
         return FY_ERR_INVALID_ARG;
@@ -1318,7 +1325,8 @@ fy_status_t kvlink_send_frame_crc(kvlink_send_t *req, uint32_t layer, const void
                       .request_id = req->id,
                       .bytes = len,
                       .layer = layer,
-                      .crc = crc};
+                      .crc = crc,
+                      .flags = flags};
     f->hdr_len = kvlink_msg_pack(&m, f->hdr);
     list_push(&req->queue, &f->node);
     req->n_queued++;
@@ -1327,6 +1335,19 @@ fy_status_t kvlink_send_frame_crc(kvlink_send_t *req, uint32_t layer, const void
     link->st.frames_queued++;
     send_pump(req);
     return FY_OK;
+}
+
+fy_status_t kvlink_send_frame_crc(kvlink_send_t *req, uint32_t layer, const void *data,
+                                  size_t len, uint32_t crc, kvlink_frame_done_cb on_done,
+                                  void *arg)
+{
+    return send_frame(req, layer, data, len, crc, 0, on_done, arg);
+}
+
+fy_status_t kvlink_send_frame_self_checked(kvlink_send_t *req, uint32_t layer, const void *data,
+                                           size_t len, kvlink_frame_done_cb on_done, void *arg)
+{
+    return send_frame(req, layer, data, len, 0, KVLINK_FRAME_SELF_CHECKED, on_done, arg);
 }
 
 fy_status_t kvlink_send_finish(kvlink_send_t *req)

@@ -92,7 +92,8 @@ typedef struct {
     uint64_t model_fingerprint;
 } kvlink_compat_t;
 
-/* A frame arrived complete and CRC-checked. buf is now owned by the application: data
+/* A frame arrived complete and CRC-checked (unless verify_crc is off or the sender marked it
+ * self-checked). buf is now owned by the application: data
  * ([len] bytes, in registered receive memory) stays valid until kvlink_buf_release(buf),
  * which must be called exactly once, on the loop thread, even after the request ended or
  * failed. The request's credits come back on release. */
@@ -190,9 +191,13 @@ fy_status_t kvlink_recv_cancel(kvlink_t *link, uint64_t request_id);
  * Thread: loop thread. */
 void kvlink_buf_release(kvlink_buf_t *buf);
 
-/* The CRC32C the sender announced for this frame (fy_crc32c(0, data, len) when intact).
- * Thread: loop thread, or any thread that owns buf. */
+/* The CRC32C the sender announced for this frame (fy_crc32c(0, data, len) when intact); 0 for
+ * a self-checked frame. Thread: loop thread, or any thread that owns buf. */
 uint32_t kvlink_buf_crc(const kvlink_buf_t *buf);
+
+/* Whether the sender marked the frame self-checked (kvlink_send_frame_self_checked): the link
+ * did not checksum it and its consumer must validate it. Thread: as kvlink_buf_crc. */
+bool kvlink_buf_self_checked(const kvlink_buf_t *buf);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Send side                                                                                   */
@@ -235,6 +240,14 @@ fy_status_t kvlink_send_frame(kvlink_send_t *req, uint32_t layer, const void *da
 fy_status_t kvlink_send_frame_crc(kvlink_send_t *req, uint32_t layer, const void *data,
                                   size_t len, uint32_t crc, kvlink_frame_done_cb on_done,
                                   void *arg);
+
+/* kvlink_send_frame for a frame that carries its own integrity check, which its consumer
+ * validates anyway (a kvcodec frame: kvc_frame_parse checks the frame's CRC32C): neither side
+ * of the link checksums it, whatever the receiver's verify_crc says; the receiver sees
+ * kvlink_buf_self_checked() true. Saves the link's pass over every byte. Thread: loop thread. */
+fy_status_t kvlink_send_frame_self_checked(kvlink_send_t *req, uint32_t layer, const void *data,
+                                           size_t len, kvlink_frame_done_cb on_done,
+                                           void *arg);
 
 /* No more frames: END follows the queued ones; on_end(FY_OK) comes when the receiver has all.
  * Thread: loop thread. */

@@ -13,7 +13,7 @@
  *   3   OPEN       request u64, flags u32, reserved u32                     (16)  -
  *   4   CREDIT     request u64, bytes u64, flags u32 (1 = initial), res u32 (24)  -
  *   5   FRAME      request u64, length u64, layer u32, crc32c u32,
- *                  flags u32, reserved u32                                  (32)  payload
+ *                  flags u32 (1 = self-checked, crc 0), reserved u32        (32)  payload
  *   6   END        request u64, frames u32, reserved u32, bytes u64         (24)  -
  *   7   STATUS     request u64, status i32, reserved u32                    (16)  -   (to sender)
  *   8   ABORT      request u64, status i32, reserved u32                    (16)  -   (to receiver)
@@ -44,6 +44,10 @@ typedef enum {
 #define KVLINK_HDR_MAX 48
 #define KVLINK_REASON_MAX 200
 #define KVLINK_CREDIT_INITIAL 1u
+/* FRAME flag: the payload carries its own integrity check, validated by its consumer (a
+ * kvcodec frame's CRC32C, checked by kvc_frame_parse); the crc32c field is 0 and the link
+ * does not checksum the frame on either side. */
+#define KVLINK_FRAME_SELF_CHECKED 1u
 
 /* One decoded message header; which fields are meaningful depends on the id. */
 typedef struct {

@@ -157,7 +157,8 @@ fy_status_t kvlink_msg_unpack(uint32_t id, const void *hdr, size_t len, kvlink_m
         m.layer = get_u32(p + 16);
         m.crc = get_u32(p + 20);
         m.flags = get_u32(p + 24);
-        if (m.flags != 0 || get_u32(p + 28) != 0 || m.bytes == 0)
+        if ((m.flags & ~KVLINK_FRAME_SELF_CHECKED) != 0 || get_u32(p + 28) != 0 ||
+            m.bytes == 0 || ((m.flags & KVLINK_FRAME_SELF_CHECKED) && m.crc != 0))
             return FY_ERR_FORMAT;
         break;
     case KVLINK_AM_END:

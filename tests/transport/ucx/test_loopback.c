@@ -359,11 +359,13 @@ static void test_compat_mismatch(void **state)
 /* ---- caller-supplied CRC, verification on and off ---- */
 
 static uint32_t g_seen_crc;
+static bool g_seen_self_checked;
 
 static void crc_on_frame(kvlink_t *link, uint64_t request_id, uint32_t layer, kvlink_buf_t *buf,
                          const void *data, size_t len, void *arg)
 {
     g_seen_crc = kvlink_buf_crc(buf);
+    g_seen_self_checked = kvlink_buf_self_checked(buf);
     rig_on_frame(link, request_id, layer, buf, data, len, arg);
 }
 
@@ -427,6 +429,53 @@ static void test_frame_crc(void **state)
     rig_fini(&r);
 }
 
+static bool one_frame_ok(void *arg)
+{
+    return ((rig_t *)arg)->frames_ok >= 1;
+}
+
+static void verifying(kvlink_params_t *p)
+{
+    p->on_frame = crc_on_frame;
+}
+
+/* A self-checked frame reaches a verifying receiver unchecked by the link, payload intact,
+ * marked as such; frames with a CRC on the same request are still checked. */
+static void test_self_checked_frame(void **state)
+{
+    rig_t r;
+    assert_int_equal(rig_init(&r, verifying, NULL), FY_OK);
+    r.release_inline = true;
+    kvlink_recv_params_t rp;
+    kvlink_recv_params_default(r.rx, &rp);
+    assert_int_equal(kvlink_recv_expect(r.rx, 30, &rp), FY_OK);
+    kvlink_send_params_t sp;
+    kvlink_send_params_default(&sp);
+    sp.on_end = rig_on_send_end;
+    sp.arg = &r;
+    kvlink_send_t *req;
+    assert_int_equal(kvlink_send_open(r.tx, r.addr, 30, &sp, &req), FY_OK);
+    h_fill(g_frame, 5000, 30, 0);
+    r.n_rx_end = r.n_tx_end = 0;
+    g_seen_self_checked = false;
+    assert_int_equal(kvlink_send_frame_self_checked(req, 0, g_frame, 5000, NULL, NULL), FY_OK);
+    assert_true(h_run_until(&r.loop, one_frame_ok, &r, 5000));
+    assert_true(g_seen_self_checked);
+    assert_int_equal(g_seen_crc, 0);
+    // The next frame has a wrong CRC and is caught although the first one was not checked.
+    h_fill(g_frame, 5000, 30, 1);
+    assert_int_equal(kvlink_send_frame_crc(req, 1, g_frame, 5000, 1, NULL, NULL), FY_OK);
+    assert_int_equal(kvlink_send_finish(req), FY_OK);
+    assert_true(h_run_until(&r.loop, rx_and_tx_ended, &r, 5000));
+    assert_int_equal(r.rx_end_st[0], FY_ERR_CORRUPT);
+    assert_int_equal(r.frames_ok, 1);
+    kvlink_stats_t s;
+    kvlink_stats(r.rx, &s);
+    assert_int_equal(s.crc_errors, 1);
+    assert_true(h_run_until(&r.loop, (h_cond_fn)rig_idle, r.rx, 5000));
+    rig_fini(&r);
+}
+
 static void test_ctx_params(void **state)
 {
     kvlink_ctx_params_t cp;
@@ -464,7 +513,8 @@ int main(void)
         cmocka_unit_test(test_thousand_frames),  cmocka_unit_test(test_cancel_by_receiver),
         cmocka_unit_test(test_cancel_by_sender), cmocka_unit_test(test_deadline),
         cmocka_unit_test(test_unexpected_request), cmocka_unit_test(test_compat_mismatch),
-        cmocka_unit_test(test_frame_crc),          cmocka_unit_test(test_ctx_params),
+        cmocka_unit_test(test_frame_crc),          cmocka_unit_test(test_self_checked_frame),
+        cmocka_unit_test(test_ctx_params),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

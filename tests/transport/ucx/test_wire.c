@@ -111,6 +111,16 @@ static void test_refusals(void **state)
     m.flags = 2;
     kvlink_msg_pack(&m, buf);
     assert_int_equal(kvlink_msg_unpack(KVLINK_AM_FRAME, buf, n, &back), FY_ERR_FORMAT);
+    // A self-checked frame carries no CRC: a nonzero one is malformed; crc 0 is accepted.
+    m = sample(KVLINK_AM_FRAME);
+    m.flags = KVLINK_FRAME_SELF_CHECKED;
+    m.crc = 5;
+    kvlink_msg_pack(&m, buf);
+    assert_int_equal(kvlink_msg_unpack(KVLINK_AM_FRAME, buf, n, &back), FY_ERR_FORMAT);
+    m.crc = 0;
+    kvlink_msg_pack(&m, buf);
+    assert_int_equal(kvlink_msg_unpack(KVLINK_AM_FRAME, buf, n, &back), FY_OK);
+    assert_int_equal(back.flags, KVLINK_FRAME_SELF_CHECKED);
     // CREDIT: zero bytes, unknown flag.
     m = sample(KVLINK_AM_CREDIT);
     m.bytes = 0;
