@@ -228,6 +228,18 @@ fy_status_t kvlink_ctx_create(const kvlink_ctx_params_t *params, kvlink_ctx_t **
         kvlink_ctx_params_default(&def);
         params = &def;
     }
+    // UCX 1.13 leaves cma (single-copy process_vm_readv/writev) out of the rendezvous lanes of
+    // endpoints with peer failure handling (ours), because its memory domain does not claim to
+    // invalidate a registration after a peer failure: bulk data then crosses loopback TCP at a
+    // third of the speed. kvlink never hands memory back while UCX holds it (a receive buffer
+    // is freed once UCX completes or fails its transfer; a frame's bytes stay borrowed until
+    // frame_done), so the missing invalidation exposes nothing. Set through the environment:
+    // ucp_config_modify offers the key to every transport and the others warn on stdout.
+    const char *tls_sel = params->tls != NULL ? params->tls : getenv("UCX_TLS");
+    if ((tls_sel == NULL || strstr(tls_sel, "all") || strstr(tls_sel, "sm") ||
+         strstr(tls_sel, "cma")) &&
+        getenv("UCX_CMA_MEMORY_INVALIDATE") == NULL)
+        setenv("UCX_CMA_MEMORY_INVALIDATE", "y", 0);
     ucp_config_t *config;
     ucs_status_t s = ucp_config_read(NULL, NULL, &config);
     if (s != UCS_OK) {

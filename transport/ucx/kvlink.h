@@ -74,7 +74,11 @@ typedef struct {
 void kvlink_ctx_params_default(kvlink_ctx_params_t *params);
 
 /* Creates the UCX context (active messages, wakeup; UCX_TLS / UCX_NET_DEVICES from the
- * environment are respected). params may be NULL for the defaults. Thread: any. */
+ * environment are respected). When shared memory may be used it sets
+ * UCX_CMA_MEMORY_INVALIDATE=y in the environment unless set, so that UCX 1.13 keeps cma
+ * (single copy) for the rendezvous of endpoints with peer failure handling (docs/kvlink.md).
+ * params may be NULL for the defaults. Thread: any, but not beside other threads reading the
+ * environment. */
 fy_status_t kvlink_ctx_create(const kvlink_ctx_params_t *params, kvlink_ctx_t **ctx_p);
 
 /* Frees the context after every link on it is destroyed; accepts NULL. Thread: any. */
