@@ -10,7 +10,7 @@
  *   ferry-bench quality [--quick] [--json FILE] [--md FILE] [--png PREFIX] [--model PATH]
  *       [--corpus FILE|DIR]... [--contexts 512,1024,2048] [--continuation 256] [--samples N]
  *       [--policies int8,...,FILE.json] [--budgets 0.5,...] [--niah-lengths 1024,2048,4096]
- *       [--niah-depths N] [--no-niah] [--decode kvc|dequant] [--threads N]
+ *       [--niah-depths N] [--no-niah | --niah-only] [--decode kvc|dequant] [--threads N]
  *
  * The default corpus is build/quality-corpus (scripts/build-corpus.sh writes it).
  */
@@ -39,7 +39,7 @@ typedef struct {
     double budgets[MAX_LIST];
     int n_budgets;
     int niah_lengths[MAX_LIST], n_niah_lengths, niah_depths;
-    bool quick, niah;
+    bool quick, niah, ppl;
     char *policy_list; // strdup'd --policies value the names point into
     qual_decode_t decode;
     int threads;
@@ -139,7 +139,8 @@ static void usage(FILE *f)
             "         [--model PATH] [--corpus FILE|DIR]... [--contexts 512,1024,2048]\n"
             "         [--continuation 256] [--samples N] [--policies a,b,...,FILE.json]\n"
             "         [--budgets 0.5,0.3,0.25,0.125,0.0625] [--niah-lengths 1024,2048,4096]\n"
-            "         [--niah-depths N] [--no-niah] [--decode kvc|dequant] [--threads N]\n"
+            "         [--niah-depths N] [--no-niah | --niah-only] [--decode kvc|dequant]\n"
+            "         [--threads N]\n"
             "Default corpus: " DEFAULT_CORPUS " (scripts/build-corpus.sh).\n"
             "--decode dequant decodes from an FP16 cache of the dequantized frames (dropped\n"
             "tokens become zero vectors): a cross-check, not the reported path.\n");
@@ -150,6 +151,7 @@ static int parse_opts(int argc, char **argv, opts_t *o)
     memset(o, 0, sizeof(*o));
     o->model = DEFAULT_MODEL;
     o->niah = true;
+    o->ppl = true;
     o->threads = 2;
     char *pol = NULL;
     const char *ctx = NULL, *bud = NULL, *nl = NULL;
@@ -162,6 +164,9 @@ static int parse_opts(int argc, char **argv, opts_t *o)
             takes = false;
         } else if (strcmp(a, "--no-niah") == 0) {
             o->niah = false;
+            takes = false;
+        } else if (strcmp(a, "--niah-only") == 0) {
+            o->ppl = false;
             takes = false;
         } else if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
             usage(stdout);
@@ -388,6 +393,7 @@ int bench_quality_main(int argc, char **argv)
     qual_batch_t *batch = NULL;
     qual_acc_t *acc = NULL;
     int *found = NULL;
+    qual_acc_t *niah_acc = NULL; // coding facts of the NIAH prompts, per row
     char *answers = NULL;
     cJSON *trials = NULL, *root = NULL;
     int32_t *filler = NULL;
@@ -401,7 +407,7 @@ int bench_quality_main(int argc, char **argv)
     // Progress in decode steps; a prefill of C tokens and its coding count as C / 16 steps
     // (about what they take on a CPU next to a step of a dozen rows).
     progress_t pr = {.t0 = fy_clock_ns(), .tty = isatty(2), .last_pct = -1};
-    for (int ci = 0; ci < o.n_contexts; ci++)
+    for (int ci = 0; ci < (o.ppl ? o.n_contexts : 0); ci++)
         pr.total += (uint64_t)o.samples * (uint64_t)(o.contexts[ci] / 16 + o.continuation - 1);
     int n_niah = o.niah ? o.n_niah_lengths * o.niah_depths : 0;
     for (int li = 0; li < (o.niah ? o.n_niah_lengths : 0); li++)
@@ -409,7 +415,7 @@ int bench_quality_main(int argc, char **argv)
 
     // ---- teacher forcing ----
     acc = calloc((size_t)o.n_contexts * n_rows, sizeof(qual_acc_t));
-    for (int ci = 0; ci < o.n_contexts && acc != NULL; ci++) {
+    for (int ci = 0; ci < (o.ppl ? o.n_contexts : 0) && acc != NULL; ci++) {
         int C = o.contexts[ci];
         for (int s = 0; s < o.samples; s++) {
             const int32_t *ids;
@@ -435,10 +441,11 @@ int bench_quality_main(int argc, char **argv)
 
     // ---- needle in a haystack ----
     found = calloc((size_t)n_rows * FY_MAX(o.n_niah_lengths, 1), sizeof(int));
+    niah_acc = calloc((size_t)n_rows, sizeof(qual_acc_t));
     answers = malloc((size_t)n_rows * ANSWER_CAP);
     trials = cJSON_CreateArray();
     size_t n_filler = 0;
-    if (acc == NULL || found == NULL || answers == NULL ||
+    if (acc == NULL || found == NULL || niah_acc == NULL || answers == NULL ||
         qual_corpus_concat(&corpus, &filler, &n_filler) != FY_OK) {
         fprintf(stderr, "quality: out of memory\n");
         goto out;
@@ -463,6 +470,8 @@ int bench_quality_main(int argc, char **argv)
             progress_show(&pr, pr.done_before);
             if (st == FY_OK)
                 st = qual_niah_answer(batch, &p, NIAH_MAX_NEW, answers, ANSWER_CAP);
+            if (st == FY_OK)
+                qual_acc_add_code(niah_acc, batch);
             if (st != FY_OK) {
                 fprintf(stderr, "\nquality: NIAH trial %d: %s\n", trial, fy_status_str(st));
                 qual_niah_prompt_free(&p);
@@ -523,13 +532,14 @@ int bench_quality_main(int argc, char **argv)
         FILE *f = outs[k];
         if (f == NULL)
             continue;
-        fprintf(f, "%sferry-bench quality: %s, decode over %s, %d text(s) x %d-token "
-                   "continuation per context\n\n",
-                k ? "## " : "", o.model,
-                o.decode == QUAL_DECODE_KVC ? "the compressed pages" : "a dequantized FP16 cache",
-                o.samples, o.continuation);
+        fprintf(f, "%sferry-bench quality: %s, decode over %s", k ? "## " : "", o.model,
+                o.decode == QUAL_DECODE_KVC ? "the compressed pages" : "a dequantized FP16 cache");
+        if (o.ppl)
+            fprintf(f, ", %d text(s) x %d-token continuation per context", o.samples,
+                    o.continuation);
+        fprintf(f, "\n\n");
     }
-    for (int ci = 0; ci < o.n_contexts && acc != NULL; ci++) {
+    for (int ci = 0; ci < (o.ppl ? o.n_contexts : 0) && acc != NULL; ci++) {
         const qual_acc_t *a = acc + (size_t)ci * n_rows;
         qual_metrics_t m0;
         qual_acc_metrics(a, 1 % n_rows, &m0);
@@ -613,6 +623,10 @@ int bench_quality_main(int argc, char **argv)
             }
             cJSON_AddNumberToObject(e, "trials", n_niah);
             cJSON_AddNumberToObject(e, "rate", n_niah ? (double)tot / n_niah : 0);
+            cJSON_AddNumberToObject(e, "wire_ratio",
+                                    niah_acc[r].fp16_bytes ? (double)niah_acc[r].wire_bytes /
+                                                                 (double)niah_acc[r].fp16_bytes
+                                                           : 0);
             cJSON_AddItemToArray(nj, e);
         }
         cJSON_AddItemToObject(root, "niah_trials", trials);
@@ -655,6 +669,7 @@ out:
     cJSON_Delete(root);
     cJSON_Delete(trials);
     free(found);
+    free(niah_acc);
     free(answers);
     free(filler);
     free(acc);

@@ -42,7 +42,7 @@ static void usage(FILE *f)
 {
     fprintf(f,
             "usage: ferry calibrate --model M [--out FILE] [--corpus FILE|DIR]... [--trials 3]\n"
-            "         [--haystack 2048] [--context 1024] [--continuation 64] [--kl-max 0.15]\n"
+            "         [--haystack 2048] [--context 1024] [--continuation 64] [--kl-max 0.05]\n"
             "         [--probe-budget 0.25] [--threads 2] [--decode kvc|dequant]\n"
             "Writes FILE (default M with .policy.json) and FILE's .calibration.json beside it.\n"
             "Default corpus: build/quality-corpus (scripts/build-corpus.sh).\n");
@@ -56,7 +56,7 @@ static int parse_opts(int argc, char **argv, opts_t *o)
     o->context = 1024;
     o->continuation = 64;
     o->threads = 2;
-    o->kl_max = 0.15;
+    o->kl_max = 0.05;
     o->probe_budget = 0.25;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;

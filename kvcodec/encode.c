@@ -229,6 +229,9 @@ static void build_items(kvc_encoder_t *e, const kvc_scores_t *sc, const kvc_err_
     // Value deviation from the window output: what losing the token costs (per token when
     // joint_kv, else the head's mean).
     bool measured = pol->dist == KVC_DIST_TRIAL || pol->dist == KVC_DIST_MODEL;
+    // Queries after the window attend too: a uniform share of their mass keeps a token the
+    // window ignored from looking free to drop (adds exactly 0 when the prior is off).
+    float prior = measured ? pol->prior / (float)n : 0.0f;
     float *dev = e->cand; // scratch [n]
     double dev_mean = 0;
     for (uint32_t t = 0; t < n && measured; t++) {
@@ -254,7 +257,7 @@ static void build_items(kvc_encoder_t *e, const kvc_scores_t *sc, const kvc_err_
         if (pol->dist == KVC_DIST_POSITION)
             w = (float)(t + 1) / (float)n;
         else
-            w = imp[t];
+            w = imp[t] + prior;
         bool middle = t >= pol->sinks && t + pol->recent < n;
         if (stat && middle)
             w *= pol->hybrid_factor;
@@ -321,7 +324,7 @@ static void build_items(kvc_encoder_t *e, const kvc_scores_t *sc, const kvc_err_
         for (uint32_t j = 0; j < m; j++) {
             uint32_t t = t0 + j;
             size_t it = (size_t)h * n + t;
-            float w = pol->dist == KVC_DIST_POSITION ? (float)(t + 1) / n : imp[t];
+            float w = pol->dist == KVC_DIST_POSITION ? (float)(t + 1) / n : imp[t] + prior;
             if (stat && t >= pol->sinks && t + pol->recent < n)
                 w *= pol->hybrid_factor;
             float w2 = w * w;

@@ -783,6 +783,7 @@ typedef struct {
     int dist_kind, joint_kv, stat_on, measured, pins_ok;
     uint32_t sinks, recent, options, backbone_opt;
     float hybrid_factor;
+    float prior; // importance prior per token (pol->prior / n when measured, else 0)
     int need8, need4, needv4, need2, needk2;
     double flex;
     float cost[KVC_OPT_COUNT], pen[KVC_OPT_COUNT];
@@ -857,7 +858,8 @@ static __device__ void build_item(const opt_args_t &a, size_t it, bool pins)
 {
     uint32_t h = (uint32_t)(it / a.n), t = (uint32_t)(it % a.n), n = a.n;
     float *D = a.dist + it * KVC_OPT_COUNT;
-    float w = a.dist_kind == KVC_DIST_POSITION ? __fdiv_rn((float)(t + 1), (float)n) : a.imp[it];
+    float w = a.dist_kind == KVC_DIST_POSITION ? __fdiv_rn((float)(t + 1), (float)n)
+                                                : kadd(a.imp[it], a.prior);
     bool middle = t >= a.sinks && t + a.recent < n;
     if (a.stat_on && a.is_static[h] && middle)
         w = kmul(w, a.hybrid_factor);
@@ -1796,6 +1798,8 @@ static fy_status_t opt_enqueue(kvc_encoder_cuda_t *e, uint32_t layer, const kvc_
     a.options = opts;
     a.backbone_opt = pol->backbone_opt;
     a.hybrid_factor = pol->hybrid_factor;
+    // encode.c's build_items: the same float division on the host, added to every importance.
+    a.prior = measured ? pol->prior / (float)e->n : 0.0f;
     a.need8 = (opts & KVC_OPT_BIT(KVC_OPT_Q8)) != 0;
     a.need4 = (opts & (KVC_OPT_BIT(KVC_OPT_Q4) | KVC_OPT_BIT(KVC_OPT_Q4V2))) != 0;
     a.needv4 = (opts & KVC_OPT_BIT(KVC_OPT_Q4)) != 0;

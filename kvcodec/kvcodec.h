@@ -103,9 +103,13 @@ typedef struct {
     double budget;        // b: all wire bytes / FP16 K+V bytes; <= 0: no budget, every free
                           // token takes the cheapest allowed option except DROP
     double rate_flex;     // rate controller: a layer may use (1 +- flex) x its share
+    float prior;          // trial/model distortion: every token's importance gets prior / n
+                          // added, the attention of queries after the window spread evenly
+                          // over the prompt (0 = window attention alone)
 } kvc_policy_t;
 
-/* The `ferry` defaults (all options, G 32, sinks 4, recent 64, W 32, pool 7, budget 0.25).
+/* The `ferry` defaults (all options, G 32, sinks 4, recent 16, W 32, pool 7, prior 4,
+ * budget 0.25).
  * Thread: any. */
 void kvc_policy_default(kvc_policy_t *policy);
 

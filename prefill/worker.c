@@ -409,8 +409,9 @@ static void job_maybe_finish(pf_job_t *job)
         uint64_t first = job->iv[0], end = job->iv[2 * job->n_iv - 1] ? job->iv[2 * job->n_iv - 1]
                                                                        : fy_clock_ns();
         double tail = end > job->t_compute_end ? (end - job->t_compute_end) / 1e6 : 0;
+        // The compute time is the whole batch's: the compute rate is over its tokens.
         pf_adaptive_observe(pf->adaptive, job->kv_addr, job->wire_bytes,
-                            end > first ? (end - first) / 1e6 : 0, tail, job->n_tokens,
+                            end > first ? (end - first) / 1e6 : 0, tail, job->batch_tokens,
                             prefill_ms);
     }
     rpc_call_send(call, &resp.base);

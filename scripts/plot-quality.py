@@ -44,6 +44,14 @@ def main():
         res = json.load(f)
     prefix = sys.argv[2]
     contexts = sorted({r["context"] for r in res["results"]})
+    if contexts:
+        plot_dppl(res, contexts, prefix)
+    if res.get("niah"):
+        plot_niah(res, prefix)
+    return 0
+
+
+def plot_dppl(res, contexts, prefix):
     fig, axes = plt.subplots(1, len(contexts), figsize=(6 * len(contexts), 4.5), squeeze=False)
     for ax, c in zip(axes[0], contexts):
         rows = [r for r in res["results"] if r["context"] == c]
@@ -55,24 +63,25 @@ def main():
     fig.savefig(prefix + "-dppl.png", dpi=110)
     print(prefix + "-dppl.png")
 
-    if res.get("niah"):
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-        ratio = {r["label"]: r["wire_ratio"] for r in res["results"]}
-        rows = [dict(r, rate_pct=100.0 * r["rate"], wire_ratio=ratio.get(r["label"], 1.0))
-                for r in res["niah"]]
-        ref = [r for r in rows if r["policy"] == "fp16"]
-        draw(ax, by_policy([r for r in rows if r["policy"] != "fp16"], "rate_pct"),
-             "NIAH exact-match retrieval %")
-        if ref:
-            ax.axhline(ref[0]["rate_pct"], color="k", linestyle="--", label="full cache")
-        ax.set_ylim(-5, 105)
-        ax.legend(fontsize=7, loc="best")
-        ax.set_title("needle in a haystack", fontsize=10)
-        fig.tight_layout()
-        fig.savefig(prefix + "-niah.png", dpi=110)
-        print(prefix + "-niah.png")
-    return 0
 
+def plot_niah(res, prefix):
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    # Older results carry no NIAH wire ratio: take the teacher-forcing row's.
+    ratio = {r["label"]: r["wire_ratio"] for r in res["results"]}
+    rows = [dict(r, rate_pct=100.0 * r["rate"],
+                 wire_ratio=r.get("wire_ratio") or ratio.get(r["label"], 1.0))
+            for r in res["niah"]]
+    ref = [r for r in rows if r["policy"] == "fp16"]
+    draw(ax, by_policy([r for r in rows if r["policy"] != "fp16"], "rate_pct"),
+         "NIAH exact-match retrieval %")
+    if ref:
+        ax.axhline(ref[0]["rate_pct"], color="k", linestyle="--", label="full cache")
+    ax.set_ylim(-5, 105)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title("needle in a haystack", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(prefix + "-niah.png", dpi=110)
+    print(prefix + "-niah.png")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -201,6 +201,37 @@ static void test_builtin_policies(void **state)
     }
 }
 
+/* The importance prior: at the same budget, a token the window ignores is quantized rather
+ * than dropped, so fewer items are dropped; prior 0 is the plain window importance. */
+static void test_prior(void **state)
+{
+    shape_t s = {4, 2, 600, 64};
+    uint64_t dropped[2];
+    for (int i = 0; i < 2; i++) {
+        kvc_policy_t pol;
+        assert_int_equal(kvc_policy_builtin("ferry", &pol), FY_OK);
+        pol.prior = i == 0 ? 0.0f : 4.0f;
+        kvt_layer_t L;
+        kvt_layer_make(&L, 11, s.n_heads, s.n_kv, s.n, s.d, 32);
+        kvc_encoder_params_t p = kvt_params(&pol, &L, 1, 0.25);
+        kvc_encoder_t *enc = NULL;
+        assert_int_equal(kvc_encoder_create(&p, &enc), FY_OK);
+        size_t cap = kvc_encoder_max_frame_bytes(enc), len = 0;
+        uint8_t *buf = malloc(cap);
+        kvc_layer_input_t in = kvt_input(&L, 0);
+        kvc_layer_info_t info;
+        assert_int_equal(kvc_encoder_encode_layer(enc, &in, NULL, buf, cap, &len, &info), FY_OK);
+        assert_true(info.budget_met);
+        assert_true(len <= (size_t)(0.25 * 4.0 * s.n_kv * s.n * s.d));
+        dropped[i] = info.tokens[KVC_OPT_DROP];
+        free(buf);
+        kvc_encoder_destroy(enc);
+        kvt_layer_free(&L);
+    }
+    assert_true(dropped[0] > 0);
+    assert_true(dropped[1] < dropped[0]);
+}
+
 static void test_bad_params(void **state)
 {
     kvc_policy_t pol;
@@ -233,7 +264,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_budget_adherence), cmocka_unit_test(test_below_floor),
         cmocka_unit_test(test_determinism),      cmocka_unit_test(test_builtin_policies),
-        cmocka_unit_test(test_bad_params),
+        cmocka_unit_test(test_bad_params),      cmocka_unit_test(test_prior),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -90,8 +90,22 @@ static void test_errors(void **state)
     expect_fail("{\"backbone_option\": \"4/4\"}", "backbone");
     expect_fail("{\"name\": \"\"}", "name");
     expect_fail("{\"protect_channels\": 33}", "protect_channels");
+    expect_fail("{\"prior\": -1}", "prior");
+    expect_fail("{\"prior\": 65}", "prior");
     expect_fail("[1, 2]", "object");
     expect_fail("{\"group\": ", "JSON");
+}
+
+static void test_prior(void **state)
+{
+    const char *js = "{\"prior\": 2.5}";
+    kvc_policy_t p;
+    char err[256] = "";
+    assert_int_equal(kvc_policy_parse_json(js, strlen(js), &p, err, sizeof(err)), FY_OK);
+    assert_true(p.prior == 2.5f);
+    p.prior = -0.5f;
+    assert_int_equal(kvc_policy_validate(&p, err, sizeof(err)), FY_ERR_INVALID_ARG);
+    assert_non_null(strstr(err, "prior"));
 }
 
 static void test_base(void **state)
@@ -111,6 +125,7 @@ int main(void)
         cmocka_unit_test(test_file),
         cmocka_unit_test(test_errors),
         cmocka_unit_test(test_base),
+        cmocka_unit_test(test_prior),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
