@@ -307,10 +307,7 @@ int main(int argc, char **argv)
     daemon_signals_close(&a.sig);
     if (a.poll_timer.data != NULL)
         uv_close((uv_handle_t *)&a.poll_timer, NULL);
-    while (uv_run(&a.loop, UV_RUN_NOWAIT) != 0)
-        uv_run(&a.loop, UV_RUN_ONCE);
-    if (uv_loop_close(&a.loop) != 0)
-        FY_LOG_WARN(MODULE, "libuv handles left open at exit");
+    daemon_loop_close(&a.loop, MODULE);
     kvlink_ctx_destroy(a.kctx);
     mdl_model_destroy(a.model);
     fy_metrics_destroy(a.metrics);

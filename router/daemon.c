@@ -172,6 +172,14 @@ fy_status_t daemon_signals_start(daemon_signals_t *s, uv_loop_t *loop, daemon_si
     return FY_OK;
 }
 
+void daemon_loop_close(uv_loop_t *loop, const char *module)
+{
+    while (uv_run(loop, UV_RUN_NOWAIT) != 0)
+        uv_run(loop, UV_RUN_ONCE);
+    if (uv_loop_close(loop) != 0)
+        FY_LOG_WARN(module, "libuv handles left open at exit");
+}
+
 void daemon_signals_close(daemon_signals_t *s)
 {
     if (s->term.data == NULL)

@@ -54,6 +54,10 @@ fy_status_t daemon_signals_start(daemon_signals_t *s, uv_loop_t *loop, daemon_si
 /* Closes the handles (run the loop afterwards). */
 void daemon_signals_close(daemon_signals_t *s);
 
+/* Runs the loop until the handles closed before this call are gone, then closes it; logs a
+ * warning when a handle is still open. Thread: the loop's. */
+void daemon_loop_close(uv_loop_t *loop, const char *module);
+
 #ifdef __cplusplus
 }
 #endif

@@ -246,10 +246,7 @@ int main(int argc, char **argv)
     daemon_signals_close(&a.sig);
     if (a.tick.data != NULL)
         uv_close((uv_handle_t *)&a.tick, NULL);
-    while (uv_run(&a.loop, UV_RUN_NOWAIT) != 0)
-        uv_run(&a.loop, UV_RUN_ONCE);
-    if (uv_loop_close(&a.loop) != 0)
-        FY_LOG_WARN(MODULE, "libuv handles left open at exit");
+    daemon_loop_close(&a.loop, MODULE);
     router_registry_destroy(a.reg);
     fy_metrics_destroy(a.metrics);
     mdl_tokenizer_destroy(a.tok);
