@@ -155,6 +155,52 @@ fy_status_t kvc_gpu_pool_pages_needed(const kvc_gpu_pool_t *pool, const kvc_fram
 fy_status_t kvc_place_cuda(kvc_gpu_seq_t *seq, const kvc_frame_t *frame, const uint8_t *frame_dev,
                            void *stream);
 
+/* The pool a sequence lives in, and its shape. Thread: any. */
+kvc_gpu_pool_t *kvc_gpu_seq_pool(const kvc_gpu_seq_t *seq);
+uint32_t kvc_gpu_seq_n_layers(const kvc_gpu_seq_t *seq);
+uint32_t kvc_gpu_seq_n_kv_heads(const kvc_gpu_seq_t *seq);
+/* Tokens one page holds at an option (as kvc_pool_page_tokens). Thread: any. */
+uint32_t kvc_gpu_pool_page_tokens(const kvc_gpu_pool_t *pool, kvc_opt_t opt);
+
+/* ------------------------------------------------------------------------------------------ */
+/* FP16 tail appends (twin of kvc_seq_append)                                                  */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Where one decoded token of one (layer, kv head) goes: its 16/16 slot and the page's header
+ * once the token is in. Planned on the host (kvc_gpu_seq_append_slot), written on the device
+ * (kvc_gpu_append_cuda). 32 bytes, 8-byte aligned. */
+typedef struct {
+    uint64_t slot_off; // byte offset of the slot from the pool base
+    uint64_t page_off; // byte offset of the page (its header is rewritten)
+    uint8_t hdr[KVC_PAGE_HEADER_BYTES];
+} kvc_gpu_append_t;
+
+/* Pages one more token in each of the first n_layers x n_kv_heads lists of seq takes from the
+ * pool: one per list whose last page is not an unshared 16/16 page with a free slot (the rule
+ * of kvc_seq_append). Thread: not against changes of seq. */
+uint32_t kvc_gpu_seq_append_pages(const kvc_gpu_seq_t *seq, uint32_t n_layers,
+                                  uint32_t n_kv_heads);
+
+/* The host half of kvc_seq_append: takes the token's slot in the FP16 tail of (layer, head)
+ * (the last page of the list when it is an unshared 16/16 page with room, else a new page) and
+ * updates the bookkeeping (list, token count, the host copy of the header) as if the token
+ * were in. *slot_p says where kvc_gpu_append_cuda must write it; until that has run on the
+ * device, the pages of (layer, head) must not be read there. FY_ERR_RESOURCE_EXHAUSTED (nothing
+ * changed) when a new page is needed and the pool has none. Thread: as kvc_place_cuda. */
+fy_status_t kvc_gpu_seq_append_slot(kvc_gpu_seq_t *seq, uint32_t layer, uint32_t head,
+                                    kvc_gpu_append_t *slot_p);
+
+/* The device half: for row r < n_rows and kv head h < n_kv_heads, entry slots_dev[r * n_kv_heads
+ * + h] receives K k[r * k_row_stride + h * head_dim ..] and V (same with v) converted to FP16
+ * (bit-identical to fy_fp32_to_fp16_buf) and its page's header; the page bytes then equal what
+ * kvc_seq_append writes into a CPU pool. No two entries of one call may name the same page.
+ * slots_dev, k, v: device memory, borrowed until stream reaches this work. Asynchronous on
+ * stream. Thread: any. */
+fy_status_t kvc_gpu_append_cuda(kvc_gpu_pool_t *pool, const kvc_gpu_append_t *slots_dev,
+                                uint32_t n_rows, uint32_t n_kv_heads, const float *k,
+                                size_t k_row_stride, const float *v, size_t v_row_stride,
+                                void *stream);
+
 /* ------------------------------------------------------------------------------------------ */
 /* Attention over compressed pages (kvcodec/attend.cu, twin of kvc_attend)                     */
 /* ------------------------------------------------------------------------------------------ */

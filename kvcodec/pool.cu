@@ -788,3 +788,137 @@ out:
     free(ids), free(head_pages), free(head_tokens), free(pl.ops), free(pl.blob), free(counts);
     return st;
 }
+
+/* ---- FP16 tail appends (twin of kvc_seq_append) ---- */
+
+extern "C" kvc_gpu_pool_t *kvc_gpu_seq_pool(const kvc_gpu_seq_t *seq)
+{
+    return seq->pool;
+}
+extern "C" uint32_t kvc_gpu_seq_n_layers(const kvc_gpu_seq_t *seq)
+{
+    return seq->n_layers;
+}
+extern "C" uint32_t kvc_gpu_seq_n_kv_heads(const kvc_gpu_seq_t *seq)
+{
+    return seq->n_kv;
+}
+
+extern "C" uint32_t kvc_gpu_pool_page_tokens(const kvc_gpu_pool_t *pool, kvc_opt_t opt)
+{
+    if ((unsigned)opt >= KVC_OPT_DROP)
+        return 0;
+    return pool->cap_slots[opt] * kvc_group_tokens(opt, pool->p.group);
+}
+
+/* Whether the next token of list l goes into its last page: an unshared 16/16 page with a free
+ * slot (kvc_seq_append's rule, read from the host copy of the header). */
+static bool tail_has_room(const kvc_gpu_pool_t *pool, const gpu_list_t *l, kvc_page_hdr_t *hd_p)
+{
+    if (l->n == 0)
+        return false;
+    kvc_page_id_t last = l->ids[l->n - 1];
+    kvc_page_hdr_read(pool->hdrs + (size_t)last * KVC_PAGE_HEADER_BYTES, hd_p);
+    return hd_p->opt == KVC_OPT_F16 && hd_p->n_slots < hd_p->cap_slots &&
+           kvc_gpu_page_refcount(pool, last) == 1;
+}
+
+extern "C" uint32_t kvc_gpu_seq_append_pages(const kvc_gpu_seq_t *seq, uint32_t n_layers,
+                                             uint32_t n_kv_heads)
+{
+    if (seq == NULL)
+        return 0;
+    uint32_t need = 0;
+    for (uint32_t l = 0; l < n_layers; l++) {
+        for (uint32_t h = 0; h < n_kv_heads; h++) {
+            kvc_page_hdr_t hd;
+            // A list the sequence does not have would get its first page.
+            need += l >= seq->n_layers || h >= seq->n_kv ||
+                    !tail_has_room(seq->pool, &seq->lists[(size_t)l * seq->n_kv + h], &hd);
+        }
+    }
+    return need;
+}
+
+extern "C" fy_status_t kvc_gpu_seq_append_slot(kvc_gpu_seq_t *s, uint32_t layer, uint32_t head,
+                                               kvc_gpu_append_t *slot_p)
+{
+    if (s == NULL || slot_p == NULL || layer >= s->n_layers || head >= s->n_kv)
+        return FY_ERR_INVALID_ARG;
+    kvc_gpu_pool_t *pool = s->pool;
+    gpu_list_t *l = &s->lists[(size_t)layer * s->n_kv + head];
+    kvc_page_hdr_t hd;
+    kvc_page_id_t id;
+    if (tail_has_room(pool, l, &hd)) {
+        id = l->ids[l->n - 1];
+    } else {
+        // A new 16/16 page, initialized as kvc_page_alloc does on the CPU (the device gets the
+        // whole header with the token, below).
+        fy_status_t st = list_reserve(l, 1);
+        if (st == FY_OK)
+            st = alloc_many(pool, 1, &id);
+        if (st != FY_OK)
+            return st;
+        hd.opt = KVC_OPT_F16;
+        hd.flags = 0;
+        hd.head_dim = (uint16_t)pool->p.head_dim;
+        hd.n_slots = 0;
+        hd.last_tokens = 0;
+        hd.group = (uint16_t)kvc_group_tokens(KVC_OPT_F16, pool->p.group);
+        hd.cap_slots = (uint16_t)pool->cap_slots[KVC_OPT_F16];
+        hd.n_tokens = 0;
+        l->ids[l->n++] = id;
+    }
+    uint64_t page_off = (uint64_t)id * pool->p.page_bytes;
+    slot_p->page_off = page_off;
+    slot_p->slot_off =
+        page_off + KVC_PAGE_HEADER_BYTES + (uint64_t)hd.n_slots * pool->slot_bytes[KVC_OPT_F16];
+    hd.n_slots++;
+    hd.last_tokens = 1;
+    hd.n_tokens++;
+    kvc_page_hdr_write(slot_p->hdr, &hd);
+    memcpy(pool->hdrs + (size_t)id * KVC_PAGE_HEADER_BYTES, slot_p->hdr, KVC_PAGE_HEADER_BYTES);
+    l->n_tokens++;
+    return FY_OK;
+}
+
+/* One block per (row, kv head): the token's K then V as FP16 (common/half.c's rounding) into
+ * its slot, then the page's new header. Slots are 16-byte aligned (page_bytes is a multiple of
+ * 64, slot_bytes of 16), so the 2-byte stores are aligned. */
+__global__ void append_kernel(const kvc_gpu_append_t *slots, uint32_t n_kv, uint32_t d,
+                              const float *k, size_t k_row_stride, const float *v,
+                              size_t v_row_stride, uint8_t *pool)
+{
+    uint32_t i = blockIdx.x, row = i / n_kv, h = i % n_kv;
+    const kvc_gpu_append_t *sl = slots + i;
+    uint16_t *dst = (uint16_t *)(pool + sl->slot_off);
+    const float *kr = k + (size_t)row * k_row_stride + (size_t)h * d;
+    const float *vr = v + (size_t)row * v_row_stride + (size_t)h * d;
+    for (uint32_t c = threadIdx.x; c < d; c += blockDim.x) {
+        dst[c] = kvc_dev_f2h(kr[c]);
+        dst[d + c] = kvc_dev_f2h(vr[c]);
+    }
+    if (threadIdx.x < KVC_PAGE_HEADER_BYTES)
+        pool[sl->page_off + threadIdx.x] = sl->hdr[threadIdx.x];
+}
+
+extern "C" fy_status_t kvc_gpu_append_cuda(kvc_gpu_pool_t *pool, const kvc_gpu_append_t *slots_dev,
+                                           uint32_t n_rows, uint32_t n_kv_heads, const float *k,
+                                           size_t k_row_stride, const float *v,
+                                           size_t v_row_stride, void *stream)
+{
+    if (pool == NULL || slots_dev == NULL || k == NULL || v == NULL || n_kv_heads == 0)
+        return FY_ERR_INVALID_ARG;
+    uint64_t n = (uint64_t)n_rows * n_kv_heads;
+    if (n == 0)
+        return FY_OK;
+    if (n > 0x7fffffffu)
+        return FY_ERR_OUT_OF_RANGE;
+    fy_status_t st = FY_OK;
+    uint32_t d = pool->p.head_dim;
+    append_kernel<<<(unsigned)n, d < 128 ? 64 : 128, 0, (cudaStream_t)stream>>>(
+        slots_dev, n_kv_heads, d, k, k_row_stride, v, v_row_stride, pool->dev);
+    KVC_LAUNCH_GOTO(st, out);
+out:
+    return st;
+}

@@ -150,3 +150,56 @@ fy_status_t mdl_decode_kvc(mdl_ctx_t *ctx, kvc_pool_t *pool, kvc_seq_t *const *s
     mdl_decode_ops_t ops = {.store = kvc_store, .attend = kvc_attend_rows};
     return mdl_decode_ext(ctx, tokens, pos, n, &ops, &s, logits);
 }
+
+/* ------------------------------------------------------------------------------------------ */
+/* The same over a GPU page pool (the forward pass is mdl_cuda_decode_kvc in llama_cuda.c)      */
+/* ------------------------------------------------------------------------------------------ */
+
+uint32_t mdl_kvc_step_pages_cuda(const mdl_model_t *model, const kvc_gpu_pool_t *pool,
+                                 const kvc_gpu_seq_t *seq)
+{
+    if (model == NULL || pool == NULL || seq == NULL)
+        return 0;
+    const mdl_config_t *c = mdl_model_config(model);
+    return kvc_gpu_seq_append_pages(seq, (uint32_t)c->n_layers, (uint32_t)c->n_kv_heads);
+}
+
+fy_status_t mdl_decode_kvc_cuda(mdl_ctx_t *ctx, kvc_gpu_pool_t *pool, kvc_gpu_seq_t *const *seqs,
+                                const int32_t *pos, const int32_t *tokens, int n, float *logits)
+{
+    if (ctx == NULL || pool == NULL || seqs == NULL || pos == NULL || tokens == NULL ||
+        logits == NULL || n <= 0)
+        return FY_ERR_INVALID_ARG;
+#if !FY_HAVE_CUDA
+    return FY_ERR_NO_DEVICE;
+#else
+    const mdl_model_t *m = mdl_ctx_model(ctx);
+    const mdl_config_t *c = mdl_model_config(m);
+    if (mdl_model_device(m) != MDL_DEVICE_CUDA)
+        return FY_ERR_INVALID_ARG;
+    if (kvc_gpu_pool_head_dim(pool) != (uint32_t)c->head_dim)
+        return FY_ERR_MISMATCH;
+    uint64_t need = 0;
+    for (int i = 0; i < n; i++) {
+        if (seqs[i] == NULL || kvc_gpu_seq_pool(seqs[i]) != pool)
+            return FY_ERR_INVALID_ARG;
+        for (int j = 0; j < i; j++) {
+            if (seqs[j] == seqs[i])
+                return FY_ERR_INVALID_ARG;
+        }
+        for (int l = 0; l < c->n_layers; l++) {
+            if (!kvc_gpu_seq_layer_placed(seqs[i], (uint32_t)l))
+                return FY_ERR_STATE;
+        }
+        if (kvc_gpu_seq_n_layers(seqs[i]) != (uint32_t)c->n_layers ||
+            kvc_gpu_seq_n_kv_heads(seqs[i]) != (uint32_t)c->n_kv_heads)
+            return FY_ERR_MISMATCH;
+        need += kvc_gpu_seq_append_pages(seqs[i], (uint32_t)c->n_layers,
+                                         (uint32_t)c->n_kv_heads);
+    }
+    // As on the CPU: every tail page of the step is there before anything is appended.
+    if (need > kvc_gpu_pool_free_count(pool))
+        return FY_ERR_RESOURCE_EXHAUSTED;
+    return mdl_decode_kvc_cuda_run(ctx, pool, seqs, pos, tokens, n, logits);
+#endif
+}

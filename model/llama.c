@@ -1159,6 +1159,23 @@ const mdl_model_t *mdl_ctx_model(const mdl_ctx_t *ctx)
     return ctx->m;
 }
 
+/* A decode step's rows against the context and model: batch size, token ids, positions. */
+static fy_status_t check_step(const mdl_ctx_t *ctx, const int32_t *tokens, const int32_t *pos,
+                              int n)
+{
+    const mdl_config_t *c = &ctx->m->cfg;
+    if (n > ctx->p.max_batch)
+        return FY_ERR_OUT_OF_RANGE;
+    fy_status_t st = check_tokens(c, tokens, n);
+    if (st != FY_OK)
+        return st;
+    for (int i = 0; i < n; i++) {
+        if (pos[i] < 0 || pos[i] >= c->n_ctx_train)
+            return FY_ERR_OUT_OF_RANGE;
+    }
+    return FY_OK;
+}
+
 fy_status_t mdl_decode_ext(mdl_ctx_t *ctx, const int32_t *tokens, const int32_t *pos, int n,
                            const mdl_decode_ops_t *ops, void *arg, float *logits)
 {
@@ -1169,15 +1186,9 @@ fy_status_t mdl_decode_ext(mdl_ctx_t *ctx, const int32_t *tokens, const int32_t 
         return FY_ERR_UNSUPPORTED; // host callbacks per layer: a CPU context's job
     const mdl_model_t *m = ctx->m;
     const mdl_config_t *c = &m->cfg;
-    if (n > ctx->p.max_batch)
-        return FY_ERR_OUT_OF_RANGE;
-    fy_status_t st = check_tokens(c, tokens, n);
+    fy_status_t st = check_step(ctx, tokens, pos, n);
     if (st != FY_OK)
         return st;
-    for (int i = 0; i < n; i++) {
-        if (pos[i] < 0 || pos[i] >= c->n_ctx_train)
-            return FY_ERR_OUT_OF_RANGE;
-    }
     if ((st = ensure_tokens(ctx, n, 0)) != FY_OK)
         return st;
     int dim = c->dim, hd = c->head_dim, n_kv = c->n_kv_heads;
@@ -1211,6 +1222,18 @@ fy_status_t mdl_decode_ext(mdl_ctx_t *ctx, const int32_t *tokens, const int32_t 
     }
     logits_block(ctx, ctx->x, n, ctx->xn, logits);
     return FY_OK;
+}
+
+fy_status_t mdl_decode_kvc_cuda_run(mdl_ctx_t *ctx, kvc_gpu_pool_t *pool,
+                                    kvc_gpu_seq_t *const *seqs, const int32_t *pos,
+                                    const int32_t *tokens, int n, float *logits)
+{
+    if (ctx->cuda == NULL)
+        return FY_ERR_INVALID_ARG; // a CPU context: mdl_decode_kvc over a CPU pool
+    fy_status_t st = check_step(ctx, tokens, pos, n);
+    if (st != FY_OK)
+        return st;
+    return mdl_cuda_decode_kvc(ctx->cuda, pool, seqs, pos, tokens, n, logits);
 }
 
 uint64_t mdl_model_fingerprint(const mdl_model_t *m)

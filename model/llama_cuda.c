@@ -446,6 +446,14 @@ struct mdl_cuda_ctx {
     int32_t *d_i32;      // device copy
     size_t cap_pa;
     float *pa_scratch;   // decode attention partials
+    // Decode over kvcodec pages (mdl_cuda_decode_kvc).
+    size_t cap_kvc;
+    uint8_t *h_kvc;      // pinned: tokens, positions, tail slots, page lists of one step
+    uint8_t *d_kvc;      // device copy
+    int cap_kvc_rows;
+    float *kvc_q;        // [n][q_dim] the step's queries, packed for the page attention
+    size_t cap_kvc_ws;
+    void *kvc_ws;        // kvc_attend_batch_cuda workspace
 };
 
 static void free_bufs(mdl_cuda_ctx_t *ctx)
@@ -495,6 +503,10 @@ void mdl_cuda_ctx_destroy(mdl_cuda_ctx_t *ctx)
     cudaFreeHost(ctx->h_i32);
     cudaFree(ctx->d_i32);
     cudaFree(ctx->pa_scratch);
+    cudaFreeHost(ctx->h_kvc);
+    cudaFree(ctx->d_kvc);
+    cudaFree(ctx->kvc_q);
+    cudaFree(ctx->kvc_ws);
     for (int i = 0; i < 2; i++) {
         if (ctx->ev_done[i] != NULL)
             cudaEventDestroy(ctx->ev_done[i]);
@@ -931,6 +943,147 @@ fy_status_t mdl_cuda_decode(mdl_cuda_ctx_t *ctx, mdl_kv_seq_t *const *seqs,
         TRY(krn_paged_attention_f16_cuda(ctx->att, q_dim, ctx->qkv, qkv_dim, n, c->n_heads, n_kv,
                                          scale, &cache, d_len, (int)max_tokens, ctx->pa_scratch,
                                          ctx->cap_pa, ctx->s));
+        TRY(attn_out_ffn(ctx, y, n));
+    }
+    TRY(logits_out(ctx, ctx->x, n, logits));
+    return drain(ctx, FY_OK);
+fail:
+    return drain(ctx, st);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Decode over kvcodec pages in a GPU pool                                                      */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Grows a device buffer (and its pinned twin when h is set) to at least bytes; the streams are
+ * idle between calls, so the old contents need not survive. */
+static fy_status_t ensure_bytes(void **d, void **h, size_t *cap, size_t bytes)
+{
+    if (bytes <= *cap)
+        return FY_OK;
+    cudaFree(*d);
+    *d = NULL;
+    if (h != NULL) {
+        cudaFreeHost(*h);
+        *h = NULL;
+    }
+    *cap = 0;
+    size_t want = FY_MAX(bytes, (size_t)64 << 10);
+    fy_status_t st = alloc_dev(d, want);
+    if (st == FY_OK && h != NULL)
+        st = alloc_host(h, want);
+    if (st == FY_OK)
+        *cap = want;
+    return st;
+}
+
+fy_status_t mdl_cuda_decode_kvc(mdl_cuda_ctx_t *ctx, kvc_gpu_pool_t *pool,
+                                kvc_gpu_seq_t *const *seqs, const int32_t *pos,
+                                const int32_t *tokens, int n, float *logits)
+{
+    const mdl_cuda_model_t *wt = ctx->w;
+    const mdl_config_t *c = &wt->cfg;
+    int dim = c->dim, hd = c->head_dim, n_kv = c->n_kv_heads, L = c->n_layers;
+    int q_dim = c->n_heads * hd, kv_dim = n_kv * hd, qkv_dim = qkv_width(c);
+    float scale = 1.0f / sqrtf((float)hd);
+    size_t n_lists = (size_t)n * n_kv;
+    // Page ids after this step's appends: at most one new page per list.
+    uint64_t id_bound = (uint64_t)L * n_lists;
+    uint32_t max_pages = 1;
+    for (int i = 0; i < n; i++) {
+        for (int l = 0; l < L; l++) {
+            for (int h = 0; h < n_kv; h++) {
+                uint32_t np = 0;
+                kvc_gpu_seq_pages(seqs[i], (uint32_t)l, (uint32_t)h, &np);
+                id_bound += np;
+                max_pages = FY_MAX(max_pages, np + 1);
+            }
+        }
+    }
+    if (id_bound > UINT32_MAX)
+        return FY_ERR_OUT_OF_RANGE;
+    // One upload per step: tokens [n], positions [n], tail slots [L][n][n_kv], list starts
+    // [L][n * n_kv + 1] (into the ids of all layers), page ids.
+    size_t off_pos = (size_t)n * 4, off_app = FY_ALIGN_UP(2 * (size_t)n * 4, 16);
+    size_t off_start = off_app + (size_t)L * n_lists * sizeof(kvc_gpu_append_t);
+    size_t off_ids = FY_ALIGN_UP(off_start + (size_t)L * (n_lists + 1) * 4, 16);
+    size_t plan_bytes = off_ids + (size_t)id_bound * sizeof(kvc_page_id_t);
+    kvc_gpu_pages_t view;
+    kvc_gpu_pool_view(pool, &view);
+    // Every layer's lists have the same shape and the same bound on their length, so one
+    // workspace size serves the whole step.
+    kvc_attend_batch_t bt = {.batch = (uint32_t)n, .n_heads = (uint32_t)c->n_heads,
+                             .n_kv_heads = (uint32_t)n_kv, .max_list_pages = max_pages,
+                             .impl = KVC_ATTEND_IMPL_AUTO};
+    size_t ws_bytes = 0;
+    fy_status_t st;
+    // Everything that can fail for want of memory or an unsupported shape fails before the
+    // sequences change.
+    TRY(kvc_attend_batch_cuda_workspace(&view, &bt, &ws_bytes));
+    TRY(ensure_rows(ctx, n));
+    TRY(ensure_logits(ctx, n));
+    TRY(ensure_bytes((void **)&ctx->d_kvc, (void **)&ctx->h_kvc, &ctx->cap_kvc, plan_bytes));
+    TRY(ensure_bytes(&ctx->kvc_ws, NULL, &ctx->cap_kvc_ws, ws_bytes));
+    if (n > ctx->cap_kvc_rows) {
+        cudaFree(ctx->kvc_q);
+        ctx->kvc_q = NULL;
+        ctx->cap_kvc_rows = 0;
+        TRY(alloc_dev((void **)&ctx->kvc_q, (size_t)FY_MAX(n, 64) * q_dim * sizeof(float)));
+        ctx->cap_kvc_rows = FY_MAX(n, 64);
+    }
+
+    uint8_t *h = ctx->h_kvc;
+    memcpy(h, tokens, (size_t)n * 4);
+    memcpy(h + off_pos, pos, (size_t)n * 4);
+    kvc_gpu_append_t *app = (kvc_gpu_append_t *)(h + off_app);
+    for (int l = 0; l < L; l++) {
+        for (int i = 0; i < n; i++) {
+            for (int kh = 0; kh < n_kv; kh++)
+                TRY(kvc_gpu_seq_append_slot(seqs[i], (uint32_t)l, (uint32_t)kh,
+                                            &app[((size_t)l * n + i) * n_kv + kh]));
+        }
+    }
+    uint32_t *starts = (uint32_t *)(h + off_start);
+    kvc_page_id_t *ids = (kvc_page_id_t *)(h + off_ids);
+    uint32_t n_ids = 0;
+    for (int l = 0; l < L; l++) {
+        uint32_t *st_l = starts + (size_t)l * (n_lists + 1);
+        for (int i = 0; i < n; i++) {
+            for (int kh = 0; kh < n_kv; kh++) {
+                uint32_t np = 0;
+                const kvc_page_id_t *p =
+                    kvc_gpu_seq_pages(seqs[i], (uint32_t)l, (uint32_t)kh, &np);
+                FY_ASSERT(n_ids + (uint64_t)np <= id_bound);
+                st_l[(size_t)i * n_kv + kh] = n_ids;
+                memcpy(ids + n_ids, p, (size_t)np * sizeof(kvc_page_id_t));
+                n_ids += np;
+            }
+        }
+        st_l[n_lists] = n_ids;
+    }
+    CU(cudaMemcpyAsync(ctx->d_kvc, h, off_ids + (size_t)n_ids * sizeof(kvc_page_id_t),
+                       cudaMemcpyHostToDevice, ctx->s));
+    const int32_t *d_tok = (const int32_t *)ctx->d_kvc;
+    const int32_t *d_pos = (const int32_t *)(ctx->d_kvc + off_pos);
+    const kvc_gpu_append_t *d_app = (const kvc_gpu_append_t *)(ctx->d_kvc + off_app);
+    const uint32_t *d_start = (const uint32_t *)(ctx->d_kvc + off_start);
+    bt.page_ids = (const kvc_page_id_t *)(ctx->d_kvc + off_ids);
+
+    TRY(krn_embed_f16_cuda(ctx->x, dim, wt->tok_embd, c->n_vocab, dim, d_tok, n, ctx->s));
+    for (int l = 0; l < L; l++) {
+        const cu_layer_t *y = &wt->layers[l];
+        TRY(attn_in(ctx, y, n, d_pos));
+        // The token's K and V join the tail pages before attention reads them (same stream).
+        TRY(kvc_gpu_append_cuda(pool, d_app + (size_t)l * n_lists, (uint32_t)n, (uint32_t)n_kv,
+                                ctx->qkv + q_dim, (size_t)qkv_dim, ctx->qkv + q_dim + kv_dim,
+                                (size_t)qkv_dim, ctx->s));
+        // The page attention takes queries [n][n_heads][head_dim] packed.
+        CU(cudaMemcpy2DAsync(ctx->kvc_q, (size_t)q_dim * sizeof(float), ctx->qkv,
+                             (size_t)qkv_dim * sizeof(float), (size_t)q_dim * sizeof(float),
+                             (size_t)n, cudaMemcpyDeviceToDevice, ctx->s));
+        bt.list_start = d_start + (size_t)l * (n_lists + 1);
+        TRY(kvc_attend_batch_cuda(&view, &bt, ctx->kvc_q, scale, ctx->att, ctx->kvc_ws,
+                                  ctx->cap_kvc_ws, ctx->s));
         TRY(attn_out_ffn(ctx, y, n));
     }
     TRY(logits_out(ctx, ctx->x, n, logits));

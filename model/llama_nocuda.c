@@ -58,3 +58,10 @@ fy_status_t mdl_cuda_decode(mdl_cuda_ctx_t *ctx, mdl_kv_seq_t *const *seqs,
 {
     return FY_ERR_NO_DEVICE;
 }
+
+fy_status_t mdl_cuda_decode_kvc(mdl_cuda_ctx_t *ctx, kvc_gpu_pool_t *pool,
+                                kvc_gpu_seq_t *const *seqs, const int32_t *pos,
+                                const int32_t *tokens, int n, float *logits)
+{
+    return FY_ERR_NO_DEVICE;
+}

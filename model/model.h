@@ -38,6 +38,7 @@
 #include "common.h"
 #include "kernels.h"
 #include "kvcodec.h"
+#include "kvcodec_cuda.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -478,6 +479,26 @@ uint32_t mdl_kvc_step_pages(const mdl_model_t *model, const kvc_pool_t *pool,
  * [n][n_vocab]. Thread: one call at a time per ctx; the sequences must not change meanwhile. */
 fy_status_t mdl_decode_kvc(mdl_ctx_t *ctx, kvc_pool_t *pool, kvc_seq_t *const *seqs,
                            const int32_t *pos, const int32_t *tokens, int n, float *logits);
+
+/* mdl_kvc_step_pages for a sequence of a GPU pool (kvcodec_cuda.h). Thread: not against
+ * changes of seq. */
+uint32_t mdl_kvc_step_pages_cuda(const mdl_model_t *model, const kvc_gpu_pool_t *pool,
+                                 const kvc_gpu_seq_t *seq);
+
+/* mdl_decode_kvc on the GPU, for a CUDA context: the sequences live in a GPU page pool
+ * (kvc_gpu_pool_t, pages placed with kvc_place_cuda, still compressed). Per layer the new
+ * token's K (after RoPE, GGUF head order) and V go in FP16 to each sequence's tail pages on
+ * the device (kvc_gpu_seq_append_slot + kvc_gpu_append_cuda: the same page bytes
+ * kvc_seq_append writes), then attention over every page of the step's sequences runs as one
+ * batch (kvc_attend_batch_cuda). Same arguments, positions, checks and failures as
+ * mdl_decode_kvc: FY_ERR_RESOURCE_EXHAUSTED, nothing changed, when the pool cannot take the
+ * step's tail pages; FY_ERR_INVALID_ARG for a CPU context or a sequence of another pool;
+ * FY_ERR_NO_DEVICE in a build without CUDA. The placements must be complete on the device
+ * (their stream synchronized) before the step; the step runs on the context's own stream and
+ * returns when the logits are on the host. Thread: one call at a time per ctx; the sequences
+ * must not change meanwhile. */
+fy_status_t mdl_decode_kvc_cuda(mdl_ctx_t *ctx, kvc_gpu_pool_t *pool, kvc_gpu_seq_t *const *seqs,
+                                const int32_t *pos, const int32_t *tokens, int n, float *logits);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Sampler (sampler.c)                                                                          */

@@ -32,6 +32,13 @@ const mdl_model_t *mdl_ctx_model(const mdl_ctx_t *ctx);
 fy_status_t mdl_decode_ext(mdl_ctx_t *ctx, const int32_t *tokens, const int32_t *pos, int n,
                            const mdl_decode_ops_t *ops, void *arg, float *logits);
 
+/* mdl_decode_kvc_cuda after its sequence and page checks: checks the context (CUDA), batch
+ * size, tokens and positions, then runs mdl_cuda_decode_kvc. Thread: one call at a time per
+ * ctx. */
+fy_status_t mdl_decode_kvc_cuda_run(mdl_ctx_t *ctx, kvc_gpu_pool_t *pool,
+                                    kvc_gpu_seq_t *const *seqs, const int32_t *pos,
+                                    const int32_t *tokens, int n, float *logits);
+
 /* ---- Pool internals the CUDA forward pass reads (kvcache.c) ---- */
 
 const mdl_kv_params_t *mdl_kv_params_of(const mdl_kv_t *kv);
@@ -79,6 +86,14 @@ fy_status_t mdl_cuda_prefill(mdl_cuda_ctx_t *ctx, const int32_t *tokens, int n, 
  * reserved for its next token. Does not commit. */
 fy_status_t mdl_cuda_decode(mdl_cuda_ctx_t *ctx, mdl_kv_seq_t *const *seqs,
                             const int32_t *tokens, int n, float *logits);
+
+/* One decode step over kvcodec pages in a GPU pool: validated tokens and positions, distinct
+ * placed sequences of pool whose tail pages for this step are free. Appends each token's K
+ * and V (kvc_gpu_seq_append_slot for every layer first, then one device write per layer) and
+ * attends over the pages. Writes logits [n][n_vocab]. */
+fy_status_t mdl_cuda_decode_kvc(mdl_cuda_ctx_t *ctx, kvc_gpu_pool_t *pool,
+                                kvc_gpu_seq_t *const *seqs, const int32_t *pos,
+                                const int32_t *tokens, int n, float *logits);
 
 /* Unicode classes the pre-tokenizers need (unicode.c). */
 bool mdl_uni_is_letter(uint32_t cp);

@@ -2,8 +2,10 @@
 // lists, token counts and page bytes (header plus every used slot at full capacity) as
 // kvc_place into a CPU pool, for every option, rotated and not, with and without MixKVQ
 // protected channels, odd token counts, several layers and heads, pages that fill up, partial
-// groups. The GPU pool is poisoned first so an unwritten byte shows. Placement is
-// all-or-nothing (exhaustion, mismatch, a layer twice). Exits 77 without a GPU.
+// groups. The GPU pool is poisoned first so an unwritten byte shows. Then decode tokens are
+// appended to every FP16 tail (kvc_seq_append against kvc_gpu_seq_append_slot +
+// kvc_gpu_append_cuda) and the pages compared again. Placement is all-or-nothing (exhaustion,
+// mismatch, a layer twice). Exits 77 without a GPU.
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -52,6 +54,99 @@ static size_t page_meaningful(const uint8_t *pg, uint32_t d, uint32_t P, size_t 
         ranges[n++] = gb;
     }
     return n;
+}
+
+/* Page lists, token counts and meaningful page bytes of the CPU and GPU sequences. */
+static void compare_pools(const pcase_t *c, kvc_pool_t *cpu, kvc_seq_t *cs, kvc_gpu_pool_t *gpu,
+                          kvc_gpu_seq_t *gs, size_t pool_bytes, const char *what)
+{
+    size_t page_bytes = c->page_bytes;
+    assert_int_equal(kvc_gpu_pool_free_count(gpu), kvc_pool_free_count(cpu));
+    uint8_t *host = malloc(pool_bytes);
+    CK(cudaMemcpy(host, kvc_gpu_pool_base(gpu), pool_bytes, cudaMemcpyDeviceToHost));
+    size_t ranges[2 * 4096];
+    uint64_t pages_checked = 0;
+    for (uint32_t l = 0; l < c->n_layers; l++) {
+        for (uint32_t h = 0; h < c->n_kv; h++) {
+            uint32_t nc, ng;
+            const kvc_page_id_t *ic = kvc_seq_pages(cs, l, h, &nc);
+            const kvc_page_id_t *ig = kvc_gpu_seq_pages(gs, l, h, &ng);
+            assert_int_equal(nc, ng);
+            assert_int_equal(kvc_seq_n_tokens(cs, l, h), kvc_gpu_seq_n_tokens(gs, l, h));
+            for (uint32_t i = 0; i < nc; i++) {
+                assert_int_equal(ic[i], ig[i]);
+                const uint8_t *pc = kvc_page_data(cpu, ic[i]);
+                const uint8_t *pg = host + (size_t)ig[i] * page_bytes;
+                uint8_t hdr[KVC_PAGE_HEADER_BYTES];
+                assert_int_equal(kvc_gpu_page_header(gpu, ig[i], hdr), FY_OK);
+                assert_memory_equal(hdr, pc, KVC_PAGE_HEADER_BYTES);
+                size_t sb = kvc_gpu_pool_slot_bytes(gpu, (kvc_opt_t)pc[0]);
+                size_t nr = page_meaningful(pc, c->d, c->protect, sb, ranges, 2 * 4096);
+                for (size_t r = 0; r < nr; r += 2) {
+                    if (memcmp(pc + ranges[r], pg + ranges[r], ranges[r + 1]) != 0) {
+                        fprintf(stderr, "%s %s rot %d P %u n %u d %u: layer %u head %u page %u "
+                                        "(opt %u) range %zu+%zu differs\n",
+                                what, c->policy, c->rotate, c->protect, c->n, c->d, l, h, ic[i],
+                                pc[0], ranges[r], ranges[r + 1]);
+                        fail();
+                    }
+                }
+                pages_checked++;
+            }
+        }
+    }
+    assert_true(pages_checked > 0);
+    free(host);
+}
+
+enum { N_APPEND = 40 };
+
+/* Appends N_APPEND random tokens to every (layer, kv head): kvc_seq_append on the CPU (FP32
+ * rounded with fy_fp32_to_fp16_buf), kvc_gpu_seq_append_slot + kvc_gpu_append_cuda on the GPU
+ * from the same FP32 values (one device call per token and layer, rows of all kv heads). */
+static void append_tokens(const pcase_t *c, kvc_pool_t *cpu, kvc_seq_t *cs, kvc_gpu_pool_t *gpu,
+                          kvc_gpu_seq_t *gs, uint64_t seed)
+{
+    uint32_t d = c->d, nkv = c->n_kv;
+    size_t row = (size_t)nkv * d; // [n_kv][d] K of one token, then V at the same stride
+    float *k = malloc(row * sizeof(float)), *v = malloc(row * sizeof(float));
+    uint16_t *k16 = malloc(d * 2), *v16 = malloc(d * 2);
+    float *dk, *dv;
+    kvc_gpu_append_t *slots = malloc(nkv * sizeof(*slots)), *dslots;
+    CK(cudaMalloc((void **)&dk, row * sizeof(float)));
+    CK(cudaMalloc((void **)&dv, row * sizeof(float)));
+    CK(cudaMalloc((void **)&dslots, nkv * sizeof(*slots)));
+    uint64_t x = seed * 2654435761u + 1;
+    for (int t = 0; t < N_APPEND; t++) {
+        for (uint32_t l = 0; l < c->n_layers; l++) {
+            uint32_t need = kvc_gpu_seq_append_pages(gs, c->n_layers, nkv);
+            for (size_t i = 0; i < row; i++) {
+                x = x * 6364136223846793005ull + 1442695040888963407ull;
+                k[i] = ((float)(x >> 40) / (float)(1 << 24) - 0.5f) * 8.0f;
+                x = x * 6364136223846793005ull + 1442695040888963407ull;
+                v[i] = ((float)(x >> 40) / (float)(1 << 24) - 0.5f) * 8.0f;
+            }
+            uint32_t before = kvc_gpu_pool_free_count(gpu);
+            for (uint32_t h = 0; h < nkv; h++) {
+                fy_fp32_to_fp16_buf(k16, k + (size_t)h * d, d);
+                fy_fp32_to_fp16_buf(v16, v + (size_t)h * d, d);
+                assert_int_equal(kvc_seq_append(cs, l, h, k16, v16), FY_OK);
+                assert_int_equal(kvc_gpu_seq_append_slot(gs, l, h, &slots[h]), FY_OK);
+            }
+            // This layer's share of the pages the whole sequence's next token would take.
+            assert_true(before - kvc_gpu_pool_free_count(gpu) <= need);
+            CK(cudaMemcpy(dk, k, row * sizeof(float), cudaMemcpyHostToDevice));
+            CK(cudaMemcpy(dv, v, row * sizeof(float), cudaMemcpyHostToDevice));
+            CK(cudaMemcpy(dslots, slots, nkv * sizeof(*slots), cudaMemcpyHostToDevice));
+            assert_int_equal(kvc_gpu_append_cuda(gpu, dslots, 1, nkv, dk, row, dv, row, NULL),
+                             FY_OK);
+            CK(cudaDeviceSynchronize());
+        }
+    }
+    CK(cudaFree(dk));
+    CK(cudaFree(dv));
+    CK(cudaFree(dslots));
+    free(k), free(v), free(k16), free(v16), free(slots);
 }
 
 static void run_case(const pcase_t *c, uint64_t seed)
@@ -109,41 +204,11 @@ static void run_case(const pcase_t *c, uint64_t seed)
     CK(cudaDeviceSynchronize());
     assert_int_equal(kvc_gpu_pool_free_count(gpu), kvc_pool_free_count(cpu));
 
-    uint8_t *host = malloc(pool_bytes);
-    CK(cudaMemcpy(host, kvc_gpu_pool_base(gpu), pool_bytes, cudaMemcpyDeviceToHost));
-    size_t ranges[2 * 4096];
-    uint64_t pages_checked = 0;
-    for (uint32_t l = 0; l < c->n_layers; l++) {
-        for (uint32_t h = 0; h < c->n_kv; h++) {
-            uint32_t nc, ng;
-            const kvc_page_id_t *ic = kvc_seq_pages(cs, l, h, &nc);
-            const kvc_page_id_t *ig = kvc_gpu_seq_pages(gs, l, h, &ng);
-            assert_int_equal(nc, ng);
-            assert_int_equal(kvc_seq_n_tokens(cs, l, h), kvc_gpu_seq_n_tokens(gs, l, h));
-            for (uint32_t i = 0; i < nc; i++) {
-                assert_int_equal(ic[i], ig[i]);
-                const uint8_t *pc = kvc_page_data(cpu, ic[i]);
-                const uint8_t *pg = host + (size_t)ig[i] * pp.page_bytes;
-                uint8_t hdr[KVC_PAGE_HEADER_BYTES];
-                assert_int_equal(kvc_gpu_page_header(gpu, ig[i], hdr), FY_OK);
-                assert_memory_equal(hdr, pc, KVC_PAGE_HEADER_BYTES);
-                size_t sb = kvc_gpu_pool_slot_bytes(gpu, (kvc_opt_t)pc[0]);
-                size_t nr = page_meaningful(pc, c->d, c->protect, sb, ranges, 2 * 4096);
-                for (size_t r = 0; r < nr; r += 2) {
-                    if (memcmp(pc + ranges[r], pg + ranges[r], ranges[r + 1]) != 0) {
-                        fprintf(stderr, "%s rot %d P %u n %u d %u: layer %u head %u page %u "
-                                        "(opt %u) range %zu+%zu differs\n",
-                                c->policy, c->rotate, c->protect, c->n, c->d, l, h, ic[i],
-                                pc[0], ranges[r], ranges[r + 1]);
-                        fail();
-                    }
-                }
-                pages_checked++;
-            }
-        }
-    }
-    assert_true(pages_checked > 0);
-    free(host);
+    compare_pools(c, cpu, cs, gpu, gs, pool_bytes, "placed");
+    // Decode tokens appended to the FP16 tails: the same page bytes as kvc_seq_append, through
+    // placed 16/16 pages with room, full tails and new pages.
+    append_tokens(c, cpu, cs, gpu, gs, seed);
+    compare_pools(c, cpu, cs, gpu, gs, pool_bytes, "appended");
     kvc_seq_destroy(cs);
     kvc_gpu_seq_destroy(gs);
     assert_int_equal(kvc_gpu_pool_free_count(gpu), pp.n_pages);

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "gguf_writer.h"
 #include "model.h"
@@ -488,4 +489,19 @@ int mdlt_tiny_model_write(const mdlt_tiny_params_t *p, const char *path)
     }
     free(buf);
     return rc;
+}
+
+int mdlt_tiny_model_temp(const mdlt_tiny_params_t *p, char *path, size_t cap)
+{
+    if (snprintf(path, cap, "/tmp/ferry-tiny-model-XXXXXX") >= (int)cap)
+        return -1;
+    int fd = mkstemp(path);
+    if (fd < 0)
+        return -1;
+    close(fd);
+    if (mdlt_tiny_model_write(p, path) != 0) {
+        unlink(path);
+        return -1;
+    }
+    return 0;
 }

@@ -59,6 +59,10 @@ void mdlt_tiny_params_default(mdlt_tiny_params_t *p);
 void mdlt_tiny_model_mem(const mdlt_tiny_params_t *p, uint8_t **buf_p, size_t *len_p);
 int mdlt_tiny_model_write(const mdlt_tiny_params_t *p, const char *path);
 
+/* Writes the tiny model to a new file /tmp/ferry-tiny-model-XXXXXX (its name into path, cap
+ * bytes, at least 32); 0 on success. The caller unlinks it. */
+int mdlt_tiny_model_temp(const mdlt_tiny_params_t *p, char *path, size_t cap);
+
 /* The tiny vocabulary: ids 0..2 are <|endoftext|>, <|im_start|>, <|im_end|>; 3..258 the
  * byte tokens; then the merges' results. */
 int mdlt_tiny_n_vocab(void);

@@ -21,8 +21,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "gguf_writer.h"
-#include "model.h"
+#include "test_util.h"
 
 enum { MAX_PROMPTS = 3, WINDOW = 8 };
 
@@ -444,15 +443,11 @@ static int tiny_models(void)
         tp.dim = cases[k].dim;
         tp.n_layers = 3;
         tp.seed = k + 1;
-        char path[] = "/tmp/ferry-test-model-cuda-XXXXXX";
-        int fd = mkstemp(path);
-        if (fd < 0 || mdlt_tiny_model_write(&tp, path) != 0) {
+        char path[64];
+        if (mdlt_tiny_model_temp(&tp, path, sizeof(path)) != 0) {
             fprintf(stderr, "FAIL: cannot write the tiny model\n");
-            if (fd >= 0)
-                close(fd), unlink(path);
             return bad + 1;
         }
-        close(fd);
         int32_t p[MAX_PROMPTS][40];
         const int32_t *pp[MAX_PROMPTS];
         int lens[MAX_PROMPTS] = {37, 9, 21};
@@ -474,14 +469,7 @@ static int tiny_models(void)
 
 static int real_model(void)
 {
-    char buf[4096];
-    const char *path = getenv("FERRY_MODEL");
-    if (path == NULL || path[0] == '\0') {
-        const char *root = getenv("FERRY_SOURCE_ROOT");
-        snprintf(buf, sizeof(buf), "%s/models/SmolLM2-135M-Instruct.Q4_1.gguf",
-                 root != NULL ? root : ".");
-        path = buf;
-    }
+    const char *path = tu_model_path();
     if (access(path, R_OK) != 0) {
         fprintf(stderr, "FAIL: the model %s is missing (scripts/setup.sh fetches it, or set "
                         "FERRY_MODEL)\n",

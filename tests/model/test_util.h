@@ -29,6 +29,14 @@ static inline char *tu_path(const char *rel)
 
 #define TU_MODEL_REL "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 
+/* The real model's file: $FERRY_MODEL when set (the GPU check sets it), else TU_MODEL_REL under
+ * the source root. Valid until the next call. */
+static inline const char *tu_model_path(void)
+{
+    const char *env = getenv("FERRY_MODEL");
+    return env != NULL && env[0] != '\0' ? env : tu_path(TU_MODEL_REL);
+}
+
 /* Loads the real model or fails the test with a hint. */
 static inline mdl_model_t *tu_real_model(void)
 {
