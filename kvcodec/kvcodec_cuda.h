@@ -190,15 +190,15 @@ uint32_t kvc_gpu_seq_append_pages(const kvc_gpu_seq_t *seq, uint32_t n_layers,
 fy_status_t kvc_gpu_seq_append_slot(kvc_gpu_seq_t *seq, uint32_t layer, uint32_t head,
                                     kvc_gpu_append_t *slot_p);
 
-/* The device half: for row r < n_rows and kv head h < n_kv_heads, entry slots_dev[r * n_kv_heads
- * + h] receives K k[r * k_row_stride + h * head_dim ..] and V (same with v) converted to FP16
- * (bit-identical to fy_fp32_to_fp16_buf) and its page's header; the page bytes then equal what
- * kvc_seq_append writes into a CPU pool. No two entries of one call may name the same page.
- * slots_dev, k, v: device memory, borrowed until stream reaches this work. Asynchronous on
- * stream. Thread: any. */
+/* The device half, twin of kvc_seq_append's copy: for row r < n_rows and kv head h <
+ * n_kv_heads, entry slots_dev[r * n_kv_heads + h] receives K (FP16, original space)
+ * k[r * k_row_stride + h * head_dim ..] and V (the same with v) and its page's new header; the
+ * page bytes then equal what kvc_seq_append writes into a CPU pool. No two entries of one call
+ * may name the same page. slots_dev, k, v: device memory, borrowed until stream reaches this
+ * work. Asynchronous on stream. Thread: any. */
 fy_status_t kvc_gpu_append_cuda(kvc_gpu_pool_t *pool, const kvc_gpu_append_t *slots_dev,
-                                uint32_t n_rows, uint32_t n_kv_heads, const float *k,
-                                size_t k_row_stride, const float *v, size_t v_row_stride,
+                                uint32_t n_rows, uint32_t n_kv_heads, const uint16_t *k,
+                                size_t k_row_stride, const uint16_t *v, size_t v_row_stride,
                                 void *stream);
 
 /* ------------------------------------------------------------------------------------------ */

@@ -172,8 +172,8 @@ fy_status_t kvc_gpu_seq_append_slot(kvc_gpu_seq_t *seq, uint32_t layer, uint32_t
     return FY_ERR_NO_DEVICE;
 }
 fy_status_t kvc_gpu_append_cuda(kvc_gpu_pool_t *pool, const kvc_gpu_append_t *slots_dev,
-                                uint32_t n_rows, uint32_t n_kv_heads, const float *k,
-                                size_t k_row_stride, const float *v, size_t v_row_stride,
+                                uint32_t n_rows, uint32_t n_kv_heads, const uint16_t *k,
+                                size_t k_row_stride, const uint16_t *v, size_t v_row_stride,
                                 void *stream)
 {
     return FY_ERR_NO_DEVICE;

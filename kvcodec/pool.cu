@@ -882,30 +882,29 @@ extern "C" fy_status_t kvc_gpu_seq_append_slot(kvc_gpu_seq_t *s, uint32_t layer,
     return FY_OK;
 }
 
-/* One block per (row, kv head): the token's K then V as FP16 (common/half.c's rounding) into
- * its slot, then the page's new header. Slots are 16-byte aligned (page_bytes is a multiple of
- * 64, slot_bytes of 16), so the 2-byte stores are aligned. */
+/* One block per (row, kv head): the token's K then V (FP16) into its slot, then the page's new
+ * header. Slots are 16-byte aligned (page_bytes is a multiple of 64, slot_bytes of 16). */
 __global__ void append_kernel(const kvc_gpu_append_t *slots, uint32_t n_kv, uint32_t d,
-                              const float *k, size_t k_row_stride, const float *v,
+                              const uint16_t *k, size_t k_row_stride, const uint16_t *v,
                               size_t v_row_stride, uint8_t *pool)
 {
     uint32_t i = blockIdx.x, row = i / n_kv, h = i % n_kv;
     const kvc_gpu_append_t *sl = slots + i;
     uint16_t *dst = (uint16_t *)(pool + sl->slot_off);
-    const float *kr = k + (size_t)row * k_row_stride + (size_t)h * d;
-    const float *vr = v + (size_t)row * v_row_stride + (size_t)h * d;
+    const uint16_t *kr = k + (size_t)row * k_row_stride + (size_t)h * d;
+    const uint16_t *vr = v + (size_t)row * v_row_stride + (size_t)h * d;
     for (uint32_t c = threadIdx.x; c < d; c += blockDim.x) {
-        dst[c] = kvc_dev_f2h(kr[c]);
-        dst[d + c] = kvc_dev_f2h(vr[c]);
+        dst[c] = kr[c];
+        dst[d + c] = vr[c];
     }
     if (threadIdx.x < KVC_PAGE_HEADER_BYTES)
         pool[sl->page_off + threadIdx.x] = sl->hdr[threadIdx.x];
 }
 
 extern "C" fy_status_t kvc_gpu_append_cuda(kvc_gpu_pool_t *pool, const kvc_gpu_append_t *slots_dev,
-                                           uint32_t n_rows, uint32_t n_kv_heads, const float *k,
-                                           size_t k_row_stride, const float *v,
-                                           size_t v_row_stride, void *stream)
+                                           uint32_t n_rows, uint32_t n_kv_heads,
+                                           const uint16_t *k, size_t k_row_stride,
+                                           const uint16_t *v, size_t v_row_stride, void *stream)
 {
     if (pool == NULL || slots_dev == NULL || k == NULL || v == NULL || n_kv_heads == 0)
         return FY_ERR_INVALID_ARG;

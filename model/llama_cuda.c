@@ -452,6 +452,7 @@ struct mdl_cuda_ctx {
     uint8_t *d_kvc;      // device copy
     int cap_kvc_rows;
     float *kvc_q;        // [n][q_dim] the step's queries, packed for the page attention
+    uint16_t *kvc_qkv16; // [n][qkv_dim] FP16 copy of qkv: the new K and V for the tail pages
     size_t cap_kvc_ws;
     void *kvc_ws;        // kvc_attend_batch_cuda workspace
 };
@@ -506,6 +507,7 @@ void mdl_cuda_ctx_destroy(mdl_cuda_ctx_t *ctx)
     cudaFreeHost(ctx->h_kvc);
     cudaFree(ctx->d_kvc);
     cudaFree(ctx->kvc_q);
+    cudaFree(ctx->kvc_qkv16);
     cudaFree(ctx->kvc_ws);
     for (int i = 0; i < 2; i++) {
         if (ctx->ev_done[i] != NULL)
@@ -1026,10 +1028,14 @@ fy_status_t mdl_cuda_decode_kvc(mdl_cuda_ctx_t *ctx, kvc_gpu_pool_t *pool,
     TRY(ensure_bytes(&ctx->kvc_ws, NULL, &ctx->cap_kvc_ws, ws_bytes));
     if (n > ctx->cap_kvc_rows) {
         cudaFree(ctx->kvc_q);
+        cudaFree(ctx->kvc_qkv16);
         ctx->kvc_q = NULL;
+        ctx->kvc_qkv16 = NULL;
         ctx->cap_kvc_rows = 0;
-        TRY(alloc_dev((void **)&ctx->kvc_q, (size_t)FY_MAX(n, 64) * q_dim * sizeof(float)));
-        ctx->cap_kvc_rows = FY_MAX(n, 64);
+        size_t rows = (size_t)FY_MAX(n, 64);
+        TRY(alloc_dev((void **)&ctx->kvc_q, rows * q_dim * sizeof(float)));
+        TRY(alloc_dev((void **)&ctx->kvc_qkv16, rows * qkv_dim * sizeof(uint16_t)));
+        ctx->cap_kvc_rows = (int)rows;
     }
 
     uint8_t *h = ctx->h_kvc;
@@ -1073,10 +1079,12 @@ fy_status_t mdl_cuda_decode_kvc(mdl_cuda_ctx_t *ctx, kvc_gpu_pool_t *pool,
     for (int l = 0; l < L; l++) {
         const cu_layer_t *y = &wt->layers[l];
         TRY(attn_in(ctx, y, n, d_pos));
-        // The token's K and V join the tail pages before attention reads them (same stream).
+        // The token's K and V join the tail pages in FP16 (common/half's rounding, as
+        // kvc_seq_append gets them on the CPU) before attention reads them (same stream).
+        TRY(fy_cuda_fp32_to_fp16(ctx->kvc_qkv16, ctx->qkv, (size_t)n * qkv_dim, ctx->s));
         TRY(kvc_gpu_append_cuda(pool, d_app + (size_t)l * n_lists, (uint32_t)n, (uint32_t)n_kv,
-                                ctx->qkv + q_dim, (size_t)qkv_dim, ctx->qkv + q_dim + kv_dim,
-                                (size_t)qkv_dim, ctx->s));
+                                ctx->kvc_qkv16 + q_dim, (size_t)qkv_dim,
+                                ctx->kvc_qkv16 + q_dim + kv_dim, (size_t)qkv_dim, ctx->s));
         // The page attention takes queries [n][n_heads][head_dim] packed.
         CU(cudaMemcpy2DAsync(ctx->kvc_q, (size_t)q_dim * sizeof(float), ctx->qkv,
                              (size_t)qkv_dim * sizeof(float), (size_t)q_dim * sizeof(float),

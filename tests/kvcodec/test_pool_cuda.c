@@ -101,20 +101,19 @@ static void compare_pools(const pcase_t *c, kvc_pool_t *cpu, kvc_seq_t *cs, kvc_
 
 enum { N_APPEND = 40 };
 
-/* Appends N_APPEND random tokens to every (layer, kv head): kvc_seq_append on the CPU (FP32
- * rounded with fy_fp32_to_fp16_buf), kvc_gpu_seq_append_slot + kvc_gpu_append_cuda on the GPU
- * from the same FP32 values (one device call per token and layer, rows of all kv heads). */
+/* Appends N_APPEND random tokens to every (layer, kv head): kvc_seq_append on the CPU,
+ * kvc_gpu_seq_append_slot + kvc_gpu_append_cuda on the GPU with the same FP16 K and V (one
+ * device call per token and layer, the kv heads of a row side by side). */
 static void append_tokens(const pcase_t *c, kvc_pool_t *cpu, kvc_seq_t *cs, kvc_gpu_pool_t *gpu,
                           kvc_gpu_seq_t *gs, uint64_t seed)
 {
     uint32_t d = c->d, nkv = c->n_kv;
     size_t row = (size_t)nkv * d; // [n_kv][d] K of one token, then V at the same stride
     float *k = malloc(row * sizeof(float)), *v = malloc(row * sizeof(float));
-    uint16_t *k16 = malloc(d * 2), *v16 = malloc(d * 2);
-    float *dk, *dv;
+    uint16_t *k16 = malloc(row * 2), *v16 = malloc(row * 2), *dk, *dv;
     kvc_gpu_append_t *slots = malloc(nkv * sizeof(*slots)), *dslots;
-    CK(cudaMalloc((void **)&dk, row * sizeof(float)));
-    CK(cudaMalloc((void **)&dv, row * sizeof(float)));
+    CK(cudaMalloc((void **)&dk, row * 2));
+    CK(cudaMalloc((void **)&dv, row * 2));
     CK(cudaMalloc((void **)&dslots, nkv * sizeof(*slots)));
     uint64_t x = seed * 2654435761u + 1;
     for (int t = 0; t < N_APPEND; t++) {
@@ -126,17 +125,18 @@ static void append_tokens(const pcase_t *c, kvc_pool_t *cpu, kvc_seq_t *cs, kvc_
                 x = x * 6364136223846793005ull + 1442695040888963407ull;
                 v[i] = ((float)(x >> 40) / (float)(1 << 24) - 0.5f) * 8.0f;
             }
+            fy_fp32_to_fp16_buf(k16, k, row);
+            fy_fp32_to_fp16_buf(v16, v, row);
             uint32_t before = kvc_gpu_pool_free_count(gpu);
             for (uint32_t h = 0; h < nkv; h++) {
-                fy_fp32_to_fp16_buf(k16, k + (size_t)h * d, d);
-                fy_fp32_to_fp16_buf(v16, v + (size_t)h * d, d);
-                assert_int_equal(kvc_seq_append(cs, l, h, k16, v16), FY_OK);
+                assert_int_equal(kvc_seq_append(cs, l, h, k16 + (size_t)h * d, v16 + (size_t)h * d),
+                                 FY_OK);
                 assert_int_equal(kvc_gpu_seq_append_slot(gs, l, h, &slots[h]), FY_OK);
             }
             // This layer's share of the pages the whole sequence's next token would take.
             assert_true(before - kvc_gpu_pool_free_count(gpu) <= need);
-            CK(cudaMemcpy(dk, k, row * sizeof(float), cudaMemcpyHostToDevice));
-            CK(cudaMemcpy(dv, v, row * sizeof(float), cudaMemcpyHostToDevice));
+            CK(cudaMemcpy(dk, k16, row * 2, cudaMemcpyHostToDevice));
+            CK(cudaMemcpy(dv, v16, row * 2, cudaMemcpyHostToDevice));
             CK(cudaMemcpy(dslots, slots, nkv * sizeof(*slots), cudaMemcpyHostToDevice));
             assert_int_equal(kvc_gpu_append_cuda(gpu, dslots, 1, nkv, dk, row, dv, row, NULL),
                              FY_OK);
