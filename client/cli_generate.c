@@ -247,11 +247,7 @@ int cli_generate_main(int argc, char **argv)
             model_path = val;
             i++;
         } else if (strcmp(a, "--device") == 0 && val != NULL) {
-            if (strcmp(val, "cpu") == 0) {
-                device = MDL_DEVICE_CPU;
-            } else if (strcmp(val, "cuda") == 0) {
-                device = MDL_DEVICE_CUDA;
-            } else {
+            if (mdl_device_parse(val, &device) != FY_OK) {
                 fprintf(stderr, "ferry generate: --device takes cpu or cuda\n");
                 return 2;
             }

@@ -1010,8 +1010,10 @@ fy_status_t fy_cluster_daemon_cmd(const fy_cluster_spec_t *spec, int i, const ch
             st = st ? st : cmd_addf(cmd, "--kv-memory=%s", kvm);
     }
     if (d->gpu >= 0) {
+        // The daemon sees that one GPU (as device 0) and runs its model there.
         char g[16];
         snprintf(g, sizeof(g), "%d", d->gpu);
+        st = st ? st : cmd_addf(cmd, "--device=cuda");
         st = st ? st : cmd_env(cmd, "CUDA_VISIBLE_DEVICES", g);
     }
     if (spec->ucx_tls[0])

@@ -14,6 +14,7 @@
 #include <stdint.h>
 
 #include "common.h"
+#include "model.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -75,13 +76,15 @@ size_t decode_leases_count(decode_leases_t *leases);
 /* The decode worker (worker.c)                                                                */
 /* ------------------------------------------------------------------------------------------ */
 
-struct mdl_model;
 
 typedef struct decode_worker decode_worker_t;
 
 typedef struct {
     const char *model_path;      // GGUF file, loaded at create, unless model is set
-    const struct mdl_model *model; // an already loaded model (borrowed; outlives the worker)
+    const mdl_model_t *model;    // an already loaded model (borrowed; outlives the worker);
+                                 // its device is the worker's
+    mdl_device_t device;         // MDL_DEVICE_CPU (default) or MDL_DEVICE_CUDA: the model, its
+                                 // context and the KV page pool on the GPU
     const char *listen_host;     // RPC (gRPC + /metrics), default "127.0.0.1"
     int listen_port;             // 0 = pick a free port
     const char *kv_host;         // kvlink (UCX) listener, default "127.0.0.1"

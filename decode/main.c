@@ -32,8 +32,10 @@ static const fy_opt_t k_opts[] = {
     {"worker-id", FY_OPT_STRING, "", "id in the cluster (default decode@HOST:PORT)", false},
     {"heartbeat", FY_OPT_DURATION, "0", "heartbeat period (0 = half the router's lease)", false},
     {"model", FY_OPT_STRING, NULL, "GGUF model file", true},
+    {"device", FY_OPT_STRING, "cpu", "where the model and the KV pages live: cpu or cuda", false},
     {"threads", FY_OPT_INT, "0", "compute threads (0 = all CPUs)", false},
-    {"kv-memory", FY_OPT_SIZE, "512M", "KV page pool size (allocated as pages are used)", false},
+    {"kv-memory", FY_OPT_SIZE, "512M",
+     "KV page pool size (CPU: allocated as pages are used; cuda: GPU memory, at start)", false},
     {"page-bytes", FY_OPT_SIZE, "16K", "KV page size (each layer and KV head has its own pages)",
      false},
     {"kv-recv-buffer", FY_OPT_SIZE, "64M", "receive memory for incoming KV frames", false},
@@ -118,6 +120,11 @@ int main(int argc, char **argv)
     p.ucx_devices = opt_str(cfg, "ucx-devices");
     p.model_path = fy_config_str(cfg, "model");
     p.threads = (int)fy_config_int(cfg, "threads");
+    if (mdl_device_parse(fy_config_str(cfg, "device"), &p.device) != FY_OK) {
+        FY_LOG_ERROR(MODULE, "--device takes cpu or cuda");
+        fy_config_destroy(cfg);
+        return 2;
+    }
     p.kv_memory = fy_config_size(cfg, "kv-memory");
     p.recv_buffer = fy_config_size(cfg, "kv-recv-buffer");
     p.max_batch = (int)fy_config_int(cfg, "max-batch");

@@ -12,6 +12,12 @@
  *   and whose Decode call arrived join, finished or cancelled ones leave; one step runs
  *   mdl_decode_kvc over the batch, then each sequence samples its token and streams it.
  *
+ * With device CUDA the model, its context and the page pool (kvc_gpu_pool_t) live on the GPU:
+ * frames are still parsed and checked on the host, then uploaded and placed on the device
+ * (kvc_gpu_stage_place, which returns once the pages are complete, so the scheduler's stream
+ * may read them), and steps run mdl_decode_kvc_cuda. Page accounting, leases, cancel and a full
+ * pool behave as on the CPU: only the calls that touch pages differ (the kv_* helpers below).
+ *
  * A request (req_t) lives from ReserveKV to its end, in one table under w->mu. Who may touch
  * its kvc_seq_t follows its state: the kvlink thread until the KV is complete (kv_done), then
  * nobody until the Decode call arrives, then the scheduler (running). Whoever owns it when it
@@ -68,8 +74,9 @@ struct req {
     uint32_t prompt_tokens;  // as reserved
     uint32_t max_new_tokens; // as reserved
     uint32_t lease_ms;
-    // Transfer (kvlink thread until kv_done).
+    // Transfer (kvlink thread until kv_done). One of the two, by the worker's device.
     kvc_seq_t *seq;
+    kvc_gpu_seq_t *gseq;
     uint32_t layers_placed;
     uint32_t n_tokens; // prompt length from the frames
     uint64_t wire_bytes;
@@ -125,7 +132,9 @@ struct decode_worker {
     const mdl_config_t *cfg;
     uint64_t fingerprint;
     mdl_ctx_t *ctx;
-    kvc_pool_t *pool;
+    kvc_pool_t *pool;        // device CPU
+    kvc_gpu_pool_t *gpool;   // device CUDA
+    kvc_gpu_stage_t *gstage; // device CUDA: frame uploads (kvlink thread)
     decode_leases_t *leases;
     uint32_t tail_page_tokens; // FP16 tokens per page
 
@@ -170,6 +179,7 @@ struct decode_worker {
     req_t **batch;       // [max_batch]
     int n_batch;
     kvc_seq_t **seqs;    // [max_batch]
+    kvc_gpu_seq_t **gseqs; // [max_batch] (device CUDA)
     int32_t *tokens, *positions; // [max_batch]
     float *logits;       // [max_batch][n_vocab]
 
@@ -215,9 +225,76 @@ static void unlink_locked(decode_worker_t *w, req_t *r)
     }
 }
 
+/* ---- The page pool, CPU or GPU: the only calls that depend on the device ---- */
+
+static uint32_t kv_free_pages(const decode_worker_t *w)
+{
+    return w->gpool != NULL ? kvc_gpu_pool_free_count(w->gpool) : kvc_pool_free_count(w->pool);
+}
+
+static uint32_t kv_total_pages(const decode_worker_t *w)
+{
+    return w->gpool != NULL ? kvc_gpu_pool_n_pages(w->gpool) : kvc_pool_n_pages(w->pool);
+}
+
+static void kv_seq_destroy(req_t *r)
+{
+    kvc_seq_destroy(r->seq);
+    kvc_gpu_seq_destroy(r->gseq);
+    r->seq = NULL;
+    r->gseq = NULL;
+}
+
+/* Pages frame f takes in the pool. */
+static fy_status_t kv_pages_needed(const decode_worker_t *w, const kvc_frame_t *f,
+                                   uint32_t *pages_p)
+{
+    return w->gpool != NULL ? kvc_gpu_pool_pages_needed(w->gpool, f, pages_p)
+                            : kvc_pool_pages_needed(w->pool, f, pages_p);
+}
+
+/* Creates r's sequence on first use, then places f (whose bytes are data [len]). */
+static fy_status_t kv_place(decode_worker_t *w, req_t *r, const kvc_frame_t *f, const void *data,
+                            size_t len)
+{
+    fy_status_t st = FY_OK;
+    if (w->gpool != NULL) {
+        if (r->gseq == NULL)
+            st = kvc_gpu_seq_create(w->gpool, f->n_layers, f->n_kv_heads, w->fingerprint,
+                                    f->seq_id, &r->gseq);
+        return st == FY_OK ? kvc_gpu_stage_place(w->gstage, r->gseq, f, data, len) : st;
+    }
+    if (r->seq == NULL)
+        st = kvc_seq_create(w->pool, f->n_layers, f->n_kv_heads, w->fingerprint, f->seq_id,
+                            &r->seq);
+    return st == FY_OK ? kvc_place(r->seq, f) : st;
+}
+
+/* Pages r's next token takes. */
+static uint32_t kv_step_pages(const decode_worker_t *w, const req_t *r)
+{
+    return w->gpool != NULL ? mdl_kvc_step_pages_cuda(w->model, w->gpool, r->gseq)
+                            : mdl_kvc_step_pages(w->model, w->pool, r->seq);
+}
+
+/* One decode step over the batch's sequences (tokens and positions filled by the caller). */
+static fy_status_t kv_decode(decode_worker_t *w)
+{
+    int n = w->n_batch;
+    if (w->gpool != NULL) {
+        for (int i = 0; i < n; i++)
+            w->gseqs[i] = w->batch[i]->gseq;
+        return mdl_decode_kvc_cuda(w->ctx, w->gpool, w->gseqs, w->positions, w->tokens, n,
+                                   w->logits);
+    }
+    for (int i = 0; i < n; i++)
+        w->seqs[i] = w->batch[i]->seq;
+    return mdl_decode_kvc(w->ctx, w->pool, w->seqs, w->positions, w->tokens, n, w->logits);
+}
+
 static void update_gauges(decode_worker_t *w)
 {
-    fy_metric_set(w->m_free_pages, kvc_pool_free_count(w->pool));
+    fy_metric_set(w->m_free_pages, kv_free_pages(w));
     fy_metric_set(w->m_avail_pages, (double)decode_leases_available(w->leases));
     fy_metric_set(w->m_running, atomic_load(&w->running_now));
     pthread_mutex_lock(&w->mu);
@@ -258,7 +335,7 @@ static void req_end(decode_worker_t *w, req_t *r, int code, const char *msg,
     pthread_cond_broadcast(&w->cond);
     pthread_mutex_unlock(&w->mu);
     decode_leases_release(w->leases, r->id); // NOT_FOUND after expiry: already released
-    kvc_seq_destroy(r->seq);
+    kv_seq_destroy(r);
     if (code == RPC_CODE_OK) {
         fy_metric_inc(w->m_completed);
         FY_LOG_INFO(MODULE, "request %s (reservation %llu) done: %u tokens", r->request_id,
@@ -363,15 +440,8 @@ static fy_status_t place_frame(decode_worker_t *w, req_t *r, uint32_t layer, con
                  r->n_tokens);
         return FY_ERR_MISMATCH;
     }
-    if (r->seq == NULL) {
-        st = kvc_seq_create(w->pool, f.n_layers, f.n_kv_heads, w->fingerprint, f.seq_id, &r->seq);
-        if (st != FY_OK) {
-            snprintf(msg, msg_len, "sequence");
-            return st;
-        }
-    }
     uint32_t pages = 0;
-    if ((st = kvc_pool_pages_needed(w->pool, &f, &pages)) != FY_OK) {
+    if ((st = kv_pages_needed(w, &f, &pages)) != FY_OK) {
         snprintf(msg, msg_len, "layer %u: page count", layer);
         return st;
     }
@@ -384,7 +454,7 @@ static fy_status_t place_frame(decode_worker_t *w, req_t *r, uint32_t layer, con
         snprintf(msg, msg_len, "layer %u: %u pages over the reservation", layer, pages);
         return st;
     }
-    if ((st = kvc_place(r->seq, &f)) != FY_OK) {
+    if ((st = kv_place(w, r, &f, data, len)) != FY_OK) {
         *reason_p = st == FY_ERR_RESOURCE_EXHAUSTED ? FAIL_POOL_FULL : FAIL_PLACEMENT;
         snprintf(msg, msg_len, "layer %u: placement failed", layer);
         return st;
@@ -701,7 +771,7 @@ static void *sched_main(void *arg)
                 leave(w, i, RPC_CODE_CANCELLED, "cancelled", FAIL_CANCELLED);
                 continue;
             }
-            uint32_t pages = mdl_kvc_step_pages(w->model, w->pool, r->seq);
+            uint32_t pages = kv_step_pages(w, r);
             if (pages > 0 && decode_leases_grow(w->leases, r->id, pages) != FY_OK) {
                 leave(w, i, RPC_CODE_RESOURCE_EXHAUSTED, "KV pool full during decode",
                       FAIL_POOL_FULL);
@@ -712,13 +782,11 @@ static void *sched_main(void *arg)
         if (w->n_batch == 0)
             continue;
         for (int i = 0; i < w->n_batch; i++) {
-            w->seqs[i] = w->batch[i]->seq;
             w->tokens[i] = w->batch[i]->next_token;
             w->positions[i] = w->batch[i]->pos;
         }
         uint64_t t0 = fy_clock_ns();
-        fy_status_t st = mdl_decode_kvc(w->ctx, w->pool, w->seqs, w->positions, w->tokens,
-                                        w->n_batch, w->logits);
+        fy_status_t st = kv_decode(w);
         uint64_t t1 = fy_clock_ns();
         if (st != FY_OK) {
             FY_LOG_ERROR(MODULE, "decode step of %d sequences failed: %s", w->n_batch,
@@ -1101,7 +1169,7 @@ static void agent_load(void *arg, router_load_t *load)
     decode_worker_t *w = arg;
     load->running_sequences = atomic_load(&w->running_now);
     load->free_kv_pages = decode_leases_available(w->leases);
-    load->total_kv_pages = kvc_pool_n_pages(w->pool);
+    load->total_kv_pages = kv_total_pages(w);
     load->page_bytes = w->p.page_bytes;
 }
 
@@ -1288,7 +1356,7 @@ static fy_status_t make_metrics(decode_worker_t *w)
         !w->m_requests || !w->m_tokens || !w->m_step || !w->m_batch || !w->m_wire ||
         !w->m_frames || !w->m_reserved || !w->m_refused || !w->m_completed)
         return FY_ERR_NO_MEMORY;
-    fy_metric_set(w->m_total_pages, kvc_pool_n_pages(w->pool));
+    fy_metric_set(w->m_total_pages, kv_total_pages(w));
     return FY_OK;
 }
 
@@ -1336,12 +1404,15 @@ static void free_worker(decode_worker_t *w)
     end_leftovers(w);
     free(w->batch);
     free(w->seqs);
+    free(w->gseqs);
     free(w->tokens);
     free(w->positions);
     free(w->logits);
     mdl_ctx_destroy(w->ctx);
     decode_leases_destroy(w->leases);
     kvc_pool_destroy(w->pool);
+    kvc_gpu_stage_destroy(w->gstage);
+    kvc_gpu_pool_destroy(w->gpool);
     fy_metrics_destroy(w->metrics);
     mdl_model_destroy(w->own_model);
     pthread_cond_destroy(&w->cond);
@@ -1397,6 +1468,7 @@ fy_status_t decode_worker_create(const decode_worker_params_t *params,
         mdl_model_params_t mp;
         mdl_model_params_default(&mp);
         mp.path = model_path;
+        mp.device = p.device;
         if (mp.path == NULL) {
             st = errf(err, err_len, FY_ERR_INVALID_ARG, "no model given (--model)");
             goto fail;
@@ -1413,10 +1485,13 @@ fy_status_t decode_worker_create(const decode_worker_params_t *params,
         st = errf(err, err_len, FY_ERR_UNSUPPORTED, "model has too many layers");
         goto fail;
     }
+    // A model handed in decides the device; else --device does.
+    mdl_device_t dev = p.model != NULL ? mdl_model_device(p.model) : p.device;
     mdl_ctx_params_t cp;
     mdl_ctx_params_default(&cp);
     cp.n_threads = p.threads;
     cp.max_batch = p.max_batch;
+    cp.device = dev;
     if ((st = mdl_ctx_create(w->model, &cp, &w->ctx)) != FY_OK) {
         errf(err, err_len, st, "model context");
         goto fail;
@@ -1426,20 +1501,32 @@ fy_status_t decode_worker_create(const decode_worker_params_t *params,
     pp.page_bytes = p.page_bytes;
     pp.n_pages = (uint32_t)(p.kv_memory / p.page_bytes);
     pp.head_dim = (uint32_t)w->cfg->head_dim;
-    if ((st = kvc_pool_create(&pp, &w->pool)) != FY_OK) {
-        errf(err, err_len, st, "page pool of %u pages of %u bytes", pp.n_pages, p.page_bytes);
-        goto fail;
+    if (dev == MDL_DEVICE_CUDA) {
+        if ((st = kvc_gpu_pool_create(&pp, &w->gpool)) != FY_OK ||
+            (st = kvc_gpu_stage_create(&w->gstage)) != FY_OK) {
+            errf(err, err_len, st, "GPU page pool of %u pages of %u bytes", pp.n_pages,
+                 p.page_bytes);
+            goto fail;
+        }
+        w->tail_page_tokens = kvc_gpu_pool_page_tokens(w->gpool, KVC_OPT_F16);
+    } else {
+        if ((st = kvc_pool_create(&pp, &w->pool)) != FY_OK) {
+            errf(err, err_len, st, "page pool of %u pages of %u bytes", pp.n_pages,
+                 p.page_bytes);
+            goto fail;
+        }
+        w->tail_page_tokens = kvc_pool_page_tokens(w->pool, KVC_OPT_F16);
     }
-    w->tail_page_tokens = kvc_pool_page_tokens(w->pool, KVC_OPT_F16);
     if ((st = decode_leases_create(pp.n_pages, &w->leases)) != FY_OK)
         goto fail;
     size_t nb = (size_t)p.max_batch;
     w->batch = calloc(nb, sizeof(*w->batch));
     w->seqs = calloc(nb, sizeof(*w->seqs));
+    w->gseqs = calloc(nb, sizeof(*w->gseqs));
     w->tokens = calloc(nb, sizeof(*w->tokens));
     w->positions = calloc(nb, sizeof(*w->positions));
     w->logits = malloc(nb * (size_t)w->cfg->n_vocab * sizeof(float));
-    if (!w->batch || !w->seqs || !w->tokens || !w->positions || !w->logits) {
+    if (!w->batch || !w->seqs || !w->gseqs || !w->tokens || !w->positions || !w->logits) {
         st = FY_ERR_NO_MEMORY;
         goto fail;
     }
@@ -1483,10 +1570,11 @@ fy_status_t decode_worker_create(const decode_worker_params_t *params,
         goto fail;
     }
     FY_LOG_INFO(MODULE,
-                "serving %s: rpc %s:%d, kv %s:%d, %u pages of %u bytes, max batch %d, "
+                "serving %s: rpc %s:%d, kv %s:%d, %u pages of %u bytes on the %s, max batch %d, "
                 "fingerprint %016llx",
                 w->worker_id, w->listen_host, w->rpc_port, w->kv_host, w->kv_port, pp.n_pages,
-                p.page_bytes, p.max_batch, (unsigned long long)w->fingerprint);
+                p.page_bytes, dev == MDL_DEVICE_CUDA ? "GPU" : "CPU", p.max_batch,
+                (unsigned long long)w->fingerprint);
     update_gauges(w);
     *worker_p = w;
     return FY_OK;
@@ -1513,8 +1601,8 @@ fy_metrics_t *decode_worker_metrics(decode_worker_t *w)
 void decode_worker_stats(decode_worker_t *w, decode_worker_stats_t *s)
 {
     memset(s, 0, sizeof(*s));
-    s->total_pages = kvc_pool_n_pages(w->pool);
-    s->free_pages = kvc_pool_free_count(w->pool);
+    s->total_pages = kv_total_pages(w);
+    s->free_pages = kv_free_pages(w);
     s->available_pages = decode_leases_available(w->leases);
     s->running = atomic_load(&w->running_now);
     pthread_mutex_lock(&w->mu);

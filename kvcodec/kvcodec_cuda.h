@@ -155,6 +155,21 @@ fy_status_t kvc_gpu_pool_pages_needed(const kvc_gpu_pool_t *pool, const kvc_fram
 fy_status_t kvc_place_cuda(kvc_gpu_seq_t *seq, const kvc_frame_t *frame, const uint8_t *frame_dev,
                            void *stream);
 
+/* Device staging for frames that arrive in host memory (a decode worker's receive buffers):
+ * a device buffer that grows to the largest frame, and a stream of its own. Thread: any. */
+typedef struct kvc_gpu_stage kvc_gpu_stage_t;
+fy_status_t kvc_gpu_stage_create(kvc_gpu_stage_t **stage_p);
+/* Waits for the stage's stream and frees it; accepts NULL. */
+void kvc_gpu_stage_destroy(kvc_gpu_stage_t *stage);
+
+/* kvc_place_cuda for a frame in host memory: bytes [len] are the frame kvc_frame_parse gave
+ * frame for (borrowed for the call; len == frame->frame_bytes). They are uploaded into the
+ * stage and placed on its stream, and the call returns once the pages are complete on the
+ * device, so work on any stream may read them afterwards. Same checks, and all-or-nothing,
+ * as kvc_place_cuda. Thread: one call per stage at a time; not thread-safe per sequence. */
+fy_status_t kvc_gpu_stage_place(kvc_gpu_stage_t *stage, kvc_gpu_seq_t *seq,
+                                const kvc_frame_t *frame, const uint8_t *bytes, size_t len);
+
 /* The pool a sequence lives in, and its shape. Thread: any. */
 kvc_gpu_pool_t *kvc_gpu_seq_pool(const kvc_gpu_seq_t *seq);
 uint32_t kvc_gpu_seq_n_layers(const kvc_gpu_seq_t *seq);

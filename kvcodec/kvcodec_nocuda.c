@@ -138,6 +138,18 @@ bool kvc_gpu_seq_layer_placed(const kvc_gpu_seq_t *seq, uint32_t layer)
 {
     return false;
 }
+fy_status_t kvc_gpu_stage_create(kvc_gpu_stage_t **stage_p)
+{
+    return FY_ERR_NO_DEVICE;
+}
+void kvc_gpu_stage_destroy(kvc_gpu_stage_t *stage)
+{
+}
+fy_status_t kvc_gpu_stage_place(kvc_gpu_stage_t *stage, kvc_gpu_seq_t *seq,
+                                const kvc_frame_t *frame, const uint8_t *bytes, size_t len)
+{
+    return FY_ERR_NO_DEVICE;
+}
 kvc_gpu_pool_t *kvc_gpu_seq_pool(const kvc_gpu_seq_t *seq)
 {
     return NULL;

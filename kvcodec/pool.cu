@@ -921,3 +921,69 @@ extern "C" fy_status_t kvc_gpu_append_cuda(kvc_gpu_pool_t *pool, const kvc_gpu_a
 out:
     return st;
 }
+
+/* ---- staging for frames in host memory ---- */
+
+struct kvc_gpu_stage {
+    cudaStream_t s;
+    uint8_t *dev; // [cap] device
+    size_t cap;
+};
+
+extern "C" fy_status_t kvc_gpu_stage_create(kvc_gpu_stage_t **stage_p)
+{
+    if (stage_p == NULL)
+        return FY_ERR_INVALID_ARG;
+    if (fy_cuda_device_count() == 0)
+        return FY_ERR_NO_DEVICE;
+    kvc_gpu_stage_t *g = (kvc_gpu_stage_t *)calloc(1, sizeof(*g));
+    if (g == NULL)
+        return FY_ERR_NO_MEMORY;
+    fy_status_t st = FY_OK;
+    KVC_CUDA_GOTO(cudaStreamCreateWithFlags(&g->s, cudaStreamNonBlocking), st, fail);
+    *stage_p = g;
+    return FY_OK;
+fail:
+    free(g);
+    return st;
+}
+
+extern "C" void kvc_gpu_stage_destroy(kvc_gpu_stage_t *g)
+{
+    if (g == NULL)
+        return;
+    cudaStreamSynchronize(g->s);
+    cudaFree(g->dev);
+    cudaStreamDestroy(g->s);
+    free(g);
+}
+
+extern "C" fy_status_t kvc_gpu_stage_place(kvc_gpu_stage_t *g, kvc_gpu_seq_t *seq,
+                                           const kvc_frame_t *f, const uint8_t *bytes,
+                                           size_t len)
+{
+    if (g == NULL || seq == NULL || f == NULL || bytes == NULL || len != f->frame_bytes)
+        return FY_ERR_INVALID_ARG;
+    fy_status_t st = FY_OK;
+    if (len > g->cap) {
+        // The stream is idle between calls (each ends synchronized), so the old buffer is free.
+        cudaFree(g->dev);
+        g->dev = NULL;
+        g->cap = 0;
+        size_t cap = FY_MAX(FY_ALIGN_UP(len, (size_t)1 << 20), (size_t)4 << 20);
+        KVC_CUDA_GOTO(cudaMalloc((void **)&g->dev, cap), st, out);
+        g->cap = cap;
+    }
+    KVC_CUDA_GOTO(cudaMemcpyAsync(g->dev, bytes, len, cudaMemcpyHostToDevice, g->s), st, out);
+    st = kvc_place_cuda(seq, f, g->dev, g->s);
+out:
+    {
+        // Complete before returning: the caller reuses bytes and other streams read the pages.
+        cudaError_t e = cudaStreamSynchronize(g->s);
+        if (e != cudaSuccess && st == FY_OK) {
+            FY_LOG_ERROR("kvcodec", "placement from host: %s", cudaGetErrorString(e));
+            st = kvc_cuda_status(e);
+        }
+    }
+    return st;
+}

@@ -497,6 +497,19 @@ const mdl_tokenizer_t *mdl_model_tokenizer(const mdl_model_t *m)
     return m->tok;
 }
 
+fy_status_t mdl_device_parse(const char *name, mdl_device_t *device_p)
+{
+    if (name == NULL || device_p == NULL)
+        return FY_ERR_INVALID_ARG;
+    if (strcmp(name, "cpu") == 0)
+        *device_p = MDL_DEVICE_CPU;
+    else if (strcmp(name, "cuda") == 0)
+        *device_p = MDL_DEVICE_CUDA;
+    else
+        return FY_ERR_INVALID_ARG;
+    return FY_OK;
+}
+
 mdl_device_t mdl_model_device(const mdl_model_t *m)
 {
     return m->device;

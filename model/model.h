@@ -271,6 +271,10 @@ typedef enum {
     MDL_DEVICE_CUDA = 1,
 } mdl_device_t;
 
+/* "cpu" or "cuda" (a --device flag) to *device_p; FY_ERR_INVALID_ARG for anything else.
+ * Thread: any. */
+fy_status_t mdl_device_parse(const char *name, mdl_device_t *device_p);
+
 typedef struct {
     const char *path;    /* GGUF file; borrowed for the call */
     mdl_device_t device; /* CUDA: weights resident on the GPU in FP16 (dequantized there), no

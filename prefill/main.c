@@ -23,6 +23,8 @@ static const fy_opt_t k_opts[] = {
      false},
     {"router", FY_OPT_STRING, "", "router HOST:PORT to register with (empty: standalone)", false},
     {"model", FY_OPT_STRING, NULL, "GGUF model file", true},
+    {"device", FY_OPT_STRING, "cpu", "where the model runs: cpu or cuda (the codec stays on the "
+                                     "CPU)", false},
     {"threads", FY_OPT_INT, "0", "compute threads (0 = all CPUs)", false},
     {"prefill-chunk", FY_OPT_INT, "0", "prompt rows per GEMM chunk (0 = model default)", false},
     {"max-batch-tokens", FY_OPT_INT, "2048", "queued prompts run together up to this many "
@@ -164,6 +166,10 @@ static int run(app_t *a)
     mdl_model_params_t mp;
     mdl_model_params_default(&mp);
     mp.path = fy_config_str(cfg, "model");
+    if (mdl_device_parse(fy_config_str(cfg, "device"), &mp.device) != FY_OK) {
+        FY_LOG_ERROR(MODULE, "--device takes cpu or cuda");
+        return 2;
+    }
     uint64_t t0 = fy_clock_ns();
     fy_status_t st = mdl_model_create(&mp, &a->model, err, sizeof(err));
     if (st != FY_OK) {
@@ -173,9 +179,10 @@ static int run(app_t *a)
     uv_update_time(&a->loop); // timers started from here on count from now, not before the load
     uint64_t fingerprint = mdl_model_fingerprint(a->model);
     const mdl_config_t *mc = mdl_model_config(a->model);
-    FY_LOG_INFO(MODULE, "model %s loaded in %.0f ms: %d layers, %d kv heads x %d, fingerprint "
-                        "%016llx",
-                mp.path, (fy_clock_ns() - t0) / 1e6, mc->n_layers, mc->n_kv_heads, mc->head_dim,
+    FY_LOG_INFO(MODULE, "model %s loaded on the %s in %.0f ms: %d layers, %d kv heads x %d, "
+                        "fingerprint %016llx",
+                mp.path, mp.device == MDL_DEVICE_CUDA ? "GPU" : "CPU",
+                (fy_clock_ns() - t0) / 1e6, mc->n_layers, mc->n_kv_heads, mc->head_dim,
                 (unsigned long long)fingerprint);
 
     if (fy_metrics_create(&a->metrics) != FY_OK)

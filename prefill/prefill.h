@@ -41,7 +41,8 @@ extern "C" {
 #endif
 
 typedef struct {
-    const mdl_model_t *model; // borrowed; must outlive the worker
+    const mdl_model_t *model; // borrowed; must outlive the worker; its device (CPU or CUDA)
+                              // is where prefill runs
     uint64_t fingerprint;     // mdl_model_fingerprint(model), computed once by the caller
     int n_threads;            // model context threads (0 = all CPUs)
     int prefill_chunk;        // rows per GEMM chunk (0 = the model's default)

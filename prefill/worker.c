@@ -988,6 +988,9 @@ fy_status_t prefill_create(uv_loop_t *loop, const prefill_params_t *params, pref
     if (params->prefill_chunk > 0)
         cp.prefill_chunk = params->prefill_chunk;
     cp.max_batch = 1;
+    // The model's device: on the GPU the layer callback still gets host K/V (copied while the
+    // next layer computes), so the CPU encoder works unchanged.
+    cp.device = mdl_model_device(params->model);
     fy_status_t st = mdl_ctx_create(params->model, &cp, &pf->ctx);
     if (st == FY_OK) {
         pf->logits = malloc((size_t)pf->cfg->n_vocab * sizeof(float));

@@ -104,6 +104,8 @@ static void test_ssh(void **state)
     assert_non_null(strstr(up, ">/var/log/ferry/decode-1.log 2>&1 </dev/null & echo $! "
                                ">/var/log/ferry/decode-1.pid; }"));
     assert_non_null(strstr(up, "CUDA_VISIBLE_DEVICES=2"));
+    /* a daemon with a GPU runs its model there */
+    assert_int_equal(count(up, " --device=cuda"), 4);
     /* the two prefill workers on g1 take consecutive ports */
     assert_non_null(strstr(up, "--listen=10.0.0.2:50061"));
     assert_non_null(strstr(up, "--listen=10.0.0.2:50062"));

@@ -52,6 +52,29 @@ static inline const char *du_model_path(void)
     return path;
 }
 
+/* The daemon build/<rel_exe> ("router/ferry-router"), or in the offline GPU bundle, where the
+ * tests sit in tests/ beside bin/, bin/<its file name>. */
+static inline void du_exe_path(const char *rel_exe, char *out, size_t len)
+{
+    snprintf(out, len, "%s/%s", du_build_root(), rel_exe);
+    if (access(out, X_OK) == 0)
+        return;
+    char self[2048];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+    if (n <= 0)
+        return;
+    self[n] = '\0';
+    char *slash = strrchr(self, '/');
+    const char *base = strrchr(rel_exe, '/');
+    if (slash == NULL)
+        return;
+    *slash = '\0';
+    char cand[4096];
+    snprintf(cand, sizeof(cand), "%s/../bin/%s", self, base != NULL ? base + 1 : rel_exe);
+    if (access(cand, X_OK) == 0)
+        snprintf(out, len, "%s", cand);
+}
+
 typedef struct {
     pid_t pid;
     int port;
@@ -94,7 +117,7 @@ static inline fy_status_t du_start_ex(du_proc_t *p, const char *name, const char
              ++starts);
     unlink(p->port_file);
     char exe[4096];
-    snprintf(exe, sizeof(exe), "%s/%s", du_build_root(), rel_exe);
+    du_exe_path(rel_exe, exe, sizeof(exe));
     const char *argv[64];
     size_t n = 0;
     argv[n++] = exe;
@@ -236,6 +259,23 @@ static inline char *du_http_get(int port, const char *path)
     if (buf != NULL)
         buf[got] = '\0';
     return buf;
+}
+
+/* The value of a series (its name with labels, as rendered) in the /metrics of the daemon at
+ * 127.0.0.1:port, or -1. */
+static inline double du_metric(int port, const char *name)
+{
+    char *buf = du_http_get(port, "/metrics");
+    if (buf == NULL)
+        return -1;
+    double v = -1;
+    char key[128];
+    snprintf(key, sizeof(key), "\n%s ", name);
+    char *p = strstr(buf, key);
+    if (p != NULL)
+        v = strtod(p + strlen(key), NULL);
+    free(buf);
+    return v;
 }
 
 /* ---- a blocking call over an rpc_channel on a private loop --------------------------------- */

@@ -494,24 +494,9 @@ static void test_stop_string(void **state)
 
 /* ---- many streams, cancel, deadline ------------------------------------------------------- */
 
-static double metric_at(int port, const char *name)
-{
-    char *buf = du_http_get(port, "/metrics");
-    if (buf == NULL)
-        return -1;
-    double v = -1;
-    char key[128];
-    snprintf(key, sizeof(key), "\n%s ", name);
-    char *p = strstr(buf, key);
-    if (p != NULL)
-        v = strtod(p + strlen(key), NULL);
-    free(buf);
-    return v;
-}
-
 static double decode_metric(const char *name)
 {
-    return metric_at(G.decode.port, name);
+    return du_metric(G.decode.port, name);
 }
 
 typedef struct {
@@ -674,7 +659,7 @@ static bool prefill_workers(int n, uint32_t timeout_ms)
 {
     uint64_t end = fy_clock_ns() + (uint64_t)timeout_ms * 1000000u;
     while (fy_clock_ns() < end) {
-        if (metric_at(G.router.port, "ferry_router_workers{role=\"prefill\"}") == n &&
+        if (du_metric(G.router.port, "ferry_router_workers{role=\"prefill\"}") == n &&
             (n == 0 || router_serving(1000)))
             return true;
         fy_sleep_ns(100 * 1000000ull);
@@ -698,15 +683,15 @@ static void test_corrupt_frame_and_prefill_killed(void **state)
     assert_true(prefill_workers(0, 10000));
     assert_int_equal(start_prefill(&G.prefill, "--test-corrupt-frames", "1"), FY_OK);
     assert_true(prefill_workers(1, 180000));
-    double retries0 = metric_at(G.router.port, "ferry_router_retries_total");
-    double transfer0 = metric_at(G.router.port, "ferry_router_failures_total{reason=\"transfer\"}");
+    double retries0 = du_metric(G.router.port, "ferry_router_retries_total");
+    double transfer0 = du_metric(G.router.port, "ferry_router_failures_total{reason=\"transfer\"}");
     size_t n;
     int32_t *ids = tokenize_local("The capital of France is", false, &n);
     gen_req_t q = {.prompt = "The capital of France is", .policy = "fp16", .max_tokens = 12};
     expect_local(&q, ids, n); // same tokens, after one retry
     free(ids);
-    assert_true(metric_at(G.router.port, "ferry_router_retries_total") == retries0 + 1);
-    assert_true(metric_at(G.router.port, "ferry_router_failures_total{reason=\"transfer\"}") ==
+    assert_true(du_metric(G.router.port, "ferry_router_retries_total") == retries0 + 1);
+    assert_true(du_metric(G.router.port, "ferry_router_failures_total{reason=\"transfer\"}") ==
                 transfer0 + 1);
 
     // Two prefill workers; the one computing a long prompt is killed.
@@ -735,9 +720,9 @@ static void test_corrupt_frame_and_prefill_killed(void **state)
     while (!res.done) {
         uv_run(&loop, UV_RUN_NOWAIT);
         if (victim == NULL) {
-            if (metric_at(G.prefill.port, "ferry_prefill_in_flight") == 1)
+            if (du_metric(G.prefill.port, "ferry_prefill_in_flight") == 1)
                 victim = &G.prefill;
-            else if (metric_at(other.port, "ferry_prefill_in_flight") == 1)
+            else if (du_metric(other.port, "ferry_prefill_in_flight") == 1)
                 victim = &other;
             if (victim != NULL)
                 kill(victim->pid, SIGKILL);
