@@ -12,6 +12,13 @@
  * over FP16 next to the saving its byte reduction allows (TTFT can fall to the compute floor,
  * taken as the lowest TTFT seen at that prompt length, no further).
  *
+ * Pipelining: each request's TTFT over max(prefill compute, transfer), both from the prefill
+ * worker (RequestStats prefill_ms, transfer_ms). With layer-by-layer streaming the transfer of
+ * layer l overlaps the compute of layer l+1, so the ratio should stay near 1 (goal: <= 1.1);
+ * without it TTFT would approach prefill + transfer. The ratio is also given with the prefill
+ * queue wait taken out of TTFT (queue_ms), since concurrent clients queue behind each other
+ * and that wait is not a pipelining cost.
+ *
  * Output: a table on stdout, --json FILE, --md FILE and --png FILE (bench/plot_e2e.py draws
  * it with matplotlib). --quick: short prompts, few requests, few tokens.
  */
@@ -35,6 +42,7 @@
 #define MAX_CFG 16
 #define MAX_LENS 8
 #define MAX_REQ 512
+#define BOUND_GOAL 1.1 /* TTFT <= 1.1 x max(prefill compute, transfer) */
 
 typedef struct {
     char label[32];
@@ -45,7 +53,7 @@ typedef struct {
 typedef struct {
     int prompt_tokens;
     int ok;
-    double ttft_ms, tpot_ms, transfer_ms;
+    double ttft_ms, tpot_ms, transfer_ms, prefill_ms, queue_ms;
     uint64_t raw, wire;
     uint32_t completion;
 } sample_t;
@@ -132,6 +140,8 @@ static void *client_main(void *arg)
             s->ttft_ms = resp->stats->ttft_ms;
             s->tpot_ms = resp->stats->tpot_ms;
             s->transfer_ms = resp->stats->transfer_ms;
+            s->prefill_ms = resp->stats->prefill_ms;
+            s->queue_ms = resp->stats->queue_ms;
             s->raw = resp->stats->kv_raw_bytes;
             s->wire = resp->stats->kv_wire_bytes;
             s->completion = resp->stats->completion_tokens;
@@ -151,6 +161,9 @@ typedef struct {
     codec_cfg_t codec;
     int requests, ok;
     double ttft_mean, ttft_p50, ttft_p90, tpot_mean, transfer_mean, wall_s, tok_s;
+    double prefill_mean, queue_mean;
+    // TTFT / max(prefill_ms, transfer_ms) per request; _xq: TTFT less the queue wait
+    double bound_p50, bound_p90, bound_xq_p50, bound_xq_p90;
     double ttft_by_len[MAX_LENS];
     uint64_t raw, wire;
 } result_t;
@@ -191,7 +204,10 @@ static void run_setting(const char *router, const codec_cfg_t *codec, const int 
     res->codec = *codec;
     res->requests = requests;
     double *ttft = calloc((size_t)requests, sizeof(double));
-    double sum_t = 0, sum_p = 0, sum_x = 0, by_len[MAX_LENS] = {0};
+    double *bound = calloc((size_t)requests, sizeof(double));
+    double *bound_xq = calloc((size_t)requests, sizeof(double));
+    double sum_t = 0, sum_p = 0, sum_x = 0, sum_pf = 0, sum_q = 0, by_len[MAX_LENS] = {0};
+    int n_bound = 0;
     int n_len[MAX_LENS] = {0};
     uint64_t tokens = 0;
     for (int i = 0; i < requests; i++) {
@@ -201,6 +217,13 @@ static void run_setting(const char *router, const codec_cfg_t *codec, const int 
         sum_t += s[i].ttft_ms;
         sum_p += s[i].tpot_ms;
         sum_x += s[i].transfer_ms;
+        sum_pf += s[i].prefill_ms;
+        sum_q += s[i].queue_ms;
+        double ideal = fmax(s[i].prefill_ms, s[i].transfer_ms);
+        if (ideal > 0) { /* workers that do not report prefill_ms leave it out */
+            bound[n_bound] = s[i].ttft_ms / ideal;
+            bound_xq[n_bound++] = (s[i].ttft_ms - s[i].queue_ms) / ideal;
+        }
         res->raw += s[i].raw;
         res->wire += s[i].wire;
         tokens += s[i].completion;
@@ -215,12 +238,20 @@ static void run_setting(const char *router, const codec_cfg_t *codec, const int 
     res->ttft_mean = n ? sum_t / n : NAN;
     res->tpot_mean = n ? sum_p / n : NAN;
     res->transfer_mean = n ? sum_x / n : NAN;
+    res->prefill_mean = n ? sum_pf / n : NAN;
+    res->queue_mean = n ? sum_q / n : NAN;
+    res->bound_p50 = pct(bound, n_bound, 0.5);
+    res->bound_p90 = pct(bound, n_bound, 0.9);
+    res->bound_xq_p50 = pct(bound_xq, n_bound, 0.5);
+    res->bound_xq_p90 = pct(bound_xq, n_bound, 0.9);
     res->ttft_p50 = pct(ttft, n, 0.5);
     res->ttft_p90 = pct(ttft, n, 0.9);
     res->tok_s = tokens / res->wall_s;
     for (int k = 0; k < n_lens; k++)
         res->ttft_by_len[k] = n_len[k] ? by_len[k] / n_len[k] : NAN;
     free(ttft);
+    free(bound);
+    free(bound_xq);
     free(s);
 }
 
@@ -303,6 +334,12 @@ static cJSON *result_json(const result_t *r, const int *lens, int n_lens)
     cJSON_AddNumberToObject(o, "ttft_ms_p90", r->ttft_p90);
     cJSON_AddNumberToObject(o, "tpot_ms_mean", r->tpot_mean);
     cJSON_AddNumberToObject(o, "transfer_ms_mean", r->transfer_mean);
+    cJSON_AddNumberToObject(o, "prefill_ms_mean", r->prefill_mean);
+    cJSON_AddNumberToObject(o, "queue_ms_mean", r->queue_mean);
+    cJSON_AddNumberToObject(o, "ttft_over_bound_p50", r->bound_p50);
+    cJSON_AddNumberToObject(o, "ttft_over_bound_p90", r->bound_p90);
+    cJSON_AddNumberToObject(o, "ttft_less_queue_over_bound_p50", r->bound_xq_p50);
+    cJSON_AddNumberToObject(o, "ttft_less_queue_over_bound_p90", r->bound_xq_p90);
     cJSON_AddNumberToObject(o, "throughput_tok_s", r->tok_s);
     cJSON_AddNumberToObject(o, "wall_s", r->wall_s);
     cJSON_AddNumberToObject(o, "kv_raw_bytes", (double)r->raw);
@@ -499,9 +536,9 @@ int bench_e2e_main(int argc, char **argv)
            "per setting, prompts %s tokens, %d tokens each\n",
            spec->name, fy_cluster_backend_name(spec->backend), n_prefill, n_decode, clients,
            requests, lens_s, max_tokens);
-    printf("%-9s %-13s %4s %9s %9s %9s %8s %9s %9s %11s %6s %7s\n", "link", "setting", "ok",
-           "TTFT ms", "p50", "p90", "TPOT ms", "xfer ms", "tok/s", "KV wire MB", "ratio",
-           "saved%");
+    printf("%-9s %-13s %4s %9s %9s %9s %8s %9s %9s %8s %9s %11s %6s %7s %13s %13s\n", "link",
+           "setting", "ok", "TTFT ms", "p50", "p90", "TPOT ms", "xfer ms", "pf ms", "queue ms",
+           "tok/s", "KV wire MB", "ratio", "saved%", "TTFT/bd p50,90", "-queue p50,90");
     for (int i = 0; i < n_res; i++) {
         const result_t *r = &res[i];
         const result_t *fp = NULL;
@@ -515,14 +552,28 @@ int bench_e2e_main(int argc, char **argv)
             if (allowed > 0)
                 snprintf(sv, sizeof(sv), "%.0f", 100 * got / allowed);
         }
-        printf("%-9s %-13s %4d %9.1f %9.1f %9.1f %8.2f %9.1f %9.1f %11.2f %6.3f %7s\n", r->link,
-               r->codec.label, r->ok, r->ttft_mean, r->ttft_p50, r->ttft_p90, r->tpot_mean,
-               r->transfer_mean, r->tok_s, r->wire / 1e6,
-               r->raw ? (double)r->wire / (double)r->raw : NAN, sv);
+        printf("%-9s %-13s %4d %9.1f %9.1f %9.1f %8.2f %9.1f %9.1f %8.1f %9.1f %11.2f %6.3f %7s "
+               "%6.2f %6.2f %6.2f %6.2f\n",
+               r->link, r->codec.label, r->ok, r->ttft_mean, r->ttft_p50, r->ttft_p90,
+               r->tpot_mean, r->transfer_mean, r->prefill_mean, r->queue_mean, r->tok_s,
+               r->wire / 1e6, r->raw ? (double)r->wire / (double)r->raw : NAN, sv, r->bound_p50,
+               r->bound_p90, r->bound_xq_p50, r->bound_xq_p90);
     }
     printf("saved%%: TTFT saving over fp16 on the same link, as a share of what the bytes allow "
            "(down to the compute floor: the lowest TTFT per prompt length); '-' where that is "
            "under 10%% of fp16's TTFT (the link is not the bottleneck)\n");
+    int met = 0, met_xq = 0, n_bd = 0;
+    for (int i = 0; i < n_res; i++) {
+        if (isnan(res[i].bound_p50))
+            continue;
+        n_bd++;
+        met += res[i].bound_p50 <= BOUND_GOAL;
+        met_xq += res[i].bound_xq_p50 <= BOUND_GOAL;
+    }
+    printf("TTFT/bd: TTFT / max(prefill compute, transfer) per request, median and p90 (goal: "
+           "<= %.1f); -queue: TTFT less the prefill queue wait. Median within the goal: %d of %d "
+           "settings, %d of %d less queue\n",
+           BOUND_GOAL, met, n_bd, met_xq, n_bd);
 
     /* JSON */
     cJSON *root = cJSON_CreateObject();
@@ -553,6 +604,7 @@ int bench_e2e_main(int argc, char **argv)
     cJSON_AddNumberToObject(root, "requests_per_setting", requests);
     cJSON_AddNumberToObject(root, "max_tokens", max_tokens);
     cJSON_AddBoolToObject(root, "quick", quick);
+    cJSON_AddNumberToObject(root, "ttft_over_bound_goal", BOUND_GOAL);
     cJSON *jl = cJSON_AddArrayToObject(root, "prompt_tokens");
     for (int k = 0; k < n_lens; k++)
         cJSON_AddItemToArray(jl, cJSON_CreateNumber(lens[k]));
@@ -592,9 +644,11 @@ int bench_e2e_main(int argc, char **argv)
         FILE *f = fopen(md_path, "w");
         if (f != NULL) {
             fprintf(f, "| link | setting | ok | TTFT ms (mean) | p50 | p90 | TPOT ms | transfer "
-                       "ms | tok/s | KV wire MB | wire/raw | saving of allowed |\n"
+                       "ms | prefill ms | queue ms | tok/s | KV wire MB | wire/raw | saving of "
+                       "allowed | TTFT / max(prefill, transfer) p50 | p90 | less queue p50 | "
+                       "p90 |\n"
                        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
-                       "|\n");
+                       "| --- | --- | --- | --- | --- | --- |\n");
             for (int i = 0; i < n_res; i++) {
                 const result_t *r = &res[i];
                 cJSON *o2 = cJSON_GetArrayItem(jr, i);
@@ -603,11 +657,13 @@ int bench_e2e_main(int argc, char **argv)
                 char sv[32] = "-";
                 if (g && al && al->valuedouble > 0)
                     snprintf(sv, sizeof(sv), "%.0f %%", 100 * g->valuedouble / al->valuedouble);
-                fprintf(f, "| %s | %s | %d/%d | %.1f | %.1f | %.1f | %.2f | %.1f | %.1f | %.2f | "
-                           "%.3f | %s |\n",
+                fprintf(f, "| %s | %s | %d/%d | %.1f | %.1f | %.1f | %.2f | %.1f | %.1f | %.1f | "
+                           "%.1f | %.2f | %.3f | %s | %.2f | %.2f | %.2f | %.2f |\n",
                         r->link, r->codec.label, r->ok, r->requests, r->ttft_mean, r->ttft_p50,
-                        r->ttft_p90, r->tpot_mean, r->transfer_mean, r->tok_s, r->wire / 1e6,
-                        r->raw ? (double)r->wire / (double)r->raw : NAN, sv);
+                        r->ttft_p90, r->tpot_mean, r->transfer_mean, r->prefill_mean,
+                        r->queue_mean, r->tok_s, r->wire / 1e6,
+                        r->raw ? (double)r->wire / (double)r->raw : NAN, sv, r->bound_p50,
+                        r->bound_p90, r->bound_xq_p50, r->bound_xq_p90);
             }
             fclose(f);
         }

@@ -312,18 +312,13 @@ int cli_calibrate_main(int argc, char **argv)
     if (cl > 5 && strcmp(cal_path + cl - 5, ".json") == 0)
         cal_path[cl - 5] = '\0';
     strncat(cal_path, ".calibration.json", sizeof(cal_path) - strlen(cal_path) - 1);
-    char policy_text[512];
+    // The policy names its calibration by a path relative to itself (the two stay together).
+    const char *cal_name = strrchr(cal_path, '/') ? strrchr(cal_path, '/') + 1 : cal_path;
+    char policy_text[4608];
     snprintf(policy_text, sizeof(policy_text),
              "{\n  \"base\": \"ferry\",\n  \"name\": \"ferry-calibrated\",\n"
-             "  \"options\": [%s],\n  \"budget\": %g\n}\n",
-             opt_list_json(options, opts_buf, sizeof(opts_buf)), o.probe_budget);
-    kvc_policy_t check;
-    char perr[160];
-    if (kvc_policy_parse_json(policy_text, strlen(policy_text), &check, perr, sizeof(perr)) !=
-        FY_OK) {
-        fprintf(stderr, "ferry calibrate: internal: policy does not parse: %s\n", perr);
-        goto out;
-    }
+             "  \"options\": [%s],\n  \"budget\": %g,\n  \"calibration\": \"%s\"\n}\n",
+             opt_list_json(options, opts_buf, sizeof(opts_buf)), o.probe_budget, cal_name);
     time_t now = time(NULL);
     char date[64];
     strftime(date, sizeof(date), "%Y-%m-%d %H:%M UTC", gmtime(&now));
@@ -347,6 +342,12 @@ int cli_calibrate_main(int argc, char **argv)
     if (g != NULL && fclose(g) != 0)
         rc = 1;
     free(ct);
+    kvc_policy_t check;
+    char perr[640] = "";
+    if (rc == 0 && kvc_policy_load_file(out_path, &check, perr, sizeof(perr)) != FY_OK) {
+        fprintf(stderr, "ferry calibrate: internal: %s does not load: %s\n", out_path, perr);
+        rc = 1;
+    }
 out:
     qual_batch_destroy(b);
     cJSON_Delete(cal);

@@ -195,15 +195,16 @@ static int generate_remote(const remote_opts_t *o, const mdl_sampler_params_t *s
         fprintf(stderr,
                 "prompt %u tokens, completion %u tokens (%s); TTFT %.1f ms (client %.1f ms), "
                 "TPOT %.2f ms, %.1f tok/s\n"
-                "KV %llu bytes raw -> %llu bytes wire (%.3f), transfer %.1f ms; policy %s, "
-                "budget %s; prefill %s, decode %s\n",
+                "KV %llu bytes raw -> %llu bytes wire (%.3f), prefill %.1f ms (queued %.1f ms), "
+                "transfer %.1f ms (%.0f%% hidden); policy %s, budget %s; prefill %s, decode %s\n",
                 r->prompt_tokens, r->completion_tokens,
                 st.finish == FERRY__V1__FINISH_REASON__FINISH_REASON_LENGTH ? "length" : "stop",
                 r->ttft_ms, st.t_first ? (st.t_first - st.t0) / 1e6 : 0.0, r->tpot_ms,
                 r->completion_tokens > 1 && gen_s > 0 ? (r->completion_tokens - 1) / gen_s : 0.0,
                 (unsigned long long)r->kv_raw_bytes, (unsigned long long)r->kv_wire_bytes,
                 r->kv_raw_bytes ? (double)r->kv_wire_bytes / (double)r->kv_raw_bytes : 0.0,
-                r->transfer_ms, st.policy[0] ? st.policy : "(worker default)", budget,
+                r->prefill_ms, r->queue_ms, r->transfer_ms, r->hidden_transfer_fraction * 100,
+                st.policy[0] ? st.policy : "(worker default)", budget,
                 st.prefill, st.decode);
     }
     return 0;

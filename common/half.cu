@@ -118,8 +118,7 @@ extern "C" int fy_cuda_device_count(void)
     return n;
 }
 
-extern "C" fy_status_t fy_cuda_fp16_to_fp32(float *dst, const uint16_t *src, size_t n,
-                                            void *stream)
+extern "C" fy_status_t fy_cuda_fp16_to_fp32(float *dst, const uint16_t *src, size_t n, void *stream)
 {
     if (n == 0)
         return FY_OK;
@@ -127,8 +126,7 @@ extern "C" fy_status_t fy_cuda_fp16_to_fp32(float *dst, const uint16_t *src, siz
     return launch_status();
 }
 
-extern "C" fy_status_t fy_cuda_fp32_to_fp16(uint16_t *dst, const float *src, size_t n,
-                                            void *stream)
+extern "C" fy_status_t fy_cuda_fp32_to_fp16(uint16_t *dst, const float *src, size_t n, void *stream)
 {
     if (n == 0)
         return FY_OK;
@@ -136,8 +134,7 @@ extern "C" fy_status_t fy_cuda_fp32_to_fp16(uint16_t *dst, const float *src, siz
     return launch_status();
 }
 
-extern "C" fy_status_t fy_cuda_bf16_to_fp32(float *dst, const uint16_t *src, size_t n,
-                                            void *stream)
+extern "C" fy_status_t fy_cuda_bf16_to_fp32(float *dst, const uint16_t *src, size_t n, void *stream)
 {
     if (n == 0)
         return FY_OK;
@@ -145,8 +142,7 @@ extern "C" fy_status_t fy_cuda_bf16_to_fp32(float *dst, const uint16_t *src, siz
     return launch_status();
 }
 
-extern "C" fy_status_t fy_cuda_fp32_to_bf16(uint16_t *dst, const float *src, size_t n,
-                                            void *stream)
+extern "C" fy_status_t fy_cuda_fp32_to_bf16(uint16_t *dst, const float *src, size_t n, void *stream)
 {
     if (n == 0)
         return FY_OK;

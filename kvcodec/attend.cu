@@ -37,7 +37,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-namespace {
+namespace
+{
 
 constexpr int kThreads = 128; // threads per block of kernel 1 (4 warps)
 constexpr int kChunk = 256;   // tokens per logit/softmax chunk
@@ -59,14 +60,14 @@ struct attn_params {
     const float *q;
     float scale;
     float *out;
-    float *ws_m, *ws_l;        // [n_items][n_splits][rows] running max and sum at the end
-    float *ws_mp;              // [n_items][n_splits][rows] running max when ws_acc was taken
-    float *ws_acc, *ws_accr;   // [n_items][n_splits][rows][d] plain / rotated accumulators
-    uint32_t *ws_rot;          // [n_items][n_splits]
-    uint32_t *ws_err;          // [1] pages skipped
+    float *ws_m, *ws_l;      // [n_items][n_splits][rows] running max and sum at the end
+    float *ws_mp;            // [n_items][n_splits][rows] running max when ws_acc was taken
+    float *ws_acc, *ws_accr; // [n_items][n_splits][rows][d] plain / rotated accumulators
+    uint32_t *ws_rot;        // [n_items][n_splits]
+    uint32_t *ws_err;        // [1] pages skipped
     // Tensor-core path (attend_mma_kernel) only: shared memory layout, see mma_layout.
-    uint32_t rows;    // query rows per list
-    uint32_t m_pbuf;  // bytes of one page buffer (two of them)
+    uint32_t rows;   // query rows per list
+    uint32_t m_pbuf; // bytes of one page buffer (two of them)
     uint32_t m_off_q, m_off_tab, m_off_qz, m_off_qsp, m_ts;
 };
 
@@ -186,8 +187,8 @@ __device__ __forceinline__ uint4 load_hdr(const attn_params &A, uint32_t pid)
 
 /* Asks L2 for the used bytes of page pid when this pass will attend it (a hint: nothing is
  * read from a header that does not fit the pool). */
-__device__ __forceinline__ void prefetch_page(const attn_params &A, uint32_t pid,
-                                              const page_hdr &h, int pass, uint32_t tid)
+__device__ __forceinline__ void prefetch_page(const attn_params &A, uint32_t pid, const page_hdr &h,
+                                              int pass, uint32_t tid)
 {
     if (h.opt >= kOpts || h.n_tokens == 0 || h.n_slots > h.cap_slots ||
         (int)((h.flags & KVC_PAGE_FLAG_ROTATED) != 0) != pass)
@@ -332,8 +333,8 @@ __device__ __forceinline__ void key_codes(const attn_params &A, const uint8_t *s
 
 /* Dequantized value channels c0 .. c0+CPT-1 of token j of the slot at sl. */
 template <int CPT>
-__device__ __forceinline__ void load_value(const attn_params &A, const uint8_t *sl,
-                                           uint32_t opt, uint32_t j, uint32_t c0, float *vf)
+__device__ __forceinline__ void load_value(const attn_params &A, const uint8_t *sl, uint32_t opt,
+                                           uint32_t j, uint32_t c0, float *vf)
 {
     const uint32_t d = A.d;
     if (opt == 0) {
@@ -399,10 +400,10 @@ __global__ void __launch_bounds__(kThreads, min_blocks(NQ, CPT)) attend_split_ke
 
     const uint32_t d = A.d, tid = threadIdx.x;
     const uint32_t item = blockIdx.y, split = blockIdx.x;
-    uint8_t *buf = smem;                                    // [buf_bytes]
+    uint8_t *buf = smem;                                       // [buf_bytes]
     float *qv = reinterpret_cast<float *>(smem + A.buf_bytes); // [NQ][d] q * scale
-    float *qr = qv + NQ * d;                                // [NQ][d] H q * scale
-    float *lg = qr + NQ * d;                                // [NQ][kChunk] logits, then p
+    float *qr = qv + NQ * d;                                   // [NQ][d] H q * scale
+    float *lg = qr + NQ * d;                                   // [NQ][kChunk] logits, then p
 
     const uint32_t b = item / A.n_kv, kvh = item % A.n_kv;
     const float *q = A.q + ((size_t)b * A.n_heads + (size_t)kvh * NQ) * d;
@@ -501,8 +502,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks(NQ, CPT)) attend_split_ke
                 __pipeline_wait_prior(0);
                 __syncthreads();
 
-                const uint32_t ntok =
-                    opt == 0 ? h.n_slots : (h.n_slots - 1) * A.G + h.last_tokens;
+                const uint32_t ntok = opt == 0 ? h.n_slots : (h.n_slots - 1) * A.G + h.last_tokens;
                 const float *qq = rot ? qr : qv;
                 const uint8_t *slots = buf + KVC_PAGE_HEADER_BYTES;
                 const uint32_t slot_tok = opt == 0 ? 1u : A.G; // tokens per slot
@@ -714,9 +714,9 @@ __global__ void __launch_bounds__(kCombThreads) attend_combine_kernel(attn_param
     const uint32_t item = blockIdx.x, r = blockIdx.y, tid = threadIdx.x, d = A.d, S = A.n_splits;
     const uint32_t cw = min(d, blockDim.x), groups = blockDim.x / cw;
     float *w = reinterpret_cast<float *>(smem); // [S] exp(m_s - M)
-    float *wp = w + S;                         // [S] exp(mp_s - M), the plain part's weight
-    float *acc = wp + S;                       // [groups][d] plain sums
-    float *accr = acc + (size_t)groups * d;    // [groups][d] rotated sums
+    float *wp = w + S;                          // [S] exp(mp_s - M), the plain part's weight
+    float *acc = wp + S;                        // [groups][d] plain sums
+    float *accr = acc + (size_t)groups * d;     // [groups][d] rotated sums
     const size_t base = (size_t)item * S;
 
     float mx = -INFINITY, anyr = 0.0f;
@@ -886,8 +886,7 @@ __device__ __forceinline__ float h2f_at(const uint8_t *p)
 }
 
 /* N 32-bit words from a shared address aligned to min(16, 4 N) bytes. */
-template <int N>
-__device__ __forceinline__ void lds_words(const uint8_t *p, uint32_t *w)
+template <int N> __device__ __forceinline__ void lds_words(const uint8_t *p, uint32_t *w)
 {
     if (N % 4 == 0) {
 #pragma unroll
@@ -904,8 +903,7 @@ __device__ __forceinline__ void lds_words(const uint8_t *p, uint32_t *w)
 }
 
 /* FP16 pair hp of a key lane's words (codes as FP16, or FP16 keys). */
-template <int OPT>
-__device__ __forceinline__ uint32_t k_pair(const uint32_t *w, int hp)
+template <int OPT> __device__ __forceinline__ uint32_t k_pair(const uint32_t *w, int hp)
 {
     if (OPT == 0)
         return w[hp];
@@ -923,9 +921,9 @@ __device__ __forceinline__ uint32_t v_pair(const uint32_t *w0, const uint32_t *w
     if (OPT == 0)
         return __byte_perm(w0[x / 2], w1[x / 2], (x % 2) ? 0x7632 : 0x5410);
     if (OPT == 1)
-        return sub1024((__byte_perm(w0[x / 4], w1[x / 4], (x % 4) | ((4 + x % 4) << 8)) &
-                        0x00ff00ffu) |
-                       0x64006400u);
+        return sub1024(
+            (__byte_perm(w0[x / 4], w1[x / 4], (x % 4) | ((4 + x % 4) << 8)) & 0x00ff00ffu) |
+            0x64006400u);
     if (OPT == 2) {
         const uint32_t y = __byte_perm(w0[x / 8], w1[x / 8], (x % 8) < 4 ? 0x5410 : 0x7632);
         return sub1024(((y >> (4 * (x % 4))) & 0x000f000fu) | 0x64006400u);
@@ -955,8 +953,7 @@ __device__ __forceinline__ void mma_load_a(const uint8_t *tp, uint32_t odd,
 
 /* Per-warp running state of one pass: this lane's part of the softmax of row r = g & 3 and of
  * O^T (rows 2kq, 2kq + 1 of the hi/lo columns; channels g D/8 + u and g D/8 + D/16 + u). */
-template <int D>
-struct mma_state {
+template <int D> struct mma_state {
     float m, l, pz;
     float acc[D / 16][4];
 };
@@ -968,9 +965,9 @@ __device__ void mma_tokens(const attn_params &A, const uint8_t *slots, uint32_t 
                            uint32_t tb, uint32_t te, const uint8_t *tab, const float *qz,
                            const float *qsp, uint32_t P, mma_state<D> &st)
 {
-    constexpr int KS = D / 16;                                  // k steps (and m tiles)
+    constexpr int KS = D / 16;                                 // k steps (and m tiles)
     constexpr int KB = OPT == 0 ? 0 : D * opt_kbits(OPT) / 32; // key bytes per lane
-    constexpr int VB = D * opt_vbits(OPT) / 64;                 // value bytes per lane
+    constexpr int VB = D * opt_vbits(OPT) / 64;                // value bytes per lane
     constexpr int VW = VB >= 4 ? VB / 4 : 1;
     const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const uint32_t g = lane >> 2, kq = lane & 3, r = g & 3;
@@ -1163,8 +1160,9 @@ __device__ void mma_table(const attn_params &A, const uint8_t *slots, uint32_t s
                     x1 = 0.0f;
             }
         }
-        *reinterpret_cast<uint32_t *>(tab + sl * TABS + r * RS + ((w / 4) ^ (r & 1)) * 64 + kq * 16 +
-                                      (w % 4) * 4) = pack_h2(split_part(x0, hl), split_part(x1, hl));
+        *reinterpret_cast<uint32_t *>(tab + sl * TABS + r * RS + ((w / 4) ^ (r & 1)) * 64 +
+                                      kq * 16 + (w % 4) * 4) =
+            pack_h2(split_part(x0, hl), split_part(x1, hl));
     }
     if (OPT == 0)
         return;
@@ -1208,8 +1206,7 @@ __device__ void mma_page(const attn_params &A, const uint8_t *pg, const page_hdr
         const uint32_t ns = min(A.m_ts, h.n_slots - s0);
         mma_table<D, OPT>(A, slots, sb, s0, ns, qq, tab, qz, qsp, P);
         __syncthreads();
-        mma_tokens<D, OPT>(A, slots, sb, s0, s0 * G, min(ntok, (s0 + ns) * G), tab, qz, qsp, P,
-                           st);
+        mma_tokens<D, OPT>(A, slots, sb, s0, s0 * G, min(ntok, (s0 + ns) * G), tab, qz, qsp, P, st);
         __syncthreads(); // the table is rebuilt next
     }
 }
@@ -1240,8 +1237,8 @@ __device__ __forceinline__ int mma_page_kind(const attn_params &A, uint32_t pid,
 /* Starts the asynchronous copy of the used bytes of page pid into dst (FP16 pages swizzled)
  * when pass attends it; always commits one group. */
 template <int D>
-__device__ __forceinline__ void mma_stage(const attn_params &A, uint32_t pid, uint4 hraw,
-                                          int pass, uint8_t *dst)
+__device__ __forceinline__ void mma_stage(const attn_params &A, uint32_t pid, uint4 hraw, int pass,
+                                          uint8_t *dst)
 {
     if (mma_page_kind(A, pid, hraw, pass) == 2) {
         const page_hdr h = parse_hdr(hraw);
@@ -1344,8 +1341,7 @@ __device__ void mma_finish(const attn_params &A, mma_state<D> &st, uint8_t *red_
             st.acc[u][k] = 0.0f;
 }
 
-template <int D>
-__global__ void __launch_bounds__(kMmaThreads, 3) attend_mma_kernel(attn_params A)
+template <int D> __global__ void __launch_bounds__(kMmaThreads, 3) attend_mma_kernel(attn_params A)
 {
     extern __shared__ __align__(16) uint8_t smem[];
     float *qf = reinterpret_cast<float *>(smem + A.m_off_q); // [4][D] q (pass 1: H q), * scale
@@ -1440,8 +1436,8 @@ __global__ void __launch_bounds__(kMmaThreads, 3) attend_mma_kernel(attn_params 
         __pipeline_wait_prior(0);
         __syncthreads();
         if (pass == 0)
-            mma_finish<D>(A, st, smem, A.ws_acc + slot * rows * D, A.ws_mp + slot * rows,
-                          !any_rot, slot);
+            mma_finish<D>(A, st, smem, A.ws_acc + slot * rows * D, A.ws_mp + slot * rows, !any_rot,
+                          slot);
         else
             mma_finish<D>(A, st, smem, A.ws_accr + slot * rows * D, NULL, true, slot);
     }
@@ -1472,8 +1468,8 @@ typedef void (*split_kernel_t)(attn_params);
 /* The instance of kernel 1 for a GQA group size (1..8) and channels per lane (8 or 16). */
 split_kernel_t split_kernel(uint32_t rows, uint32_t cpt)
 {
-#define KVC_SPLIT_CASE(n)                                                                      \
-    case n:                                                                                    \
+#define KVC_SPLIT_CASE(n)                                                                          \
+    case n:                                                                                        \
         return cpt == 8 ? attend_split_kernel<n, 8> : attend_split_kernel<n, 16>;
     switch (rows) {
         KVC_SPLIT_CASE(1)
@@ -1571,8 +1567,7 @@ fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt,
     size_t red = (size_t)tpb * rows * d * sizeof(float);
     if (red > pl->buf_bytes)
         pl->buf_bytes = red;
-    pl->smem_split =
-        pl->buf_bytes + (2 * (size_t)rows * d + (size_t)rows * kChunk) * sizeof(float);
+    pl->smem_split = pl->buf_bytes + (2 * (size_t)rows * d + (size_t)rows * kChunk) * sizeof(float);
     int optin = 0;
     st = kvc_cuda_status(
         cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
@@ -1592,8 +1587,7 @@ fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt,
             &per_sm, pl->kernel, kThreads, pl->smem_split));
     if (st != FY_OK)
         return st;
-    const uint64_t resident =
-        (uint64_t)(sms > 0 ? sms : 1) * (uint64_t)(per_sm > 0 ? per_sm : 1);
+    const uint64_t resident = (uint64_t)(sms > 0 ? sms : 1) * (uint64_t)(per_sm > 0 ? per_sm : 1);
     pl->n_splits = choose_splits(items, resident, bt->max_list_pages);
     uint32_t max_splits = pl->n_splits; // the workspace fits either kernel's split
 
@@ -1619,9 +1613,8 @@ fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt,
         pl->smem_mma = off;
         int mper = 0;
         if (pl->smem_mma + 1024 <= (size_t)optin) {
-            st = kvc_cuda_status(cudaFuncSetAttribute(pl->mma_kernel,
-                                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                      (int)pl->smem_mma));
+            st = kvc_cuda_status(cudaFuncSetAttribute(
+                pl->mma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pl->smem_mma));
             if (st == FY_OK)
                 st = kvc_cuda_status(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
                     &mper, pl->mma_kernel, kMmaThreads, pl->smem_mma));
@@ -1675,7 +1668,8 @@ extern "C" void kvc_gpu_pool_view(const kvc_gpu_pool_t *pool, kvc_gpu_pages_t *v
     view_p->protect = kvc_gpu_pool_protect(pool);
 }
 
-/* What make_plan says of a pool and batch: the workspace bytes or the kernel (either may be NULL). */
+/* What make_plan says of a pool and batch: the workspace bytes or the kernel (either may be NULL).
+ */
 static fy_status_t plan_query(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *batch,
                               size_t *bytes_p, uint32_t *impl_p)
 {
@@ -1698,8 +1692,7 @@ extern "C" fy_status_t kvc_attend_batch_cuda_workspace(const kvc_gpu_pages_t *po
 }
 
 extern "C" fy_status_t kvc_attend_batch_cuda_impl(const kvc_gpu_pages_t *pool,
-                                                  const kvc_attend_batch_t *batch,
-                                                  uint32_t *impl_p)
+                                                  const kvc_attend_batch_t *batch, uint32_t *impl_p)
 {
     return impl_p == NULL ? FY_ERR_INVALID_ARG : plan_query(pool, batch, NULL, impl_p);
 }
@@ -1768,13 +1761,13 @@ extern "C" fy_status_t kvc_attend_batch_cuda(const kvc_gpu_pages_t *pool,
         return st;
     if (pl.smem_combine > 48 * 1024) {
         st = kvc_cuda_status(cudaFuncSetAttribute(attend_combine_kernel,
-                                              cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                              (int)pl.smem_combine));
+                                                  cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                  (int)pl.smem_combine));
         if (st != FY_OK)
             return st;
     }
-    attend_combine_kernel<<<dim3(pl.n_items, pl.rows), kCombThreads, pl.smem_combine, s>>>(
-        A, pl.rows);
+    attend_combine_kernel<<<dim3(pl.n_items, pl.rows), kCombThreads, pl.smem_combine, s>>>(A,
+                                                                                           pl.rows);
     return kvc_cuda_status(cudaGetLastError());
 }
 
@@ -1785,8 +1778,8 @@ extern "C" fy_status_t kvc_attend_batch_cuda_bad_pages(const void *workspace, vo
         return FY_ERR_INVALID_ARG;
     uint32_t n = 0;
     cudaStream_t s = static_cast<cudaStream_t>(stream);
-    fy_status_t st = kvc_cuda_status(cudaMemcpyAsync(&n, workspace, sizeof(n),
-                                                 cudaMemcpyDeviceToHost, s));
+    fy_status_t st =
+        kvc_cuda_status(cudaMemcpyAsync(&n, workspace, sizeof(n), cudaMemcpyDeviceToHost, s));
     if (st == FY_OK)
         st = kvc_cuda_status(cudaStreamSynchronize(s));
     if (st != FY_OK)

@@ -33,6 +33,7 @@ struct kvc_encoder {
     uint8_t *backbone;  // [n_tokens] 1 = HEX backbone token
     kvc_scores_t scores;
     float cost[KVC_OPT_COUNT]; // amortized bytes per token of each option
+    float lcost[KVC_OPT_COUNT]; // the same divided by this layer's distortion weight
 };
 
 static const float k_rank_pen[KVC_OPT_COUNT] = {0, 1.5e-5f, 4.4e-3f, 5.8e-2f, 1.1e-1f, 1.0f};
@@ -46,6 +47,36 @@ void kvc_encoder_params_default(kvc_encoder_params_t *p)
 static size_t frame_fixed_bytes(uint32_t n_kv, uint32_t n)
 {
     return KVC_FRAME_HEADER_BYTES + FY_ALIGN_UP((size_t)n_kv * kvc_map_bytes(n), 8) + 4;
+}
+
+/* weight_l^ex of a calibrated policy (1 without calibration or with ex 0). A layer that
+ * measured no loss at all still weighs a little, so its share and distortion stay positive. */
+static double layer_factor(const kvc_policy_t *pol, uint32_t layer, float ex)
+{
+    if (pol->n_layer_weights == 0 || ex == 0 || layer >= pol->n_layer_weights)
+        return 1;
+    return pow(fmax((double)pol->layer_weight[layer], 1e-3), (double)ex);
+}
+
+/* The calibrated multiplier of layer 0 at budget b, interpolated in log-log between the
+ * table's budgets (clamped at its ends); < 0 without a table. */
+static double lambda_start(const kvc_policy_t *pol, double b)
+{
+    uint32_t n = pol->n_lambdas;
+    if (n == 0 || !(b > 0))
+        return -1;
+    const double *x = pol->lambda_budget, *y = pol->lambda_first;
+    if (b <= x[0] || n == 1)
+        return y[0];
+    if (b >= x[n - 1])
+        return y[n - 1];
+    uint32_t i = 1;
+    while (x[i] < b)
+        i++;
+    if (!(y[i - 1] > 0 && y[i] > 0)) // no log of 0: the nearer end
+        return b - x[i - 1] < x[i] - b ? y[i - 1] : y[i];
+    double t = log(b / x[i - 1]) / log(x[i] / x[i - 1]);
+    return exp(log(y[i - 1]) + t * log(y[i] / y[i - 1]));
 }
 
 static bool is_backbone(const kvc_policy_t *pol, uint32_t t, uint32_t n)
@@ -93,6 +124,9 @@ fy_status_t kvc_encoder_create(const kvc_encoder_params_t *p, kvc_encoder_t **en
         return FY_ERR_INVALID_ARG; // Hadamard needs a power of two
     if (p->policy->protect_channels >= d)
         return FY_ERR_INVALID_ARG;
+    // A calibration belongs to one model: its layer count must be this one's.
+    if (p->policy->n_layer_weights != 0 && p->policy->n_layer_weights != p->n_layers)
+        return FY_ERR_INVALID_ARG;
     kvc_encoder_t *e = calloc(1, sizeof(*e));
     if (e == NULL)
         return FY_ERR_NO_MEMORY;
@@ -100,7 +134,13 @@ fy_status_t kvc_encoder_create(const kvc_encoder_params_t *p, kvc_encoder_t **en
     e->policy = *p->policy;
     e->p.policy = &e->policy;
     e->budget = p->budget >= 0 ? p->budget : e->policy.budget;
+    // With a calibrated multiplier the rate controller tries it on layer 0 before solving;
+    // the table was measured with unscaled distortion, hence the factor (cost / gamma_0 at
+    // lambda x gamma_0 decides as cost at lambda).
     e->lambda_prev = -1;
+    if (e->budget > 0 && lambda_start(&e->policy, e->budget) >= 0)
+        e->lambda_prev = lambda_start(&e->policy, e->budget) *
+                         layer_factor(&e->policy, 0, e->policy.layer_gamma);
     e->n_items = (size_t)p->n_kv_heads * p->n_tokens;
     uint64_t fp16_layer = 4ull * p->n_kv_heads * p->n_tokens * d;
     e->total_budget = e->budget > 0 ? (uint64_t)floor(e->budget * (double)fp16_layer *
@@ -356,14 +396,14 @@ static double assign(const kvc_encoder_t *e, double lambda, uint8_t *choice)
         for (int o = KVC_OPT_COUNT - 1; o >= 0; o--) { // cheapest first: ties go cheap
             if (!(mask & (1u << o)))
                 continue;
-            double v = (double)D[o] + lambda * (double)e->cost[o];
+            double v = (double)D[o] + lambda * (double)e->lcost[o];
             if (best < 0 || v < bv) {
                 best = o;
                 bv = v;
             }
         }
         choice[i] = (uint8_t)best;
-        total += e->cost[best];
+        total += e->lcost[best];
     }
     return total;
 }
@@ -424,9 +464,9 @@ static size_t greedy_fill(kvc_encoder_t *e, size_t total, size_t target)
             float best = 0;
             int bo = -1;
             for (int o = 0; o < KVC_OPT_COUNT; o++) {
-                if (!(e->allowed[i] & (1u << o)) || e->cost[o] <= e->cost[cur])
+                if (!(e->allowed[i] & (1u << o)) || e->lcost[o] <= e->lcost[cur])
                     continue;
-                float r = (D[cur] - D[o]) / (e->cost[o] - e->cost[cur]);
+                float r = (D[cur] - D[o]) / (e->lcost[o] - e->lcost[cur]);
                 if (r > best) {
                     best = r;
                     bo = o;
@@ -662,6 +702,21 @@ void kvc_encoder_opt_inputs(const kvc_encoder_t *e, uint32_t layer, kvc_opt_inpu
                      ? 0
                      : (double)(e->total_budget - FY_MIN(e->spent, e->total_budget));
     oi->lambda_prev = e->lambda_prev;
+    // Calibrated distortion weight gamma_l: D x gamma at cost is D at cost / gamma, so the
+    // multiplier carried from layer to layer stays one global price of a byte.
+    double gamma = layer_factor(&e->policy, layer, e->policy.layer_gamma);
+    if (gamma != 1)
+        for (int o = 0; o < KVC_OPT_COUNT; o++)
+            oi->cost[o] = (float)(e->cost[o] / gamma);
+    // Calibrated byte shares: layer l's share of what is left is a_l / sum of a_j over the
+    // layers left, a_j = weight_j^layer_alloc (equal shares without a calibration).
+    oi->share = oi->r > 0 ? oi->remain / oi->r : 0;
+    if (!oi->no_budget && e->policy.n_layer_weights != 0 && e->policy.layer_alloc != 0) {
+        double left = 0;
+        for (uint32_t l = layer; l < e->p.n_layers; l++)
+            left += layer_factor(&e->policy, l, e->policy.layer_alloc);
+        oi->share = oi->remain * layer_factor(&e->policy, layer, e->policy.layer_alloc) / left;
+    }
 }
 
 void kvc_encoder_set_lambda(kvc_encoder_t *e, double lambda)
@@ -679,6 +734,7 @@ fy_status_t kvc_encoder_choose(kvc_encoder_t *e, const kvc_layer_input_t *in,
     bool no_budget = oi.no_budget;
     uint32_t r = oi.r;
     double remain = oi.remain;
+    memcpy(e->lcost, oi.cost, sizeof(e->lcost));
     bool pins = true;
     bool measured = e->policy.dist == KVC_DIST_TRIAL || e->policy.dist == KVC_DIST_MODEL;
     double lambda = 0;
@@ -709,7 +765,7 @@ fy_status_t kvc_encoder_choose(kvc_encoder_t *e, const kvc_layer_input_t *in,
         assign_cheapest(e, true, e->tmp_choice);
         double floor_l = (double)exact_bytes(e, e->tmp_choice);
         double cap = remain - (double)(r - 1) * floor_l;
-        double share = remain / r;
+        double share = oi.share;
         if (r > 1)
             cap = FY_MIN(cap, share * (1 + e->policy.rate_flex));
         if (floor_l > cap) {

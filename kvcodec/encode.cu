@@ -36,10 +36,10 @@ extern "C" {
 #include <cub/device/device_radix_sort.cuh>
 namespace cg = cooperative_groups;
 
-#define CRC_CHUNK 4096u
+#define CRC_CHUNK     4096u
 #define STATS_THREADS 64
 #define QUANT_THREADS 128
-#define ROT_THREADS 256
+#define ROT_THREADS   256
 
 /* Table slots in the device/host table buffer, each [n_kv][n]. */
 enum { TAB_DEV = 0, TAB_EK8, TAB_EV8, TAB_EK4, TAB_EV4, TAB_EK2, TAB_EV2, TAB_COUNT };
@@ -67,7 +67,7 @@ typedef struct {
     double lambda;
     unsigned long long total, target; // greedy fill: frame bytes of the choice and the cap
     int budget_met, need_greedy;
-    double dist; // the distortion of the final choice
+    double dist;              // the distortion of the final choice
     double part[DIST_BLOCKS]; // its per-block partial sums
 } opt_out_t;
 
@@ -79,39 +79,39 @@ struct kvc_encoder_cuda {
     size_t n_items;
     size_t max_chunks;
     // device
-    float *d_kr, *d_vr;     // [n_kv][n][d] rotated K, V (rotating policies)
-    float *d_tab;           // [TAB_COUNT][n_kv][n]
-    uint32_t *d_tok;        // [n_items] token indices of the quantized groups
-    work_t *d_work;         // [n_items]
-    uint32_t *d_crc;        // [max_chunks]
-    kvc_scores_t d_scores;  // own scores when the caller passes none
+    float *d_kr, *d_vr;    // [n_kv][n][d] rotated K, V (rotating policies)
+    float *d_tab;          // [TAB_COUNT][n_kv][n]
+    uint32_t *d_tok;       // [n_items] token indices of the quantized groups
+    work_t *d_work;        // [n_items]
+    uint32_t *d_crc;       // [max_chunks]
+    kvc_scores_t d_scores; // own scores when the caller passes none
     // host, pinned
-    float *h_tab;           // [TAB_COUNT][n_kv][n]
-    uint32_t *h_tok;        // [n_items]
-    work_t *h_work;         // [n_items]
-    uint32_t *h_crc;        // [max_chunks + 1]; the last word stages the frame's CRC
-    uint8_t *h_head;        // header + maps
+    float *h_tab;                  // [TAB_COUNT][n_kv][n]
+    uint32_t *h_tok;               // [n_items]
+    work_t *h_work;                // [n_items]
+    uint32_t *h_crc;               // [max_chunks + 1]; the last word stages the frame's CRC
+    uint8_t *h_head;               // header + maps
     float *h_imp, *h_qsq, *h_obar; // host copies of the scores
     uint8_t *h_static;
-    uint64_t *h_plan;       // [4][n_kv][KVC_OPT_COUNT] payload planning scratch
+    uint64_t *h_plan; // [4][n_kv][KVC_OPT_COUNT] payload planning scratch
     // Device optimizer (opt_on: the device and shape allow it, else the host optimizer runs)
     bool opt_on;
-    unsigned opt_grid;           // blocks of the cooperative choose_kernel
-    float *d_dist;               // [n_items][KVC_OPT_COUNT]
-    uint8_t *d_opt8;             // [4][n_items]: allowed, choice, tmp, cand_opt
-    unsigned long long *d_cnt;   // [3][n_kv][8]
-    long long *d_gcnt;           // [n_kv][8]
-    float *d_dev_mean;           // [n_kv]
-    uint8_t *d_backbone;         // [n]
-    uint32_t *d_keys, *d_idx;    // [2][n_items] greedy candidates and their sorted order
+    unsigned opt_grid;         // blocks of the cooperative choose_kernel
+    float *d_dist;             // [n_items][KVC_OPT_COUNT]
+    uint8_t *d_opt8;           // [4][n_items]: allowed, choice, tmp, cand_opt
+    unsigned long long *d_cnt; // [3][n_kv][8]
+    long long *d_gcnt;         // [n_kv][8]
+    float *d_dev_mean;         // [n_kv]
+    uint8_t *d_backbone;       // [n]
+    uint32_t *d_keys, *d_idx;  // [2][n_items] greedy candidates and their sorted order
     void *d_sort_tmp;
     size_t sort_tmp_bytes;
-    opt_out_t *d_out, *h_out;    // device result and its pinned host copy
+    opt_out_t *d_out, *h_out; // device result and its pinned host copy
     // Frame layout (both optimizers)
-    plan_dev_t *d_plan, *h_lay;     // device layout and its pinned host copy
-    unsigned long long *d_hcnt;     // [n_kv][8]
-    unsigned long long *d_runs;     // [n_kv][8][3]
-    unsigned long long *d_scnt;     // [2][n_kv][n_seg][8] segment counts and bases
+    plan_dev_t *d_plan, *h_lay; // device layout and its pinned host copy
+    unsigned long long *d_hcnt; // [n_kv][8]
+    unsigned long long *d_runs; // [n_kv][8][3]
+    unsigned long long *d_scnt; // [2][n_kv][n_seg][8] segment counts and bases
     uint32_t n_seg;
     unsigned sms;
     // Stream time of the two GPU phases of the last layer: [0, 1] scoring + rotation +
@@ -248,12 +248,12 @@ typedef struct {
     kv_src_t src;
     const float *obar, *qsq; // [n_kv][d] device scores
     uint32_t n_kv, n, d, G;
-    int model;   // KVC_DIST_MODEL: every width modelled
-    int rotate;  // widths <= 4 use the rotated rows and the mean sensitivity
+    int model;  // KVC_DIST_MODEL: every width modelled
+    int rotate; // widths <= 4 use the rotated rows and the mean sensitivity
     int need8, need4, needv4, need2, needk2;
-    float *tab;  // [TAB_COUNT][n_kv][n]
-    int stage;   // the group's K and V rows of the 4/2-bit source staged in shared memory
-    int fused;   // with stage and rotate: the staged rows are rotated here (no rotated copy)
+    float *tab; // [TAB_COUNT][n_kv][n]
+    int stage;  // the group's K and V rows of the 4/2-bit source staged in shared memory
+    int fused;  // with stage and rotate: the staged rows are rotated here (no rotated copy)
     float rot_scale;
 } stats_args_t;
 
@@ -463,8 +463,8 @@ __global__ void stats_kernel(stats_args_t a)
  * bytes up to an aligned destination word, words assembled from the two aligned source words
  * around them (both hold bytes of the range, so they stay inside the allocation), single
  * bytes at the end. Threads `lane` of `width` share the work. */
-static __device__ void copy_bytes(uint8_t *dst, const uint8_t *src, uint32_t bytes,
-                                  uint32_t lane, uint32_t width)
+static __device__ void copy_bytes(uint8_t *dst, const uint8_t *src, uint32_t bytes, uint32_t lane,
+                                  uint32_t width)
 {
     uint32_t head = (uint32_t)((4 - ((uintptr_t)dst & 3)) & 3);
     if (head > bytes)
@@ -513,11 +513,11 @@ __global__ void f16_kernel(const work_t *work, const plan_dev_t *plan, const uin
 }
 
 typedef struct {
-    const work_t *work;         // every work item: the groups follow the FP16 tokens
-    const plan_dev_t *plan;     // how many of each
-    const uint32_t *tok; // token indices of the groups
+    const work_t *work;     // every work item: the groups follow the FP16 tokens
+    const plan_dev_t *plan; // how many of each
+    const uint32_t *tok;    // token indices of the groups
     kv_src_t src;
-    const float *qsq;     // [n_kv][d] device scores (MixKVQ salience of unrotated groups)
+    const float *qsq; // [n_kv][d] device scores (MixKVQ salience of unrotated groups)
     uint32_t n, d, P;
     int rotate;
     int stage; // the group's K and V rows are staged in dynamic shared memory (2 x G x d fp32)
@@ -539,9 +539,9 @@ static __device__ __forceinline__ void st16(uint8_t *p, uint16_t x)
 }
 
 /* Element c of the group's j-th token (t): from the staged rows, or read where it lives. */
-static __device__ __forceinline__ float g_x(const quant_args_t &a, const float *sk,
-                                            const float *sv, bool val, bool rot, uint32_t h,
-                                            uint32_t j, uint32_t t, uint32_t c)
+static __device__ __forceinline__ float g_x(const quant_args_t &a, const float *sk, const float *sv,
+                                            bool val, bool rot, uint32_t h, uint32_t j, uint32_t t,
+                                            uint32_t c)
 {
     if (a.stage)
         return (val ? sv : sk)[(size_t)j * a.d + c];
@@ -679,9 +679,10 @@ __global__ void quant_kernel(quant_args_t a)
             uint32_t byte = 0;
             for (uint32_t q = 0; q < per_k; q++) {
                 uint32_t c = c0 + q;
-                uint32_t code = s_prot[c] ? 0
-                                          : kvc_dev_quant_one(g_x(a, sk, sv, false, rot, h, j, s_tok[j], c),
-                                                              s_kz[c], s_kinv[c], kq);
+                uint32_t code =
+                    s_prot[c] ? 0
+                              : kvc_dev_quant_one(g_x(a, sk, sv, false, rot, h, j, s_tok[j], c),
+                                                  s_kz[c], s_kinv[c], kq);
                 byte |= code << (q * kb);
             }
             kc[i] = (uint8_t)byte;
@@ -703,8 +704,8 @@ __global__ void quant_kernel(quant_args_t a)
                 st16(pi + 2 * j, s_pidx[j]);
             for (uint32_t i = threadIdx.x; i < m * P; i += blockDim.x) {
                 uint32_t j = i / P, c = s_pidx[i % P];
-                pc[i] = (uint8_t)kvc_dev_quant_one(g_x(a, sk, sv, false, rot, h, j, s_tok[j], c), s_kz[c],
-                                                   s_kinv[c], 255.0f);
+                pc[i] = (uint8_t)kvc_dev_quant_one(g_x(a, sk, sv, false, rot, h, j, s_tok[j], c),
+                                                   s_kz[c], s_kinv[c], 255.0f);
             }
         }
     }
@@ -770,11 +771,11 @@ __global__ void crc_kernel(const uint8_t *buf, const plan_dev_t *plan, uint32_t 
  * ratio gives the CPU's ratio-then-index order) and one warp walks them 32 at a time, taking
  * the first that still fits and restarting behind it. */
 
-#define OPT_THREADS 256
-#define OPT_MAX_KV 64       // per-block byte-count histogram; more heads take the host optimizer
-#define GREEDY_CHUNK 4096
+#define OPT_THREADS    256
+#define OPT_MAX_KV     64 // per-block byte-count histogram; more heads take the host optimizer
+#define GREEDY_CHUNK   4096
 #define GREEDY_THREADS 256
-#define LAYOUT_SEG 2048 // tokens of a head per layout block (even: whole map bytes)
+#define LAYOUT_SEG     2048 // tokens of a head per layout block (even: whole map bytes)
 
 typedef struct {
     uint32_t n_kv, n, G;
@@ -797,10 +798,10 @@ typedef struct {
     // inputs
     const float *imp;
     const uint8_t *is_static, *backbone;
-    const float *tab; // [TAB_COUNT][n_kv][n]
+    const float *tab;      // [TAB_COUNT][n_kv][n]
     const float *dev_mean; // [n_kv]
     // work
-    float *dist;       // [n_items][KVC_OPT_COUNT]
+    float *dist; // [n_items][KVC_OPT_COUNT]
     uint8_t *allowed, *choice, *tmp, *cand_opt;
     unsigned long long *cnt; // [3][n_kv][8] count passes, rotating
     long long *gcnt;         // [n_kv][8] counts of the choice, kept by the greedy fill
@@ -818,7 +819,7 @@ static __device__ __forceinline__ double o_dmul(double a, double b)
 
 /* kvc_run_bytes from the byte model. */
 static __device__ __forceinline__ unsigned long long run_bytes(const opt_args_t &a, int o,
-                                                              unsigned long long count)
+                                                               unsigned long long count)
 {
     if (o == KVC_OPT_DROP || count == 0)
         return 0;
@@ -859,7 +860,7 @@ static __device__ void build_item(const opt_args_t &a, size_t it, bool pins)
     uint32_t h = (uint32_t)(it / a.n), t = (uint32_t)(it % a.n), n = a.n;
     float *D = a.dist + it * KVC_OPT_COUNT;
     float w = a.dist_kind == KVC_DIST_POSITION ? __fdiv_rn((float)(t + 1), (float)n)
-                                                : kadd(a.imp[it], a.prior);
+                                               : kadd(a.imp[it], a.prior);
     bool middle = t >= a.sinks && t + a.recent < n;
     if (a.stat_on && a.is_static[h] && middle)
         w = kmul(w, a.hybrid_factor);
@@ -929,9 +930,9 @@ enum { PASS_ASSIGN = 0, PASS_CHEAP = 1, PASS_CHEAP_NODROP = 2, PASS_COPY = 3 };
 /* One pass over every item: the choice by `mode` (written to dst when not NULL), its byte
  * counts per (head, option) added into count buffer `buf` (zero before the pass). Then the
  * grid synchronizes and every block returns the exact frame bytes of that choice. */
-static __device__ unsigned long long count_pass(const opt_args_t &a, cg::grid_group &grid,
-                                                int mode, double lambda, uint8_t *dst,
-                                                const uint8_t *src, int buf, unsigned *s_cnt,
+static __device__ unsigned long long count_pass(const opt_args_t &a, cg::grid_group &grid, int mode,
+                                                double lambda, uint8_t *dst, const uint8_t *src,
+                                                int buf, unsigned *s_cnt,
                                                 unsigned long long *s_total)
 {
     uint32_t nk8 = a.n_kv * 8;
@@ -947,9 +948,9 @@ static __device__ unsigned long long count_pass(const opt_args_t &a, cg::grid_gr
         int o = -1;
         uint32_t h = 0;
         if (live) {
-            o = mode == PASS_ASSIGN  ? assign_one(a, it, lambda)
-                : mode == PASS_COPY  ? (int)src[it]
-                                     : cheapest_one(a, it, mode == PASS_CHEAP);
+            o = mode == PASS_ASSIGN ? assign_one(a, it, lambda)
+                : mode == PASS_COPY ? (int)src[it]
+                                    : cheapest_one(a, it, mode == PASS_CHEAP);
             h = (uint32_t)(it / a.n);
             if (dst)
                 dst[it] = (uint8_t)o;
@@ -1003,7 +1004,8 @@ __global__ void __launch_bounds__(OPT_THREADS) choose_kernel(opt_args_t a)
     size_t stride = (size_t)gridDim.x * blockDim.x;
     size_t first = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     bool pins = true;
-#define PASS(mode, lam, dst, src) count_pass(a, grid, mode, lam, dst, src, buf++ % 3, s_cnt, &s_total)
+#define PASS(mode, lam, dst, src)                                                                  \
+    count_pass(a, grid, mode, lam, dst, src, buf++ % 3, s_cnt, &s_total)
     for (int attempt = 0; attempt < 2; attempt++, pins = false) {
         for (size_t it = first; it < a.n_items; it += stride)
             build_item(a, it, pins);
@@ -1132,8 +1134,8 @@ __global__ void cand_kernel(opt_args_t a, uint32_t *keys, uint32_t *idx)
  * them in shared memory, then evaluates GREEDY_THREADS at a time against the current state
  * (counts, frame bytes) and takes the first whose exact byte change still fits (the ones before
  * it do not fit under the same state, as on the CPU) and goes on right behind it. */
-__global__ void __launch_bounds__(GREEDY_THREADS) greedy_kernel(opt_args_t a, const uint32_t *keys,
-                                                                const uint32_t *idx)
+__global__ void __launch_bounds__(GREEDY_THREADS)
+    greedy_kernel(opt_args_t a, const uint32_t *keys, const uint32_t *idx)
 {
     __shared__ long long s_cnt[OPT_MAX_KV * 8];
     __shared__ uint32_t s_idx[GREEDY_CHUNK];
@@ -1281,7 +1283,7 @@ typedef struct {
 } plan_args_t;
 
 static __device__ __forceinline__ unsigned long long plan_run_bytes(const plan_args_t &a, int o,
-                                                                   unsigned long long count)
+                                                                    unsigned long long count)
 {
     if (o == KVC_OPT_DROP || count == 0)
         return 0;
@@ -1416,8 +1418,7 @@ __global__ void __launch_bounds__(256) scatter_kernel(plan_args_t a)
                 k += s_w[w][o];
             const unsigned long long *r = a.runs + ((size_t)h * 8 + o) * 3;
             if (o == KVC_OPT_F16) {
-                work_t wk = {r[0] + 4 * (unsigned long long)a.d * k, t, (uint16_t)h, (uint8_t)o,
-                             0};
+                work_t wk = {r[0] + 4 * (unsigned long long)a.d * k, t, (uint16_t)h, (uint8_t)o, 0};
                 a.work[r[1] + k] = wk;
             } else {
                 a.tok[r[2] + k] = t;
@@ -1567,9 +1568,9 @@ static fy_status_t opt_create(kvc_encoder_cuda_t *e)
     KVC_CUDA_GOTO(cudaGetDevice(&dev), st, fail);
     KVC_CUDA_GOTO(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev), st, fail);
     KVC_CUDA_GOTO(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), st, fail);
-    KVC_CUDA_GOTO(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, choose_kernel,
-                                                                 OPT_THREADS, 0),
-                  st, fail);
+    KVC_CUDA_GOTO(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, choose_kernel, OPT_THREADS, 0), st,
+        fail);
     if (!coop || per_sm < 1 || sms < 1)
         return FY_OK;
     {
@@ -1591,9 +1592,9 @@ static fy_status_t opt_create(kvc_encoder_cuda_t *e)
         KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_scnt, (size_t)2 * e->n_kv * e->n_seg * 8 * 8), st,
                       fail);
         KVC_CUDA_GOTO(cudaMallocHost((void **)&e->h_out, sizeof(opt_out_t)), st, fail);
-        KVC_CUDA_GOTO(cub::DeviceRadixSort::SortPairsDescending(
-                          NULL, e->sort_tmp_bytes, e->d_keys, e->d_keys + items, e->d_idx,
-                          e->d_idx + items, (int)items),
+        KVC_CUDA_GOTO(cub::DeviceRadixSort::SortPairsDescending(NULL, e->sort_tmp_bytes, e->d_keys,
+                                                                e->d_keys + items, e->d_idx,
+                                                                e->d_idx + items, (int)items),
                       st, fail);
         KVC_CUDA_GOTO(cudaMalloc(&e->d_sort_tmp, FY_MAX(e->sort_tmp_bytes, (size_t)16)), st, fail);
         kvc_opt_inputs_t oi;
@@ -1712,10 +1713,10 @@ static void plan_payload(kvc_encoder_cuda_t *e, size_t payload_off, size_t *n_f1
 {
     const uint8_t *choice = kvc_encoder_choice(e->enc);
     uint32_t n = e->n, d = e->d, G = e->G, P = e->P;
-    uint64_t *cnt = e->h_plan;                         // [n_kv][KVC_OPT_COUNT]
-    uint64_t *off = cnt + (size_t)e->n_kv * KVC_OPT_COUNT;   // frame offset of each run
-    uint64_t *wrk = off + (size_t)e->n_kv * KVC_OPT_COUNT;   // first work item of each run
-    uint64_t *tok = wrk + (size_t)e->n_kv * KVC_OPT_COUNT;   // first token slot of each run
+    uint64_t *cnt = e->h_plan;                             // [n_kv][KVC_OPT_COUNT]
+    uint64_t *off = cnt + (size_t)e->n_kv * KVC_OPT_COUNT; // frame offset of each run
+    uint64_t *wrk = off + (size_t)e->n_kv * KVC_OPT_COUNT; // first work item of each run
+    uint64_t *tok = wrk + (size_t)e->n_kv * KVC_OPT_COUNT; // first token slot of each run
     memset(cnt, 0, (size_t)e->n_kv * KVC_OPT_COUNT * sizeof(uint64_t));
     for (uint32_t h = 0; h < e->n_kv; h++) {
         const uint8_t *ch = choice + (size_t)h * n;
@@ -1868,9 +1869,9 @@ static fy_status_t opt_enqueue(kvc_encoder_cuda_t *e, uint32_t layer, const kvc_
     KVC_LAUNCH_GOTO(st, out);
     dist_final_kernel<<<1, DIST_BLOCKS, 0, cs>>>(e->d_out);
     KVC_LAUNCH_GOTO(st, out);
-    KVC_CUDA_GOTO(cudaMemcpyAsync(e->h_out, e->d_out, sizeof(opt_out_t), cudaMemcpyDeviceToHost,
-                                  cs),
-                  st, out);
+    KVC_CUDA_GOTO(
+        cudaMemcpyAsync(e->h_out, e->d_out, sizeof(opt_out_t), cudaMemcpyDeviceToHost, cs), st,
+        out);
 out:
     return st;
 }
@@ -1923,8 +1924,8 @@ out:
 
 extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
                                                      const kvc_layer_input_t *in,
-                                                     const kvc_scores_t *scores,
-                                                     uint8_t *out, size_t out_cap, size_t *len_p,
+                                                     const kvc_scores_t *scores, uint8_t *out,
+                                                     size_t out_cap, size_t *len_p,
                                                      kvc_layer_info_t *info_p, void *stream)
 {
     if (e == NULL || out == NULL || len_p == NULL)
@@ -1970,9 +1971,8 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
         KVC_CUDA_GOTO(cudaMemcpyAsync(e->h_obar, sc->obar, (size_t)n_kv * d * sizeof(float),
                                       cudaMemcpyDeviceToHost, cs),
                       st, out);
-        KVC_CUDA_GOTO(
-            cudaMemcpyAsync(e->h_static, sc->is_static, n_kv, cudaMemcpyDeviceToHost, cs), st,
-            out);
+        KVC_CUDA_GOTO(cudaMemcpyAsync(e->h_static, sc->is_static, n_kv, cudaMemcpyDeviceToHost, cs),
+                      st, out);
     }
     kv_src_t src;
     src.k = in->k;
@@ -1987,8 +1987,8 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
         int wpb = ROT_THREADS / 32;
         size_t rows = (size_t)2 * plane;
         rotate_kernel<<<kvc_grid(rows, wpb), ROT_THREADS, (size_t)wpb * d * sizeof(float), cs>>>(
-            in->k, in->v, in->head_stride, in->token_stride, n_kv, n, d,
-            rot_scale, e->d_kr, e->d_vr);
+            in->k, in->v, in->head_stride, in->token_stride, n_kv, n, d, rot_scale, e->d_kr,
+            e->d_vr);
         KVC_LAUNCH_GOTO(st, out);
     }
     if (measured) {
@@ -2081,8 +2081,8 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
         for (int o = 0; o < KVC_OPT_COUNT; o++)
             hp->tokens[o] = tokens[o];
         KVC_CUDA_GOTO(cudaEventRecord(e->ev[2], cs), st, out);
-        KVC_CUDA_GOTO(cudaMemcpyAsync(e->d_plan, hp, sizeof(*hp), cudaMemcpyHostToDevice, cs),
-                      st, out);
+        KVC_CUDA_GOTO(cudaMemcpyAsync(e->d_plan, hp, sizeof(*hp), cudaMemcpyHostToDevice, cs), st,
+                      out);
         KVC_CUDA_GOTO(cudaMemcpyAsync(out, e->h_head, head, cudaMemcpyHostToDevice, cs), st, out);
         if (n_work > 0)
             KVC_CUDA_GOTO(cudaMemcpyAsync(e->d_work, e->h_work, n_work * sizeof(work_t),

@@ -80,6 +80,10 @@ typedef enum {
     KVC_DIST_MODEL = 3,
 } kvc_dist_t;
 
+/* Limits of a policy's calibration tables. */
+#define KVC_POLICY_MAX_LAYERS 256
+#define KVC_POLICY_MAX_LAMBDAS 16
+
 /* What a policy decides. Policies are data: kvc_policy_parse_json reads the same fields. */
 typedef struct {
     char name[32];
@@ -106,6 +110,16 @@ typedef struct {
     float prior;          // trial/model distortion: every token's importance gets prior / n
                           // added, the attention of queries after the window spread evenly
                           // over the prompt (0 = window attention alone)
+    /* Calibration (`ferry calibrate`, docs/kvcodec-policies.md §4): per-layer sensitivity
+     * weights and the rate controller's first multiplier per budget. Nothing here acts while
+     * n_layer_weights and n_lambdas are 0 (every built-in policy). */
+    uint32_t n_layer_weights; // layers calibrated; must equal the model's layers when > 0
+    float layer_weight[KVC_POLICY_MAX_LAYERS]; // sensitivity of each layer (> 0, mean ~1)
+    float layer_alloc;  // byte share of layer l proportional to weight_l^layer_alloc (0 = equal)
+    float layer_gamma;  // distortion of layer l scaled by weight_l^layer_gamma (0 = unscaled)
+    uint32_t n_lambdas; // entries of the multiplier table
+    double lambda_budget[KVC_POLICY_MAX_LAMBDAS]; // b of each entry, increasing
+    double lambda_first[KVC_POLICY_MAX_LAMBDAS];  // layer 0's multiplier at that b
 } kvc_policy_t;
 
 /* The `ferry` defaults (all options, G 32, sinks 4, recent 16, W 32, pool 7, prior 4,
@@ -127,9 +141,17 @@ fy_status_t kvc_policy_validate(const kvc_policy_t *policy, char *err, size_t er
  * text need not be NUL-terminated. Thread: any. */
 fy_status_t kvc_policy_parse_json(const char *text, size_t len, kvc_policy_t *policy_p,
                                   char *err, size_t err_len);
-/* Reads and parses a policy file. Thread: any. */
+/* Reads and parses a policy file; a "calibration" path in it is read relative to the
+ * file's directory. Thread: any. */
 fy_status_t kvc_policy_load_file(const char *path, kvc_policy_t *policy_p, char *err,
                                  size_t err_len);
+/* Reads a calibration file (`ferry calibrate`'s .calibration.json: "layer_weights", and
+ * "lambda" entries with "budget" and "lambda_first") into the policy's calibration fields;
+ * the policy's other fields stay. FY_ERR_IO when it cannot be read, FY_ERR_FORMAT with a
+ * message naming the file and the key when it is malformed; *policy_p is unchanged on error.
+ * Thread: any. */
+fy_status_t kvc_policy_load_calibration(const char *path, kvc_policy_t *policy_p, char *err,
+                                        size_t err_len);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Scoring                                                                                     */

@@ -61,8 +61,7 @@ typedef struct kvc_encoder_cuda kvc_encoder_cuda_t;
 /* Same parameters and rate controller as kvc_encoder_create; allocates the device scratch for
  * one layer of params->n_tokens tokens once. Makes the current device the encoder's device.
  * Thread: any. */
-fy_status_t kvc_encoder_cuda_create(const kvc_encoder_params_t *params,
-                                    kvc_encoder_cuda_t **enc_p);
+fy_status_t kvc_encoder_cuda_create(const kvc_encoder_params_t *params, kvc_encoder_cuda_t **enc_p);
 /* Accepts NULL. */
 void kvc_encoder_cuda_destroy(kvc_encoder_cuda_t *enc);
 
@@ -80,8 +79,8 @@ size_t kvc_encoder_cuda_max_frame_bytes(const kvc_encoder_cuda_t *enc);
  * per request). */
 fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *enc, const kvc_layer_input_t *in_dev,
                                           const kvc_scores_t *scores_dev, uint8_t *out_dev,
-                                          size_t out_cap, size_t *len_p,
-                                          kvc_layer_info_t *info_p, void *stream);
+                                          size_t out_cap, size_t *len_p, kvc_layer_info_t *info_p,
+                                          void *stream);
 
 /* Stream time the last encode_layer_cuda spent in its GPU phases (scoring, rotation,
  * distortion tables and the optimizer; layout, payload and CRC), in ns; the rest of its wall
@@ -89,8 +88,7 @@ fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *enc, const kvc_lay
 uint64_t kvc_encoder_cuda_last_gpu_ns(const kvc_encoder_cuda_t *enc);
 
 /* Cumulative frame bytes and the request's byte budget (as kvc_encoder_totals). */
-void kvc_encoder_cuda_totals(const kvc_encoder_cuda_t *enc, uint64_t *bytes_p,
-                             uint64_t *budget_p);
+void kvc_encoder_cuda_totals(const kvc_encoder_cuda_t *enc, uint64_t *bytes_p, uint64_t *budget_p);
 
 /* ------------------------------------------------------------------------------------------ */
 /* GPU page pool, sequences and placement                                                      */
@@ -130,8 +128,7 @@ uint32_t kvc_gpu_page_refcount(const kvc_gpu_pool_t *pool, kvc_page_id_t id);
  * page (the twin of kvc_seq_t). pool is borrowed and must outlive the sequence. Thread: any. */
 typedef struct kvc_gpu_seq kvc_gpu_seq_t;
 fy_status_t kvc_gpu_seq_create(kvc_gpu_pool_t *pool, uint32_t n_layers, uint32_t n_kv_heads,
-                               uint64_t model_fingerprint, uint64_t seq_id,
-                               kvc_gpu_seq_t **seq_p);
+                               uint64_t model_fingerprint, uint64_t seq_id, kvc_gpu_seq_t **seq_p);
 /* Drops every page reference; accepts NULL. */
 void kvc_gpu_seq_destroy(kvc_gpu_seq_t *seq);
 /* Page list of (layer, head) (host memory), valid until the list changes. */
@@ -240,14 +237,14 @@ void kvc_gpu_pool_view(const kvc_gpu_pool_t *pool, kvc_gpu_pages_t *view_p);
  * is page_ids[list_start[i] .. list_start[i + 1]). Query rows of list i are the GQA group
  * q[b][h * g .. h * g + g - 1] with g = n_heads / n_kv_heads (as kvc_attend_layer maps them). */
 typedef struct {
-    uint32_t batch;      // sequences, >= 1
-    uint32_t n_heads;    // query heads per sequence
-    uint32_t n_kv_heads; // page lists per sequence; n_heads / n_kv_heads must be 1..8
+    uint32_t batch;                // sequences, >= 1
+    uint32_t n_heads;              // query heads per sequence
+    uint32_t n_kv_heads;           // page lists per sequence; n_heads / n_kv_heads must be 1..8
     const uint32_t *list_start;    // device: [batch * n_kv_heads + 1], non-decreasing
     const kvc_page_id_t *page_ids; // device: [list_start[batch * n_kv_heads]]
-    uint32_t max_list_pages; // the longest list (sizes the split of each list over thread
-                             // blocks; longer lists are still attended in full, more slowly)
-    uint32_t impl;           // KVC_ATTEND_IMPL_*: 0 (AUTO) unless a test or benchmark asks
+    uint32_t max_list_pages;       // the longest list (sizes the split of each list over thread
+                                   // blocks; longer lists are still attended in full, more slowly)
+    uint32_t impl;                 // KVC_ATTEND_IMPL_*: 0 (AUTO) unless a test or benchmark asks
 } kvc_attend_batch_t;
 
 /* Kernels of kvc_attend_batch_cuda. AUTO: the environment variable FERRY_ATTEND_IMPL ("simt" or
@@ -258,8 +255,8 @@ enum { KVC_ATTEND_IMPL_AUTO = 0, KVC_ATTEND_IMPL_SIMT = 1, KVC_ATTEND_IMPL_MMA =
 
 /* The kernel (KVC_ATTEND_IMPL_SIMT or _MMA) kvc_attend_batch_cuda runs for this pool and batch.
  * Thread: any. */
-fy_status_t kvc_attend_batch_cuda_impl(const kvc_gpu_pages_t *pool,
-                                       const kvc_attend_batch_t *batch, uint32_t *impl_p);
+fy_status_t kvc_attend_batch_cuda_impl(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *batch,
+                                       uint32_t *impl_p);
 
 /* Bytes of device workspace kvc_attend_batch_cuda needs for this pool and batch shape.
  * Thread: any. */
@@ -272,9 +269,10 @@ fy_status_t kvc_attend_batch_cuda_workspace(const kvc_gpu_pages_t *pool,
  * combines the partials. Same result as kvc_attend per list (rotated pages: H q for the logits,
  * the rotated part of the accumulator rotated back once). An empty list gives zeros.
  * q: device [batch][n_heads][head_dim] fp32; out: device, same shape. workspace: device,
- * 256-byte aligned (cudaMalloc is), workspace_bytes >= kvc_attend_batch_cuda_workspace(). All pointers borrowed until the stream
- * reaches the end of the work queued here. Pages whose id or header is invalid are skipped and
- * counted (kvc_attend_batch_cuda_bad_pages). Thread: any; one call per workspace at a time. */
+ * 256-byte aligned (cudaMalloc is), workspace_bytes >= kvc_attend_batch_cuda_workspace(). All
+ * pointers borrowed until the stream reaches the end of the work queued here. Pages whose id or
+ * header is invalid are skipped and counted (kvc_attend_batch_cuda_bad_pages). Thread: any; one
+ * call per workspace at a time. */
 fy_status_t kvc_attend_batch_cuda(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *batch,
                                   const float *q, float scale, float *out, void *workspace,
                                   size_t workspace_bytes, void *stream);
@@ -282,8 +280,7 @@ fy_status_t kvc_attend_batch_cuda(const kvc_gpu_pages_t *pool, const kvc_attend_
 /* Waits for the stream and reports how many pages the last kvc_attend_batch_cuda on this
  * workspace skipped because the page id was out of range or the header did not match the pool
  * (0 for pages built by kvc_place / copied from the CPU pool). Thread: as above. */
-fy_status_t kvc_attend_batch_cuda_bad_pages(const void *workspace, void *stream,
-                                            uint32_t *n_bad_p);
+fy_status_t kvc_attend_batch_cuda_bad_pages(const void *workspace, void *stream, uint32_t *n_bad_p);
 
 #ifdef __cplusplus
 }

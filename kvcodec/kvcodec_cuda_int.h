@@ -34,14 +34,14 @@ static inline fy_status_t kvc_cuda_status(cudaError_t e)
 }
 
 /* Evaluates a CUDA call; on failure stores the status in `st` and jumps to `label`. */
-#define KVC_CUDA_GOTO(call, st, label)                                                         \
-    do {                                                                                       \
-        cudaError_t e_ = (call);                                                               \
-        if (e_ != cudaSuccess) {                                                               \
-            (st) = kvc_cuda_status(e_);                                                        \
-            FY_LOG_ERROR("kvcodec", "%s: %s", #call, cudaGetErrorString(e_));                  \
-            goto label;                                                                        \
-        }                                                                                      \
+#define KVC_CUDA_GOTO(call, st, label)                                                             \
+    do {                                                                                           \
+        cudaError_t e_ = (call);                                                                   \
+        if (e_ != cudaSuccess) {                                                                   \
+            (st) = kvc_cuda_status(e_);                                                            \
+            FY_LOG_ERROR("kvcodec", "%s: %s", #call, cudaGetErrorString(e_));                      \
+            goto label;                                                                            \
+        }                                                                                          \
     } while (0)
 
 /* After a launch: the launch's own error (bad configuration, no device). */
@@ -194,9 +194,8 @@ static __device__ __forceinline__ uint16_t kvc_dev_h_ceil(float x)
 
 /* Asymmetric parameters of one range at qmax levels (quant.c's asym_params_buf for one
  * element): FP16 bits of scale and zero, their fp32 values and 1/scale. */
-static __device__ __forceinline__ void kvc_dev_asym(float mn, float mx, float qmax,
-                                                    uint16_t *s16, uint16_t *z16, float *s,
-                                                    float *z, float *inv)
+static __device__ __forceinline__ void kvc_dev_asym(float mn, float mx, float qmax, uint16_t *s16,
+                                                    uint16_t *z16, float *s, float *z, float *inv)
 {
     *z16 = kvc_dev_h_floor(mn);
     *z = kvc_dev_h2f(*z16);
@@ -219,7 +218,7 @@ static __device__ __forceinline__ float kvc_dev_round_clamp(float x, float qmax)
 }
 
 static __device__ __forceinline__ uint32_t kvc_dev_quant_one(float x, float z, float inv,
-                                                            float qmax)
+                                                             float qmax)
 {
     return (uint32_t)kvc_dev_round_clamp(kmul(ksub(x, z), inv), qmax);
 }

@@ -35,6 +35,10 @@ void kvc_policy_default(kvc_policy_t *p)
     // A window-only importance drops what later queries read: with the prior, SmolLM2 at 2048
     // tokens and b = 0.25 went from +2.5 % to +0.5 % dPPL and NIAH from 5/11 to 11/11.
     p->prior = 4.0f;
+    // Off: on SmolLM2 the calibrated weights moved dPPL the wrong way as byte shares and
+    // did not help at b = 0.125 as distortion weights (bench/results/quality-variants.md).
+    p->layer_alloc = 0;
+    p->layer_gamma = 0;
 }
 
 static const char *const k_builtin[] = {"fp16",   "int8",   "int4",      "kivi2", "snapkv",
@@ -153,6 +157,25 @@ fy_status_t kvc_policy_validate(const kvc_policy_t *p, char *err, size_t err_len
         FAIL("rate_flex %g: must be in [0, 4]", p->rate_flex);
     if (!(p->prior >= 0 && p->prior <= 64))
         FAIL("prior %g: must be in [0, 64]", (double)p->prior);
+    if (p->n_layer_weights > KVC_POLICY_MAX_LAYERS)
+        FAIL("layer weights: %u layers, at most %d", p->n_layer_weights, KVC_POLICY_MAX_LAYERS);
+    for (uint32_t l = 0; l < p->n_layer_weights; l++)
+        if (!(p->layer_weight[l] >= 0 && p->layer_weight[l] <= 1e6f))
+            FAIL("layer weight %u (%g): must be in [0, 1e6]", l, (double)p->layer_weight[l]);
+    if (!(p->layer_alloc >= 0 && p->layer_alloc <= 4))
+        FAIL("layer_alloc %g: must be in [0, 4]", (double)p->layer_alloc);
+    if (!(p->layer_gamma >= 0 && p->layer_gamma <= 4))
+        FAIL("layer_gamma %g: must be in [0, 4]", (double)p->layer_gamma);
+    if (p->n_lambdas > KVC_POLICY_MAX_LAMBDAS)
+        FAIL("lambda table: %u entries, at most %d", p->n_lambdas, KVC_POLICY_MAX_LAMBDAS);
+    for (uint32_t i = 0; i < p->n_lambdas; i++) {
+        if (!(p->lambda_budget[i] > 0 && p->lambda_budget[i] <= 1) ||
+            (i > 0 && !(p->lambda_budget[i] > p->lambda_budget[i - 1])))
+            FAIL("lambda table: budgets must be increasing, in (0, 1]");
+        if (!(p->lambda_first[i] >= 0 && p->lambda_first[i] < 1e30))
+            FAIL("lambda table: multiplier %g at b %g: must be finite and >= 0",
+                 p->lambda_first[i], p->lambda_budget[i]);
+    }
     return FY_OK;
 #undef FAIL
 }
@@ -193,7 +216,130 @@ static fy_status_t j_bool(const cJSON *it, bool *out, char *err, size_t err_len)
     return FY_OK;
 }
 
-static fy_status_t apply_key(kvc_policy_t *p, const cJSON *it, char *err, size_t err_len)
+/* "layer_weights": 1..KVC_POLICY_MAX_LAYERS numbers >= 0 (a layer that measured no loss at
+ * all may weigh 0; the encoder floors it). */
+static fy_status_t j_layer_weights(const cJSON *it, kvc_policy_t *p)
+{
+    int n = cJSON_GetArraySize(it);
+    if (!cJSON_IsArray(it) || n < 1 || n > KVC_POLICY_MAX_LAYERS)
+        return FY_ERR_FORMAT;
+    const cJSON *e;
+    uint32_t l = 0;
+    cJSON_ArrayForEach(e, it)
+    {
+        if (!cJSON_IsNumber(e) || !(e->valuedouble >= 0 && e->valuedouble <= 1e6))
+            return FY_ERR_FORMAT;
+        p->layer_weight[l++] = (float)e->valuedouble;
+    }
+    p->n_layer_weights = l;
+    return FY_OK;
+}
+
+/* "lambda": [{"budget": b, "lambda_first": x, ...}, ...], distinct budgets in any order (kept
+ * sorted by budget). */
+static fy_status_t j_lambdas(const cJSON *it, kvc_policy_t *p)
+{
+    int n = cJSON_GetArraySize(it);
+    if (!cJSON_IsArray(it) || n > KVC_POLICY_MAX_LAMBDAS)
+        return FY_ERR_FORMAT;
+    const cJSON *e;
+    uint32_t i = 0;
+    cJSON_ArrayForEach(e, it)
+    {
+        const cJSON *b = cJSON_GetObjectItemCaseSensitive(e, "budget");
+        const cJSON *x = cJSON_GetObjectItemCaseSensitive(e, "lambda_first");
+        if (!cJSON_IsNumber(b) || !cJSON_IsNumber(x) ||
+            !(b->valuedouble > 0 && b->valuedouble <= 1) ||
+            !(x->valuedouble >= 0 && x->valuedouble < 1e30))
+            return FY_ERR_FORMAT;
+        uint32_t j = i++; // insertion sort: at most 16 entries
+        for (; j > 0 && p->lambda_budget[j - 1] > b->valuedouble; j--) {
+            p->lambda_budget[j] = p->lambda_budget[j - 1];
+            p->lambda_first[j] = p->lambda_first[j - 1];
+        }
+        if (j > 0 && p->lambda_budget[j - 1] == b->valuedouble)
+            return FY_ERR_FORMAT;
+        p->lambda_budget[j] = b->valuedouble;
+        p->lambda_first[j] = x->valuedouble;
+    }
+    p->n_lambdas = i;
+    return FY_OK;
+}
+
+static fy_status_t cal_err(char *err, size_t err_len, const char *path, const char *why)
+{
+    if (err && err_len)
+        snprintf(err, err_len, "calibration %s: %s", path, why);
+    return FY_ERR_FORMAT;
+}
+
+/* Reads up to 1 MiB of a file; NULL with *st_p set (and a message) when it cannot. */
+static char *read_small_file(const char *path, size_t max, size_t *len_p, fy_status_t *st_p,
+                             const char *what, char *err, size_t err_len)
+{
+    FILE *f = fopen(path, "rb");
+    if (f == NULL) {
+        if (err && err_len)
+            snprintf(err, err_len, "%s %s: cannot open", what, path);
+        *st_p = FY_ERR_IO;
+        return NULL;
+    }
+    char *buf = malloc(max + 1);
+    size_t n = buf ? fread(buf, 1, max + 1, f) : 0;
+    fclose(f);
+    if (buf == NULL) {
+        *st_p = FY_ERR_NO_MEMORY;
+        return NULL;
+    }
+    if (n > max) {
+        free(buf);
+        if (err && err_len)
+            snprintf(err, err_len, "%s %s: larger than %zu KiB", what, path, max >> 10);
+        *st_p = FY_ERR_FORMAT;
+        return NULL;
+    }
+    *len_p = n;
+    return buf;
+}
+
+fy_status_t kvc_policy_load_calibration(const char *path, kvc_policy_t *policy_p, char *err,
+                                        size_t err_len)
+{
+    if (path == NULL || policy_p == NULL)
+        return FY_ERR_INVALID_ARG;
+    size_t len = 0;
+    fy_status_t st = FY_OK;
+    char *buf = read_small_file(path, 1u << 20, &len, &st, "calibration", err, err_len);
+    if (buf == NULL)
+        return st;
+    cJSON *root = cJSON_ParseWithLength(buf, len);
+    free(buf);
+    if (root == NULL)
+        return cal_err(err, err_len, path, "not valid JSON");
+    kvc_policy_t p = *policy_p;
+    const cJSON *lw = cJSON_GetObjectItemCaseSensitive(root, "layer_weights");
+    const cJSON *lam = cJSON_GetObjectItemCaseSensitive(root, "lambda");
+    if (!cJSON_IsObject(root))
+        st = cal_err(err, err_len, path, "expected an object");
+    else if (lw == NULL)
+        st = cal_err(err, err_len, path, "no \"layer_weights\"");
+    else if (j_layer_weights(lw, &p) != FY_OK)
+        st = cal_err(err, err_len, path,
+                     "\"layer_weights\": expected an array of 1..256 numbers in [0, 1e6]");
+    else if (lam != NULL && j_lambdas(lam, &p) != FY_OK)
+        st = cal_err(err, err_len, path,
+                     "\"lambda\": expected at most 16 objects with distinct \"budget\"s in "
+                     "(0, 1] and a finite \"lambda_first\" >= 0");
+    else if (kvc_policy_validate(&p, err, err_len) != FY_OK)
+        st = FY_ERR_FORMAT;
+    cJSON_Delete(root);
+    if (st == FY_OK)
+        *policy_p = p;
+    return st;
+}
+
+static fy_status_t apply_key(kvc_policy_t *p, const cJSON *it, const char *dir, char *err,
+                             size_t err_len)
 {
     const char *k = it->string;
     fy_status_t st = FY_OK;
@@ -276,14 +422,38 @@ static fy_status_t apply_key(kvc_policy_t *p, const cJSON *it, char *err, size_t
     } else if (strcmp(k, "prior") == 0) {
         if ((st = j_num(it, 0, 64, &d, err, err_len)) == FY_OK)
             p->prior = (float)d;
+    } else if (strcmp(k, "layer_alloc") == 0) {
+        if ((st = j_num(it, 0, 4, &d, err, err_len)) == FY_OK)
+            p->layer_alloc = (float)d;
+    } else if (strcmp(k, "layer_gamma") == 0) {
+        if ((st = j_num(it, 0, 4, &d, err, err_len)) == FY_OK)
+            p->layer_gamma = (float)d;
+    } else if (strcmp(k, "layer_weights") == 0) {
+        if (j_layer_weights(it, p) != FY_OK)
+            return jerr(err, err_len, k, "expected an array of 1..256 numbers in [0, 1e6]");
+    } else if (strcmp(k, "calibration") == 0) {
+        if (!cJSON_IsString(it) || it->valuestring[0] == '\0')
+            return jerr(err, err_len, k, "expected the path of a calibration file");
+        // A relative path names a file beside the policy file.
+        char path[4096];
+        if (dir != NULL && it->valuestring[0] != '/')
+            snprintf(path, sizeof(path), "%s/%s", dir, it->valuestring);
+        else
+            snprintf(path, sizeof(path), "%s", it->valuestring);
+        char why[512] = "";
+        if ((st = kvc_policy_load_calibration(path, p, why, sizeof(why))) != FY_OK) {
+            if (err && err_len)
+                snprintf(err, err_len, "policy key \"calibration\": %s", why);
+            return st;
+        }
     } else {
         return jerr(err, err_len, k, "unknown key");
     }
     return st;
 }
 
-fy_status_t kvc_policy_parse_json(const char *text, size_t len, kvc_policy_t *policy_p,
-                                  char *err, size_t err_len)
+static fy_status_t parse_json(const char *text, size_t len, const char *dir,
+                              kvc_policy_t *policy_p, char *err, size_t err_len)
 {
     if (text == NULL || policy_p == NULL)
         return FY_ERR_INVALID_ARG;
@@ -311,7 +481,7 @@ fy_status_t kvc_policy_parse_json(const char *text, size_t len, kvc_policy_t *po
     const cJSON *it;
     cJSON_ArrayForEach(it, root)
     {
-        if ((st = apply_key(&p, it, err, err_len)) != FY_OK)
+        if ((st = apply_key(&p, it, dir, err, err_len)) != FY_OK)
             goto out;
     }
     if ((st = kvc_policy_validate(&p, err, err_len)) != FY_OK)
@@ -322,27 +492,28 @@ out:
     return st;
 }
 
+fy_status_t kvc_policy_parse_json(const char *text, size_t len, kvc_policy_t *policy_p,
+                                  char *err, size_t err_len)
+{
+    return parse_json(text, len, NULL, policy_p, err, err_len);
+}
+
 fy_status_t kvc_policy_load_file(const char *path, kvc_policy_t *policy_p, char *err,
                                  size_t err_len)
 {
-    FILE *f = fopen(path, "rb");
-    if (f == NULL) {
-        if (err && err_len)
-            snprintf(err, err_len, "%s: cannot open", path);
-        return FY_ERR_IO;
-    }
-    char *buf = malloc(65537);
-    size_t n = buf ? fread(buf, 1, 65537, f) : 0;
-    fclose(f);
+    if (path == NULL || policy_p == NULL)
+        return FY_ERR_INVALID_ARG;
+    size_t n = 0;
+    fy_status_t st = FY_OK;
+    char *buf = read_small_file(path, 1u << 16, &n, &st, "policy", err, err_len);
     if (buf == NULL)
-        return FY_ERR_NO_MEMORY;
-    if (n > 65536) {
-        free(buf);
-        if (err && err_len)
-            snprintf(err, err_len, "%s: larger than 64 KiB", path);
-        return FY_ERR_FORMAT;
-    }
-    fy_status_t st = kvc_policy_parse_json(buf, n, policy_p, err, err_len);
+        return st;
+    char dir[4096];
+    snprintf(dir, sizeof(dir), "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (slash != NULL)
+        *slash = '\0';
+    st = parse_json(buf, n, slash != NULL ? dir : ".", policy_p, err, err_len);
     free(buf);
     return st;
 }

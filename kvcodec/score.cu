@@ -28,8 +28,8 @@ extern "C" {
 
 #define ROW_THREADS 256
 
-extern "C" fy_status_t kvc_scores_init_cuda(kvc_scores_t *s, uint32_t n_kv_heads,
-                                            uint32_t n_tokens, uint32_t head_dim)
+extern "C" fy_status_t kvc_scores_init_cuda(kvc_scores_t *s, uint32_t n_kv_heads, uint32_t n_tokens,
+                                            uint32_t head_dim)
 {
     if (s == NULL)
         return FY_ERR_INVALID_ARG;
@@ -202,12 +202,12 @@ __global__ void group_kernel(score_args_t a, const float *ah, int have_q, int re
 
 #define OBAR_T 128 // tokens per tile of obar_tile_kernel
 
-/* obar_c = sum_t pbar_t v_tc, tokens in order, with the memory traffic off the chain: a block per (kv head, 32 channels);
- * warps 1.. load tiles of OBAR_T tokens and form the products pbar_t v_tc into shared memory
- * (double-buffered) while warp 0 adds them, a lane per channel, tokens in order: the same
- * products and the same serial sums as score.c. */
-__global__ void __launch_bounds__(256) obar_tile_kernel(score_args_t a, const float *pbar,
-                                                        float *obar)
+/* obar_c = sum_t pbar_t v_tc, tokens in order, with the memory traffic off the chain: a block per
+ * (kv head, 32 channels); warps 1.. load tiles of OBAR_T tokens and form the products pbar_t v_tc
+ * into shared memory (double-buffered) while warp 0 adds them, a lane per channel, tokens in order:
+ * the same products and the same serial sums as score.c. */
+__global__ void __launch_bounds__(256)
+    obar_tile_kernel(score_args_t a, const float *pbar, float *obar)
 {
     __shared__ float tile[2][OBAR_T][33];
     uint32_t slices = (a.d + 31) / 32;
@@ -224,9 +224,8 @@ __global__ void __launch_bounds__(256) obar_tile_kernel(score_args_t a, const fl
             float(*tl)[33] = tile[k % 2];
             for (uint32_t i = threadIdx.x - 32; i < OBAR_T * 32; i += loaders) {
                 uint32_t tt = i / 32, cc = i % 32, t = k * OBAR_T + tt, c = c0 + cc;
-                tl[tt][cc] = t < a.n && c < a.d
-                                 ? kmul(pb[t], kvc_dev_h2f(vh[(size_t)t * a.ts + c]))
-                                 : 0.0f;
+                tl[tt][cc] =
+                    t < a.n && c < a.d ? kmul(pb[t], kvc_dev_h2f(vh[(size_t)t * a.ts + c])) : 0.0f;
             }
         }
         if (chain && k > 0) {
@@ -285,13 +284,12 @@ __global__ void pool_kernel(score_args_t a, const float *acc, uint32_t kernel, f
     }
 }
 
-extern "C" fy_status_t kvc_score_cuda(const kvc_policy_t *policy, uint32_t n_heads,
-                                      uint32_t n_kv, uint32_t n, uint32_t d,
-                                      const kvc_layer_input_t *in, kvc_scores_t *out,
-                                      void *stream)
+extern "C" fy_status_t kvc_score_cuda(const kvc_policy_t *policy, uint32_t n_heads, uint32_t n_kv,
+                                      uint32_t n, uint32_t d, const kvc_layer_input_t *in,
+                                      kvc_scores_t *out, void *stream)
 {
-    if (!policy || !in || !out || n_kv == 0 || n_heads == 0 || n_heads % n_kv || n == 0 ||
-        d == 0 || d % 8 || d > KVC_MAX_HEAD_DIM || !in->k || !in->v)
+    if (!policy || !in || !out || n_kv == 0 || n_heads == 0 || n_heads % n_kv || n == 0 || d == 0 ||
+        d % 8 || d > KVC_MAX_HEAD_DIM || !in->k || !in->v)
         return FY_ERR_INVALID_ARG;
     if (out->n_kv_heads != n_kv || out->n_tokens != n || out->head_dim != d || !out->importance ||
         !out->obar || !out->qsq || !out->is_static)
@@ -322,12 +320,11 @@ extern "C" fy_status_t kvc_score_cuda(const kvc_policy_t *policy, uint32_t n_hea
     bool pools = kvc_cuda_pools();
     KVC_CUDA_GOTO(kvc_cuda_scratch_alloc((void **)&pbar, items * sizeof(float), cs, pools), st,
                   out);
-    KVC_CUDA_GOTO(kvc_cuda_scratch_alloc((void **)&acc, items * sizeof(float), cs, pools), st,
-                  out);
+    KVC_CUDA_GOTO(kvc_cuda_scratch_alloc((void **)&acc, items * sizeof(float), cs, pools), st, out);
     if (have_q) {
-        KVC_CUDA_GOTO(kvc_cuda_scratch_alloc((void **)&ah, (size_t)n_heads * n * sizeof(float), cs,
-                                             pools),
-                      st, out);
+        KVC_CUDA_GOTO(
+            kvc_cuda_scratch_alloc((void **)&ah, (size_t)n_heads * n * sizeof(float), cs, pools),
+            st, out);
         KVC_CUDA_GOTO(kvc_cuda_scratch_alloc((void **)&stats,
                                              (size_t)n_heads * a.W * sizeof(float2), cs, pools),
                       st, out);
@@ -341,14 +338,13 @@ extern "C" fy_status_t kvc_score_cuda(const kvc_policy_t *policy, uint32_t n_hea
     group_kernel<<<kvc_grid(items, 256), 256, 0, cs>>>(a, ah, have_q,
                                                        policy->reduce == KVC_REDUCE_MAX, pbar, acc);
     KVC_LAUNCH_GOTO(st, out);
-    obar_tile_kernel<<<n_kv * ((d + 31) / 32), 256, 0, cs>>>(a, pbar, out->obar);
+    obar_tile_kernel<<<n_kv *((d + 31) / 32), 256, 0, cs>>>(a, pbar, out->obar);
     KVC_LAUNCH_GOTO(st, out);
     static_kernel<<<kvc_grid(n_kv, 64), 64, 0, cs>>>(
-        a, pbar, policy->hybrid_threshold > 0 && (have_q || in->window_attn != NULL),
-        policy->sinks, policy->recent, policy->hybrid_threshold, out->is_static);
+        a, pbar, policy->hybrid_threshold > 0 && (have_q || in->window_attn != NULL), policy->sinks,
+        policy->recent, policy->hybrid_threshold, out->is_static);
     KVC_LAUNCH_GOTO(st, out);
-    pool_kernel<<<kvc_grid(items, 256), 256, 0, cs>>>(a, acc, policy->pool_kernel,
-                                                      out->importance);
+    pool_kernel<<<kvc_grid(items, 256), 256, 0, cs>>>(a, acc, policy->pool_kernel, out->importance);
     KVC_LAUNCH_GOTO(st, out);
 out: // scratch goes back to the stream's pool once the kernels are done
     void *scratch[4] = {pbar, acc, ah, stats};

@@ -33,6 +33,9 @@ static const fy_opt_t k_opts[] = {
     {"policy", FY_OPT_STRING, "ferry", "default codec policy: a built-in name or a JSON file",
      false},
     {"budget", FY_OPT_DOUBLE, "0", "default budget b in (0, 1]; 0 = the policy's", false},
+    {"calibration", FY_OPT_STRING, "", "calibration file of the model (`ferry calibrate`'s "
+                                       ".calibration.json) for the default policy: per-layer "
+                                       "weights, starting multipliers", false},
     {"ttft-target", FY_OPT_DURATION, "0", "bandwidth-adaptive budget: pick b per request so "
                                           "the KV transfer fits this TTFT (0 = off)", false},
     {"min-budget", FY_OPT_DOUBLE, "0.125", "lowest adaptive budget", false},
@@ -161,6 +164,15 @@ static int run(app_t *a)
     kvc_policy_t policy;
     if (load_policy(fy_config_str(cfg, "policy"), &policy) != FY_OK)
         return 2;
+    const char *calib = fy_config_str(cfg, "calibration");
+    if (calib != NULL && calib[0] != '\0') {
+        char cerr[512] = "";
+        fy_status_t cst = kvc_policy_load_calibration(calib, &policy, cerr, sizeof(cerr));
+        if (cst != FY_OK) {
+            FY_LOG_ERROR(MODULE, "--calibration: %s", cerr[0] ? cerr : fy_status_str(cst));
+            return 2;
+        }
+    }
 
     char err[MDL_ERR_LEN] = "";
     mdl_model_params_t mp;
@@ -185,6 +197,13 @@ static int run(app_t *a)
                 (fy_clock_ns() - t0) / 1e6, mc->n_layers, mc->n_kv_heads, mc->head_dim,
                 (unsigned long long)fingerprint);
 
+    // A calibration is per model: refuse one measured on a model of another depth here,
+    // rather than fail every request's encoder.
+    if (policy.n_layer_weights != 0 && policy.n_layer_weights != (uint32_t)mc->n_layers) {
+        FY_LOG_ERROR(MODULE, "calibration has %u layer weights, the model has %d layers",
+                     policy.n_layer_weights, mc->n_layers);
+        return 2;
+    }
     if (fy_metrics_create(&a->metrics) != FY_OK)
         return 1;
     kvlink_ctx_params_t kcp;

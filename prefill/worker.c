@@ -390,17 +390,18 @@ static void job_maybe_finish(pf_job_t *job)
     resp.prefill_ms = prefill_ms;
     resp.transfer_ms = transfer_ms;
     resp.hidden_transfer_fraction = hidden;
+    resp.queue_ms = (job->t_compute_start - job->t_enqueued) / 1e6;
     FY_LOG_INFO(MODULE,
                 "%s: %d tokens in %.1f ms (batch of %d, %d tokens; queued %.1f ms), KV %llu -> "
                 "%llu bytes (%s), transfer %.1f ms, %.0f%% hidden, first token %d",
                 job->request_id, job->n_tokens, prefill_ms, job->batch_jobs, job->batch_tokens,
-                (job->t_compute_start - job->t_enqueued) / 1e6,
+                resp.queue_ms,
                 (unsigned long long)job->raw_bytes, (unsigned long long)job->wire_bytes,
                 job->policy.name, transfer_ms, hidden * 100, job->first_token);
     fy_metric_inc(pf->m.requests_ok);
     fy_metric_add(pf->m.tokens, job->n_tokens);
     fy_metric_observe(pf->m.prefill_s, prefill_ms / 1e3);
-    fy_metric_observe(pf->m.queue_s, (job->t_compute_start - job->t_enqueued) / 1e9);
+    fy_metric_observe(pf->m.queue_s, resp.queue_ms / 1e3);
     fy_metric_add(pf->m.raw_bytes, (double)job->raw_bytes);
     fy_metric_add(pf->m.wire_bytes, (double)job->wire_bytes);
     fy_metric_observe(pf->m.transfer_s, transfer_ms / 1e3);

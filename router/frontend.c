@@ -100,7 +100,7 @@ typedef struct rt_req {
     uint32_t first_token;
     bool first_sent;
     uint64_t raw, wire;
-    double transfer_ms, prefill_ms, hidden;
+    double transfer_ms, prefill_ms, queue_ms, hidden;
     double decode_tpot_ms;
     uint32_t decode_completion_tokens;
     mdl_detok_t detok;
@@ -446,6 +446,9 @@ static void fill_stats(rt_req_t *r, Ferry__V1__RequestStats *s)
         tpot = (r->t_end - r->t_first) / 1e6 / (r->completion_tokens - 1);
     s->tpot_ms = tpot;
     s->transfer_ms = r->transfer_ms;
+    s->prefill_ms = r->prefill_ms;
+    s->queue_ms = r->queue_ms;
+    s->hidden_transfer_fraction = r->hidden;
     s->prefill_worker = r->pw.id;
     s->decode_worker = r->dw.id;
     s->policy = r->policy;
@@ -681,6 +684,7 @@ static void on_prefill_msg(rpc_ccall_t *call, const ProtobufCMessage *msg, void 
     r->wire = m->kv_wire_bytes;
     r->transfer_ms = m->transfer_ms;
     r->prefill_ms = m->prefill_ms;
+    r->queue_ms = m->queue_ms;
     r->hidden = m->hidden_transfer_fraction;
     r->first_token = m->first_token_id;
     r->got_prefill = true;

@@ -300,6 +300,23 @@ static int generate(ferry_client_t *client, const gen_req_t *q, gen_t *g, ferry_
     return ferry_generate(client, &req, on_chunk, g, err);
 }
 
+/* The prefill worker's times reach the client and fit inside the router's TTFT, which spans
+ * the queue wait, the compute pass and the transfer's tail (durations from the processes'
+ * own monotonic clocks). */
+static void expect_stage_times(const Ferry__V1__RequestStats *s)
+{
+    fprintf(stderr, "ttft %.1f ms: queued %.1f, prefill %.1f, transfer %.1f ms (%.0f%% hidden)\n",
+            s->ttft_ms, s->queue_ms, s->prefill_ms, s->transfer_ms,
+            s->hidden_transfer_fraction * 100);
+    assert_true(s->prefill_ms > 0);
+    assert_true(s->prefill_ms <= s->ttft_ms);
+    assert_true(s->transfer_ms > 0);
+    assert_true(s->transfer_ms <= s->ttft_ms);
+    assert_true(s->queue_ms >= 0);
+    assert_true(s->queue_ms + s->prefill_ms <= s->ttft_ms);
+    assert_true(s->hidden_transfer_fraction >= 0 && s->hidden_transfer_fraction <= 1);
+}
+
 static void expect_local(const gen_req_t *q, const int32_t *prompt, size_t n_prompt)
 {
     int32_t want[256];
@@ -328,6 +345,7 @@ static void expect_local(const gen_req_t *q, const int32_t *prompt, size_t n_pro
     assert_int_equal(g->stats.prompt_tokens, n_prompt);
     assert_true(g->stats.ttft_ms > 0);
     assert_true(g->stats.kv_wire_bytes > g->stats.kv_raw_bytes); // FP16 plus headers
+    expect_stage_times(&g->stats);
     assert_int_equal(g->finish, n_want < q->max_tokens
                                     ? FERRY__V1__FINISH_REASON__FINISH_REASON_STOP
                                     : FERRY__V1__FINISH_REASON__FINISH_REASON_LENGTH);
@@ -385,6 +403,7 @@ static void test_ferry_budget(void **state)
     assert_true(g->n_ids >= 1);
     assert_true(g->stats.completion_tokens >= 1);
     assert_true(fabs(g->stats.budget - 0.25) < 1e-6);
+    expect_stage_times(&g->stats);
     free(g);
 }
 
@@ -417,6 +436,7 @@ static void test_complete_tokenize_models(void **state)
     assert_string_equal(c->request_id, "mine-1");
     assert_non_null(c->stats);
     assert_int_equal(c->stats->completion_tokens, 8);
+    expect_stage_times(c->stats);
     ferry_message_free(c);
 
     Ferry__V1__TokenizeRequest tr = FERRY__V1__TOKENIZE_REQUEST__INIT;

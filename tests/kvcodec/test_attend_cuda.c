@@ -6,8 +6,8 @@
 // the sums differs). Every option, rotated and unrotated pages, MixKVQ protected channels,
 // GQA 4:1, 3:1, 2:1 and 1:1, head_dim 64 and 128 (and 72, 256, 512 for the other lane layouts), odd
 // token counts, empty lists (zeros), one split per list and many, and invalid page ids
-// (skipped and counted); each with both kernels (SIMT, and MMA where the shape allows it). Outputs are poisoned with NaN first. Exits 77 (skipped) without a
-// CUDA build or a GPU.
+// (skipped and counted); each with both kernels (SIMT, and MMA where the shape allows it). Outputs
+// are poisoned with NaN first. Exits 77 (skipped) without a CUDA build or a GPU.
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -67,8 +67,7 @@ static float frand(void)
 static void place_one(built_t *B, const config_t *C, uint32_t i)
 {
     const seq_spec_t *S = &C->seqs[i];
-    assert_int_equal(kvc_seq_create(B->pool, 1, C->n_kv, 0x1234abcd5678ef00ull, 77,
-                                    &B->seqs[i]),
+    assert_int_equal(kvc_seq_create(B->pool, 1, C->n_kv, 0x1234abcd5678ef00ull, 77, &B->seqs[i]),
                      FY_OK);
     if (S->n_tokens == 0)
         return;
@@ -104,9 +103,8 @@ static void place_one(built_t *B, const config_t *C, uint32_t i)
     }
     if (S->convert) {
         uint32_t n_conv = 0;
-        assert_int_equal(kvc_seq_convert(B->seqs[i], 0, 0, KVC_OPT_F16, KVC_OPT_Q4, true, 0,
-                                         &n_conv),
-                         FY_OK);
+        assert_int_equal(
+            kvc_seq_convert(B->seqs[i], 0, 0, KVC_OPT_F16, KVC_OPT_Q4, true, 0, &n_conv), FY_OK);
         assert_true(n_conv > 0);
     }
     kvt_layer_free(&L);
@@ -291,7 +289,13 @@ static void run_and_compare(const built_t *B, uint32_t extra_bad, uint32_t max_o
 
 static const config_t k_configs[] = {
     // d 64, GQA 3:1, no protection, 32 KiB pages.
-    {64, 2, 3, 0, 32768, 512, 7,
+    {64,
+     2,
+     3,
+     0,
+     32768,
+     512,
+     7,
      {{"ferry", 0.2, -1, 701, 0, false},
       {"ferry", 0.25, 0, 333, 19, false},
       {"int8", -1, -1, 129, 0, false},
@@ -301,7 +305,13 @@ static const config_t k_configs[] = {
       {"", 0, 0, 0, 0, false}},
      32},
     // d 128, GQA 1:1, MixKVQ P = 4, 32 KiB pages.
-    {128, 2, 1, 4, 32768, 512, 6,
+    {128,
+     2,
+     1,
+     4,
+     32768,
+     512,
+     6,
      {{"ferry", 0.2, -1, 517, 0, false},
       {"", 0, 0, 0, 0, false},
       {"ferry", 0.3, 0, 255, 3, false},
@@ -310,7 +320,13 @@ static const config_t k_configs[] = {
       {"fp16", -1, -1, 33, 0, false}},
      32},
     // d 128, GQA 3:1, P = 2, 16 KiB pages (more pages per list).
-    {128, 1, 3, 2, 16384, 1024, 5,
+    {128,
+     1,
+     3,
+     2,
+     16384,
+     1024,
+     5,
      {{"ferry", 0.15, -1, 1201, 0, false},
       {"int8", -1, -1, 211, 0, false},
       {"ferry", 0.25, 0, 605, 41, true},
@@ -318,14 +334,26 @@ static const config_t k_configs[] = {
       {"int4", -1, 1, 333, 0, false}},
      32},
     // d 64, GQA 1:1, P = 0, 8 KiB pages, three kv heads.
-    {64, 3, 1, 0, 8192, 2048, 4,
+    {64,
+     3,
+     1,
+     0,
+     8192,
+     2048,
+     4,
      {{"ferry", 0.2, -1, 999, 0, false},
       {"fp16", -1, -1, 131, 7, false},
       {"ferry", 0.35, 0, 451, 0, false},
       {"kivi2", -1, 1, 263, 0, false}},
      32},
     // The Llama-3 shape for the tensor-core kernel: d 128, GQA 4:1, no protection, every option.
-    {128, 2, 4, 0, 32768, 512, 6,
+    {128,
+     2,
+     4,
+     0,
+     32768,
+     512,
+     6,
      {{"ferry", 0.2, -1, 1029, 0, false},
       {"int4", -1, 1, 333, 0, false},
       {"int8", -1, -1, 211, 3, false},
@@ -334,13 +362,25 @@ static const config_t k_configs[] = {
       {"ferry", 0.3, 0, 77, 0, false}},
      32},
     // GQA 4:1 with MixKVQ P = 3 at d 64, and GQA 2:1 with P = 5 at d 128 (16 KiB pages).
-    {64, 2, 4, 3, 16384, 1024, 4,
+    {64,
+     2,
+     4,
+     3,
+     16384,
+     1024,
+     4,
      {{"ferry", 0.2, -1, 801, 0, false},
       {"ferry", 0.25, 0, 263, 9, true},
       {"kivi2", -1, 1, 95, 0, false},
       {"int4", -1, 0, 31, 0, false}},
      32},
-    {128, 2, 2, 5, 16384, 1024, 4,
+    {128,
+     2,
+     2,
+     5,
+     16384,
+     1024,
+     4,
      {{"ferry", 0.15, -1, 611, 0, false},
       {"ferry", 0.3, 1, 300, 2, false},
       {"int8", -1, -1, 45, 0, false},
@@ -349,12 +389,24 @@ static const config_t k_configs[] = {
     // Groups that are not a multiple of 16 tokens (a 16-token tile of the tensor-core kernel
     // then spans two slots) and small groups (more slots per table): G 24 at d 128 GQA 4:1,
     // G 8 at d 64 GQA 2:1 with P = 2.
-    {128, 2, 4, 0, 32768, 512, 3,
+    {128,
+     2,
+     4,
+     0,
+     32768,
+     512,
+     3,
      {{"ferry", 0.2, -1, 611, 0, false},
       {"int4", -1, 1, 203, 0, false},
       {"kivi2", -1, 0, 97, 4, true}},
      24},
-    {64, 1, 2, 2, 16384, 1024, 3,
+    {64,
+     1,
+     2,
+     2,
+     16384,
+     1024,
+     3,
      {{"ferry", 0.25, -1, 403, 0, false},
       {"int8", -1, -1, 77, 0, false},
       {"kivi2", -1, 1, 151, 0, false}},
@@ -362,19 +414,36 @@ static const config_t k_configs[] = {
     // Beyond the brief's shapes, the kernel's other lane layouts: d 72 (not a power of two, so
     // nothing rotated; 9 of 16 lanes per token hold channels), d 256 with GQA 8 (32 lanes per
     // token, 8 rows), d 512 with GQA 2 (16 channels per lane, 64 KiB pages).
-    {72, 2, 2, 3, 32768, 512, 3,
+    {72,
+     2,
+     2,
+     3,
+     32768,
+     512,
+     3,
      {{"ferry", 0.25, 0, 389, 0, false},
       {"int8", -1, -1, 45, 0, false},
       {"kivi2", -1, 0, 301, 0, false}},
      32},
-    {256, 1, 8, 0, 32768, 1024, 3,
+    {256,
+     1,
+     8,
+     0,
+     32768,
+     1024,
+     3,
      {{"ferry", 0.2, -1, 457, 0, false},
       {"int4", -1, 1, 67, 0, false},
       {"fp16", -1, -1, 97, 0, false}},
      32},
-    {512, 1, 2, 4, 65536, 512, 2,
-     {{"ferry", 0.25, -1, 303, 0, false},
-      {"int4", -1, 0, 129, 3, false}},
+    {512,
+     1,
+     2,
+     4,
+     65536,
+     512,
+     2,
+     {{"ferry", 0.25, -1, 303, 0, false}, {"int4", -1, 0, 129, 3, false}},
      32},
 };
 

@@ -377,6 +377,7 @@ static void test_fp16_frames_and_first_token(void **state)
     assert_true(resp->prefill_ms > 0);
     assert_true(resp->transfer_ms > 0);
     assert_true(resp->hidden_transfer_fraction >= 0 && resp->hidden_transfer_fraction <= 1);
+    assert_true(resp->queue_ms >= 0 && resp->queue_ms < 60000);
 
     // Layer 0 of the frame is the model's K and V in FP16.
     kvc_frame_t f;
