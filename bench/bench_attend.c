@@ -14,9 +14,10 @@
  * fits in L2. When the pages would exceed the pool cap the ids wrap (the cap is far larger than
  * L2, and the wrap distance is not a multiple of a list's length, so wrapped reads never meet
  * in time). Timing: CUDA events around 8 back-to-back steps (page sets rotating), one warm-up
- * interval, median over --reps intervals. Each case runs with both kernels of
- * kvc_attend_batch_cuda: the tensor-core one (the default; the goals are its rows) and the SIMT
- * one (reps / 4 intervals), side by side.
+ * interval, median over --reps intervals. Each case runs with every kernel of
+ * kvc_attend_batch_cuda: the tensor-core one (the default; the goals are its rows), for quantized
+ * pages its exact-code variant "qtab", and the SIMT one (these two reps / 4 intervals), side by
+ * side.
  * Bytes read = page headers + used slots of every page (what the kernel loads).
  */
 #include <math.h>
@@ -53,7 +54,7 @@ static const variant_t k_variants[] = {
 
 typedef struct {
     const char *variant;
-    const char *kernel; // "mma" or "simt" (KVC_ATTEND_IMPL_*)
+    const char *kernel; // "mma", "qtab" or "simt" (KVC_ATTEND_IMPL_*)
     uint32_t context, batch, tokens_per_list, pages_per_list;
     double bytes, ms, gbps, vs_f16, sdpa_ms;
 } row_t;
@@ -423,9 +424,15 @@ int bench_attend_main(int argc, char **argv)
                 CU(cudaMemcpy(d_starts, h_starts, (size_t)sets * (items + 1) * sizeof(uint32_t),
                               cudaMemcpyHostToDevice));
                 kvc_gpu_pages_t gp = {d_pool, PAGE_BYTES, filled, HEAD_DIM, GROUP, 0};
-                // Both kernels: the tensor-core one (the default, the goals' rows) and the
-                // SIMT one beside it, timed with fewer reps.
-                for (uint32_t impl = KVC_ATTEND_IMPL_MMA; impl >= KVC_ATTEND_IMPL_SIMT; impl--) {
+                // Every kernel: the tensor-core one (the default, the goals' rows), for
+                // quantized pages its exact-code variant (MMA_QTAB), and the SIMT one, the
+                // last two timed with fewer reps.
+                static const uint32_t impls[] = {KVC_ATTEND_IMPL_MMA, KVC_ATTEND_IMPL_MMA_QTAB,
+                                                 KVC_ATTEND_IMPL_SIMT};
+                for (size_t ii = 0; ii < FY_ARRAY_SIZE(impls); ii++) {
+                const uint32_t impl = impls[ii];
+                if (impl == KVC_ATTEND_IMPL_MMA_QTAB && v->opt == KVC_OPT_F16)
+                    continue; // FP16 pages have no key codes: the same kernel as MMA
                 const int kreps = impl == KVC_ATTEND_IMPL_MMA ? reps : FY_MAX(3, reps / 4);
                 kvc_attend_batch_t bt = {B, N_HEADS, N_KV, d_starts, d_ids, ppl, impl};
                 uint32_t ran = 0;
@@ -473,7 +480,9 @@ int bench_attend_main(int argc, char **argv)
                 }
                 row_t *R = &rows[n_rows++];
                 R->variant = v->name;
-                R->kernel = ran == KVC_ATTEND_IMPL_MMA ? "mma" : "simt";
+                R->kernel = ran == KVC_ATTEND_IMPL_MMA        ? "mma"
+                            : ran == KVC_ATTEND_IMPL_MMA_QTAB ? "qtab"
+                                                              : "simt";
                 R->context = contexts[ci];
                 R->batch = B;
                 R->pages_per_list = ppl;
@@ -485,7 +494,8 @@ int bench_attend_main(int argc, char **argv)
                 R->sdpa_ms = sdpa ? sdpa_lookup(sdpa, contexts[ci], B) : -1;
                 for (int k = 0; k < n_rows; k++)
                     if (strcmp(rows[k].variant, "f16") == 0 && rows[k].context == R->context &&
-                        rows[k].batch == B && strcmp(rows[k].kernel, R->kernel) == 0)
+                        rows[k].batch == B &&
+                        strcmp(rows[k].kernel, ran == KVC_ATTEND_IMPL_SIMT ? "simt" : "mma") == 0)
                         R->vs_f16 = R->ms / rows[k].ms;
                 char vs_sdpa[16] = "-";
                 if (vi == 0 && R->sdpa_ms > 0)

@@ -5,60 +5,9 @@
  * values and a sweep of fp32 values against the CPU reference.
  */
 #include "common.h"
+#include "half_cuda.h"
 
 #include <cuda_runtime.h>
-
-static __device__ __forceinline__ float dev_fp16_to_fp32(uint16_t h)
-{
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t exp = (h >> 10) & 0x1fu;
-    uint32_t mant = h & 0x3ffu;
-    uint32_t bits;
-    if (exp == 0) {
-        if (mant == 0) {
-            bits = sign;
-        } else {
-            int lz = __clz(mant) - 21; // shifts until bit 10 is set
-            mant = (mant << lz) & 0x3ffu;
-            bits = sign | ((uint32_t)(113 - lz) << 23) | (mant << 13);
-        }
-    } else if (exp == 31) {
-        bits = mant == 0 ? (sign | 0x7f800000u) : (sign | 0x7fc00000u | (mant << 13));
-    } else {
-        bits = sign | ((exp + 112) << 23) | (mant << 13);
-    }
-    return __uint_as_float(bits);
-}
-
-static __device__ __forceinline__ uint16_t dev_fp32_to_fp16(float f)
-{
-    uint32_t x = __float_as_uint(f);
-    uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
-    x &= 0x7fffffffu;
-    if (x >= 0x7f800000u)
-        return x == 0x7f800000u ? (uint16_t)(sign | 0x7c00u)
-                                : (uint16_t)(sign | 0x7e00u | ((x >> 13) & 0x3ffu));
-    if (x >= 0x477ff000u)
-        return sign | 0x7c00u;
-    if (x < 0x38800000u) {
-        uint32_t e = x >> 23;
-        uint32_t shift = 126u - e;
-        if (shift >= 32u)
-            return sign;
-        uint32_t mant = (x & 0x7fffffu) | (e != 0 ? 0x800000u : 0u);
-        uint32_t q = mant >> shift;
-        uint32_t rem = mant & ((1u << shift) - 1u);
-        uint32_t halfway = 1u << (shift - 1u);
-        if (rem > halfway || (rem == halfway && (q & 1u)))
-            q++;
-        return (uint16_t)(sign | q);
-    }
-    uint32_t h = (((x >> 23) - 112u) << 10) | ((x & 0x7fffffu) >> 13);
-    uint32_t rem = x & 0x1fffu;
-    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u)))
-        h++;
-    return (uint16_t)(sign | h);
-}
 
 static __device__ __forceinline__ uint16_t dev_fp32_to_bf16(float f)
 {
@@ -73,14 +22,14 @@ __global__ void fp16_to_fp32_kernel(float *dst, const uint16_t *src, size_t n)
 {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x)
-        dst[i] = dev_fp16_to_fp32(src[i]);
+        dst[i] = fy_dev_h2f(src[i]);
 }
 
 __global__ void fp32_to_fp16_kernel(uint16_t *dst, const float *src, size_t n)
 {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x)
-        dst[i] = dev_fp32_to_fp16(src[i]);
+        dst[i] = fy_dev_f2h(src[i]);
 }
 
 __global__ void bf16_to_fp32_kernel(float *dst, const uint16_t *src, size_t n)

@@ -69,6 +69,7 @@ struct attn_params {
     uint32_t rows;   // query rows per list
     uint32_t m_pbuf; // bytes of one page buffer (two of them)
     uint32_t m_off_q, m_off_tab, m_off_qz, m_off_qsp, m_ts;
+    uint32_t kdq; // quantized keys dequantized to FP16 in registers (not KVC_ATTEND_IMPL_MMA_QTAB)
 };
 
 __host__ __device__ constexpr int opt_kbits(int o)
@@ -914,6 +915,51 @@ template <int OPT> __device__ __forceinline__ uint32_t k_pair(const uint32_t *w,
     return sub1024(((w[hp / 8] >> (2 * (hp % 8))) & 0x00030003u) | 0x64006400u);
 }
 
+/* a * b + c on FP16x2 words, rounded once. */
+__device__ __forceinline__ uint32_t hfma2_u(uint32_t a, uint32_t b, uint32_t c)
+{
+    uint32_t r;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+}
+
+/* The FP16 key scales (zeros: base = slot + 2 D) of the two channels of pair hp of key lane kq,
+ * as one FP16x2 in k_pair's order. A lane's channels are kq D/4 .. kq D/4 + D/4 - 1 for every
+ * quantized option; the 16-byte word group holding both is loaded (the same group serves
+ * neighbouring pairs, so the compiler loads it once). */
+__device__ __forceinline__ uint32_t word_of(const uint4 &u, uint32_t i)
+{
+    return i == 0 ? u.x : i == 1 ? u.y : i == 2 ? u.z : u.w;
+}
+
+template <int D, int OPT>
+__device__ __forceinline__ uint32_t k_pair_coef(const uint8_t *base, uint32_t kq, int hp)
+{
+    const uint32_t c0 = kphys<D, OPT>(0, (uint32_t)hp, 0), c1 = kphys<D, OPT>(0, (uint32_t)hp, 1);
+    const uint4 *g = reinterpret_cast<const uint4 *>(base + kq * (D / 2));
+    const uint32_t w0 = word_of(g[c0 / 8], (c0 / 2) % 4), w1 = word_of(g[c1 / 8], (c1 / 2) % 4);
+    return __byte_perm(w0, w1, (c0 % 2 ? 0x32u : 0x10u) | ((c1 % 2 ? 0x76u : 0x54u) << 8));
+}
+
+/* Key pair hp of a quantized slot dequantized in FP16: code * kscale + kzero, rounded once
+ * (sp: the staged slot). */
+template <int D, int OPT>
+__device__ __forceinline__ uint32_t k_pair_deq(const uint32_t *w, const uint8_t *sp, uint32_t kq,
+                                               int hp)
+{
+    return hfma2_u(k_pair<OPT>(w, hp), k_pair_coef<D, OPT>(sp, kq, hp),
+                   k_pair_coef<D, OPT>(sp + 2 * D, kq, hp));
+}
+
+/* The B fragment word of key pair hp: the codes (or FP16 keys), or with KDQ the dequantized
+ * keys. */
+template <int D, int OPT, bool KDQ>
+__device__ __forceinline__ uint32_t k_frag(const uint32_t *w, const uint8_t *sp, uint32_t kq,
+                                           int hp)
+{
+    return KDQ ? k_pair_deq<D, OPT>(w, sp, kq, hp) : k_pair<OPT>(w, hp);
+}
+
 /* Channel x of a value lane's words for two tokens (w0, w1) as one FP16x2 (token w0 low). */
 template <int OPT>
 __device__ __forceinline__ uint32_t v_pair(const uint32_t *w0, const uint32_t *w1, int x)
@@ -959,8 +1005,11 @@ template <int D> struct mma_state {
 };
 
 /* Attends tokens [tb, te) of a staged page (slots at `slots`), whose keys' query table for slots
- * s0 .. is at tab (qz, qsp beside it). Called by every warp; warp w takes tiles w, w + 4, ... */
-template <int D, int OPT>
+ * s0 .. is at tab (qz, qsp beside it). With KDQ (a quantized option without protected channels)
+ * the keys are dequantized in registers instead (code * kscale + kzero in FP16, k_pair_deq) and
+ * tab holds one entry, q itself in the option's channel order, for every slot. Called by every
+ * warp; warp w takes tiles w, w + 4, ... */
+template <int D, int OPT, bool KDQ = false>
 __device__ void mma_tokens(const attn_params &A, const uint8_t *slots, uint32_t sb, uint32_t s0,
                            uint32_t tb, uint32_t te, const uint8_t *tab, const float *qz,
                            const float *qsp, uint32_t P, mma_state<D> &st)
@@ -981,6 +1030,8 @@ __device__ void mma_tokens(const attn_params &A, const uint8_t *slots, uint32_t 
 
     uint32_t afr[KS][4];
     int cur = -1;
+    if (KDQ)
+        mma_load_a<D>(tab + r * RS + kq * 16, r & 1, afr);
     for (uint32_t tile = warp; tile < ntiles; tile += kMmaWarps) {
         const uint32_t T0 = tb + 16 * tile;
         // Logits of the tile's two n-tiles (8 tokens each). Their mma chains are interleaved
@@ -1001,7 +1052,7 @@ __device__ void mma_tokens(const attn_params &A, const uint8_t *slots, uint32_t 
             sp[j] = slots + (size_t)si * sb;
             jb[j] = nb[j] - si * G;
         }
-        if (sl[0] != cur) {
+        if (!KDQ && sl[0] != cur) {
             cur = sl[0];
             mma_load_a<D>(tab + (uint32_t)cur * TABS + r * RS + kq * 16, r & 1, afr);
         }
@@ -1026,18 +1077,20 @@ __device__ void mma_tokens(const attn_params &A, const uint8_t *slots, uint32_t 
 #pragma unroll
                 for (int j = 0; j < 2; j++)
                     mma16816(c[j], afr[s][0], afr[s][1], afr[s][2], afr[s][3],
-                             k_pair<OPT>(kw[j], 2 * s), k_pair<OPT>(kw[j], 2 * s + 1));
+                             k_frag<D, OPT, KDQ>(kw[j], sp[0], kq, 2 * s),
+                             k_frag<D, OPT, KDQ>(kw[j], sp[0], kq, 2 * s + 1));
         } else {
 #pragma unroll
             for (int j = 0; j < 2; j++) {
-                if (j == 1) {
+                if (j == 1 && !KDQ) {
                     cur = sl[1];
                     mma_load_a<D>(tab + (uint32_t)cur * TABS + r * RS + kq * 16, r & 1, afr);
                 }
 #pragma unroll
                 for (int s = 0; s < KS; s++)
                     mma16816(c[j], afr[s][0], afr[s][1], afr[s][2], afr[s][3],
-                             k_pair<OPT>(kw[j], 2 * s), k_pair<OPT>(kw[j], 2 * s + 1));
+                             k_frag<D, OPT, KDQ>(kw[j], sp[j], kq, 2 * s),
+                             k_frag<D, OPT, KDQ>(kw[j], sp[j], kq, 2 * s + 1));
             }
         }
         float sv[2][2];
@@ -1049,7 +1102,7 @@ __device__ void mma_tokens(const attn_params &A, const uint8_t *slots, uint32_t 
                 float v = c[j][e] + c[j][2 + e];
                 if (t >= te) {
                     v = -INFINITY;
-                } else if (OPT != 0) {
+                } else if (OPT != 0 && !KDQ) {
                     v += qz[sl[j] * 4 + r];
                     if (P > 0 && opt_protectable(OPT)) {
                         const uint8_t *pc = sp[j] + poff + 2 * P + (jb[j] + t - nb[j]) * P;
@@ -1129,8 +1182,9 @@ __device__ void mma_tokens(const attn_params &A, const uint8_t *slots, uint32_t 
  * itself): for each row r < 4, key lane kq and pair hp, (q * kscale) at the two channels of
  * kphys, hi then lo; qz = q . kzero; qsp = q * kscale at the P protected channels (whose main
  * entries are 0, as in attend.c; P is 0 for options without them). Called by the whole block;
- * a barrier must follow. */
-template <int D, int OPT>
+ * a barrier must follow. SCALED false: one entry, q in OPT's channel order without the key
+ * scales (the KDQ path, which dequantizes the keys instead), no qz or qsp. */
+template <int D, int OPT, bool SCALED = true>
 __device__ void mma_table(const attn_params &A, const uint8_t *slots, uint32_t sb, uint32_t s0,
                           uint32_t ns, const float *qq, uint8_t *tab, float *qz, float *qsp,
                           uint32_t P)
@@ -1148,7 +1202,7 @@ __device__ void mma_table(const attn_params &A, const uint8_t *slots, uint32_t s
         const uint32_t hp = w % (D / 8);
         const uint32_t c0 = kphys<D, OPT>(kq, hp, 0), c1 = kphys<D, OPT>(kq, hp, 1);
         float x0 = qq[r * D + c0], x1 = qq[r * D + c1];
-        if (OPT != 0) {
+        if (OPT != 0 && SCALED) {
             const uint8_t *sp = slots + (size_t)(s0 + sl) * sb;
             x0 *= h2f_at(sp + 2 * c0);
             x1 *= h2f_at(sp + 2 * c1);
@@ -1164,7 +1218,7 @@ __device__ void mma_table(const attn_params &A, const uint8_t *slots, uint32_t s
                                       kq * 16 + (w % 4) * 4) =
             pack_h2(split_part(x0, hl), split_part(x1, hl));
     }
-    if (OPT == 0)
+    if (OPT == 0 || !SCALED)
         return;
     const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     for (uint32_t i = warp; i < ns * 4; i += blockDim.x / 32) {
@@ -1187,7 +1241,9 @@ __device__ void mma_table(const attn_params &A, const uint8_t *slots, uint32_t s
     }
 }
 
-/* One staged page of option OPT: tables and tokens, a group of table slots at a time. */
+/* One staged page of option OPT: tables and tokens, a group of table slots at a time; or, for a
+ * quantized page without protected channels when A.kdq is set, keys dequantized in registers
+ * against one plain query table for the whole page. */
 template <int D, int OPT>
 __device__ void mma_page(const attn_params &A, const uint8_t *pg, const page_hdr &h,
                          const float *qq, uint8_t *tab, float *qz, float *qsp, mma_state<D> &st)
@@ -1202,6 +1258,12 @@ __device__ void mma_page(const attn_params &A, const uint8_t *pg, const page_hdr
     }
     const uint32_t ntok = (h.n_slots - 1) * G + h.last_tokens;
     const uint32_t P = opt_protectable(OPT) ? A.P : 0;
+    if (A.kdq && P == 0) {
+        mma_table<D, OPT, false>(A, slots, sb, 0, 1, qq, tab, qz, qsp, 0);
+        __syncthreads();
+        mma_tokens<D, OPT, true>(A, slots, sb, 0, 0, ntok, tab, qz, qsp, 0, st);
+        return;
+    }
     for (uint32_t s0 = 0; s0 < h.n_slots; s0 += A.m_ts) {
         const uint32_t ns = min(A.m_ts, h.n_slots - s0);
         mma_table<D, OPT>(A, slots, sb, s0, ns, qq, tab, qz, qsp, P);
@@ -1457,6 +1519,7 @@ struct plan {
     size_t buf_bytes, smem_split, smem_combine;
     void (*kernel)(attn_params); // kernel 1 for rows and cpt
     bool mma;                    // the tensor-core kernel runs instead (attend_mma_kernel)
+    bool kdq;                    // ... with keys dequantized in registers (attn_params.kdq)
     void (*mma_kernel)(attn_params);
     size_t smem_mma;
     uint32_t m_pbuf, m_off_q, m_off_tab, m_off_qz, m_off_qsp, m_ts;
@@ -1513,15 +1576,19 @@ uint32_t choose_splits(uint64_t items, uint64_t resident, uint32_t max_list_page
     return (uint32_t)best;
 }
 
-/* The kernel a batch asks for: its impl field, else FERRY_ATTEND_IMPL ("simt" or "mma"), else
+/* The kernel a batch asks for: its impl field, else FERRY_ATTEND_IMPL ("simt", "mma" or
+ * "mma-qtab"), else
  * the tensor-core kernel wherever it applies. */
 uint32_t attend_impl(const kvc_attend_batch_t *bt)
 {
-    if (bt->impl == KVC_ATTEND_IMPL_SIMT || bt->impl == KVC_ATTEND_IMPL_MMA)
+    if (bt->impl == KVC_ATTEND_IMPL_SIMT || bt->impl == KVC_ATTEND_IMPL_MMA ||
+        bt->impl == KVC_ATTEND_IMPL_MMA_QTAB)
         return bt->impl;
     const char *e = getenv("FERRY_ATTEND_IMPL");
     if (e != NULL && strcmp(e, "simt") == 0)
         return KVC_ATTEND_IMPL_SIMT;
+    if (e != NULL && strcmp(e, "mma-qtab") == 0)
+        return KVC_ATTEND_IMPL_MMA_QTAB;
     return KVC_ATTEND_IMPL_MMA;
 }
 
@@ -1534,7 +1601,7 @@ fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt,
         pool->page_bytes % 64 || pool->page_bytes < 64 || pool->n_pages == 0)
         return FY_ERR_INVALID_ARG;
     if (bt->batch == 0 || bt->n_kv_heads == 0 || bt->n_heads % bt->n_kv_heads ||
-        bt->impl > KVC_ATTEND_IMPL_MMA)
+        bt->impl > KVC_ATTEND_IMPL_MMA_QTAB)
         return FY_ERR_INVALID_ARG;
     const uint32_t rows = bt->n_heads / bt->n_kv_heads;
     if (rows == 0 || rows > kMaxRows)
@@ -1593,6 +1660,7 @@ fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt,
 
     // The tensor-core kernel: head_dim 64 or 128, GQA groups up to 4, its shared memory.
     pl->mma = false;
+    pl->kdq = false;
     pl->mma_kernel = d == 64 ? attend_mma_kernel<64> : attend_mma_kernel<128>;
     if ((d == 64 || d == 128) && rows <= kMmaRows) {
         pl->m_ts = mma_table_slots(G);
@@ -1627,6 +1695,7 @@ fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt,
             max_splits = ms > max_splits ? ms : max_splits;
             if (attend_impl(bt) != KVC_ATTEND_IMPL_SIMT) {
                 pl->mma = true;
+                pl->kdq = attend_impl(bt) != KVC_ATTEND_IMPL_MMA_QTAB;
                 pl->n_splits = ms;
             }
         }
@@ -1680,7 +1749,9 @@ static fy_status_t plan_query(const kvc_gpu_pages_t *pool, const kvc_attend_batc
     if (bytes_p != NULL)
         *bytes_p = pl.ws_bytes;
     if (impl_p != NULL)
-        *impl_p = pl.mma ? KVC_ATTEND_IMPL_MMA : KVC_ATTEND_IMPL_SIMT;
+        *impl_p = !pl.mma  ? KVC_ATTEND_IMPL_SIMT
+                  : pl.kdq ? KVC_ATTEND_IMPL_MMA
+                           : KVC_ATTEND_IMPL_MMA_QTAB;
     return FY_OK;
 }
 
@@ -1750,6 +1821,7 @@ extern "C" fy_status_t kvc_attend_batch_cuda(const kvc_gpu_pages_t *pool,
     A.m_off_qz = pl.m_off_qz;
     A.m_off_qsp = pl.m_off_qsp;
     A.m_ts = pl.m_ts;
+    A.kdq = pl.kdq ? 1u : 0u;
     dim3 grid(pl.n_splits, pl.n_items);
     // Shared memory sizes were set on both kernels by make_plan.
     if (pl.mma)

@@ -128,7 +128,7 @@ struct kvc_encoder_cuda {
 static __device__ __forceinline__ float ld_h(const uint16_t *x, size_t hs, size_t ts, uint32_t h,
                                              uint32_t t, uint32_t c)
 {
-    return kvc_dev_h2f(x[(size_t)h * hs + (size_t)t * ts + c]);
+    return fy_dev_h2f(x[(size_t)h * hs + (size_t)t * ts + c]);
 }
 
 /* One warp per row of K or V: fp16 -> fp32, Hadamard butterflies in quant.c's order (stage
@@ -148,7 +148,7 @@ __global__ void rotate_kernel(const uint16_t *k, const uint16_t *v, size_t hs, s
         uint32_t h = (uint32_t)(r / n), t = (uint32_t)(r % n);
         const uint16_t *src = (is_v ? v : k) + (size_t)h * hs + (size_t)t * ts;
         for (uint32_t c = lane; c < d; c += 32)
-            x[c] = kvc_dev_h2f(src[c]);
+            x[c] = fy_dev_h2f(src[c]);
         __syncwarp();
         for (uint32_t len = 1; len < d; len <<= 1) {
             for (uint32_t j = lane; j < d / 2; j += 32) {

@@ -247,14 +247,23 @@ typedef struct {
     uint32_t impl;                 // KVC_ATTEND_IMPL_*: 0 (AUTO) unless a test or benchmark asks
 } kvc_attend_batch_t;
 
-/* Kernels of kvc_attend_batch_cuda. AUTO: the environment variable FERRY_ATTEND_IMPL ("simt" or
- * "mma") when set, else MMA. MMA (tensor cores: FP16 operands split hi + lo, FP32
- * accumulation) takes head_dim 64 and 128 with GQA groups up to 4 rows; other shapes, and
- * MMA asked of them, run SIMT (FP32 dequantization in registers), which takes every shape. */
-enum { KVC_ATTEND_IMPL_AUTO = 0, KVC_ATTEND_IMPL_SIMT = 1, KVC_ATTEND_IMPL_MMA = 2 };
+/* Kernels of kvc_attend_batch_cuda. AUTO: the environment variable FERRY_ATTEND_IMPL ("simt",
+ * "mma" or "mma-qtab") when set, else MMA. MMA (tensor cores: the query split into FP16 hi + lo,
+ * FP32 accumulation) takes head_dim 64 and 128 with GQA groups up to 4 rows; quantized keys are
+ * dequantized to FP16 in registers (code * scale + zero, rounded once, as an FP16 cache would
+ * hold them), except for pages with MixKVQ protected channels. MMA_QTAB keeps the keys as exact
+ * integer codes and scales the query per group instead (a shared-memory table per group: closer
+ * to kvc_attend, slower). Other shapes, and MMA asked of them, run SIMT (FP32 dequantization in
+ * registers), which takes every shape. */
+enum {
+    KVC_ATTEND_IMPL_AUTO = 0,
+    KVC_ATTEND_IMPL_SIMT = 1,
+    KVC_ATTEND_IMPL_MMA = 2,
+    KVC_ATTEND_IMPL_MMA_QTAB = 3,
+};
 
-/* The kernel (KVC_ATTEND_IMPL_SIMT or _MMA) kvc_attend_batch_cuda runs for this pool and batch.
- * Thread: any. */
+/* The kernel (KVC_ATTEND_IMPL_SIMT, _MMA or _MMA_QTAB) kvc_attend_batch_cuda runs for this pool and
+ * batch. Thread: any. */
 fy_status_t kvc_attend_batch_cuda_impl(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *batch,
                                        uint32_t *impl_p);
 

@@ -9,7 +9,7 @@
  *    contraction);
  * 2. sums run in the CPU's order: sequential where the CPU loops, and the CPU's 8-lane partial
  *    sums with the same final tree where it uses kvc_v8;
- * 3. fp16 conversions use the same integer algorithm as common/half.c.
+ * 3. fp16 conversions use the same integer algorithm as common/half.c (common/half_cuda.h).
  * Min/max over equal values keeps the first, as the CPU's `a < b ? a : b` does; this differs
  * from the CPU only when an input is NaN (documented: frames are bit-identical for finite K/V).
  */
@@ -20,6 +20,7 @@
 #include <stdint.h>
 
 #include "common.h"
+#include "half_cuda.h"
 
 /* Maps a CUDA error to fy_status_t (out of memory is the caller's resource problem). */
 static inline fy_status_t kvc_cuda_status(cudaError_t e)
@@ -103,59 +104,6 @@ static __device__ __forceinline__ float kdiv(float a, float b)
     return __fdiv_rn(a, b);
 }
 
-/* common/half.c's conversions, bit for bit (NaN payloads included). */
-static __device__ __forceinline__ float kvc_dev_h2f(uint16_t h)
-{
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t exp = (h >> 10) & 0x1fu;
-    uint32_t mant = h & 0x3ffu;
-    uint32_t bits;
-    if (exp == 0) {
-        if (mant == 0) {
-            bits = sign;
-        } else {
-            int lz = __clz(mant) - 21; // shifts until bit 10 is set
-            mant = (mant << lz) & 0x3ffu;
-            bits = sign | ((uint32_t)(113 - lz) << 23) | (mant << 13);
-        }
-    } else if (exp == 31) {
-        bits = mant == 0 ? (sign | 0x7f800000u) : (sign | 0x7fc00000u | (mant << 13));
-    } else {
-        bits = sign | ((exp + 112) << 23) | (mant << 13);
-    }
-    return __uint_as_float(bits);
-}
-
-static __device__ __forceinline__ uint16_t kvc_dev_f2h(float f)
-{
-    uint32_t x = __float_as_uint(f);
-    uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
-    x &= 0x7fffffffu;
-    if (x >= 0x7f800000u)
-        return x == 0x7f800000u ? (uint16_t)(sign | 0x7c00u)
-                                : (uint16_t)(sign | 0x7e00u | ((x >> 13) & 0x3ffu));
-    if (x >= 0x477ff000u)
-        return sign | 0x7c00u;
-    if (x < 0x38800000u) {
-        uint32_t e = x >> 23;
-        uint32_t shift = 126u - e;
-        if (shift >= 32u)
-            return sign;
-        uint32_t mant = (x & 0x7fffffu) | (e != 0 ? 0x800000u : 0u);
-        uint32_t q = mant >> shift;
-        uint32_t rem = mant & ((1u << shift) - 1u);
-        uint32_t halfway = 1u << (shift - 1u);
-        if (rem > halfway || (rem == halfway && (q & 1u)))
-            q++;
-        return (uint16_t)(sign | q);
-    }
-    uint32_t h = (((x >> 23) - 112u) << 10) | ((x & 0x7fffffu) >> 13);
-    uint32_t rem = x & 0x1fffu;
-    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u)))
-        h++;
-    return (uint16_t)(sign | h);
-}
-
 /* quant.c's directed FP16 rounding (fp16_floor_buf / fp16_ceil_buf, element by element). */
 static __device__ __forceinline__ uint16_t kvc_dev_h_clamp_finite(uint16_t h)
 {
@@ -178,16 +126,16 @@ static __device__ __forceinline__ uint16_t kvc_dev_h_step_up(uint16_t h)
 /* Largest FP16 <= x (finite). */
 static __device__ __forceinline__ uint16_t kvc_dev_h_floor(float x)
 {
-    uint16_t h = kvc_dev_h_clamp_finite(kvc_dev_f2h(x));
-    if (kvc_dev_h2f(h) > x && h != 0xfbff)
+    uint16_t h = kvc_dev_h_clamp_finite(fy_dev_f2h(x));
+    if (fy_dev_h2f(h) > x && h != 0xfbff)
         h = kvc_dev_h_step_down(h);
     return h;
 }
 /* Smallest FP16 >= x (finite, clamped to 65504). */
 static __device__ __forceinline__ uint16_t kvc_dev_h_ceil(float x)
 {
-    uint16_t h = kvc_dev_h_clamp_finite(kvc_dev_f2h(x));
-    if (kvc_dev_h2f(h) < x && h != 0x7bff)
+    uint16_t h = kvc_dev_h_clamp_finite(fy_dev_f2h(x));
+    if (fy_dev_h2f(h) < x && h != 0x7bff)
         h = kvc_dev_h_step_up(h);
     return h;
 }
@@ -198,11 +146,11 @@ static __device__ __forceinline__ void kvc_dev_asym(float mn, float mx, float qm
                                                     uint16_t *z16, float *s, float *z, float *inv)
 {
     *z16 = kvc_dev_h_floor(mn);
-    *z = kvc_dev_h2f(*z16);
+    *z = fy_dev_h2f(*z16);
     float v = kdiv(ksub(mx, *z), qmax);
     v = v > 0 ? v : 0;
     *s16 = kvc_dev_h_ceil(v);
-    *s = kvc_dev_h2f(*s16);
+    *s = fy_dev_h2f(*s16);
     *inv = *s > 0 ? kdiv(1.0f, *s) : 0.0f;
 }
 

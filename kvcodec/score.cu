@@ -80,7 +80,7 @@ static __device__ float logit(const score_args_t &a, const float *q, uint32_t g,
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (uint32_t c = 0; c < a.d; c += 8)
         for (int l = 0; l < 8; l++)
-            acc[l] = kadd(acc[l], kmul(q[c + l], kvc_dev_h2f(kr[c + l])));
+            acc[l] = kadd(acc[l], kmul(q[c + l], fy_dev_h2f(kr[c + l])));
     return kmul(kvc_dev_sum8(acc), a.scale);
 }
 
@@ -225,7 +225,7 @@ __global__ void __launch_bounds__(256)
             for (uint32_t i = threadIdx.x - 32; i < OBAR_T * 32; i += loaders) {
                 uint32_t tt = i / 32, cc = i % 32, t = k * OBAR_T + tt, c = c0 + cc;
                 tl[tt][cc] =
-                    t < a.n && c < a.d ? kmul(pb[t], kvc_dev_h2f(vh[(size_t)t * a.ts + c])) : 0.0f;
+                    t < a.n && c < a.d ? kmul(pb[t], fy_dev_h2f(vh[(size_t)t * a.ts + c])) : 0.0f;
             }
         }
         if (chain && k > 0) {
