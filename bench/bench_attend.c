@@ -226,9 +226,24 @@ static cJSON *read_json(const char *path)
     return j;
 }
 
+/* Whether name is one of the comma-separated items of list. */
+static bool in_list(const char *list, const char *name)
+{
+    size_t n = strlen(name);
+    for (const char *p = list; *p;) {
+        const char *e = strchr(p, ',');
+        size_t len = e ? (size_t)(e - p) : strlen(p);
+        if (len == n && strncmp(p, name, n) == 0)
+            return true;
+        p += len + (e != NULL);
+    }
+    return false;
+}
+
 int bench_attend_main(int argc, char **argv)
 {
-    const char *device = "cuda", *json = NULL, *sdpa_path = NULL;
+    const char *device = "cuda", *json = NULL, *sdpa_path = NULL, *pages = NULL,
+               *kernels = NULL;
     bool json_stdout = false;
     uint32_t contexts[MAX_LIST] = {4096, 32768, 131072}, batches[MAX_LIST] = {1, 32};
     int n_ctx = 3, n_b = 2, reps = 20;
@@ -252,9 +267,14 @@ int bench_attend_main(int argc, char **argv)
             n_b = parse_list(val, batches, MAX_LIST), i++;
         } else if (strcmp(a, "--reps") == 0 && val) {
             reps = atoi(val), i++;
+        } else if (strcmp(a, "--pages") == 0 && val) {
+            pages = val, i++;
+        } else if (strcmp(a, "--kernels") == 0 && val) {
+            kernels = val, i++;
         } else {
             fprintf(stderr, "usage: ferry-bench attend --device cuda [--json [FILE]] "
-                            "[--sdpa-json FILE] [--contexts N,..] [--batches N,..] [--reps N]\n");
+                            "[--sdpa-json FILE] [--contexts N,..] [--batches N,..] [--reps N] "
+                            "[--pages f16,int8,int4,int4-rot,4/2,int2] [--kernels mma,qtab,simt]\n");
             return 2;
         }
     }
@@ -292,7 +312,7 @@ int bench_attend_main(int argc, char **argv)
     void *d_ws = NULL;
     size_t ws_cap = 0;
     cudaEvent_t ev0 = NULL, ev1 = NULL;
-    row_t *rows = calloc(2 * N_VARIANTS * (size_t)n_ctx * n_b, sizeof(row_t));
+    row_t *rows = calloc(3 * N_VARIANTS * (size_t)n_ctx * n_b, sizeof(row_t));
     double *times = malloc((size_t)reps * sizeof(double));
     int n_rows = 0;
     kvc_pool_t *src_pool = NULL;
@@ -336,6 +356,8 @@ int bench_attend_main(int argc, char **argv)
             "batch", "pages/l", "MB read", "us/step", "GB/s", "vs f16", "vs sdpa");
 
     for (size_t vi = 0; vi < N_VARIANTS; vi++) {
+        if (pages != NULL && !in_list(pages, k_variants[vi].name))
+            continue;
         const variant_t *v = &k_variants[vi];
         kvc_pool_params_t pp;
         kvc_pool_params_default(&pp);
@@ -433,6 +455,10 @@ int bench_attend_main(int argc, char **argv)
                 const uint32_t impl = impls[ii];
                 if (impl == KVC_ATTEND_IMPL_MMA_QTAB && v->opt == KVC_OPT_F16)
                     continue; // FP16 pages have no key codes: the same kernel as MMA
+                if (kernels != NULL && !in_list(kernels, impl == KVC_ATTEND_IMPL_MMA    ? "mma"
+                                                         : impl == KVC_ATTEND_IMPL_SIMT ? "simt"
+                                                                                        : "qtab"))
+                    continue;
                 const int kreps = impl == KVC_ATTEND_IMPL_MMA ? reps : FY_MAX(3, reps / 4);
                 kvc_attend_batch_t bt = {B, N_HEADS, N_KV, d_starts, d_ids, ppl, impl};
                 uint32_t ran = 0;
