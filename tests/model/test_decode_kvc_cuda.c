@@ -243,15 +243,20 @@ static int run_steps(mcase_t *mc, const char *run, int n, const int *which, cons
         first_div[i] = -1;
         errs[i][0] = '\0';
     }
+    uint64_t cpu_ns = 0, gpu_ns = 0;
     for (int s = 0; s < N_STEPS; s++) {
+        uint64_t t0 = fy_clock_ns();
         st = mdl_decode_kvc(mc->cctx, cp, cs, pos, tok, n, lc);
+        cpu_ns += fy_clock_ns() - t0;
         if (st != FY_OK) {
             printf("FAIL %s %s step %d: mdl_decode_kvc: %s\n", mc->name, run, s,
                    fy_status_str(st));
             bad++;
             goto out;
         }
+        t0 = fy_clock_ns();
         st = mdl_decode_kvc_cuda(mc->gctx, gp, gs, pos, tok, n, lg);
+        gpu_ns += fy_clock_ns() - t0;
         if (st != FY_OK) {
             printf("FAIL %s %s step %d: mdl_decode_kvc_cuda: %s\n", mc->name, run, s,
                    fy_status_str(st));
@@ -294,6 +299,9 @@ static int run_steps(mcase_t *mc, const char *run, int n, const int *which, cons
                mc->name, run, i, pol[i] ? "ferry b=0.25" : "fp16", mc->len[which[i]],
                first_div[i] < 0 ? N_STEPS : first_div[i], N_STEPS, errs[i]);
     }
+    // For information (the first GPU step includes its buffers' allocation).
+    printf("%s %s: %.2f ms per step on the CPU, %.2f on the GPU\n", mc->name, run,
+           cpu_ns / 1e6 / N_STEPS, gpu_ns / 1e6 / N_STEPS);
     bad += compare_pages(mc, run, cp, cs, gp, gs, n);
 out:
     for (int i = 0; i < n; i++) {
