@@ -348,8 +348,14 @@ static int run_refusals(mcase_t *mc)
         need = mdl_kvc_step_pages_cuda(mc->gm, big, probe);
     kvc_gpu_seq_destroy(probe);
     kvc_gpu_pool_destroy(big);
-    CHECK(need > 0 && need <= (uint32_t)(L * KV), "%s: step pages %u", mc->name, need);
-    pp.n_pages = placed + need - 1;
+    CHECK(need <= (uint32_t)(L * KV), "%s: step pages %u", mc->name, need);
+    // need is 0 only when every list ends in a 16/16 page with room (no quantized option
+    // placed last): then no pool is short for one step, and a one-page pool stands in.
+    if (need == 0)
+        printf("note %s: the first step needs no new page; the short-pool check uses a pool "
+               "with no free page at all, which must still succeed\n",
+               mc->name);
+    pp.n_pages = need > 0 ? placed + need - 1 : placed;
     int32_t pos = mc->len[0], tok = mc->first[0];
     if (kvc_gpu_pool_create(&pp, &gp) == FY_OK &&
         kvc_gpu_seq_create(gp, (uint32_t)L, (uint32_t)KV, fp, SEQ_A, &gs) == FY_OK &&
@@ -358,13 +364,17 @@ static int run_refusals(mcase_t *mc)
         for (int l = 0; l < L && l < 8; l++)
             tokens_before[l] = kvc_gpu_seq_n_tokens(gs, (uint32_t)l, 0);
         fy_status_t st = mdl_decode_kvc_cuda(mc->gctx, gp, &gs, &pos, &tok, 1, lg);
-        CHECK(st == FY_ERR_RESOURCE_EXHAUSTED, "%s: a pool one page short: %s", mc->name,
-              fy_status_str(st));
-        CHECK(kvc_gpu_pool_free_count(gp) == free_before, "%s: pages taken by a failed step",
-              mc->name);
-        for (int l = 0; l < L && l < 8; l++)
-            CHECK(kvc_gpu_seq_n_tokens(gs, (uint32_t)l, 0) == tokens_before[l],
-                  "%s: layer %d changed by a failed step", mc->name, l);
+        if (need > 0) {
+            CHECK(st == FY_ERR_RESOURCE_EXHAUSTED, "%s: a pool one page short: %s", mc->name,
+                  fy_status_str(st));
+            CHECK(kvc_gpu_pool_free_count(gp) == free_before,
+                  "%s: pages taken by a failed step", mc->name);
+            for (int l = 0; l < L && l < 8; l++)
+                CHECK(kvc_gpu_seq_n_tokens(gs, (uint32_t)l, 0) == tokens_before[l],
+                      "%s: layer %d changed by a failed step", mc->name, l);
+        } else {
+            CHECK(st == FY_OK, "%s: a step that needs no page: %s", mc->name, fy_status_str(st));
+        }
         // A CPU context cannot run a GPU pool.
         st = mdl_decode_kvc_cuda(mc->cctx, gp, &gs, &pos, &tok, 1, lg);
         CHECK(st == FY_ERR_INVALID_ARG, "%s: CPU context: %s", mc->name, fy_status_str(st));
