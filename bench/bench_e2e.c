@@ -654,11 +654,11 @@ int bench_e2e_main(int argc, char **argv)
         FILE *f = fopen(md_path, "w");
         if (f != NULL) {
             fprintf(f, "| link | setting | ok | TTFT ms (mean) | p50 | p90 | TPOT ms | transfer "
-                       "ms | prefill ms | queue ms | tok/s | KV wire MB | wire/raw | saving of "
-                       "allowed | TTFT / max(prefill, transfer) p50 | p90 | less queue p50 | "
-                       "p90 |\n"
+                       "ms | link ms | prefill ms | queue ms | tok/s | KV wire MB | wire/raw | "
+                       "saving of allowed | TTFT / max(prefill, transfer) p50 | p90 | less queue "
+                       "p50 | p90 |\n"
                        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
-                       "| --- | --- | --- | --- | --- | --- |\n");
+                       "| --- | --- | --- | --- | --- | --- | --- |\n");
             for (int i = 0; i < n_res; i++) {
                 const result_t *r = &res[i];
                 cJSON *o2 = cJSON_GetArrayItem(jr, i);
@@ -668,9 +668,9 @@ int bench_e2e_main(int argc, char **argv)
                 if (g && al && al->valuedouble > 0)
                     snprintf(sv, sizeof(sv), "%.0f %%", 100 * g->valuedouble / al->valuedouble);
                 fprintf(f, "| %s | %s | %d/%d | %.1f | %.1f | %.1f | %.2f | %.1f | %.1f | %.1f | "
-                           "%.1f | %.2f | %.3f | %s | %.2f | %.2f | %.2f | %.2f |\n",
+                           "%.1f | %.1f | %.2f | %.3f | %s | %.2f | %.2f | %.2f | %.2f |\n",
                         r->link, r->codec.label, r->ok, r->requests, r->ttft_mean, r->ttft_p50,
-                        r->ttft_p90, r->tpot_mean, r->transfer_mean, r->prefill_mean,
+                        r->ttft_p90, r->tpot_mean, r->transfer_mean, r->link_mean, r->prefill_mean,
                         r->queue_mean, r->tok_s, r->wire / 1e6,
                         r->raw ? (double)r->wire / (double)r->raw : NAN, sv, r->bound_p50,
                         r->bound_p90, r->bound_xq_p50, r->bound_xq_p90);
