@@ -81,6 +81,7 @@ typedef struct {
     int threads;          /* per daemon, 0 = all CPUs */
     int max_tokens;       /* router default, 0 = its own */
     char lease[16];       /* router worker lease, empty = its own */
+    char reserve_lease[16]; /* router --reserve-lease (decode pages awaiting KV), empty = its own */
     char log_level[8];    /* daemons' --log-level (default info: status reads UCX lanes) */
     char subnet[32];      /* netns: A.B.C.0/24 of the bridge (bridge gets .1) */
     char image[256];      /* k8s: container image */

@@ -718,6 +718,11 @@ static fy_status_t parse_root(pctx_t *c, yaml_node_t *root, fy_cluster_spec_t *s
             st = get_str(c, v, key, s->lease, sizeof(s->lease));
             if (st == FY_OK && parse_delay_ms(s->lease, &ms) != FY_OK)
                 return perr(c, v, "bad lease '%s' (e.g. 1s, 500ms)", s->lease);
+        } else if (strcmp(key, "reserve_lease") == 0) {
+            uint64_t ms; /* the router's own duration syntax: it gets the text as is */
+            st = get_str(c, v, key, s->reserve_lease, sizeof(s->reserve_lease));
+            if (st == FY_OK && (fy_parse_duration_ms(s->reserve_lease, &ms) != FY_OK || ms == 0))
+                return perr(c, v, "bad reserve_lease '%s' (e.g. 30s, 5m)", s->reserve_lease);
         } else if (strcmp(key, "log_level") == 0) {
             st = get_str(c, v, key, s->log_level, sizeof(s->log_level));
             fy_log_level_t lv;
@@ -734,8 +739,8 @@ static fy_status_t parse_root(pctx_t *c, yaml_node_t *root, fy_cluster_spec_t *s
             roles = v;
         } else {
             return perr(c, k, "unknown key '%s' (name, backend, model, bin_dir, log_dir, codec, "
-                              "ucx, network, kv_memory, threads, max_tokens, lease, log_level, image, "
-                              "partition, hosts, roles)", key);
+                              "ucx, network, kv_memory, threads, max_tokens, lease, reserve_lease, "
+                              "log_level, image, partition, hosts, roles)", key);
         }
         if (st != FY_OK)
             return st;
@@ -974,6 +979,8 @@ fy_status_t fy_cluster_daemon_cmd(const fy_cluster_spec_t *spec, int i, const ch
             st = st ? st : cmd_addf(cmd, "--max-tokens=%d", spec->max_tokens);
         if (spec->lease[0])
             st = st ? st : cmd_addf(cmd, "--lease=%s", spec->lease);
+        if (spec->reserve_lease[0])
+            st = st ? st : cmd_addf(cmd, "--reserve-lease=%s", spec->reserve_lease);
     } else {
         st = st ? st : cmd_addf(cmd, "--router=%s", router);
         if (threads > 0)

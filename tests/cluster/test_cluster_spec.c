@@ -228,6 +228,31 @@ static void test_errors(void **state)
     expect_error(with_line(2, "backend: ssh"), "t.yaml:13:", "needs an address");
 }
 
+/* The router's reserve lease passes through as its own flag (long CPU prefills outlast the
+ * default), and a value the router could not read is refused at parse time. */
+static void test_reserve_lease(void **state)
+{
+    (void)state;
+    fy_cluster_spec_t *s = parse_ok(with_line(6, "reserve_lease: 5m"));
+    fy_cluster_cmd_t c;
+    assert_int_equal(fy_cluster_daemon_cmd(s, 0, NULL, &c), FY_OK);
+    assert_true(has_word(&c, "--reserve-lease=5m"));
+    fy_cluster_cmd_free(&c);
+    assert_int_equal(fy_cluster_daemon_cmd(s, 1, NULL, &c), FY_OK);
+    for (int i = 0; i < c.argc; i++)
+        assert_null(strstr(c.argv[i], "reserve-lease"));
+    fy_cluster_cmd_free(&c);
+    free(s);
+    s = parse_ok(k_spec);
+    assert_int_equal(fy_cluster_daemon_cmd(s, 0, NULL, &c), FY_OK);
+    for (int i = 0; i < c.argc; i++)
+        assert_null(strstr(c.argv[i], "reserve-lease"));
+    fy_cluster_cmd_free(&c);
+    free(s);
+    expect_error(with_line(6, "reserve_lease: soon"), "t.yaml:6:", "bad reserve_lease");
+    expect_error(with_line(6, "reserve_lease: 0"), "t.yaml:6:", "bad reserve_lease");
+}
+
 static void test_local_backend(void **state)
 {
     (void)state;
@@ -374,7 +399,7 @@ int main(void)
         cmocka_unit_test(test_full_spec),    cmocka_unit_test(test_daemon_cmds),
         cmocka_unit_test(test_shell_quoting), cmocka_unit_test(test_errors),
         cmocka_unit_test(test_local_backend), cmocka_unit_test(test_netns_plan),
-        cmocka_unit_test(test_state_and_metrics),
+        cmocka_unit_test(test_state_and_metrics), cmocka_unit_test(test_reserve_lease),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
