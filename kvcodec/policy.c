@@ -139,6 +139,8 @@ fy_status_t kvc_policy_validate(const kvc_policy_t *p, char *err, size_t err_len
         FAIL("pooling kernel %u: must be odd, 1..255", p->pool_kernel);
     if (p->reduce != KVC_REDUCE_MEAN && p->reduce != KVC_REDUCE_MAX)
         FAIL("reduce: unknown value");
+    if ((unsigned)p->importance > KVC_IMP_MAX)
+        FAIL("importance: unknown value");
     if ((unsigned)p->dist > KVC_DIST_MODEL)
         FAIL("distortion: unknown value");
     if (!(p->backbone_frac >= 0 && p->backbone_frac <= 0.5f))
@@ -382,6 +384,15 @@ static fy_status_t apply_key(kvc_policy_t *p, const cJSON *it, const char *dir, 
             p->reduce = KVC_REDUCE_MAX;
         else
             return jerr(err, err_len, k, "expected \"mean\" or \"max\"");
+    } else if (strcmp(k, "importance") == 0) {
+        if (cJSON_IsString(it) && strcmp(it->valuestring, "mean") == 0)
+            p->importance = KVC_IMP_MEAN;
+        else if (cJSON_IsString(it) && strcmp(it->valuestring, "rms") == 0)
+            p->importance = KVC_IMP_RMS;
+        else if (cJSON_IsString(it) && strcmp(it->valuestring, "max") == 0)
+            p->importance = KVC_IMP_MAX;
+        else
+            return jerr(err, err_len, k, "expected \"mean\", \"rms\" or \"max\"");
     } else if (strcmp(k, "joint_kv") == 0) {
         st = j_bool(it, &p->joint_kv, err, err_len);
     } else if (strcmp(k, "rotate") == 0) {
