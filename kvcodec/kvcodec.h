@@ -130,8 +130,8 @@ typedef struct {
     double lambda_first[KVC_POLICY_MAX_LAMBDAS];  // layer 0's multiplier at that b
 } kvc_policy_t;
 
-/* The `ferry` defaults (all options, G 32, sinks 4, recent 16, W 32, pool 7, prior 4,
- * budget 0.25).
+/* The `ferry` defaults (all options, G 32, sinks 4, recent 16, W 128 with RMS importance,
+ * pool 9, prior 2, no backbone, budget 0.25; layer_alloc 0.2 once a calibration is loaded).
  * Thread: any. */
 void kvc_policy_default(kvc_policy_t *policy);
 
