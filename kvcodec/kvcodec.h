@@ -80,6 +80,13 @@ typedef enum {
     KVC_DIST_MODEL = 3,
 } kvc_dist_t;
 
+typedef enum {
+    KVC_IMP_MEAN = 0, // a token's importance: its attention averaged over the window queries
+    KVC_IMP_RMS = 1,  // the root mean square over the window
+    KVC_IMP_MAX = 2,  // the largest over the window
+    /* RMS and MAX need q_window and the CPU scorer: kvc_score_cuda computes the mean. */
+} kvc_importance_t;
+
 /* Limits of a policy's calibration tables. */
 #define KVC_POLICY_MAX_LAYERS 256
 #define KVC_POLICY_MAX_LAMBDAS 16
@@ -94,6 +101,7 @@ typedef struct {
     uint32_t window;      // observation window W the prefill side should pass
     uint32_t pool_kernel; // 1-D max pooling along tokens (odd; 1 = none)
     kvc_reduce_t reduce;
+    kvc_importance_t importance; // over the window queries: mean or RMS of the attention
     bool joint_kv;        // weight by each value's deviation from the window output (HqeKV)
     bool rotate;          // Hadamard rotation of head_dim before the <= 4-bit options
     float backbone_frac;  // HEX backbone: fraction of tokens pinned (0 = off)
@@ -122,8 +130,8 @@ typedef struct {
     double lambda_first[KVC_POLICY_MAX_LAMBDAS];  // layer 0's multiplier at that b
 } kvc_policy_t;
 
-/* The `ferry` defaults (all options, G 32, sinks 4, recent 16, W 32, pool 7, prior 4,
- * budget 0.25).
+/* The `ferry` defaults (all options, G 32, sinks 4, recent 16, W 128 with RMS importance,
+ * pool 9, prior 2, no backbone, budget 0.25; layer_alloc 0.2 once a calibration is loaded).
  * Thread: any. */
 void kvc_policy_default(kvc_policy_t *policy);
 

@@ -20,12 +20,18 @@ void kvc_policy_default(kvc_policy_t *p)
     // 16, not 64: at b = 0.25 and 2048 tokens the 48 extra FP16 tokens cost more than they
     // save (bench/results/quality-variants.md).
     p->recent = 16;
-    p->window = 32;
-    p->pool_kernel = 7;
+    // 128 queries, RMS of their attention, pooling 9: at b = 0.125 SmolLM2 went from +5.9 %
+    // to +2.7 % dPPL with these and prior 2 (bench/results/quality-variants.md). The scoring
+    // work grows with W (W x n x d per head, ~2 % of a 2048-token prefill at W 128).
+    p->window = 128;
+    p->pool_kernel = 9;
     p->reduce = KVC_REDUCE_MEAN;
+    p->importance = KVC_IMP_RMS;
     p->joint_kv = true;
     p->rotate = true;
-    p->backbone_frac = 1.0f / 64;
+    // The HEX backbone's evenly spaced 8/8 tokens cost more than they save at every budget
+    // measured on SmolLM2 (quality-variants.md); the option stays for other models.
+    p->backbone_frac = 0;
     p->backbone_opt = KVC_OPT_Q8;
     p->hybrid_threshold = 0; // off by default until it is shown to beat the plain optimizer
     p->hybrid_factor = 0.25f;
@@ -33,11 +39,13 @@ void kvc_policy_default(kvc_policy_t *p)
     p->budget = 0.25;
     p->rate_flex = 0.25;
     // A window-only importance drops what later queries read: with the prior, SmolLM2 at 2048
-    // tokens and b = 0.25 went from +2.5 % to +0.5 % dPPL and NIAH from 5/11 to 11/11.
-    p->prior = 4.0f;
-    // Off: on SmolLM2 the calibrated weights moved dPPL the wrong way as byte shares and
-    // did not help at b = 0.125 as distortion weights (bench/results/quality-variants.md).
-    p->layer_alloc = 0;
+    // tokens and b = 0.25 went from +2.5 % to +0.5 % dPPL and NIAH from 5/11 to 11/11. With
+    // the RMS importance 2 beats 4 (which beat 1 and 2 with the mean).
+    p->prior = 2.0f;
+    // With a calibration only: byte shares ~ weight^0.2 halved SmolLM2's KL at b = 0.25 and
+    // cut it ~10 % at 0.125; larger exponents starve the layers the probe found insensitive
+    // (0.5: +2.6 %, 1: +7.5 % dPPL at 0.25). Distortion weights did not help at 0.125.
+    p->layer_alloc = 0.2f;
     p->layer_gamma = 0;
 }
 
@@ -60,6 +68,9 @@ fy_status_t kvc_policy_builtin(const char *name, kvc_policy_t *out)
     p.backbone_frac = 0;
     p.rotate = false;
     p.prior = 0;
+    // Their scoring as published: the mean attention of a 32-query window (SnapKV's w).
+    p.importance = KVC_IMP_MEAN;
+    p.window = 32;
     if (strcmp(name, "ferry") == 0) {
         kvc_policy_default(&p);
     } else if (strcmp(name, "fp16") == 0 || strcmp(name, "int8") == 0 ||
@@ -139,6 +150,8 @@ fy_status_t kvc_policy_validate(const kvc_policy_t *p, char *err, size_t err_len
         FAIL("pooling kernel %u: must be odd, 1..255", p->pool_kernel);
     if (p->reduce != KVC_REDUCE_MEAN && p->reduce != KVC_REDUCE_MAX)
         FAIL("reduce: unknown value");
+    if ((unsigned)p->importance > KVC_IMP_MAX)
+        FAIL("importance: unknown value");
     if ((unsigned)p->dist > KVC_DIST_MODEL)
         FAIL("distortion: unknown value");
     if (!(p->backbone_frac >= 0 && p->backbone_frac <= 0.5f))
@@ -382,6 +395,15 @@ static fy_status_t apply_key(kvc_policy_t *p, const cJSON *it, const char *dir, 
             p->reduce = KVC_REDUCE_MAX;
         else
             return jerr(err, err_len, k, "expected \"mean\" or \"max\"");
+    } else if (strcmp(k, "importance") == 0) {
+        if (cJSON_IsString(it) && strcmp(it->valuestring, "mean") == 0)
+            p->importance = KVC_IMP_MEAN;
+        else if (cJSON_IsString(it) && strcmp(it->valuestring, "rms") == 0)
+            p->importance = KVC_IMP_RMS;
+        else if (cJSON_IsString(it) && strcmp(it->valuestring, "max") == 0)
+            p->importance = KVC_IMP_MAX;
+        else
+            return jerr(err, err_len, k, "expected \"mean\", \"rms\" or \"max\"");
     } else if (strcmp(k, "joint_kv") == 0) {
         st = j_bool(it, &p->joint_kv, err, err_len);
     } else if (strcmp(k, "rotate") == 0) {

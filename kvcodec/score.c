@@ -79,8 +79,12 @@ KVC_HOT fy_status_t kvc_score(const kvc_policy_t *policy, uint32_t n_heads, uint
     float *acc = malloc((size_t)n * sizeof(float));          // group reduction
     float *pbar = malloc((size_t)n * sizeof(float));         // group mean, unpooled
     float *lg = malloc((size_t)n * sizeof(float));           // one window row's logits
-    if (!vf || (have_q && !kf) || !ah || !acc || !pbar || !lg) {
-        free(vf), free(kf), free(ah), free(acc), free(pbar), free(lg);
+    bool rms = policy->importance == KVC_IMP_RMS && have_q;
+    bool pmax = policy->importance == KVC_IMP_MAX && have_q;
+    // one head's mean p^2 (rms) or max p (pmax) over the window
+    float *ah2 = rms || pmax ? malloc((size_t)n * sizeof(float)) : NULL;
+    if (!vf || (have_q && !kf) || !ah || !acc || !pbar || !lg || ((rms || pmax) && !ah2)) {
+        free(vf), free(kf), free(ah), free(acc), free(pbar), free(lg), free(ah2);
         return FY_ERR_NO_MEMORY;
     }
     for (uint32_t g = 0; g < n_kv; g++) {
@@ -102,6 +106,8 @@ KVC_HOT fy_status_t kvc_score(const kvc_policy_t *policy, uint32_t n_heads, uint
             if (have_q) {
                 for (uint32_t t = 0; t < n; t++)
                     ah[t] = 0;
+                for (uint32_t t = 0; t < n && (rms || pmax); t++)
+                    ah2[t] = 0;
                 for (uint32_t w = 0; w < W; w++) {
                     const float *q = in->q_window + ((size_t)h * W + w) * d;
                     uint32_t pos = n - W + w; // causal: sees tokens 0..pos
@@ -119,6 +125,14 @@ KVC_HOT fy_status_t kvc_score(const kvc_policy_t *policy, uint32_t n_heads, uint
                     float inv = 1.0f / (sum * (float)W);
                     for (uint32_t t = 0; t <= pos; t++)
                         ah[t] += lg[t] * inv;
+                    for (uint32_t t = 0; t <= pos && rms; t++) {
+                        float p = lg[t] / sum;
+                        ah2[t] += p * p / (float)W;
+                    }
+                    for (uint32_t t = 0; t <= pos && pmax; t++) {
+                        float p = lg[t] / sum;
+                        ah2[t] = p > ah2[t] ? p : ah2[t];
+                    }
                     for (uint32_t c = 0; c < d; c++)
                         qsq[c] += q[c] * q[c];
                 }
@@ -131,6 +145,12 @@ KVC_HOT fy_status_t kvc_score(const kvc_policy_t *policy, uint32_t n_heads, uint
             }
             for (uint32_t t = 0; t < n; t++) {
                 pbar[t] += ah[t] / (float)grp;
+                // RMS over the window: a token a few queries read sharply counts more than
+                // its mean (the output error of a query is p^2-weighted).
+                if (rms)
+                    ah[t] = sqrtf(ah2[t]);
+                else if (pmax)
+                    ah[t] = ah2[t];
                 if (policy->reduce == KVC_REDUCE_MAX)
                     acc[t] = ah[t] > acc[t] ? ah[t] : acc[t];
                 else
@@ -168,6 +188,6 @@ KVC_HOT fy_status_t kvc_score(const kvc_policy_t *policy, uint32_t n_heads, uint
         else
             memcpy(imp, acc, (size_t)n * sizeof(float));
     }
-    free(vf), free(kf), free(ah), free(acc), free(pbar), free(lg);
+    free(vf), free(kf), free(ah), free(acc), free(pbar), free(lg), free(ah2);
     return FY_OK;
 }

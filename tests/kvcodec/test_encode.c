@@ -232,6 +232,46 @@ static void test_prior(void **state)
     assert_true(dropped[1] < dropped[0]);
 }
 
+/* Importance over the window: mean <= RMS <= max for every token (GQA mean, no pooling), all
+ * three equal with a window of one query; the window output and query sensitivity do not
+ * depend on it. */
+static void test_importance_kinds(void **state)
+{
+    for (uint32_t W = 1; W <= 32; W += 31) {
+        kvt_layer_t L;
+        kvt_layer_make(&L, 21, 4, 2, 300, 64, W);
+        kvc_layer_input_t in = kvt_input(&L, 0);
+        kvc_scores_t sc[3];
+        const kvc_importance_t kinds[3] = {KVC_IMP_MEAN, KVC_IMP_RMS, KVC_IMP_MAX};
+        for (int i = 0; i < 3; i++) {
+            kvc_policy_t pol;
+            kvc_policy_builtin("ferry", &pol);
+            pol.pool_kernel = 1;
+            pol.importance = kinds[i];
+            assert_int_equal(kvc_scores_init(&sc[i], L.n_kv, L.n, L.d), FY_OK);
+            assert_int_equal(kvc_score(&pol, L.n_heads, L.n_kv, L.n, L.d, &in, &sc[i]), FY_OK);
+        }
+        size_t nt = (size_t)L.n_kv * L.n, nd = (size_t)L.n_kv * L.d;
+        bool differs = false;
+        for (size_t i = 0; i < nt; i++) {
+            float m = sc[0].importance[i], r = sc[1].importance[i], x = sc[2].importance[i];
+            assert_true(m <= r * (1 + 1e-5f) + 1e-12f && r <= x * (1 + 1e-5f) + 1e-12f);
+            if (W == 1)
+                assert_true(fabsf(m - r) <= 1e-5f * m + 1e-12f &&
+                            fabsf(m - x) <= 1e-5f * m + 1e-12f);
+            differs = differs || r > m * 1.01f;
+        }
+        assert_true(differs == (W > 1));
+        for (int i = 1; i < 3; i++) {
+            assert_memory_equal(sc[i].obar, sc[0].obar, nd * sizeof(float));
+            assert_memory_equal(sc[i].qsq, sc[0].qsq, nd * sizeof(float));
+        }
+        for (int i = 0; i < 3; i++)
+            kvc_scores_cleanup(&sc[i]);
+        kvt_layer_free(&L);
+    }
+}
+
 static void test_bad_params(void **state)
 {
     kvc_policy_t pol;
@@ -265,6 +305,7 @@ int main(void)
         cmocka_unit_test(test_budget_adherence), cmocka_unit_test(test_below_floor),
         cmocka_unit_test(test_determinism),      cmocka_unit_test(test_builtin_policies),
         cmocka_unit_test(test_bad_params),      cmocka_unit_test(test_prior),
+        cmocka_unit_test(test_importance_kinds),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
