@@ -69,7 +69,8 @@ struct attn_params {
     uint32_t rows;   // query rows per list
     uint32_t m_pbuf; // bytes of one page buffer (two of them)
     uint32_t m_off_q, m_off_tab, m_off_qz, m_off_qsp, m_ts;
-    uint32_t kdq; // quantized keys dequantized to FP16 in registers (not KVC_ATTEND_IMPL_MMA_QTAB)
+    uint32_t kdq;     // quantized keys dequantized to FP16 in registers (not KVC_ATTEND_IMPL_MMA_QTAB)
+    uint32_t g_shift; // log2 G when G is a power of two (a shift for the slot of a token), else 32
 };
 
 __host__ __device__ constexpr int opt_kbits(int o)
@@ -813,8 +814,11 @@ constexpr int kMmaWarps = 4;
 constexpr int kMmaThreads = 32 * kMmaWarps;
 constexpr uint32_t kMmaRows = 4;
 
-/* Bytes of one query row of the per-slot table: D/16 units of 64 bytes (16 per kq lane). Odd
- * rows store unit i at i ^ 1, so that rows r and r + 1 (read in one phase) use different banks. */
+/* Bytes of one query row of the per-slot table: D/16 units of 64 bytes (16 per kq lane), unit s
+ * holding lane kq's A fragment of k step s in register order (hi pair 2s, lo pair 2s, hi pair
+ * 2s + 1, lo pair 2s + 1), so that one 16-byte load fills the aligned register quad the MMA
+ * reads (no moves). Odd rows store unit s at s ^ 1, so that rows r and r + 1 (read in one phase)
+ * use different banks. */
 __host__ __device__ constexpr uint32_t mma_row_stride(uint32_t d)
 {
     return d / 16 * 64;
@@ -858,6 +862,15 @@ __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1
                  "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+/* (x & mask) | bits in one LOP3: ptxas splits the C form into two when both constants are
+ * immediates (a LOP3 takes one), so the constants go in as registers. */
+__device__ __forceinline__ uint32_t and_or(uint32_t x, uint32_t mask, uint32_t bits)
+{
+    uint32_t r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(x), "r"(mask), "r"(bits));
+    return r;
 }
 
 /* (1024 + a, 1024 + b) as FP16x2 minus 1024: exact. */
@@ -911,8 +924,8 @@ template <int OPT> __device__ __forceinline__ uint32_t k_pair(const uint32_t *w,
     if (OPT == 1)
         return sub1024(__byte_perm(w[hp / 2], 0x64646464u, (hp % 2) ? 0x4341 : 0x4240));
     if (OPT == 2 || OPT == 3)
-        return sub1024(((w[hp / 4] >> (4 * (hp % 4))) & 0x000f000fu) | 0x64006400u);
-    return sub1024(((w[hp / 8] >> (2 * (hp % 8))) & 0x00030003u) | 0x64006400u);
+        return sub1024(and_or(w[hp / 4] >> (4 * (hp % 4)), 0x000f000fu, 0x64006400u));
+    return sub1024(and_or(w[hp / 8] >> (2 * (hp % 8)), 0x00030003u, 0x64006400u));
 }
 
 /* a * b + c on FP16x2 words, rounded once. */
@@ -932,12 +945,25 @@ __device__ __forceinline__ uint32_t word_of(const uint4 &u, uint32_t i)
     return i == 0 ? u.x : i == 1 ? u.y : i == 2 ? u.z : u.w;
 }
 
+/* 16 bytes of shared memory as one vector load. Not volatile: equal addresses within a tile
+ * are loaded once (the staged page does not change while mma_tokens reads it); written as asm
+ * because the C form is split into scalar loads when only some words are used. */
+__device__ __forceinline__ uint4 lds128(const void *p)
+{
+    uint4 u;
+    asm("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w)
+        : "r"((uint32_t)__cvta_generic_to_shared(p)));
+    return u;
+}
+
 template <int D, int OPT>
 __device__ __forceinline__ uint32_t k_pair_coef(const uint8_t *base, uint32_t kq, int hp)
 {
     const uint32_t c0 = kphys<D, OPT>(0, (uint32_t)hp, 0), c1 = kphys<D, OPT>(0, (uint32_t)hp, 1);
-    const uint4 *g = reinterpret_cast<const uint4 *>(base + kq * (D / 2));
-    const uint32_t w0 = word_of(g[c0 / 8], (c0 / 2) % 4), w1 = word_of(g[c1 / 8], (c1 / 2) % 4);
+    const uint8_t *g = base + kq * (D / 2);
+    const uint32_t w0 = word_of(lds128(g + 16 * (c0 / 8)), (c0 / 2) % 4);
+    const uint32_t w1 = word_of(lds128(g + 16 * (c1 / 8)), (c1 / 2) % 4);
     return __byte_perm(w0, w1, (c0 % 2 ? 0x32u : 0x10u) | ((c1 % 2 ? 0x76u : 0x54u) << 8));
 }
 
@@ -960,22 +986,23 @@ __device__ __forceinline__ uint32_t k_frag(const uint32_t *w, const uint8_t *sp,
     return KDQ ? k_pair_deq<D, OPT>(w, sp, kq, hp) : k_pair<OPT>(w, hp);
 }
 
-/* Channel x of a value lane's words for two tokens (w0, w1) as one FP16x2 (token w0 low). */
+/* Channel x of a value lane's words for two tokens (w0, w1) as one FP16x2 (token w0 low). (The
+ * codes could enter the MMA as 1024 + c, one instruction fewer, with 1024 vscale taken off the
+ * zero term; measured on the H200 that cancellation doubled the worst error, so it was not kept.) */
 template <int OPT>
 __device__ __forceinline__ uint32_t v_pair(const uint32_t *w0, const uint32_t *w1, int x)
 {
     if (OPT == 0)
         return __byte_perm(w0[x / 2], w1[x / 2], (x % 2) ? 0x7632 : 0x5410);
     if (OPT == 1)
-        return sub1024(
-            (__byte_perm(w0[x / 4], w1[x / 4], (x % 4) | ((4 + x % 4) << 8)) & 0x00ff00ffu) |
-            0x64006400u);
+        return sub1024(and_or(__byte_perm(w0[x / 4], w1[x / 4], (x % 4) | ((4 + x % 4) << 8)),
+                              0x00ff00ffu, 0x64006400u));
     if (OPT == 2) {
         const uint32_t y = __byte_perm(w0[x / 8], w1[x / 8], (x % 8) < 4 ? 0x5410 : 0x7632);
-        return sub1024(((y >> (4 * (x % 4))) & 0x000f000fu) | 0x64006400u);
+        return sub1024(and_or(y >> (4 * (x % 4)), 0x000f000fu, 0x64006400u));
     }
     const uint32_t y = __byte_perm(w0[x / 16], w1[x / 16], (x % 16) < 8 ? 0x5410 : 0x7632);
-    return sub1024(((y >> (2 * (x % 8))) & 0x00030003u) | 0x64006400u);
+    return sub1024(and_or(y >> (2 * (x % 8)), 0x00030003u, 0x64006400u));
 }
 
 /* A lane's query fragments for all k steps from its row of the table (tp: row r, lane kq;
@@ -984,17 +1011,9 @@ template <int D>
 __device__ __forceinline__ void mma_load_a(const uint8_t *tp, uint32_t odd,
                                            uint32_t (&afr)[D / 16][4])
 {
-    uint32_t tw[D / 4];
 #pragma unroll
-    for (int i = 0; i < D / 16; i++)
-        lds_words<4>(tp + (i ^ odd) * 64, tw + 4 * i);
-#pragma unroll
-    for (int s = 0; s < D / 16; s++) {
-        afr[s][0] = tw[2 * s];
-        afr[s][1] = tw[D / 8 + 2 * s];
-        afr[s][2] = tw[2 * s + 1];
-        afr[s][3] = tw[D / 8 + 2 * s + 1];
-    }
+    for (int s = 0; s < D / 16; s++)
+        lds_words<4>(tp + (s ^ odd) * 64, afr[s]);
 }
 
 /* Per-warp running state of one pass: this lane's part of the softmax of row r = g & 3 and of
@@ -1047,7 +1066,7 @@ __device__ void mma_tokens(const attn_params &A, const uint8_t *slots, uint32_t 
 #pragma unroll
         for (int j = 0; j < 2; j++) {
             nb[j] = j == 1 && two ? T0 + 8 : T0;
-            const uint32_t si = OPT == 0 ? 0 : nb[j] / G;
+            const uint32_t si = OPT == 0 ? 0 : A.g_shift < 32 ? nb[j] >> A.g_shift : nb[j] / G;
             sl[j] = OPT == 0 ? 0 : (int)(si - s0);
             sp[j] = slots + (size_t)si * sb;
             jb[j] = nb[j] - si * G;
@@ -1118,7 +1137,8 @@ __device__ void mma_tokens(const attn_params &A, const uint8_t *slots, uint32_t 
         mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 1));
         mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 2));
         const float mn = fmaxf(st.m, mt); // finite: token T0 < te is valid
-        const float alpha = st.m == -INFINITY ? 0.0f : __expf(st.m - mn);
+        const bool moved = mn != st.m;
+        const float alpha = st.m == -INFINITY ? 0.0f : moved ? __expf(st.m - mn) : 1.0f;
         st.m = mn;
         float p[2][2], psum = 0.0f;
 #pragma unroll
@@ -1130,14 +1150,16 @@ __device__ void mma_tokens(const attn_params &A, const uint8_t *slots, uint32_t 
             }
         st.l = st.l * alpha + psum;
         st.pz *= alpha;
-        const float al0 = __shfl_sync(0xffffffffu, alpha, 4 * ((2 * kq) & 3));
-        const float al1 = __shfl_sync(0xffffffffu, alpha, 4 * ((2 * kq + 1) & 3));
+        if (__any_sync(0xffffffffu, moved)) { // the running max rarely moves after the start
+            const float al0 = __shfl_sync(0xffffffffu, alpha, 4 * ((2 * kq) & 3));
+            const float al1 = __shfl_sync(0xffffffffu, alpha, 4 * ((2 * kq + 1) & 3));
 #pragma unroll
-        for (int u = 0; u < KS; u++) {
-            st.acc[u][0] *= al0;
-            st.acc[u][1] *= al1;
-            st.acc[u][2] *= al0;
-            st.acc[u][3] *= al1;
+            for (int u = 0; u < KS; u++) {
+                st.acc[u][0] *= al0;
+                st.acc[u][1] *= al1;
+                st.acc[u][2] *= al0;
+                st.acc[u][3] *= al1;
+            }
         }
         // Values: P^T columns (hi for g < 4, lo for g >= 4) times the token's vscale.
         uint32_t vw[2][2][OPT == 0 ? D / 16 : VW];
@@ -1214,8 +1236,8 @@ __device__ void mma_table(const attn_params &A, const uint8_t *slots, uint32_t s
                     x1 = 0.0f;
             }
         }
-        *reinterpret_cast<uint32_t *>(tab + sl * TABS + r * RS + ((w / 4) ^ (r & 1)) * 64 +
-                                      kq * 16 + (w % 4) * 4) =
+        *reinterpret_cast<uint32_t *>(tab + sl * TABS + r * RS + ((hp / 2) ^ (r & 1)) * 64 +
+                                      kq * 16 + ((hp % 2) * 2 + (hl ? 1 : 0)) * 4) =
             pack_h2(split_part(x0, hl), split_part(x1, hl));
     }
     if (OPT == 0 || !SCALED)
@@ -1246,24 +1268,26 @@ __device__ void mma_table(const attn_params &A, const uint8_t *slots, uint32_t s
  * against one plain query table for the whole page. */
 template <int D, int OPT>
 __device__ void mma_page(const attn_params &A, const uint8_t *pg, const page_hdr &h,
-                         const float *qq, uint8_t *tab, float *qz, float *qsp, mma_state<D> &st)
+                         const float *qq, uint8_t *tab, float *qz, float *qsp, mma_state<D> &st,
+                         int &tab_opt)
 {
     const uint8_t *slots = pg + KVC_PAGE_HEADER_BYTES;
     const uint32_t sb = A.slot_bytes[OPT], G = A.G;
-    if (OPT == 0) {
-        mma_table<D, 0>(A, slots, sb, 0, 1, qq, tab, qz, qsp, 0);
-        __syncthreads();
-        mma_tokens<D, 0>(A, slots, sb, 0, 0, h.n_slots, tab, qz, qsp, 0, st);
-        return;
-    }
-    const uint32_t ntok = (h.n_slots - 1) * G + h.last_tokens;
+    const uint32_t ntok = OPT == 0 ? h.n_slots : (h.n_slots - 1) * G + h.last_tokens;
     const uint32_t P = opt_protectable(OPT) ? A.P : 0;
-    if (A.kdq && P == 0) {
-        mma_table<D, OPT, false>(A, slots, sb, 0, 1, qq, tab, qz, qsp, 0);
-        __syncthreads();
-        mma_tokens<D, OPT, true>(A, slots, sb, 0, 0, ntok, tab, qz, qsp, 0, st);
+    if (OPT == 0 || (A.kdq && P == 0)) {
+        // One plain table serves every page of this option: built when the option changes
+        // (tab_opt is block-uniform; the caller's barrier after each page orders the rebuild
+        // after every read of the old table).
+        if (tab_opt != OPT) {
+            mma_table<D, OPT, false>(A, slots, sb, 0, 1, qq, tab, qz, qsp, 0);
+            __syncthreads();
+            tab_opt = OPT;
+        }
+        mma_tokens<D, OPT, OPT != 0>(A, slots, sb, 0, 0, ntok, tab, qz, qsp, 0, st);
         return;
     }
+    tab_opt = -1; // the scaled tables below overwrite it
     for (uint32_t s0 = 0; s0 < h.n_slots; s0 += A.m_ts) {
         const uint32_t ns = min(A.m_ts, h.n_slots - s0);
         mma_table<D, OPT>(A, slots, sb, s0, ns, qq, tab, qz, qsp, P);
@@ -1433,6 +1457,7 @@ template <int D> __global__ void __launch_bounds__(kMmaThreads, 3) attend_mma_ke
         for (int k = 0; k < 4; k++)
             st.acc[u][k] = 0.0f;
     bool any_rot = false; // block-uniform: a rotated page was seen in pass 0
+    int tab_opt = -1;     // block-uniform: the option whose plain query table tab holds
     __syncthreads();
     const uint4 zero4 = make_uint4(0, 0, 0, 0);
     for (int pass = 0; pass < 2; pass++) {
@@ -1440,6 +1465,7 @@ template <int D> __global__ void __launch_bounds__(kMmaThreads, 3) attend_mma_ke
             if (!any_rot)
                 break;
             block_hadamard(qf, 4, D); // pass 1 attends only rotated pages
+            tab_opt = -1;
         }
         const float *qq = qf;
         uint32_t pid = p0 < p1 ? A.page_ids[ls + p0] : 0;
@@ -1473,19 +1499,19 @@ template <int D> __global__ void __launch_bounds__(kMmaThreads, 3) attend_mma_ke
                 const uint8_t *pg = smem + bsel * A.m_pbuf; // pages alternate buffers
                 switch (h.opt) {
                 case 0:
-                    mma_page<D, 0>(A, pg, h, qq, tab, qz, qsp, st);
+                    mma_page<D, 0>(A, pg, h, qq, tab, qz, qsp, st, tab_opt);
                     break;
                 case 1:
-                    mma_page<D, 1>(A, pg, h, qq, tab, qz, qsp, st);
+                    mma_page<D, 1>(A, pg, h, qq, tab, qz, qsp, st, tab_opt);
                     break;
                 case 2:
-                    mma_page<D, 2>(A, pg, h, qq, tab, qz, qsp, st);
+                    mma_page<D, 2>(A, pg, h, qq, tab, qz, qsp, st, tab_opt);
                     break;
                 case 3:
-                    mma_page<D, 3>(A, pg, h, qq, tab, qz, qsp, st);
+                    mma_page<D, 3>(A, pg, h, qq, tab, qz, qsp, st, tab_opt);
                     break;
                 default:
-                    mma_page<D, 4>(A, pg, h, qq, tab, qz, qsp, st);
+                    mma_page<D, 4>(A, pg, h, qq, tab, qz, qsp, st, tab_opt);
                     break;
                 }
             }
@@ -1822,6 +1848,10 @@ extern "C" fy_status_t kvc_attend_batch_cuda(const kvc_gpu_pages_t *pool,
     A.m_off_qsp = pl.m_off_qsp;
     A.m_ts = pl.m_ts;
     A.kdq = pl.kdq ? 1u : 0u;
+    A.g_shift = 32;
+    for (uint32_t b = 0; b < 32; b++)
+        if ((1u << b) == A.G)
+            A.g_shift = b;
     dim3 grid(pl.n_splits, pl.n_items);
     // Shared memory sizes were set on both kernels by make_plan.
     if (pl.mma)
