@@ -4,7 +4,8 @@
  * Kernels, in order:
  * 1. (window queries only) row_stats_kernel: a block per (query head, window row) finds the
  *    row's maximum logit and 1 / (W * sum of exp); attn_kernel: a thread per (query head,
- *    token) sums the softmax probabilities over the window rows in row order; qsq_kernel: the
+ *    token) sums the softmax probabilities over the window rows in row order (and, for the RMS
+ *    or max importance, their root mean square or maximum); qsq_kernel: the
  *    mean squared query per channel of each GQA group. The logits are the CPU's (kvc_dot's eight
  *    partial sums); expf and the softmax sums are the GPU's, so these agree with the CPU to
  *    fp32 rounding, not bit for bit.
@@ -122,23 +123,34 @@ __global__ void row_stats_kernel(score_args_t a, float2 *stats)
     }
 }
 
-/* A thread per (query head, token): sum over the window rows that see the token. */
-__global__ void attn_kernel(score_args_t a, const float2 *stats, float *ah)
+/* A thread per (query head, token): sum over the window rows that see the token; with imp
+ * KVC_IMP_RMS also the root of the mean p^2 (ah2), with KVC_IMP_MAX the largest p, as score.c. */
+__global__ void attn_kernel(score_args_t a, const float2 *stats, int imp, float *ah, float *ah2)
 {
     size_t total = (size_t)a.n_heads * a.n;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (size_t)gridDim.x * blockDim.x) {
         uint32_t h = (uint32_t)(i / a.n), t = (uint32_t)(i % a.n);
         uint32_t g = h / a.grp;
-        float acc = 0;
+        float acc = 0, acc2 = 0;
         for (uint32_t w = 0; w < a.W; w++) {
             if (t > a.n - a.W + w)
                 continue; // causal: row w sees tokens up to its position
             float2 st = stats[(size_t)h * a.W + w];
             float s = logit(a, a.q + ((size_t)h * a.W + w) * a.d, g, t);
-            acc = kadd(acc, kmul(expf(s - st.x), st.y));
+            float e = expf(s - st.x);
+            acc = kadd(acc, kmul(e, st.y));
+            if (imp != KVC_IMP_MEAN) {
+                float pr = kmul(kmul(e, st.y), (float)a.W); // e / sum
+                if (imp == KVC_IMP_RMS)
+                    acc2 = kadd(acc2, kdiv(kmul(pr, pr), (float)a.W));
+                else
+                    acc2 = pr > acc2 ? pr : acc2;
+            }
         }
         ah[i] = acc;
+        if (imp != KVC_IMP_MEAN)
+            ah2[i] = imp == KVC_IMP_RMS ? sqrtf(acc2) : acc2;
     }
 }
 
@@ -168,8 +180,8 @@ __global__ void qsq_kernel(score_args_t a, float *qsq)
 }
 
 /* A thread per (kv head, token): the GQA reduction (score.c's loop over the group's heads). */
-__global__ void group_kernel(score_args_t a, const float *ah, int have_q, int reduce_max,
-                             float *pbar, float *acc_out)
+__global__ void group_kernel(score_args_t a, const float *ah, const float *ah2, int have_q,
+                             int reduce_max, float *pbar, float *acc_out)
 {
     size_t total = (size_t)a.n_kv * a.n;
     bool have_attn = have_q || a.wa != NULL;
@@ -188,6 +200,8 @@ __global__ void group_kernel(score_args_t a, const float *ah, int have_q, int re
                 x = w > 0 && w <= 1 ? w : 0; // from another module: keep it sane
             }
             pb = kadd(pb, kdiv(x, fg));
+            if (ah2 != NULL)
+                x = ah2[hi]; // RMS or max importance; pbar stays the mean
             if (reduce_max)
                 acc = x > acc ? x : acc;
             else
@@ -314,7 +328,8 @@ extern "C" fy_status_t kvc_score_cuda(const kvc_policy_t *policy, uint32_t n_hea
     a.W = have_q ? in->n_window : 0;
     a.scale = 1.0f / sqrtf((float)d);
     size_t items = (size_t)n_kv * n;
-    float *pbar = NULL, *acc = NULL, *ah = NULL;
+    float *pbar = NULL, *acc = NULL, *ah = NULL, *ah2 = NULL;
+    const int imp = have_q ? (int)policy->importance : KVC_IMP_MEAN; // score.c: needs queries
     float2 *stats = NULL;
     fy_status_t st = FY_OK;
     bool pools = kvc_cuda_pools();
@@ -330,12 +345,16 @@ extern "C" fy_status_t kvc_score_cuda(const kvc_policy_t *policy, uint32_t n_hea
                       st, out);
         row_stats_kernel<<<kvc_grid((size_t)n_heads * a.W, 1), ROW_THREADS, 0, cs>>>(a, stats);
         KVC_LAUNCH_GOTO(st, out);
-        attn_kernel<<<kvc_grid((size_t)n_heads * n, 256), 256, 0, cs>>>(a, stats, ah);
+        if (imp != KVC_IMP_MEAN)
+            KVC_CUDA_GOTO(kvc_cuda_scratch_alloc((void **)&ah2, (size_t)n_heads * n * sizeof(float),
+                                                 cs, pools),
+                          st, out);
+        attn_kernel<<<kvc_grid((size_t)n_heads * n, 256), 256, 0, cs>>>(a, stats, imp, ah, ah2);
         KVC_LAUNCH_GOTO(st, out);
     }
     qsq_kernel<<<kvc_grid((size_t)n_kv * d, 128), 128, 0, cs>>>(a, out->qsq);
     KVC_LAUNCH_GOTO(st, out);
-    group_kernel<<<kvc_grid(items, 256), 256, 0, cs>>>(a, ah, have_q,
+    group_kernel<<<kvc_grid(items, 256), 256, 0, cs>>>(a, ah, ah2, have_q,
                                                        policy->reduce == KVC_REDUCE_MAX, pbar, acc);
     KVC_LAUNCH_GOTO(st, out);
     obar_tile_kernel<<<n_kv *((d + 31) / 32), 256, 0, cs>>>(a, pbar, out->obar);
@@ -347,8 +366,8 @@ extern "C" fy_status_t kvc_score_cuda(const kvc_policy_t *policy, uint32_t n_hea
     pool_kernel<<<kvc_grid(items, 256), 256, 0, cs>>>(a, acc, policy->pool_kernel, out->importance);
     KVC_LAUNCH_GOTO(st, out);
 out: // scratch goes back to the stream's pool once the kernels are done
-    void *scratch[4] = {pbar, acc, ah, stats};
-    for (int i = 0; i < 4; i++) {
+    void *scratch[5] = {pbar, acc, ah, ah2, stats};
+    for (int i = 0; i < 5; i++) {
         if (scratch[i] == NULL)
             continue;
         cudaError_t e = kvc_cuda_scratch_free(scratch[i], cs, pools);

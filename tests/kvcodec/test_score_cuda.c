@@ -4,7 +4,8 @@
 // GPU's expf and softmax sums differ in rounding, so importance and window output are compared
 // to 1e-4 relative (plus 1e-6 of the largest value, for sums that cancel) and the query
 // sensitivity exactly.
-// Odd token counts, GQA groups of 1 to 4, head_dim 64 and 128. Exits 77 without a GPU.
+// Each with the mean, RMS and max importance over the window. Odd token counts, GQA groups of
+// 1 to 4, head_dim 64 and 128. Exits 77 without a GPU.
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -52,13 +53,11 @@ static void close_enough(const char *what, const float *a, const float *b, size_
     }
 }
 
-static void run_case(const scase_t *c, uint64_t seed)
+static void run_case(const scase_t *c, uint64_t seed, kvc_importance_t imp)
 {
     kvc_policy_t pol;
     kvc_policy_default(&pol);
-    // kvc_score_cuda computes the mean over the window; the RMS of the `ferry` default is the
-    // CPU scorer's until score.cu learns it.
-    pol.importance = KVC_IMP_MEAN;
+    pol.importance = imp; // without window queries every mode is the mean, as on the CPU
     pol.reduce = c->reduce;
     pol.pool_kernel = c->pool;
     pol.hybrid_threshold = c->hybrid;
@@ -152,7 +151,8 @@ static void test_parity(void **state)
         {32, 8, 999, 128, 32, KVC_REDUCE_MEAN, 7, 0, 1},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
-        run_case(&cases[i], 300 + i);
+        for (int imp = KVC_IMP_MEAN; imp <= KVC_IMP_MAX; imp++)
+            run_case(&cases[i], 300 + i, (kvc_importance_t)imp);
 }
 
 static void test_bad_args(void **state)
