@@ -34,6 +34,7 @@
 #include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -1602,6 +1603,108 @@ uint32_t choose_splits(uint64_t items, uint64_t resident, uint32_t max_list_page
     return (uint32_t)best;
 }
 
+/* What the plan asks of the runtime, asked once: the device's SM count and opt-in shared memory,
+ * and per (device, kernel, dynamic shared memory) the attribute raised to it and the resident
+ * blocks per SM. Each query costs microseconds of host time (the occupancy one most) and a
+ * decode step plans attention once per layer, so the answers are remembered (a few entries:
+ * one per kernel instance and page size in use). */
+struct dev_info {
+    int dev, sms, optin;
+};
+struct occ_info {
+    int dev;
+    const void *fn;
+    size_t smem;
+    int per_sm;
+};
+struct attr_info {
+    int dev;
+    const void *fn;
+    size_t smem_max; // the attribute as last raised
+};
+constexpr int kCache = 64;
+pthread_mutex_t g_cache_lock = PTHREAD_MUTEX_INITIALIZER;
+dev_info g_dev[kCache];
+occ_info g_occ[kCache];
+attr_info g_attr[kCache];
+int g_n_dev, g_n_occ, g_n_attr;
+
+fy_status_t device_info(int *dev_p, int *sms_p, int *optin_p)
+{
+    int dev = 0;
+    fy_status_t st = kvc_cuda_status(cudaGetDevice(&dev));
+    if (st != FY_OK)
+        return st;
+    pthread_mutex_lock(&g_cache_lock);
+    for (int i = 0; i < g_n_dev; i++)
+        if (g_dev[i].dev == dev) {
+            *dev_p = dev, *sms_p = g_dev[i].sms, *optin_p = g_dev[i].optin;
+            pthread_mutex_unlock(&g_cache_lock);
+            return FY_OK;
+        }
+    int sms = 0, optin = 0;
+    st = kvc_cuda_status(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    if (st == FY_OK)
+        st = kvc_cuda_status(
+            cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    if (st == FY_OK && g_n_dev < kCache)
+        g_dev[g_n_dev++] = dev_info{dev, sms, optin};
+    pthread_mutex_unlock(&g_cache_lock);
+    *dev_p = dev, *sms_p = sms, *optin_p = optin;
+    return st;
+}
+
+/* Raises fn's dynamic shared memory limit to at least smem on dev (never lowers it: another
+ * plan may launch fn with more). Call with g_cache_lock held. */
+fy_status_t raise_smem_locked(int dev, const void *fn, size_t smem)
+{
+    int i = 0;
+    while (i < g_n_attr && !(g_attr[i].dev == dev && g_attr[i].fn == fn))
+        i++;
+    if (i < g_n_attr && g_attr[i].smem_max >= smem)
+        return FY_OK;
+    fy_status_t st = kvc_cuda_status(
+        cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    if (st != FY_OK)
+        return st;
+    if (i < g_n_attr)
+        g_attr[i].smem_max = smem;
+    else if (g_n_attr < kCache)
+        g_attr[g_n_attr++] = attr_info{dev, fn, smem};
+    return FY_OK;
+}
+
+fy_status_t raise_smem(int dev, const void *fn, size_t smem)
+{
+    pthread_mutex_lock(&g_cache_lock);
+    fy_status_t st = raise_smem_locked(dev, fn, smem);
+    pthread_mutex_unlock(&g_cache_lock);
+    return st;
+}
+
+/* Resident blocks per SM of fn with `threads` threads and smem bytes of dynamic shared memory
+ * (its limit raised first). */
+fy_status_t kernel_occupancy(int dev, const void *fn, int threads, size_t smem, int *per_sm_p)
+{
+    pthread_mutex_lock(&g_cache_lock);
+    for (int i = 0; i < g_n_occ; i++)
+        if (g_occ[i].dev == dev && g_occ[i].fn == fn && g_occ[i].smem == smem) {
+            *per_sm_p = g_occ[i].per_sm;
+            pthread_mutex_unlock(&g_cache_lock);
+            return FY_OK;
+        }
+    int per_sm = 0;
+    fy_status_t st = raise_smem_locked(dev, fn, smem);
+    if (st == FY_OK)
+        st = kvc_cuda_status(
+            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, threads, smem));
+    if (st == FY_OK && g_n_occ < kCache)
+        g_occ[g_n_occ++] = occ_info{dev, fn, smem, per_sm};
+    pthread_mutex_unlock(&g_cache_lock);
+    *per_sm_p = per_sm;
+    return st;
+}
+
 /* The kernel a batch asks for: its impl field, else FERRY_ATTEND_IMPL ("simt", "mma" or
  * "mma-qtab"), else
  * the tensor-core kernel wherever it applies. */
@@ -1649,10 +1752,8 @@ fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt,
     pl->lpt = lpt; // <= 32: d <= 256 -> <= 32 lanes of 8, d <= 512 -> <= 32 lanes of 16
     pl->n_items = (uint32_t)items;
 
-    int dev = 0, sms = 0;
-    fy_status_t st = kvc_cuda_status(cudaGetDevice(&dev));
-    if (st == FY_OK)
-        st = kvc_cuda_status(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    int dev = 0, sms = 0, optin = 0;
+    fy_status_t st = device_info(&dev, &sms, &optin);
     if (st != FY_OK)
         return st;
     const uint32_t tpb = kThreads / lpt;
@@ -1661,23 +1762,14 @@ fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt,
     if (red > pl->buf_bytes)
         pl->buf_bytes = red;
     pl->smem_split = pl->buf_bytes + (2 * (size_t)rows * d + (size_t)rows * kChunk) * sizeof(float);
-    int optin = 0;
-    st = kvc_cuda_status(
-        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    if (st != FY_OK)
-        return st;
     // Leave room for the kernels' static shared memory (a few hundred bytes).
     if (pl->smem_split + 1024 > (size_t)optin)
         return FY_ERR_UNSUPPORTED; // pages too large to stage in shared memory
     pl->kernel = split_kernel(rows, pl->cpt);
     if (pl->kernel == NULL)
         return FY_ERR_UNSUPPORTED;
-    st = kvc_cuda_status(cudaFuncSetAttribute(
-        pl->kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pl->smem_split));
     int per_sm = 0;
-    if (st == FY_OK)
-        st = kvc_cuda_status(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-            &per_sm, pl->kernel, kThreads, pl->smem_split));
+    st = kernel_occupancy(dev, (const void *)pl->kernel, kThreads, pl->smem_split, &per_sm);
     if (st != FY_OK)
         return st;
     const uint64_t resident = (uint64_t)(sms > 0 ? sms : 1) * (uint64_t)(per_sm > 0 ? per_sm : 1);
@@ -1707,11 +1799,8 @@ fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt,
         pl->smem_mma = off;
         int mper = 0;
         if (pl->smem_mma + 1024 <= (size_t)optin) {
-            st = kvc_cuda_status(cudaFuncSetAttribute(
-                pl->mma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pl->smem_mma));
-            if (st == FY_OK)
-                st = kvc_cuda_status(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                    &mper, pl->mma_kernel, kMmaThreads, pl->smem_mma));
+            st = kernel_occupancy(dev, (const void *)pl->mma_kernel, kMmaThreads, pl->smem_mma,
+                                  &mper);
             if (st != FY_OK)
                 return st;
         }
@@ -1862,9 +1951,10 @@ extern "C" fy_status_t kvc_attend_batch_cuda(const kvc_gpu_pages_t *pool,
     if (st != FY_OK)
         return st;
     if (pl.smem_combine > 48 * 1024) {
-        st = kvc_cuda_status(cudaFuncSetAttribute(attend_combine_kernel,
-                                                  cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                  (int)pl.smem_combine));
+        int dev = 0;
+        st = kvc_cuda_status(cudaGetDevice(&dev));
+        if (st == FY_OK)
+            st = raise_smem(dev, (const void *)attend_combine_kernel, pl.smem_combine);
         if (st != FY_OK)
             return st;
     }
