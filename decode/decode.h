@@ -3,7 +3,8 @@
  *
  * - decode_leases: admission control. The router asks a decode worker to reserve KV pages for
  *   a request before its prefill starts; the reservation is a lease that is released when the
- *   request completes, is cancelled or fails, or when no KV arrives before the lease expires.
+ *   request completes, is cancelled or fails, or when no KV frame arrives for the lease's
+ *   length (each placed frame renews it, so slow prefills of long prompts keep their pages).
  *   Reserved pages are promised, not yet allocated: a new reservation is refused with
  *   FY_ERR_RESOURCE_EXHAUSTED when pages in use plus pages promised would exceed the pool.
  */
@@ -46,6 +47,14 @@ fy_status_t decode_leases_reserve(decode_leases_t *leases, const char *request_i
 /* Counts pages allocated for a reservation (frames placed). Fails with
  * FY_ERR_RESOURCE_EXHAUSTED, changing nothing, if that would exceed the reservation. */
 fy_status_t decode_leases_use(decode_leases_t *leases, uint64_t id, uint64_t pages);
+
+/* Pushes an uncommitted lease's expiry out to now_ns + lease_ms (never earlier): the decode
+ * worker renews it on every frame placed, so a long prompt whose KV streams in over minutes
+ * (a slow prefill) keeps its pages while frames keep coming, and a stalled transfer still ends
+ * lease_ms after its last frame. FY_ERR_NOT_FOUND for an unknown id; a committed lease is
+ * left as it is. */
+fy_status_t decode_leases_renew(decode_leases_t *leases, uint64_t id, uint32_t lease_ms,
+                                uint64_t now_ns);
 
 /* Marks the KV complete: the lease stops expiring and unused promised pages return to the
  * pool. */

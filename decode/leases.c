@@ -136,6 +136,20 @@ fy_status_t decode_leases_use(decode_leases_t *t, uint64_t id, uint64_t pages)
     return modify(t, id, pages, 0, false);
 }
 
+fy_status_t decode_leases_renew(decode_leases_t *t, uint64_t id, uint32_t lease_ms,
+                                uint64_t now_ns)
+{
+    pthread_mutex_lock(&t->mu);
+    decode_lease_t *l = find_locked(t, id);
+    if (l != NULL && l->expires_ns != 0) {
+        uint64_t until = now_ns + (uint64_t)lease_ms * 1000000ull;
+        if (until > l->expires_ns)
+            l->expires_ns = until;
+    }
+    pthread_mutex_unlock(&t->mu);
+    return l != NULL ? FY_OK : FY_ERR_NOT_FOUND;
+}
+
 fy_status_t decode_leases_commit(decode_leases_t *t, uint64_t id)
 {
     return modify(t, id, 0, 0, true);

@@ -449,6 +449,8 @@ static fy_status_t place_frame(decode_worker_t *w, req_t *r, uint32_t layer, con
     st = decode_leases_use(w->leases, r->id, pages);
     if (st == FY_ERR_RESOURCE_EXHAUSTED)
         st = decode_leases_grow(w->leases, r->id, pages);
+    if (st == FY_OK) // KV is arriving: the lease runs from this frame (decode_leases_renew)
+        st = decode_leases_renew(w->leases, r->id, r->lease_ms, fy_clock_ns());
     if (st != FY_OK) {
         *reason_p = FAIL_POOL_FULL;
         snprintf(msg, msg_len, "layer %u: %u pages over the reservation", layer, pages);
@@ -540,8 +542,9 @@ static void run_cmd(decode_worker_t *w, kv_cmd_t *c)
             kvlink_recv_params_t rp;
             kvlink_recv_params_default(w->link, &rp);
             rp.credit_bytes = c->credit;
-            // The transfer gives up a little after the lease, which the sweep ends first.
-            rp.deadline_ns = fy_clock_ns() + ((uint64_t)r->lease_ms + 1000) * 1000000ull;
+            // No transfer deadline: the lease sweep fails a transfer lease_ms after its last
+            // frame (the lease is renewed per frame), which cancels the receive.
+            rp.deadline_ns = 0;
             st = kvlink_recv_expect(w->link, r->id, &rp);
             if (st == FY_OK) {
                 r->recv_open = true;

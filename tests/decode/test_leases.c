@@ -1,5 +1,5 @@
-// Admission leases: reservations never over-commit the pool, expire when no KV arrives,
-// release everything they held, and commit returns unused promised pages.
+// Admission leases: reservations never over-commit the pool, expire when no KV arrives (a
+// frame renews them), release everything they held, and commit returns unused promised pages.
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -85,12 +85,40 @@ static void test_expiry(void **state)
     decode_leases_destroy(NULL);
 }
 
+/* A lease renewed by arriving frames runs from the last frame; a committed one stays put. */
+static void test_renew(void **state)
+{
+    (void)state;
+    decode_leases_t *t = NULL;
+    assert_int_equal(decode_leases_create(100, &t), FY_OK);
+    uint64_t a, b;
+    assert_int_equal(decode_leases_reserve(t, "a", 10, 100, 0, &a), FY_OK);
+    assert_int_equal(decode_leases_reserve(t, "b", 10, 100, 0, &b), FY_OK);
+    assert_int_equal(decode_leases_renew(t, a, 100, 90 * MS), FY_OK); // a frame at 90 ms
+    assert_int_equal(decode_leases_renew(t, a, 100, 10 * MS), FY_OK); // never earlier
+    decode_lease_t l;
+    assert_int_equal(decode_leases_get(t, a, &l), FY_OK);
+    assert_int_equal(l.expires_ns, 190 * MS);
+    decode_lease_t out[4];
+    assert_int_equal(decode_leases_expire(t, 100 * MS, out, 4), 1); // b had no frame
+    assert_int_equal(out[0].id, b);
+    assert_int_equal(decode_leases_expire(t, 189 * MS, out, 4), 0);
+    assert_int_equal(decode_leases_commit(t, a), FY_OK);
+    assert_int_equal(decode_leases_renew(t, a, 100, 500 * MS), FY_OK);
+    assert_int_equal(decode_leases_get(t, a, &l), FY_OK);
+    assert_int_equal(l.expires_ns, 0); // committed: no expiry to move
+    assert_int_equal(decode_leases_expire(t, 10000 * MS, out, 4), 0);
+    assert_int_equal(decode_leases_renew(t, 777, 100, 0), FY_ERR_NOT_FOUND);
+    decode_leases_destroy(t);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_reserve_until_full),
         cmocka_unit_test(test_use_commit_grow),
         cmocka_unit_test(test_expiry),
+        cmocka_unit_test(test_renew),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
