@@ -59,6 +59,7 @@ static void run_case(const scase_t *c, uint64_t seed)
     // kvc_score_cuda computes the mean over the window; the RMS of the `ferry` default is the
     // CPU scorer's until score.cu learns it.
     pol.importance = KVC_IMP_MEAN;
+    pol.window_div = 0; // likewise: the GPU scores from every window query it is given
     pol.reduce = c->reduce;
     pol.pool_kernel = c->pool;
     pol.hybrid_threshold = c->hybrid;
