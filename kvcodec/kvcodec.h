@@ -99,6 +99,8 @@ typedef struct {
     uint32_t sinks;       // first tokens pinned to F16
     uint32_t recent;      // last tokens pinned to F16
     uint32_t window;      // observation window W the prefill side should pass
+    uint32_t window_div;  // score from at most max(32, n_tokens / window_div) of the window
+                          // queries, the last ones (0 = all W; CPU scorer only)
     uint32_t pool_kernel; // 1-D max pooling along tokens (odd; 1 = none)
     kvc_reduce_t reduce;
     kvc_importance_t importance; // over the window queries: mean or RMS of the attention

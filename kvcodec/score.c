@@ -71,6 +71,17 @@ KVC_HOT fy_status_t kvc_score(const kvc_policy_t *policy, uint32_t n_heads, uint
     if (have_q && in->n_window > n)
         return FY_ERR_INVALID_ARG;
     uint32_t grp = n_heads / n_kv, W = have_q ? in->n_window : 0;
+    // With window_div, a short prompt is scored from its last max(32, n / window_div) queries
+    // only: 128 queries are a quarter of a 512-token prompt and reach back into text the
+    // continuation no longer reads (bench/results/quality-variants.md).
+    uint32_t w_skip = 0; // window queries left out, the oldest ones
+    if (have_q && policy->window_div > 0) {
+        uint32_t cap = FY_MAX(32u, n / policy->window_div);
+        if (W > cap) {
+            w_skip = W - cap;
+            W = cap;
+        }
+    }
     float scale = 1.0f / sqrtf((float)d);
 
     float *vf = malloc((size_t)n * d * sizeof(float));       // [n][d]
@@ -109,7 +120,8 @@ KVC_HOT fy_status_t kvc_score(const kvc_policy_t *policy, uint32_t n_heads, uint
                 for (uint32_t t = 0; t < n && (rms || pmax); t++)
                     ah2[t] = 0;
                 for (uint32_t w = 0; w < W; w++) {
-                    const float *q = in->q_window + ((size_t)h * W + w) * d;
+                    const float *q =
+                        in->q_window + ((size_t)h * in->n_window + w_skip + w) * d;
                     uint32_t pos = n - W + w; // causal: sees tokens 0..pos
                     float m = -INFINITY;
                     for (uint32_t t = 0; t <= pos; t++) {

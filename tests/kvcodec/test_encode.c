@@ -272,6 +272,43 @@ static void test_importance_kinds(void **state)
     }
 }
 
+/* window_div: a 400-token prompt with window_div 8 is scored from its last max(32, 50) = 50
+ * window queries, exactly as if only those had been passed; 0 uses all of them. */
+static void test_window_div(void **state)
+{
+    kvt_layer_t L;
+    kvt_layer_make(&L, 33, 4, 2, 400, 64, 128);
+    kvc_layer_input_t in = kvt_input(&L, 0);
+    // The same queries, only the last 50 of each head.
+    uint32_t keep = 50;
+    float *q50 = malloc((size_t)L.n_heads * keep * L.d * sizeof(float));
+    for (uint32_t h = 0; h < L.n_heads; h++)
+        memcpy(q50 + (size_t)h * keep * L.d, L.q + ((size_t)h * L.W + (L.W - keep)) * L.d,
+               (size_t)keep * L.d * sizeof(float));
+    kvc_layer_input_t in50 = in;
+    in50.q_window = q50;
+    in50.n_window = keep;
+    kvc_policy_t pol;
+    kvc_policy_builtin("ferry", &pol);
+    assert_int_equal(pol.window_div, 8);
+    kvc_scores_t a, b, c;
+    assert_int_equal(kvc_scores_init(&a, L.n_kv, L.n, L.d), FY_OK);
+    assert_int_equal(kvc_scores_init(&b, L.n_kv, L.n, L.d), FY_OK);
+    assert_int_equal(kvc_scores_init(&c, L.n_kv, L.n, L.d), FY_OK);
+    assert_int_equal(kvc_score(&pol, L.n_heads, L.n_kv, L.n, L.d, &in, &a), FY_OK);
+    pol.window_div = 0;
+    assert_int_equal(kvc_score(&pol, L.n_heads, L.n_kv, L.n, L.d, &in50, &b), FY_OK);
+    assert_int_equal(kvc_score(&pol, L.n_heads, L.n_kv, L.n, L.d, &in, &c), FY_OK);
+    size_t nt = (size_t)L.n_kv * L.n, nd = (size_t)L.n_kv * L.d;
+    assert_memory_equal(a.importance, b.importance, nt * sizeof(float));
+    assert_memory_equal(a.obar, b.obar, nd * sizeof(float));
+    assert_memory_equal(a.qsq, b.qsq, nd * sizeof(float));
+    assert_memory_not_equal(a.importance, c.importance, nt * sizeof(float));
+    kvc_scores_cleanup(&a), kvc_scores_cleanup(&b), kvc_scores_cleanup(&c);
+    free(q50);
+    kvt_layer_free(&L);
+}
+
 static void test_bad_params(void **state)
 {
     kvc_policy_t pol;
@@ -305,7 +342,7 @@ int main(void)
         cmocka_unit_test(test_budget_adherence), cmocka_unit_test(test_below_floor),
         cmocka_unit_test(test_determinism),      cmocka_unit_test(test_builtin_policies),
         cmocka_unit_test(test_bad_params),      cmocka_unit_test(test_prior),
-        cmocka_unit_test(test_importance_kinds),
+        cmocka_unit_test(test_importance_kinds), cmocka_unit_test(test_window_div),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -58,6 +58,7 @@ static void run_case(const scase_t *c, uint64_t seed, kvc_importance_t imp)
     kvc_policy_t pol;
     kvc_policy_default(&pol);
     pol.importance = imp; // without window queries every mode is the mean, as on the CPU
+    pol.window_div = 0;   // the GPU scores from every window query it is given
     pol.reduce = c->reduce;
     pol.pool_kernel = c->pool;
     pol.hybrid_threshold = c->hybrid;
