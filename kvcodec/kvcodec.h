@@ -84,7 +84,7 @@ typedef enum {
     KVC_IMP_MEAN = 0, // a token's importance: its attention averaged over the window queries
     KVC_IMP_RMS = 1,  // the root mean square over the window
     KVC_IMP_MAX = 2,  // the largest over the window
-    /* RMS and MAX need q_window and the CPU scorer: kvc_score_cuda computes the mean. */
+    /* RMS and MAX need q_window: from window_attn every mode is the mean. */
 } kvc_importance_t;
 
 /* Limits of a policy's calibration tables. */
@@ -100,7 +100,8 @@ typedef struct {
     uint32_t recent;      // last tokens pinned to F16
     uint32_t window;      // observation window W the prefill side should pass
     uint32_t window_div;  // score from at most max(32, n_tokens / window_div) of the window
-                          // queries, the last ones (0 = all W; CPU scorer only)
+                          // queries, the last ones (0 = all W; kvc_score only: the GPU scorer
+                          // uses every query it is given)
     uint32_t pool_kernel; // 1-D max pooling along tokens (odd; 1 = none)
     kvc_reduce_t reduce;
     kvc_importance_t importance; // over the window queries: mean or RMS of the attention
