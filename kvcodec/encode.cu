@@ -795,6 +795,7 @@ typedef struct {
     int no_budget;
     uint32_t r;
     double remain, lambda_prev;
+    double share; // this layer's byte share (kvc_opt_inputs_t.share: calibrated or remain / r)
     // inputs
     const float *imp;
     const uint8_t *is_static, *backbone;
@@ -1017,7 +1018,7 @@ __global__ void __launch_bounds__(OPT_THREADS) choose_kernel(opt_args_t a)
         }
         double floor_l = (double)PASS(PASS_CHEAP, 0, a.tmp, NULL);
         double cap = a.remain - o_dmul((double)(a.r - 1), floor_l);
-        double share = __ddiv_rn(a.remain, (double)a.r);
+        double share = a.share;
         if (a.r > 1) {
             double c2 = o_dmul(share, o_dadd(1, a.flex));
             cap = cap < c2 ? cap : c2;
@@ -1828,6 +1829,7 @@ static fy_status_t opt_enqueue(kvc_encoder_cuda_t *e, uint32_t layer, const kvc_
     a.no_budget = oi.no_budget;
     a.r = oi.r;
     a.remain = oi.remain;
+    a.share = oi.share;
     a.lambda_prev = oi.lambda_prev;
     a.imp = sc->importance;
     a.is_static = sc->is_static;

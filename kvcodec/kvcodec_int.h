@@ -269,9 +269,8 @@ typedef struct {
     uint32_t r;         // layers left, this one included
     double remain;      // bytes of the request budget left
     double lambda_prev; // < 0: none yet
-    /* This layer's byte share: remain / r, except under a calibrated policy with layer_alloc
-     * (weighted shares), which the GPU's optimizer does not read yet (it computes remain / r):
-     * such policies must not be given to kvc_encoder_cuda_t until it does. */
+    /* This layer's byte share: remain / r, or under a calibrated policy with layer_alloc the
+     * weighted share (both encoders read it from here). */
     double share;
 } kvc_opt_inputs_t;
 void kvc_encoder_opt_inputs(const kvc_encoder_t *e, uint32_t layer, kvc_opt_inputs_t *oi);

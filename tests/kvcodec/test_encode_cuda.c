@@ -26,7 +26,8 @@ typedef struct {
     double budget; // < 0: the policy's
     int rotate;    // -1: the policy's
     uint32_t protect;
-    int variant; // 0 none, 1 modelled distortion, 2 HybridKV, 3 no backbone
+    int variant; // 0 none, 1 modelled distortion, 2 HybridKV, 3 no backbone, 4 calibrated
+                 // per-layer byte shares and distortion weights
     uint32_t n_heads, n_kv, n, d, n_layers;
     uint32_t pad; // extra elements per token row and per head (strided input)
     int from_attn; // 1: no scores passed; both encoders score from window_attn
@@ -114,6 +115,13 @@ static void run_case(const ecase_t *c, uint64_t seed)
         pol.hybrid_threshold = 0.6f;
     else if (c->variant == 3)
         pol.backbone_frac = 0;
+    else if (c->variant == 4) {
+        pol.n_layer_weights = c->n_layers;
+        for (uint32_t l = 0; l < c->n_layers; l++)
+            pol.layer_weight[l] = l == 0 ? 3.0f : 0.5f + 0.25f * (float)l;
+        pol.layer_alloc = 0.5f;
+        pol.layer_gamma = 0.3f;
+    }
     kvt_layer_t L;
     kvt_layer_make(&L, seed, c->n_heads, c->n_kv, c->n, c->d, 32);
     kvc_encoder_params_t p = kvt_params(&pol, &L, c->n_layers, c->budget);
@@ -231,6 +239,8 @@ static void test_parity(void **state)
         {"ferry", 0.25, 0, 0, 1, 4, 2, 255, 64, 2, 0, 0},
         {"ferry", 0.25, 1, 3, 2, 8, 4, 400, 64, 2, 0, 0},
         {"ferry", 0.125, 1, 0, 3, 2, 1, 37, 32, 2, 0, 0},
+        {"ferry", 0.125, 0, 0, 4, 8, 2, 301, 64, 3, 0, 0},
+        {"ferry", 0.25, 1, 2, 4, 4, 2, 255, 128, 4, 0, 0},
         {"ferry", 1.0, 1, 0, 0, 2, 2, 129, 64, 1, 0, 0},
         {"ferry", 0.25, 1, 2, 0, 6, 2, 2049, 64, 2, 0, 0},
         {"fp16", -1, 0, 0, 0, 4, 2, 133, 64, 2, 8, 0},
