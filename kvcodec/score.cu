@@ -68,9 +68,9 @@ extern "C" void kvc_scores_cleanup_cuda(kvc_scores_t *s)
 typedef struct {
     const uint16_t *k, *v;
     size_t hs, ts;
-    const float *q;  // [n_heads][W][d]
+    const float *q;  // window row w of head h at q + (h * qs + w) * d (the last W of qs rows)
     const float *wa; // [n_heads][n] window_attn, or NULL
-    uint32_t n_heads, n_kv, grp, n, d, W;
+    uint32_t n_heads, n_kv, grp, n, d, W, qs;
     float scale;
 } score_args_t;
 
@@ -92,7 +92,7 @@ __global__ void row_stats_kernel(score_args_t a, float2 *stats)
     for (size_t row = blockIdx.x; row < (size_t)a.n_heads * a.W; row += gridDim.x) {
         uint32_t h = (uint32_t)(row / a.W), w = (uint32_t)(row % a.W);
         uint32_t g = h / a.grp, pos = a.n - a.W + w;
-        const float *q = a.q + row * a.d;
+        const float *q = a.q + ((size_t)h * a.qs + w) * a.d;
         float m = -INFINITY;
         for (uint32_t t = threadIdx.x; t <= pos; t += blockDim.x) {
             float s = logit(a, q, g, t);
@@ -137,7 +137,7 @@ __global__ void attn_kernel(score_args_t a, const float2 *stats, int imp, float 
             if (t > a.n - a.W + w)
                 continue; // causal: row w sees tokens up to its position
             float2 st = stats[(size_t)h * a.W + w];
-            float s = logit(a, a.q + ((size_t)h * a.W + w) * a.d, g, t);
+            float s = logit(a, a.q + ((size_t)h * a.qs + w) * a.d, g, t);
             float e = expf(s - st.x);
             acc = kadd(acc, kmul(e, st.y));
             if (imp != KVC_IMP_MEAN) {
@@ -166,7 +166,7 @@ __global__ void qsq_kernel(score_args_t a, float *qsq)
             for (uint32_t hh = 0; hh < a.grp; hh++) {
                 uint32_t h = g * a.grp + hh;
                 for (uint32_t w = 0; w < a.W; w++) {
-                    float x = a.q[((size_t)h * a.W + w) * a.d + c];
+                    float x = a.q[((size_t)h * a.qs + w) * a.d + c];
                     s = kadd(s, kmul(x, x));
                 }
             }
@@ -325,7 +325,16 @@ extern "C" fy_status_t kvc_score_cuda(const kvc_policy_t *policy, uint32_t n_hea
     a.grp = n_heads / n_kv;
     a.n = n;
     a.d = d;
-    a.W = have_q ? in->n_window : 0;
+    a.W = a.qs = have_q ? in->n_window : 0;
+    // window_div: a short prompt is scored from its last max(32, n / window_div) queries, as
+    // score.c does (the oldest rows are skipped).
+    if (have_q && policy->window_div > 0) {
+        uint32_t cap = n / policy->window_div > 32u ? n / policy->window_div : 32u;
+        if (a.W > cap) {
+            a.q += (size_t)(a.W - cap) * d;
+            a.W = cap;
+        }
+    }
     a.scale = 1.0f / sqrtf((float)d);
     size_t items = (size_t)n_kv * n;
     float *pbar = NULL, *acc = NULL, *ah = NULL, *ah2 = NULL;
