@@ -937,10 +937,7 @@ __device__ __forceinline__ uint32_t hfma2_u(uint32_t a, uint32_t b, uint32_t c)
     return r;
 }
 
-/* The FP16 key scales (zeros: base = slot + 2 D) of the two channels of pair hp of key lane kq,
- * as one FP16x2 in k_pair's order. A lane's channels are kq D/4 .. kq D/4 + D/4 - 1 for every
- * quantized option; the 16-byte word group holding both is loaded (the same group serves
- * neighbouring pairs, so the compiler loads it once). */
+/* Word i (< 4) of u. */
 __device__ __forceinline__ uint32_t word_of(const uint4 &u, uint32_t i)
 {
     return i == 0 ? u.x : i == 1 ? u.y : i == 2 ? u.z : u.w;
@@ -958,6 +955,10 @@ __device__ __forceinline__ uint4 lds128(const void *p)
     return u;
 }
 
+/* The FP16 key scales (zeros: base = slot + 2 D) of the two channels of pair hp of key lane kq,
+ * as one FP16x2 in k_pair's order. A lane's channels are kq D/4 .. kq D/4 + D/4 - 1 for every
+ * quantized option; the 16-byte word group holding both is loaded (the same group serves
+ * neighbouring pairs, lds128 lets the compiler load it once). */
 template <int D, int OPT>
 __device__ __forceinline__ uint32_t k_pair_coef(const uint8_t *base, uint32_t kq, int hp)
 {
