@@ -221,6 +221,24 @@ const kvc_pool_t *kvc_seq_pool(const kvc_seq_t *seq);
 uint32_t kvc_seq_n_kv_heads(const kvc_seq_t *seq);
 uint32_t kvc_seq_n_layers(const kvc_seq_t *seq);
 
+/* ---- Page bookkeeping shared by the CPU pool (pool.c) and the GPU pool (pool.cu) ---- */
+
+/* One (layer, kv head) page list of a sequence. */
+typedef struct {
+    kvc_page_id_t *ids;
+    uint32_t n, cap;
+    uint32_t n_tokens;
+} kvc_page_list_t;
+
+/* Room for `extra` more ids (FY_ERR_NO_MEMORY, list unchanged, when it cannot grow). */
+fy_status_t kvc_page_list_reserve(kvc_page_list_t *l, uint32_t extra);
+
+/* Pages a run of `count` tokens of option o takes, cap_slots[o] groups to a page. */
+uint32_t kvc_run_pages(const uint32_t *cap_slots, uint32_t group, int o, uint64_t count);
+
+/* Tokens per option of kv head h of a parsed frame: cnt[KVC_OPT_COUNT]. */
+void kvc_frame_head_counts(const kvc_frame_t *f, uint32_t h, uint64_t *cnt);
+
 /* ---- Encoder stages, shared by kvc_encoder_encode_layer and the CUDA encoder ---- */
 
 /* Per-(kv head, token) distortion inputs measured elsewhere (the GPU), each [n_kv][n_tokens]:

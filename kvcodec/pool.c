@@ -24,17 +24,11 @@ struct kvc_pool {
     pthread_mutex_t lock;
 };
 
-typedef struct {
-    kvc_page_id_t *ids;
-    uint32_t n, cap;
-    uint32_t n_tokens;
-} page_list_t;
-
 struct kvc_seq {
     kvc_pool_t *pool;
     uint32_t n_layers, n_kv;
     uint64_t fingerprint, seq_id;
-    page_list_t *lists; // [n_layers][n_kv]
+    kvc_page_list_t *lists; // [n_layers][n_kv]
     uint8_t *placed;    // [n_layers]
 };
 
@@ -294,7 +288,7 @@ fy_status_t kvc_seq_create(kvc_pool_t *pool, uint32_t n_layers, uint32_t n_kv_he
     s->n_kv = n_kv_heads;
     s->fingerprint = model_fingerprint;
     s->seq_id = seq_id;
-    s->lists = calloc((size_t)n_layers * n_kv_heads, sizeof(page_list_t));
+    s->lists = calloc((size_t)n_layers * n_kv_heads, sizeof(kvc_page_list_t));
     s->placed = calloc(n_layers, 1);
     if (!s->lists || !s->placed) {
         free(s->lists), free(s->placed), free(s);
@@ -337,7 +331,7 @@ const kvc_page_id_t *kvc_seq_pages(const kvc_seq_t *seq, uint32_t layer, uint32_
             *n_pages_p = 0;
         return NULL;
     }
-    const page_list_t *l = &seq->lists[(size_t)layer * seq->n_kv + head];
+    const kvc_page_list_t *l = &seq->lists[(size_t)layer * seq->n_kv + head];
     if (n_pages_p)
         *n_pages_p = l->n;
     return l->ids;
@@ -355,7 +349,7 @@ bool kvc_seq_layer_placed(const kvc_seq_t *seq, uint32_t layer)
     return seq != NULL && layer < seq->n_layers && seq->placed[layer];
 }
 
-static fy_status_t list_reserve(page_list_t *l, uint32_t extra)
+fy_status_t kvc_page_list_reserve(kvc_page_list_t *l, uint32_t extra)
 {
     if (l->n + (uint64_t)extra <= l->cap)
         return FY_OK;
@@ -370,22 +364,27 @@ static fy_status_t list_reserve(page_list_t *l, uint32_t extra)
     return FY_OK;
 }
 
-/* Pages of each (head, option) run of a frame. */
-static uint32_t run_pages(const kvc_pool_t *pool, int o, uint64_t count)
+uint32_t kvc_run_pages(const uint32_t *cap_slots, uint32_t group, int o, uint64_t count)
 {
     if (o == KVC_OPT_DROP || count == 0)
         return 0;
-    uint64_t gs = kvc_group_tokens(o, pool->p.group);
+    uint64_t gs = kvc_group_tokens(o, group);
     uint64_t groups = (count + gs - 1) / gs;
-    return (uint32_t)((groups + pool->cap_slots[o] - 1) / pool->cap_slots[o]);
+    return (uint32_t)((groups + cap_slots[o] - 1) / cap_slots[o]);
 }
 
-static void frame_counts(const kvc_frame_t *f, uint32_t h, uint64_t *cnt)
+void kvc_frame_head_counts(const kvc_frame_t *f, uint32_t h, uint64_t *cnt)
 {
     for (int o = 0; o < KVC_OPT_COUNT; o++)
         cnt[o] = 0;
     for (uint32_t t = 0; t < f->n_tokens; t++)
         cnt[kvc_frame_opt(f, h, t)]++;
+}
+
+/* Pages of each (head, option) run of a frame. */
+static uint32_t run_pages(const kvc_pool_t *pool, int o, uint64_t count)
+{
+    return kvc_run_pages(pool->cap_slots, pool->p.group, o, count);
 }
 
 fy_status_t kvc_pool_pages_needed(const kvc_pool_t *pool, const kvc_frame_t *f,
@@ -399,7 +398,7 @@ fy_status_t kvc_pool_pages_needed(const kvc_pool_t *pool, const kvc_frame_t *f,
     uint64_t total = 0;
     for (uint32_t h = 0; h < f->n_kv_heads; h++) {
         uint64_t cnt[KVC_OPT_COUNT];
-        frame_counts(f, h, cnt);
+        kvc_frame_head_counts(f, h, cnt);
         for (int o = 0; o < KVC_OPT_DROP; o++)
             total += run_pages(pool, o, cnt[o]);
     }
@@ -429,8 +428,8 @@ fy_status_t kvc_place(kvc_seq_t *s, const kvc_frame_t *f)
         return st;
     // Reserve list space first, then the pages, so a failure changes nothing.
     for (uint32_t h = 0; h < f->n_kv_heads; h++) {
-        page_list_t *l = &s->lists[(size_t)f->layer * s->n_kv + h];
-        if ((st = list_reserve(l, need)) != FY_OK)
+        kvc_page_list_t *l = &s->lists[(size_t)f->layer * s->n_kv + h];
+        if ((st = kvc_page_list_reserve(l, need)) != FY_OK)
             return st;
     }
     kvc_page_id_t *ids = malloc((size_t)FY_MAX(need, 1) * sizeof(kvc_page_id_t));
@@ -444,9 +443,9 @@ fy_status_t kvc_place(kvc_seq_t *s, const kvc_frame_t *f)
     bool rotated = (f->flags & KVC_FRAME_FLAG_ROTATED) != 0;
     const uint8_t *r = f->payload;
     for (uint32_t h = 0; h < f->n_kv_heads; h++) {
-        page_list_t *l = &s->lists[(size_t)f->layer * s->n_kv + h];
+        kvc_page_list_t *l = &s->lists[(size_t)f->layer * s->n_kv + h];
         uint64_t cnt[KVC_OPT_COUNT];
-        frame_counts(f, h, cnt);
+        kvc_frame_head_counts(f, h, cnt);
         for (int o = 0; o < KVC_OPT_DROP; o++) {
             uint32_t gs = kvc_group_tokens(o, G);
             uint64_t left = cnt[o];
@@ -507,7 +506,7 @@ fy_status_t kvc_seq_append(kvc_seq_t *s, uint32_t layer, uint32_t head, const ui
     if (s == NULL || k == NULL || v == NULL || layer >= s->n_layers || head >= s->n_kv)
         return FY_ERR_INVALID_ARG;
     kvc_pool_t *pool = s->pool;
-    page_list_t *l = &s->lists[(size_t)layer * s->n_kv + head];
+    kvc_page_list_t *l = &s->lists[(size_t)layer * s->n_kv + head];
     uint32_t d = pool->p.head_dim;
     // The FP16 tail is the last F16 page of the list with a free slot.
     uint8_t *pg = NULL;
@@ -520,7 +519,7 @@ fy_status_t kvc_seq_append(kvc_seq_t *s, uint32_t layer, uint32_t head, const ui
             pg = last;
     }
     if (pg == NULL) {
-        fy_status_t st = list_reserve(l, 1);
+        fy_status_t st = kvc_page_list_reserve(l, 1);
         if (st != FY_OK)
             return st;
         kvc_page_id_t id;
@@ -552,7 +551,7 @@ fy_status_t kvc_seq_convert(kvc_seq_t *s, uint32_t layer, uint32_t head, kvc_opt
     uint32_t d = pool->p.head_dim, G = pool->p.group;
     if (rotate && (d & (d - 1)))
         return FY_ERR_INVALID_ARG;
-    page_list_t *l = &s->lists[(size_t)layer * s->n_kv + head];
+    kvc_page_list_t *l = &s->lists[(size_t)layer * s->n_kv + head];
     // Oldest pages of `from` first, whole pages, up to max_tokens.
     uint32_t n_src = 0;
     uint64_t T = 0;
@@ -584,7 +583,7 @@ fy_status_t kvc_seq_convert(kvc_seq_t *s, uint32_t layer, uint32_t head, kvc_opt
         st = FY_ERR_NO_MEMORY;
         goto out;
     }
-    if ((st = list_reserve(l, need)) != FY_OK)
+    if ((st = kvc_page_list_reserve(l, need)) != FY_OK)
         goto out;
     if ((st = alloc_many(pool, need, ids)) != FY_OK)
         goto out;

@@ -40,17 +40,11 @@ struct kvc_gpu_pool {
     pthread_mutex_t cnt_lock; // d_cnt, h_cnt, h_stage
 };
 
-typedef struct {
-    kvc_page_id_t *ids;
-    uint32_t n, cap;
-    uint32_t n_tokens;
-} gpu_list_t;
-
 struct kvc_gpu_seq {
     kvc_gpu_pool_t *pool;
     uint32_t n_layers, n_kv;
     uint64_t fingerprint, seq_id;
-    gpu_list_t *lists; // [n_layers][n_kv]
+    kvc_page_list_t *lists; // [n_layers][n_kv]
     uint8_t *placed;   // [n_layers]
 };
 
@@ -235,7 +229,7 @@ extern "C" fy_status_t kvc_gpu_seq_create(kvc_gpu_pool_t *pool, uint32_t n_layer
     s->n_kv = n_kv_heads;
     s->fingerprint = model_fingerprint;
     s->seq_id = seq_id;
-    s->lists = (gpu_list_t *)calloc((size_t)n_layers * n_kv_heads, sizeof(gpu_list_t));
+    s->lists = (kvc_page_list_t *)calloc((size_t)n_layers * n_kv_heads, sizeof(kvc_page_list_t));
     s->placed = (uint8_t *)calloc(n_layers, 1);
     if (!s->lists || !s->placed) {
         free(s->lists), free(s->placed), free(s);
@@ -265,7 +259,7 @@ extern "C" const kvc_page_id_t *kvc_gpu_seq_pages(const kvc_gpu_seq_t *seq, uint
             *n_pages_p = 0;
         return NULL;
     }
-    const gpu_list_t *l = &seq->lists[(size_t)layer * seq->n_kv + head];
+    const kvc_page_list_t *l = &seq->lists[(size_t)layer * seq->n_kv + head];
     if (n_pages_p)
         *n_pages_p = l->n;
     return l->ids;
@@ -284,36 +278,9 @@ extern "C" bool kvc_gpu_seq_layer_placed(const kvc_gpu_seq_t *seq, uint32_t laye
     return seq != NULL && layer < seq->n_layers && seq->placed[layer];
 }
 
-static fy_status_t list_reserve(gpu_list_t *l, uint32_t extra)
-{
-    if (l->n + (uint64_t)extra <= l->cap)
-        return FY_OK;
-    uint64_t cap = FY_MAX((uint64_t)l->cap * 2, (uint64_t)l->n + extra);
-    if (cap > UINT32_MAX)
-        return FY_ERR_NO_MEMORY;
-    kvc_page_id_t *ids = (kvc_page_id_t *)realloc(l->ids, cap * sizeof(kvc_page_id_t));
-    if (ids == NULL)
-        return FY_ERR_NO_MEMORY;
-    l->ids = ids;
-    l->cap = (uint32_t)cap;
-    return FY_OK;
-}
-
 static uint32_t run_pages(const kvc_gpu_pool_t *pool, int o, uint64_t count)
 {
-    if (o == KVC_OPT_DROP || count == 0)
-        return 0;
-    uint64_t gs = kvc_group_tokens(o, pool->p.group);
-    uint64_t groups = (count + gs - 1) / gs;
-    return (uint32_t)((groups + pool->cap_slots[o] - 1) / pool->cap_slots[o]);
-}
-
-static void frame_counts(const kvc_frame_t *f, uint32_t h, uint64_t *cnt)
-{
-    for (int o = 0; o < KVC_OPT_COUNT; o++)
-        cnt[o] = 0;
-    for (uint32_t t = 0; t < f->n_tokens; t++)
-        cnt[kvc_frame_opt(f, h, t)]++;
+    return kvc_run_pages(pool->cap_slots, pool->p.group, o, count);
 }
 
 /* Items per option of every head in one pass over the maps (two nibbles per byte):
@@ -419,7 +386,7 @@ extern "C" fy_status_t kvc_gpu_pool_pages_needed(const kvc_gpu_pool_t *pool,
     uint64_t total = 0;
     for (uint32_t h = 0; h < f->n_kv_heads; h++) {
         uint64_t cnt[KVC_OPT_COUNT];
-        frame_counts(f, h, cnt);
+        kvc_frame_head_counts(f, h, cnt);
         for (int o = 0; o < KVC_OPT_DROP; o++)
             total += run_pages(pool, o, cnt[o]);
     }
@@ -651,8 +618,8 @@ extern "C" fy_status_t kvc_place_cuda(kvc_gpu_seq_t *s, const kvc_frame_t *f,
     }
     uint32_t need = (uint32_t)need64;
     for (uint32_t h = 0; h < f->n_kv_heads; h++) {
-        gpu_list_t *l = &s->lists[(size_t)f->layer * s->n_kv + h];
-        if ((st = list_reserve(l, need)) != FY_OK) {
+        kvc_page_list_t *l = &s->lists[(size_t)f->layer * s->n_kv + h];
+        if ((st = kvc_page_list_reserve(l, need)) != FY_OK) {
             free(counts);
             return st;
         }
@@ -766,7 +733,7 @@ extern "C" fy_status_t kvc_place_cuda(kvc_gpu_seq_t *s, const kvc_frame_t *f,
                KVC_PAGE_HEADER_BYTES);
     }
     for (uint32_t h = 0; h < f->n_kv_heads; h++) {
-        gpu_list_t *l = &s->lists[(size_t)f->layer * s->n_kv + h];
+        kvc_page_list_t *l = &s->lists[(size_t)f->layer * s->n_kv + h];
         for (uint32_t i = head_pages[h]; i < head_pages[h + 1]; i++)
             l->ids[l->n++] = ids[i];
         l->n_tokens += head_tokens[h];
@@ -813,7 +780,7 @@ extern "C" uint32_t kvc_gpu_pool_page_tokens(const kvc_gpu_pool_t *pool, kvc_opt
 
 /* Whether the next token of list l goes into its last page: an unshared 16/16 page with a free
  * slot (kvc_seq_append's rule, read from the host copy of the header). */
-static bool tail_has_room(const kvc_gpu_pool_t *pool, const gpu_list_t *l, kvc_page_hdr_t *hd_p)
+static bool tail_has_room(const kvc_gpu_pool_t *pool, const kvc_page_list_t *l, kvc_page_hdr_t *hd_p)
 {
     if (l->n == 0)
         return false;
@@ -846,7 +813,7 @@ extern "C" fy_status_t kvc_gpu_seq_append_slot(kvc_gpu_seq_t *s, uint32_t layer,
     if (s == NULL || slot_p == NULL || layer >= s->n_layers || head >= s->n_kv)
         return FY_ERR_INVALID_ARG;
     kvc_gpu_pool_t *pool = s->pool;
-    gpu_list_t *l = &s->lists[(size_t)layer * s->n_kv + head];
+    kvc_page_list_t *l = &s->lists[(size_t)layer * s->n_kv + head];
     kvc_page_hdr_t hd;
     kvc_page_id_t id;
     if (tail_has_room(pool, l, &hd)) {
@@ -854,7 +821,7 @@ extern "C" fy_status_t kvc_gpu_seq_append_slot(kvc_gpu_seq_t *s, uint32_t layer,
     } else {
         // A new 16/16 page, initialized as kvc_page_alloc does on the CPU (the device gets the
         // whole header with the token, below).
-        fy_status_t st = list_reserve(l, 1);
+        fy_status_t st = kvc_page_list_reserve(l, 1);
         if (st == FY_OK)
             st = alloc_many(pool, 1, &id);
         if (st != FY_OK)
