@@ -239,6 +239,11 @@ uint32_t kvc_run_pages(const uint32_t *cap_slots, uint32_t group, int o, uint64_
 /* Tokens per option of kv head h of a parsed frame: cnt[KVC_OPT_COUNT]. */
 void kvc_frame_head_counts(const kvc_frame_t *f, uint32_t h, uint64_t *cnt);
 
+/* Pages a frame takes in a pool of params p (kvc_pool_pages_needed for either pool):
+ * FY_ERR_MISMATCH for another geometry, FY_ERR_OUT_OF_RANGE past 2^32 pages. */
+fy_status_t kvc_frame_pages(const kvc_pool_params_t *p, const uint32_t *cap_slots,
+                            const kvc_frame_t *f, uint32_t *n_pages_p);
+
 /* ---- Encoder stages, shared by kvc_encoder_encode_layer and the CUDA encoder ---- */
 
 /* Per-(kv head, token) distortion inputs measured elsewhere (the GPU), each [n_kv][n_tokens]:

@@ -392,15 +392,20 @@ fy_status_t kvc_pool_pages_needed(const kvc_pool_t *pool, const kvc_frame_t *f,
 {
     if (pool == NULL || f == NULL || n_pages_p == NULL)
         return FY_ERR_INVALID_ARG;
-    if (f->head_dim != pool->p.head_dim || f->group != pool->p.group ||
-        f->protect != pool->p.protect)
+    return kvc_frame_pages(&pool->p, pool->cap_slots, f, n_pages_p);
+}
+
+fy_status_t kvc_frame_pages(const kvc_pool_params_t *p, const uint32_t *cap_slots,
+                            const kvc_frame_t *f, uint32_t *n_pages_p)
+{
+    if (f->head_dim != p->head_dim || f->group != p->group || f->protect != p->protect)
         return FY_ERR_MISMATCH;
     uint64_t total = 0;
     for (uint32_t h = 0; h < f->n_kv_heads; h++) {
         uint64_t cnt[KVC_OPT_COUNT];
         kvc_frame_head_counts(f, h, cnt);
         for (int o = 0; o < KVC_OPT_DROP; o++)
-            total += run_pages(pool, o, cnt[o]);
+            total += kvc_run_pages(cap_slots, p->group, o, cnt[o]);
     }
     if (total > UINT32_MAX)
         return FY_ERR_OUT_OF_RANGE;

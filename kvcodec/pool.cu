@@ -380,20 +380,7 @@ extern "C" fy_status_t kvc_gpu_pool_pages_needed(const kvc_gpu_pool_t *pool,
 {
     if (pool == NULL || f == NULL || n_pages_p == NULL)
         return FY_ERR_INVALID_ARG;
-    if (f->head_dim != pool->p.head_dim || f->group != pool->p.group ||
-        f->protect != pool->p.protect)
-        return FY_ERR_MISMATCH;
-    uint64_t total = 0;
-    for (uint32_t h = 0; h < f->n_kv_heads; h++) {
-        uint64_t cnt[KVC_OPT_COUNT];
-        kvc_frame_head_counts(f, h, cnt);
-        for (int o = 0; o < KVC_OPT_DROP; o++)
-            total += run_pages(pool, o, cnt[o]);
-    }
-    if (total > UINT32_MAX)
-        return FY_ERR_OUT_OF_RANGE;
-    *n_pages_p = (uint32_t)total;
-    return FY_OK;
+    return kvc_frame_pages(&pool->p, pool->cap_slots, f, n_pages_p);
 }
 
 /* ---- the placement plan and its kernel ---- */
