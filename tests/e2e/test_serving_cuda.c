@@ -22,6 +22,7 @@
 #include "ferry_client.h"
 #include "gguf_writer.h"
 #include "model.h"
+#include "test_util.h"
 
 enum { N_PROMPTS = 3, MAX_NEW = 24 };
 
@@ -38,17 +39,7 @@ static struct {
     int n_stops;
 } G;
 
-static int bad;
-
-#define CHECK(cond, ...)                                                                       \
-    do {                                                                                       \
-        if (!(cond)) {                                                                         \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__);                                        \
-            printf(__VA_ARGS__);                                                               \
-            printf("\n");                                                                      \
-            bad++;                                                                             \
-        }                                                                                      \
-    } while (0)
+static int bad; // failed TU_CHECKs
 
 /* ---- the local reference on the GPU -------------------------------------------------------- */
 
@@ -404,7 +395,7 @@ int main(void)
     for (int i = 0; i < N_PROMPTS; i++)
         pthread_join(th[i], NULL);
     for (int i = 0; i < N_PROMPTS; i++) {
-        CHECK(gens[i].code == 0, "fp16 prompt %d: %s", i, gens[i].message);
+        TU_CHECK(gens[i].code == 0, "fp16 prompt %d: %s", i, gens[i].message);
         if (gens[i].code == 0)
             compare(i, &gens[i], &refs[i]);
     }
@@ -419,7 +410,7 @@ int main(void)
     longer.n_prompt = 300;
     gen_t fg = {.ref = &longer, .policy = "ferry", .budget = 0.25f};
     generate(&fg);
-    CHECK(fg.code == 0, "ferry b=0.25: %s", fg.message);
+    TU_CHECK(fg.code == 0, "ferry b=0.25: %s", fg.message);
     if (fg.code == 0) {
         double ratio = fg.have_stats && fg.stats.kv_raw_bytes > 0
                            ? (double)fg.stats.kv_wire_bytes / (double)fg.stats.kv_raw_bytes
@@ -427,8 +418,8 @@ int main(void)
         printf("%s ferry b=0.25: %zu prompt tokens, %zu tokens out, wire/raw %.4f\n",
                fg.n_ids >= 1 && ratio > 0 && ratio <= 0.25 * 1.01 ? "ok  " : "FAIL",
                longer.n_prompt, fg.n_ids, ratio);
-        CHECK(fg.n_ids >= 1, "ferry b=0.25: no tokens");
-        CHECK(ratio > 0 && ratio <= 0.25 * 1.01, "ferry b=0.25: wire/raw %.4f", ratio);
+        TU_CHECK(fg.n_ids >= 1, "ferry b=0.25: no tokens");
+        TU_CHECK(ratio > 0 && ratio <= 0.25 * 1.01, "ferry b=0.25: wire/raw %.4f", ratio);
     }
 
     // Every page back.
@@ -438,7 +429,7 @@ int main(void)
         if (free_pages != total)
             fy_sleep_ns(50 * 1000000ull);
     }
-    CHECK(total > 0 && free_pages == total, "decode pages: %.0f free of %.0f after the requests",
+    TU_CHECK(total > 0 && free_pages == total, "decode pages: %.0f free of %.0f after the requests",
           free_pages, total);
     if (bad)
         dump_logs();

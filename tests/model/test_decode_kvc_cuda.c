@@ -43,15 +43,6 @@ typedef struct {
     int32_t first[N_PROMPTS];          // the CPU's greedy pick from the prefill logits
 } mcase_t;
 
-#define CHECK(cond, ...)                                                                       \
-    do {                                                                                       \
-        if (!(cond)) {                                                                         \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__);                                        \
-            printf(__VA_ARGS__);                                                               \
-            printf("\n");                                                                      \
-            bad++;                                                                             \
-        }                                                                                      \
-    } while (0)
 
 static float max_abs(const float *a, size_t n)
 {
@@ -132,7 +123,7 @@ static int compare_pages(const mcase_t *mc, const char *run, kvc_pool_t *cp, kvc
 {
     int bad = 0, L = mc->c->n_layers, KV = mc->c->n_kv_heads;
     uint32_t d = (uint32_t)mc->c->head_dim;
-    CHECK(kvc_pool_free_count(cp) == kvc_gpu_pool_free_count(gp),
+    TU_CHECK(kvc_pool_free_count(cp) == kvc_gpu_pool_free_count(gp),
           "%s %s: free pages cpu %u gpu %u", mc->name, run, kvc_pool_free_count(cp),
           kvc_gpu_pool_free_count(gp));
     size_t pb = kvc_gpu_pool_page_bytes(gp);
@@ -148,7 +139,7 @@ static int compare_pages(const mcase_t *mc, const char *run, kvc_pool_t *cp, kvc
                 uint32_t tc = kvc_seq_n_tokens(cs[i], (uint32_t)l, (uint32_t)h);
                 uint32_t tg = kvc_gpu_seq_n_tokens(gs[i], (uint32_t)l, (uint32_t)h);
                 if (nc != ng || tc != tg) {
-                    CHECK(false, "%s %s row %d layer %d head %d: cpu %u pages %u tokens, gpu %u "
+                    TU_CHECK(false, "%s %s row %d layer %d head %d: cpu %u pages %u tokens, gpu %u "
                                  "pages %u tokens",
                           mc->name, run, i, l, h, nc, tc, ng, tg);
                     continue;
@@ -309,7 +300,7 @@ out:
         kvc_gpu_seq_destroy(gs[i]);
     }
     if (gp != NULL)
-        CHECK(kvc_gpu_pool_free_count(gp) == pp.n_pages, "%s %s: pages leaked", mc->name, run);
+        TU_CHECK(kvc_gpu_pool_free_count(gp) == pp.n_pages, "%s %s: pages leaked", mc->name, run);
     kvc_pool_destroy(cp);
     kvc_gpu_pool_destroy(gp);
     free(lc);
@@ -348,7 +339,7 @@ static int run_refusals(mcase_t *mc)
         need = mdl_kvc_step_pages_cuda(mc->gm, big, probe);
     kvc_gpu_seq_destroy(probe);
     kvc_gpu_pool_destroy(big);
-    CHECK(need <= (uint32_t)(L * KV), "%s: step pages %u", mc->name, need);
+    TU_CHECK(need <= (uint32_t)(L * KV), "%s: step pages %u", mc->name, need);
     // need is 0 only when every list ends in a 16/16 page with room (no quantized option
     // placed last): then no pool is short for one step, and a one-page pool stands in.
     if (need == 0)
@@ -365,24 +356,24 @@ static int run_refusals(mcase_t *mc)
             tokens_before[l] = kvc_gpu_seq_n_tokens(gs, (uint32_t)l, 0);
         fy_status_t st = mdl_decode_kvc_cuda(mc->gctx, gp, &gs, &pos, &tok, 1, lg);
         if (need > 0) {
-            CHECK(st == FY_ERR_RESOURCE_EXHAUSTED, "%s: a pool one page short: %s", mc->name,
+            TU_CHECK(st == FY_ERR_RESOURCE_EXHAUSTED, "%s: a pool one page short: %s", mc->name,
                   fy_status_str(st));
-            CHECK(kvc_gpu_pool_free_count(gp) == free_before,
+            TU_CHECK(kvc_gpu_pool_free_count(gp) == free_before,
                   "%s: pages taken by a failed step", mc->name);
             for (int l = 0; l < L && l < 8; l++)
-                CHECK(kvc_gpu_seq_n_tokens(gs, (uint32_t)l, 0) == tokens_before[l],
+                TU_CHECK(kvc_gpu_seq_n_tokens(gs, (uint32_t)l, 0) == tokens_before[l],
                       "%s: layer %d changed by a failed step", mc->name, l);
         } else {
-            CHECK(st == FY_OK, "%s: a step that needs no page: %s", mc->name, fy_status_str(st));
+            TU_CHECK(st == FY_OK, "%s: a step that needs no page: %s", mc->name, fy_status_str(st));
         }
         // A CPU context cannot run a GPU pool.
         st = mdl_decode_kvc_cuda(mc->cctx, gp, &gs, &pos, &tok, 1, lg);
-        CHECK(st == FY_ERR_INVALID_ARG, "%s: CPU context: %s", mc->name, fy_status_str(st));
+        TU_CHECK(st == FY_ERR_INVALID_ARG, "%s: CPU context: %s", mc->name, fy_status_str(st));
         // The same sequence twice.
         kvc_gpu_seq_t *twice[2] = {gs, gs};
         int32_t p2[2] = {pos, pos}, t2[2] = {tok, tok};
         st = mdl_decode_kvc_cuda(mc->gctx, gp, twice, p2, t2, 2, lg);
-        CHECK(st == FY_ERR_INVALID_ARG, "%s: a sequence twice: %s", mc->name, fy_status_str(st));
+        TU_CHECK(st == FY_ERR_INVALID_ARG, "%s: a sequence twice: %s", mc->name, fy_status_str(st));
     } else {
         printf("FAIL %s: the short pool could not be set up\n", mc->name);
         bad++;
@@ -395,9 +386,9 @@ static int run_refusals(mcase_t *mc)
         kvc_gpu_seq_create(gp, (uint32_t)L, (uint32_t)KV, fp, SEQ_A, &part) == FY_OK) {
         pf_stream_t cut = *s;
         cut.n_layers = L - 1;
-        CHECK(place_gpu(&cut, part) == FY_OK, "%s: partial placement", mc->name);
+        TU_CHECK(place_gpu(&cut, part) == FY_OK, "%s: partial placement", mc->name);
         fy_status_t st = mdl_decode_kvc_cuda(mc->gctx, gp, &part, &pos, &tok, 1, lg);
-        CHECK(st == FY_ERR_STATE, "%s: a missing layer: %s", mc->name, fy_status_str(st));
+        TU_CHECK(st == FY_ERR_STATE, "%s: a missing layer: %s", mc->name, fy_status_str(st));
     }
     kvc_gpu_seq_destroy(part);
     kvc_gpu_pool_destroy(gp);
@@ -482,12 +473,7 @@ out:
 
 static int tiny_models(void)
 {
-    static const struct {
-        const char *arch;
-        uint32_t type;
-        bool tied;
-        int heads, kv_heads, dim;
-    } cases[] = {
+    static const tu_tiny_case_t cases[] = {
         {"llama", MDL_TENSOR_F32, true, 4, 2, 256}, // head_dim 64: tensor-core attention
         {"qwen2", MDL_TENSOR_Q8_0, false, 6, 3, 96}, // head_dim 16: SIMT attention, GQA 2
     };
@@ -495,29 +481,16 @@ static int tiny_models(void)
     uint64_t seed = 4242;
     for (size_t k = 0; k < sizeof(cases) / sizeof(cases[0]); k++) {
         mdlt_tiny_params_t tp;
-        mdlt_tiny_params_default(&tp);
-        tp.arch = cases[k].arch;
-        tp.weight_type = cases[k].type;
-        tp.tied = cases[k].tied;
-        tp.n_heads = cases[k].heads;
-        tp.n_kv_heads = cases[k].kv_heads;
-        tp.dim = cases[k].dim;
-        tp.n_layers = 3;
-        tp.seed = k + 7;
         char path[64];
-        if (mdlt_tiny_model_temp(&tp, path, sizeof(path)) != 0) {
+        if (tu_tiny_case_temp(&cases[k], k + 7, path, sizeof(path), &tp) != 0) {
             printf("FAIL: cannot write the tiny model\n");
             return bad + 1;
         }
         static int32_t p[N_PROMPTS][200];
         int32_t *pp[N_PROMPTS] = {p[0], p[1]};
         int lens[N_PROMPTS] = {173, 130};
-        for (int i = 0; i < N_PROMPTS; i++) {
-            for (int t = 0; t < lens[i]; t++) {
-                seed = seed * 6364136223846793005ull + 1442695040888963407ull;
-                p[i][t] = 3 + (int32_t)((seed >> 33) % (uint64_t)(mdlt_tiny_n_vocab() - 3));
-            }
-        }
+        for (int i = 0; i < N_PROMPTS; i++)
+            tu_random_tokens(&seed, p[i], lens[i]);
         char name[64];
         snprintf(name, sizeof(name), "tiny-%s-hd%d", tp.arch, tp.dim / tp.n_heads);
         bad += run_model(name, path, pp, lens, 0.02f, 1e-3f);

@@ -421,12 +421,7 @@ static int compare_model(const char *name, const char *path, const int32_t *cons
 
 static int tiny_models(void)
 {
-    static const struct {
-        const char *arch;
-        uint32_t type;
-        bool tied;
-        int heads, kv_heads, dim;
-    } cases[] = {
+    static const tu_tiny_case_t cases[] = {
         {"llama", MDL_TENSOR_F32, true, 4, 2, 64},   {"llama", MDL_TENSOR_Q4_0, false, 8, 2, 128},
         {"qwen2", MDL_TENSOR_Q8_0, false, 6, 3, 96}, {"llama", MDL_TENSOR_Q4_1, true, 4, 4, 256},
     };
@@ -434,17 +429,8 @@ static int tiny_models(void)
     uint64_t seed = 99;
     for (size_t k = 0; k < sizeof(cases) / sizeof(cases[0]); k++) {
         mdlt_tiny_params_t tp;
-        mdlt_tiny_params_default(&tp);
-        tp.arch = cases[k].arch;
-        tp.weight_type = cases[k].type;
-        tp.tied = cases[k].tied;
-        tp.n_heads = cases[k].heads;
-        tp.n_kv_heads = cases[k].kv_heads;
-        tp.dim = cases[k].dim;
-        tp.n_layers = 3;
-        tp.seed = k + 1;
         char path[64];
-        if (mdlt_tiny_model_temp(&tp, path, sizeof(path)) != 0) {
+        if (tu_tiny_case_temp(&cases[k], k + 1, path, sizeof(path), &tp) != 0) {
             fprintf(stderr, "FAIL: cannot write the tiny model\n");
             return bad + 1;
         }
@@ -452,10 +438,7 @@ static int tiny_models(void)
         const int32_t *pp[MAX_PROMPTS];
         int lens[MAX_PROMPTS] = {37, 9, 21};
         for (int i = 0; i < MAX_PROMPTS; i++) {
-            for (int t = 0; t < lens[i]; t++) {
-                seed = seed * 6364136223846793005ull + 1442695040888963407ull;
-                p[i][t] = 3 + (int32_t)((seed >> 33) % (uint64_t)(mdlt_tiny_n_vocab() - 3));
-            }
+            tu_random_tokens(&seed, p[i], lens[i]);
             pp[i] = p[i];
         }
         char name[64];

@@ -117,4 +117,50 @@ static inline mdl_model_t *tu_tiny_model(const mdlt_tiny_params_t *p)
     return m;
 }
 
+/* Counts a failed check in the caller's `bad` and says where, without stopping the test (the
+ * GPU tests report every difference of a run at once). */
+#define TU_CHECK(cond, ...)                                                                    \
+    do {                                                                                       \
+        if (!(cond)) {                                                                         \
+            printf("FAIL %s:%d: ", __FILE__, __LINE__);                                        \
+            printf(__VA_ARGS__);                                                               \
+            printf("\n");                                                                      \
+            bad++;                                                                             \
+        }                                                                                      \
+    } while (0)
+
+/* One tiny-model shape of the GPU parity tests. */
+typedef struct {
+    const char *arch;
+    uint32_t type; /* weight type */
+    bool tied;
+    int heads, kv_heads, dim;
+} tu_tiny_case_t;
+
+/* Writes case c (3 layers, weights from seed) to a new temporary file (path, cap >= 32); its
+ * parameters into *tp. 0 on success; the caller unlinks the file. */
+static inline int tu_tiny_case_temp(const tu_tiny_case_t *c, uint64_t seed, char *path,
+                                    size_t cap, mdlt_tiny_params_t *tp)
+{
+    mdlt_tiny_params_default(tp);
+    tp->arch = c->arch;
+    tp->weight_type = c->type;
+    tp->tied = c->tied;
+    tp->n_heads = c->heads;
+    tp->n_kv_heads = c->kv_heads;
+    tp->dim = c->dim;
+    tp->n_layers = 3;
+    tp->seed = seed;
+    return mdlt_tiny_model_temp(tp, path, cap);
+}
+
+/* n random tiny-vocabulary tokens (not the 3 special ones) from the LCG state *seed. */
+static inline void tu_random_tokens(uint64_t *seed, int32_t *tokens, int n)
+{
+    for (int t = 0; t < n; t++) {
+        *seed = *seed * 6364136223846793005ull + 1442695040888963407ull;
+        tokens[t] = 3 + (int32_t)((*seed >> 33) % (uint64_t)(mdlt_tiny_n_vocab() - 3));
+    }
+}
+
 #endif /* FERRY_TESTS_MODEL_UTIL_H */
