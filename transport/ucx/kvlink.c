@@ -348,29 +348,49 @@ static bool link_busy(const kvlink_t *link)
     return link->st.frames_in_flight > 0 || link->st.recv_pending > 0 || link->ctl_inflight > 0;
 }
 
-static void link_progress_once(kvlink_t *link)
+/* Calls of ucp_worker_progress one turn may make before it yields to the loop. UCX can report
+ * progress forever without any of it reaching us: a shared-memory keepalive into a peer whose
+ * FIFO is full counts as progress on every retry. A turn that never ended would starve the
+ * loop's timers and the peer's own progress when both ends share the loop. */
+#define PROGRESS_BUDGET 1024
+
+/* Progresses the worker until idle and arms it; false when the budget ran out first. */
+static bool link_drain_and_arm(kvlink_t *link)
 {
-    link->in_progress++;
+    int budget = PROGRESS_BUDGET;
     for (;;) {
         while (ucp_worker_progress(link->worker) != 0)
-            ;
+            if (--budget <= 0)
+                return false;
         // While transfers are in flight, poll a little longer before sleeping: a rendezvous
         // takes several round trips and each wakeup through epoll costs more than the wait.
         // Bounded by spin_us after the last progress, so an idle link still sleeps.
         if (link->params.spin_us > 0 && link_busy(link)) {
             uint64_t until = fy_clock_ns() + link->params.spin_us * 1000ull;
             while (fy_clock_ns() < until && link_busy(link))
-                if (ucp_worker_progress(link->worker) != 0)
+                if (ucp_worker_progress(link->worker) != 0) {
+                    if (--budget <= 0)
+                        return false;
                     until = fy_clock_ns() + link->params.spin_us * 1000ull;
+                }
         }
         if (link->in_progress == 1)
             link_reap_peers(link);
-        ucs_status_t s = ucp_worker_arm(link->worker);
-        if (s == UCS_ERR_BUSY)
-            continue;
-        break;
+        if (ucp_worker_arm(link->worker) != UCS_ERR_BUSY)
+            return true;
+        if (--budget <= 0)
+            return false;
     }
+}
+
+static void link_progress_once(kvlink_t *link)
+{
+    link->in_progress++;
+    bool armed = link_drain_and_arm(link);
     link->in_progress--;
+    // Not armed, the event fd may stay silent: come back on the next loop turn instead.
+    if (!armed)
+        link_kick(link);
 }
 
 void kvlink_progress(kvlink_t *link)
