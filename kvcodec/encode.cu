@@ -118,6 +118,7 @@ struct kvc_encoder_cuda {
     // tables, [2, 3] payload + CRC.
     cudaEvent_t ev[4];
     uint64_t last_gpu_ns;
+    uint8_t *d_frame; // [max_frame] the frame of encode_layer_cuda_host, made on first use
 };
 
 /* ------------------------------------------------------------------------------------------ */
@@ -1528,7 +1529,7 @@ extern "C" void kvc_encoder_cuda_destroy(kvc_encoder_cuda_t *e)
     cudaFree(e->d_dev_mean), cudaFree(e->d_backbone), cudaFree(e->d_keys), cudaFree(e->d_idx);
     cudaFree(e->d_sort_tmp), cudaFree(e->d_out), cudaFreeHost(e->h_out);
     cudaFree(e->d_plan), cudaFreeHost(e->h_lay), cudaFree(e->d_hcnt), cudaFree(e->d_runs);
-    cudaFree(e->d_scnt);
+    cudaFree(e->d_scnt), cudaFree(e->d_frame);
     kvc_scores_cleanup_cuda(&e->d_scores);
     cudaFreeHost(e->h_tab), cudaFreeHost(e->h_tok), cudaFreeHost(e->h_work);
     cudaFreeHost(e->h_crc), cudaFreeHost(e->h_head);
@@ -2153,4 +2154,39 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
         *info_p = info;
 out:
     return st;
+}
+
+extern "C" fy_status_t kvc_encoder_encode_layer_cuda_host(kvc_encoder_cuda_t *e,
+                                                          const kvc_layer_input_t *in,
+                                                          const kvc_scores_t *scores,
+                                                          uint8_t *out, size_t out_cap,
+                                                          size_t *len_p, kvc_layer_info_t *info_p,
+                                                          void *stream)
+{
+    if (e == NULL || out == NULL || len_p == NULL)
+        return FY_ERR_INVALID_ARG;
+    if (e->d_frame == NULL) {
+        cudaError_t ce = cudaMalloc((void **)&e->d_frame, e->max_frame);
+        if (ce != cudaSuccess) {
+            e->d_frame = NULL;
+            return kvc_cuda_status(ce);
+        }
+    }
+    size_t len = 0;
+    kvc_layer_info_t info;
+    fy_status_t st = kvc_encoder_encode_layer_cuda(e, in, scores, e->d_frame,
+                                                   FY_MIN(out_cap, e->max_frame), &len, &info,
+                                                   stream);
+    if (st != FY_OK)
+        return st;
+    cudaStream_t cs = (cudaStream_t)stream;
+    cudaError_t ce = cudaMemcpyAsync(out, e->d_frame, len, cudaMemcpyDeviceToHost, cs);
+    if (ce == cudaSuccess)
+        ce = cudaStreamSynchronize(cs);
+    if (ce != cudaSuccess)
+        return kvc_cuda_status(ce);
+    *len_p = len;
+    if (info_p)
+        *info_p = info;
+    return FY_OK;
 }

@@ -82,6 +82,16 @@ fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *enc, const kvc_lay
                                           size_t out_cap, size_t *len_p, kvc_layer_info_t *info_p,
                                           void *stream);
 
+/* kvc_encoder_encode_layer_cuda with the frame delivered into host memory: out (out_cap
+ * bytes, pageable or pinned) receives the frame, which the encoder first builds in a device
+ * buffer of its own (max_frame_bytes, allocated on the first call). Returns once the bytes are
+ * in out. Thread: as kvc_encoder_encode_layer_cuda. */
+fy_status_t kvc_encoder_encode_layer_cuda_host(kvc_encoder_cuda_t *enc,
+                                               const kvc_layer_input_t *in_dev,
+                                               const kvc_scores_t *scores_dev, uint8_t *out,
+                                               size_t out_cap, size_t *len_p,
+                                               kvc_layer_info_t *info_p, void *stream);
+
 /* Stream time the last encode_layer_cuda spent in its GPU phases (scoring, rotation,
  * distortion tables and the optimizer; layout, payload and CRC), in ns; the rest of its wall
  * time is the host's launches and the final synchronization. Thread: as the encoder. */

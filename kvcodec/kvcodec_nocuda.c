@@ -42,6 +42,14 @@ fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *enc, const kvc_lay
 {
     return FY_ERR_NO_DEVICE;
 }
+fy_status_t kvc_encoder_encode_layer_cuda_host(kvc_encoder_cuda_t *enc,
+                                               const kvc_layer_input_t *in_dev,
+                                               const kvc_scores_t *scores_dev, uint8_t *out,
+                                               size_t out_cap, size_t *len_p,
+                                               kvc_layer_info_t *info_p, void *stream)
+{
+    return FY_ERR_NO_DEVICE;
+}
 uint64_t kvc_encoder_cuda_last_gpu_ns(const kvc_encoder_cuda_t *enc)
 {
     return 0;

@@ -435,6 +435,7 @@ struct mdl_cuda_ctx {
     float *v[2];    // [n_kv][n][head_dim]
     float *win[2];  // [n_heads][n] window scores
     float *h_k[2], *h_v[2], *h_win[2]; // pinned host copies of the above
+    uint16_t *k16[2], *v16[2];         // FP16 device copies of k, v (device_kv)
     int cap_window;
     float *qwin[2];      // [n_heads][w][head_dim]
     float *h_qwin[2];    // pinned
@@ -471,7 +472,10 @@ static void free_bufs(mdl_cuda_ctx_t *ctx)
         cudaFreeHost(ctx->h_k[i]);
         cudaFreeHost(ctx->h_v[i]);
         cudaFreeHost(ctx->h_win[i]);
+        cudaFree(ctx->k16[i]);
+        cudaFree(ctx->v16[i]);
         ctx->k[i] = ctx->v[i] = ctx->win[i] = ctx->h_k[i] = ctx->h_v[i] = ctx->h_win[i] = NULL;
+        ctx->k16[i] = ctx->v16[i] = NULL;
     }
     ctx->x = ctx->att = ctx->gu = ctx->qkv = NULL;
     ctx->xh = NULL;
@@ -616,6 +620,28 @@ fail:
     return st;
 }
 
+/* FP16 device copies of K and V for a callback that stays on the device. */
+static fy_status_t ensure_dev_kv16(mdl_cuda_ctx_t *ctx)
+{
+    if (ctx->k16[0] != NULL)
+        return FY_OK;
+    const mdl_config_t *c = &ctx->w->cfg;
+    size_t elems = (size_t)ctx->cap_tokens * c->n_kv_heads * c->head_dim;
+    fy_status_t st;
+    for (int i = 0; i < 2; i++) {
+        TRY(alloc_dev((void **)&ctx->k16[i], elems * sizeof(uint16_t)));
+        TRY(alloc_dev((void **)&ctx->v16[i], elems * sizeof(uint16_t)));
+    }
+    return FY_OK;
+fail:
+    for (int i = 0; i < 2; i++) {
+        cudaFree(ctx->k16[i]);
+        cudaFree(ctx->v16[i]);
+        ctx->k16[i] = ctx->v16[i] = NULL;
+    }
+    return st;
+}
+
 static fy_status_t ensure_window(mdl_cuda_ctx_t *ctx, int w)
 {
     if (w <= ctx->cap_window)
@@ -752,19 +778,32 @@ static fy_status_t drain(mdl_cuda_ctx_t *ctx, fy_status_t st)
 /* Prefill                                                                                      */
 /* ------------------------------------------------------------------------------------------ */
 
-/* Runs the callback for finished layer l once its copy has arrived. */
+/* Runs the callback for finished layer l once its copy has arrived; with device_kv, at once
+ * (the callback's work queues behind the FP16 conversion on the copy stream, and the compute
+ * stream waits for that work before it reuses the layer's buffers). */
 static fy_status_t hand_out(mdl_cuda_ctx_t *ctx, const mdl_prefill_params_t *params, int l,
                             int n, int w)
 {
     const mdl_config_t *c = &ctx->w->cfg;
     int b = l & 1;
     fy_status_t st;
-    CU(cudaEventSynchronize(ctx->ev_copied[b]));
     mdl_layer_kv_t kv = {.layer = l, .n_tokens = n, .n_kv_heads = c->n_kv_heads,
-                         .n_heads = c->n_heads, .head_dim = c->head_dim, .k = ctx->h_k[b],
-                         .v = ctx->h_v[b], .n_window = w,
-                         .q_window = w > 0 ? ctx->h_qwin[b] : NULL,
-                         .window_attn = w > 0 ? ctx->h_win[b] : NULL};
+                         .n_heads = c->n_heads, .head_dim = c->head_dim, .n_window = w};
+    if (params->device_kv) {
+        kv.k16_dev = ctx->k16[b];
+        kv.v16_dev = ctx->v16[b];
+        kv.q_window_dev = w > 0 ? ctx->qwin[b] : NULL;
+        kv.window_attn_dev = w > 0 ? ctx->win[b] : NULL;
+        kv.stream = ctx->s_copy;
+        TRY(params->on_layer(params->cb_arg, &kv));
+        CU(cudaEventRecord(ctx->ev_copied[b], ctx->s_copy));
+        return FY_OK;
+    }
+    CU(cudaEventSynchronize(ctx->ev_copied[b]));
+    kv.k = ctx->h_k[b];
+    kv.v = ctx->h_v[b];
+    kv.q_window = w > 0 ? ctx->h_qwin[b] : NULL;
+    kv.window_attn = w > 0 ? ctx->h_win[b] : NULL;
     return params->on_layer(params->cb_arg, &kv);
 fail:
     return st;
@@ -786,8 +825,9 @@ fy_status_t mdl_cuda_prefill(mdl_cuda_ctx_t *ctx, const int32_t *tokens, int n, 
     int64_t np = 0;
     fy_status_t st;
     TRY(ensure_rows(ctx, n));
+    const bool on_dev = cb && params->device_kv;
     if (cb)
-        TRY(ensure_host_kv(ctx));
+        TRY(on_dev ? ensure_dev_kv16(ctx) : ensure_host_kv(ctx));
     if (w > 0)
         TRY(ensure_window(ctx, w));
     int logit_rows = params->all_logits ? n : 1;
@@ -842,12 +882,17 @@ fy_status_t mdl_cuda_prefill(mdl_cuda_ctx_t *ctx, const int32_t *tokens, int n, 
         if (cb) {
             CU(cudaEventRecord(ctx->ev_done[b], ctx->s));
             CU(cudaStreamWaitEvent(ctx->s_copy, ctx->ev_done[b], 0));
-            size_t kv_bytes = (size_t)n * kv_dim * sizeof(float);
-            CU(cudaMemcpyAsync(ctx->h_k[b], ctx->k[b], kv_bytes, cudaMemcpyDeviceToHost,
-                               ctx->s_copy));
-            CU(cudaMemcpyAsync(ctx->h_v[b], ctx->v[b], kv_bytes, cudaMemcpyDeviceToHost,
-                               ctx->s_copy));
-            if (w > 0) {
+            size_t kv_elems = (size_t)n * kv_dim;
+            if (on_dev) {
+                TRY(fy_cuda_fp32_to_fp16(ctx->k16[b], ctx->k[b], kv_elems, ctx->s_copy));
+                TRY(fy_cuda_fp32_to_fp16(ctx->v16[b], ctx->v[b], kv_elems, ctx->s_copy));
+            } else {
+                CU(cudaMemcpyAsync(ctx->h_k[b], ctx->k[b], kv_elems * sizeof(float),
+                                   cudaMemcpyDeviceToHost, ctx->s_copy));
+                CU(cudaMemcpyAsync(ctx->h_v[b], ctx->v[b], kv_elems * sizeof(float),
+                                   cudaMemcpyDeviceToHost, ctx->s_copy));
+            }
+            if (w > 0 && !on_dev) {
                 CU(cudaMemcpyAsync(ctx->h_qwin[b], ctx->qwin[b],
                                    (size_t)w * q_dim * sizeof(float), cudaMemcpyDeviceToHost,
                                    ctx->s_copy));

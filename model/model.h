@@ -414,6 +414,16 @@ typedef struct {
     const float *window_attn; /* [n_heads][n_tokens]: per query head the mean over the window
                                  of the softmax rows (kvc_layer_input_t.window_attn), when the
                                  attention kernel computed it (CUDA contexts), else NULL */
+    /* With mdl_prefill_params_t.device_kv on a CUDA context, the layer stays in device memory
+     * instead: k, v, q_window and window_attn are NULL and these hold K and V in FP16 and the
+     * window queries and scores in FP32 (same shapes), complete in stream order on stream (a
+     * cudaStream_t). Work the callback queues on stream may read them; the model reuses the
+     * buffers only after that work. All NULL otherwise. */
+    const uint16_t *k16_dev;
+    const uint16_t *v16_dev;
+    const float *q_window_dev;
+    const float *window_attn_dev;
+    void *stream;
 } mdl_layer_kv_t;
 
 /* A non-OK return aborts the prefill with that status. */
@@ -425,6 +435,8 @@ typedef struct {
     void *cb_arg;
     int window;          /* observation window W for q_window (0 = none) */
     bool all_logits;     /* logits for every position, not just the last */
+    bool device_kv;      /* CUDA contexts: hand the layer out in device memory (see
+                            mdl_layer_kv_t); CPU contexts ignore it */
 } mdl_prefill_params_t;
 
 void mdl_prefill_params_default(mdl_prefill_params_t *p);

@@ -23,8 +23,10 @@ static const fy_opt_t k_opts[] = {
      false},
     {"router", FY_OPT_STRING, "", "router HOST:PORT to register with (empty: standalone)", false},
     {"model", FY_OPT_STRING, NULL, "GGUF model file", true},
-    {"device", FY_OPT_STRING, "cpu", "where the model runs: cpu or cuda (the codec stays on the "
-                                     "CPU)", false},
+    {"device", FY_OPT_STRING, "cpu", "where the model runs: cpu or cuda (with cuda the codec "
+                                     "scores and encodes on the GPU too)", false},
+    {"host-codec", FY_OPT_BOOL, "false", "with --device cuda, score and encode on the CPU "
+                                         "instead (from host copies of each layer)", false},
     {"threads", FY_OPT_INT, "0", "compute threads (0 = all CPUs)", false},
     {"prefill-chunk", FY_OPT_INT, "0", "prompt rows per GEMM chunk (0 = model default)", false},
     {"max-batch-tokens", FY_OPT_INT, "2048", "queued prompts run together up to this many "
@@ -254,6 +256,7 @@ static int run(app_t *a)
     pp.link = a->link;
     pp.metrics = a->metrics;
     pp.max_queued_tokens = (uint64_t)fy_config_int(cfg, "max-queued-tokens");
+    pp.host_codec = fy_config_bool(cfg, "host-codec");
     pp.ttft_target_ms = (double)fy_config_duration_ms(cfg, "ttft-target");
     pp.budget_min = fy_config_double(cfg, "min-budget");
     pp.budget_max = fy_config_double(cfg, "max-budget");

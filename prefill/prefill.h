@@ -58,6 +58,8 @@ typedef struct {
     double ttft_target_ms;    // > 0: bandwidth-adaptive budget aiming at this TTFT for
                               // requests without a budget of their own (adaptive.h)
     double budget_min, budget_max; // its limits; 0 = 0.125 and 1
+    bool host_codec;          // with a CUDA model, still score and encode on the CPU (from
+                              // host copies of each layer); default: the codec runs on the GPU
 } prefill_params_t;
 
 #define PREFILL_MAX_BATCH_TOKENS 2048

@@ -6,7 +6,9 @@
  *   loop:    validate, open the kvlink send (the handshake overlaps the queue wait), enqueue
  *   compute: mdl_prefill_batch over the queued jobs that fit max_batch_tokens (a longer
  *            prompt runs alone); per layer and job: FP16 conversion, kvc_encoder, CRC, post
- *            the frame
+ *            the frame. With a CUDA model the layer stays on the GPU: the model converts it
+ *            to FP16 there and kvc_encoder_cuda scores and encodes it on the model's copy
+ *            stream while the next layer computes; only the frame comes back to the host.
  *   loop:    kvlink_send_frame_crc for each posted frame (transfer runs while compute goes on)
  *   compute: sample the first token, post "computed"
  *   loop:    kvlink_send_finish; on the send's end: answer the call.
@@ -27,6 +29,7 @@
 
 #include "ferry.pb-c.h"
 #include "adaptive.h"
+#include "kvcodec_cuda.h"
 #include "prefill.h"
 
 #define MODULE "prefill"
@@ -428,7 +431,8 @@ typedef struct {
 typedef struct {
     prefill_t *pf;
     pf_job_t *job;
-    kvc_encoder_t *enc;
+    kvc_encoder_t *enc;       // CPU codec
+    kvc_encoder_cuda_t *genc; // or the GPU's (gpu_codec)
     pf_batch_t *batch;
     fy_status_t st; // the job's own failure: its later layers are skipped
 } pf_run_t;
@@ -451,18 +455,28 @@ static fy_status_t encode_layer(pf_run_t *r, const mdl_layer_kv_t *kv)
     if (st != FY_OK)
         return st;
     size_t n = (size_t)kv->n_kv_heads * (size_t)kv->n_tokens * (size_t)kv->head_dim;
-    if (n > pf->kv16_cap)
-        return FY_ERR_INTERNAL;
-    fy_fp32_to_fp16_buf(pf->k16, kv->k, n);
-    fy_fp32_to_fp16_buf(pf->v16, kv->v, n);
     kvc_layer_input_t in = {.layer = (uint32_t)kv->layer,
-                            .k = pf->k16,
-                            .v = pf->v16,
                             .head_stride = (size_t)kv->n_tokens * kv->head_dim,
                             .token_stride = (size_t)kv->head_dim,
-                            .q_window = kv->n_window > 0 ? kv->q_window : NULL,
                             .n_window = (uint32_t)kv->n_window};
-    size_t cap = kvc_encoder_max_frame_bytes(r->enc), len = 0;
+    if (r->genc != NULL) {
+        if (kv->k16_dev == NULL)
+            return FY_ERR_INTERNAL;
+        in.k = kv->k16_dev;
+        in.v = kv->v16_dev;
+        in.q_window = kv->n_window > 0 ? kv->q_window_dev : NULL;
+    } else {
+        if (kv->k == NULL || n > pf->kv16_cap)
+            return FY_ERR_INTERNAL;
+        fy_fp32_to_fp16_buf(pf->k16, kv->k, n);
+        fy_fp32_to_fp16_buf(pf->v16, kv->v, n);
+        in.k = pf->k16;
+        in.v = pf->v16;
+        in.q_window = kv->n_window > 0 ? kv->q_window : NULL;
+    }
+    size_t cap = r->genc != NULL ? kvc_encoder_cuda_max_frame_bytes(r->genc)
+                                 : kvc_encoder_max_frame_bytes(r->enc);
+    size_t len = 0;
     pf_frame_t *fr = calloc(1, sizeof(*fr));
     uint8_t *buf = malloc(cap);
     if (fr == NULL || buf == NULL) {
@@ -471,7 +485,10 @@ static fy_status_t encode_layer(pf_run_t *r, const mdl_layer_kv_t *kv)
         return FY_ERR_NO_MEMORY;
     }
     kvc_layer_info_t info;
-    st = kvc_encoder_encode_layer(r->enc, &in, NULL, buf, cap, &len, &info);
+    st = r->genc != NULL
+             ? kvc_encoder_encode_layer_cuda_host(r->genc, &in, NULL, buf, cap, &len, &info,
+                                                  kv->stream)
+             : kvc_encoder_encode_layer(r->enc, &in, NULL, buf, cap, &len, &info);
     if (st != FY_OK) {
         free(fr);
         free(buf);
@@ -529,8 +546,14 @@ static fy_status_t ensure_kv16(prefill_t *pf, size_t need)
     return FY_OK;
 }
 
-/* The job's encoder (its policy and budget). */
-static fy_status_t job_encoder(prefill_t *pf, pf_job_t *job, kvc_encoder_t **enc_p)
+/* Whether layers are encoded on the GPU (a CUDA model, unless host_codec). */
+static bool gpu_codec(const prefill_t *pf)
+{
+    return mdl_model_device(pf->params.model) == MDL_DEVICE_CUDA && !pf->params.host_codec;
+}
+
+/* The job's encoder (its policy and budget), on the GPU when gpu_codec. */
+static fy_status_t job_encoder(prefill_t *pf, pf_job_t *job, pf_run_t *r)
 {
     const mdl_config_t *c = pf->cfg;
     kvc_encoder_params_t ep;
@@ -544,7 +567,8 @@ static fy_status_t job_encoder(prefill_t *pf, pf_job_t *job, kvc_encoder_t **enc
     ep.n_tokens = (uint32_t)job->n_tokens;
     ep.model_fingerprint = pf->params.fingerprint;
     ep.seq_id = job->reservation_id;
-    return kvc_encoder_create(&ep, enc_p);
+    return gpu_codec(pf) ? kvc_encoder_cuda_create(&ep, &r->genc)
+                         : kvc_encoder_create(&ep, &r->enc);
 }
 
 /* The first token from the job's logits with its sampling parameters. */
@@ -586,7 +610,7 @@ static void run_batch(prefill_t *pf, pf_job_t **jobs, int n)
         max_tokens = FY_MAX(max_tokens, jobs[i]->n_tokens);
         total += jobs[i]->n_tokens;
     }
-    if (st == FY_OK)
+    if (st == FY_OK && !gpu_codec(pf))
         st = ensure_kv16(pf, (size_t)c->n_kv_heads * (size_t)max_tokens * (size_t)c->head_dim);
     // The jobs still worth computing (aborted or expired ones are left out).
     pf_batch_t batch = {.n_live = 0};
@@ -600,14 +624,18 @@ static void run_batch(prefill_t *pf, pf_job_t **jobs, int n)
             continue;
         pf_run_t *r = &runs[m];
         *r = (pf_run_t){.pf = pf, .job = job, .batch = &batch};
-        if ((job->compute_st = job_encoder(pf, job, &r->enc)) != FY_OK)
+        if ((job->compute_st = job_encoder(pf, job, r)) != FY_OK) {
+            FY_LOG_ERROR(MODULE, "%s: codec: %s", job->request_id,
+                         fy_status_str(job->compute_st));
             continue;
+        }
         toks[m] = job->tokens;
         n_toks[m] = job->n_tokens;
         mdl_prefill_params_default(&pp[m]);
         pp[m].on_layer = on_layer;
         pp[m].cb_arg = r;
         pp[m].window = (int)job->policy.window;
+        pp[m].device_kv = r->genc != NULL;
         logits[m] = pf->logits + (size_t)m * nv;
         m++;
     }
@@ -621,6 +649,7 @@ static void run_batch(prefill_t *pf, pf_job_t **jobs, int n)
         for (int i = 0; i < m; i++) {
             pf_run_t *r = &runs[i];
             kvc_encoder_destroy(r->enc);
+            kvc_encoder_cuda_destroy(r->genc);
             r->job->compute_st = r->st != FY_OK ? r->st
                                  : st != FY_OK  ? st
                                                 : job_sample(pf, r->job, logits[i]);

@@ -4,7 +4,13 @@
 // K and V; the first token is the model's (greedy and seeded sampling); the ferry policy keeps
 // the budget; bad requests are refused; Cancel, deadlines and an unreachable decode worker end
 // the call with the right status and the worker keeps serving; requests queued together run
-// as a batch and complete (or are cancelled) one by one; /metrics; SIGTERM drains.
+// as a batch and complete (or are cancelled) one by one; /metrics; SIGTERM drains. The frames
+// of a ferry request are byte for byte what the CPU encoder makes of the local prefill's layers.
+//
+// Built a second time as test_prefill_cuda (PREFILL_TEST_CUDA): the same checks with the
+// worker on the GPU (--device cuda: model, scoring and encoding there) and the local reference
+// on the GPU too, so both see the same K, V and logits; the GPU encoder's frames must still
+// equal the CPU encoder's. Exits 77 without a GPU; the model comes from $FERRY_MODEL when set.
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -22,8 +28,13 @@
 #include "kvlink.h"
 #include "model.h"
 #include "prefill.h"
+#include "prefill_frames.h"
 
 #define MAX_LAYERS 64
+
+#ifndef PREFILL_TEST_CUDA
+#define PREFILL_TEST_CUDA 0
+#endif
 
 typedef struct {
     uint64_t req;
@@ -256,9 +267,13 @@ static int group_setup(void **state)
     mdl_model_params_t mp;
     mdl_model_params_default(&mp);
     mp.path = model;
+    if (PREFILL_TEST_CUDA)
+        mp.device = MDL_DEVICE_CUDA;
     char err[MDL_ERR_LEN];
-    if (mdl_model_create(&mp, &G.model, err, sizeof(err)) != FY_OK)
+    if (mdl_model_create(&mp, &G.model, err, sizeof(err)) != FY_OK) {
+        fprintf(stderr, "cannot load %s: %s\n", model, err);
         return -1;
+    }
     G.cfg = mdl_model_config(G.model);
     G.fp = mdl_model_fingerprint(G.model);
     mdl_ctx_params_t cp;
@@ -266,7 +281,9 @@ static int group_setup(void **state)
     cp.n_threads = 2;
     if (mdl_ctx_create(G.model, &cp, &G.ctx) != FY_OK)
         return -1;
-    const char *args[] = {"--model", model, "--threads", "2", "--log-level", "warn", NULL};
+    const char *args[] = {"--model",     model,  "--threads", "2",
+                          "--log-level", "warn", "--device",  PREFILL_TEST_CUDA ? "cuda" : "cpu",
+                          NULL};
     if (du_start(&G.proc, "prefill", "prefill/ferry-prefill", args, 120000) != FY_OK) {
         du_dump_log(&G.proc);
         return -1;
@@ -424,6 +441,17 @@ static void test_ferry_budget(void **state)
             n, ratio, resp->prefill_ms, resp->transfer_ms, resp->hidden_transfer_fraction * 100);
     assert_true(ratio <= 0.25 * 1.01);
     assert_true(ratio >= 0.25 * 0.8);
+    // Every frame is what the CPU encoder makes of the same layers (the codec's twins agree to
+    // the byte, PREFILL_TEST_CUDA included).
+    pf_stream_t le = {.budget = 0.25};
+    assert_int_equal(kvc_policy_builtin("ferry", &le.policy), FY_OK);
+    assert_int_equal(pf_prefill(G.ctx, G.model, ids, n, &le, 1, res, NULL, logits), FY_OK);
+    for (int l = 0; l < G.cfg->n_layers; l++) {
+        if (le.lens[l] != G.recv.lens[l] || memcmp(le.frames[l], G.recv.frames[l], le.lens[l]))
+            fail_msg("layer %d: frame of %zu bytes differs from the local encode (%zu bytes)", l,
+                     G.recv.lens[l], le.lens[l]);
+    }
+    pf_stream_cleanup(&le);
     // The first token comes from the prefill logits, whatever the KV compression.
     assert_int_equal(resp->first_token_id, argmax(logits, G.cfg->n_vocab));
     free(logits);
@@ -755,6 +783,10 @@ static void test_sigterm_drains(void **state)
 
 int main(void)
 {
+    if (PREFILL_TEST_CUDA && fy_cuda_device_count() == 0) {
+        printf("SKIP: no CUDA device\n");
+        return 77;
+    }
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_fp16_frames_and_first_token),
         cmocka_unit_test(test_ferry_budget),
