@@ -16,6 +16,11 @@
  * 512-token prefill with a callback that does nothing, the same with a callback that keeps the
  * host busy for one layer's compute time, and the overlap fraction
  * (t_plain + t_busy - t_with_busy) / min(t_plain, t_busy) (1 = fully hidden, 0 = serial).
+ * It then times a whole prefill request as ferry-prefill --device cuda runs one: a 2048-token
+ * prompt whose every layer is encoded by the `ferry` policy at b = 0.25, with the encoder made
+ * for the request, once with the codec on the host (host copies of each layer, as
+ * --host-codec) and once on the GPU (the layer stays in device memory), beside the same
+ * prefill without a codec.
  * --synthetic llama3-8b writes a random-weight Q4_0 GGUF shaped like Llama-3-8B (dim 4096,
  * 32 layers, 32 heads, 8 kv heads, ffn 14336, vocab 128256) into a temporary file with all
  * CPUs, loads it and deletes it; speed does not depend on the weight values.
@@ -27,6 +32,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "kvcodec_cuda.h"
 #include "model.h"
 
 /* Each figure is the best of REPEATS runs: the machine is shared, and the best run is the one
@@ -234,6 +240,169 @@ static void bench_overlap(const bench_mode_t *mode, mdl_ctx_t *ctx, const mdl_co
     } else {
         fprintf(stderr, "ferry-bench model: the overlap measurement failed\n");
     }
+    free(t);
+    free(logits);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* A prefill request with its codec (GPU)                                                       */
+/* ------------------------------------------------------------------------------------------ */
+
+enum { REQ_TOKENS = 2048 };
+#define REQ_BUDGET 0.25
+
+typedef struct {
+    const kvc_encoder_params_t *ep;
+    bool gpu_codec;
+    kvc_encoder_t *enc;
+    kvc_encoder_cuda_t *genc;
+    uint16_t *k16, *v16; // host codec: the layer in FP16
+    uint8_t *frame;
+    size_t cap;
+    uint64_t wire_bytes;
+} req_codec_t;
+
+static fy_status_t req_layer(void *arg, const mdl_layer_kv_t *kv)
+{
+    req_codec_t *r = arg;
+    kvc_layer_input_t in = {.layer = (uint32_t)kv->layer,
+                            .head_stride = (size_t)kv->n_tokens * kv->head_dim,
+                            .token_stride = (size_t)kv->head_dim,
+                            .n_window = (uint32_t)kv->n_window};
+    size_t len = 0;
+    fy_status_t st;
+    if (r->genc != NULL) {
+        in.k = kv->k16_dev;
+        in.v = kv->v16_dev;
+        in.q_window = kv->n_window > 0 ? kv->q_window_dev : NULL;
+        st = kvc_encoder_encode_layer_cuda_host(r->genc, &in, NULL, r->frame, r->cap, &len, NULL,
+                                                kv->stream);
+    } else {
+        size_t n = (size_t)kv->n_kv_heads * kv->n_tokens * kv->head_dim;
+        fy_fp32_to_fp16_buf(r->k16, kv->k, n);
+        fy_fp32_to_fp16_buf(r->v16, kv->v, n);
+        in.k = r->k16;
+        in.v = r->v16;
+        in.q_window = kv->n_window > 0 ? kv->q_window : NULL;
+        st = kvc_encoder_encode_layer(r->enc, &in, NULL, r->frame, r->cap, &len, NULL);
+    }
+    r->wire_bytes += len;
+    return st;
+}
+
+/* One request: the encoder made for it, the prefill with every layer encoded, the encoder
+ * freed; seconds, or < 0 on failure. */
+static double timed_request(mdl_ctx_t *ctx, const int32_t *t, int n, float *logits,
+                            req_codec_t *r)
+{
+    double t0 = now_s();
+    fy_status_t st = r->gpu_codec ? kvc_encoder_cuda_create(r->ep, &r->genc)
+                                  : kvc_encoder_create(r->ep, &r->enc);
+    if (st == FY_OK) {
+        r->wire_bytes = 0;
+        mdl_prefill_params_t pp;
+        mdl_prefill_params_default(&pp);
+        pp.on_layer = req_layer;
+        pp.cb_arg = r;
+        pp.window = (int)r->ep->policy->window;
+        pp.device_kv = r->gpu_codec;
+        st = mdl_prefill(ctx, t, n, &pp, logits);
+    }
+    kvc_encoder_cuda_destroy(r->genc);
+    kvc_encoder_destroy(r->enc);
+    r->genc = NULL;
+    r->enc = NULL;
+    if (st != FY_OK) {
+        fprintf(stderr, "ferry-bench model: prefill request (%s codec): %s\n",
+                r->gpu_codec ? "GPU" : "host", fy_status_str(st));
+        return -1;
+    }
+    return now_s() - t0;
+}
+
+/* Median seconds of mode->repeats requests after a warm-up. */
+static double median_request(const bench_mode_t *mode, mdl_ctx_t *ctx, const int32_t *t, int n,
+                             float *logits, req_codec_t *r)
+{
+    double secs[GPU_REPEATS];
+    if (timed_request(ctx, t, n, logits, r) < 0)
+        return -1;
+    for (int rep = 0; rep < mode->repeats; rep++)
+        if ((secs[rep] = timed_request(ctx, t, n, logits, r)) < 0)
+            return -1;
+    qsort(secs, (size_t)mode->repeats, sizeof(double), cmp_double);
+    return secs[mode->repeats / 2];
+}
+
+/* Adds {"prefill_tokens", "budget", "plain_s", "host_codec_s", "gpu_codec_s", "wire_ratio"} as
+ * "prefill_request" to out and prints a line. */
+static void bench_request(const bench_mode_t *mode, const mdl_model_t *m, mdl_ctx_t *ctx,
+                          const mdl_config_t *c, cJSON *out)
+{
+    int n = FY_MIN(REQ_TOKENS, c->n_ctx_train);
+    uint64_t seed = 5;
+    int32_t *t = malloc(sizeof(int32_t) * (size_t)n);
+    float *logits = malloc(sizeof(float) * (size_t)c->n_vocab);
+    size_t elems = (size_t)c->n_kv_heads * n * c->head_dim;
+    kvc_policy_t pol;
+    kvc_encoder_params_t ep;
+    kvc_encoder_params_default(&ep);
+    ep.policy = &pol;
+    ep.budget = REQ_BUDGET;
+    ep.n_layers = (uint32_t)c->n_layers;
+    ep.n_heads = (uint32_t)c->n_heads;
+    ep.n_kv_heads = (uint32_t)c->n_kv_heads;
+    ep.head_dim = (uint32_t)c->head_dim;
+    ep.n_tokens = (uint32_t)n;
+    ep.model_fingerprint = mdl_model_fingerprint(m);
+    ep.seq_id = 1;
+    req_codec_t r = {.ep = &ep,
+                     .k16 = malloc(elems * sizeof(uint16_t)),
+                     .v16 = malloc(elems * sizeof(uint16_t))};
+    kvc_encoder_t *probe = NULL;
+    if (t == NULL || logits == NULL || r.k16 == NULL || r.v16 == NULL ||
+        kvc_policy_builtin("ferry", &pol) != FY_OK || kvc_encoder_create(&ep, &probe) != FY_OK) {
+        fprintf(stderr, "ferry-bench model: cannot set up the prefill request\n");
+        goto out;
+    }
+    r.cap = kvc_encoder_max_frame_bytes(probe);
+    kvc_encoder_destroy(probe);
+    if ((r.frame = malloc(r.cap)) == NULL)
+        goto out;
+    rand_tokens(t, n, c->n_vocab, &seed);
+    double secs[GPU_REPEATS];
+    mdl_prefill(ctx, t, n, NULL, logits); // warm-up
+    for (int rep = 0; rep < mode->repeats; rep++) {
+        double t0 = now_s();
+        mdl_prefill(ctx, t, n, NULL, logits);
+        secs[rep] = now_s() - t0;
+    }
+    qsort(secs, (size_t)mode->repeats, sizeof(double), cmp_double);
+    double plain = secs[mode->repeats / 2];
+    r.gpu_codec = false;
+    double host = median_request(mode, ctx, t, n, logits, &r);
+    uint64_t host_wire = r.wire_bytes;
+    r.gpu_codec = true;
+    double gpu = median_request(mode, ctx, t, n, logits, &r);
+    if (host < 0 || gpu < 0)
+        goto out;
+    uint64_t raw = (uint64_t)c->n_layers * 2 * elems * sizeof(uint16_t);
+    printf("prefill request, %d tokens, ferry b = %.3g: no codec %.2f ms, host codec %.2f ms, "
+           "GPU codec %.2f ms (%.2fx the host's); wire/raw %.4f (host %.4f)\n",
+           n, REQ_BUDGET, plain * 1e3, host * 1e3, gpu * 1e3, gpu / host,
+           (double)r.wire_bytes / (double)raw, (double)host_wire / (double)raw);
+    cJSON *j = cJSON_AddObjectToObject(out, "prefill_request");
+    cJSON_AddNumberToObject(j, "prefill_tokens", n);
+    cJSON_AddNumberToObject(j, "budget", REQ_BUDGET);
+    cJSON_AddNumberToObject(j, "plain_s", plain);
+    cJSON_AddNumberToObject(j, "host_codec_s", host);
+    cJSON_AddNumberToObject(j, "gpu_codec_s", gpu);
+    cJSON_AddNumberToObject(j, "wire_ratio", (double)r.wire_bytes / (double)raw);
+    cJSON_AddNumberToObject(j, "host_wire_ratio", (double)host_wire / (double)raw);
+out:
+    free(r.frame);
+    free(r.k16);
+    free(r.v16);
     free(t);
     free(logits);
 }
@@ -629,8 +798,10 @@ int bench_model_main(int argc, char **argv)
     cJSON_AddNumberToObject(out, "load_s", load_s);
     if (synthetic != NULL)
         cJSON_AddNumberToObject(out, "write_s", write_s);
-    if (mode.gpu && do_prefill)
+    if (mode.gpu && do_prefill) {
         bench_overlap(&mode, ctx, c, out);
+        bench_request(&mode, m, ctx, c, out);
+    }
     printf("%-22s %12s %12s %8s\n", "", "ferry", "torch", "ratio");
     cJSON_AddNumberToObject(out, "threads", used_threads);
     cJSON_AddNumberToObject(out, "decode_context", CONTEXT);
