@@ -447,6 +447,23 @@ static fy_status_t job_check(const pf_job_t *job)
     return FY_OK;
 }
 
+/* Grows the FP16 staging buffers to n elements. */
+static fy_status_t ensure_kv16(prefill_t *pf, size_t need)
+{
+    if (need <= pf->kv16_cap)
+        return FY_OK;
+    uint16_t *k = realloc(pf->k16, need * sizeof(uint16_t));
+    if (k == NULL)
+        return FY_ERR_NO_MEMORY;
+    pf->k16 = k;
+    uint16_t *v = realloc(pf->v16, need * sizeof(uint16_t));
+    if (v == NULL)
+        return FY_ERR_NO_MEMORY;
+    pf->v16 = v;
+    pf->kv16_cap = need;
+    return FY_OK;
+}
+
 static fy_status_t encode_layer(pf_run_t *r, const mdl_layer_kv_t *kv)
 {
     prefill_t *pf = r->pf;
@@ -466,8 +483,10 @@ static fy_status_t encode_layer(pf_run_t *r, const mdl_layer_kv_t *kv)
         in.v = kv->v16_dev;
         in.q_window = kv->n_window > 0 ? kv->q_window_dev : NULL;
     } else {
-        if (kv->k == NULL || n > pf->kv16_cap)
+        if (kv->k == NULL)
             return FY_ERR_INTERNAL;
+        if ((st = ensure_kv16(pf, n)) != FY_OK)
+            return st;
         fy_fp32_to_fp16_buf(pf->k16, kv->k, n);
         fy_fp32_to_fp16_buf(pf->v16, kv->v, n);
         in.k = pf->k16;
@@ -529,23 +548,6 @@ static fy_status_t on_layer(void *arg, const mdl_layer_kv_t *kv)
     return --r->batch->n_live == 0 ? st : FY_OK;
 }
 
-/* Grows the FP16 staging buffers to n elements. */
-static fy_status_t ensure_kv16(prefill_t *pf, size_t need)
-{
-    if (need <= pf->kv16_cap)
-        return FY_OK;
-    uint16_t *k = realloc(pf->k16, need * sizeof(uint16_t));
-    if (k == NULL)
-        return FY_ERR_NO_MEMORY;
-    pf->k16 = k;
-    uint16_t *v = realloc(pf->v16, need * sizeof(uint16_t));
-    if (v == NULL)
-        return FY_ERR_NO_MEMORY;
-    pf->v16 = v;
-    pf->kv16_cap = need;
-    return FY_OK;
-}
-
 /* Whether layers are encoded on the GPU (a CUDA model, unless host_codec). */
 static bool gpu_codec(const prefill_t *pf)
 {
@@ -567,8 +569,16 @@ static fy_status_t job_encoder(prefill_t *pf, pf_job_t *job, pf_run_t *r)
     ep.n_tokens = (uint32_t)job->n_tokens;
     ep.model_fingerprint = pf->params.fingerprint;
     ep.seq_id = job->reservation_id;
-    return gpu_codec(pf) ? kvc_encoder_cuda_create(&ep, &r->genc)
-                         : kvc_encoder_create(&ep, &r->enc);
+    if (gpu_codec(pf)) {
+        fy_status_t st = kvc_encoder_cuda_create(&ep, &r->genc);
+        if (st != FY_ERR_RESOURCE_EXHAUSTED)
+            return st;
+        // The GPU is full (other requests' encoders, the model's scratch): this request
+        // encodes on the host instead of failing.
+        FY_LOG_WARN(MODULE, "%s: no GPU memory for the codec, encoding on the host",
+                    job->request_id);
+    }
+    return kvc_encoder_create(&ep, &r->enc);
 }
 
 /* The first token from the job's logits with its sampling parameters. */
@@ -605,13 +615,9 @@ static void run_batch(prefill_t *pf, pf_job_t **jobs, int n)
             pf->logits_cap = n;
         }
     }
-    int max_tokens = 0, total = 0;
-    for (int i = 0; i < n; i++) {
-        max_tokens = FY_MAX(max_tokens, jobs[i]->n_tokens);
+    int total = 0;
+    for (int i = 0; i < n; i++)
         total += jobs[i]->n_tokens;
-    }
-    if (st == FY_OK && !gpu_codec(pf))
-        st = ensure_kv16(pf, (size_t)c->n_kv_heads * (size_t)max_tokens * (size_t)c->head_dim);
     // The jobs still worth computing (aborted or expired ones are left out).
     pf_batch_t batch = {.n_live = 0};
     int m = 0;
