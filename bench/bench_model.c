@@ -253,7 +253,7 @@ enum { REQ_TOKENS = 2048 };
 
 typedef struct {
     const kvc_encoder_params_t *ep;
-    bool gpu_codec;
+    enum { REQ_NO_CODEC, REQ_HOST_CODEC, REQ_GPU_CODEC } codec;
     kvc_encoder_t *enc;
     kvc_encoder_cuda_t *genc;
     uint16_t *k16, *v16; // host codec: the layer in FP16
@@ -291,21 +291,24 @@ static fy_status_t req_layer(void *arg, const mdl_layer_kv_t *kv)
 }
 
 /* One request: the encoder made for it, the prefill with every layer encoded, the encoder
- * freed; seconds, or < 0 on failure. */
+ * freed (REQ_NO_CODEC: the prefill alone); seconds, or < 0 on failure. */
 static double timed_request(mdl_ctx_t *ctx, const int32_t *t, int n, float *logits,
                             req_codec_t *r)
 {
     double t0 = now_s();
-    fy_status_t st = r->gpu_codec ? kvc_encoder_cuda_create(r->ep, &r->genc)
-                                  : kvc_encoder_create(r->ep, &r->enc);
-    if (st == FY_OK) {
+    fy_status_t st = r->codec == REQ_GPU_CODEC    ? kvc_encoder_cuda_create(r->ep, &r->genc)
+                     : r->codec == REQ_HOST_CODEC ? kvc_encoder_create(r->ep, &r->enc)
+                                                  : FY_OK;
+    if (st == FY_OK && r->codec == REQ_NO_CODEC) {
+        st = mdl_prefill(ctx, t, n, NULL, logits);
+    } else if (st == FY_OK) {
         r->wire_bytes = 0;
         mdl_prefill_params_t pp;
         mdl_prefill_params_default(&pp);
         pp.on_layer = req_layer;
         pp.cb_arg = r;
         pp.window = (int)r->ep->policy->window;
-        pp.device_kv = r->gpu_codec;
+        pp.device_kv = r->codec == REQ_GPU_CODEC;
         st = mdl_prefill(ctx, t, n, &pp, logits);
     }
     kvc_encoder_cuda_destroy(r->genc);
@@ -313,8 +316,9 @@ static double timed_request(mdl_ctx_t *ctx, const int32_t *t, int n, float *logi
     r->genc = NULL;
     r->enc = NULL;
     if (st != FY_OK) {
-        fprintf(stderr, "ferry-bench model: prefill request (%s codec): %s\n",
-                r->gpu_codec ? "GPU" : "host", fy_status_str(st));
+        static const char *const codec[] = {"no", "host", "GPU"};
+        fprintf(stderr, "ferry-bench model: prefill request (%s codec): %s\n", codec[r->codec],
+                fy_status_str(st));
         return -1;
     }
     return now_s() - t0;
@@ -370,21 +374,14 @@ static void bench_request(const bench_mode_t *mode, const mdl_model_t *m, mdl_ct
     if ((r.frame = malloc(r.cap)) == NULL)
         goto out;
     rand_tokens(t, n, c->n_vocab, &seed);
-    double secs[GPU_REPEATS];
-    mdl_prefill(ctx, t, n, NULL, logits); // warm-up
-    for (int rep = 0; rep < mode->repeats; rep++) {
-        double t0 = now_s();
-        mdl_prefill(ctx, t, n, NULL, logits);
-        secs[rep] = now_s() - t0;
-    }
-    qsort(secs, (size_t)mode->repeats, sizeof(double), cmp_double);
-    double plain = secs[mode->repeats / 2];
-    r.gpu_codec = false;
+    r.codec = REQ_NO_CODEC;
+    double plain = median_request(mode, ctx, t, n, logits, &r);
+    r.codec = REQ_HOST_CODEC;
     double host = median_request(mode, ctx, t, n, logits, &r);
     uint64_t host_wire = r.wire_bytes;
-    r.gpu_codec = true;
+    r.codec = REQ_GPU_CODEC;
     double gpu = median_request(mode, ctx, t, n, logits, &r);
-    if (host < 0 || gpu < 0)
+    if (plain < 0 || host < 0 || gpu < 0)
         goto out;
     uint64_t raw = (uint64_t)c->n_layers * 2 * elems * sizeof(uint16_t);
     printf("prefill request, %d tokens, ferry b = %.3g: no codec %.2f ms, host codec %.2f ms, "
