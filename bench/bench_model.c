@@ -383,19 +383,19 @@ static void bench_request(const bench_mode_t *mode, const mdl_model_t *m, mdl_ct
     double gpu = median_request(mode, ctx, t, n, logits, &r);
     if (plain < 0 || host < 0 || gpu < 0)
         goto out;
-    uint64_t raw = (uint64_t)c->n_layers * 2 * elems * sizeof(uint16_t);
+    double raw = (double)c->n_layers * 2 * (double)elems * sizeof(uint16_t);
+    double ratio = (double)r.wire_bytes / raw, host_ratio = (double)host_wire / raw;
     printf("prefill request, %d tokens, ferry b = %.3g: no codec %.2f ms, host codec %.2f ms, "
            "GPU codec %.2f ms (%.2fx the host's); wire/raw %.4f (host %.4f)\n",
-           n, REQ_BUDGET, plain * 1e3, host * 1e3, gpu * 1e3, gpu / host,
-           (double)r.wire_bytes / (double)raw, (double)host_wire / (double)raw);
+           n, REQ_BUDGET, plain * 1e3, host * 1e3, gpu * 1e3, gpu / host, ratio, host_ratio);
     cJSON *j = cJSON_AddObjectToObject(out, "prefill_request");
     cJSON_AddNumberToObject(j, "prefill_tokens", n);
     cJSON_AddNumberToObject(j, "budget", REQ_BUDGET);
     cJSON_AddNumberToObject(j, "plain_s", plain);
     cJSON_AddNumberToObject(j, "host_codec_s", host);
     cJSON_AddNumberToObject(j, "gpu_codec_s", gpu);
-    cJSON_AddNumberToObject(j, "wire_ratio", (double)r.wire_bytes / (double)raw);
-    cJSON_AddNumberToObject(j, "host_wire_ratio", (double)host_wire / (double)raw);
+    cJSON_AddNumberToObject(j, "wire_ratio", ratio);
+    cJSON_AddNumberToObject(j, "host_wire_ratio", host_ratio);
 out:
     free(r.frame);
     free(r.k16);
