@@ -52,6 +52,14 @@ fy_status_t kvc_score_cuda(const kvc_policy_t *policy, uint32_t n_heads, uint32_
                            uint32_t n_tokens, uint32_t head_dim, const kvc_layer_input_t *in_dev,
                            kvc_scores_t *out_dev, void *stream);
 
+/* kvc_score_cuda on host memory: in's k, v, q_window and window_attn (host pointers, as for
+ * kvc_score) go to the device, are scored there and the scores come back into out (from
+ * kvc_scores_init). The scores are exactly what a GPU encoder computes for the same layer, for
+ * references that must see them. Synchronous. Thread: any. */
+fy_status_t kvc_score_cuda_host(const kvc_policy_t *policy, uint32_t n_heads, uint32_t n_kv_heads,
+                                uint32_t n_tokens, uint32_t head_dim, const kvc_layer_input_t *in,
+                                kvc_scores_t *out);
+
 /* ------------------------------------------------------------------------------------------ */
 /* Encoder                                                                                     */
 /* ------------------------------------------------------------------------------------------ */

@@ -22,6 +22,12 @@ fy_status_t kvc_score_cuda(const kvc_policy_t *policy, uint32_t n_heads, uint32_
 {
     return FY_ERR_NO_DEVICE;
 }
+fy_status_t kvc_score_cuda_host(const kvc_policy_t *policy, uint32_t n_heads, uint32_t n_kv_heads,
+                                uint32_t n_tokens, uint32_t head_dim, const kvc_layer_input_t *in,
+                                kvc_scores_t *out)
+{
+    return FY_ERR_NO_DEVICE;
+}
 
 fy_status_t kvc_encoder_cuda_create(const kvc_encoder_params_t *params,
                                     kvc_encoder_cuda_t **enc_p)

@@ -2,13 +2,21 @@
  * score.cu: token importance on the GPU, twin of score.c (kvc_score).
  *
  * Kernels, in order:
- * 1. (window queries only) row_stats_kernel: a block per (query head, window row) finds the
- *    row's maximum logit and 1 / (W * sum of exp); attn_kernel: a thread per (query head,
- *    token) sums the softmax probabilities over the window rows in row order (and, for the RMS
- *    or max importance, their root mean square or maximum); qsq_kernel: the
- *    mean squared query per channel of each GQA group. The logits are the CPU's (kvc_dot's eight
- *    partial sums); expf and the softmax sums are the GPU's, so these agree with the CPU to
- *    fp32 rounding, not bit for bit.
+ * 1. (window queries only) the window's softmax over the tokens, in one of two ways:
+ *    - mma (the default for head_dim <= 128): tensor-core logits, each query split into an FP16
+ *      high and low part (two MMAs against the FP16 keys, FP32 accumulation: the logits differ
+ *      from the CPU's by FP32 rounding, about 1e-6 of the sum of |q_c k_c|). A block per (kv head, 64 tokens) stages its keys once
+ *      for the whole GQA group. score_stats_mma_kernel writes each row's max and sum of exp
+ *      over the block's tokens, stats_combine_kernel merges them into the row's max and
+ *      1 / (W * sum), and score_attn_mma_kernel computes the logits again and sums each
+ *      token's probabilities over the rows (and, for the RMS or max importance, their root
+ *      mean square or maximum).
+ *    - simt (FERRY_SCORE_IMPL=simt, or a wider head): row_stats_kernel, a block per (query
+ *      head, window row), and attn_kernel, a thread per (query head, token), with the CPU's
+ *      logits (kvc_dot's eight partial sums), each logit computed three times.
+ *    Either way expf and the softmax sums are the GPU's, so the scores agree with the CPU to
+ *    fp32 rounding, not bit for bit. qsq_kernel: the mean squared query per channel of each
+ *    GQA group.
  * 2. group_kernel: a thread per (kv head, token) reduces its GQA group (mean, or max) in head
  *    order, and keeps the group mean pbar for the window output;
  * 3. obar_tile_kernel: a block per (kv head, 32 channels) sums pbar_t v_t over the tokens in
@@ -18,7 +26,10 @@
  * From window_attn (the attention kernel's output) steps 2-5 repeat the CPU's arithmetic in
  * its order, so the scores are bit-identical to kvc_score.
  */
+#include <cuda_fp16.h>
 #include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "kvcodec_cuda.h"
@@ -72,6 +83,7 @@ typedef struct {
     const float *wa; // [n_heads][n] window_attn, or NULL
     uint32_t n_heads, n_kv, grp, n, d, W, qs;
     float scale;
+    int vec; // k, hs and ts allow 16-byte loads of 8 channels (the mma kernels' staging)
 } score_args_t;
 
 /* scale * q . k_t with kvc_dot's eight partial sums (k from FP16). */
@@ -154,6 +166,306 @@ __global__ void attn_kernel(score_args_t a, const float2 *stats, int imp, float 
     }
 }
 
+/* ---- Tensor-core window softmax (the mma path) ------------------------------------------- */
+
+#define SC_TT 64   // tokens per block
+#define SC_WARPS 8 // warps per block; warp w takes the m-tiles (16 window rows) w, w + 8, ...
+
+static __device__ __forceinline__ void sc_mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                              uint32_t b1)
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
+                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* Two floats as an FP16 pair, x in the low half. */
+static __device__ __forceinline__ uint32_t sc_pack(float x, float y)
+{
+    const __half2 h = __floats2half2_rn(x, y);
+    return *reinterpret_cast<const uint32_t *>(&h);
+}
+
+/* Words (FP16 channel pairs) per staged key row: KS * 16 channels, 4 words of padding, so the
+ * 8 tokens x 4 channel pairs of one B fragment load fall in 32 different banks. */
+template <int KS> struct sc_tile {
+    static constexpr uint32_t RW = KS * 8 + 4;
+};
+
+/* Keys of tokens [t0, t0 + SC_TT) of kv head g into ks, channels past d and tokens past n 0. */
+template <int KS>
+static __device__ void sc_stage_keys(const score_args_t &a, uint32_t g, uint32_t t0, uint32_t *ks)
+{
+    constexpr uint32_t RW = sc_tile<KS>::RW, C8 = KS * 2; // 8-channel chunks per row
+    const uint16_t *kh = a.k + (size_t)g * a.hs;
+    for (uint32_t i = threadIdx.x; i < SC_TT * C8; i += blockDim.x) {
+        const uint32_t tt = i / C8, c = 8 * (i % C8), t = t0 + tt;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (t < a.n && c < a.d) { // d % 8 == 0: the whole chunk is in the row
+            const uint16_t *p = kh + (size_t)t * a.ts + c;
+            if (a.vec) {
+                v = *reinterpret_cast<const uint4 *>(p);
+            } else {
+                v.x = (uint32_t)p[0] | (uint32_t)p[1] << 16;
+                v.y = (uint32_t)p[2] | (uint32_t)p[3] << 16;
+                v.z = (uint32_t)p[4] | (uint32_t)p[5] << 16;
+                v.w = (uint32_t)p[6] | (uint32_t)p[7] << 16;
+            }
+        }
+        *reinterpret_cast<uint4 *>(ks + tt * RW + c / 2) = v;
+    }
+}
+
+/* The A fragments of window rows [w0, w0 + 16) of query head h, times the logit scale, split
+ * into FP16 high and low parts (x = hi + lo to about 2^-22 of x); rows past W and channels
+ * past d are 0. Lane (gq, tq) holds rows w0 + gq and w0 + gq + 8, channels 2 tq, 2 tq + 1 and
+ * 8 more of each k step. */
+template <int KS>
+static __device__ void sc_load_a(const score_args_t &a, uint32_t h, uint32_t w0, uint32_t gq,
+                                 uint32_t tq, uint32_t (&hi)[KS][4], uint32_t (&lo)[KS][4])
+{
+#pragma unroll
+    for (int s = 0; s < KS; s++) {
+#pragma unroll
+        for (int f = 0; f < 4; f++) {
+            const uint32_t w = w0 + gq + 8 * (f & 1), c = 16 * s + 2 * tq + 8 * (f >> 1);
+            float x0 = 0.0f, x1 = 0.0f;
+            if (w < a.W && c < a.d) {
+                const float *q = a.q + ((size_t)h * a.qs + w) * a.d + c;
+                x0 = q[0] * a.scale;
+                x1 = q[1] * a.scale;
+            }
+            const float h0 = __half2float(__float2half_rn(x0));
+            const float h1 = __half2float(__float2half_rn(x1));
+            hi[s][f] = sc_pack(h0, h1);
+            lo[s][f] = sc_pack(x0 - h0, x1 - h1);
+        }
+    }
+}
+
+/* Logits of one m-tile's 16 rows against the 8 staged tokens of n-tile j: c[0], c[1] row gq,
+ * tokens 2 tq, 2 tq + 1; c[2], c[3] row gq + 8. Each k step (16 channels, high and low part)
+ * is its own MMA chain from zero and the steps are added in FP32 with round-to-nearest: the
+ * tensor core's accumulation (which may truncate) then sees only 16 channels' sums, and the
+ * steps are independent of one another. */
+template <int KS>
+static __device__ __forceinline__ void sc_logits(const uint32_t *ks, uint32_t j, uint32_t gq,
+                                                 uint32_t tq, const uint32_t (&hi)[KS][4],
+                                                 const uint32_t (&lo)[KS][4], float (&c)[4])
+{
+    constexpr uint32_t RW = sc_tile<KS>::RW;
+    const uint32_t *row = ks + (8 * j + gq) * RW + tq;
+    c[0] = c[1] = c[2] = c[3] = 0.0f;
+#pragma unroll
+    for (int s = 0; s < KS; s++) {
+        const uint32_t b0 = row[8 * s], b1 = row[8 * s + 4];
+        float t[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        sc_mma(t, lo[s], b0, b1);
+        sc_mma(t, hi[s], b0, b1);
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            c[i] += t[i];
+    }
+}
+
+/* (m, z) of a row merged with (m2, z2): the larger max, the sums rescaled to it. */
+static __device__ __forceinline__ void sc_merge(float &m, float &z, float m2, float z2)
+{
+    const float M = fmaxf(m, m2);
+    if (M == -INFINITY)
+        return;
+    z = (m == -INFINITY ? 0.0f : z * __expf(m - M)) + (m2 == -INFINITY ? 0.0f : z2 * __expf(m2 - M));
+    m = M;
+}
+
+/* Whether window row w sees token t: the row is in the window and the token is in the prompt
+ * at or before the row's position n - W + w. */
+static __device__ __forceinline__ bool sc_sees(const score_args_t &a, uint32_t w, uint32_t t)
+{
+    return w < a.W && t < a.n && t <= a.n - a.W + w;
+}
+
+/* Pass 1, a block per (64 tokens, kv head): for every query head of the group and window row,
+ * the max logit over the block's tokens the row sees and the sum of exp(s - max) into
+ * part[(h * W + w) * n_tiles + tile] (-inf and 0 when it sees none). */
+template <int KS>
+__global__ void __launch_bounds__(SC_WARPS * 32)
+    score_stats_mma_kernel(score_args_t a, float2 *part, uint32_t n_tiles)
+{
+    __shared__ __align__(16) uint32_t ks[SC_TT * sc_tile<KS>::RW];
+    const uint32_t tile = blockIdx.x, g = blockIdx.y, t0 = tile * SC_TT;
+    const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane >> 2, tq = lane & 3;
+    sc_stage_keys<KS>(a, g, t0, ks);
+    __syncthreads();
+    const uint32_t MT = (a.W + 15) / 16;
+    for (uint32_t hh = 0; hh < a.grp; hh++) {
+        const uint32_t h = g * a.grp + hh;
+        for (uint32_t mt = warp; mt < MT; mt += SC_WARPS) {
+            uint32_t hi[KS][4], lo[KS][4];
+            sc_load_a<KS>(a, h, 16 * mt, gq, tq, hi, lo);
+            float m[2] = {-INFINITY, -INFINITY}, z[2] = {0.0f, 0.0f};
+#pragma unroll
+            for (uint32_t j = 0; j < SC_TT / 8; j++) {
+                if (t0 + 8 * j >= a.n) // warp-uniform
+                    continue;
+                float c[4];
+                sc_logits<KS>(ks, j, gq, tq, hi, lo, c);
+#pragma unroll
+                for (int r = 0; r < 2; r++) {
+                    const uint32_t w = 16 * mt + gq + 8 * r, t = t0 + 8 * j + 2 * tq;
+                    const float v0 = sc_sees(a, w, t) ? c[2 * r] : -INFINITY;
+                    const float v1 = sc_sees(a, w, t + 1) ? c[2 * r + 1] : -INFINITY;
+                    const float mx = fmaxf(m[r], fmaxf(v0, v1));
+                    if (mx == -INFINITY)
+                        continue;
+                    float zz = m[r] == -INFINITY ? 0.0f : z[r] * __expf(m[r] - mx);
+                    zz += (v0 == -INFINITY ? 0.0f : expf(v0 - mx)) +
+                          (v1 == -INFINITY ? 0.0f : expf(v1 - mx));
+                    m[r] = mx;
+                    z[r] = zz;
+                }
+            }
+            // The 4 lanes of a row hold its tokens between them.
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+#pragma unroll
+                for (int off = 1; off < 4; off <<= 1) {
+                    const float m2 = __shfl_xor_sync(0xffffffffu, m[r], off);
+                    const float z2 = __shfl_xor_sync(0xffffffffu, z[r], off);
+                    sc_merge(m[r], z[r], m2, z2);
+                }
+                const uint32_t w = 16 * mt + gq + 8 * r;
+                if (tq == 0 && w < a.W)
+                    part[((size_t)h * a.W + w) * n_tiles + tile] = make_float2(m[r], z[r]);
+            }
+        }
+    }
+}
+
+/* A warp per window row (rows = n_heads * W): the blocks' partial (max, sum) merged into the
+ * row's max and 1 / (W * sum), as row_stats_kernel leaves them. */
+__global__ void stats_combine_kernel(const float2 *part, size_t rows, uint32_t n_tiles, uint32_t W,
+                                     float2 *stats)
+{
+    const uint32_t lane = threadIdx.x % 32;
+    const size_t warps = (size_t)gridDim.x * (blockDim.x / 32);
+    for (size_t row = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; row < rows;
+         row += warps) {
+        float m = -INFINITY, z = 0.0f;
+        for (uint32_t i = lane; i < n_tiles; i += 32) {
+            const float2 p = part[row * n_tiles + i];
+            sc_merge(m, z, p.x, p.y);
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) {
+            const float m2 = __shfl_xor_sync(0xffffffffu, m, off);
+            const float z2 = __shfl_xor_sync(0xffffffffu, z, off);
+            sc_merge(m, z, m2, z2);
+        }
+        if (lane == 0) // every row sees token 0, so z >= 1
+            stats[row] = make_float2(m, 1.0f / (z * (float)W));
+    }
+}
+
+/* Pass 2, a block per (64 tokens, kv head): the logits again, and for every query head of the
+ * group and token the sum over the window rows of p = exp(s - max) / (W * sum) into ah (and,
+ * for the RMS or max importance, the root mean square or maximum of W p into ah2), as
+ * attn_kernel. */
+template <int KS>
+__global__ void __launch_bounds__(SC_WARPS * 32)
+    score_attn_mma_kernel(score_args_t a, const float2 *stats, int imp, float *ah, float *ah2)
+{
+    __shared__ __align__(16) uint32_t ks[SC_TT * sc_tile<KS>::RW];
+    __shared__ float red[2][SC_WARPS][SC_TT];
+    const uint32_t tile = blockIdx.x, g = blockIdx.y, t0 = tile * SC_TT;
+    const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane >> 2, tq = lane & 3;
+    sc_stage_keys<KS>(a, g, t0, ks);
+    __syncthreads();
+    const uint32_t MT = (a.W + 15) / 16;
+    const float fw = (float)a.W;
+    for (uint32_t hh = 0; hh < a.grp; hh++) {
+        const uint32_t h = g * a.grp + hh;
+        float acc[SC_TT / 8][2], acc2[SC_TT / 8][2];
+#pragma unroll
+        for (int j = 0; j < SC_TT / 8; j++)
+            acc[j][0] = acc[j][1] = acc2[j][0] = acc2[j][1] = 0.0f;
+        for (uint32_t mt = warp; mt < MT; mt += SC_WARPS) {
+            uint32_t hi[KS][4], lo[KS][4];
+            sc_load_a<KS>(a, h, 16 * mt, gq, tq, hi, lo);
+            float2 st[2];
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const uint32_t w = 16 * mt + gq + 8 * r;
+                st[r] = w < a.W ? stats[(size_t)h * a.W + w] : make_float2(0.0f, 0.0f);
+            }
+#pragma unroll
+            for (uint32_t j = 0; j < SC_TT / 8; j++) {
+                if (t0 + 8 * j >= a.n) // warp-uniform
+                    continue;
+                float c[4];
+                sc_logits<KS>(ks, j, gq, tq, hi, lo, c);
+#pragma unroll
+                for (int r = 0; r < 2; r++) {
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        const uint32_t w = 16 * mt + gq + 8 * r, t = t0 + 8 * j + 2 * tq + e;
+                        if (!sc_sees(a, w, t))
+                            continue;
+                        const float p = kmul(expf(c[2 * r + e] - st[r].x), st[r].y);
+                        acc[j][e] = kadd(acc[j][e], p);
+                        if (imp == KVC_IMP_RMS) {
+                            const float pr = kmul(p, fw);
+                            acc2[j][e] = kadd(acc2[j][e], kdiv(kmul(pr, pr), fw));
+                        } else if (imp == KVC_IMP_MAX) {
+                            acc2[j][e] = fmaxf(acc2[j][e], kmul(p, fw));
+                        }
+                    }
+                }
+            }
+        }
+        // Rows: the 8 row lanes of the warp, then the warps.
+#pragma unroll
+        for (int j = 0; j < SC_TT / 8; j++) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+#pragma unroll
+                for (int off = 4; off < 32; off <<= 1) {
+                    acc[j][e] += __shfl_xor_sync(0xffffffffu, acc[j][e], off);
+                    const float o2 = __shfl_xor_sync(0xffffffffu, acc2[j][e], off);
+                    acc2[j][e] = imp == KVC_IMP_MAX ? fmaxf(acc2[j][e], o2) : acc2[j][e] + o2;
+                }
+                if (gq == 0) {
+                    red[0][warp][8 * j + 2 * tq + e] = acc[j][e];
+                    red[1][warp][8 * j + 2 * tq + e] = acc2[j][e];
+                }
+            }
+        }
+        __syncthreads();
+        const uint32_t t = t0 + threadIdx.x;
+        if (threadIdx.x < SC_TT && t < a.n) {
+            float s = 0.0f, s2 = 0.0f;
+#pragma unroll
+            for (int w = 0; w < SC_WARPS; w++) {
+                s += red[0][w][threadIdx.x];
+                s2 = imp == KVC_IMP_MAX ? fmaxf(s2, red[1][w][threadIdx.x]) : s2 + red[1][w][threadIdx.x];
+            }
+            ah[(size_t)h * a.n + t] = s;
+            if (imp != KVC_IMP_MEAN)
+                ah2[(size_t)h * a.n + t] = imp == KVC_IMP_RMS ? sqrtf(s2) : s2;
+        }
+        __syncthreads(); // red is written again for the next head
+    }
+}
+
+/* Which window-softmax kernels run: "mma" where the head fits its fragments (head_dim <= 128),
+ * unless FERRY_SCORE_IMPL=simt. */
+static bool score_use_mma(uint32_t d)
+{
+    const char *e = getenv("FERRY_SCORE_IMPL");
+    return d <= 128 && !(e != NULL && strcmp(e, "simt") == 0);
+}
+
 /* A thread per (kv head, channel): mean squared query, scaled as the logit sensitivity. */
 __global__ void qsq_kernel(score_args_t a, float *qsq)
 {
@@ -214,13 +526,17 @@ __global__ void group_kernel(score_args_t a, const float *ah, const float *ah2, 
     }
 }
 
-#define OBAR_T 128 // tokens per tile of obar_tile_kernel
+#define OBAR_T 128        // tokens per tile of obar_tile_kernel
+#define OBAR_THREADS 256  // its block: the chain warp and 7 loader warps
+#define OBAR_LOADERS (OBAR_THREADS - 32)
+#define OBAR_PER ((OBAR_T * 32 + OBAR_LOADERS - 1) / OBAR_LOADERS) // loads per loader and tile
 
 /* obar_c = sum_t pbar_t v_tc, tokens in order, with the memory traffic off the chain: a block per
  * (kv head, 32 channels); warps 1.. load tiles of OBAR_T tokens and form the products pbar_t v_tc
  * into shared memory (double-buffered) while warp 0 adds them, a lane per channel, tokens in order:
- * the same products and the same serial sums as score.c. */
-__global__ void __launch_bounds__(256)
+ * the same products and the same serial sums as score.c. A loader issues all its loads of a tile
+ * before it stores any, so a tile costs one memory latency, not one per load. */
+__global__ void __launch_bounds__(OBAR_THREADS)
     obar_tile_kernel(score_args_t a, const float *pbar, float *obar)
 {
     __shared__ float tile[2][OBAR_T][33];
@@ -229,22 +545,34 @@ __global__ void __launch_bounds__(256)
     const float *pb = pbar + (size_t)g * a.n;
     const uint16_t *vh = a.v + (size_t)g * a.hs;
     uint32_t tiles = (a.n + OBAR_T - 1) / OBAR_T;
-    uint32_t lane = threadIdx.x % 32, loaders = blockDim.x - 32;
+    uint32_t lane = threadIdx.x % 32;
     bool chain = threadIdx.x < 32;
     float s = 0;
     for (uint32_t k = 0; k <= tiles; k++) {
         // Loaders fill tile k while the chain adds tile k - 1.
         if (!chain && k < tiles) {
             float(*tl)[33] = tile[k % 2];
-            for (uint32_t i = threadIdx.x - 32; i < OBAR_T * 32; i += loaders) {
+            float pv[OBAR_PER];
+            uint16_t vv[OBAR_PER];
+#pragma unroll
+            for (int u = 0; u < OBAR_PER; u++) {
+                uint32_t i = threadIdx.x - 32 + u * OBAR_LOADERS;
                 uint32_t tt = i / 32, cc = i % 32, t = k * OBAR_T + tt, c = c0 + cc;
-                tl[tt][cc] =
-                    t < a.n && c < a.d ? kmul(pb[t], fy_dev_h2f(vh[(size_t)t * a.ts + c])) : 0.0f;
+                bool in = i < OBAR_T * 32 && t < a.n && c < a.d;
+                pv[u] = in ? pb[t] : 0.0f;
+                vv[u] = in ? vh[(size_t)t * a.ts + c] : (uint16_t)0;
+            }
+#pragma unroll
+            for (int u = 0; u < OBAR_PER; u++) {
+                uint32_t i = threadIdx.x - 32 + u * OBAR_LOADERS;
+                if (i < OBAR_T * 32)
+                    tl[i / 32][i % 32] = kmul(pv[u], fy_dev_h2f(vv[u]));
             }
         }
         if (chain && k > 0) {
             float(*tl)[33] = tile[(k - 1) % 2];
             uint32_t m = min((uint32_t)OBAR_T, a.n - (k - 1) * OBAR_T);
+#pragma unroll 16
             for (uint32_t tt = 0; tt < m; tt++)
                 s = kadd(s, tl[tt][lane]);
         }
@@ -336,10 +664,11 @@ extern "C" fy_status_t kvc_score_cuda(const kvc_policy_t *policy, uint32_t n_hea
         }
     }
     a.scale = 1.0f / sqrtf((float)d);
+    a.vec = (uintptr_t)in->k % 16 == 0 && a.hs % 8 == 0 && a.ts % 8 == 0;
     size_t items = (size_t)n_kv * n;
     float *pbar = NULL, *acc = NULL, *ah = NULL, *ah2 = NULL;
     const int imp = have_q ? (int)policy->importance : KVC_IMP_MEAN; // score.c: needs queries
-    float2 *stats = NULL;
+    float2 *stats = NULL, *part = NULL;
     fy_status_t st = FY_OK;
     bool pools = kvc_cuda_pools();
     KVC_CUDA_GOTO(kvc_cuda_scratch_alloc((void **)&pbar, items * sizeof(float), cs, pools), st,
@@ -352,21 +681,45 @@ extern "C" fy_status_t kvc_score_cuda(const kvc_policy_t *policy, uint32_t n_hea
         KVC_CUDA_GOTO(kvc_cuda_scratch_alloc((void **)&stats,
                                              (size_t)n_heads * a.W * sizeof(float2), cs, pools),
                       st, out);
-        row_stats_kernel<<<kvc_grid((size_t)n_heads * a.W, 1), ROW_THREADS, 0, cs>>>(a, stats);
-        KVC_LAUNCH_GOTO(st, out);
         if (imp != KVC_IMP_MEAN)
             KVC_CUDA_GOTO(kvc_cuda_scratch_alloc((void **)&ah2, (size_t)n_heads * n * sizeof(float),
                                                  cs, pools),
                           st, out);
-        attn_kernel<<<kvc_grid((size_t)n_heads * n, 256), 256, 0, cs>>>(a, stats, imp, ah, ah2);
-        KVC_LAUNCH_GOTO(st, out);
+        if (score_use_mma(d)) {
+            uint32_t n_tiles = (n + SC_TT - 1) / SC_TT;
+            size_t rows = (size_t)n_heads * a.W;
+            KVC_CUDA_GOTO(
+                kvc_cuda_scratch_alloc((void **)&part, rows * n_tiles * sizeof(float2), cs, pools),
+                st, out);
+            dim3 grid(n_tiles, n_kv);
+            if (d <= 64)
+                score_stats_mma_kernel<4><<<grid, SC_WARPS * 32, 0, cs>>>(a, part, n_tiles);
+            else
+                score_stats_mma_kernel<8><<<grid, SC_WARPS * 32, 0, cs>>>(a, part, n_tiles);
+            KVC_LAUNCH_GOTO(st, out);
+            stats_combine_kernel<<<kvc_grid(rows, 8), 256, 0, cs>>>(part, rows, n_tiles, a.W,
+                                                                    stats);
+            KVC_LAUNCH_GOTO(st, out);
+            if (d <= 64)
+                score_attn_mma_kernel<4><<<grid, SC_WARPS * 32, 0, cs>>>(a, stats, imp, ah, ah2);
+            else
+                score_attn_mma_kernel<8><<<grid, SC_WARPS * 32, 0, cs>>>(a, stats, imp, ah, ah2);
+            KVC_LAUNCH_GOTO(st, out);
+        } else {
+            row_stats_kernel<<<kvc_grid((size_t)n_heads * a.W, 1), ROW_THREADS, 0, cs>>>(a,
+                                                                                       stats);
+            KVC_LAUNCH_GOTO(st, out);
+            attn_kernel<<<kvc_grid((size_t)n_heads * n, 256), 256, 0, cs>>>(a, stats, imp, ah,
+                                                                            ah2);
+            KVC_LAUNCH_GOTO(st, out);
+        }
     }
     qsq_kernel<<<kvc_grid((size_t)n_kv * d, 128), 128, 0, cs>>>(a, out->qsq);
     KVC_LAUNCH_GOTO(st, out);
     group_kernel<<<kvc_grid(items, 256), 256, 0, cs>>>(a, ah, ah2, have_q,
                                                        policy->reduce == KVC_REDUCE_MAX, pbar, acc);
     KVC_LAUNCH_GOTO(st, out);
-    obar_tile_kernel<<<n_kv *((d + 31) / 32), 256, 0, cs>>>(a, pbar, out->obar);
+    obar_tile_kernel<<<n_kv *((d + 31) / 32), OBAR_THREADS, 0, cs>>>(a, pbar, out->obar);
     KVC_LAUNCH_GOTO(st, out);
     static_kernel<<<kvc_grid(n_kv, 64), 64, 0, cs>>>(
         a, pbar, policy->hybrid_threshold > 0 && (have_q || in->window_attn != NULL), policy->sinks,
@@ -375,13 +728,78 @@ extern "C" fy_status_t kvc_score_cuda(const kvc_policy_t *policy, uint32_t n_hea
     pool_kernel<<<kvc_grid(items, 256), 256, 0, cs>>>(a, acc, policy->pool_kernel, out->importance);
     KVC_LAUNCH_GOTO(st, out);
 out: // scratch goes back to the stream's pool once the kernels are done
-    void *scratch[5] = {pbar, acc, ah, ah2, stats};
-    for (int i = 0; i < 5; i++) {
+    void *scratch[6] = {pbar, acc, ah, ah2, stats, part};
+    for (int i = 0; i < 6; i++) {
         if (scratch[i] == NULL)
             continue;
         cudaError_t e = kvc_cuda_scratch_free(scratch[i], cs, pools);
         if (e != cudaSuccess && st == FY_OK)
             st = kvc_cuda_status(e);
     }
+    return st;
+}
+
+/* Bytes of a strided [n_kv][n][d] FP16 tensor, from its first element to past its last. */
+static size_t span_bytes(uint32_t n_kv, uint32_t n, uint32_t d, size_t hs, size_t ts)
+{
+    return ((size_t)(n_kv - 1) * hs + (size_t)(n - 1) * ts + d) * sizeof(uint16_t);
+}
+
+extern "C" fy_status_t kvc_score_cuda_host(const kvc_policy_t *policy, uint32_t n_heads,
+                                           uint32_t n_kv, uint32_t n, uint32_t d,
+                                           const kvc_layer_input_t *in, kvc_scores_t *out)
+{
+    if (!policy || !in || !out || n_kv == 0 || n_heads == 0 || n == 0 || d == 0 || !in->k ||
+        !in->v || out->n_kv_heads != n_kv || out->n_tokens != n || out->head_dim != d)
+        return FY_ERR_INVALID_ARG;
+    bool have_q = in->q_window != NULL && in->n_window > 0;
+    size_t kv_bytes = span_bytes(n_kv, n, d, in->head_stride, in->token_stride);
+    size_t q_bytes = have_q ? (size_t)n_heads * in->n_window * d * sizeof(float) : 0;
+    size_t wa_bytes = !have_q && in->window_attn ? (size_t)n_heads * n * sizeof(float) : 0;
+    size_t nt = (size_t)n_kv * n, nd = (size_t)n_kv * d;
+    uint16_t *dk = NULL, *dv = NULL;
+    float *dq = NULL, *dwa = NULL;
+    kvc_scores_t dsc;
+    memset(&dsc, 0, sizeof(dsc));
+    fy_status_t st = FY_OK;
+    KVC_CUDA_GOTO(cudaMalloc((void **)&dk, kv_bytes), st, out);
+    KVC_CUDA_GOTO(cudaMalloc((void **)&dv, kv_bytes), st, out);
+    KVC_CUDA_GOTO(cudaMemcpy(dk, in->k, kv_bytes, cudaMemcpyHostToDevice), st, out);
+    KVC_CUDA_GOTO(cudaMemcpy(dv, in->v, kv_bytes, cudaMemcpyHostToDevice), st, out);
+    if (q_bytes > 0) {
+        KVC_CUDA_GOTO(cudaMalloc((void **)&dq, q_bytes), st, out);
+        KVC_CUDA_GOTO(cudaMemcpy(dq, in->q_window, q_bytes, cudaMemcpyHostToDevice), st, out);
+    }
+    if (wa_bytes > 0) {
+        KVC_CUDA_GOTO(cudaMalloc((void **)&dwa, wa_bytes), st, out);
+        KVC_CUDA_GOTO(cudaMemcpy(dwa, in->window_attn, wa_bytes, cudaMemcpyHostToDevice), st,
+                      out);
+    }
+    if ((st = kvc_scores_init_cuda(&dsc, n_kv, n, d)) != FY_OK)
+        goto out;
+    {
+        kvc_layer_input_t din = *in;
+        din.k = dk;
+        din.v = dv;
+        din.q_window = dq;
+        din.window_attn = dwa;
+        if ((st = kvc_score_cuda(policy, n_heads, n_kv, n, d, &din, &dsc, NULL)) != FY_OK)
+            goto out;
+    }
+    KVC_CUDA_GOTO(cudaMemcpy(out->importance, dsc.importance, nt * sizeof(float),
+                             cudaMemcpyDeviceToHost),
+                  st, out);
+    KVC_CUDA_GOTO(cudaMemcpy(out->obar, dsc.obar, nd * sizeof(float), cudaMemcpyDeviceToHost), st,
+                  out);
+    KVC_CUDA_GOTO(cudaMemcpy(out->qsq, dsc.qsq, nd * sizeof(float), cudaMemcpyDeviceToHost), st,
+                  out);
+    KVC_CUDA_GOTO(cudaMemcpy(out->is_static, dsc.is_static, n_kv, cudaMemcpyDeviceToHost), st,
+                  out);
+out:
+    kvc_scores_cleanup_cuda(&dsc);
+    cudaFree(dk);
+    cudaFree(dv);
+    cudaFree(dq);
+    cudaFree(dwa);
     return st;
 }

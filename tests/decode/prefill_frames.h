@@ -1,7 +1,9 @@
 /*
  * prefill_frames.h: what a prefill worker does, for tests on the decode side: run a prompt
  * through the real model and encode every layer's K/V into kvcodec wire frames, with one or
- * more policies at once (one kvc_encoder_t each).
+ * more policies at once (one kvc_encoder_t each). A stream with gpu_scores set encodes with the
+ * scores the GPU computes for each layer (kvc_score_cuda_host), so its frames are what a GPU
+ * encoder makes of the same layers.
  */
 #ifndef FERRY_TESTS_DECODE_PREFILL_FRAMES_H
 #define FERRY_TESTS_DECODE_PREFILL_FRAMES_H
@@ -10,12 +12,14 @@
 #include <string.h>
 
 #include "kvcodec.h"
+#include "kvcodec_cuda.h"
 #include "model.h"
 
 /* The frames of one prompt under one policy. */
 typedef struct {
     kvc_policy_t policy;
     double budget;      // < 0: the policy's
+    bool gpu_scores;    // score each layer on the GPU (else the encoder scores on the CPU)
     int n_layers;
     uint8_t **frames;   // [n_layers] malloc'd frame bytes
     size_t *lens;       // [n_layers]
@@ -50,7 +54,20 @@ static inline fy_status_t pf_on_layer(void *arg, const mdl_layer_kv_t *kv)
         if (buf == NULL)
             return FY_ERR_NO_MEMORY;
         kvc_layer_info_t info;
-        fy_status_t st = kvc_encoder_encode_layer(s->enc, &in, NULL, buf, cap, &len, &info);
+        kvc_scores_t sc = {0};
+        fy_status_t st = FY_OK;
+        if (s->gpu_scores) {
+            st = kvc_scores_init(&sc, (uint32_t)kv->n_kv_heads, (uint32_t)kv->n_tokens,
+                                 (uint32_t)kv->head_dim);
+            if (st == FY_OK)
+                st = kvc_score_cuda_host(&s->policy, (uint32_t)kv->n_heads,
+                                         (uint32_t)kv->n_kv_heads, (uint32_t)kv->n_tokens,
+                                         (uint32_t)kv->head_dim, &in, &sc);
+        }
+        if (st == FY_OK)
+            st = kvc_encoder_encode_layer(s->enc, &in, s->gpu_scores ? &sc : NULL, buf, cap, &len,
+                                          &info);
+        kvc_scores_cleanup(&sc);
         if (st != FY_OK) {
             free(buf);
             return st;

@@ -5,7 +5,11 @@
 // to 1e-4 relative (plus 1e-6 of the largest value, for sums that cancel) and the query
 // sensitivity exactly.
 // Each with the mean, RMS and max importance over the window. Odd token counts, GQA groups of
-// 1 to 4, head_dim 64 and 128. Exits 77 without a GPU.
+// 1 to 4, head_dim 40, 64, 128 and 256, windows that are not a multiple of 16 rows, keys too
+// misaligned for 16-byte loads. From the window queries both window-softmax kernels run: the
+// tensor-core one (the default up to head_dim 128) and FERRY_SCORE_IMPL=simt. A real-size case
+// checks the scores against a copy of the CPU's that kvc_score_cuda_host brings back.
+// Exits 77 without a GPU.
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -13,6 +17,7 @@
 
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 
 #include "kvcodec_cuda.h"
 #include "kvtest.h"
@@ -69,9 +74,12 @@ static void run_case(const scase_t *c, uint64_t seed, kvc_importance_t imp)
     size_t ne = (size_t)c->n_kv * c->n * c->d;
     size_t nq = (size_t)c->n_heads * L.W * c->d;
     size_t nw = (size_t)c->n_heads * c->n;
-    uint16_t *dk, *dv;
+    uint16_t *dk0, *dk, *dv;
     float *dq, *dwa;
-    CK(cudaMalloc((void **)&dk, ne * 2));
+    // Every third case puts the keys 2 bytes off 16-byte alignment (no vector loads).
+    size_t koff = seed % 3 == 0 ? 1 : 0;
+    CK(cudaMalloc((void **)&dk0, (ne + 8) * 2));
+    dk = dk0 + koff;
     CK(cudaMalloc((void **)&dv, ne * 2));
     CK(cudaMalloc((void **)&dq, nq * 4));
     CK(cudaMalloc((void **)&dwa, nw * 4));
@@ -132,7 +140,7 @@ static void run_case(const scase_t *c, uint64_t seed, kvc_importance_t imp)
     kvc_scores_cleanup(&ref);
     kvc_scores_cleanup(&got);
     kvc_scores_cleanup_cuda(&dsc);
-    CK(cudaFree(dk));
+    CK(cudaFree(dk0));
     CK(cudaFree(dv));
     CK(cudaFree(dq));
     CK(cudaFree(dwa));
@@ -153,10 +161,53 @@ static void test_parity(void **state)
         {3, 1, 77, 64, 77, KVC_REDUCE_MEAN, 1, 0, 1},
         {32, 8, 999, 128, 32, KVC_REDUCE_MEAN, 7, 0, 1},
         {8, 2, 301, 64, 77, KVC_REDUCE_MAX, 9, 0, 1}, // window_div keeps the last 37 rows
+        {4, 2, 2111, 128, 128, KVC_REDUCE_MEAN, 9, 0, 1}, // the default window, 33 tiles + 63
+        {6, 2, 150, 40, 20, KVC_REDUCE_MAX, 3, 0, 1},     // head_dim padded to 64 in the MMA
+        {4, 2, 100, 256, 16, KVC_REDUCE_MEAN, 5, 0, 1},   // too wide for the MMA: simt
     };
-    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
-        for (int imp = KVC_IMP_MEAN; imp <= KVC_IMP_MAX; imp++)
-            run_case(&cases[i], 300 + i, (kvc_importance_t)imp);
+    static const char *const impls[] = {"mma", "simt"};
+    for (int k = 0; k < 2; k++) {
+        assert_int_equal(setenv("FERRY_SCORE_IMPL", impls[k], 1), 0);
+        for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+            if (k == 1 && !cases[i].from_q)
+                continue; // from window_attn the implementations share every kernel
+            for (int imp = KVC_IMP_MEAN; imp <= KVC_IMP_MAX; imp++)
+                run_case(&cases[i], 300 + i, (kvc_importance_t)imp);
+        }
+    }
+    assert_int_equal(unsetenv("FERRY_SCORE_IMPL"), 0);
+}
+
+/* kvc_score_cuda_host: host in, host out, the same scores as kvc_score_cuda on device copies. */
+static void test_host_entry(void **state)
+{
+    (void)state;
+    const uint32_t H = 8, KV = 2, N = 700, D = 64, W = 64;
+    kvc_policy_t pol;
+    kvc_policy_default(&pol);
+    kvt_layer_t L;
+    kvt_layer_make(&L, 77, H, KV, N, D, W);
+    kvc_layer_input_t in = kvt_input(&L, 0);
+    kvc_scores_t ref, got;
+    assert_int_equal(kvc_scores_init(&ref, KV, N, D), FY_OK);
+    assert_int_equal(kvc_scores_init(&got, KV, N, D), FY_OK);
+    assert_int_equal(kvc_score(&pol, H, KV, N, D, &in, &ref), FY_OK);
+    assert_int_equal(kvc_score_cuda_host(&pol, H, KV, N, D, &in, &got), FY_OK);
+    close_enough("importance", ref.importance, got.importance, (size_t)KV * N);
+    close_enough("obar", ref.obar, got.obar, (size_t)KV * D);
+    assert_memory_equal(ref.qsq, got.qsq, (size_t)KV * D * 4);
+    // Twice: the same bytes (the scorer is deterministic, as references rely on).
+    kvc_scores_t again;
+    assert_int_equal(kvc_scores_init(&again, KV, N, D), FY_OK);
+    assert_int_equal(kvc_score_cuda_host(&pol, H, KV, N, D, &in, &again), FY_OK);
+    assert_memory_equal(got.importance, again.importance, (size_t)KV * N * 4);
+    assert_memory_equal(got.obar, again.obar, (size_t)KV * D * 4);
+    // A shape the scores were not made for.
+    assert_int_equal(kvc_score_cuda_host(&pol, H, KV, N + 1, D, &in, &again), FY_ERR_INVALID_ARG);
+    kvc_scores_cleanup(&ref);
+    kvc_scores_cleanup(&got);
+    kvc_scores_cleanup(&again);
+    kvt_layer_free(&L);
 }
 
 static void test_bad_args(void **state)
@@ -194,6 +245,7 @@ int main(void)
     }
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_parity),
+        cmocka_unit_test(test_host_entry),
         cmocka_unit_test(test_bad_args),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
