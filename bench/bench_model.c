@@ -16,11 +16,11 @@
  * 512-token prefill with a callback that does nothing, the same with a callback that keeps the
  * host busy for one layer's compute time, and the overlap fraction
  * (t_plain + t_busy - t_with_busy) / min(t_plain, t_busy) (1 = fully hidden, 0 = serial).
- * It then times a whole prefill request as ferry-prefill --device cuda runs one: a 2048-token
- * prompt whose every layer is encoded by the `ferry` policy at b = 0.25, with the encoder made
- * for the request, once with the codec on the host (host copies of each layer, as
- * --host-codec) and once on the GPU (the layer stays in device memory), beside the same
- * prefill without a codec.
+ * It then times whole prefill requests as ferry-prefill --device cuda runs them: prompts of
+ * 128, 512 and 2048 tokens whose every layer is encoded by the `ferry` policy at b = 0.25, with
+ * the encoder made for the request, once with the codec on the host (host copies of each
+ * layer, as --host-codec) and once on the GPU (the layer stays in device memory), beside the
+ * same prefill without a codec, and the GPU encoder's creation and destruction alone.
  * --synthetic llama3-8b writes a random-weight Q4_0 GGUF shaped like Llama-3-8B (dim 4096,
  * 32 layers, 32 heads, 8 kv heads, ffn 14336, vocab 128256) into a temporary file with all
  * CPUs, loads it and deletes it; speed does not depend on the weight values.
@@ -248,7 +248,8 @@ static void bench_overlap(const bench_mode_t *mode, mdl_ctx_t *ctx, const mdl_co
 /* A prefill request with its codec (GPU)                                                       */
 /* ------------------------------------------------------------------------------------------ */
 
-enum { REQ_TOKENS = 2048 };
+// Prompt lengths of the request benchmark: a short chat turn, a paragraph, a document.
+static const int k_req_tokens[] = {128, 512, 2048};
 #define REQ_BUDGET 0.25
 
 typedef struct {
@@ -338,70 +339,105 @@ static double median_request(const bench_mode_t *mode, mdl_ctx_t *ctx, const int
     return secs[mode->repeats / 2];
 }
 
-/* Adds {"prefill_tokens", "budget", "plain_s", "host_codec_s", "gpu_codec_s", "wire_ratio"} as
- * "prefill_request" to out and prints a line. */
+/* Median seconds of a GPU encoder's creation and destruction for ep (what a request pays
+ * before and after its layers), or < 0 on failure. */
+static double median_setup(const bench_mode_t *mode, const kvc_encoder_params_t *ep)
+{
+    double secs[GPU_REPEATS];
+    for (int rep = -1; rep < mode->repeats; rep++) {
+        kvc_encoder_cuda_t *genc = NULL;
+        double t0 = now_s();
+        if (kvc_encoder_cuda_create(ep, &genc) != FY_OK)
+            return -1;
+        kvc_encoder_cuda_destroy(genc);
+        if (rep >= 0)
+            secs[rep] = now_s() - t0;
+    }
+    qsort(secs, (size_t)mode->repeats, sizeof(double), cmp_double);
+    return secs[mode->repeats / 2];
+}
+
+/* For each of k_req_tokens: a whole prefill request without a codec, with the host's and with
+ * the GPU's (ferry, b = REQ_BUDGET, the encoder made per request as a worker does), and the GPU
+ * encoder's setup alone; prints a line each and adds them as "prefill_requests" to out. */
 static void bench_request(const bench_mode_t *mode, const mdl_model_t *m, mdl_ctx_t *ctx,
                           const mdl_config_t *c, cJSON *out)
 {
-    int n = FY_MIN(REQ_TOKENS, c->n_ctx_train);
-    uint64_t seed = 5;
-    int32_t *t = malloc(sizeof(int32_t) * (size_t)n);
-    float *logits = malloc(sizeof(float) * (size_t)c->n_vocab);
-    size_t elems = (size_t)c->n_kv_heads * n * c->head_dim;
-    kvc_policy_t pol;
-    kvc_encoder_params_t ep;
-    kvc_encoder_params_default(&ep);
-    ep.policy = &pol;
-    ep.budget = REQ_BUDGET;
-    ep.n_layers = (uint32_t)c->n_layers;
-    ep.n_heads = (uint32_t)c->n_heads;
-    ep.n_kv_heads = (uint32_t)c->n_kv_heads;
-    ep.head_dim = (uint32_t)c->head_dim;
-    ep.n_tokens = (uint32_t)n;
-    ep.model_fingerprint = mdl_model_fingerprint(m);
-    ep.seq_id = 1;
-    req_codec_t r = {.ep = &ep,
-                     .k16 = malloc(elems * sizeof(uint16_t)),
-                     .v16 = malloc(elems * sizeof(uint16_t))};
-    kvc_encoder_t *probe = NULL;
-    if (t == NULL || logits == NULL || r.k16 == NULL || r.v16 == NULL ||
-        kvc_policy_builtin("ferry", &pol) != FY_OK || kvc_encoder_create(&ep, &probe) != FY_OK) {
-        fprintf(stderr, "ferry-bench model: cannot set up the prefill request\n");
-        goto out;
+    cJSON *arr = cJSON_AddArrayToObject(out, "prefill_requests");
+    int done = 0;
+    for (size_t li = 0; li < FY_ARRAY_SIZE(k_req_tokens); li++) {
+        int n = FY_MIN(k_req_tokens[li], c->n_ctx_train);
+        if (n <= done)
+            break;
+        done = n;
+        uint64_t seed = 5;
+        int32_t *t = malloc(sizeof(int32_t) * (size_t)n);
+        float *logits = malloc(sizeof(float) * (size_t)c->n_vocab);
+        size_t elems = (size_t)c->n_kv_heads * n * c->head_dim;
+        kvc_policy_t pol;
+        kvc_encoder_params_t ep;
+        kvc_encoder_params_default(&ep);
+        ep.policy = &pol;
+        ep.budget = REQ_BUDGET;
+        ep.n_layers = (uint32_t)c->n_layers;
+        ep.n_heads = (uint32_t)c->n_heads;
+        ep.n_kv_heads = (uint32_t)c->n_kv_heads;
+        ep.head_dim = (uint32_t)c->head_dim;
+        ep.n_tokens = (uint32_t)n;
+        ep.model_fingerprint = mdl_model_fingerprint(m);
+        ep.seq_id = 1;
+        req_codec_t r = {.ep = &ep,
+                         .k16 = malloc(elems * sizeof(uint16_t)),
+                         .v16 = malloc(elems * sizeof(uint16_t))};
+        kvc_encoder_t *probe = NULL;
+        bool ok = t != NULL && logits != NULL && r.k16 != NULL && r.v16 != NULL &&
+                  kvc_policy_builtin("ferry", &pol) == FY_OK &&
+                  kvc_encoder_create(&ep, &probe) == FY_OK;
+        if (ok) {
+            r.cap = kvc_encoder_max_frame_bytes(probe);
+            kvc_encoder_destroy(probe);
+            ok = (r.frame = malloc(r.cap)) != NULL;
+        }
+        double plain = -1, host = -1, gpu = -1, setup = -1;
+        uint64_t host_wire = 0;
+        if (ok) {
+            rand_tokens(t, n, c->n_vocab, &seed);
+            r.codec = REQ_NO_CODEC;
+            plain = median_request(mode, ctx, t, n, logits, &r);
+            r.codec = REQ_HOST_CODEC;
+            host = median_request(mode, ctx, t, n, logits, &r);
+            host_wire = r.wire_bytes;
+            r.codec = REQ_GPU_CODEC;
+            gpu = median_request(mode, ctx, t, n, logits, &r);
+            setup = median_setup(mode, &ep);
+        }
+        if (plain < 0 || host < 0 || gpu < 0 || setup < 0) {
+            fprintf(stderr, "ferry-bench model: prefill request of %d tokens failed\n", n);
+        } else {
+            double raw = (double)c->n_layers * 2 * (double)elems * sizeof(uint16_t);
+            double ratio = (double)r.wire_bytes / raw, host_ratio = (double)host_wire / raw;
+            printf("prefill request, %d tokens, ferry b = %.3g: no codec %.2f ms, host codec "
+                   "%.2f ms, GPU codec %.2f ms (%.2fx the host's; encoder setup %.2f ms); "
+                   "wire/raw %.4f (host %.4f)\n",
+                   n, REQ_BUDGET, plain * 1e3, host * 1e3, gpu * 1e3, gpu / host, setup * 1e3,
+                   ratio, host_ratio);
+            cJSON *j = cJSON_CreateObject();
+            cJSON_AddNumberToObject(j, "prefill_tokens", n);
+            cJSON_AddNumberToObject(j, "budget", REQ_BUDGET);
+            cJSON_AddNumberToObject(j, "plain_s", plain);
+            cJSON_AddNumberToObject(j, "host_codec_s", host);
+            cJSON_AddNumberToObject(j, "gpu_codec_s", gpu);
+            cJSON_AddNumberToObject(j, "gpu_encoder_setup_s", setup);
+            cJSON_AddNumberToObject(j, "wire_ratio", ratio);
+            cJSON_AddNumberToObject(j, "host_wire_ratio", host_ratio);
+            cJSON_AddItemToArray(arr, j);
+        }
+        free(r.frame);
+        free(r.k16);
+        free(r.v16);
+        free(t);
+        free(logits);
     }
-    r.cap = kvc_encoder_max_frame_bytes(probe);
-    kvc_encoder_destroy(probe);
-    if ((r.frame = malloc(r.cap)) == NULL)
-        goto out;
-    rand_tokens(t, n, c->n_vocab, &seed);
-    r.codec = REQ_NO_CODEC;
-    double plain = median_request(mode, ctx, t, n, logits, &r);
-    r.codec = REQ_HOST_CODEC;
-    double host = median_request(mode, ctx, t, n, logits, &r);
-    uint64_t host_wire = r.wire_bytes;
-    r.codec = REQ_GPU_CODEC;
-    double gpu = median_request(mode, ctx, t, n, logits, &r);
-    if (plain < 0 || host < 0 || gpu < 0)
-        goto out;
-    double raw = (double)c->n_layers * 2 * (double)elems * sizeof(uint16_t);
-    double ratio = (double)r.wire_bytes / raw, host_ratio = (double)host_wire / raw;
-    printf("prefill request, %d tokens, ferry b = %.3g: no codec %.2f ms, host codec %.2f ms, "
-           "GPU codec %.2f ms (%.2fx the host's); wire/raw %.4f (host %.4f)\n",
-           n, REQ_BUDGET, plain * 1e3, host * 1e3, gpu * 1e3, gpu / host, ratio, host_ratio);
-    cJSON *j = cJSON_AddObjectToObject(out, "prefill_request");
-    cJSON_AddNumberToObject(j, "prefill_tokens", n);
-    cJSON_AddNumberToObject(j, "budget", REQ_BUDGET);
-    cJSON_AddNumberToObject(j, "plain_s", plain);
-    cJSON_AddNumberToObject(j, "host_codec_s", host);
-    cJSON_AddNumberToObject(j, "gpu_codec_s", gpu);
-    cJSON_AddNumberToObject(j, "wire_ratio", ratio);
-    cJSON_AddNumberToObject(j, "host_wire_ratio", host_ratio);
-out:
-    free(r.frame);
-    free(r.k16);
-    free(r.v16);
-    free(t);
-    free(logits);
 }
 
 /* ------------------------------------------------------------------------------------------ */
