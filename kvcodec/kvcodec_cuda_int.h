@@ -48,9 +48,16 @@ static inline fy_status_t kvc_cuda_status(cudaError_t e)
 /* After a launch: the launch's own error (bad configuration, no device). */
 #define KVC_LAUNCH_GOTO(st, label) KVC_CUDA_GOTO(cudaGetLastError(), st, label)
 
+/* What the device's default memory pool keeps between uses: a layer's scoring scratch is
+ * allocated and freed again for every layer, and a pool that gives its memory back at every
+ * synchronization (the default threshold, 0) asks the driver each time. */
+#define KVC_POOL_KEEP_BYTES ((uint64_t)256 << 20)
+
 /* Stream-ordered scratch where the device has memory pools (some virtualized GPUs do not):
  * cudaMallocAsync / cudaFreeAsync there, else cudaMalloc and, to free, a wait for the stream
- * then cudaFree. kvc_cuda_pools says which; pass its answer to both calls. */
+ * then cudaFree. kvc_cuda_pools says which; pass its answer to both calls. With pools, it also
+ * raises the default pool's release threshold to KVC_POOL_KEEP_BYTES (a higher one set by
+ * the program stays). */
 static inline bool kvc_cuda_pools(void)
 {
     int dev = 0, pools = 0;
@@ -59,7 +66,20 @@ static inline bool kvc_cuda_pools(void)
         (void)cudaGetLastError(); // not sticky; the allocation below reports real trouble
         return false;
     }
-    return pools != 0;
+    if (pools == 0)
+        return false;
+    cudaMemPool_t pool;
+    uint64_t keep = 0;
+    cudaError_t e = cudaDeviceGetDefaultMemPool(&pool, dev);
+    if (e == cudaSuccess)
+        e = cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
+    if (e == cudaSuccess && keep < KVC_POOL_KEEP_BYTES) {
+        keep = KVC_POOL_KEEP_BYTES;
+        e = cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
+    }
+    if (e != cudaSuccess)
+        (void)cudaGetLastError(); // a pool that cannot keep memory still allocates
+    return true;
 }
 
 static inline cudaError_t kvc_cuda_scratch_alloc(void **p, size_t n, cudaStream_t s, bool pools)
