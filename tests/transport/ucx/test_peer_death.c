@@ -115,6 +115,10 @@ static int child_receiver(uint64_t id)
     printf("%u\n", port);
     fflush(stdout);
     h_run_until(&loop, child_rx_ended, &rec, 30000);
+    // Linger before exiting: the request's last STATUS is on its way to the sender, and a
+    // process that exits at once resets the connection, which the sender may see first (on a
+    // busy machine it did, 5 runs in 30).
+    h_run_for(&loop, 500);
     int rc = rec.n_rx_end == 1 && rec.rx_end_st[0] == FY_OK ? 0 : 6;
     rig_release_all(&rec);
     kvlink_destroy(link);
