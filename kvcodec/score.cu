@@ -170,6 +170,10 @@ __global__ void attn_kernel(score_args_t a, const float2 *stats, int imp, float 
 
 #define SC_TT 64   // tokens per block
 #define SC_WARPS 8 // warps per block; warp w takes the m-tiles (16 window rows) w, w + 8, ...
+// k steps of 16 channels: one instance for every head_dim up to 128 (narrower heads are padded
+// with zero channels; the exponentials, not the MMAs, bound these kernels), which keeps the
+// device code that every program linking the kvcodec carries small.
+#define SC_KS 8
 
 static __device__ __forceinline__ void sc_mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                               uint32_t b1)
@@ -305,10 +309,8 @@ __global__ void __launch_bounds__(SC_WARPS * 32)
             uint32_t hi[KS][4], lo[KS][4];
             sc_load_a<KS>(a, h, 16 * mt, gq, tq, hi, lo);
             float m[2] = {-INFINITY, -INFINITY}, z[2] = {0.0f, 0.0f};
-#pragma unroll
-            for (uint32_t j = 0; j < SC_TT / 8; j++) {
-                if (t0 + 8 * j >= a.n) // warp-uniform
-                    continue;
+#pragma unroll 1
+            for (uint32_t j = 0; j < SC_TT / 8 && t0 + 8 * j < a.n; j++) { // warp-uniform
                 float c[4];
                 sc_logits<KS>(ks, j, gq, tq, hi, lo, c);
 #pragma unroll
@@ -377,7 +379,7 @@ __global__ void __launch_bounds__(SC_WARPS * 32)
     score_attn_mma_kernel(score_args_t a, const float2 *stats, int imp, float *ah, float *ah2)
 {
     __shared__ __align__(16) uint32_t ks[SC_TT * sc_tile<KS>::RW];
-    __shared__ float red[2][SC_WARPS][SC_TT];
+    __shared__ float red[2][SC_WARPS][SC_TT]; // per warp: its rows' sums (maxima) per token
     const uint32_t tile = blockIdx.x, g = blockIdx.y, t0 = tile * SC_TT;
     const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane >> 2, tq = lane & 3;
     sc_stage_keys<KS>(a, g, t0, ks);
@@ -386,10 +388,9 @@ __global__ void __launch_bounds__(SC_WARPS * 32)
     const float fw = (float)a.W;
     for (uint32_t hh = 0; hh < a.grp; hh++) {
         const uint32_t h = g * a.grp + hh;
-        float acc[SC_TT / 8][2], acc2[SC_TT / 8][2];
-#pragma unroll
-        for (int j = 0; j < SC_TT / 8; j++)
-            acc[j][0] = acc[j][1] = acc2[j][0] = acc2[j][1] = 0.0f;
+        for (uint32_t i = lane; i < SC_TT; i += 32)
+            red[0][warp][i] = red[1][warp][i] = 0.0f;
+        __syncwarp();
         for (uint32_t mt = warp; mt < MT; mt += SC_WARPS) {
             uint32_t hi[KS][4], lo[KS][4];
             sc_load_a<KS>(a, h, 16 * mt, gq, tq, hi, lo);
@@ -399,12 +400,11 @@ __global__ void __launch_bounds__(SC_WARPS * 32)
                 const uint32_t w = 16 * mt + gq + 8 * r;
                 st[r] = w < a.W ? stats[(size_t)h * a.W + w] : make_float2(0.0f, 0.0f);
             }
-#pragma unroll
-            for (uint32_t j = 0; j < SC_TT / 8; j++) {
-                if (t0 + 8 * j >= a.n) // warp-uniform
-                    continue;
+#pragma unroll 1
+            for (uint32_t j = 0; j < SC_TT / 8 && t0 + 8 * j < a.n; j++) { // warp-uniform
                 float c[4];
                 sc_logits<KS>(ks, j, gq, tq, hi, lo, c);
+                float acc[2] = {0.0f, 0.0f}, acc2[2] = {0.0f, 0.0f};
 #pragma unroll
                 for (int r = 0; r < 2; r++) {
 #pragma unroll
@@ -413,31 +413,30 @@ __global__ void __launch_bounds__(SC_WARPS * 32)
                         if (!sc_sees(a, w, t))
                             continue;
                         const float p = kmul(expf(c[2 * r + e] - st[r].x), st[r].y);
-                        acc[j][e] = kadd(acc[j][e], p);
+                        acc[e] = kadd(acc[e], p);
                         if (imp == KVC_IMP_RMS) {
                             const float pr = kmul(p, fw);
-                            acc2[j][e] = kadd(acc2[j][e], kdiv(kmul(pr, pr), fw));
+                            acc2[e] = kadd(acc2[e], kdiv(kmul(pr, pr), fw));
                         } else if (imp == KVC_IMP_MAX) {
-                            acc2[j][e] = fmaxf(acc2[j][e], kmul(p, fw));
+                            acc2[e] = fmaxf(acc2[e], kmul(p, fw));
                         }
                     }
                 }
-            }
-        }
-        // Rows: the 8 row lanes of the warp, then the warps.
+                // The n-tile's 16 rows: the 8 row lanes of each token, then into the warp's sums.
 #pragma unroll
-        for (int j = 0; j < SC_TT / 8; j++) {
+                for (int e = 0; e < 2; e++) {
 #pragma unroll
-            for (int e = 0; e < 2; e++) {
-#pragma unroll
-                for (int off = 4; off < 32; off <<= 1) {
-                    acc[j][e] += __shfl_xor_sync(0xffffffffu, acc[j][e], off);
-                    const float o2 = __shfl_xor_sync(0xffffffffu, acc2[j][e], off);
-                    acc2[j][e] = imp == KVC_IMP_MAX ? fmaxf(acc2[j][e], o2) : acc2[j][e] + o2;
-                }
-                if (gq == 0) {
-                    red[0][warp][8 * j + 2 * tq + e] = acc[j][e];
-                    red[1][warp][8 * j + 2 * tq + e] = acc2[j][e];
+                    for (int off = 4; off < 32; off <<= 1) {
+                        acc[e] += __shfl_xor_sync(0xffffffffu, acc[e], off);
+                        const float o2 = __shfl_xor_sync(0xffffffffu, acc2[e], off);
+                        acc2[e] = imp == KVC_IMP_MAX ? fmaxf(acc2[e], o2) : acc2[e] + o2;
+                    }
+                    if (gq == 0) {
+                        const uint32_t k = 8 * j + 2 * tq + e;
+                        red[0][warp][k] += acc[e];
+                        red[1][warp][k] = imp == KVC_IMP_MAX ? fmaxf(red[1][warp][k], acc2[e])
+                                                             : red[1][warp][k] + acc2[e];
+                    }
                 }
             }
         }
@@ -463,7 +462,7 @@ __global__ void __launch_bounds__(SC_WARPS * 32)
 static bool score_use_mma(uint32_t d)
 {
     const char *e = getenv("FERRY_SCORE_IMPL");
-    return d <= 128 && !(e != NULL && strcmp(e, "simt") == 0);
+    return d <= SC_KS * 16 && !(e != NULL && strcmp(e, "simt") == 0);
 }
 
 /* A thread per (kv head, channel): mean squared query, scaled as the logit sensitivity. */
@@ -692,18 +691,12 @@ extern "C" fy_status_t kvc_score_cuda(const kvc_policy_t *policy, uint32_t n_hea
                 kvc_cuda_scratch_alloc((void **)&part, rows * n_tiles * sizeof(float2), cs, pools),
                 st, out);
             dim3 grid(n_tiles, n_kv);
-            if (d <= 64)
-                score_stats_mma_kernel<4><<<grid, SC_WARPS * 32, 0, cs>>>(a, part, n_tiles);
-            else
-                score_stats_mma_kernel<8><<<grid, SC_WARPS * 32, 0, cs>>>(a, part, n_tiles);
+            score_stats_mma_kernel<SC_KS><<<grid, SC_WARPS * 32, 0, cs>>>(a, part, n_tiles);
             KVC_LAUNCH_GOTO(st, out);
             stats_combine_kernel<<<kvc_grid(rows, 8), 256, 0, cs>>>(part, rows, n_tiles, a.W,
                                                                     stats);
             KVC_LAUNCH_GOTO(st, out);
-            if (d <= 64)
-                score_attn_mma_kernel<4><<<grid, SC_WARPS * 32, 0, cs>>>(a, stats, imp, ah, ah2);
-            else
-                score_attn_mma_kernel<8><<<grid, SC_WARPS * 32, 0, cs>>>(a, stats, imp, ah, ah2);
+            score_attn_mma_kernel<SC_KS><<<grid, SC_WARPS * 32, 0, cs>>>(a, stats, imp, ah, ah2);
             KVC_LAUNCH_GOTO(st, out);
         } else {
             row_stats_kernel<<<kvc_grid((size_t)n_heads * a.W, 1), ROW_THREADS, 0, cs>>>(a,
