@@ -45,7 +45,9 @@ programs=(ferry ferry-bench ferry-router ferry-prefill ferry-decode)
 # test_*_cuda sources are picked up. Every binary that links CUDA code carries its fatbin
 # (sm_80 + sm_90 + compute_90 PTX); --compress-mode=size makes those about 4x smaller
 # (kvcodec/attend.cu: 1.7 MB -> 0.38 MB), decompressed once when a program loads them.
-setup_args=(-Dbuildtype=release -Dcuda=enabled -Dtests=true)
+# shared_core: common and kvcodec as shared libraries (lib/libfycommon.so, lib/libfykvcodec.so),
+# so the kvcodec's device code is in the bundle once, not once per program (about 1.2 MB each).
+setup_args=(-Dbuildtype=release -Dcuda=enabled -Dtests=true -Dshared_core=true)
 if [ -f "$build/build.ninja" ]; then
   meson setup --reconfigure "$build" "${setup_args[@]}" >/dev/null
 else
@@ -137,9 +139,14 @@ bundle_deps() {
     path=${line#*=> }; path=${path%% (*}
     is_system_lib "$soname" && continue
     [ -e "$out/lib/$soname" ] || cp -L "$path" "$out/lib/$soname"
-  done < <(ldd "$1")
+  done < <(LD_LIBRARY_PATH="$out/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ldd "$1")
 }
 
+# The project's own shared libraries (shared_core: libfycommon.so, libfykvcodec.so); the
+# copied programs no longer find them through their build-tree rpath.
+while IFS= read -r f; do
+  cp -L "$f" "$out/lib/"
+done < <(find "$build" -type f -name 'libfy*.so' -not -path '*.p/*')
 for f in "$out"/bin/* "$out"/tests/*; do
   is_elf "$f" || continue
   bundle_deps "$f"
