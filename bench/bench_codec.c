@@ -861,7 +861,9 @@ static int codec_cuda_main(int argc, char **argv)
                        r->shape, r->policy, r->n, r->fp16_mb, r->wire_ratio, r->encode_gbs,
                        100 * r->encode_vs_copy, r->gpu_gbs, 100 * r->gpu_vs_copy, r->place_gbs,
                        100 * r->place_vs_copy, r->score_gbs, r->scoreq_gbs[0], r->scoreq_gbs[1],
-                       !r->checked ? "not run" : r->identical ? "yes" : "NO");
+                       !r->checked    ? "not run"
+                       : r->identical ? "yes"
+                                      : "NO");
                 fflush(stdout);
             }
         }
@@ -898,10 +900,12 @@ done:
                     "\"identical_to_cpu\": %s}%s\n",
                     r->shape, r->policy, r->n, r->fp16_mb, r->wire_ratio, r->encode_ms,
                     r->encode_gbs, r->encode_vs_copy, r->gpu_ms, r->gpu_gbs, r->gpu_vs_copy,
-                    r->place_ms, r->place_gbs,
-                    r->place_vs_copy, r->score_ms, r->score_gbs, r->scoreq_window,
-                    r->scoreq_ms[0], r->scoreq_gbs[0], r->scoreq_ms[1], r->scoreq_gbs[1],
-                    !r->checked ? "null" : r->identical ? "true" : "false",
+                    r->place_ms, r->place_gbs, r->place_vs_copy, r->score_ms, r->score_gbs,
+                    r->scoreq_window, r->scoreq_ms[0], r->scoreq_gbs[0], r->scoreq_ms[1],
+                    r->scoreq_gbs[1],
+                    !r->checked    ? "null"
+                    : r->identical ? "true"
+                                   : "false",
                     i + 1 < n_rows ? "," : "");
         }
         fprintf(f, "]}\n");

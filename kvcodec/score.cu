@@ -5,12 +5,12 @@
  * 1. (window queries only) the window's softmax over the tokens, in one of two ways:
  *    - mma (the default for head_dim <= 128): tensor-core logits, each query split into an FP16
  *      high and low part (two MMAs against the FP16 keys, FP32 accumulation: the logits differ
- *      from the CPU's by FP32 rounding, about 1e-6 of the sum of |q_c k_c|). A block per (kv head, 64 tokens) stages its keys once
- *      for the whole GQA group. score_stats_mma_kernel writes each row's max and sum of exp
- *      over the block's tokens, stats_combine_kernel merges them into the row's max and
- *      1 / (W * sum), and score_attn_mma_kernel computes the logits again and sums each
- *      token's probabilities over the rows (and, for the RMS or max importance, their root
- *      mean square or maximum).
+ *      from the CPU's by FP32 rounding, about 1e-6 of the sum of |q_c k_c|). A block per (kv
+ *      head, 64 tokens) stages its keys once for the whole GQA group. score_stats_mma_kernel
+ *      writes each row's max and sum of exp over the block's tokens, stats_combine_kernel
+ *      merges them into the row's max and 1 / (W * sum), and score_attn_mma_kernel computes the
+ *      logits again and sums each token's probabilities over the rows (and, for the RMS or max
+ *      importance, their root mean square or maximum).
  *    - simt (FERRY_SCORE_IMPL=simt, or a wider head): row_stats_kernel, a block per (query
  *      head, window row), and attn_kernel, a thread per (query head, token), with the CPU's
  *      logits (kvc_dot's eight partial sums), each logit computed three times.
@@ -168,8 +168,8 @@ __global__ void attn_kernel(score_args_t a, const float2 *stats, int imp, float 
 
 /* ---- Tensor-core window softmax (the mma path) ------------------------------------------- */
 
-#define SC_TT 64   // tokens per block
-#define SC_WARPS 8 // warps per block; warp w takes the m-tiles (16 window rows) w, w + 8, ...
+#define SC_TT    64 // tokens per block
+#define SC_WARPS 8  // warps per block; warp w takes the m-tiles (16 window rows) w, w + 8, ...
 // k steps of 16 channels: one instance for every head_dim up to 128 (narrower heads are padded
 // with zero channels; the exponentials, not the MMAs, bound these kernels), which keeps the
 // device code that every program linking the kvcodec carries small.
@@ -279,7 +279,8 @@ static __device__ __forceinline__ void sc_merge(float &m, float &z, float m2, fl
     const float M = fmaxf(m, m2);
     if (M == -INFINITY)
         return;
-    z = (m == -INFINITY ? 0.0f : z * __expf(m - M)) + (m2 == -INFINITY ? 0.0f : z2 * __expf(m2 - M));
+    z = (m == -INFINITY ? 0.0f : z * __expf(m - M)) +
+        (m2 == -INFINITY ? 0.0f : z2 * __expf(m2 - M));
     m = M;
 }
 
@@ -447,7 +448,8 @@ __global__ void __launch_bounds__(SC_WARPS * 32)
 #pragma unroll
             for (int w = 0; w < SC_WARPS; w++) {
                 s += red[0][w][threadIdx.x];
-                s2 = imp == KVC_IMP_MAX ? fmaxf(s2, red[1][w][threadIdx.x]) : s2 + red[1][w][threadIdx.x];
+                s2 = imp == KVC_IMP_MAX ? fmaxf(s2, red[1][w][threadIdx.x])
+                                        : s2 + red[1][w][threadIdx.x];
             }
             ah[(size_t)h * a.n + t] = s;
             if (imp != KVC_IMP_MEAN)
@@ -525,10 +527,10 @@ __global__ void group_kernel(score_args_t a, const float *ah, const float *ah2, 
     }
 }
 
-#define OBAR_T 128        // tokens per tile of obar_tile_kernel
-#define OBAR_THREADS 256  // its block: the chain warp and 7 loader warps
+#define OBAR_T       128 // tokens per tile of obar_tile_kernel
+#define OBAR_THREADS 256 // its block: the chain warp and 7 loader warps
 #define OBAR_LOADERS (OBAR_THREADS - 32)
-#define OBAR_PER ((OBAR_T * 32 + OBAR_LOADERS - 1) / OBAR_LOADERS) // loads per loader and tile
+#define OBAR_PER     ((OBAR_T * 32 + OBAR_LOADERS - 1) / OBAR_LOADERS) // loads per loader and tile
 
 /* obar_c = sum_t pbar_t v_tc, tokens in order, with the memory traffic off the chain: a block per
  * (kv head, 32 channels); warps 1.. load tiles of OBAR_T tokens and form the products pbar_t v_tc
@@ -699,11 +701,9 @@ extern "C" fy_status_t kvc_score_cuda(const kvc_policy_t *policy, uint32_t n_hea
             score_attn_mma_kernel<SC_KS><<<grid, SC_WARPS * 32, 0, cs>>>(a, stats, imp, ah, ah2);
             KVC_LAUNCH_GOTO(st, out);
         } else {
-            row_stats_kernel<<<kvc_grid((size_t)n_heads * a.W, 1), ROW_THREADS, 0, cs>>>(a,
-                                                                                       stats);
+            row_stats_kernel<<<kvc_grid((size_t)n_heads * a.W, 1), ROW_THREADS, 0, cs>>>(a, stats);
             KVC_LAUNCH_GOTO(st, out);
-            attn_kernel<<<kvc_grid((size_t)n_heads * n, 256), 256, 0, cs>>>(a, stats, imp, ah,
-                                                                            ah2);
+            attn_kernel<<<kvc_grid((size_t)n_heads * n, 256), 256, 0, cs>>>(a, stats, imp, ah, ah2);
             KVC_LAUNCH_GOTO(st, out);
         }
     }
@@ -765,8 +765,7 @@ extern "C" fy_status_t kvc_score_cuda_host(const kvc_policy_t *policy, uint32_t 
     }
     if (wa_bytes > 0) {
         KVC_CUDA_GOTO(cudaMalloc((void **)&dwa, wa_bytes), st, out);
-        KVC_CUDA_GOTO(cudaMemcpy(dwa, in->window_attn, wa_bytes, cudaMemcpyHostToDevice), st,
-                      out);
+        KVC_CUDA_GOTO(cudaMemcpy(dwa, in->window_attn, wa_bytes, cudaMemcpyHostToDevice), st, out);
     }
     if ((st = kvc_scores_init_cuda(&dsc, n_kv, n, d)) != FY_OK)
         goto out;
@@ -779,15 +778,14 @@ extern "C" fy_status_t kvc_score_cuda_host(const kvc_policy_t *policy, uint32_t 
         if ((st = kvc_score_cuda(policy, n_heads, n_kv, n, d, &din, &dsc, NULL)) != FY_OK)
             goto out;
     }
-    KVC_CUDA_GOTO(cudaMemcpy(out->importance, dsc.importance, nt * sizeof(float),
-                             cudaMemcpyDeviceToHost),
-                  st, out);
+    KVC_CUDA_GOTO(
+        cudaMemcpy(out->importance, dsc.importance, nt * sizeof(float), cudaMemcpyDeviceToHost), st,
+        out);
     KVC_CUDA_GOTO(cudaMemcpy(out->obar, dsc.obar, nd * sizeof(float), cudaMemcpyDeviceToHost), st,
                   out);
     KVC_CUDA_GOTO(cudaMemcpy(out->qsq, dsc.qsq, nd * sizeof(float), cudaMemcpyDeviceToHost), st,
                   out);
-    KVC_CUDA_GOTO(cudaMemcpy(out->is_static, dsc.is_static, n_kv, cudaMemcpyDeviceToHost), st,
-                  out);
+    KVC_CUDA_GOTO(cudaMemcpy(out->is_static, dsc.is_static, n_kv, cudaMemcpyDeviceToHost), st, out);
 out:
     kvc_scores_cleanup_cuda(&dsc);
     cudaFree(dk);

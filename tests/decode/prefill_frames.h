@@ -60,9 +60,9 @@ static inline fy_status_t pf_on_layer(void *arg, const mdl_layer_kv_t *kv)
             st = kvc_scores_init(&sc, (uint32_t)kv->n_kv_heads, (uint32_t)kv->n_tokens,
                                  (uint32_t)kv->head_dim);
             if (st == FY_OK)
-                st = kvc_score_cuda_host(&s->policy, (uint32_t)kv->n_heads,
-                                         (uint32_t)kv->n_kv_heads, (uint32_t)kv->n_tokens,
-                                         (uint32_t)kv->head_dim, &in, &sc);
+                st =
+                    kvc_score_cuda_host(&s->policy, (uint32_t)kv->n_heads, (uint32_t)kv->n_kv_heads,
+                                        (uint32_t)kv->n_tokens, (uint32_t)kv->head_dim, &in, &sc);
         }
         if (st == FY_OK)
             st = kvc_encoder_encode_layer(s->enc, &in, s->gpu_scores ? &sc : NULL, buf, cap, &len,

@@ -160,7 +160,7 @@ static void test_parity(void **state)
         {8, 2, 1001, 128, 32, KVC_REDUCE_MAX, 7, 0.6f, 1},
         {3, 1, 77, 64, 77, KVC_REDUCE_MEAN, 1, 0, 1},
         {32, 8, 999, 128, 32, KVC_REDUCE_MEAN, 7, 0, 1},
-        {8, 2, 301, 64, 77, KVC_REDUCE_MAX, 9, 0, 1}, // window_div keeps the last 37 rows
+        {8, 2, 301, 64, 77, KVC_REDUCE_MAX, 9, 0, 1},     // window_div keeps the last 37 rows
         {4, 2, 2111, 128, 128, KVC_REDUCE_MEAN, 9, 0, 1}, // the default window, 33 tiles + 63
         {6, 2, 150, 40, 20, KVC_REDUCE_MAX, 3, 0, 1},     // head_dim padded to 64 in the MMA
         {4, 2, 100, 256, 16, KVC_REDUCE_MEAN, 5, 0, 1},   // too wide for the MMA: simt
