@@ -436,6 +436,28 @@ fail:
     return bw;
 }
 
+/* Median milliseconds of reps kvc_score_cuda calls on in after warm ones (CUDA events on s),
+ * or < 0 on failure. */
+static double time_score(const kvc_policy_t *pol, const model_shape_t *m, uint32_t n,
+                         const kvc_layer_input_t *in, kvc_scores_t *out, int warm, int reps,
+                         cudaStream_t s, cudaEvent_t e0, cudaEvent_t e1)
+{
+    double t[16];
+    for (int r = 0; r < warm + reps; r++) {
+        CU(cudaEventRecord(e0, s));
+        FY(kvc_score_cuda(pol, m->n_heads, m->n_kv, n, m->d, in, out, s));
+        CU(cudaEventRecord(e1, s));
+        CU(cudaEventSynchronize(e1));
+        float ms;
+        CU(cudaEventElapsedTime(&ms, e0, e1));
+        if (r >= warm)
+            t[r - warm] = ms;
+    }
+    return median(t, reps);
+fail:
+    return -1;
+}
+
 /* One (shape, length, policy) row. */
 static int cuda_row(const model_shape_t *m, uint32_t n, const char *policy, double budget,
                     int reps, double copy_gbs, bool check, cudaStream_t s, cudaEvent_t e0,
@@ -457,7 +479,7 @@ static int cuda_row(const model_shape_t *m, uint32_t n, const char *policy, doub
     kvc_encoder_t *cenc = NULL;
     kvc_gpu_pool_t *pool = NULL;
     kvc_gpu_seq_t *seq = NULL;
-    double te[16], tp[16], ts[16], tg[16], tq[16];
+    double te[16], tp[16], tg[16];
     float *hq2 = NULL, *dq2 = NULL;
     kvc_scores_t qsc = {0};
     char *impl_env = NULL;
@@ -513,17 +535,11 @@ static int cuda_row(const model_shape_t *m, uint32_t n, const char *policy, doub
         wa_in.q_window = NULL;
         wa_in.n_window = 0;
         wa_in.window_attn = dwa;
-        for (int r = 0; r < warm + reps; r++) {
-            CU(cudaEventRecord(e0, s));
-            FY(kvc_score_cuda(&pol, m->n_heads, m->n_kv, n, m->d, &wa_in, &tmp, s));
-            CU(cudaEventRecord(e1, s));
-            CU(cudaEventSynchronize(e1));
-            float ms;
-            CU(cudaEventElapsedTime(&ms, e0, e1));
-            if (r >= warm)
-                ts[r - warm] = ms;
-        }
+        double ms = time_score(&pol, m, n, &wa_in, &tmp, warm, reps, s, e0, e1);
         kvc_scores_cleanup_cuda(&tmp);
+        if (ms < 0)
+            goto fail;
+        row->score_ms = ms;
     }
     // Scoring from the policy's window of queries, as a prefill worker's encoder runs it (the 32
     // rows above repeated to fill the window), with each window-softmax kernel.
@@ -550,17 +566,9 @@ static int cuda_row(const model_shape_t *m, uint32_t n, const char *policy, doub
         static const char *const impls[2] = {"mma", "simt"};
         for (int k = 0; k < 2; k++) {
             setenv("FERRY_SCORE_IMPL", impls[k], 1);
-            for (int r = 0; r < warm + reps; r++) {
-                CU(cudaEventRecord(e0, s));
-                FY(kvc_score_cuda(&pol, m->n_heads, m->n_kv, n, m->d, &q_in, &qsc, s));
-                CU(cudaEventRecord(e1, s));
-                CU(cudaEventSynchronize(e1));
-                float ms;
-                CU(cudaEventElapsedTime(&ms, e0, e1));
-                if (r >= warm)
-                    tq[r - warm] = ms;
-            }
-            row->scoreq_ms[k] = median(tq, reps);
+            if ((row->scoreq_ms[k] = time_score(&pol, m, n, &q_in, &qsc, warm, reps, s, e0, e1)) <
+                0)
+                goto fail;
             row->scoreq_gbs[k] = (double)layer_bytes / (row->scoreq_ms[k] * 1e-3) / 1e9;
         }
         row->scoreq_window = wq;
@@ -634,7 +642,6 @@ static int cuda_row(const model_shape_t *m, uint32_t n, const char *policy, doub
     row->wire_ratio = (double)len / (double)layer_bytes;
     row->encode_ms = median(te, reps);
     row->place_ms = median(tp, reps);
-    row->score_ms = median(ts, reps);
     row->gpu_ms = median(tg, reps);
     row->gpu_gbs = (double)layer_bytes / (row->gpu_ms * 1e-3) / 1e9;
     row->gpu_vs_copy = row->gpu_gbs / copy_gbs;
