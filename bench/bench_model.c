@@ -53,11 +53,20 @@ static int cmp_double(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
+/* The median of x[n] (sorts x). */
+static double median_of(double *x, int n)
+{
+    qsort(x, (size_t)n, sizeof(double), cmp_double);
+    return x[n / 2];
+}
+
 /* Best (CPU) or median (GPU) of the rates r[n]. */
 static double summarize(const bench_mode_t *mode, double *r, int n)
 {
+    if (mode->gpu)
+        return median_of(r, n);
     qsort(r, (size_t)n, sizeof(double), cmp_double);
-    return mode->gpu ? r[n / 2] : r[n - 1];
+    return r[n - 1];
 }
 
 
@@ -204,8 +213,7 @@ static double timed_prefill_cb(const bench_mode_t *mode, mdl_ctx_t *ctx, const i
             return -1;
         secs[rep] = now_s() - t0;
     }
-    qsort(secs, (size_t)mode->repeats, sizeof(double), cmp_double);
-    return secs[mode->repeats / 2];
+    return median_of(secs, mode->repeats);
 }
 
 /* Adds {"prefill_tokens", "plain_s", "busy_s", "with_busy_s", "overlap"} to out and prints a
@@ -335,8 +343,7 @@ static double median_request(const bench_mode_t *mode, mdl_ctx_t *ctx, const int
     for (int rep = 0; rep < mode->repeats; rep++)
         if ((secs[rep] = timed_request(ctx, t, n, logits, r)) < 0)
             return -1;
-    qsort(secs, (size_t)mode->repeats, sizeof(double), cmp_double);
-    return secs[mode->repeats / 2];
+    return median_of(secs, mode->repeats);
 }
 
 /* Median seconds of a GPU encoder's creation and destruction for ep (what a request pays
@@ -353,8 +360,7 @@ static double median_setup(const bench_mode_t *mode, const kvc_encoder_params_t 
         if (rep >= 0)
             secs[rep] = now_s() - t0;
     }
-    qsort(secs, (size_t)mode->repeats, sizeof(double), cmp_double);
-    return secs[mode->repeats / 2];
+    return median_of(secs, mode->repeats);
 }
 
 /* For each of k_req_tokens: a whole prefill request without a codec, with the host's and with
