@@ -14,7 +14,8 @@
  * 4. the layout on the device (maps_kernel, layout_kernel, scatter_kernel): maps, header, run
  *    offsets and the payload's work items, the twin of kvc_encoder_write_head and plan_payload;
  * 5. f16_kernel (a warp per FP16 token) and quant_kernel (a block per quantized group) write
- *    the payload; crc_kernel computes CRC32C of 4 KiB chunks, crc_final_kernel combines them.
+ *    the payload; crc_kernel computes CRC32C of 256-byte chunks, a thread each, shifts each to
+ *    its place in the body and XORs them per block; crc_final_kernel XORs the blocks' parts.
  *
  * The frame equals kvc_encoder_encode_layer's byte for byte for finite inputs (the rules are in
  * kvcodec_cuda_int.h and above choose_kernel). The layer is one chain of kernels on the stream;
@@ -36,10 +37,11 @@ extern "C" {
 #include <cub/device/device_radix_sort.cuh>
 namespace cg = cooperative_groups;
 
-#define CRC_CHUNK     4096u
+#define CRC_CHUNK     256u
 #define STATS_THREADS 64
 #define QUANT_THREADS 128
 #define ROT_THREADS   256
+#define CRC_THREADS   256
 
 /* Table slots in the device/host table buffer, each [n_kv][n]. */
 enum { TAB_DEV = 0, TAB_EK8, TAB_EV8, TAB_EK4, TAB_EV4, TAB_EK2, TAB_EV2, TAB_COUNT };
@@ -78,12 +80,13 @@ struct kvc_encoder_cuda {
     size_t max_frame;
     size_t n_items;
     size_t max_chunks;
+    unsigned crc_grid; // crc_kernel's blocks: enough for a full frame, at most 4 per SM
     // device
     float *d_kr, *d_vr;    // [n_kv][n][d] rotated K, V (rotating policies)
     float *d_tab;          // [TAB_COUNT][n_kv][n]
     uint32_t *d_tok;       // [n_items] token indices of the quantized groups
     work_t *d_work;        // [n_items]
-    uint32_t *d_crc;       // [max_chunks]
+    uint32_t *d_crc;       // [crc_grid] crc_kernel's parts
     kvc_scores_t d_scores; // own scores when the caller passes none
     // host, pinned; only for the host optimizer (host_opt_create)
     float *h_tab;                  // [TAB_COUNT][n_kv][n]
@@ -711,9 +714,64 @@ __global__ void quant_kernel(quant_args_t a)
     }
 }
 
-/* CRC32C (reflected 0x82F63B78) of each CRC_CHUNK-byte chunk of buf[0, len), as fy_crc32c(0,
- * chunk) would give: slicing by 4 with the tables in shared memory, a thread per chunk. */
-__global__ void crc_kernel(const uint8_t *buf, const plan_dev_t *plan, uint32_t *crcs)
+/* GF(2) product modulo the reflected CRC32C polynomial (bit 31 is x^0), zlib's crc32_combine
+ * arithmetic: crc(A || B) = crc(A) x^(8|B|) + crc(B) for register values without the final
+ * inversion. */
+static __host__ __device__ constexpr uint32_t gf2_mul(uint32_t a, uint32_t b)
+{
+    uint32_t p = 0;
+    for (int k = 0; k < 32; k++) {
+        p ^= b & (0u - (a >> 31));
+        a <<= 1;
+        b = (b >> 1) ^ (0x82f63b78u & (0u - (b & 1u)));
+    }
+    return p;
+}
+
+/* The shifts crc_kernel multiplies by: tail[t] = x^(8 t) for t <= CRC_CHUNK, chunk[b] =
+ * x^(8 CRC_CHUNK 2^b). Computed by the compiler. */
+typedef struct {
+    uint32_t tail[CRC_CHUNK + 1];
+    uint32_t chunk[32];
+} crc_pow_t;
+
+static constexpr crc_pow_t crc_pow_make(void)
+{
+    crc_pow_t t = {};
+    t.tail[0] = 1u << 31;
+    for (uint32_t i = 1; i <= CRC_CHUNK; i++)
+        t.tail[i] = gf2_mul(t.tail[i - 1], 1u << 23); // x^8
+    t.chunk[0] = t.tail[CRC_CHUNK];
+    for (int b = 1; b < 32; b++)
+        t.chunk[b] = gf2_mul(t.chunk[b - 1], t.chunk[b - 1]);
+    return t;
+}
+
+static __constant__ crc_pow_t c_crc_pow = crc_pow_make();
+
+/* The XOR of every thread's x, complete in thread 0 (a block of whole warps). */
+static __device__ __forceinline__ uint32_t block_xor(uint32_t x)
+{
+    __shared__ uint32_t s_warp[32];
+    for (int off = 16; off > 0; off >>= 1)
+        x ^= __shfl_xor_sync(0xffffffffu, x, off);
+    if ((threadIdx.x & 31) == 0)
+        s_warp[threadIdx.x / 32] = x;
+    __syncthreads();
+    if (threadIdx.x == 0)
+        for (uint32_t w = 1; w < blockDim.x / 32; w++)
+            x ^= s_warp[w];
+    return x;
+}
+
+/* CRC32C (reflected 0x82F63B78, fy_crc32c(0, body)) of buf[0, plan->body), in parts: a thread
+ * per CRC_CHUNK-byte chunk runs the register over its chunk (slicing by 4, tables in shared
+ * memory; from 0xffffffff for the first chunk, which carries the initial value, from 0 for the
+ * others), multiplies it by x^(8 bytes that follow the chunk), and the block XORs its threads'
+ * values into parts[blockIdx.x]. The XOR of all parts is the register after the body
+ * (crc_final_kernel). A chunk is a short chain of loads and lookups, so the time does not grow
+ * with a thread's share of the body as it did with 4 KiB chunks. */
+__global__ void crc_kernel(const uint8_t *buf, const plan_dev_t *plan, uint32_t *parts)
 {
     size_t len = plan->body;
     __shared__ uint32_t tab[4][256];
@@ -730,19 +788,25 @@ __global__ void crc_kernel(const uint8_t *buf, const plan_dev_t *plan, uint32_t 
             tab[t][i] = (tab[t - 1][i] >> 8) ^ tab[0][tab[t - 1][i] & 0xffu];
     __syncthreads();
     size_t chunks = (len + CRC_CHUNK - 1) / CRC_CHUNK;
+    uint32_t tail = chunks ? (uint32_t)(len - (chunks - 1) * CRC_CHUNK) : 0; // 1 .. CRC_CHUNK
+    uint32_t acc = 0;
     for (size_t ci = (size_t)blockIdx.x * blockDim.x + threadIdx.x; ci < chunks;
          ci += (size_t)gridDim.x * blockDim.x) {
         const uint8_t *p = buf + ci * CRC_CHUNK;
         size_t n = len - ci * CRC_CHUNK;
         if (n > CRC_CHUNK)
             n = CRC_CHUNK;
-        uint32_t c = 0xffffffffu;
+        uint32_t c = ci == 0 ? 0xffffffffu : 0u;
         size_t i = 0;
         if (n == CRC_CHUNK && ((uintptr_t)p & 15) == 0) { // 16-byte loads where aligned
             const uint4 *q = (const uint4 *)p;
-            for (; i < CRC_CHUNK / 16; i++) {
-                uint4 w = q[i];
-                uint32_t ws[4] = {w.x, w.y, w.z, w.w};
+            uint4 w[CRC_CHUNK / 16];
+#pragma unroll
+            for (int j = 0; j < (int)(CRC_CHUNK / 16); j++) // every load before the first use
+                w[j] = q[j];
+#pragma unroll
+            for (int j = 0; j < (int)(CRC_CHUNK / 16); j++) {
+                uint32_t ws[4] = {w[j].x, w[j].y, w[j].z, w[j].w};
                 for (int k = 0; k < 4; k++) {
                     uint32_t x = ws[k] ^ c;
                     c = tab[3][x & 0xffu] ^ tab[2][(x >> 8) & 0xffu] ^ tab[1][(x >> 16) & 0xffu] ^
@@ -753,7 +817,34 @@ __global__ void crc_kernel(const uint8_t *buf, const plan_dev_t *plan, uint32_t 
         }
         for (; i < n; i++)
             c = (c >> 8) ^ tab[0][(c ^ p[i]) & 0xffu];
-        crcs[ci] = ~c;
+        if (ci + 1 < chunks) { // shift past the later chunks: the last one's tail bytes, then
+            c = gf2_mul(c, c_crc_pow.tail[tail]); // chunks - 2 - ci full ones
+            size_t later = chunks - 2 - ci;
+            for (int b = 0; later != 0; b++, later >>= 1)
+                if (later & 1)
+                    c = gf2_mul(c, c_crc_pow.chunk[b]);
+        }
+        acc ^= c;
+    }
+    acc = block_xor(acc);
+    if (threadIdx.x == 0)
+        parts[blockIdx.x] = acc;
+}
+
+/* One block: the frame's CRC32C, the XOR of crc_kernel's n_parts parts inverted (0 for an
+ * empty body), written behind the body. */
+__global__ void crc_final_kernel(const uint32_t *parts, uint32_t n_parts, const plan_dev_t *plan,
+                                 uint8_t *out)
+{
+    size_t len = plan->body;
+    uint32_t acc = 0;
+    for (uint32_t i = threadIdx.x; i < n_parts; i += blockDim.x)
+        acc ^= parts[i];
+    acc = block_xor(acc);
+    if (threadIdx.x == 0) {
+        uint32_t crc = len ? ~acc : 0u;
+        for (int k = 0; k < 4; k++)
+            out[len + k] = (uint8_t)(crc >> (8 * k));
     }
 }
 
@@ -1443,76 +1534,6 @@ __global__ void __launch_bounds__(256) scatter_kernel(plan_args_t a)
     }
 }
 
-/* GF(2) arithmetic modulo the reflected CRC32C polynomial (zlib's crc32_combine method). */
-static __device__ uint32_t gf2_mul(uint32_t a, uint32_t b)
-{
-    uint32_t m = 1u << 31, p = 0;
-    for (;;) {
-        if (a & m) {
-            p ^= b;
-            if ((a & (m - 1)) == 0)
-                break;
-        }
-        m >>= 1;
-        b = (b & 1) ? (b >> 1) ^ 0x82f63b78u : b >> 1;
-    }
-    return p;
-}
-
-/* x^(8 * len) modulo the polynomial. */
-static __device__ uint32_t gf2_x8n(uint64_t len)
-{
-    uint32_t sq = 1u << 30; // x^1
-    for (int k = 0; k < 3; k++)
-        sq = gf2_mul(sq, sq); // x^8
-    uint32_t p = 1u << 31;    // x^0
-    while (len) {
-        if (len & 1)
-            p = gf2_mul(sq, p);
-        sq = gf2_mul(sq, sq);
-        len >>= 1;
-    }
-    return p;
-}
-
-/* One block: the frame's CRC32C from the chunk CRCs, combined pairwise in a tree
- * (crc(A || B) = crc(A) x^(8|B|) + crc(B)), written behind the body. crcs is overwritten. A
- * right-hand side of full chunks is shifted by s_pow[level] (x^(8 CRC_CHUNK 2^level)); the one
- * that ends with the short last chunk by x^(8 tail) times the powers of its full chunks. */
-__global__ void crc_final_kernel(uint32_t *crcs, const plan_dev_t *plan, uint8_t *out)
-{
-    __shared__ uint32_t s_pow[64];
-    __shared__ uint32_t s_tail;
-    size_t len = plan->body;
-    size_t chunks = (len + CRC_CHUNK - 1) / CRC_CHUNK;
-    if (threadIdx.x == 0) {
-        s_pow[0] = gf2_x8n(CRC_CHUNK);
-        s_tail = gf2_x8n(len - (chunks - 1) * CRC_CHUNK);
-    }
-    __syncthreads();
-    int level = 0;
-    for (size_t span = 1; span < chunks; span *= 2, level++) { // span: chunks per side
-        for (size_t i = (size_t)threadIdx.x * 2 * span; i + span < chunks;
-             i += (size_t)blockDim.x * 2 * span) {
-            uint32_t x = s_pow[level];
-            if (i + 2 * span >= chunks) { // the right side ends the body
-                size_t full = chunks - (i + span) - 1;
-                x = s_tail;
-                for (int k = 0; k < level; k++)
-                    if ((full >> k) & 1)
-                        x = gf2_mul(x, s_pow[k]);
-            }
-            crcs[i] = gf2_mul(x, crcs[i]) ^ crcs[i + span];
-        }
-        __syncthreads();
-        if (threadIdx.x == 0)
-            s_pow[level + 1] = gf2_mul(s_pow[level], s_pow[level]);
-        __syncthreads();
-    }
-    if (threadIdx.x < 4)
-        out[len + threadIdx.x] = (uint8_t)(crcs[0] >> (8 * threadIdx.x));
-}
-
 /* ------------------------------------------------------------------------------------------ */
 /* Host                                                                                        */
 /* ------------------------------------------------------------------------------------------ */
@@ -1671,7 +1692,6 @@ extern "C" fy_status_t kvc_encoder_cuda_create(const kvc_encoder_params_t *param
     KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_tab, tab), st, fail);
     KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_tok, e->n_items * sizeof(uint32_t)), st, fail);
     KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_work, e->n_items * sizeof(work_t)), st, fail);
-    KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_crc, e->max_chunks * sizeof(uint32_t)), st, fail);
     for (int i = 0; i < 4; i++)
         KVC_CUDA_GOTO(cudaEventCreate(&e->ev[i]), st, fail);
     if ((st = kvc_scores_init_cuda(&e->d_scores, e->n_kv, e->n, e->d)) != FY_OK)
@@ -1681,7 +1701,10 @@ extern "C" fy_status_t kvc_encoder_cuda_create(const kvc_encoder_params_t *param
         KVC_CUDA_GOTO(cudaGetDevice(&dev), st, fail);
         KVC_CUDA_GOTO(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), st, fail);
         e->sms = (unsigned)FY_MAX(sms, 1);
+        e->crc_grid =
+            (unsigned)FY_MIN((size_t)kvc_grid(e->max_chunks, CRC_THREADS), 4 * (size_t)e->sms);
     }
+    KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_crc, e->crc_grid * sizeof(uint32_t)), st, fail);
     KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_plan, sizeof(plan_dev_t)), st, fail);
     KVC_CUDA_GOTO(cudaMallocHost((void **)&e->h_lay, sizeof(plan_dev_t)), st, fail);
     KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_hcnt, (size_t)e->n_kv * 8 * 8), st, fail);
@@ -2127,9 +2150,9 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
         a.rot_scale = rot_scale;
         quant_kernel<<<wide, QUANT_THREADS, a.stage ? q_stage_bytes : 0, cs>>>(a);
         KVC_LAUNCH_GOTO(st, out);
-        crc_kernel<<<kvc_grid(e->max_chunks, 256), 256, 0, cs>>>(out, e->d_plan, e->d_crc);
+        crc_kernel<<<e->crc_grid, CRC_THREADS, 0, cs>>>(out, e->d_plan, e->d_crc);
         KVC_LAUNCH_GOTO(st, out);
-        crc_final_kernel<<<1, 1024, 0, cs>>>(e->d_crc, e->d_plan, out);
+        crc_final_kernel<<<1, 256, 0, cs>>>(e->d_crc, e->crc_grid, e->d_plan, out);
         KVC_LAUNCH_GOTO(st, out);
         if (e->opt_on)
             KVC_CUDA_GOTO(cudaMemcpyAsync(e->h_lay, e->d_plan, sizeof(plan_dev_t),
