@@ -1222,10 +1222,37 @@ __global__ void cand_kernel(opt_args_t a, uint32_t *keys, uint32_t *idx)
     }
 }
 
+/* Whether some one-token upgrade (head h, option cur -> to with cost[to] > cost[cur], as
+ * cand_kernel proposes them) still fits the target under the current counts. A candidate's
+ * byte change depends only on its (h, cur, to), so when none of these fits, no remaining
+ * candidate can be taken before the state changes, and the state changes only by a take: the
+ * fill is over (the CPU's scan goes on to the end of the list and takes nothing more). All
+ * threads of the block call it. */
+static __device__ bool greedy_any_fits(const opt_args_t &a, const long long *s_cnt, long long total,
+                                       long long target)
+{
+    bool fit = false;
+    for (uint32_t t = threadIdx.x; t < a.n_kv * 64 && !fit; t += blockDim.x) {
+        uint32_t h = t / 64, cur = t / 8 % 8, to = t % 8;
+        if (cur >= KVC_OPT_COUNT || to >= KVC_OPT_COUNT || !(a.cost[to] > a.cost[cur]))
+            continue;
+        long long cc = s_cnt[h * 8 + cur], ct = s_cnt[h * 8 + to];
+        if (cc < 1) // no item of the head holds cur
+            continue;
+        long long delta =
+            add_bytes(a, (int)to, (uint32_t)ct) - add_bytes(a, (int)cur, (uint32_t)(cc - 1));
+        fit = total + delta <= target;
+    }
+    return __syncthreads_or(fit) != 0;
+}
+
 /* One pass of the greedy fill over the sorted candidates: the block stages GREEDY_CHUNK of
  * them in shared memory, then evaluates GREEDY_THREADS at a time against the current state
  * (counts, frame bytes) and takes the first whose exact byte change still fits (the ones before
- * it do not fit under the same state, as on the CPU) and goes on right behind it. */
+ * it do not fit under the same state, as on the CPU) and goes on right behind it. It stops as
+ * soon as no upgrade of any kind fits (greedy_any_fits) instead of scanning the rest of the
+ * list, which once the slack is spent finds nothing: the same choice, without the long tail of
+ * windows where nothing fits. */
 __global__ void __launch_bounds__(GREEDY_THREADS)
     greedy_kernel(opt_args_t a, const uint32_t *keys, const uint32_t *idx)
 {
@@ -1244,7 +1271,8 @@ __global__ void __launch_bounds__(GREEDY_THREADS)
     if (threadIdx.x == 0)
         s_total = (long long)a.out->total;
     const long long target = (long long)a.out->target;
-    bool finished = false;
+    __syncthreads();
+    bool finished = !greedy_any_fits(a, s_cnt, s_total, target);
     for (size_t base = 0; base < a.n_items && !finished; base += GREEDY_CHUNK) {
         __syncthreads();
         for (uint32_t k = threadIdx.x; k < GREEDY_CHUNK; k += blockDim.x) {
@@ -1308,6 +1336,10 @@ __global__ void __launch_bounds__(GREEDY_THREADS)
                 a.choice[i] = (uint8_t)to;
             }
             __syncthreads();
+            if (!greedy_any_fits(a, s_cnt, s_total, target)) {
+                finished = true;
+                break;
+            }
             p += f + 1;
         }
     }
