@@ -7,7 +7,8 @@
  * 2. stats_kernel (policies that measure distortion): per (kv head, group of G consecutive
  *    tokens) the tables encode.c's build_items computes on the CPU — |v - obar|^2 and the key
  *    and value errors at 8, 4 and 2 bits, trial-quantized or modelled — in the CPU's exact
- *    arithmetic order;
+ *    arithmetic order: a warp stages each K and V row (rotating it in registers), then each
+ *    token's 8 threads run the CPU's 8 accumulator lanes and combine them in its order;
  * 3. the optimizer on the device (choose_kernel, one cooperative grid: distortions from the
  *    tables, the rate controller, the multiplier bracket and bisection; cand_kernel, a radix
  *    sort and greedy_kernel: the greedy slack fill), the twin of kvc_encoder_choose;
@@ -41,6 +42,8 @@ namespace cg = cooperative_groups;
 #define STATS_THREADS 64
 #define QUANT_THREADS 128
 #define ROT_THREADS   256
+#define TOK_LANES     8 // threads per token in the per-token passes (the CPU's 8 lanes)
+#define ST_PAD        8 // stats_kernel's staged rows are d + ST_PAD floats apart
 #define CRC_THREADS   256
 
 /* Table slots in the device/host table buffer, each [n_kv][n]. */
@@ -153,9 +156,9 @@ __global__ void rotate_kernel(const uint16_t *k, const uint16_t *v, size_t hs, s
         for (uint32_t c = lane; c < d; c += 32)
             x[c] = fy_dev_h2f(src[c]);
         __syncwarp();
-        for (uint32_t len = 1; len < d; len <<= 1) {
+        for (uint32_t len = 1, lg = 0; len < d; len <<= 1, lg++) { // d: a power of two
             for (uint32_t j = lane; j < d / 2; j += 32) {
-                uint32_t i = (j / len) * 2 * len + (j % len);
+                uint32_t i = ((j >> lg) << (lg + 1)) | (j & (len - 1));
                 float a = x[i], b = x[i + len];
                 x[i] = kadd(a, b);
                 x[i + len] = ksub(a, b);
@@ -175,6 +178,7 @@ typedef struct {
     size_t hs, ts;
     const float *kr, *vr; // [n_kv][n][d] rotated rows, or NULL
     uint32_t n, d;
+    int vec; // k, v and their strides are 16-byte aligned: rows load 8 halves at a time
 } kv_src_t;
 
 /* Element c of token t of head h: K or V (val), rotated (rot) or as given. */
@@ -186,34 +190,153 @@ static __device__ __forceinline__ float src_x(const kv_src_t &a, bool val, bool 
     return ld_h(val ? a.v : a.k, a.hs, a.ts, h, t, c);
 }
 
-/* kvc_row_minmax over element c = get(c): eight lanes over c, then lanes 0..7 in order. */
-template <typename F>
-static __device__ __forceinline__ void minmax_lanes(F get, uint32_t d, float *mn_p, float *mx_p)
+/* Halves c .. c + E - 1 of row (h, t) of K or V as fp32: one vector load when s.vec (rows
+ * 16-byte aligned; c a multiple of E). */
+template <int E>
+static __device__ __forceinline__ void ld_hE(const kv_src_t &s, bool val, uint32_t h, uint32_t t,
+                                             uint32_t c, float (&x)[E])
 {
-    float mn[8], mx[8];
-    for (int l = 0; l < 8; l++)
-        mn[l] = mx[l] = get((uint32_t)l);
-    for (uint32_t c = 8; c + 8 <= d; c += 8) {
-        for (int l = 0; l < 8; l++) {
-            float x = get(c + l);
-            mn[l] = x < mn[l] ? x : mn[l];
-            mx[l] = x > mx[l] ? x : mx[l];
+    const uint16_t *p = (val ? s.v : s.k) + (size_t)h * s.hs + (size_t)t * s.ts + c;
+    if constexpr (E >= 2) {
+        if (s.vec) {
+            uint32_t w[E / 2];
+            if constexpr (E == 8) {
+                const uint4 u = *reinterpret_cast<const uint4 *>(p);
+                w[0] = u.x, w[1] = u.y, w[2] = u.z, w[3] = u.w;
+            } else if constexpr (E == 4) {
+                const uint2 u = *reinterpret_cast<const uint2 *>(p);
+                w[0] = u.x, w[1] = u.y;
+            } else {
+                w[0] = *reinterpret_cast<const uint32_t *>(p);
+            }
+#pragma unroll
+            for (int i = 0; i < E / 2; i++) {
+                x[2 * i] = fy_dev_h2f((uint16_t)w[i]);
+                x[2 * i + 1] = fy_dev_h2f((uint16_t)(w[i] >> 16));
+            }
+            return;
         }
     }
-    float lo = mn[0], hi = mx[0];
-    for (int l = 1; l < 8; l++) {
-        lo = mn[l] < lo ? mn[l] : lo;
-        hi = mx[l] > hi ? mx[l] : hi;
-    }
-    *mn_p = lo;
-    *mx_p = hi;
+#pragma unroll
+    for (int e = 0; e < E; e++)
+        x[e] = fy_dev_h2f(p[e]);
 }
 
-/* kvc_row_minmax of a row where it lives. */
-static __device__ void row_minmax(const kv_src_t &a, bool val, bool rot, uint32_t h, uint32_t t,
-                                  float *mn_p, float *mx_p)
+/* kvc_hadamard on a row of d = 32 E floats held by a warp, lane L holding elements E L ..
+ * E L + E - 1: the same butterflies in the same stages (len < E inside the lane, then between
+ * lanes L and L ^ (len / E), the lower keeping a + b and the upper a - b with a the lower's
+ * value), then the same scale, so every value equals the rotated copy rotate_kernel writes. */
+template <int E> static __device__ __forceinline__ void warp_hadamard(float (&x)[E], float scale)
 {
-    minmax_lanes([&](uint32_t c) { return src_x(a, val, rot, h, t, c); }, a.d, mn_p, mx_p);
+    const uint32_t lane = threadIdx.x % 32;
+#pragma unroll
+    for (int len = 1; len < E; len <<= 1)
+#pragma unroll
+        for (int e = 0; e < E; e++)
+            if ((e & len) == 0) {
+                const float p = x[e], q = x[e + len];
+                x[e] = kadd(p, q);
+                x[e + len] = ksub(p, q);
+            }
+#pragma unroll
+    for (uint32_t m = 1; m < 32; m <<= 1) {
+        const bool upper = (lane & m) != 0;
+#pragma unroll
+        for (int e = 0; e < E; e++) {
+            const float o = __shfl_xor_sync(0xffffffffu, x[e], m);
+            x[e] = upper ? ksub(o, x[e]) : kadd(x[e], o);
+        }
+    }
+#pragma unroll
+    for (int e = 0; e < E; e++)
+        x[e] = kmul(x[e], scale);
+}
+
+/* Rows j < m of K and V of head h (token tok(j)) as fp32 into sk and sv, `stride` floats
+ * apart, a warp per row, Hadamard-rotated on the way when rot; d = 32 E. */
+template <int E, typename F>
+static __device__ void stage_rows_warp(const kv_src_t &s, uint32_t h, F tok, uint32_t m, float *sk,
+                                       float *sv, uint32_t stride, bool rot, float scale)
+{
+    const uint32_t lane = threadIdx.x % 32, nw = blockDim.x / 32;
+    for (uint32_t row = threadIdx.x / 32; row < 2 * m; row += nw) {
+        const bool val = row >= m;
+        const uint32_t j = val ? row - m : row;
+        float x[E];
+        ld_hE<E>(s, val, h, tok(j), E * lane, x);
+        if (rot)
+            warp_hadamard<E>(x, scale);
+        float *dst = (val ? sv : sk) + (size_t)j * stride + E * lane;
+        if constexpr (E % 4 == 0) { // stride and the arrays are 16-byte aligned (stage_plan)
+#pragma unroll
+            for (int e = 0; e < E; e += 4)
+                *reinterpret_cast<float4 *>(dst + e) =
+                    make_float4(x[e], x[e + 1], x[e + 2], x[e + 3]);
+        } else {
+#pragma unroll
+            for (int e = 0; e < E; e++)
+                dst[e] = x[e];
+        }
+    }
+}
+
+/* stage_rows_warp for the head dims it serves (32 E for E = E0, 2 E0, .. 8); false for the
+ * others, which stage element by element and rotate with sm_hadamard_rows. */
+template <int E0 = 1, typename F>
+static __device__ bool stage_rows(const kv_src_t &s, uint32_t h, F tok, uint32_t m, float *sk,
+                                  float *sv, uint32_t stride, bool rot, float scale)
+{
+    if (s.d == 32 * E0) {
+        stage_rows_warp<E0>(s, h, tok, m, sk, sv, stride, rot, scale);
+        return true;
+    }
+    if constexpr (E0 < 8)
+        return stage_rows<2 * E0>(s, h, tok, m, sk, sv, stride, rot, scale);
+    return false;
+}
+
+/* The per-token passes give each token TOK_LANES consecutive threads of a warp: lane l runs the
+ * CPU's accumulator l (channels l, l + 8, ...) and the lanes' results are combined in the CPU's
+ * order, so every value equals the serial loop's. */
+
+/* kvc_dev_sum8 of the 8 lanes' x, in every lane: a + b == b + a exactly, so both lanes of a
+ * pair hold the same sum at each level of the tree. */
+static __device__ __forceinline__ float tl_sum8(float x)
+{
+    x = kadd(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    x = kadd(x, __shfl_xor_sync(0xffffffffu, x, 2));
+    return kadd(x, __shfl_xor_sync(0xffffffffu, x, 4));
+}
+
+/* kvc_row_minmax's merge of the 8 lanes' (mn, mx): lane 0's, then lanes 1 .. 7 in order. */
+static __device__ __forceinline__ void tl_merge(float mn, float mx, float *lo_p, float *hi_p)
+{
+    float lo = __shfl_sync(0xffffffffu, mn, 0, TOK_LANES);
+    float hi = __shfl_sync(0xffffffffu, mx, 0, TOK_LANES);
+#pragma unroll
+    for (int l = 1; l < TOK_LANES; l++) {
+        const float a = __shfl_sync(0xffffffffu, mn, l, TOK_LANES);
+        const float b = __shfl_sync(0xffffffffu, mx, l, TOK_LANES);
+        lo = a < lo ? a : lo;
+        hi = b > hi ? b : hi;
+    }
+    *lo_p = lo;
+    *hi_p = hi;
+}
+
+/* kvc_row_minmax over element c = get(c) (lane l: channels l, l + 8, ..., then the merge), this
+ * thread being lane l of its token. */
+template <typename F>
+static __device__ __forceinline__ void tl_minmax(F get, uint32_t d, uint32_t l, float *lo_p,
+                                                 float *hi_p)
+{
+    float mn = get(l), mx = mn;
+    for (uint32_t c = 8; c + 8 <= d; c += 8) {
+        const float x = get(c + l);
+        mn = x < mn ? x : mn;
+        mx = x > mx ? x : mx;
+    }
+    tl_merge(mn, mx, lo_p, hi_p);
 }
 
 /* rotate_kernel on rows staged in shared memory (rows x d, `stride` floats apart): the same
@@ -222,11 +345,12 @@ static __device__ void row_minmax(const kv_src_t &a, bool val, bool rot, uint32_
 static __device__ void sm_hadamard_rows(float *x, uint32_t rows, uint32_t d, uint32_t stride,
                                         float scale)
 {
-    uint32_t half = d / 2;
-    for (uint32_t len = 1; len < d; len <<= 1) {
+    // d is a power of two: shifts and masks instead of divisions.
+    const uint32_t half = d / 2, lg_half = (uint32_t)__ffs((int)half) - 1;
+    for (uint32_t len = 1, lg = 0; len < d; len <<= 1, lg++) {
         for (uint32_t i2 = threadIdx.x; i2 < rows * half; i2 += blockDim.x) {
-            uint32_t r = i2 / half, j = i2 % half;
-            uint32_t i = (j / len) * 2 * len + (j % len);
+            uint32_t r = i2 >> lg_half, j = i2 & (half - 1);
+            uint32_t i = ((j >> lg) << (lg + 1)) | (j & (len - 1));
             float *row = x + (size_t)r * stride;
             float p = row[i], q = row[i + len];
             row[i] = kadd(p, q);
@@ -235,16 +359,10 @@ static __device__ void sm_hadamard_rows(float *x, uint32_t rows, uint32_t d, uin
         __syncthreads();
     }
     for (uint32_t i2 = threadIdx.x; i2 < rows * d; i2 += blockDim.x) {
-        float *px = x + (size_t)(i2 / d) * stride + i2 % d;
+        float *px = x + (size_t)(i2 >> (lg_half + 1)) * stride + (i2 & (d - 1));
         *px = kmul(*px, scale);
     }
     __syncthreads();
-}
-
-/* row_minmax of a staged row (the same lanes and order). */
-static __device__ void row_minmax_f(const float *x, uint32_t d, float *mn_p, float *mx_p)
-{
-    minmax_lanes([&](uint32_t c) { return x[c]; }, d, mn_p, mx_p);
 }
 
 typedef struct {
@@ -266,14 +384,15 @@ static __device__ __forceinline__ float st_x(const stats_args_t &a, bool val, bo
     return src_x(a.src, val, rot, h, t, c);
 }
 
-/* Element c of the group's token j (t0 + j): staged rows (stride d + 1, so that threads on
- * different rows hit different banks) when they hold this source, else where it lives. */
+/* Element c of the group's token j (t0 + j): staged rows (d + ST_PAD floats apart, so that the
+ * 4 tokens a warp reads at once sit in different banks) when they hold this source, else where
+ * it lives. */
 static __device__ __forceinline__ float st_g(const stats_args_t &a, const float *sk,
                                              const float *sv, bool val, bool rot, uint32_t h,
                                              uint32_t t0, uint32_t j, uint32_t c)
 {
     if (a.stage && rot == (a.rotate != 0))
-        return (val ? sv : sk)[(size_t)j * (a.d + 1) + c];
+        return (val ? sv : sk)[(size_t)j * (a.d + ST_PAD) + c];
     return st_x(a, val, rot, h, t0 + j, c);
 }
 
@@ -282,12 +401,14 @@ __global__ void stats_kernel(stats_args_t a)
 {
     // Per channel, sized by head_dim so that small heads leave room for more blocks:
     // range [unrotated, rotated], and per width slot (8, 4, 2 bits) the step and 1 / step.
-    extern __shared__ float st_sm[]; // [10][d], then with a.stage K and V rows [G][d + 1] each
-    uint32_t d = a.d;
-    float *sk = st_sm + 10 * d, *sv = sk + (size_t)a.G * (d + 1);
-    float *s_mn[2] = {st_sm, st_sm + d}, *s_mx[2] = {st_sm + 2 * d, st_sm + 3 * d};
-    float *s_s[3] = {st_sm + 4 * d, st_sm + 5 * d, st_sm + 6 * d};
-    float *s_inv[3] = {st_sm + 7 * d, st_sm + 8 * d, st_sm + 9 * d};
+    extern __shared__ float st_sm[]; // [10][d], then with a.stage K and V rows [G][d + ST_PAD]
+    const uint32_t d = a.d, SS = d + ST_PAD;
+    float *sk = st_sm + 10 * d, *sv = sk + (size_t)a.G * SS;
+    // (Offsets, not arrays of pointers: a runtime index into those puts them in local memory.)
+    auto s_mn = [&](int r) { return st_sm + r * d; };
+    auto s_mx = [&](int r) { return st_sm + (2 + r) * d; };
+    auto s_s = [&](int w) { return st_sm + (4 + w) * d; };
+    auto s_inv = [&](int w) { return st_sm + (7 + w) * d; };
     __shared__ float s_ke[3]; // modelled key error per width slot
     __shared__ float s_kwrot;
     uint32_t chunks = (a.n + a.G - 1) / a.G;
@@ -300,17 +421,21 @@ __global__ void stats_kernel(stats_args_t a)
         const float *obar = a.obar + (size_t)h * d;
         __syncthreads(); // shared arrays free from the previous block
         if (a.stage) {
-            bool rs = a.rotate != 0 && !a.fused; // fused: load as given, rotate below
-            for (uint32_t i = threadIdx.x; i < m * d; i += blockDim.x) {
-                uint32_t j = i / d, c = i % d;
-                sk[(size_t)j * (d + 1) + c] = st_x(a, false, rs, h, t0 + j, c);
-                sv[(size_t)j * (d + 1) + c] = st_x(a, true, rs, h, t0 + j, c);
+            bool rs = a.rotate != 0 && !a.fused; // fused: load as given and rotate here
+            auto tok = [&](uint32_t j) { return t0 + j; };
+            if (rs || !stage_rows(a.src, h, tok, m, sk, sv, SS, a.fused != 0, a.rot_scale)) {
+                for (uint32_t i = threadIdx.x; i < m * d; i += blockDim.x) {
+                    uint32_t j = i / d, c = i % d;
+                    sk[(size_t)j * SS + c] = st_x(a, false, rs, h, t0 + j, c);
+                    sv[(size_t)j * SS + c] = st_x(a, true, rs, h, t0 + j, c);
+                }
+                __syncthreads();
+                if (a.fused) {
+                    sm_hadamard_rows(sk, m, d, SS, a.rot_scale);
+                    sm_hadamard_rows(sv, m, d, SS, a.rot_scale);
+                }
             }
             __syncthreads();
-            if (a.fused) {
-                sm_hadamard_rows(sk, m, d, d + 1, a.rot_scale);
-                sm_hadamard_rows(sv, m, d, d + 1, a.rot_scale);
-            }
         }
         if (threadIdx.x == 0) {
             float s = 0;
@@ -327,8 +452,8 @@ __global__ void stats_kernel(stats_args_t a)
                     mn = x < mn ? x : mn;
                     mx = x > mx ? x : mx;
                 }
-                s_mn[r][c] = mn;
-                s_mx[r][c] = mx;
+                s_mn(r)[c] = mn;
+                s_mx(r)[c] = mx;
             }
         }
         __syncthreads();
@@ -338,9 +463,9 @@ __global__ void stats_kernel(stats_args_t a)
             bool rot = a.rotate && b <= 4;
             float qmax = (float)((1 << b) - 1);
             for (uint32_t c = threadIdx.x; c < d; c += blockDim.x) {
-                float s = kdiv(ksub(s_mx[rot][c], s_mn[rot][c]), qmax);
-                s_s[w][c] = s;
-                s_inv[w][c] = s > 0 ? kdiv(1.0f, s) : 0.0f;
+                float s = kdiv(ksub(s_mx(rot)[c], s_mn(rot)[c]), qmax);
+                s_s(w)[c] = s;
+                s_inv(w)[c] = s > 0 ? kdiv(1.0f, s) : 0.0f;
             }
         }
         __syncthreads();
@@ -351,112 +476,119 @@ __global__ void stats_kernel(stats_args_t a)
             float ke = 0;
             for (uint32_t c = 0; c < d; c++) {
                 float kw = rot ? s_kwrot : qsq[c];
-                ke = kadd(ke, kmul(kmul(kw, s_s[w][c]), s_s[w][c]));
+                ke = kadd(ke, kmul(kmul(kw, s_s(w)[c]), s_s(w)[c]));
             }
             s_ke[w] = kdiv(ke, 12.0f);
         }
         __syncthreads();
         // Per token: four passes over its row, each feeding every width that reads the same
-        // data (each accumulator keeps the CPU's own chain and final tree).
+        // data (each accumulator keeps the CPU's own chain and final tree). A token's
+        // TOK_LANES threads take one accumulator lane each.
         bool trial = !a.model;
         bool kerr4 = trial && a.need4, kerr2 = trial && a.need2 && a.needk2;
         bool verr4 = trial && a.need4 && a.needv4, verr2 = trial && a.need2;
         bool want_r = (a.model && (a.need4 || a.need2)) || verr4 || verr2; // V range, 4/2 bits
         bool rot = a.rotate != 0; // the source of the 4- and 2-bit widths
         float rot_kw = s_kwrot;
-        for (uint32_t j = threadIdx.x; j < m; j += blockDim.x) {
+        const float *kmn = s_mn(rot);
+        const float *s4k = s_s(1), *i4k = s_inv(1), *s2k = s_s(2), *i2k = s_inv(2);
+        const uint32_t l = threadIdx.x % TOK_LANES, per = blockDim.x / TOK_LANES;
+        for (uint32_t j0 = 0; j0 < m; j0 += per) {
+            // Every thread runs the body (the shuffles take whole warps); a lane group past
+            // the group's end repeats its last token and stores nothing.
+            const uint32_t jj = j0 + threadIdx.x / TOK_LANES, j = min(jj, m - 1);
+            const bool store = jj < m && l == 0;
             uint32_t t = t0 + j;
             size_t it = (size_t)h * a.n + t;
             // Pass 1, unrotated V: |v - obar|^2 (kvc_dot's lanes) and the row range.
-            float dacc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, umn[8], umx[8];
-            for (uint32_t c = 0; c < d; c += 8) {
-                for (int l = 0; l < 8; l++) {
-                    float x = st_g(a, sk, sv, true, false, h, t0, j, c + l);
-                    float df = ksub(x, obar[c + l]);
-                    dacc[l] = kadd(dacc[l], kmul(df, df));
-                    if (c == 0) {
-                        umn[l] = umx[l] = x;
-                    } else {
-                        umn[l] = x < umn[l] ? x : umn[l];
-                        umx[l] = x > umx[l] ? x : umx[l];
-                    }
+            float dacc = 0, umn = 0, umx = 0;
+            for (uint32_t c = l; c < d; c += 8) {
+                float x = st_g(a, sk, sv, true, false, h, t0, j, c);
+                float df = ksub(x, obar[c]);
+                dacc = kadd(dacc, kmul(df, df));
+                if (c == l) {
+                    umn = umx = x;
+                } else {
+                    umn = x < umn ? x : umn;
+                    umx = x > umx ? x : umx;
                 }
             }
-            a.tab[TAB_DEV * plane + it] = kvc_dev_sum8(dacc);
-            float ulo = umn[0], uhi = umx[0];
-            for (int l = 1; l < 8; l++) {
-                ulo = umn[l] < ulo ? umn[l] : ulo;
-                uhi = umx[l] > uhi ? umx[l] : uhi;
-            }
+            dacc = tl_sum8(dacc);
+            if (store)
+                a.tab[TAB_DEV * plane + it] = dacc;
+            float ulo, uhi;
+            tl_merge(umn, umx, &ulo, &uhi);
             // Pass 2, K of the 4/2-bit source: trial key errors of both widths.
             if (kerr4 || kerr2) {
-                float k4[8] = {0, 0, 0, 0, 0, 0, 0, 0}, k2[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-                for (uint32_t c = 0; c < d; c += 8) {
-                    for (int l = 0; l < 8; l++) {
-                        uint32_t cc = c + l;
-                        float x = st_g(a, sk, sv, false, rot, h, t0, j, cc);
-                        float mn = s_mn[rot][cc];
-                        float kw = rot ? rot_kw : qsq[cc];
-                        if (kerr4) {
-                            float r = kvc_dev_round_clamp(kmul(ksub(x, mn), s_inv[1][cc]), 15.0f);
-                            float err = ksub(kadd(kmul(r, s_s[1][cc]), mn), x);
-                            k4[l] = kadd(k4[l], kmul(kmul(kw, err), err));
-                        }
-                        if (kerr2) {
-                            float r = kvc_dev_round_clamp(kmul(ksub(x, mn), s_inv[2][cc]), 3.0f);
-                            float err = ksub(kadd(kmul(r, s_s[2][cc]), mn), x);
-                            k2[l] = kadd(k2[l], kmul(kmul(kw, err), err));
-                        }
+                float k4 = 0, k2 = 0;
+                for (uint32_t c = l; c < d; c += 8) {
+                    float x = st_g(a, sk, sv, false, rot, h, t0, j, c);
+                    float mn = kmn[c];
+                    float kw = rot ? rot_kw : qsq[c];
+                    if (kerr4) {
+                        float r = kvc_dev_round_clamp(kmul(ksub(x, mn), i4k[c]), 15.0f);
+                        float err = ksub(kadd(kmul(r, s4k[c]), mn), x);
+                        k4 = kadd(k4, kmul(kmul(kw, err), err));
+                    }
+                    if (kerr2) {
+                        float r = kvc_dev_round_clamp(kmul(ksub(x, mn), i2k[c]), 3.0f);
+                        float err = ksub(kadd(kmul(r, s2k[c]), mn), x);
+                        k2 = kadd(k2, kmul(kmul(kw, err), err));
                     }
                 }
-                if (kerr4)
-                    a.tab[TAB_EK4 * plane + it] = kvc_dev_sum8(k4);
-                if (kerr2)
-                    a.tab[TAB_EK2 * plane + it] = kvc_dev_sum8(k2);
+                k4 = tl_sum8(k4);
+                k2 = tl_sum8(k2);
+                if (store && kerr4)
+                    a.tab[TAB_EK4 * plane + it] = k4;
+                if (store && kerr2)
+                    a.tab[TAB_EK2 * plane + it] = k2;
             }
             // Pass 3, the V range of the 4/2-bit source (the unrotated one is pass 1's).
             float rlo = ulo, rhi = uhi;
-            if (want_r && rot && a.stage)
-                row_minmax_f(sv + (size_t)j * (d + 1), d, &rlo, &rhi);
-            else if (want_r && rot)
-                row_minmax(a.src, true, true, h, t, &rlo, &rhi);
+            if (want_r && rot && a.stage) {
+                const float *row = sv + (size_t)j * SS;
+                tl_minmax([&](uint32_t c) { return row[c]; }, d, l, &rlo, &rhi);
+            } else if (want_r && rot) {
+                tl_minmax([&](uint32_t c) { return src_x(a.src, true, true, h, t, c); }, d, l, &rlo,
+                          &rhi);
+            }
             float s4 = kdiv(ksub(rhi, rlo), 15.0f), s2 = kdiv(ksub(rhi, rlo), 3.0f);
-            if (a.need8) { // 8 bits: always the step^2 / 12 model, unrotated
+            if (store && a.need8) { // 8 bits: always the step^2 / 12 model, unrotated
                 float s8 = kdiv(ksub(uhi, ulo), 255.0f);
                 a.tab[TAB_EK8 * plane + it] = s_ke[0];
                 a.tab[TAB_EV8 * plane + it] = kdiv(kmul(kmul((float)d, s8), s8), 12.0f);
             }
-            if (a.model && a.need4) {
+            if (store && a.model && a.need4) {
                 a.tab[TAB_EK4 * plane + it] = s_ke[1];
                 a.tab[TAB_EV4 * plane + it] = kdiv(kmul(kmul((float)d, s4), s4), 12.0f);
             }
-            if (a.model && a.need2) {
+            if (store && a.model && a.need2) {
                 a.tab[TAB_EK2 * plane + it] = s_ke[2];
                 a.tab[TAB_EV2 * plane + it] = kdiv(kmul(kmul((float)d, s2), s2), 12.0f);
             }
             // Pass 4, V of the 4/2-bit source: trial value errors of both widths.
             if (verr4 || verr2) {
                 float i4 = s4 > 0 ? kdiv(1.0f, s4) : 0.0f, i2 = s2 > 0 ? kdiv(1.0f, s2) : 0.0f;
-                float v4[8] = {0, 0, 0, 0, 0, 0, 0, 0}, v2[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-                for (uint32_t c = 0; c < d; c += 8) {
-                    for (int l = 0; l < 8; l++) {
-                        float x = st_g(a, sk, sv, true, rot, h, t0, j, c + l);
-                        if (verr4) {
-                            float r = kvc_dev_round_clamp(kmul(ksub(x, rlo), i4), 15.0f);
-                            float err = ksub(kadd(kmul(r, s4), rlo), x);
-                            v4[l] = kadd(v4[l], kmul(err, err));
-                        }
-                        if (verr2) {
-                            float r = kvc_dev_round_clamp(kmul(ksub(x, rlo), i2), 3.0f);
-                            float err = ksub(kadd(kmul(r, s2), rlo), x);
-                            v2[l] = kadd(v2[l], kmul(err, err));
-                        }
+                float v4 = 0, v2 = 0;
+                for (uint32_t c = l; c < d; c += 8) {
+                    float x = st_g(a, sk, sv, true, rot, h, t0, j, c);
+                    if (verr4) {
+                        float r = kvc_dev_round_clamp(kmul(ksub(x, rlo), i4), 15.0f);
+                        float err = ksub(kadd(kmul(r, s4), rlo), x);
+                        v4 = kadd(v4, kmul(err, err));
+                    }
+                    if (verr2) {
+                        float r = kvc_dev_round_clamp(kmul(ksub(x, rlo), i2), 3.0f);
+                        float err = ksub(kadd(kmul(r, s2), rlo), x);
+                        v2 = kadd(v2, kmul(err, err));
                     }
                 }
-                if (verr4)
-                    a.tab[TAB_EV4 * plane + it] = kvc_dev_sum8(v4);
-                if (verr2)
-                    a.tab[TAB_EV2 * plane + it] = kvc_dev_sum8(v2);
+                v4 = tl_sum8(v4);
+                v2 = tl_sum8(v2);
+                if (store && verr4)
+                    a.tab[TAB_EV4 * plane + it] = v4;
+                if (store && verr2)
+                    a.tab[TAB_EV2 * plane + it] = v2;
             }
         }
     }
@@ -587,17 +719,21 @@ __global__ void quant_kernel(quant_args_t a)
             s_prot[c] = 0;
         __syncthreads();
         if (a.stage) {
-            bool rs = rot && !a.fused; // fused: load as given, rotate below
-            for (uint32_t i = threadIdx.x; i < m * d; i += blockDim.x) {
-                uint32_t j = i / d, c = i % d;
-                sk[i] = q_x(a, false, rs, h, s_tok[j], c);
-                sv[i] = q_x(a, true, rs, h, s_tok[j], c);
+            bool rs = rot && !a.fused; // fused: load as given and rotate here
+            auto tok = [&](uint32_t j) { return s_tok[j]; };
+            if (rs || !stage_rows(a.src, h, tok, m, sk, sv, d, rot && a.fused, a.rot_scale)) {
+                for (uint32_t i = threadIdx.x; i < m * d; i += blockDim.x) {
+                    uint32_t j = i / d, c = i % d;
+                    sk[i] = q_x(a, false, rs, h, s_tok[j], c);
+                    sv[i] = q_x(a, true, rs, h, s_tok[j], c);
+                }
+                __syncthreads();
+                if (rot && a.fused) {
+                    sm_hadamard_rows(sk, m, d, d, a.rot_scale);
+                    sm_hadamard_rows(sv, m, d, d, a.rot_scale);
+                }
             }
             __syncthreads();
-            if (rot && a.fused) {
-                sm_hadamard_rows(sk, m, d, d, a.rot_scale);
-                sm_hadamard_rows(sv, m, d, d, a.rot_scale);
-            }
         }
         // Key range per channel over the group, in token order.
         for (uint32_t c = threadIdx.x; c < d; c += blockDim.x) {
@@ -659,20 +795,29 @@ __global__ void quant_kernel(quant_args_t a)
             s_kz[c] = z;
             s_kinv[c] = inv;
         }
-        // Value parameters per token.
-        for (uint32_t j = threadIdx.x; j < m; j += blockDim.x) {
+        // Value parameters per token, TOK_LANES threads a token (every thread runs the loop
+        // body for the shuffles; a lane group past the end repeats the last token).
+        const uint32_t l = threadIdx.x % TOK_LANES, per = blockDim.x / TOK_LANES;
+        for (uint32_t j0 = 0; j0 < m; j0 += per) {
+            const uint32_t jj = j0 + threadIdx.x / TOK_LANES, j = min(jj, m - 1);
             float lo, hi;
-            if (a.stage)
-                row_minmax_f(sv + (size_t)j * d, d, &lo, &hi);
-            else
-                row_minmax(a.src, true, rot, h, s_tok[j], &lo, &hi);
-            uint16_t s16, z16;
-            float s, z, inv;
-            kvc_dev_asym(lo, hi, vq, &s16, &z16, &s, &z, &inv);
-            st16(vs + 2 * j, s16);
-            st16(vz + 2 * j, z16);
-            s_vz[j] = z;
-            s_vinv[j] = inv;
+            if (a.stage) {
+                const float *row = sv + (size_t)j * d;
+                tl_minmax([&](uint32_t c) { return row[c]; }, d, l, &lo, &hi);
+            } else {
+                const uint32_t t = s_tok[j];
+                tl_minmax([&](uint32_t c) { return src_x(a.src, true, rot, h, t, c); }, d, l, &lo,
+                          &hi);
+            }
+            if (jj < m && l == 0) {
+                uint16_t s16, z16;
+                float s, z, inv;
+                kvc_dev_asym(lo, hi, vq, &s16, &z16, &s, &z, &inv);
+                st16(vs + 2 * j, s16);
+                st16(vz + 2 * j, z16);
+                s_vz[j] = z;
+                s_vinv[j] = inv;
+            }
         }
         __syncthreads();
         // Key codes, one output byte per thread step (protected channels code 0).
@@ -1604,7 +1749,7 @@ static void stage_plan(const kvc_encoder_cuda_t *e, stage_t *sg)
 {
     bool measured = e->policy.dist == KVC_DIST_TRIAL || e->policy.dist == KVC_DIST_MODEL;
     sg->st_sm = (size_t)10 * e->d * sizeof(float);
-    sg->st_sm_stage = sg->st_sm + (size_t)2 * e->G * (e->d + 1) * sizeof(float);
+    sg->st_sm_stage = sg->st_sm + (size_t)2 * e->G * (e->d + ST_PAD) * sizeof(float);
     sg->st_stage = sg->st_sm_stage <= 40960;
     sg->q_stage_bytes = (size_t)2 * e->G * e->d * sizeof(float);
     sg->q_stage = sg->q_stage_bytes <= 32768;
@@ -2048,6 +2193,8 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
     src.vr = e->d_vr;
     src.n = n;
     src.d = d;
+    src.vec = (((uintptr_t)in->k | (uintptr_t)in->v | in->head_stride * 2 | in->token_stride * 2) &
+               15) == 0;
     if (pol->rotate && !fused) {
         int wpb = ROT_THREADS / 32;
         size_t rows = (size_t)2 * plane;
