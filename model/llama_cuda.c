@@ -793,7 +793,7 @@ static fy_status_t hand_out(mdl_cuda_ctx_t *ctx, const mdl_prefill_params_t *par
         kv.k16_dev = ctx->k16[b];
         kv.v16_dev = ctx->v16[b];
         kv.q_window_dev = w > 0 ? ctx->qwin[b] : NULL;
-        kv.window_attn_dev = w > 0 ? ctx->win[b] : NULL;
+        kv.window_attn_dev = w > 0 && params->window_attn ? ctx->win[b] : NULL;
         kv.stream = ctx->s_copy;
         TRY(params->on_layer(params->cb_arg, &kv));
         CU(cudaEventRecord(ctx->ev_copied[b], ctx->s_copy));
@@ -803,7 +803,7 @@ static fy_status_t hand_out(mdl_cuda_ctx_t *ctx, const mdl_prefill_params_t *par
     kv.k = ctx->h_k[b];
     kv.v = ctx->h_v[b];
     kv.q_window = w > 0 ? ctx->h_qwin[b] : NULL;
-    kv.window_attn = w > 0 ? ctx->h_win[b] : NULL;
+    kv.window_attn = w > 0 && params->window_attn ? ctx->h_win[b] : NULL;
     return params->on_layer(params->cb_arg, &kv);
 fail:
     return st;
@@ -830,6 +830,8 @@ fy_status_t mdl_cuda_prefill(mdl_cuda_ctx_t *ctx, const int32_t *tokens, int n, 
         TRY(on_dev ? ensure_dev_kv16(ctx) : ensure_host_kv(ctx));
     if (w > 0)
         TRY(ensure_window(ctx, w));
+    // The window scores take one more pass over the keys per layer: only when asked for.
+    const int wa = params->window_attn ? w : 0;
     int logit_rows = params->all_logits ? n : 1;
     TRY(ensure_logits(ctx, logit_rows));
     if (seq != NULL) {
@@ -872,8 +874,8 @@ fy_status_t mdl_cuda_prefill(mdl_cuda_ctx_t *ctx, const int32_t *tokens, int n, 
         TRY(mdl_cuda_split_qkv(ctx->k[b], ctx->v[b], w > 0 ? ctx->qwin[b] : NULL, ctx->qkv,
                                qkv_dim, n, c->n_heads, n_kv, hd, w, ctx->s));
         TRY(krn_attention_causal_cuda(ctx->att, q_dim, ctx->qkv, qkv_dim, ctx->k[b], ctx->v[b], n,
-                                      0, n, c->n_heads, n_kv, hd, scale, w,
-                                      w > 0 ? ctx->win[b] : NULL, ctx->att_scratch, ctx->s));
+                                      0, n, c->n_heads, n_kv, hd, scale, wa,
+                                      wa > 0 ? ctx->win[b] : NULL, ctx->att_scratch, ctx->s));
         if (seq != NULL) {
             cache.page_ids = d_ids + (size_t)l * n_kv * np;
             TRY(krn_paged_store_f16_cuda(&cache, 1, n_kv, n, d_pos, ctx->k[b], ctx->v[b], 0,
@@ -896,10 +898,11 @@ fy_status_t mdl_cuda_prefill(mdl_cuda_ctx_t *ctx, const int32_t *tokens, int n, 
                 CU(cudaMemcpyAsync(ctx->h_qwin[b], ctx->qwin[b],
                                    (size_t)w * q_dim * sizeof(float), cudaMemcpyDeviceToHost,
                                    ctx->s_copy));
-                CU(cudaMemcpyAsync(ctx->h_win[b], ctx->win[b],
-                                   (size_t)n * c->n_heads * sizeof(float),
-                                   cudaMemcpyDeviceToHost, ctx->s_copy));
             }
+            if (wa > 0 && !on_dev)
+                CU(cudaMemcpyAsync(ctx->h_win[b], ctx->win[b],
+                                   (size_t)n * c->n_heads * sizeof(float), cudaMemcpyDeviceToHost,
+                                   ctx->s_copy));
             CU(cudaEventRecord(ctx->ev_copied[b], ctx->s_copy));
         }
         TRY(attn_out_ffn(ctx, y, n));

@@ -413,7 +413,8 @@ typedef struct {
     const float *q_window; /* [n_heads][n_window][head_dim]: the last queries, after RoPE */
     const float *window_attn; /* [n_heads][n_tokens]: per query head the mean over the window
                                  of the softmax rows (kvc_layer_input_t.window_attn), when the
-                                 attention kernel computed it (CUDA contexts), else NULL */
+                                 attention kernel computed it (CUDA contexts asked for it with
+                                 mdl_prefill_params_t.window_attn), else NULL */
     /* With mdl_prefill_params_t.device_kv on a CUDA context, the layer stays in device memory
      * instead: k, v, q_window and window_attn are NULL and these hold K and V in FP16 and the
      * window queries and scores in FP32 (same shapes), complete in stream order on stream (a
@@ -434,6 +435,9 @@ typedef struct {
     mdl_layer_cb on_layer; /* optional */
     void *cb_arg;
     int window;          /* observation window W for q_window (0 = none) */
+    bool window_attn;    /* CUDA contexts: the attention kernel also computes window_attn, one
+                            more pass over the keys per layer (the codec scores from q_window
+                            without it); CPU contexts ignore it */
     bool all_logits;     /* logits for every position, not just the last */
     bool device_kv;      /* CUDA contexts: hand the layer out in device memory (see
                             mdl_layer_kv_t); CPU contexts ignore it */

@@ -131,6 +131,7 @@ static int generate(const mdl_model_t *m, mdl_device_t dev, const int32_t *const
         mdl_prefill_params_default(&pp);
         pp.seq = seqs[i];
         pp.window = WINDOW;
+        pp.window_attn = true;
         if (i == 0) {
             pp.on_layer = on_layer;
             pp.cb_arg = &r->cap;
