@@ -834,6 +834,11 @@ int bench_model_main(int argc, char **argv)
     cJSON *out = cJSON_CreateObject();
     cJSON_AddStringToObject(out, "model", shown);
     cJSON_AddStringToObject(out, "device", mode.gpu ? "cuda" : "cpu");
+    if (mode.gpu) { // which prefill attention kernel ran (kernels_cuda.h)
+        const char *pa = getenv("FERRY_PREFILL_ATTN");
+        cJSON_AddStringToObject(out, "prefill_attention",
+                                pa != NULL && strcmp(pa, "mma") == 0 ? "mma" : "simt");
+    }
     cJSON_AddNumberToObject(out, "load_s", load_s);
     if (synthetic != NULL)
         cJSON_AddNumberToObject(out, "write_s", write_s);
