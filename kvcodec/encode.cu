@@ -396,6 +396,14 @@ static __device__ __forceinline__ float st_g(const stats_args_t &a, const float 
     return st_x(a, val, rot, h, t0 + j, c);
 }
 
+/* The error of x after quantizing it from base lo with step s (inverse inv, codes 0 .. qmax):
+ * the CPU's trial quantization, operation for operation. */
+static __device__ __forceinline__ float trial_err(float x, float lo, float inv, float s, float qmax)
+{
+    float r = kvc_dev_round_clamp(kmul(ksub(x, lo), inv), qmax);
+    return ksub(kadd(kmul(r, s), lo), x);
+}
+
 /* One block per (kv head, group of G consecutive tokens): the distortion inputs of build_items. */
 __global__ void stats_kernel(stats_args_t a)
 {
@@ -526,13 +534,11 @@ __global__ void stats_kernel(stats_args_t a)
                     float mn = kmn[c];
                     float kw = rot ? rot_kw : qsq[c];
                     if (kerr4) {
-                        float r = kvc_dev_round_clamp(kmul(ksub(x, mn), i4k[c]), 15.0f);
-                        float err = ksub(kadd(kmul(r, s4k[c]), mn), x);
+                        float err = trial_err(x, mn, i4k[c], s4k[c], 15.0f);
                         k4 = kadd(k4, kmul(kmul(kw, err), err));
                     }
                     if (kerr2) {
-                        float r = kvc_dev_round_clamp(kmul(ksub(x, mn), i2k[c]), 3.0f);
-                        float err = ksub(kadd(kmul(r, s2k[c]), mn), x);
+                        float err = trial_err(x, mn, i2k[c], s2k[c], 3.0f);
                         k2 = kadd(k2, kmul(kmul(kw, err), err));
                     }
                 }
@@ -573,13 +579,11 @@ __global__ void stats_kernel(stats_args_t a)
                 for (uint32_t c = l; c < d; c += 8) {
                     float x = st_g(a, sk, sv, true, rot, h, t0, j, c);
                     if (verr4) {
-                        float r = kvc_dev_round_clamp(kmul(ksub(x, rlo), i4), 15.0f);
-                        float err = ksub(kadd(kmul(r, s4), rlo), x);
+                        float err = trial_err(x, rlo, i4, s4, 15.0f);
                         v4 = kadd(v4, kmul(err, err));
                     }
                     if (verr2) {
-                        float r = kvc_dev_round_clamp(kmul(ksub(x, rlo), i2), 3.0f);
-                        float err = ksub(kadd(kmul(r, s2), rlo), x);
+                        float err = trial_err(x, rlo, i2, s2, 3.0f);
                         v2 = kadd(v2, kmul(err, err));
                     }
                 }
