@@ -178,7 +178,7 @@ typedef struct {
     size_t hs, ts;
     const float *kr, *vr; // [n_kv][n][d] rotated rows, or NULL
     uint32_t n, d;
-    int vec; // k, v and their strides are 16-byte aligned: rows load 8 halves at a time
+    int vec; // k, v and their strides are 16-byte aligned: rows load as vectors (ld_hE)
 } kv_src_t;
 
 /* Element c of token t of head h: K or V (val), rotated (rot) or as given. */
