@@ -5,8 +5,10 @@
  *
  * Usage: ferry-bench attend --device cuda [--json [FILE]] [--sdpa-json FILE]
  *                           [--contexts 4096,32768,131072] [--batches 1,32] [--reps N]
+ *                           [--page-kib 8..64]
  *
- * Shape: one Llama-3-8B layer (32 query heads, 8 kv heads, head_dim 128), 32 KiB pages, G 32.
+ * Shape: one Llama-3-8B layer (32 query heads, 8 kv heads, head_dim 128), 32 KiB pages (or
+ * --page-kib; the decode worker's default is 16), G 32.
  * Pages hold real encoder output: for each option one short layer is encoded with a policy that
  * allows only that option and placed into a CPU pool; its full pages are uploaded and then
  * replicated over the device pool (the time does not depend on the values). Every list of a
@@ -35,7 +37,6 @@
 #include "kvcodec_cuda.h"
 
 enum { N_HEADS = 32, N_KV = 8, HEAD_DIM = 128, GROUP = 32, SRC_TOKENS = 2048 };
-#define PAGE_BYTES 32768u
 #define MAX_LIST 16
 #define MAX_SETS 16
 #define STEPS 8 // decode steps per timed interval
@@ -247,6 +248,9 @@ int bench_attend_main(int argc, char **argv)
     bool json_stdout = false;
     uint32_t contexts[MAX_LIST] = {4096, 32768, 131072}, batches[MAX_LIST] = {1, 32};
     int n_ctx = 3, n_b = 2, reps = 20;
+    // 32 KiB pages by default (the figures in bench/results); the decode worker's default
+    // --page-bytes is 16K.
+    uint32_t page_bytes = 32768;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *val = i + 1 < argc ? argv[i + 1] : NULL;
         if (strcmp(a, "--device") == 0 && val) {
@@ -271,10 +275,15 @@ int bench_attend_main(int argc, char **argv)
             pages = val, i++;
         } else if (strcmp(a, "--kernels") == 0 && val) {
             kernels = val, i++;
+        } else if (strcmp(a, "--page-kib") == 0 && val) {
+            long kib = strtol(val, NULL, 10);
+            page_bytes = kib >= 8 && kib <= 64 ? (uint32_t)kib * 1024u : 0;
+            i++;
         } else {
             fprintf(stderr, "usage: ferry-bench attend --device cuda [--json [FILE]] "
                             "[--sdpa-json FILE] [--contexts N,..] [--batches N,..] [--reps N] "
-                            "[--pages f16,int8,int4,int4-rot,4/2,int2] [--kernels mma,qtab,simt]\n");
+                            "[--pages f16,int8,int4,int4-rot,4/2,int2] [--kernels mma,qtab,simt] "
+                            "[--page-kib 8..64]\n");
             return 2;
         }
     }
@@ -283,8 +292,8 @@ int bench_attend_main(int argc, char **argv)
                         "kvc_attend_layer)\n");
         return 2;
     }
-    if (n_ctx <= 0 || n_b <= 0 || reps < 1 || reps > 1000) {
-        fprintf(stderr, "attend: bad --contexts, --batches or --reps\n");
+    if (n_ctx <= 0 || n_b <= 0 || reps < 1 || reps > 1000 || page_bytes == 0) {
+        fprintf(stderr, "attend: bad --contexts, --batches, --reps or --page-kib\n");
         return 2;
     }
     if (fy_cuda_device_count() == 0) {
@@ -330,8 +339,8 @@ int bench_attend_main(int argc, char **argv)
     size_t free_b = 0, total_b = 0;
     CU(cudaMemGetInfo(&free_b, &total_b));
     size_t cap_bytes = FY_MIN((size_t)4 << 30, free_b / 10 * 4);
-    uint32_t pool_pages = (uint32_t)(cap_bytes / PAGE_BYTES);
-    CU(cudaMalloc((void **)&d_pool, (size_t)pool_pages * PAGE_BYTES));
+    uint32_t pool_pages = (uint32_t)(cap_bytes / page_bytes);
+    CU(cudaMalloc((void **)&d_pool, (size_t)pool_pages * page_bytes));
     CU(cudaMalloc((void **)&d_q, (size_t)max_b * N_HEADS * HEAD_DIM * sizeof(float)));
     CU(cudaMalloc((void **)&d_out, (size_t)max_b * N_HEADS * HEAD_DIM * sizeof(float)));
     {
@@ -349,9 +358,10 @@ int bench_attend_main(int argc, char **argv)
         CU(e);
     }
 
-    fprintf(out, "attend on %s (driver %d, %zu MiB L2), Llama-3-8B layer: %d q heads, %d kv "
-                 "heads, head_dim %d, %u KiB pages\n",
-            prop.name, driver, l2 >> 20, N_HEADS, N_KV, HEAD_DIM, PAGE_BYTES / 1024);
+    fprintf(out,
+            "attend on %s (driver %d, %zu MiB L2), Llama-3-8B layer: %d q heads, %d kv "
+            "heads, head_dim %d, %u KiB pages\n",
+            prop.name, driver, l2 >> 20, N_HEADS, N_KV, HEAD_DIM, page_bytes / 1024);
     fprintf(out, "%-9s %-6s %8s %5s %7s %10s %9s %9s %8s %9s\n", "pages", "kernel", "context",
             "batch", "pages/l", "MB read", "us/step", "GB/s", "vs f16", "vs sdpa");
 
@@ -363,7 +373,7 @@ int bench_attend_main(int argc, char **argv)
         kvc_pool_params_default(&pp);
         pp.head_dim = HEAD_DIM;
         pp.group = GROUP;
-        pp.page_bytes = PAGE_BYTES;
+        pp.page_bytes = page_bytes;
         pp.n_pages = 1024;
         kvc_seq_t *seq = NULL;
         kvc_page_id_t src[256];
@@ -393,11 +403,11 @@ int bench_attend_main(int argc, char **argv)
             }
         const uint32_t filled = (uint32_t)FY_MIN(need, (uint64_t)pool_pages);
         for (uint32_t i = 0; i < n_src && i < filled; i++)
-            CU(cudaMemcpy(d_pool + (size_t)i * PAGE_BYTES, kvc_page_data(src_pool, src[i]),
-                          PAGE_BYTES, cudaMemcpyHostToDevice));
+            CU(cudaMemcpy(d_pool + (size_t)i * page_bytes, kvc_page_data(src_pool, src[i]),
+                          page_bytes, cudaMemcpyHostToDevice));
         for (uint32_t have = FY_MIN(n_src, filled); have < filled;) {
             uint32_t c = FY_MIN(have, filled - have);
-            CU(cudaMemcpy(d_pool + (size_t)have * PAGE_BYTES, d_pool, (size_t)c * PAGE_BYTES,
+            CU(cudaMemcpy(d_pool + (size_t)have * page_bytes, d_pool, (size_t)c * page_bytes,
                           cudaMemcpyDeviceToDevice));
             have += c;
         }
@@ -445,7 +455,7 @@ int bench_attend_main(int argc, char **argv)
                 CU(cudaMemcpy(d_ids, h_ids, total * sizeof(uint32_t), cudaMemcpyHostToDevice));
                 CU(cudaMemcpy(d_starts, h_starts, (size_t)sets * (items + 1) * sizeof(uint32_t),
                               cudaMemcpyHostToDevice));
-                kvc_gpu_pages_t gp = {d_pool, PAGE_BYTES, filled, HEAD_DIM, GROUP, 0};
+                kvc_gpu_pages_t gp = {d_pool, page_bytes, filled, HEAD_DIM, GROUP, 0};
                 // Every kernel: the tensor-core one (the default, the goals' rows), for
                 // quantized pages its exact-code variant (MMA_QTAB), and the SIMT one, the
                 // last two timed with fewer reps.
@@ -546,7 +556,7 @@ int bench_attend_main(int argc, char **argv)
     cJSON_AddNumberToObject(shape, "n_kv_heads", N_KV);
     cJSON_AddNumberToObject(shape, "head_dim", HEAD_DIM);
     cJSON_AddNumberToObject(shape, "group", GROUP);
-    cJSON_AddNumberToObject(shape, "page_bytes", PAGE_BYTES);
+    cJSON_AddNumberToObject(shape, "page_bytes", page_bytes);
     cJSON_AddNumberToObject(root, "reps", reps);
     cJSON *arr = cJSON_AddArrayToObject(root, "results");
     for (int k = 0; k < n_rows; k++) {
