@@ -34,6 +34,9 @@
 
 #include "kvcodec_cuda.h"
 #include "model.h"
+#if FY_HAVE_CUDA
+#include "kernels_cuda.h"
+#endif
 
 /* Each figure is the best of REPEATS runs: the machine is shared, and the best run is the one
  * least disturbed by others (the torch side does the same). */
@@ -834,11 +837,11 @@ int bench_model_main(int argc, char **argv)
     cJSON *out = cJSON_CreateObject();
     cJSON_AddStringToObject(out, "model", shown);
     cJSON_AddStringToObject(out, "device", mode.gpu ? "cuda" : "cpu");
-    if (mode.gpu) { // which prefill attention kernel ran (kernels_cuda.h)
-        const char *pa = getenv("FERRY_PREFILL_ATTN");
+#if FY_HAVE_CUDA
+    if (mode.gpu) // which prefill attention kernel ran (the layers here ask for no window scores)
         cJSON_AddStringToObject(out, "prefill_attention",
-                                pa != NULL && strcmp(pa, "mma") == 0 ? "mma" : "simt");
-    }
+                                krn_attention_cuda_kernel(c->head_dim, 0));
+#endif
     cJSON_AddNumberToObject(out, "load_s", load_s);
     if (synthetic != NULL)
         cJSON_AddNumberToObject(out, "write_s", write_s);

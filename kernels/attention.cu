@@ -386,6 +386,11 @@ static bool att_mma_wanted(void)
     return e != NULL && strcmp(e, "mma") == 0;
 }
 
+extern "C" const char *krn_attention_cuda_kernel(int head_dim, int window)
+{
+    return window == 0 && (head_dim == 64 || head_dim == 128) && att_mma_wanted() ? "mma" : "simt";
+}
+
 /* The tensor-core kernel where it applies (see the header); *done_p false where it does not. */
 static fy_status_t att_mma_launch(float *out, int out_stride, const float *q, int q_stride,
                                   const float *k, const float *v, int n_ctx, int q_begin, int n_q,
@@ -393,7 +398,7 @@ static fy_status_t att_mma_launch(float *out, int out_stride, const float *q, in
                                   cudaStream_t stream, bool *done_p)
 {
     *done_p = false;
-    if (window != 0 || (head_dim != 64 && head_dim != 128) || !att_mma_wanted() ||
+    if (strcmp(krn_attention_cuda_kernel(head_dim, window), "mma") != 0 ||
         (((uintptr_t)k | (uintptr_t)v) & 15) != 0)
         return FY_OK;
     const float scale_l2 = scale * 1.4426950408889634f;

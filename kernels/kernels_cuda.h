@@ -110,6 +110,11 @@ fy_status_t krn_attention_causal_cuda(float *out, int out_stride, const float *q
                                       float *scratch, cudaStream_t stream);
 size_t krn_attention_cuda_scratch(int n_heads, int window);
 
+/* Which kernel krn_attention_causal_cuda runs for head_dim and window under this process's
+ * environment: "mma" (the tensor-core kernel, given 16-byte aligned k and v) or "simt". Thread:
+ * any. */
+const char *krn_attention_cuda_kernel(int head_dim, int window);
+
 /* ------------------------------------------------------------------------------------------ */
 /* Paged attention (paged_attention.cu): decode over FP16 pages                                 */
 /* ------------------------------------------------------------------------------------------ */
