@@ -20,7 +20,8 @@
  * 128, 512 and 2048 tokens whose every layer is encoded by the `ferry` policy at b = 0.25, with
  * the encoder made for the request, once with the codec on the host (host copies of each
  * layer, as --host-codec) and once on the GPU (the layer stays in device memory), beside the
- * same prefill without a codec, and the GPU encoder's creation and destruction alone.
+ * same prefill without a codec, and the GPU encoder's creation and destruction alone
+ * (--no-host-codec leaves out the host codec's runs, most of the benchmark's time).
  * --synthetic llama3-8b writes a random-weight Q4_0 GGUF shaped like Llama-3-8B (dim 4096,
  * 32 layers, 32 heads, 8 kv heads, ffn 14336, vocab 128256) into a temporary file with all
  * CPUs, loads it and deletes it; speed does not depend on the weight values.
@@ -370,7 +371,7 @@ static double median_setup(const bench_mode_t *mode, const kvc_encoder_params_t 
  * the GPU's (ferry, b = REQ_BUDGET, the encoder made per request as a worker does), and the GPU
  * encoder's setup alone; prints a line each and adds them as "prefill_requests" to out. */
 static void bench_request(const bench_mode_t *mode, const mdl_model_t *m, mdl_ctx_t *ctx,
-                          const mdl_config_t *c, cJSON *out)
+                          const mdl_config_t *c, bool host_codec, cJSON *out)
 {
     cJSON *arr = cJSON_AddArrayToObject(out, "prefill_requests");
     int done = 0;
@@ -413,32 +414,41 @@ static void bench_request(const bench_mode_t *mode, const mdl_model_t *m, mdl_ct
             rand_tokens(t, n, c->n_vocab, &seed);
             r.codec = REQ_NO_CODEC;
             plain = median_request(mode, ctx, t, n, logits, &r);
-            r.codec = REQ_HOST_CODEC;
-            host = median_request(mode, ctx, t, n, logits, &r);
-            host_wire = r.wire_bytes;
+            if (host_codec) {
+                r.codec = REQ_HOST_CODEC;
+                host = median_request(mode, ctx, t, n, logits, &r);
+                host_wire = r.wire_bytes;
+            }
             r.codec = REQ_GPU_CODEC;
             gpu = median_request(mode, ctx, t, n, logits, &r);
             setup = median_setup(mode, &ep);
         }
-        if (plain < 0 || host < 0 || gpu < 0 || setup < 0) {
+        if (plain < 0 || (host_codec && host < 0) || gpu < 0 || setup < 0) {
             fprintf(stderr, "ferry-bench model: prefill request of %d tokens failed\n", n);
         } else {
             double raw = (double)c->n_layers * 2 * (double)elems * sizeof(uint16_t);
             double ratio = (double)r.wire_bytes / raw, host_ratio = (double)host_wire / raw;
-            printf("prefill request, %d tokens, ferry b = %.3g: no codec %.2f ms, host codec "
-                   "%.2f ms, GPU codec %.2f ms (%.2fx the host's; encoder setup %.2f ms); "
-                   "wire/raw %.4f (host %.4f)\n",
-                   n, REQ_BUDGET, plain * 1e3, host * 1e3, gpu * 1e3, gpu / host, setup * 1e3,
-                   ratio, host_ratio);
+            if (host_codec)
+                printf("prefill request, %d tokens, ferry b = %.3g: no codec %.2f ms, host codec "
+                       "%.2f ms, GPU codec %.2f ms (%.2fx the host's; encoder setup %.2f ms); "
+                       "wire/raw %.4f (host %.4f)\n",
+                       n, REQ_BUDGET, plain * 1e3, host * 1e3, gpu * 1e3, gpu / host, setup * 1e3,
+                       ratio, host_ratio);
+            else
+                printf("prefill request, %d tokens, ferry b = %.3g: no codec %.2f ms, GPU codec "
+                       "%.2f ms (encoder setup %.2f ms); wire/raw %.4f\n",
+                       n, REQ_BUDGET, plain * 1e3, gpu * 1e3, setup * 1e3, ratio);
             cJSON *j = cJSON_CreateObject();
             cJSON_AddNumberToObject(j, "prefill_tokens", n);
             cJSON_AddNumberToObject(j, "budget", REQ_BUDGET);
             cJSON_AddNumberToObject(j, "plain_s", plain);
-            cJSON_AddNumberToObject(j, "host_codec_s", host);
+            if (host_codec)
+                cJSON_AddNumberToObject(j, "host_codec_s", host);
             cJSON_AddNumberToObject(j, "gpu_codec_s", gpu);
             cJSON_AddNumberToObject(j, "gpu_encoder_setup_s", setup);
             cJSON_AddNumberToObject(j, "wire_ratio", ratio);
-            cJSON_AddNumberToObject(j, "host_wire_ratio", host_ratio);
+            if (host_codec)
+                cJSON_AddNumberToObject(j, "host_wire_ratio", host_ratio);
             cJSON_AddItemToArray(arr, j);
         }
         free(r.frame);
@@ -730,6 +740,7 @@ int bench_model_main(int argc, char **argv)
     const char *json_path = NULL, *torch = getenv("FERRY_TORCH_PYTHON");
     const char *only = NULL, *synthetic = NULL;
     int threads = 0, steps = 0;
+    bool host_codec = true; // the prefill requests also time the codec on the host
     mdl_device_t device = MDL_DEVICE_CPU;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--model") == 0 && i + 1 < argc)
@@ -750,10 +761,12 @@ int bench_model_main(int argc, char **argv)
             json_path = argv[++i];
         else if (strcmp(argv[i], "--only") == 0 && i + 1 < argc)
             only = argv[++i];
+        else if (strcmp(argv[i], "--no-host-codec") == 0)
+            host_codec = false;
         else {
             fprintf(stderr, "usage: ferry-bench model [--model PATH] [--threads N] [--steps N] "
                             "[--torch PYTHON] [--json FILE] [--only prefill|decode] "
-                            "[--device cpu|cuda] [--synthetic llama3-8b]\n");
+                            "[--device cpu|cuda] [--synthetic llama3-8b] [--no-host-codec]\n");
             return strcmp(argv[i], "--help") == 0 ? 0 : 2;
         }
     }
@@ -847,7 +860,7 @@ int bench_model_main(int argc, char **argv)
         cJSON_AddNumberToObject(out, "write_s", write_s);
     if (mode.gpu && do_prefill) {
         bench_overlap(&mode, ctx, c, out);
-        bench_request(&mode, m, ctx, c, out);
+        bench_request(&mode, m, ctx, c, host_codec, out);
     }
     printf("%-22s %12s %12s %8s\n", "", "ferry", "torch", "ratio");
     cJSON_AddNumberToObject(out, "threads", used_threads);
