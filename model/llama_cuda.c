@@ -809,6 +809,38 @@ fail:
     return st;
 }
 
+/* Queues on the copy stream, after layer l's attention (ev_done), what the hand-out of layer l
+ * reads: its K and V in FP16 on the device (on_dev), or host copies of K, V, the window queries
+ * and (wa > 0) the window scores; then records ev_copied. */
+static fy_status_t copy_out(mdl_cuda_ctx_t *ctx, int l, int n, int w, int wa, bool on_dev)
+{
+    const mdl_config_t *c = &ctx->w->cfg;
+    const int b = l & 1;
+    const size_t kv_elems = (size_t)n * c->n_kv_heads * c->head_dim;
+    fy_status_t st;
+    CU(cudaStreamWaitEvent(ctx->s_copy, ctx->ev_done[b], 0));
+    if (on_dev) {
+        TRY(fy_cuda_fp32_to_fp16(ctx->k16[b], ctx->k[b], kv_elems, ctx->s_copy));
+        TRY(fy_cuda_fp32_to_fp16(ctx->v16[b], ctx->v[b], kv_elems, ctx->s_copy));
+    } else {
+        CU(cudaMemcpyAsync(ctx->h_k[b], ctx->k[b], kv_elems * sizeof(float), cudaMemcpyDeviceToHost,
+                           ctx->s_copy));
+        CU(cudaMemcpyAsync(ctx->h_v[b], ctx->v[b], kv_elems * sizeof(float), cudaMemcpyDeviceToHost,
+                           ctx->s_copy));
+        if (w > 0)
+            CU(cudaMemcpyAsync(ctx->h_qwin[b], ctx->qwin[b],
+                               (size_t)w * c->n_heads * c->head_dim * sizeof(float),
+                               cudaMemcpyDeviceToHost, ctx->s_copy));
+        if (wa > 0)
+            CU(cudaMemcpyAsync(ctx->h_win[b], ctx->win[b], (size_t)n * c->n_heads * sizeof(float),
+                               cudaMemcpyDeviceToHost, ctx->s_copy));
+    }
+    CU(cudaEventRecord(ctx->ev_copied[b], ctx->s_copy));
+    return FY_OK;
+fail:
+    return st;
+}
+
 fy_status_t mdl_cuda_prefill(mdl_cuda_ctx_t *ctx, const int32_t *tokens, int n, int w,
                              const mdl_prefill_params_t *params, float *logits)
 {
@@ -818,7 +850,7 @@ fy_status_t mdl_cuda_prefill(mdl_cuda_ctx_t *ctx, const int32_t *tokens, int n, 
     if (!cb)
         w = 0; // window queries and scores are only for the callback
     int dim = c->dim, hd = c->head_dim, n_kv = c->n_kv_heads, L = c->n_layers;
-    int q_dim = c->n_heads * hd, kv_dim = n_kv * hd, qkv_dim = qkv_width(c);
+    int q_dim = c->n_heads * hd, qkv_dim = qkv_width(c);
     float scale = 1.0f / sqrtf((float)hd);
     mdl_kv_seq_t *seq = params->seq;
     krn_paged_cuda_t cache = {0};
@@ -883,32 +915,18 @@ fy_status_t mdl_cuda_prefill(mdl_cuda_ctx_t *ctx, const int32_t *tokens, int n, 
         }
         if (cb) {
             CU(cudaEventRecord(ctx->ev_done[b], ctx->s));
-            CU(cudaStreamWaitEvent(ctx->s_copy, ctx->ev_done[b], 0));
-            size_t kv_elems = (size_t)n * kv_dim;
-            if (on_dev) {
-                TRY(fy_cuda_fp32_to_fp16(ctx->k16[b], ctx->k[b], kv_elems, ctx->s_copy));
-                TRY(fy_cuda_fp32_to_fp16(ctx->v16[b], ctx->v[b], kv_elems, ctx->s_copy));
-            } else {
-                CU(cudaMemcpyAsync(ctx->h_k[b], ctx->k[b], kv_elems * sizeof(float),
-                                   cudaMemcpyDeviceToHost, ctx->s_copy));
-                CU(cudaMemcpyAsync(ctx->h_v[b], ctx->v[b], kv_elems * sizeof(float),
-                                   cudaMemcpyDeviceToHost, ctx->s_copy));
-            }
-            if (w > 0 && !on_dev) {
-                CU(cudaMemcpyAsync(ctx->h_qwin[b], ctx->qwin[b],
-                                   (size_t)w * q_dim * sizeof(float), cudaMemcpyDeviceToHost,
-                                   ctx->s_copy));
-            }
-            if (wa > 0 && !on_dev)
-                CU(cudaMemcpyAsync(ctx->h_win[b], ctx->win[b],
-                                   (size_t)n * c->n_heads * sizeof(float), cudaMemcpyDeviceToHost,
-                                   ctx->s_copy));
-            CU(cudaEventRecord(ctx->ev_copied[b], ctx->s_copy));
+            if (!on_dev)
+                TRY(copy_out(ctx, l, n, w, wa, false));
         }
         TRY(attn_out_ffn(ctx, y, n));
         // The host hands out the previous layer while the GPU works on this one.
         if (cb && l >= 1)
             TRY(hand_out(ctx, params, l - 1, n, w));
+        // On the device the FP16 conversion of this layer goes on the copy stream after the
+        // hand-out of the previous one: queued before it, it would hold the codec's work for
+        // layer l - 1 behind this layer's attention (the conversion waits for ev_done).
+        if (cb && on_dev)
+            TRY(copy_out(ctx, l, n, w, wa, true));
     }
     if (cb)
         TRY(hand_out(ctx, params, L - 1, n, w));
