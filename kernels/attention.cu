@@ -11,10 +11,10 @@
  * pass recomputes each window query's scores for one key per warp and averages the softmax
  * probabilities over the window; no atomics, so the result is deterministic.
  *
- * Tensor-core kernel (head_dim 64 or 128, no window scores; chosen by FERRY_PREFILL_ATTN=mma
- * until it has been measured on a GPU): one block per (query head, tile of MMA_BQ queries),
- * four warps of 16 query rows. Each tile of MMA_BK keys is staged in shared memory as FP16;
- * S = Q K^T and O += P V run as m16n8k16 MMAs (FP16 in, FP32 accumulation) with the online
+ * Tensor-core kernel (head_dim 64 or 128, no window scores; the default there, and
+ * FERRY_PREFILL_ATTN=simt selects the FP32 kernel instead): one block per (query head, tile of
+ * MMA_BQ queries), four warps of 16 query rows. Each tile of MMA_BK keys is staged in shared memory
+ * as FP16; S = Q K^T and O += P V run as m16n8k16 MMAs (FP16 in, FP32 accumulation) with the online
  * softmax in the registers of the S fragments (base 2, the log2(e) factor folded into Q), and
  * P goes straight from the S accumulators into the A fragments of P V (the FlashAttention-2
  * arrangement). Q, K, V and P are rounded to FP16, so outputs agree with the FP32 kernel to
@@ -379,11 +379,11 @@ __global__ void __launch_bounds__(MMA_WARPS * 32)
     }
 }
 
-/* Whether FERRY_PREFILL_ATTN asks for the tensor-core kernel. */
+/* Whether the tensor-core kernel may run: unless FERRY_PREFILL_ATTN=simt. */
 static bool att_mma_wanted(void)
 {
     const char *e = getenv("FERRY_PREFILL_ATTN");
-    return e != NULL && strcmp(e, "mma") == 0;
+    return e == NULL || strcmp(e, "simt") != 0;
 }
 
 extern "C" const char *krn_attention_cuda_kernel(int head_dim, int window)

@@ -99,10 +99,10 @@ fy_status_t krn_embed_f16_cuda(float *x, int ldx, const uint16_t *table, int n_v
  *   queries of their softmax rows (0 past each query's position), what
  *   kvc_layer_input_t.window_attn means;
  * scratch then holds krn_attention_cuda_scratch(n_heads, window) floats (may be NULL when
- * window is 0). head_dim <= 256. Everything is FP32. With FERRY_PREFILL_ATTN=mma in the
- * environment, head_dim 64 or 128, window 0 and k, v 16-byte aligned, a tensor-core kernel runs
- * instead (FP16 operands, FP32 accumulation: about 1e-3 of the output scale); it stays opt-in
- * until it has run on a GPU. Thread: any. */
+ * window is 0). head_dim <= 256. Everything is FP32, except that with head_dim 64 or 128,
+ * window 0 and k, v 16-byte aligned a tensor-core kernel runs (FP16 operands, FP32
+ * accumulation: about 1e-3 of the output scale); FERRY_PREFILL_ATTN=simt in the environment
+ * keeps the FP32 kernel there too. Thread: any. */
 fy_status_t krn_attention_causal_cuda(float *out, int out_stride, const float *q, int q_stride,
                                       const float *k, const float *v, int n_ctx, int q_begin,
                                       int n_q, int n_heads, int n_kv_heads, int head_dim,

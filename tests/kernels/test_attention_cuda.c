@@ -3,9 +3,11 @@
 // their definition (per head, the mean over the last W queries of their softmax rows).
 // Shapes: GQA groups 1..8, head_dim 24..256, q_begin > 0, windows 1..n_q, padded strides.
 // Tolerance: output |diff| <= 2e-5 + 1e-4 |ref|; window scores |diff| <= 1e-6 + 1e-4 |ref|.
-// Then the tensor-core kernel (FERRY_PREFILL_ATTN=mma: head_dim 64 and 128, no window), whose
-// FP16 operands give |diff| <= 5e-3 + 5e-3 |ref| (about 5e-4 expected: values in [-1, 1]).
+// These run the FP32 kernel (FERRY_PREFILL_ATTN=simt). Then the tensor-core kernel, the default
+// for head_dim 64 and 128 without a window, whose FP16 operands give
+// |diff| <= 5e-3 + 5e-3 |ref| (about 5e-4 expected: values in [-1, 1]).
 #include <stdlib.h>
+#include <string.h>
 
 #include "test_util_cuda.h"
 
@@ -86,12 +88,17 @@ int main(void)
     tcu_require_gpu();
     uint64_t rng = tcu_seed();
     static const shape_t shapes[] = {
-        {1, 0, 1, 2, 1, 32, 1, 0},       {37, 0, 37, 4, 2, 64, 5, 3},
-        {100, 60, 40, 6, 2, 80, 40, 0},  {300, 0, 300, 8, 1, 128, 32, 1},
-        {50, 0, 50, 3, 3, 256, 50, 0},   {77, 10, 67, 32, 8, 24, 0, 2},
-        {530, 0, 530, 9, 3, 64, 64, 0},  {45, 5, 33, 15, 5, 96, 16, 0},
+        {1, 0, 1, 2, 1, 32, 1, 0},      {37, 0, 37, 4, 2, 64, 5, 3},
+        {100, 60, 40, 6, 2, 80, 40, 0}, {300, 0, 300, 8, 1, 128, 32, 1},
+        {50, 0, 50, 3, 3, 256, 50, 0},  {77, 10, 67, 32, 8, 24, 0, 2},
+        {530, 0, 530, 9, 3, 64, 64, 0}, {45, 5, 33, 15, 5, 96, 16, 0},
+        {300, 0, 300, 8, 1, 128, 0, 1},
     };
     int bad = 0;
+    setenv("FERRY_PREFILL_ATTN", "simt", 1);
+    printf("FERRY_PREFILL_ATTN=simt\n");
+    if (strcmp(krn_attention_cuda_kernel(128, 0), "simt") != 0)
+        bad++;
     for (size_t i = 0; i < FY_ARRAY_SIZE(shapes); i++)
         bad += run(&rng, shapes[i], 2e-5f, 1e-4f);
     // The tensor-core kernel: partial query and key tiles, q_begin > 0, GQA, padded strides.
@@ -100,11 +107,15 @@ int main(void)
         {100, 60, 40, 6, 2, 128, 0, 0}, {300, 0, 300, 8, 1, 128, 0, 1},
         {530, 0, 530, 9, 3, 64, 0, 0},  {700, 13, 650, 32, 8, 128, 0, 0},
     };
-    setenv("FERRY_PREFILL_ATTN", "mma", 1);
-    printf("FERRY_PREFILL_ATTN=mma\n");
+    unsetenv("FERRY_PREFILL_ATTN");
+    printf("tensor-core kernel\n");
+    if (strcmp(krn_attention_cuda_kernel(128, 0), "mma") != 0 ||
+        strcmp(krn_attention_cuda_kernel(64, 0), "mma") != 0 ||
+        strcmp(krn_attention_cuda_kernel(128, 8), "simt") != 0 ||
+        strcmp(krn_attention_cuda_kernel(96, 0), "simt") != 0)
+        bad++;
     for (size_t i = 0; i < FY_ARRAY_SIZE(mma_shapes); i++)
         bad += run(&rng, mma_shapes[i], 5e-3f, 5e-3f);
-    unsetenv("FERRY_PREFILL_ATTN");
     // A window larger than the queries is refused.
     if (krn_attention_causal_cuda(NULL, 64, NULL, 64, NULL, NULL, 4, 0, 4, 1, 1, 64, 1.0f, 5,
                                   NULL, NULL, 0) != FY_ERR_INVALID_ARG)
