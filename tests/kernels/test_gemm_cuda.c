@@ -2,6 +2,10 @@
 // values widened to FP32, so only the summation order differs. Odd shapes, padded row
 // strides, with and without accumulation; the padding columns of y must stay untouched.
 // Tolerance: |diff| <= 1e-5 + 1e-3 * sum_k |x||w| per element (FP32 accumulation).
+// Shapes of up to 4 rows with k and strides multiples of 8 must take the GEMV kernel, the
+// others cuBLAS; both are checked.
+#include <string.h>
+
 #include "test_util_cuda.h"
 
 static int run(uint64_t *rng, int m, int n, int k, int pad, int accumulate)
@@ -43,9 +47,11 @@ static int run(uint64_t *rng, int m, int n, int k, int pad, int accumulate)
     }
     cudaStream_t s;
     TCU_CHECK(cudaStreamCreate(&s));
+    const char *kernel = krn_gemm_cuda_kernel(m, k, dx, ldx, dw, ldw);
+    const bool want_gemv = m <= 4 && k % 8 == 0 && ldx % 8 == 0 && ldw % 8 == 0;
+    int bad = strcmp(kernel, want_gemv ? "gemv" : "cublas") != 0;
     TCU_OK(krn_gemm_f16_cuda(h, m, n, k, dx, ldx, dw, ldw, dy, ldy, accumulate, s));
     tcu_get(got, dy, ny * 4);
-    int bad = 0;
     for (int r = 0; r < m; r++) {
         for (int c = 0; c < n; c++) {
             size_t i = (size_t)r * ldy + c;
@@ -64,8 +70,8 @@ static int run(uint64_t *rng, int m, int n, int k, int pad, int accumulate)
             }
         }
     }
-    printf("%s gemm m=%d n=%d k=%d pad=%d acc=%d: %d bad\n", bad ? "FAIL" : "ok  ", m, n, k, pad,
-           accumulate, bad);
+    printf("%s gemm m=%d n=%d k=%d pad=%d acc=%d (%s): %d bad\n", bad ? "FAIL" : "ok  ", m, n, k,
+           pad, accumulate, kernel, bad);
     cublasDestroy(h);
     TCU_CHECK(cudaStreamDestroy(s));
     cudaFree(dx);
@@ -79,9 +85,11 @@ int main(void)
 {
     tcu_require_gpu();
     uint64_t rng = tcu_seed();
-    static const int shapes[][4] = {{1, 37, 67, 0},    {1, 576, 576, 3},  {5, 129, 200, 1},
-                                    {16, 1536, 576, 0}, {33, 257, 96, 5}, {130, 64, 1000, 2},
-                                    {513, 191, 64, 0}};
+    static const int shapes[][4] = {{1, 37, 67, 0},     {1, 576, 576, 3},   {5, 129, 200, 1},
+                                    {16, 1536, 576, 0}, {33, 257, 96, 5},   {130, 64, 1000, 2},
+                                    {513, 191, 64, 0},  {1, 1000, 4096, 0}, {2, 333, 576, 8},
+                                    {3, 77, 200, 0},    {4, 129, 1000, 8},  {1, 37, 64, 0},
+                                    {4, 3, 8, 0},       {4, 64, 512, 4}};
     int bad = 0;
     for (size_t i = 0; i < FY_ARRAY_SIZE(shapes); i++) {
         for (int acc = 0; acc < 2; acc++)
