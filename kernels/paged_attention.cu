@@ -23,15 +23,21 @@ enum {
     PA_THREADS = 128,
     PA_WARPS = PA_THREADS / 32,
     PA_MAX_SPLIT = 256,
-    PA_MAX_C = 8,     // head_dim / 32 (head_dim <= 256)
+    PA_MAX_C = 8, // head_dim / 32 (head_dim <= 256)
     PA_MAX_GROUP = 32,
+    PA_MIN_BLOCKS = 264, // two per SM of an H100
 };
 
-/* Tokens per split: the scores of the split ([group][split] floats) stay within 8 KB. */
-static int pa_split(int group)
+/* Tokens per split: the scores of the split ([group][split] floats) stay within 8 KB; halved
+ * (down to 32) while the grid has fewer than PA_MIN_BLOCKS blocks, since a block's work is a
+ * chain of dependent loads and a small batch would otherwise leave most SMs idle. */
+static int pa_split(int group, int n_seqs, int n_kv_heads, int max_tokens)
 {
     int s = (2048 / group) / 32 * 32;
-    return s < 32 ? 32 : (s > PA_MAX_SPLIT ? PA_MAX_SPLIT : s);
+    s = s < 32 ? 32 : (s > PA_MAX_SPLIT ? PA_MAX_SPLIT : s);
+    while (s > 32 && (int64_t)n_seqs * n_kv_heads * ((max_tokens + s - 1) / s) < PA_MIN_BLOCKS)
+        s /= 2;
+    return s;
 }
 
 static __device__ __forceinline__ size_t pa_slot(const krn_paged_cuda_t c, int b, int kvh,
@@ -144,6 +150,7 @@ __global__ void __launch_bounds__(PA_THREADS)
         int g = idx / hd, d = idx % hd;
         const float *pg = sc + g * split;
         float acc = 0.0f;
+#pragma unroll 8
         for (int j = 0; j < len; j++) {
             if (rowok[j])
                 acc += pg[j] * krn_h2f(c.pool[rowoff[j] + vshift + d]);
@@ -192,7 +199,7 @@ extern "C" size_t krn_paged_attention_cuda_scratch(int n_seqs, int n_heads, int 
     if (n_seqs <= 0 || n_heads <= 0 || n_kv_heads <= 0 || n_heads % n_kv_heads != 0 ||
         head_dim <= 0 || max_tokens <= 0)
         return 0;
-    int split = pa_split(n_heads / n_kv_heads);
+    int split = pa_split(n_heads / n_kv_heads, n_seqs, n_kv_heads, max_tokens);
     size_t n_splits = ((size_t)max_tokens + split - 1) / split;
     return (size_t)n_seqs * n_heads * n_splits * ((size_t)head_dim + 2);
 }
@@ -211,7 +218,8 @@ extern "C" fy_status_t krn_paged_attention_f16_cuda(float *out, int ldo, const f
         (size_t)ldq < (size_t)n_heads * cache->head_dim ||
         (size_t)ldo < (size_t)n_heads * cache->head_dim || scratch == NULL)
         return FY_ERR_INVALID_ARG;
-    const int hd = cache->head_dim, group = n_heads / n_kv_heads, split = pa_split(group);
+    const int hd = cache->head_dim, group = n_heads / n_kv_heads;
+    const int split = pa_split(group, n_seqs, n_kv_heads, max_tokens);
     size_t need = krn_paged_attention_cuda_scratch(n_seqs, n_heads, n_kv_heads, hd, max_tokens);
     if (scratch_floats < need)
         return FY_ERR_INVALID_ARG;

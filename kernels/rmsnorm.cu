@@ -5,7 +5,11 @@
  */
 #include "cuda_int.h"
 
-enum { RMS_BLOCK = 256 };
+enum {
+    RMS_BLOCK = 256,      // threads per row when there are many rows
+    RMS_BLOCK_FEW = 1024, // ... and when there are few (a decode step): shorter load chains
+    RMS_FEW_ROWS = 64,
+};
 
 template <typename T> static __device__ __forceinline__ T rms_store(float v);
 template <> __device__ __forceinline__ float rms_store<float>(float v)
@@ -18,14 +22,16 @@ template <> __device__ __forceinline__ uint16_t rms_store<uint16_t>(float v)
 }
 
 template <typename T>
-__global__ void rmsnorm_kernel(T *out, int ldo, const float *x, int ldx, const float *w,
-                               int n_rows, int dim, float eps)
+__global__ void __launch_bounds__(RMS_BLOCK_FEW)
+    rmsnorm_kernel(T *out, int ldo, const float *x, int ldx, const float *w, int n_rows, int dim,
+                   float eps)
 {
-    __shared__ double partial[RMS_BLOCK / 32];
+    __shared__ double partial[RMS_BLOCK_FEW / 32];
     __shared__ float inv_s;
     for (int r = blockIdx.x; r < n_rows; r += gridDim.x) {
         const float *xr = x + (size_t)r * ldx;
         double ss = 0.0;
+#pragma unroll 4
         for (int i = threadIdx.x; i < dim; i += blockDim.x)
             ss += (double)xr[i] * xr[i];
         for (int off = 16; off > 0; off >>= 1)
@@ -42,6 +48,7 @@ __global__ void rmsnorm_kernel(T *out, int ldo, const float *x, int ldx, const f
         __syncthreads();
         float inv = inv_s;
         T *orow = out + (size_t)r * ldo;
+#pragma unroll 4
         for (int i = threadIdx.x; i < dim; i += blockDim.x)
             orow[i] = rms_store<T>(xr[i] * inv * w[i]);
         __syncthreads(); // partial and inv_s are reused by the next row
@@ -57,7 +64,8 @@ static fy_status_t rmsnorm_launch(T *out, int ldo, const float *x, int ldx, cons
     if (n_rows == 0)
         return FY_OK;
     unsigned grid = n_rows > 65535 ? 65535u : (unsigned)n_rows;
-    rmsnorm_kernel<T><<<grid, RMS_BLOCK, 0, stream>>>(out, ldo, x, ldx, w, n_rows, dim, eps);
+    const unsigned block = n_rows <= RMS_FEW_ROWS ? RMS_BLOCK_FEW : RMS_BLOCK;
+    rmsnorm_kernel<T><<<grid, block, 0, stream>>>(out, ldo, x, ldx, w, n_rows, dim, eps);
     return krn_launch_status();
 }
 
