@@ -170,6 +170,7 @@ __global__ void attn_kernel(score_args_t a, const float2 *stats, int imp, float 
 
 #define SC_TT    64 // tokens per block
 #define SC_WARPS 8  // warps per block; warp w takes the m-tiles (16 window rows) w, w + 8, ...
+#define SC_MIN_BLOCKS 264 // blocks the window softmax kernels aim for (two per SM of an H100)
 // k steps of 16 channels: one instance for every head_dim up to 128 (narrower heads are padded
 // with zero channels; the exponentials, not the MMAs, bound these kernels), which keeps the
 // device code that every program linking the kvcodec carries small.
@@ -291,7 +292,9 @@ static __device__ __forceinline__ bool sc_sees(const score_args_t &a, uint32_t w
     return w < a.W && t < a.n && t <= a.n - a.W + w;
 }
 
-/* Pass 1, a block per (64 tokens, kv head): for every query head of the group and window row,
+/* Pass 1, a block per (64 tokens, kv head, share of the group's query heads: heads z, z +
+ * gridDim.z, ...; more than one share only when tiles x kv heads leave SMs idle, and each head's
+ * arithmetic is the same whatever its block): for every query head of its share and window row,
  * the max logit over the block's tokens the row sees and the sum of exp(s - max) into
  * part[(h * W + w) * n_tiles + tile] (-inf and 0 when it sees none). */
 template <int KS>
@@ -304,7 +307,7 @@ __global__ void __launch_bounds__(SC_WARPS * 32)
     sc_stage_keys<KS>(a, g, t0, ks);
     __syncthreads();
     const uint32_t MT = (a.W + 15) / 16;
-    for (uint32_t hh = 0; hh < a.grp; hh++) {
+    for (uint32_t hh = blockIdx.z; hh < a.grp; hh += gridDim.z) {
         const uint32_t h = g * a.grp + hh;
         for (uint32_t mt = warp; mt < MT; mt += SC_WARPS) {
             uint32_t hi[KS][4], lo[KS][4];
@@ -371,10 +374,10 @@ __global__ void stats_combine_kernel(const float2 *part, size_t rows, uint32_t n
     }
 }
 
-/* Pass 2, a block per (64 tokens, kv head): the logits again, and for every query head of the
- * group and token the sum over the window rows of p = exp(s - max) / (W * sum) into ah (and,
- * for the RMS or max importance, the root mean square or maximum of W p into ah2), as
- * attn_kernel. */
+/* Pass 2, a block per (64 tokens, kv head, share of the heads, as pass 1): the logits again,
+ * and for every query head of its share and token the sum over the window rows of p = exp(s - max)
+ * / (W * sum) into ah (and, for the RMS or max importance, the root mean square or maximum of W p
+ * into ah2), as attn_kernel. */
 template <int KS>
 __global__ void __launch_bounds__(SC_WARPS * 32)
     score_attn_mma_kernel(score_args_t a, const float2 *stats, int imp, float *ah, float *ah2)
@@ -387,7 +390,7 @@ __global__ void __launch_bounds__(SC_WARPS * 32)
     __syncthreads();
     const uint32_t MT = (a.W + 15) / 16;
     const float fw = (float)a.W;
-    for (uint32_t hh = 0; hh < a.grp; hh++) {
+    for (uint32_t hh = blockIdx.z; hh < a.grp; hh += gridDim.z) {
         const uint32_t h = g * a.grp + hh;
         for (uint32_t i = lane; i < SC_TT; i += 32)
             red[0][warp][i] = red[1][warp][i] = 0.0f;
@@ -692,7 +695,12 @@ extern "C" fy_status_t kvc_score_cuda(const kvc_policy_t *policy, uint32_t n_hea
             KVC_CUDA_GOTO(
                 kvc_cuda_scratch_alloc((void **)&part, rows * n_tiles * sizeof(float2), cs, pools),
                 st, out);
-            dim3 grid(n_tiles, n_kv);
+            // A short prompt has few (tile, kv head) blocks: the group's heads are shared out
+            // over more blocks, up to one each, until the grid covers the GPU.
+            uint32_t shares = 1;
+            while (shares < a.grp && (size_t)n_tiles * n_kv * shares < SC_MIN_BLOCKS)
+                shares *= 2;
+            dim3 grid(n_tiles, n_kv, shares < a.grp ? shares : a.grp);
             score_stats_mma_kernel<SC_KS><<<grid, SC_WARPS * 32, 0, cs>>>(a, part, n_tiles);
             KVC_LAUNCH_GOTO(st, out);
             stats_combine_kernel<<<kvc_grid(rows, 8), 256, 0, cs>>>(part, rows, n_tiles, a.W,
