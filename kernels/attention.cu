@@ -200,16 +200,6 @@ static size_t att_mma_smem_bytes(int head_dim)
     return sizeof(__half) * 2 * (size_t)MMA_BK * (size_t)(head_dim + MMA_PAD);
 }
 
-static __device__ __forceinline__ void att_mma16816(float (&c)[4], uint32_t a0, uint32_t a1,
-                                                    uint32_t a2, uint32_t a3, uint32_t b0,
-                                                    uint32_t b1)
-{
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
-                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 /* Four 8x8 FP16 matrices from shared memory, transposed: lanes 8 m .. 8 m + 7 give the rows of
  * matrix m, and lane (g, t) receives elements (2t, g) and (2t + 1, g) of each. */
 static __device__ __forceinline__ void att_ldsm_x4_t(const __half *row, uint32_t (&r)[4])
@@ -299,7 +289,7 @@ __global__ void __launch_bounds__(MMA_WARPS * 32)
 #pragma unroll
             for (int nt = 0; nt < NT; nt++) {
                 const __half *kr = ks + (nt * 8 + g) * LD + 16 * s + 2 * t;
-                att_mma16816(sc[nt], qa[s][0], qa[s][1], qa[s][2], qa[s][3],
+                krn_mma16816(sc[nt], qa[s][0], qa[s][1], qa[s][2], qa[s][3],
                              *reinterpret_cast<const uint32_t *>(kr),
                              *reinterpret_cast<const uint32_t *>(kr + 8));
             }
@@ -356,8 +346,8 @@ __global__ void __launch_bounds__(MMA_WARPS * 32)
             for (int dt = 0; dt < DT; dt += 2) {
                 uint32_t b[4];
                 att_ldsm_x4_t(vs + (16 * kk + mrow) * LD + 8 * dt + mcol, b);
-                att_mma16816(o[dt], pa[kk][0], pa[kk][1], pa[kk][2], pa[kk][3], b[0], b[1]);
-                att_mma16816(o[dt + 1], pa[kk][0], pa[kk][1], pa[kk][2], pa[kk][3], b[2], b[3]);
+                krn_mma16816(o[dt], pa[kk][0], pa[kk][1], pa[kk][2], pa[kk][3], b[0], b[1]);
+                krn_mma16816(o[dt + 1], pa[kk][0], pa[kk][1], pa[kk][2], pa[kk][3], b[2], b[3]);
             }
     }
     l0 += __shfl_xor_sync(0xffffffffu, l0, 1);

@@ -3,7 +3,8 @@
 // strides, with and without accumulation; the padding columns of y must stay untouched.
 // Tolerance: |diff| <= 1e-5 + 1e-3 * sum_k |x||w| per element (FP32 accumulation).
 // Shapes of up to 4 rows with k and strides multiples of 8 must take the GEMV kernel, the
-// others cuBLAS; both are checked.
+// others cuBLAS; then, with FERRY_GEMM=mma, aligned shapes of 5 to 16 rows the skinny MMA
+// kernel. Each is checked.
 #include <string.h>
 
 #include "test_util_cuda.h"
@@ -48,8 +49,11 @@ static int run(uint64_t *rng, int m, int n, int k, int pad, int accumulate)
     cudaStream_t s;
     TCU_CHECK(cudaStreamCreate(&s));
     const char *kernel = krn_gemm_cuda_kernel(m, k, dx, ldx, dw, ldw);
-    const bool want_gemv = m <= 4 && k % 8 == 0 && ldx % 8 == 0 && ldw % 8 == 0;
-    int bad = strcmp(kernel, want_gemv ? "gemv" : "cublas") != 0;
+    const bool aligned = k % 8 == 0 && ldx % 8 == 0 && ldw % 8 == 0;
+    const char *mode = getenv("FERRY_GEMM");
+    const bool mma = mode != NULL && strcmp(mode, "mma") == 0;
+    const char *want = !aligned ? "cublas" : m <= 4 ? "gemv" : mma && m <= 16 ? "mma" : "cublas";
+    int bad = strcmp(kernel, want) != 0;
     TCU_OK(krn_gemm_f16_cuda(h, m, n, k, dx, ldx, dw, ldw, dy, ldy, accumulate, s));
     tcu_get(got, dy, ny * 4);
     for (int r = 0; r < m; r++) {
@@ -95,6 +99,18 @@ int main(void)
         for (int acc = 0; acc < 2; acc++)
             bad += run(&rng, shapes[i][0], shapes[i][1], shapes[i][2], shapes[i][3], acc);
     }
+    // The skinny MMA kernel (opt-in): one and two n-tiles, partial column tiles, k not a
+    // multiple of its 32-half blocks, padded strides; a misaligned stride stays with cuBLAS.
+    static const int mma_shapes[][4] = {{5, 37, 64, 0},     {8, 1000, 4096, 8}, {9, 333, 576, 0},
+                                        {16, 129, 1000, 8}, {12, 17, 8, 0},     {16, 2048, 200, 0},
+                                        {7, 64, 512, 4}};
+    setenv("FERRY_GEMM", "mma", 1);
+    for (size_t i = 0; i < FY_ARRAY_SIZE(mma_shapes); i++) {
+        for (int acc = 0; acc < 2; acc++)
+            bad += run(&rng, mma_shapes[i][0], mma_shapes[i][1], mma_shapes[i][2], mma_shapes[i][3],
+                       acc);
+    }
+    unsetenv("FERRY_GEMM");
     // Bad shapes are refused before anything is launched.
     if (krn_gemm_f16_cuda(NULL, 1, 1, 1, NULL, 1, NULL, 1, NULL, 1, 0, 0) != FY_ERR_INVALID_ARG)
         bad++;
