@@ -50,11 +50,12 @@ __device__ __forceinline__ float dot8(uint4 xv, const float2 wf[4])
     return s;
 }
 
-/* y[r][col] = x[r] · w[col] (+ y), r < M; strides and k in 16-byte chunks of 8 halves. */
+/* y[r][col] = x[r] · w[col] (+ y), r < M (= m); strides and k in 16-byte chunks of 8 halves. */
 template <int M>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
-    gemv_kernel(int n, int k8, const uint4 *__restrict__ x, int ldx8, const uint4 *__restrict__ w,
-                int ldw8, float *__restrict__ y, int ldy, int accumulate)
+    gemv_kernel(int m, int n, int k8, const uint4 *__restrict__ x, int ldx8,
+                const uint4 *__restrict__ w, int ldw8, float *__restrict__ y, int ldy,
+                int accumulate)
 {
     const int lane = threadIdx.x % 32;
     const int col = blockIdx.x * GEMV_WARPS + threadIdx.x / 32;
@@ -98,17 +99,20 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32)
     }
 }
 
+typedef enum { GEMM_CUBLAS, GEMM_GEMV, GEMM_MMA } gemm_kernel_t;
+
 /* The kernel this call runs (see the file comment). */
-static const char *gemm_choose(int m, int k, const uint16_t *x, int ldx, const uint16_t *w, int ldw)
+static gemm_kernel_t gemm_choose(int m, int k, const uint16_t *x, int ldx, const uint16_t *w,
+                                 int ldw)
 {
     const int env = gemm_env();
     const bool aligned =
         k % 8 == 0 && ldx % 8 == 0 && ldw % 8 == 0 && (((uintptr_t)x | (uintptr_t)w) & 15) == 0;
     if (env == 1 || !aligned)
-        return "cublas";
+        return GEMM_CUBLAS;
     if (m <= GEMV_MAX_ROWS)
-        return "gemv";
-    return env == 2 && m <= SKINNY_MAX_ROWS ? "mma" : "cublas";
+        return GEMM_GEMV;
+    return env == 2 && m <= SKINNY_MAX_ROWS ? GEMM_MMA : GEMM_CUBLAS;
 }
 
 /* y[r][n0 + i] for the block's 16 output columns n0 = 16 blockIdx.x and every row r < m of x
@@ -189,33 +193,27 @@ __global__ void __launch_bounds__(SKINNY_WARPS * 32)
 extern "C" const char *krn_gemm_cuda_kernel(int m, int k, const uint16_t *x, int ldx,
                                             const uint16_t *w, int ldw)
 {
-    return gemm_choose(m, k, x, ldx, w, ldw);
+    static const char *const names[] = {"cublas", "gemv", "mma"};
+    return names[gemm_choose(m, k, x, ldx, w, ldw)];
 }
 
-static fy_status_t gemv_launch(int m, int n, int k, const uint16_t *x, int ldx, const uint16_t *w,
-                               int ldw, float *y, int ldy, int accumulate, cudaStream_t stream)
+typedef void (*gemm_fn_t)(int, int, int, const uint4 *, int, const uint4 *, int, float *, int, int);
+
+/* The GEMV for m <= GEMV_MAX_ROWS rows (gemv_kernel<m>) or the skinny MMA kernel (skinny_kernel
+ * with the n-tiles m needs), launched over the columns. */
+static fy_status_t weight_stream_launch(gemm_kernel_t kind, int m, int n, int k, const uint16_t *x,
+                                        int ldx, const uint16_t *w, int ldw, float *y, int ldy,
+                                        int accumulate, cudaStream_t stream)
 {
-    const dim3 grid((unsigned)((n + GEMV_WARPS - 1) / GEMV_WARPS));
-    const uint4 *x4 = reinterpret_cast<const uint4 *>(x), *w4 = reinterpret_cast<const uint4 *>(w);
-    switch (m) {
-    case 1:
-        gemv_kernel<1><<<grid, GEMV_WARPS * 32, 0, stream>>>(n, k / 8, x4, ldx / 8, w4, ldw / 8, y,
-                                                             ldy, accumulate);
-        break;
-    case 2:
-        gemv_kernel<2><<<grid, GEMV_WARPS * 32, 0, stream>>>(n, k / 8, x4, ldx / 8, w4, ldw / 8, y,
-                                                             ldy, accumulate);
-        break;
-    case 3:
-        gemv_kernel<3><<<grid, GEMV_WARPS * 32, 0, stream>>>(n, k / 8, x4, ldx / 8, w4, ldw / 8, y,
-                                                             ldy, accumulate);
-        break;
-    default:
-        gemv_kernel<4><<<grid, GEMV_WARPS * 32, 0, stream>>>(n, k / 8, x4, ldx / 8, w4, ldw / 8, y,
-                                                             ldy, accumulate);
-        break;
-    }
-    return krn_cuda_status(cudaGetLastError());
+    static const gemm_fn_t gemv[GEMV_MAX_ROWS] = {gemv_kernel<1>, gemv_kernel<2>, gemv_kernel<3>,
+                                                  gemv_kernel<4>};
+    const bool mma = kind == GEMM_MMA;
+    const gemm_fn_t fn = mma ? (m <= 8 ? skinny_kernel<1> : skinny_kernel<2>) : gemv[m - 1];
+    const int cols = mma ? 16 : GEMV_WARPS, threads = (mma ? SKINNY_WARPS : GEMV_WARPS) * 32;
+    fn<<<(unsigned)((n + cols - 1) / cols), threads, 0, stream>>>(
+        m, n, k / 8, reinterpret_cast<const uint4 *>(x), ldx / 8,
+        reinterpret_cast<const uint4 *>(w), ldw / 8, y, ldy, accumulate);
+    return krn_launch_status();
 }
 
 extern "C" fy_status_t krn_cuda_status(cudaError_t err)
@@ -244,21 +242,9 @@ extern "C" fy_status_t krn_gemm_f16_cuda(cublasHandle_t handle, int m, int n, in
         return FY_ERR_INVALID_ARG;
     if (m == 0 || n == 0)
         return FY_OK;
-    const char *kernel = gemm_choose(m, k, x, ldx, w, ldw);
-    if (strcmp(kernel, "gemv") == 0)
-        return gemv_launch(m, n, k, x, ldx, w, ldw, y, ldy, accumulate, stream);
-    if (strcmp(kernel, "mma") == 0) {
-        const dim3 grid((unsigned)((n + 15) / 16));
-        const uint4 *x4 = reinterpret_cast<const uint4 *>(x);
-        const uint4 *w4 = reinterpret_cast<const uint4 *>(w);
-        if (m <= 8)
-            skinny_kernel<1><<<grid, SKINNY_WARPS * 32, 0, stream>>>(m, n, k / 8, x4, ldx / 8, w4,
-                                                                     ldw / 8, y, ldy, accumulate);
-        else
-            skinny_kernel<2><<<grid, SKINNY_WARPS * 32, 0, stream>>>(m, n, k / 8, x4, ldx / 8, w4,
-                                                                     ldw / 8, y, ldy, accumulate);
-        return krn_launch_status();
-    }
+    const gemm_kernel_t kind = gemm_choose(m, k, x, ldx, w, ldw);
+    if (kind != GEMM_CUBLAS)
+        return weight_stream_launch(kind, m, n, k, x, ldx, w, ldw, y, ldy, accumulate, stream);
     fy_status_t st = krn_cublas_status(cublasSetStream(handle, stream));
     if (st != FY_OK)
         return st;
