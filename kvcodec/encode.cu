@@ -178,7 +178,7 @@ typedef struct {
     size_t hs, ts;
     const float *kr, *vr; // [n_kv][n][d] rotated rows, or NULL
     uint32_t n, d;
-    int vec; // k, v and their strides are 16-byte aligned: rows load as vectors (ld_hE)
+    int vec; // k, v and their strides are 16-byte aligned: rows load as vectors (ld_hE_raw)
 } kv_src_t;
 
 /* Element c of token t of head h: K or V (val), rotated (rot) or as given. */
@@ -190,16 +190,16 @@ static __device__ __forceinline__ float src_x(const kv_src_t &a, bool val, bool 
     return ld_h(val ? a.v : a.k, a.hs, a.ts, h, t, c);
 }
 
-/* Halves c .. c + E - 1 of row (h, t) of K or V as fp32: one vector load when s.vec (rows
- * 16-byte aligned; c a multiple of E). */
+/* Halves c .. c + E - 1 of row (h, t) of K or V, as loaded: E / 2 words of two halves when s.vec
+ * (rows 16-byte aligned; c a multiple of E: one vector load), else a half per word. Nothing uses
+ * them before cvt_hE, so a warp can have several rows' loads in flight. */
 template <int E>
-static __device__ __forceinline__ void ld_hE(const kv_src_t &s, bool val, uint32_t h, uint32_t t,
-                                             uint32_t c, float (&x)[E])
+static __device__ __forceinline__ void ld_hE_raw(const kv_src_t &s, bool val, uint32_t h,
+                                                 uint32_t t, uint32_t c, uint32_t (&w)[E])
 {
     const uint16_t *p = (val ? s.v : s.k) + (size_t)h * s.hs + (size_t)t * s.ts + c;
     if constexpr (E >= 2) {
         if (s.vec) {
-            uint32_t w[E / 2];
             if constexpr (E == 8) {
                 const uint4 u = *reinterpret_cast<const uint4 *>(p);
                 w[0] = u.x, w[1] = u.y, w[2] = u.z, w[3] = u.w;
@@ -209,6 +209,21 @@ static __device__ __forceinline__ void ld_hE(const kv_src_t &s, bool val, uint32
             } else {
                 w[0] = *reinterpret_cast<const uint32_t *>(p);
             }
+            return;
+        }
+    }
+#pragma unroll
+    for (int e = 0; e < E; e++)
+        w[e] = p[e];
+}
+
+/* ld_hE_raw's halves as fp32. */
+template <int E>
+static __device__ __forceinline__ void cvt_hE(const kv_src_t &s, const uint32_t (&w)[E],
+                                              float (&x)[E])
+{
+    if constexpr (E >= 2) {
+        if (s.vec) {
 #pragma unroll
             for (int i = 0; i < E / 2; i++) {
                 x[2 * i] = fy_dev_h2f((uint16_t)w[i]);
@@ -219,7 +234,7 @@ static __device__ __forceinline__ void ld_hE(const kv_src_t &s, bool val, uint32
     }
 #pragma unroll
     for (int e = 0; e < E; e++)
-        x[e] = fy_dev_h2f(p[e]);
+        x[e] = fy_dev_h2f((uint16_t)w[e]);
 }
 
 /* kvc_hadamard on a row of d = 32 E floats held by a warp, lane L holding elements E L ..
@@ -253,29 +268,48 @@ template <int E> static __device__ __forceinline__ void warp_hadamard(float (&x)
 }
 
 /* Rows j < m of K and V of head h (token tok(j)) as fp32 into sk and sv, `stride` floats
- * apart, a warp per row, Hadamard-rotated on the way when rot; d = 32 E. */
+ * apart, a warp per row, Hadamard-rotated on the way when rot; d = 32 E. A warp loads R rows
+ * before it rotates the first: one row at a time, each row waited the whole load latency
+ * (a group of 32 tokens is 16 rows per warp), which left the short layers' encode kernels
+ * mostly waiting. */
 template <int E, typename F>
 static __device__ void stage_rows_warp(const kv_src_t &s, uint32_t h, F tok, uint32_t m, float *sk,
                                        float *sv, uint32_t stride, bool rot, float scale)
 {
+    constexpr int R = E >= 8 ? 2 : E == 4 ? 4 : 8; // rows in flight per warp
     const uint32_t lane = threadIdx.x % 32, nw = blockDim.x / 32;
-    for (uint32_t row = threadIdx.x / 32; row < 2 * m; row += nw) {
-        const bool val = row >= m;
-        const uint32_t j = val ? row - m : row;
-        float x[E];
-        ld_hE<E>(s, val, h, tok(j), E * lane, x);
-        if (rot)
-            warp_hadamard<E>(x, scale);
-        float *dst = (val ? sv : sk) + (size_t)j * stride + E * lane;
-        if constexpr (E % 4 == 0) { // stride and the arrays are 16-byte aligned (stage_plan)
+    for (uint32_t r0 = threadIdx.x / 32; r0 < 2 * m; r0 += R * nw) {
+        uint32_t w[R][E];
 #pragma unroll
-            for (int e = 0; e < E; e += 4)
-                *reinterpret_cast<float4 *>(dst + e) =
-                    make_float4(x[e], x[e + 1], x[e + 2], x[e + 3]);
-        } else {
+        for (int i = 0; i < R; i++) {
+            const uint32_t row = r0 + i * nw; // warp-uniform
+            if (row < 2 * m) {
+                const bool val = row >= m;
+                ld_hE_raw<E>(s, val, h, tok(val ? row - m : row), E * lane, w[i]);
+            }
+        }
 #pragma unroll
-            for (int e = 0; e < E; e++)
-                dst[e] = x[e];
+        for (int i = 0; i < R; i++) {
+            const uint32_t row = r0 + i * nw;
+            if (row >= 2 * m)
+                break;
+            const bool val = row >= m;
+            const uint32_t j = val ? row - m : row;
+            float x[E];
+            cvt_hE<E>(s, w[i], x);
+            if (rot)
+                warp_hadamard<E>(x, scale);
+            float *dst = (val ? sv : sk) + (size_t)j * stride + E * lane;
+            if constexpr (E % 4 == 0) { // stride and the arrays are 16-byte aligned (stage_plan)
+#pragma unroll
+                for (int e = 0; e < E; e += 4)
+                    *reinterpret_cast<float4 *>(dst + e) =
+                        make_float4(x[e], x[e + 1], x[e + 2], x[e + 3]);
+            } else {
+#pragma unroll
+                for (int e = 0; e < E; e++)
+                    dst[e] = x[e];
+            }
         }
     }
 }
@@ -404,8 +438,10 @@ static __device__ __forceinline__ float trial_err(float x, float lo, float inv, 
     return ksub(kadd(kmul(r, s), lo), x);
 }
 
-/* One block per (kv head, group of G consecutive tokens): the distortion inputs of build_items. */
-__global__ void stats_kernel(stats_args_t a)
+/* One block per (kv head, group of G consecutive tokens): the distortion inputs of build_items.
+ * 5 blocks an SM: what the staged rows (40 KiB at head_dim 128) allow anyway; more registers
+ * for the rows in flight would cost occupancy. */
+__global__ void __launch_bounds__(2 * STATS_THREADS, 5) stats_kernel(stats_args_t a)
 {
     // Per channel, sized by head_dim so that small heads leave room for more blocks:
     // range [unrotated, rotated], and per width slot (8, 4, 2 bits) the step and 1 / step.
@@ -688,8 +724,9 @@ static __device__ __forceinline__ float g_x(const quant_args_t &a, const float *
 }
 
 /* One block per quantized group: quant.c's kvc_quant_group with cap = m, written in place.
- * With a.stage the group's rows are read once, coalesced, into shared memory. */
-__global__ void quant_kernel(quant_args_t a)
+ * With a.stage the group's rows are read once, coalesced, into shared memory. 5 blocks an SM,
+ * as stats_kernel (the staged group is 32 KiB at head_dim 128). */
+__global__ void __launch_bounds__(QUANT_THREADS, 5) quant_kernel(quant_args_t a)
 {
     extern __shared__ float q_sm[]; // stage: [G][d] K rows, then [G][d] V rows
     float *sk = q_sm, *sv = q_sm + (size_t)a.stage * a.d; // a.stage: the staged group size
@@ -1016,6 +1053,7 @@ __global__ void crc_final_kernel(const uint32_t *parts, uint32_t n_parts, const 
 #define GREEDY_CHUNK   4096
 #define GREEDY_THREADS 256
 #define LAYOUT_SEG     2048 // tokens of a head per layout block (even: whole map bytes)
+#define LAYOUT_THREADS 256
 
 typedef struct {
     uint32_t n_kv, n, G;
@@ -1599,62 +1637,85 @@ __global__ void __launch_bounds__(256) maps_kernel(plan_args_t a)
         a.scnt[((size_t)h * a.n_seg + seg) * 8 + threadIdx.x] = s_c[threadIdx.x];
 }
 
-/* One thread: plan_payload's run offsets (per head, the options in order), the header, the
- * zero padding of the maps. */
-__global__ void layout_kernel(plan_args_t a)
+/* One block: plan_payload's run offsets (per head, the options in order), the header, the
+ * zero padding of the maps. A thread per (head, option) sums its segments; the run offsets are
+ * one pass over shared memory. (A single thread walking the counts in global memory waited on
+ * each load in turn: 8.5-19 us a layer.) */
+__global__ void __launch_bounds__(LAYOUT_THREADS) layout_kernel(plan_args_t a)
 {
-    unsigned long long n_f16 = 0, tokens[KVC_OPT_COUNT] = {0, 0, 0, 0, 0, 0};
-    for (uint32_t h = 0; h < a.n_kv; h++) {
-        for (int o = 0; o < KVC_OPT_COUNT; o++) {
-            unsigned long long c = 0;
-            for (uint32_t sg = 0; sg < a.n_seg; sg++) {
-                size_t at = ((size_t)h * a.n_seg + sg) * 8 + o;
-                a.sbase[at] = c;
-                c += a.scnt[at];
-            }
-            a.hcnt[h * 8 + o] = c;
-            tokens[o] += c;
+    __shared__ unsigned long long s_hcnt[OPT_MAX_KV * KVC_OPT_COUNT]; // n_kv <= OPT_MAX_KV
+    __shared__ unsigned long long s_tokens[KVC_OPT_COUNT];
+    __shared__ unsigned long long s_payload, s_total;
+    __shared__ uint32_t s_mask;
+    const uint32_t n_pairs = a.n_kv * KVC_OPT_COUNT;
+    for (uint32_t p = threadIdx.x; p < n_pairs; p += blockDim.x) {
+        const uint32_t h = p / KVC_OPT_COUNT, o = p % KVC_OPT_COUNT;
+        const size_t at = (size_t)h * a.n_seg * 8 + o;
+        const unsigned long long *__restrict__ cnt = a.scnt + at;
+        unsigned long long *__restrict__ base = a.sbase + at;
+        unsigned long long c = 0;
+        for (uint32_t sg = 0; sg < a.n_seg; sg++) {
+            base[(size_t)sg * 8] = c;
+            c += cnt[(size_t)sg * 8];
         }
+        s_hcnt[p] = c;
+        a.hcnt[h * 8 + o] = c;
     }
-    n_f16 = tokens[KVC_OPT_F16];
-    unsigned long long head = KVC_FRAME_HEADER_BYTES + a.maps_total;
-    unsigned long long o_off = head, o_f16 = 0, o_q = n_f16, o_tok = 0;
-    for (uint32_t h = 0; h < a.n_kv; h++) {
-        for (int o = 0; o < KVC_OPT_DROP; o++) {
-            unsigned long long cnt = a.hcnt[h * 8 + o], *r = a.runs + ((size_t)h * 8 + o) * 3;
-            r[0] = o_off;
-            o_off += plan_run_bytes(a, o, cnt);
-            if (o == KVC_OPT_F16) {
-                r[1] = o_f16;
-                o_f16 += cnt;
-            } else {
-                r[1] = o_q;
-                o_q += (cnt + a.G - 1) / a.G;
-                r[2] = o_tok;
-                o_tok += cnt;
+    __syncthreads();
+    if (threadIdx.x < KVC_OPT_COUNT) {
+        unsigned long long t = 0;
+        for (uint32_t h = 0; h < a.n_kv; h++)
+            t += s_hcnt[h * KVC_OPT_COUNT + threadIdx.x];
+        s_tokens[threadIdx.x] = t;
+        a.plan->tokens[threadIdx.x] = t;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const unsigned long long n_f16 = s_tokens[KVC_OPT_F16];
+        const unsigned long long head = KVC_FRAME_HEADER_BYTES + a.maps_total;
+        unsigned long long o_off = head, o_f16 = 0, o_q = n_f16, o_tok = 0;
+        for (uint32_t h = 0; h < a.n_kv; h++) {
+            for (int o = 0; o < KVC_OPT_DROP; o++) {
+                unsigned long long cnt = s_hcnt[h * KVC_OPT_COUNT + o];
+                unsigned long long *r = a.runs + ((size_t)h * 8 + o) * 3;
+                r[0] = o_off;
+                o_off += plan_run_bytes(a, o, cnt);
+                if (o == KVC_OPT_F16) {
+                    r[1] = o_f16;
+                    o_f16 += cnt;
+                } else {
+                    r[1] = o_q;
+                    o_q += (cnt + a.G - 1) / a.G;
+                    r[2] = o_tok;
+                    o_tok += cnt;
+                }
             }
         }
+        uint32_t mask = 0;
+        for (int o = 0; o < KVC_OPT_COUNT; o++)
+            if (s_tokens[o])
+                mask |= 1u << o;
+        s_mask = mask;
+        s_payload = o_off - head;
+        s_total = o_off + 4;
+        a.plan->n_f16 = n_f16;
+        a.plan->n_work = o_q;
+        a.plan->total = o_off + 4;
+        a.plan->body = o_off;
     }
-    unsigned long long payload = o_off - head, total = o_off + 4;
-    uint32_t opt_mask = 0;
-    for (int o = 0; o < KVC_OPT_COUNT; o++) {
-        if (tokens[o])
-            opt_mask |= 1u << o;
-        a.plan->tokens[o] = tokens[o];
-    }
-    a.plan->n_f16 = n_f16;
-    a.plan->n_work = o_q;
-    a.plan->total = total;
-    a.plan->body = total - 4;
+    __syncthreads();
     uint8_t *hd = a.out;
-    for (int i = 0; i < KVC_FRAME_HEADER_BYTES; i++)
-        hd[i] = a.hdr[i];
-    hd[44] = (uint8_t)opt_mask;
-    for (int i = 0; i < 8; i++) {
-        hd[48 + i] = (uint8_t)(payload >> (8 * i));
-        hd[56 + i] = (uint8_t)(total >> (8 * i));
+    for (uint32_t i = threadIdx.x; i < KVC_FRAME_HEADER_BYTES; i += blockDim.x) {
+        uint8_t b = a.hdr[i];
+        if (i == 44)
+            b = (uint8_t)s_mask;
+        else if (i >= 48 && i < 56)
+            b = (uint8_t)(s_payload >> (8 * (i - 48)));
+        else if (i >= 56 && i < 64)
+            b = (uint8_t)(s_total >> (8 * (i - 56)));
+        hd[i] = b;
     }
-    for (size_t i = (size_t)a.n_kv * a.map_bytes; i < a.maps_total; i++)
+    for (size_t i = (size_t)a.n_kv * a.map_bytes + threadIdx.x; i < a.maps_total; i += blockDim.x)
         hd[KVC_FRAME_HEADER_BYTES + i] = 0;
 }
 
@@ -2128,7 +2189,7 @@ static fy_status_t layout_enqueue(kvc_encoder_cuda_t *e, uint32_t layer, uint8_t
     dim3 grid(a.n_seg, e->n_kv);
     maps_kernel<<<grid, 256, 0, cs>>>(a);
     KVC_LAUNCH_GOTO(st, out);
-    layout_kernel<<<1, 1, 0, cs>>>(a);
+    layout_kernel<<<1, LAYOUT_THREADS, 0, cs>>>(a);
     KVC_LAUNCH_GOTO(st, out);
     scatter_kernel<<<grid, 256, 0, cs>>>(a);
     KVC_LAUNCH_GOTO(st, out);
