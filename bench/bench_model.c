@@ -273,6 +273,8 @@ typedef struct {
     uint8_t *frame;
     size_t cap;
     uint64_t wire_bytes;
+    int queued;   // GPU codec: layers queued, not yet delivered
+    int n_layers; // the last one is delivered at once
 } req_codec_t;
 
 static fy_status_t req_layer(void *arg, const mdl_layer_kv_t *kv)
@@ -288,8 +290,17 @@ static fy_status_t req_layer(void *arg, const mdl_layer_kv_t *kv)
         in.k = kv->k16_dev;
         in.v = kv->v16_dev;
         in.q_window = kv->n_window > 0 ? kv->q_window_dev : NULL;
-        st = kvc_encoder_encode_layer_cuda_host(r->genc, &in, NULL, r->frame, r->cap, &len, NULL,
-                                                kv->stream);
+        // As the prefill worker: this layer queued behind the previous one, which is
+        // delivered while it runs; the last one at once.
+        st = kvc_encoder_enqueue_layer_cuda_host(r->genc, &in, NULL, kv->stream);
+        if (st == FY_OK)
+            r->queued++;
+        while (st == FY_OK && r->queued > (kv->layer == r->n_layers - 1 ? 0 : 1)) {
+            st = kvc_encoder_finish_layer_cuda_host(r->genc, r->frame, r->cap, &len, NULL);
+            r->queued--;
+            r->wire_bytes += len;
+            len = 0;
+        }
     } else {
         size_t n = (size_t)kv->n_kv_heads * kv->n_tokens * kv->head_dim;
         fy_fp32_to_fp16_buf(r->k16, kv->k, n);
@@ -316,6 +327,7 @@ static double timed_request(mdl_ctx_t *ctx, const int32_t *t, int n, float *logi
         st = mdl_prefill(ctx, t, n, NULL, logits);
     } else if (st == FY_OK) {
         r->wire_bytes = 0;
+        r->queued = 0;
         mdl_prefill_params_t pp;
         mdl_prefill_params_default(&pp);
         pp.on_layer = req_layer;
@@ -397,6 +409,7 @@ static void bench_request(const bench_mode_t *mode, const mdl_model_t *m, mdl_ct
         ep.model_fingerprint = mdl_model_fingerprint(m);
         ep.seq_id = 1;
         req_codec_t r = {.ep = &ep,
+                         .n_layers = c->n_layers,
                          .k16 = malloc(elems * sizeof(uint16_t)),
                          .v16 = malloc(elems * sizeof(uint16_t))};
         kvc_encoder_t *probe = NULL;

@@ -710,13 +710,17 @@ void kvc_encoder_opt_inputs(const kvc_encoder_t *e, uint32_t layer, kvc_opt_inpu
             oi->cost[o] = (float)(e->cost[o] / gamma);
     // Calibrated byte shares: layer l's share of what is left is a_l / sum of a_j over the
     // layers left, a_j = weight_j^layer_alloc (equal shares without a calibration).
-    oi->share = oi->r > 0 ? oi->remain / oi->r : 0;
+    oi->spent = e->spent;
+    oi->total_budget = e->total_budget;
+    oi->share_w = oi->share_left = 0;
     if (!oi->no_budget && e->policy.n_layer_weights != 0 && e->policy.layer_alloc != 0) {
         double left = 0;
         for (uint32_t l = layer; l < e->p.n_layers; l++)
             left += layer_factor(&e->policy, l, e->policy.layer_alloc);
-        oi->share = oi->remain * layer_factor(&e->policy, layer, e->policy.layer_alloc) / left;
+        oi->share_w = layer_factor(&e->policy, layer, e->policy.layer_alloc);
+        oi->share_left = left;
     }
+    oi->share = kvc_share(oi->remain, oi->r, oi->share_w, oi->share_left);
 }
 
 void kvc_encoder_set_lambda(kvc_encoder_t *e, double lambda)

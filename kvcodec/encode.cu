@@ -76,6 +76,32 @@ typedef struct {
     double part[DIST_BLOCKS]; // its per-block partial sums
 } opt_out_t;
 
+/* The rate controller's state after the layers encoded so far, kept on the device by the device
+ * optimizer (choose_kernel reads it, crc_final_kernel advances it), so that a layer can be
+ * queued before the previous one is done. The host's copy in enc follows as layers finish. */
+typedef struct {
+    unsigned long long spent; // frame bytes so far
+    double lambda_prev;       // < 0: none yet
+} rc_dev_t;
+
+/* Layers queued and not yet finished (kvc_encoder_enqueue_layer_cuda*). */
+#define ENC_QUEUE 2
+
+/* A queued layer: where its frame goes and what the host reads when it finishes. */
+typedef struct {
+    uint32_t layer;
+    uint8_t *out;      // the frame (device)
+    uint8_t *d_frame;  // [max_frame] the frame of the _host calls, made on first use
+    plan_dev_t *h_lay; // pinned copy of the layout (the frame size and counts), in h_slots
+    opt_out_t *h_out;  // pinned copy of the device optimizer's result, in h_slots
+    cudaEvent_t ev[4]; // the GPU phases: [0, 1] scoring .. optimizer, [2, 3] layout .. CRC
+    uint64_t t1;       // host clock once scored
+    uint64_t score_ns; // scoring's share of the call (the encoder's own scores)
+    bool done;         // the host optimizer finished it in the enqueue call: len and info
+    size_t len;        //   are final
+    kvc_layer_info_t info;
+} enc_slot_t;
+
 struct kvc_encoder_cuda {
     kvc_encoder_t *enc; // host optimizer and rate controller
     kvc_policy_t policy;
@@ -111,19 +137,21 @@ struct kvc_encoder_cuda {
     uint32_t *d_keys, *d_idx;  // [2][n_items] greedy candidates and their sorted order
     void *d_sort_tmp;
     size_t sort_tmp_bytes;
-    opt_out_t *d_out, *h_out; // device result and its pinned host copy
+    opt_out_t *d_out; // device result (each queued layer copies it to its slot)
+    rc_dev_t *d_rc;   // rate controller state
     // Frame layout (both optimizers)
-    plan_dev_t *d_plan, *h_lay; // device layout and its pinned host copy
+    plan_dev_t *d_plan, *h_lay; // device layout; the host optimizer's plan (pinned)
     unsigned long long *d_hcnt; // [n_kv][8]
     unsigned long long *d_runs; // [n_kv][8][3]
     unsigned long long *d_scnt; // [2][n_kv][n_seg][8] segment counts and bases
     uint32_t n_seg;
     unsigned sms;
-    // Stream time of the two GPU phases of the last layer: [0, 1] scoring + rotation +
-    // tables, [2, 3] payload + CRC.
-    cudaEvent_t ev[4];
-    uint64_t last_gpu_ns;
-    uint8_t *d_frame; // [max_frame] the frame of encode_layer_cuda_host, made on first use
+    // Queued layers: slot[(q_head + i) % ENC_QUEUE] for i < q_len, in layer order.
+    enc_slot_t slot[ENC_QUEUE];
+    unsigned q_head, q_len;
+    uint8_t *h_slots;     // pinned: the slots' h_lay and h_out
+    cudaStream_t s_copy;  // non-blocking: finished frames to the host while later layers run
+    uint64_t last_gpu_ns; // stream time of the last finished layer's two GPU phases
 };
 
 /* ------------------------------------------------------------------------------------------ */
@@ -1018,9 +1046,10 @@ __global__ void crc_kernel(const uint8_t *buf, const plan_dev_t *plan, uint32_t 
 }
 
 /* One block: the frame's CRC32C, the XOR of crc_kernel's n_parts parts inverted (0 for an
- * empty body), written behind the body. */
+ * empty body), written behind the body; with rc (the device optimizer), the frame's bytes and
+ * the optimizer's multiplier (res) passed on to the next layer's rate control. */
 __global__ void crc_final_kernel(const uint32_t *parts, uint32_t n_parts, const plan_dev_t *plan,
-                                 uint8_t *out)
+                                 uint8_t *out, rc_dev_t *rc, const opt_out_t *res)
 {
     size_t len = plan->body;
     uint32_t acc = 0;
@@ -1031,6 +1060,10 @@ __global__ void crc_final_kernel(const uint32_t *parts, uint32_t n_parts, const 
         uint32_t crc = len ? ~acc : 0u;
         for (int k = 0; k < 4; k++)
             out[len + k] = (uint8_t)(crc >> (8 * k));
+        if (rc != NULL) { // kvc_encoder_set_lambda and kvc_encoder_commit_dist
+            rc->spent += plan->total;
+            rc->lambda_prev = res->lambda;
+        }
     }
 }
 
@@ -1069,11 +1102,12 @@ typedef struct {
     // byte model: a group of m tokens of option o is gfix[o] + m * gtok[o] bytes
     unsigned long long gfix[KVC_OPT_COUNT], gtok[KVC_OPT_COUNT], gsz[KVC_OPT_COUNT];
     unsigned long long fixed; // header + maps + CRC
-    // rate controller
+    // rate controller: the state the previous layers left (rc) and this layer's place
     int no_budget;
     uint32_t r;
-    double remain, lambda_prev;
-    double share; // this layer's byte share (kvc_opt_inputs_t.share: calibrated or remain / r)
+    const rc_dev_t *rc;
+    unsigned long long total_budget;
+    double share_w, share_left; // kvc_share's weights (kvc_opt_inputs_t)
     // inputs
     const float *imp;
     const uint8_t *is_static, *backbone;
@@ -1283,6 +1317,14 @@ __global__ void __launch_bounds__(OPT_THREADS) choose_kernel(opt_args_t a)
     size_t stride = (size_t)gridDim.x * blockDim.x;
     size_t first = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     bool pins = true;
+    // kvc_encoder_opt_inputs' remain and share from the device state, the host's roundings.
+    const unsigned long long spent = a.rc->spent;
+    const double lambda_prev = a.rc->lambda_prev;
+    const double remain =
+        a.no_budget ? 0 : __ull2double_rn(a.total_budget - min(spent, a.total_budget));
+    const double share = a.share_left > 0 ? __ddiv_rn(__dmul_rn(remain, a.share_w), a.share_left)
+                         : a.r > 0        ? __ddiv_rn(remain, (double)a.r)
+                                          : 0;
 #define PASS(mode, lam, dst, src)                                                                  \
     count_pass(a, grid, mode, lam, dst, src, buf++ % 3, s_cnt, &s_total)
     for (int attempt = 0; attempt < 2; attempt++, pins = false) {
@@ -1295,8 +1337,7 @@ __global__ void __launch_bounds__(OPT_THREADS) choose_kernel(opt_args_t a)
             break;
         }
         double floor_l = (double)PASS(PASS_CHEAP, 0, a.tmp, NULL);
-        double cap = a.remain - o_dmul((double)(a.r - 1), floor_l);
-        double share = a.share;
+        double cap = __dsub_rn(remain, o_dmul((double)(a.r - 1), floor_l));
         if (a.r > 1) {
             double c2 = o_dmul(share, o_dadd(1, a.flex));
             cap = cap < c2 ? cap : c2;
@@ -1305,22 +1346,22 @@ __global__ void __launch_bounds__(OPT_THREADS) choose_kernel(opt_args_t a)
             if (pins)
                 continue; // the pins alone do not fit: retry with every item free
             PASS(PASS_COPY, 0, a.choice, a.tmp);
-            budget_met = floor_l <= a.remain;
+            budget_met = floor_l <= remain;
             break;
         }
         bool accepted = false;
-        if (a.lambda_prev >= 0 && a.r > 1) {
-            double x = (double)PASS(PASS_ASSIGN, a.lambda_prev, a.choice, NULL);
+        if (lambda_prev >= 0 && a.r > 1) {
+            double x = (double)PASS(PASS_ASSIGN, lambda_prev, a.choice, NULL);
             if (x <= cap && x >= o_dmul(share, __dsub_rn(1, a.flex))) {
                 accepted = true;
-                lambda = a.lambda_prev;
+                lambda = lambda_prev;
             }
         }
         if (!accepted) {
-            double tgt = a.r > 1 ? (share < cap ? share : cap) : a.remain;
+            double tgt = a.r > 1 ? (share < cap ? share : cap) : remain;
             unsigned long long target = (unsigned long long)tgt;
             // solve(): bracket, bisection in log space, then the greedy fill (later kernels).
-            double lo = a.lambda_prev > 0 ? a.lambda_prev : 1e-6, hi = lo;
+            double lo = lambda_prev > 0 ? lambda_prev : 1e-6, hi = lo;
             bool done = false;
             if (PASS(PASS_ASSIGN, lo, NULL, NULL) <= target) {
                 for (;;) {
@@ -1784,20 +1825,29 @@ extern "C" void kvc_encoder_cuda_destroy(kvc_encoder_cuda_t *e)
 {
     if (e == NULL)
         return;
+    for (unsigned i = 0; i < e->q_len; i++) // queued layers still write the encoder's buffers
+        cudaEventSynchronize(e->slot[(e->q_head + i) % ENC_QUEUE].ev[3]);
     kvc_encoder_destroy(e->enc);
     cudaFree(e->d_kr), cudaFree(e->d_vr), cudaFree(e->d_tab), cudaFree(e->d_tok);
     cudaFree(e->d_work), cudaFree(e->d_crc);
     cudaFree(e->d_dist), cudaFree(e->d_opt8), cudaFree(e->d_cnt), cudaFree(e->d_gcnt);
     cudaFree(e->d_dev_mean), cudaFree(e->d_backbone), cudaFree(e->d_keys), cudaFree(e->d_idx);
-    cudaFree(e->d_sort_tmp), cudaFree(e->d_out), cudaFreeHost(e->h_out);
+    cudaFree(e->d_sort_tmp), cudaFree(e->d_out), cudaFree(e->d_rc);
     cudaFree(e->d_plan), cudaFreeHost(e->h_lay), cudaFree(e->d_hcnt), cudaFree(e->d_runs);
-    cudaFree(e->d_scnt), cudaFree(e->d_frame);
+    cudaFree(e->d_scnt);
+    for (int q = 0; q < ENC_QUEUE; q++) {
+        enc_slot_t *sl = &e->slot[q];
+        cudaFree(sl->d_frame);
+        for (int i = 0; i < 4; i++)
+            if (sl->ev[i])
+                cudaEventDestroy(sl->ev[i]);
+    }
+    cudaFreeHost(e->h_slots);
+    if (e->s_copy)
+        cudaStreamDestroy(e->s_copy);
     kvc_scores_cleanup_cuda(&e->d_scores);
     cudaFreeHost(e->h_tab), cudaFreeHost(e->h_tok), cudaFreeHost(e->h_work);
     cudaFreeHost(e->h_head);
-    for (int i = 0; i < 4; i++)
-        if (e->ev[i])
-            cudaEventDestroy(e->ev[i]);
     free(e->h_imp), free(e->h_qsq), free(e->h_obar), free(e->h_static), free(e->h_plan);
     free(e);
 }
@@ -1855,7 +1905,7 @@ static fy_status_t opt_create(kvc_encoder_cuda_t *e)
         e->n_seg = (e->n + LAYOUT_SEG - 1) / LAYOUT_SEG;
         KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_scnt, (size_t)2 * e->n_kv * e->n_seg * 8 * 8), st,
                       fail);
-        KVC_CUDA_GOTO(cudaMallocHost((void **)&e->h_out, sizeof(opt_out_t)), st, fail);
+        KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_rc, sizeof(rc_dev_t)), st, fail);
         KVC_CUDA_GOTO(cub::DeviceRadixSort::SortPairsDescending(NULL, e->sort_tmp_bytes, e->d_keys,
                                                                 e->d_keys + items, e->d_idx,
                                                                 e->d_idx + items, (int)items),
@@ -1865,6 +1915,10 @@ static fy_status_t opt_create(kvc_encoder_cuda_t *e)
         kvc_encoder_opt_inputs(e->enc, 0, &oi);
         KVC_CUDA_GOTO(cudaMemcpy(e->d_backbone, oi.backbone, e->n, cudaMemcpyHostToDevice), st,
                       fail);
+        // The rate controller starts where the host encoder does (nothing spent, the
+        // calibrated first multiplier or none).
+        rc_dev_t rc = {(unsigned long long)oi.spent, oi.lambda_prev};
+        KVC_CUDA_GOTO(cudaMemcpy(e->d_rc, &rc, sizeof(rc), cudaMemcpyHostToDevice), st, fail);
     }
     e->opt_on = true;
     return FY_OK;
@@ -1882,6 +1936,7 @@ static fy_status_t host_opt_create(kvc_encoder_cuda_t *e, size_t tab, size_t hea
     KVC_CUDA_GOTO(cudaMallocHost((void **)&e->h_tok, e->n_items * sizeof(uint32_t)), st, fail);
     KVC_CUDA_GOTO(cudaMallocHost((void **)&e->h_work, e->n_items * sizeof(work_t)), st, fail);
     KVC_CUDA_GOTO(cudaMallocHost((void **)&e->h_head, head_max), st, fail);
+    KVC_CUDA_GOTO(cudaMallocHost((void **)&e->h_lay, sizeof(plan_dev_t)), st, fail);
     e->h_imp = (float *)malloc(e->n_items * sizeof(float));
     e->h_qsq = (float *)malloc((size_t)e->n_kv * e->d * sizeof(float));
     e->h_obar = (float *)malloc((size_t)e->n_kv * e->d * sizeof(float));
@@ -1934,8 +1989,22 @@ extern "C" fy_status_t kvc_encoder_cuda_create(const kvc_encoder_params_t *param
     KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_tab, tab), st, fail);
     KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_tok, e->n_items * sizeof(uint32_t)), st, fail);
     KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_work, e->n_items * sizeof(work_t)), st, fail);
-    for (int i = 0; i < 4; i++)
-        KVC_CUDA_GOTO(cudaEventCreate(&e->ev[i]), st, fail);
+    for (int q = 0; q < ENC_QUEUE; q++) {
+        enc_slot_t *sl = &e->slot[q];
+        for (int i = 0; i < 4; i++)
+            KVC_CUDA_GOTO(cudaEventCreate(&sl->ev[i]), st, fail);
+    }
+    {
+        // Both slots' results in one pinned block: one allocation per request.
+        size_t per = FY_ALIGN_UP(sizeof(plan_dev_t), 16) + FY_ALIGN_UP(sizeof(opt_out_t), 16);
+        KVC_CUDA_GOTO(cudaMallocHost((void **)&e->h_slots, ENC_QUEUE * per), st, fail);
+        for (int q = 0; q < ENC_QUEUE; q++) {
+            e->slot[q].h_lay = (plan_dev_t *)(e->h_slots + q * per);
+            e->slot[q].h_out =
+                (opt_out_t *)(e->h_slots + q * per + FY_ALIGN_UP(sizeof(plan_dev_t), 16));
+        }
+    }
+    KVC_CUDA_GOTO(cudaStreamCreateWithFlags(&e->s_copy, cudaStreamNonBlocking), st, fail);
     if ((st = kvc_scores_init_cuda(&e->d_scores, e->n_kv, e->n, e->d)) != FY_OK)
         goto fail;
     {
@@ -1948,7 +2017,6 @@ extern "C" fy_status_t kvc_encoder_cuda_create(const kvc_encoder_params_t *param
     }
     KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_crc, e->crc_grid * sizeof(uint32_t)), st, fail);
     KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_plan, sizeof(plan_dev_t)), st, fail);
-    KVC_CUDA_GOTO(cudaMallocHost((void **)&e->h_lay, sizeof(plan_dev_t)), st, fail);
     KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_hcnt, (size_t)e->n_kv * 8 * 8), st, fail);
     KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_runs, (size_t)e->n_kv * 8 * 3 * 8), st, fail);
     if ((st = opt_create(e)) != FY_OK)
@@ -2046,11 +2114,11 @@ static void plan_payload(kvc_encoder_cuda_t *e, size_t payload_off, size_t *n_f1
     *n_work_p = o_q;
 }
 
-/* Queues the device optimizer for the layer on stream: distortions, the choice (rate control,
- * bisection, greedy fill), its distortion; then the choice into the host encoder's choice
- * array and the result into h_out, both valid once the stream reaches this point. */
+/* Queues the device optimizer for the layer on stream: distortions, the choice (rate control
+ * from e->d_rc, bisection, greedy fill), its distortion; then the result into h_out (pinned),
+ * valid once the stream reaches this point. */
 static fy_status_t opt_enqueue(kvc_encoder_cuda_t *e, uint32_t layer, const kvc_scores_t *sc,
-                               bool measured, cudaStream_t cs)
+                               bool measured, opt_out_t *h_out, cudaStream_t cs)
 {
     fy_status_t st = FY_OK;
     const kvc_policy_t *pol = &e->policy;
@@ -2101,9 +2169,10 @@ static fy_status_t opt_enqueue(kvc_encoder_cuda_t *e, uint32_t layer, const kvc_
     a.fixed = KVC_FRAME_HEADER_BYTES + FY_ALIGN_UP((size_t)e->n_kv * kvc_map_bytes(e->n), 8) + 4;
     a.no_budget = oi.no_budget;
     a.r = oi.r;
-    a.remain = oi.remain;
-    a.share = oi.share;
-    a.lambda_prev = oi.lambda_prev;
+    a.rc = e->d_rc;
+    a.total_budget = oi.total_budget;
+    a.share_w = oi.share_w;
+    a.share_left = oi.share_left;
     a.imp = sc->importance;
     a.is_static = sc->is_static;
     a.backbone = e->d_backbone;
@@ -2144,9 +2213,8 @@ static fy_status_t opt_enqueue(kvc_encoder_cuda_t *e, uint32_t layer, const kvc_
     KVC_LAUNCH_GOTO(st, out);
     dist_final_kernel<<<1, DIST_BLOCKS, 0, cs>>>(e->d_out);
     KVC_LAUNCH_GOTO(st, out);
-    KVC_CUDA_GOTO(
-        cudaMemcpyAsync(e->h_out, e->d_out, sizeof(opt_out_t), cudaMemcpyDeviceToHost, cs), st,
-        out);
+    KVC_CUDA_GOTO(cudaMemcpyAsync(h_out, e->d_out, sizeof(opt_out_t), cudaMemcpyDeviceToHost, cs),
+                  st, out);
 out:
     return st;
 }
@@ -2197,29 +2265,83 @@ out:
     return st;
 }
 
-extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
-                                                     const kvc_layer_input_t *in,
-                                                     const kvc_scores_t *scores, uint8_t *out,
-                                                     size_t out_cap, size_t *len_p,
-                                                     kvc_layer_info_t *info_p, void *stream)
+/* Takes the finished results of slot sl into the host encoder (its rate controller follows the
+ * device's) and into len and info; the device optimizer's layers wait for their last event. */
+static fy_status_t slot_finish(kvc_encoder_cuda_t *e, enc_slot_t *sl)
 {
-    if (e == NULL || out == NULL || len_p == NULL)
-        return FY_ERR_INVALID_ARG;
-    fy_status_t st = kvc_encoder_check_layer(e->enc, in, out_cap);
-    if (st != FY_OK)
-        return st;
-    cudaStream_t cs = (cudaStream_t)stream;
-    uint32_t n = e->n, d = e->d, n_kv = e->n_kv;
-    size_t plane = e->n_items;
+    if (sl->done)
+        return FY_OK;
+    fy_status_t st = FY_OK;
     kvc_layer_info_t info;
     memset(&info, 0, sizeof(info));
+    float ms01 = 0, ms23 = 0;
+    KVC_CUDA_GOTO(cudaEventSynchronize(sl->ev[3]), st, out);
+    KVC_CUDA_GOTO(cudaEventElapsedTime(&ms01, sl->ev[0], sl->ev[1]), st, out);
+    KVC_CUDA_GOTO(cudaEventElapsedTime(&ms23, sl->ev[2], sl->ev[3]), st, out);
+    e->last_gpu_ns = (uint64_t)((double)(ms01 + ms23) * 1e6);
+    {
+        size_t total = (size_t)sl->h_lay->total;
+        FY_ASSERT(total <= e->max_frame);
+        for (int o = 0; o < KVC_OPT_COUNT; o++)
+            info.tokens[o] = sl->h_lay->tokens[o];
+        if (e->opt_on) {
+            info.lambda = sl->h_out->lambda;
+            info.budget_met = sl->h_out->budget_met != 0;
+            kvc_encoder_set_lambda(e->enc, sl->h_out->lambda);
+            kvc_encoder_commit_dist(e->enc, total, sl->h_out->dist, &info);
+        } else {
+            info.lambda = sl->info.lambda; // the host optimizer's, from the enqueue call
+            info.budget_met = sl->info.budget_met;
+            kvc_encoder_commit(e->enc, total, &info);
+        }
+        info.score_ns = sl->score_ns;
+        info.encode_ns = fy_clock_ns() - sl->t1;
+        sl->len = total;
+        sl->info = info;
+        sl->done = true;
+    }
+out:
+    return st;
+}
+
+/* Queues the encode of layer in->layer into out (device, out_cap bytes) on stream as the last
+ * of the encoder's queued layers. With the device optimizer nothing waits for the GPU; the
+ * host optimizer waits for the tables, and then for the whole layer (its rate controller runs
+ * on the host, so the next layer could not be chosen before). */
+static fy_status_t enqueue_layer(kvc_encoder_cuda_t *e, const kvc_layer_input_t *in,
+                                 const kvc_scores_t *scores, uint8_t *out, size_t out_cap,
+                                 enc_slot_t *sl, cudaStream_t cs)
+{
+    {
+        // The host encoder has committed the finished layers; the queued ones it has not yet
+        // come between them and this one.
+        if (in == NULL)
+            return FY_ERR_INVALID_ARG;
+        uint32_t queued = 0;
+        for (unsigned i = 0; i < e->q_len; i++)
+            queued += e->slot[(e->q_head + i) % ENC_QUEUE].done ? 0 : 1;
+        if (in->layer < queued)
+            return FY_ERR_STATE;
+        kvc_layer_input_t chk = *in;
+        chk.layer = in->layer - queued;
+        fy_status_t cst = kvc_encoder_check_layer(e->enc, &chk, out_cap);
+        if (cst != FY_OK)
+            return cst;
+    }
+    fy_status_t st = FY_OK;
+    sl->layer = in->layer;
+    sl->out = out;
+    sl->done = false;
+    memset(&sl->info, 0, sizeof(sl->info));
+    uint32_t n = e->n, d = e->d, n_kv = e->n_kv;
+    size_t plane = e->n_items;
     stage_t sg;
     stage_plan(e, &sg);
     size_t st_sm = sg.st_sm, st_sm_stage = sg.st_sm_stage, q_stage_bytes = sg.q_stage_bytes;
     bool st_stage = sg.st_stage, q_stage = sg.q_stage, fused = sg.fused;
     float rot_scale = 1.0f / sqrtf((float)d);
     uint64_t t0 = fy_clock_ns();
-    cudaError_t ce = cudaEventRecord(e->ev[0], cs);
+    cudaError_t ce = cudaEventRecord(sl->ev[0], cs);
     if (ce != cudaSuccess)
         return kvc_cuda_status(ce);
     const kvc_scores_t *sc = scores;
@@ -2233,6 +2355,8 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
         return FY_ERR_INVALID_ARG;
     }
     uint64_t t1 = fy_clock_ns();
+    sl->t1 = t1;
+    sl->score_ns = scores ? 0 : t1 - t0;
     const kvc_policy_t *pol = &e->policy;
     bool measured = pol->dist == KVC_DIST_TRIAL || pol->dist == KVC_DIST_MODEL;
     uint32_t opts = pol->options;
@@ -2312,14 +2436,14 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
     }
     if (e->opt_on) {
         // Device optimizer and layout: no host step until the frame is complete.
-        if ((st = opt_enqueue(e, in->layer, sc, measured, cs)) != FY_OK)
+        if ((st = opt_enqueue(e, in->layer, sc, measured, sl->h_out, cs)) != FY_OK)
             goto out;
-        KVC_CUDA_GOTO(cudaEventRecord(e->ev[1], cs), st, out);
-        KVC_CUDA_GOTO(cudaEventRecord(e->ev[2], cs), st, out);
+        KVC_CUDA_GOTO(cudaEventRecord(sl->ev[1], cs), st, out);
+        KVC_CUDA_GOTO(cudaEventRecord(sl->ev[2], cs), st, out);
         if ((st = layout_enqueue(e, in->layer, out, cs)) != FY_OK)
             goto out;
     } else {
-        KVC_CUDA_GOTO(cudaEventRecord(e->ev[1], cs), st, out);
+        KVC_CUDA_GOTO(cudaEventRecord(sl->ev[1], cs), st, out);
         KVC_CUDA_GOTO(cudaStreamSynchronize(cs), st, out);
         // The optimizer, on the host, from the GPU's tables.
         kvc_scores_t hs;
@@ -2339,7 +2463,9 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
         tab.ev[4] = e->h_tab + TAB_EV4 * plane;
         tab.ek[2] = e->h_tab + TAB_EK2 * plane;
         tab.ev[2] = e->h_tab + TAB_EV2 * plane;
-        if ((st = kvc_encoder_choose(e->enc, in, &hs, measured ? &tab : NULL, &info)) != FY_OK)
+        // (The host optimizer finishes each layer in its enqueue call: the host encoder's next
+        // layer is this one.)
+        if ((st = kvc_encoder_choose(e->enc, in, &hs, measured ? &tab : NULL, &sl->info)) != FY_OK)
             goto out;
         uint64_t tokens[KVC_OPT_COUNT] = {0};
         size_t total;
@@ -2357,7 +2483,7 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
         hp->body = total - 4;
         for (int o = 0; o < KVC_OPT_COUNT; o++)
             hp->tokens[o] = tokens[o];
-        KVC_CUDA_GOTO(cudaEventRecord(e->ev[2], cs), st, out);
+        KVC_CUDA_GOTO(cudaEventRecord(sl->ev[2], cs), st, out);
         KVC_CUDA_GOTO(cudaMemcpyAsync(e->d_plan, hp, sizeof(*hp), cudaMemcpyHostToDevice, cs), st,
                       out);
         KVC_CUDA_GOTO(cudaMemcpyAsync(out, e->h_head, head, cudaMemcpyHostToDevice, cs), st, out);
@@ -2396,71 +2522,135 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
         KVC_LAUNCH_GOTO(st, out);
         crc_kernel<<<e->crc_grid, CRC_THREADS, 0, cs>>>(out, e->d_plan, e->d_crc);
         KVC_LAUNCH_GOTO(st, out);
-        crc_final_kernel<<<1, 256, 0, cs>>>(e->d_crc, e->crc_grid, e->d_plan, out);
+        crc_final_kernel<<<1, 256, 0, cs>>>(e->d_crc, e->crc_grid, e->d_plan, out,
+                                            e->opt_on ? e->d_rc : NULL, e->d_out);
         KVC_LAUNCH_GOTO(st, out);
-        if (e->opt_on)
-            KVC_CUDA_GOTO(cudaMemcpyAsync(e->h_lay, e->d_plan, sizeof(plan_dev_t),
-                                          cudaMemcpyDeviceToHost, cs),
-                          st, out);
-        KVC_CUDA_GOTO(cudaEventRecord(e->ev[3], cs), st, out);
-        KVC_CUDA_GOTO(cudaStreamSynchronize(cs), st, out);
-        float ms01 = 0, ms23 = 0;
-        KVC_CUDA_GOTO(cudaEventElapsedTime(&ms01, e->ev[0], e->ev[1]), st, out);
-        KVC_CUDA_GOTO(cudaEventElapsedTime(&ms23, e->ev[2], e->ev[3]), st, out);
-        e->last_gpu_ns = (uint64_t)((double)(ms01 + ms23) * 1e6);
-        size_t total = (size_t)e->h_lay->total;
-        FY_ASSERT(total <= out_cap);
-        for (int o = 0; o < KVC_OPT_COUNT; o++)
-            info.tokens[o] = e->h_lay->tokens[o];
-        if (e->opt_on) {
-            info.lambda = e->h_out->lambda;
-            info.budget_met = e->h_out->budget_met != 0;
-            kvc_encoder_set_lambda(e->enc, e->h_out->lambda);
-            kvc_encoder_commit_dist(e->enc, total, e->h_out->dist, &info);
-        } else {
-            kvc_encoder_commit(e->enc, total, &info);
-        }
-        *len_p = total;
+        KVC_CUDA_GOTO(
+            cudaMemcpyAsync(sl->h_lay, e->d_plan, sizeof(plan_dev_t), cudaMemcpyDeviceToHost, cs),
+            st, out);
+        KVC_CUDA_GOTO(cudaEventRecord(sl->ev[3], cs), st, out);
     }
-    info.score_ns = scores ? 0 : t1 - t0;
-    info.encode_ns = fy_clock_ns() - t1;
-    if (info_p)
-        *info_p = info;
+    if (!e->opt_on) // the next layer's choice needs this one's size on the host
+        st = slot_finish(e, sl);
 out:
     return st;
 }
 
-extern "C" fy_status_t kvc_encoder_encode_layer_cuda_host(kvc_encoder_cuda_t *e,
-                                                          const kvc_layer_input_t *in,
-                                                          const kvc_scores_t *scores,
-                                                          uint8_t *out, size_t out_cap,
-                                                          size_t *len_p, kvc_layer_info_t *info_p,
-                                                          void *stream)
+/* The slot the next enqueue fills, or NULL with the queue full. */
+static enc_slot_t *slot_next(kvc_encoder_cuda_t *e)
+{
+    return e->q_len < ENC_QUEUE ? &e->slot[(e->q_head + e->q_len) % ENC_QUEUE] : NULL;
+}
+
+extern "C" fy_status_t kvc_encoder_enqueue_layer_cuda(kvc_encoder_cuda_t *e,
+                                                      const kvc_layer_input_t *in,
+                                                      const kvc_scores_t *scores, uint8_t *out,
+                                                      size_t out_cap, void *stream)
+{
+    if (e == NULL || out == NULL)
+        return FY_ERR_INVALID_ARG;
+    enc_slot_t *sl = slot_next(e);
+    if (sl == NULL)
+        return FY_ERR_STATE;
+    fy_status_t st = enqueue_layer(e, in, scores, out, out_cap, sl, (cudaStream_t)stream);
+    if (st == FY_OK)
+        e->q_len++;
+    return st;
+}
+
+extern "C" fy_status_t kvc_encoder_finish_layer_cuda(kvc_encoder_cuda_t *e, size_t *len_p,
+                                                     kvc_layer_info_t *info_p)
+{
+    if (e == NULL || len_p == NULL)
+        return FY_ERR_INVALID_ARG;
+    if (e->q_len == 0)
+        return FY_ERR_STATE;
+    enc_slot_t *sl = &e->slot[e->q_head];
+    fy_status_t st = slot_finish(e, sl);
+    if (st != FY_OK)
+        return st;
+    e->q_head = (e->q_head + 1) % ENC_QUEUE;
+    if (--e->q_len == 0)
+        e->q_head = 0; // one layer at a time keeps to slot 0 (one frame buffer)
+    *len_p = sl->len;
+    if (info_p)
+        *info_p = sl->info;
+    return FY_OK;
+}
+
+extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
+                                                     const kvc_layer_input_t *in,
+                                                     const kvc_scores_t *scores, uint8_t *out,
+                                                     size_t out_cap, size_t *len_p,
+                                                     kvc_layer_info_t *info_p, void *stream)
 {
     if (e == NULL || out == NULL || len_p == NULL)
         return FY_ERR_INVALID_ARG;
-    if (e->d_frame == NULL) {
-        cudaError_t ce = cudaMalloc((void **)&e->d_frame, e->max_frame);
+    if (e->q_len != 0) // layers queued by the enqueue calls come first
+        return FY_ERR_STATE;
+    fy_status_t st = kvc_encoder_enqueue_layer_cuda(e, in, scores, out, out_cap, stream);
+    if (st != FY_OK)
+        return st;
+    return kvc_encoder_finish_layer_cuda(e, len_p, info_p);
+}
+
+extern "C" fy_status_t kvc_encoder_enqueue_layer_cuda_host(kvc_encoder_cuda_t *e,
+                                                           const kvc_layer_input_t *in,
+                                                           const kvc_scores_t *scores, void *stream)
+{
+    if (e == NULL)
+        return FY_ERR_INVALID_ARG;
+    enc_slot_t *sl = slot_next(e);
+    if (sl == NULL)
+        return FY_ERR_STATE;
+    if (sl->d_frame == NULL) {
+        cudaError_t ce = cudaMalloc((void **)&sl->d_frame, e->max_frame);
         if (ce != cudaSuccess) {
-            e->d_frame = NULL;
+            sl->d_frame = NULL;
             return kvc_cuda_status(ce);
         }
     }
-    size_t len = 0;
-    kvc_layer_info_t info;
-    fy_status_t st = kvc_encoder_encode_layer_cuda(e, in, scores, e->d_frame,
-                                                   FY_MIN(out_cap, e->max_frame), &len, &info,
-                                                   stream);
+    return kvc_encoder_enqueue_layer_cuda(e, in, scores, sl->d_frame, e->max_frame, stream);
+}
+
+extern "C" fy_status_t kvc_encoder_finish_layer_cuda_host(kvc_encoder_cuda_t *e, uint8_t *out,
+                                                          size_t out_cap, size_t *len_p,
+                                                          kvc_layer_info_t *info_p)
+{
+    if (e == NULL || out == NULL || len_p == NULL)
+        return FY_ERR_INVALID_ARG;
+    if (e->q_len == 0)
+        return FY_ERR_STATE;
+    enc_slot_t *sl = &e->slot[e->q_head];
+    fy_status_t st = slot_finish(e, sl);
     if (st != FY_OK)
         return st;
-    cudaStream_t cs = (cudaStream_t)stream;
-    cudaError_t ce = cudaMemcpyAsync(out, e->d_frame, len, cudaMemcpyDeviceToHost, cs);
+    if (sl->len > out_cap || sl->out != sl->d_frame)
+        return FY_ERR_INVALID_ARG; // the layer stays queued
+    // The layer's work is complete: its bytes go on the encoder's own stream, beside the
+    // later layers' work on the caller's.
+    cudaError_t ce = cudaMemcpyAsync(out, sl->d_frame, sl->len, cudaMemcpyDeviceToHost, e->s_copy);
     if (ce == cudaSuccess)
-        ce = cudaStreamSynchronize(cs);
+        ce = cudaStreamSynchronize(e->s_copy);
     if (ce != cudaSuccess)
         return kvc_cuda_status(ce);
-    *len_p = len;
-    if (info_p)
-        *info_p = info;
-    return FY_OK;
+    return kvc_encoder_finish_layer_cuda(e, len_p, info_p);
+}
+
+extern "C" fy_status_t kvc_encoder_encode_layer_cuda_host(kvc_encoder_cuda_t *e,
+                                                          const kvc_layer_input_t *in,
+                                                          const kvc_scores_t *scores, uint8_t *out,
+                                                          size_t out_cap, size_t *len_p,
+                                                          kvc_layer_info_t *info_p, void *stream)
+{
+    if (e == NULL || out == NULL || len_p == NULL)
+        return FY_ERR_INVALID_ARG;
+    if (e->q_len != 0)
+        return FY_ERR_STATE;
+    if (out_cap < e->max_frame)
+        return FY_ERR_INVALID_ARG;
+    fy_status_t st = kvc_encoder_enqueue_layer_cuda_host(e, in, scores, stream);
+    if (st != FY_OK)
+        return st;
+    return kvc_encoder_finish_layer_cuda_host(e, out, out_cap, len_p, info_p);
 }

@@ -76,31 +76,56 @@ void kvc_encoder_cuda_destroy(kvc_encoder_cuda_t *enc);
 /* Upper bound of one layer's frame (as kvc_encoder_max_frame_bytes). */
 size_t kvc_encoder_cuda_max_frame_bytes(const kvc_encoder_cuda_t *enc);
 
-/* Encodes the next layer: in_dev->k and in_dev->v (and q_window / window_attn when scores_dev
- * is NULL) are device pointers; scores_dev (borrowed, may be NULL: the encoder then runs
- * kvc_score_cuda) holds device arrays from kvc_scores_init_cuda. The frame is written to
- * out_dev (device memory, at least kvc_encoder_cuda_max_frame_bytes); the bytes equal what
- * kvc_encoder_encode_layer writes for the same K, V and scores (for finite inputs). The call
- * returns once the frame is complete on the device (it synchronizes stream once, at the end,
- * for the frame size; with more than 64 kv heads or without cooperative launches the
- * optimizer runs on the host, one more synchronization). Thread: not thread-safe (one encoder
- * per request). */
+/* Queues the encode of the next layer on stream and returns without waiting for the GPU:
+ * in_dev->k and in_dev->v (and q_window / window_attn when scores_dev is NULL) are device
+ * pointers, read by the queued work (keep them until the stream has passed it); scores_dev
+ * (borrowed, may be NULL: the encoder then runs kvc_score_cuda) holds device arrays from
+ * kvc_scores_init_cuda. The frame is written to out_dev (device memory, at least
+ * kvc_encoder_cuda_max_frame_bytes); its bytes equal what kvc_encoder_encode_layer writes for
+ * the same K, V and scores (for finite inputs). Up to two layers may be queued; the rate
+ * controller carries each layer's size to the next on the device, so the next layer can be
+ * queued at once (with more than 64 kv heads or without cooperative launches the optimizer
+ * runs on the host, and the call waits for the layer). FY_ERR_STATE: two layers are queued, or
+ * in_dev->layer is not the next. Thread: not thread-safe (one encoder per request). */
+fy_status_t kvc_encoder_enqueue_layer_cuda(kvc_encoder_cuda_t *enc, const kvc_layer_input_t *in_dev,
+                                           const kvc_scores_t *scores_dev, uint8_t *out_dev,
+                                           size_t out_cap, void *stream);
+/* Waits for the oldest queued layer and returns its frame size and info (the frame is then
+ * complete in its out_dev); the host encoder's totals count it from here. FY_ERR_STATE: none is
+ * queued. Thread: as the encoder. */
+fy_status_t kvc_encoder_finish_layer_cuda(kvc_encoder_cuda_t *enc, size_t *len_p,
+                                          kvc_layer_info_t *info_p);
+
+/* kvc_encoder_enqueue_layer_cuda with the frame built in a device buffer of the encoder's own
+ * (max_frame_bytes per queued layer, allocated on first use), for
+ * kvc_encoder_finish_layer_cuda_host to deliver. */
+fy_status_t kvc_encoder_enqueue_layer_cuda_host(kvc_encoder_cuda_t *enc,
+                                                const kvc_layer_input_t *in_dev,
+                                                const kvc_scores_t *scores_dev, void *stream);
+/* kvc_encoder_finish_layer_cuda for a layer queued by kvc_encoder_enqueue_layer_cuda_host: its
+ * frame is copied into out (out_cap bytes, pageable or pinned) on a stream of the encoder's
+ * own, so the later layers' work goes on meanwhile. FY_ERR_INVALID_ARG: the frame does not fit
+ * out_cap, or the layer was queued for a device buffer (it stays queued). */
+fy_status_t kvc_encoder_finish_layer_cuda_host(kvc_encoder_cuda_t *enc, uint8_t *out,
+                                               size_t out_cap, size_t *len_p,
+                                               kvc_layer_info_t *info_p);
+
+/* One layer, queued and finished: kvc_encoder_enqueue_layer_cuda, then
+ * kvc_encoder_finish_layer_cuda. FY_ERR_STATE while layers are queued. */
 fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *enc, const kvc_layer_input_t *in_dev,
                                           const kvc_scores_t *scores_dev, uint8_t *out_dev,
                                           size_t out_cap, size_t *len_p, kvc_layer_info_t *info_p,
                                           void *stream);
 
-/* kvc_encoder_encode_layer_cuda with the frame delivered into host memory: out (out_cap
- * bytes, pageable or pinned) receives the frame, which the encoder first builds in a device
- * buffer of its own (max_frame_bytes, allocated on the first call). Returns once the bytes are
- * in out. Thread: as kvc_encoder_encode_layer_cuda. */
+/* One layer into host memory (out_cap at least max_frame_bytes): the _host enqueue, then the
+ * _host finish. */
 fy_status_t kvc_encoder_encode_layer_cuda_host(kvc_encoder_cuda_t *enc,
                                                const kvc_layer_input_t *in_dev,
                                                const kvc_scores_t *scores_dev, uint8_t *out,
                                                size_t out_cap, size_t *len_p,
                                                kvc_layer_info_t *info_p, void *stream);
 
-/* Stream time the last encode_layer_cuda spent in its GPU phases (scoring, rotation,
+/* Stream time the last finished layer spent in its GPU phases (scoring, rotation,
  * distortion tables and the optimizer; layout, payload and CRC), in ns; the rest of its wall
  * time is the host's launches and the final synchronization. Thread: as the encoder. */
 uint64_t kvc_encoder_cuda_last_gpu_ns(const kvc_encoder_cuda_t *enc);

@@ -292,11 +292,24 @@ typedef struct {
     uint32_t r;         // layers left, this one included
     double remain;      // bytes of the request budget left
     double lambda_prev; // < 0: none yet
-    /* This layer's byte share: remain / r, or under a calibrated policy with layer_alloc the
-     * weighted share (both encoders read it from here). */
+    /* This layer's byte share: kvc_share(remain, r, share_w, share_left), remain / r or under
+     * a calibrated policy with layer_alloc the weighted share (both encoders read it from
+     * here). */
     double share;
+    double share_w, share_left;   // the calibrated weight and the weights left; 0: equal shares
+    uint64_t spent, total_budget; // remain = total_budget - min(spent, total_budget)
 } kvc_opt_inputs_t;
 void kvc_encoder_opt_inputs(const kvc_encoder_t *e, uint32_t layer, kvc_opt_inputs_t *oi);
+
+/* A layer's byte share of remain: the weighted share remain w / left when left > 0, else an
+ * equal share of the r layers left. The GPU's rate controller computes the same, operation for
+ * operation. */
+static inline double kvc_share(double remain, uint32_t r, double w, double left)
+{
+    if (left > 0)
+        return remain * w / left;
+    return r > 0 ? remain / r : 0;
+}
 /* The multiplier an outside optimizer ended at (the next layer starts from it). */
 void kvc_encoder_set_lambda(kvc_encoder_t *e, double lambda);
 

@@ -56,6 +56,29 @@ fy_status_t kvc_encoder_encode_layer_cuda_host(kvc_encoder_cuda_t *enc,
 {
     return FY_ERR_NO_DEVICE;
 }
+fy_status_t kvc_encoder_enqueue_layer_cuda(kvc_encoder_cuda_t *enc, const kvc_layer_input_t *in_dev,
+                                           const kvc_scores_t *scores_dev, uint8_t *out_dev,
+                                           size_t out_cap, void *stream)
+{
+    return FY_ERR_NO_DEVICE;
+}
+fy_status_t kvc_encoder_finish_layer_cuda(kvc_encoder_cuda_t *enc, size_t *len_p,
+                                          kvc_layer_info_t *info_p)
+{
+    return FY_ERR_NO_DEVICE;
+}
+fy_status_t kvc_encoder_enqueue_layer_cuda_host(kvc_encoder_cuda_t *enc,
+                                                const kvc_layer_input_t *in_dev,
+                                                const kvc_scores_t *scores_dev, void *stream)
+{
+    return FY_ERR_NO_DEVICE;
+}
+fy_status_t kvc_encoder_finish_layer_cuda_host(kvc_encoder_cuda_t *enc, uint8_t *out,
+                                               size_t out_cap, size_t *len_p,
+                                               kvc_layer_info_t *info_p)
+{
+    return FY_ERR_NO_DEVICE;
+}
 uint64_t kvc_encoder_cuda_last_gpu_ns(const kvc_encoder_cuda_t *enc)
 {
     return 0;

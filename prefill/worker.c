@@ -433,6 +433,8 @@ typedef struct {
     pf_job_t *job;
     kvc_encoder_t *enc;       // CPU codec
     kvc_encoder_cuda_t *genc; // or the GPU's (gpu_codec)
+    int gpu_queued;           // layers queued on genc, not yet handed out
+    uint32_t gpu_next;        // the next of them (layer index)
     pf_batch_t *batch;
     fy_status_t st; // the job's own failure: its later layers are skipped
 } pf_run_t;
@@ -464,6 +466,53 @@ static fy_status_t ensure_kv16(prefill_t *pf, size_t need)
     return FY_OK;
 }
 
+/* Hands layer's frame (buf, len bytes; taken) to the sender. */
+static fy_status_t post_frame(pf_run_t *r, uint32_t layer, uint8_t *buf, size_t len,
+                              const kvc_layer_info_t *info)
+{
+    prefill_t *pf = r->pf;
+    pf_job_t *job = r->job;
+    pf_frame_t *fr = calloc(1, sizeof(*fr));
+    if (fr == NULL) {
+        free(buf);
+        return FY_ERR_NO_MEMORY;
+    }
+    if (pf->corrupt_left > 0 && layer == (uint32_t)pf->cfg->n_layers / 2 && len > 64) {
+        // Test hook: one payload byte flipped after the frame's own CRC was written, so only
+        // the decode side's validation can notice.
+        pf->corrupt_left--;
+        buf[len - 1] ^= 0x5a;
+        FY_LOG_WARN(MODULE, "%s: test hook: frame of layer %u damaged", job->request_id, layer);
+    }
+    uint8_t *shrunk = realloc(buf, len);
+    fr->job = job;
+    fr->layer = layer;
+    fr->data = shrunk ? shrunk : buf;
+    fr->len = len;
+    fr->crc = fy_crc32c(0, fr->data, len);
+    job->raw_bytes += info->fp16_bytes;
+    job->wire_bytes += len;
+    post_op(pf, OP_FRAME, job, fr);
+    return FY_OK;
+}
+
+/* Waits for the oldest layer queued on the GPU encoder and hands its frame out. */
+static fy_status_t finish_gpu_layer(pf_run_t *r)
+{
+    size_t cap = kvc_encoder_cuda_max_frame_bytes(r->genc), len = 0;
+    uint8_t *buf = malloc(cap);
+    if (buf == NULL)
+        return FY_ERR_NO_MEMORY;
+    kvc_layer_info_t info;
+    fy_status_t st = kvc_encoder_finish_layer_cuda_host(r->genc, buf, cap, &len, &info);
+    if (st != FY_OK) {
+        free(buf);
+        return st;
+    }
+    r->gpu_queued--;
+    return post_frame(r, r->gpu_next++, buf, len, &info);
+}
+
 static fy_status_t encode_layer(pf_run_t *r, const mdl_layer_kv_t *kv)
 {
     prefill_t *pf = r->pf;
@@ -482,55 +531,39 @@ static fy_status_t encode_layer(pf_run_t *r, const mdl_layer_kv_t *kv)
         in.k = kv->k16_dev;
         in.v = kv->v16_dev;
         in.q_window = kv->n_window > 0 ? kv->q_window_dev : NULL;
-    } else {
-        if (kv->k == NULL)
-            return FY_ERR_INTERNAL;
-        if ((st = ensure_kv16(pf, n)) != FY_OK)
+        // The layer is queued behind the previous one, which is handed out while this one
+        // runs on the GPU (the model's stream waits for the queued work before it reuses the
+        // layer's buffers); the last layer goes out at once.
+        if ((st = kvc_encoder_enqueue_layer_cuda_host(r->genc, &in, NULL, kv->stream)) != FY_OK)
             return st;
-        fy_fp32_to_fp16_buf(pf->k16, kv->k, n);
-        fy_fp32_to_fp16_buf(pf->v16, kv->v, n);
-        in.k = pf->k16;
-        in.v = pf->v16;
-        in.q_window = kv->n_window > 0 ? kv->q_window : NULL;
+        r->gpu_queued++;
+        if (r->gpu_queued > 1 && (st = finish_gpu_layer(r)) != FY_OK)
+            return st;
+        if (kv->layer == pf->cfg->n_layers - 1 && r->gpu_queued > 0)
+            st = finish_gpu_layer(r);
+        return st;
     }
-    size_t cap = r->genc != NULL ? kvc_encoder_cuda_max_frame_bytes(r->genc)
-                                 : kvc_encoder_max_frame_bytes(r->enc);
+    if (kv->k == NULL)
+        return FY_ERR_INTERNAL;
+    if ((st = ensure_kv16(pf, n)) != FY_OK)
+        return st;
+    fy_fp32_to_fp16_buf(pf->k16, kv->k, n);
+    fy_fp32_to_fp16_buf(pf->v16, kv->v, n);
+    in.k = pf->k16;
+    in.v = pf->v16;
+    in.q_window = kv->n_window > 0 ? kv->q_window : NULL;
+    size_t cap = kvc_encoder_max_frame_bytes(r->enc);
     size_t len = 0;
-    pf_frame_t *fr = calloc(1, sizeof(*fr));
     uint8_t *buf = malloc(cap);
-    if (fr == NULL || buf == NULL) {
-        free(fr);
-        free(buf);
+    if (buf == NULL)
         return FY_ERR_NO_MEMORY;
-    }
     kvc_layer_info_t info;
-    st = r->genc != NULL
-             ? kvc_encoder_encode_layer_cuda_host(r->genc, &in, NULL, buf, cap, &len, &info,
-                                                  kv->stream)
-             : kvc_encoder_encode_layer(r->enc, &in, NULL, buf, cap, &len, &info);
+    st = kvc_encoder_encode_layer(r->enc, &in, NULL, buf, cap, &len, &info);
     if (st != FY_OK) {
-        free(fr);
         free(buf);
         return st;
     }
-    if (pf->corrupt_left > 0 && kv->layer == pf->cfg->n_layers / 2 && len > 64) {
-        // Test hook: one payload byte flipped after the frame's own CRC was written, so only
-        // the decode side's validation can notice.
-        pf->corrupt_left--;
-        buf[len - 1] ^= 0x5a;
-        FY_LOG_WARN(MODULE, "%s: test hook: frame of layer %d damaged", job->request_id,
-                    kv->layer);
-    }
-    uint8_t *shrunk = realloc(buf, len);
-    fr->job = job;
-    fr->layer = (uint32_t)kv->layer;
-    fr->data = shrunk ? shrunk : buf;
-    fr->len = len;
-    fr->crc = fy_crc32c(0, fr->data, len);
-    job->raw_bytes += info.fp16_bytes;
-    job->wire_bytes += len;
-    post_op(pf, OP_FRAME, job, fr);
-    return FY_OK;
+    return post_frame(r, in.layer, buf, len, &info);
 }
 
 /* The batch's layer callback for one job: a job that failed or was aborted stops here while

@@ -267,6 +267,179 @@ static void test_parity(void **state)
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
         run_case(&cases[i], 500 + i);
 }
+
+/* Layers queued ahead (kvc_encoder_enqueue_layer_cuda*): the rate controller carries each
+ * layer's size to the next on the device, so the frames equal the CPU's with two layers in
+ * flight; a full queue, an empty one and the one-layer calls while layers are queued say
+ * FY_ERR_STATE. With 72 kv heads (the host optimizer) every enqueue finishes its layer. */
+static void run_queue(const char *policy, double budget, uint32_t n_heads, uint32_t n_kv,
+                      uint32_t n, uint32_t d, uint64_t seed)
+{
+    enum { NL = 5 };
+    kvc_policy_t pol;
+    assert_int_equal(kvc_policy_builtin(policy, &pol), FY_OK);
+    kvt_layer_t L;
+    kvt_layer_make(&L, seed, n_heads, n_kv, n, d, 32);
+    kvc_encoder_params_t p = kvt_params(&pol, &L, NL, budget);
+    kvc_encoder_t *cpu;
+    kvc_encoder_cuda_t *gpu;
+    assert_int_equal(kvc_encoder_create(&p, &cpu), FY_OK);
+    assert_int_equal(kvc_encoder_cuda_create(&p, &gpu), FY_OK);
+    size_t cap = kvc_encoder_max_frame_bytes(cpu), elems = (size_t)n_kv * n * d;
+    size_t nt = (size_t)n_kv * n, nd = (size_t)n_kv * d;
+    cudaStream_t stream;
+    CK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    // Every layer's input, scores and (device) frame stay put while it is queued.
+    uint8_t *fc[NL], *dout[NL];
+    size_t lc[NL];
+    kvc_layer_info_t ic[NL];
+    uint16_t *dk[NL], *dv[NL];
+    kvc_scores_t sc, dsc[NL];
+    kvc_layer_input_t din[NL];
+    assert_int_equal(kvc_scores_init(&sc, n_kv, n, d), FY_OK);
+    for (uint32_t l = 0; l < NL; l++) {
+        if (l > 0)
+            kvc_synth_layer(seed + l, n_heads, n_kv, n, d, L.W, L.k, L.v, L.q);
+        kvc_layer_input_t in = kvt_input(&L, l);
+        assert_int_equal(kvc_score(&pol, n_heads, n_kv, n, d, &in, &sc), FY_OK);
+        fc[l] = malloc(cap);
+        assert_int_equal(kvc_encoder_encode_layer(cpu, &in, &sc, fc[l], cap, &lc[l], &ic[l]),
+                         FY_OK);
+        CK(cudaMalloc((void **)&dk[l], elems * 2));
+        CK(cudaMalloc((void **)&dv[l], elems * 2));
+        CK(cudaMalloc((void **)&dout[l], cap));
+        CK(cudaMemcpy(dk[l], L.k, elems * 2, cudaMemcpyHostToDevice));
+        CK(cudaMemcpy(dv[l], L.v, elems * 2, cudaMemcpyHostToDevice));
+        CK(cudaMemset(dout[l], 0xa5, cap));
+        assert_int_equal(kvc_scores_init_cuda(&dsc[l], n_kv, n, d), FY_OK);
+        CK(cudaMemcpy(dsc[l].importance, sc.importance, nt * 4, cudaMemcpyHostToDevice));
+        CK(cudaMemcpy(dsc[l].obar, sc.obar, nd * 4, cudaMemcpyHostToDevice));
+        CK(cudaMemcpy(dsc[l].qsq, sc.qsq, nd * 4, cudaMemcpyHostToDevice));
+        CK(cudaMemcpy(dsc[l].is_static, sc.is_static, n_kv, cudaMemcpyHostToDevice));
+        din[l] = in;
+        din[l].k = dk[l];
+        din[l].v = dv[l];
+        din[l].q_window = NULL;
+        din[l].n_window = 0;
+    }
+    uint8_t *fg = malloc(cap);
+    size_t lg = 0;
+    kvc_layer_info_t ig;
+    assert_int_equal(kvc_encoder_finish_layer_cuda(gpu, &lg, &ig), FY_ERR_STATE);
+#define ENQ(l) kvc_encoder_enqueue_layer_cuda(gpu, &din[l], &dsc[l], dout[l], cap, stream)
+    // Layers 0 and 1 queued; a third does not fit, nor does a one-layer call.
+    assert_int_equal(ENQ(0), FY_OK);
+    assert_int_equal(ENQ(1), FY_OK);
+    assert_int_equal(ENQ(2), FY_ERR_STATE);
+    assert_int_equal(
+        kvc_encoder_encode_layer_cuda(gpu, &din[2], &dsc[2], dout[2], cap, &lg, &ig, stream),
+        FY_ERR_STATE);
+    for (uint32_t l = 0; l < NL - 1; l++) {
+        assert_int_equal(kvc_encoder_finish_layer_cuda(gpu, &lg, &ig), FY_OK);
+        if (l == 0)
+            assert_int_equal(ENQ(3), FY_ERR_STATE); // out of order: 2 comes first
+        if (l + 2 < NL - 1)
+            assert_int_equal(ENQ(l + 2), FY_OK);
+        else if (l + 2 == NL - 1) // the last layer through the _host calls
+            assert_int_equal(
+                kvc_encoder_enqueue_layer_cuda_host(gpu, &din[l + 2], &dsc[l + 2], stream), FY_OK);
+        CK(cudaMemcpy(fg, dout[l], cap, cudaMemcpyDeviceToHost));
+        if (lg != lc[l] || memcmp(fc[l], fg, lc[l]) != 0) {
+            fprintf(stderr, "queued %s %u/%u n %u d %u layer %u: cpu %zu bytes, gpu %zu\n", policy,
+                    n_heads, n_kv, n, d, l, lc[l], lg);
+            describe_diff(fc[l], fg, FY_MIN(lc[l], lg));
+            fail();
+        }
+        assert_int_equal(fg[lg], 0xa5);
+        assert_true(ic[l].lambda == ig.lambda);
+        assert_true(ic[l].budget_met == ig.budget_met);
+        assert_int_equal(ic[l].frame_bytes, ig.frame_bytes);
+    }
+#undef ENQ
+    // The last layer's frame into host memory; too small a buffer leaves it queued.
+    memset(fg, 0, cap);
+    assert_int_equal(kvc_encoder_finish_layer_cuda_host(gpu, fg, lc[NL - 1] - 1, &lg, &ig),
+                     FY_ERR_INVALID_ARG);
+    assert_int_equal(kvc_encoder_finish_layer_cuda_host(gpu, fg, cap, &lg, &ig), FY_OK);
+    assert_int_equal(lg, lc[NL - 1]);
+    assert_memory_equal(fc[NL - 1], fg, lg);
+    assert_true(ic[NL - 1].lambda == ig.lambda);
+    assert_int_equal(kvc_encoder_finish_layer_cuda(gpu, &lg, &ig), FY_ERR_STATE);
+    uint64_t bc, bg, budc, budg;
+    kvc_encoder_totals(cpu, &bc, &budc);
+    kvc_encoder_cuda_totals(gpu, &bg, &budg);
+    assert_int_equal(bc, bg);
+    assert_int_equal(budc, budg);
+    for (uint32_t l = 0; l < NL; l++) {
+        free(fc[l]);
+        CK(cudaFree(dk[l]));
+        CK(cudaFree(dv[l]));
+        CK(cudaFree(dout[l]));
+        kvc_scores_cleanup_cuda(&dsc[l]);
+    }
+    free(fg);
+    kvc_scores_cleanup(&sc);
+    CK(cudaStreamDestroy(stream));
+    kvc_encoder_destroy(cpu);
+    kvc_encoder_cuda_destroy(gpu);
+    kvt_layer_free(&L);
+}
+
+static void test_queue(void **state)
+{
+    (void)state;
+    run_queue("ferry", 0.25, 8, 2, 301, 64, 900);
+    run_queue("ferry", 0.125, 4, 4, 517, 128, 901);
+    run_queue("ferry", 0.25, 72, 72, 67, 32, 902); // the host optimizer
+}
+
+/* An encoder destroyed with layers still queued waits for them. */
+static void test_destroy_queued(void **state)
+{
+    (void)state;
+    kvc_policy_t pol;
+    assert_int_equal(kvc_policy_builtin("ferry", &pol), FY_OK);
+    kvt_layer_t L;
+    kvt_layer_make(&L, 77, 8, 2, 1024, 64, 32);
+    kvc_encoder_params_t p = kvt_params(&pol, &L, 4, 0.25);
+    kvc_encoder_cuda_t *gpu;
+    assert_int_equal(kvc_encoder_cuda_create(&p, &gpu), FY_OK);
+    size_t elems = (size_t)L.n_kv * L.n * L.d;
+    uint16_t *dk, *dv;
+    CK(cudaMalloc((void **)&dk, elems * 2));
+    CK(cudaMalloc((void **)&dv, elems * 2));
+    CK(cudaMemcpy(dk, L.k, elems * 2, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dv, L.v, elems * 2, cudaMemcpyHostToDevice));
+    kvc_scores_t sc, dsc;
+    assert_int_equal(kvc_scores_init(&sc, L.n_kv, L.n, L.d), FY_OK);
+    assert_int_equal(kvc_scores_init_cuda(&dsc, L.n_kv, L.n, L.d), FY_OK);
+    kvc_layer_input_t in = kvt_input(&L, 0);
+    assert_int_equal(kvc_score(&pol, L.n_heads, L.n_kv, L.n, L.d, &in, &sc), FY_OK);
+    size_t nt = (size_t)L.n_kv * L.n, nd = (size_t)L.n_kv * L.d;
+    CK(cudaMemcpy(dsc.importance, sc.importance, nt * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dsc.obar, sc.obar, nd * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dsc.qsq, sc.qsq, nd * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dsc.is_static, sc.is_static, L.n_kv, cudaMemcpyHostToDevice));
+    cudaStream_t stream;
+    CK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    for (uint32_t l = 0; l < 2; l++) {
+        kvc_layer_input_t din = kvt_input(&L, l);
+        din.k = dk;
+        din.v = dv;
+        din.q_window = NULL;
+        din.n_window = 0;
+        assert_int_equal(kvc_encoder_enqueue_layer_cuda_host(gpu, &din, &dsc, stream), FY_OK);
+    }
+    kvc_encoder_cuda_destroy(gpu);
+    CK(cudaStreamSynchronize(stream));
+    CK(cudaGetLastError());
+    CK(cudaStreamDestroy(stream));
+    CK(cudaFree(dk));
+    CK(cudaFree(dv));
+    kvc_scores_cleanup(&sc);
+    kvc_scores_cleanup_cuda(&dsc);
+    kvt_layer_free(&L);
+}
 #endif
 
 int main(void)
@@ -281,6 +454,8 @@ int main(void)
     }
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_parity),
+        cmocka_unit_test(test_queue),
+        cmocka_unit_test(test_destroy_queued),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 #endif
