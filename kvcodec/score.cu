@@ -470,7 +470,12 @@ static bool score_use_mma(uint32_t d)
     return d <= SC_KS * 16 && !(e != NULL && strcmp(e, "simt") == 0);
 }
 
-/* A thread per (kv head, channel): mean squared query, scaled as the logit sensitivity. */
+#define QSQ_BATCH 16 // window rows whose loads qsq_kernel issues together
+
+/* A thread per (kv head, channel): mean squared query, scaled as the logit sensitivity. The
+ * loads of QSQ_BATCH window rows go out before their squares are added (in score.c's order):
+ * the grid is only n_kv x d threads, and a load per add left each thread waiting out one memory
+ * latency per few rows of its grp x W. */
 __global__ void qsq_kernel(score_args_t a, float *qsq)
 {
     size_t total = (size_t)a.n_kv * a.d;
@@ -480,9 +485,19 @@ __global__ void qsq_kernel(score_args_t a, float *qsq)
         float s = 0;
         if (a.q != NULL) {
             for (uint32_t hh = 0; hh < a.grp; hh++) {
-                uint32_t h = g * a.grp + hh;
-                for (uint32_t w = 0; w < a.W; w++) {
-                    float x = a.q[((size_t)h * a.qs + w) * a.d + c];
+                const float *qh = a.q + (size_t)(g * a.grp + hh) * a.qs * a.d + c;
+                uint32_t w0 = 0;
+                for (; w0 + QSQ_BATCH <= a.W; w0 += QSQ_BATCH) {
+                    float x[QSQ_BATCH];
+#pragma unroll
+                    for (int u = 0; u < QSQ_BATCH; u++)
+                        x[u] = qh[(size_t)(w0 + u) * a.d];
+#pragma unroll
+                    for (int u = 0; u < QSQ_BATCH; u++)
+                        s = kadd(s, kmul(x[u], x[u]));
+                }
+                for (; w0 < a.W; w0++) {
+                    float x = qh[(size_t)w0 * a.d];
                     s = kadd(s, kmul(x, x));
                 }
             }
