@@ -45,6 +45,8 @@ namespace cg = cooperative_groups;
 #define TOK_LANES     8 // threads per token in the per-token passes (the CPU's 8 lanes)
 #define ST_PAD        8 // stats_kernel's staged rows are d + ST_PAD floats apart
 #define CRC_THREADS   256
+#define CRC_FINAL_THREADS 256
+#define CRC_MAX_PARTS     1024 // crc_kernel's blocks at most (crc_final_kernel's tree)
 
 /* Table slots in the device/host table buffer, each [n_kv][n]. */
 enum { TAB_DEV = 0, TAB_EK8, TAB_EV8, TAB_EK4, TAB_EV4, TAB_EK2, TAB_EV2, TAB_COUNT };
@@ -115,7 +117,7 @@ struct kvc_encoder_cuda {
     float *d_tab;          // [TAB_COUNT][n_kv][n]
     uint32_t *d_tok;       // [n_items] token indices of the quantized groups
     work_t *d_work;        // [n_items]
-    uint32_t *d_crc;       // [crc_grid] crc_kernel's parts
+    uint32_t *d_crc;       // [crc_grid + 1] crc_kernel's parts (the blocks', the last chunk's)
     kvc_scores_t d_scores; // own scores when the caller passes none
     // host, pinned; only for the host optimizer (host_opt_create)
     float *h_tab;                  // [TAB_COUNT][n_kv][n]
@@ -942,11 +944,14 @@ static __host__ __device__ constexpr uint32_t gf2_mul(uint32_t a, uint32_t b)
     return p;
 }
 
-/* The shifts crc_kernel multiplies by: tail[t] = x^(8 t) for t <= CRC_CHUNK, chunk[b] =
- * x^(8 CRC_CHUNK 2^b). Computed by the compiler. */
+/* The shifts the CRC kernels multiply by: tail[t] = x^(8 t) for t <= CRC_CHUNK, chunk[b] =
+ * x^(8 CRC_CHUNK 2^b), and row[b][k] = chunk[b] x^k, with which crc_shift multiplies by
+ * chunk[b] in one pass of independent operations (gf2_mul's loop carries b through 32 dependent
+ * steps). Computed by the compiler. */
 typedef struct {
     uint32_t tail[CRC_CHUNK + 1];
     uint32_t chunk[32];
+    uint32_t row[32][32];
 } crc_pow_t;
 
 static constexpr crc_pow_t crc_pow_make(void)
@@ -958,37 +963,93 @@ static constexpr crc_pow_t crc_pow_make(void)
     t.chunk[0] = t.tail[CRC_CHUNK];
     for (int b = 1; b < 32; b++)
         t.chunk[b] = gf2_mul(t.chunk[b - 1], t.chunk[b - 1]);
+    for (int b = 0; b < 32; b++) {
+        uint32_t x = t.chunk[b];
+        for (int k = 0; k < 32; k++) {
+            t.row[b][k] = x;
+            x = (x >> 1) ^ (0x82f63b78u & (0u - (x & 1u))); // times x
+        }
+    }
     return t;
 }
 
 static __constant__ crc_pow_t c_crc_pow = crc_pow_make();
 
-/* The XOR of every thread's x, complete in thread 0 (a block of whole warps). */
-static __device__ __forceinline__ uint32_t block_xor(uint32_t x)
+/* gf2_mul(a, chunk[b]): the rows of a's set bits (bit 31 - k takes row k). b is the same in
+ * every lane of a warp (a constant-cache broadcast). */
+static __device__ __forceinline__ uint32_t crc_shift(uint32_t a, uint32_t b)
 {
-    __shared__ uint32_t s_warp[32];
-    for (int off = 16; off > 0; off >>= 1)
-        x ^= __shfl_xor_sync(0xffffffffu, x, off);
-    if ((threadIdx.x & 31) == 0)
-        s_warp[threadIdx.x / 32] = x;
-    __syncthreads();
-    if (threadIdx.x == 0)
-        for (uint32_t w = 1; w < blockDim.x / 32; w++)
-            x ^= s_warp[w];
-    return x;
+    const uint32_t *t = c_crc_pow.row[b];
+    uint32_t p0 = 0, p1 = 0;
+#pragma unroll
+    for (int k = 0; k < 32; k += 2) {
+        p0 ^= t[k] & (0u - ((a >> (31 - k)) & 1u));
+        p1 ^= t[k + 1] & (0u - ((a >> (30 - k)) & 1u));
+    }
+    return p0 ^ p1;
 }
 
-/* CRC32C (reflected 0x82F63B78, fy_crc32c(0, body)) of buf[0, plan->body), in parts: a thread
- * per CRC_CHUNK-byte chunk runs the register over its chunk (slicing by 4, tables in shared
- * memory; from 0xffffffff for the first chunk, which carries the initial value, from 0 for the
- * others), multiplies it by x^(8 bytes that follow the chunk), and the block XORs its threads'
- * values into parts[blockIdx.x]. The XOR of all parts is the register after the body
- * (crc_final_kernel). A chunk is a short chain of loads and lookups, so the time does not grow
- * with a thread's share of the body as it did with 4 KiB chunks. */
-__global__ void crc_kernel(const uint8_t *buf, const plan_dev_t *plan, uint32_t *parts)
+/* log2 of the full chunks per thread of crc_kernel: the smallest power of two q with q x threads
+ * covering them. */
+static __device__ __forceinline__ uint32_t crc_lq(size_t full, size_t threads)
+{
+    uint32_t lq = 0;
+    while ((threads << lq) < full)
+        lq++;
+    return lq;
+}
+
+/* The register (reflected 0x82F63B78, slicing by 4 with tab) run from c over n bytes at p; a
+ * whole aligned chunk with 16-byte loads, all landed before the first lookup. (Left to itself,
+ * ptxas issues each load just ahead of its lookups, and the chunk waits out a memory latency
+ * every 16 bytes; zero, a 0 it cannot see through, folds every loaded word into c first.) */
+static __device__ __forceinline__ uint32_t crc_run(const uint32_t (*tab)[256], const uint8_t *p,
+                                                   uint32_t n, uint32_t c, uint32_t zero)
+{
+    uint32_t i = 0;
+    if (n == CRC_CHUNK && ((uintptr_t)p & 15) == 0) {
+        const uint4 *q = (const uint4 *)p;
+        uint4 w[CRC_CHUNK / 16];
+        uint32_t fold = 0;
+#pragma unroll
+        for (int j = 0; j < (int)(CRC_CHUNK / 16); j++) {
+            w[j] = q[j];
+            fold ^= w[j].x ^ w[j].y ^ w[j].z ^ w[j].w;
+        }
+        c ^= fold & zero;
+#pragma unroll
+        for (int j = 0; j < (int)(CRC_CHUNK / 16); j++) {
+            uint32_t ws[4] = {w[j].x, w[j].y, w[j].z, w[j].w};
+            for (int k = 0; k < 4; k++) {
+                uint32_t x = ws[k] ^ c;
+                c = tab[3][x & 0xffu] ^ tab[2][(x >> 8) & 0xffu] ^ tab[1][(x >> 16) & 0xffu] ^
+                    tab[0][x >> 24];
+            }
+        }
+        i = CRC_CHUNK;
+    }
+    for (; i < n; i++)
+        c = (c >> 8) ^ tab[0][(c ^ p[i]) & 0xffu];
+    return c;
+}
+
+/* CRC32C (fy_crc32c(0, body)) of buf[0, plan->body), in parts that crc_final_kernel joins. The
+ * body is cut into CRC_CHUNK-byte chunks; the last (1 .. CRC_CHUNK bytes) is run by the grid's
+ * last thread into parts[gridDim.x]. The full chunks before it are numbered from the end (r = 0
+ * the latest), and thread t of the grid runs the register over r in [t q, t q + q) in data
+ * order: from 0xffffffff when that includes the body's first chunk, else from 0. Since
+ * crc(A || B) = crc(A) x^(8|B|) + crc(B) for registers without the final inversion, and in the
+ * trees below the later of two blocks is always whole (an earlier one past the data is 0), each
+ * level multiplies by one constant, x^(8 CRC_CHUNK q 2^j): the lanes of a warp, then its warps
+ * into parts[blockIdx.x], then the blocks (crc_final_kernel). A thread's share is a short chain
+ * of loads and lookups whatever the frame's size, and no thread walks its own chain of shifts
+ * (which took most of the time of a short frame's CRC). */
+__global__ void __launch_bounds__(CRC_THREADS)
+    crc_kernel(const uint8_t *buf, const plan_dev_t *plan, uint32_t *parts)
 {
     size_t len = plan->body;
     __shared__ uint32_t tab[4][256];
+    __shared__ uint32_t s_warp[CRC_THREADS / 32];
     for (uint32_t i = threadIdx.x; i < 256; i += blockDim.x) {
         uint32_t c = i;
         for (int k = 0; k < 8; k++)
@@ -1001,63 +1062,76 @@ __global__ void crc_kernel(const uint8_t *buf, const plan_dev_t *plan, uint32_t 
         for (int t = 1; t < 4; t++)
             tab[t][i] = (tab[t - 1][i] >> 8) ^ tab[0][tab[t - 1][i] & 0xffu];
     __syncthreads();
-    size_t chunks = (len + CRC_CHUNK - 1) / CRC_CHUNK;
-    uint32_t tail = chunks ? (uint32_t)(len - (chunks - 1) * CRC_CHUNK) : 0; // 1 .. CRC_CHUNK
+    const size_t chunks = (len + CRC_CHUNK - 1) / CRC_CHUNK, full = chunks ? chunks - 1 : 0;
+    const size_t threads = (size_t)gridDim.x * CRC_THREADS;
+    const size_t t = (size_t)blockIdx.x * CRC_THREADS + threadIdx.x;
+    const uint32_t lq = crc_lq(full, threads);
+    const size_t q = (size_t)1 << lq;
+    const uint32_t zero = (uint32_t)(len >> 62); // frames are far shorter: 0
     uint32_t acc = 0;
-    for (size_t ci = (size_t)blockIdx.x * blockDim.x + threadIdx.x; ci < chunks;
-         ci += (size_t)gridDim.x * blockDim.x) {
-        const uint8_t *p = buf + ci * CRC_CHUNK;
-        size_t n = len - ci * CRC_CHUNK;
-        if (n > CRC_CHUNK)
-            n = CRC_CHUNK;
-        uint32_t c = ci == 0 ? 0xffffffffu : 0u;
-        size_t i = 0;
-        if (n == CRC_CHUNK && ((uintptr_t)p & 15) == 0) { // 16-byte loads where aligned
-            const uint4 *q = (const uint4 *)p;
-            uint4 w[CRC_CHUNK / 16];
-#pragma unroll
-            for (int j = 0; j < (int)(CRC_CHUNK / 16); j++) // every load before the first use
-                w[j] = q[j];
-#pragma unroll
-            for (int j = 0; j < (int)(CRC_CHUNK / 16); j++) {
-                uint32_t ws[4] = {w[j].x, w[j].y, w[j].z, w[j].w};
-                for (int k = 0; k < 4; k++) {
-                    uint32_t x = ws[k] ^ c;
-                    c = tab[3][x & 0xffu] ^ tab[2][(x >> 8) & 0xffu] ^ tab[1][(x >> 16) & 0xffu] ^
-                        tab[0][x >> 24];
-                }
-            }
-            i = CRC_CHUNK;
-        }
-        for (; i < n; i++)
-            c = (c >> 8) ^ tab[0][(c ^ p[i]) & 0xffu];
-        if (ci + 1 < chunks) { // shift past the later chunks: the last one's tail bytes, then
-            c = gf2_mul(c, c_crc_pow.tail[tail]); // chunks - 2 - ci full ones
-            size_t later = chunks - 2 - ci;
-            for (int b = 0; later != 0; b++, later >>= 1)
-                if (later & 1)
-                    c = gf2_mul(c, c_crc_pow.chunk[b]);
-        }
-        acc ^= c;
+    if (t * q < full) {
+        const size_t hi = full - t * q, lo = hi > q ? hi - q : 0; // chunks [lo, hi)
+        acc = lo == 0 ? 0xffffffffu : 0u;
+        for (size_t i = lo; i < hi; i++)
+            acc = crc_run(tab, buf + i * CRC_CHUNK, CRC_CHUNK, acc, zero);
     }
-    acc = block_xor(acc);
-    if (threadIdx.x == 0)
-        parts[blockIdx.x] = acc;
+    if (t == threads - 1 && chunks > 0)
+        parts[gridDim.x] = crc_run(tab, buf + full * CRC_CHUNK, (uint32_t)(len - full * CRC_CHUNK),
+                                   full == 0 ? 0xffffffffu : 0u, zero);
+    const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+    for (uint32_t k = 0; k < 5; k++) { // lane L now holds lanes [L, L + 2^(k + 1)) (low bits 0)
+        const uint32_t earlier = crc_shift(__shfl_xor_sync(0xffffffffu, acc, 1u << k), lq + k);
+        if ((lane & (1u << k)) == 0)
+            acc ^= earlier;
+    }
+    if (lane == 0)
+        s_warp[warp] = acc;
+    __syncthreads();
+    if (warp == 0) {
+        acc = lane < CRC_THREADS / 32 ? s_warp[lane] : 0u;
+#pragma unroll
+        for (uint32_t k = 0; (1u << k) < CRC_THREADS / 32; k++) {
+            const uint32_t earlier =
+                crc_shift(__shfl_xor_sync(0xffffffffu, acc, 1u << k), lq + 5 + k);
+            if ((lane & (1u << k)) == 0)
+                acc ^= earlier;
+        }
+        if (lane == 0)
+            parts[blockIdx.x] = acc;
+    }
 }
 
-/* One block: the frame's CRC32C, the XOR of crc_kernel's n_parts parts inverted (0 for an
- * empty body), written behind the body; with rc (the device optimizer), the frame's bytes and
- * the optimizer's multiplier (res) passed on to the next layer's rate control. */
-__global__ void crc_final_kernel(const uint32_t *parts, uint32_t n_parts, const plan_dev_t *plan,
-                                 uint8_t *out, rc_dev_t *rc, const opt_out_t *res)
+/* One block: the frame's CRC32C from crc_kernel's n_parts block parts (the tree over the blocks)
+ * and its last chunk, inverted (0 for an empty body), written behind the body; with rc (the
+ * device optimizer), the frame's bytes and the optimizer's multiplier (res) passed on to the
+ * next layer's rate control. */
+__global__ void __launch_bounds__(CRC_FINAL_THREADS)
+    crc_final_kernel(const uint32_t *parts, uint32_t n_parts, const plan_dev_t *plan, uint8_t *out,
+                     rc_dev_t *rc, const opt_out_t *res)
 {
-    size_t len = plan->body;
-    uint32_t acc = 0;
-    for (uint32_t i = threadIdx.x; i < n_parts; i += blockDim.x)
-        acc ^= parts[i];
-    acc = block_xor(acc);
+    __shared__ uint32_t s[CRC_MAX_PARTS];
+    const size_t len = plan->body;
+    const size_t chunks = (len + CRC_CHUNK - 1) / CRC_CHUNK, full = chunks ? chunks - 1 : 0;
+    const uint32_t lq = crc_lq(full, (size_t)n_parts * CRC_THREADS);
+    uint32_t width = 1;
+    while (width < n_parts)
+        width <<= 1;
+    for (uint32_t i = threadIdx.x; i < width; i += blockDim.x)
+        s[i] = i < n_parts ? parts[i] : 0u;
+    __syncthreads();
+    // Block b holds chunks later than block b + 1's: s[i] takes s[i + step] (earlier) onto it.
+    for (uint32_t k = 0, step = 1; step < width; k++, step <<= 1) {
+        for (uint32_t i = 2 * step * threadIdx.x; i < width; i += 2 * step * blockDim.x)
+            s[i] ^= crc_shift(s[i + step], lq + 8 + k);
+        __syncthreads();
+    }
     if (threadIdx.x == 0) {
-        uint32_t crc = len ? ~acc : 0u;
+        uint32_t crc = 0;
+        if (chunks > 0) {
+            const uint32_t tail = (uint32_t)(len - full * CRC_CHUNK);
+            crc = ~(gf2_mul(s[0], c_crc_pow.tail[tail]) ^ parts[n_parts]);
+        }
         for (int k = 0; k < 4; k++)
             out[len + k] = (uint8_t)(crc >> (8 * k));
         if (rc != NULL) { // kvc_encoder_set_lambda and kvc_encoder_commit_dist
@@ -2012,10 +2086,16 @@ extern "C" fy_status_t kvc_encoder_cuda_create(const kvc_encoder_params_t *param
         KVC_CUDA_GOTO(cudaGetDevice(&dev), st, fail);
         KVC_CUDA_GOTO(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), st, fail);
         e->sms = (unsigned)FY_MAX(sms, 1);
-        e->crc_grid =
-            (unsigned)FY_MIN((size_t)kvc_grid(e->max_chunks, CRC_THREADS), 4 * (size_t)e->sms);
+        e->crc_grid = (unsigned)FY_MIN(
+            FY_MIN((size_t)kvc_grid(e->max_chunks, CRC_THREADS), 4 * (size_t)e->sms),
+            (size_t)CRC_MAX_PARTS);
     }
-    KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_crc, e->crc_grid * sizeof(uint32_t)), st, fail);
+    // The CRC trees multiply by chunk[lq + 17] at most (c_crc_pow has 32): lq <= 14.
+    if (e->max_chunks > ((size_t)e->crc_grid * CRC_THREADS << 14)) {
+        st = FY_ERR_INVALID_ARG;
+        goto fail;
+    }
+    KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_crc, (e->crc_grid + 1) * sizeof(uint32_t)), st, fail);
     KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_plan, sizeof(plan_dev_t)), st, fail);
     KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_hcnt, (size_t)e->n_kv * 8 * 8), st, fail);
     KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_runs, (size_t)e->n_kv * 8 * 3 * 8), st, fail);
@@ -2522,8 +2602,8 @@ static fy_status_t enqueue_layer(kvc_encoder_cuda_t *e, const kvc_layer_input_t 
         KVC_LAUNCH_GOTO(st, out);
         crc_kernel<<<e->crc_grid, CRC_THREADS, 0, cs>>>(out, e->d_plan, e->d_crc);
         KVC_LAUNCH_GOTO(st, out);
-        crc_final_kernel<<<1, 256, 0, cs>>>(e->d_crc, e->crc_grid, e->d_plan, out,
-                                            e->opt_on ? e->d_rc : NULL, e->d_out);
+        crc_final_kernel<<<1, CRC_FINAL_THREADS, 0, cs>>>(e->d_crc, e->crc_grid, e->d_plan, out,
+                                                          e->opt_on ? e->d_rc : NULL, e->d_out);
         KVC_LAUNCH_GOTO(st, out);
         KVC_CUDA_GOTO(
             cudaMemcpyAsync(sl->h_lay, e->d_plan, sizeof(plan_dev_t), cudaMemcpyDeviceToHost, cs),
