@@ -316,6 +316,10 @@ static __device__ void stage_rows_warp(const kv_src_t &s, uint32_t h, F tok, uin
             if (row < 2 * m) {
                 const bool val = row >= m;
                 ld_hE_raw<E>(s, val, h, tok(val ? row - m : row), E * lane, w[i]);
+            } else {
+#pragma unroll
+                for (int e = 0; e < E; e++)
+                    w[i][e] = 0; // (nothing of it lives on into the next rows)
             }
         }
 #pragma unroll
@@ -440,6 +444,7 @@ typedef struct {
     int stage;  // the group's K and V rows of the 4/2-bit source staged in shared memory
     int fused;  // with stage and rotate: the staged rows are rotated here (no rotated copy)
     float rot_scale;
+    uint32_t zero; // 0, which the compiler cannot know (ld_h8)
 } stats_args_t;
 
 static __device__ __forceinline__ float st_x(const stats_args_t &a, bool val, bool rot, uint32_t h,
@@ -458,6 +463,22 @@ static __device__ __forceinline__ float st_g(const stats_args_t &a, const float 
     if (a.stage && rot == (a.rotate != 0))
         return (val ? sv : sk)[(size_t)j * (a.d + ST_PAD) + c];
     return st_x(a, val, rot, h, t0 + j, c);
+}
+
+/* Up to 8 halves at p + u stride (those with u < n; the rest 0), loaded together: each loaded
+ * half is folded into the first through zero (a 0 the compiler cannot see), so all of them have
+ * landed before any is used. (Read one at a time behind a branch, as st_g does, each half
+ * waited out a whole memory latency.) */
+static __device__ __forceinline__ void ld_h8(const uint16_t *p, size_t stride, uint32_t n,
+                                             uint32_t zero, uint32_t (&raw)[8])
+{
+    uint32_t fold = 0;
+#pragma unroll
+    for (int u = 0; u < 8; u++) {
+        raw[u] = (uint32_t)u < n ? (uint32_t)p[(size_t)u * stride] : 0u;
+        fold ^= raw[u];
+    }
+    raw[0] ^= fold & zero;
 }
 
 /* The error of x after quantizing it from base lo with step s (inverse inv, codes 0 .. qmax):
@@ -487,6 +508,7 @@ __global__ void __launch_bounds__(2 * STATS_THREADS, 5) stats_kernel(stats_args_
     __shared__ float s_kwrot;
     uint32_t chunks = (a.n + a.G - 1) / a.G;
     size_t plane = (size_t)a.n_kv * a.n;
+    const uint32_t zero = a.zero;
     for (size_t blk = blockIdx.x; blk < (size_t)a.n_kv * chunks; blk += gridDim.x) {
         uint32_t h = (uint32_t)(blk / chunks);
         uint32_t t0 = (uint32_t)(blk % chunks) * a.G;
@@ -517,14 +539,35 @@ __global__ void __launch_bounds__(2 * STATS_THREADS, 5) stats_kernel(stats_args_
                 s = kadd(s, qsq[c]);
             s_kwrot = kdiv(s, (float)d);
         }
-        // Per-channel min/max over the group: [0] unrotated, [1] rotated.
+        // Per-channel min/max over the group: [0] unrotated, [1] rotated. The unrotated keys
+        // are not staged under a rotating policy: read 8 tokens at a time.
+        const bool u_global = a.rotate || !a.stage;
         for (uint32_t c = threadIdx.x; c < d; c += blockDim.x) {
             for (int r = 0; r < (a.rotate ? 2 : 1); r++) {
-                float mn = st_g(a, sk, sv, false, r == 1, h, t0, 0, c), mx = mn;
-                for (uint32_t j = 1; j < m; j++) {
-                    float x = st_g(a, sk, sv, false, r == 1, h, t0, j, c);
-                    mn = x < mn ? x : mn;
-                    mx = x > mx ? x : mx;
+                float mn = 0, mx = 0;
+                if (r == 0 && u_global) {
+                    const uint16_t *kp = a.src.k + (size_t)h * a.src.hs + (size_t)t0 * a.src.ts + c;
+                    for (uint32_t j0 = 0; j0 < m; j0 += 8) {
+                        uint32_t raw[8];
+                        ld_h8(kp + (size_t)j0 * a.src.ts, a.src.ts, m - j0, zero, raw);
+#pragma unroll
+                        for (uint32_t u = 0; u < 8 && j0 + u < m; u++) {
+                            const float x = fy_dev_h2f((uint16_t)raw[u]);
+                            if (j0 + u == 0) {
+                                mn = mx = x;
+                            } else {
+                                mn = x < mn ? x : mn;
+                                mx = x > mx ? x : mx;
+                            }
+                        }
+                    }
+                } else {
+                    mn = mx = st_g(a, sk, sv, false, r == 1, h, t0, 0, c);
+                    for (uint32_t j = 1; j < m; j++) {
+                        float x = st_g(a, sk, sv, false, r == 1, h, t0, j, c);
+                        mn = x < mn ? x : mn;
+                        mx = x > mx ? x : mx;
+                    }
                 }
                 s_mn(r)[c] = mn;
                 s_mx(r)[c] = mx;
@@ -574,10 +617,10 @@ __global__ void __launch_bounds__(2 * STATS_THREADS, 5) stats_kernel(stats_args_
             const bool store = jj < m && l == 0;
             uint32_t t = t0 + j;
             size_t it = (size_t)h * a.n + t;
-            // Pass 1, unrotated V: |v - obar|^2 (kvc_dot's lanes) and the row range.
+            // Pass 1, unrotated V: |v - obar|^2 (kvc_dot's lanes) and the row range; from
+            // global memory (8 channels of the lane at a time) unless staged.
             float dacc = 0, umn = 0, umx = 0;
-            for (uint32_t c = l; c < d; c += 8) {
-                float x = st_g(a, sk, sv, true, false, h, t0, j, c);
+            auto pass1 = [&](uint32_t c, float x) {
                 float df = ksub(x, obar[c]);
                 dacc = kadd(dacc, kmul(df, df));
                 if (c == l) {
@@ -586,6 +629,19 @@ __global__ void __launch_bounds__(2 * STATS_THREADS, 5) stats_kernel(stats_args_
                     umn = x < umn ? x : umn;
                     umx = x > umx ? x : umx;
                 }
+            };
+            if (u_global) {
+                const uint16_t *vp = a.src.v + (size_t)h * a.src.hs + (size_t)t * a.src.ts;
+                for (uint32_t c0 = l; c0 < d; c0 += 64) {
+                    uint32_t raw[8];
+                    ld_h8(vp + c0, 8, (d - c0 + 7) / 8, zero, raw);
+#pragma unroll
+                    for (uint32_t u = 0; u < 8 && c0 + 8 * u < d; u++)
+                        pass1(c0 + 8 * u, fy_dev_h2f((uint16_t)raw[u]));
+                }
+            } else {
+                for (uint32_t c = l; c < d; c += 8)
+                    pass1(c, st_g(a, sk, sv, true, false, h, t0, j, c));
             }
             dacc = tl_sum8(dacc);
             if (store)
@@ -2474,7 +2530,7 @@ static fy_status_t enqueue_layer(kvc_encoder_cuda_t *e, const kvc_layer_input_t 
     }
     if (measured) {
         stats_args_t a;
-        memset(&a, 0, sizeof(a));
+        memset(&a, 0, sizeof(a)); // a.zero among the rest
         a.src = src;
         a.obar = sc->obar;
         a.qsq = sc->qsq;
