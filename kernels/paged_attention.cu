@@ -3,8 +3,9 @@
  * paged_attention.c), batched over sequences, flash-decoding style:
  *
  * 1. split kernel, one block per (split of PA_SPLIT tokens, kv head, sequence): the group's
- *    query heads (scaled) sit in shared memory; each warp scores whole tokens (the lanes hold
- *    head_dim / 32 channels of the key in registers and reduce one dot product per query head);
+ *    query heads (scaled) sit in shared memory; each warp scores whole tokens, PA_R at a time
+ *    (the lanes hold head_dim / 32 channels of the keys in registers and reduce one dot product
+ *    per query head);
  *    then a max-subtracted softmax per head over the split, and the weighted value sum
  *    (threads over (head, channel), reading value rows of the split in order, coalesced).
  *    It writes the unnormalized output, max and sum of the split.
@@ -26,6 +27,8 @@ enum {
     PA_MAX_C = 8, // head_dim / 32 (head_dim <= 256)
     PA_MAX_GROUP = 32,
     PA_MIN_BLOCKS = 264, // two per SM of an H100
+    PA_R = 4,            // tokens whose key rows a warp loads together
+    PA_V = 8,            // value rows a thread loads together
 };
 
 /* Tokens per split: the scores of the split ([group][split] floats) stay within 8 KB; halved
@@ -84,41 +87,68 @@ __global__ void __launch_bounds__(PA_THREADS)
         }
         return;
     }
+    // The split's row offsets first, a thread per token: one page-table latency for all of them
+    // (a warp used to look up each of its tokens in turn, then wait for its key row).
+    for (int j = threadIdx.x; j < len; j += blockDim.x) {
+        bool ok;
+        size_t off = pa_slot(c, b, kvh, t0 + j, &ok);
+        rowoff[j] = off;
+        rowok[j] = ok;
+    }
     for (int idx = threadIdx.x; idx < group * hd; idx += blockDim.x) {
         int g = idx / hd, d = idx % hd;
         qs[idx] = q[(size_t)b * ldq + (size_t)(kvh * group + g) * hd + d] * scale;
     }
     __syncthreads();
-    // Scores: one token per warp at a time.
-    for (int j = warp; j < len; j += PA_WARPS) {
-        bool ok;
-        size_t off = pa_slot(c, b, kvh, t0 + j, &ok);
-        if (lane == 0) {
-            rowoff[j] = off;
-            rowok[j] = ok;
-        }
-        if (!ok) { // warp-uniform
-            for (int g = lane; g < group; g += 32)
-                sc[g * split + j] = -INFINITY;
-            continue;
-        }
-        const uint16_t *kr = c.pool + off;
-        float kreg[PA_MAX_C];
-        for (int cc = 0; cc < PA_MAX_C; cc++) {
-            int d = lane + 32 * cc;
-            kreg[cc] = d < hd ? krn_h2f(kr[d]) : 0.0f;
-        }
-        for (int g = 0; g < group; g++) {
-            float s = 0.0f;
+    // A 0 the compiler cannot know: every loaded half of a batch is folded into its first
+    // through it, so that the whole batch has landed before any of it is used (left to itself,
+    // ptxas issues each load just ahead of its use).
+    const uint32_t zero = (uint32_t)c.n_pages >> 31;
+    // Scores: a warp takes PA_R tokens at a time and loads their key rows before it scores the
+    // first (the same products and sums per token as one at a time).
+    for (int j0 = warp * PA_R; j0 < len; j0 += PA_WARPS * PA_R) {
+        uint32_t kraw[PA_R][PA_MAX_C], fold = 0;
+#pragma unroll
+        for (int r = 0; r < PA_R; r++) {
+            const int j = j0 + r;
+            const bool ok = j < len && rowok[j];
+            const uint16_t *kr = c.pool + (ok ? rowoff[j] : 0);
+#pragma unroll
             for (int cc = 0; cc < PA_MAX_C; cc++) {
                 int d = lane + 32 * cc;
-                if (d < hd)
-                    s += qs[g * hd + d] * kreg[cc];
+                kraw[r][cc] = ok && d < hd ? kr[d] : 0u;
+                fold ^= kraw[r][cc];
             }
-            for (int o = 16; o > 0; o >>= 1)
-                s += __shfl_xor_sync(0xffffffffu, s, o);
-            if (lane == 0)
-                sc[g * split + j] = s;
+        }
+        kraw[0][0] ^= fold & zero;
+#pragma unroll
+        for (int r = 0; r < PA_R; r++) {
+            const int j = j0 + r;
+            if (j >= len) // warp-uniform
+                break;
+            if (!rowok[j]) { // warp-uniform
+                for (int g = lane; g < group; g += 32)
+                    sc[g * split + j] = -INFINITY;
+                continue;
+            }
+            float kreg[PA_MAX_C];
+#pragma unroll
+            for (int cc = 0; cc < PA_MAX_C; cc++) {
+                int d = lane + 32 * cc;
+                kreg[cc] = d < hd ? krn_h2f((uint16_t)kraw[r][cc]) : 0.0f;
+            }
+            for (int g = 0; g < group; g++) {
+                float s = 0.0f;
+                for (int cc = 0; cc < PA_MAX_C; cc++) {
+                    int d = lane + 32 * cc;
+                    if (d < hd)
+                        s += qs[g * hd + d] * kreg[cc];
+                }
+                for (int o = 16; o > 0; o >>= 1)
+                    s += __shfl_xor_sync(0xffffffffu, s, o);
+                if (lane == 0)
+                    sc[g * split + j] = s;
+            }
         }
     }
     __syncthreads();
@@ -144,16 +174,28 @@ __global__ void __launch_bounds__(PA_THREADS)
         }
     }
     __syncthreads();
-    // Weighted value sums: thread per (head, channel).
+    // Weighted value sums: thread per (head, channel), PA_V value rows loaded at a time (the
+    // same sum in token order).
     const int vshift = c.page_tokens * hd; // v row = k row + page_tokens rows
     for (int idx = threadIdx.x; idx < group * hd; idx += blockDim.x) {
         int g = idx / hd, d = idx % hd;
         const float *pg = sc + g * split;
         float acc = 0.0f;
-#pragma unroll 8
-        for (int j = 0; j < len; j++) {
-            if (rowok[j])
-                acc += pg[j] * krn_h2f(c.pool[rowoff[j] + vshift + d]);
+        for (int j0 = 0; j0 < len; j0 += PA_V) {
+            uint32_t vraw[PA_V], fold = 0;
+#pragma unroll
+            for (int u = 0; u < PA_V; u++) {
+                const int j = j0 + u;
+                vraw[u] = j < len && rowok[j] ? c.pool[rowoff[j] + vshift + d] : 0u;
+                fold ^= vraw[u];
+            }
+            vraw[0] ^= fold & zero;
+#pragma unroll
+            for (int u = 0; u < PA_V; u++) {
+                const int j = j0 + u;
+                if (j < len && rowok[j])
+                    acc += pg[j] * krn_h2f((uint16_t)vraw[u]);
+            }
         }
         po[(part + (size_t)g * n_splits) * hd + d] = acc;
     }
