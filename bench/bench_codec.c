@@ -1065,28 +1065,42 @@ int bench_codec_main(int argc, char **argv)
         p.n_tokens = n;
         p.model_fingerprint = 42;
         p.seq_id = 1;
-        kvc_encoder_t *enc;
-        kvc_encoder_create(&p, &enc);
-        size_t cap = kvc_encoder_max_frame_bytes(enc), len;
-        uint8_t *buf = malloc(cap);
-        kvc_layer_input_t in = {.k = k, .v = v, .head_stride = (size_t)n * m->d,
-                                .token_stride = m->d};
-        kvc_encoder_encode_layer(enc, &in, NULL, buf, cap, &len, NULL);
-        kvc_pool_params_t pp;
-        kvc_pool_params_default(&pp);
-        pp.head_dim = m->d;
-        pp.page_bytes = 65536;
-        pp.n_pages = (uint32_t)(len / 60000) + 16 * m->n_kv;
-        kvc_pool_t *pool;
-        kvc_pool_create(&pp, &pool);
-        bench_pool = pool;
-        kvc_seq_t *seq;
-        place_frame(pool, buf, len, m->n_kv, &seq);
-        window_attention(seq, 0, m, q, W, ref);
+        kvc_encoder_t *enc = NULL;
+        kvc_pool_t *pool = NULL;
+        kvc_seq_t *seq = NULL;
+        uint8_t *buf = NULL;
+        size_t len = 0;
+        fy_status_t st = kvc_encoder_create(&p, &enc);
+        if (st == FY_OK) {
+            size_t cap = kvc_encoder_max_frame_bytes(enc);
+            kvc_layer_input_t in = {
+                .k = k, .v = v, .head_stride = (size_t)n * m->d, .token_stride = m->d};
+            buf = malloc(cap);
+            st = buf == NULL ? FY_ERR_NO_MEMORY
+                             : kvc_encoder_encode_layer(enc, &in, NULL, buf, cap, &len, NULL);
+        }
+        if (st == FY_OK) {
+            kvc_pool_params_t pp;
+            kvc_pool_params_default(&pp);
+            pp.head_dim = m->d;
+            pp.page_bytes = 65536;
+            pp.n_pages = (uint32_t)(len / 60000) + 16 * m->n_kv;
+            st = kvc_pool_create(&pp, &pool);
+        }
+        if (st == FY_OK) {
+            bench_pool = pool;
+            st = place_frame(pool, buf, len, m->n_kv, &seq);
+        }
+        if (st == FY_OK)
+            window_attention(seq, 0, m, q, W, ref);
         kvc_seq_destroy(seq);
         kvc_pool_destroy(pool);
         kvc_encoder_destroy(enc);
         free(buf), free(zero);
+        if (st != FY_OK) {
+            fprintf(stderr, "codec: FP16 reference: %s\n", fy_status_str(st));
+            return 1;
+        }
     }
 
     printf("ferry-bench codec: model shape %s (%u q heads, %u kv heads, head_dim %u), %u tokens, "
