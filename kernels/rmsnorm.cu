@@ -9,6 +9,7 @@ enum {
     RMS_BLOCK = 256,      // threads per row when there are many rows
     RMS_BLOCK_FEW = 1024, // ... and when there are few (a decode step): shorter load chains
     RMS_FEW_ROWS = 64,
+    RMS_REG = 8, // elements of x and w a thread holds in registers (dim <= RMS_REG x threads)
 };
 
 template <typename T> static __device__ __forceinline__ T rms_store(float v);
@@ -28,12 +29,34 @@ __global__ void __launch_bounds__(RMS_BLOCK_FEW)
 {
     __shared__ double partial[RMS_BLOCK_FEW / 32];
     __shared__ float inv_s;
+    // A row that fits the registers is loaded once, x and w together, every load issued before
+    // the first use (folded through zero, a 0 the compiler cannot know): one memory latency a
+    // row instead of one per few elements of each loop. The same sums and products.
+    const bool in_regs = dim <= RMS_REG * (int)blockDim.x;
+    const uint32_t zero = (uint32_t)dim >> 31;
     for (int r = blockIdx.x; r < n_rows; r += gridDim.x) {
         const float *xr = x + (size_t)r * ldx;
         double ss = 0.0;
+        float xv[RMS_REG], wv[RMS_REG];
+        if (in_regs) {
+            uint32_t fold = 0;
+#pragma unroll
+            for (int u = 0; u < RMS_REG; u++) {
+                const int i = threadIdx.x + u * (int)blockDim.x;
+                xv[u] = i < dim ? xr[i] : 0.0f;
+                wv[u] = i < dim ? w[i] : 0.0f;
+                fold ^= __float_as_uint(xv[u]) ^ __float_as_uint(wv[u]);
+            }
+            xv[0] = __uint_as_float(__float_as_uint(xv[0]) ^ (fold & zero));
+#pragma unroll
+            for (int u = 0; u < RMS_REG; u++)
+                if (threadIdx.x + u * (int)blockDim.x < dim)
+                    ss += (double)xv[u] * xv[u];
+        } else {
 #pragma unroll 4
-        for (int i = threadIdx.x; i < dim; i += blockDim.x)
-            ss += (double)xr[i] * xr[i];
+            for (int i = threadIdx.x; i < dim; i += blockDim.x)
+                ss += (double)xr[i] * xr[i];
+        }
         for (int off = 16; off > 0; off >>= 1)
             ss += __shfl_xor_sync(0xffffffffu, ss, off);
         if ((threadIdx.x & 31) == 0)
@@ -48,9 +71,18 @@ __global__ void __launch_bounds__(RMS_BLOCK_FEW)
         __syncthreads();
         float inv = inv_s;
         T *orow = out + (size_t)r * ldo;
+        if (in_regs) {
+#pragma unroll
+            for (int u = 0; u < RMS_REG; u++) {
+                const int i = threadIdx.x + u * (int)blockDim.x;
+                if (i < dim)
+                    orow[i] = rms_store<T>(xv[u] * inv * wv[u]);
+            }
+        } else {
 #pragma unroll 4
-        for (int i = threadIdx.x; i < dim; i += blockDim.x)
-            orow[i] = rms_store<T>(xr[i] * inv * w[i]);
+            for (int i = threadIdx.x; i < dim; i += blockDim.x)
+                orow[i] = rms_store<T>(xr[i] * inv * w[i]);
+        }
         __syncthreads(); // partial and inv_s are reused by the next row
     }
 }
