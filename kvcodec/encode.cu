@@ -1550,33 +1550,38 @@ __global__ void __launch_bounds__(OPT_THREADS) choose_kernel(opt_args_t a)
     }
 }
 
-/* The greedy fill's candidates of one pass: per item its best upgrade along the hull (ratio
- * of distortion saved per byte) as a sort key (a positive float's bits order as the float),
- * 0 for none. */
+/* Item i's best upgrade along the hull (ratio of distortion saved per byte) as a sort key (a
+ * positive float's bits order as the float; 0 for none), and through to the upgrade. */
+static __device__ __forceinline__ uint32_t greedy_cand(const opt_args_t &a, size_t i, uint8_t *to)
+{
+    int bo = -1;
+    float best = 0;
+    const float *D = a.dist + i * KVC_OPT_COUNT;
+    int cur = a.choice[i];
+    uint8_t mask = a.allowed[i];
+    for (int o = 0; o < KVC_OPT_COUNT; o++) {
+        if (!(mask & (1u << o)) || a.cost[o] <= a.cost[cur])
+            continue;
+        float r = __fdiv_rn(ksub(D[cur], D[o]), ksub(a.cost[o], a.cost[cur]));
+        if (r > best) {
+            best = r;
+            bo = o;
+        }
+    }
+    *to = (uint8_t)(bo >= 0 ? bo : 0);
+    return bo >= 0 ? __float_as_uint(best) : 0u;
+}
+
+/* The greedy fill's candidates of one pass (greedy_cand), for the radix sort. */
 __global__ void cand_kernel(opt_args_t a, uint32_t *keys, uint32_t *idx)
 {
     bool on = a.out->need_greedy != 0;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < a.n_items;
          i += (size_t)gridDim.x * blockDim.x) {
         idx[i] = (uint32_t)i;
-        int bo = -1;
-        float best = 0;
-        if (on) {
-            const float *D = a.dist + i * KVC_OPT_COUNT;
-            int cur = a.choice[i];
-            uint8_t mask = a.allowed[i];
-            for (int o = 0; o < KVC_OPT_COUNT; o++) {
-                if (!(mask & (1u << o)) || a.cost[o] <= a.cost[cur])
-                    continue;
-                float r = __fdiv_rn(ksub(D[cur], D[o]), ksub(a.cost[o], a.cost[cur]));
-                if (r > best) {
-                    best = r;
-                    bo = o;
-                }
-            }
-        }
-        keys[i] = bo >= 0 ? __float_as_uint(best) : 0u;
-        a.cand_opt[i] = (uint8_t)(bo >= 0 ? bo : 0);
+        uint8_t to = 0;
+        keys[i] = on ? greedy_cand(a, i, &to) : 0u;
+        a.cand_opt[i] = to;
     }
 }
 
@@ -1604,13 +1609,77 @@ static __device__ bool greedy_any_fits(const opt_args_t &a, const long long *s_c
     return __syncthreads_or(fit) != 0;
 }
 
-/* One pass of the greedy fill over the sorted candidates: the block stages GREEDY_CHUNK of
- * them in shared memory, then evaluates GREEDY_THREADS at a time against the current state
- * (counts, frame bytes) and takes the first whose exact byte change still fits (the ones before
- * it do not fit under the same state, as on the CPU) and goes on right behind it. It stops as
- * soon as no upgrade of any kind fits (greedy_any_fits) instead of scanning the rest of the
- * list, which once the slack is spent finds nothing: the same choice, without the long tail of
- * windows where nothing fits. */
+/* The greedy fill's walk over one staged window of sorted candidates (s_idx: the item, or none
+ * past the last candidate; s_cur, s_to: its option and its upgrade), GREEDY_THREADS at a time
+ * against the current state (counts, frame bytes): it takes the first whose exact byte change
+ * still fits (the ones before it do not fit under the same state, as on the CPU) and goes on
+ * right behind it. It stops as soon as no upgrade of any kind fits (greedy_any_fits) instead of
+ * scanning the rest of the list, which once the slack is spent finds nothing: the same choice,
+ * without the long tail of windows where nothing fits. Returns whether the fill is over (that,
+ * or the candidates ended). All threads of the block call it. */
+static __device__ bool greedy_walk(const opt_args_t &a, long long *s_cnt, long long *s_total,
+                                   long long target, const uint32_t *s_idx, const uint8_t *s_cur,
+                                   const uint8_t *s_to, uint32_t *s_first, int *s_end)
+{
+    const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const uint32_t none = 0xffffffffu, nwarps = GREEDY_THREADS / 32;
+    uint32_t p = 0;
+    while (p < GREEDY_CHUNK) {
+        uint32_t k = p + threadIdx.x;
+        bool in_chunk = k < GREEDY_CHUNK;
+        uint32_t i = in_chunk ? s_idx[k] : none;
+        bool valid = i != none, ok = false;
+        long long delta = 0;
+        uint32_t h = 0;
+        int cur = 0, to = 0;
+        if (valid) {
+            h = i / a.n;
+            cur = s_cur[k];
+            to = s_to[k];
+            long long ct = s_cnt[h * 8 + to], cc = s_cnt[h * 8 + cur];
+            // run_bytes(to, ct + 1) - run_bytes(to, ct) + run_bytes(cur, cc - 1) -
+            // run_bytes(cur, cc), from the per-token steps.
+            delta = add_bytes(a, to, (uint32_t)ct) - add_bytes(a, cur, (uint32_t)(cc - 1));
+            ok = *s_total + delta <= target;
+        }
+        unsigned m = __ballot_sync(0xffffffffu, ok);
+        unsigned e = __ballot_sync(0xffffffffu, in_chunk && !valid);
+        if (lane == 0) {
+            s_first[warp] = m ? warp * 32 + (uint32_t)(__ffs(m) - 1) : none;
+            s_end[warp] = e != 0;
+        }
+        __syncthreads();
+        uint32_t f = none;
+        int end = 0;
+        for (uint32_t w = 0; w < nwarps; w++) {
+            f = f == none ? s_first[w] : f;
+            end |= s_end[w];
+        }
+        if (f == none) {
+            // Nothing in the window fits; an empty slot means the candidates ended (the zero
+            // keys sort last).
+            __syncthreads();
+            if (end)
+                return true;
+            p += GREEDY_THREADS;
+            continue;
+        }
+        if (threadIdx.x == f) {
+            s_cnt[h * 8 + to]++;
+            s_cnt[h * 8 + cur]--;
+            *s_total += delta;
+            a.choice[i] = (uint8_t)to;
+        }
+        __syncthreads();
+        if (!greedy_any_fits(a, s_cnt, *s_total, target))
+            return true;
+        p += f + 1;
+    }
+    return false;
+}
+
+/* One pass of the greedy fill over the sorted candidates (keys, idx), GREEDY_CHUNK of them
+ * staged in shared memory at a time for greedy_walk. */
 __global__ void __launch_bounds__(GREEDY_THREADS)
     greedy_kernel(opt_args_t a, const uint32_t *keys, const uint32_t *idx)
 {
@@ -1622,8 +1691,7 @@ __global__ void __launch_bounds__(GREEDY_THREADS)
     __shared__ long long s_total;
     if (!a.out->need_greedy)
         return;
-    uint32_t nk8 = a.n_kv * 8, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const uint32_t none = 0xffffffffu, nwarps = GREEDY_THREADS / 32;
+    const uint32_t nk8 = a.n_kv * 8, none = 0xffffffffu;
     for (uint32_t i = threadIdx.x; i < nk8; i += blockDim.x)
         s_cnt[i] = a.gcnt[i];
     if (threadIdx.x == 0)
@@ -1644,62 +1712,89 @@ __global__ void __launch_bounds__(GREEDY_THREADS)
             s_idx[k] = i;
         }
         __syncthreads();
-        uint32_t p = 0;
-        while (p < GREEDY_CHUNK) {
-            uint32_t k = p + threadIdx.x;
-            bool in_chunk = k < GREEDY_CHUNK;
-            uint32_t i = in_chunk ? s_idx[k] : none;
-            bool valid = i != none, ok = false;
-            long long delta = 0;
-            uint32_t h = 0;
-            int cur = 0, to = 0;
-            if (valid) {
-                h = i / a.n;
-                cur = s_cur[k];
-                to = s_to[k];
-                long long ct = s_cnt[h * 8 + to], cc = s_cnt[h * 8 + cur];
-                // run_bytes(to, ct + 1) - run_bytes(to, ct) + run_bytes(cur, cc - 1) -
-                // run_bytes(cur, cc), from the per-token steps.
-                delta = add_bytes(a, to, (uint32_t)ct) - add_bytes(a, cur, (uint32_t)(cc - 1));
-                ok = s_total + delta <= target;
+        finished = greedy_walk(a, s_cnt, &s_total, target, s_idx, s_cur, s_to, s_first, s_end);
+    }
+    __syncthreads();
+    for (uint32_t i = threadIdx.x; i < nk8; i += blockDim.x)
+        a.gcnt[i] = s_cnt[i];
+    if (threadIdx.x == 0)
+        a.out->total = (unsigned long long)s_total;
+}
+
+/* Both passes of the greedy fill for a layer of at most GREEDY_CHUNK items in one launch (the
+ * candidates, their sort and the walk; in place of cand_kernel, the radix sort and greedy_kernel
+ * twice, six launches that a layer accepting the previous multiplier ran for nothing). The
+ * candidates are sorted in shared memory by a bitonic network on (key descending, item
+ * ascending), the order of the stable radix sort: the same list. */
+__global__ void __launch_bounds__(GREEDY_THREADS) greedy_small_kernel(opt_args_t a)
+{
+    __shared__ long long s_cnt[OPT_MAX_KV * 8];
+    __shared__ uint32_t s_key[GREEDY_CHUNK]; // then s_cur and s_to (bytes)
+    __shared__ uint32_t s_idx[GREEDY_CHUNK];
+    __shared__ uint8_t s_copt[GREEDY_CHUNK];
+    __shared__ uint32_t s_first[GREEDY_THREADS / 32];
+    __shared__ int s_end[GREEDY_THREADS / 32];
+    __shared__ long long s_total;
+    if (!a.out->need_greedy)
+        return;
+    const uint32_t nk8 = a.n_kv * 8, none = 0xffffffffu, n = (uint32_t)a.n_items;
+    uint32_t width = 1;
+    while (width < n)
+        width <<= 1;
+    uint8_t *s_cur = reinterpret_cast<uint8_t *>(s_key), *s_to = s_cur + GREEDY_CHUNK;
+    for (uint32_t i = threadIdx.x; i < nk8; i += blockDim.x)
+        s_cnt[i] = a.gcnt[i];
+    if (threadIdx.x == 0)
+        s_total = (long long)a.out->total;
+    const long long target = (long long)a.out->target;
+    __syncthreads();
+    for (int pass = 0; pass < 2; pass++) {
+        // A pass in which no upgrade fits at the start takes nothing, nor does any after it.
+        if (!greedy_any_fits(a, s_cnt, s_total, target))
+            break;
+        for (uint32_t k = threadIdx.x; k < width; k += blockDim.x) {
+            uint32_t key = 0, i = none;
+            if (k < n) {
+                key = greedy_cand(a, k, &s_copt[k]);
+                i = k;
             }
-            unsigned m = __ballot_sync(0xffffffffu, ok);
-            unsigned e = __ballot_sync(0xffffffffu, in_chunk && !valid);
-            if (lane == 0) {
-                s_first[warp] = m ? warp * 32 + (uint32_t)(__ffs(m) - 1) : none;
-                s_end[warp] = e != 0;
-            }
-            __syncthreads();
-            uint32_t f = none;
-            int end = 0;
-            for (uint32_t w = 0; w < nwarps; w++) {
-                f = f == none ? s_first[w] : f;
-                end |= s_end[w];
-            }
-            if (f == none) {
-                // Nothing in the window fits; an empty slot means the candidates ended (the
-                // zero keys sort last).
-                __syncthreads();
-                if (end) {
-                    finished = true;
-                    break;
-                }
-                p += GREEDY_THREADS;
-                continue;
-            }
-            if (threadIdx.x == f) {
-                s_cnt[h * 8 + to]++;
-                s_cnt[h * 8 + cur]--;
-                s_total += delta;
-                a.choice[i] = (uint8_t)to;
-            }
-            __syncthreads();
-            if (!greedy_any_fits(a, s_cnt, s_total, target)) {
-                finished = true;
-                break;
-            }
-            p += f + 1;
+            s_key[k] = key;
+            s_idx[k] = i;
         }
+        __syncthreads();
+        for (uint32_t len = 2; len <= width; len <<= 1) {
+            for (uint32_t j = len >> 1; j > 0; j >>= 1) {
+                for (uint32_t t = threadIdx.x; t < width; t += blockDim.x) {
+                    const uint32_t l = t ^ j;
+                    if (l <= t)
+                        continue;
+                    const uint32_t kt = s_key[t], kl = s_key[l], it = s_idx[t], il = s_idx[l];
+                    const bool l_first = kl > kt || (kl == kt && il < it);
+                    const bool t_first = kt > kl || (kt == kl && it < il);
+                    if ((t & len) == 0 ? l_first : t_first) {
+                        s_key[t] = kl, s_key[l] = kt;
+                        s_idx[t] = il, s_idx[l] = it;
+                    }
+                }
+                __syncthreads();
+            }
+        }
+        // The window: the items with a candidate, in order, then none (as greedy_kernel stages
+        // it); s_cur and s_to overwrite the keys once every slot has read its own.
+        for (uint32_t k = threadIdx.x; k < GREEDY_CHUNK; k += blockDim.x)
+            if (k >= width || s_key[k] == 0)
+                s_idx[k] = none;
+        __syncthreads();
+        for (uint32_t k = threadIdx.x; k < GREEDY_CHUNK; k += blockDim.x) {
+            const uint32_t i = s_idx[k];
+            if (i != none) {
+                s_cur[k] = a.choice[i];
+                s_to[k] = s_copt[i];
+            }
+        }
+        __syncthreads();
+        greedy_walk(a, s_cnt, &s_total, target, s_idx, s_cur, s_to, s_first, s_end);
+        __syncthreads(); // the next pass's candidates read the choice and reuse the arrays
     }
     __syncthreads();
     for (uint32_t i = threadIdx.x; i < nk8; i += blockDim.x)
@@ -2334,7 +2429,11 @@ static fy_status_t opt_enqueue(kvc_encoder_cuda_t *e, uint32_t layer, const kvc_
                                                   OPT_THREADS, args, 0, cs),
                       st, out);
     }
-    for (int pass = 0; pass < 2 && !oi.no_budget; pass++) { // no budget: nothing to fill
+    if (!oi.no_budget && items <= GREEDY_CHUNK) { // no budget: nothing to fill
+        greedy_small_kernel<<<1, GREEDY_THREADS, 0, cs>>>(a);
+        KVC_LAUNCH_GOTO(st, out);
+    }
+    for (int pass = 0; pass < 2 && !oi.no_budget && items > GREEDY_CHUNK; pass++) {
         cand_kernel<<<kvc_grid(items, 256), 256, 0, cs>>>(a, e->d_keys, e->d_idx);
         KVC_LAUNCH_GOTO(st, out);
         size_t tmp_bytes = e->sort_tmp_bytes;
