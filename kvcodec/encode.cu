@@ -2793,15 +2793,22 @@ extern "C" fy_status_t kvc_encoder_enqueue_layer_cuda(kvc_encoder_cuda_t *e,
     return st;
 }
 
+/* The oldest queued layer, finished (slot_finish) but still queued. */
+static fy_status_t head_finish(kvc_encoder_cuda_t *e, enc_slot_t **sl_p)
+{
+    if (e->q_len == 0)
+        return FY_ERR_STATE;
+    *sl_p = &e->slot[e->q_head];
+    return slot_finish(e, *sl_p);
+}
+
 extern "C" fy_status_t kvc_encoder_finish_layer_cuda(kvc_encoder_cuda_t *e, size_t *len_p,
                                                      kvc_layer_info_t *info_p)
 {
     if (e == NULL || len_p == NULL)
         return FY_ERR_INVALID_ARG;
-    if (e->q_len == 0)
-        return FY_ERR_STATE;
-    enc_slot_t *sl = &e->slot[e->q_head];
-    fy_status_t st = slot_finish(e, sl);
+    enc_slot_t *sl = NULL;
+    fy_status_t st = head_finish(e, &sl);
     if (st != FY_OK)
         return st;
     e->q_head = (e->q_head + 1) % ENC_QUEUE;
@@ -2854,10 +2861,8 @@ extern "C" fy_status_t kvc_encoder_finish_layer_cuda_host(kvc_encoder_cuda_t *e,
 {
     if (e == NULL || out == NULL || len_p == NULL)
         return FY_ERR_INVALID_ARG;
-    if (e->q_len == 0)
-        return FY_ERR_STATE;
-    enc_slot_t *sl = &e->slot[e->q_head];
-    fy_status_t st = slot_finish(e, sl);
+    enc_slot_t *sl = NULL;
+    fy_status_t st = head_finish(e, &sl);
     if (st != FY_OK)
         return st;
     if (sl->len > out_cap || sl->out != sl->d_frame)
