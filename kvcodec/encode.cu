@@ -151,6 +151,7 @@ struct kvc_encoder_cuda {
     // Queued layers: slot[(q_head + i) % ENC_QUEUE] for i < q_len, in layer order.
     enc_slot_t slot[ENC_QUEUE];
     unsigned q_head, q_len;
+    bool broken;          // an enqueue failed after its first launch: d_rc may count it
     uint8_t *h_slots;     // pinned: the slots' h_lay and h_out
     cudaStream_t s_copy;  // non-blocking: finished frames to the host while later layers run
     uint64_t last_gpu_ns; // stream time of the last finished layer's two GPU phases
@@ -2459,6 +2460,7 @@ out:
 static fy_status_t layout_enqueue(kvc_encoder_cuda_t *e, uint32_t layer, uint8_t *out,
                                   cudaStream_t cs)
 {
+    FY_ASSERT(e->n_kv <= OPT_MAX_KV); // layout_kernel's per-head counts (device optimizer only)
     fy_status_t st = FY_OK;
     plan_args_t a;
     memset(&a, 0, sizeof(a));
@@ -2552,10 +2554,12 @@ static fy_status_t enqueue_layer(kvc_encoder_cuda_t *e, const kvc_layer_input_t 
         // come between them and this one.
         if (in == NULL)
             return FY_ERR_INVALID_ARG;
+        if (e->broken)
+            return FY_ERR_STATE;
         uint32_t queued = 0;
         for (unsigned i = 0; i < e->q_len; i++)
             queued += e->slot[(e->q_head + i) % ENC_QUEUE].done ? 0 : 1;
-        if (in->layer < queued)
+        if (in->layer < queued || in->layer >= kvc_encoder_params(e->enc)->n_layers)
             return FY_ERR_STATE;
         kvc_layer_input_t chk = *in;
         chk.layer = in->layer - queued;
@@ -2576,7 +2580,14 @@ static fy_status_t enqueue_layer(kvc_encoder_cuda_t *e, const kvc_layer_input_t 
     bool st_stage = sg.st_stage, q_stage = sg.q_stage, fused = sg.fused;
     float rot_scale = 1.0f / sqrtf((float)d);
     uint64_t t0 = fy_clock_ns();
-    cudaError_t ce = cudaEventRecord(sl->ev[0], cs);
+    cudaError_t ce = cudaSuccess;
+    if (e->q_len > 0) {
+        // The queued layers share the encoder's buffers and d_rc: on another stream this one
+        // starts after them (on the same stream the wait is already implied).
+        ce = cudaStreamWaitEvent(cs, e->slot[(e->q_head + e->q_len - 1) % ENC_QUEUE].ev[3], 0);
+    }
+    if (ce == cudaSuccess)
+        ce = cudaEventRecord(sl->ev[0], cs);
     if (ce != cudaSuccess)
         return kvc_cuda_status(ce);
     const kvc_scores_t *sc = scores;
@@ -2768,6 +2779,12 @@ static fy_status_t enqueue_layer(kvc_encoder_cuda_t *e, const kvc_layer_input_t 
     if (!e->opt_on) // the next layer's choice needs this one's size on the host
         st = slot_finish(e, sl);
 out:
+    if (st != FY_OK) {
+        // Kernels of this layer may be in flight and may have advanced d_rc: wait for them and
+        // take no more layers (the queued ones before it stay valid).
+        cudaStreamSynchronize(cs);
+        e->broken = true;
+    }
     return st;
 }
 
@@ -2836,6 +2853,30 @@ extern "C" fy_status_t kvc_encoder_encode_layer_cuda(kvc_encoder_cuda_t *e,
     return kvc_encoder_finish_layer_cuda(e, len_p, info_p);
 }
 
+/* The frame buffer of slot q, allocated if it is not yet. */
+static fy_status_t slot_frame(kvc_encoder_cuda_t *e, int q)
+{
+    enc_slot_t *sl = &e->slot[q];
+    if (sl->d_frame != NULL)
+        return FY_OK;
+    cudaError_t ce = cudaMalloc((void **)&sl->d_frame, e->max_frame);
+    if (ce != cudaSuccess) {
+        sl->d_frame = NULL;
+        cudaGetLastError(); // an allocation failure is not sticky; clear it
+    }
+    return kvc_cuda_status(ce);
+}
+
+extern "C" fy_status_t kvc_encoder_cuda_reserve_host(kvc_encoder_cuda_t *e)
+{
+    if (e == NULL)
+        return FY_ERR_INVALID_ARG;
+    fy_status_t st = FY_OK;
+    for (int q = 0; q < ENC_QUEUE && st == FY_OK; q++)
+        st = slot_frame(e, q);
+    return st;
+}
+
 extern "C" fy_status_t kvc_encoder_enqueue_layer_cuda_host(kvc_encoder_cuda_t *e,
                                                            const kvc_layer_input_t *in,
                                                            const kvc_scores_t *scores, void *stream)
@@ -2845,13 +2886,9 @@ extern "C" fy_status_t kvc_encoder_enqueue_layer_cuda_host(kvc_encoder_cuda_t *e
     enc_slot_t *sl = slot_next(e);
     if (sl == NULL)
         return FY_ERR_STATE;
-    if (sl->d_frame == NULL) {
-        cudaError_t ce = cudaMalloc((void **)&sl->d_frame, e->max_frame);
-        if (ce != cudaSuccess) {
-            sl->d_frame = NULL;
-            return kvc_cuda_status(ce);
-        }
-    }
+    fy_status_t fst = slot_frame(e, (int)(sl - e->slot));
+    if (fst != FY_OK)
+        return fst;
     return kvc_encoder_enqueue_layer_cuda(e, in, scores, sl->d_frame, e->max_frame, stream);
 }
 

@@ -96,9 +96,14 @@ fy_status_t kvc_encoder_enqueue_layer_cuda(kvc_encoder_cuda_t *enc, const kvc_la
 fy_status_t kvc_encoder_finish_layer_cuda(kvc_encoder_cuda_t *enc, size_t *len_p,
                                           kvc_layer_info_t *info_p);
 
+/* Allocates now the device frame buffers the _host calls below use (max_frame_bytes for each
+ * of the two queued layers; otherwise allocated on first use), so that a full GPU shows at
+ * the start of a request. FY_ERR_RESOURCE_EXHAUSTED: no memory for them. Thread: as the
+ * encoder. */
+fy_status_t kvc_encoder_cuda_reserve_host(kvc_encoder_cuda_t *enc);
+
 /* kvc_encoder_enqueue_layer_cuda with the frame built in a device buffer of the encoder's own
- * (max_frame_bytes per queued layer, allocated on first use), for
- * kvc_encoder_finish_layer_cuda_host to deliver. */
+ * (see kvc_encoder_cuda_reserve_host), for kvc_encoder_finish_layer_cuda_host to deliver. */
 fy_status_t kvc_encoder_enqueue_layer_cuda_host(kvc_encoder_cuda_t *enc,
                                                 const kvc_layer_input_t *in_dev,
                                                 const kvc_scores_t *scores_dev, void *stream);

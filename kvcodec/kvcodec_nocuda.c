@@ -67,6 +67,10 @@ fy_status_t kvc_encoder_finish_layer_cuda(kvc_encoder_cuda_t *enc, size_t *len_p
 {
     return FY_ERR_NO_DEVICE;
 }
+fy_status_t kvc_encoder_cuda_reserve_host(kvc_encoder_cuda_t *enc)
+{
+    return FY_ERR_NO_DEVICE;
+}
 fy_status_t kvc_encoder_enqueue_layer_cuda_host(kvc_encoder_cuda_t *enc,
                                                 const kvc_layer_input_t *in_dev,
                                                 const kvc_scores_t *scores_dev, void *stream)

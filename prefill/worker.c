@@ -604,6 +604,10 @@ static fy_status_t job_encoder(prefill_t *pf, pf_job_t *job, pf_run_t *r)
     ep.seq_id = job->reservation_id;
     if (gpu_codec(pf)) {
         fy_status_t st = kvc_encoder_cuda_create(&ep, &r->genc);
+        if (st == FY_OK && (st = kvc_encoder_cuda_reserve_host(r->genc)) != FY_OK) {
+            kvc_encoder_cuda_destroy(r->genc); // the frame buffers did not fit
+            r->genc = NULL;
+        }
         if (st != FY_ERR_RESOURCE_EXHAUSTED)
             return st;
         // The GPU is full (other requests' encoders, the model's scratch): this request

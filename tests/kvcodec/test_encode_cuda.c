@@ -259,6 +259,10 @@ static void test_parity(void **state)
         {"ferry", 0.25, 1, 0, 0, 72, 72, 67, 32, 2, 0, 0},
         // Several layout segments per head.
         {"ferry", 0.25, 1, 0, 0, 4, 2, 4500, 64, 2, 0, 0},
+        // The greedy fill's one-launch kernel at its largest layer (4096 tokens over all kv
+        // heads), and the multi-launch one just past it.
+        {"ferry", 0.0625, 1, 0, 0, 4, 2, 2048, 64, 2, 0, 0},
+        {"ferry", 0.0625, 1, 0, 0, 4, 1, 4097, 64, 2, 0, 0},
         // The encoder scoring by itself on the GPU from window_attn.
         {"ferry", 0.25, 1, 0, 0, 8, 2, 301, 64, 2, 0, 1},
         {"ferry", 0.125, 0, 2, 2, 6, 3, 211, 64, 2, 8, 1},
@@ -393,6 +397,146 @@ static void test_queue(void **state)
     run_queue("ferry", 0.25, 72, 72, 67, 32, 902); // the host optimizer
 }
 
+/* The prefill worker's pattern: the frames into (pageable) host memory through the _host calls,
+ * the encoder scoring each layer itself from window_attn, two layers always in flight, and the
+ * layers queued on alternating streams (each waits for the one before). Calibrated: layer
+ * weights and a first multiplier near layer 0's own, so the device rate controller starts from
+ * the table; budget 0: no budget. A layer past the last is refused while one is queued. */
+static void run_queue_host(double budget, int calibrated, uint32_t n_heads, uint32_t n_kv,
+                           uint32_t n, uint32_t d, uint64_t seed)
+{
+    enum { NL = 4 };
+    kvc_policy_t pol;
+    assert_int_equal(kvc_policy_builtin("ferry", &pol), FY_OK);
+    kvt_layer_t L;
+    kvt_layer_make(&L, seed, n_heads, n_kv, n, d, 32);
+    size_t elems = (size_t)n_kv * n * d, wn = (size_t)n_heads * n;
+    float *wa[NL];
+    for (uint32_t l = 0; l < NL; l++) {
+        wa[l] = malloc(wn * sizeof(float));
+        make_window_attn(wa[l], n_heads, n, seed + 31 * l);
+    }
+    if (calibrated) {
+        // Layer 0's own multiplier from an uncalibrated encoder, the table's entries 1.2x it.
+        kvc_encoder_params_t p0 = kvt_params(&pol, &L, NL, budget);
+        kvc_encoder_t *e0;
+        assert_int_equal(kvc_encoder_create(&p0, &e0), FY_OK);
+        size_t cap0 = kvc_encoder_max_frame_bytes(e0), l0 = 0;
+        uint8_t *f0 = malloc(cap0);
+        kvc_layer_info_t i0;
+        kvc_layer_input_t in0 = kvt_input(&L, 0);
+        in0.q_window = NULL;
+        in0.n_window = 0;
+        in0.window_attn = wa[0];
+        assert_int_equal(kvc_encoder_encode_layer(e0, &in0, NULL, f0, cap0, &l0, &i0), FY_OK);
+        assert_true(i0.lambda > 0);
+        free(f0);
+        kvc_encoder_destroy(e0);
+        pol.n_layer_weights = NL;
+        for (uint32_t l = 0; l < NL; l++)
+            pol.layer_weight[l] = 0.6f + 0.3f * (float)l;
+        pol.layer_alloc = 0.4f;
+        pol.layer_gamma = 0.2f;
+        pol.n_lambdas = 2;
+        pol.lambda_budget[0] = 0.1;
+        pol.lambda_budget[1] = 0.5;
+        pol.lambda_first[0] = pol.lambda_first[1] = 1.2 * i0.lambda;
+    }
+    kvc_encoder_params_t p = kvt_params(&pol, &L, NL, budget);
+    kvc_encoder_t *cpu;
+    kvc_encoder_cuda_t *gpu;
+    assert_int_equal(kvc_encoder_create(&p, &cpu), FY_OK);
+    assert_int_equal(kvc_encoder_cuda_create(&p, &gpu), FY_OK);
+    assert_int_equal(kvc_encoder_cuda_reserve_host(gpu), FY_OK);
+    size_t cap = kvc_encoder_max_frame_bytes(cpu);
+    uint8_t *fc[NL];
+    size_t lc[NL];
+    kvc_layer_info_t ic[NL];
+    uint16_t *dk[NL], *dv[NL];
+    float *dwa[NL];
+    kvc_layer_input_t din[NL];
+    for (uint32_t l = 0; l < NL; l++) {
+        if (l > 0)
+            kvc_synth_layer(seed + l, n_heads, n_kv, n, d, L.W, L.k, L.v, L.q);
+        kvc_layer_input_t in = kvt_input(&L, l);
+        in.q_window = NULL;
+        in.n_window = 0;
+        in.window_attn = wa[l];
+        fc[l] = malloc(cap);
+        assert_int_equal(kvc_encoder_encode_layer(cpu, &in, NULL, fc[l], cap, &lc[l], &ic[l]),
+                         FY_OK);
+        CK(cudaMalloc((void **)&dk[l], elems * 2));
+        CK(cudaMalloc((void **)&dv[l], elems * 2));
+        CK(cudaMalloc((void **)&dwa[l], wn * sizeof(float)));
+        CK(cudaMemcpy(dk[l], L.k, elems * 2, cudaMemcpyHostToDevice));
+        CK(cudaMemcpy(dv[l], L.v, elems * 2, cudaMemcpyHostToDevice));
+        CK(cudaMemcpy(dwa[l], wa[l], wn * sizeof(float), cudaMemcpyHostToDevice));
+        din[l] = in;
+        din[l].k = dk[l];
+        din[l].v = dv[l];
+        din[l].window_attn = dwa[l];
+    }
+    cudaStream_t streams[2];
+    CK(cudaStreamCreateWithFlags(&streams[0], cudaStreamNonBlocking));
+    CK(cudaStreamCreateWithFlags(&streams[1], cudaStreamNonBlocking));
+    uint8_t *fg = malloc(cap + 64);
+    size_t lg = 0;
+    kvc_layer_info_t ig;
+#define ENQ(l) kvc_encoder_enqueue_layer_cuda_host(gpu, &din[l], NULL, streams[(l) % 2])
+    assert_int_equal(ENQ(0), FY_OK);
+    for (uint32_t l = 0; l < NL; l++) {
+        if (l + 1 < NL)
+            assert_int_equal(ENQ(l + 1), FY_OK);
+        if (l + 1 == NL - 1) { // the last layer queued: one past it is refused
+            kvc_layer_input_t past = din[NL - 1];
+            past.layer = NL;
+            assert_int_equal(kvc_encoder_enqueue_layer_cuda_host(gpu, &past, NULL, streams[0]),
+                             FY_ERR_STATE);
+        }
+        memset(fg, 0xa5, cap + 64);
+        assert_int_equal(kvc_encoder_finish_layer_cuda_host(gpu, fg, cap + 64, &lg, &ig), FY_OK);
+        if (lg != lc[l] || memcmp(fc[l], fg, lc[l]) != 0) {
+            fprintf(stderr,
+                    "queued (host) b %.3f cal %d %u/%u n %u d %u layer %u: cpu %zu bytes, "
+                    "gpu %zu\n",
+                    budget, calibrated, n_heads, n_kv, n, d, l, lc[l], lg);
+            describe_diff(fc[l], fg, FY_MIN(lc[l], lg));
+            fail();
+        }
+        assert_int_equal(fg[lg], 0xa5);
+        assert_true(ic[l].lambda == ig.lambda);
+        assert_true(ic[l].budget_met == ig.budget_met);
+        assert_int_equal(ic[l].frame_bytes, ig.frame_bytes);
+    }
+#undef ENQ
+    assert_int_equal(kvc_encoder_finish_layer_cuda_host(gpu, fg, cap, &lg, &ig), FY_ERR_STATE);
+    uint64_t bc, bg, budc, budg;
+    kvc_encoder_totals(cpu, &bc, &budc);
+    kvc_encoder_cuda_totals(gpu, &bg, &budg);
+    assert_int_equal(bc, bg);
+    assert_int_equal(budc, budg);
+    for (uint32_t l = 0; l < NL; l++) {
+        free(fc[l]), free(wa[l]);
+        CK(cudaFree(dk[l]));
+        CK(cudaFree(dv[l]));
+        CK(cudaFree(dwa[l]));
+    }
+    free(fg);
+    CK(cudaStreamDestroy(streams[0]));
+    CK(cudaStreamDestroy(streams[1]));
+    kvc_encoder_destroy(cpu);
+    kvc_encoder_cuda_destroy(gpu);
+    kvt_layer_free(&L);
+}
+
+static void test_queue_host(void **state)
+{
+    (void)state;
+    run_queue_host(0.25, 0, 8, 2, 301, 64, 910);
+    run_queue_host(0.125, 1, 9, 3, 517, 64, 911);
+    run_queue_host(0, 0, 4, 2, 255, 128, 912);
+}
+
 /* An encoder destroyed with layers still queued waits for them. */
 static void test_destroy_queued(void **state)
 {
@@ -455,6 +599,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_parity),
         cmocka_unit_test(test_queue),
+        cmocka_unit_test(test_queue_host),
         cmocka_unit_test(test_destroy_queued),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
