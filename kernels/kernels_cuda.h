@@ -37,12 +37,13 @@ fy_status_t krn_cublas_status(cublasStatus_t err);
 /* y[m][n] = x[m][k] · w[n][k]ᵀ (+ y when accumulate): x and w FP16, y FP32, FP32
  * accumulation. Row strides ldx >= k, ldw >= k, ldy >= n in elements. Up to 4 rows with k,
  * ldx, ldw multiples of 8 and x, w 16-byte aligned run a weight-streaming GEMV kernel, the rest
- * cuBLAS on tensor cores (FERRY_GEMM=cublas: everything); the handle is then bound to stream
- * for the call. Thread: one call at a time per handle. */
+ * cuBLAS on tensor cores; the handle is then bound to stream for the call. FERRY_GEMM (read at
+ * each call) overrides: "cublas" sends everything to cuBLAS, "mma" sends 5 to 16 aligned rows to
+ * a weight-streaming kernel on tensor cores. Thread: one call at a time per handle. */
 fy_status_t krn_gemm_f16_cuda(cublasHandle_t handle, int m, int n, int k, const uint16_t *x,
                               int ldx, const uint16_t *w, int ldw, float *y, int ldy,
                               int accumulate, cudaStream_t stream);
-/* Which of the two krn_gemm_f16_cuda runs for these arguments: "gemv" or "cublas". Thread:
+/* Which kernel krn_gemm_f16_cuda runs for these arguments: "gemv", "mma" or "cublas". Thread:
  * any. */
 const char *krn_gemm_cuda_kernel(int m, int k, const uint16_t *x, int ldx, const uint16_t *w,
                                  int ldw);
