@@ -102,6 +102,32 @@ static void describe_diff(const uint8_t *a, const uint8_t *b, size_t len)
     fprintf(stderr, "\n");
 }
 
+/* A queued layer's GPU frame (fg, lg bytes, poisoned with 0xa5 past it) and info against the
+ * CPU's. */
+static void expect_layer(const char *what, const uint8_t *fc, size_t lc, const kvc_layer_info_t *ic,
+                         const uint8_t *fg, size_t lg, const kvc_layer_info_t *ig)
+{
+    if (lg != lc || memcmp(fc, fg, lc) != 0) {
+        fprintf(stderr, "%s: cpu %zu bytes, gpu %zu\n", what, lc, lg);
+        describe_diff(fc, fg, FY_MIN(lc, lg));
+        fail();
+    }
+    assert_int_equal(fg[lg], 0xa5);
+    assert_true(ic->lambda == ig->lambda);
+    assert_true(ic->budget_met == ig->budget_met);
+    assert_int_equal(ic->frame_bytes, ig->frame_bytes);
+}
+
+/* Both encoders' request totals agree. */
+static void expect_totals(const kvc_encoder_t *cpu, const kvc_encoder_cuda_t *gpu)
+{
+    uint64_t bc, bg, budc, budg;
+    kvc_encoder_totals(cpu, &bc, &budc);
+    kvc_encoder_cuda_totals(gpu, &bg, &budg);
+    assert_int_equal(bc, bg);
+    assert_int_equal(budc, budg);
+}
+
 static void run_case(const ecase_t *c, uint64_t seed)
 {
     kvc_policy_t pol;
@@ -201,11 +227,7 @@ static void run_case(const ecase_t *c, uint64_t seed)
         assert_int_equal(kvc_frame_parse(fg, lg, &f), FY_OK);
         strided_free(&S);
     }
-    uint64_t bc, bg, budc, budg;
-    kvc_encoder_totals(cpu, &bc, &budc);
-    kvc_encoder_cuda_totals(gpu, &bg, &budg);
-    assert_int_equal(bc, bg);
-    assert_int_equal(budc, budg);
+    expect_totals(cpu, gpu);
     // Layers come in order on the GPU encoder too.
     kvc_layer_input_t bad = {0};
     bad.layer = 0;
@@ -348,16 +370,10 @@ static void run_queue(const char *policy, double budget, uint32_t n_heads, uint3
             assert_int_equal(
                 kvc_encoder_enqueue_layer_cuda_host(gpu, &din[l + 2], &dsc[l + 2], stream), FY_OK);
         CK(cudaMemcpy(fg, dout[l], cap, cudaMemcpyDeviceToHost));
-        if (lg != lc[l] || memcmp(fc[l], fg, lc[l]) != 0) {
-            fprintf(stderr, "queued %s %u/%u n %u d %u layer %u: cpu %zu bytes, gpu %zu\n", policy,
-                    n_heads, n_kv, n, d, l, lc[l], lg);
-            describe_diff(fc[l], fg, FY_MIN(lc[l], lg));
-            fail();
-        }
-        assert_int_equal(fg[lg], 0xa5);
-        assert_true(ic[l].lambda == ig.lambda);
-        assert_true(ic[l].budget_met == ig.budget_met);
-        assert_int_equal(ic[l].frame_bytes, ig.frame_bytes);
+        char what[96];
+        snprintf(what, sizeof(what), "queued %s %u/%u n %u d %u layer %u", policy, n_heads, n_kv, n,
+                 d, l);
+        expect_layer(what, fc[l], lc[l], &ic[l], fg, lg, &ig);
     }
 #undef ENQ
     // The last layer's frame into host memory; too small a buffer leaves it queued.
@@ -369,11 +385,7 @@ static void run_queue(const char *policy, double budget, uint32_t n_heads, uint3
     assert_memory_equal(fc[NL - 1], fg, lg);
     assert_true(ic[NL - 1].lambda == ig.lambda);
     assert_int_equal(kvc_encoder_finish_layer_cuda(gpu, &lg, &ig), FY_ERR_STATE);
-    uint64_t bc, bg, budc, budg;
-    kvc_encoder_totals(cpu, &bc, &budc);
-    kvc_encoder_cuda_totals(gpu, &bg, &budg);
-    assert_int_equal(bc, bg);
-    assert_int_equal(budc, budg);
+    expect_totals(cpu, gpu);
     for (uint32_t l = 0; l < NL; l++) {
         free(fc[l]);
         CK(cudaFree(dk[l]));
@@ -495,26 +507,14 @@ static void run_queue_host(double budget, int calibrated, uint32_t n_heads, uint
         }
         memset(fg, 0xa5, cap + 64);
         assert_int_equal(kvc_encoder_finish_layer_cuda_host(gpu, fg, cap + 64, &lg, &ig), FY_OK);
-        if (lg != lc[l] || memcmp(fc[l], fg, lc[l]) != 0) {
-            fprintf(stderr,
-                    "queued (host) b %.3f cal %d %u/%u n %u d %u layer %u: cpu %zu bytes, "
-                    "gpu %zu\n",
-                    budget, calibrated, n_heads, n_kv, n, d, l, lc[l], lg);
-            describe_diff(fc[l], fg, FY_MIN(lc[l], lg));
-            fail();
-        }
-        assert_int_equal(fg[lg], 0xa5);
-        assert_true(ic[l].lambda == ig.lambda);
-        assert_true(ic[l].budget_met == ig.budget_met);
-        assert_int_equal(ic[l].frame_bytes, ig.frame_bytes);
+        char what[96];
+        snprintf(what, sizeof(what), "queued (host) b %.3f cal %d %u/%u n %u d %u layer %u", budget,
+                 calibrated, n_heads, n_kv, n, d, l);
+        expect_layer(what, fc[l], lc[l], &ic[l], fg, lg, &ig);
     }
 #undef ENQ
     assert_int_equal(kvc_encoder_finish_layer_cuda_host(gpu, fg, cap, &lg, &ig), FY_ERR_STATE);
-    uint64_t bc, bg, budc, budg;
-    kvc_encoder_totals(cpu, &bc, &budc);
-    kvc_encoder_cuda_totals(gpu, &bg, &budg);
-    assert_int_equal(bc, bg);
-    assert_int_equal(budc, budg);
+    expect_totals(cpu, gpu);
     for (uint32_t l = 0; l < NL; l++) {
         free(fc[l]), free(wa[l]);
         CK(cudaFree(dk[l]));
