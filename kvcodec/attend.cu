@@ -1429,7 +1429,11 @@ __device__ void mma_finish(const attn_params &A, mma_state<D> &st, uint8_t *red_
             st.acc[u][k] = 0.0f;
 }
 
-template <int D> __global__ void __launch_bounds__(kMmaThreads, 3) attend_mma_kernel(attn_params A)
+/* MINB: resident blocks per SM the registers are capped for. 3 (168 registers at D 128, no
+ * spills) is the default; 4 (128 registers, a few spills) is FERRY_ATTEND_BLOCKS=4, for pages
+ * small enough that shared memory lets 4 blocks in (16 KiB pages: ~44 KB per block). */
+template <int D, int MINB>
+__global__ void __launch_bounds__(kMmaThreads, MINB) attend_mma_kernel(attn_params A)
 {
     extern __shared__ __align__(16) uint8_t smem[];
     float *qf = reinterpret_cast<float *>(smem + A.m_off_q); // [4][D] q (pass 1: H q), * scale
@@ -1706,6 +1710,17 @@ fy_status_t kernel_occupancy(int dev, const void *fn, int threads, size_t smem, 
     return st;
 }
 
+/* The instance of the tensor-core kernel for head_dim d (64 or 128) and the register cap
+ * FERRY_ATTEND_BLOCKS asks for (see attend_mma_kernel). */
+split_kernel_t mma_kernel(uint32_t d)
+{
+    const char *e = getenv("FERRY_ATTEND_BLOCKS");
+    const bool four = e != NULL && strcmp(e, "4") == 0;
+    if (d == 64)
+        return four ? attend_mma_kernel<64, 4> : attend_mma_kernel<64, 3>;
+    return four ? attend_mma_kernel<128, 4> : attend_mma_kernel<128, 3>;
+}
+
 /* The kernel a batch asks for: its impl field, else FERRY_ATTEND_IMPL ("simt", "mma" or
  * "mma-qtab"), else
  * the tensor-core kernel wherever it applies. */
@@ -1780,7 +1795,7 @@ fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt,
     // The tensor-core kernel: head_dim 64 or 128, GQA groups up to 4, its shared memory.
     pl->mma = false;
     pl->kdq = false;
-    pl->mma_kernel = d == 64 ? attend_mma_kernel<64> : attend_mma_kernel<128>;
+    pl->mma_kernel = mma_kernel(d);
     if ((d == 64 || d == 128) && rows <= kMmaRows) {
         pl->m_ts = mma_table_slots(G);
         size_t pbuf = align_up(pool->page_bytes, 16);

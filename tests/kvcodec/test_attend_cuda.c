@@ -451,7 +451,8 @@ static const config_t k_configs[] = {
 };
 
 /* Every config, with the kernel's own split (several pages per block for long lists, up to one
- * block per page) and with every list in a single block. */
+ * block per page) and with every list in a single block; the tensor-core kernel also in its
+ * FERRY_ATTEND_BLOCKS=4 build. */
 static void test_parity(void **state)
 {
     (void)state;
@@ -466,6 +467,11 @@ static void test_parity(void **state)
             run_and_compare(&B, 0, 0, impl);
             run_and_compare(&B, 0, 1, impl);
         }
+        // The tensor-core kernel built for 4 blocks per SM (fewer registers): the same results.
+        setenv("FERRY_ATTEND_BLOCKS", "4", 1);
+        run_and_compare(&B, 0, 0, KVC_ATTEND_IMPL_MMA);
+        run_and_compare(&B, 0, 0, KVC_ATTEND_IMPL_MMA_QTAB);
+        unsetenv("FERRY_ATTEND_BLOCKS");
         unbuild(&B);
     }
     for (int o = 0; o < KVC_OPT_DROP; o++) {
