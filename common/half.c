@@ -11,6 +11,7 @@
 #include <string.h>
 
 #if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define FY_X86 1
 #endif
@@ -131,8 +132,14 @@ bool fy_half_has_f16c(void)
 {
 #ifdef FY_X86
     static int cached = -1;
-    if (cached < 0)
-        cached = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
+    if (cached < 0) {
+        // F16C from CPUID leaf 1 (ECX bit 29): __builtin_cpu_supports has no "f16c" before
+        // clang 16. "avx" also says the OS saves the YMM state the conversions use.
+        unsigned a = 0, b = 0, c = 0, d = 0;
+        __builtin_cpu_init();
+        cached = __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C) != 0 &&
+                 __builtin_cpu_supports("avx");
+    }
     return cached != 0;
 #else
     return false;

@@ -486,7 +486,7 @@ static bool have_avx2(void)
     if (cached < 0) {
         __builtin_cpu_init();
         cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                 __builtin_cpu_supports("f16c");
+                 fy_half_has_f16c();
     }
     return cached == 1;
 }
