@@ -234,7 +234,10 @@ static void do_prefill(const call_t *c, du_result_t *r, uint64_t *res_p)
     req.sampling = c->sampling;
     req.decode_kv_address = (char *)(c->kv_addr ? c->kv_addr : G.kv_addr);
     req.reservation_id = res;
-    rpc_call_opts_t opts = {.timeout_ms = c->timeout_ms ? c->timeout_ms : 120000};
+    // Waits for the connection rather than failing fast: on a loaded machine the worker's
+    // first HTTP/2 handshake can outlast the channel's connect timeout.
+    rpc_call_opts_t opts = {.timeout_ms = c->timeout_ms ? c->timeout_ms : 120000,
+                            .wait_for_ready = true};
     memset(r, 0, sizeof(*r));
     assert_int_equal(rpc_channel_call(G.ch, "/ferry.v1.Worker/Prefill", &req.base,
                                       &ferry__v1__prefill_response__descriptor, &opts, du_on_msg,
@@ -624,7 +627,7 @@ static uint64_t start_prefill(const int32_t *ids, int n, const char *rid, du_res
     req.n_prompt_token_ids = (size_t)n;
     req.decode_kv_address = G.kv_addr;
     req.reservation_id = res;
-    rpc_call_opts_t opts = {.timeout_ms = 120000};
+    rpc_call_opts_t opts = {.timeout_ms = 120000, .wait_for_ready = true};
     memset(r, 0, sizeof(*r));
     assert_int_equal(rpc_channel_call(G.ch, "/ferry.v1.Worker/Prefill", &req.base,
                                       &ferry__v1__prefill_response__descriptor, &opts, du_on_msg,
