@@ -809,7 +809,9 @@ __global__ void __launch_bounds__(kCombThreads) attend_combine_kernel(attn_param
  * tokens, so each lane takes the channels its loads deliver (kphys below) and the same order
  * is used for the query table; codes become FP16 with one LOP3 and one HSUB2 per two codes
  * (0x6400 | c is 1024 + c). FP16 pages are staged with their 16-byte chunks XOR-swizzled per
- * token (mma_swz) so that the fragment loads are free of bank conflicts.
+ * token (mma_swz), and quantized pages with chunks swapped inside their 64- and 128-byte value
+ * rows and 128-byte key rows (mma_vx, mma_kx), so that the fragment loads are free of bank
+ * conflicts.
  */
 constexpr int kMmaWarps = 4;
 constexpr int kMmaThreads = 32 * kMmaWarps;
@@ -840,6 +842,20 @@ __device__ __forceinline__ uint32_t mma_tau(uint32_t n)
 __device__ __forceinline__ uint32_t mma_swz(uint32_t t)
 {
     return ((t >> 1) & 1u) | ((t & 1u) << 2);
+}
+
+/* Quantized pages are staged with 16-byte chunks swapped inside some key and value rows, so that
+ * mma_tokens' loads, which read the same bytes of tokens 128 bytes apart together, fall in
+ * different banks (the pool's layout would make value loads 2-way (64-byte rows) or 4-way
+ * (128-byte rows) bank conflicts, and 128-byte key rows 2-way): chunk c of slot token t is
+ * staged at c ^ mma_vx(rowv, t) in its value row and c ^ mma_kx(rowk, t) in its key row. */
+__host__ __device__ constexpr uint32_t mma_vx(uint32_t rowv, uint32_t t)
+{
+    return rowv == 64 || rowv == 128 ? 2u * ((t >> 1) & (rowv / 32 - 1)) : 0u;
+}
+__host__ __device__ constexpr uint32_t mma_kx(uint32_t rowk, uint32_t t)
+{
+    return rowk == 128 ? (t & 1u) : 0u;
 }
 
 /* The channel of element e of FP16 pair hp of key lane kq (the table and the K fragments agree
@@ -1081,12 +1097,17 @@ __device__ void mma_tokens(const attn_params &A, const uint8_t *slots, uint32_t 
 #pragma unroll
         for (int j = 0; j < 2; j++) {
             const uint32_t tok = min(T0 + 8 * j + mma_tau(g), te - 1);
-            if (OPT == 0) {
+            if constexpr (OPT == 0) {
                 const uint8_t *row = slots + (size_t)tok * (4 * D);
                 const uint32_t sw = mma_swz(tok);
 #pragma unroll
                 for (int jj = 0; jj < D / 32; jj++)
                     lds_words<4>(row + 16 * ((kq + 4 * jj) ^ sw), kw[j] + 4 * jj);
+            } else if constexpr (KB == 32) { // 128-byte key rows, staged with mma_kx
+                const uint32_t jt = jb[j] + tok - nb[j], x = mma_kx(rowk, jt);
+                const uint8_t *kr = sp[j] + koff + jt * rowk;
+                lds_words<4>(kr + 16 * ((2 * kq) ^ x), kw[j]);
+                lds_words<4>(kr + 16 * ((2 * kq + 1) ^ x), kw[j] + 4);
             } else {
                 lds_words<KB / 4>(sp[j] + koff + (jb[j] + tok - nb[j]) * rowk + kq * KB, kw[j]);
             }
@@ -1181,7 +1202,10 @@ __device__ void mma_tokens(const attn_params &A, const uint8_t *slots, uint32_t 
                     ps[j][e] = p[j][e];
                 } else {
                     const uint32_t jt = jb[j] + tok - nb[j];
-                    const uint8_t *vp = sp[j] + voff + jt * rowv + g * VB;
+                    // Staged with mma_vx: the chunk of byte g VB of the row moves.
+                    const uint32_t vb = g * VB;
+                    const uint8_t *vp =
+                        sp[j] + voff + jt * rowv + 16 * ((vb / 16) ^ mma_vx(rowv, jt)) + vb % 16;
                     if (VB >= 4)
                         lds_words<VW>(vp, vw[j][e]);
                     else
@@ -1322,8 +1346,8 @@ __device__ __forceinline__ int mma_page_kind(const attn_params &A, uint32_t pid,
     return 2;
 }
 
-/* Starts the asynchronous copy of the used bytes of page pid into dst (FP16 pages swizzled)
- * when pass attends it; always commits one group. */
+/* Starts the asynchronous copy of the used bytes of page pid into dst (FP16 pages swizzled,
+ * quantized ones with mma_vx and mma_kx) when pass attends it; always commits one group. */
 template <int D>
 __device__ __forceinline__ void mma_stage(const attn_params &A, uint32_t pid, uint4 hraw, int pass,
                                           uint8_t *dst)
@@ -1344,8 +1368,36 @@ __device__ __forceinline__ void mma_stage(const attn_params &A, uint32_t pid, ui
                 __pipeline_memcpy_async(d16 + o, src + i, sizeof(uint4));
             }
         } else {
-            for (uint32_t i = threadIdx.x; i < n16; i += blockDim.x)
-                __pipeline_memcpy_async(d16 + i, src + i, sizeof(uint4));
+            const uint32_t rowk = D * opt_kbits(h.opt) / 8, rowv = D * opt_vbits(h.opt) / 8;
+            if (rowk != 128 && rowv != 64 && rowv != 128) {
+                for (uint32_t i = threadIdx.x; i < n16; i += blockDim.x)
+                    __pipeline_memcpy_async(d16 + i, src + i, sizeof(uint4));
+            } else {
+                // Chunk i >= 1 is chunk c of a slot (slots and their key and value rows start
+                // on 16 bytes: KVC_PAGE_HEADER_BYTES, slot_bytes, 4 D + 4 G and the row
+                // sizes are multiples of 16 for head_dim 64 and 128 and G a multiple of 8).
+                const uint32_t sb16 = A.slot_bytes[h.opt] / 16;
+                const uint32_t nk = rowk / 16, nv = rowv / 16;
+                const uint32_t k0 = (4 * D + 4 * A.G) / 16, v0 = k0 + A.G * nk;
+                const uint32_t v1 = v0 + A.G * nv;
+                const uint32_t nk_sh = 31 - __clz(nk), nv_sh = 31 - __clz(nv);
+                if (threadIdx.x == 0)
+                    __pipeline_memcpy_async(d16, src, sizeof(uint4)); // the header
+                uint32_t c = threadIdx.x;
+                while (c >= sb16)
+                    c -= sb16;
+                for (uint32_t i = 1 + threadIdx.x; i < n16; i += blockDim.x) {
+                    uint32_t o = c;
+                    if (c >= v0 && c < v1)
+                        o = v0 + ((c - v0) ^ mma_vx(rowv, (c - v0) >> nv_sh));
+                    else if (c >= k0 && c < v0)
+                        o = k0 + ((c - k0) ^ mma_kx(rowk, (c - k0) >> nk_sh));
+                    __pipeline_memcpy_async(d16 + (i - c) + o, src + i, sizeof(uint4));
+                    c += blockDim.x;
+                    while (c >= sb16)
+                        c -= sb16;
+                }
+            }
         }
     }
     __pipeline_commit();
