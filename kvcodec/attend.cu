@@ -858,6 +858,15 @@ __host__ __device__ constexpr uint32_t mma_kx(uint32_t rowk, uint32_t t)
     return rowk == 128 ? (t & 1u) : 0u;
 }
 
+/* Where byte b (< 4 D) of a quantized slot's key scales and zeros (two arrays of D halves) is
+ * staged. Key lane kq reads the 16-byte chunks of its D / 4 channels together with the other
+ * lanes (k_pair_coef); at head_dim 128 lanes kq and kq + 2 would hit the same banks, so the
+ * chunks of lanes 2 and 3 swap in pairs. */
+template <int D> __device__ __forceinline__ uint32_t mma_coef_off(uint32_t b)
+{
+    return D == 128 ? b ^ (32u * ((b >> 7) & 1u)) : b;
+}
+
 /* The channel of element e of FP16 pair hp of key lane kq (the table and the K fragments agree
  * on it); a bijection of (kq < 4, hp < D/8, e < 2) onto the D channels for each option. */
 template <int D, int OPT>
@@ -979,9 +988,9 @@ template <int D, int OPT>
 __device__ __forceinline__ uint32_t k_pair_coef(const uint8_t *base, uint32_t kq, int hp)
 {
     const uint32_t c0 = kphys<D, OPT>(0, (uint32_t)hp, 0), c1 = kphys<D, OPT>(0, (uint32_t)hp, 1);
-    const uint8_t *g = base + kq * (D / 2);
-    const uint32_t w0 = word_of(lds128(g + 16 * (c0 / 8)), (c0 / 2) % 4);
-    const uint32_t w1 = word_of(lds128(g + 16 * (c1 / 8)), (c1 / 2) % 4);
+    const uint32_t g = kq * (D / 2);
+    const uint32_t w0 = word_of(lds128(base + mma_coef_off<D>(g + 16 * (c0 / 8))), (c0 / 2) % 4);
+    const uint32_t w1 = word_of(lds128(base + mma_coef_off<D>(g + 16 * (c1 / 8))), (c1 / 2) % 4);
     return __byte_perm(w0, w1, (c0 % 2 ? 0x32u : 0x10u) | ((c1 % 2 ? 0x76u : 0x54u) << 8));
 }
 
@@ -1252,8 +1261,8 @@ __device__ void mma_table(const attn_params &A, const uint8_t *slots, uint32_t s
         float x0 = qq[r * D + c0], x1 = qq[r * D + c1];
         if (OPT != 0 && SCALED) {
             const uint8_t *sp = slots + (size_t)(s0 + sl) * sb;
-            x0 *= h2f_at(sp + 2 * c0);
-            x1 *= h2f_at(sp + 2 * c1);
+            x0 *= h2f_at(sp + mma_coef_off<D>(2 * c0));
+            x1 *= h2f_at(sp + mma_coef_off<D>(2 * c1));
             for (uint32_t jj = 0; jj < P; jj++) {
                 const uint32_t c = rd16(sp + poff + 2 * jj);
                 if (c == c0)
@@ -1274,7 +1283,7 @@ __device__ void mma_table(const attn_params &A, const uint8_t *slots, uint32_t s
         const uint8_t *sp = slots + (size_t)(s0 + sl) * sb;
         float s = 0.0f;
         for (uint32_t c = lane; c < D; c += 32)
-            s += qq[r * D + c] * h2f_at(sp + 2 * D + 2 * c);
+            s += qq[r * D + c] * h2f_at(sp + mma_coef_off<D>(2 * D + 2 * c));
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1)
             s += __shfl_xor_sync(0xffffffffu, s, off);
@@ -1285,7 +1294,7 @@ __device__ void mma_table(const attn_params &A, const uint8_t *slots, uint32_t s
         const uint32_t sl = idx / (4 * P), r = (idx / P) % 4, jj = idx % P;
         const uint8_t *sp = slots + (size_t)(s0 + sl) * sb;
         const uint32_t c = rd16(sp + poff + 2 * jj);
-        qsp[idx] = c < D ? qq[r * D + c] * h2f_at(sp + 2 * c) : 0.0f;
+        qsp[idx] = c < D ? qq[r * D + c] * h2f_at(sp + mma_coef_off<D>(2 * c)) : 0.0f;
     }
 }
 
@@ -1369,7 +1378,7 @@ __device__ __forceinline__ void mma_stage(const attn_params &A, uint32_t pid, ui
             }
         } else {
             const uint32_t rowk = D * opt_kbits(h.opt) / 8, rowv = D * opt_vbits(h.opt) / 8;
-            if (rowk != 128 && rowv != 64 && rowv != 128) {
+            if (D != 128 && rowv != 64) { // (D 64: no 128-byte rows, no coefficient swizzle)
                 for (uint32_t i = threadIdx.x; i < n16; i += blockDim.x)
                     __pipeline_memcpy_async(d16 + i, src + i, sizeof(uint4));
             } else {
@@ -1392,6 +1401,8 @@ __device__ __forceinline__ void mma_stage(const attn_params &A, uint32_t pid, ui
                         o = v0 + ((c - v0) ^ mma_vx(rowv, (c - v0) >> nv_sh));
                     else if (c >= k0 && c < v0)
                         o = k0 + ((c - k0) ^ mma_kx(rowk, (c - k0) >> nk_sh));
+                    else if (c < D / 4)
+                        o = mma_coef_off<D>(16 * c) / 16;
                     __pipeline_memcpy_async(d16 + (i - c) + o, src + i, sizeof(uint4));
                     c += blockDim.x;
                     while (c >= sb16)
