@@ -87,6 +87,23 @@ __host__ __device__ constexpr bool opt_protectable(int o)
     return o >= 2 && o <= 4;
 }
 
+/* Programmatic dependent launch (sm_90, docs/gpu.md): a split kernel lets the combine kernel be
+ * launched while its blocks run (pdl_trigger, at their start), and the combine kernel waits for
+ * the split kernel's results before it reads any (pdl_wait). Without a programmatic launch
+ * both are no-ops, as they are on older GPUs. */
+__device__ __forceinline__ void pdl_trigger()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 /* kvc_group_bytes of kvcodec_int.h: the layout of one group (docs/kvcodec-format.md §2). */
 inline size_t group_bytes(int o, uint32_t d, uint32_t cap, uint32_t P)
 {
@@ -401,6 +418,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks(NQ, CPT)) attend_split_ke
     extern __shared__ __align__(16) uint8_t smem[];
     __shared__ float s_m[NQ], s_l[NQ], s_alpha[NQ];
 
+    pdl_trigger();
     const uint32_t d = A.d, tid = threadIdx.x;
     const uint32_t item = blockIdx.y, split = blockIdx.x;
     uint8_t *buf = smem;                                       // [buf_bytes]
@@ -716,6 +734,7 @@ __global__ void __launch_bounds__(kCombThreads) attend_combine_kernel(attn_param
     __shared__ float red[kCombThreads / 32];
     const uint32_t item = blockIdx.x, r = blockIdx.y, tid = threadIdx.x, d = A.d, S = A.n_splits;
     const uint32_t cw = min(d, blockDim.x), groups = blockDim.x / cw;
+    pdl_wait(); // the split kernel's workspace is complete and visible from here on
     float *w = reinterpret_cast<float *>(smem); // [S] exp(m_s - M)
     float *wp = w + S;                          // [S] exp(mp_s - M), the plain part's weight
     float *acc = wp + S;                        // [groups][d] plain sums
@@ -1503,6 +1522,7 @@ __global__ void __launch_bounds__(kMmaThreads, MINB) attend_mma_kernel(attn_para
     uint8_t *tab = smem + A.m_off_tab;
     float *qz = reinterpret_cast<float *>(smem + A.m_off_qz);
     float *qsp = reinterpret_cast<float *>(smem + A.m_off_qsp);
+    pdl_trigger();
 
     const uint32_t tid = threadIdx.x, item = blockIdx.y, split = blockIdx.x;
     const uint32_t rows = A.rows;
@@ -1612,6 +1632,7 @@ struct plan {
     uint32_t rows, cpt, lpt, n_items, n_splits;
     uint32_t slot_bytes[kOpts];
     size_t buf_bytes, smem_split, smem_combine;
+    bool pdl; // the combine kernel by programmatic dependent launch (pdl_wanted)
     void (*kernel)(attn_params); // kernel 1 for rows and cpt
     bool mma;                    // the tensor-core kernel runs instead (attend_mma_kernel)
     bool kdq;                    // ... with keys dequantized in registers (attn_params.kdq)
@@ -1677,7 +1698,7 @@ uint32_t choose_splits(uint64_t items, uint64_t resident, uint32_t max_list_page
  * decode step plans attention once per layer, so the answers are remembered (a few entries:
  * one per kernel instance and page size in use). */
 struct dev_info {
-    int dev, sms, optin;
+    int dev, sms, optin, major;
 };
 struct occ_info {
     int dev;
@@ -1697,7 +1718,7 @@ occ_info g_occ[kCache];
 attr_info g_attr[kCache];
 int g_n_dev, g_n_occ, g_n_attr;
 
-fy_status_t device_info(int *dev_p, int *sms_p, int *optin_p)
+fy_status_t device_info(int *dev_p, int *sms_p, int *optin_p, int *major_p)
 {
     int dev = 0;
     fy_status_t st = kvc_cuda_status(cudaGetDevice(&dev));
@@ -1707,18 +1728,22 @@ fy_status_t device_info(int *dev_p, int *sms_p, int *optin_p)
     for (int i = 0; i < g_n_dev; i++)
         if (g_dev[i].dev == dev) {
             *dev_p = dev, *sms_p = g_dev[i].sms, *optin_p = g_dev[i].optin;
+            *major_p = g_dev[i].major;
             pthread_mutex_unlock(&g_cache_lock);
             return FY_OK;
         }
-    int sms = 0, optin = 0;
+    int sms = 0, optin = 0, major = 0;
     st = kvc_cuda_status(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     if (st == FY_OK)
         st = kvc_cuda_status(
             cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    if (st == FY_OK)
+        st = kvc_cuda_status(
+            cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
     if (st == FY_OK && g_n_dev < kCache)
-        g_dev[g_n_dev++] = dev_info{dev, sms, optin};
+        g_dev[g_n_dev++] = dev_info{dev, sms, optin, major};
     pthread_mutex_unlock(&g_cache_lock);
-    *dev_p = dev, *sms_p = sms, *optin_p = optin;
+    *dev_p = dev, *sms_p = sms, *optin_p = optin, *major_p = major;
     return st;
 }
 
@@ -1784,6 +1809,20 @@ split_kernel_t mma_kernel(uint32_t d)
     return four ? attend_mma_kernel<128, 4> : attend_mma_kernel<128, 3>;
 }
 
+/* Whether the combine kernel is launched programmatically dependent on the split kernel (its
+ * launch overlaps the split kernel's run, pdl_trigger/pdl_wait): on GPUs of compute capability
+ * 9.0 and later, unless FERRY_ATTEND_PDL=0, and until such a launch is refused (then plain
+ * launches from then on). */
+int g_pdl_refused; // set once a programmatic launch failed
+
+bool pdl_wanted(int major)
+{
+    if (major < 9 || __atomic_load_n(&g_pdl_refused, __ATOMIC_RELAXED))
+        return false;
+    const char *e = getenv("FERRY_ATTEND_PDL");
+    return e == NULL || strcmp(e, "0") != 0;
+}
+
 /* The kernel a batch asks for: its impl field, else FERRY_ATTEND_IMPL ("simt", "mma" or
  * "mma-qtab"), else
  * the tensor-core kernel wherever it applies. */
@@ -1831,10 +1870,11 @@ fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt,
     pl->lpt = lpt; // <= 32: d <= 256 -> <= 32 lanes of 8, d <= 512 -> <= 32 lanes of 16
     pl->n_items = (uint32_t)items;
 
-    int dev = 0, sms = 0, optin = 0;
-    fy_status_t st = device_info(&dev, &sms, &optin);
+    int dev = 0, sms = 0, optin = 0, major = 0;
+    fy_status_t st = device_info(&dev, &sms, &optin, &major);
     if (st != FY_OK)
         return st;
+    pl->pdl = pdl_wanted(major);
     const uint32_t tpb = kThreads / lpt;
     pl->buf_bytes = align_up(pool->page_bytes, 16);
     size_t red = (size_t)tpb * rows * d * sizeof(float);
@@ -2037,8 +2077,26 @@ extern "C" fy_status_t kvc_attend_batch_cuda(const kvc_gpu_pages_t *pool,
         if (st != FY_OK)
             return st;
     }
-    attend_combine_kernel<<<dim3(pl.n_items, pl.rows), kCombThreads, pl.smem_combine, s>>>(A,
-                                                                                           pl.rows);
+    const dim3 cgrid(pl.n_items, pl.rows);
+    if (pl.pdl) {
+        cudaLaunchAttribute attr[1];
+        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[0].val.programmaticStreamSerializationAllowed = 1;
+        cudaLaunchConfig_t cfg = {};
+        cfg.gridDim = cgrid;
+        cfg.blockDim = dim3(kCombThreads);
+        cfg.dynamicSmemBytes = pl.smem_combine;
+        cfg.stream = s;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+        if (cudaLaunchKernelEx(&cfg, attend_combine_kernel, A, pl.rows) == cudaSuccess)
+            return FY_OK;
+        // Refused (not launched): clear the error and launch plainly, now and from now on. A
+        // sticky error from earlier work fails the plain launch too and is returned there.
+        (void)cudaGetLastError();
+        __atomic_store_n(&g_pdl_refused, 1, __ATOMIC_RELAXED);
+    }
+    attend_combine_kernel<<<cgrid, kCombThreads, pl.smem_combine, s>>>(A, pl.rows);
     return kvc_cuda_status(cudaGetLastError());
 }
 
