@@ -1433,6 +1433,16 @@ __device__ __forceinline__ void mma_stage(const attn_params &A, uint32_t pid, ui
     __pipeline_commit();
 }
 
+/* mma_finish's reduction rows: D channels plus a pad word after every D / 8. */
+__host__ __device__ constexpr uint32_t mma_red_stride(uint32_t d)
+{
+    return d + 8;
+}
+template <int D> __device__ __forceinline__ uint32_t mma_red_col(uint32_t c)
+{
+    return c + c / (D / 8);
+}
+
 /* End of a pass: the warps' partial results of this split combined into dst ([rows][D], scaled
  * to the block's running max M), M into *mp_out (or NULL); with `last`, M and the softmax sum
  * into ws_m, ws_l. acc and pz restart at zero; m and l run on into the next pass. */
@@ -1443,8 +1453,11 @@ __device__ void mma_finish(const attn_params &A, mma_state<D> &st, uint8_t *red_
     constexpr int KS = D / 16;
     const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32, tid = threadIdx.x;
     const uint32_t g = lane >> 2, kq = lane & 3;
-    float *red = reinterpret_cast<float *>(red_bytes); // [warps][4][D]
-    float *wm = red + kMmaWarps * 4 * D, *wl = wm + kMmaWarps * 4;
+    // [warps][4][mma_red_stride(D)]: channel c at mma_red_col<D>(c), one pad word after each
+    // lane group's D / 8 channels, so that the 16 lanes of each store below (8 groups x 2 rows)
+    // hit 16 different banks (without the pads, 8-way conflicts at D 128).
+    float *red = reinterpret_cast<float *>(red_bytes);
+    float *wm = red + kMmaWarps * 4 * mma_red_stride(D), *wl = wm + kMmaWarps * 4;
     float l = st.l + __shfl_xor_sync(0xffffffffu, st.l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     float pz = st.pz + __shfl_xor_sync(0xffffffffu, st.pz, 1);
@@ -1457,8 +1470,9 @@ __device__ void mma_finish(const attn_params &A, mma_state<D> &st, uint8_t *red_
         for (int k = 0; k < 4; k++)
             st.acc[u][k] += __shfl_xor_sync(0xffffffffu, st.acc[u][k], 2);
     if (kq < 2) {
-        const uint32_t r0 = 2 * kq, ch = g * (D / 8);
-        float *w0 = red + ((size_t)warp * 4 + r0) * D, *w1 = w0 + D;
+        const uint32_t r0 = 2 * kq, ch = mma_red_col<D>(g * (D / 8));
+        float *w0 = red + ((size_t)warp * 4 + r0) * mma_red_stride(D);
+        float *w1 = w0 + mma_red_stride(D);
 #pragma unroll
         for (int u = 0; u < KS; u++) {
             w0[ch + u] = st.acc[u][0] + pz0;
@@ -1484,7 +1498,8 @@ __device__ void mma_finish(const attn_params &A, mma_state<D> &st, uint8_t *red_
         for (int w = 0; w < kMmaWarps; w++) {
             const float mw = wm[w * 4 + r];
             if (mw != -INFINITY)
-                s += red[((size_t)w * 4 + r) * D + idx % D] * __expf(mw - M);
+                s += red[((size_t)w * 4 + r) * mma_red_stride(D) + mma_red_col<D>(idx % D)] *
+                     __expf(mw - M);
         }
         dst[idx] = s;
     }
@@ -1902,7 +1917,8 @@ fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt,
     if ((d == 64 || d == 128) && rows <= kMmaRows) {
         pl->m_ts = mma_table_slots(G);
         size_t pbuf = align_up(pool->page_bytes, 16);
-        const size_t red = ((size_t)kMmaWarps * 4 * d + 2 * kMmaWarps * 4) * sizeof(float);
+        const size_t red =
+            ((size_t)kMmaWarps * 4 * mma_red_stride(d) + 2 * kMmaWarps * 4) * sizeof(float);
         if (2 * pbuf < red)
             pbuf = align_up(red / 2, 16);
         size_t off = 2 * pbuf;
