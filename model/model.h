@@ -196,7 +196,10 @@ bool mdl_tokenizer_is_special(const mdl_tokenizer_t *tok, int32_t id);
  * ("<|im_start|>") become their ids; otherwise they are plain text. BOS is not added (see
  * mdl_tokenizer_add_bos). Writes up to cap ids and sets *n_p to the number the text needs:
  * FY_ERR_RESOURCE_EXHAUSTED when cap was too small (call again with *n_p). Invalid UTF-8 bytes
- * are encoded as themselves. Thread: any (the tokenizer is read-only). */
+ * are encoded as themselves where the vocabulary has a token for the byte; a byte it has none
+ * for (SmolLM2's byte-level vocabulary lacks 0x04, 0x06, 0x13, 0x14, 0x16, 0x1D, 0xC0, 0xC1,
+ * 0xF1, 0xF2 and 0xF5-0xFF) is encoded as U+FFFD, never as the unknown token (SmolLM2's is
+ * <|endoftext|>). Thread: any (the tokenizer is read-only). */
 fy_status_t mdl_tokenizer_encode(const mdl_tokenizer_t *tok, const char *text, size_t len,
                                  bool parse_special, int32_t *ids, size_t cap, size_t *n_p);
 

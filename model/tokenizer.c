@@ -665,11 +665,42 @@ static fy_status_t bpe_piece(const mdl_tokenizer_t *t, const unsigned char *s, s
     return FY_OK;
 }
 
-static fy_status_t encode_bpe_text(const mdl_tokenizer_t *t, const char *text, size_t len,
-                                   out_t *o)
+/* BPE: a byte the vocabulary has no token for (SmolLM2 has none for six ASCII control bytes,
+ * 0xC0, 0xC1, 0xF1, 0xF2 and 0xF5-0xFF) is encoded as U+FFFD, the way the detokenizer prints
+ * invalid UTF-8, instead of as the unknown token (SmolLM2's is <|endoftext|>, which would end
+ * the text in the middle of a prompt). Returns text when every byte has a token (or U+FFFD has
+ * none), else a malloc'd copy with those bytes replaced and its length in *len_p; NULL when out of
+ * memory. */
+static const char *bpe_tokenizable(const mdl_tokenizer_t *t, const char *text, size_t *len_p)
 {
-    if (len == 0)
-        return FY_OK;
+    static const unsigned char repl[3] = {0xef, 0xbf, 0xbd};
+    const size_t len = *len_p;
+    size_t missing = 0;
+    for (size_t i = 0; i < len; i++)
+        missing += t->byte_ids[(unsigned char)text[i]] < 0;
+    if (missing == 0 || t->byte_ids[repl[0]] < 0 || t->byte_ids[repl[1]] < 0 ||
+        t->byte_ids[repl[2]] < 0)
+        return text;
+    char *out = malloc(len + 2 * missing);
+    if (out == NULL)
+        return NULL;
+    size_t n = 0;
+    for (size_t i = 0; i < len; i++) {
+        if (t->byte_ids[(unsigned char)text[i]] >= 0) {
+            out[n++] = text[i];
+        } else {
+            memcpy(out + n, repl, sizeof(repl));
+            n += sizeof(repl);
+        }
+    }
+    *len_p = n;
+    return out;
+}
+
+/* Pre-tokenizes text (every byte has a token) and runs BPE over each piece. */
+static fy_status_t encode_bpe_pieces(const mdl_tokenizer_t *t, const char *text, size_t len,
+                                     out_t *o)
+{
     uchar_t *u = malloc(len * sizeof(uchar_t));
     int *c = malloc((len + 1) * sizeof(int));
     if (u == NULL || c == NULL) {
@@ -718,6 +749,19 @@ static fy_status_t encode_bpe_text(const mdl_tokenizer_t *t, const char *text, s
     }
     free(u);
     free(c);
+    return st;
+}
+
+static fy_status_t encode_bpe_text(const mdl_tokenizer_t *t, const char *text, size_t len, out_t *o)
+{
+    if (len == 0)
+        return FY_OK;
+    const char *src = bpe_tokenizable(t, text, &len);
+    if (src == NULL)
+        return FY_ERR_NO_MEMORY;
+    fy_status_t st = encode_bpe_pieces(t, src, len, o);
+    if (src != text)
+        free((char *)src);
     return st;
 }
 

@@ -126,6 +126,45 @@ static void test_streaming_utf8(void **state)
     assert_int_equal(mdl_detok_push(&d, 2, piece, sizeof(piece)), 0);
 }
 
+// Bytes SmolLM2's vocabulary has no token for (0x04, 0xC0, 0xFF among others) become U+FFFD,
+// never the unknown token, which is <|endoftext|>: a control byte or a stray 0xFF in a prompt
+// must not end the text the model sees.
+static void test_untokenizable_bytes(void **state)
+{
+    (void)state;
+    const int32_t eot = mdl_tokenizer_find(g_tok, "<|endoftext|>");
+    assert_true(eot >= 0);
+    int32_t repl[4];
+    size_t n_repl = 0;
+    assert_int_equal(mdl_tokenizer_encode(g_tok, "\xef\xbf\xbd", 3, false, repl, 4, &n_repl),
+                     FY_OK);
+    const char text[] = "a\x04" "b\xff c\xc0";
+    int32_t ids[32];
+    size_t n = 0;
+    for (int special = 0; special < 2; special++) {
+        assert_int_equal(
+            mdl_tokenizer_encode(g_tok, text, sizeof(text) - 1, special != 0, ids, 32, &n), FY_OK);
+        char spelled[64] = "";
+        size_t len = 0;
+        for (size_t i = 0; i < n; i++) {
+            assert_int_not_equal(ids[i], eot);
+            int b = mdl_tokenizer_token_bytes(g_tok, ids[i], spelled + len, sizeof(spelled) - len);
+            assert_true(b > 0 && len + (size_t)b < sizeof(spelled));
+            len += (size_t)b;
+        }
+        const char want[] = "a\xef\xbf\xbd"
+                            "b\xef\xbf\xbd c\xef\xbf\xbd";
+        assert_int_equal(len, sizeof(want) - 1);
+        assert_memory_equal(spelled, want, len);
+    }
+    // Text the vocabulary covers is untouched: the same ids as before the replacement.
+    size_t n_plain = 0;
+    assert_int_equal(mdl_tokenizer_encode(g_tok, "a\xef\xbf\xbd", 4, false, ids, 32, &n_plain),
+                     FY_OK);
+    assert_int_equal(n_plain, 1 + n_repl);
+    assert_int_equal(ids[1], repl[0]);
+}
+
 static void test_chat_template(void **state)
 {
     mdl_chat_msg_t msgs[] = {{"user", "Hi there"}};
@@ -156,9 +195,8 @@ static void test_chat_template(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_metadata),
-        cmocka_unit_test(test_ids_equal_reference),
-        cmocka_unit_test(test_streaming_utf8),
+        cmocka_unit_test(test_metadata),       cmocka_unit_test(test_ids_equal_reference),
+        cmocka_unit_test(test_streaming_utf8), cmocka_unit_test(test_untokenizable_bytes),
         cmocka_unit_test(test_chat_template),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
