@@ -31,6 +31,9 @@ if [ ! -f "$builddir/build.ninja" ]; then
     -Dcuda=disabled -Dbuildtype=debug || exit 1
 fi
 
+# Regenerate first when meson files changed, so that the test list below is current.
+ninja -C "$builddir" build.ninja > /dev/null || exit 1
+
 # The fuzz suite's targets and seed corpora, from the build's own test list: each test's
 # command is the target, its run-count argument and the corpus directory.
 targets=$(meson introspect "$builddir" --tests | python3 -c '
