@@ -2,9 +2,9 @@
 // byte-level BPE), which is what clients send to Complete and Tokenize. Encoding succeeds for
 // any bytes, with special tokens parsed or not, and the tokens' bytes put back together are
 // the text byte for byte (bytes the vocabulary has no token for as U+FFFD); the streaming
-// detokenizer gives valid UTF-8 text back unchanged; the chat template renders the text as a
-// user message. Never a crash, a leak or a wrong answer. The model must be there
-// (scripts/setup.sh fetches it): without it the target aborts.
+// detokenizer gives valid UTF-8 text back unchanged, and any id sequence as valid UTF-8; the
+// chat template renders the text as a user message. Never a crash, a leak or a wrong answer.
+// The model must be there (scripts/setup.sh fetches it): without it the target aborts.
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -120,12 +120,38 @@ static bool valid_utf8(const uint8_t *s, size_t len)
     return true;
 }
 
+// The input read as token ids (what a model may generate: any sequence, in or out of the
+// vocabulary): the streaming detokenizer, skipping control tokens or not, hands out only valid
+// UTF-8 and refuses ids outside the vocabulary.
+static void detok_ids(const uint8_t *data, size_t size)
+{
+    const int32_t n_vocab = mdl_tokenizer_n_vocab(g_tok);
+    for (int skip = 0; skip < 2; skip++) {
+        mdl_detok_t d;
+        mdl_detok_init(&d, g_tok, skip != 0);
+        char piece[4096];
+        for (size_t i = 0; i + 2 <= size; i += 2) {
+            // 16 bits of id, a few of them past the end of the vocabulary.
+            const int32_t id = (int32_t)((uint32_t)data[i] | (uint32_t)data[i + 1] << 8) - 1024;
+            const int w = mdl_detok_push(&d, id, piece, sizeof(piece));
+            if ((id < 0 || id >= n_vocab) != (w < 0))
+                FAIL("detokenizer: id %d of a %d-token vocabulary gave %d", id, n_vocab, w);
+            if (w > 0 && !valid_utf8((const uint8_t *)piece, (size_t)w))
+                FAIL("detokenizer: invalid UTF-8 for id %d", id);
+        }
+        const int w = mdl_detok_flush(&d, piece, sizeof(piece));
+        if (w < 0 || (w > 0 && !valid_utf8((const uint8_t *)piece, (size_t)w)))
+            FAIL("detokenizer: the flush gave %d bytes of invalid UTF-8", w);
+    }
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     if (g_tok == NULL)
         load_tokenizer();
     if (size > 4096)
         return 0; // long prompts only repeat what short ones cover, slower
+    detok_ids(data, size);
     size_t elen = 0;
     uint8_t *expect = expected_text(data, size, &elen);
     for (int special = 0; special < 2; special++) {
