@@ -225,6 +225,14 @@ int mdl_detok_push(mdl_detok_t *d, int32_t id, char *out, size_t cap);
 /* Flushes an incomplete trailing character as U+FFFD; returns bytes written. */
 int mdl_detok_flush(mdl_detok_t *d, char *out, size_t cap);
 
+/* Whether len bytes are valid UTF-8: no stray or missing continuation bytes, overlong forms,
+ * surrogates or code points past U+10FFFF. Thread: any. */
+bool mdl_utf8_valid(const char *s, size_t len);
+/* Copies len bytes to out (room for 3 len + 1 bytes) as valid UTF-8, each byte that does not
+ * belong to a valid character replaced by U+FFFD; returns the length, out NUL-terminated.
+ * Thread: any. */
+size_t mdl_utf8_sanitize(const char *s, size_t len, char *out);
+
 /* One chat message; strings borrowed for the call. */
 typedef struct {
     const char *role; /* "system", "user", "assistant" */

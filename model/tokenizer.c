@@ -180,6 +180,36 @@ static int utf8_get(const unsigned char *s, size_t n, uint32_t *cp_p)
     return len;
 }
 
+bool mdl_utf8_valid(const char *s, size_t len)
+{
+    for (size_t i = 0; i < len;) {
+        uint32_t cp;
+        i += (size_t)utf8_get((const unsigned char *)s + i, len - i, &cp);
+        if (cp == UINT32_MAX)
+            return false;
+    }
+    return true;
+}
+
+size_t mdl_utf8_sanitize(const char *s, size_t len, char *out)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < len;) {
+        uint32_t cp;
+        const int l = utf8_get((const unsigned char *)s + i, len - i, &cp);
+        if (cp == UINT32_MAX) {
+            memcpy(out + n, "\xef\xbf\xbd", 3);
+            n += 3;
+        } else {
+            memcpy(out + n, s + i, (size_t)l);
+            n += (size_t)l;
+        }
+        i += (size_t)l;
+    }
+    out[n] = '\0';
+    return n;
+}
+
 void mdl_tokenizer_destroy(mdl_tokenizer_t *t)
 {
     if (t == NULL)

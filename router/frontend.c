@@ -918,6 +918,14 @@ static void req_place(rt_req_t *r)
 
 /* ---- request intake ----------------------------------------------------------------------- */
 
+/* A proto3 string field must hold valid UTF-8 (stock gRPC servers refuse others); a request
+ * whose text is not gets INVALID_ARGUMENT rather than tokens or stop strings that would cut
+ * characters apart. */
+static bool utf8_field(const char *s)
+{
+    return mdl_utf8_valid(s, strlen(s));
+}
+
 /* Tokenizes the request's input into r->prompt. */
 static fy_status_t build_prompt(rt_t *rt, const Ferry__V1__GenerateRequest *g, rt_req_t *r,
                                 char *err, size_t err_len)
@@ -957,6 +965,11 @@ static fy_status_t build_prompt(rt_t *rt, const Ferry__V1__GenerateRequest *g, r
         for (size_t i = 0; i < c->n_messages; i++) {
             msgs[i].role = c->messages[i]->role;
             msgs[i].content = c->messages[i]->content;
+            if (!utf8_field(msgs[i].role) || !utf8_field(msgs[i].content)) {
+                free(msgs);
+                snprintf(err, err_len, "chat message %zu is not valid UTF-8", i);
+                return FY_ERR_INVALID_ARG;
+            }
         }
         fy_status_t st = mdl_chat_render(tok, msgs, c->n_messages, true, &text);
         free(msgs);
@@ -968,6 +981,10 @@ static fy_status_t build_prompt(rt_t *rt, const Ferry__V1__GenerateRequest *g, r
         break;
     }
     case FERRY__V1__GENERATE_REQUEST__INPUT_PROMPT:
+        if (!utf8_field(g->prompt)) {
+            snprintf(err, err_len, "prompt is not valid UTF-8");
+            return FY_ERR_INVALID_ARG;
+        }
         text = strdup(g->prompt);
         if (text == NULL)
             return FY_ERR_NO_MEMORY;
@@ -1027,8 +1044,8 @@ static fy_status_t build_sampling(rt_t *rt, const Ferry__V1__GenerateRequest *g,
         }
         for (size_t i = 0; i < in->n_stop; i++) {
             size_t l = strlen(in->stop[i]);
-            if (l == 0 || l > 256) {
-                snprintf(err, err_len, "stop strings must be 1 to 256 bytes");
+            if (l == 0 || l > 256 || !mdl_utf8_valid(in->stop[i], l)) {
+                snprintf(err, err_len, "stop strings must be 1 to 256 bytes of valid UTF-8");
                 return FY_ERR_INVALID_ARG;
             }
             if ((r->stops[r->n_stops] = strdup(in->stop[i])) == NULL)
@@ -1152,6 +1169,10 @@ static void on_tokenize(rpc_call_t *call, const ProtobufCMessage *msg, void *arg
         rpc_call_finish(call, RPC_CODE_INVALID_ARGUMENT, "text over 16 MiB");
         return;
     }
+    if (!mdl_utf8_valid(req->text, len)) {
+        rpc_call_finish(call, RPC_CODE_INVALID_ARGUMENT, "text is not valid UTF-8");
+        return;
+    }
     mdl_tokenizer_encode(tok, req->text, len, req->add_special, NULL, 0, &n);
     size_t off = req->add_special && mdl_tokenizer_add_bos(tok) && mdl_tokenizer_bos(tok) >= 0;
     int32_t *ids = malloc((n + 2) * sizeof(int32_t));
@@ -1169,15 +1190,23 @@ static void on_tokenize(rpc_call_t *call, const ProtobufCMessage *msg, void *arg
     if (off)
         ids[0] = mdl_tokenizer_bos(tok);
     n += off;
+    // A piece is a proto3 string: a token that holds part of a character (byte-level BPE
+    // splits rare characters into byte tokens) shows U+FFFD for those bytes; ids are exact.
     for (size_t i = 0; i < n; i++) {
         uids[i] = (uint32_t)ids[i];
         int pl = mdl_tokenizer_token_bytes(tok, ids[i], NULL, 0);
-        pieces[i] = malloc(pl > 0 ? (size_t)pl + 1 : 1);
-        if (pieces[i] != NULL) {
+        size_t raw_len = pl > 0 ? (size_t)pl : 0;
+        char *raw = malloc(raw_len + 1);
+        pieces[i] = malloc(3 * raw_len + 1);
+        if (raw != NULL && pieces[i] != NULL) {
             if (pl > 0)
-                mdl_tokenizer_token_bytes(tok, ids[i], pieces[i], (size_t)pl + 1);
-            pieces[i][pl > 0 ? pl : 0] = '\0';
+                mdl_tokenizer_token_bytes(tok, ids[i], raw, raw_len + 1);
+            mdl_utf8_sanitize(raw, raw_len, pieces[i]);
+        } else {
+            free(pieces[i]); // out of memory: the call fails below
+            pieces[i] = NULL;
         }
+        free(raw);
     }
     Ferry__V1__TokenizeResponse resp = FERRY__V1__TOKENIZE_RESPONSE__INIT;
     resp.ids = uids;

@@ -475,6 +475,19 @@ static void test_complete_tokenize_models(void **state)
     req.model = "";
     codec.budget = 3;
     assert_int_equal(ferry_complete(G.client, &req, &c, &err), RPC_CODE_INVALID_ARGUMENT);
+    codec.budget = 0;
+    // Text that is not UTF-8 (proto3 strings must be): a prompt, a stop string, Tokenize.
+    req.prompt = "The capital of \xff";
+    assert_int_equal(ferry_complete(G.client, &req, &c, &err), RPC_CODE_INVALID_ARGUMENT);
+    req.prompt = "The capital of France is";
+    char *bad_stop = "\xa9";
+    s.stop = &bad_stop;
+    s.n_stop = 1;
+    assert_int_equal(ferry_complete(G.client, &req, &c, &err), RPC_CODE_INVALID_ARGUMENT);
+    s.n_stop = 0;
+    s.stop = NULL;
+    tr.text = "caf\xc3";
+    assert_int_equal(ferry_tokenize(G.client, &tr, &t, &err), RPC_CODE_INVALID_ARGUMENT);
 }
 
 static void test_stop_string(void **state)

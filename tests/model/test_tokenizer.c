@@ -172,12 +172,52 @@ static void test_bad_metadata(void **state)
     mdlt_gguf_free(w);
 }
 
+// The UTF-8 check and the U+FFFD replacement the router applies to request text and
+// Tokenize pieces.
+static void test_utf8(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *s;
+        size_t len;
+        bool valid;
+        const char *sanitized;
+    } cases[] = {
+        {"", 0, true, ""},
+        {"plain ascii", 11, true, "plain ascii"},
+        {"caf\xc3\xa9 \xe6\x97\xa5 \xf0\x9f\x99\x82", 14, true,
+         "caf\xc3\xa9 \xe6\x97\xa5 \xf0\x9f\x99\x82"},
+        {"a\0b", 3, true, "a\0b"},                                          // NUL is a character
+        {"\xc3", 1, false, "\xef\xbf\xbd"},                                 // cut short
+        {"\xa9x", 2, false, "\xef\xbf\xbdx"},                               // stray continuation
+        {"\xc0\xaf", 2, false, "\xef\xbf\xbd\xef\xbf\xbd"},                 // overlong '/'
+        {"\xed\xa0\x80", 3, false, "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd"}, // surrogate
+        {"\xf4\x90\x80\x80", 4, false,
+         "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd"}, // past U+10FFFF
+        {"\xe2\x82"
+         "a",
+         3, false,
+         "\xef\xbf\xbd\xef\xbf\xbd"
+         "a"},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        assert_int_equal(mdl_utf8_valid(cases[i].s, cases[i].len), cases[i].valid);
+        char out[64];
+        const size_t want = cases[i].valid ? cases[i].len : strlen(cases[i].sanitized);
+        assert_int_equal(mdl_utf8_sanitize(cases[i].s, cases[i].len, out), want);
+        assert_memory_equal(out, cases[i].sanitized, want);
+        assert_int_equal(out[want], '\0');
+        assert_true(mdl_utf8_valid(out, want));
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_tiny_bpe),
         cmocka_unit_test(test_spm),
         cmocka_unit_test(test_bad_metadata),
+        cmocka_unit_test(test_utf8),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
