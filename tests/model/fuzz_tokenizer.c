@@ -183,7 +183,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     free(expect);
     // The text as a user message (up to its first NUL).
     char *content = malloc(size + 1);
-    memcpy(content, data, size);
+    if (size > 0) // data may be NULL when size is 0
+        memcpy(content, data, size);
     content[size] = '\0';
     mdl_chat_msg_t m = {"user", content};
     char *rendered = NULL;
