@@ -65,7 +65,8 @@ struct attn_params {
     float *ws_mp;            // [n_items][n_splits][rows] running max when ws_acc was taken
     float *ws_acc, *ws_accr; // [n_items][n_splits][rows][d] plain / rotated accumulators
     uint32_t *ws_rot;        // [n_items][n_splits]
-    uint32_t *ws_err;        // [1] pages skipped
+    uint32_t *ws_bad;        // [n_items][n_splits] pages each split skipped (thread 0 counts)
+    uint32_t *ws_err;        // [1] pages skipped in all, summed by the combine kernel
     // Tensor-core path (attend_mma_kernel) only: shared memory layout, see mma_layout.
     uint32_t rows;   // query rows per list
     uint32_t m_pbuf; // bytes of one page buffer (two of them)
@@ -381,14 +382,15 @@ __device__ __forceinline__ void load_value(const attn_params &A, const uint8_t *
 }
 
 /* List `item`'s pages [p0, p1) for this split (page_ids[ls + p0 ..]); a malformed descriptor
- * (end before start) attends nothing and is reported once. */
+ * (end before start) attends nothing and is counted once, in split 0's *n_bad (thread 0). */
 __device__ __forceinline__ void split_range(const attn_params &A, uint32_t item, uint32_t split,
-                                            uint32_t *ls_p, uint32_t *p0_p, uint32_t *p1_p)
+                                            uint32_t *ls_p, uint32_t *p0_p, uint32_t *p1_p,
+                                            uint32_t *n_bad)
 {
     uint32_t ls = A.list_start[item], le = A.list_start[item + 1];
     if (le < ls) {
         if (threadIdx.x == 0 && split == 0)
-            atomicAdd(A.ws_err, 1u);
+            (*n_bad)++;
         le = ls;
     }
     const uint32_t n = le - ls;
@@ -436,7 +438,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks(NQ, CPT)) attend_split_ke
     }
 
     uint32_t ls, p0, p1;
-    split_range(A, item, split, &ls, &p0, &p1);
+    uint32_t n_bad = 0; // pages skipped (thread 0)
+    split_range(A, item, split, &ls, &p0, &p1, &n_bad);
 
     const uint32_t lpt = A.lpt, tpb = kThreads / lpt; // token lanes per block
     const uint32_t li = tid % lpt, tl = tid / lpt, c0 = li * CPT;
@@ -482,7 +485,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks(NQ, CPT)) attend_split_ke
             do { // one page; `break` skips it (every condition below is uniform over the block)
                 if (pid >= A.n_pages) {
                     if (tid == 0 && pass == 0) // counted once
-                        atomicAdd(A.ws_err, 1u);
+                        n_bad++;
                     break;
                 }
                 const page_hdr h = parse_hdr(hraw);
@@ -498,7 +501,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks(NQ, CPT)) attend_split_ke
                 const bool rot = (h.flags & KVC_PAGE_FLAG_ROTATED) != 0;
                 if (bad || (rot && (d & (d - 1)) != 0)) {
                     if (tid == 0 && pass == 0)
-                        atomicAdd(A.ws_err, 1u);
+                        n_bad++;
                     break;
                 }
                 if (h.n_slots == 0 || (int)rot != pass)
@@ -700,8 +703,10 @@ __global__ void __launch_bounds__(kThreads, min_blocks(NQ, CPT)) attend_split_ke
         A.ws_m[slot * NQ + tid] = s_m[tid];
         A.ws_l[slot * NQ + tid] = s_l[tid];
     }
-    if (tid == 0)
+    if (tid == 0) {
         A.ws_rot[slot] = any_rot ? 1u : 0u;
+        A.ws_bad[slot] = n_bad;
+    }
 }
 
 constexpr int kCombThreads = 256; // threads per block of kernel 2
@@ -735,6 +740,20 @@ __global__ void __launch_bounds__(kCombThreads) attend_combine_kernel(attn_param
     const uint32_t item = blockIdx.x, r = blockIdx.y, tid = threadIdx.x, d = A.d, S = A.n_splits;
     const uint32_t cw = min(d, blockDim.x), groups = blockDim.x / cw;
     pdl_wait(); // the split kernel's workspace is complete and visible from here on
+    if (item == 0 && r == 0) { // block-uniform: the call's skipped pages, for bad_pages
+        __shared__ uint32_t s_bad;
+        if (tid == 0)
+            s_bad = 0;
+        __syncthreads();
+        uint32_t nb = 0;
+        for (size_t i = tid; i < (size_t)A.n_items * S; i += blockDim.x)
+            nb += A.ws_bad[i];
+        if (nb != 0)
+            atomicAdd(&s_bad, nb);
+        __syncthreads();
+        if (tid == 0)
+            *A.ws_err = s_bad;
+    }
     float *w = reinterpret_cast<float *>(smem); // [S] exp(m_s - M)
     float *wp = w + S;                          // [S] exp(mp_s - M), the plain part's weight
     float *acc = wp + S;                        // [groups][d] plain sums
@@ -1548,7 +1567,8 @@ __global__ void __launch_bounds__(kMmaThreads, MINB) attend_mma_kernel(attn_para
         qf[i] = v;
     }
     uint32_t ls, p0, p1;
-    split_range(A, item, split, &ls, &p0, &p1);
+    uint32_t n_bad = 0; // pages skipped (thread 0)
+    split_range(A, item, split, &ls, &p0, &p1, &n_bad);
     const size_t slot = (size_t)item * A.n_splits + split;
 
     mma_state<D> st;
@@ -1591,7 +1611,7 @@ __global__ void __launch_bounds__(kMmaThreads, MINB) attend_mma_kernel(attn_para
             __syncthreads();
             const int kind = mma_page_kind(A, pid, hraw, pass);
             if (kind == 1 && pass == 0 && tid == 0)
-                atomicAdd(A.ws_err, 1u);
+                n_bad++;
             if (pass == 0 && pid < A.n_pages && kind != 1) {
                 const page_hdr hh = parse_hdr(hraw);
                 if (hh.opt < kOpts && hh.n_tokens > 0 && hh.n_slots > 0 &&
@@ -1633,8 +1653,10 @@ __global__ void __launch_bounds__(kMmaThreads, MINB) attend_mma_kernel(attn_para
         else
             mma_finish<D>(A, st, smem, A.ws_accr + slot * rows * D, NULL, true, slot);
     }
-    if (tid == 0)
+    if (tid == 0) {
         A.ws_rot[slot] = any_rot ? 1u : 0u;
+        A.ws_bad[slot] = n_bad;
+    }
 }
 
 size_t align_up(size_t x, size_t a)
@@ -1654,7 +1676,7 @@ struct plan {
     void (*mma_kernel)(attn_params);
     size_t smem_mma;
     uint32_t m_pbuf, m_off_q, m_off_tab, m_off_qz, m_off_qsp, m_ts;
-    size_t off_m, off_l, off_mp, off_acc, off_accr, off_rot, ws_bytes; // 0: the error counter
+    size_t off_m, off_l, off_mp, off_acc, off_accr, off_rot, off_bad, ws_bytes; // 0: the count
 };
 
 typedef void (*split_kernel_t)(attn_params);
@@ -1971,6 +1993,8 @@ fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt,
     off = align_up(off + parts * rows * d * sizeof(float), kWsAlign);
     pl->off_rot = off;
     off = align_up(off + parts * sizeof(uint32_t), kWsAlign);
+    pl->off_bad = off;
+    off = align_up(off + parts * sizeof(uint32_t), kWsAlign);
     pl->ws_bytes = off;
     return FY_OK;
 }
@@ -2059,11 +2083,11 @@ extern "C" fy_status_t kvc_attend_batch_cuda(const kvc_gpu_pages_t *pool,
     A.ws_mp = reinterpret_cast<float *>(ws + pl.off_mp);
     A.ws_accr = reinterpret_cast<float *>(ws + pl.off_accr);
     A.ws_rot = reinterpret_cast<uint32_t *>(ws + pl.off_rot);
+    A.ws_bad = reinterpret_cast<uint32_t *>(ws + pl.off_bad);
 
+    // No memset of the bad-page count: each split block writes its own (ws_bad) and the combine
+    // kernel sums them into ws_err, so a call is two kernels on the stream.
     cudaStream_t s = static_cast<cudaStream_t>(stream);
-    st = kvc_cuda_status(cudaMemsetAsync(A.ws_err, 0, sizeof(uint32_t), s));
-    if (st != FY_OK)
-        return st;
     A.rows = pl.rows;
     A.m_pbuf = pl.m_pbuf;
     A.m_off_q = pl.m_off_q;
