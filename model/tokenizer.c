@@ -1025,7 +1025,9 @@ static void drain(mdl_detok_t *d, char *out, size_t cap, size_t *w)
         }
         uint32_t cp;
         int l = utf8_get(d->pending, (size_t)d->n_pending, &cp);
-        if (cp == UINT32_MAX)
+        // U+0000 would end the NUL-terminated text (and every C string made of it, such as a
+        // protobuf-c string field): it is printed as U+FFFD, like invalid bytes.
+        if (cp == UINT32_MAX || cp == 0)
             out_put(out, cap, w, k_replacement, 3);
         else
             out_put(out, cap, w, (const char *)d->pending, (size_t)l);

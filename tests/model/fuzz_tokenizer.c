@@ -2,9 +2,10 @@
 // byte-level BPE), which is what clients send to Complete and Tokenize. Encoding succeeds for
 // any bytes, with special tokens parsed or not, and the tokens' bytes put back together are
 // the text byte for byte (bytes the vocabulary has no token for as U+FFFD); the streaming
-// detokenizer gives valid UTF-8 text back unchanged, and any id sequence as valid UTF-8; the
-// chat template renders the text as a user message. Never a crash, a leak or a wrong answer.
-// The model must be there (scripts/setup.sh fetches it): without it the target aborts.
+// detokenizer gives valid UTF-8 text back unchanged (NUL as U+FFFD), and any id sequence as
+// valid UTF-8 without NUL; the chat template renders the text as a user message. Never a
+// crash, a leak or a wrong answer. The model must be there (scripts/setup.sh fetches it):
+// without it the target aborts.
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -43,13 +44,14 @@ static void load_tokenizer(void)
 }
 
 // What the tokens must spell: the text with each byte the vocabulary has no token for
-// replaced by U+FFFD (mdl_tokenizer_encode). The caller frees.
-static uint8_t *expected_text(const uint8_t *text, size_t len, size_t *n_p)
+// replaced by U+FFFD (mdl_tokenizer_encode); with `printed`, what the detokenizer prints, NUL
+// bytes replaced too. The caller frees.
+static uint8_t *expected_text(const uint8_t *text, size_t len, bool printed, size_t *n_p)
 {
     uint8_t *out = malloc(3 * len + 1);
     size_t n = 0;
     for (size_t i = 0; i < len; i++) {
-        if (g_has_byte[text[i]]) {
+        if (g_has_byte[text[i]] && !(printed && text[i] == 0)) {
             out[n++] = text[i];
         } else {
             memcpy(out + n, "\xef\xbf\xbd", 3);
@@ -136,8 +138,9 @@ static void detok_ids(const uint8_t *data, size_t size)
             const int w = mdl_detok_push(&d, id, piece, sizeof(piece));
             if ((id < 0 || id >= n_vocab) != (w < 0))
                 FAIL("detokenizer: id %d of a %d-token vocabulary gave %d", id, n_vocab, w);
-            if (w > 0 && !valid_utf8((const uint8_t *)piece, (size_t)w))
-                FAIL("detokenizer: invalid UTF-8 for id %d", id);
+            if (w > 0 && (!valid_utf8((const uint8_t *)piece, (size_t)w) ||
+                          memchr(piece, '\0', (size_t)w) != NULL))
+                FAIL("detokenizer: invalid UTF-8 or a NUL for id %d", id);
         }
         const int w = mdl_detok_flush(&d, piece, sizeof(piece));
         if (w < 0 || (w > 0 && !valid_utf8((const uint8_t *)piece, (size_t)w)))
@@ -152,8 +155,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (size > 4096)
         return 0; // long prompts only repeat what short ones cover, slower
     detok_ids(data, size);
-    size_t elen = 0;
-    uint8_t *expect = expected_text(data, size, &elen);
+    size_t elen = 0, plen = 0;
+    uint8_t *expect = expected_text(data, size, false, &elen);
+    uint8_t *printed = expected_text(data, size, true, &plen);
     for (int special = 0; special < 2; special++) {
         size_t n = 0;
         int32_t *ids = encode(data, size, special != 0, &n);
@@ -162,25 +166,26 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             // Streamed back without skipping control tokens: the same text.
             mdl_detok_t d;
             mdl_detok_init(&d, g_tok, false);
-            char *out = malloc(elen + 1);
+            char *out = malloc(plen + 1);
             size_t len = 0;
             char piece[4096];
             for (size_t i = 0; i < n; i++) {
                 int w = mdl_detok_push(&d, ids[i], piece, sizeof(piece));
-                if (w < 0 || len + (size_t)w > elen)
-                    FAIL("detokenizer: %d bytes for token %zu after %zu of %zu", w, i, len, elen);
+                if (w < 0 || len + (size_t)w > plen)
+                    FAIL("detokenizer: %d bytes for token %zu after %zu of %zu", w, i, len, plen);
                 memcpy(out + len, piece, (size_t)w);
                 len += (size_t)w;
             }
             int w = mdl_detok_flush(&d, piece, sizeof(piece));
-            if (w != 0 || len != elen || memcmp(out, expect, elen) != 0)
+            if (w != 0 || len != plen || memcmp(out, printed, plen) != 0)
                 FAIL("detokenizer: %zu bytes (+%d flushed) differ from the %zu-byte text", len, w,
-                     elen);
+                     plen);
             free(out);
         }
         free(ids);
     }
     free(expect);
+    free(printed);
     // The text as a user message (up to its first NUL).
     char *content = malloc(size + 1);
     if (size > 0) // data may be NULL when size is 0

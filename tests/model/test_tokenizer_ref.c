@@ -157,6 +157,19 @@ static void test_untokenizable_bytes(void **state)
         assert_int_equal(len, sizeof(want) - 1);
         assert_memory_equal(spelled, want, len);
     }
+    // A NUL in the text is a token of its own, printed as U+FFFD: it would end the C strings
+    // the router streams.
+    size_t n_nul = 0;
+    assert_int_equal(mdl_tokenizer_encode(g_tok, "a\0b", 3, false, ids, 32, &n_nul), FY_OK);
+    mdl_detok_t d;
+    mdl_detok_init(&d, g_tok, false);
+    char out[64] = "", piece[64];
+    for (size_t i = 0; i < n_nul; i++) {
+        assert_true(mdl_detok_push(&d, ids[i], piece, sizeof(piece)) >= 0);
+        strcat(out, piece);
+    }
+    assert_string_equal(out, "a\xef\xbf\xbd"
+                             "b");
     // Text the vocabulary covers is untouched: the same ids as before the replacement.
     size_t n_plain = 0;
     assert_int_equal(mdl_tokenizer_encode(g_tok, "a\xef\xbf\xbd", 4, false, ids, 32, &n_plain),
