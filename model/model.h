@@ -220,8 +220,9 @@ typedef struct {
 void mdl_detok_init(mdl_detok_t *d, const mdl_tokenizer_t *tok, bool skip_special);
 /* Appends the printable text for one more token to out (up to cap bytes, NUL-terminated);
  * returns the number of bytes written (< cap), or -1 for an invalid id. Invalid UTF-8, and
- * U+0000 (which would end the text), are replaced by U+FFFD. Thread: not thread-safe (one per
- * stream). */
+ * U+0000 (which would end the text), are replaced by U+FFFD. Only whole characters are
+ * written: one that does not fit is dropped (cap >= 3 x the token's bytes + 1 always fits).
+ * Thread: not thread-safe (one per stream). */
 int mdl_detok_push(mdl_detok_t *d, int32_t id, char *out, size_t cap);
 /* Flushes an incomplete trailing character as U+FFFD; returns bytes written. */
 int mdl_detok_flush(mdl_detok_t *d, char *out, size_t cap);

@@ -989,11 +989,13 @@ static int utf8_need(unsigned char c)
     return 0;
 }
 
+/* Appends one whole character (n bytes) when it fits with the terminating NUL: a character
+ * cut at the end of a short buffer would be invalid UTF-8. */
 static void out_put(char *out, size_t cap, size_t *w, const char *s, size_t n)
 {
-    for (size_t i = 0; i < n; i++) {
-        if (*w + 1 < cap)
-            out[(*w)++] = s[i];
+    if (*w + n < cap) {
+        memcpy(out + *w, s, n);
+        *w += n;
     }
 }
 
@@ -1046,10 +1048,16 @@ int mdl_detok_push(mdl_detok_t *d, int32_t id, char *out, size_t cap)
         return -1;
     if (d->skip_special && mdl_tokenizer_is_special(d->tok, id))
         return 0;
-    char buf[256];
-    int n = mdl_tokenizer_token_bytes(d->tok, id, buf, sizeof(buf));
-    if (n > (int)sizeof(buf))
-        n = (int)sizeof(buf);
+    // Tokens are short (SmolLM2's longest is 81 bytes); a longer one takes the heap rather
+    // than being cut.
+    char stack[256], *buf = stack;
+    int n = mdl_tokenizer_token_bytes(d->tok, id, stack, sizeof(stack));
+    if (n > (int)sizeof(stack)) {
+        buf = malloc((size_t)n);
+        if (buf == NULL)
+            return -1;
+        mdl_tokenizer_token_bytes(d->tok, id, buf, (size_t)n);
+    }
     int i = 0;
     if (d->at_start) {
         d->at_start = false;
@@ -1061,6 +1069,8 @@ int mdl_detok_push(mdl_detok_t *d, int32_t id, char *out, size_t cap)
         if (d->n_pending == (int)sizeof(d->pending) || utf8_need(d->pending[0]) <= d->n_pending)
             drain(d, out, cap, &w);
     }
+    if (buf != stack)
+        free(buf);
     drain(d, out, cap, &w);
     out[w] = '\0';
     return (int)w;

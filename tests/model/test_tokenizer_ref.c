@@ -170,6 +170,12 @@ static void test_untokenizable_bytes(void **state)
     }
     assert_string_equal(out, "a\xef\xbf\xbd"
                              "b");
+    // A character that does not fit the caller's buffer is dropped whole, never cut.
+    mdl_detok_init(&d, g_tok, false);
+    assert_int_equal(mdl_detok_push(&d, ids[1], piece, 3), 0);
+    assert_string_equal(piece, "");
+    assert_int_equal(mdl_detok_push(&d, ids[1], piece, 4), 3);
+    assert_string_equal(piece, "\xef\xbf\xbd");
     // Text the vocabulary covers is untouched: the same ids as before the replacement.
     size_t n_plain = 0;
     assert_int_equal(mdl_tokenizer_encode(g_tok, "a\xef\xbf\xbd", 4, false, ids, 32, &n_plain),
