@@ -1047,9 +1047,13 @@ fy_status_t kvlink_nccl_progress(kvlink_nccl_t *pair)
         return pair->fail_st;
     sweep_deadlines(pair, now);
     if (!pair->in_flight) {
+        // A receiver that expects requests keeps a round posted, so the sender's OPEN (and
+        // everything after it) completes as soon as the sender posts it, not an idle round
+        // later; the round waits for the sender's side meanwhile.
         bool work = pair->state == PAIR_HELLO || pair->busy || pair->q_len > 0 ||
                     pair->n_next > 0 ||
-                    (pair->params.role == KVLINK_NCCL_SENDER && sender_has_work(pair));
+                    (pair->params.role == KVLINK_NCCL_SENDER && sender_has_work(pair)) ||
+                    (pair->params.role == KVLINK_NCCL_RECEIVER && pair->rreqs != NULL);
         if (work || now >= pair->next_round_ns)
             start_round(pair, now);
     }

@@ -63,6 +63,11 @@ typedef enum {
  * kvlink_nccl_create. Thread: any. */
 fy_status_t kvlink_nccl_id_create(uint8_t *id);
 
+/* Whether libnccl could be loaded (it is opened at run time, on first use; without it
+ * kvlink_nccl_id_create and kvlink_nccl_create answer FY_ERR_UNSUPPORTED). Exists only in
+ * builds with NCCL. Thread: any. */
+bool kvlink_nccl_available(void);
+
 /* ------------------------------------------------------------------------------------------ */
 /* Pair                                                                                        */
 /* ------------------------------------------------------------------------------------------ */
@@ -132,6 +137,19 @@ fy_status_t kvlink_nccl_progress(kvlink_nccl_t *pair);
 
 /* True once the handshake succeeded and the pair has not failed. Thread: owner thread. */
 bool kvlink_nccl_ready(const kvlink_nccl_t *pair);
+
+/* The same protocol over one TCP connection between two processes, frames in host memory
+ * (nccl_link_sock.c): the pairing, the choice of link per request and the failure paths of
+ * the daemons run on machines without GPUs with it. Always built. The receiver's side makes
+ * the id: kvlink_nccl_sock_id_create listens on host (an address the sender can reach, port
+ * chosen by the system) and writes it with a random token into id[KVLINK_NCCL_ID_BYTES];
+ * the listener waits, in this process, for kvlink_nccl_sock_create with role RECEIVER and the
+ * same id (FY_ERR_NOT_FOUND otherwise). The sender's kvlink_nccl_sock_create connects and
+ * presents the token; a connection that presents another is closed. Frame pointers are host
+ * memory; params->device is ignored. Thread: as kvlink_nccl_id_create / kvlink_nccl_create. */
+fy_status_t kvlink_nccl_sock_id_create(const char *host, uint8_t *id);
+fy_status_t kvlink_nccl_sock_create(const uint8_t *id, size_t id_len,
+                                    const kvlink_nccl_params_t *params, kvlink_nccl_t **pair_p);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Receive side                                                                                */
@@ -218,6 +236,32 @@ fy_status_t kvlink_nccl_send_finish(kvlink_nccl_send_t *req);
  * (frames already handed to NCCL report done when their round completes). Thread: owner
  * thread. */
 void kvlink_nccl_send_cancel(kvlink_nccl_send_t *req);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Pair links in the daemons (nccl_link_pair.c, kvlink_pair_dep)                               */
+/* ------------------------------------------------------------------------------------------ */
+
+typedef enum {
+    KVLINK_PAIR_OFF = 0,
+    KVLINK_PAIR_NCCL = 1,   /* kvlink_nccl_create: GPU to GPU, frames in device memory */
+    KVLINK_PAIR_SOCKET = 2, /* kvlink_nccl_sock_create: TCP, frames in host memory */
+} kvlink_pair_kind_t;
+
+/* Parses a daemon's --pair-link: "off", "nccl", "socket", or "auto" (nccl when this build has
+ * NCCL and the worker's model is on a GPU, else off). FY_ERR_UNSUPPORTED for "nccl" without
+ * NCCL or without cuda, FY_ERR_INVALID_ARG for another word. Thread: any. */
+fy_status_t kvlink_pair_kind_parse(const char *s, bool cuda, kvlink_pair_kind_t *kind_p);
+/* "nccl", "socket", or "" for off: what RegisterRequest.pair_link says. Thread: any. */
+const char *kvlink_pair_kind_name(kvlink_pair_kind_t kind);
+/* kvlink_nccl_id_create or kvlink_nccl_sock_id_create(host) by kind. Thread: any. */
+fy_status_t kvlink_pair_id_create(kvlink_pair_kind_t kind, const char *host, uint8_t *id);
+/* kvlink_nccl_create or kvlink_nccl_sock_create by kind. Thread: the owner thread. */
+fy_status_t kvlink_pair_create(kvlink_pair_kind_t kind, const uint8_t *id, size_t id_len,
+                               const kvlink_nccl_params_t *params, kvlink_nccl_t **pair_p);
+/* This machine's identity for pairing, the kernel's boot id (32 hex digits) into buf
+ * (cap >= 33): workers pair only when theirs are equal. FY_ERR_IO where the kernel has none.
+ * Thread: any. */
+fy_status_t kvlink_pair_node_id(char *buf, size_t cap);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Counters                                                                                    */

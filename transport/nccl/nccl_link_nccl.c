@@ -18,9 +18,15 @@
  * memory is therefore stream-ordered on the pair's stream (cudaMallocAsync / cudaFreeAsync),
  * host copies of the control blocks are plain memory copied while the stream is idle, and
  * teardown only enqueues.
+ *
+ * libnccl is loaded at run time (dlopen, on first use), not linked: NCCL is not in the offline
+ * bundle (the node provides it), and a daemon on a node without it must still start and carry
+ * its KV over UCX (kvlink_nccl_available says which).
  */
 #include "nccl_link_int.h"
 
+#include <dlfcn.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -32,6 +38,71 @@
 #pragma GCC diagnostic pop
 
 #define MOD "kvlink-nccl"
+
+/* ---- libnccl, loaded at run time ---------------------------------------------------------- */
+
+static struct {
+    __typeof__(ncclGetUniqueId) *GetUniqueId;
+    __typeof__(ncclCommInitRankConfig) *CommInitRankConfig;
+    __typeof__(ncclCommGetAsyncError) *CommGetAsyncError;
+    __typeof__(ncclCommAbort) *CommAbort;
+    __typeof__(ncclGetErrorString) *GetErrorString;
+    __typeof__(ncclGroupStart) *GroupStart;
+    __typeof__(ncclGroupEnd) *GroupEnd;
+    __typeof__(ncclSend) *Send;
+    __typeof__(ncclRecv) *Recv;
+} g_nccl;
+static pthread_once_t g_nccl_once = PTHREAD_ONCE_INIT;
+static bool g_nccl_ok;
+
+static void nccl_load(void)
+{
+    void *h = dlopen("libnccl.so.2", RTLD_NOW | RTLD_LOCAL);
+    if (h == NULL)
+        h = dlopen("libnccl.so", RTLD_NOW | RTLD_LOCAL);
+    if (h == NULL) {
+        FY_LOG_DEBUG(MOD, "no libnccl: %s", dlerror());
+        return;
+    }
+    // Object to function pointer through memcpy: dlsym's result as ISO C allows it.
+#define NCCL_SYM(field, name)                                                                      \
+    do {                                                                                           \
+        void *p_ = dlsym(h, name);                                                                 \
+        if (p_ == NULL) {                                                                          \
+            FY_LOG_WARN(MOD, "libnccl without %s: NCCL links unavailable", name);               \
+            return;                                                                                \
+        }                                                                                          \
+        memcpy(&g_nccl.field, &p_, sizeof(p_));                                                    \
+    } while (0)
+    NCCL_SYM(GetUniqueId, "ncclGetUniqueId");
+    NCCL_SYM(CommInitRankConfig, "ncclCommInitRankConfig");
+    NCCL_SYM(CommGetAsyncError, "ncclCommGetAsyncError");
+    NCCL_SYM(CommAbort, "ncclCommAbort");
+    NCCL_SYM(GetErrorString, "ncclGetErrorString");
+    NCCL_SYM(GroupStart, "ncclGroupStart");
+    NCCL_SYM(GroupEnd, "ncclGroupEnd");
+    NCCL_SYM(Send, "ncclSend");
+    NCCL_SYM(Recv, "ncclRecv");
+#undef NCCL_SYM
+    g_nccl_ok = true; // the handle stays open for the life of the process
+}
+
+bool kvlink_nccl_available(void)
+{
+    pthread_once(&g_nccl_once, nccl_load);
+    return g_nccl_ok;
+}
+
+// The calls below go through the loaded library.
+#define ncclGetUniqueId        (*g_nccl.GetUniqueId)
+#define ncclCommInitRankConfig (*g_nccl.CommInitRankConfig)
+#define ncclCommGetAsyncError  (*g_nccl.CommGetAsyncError)
+#define ncclCommAbort          (*g_nccl.CommAbort)
+#define ncclGetErrorString     (*g_nccl.GetErrorString)
+#define ncclGroupStart         (*g_nccl.GroupStart)
+#define ncclGroupEnd           (*g_nccl.GroupEnd)
+#define ncclSend               (*g_nccl.Send)
+#define ncclRecv               (*g_nccl.Recv)
 
 typedef enum {
     BE_IDLE,
@@ -87,6 +158,8 @@ fy_status_t kvlink_nccl_id_create(uint8_t *id)
 {
     if (id == NULL)
         return FY_ERR_INVALID_ARG;
+    if (!kvlink_nccl_available())
+        return FY_ERR_UNSUPPORTED;
     ncclUniqueId uid;
     fy_status_t st = from_nccl(ncclGetUniqueId(&uid), "ncclGetUniqueId");
     if (st != FY_OK)
@@ -275,6 +348,8 @@ fy_status_t kvlink_nccl_create(const uint8_t *id, size_t id_len, const kvlink_nc
         return FY_ERR_INVALID_ARG;
     if (params->role != KVLINK_NCCL_SENDER && params->role != KVLINK_NCCL_RECEIVER)
         return FY_ERR_INVALID_ARG;
+    if (!kvlink_nccl_available())
+        return FY_ERR_UNSUPPORTED;
     int n_dev = 0;
     if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev <= 0)
         return FY_ERR_NO_DEVICE;

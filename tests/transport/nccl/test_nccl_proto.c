@@ -161,22 +161,6 @@ static fy_status_t mem_make_pair(const kvlink_nccl_params_t *ps, const kvlink_nc
     return FY_OK;
 }
 
-static void *host_frame_alloc(const uint8_t *host, size_t len)
-{
-    void *p = malloc(len);
-    assert_non_null(p);
-    memcpy(p, host, len);
-    return p;
-}
-
-static void host_frame_free(void *p)
-{
-    free(p);
-}
-static void host_read_back(void *host, const void *data, size_t len)
-{
-    memcpy(host, data, len);
-}
 
 /* ------------------------------------------------------------------------------------------ */
 
@@ -484,9 +468,9 @@ static void test_random_traffic(void **state)
 int main(void)
 {
     g_h = (harness_t){.make_pair = mem_make_pair,
-                      .frame_alloc = host_frame_alloc,
-                      .frame_free = host_frame_free,
-                      .read_back = host_read_back,
+                      .frame_alloc = scn_host_frame_alloc,
+                      .frame_free = scn_host_frame_free,
+                      .read_back = scn_host_read_back,
                       .peer_timeout_ms = 300};
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_ctl_roundtrip),  cmocka_unit_test(test_ctl_rejects_malformed),
