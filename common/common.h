@@ -385,6 +385,10 @@ extern const double fy_metrics_latency_bounds[16];
 /* Number of usable CUDA devices; 0 when built without CUDA or none is present. Thread: any. */
 int fy_cuda_device_count(void);
 
+/* The UUID of CUDA device `device` as 32 hex digits into buf (cap >= 33), which tells two
+ * processes whether they use the same GPU. FY_ERR_NO_DEVICE without it. Thread: any. */
+fy_status_t fy_cuda_device_uuid(int device, char *buf, size_t cap);
+
 /* Buffer conversions on the GPU. dst and src are device pointers; stream is a cudaStream_t
  * (NULL = default stream). The call is asynchronous on the stream. Results are bit-identical
  * to the CPU functions. FY_ERR_NO_DEVICE when built without CUDA. Thread: any. */

@@ -67,6 +67,21 @@ extern "C" int fy_cuda_device_count(void)
     return n;
 }
 
+extern "C" fy_status_t fy_cuda_device_uuid(int device, char *buf, size_t cap)
+{
+    if (buf == NULL || cap < 33)
+        return FY_ERR_INVALID_ARG;
+    cudaDeviceProp prop;
+    if (device < 0 || device >= fy_cuda_device_count() ||
+        cudaGetDeviceProperties(&prop, device) != cudaSuccess) {
+        cudaGetLastError();
+        return FY_ERR_NO_DEVICE;
+    }
+    for (int i = 0; i < 16; i++)
+        snprintf(buf + 2 * i, 3, "%02x", (unsigned char)prop.uuid.bytes[i]);
+    return FY_OK;
+}
+
 extern "C" fy_status_t fy_cuda_fp16_to_fp32(float *dst, const uint16_t *src, size_t n, void *stream)
 {
     if (n == 0)

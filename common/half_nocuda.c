@@ -9,6 +9,11 @@ int fy_cuda_device_count(void)
     return 0;
 }
 
+fy_status_t fy_cuda_device_uuid(int device, char *buf, size_t cap)
+{
+    return FY_ERR_NO_DEVICE;
+}
+
 fy_status_t fy_cuda_fp16_to_fp32(float *dst, const uint16_t *src, size_t n, void *stream)
 {
     return FY_ERR_NO_DEVICE;

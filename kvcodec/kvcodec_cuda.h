@@ -215,6 +215,27 @@ void kvc_gpu_stage_destroy(kvc_gpu_stage_t *stage);
 fy_status_t kvc_gpu_stage_place(kvc_gpu_stage_t *stage, kvc_gpu_seq_t *seq,
                                 const kvc_frame_t *frame, const uint8_t *bytes, size_t len);
 
+/* Copies len bytes of device memory (a frame received GPU to GPU) into host and returns
+ * once they are there, so the frame can be parsed and checked on the host before
+ * kvc_gpu_stage_place_dev places it from the device copy. Thread: as kvc_gpu_stage_place. */
+fy_status_t kvc_gpu_stage_fetch(kvc_gpu_stage_t *stage, uint8_t *host, const uint8_t *dev,
+                                size_t len);
+/* kvc_place_cuda on the stage's stream for a frame already in device memory (frame_dev,
+ * frame->frame_bytes, complete and visible), returning once the pages are complete. Same
+ * checks, and all-or-nothing, as kvc_place_cuda. Thread: as kvc_gpu_stage_place. */
+fy_status_t kvc_gpu_stage_place_dev(kvc_gpu_stage_t *stage, kvc_gpu_seq_t *seq,
+                                    const kvc_frame_t *frame, const uint8_t *frame_dev);
+
+/* Device memory for a frame that leaves the encoder for another user of the device (the NCCL
+ * link): stream-ordered on a stream of the codec's own where the device has memory pools, so
+ * that kvc_cuda_frame_free never waits for the device (a thread that drives an NCCL pair must
+ * not). The memory is usable by any stream when alloc returns. kvc_cuda_frame_upload is alloc
+ * plus a copy of host[len], complete on return. FY_ERR_NO_DEVICE without CUDA. Free accepts
+ * NULL. Thread: any. */
+fy_status_t kvc_cuda_frame_alloc(size_t bytes, uint8_t **dev_p);
+fy_status_t kvc_cuda_frame_upload(const uint8_t *host, size_t len, uint8_t **dev_p);
+void kvc_cuda_frame_free(uint8_t *dev);
+
 /* The pool a sequence lives in, and its shape. Thread: any. */
 kvc_gpu_pool_t *kvc_gpu_seq_pool(const kvc_gpu_seq_t *seq);
 uint32_t kvc_gpu_seq_n_layers(const kvc_gpu_seq_t *seq);

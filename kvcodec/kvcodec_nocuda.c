@@ -191,6 +191,27 @@ fy_status_t kvc_gpu_stage_place(kvc_gpu_stage_t *stage, kvc_gpu_seq_t *seq,
 {
     return FY_ERR_NO_DEVICE;
 }
+fy_status_t kvc_gpu_stage_fetch(kvc_gpu_stage_t *stage, uint8_t *host, const uint8_t *dev,
+                                size_t len)
+{
+    return FY_ERR_NO_DEVICE;
+}
+fy_status_t kvc_gpu_stage_place_dev(kvc_gpu_stage_t *stage, kvc_gpu_seq_t *seq,
+                                    const kvc_frame_t *frame, const uint8_t *frame_dev)
+{
+    return FY_ERR_NO_DEVICE;
+}
+fy_status_t kvc_cuda_frame_alloc(size_t bytes, uint8_t **dev_p)
+{
+    return FY_ERR_NO_DEVICE;
+}
+fy_status_t kvc_cuda_frame_upload(const uint8_t *host, size_t len, uint8_t **dev_p)
+{
+    return FY_ERR_NO_DEVICE;
+}
+void kvc_cuda_frame_free(uint8_t *dev)
+{
+}
 kvc_gpu_pool_t *kvc_gpu_seq_pool(const kvc_gpu_seq_t *seq)
 {
     return NULL;

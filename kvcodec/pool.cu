@@ -941,3 +941,100 @@ out:
     }
     return st;
 }
+
+extern "C" fy_status_t kvc_gpu_stage_fetch(kvc_gpu_stage_t *g, uint8_t *host, const uint8_t *dev,
+                                           size_t len)
+{
+    if (g == NULL || host == NULL || dev == NULL || len == 0)
+        return FY_ERR_INVALID_ARG;
+    fy_status_t st = FY_OK;
+    KVC_CUDA_GOTO(cudaMemcpyAsync(host, dev, len, cudaMemcpyDeviceToHost, g->s), st, out);
+out:
+    cudaError_t e = cudaStreamSynchronize(g->s);
+    if (e != cudaSuccess && st == FY_OK)
+        st = kvc_cuda_status(e);
+    return st;
+}
+
+extern "C" fy_status_t kvc_gpu_stage_place_dev(kvc_gpu_stage_t *g, kvc_gpu_seq_t *seq,
+                                               const kvc_frame_t *f, const uint8_t *frame_dev)
+{
+    if (g == NULL || seq == NULL || f == NULL || frame_dev == NULL)
+        return FY_ERR_INVALID_ARG;
+    fy_status_t st = kvc_place_cuda(seq, f, frame_dev, g->s);
+    cudaError_t e = cudaStreamSynchronize(g->s);
+    if (e != cudaSuccess && st == FY_OK) {
+        FY_LOG_ERROR("kvcodec", "placement from device: %s", cudaGetErrorString(e));
+        st = kvc_cuda_status(e);
+    }
+    return st;
+}
+
+/* ---- frames handed to another user of the device (kvc_cuda_frame_alloc) ---- */
+
+static pthread_once_t g_frame_once = PTHREAD_ONCE_INIT;
+static cudaStream_t g_frame_stream;
+static bool g_frame_pools; // stream-ordered allocation works; else cudaMalloc / cudaFree
+
+static void frame_stream_init(void)
+{
+    int dev = 0, pools = 0;
+    if (cudaGetDevice(&dev) == cudaSuccess &&
+        cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, dev) == cudaSuccess &&
+        pools != 0 &&
+        cudaStreamCreateWithFlags(&g_frame_stream, cudaStreamNonBlocking) == cudaSuccess)
+        g_frame_pools = true;
+}
+
+extern "C" fy_status_t kvc_cuda_frame_alloc(size_t bytes, uint8_t **dev_p)
+{
+    if (bytes == 0 || dev_p == NULL)
+        return FY_ERR_INVALID_ARG;
+    if (fy_cuda_device_count() == 0)
+        return FY_ERR_NO_DEVICE;
+    pthread_once(&g_frame_once, frame_stream_init);
+    void *p = NULL;
+    cudaError_t e;
+    if (g_frame_pools) {
+        e = cudaMallocAsync(&p, bytes, g_frame_stream);
+        // Other streams may use it as soon as this returns.
+        if (e == cudaSuccess && (e = cudaStreamSynchronize(g_frame_stream)) != cudaSuccess)
+            cudaFreeAsync(p, g_frame_stream);
+    } else {
+        e = cudaMalloc(&p, bytes);
+    }
+    if (e != cudaSuccess)
+        return kvc_cuda_status(e);
+    *dev_p = (uint8_t *)p;
+    return FY_OK;
+}
+
+extern "C" fy_status_t kvc_cuda_frame_upload(const uint8_t *host, size_t len, uint8_t **dev_p)
+{
+    if (host == NULL || len == 0 || dev_p == NULL)
+        return FY_ERR_INVALID_ARG;
+    uint8_t *d = NULL;
+    fy_status_t st = kvc_cuda_frame_alloc(len, &d);
+    if (st != FY_OK)
+        return st;
+    cudaStream_t s = g_frame_pools ? g_frame_stream : 0;
+    cudaError_t e = cudaMemcpyAsync(d, host, len, cudaMemcpyHostToDevice, s);
+    if (e == cudaSuccess)
+        e = cudaStreamSynchronize(s);
+    if (e != cudaSuccess) {
+        kvc_cuda_frame_free(d);
+        return kvc_cuda_status(e);
+    }
+    *dev_p = d;
+    return FY_OK;
+}
+
+extern "C" void kvc_cuda_frame_free(uint8_t *dev)
+{
+    if (dev == NULL)
+        return;
+    if (g_frame_pools)
+        cudaFreeAsync(dev, g_frame_stream); // never waits for the device
+    else
+        cudaFree(dev);
+}
