@@ -77,6 +77,7 @@ typedef struct {
     double budget_min, budget_max; /* limits of the adaptive budget */
     char ucx_tls[64];
     char ucx_devices[64];
+    char pair_link[16];   /* workers' --pair-link (auto, nccl, socket, off), empty = theirs */
     char kv_memory[32];   /* decode page pool, e.g. 256M */
     int threads;          /* per daemon, 0 = all CPUs */
     int max_tokens;       /* router default, 0 = its own */

@@ -704,6 +704,12 @@ static fy_status_t parse_root(pctx_t *c, yaml_node_t *root, fy_cluster_spec_t *s
             st = parse_ucx(c, v, s);
         } else if (strcmp(key, "network") == 0) {
             st = parse_network(c, v, s);
+        } else if (strcmp(key, "pair_link") == 0) {
+            st = get_str(c, v, key, s->pair_link, sizeof(s->pair_link));
+            if (st == FY_OK && strcmp(s->pair_link, "auto") != 0 &&
+                strcmp(s->pair_link, "nccl") != 0 && strcmp(s->pair_link, "socket") != 0 &&
+                strcmp(s->pair_link, "off") != 0)
+                return perr(c, v, "bad pair_link '%s' (auto, nccl, socket, off)", s->pair_link);
         } else if (strcmp(key, "kv_memory") == 0) {
             st = get_str(c, v, key, s->kv_memory, sizeof(s->kv_memory));
             uint64_t b;
@@ -989,6 +995,8 @@ fy_status_t fy_cluster_daemon_cmd(const fy_cluster_spec_t *spec, int i, const ch
             st = st ? st : cmd_addf(cmd, "--ucx-tls=%s", spec->ucx_tls);
         if (spec->ucx_devices[0])
             st = st ? st : cmd_addf(cmd, "--ucx-devices=%s", spec->ucx_devices);
+        if (spec->pair_link[0])
+            st = st ? st : cmd_addf(cmd, "--pair-link=%s", spec->pair_link);
         st = st ? st : cmd_addf(cmd, "--worker-id=%s", d->name);
     }
     /* Kubernetes expands $(POD_IP) in container args (the pod's address, from the downward

@@ -112,6 +112,10 @@ typedef struct {
     uint32_t heartbeat_ms;       // 0 = half the router's lease
     const char *ucx_tls;         // UCX transports (as UCX_TLS), NULL = UCX's choice
     const char *ucx_devices;     // UCX devices (as UCX_NET_DEVICES), NULL = UCX's choice
+    const char *pair_link;       // KV link to pair over with prefill workers of this node:
+                                 // "auto" (NULL: nccl with a CUDA model and NCCL, else off),
+                                 // "nccl", "socket" or "off" (nccl_link.h)
+    const char *node_id;         // this node for pairing; NULL = the kernel's boot id
 } decode_worker_params_t;
 
 void decode_worker_params_default(decode_worker_params_t *params);

@@ -46,6 +46,10 @@ static const fy_opt_t k_opts[] = {
      false},
     {"ucx-tls", FY_OPT_STRING, "", "UCX transports (as UCX_TLS), empty = UCX's choice", false},
     {"ucx-devices", FY_OPT_STRING, "", "UCX devices (as UCX_NET_DEVICES)", false},
+    {"pair-link", FY_OPT_STRING, "auto",
+     "KV link with prefill workers of this node: auto (nccl on GPUs), nccl, socket, off", false},
+    {"node-id", FY_OPT_STRING, "", "node identity for pairing (default: the kernel's boot id)",
+     false},
     {"port-file", FY_OPT_STRING, "", "write the bound RPC port to this file", false},
     {"log-format", FY_OPT_STRING, "text", "text or json", false},
     {"log-level", FY_OPT_STRING, "", "trace|debug|info|warn|error (default info or $FERRY_LOG)",
@@ -118,6 +122,8 @@ int main(int argc, char **argv)
     p.worker_id = opt_str(cfg, "worker-id");
     p.ucx_tls = opt_str(cfg, "ucx-tls");
     p.ucx_devices = opt_str(cfg, "ucx-devices");
+    p.pair_link = opt_str(cfg, "pair-link");
+    p.node_id = opt_str(cfg, "node-id");
     p.model_path = fy_config_str(cfg, "model");
     p.threads = (int)fy_config_int(cfg, "threads");
     if (mdl_device_parse(fy_config_str(cfg, "device"), &p.device) != FY_OK) {

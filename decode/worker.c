@@ -35,7 +35,9 @@
 #include "decode.h"
 #include "ferry.pb-c.h"
 #include "kvcodec.h"
+#include "kvcodec_cuda.h"
 #include "kvlink.h"
+#include "nccl_link.h"
 #include "model.h"
 #include "router.h"
 #include "rpc.h"
@@ -46,6 +48,11 @@ enum {
     SWEEP_MS = 50,
     N_TOMBSTONES = 256,
     MAX_LAYERS = 1024,
+    MAX_PAIRS = 16, // prefill workers of this node paired at once
+    // Rounds of an idle pair (both ends use the same): they only tell that the peer is alive,
+    // since a receiver that expects requests keeps a round posted (nccl_link.c). An idle
+    // socket pair costs each daemon ~2 % of a core (1 ms ticks included).
+    PAIR_IDLE_ROUND_US = 2000,
 };
 
 /* Why requests fail, for ferry_decode_failures_total{reason}. */
@@ -81,6 +88,7 @@ struct req {
     uint32_t n_tokens; // prompt length from the frames
     uint64_t wire_bytes;
     bool recv_open;    // kvlink_recv_expect succeeded and on_recv_end has not run
+    kvlink_nccl_t *pair; // the transfer comes over this pair instead of the UCX link
     fy_status_t fail_st; // set before cancelling the transfer: the reason to report
     fail_reason_t fail_reason;
     char fail_msg[160];
@@ -119,9 +127,21 @@ struct kv_cmd {
     uint64_t id;
     rpc_call_t *call; // CMD_EXPECT: the ReserveKV call to answer
     uint64_t credit;
+    char pair_peer[64]; // CMD_EXPECT: the sending prefill worker, when the two may pair
     fy_status_t st;   // CMD_CANCEL: what to report
     fail_reason_t reason;
 };
+
+/* A pair with one prefill worker of this node (kvlink thread). */
+typedef struct {
+    char peer[64]; // the prefill worker's id
+    kvlink_nccl_t *pair;
+    uint64_t generation;
+    uint8_t id[KVLINK_NCCL_ID_BYTES]; // handed out through ReserveKV until the pair is up
+    bool up, failed;
+    uint32_t failures; // set-ups in a row that never came up
+    uint64_t retry_ns; // after a failure, no new pair with this peer before this
+} pair_slot_t;
 
 struct decode_worker {
     decode_worker_params_t p;
@@ -172,6 +192,15 @@ struct decode_worker {
     int kv_port;
     kv_cmd_t *cmds; // under mu
     bool kv_stop;
+    // Pairs with prefill workers of this node (kvlink thread).
+    kvlink_pair_kind_t pair_kind;
+    char node_id[64], pair_device[64];
+    pair_slot_t pairs[MAX_PAIRS];
+    uint64_t pair_generation;
+    uv_timer_t pair_timer; // moves the pairs along
+    uv_idle_t pair_idle;   // ... at every loop turn while one has a transfer open
+    uint8_t *fetch;        // host copy of a frame received into device memory
+    size_t fetch_cap;
     bool kv_closed; // the thread takes no more commands (under mu)
 
     // Scheduler thread.
@@ -187,7 +216,7 @@ struct decode_worker {
     fy_metrics_t *metrics;
     fy_metric_t *m_running, *m_free_pages, *m_avail_pages, *m_total_pages, *m_requests;
     fy_metric_t *m_tokens, *m_step, *m_batch, *m_wire, *m_frames, *m_reserved, *m_refused;
-    fy_metric_t *m_completed, *m_fail[FAIL_COUNT];
+    fy_metric_t *m_completed, *m_fail[FAIL_COUNT], *m_pair_frames, *m_pairs;
     atomic_uint_fast64_t tokens_generated, steps, failures;
     atomic_uint running_now;
 };
@@ -253,17 +282,22 @@ static fy_status_t kv_pages_needed(const decode_worker_t *w, const kvc_frame_t *
                             : kvc_pool_pages_needed(w->pool, f, pages_p);
 }
 
-/* Creates r's sequence on first use, then places f (whose bytes are data [len]). */
+/* Creates r's sequence on first use, then places f (whose bytes are data [len] on the host,
+ * and dev [len] on the GPU when it came GPU to GPU). */
 static fy_status_t kv_place(decode_worker_t *w, req_t *r, const kvc_frame_t *f, const void *data,
-                            size_t len)
+                            const void *dev, size_t len)
 {
     fy_status_t st = FY_OK;
     if (w->gpool != NULL) {
         if (r->gseq == NULL)
             st = kvc_gpu_seq_create(w->gpool, f->n_layers, f->n_kv_heads, w->fingerprint,
                                     f->seq_id, &r->gseq);
+        if (st == FY_OK && dev != NULL)
+            return kvc_gpu_stage_place_dev(w->gstage, r->gseq, f, dev);
         return st == FY_OK ? kvc_gpu_stage_place(w->gstage, r->gseq, f, data, len) : st;
     }
+    if (dev != NULL)
+        return FY_ERR_INTERNAL; // a device frame on a CPU pool: never paired so
     if (r->seq == NULL)
         st = kvc_seq_create(w->pool, f->n_layers, f->n_kv_heads, w->fingerprint, f->seq_id,
                             &r->seq);
@@ -393,7 +427,9 @@ static void kv_fail(decode_worker_t *w, req_t *r, fy_status_t st, fail_reason_t 
         snprintf(r->fail_msg, sizeof(r->fail_msg), "%s", msg);
     }
     if (r->recv_open) {
-        if (kvlink_recv_cancel(w->link, r->id) == FY_OK)
+        fy_status_t st2 = r->pair != NULL ? kvlink_nccl_recv_cancel(r->pair, r->id)
+                                          : kvlink_recv_cancel(w->link, r->id);
+        if (st2 == FY_OK)
             return; // on_recv_end(CANCELLED) ends it
         r->recv_open = false;
     }
@@ -412,7 +448,8 @@ static req_t *kv_find(decode_worker_t *w, uint64_t id)
 }
 
 static fy_status_t place_frame(decode_worker_t *w, req_t *r, uint32_t layer, const void *data,
-                               size_t len, fail_reason_t *reason_p, char *msg, size_t msg_len)
+                               const void *dev, size_t len, fail_reason_t *reason_p, char *msg,
+                               size_t msg_len)
 {
     kvc_frame_t f;
     fy_status_t st = kvc_frame_parse(data, len, &f);
@@ -456,7 +493,7 @@ static fy_status_t place_frame(decode_worker_t *w, req_t *r, uint32_t layer, con
         snprintf(msg, msg_len, "layer %u: %u pages over the reservation", layer, pages);
         return st;
     }
-    if ((st = kv_place(w, r, &f, data, len)) != FY_OK) {
+    if ((st = kv_place(w, r, &f, data, dev, len)) != FY_OK) {
         *reason_p = st == FY_ERR_RESOURCE_EXHAUSTED ? FAIL_POOL_FULL : FAIL_PLACEMENT;
         snprintf(msg, msg_len, "layer %u: placement failed", layer);
         return st;
@@ -481,7 +518,7 @@ static void on_frame(kvlink_t *link, uint64_t request_id, uint32_t layer, kvlink
     }
     char msg[160] = "";
     fail_reason_t reason = FAIL_PLACEMENT;
-    fy_status_t st = place_frame(w, r, layer, data, len, &reason, msg, sizeof(msg));
+    fy_status_t st = place_frame(w, r, layer, data, NULL, len, &reason, msg, sizeof(msg));
     kvlink_buf_release(buf); // placing copied the bytes
     if (st != FY_OK) {
         FY_LOG_WARN(MODULE, "request %s: %s: %s", r->request_id, msg, fy_status_str(st));
@@ -489,10 +526,9 @@ static void on_frame(kvlink_t *link, uint64_t request_id, uint32_t layer, kvlink
     }
 }
 
-static void on_recv_end(kvlink_t *link, uint64_t request_id, fy_status_t st, void *arg)
+/* A transfer ended, over the UCX link or a pair. */
+static void recv_ended(decode_worker_t *w, uint64_t request_id, fy_status_t st)
 {
-    (void)link;
-    decode_worker_t *w = arg;
     req_t *r = kv_find(w, request_id);
     if (r == NULL)
         return;
@@ -529,6 +565,211 @@ static void on_recv_end(kvlink_t *link, uint64_t request_id, fy_status_t st, voi
     update_gauges(w);
 }
 
+static void on_recv_end(kvlink_t *link, uint64_t request_id, fy_status_t st, void *arg)
+{
+    (void)link;
+    recv_ended(arg, request_id, st);
+}
+
+/* ---- Pairs with prefill workers of this node (nccl_link.h) ---- */
+
+static void on_pair_frame(kvlink_nccl_t *pair, uint64_t request_id, uint32_t layer,
+                          kvlink_nccl_buf_t *buf, void *data, size_t len, void *arg)
+{
+    decode_worker_t *w = arg;
+    req_t *r = kv_find(w, request_id);
+    if (r == NULL || r->fail_st != FY_OK || r->pair != pair) {
+        kvlink_nccl_buf_release(buf);
+        return;
+    }
+    char msg[160] = "";
+    fail_reason_t reason = FAIL_PLACEMENT;
+    const void *host = data, *dev = NULL;
+    fy_status_t st = FY_OK;
+    if (w->pair_kind == KVLINK_PAIR_NCCL) {
+        // The frame is in device memory: its header, maps and CRC are checked on a host copy,
+        // the pages are filled from the device copy.
+        if (len > w->fetch_cap) {
+            uint8_t *grown = realloc(w->fetch, len);
+            if (grown == NULL) {
+                st = FY_ERR_NO_MEMORY;
+            } else {
+                w->fetch = grown;
+                w->fetch_cap = len;
+            }
+        }
+        if (st == FY_OK)
+            st = kvc_gpu_stage_fetch(w->gstage, w->fetch, data, len);
+        host = w->fetch;
+        dev = data;
+        if (st != FY_OK)
+            snprintf(msg, sizeof(msg), "layer %u: copy from the pair's memory", layer);
+    }
+    if (st == FY_OK)
+        st = place_frame(w, r, layer, host, dev, len, &reason, msg, sizeof(msg));
+    kvlink_nccl_buf_release(buf); // placing copied the bytes
+    if (st == FY_OK) {
+        fy_metric_inc(w->m_pair_frames);
+    } else {
+        FY_LOG_WARN(MODULE, "request %s: %s: %s", r->request_id, msg, fy_status_str(st));
+        kv_fail(w, r, st, reason, msg);
+    }
+}
+
+static void on_pair_recv_end(kvlink_nccl_t *pair, uint64_t request_id, fy_status_t st, void *arg)
+{
+    (void)pair;
+    recv_ended(arg, request_id, st);
+}
+
+static pair_slot_t *pair_slot_of(decode_worker_t *w, const kvlink_nccl_t *pair)
+{
+    for (size_t i = 0; i < MAX_PAIRS; i++) {
+        if (w->pairs[i].pair != NULL && w->pairs[i].pair == pair)
+            return &w->pairs[i];
+    }
+    return NULL;
+}
+
+static void on_pair_peer(kvlink_nccl_t *pair, fy_status_t st, const char *message, void *arg)
+{
+    decode_worker_t *w = arg;
+    pair_slot_t *ps = pair_slot_of(w, pair);
+    if (ps == NULL)
+        return;
+    if (st == FY_OK) {
+        FY_LOG_INFO(MODULE, "%s pair %llu with %s is up", kvlink_pair_kind_name(w->pair_kind),
+                    (unsigned long long)ps->generation, ps->peer);
+        ps->up = true;
+        ps->failures = 0;
+        return;
+    }
+    // Its transfers fail on their own (FY_ERR_UNAVAILABLE); a later reservation for this peer
+    // sets up a new pair, and they go over UCX meanwhile. Set-ups that keep failing (a peer
+    // that cannot join) are retried less and less often: 1 s, doubling up to a minute.
+    ps->failed = true;
+    ps->failures = ps->up ? 1 : ps->failures + 1;
+    ps->retry_ns = fy_clock_ns() + FY_MIN(1000ull << FY_MIN(ps->failures - 1, 6u), 60000ull) *
+                                       1000000ull;
+    FY_LOG_WARN(MODULE, "%s pair %llu with %s failed: %s%s%s",
+                kvlink_pair_kind_name(w->pair_kind), (unsigned long long)ps->generation, ps->peer,
+                fy_status_str(st), message != NULL ? ": " : "", message != NULL ? message : "");
+}
+
+static void on_pair_idle(uv_idle_t *h);
+static bool is_wildcard(const char *host);
+
+/* Whether frames are moving on a pair: the loop then moves the pairs at every turn (a round
+ * completes as soon as both ends posted theirs); otherwise every millisecond, which keeps a
+ * waiting transfer from taking a core from the model (on a 2-core machine, spinning for
+ * every open request doubled TTFT and TPOT of a socket pair). */
+static bool pairs_busy(const decode_worker_t *w)
+{
+    for (size_t i = 0; i < MAX_PAIRS; i++) {
+        if (w->pairs[i].pair == NULL || w->pairs[i].failed)
+            continue;
+        kvlink_nccl_stats_t s;
+        kvlink_nccl_stats(w->pairs[i].pair, &s);
+        if (s.frames_in_flight > 0)
+            return true;
+    }
+    return false;
+}
+
+static void pairs_progress(decode_worker_t *w)
+{
+    for (size_t i = 0; i < MAX_PAIRS; i++) {
+        if (w->pairs[i].pair != NULL && !w->pairs[i].failed)
+            kvlink_nccl_progress(w->pairs[i].pair);
+    }
+    if (pairs_busy(w)) {
+        if (!uv_is_active((uv_handle_t *)&w->pair_idle))
+            uv_idle_start(&w->pair_idle, on_pair_idle);
+    } else if (uv_is_active((uv_handle_t *)&w->pair_idle)) {
+        uv_idle_stop(&w->pair_idle);
+    }
+}
+
+static void on_pair_tick(uv_timer_t *t)
+{
+    pairs_progress(t->data);
+}
+
+static void on_pair_idle(uv_idle_t *h)
+{
+    pairs_progress(h->data);
+}
+
+/* The pair with peer: the live one, else a new one (replacing a failed one). NULL when none
+ * can be made (logged). */
+static pair_slot_t *pair_for(decode_worker_t *w, const char *peer)
+{
+    pair_slot_t *free_slot = NULL;
+    uint32_t failures = 0;
+    for (size_t i = 0; i < MAX_PAIRS; i++) {
+        pair_slot_t *ps = &w->pairs[i];
+        if (ps->pair != NULL && strcmp(ps->peer, peer) == 0) {
+            if (!ps->failed)
+                return ps;
+            if (fy_clock_ns() < ps->retry_ns)
+                return NULL;
+            failures = ps->failures;
+            kvlink_nccl_destroy(ps->pair); // its transfers have all ended
+            memset(ps, 0, sizeof(*ps));
+        }
+        if (ps->pair == NULL && free_slot == NULL)
+            free_slot = ps;
+    }
+    if (free_slot == NULL) {
+        FY_LOG_WARN(MODULE, "no pair with %s: %d pairs already", peer, MAX_PAIRS);
+        return NULL;
+    }
+    pair_slot_t *ps = free_slot;
+    kvlink_nccl_params_t np;
+    kvlink_nccl_params_default(&np);
+    np.compat.protocol_version = KVLINK_NCCL_PROTOCOL_VERSION;
+    np.compat.codec_version = KVC_FRAME_VERSION;
+    np.compat.page_size = w->p.page_bytes;
+    np.compat.model_fingerprint = w->fingerprint;
+    np.role = KVLINK_NCCL_RECEIVER;
+    np.idle_round_us = PAIR_IDLE_ROUND_US;
+    np.device = 0; // the worker's GPU: the first visible one, as for the model
+    np.recv_pool_bytes = (size_t)w->p.recv_buffer;
+    np.max_frame_bytes = (size_t)w->p.recv_buffer;
+    np.on_frame = on_pair_frame;
+    np.on_recv_end = on_pair_recv_end;
+    np.on_peer = on_pair_peer;
+    np.cb_arg = w;
+    // The socket link listens where the UCX listener does, reachable as advertised.
+    const char *host = is_wildcard(w->kv_host) ? w->advertise_host : w->kv_host;
+    fy_status_t st = kvlink_pair_id_create(w->pair_kind, host, ps->id);
+    if (st == FY_OK)
+        st = kvlink_pair_create(w->pair_kind, ps->id, sizeof(ps->id), &np, &ps->pair);
+    if (st != FY_OK) {
+        FY_LOG_WARN(MODULE, "no %s pair with %s: %s", kvlink_pair_kind_name(w->pair_kind), peer,
+                    fy_status_str(st));
+        memset(ps, 0, sizeof(*ps));
+        return NULL;
+    }
+    snprintf(ps->peer, sizeof(ps->peer), "%s", peer);
+    ps->failures = failures;
+    ps->generation = ++w->pair_generation;
+    fy_metric_inc(w->m_pairs);
+    FY_LOG_INFO(MODULE, "%s pair %llu with %s: set-up started", kvlink_pair_kind_name(w->pair_kind),
+                (unsigned long long)ps->generation, peer);
+    if (!uv_is_active((uv_handle_t *)&w->pair_timer))
+        uv_timer_start(&w->pair_timer, on_pair_tick, 1, 1);
+    return ps;
+}
+
+static void pairs_destroy(decode_worker_t *w)
+{
+    for (size_t i = 0; i < MAX_PAIRS; i++) {
+        kvlink_nccl_destroy(w->pairs[i].pair); // open transfers end with FY_ERR_CLOSED
+        memset(&w->pairs[i], 0, sizeof(w->pairs[i]));
+    }
+}
+
 static void run_cmd(decode_worker_t *w, kv_cmd_t *c)
 {
     req_t *r = kv_find(w, c->id);
@@ -538,7 +779,24 @@ static void run_cmd(decode_worker_t *w, kv_cmd_t *c)
             end_status(w, r, FY_ERR_UNAVAILABLE, "decode worker shutting down", FAIL_SHUTDOWN);
             st = FY_ERR_UNAVAILABLE;
         }
-        if (st == FY_OK) {
+        pair_slot_t *ps = NULL;
+        if (st == FY_OK && c->pair_peer[0] != '\0' && w->pair_kind != KVLINK_PAIR_OFF)
+            ps = pair_for(w, c->pair_peer);
+        bool via_pair = false;
+        if (ps != NULL && kvlink_nccl_ready(ps->pair)) {
+            // No transfer deadline, as below.
+            kvlink_nccl_recv_params_t np = {.credit_bytes = c->credit, .deadline_ns = 0};
+            fy_status_t pst = kvlink_nccl_recv_expect(ps->pair, r->id, &np);
+            if (pst == FY_OK) {
+                via_pair = true; // the pair timer posts the round that catches its OPEN
+                r->pair = ps->pair;
+                r->recv_open = true;
+            } else {
+                FY_LOG_DEBUG(MODULE, "request %s: not over the pair: %s", r->request_id,
+                             fy_status_str(pst));
+            }
+        }
+        if (st == FY_OK && !via_pair) {
             kvlink_recv_params_t rp;
             kvlink_recv_params_default(w->link, &rp);
             rp.credit_bytes = c->credit;
@@ -560,6 +818,14 @@ static void run_cmd(decode_worker_t *w, kv_cmd_t *c)
             Ferry__V1__ReserveKVResponse resp = FERRY__V1__RESERVE_KVRESPONSE__INIT;
             resp.reservation_id = c->id;
             resp.credit_bytes = c->credit;
+            if (ps != NULL) {
+                resp.pair_generation = ps->generation;
+                resp.via_pair = via_pair;
+                if (!kvlink_nccl_ready(ps->pair)) { // the prefill worker joins with it
+                    resp.pair_id.data = ps->id;
+                    resp.pair_id.len = sizeof(ps->id);
+                }
+            }
             rpc_call_send(c->call, &resp.base);
             rpc_call_finish(c->call, RPC_CODE_OK, NULL);
         } else {
@@ -679,6 +945,10 @@ static void *kv_main(void *arg)
     w->kv_async.data = w;
     uv_timer_init(&w->kv_loop, &w->kv_sweep);
     w->kv_sweep.data = w;
+    uv_timer_init(&w->kv_loop, &w->pair_timer);
+    w->pair_timer.data = w;
+    uv_idle_init(&w->kv_loop, &w->pair_idle);
+    w->pair_idle.data = w;
     pthread_mutex_lock(&w->mu);
     w->kv_port = port;
     w->kv_up = st == FY_OK ? 1 : -1;
@@ -695,6 +965,9 @@ static void *kv_main(void *arg)
     }
     // Stopping: open transfers end with FY_ERR_CLOSED (on_recv_end ends their requests).
     uv_timer_stop(&w->kv_sweep);
+    uv_timer_stop(&w->pair_timer);
+    uv_idle_stop(&w->pair_idle);
+    pairs_destroy(w);
     kvlink_destroy(w->link);
     w->link = NULL;
     run_cmds(w); // commands that came meanwhile (answered as failures)
@@ -703,6 +976,8 @@ static void *kv_main(void *arg)
     pthread_mutex_unlock(&w->mu);
     run_cmds(w);
     uv_close((uv_handle_t *)&w->kv_sweep, NULL);
+    uv_close((uv_handle_t *)&w->pair_timer, NULL);
+    uv_close((uv_handle_t *)&w->pair_idle, NULL);
     uv_close((uv_handle_t *)&w->kv_async, NULL);
     uv_run(&w->kv_loop, UV_RUN_DEFAULT);
     uv_loop_close(&w->kv_loop);
@@ -953,6 +1228,9 @@ static void h_reserve(rpc_call_t *call, const ProtobufCMessage *m, void *arg)
     c->id = r->id;
     c->call = call;
     c->credit = credit;
+    // A peer id that does not fit is no worker's: no pairing for it.
+    if (req->pair_peer != NULL && strlen(req->pair_peer) < sizeof(c->pair_peer))
+        snprintf(c->pair_peer, sizeof(c->pair_peer), "%s", req->pair_peer);
     if (!kv_post(w, c)) { // the kvlink thread answers once the transfer is expected
         free(c);
         pthread_mutex_lock(&w->mu);
@@ -1258,6 +1536,9 @@ static void *rpc_main(void *arg)
                                         .role = ROUTER_ROLE_DECODE,
                                         .rpc_address = rpc_addr,
                                         .kv_address = kv_addr,
+                                        .pair_link = kvlink_pair_kind_name(w->pair_kind),
+                                        .node_id = w->node_id,
+                                        .pair_device = w->pair_device,
                                         .model_fingerprint = w->fingerprint,
                                         .heartbeat_ms = w->p.heartbeat_ms,
                                         .load = agent_load,
@@ -1347,6 +1628,10 @@ static fy_status_t make_metrics(decode_worker_t *w)
                                       "Reservations refused for lack of pages or buffer");
     w->m_completed = fy_metrics_counter(m, "ferry_decode_requests_completed_total", NULL,
                                         "Requests that finished decoding");
+    w->m_pair_frames = fy_metrics_counter(m, "ferry_decode_pair_frames_total", NULL,
+                                          "KV frames placed that came over a pair link");
+    w->m_pairs = fy_metrics_counter(m, "ferry_decode_pairs_created_total", NULL,
+                                    "Pair links set up with prefill workers of this node");
     for (int i = 0; i < FAIL_COUNT; i++) {
         char labels[64];
         snprintf(labels, sizeof(labels), "reason=\"%s\"", k_fail_names[i]);
@@ -1357,7 +1642,8 @@ static fy_status_t make_metrics(decode_worker_t *w)
     }
     if (!w->m_running || !w->m_free_pages || !w->m_avail_pages || !w->m_total_pages ||
         !w->m_requests || !w->m_tokens || !w->m_step || !w->m_batch || !w->m_wire ||
-        !w->m_frames || !w->m_reserved || !w->m_refused || !w->m_completed)
+        !w->m_frames || !w->m_reserved || !w->m_refused || !w->m_completed ||
+        !w->m_pair_frames || !w->m_pairs)
         return FY_ERR_NO_MEMORY;
     fy_metric_set(w->m_total_pages, kv_total_pages(w));
     return FY_OK;
@@ -1411,6 +1697,7 @@ static void free_worker(decode_worker_t *w)
     free(w->tokens);
     free(w->positions);
     free(w->logits);
+    free(w->fetch);
     mdl_ctx_destroy(w->ctx);
     decode_leases_destroy(w->leases);
     kvc_pool_destroy(w->pool);
@@ -1461,6 +1748,9 @@ fy_status_t decode_worker_create(const decode_worker_params_t *params,
     p.kv_host = w->kv_host;
     p.advertise_host = w->advertise_host;
     p.router = NULL;
+    const char *pair_link = p.pair_link != NULL ? p.pair_link : "auto";
+    const char *node_id = p.node_id;
+    p.pair_link = p.node_id = NULL;
     w->p = p;
 
     fy_status_t st = FY_OK;
@@ -1522,6 +1812,29 @@ fy_status_t decode_worker_create(const decode_worker_params_t *params,
     }
     if ((st = decode_leases_create(pp.n_pages, &w->leases)) != FY_OK)
         goto fail;
+    if ((st = kvlink_pair_kind_parse(pair_link, dev == MDL_DEVICE_CUDA, &w->pair_kind)) != FY_OK) {
+        errf(err, err_len, st, "pair link \"%s\": %s", pair_link,
+             st == FY_ERR_UNSUPPORTED ? "nccl needs a CUDA model and a build with NCCL"
+                                      : "auto, nccl, socket or off");
+        goto fail;
+    }
+    if (w->pair_kind != KVLINK_PAIR_OFF) {
+        if (node_id != NULL && node_id[0] != '\0') {
+            if (strlen(node_id) >= sizeof(w->node_id)) {
+                st = errf(err, err_len, FY_ERR_INVALID_ARG, "node id longer than 63 bytes");
+                goto fail;
+            }
+            snprintf(w->node_id, sizeof(w->node_id), "%s", node_id);
+        } else if (kvlink_pair_node_id(w->node_id, sizeof(w->node_id)) != FY_OK) {
+            FY_LOG_WARN(MODULE, "no boot id to pair by: pair links off (set a node id)");
+            w->pair_kind = KVLINK_PAIR_OFF;
+        }
+    }
+    if (w->pair_kind == KVLINK_PAIR_NCCL &&
+        fy_cuda_device_uuid(0, w->pair_device, sizeof(w->pair_device)) != FY_OK) {
+        FY_LOG_WARN(MODULE, "no GPU UUID: NCCL pair links off");
+        w->pair_kind = KVLINK_PAIR_OFF;
+    }
     size_t nb = (size_t)p.max_batch;
     w->batch = calloc(nb, sizeof(*w->batch));
     w->seqs = calloc(nb, sizeof(*w->seqs));

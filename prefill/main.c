@@ -49,6 +49,10 @@ static const fy_opt_t k_opts[] = {
     {"drain-timeout", FY_OPT_DURATION, "30s", "longest wait for work in hand at SIGTERM", false},
     {"ucx-tls", FY_OPT_STRING, "", "UCX transports (as UCX_TLS), empty = UCX's choice", false},
     {"ucx-devices", FY_OPT_STRING, "", "UCX devices (as UCX_NET_DEVICES)", false},
+    {"pair-link", FY_OPT_STRING, "auto",
+     "KV link with decode workers of this node: auto (nccl on GPUs), nccl, socket, off", false},
+    {"node-id", FY_OPT_STRING, "", "node identity for pairing (default: the kernel's boot id)",
+     false},
     {"port-file", FY_OPT_STRING, "", "write the bound RPC port to this file", false},
     {"test-corrupt-frames", FY_OPT_INT, "0", "test hook: damage one KV frame of each of the "
                                              "first N requests", false},
@@ -265,6 +269,36 @@ static int run(app_t *a)
         FY_LOG_ERROR(MODULE, "need 0 < --min-budget <= --max-budget <= 1");
         return 1;
     }
+    const char *pair_link = fy_config_str(cfg, "pair-link");
+    st = kvlink_pair_kind_parse(pair_link, mdl_model_device(a->model) == MDL_DEVICE_CUDA,
+                                &pp.pair_kind);
+    if (st != FY_OK) {
+        FY_LOG_ERROR(MODULE, "--pair-link %s: %s", pair_link,
+                     st == FY_ERR_UNSUPPORTED ? "nccl needs --device cuda and a build with NCCL"
+                                              : "takes auto, nccl, socket or off");
+        return 2;
+    }
+    char node_id[64] = "";
+    const char *nid = fy_config_str(cfg, "node-id");
+    if (pp.pair_kind != KVLINK_PAIR_OFF) {
+        if (nid != NULL && nid[0] != '\0') {
+            if (strlen(nid) >= sizeof(node_id)) {
+                FY_LOG_ERROR(MODULE, "--node-id: at most 63 bytes");
+                return 2;
+            }
+            snprintf(node_id, sizeof(node_id), "%s", nid);
+        } else if (kvlink_pair_node_id(node_id, sizeof(node_id)) != FY_OK) {
+            FY_LOG_WARN(MODULE, "no boot id to pair by: pair links off (set --node-id)");
+            pp.pair_kind = KVLINK_PAIR_OFF;
+        }
+    }
+    char pair_device[64] = "";
+    pp.pair_device = 0; // the model's GPU: the first visible one
+    if (pp.pair_kind == KVLINK_PAIR_NCCL &&
+        fy_cuda_device_uuid(pp.pair_device, pair_device, sizeof(pair_device)) != FY_OK) {
+        FY_LOG_WARN(MODULE, "no GPU UUID: NCCL pair links off");
+        pp.pair_kind = KVLINK_PAIR_OFF;
+    }
     int64_t corrupt = fy_config_int(cfg, "test-corrupt-frames");
     pp.test_corrupt_frames = corrupt > 0 && corrupt < (1 << 30) ? (uint32_t)corrupt : 0;
     if ((st = prefill_create(&a->loop, &pp, &a->pf)) != FY_OK ||
@@ -294,6 +328,9 @@ static int run(app_t *a)
         ap.role = ROUTER_ROLE_PREFILL;
         ap.rpc_address = advertise;
         ap.model_name = mp.path;
+        ap.pair_link = kvlink_pair_kind_name(pp.pair_kind);
+        ap.node_id = node_id;
+        ap.pair_device = pair_device;
         ap.model_fingerprint = fingerprint;
         ap.heartbeat_ms = (uint32_t)fy_config_duration_ms(cfg, "heartbeat");
         ap.load = fill_load;

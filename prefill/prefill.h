@@ -34,6 +34,7 @@
 #include "kvcodec.h"
 #include "kvlink.h"
 #include "model.h"
+#include "nccl_link.h"
 #include "rpc.h"
 
 #ifdef __cplusplus
@@ -60,6 +61,9 @@ typedef struct {
     double budget_min, budget_max; // its limits; 0 = 0.125 and 1
     bool host_codec;          // with a CUDA model, still score and encode on the CPU (from
                               // host copies of each layer); default: the codec runs on the GPU
+    kvlink_pair_kind_t pair_kind; // pair link with decode workers of this node (what the
+                                  // worker registered); OFF: every transfer goes over UCX
+    int pair_device;          // CUDA device of an NCCL pair's end (the model's)
 } prefill_params_t;
 
 #define PREFILL_MAX_BATCH_TOKENS 2048

@@ -39,10 +39,25 @@ typedef struct pf_job pf_job_t;
 typedef struct {
     pf_job_t *job;
     uint32_t layer;
-    uint8_t *data;
+    uint8_t *data; // host memory, or device memory when dev (kvc_cuda_frame_alloc)
     size_t len;
     uint32_t crc;
+    bool dev;
 } pf_frame_t;
+
+enum {
+    MAX_PAIRS = 16, // decode workers of this node paired at once
+    // Rounds of an idle pair, as the decode worker's (decode/worker.c).
+    PAIR_IDLE_ROUND_US = 2000,
+};
+
+/* This worker's end of a pair with one decode worker of its node (loop thread). */
+typedef struct {
+    char addr[160]; // the decode worker's kv address
+    kvlink_nccl_t *pair;
+    uint64_t generation;
+    bool failed;
+} pf_pair_t;
 
 typedef enum { OP_FRAME = 1, OP_COMPUTED = 2 } pf_op_kind_t;
 
@@ -75,7 +90,9 @@ struct pf_job {
     uint64_t raw_bytes, wire_bytes;
     int batch_jobs;    // jobs in the batch it was computed in
     int batch_tokens;  // their prompt tokens
-    // Loop thread.
+    // Loop thread. The transfer goes over the UCX link (send) or a pair (nsend).
+    kvlink_nccl_send_t *nsend;
+    bool dev_frames; // frames must be in device memory (an NCCL pair); set before queueing
     kvlink_send_t *send;
     bool send_ended;
     fy_status_t send_st;
@@ -112,6 +129,10 @@ struct prefill {
     int logits_cap;
     uint16_t *k16, *v16;
     size_t kv16_cap; // elements
+    pf_pair_t pairs[MAX_PAIRS]; // loop thread
+    uv_timer_t pair_timer;      // moves the pairs along
+    uv_idle_t pair_idle;        // ... at every loop turn while one has a transfer open
+    int open_handles;           // libuv handles not yet closed at destroy
     struct {
         fy_metric_t *requests_ok, *requests_failed, *requests_cancelled, *tokens, *prefill_s,
             *queue_s, *raw_bytes, *wire_bytes, *transfer_s, *hidden, *queued_tokens, *in_flight,
@@ -221,22 +242,57 @@ static void job_free(pf_job_t *job)
     free(job);
 }
 
+/* Whether the job has a transfer (over UCX or a pair). */
+static bool has_send(const pf_job_t *job)
+{
+    return job->send != NULL || job->nsend != NULL;
+}
+
 static void job_maybe_free(pf_job_t *job)
 {
     if (job->pins == 0 && job->call == NULL && job->computed && job->frames_out == 0 &&
-        (job->send == NULL || job->send_ended))
+        (!has_send(job) || job->send_ended))
         job_free(job);
+}
+
+static void frame_free(pf_frame_t *fr)
+{
+    if (fr->dev)
+        kvc_cuda_frame_free(fr->data); // stream-ordered: never waits for the device
+    else
+        free(fr->data);
+    free(fr);
+}
+
+static void frame_done(pf_frame_t *fr)
+{
+    pf_job_t *job = fr->job;
+    frame_free(fr);
+    job->frames_out--;
+    busy_end(job);
+    job_maybe_free(job);
 }
 
 static void on_frame_done(kvlink_send_t *req, fy_status_t st, void *arg)
 {
-    pf_frame_t *fr = arg;
-    pf_job_t *job = fr->job;
-    free(fr->data);
-    free(fr);
-    job->frames_out--;
-    busy_end(job);
-    job_maybe_free(job);
+    (void)req;
+    (void)st;
+    frame_done(arg);
+}
+
+static void on_pair_frame_done(kvlink_nccl_send_t *req, fy_status_t st, void *arg)
+{
+    (void)req;
+    (void)st;
+    frame_done(arg);
+}
+
+static void send_cancel(pf_job_t *job)
+{
+    if (job->nsend != NULL)
+        kvlink_nccl_send_cancel(job->nsend);
+    else
+        kvlink_send_cancel(job->send);
 }
 
 /* Stops the job: the compute thread sees it between layers; the send is cancelled. */
@@ -245,15 +301,14 @@ static void job_abort(pf_job_t *job, fy_status_t why)
     int expected = 0;
     atomic_compare_exchange_strong(&job->abort, &expected, (int)why);
     job->pins++;
-    if (job->send != NULL && !job->send_ended)
-        kvlink_send_cancel(job->send); // on_send_end runs inside
+    if (has_send(job) && !job->send_ended)
+        send_cancel(job); // on_send_end runs inside
     job->pins--;
     job_maybe_free(job);
 }
 
-static void on_send_end(kvlink_send_t *req, fy_status_t st, void *arg)
+static void send_ended(pf_job_t *job, fy_status_t st)
 {
-    pf_job_t *job = arg;
     job->send_ended = true;
     job->send_st = st;
     if (job->finish_sent)
@@ -270,25 +325,40 @@ static void on_send_end(kvlink_send_t *req, fy_status_t st, void *arg)
     job_maybe_free(job);
 }
 
+static void on_send_end(kvlink_send_t *req, fy_status_t st, void *arg)
+{
+    (void)req;
+    send_ended(arg, st);
+}
+
+static void on_pair_send_end(kvlink_nccl_send_t *req, fy_status_t st, void *arg)
+{
+    (void)req;
+    send_ended(arg, st);
+}
+
 static void handle_frame(prefill_t *pf, pf_frame_t *fr)
 {
     pf_job_t *job = fr->job;
-    if (job->send == NULL || job->send_ended || atomic_load(&job->abort) != 0) {
-        free(fr->data);
-        free(fr);
+    if (!has_send(job) || job->send_ended || atomic_load(&job->abort) != 0) {
+        frame_free(fr);
         return;
     }
     job->frames_out++;
     busy_begin(job);
     uint32_t layer = fr->layer;
     job->pins++;
-    fy_status_t st = kvlink_send_frame_crc(job->send, layer, fr->data, fr->len, fr->crc,
-                                           on_frame_done, fr);
+    // Over a pair the frame's own CRC32C (checked by the decode side's kvc_frame_parse) is
+    // the only one: the link carries none.
+    fy_status_t st =
+        job->nsend != NULL
+            ? kvlink_nccl_send_frame(job->nsend, layer, fr->data, fr->len, on_pair_frame_done, fr)
+            : kvlink_send_frame_crc(job->send, layer, fr->data, fr->len, fr->crc, on_frame_done,
+                                    fr);
     if (st != FY_OK) {
         job->frames_out--;
         busy_end(job);
-        free(fr->data);
-        free(fr);
+        frame_free(fr);
         FY_LOG_WARN(MODULE, "%s: frame of layer %u not sent: %s", job->request_id, layer,
                     fy_status_str(st));
         job_abort(job, st);
@@ -303,17 +373,18 @@ static void handle_computed(prefill_t *pf, pf_job_t *job)
     job->pins++;
     atomic_fetch_sub(&pf->queued_tokens, (uint64_t)job->n_tokens);
     fy_metric_set(pf->m.queued_tokens, (double)atomic_load(&pf->queued_tokens));
-    if (job->compute_st == FY_OK && atomic_load(&job->abort) == 0 && job->send != NULL &&
+    if (job->compute_st == FY_OK && atomic_load(&job->abort) == 0 && has_send(job) &&
         !job->send_ended) {
-        fy_status_t st = kvlink_send_finish(job->send);
+        fy_status_t st = job->nsend != NULL ? kvlink_nccl_send_finish(job->nsend)
+                                            : kvlink_send_finish(job->send);
         if (st == FY_OK) {
             job->finish_sent = true;
             busy_begin(job); // END and the receiver's STATUS
         } else {
             job_abort(job, st);
         }
-    } else if (job->send != NULL && !job->send_ended) {
-        kvlink_send_cancel(job->send);
+    } else if (has_send(job) && !job->send_ended) {
+        send_cancel(job);
     }
     job_maybe_finish(job);
     job->pins--;
@@ -359,12 +430,12 @@ static void transfer_times(const pf_job_t *job, double *transfer_ms, double *hid
 static void job_maybe_finish(pf_job_t *job)
 {
     prefill_t *pf = job->pf;
-    if (job->call == NULL || !job->computed || (job->send != NULL && !job->send_ended))
+    if (job->call == NULL || !job->computed || (has_send(job) && !job->send_ended))
         return;
     fy_status_t abort_st = (fy_status_t)atomic_load(&job->abort);
     fy_status_t st = abort_st != FY_OK         ? abort_st
                      : job->compute_st != FY_OK ? job->compute_st
-                     : job->send == NULL        ? FY_ERR_INTERNAL
+                     : !has_send(job)           ? FY_ERR_INTERNAL
                                                 : job->send_st;
     rpc_call_t *call = job->call;
     job->call = NULL;
@@ -435,6 +506,8 @@ typedef struct {
     kvc_encoder_cuda_t *genc; // or the GPU's (gpu_codec)
     int gpu_queued;           // layers queued on genc, not yet handed out
     uint32_t gpu_next;        // the next of them (layer index)
+    uint8_t *qdev[2];         // job->dev_frames: their device frames, oldest at qhead
+    int qhead;
     pf_batch_t *batch;
     fy_status_t st; // the job's own failure: its later layers are skipped
 } pf_run_t;
@@ -466,12 +539,37 @@ static fy_status_t ensure_kv16(prefill_t *pf, size_t need)
     return FY_OK;
 }
 
+/* Hands layer's frame in device memory (dev, len bytes; taken) to the sender. */
+static fy_status_t post_frame_dev(pf_run_t *r, uint32_t layer, uint8_t *dev, size_t len,
+                                  const kvc_layer_info_t *info)
+{
+    pf_job_t *job = r->job;
+    pf_frame_t *fr = calloc(1, sizeof(*fr));
+    if (fr == NULL) {
+        kvc_cuda_frame_free(dev);
+        return FY_ERR_NO_MEMORY;
+    }
+    *fr = (pf_frame_t){.job = job, .layer = layer, .data = dev, .len = len, .dev = true};
+    job->raw_bytes += info->fp16_bytes;
+    job->wire_bytes += len;
+    post_op(r->pf, OP_FRAME, job, fr);
+    return FY_OK;
+}
+
 /* Hands layer's frame (buf, len bytes; taken) to the sender. */
 static fy_status_t post_frame(pf_run_t *r, uint32_t layer, uint8_t *buf, size_t len,
                               const kvc_layer_info_t *info)
 {
     prefill_t *pf = r->pf;
     pf_job_t *job = r->job;
+    if (job->dev_frames) {
+        // Encoded on the host (no room for the GPU codec) for an NCCL pair: the link sends
+        // from device memory.
+        uint8_t *dev = NULL;
+        fy_status_t st = kvc_cuda_frame_upload(buf, len, &dev);
+        free(buf);
+        return st == FY_OK ? post_frame_dev(r, layer, dev, len, info) : st;
+    }
     pf_frame_t *fr = calloc(1, sizeof(*fr));
     if (fr == NULL) {
         free(buf);
@@ -489,7 +587,8 @@ static fy_status_t post_frame(pf_run_t *r, uint32_t layer, uint8_t *buf, size_t 
     fr->layer = layer;
     fr->data = shrunk ? shrunk : buf;
     fr->len = len;
-    fr->crc = fy_crc32c(0, fr->data, len);
+    // The UCX link wants the frame's CRC32C; a pair carries none (see handle_frame).
+    fr->crc = job->nsend == NULL ? fy_crc32c(0, fr->data, len) : 0;
     job->raw_bytes += info->fp16_bytes;
     job->wire_bytes += len;
     post_op(pf, OP_FRAME, job, fr);
@@ -499,6 +598,18 @@ static fy_status_t post_frame(pf_run_t *r, uint32_t layer, uint8_t *buf, size_t 
 /* Waits for the oldest layer queued on the GPU encoder and hands its frame out. */
 static fy_status_t finish_gpu_layer(pf_run_t *r)
 {
+    if (r->job->dev_frames) {
+        size_t len = 0;
+        kvc_layer_info_t info;
+        fy_status_t st = kvc_encoder_finish_layer_cuda(r->genc, &len, &info);
+        if (st != FY_OK)
+            return st;
+        uint8_t *dev = r->qdev[r->qhead];
+        r->qdev[r->qhead] = NULL;
+        r->qhead ^= 1;
+        r->gpu_queued--;
+        return post_frame_dev(r, r->gpu_next++, dev, len, &info);
+    }
     size_t cap = kvc_encoder_cuda_max_frame_bytes(r->genc), len = 0;
     uint8_t *buf = malloc(cap);
     if (buf == NULL)
@@ -534,8 +645,23 @@ static fy_status_t encode_layer(pf_run_t *r, const mdl_layer_kv_t *kv)
         // The layer is queued behind the previous one, which is handed out while this one
         // runs on the GPU (the model's stream waits for the queued work before it reuses the
         // layer's buffers); the last layer goes out at once.
-        if ((st = kvc_encoder_enqueue_layer_cuda_host(r->genc, &in, NULL, kv->stream)) != FY_OK)
+        if (job->dev_frames) {
+            // The frame stays on the GPU for the NCCL pair: one device buffer per layer, freed
+            // once the link is done with it.
+            size_t cap = kvc_encoder_cuda_max_frame_bytes(r->genc);
+            uint8_t *dev = NULL;
+            if ((st = kvc_cuda_frame_alloc(cap, &dev)) != FY_OK)
+                return st;
+            st = kvc_encoder_enqueue_layer_cuda(r->genc, &in, NULL, dev, cap, kv->stream);
+            if (st != FY_OK) {
+                kvc_cuda_frame_free(dev);
+                return st;
+            }
+            r->qdev[(r->qhead + r->gpu_queued) & 1] = dev;
+        } else if ((st = kvc_encoder_enqueue_layer_cuda_host(r->genc, &in, NULL, kv->stream)) !=
+                   FY_OK) {
             return st;
+        }
         r->gpu_queued++;
         if (r->gpu_queued > 1 && (st = finish_gpu_layer(r)) != FY_OK)
             return st;
@@ -692,7 +818,9 @@ static void run_batch(prefill_t *pf, pf_job_t **jobs, int n)
         for (int i = 0; i < m; i++) {
             pf_run_t *r = &runs[i];
             kvc_encoder_destroy(r->enc);
-            kvc_encoder_cuda_destroy(r->genc);
+            kvc_encoder_cuda_destroy(r->genc); // waits for its queued work
+            for (int q = 0; q < 2; q++)        // frames of layers that never went out
+                kvc_cuda_frame_free(r->qdev[q]);
             r->job->compute_st = r->st != FY_OK ? r->st
                                  : st != FY_OK  ? st
                                                 : job_sample(pf, r->job, logits[i]);
@@ -819,6 +947,160 @@ static void adaptive_pick(prefill_t *pf, const Ferry__V1__CodecParams *codec, pf
     }
 }
 
+/* ---- pairs with decode workers of this node (nccl_link.h) ------------------------------ */
+
+static pf_pair_t *pair_slot_of(prefill_t *pf, const kvlink_nccl_t *pair)
+{
+    for (size_t i = 0; i < MAX_PAIRS; i++) {
+        if (pf->pairs[i].pair != NULL && pf->pairs[i].pair == pair)
+            return &pf->pairs[i];
+    }
+    return NULL;
+}
+
+static void on_pair_peer(kvlink_nccl_t *pair, fy_status_t st, const char *message, void *arg)
+{
+    prefill_t *pf = arg;
+    pf_pair_t *pp = pair_slot_of(pf, pair);
+    if (pp == NULL)
+        return;
+    const char *kind = kvlink_pair_kind_name(pf->params.pair_kind);
+    if (st == FY_OK) {
+        FY_LOG_INFO(MODULE, "%s pair %llu with %s is up", kind,
+                    (unsigned long long)pp->generation, pp->addr);
+        return;
+    }
+    // Its transfers fail (FY_ERR_UNAVAILABLE) and the router retries them; the decode worker
+    // hands out a new pair with its next reservations.
+    pp->failed = true;
+    FY_LOG_WARN(MODULE, "%s pair %llu with %s failed: %s%s%s", kind,
+                (unsigned long long)pp->generation, pp->addr, fy_status_str(st),
+                message != NULL ? ": " : "", message != NULL ? message : "");
+}
+
+static void on_pair_idle(uv_idle_t *h);
+
+static void pairs_progress(prefill_t *pf)
+{
+    bool busy = false;
+    for (size_t i = 0; i < MAX_PAIRS; i++) {
+        pf_pair_t *pp = &pf->pairs[i];
+        if (pp->pair == NULL || pp->failed)
+            continue;
+        kvlink_nccl_progress(pp->pair);
+        kvlink_nccl_stats_t s;
+        kvlink_nccl_stats(pp->pair, &s);
+        busy = busy || s.frames_in_flight > 0 || s.frames_queued > 0; // as decode/worker.c
+    }
+    if (busy && !uv_is_active((uv_handle_t *)&pf->pair_idle))
+        uv_idle_start(&pf->pair_idle, on_pair_idle);
+    else if (!busy && uv_is_active((uv_handle_t *)&pf->pair_idle))
+        uv_idle_stop(&pf->pair_idle);
+}
+
+static void on_pair_tick(uv_timer_t *t)
+{
+    pairs_progress(t->data);
+}
+
+static void on_pair_idle(uv_idle_t *h)
+{
+    pairs_progress(h->data);
+}
+
+/* The pair with the decode worker at addr that the reservation names: joins a new one when
+ * the decode worker handed out its id (id_len bytes, 0 if none) for a generation this worker
+ * does not have, replacing an older or failed one. NULL without a usable pair (logged). */
+static pf_pair_t *pair_join(prefill_t *pf, const char *addr, const uint8_t *id, size_t id_len,
+                            uint64_t generation)
+{
+    pf_pair_t *cur = NULL, *free_slot = NULL;
+    for (size_t i = 0; i < MAX_PAIRS; i++) {
+        pf_pair_t *pp = &pf->pairs[i];
+        if (pp->pair != NULL && strcmp(pp->addr, addr) == 0)
+            cur = pp;
+        else if (pp->pair == NULL && free_slot == NULL)
+            free_slot = pp;
+    }
+    if (cur != NULL && cur->generation == generation)
+        return cur->failed ? NULL : cur;
+    if (id_len != KVLINK_NCCL_ID_BYTES)
+        return NULL; // a pair this worker never joined, and no id to join it with
+    if (cur != NULL) {
+        kvlink_nccl_destroy(cur->pair); // the decode worker moved on to a newer one
+        memset(cur, 0, sizeof(*cur));
+        free_slot = cur;
+    }
+    if (free_slot == NULL) {
+        FY_LOG_WARN(MODULE, "no pair with %s: %d pairs already", addr, MAX_PAIRS);
+        return NULL;
+    }
+    kvlink_nccl_params_t np;
+    kvlink_nccl_params_default(&np);
+    np.compat.protocol_version = KVLINK_NCCL_PROTOCOL_VERSION;
+    np.compat.codec_version = KVC_FRAME_VERSION;
+    np.compat.model_fingerprint = pf->params.fingerprint;
+    np.role = KVLINK_NCCL_SENDER;
+    np.idle_round_us = PAIR_IDLE_ROUND_US;
+    np.device = pf->params.pair_device;
+    np.on_peer = on_pair_peer;
+    np.cb_arg = pf;
+    fy_status_t st = kvlink_pair_create(pf->params.pair_kind, id, id_len, &np, &free_slot->pair);
+    if (st != FY_OK) {
+        FY_LOG_WARN(MODULE, "cannot join the %s pair %llu of %s: %s",
+                    kvlink_pair_kind_name(pf->params.pair_kind), (unsigned long long)generation,
+                    addr, fy_status_str(st));
+        memset(free_slot, 0, sizeof(*free_slot));
+        return NULL;
+    }
+    snprintf(free_slot->addr, sizeof(free_slot->addr), "%s", addr);
+    free_slot->generation = generation;
+    FY_LOG_INFO(MODULE, "%s pair %llu with %s: joining",
+                kvlink_pair_kind_name(pf->params.pair_kind), (unsigned long long)generation, addr);
+    if (!uv_is_active((uv_handle_t *)&pf->pair_timer))
+        uv_timer_start(&pf->pair_timer, on_pair_tick, 1, 1);
+    return free_slot;
+}
+
+/* Opens the job's transfer: over the pair when the reservation says so, else over UCX. */
+static fy_status_t open_send(prefill_t *pf, pf_job_t *job, const Ferry__V1__PrefillRequest *req)
+{
+    pf_pair_t *pp = NULL;
+    if (pf->params.pair_kind != KVLINK_PAIR_OFF && req->pair_generation != 0)
+        pp = pair_join(pf, job->kv_addr, req->pair_id.data, req->pair_id.len,
+                       req->pair_generation);
+    if (req->via_pair) {
+        // The decode worker expects this KV on the pair only.
+        if (pp == NULL || pp->generation != req->pair_generation) {
+            FY_LOG_WARN(MODULE, "%s: the decode worker expects the KV over pair %llu, which this "
+                                "worker does not have",
+                        job->request_id, (unsigned long long)req->pair_generation);
+            return FY_ERR_UNAVAILABLE;
+        }
+        kvlink_nccl_send_params_t sp;
+        kvlink_nccl_send_params_default(&sp);
+        sp.deadline_ns = job->deadline_ns;
+        sp.on_end = on_pair_send_end;
+        sp.arg = job;
+        job->dev_frames = pf->params.pair_kind == KVLINK_PAIR_NCCL;
+        // Goes out with the pair timer's next round (callbacks run there, not inside this call).
+        fy_status_t st = kvlink_nccl_send_open(pp->pair, job->reservation_id, &sp, &job->nsend);
+        if (st != FY_OK)
+            job->nsend = NULL;
+        return st;
+    }
+    kvlink_send_params_t sp;
+    kvlink_send_params_default(&sp);
+    sp.deadline_ns = job->deadline_ns;
+    sp.on_end = on_send_end;
+    sp.arg = job;
+    fy_status_t st = kvlink_send_open(pf->params.link, job->kv_addr, job->reservation_id, &sp,
+                                      &job->send);
+    if (st != FY_OK)
+        job->send = NULL;
+    return st;
+}
+
 static void on_prefill(rpc_call_t *call, const ProtobufCMessage *msg, void *arg)
 {
     prefill_t *pf = arg;
@@ -911,14 +1193,8 @@ static void on_prefill(rpc_call_t *call, const ProtobufCMessage *msg, void *arg)
         return;
     }
     // Open the transfer now: connecting and the handshake overlap the queue and compute.
-    kvlink_send_params_t sp;
-    kvlink_send_params_default(&sp);
-    sp.deadline_ns = job->deadline_ns;
-    sp.on_end = on_send_end;
-    sp.arg = job;
-    st = kvlink_send_open(pf->params.link, job->kv_addr, job->reservation_id, &sp, &job->send);
+    st = open_send(pf, job, req);
     if (st != FY_OK) {
-        job->send = NULL;
         job->computed = true;
         atomic_store(&job->abort, (int)st);
         FY_LOG_WARN(MODULE, "%s: cannot open the KV transfer to %s: %s", job->request_id,
@@ -1080,9 +1356,16 @@ fy_status_t prefill_create(uv_loop_t *loop, const prefill_params_t *params, pref
     uv_cond_init(&pf->cond);
     uv_async_init(loop, &pf->async, on_async);
     pf->async.data = pf;
+    uv_timer_init(loop, &pf->pair_timer);
+    pf->pair_timer.data = pf;
+    uv_idle_init(loop, &pf->pair_idle);
+    pf->pair_idle.data = pf;
+    pf->open_handles = 3;
     register_metrics(pf);
     if (uv_thread_create(&pf->thread, compute_main, pf) != 0) {
         uv_close((uv_handle_t *)&pf->async, NULL);
+        uv_close((uv_handle_t *)&pf->pair_timer, NULL);
+        uv_close((uv_handle_t *)&pf->pair_idle, NULL);
         uv_cond_destroy(&pf->cond);
         uv_mutex_destroy(&pf->mu);
         mdl_ctx_destroy(pf->ctx);
@@ -1128,9 +1411,11 @@ void prefill_abort_all(prefill_t *pf, const char *reason)
     }
 }
 
-static void on_async_closed(uv_handle_t *h)
+static void on_handle_closed(uv_handle_t *h)
 {
     prefill_t *pf = h->data;
+    if (--pf->open_handles > 0)
+        return;
     uv_cond_destroy(&pf->cond);
     uv_mutex_destroy(&pf->mu);
     free(pf);
@@ -1146,6 +1431,13 @@ void prefill_destroy(prefill_t *pf)
     uv_mutex_unlock(&pf->mu);
     uv_thread_join(&pf->thread);
     on_async(&pf->async); // ops the thread posted last
+    // Transfers over pairs end (FY_ERR_CLOSED) and give their frames back.
+    uv_timer_stop(&pf->pair_timer);
+    uv_idle_stop(&pf->pair_idle);
+    for (size_t i = 0; i < MAX_PAIRS; i++) {
+        kvlink_nccl_destroy(pf->pairs[i].pair);
+        memset(&pf->pairs[i], 0, sizeof(pf->pairs[i]));
+    }
     while (pf->live != NULL) {
         // Only reachable when the caller did not wait: drop what is left.
         pf_job_t *j = pf->live;
@@ -1160,5 +1452,7 @@ void prefill_destroy(prefill_t *pf)
     free(pf->k16);
     free(pf->v16);
     pf_adaptive_destroy(pf->adaptive);
-    uv_close((uv_handle_t *)&pf->async, on_async_closed);
+    uv_close((uv_handle_t *)&pf->async, on_handle_closed);
+    uv_close((uv_handle_t *)&pf->pair_timer, on_handle_closed);
+    uv_close((uv_handle_t *)&pf->pair_idle, on_handle_closed);
 }

@@ -26,6 +26,7 @@ struct router_agent {
     char worker_id[64];
     char rpc_address[128];
     char kv_address[128];
+    char pair_link[16], node_id[64], pair_device[64];
     char model_name[128];
     router_role_t role;
     uint64_t fingerprint;
@@ -167,6 +168,9 @@ static void send_register(router_agent_t *a)
                                               : FERRY__V1__WORKER_ROLE__WORKER_ROLE_DECODE;
     req.rpc_address = a->rpc_address;
     req.kv_address = a->kv_address;
+    req.pair_link = a->pair_link;
+    req.node_id = a->node_id;
+    req.pair_device = a->pair_device;
     model.name = a->model_name;
     model.fingerprint = a->fingerprint;
     req.model = &model;
@@ -244,9 +248,16 @@ fy_status_t router_agent_create(struct uv_loop_s *loop, const router_agent_param
                             params->rpc_address);
     snprintf(a->model_name, sizeof(a->model_name), "%s",
              params->model_name ? params->model_name : "");
+    bool pairs = params->pair_link != NULL && params->pair_link[0] != '\0' &&
+                 params->node_id != NULL && params->node_id[0] != '\0';
+    int n5 = snprintf(a->pair_link, sizeof(a->pair_link), "%s", pairs ? params->pair_link : "");
+    int n6 = snprintf(a->node_id, sizeof(a->node_id), "%s", pairs ? params->node_id : "");
+    int n7 = snprintf(a->pair_device, sizeof(a->pair_device), "%s",
+                      pairs && params->pair_device != NULL ? params->pair_device : "");
     if (n1 <= 0 || (size_t)n1 >= sizeof(a->router_address) ||
         (size_t)n2 >= sizeof(a->rpc_address) || (size_t)n3 >= sizeof(a->kv_address) ||
-        n4 <= 0 || (size_t)n4 >= sizeof(a->worker_id)) {
+        n4 <= 0 || (size_t)n4 >= sizeof(a->worker_id) || (size_t)n5 >= sizeof(a->pair_link) ||
+        (size_t)n6 >= sizeof(a->node_id) || (size_t)n7 >= sizeof(a->pair_device)) {
         free(a);
         return FY_ERR_INVALID_ARG;
     }

@@ -19,6 +19,7 @@
 #define RT_MAX_STOP_IDS 16
 #define RT_MAX_STOPS 8
 #define RT_MAX_CHANNELS 256
+#define RT_PAIR_ID_BYTES 128 // an ncclUniqueId, or the socket link's id (nccl_link.h)
 
 typedef struct {
     char addr[128];
@@ -94,6 +95,11 @@ typedef struct rt_req {
     bool pool_full; // a decode worker refused for lack of pages
     uint64_t kv_pages, expected_wire;
     uint64_t reservation_id;
+    // The decode worker's pair with the prefill worker, from ReserveKV to Prefill.
+    uint8_t pair_id[RT_PAIR_ID_BYTES];
+    size_t pair_id_len;
+    uint64_t pair_generation;
+    bool via_pair;
     rpc_ccall_t *wcall; // worker call in flight
     // results
     bool got_prefill;
@@ -788,6 +794,10 @@ static void start_prefill(rt_req_t *r)
     req.codec = &r->codec;
     req.decode_kv_address = r->dw.kv_address;
     req.reservation_id = r->reservation_id;
+    req.pair_id.data = r->pair_id;
+    req.pair_id.len = r->pair_id_len;
+    req.pair_generation = r->pair_generation;
+    req.via_pair = r->via_pair;
     if (r->deadline_ns != 0)
         req.deadline_unix_ms =
             (fy_clock_realtime_ns() + (r->deadline_ns - FY_MIN(r->deadline_ns, fy_clock_ns()))) /
@@ -810,7 +820,23 @@ static void start_prefill(rt_req_t *r)
 static void on_reserve_msg(rpc_ccall_t *call, const ProtobufCMessage *msg, void *arg)
 {
     rt_req_t *r = arg;
-    r->reservation_id = ((const Ferry__V1__ReserveKVResponse *)msg)->reservation_id;
+    const Ferry__V1__ReserveKVResponse *resp = (const Ferry__V1__ReserveKVResponse *)msg;
+    r->reservation_id = resp->reservation_id;
+    // Passed on to the prefill worker as they came; an id of another size is not one.
+    r->pair_id_len = resp->pair_id.len == sizeof(r->pair_id) ? resp->pair_id.len : 0;
+    if (r->pair_id_len > 0)
+        memcpy(r->pair_id, resp->pair_id.data, r->pair_id_len);
+    r->pair_generation = resp->pair_generation;
+    r->via_pair = resp->via_pair;
+}
+
+/* Whether the placed workers can carry the KV over a pair of their own: the same kind of
+ * pair link, on the same node, not on the same GPU. */
+static bool can_pair(const router_worker_t *pw, const router_worker_t *dw)
+{
+    return pw->pair_link[0] != '\0' && pw->node_id[0] != '\0' &&
+           strcmp(pw->pair_link, dw->pair_link) == 0 && strcmp(pw->node_id, dw->node_id) == 0 &&
+           (pw->pair_device[0] == '\0' || strcmp(pw->pair_device, dw->pair_device) != 0);
 }
 
 static void on_reserve_done(rpc_ccall_t *call, int code, const char *message, void *arg)
@@ -858,6 +884,9 @@ static void req_place(rt_req_t *r)
     rt_t *rt = r->rt;
     r->attempts++;
     r->reservation_id = 0;
+    r->pair_id_len = 0;
+    r->pair_generation = 0;
+    r->via_pair = false;
     if (r->attempts == 1)
         snprintf(r->wid, sizeof(r->wid), "%s", r->id);
     else
@@ -905,6 +934,7 @@ static void req_place(rt_req_t *r)
     req.max_new_tokens = r->max_tokens;
     req.expected_wire_bytes = r->expected_wire;
     req.lease_ms = rt->params.reserve_lease_ms;
+    req.pair_peer = can_pair(&r->pw, &r->dw) ? r->pw.id : "";
     rpc_call_opts_t opts = {.timeout_ms = (uint32_t)remaining_ms(r, rt->params.worker_timeout_ms)};
     r->state = ST_RESERVE;
     st = rpc_channel_call(ch, "/ferry.v1.Worker/ReserveKV", &req.base,

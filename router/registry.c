@@ -96,6 +96,9 @@ fy_status_t router_registry_register(router_registry_t *reg, const router_worker
     w->id[sizeof(w->id) - 1] = '\0';
     w->rpc_address[sizeof(w->rpc_address) - 1] = '\0';
     w->kv_address[sizeof(w->kv_address) - 1] = '\0';
+    w->pair_link[sizeof(w->pair_link) - 1] = '\0';
+    w->node_id[sizeof(w->node_id) - 1] = '\0';
+    w->pair_device[sizeof(w->pair_device) - 1] = '\0';
     w->last_seen_ns = now_ns;
     w->avoid_until_ns = 0;
     w->consecutive_failures = 0;

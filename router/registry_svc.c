@@ -50,6 +50,13 @@ static void on_register(rpc_call_t *call, const ProtobufCMessage *msg, void *arg
         rpc_call_finish(call, RPC_CODE_INVALID_ARGUMENT, "rpc_address empty or address too long");
         return;
     }
+    if (!copy_str(w.pair_link, sizeof(w.pair_link), req->pair_link) ||
+        !copy_str(w.node_id, sizeof(w.node_id), req->node_id) ||
+        !copy_str(w.pair_device, sizeof(w.pair_device), req->pair_device)) {
+        rpc_call_finish(call, RPC_CODE_INVALID_ARGUMENT,
+                        "pair_link, node_id or pair_device too long");
+        return;
+    }
     if (req->role == FERRY__V1__WORKER_ROLE__WORKER_ROLE_PREFILL) {
         w.role = ROUTER_ROLE_PREFILL;
     } else if (req->role == FERRY__V1__WORKER_ROLE__WORKER_ROLE_DECODE) {
@@ -69,10 +76,11 @@ static void on_register(rpc_call_t *call, const ProtobufCMessage *msg, void *arg
         rpc_call_finish(call, rpc_code_from_status(st), fy_status_str(st));
         return;
     }
-    FY_LOG_INFO(MODULE, "worker %s registered: %s at %s%s%s, model %016llx", w.id,
+    FY_LOG_INFO(MODULE, "worker %s registered: %s at %s%s%s, model %016llx%s%s%s%s", w.id,
                 w.role == ROUTER_ROLE_PREFILL ? "prefill" : "decode", w.rpc_address,
                 w.kv_address[0] ? ", kv " : "", w.kv_address,
-                (unsigned long long)w.model_fingerprint);
+                (unsigned long long)w.model_fingerprint, w.pair_link[0] ? ", pairs over " : "",
+                w.pair_link, w.pair_link[0] ? " on node " : "", w.pair_link[0] ? w.node_id : "");
     Ferry__V1__RegisterResponse resp = FERRY__V1__REGISTER_RESPONSE__INIT;
     resp.lease_ms = router_registry_lease_ms(reg);
     rpc_call_send(call, &resp.base);

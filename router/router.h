@@ -48,6 +48,9 @@ typedef struct {
     router_role_t role;
     char rpc_address[128];
     char kv_address[128];
+    char pair_link[16]; // KV link it can pair over inside its node ("nccl", "socket"), or ""
+    char node_id[64];
+    char pair_device[64]; // the GPU its pair end uses; never paired with one on the same GPU
     uint64_t model_fingerprint;
     router_load_t load;     // last reported, minus what placement booked since
     uint64_t last_seen_ns;  // fy_clock_ns() of the last register/heartbeat
@@ -160,6 +163,9 @@ typedef struct {
     router_role_t role;
     const char *rpc_address;    // "host:port" where this worker serves ferry.v1.Worker
     const char *kv_address;     // "host:port" of the UCX listener (decode), or NULL
+    const char *pair_link;      // KV link it can pair over inside its node, or NULL
+    const char *node_id;        // its node, for pairing; NULL or "" = no pairing
+    const char *pair_device;    // the GPU its pair end uses (nccl), or NULL
     const char *model_name;     // for status output, or NULL
     uint64_t model_fingerprint;
     uint32_t heartbeat_ms;      // 0 = half the lease the router announces; never above it

@@ -140,6 +140,37 @@ static void test_daemon_cmds(void **state)
     free(s);
 }
 
+/* pair_link reaches both kinds of worker as --pair-link, not the router; a word it does not
+ * know is refused with its line. */
+static void test_pair_link(void **state)
+{
+    (void)state;
+    char text[4096];
+    snprintf(text, sizeof(text), "%spair_link: socket\n", k_spec);
+    fy_cluster_spec_t *s = parse_ok(text);
+    assert_string_equal(s->pair_link, "socket");
+    fy_cluster_cmd_t c;
+    for (int i = 0; i < 4; i++) {
+        assert_int_equal(fy_cluster_daemon_cmd(s, i, NULL, &c), FY_OK);
+        assert_true(has_word(&c, "--pair-link=socket") == (i != 0));
+        fy_cluster_cmd_free(&c);
+    }
+    free(s);
+    s = parse_ok(k_spec); // absent: the workers' own default
+    assert_int_equal(fy_cluster_daemon_cmd(s, 1, NULL, &c), FY_OK);
+    for (int i = 0; i < c.argc; i++)
+        assert_null(strstr(c.argv[i], "--pair-link"));
+    fy_cluster_cmd_free(&c);
+    snprintf(text, sizeof(text), "%spair_link: infiniband\n", k_spec);
+    char err[512];
+    assert_int_not_equal(fy_cluster_spec_parse(text, strlen(text), "t.yaml", "/base", -1, s, err,
+                                               sizeof(err)),
+                         FY_OK);
+    assert_non_null(strstr(err, "t.yaml:22"));
+    assert_non_null(strstr(err, "pair_link"));
+    free(s);
+}
+
 static void test_shell_quoting(void **state)
 {
     (void)state;
@@ -397,6 +428,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_full_spec),    cmocka_unit_test(test_daemon_cmds),
+        cmocka_unit_test(test_pair_link),
         cmocka_unit_test(test_shell_quoting), cmocka_unit_test(test_errors),
         cmocka_unit_test(test_local_backend), cmocka_unit_test(test_netns_plan),
         cmocka_unit_test(test_state_and_metrics), cmocka_unit_test(test_reserve_lease),

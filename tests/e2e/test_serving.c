@@ -16,8 +16,7 @@
 #include <math.h>
 #include <poll.h>
 
-#include "daemon_util.h"
-#include "ferry_client.h"
+#include "client_util.h"
 #include "model.h"
 
 static struct {
@@ -574,40 +573,7 @@ static void test_concurrent_streams(void **state)
     // Initially (and after everything ends) every page of the pool is free.
     double free0 = decode_metric("ferry_decode_total_pages");
     assert_true(free0 > 0);
-    uv_loop_t loop;
-    ferry_client_t *c = async_client(&loop);
-    static async_t res[N];
-    memset(res, 0, sizeof(res));
-    static const char *const prompts[] = {"One", "Two birds", "The sky is", "Numbers: 1, 2,"};
-    for (int i = 0; i < N; i++) {
-        Ferry__V1__GenerateRequest req = FERRY__V1__GENERATE_REQUEST__INIT;
-        Ferry__V1__SamplingParams s = FERRY__V1__SAMPLING_PARAMS__INIT;
-        req.input_case = FERRY__V1__GENERATE_REQUEST__INPUT_PROMPT;
-        req.prompt = (char *)prompts[i % 4];
-        s.max_tokens = 6;
-        s.ignore_eos = true;
-        req.sampling = &s;
-        req.return_token_ids = true;
-        assert_int_equal(ferry_call_async(c, "/ferry.v1.Ferry/Generate", &req.base,
-                                          &ferry__v1__generate_response__descriptor, NULL,
-                                          async_msg, async_done, &res[i], NULL),
-                         0);
-    }
-    for (;;) {
-        int done = 0;
-        for (int i = 0; i < N; i++)
-            done += res[i].done;
-        if (done == N)
-            break;
-        uv_run(&loop, UV_RUN_ONCE);
-    }
-    ferry_client_destroy(c);
-    du_drain_loop(&loop);
-    uv_loop_close(&loop);
-    for (int i = 0; i < N; i++) {
-        assert_int_equal(res[i].code, 0);
-        assert_int_equal(res[i].n_ids, 6);
-    }
+    assert_int_equal(du_concurrent_streams(G.router_addr, N, 6), N);
     // Every page came back.
     double free1 = -1;
     for (int i = 0; i < 100 && free1 != free0; i++) {
