@@ -127,14 +127,14 @@ struct kv_cmd {
     uint64_t id;
     rpc_call_t *call; // CMD_EXPECT: the ReserveKV call to answer
     uint64_t credit;
-    char pair_peer[64]; // CMD_EXPECT: the sending prefill worker, when the two may pair
+    char pair_peer[96]; // CMD_EXPECT: the sending prefill worker, when the two may pair
     fy_status_t st;   // CMD_CANCEL: what to report
     fail_reason_t reason;
 };
 
 /* A pair with one prefill worker of this node (kvlink thread). */
 typedef struct {
-    char peer[64]; // the prefill worker's id
+    char peer[96]; // the prefill worker: "id#instance"
     kvlink_nccl_t *pair;
     uint64_t generation;
     uint8_t id[KVLINK_NCCL_ID_BYTES]; // handed out through ReserveKV until the pair is up
@@ -719,6 +719,14 @@ static pair_slot_t *pair_for(decode_worker_t *w, const char *peer)
         }
         if (ps->pair == NULL && free_slot == NULL)
             free_slot = ps;
+    }
+    for (size_t i = 0; i < MAX_PAIRS && free_slot == NULL; i++) {
+        // Full: a failed pair's slot (a worker that went away) is reused.
+        if (w->pairs[i].failed) {
+            kvlink_nccl_destroy(w->pairs[i].pair);
+            memset(&w->pairs[i], 0, sizeof(w->pairs[i]));
+            free_slot = &w->pairs[i];
+        }
     }
     if (free_slot == NULL) {
         FY_LOG_WARN(MODULE, "no pair with %s: %d pairs already", peer, MAX_PAIRS);

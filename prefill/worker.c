@@ -1031,6 +1031,14 @@ static pf_pair_t *pair_join(prefill_t *pf, const char *addr, const uint8_t *id, 
         memset(cur, 0, sizeof(*cur));
         free_slot = cur;
     }
+    for (size_t i = 0; i < MAX_PAIRS && free_slot == NULL; i++) {
+        // Full: a failed pair's slot (a decode worker that went away) is reused.
+        if (pf->pairs[i].failed) {
+            kvlink_nccl_destroy(pf->pairs[i].pair);
+            memset(&pf->pairs[i], 0, sizeof(pf->pairs[i]));
+            free_slot = &pf->pairs[i];
+        }
+    }
     if (free_slot == NULL) {
         FY_LOG_WARN(MODULE, "no pair with %s: %d pairs already", addr, MAX_PAIRS);
         return NULL;

@@ -11,6 +11,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
+#include <unistd.h>
 
 #include "ferry.pb-c.h"
 #include "router.h"
@@ -27,6 +29,7 @@ struct router_agent {
     char rpc_address[128];
     char kv_address[128];
     char pair_link[16], node_id[64], pair_device[64];
+    uint64_t instance; // random: tells a restarted worker from the one before
     char model_name[128];
     router_role_t role;
     uint64_t fingerprint;
@@ -171,6 +174,7 @@ static void send_register(router_agent_t *a)
     req.pair_link = a->pair_link;
     req.node_id = a->node_id;
     req.pair_device = a->pair_device;
+    req.instance = a->instance;
     model.name = a->model_name;
     model.fingerprint = a->fingerprint;
     req.model = &model;
@@ -231,6 +235,8 @@ fy_status_t router_agent_create(struct uv_loop_s *loop, const router_agent_param
         return FY_ERR_NO_MEMORY;
     a->loop = loop;
     a->role = params->role;
+    if (getrandom(&a->instance, sizeof(a->instance), 0) != (ssize_t)sizeof(a->instance))
+        a->instance = fy_clock_realtime_ns() ^ ((uint64_t)getpid() << 32);
     a->fingerprint = params->model_fingerprint;
     a->heartbeat_ms_param = params->heartbeat_ms;
     a->retry_ms_initial = a->retry_ms = params->retry_ms ? params->retry_ms : 200;

@@ -934,7 +934,10 @@ static void req_place(rt_req_t *r)
     req.max_new_tokens = r->max_tokens;
     req.expected_wire_bytes = r->expected_wire;
     req.lease_ms = rt->params.reserve_lease_ms;
-    req.pair_peer = can_pair(&r->pw, &r->dw) ? r->pw.id : "";
+    char peer[96] = "";
+    if (can_pair(&r->pw, &r->dw))
+        snprintf(peer, sizeof(peer), "%s#%016llx", r->pw.id, (unsigned long long)r->pw.instance);
+    req.pair_peer = peer;
     rpc_call_opts_t opts = {.timeout_ms = (uint32_t)remaining_ms(r, rt->params.worker_timeout_ms)};
     r->state = ST_RESERVE;
     st = rpc_channel_call(ch, "/ferry.v1.Worker/ReserveKV", &req.base,

@@ -70,6 +70,7 @@ static void on_register(rpc_call_t *call, const ProtobufCMessage *msg, void *arg
         return;
     }
     w.model_fingerprint = req->model ? req->model->fingerprint : 0;
+    w.instance = req->instance;
     load_from_msg(&w.load, req->load);
     fy_status_t st = router_registry_register(reg, &w, fy_clock_ns());
     if (st != FY_OK) {

@@ -51,6 +51,7 @@ typedef struct {
     char pair_link[16]; // KV link it can pair over inside its node ("nccl", "socket"), or ""
     char node_id[64];
     char pair_device[64]; // the GPU its pair end uses; never paired with one on the same GPU
+    uint64_t instance;    // random per process (RegisterRequest.instance)
     uint64_t model_fingerprint;
     router_load_t load;     // last reported, minus what placement booked since
     uint64_t last_seen_ns;  // fy_clock_ns() of the last register/heartbeat
