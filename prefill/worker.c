@@ -730,7 +730,10 @@ static fy_status_t job_encoder(prefill_t *pf, pf_job_t *job, pf_run_t *r)
     ep.seq_id = job->reservation_id;
     if (gpu_codec(pf)) {
         fy_status_t st = kvc_encoder_cuda_create(&ep, &r->genc);
-        if (st == FY_OK && (st = kvc_encoder_cuda_reserve_host(r->genc)) != FY_OK) {
+        // Frames for an NCCL pair get device buffers of their own (kvc_cuda_frame_alloc), not
+        // the encoder's, which only the copy to the host uses.
+        if (st == FY_OK && !job->dev_frames &&
+            (st = kvc_encoder_cuda_reserve_host(r->genc)) != FY_OK) {
             kvc_encoder_cuda_destroy(r->genc); // the frame buffers did not fit
             r->genc = NULL;
         }
