@@ -830,14 +830,6 @@ static void on_reserve_msg(rpc_ccall_t *call, const ProtobufCMessage *msg, void 
     r->via_pair = resp->via_pair;
 }
 
-/* Whether the placed workers can carry the KV over a pair of their own: the same kind of
- * pair link, on the same node, not on the same GPU. */
-static bool can_pair(const router_worker_t *pw, const router_worker_t *dw)
-{
-    return pw->pair_link[0] != '\0' && pw->node_id[0] != '\0' &&
-           strcmp(pw->pair_link, dw->pair_link) == 0 && strcmp(pw->node_id, dw->node_id) == 0 &&
-           (pw->pair_device[0] == '\0' || strcmp(pw->pair_device, dw->pair_device) != 0);
-}
 
 static void on_reserve_done(rpc_ccall_t *call, int code, const char *message, void *arg)
 {
@@ -935,7 +927,7 @@ static void req_place(rt_req_t *r)
     req.expected_wire_bytes = r->expected_wire;
     req.lease_ms = rt->params.reserve_lease_ms;
     char peer[96] = "";
-    if (can_pair(&r->pw, &r->dw))
+    if (router_can_pair(&r->pw, &r->dw))
         snprintf(peer, sizeof(peer), "%s#%016llx", r->pw.id, (unsigned long long)r->pw.instance);
     req.pair_peer = peer;
     rpc_call_opts_t opts = {.timeout_ms = (uint32_t)remaining_ms(r, rt->params.worker_timeout_ms)};

@@ -218,6 +218,33 @@ static bool decode_better(const router_worker_t *a, const router_worker_t *b, ui
     return a->load.running_sequences < b->load.running_sequences;
 }
 
+bool router_can_pair(const router_worker_t *pw, const router_worker_t *dw)
+{
+    return pw->pair_link[0] != '\0' && pw->node_id[0] != '\0' &&
+           strcmp(pw->pair_link, dw->pair_link) == 0 && strcmp(pw->node_id, dw->node_id) == 0 &&
+           (pw->pair_device[0] == '\0' || strcmp(pw->pair_device, dw->pair_device) != 0);
+}
+
+/* A decode worker best_p can pair with, in place of best_d: usable, out of backoff, with
+ * room, and at least half best_d's free pages; NULL if none. */
+static router_worker_t *paired_decode(router_registry_t *reg, const router_place_req_t *req,
+                                      const router_worker_t *best_p,
+                                      const router_worker_t *best_d, uint64_t now_ns)
+{
+    router_worker_t *pick = NULL;
+    for (size_t i = 0; i < reg->n; i++) {
+        router_worker_t *w = &reg->workers[i];
+        if (!usable(w, ROUTER_ROLE_DECODE, req->model_fingerprint, req->exclude_decode) ||
+            !router_can_pair(best_p, w) || w->avoid_until_ns > now_ns ||
+            w->load.free_kv_pages < req->kv_pages ||
+            w->load.free_kv_pages < best_d->load.free_kv_pages / 2)
+            continue;
+        if (pick == NULL || decode_better(w, pick, now_ns))
+            pick = w;
+    }
+    return pick;
+}
+
 fy_status_t router_registry_place(router_registry_t *reg, const router_place_req_t *req,
                                   uint64_t now_ns, router_worker_t *prefill_p,
                                   router_worker_t *decode_p)
@@ -247,6 +274,11 @@ fy_status_t router_registry_place(router_registry_t *reg, const router_place_req
     } else if (best_d == NULL) {
         st = FY_ERR_RESOURCE_EXHAUSTED;
     } else {
+        if (!router_can_pair(best_p, best_d)) {
+            router_worker_t *near = paired_decode(reg, req, best_p, best_d, now_ns);
+            if (near != NULL)
+                best_d = near;
+        }
         // Book the request so the next placement before a heartbeat sees it.
         best_p->load.queued_prefill_tokens += req->prompt_tokens;
         best_d->load.free_kv_pages -= req->kv_pages;

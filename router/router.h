@@ -113,9 +113,15 @@ typedef struct {
     const char *exclude_decode;
 } router_place_req_t;
 
+/* Whether a prefill and a decode worker can carry KV over a pair of their own: the same pair
+ * link and node, not the same GPU (docs/gpu.md, "Pairs in the daemons"). Thread: any. */
+bool router_can_pair(const router_worker_t *prefill, const router_worker_t *decode);
+
 /* Picks a (prefill, decode) pair and books the request against their cached load
  * (queued tokens, free pages, running sequences) until their next heartbeat. Workers in
- * failure backoff are used only if no other worker qualifies. FY_ERR_UNAVAILABLE when no
+ * failure backoff are used only if no other worker qualifies. A decode worker the prefill
+ * worker can pair with is preferred while it has at least half the free pages of the best
+ * one (the KV then stays inside the node). FY_ERR_UNAVAILABLE when no
  * live, non-draining pair serves the model; FY_ERR_RESOURCE_EXHAUSTED when decode workers
  * exist but none has kv_pages free. Copies of the chosen workers go to *_p.
  * Thread: any. */

@@ -1,6 +1,6 @@
 // Router registry: placement picks the least-loaded prefill and the decode worker with the most
-// free pages, spreads requests placed between heartbeats, honours draining, exclusion and
-// failure backoff, and forgets silent workers.
+// free pages (or one on its node it can pair with), spreads requests placed between
+// heartbeats, honours draining, exclusion and failure backoff, and forgets silent workers.
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -68,6 +68,43 @@ static void test_placement_order_and_booking(void **state)
     assert_int_equal(router_registry_place(reg, &req, 4, &p, &d), FY_OK);
     assert_string_equal(d.id, "d2");
     assert_int_equal(router_registry_place(reg, &req, 5, &p, &d), FY_ERR_RESOURCE_EXHAUSTED);
+    router_registry_destroy(reg);
+}
+
+/* A decode worker on the prefill worker's node (same pair link, another GPU) is preferred
+ * while it has at least half the free pages of the best one; one on the same GPU is not. */
+static void test_pair_preference(void **state)
+{
+    (void)state;
+    router_registry_t *reg = NULL;
+    assert_int_equal(router_registry_create(NULL, &reg), FY_OK);
+    router_worker_t ws[] = {
+        worker("p", ROUTER_ROLE_PREFILL, 0, 0, 0),
+        worker("far", ROUTER_ROLE_DECODE, 0, 800, 0),
+        worker("near", ROUTER_ROLE_DECODE, 0, 500, 0),
+        worker("samegpu", ROUTER_ROLE_DECODE, 0, 700, 0),
+    };
+    const char *gpu[] = {"g0", "", "g1", "g0"};
+    for (size_t i = 0; i < FY_ARRAY_SIZE(ws); i++) {
+        if (i != 1) { // "far" is on another node
+            snprintf(ws[i].pair_link, sizeof(ws[i].pair_link), "nccl");
+            snprintf(ws[i].node_id, sizeof(ws[i].node_id), "node-a");
+        }
+        snprintf(ws[i].pair_device, sizeof(ws[i].pair_device), "%s", gpu[i]);
+        assert_int_equal(router_registry_register(reg, &ws[i], 0), FY_OK);
+    }
+    assert_true(router_can_pair(&ws[0], &ws[2]));
+    assert_false(router_can_pair(&ws[0], &ws[1]));
+    assert_false(router_can_pair(&ws[0], &ws[3]));
+    router_place_req_t req = {.model_fingerprint = 0xabc, .prompt_tokens = 10, .kv_pages = 100};
+    router_worker_t p, d;
+    // near: 500, 400 free (>= half of far's 800): near; then 300 < 400: far (the most free).
+    assert_int_equal(router_registry_place(reg, &req, 1, &p, &d), FY_OK);
+    assert_string_equal(d.id, "near");
+    assert_int_equal(router_registry_place(reg, &req, 2, &p, &d), FY_OK);
+    assert_string_equal(d.id, "near");
+    assert_int_equal(router_registry_place(reg, &req, 3, &p, &d), FY_OK);
+    assert_string_equal(d.id, "far");
     router_registry_destroy(reg);
 }
 
@@ -179,6 +216,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_placement_order_and_booking),
+        cmocka_unit_test(test_pair_preference),
         cmocka_unit_test(test_capacity_and_availability),
         cmocka_unit_test(test_exclusion_and_backoff),
         cmocka_unit_test(test_heartbeat_expiry_release),
