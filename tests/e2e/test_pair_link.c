@@ -10,9 +10,10 @@
 //   are served over UCX;
 // - a prefill worker killed: the decode worker's pair with it fails, a new prefill worker gets
 //   a pair of its own and the KV goes over it again.
-// With the argument "nccl" the same runs over NCCL between two GPUs of this machine (prefill
-// on GPU 0, decode on GPU 1, --device cuda): the production path. It needs two GPUs and exits
-// 77 (skipped) with fewer.
+// Built as test_pair_link_cuda (FERRY_PAIR_TEST_NCCL), or given the argument "nccl", the same
+// runs over NCCL between two GPUs of this machine (prefill on GPU 0, decode on GPU 1,
+// --device cuda): the production path. It needs two GPUs and exits 77 (skipped) with fewer;
+// the offline bundle ships it with the other CUDA tests.
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -291,7 +292,12 @@ static void test_unpaired_and_killed_prefill(void **state)
 
 int main(int argc, char **argv)
 {
-    G.link = argc > 1 && strcmp(argv[1], "nccl") == 0 ? "nccl" : "socket";
+#ifdef FERRY_PAIR_TEST_NCCL
+    bool nccl = true;
+#else
+    bool nccl = argc > 1 && strcmp(argv[1], "nccl") == 0;
+#endif
+    G.link = nccl ? "nccl" : "socket";
     G.device = "cpu";
     if (strcmp(G.link, "nccl") == 0) {
         if (fy_cuda_device_count() < 2) {
