@@ -217,6 +217,7 @@ struct decode_worker {
     fy_metric_t *m_running, *m_free_pages, *m_avail_pages, *m_total_pages, *m_requests;
     fy_metric_t *m_tokens, *m_step, *m_batch, *m_wire, *m_frames, *m_reserved, *m_refused;
     fy_metric_t *m_completed, *m_fail[FAIL_COUNT], *m_pair_frames, *m_pairs;
+    fy_metric_t *m_pairs_up;
     atomic_uint_fast64_t tokens_generated, steps, failures;
     atomic_uint running_now;
 };
@@ -631,6 +632,14 @@ static pair_slot_t *pair_slot_of(decode_worker_t *w, const kvlink_nccl_t *pair)
     return NULL;
 }
 
+static void pairs_gauge(decode_worker_t *w)
+{
+    int up = 0;
+    for (size_t i = 0; i < MAX_PAIRS; i++)
+        up += w->pairs[i].pair != NULL && w->pairs[i].up && !w->pairs[i].failed;
+    fy_metric_set(w->m_pairs_up, up);
+}
+
 static void on_pair_peer(kvlink_nccl_t *pair, fy_status_t st, const char *message, void *arg)
 {
     decode_worker_t *w = arg;
@@ -642,6 +651,7 @@ static void on_pair_peer(kvlink_nccl_t *pair, fy_status_t st, const char *messag
                     (unsigned long long)ps->generation, ps->peer);
         ps->up = true;
         ps->failures = 0;
+        pairs_gauge(w);
         return;
     }
     // Its transfers fail on their own (FY_ERR_UNAVAILABLE); a later reservation for this peer
@@ -651,6 +661,7 @@ static void on_pair_peer(kvlink_nccl_t *pair, fy_status_t st, const char *messag
     ps->failures = ps->up ? 1 : ps->failures + 1;
     ps->retry_ns = fy_clock_ns() + FY_MIN(1000ull << FY_MIN(ps->failures - 1, 6u), 60000ull) *
                                        1000000ull;
+    pairs_gauge(w);
     FY_LOG_WARN(MODULE, "%s pair %llu with %s failed: %s%s%s",
                 kvlink_pair_kind_name(w->pair_kind), (unsigned long long)ps->generation, ps->peer,
                 fy_status_str(st), message != NULL ? ": " : "", message != NULL ? message : "");
@@ -1640,6 +1651,8 @@ static fy_status_t make_metrics(decode_worker_t *w)
                                           "KV frames placed that came over a pair link");
     w->m_pairs = fy_metrics_counter(m, "ferry_decode_pairs_created_total", NULL,
                                     "Pair links set up with prefill workers of this node");
+    w->m_pairs_up = fy_metrics_gauge(m, "ferry_decode_pairs_up", NULL,
+                                     "Pair links with prefill workers that are up");
     for (int i = 0; i < FAIL_COUNT; i++) {
         char labels[64];
         snprintf(labels, sizeof(labels), "reason=\"%s\"", k_fail_names[i]);
@@ -1651,7 +1664,7 @@ static fy_status_t make_metrics(decode_worker_t *w)
     if (!w->m_running || !w->m_free_pages || !w->m_avail_pages || !w->m_total_pages ||
         !w->m_requests || !w->m_tokens || !w->m_step || !w->m_batch || !w->m_wire ||
         !w->m_frames || !w->m_reserved || !w->m_refused || !w->m_completed ||
-        !w->m_pair_frames || !w->m_pairs)
+        !w->m_pair_frames || !w->m_pairs || !w->m_pairs_up)
         return FY_ERR_NO_MEMORY;
     fy_metric_set(w->m_total_pages, kv_total_pages(w));
     return FY_OK;

@@ -188,6 +188,15 @@ static void generate(const char *prompt, const char *policy, float budget, uint3
     assert_int_equal(g->n_ids, max_tokens);
 }
 
+/* Waits until the decode worker has n pairs up. */
+static bool pairs_up(int n, uint32_t timeout_ms)
+{
+    uint64_t end = fy_clock_ns() + (uint64_t)timeout_ms * 1000000u;
+    while (decode_metric("ferry_decode_pairs_up") != n && fy_clock_ns() < end)
+        fy_sleep_ns(20 * 1000000ull);
+    return decode_metric("ferry_decode_pairs_up") == n;
+}
+
 /* The reference prompt again: the same tokens as over UCX, and every layer over the pair. */
 static void expect_over_pair(void)
 {
@@ -216,7 +225,7 @@ static void test_pair_after_first_request(void **state)
     G.n_first = g.n_ids;
     // The prefill worker joins as its Prefill call arrives: the next request goes over the
     // pair once both ends finished the handshake (a few milliseconds).
-    fy_sleep_ns(200 * 1000000ull);
+    assert_true(pairs_up(1, 30000));
     expect_over_pair();
     expect_over_pair();
     assert_true(decode_metric("ferry_decode_pairs_created_total") == 1);
@@ -257,10 +266,11 @@ static void test_compressed_and_concurrent(void **state)
 static void test_unpaired_and_killed_prefill(void **state)
 {
     (void)state;
-    // The pairing prefill worker dies; ones that cannot pair with the decode worker take over
-    // in turn (no pair link; another node): UCX only.
+    // The pairing prefill worker dies (its pair goes down); ones that cannot pair with the
+    // decode worker take over in turn (no pair link; another node): UCX only.
     kill(G.prefill.pid, SIGKILL);
     du_wait(&G.prefill, 5000);
+    assert_true(pairs_up(0, 30000));
     assert_true(workers_ready(0, 10000));
     double frames0 = decode_metric("ferry_decode_pair_frames_total");
     const char *const links[2] = {"off", G.link};
@@ -286,7 +296,7 @@ static void test_unpaired_and_killed_prefill(void **state)
     generate(k_prompt, "fp16", 0, 12, &g); // over UCX; starts the new pair
     assert_true(decode_metric("ferry_decode_pair_frames_total") == frames0);
     assert_true(decode_metric("ferry_decode_pairs_created_total") == 2);
-    fy_sleep_ns(200 * 1000000ull);
+    assert_true(pairs_up(1, 30000)); // the dead worker's pair is down, the new one up
     expect_over_pair();
 }
 
