@@ -49,10 +49,6 @@ enum {
     N_TOMBSTONES = 256,
     MAX_LAYERS = 1024,
     MAX_PAIRS = 16, // prefill workers of this node paired at once
-    // Rounds of an idle pair (both ends use the same): they only tell that the peer is alive,
-    // since a receiver that expects requests keeps a round posted (nccl_link.c). An idle
-    // socket pair costs each daemon ~2 % of a core (1 ms ticks included).
-    PAIR_IDLE_ROUND_US = 2000,
 };
 
 /* Why requests fail, for ferry_decode_failures_total{reason}. */
@@ -193,8 +189,7 @@ struct decode_worker {
     kv_cmd_t *cmds; // under mu
     bool kv_stop;
     // Pairs with prefill workers of this node (kvlink thread).
-    kvlink_pair_kind_t pair_kind;
-    char node_id[64], pair_device[64];
+    kvlink_pair_identity_t pairing; // what this worker registered for pairing
     pair_slot_t pairs[MAX_PAIRS];
     uint64_t pair_generation;
     uv_timer_t pair_timer; // moves the pairs along
@@ -572,7 +567,21 @@ static void on_recv_end(kvlink_t *link, uint64_t request_id, fy_status_t st, voi
     recv_ended(arg, request_id, st);
 }
 
+/* What senders must match, on the UCX link and on pairs (each with its protocol version). */
+static kvlink_compat_t link_compat(const decode_worker_t *w, uint32_t protocol_version)
+{
+    return (kvlink_compat_t){.protocol_version = protocol_version,
+                             .codec_version = KVC_FRAME_VERSION,
+                             .page_size = w->p.page_bytes,
+                             .model_fingerprint = w->fingerprint};
+}
+
 /* ---- Pairs with prefill workers of this node (nccl_link.h) ---- */
+
+static const char *pair_kind(const decode_worker_t *w)
+{
+    return kvlink_pair_kind_name(w->pairing.kind);
+}
 
 static void on_pair_frame(kvlink_nccl_t *pair, uint64_t request_id, uint32_t layer,
                           kvlink_nccl_buf_t *buf, void *data, size_t len, void *arg)
@@ -587,7 +596,7 @@ static void on_pair_frame(kvlink_nccl_t *pair, uint64_t request_id, uint32_t lay
     fail_reason_t reason = FAIL_PLACEMENT;
     const void *host = data, *dev = NULL;
     fy_status_t st = FY_OK;
-    if (w->pair_kind == KVLINK_PAIR_NCCL) {
+    if (w->pairing.kind == KVLINK_PAIR_NCCL) {
         // The frame is in device memory: its header, maps and CRC are checked on a host copy,
         // the pages are filled from the device copy.
         if (len > w->fetch_cap) {
@@ -647,7 +656,7 @@ static void on_pair_peer(kvlink_nccl_t *pair, fy_status_t st, const char *messag
     if (ps == NULL)
         return;
     if (st == FY_OK) {
-        FY_LOG_INFO(MODULE, "%s pair %llu with %s is up", kvlink_pair_kind_name(w->pair_kind),
+        FY_LOG_INFO(MODULE, "%s pair %llu with %s is up", pair_kind(w),
                     (unsigned long long)ps->generation, ps->peer);
         ps->up = true;
         ps->failures = 0;
@@ -662,38 +671,28 @@ static void on_pair_peer(kvlink_nccl_t *pair, fy_status_t st, const char *messag
     ps->retry_ns = fy_clock_ns() + FY_MIN(1000ull << FY_MIN(ps->failures - 1, 6u), 60000ull) *
                                        1000000ull;
     pairs_gauge(w);
-    FY_LOG_WARN(MODULE, "%s pair %llu with %s failed: %s%s%s",
-                kvlink_pair_kind_name(w->pair_kind), (unsigned long long)ps->generation, ps->peer,
-                fy_status_str(st), message != NULL ? ": " : "", message != NULL ? message : "");
+    FY_LOG_WARN(MODULE, "%s pair %llu with %s failed: %s%s%s", pair_kind(w),
+                (unsigned long long)ps->generation, ps->peer, fy_status_str(st),
+                message != NULL ? ": " : "", message != NULL ? message : "");
 }
 
 static void on_pair_idle(uv_idle_t *h);
 static bool is_wildcard(const char *host);
 
-/* Whether frames are moving on a pair: the loop then moves the pairs at every turn (a round
- * completes as soon as both ends posted theirs); otherwise every millisecond, which keeps a
- * waiting transfer from taking a core from the model (on a 2-core machine, spinning for
- * every open request doubled TTFT and TPOT of a socket pair). */
-static bool pairs_busy(const decode_worker_t *w)
-{
-    for (size_t i = 0; i < MAX_PAIRS; i++) {
-        if (w->pairs[i].pair == NULL || w->pairs[i].failed)
-            continue;
-        kvlink_nccl_stats_t s;
-        kvlink_nccl_stats(w->pairs[i].pair, &s);
-        if (s.frames_in_flight > 0)
-            return true;
-    }
-    return false;
-}
-
+/* Moves the pairs; while frames move on one, at every loop turn (a round completes as soon as
+ * both ends posted theirs), otherwise every millisecond, which keeps a waiting transfer from
+ * taking a core from the model (on a 2-core machine, spinning for every open request doubled
+ * TTFT and TPOT of a socket pair). */
 static void pairs_progress(decode_worker_t *w)
 {
+    bool busy = false;
     for (size_t i = 0; i < MAX_PAIRS; i++) {
-        if (w->pairs[i].pair != NULL && !w->pairs[i].failed)
+        if (w->pairs[i].pair != NULL && !w->pairs[i].failed) {
             kvlink_nccl_progress(w->pairs[i].pair);
+            busy = busy || kvlink_nccl_moving(w->pairs[i].pair);
+        }
     }
-    if (pairs_busy(w)) {
+    if (busy) {
         if (!uv_is_active((uv_handle_t *)&w->pair_idle))
             uv_idle_start(&w->pair_idle, on_pair_idle);
     } else if (uv_is_active((uv_handle_t *)&w->pair_idle)) {
@@ -746,12 +745,9 @@ static pair_slot_t *pair_for(decode_worker_t *w, const char *peer)
     pair_slot_t *ps = free_slot;
     kvlink_nccl_params_t np;
     kvlink_nccl_params_default(&np);
-    np.compat.protocol_version = KVLINK_NCCL_PROTOCOL_VERSION;
-    np.compat.codec_version = KVC_FRAME_VERSION;
-    np.compat.page_size = w->p.page_bytes;
-    np.compat.model_fingerprint = w->fingerprint;
+    np.compat = link_compat(w, KVLINK_NCCL_PROTOCOL_VERSION);
     np.role = KVLINK_NCCL_RECEIVER;
-    np.idle_round_us = PAIR_IDLE_ROUND_US;
+    np.idle_round_us = KVLINK_PAIR_IDLE_ROUND_US;
     np.device = 0; // the worker's GPU: the first visible one, as for the model
     np.recv_pool_bytes = (size_t)w->p.recv_buffer;
     np.max_frame_bytes = (size_t)w->p.recv_buffer;
@@ -761,11 +757,11 @@ static pair_slot_t *pair_for(decode_worker_t *w, const char *peer)
     np.cb_arg = w;
     // The socket link listens where the UCX listener does, reachable as advertised.
     const char *host = is_wildcard(w->kv_host) ? w->advertise_host : w->kv_host;
-    fy_status_t st = kvlink_pair_id_create(w->pair_kind, host, ps->id);
+    fy_status_t st = kvlink_pair_id_create(w->pairing.kind, host, ps->id);
     if (st == FY_OK)
-        st = kvlink_pair_create(w->pair_kind, ps->id, sizeof(ps->id), &np, &ps->pair);
+        st = kvlink_pair_create(w->pairing.kind, ps->id, sizeof(ps->id), &np, &ps->pair);
     if (st != FY_OK) {
-        FY_LOG_WARN(MODULE, "no %s pair with %s: %s", kvlink_pair_kind_name(w->pair_kind), peer,
+        FY_LOG_WARN(MODULE, "no %s pair with %s: %s", pair_kind(w), peer,
                     fy_status_str(st));
         memset(ps, 0, sizeof(*ps));
         return NULL;
@@ -774,7 +770,7 @@ static pair_slot_t *pair_for(decode_worker_t *w, const char *peer)
     ps->failures = failures;
     ps->generation = ++w->pair_generation;
     fy_metric_inc(w->m_pairs);
-    FY_LOG_INFO(MODULE, "%s pair %llu with %s: set-up started", kvlink_pair_kind_name(w->pair_kind),
+    FY_LOG_INFO(MODULE, "%s pair %llu with %s: set-up started", pair_kind(w),
                 (unsigned long long)ps->generation, peer);
     if (!uv_is_active((uv_handle_t *)&w->pair_timer))
         uv_timer_start(&w->pair_timer, on_pair_tick, 1, 1);
@@ -799,7 +795,7 @@ static void run_cmd(decode_worker_t *w, kv_cmd_t *c)
             st = FY_ERR_UNAVAILABLE;
         }
         pair_slot_t *ps = NULL;
-        if (st == FY_OK && c->pair_peer[0] != '\0' && w->pair_kind != KVLINK_PAIR_OFF)
+        if (st == FY_OK && c->pair_peer[0] != '\0' && w->pairing.kind != KVLINK_PAIR_OFF)
             ps = pair_for(w, c->pair_peer);
         bool via_pair = false;
         if (ps != NULL && kvlink_nccl_ready(ps->pair)) {
@@ -945,10 +941,7 @@ static void *kv_main(void *arg)
     if (st == FY_OK) {
         kvlink_params_t kp;
         kvlink_params_default(&kp);
-        kp.compat.protocol_version = KVLINK_PROTOCOL_VERSION;
-        kp.compat.codec_version = KVC_FRAME_VERSION;
-        kp.compat.page_size = w->p.page_bytes;
-        kp.compat.model_fingerprint = w->fingerprint;
+        kp.compat = link_compat(w, KVLINK_PROTOCOL_VERSION);
         kp.recv_pool_bytes = (size_t)w->p.recv_buffer;
         kp.max_frame_bytes = (size_t)w->p.recv_buffer;
         kp.verify_crc = false; // kvc_frame_parse checks the frame's own CRC32C
@@ -1555,9 +1548,9 @@ static void *rpc_main(void *arg)
                                         .role = ROUTER_ROLE_DECODE,
                                         .rpc_address = rpc_addr,
                                         .kv_address = kv_addr,
-                                        .pair_link = kvlink_pair_kind_name(w->pair_kind),
-                                        .node_id = w->node_id,
-                                        .pair_device = w->pair_device,
+                                        .pair_link = pair_kind(w),
+                                        .node_id = w->pairing.node_id,
+                                        .pair_device = w->pairing.pair_device,
                                         .model_fingerprint = w->fingerprint,
                                         .heartbeat_ms = w->p.heartbeat_ms,
                                         .load = agent_load,
@@ -1833,28 +1826,11 @@ fy_status_t decode_worker_create(const decode_worker_params_t *params,
     }
     if ((st = decode_leases_create(pp.n_pages, &w->leases)) != FY_OK)
         goto fail;
-    if ((st = kvlink_pair_kind_parse(pair_link, dev == MDL_DEVICE_CUDA, &w->pair_kind)) != FY_OK) {
-        errf(err, err_len, st, "pair link \"%s\": %s", pair_link,
-             st == FY_ERR_UNSUPPORTED ? "nccl needs a CUDA model and a build with NCCL"
-                                      : "auto, nccl, socket or off");
+    char perr[96] = "";
+    if ((st = kvlink_pair_identity(pair_link, node_id, dev == MDL_DEVICE_CUDA, 0, &w->pairing,
+                                   perr, sizeof(perr))) != FY_OK) {
+        errf(err, err_len, st, "%s", perr);
         goto fail;
-    }
-    if (w->pair_kind != KVLINK_PAIR_OFF) {
-        if (node_id != NULL && node_id[0] != '\0') {
-            if (strlen(node_id) >= sizeof(w->node_id)) {
-                st = errf(err, err_len, FY_ERR_INVALID_ARG, "node id longer than 63 bytes");
-                goto fail;
-            }
-            snprintf(w->node_id, sizeof(w->node_id), "%s", node_id);
-        } else if (kvlink_pair_node_id(w->node_id, sizeof(w->node_id)) != FY_OK) {
-            FY_LOG_WARN(MODULE, "no boot id to pair by: pair links off (set a node id)");
-            w->pair_kind = KVLINK_PAIR_OFF;
-        }
-    }
-    if (w->pair_kind == KVLINK_PAIR_NCCL &&
-        fy_cuda_device_uuid(0, w->pair_device, sizeof(w->pair_device)) != FY_OK) {
-        FY_LOG_WARN(MODULE, "no GPU UUID: NCCL pair links off");
-        w->pair_kind = KVLINK_PAIR_OFF;
     }
     size_t nb = (size_t)p.max_batch;
     w->batch = calloc(nb, sizeof(*w->batch));

@@ -269,36 +269,17 @@ static int run(app_t *a)
         FY_LOG_ERROR(MODULE, "need 0 < --min-budget <= --max-budget <= 1");
         return 1;
     }
-    const char *pair_link = fy_config_str(cfg, "pair-link");
-    st = kvlink_pair_kind_parse(pair_link, mdl_model_device(a->model) == MDL_DEVICE_CUDA,
-                                &pp.pair_kind);
-    if (st != FY_OK) {
-        FY_LOG_ERROR(MODULE, "--pair-link %s: %s", pair_link,
-                     st == FY_ERR_UNSUPPORTED ? "nccl needs --device cuda and a build with NCCL"
-                                              : "takes auto, nccl, socket or off");
+    kvlink_pair_identity_t pairing;
+    char perr[96] = "";
+    pp.pair_device = 0; // the model's GPU: the first visible one
+    if ((st = kvlink_pair_identity(fy_config_str(cfg, "pair-link"),
+                                   fy_config_str(cfg, "node-id"),
+                                   mdl_model_device(a->model) == MDL_DEVICE_CUDA, pp.pair_device,
+                                   &pairing, perr, sizeof(perr))) != FY_OK) {
+        FY_LOG_ERROR(MODULE, "--pair-link / --node-id: %s", perr);
         return 2;
     }
-    char node_id[64] = "";
-    const char *nid = fy_config_str(cfg, "node-id");
-    if (pp.pair_kind != KVLINK_PAIR_OFF) {
-        if (nid != NULL && nid[0] != '\0') {
-            if (strlen(nid) >= sizeof(node_id)) {
-                FY_LOG_ERROR(MODULE, "--node-id: at most 63 bytes");
-                return 2;
-            }
-            snprintf(node_id, sizeof(node_id), "%s", nid);
-        } else if (kvlink_pair_node_id(node_id, sizeof(node_id)) != FY_OK) {
-            FY_LOG_WARN(MODULE, "no boot id to pair by: pair links off (set --node-id)");
-            pp.pair_kind = KVLINK_PAIR_OFF;
-        }
-    }
-    char pair_device[64] = "";
-    pp.pair_device = 0; // the model's GPU: the first visible one
-    if (pp.pair_kind == KVLINK_PAIR_NCCL &&
-        fy_cuda_device_uuid(pp.pair_device, pair_device, sizeof(pair_device)) != FY_OK) {
-        FY_LOG_WARN(MODULE, "no GPU UUID: NCCL pair links off");
-        pp.pair_kind = KVLINK_PAIR_OFF;
-    }
+    pp.pair_kind = pairing.kind;
     int64_t corrupt = fy_config_int(cfg, "test-corrupt-frames");
     pp.test_corrupt_frames = corrupt > 0 && corrupt < (1 << 30) ? (uint32_t)corrupt : 0;
     if ((st = prefill_create(&a->loop, &pp, &a->pf)) != FY_OK ||
@@ -328,9 +309,9 @@ static int run(app_t *a)
         ap.role = ROUTER_ROLE_PREFILL;
         ap.rpc_address = advertise;
         ap.model_name = mp.path;
-        ap.pair_link = kvlink_pair_kind_name(pp.pair_kind);
-        ap.node_id = node_id;
-        ap.pair_device = pair_device;
+        ap.pair_link = kvlink_pair_kind_name(pairing.kind);
+        ap.node_id = pairing.node_id;
+        ap.pair_device = pairing.pair_device;
         ap.model_fingerprint = fingerprint;
         ap.heartbeat_ms = (uint32_t)fy_config_duration_ms(cfg, "heartbeat");
         ap.load = fill_load;

@@ -45,11 +45,7 @@ typedef struct {
     bool dev;
 } pf_frame_t;
 
-enum {
-    MAX_PAIRS = 16, // decode workers of this node paired at once
-    // Rounds of an idle pair, as the decode worker's (decode/worker.c).
-    PAIR_IDLE_ROUND_US = 2000,
-};
+enum { MAX_PAIRS = 16 }; // decode workers of this node paired at once
 
 /* This worker's end of a pair with one decode worker of its node (loop thread). */
 typedef struct {
@@ -991,9 +987,7 @@ static void pairs_progress(prefill_t *pf)
         if (pp->pair == NULL || pp->failed)
             continue;
         kvlink_nccl_progress(pp->pair);
-        kvlink_nccl_stats_t s;
-        kvlink_nccl_stats(pp->pair, &s);
-        busy = busy || s.frames_in_flight > 0 || s.frames_queued > 0; // as decode/worker.c
+        busy = busy || kvlink_nccl_moving(pp->pair); // as decode/worker.c
     }
     if (busy && !uv_is_active((uv_handle_t *)&pf->pair_idle))
         uv_idle_start(&pf->pair_idle, on_pair_idle);
@@ -1052,7 +1046,7 @@ static pf_pair_t *pair_join(prefill_t *pf, const char *addr, const uint8_t *id, 
     np.compat.codec_version = KVC_FRAME_VERSION;
     np.compat.model_fingerprint = pf->params.fingerprint;
     np.role = KVLINK_NCCL_SENDER;
-    np.idle_round_us = PAIR_IDLE_ROUND_US;
+    np.idle_round_us = KVLINK_PAIR_IDLE_ROUND_US;
     np.device = pf->params.pair_device;
     np.on_peer = on_pair_peer;
     np.cb_arg = pf;

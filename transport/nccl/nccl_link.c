@@ -1060,6 +1060,12 @@ fy_status_t kvlink_nccl_progress(kvlink_nccl_t *pair)
     return pair->state == PAIR_FAILED ? pair->fail_st : FY_OK;
 }
 
+bool kvlink_nccl_moving(const kvlink_nccl_t *pair)
+{
+    return pair != NULL && pair->state != PAIR_FAILED &&
+           (pair->stats.frames_in_flight > 0 || pair->stats.frames_queued > 0);
+}
+
 bool kvlink_nccl_ready(const kvlink_nccl_t *pair)
 {
     return pair != NULL && pair->state == PAIR_READY;

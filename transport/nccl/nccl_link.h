@@ -138,6 +138,11 @@ fy_status_t kvlink_nccl_progress(kvlink_nccl_t *pair);
 /* True once the handshake succeeded and the pair has not failed. Thread: owner thread. */
 bool kvlink_nccl_ready(const kvlink_nccl_t *pair);
 
+/* Whether frames are moving on the pair (announced, in a round, or queued by the sender), so
+ * that its owner moves it at every loop turn rather than on a timer; false once failed.
+ * Thread: owner thread. */
+bool kvlink_nccl_moving(const kvlink_nccl_t *pair);
+
 /* The same protocol over one TCP connection between two processes, frames in host memory
  * (nccl_link_sock.c): the pairing, the choice of link per request and the failure paths of
  * the daemons run on machines without GPUs with it. Always built. The receiver's side makes
@@ -262,6 +267,26 @@ fy_status_t kvlink_pair_create(kvlink_pair_kind_t kind, const uint8_t *id, size_
  * (cap >= 33): workers pair only when theirs are equal. FY_ERR_IO where the kernel has none.
  * Thread: any. */
 fy_status_t kvlink_pair_node_id(char *buf, size_t cap);
+
+/* What a worker registers for pairing (RegisterRequest.pair_link, node_id, pair_device). */
+typedef struct {
+    kvlink_pair_kind_t kind;
+    char node_id[64];     /* "" when kind is OFF */
+    char pair_device[64]; /* the GPU's UUID for NCCL, else "" */
+} kvlink_pair_identity_t;
+
+/* A worker's pairing from its --pair-link (link) and --node-id (node_id, NULL or "": the boot
+ * id): kvlink_pair_kind_parse, then the node and, for NCCL, the UUID of CUDA device `device`.
+ * Without a boot id or a GPU UUID pairing turns off (logged). FY_ERR_INVALID_ARG or
+ * FY_ERR_UNSUPPORTED as kvlink_pair_kind_parse, or for a node id over 63 bytes; err says why.
+ * Thread: any. */
+fy_status_t kvlink_pair_identity(const char *link, const char *node_id, bool cuda, int device,
+                                 kvlink_pair_identity_t *id_p, char *err, size_t err_len);
+
+/* Daemons' idle rounds (kvlink_nccl_params_t.idle_round_us; both ends use the same). They
+ * only tell that the peer is alive, since a receiver that expects requests keeps a round
+ * posted; an idle socket pair costs each daemon ~3 % of a core with a 1 ms progress tick. */
+#define KVLINK_PAIR_IDLE_ROUND_US 2000u
 
 /* ------------------------------------------------------------------------------------------ */
 /* Counters                                                                                    */

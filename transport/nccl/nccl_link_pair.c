@@ -11,6 +11,8 @@
 #include <stdio.h>
 #include <string.h>
 
+#define MOD "kvlink-pair"
+
 fy_status_t kvlink_pair_kind_parse(const char *s, bool cuda, kvlink_pair_kind_t *kind_p)
 {
     if (s == NULL || kind_p == NULL)
@@ -91,4 +93,40 @@ fy_status_t kvlink_pair_node_id(char *buf, size_t cap)
     }
     buf[n] = '\0';
     return ok && n >= 32 ? FY_OK : FY_ERR_IO;
+}
+
+fy_status_t kvlink_pair_identity(const char *link, const char *node_id, bool cuda, int device,
+                                 kvlink_pair_identity_t *id_p, char *err, size_t err_len)
+{
+    if (id_p == NULL)
+        return FY_ERR_INVALID_ARG;
+    memset(id_p, 0, sizeof(*id_p));
+    fy_status_t st = kvlink_pair_kind_parse(link != NULL ? link : "auto", cuda, &id_p->kind);
+    if (st != FY_OK) {
+        snprintf(err, err_len, "pair link \"%s\": %s", link,
+                 st == FY_ERR_UNSUPPORTED ? "nccl needs a CUDA model and libnccl"
+                                          : "auto, nccl, socket or off");
+        return st;
+    }
+    if (id_p->kind == KVLINK_PAIR_OFF)
+        return FY_OK;
+    if (node_id != NULL && node_id[0] != '\0') {
+        if (strlen(node_id) >= sizeof(id_p->node_id)) {
+            id_p->kind = KVLINK_PAIR_OFF;
+            snprintf(err, err_len, "node id longer than 63 bytes");
+            return FY_ERR_INVALID_ARG;
+        }
+        snprintf(id_p->node_id, sizeof(id_p->node_id), "%s", node_id);
+    } else if (kvlink_pair_node_id(id_p->node_id, sizeof(id_p->node_id)) != FY_OK) {
+        FY_LOG_WARN(MOD, "no boot id to pair by: pair links off (set a node id)");
+        id_p->kind = KVLINK_PAIR_OFF;
+        id_p->node_id[0] = '\0';
+        return FY_OK;
+    }
+    if (id_p->kind == KVLINK_PAIR_NCCL &&
+        fy_cuda_device_uuid(device, id_p->pair_device, sizeof(id_p->pair_device)) != FY_OK) {
+        FY_LOG_WARN(MOD, "no GPU UUID: NCCL pair links off");
+        memset(id_p, 0, sizeof(*id_p));
+    }
+    return FY_OK;
 }
