@@ -48,9 +48,14 @@ if [ -z "$targets" ]; then
 fi
 
 # Only the targets and what they link: the rest of the tree is not needed here.
+# Seed corpora the build writes (tests/model's fuzz-gguf) are built too.
 ninja_targets=()
-while read -r _ exe _; do
+build_abs=$(realpath "$builddir")
+while read -r _ exe seeds; do
   ninja_targets+=("$(realpath --relative-to="$builddir" "$exe")")
+  case "$(realpath -m "$seeds")" in
+    "$build_abs"/*) ninja_targets+=("$(realpath -m --relative-to="$builddir" "$seeds")") ;;
+  esac
 done <<< "$targets"
 ninja -C "$builddir" "${ninja_targets[@]}" || exit 1
 

@@ -1,8 +1,11 @@
-// Writes the seed corpus of fuzz_gguf into the directory given: a one-layer tiny model
-// (Q8_0 weights) and a metadata-only file with every value type. Run once; the outputs are
-// committed under tests/fixtures/model/fuzz-gguf/.
+// Writes the seed corpus of fuzz_gguf into the directory given (made if missing): a one-layer
+// tiny model (Q8_0 random weights) and a metadata-only file with every value type. The build
+// runs it (tests/model/meson.build) so that no model file is kept in the repository; the
+// quality and CLI tests use the tiny model too.
+#include <errno.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "gguf_writer.h"
 #include "model.h"
@@ -12,6 +15,10 @@ int main(int argc, char **argv)
     if (argc != 2) {
         fprintf(stderr, "usage: make_fuzz_seeds DIR\n");
         return 2;
+    }
+    if (mkdir(argv[1], 0755) != 0 && errno != EEXIST) {
+        fprintf(stderr, "make_fuzz_seeds: %s: %s\n", argv[1], strerror(errno));
+        return 1;
     }
     char path[4096];
     mdlt_tiny_params_t p;
