@@ -65,8 +65,7 @@ struct attn_params {
     float *ws_mp;            // [n_items][n_splits][rows] running max when ws_acc was taken
     float *ws_acc, *ws_accr; // [n_items][n_splits][rows][d] plain / rotated accumulators
     uint32_t *ws_rot;        // [n_items][n_splits]
-    uint32_t *ws_bad;        // [n_items][n_splits] pages each split skipped (thread 0 counts)
-    uint32_t *ws_err;        // [1] pages skipped in all, summed by the combine kernel
+    uint32_t *ws_err;        // [1] pages skipped
     // Tensor-core path (attend_mma_kernel) only: shared memory layout, see mma_layout.
     uint32_t rows;   // query rows per list
     uint32_t m_pbuf; // bytes of one page buffer (two of them)
@@ -382,15 +381,14 @@ __device__ __forceinline__ void load_value(const attn_params &A, const uint8_t *
 }
 
 /* List `item`'s pages [p0, p1) for this split (page_ids[ls + p0 ..]); a malformed descriptor
- * (end before start) attends nothing and is counted once, in split 0's *n_bad (thread 0). */
+ * (end before start) attends nothing and is reported once. */
 __device__ __forceinline__ void split_range(const attn_params &A, uint32_t item, uint32_t split,
-                                            uint32_t *ls_p, uint32_t *p0_p, uint32_t *p1_p,
-                                            uint32_t *n_bad)
+                                            uint32_t *ls_p, uint32_t *p0_p, uint32_t *p1_p)
 {
     uint32_t ls = A.list_start[item], le = A.list_start[item + 1];
     if (le < ls) {
         if (threadIdx.x == 0 && split == 0)
-            (*n_bad)++;
+            atomicAdd(A.ws_err, 1u);
         le = ls;
     }
     const uint32_t n = le - ls;
@@ -438,8 +436,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks(NQ, CPT)) attend_split_ke
     }
 
     uint32_t ls, p0, p1;
-    uint32_t n_bad = 0; // pages skipped (thread 0)
-    split_range(A, item, split, &ls, &p0, &p1, &n_bad);
+    split_range(A, item, split, &ls, &p0, &p1);
 
     const uint32_t lpt = A.lpt, tpb = kThreads / lpt; // token lanes per block
     const uint32_t li = tid % lpt, tl = tid / lpt, c0 = li * CPT;
@@ -485,7 +482,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks(NQ, CPT)) attend_split_ke
             do { // one page; `break` skips it (every condition below is uniform over the block)
                 if (pid >= A.n_pages) {
                     if (tid == 0 && pass == 0) // counted once
-                        n_bad++;
+                        atomicAdd(A.ws_err, 1u);
                     break;
                 }
                 const page_hdr h = parse_hdr(hraw);
@@ -501,7 +498,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks(NQ, CPT)) attend_split_ke
                 const bool rot = (h.flags & KVC_PAGE_FLAG_ROTATED) != 0;
                 if (bad || (rot && (d & (d - 1)) != 0)) {
                     if (tid == 0 && pass == 0)
-                        n_bad++;
+                        atomicAdd(A.ws_err, 1u);
                     break;
                 }
                 if (h.n_slots == 0 || (int)rot != pass)
@@ -703,10 +700,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks(NQ, CPT)) attend_split_ke
         A.ws_m[slot * NQ + tid] = s_m[tid];
         A.ws_l[slot * NQ + tid] = s_l[tid];
     }
-    if (tid == 0) {
+    if (tid == 0)
         A.ws_rot[slot] = any_rot ? 1u : 0u;
-        A.ws_bad[slot] = n_bad;
-    }
 }
 
 constexpr int kCombThreads = 256; // threads per block of kernel 2
@@ -740,20 +735,6 @@ __global__ void __launch_bounds__(kCombThreads) attend_combine_kernel(attn_param
     const uint32_t item = blockIdx.x, r = blockIdx.y, tid = threadIdx.x, d = A.d, S = A.n_splits;
     const uint32_t cw = min(d, blockDim.x), groups = blockDim.x / cw;
     pdl_wait(); // the split kernel's workspace is complete and visible from here on
-    if (item == 0 && r == 0) { // block-uniform: the call's skipped pages, for bad_pages
-        __shared__ uint32_t s_bad;
-        if (tid == 0)
-            s_bad = 0;
-        __syncthreads();
-        uint32_t nb = 0;
-        for (size_t i = tid; i < (size_t)A.n_items * S; i += blockDim.x)
-            nb += A.ws_bad[i];
-        if (nb != 0)
-            atomicAdd(&s_bad, nb);
-        __syncthreads();
-        if (tid == 0)
-            *A.ws_err = s_bad;
-    }
     float *w = reinterpret_cast<float *>(smem); // [S] exp(m_s - M)
     float *wp = w + S;                          // [S] exp(mp_s - M), the plain part's weight
     float *acc = wp + S;                        // [groups][d] plain sums
@@ -847,9 +828,7 @@ __global__ void __launch_bounds__(kCombThreads) attend_combine_kernel(attn_param
  * tokens, so each lane takes the channels its loads deliver (kphys below) and the same order
  * is used for the query table; codes become FP16 with one LOP3 and one HSUB2 per two codes
  * (0x6400 | c is 1024 + c). FP16 pages are staged with their 16-byte chunks XOR-swizzled per
- * token (mma_swz), and quantized pages with chunks swapped inside their 64- and 128-byte value
- * rows and 128-byte key rows (mma_vx, mma_kx), so that the fragment loads are free of bank
- * conflicts.
+ * token (mma_swz) so that the fragment loads are free of bank conflicts.
  */
 constexpr int kMmaWarps = 4;
 constexpr int kMmaThreads = 32 * kMmaWarps;
@@ -880,29 +859,6 @@ __device__ __forceinline__ uint32_t mma_tau(uint32_t n)
 __device__ __forceinline__ uint32_t mma_swz(uint32_t t)
 {
     return ((t >> 1) & 1u) | ((t & 1u) << 2);
-}
-
-/* Quantized pages are staged with 16-byte chunks swapped inside some key and value rows, so that
- * mma_tokens' loads, which read the same bytes of tokens 128 bytes apart together, fall in
- * different banks (the pool's layout would make value loads 2-way (64-byte rows) or 4-way
- * (128-byte rows) bank conflicts, and 128-byte key rows 2-way): chunk c of slot token t is
- * staged at c ^ mma_vx(rowv, t) in its value row and c ^ mma_kx(rowk, t) in its key row. */
-__host__ __device__ constexpr uint32_t mma_vx(uint32_t rowv, uint32_t t)
-{
-    return rowv == 64 || rowv == 128 ? 2u * ((t >> 1) & (rowv / 32 - 1)) : 0u;
-}
-__host__ __device__ constexpr uint32_t mma_kx(uint32_t rowk, uint32_t t)
-{
-    return rowk == 128 ? (t & 1u) : 0u;
-}
-
-/* Where byte b (< 4 D) of a quantized slot's key scales and zeros (two arrays of D halves) is
- * staged. Key lane kq reads the 16-byte chunks of its D / 4 channels together with the other
- * lanes (k_pair_coef); at head_dim 128 lanes kq and kq + 2 would hit the same banks, so the
- * chunks of lanes 2 and 3 swap in pairs. */
-template <int D> __device__ __forceinline__ uint32_t mma_coef_off(uint32_t b)
-{
-    return D == 128 ? b ^ (32u * ((b >> 7) & 1u)) : b;
 }
 
 /* The channel of element e of FP16 pair hp of key lane kq (the table and the K fragments agree
@@ -1026,9 +982,9 @@ template <int D, int OPT>
 __device__ __forceinline__ uint32_t k_pair_coef(const uint8_t *base, uint32_t kq, int hp)
 {
     const uint32_t c0 = kphys<D, OPT>(0, (uint32_t)hp, 0), c1 = kphys<D, OPT>(0, (uint32_t)hp, 1);
-    const uint32_t g = kq * (D / 2);
-    const uint32_t w0 = word_of(lds128(base + mma_coef_off<D>(g + 16 * (c0 / 8))), (c0 / 2) % 4);
-    const uint32_t w1 = word_of(lds128(base + mma_coef_off<D>(g + 16 * (c1 / 8))), (c1 / 2) % 4);
+    const uint8_t *g = base + kq * (D / 2);
+    const uint32_t w0 = word_of(lds128(g + 16 * (c0 / 8)), (c0 / 2) % 4);
+    const uint32_t w1 = word_of(lds128(g + 16 * (c1 / 8)), (c1 / 2) % 4);
     return __byte_perm(w0, w1, (c0 % 2 ? 0x32u : 0x10u) | ((c1 % 2 ? 0x76u : 0x54u) << 8));
 }
 
@@ -1144,17 +1100,12 @@ __device__ void mma_tokens(const attn_params &A, const uint8_t *slots, uint32_t 
 #pragma unroll
         for (int j = 0; j < 2; j++) {
             const uint32_t tok = min(T0 + 8 * j + mma_tau(g), te - 1);
-            if constexpr (OPT == 0) {
+            if (OPT == 0) {
                 const uint8_t *row = slots + (size_t)tok * (4 * D);
                 const uint32_t sw = mma_swz(tok);
 #pragma unroll
                 for (int jj = 0; jj < D / 32; jj++)
                     lds_words<4>(row + 16 * ((kq + 4 * jj) ^ sw), kw[j] + 4 * jj);
-            } else if constexpr (KB == 32) { // 128-byte key rows, staged with mma_kx
-                const uint32_t jt = jb[j] + tok - nb[j], x = mma_kx(rowk, jt);
-                const uint8_t *kr = sp[j] + koff + jt * rowk;
-                lds_words<4>(kr + 16 * ((2 * kq) ^ x), kw[j]);
-                lds_words<4>(kr + 16 * ((2 * kq + 1) ^ x), kw[j] + 4);
             } else {
                 lds_words<KB / 4>(sp[j] + koff + (jb[j] + tok - nb[j]) * rowk + kq * KB, kw[j]);
             }
@@ -1249,10 +1200,7 @@ __device__ void mma_tokens(const attn_params &A, const uint8_t *slots, uint32_t 
                     ps[j][e] = p[j][e];
                 } else {
                     const uint32_t jt = jb[j] + tok - nb[j];
-                    // Staged with mma_vx: the chunk of byte g VB of the row moves.
-                    const uint32_t vb = g * VB;
-                    const uint8_t *vp =
-                        sp[j] + voff + jt * rowv + 16 * ((vb / 16) ^ mma_vx(rowv, jt)) + vb % 16;
+                    const uint8_t *vp = sp[j] + voff + jt * rowv + g * VB;
                     if (VB >= 4)
                         lds_words<VW>(vp, vw[j][e]);
                     else
@@ -1299,8 +1247,8 @@ __device__ void mma_table(const attn_params &A, const uint8_t *slots, uint32_t s
         float x0 = qq[r * D + c0], x1 = qq[r * D + c1];
         if (OPT != 0 && SCALED) {
             const uint8_t *sp = slots + (size_t)(s0 + sl) * sb;
-            x0 *= h2f_at(sp + mma_coef_off<D>(2 * c0));
-            x1 *= h2f_at(sp + mma_coef_off<D>(2 * c1));
+            x0 *= h2f_at(sp + 2 * c0);
+            x1 *= h2f_at(sp + 2 * c1);
             for (uint32_t jj = 0; jj < P; jj++) {
                 const uint32_t c = rd16(sp + poff + 2 * jj);
                 if (c == c0)
@@ -1321,7 +1269,7 @@ __device__ void mma_table(const attn_params &A, const uint8_t *slots, uint32_t s
         const uint8_t *sp = slots + (size_t)(s0 + sl) * sb;
         float s = 0.0f;
         for (uint32_t c = lane; c < D; c += 32)
-            s += qq[r * D + c] * h2f_at(sp + mma_coef_off<D>(2 * D + 2 * c));
+            s += qq[r * D + c] * h2f_at(sp + 2 * D + 2 * c);
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1)
             s += __shfl_xor_sync(0xffffffffu, s, off);
@@ -1332,7 +1280,7 @@ __device__ void mma_table(const attn_params &A, const uint8_t *slots, uint32_t s
         const uint32_t sl = idx / (4 * P), r = (idx / P) % 4, jj = idx % P;
         const uint8_t *sp = slots + (size_t)(s0 + sl) * sb;
         const uint32_t c = rd16(sp + poff + 2 * jj);
-        qsp[idx] = c < D ? qq[r * D + c] * h2f_at(sp + mma_coef_off<D>(2 * c)) : 0.0f;
+        qsp[idx] = c < D ? qq[r * D + c] * h2f_at(sp + 2 * c) : 0.0f;
     }
 }
 
@@ -1393,8 +1341,8 @@ __device__ __forceinline__ int mma_page_kind(const attn_params &A, uint32_t pid,
     return 2;
 }
 
-/* Starts the asynchronous copy of the used bytes of page pid into dst (FP16 pages swizzled,
- * quantized ones with mma_vx and mma_kx) when pass attends it; always commits one group. */
+/* Starts the asynchronous copy of the used bytes of page pid into dst (FP16 pages swizzled)
+ * when pass attends it; always commits one group. */
 template <int D>
 __device__ __forceinline__ void mma_stage(const attn_params &A, uint32_t pid, uint4 hraw, int pass,
                                           uint8_t *dst)
@@ -1415,38 +1363,8 @@ __device__ __forceinline__ void mma_stage(const attn_params &A, uint32_t pid, ui
                 __pipeline_memcpy_async(d16 + o, src + i, sizeof(uint4));
             }
         } else {
-            const uint32_t rowk = D * opt_kbits(h.opt) / 8, rowv = D * opt_vbits(h.opt) / 8;
-            if (D != 128 && rowv != 64) { // (D 64: no 128-byte rows, no coefficient swizzle)
-                for (uint32_t i = threadIdx.x; i < n16; i += blockDim.x)
-                    __pipeline_memcpy_async(d16 + i, src + i, sizeof(uint4));
-            } else {
-                // Chunk i >= 1 is chunk c of a slot (slots and their key and value rows start
-                // on 16 bytes: KVC_PAGE_HEADER_BYTES, slot_bytes, 4 D + 4 G and the row
-                // sizes are multiples of 16 for head_dim 64 and 128 and G a multiple of 8).
-                const uint32_t sb16 = A.slot_bytes[h.opt] / 16;
-                const uint32_t nk = rowk / 16, nv = rowv / 16;
-                const uint32_t k0 = (4 * D + 4 * A.G) / 16, v0 = k0 + A.G * nk;
-                const uint32_t v1 = v0 + A.G * nv;
-                const uint32_t nk_sh = 31 - __clz(nk), nv_sh = 31 - __clz(nv);
-                if (threadIdx.x == 0)
-                    __pipeline_memcpy_async(d16, src, sizeof(uint4)); // the header
-                uint32_t c = threadIdx.x;
-                while (c >= sb16)
-                    c -= sb16;
-                for (uint32_t i = 1 + threadIdx.x; i < n16; i += blockDim.x) {
-                    uint32_t o = c;
-                    if (c >= v0 && c < v1)
-                        o = v0 + ((c - v0) ^ mma_vx(rowv, (c - v0) >> nv_sh));
-                    else if (c >= k0 && c < v0)
-                        o = k0 + ((c - k0) ^ mma_kx(rowk, (c - k0) >> nk_sh));
-                    else if (c < D / 4)
-                        o = mma_coef_off<D>(16 * c) / 16;
-                    __pipeline_memcpy_async(d16 + (i - c) + o, src + i, sizeof(uint4));
-                    c += blockDim.x;
-                    while (c >= sb16)
-                        c -= sb16;
-                }
-            }
+            for (uint32_t i = threadIdx.x; i < n16; i += blockDim.x)
+                __pipeline_memcpy_async(d16 + i, src + i, sizeof(uint4));
         }
     }
     __pipeline_commit();
@@ -1567,8 +1485,7 @@ __global__ void __launch_bounds__(kMmaThreads, MINB) attend_mma_kernel(attn_para
         qf[i] = v;
     }
     uint32_t ls, p0, p1;
-    uint32_t n_bad = 0; // pages skipped (thread 0)
-    split_range(A, item, split, &ls, &p0, &p1, &n_bad);
+    split_range(A, item, split, &ls, &p0, &p1);
     const size_t slot = (size_t)item * A.n_splits + split;
 
     mma_state<D> st;
@@ -1611,7 +1528,7 @@ __global__ void __launch_bounds__(kMmaThreads, MINB) attend_mma_kernel(attn_para
             __syncthreads();
             const int kind = mma_page_kind(A, pid, hraw, pass);
             if (kind == 1 && pass == 0 && tid == 0)
-                n_bad++;
+                atomicAdd(A.ws_err, 1u);
             if (pass == 0 && pid < A.n_pages && kind != 1) {
                 const page_hdr hh = parse_hdr(hraw);
                 if (hh.opt < kOpts && hh.n_tokens > 0 && hh.n_slots > 0 &&
@@ -1653,10 +1570,8 @@ __global__ void __launch_bounds__(kMmaThreads, MINB) attend_mma_kernel(attn_para
         else
             mma_finish<D>(A, st, smem, A.ws_accr + slot * rows * D, NULL, true, slot);
     }
-    if (tid == 0) {
+    if (tid == 0)
         A.ws_rot[slot] = any_rot ? 1u : 0u;
-        A.ws_bad[slot] = n_bad;
-    }
 }
 
 size_t align_up(size_t x, size_t a)
@@ -1676,7 +1591,7 @@ struct plan {
     void (*mma_kernel)(attn_params);
     size_t smem_mma;
     uint32_t m_pbuf, m_off_q, m_off_tab, m_off_qz, m_off_qsp, m_ts;
-    size_t off_m, off_l, off_mp, off_acc, off_accr, off_rot, off_bad, ws_bytes; // 0: the count
+    size_t off_m, off_l, off_mp, off_acc, off_accr, off_rot, ws_bytes; // 0: the error counter
 };
 
 typedef void (*split_kernel_t)(attn_params);
@@ -1993,8 +1908,6 @@ fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt,
     off = align_up(off + parts * rows * d * sizeof(float), kWsAlign);
     pl->off_rot = off;
     off = align_up(off + parts * sizeof(uint32_t), kWsAlign);
-    pl->off_bad = off;
-    off = align_up(off + parts * sizeof(uint32_t), kWsAlign);
     pl->ws_bytes = off;
     return FY_OK;
 }
@@ -2083,11 +1996,11 @@ extern "C" fy_status_t kvc_attend_batch_cuda(const kvc_gpu_pages_t *pool,
     A.ws_mp = reinterpret_cast<float *>(ws + pl.off_mp);
     A.ws_accr = reinterpret_cast<float *>(ws + pl.off_accr);
     A.ws_rot = reinterpret_cast<uint32_t *>(ws + pl.off_rot);
-    A.ws_bad = reinterpret_cast<uint32_t *>(ws + pl.off_bad);
 
-    // No memset of the bad-page count: each split block writes its own (ws_bad) and the combine
-    // kernel sums them into ws_err, so a call is two kernels on the stream.
     cudaStream_t s = static_cast<cudaStream_t>(stream);
+    st = kvc_cuda_status(cudaMemsetAsync(A.ws_err, 0, sizeof(uint32_t), s));
+    if (st != FY_OK)
+        return st;
     A.rows = pl.rows;
     A.m_pbuf = pl.m_pbuf;
     A.m_off_q = pl.m_off_q;

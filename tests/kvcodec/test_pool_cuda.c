@@ -5,13 +5,16 @@
 // groups. The GPU pool is poisoned first so an unwritten byte shows. Then decode tokens are
 // appended to every FP16 tail (kvc_seq_append against kvc_gpu_seq_append_slot +
 // kvc_gpu_append_cuda) and the pages compared again. Placement is all-or-nothing (exhaustion,
-// mismatch, a layer twice). Exits 77 without a GPU.
+// mismatch, a layer twice). Frames that arrive in device memory place like host ones. Exits 77
+// without a GPU.
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <cmocka.h>
 
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "kvcodec_cuda.h"
 #include "kvtest.h"
@@ -84,8 +87,9 @@ static void compare_pools(const pcase_t *c, kvc_pool_t *cpu, kvc_seq_t *cs, kvc_
                 size_t nr = page_meaningful(pc, c->d, c->protect, sb, ranges, 2 * 4096);
                 for (size_t r = 0; r < nr; r += 2) {
                     if (memcmp(pc + ranges[r], pg + ranges[r], ranges[r + 1]) != 0) {
-                        fprintf(stderr, "%s %s rot %d P %u n %u d %u: layer %u head %u page %u "
-                                        "(opt %u) range %zu+%zu differs\n",
+                        fprintf(stderr,
+                                "%s %s rot %d P %u n %u d %u: layer %u head %u page %u "
+                                "(opt %u) range %zu+%zu differs\n",
                                 what, c->policy, c->rotate, c->protect, c->n, c->d, l, h, ic[i],
                                 pc[0], ranges[r], ranges[r + 1]);
                         fail();
@@ -173,8 +177,8 @@ static void run_case(const pcase_t *c, uint64_t seed)
     kvc_gpu_seq_t *gs;
     assert_int_equal(kvc_seq_create(cpu, c->n_layers, c->n_kv, 0x1234abcd5678ef00ull, 77, &cs),
                      FY_OK);
-    assert_int_equal(
-        kvc_gpu_seq_create(gpu, c->n_layers, c->n_kv, 0x1234abcd5678ef00ull, 77, &gs), FY_OK);
+    assert_int_equal(kvc_gpu_seq_create(gpu, c->n_layers, c->n_kv, 0x1234abcd5678ef00ull, 77, &gs),
+                     FY_OK);
 
     kvt_layer_t L;
     kvt_layer_make(&L, seed, c->n_heads, c->n_kv, c->n, c->d, 32);
@@ -301,6 +305,105 @@ static void test_all_or_nothing(void **state)
     kvc_encoder_destroy(enc);
     kvt_layer_free(&L);
 }
+
+/* Frames that arrive in device memory (the NCCL pair's path): kvc_cuda_frame_upload,
+ * kvc_gpu_stage_fetch back to the host and kvc_gpu_stage_place_dev give the same pages as
+ * kvc_gpu_stage_place from the host copy; a layer placed twice is refused; frames freed
+ * stream-ordered. The device UUID is 32 hex digits and the same on every call. */
+static void test_device_frames(void **state)
+{
+    (void)state;
+    char uuid[33], again[33];
+    assert_int_equal(fy_cuda_device_uuid(0, uuid, sizeof(uuid)), FY_OK);
+    assert_int_equal(strlen(uuid), 32);
+    assert_int_equal(strspn(uuid, "0123456789abcdef"), 32);
+    assert_int_equal(fy_cuda_device_uuid(0, again, sizeof(again)), FY_OK);
+    assert_string_equal(uuid, again);
+    assert_int_equal(fy_cuda_device_uuid(fy_cuda_device_count(), again, sizeof(again)),
+                     FY_ERR_NO_DEVICE);
+    assert_int_equal(fy_cuda_device_uuid(0, again, 32), FY_ERR_INVALID_ARG);
+
+    kvc_policy_t pol;
+    assert_int_equal(kvc_policy_builtin("ferry", &pol), FY_OK);
+    const uint32_t n_layers = 3, n_heads = 8, n_kv = 2, n = 517, d = 64;
+    kvc_pool_params_t pp;
+    kvc_pool_params_default(&pp);
+    pp.head_dim = d;
+    pp.group = pol.group;
+    pp.page_bytes = 16384;
+    pp.n_pages = 2048;
+    kvc_gpu_pool_t *host_pool, *dev_pool;
+    assert_int_equal(kvc_gpu_pool_create(&pp, &host_pool), FY_OK);
+    assert_int_equal(kvc_gpu_pool_create(&pp, &dev_pool), FY_OK);
+    size_t pool_bytes = pp.page_bytes * pp.n_pages;
+    CK(cudaMemset(kvc_gpu_pool_base(host_pool), 0x5a, pool_bytes));
+    CK(cudaMemset(kvc_gpu_pool_base(dev_pool), 0x5a, pool_bytes));
+    kvc_gpu_seq_t *hs, *ds;
+    assert_int_equal(kvc_gpu_seq_create(host_pool, n_layers, n_kv, 0x1234abcd5678ef00ull, 77, &hs),
+                     FY_OK);
+    assert_int_equal(kvc_gpu_seq_create(dev_pool, n_layers, n_kv, 0x1234abcd5678ef00ull, 77, &ds),
+                     FY_OK);
+    kvc_gpu_stage_t *stage;
+    assert_int_equal(kvc_gpu_stage_create(&stage), FY_OK);
+
+    kvt_layer_t L;
+    kvt_layer_make(&L, 99, n_heads, n_kv, n, d, 32);
+    kvc_encoder_params_t p = kvt_params(&pol, &L, n_layers, 0.25);
+    kvc_encoder_t *enc;
+    assert_int_equal(kvc_encoder_create(&p, &enc), FY_OK);
+    size_t cap = kvc_encoder_max_frame_bytes(enc);
+    uint8_t *frame = malloc(cap), *fetched = malloc(cap);
+    assert_non_null(frame);
+    assert_non_null(fetched);
+    for (uint32_t l = 0; l < n_layers; l++) {
+        kvt_layer_t Ll;
+        kvt_layer_make(&Ll, 500 + l, n_heads, n_kv, n, d, 32);
+        kvc_layer_input_t in = kvt_input(&Ll, l);
+        size_t len;
+        assert_int_equal(kvc_encoder_encode_layer(enc, &in, NULL, frame, cap, &len, NULL), FY_OK);
+        kvt_layer_free(&Ll);
+        uint8_t *dev = NULL;
+        assert_int_equal(kvc_cuda_frame_upload(frame, len, &dev), FY_OK);
+        assert_non_null(dev);
+        memset(fetched, 0, cap);
+        assert_int_equal(kvc_gpu_stage_fetch(stage, fetched, dev, len), FY_OK);
+        assert_memory_equal(fetched, frame, len);
+        kvc_frame_t f;
+        assert_int_equal(kvc_frame_parse(fetched, len, &f), FY_OK);
+        assert_int_equal(kvc_gpu_stage_place(stage, hs, &f, frame, len), FY_OK);
+        assert_int_equal(kvc_gpu_stage_place_dev(stage, ds, &f, dev), FY_OK);
+        assert_int_equal(kvc_gpu_stage_place_dev(stage, ds, &f, dev), FY_ERR_EXISTS);
+        kvc_cuda_frame_free(dev);
+    }
+    kvc_cuda_frame_free(NULL);
+    assert_int_equal(kvc_gpu_pool_free_count(host_pool), kvc_gpu_pool_free_count(dev_pool));
+    // Both pools filled the same pages in the same order: the whole pools are equal.
+    uint8_t *a = malloc(pool_bytes), *b = malloc(pool_bytes);
+    assert_non_null(a);
+    assert_non_null(b);
+    CK(cudaMemcpy(a, kvc_gpu_pool_base(host_pool), pool_bytes, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(b, kvc_gpu_pool_base(dev_pool), pool_bytes, cudaMemcpyDeviceToHost));
+    assert_memory_equal(a, b, pool_bytes);
+    for (uint32_t l = 0; l < n_layers; l++)
+        for (uint32_t h = 0; h < n_kv; h++)
+            assert_int_equal(kvc_gpu_seq_n_tokens(hs, l, h), kvc_gpu_seq_n_tokens(ds, l, h));
+    assert_int_equal(kvc_gpu_stage_fetch(stage, NULL, a, 1), FY_ERR_INVALID_ARG);
+    uint8_t *big = NULL;
+    assert_int_equal(kvc_cuda_frame_alloc(0, &big), FY_ERR_INVALID_ARG);
+    assert_int_equal(kvc_cuda_frame_alloc(1 << 20, &big), FY_OK);
+    kvc_cuda_frame_free(big);
+    free(a);
+    free(b);
+    free(frame);
+    free(fetched);
+    kvt_layer_free(&L);
+    kvc_encoder_destroy(enc);
+    kvc_gpu_stage_destroy(stage);
+    kvc_gpu_seq_destroy(hs);
+    kvc_gpu_seq_destroy(ds);
+    kvc_gpu_pool_destroy(host_pool);
+    kvc_gpu_pool_destroy(dev_pool);
+}
 #endif
 
 int main(void)
@@ -316,6 +419,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_parity),
         cmocka_unit_test(test_all_or_nothing),
+        cmocka_unit_test(test_device_frames),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 #endif
