@@ -101,7 +101,7 @@ typedef struct {
     const char *advertise_host;  // how the router reaches us; NULL = the listen host
                                  // (127.0.0.1 when that is a wildcard)
     uint64_t kv_memory;          // page pool bytes (default 512 MiB)
-    uint32_t page_bytes;         // page size (default 16 KiB: 63 FP16 tokens of head_dim 64)
+    uint32_t page_bytes;         // page size; 0 (default): decode_page_bytes_for(head_dim)
     uint64_t recv_buffer;        // kvlink receive memory (default 64 MiB)
     int max_batch;               // sequences per decode step (default 32)
     int threads;                 // compute threads (0 = all cores)
@@ -119,6 +119,13 @@ typedef struct {
 } decode_worker_params_t;
 
 void decode_worker_params_default(decode_worker_params_t *params);
+
+/* The page size a worker takes when none is given: 256 bytes per head_dim channel (63 FP16
+ * tokens, 3 INT8 or 6 INT4 groups of 32 a page), at least 16 KiB, at most 64 KiB. Pages much
+ * smaller than that slow attention on the GPU (bench/results/gpu-h200.md, Round 5: Llama-3-8B
+ * INT4 steps at 32k, batch 32, take 23 % less time with 32 KiB pages than with 16 KiB).
+ * Thread: any. */
+uint32_t decode_page_bytes_for(uint32_t head_dim);
 
 /* Loads the model (unless given), creates the pool and starts the RPC, kvlink and scheduler
  * threads; returns once both listeners are bound. Strings in params are copied. err

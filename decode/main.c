@@ -36,7 +36,9 @@ static const fy_opt_t k_opts[] = {
     {"threads", FY_OPT_INT, "0", "compute threads (0 = all CPUs)", false},
     {"kv-memory", FY_OPT_SIZE, "512M",
      "KV page pool size (CPU: allocated as pages are used; cuda: GPU memory, at start)", false},
-    {"page-bytes", FY_OPT_SIZE, "16K", "KV page size (each layer and KV head has its own pages)",
+    {"page-bytes", FY_OPT_SIZE, "0",
+     "KV page size; each layer and KV head has its own pages (0: 256 bytes per head_dim "
+     "channel, 16K-64K)",
      false},
     {"kv-recv-buffer", FY_OPT_SIZE, "64M", "receive memory for incoming KV frames", false},
     {"max-batch", FY_OPT_INT, "32", "sequences per decode step", false},
@@ -140,7 +142,7 @@ int main(int argc, char **argv)
     uint64_t drain_ms = fy_config_duration_ms(cfg, "drain-timeout");
     uint64_t heartbeat_ms = fy_config_duration_ms(cfg, "heartbeat");
     if (max_tokens <= 0 || max_tokens > (1 << 20) || lease_ms == 0 || lease_ms > UINT32_MAX ||
-        drain_ms > UINT32_MAX || heartbeat_ms > UINT32_MAX || page_bytes == 0 ||
+        drain_ms > UINT32_MAX || heartbeat_ms > UINT32_MAX ||
         page_bytes > UINT32_MAX || p.threads < 0 || p.max_batch <= 0) {
         FY_LOG_ERROR(MODULE, "--max-tokens, --lease, --drain-timeout, --heartbeat, --page-bytes, "
                              "--threads or --max-batch out of range");

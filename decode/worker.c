@@ -1583,13 +1583,19 @@ static void *rpc_main(void *arg)
 /* Life cycle                                                                                  */
 /* ------------------------------------------------------------------------------------------ */
 
+uint32_t decode_page_bytes_for(uint32_t head_dim)
+{
+    const uint64_t b = 256ull * head_dim;
+    return b < (16u << 10) ? 16u << 10 : b > (64u << 10) ? 64u << 10 : (uint32_t)b;
+}
+
 void decode_worker_params_default(decode_worker_params_t *p)
 {
     memset(p, 0, sizeof(*p));
     p->listen_host = "127.0.0.1";
     p->kv_host = "127.0.0.1";
     p->kv_memory = 512ull << 20;
-    p->page_bytes = 16u << 10;
+    p->page_bytes = 0; // from the model's head_dim (decode_page_bytes_for)
     p->recv_buffer = 64ull << 20;
     p->max_batch = 32;
     p->default_max_tokens = 256;
@@ -1732,12 +1738,13 @@ fy_status_t decode_worker_create(const decode_worker_params_t *params,
         p = *params;
     else
         decode_worker_params_default(&p);
-    if (p.max_batch <= 0 || p.max_batch > 1024 || p.threads < 0 || p.page_bytes == 0 ||
-        p.kv_memory < p.page_bytes || p.recv_buffer == 0 || p.default_lease_ms == 0 ||
+    if (p.max_batch <= 0 || p.max_batch > 1024 || p.threads < 0 ||
+        (p.page_bytes != 0 && p.kv_memory < p.page_bytes) || p.recv_buffer == 0 ||
+        p.default_lease_ms == 0 ||
         p.listen_port < 0 || p.listen_port > 65535 || p.kv_port < 0 || p.kv_port > 65535 ||
         worker_p == NULL)
         return errf(err, err_len, FY_ERR_INVALID_ARG, "invalid worker parameters");
-    if (p.kv_memory / p.page_bytes > UINT32_MAX)
+    if (p.page_bytes != 0 && p.kv_memory / p.page_bytes > UINT32_MAX)
         return errf(err, err_len, FY_ERR_INVALID_ARG, "kv-memory: too many pages");
     decode_worker_t *w = calloc(1, sizeof(*w));
     if (w == NULL)
@@ -1802,6 +1809,15 @@ fy_status_t decode_worker_create(const decode_worker_params_t *params,
     if ((st = mdl_ctx_create(w->model, &cp, &w->ctx)) != FY_OK) {
         errf(err, err_len, st, "model context");
         goto fail;
+    }
+    if (p.page_bytes == 0) {
+        p.page_bytes = w->p.page_bytes = decode_page_bytes_for((uint32_t)w->cfg->head_dim);
+        if (p.kv_memory < p.page_bytes || p.kv_memory / p.page_bytes > UINT32_MAX) {
+            st = errf(err, err_len, FY_ERR_INVALID_ARG,
+                      "kv-memory: %llu bytes do not make pages of %u bytes",
+                      (unsigned long long)p.kv_memory, p.page_bytes);
+            goto fail;
+        }
     }
     kvc_pool_params_t pp;
     kvc_pool_params_default(&pp);

@@ -934,6 +934,21 @@ static void test_with_prefill_worker(void **state)
 
 // With --router the worker registers (RPC and KV addresses, the model's fingerprint, its free
 // pages), heartbeats its load, and announces draining.
+/* Without --page-bytes a worker sizes its pages by head_dim: 63 FP16 tokens a page, 16-64 KiB. */
+static void test_page_bytes_for(void **state)
+{
+    (void)state;
+    assert_int_equal(decode_page_bytes_for(16), 16384);
+    assert_int_equal(decode_page_bytes_for(64), 16384);
+    assert_int_equal(decode_page_bytes_for(96), 24576);
+    assert_int_equal(decode_page_bytes_for(128), 32768);
+    assert_int_equal(decode_page_bytes_for(256), 65536);
+    assert_int_equal(decode_page_bytes_for(1024), 65536);
+    decode_worker_params_t p;
+    decode_worker_params_default(&p);
+    assert_int_equal(p.page_bytes, 0);
+}
+
 static void test_registers_with_router(void **state)
 {
     (void)state;
@@ -966,6 +981,8 @@ static void test_registers_with_router(void **state)
     assert_string_equal(info.kv_address, want);
     snprintf(want, sizeof(want), "127.0.0.1:%d", decode_worker_rpc_port(w));
     assert_string_equal(info.rpc_address, want);
+    // SmolLM2's head_dim 64 takes the default page size of 16 KiB.
+    assert_int_equal(info.load.page_bytes, 16384);
     assert_int_equal(info.load.total_kv_pages, (64u << 20) / 16384);
     assert_int_equal(info.load.free_kv_pages, info.load.total_kv_pages);
     // Draining reaches the registry with the next heartbeat.
@@ -1006,6 +1023,7 @@ int main(void)
         cmocka_unit_test(test_seeded_sampling_continues),
         cmocka_unit_test(test_drain_finishes_in_flight),
         cmocka_unit_test(test_with_prefill_worker),
+        cmocka_unit_test(test_page_bytes_for),
         cmocka_unit_test(test_registers_with_router),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
