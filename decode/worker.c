@@ -1738,14 +1738,10 @@ fy_status_t decode_worker_create(const decode_worker_params_t *params,
         p = *params;
     else
         decode_worker_params_default(&p);
-    if (p.max_batch <= 0 || p.max_batch > 1024 || p.threads < 0 ||
-        (p.page_bytes != 0 && p.kv_memory < p.page_bytes) || p.recv_buffer == 0 ||
-        p.default_lease_ms == 0 ||
-        p.listen_port < 0 || p.listen_port > 65535 || p.kv_port < 0 || p.kv_port > 65535 ||
-        worker_p == NULL)
+    if (p.max_batch <= 0 || p.max_batch > 1024 || p.threads < 0 || p.recv_buffer == 0 ||
+        p.default_lease_ms == 0 || p.listen_port < 0 || p.listen_port > 65535 ||
+        p.kv_port < 0 || p.kv_port > 65535 || worker_p == NULL)
         return errf(err, err_len, FY_ERR_INVALID_ARG, "invalid worker parameters");
-    if (p.page_bytes != 0 && p.kv_memory / p.page_bytes > UINT32_MAX)
-        return errf(err, err_len, FY_ERR_INVALID_ARG, "kv-memory: too many pages");
     decode_worker_t *w = calloc(1, sizeof(*w));
     if (w == NULL)
         return FY_ERR_NO_MEMORY;
@@ -1810,14 +1806,14 @@ fy_status_t decode_worker_create(const decode_worker_params_t *params,
         errf(err, err_len, st, "model context");
         goto fail;
     }
-    if (p.page_bytes == 0) {
+    // The page size, given or from the model, and the pool it makes: checked once, here.
+    if (p.page_bytes == 0)
         p.page_bytes = w->p.page_bytes = decode_page_bytes_for((uint32_t)w->cfg->head_dim);
-        if (p.kv_memory < p.page_bytes || p.kv_memory / p.page_bytes > UINT32_MAX) {
-            st = errf(err, err_len, FY_ERR_INVALID_ARG,
-                      "kv-memory: %llu bytes do not make pages of %u bytes",
-                      (unsigned long long)p.kv_memory, p.page_bytes);
-            goto fail;
-        }
+    if (p.kv_memory < p.page_bytes || p.kv_memory / p.page_bytes > UINT32_MAX) {
+        st = errf(err, err_len, FY_ERR_INVALID_ARG,
+                  "kv-memory: %llu bytes do not make pages of %u bytes",
+                  (unsigned long long)p.kv_memory, p.page_bytes);
+        goto fail;
     }
     kvc_pool_params_t pp;
     kvc_pool_params_default(&pp);
