@@ -1210,7 +1210,7 @@ __global__ void __launch_bounds__(CRC_FINAL_THREADS)
  * control) run identically in every block of one cooperative grid. The greedy fill is
  * sequential by nature: its candidates are sorted on the device (a stable radix sort on the
  * ratio gives the CPU's ratio-then-index order) and one warp walks them 32 at a time, taking
- * the first that still fits and restarting behind it. */
+ * every candidate of a run that fits in one step (greedy_walk). */
 
 #define OPT_THREADS    256
 #define OPT_MAX_KV     64 // per-block byte-count histogram; more heads take the host optimizer
@@ -1590,13 +1590,13 @@ __global__ void cand_kernel(opt_args_t a, uint32_t *keys, uint32_t *idx)
  * cand_kernel proposes them) still fits the target under the current counts. A candidate's
  * byte change depends only on its (h, cur, to), so when none of these fits, no remaining
  * candidate can be taken before the state changes, and the state changes only by a take: the
- * fill is over (the CPU's scan goes on to the end of the list and takes nothing more). All
- * threads of the block call it. */
+ * fill is over (the CPU's scan goes on to the end of the list and takes nothing more). The 32
+ * lanes of one warp call it. */
 static __device__ bool greedy_any_fits(const opt_args_t &a, const long long *s_cnt, long long total,
                                        long long target)
 {
     bool fit = false;
-    for (uint32_t t = threadIdx.x; t < a.n_kv * 64 && !fit; t += blockDim.x) {
+    for (uint32_t t = threadIdx.x % 32; t < a.n_kv * 64 && !fit; t += 32) {
         uint32_t h = t / 64, cur = t / 8 % 8, to = t % 8;
         if (cur >= KVC_OPT_COUNT || to >= KVC_OPT_COUNT || !(a.cost[to] > a.cost[cur]))
             continue;
@@ -1607,76 +1607,144 @@ static __device__ bool greedy_any_fits(const opt_args_t &a, const long long *s_c
             add_bytes(a, (int)to, (uint32_t)ct) - add_bytes(a, (int)cur, (uint32_t)(cc - 1));
         fit = total + delta <= target;
     }
-    return __syncthreads_or(fit) != 0;
+    return __any_sync(0xffffffffu, fit);
 }
 
+/* Shared state of the greedy fill's walk: the counts of the choice per (head, option), the
+ * frame bytes, and two bit tables (zero between steps) that tell each lane of a step which
+ * earlier lanes move a token into or out of its (head, option) slots. */
+typedef struct {
+    long long cnt[OPT_MAX_KV * 8];
+    unsigned into[OPT_MAX_KV * 8], out_of[OPT_MAX_KV * 8];
+    long long total;
+    int over;
+} greedy_state_t;
+
 /* The greedy fill's walk over one staged window of sorted candidates (s_idx: the item, or none
- * past the last candidate; s_cur, s_to: its option and its upgrade), GREEDY_THREADS at a time
- * against the current state (counts, frame bytes): it takes the first whose exact byte change
- * still fits (the ones before it do not fit under the same state, as on the CPU) and goes on
- * right behind it. It stops as soon as no upgrade of any kind fits (greedy_any_fits) instead of
- * scanning the rest of the list, which once the slack is spent finds nothing: the same choice,
- * without the long tail of windows where nothing fits. Returns whether the fill is over (that,
- * or the candidates ended). All threads of the block call it. */
-static __device__ bool greedy_walk(const opt_args_t &a, long long *s_cnt, long long *s_total,
-                                   long long target, const uint32_t *s_idx, const uint8_t *s_cur,
-                                   const uint8_t *s_to, uint32_t *s_first, int *s_end)
+ * past the last candidate; s_cur, s_to: its option and its upgrade), by one warp. The CPU takes,
+ * in order, each candidate whose exact byte change fits the state its earlier takes left. The
+ * warp looks at 32 candidates at a time and supposes every one of them is taken: lane k's byte
+ * change comes from the counts after lanes 0 .. k-1 moved their tokens (tallied from the bit
+ * tables) and the frame bytes after their changes (a prefix sum). Up to the first lane whose
+ * supposed change does not fit, the supposition is the truth, so those lanes are taken; that
+ * lane was judged under the true state too, so it is passed over, and the next step starts
+ * right behind it. When lane 0 itself does not fit, nothing changes until a take: the walk
+ * moves to the first lane that fits under the current state. A run of takes costs one step
+ * per 32 candidates instead of one per take. The walk ends when no upgrade of any kind fits
+ * (greedy_any_fits, asked when a whole step finds nothing after some take) instead of scanning
+ * the rest of the list, which then finds nothing: the same choice, without the tail. Returns
+ * whether the fill is over (that, or the candidates ended). Only warp 0 calls it. */
+static __device__ bool greedy_walk(const opt_args_t &a, greedy_state_t *st, long long target,
+                                   const uint32_t *s_idx, const uint8_t *s_cur, const uint8_t *s_to)
 {
-    const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const uint32_t none = 0xffffffffu, nwarps = GREEDY_THREADS / 32;
+    const uint32_t full = 0xffffffffu, none = 0xffffffffu;
+    const uint32_t lane = threadIdx.x % 32, below = (1u << lane) - 1;
+    long long total = st->total; // the same in every lane
+    bool asked = false, over = false;
     uint32_t p = 0;
-    while (p < GREEDY_CHUNK) {
-        uint32_t k = p + threadIdx.x;
-        bool in_chunk = k < GREEDY_CHUNK;
-        uint32_t i = in_chunk ? s_idx[k] : none;
-        bool valid = i != none, ok = false;
-        long long delta = 0;
+    while (p < GREEDY_CHUNK && !over) {
+        const uint32_t k = p + lane;
+        const bool in_chunk = k < GREEDY_CHUNK;
+        const uint32_t i = in_chunk ? s_idx[k] : none;
+        const bool valid = i != none; // the invalid lanes are a suffix of the step
         uint32_t h = 0;
         int cur = 0, to = 0;
         if (valid) {
             h = i / a.n;
             cur = s_cur[k];
             to = s_to[k];
-            long long ct = s_cnt[h * 8 + to], cc = s_cnt[h * 8 + cur];
-            // run_bytes(to, ct + 1) - run_bytes(to, ct) + run_bytes(cur, cc - 1) -
-            // run_bytes(cur, cc), from the per-token steps.
-            delta = add_bytes(a, to, (uint32_t)ct) - add_bytes(a, cur, (uint32_t)(cc - 1));
-            ok = *s_total + delta <= target;
         }
-        unsigned m = __ballot_sync(0xffffffffu, ok);
-        unsigned e = __ballot_sync(0xffffffffu, in_chunk && !valid);
-        if (lane == 0) {
-            s_first[warp] = m ? warp * 32 + (uint32_t)(__ffs(m) - 1) : none;
-            s_end[warp] = e != 0;
+        const uint32_t in_slot = h * 8 + (uint32_t)to, out_slot = h * 8 + (uint32_t)cur;
+        if (valid) {
+            atomicOr(&st->into[in_slot], 1u << lane);
+            atomicOr(&st->out_of[out_slot], 1u << lane);
         }
-        __syncthreads();
-        uint32_t f = none;
-        int end = 0;
-        for (uint32_t w = 0; w < nwarps; w++) {
-            f = f == none ? s_first[w] : f;
-            end |= s_end[w];
+        __syncwarp();
+        // Tokens the earlier lanes put into / take out of this lane's two slots.
+        const int to_in = __popc(st->into[in_slot] & below);
+        const int to_out = __popc(st->out_of[in_slot] & below);
+        const int cur_in = __popc(st->into[out_slot] & below);
+        const int cur_out = __popc(st->out_of[out_slot] & below);
+        const long long ct = st->cnt[in_slot], cc = st->cnt[out_slot];
+        __syncwarp();
+        if (valid) {
+            st->into[in_slot] = 0;
+            st->out_of[out_slot] = 0;
         }
-        if (f == none) {
-            // Nothing in the window fits; an empty slot means the candidates ended (the zero
-            // keys sort last).
-            __syncthreads();
-            if (end)
-                return true;
-            p += GREEDY_THREADS;
-            continue;
+        long long step = 0, now = 0; // supposed and current byte change
+        if (valid) {
+            step = add_bytes(a, to, (uint32_t)(ct + to_in - to_out)) -
+                   add_bytes(a, cur, (uint32_t)(cc + cur_in - cur_out - 1));
+            now = add_bytes(a, to, (uint32_t)ct) - add_bytes(a, cur, (uint32_t)(cc - 1));
         }
-        if (threadIdx.x == f) {
-            s_cnt[h * 8 + to]++;
-            s_cnt[h * 8 + cur]--;
-            *s_total += delta;
-            a.choice[i] = (uint8_t)to;
+        long long upto = step; // inclusive prefix sum over the lanes
+#pragma unroll
+        for (uint32_t o = 1; o < 32; o <<= 1) {
+            const long long y = __shfl_up_sync(full, upto, o);
+            if (lane >= o)
+                upto += y;
         }
-        __syncthreads();
-        if (!greedy_any_fits(a, s_cnt, *s_total, target))
-            return true;
-        p += f + 1;
+        const unsigned bad = __ballot_sync(full, !valid || total + upto > target);
+        const uint32_t m = bad ? (uint32_t)__ffs((int)bad) - 1 : 32;
+        const unsigned ended = __ballot_sync(full, in_chunk && !valid);
+        if (m > 0) {
+            if (lane < m) {
+                atomicAdd(reinterpret_cast<unsigned long long *>(&st->cnt[in_slot]), 1ull);
+                atomicAdd(reinterpret_cast<unsigned long long *>(&st->cnt[out_slot]), ~0ull);
+                a.choice[i] = (uint8_t)to;
+            }
+            total += __shfl_sync(full, upto, m - 1);
+            asked = false;
+            over = m < 32 && (ended >> m & 1u); // lane m: past the last candidate
+            p += m < 32 ? m + 1 : 32;
+        } else {
+            const unsigned fits = __ballot_sync(full, valid && total + now <= target);
+            if (fits) {
+                p += (uint32_t)__ffs((int)fits) - 1;
+            } else {
+                over = ended != 0;
+                if (!over && !asked) {
+                    asked = true;
+                    over = !greedy_any_fits(a, st->cnt, total, target);
+                }
+                p += 32;
+            }
+        }
+        __syncwarp(); // the counts and tables settle before the next step reads them
     }
-    return false;
+    if (lane == 0)
+        st->total = total;
+    __syncwarp();
+    return over;
+}
+
+/* Loads the fill's state from the choice optimizer and asks whether anything fits at all. The
+ * whole block calls it. */
+static __device__ void greedy_begin(const opt_args_t &a, greedy_state_t *st, long long target)
+{
+    for (uint32_t i = threadIdx.x; i < a.n_kv * 8; i += blockDim.x) {
+        st->cnt[i] = a.gcnt[i];
+        st->into[i] = st->out_of[i] = 0;
+    }
+    if (threadIdx.x == 0)
+        st->total = (long long)a.out->total;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        const bool none_fits = !greedy_any_fits(a, st->cnt, st->total, target);
+        if (threadIdx.x == 0)
+            st->over = none_fits;
+    }
+    __syncthreads();
+}
+
+/* Stores the fill's counts and frame bytes for the next pass. The whole block calls it. */
+static __device__ void greedy_end(const opt_args_t &a, const greedy_state_t *st)
+{
+    __syncthreads();
+    for (uint32_t i = threadIdx.x; i < a.n_kv * 8; i += blockDim.x)
+        a.gcnt[i] = st->cnt[i];
+    if (threadIdx.x == 0)
+        a.out->total = (unsigned long long)st->total;
 }
 
 /* One pass of the greedy fill over the sorted candidates (keys, idx), GREEDY_CHUNK of them
@@ -1684,24 +1752,15 @@ static __device__ bool greedy_walk(const opt_args_t &a, long long *s_cnt, long l
 __global__ void __launch_bounds__(GREEDY_THREADS)
     greedy_kernel(opt_args_t a, const uint32_t *keys, const uint32_t *idx)
 {
-    __shared__ long long s_cnt[OPT_MAX_KV * 8];
+    __shared__ greedy_state_t st;
     __shared__ uint32_t s_idx[GREEDY_CHUNK];
     __shared__ uint8_t s_cur[GREEDY_CHUNK], s_to[GREEDY_CHUNK];
-    __shared__ uint32_t s_first[GREEDY_THREADS / 32];
-    __shared__ int s_end[GREEDY_THREADS / 32];
-    __shared__ long long s_total;
     if (!a.out->need_greedy)
         return;
-    const uint32_t nk8 = a.n_kv * 8, none = 0xffffffffu;
-    for (uint32_t i = threadIdx.x; i < nk8; i += blockDim.x)
-        s_cnt[i] = a.gcnt[i];
-    if (threadIdx.x == 0)
-        s_total = (long long)a.out->total;
+    const uint32_t none = 0xffffffffu;
     const long long target = (long long)a.out->target;
-    __syncthreads();
-    bool finished = !greedy_any_fits(a, s_cnt, s_total, target);
-    for (size_t base = 0; base < a.n_items && !finished; base += GREEDY_CHUNK) {
-        __syncthreads();
+    greedy_begin(a, &st, target);
+    for (size_t base = 0; base < a.n_items && !st.over; base += GREEDY_CHUNK) {
         for (uint32_t k = threadIdx.x; k < GREEDY_CHUNK; k += blockDim.x) {
             size_t pos = base + k;
             uint32_t i = none;
@@ -1713,13 +1772,14 @@ __global__ void __launch_bounds__(GREEDY_THREADS)
             s_idx[k] = i;
         }
         __syncthreads();
-        finished = greedy_walk(a, s_cnt, &s_total, target, s_idx, s_cur, s_to, s_first, s_end);
+        if (threadIdx.x < 32) {
+            const bool over = greedy_walk(a, &st, target, s_idx, s_cur, s_to);
+            if (threadIdx.x == 0)
+                st.over = over;
+        }
+        __syncthreads(); // st.over for every thread; the window free for the next stage
     }
-    __syncthreads();
-    for (uint32_t i = threadIdx.x; i < nk8; i += blockDim.x)
-        a.gcnt[i] = s_cnt[i];
-    if (threadIdx.x == 0)
-        a.out->total = (unsigned long long)s_total;
+    greedy_end(a, &st);
 }
 
 /* Both passes of the greedy fill for a layer of at most GREEDY_CHUNK items in one launch (the
@@ -1729,30 +1789,21 @@ __global__ void __launch_bounds__(GREEDY_THREADS)
  * ascending), the order of the stable radix sort: the same list. */
 __global__ void __launch_bounds__(GREEDY_THREADS) greedy_small_kernel(opt_args_t a)
 {
-    __shared__ long long s_cnt[OPT_MAX_KV * 8];
+    __shared__ greedy_state_t st;
     __shared__ uint32_t s_key[GREEDY_CHUNK]; // then s_cur and s_to (bytes)
     __shared__ uint32_t s_idx[GREEDY_CHUNK];
     __shared__ uint8_t s_copt[GREEDY_CHUNK];
-    __shared__ uint32_t s_first[GREEDY_THREADS / 32];
-    __shared__ int s_end[GREEDY_THREADS / 32];
-    __shared__ long long s_total;
     if (!a.out->need_greedy)
         return;
-    const uint32_t nk8 = a.n_kv * 8, none = 0xffffffffu, n = (uint32_t)a.n_items;
+    const uint32_t none = 0xffffffffu, n = (uint32_t)a.n_items;
     uint32_t width = 1;
     while (width < n)
         width <<= 1;
     uint8_t *s_cur = reinterpret_cast<uint8_t *>(s_key), *s_to = s_cur + GREEDY_CHUNK;
-    for (uint32_t i = threadIdx.x; i < nk8; i += blockDim.x)
-        s_cnt[i] = a.gcnt[i];
-    if (threadIdx.x == 0)
-        s_total = (long long)a.out->total;
     const long long target = (long long)a.out->target;
-    __syncthreads();
-    for (int pass = 0; pass < 2; pass++) {
-        // A pass in which no upgrade fits at the start takes nothing, nor does any after it.
-        if (!greedy_any_fits(a, s_cnt, s_total, target))
-            break;
+    greedy_begin(a, &st, target);
+    // A pass in which no upgrade fits at the start takes nothing, nor does any after it.
+    for (int pass = 0; pass < 2 && !st.over; pass++) {
         for (uint32_t k = threadIdx.x; k < width; k += blockDim.x) {
             uint32_t key = 0, i = none;
             if (k < n) {
@@ -1794,14 +1845,15 @@ __global__ void __launch_bounds__(GREEDY_THREADS) greedy_small_kernel(opt_args_t
             }
         }
         __syncthreads();
-        greedy_walk(a, s_cnt, &s_total, target, s_idx, s_cur, s_to, s_first, s_end);
+        if (threadIdx.x < 32) {
+            greedy_walk(a, &st, target, s_idx, s_cur, s_to);
+            const bool none_fits = !greedy_any_fits(a, st.cnt, st.total, target);
+            if (threadIdx.x == 0)
+                st.over = none_fits;
+        }
         __syncthreads(); // the next pass's candidates read the choice and reuse the arrays
     }
-    __syncthreads();
-    for (uint32_t i = threadIdx.x; i < nk8; i += blockDim.x)
-        a.gcnt[i] = s_cnt[i];
-    if (threadIdx.x == 0)
-        a.out->total = (unsigned long long)s_total;
+    greedy_end(a, &st);
 }
 
 /* The distortion of the final choice (info only): fixed-order partial sums, so it is the same

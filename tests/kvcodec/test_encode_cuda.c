@@ -285,6 +285,8 @@ static void test_parity(void **state)
         // heads), and the multi-launch one just past it.
         {"ferry", 0.0625, 1, 0, 0, 4, 2, 2048, 64, 2, 0, 0},
         {"ferry", 0.0625, 1, 0, 0, 4, 1, 4097, 64, 2, 0, 0},
+        // A long layer: the fill's walk takes runs of hundreds of candidates, 32 a step.
+        {"ferry", 0.25, 1, 0, 0, 8, 4, 16384, 64, 1, 0, 0},
         // The encoder scoring by itself on the GPU from window_attn.
         {"ferry", 0.25, 1, 0, 0, 8, 2, 301, 64, 2, 0, 1},
         {"ferry", 0.125, 0, 2, 2, 6, 3, 211, 64, 2, 8, 1},
