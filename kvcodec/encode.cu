@@ -1383,6 +1383,8 @@ static __device__ unsigned long long count_pass(const opt_args_t &a, cg::grid_gr
     for (uint32_t i = threadIdx.x; i < nk8; i += blockDim.x)
         s_cnt[i] = 0;
     __syncthreads();
+    if (threadIdx.x == 0) // (every thread has read the previous pass's total by now)
+        *s_total = a.fixed;
     size_t stride = (size_t)gridDim.x * blockDim.x;
     size_t rounds = (a.n_items + stride - 1) / stride;
     uint32_t lane = threadIdx.x % 32;
@@ -1417,13 +1419,17 @@ static __device__ unsigned long long count_pass(const opt_args_t &a, cg::grid_gr
         if (s_cnt[i])
             atomicAdd(&g[i], (unsigned long long)s_cnt[i]);
     grid.sync();
-    if (threadIdx.x == 0) {
-        unsigned long long tot = a.fixed;
-        for (uint32_t h = 0; h < a.n_kv; h++)
-            for (int q = 0; q < KVC_OPT_DROP; q++)
-                tot += run_bytes(a, q, __ldcg(&g[h * 8 + q])); // other SMs' atomics: not L1
-        *s_total = tot;
-    }
+    // The frame bytes: a (head, option) count per thread (one round trip to L2 instead of a
+    // thread's walk over all of them), summed in the block; integers, so in any order.
+    unsigned long long part = 0;
+    for (uint32_t i = threadIdx.x; i < nk8; i += blockDim.x)
+        if (i % 8 < KVC_OPT_DROP)
+            part += run_bytes(a, (int)(i % 8), __ldcg(&g[i])); // other SMs' atomics: not L1
+#pragma unroll
+    for (uint32_t o = 16; o > 0; o >>= 1)
+        part += __shfl_xor_sync(0xffffffffu, part, o);
+    if (lane == 0 && part)
+        atomicAdd(s_total, part);
     // The buffer two passes ahead is the one the previous pass filled: every block has read
     // it (before this pass's grid barrier), so it can be cleared for reuse.
     if (blockIdx.x == 0) {
