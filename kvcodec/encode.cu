@@ -1213,6 +1213,7 @@ __global__ void __launch_bounds__(CRC_FINAL_THREADS)
  * every candidate of a run that fits in one step (greedy_walk). */
 
 #define OPT_THREADS    256
+#define OPT_ONE_BLOCK  2048 // items up to which the optimizer's grid is one block
 #define OPT_MAX_KV     64 // per-block byte-count histogram; more heads take the host optimizer
 #define GREEDY_CHUNK   4096
 #define GREEDY_THREADS 256
@@ -1371,6 +1372,15 @@ static __device__ __forceinline__ int cheapest_one(const opt_args_t &a, size_t i
 
 enum { PASS_ASSIGN = 0, PASS_CHEAP = 1, PASS_CHEAP_NODROP = 2, PASS_COPY = 3 };
 
+/* The optimizer's grid-wide barrier; a block barrier when the grid is one block. */
+static __device__ __forceinline__ void grid_barrier(cg::grid_group &grid)
+{
+    if (gridDim.x == 1)
+        __syncthreads();
+    else
+        grid.sync();
+}
+
 /* One pass over every item: the choice by `mode` (written to dst when not NULL), its byte
  * counts per (head, option) added into count buffer `buf` (zero before the pass). Then the
  * grid synchronizes and every block returns the exact frame bytes of that choice. */
@@ -1414,17 +1424,23 @@ static __device__ unsigned long long count_pass(const opt_args_t &a, cg::grid_gr
         }
     }
     __syncthreads();
+    // A grid of one block (a short layer) has the whole counts in shared memory already; it
+    // stores them for the greedy fill and waits at a block barrier only.
+    const bool one = gridDim.x == 1;
     unsigned long long *g = a.cnt + (size_t)buf * nk8;
-    for (uint32_t i = threadIdx.x; i < nk8; i += blockDim.x)
-        if (s_cnt[i])
+    for (uint32_t i = threadIdx.x; i < nk8; i += blockDim.x) {
+        if (one)
+            g[i] = s_cnt[i];
+        else if (s_cnt[i])
             atomicAdd(&g[i], (unsigned long long)s_cnt[i]);
-    grid.sync();
+    }
+    grid_barrier(grid);
     // The frame bytes: a (head, option) count per thread (one round trip to L2 instead of a
     // thread's walk over all of them), summed in the block; integers, so in any order.
     unsigned long long part = 0;
     for (uint32_t i = threadIdx.x; i < nk8; i += blockDim.x)
-        if (i % 8 < KVC_OPT_DROP)
-            part += run_bytes(a, (int)(i % 8), __ldcg(&g[i])); // other SMs' atomics: not L1
+        if (i % 8 < KVC_OPT_DROP) // other SMs' atomics: not from L1
+            part += run_bytes(a, (int)(i % 8), one ? s_cnt[i] : __ldcg(&g[i]));
 #pragma unroll
     for (uint32_t o = 16; o > 0; o >>= 1)
         part += __shfl_xor_sync(0xffffffffu, part, o);
@@ -1467,7 +1483,7 @@ __global__ void __launch_bounds__(OPT_THREADS) choose_kernel(opt_args_t a)
     for (int attempt = 0; attempt < 2; attempt++, pins = false) {
         for (size_t it = first; it < a.n_items; it += stride)
             build_item(a, it, pins);
-        grid.sync();
+        grid_barrier(grid);
         if (a.no_budget) {
             PASS(PASS_CHEAP_NODROP, 0, a.choice, NULL);
             budget_met = 1;
@@ -2173,8 +2189,10 @@ static fy_status_t opt_create(kvc_encoder_cuda_t *e)
         return FY_OK;
     {
         size_t items = e->n_items;
-        size_t need = (items + OPT_THREADS - 1) / OPT_THREADS;
-        e->opt_grid = (unsigned)FY_MIN((size_t)per_sm * (size_t)sms, FY_MAX(need, (size_t)1));
+        // A short layer's passes are one block's: a few rounds of its threads cost less than
+        // the grid barrier and the L2 round trips of the counts at every pass.
+        size_t need = items <= OPT_ONE_BLOCK ? 1 : (items + OPT_THREADS - 1) / OPT_THREADS;
+        e->opt_grid = (unsigned)FY_MIN((size_t)per_sm * (size_t)sms, need);
         KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_dist, items * KVC_OPT_COUNT * sizeof(float)), st,
                       fail);
         KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_opt8, 4 * items), st, fail);
