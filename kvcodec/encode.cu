@@ -1682,11 +1682,9 @@ static __device__ bool greedy_walk(const opt_args_t &a, greedy_state_t *st, long
             atomicOr(&st->out_of[out_slot], 1u << lane);
         }
         __syncwarp();
-        // Tokens the earlier lanes put into / take out of this lane's two slots.
-        const int to_in = __popc(st->into[in_slot] & below);
-        const int to_out = __popc(st->out_of[in_slot] & below);
-        const int cur_in = __popc(st->into[out_slot] & below);
-        const int cur_out = __popc(st->out_of[out_slot] & below);
+        // The lanes that put a token into / take one out of this lane's two slots.
+        const unsigned in_in = st->into[in_slot], in_out = st->out_of[in_slot];
+        const unsigned out_in = st->into[out_slot], out_out = st->out_of[out_slot];
         const long long ct = st->cnt[in_slot], cc = st->cnt[out_slot];
         __syncwarp();
         if (valid) {
@@ -1695,8 +1693,10 @@ static __device__ bool greedy_walk(const opt_args_t &a, greedy_state_t *st, long
         }
         long long step = 0, now = 0; // supposed and current byte change
         if (valid) {
-            step = add_bytes(a, to, (uint32_t)(ct + to_in - to_out)) -
-                   add_bytes(a, cur, (uint32_t)(cc + cur_in - cur_out - 1));
+            step =
+                add_bytes(a, to, (uint32_t)(ct + __popc(in_in & below) - __popc(in_out & below))) -
+                add_bytes(a, cur,
+                          (uint32_t)(cc + __popc(out_in & below) - __popc(out_out & below) - 1));
             now = add_bytes(a, to, (uint32_t)ct) - add_bytes(a, cur, (uint32_t)(cc - 1));
         }
         long long upto = step; // inclusive prefix sum over the lanes
@@ -1710,11 +1710,15 @@ static __device__ bool greedy_walk(const opt_args_t &a, greedy_state_t *st, long
         const uint32_t m = bad ? (uint32_t)__ffs((int)bad) - 1 : 32;
         const unsigned ended = __ballot_sync(full, in_chunk && !valid);
         if (m > 0) {
-            if (lane < m) {
-                atomicAdd(reinterpret_cast<unsigned long long *>(&st->cnt[in_slot]), 1ull);
-                atomicAdd(reinterpret_cast<unsigned long long *>(&st->cnt[out_slot]), ~0ull);
+            // Each slot the step touches gets its net change from one lane: the first that
+            // moves a token into it, else the first that takes one out.
+            const unsigned taken = m < 32 ? (1u << m) - 1 : full;
+            if (valid && (in_in & -in_in) == 1u << lane)
+                st->cnt[in_slot] += __popc(in_in & taken) - __popc(in_out & taken);
+            if (valid && out_in == 0 && (out_out & -out_out) == 1u << lane)
+                st->cnt[out_slot] -= __popc(out_out & taken);
+            if (lane < m)
                 a.choice[i] = (uint8_t)to;
-            }
             total += __shfl_sync(full, upto, m - 1);
             asked = false;
             over = m < 32 && (ended >> m & 1u); // lane m: past the last candidate
