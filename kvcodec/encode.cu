@@ -1085,6 +1085,16 @@ static __device__ __forceinline__ uint32_t crc_run(const uint32_t (*tab)[256], c
         }
         i = CRC_CHUNK;
     }
+    // Anything else (the frame's last chunk): whole aligned words by four lookups, as above,
+    // bytes around them. (Byte by byte, a last chunk of up to CRC_CHUNK bytes was the longest
+    // chain of a short frame's CRC.)
+    for (; i < n && ((uintptr_t)(p + i) & 3) != 0; i++)
+        c = (c >> 8) ^ tab[0][(c ^ p[i]) & 0xffu];
+    for (; i + 4 <= n; i += 4) {
+        const uint32_t x = *(const uint32_t *)(p + i) ^ c;
+        c = tab[3][x & 0xffu] ^ tab[2][(x >> 8) & 0xffu] ^ tab[1][(x >> 16) & 0xffu] ^
+            tab[0][x >> 24];
+    }
     for (; i < n; i++)
         c = (c >> 8) ^ tab[0][(c ^ p[i]) & 0xffu];
     return c;
