@@ -9,7 +9,10 @@
 #   scripts/bundle.sh            (make bundle)
 #
 # Environment: FERRY_BUNDLE_BUILD (build folder, default build-bundle), FERRY_BUNDLE_DIST
-# (default dist), FERRY_BUNDLE_MAX_MIB (size limit, default 60), FERRY_JOBS (ninja -j, 2).
+# (default dist), FERRY_BUNDLE_MAX_MIB (size limit, default 60), FERRY_JOBS (ninja -j, 2),
+# FERRY_BUNDLE_AB (git revisions, space-separated: lib/libfykvcodec.so built at each of them
+# too, as lib/ab/<rev>/, for bin/ferry-ab to time against this build; their kvcodec and common
+# headers must equal this tree's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -96,6 +99,7 @@ for t in "${!test_env[@]}"; do
 done
 
 cp scripts/gpu-check.sh "$out/bin/ferry-gpu-check"
+cp scripts/ab.sh "$out/bin/ferry-ab"
 cp scripts/gpu-check.sh "$out/scripts/gpu-check.sh"
 cp scripts/bundle.sh "$out/scripts/bundle.sh"
 cp bench/gpu-benchmarks.txt "$out/bench/gpu-benchmarks.txt"
@@ -108,7 +112,7 @@ while IFS= read -r f; do
 done < <(grep -v '^[[:space:]]*#' bench/gpu-benchmarks.txt | cut -s -d'|' -f2- |
          grep -oE '(^|[[:space:]])(bench|scripts|tests)/[A-Za-z0-9_./-]+' |
          sed 's/^[[:space:]]*//' | sort -u)
-chmod +x "$out/bin/ferry-gpu-check" "$out/scripts/"*.sh
+chmod +x "$out/bin/ferry-gpu-check" "$out/bin/ferry-ab" "$out/scripts/"*.sh
 
 # ---- Shared libraries. Everything ldd resolves is bundled except glibc, the C++/GCC runtime,
 # the driver and the CUDA toolkit: those come from the node (cuBLAS alone is hundreds of MiB).
@@ -150,6 +154,31 @@ done < <(find "$build" -type f -name 'libfy*.so' -not -path '*.p/*')
 for f in "$out"/bin/* "$out"/tests/*; do
   is_elf "$f" || continue
   bundle_deps "$f"
+done
+
+# ---- Earlier builds of the kvcodec library, for side-by-side timings (bin/ferry-ab). Only the
+# library changes, so the revision's public and private headers must be this tree's: a struct
+# that changed would be read with the wrong layout.
+for rev in ${FERRY_BUNDLE_AB:-}; do
+  short=$(git -C "$root" rev-parse --short "$rev^{commit}") || die "FERRY_BUNDLE_AB: no revision $rev"
+  git -C "$root" diff --quiet --diff-filter=M "$short" -- 'kvcodec/*.h' 'common/*.h' ||
+    die "FERRY_BUNDLE_AB: $short's kvcodec or common headers differ from this tree's"
+  src="$build-ab/$short/src"
+  rm -rf "$src"
+  mkdir -p "$src"
+  git -C "$root" archive "$short" | tar -x -C "$src"
+  if [ -f "$build-ab/$short/build/build.ninja" ]; then
+    meson setup --reconfigure "$build-ab/$short/build" "$src" "${setup_args[@]}" >/dev/null
+  else
+    meson setup "$build-ab/$short/build" "$src" "${setup_args[@]}" >/dev/null
+  fi
+  meson configure "$build-ab/$short/build" -Dcuda_args=--compress-mode=size
+  ninja -C "$build-ab/$short/build" -j"$jobs" kvcodec/libfykvcodec.so
+  mkdir -p "$out/lib/ab/$short"
+  cp -L "$build-ab/$short/build/kvcodec/libfykvcodec.so" "$out/lib/ab/$short/"
+  strip --strip-unneeded "$out/lib/ab/$short/libfykvcodec.so"
+  patchelf --force-rpath --set-rpath '$ORIGIN' "$out/lib/ab/$short/libfykvcodec.so"
+  echo "bundle: lib/ab/$short/libfykvcodec.so (kvcodec at $short)"
 done
 
 # UCX loads its transport modules at run time from <dir of libucs>/ucx/. Ship the ones whose
