@@ -1502,9 +1502,12 @@ __global__ void __launch_bounds__(OPT_THREADS) choose_kernel(opt_args_t a)
             budget_met = floor_l <= remain;
             break;
         }
-        bool accepted = false;
+        bool accepted = false, have_prev = false;
+        unsigned long long x_prev = 0; // the bytes at the previous multiplier, once measured
         if (lambda_prev >= 0 && a.r > 1) {
-            double x = (double)PASS(PASS_ASSIGN, lambda_prev, a.choice, NULL);
+            x_prev = PASS(PASS_ASSIGN, lambda_prev, a.choice, NULL);
+            have_prev = true;
+            double x = (double)x_prev;
             if (x <= cap && x >= o_dmul(share, __dsub_rn(1, a.flex))) {
                 accepted = true;
                 lambda = lambda_prev;
@@ -1516,7 +1519,11 @@ __global__ void __launch_bounds__(OPT_THREADS) choose_kernel(opt_args_t a)
             // solve(): bracket, bisection in log space, then the greedy fill (later kernels).
             double lo = lambda_prev > 0 ? lambda_prev : 1e-6, hi = lo;
             bool done = false;
-            if (PASS(PASS_ASSIGN, lo, NULL, NULL) <= target) {
+            // The bracket starts at the previous multiplier, whose bytes the check above has
+            // (the pass is deterministic: the same count).
+            unsigned long long x_lo =
+                have_prev && lo == lambda_prev ? x_prev : PASS(PASS_ASSIGN, lo, NULL, NULL);
+            if (x_lo <= target) {
                 for (;;) {
                     hi = lo;
                     lo /= 64;
