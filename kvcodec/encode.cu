@@ -1056,38 +1056,15 @@ static __device__ __forceinline__ uint32_t crc_lq(size_t full, size_t threads)
     return lq;
 }
 
-/* The register (reflected 0x82F63B78, slicing by 4 with tab) run from c over n bytes at p; a
- * whole aligned chunk with 16-byte loads, all landed before the first lookup. (Left to itself,
- * ptxas issues each load just ahead of its lookups, and the chunk waits out a memory latency
- * every 16 bytes; zero, a 0 it cannot see through, folds every loaded word into c first.) */
-static __device__ __forceinline__ uint32_t crc_run(const uint32_t (*tab)[256], const uint8_t *p,
-                                                   uint32_t n, uint32_t c, uint32_t zero)
+/* The register (reflected 0x82F63B78, slicing by 4 with tab) run from c over n bytes at p, as
+ * they come: whole aligned words by four lookups, bytes around them. For the frame's last chunk
+ * (byte by byte, a last chunk of up to CRC_CHUNK bytes was the longest chain of a short frame's
+ * CRC). Not inlined: one thread of the grid runs it, and inlined beside crc_run's chunk path it
+ * made sm_80 spill. */
+static __device__ __noinline__ uint32_t crc_run_any(const uint32_t (*tab)[256], const uint8_t *p,
+                                                    uint32_t n, uint32_t c)
 {
     uint32_t i = 0;
-    if (n == CRC_CHUNK && ((uintptr_t)p & 15) == 0) {
-        const uint4 *q = (const uint4 *)p;
-        uint4 w[CRC_CHUNK / 16];
-        uint32_t fold = 0;
-#pragma unroll
-        for (int j = 0; j < (int)(CRC_CHUNK / 16); j++) {
-            w[j] = q[j];
-            fold ^= w[j].x ^ w[j].y ^ w[j].z ^ w[j].w;
-        }
-        c ^= fold & zero;
-#pragma unroll
-        for (int j = 0; j < (int)(CRC_CHUNK / 16); j++) {
-            uint32_t ws[4] = {w[j].x, w[j].y, w[j].z, w[j].w};
-            for (int k = 0; k < 4; k++) {
-                uint32_t x = ws[k] ^ c;
-                c = tab[3][x & 0xffu] ^ tab[2][(x >> 8) & 0xffu] ^ tab[1][(x >> 16) & 0xffu] ^
-                    tab[0][x >> 24];
-            }
-        }
-        i = CRC_CHUNK;
-    }
-    // Anything else (the frame's last chunk): whole aligned words by four lookups, as above,
-    // bytes around them. (Byte by byte, a last chunk of up to CRC_CHUNK bytes was the longest
-    // chain of a short frame's CRC.)
     for (; i < n && ((uintptr_t)(p + i) & 3) != 0; i++)
         c = (c >> 8) ^ tab[0][(c ^ p[i]) & 0xffu];
     for (; i + 4 <= n; i += 4) {
@@ -1097,6 +1074,36 @@ static __device__ __forceinline__ uint32_t crc_run(const uint32_t (*tab)[256], c
     }
     for (; i < n; i++)
         c = (c >> 8) ^ tab[0][(c ^ p[i]) & 0xffu];
+    return c;
+}
+
+/* The register run from c over n bytes at p; a whole aligned chunk with 16-byte loads, all
+ * landed before the first lookup. (Left to itself, ptxas issues each load just ahead of its
+ * lookups, and the chunk waits out a memory latency every 16 bytes; zero, a 0 it cannot see
+ * through, folds every loaded word into c first.) Anything else goes to crc_run_any. */
+static __device__ __forceinline__ uint32_t crc_run(const uint32_t (*tab)[256], const uint8_t *p,
+                                                   uint32_t n, uint32_t c, uint32_t zero)
+{
+    if (n != CRC_CHUNK || ((uintptr_t)p & 15) != 0)
+        return crc_run_any(tab, p, n, c);
+    const uint4 *q = (const uint4 *)p;
+    uint4 w[CRC_CHUNK / 16];
+    uint32_t fold = 0;
+#pragma unroll
+    for (int j = 0; j < (int)(CRC_CHUNK / 16); j++) {
+        w[j] = q[j];
+        fold ^= w[j].x ^ w[j].y ^ w[j].z ^ w[j].w;
+    }
+    c ^= fold & zero;
+#pragma unroll
+    for (int j = 0; j < (int)(CRC_CHUNK / 16); j++) {
+        uint32_t ws[4] = {w[j].x, w[j].y, w[j].z, w[j].w};
+        for (int k = 0; k < 4; k++) {
+            uint32_t x = ws[k] ^ c;
+            c = tab[3][x & 0xffu] ^ tab[2][(x >> 8) & 0xffu] ^ tab[1][(x >> 16) & 0xffu] ^
+                tab[0][x >> 24];
+        }
+    }
     return c;
 }
 
