@@ -1783,10 +1783,10 @@ __global__ void __launch_bounds__(256) dist_kernel(opt_args_t a)
 }
 
 /* The blocks' partial sums in a fixed tree. */
-__global__ void dist_final_kernel(opt_out_t *out)
+__global__ void dist_final_kernel(opt_out_t *out, uint32_t n_parts)
 {
     __shared__ double part[DIST_BLOCKS];
-    part[threadIdx.x] = out->part[threadIdx.x];
+    part[threadIdx.x] = threadIdx.x < n_parts ? out->part[threadIdx.x] : 0.0;
     __syncthreads();
     for (uint32_t w = DIST_BLOCKS / 2; w > 0; w /= 2) {
         if (threadIdx.x < w)
@@ -2405,9 +2405,13 @@ static fy_status_t opt_enqueue(kvc_encoder_cuda_t *e, uint32_t layer, const kvc_
         greedy_kernel<<<1, GREEDY_THREADS, 0, cs>>>(a, e->d_keys + items, e->d_idx + items);
         KVC_LAUNCH_GOTO(st, out);
     }
-    dist_kernel<<<DIST_BLOCKS, 256, 0, cs>>>(a);
-    KVC_LAUNCH_GOTO(st, out);
-    dist_final_kernel<<<1, DIST_BLOCKS, 0, cs>>>(e->d_out);
+    {
+        // A block per 256 items, DIST_BLOCKS at most (the blocks past the items added zeros).
+        unsigned parts = (unsigned)FY_MIN((items + 255) / 256, (size_t)DIST_BLOCKS);
+        dist_kernel<<<FY_MAX(parts, 1u), 256, 0, cs>>>(a);
+        KVC_LAUNCH_GOTO(st, out);
+        dist_final_kernel<<<1, DIST_BLOCKS, 0, cs>>>(e->d_out, FY_MAX(parts, 1u));
+    }
     KVC_LAUNCH_GOTO(st, out);
     KVC_CUDA_GOTO(cudaMemcpyAsync(h_out, e->d_out, sizeof(opt_out_t), cudaMemcpyDeviceToHost, cs),
                   st, out);
