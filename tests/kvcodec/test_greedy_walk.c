@@ -288,6 +288,8 @@ static void check_fill(uint64_t seed, uint32_t n_kv, uint32_t n, uint32_t G, uin
                  (unsigned long long)seed, n_kv, n, G, slack, chunk, takes, f.n_cand, t_ref,
                  t_warp);
     assert_true(t_ref <= f.target);
+    if (slack >= 1LL << 40) // every upgrade fits: runs of 32 all the way
+        assert_int_equal(takes, f.n_cand);
     free(c_ref), free(c_warp);
     fill_free(&f);
 }
