@@ -1056,7 +1056,16 @@ static __device__ __forceinline__ uint32_t crc_lq(size_t full, size_t threads)
     return lq;
 }
 
-/* The register (reflected 0x82F63B78, slicing by 4 with tab) run from c over n bytes at p, as
+/* The register (reflected 0x82F63B78, slicing by 4 with tab) after the little-endian word w. */
+static __device__ __forceinline__ uint32_t crc_word(const uint32_t (*tab)[256], uint32_t c,
+                                                    uint32_t w)
+{
+    const uint32_t x = w ^ c;
+    return tab[3][x & 0xffu] ^ tab[2][(x >> 8) & 0xffu] ^ tab[1][(x >> 16) & 0xffu] ^
+           tab[0][x >> 24];
+}
+
+/* The register run from c over n bytes at p, as
  * they come: whole aligned words by four lookups, bytes around them. For the frame's last chunk
  * (byte by byte, a last chunk of up to CRC_CHUNK bytes was the longest chain of a short frame's
  * CRC). Not inlined: one thread of the grid runs it, and inlined beside crc_run's chunk path it
@@ -1067,11 +1076,8 @@ static __device__ __noinline__ uint32_t crc_run_any(const uint32_t (*tab)[256], 
     uint32_t i = 0;
     for (; i < n && ((uintptr_t)(p + i) & 3) != 0; i++)
         c = (c >> 8) ^ tab[0][(c ^ p[i]) & 0xffu];
-    for (; i + 4 <= n; i += 4) {
-        const uint32_t x = *(const uint32_t *)(p + i) ^ c;
-        c = tab[3][x & 0xffu] ^ tab[2][(x >> 8) & 0xffu] ^ tab[1][(x >> 16) & 0xffu] ^
-            tab[0][x >> 24];
-    }
+    for (; i + 4 <= n; i += 4)
+        c = crc_word(tab, c, *(const uint32_t *)(p + i));
     for (; i < n; i++)
         c = (c >> 8) ^ tab[0][(c ^ p[i]) & 0xffu];
     return c;
@@ -1097,12 +1103,10 @@ static __device__ __forceinline__ uint32_t crc_run(const uint32_t (*tab)[256], c
     c ^= fold & zero;
 #pragma unroll
     for (int j = 0; j < (int)(CRC_CHUNK / 16); j++) {
-        uint32_t ws[4] = {w[j].x, w[j].y, w[j].z, w[j].w};
-        for (int k = 0; k < 4; k++) {
-            uint32_t x = ws[k] ^ c;
-            c = tab[3][x & 0xffu] ^ tab[2][(x >> 8) & 0xffu] ^ tab[1][(x >> 16) & 0xffu] ^
-                tab[0][x >> 24];
-        }
+        c = crc_word(tab, c, w[j].x);
+        c = crc_word(tab, c, w[j].y);
+        c = crc_word(tab, c, w[j].z);
+        c = crc_word(tab, c, w[j].w);
     }
     return c;
 }
@@ -2407,10 +2411,10 @@ static fy_status_t opt_enqueue(kvc_encoder_cuda_t *e, uint32_t layer, const kvc_
     }
     {
         // A block per 256 items, DIST_BLOCKS at most (the blocks past the items added zeros).
-        unsigned parts = (unsigned)FY_MIN((items + 255) / 256, (size_t)DIST_BLOCKS);
-        dist_kernel<<<FY_MAX(parts, 1u), 256, 0, cs>>>(a);
+        unsigned parts = (unsigned)FY_MAX(FY_MIN((items + 255) / 256, (size_t)DIST_BLOCKS), 1);
+        dist_kernel<<<parts, 256, 0, cs>>>(a);
         KVC_LAUNCH_GOTO(st, out);
-        dist_final_kernel<<<1, DIST_BLOCKS, 0, cs>>>(e->d_out, FY_MAX(parts, 1u));
+        dist_final_kernel<<<1, DIST_BLOCKS, 0, cs>>>(e->d_out, parts);
     }
     KVC_LAUNCH_GOTO(st, out);
     KVC_CUDA_GOTO(cudaMemcpyAsync(h_out, e->d_out, sizeof(opt_out_t), cudaMemcpyDeviceToHost, cs),

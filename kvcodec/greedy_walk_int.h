@@ -113,16 +113,14 @@ static __device__ bool greedy_walk(const opt_args_t *a, greedy_state_t *st, long
             st->into[in_slot] = 0;
             st->out_of[out_slot] = 0;
         }
-        long long step = 0, now = 0; // supposed and current byte change
-        if (valid) {
+        long long step = 0; // the byte change supposing the earlier lanes taken
+        if (valid)
             step =
                 add_bytes(a, to, (uint32_t)(ct + __popc(in_in & below) - __popc(in_out & below))) -
                 add_bytes(a, cur,
                           (uint32_t)(cc + __popc(out_in & below) - __popc(out_out & below) - 1));
-            now = add_bytes(a, to, (uint32_t)ct) - add_bytes(a, cur, (uint32_t)(cc - 1));
-        }
         long long upto = step; // inclusive prefix sum over the lanes
-GW_UNROLL
+        GW_UNROLL
         for (uint32_t o = 1; o < 32; o <<= 1) {
             const long long y = __shfl_up_sync(full, upto, o);
             if (lane >= o)
@@ -146,6 +144,9 @@ GW_UNROLL
             over = m < 32 && (ended >> m & 1u); // lane m: past the last candidate
             p += m < 32 ? m + 1 : 32;
         } else {
+            // Under the current state (lane 0's supposition is the current state, too).
+            const long long now =
+                valid ? add_bytes(a, to, (uint32_t)ct) - add_bytes(a, cur, (uint32_t)(cc - 1)) : 0;
             const unsigned fits = __ballot_sync(full, valid && total + now <= target);
             if (fits) {
                 p += (uint32_t)__ffs((int)fits) - 1;

@@ -932,8 +932,6 @@ static void test_with_prefill_worker(void **state)
     run_for(50);
 }
 
-// With --router the worker registers (RPC and KV addresses, the model's fingerprint, its free
-// pages), heartbeats its load, and announces draining.
 /* Without --page-bytes a worker sizes its pages by head_dim: 63 FP16 tokens a page, 16-64 KiB. */
 static void test_page_bytes_for(void **state)
 {
@@ -949,6 +947,8 @@ static void test_page_bytes_for(void **state)
     assert_int_equal(p.page_bytes, 0);
 }
 
+// With --router the worker registers (RPC and KV addresses, the model's fingerprint, its free
+// pages), heartbeats its load, and announces draining.
 static void test_registers_with_router(void **state)
 {
     (void)state;

@@ -73,7 +73,7 @@ typedef struct {
     uint32_t n_kv, n;
     float cost[KVC_OPT_COUNT];
     unsigned long long gfix[KVC_OPT_COUNT], gtok[KVC_OPT_COUNT], gsz[KVC_OPT_COUNT];
-    uint8_t *choice; // [n_kv][n]
+    uint8_t *choice; // [n_kv][n]: the choice being filled (the caller's)
 } opt_args_t;
 
 #include "../../kvcodec/greedy_walk_int.h"
@@ -121,12 +121,11 @@ static void fill_make(fill_t *f, uint64_t seed, uint32_t n_kv, uint32_t n, uint3
         a->gfix[o] = one - a->gtok[o];
     }
     f->n_items = (size_t)n_kv * n;
-    a->choice = malloc(f->n_items);
     f->choice0 = malloc(f->n_items);
     f->to = malloc(f->n_items);
     f->list = malloc(f->n_items * sizeof(uint32_t));
     f->cnt0 = calloc((size_t)n_kv * 8, sizeof(long long));
-    assert_non_null(a->choice), assert_non_null(f->choice0), assert_non_null(f->to);
+    assert_non_null(f->choice0), assert_non_null(f->to);
     assert_non_null(f->list), assert_non_null(f->cnt0);
     for (size_t i = 0; i < f->n_items; i++) {
         // Mostly the cheap options, as a multiplier leaves them.
@@ -156,7 +155,7 @@ static void fill_make(fill_t *f, uint64_t seed, uint32_t n_kv, uint32_t n, uint3
 
 static void fill_free(fill_t *f)
 {
-    free(f->a.choice), free(f->choice0), free(f->to), free(f->list), free(f->cnt0);
+    free(f->choice0), free(f->to), free(f->list), free(f->cnt0);
 }
 
 // The CPU encoder's scan (greedy_fill's inner loop): into choice, cnt; returns the bytes.
@@ -229,22 +228,19 @@ static bool run_warp(warp_job_t *j)
     return j->result;
 }
 
-static long long walk_emulated(const fill_t *f, uint8_t *choice, long long *cnt, size_t *windows_p)
+static long long walk_emulated(const fill_t *f, uint8_t *choice, long long *cnt)
 {
     static greedy_state_t st; // (shared memory on the GPU)
     memset(&st, 0, sizeof(st));
     memcpy(st.cnt, cnt, (size_t)f->a.n_kv * 8 * sizeof(long long));
     st.total = f->total0;
-    opt_args_t a = f->a;
-    a.choice = choice;
-    fill_t fa = *f;
-    fa.a = a;
+    fill_t fa = *f; // the walk writes into choice
+    fa.a.choice = choice;
     uint32_t *s_idx = malloc(g_chunk * sizeof(uint32_t));
     uint8_t *s_cur = calloc(g_chunk, 1), *s_to = calloc(g_chunk, 1);
     assert_non_null(s_idx), assert_non_null(s_cur), assert_non_null(s_to);
     warp_job_t j = {&fa, &st, s_idx, s_cur, s_to, 0, false};
     bool over = run_warp(&j);
-    size_t windows = 0;
     for (size_t base = 0; base < f->n_items && !over; base += g_chunk) {
         for (uint32_t k = 0; k < g_chunk; k++) {
             size_t pos = base + k;
@@ -258,11 +254,9 @@ static long long walk_emulated(const fill_t *f, uint8_t *choice, long long *cnt,
         }
         j.job = 1;
         over = run_warp(&j);
-        windows++;
     }
     memcpy(cnt, st.cnt, (size_t)f->a.n_kv * 8 * sizeof(long long));
     free(s_idx), free(s_cur), free(s_to);
-    *windows_p = windows;
     return st.total;
 }
 
@@ -278,9 +272,9 @@ static void check_fill(uint64_t seed, uint32_t n_kv, uint32_t n, uint32_t G, uin
     memcpy(c_warp, f.choice0, f.n_items);
     memcpy(cnt_ref, f.cnt0, (size_t)n_kv * 8 * sizeof(long long));
     memcpy(cnt_warp, f.cnt0, (size_t)n_kv * 8 * sizeof(long long));
-    size_t takes, windows;
+    size_t takes;
     long long t_ref = scan_serial(&f, c_ref, cnt_ref, &takes);
-    long long t_warp = walk_emulated(&f, c_warp, cnt_warp, &windows);
+    long long t_warp = walk_emulated(&f, c_warp, cnt_warp);
     if (t_ref != t_warp || memcmp(c_ref, c_warp, f.n_items) != 0 ||
         memcmp(cnt_ref, cnt_warp, (size_t)n_kv * 8 * sizeof(long long)) != 0)
         fail_msg("seed %llu: %u kv x %u tokens, G %u, slack %lld, window %u: %zu of %zu taken, "
