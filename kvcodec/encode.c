@@ -9,6 +9,7 @@
 #include <stdlib.h>
 
 #include "kvcodec_int.h"
+#include "mult_search_int.h"
 
 struct kvc_encoder {
     kvc_encoder_params_t p;
@@ -500,44 +501,24 @@ static size_t greedy_fill(kvc_encoder_t *e, size_t total, size_t target)
     return total;
 }
 
-/* Smallest multiplier whose exact frame size is <= target (bisection in log space), then the
- * greedy fill of the slack. The caller guarantees the all-cheapest assignment fits. */
+/* Smallest multiplier whose exact frame size is <= target (bracket, then bisection in log space:
+ * mult_search_int.h), then the greedy fill of the slack. The caller guarantees the all-cheapest
+ * assignment fits. */
 static double solve(kvc_encoder_t *e, size_t target, double lambda0)
 {
-    double lo = lambda0 > 0 ? lambda0 : 1e-6, hi = lo;
-    // Bracket: bytes(lo) > target >= bytes(hi).
-    assign(e, lo, e->tmp_choice);
-    if (exact_bytes(e, e->tmp_choice) <= target) {
-        for (;;) {
-            hi = lo;
-            lo /= 64;
-            if (lo <= 1e-30) { // even lambda ~ 0 fits: best quality everywhere
-                assign(e, 0, e->choice);
-                if (exact_bytes(e, e->choice) <= target)
-                    return 0;
-                break;
-            }
-            assign(e, lo, e->tmp_choice);
-            if (exact_bytes(e, e->tmp_choice) > target)
-                break;
-        }
-    } else {
-        for (;;) {
-            hi *= 64;
-            assign(e, hi, e->tmp_choice);
-            if (hi >= 1e30 || exact_bytes(e, e->tmp_choice) <= target)
-                break;
-        }
+    kvc_ms_t ms;
+    kvc_ms_init(&ms, lambda0);
+    double lam;
+    while (kvc_ms_next(&ms, &lam)) {
+        // Multiplier 0 is measured only where its fit ends the search: into the choice.
+        uint8_t *c = lam == 0 ? e->choice : e->tmp_choice;
+        assign(e, lam, c);
+        kvc_ms_step(&ms, exact_bytes(e, c) <= target);
     }
+    if (ms.phase == KVC_MS_ZERO) // even lambda ~ 0 fits: best quality everywhere
+        return 0;
     // A 1 % bracket is enough: the greedy fill below spends what the multiplier leaves.
-    for (int it = 0; it < 40 && hi > lo * 1.01; it++) {
-        double mid = sqrt(lo * hi);
-        assign(e, mid, e->tmp_choice);
-        if (exact_bytes(e, e->tmp_choice) <= target)
-            hi = mid;
-        else
-            lo = mid;
-    }
+    double hi = kvc_ms_result(&ms);
     assign(e, hi, e->choice);
     size_t x = exact_bytes(e, e->choice);
     if (x > target) { // not reachable by any multiplier: the cheapest assignment
