@@ -10,8 +10,9 @@
  *    arithmetic order: a warp stages each K and V row (rotating it in registers), then each
  *    token's 8 threads run the CPU's 8 accumulator lanes and combine them in its order;
  * 3. the optimizer on the device (choose_kernel, one cooperative grid: distortions from the
- *    tables, the rate controller, the multiplier bracket and bisection; cand_kernel, a radix
- *    sort and greedy_kernel: the greedy slack fill), the twin of kvc_encoder_choose;
+ *    tables, the rate controller, the multiplier search, three of its steps per pass over the
+ *    items; cand_kernel, a radix sort and greedy_kernel: the greedy slack fill), the twin of
+ *    kvc_encoder_choose;
  * 4. the layout on the device (maps_kernel, layout_kernel, scatter_kernel): maps, header, run
  *    offsets and the payload's work items, the twin of kvc_encoder_write_head and plan_payload;
  * 5. f16_kernel (a warp per FP16 token) and quant_kernel (a block per quantized group) write
@@ -33,6 +34,7 @@ extern "C" {
 #include "kvcodec_int.h"
 }
 #include "kvcodec_cuda_int.h"
+#include "mult_search_int.h"
 
 #include <cooperative_groups.h>
 #include <cub/device/device_radix_sort.cuh>
@@ -132,7 +134,7 @@ struct kvc_encoder_cuda {
     unsigned opt_grid;         // blocks of the cooperative choose_kernel
     float *d_dist;             // [n_items][KVC_OPT_COUNT]
     uint8_t *d_opt8;           // [4][n_items]: allowed, choice, tmp, cand_opt
-    unsigned long long *d_cnt; // [3][n_kv][8]
+    unsigned long long *d_cnt; // [3][OPT_SLOTS][n_kv][8]
     long long *d_gcnt;         // [n_kv][8]
     float *d_dev_mean;         // [n_kv]
     uint8_t *d_backbone;       // [n]
@@ -1228,7 +1230,10 @@ __global__ void __launch_bounds__(CRC_FINAL_THREADS)
  * double comparisons, so the device reproduces it exactly: each item's distortions and
  * Lagrangian values are computed with the CPU's roundings (no contraction), byte counts are
  * integer sums (any order gives the same), and the scalar steps (bracket, bisection, rate
- * control) run identically in every block of one cooperative grid. The greedy fill is
+ * control) run identically in every block of one cooperative grid. Each pass over the items
+ * (a grid barrier) measures up to OPT_SLOTS choices: the search's next three steps for every
+ * outcome (mult_search_int.h), and in the first pass also the cheapest choice and the rate
+ * check's, so that a layer that bisects takes about a third of the passes. The greedy fill is
  * sequential by nature: its candidates are sorted on the device (a stable radix sort on the
  * ratio gives the CPU's ratio-then-index order) and one warp walks them 32 at a time, taking
  * every candidate of a run that fits in one step (greedy_walk). */
@@ -1269,7 +1274,7 @@ typedef struct {
     // work
     float *dist; // [n_items][KVC_OPT_COUNT]
     uint8_t *allowed, *choice, *tmp, *cand_opt;
-    unsigned long long *cnt; // [3][n_kv][8] count passes, rotating
+    unsigned long long *cnt; // [3][OPT_SLOTS][n_kv][8] count passes, rotating
     long long *gcnt;         // [n_kv][8] counts of the choice, kept by the greedy fill
     opt_out_t *out;
 } opt_args_t;
@@ -1351,13 +1356,13 @@ static __device__ void build_item(const opt_args_t &a, size_t it, bool pins)
     D[KVC_OPT_Q2] = q2;
 }
 
-/* assign's choice for one item at lambda. */
-static __device__ __forceinline__ int assign_one(const opt_args_t &a, size_t it, double lambda)
+/* assign's choice at lambda for an item of distortions D and allowed options mask. */
+static __device__ __forceinline__ int assign_d(const opt_args_t &a, const float *D, uint8_t mask,
+                                               double lambda)
 {
-    const float *D = a.dist + it * KVC_OPT_COUNT;
-    uint8_t mask = a.allowed[it];
     int best = -1;
     double bv = 0;
+#pragma unroll
     for (int o = KVC_OPT_COUNT - 1; o >= 0; o--) {
         if (!(mask & (1u << o)))
             continue;
@@ -1392,88 +1397,137 @@ static __device__ __forceinline__ void grid_barrier(cg::grid_group &grid)
         grid.sync();
 }
 
-/* One pass over every item: the choice by `mode` (written to dst when not NULL), its byte
- * counts per (head, option) added into count buffer `buf` (zero before the pass). Then the
- * grid synchronizes and every block returns the exact frame bytes of that choice. */
+/* Choices one count pass measures at most: slot 0 by its mode, the others by assign at their
+ * multipliers (the cheapest choice, the previous multiplier's and the first steps of the
+ * search; later, a tree of the search's next steps, mult_search_int.h). */
+#define OPT_SLOTS 8
+
+/* The count buffers' stride: a pass's counts per (slot, head, option). */
+static __device__ __forceinline__ size_t cnt_stride(const opt_args_t &a)
+{
+    return (size_t)OPT_SLOTS * a.n_kv * 8;
+}
+
+/* One pass over every item. Slot 0: the choice by `mode` (written to dst when not NULL);
+ * slots 1 .. n_extra: assign's choice at lam[s - 1] (slot 1's written to dst1 when not NULL).
+ * Their byte counts per (slot, head, option) are added into count buffer `buf` (zero before
+ * the pass). Then the grid synchronizes and every block has the exact frame bytes of each
+ * slot's choice in s_tot[slot] (until the next pass); returns slot 0's. Each item's
+ * distortions are read once for all slots. */
 static __device__ unsigned long long count_pass(const opt_args_t &a, cg::grid_group &grid, int mode,
                                                 double lambda, uint8_t *dst, const uint8_t *src,
+                                                int n_extra, const double *lam, uint8_t *dst1,
                                                 int buf, unsigned *s_cnt,
-                                                unsigned long long *s_total)
+                                                unsigned long long *s_tot)
 {
-    uint32_t nk8 = a.n_kv * 8;
-    for (uint32_t i = threadIdx.x; i < nk8; i += blockDim.x)
+    const uint32_t nk8 = a.n_kv * 8;
+    const int ns = 1 + n_extra;
+    double lr[OPT_SLOTS];
+#pragma unroll
+    for (int k = 1; k < OPT_SLOTS; k++)
+        lr[k] = k < ns ? lam[k - 1] : 0.0;
+    for (uint32_t i = threadIdx.x; i < (uint32_t)ns * nk8; i += blockDim.x)
         s_cnt[i] = 0;
     __syncthreads();
-    if (threadIdx.x == 0) // (every thread has read the previous pass's total by now)
-        *s_total = a.fixed;
+    if (threadIdx.x < (unsigned)ns) // (every thread has read the previous pass's totals by now)
+        s_tot[threadIdx.x] = a.fixed;
     size_t stride = (size_t)gridDim.x * blockDim.x;
     size_t rounds = (a.n_items + stride - 1) / stride;
     uint32_t lane = threadIdx.x % 32;
     for (size_t k = 0; k < rounds; k++) { // uniform trip count: the warp votes below
         size_t it = k * stride + (size_t)blockIdx.x * blockDim.x + threadIdx.x;
         bool live = it < a.n_items;
-        int o = -1;
+        int o[OPT_SLOTS];
         uint32_t h = 0;
+#pragma unroll
+        for (int q = 0; q < OPT_SLOTS; q++)
+            o[q] = -1;
         if (live) {
-            o = mode == PASS_ASSIGN ? assign_one(a, it, lambda)
-                : mode == PASS_COPY ? (int)src[it]
-                                    : cheapest_one(a, it, mode == PASS_CHEAP);
             h = (uint32_t)(it / a.n);
+            if (mode == PASS_ASSIGN || ns > 1) {
+                float D[KVC_OPT_COUNT];
+                const float *Dp = a.dist + it * KVC_OPT_COUNT;
+#pragma unroll
+                for (int q = 0; q < KVC_OPT_COUNT; q++)
+                    D[q] = Dp[q];
+                const uint8_t mask = a.allowed[it];
+                if (mode == PASS_ASSIGN)
+                    o[0] = assign_d(a, D, mask, lambda);
+#pragma unroll
+                for (int q = 1; q < OPT_SLOTS; q++)
+                    if (q < ns)
+                        o[q] = assign_d(a, D, mask, lr[q]);
+            }
+            if (mode != PASS_ASSIGN)
+                o[0] = mode == PASS_COPY ? (int)src[it] : cheapest_one(a, it, mode == PASS_CHEAP);
             if (dst)
-                dst[it] = (uint8_t)o;
+                dst[it] = (uint8_t)o[0];
+            if (dst1)
+                dst1[it] = (uint8_t)o[1];
         }
         uint32_t h0 = __shfl_sync(0xffffffffu, h, 0);
         bool same = __all_sync(0xffffffffu, !live || h == h0);
-        if (same) {
-            for (int q = 0; q < KVC_OPT_COUNT; q++) {
-                unsigned m = __ballot_sync(0xffffffffu, o == q);
-                if (lane == 0 && m)
-                    atomicAdd(&s_cnt[h0 * 8 + q], (unsigned)__popc(m));
+#pragma unroll
+        for (int q = 0; q < OPT_SLOTS; q++) {
+            if (q >= ns)
+                break;
+            unsigned *c = s_cnt + (size_t)q * nk8;
+            if (same) {
+                for (int x = 0; x < KVC_OPT_COUNT; x++) {
+                    unsigned m = __ballot_sync(0xffffffffu, o[q] == x);
+                    if (lane == 0 && m)
+                        atomicAdd(&c[h0 * 8 + x], (unsigned)__popc(m));
+                }
+            } else if (live) {
+                atomicAdd(&c[h * 8 + o[q]], 1u);
             }
-        } else if (live) {
-            atomicAdd(&s_cnt[h * 8 + o], 1u);
         }
     }
     __syncthreads();
     // A grid of one block (a short layer) has the whole counts in shared memory already; it
     // stores them for the greedy fill and waits at a block barrier only.
     const bool one = gridDim.x == 1;
-    unsigned long long *g = a.cnt + (size_t)buf * nk8;
-    for (uint32_t i = threadIdx.x; i < nk8; i += blockDim.x) {
+    unsigned long long *g = a.cnt + (size_t)buf * cnt_stride(a);
+    for (uint32_t i = threadIdx.x; i < (uint32_t)ns * nk8; i += blockDim.x) {
         if (one)
             g[i] = s_cnt[i];
         else if (s_cnt[i])
             atomicAdd(&g[i], (unsigned long long)s_cnt[i]);
     }
     grid_barrier(grid);
-    // The frame bytes: a (head, option) count per thread (one round trip to L2 instead of a
-    // thread's walk over all of them), summed in the block; integers, so in any order.
-    unsigned long long part = 0;
-    for (uint32_t i = threadIdx.x; i < nk8; i += blockDim.x)
-        if (i % 8 < KVC_OPT_DROP) // other SMs' atomics: not from L1
-            part += run_bytes(a, (int)(i % 8), one ? s_cnt[i] : __ldcg(&g[i]));
+    // The frame bytes of each slot: a (head, option) count per thread (one round trip to L2
+    // instead of a thread's walk over all of them), summed in the block; integers, so in any
+    // order.
+    for (int q = 0; q < ns; q++) {
+        unsigned long long part = 0;
+        for (uint32_t i = threadIdx.x; i < nk8; i += blockDim.x) {
+            const size_t j = (size_t)q * nk8 + i;
+            if (i % 8 < KVC_OPT_DROP) // other SMs' atomics: not from L1
+                part += run_bytes(a, (int)(i % 8), one ? s_cnt[j] : __ldcg(&g[j]));
+        }
 #pragma unroll
-    for (uint32_t o = 16; o > 0; o >>= 1)
-        part += __shfl_xor_sync(0xffffffffu, part, o);
-    if (lane == 0 && part)
-        atomicAdd(s_total, part);
+        for (uint32_t w = 16; w > 0; w >>= 1)
+            part += __shfl_xor_sync(0xffffffffu, part, w);
+        if (lane == 0 && part)
+            atomicAdd(&s_tot[q], part);
+    }
     // The buffer two passes ahead is the one the previous pass filled: every block has read
     // it (before this pass's grid barrier), so it can be cleared for reuse.
     if (blockIdx.x == 0) {
-        unsigned long long *z = a.cnt + (size_t)((buf + 2) % 3) * nk8;
-        for (uint32_t i = threadIdx.x; i < nk8; i += blockDim.x)
+        unsigned long long *z = a.cnt + (size_t)((buf + 2) % 3) * cnt_stride(a);
+        for (uint32_t i = threadIdx.x; i < OPT_SLOTS * nk8; i += blockDim.x)
             z[i] = 0;
     }
     __syncthreads();
-    return *s_total;
+    return s_tot[0];
 }
 
 /* kvc_encoder_choose from the distortion tables, for one layer, as one cooperative grid. */
 __global__ void __launch_bounds__(OPT_THREADS) choose_kernel(opt_args_t a)
 {
     cg::grid_group grid = cg::this_grid();
-    __shared__ unsigned s_cnt[OPT_MAX_KV * 8];
-    __shared__ unsigned long long s_total;
+    __shared__ unsigned s_cnt[OPT_SLOTS * OPT_MAX_KV * 8];
+    __shared__ unsigned long long s_tot[OPT_SLOTS];
     int buf = 0;
     double lambda = 0;
     int budget_met = 0, need_greedy = 0;
@@ -1489,8 +1543,10 @@ __global__ void __launch_bounds__(OPT_THREADS) choose_kernel(opt_args_t a)
     const double share = a.share_left > 0 ? __ddiv_rn(__dmul_rn(remain, a.share_w), a.share_left)
                          : a.r > 0        ? __ddiv_rn(remain, (double)a.r)
                                           : 0;
+    // The rate check measures the previous multiplier's choice, and solve() starts there.
+    const bool check_prev = lambda_prev >= 0 && a.r > 1;
 #define PASS(mode, lam, dst, src)                                                                  \
-    count_pass(a, grid, mode, lam, dst, src, buf++ % 3, s_cnt, &s_total)
+    count_pass(a, grid, mode, lam, dst, src, 0, NULL, NULL, buf++ % 3, s_cnt, s_tot)
     for (int attempt = 0; attempt < 2; attempt++, pins = false) {
         for (size_t it = first; it < a.n_items; it += stride)
             build_item(a, it, pins);
@@ -1500,7 +1556,18 @@ __global__ void __launch_bounds__(OPT_THREADS) choose_kernel(opt_args_t a)
             budget_met = 1;
             break;
         }
-        double floor_l = (double)PASS(PASS_CHEAP, 0, a.tmp, NULL);
+        // One pass measures the cheapest choice (the floor), the previous multiplier's (the
+        // rate check, into the choice) and the search's first steps from it (used when the
+        // check fails); lam[j] is slot j + 1's multiplier.
+        kvc_ms_t ms;
+        kvc_ms_init(&ms, lambda_prev);
+        double lam[OPT_SLOTS];
+        int node[KVC_MS_NODES], nl = 0;
+        if (check_prev)
+            lam[nl++] = lambda_prev;
+        kvc_ms_tree(&ms, lam, &nl, OPT_SLOTS - 1, node);
+        double floor_l = (double)count_pass(a, grid, PASS_CHEAP, 0, a.tmp, NULL, nl, lam,
+                                            check_prev ? a.choice : NULL, buf++ % 3, s_cnt, s_tot);
         double cap = __dsub_rn(remain, o_dmul((double)(a.r - 1), floor_l));
         if (a.r > 1) {
             double c2 = o_dmul(share, o_dadd(1, a.flex));
@@ -1513,70 +1580,50 @@ __global__ void __launch_bounds__(OPT_THREADS) choose_kernel(opt_args_t a)
             budget_met = floor_l <= remain;
             break;
         }
-        bool accepted = false, have_prev = false;
-        unsigned long long x_prev = 0; // the bytes at the previous multiplier, once measured
-        if (lambda_prev >= 0 && a.r > 1) {
-            x_prev = PASS(PASS_ASSIGN, lambda_prev, a.choice, NULL);
-            have_prev = true;
-            double x = (double)x_prev;
+        if (check_prev) {
+            double x = (double)s_tot[1];
             if (x <= cap && x >= o_dmul(share, __dsub_rn(1, a.flex))) {
-                accepted = true;
-                lambda = lambda_prev;
+                lambda = lambda_prev; // its choice is in place
+                budget_met = 1;
+                break;
             }
         }
-        if (!accepted) {
-            double tgt = a.r > 1 ? (share < cap ? share : cap) : remain;
-            unsigned long long target = (unsigned long long)tgt;
-            // solve(): bracket, bisection in log space, then the greedy fill (later kernels).
-            double lo = lambda_prev > 0 ? lambda_prev : 1e-6, hi = lo;
-            bool done = false;
-            // The bracket starts at the previous multiplier, whose bytes the check above has
-            // (the pass is deterministic: the same count).
-            unsigned long long x_lo =
-                have_prev && lo == lambda_prev ? x_prev : PASS(PASS_ASSIGN, lo, NULL, NULL);
-            if (x_lo <= target) {
-                for (;;) {
-                    hi = lo;
-                    lo /= 64;
-                    if (lo <= 1e-30) {
-                        if (PASS(PASS_ASSIGN, 0, a.choice, NULL) <= target) {
-                            lambda = 0;
-                            done = true;
-                        }
-                        break;
-                    }
-                    if (PASS(PASS_ASSIGN, lo, NULL, NULL) > target)
-                        break;
-                }
-            } else {
-                for (;;) {
-                    hi *= 64;
-                    unsigned long long x = PASS(PASS_ASSIGN, hi, NULL, NULL);
-                    if (hi >= 1e30 || x <= target)
-                        break;
-                }
-            }
-            if (!done) {
-                for (int it = 0; it < 40 && hi > o_dmul(lo, 1.01); it++) {
-                    double mid = __dsqrt_rn(o_dmul(lo, hi));
-                    if (PASS(PASS_ASSIGN, mid, NULL, NULL) <= target)
-                        hi = mid;
-                    else
-                        lo = mid;
-                }
-                unsigned long long x = PASS(PASS_ASSIGN, hi, a.choice, NULL);
-                if (x > target)
-                    x = PASS(PASS_CHEAP, 0, a.choice, NULL);
-                need_greedy = 1;
-                g_total = x;
-                g_target = target;
-                lambda = hi;
-                // The counts of the final choice, for the greedy fill.
-                const unsigned long long *g = a.cnt + (size_t)((buf - 1) % 3) * a.n_kv * 8;
-                if (blockIdx.x == 0)
-                    for (uint32_t i = threadIdx.x; i < a.n_kv * 8; i += blockDim.x)
-                        a.gcnt[i] = (long long)__ldcg(&g[i]);
-            }
+        double tgt = a.r > 1 ? (share < cap ? share : cap) : remain;
+        unsigned long long target = (unsigned long long)tgt;
+        // solve(): the search (mult_search_int.h), a tree of its steps per pass, then the
+        // greedy fill (later kernels).
+        bool fits[OPT_SLOTS];
+        for (int j = 0; j < nl; j++)
+            fits[j] = s_tot[j + 1] <= target;
+        kvc_ms_walk(&ms, node, fits);
+        for (;;) {
+            nl = 0;
+            kvc_ms_tree(&ms, lam, &nl, OPT_SLOTS, node);
+            if (nl == 0)
+                break;
+            count_pass(a, grid, PASS_ASSIGN, lam[0], NULL, NULL, nl - 1, lam + 1, NULL, buf++ % 3,
+                       s_cnt, s_tot);
+            for (int j = 0; j < nl; j++)
+                fits[j] = s_tot[j] <= target;
+            kvc_ms_walk(&ms, node, fits);
+        }
+        if (ms.phase == KVC_MS_ZERO) { // lambda 0 fits: its choice, no fill
+            PASS(PASS_ASSIGN, 0, a.choice, NULL);
+            lambda = 0;
+        } else {
+            const double hi = kvc_ms_result(&ms);
+            unsigned long long x = PASS(PASS_ASSIGN, hi, a.choice, NULL);
+            if (x > target)
+                x = PASS(PASS_CHEAP, 0, a.choice, NULL);
+            need_greedy = 1;
+            g_total = x;
+            g_target = target;
+            lambda = hi;
+            // The counts of the final choice (slot 0 of the last pass), for the greedy fill.
+            const unsigned long long *g = a.cnt + (size_t)((buf - 1) % 3) * cnt_stride(a);
+            if (blockIdx.x == 0)
+                for (uint32_t i = threadIdx.x; i < a.n_kv * 8; i += blockDim.x)
+                    a.gcnt[i] = (long long)__ldcg(&g[i]);
         }
         budget_met = 1;
         break;
@@ -2084,7 +2131,8 @@ static fy_status_t opt_create(kvc_encoder_cuda_t *e)
         KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_dist, items * KVC_OPT_COUNT * sizeof(float)), st,
                       fail);
         KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_opt8, 4 * items), st, fail);
-        KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_cnt, 3 * (size_t)e->n_kv * 8 * 8), st, fail);
+        KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_cnt, 3 * (size_t)OPT_SLOTS * e->n_kv * 8 * 8), st,
+                      fail);
         KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_gcnt, (size_t)e->n_kv * 8 * 8), st, fail);
         KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_dev_mean, (size_t)e->n_kv * sizeof(float)), st,
                       fail);
@@ -2387,7 +2435,8 @@ static fy_status_t opt_enqueue(kvc_encoder_cuda_t *e, uint32_t layer, const kvc_
                                                               e->n, e->d_dev_mean);
         KVC_LAUNCH_GOTO(st, out);
     }
-    KVC_CUDA_GOTO(cudaMemsetAsync(e->d_cnt, 0, 3 * (size_t)e->n_kv * 8 * 8, cs), st, out);
+    KVC_CUDA_GOTO(cudaMemsetAsync(e->d_cnt, 0, 3 * (size_t)OPT_SLOTS * e->n_kv * 8 * 8, cs), st,
+                  out);
     {
         void *args[] = {&a};
         KVC_CUDA_GOTO(cudaLaunchCooperativeKernel((const void *)choose_kernel, e->opt_grid,
