@@ -34,11 +34,12 @@ extern "C" {
 #include "kvcodec_int.h"
 }
 #include "kvcodec_cuda_int.h"
-#include "mult_search_int.h"
 
 #include <cooperative_groups.h>
 #include <cub/device/device_radix_sort.cuh>
 namespace cg = cooperative_groups;
+
+#include "choose_dev_int.h"
 
 #define CRC_CHUNK     256u
 #define STATS_THREADS 64
@@ -49,9 +50,6 @@ namespace cg = cooperative_groups;
 #define CRC_THREADS   256
 #define CRC_FINAL_THREADS 256
 #define CRC_MAX_PARTS     1024 // crc_kernel's blocks at most (crc_final_kernel's tree)
-
-/* Table slots in the device/host table buffer, each [n_kv][n]. */
-enum { TAB_DEV = 0, TAB_EK8, TAB_EV8, TAB_EK4, TAB_EV4, TAB_EK2, TAB_EV2, TAB_COUNT };
 
 /* One unit of payload work: an FP16 token (m = 1, tok = the token index) or a quantized group
  * (its tokens at tok_idx[tok .. tok + m)). */
@@ -68,25 +66,6 @@ typedef struct {
     unsigned long long n_f16, n_work, total, body;
     unsigned long long tokens[KVC_OPT_COUNT];
 } plan_dev_t;
-
-#define DIST_BLOCKS 128
-
-/* The device optimizer's result for the host. */
-typedef struct {
-    double lambda;
-    unsigned long long total, target; // greedy fill: frame bytes of the choice and the cap
-    int budget_met, need_greedy;
-    double dist;              // the distortion of the final choice
-    double part[DIST_BLOCKS]; // its per-block partial sums
-} opt_out_t;
-
-/* The rate controller's state after the layers encoded so far, kept on the device by the device
- * optimizer (choose_kernel reads it, crc_final_kernel advances it), so that a layer can be
- * queued before the previous one is done. The host's copy in enc follows as layers finish. */
-typedef struct {
-    unsigned long long spent; // frame bytes so far
-    double lambda_prev;       // < 0: none yet
-} rc_dev_t;
 
 /* Layers queued and not yet finished (kvc_encoder_enqueue_layer_cuda*). */
 #define ENC_QUEUE 2
@@ -1226,81 +1205,10 @@ __global__ void __launch_bounds__(CRC_FINAL_THREADS)
 /* multiplier bisection and greedy slack fill), the choice never leaving the GPU              */
 /* ------------------------------------------------------------------------------------------ */
 
-/* Every decision of the CPU optimizer rests on integer byte counts and on per-item float /
- * double comparisons, so the device reproduces it exactly: each item's distortions and
- * Lagrangian values are computed with the CPU's roundings (no contraction), byte counts are
- * integer sums (any order gives the same), and the scalar steps (bracket, bisection, rate
- * control) run identically in every block of one cooperative grid. Each pass over the items
- * (a grid barrier) measures up to OPT_SLOTS choices: the search's next three steps for every
- * outcome (mult_search_int.h), and in the first pass also the cheapest choice and the rate
- * check's, so that a layer that bisects takes about a third of the passes. The greedy fill is
- * sequential by nature: its candidates are sorted on the device (a stable radix sort on the
- * ratio gives the CPU's ratio-then-index order) and one warp walks them 32 at a time, taking
- * every candidate of a run that fits in one step (greedy_walk). */
-
-#define OPT_THREADS    256
-#define OPT_ONE_BLOCK  2048 // items up to which the optimizer's grid is one block
-#define OPT_MAX_KV     64 // per-block byte-count histogram; more heads take the host optimizer
 #define GREEDY_CHUNK   4096
 #define GREEDY_THREADS 256
 #define LAYOUT_SEG     2048 // tokens of a head per layout block (even: whole map bytes)
 #define LAYOUT_THREADS 256
-
-typedef struct {
-    uint32_t n_kv, n, G;
-    size_t n_items;
-    // policy
-    int dist_kind, joint_kv, stat_on, measured, pins_ok;
-    uint32_t sinks, recent, options, backbone_opt;
-    float hybrid_factor;
-    float prior; // importance prior per token (pol->prior / n when measured, else 0)
-    int need8, need4, needv4, need2, needk2;
-    double flex;
-    float cost[KVC_OPT_COUNT], pen[KVC_OPT_COUNT];
-    // byte model: a group of m tokens of option o is gfix[o] + m * gtok[o] bytes
-    unsigned long long gfix[KVC_OPT_COUNT], gtok[KVC_OPT_COUNT], gsz[KVC_OPT_COUNT];
-    unsigned long long fixed; // header + maps + CRC
-    // rate controller: the state the previous layers left (rc) and this layer's place
-    int no_budget;
-    uint32_t r;
-    const rc_dev_t *rc;
-    unsigned long long total_budget;
-    double share_w, share_left; // kvc_share's weights (kvc_opt_inputs_t)
-    // inputs
-    const float *imp;
-    const uint8_t *is_static, *backbone;
-    const float *tab;      // [TAB_COUNT][n_kv][n]
-    const float *dev_mean; // [n_kv]
-    // work
-    float *dist; // [n_items][KVC_OPT_COUNT]
-    uint8_t *allowed, *choice, *tmp, *cand_opt;
-    unsigned long long *cnt; // [3][OPT_SLOTS][n_kv][8] count passes, rotating
-    long long *gcnt;         // [n_kv][8] counts of the choice, kept by the greedy fill
-    opt_out_t *out;
-} opt_args_t;
-
-static __device__ __forceinline__ double o_dadd(double a, double b)
-{
-    return __dadd_rn(a, b);
-}
-static __device__ __forceinline__ double o_dmul(double a, double b)
-{
-    return __dmul_rn(a, b);
-}
-
-/* kvc_run_bytes from the byte model. */
-static __device__ __forceinline__ unsigned long long run_bytes(const opt_args_t &a, int o,
-                                                               unsigned long long count)
-{
-    if (o == KVC_OPT_DROP || count == 0)
-        return 0;
-    // A head's count fits 32 bits (n_tokens <= KVC_MAX_TOKENS): 32-bit division.
-    uint32_t gs = (uint32_t)a.gsz[o], c = (uint32_t)count, full = c / gs, rest = c - full * gs;
-    unsigned long long b = (unsigned long long)full * (a.gfix[o] + gs * a.gtok[o]);
-    if (rest)
-        b += a.gfix[o] + rest * a.gtok[o];
-    return b;
-}
 
 /* Mean of the head's value deviations in the CPU's order (a double sum over tokens); only the
  * policies that weigh every token by the head's mean deviation need it. */
@@ -1315,327 +1223,12 @@ __global__ void dev_mean_kernel(const float *dev, uint32_t n_kv, uint32_t n, flo
     mean[h] = (float)__ddiv_rn(s, (double)n);
 }
 
-/* build_items for one item. */
-static __device__ void build_item(const opt_args_t &a, size_t it, bool pins)
-{
-    uint32_t h = (uint32_t)(it / a.n), t = (uint32_t)(it % a.n), n = a.n;
-    float *D = a.dist + it * KVC_OPT_COUNT;
-    float w = a.dist_kind == KVC_DIST_POSITION ? __fdiv_rn((float)(t + 1), (float)n)
-                                               : kadd(a.imp[it], a.prior);
-    bool middle = t >= a.sinks && t + a.recent < n;
-    if (a.stat_on && a.is_static[h] && middle)
-        w = kmul(w, a.hybrid_factor);
-    uint8_t mask = (uint8_t)a.options;
-    if (pins && (t < a.sinks || t + a.recent >= n))
-        mask = KVC_OPT_BIT(KVC_OPT_F16);
-    else if (pins && a.backbone[t])
-        mask = (uint8_t)KVC_OPT_BIT(a.backbone_opt);
-    a.allowed[it] = mask;
-    if (!a.measured) {
-        for (int o = 0; o < KVC_OPT_COUNT; o++)
-            D[o] = kmul(w, a.pen[o]);
-        return;
-    }
-    size_t plane = a.n_items;
-    float dv = a.joint_kv ? a.tab[TAB_DEV * plane + it] : a.dev_mean[h];
-    float w2 = kmul(w, w);
-    D[KVC_OPT_F16] = 0;
-    D[KVC_OPT_DROP] = kmul(w2, dv);
-    float q8 = 0, q4 = 0, q42 = 0, q2 = 0;
-    if (a.need8)
-        q8 = kmul(w2, kadd(a.tab[TAB_EV8 * plane + it], kmul(dv, a.tab[TAB_EK8 * plane + it])));
-    if (a.needv4)
-        q4 = kmul(w2, kadd(a.tab[TAB_EV4 * plane + it], kmul(dv, a.tab[TAB_EK4 * plane + it])));
-    if (a.need2 && a.need4)
-        q42 = kmul(w2, kadd(a.tab[TAB_EV2 * plane + it], kmul(dv, a.tab[TAB_EK4 * plane + it])));
-    if (a.needk2)
-        q2 = kmul(w2, kadd(a.tab[TAB_EV2 * plane + it], kmul(dv, a.tab[TAB_EK2 * plane + it])));
-    D[KVC_OPT_Q8] = q8;
-    D[KVC_OPT_Q4] = q4;
-    D[KVC_OPT_Q4V2] = q42;
-    D[KVC_OPT_Q2] = q2;
-}
-
-/* assign's choice at lambda for an item of distortions D and allowed options mask. */
-static __device__ __forceinline__ int assign_d(const opt_args_t &a, const float *D, uint8_t mask,
-                                               double lambda)
-{
-    int best = -1;
-    double bv = 0;
-#pragma unroll
-    for (int o = KVC_OPT_COUNT - 1; o >= 0; o--) {
-        if (!(mask & (1u << o)))
-            continue;
-        double v = o_dadd((double)D[o], o_dmul(lambda, (double)a.cost[o]));
-        if (best < 0 || v < bv) {
-            best = o;
-            bv = v;
-        }
-    }
-    return best;
-}
-
-static __device__ __forceinline__ int cheapest_one(const opt_args_t &a, size_t it, bool allow_drop)
-{
-    uint8_t mask = a.allowed[it];
-    if (!allow_drop && mask != KVC_OPT_BIT(KVC_OPT_DROP))
-        mask &= (uint8_t)~KVC_OPT_BIT(KVC_OPT_DROP);
-    int o = KVC_OPT_COUNT - 1;
-    while (o > 0 && !(mask & (1u << o)))
-        o--;
-    return o;
-}
-
-enum { PASS_ASSIGN = 0, PASS_CHEAP = 1, PASS_CHEAP_NODROP = 2, PASS_COPY = 3 };
-
-/* The optimizer's grid-wide barrier; a block barrier when the grid is one block. */
-static __device__ __forceinline__ void grid_barrier(cg::grid_group &grid)
-{
-    if (gridDim.x == 1)
-        __syncthreads();
-    else
-        grid.sync();
-}
-
-/* Choices one count pass measures at most: slot 0 by its mode, the others by assign at their
- * multipliers (the cheapest choice, the previous multiplier's and the first steps of the
- * search; later, a tree of the search's next steps, mult_search_int.h). */
-#define OPT_SLOTS 8
-
-/* The count buffers' stride: a pass's counts per (slot, head, option). */
-static __device__ __forceinline__ size_t cnt_stride(const opt_args_t &a)
-{
-    return (size_t)OPT_SLOTS * a.n_kv * 8;
-}
-
-/* One pass over every item. Slot 0: the choice by `mode` (written to dst when not NULL);
- * slots 1 .. n_extra: assign's choice at lam[s - 1] (slot 1's written to dst1 when not NULL).
- * Their byte counts per (slot, head, option) are added into count buffer `buf` (zero before
- * the pass). Then the grid synchronizes and every block has the exact frame bytes of each
- * slot's choice in s_tot[slot] (until the next pass); returns slot 0's. Each item's
- * distortions are read once for all slots. */
-static __device__ unsigned long long count_pass(const opt_args_t &a, cg::grid_group &grid, int mode,
-                                                double lambda, uint8_t *dst, const uint8_t *src,
-                                                int n_extra, const double *lam, uint8_t *dst1,
-                                                int buf, unsigned *s_cnt,
-                                                unsigned long long *s_tot)
-{
-    const uint32_t nk8 = a.n_kv * 8;
-    const int ns = 1 + n_extra;
-    double lr[OPT_SLOTS];
-#pragma unroll
-    for (int k = 1; k < OPT_SLOTS; k++)
-        lr[k] = k < ns ? lam[k - 1] : 0.0;
-    for (uint32_t i = threadIdx.x; i < (uint32_t)ns * nk8; i += blockDim.x)
-        s_cnt[i] = 0;
-    __syncthreads();
-    if (threadIdx.x < (unsigned)ns) // (every thread has read the previous pass's totals by now)
-        s_tot[threadIdx.x] = a.fixed;
-    size_t stride = (size_t)gridDim.x * blockDim.x;
-    size_t rounds = (a.n_items + stride - 1) / stride;
-    uint32_t lane = threadIdx.x % 32;
-    for (size_t k = 0; k < rounds; k++) { // uniform trip count: the warp votes below
-        size_t it = k * stride + (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-        bool live = it < a.n_items;
-        int o[OPT_SLOTS];
-        uint32_t h = 0;
-#pragma unroll
-        for (int q = 0; q < OPT_SLOTS; q++)
-            o[q] = -1;
-        if (live) {
-            h = (uint32_t)(it / a.n);
-            if (mode == PASS_ASSIGN || ns > 1) {
-                float D[KVC_OPT_COUNT];
-                const float *Dp = a.dist + it * KVC_OPT_COUNT;
-#pragma unroll
-                for (int q = 0; q < KVC_OPT_COUNT; q++)
-                    D[q] = Dp[q];
-                const uint8_t mask = a.allowed[it];
-                if (mode == PASS_ASSIGN)
-                    o[0] = assign_d(a, D, mask, lambda);
-#pragma unroll
-                for (int q = 1; q < OPT_SLOTS; q++)
-                    if (q < ns)
-                        o[q] = assign_d(a, D, mask, lr[q]);
-            }
-            if (mode != PASS_ASSIGN)
-                o[0] = mode == PASS_COPY ? (int)src[it] : cheapest_one(a, it, mode == PASS_CHEAP);
-            if (dst)
-                dst[it] = (uint8_t)o[0];
-            if (dst1)
-                dst1[it] = (uint8_t)o[1];
-        }
-        uint32_t h0 = __shfl_sync(0xffffffffu, h, 0);
-        bool same = __all_sync(0xffffffffu, !live || h == h0);
-#pragma unroll
-        for (int q = 0; q < OPT_SLOTS; q++) {
-            if (q >= ns)
-                break;
-            unsigned *c = s_cnt + (size_t)q * nk8;
-            if (same) {
-                for (int x = 0; x < KVC_OPT_COUNT; x++) {
-                    unsigned m = __ballot_sync(0xffffffffu, o[q] == x);
-                    if (lane == 0 && m)
-                        atomicAdd(&c[h0 * 8 + x], (unsigned)__popc(m));
-                }
-            } else if (live) {
-                atomicAdd(&c[h * 8 + o[q]], 1u);
-            }
-        }
-    }
-    __syncthreads();
-    // A grid of one block (a short layer) has the whole counts in shared memory already; it
-    // stores them for the greedy fill and waits at a block barrier only.
-    const bool one = gridDim.x == 1;
-    unsigned long long *g = a.cnt + (size_t)buf * cnt_stride(a);
-    for (uint32_t i = threadIdx.x; i < (uint32_t)ns * nk8; i += blockDim.x) {
-        if (one)
-            g[i] = s_cnt[i];
-        else if (s_cnt[i])
-            atomicAdd(&g[i], (unsigned long long)s_cnt[i]);
-    }
-    grid_barrier(grid);
-    // The frame bytes of each slot: a (head, option) count per thread (one round trip to L2
-    // instead of a thread's walk over all of them), summed in the block; integers, so in any
-    // order.
-    for (int q = 0; q < ns; q++) {
-        unsigned long long part = 0;
-        for (uint32_t i = threadIdx.x; i < nk8; i += blockDim.x) {
-            const size_t j = (size_t)q * nk8 + i;
-            if (i % 8 < KVC_OPT_DROP) // other SMs' atomics: not from L1
-                part += run_bytes(a, (int)(i % 8), one ? s_cnt[j] : __ldcg(&g[j]));
-        }
-#pragma unroll
-        for (uint32_t w = 16; w > 0; w >>= 1)
-            part += __shfl_xor_sync(0xffffffffu, part, w);
-        if (lane == 0 && part)
-            atomicAdd(&s_tot[q], part);
-    }
-    // The buffer two passes ahead is the one the previous pass filled: every block has read
-    // it (before this pass's grid barrier), so it can be cleared for reuse.
-    if (blockIdx.x == 0) {
-        unsigned long long *z = a.cnt + (size_t)((buf + 2) % 3) * cnt_stride(a);
-        for (uint32_t i = threadIdx.x; i < OPT_SLOTS * nk8; i += blockDim.x)
-            z[i] = 0;
-    }
-    __syncthreads();
-    return s_tot[0];
-}
-
-/* kvc_encoder_choose from the distortion tables, for one layer, as one cooperative grid. */
 __global__ void __launch_bounds__(OPT_THREADS) choose_kernel(opt_args_t a)
 {
-    cg::grid_group grid = cg::this_grid();
     __shared__ unsigned s_cnt[OPT_SLOTS * OPT_MAX_KV * 8];
     __shared__ unsigned long long s_tot[OPT_SLOTS];
-    int buf = 0;
-    double lambda = 0;
-    int budget_met = 0, need_greedy = 0;
-    unsigned long long g_total = 0, g_target = 0;
-    size_t stride = (size_t)gridDim.x * blockDim.x;
-    size_t first = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    bool pins = true;
-    // kvc_encoder_opt_inputs' remain and share from the device state, the host's roundings.
-    const unsigned long long spent = a.rc->spent;
-    const double lambda_prev = a.rc->lambda_prev;
-    const double remain =
-        a.no_budget ? 0 : __ull2double_rn(a.total_budget - min(spent, a.total_budget));
-    const double share = a.share_left > 0 ? __ddiv_rn(__dmul_rn(remain, a.share_w), a.share_left)
-                         : a.r > 0        ? __ddiv_rn(remain, (double)a.r)
-                                          : 0;
-    // The rate check measures the previous multiplier's choice, and solve() starts there.
-    const bool check_prev = lambda_prev >= 0 && a.r > 1;
-#define PASS(mode, lam, dst, src)                                                                  \
-    count_pass(a, grid, mode, lam, dst, src, 0, NULL, NULL, buf++ % 3, s_cnt, s_tot)
-    for (int attempt = 0; attempt < 2; attempt++, pins = false) {
-        for (size_t it = first; it < a.n_items; it += stride)
-            build_item(a, it, pins);
-        grid_barrier(grid);
-        if (a.no_budget) {
-            PASS(PASS_CHEAP_NODROP, 0, a.choice, NULL);
-            budget_met = 1;
-            break;
-        }
-        // One pass measures the cheapest choice (the floor), the previous multiplier's (the
-        // rate check, into the choice) and the search's first steps from it (used when the
-        // check fails); lam[j] is slot j + 1's multiplier.
-        kvc_ms_t ms;
-        kvc_ms_init(&ms, lambda_prev);
-        double lam[OPT_SLOTS];
-        int node[KVC_MS_NODES], nl = 0;
-        if (check_prev)
-            lam[nl++] = lambda_prev;
-        kvc_ms_tree(&ms, lam, &nl, OPT_SLOTS - 1, node);
-        double floor_l = (double)count_pass(a, grid, PASS_CHEAP, 0, a.tmp, NULL, nl, lam,
-                                            check_prev ? a.choice : NULL, buf++ % 3, s_cnt, s_tot);
-        double cap = __dsub_rn(remain, o_dmul((double)(a.r - 1), floor_l));
-        if (a.r > 1) {
-            double c2 = o_dmul(share, o_dadd(1, a.flex));
-            cap = cap < c2 ? cap : c2;
-        }
-        if (floor_l > cap) {
-            if (pins)
-                continue; // the pins alone do not fit: retry with every item free
-            PASS(PASS_COPY, 0, a.choice, a.tmp);
-            budget_met = floor_l <= remain;
-            break;
-        }
-        if (check_prev) {
-            double x = (double)s_tot[1];
-            if (x <= cap && x >= o_dmul(share, __dsub_rn(1, a.flex))) {
-                lambda = lambda_prev; // its choice is in place
-                budget_met = 1;
-                break;
-            }
-        }
-        double tgt = a.r > 1 ? (share < cap ? share : cap) : remain;
-        unsigned long long target = (unsigned long long)tgt;
-        // solve(): the search (mult_search_int.h), a tree of its steps per pass, then the
-        // greedy fill (later kernels).
-        bool fits[OPT_SLOTS];
-        for (int j = 0; j < nl; j++)
-            fits[j] = s_tot[j + 1] <= target;
-        kvc_ms_walk(&ms, node, fits);
-        for (;;) {
-            nl = 0;
-            kvc_ms_tree(&ms, lam, &nl, OPT_SLOTS, node);
-            if (nl == 0)
-                break;
-            count_pass(a, grid, PASS_ASSIGN, lam[0], NULL, NULL, nl - 1, lam + 1, NULL, buf++ % 3,
-                       s_cnt, s_tot);
-            for (int j = 0; j < nl; j++)
-                fits[j] = s_tot[j] <= target;
-            kvc_ms_walk(&ms, node, fits);
-        }
-        if (ms.phase == KVC_MS_ZERO) { // lambda 0 fits: its choice, no fill
-            PASS(PASS_ASSIGN, 0, a.choice, NULL);
-            lambda = 0;
-        } else {
-            const double hi = kvc_ms_result(&ms);
-            unsigned long long x = PASS(PASS_ASSIGN, hi, a.choice, NULL);
-            if (x > target)
-                x = PASS(PASS_CHEAP, 0, a.choice, NULL);
-            need_greedy = 1;
-            g_total = x;
-            g_target = target;
-            lambda = hi;
-            // The counts of the final choice (slot 0 of the last pass), for the greedy fill.
-            const unsigned long long *g = a.cnt + (size_t)((buf - 1) % 3) * cnt_stride(a);
-            if (blockIdx.x == 0)
-                for (uint32_t i = threadIdx.x; i < a.n_kv * 8; i += blockDim.x)
-                    a.gcnt[i] = (long long)__ldcg(&g[i]);
-        }
-        budget_met = 1;
-        break;
-    }
-#undef PASS
-    if (blockIdx.x == 0 && threadIdx.x == 0) {
-        a.out->lambda = lambda;
-        a.out->budget_met = budget_met;
-        a.out->need_greedy = need_greedy;
-        a.out->total = g_total;
-        a.out->target = g_target;
-    }
+    cg::grid_group grid = cg::this_grid();
+    choose_body(a, grid, s_cnt, s_tot);
 }
 
 /* Item i's best upgrade along the hull (ratio of distortion saved per byte) as a sort key (a

@@ -1,0 +1,588 @@
+// The GPU encoder's option choice (kvcodec/choose_dev_int.h: choose_body, the body of
+// choose_kernel) run on the host: a grid of blocks of warps on host threads, every
+// __syncthreads, grid barrier and warp intrinsic emulated, each block with its own shared
+// arrays. Over random layers (shapes, policies, pins, budgets, the rate controller's state) it
+// must end where the serial optimizer written beside it ends (one multiplier measured at a
+// time, as encode.c's kvc_encoder_choose): the same multiplier, flags, frame bytes and target,
+// the same choice and cheapest choice of every item, and the same counts for the greedy fill.
+// Grids of one to three blocks of one to three warps, layers whose warps span two heads.
+#include <math.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <algorithm>
+#include <functional>
+#include <vector>
+
+extern "C" {
+#include <cmocka.h>
+
+#include "../../kvcodec/kvcodec_int.h"
+}
+
+// ---- The CUDA the device code uses, on host threads.
+
+#define __device__
+#define __forceinline__ inline
+#define __host__
+
+struct emu_idx {
+    unsigned x, y, z;
+};
+static thread_local emu_idx threadIdx, blockIdx;
+static emu_idx blockDim, gridDim;
+
+struct emu_state {
+    pthread_barrier_t grid;
+    std::vector<pthread_barrier_t> block, warp;
+    std::vector<uint64_t> xs; // [warps][2][32]: each warp's exchange, double-buffered
+};
+static emu_state g_emu;
+static thread_local int t_phase;
+
+static unsigned emu_warp()
+{
+    return blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+}
+
+// Every lane of the warp publishes v; each gets lane src's. One barrier: a lane writes the
+// other buffer next time, and reads of this one are done before anyone passes the next barrier.
+static uint64_t warp_xchg(uint64_t v, unsigned src)
+{
+    const unsigned w = emu_warp(), lane = threadIdx.x % 32;
+    uint64_t *x = g_emu.xs.data() + ((size_t)w * 2 + (size_t)t_phase) * 32;
+    x[lane] = v;
+    pthread_barrier_wait(&g_emu.warp[w]);
+    const uint64_t r = x[src % 32];
+    t_phase ^= 1;
+    return r;
+}
+
+template <typename T> static uint64_t to_bits(T v)
+{
+    uint64_t b = 0;
+    memcpy(&b, &v, sizeof v);
+    return b;
+}
+template <typename T> static T from_bits(uint64_t b)
+{
+    T v;
+    memcpy(&v, &b, sizeof v);
+    return v;
+}
+
+template <typename T> static T __shfl_sync(unsigned, T v, int src, int width = 32)
+{
+    const unsigned lane = threadIdx.x % 32, base = lane & ~(unsigned)(width - 1);
+    return from_bits<T>(warp_xchg(to_bits(v), base + ((unsigned)src & (unsigned)(width - 1))));
+}
+template <typename T> static T __shfl_xor_sync(unsigned, T v, int m, int width = 32)
+{
+    (void)width;
+    return from_bits<T>(warp_xchg(to_bits(v), (threadIdx.x % 32) ^ (unsigned)m));
+}
+static unsigned __ballot_sync(unsigned, bool p)
+{
+    unsigned m = 0;
+    const uint64_t mine = p ? 1 : 0;
+    // One exchange per lane read would be 32 barriers; gather all 32 at once instead.
+    const unsigned w = emu_warp(), lane = threadIdx.x % 32;
+    uint64_t *x = g_emu.xs.data() + ((size_t)w * 2 + (size_t)t_phase) * 32;
+    x[lane] = mine;
+    pthread_barrier_wait(&g_emu.warp[w]);
+    for (unsigned l = 0; l < 32; l++)
+        m |= (unsigned)(x[l] & 1) << l;
+    t_phase ^= 1;
+    return m;
+}
+static bool __all_sync(unsigned mask, bool p)
+{
+    return __ballot_sync(mask, p) == 0xffffffffu;
+}
+static void __syncthreads()
+{
+    pthread_barrier_wait(&g_emu.block[blockIdx.x]);
+}
+namespace cg
+{
+struct grid_group {
+    void sync()
+    {
+        pthread_barrier_wait(&g_emu.grid);
+    }
+};
+} // namespace cg
+
+static unsigned atomicAdd(unsigned *p, unsigned v)
+{
+    return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
+}
+static unsigned long long atomicAdd(unsigned long long *p, unsigned long long v)
+{
+    return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
+}
+template <typename T> static T __ldcg(const T *p)
+{
+    return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
+static int __popc(unsigned x)
+{
+    return __builtin_popcount(x);
+}
+template <typename T> static T min(T a, T b)
+{
+    return b < a ? b : a;
+}
+// Rounded once each (the test is built without contraction).
+static float kadd(float a, float b)
+{
+    return a + b;
+}
+static float kmul(float a, float b)
+{
+    return a * b;
+}
+static float __fdiv_rn(float a, float b)
+{
+    return a / b;
+}
+static double __dadd_rn(double a, double b)
+{
+    return a + b;
+}
+static double __dsub_rn(double a, double b)
+{
+    return a - b;
+}
+static double __dmul_rn(double a, double b)
+{
+    return a * b;
+}
+static double __ddiv_rn(double a, double b)
+{
+    return a / b;
+}
+static double __ull2double_rn(unsigned long long x)
+{
+    return (double)x;
+}
+
+#include "../../kvcodec/choose_dev_int.h"
+
+// Runs fn on a grid of `blocks` x `threads` host threads (all at once: the grid barrier needs
+// every thread of the grid resident, as a cooperative launch does).
+static void emu_launch(unsigned blocks, unsigned threads, const std::function<void()> &fn)
+{
+    blockDim = {threads, 1, 1};
+    gridDim = {blocks, 1, 1};
+    const unsigned warps = blocks * threads / 32;
+    g_emu.block.resize(blocks);
+    g_emu.warp.resize(warps);
+    g_emu.xs.assign((size_t)warps * 2 * 32, 0);
+    pthread_barrier_init(&g_emu.grid, NULL, blocks * threads);
+    for (auto &b : g_emu.block)
+        pthread_barrier_init(&b, NULL, threads);
+    for (auto &w : g_emu.warp)
+        pthread_barrier_init(&w, NULL, 32);
+    struct arg_t {
+        unsigned b, t;
+        const std::function<void()> *fn;
+    };
+    std::vector<arg_t> args(blocks * threads);
+    std::vector<pthread_t> tids(blocks * threads);
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, 256 * 1024);
+    for (unsigned i = 0; i < blocks * threads; i++) {
+        args[i] = {i / threads, i % threads, &fn};
+        int rc = pthread_create(
+            &tids[i], &attr,
+            [](void *p) -> void * {
+                const arg_t *a = (const arg_t *)p;
+                blockIdx = {a->b, 0, 0};
+                threadIdx = {a->t, 0, 0};
+                t_phase = 0;
+                (*a->fn)();
+                return NULL;
+            },
+            &args[i]);
+        assert_int_equal(rc, 0);
+    }
+    for (pthread_t t : tids)
+        pthread_join(t, NULL);
+    pthread_attr_destroy(&attr);
+    pthread_barrier_destroy(&g_emu.grid);
+    for (auto &b : g_emu.block)
+        pthread_barrier_destroy(&b);
+    for (auto &w : g_emu.warp)
+        pthread_barrier_destroy(&w);
+}
+
+// ---- The serial optimizer (kvc_encoder_choose's order of decisions), over the same items.
+
+struct ref_result {
+    double lambda;
+    int budget_met, need_greedy;
+    unsigned long long total, target;
+    std::vector<uint8_t> choice, tmp;
+    std::vector<long long> gcnt;
+};
+
+static unsigned long long ref_bytes(const opt_args_t &a, const uint8_t *ch,
+                                    std::vector<long long> *cnt_out)
+{
+    std::vector<long long> cnt((size_t)a.n_kv * 8, 0);
+    for (size_t i = 0; i < a.n_items; i++)
+        cnt[(i / a.n) * 8 + ch[i]]++;
+    unsigned long long total = a.fixed;
+    for (size_t j = 0; j < cnt.size(); j++)
+        if (j % 8 < KVC_OPT_DROP)
+            total += run_bytes(a, (int)(j % 8), (unsigned long long)cnt[j]);
+    if (cnt_out != NULL)
+        *cnt_out = cnt;
+    return total;
+}
+
+static void ref_assign(const opt_args_t &a, double lambda, uint8_t *out)
+{
+    for (size_t i = 0; i < a.n_items; i++)
+        out[i] = (uint8_t)assign_d(a, a.dist + i * KVC_OPT_COUNT, a.allowed[i], lambda);
+}
+
+static void ref_cheap(const opt_args_t &a, bool allow_drop, uint8_t *out)
+{
+    for (size_t i = 0; i < a.n_items; i++)
+        out[i] = (uint8_t)cheapest_one(a, i, allow_drop);
+}
+
+static ref_result ref_choose(const opt_args_t &a)
+{
+    ref_result r = {};
+    r.choice.assign(a.n_items, 0);
+    r.tmp.assign(a.n_items, 0);
+    std::vector<uint8_t> scratch(a.n_items);
+    const unsigned long long spent = a.rc->spent;
+    const double lambda_prev = a.rc->lambda_prev;
+    const double remain =
+        a.no_budget ? 0 : (double)(a.total_budget - min(spent, a.total_budget));
+    const double share = a.share_left > 0 ? remain * a.share_w / a.share_left
+                         : a.r > 0        ? remain / (double)a.r
+                                          : 0;
+    bool pins = true;
+    for (int attempt = 0; attempt < 2; attempt++, pins = false) {
+        for (size_t it = 0; it < a.n_items; it++)
+            build_item(a, it, pins);
+        if (a.no_budget) {
+            ref_cheap(a, false, r.choice.data());
+            r.budget_met = 1;
+            break;
+        }
+        ref_cheap(a, true, r.tmp.data());
+        double floor_l = (double)ref_bytes(a, r.tmp.data(), NULL);
+        double cap = remain - (double)(a.r - 1) * floor_l;
+        if (a.r > 1) {
+            double c2 = share * (1 + a.flex);
+            cap = cap < c2 ? cap : c2;
+        }
+        if (floor_l > cap) {
+            if (pins)
+                continue;
+            r.choice = r.tmp;
+            r.budget_met = floor_l <= remain;
+            break;
+        }
+        bool accepted = false;
+        if (lambda_prev >= 0 && a.r > 1) {
+            ref_assign(a, lambda_prev, r.choice.data());
+            double x = (double)ref_bytes(a, r.choice.data(), NULL);
+            if (x <= cap && x >= share * (1 - a.flex)) {
+                accepted = true;
+                r.lambda = lambda_prev;
+            }
+        }
+        if (!accepted) {
+            double tgt = a.r > 1 ? (share < cap ? share : cap) : remain;
+            unsigned long long target = (unsigned long long)tgt;
+            kvc_ms_t ms;
+            kvc_ms_init(&ms, lambda_prev);
+            double l;
+            while (kvc_ms_next(&ms, &l)) {
+                ref_assign(a, l, scratch.data());
+                kvc_ms_step(&ms, ref_bytes(a, scratch.data(), NULL) <= target);
+            }
+            if (ms.phase == KVC_MS_ZERO) {
+                ref_assign(a, 0, r.choice.data());
+                r.lambda = 0;
+            } else {
+                double hi = kvc_ms_result(&ms);
+                ref_assign(a, hi, r.choice.data());
+                unsigned long long x = ref_bytes(a, r.choice.data(), NULL);
+                if (x > target) {
+                    ref_cheap(a, true, r.choice.data());
+                    x = ref_bytes(a, r.choice.data(), NULL);
+                }
+                ref_bytes(a, r.choice.data(), &r.gcnt);
+                r.need_greedy = 1;
+                r.total = x;
+                r.target = target;
+                r.lambda = hi;
+            }
+        }
+        r.budget_met = 1;
+        break;
+    }
+    return r;
+}
+
+// ---- Random layers.
+
+static uint64_t g_rng = 0x243f6a8885a308d3ULL;
+static uint64_t rnd()
+{
+    g_rng ^= g_rng << 13;
+    g_rng ^= g_rng >> 7;
+    g_rng ^= g_rng << 17;
+    return g_rng;
+}
+static double rnd01()
+{
+    return (double)(rnd() >> 11) / 9007199254740992.0;
+}
+static uint32_t rnd_below(uint32_t n)
+{
+    return (uint32_t)(rnd() % n);
+}
+
+struct layer_t {
+    opt_args_t a;
+    rc_dev_t rc;
+    opt_out_t out;
+    std::vector<float> imp, tab, dev_mean, dist;
+    std::vector<uint8_t> is_static, backbone, opt8;
+    std::vector<unsigned long long> cnt;
+    std::vector<long long> gcnt;
+};
+
+// A layer of n_kv heads x n tokens, head_dim d, group G, under a random policy and budget.
+static void make_layer(layer_t *L, uint32_t n_kv, uint32_t n)
+{
+    const uint32_t d = 64, G = 32, P = 0;
+    opt_args_t &a = L->a;
+    memset(&a, 0, sizeof a);
+    a.n_kv = n_kv;
+    a.n = n;
+    a.G = G;
+    a.n_items = (size_t)n_kv * n;
+    const uint32_t pol = rnd_below(4);
+    a.dist_kind = pol == 0 ? KVC_DIST_POSITION : pol == 1 ? KVC_DIST_MODEL : KVC_DIST_TRIAL;
+    a.measured = a.dist_kind != KVC_DIST_POSITION;
+    a.joint_kv = (int)rnd_below(2);
+    a.stat_on = (int)rnd_below(2);
+    a.hybrid_factor = 0.25f;
+    a.sinks = rnd_below(3) == 0 ? 0 : rnd_below(8);
+    a.recent = rnd_below(3) == 0 ? 0 : rnd_below(n / 2 + 1);
+    a.pins_ok = 1;
+    uint32_t opts = KVC_OPT_BIT(KVC_OPT_F16);
+    for (int o = 1; o < KVC_OPT_COUNT; o++)
+        if (rnd_below(3) != 0)
+            opts |= KVC_OPT_BIT(o);
+    if (opts == KVC_OPT_BIT(KVC_OPT_F16))
+        opts |= KVC_OPT_BIT(KVC_OPT_Q4);
+    a.options = opts;
+    a.backbone_opt = rnd_below(2) ? KVC_OPT_Q8 : KVC_OPT_F16;
+    a.prior = a.measured ? (float)(0.1 / n) : 0.0f;
+    a.need8 = (opts & KVC_OPT_BIT(KVC_OPT_Q8)) != 0;
+    a.need4 = (opts & (KVC_OPT_BIT(KVC_OPT_Q4) | KVC_OPT_BIT(KVC_OPT_Q4V2))) != 0;
+    a.needv4 = (opts & KVC_OPT_BIT(KVC_OPT_Q4)) != 0;
+    a.need2 = (opts & (KVC_OPT_BIT(KVC_OPT_Q4V2) | KVC_OPT_BIT(KVC_OPT_Q2))) != 0;
+    a.needk2 = (opts & KVC_OPT_BIT(KVC_OPT_Q2)) != 0;
+    a.flex = rnd_below(2) ? 0.1 : 0.25;
+    for (int o = 0; o < KVC_OPT_COUNT; o++) {
+        uint32_t gs = kvc_group_tokens(o, G);
+        a.gsz[o] = gs;
+        if (o == KVC_OPT_DROP) {
+            a.gfix[o] = a.gtok[o] = 0;
+        } else if (o == KVC_OPT_F16) {
+            a.gfix[o] = 4ull * d;
+            a.gtok[o] = 0;
+        } else {
+            a.gfix[o] = kvc_group_bytes(o, d, 0, P);
+            a.gtok[o] = kvc_group_bytes(o, d, 1, P) - a.gfix[o];
+        }
+        // Amortized bytes per token, the optimizer's cost; a rank penalty for the unmeasured.
+        a.cost[o] = o == KVC_OPT_DROP ? 0.0f : (float)(a.gfix[o] + gs * a.gtok[o]) / (float)gs;
+        a.pen[o] = (float)(o * o) * 0.01f;
+    }
+    a.fixed = KVC_FRAME_HEADER_BYTES + FY_ALIGN_UP((size_t)n_kv * kvc_map_bytes(n), 8) + 4;
+    // Budget: this layer's share, from well below the cheapest choice to above FP16.
+    const double fp16 = (double)a.fixed + (double)a.n_items * 4.0 * d;
+    a.r = 1 + rnd_below(4);
+    a.no_budget = rnd_below(12) == 0;
+    const double frac = rnd_below(8) == 0 ? 0.01 : 0.05 + 1.2 * rnd01();
+    L->rc.spent = rnd_below(3) == 0 ? 0 : (unsigned long long)(fp16 * rnd01());
+    a.total_budget = (unsigned long long)(frac * fp16 * a.r) + L->rc.spent;
+    a.share_w = 0;
+    a.share_left = 0;
+    if (rnd_below(3) == 0) { // weighted shares
+        a.share_left = (double)a.r;
+        a.share_w = 0.5 + rnd01();
+    }
+    const uint32_t lp = rnd_below(4);
+    L->rc.lambda_prev = lp == 0 ? -1.0 : lp == 1 ? 0.0 : pow(10.0, -8.0 + 7.0 * rnd01());
+    a.rc = &L->rc;
+    // Inputs.
+    L->imp.resize(a.n_items);
+    for (auto &x : L->imp)
+        x = (float)(rnd01() * rnd01());
+    L->tab.resize((size_t)TAB_COUNT * a.n_items);
+    for (auto &x : L->tab)
+        x = (float)(rnd01() * 4.0);
+    L->dev_mean.resize(n_kv);
+    for (auto &x : L->dev_mean)
+        x = (float)(0.5 + rnd01());
+    L->is_static.resize(n_kv);
+    for (auto &x : L->is_static)
+        x = (uint8_t)rnd_below(2);
+    L->backbone.resize(n);
+    for (auto &x : L->backbone)
+        x = rnd_below(16) == 0;
+    a.imp = L->imp.data();
+    a.tab = L->tab.data();
+    a.dev_mean = L->dev_mean.data();
+    a.is_static = L->is_static.data();
+    a.backbone = L->backbone.data();
+    // Work.
+    L->dist.assign(a.n_items * KVC_OPT_COUNT, 0.0f);
+    L->opt8.assign(4 * a.n_items, 0xee);
+    L->cnt.assign(3 * (size_t)OPT_SLOTS * n_kv * 8, 0);
+    L->gcnt.assign((size_t)n_kv * 8, -1);
+    a.dist = L->dist.data();
+    a.allowed = L->opt8.data();
+    a.choice = a.allowed + a.n_items;
+    a.tmp = a.allowed + 2 * a.n_items;
+    a.cand_opt = a.allowed + 3 * a.n_items;
+    a.cnt = L->cnt.data();
+    a.gcnt = L->gcnt.data();
+    memset(&L->out, 0, sizeof L->out);
+    a.out = &L->out;
+}
+
+struct tally_t {
+    int cases, accepted, solved, zero, floor_over, no_budget, retried, multi_block;
+};
+
+// The device optimizer on an emulated grid against the serial one; returns its multiplier.
+static double check_layer(layer_t *L, unsigned blocks, unsigned threads, tally_t *t)
+{
+    opt_args_t &a = L->a;
+    ref_result ref = ref_choose(a); // (fills a.dist and a.allowed, as the device does again)
+    // As opt_enqueue before each launch: the count buffers cleared.
+    std::fill(L->cnt.begin(), L->cnt.end(), 0ull);
+    // Each block's shared arrays, allocated apart (an overrun is caught under ASan).
+    std::vector<std::vector<unsigned>> s_cnt(blocks);
+    std::vector<std::vector<unsigned long long>> s_tot(blocks);
+    for (unsigned b = 0; b < blocks; b++) {
+        s_cnt[b].assign((size_t)OPT_SLOTS * OPT_MAX_KV * 8, 0xdeadbeefu);
+        s_tot[b].assign(OPT_SLOTS, 0xdeadbeefdeadbeefull);
+    }
+    emu_launch(blocks, threads, [&] {
+        cg::grid_group grid;
+        choose_body(a, grid, s_cnt[blockIdx.x].data(), s_tot[blockIdx.x].data());
+    });
+    const opt_out_t &o = L->out;
+    if (memcmp(&o.lambda, &ref.lambda, sizeof(double)) != 0)
+        print_error("n_kv %u n %u grid %u x %u: lambda %.17g, serial %.17g (previous %.17g, r %u, "
+                    "budget_met %d / %d, need_greedy %d / %d)\n",
+                    a.n_kv, a.n, blocks, threads, o.lambda, ref.lambda, L->rc.lambda_prev, a.r,
+                    o.budget_met, ref.budget_met, o.need_greedy, ref.need_greedy);
+    assert_memory_equal(&o.lambda, &ref.lambda, sizeof(double));
+    assert_int_equal(o.budget_met, ref.budget_met);
+    assert_int_equal(o.need_greedy, ref.need_greedy);
+    assert_int_equal(o.total, ref.total);
+    assert_int_equal(o.target, ref.target);
+    assert_memory_equal(a.choice, ref.choice.data(), a.n_items);
+    if (!a.no_budget)
+        assert_memory_equal(a.tmp, ref.tmp.data(), a.n_items);
+    if (ref.need_greedy)
+        assert_memory_equal(a.gcnt, ref.gcnt.data(), ref.gcnt.size() * sizeof(long long));
+    t->cases++;
+    t->no_budget += a.no_budget;
+    t->accepted += !a.no_budget && !ref.need_greedy && ref.lambda == L->rc.lambda_prev &&
+                   L->rc.lambda_prev >= 0 && ref.budget_met && a.r > 1;
+    t->solved += ref.need_greedy;
+    t->zero += !a.no_budget && !ref.need_greedy && ref.lambda == 0 && ref.budget_met &&
+               L->rc.lambda_prev != 0;
+    t->floor_over += !a.no_budget && !ref.need_greedy && ref.lambda == 0 && !ref.budget_met;
+    t->multi_block += blocks > 1;
+    return o.lambda;
+}
+
+static void test_random_layers(void **state)
+{
+    (void)state;
+    tally_t t = {};
+    const uint32_t heads[] = {1, 2, 3, 5, 8};
+    const uint32_t toks[] = {1, 7, 29, 32, 45, 64, 100};
+    for (int i = 0; i < 40; i++) {
+        layer_t L;
+        const uint32_t n_kv = heads[rnd_below(5)], n = toks[rnd_below(7)];
+        make_layer(&L, n_kv, n);
+        const unsigned blocks = 1 + rnd_below(3), threads = 32 * (1 + rnd_below(3));
+        double lam = check_layer(&L, blocks, threads, &t);
+        // The next layer's rate check at this multiplier, on the same items: often kept.
+        if (!L.a.no_budget && lam > 0 && L.a.r > 1) {
+            L.rc.lambda_prev = lam;
+            check_layer(&L, blocks, threads, &t);
+        }
+    }
+    print_message("%d layers: %d kept the previous multiplier, %d solved, %d without a budget, "
+                  "%d on grids of more than one block\n",
+                  t.cases, t.accepted, t.solved, t.no_budget, t.multi_block);
+    // Every path of the optimizer was taken.
+    assert_true(t.solved > 0);
+    assert_true(t.accepted > 0);
+    assert_true(t.no_budget > 0);
+    assert_true(t.multi_block > 0);
+    (void)t.zero;
+    (void)t.floor_over;
+}
+
+// Budgets at the extremes: below the cheapest choice (pins retried, then the cheapest), and
+// above FP16 (lambda 0).
+static void test_extreme_budgets(void **state)
+{
+    (void)state;
+    tally_t t = {};
+    for (int i = 0; i < 12; i++) {
+        layer_t L;
+        make_layer(&L, 1 + rnd_below(4), 20 + rnd_below(60));
+        L.a.no_budget = 0;
+        L.a.r = 1;
+        L.rc.spent = 0;
+        const double fp16 = (double)L.a.fixed + (double)L.a.n_items * 4.0 * 64;
+        L.a.total_budget = i % 2 == 0 ? (unsigned long long)(0.02 * fp16)
+                                      : (unsigned long long)(2.0 * fp16);
+        L.a.sinks = 4;
+        L.a.recent = 8;
+        if (i % 4 == 0) // nothing to evict: the cheapest choice can exceed the budget
+            L.a.options &= ~KVC_OPT_BIT(KVC_OPT_DROP);
+        check_layer(&L, 1 + (unsigned)(i % 2), 64, &t);
+    }
+    print_message("%d layers: %d at multiplier 0, %d at the cheapest choice over budget\n",
+                  t.cases, t.zero, t.floor_over);
+    assert_true(t.zero > 0);
+    assert_true(t.floor_over > 0);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_random_layers),
+        cmocka_unit_test(test_extreme_budgets),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
