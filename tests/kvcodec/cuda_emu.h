@@ -1,0 +1,226 @@
+// CUDA on host threads, for tests that run device code without a GPU: the names a kernel body
+// uses (threadIdx, blockIdx, blockDim, gridDim, __syncthreads, cg::grid_group::sync, warp
+// shuffles and votes, atomics, the rounded arithmetic intrinsics) and emu_launch, which runs a
+// grid's threads as pthreads. Each barrier is a pthread barrier: the block's, the grid's, or a
+// warp's, through which a warp's shuffles and votes exchange their values, so the threads of a
+// warp must call the same intrinsics in the same order (as convergent CUDA code does). Shared
+// memory is the caller's: a kernel body takes its block's shared arrays as arguments. Compile
+// the test without floating-point contraction (-ffp-contract=off), as the device code's
+// roundings assume.
+#ifndef FERRY_TESTS_KVCODEC_CUDA_EMU_H
+#define FERRY_TESTS_KVCODEC_CUDA_EMU_H
+
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <functional>
+#include <vector>
+
+#define __device__
+#define __host__
+#define __constant__
+#define __forceinline__ inline
+#define __noinline__    __attribute__((noinline))
+
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+
+struct emu_idx {
+    unsigned x, y, z;
+};
+static thread_local emu_idx threadIdx, blockIdx;
+static emu_idx blockDim, gridDim;
+
+struct emu_state {
+    pthread_barrier_t grid;
+    std::vector<pthread_barrier_t> block, warp;
+    std::vector<uint64_t> xs; // [warps][2][32]: each warp's exchange, double-buffered
+};
+static emu_state g_emu;
+static thread_local int t_phase;
+
+static inline unsigned emu_warp()
+{
+    return blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+}
+
+// Every lane of the warp publishes v; each gets lane src's. One barrier: a lane writes the
+// other buffer next time, and reads of this one are done before anyone passes the next barrier.
+static inline uint64_t warp_xchg(uint64_t v, unsigned src)
+{
+    const unsigned w = emu_warp(), lane = threadIdx.x % 32;
+    uint64_t *x = g_emu.xs.data() + ((size_t)w * 2 + (size_t)t_phase) * 32;
+    x[lane] = v;
+    pthread_barrier_wait(&g_emu.warp[w]);
+    const uint64_t r = x[src % 32];
+    t_phase ^= 1;
+    return r;
+}
+
+template <typename T> static uint64_t to_bits(T v)
+{
+    uint64_t b = 0;
+    memcpy(&b, &v, sizeof v);
+    return b;
+}
+template <typename T> static T from_bits(uint64_t b)
+{
+    T v;
+    memcpy(&v, &b, sizeof v);
+    return v;
+}
+
+template <typename T> static T __shfl_sync(unsigned, T v, int src, int width = 32)
+{
+    const unsigned lane = threadIdx.x % 32, base = lane & ~(unsigned)(width - 1);
+    return from_bits<T>(warp_xchg(to_bits(v), base + ((unsigned)src & (unsigned)(width - 1))));
+}
+template <typename T> static T __shfl_xor_sync(unsigned, T v, int m, int width = 32)
+{
+    (void)width;
+    return from_bits<T>(warp_xchg(to_bits(v), (threadIdx.x % 32) ^ (unsigned)m));
+}
+static inline unsigned __ballot_sync(unsigned, bool p)
+{
+    unsigned m = 0;
+    const uint64_t mine = p ? 1 : 0;
+    // One exchange per lane read would be 32 barriers; gather all 32 at once instead.
+    const unsigned w = emu_warp(), lane = threadIdx.x % 32;
+    uint64_t *x = g_emu.xs.data() + ((size_t)w * 2 + (size_t)t_phase) * 32;
+    x[lane] = mine;
+    pthread_barrier_wait(&g_emu.warp[w]);
+    for (unsigned l = 0; l < 32; l++)
+        m |= (unsigned)(x[l] & 1) << l;
+    t_phase ^= 1;
+    return m;
+}
+static inline bool __all_sync(unsigned mask, bool p)
+{
+    return __ballot_sync(mask, p) == 0xffffffffu;
+}
+static inline void __syncthreads()
+{
+    pthread_barrier_wait(&g_emu.block[blockIdx.x]);
+}
+namespace cg
+{
+struct grid_group {
+    void sync()
+    {
+        pthread_barrier_wait(&g_emu.grid);
+    }
+};
+} // namespace cg
+
+static inline unsigned atomicAdd(unsigned *p, unsigned v)
+{
+    return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
+}
+static inline unsigned long long atomicAdd(unsigned long long *p, unsigned long long v)
+{
+    return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
+}
+template <typename T> static T __ldcg(const T *p)
+{
+    return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
+static inline int __popc(unsigned x)
+{
+    return __builtin_popcount(x);
+}
+template <typename T> static T min(T a, T b)
+{
+    return b < a ? b : a;
+}
+// Rounded once each (the test is built without contraction).
+static inline float kadd(float a, float b)
+{
+    return a + b;
+}
+static inline float kmul(float a, float b)
+{
+    return a * b;
+}
+static inline float __fdiv_rn(float a, float b)
+{
+    return a / b;
+}
+static inline double __dadd_rn(double a, double b)
+{
+    return a + b;
+}
+static inline double __dsub_rn(double a, double b)
+{
+    return a - b;
+}
+static inline double __dmul_rn(double a, double b)
+{
+    return a * b;
+}
+static inline double __ddiv_rn(double a, double b)
+{
+    return a / b;
+}
+static inline double __ull2double_rn(unsigned long long x)
+{
+    return (double)x;
+}
+
+// Runs fn on a grid of `blocks` x `threads` host threads: all at once (the grid barrier needs
+// every thread of the grid resident, as a cooperative launch does), or with `one_by_one` one
+// block after another (kernels without a grid barrier; fewer threads at a time).
+static inline void emu_launch(unsigned blocks, unsigned threads, const std::function<void()> &fn,
+                       bool one_by_one = false)
+{
+    blockDim = {threads, 1, 1};
+    gridDim = {blocks, 1, 1};
+    const unsigned warps = blocks * threads / 32;
+    g_emu.block.resize(blocks);
+    g_emu.warp.resize(warps);
+    g_emu.xs.assign((size_t)warps * 2 * 32, 0);
+    pthread_barrier_init(&g_emu.grid, NULL, one_by_one ? threads : blocks * threads);
+    for (auto &b : g_emu.block)
+        pthread_barrier_init(&b, NULL, threads);
+    for (auto &w : g_emu.warp)
+        pthread_barrier_init(&w, NULL, 32);
+    struct arg_t {
+        unsigned b, t;
+        const std::function<void()> *fn;
+    };
+    std::vector<arg_t> args(blocks * threads);
+    std::vector<pthread_t> tids(blocks * threads);
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, 256 * 1024);
+    const unsigned wave = one_by_one ? threads : blocks * threads; // threads started together
+    for (unsigned i0 = 0; i0 < blocks * threads; i0 += wave) {
+        for (unsigned i = i0; i < i0 + wave; i++) {
+            args[i] = {i / threads, i % threads, &fn};
+            int rc = pthread_create(
+                &tids[i], &attr,
+                [](void *p) -> void * {
+                    const arg_t *a = (const arg_t *)p;
+                    blockIdx = {a->b, 0, 0};
+                    threadIdx = {a->t, 0, 0};
+                    t_phase = 0;
+                    (*a->fn)();
+                    return NULL;
+                },
+                &args[i]);
+            assert_int_equal(rc, 0);
+        }
+        for (unsigned i = i0; i < i0 + wave; i++)
+            pthread_join(tids[i], NULL);
+    }
+    pthread_attr_destroy(&attr);
+    pthread_barrier_destroy(&g_emu.grid);
+    for (auto &b : g_emu.block)
+        pthread_barrier_destroy(&b);
+    for (auto &w : g_emu.warp)
+        pthread_barrier_destroy(&w);
+}
+
+#endif
