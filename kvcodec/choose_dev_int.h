@@ -59,6 +59,8 @@ typedef struct {
 #define OPT_THREADS    256
 #define OPT_ONE_BLOCK  2048 // items up to which the optimizer's grid is one block
 #define OPT_MAX_KV     64 // per-block byte-count histogram; more heads take the host optimizer
+#define GREEDY_CHUNK   4096
+#define GREEDY_THREADS 256
 
 typedef struct {
     uint32_t n_kv, n, G;
@@ -437,6 +439,225 @@ static __device__ void choose_body(const opt_args_t &a, cg::grid_group &grid, un
         a.out->total = g_total;
         a.out->target = g_target;
     }
+}
+
+/* ---- The greedy slack fill (one block per layer up to GREEDY_CHUNK items) ---- */
+
+/* Item i's best upgrade along the hull (ratio of distortion saved per byte) as a sort key (a
+ * positive float's bits order as the float; 0 for none), and through to the upgrade. */
+static __device__ __forceinline__ uint32_t greedy_cand(const opt_args_t &a, size_t i, uint8_t *to)
+{
+    int bo = -1;
+    float best = 0;
+    const float *D = a.dist + i * KVC_OPT_COUNT;
+    int cur = a.choice[i];
+    uint8_t mask = a.allowed[i];
+    for (int o = 0; o < KVC_OPT_COUNT; o++) {
+        if (!(mask & (1u << o)) || a.cost[o] <= a.cost[cur])
+            continue;
+        float r = __fdiv_rn(ksub(D[cur], D[o]), ksub(a.cost[o], a.cost[cur]));
+        if (r > best) {
+            best = r;
+            bo = o;
+        }
+    }
+    *to = (uint8_t)(bo >= 0 ? bo : 0);
+    return bo >= 0 ? __float_as_uint(best) : 0u;
+}
+
+#include "greedy_walk_int.h"
+
+/* Loads the fill's state from the choice optimizer and asks whether anything fits at all. The
+ * whole block calls it. */
+static __device__ void greedy_begin(const opt_args_t &a, greedy_state_t *st, long long target)
+{
+    for (uint32_t i = threadIdx.x; i < a.n_kv * 8; i += blockDim.x) {
+        st->cnt[i] = a.gcnt[i];
+        st->into[i] = st->out_of[i] = 0;
+    }
+    if (threadIdx.x == 0)
+        st->total = (long long)a.out->total;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        const bool none_fits = !greedy_any_fits(&a, st->cnt, st->total, target);
+        if (threadIdx.x == 0)
+            st->over = none_fits;
+    }
+    __syncthreads();
+}
+
+/* Stores the fill's counts and frame bytes for the next pass. The whole block calls it. */
+static __device__ void greedy_end(const opt_args_t &a, const greedy_state_t *st)
+{
+    __syncthreads();
+    for (uint32_t i = threadIdx.x; i < a.n_kv * 8; i += blockDim.x)
+        a.gcnt[i] = st->cnt[i];
+    if (threadIdx.x == 0)
+        a.out->total = (unsigned long long)st->total;
+}
+
+/* Both passes of the greedy fill for a layer of at most GREEDY_CHUNK items in one block (the
+ * candidates, their sort and the walk; in place of cand_kernel, the radix sort and greedy_kernel
+ * twice, six launches that a layer accepting the previous multiplier ran for nothing). The
+ * candidates are sorted in shared memory by a bitonic network on (key descending, item
+ * ascending), the order of the stable radix sort: the same list. s_key (then s_cur and s_to,
+ * bytes), s_idx and s_copt: GREEDY_CHUNK entries each of the block's shared memory. The whole
+ * block calls it. */
+static __device__ void greedy_small_body(const opt_args_t &a, greedy_state_t *st_p, uint32_t *s_key,
+                                         uint32_t *s_idx, uint8_t *s_copt)
+{
+    greedy_state_t &st = *st_p;
+    if (!a.out->need_greedy)
+        return;
+    const uint32_t none = 0xffffffffu, n = (uint32_t)a.n_items;
+    uint32_t width = 1;
+    while (width < n)
+        width <<= 1;
+    uint8_t *s_cur = reinterpret_cast<uint8_t *>(s_key), *s_to = s_cur + GREEDY_CHUNK;
+    const long long target = (long long)a.out->target;
+    greedy_begin(a, &st, target);
+    // A pass in which no upgrade fits at the start takes nothing, nor does any after it.
+    for (int pass = 0; pass < 2 && !st.over; pass++) {
+        for (uint32_t k = threadIdx.x; k < width; k += blockDim.x) {
+            uint32_t key = 0, i = none;
+            if (k < n) {
+                key = greedy_cand(a, k, &s_copt[k]);
+                i = k;
+            }
+            s_key[k] = key;
+            s_idx[k] = i;
+        }
+        __syncthreads();
+        for (uint32_t len = 2; len <= width; len <<= 1) {
+            for (uint32_t j = len >> 1; j > 0; j >>= 1) {
+                for (uint32_t t = threadIdx.x; t < width; t += blockDim.x) {
+                    const uint32_t l = t ^ j;
+                    if (l <= t)
+                        continue;
+                    const uint32_t kt = s_key[t], kl = s_key[l], it = s_idx[t], il = s_idx[l];
+                    const bool l_first = kl > kt || (kl == kt && il < it);
+                    const bool t_first = kt > kl || (kt == kl && it < il);
+                    if ((t & len) == 0 ? l_first : t_first) {
+                        s_key[t] = kl, s_key[l] = kt;
+                        s_idx[t] = il, s_idx[l] = it;
+                    }
+                }
+                __syncthreads();
+            }
+        }
+        // The window: the items with a candidate, in order, then none (as greedy_kernel stages
+        // it); s_cur and s_to overwrite the keys once every slot has read its own.
+        for (uint32_t k = threadIdx.x; k < GREEDY_CHUNK; k += blockDim.x)
+            if (k >= width || s_key[k] == 0)
+                s_idx[k] = none;
+        __syncthreads();
+        for (uint32_t k = threadIdx.x; k < GREEDY_CHUNK; k += blockDim.x) {
+            const uint32_t i = s_idx[k];
+            if (i != none) {
+                s_cur[k] = a.choice[i];
+                s_to[k] = s_copt[i];
+            }
+        }
+        __syncthreads();
+        if (threadIdx.x < 32) {
+            greedy_walk(&a, &st, target, s_idx, s_cur, s_to);
+            const bool none_fits = !greedy_any_fits(&a, st.cnt, st.total, target);
+            if (threadIdx.x == 0)
+                st.over = none_fits;
+        }
+        __syncthreads(); // the next pass's candidates read the choice and reuse the arrays
+    }
+    greedy_end(a, &st);
+}
+
+/* Mean of the head's value deviations in the CPU's order (a double sum over tokens, dev[0 .. n));
+ * only the policies that weigh every token by the head's mean deviation need it. */
+static __device__ float dev_mean_of(const float *dev, uint32_t n)
+{
+    double s = 0;
+    for (uint32_t t = 0; t < n; t++)
+        s = o_dadd(s, (double)dev[t]);
+    return (float)__ddiv_rn(s, (double)n);
+}
+
+/* The fixed tree over the parts' sums part[0 .. DIST_BLOCKS) (stored, then a barrier), into
+ * part[0] (dist_final_kernel's). Every thread of the block calls it. */
+static __device__ void dist_tree(double *part)
+{
+    for (uint32_t w = DIST_BLOCKS / 2; w > 0; w /= 2) {
+        if (threadIdx.x < w)
+            part[threadIdx.x] = o_dadd(part[threadIdx.x], part[threadIdx.x + w]);
+        __syncthreads();
+    }
+}
+
+/* dist_kernel and dist_final_kernel in one block of 256 threads, in their order: the partial sum
+ * of each of their parts blocks (a block per 256 items, so a thread adds up to one item per
+ * block up to 32768 items), then the tree over DIST_BLOCKS parts; the same double. part: 256,
+ * parts: DIST_BLOCKS entries of the block's shared memory. */
+static __device__ void dist_one_block(const opt_args_t &a, double *part, double *parts)
+{
+    const uint32_t n_parts =
+        (uint32_t)max(min((a.n_items + 255) / 256, (size_t)DIST_BLOCKS), (size_t)1);
+    for (uint32_t b = 0; b < n_parts; b++) {
+        double s = 0;
+        for (size_t i = (size_t)b * 256 + threadIdx.x; i < a.n_items; i += (size_t)n_parts * 256)
+            s = o_dadd(s, (double)a.dist[i * KVC_OPT_COUNT + a.choice[i]]);
+        part[threadIdx.x] = s;
+        __syncthreads();
+        for (uint32_t w = 128; w > 0; w /= 2) {
+            if (threadIdx.x < w)
+                part[threadIdx.x] = o_dadd(part[threadIdx.x], part[threadIdx.x + w]);
+            __syncthreads();
+        }
+        if (threadIdx.x == 0)
+            parts[b] = part[0];
+        __syncthreads();
+    }
+    if (threadIdx.x < DIST_BLOCKS)
+        part[threadIdx.x] = threadIdx.x < n_parts ? parts[threadIdx.x] : 0.0;
+    __syncthreads();
+    dist_tree(part);
+    if (threadIdx.x == 0)
+        a.out->dist = part[0];
+}
+
+/* The shared memory of opt_small_body: each phase's arrays, one phase at a time. */
+typedef union {
+    struct {
+        unsigned cnt[OPT_SLOTS * OPT_MAX_KV * 8];
+        unsigned long long tot[OPT_SLOTS];
+    } c;
+    struct {
+        greedy_state_t st;
+        uint32_t key[GREEDY_CHUNK], idx[GREEDY_CHUNK];
+        uint8_t copt[GREEDY_CHUNK];
+    } g;
+    struct {
+        double part[256], parts[DIST_BLOCKS];
+    } d;
+} opt_small_smem_t;
+
+/* The whole optimizer of a layer of at most OPT_ONE_BLOCK items in one block of OPT_THREADS
+ * threads (opt_small_kernel): the heads' mean deviations where the policy needs them
+ * (dev_mean_kernel; into dev_mean, which a.dev_mean reads), the choice (choose_body, a grid of
+ * one block: no grid barrier), the greedy fill (greedy_small_body) and the distortion
+ * (dist_one_block); in place of up to five launches and a memset: a one-block pass stores its
+ * counts instead of adding them, so the count buffers need no clearing. */
+static __device__ void opt_small_body(const opt_args_t &a, float *dev_mean, opt_small_smem_t *sm,
+                                      cg::grid_group &grid)
+{
+    if (a.measured && !a.joint_kv) {
+        for (uint32_t h = threadIdx.x; h < a.n_kv; h += blockDim.x)
+            dev_mean[h] = dev_mean_of(a.tab + (size_t)TAB_DEV * a.n_items + (size_t)h * a.n, a.n);
+        __syncthreads();
+    }
+    choose_body(a, grid, sm->c.cnt, sm->c.tot);
+    __syncthreads(); // the choice's flags (a.out) for every thread; the arrays free
+    if (!a.no_budget)
+        greedy_small_body(a, &sm->g.st, sm->g.key, sm->g.idx, sm->g.copt);
+    __syncthreads();
+    dist_one_block(a, sm->d.part, sm->d.parts);
 }
 
 #endif

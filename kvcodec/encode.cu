@@ -12,7 +12,8 @@
  * 3. the optimizer on the device (choose_kernel, one cooperative grid: distortions from the
  *    tables, the rate controller, the multiplier search, three of its steps per pass over the
  *    items; cand_kernel, a radix sort and greedy_kernel: the greedy slack fill), the twin of
- *    kvc_encoder_choose;
+ *    kvc_encoder_choose (kvcodec/choose_dev_int.h). A layer of up to OPT_ONE_BLOCK items
+ *    takes all of it in one block of one launch instead (opt_small_kernel);
  * 4. the layout on the device (maps_kernel, layout_kernel, scatter_kernel): maps, header, run
  *    offsets and the payload's work items, the twin of kvc_encoder_write_head and plan_payload;
  * 5. f16_kernel (a warp per FP16 token) and quant_kernel (a block per quantized group) write
@@ -992,22 +993,23 @@ __global__ void __launch_bounds__(CRC_FINAL_THREADS)
 /* multiplier bisection and greedy slack fill), the choice never leaving the GPU              */
 /* ------------------------------------------------------------------------------------------ */
 
-#define GREEDY_CHUNK   4096
-#define GREEDY_THREADS 256
 #define LAYOUT_SEG     2048 // tokens of a head per layout block (even: whole map bytes)
 #define LAYOUT_THREADS 256
 
-/* Mean of the head's value deviations in the CPU's order (a double sum over tokens); only the
- * policies that weigh every token by the head's mean deviation need it. */
+/* dev_mean_of for every head, a thread each. */
 __global__ void dev_mean_kernel(const float *dev, uint32_t n_kv, uint32_t n, float *mean)
 {
     uint32_t h = blockIdx.x * blockDim.x + threadIdx.x;
-    if (h >= n_kv)
-        return;
-    double s = 0;
-    for (uint32_t t = 0; t < n; t++)
-        s = o_dadd(s, (double)dev[(size_t)h * n + t]);
-    mean[h] = (float)__ddiv_rn(s, (double)n);
+    if (h < n_kv)
+        mean[h] = dev_mean_of(dev + (size_t)h * n, n);
+}
+
+/* opt_small_body as a kernel: one block of OPT_THREADS threads. */
+__global__ void __launch_bounds__(OPT_THREADS) opt_small_kernel(opt_args_t a, float *dev_mean)
+{
+    __shared__ opt_small_smem_t sm;
+    cg::grid_group grid = cg::this_grid();
+    opt_small_body(a, dev_mean, &sm, grid);
 }
 
 __global__ void __launch_bounds__(OPT_THREADS) choose_kernel(opt_args_t a)
@@ -1016,28 +1018,6 @@ __global__ void __launch_bounds__(OPT_THREADS) choose_kernel(opt_args_t a)
     __shared__ unsigned long long s_tot[OPT_SLOTS];
     cg::grid_group grid = cg::this_grid();
     choose_body(a, grid, s_cnt, s_tot);
-}
-
-/* Item i's best upgrade along the hull (ratio of distortion saved per byte) as a sort key (a
- * positive float's bits order as the float; 0 for none), and through to the upgrade. */
-static __device__ __forceinline__ uint32_t greedy_cand(const opt_args_t &a, size_t i, uint8_t *to)
-{
-    int bo = -1;
-    float best = 0;
-    const float *D = a.dist + i * KVC_OPT_COUNT;
-    int cur = a.choice[i];
-    uint8_t mask = a.allowed[i];
-    for (int o = 0; o < KVC_OPT_COUNT; o++) {
-        if (!(mask & (1u << o)) || a.cost[o] <= a.cost[cur])
-            continue;
-        float r = __fdiv_rn(ksub(D[cur], D[o]), ksub(a.cost[o], a.cost[cur]));
-        if (r > best) {
-            best = r;
-            bo = o;
-        }
-    }
-    *to = (uint8_t)(bo >= 0 ? bo : 0);
-    return bo >= 0 ? __float_as_uint(best) : 0u;
 }
 
 /* The greedy fill's candidates of one pass (greedy_cand), for the radix sort. */
@@ -1051,37 +1031,6 @@ __global__ void cand_kernel(opt_args_t a, uint32_t *keys, uint32_t *idx)
         keys[i] = on ? greedy_cand(a, i, &to) : 0u;
         a.cand_opt[i] = to;
     }
-}
-
-#include "greedy_walk_int.h"
-
-/* Loads the fill's state from the choice optimizer and asks whether anything fits at all. The
- * whole block calls it. */
-static __device__ void greedy_begin(const opt_args_t &a, greedy_state_t *st, long long target)
-{
-    for (uint32_t i = threadIdx.x; i < a.n_kv * 8; i += blockDim.x) {
-        st->cnt[i] = a.gcnt[i];
-        st->into[i] = st->out_of[i] = 0;
-    }
-    if (threadIdx.x == 0)
-        st->total = (long long)a.out->total;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        const bool none_fits = !greedy_any_fits(&a, st->cnt, st->total, target);
-        if (threadIdx.x == 0)
-            st->over = none_fits;
-    }
-    __syncthreads();
-}
-
-/* Stores the fill's counts and frame bytes for the next pass. The whole block calls it. */
-static __device__ void greedy_end(const opt_args_t &a, const greedy_state_t *st)
-{
-    __syncthreads();
-    for (uint32_t i = threadIdx.x; i < a.n_kv * 8; i += blockDim.x)
-        a.gcnt[i] = st->cnt[i];
-    if (threadIdx.x == 0)
-        a.out->total = (unsigned long long)st->total;
 }
 
 /* One pass of the greedy fill over the sorted candidates (keys, idx), GREEDY_CHUNK of them
@@ -1119,78 +1068,13 @@ __global__ void __launch_bounds__(GREEDY_THREADS)
     greedy_end(a, &st);
 }
 
-/* Both passes of the greedy fill for a layer of at most GREEDY_CHUNK items in one launch (the
- * candidates, their sort and the walk; in place of cand_kernel, the radix sort and greedy_kernel
- * twice, six launches that a layer accepting the previous multiplier ran for nothing). The
- * candidates are sorted in shared memory by a bitonic network on (key descending, item
- * ascending), the order of the stable radix sort: the same list. */
+/* greedy_small_body as a kernel of its own (layers of OPT_ONE_BLOCK to GREEDY_CHUNK items). */
 __global__ void __launch_bounds__(GREEDY_THREADS) greedy_small_kernel(opt_args_t a)
 {
     __shared__ greedy_state_t st;
-    __shared__ uint32_t s_key[GREEDY_CHUNK]; // then s_cur and s_to (bytes)
-    __shared__ uint32_t s_idx[GREEDY_CHUNK];
+    __shared__ uint32_t s_key[GREEDY_CHUNK], s_idx[GREEDY_CHUNK];
     __shared__ uint8_t s_copt[GREEDY_CHUNK];
-    if (!a.out->need_greedy)
-        return;
-    const uint32_t none = 0xffffffffu, n = (uint32_t)a.n_items;
-    uint32_t width = 1;
-    while (width < n)
-        width <<= 1;
-    uint8_t *s_cur = reinterpret_cast<uint8_t *>(s_key), *s_to = s_cur + GREEDY_CHUNK;
-    const long long target = (long long)a.out->target;
-    greedy_begin(a, &st, target);
-    // A pass in which no upgrade fits at the start takes nothing, nor does any after it.
-    for (int pass = 0; pass < 2 && !st.over; pass++) {
-        for (uint32_t k = threadIdx.x; k < width; k += blockDim.x) {
-            uint32_t key = 0, i = none;
-            if (k < n) {
-                key = greedy_cand(a, k, &s_copt[k]);
-                i = k;
-            }
-            s_key[k] = key;
-            s_idx[k] = i;
-        }
-        __syncthreads();
-        for (uint32_t len = 2; len <= width; len <<= 1) {
-            for (uint32_t j = len >> 1; j > 0; j >>= 1) {
-                for (uint32_t t = threadIdx.x; t < width; t += blockDim.x) {
-                    const uint32_t l = t ^ j;
-                    if (l <= t)
-                        continue;
-                    const uint32_t kt = s_key[t], kl = s_key[l], it = s_idx[t], il = s_idx[l];
-                    const bool l_first = kl > kt || (kl == kt && il < it);
-                    const bool t_first = kt > kl || (kt == kl && it < il);
-                    if ((t & len) == 0 ? l_first : t_first) {
-                        s_key[t] = kl, s_key[l] = kt;
-                        s_idx[t] = il, s_idx[l] = it;
-                    }
-                }
-                __syncthreads();
-            }
-        }
-        // The window: the items with a candidate, in order, then none (as greedy_kernel stages
-        // it); s_cur and s_to overwrite the keys once every slot has read its own.
-        for (uint32_t k = threadIdx.x; k < GREEDY_CHUNK; k += blockDim.x)
-            if (k >= width || s_key[k] == 0)
-                s_idx[k] = none;
-        __syncthreads();
-        for (uint32_t k = threadIdx.x; k < GREEDY_CHUNK; k += blockDim.x) {
-            const uint32_t i = s_idx[k];
-            if (i != none) {
-                s_cur[k] = a.choice[i];
-                s_to[k] = s_copt[i];
-            }
-        }
-        __syncthreads();
-        if (threadIdx.x < 32) {
-            greedy_walk(&a, &st, target, s_idx, s_cur, s_to);
-            const bool none_fits = !greedy_any_fits(&a, st.cnt, st.total, target);
-            if (threadIdx.x == 0)
-                st.over = none_fits;
-        }
-        __syncthreads(); // the next pass's candidates read the choice and reuse the arrays
-    }
-    greedy_end(a, &st);
+    greedy_small_body(a, &st, s_key, s_idx, s_copt);
 }
 
 /* The distortion of the final choice (info only): fixed-order partial sums, so it is the same
@@ -1219,11 +1103,7 @@ __global__ void dist_final_kernel(opt_out_t *out, uint32_t n_parts)
     __shared__ double part[DIST_BLOCKS];
     part[threadIdx.x] = threadIdx.x < n_parts ? out->part[threadIdx.x] : 0.0;
     __syncthreads();
-    for (uint32_t w = DIST_BLOCKS / 2; w > 0; w /= 2) {
-        if (threadIdx.x < w)
-            part[threadIdx.x] = o_dadd(part[threadIdx.x], part[threadIdx.x + w]);
-        __syncthreads();
-    }
+    dist_tree(part);
     if (threadIdx.x == 0)
         out->dist = part[0];
 }
@@ -1810,6 +1690,11 @@ static fy_status_t opt_enqueue(kvc_encoder_cuda_t *e, uint32_t layer, const kvc_
     a.cnt = e->d_cnt;
     a.gcnt = e->d_gcnt;
     a.out = e->d_out;
+    if (e->opt_grid == 1) { // a short layer: the whole optimizer in one block, one launch
+        opt_small_kernel<<<1, OPT_THREADS, 0, cs>>>(a, e->d_dev_mean);
+        KVC_LAUNCH_GOTO(st, out);
+        goto fetch;
+    }
     if (measured && !pol->joint_kv) {
         dev_mean_kernel<<<kvc_grid(e->n_kv, 32), 32, 0, cs>>>(e->d_tab + TAB_DEV * items, e->n_kv,
                                                               e->n, e->d_dev_mean);
@@ -1846,6 +1731,7 @@ static fy_status_t opt_enqueue(kvc_encoder_cuda_t *e, uint32_t layer, const kvc_
         dist_final_kernel<<<1, DIST_BLOCKS, 0, cs>>>(e->d_out, parts);
     }
     KVC_LAUNCH_GOTO(st, out);
+fetch:
     KVC_CUDA_GOTO(cudaMemcpyAsync(h_out, e->d_out, sizeof(opt_out_t), cudaMemcpyDeviceToHost, cs),
                   st, out);
 out:

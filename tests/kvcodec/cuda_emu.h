@@ -101,6 +101,20 @@ static inline bool __all_sync(unsigned mask, bool p)
 {
     return __ballot_sync(mask, p) == 0xffffffffu;
 }
+static inline bool __any_sync(unsigned mask, bool p)
+{
+    return __ballot_sync(mask, p) != 0;
+}
+template <typename T> static T __shfl_up_sync(unsigned, T v, unsigned delta, int width = 32)
+{
+    const unsigned lane = threadIdx.x % 32, seg = lane & (unsigned)(width - 1);
+    const T r = from_bits<T>(warp_xchg(to_bits(v), seg >= delta ? lane - delta : lane));
+    return r;
+}
+static inline void __syncwarp(unsigned = 0xffffffffu)
+{
+    pthread_barrier_wait(&g_emu.warp[emu_warp()]);
+}
 static inline void __syncthreads()
 {
     pthread_barrier_wait(&g_emu.block[blockIdx.x]);
@@ -131,6 +145,24 @@ static inline int __popc(unsigned x)
 {
     return __builtin_popcount(x);
 }
+static inline int __ffs(int x)
+{
+    return __builtin_ffs(x);
+}
+static inline unsigned atomicOr(unsigned *p, unsigned v)
+{
+    return __atomic_fetch_or(p, v, __ATOMIC_RELAXED);
+}
+static inline unsigned __float_as_uint(float x)
+{
+    unsigned u;
+    memcpy(&u, &x, sizeof u);
+    return u;
+}
+template <typename T> static T max(T a, T b)
+{
+    return a < b ? b : a;
+}
 template <typename T> static T min(T a, T b)
 {
     return b < a ? b : a;
@@ -139,6 +171,10 @@ template <typename T> static T min(T a, T b)
 static inline float kadd(float a, float b)
 {
     return a + b;
+}
+static inline float ksub(float a, float b)
+{
+    return a - b;
 }
 static inline float kmul(float a, float b)
 {

@@ -144,6 +144,71 @@ static ref_result ref_choose(const opt_args_t &a)
     return r;
 }
 
+// The CPU encoder's greedy_fill on the choice r made: two passes over the candidates (each
+// item's best upgrade per byte), best first, taking each whose exact byte change fits.
+static void ref_greedy(const opt_args_t &a0, ref_result *r)
+{
+    opt_args_t a = a0;
+    a.choice = r->choice.data();
+    std::vector<long long> cnt;
+    long long total = (long long)ref_bytes(a, a.choice, &cnt);
+    const long long target = (long long)r->target;
+    for (int pass = 0; pass < 2; pass++) {
+        std::vector<uint32_t> key(a.n_items), idx;
+        std::vector<uint8_t> to(a.n_items);
+        for (size_t i = 0; i < a.n_items; i++) {
+            key[i] = greedy_cand(a, i, &to[i]);
+            if (key[i] != 0)
+                idx.push_back((uint32_t)i);
+        }
+        if (idx.empty())
+            break;
+        std::sort(idx.begin(), idx.end(), [&](uint32_t x, uint32_t y) {
+            return key[x] != key[y] ? key[x] > key[y] : x < y;
+        });
+        for (uint32_t i : idx) {
+            const int cur = a.choice[i], t = to[i];
+            long long *c = cnt.data() + (i / a.n) * 8;
+            const long long delta = (long long)run_bytes(a, t, (unsigned long long)c[t] + 1) -
+                                    (long long)run_bytes(a, t, (unsigned long long)c[t]) +
+                                    (long long)run_bytes(a, cur, (unsigned long long)c[cur] - 1) -
+                                    (long long)run_bytes(a, cur, (unsigned long long)c[cur]);
+            if (total + delta <= target) {
+                total += delta;
+                c[t]++;
+                c[cur]--;
+                a.choice[i] = (uint8_t)t;
+            }
+        }
+    }
+    r->total = (unsigned long long)total;
+    r->gcnt = cnt;
+}
+
+// dist_kernel's and dist_final_kernel's sum of the choice's distortions, in their order.
+static double ref_dist(const opt_args_t &a, const uint8_t *choice)
+{
+    const size_t n_parts = std::max<size_t>(std::min<size_t>((a.n_items + 255) / 256, DIST_BLOCKS), 1);
+    std::vector<double> parts(DIST_BLOCKS, 0.0);
+    for (size_t b = 0; b < n_parts; b++) {
+        double part[256];
+        for (size_t t = 0; t < 256; t++) {
+            double x = 0;
+            for (size_t i = b * 256 + t; i < a.n_items; i += n_parts * 256)
+                x = x + (double)a.dist[i * KVC_OPT_COUNT + choice[i]];
+            part[t] = x;
+        }
+        for (size_t w = 128; w > 0; w /= 2)
+            for (size_t t = 0; t < w; t++)
+                part[t] = part[t] + part[t + w];
+        parts[b] = part[0];
+    }
+    for (size_t w = DIST_BLOCKS / 2; w > 0; w /= 2)
+        for (size_t t = 0; t < w; t++)
+            parts[t] = parts[t] + parts[t + w];
+    return parts[0];
+}
+
 // ---- Random layers.
 
 static uint64_t g_rng = 0x243f6a8885a308d3ULL;
@@ -277,6 +342,18 @@ static void make_layer(layer_t *L, uint32_t n_kv, uint32_t n)
     a.out = &L->out;
 }
 
+// The device optimizer's result (a.out) and choice equal the serial one's.
+static void assert_same_result(const opt_args_t &a, const ref_result &ref)
+{
+    const opt_out_t &o = *a.out;
+    assert_memory_equal(&o.lambda, &ref.lambda, sizeof(double));
+    assert_int_equal(o.budget_met, ref.budget_met);
+    assert_int_equal(o.need_greedy, ref.need_greedy);
+    assert_int_equal(o.total, ref.total);
+    assert_int_equal(o.target, ref.target);
+    assert_memory_equal(a.choice, ref.choice.data(), a.n_items);
+}
+
 struct tally_t {
     int cases, accepted, solved, zero, floor_over, no_budget, retried, multi_block;
 };
@@ -305,12 +382,7 @@ static double check_layer(layer_t *L, unsigned blocks, unsigned threads, tally_t
                     "budget_met %d / %d, need_greedy %d / %d)\n",
                     a.n_kv, a.n, blocks, threads, o.lambda, ref.lambda, L->rc.lambda_prev, a.r,
                     o.budget_met, ref.budget_met, o.need_greedy, ref.need_greedy);
-    assert_memory_equal(&o.lambda, &ref.lambda, sizeof(double));
-    assert_int_equal(o.budget_met, ref.budget_met);
-    assert_int_equal(o.need_greedy, ref.need_greedy);
-    assert_int_equal(o.total, ref.total);
-    assert_int_equal(o.target, ref.target);
-    assert_memory_equal(a.choice, ref.choice.data(), a.n_items);
+    assert_same_result(a, ref);
     if (!a.no_budget)
         assert_memory_equal(a.tmp, ref.tmp.data(), a.n_items);
     if (ref.need_greedy)
@@ -333,7 +405,7 @@ static void test_random_layers(void **state)
     tally_t t = {};
     const uint32_t heads[] = {1, 2, 3, 5, 8};
     const uint32_t toks[] = {1, 7, 29, 32, 45, 64, 100};
-    for (int i = 0; i < 40; i++) {
+    for (int i = 0; i < 32; i++) {
         layer_t L;
         const uint32_t n_kv = heads[rnd_below(5)], n = toks[rnd_below(7)];
         make_layer(&L, n_kv, n);
@@ -384,11 +456,63 @@ static void test_extreme_budgets(void **state)
     assert_true(t.floor_over > 0);
 }
 
+// The one-block optimizer (opt_small_body, opt_small_kernel: mean deviations, choice, greedy
+// fill and distortion in one launch) against the serial optimizer and greedy fill.
+static void test_small_layers(void **state)
+{
+    (void)state;
+    tally_t t = {};
+    int filled = 0, takes = 0;
+    for (int i = 0; i < 16; i++) {
+        layer_t L;
+        const uint32_t n_kv = 1 + rnd_below(4), n = 8 + rnd_below(i % 4 == 0 ? 500 : 120);
+        make_layer(&L, n_kv, n);
+        if ((size_t)n_kv * n > OPT_ONE_BLOCK)
+            continue;
+        opt_args_t &a = L.a;
+        // The means opt_small_body computes where the policy reads them, for the reference;
+        // then cleared, so that the kernel has to compute them.
+        const bool means = a.measured && !a.joint_kv;
+        if (means)
+            for (uint32_t h = 0; h < n_kv; h++)
+                L.dev_mean[h] = dev_mean_of(a.tab + (size_t)TAB_DEV * a.n_items + (size_t)h * n, n);
+        const std::vector<float> want_mean = L.dev_mean;
+        ref_result ref = ref_choose(a);
+        const std::vector<uint8_t> before = ref.choice;
+        if (ref.need_greedy && !a.no_budget)
+            ref_greedy(a, &ref);
+        const double want_dist = ref_dist(a, ref.choice.data());
+        if (means)
+            std::fill(L.dev_mean.begin(), L.dev_mean.end(), -1.0f);
+        opt_small_smem_t *sm = new opt_small_smem_t;
+        emu_launch(1, OPT_THREADS, [&] {
+            cg::grid_group grid;
+            opt_small_body(a, L.dev_mean.data(), sm, grid);
+        });
+        delete sm;
+        const opt_out_t &o = L.out;
+        assert_same_result(a, ref);
+        if (ref.need_greedy)
+            assert_memory_equal(a.gcnt, ref.gcnt.data(), ref.gcnt.size() * sizeof(long long));
+        assert_memory_equal(&o.dist, &want_dist, sizeof(double));
+        assert_memory_equal(L.dev_mean.data(), want_mean.data(), n_kv * sizeof(float));
+        t.cases++;
+        filled += ref.need_greedy != 0;
+        for (size_t k = 0; k < a.n_items; k++)
+            takes += ref.need_greedy && before[k] != ref.choice[k];
+    }
+    print_message("%d one-block layers: %d filled the slack greedily, %d upgrades taken\n",
+                  t.cases, filled, takes);
+    assert_true(filled > 0);
+    assert_true(takes > 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_random_layers),
         cmocka_unit_test(test_extreme_budgets),
+        cmocka_unit_test(test_small_layers),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
