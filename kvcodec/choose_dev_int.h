@@ -191,13 +191,14 @@ static __device__ __forceinline__ int cheapest_one(const opt_args_t &a, size_t i
 
 enum { PASS_ASSIGN = 0, PASS_CHEAP = 1, PASS_CHEAP_NODROP = 2, PASS_COPY = 3 };
 
-/* The optimizer's grid-wide barrier; a block barrier when the grid is one block. */
-static __device__ __forceinline__ void grid_barrier(cg::grid_group &grid)
+/* The optimizer's grid-wide barrier; a block barrier when the grid is one block (whose launch
+ * need not be cooperative: grid may then be NULL). */
+static __device__ __forceinline__ void grid_barrier(cg::grid_group *grid)
 {
     if (gridDim.x == 1)
         __syncthreads();
     else
-        grid.sync();
+        grid->sync();
 }
 
 /* Choices one count pass measures at most: slot 0 by its mode, the others by assign at their
@@ -217,7 +218,7 @@ static __device__ __forceinline__ size_t cnt_stride(const opt_args_t &a)
  * the pass). Then the grid synchronizes and every block has the exact frame bytes of each
  * slot's choice in s_tot[slot] (until the next pass); returns slot 0's. Each item's
  * distortions are read once for all slots. */
-static __device__ unsigned long long count_pass(const opt_args_t &a, cg::grid_group &grid, int mode,
+static __device__ unsigned long long count_pass(const opt_args_t &a, cg::grid_group *grid, int mode,
                                                 double lambda, uint8_t *dst, const uint8_t *src,
                                                 int n_extra, const double *lam, uint8_t *dst1,
                                                 int buf, unsigned *s_cnt,
@@ -328,7 +329,7 @@ OPT_UNROLL
 /* kvc_encoder_choose from the distortion tables, for one layer, as one cooperative grid (the
  * body of choose_kernel; s_cnt: OPT_SLOTS * OPT_MAX_KV * 8 and s_tot: OPT_SLOTS entries of the
  * block's shared memory). Every thread of the grid calls it. */
-static __device__ void choose_body(const opt_args_t &a, cg::grid_group &grid, unsigned *s_cnt,
+static __device__ void choose_body(const opt_args_t &a, cg::grid_group *grid, unsigned *s_cnt,
                                    unsigned long long *s_tot)
 {
     int buf = 0;
@@ -641,18 +642,17 @@ typedef union {
 /* The whole optimizer of a layer of at most OPT_ONE_BLOCK items in one block of OPT_THREADS
  * threads (opt_small_kernel): the heads' mean deviations where the policy needs them
  * (dev_mean_kernel; into dev_mean, which a.dev_mean reads), the choice (choose_body, a grid of
- * one block: no grid barrier), the greedy fill (greedy_small_body) and the distortion
+ * one block: no grid barrier, no cooperative launch), the greedy fill (greedy_small_body) and the distortion
  * (dist_one_block); in place of up to five launches and a memset: a one-block pass stores its
  * counts instead of adding them, so the count buffers need no clearing. */
-static __device__ void opt_small_body(const opt_args_t &a, float *dev_mean, opt_small_smem_t *sm,
-                                      cg::grid_group &grid)
+static __device__ void opt_small_body(const opt_args_t &a, float *dev_mean, opt_small_smem_t *sm)
 {
     if (a.measured && !a.joint_kv) {
         for (uint32_t h = threadIdx.x; h < a.n_kv; h += blockDim.x)
             dev_mean[h] = dev_mean_of(a.tab + (size_t)TAB_DEV * a.n_items + (size_t)h * a.n, a.n);
         __syncthreads();
     }
-    choose_body(a, grid, sm->c.cnt, sm->c.tot);
+    choose_body(a, NULL, sm->c.cnt, sm->c.tot);
     __syncthreads(); // the choice's flags (a.out) for every thread; the arrays free
     if (!a.no_budget)
         greedy_small_body(a, &sm->g.st, sm->g.key, sm->g.idx, sm->g.copt);

@@ -1008,8 +1008,7 @@ __global__ void dev_mean_kernel(const float *dev, uint32_t n_kv, uint32_t n, flo
 __global__ void __launch_bounds__(OPT_THREADS) opt_small_kernel(opt_args_t a, float *dev_mean)
 {
     __shared__ opt_small_smem_t sm;
-    cg::grid_group grid = cg::this_grid();
-    opt_small_body(a, dev_mean, &sm, grid);
+    opt_small_body(a, dev_mean, &sm);
 }
 
 __global__ void __launch_bounds__(OPT_THREADS) choose_kernel(opt_args_t a)
@@ -1017,7 +1016,7 @@ __global__ void __launch_bounds__(OPT_THREADS) choose_kernel(opt_args_t a)
     __shared__ unsigned s_cnt[OPT_SLOTS * OPT_MAX_KV * 8];
     __shared__ unsigned long long s_tot[OPT_SLOTS];
     cg::grid_group grid = cg::this_grid();
-    choose_body(a, grid, s_cnt, s_tot);
+    choose_body(a, &grid, s_cnt, s_tot);
 }
 
 /* The greedy fill's candidates of one pass (greedy_cand), for the radix sort. */

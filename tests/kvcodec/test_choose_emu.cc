@@ -374,7 +374,7 @@ static double check_layer(layer_t *L, unsigned blocks, unsigned threads, tally_t
     }
     emu_launch(blocks, threads, [&] {
         cg::grid_group grid;
-        choose_body(a, grid, s_cnt[blockIdx.x].data(), s_tot[blockIdx.x].data());
+        choose_body(a, &grid, s_cnt[blockIdx.x].data(), s_tot[blockIdx.x].data());
     });
     const opt_out_t &o = L->out;
     if (memcmp(&o.lambda, &ref.lambda, sizeof(double)) != 0)
@@ -486,8 +486,7 @@ static void test_small_layers(void **state)
             std::fill(L.dev_mean.begin(), L.dev_mean.end(), -1.0f);
         opt_small_smem_t *sm = new opt_small_smem_t;
         emu_launch(1, OPT_THREADS, [&] {
-            cg::grid_group grid;
-            opt_small_body(a, L.dev_mean.data(), sm, grid);
+            opt_small_body(a, L.dev_mean.data(), sm);
         });
         delete sm;
         const opt_out_t &o = L.out;
