@@ -1,16 +1,18 @@
-/* The option choice of the GPU encoder's optimizer (kvc_encoder_choose's build_items, rate
- * control and multiplier search): choose_body and what it calls, device code that two places
- * compile: kvcodec/encode.cu (choose_kernel, one cooperative grid) and
+/* The GPU encoder's optimizer (kvc_encoder_choose's build_items, rate control, multiplier search
+ * and greedy slack fill): choose_body, greedy_small_body, opt_small_body and what they call,
+ * device code that two places compile: kvcodec/encode.cu (choose_kernel, one cooperative grid;
+ * greedy_small_kernel, greedy_kernel; opt_small_kernel, a short layer's whole optimizer) and
  * tests/kvcodec/test_choose_emu.cc, which runs it on host threads (a grid of blocks of warps,
- * each barrier and warp intrinsic emulated) against the serial optimizer, so that its logic is
+ * each barrier and warp intrinsic emulated) against a serial optimizer, so that its logic is
  * tested on every machine, not only on one with a GPU.
  *
  * Not a standalone header. The includer provides, before including it: kvcodec.h (options,
- * policies); kadd and kmul (float arithmetic rounded once); and outside CUDA __device__,
- * __forceinline__, threadIdx, blockIdx, blockDim, gridDim, __syncthreads, cg::grid_group with
- * sync(), __shfl_sync, __shfl_xor_sync, __all_sync, __ballot_sync, __popc, atomicAdd (unsigned
- * and unsigned long long), __ldcg, min, and the intrinsics __dadd_rn, __dsub_rn, __dmul_rn,
- * __ddiv_rn, __ull2double_rn and __fdiv_rn. */
+ * policies); kadd, ksub and kmul (float arithmetic rounded once); and outside CUDA
+ * __device__, __forceinline__, threadIdx, blockIdx, blockDim, gridDim, __syncthreads,
+ * cg::grid_group with sync(), __shfl_sync, __shfl_xor_sync, __all_sync, __ballot_sync, __popc,
+ * atomicAdd (unsigned and unsigned long long), __ldcg, min, max, __float_as_uint, the
+ * intrinsics __dadd_rn, __dsub_rn, __dmul_rn, __ddiv_rn, __ull2double_rn and __fdiv_rn, and
+ * what greedy_walk_int.h asks for. */
 #ifndef FERRY_KVCODEC_CHOOSE_DEV_INT_H
 #define FERRY_KVCODEC_CHOOSE_DEV_INT_H
 
