@@ -23,6 +23,9 @@
  *    order, one lane per channel, while the block's other warps stage the products;
  * 4. static_kernel: HybridKV's window mass on sinks + recent tokens, per kv head;
  * 5. pool_kernel: 1-D max pooling along tokens.
+ * Steps 2-5 and qsq are one function per element (score_dev_int.h); a prompt of up to
+ * SCORE_SMALL_ITEMS (kv head, token) items runs them all in one block of one launch
+ * (score_tail_small_kernel), pbar and acc in its shared memory.
  * From window_attn (the attention kernel's output) steps 2-5 repeat the CPU's arithmetic in
  * its order, so the scores are bit-identical to kvc_score.
  */
@@ -37,6 +40,7 @@ extern "C" {
 #include "kvcodec_int.h"
 }
 #include "kvcodec_cuda_int.h"
+#include "score_dev_int.h"
 
 #define ROW_THREADS 256
 
@@ -76,15 +80,6 @@ extern "C" void kvc_scores_cleanup_cuda(kvc_scores_t *s)
     memset(s, 0, sizeof(*s));
 }
 
-typedef struct {
-    const uint16_t *k, *v;
-    size_t hs, ts;
-    const float *q;  // window row w of head h at q + (h * qs + w) * d (the last W of qs rows)
-    const float *wa; // [n_heads][n] window_attn, or NULL
-    uint32_t n_heads, n_kv, grp, n, d, W, qs;
-    float scale;
-    int vec; // k, hs and ts allow 16-byte loads of 8 channels (the mma kernels' staging)
-} score_args_t;
 
 /* scale * q . k_t with kvc_dot's eight partial sums (k from FP16). */
 static __device__ float logit(const score_args_t &a, const float *q, uint32_t g, uint32_t t)
@@ -470,79 +465,23 @@ static bool score_use_mma(uint32_t d)
     return d <= SC_KS * 16 && !(e != NULL && strcmp(e, "simt") == 0);
 }
 
-#define QSQ_BATCH 16 // window rows whose loads qsq_kernel issues together
-
-/* A thread per (kv head, channel): mean squared query, scaled as the logit sensitivity. The
- * loads of QSQ_BATCH window rows go out before their squares are added (in score.c's order):
- * the grid is only n_kv x d threads, and a load per add left each thread waiting out one memory
- * latency per few rows of its grp x W. */
+/* qsq_one for every (kv head, channel), a thread each. */
 __global__ void qsq_kernel(score_args_t a, float *qsq)
 {
     size_t total = (size_t)a.n_kv * a.d;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (size_t)gridDim.x * blockDim.x) {
-        uint32_t g = (uint32_t)(i / a.d), c = (uint32_t)(i % a.d);
-        float s = 0;
-        if (a.q != NULL) {
-            for (uint32_t hh = 0; hh < a.grp; hh++) {
-                const float *qh = a.q + (size_t)(g * a.grp + hh) * a.qs * a.d + c;
-                uint32_t w0 = 0;
-                for (; w0 + QSQ_BATCH <= a.W; w0 += QSQ_BATCH) {
-                    float x[QSQ_BATCH];
-#pragma unroll
-                    for (int u = 0; u < QSQ_BATCH; u++)
-                        x[u] = qh[(size_t)(w0 + u) * a.d];
-#pragma unroll
-                    for (int u = 0; u < QSQ_BATCH; u++)
-                        s = kadd(s, kmul(x[u], x[u]));
-                }
-                for (; w0 < a.W; w0++) {
-                    float x = qh[(size_t)w0 * a.d];
-                    s = kadd(s, kmul(x, x));
-                }
-            }
-            float qn = kdiv(1.0f, kmul((float)a.grp, (float)a.W));
-            s = kmul(kmul(kmul(s, qn), a.scale), a.scale);
-        } else {
-            s = kdiv(1.0f, (float)a.d);
-        }
-        qsq[i] = s;
-    }
+         i += (size_t)gridDim.x * blockDim.x)
+        qsq[i] = qsq_one(a, i);
 }
 
-/* A thread per (kv head, token): the GQA reduction (score.c's loop over the group's heads). */
+/* group_one for every (kv head, token), a thread each. */
 __global__ void group_kernel(score_args_t a, const float *ah, const float *ah2, int have_q,
                              int reduce_max, float *pbar, float *acc_out)
 {
     size_t total = (size_t)a.n_kv * a.n;
-    bool have_attn = have_q || a.wa != NULL;
-    float fg = (float)a.grp;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (size_t)gridDim.x * blockDim.x) {
-        uint32_t g = (uint32_t)(i / a.n), t = (uint32_t)(i % a.n);
-        float pb = 0, acc = 0;
-        for (uint32_t hh = 0; hh < a.grp && have_attn; hh++) {
-            size_t hi = (size_t)(g * a.grp + hh) * a.n + t;
-            float x;
-            if (have_q) {
-                x = ah[hi];
-            } else {
-                float w = a.wa[hi];
-                x = w > 0 && w <= 1 ? w : 0; // from another module: keep it sane
-            }
-            pb = kadd(pb, kdiv(x, fg));
-            if (ah2 != NULL)
-                x = ah2[hi]; // RMS or max importance; pbar stays the mean
-            if (reduce_max)
-                acc = x > acc ? x : acc;
-            else
-                acc = kadd(acc, kdiv(x, fg));
-        }
-        if (!have_attn)
-            acc = pb = kdiv(1.0f, (float)a.n);
-        pbar[i] = pb;
-        acc_out[i] = acc;
-    }
+         i += (size_t)gridDim.x * blockDim.x)
+        group_one(a, i, ah, ah2, have_q, reduce_max, &pbar[i], &acc_out[i]);
 }
 
 #define OBAR_T       128 // tokens per tile of obar_tile_kernel
@@ -601,48 +540,33 @@ __global__ void __launch_bounds__(OBAR_THREADS)
         obar[(size_t)g * a.d + c0 + lane] = s;
 }
 
-/* A thread per kv head: HybridKV's class from the window mass on sinks and recent tokens. */
+/* static_one for every kv head, a thread each. */
 __global__ void static_kernel(score_args_t a, const float *pbar, int active, uint32_t sinks,
                               uint32_t recent, float threshold, uint8_t *is_static)
 {
     for (uint32_t g = blockIdx.x * blockDim.x + threadIdx.x; g < a.n_kv;
-         g += gridDim.x * blockDim.x) {
-        if (!active) {
-            is_static[g] = 0;
-            continue;
-        }
-        const float *pb = pbar + (size_t)g * a.n;
-        float mass = 0;
-        for (uint32_t t = 0; t < a.n; t++) {
-            if (t >= sinks && (uint64_t)t + recent < a.n) // skip the middle in one step
-                t = (uint32_t)((uint64_t)a.n - recent);
-            if (t >= a.n)
-                break;
-            mass = kadd(mass, pb[t]);
-        }
-        is_static[g] = mass >= threshold;
-    }
+         g += gridDim.x * blockDim.x)
+        is_static[g] = static_one(a, pbar, active, sinks, recent, threshold, g);
 }
 
-/* A thread per (kv head, token): max over [t - r, t + r] (score.c's max_pool). */
+/* pool_one for every (kv head, token), a thread each. */
 __global__ void pool_kernel(score_args_t a, const float *acc, uint32_t kernel, float *imp)
 {
     size_t total = (size_t)a.n_kv * a.n;
-    uint32_t r = kernel / 2;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (size_t)gridDim.x * blockDim.x) {
-        uint32_t g = (uint32_t)(i / a.n), t = (uint32_t)(i % a.n);
-        const float *in = acc + (size_t)g * a.n;
-        if (kernel <= 1) {
-            imp[i] = in[t];
-            continue;
-        }
-        uint32_t lo = t > r ? t - r : 0, hi = min(a.n - 1, t + r);
-        float m = in[lo];
-        for (uint32_t u = lo + 1; u <= hi; u++)
-            m = in[u] > m ? in[u] : m;
-        imp[i] = m;
-    }
+         i += (size_t)gridDim.x * blockDim.x)
+        imp[i] = pool_one(a, acc, kernel, i);
+}
+
+/* score_tail_small as a kernel: one block of 256 threads, 2 n_kv n floats of dynamic shared
+ * memory (pbar, then acc). */
+__global__ void __launch_bounds__(256)
+    score_tail_small_kernel(score_args_t a, const float *ah, const float *ah2, score_tail_t p,
+                            float *qsq, float *obar, uint8_t *is_static, float *imp)
+{
+    extern __shared__ float sc_tail[];
+    score_tail_small(a, ah, ah2, p, sc_tail, sc_tail + (size_t)a.n_kv * a.n, qsq, obar, is_static,
+                     imp);
 }
 
 extern "C" fy_status_t kvc_score_cuda(const kvc_policy_t *policy, uint32_t n_heads, uint32_t n_kv,
@@ -690,9 +614,18 @@ extern "C" fy_status_t kvc_score_cuda(const kvc_policy_t *policy, uint32_t n_hea
     float2 *stats = NULL, *part = NULL;
     fy_status_t st = FY_OK;
     bool pools = kvc_cuda_pools();
-    KVC_CUDA_GOTO(kvc_cuda_scratch_alloc((void **)&pbar, items * sizeof(float), cs, pools), st,
-                  out);
-    KVC_CUDA_GOTO(kvc_cuda_scratch_alloc((void **)&acc, items * sizeof(float), cs, pools), st, out);
+    // A short prompt's tail runs in one block, pbar and acc in its shared memory.
+    const bool small = items <= SCORE_SMALL_ITEMS;
+    const score_tail_t tail = {
+        have_q, policy->reduce == KVC_REDUCE_MAX,
+        policy->hybrid_threshold > 0 && (have_q || in->window_attn != NULL),
+        policy->sinks, policy->recent, policy->pool_kernel, policy->hybrid_threshold};
+    if (!small) {
+        KVC_CUDA_GOTO(kvc_cuda_scratch_alloc((void **)&pbar, items * sizeof(float), cs, pools), st,
+                      out);
+        KVC_CUDA_GOTO(kvc_cuda_scratch_alloc((void **)&acc, items * sizeof(float), cs, pools), st,
+                      out);
+    }
     if (have_q) {
         KVC_CUDA_GOTO(
             kvc_cuda_scratch_alloc((void **)&ah, (size_t)n_heads * n * sizeof(float), cs, pools),
@@ -730,18 +663,23 @@ extern "C" fy_status_t kvc_score_cuda(const kvc_policy_t *policy, uint32_t n_hea
             KVC_LAUNCH_GOTO(st, out);
         }
     }
+    if (small) {
+        score_tail_small_kernel<<<1, 256, 2 * items * sizeof(float), cs>>>(
+            a, ah, ah2, tail, out->qsq, out->obar, out->is_static, out->importance);
+        KVC_LAUNCH_GOTO(st, out);
+        goto out;
+    }
     qsq_kernel<<<kvc_grid((size_t)n_kv * d, 128), 128, 0, cs>>>(a, out->qsq);
     KVC_LAUNCH_GOTO(st, out);
-    group_kernel<<<kvc_grid(items, 256), 256, 0, cs>>>(a, ah, ah2, have_q,
-                                                       policy->reduce == KVC_REDUCE_MAX, pbar, acc);
+    group_kernel<<<kvc_grid(items, 256), 256, 0, cs>>>(a, ah, ah2, have_q, tail.reduce_max, pbar,
+                                                       acc);
     KVC_LAUNCH_GOTO(st, out);
     obar_tile_kernel<<<n_kv *((d + 31) / 32), OBAR_THREADS, 0, cs>>>(a, pbar, out->obar);
     KVC_LAUNCH_GOTO(st, out);
-    static_kernel<<<kvc_grid(n_kv, 64), 64, 0, cs>>>(
-        a, pbar, policy->hybrid_threshold > 0 && (have_q || in->window_attn != NULL), policy->sinks,
-        policy->recent, policy->hybrid_threshold, out->is_static);
+    static_kernel<<<kvc_grid(n_kv, 64), 64, 0, cs>>>(a, pbar, tail.static_active, tail.sinks,
+                                                     tail.recent, tail.threshold, out->is_static);
     KVC_LAUNCH_GOTO(st, out);
-    pool_kernel<<<kvc_grid(items, 256), 256, 0, cs>>>(a, acc, policy->pool_kernel, out->importance);
+    pool_kernel<<<kvc_grid(items, 256), 256, 0, cs>>>(a, acc, tail.pool_kernel, out->importance);
     KVC_LAUNCH_GOTO(st, out);
 out: // scratch goes back to the stream's pool once the kernels are done
     void *scratch[6] = {pbar, acc, ah, ah2, stats, part};

@@ -180,6 +180,10 @@ static inline float kmul(float a, float b)
 {
     return a * b;
 }
+static inline float kdiv(float a, float b)
+{
+    return a / b;
+}
 static inline float __fdiv_rn(float a, float b)
 {
     return a / b;

@@ -1,0 +1,178 @@
+/* The tail of token scoring on the GPU (score.cu's steps after the window softmax): the mean
+ * squared query, the GQA reduction, the window output obar, HybridKV's head class and the max
+ * pooling, as one function per element that two places compile: kvcodec/score.cu (a kernel
+ * per step, a thread per element; and score_tail_small, one block for a short prompt) and
+ * tests/kvcodec/test_score_emu.cc, which runs score_tail_small on host threads against the CPU's
+ * kvc_score and the per-element functions. Each repeats score.c's arithmetic in its order.
+ *
+ * Not a standalone header. The includer provides, before including it: kadd, kmul, kdiv
+ * (float arithmetic rounded once), fy_dev_h2f, KVC_MAX_HEAD_DIM; and outside CUDA __device__,
+ * __forceinline__, threadIdx, blockDim, __syncthreads and min. */
+#ifndef FERRY_KVCODEC_SCORE_DEV_INT_H
+#define FERRY_KVCODEC_SCORE_DEV_INT_H
+
+#ifdef __CUDACC__
+#define SCORE_UNROLL _Pragma("unroll")
+#else
+#define SCORE_UNROLL
+#endif
+
+typedef struct {
+    const uint16_t *k, *v;
+    size_t hs, ts;
+    const float *q;  // window row w of head h at q + (h * qs + w) * d (the last W of qs rows)
+    const float *wa; // [n_heads][n] window_attn, or NULL
+    uint32_t n_heads, n_kv, grp, n, d, W, qs;
+    float scale;
+    int vec; // k, hs and ts allow 16-byte loads of 8 channels (the mma kernels' staging)
+} score_args_t;
+
+#define QSQ_BATCH 16 // window rows whose loads qsq_one issues together
+
+/* Element i = (kv head g, channel c) of the mean squared query, scaled as the logit
+ * sensitivity. The loads of QSQ_BATCH window rows go out before their squares are added (in
+ * score.c's order): the grid is only n_kv x d threads, and a load per add left each thread
+ * waiting out one memory latency per few rows of its grp x W. */
+static __device__ float qsq_one(const score_args_t &a, size_t i)
+{
+    uint32_t g = (uint32_t)(i / a.d), c = (uint32_t)(i % a.d);
+    float s = 0;
+    if (a.q != NULL) {
+        for (uint32_t hh = 0; hh < a.grp; hh++) {
+            const float *qh = a.q + (size_t)(g * a.grp + hh) * a.qs * a.d + c;
+            uint32_t w0 = 0;
+            for (; w0 + QSQ_BATCH <= a.W; w0 += QSQ_BATCH) {
+                float x[QSQ_BATCH];
+                SCORE_UNROLL
+                for (int u = 0; u < QSQ_BATCH; u++)
+                    x[u] = qh[(size_t)(w0 + u) * a.d];
+                SCORE_UNROLL
+                for (int u = 0; u < QSQ_BATCH; u++)
+                    s = kadd(s, kmul(x[u], x[u]));
+            }
+            for (; w0 < a.W; w0++) {
+                float x = qh[(size_t)w0 * a.d];
+                s = kadd(s, kmul(x, x));
+            }
+        }
+        float qn = kdiv(1.0f, kmul((float)a.grp, (float)a.W));
+        s = kmul(kmul(kmul(s, qn), a.scale), a.scale);
+    } else {
+        s = kdiv(1.0f, (float)a.d);
+    }
+    return s;
+}
+
+/* Element i = (kv head g, token t) of the GQA reduction (score.c's loop over the group's
+ * heads): the group mean pbar (for the window output) into *pbar_p, and the importance before
+ * pooling (mean, or max; of ah2 for the RMS or max importance) into *acc_p. */
+static __device__ void group_one(const score_args_t &a, size_t i, const float *ah, const float *ah2,
+                                 int have_q, int reduce_max, float *pbar_p, float *acc_p)
+{
+    bool have_attn = have_q || a.wa != NULL;
+    float fg = (float)a.grp;
+    uint32_t g = (uint32_t)(i / a.n), t = (uint32_t)(i % a.n);
+    float pb = 0, acc = 0;
+    for (uint32_t hh = 0; hh < a.grp && have_attn; hh++) {
+        size_t hi = (size_t)(g * a.grp + hh) * a.n + t;
+        float x;
+        if (have_q) {
+            x = ah[hi];
+        } else {
+            float w = a.wa[hi];
+            x = w > 0 && w <= 1 ? w : 0; // from another module: keep it sane
+        }
+        pb = kadd(pb, kdiv(x, fg));
+        if (ah2 != NULL)
+            x = ah2[hi]; // RMS or max importance; pbar stays the mean
+        if (reduce_max)
+            acc = x > acc ? x : acc;
+        else
+            acc = kadd(acc, kdiv(x, fg));
+    }
+    if (!have_attn)
+        acc = pb = kdiv(1.0f, (float)a.n);
+    *pbar_p = pb;
+    *acc_p = acc;
+}
+
+/* obar of kv head g at channel c: sum_t pbar_t v_tc, tokens in order (score.c's products and
+ * serial sum; obar_tile_kernel's too). */
+static __device__ float obar_one(const score_args_t &a, const float *pbar, uint32_t g, uint32_t c)
+{
+    const float *pb = pbar + (size_t)g * a.n;
+    const uint16_t *vh = a.v + (size_t)g * a.hs + c;
+    float s = 0;
+    for (uint32_t t = 0; t < a.n; t++)
+        s = kadd(s, kmul(pb[t], fy_dev_h2f(vh[(size_t)t * a.ts])));
+    return s;
+}
+
+/* HybridKV's class of kv head g from the window mass on sinks and recent tokens. */
+static __device__ uint8_t static_one(const score_args_t &a, const float *pbar, int active,
+                                     uint32_t sinks, uint32_t recent, float threshold, uint32_t g)
+{
+    if (!active)
+        return 0;
+    const float *pb = pbar + (size_t)g * a.n;
+    float mass = 0;
+    for (uint32_t t = 0; t < a.n; t++) {
+        if (t >= sinks && (uint64_t)t + recent < a.n) // skip the middle in one step
+            t = (uint32_t)((uint64_t)a.n - recent);
+        if (t >= a.n)
+            break;
+        mass = kadd(mass, pb[t]);
+    }
+    return mass >= threshold;
+}
+
+/* Element i = (kv head g, token t) of the importance: the max over [t - r, t + r] (score.c's
+ * max_pool). */
+static __device__ float pool_one(const score_args_t &a, const float *acc, uint32_t kernel, size_t i)
+{
+    uint32_t r = kernel / 2;
+    uint32_t g = (uint32_t)(i / a.n), t = (uint32_t)(i % a.n);
+    const float *in = acc + (size_t)g * a.n;
+    if (kernel <= 1)
+        return in[t];
+    uint32_t lo = t > r ? t - r : 0, hi = min(a.n - 1, t + r);
+    float m = in[lo];
+    for (uint32_t u = lo + 1; u <= hi; u++)
+        m = in[u] > m ? in[u] : m;
+    return m;
+}
+
+/* What the tail's steps take besides the arguments and the window attention. */
+typedef struct {
+    int have_q, reduce_max;
+    int static_active;
+    uint32_t sinks, recent, pool_kernel;
+    float threshold;
+} score_tail_t;
+
+#define SCORE_SMALL_ITEMS 2048 // (kv head, token) items up to which score_tail_small runs
+
+/* Every step of the tail for a short prompt in one block (in place of five launches): qsq,
+ * then the GQA reduction into pbar and acc (n_kv n floats each of the block's shared memory,
+ * at most SCORE_SMALL_ITEMS), then obar, the head classes and the pooled importance from
+ * them; the same values as the per-step kernels. The whole block calls it. */
+static __device__ void score_tail_small(const score_args_t &a, const float *ah, const float *ah2,
+                                        const score_tail_t &p, float *pbar, float *acc,
+                                        float *qsq, float *obar, uint8_t *is_static, float *imp)
+{
+    const size_t items = (size_t)a.n_kv * a.n, chans = (size_t)a.n_kv * a.d;
+    for (size_t i = threadIdx.x; i < chans; i += blockDim.x)
+        qsq[i] = qsq_one(a, i);
+    for (size_t i = threadIdx.x; i < items; i += blockDim.x)
+        group_one(a, i, ah, ah2, p.have_q, p.reduce_max, &pbar[i], &acc[i]);
+    __syncthreads();
+    for (size_t i = threadIdx.x; i < chans; i += blockDim.x)
+        obar[i] = obar_one(a, pbar, (uint32_t)(i / a.d), (uint32_t)(i % a.d));
+    for (uint32_t g = threadIdx.x; g < a.n_kv; g += blockDim.x)
+        is_static[g] =
+            static_one(a, pbar, p.static_active, p.sinks, p.recent, p.threshold, g);
+    for (size_t i = threadIdx.x; i < items; i += blockDim.x)
+        imp[i] = pool_one(a, acc, p.pool_kernel, i);
+}
+
+#endif

@@ -1,0 +1,213 @@
+// The tail of the GPU's token scoring for short prompts (kvcodec/score_dev_int.h:
+// score_tail_small, the body of score_tail_small_kernel) run on 256 host threads
+// (tests/kvcodec/cuda_emu.h). From the attention kernel's window_attn it must give the CPU's
+// kvc_score bit for bit (importance, obar, qsq, head classes), as the per-step kernels do; from
+// window queries (the attention sums given) the same values as the per-element functions the
+// per-step kernels run. Shapes of 1-4 kv heads, GQA groups of 1-4, 1 to 2048 items, head_dim
+// 32-128; mean and max reduction, pooling 1-7, HybridKV on and off.
+#include <math.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <vector>
+
+extern "C" {
+#include <cmocka.h>
+
+#include "../../kvcodec/kvcodec_int.h"
+}
+
+#include "cuda_emu.h"
+
+static inline float fy_dev_h2f(uint16_t h)
+{
+    return fy_fp16_to_fp32(h); // the device's conversion, bit for bit (common/half_cuda.h)
+}
+
+#include "../../kvcodec/score_dev_int.h"
+
+static uint64_t g_rng = 0x0123456789abcdefULL;
+static uint32_t rnd_below(uint32_t n)
+{
+    g_rng ^= g_rng << 13;
+    g_rng ^= g_rng >> 7;
+    g_rng ^= g_rng << 17;
+    return (uint32_t)((g_rng >> 20) % n);
+}
+static float rnd01()
+{
+    return (float)rnd_below(1u << 24) / (float)(1u << 24);
+}
+
+struct shape_t {
+    uint32_t n_kv, grp, n, d, W;
+    kvc_policy_t pol;
+};
+
+static shape_t random_shape(int i)
+{
+    shape_t s;
+    memset(&s, 0, sizeof s);
+    const uint32_t dims[] = {32, 64, 128};
+    s.n_kv = 1 + rnd_below(4);
+    s.grp = 1 + rnd_below(4);
+    s.d = dims[rnd_below(3)];
+    const uint32_t cap = SCORE_SMALL_ITEMS / s.n_kv;
+    s.n = i % 5 == 0 ? cap : 1 + rnd_below(i % 2 ? 40 : cap);
+    s.W = 1 + rnd_below(s.n < 40 ? s.n : 40);
+    kvc_policy_t &p = s.pol;
+    p.reduce = rnd_below(2) ? KVC_REDUCE_MAX : KVC_REDUCE_MEAN;
+    p.pool_kernel = 1 + 2 * rnd_below(4);
+    p.hybrid_threshold = rnd_below(2) ? 0.3f : 0.0f;
+    p.sinks = rnd_below(5);
+    p.recent = rnd_below(9);
+    p.importance = KVC_IMP_MEAN;
+    return s;
+}
+
+// The arguments of a contiguous [n_kv][n][d] V (K, queries and attention set by the caller).
+static score_args_t tail_args(const shape_t &s, const uint16_t *v)
+{
+    score_args_t a;
+    memset(&a, 0, sizeof a);
+    a.v = v;
+    a.hs = (size_t)s.n * s.d;
+    a.ts = s.d;
+    a.n_heads = s.n_kv * s.grp;
+    a.n_kv = s.n_kv;
+    a.grp = s.grp;
+    a.n = s.n;
+    a.d = s.d;
+    a.scale = 1.0f / sqrtf((float)s.d);
+    return a;
+}
+
+static score_tail_t tail_of(const shape_t &s, int have_q)
+{
+    return {have_q,         s.pol.reduce == KVC_REDUCE_MAX, s.pol.hybrid_threshold > 0,
+            s.pol.sinks,    s.pol.recent,                   s.pol.pool_kernel,
+            s.pol.hybrid_threshold};
+}
+
+struct outputs_t {
+    std::vector<float> imp, obar, qsq;
+    std::vector<uint8_t> is_static;
+};
+
+// score_tail_small on one emulated block of 256 threads.
+static outputs_t run_small(const score_args_t &a, const float *ah, const float *ah2,
+                           const score_tail_t &p)
+{
+    outputs_t o;
+    const size_t items = (size_t)a.n_kv * a.n, chans = (size_t)a.n_kv * a.d;
+    o.imp.assign(items, -1.0f);
+    o.obar.assign(chans, -1.0f);
+    o.qsq.assign(chans, -1.0f);
+    o.is_static.assign(a.n_kv, 0xee);
+    std::vector<float> sm(2 * items, NAN); // the kernel's dynamic shared memory
+    emu_launch(1, 256, [&] {
+        score_tail_small(a, ah, ah2, p, sm.data(), sm.data() + items, o.qsq.data(), o.obar.data(),
+                         o.is_static.data(), o.imp.data());
+    });
+    return o;
+}
+
+// From window_attn: the CPU's kvc_score, bit for bit.
+static void test_from_window_attn(void **state)
+{
+    (void)state;
+    for (int i = 0; i < 24; i++) {
+        shape_t s = random_shape(i);
+        const uint32_t n_heads = s.n_kv * s.grp;
+        std::vector<uint16_t> k((size_t)s.n_kv * s.n * s.d), v(k.size());
+        for (size_t j = 0; j < v.size(); j++) {
+            k[j] = fy_fp32_to_fp16(rnd01() - 0.5f);
+            v[j] = fy_fp32_to_fp16(4.0f * rnd01() - 2.0f);
+        }
+        std::vector<float> wa((size_t)n_heads * s.n);
+        for (size_t j = 0; j < wa.size(); j++)
+            wa[j] = j % 17 == 0 ? 1.5f : rnd01() * rnd01(); // a few out of range: kept sane
+        kvc_layer_input_t in;
+        memset(&in, 0, sizeof in);
+        in.k = k.data();
+        in.v = v.data();
+        in.head_stride = (size_t)s.n * s.d;
+        in.token_stride = s.d;
+        in.window_attn = wa.data();
+        kvc_scores_t cpu;
+        assert_int_equal(kvc_scores_init(&cpu, s.n_kv, s.n, s.d), FY_OK);
+        assert_int_equal(kvc_score(&s.pol, n_heads, s.n_kv, s.n, s.d, &in, &cpu), FY_OK);
+
+        score_args_t a = tail_args(s, v.data());
+        a.k = k.data();
+        a.wa = wa.data();
+        const score_tail_t p = tail_of(s, 0);
+        outputs_t o = run_small(a, NULL, NULL, p);
+        const size_t items = (size_t)s.n_kv * s.n, chans = (size_t)s.n_kv * s.d;
+        if (memcmp(o.imp.data(), cpu.importance, items * sizeof(float)) != 0)
+            print_error("shape %u x %u x %u, d %u: importance differs\n", s.n_kv, s.grp, s.n, s.d);
+        assert_memory_equal(o.imp.data(), cpu.importance, items * sizeof(float));
+        assert_memory_equal(o.obar.data(), cpu.obar, chans * sizeof(float));
+        assert_memory_equal(o.qsq.data(), cpu.qsq, chans * sizeof(float));
+        assert_memory_equal(o.is_static.data(), cpu.is_static, s.n_kv);
+        kvc_scores_cleanup(&cpu);
+    }
+}
+
+// From window queries (the attention kernels' sums given): the per-element functions, each
+// element on its own, as the per-step kernels compute them.
+static void test_from_queries(void **state)
+{
+    (void)state;
+    for (int i = 0; i < 16; i++) {
+        shape_t s = random_shape(i);
+        const uint32_t n_heads = s.n_kv * s.grp;
+        std::vector<uint16_t> v((size_t)s.n_kv * s.n * s.d);
+        for (auto &x : v)
+            x = fy_fp32_to_fp16(4.0f * rnd01() - 2.0f);
+        std::vector<float> q((size_t)n_heads * s.W * s.d), ah((size_t)n_heads * s.n),
+            ah2(ah.size());
+        for (auto &x : q)
+            x = 2.0f * rnd01() - 1.0f;
+        for (size_t j = 0; j < ah.size(); j++) {
+            ah[j] = rnd01() * rnd01();
+            ah2[j] = rnd01();
+        }
+        score_args_t a = tail_args(s, v.data());
+        a.q = q.data();
+        a.W = a.qs = s.W;
+        const score_tail_t p = tail_of(s, 1);
+        const float *a2 = i % 2 ? ah2.data() : NULL;
+        outputs_t o = run_small(a, ah.data(), a2, p);
+        const size_t items = (size_t)s.n_kv * s.n, chans = (size_t)s.n_kv * s.d;
+        std::vector<float> pbar(items), acc(items);
+        for (size_t j = 0; j < items; j++)
+            group_one(a, j, ah.data(), a2, 1, p.reduce_max, &pbar[j], &acc[j]);
+        for (size_t j = 0; j < chans; j++) {
+            const float want_q = qsq_one(a, j);
+            const float want_o = obar_one(a, pbar.data(), (uint32_t)(j / s.d), (uint32_t)(j % s.d));
+            assert_memory_equal(&o.qsq[j], &want_q, sizeof(float));
+            assert_memory_equal(&o.obar[j], &want_o, sizeof(float));
+        }
+        for (uint32_t g = 0; g < s.n_kv; g++)
+            assert_int_equal(o.is_static[g], static_one(a, pbar.data(), p.static_active, p.sinks,
+                                                        p.recent, p.threshold, g));
+        for (size_t j = 0; j < items; j++) {
+            const float want = pool_one(a, acc.data(), p.pool_kernel, j);
+            assert_memory_equal(&o.imp[j], &want, sizeof(float));
+        }
+    }
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_from_window_attn),
+        cmocka_unit_test(test_from_queries),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
