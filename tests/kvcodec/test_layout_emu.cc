@@ -1,0 +1,157 @@
+// The GPU encoder's frame layout for short layers (kvcodec/layout_dev_int.h: plan_small_body,
+// the body of plan_small_kernel) run on host threads (tests/kvcodec/cuda_emu.h) must write
+// what the three-kernel form (maps_kernel, layout_kernel, scatter_kernel, emulated the same way,
+// which Round 3-5 checked on the GPU against the CPU's frames) writes: the header and maps, the
+// payload's work items and token lists, the per-head counts and run offsets, and the plan.
+// Random choices over 1-8 heads and 1 to 2048 items, with every option, one option only, and
+// evictions only.
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <vector>
+
+extern "C" {
+#include <cmocka.h>
+
+#include "../../kvcodec/kvcodec_int.h"
+}
+
+#include "cuda_emu.h"
+
+#define OPT_MAX_KV 64
+#include "../../kvcodec/layout_dev_int.h"
+
+static uint64_t g_rng = 0x5851f42d4c957f2dULL;
+static uint32_t rnd_below(uint32_t n)
+{
+    g_rng ^= g_rng << 13;
+    g_rng ^= g_rng >> 7;
+    g_rng ^= g_rng << 17;
+    return (uint32_t)((g_rng >> 20) % n);
+}
+
+// Everything the layout writes, for one run.
+struct layout_run {
+    std::vector<uint8_t> out;
+    std::vector<work_t> work;
+    std::vector<uint32_t> tok;
+    std::vector<unsigned long long> scnt, hcnt, runs;
+    plan_dev_t plan;
+    plan_args_t a;
+};
+
+static void setup(layout_run *r, const plan_args_t &proto, size_t items)
+{
+    r->a = proto;
+    r->out.assign(KVC_FRAME_HEADER_BYTES + proto.maps_total, 0xee);
+    r->work.assign(items, work_t{~0ull, ~0u, 0xffff, 0xff, 0xff});
+    r->tok.assign(items, ~0u);
+    r->scnt.assign(2 * (size_t)proto.n_kv * proto.n_seg * 8, ~0ull);
+    r->hcnt.assign((size_t)proto.n_kv * 8, ~0ull);
+    r->runs.assign((size_t)proto.n_kv * 8 * 3, ~0ull);
+    memset(&r->plan, 0xee, sizeof r->plan);
+    r->a.scnt = r->scnt.data();
+    r->a.sbase = r->scnt.data() + (size_t)proto.n_kv * proto.n_seg * 8;
+    r->a.hcnt = r->hcnt.data();
+    r->a.runs = r->runs.data();
+    r->a.work = r->work.data();
+    r->a.tok = r->tok.data();
+    r->a.plan = &r->plan;
+    r->a.out = r->out.data();
+}
+
+static void check_layer(uint32_t n_kv, uint32_t n, int mode)
+{
+    const uint32_t d = 64, G = 32, P = 0;
+    const size_t items = (size_t)n_kv * n;
+    std::vector<uint8_t> choice(items);
+    const int only = (int)rnd_below(KVC_OPT_COUNT);
+    for (auto &c : choice)
+        c = (uint8_t)(mode == 0 ? rnd_below(KVC_OPT_COUNT) : mode == 1 ? only : KVC_OPT_DROP);
+    plan_args_t a;
+    memset(&a, 0, sizeof a);
+    a.n_kv = n_kv;
+    a.n = n;
+    a.d = d;
+    a.G = G;
+    for (int o = 0; o < KVC_OPT_COUNT; o++) {
+        a.gsz[o] = kvc_group_tokens(o, G);
+        a.gfix[o] = o == KVC_OPT_DROP ? 0 : kvc_group_bytes(o, d, 0, P);
+        a.gtok[o] = o == KVC_OPT_DROP ? 0 : kvc_group_bytes(o, d, 1, P) - a.gfix[o];
+        if (o == KVC_OPT_F16) {
+            a.gfix[o] = 4ull * d;
+            a.gtok[o] = 0;
+        }
+    }
+    a.map_bytes = kvc_map_bytes(n);
+    a.maps_total = FY_ALIGN_UP((size_t)n_kv * a.map_bytes, 8);
+    for (int i = 0; i < KVC_FRAME_HEADER_BYTES; i++)
+        a.hdr[i] = (uint8_t)rnd_below(256);
+    a.choice = choice.data();
+    a.n_seg = (n + LAYOUT_SEG - 1) / LAYOUT_SEG;
+    assert_int_equal(a.n_seg, 1);
+
+    layout_run three, one;
+    setup(&three, a, items);
+    setup(&one, a, items);
+    // The three kernels: a block per head (one segment each), one block, a block per head.
+    std::vector<std::vector<unsigned>> s_c(n_kv, std::vector<unsigned>(KVC_OPT_COUNT));
+    emu_launch(
+        n_kv, 256, [&] { maps_body(three.a, 0, blockIdx.x, s_c[blockIdx.x].data()); }, true);
+    layout_smem_t lsm;
+    emu_launch(1, LAYOUT_THREADS, [&] { layout_body(three.a, &lsm); });
+    std::vector<std::vector<unsigned long long>> s_base(n_kv,
+                                                        std::vector<unsigned long long>(8));
+    std::vector<std::vector<unsigned>> s_w(n_kv, std::vector<unsigned>(8 * KVC_OPT_COUNT));
+    emu_launch(
+        n_kv, 256,
+        [&] {
+            scatter_body(three.a, 0, blockIdx.x,
+                         (unsigned(*)[KVC_OPT_COUNT])s_w[blockIdx.x].data(),
+                         s_base[blockIdx.x].data());
+        },
+        true);
+    // The one-block form.
+    plan_small_smem_t *sm = new plan_small_smem_t;
+    emu_launch(1, LAYOUT_THREADS, [&] { plan_small_body(one.a, sm); });
+    delete sm;
+
+    assert_memory_equal(one.out.data(), three.out.data(), one.out.size());
+    assert_memory_equal(&one.plan, &three.plan, sizeof one.plan);
+    assert_memory_equal(one.hcnt.data(), three.hcnt.data(), one.hcnt.size() * 8);
+    assert_memory_equal(one.runs.data(), three.runs.data(), one.runs.size() * 8);
+    assert_memory_equal(one.scnt.data(), three.scnt.data(), one.scnt.size() * 8);
+    assert_true(three.plan.n_work <= items);
+    assert_memory_equal(one.work.data(), three.work.data(), three.plan.n_work * sizeof(work_t));
+    assert_memory_equal(one.tok.data(), three.tok.data(), items * sizeof(uint32_t));
+    // The layout itself: every FP16 token and every quantized token placed once.
+    unsigned long long placed = 0;
+    for (int o = 0; o < KVC_OPT_DROP; o++)
+        placed += three.plan.tokens[o];
+    unsigned long long want = 0;
+    for (uint8_t c : choice)
+        want += c != KVC_OPT_DROP;
+    assert_int_equal(placed, want);
+}
+
+static void test_layouts(void **state)
+{
+    (void)state;
+    for (int i = 0; i < 20; i++) {
+        const uint32_t n_kv = 1 + rnd_below(8);
+        const uint32_t cap = 2048 / n_kv;
+        const uint32_t n = i % 6 == 0 ? cap : 1 + rnd_below(i % 2 ? 70 : cap);
+        check_layer(n_kv, n, i % 10 == 3 ? 1 : i % 10 == 7 ? 2 : 0);
+    }
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_layouts),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
