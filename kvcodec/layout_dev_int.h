@@ -65,8 +65,9 @@ static __device__ __forceinline__ unsigned long long plan_run_bytes(const plan_a
     return b;
 }
 
-/* A block per (segment of LAYOUT_SEG tokens, head): its map bytes (two tokens a byte, low
- * nibble first) and its tokens per option. */
+/* One (segment of LAYOUT_SEG tokens, head), by the whole block (maps_kernel: a block each): its
+ * map bytes (two tokens a byte, low nibble first) and its tokens per option. s_c:
+ * KVC_OPT_COUNT entries of the block's shared memory. */
 static __device__ void maps_body(const plan_args_t &a, uint32_t seg, uint32_t h, unsigned *s_c)
 {
     uint32_t n = a.n;
@@ -187,7 +188,8 @@ static __device__ void layout_body(const plan_args_t &a, layout_smem_t *sm)
         hd[KVC_FRAME_HEADER_BYTES + i] = 0;
 }
 
-/* A block per (segment, head): every token's rank among its head's tokens of the same option
+/* One (segment, head), by the whole block (scatter_kernel: a block each; s_w and s_base in its
+ * shared memory): every token's rank among its head's tokens of the same option
  * (the segment's base from layout_kernel, then a scan of 256 tokens at a time: warp ballots,
  * the warps in order), giving the work items in plan_payload's order: an FP16 token each, a
  * quantized group per G tokens of an option. */
