@@ -8,7 +8,7 @@
  *
  * Not a standalone header. The includer provides, before including it: kvcodec.h (options,
  * policies); kadd, ksub and kmul (float arithmetic rounded once); and outside CUDA
- * __device__, __forceinline__, threadIdx, blockIdx, blockDim, gridDim, __syncthreads,
+ * __device__, __host__, __forceinline__, threadIdx, blockIdx, blockDim, gridDim, __syncthreads,
  * cg::grid_group with sync(), __shfl_sync, __shfl_xor_sync, __all_sync, __ballot_sync, __popc,
  * atomicAdd (unsigned and unsigned long long), __ldcg, min, max, __float_as_uint, the
  * intrinsics __dadd_rn, __dsub_rn, __dmul_rn, __ddiv_rn, __ull2double_rn and __fdiv_rn, and
@@ -594,25 +594,39 @@ static __device__ void dist_tree(double *part)
     }
 }
 
-/* dist_kernel and dist_final_kernel in one block of 256 threads, in their order: the partial sum
- * of each of their parts blocks (a block per 256 items, so a thread adds up to one item per
- * block up to 32768 items), then the tree over DIST_BLOCKS parts; the same double. part: 256,
- * parts: DIST_BLOCKS entries of the block's shared memory. */
+/* The distortion sum's parts: a block of 256 per 256 items, DIST_BLOCKS at most (then each
+ * thread adds several items), at least one. */
+static __host__ __device__ __forceinline__ uint32_t dist_parts(size_t items)
+{
+    const size_t p = (items + 255) / 256;
+    return (uint32_t)(p < 1 ? 1 : p > DIST_BLOCKS ? DIST_BLOCKS : p);
+}
+
+/* Part b of n_parts of the distortion of the choice, by a block of 256 threads (part: 256
+ * entries of its shared memory): items b 256 + t, then n_parts 256 further on, added in order
+ * per thread, then a fixed tree; the sum in part[0] (a barrier behind it). */
+static __device__ void dist_part(const opt_args_t &a, uint32_t b, uint32_t n_parts, double *part)
+{
+    double s = 0;
+    for (size_t i = (size_t)b * 256 + threadIdx.x; i < a.n_items; i += (size_t)n_parts * 256)
+        s = o_dadd(s, (double)a.dist[i * KVC_OPT_COUNT + a.choice[i]]);
+    part[threadIdx.x] = s;
+    __syncthreads();
+    for (uint32_t w = 128; w > 0; w /= 2) {
+        if (threadIdx.x < w)
+            part[threadIdx.x] = o_dadd(part[threadIdx.x], part[threadIdx.x + w]);
+        __syncthreads();
+    }
+}
+
+/* dist_kernel and dist_final_kernel in one block of 256 threads, in their order: each of their
+ * parts (dist_part), then the tree over DIST_BLOCKS parts; the same double. part: 256, parts:
+ * DIST_BLOCKS entries of the block's shared memory. */
 static __device__ void dist_one_block(const opt_args_t &a, double *part, double *parts)
 {
-    const uint32_t n_parts =
-        (uint32_t)max(min((a.n_items + 255) / 256, (size_t)DIST_BLOCKS), (size_t)1);
+    const uint32_t n_parts = dist_parts(a.n_items);
     for (uint32_t b = 0; b < n_parts; b++) {
-        double s = 0;
-        for (size_t i = (size_t)b * 256 + threadIdx.x; i < a.n_items; i += (size_t)n_parts * 256)
-            s = o_dadd(s, (double)a.dist[i * KVC_OPT_COUNT + a.choice[i]]);
-        part[threadIdx.x] = s;
-        __syncthreads();
-        for (uint32_t w = 128; w > 0; w /= 2) {
-            if (threadIdx.x < w)
-                part[threadIdx.x] = o_dadd(part[threadIdx.x], part[threadIdx.x + w]);
-            __syncthreads();
-        }
+        dist_part(a, b, n_parts, part);
         if (threadIdx.x == 0)
             parts[b] = part[0];
         __syncthreads();
@@ -644,8 +658,8 @@ typedef union {
 /* The whole optimizer of a layer of at most OPT_ONE_BLOCK items in one block of OPT_THREADS
  * threads (opt_small_kernel): the heads' mean deviations where the policy needs them
  * (dev_mean_kernel; into dev_mean, which a.dev_mean reads), the choice (choose_body, a grid of
- * one block: no grid barrier, no cooperative launch), the greedy fill (greedy_small_body) and the distortion
- * (dist_one_block); in place of up to five launches and a memset: a one-block pass stores its
+ * one block: no grid barrier, no cooperative launch), the greedy fill (greedy_small_body)
+ * and the distortion (dist_one_block); in place of up to five launches and a memset: a one-block pass stores its
  * counts instead of adding them, so the count buffers need no clearing. */
 static __device__ void opt_small_body(const opt_args_t &a, float *dev_mean, opt_small_smem_t *sm)
 {

@@ -1064,17 +1064,7 @@ __global__ void __launch_bounds__(GREEDY_THREADS) greedy_small_kernel(opt_args_t
 __global__ void __launch_bounds__(256) dist_kernel(opt_args_t a)
 {
     __shared__ double part[256];
-    double s = 0;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < a.n_items;
-         i += (size_t)gridDim.x * blockDim.x)
-        s = o_dadd(s, (double)a.dist[i * KVC_OPT_COUNT + a.choice[i]]);
-    part[threadIdx.x] = s;
-    __syncthreads();
-    for (uint32_t w = blockDim.x / 2; w > 0; w /= 2) {
-        if (threadIdx.x < w)
-            part[threadIdx.x] = o_dadd(part[threadIdx.x], part[threadIdx.x + w]);
-        __syncthreads();
-    }
+    dist_part(a, blockIdx.x, gridDim.x, part);
     if (threadIdx.x == 0)
         a.out->part[blockIdx.x] = part[0];
 }
@@ -1535,8 +1525,7 @@ static fy_status_t opt_enqueue(kvc_encoder_cuda_t *e, uint32_t layer, const kvc_
         KVC_LAUNCH_GOTO(st, out);
     }
     {
-        // A block per 256 items, DIST_BLOCKS at most (the blocks past the items added zeros).
-        unsigned parts = (unsigned)FY_MAX(FY_MIN((items + 255) / 256, (size_t)DIST_BLOCKS), 1);
+        const unsigned parts = dist_parts(items);
         dist_kernel<<<parts, 256, 0, cs>>>(a);
         KVC_LAUNCH_GOTO(st, out);
         dist_final_kernel<<<1, DIST_BLOCKS, 0, cs>>>(e->d_out, parts);
