@@ -93,6 +93,7 @@ typedef struct {
     float *dist; // [n_items][KVC_OPT_COUNT]
     uint8_t *allowed, *choice, *tmp, *cand_opt;
     unsigned long long *cnt; // [3][OPT_SLOTS][n_kv][8] count passes, rotating
+    int tree;                // multipliers a search pass measures, 1 .. OPT_SLOTS (a step each)
     long long *gcnt;         // [n_kv][8] counts of the choice, kept by the greedy fill
     opt_out_t *out;
 } opt_args_t;
@@ -351,6 +352,9 @@ static __device__ void choose_body(const opt_args_t &a, cg::grid_group *grid, un
                                           : 0;
     // The rate check measures the previous multiplier's choice, and solve() starts there.
     const bool check_prev = lambda_prev >= 0 && a.r > 1;
+    // How many of the search's next steps a pass measures at once (a tree of up to `width`
+    // multipliers): more passes of less work each where passes are cheap (one block).
+    const int width = a.tree >= 1 && a.tree <= OPT_SLOTS ? a.tree : OPT_SLOTS;
 #define PASS(mode, lam, dst, src)                                                                  \
     count_pass(a, grid, mode, lam, dst, src, 0, NULL, NULL, buf++ % 3, s_cnt, s_tot)
     for (int attempt = 0; attempt < 2; attempt++, pins = false) {
@@ -371,7 +375,7 @@ static __device__ void choose_body(const opt_args_t &a, cg::grid_group *grid, un
         int node[KVC_MS_NODES], nl = 0;
         if (check_prev)
             lam[nl++] = lambda_prev;
-        kvc_ms_tree(&ms, lam, &nl, OPT_SLOTS - 1, node);
+        kvc_ms_tree(&ms, lam, &nl, nl + width < OPT_SLOTS - 1 ? nl + width : OPT_SLOTS - 1, node);
         double floor_l = (double)count_pass(a, grid, PASS_CHEAP, 0, a.tmp, NULL, nl, lam,
                                             check_prev ? a.choice : NULL, buf++ % 3, s_cnt, s_tot);
         double cap = __dsub_rn(remain, o_dmul((double)(a.r - 1), floor_l));
@@ -404,7 +408,7 @@ static __device__ void choose_body(const opt_args_t &a, cg::grid_group *grid, un
         kvc_ms_walk(&ms, node, fits);
         for (;;) {
             nl = 0;
-            kvc_ms_tree(&ms, lam, &nl, OPT_SLOTS, node);
+            kvc_ms_tree(&ms, lam, &nl, width, node);
             if (nl == 0)
                 break;
             count_pass(a, grid, PASS_ASSIGN, lam[0], NULL, NULL, nl - 1, lam + 1, NULL, buf++ % 3,

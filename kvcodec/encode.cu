@@ -10,10 +10,11 @@
  *    arithmetic order: a warp stages each K and V row (rotating it in registers), then each
  *    token's 8 threads run the CPU's 8 accumulator lanes and combine them in its order;
  * 3. the optimizer on the device (choose_kernel, one cooperative grid: distortions from the
- *    tables, the rate controller, the multiplier search, three of its steps per pass over the
- *    items; cand_kernel, a radix sort and greedy_kernel: the greedy slack fill), the twin of
- *    kvc_encoder_choose (kvcodec/choose_dev_int.h). A layer of up to OPT_ONE_BLOCK items
- *    takes all of it in one block of one launch instead (opt_small_kernel);
+ *    tables, the rate controller, the multiplier search, two of its steps per pass over the
+ *    items (one where the grid is one block); cand_kernel, a radix sort and greedy_kernel: the
+ *    greedy slack fill), the twin of kvc_encoder_choose (kvcodec/choose_dev_int.h). A layer of
+ *    up to kvc_cuda_one_launch_items items takes all of it in one block of one launch instead
+ *    (opt_small_kernel);
  * 4. the layout on the device (maps_kernel, layout_kernel, scatter_kernel): maps, header, run
  *    offsets and the payload's work items, the twin of kvc_encoder_write_head and plan_payload;
  * 5. f16_kernel (a warp per FP16 token) and quant_kernel (a block per quantized group) write
@@ -94,6 +95,7 @@ struct kvc_encoder_cuda {
     // Device optimizer (opt_on: the device and shape allow it, else the host optimizer runs)
     bool opt_on;
     unsigned opt_grid;         // blocks of the cooperative choose_kernel
+    int opt_tree;              // multipliers a search pass measures (opt_args_t.tree)
     float *d_dist;             // [n_items][KVC_OPT_COUNT]
     uint8_t *d_opt8;           // [4][n_items]: allowed, choice, tmp, cand_opt
     unsigned long long *d_cnt; // [3][OPT_SLOTS][n_kv][8]
@@ -1189,6 +1191,12 @@ static fy_status_t opt_create(kvc_encoder_cuda_t *e)
         // the grid barrier and the L2 round trips of the counts at every pass.
         size_t need = items <= OPT_ONE_BLOCK ? 1 : (items + OPT_THREADS - 1) / OPT_THREADS;
         e->opt_grid = (unsigned)FY_MIN((size_t)per_sm * (size_t)sms, need);
+        // A grid's pass ends at a grid barrier and reads its counts back from L2: measuring
+        // the next two steps at once (three multipliers) pays those once. One block's pass is
+        // cheap, and each extra multiplier costs more than the barrier it saves: a step a
+        // pass. Both measured on an H200 (Round 6 of bench/results/gpu-h200.md);
+        // FERRY_OPT_TREE=1..8 sets the width, to time them side by side.
+        e->opt_tree = (int)kvc_cuda_knob("FERRY_OPT_TREE", 1, OPT_SLOTS, e->opt_grid == 1 ? 1 : 3);
         KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_dist, items * KVC_OPT_COUNT * sizeof(float)), st,
                       fail);
         KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_opt8, 4 * items), st, fail);
@@ -1437,6 +1445,7 @@ static fy_status_t opt_enqueue(kvc_encoder_cuda_t *e, uint32_t layer, const kvc_
     a.n = e->n;
     a.G = G;
     a.n_items = items;
+    a.tree = e->opt_tree;
     a.dist_kind = pol->dist;
     a.joint_kv = pol->joint_kv;
     a.stat_on = pol->hybrid_threshold > 0;
@@ -1491,7 +1500,7 @@ static fy_status_t opt_enqueue(kvc_encoder_cuda_t *e, uint32_t layer, const kvc_
     a.cnt = e->d_cnt;
     a.gcnt = e->d_gcnt;
     a.out = e->d_out;
-    if (e->opt_grid == 1) { // a short layer: the whole optimizer in one block, one launch
+    if (e->opt_grid == 1 && items <= kvc_cuda_one_launch_items()) { // all of it in one launch
         opt_small_kernel<<<1, OPT_THREADS, 0, cs>>>(a, e->d_dev_mean);
         KVC_LAUNCH_GOTO(st, out);
         goto fetch;
@@ -1575,7 +1584,7 @@ static fy_status_t layout_enqueue(kvc_encoder_cuda_t *e, uint32_t layer, uint8_t
     a.plan = e->d_plan;
     a.out = out;
     dim3 grid(a.n_seg, e->n_kv);
-    if (e->n_items <= OPT_ONE_BLOCK) { // a short layer (one segment a head): one launch
+    if (e->n_items <= OPT_ONE_BLOCK && e->n_items <= kvc_cuda_one_launch_items()) { // one launch
         plan_small_kernel<<<1, LAYOUT_THREADS, 0, cs>>>(a);
         KVC_LAUNCH_GOTO(st, out);
     } else {

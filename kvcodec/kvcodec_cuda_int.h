@@ -18,6 +18,7 @@
 
 #include <cuda_runtime.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "common.h"
 #include "half_cuda.h"
@@ -80,6 +81,31 @@ static inline bool kvc_cuda_pools(void)
     if (e != cudaSuccess)
         (void)cudaGetLastError(); // a pool that cannot keep memory still allocates
     return true;
+}
+
+/* A tuning knob from the environment: the decimal value of `name` when it is set to one in
+ * [lo, hi], else `dflt`. */
+static inline long kvc_cuda_knob(const char *name, long lo, long hi, long dflt)
+{
+    const char *v = getenv(name);
+    if (v == NULL || *v == '\0')
+        return dflt;
+    char *end = NULL;
+    long x = strtol(v, &end, 10);
+    return *end == '\0' && x >= lo && x <= hi ? x : dflt;
+}
+
+/* Layers of at most this many (kv head, token) items take the one-launch forms of the scoring
+ * tail, the optimizer and the layout (score_tail_small_kernel, opt_small_kernel,
+ * plan_small_kernel), each within its own limit. Measured on an H200
+ * (bench/results/gpu-h200.md, Round 6): at 384 items (SmolLM2, 128 tokens) the one-block forms
+ * take about the time of the kernels they replace; at 1024 (Llama-3-8B, 128 tokens) one block
+ * does the work of many and the layer's encode took 83 us longer. FERRY_CODEC_ONE_LAUNCH=N
+ * sets the bound (0: never), to time the forms side by side. */
+#define KVC_ONE_LAUNCH_ITEMS 512
+static inline size_t kvc_cuda_one_launch_items(void)
+{
+    return (size_t)kvc_cuda_knob("FERRY_CODEC_ONE_LAUNCH", 0, 1L << 30, KVC_ONE_LAUNCH_ITEMS);
 }
 
 static inline cudaError_t kvc_cuda_scratch_alloc(void **p, size_t n, cudaStream_t s, bool pools)

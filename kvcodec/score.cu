@@ -24,8 +24,9 @@
  * 4. static_kernel: HybridKV's window mass on sinks + recent tokens, per kv head;
  * 5. pool_kernel: 1-D max pooling along tokens.
  * Steps 2-5 and qsq are one function per element (score_dev_int.h); a prompt of up to
- * SCORE_SMALL_ITEMS (kv head, token) items runs them all in one block of one launch
- * (score_tail_small_kernel), pbar and acc in its shared memory.
+ * SCORE_SMALL_ITEMS (kv head, token) items, and no more than kvc_cuda_one_launch_items, runs
+ * them all in one block of one launch (score_tail_small_kernel), pbar and acc in its shared
+ * memory.
  * From window_attn (the attention kernel's output) steps 2-5 repeat the CPU's arithmetic in
  * its order, so the scores are bit-identical to kvc_score.
  */
@@ -615,7 +616,7 @@ extern "C" fy_status_t kvc_score_cuda(const kvc_policy_t *policy, uint32_t n_hea
     fy_status_t st = FY_OK;
     bool pools = kvc_cuda_pools();
     // A short prompt's tail runs in one block, pbar and acc in its shared memory.
-    const bool small = items <= SCORE_SMALL_ITEMS;
+    const bool small = items <= SCORE_SMALL_ITEMS && items <= kvc_cuda_one_launch_items();
     const score_tail_t tail = {
         have_q, policy->reduce == KVC_REDUCE_MAX,
         policy->hybrid_threshold > 0 && (have_q || in->window_attn != NULL),

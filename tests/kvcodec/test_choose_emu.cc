@@ -248,6 +248,7 @@ static void make_layer(layer_t *L, uint32_t n_kv, uint32_t n)
     a.n = n;
     a.G = G;
     a.n_items = (size_t)n_kv * n;
+    a.tree = 1 + (int)rnd_below(OPT_SLOTS); // every width of a pass's search tree: one choice
     const uint32_t pol = rnd_below(4);
     a.dist_kind = pol == 0 ? KVC_DIST_POSITION : pol == 1 ? KVC_DIST_MODEL : KVC_DIST_TRIAL;
     a.measured = a.dist_kind != KVC_DIST_POSITION;
