@@ -16,6 +16,9 @@
  * codec_cuda_main below).
  * Usage: ferry-bench codec [--json FILE] [--model smollm2|llama3] [--tokens N] [--budget B]
  *                          [--reps R] [--policy NAME] [--gguf PATH [--layer L] [--text FILE]]
+ *        ferry-bench codec --device cuda [--json FILE] [--model ..] [--policy ..] [--tokens N]
+ *                          [--budget B] [--reps R] [--short]
+ * --short (GPU only): the short requests alone (128-token prompts of every layer), seconds.
  */
 #include <math.h>
 #include <stdio.h>
@@ -762,11 +765,14 @@ static int codec_cuda_main(int argc, char **argv)
     uint32_t only_n = 0;
     double budget = 0.25;
     int reps = 3;
+    bool short_only = false;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *val = i + 1 < argc ? argv[i + 1] : NULL;
         if (strcmp(a, "--device") == 0 && val) {
             i++;
+        } else if (strcmp(a, "--short") == 0) {
+            short_only = true;
         } else if (strcmp(a, "--json") == 0 && val) {
             json = val, i++;
         } else if (strcmp(a, "--model") == 0 && val) {
@@ -782,7 +788,7 @@ static int codec_cuda_main(int argc, char **argv)
         } else {
             fprintf(stderr, "usage: ferry-bench codec --device cuda [--json FILE] "
                             "[--model smollm2|llama3] [--policy NAME] [--tokens N] "
-                            "[--budget B] [--reps R]\n");
+                            "[--budget B] [--reps R] [--short]\n");
             return strcmp(a, "--help") == 0 ? 0 : 2;
         }
     }
@@ -829,7 +835,8 @@ static int codec_cuda_main(int argc, char **argv)
            copy_gbs, budget, reps);
     printf("encode: wall time of kvc_encoder_encode_layer_cuda (launches, kernels, the final "
            "synchronization); enc-gpu: its stream time alone\n");
-    if (!only_model && !only_policy && !only_n) {
+    const bool unfiltered = !only_model && !only_policy && !only_n;
+    if (unfiltered && !short_only) {
         // A whole request first: 32 Llama-3-8B layers of 32k tokens, back to back.
         double rq_ms = 0, rq_wire = 0;
         double rq = cuda_request(&k_models[FY_ARRAY_SIZE(k_models) - 1], 32768, 32, "ferry", budget,
@@ -843,6 +850,8 @@ static int codec_cuda_main(int argc, char **argv)
         req_gbs = rq;
         req_ms = rq_ms;
         req_wire = rq_wire;
+    }
+    if (unfiltered || short_only) {
         // Short prompts, whose codec is mostly fixed costs per layer: the encoder scoring each
         // layer itself, one layer at a time against two queued, alternating, best of 3.
         for (size_t mi = 0; mi < FY_ARRAY_SIZE(k_models); mi++) {
@@ -863,6 +872,8 @@ static int codec_cuda_main(int argc, char **argv)
             short_ms[mi][0] = best[0];
             short_ms[mi][1] = best[1];
         }
+        if (short_only)
+            goto done;
     }
     printf("score: from window_attn; score-q: from the policy's window of queries (the prefill "
            "worker's path), tensor-core window softmax, then FERRY_SCORE_IMPL=simt\n");
