@@ -375,7 +375,7 @@ static __device__ void choose_body(const opt_args_t &a, cg::grid_group *grid, un
         int node[KVC_MS_NODES], nl = 0;
         if (check_prev)
             lam[nl++] = lambda_prev;
-        kvc_ms_tree(&ms, lam, &nl, nl + width < OPT_SLOTS - 1 ? nl + width : OPT_SLOTS - 1, node);
+        kvc_ms_tree(&ms, lam, &nl, min(nl + width, OPT_SLOTS - 1), node);
         double floor_l = (double)count_pass(a, grid, PASS_CHEAP, 0, a.tmp, NULL, nl, lam,
                                             check_prev ? a.choice : NULL, buf++ % 3, s_cnt, s_tot);
         double cap = __dsub_rn(remain, o_dmul((double)(a.r - 1), floor_l));

@@ -101,11 +101,14 @@ static inline long kvc_cuda_knob(const char *name, long lo, long hi, long dflt)
  * (bench/results/gpu-h200.md, Round 6): at 384 items (SmolLM2, 128 tokens) the one-block forms
  * take about the time of the kernels they replace; at 1024 (Llama-3-8B, 128 tokens) one block
  * does the work of many and the layer's encode took 83 us longer. FERRY_CODEC_ONE_LAUNCH=N
- * sets the bound (0: never), to time the forms side by side. */
+ * sets the bound (0: never), to time the forms side by side; it is read once per process
+ * (every layer asks). */
 #define KVC_ONE_LAUNCH_ITEMS 512
 static inline size_t kvc_cuda_one_launch_items(void)
 {
-    return (size_t)kvc_cuda_knob("FERRY_CODEC_ONE_LAUNCH", 0, 1L << 30, KVC_ONE_LAUNCH_ITEMS);
+    static const size_t bound =
+        (size_t)kvc_cuda_knob("FERRY_CODEC_ONE_LAUNCH", 0, 1L << 30, KVC_ONE_LAUNCH_ITEMS);
+    return bound;
 }
 
 static inline cudaError_t kvc_cuda_scratch_alloc(void **p, size_t n, cudaStream_t s, bool pools)

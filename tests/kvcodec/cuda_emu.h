@@ -163,6 +163,16 @@ template <typename T> static T max(T a, T b)
 {
     return a < b ? b : a;
 }
+// The tests' random inputs: xorshift64, one step of *state (never 0); reproducible by seed.
+static inline uint64_t emu_xorshift(uint64_t *state)
+{
+    uint64_t x = *state;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    return *state = x;
+}
+
 template <typename T> static T min(T a, T b)
 {
     return b < a ? b : a;

@@ -214,10 +214,7 @@ static double ref_dist(const opt_args_t &a, const uint8_t *choice)
 static uint64_t g_rng = 0x243f6a8885a308d3ULL;
 static uint64_t rnd()
 {
-    g_rng ^= g_rng << 13;
-    g_rng ^= g_rng >> 7;
-    g_rng ^= g_rng << 17;
-    return g_rng;
+    return emu_xorshift(&g_rng);
 }
 static double rnd01()
 {

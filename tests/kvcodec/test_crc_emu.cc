@@ -54,10 +54,7 @@ static uint32_t gpu_crc(const uint8_t *buf, size_t len, unsigned blocks)
 static uint64_t g_rng = 0x9e3779b97f4a7c15ULL;
 static uint32_t rnd32()
 {
-    g_rng ^= g_rng << 13;
-    g_rng ^= g_rng >> 7;
-    g_rng ^= g_rng << 17;
-    return (uint32_t)(g_rng >> 16);
+    return (uint32_t)(emu_xorshift(&g_rng) >> 16);
 }
 
 static void check(size_t len, unsigned blocks, size_t misalign)

@@ -27,10 +27,7 @@ extern "C" {
 static uint64_t g_rng = 0x5851f42d4c957f2dULL;
 static uint32_t rnd_below(uint32_t n)
 {
-    g_rng ^= g_rng << 13;
-    g_rng ^= g_rng >> 7;
-    g_rng ^= g_rng << 17;
-    return (uint32_t)((g_rng >> 20) % n);
+    return (uint32_t)((emu_xorshift(&g_rng) >> 20) % n);
 }
 
 // Everything the layout writes, for one run.

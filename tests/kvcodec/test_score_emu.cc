@@ -33,10 +33,7 @@ static inline float fy_dev_h2f(uint16_t h)
 static uint64_t g_rng = 0x0123456789abcdefULL;
 static uint32_t rnd_below(uint32_t n)
 {
-    g_rng ^= g_rng << 13;
-    g_rng ^= g_rng >> 7;
-    g_rng ^= g_rng << 17;
-    return (uint32_t)((g_rng >> 20) % n);
+    return (uint32_t)((emu_xorshift(&g_rng) >> 20) % n);
 }
 static float rnd01()
 {
