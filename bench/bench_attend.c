@@ -55,7 +55,7 @@ static const variant_t k_variants[] = {
 
 typedef struct {
     const char *variant;
-    const char *kernel; // "mma", "qtab" or "simt" (KVC_ATTEND_IMPL_*)
+    const char *kernel; // "mma", "wide", "qtab" or "simt" (KVC_ATTEND_IMPL_*)
     uint32_t context, batch, tokens_per_list, pages_per_list;
     double bytes, ms, gbps, vs_f16, sdpa_ms;
 } row_t;
@@ -282,7 +282,7 @@ int bench_attend_main(int argc, char **argv)
         } else {
             fprintf(stderr, "usage: ferry-bench attend --device cuda [--json [FILE]] "
                             "[--sdpa-json FILE] [--contexts N,..] [--batches N,..] [--reps N] "
-                            "[--pages f16,int8,int4,int4-rot,4/2,int2] [--kernels mma,qtab,simt] "
+                            "[--pages f16,int8,int4,int4-rot,4/2,int2] [--kernels mma,wide,qtab,simt] "
                             "[--page-kib 8..64]\n");
             return 2;
         }
@@ -456,20 +456,25 @@ int bench_attend_main(int argc, char **argv)
                 CU(cudaMemcpy(d_starts, h_starts, (size_t)sets * (items + 1) * sizeof(uint32_t),
                               cudaMemcpyHostToDevice));
                 kvc_gpu_pages_t gp = {d_pool, page_bytes, filled, HEAD_DIM, GROUP, 0};
-                // Every kernel: the tensor-core one (the default, the goals' rows), for
-                // quantized pages its exact-code variant (MMA_QTAB), and the SIMT one, the
-                // last two timed with fewer reps.
-                static const uint32_t impls[] = {KVC_ATTEND_IMPL_MMA, KVC_ATTEND_IMPL_MMA_QTAB,
-                                                 KVC_ATTEND_IMPL_SIMT};
+                // Every kernel: the tensor-core one (the default, the goals' rows), its wide
+                // variant right after it (only when --kernels names "wide": it is timed against
+                // mma row by row), for quantized pages its exact-code variant (MMA_QTAB), and the
+                // SIMT one, the last two timed with fewer reps.
+                static const uint32_t impls[] = {KVC_ATTEND_IMPL_MMA, KVC_ATTEND_IMPL_MMA_WIDE,
+                                                 KVC_ATTEND_IMPL_MMA_QTAB, KVC_ATTEND_IMPL_SIMT};
                 for (size_t ii = 0; ii < FY_ARRAY_SIZE(impls); ii++) {
                 const uint32_t impl = impls[ii];
                 if (impl == KVC_ATTEND_IMPL_MMA_QTAB && v->opt == KVC_OPT_F16)
                     continue; // FP16 pages have no key codes: the same kernel as MMA
-                if (kernels != NULL && !in_list(kernels, impl == KVC_ATTEND_IMPL_MMA    ? "mma"
-                                                         : impl == KVC_ATTEND_IMPL_SIMT ? "simt"
-                                                                                        : "qtab"))
+                const char *kname = impl == KVC_ATTEND_IMPL_MMA        ? "mma"
+                                    : impl == KVC_ATTEND_IMPL_MMA_WIDE ? "wide"
+                                    : impl == KVC_ATTEND_IMPL_SIMT     ? "simt"
+                                                                       : "qtab";
+                if (kernels != NULL ? !in_list(kernels, kname) : impl == KVC_ATTEND_IMPL_MMA_WIDE)
                     continue;
-                const int kreps = impl == KVC_ATTEND_IMPL_MMA ? reps : FY_MAX(3, reps / 4);
+                const int kreps = impl == KVC_ATTEND_IMPL_MMA || impl == KVC_ATTEND_IMPL_MMA_WIDE
+                                      ? reps
+                                      : FY_MAX(3, reps / 4);
                 kvc_attend_batch_t bt = {B, N_HEADS, N_KV, d_starts, d_ids, ppl, impl};
                 uint32_t ran = 0;
                 if ((st = kvc_attend_batch_cuda_impl(&gp, &bt, &ran)) != FY_OK) {
@@ -517,8 +522,11 @@ int bench_attend_main(int argc, char **argv)
                 row_t *R = &rows[n_rows++];
                 R->variant = v->name;
                 R->kernel = ran == KVC_ATTEND_IMPL_MMA        ? "mma"
+                            : ran == KVC_ATTEND_IMPL_MMA_WIDE ? "wide"
                             : ran == KVC_ATTEND_IMPL_MMA_QTAB ? "qtab"
                                                               : "simt";
+                // Against the FP16 pages of the same kernel (qtab has none: mma's).
+                const char *f16_kernel = ran == KVC_ATTEND_IMPL_MMA_QTAB ? "mma" : R->kernel;
                 R->context = contexts[ci];
                 R->batch = B;
                 R->pages_per_list = ppl;
@@ -531,7 +539,7 @@ int bench_attend_main(int argc, char **argv)
                 for (int k = 0; k < n_rows; k++)
                     if (strcmp(rows[k].variant, "f16") == 0 && rows[k].context == R->context &&
                         rows[k].batch == B &&
-                        strcmp(rows[k].kernel, ran == KVC_ATTEND_IMPL_SIMT ? "simt" : "mma") == 0)
+                        strcmp(rows[k].kernel, f16_kernel) == 0)
                         R->vs_f16 = R->ms / rows[k].ms;
                 char vs_sdpa[16] = "-";
                 if (vi == 0 && R->sdpa_ms > 0)

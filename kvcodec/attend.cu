@@ -914,6 +914,19 @@ __device__ __forceinline__ float split_part(float x, bool lo)
     return lo ? x - h : h;
 }
 
+/* Softmax exponentials of the tensor-core kernels: e^x, or 2^x when E2 (the wide kernel, whose
+ * logits are in log2 units: the query is scaled by log2 e up front). ex2.approx.ftz gives 0 for
+ * -inf, so masked tokens and an empty running max need no test; __expf is the same instruction
+ * behind a multiply and, without -ftz, a rescale for results below 2^-126. */
+template <bool E2> __device__ __forceinline__ float sm_exp(float x)
+{
+    if (!E2)
+        return __expf(x);
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
 __device__ __forceinline__ float h2f_at(const uint8_t *p)
 {
     return __half2float(*reinterpret_cast<const __half *>(p));
@@ -1044,12 +1057,74 @@ template <int D> struct mma_state {
     float acc[D / 16][4];
 };
 
+/* One online-softmax step of row g & 3 over NJ n-tiles of logits sv (this lane's two tokens of
+ * each; masked tokens -inf, at least one token of the step finite): the running max moves, l, pz
+ * and the accumulator are rescaled to it, and p gets the tokens' weights. The 4 kq lanes of g
+ * hold all of the step's tokens. */
+template <int D, int NJ, bool E2>
+__device__ __forceinline__ void mma_softmax(const float (&sv)[NJ][2], uint32_t kq, mma_state<D> &st,
+                                            float (&p)[NJ][2])
+{
+    float mt = sv[0][0];
+#pragma unroll
+    for (int j = 0; j < NJ; j++)
+#pragma unroll
+        for (int e = 0; e < 2; e++)
+            mt = fmaxf(mt, sv[j][e]);
+    mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 1));
+    mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 2));
+    const float mn = fmaxf(st.m, mt); // finite
+    const bool moved = mn != st.m;
+    // (2^-inf is 0: E2 needs no test for an empty running max or a masked token.)
+    const float alpha = st.m == -INFINITY && !E2 ? 0.0f : moved ? sm_exp<E2>(st.m - mn) : 1.0f;
+    st.m = mn;
+    float psum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < NJ; j++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            p[j][e] = sv[j][e] == -INFINITY && !E2 ? 0.0f : sm_exp<E2>(sv[j][e] - mn);
+            psum += p[j][e];
+        }
+    st.l = st.l * alpha + psum;
+    st.pz *= alpha;
+    if (__any_sync(0xffffffffu, moved)) { // the running max rarely moves after the start
+        const float al0 = __shfl_sync(0xffffffffu, alpha, 4 * ((2 * kq) & 3));
+        const float al1 = __shfl_sync(0xffffffffu, alpha, 4 * ((2 * kq + 1) & 3));
+#pragma unroll
+        for (int u = 0; u < D / 16; u++) {
+            st.acc[u][0] *= al0;
+            st.acc[u][1] *= al1;
+            st.acc[u][2] *= al0;
+            st.acc[u][3] *= al1;
+        }
+    }
+}
+
+/* The value codes of token jt of a quantized slot sp that value lane g reads into vw, and its
+ * weight p: times the token's vscale into *ps, times its vzero added to st.pz. */
+template <int D, int OPT>
+__device__ __forceinline__ void mma_value_words(const uint8_t *sp, uint32_t G, uint32_t jt,
+                                                uint32_t g, float p, uint32_t *vw, float *ps,
+                                                mma_state<D> &st)
+{
+    constexpr int VB = D * opt_vbits(OPT) / 64; // value bytes per lane
+    const uint32_t rowk = D * opt_kbits(OPT) / 8, rowv = D * opt_vbits(OPT) / 8;
+    const uint8_t *vp = sp + 4 * D + 4 * G + G * rowk + jt * rowv + g * VB;
+    if (VB >= 4)
+        lds_words<VB / 4>(vp, vw);
+    else
+        vw[0] = *reinterpret_cast<const uint16_t *>(vp);
+    *ps = p * h2f_at(sp + 4 * D + 2 * jt);
+    st.pz += p * h2f_at(sp + 4 * D + 2 * G + 2 * jt);
+}
+
 /* Attends tokens [tb, te) of a staged page (slots at `slots`), whose keys' query table for slots
  * s0 .. is at tab (qz, qsp beside it). With KDQ (a quantized option without protected channels)
  * the keys are dequantized in registers instead (code * kscale + kzero in FP16, k_pair_deq) and
  * tab holds one entry, q itself in the option's channel order, for every slot. Called by every
  * warp; warp w takes tiles w, w + 4, ... */
-template <int D, int OPT, bool KDQ = false>
+template <int D, int OPT, bool KDQ = false, bool E2 = false>
 __device__ void mma_tokens(const attn_params &A, const uint8_t *slots, uint32_t sb, uint32_t s0,
                            uint32_t tb, uint32_t te, const uint8_t *tab, const float *qz,
                            const float *qsp, uint32_t P, mma_state<D> &st)
@@ -1153,35 +1228,9 @@ __device__ void mma_tokens(const attn_params &A, const uint8_t *slots, uint32_t 
                 }
                 sv[j][e] = v;
             }
-        // Online softmax of row r over the 16 tokens (the 4 kq lanes of g hold them all).
-        float mt = fmaxf(fmaxf(sv[0][0], sv[0][1]), fmaxf(sv[1][0], sv[1][1]));
-        mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 1));
-        mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 2));
-        const float mn = fmaxf(st.m, mt); // finite: token T0 < te is valid
-        const bool moved = mn != st.m;
-        const float alpha = st.m == -INFINITY ? 0.0f : moved ? __expf(st.m - mn) : 1.0f;
-        st.m = mn;
-        float p[2][2], psum = 0.0f;
-#pragma unroll
-        for (int j = 0; j < 2; j++)
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                p[j][e] = sv[j][e] == -INFINITY ? 0.0f : __expf(sv[j][e] - mn);
-                psum += p[j][e];
-            }
-        st.l = st.l * alpha + psum;
-        st.pz *= alpha;
-        if (__any_sync(0xffffffffu, moved)) { // the running max rarely moves after the start
-            const float al0 = __shfl_sync(0xffffffffu, alpha, 4 * ((2 * kq) & 3));
-            const float al1 = __shfl_sync(0xffffffffu, alpha, 4 * ((2 * kq + 1) & 3));
-#pragma unroll
-            for (int u = 0; u < KS; u++) {
-                st.acc[u][0] *= al0;
-                st.acc[u][1] *= al1;
-                st.acc[u][2] *= al0;
-                st.acc[u][3] *= al1;
-            }
-        }
+        // Online softmax of row r over the 16 tokens (token T0 < te is valid).
+        float p[2][2];
+        mma_softmax<D, 2, E2>(sv, kq, st, p);
         // Values: P^T columns (hi for g < 4, lo for g >= 4) times the token's vscale.
         uint32_t vw[2][2][OPT == 0 ? D / 16 : VW];
         float ps[2][2];
@@ -1199,14 +1248,8 @@ __device__ void mma_tokens(const attn_params &A, const uint8_t *slots, uint32_t 
                                      vw[j][e] + 4 * jj);
                     ps[j][e] = p[j][e];
                 } else {
-                    const uint32_t jt = jb[j] + tok - nb[j];
-                    const uint8_t *vp = sp[j] + voff + jt * rowv + g * VB;
-                    if (VB >= 4)
-                        lds_words<VW>(vp, vw[j][e]);
-                    else
-                        vw[j][e][0] = *reinterpret_cast<const uint16_t *>(vp);
-                    ps[j][e] = p[j][e] * h2f_at(sp[j] + 4 * D + 2 * jt);
-                    st.pz += p[j][e] * h2f_at(sp[j] + 4 * D + 2 * G + 2 * jt);
+                    mma_value_words<D, OPT>(sp[j], G, jb[j] + tok - nb[j], g, p[j][e], vw[j][e],
+                                            &ps[j][e], st);
                 }
             }
         const bool lo = g >= 4;
@@ -1218,6 +1261,113 @@ __device__ void mma_tokens(const attn_params &A, const uint8_t *slots, uint32_t 
                      v_pair<OPT>(vw[0][0], vw[0][1], D / 16 + u),
                      v_pair<OPT>(vw[1][0], vw[1][1], u),
                      v_pair<OPT>(vw[1][0], vw[1][1], D / 16 + u), b0, b1);
+    }
+}
+
+/* mma_tokens for the wide kernel (KVC_ATTEND_IMPL_MMA_WIDE) on a quantized page of keys of at
+ * most 4 bits without protected channels: keys dequantized in registers against the plain query
+ * table, 32 tokens (four n-tiles) a warp step instead of 16. Per 32 tokens a warp pays one online
+ * softmax step (max, rescale test) instead of two, and when the four n-tiles lie in one slot (G a
+ * multiple of 32) one gather of the slot's key scales and zeros for four n-tiles; the four logit
+ * chains are independent, so more MMAs are in flight (the kernel is bound by issue and latency,
+ * not bytes: gpu-h200.md, Round 4). Logits in log2 units (sm_exp<true>). Tokens [0, te). */
+template <int D, int OPT>
+__device__ void mma_tokens_wide(const attn_params &A, const uint8_t *slots, uint32_t sb,
+                                uint32_t te, const uint8_t *tab, mma_state<D> &st)
+{
+    static_assert(OPT >= 2 && OPT <= 4, "keys of at most 4 bits");
+    constexpr int KS = D / 16;
+    constexpr int KB = D * opt_kbits(OPT) / 32; // key bytes per lane
+    constexpr int KW = KB / 4;
+    constexpr int VB = D * opt_vbits(OPT) / 64; // value bytes per lane
+    constexpr int VW = VB >= 4 ? VB / 4 : 1;
+    const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const uint32_t g = lane >> 2, kq = lane & 3, r = g & 3;
+    const uint32_t G = A.G;
+    const uint32_t rowk = D * opt_kbits(OPT) / 8, koff = 4 * D + 4 * G;
+    const uint32_t nsteps = (te + 31) / 32;
+
+    uint32_t afr[KS][4];
+    mma_load_a<D>(tab + r * mma_row_stride(D) + kq * 16, r & 1, afr);
+    for (uint32_t step = warp; step < nsteps; step += kMmaWarps) {
+        const uint32_t T0 = 32 * step;
+        // N-tile j starts at token nb[j], token jb[j] of slot si[j]. An n-tile past te takes the
+        // last one holding tokens (its tokens are clamped to te - 1, which lies there).
+        const uint32_t jlast = (te - 1 - T0) / 8;
+        uint32_t nb[4], jb[4], si[4];
+        const uint8_t *sp[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            nb[j] = T0 + 8 * min((uint32_t)j, jlast);
+            si[j] = A.g_shift < 32 ? nb[j] >> A.g_shift : nb[j] / G;
+            sp[j] = slots + (size_t)si[j] * sb;
+            jb[j] = nb[j] - si[j] * G;
+        }
+        uint32_t kw[4][KW];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const uint32_t tok = min(T0 + 8 * j + mma_tau(g), te - 1);
+            lds_words<KW>(sp[j] + koff + (jb[j] + tok - nb[j]) * rowk + kq * KB, kw[j]);
+        }
+        float c[4][4];
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int k = 0; k < 4; k++)
+                c[j][k] = 0.0f;
+        if (si[0] == si[3]) { // one slot: its key scales and zeros gathered once for all four
+#pragma unroll
+            for (int s = 0; s < KS; s++)
+#pragma unroll
+                for (int j = 0; j < 4; j++)
+                    mma16816(c[j], afr[s][0], afr[s][1], afr[s][2], afr[s][3],
+                             k_pair_deq<D, OPT>(kw[j], sp[0], kq, 2 * s),
+                             k_pair_deq<D, OPT>(kw[j], sp[0], kq, 2 * s + 1));
+        } else {
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+#pragma unroll
+                for (int s = 0; s < KS; s++)
+                    mma16816(c[j], afr[s][0], afr[s][1], afr[s][2], afr[s][3],
+                             k_pair_deq<D, OPT>(kw[j], sp[j], kq, 2 * s),
+                             k_pair_deq<D, OPT>(kw[j], sp[j], kq, 2 * s + 1));
+        }
+        float sv[4][2];
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const uint32_t t = T0 + 8 * j + mma_tau(2 * kq + e);
+                sv[j][e] = t >= te ? -INFINITY : c[j][e] + c[j][2 + e];
+            }
+        // Online softmax of row r over the 32 tokens (token T0 < te is valid).
+        float p[4][2];
+        mma_softmax<D, 4, true>(sv, kq, st, p);
+        // Values: two k steps of 16 tokens (n-tiles 0, 1 and 2, 3), P^T as in mma_tokens.
+        uint32_t vw[4][2][VW];
+        float ps[4][2];
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const uint32_t tok = min(T0 + 8 * j + mma_tau(2 * kq + e), te - 1);
+                mma_value_words<D, OPT>(sp[j], G, jb[j] + tok - nb[j], g, p[j][e], vw[j][e],
+                                        &ps[j][e], st);
+            }
+        const bool lo = g >= 4;
+        uint32_t b[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            b[j] = pack_h2(split_part(ps[j][0], lo), split_part(ps[j][1], lo));
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+#pragma unroll
+            for (int u = 0; u < KS; u++)
+                mma16816(st.acc[u], v_pair<OPT>(vw[2 * h][0], vw[2 * h][1], u),
+                         v_pair<OPT>(vw[2 * h][0], vw[2 * h][1], D / 16 + u),
+                         v_pair<OPT>(vw[2 * h + 1][0], vw[2 * h + 1][1], u),
+                         v_pair<OPT>(vw[2 * h + 1][0], vw[2 * h + 1][1], D / 16 + u), b[2 * h],
+                         b[2 * h + 1]);
     }
 }
 
@@ -1286,8 +1436,9 @@ __device__ void mma_table(const attn_params &A, const uint8_t *slots, uint32_t s
 
 /* One staged page of option OPT: tables and tokens, a group of table slots at a time; or, for a
  * quantized page without protected channels when A.kdq is set, keys dequantized in registers
- * against one plain query table for the whole page. */
-template <int D, int OPT>
+ * against one plain query table for the whole page. WIDE: the wide kernel (mma_tokens_wide for
+ * keys of at most 4 bits; logits in log2 units everywhere). */
+template <int D, int OPT, bool WIDE>
 __device__ void mma_page(const attn_params &A, const uint8_t *pg, const page_hdr &h,
                          const float *qq, uint8_t *tab, float *qz, float *qsp, mma_state<D> &st,
                          int &tab_opt)
@@ -1305,7 +1456,10 @@ __device__ void mma_page(const attn_params &A, const uint8_t *pg, const page_hdr
             __syncthreads();
             tab_opt = OPT;
         }
-        mma_tokens<D, OPT, OPT != 0>(A, slots, sb, 0, 0, ntok, tab, qz, qsp, 0, st);
+        if constexpr (WIDE && OPT >= 2)
+            mma_tokens_wide<D, OPT>(A, slots, sb, ntok, tab, st);
+        else
+            mma_tokens<D, OPT, OPT != 0, WIDE>(A, slots, sb, 0, 0, ntok, tab, qz, qsp, 0, st);
         return;
     }
     tab_opt = -1; // the scaled tables below overwrite it
@@ -1313,7 +1467,8 @@ __device__ void mma_page(const attn_params &A, const uint8_t *pg, const page_hdr
         const uint32_t ns = min(A.m_ts, h.n_slots - s0);
         mma_table<D, OPT>(A, slots, sb, s0, ns, qq, tab, qz, qsp, P);
         __syncthreads();
-        mma_tokens<D, OPT>(A, slots, sb, s0, s0 * G, min(ntok, (s0 + ns) * G), tab, qz, qsp, P, st);
+        mma_tokens<D, OPT, false, WIDE>(A, slots, sb, s0, s0 * G, min(ntok, (s0 + ns) * G), tab, qz,
+                                        qsp, P, st);
         __syncthreads(); // the table is rebuilt next
     }
 }
@@ -1382,8 +1537,10 @@ template <int D> __device__ __forceinline__ uint32_t mma_red_col(uint32_t c)
 
 /* End of a pass: the warps' partial results of this split combined into dst ([rows][D], scaled
  * to the block's running max M), M into *mp_out (or NULL); with `last`, M and the softmax sum
- * into ws_m, ws_l. acc and pz restart at zero; m and l run on into the next pass. */
-template <int D>
+ * into ws_m, ws_l. acc and pz restart at zero; m and l run on into the next pass. E2: the
+ * running maxima are in log2 units (the wide kernel); M is written in natural units, as the
+ * combine kernel reads it. */
+template <int D, bool E2>
 __device__ void mma_finish(const attn_params &A, mma_state<D> &st, uint8_t *red_bytes, float *dst,
                            float *mp_out, bool last, size_t slot)
 {
@@ -1436,7 +1593,7 @@ __device__ void mma_finish(const attn_params &A, mma_state<D> &st, uint8_t *red_
             const float mw = wm[w * 4 + r];
             if (mw != -INFINITY)
                 s += red[((size_t)w * 4 + r) * mma_red_stride(D) + mma_red_col<D>(idx % D)] *
-                     __expf(mw - M);
+                     sm_exp<E2>(mw - M);
         }
         dst[idx] = s;
     }
@@ -1446,7 +1603,9 @@ __device__ void mma_finish(const attn_params &A, mma_state<D> &st, uint8_t *red_
             M = fmaxf(M, wm[w * 4 + tid]);
         for (int w = 0; w < kMmaWarps; w++)
             if (wm[w * 4 + tid] != -INFINITY)
-                L += wl[w * 4 + tid] * __expf(wm[w * 4 + tid] - M);
+                L += wl[w * 4 + tid] * sm_exp<E2>(wm[w * 4 + tid] - M);
+        if (E2)
+            M *= 0.693147180559945309f; // ln 2
         if (mp_out != NULL)
             mp_out[tid] = M;
         if (last) {
@@ -1465,8 +1624,10 @@ __device__ void mma_finish(const attn_params &A, mma_state<D> &st, uint8_t *red_
 
 /* MINB: resident blocks per SM the registers are capped for. 3 (168 registers at D 128, no
  * spills) is the default; 4 (128 registers, a few spills) is FERRY_ATTEND_BLOCKS=4, for pages
- * small enough that shared memory lets 4 blocks in (16 KiB pages: ~44 KB per block). */
-template <int D, int MINB>
+ * small enough that shared memory lets 4 blocks in (16 KiB pages: ~44 KB per block). WIDE: the
+ * wide kernel (KVC_ATTEND_IMPL_MMA_WIDE): the query scaled by log2 e, softmax in base 2,
+ * mma_tokens_wide for keys of at most 4 bits. */
+template <int D, int MINB, bool WIDE = false>
 __global__ void __launch_bounds__(kMmaThreads, MINB) attend_mma_kernel(attn_params A)
 {
     extern __shared__ __align__(16) uint8_t smem[];
@@ -1480,8 +1641,9 @@ __global__ void __launch_bounds__(kMmaThreads, MINB) attend_mma_kernel(attn_para
     const uint32_t rows = A.rows;
     const uint32_t b = item / A.n_kv, kvh = item % A.n_kv;
     const float *q = A.q + ((size_t)b * A.n_heads + (size_t)kvh * rows) * D;
+    const float qscale = WIDE ? A.scale * 1.44269504088896341f : A.scale; // log2 e
     for (uint32_t i = tid; i < 4 * D; i += blockDim.x) {
-        const float v = i / D < rows ? q[i] * A.scale : 0.0f;
+        const float v = i / D < rows ? q[i] * qscale : 0.0f;
         qf[i] = v;
     }
     uint32_t ls, p0, p1;
@@ -1540,19 +1702,19 @@ __global__ void __launch_bounds__(kMmaThreads, MINB) attend_mma_kernel(attn_para
                 const uint8_t *pg = smem + bsel * A.m_pbuf; // pages alternate buffers
                 switch (h.opt) {
                 case 0:
-                    mma_page<D, 0>(A, pg, h, qq, tab, qz, qsp, st, tab_opt);
+                    mma_page<D, 0, WIDE>(A, pg, h, qq, tab, qz, qsp, st, tab_opt);
                     break;
                 case 1:
-                    mma_page<D, 1>(A, pg, h, qq, tab, qz, qsp, st, tab_opt);
+                    mma_page<D, 1, WIDE>(A, pg, h, qq, tab, qz, qsp, st, tab_opt);
                     break;
                 case 2:
-                    mma_page<D, 2>(A, pg, h, qq, tab, qz, qsp, st, tab_opt);
+                    mma_page<D, 2, WIDE>(A, pg, h, qq, tab, qz, qsp, st, tab_opt);
                     break;
                 case 3:
-                    mma_page<D, 3>(A, pg, h, qq, tab, qz, qsp, st, tab_opt);
+                    mma_page<D, 3, WIDE>(A, pg, h, qq, tab, qz, qsp, st, tab_opt);
                     break;
                 default:
-                    mma_page<D, 4>(A, pg, h, qq, tab, qz, qsp, st, tab_opt);
+                    mma_page<D, 4, WIDE>(A, pg, h, qq, tab, qz, qsp, st, tab_opt);
                     break;
                 }
             }
@@ -1565,10 +1727,10 @@ __global__ void __launch_bounds__(kMmaThreads, MINB) attend_mma_kernel(attn_para
         __pipeline_wait_prior(0);
         __syncthreads();
         if (pass == 0)
-            mma_finish<D>(A, st, smem, A.ws_acc + slot * rows * D, A.ws_mp + slot * rows, !any_rot,
-                          slot);
+            mma_finish<D, WIDE>(A, st, smem, A.ws_acc + slot * rows * D, A.ws_mp + slot * rows,
+                                !any_rot, slot);
         else
-            mma_finish<D>(A, st, smem, A.ws_accr + slot * rows * D, NULL, true, slot);
+            mma_finish<D, WIDE>(A, st, smem, A.ws_accr + slot * rows * D, NULL, true, slot);
     }
     if (tid == 0)
         A.ws_rot[slot] = any_rot ? 1u : 0u;
@@ -1588,6 +1750,7 @@ struct plan {
     void (*kernel)(attn_params); // kernel 1 for rows and cpt
     bool mma;                    // the tensor-core kernel runs instead (attend_mma_kernel)
     bool kdq;                    // ... with keys dequantized in registers (attn_params.kdq)
+    bool wide;                   // ... its wide instance (KVC_ATTEND_IMPL_MMA_WIDE)
     void (*mma_kernel)(attn_params);
     size_t smem_mma;
     uint32_t m_pbuf, m_off_q, m_off_tab, m_off_qz, m_off_qsp, m_ts;
@@ -1750,10 +1913,12 @@ fy_status_t kernel_occupancy(int dev, const void *fn, int threads, size_t smem, 
     return st;
 }
 
-/* The instance of the tensor-core kernel for head_dim d (64 or 128) and the register cap
- * FERRY_ATTEND_BLOCKS asks for (see attend_mma_kernel). */
-split_kernel_t mma_kernel(uint32_t d)
+/* The instance of the tensor-core kernel for head_dim d (64 or 128): the wide one, or the one
+ * for the register cap FERRY_ATTEND_BLOCKS asks for (see attend_mma_kernel). */
+split_kernel_t mma_kernel(uint32_t d, bool wide)
 {
+    if (wide)
+        return d == 64 ? attend_mma_kernel<64, 3, true> : attend_mma_kernel<128, 3, true>;
     const char *e = getenv("FERRY_ATTEND_BLOCKS");
     const bool four = e != NULL && strcmp(e, "4") == 0;
     if (d == 64)
@@ -1775,19 +1940,19 @@ bool pdl_wanted(int major)
     return e == NULL || strcmp(e, "0") != 0;
 }
 
-/* The kernel a batch asks for: its impl field, else FERRY_ATTEND_IMPL ("simt", "mma" or
- * "mma-qtab"), else
- * the tensor-core kernel wherever it applies. */
+/* The kernel a batch asks for: its impl field, else FERRY_ATTEND_IMPL ("simt", "mma",
+ * "mma-qtab" or "mma-wide"), else the tensor-core kernel wherever it applies. */
 uint32_t attend_impl(const kvc_attend_batch_t *bt)
 {
-    if (bt->impl == KVC_ATTEND_IMPL_SIMT || bt->impl == KVC_ATTEND_IMPL_MMA ||
-        bt->impl == KVC_ATTEND_IMPL_MMA_QTAB)
-        return bt->impl;
+    if (bt->impl != KVC_ATTEND_IMPL_AUTO)
+        return bt->impl; // make_plan refused values out of range
     const char *e = getenv("FERRY_ATTEND_IMPL");
     if (e != NULL && strcmp(e, "simt") == 0)
         return KVC_ATTEND_IMPL_SIMT;
     if (e != NULL && strcmp(e, "mma-qtab") == 0)
         return KVC_ATTEND_IMPL_MMA_QTAB;
+    if (e != NULL && strcmp(e, "mma-wide") == 0)
+        return KVC_ATTEND_IMPL_MMA_WIDE;
     return KVC_ATTEND_IMPL_MMA;
 }
 
@@ -1800,7 +1965,7 @@ fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt,
         pool->page_bytes % 64 || pool->page_bytes < 64 || pool->n_pages == 0)
         return FY_ERR_INVALID_ARG;
     if (bt->batch == 0 || bt->n_kv_heads == 0 || bt->n_heads % bt->n_kv_heads ||
-        bt->impl > KVC_ATTEND_IMPL_MMA_QTAB)
+        bt->impl > KVC_ATTEND_IMPL_MMA_WIDE)
         return FY_ERR_INVALID_ARG;
     const uint32_t rows = bt->n_heads / bt->n_kv_heads;
     if (rows == 0 || rows > kMaxRows)
@@ -1850,7 +2015,8 @@ fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt,
     // The tensor-core kernel: head_dim 64 or 128, GQA groups up to 4, its shared memory.
     pl->mma = false;
     pl->kdq = false;
-    pl->mma_kernel = mma_kernel(d);
+    pl->wide = attend_impl(bt) == KVC_ATTEND_IMPL_MMA_WIDE;
+    pl->mma_kernel = mma_kernel(d, pl->wide);
     if ((d == 64 || d == 128) && rows <= kMmaRows) {
         pl->m_ts = mma_table_slots(G);
         size_t pbuf = align_up(pool->page_bytes, 16);
@@ -1887,6 +2053,7 @@ fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt,
             }
         }
     }
+    pl->wide = pl->wide && pl->mma;
 
     const uint32_t cw = d < (uint32_t)kCombThreads ? d : (uint32_t)kCombThreads;
     pl->smem_combine =
@@ -1936,9 +2103,10 @@ static fy_status_t plan_query(const kvc_gpu_pages_t *pool, const kvc_attend_batc
     if (bytes_p != NULL)
         *bytes_p = pl.ws_bytes;
     if (impl_p != NULL)
-        *impl_p = !pl.mma  ? KVC_ATTEND_IMPL_SIMT
-                  : pl.kdq ? KVC_ATTEND_IMPL_MMA
-                           : KVC_ATTEND_IMPL_MMA_QTAB;
+        *impl_p = !pl.mma   ? KVC_ATTEND_IMPL_SIMT
+                  : pl.wide ? KVC_ATTEND_IMPL_MMA_WIDE
+                  : pl.kdq  ? KVC_ATTEND_IMPL_MMA
+                            : KVC_ATTEND_IMPL_MMA_QTAB;
     return FY_OK;
 }
 

@@ -155,8 +155,8 @@ static void unbuild(built_t *B)
 /* Runs the GPU kernel over every list of B (plus `extra_bad` invalid page ids at the end of
  * each non-empty list) and compares with kvc_attend. max_list_pages_override 0: the true
  * maximum. */
-/* Runs kernel `impl` (KVC_ATTEND_IMPL_SIMT, _MMA or _MMA_QTAB) over the built pages and compares
- * with the CPU. MMA asked of a shape it does not take runs SIMT; kvc_attend_batch_cuda_impl must
+/* Runs kernel `impl` (KVC_ATTEND_IMPL_SIMT, _MMA, _MMA_QTAB or _MMA_WIDE) over the built pages and
+ * compares with the CPU. MMA (or a variant) asked of a shape it does not take runs SIMT; kvc_attend_batch_cuda_impl must
  * say so exactly for the shapes the header names. */
 static void run_and_compare(const built_t *B, uint32_t extra_bad, uint32_t max_override,
                             uint32_t impl)
@@ -265,7 +265,9 @@ static void run_and_compare(const built_t *B, uint32_t extra_bad, uint32_t max_o
             mref = fmax(mref, fabs(ref[r * d + c]));
         for (uint32_t c = 0; c < d; c++) {
             double err = fabs((double)got[r * d + c] - ref[r * d + c]);
-            double tol = (ran == KVC_ATTEND_IMPL_MMA ? 4e-3 : 1e-3) * mref + 1e-6;
+            // MMA and MMA_WIDE round dequantized keys to FP16 (kvc_attend keeps them in FP32).
+            const bool f16_keys = ran == KVC_ATTEND_IMPL_MMA || ran == KVC_ATTEND_IMPL_MMA_WIDE;
+            double tol = (f16_keys ? 4e-3 : 1e-3) * mref + 1e-6;
             if (!(err <= tol)) {
                 fprintf(stderr, "row %zu (seq %zu) ch %u: gpu %g cpu %g (tol %g)\n", r,
                         r / B->n_heads, c, got[r * d + c], ref[r * d + c], tol);
@@ -279,6 +281,7 @@ static void run_and_compare(const built_t *B, uint32_t extra_bad, uint32_t max_o
            "%.2e\n",
            ran == KVC_ATTEND_IMPL_MMA        ? "mma "
            : ran == KVC_ATTEND_IMPL_MMA_QTAB ? "qtab"
+           : ran == KVC_ATTEND_IMPL_MMA_WIDE ? "wide"
                                              : "simt",
            d, B->n_seqs, B->n_kv, grp, n_ids, max_list, worst);
     CK(cudaFree(d_ws));
@@ -463,7 +466,7 @@ static void test_parity(void **state)
         for (int o = 0; o < KVC_OPT_DROP; o++)
             opts[o] += B.opt_pages[o];
         rot += B.rot_pages;
-        for (uint32_t impl = KVC_ATTEND_IMPL_SIMT; impl <= KVC_ATTEND_IMPL_MMA_QTAB; impl++) {
+        for (uint32_t impl = KVC_ATTEND_IMPL_SIMT; impl <= KVC_ATTEND_IMPL_MMA_WIDE; impl++) {
             run_and_compare(&B, 0, 0, impl);
             run_and_compare(&B, 0, 1, impl);
         }
@@ -491,6 +494,7 @@ static void test_bad_ids(void **state)
     run_and_compare(&B, 2, 0, KVC_ATTEND_IMPL_SIMT);
     run_and_compare(&B, 2, 0, KVC_ATTEND_IMPL_MMA);
     run_and_compare(&B, 2, 0, KVC_ATTEND_IMPL_MMA_QTAB);
+    run_and_compare(&B, 2, 0, KVC_ATTEND_IMPL_MMA_WIDE);
     unbuild(&B);
 }
 
@@ -514,7 +518,7 @@ static void test_refusals(void **state)
     gp.page_bytes = 1024; // cannot hold one key group
     assert_int_equal(kvc_attend_batch_cuda_workspace(&gp, &bt, &ws), FY_ERR_INVALID_ARG);
     gp.page_bytes = 32768;
-    bt.impl = KVC_ATTEND_IMPL_MMA_QTAB + 1; // no such kernel
+    bt.impl = KVC_ATTEND_IMPL_MMA_WIDE + 1; // no such kernel
     assert_int_equal(kvc_attend_batch_cuda_workspace(&gp, &bt, &ws), FY_ERR_INVALID_ARG);
     bt.impl = KVC_ATTEND_IMPL_AUTO;
     assert_int_equal(kvc_attend_batch_cuda(&gp, &bt, NULL, 1.0f, NULL, NULL, 0, NULL),
