@@ -1456,10 +1456,17 @@ __device__ void mma_page(const attn_params &A, const uint8_t *pg, const page_hdr
             __syncthreads();
             tab_opt = OPT;
         }
-        if constexpr (WIDE && OPT >= 2)
-            mma_tokens_wide<D, OPT>(A, slots, sb, ntok, tab, st);
-        else
-            mma_tokens<D, OPT, OPT != 0, WIDE>(A, slots, sb, 0, 0, ntok, tab, qz, qsp, 0, st);
+        uint32_t tw = 0; // tokens [0, tw) in wide steps, the rest in 16-token tiles
+        if constexpr (WIDE && OPT >= 2) {
+            // Whole rounds of 4 wide steps, so that every warp gets as many: a 32 KiB INT4 page
+            // of 192 tokens is 6 steps, 2 for two warps and 1 for the others, against one step
+            // and one tile each this way.
+            tw = ntok / (32 * kMmaWarps) * (32 * kMmaWarps);
+            if (tw > 0)
+                mma_tokens_wide<D, OPT>(A, slots, sb, tw, tab, st);
+        }
+        if (tw < ntok)
+            mma_tokens<D, OPT, OPT != 0, WIDE>(A, slots, sb, 0, tw, ntok, tab, qz, qsp, 0, st);
         return;
     }
     tab_opt = -1; // the scaled tables below overwrite it
