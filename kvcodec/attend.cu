@@ -1270,7 +1270,8 @@ __device__ void mma_tokens(const attn_params &A, const uint8_t *slots, uint32_t 
  * softmax step (max, rescale test) instead of two, and when the four n-tiles lie in one slot (G a
  * multiple of 32) one gather of the slot's key scales and zeros for four n-tiles; the four logit
  * chains are independent, so more MMAs are in flight (the kernel is bound by issue and latency,
- * not bytes: gpu-h200.md, Round 4). Logits in log2 units (sm_exp<true>). Tokens [0, te). */
+ * not bytes: gpu-h200.md, Round 4). Logits in log2 units (sm_exp<true>). Tokens [0, te), te a
+ * multiple of 32 kMmaWarps (whole rounds of steps, mma_page): every token of a step is valid. */
 template <int D, int OPT>
 __device__ void mma_tokens_wide(const attn_params &A, const uint8_t *slots, uint32_t sb,
                                 uint32_t te, const uint8_t *tab, mma_state<D> &st)
@@ -1285,37 +1286,45 @@ __device__ void mma_tokens_wide(const attn_params &A, const uint8_t *slots, uint
     const uint32_t g = lane >> 2, kq = lane & 3, r = g & 3;
     const uint32_t G = A.G;
     const uint32_t rowk = D * opt_kbits(OPT) / 8, koff = 4 * D + 4 * G;
-    const uint32_t nsteps = (te + 31) / 32;
+    const uint32_t nsteps = te / 32;
+    const bool g32 = G % 32 == 0; // every step lies in one slot
 
     uint32_t afr[KS][4];
     mma_load_a<D>(tab + r * mma_row_stride(D) + kq * 16, r & 1, afr);
     for (uint32_t step = warp; step < nsteps; step += kMmaWarps) {
         const uint32_t T0 = 32 * step;
-        // N-tile j starts at token nb[j], token jb[j] of slot si[j]. An n-tile past te takes the
-        // last one holding tokens (its tokens are clamped to te - 1, which lies there).
-        const uint32_t jlast = (te - 1 - T0) / 8;
-        uint32_t nb[4], jb[4], si[4];
+        // N-tile j (tokens T0 + 8 j ..) lies in slot sp[j] from its token jb[j] on.
+        uint32_t jb[4];
         const uint8_t *sp[4];
+        bool one = g32;
+        if (g32) {
+            const uint32_t si = A.g_shift < 32 ? T0 >> A.g_shift : T0 / G;
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            nb[j] = T0 + 8 * min((uint32_t)j, jlast);
-            si[j] = A.g_shift < 32 ? nb[j] >> A.g_shift : nb[j] / G;
-            sp[j] = slots + (size_t)si[j] * sb;
-            jb[j] = nb[j] - si[j] * G;
+            for (int j = 0; j < 4; j++) {
+                sp[j] = slots + (size_t)si * sb;
+                jb[j] = T0 - si * G + 8 * j;
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const uint32_t nb = T0 + 8 * j;
+                const uint32_t si = A.g_shift < 32 ? nb >> A.g_shift : nb / G;
+                sp[j] = slots + (size_t)si * sb;
+                jb[j] = nb - si * G;
+            }
+            one = sp[0] == sp[3];
         }
         uint32_t kw[4][KW];
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const uint32_t tok = min(T0 + 8 * j + mma_tau(g), te - 1);
-            lds_words<KW>(sp[j] + koff + (jb[j] + tok - nb[j]) * rowk + kq * KB, kw[j]);
-        }
+        for (int j = 0; j < 4; j++)
+            lds_words<KW>(sp[j] + koff + (jb[j] + mma_tau(g)) * rowk + kq * KB, kw[j]);
         float c[4][4];
 #pragma unroll
         for (int j = 0; j < 4; j++)
 #pragma unroll
             for (int k = 0; k < 4; k++)
                 c[j][k] = 0.0f;
-        if (si[0] == si[3]) { // one slot: its key scales and zeros gathered once for all four
+        if (one) { // one slot: its key scales and zeros gathered once for all four
 #pragma unroll
             for (int s = 0; s < KS; s++)
 #pragma unroll
@@ -1336,11 +1345,9 @@ __device__ void mma_tokens_wide(const attn_params &A, const uint8_t *slots, uint
 #pragma unroll
         for (int j = 0; j < 4; j++)
 #pragma unroll
-            for (int e = 0; e < 2; e++) {
-                const uint32_t t = T0 + 8 * j + mma_tau(2 * kq + e);
-                sv[j][e] = t >= te ? -INFINITY : c[j][e] + c[j][2 + e];
-            }
-        // Online softmax of row r over the 32 tokens (token T0 < te is valid).
+            for (int e = 0; e < 2; e++)
+                sv[j][e] = c[j][e] + c[j][2 + e];
+        // Online softmax of row r over the 32 tokens.
         float p[4][2];
         mma_softmax<D, 4, true>(sv, kq, st, p);
         // Values: two k steps of 16 tokens (n-tiles 0, 1 and 2, 3), P^T as in mma_tokens.
@@ -1349,11 +1356,9 @@ __device__ void mma_tokens_wide(const attn_params &A, const uint8_t *slots, uint
 #pragma unroll
         for (int j = 0; j < 4; j++)
 #pragma unroll
-            for (int e = 0; e < 2; e++) {
-                const uint32_t tok = min(T0 + 8 * j + mma_tau(2 * kq + e), te - 1);
-                mma_value_words<D, OPT>(sp[j], G, jb[j] + tok - nb[j], g, p[j][e], vw[j][e],
-                                        &ps[j][e], st);
-            }
+            for (int e = 0; e < 2; e++)
+                mma_value_words<D, OPT>(sp[j], G, jb[j] + mma_tau(2 * kq + e), g, p[j][e],
+                                        vw[j][e], &ps[j][e], st);
         const bool lo = g >= 4;
         uint32_t b[4];
 #pragma unroll
