@@ -280,10 +280,11 @@ int bench_attend_main(int argc, char **argv)
             page_bytes = kib >= 8 && kib <= 64 ? (uint32_t)kib * 1024u : 0;
             i++;
         } else {
-            fprintf(stderr, "usage: ferry-bench attend --device cuda [--json [FILE]] "
-                            "[--sdpa-json FILE] [--contexts N,..] [--batches N,..] [--reps N] "
-                            "[--pages f16,int8,int4,int4-rot,4/2,int2] [--kernels mma,wide,qtab,simt] "
-                            "[--page-kib 8..64]\n");
+            fprintf(stderr,
+                    "usage: ferry-bench attend --device cuda [--json [FILE]] "
+                    "[--sdpa-json FILE] [--contexts N,..] [--batches N,..] [--reps N] "
+                    "[--pages f16,int8,int4,int4-rot,4/2,int2] [--kernels mma,wide,qtab,simt] "
+                    "[--page-kib 8..64]\n");
             return 2;
         }
     }
@@ -538,8 +539,7 @@ int bench_attend_main(int argc, char **argv)
                 R->sdpa_ms = sdpa ? sdpa_lookup(sdpa, contexts[ci], B) : -1;
                 for (int k = 0; k < n_rows; k++)
                     if (strcmp(rows[k].variant, "f16") == 0 && rows[k].context == R->context &&
-                        rows[k].batch == B &&
-                        strcmp(rows[k].kernel, f16_kernel) == 0)
+                        rows[k].batch == B && strcmp(rows[k].kernel, f16_kernel) == 0)
                         R->vs_f16 = R->ms / rows[k].ms;
                 char vs_sdpa[16] = "-";
                 if (vi == 0 && R->sdpa_ms > 0)
@@ -595,8 +595,8 @@ int bench_attend_main(int argc, char **argv)
             const row_t *M = &rows[m];
             if (strcmp(M->kernel, "mma") == 0 && strcmp(M->variant, W->variant) == 0 &&
                 M->context == W->context && M->batch == W->batch && M->ms > 0)
-                fprintf(out, "wide / mma  %-9s %8u %5u %8.3f\n", W->variant, W->context,
-                        W->batch, W->ms / M->ms);
+                fprintf(out, "wide / mma  %-9s %8u %5u %8.3f\n", W->variant, W->context, W->batch,
+                        W->ms / M->ms);
         }
     }
     cJSON *goals = cJSON_AddObjectToObject(root, "goals");
@@ -618,7 +618,8 @@ int bench_attend_main(int argc, char **argv)
             snprintf(key, sizeof(key), "f16_vs_sdpa_%uk_b%u%s", R->context / 1024, R->batch, sfx);
             cJSON_AddNumberToObject(goals, key, R->ms / R->sdpa_ms);
             fprintf(out, "goal f16 pages <= 1.30x sdpa at %u, batch %u%s: %.2fx %s\n", R->context,
-                    R->batch, tag, R->ms / R->sdpa_ms, R->ms / R->sdpa_ms <= 1.3 ? "met" : "NOT met");
+                    R->batch, tag, R->ms / R->sdpa_ms,
+                    R->ms / R->sdpa_ms <= 1.3 ? "met" : "NOT met");
         }
     }
     char *text = cJSON_Print(root);

@@ -1357,8 +1357,8 @@ __device__ void mma_tokens_wide(const attn_params &A, const uint8_t *slots, uint
         for (int j = 0; j < 4; j++)
 #pragma unroll
             for (int e = 0; e < 2; e++)
-                mma_value_words<D, OPT>(sp[j], G, jb[j] + mma_tau(2 * kq + e), g, p[j][e],
-                                        vw[j][e], &ps[j][e], st);
+                mma_value_words<D, OPT>(sp[j], G, jb[j] + mma_tau(2 * kq + e), g, p[j][e], vw[j][e],
+                                        &ps[j][e], st);
         const bool lo = g >= 4;
         uint32_t b[4];
 #pragma unroll

@@ -317,15 +317,15 @@ typedef struct {
 } kvc_attend_batch_t;
 
 /* Kernels of kvc_attend_batch_cuda. AUTO: the environment variable FERRY_ATTEND_IMPL ("simt",
- * "mma", "mma-qtab" or "mma-wide") when set, else MMA. MMA (tensor cores: the query split into FP16 hi + lo,
- * FP32 accumulation) takes head_dim 64 and 128 with GQA groups up to 4 rows; quantized keys are
- * dequantized to FP16 in registers (code * scale + zero, rounded once, as an FP16 cache would
- * hold them), except for pages with MixKVQ protected channels. MMA_QTAB keeps the keys as exact
- * integer codes and scales the query per group instead (a shared-memory table per group: closer
- * to kvc_attend, slower). MMA_WIDE is MMA with the softmax in base 2 (the query scaled by log2 e)
- * and, for keys of at most 4 bits, 32 tokens a warp step instead of 16 (one softmax step and one
- * gather of a group's key scales per 32 tokens, four independent MMA chains); it has not been
- * timed against MMA yet, so it is not the default. Other shapes, and MMA or its variants asked
+ * "mma", "mma-qtab" or "mma-wide") when set, else MMA. MMA (tensor cores: the query split into FP16
+ * hi + lo, FP32 accumulation) takes head_dim 64 and 128 with GQA groups up to 4 rows; quantized
+ * keys are dequantized to FP16 in registers (code * scale + zero, rounded once, as an FP16 cache
+ * would hold them), except for pages with MixKVQ protected channels. MMA_QTAB keeps the keys as
+ * exact integer codes and scales the query per group instead (a shared-memory table per group:
+ * closer to kvc_attend, slower). MMA_WIDE is MMA with the softmax in base 2 (the query scaled by
+ * log2 e) and, for keys of at most 4 bits, 32 tokens a warp step instead of 16 (one softmax step
+ * and one gather of a group's key scales per 32 tokens, four independent MMA chains); it has not
+ * been timed against MMA yet, so it is not the default. Other shapes, and MMA or its variants asked
  * of them, run SIMT (FP32 dequantization in registers), which takes every shape. */
 enum {
     KVC_ATTEND_IMPL_AUTO = 0,
@@ -335,8 +335,8 @@ enum {
     KVC_ATTEND_IMPL_MMA_WIDE = 4,
 };
 
-/* The kernel (KVC_ATTEND_IMPL_SIMT, _MMA, _MMA_QTAB or _MMA_WIDE) kvc_attend_batch_cuda runs for this pool and
- * batch. Thread: any. */
+/* The kernel (KVC_ATTEND_IMPL_SIMT, _MMA, _MMA_QTAB or _MMA_WIDE) kvc_attend_batch_cuda runs for
+ * this pool and batch. Thread: any. */
 fy_status_t kvc_attend_batch_cuda_impl(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *batch,
                                        uint32_t *impl_p);
 

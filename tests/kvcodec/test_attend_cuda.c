@@ -156,8 +156,8 @@ static void unbuild(built_t *B)
  * each non-empty list) and compares with kvc_attend. max_list_pages_override 0: the true
  * maximum. */
 /* Runs kernel `impl` (KVC_ATTEND_IMPL_SIMT, _MMA, _MMA_QTAB or _MMA_WIDE) over the built pages and
- * compares with the CPU. MMA (or a variant) asked of a shape it does not take runs SIMT; kvc_attend_batch_cuda_impl must
- * say so exactly for the shapes the header names. */
+ * compares with the CPU. MMA (or a variant) asked of a shape it does not take runs SIMT;
+ * kvc_attend_batch_cuda_impl must say so exactly for the shapes the header names. */
 static void run_and_compare(const built_t *B, uint32_t extra_bad, uint32_t max_override,
                             uint32_t impl)
 {
