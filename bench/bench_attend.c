@@ -19,7 +19,8 @@
  * interval, median over --reps intervals. Each case runs with every kernel of
  * kvc_attend_batch_cuda: the tensor-core one (the default; the goals are its rows), for quantized
  * pages its exact-code variant "qtab", and the SIMT one (these two reps / 4 intervals), side by
- * side.
+ * side; the opt-in "wide" variant of the tensor-core kernel only when --kernels names it (then
+ * right after "mma", with "wide / mma" per row at the end).
  * Bytes read = page headers + used slots of every page (what the kernel loads).
  */
 #include <math.h>

@@ -8,8 +8,9 @@
 // option, rotated and unrotated pages, MixKVQ protected channels, GQA 4:1, 3:1, 2:1 and 1:1,
 // head_dim 64 and 128 (and 72, 256, 512 for the other lane layouts), odd token counts, empty lists
 // (zeros), one split per list and many, and invalid page ids (skipped and counted); each with every
-// kernel (SIMT, and MMA and MMA_QTAB where the shape allows them). Outputs are poisoned with NaN
-// first. Exits 77 (skipped) without a CUDA build or a GPU.
+// kernel (SIMT, and MMA, MMA_QTAB and MMA_WIDE where the shape allows them; group sizes 24, 32, 40
+// and 64 for MMA_WIDE's steps). Outputs are poisoned with NaN first. Exits 77 (skipped) without a
+// CUDA build or a GPU.
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -417,6 +418,31 @@ static const config_t k_configs[] = {
       {"int8", -1, -1, 77, 0, false},
       {"kivi2", -1, 1, 151, 0, false}},
      8},
+    // The wide kernel's other slot layouts at d 128, GQA 4:1, no protection: G 40 (a 32-token
+    // step spans two slots; a 32 KiB INT4 page of 200 tokens is 128 in steps and 72 in tiles)
+    // and G 64 (a step within a slot, three groups a page).
+    {128,
+     2,
+     4,
+     0,
+     32768,
+     512,
+     3,
+     {{"ferry", 0.2, -1, 733, 0, false},
+      {"int4", -1, 0, 409, 0, false},
+      {"kivi2", -1, 1, 301, 2, false}},
+     40},
+    {128,
+     1,
+     4,
+     0,
+     32768,
+     512,
+     3,
+     {{"ferry", 0.25, -1, 901, 0, false},
+      {"int4", -1, 1, 577, 0, false},
+      {"kivi2", -1, 0, 389, 0, false}},
+     64},
     // Beyond the brief's shapes, the kernel's other lane layouts: d 72 (not a power of two, so
     // nothing rotated; 9 of 16 lanes per token hold channels), d 256 with GQA 8 (32 lanes per
     // token, 8 rows), d 512 with GQA 2 (16 channels per lane, 64 KiB pages).
