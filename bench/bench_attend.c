@@ -242,6 +242,15 @@ static bool in_list(const char *list, const char *name)
     return false;
 }
 
+/* The name of kernel impl (KVC_ATTEND_IMPL_*) in --kernels and the report. */
+static const char *kernel_name(uint32_t impl)
+{
+    return impl == KVC_ATTEND_IMPL_MMA        ? "mma"
+           : impl == KVC_ATTEND_IMPL_MMA_WIDE ? "wide"
+           : impl == KVC_ATTEND_IMPL_MMA_QTAB ? "qtab"
+                                              : "simt";
+}
+
 int bench_attend_main(int argc, char **argv)
 {
     const char *device = "cuda", *json = NULL, *sdpa_path = NULL, *pages = NULL,
@@ -468,11 +477,8 @@ int bench_attend_main(int argc, char **argv)
                 const uint32_t impl = impls[ii];
                 if (impl == KVC_ATTEND_IMPL_MMA_QTAB && v->opt == KVC_OPT_F16)
                     continue; // FP16 pages have no key codes: the same kernel as MMA
-                const char *kname = impl == KVC_ATTEND_IMPL_MMA        ? "mma"
-                                    : impl == KVC_ATTEND_IMPL_MMA_WIDE ? "wide"
-                                    : impl == KVC_ATTEND_IMPL_SIMT     ? "simt"
-                                                                       : "qtab";
-                if (kernels != NULL ? !in_list(kernels, kname) : impl == KVC_ATTEND_IMPL_MMA_WIDE)
+                if (kernels != NULL ? !in_list(kernels, kernel_name(impl))
+                                    : impl == KVC_ATTEND_IMPL_MMA_WIDE)
                     continue;
                 const int kreps = impl == KVC_ATTEND_IMPL_MMA || impl == KVC_ATTEND_IMPL_MMA_WIDE
                                       ? reps
@@ -523,10 +529,7 @@ int bench_attend_main(int argc, char **argv)
                 }
                 row_t *R = &rows[n_rows++];
                 R->variant = v->name;
-                R->kernel = ran == KVC_ATTEND_IMPL_MMA        ? "mma"
-                            : ran == KVC_ATTEND_IMPL_MMA_WIDE ? "wide"
-                            : ran == KVC_ATTEND_IMPL_MMA_QTAB ? "qtab"
-                                                              : "simt";
+                R->kernel = kernel_name(ran);
                 // Against the FP16 pages of the same kernel (qtab has none: mma's).
                 const char *f16_kernel = ran == KVC_ATTEND_IMPL_MMA_QTAB ? "mma" : R->kernel;
                 R->context = contexts[ci];

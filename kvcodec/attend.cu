@@ -1119,6 +1119,22 @@ __device__ __forceinline__ void mma_value_words(const uint8_t *sp, uint32_t G, u
     st.pz += p * h2f_at(sp + 4 * D + 2 * G + 2 * jt);
 }
 
+/* One k step of 16 tokens of O^T += V^T P^T: the value words of n-tiles a and b (their tokens
+ * 2 kq, 2 kq + 1: a0, a1 and b0, b1) against P^T, the tokens' weights times their vscale (psa,
+ * psb), hi columns for g < 4 and lo ones for g >= 4 (lo). */
+template <int D, int OPT>
+__device__ __forceinline__ void mma_pv(mma_state<D> &st, const uint32_t *a0, const uint32_t *a1,
+                                       const uint32_t *b0, const uint32_t *b1,
+                                       const float (&psa)[2], const float (&psb)[2], bool lo)
+{
+    const uint32_t pa = pack_h2(split_part(psa[0], lo), split_part(psa[1], lo));
+    const uint32_t pb = pack_h2(split_part(psb[0], lo), split_part(psb[1], lo));
+#pragma unroll
+    for (int u = 0; u < D / 16; u++)
+        mma16816(st.acc[u], v_pair<OPT>(a0, a1, u), v_pair<OPT>(a0, a1, D / 16 + u),
+                 v_pair<OPT>(b0, b1, u), v_pair<OPT>(b0, b1, D / 16 + u), pa, pb);
+}
+
 /* Attends tokens [tb, te) of a staged page (slots at `slots`), whose keys' query table for slots
  * s0 .. is at tab (qz, qsp beside it). With KDQ (a quantized option without protected channels)
  * the keys are dequantized in registers instead (code * kscale + kzero in FP16, k_pair_deq) and
@@ -1252,15 +1268,7 @@ __device__ void mma_tokens(const attn_params &A, const uint8_t *slots, uint32_t 
                                             &ps[j][e], st);
                 }
             }
-        const bool lo = g >= 4;
-        const uint32_t b0 = pack_h2(split_part(ps[0][0], lo), split_part(ps[0][1], lo));
-        const uint32_t b1 = pack_h2(split_part(ps[1][0], lo), split_part(ps[1][1], lo));
-#pragma unroll
-        for (int u = 0; u < KS; u++)
-            mma16816(st.acc[u], v_pair<OPT>(vw[0][0], vw[0][1], u),
-                     v_pair<OPT>(vw[0][0], vw[0][1], D / 16 + u),
-                     v_pair<OPT>(vw[1][0], vw[1][1], u),
-                     v_pair<OPT>(vw[1][0], vw[1][1], D / 16 + u), b0, b1);
+        mma_pv<D, OPT>(st, vw[0][0], vw[0][1], vw[1][0], vw[1][1], ps[0], ps[1], g >= 4);
     }
 }
 
@@ -1359,20 +1367,10 @@ __device__ void mma_tokens_wide(const attn_params &A, const uint8_t *slots, uint
             for (int e = 0; e < 2; e++)
                 mma_value_words<D, OPT>(sp[j], G, jb[j] + mma_tau(2 * kq + e), g, p[j][e], vw[j][e],
                                         &ps[j][e], st);
-        const bool lo = g >= 4;
-        uint32_t b[4];
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-            b[j] = pack_h2(split_part(ps[j][0], lo), split_part(ps[j][1], lo));
 #pragma unroll
         for (int h = 0; h < 2; h++)
-#pragma unroll
-            for (int u = 0; u < KS; u++)
-                mma16816(st.acc[u], v_pair<OPT>(vw[2 * h][0], vw[2 * h][1], u),
-                         v_pair<OPT>(vw[2 * h][0], vw[2 * h][1], D / 16 + u),
-                         v_pair<OPT>(vw[2 * h + 1][0], vw[2 * h + 1][1], u),
-                         v_pair<OPT>(vw[2 * h + 1][0], vw[2 * h + 1][1], D / 16 + u), b[2 * h],
-                         b[2 * h + 1]);
+            mma_pv<D, OPT>(st, vw[2 * h][0], vw[2 * h][1], vw[2 * h + 1][0], vw[2 * h + 1][1],
+                           ps[2 * h], ps[2 * h + 1], g >= 4);
     }
 }
 
@@ -2025,10 +2023,11 @@ fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt,
     uint32_t max_splits = pl->n_splits; // the workspace fits either kernel's split
 
     // The tensor-core kernel: head_dim 64 or 128, GQA groups up to 4, its shared memory.
+    const uint32_t impl = attend_impl(bt);
     pl->mma = false;
     pl->kdq = false;
-    pl->wide = attend_impl(bt) == KVC_ATTEND_IMPL_MMA_WIDE;
-    pl->mma_kernel = mma_kernel(d, pl->wide);
+    pl->wide = false;
+    pl->mma_kernel = mma_kernel(d, impl == KVC_ATTEND_IMPL_MMA_WIDE);
     if ((d == 64 || d == 128) && rows <= kMmaRows) {
         pl->m_ts = mma_table_slots(G);
         size_t pbuf = align_up(pool->page_bytes, 16);
@@ -2058,14 +2057,14 @@ fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt,
             const uint64_t mres = (uint64_t)(sms > 0 ? sms : 1) * (uint64_t)mper;
             const uint32_t ms = choose_splits(items, mres, bt->max_list_pages);
             max_splits = ms > max_splits ? ms : max_splits;
-            if (attend_impl(bt) != KVC_ATTEND_IMPL_SIMT) {
+            if (impl != KVC_ATTEND_IMPL_SIMT) {
                 pl->mma = true;
-                pl->kdq = attend_impl(bt) != KVC_ATTEND_IMPL_MMA_QTAB;
+                pl->kdq = impl != KVC_ATTEND_IMPL_MMA_QTAB;
+                pl->wide = impl == KVC_ATTEND_IMPL_MMA_WIDE;
                 pl->n_splits = ms;
             }
         }
     }
-    pl->wide = pl->wide && pl->mma;
 
     const uint32_t cw = d < (uint32_t)kCombThreads ? d : (uint32_t)kCombThreads;
     pl->smem_combine =
