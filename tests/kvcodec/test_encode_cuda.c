@@ -27,7 +27,7 @@ typedef struct {
     int rotate;    // -1: the policy's
     uint32_t protect;
     int variant; // 0 none, 1 modelled distortion, 2 HybridKV, 3 no backbone, 4 calibrated
-                 // per-layer byte shares and distortion weights
+                 // per-layer byte shares and distortion weights, 5 signed zeros (zero_ties)
     uint32_t n_heads, n_kv, n, d, n_layers;
     uint32_t pad; // extra elements per token row and per head (strided input)
     int from_attn; // 1: no scores passed; both encoders score from window_attn
@@ -128,6 +128,39 @@ static void expect_totals(const kvc_encoder_t *cpu, const kvc_encoder_cuda_t *gp
     assert_int_equal(budc, budg);
 }
 
+/* Ranges whose ends are zeros of both signs, which compare equal while the FP16 zero point keeps
+ * the sign: the encoders must take the one the CPU's scan order meets first. Key channels c % 16
+ * == 5 are non-negative and zero at t % 3 != 2, -0 at the even tokens of the first 8 of every
+ * 32 and +0 elsewhere (a channel's range over a group). Value rows t % 7 == 0 are non-negative
+ * and t % 7 == 3 non-positive, with a zero of one sign at channel 3 (first in channel order)
+ * and of the other at channels 10, 18, ... (first in kvc_row_minmax's lane order). */
+static uint16_t zero_tie(uint32_t t, uint32_t c, int val, uint16_t x)
+{
+    const uint16_t ax = x & 0x7fffu, pz = 0, nz = 0x8000u;
+    if (c % 16 == 5)
+        return t % 3 == 2 ? ax : (t % 32 < 8 && t % 2 == 0) ? nz : pz;
+    if (val && (t % 7 == 0 || t % 7 == 3)) {
+        const bool neg = t % 7 == 3; // the zero is the row's maximum
+        if (c == 3)
+            return neg ? pz : nz;
+        if (c % 8 == 2 && c >= 8)
+            return neg ? nz : pz;
+        return neg ? (uint16_t)(ax | 0x8000u) : ax;
+    }
+    return x;
+}
+
+static void zero_ties(kvt_layer_t *L)
+{
+    for (size_t h = 0; h < L->n_kv; h++)
+        for (uint32_t t = 0; t < L->n; t++)
+            for (uint32_t c = 0; c < L->d; c++) {
+                size_t i = (h * L->n + t) * L->d + c;
+                L->k[i] = zero_tie(t, c, 0, L->k[i]);
+                L->v[i] = zero_tie(t, c, 1, L->v[i]);
+            }
+}
+
 static void run_case(const ecase_t *c, uint64_t seed)
 {
     kvc_policy_t pol;
@@ -169,6 +202,8 @@ static void run_case(const ecase_t *c, uint64_t seed)
     for (uint32_t l = 0; l < c->n_layers; l++) {
         if (l > 0)
             kvc_synth_layer(seed + l, c->n_heads, c->n_kv, c->n, c->d, L.W, L.k, L.v, L.q);
+        if (c->variant == 5)
+            zero_ties(&L);
         strided_t S;
         strided_make(&S, &L, c->pad);
         kvc_layer_input_t in = kvt_input(&L, l);
@@ -248,10 +283,7 @@ static void run_case(const ecase_t *c, uint64_t seed)
     kvt_layer_free(&L);
 }
 
-static void test_parity(void **state)
-{
-    (void)state;
-    static const ecase_t cases[] = {
+static const ecase_t parity_cases[] = {
         // policy, b, rot, P, variant, heads, kv, n, d, layers, pad, from_attn
         {"ferry", 0.25, -1, 0, 0, 8, 2, 301, 64, 3, 0, 0},
         {"ferry", 0.25, 0, 0, 0, 8, 2, 301, 64, 2, 8, 0},
@@ -291,9 +323,35 @@ static void test_parity(void **state)
         {"ferry", 0.25, 1, 0, 0, 8, 2, 301, 64, 2, 0, 1},
         {"ferry", 0.125, 0, 2, 2, 6, 3, 211, 64, 2, 8, 1},
         {"h2o", 0.25, 0, 0, 0, 4, 2, 257, 64, 1, 0, 1},
-    };
-    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
-        run_case(&cases[i], 500 + i);
+        // Zeros of both signs at the ends of key and value ranges (unrotated: INT8 and the
+        // unrotated 4- and 2-bit options).
+        {"ferry", 0.25, 0, 0, 5, 4, 2, 203, 64, 2, 0, 0},
+        {"int8", -1, 0, 0, 5, 4, 2, 99, 128, 1, 0, 0},
+        {"kivi2", -1, 0, 0, 5, 4, 2, 99, 32, 1, 0, 0},
+        // Rows 8-byte aligned only (4 halves of padding): loads a half at a time.
+        {"ferry", 0.25, 1, 0, 0, 8, 2, 301, 64, 2, 4, 0},
+        {"int8", -1, 0, 0, 0, 4, 2, 75, 32, 1, 4, 0},
+};
+
+static void test_parity(void **state)
+{
+    (void)state;
+    for (size_t i = 0; i < sizeof(parity_cases) / sizeof(parity_cases[0]); i++)
+        run_case(&parity_cases[i], 500 + i);
+}
+
+/* The cases that the register-resident quantizer takes (FERRY_QUANT_IMPL=warp: head_dim 32, 64
+ * or 128, no protected channels), with it. */
+static void test_parity_quant_warp(void **state)
+{
+    (void)state;
+    setenv("FERRY_QUANT_IMPL", "warp", 1);
+    for (size_t i = 0; i < sizeof(parity_cases) / sizeof(parity_cases[0]); i++) {
+        const ecase_t *c = &parity_cases[i];
+        if (c->protect == 0 && (c->d == 32 || c->d == 64 || c->d == 128))
+            run_case(c, 700 + i);
+    }
+    unsetenv("FERRY_QUANT_IMPL");
 }
 
 /* Layers queued ahead (kvc_encoder_enqueue_layer_cuda*): the rate controller carries each
@@ -600,6 +658,7 @@ int main(void)
     }
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_parity),
+        cmocka_unit_test(test_parity_quant_warp),
         cmocka_unit_test(test_queue),
         cmocka_unit_test(test_queue_host),
         cmocka_unit_test(test_destroy_queued),
