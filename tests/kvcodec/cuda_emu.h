@@ -27,6 +27,9 @@
 struct alignas(16) uint4 {
     unsigned x, y, z, w;
 };
+struct alignas(8) uint2 {
+    unsigned x, y;
+};
 
 struct emu_idx {
     unsigned x, y, z;
@@ -110,6 +113,11 @@ template <typename T> static T __shfl_up_sync(unsigned, T v, unsigned delta, int
     const unsigned lane = threadIdx.x % 32, seg = lane & (unsigned)(width - 1);
     const T r = from_bits<T>(warp_xchg(to_bits(v), seg >= delta ? lane - delta : lane));
     return r;
+}
+template <typename T> static T __shfl_down_sync(unsigned, T v, unsigned delta, int width = 32)
+{
+    const unsigned lane = threadIdx.x % 32, seg = lane & (unsigned)(width - 1);
+    return from_bits<T>(warp_xchg(to_bits(v), seg + delta < (unsigned)width ? lane + delta : lane));
 }
 static inline void __syncwarp(unsigned = 0xffffffffu)
 {
