@@ -15,6 +15,7 @@
 
 #include "kvcodec_cuda.h"
 #include "kvtest.h"
+#include "zero_ties.h"
 
 #if FY_HAVE_CUDA
 #include <cuda_runtime.h>
@@ -128,36 +129,15 @@ static void expect_totals(const kvc_encoder_t *cpu, const kvc_encoder_cuda_t *gp
     assert_int_equal(budc, budg);
 }
 
-/* Ranges whose ends are zeros of both signs, which compare equal while the FP16 zero point keeps
- * the sign: the encoders must take the one the CPU's scan order meets first. Key channels c % 16
- * == 5 are non-negative and zero at t % 3 != 2, -0 at the even tokens of the first 8 of every
- * 32 and +0 elsewhere (a channel's range over a group). Value rows t % 7 == 0 are non-negative
- * and t % 7 == 3 non-positive, with a zero of one sign at channel 3 (first in channel order)
- * and of the other at channels 10, 18, ... (first in kvc_row_minmax's lane order). */
-static uint16_t zero_tie(uint32_t t, uint32_t c, int val, uint16_t x)
-{
-    const uint16_t ax = x & 0x7fffu, pz = 0, nz = 0x8000u;
-    if (c % 16 == 5)
-        return t % 3 == 2 ? ax : (t % 32 < 8 && t % 2 == 0) ? nz : pz;
-    if (val && (t % 7 == 0 || t % 7 == 3)) {
-        const bool neg = t % 7 == 3; // the zero is the row's maximum
-        if (c == 3)
-            return neg ? pz : nz;
-        if (c % 8 == 2 && c >= 8)
-            return neg ? nz : pz;
-        return neg ? (uint16_t)(ax | 0x8000u) : ax;
-    }
-    return x;
-}
-
+/* kvt_zero_tie over a layer (parity variant 5). */
 static void zero_ties(kvt_layer_t *L)
 {
     for (size_t h = 0; h < L->n_kv; h++)
         for (uint32_t t = 0; t < L->n; t++)
             for (uint32_t c = 0; c < L->d; c++) {
                 size_t i = (h * L->n + t) * L->d + c;
-                L->k[i] = zero_tie(t, c, 0, L->k[i]);
-                L->v[i] = zero_tie(t, c, 1, L->v[i]);
+                L->k[i] = kvt_zero_tie(t, c, 0, L->k[i]);
+                L->v[i] = kvt_zero_tie(t, c, 1, L->v[i]);
             }
 }
 

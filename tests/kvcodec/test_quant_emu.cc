@@ -22,6 +22,7 @@ extern "C" {
 }
 
 #include "cuda_emu.h"
+#include "zero_ties.h"
 
 // common/half_cuda.h's conversions equal common/half.c's bit for bit.
 static inline float fy_dev_h2f(uint16_t h)
@@ -47,28 +48,6 @@ static float rnd_sym() // uniform in [-1, 1]
     return (float)(emu_xorshift(&g_rng) >> 40) / (float)(1u << 23) - 1.0f;
 }
 
-/* Element c of token t (val: of V) with ranges that end in zeros of both signs, given its bits.
- * Key channels c % 16 == 5 are non-negative and zero at t % 3 != 2: -0 at the even tokens of
- * the first 8 of every 32, +0 elsewhere, so a group's range meets -0 first in some warps and
- * +0 first in others. Value rows t % 7 == 0 are non-negative and t % 7 == 3 non-positive, with
- * a zero of one sign at channel 3 (first in channel order) and of the other at channels 10,
- * 18, ... (first in kvc_row_minmax's lane order). As test_encode_cuda.c's zero_ties. */
-static uint16_t zero_tie(uint32_t t, uint32_t c, bool val, uint16_t x)
-{
-    const uint16_t ax = x & 0x7fffu, pz = 0, nz = 0x8000u;
-    if (c % 16 == 5)
-        return t % 3 == 2 ? ax : (t % 32 < 8 && t % 2 == 0) ? nz : pz;
-    if (val && (t % 7 == 0 || t % 7 == 3)) {
-        const bool neg = t % 7 == 3;
-        if (c == 3)
-            return neg ? pz : nz;
-        if (c % 8 == 2 && c >= 8)
-            return neg ? nz : pz;
-        return neg ? (uint16_t)(ax | 0x8000u) : ax;
-    }
-    return x;
-}
-
 /* One layer of n_kv heads x n tokens, head_dim 32 E, quantized by a grid of `blocks` blocks:
  * frame bytes against kvc_quant_group's, and the bytes between groups untouched. */
 template <int E> static void check(bool vec, bool rotate, uint32_t n_kv, uint32_t n, unsigned blocks)
@@ -80,8 +59,8 @@ template <int E> static void check(bool vec, bool rotate, uint32_t n_kv, uint32_
             for (uint32_t c = 0; c < d; c++) {
                 const size_t i = (size_t)h * hs + (size_t)t * ts + c;
                 const float sc = 1.0f + (float)(c % 7);
-                K[i] = zero_tie(t, c, false, fy_fp32_to_fp16(rnd_sym() * sc));
-                V[i] = zero_tie(t, c, true, fy_fp32_to_fp16(0.5f * rnd_sym() * sc));
+                K[i] = kvt_zero_tie(t, c, 0, fy_fp32_to_fp16(rnd_sym() * sc));
+                V[i] = kvt_zero_tie(t, c, 1, fy_fp32_to_fp16(0.5f * rnd_sym() * sc));
             }
     // Groups of several sizes over every head, options in turn, a byte of gap after each; a
     // group takes every other token where the head has room (evicted tokens leave gaps).

@@ -1,0 +1,31 @@
+/* Test inputs whose ranges end in zeros of both signs. Such zeros compare equal, but the FP16
+ * zero point of a range keeps the sign, so an encoder must take the one the CPU's scan order
+ * meets first. Shared by test_encode_cuda.c and test_quant_emu.cc (C and C++). */
+#ifndef FERRY_TESTS_KVCODEC_ZERO_TIES_H
+#define FERRY_TESTS_KVCODEC_ZERO_TIES_H
+
+#include <stdint.h>
+
+/* Element c of token t (val: of V) given its FP16 bits x. Key channels c % 16 == 5 are
+ * non-negative and zero at t % 3 != 2: -0 at the even tokens of the first 8 of every 32, +0
+ * elsewhere, so a group's channel range meets -0 first in some of its warps' token runs and +0
+ * in others. Value rows t % 7 == 0 are non-negative and t % 7 == 3 non-positive, with a zero
+ * of one sign at channel 3 (first in channel order) and of the other at channels 10, 18, ...
+ * (first in kvc_row_minmax's lane order, lane 2 before lane 3). */
+static inline uint16_t kvt_zero_tie(uint32_t t, uint32_t c, int val, uint16_t x)
+{
+    const uint16_t ax = (uint16_t)(x & 0x7fffu), pz = 0, nz = 0x8000u;
+    if (c % 16 == 5)
+        return t % 3 == 2 ? ax : (t % 32 < 8 && t % 2 == 0) ? nz : pz;
+    if (val && (t % 7 == 0 || t % 7 == 3)) {
+        const int neg = t % 7 == 3; // the zero is the row's maximum
+        if (c == 3)
+            return neg ? pz : nz;
+        if (c % 8 == 2 && c >= 8)
+            return neg ? nz : pz;
+        return neg ? (uint16_t)(ax | 0x8000u) : ax;
+    }
+    return x;
+}
+
+#endif
