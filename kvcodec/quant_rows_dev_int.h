@@ -1,14 +1,17 @@
-/* The quantizer's row loads and Hadamard rotation on the GPU, and quant_warp_body, the body of
- * encode.cu's quant_warp_kernel: quant.c's kvc_quant_group for a layer's quantized groups, with
- * every row in registers. Device code that two places compile: kvcodec/encode.cu and
- * tests/kvcodec/test_quant_emu.cc, which runs quant_warp_body on host threads against
- * kvc_quant_group (every option, head_dim 32/64/128, rotated and not, aligned rows and not,
- * zeros of both signs at the ends of ranges).
+/* The quantizer on the GPU: the row loads and Hadamard rotation that encode.cu's stats and
+ * quantizer kernels share, the per-token lane helpers, and the bodies of its two quantizer
+ * kernels, quant_body (quant_kernel: a block per group, the group staged in shared memory) and
+ * quant_warp_body (quant_warp_kernel: every row in registers). Each writes quant.c's
+ * kvc_quant_group bytes for a layer's quantized groups. Device code that two places compile:
+ * kvcodec/encode.cu and tests/kvcodec/test_quant_emu.cc, which runs both bodies on host threads
+ * against kvc_quant_group (every option, head_dim 32 to 256, rotated and not, protected
+ * channels, aligned rows and not, zeros of both signs at the ends of ranges).
  *
  * Not a standalone header. The includer provides quant_dev_int.h's functions, work_t and
- * plan_dev_t (layout_dev_int.h), fy_dev_h2f, KVC_OPT_*; and outside CUDA __device__,
- * __forceinline__, threadIdx, blockIdx, gridDim, __syncthreads, __shfl_xor_sync,
- * __shfl_down_sync, uint2, uint4 and min. */
+ * plan_dev_t (layout_dev_int.h), fy_dev_h2f, KVC_OPT_*, KVC_MAX_HEAD_DIM, KVC_MAX_PROTECT;
+ * and outside CUDA __device__, __forceinline__, threadIdx, blockIdx, blockDim, gridDim,
+ * __syncthreads, __syncwarp, __shfl_sync, __shfl_xor_sync, __shfl_down_sync, __ffs,
+ * __fsqrt_rn, uint2, uint4, float4, make_float4 and min. */
 #ifndef FERRY_KVCODEC_QUANT_ROWS_DEV_INT_H
 #define FERRY_KVCODEC_QUANT_ROWS_DEV_INT_H
 
@@ -19,6 +22,7 @@
 #endif
 
 #define QUANT_THREADS 128
+#define TOK_LANES     8 // threads per token in the per-token passes (the CPU's 8 lanes)
 
 /* Where the rows of a layer are: FP16 K, V (strided) and their rotated fp32 copies. */
 typedef struct {
@@ -26,18 +30,41 @@ typedef struct {
     size_t hs, ts;
     const float *kr, *vr; // [n_kv][n][d] rotated rows, or NULL
     uint32_t n, d;
-    int vec; // k, v and their strides are 16-byte aligned: rows load as vectors (ld_hE_raw)
+    int vec; // k, v and their strides are 16-byte aligned: rows load as vectors (ld_pairs)
 } kv_src_t;
 
-/* Halves c .. c + E - 1 of row (h, t) of K or V, as loaded: E / 2 words of two halves when s.vec
- * (rows 16-byte aligned; c a multiple of E: one vector load), else a half per word. Nothing uses
- * them before cvt_hE, so a warp can have several rows' loads in flight. */
+/* Element (h, t, c) of a strided FP16 tensor. */
+static __device__ __forceinline__ float ld_h(const uint16_t *x, size_t hs, size_t ts, uint32_t h,
+                                             uint32_t t, uint32_t c)
+{
+    return fy_dev_h2f(x[(size_t)h * hs + (size_t)t * ts + c]);
+}
+
+/* Element c of token t of head h: K or V (val), rotated (rot) or as given. */
+static __device__ __forceinline__ float src_x(const kv_src_t &a, bool val, bool rot, uint32_t h,
+                                              uint32_t t, uint32_t c)
+{
+    if (rot)
+        return (val ? a.vr : a.kr)[((size_t)h * a.n + t) * a.d + c];
+    return ld_h(val ? a.v : a.k, a.hs, a.ts, h, t, c);
+}
+
+/* Halves c .. c + E - 1 of row (h, t) of K or V, two to a word (the lower half first; c a
+ * multiple of E): one vector load when s.vec (rows 16-byte aligned), else a load per half.
+ * Nothing uses them before cvt_pairs, so a warp can have many rows' loads in flight. */
+template <int E> constexpr int qw_words()
+{
+    return E >= 2 ? E / 2 : 1;
+}
+
 template <int E>
-static __device__ __forceinline__ void ld_hE_raw(const kv_src_t &s, bool val, uint32_t h,
-                                                 uint32_t t, uint32_t c, uint32_t (&w)[E])
+static __device__ __forceinline__ void ld_pairs(const kv_src_t &s, bool val, uint32_t h, uint32_t t,
+                                                uint32_t c, uint32_t (&w)[qw_words<E>()])
 {
     const uint16_t *p = (val ? s.v : s.k) + (size_t)h * s.hs + (size_t)t * s.ts + c;
-    if constexpr (E >= 2) {
+    if constexpr (E == 1) {
+        w[0] = p[0];
+    } else {
         if (s.vec) {
             if constexpr (E == 8) {
                 const uint4 u = *reinterpret_cast<const uint4 *>(p);
@@ -50,30 +77,19 @@ static __device__ __forceinline__ void ld_hE_raw(const kv_src_t &s, bool val, ui
             }
             return;
         }
+        QUANT_UNROLL
+        for (int i = 0; i < E / 2; i++)
+            w[i] = (uint32_t)p[2 * i] | (uint32_t)p[2 * i + 1] << 16;
     }
-QUANT_UNROLL
-    for (int e = 0; e < E; e++)
-        w[e] = p[e];
 }
 
-/* ld_hE_raw's halves as fp32. */
+/* ld_pairs' halves as fp32. */
 template <int E>
-static __device__ __forceinline__ void cvt_hE(const kv_src_t &s, const uint32_t (&w)[E],
-                                              float (&x)[E])
+static __device__ __forceinline__ void cvt_pairs(const uint32_t (&w)[qw_words<E>()], float (&x)[E])
 {
-    if constexpr (E >= 2) {
-        if (s.vec) {
-QUANT_UNROLL
-            for (int i = 0; i < E / 2; i++) {
-                x[2 * i] = fy_dev_h2f((uint16_t)w[i]);
-                x[2 * i + 1] = fy_dev_h2f((uint16_t)(w[i] >> 16));
-            }
-            return;
-        }
-    }
-QUANT_UNROLL
+    QUANT_UNROLL
     for (int e = 0; e < E; e++)
-        x[e] = fy_dev_h2f((uint16_t)w[e]);
+        x[e] = fy_dev_h2f((uint16_t)(w[e / 2] >> (16 * (e % 2))));
 }
 
 /* kvc_hadamard on a row of d = 32 E floats held by a warp, lane L holding elements E L ..
@@ -83,27 +99,163 @@ QUANT_UNROLL
 template <int E> static __device__ __forceinline__ void warp_hadamard(float (&x)[E], float scale)
 {
     const uint32_t lane = threadIdx.x % 32;
-QUANT_UNROLL
+    QUANT_UNROLL
     for (int len = 1; len < E; len <<= 1)
-QUANT_UNROLL
-        for (int e = 0; e < E; e++)
-            if ((e & len) == 0) {
-                const float p = x[e], q = x[e + len];
-                x[e] = kadd(p, q);
-                x[e + len] = ksub(p, q);
-            }
-QUANT_UNROLL
+        QUANT_UNROLL
+    for (int e = 0; e < E; e++)
+        if ((e & len) == 0) {
+            const float p = x[e], q = x[e + len];
+            x[e] = kadd(p, q);
+            x[e + len] = ksub(p, q);
+        }
+    QUANT_UNROLL
     for (uint32_t m = 1; m < 32; m <<= 1) {
         const bool upper = (lane & m) != 0;
-QUANT_UNROLL
+        QUANT_UNROLL
         for (int e = 0; e < E; e++) {
             const float o = __shfl_xor_sync(0xffffffffu, x[e], m);
             x[e] = upper ? ksub(o, x[e]) : kadd(x[e], o);
         }
     }
-QUANT_UNROLL
+    QUANT_UNROLL
     for (int e = 0; e < E; e++)
         x[e] = kmul(x[e], scale);
+}
+
+/* Rows j < m of K and V of head h (token tok(j)) as fp32 into sk and sv, `stride` floats
+ * apart, a warp per row, Hadamard-rotated on the way when rot; d = 32 E. A warp loads R rows
+ * before it rotates the first: one row at a time, each row waited the whole load latency
+ * (a group of 32 tokens is 16 rows per warp), which left the short layers' encode kernels
+ * mostly waiting. */
+template <int E, typename F>
+static __device__ void stage_rows_warp(const kv_src_t &s, uint32_t h, F tok, uint32_t m, float *sk,
+                                       float *sv, uint32_t stride, bool rot, float scale)
+{
+    constexpr int R = E >= 8 ? 4 : E == 4 ? 8 : 16; // rows in flight per warp
+    const uint32_t lane = threadIdx.x % 32, nw = blockDim.x / 32;
+    for (uint32_t r0 = threadIdx.x / 32; r0 < 2 * m; r0 += R * nw) {
+        uint32_t w[R][qw_words<E>()];
+        QUANT_UNROLL
+        for (int i = 0; i < R; i++) {
+            const uint32_t row = r0 + i * nw; // warp-uniform
+            if (row < 2 * m) {
+                const bool val = row >= m;
+                ld_pairs<E>(s, val, h, tok(val ? row - m : row), E * lane, w[i]);
+            } else {
+                QUANT_UNROLL
+                for (int e = 0; e < qw_words<E>(); e++)
+                    w[i][e] = 0; // (nothing of it lives on into the next rows)
+            }
+        }
+        QUANT_UNROLL
+        for (int i = 0; i < R; i++) {
+            const uint32_t row = r0 + i * nw;
+            if (row >= 2 * m)
+                break;
+            const bool val = row >= m;
+            const uint32_t j = val ? row - m : row;
+            float x[E];
+            cvt_pairs<E>(w[i], x);
+            if (rot)
+                warp_hadamard<E>(x, scale);
+            float *dst = (val ? sv : sk) + (size_t)j * stride + E * lane;
+            if constexpr (E % 4 == 0) { // stride and the arrays are 16-byte aligned (stage_plan)
+                QUANT_UNROLL
+                for (int e = 0; e < E; e += 4)
+                    *reinterpret_cast<float4 *>(dst + e) =
+                        make_float4(x[e], x[e + 1], x[e + 2], x[e + 3]);
+            } else {
+                QUANT_UNROLL
+                for (int e = 0; e < E; e++)
+                    dst[e] = x[e];
+            }
+        }
+    }
+}
+
+/* stage_rows_warp for the head dims it serves (32 E for E = E0, 2 E0, .. 8); false for the
+ * others, which stage element by element and rotate with sm_hadamard_rows. */
+template <int E0 = 1, typename F>
+static __device__ bool stage_rows(const kv_src_t &s, uint32_t h, F tok, uint32_t m, float *sk,
+                                  float *sv, uint32_t stride, bool rot, float scale)
+{
+    if (s.d == 32 * E0) {
+        stage_rows_warp<E0>(s, h, tok, m, sk, sv, stride, rot, scale);
+        return true;
+    }
+    if constexpr (E0 < 8)
+        return stage_rows<2 * E0>(s, h, tok, m, sk, sv, stride, rot, scale);
+    return false;
+}
+
+/* The per-token passes give each token TOK_LANES consecutive threads of a warp: lane l runs the
+ * CPU's accumulator l (channels l, l + 8, ...) and the lanes' results are combined in the CPU's
+ * order, so every value equals the serial loop's. */
+
+/* kvc_dev_sum8 of the 8 lanes' x, in every lane: a + b == b + a exactly, so both lanes of a
+ * pair hold the same sum at each level of the tree. */
+static __device__ __forceinline__ float tl_sum8(float x)
+{
+    x = kadd(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    x = kadd(x, __shfl_xor_sync(0xffffffffu, x, 2));
+    return kadd(x, __shfl_xor_sync(0xffffffffu, x, 4));
+}
+
+/* kvc_row_minmax's merge of the 8 lanes' (mn, mx): lane 0's, then lanes 1 .. 7 in order. */
+static __device__ __forceinline__ void tl_merge(float mn, float mx, float *lo_p, float *hi_p)
+{
+    float lo = __shfl_sync(0xffffffffu, mn, 0, TOK_LANES);
+    float hi = __shfl_sync(0xffffffffu, mx, 0, TOK_LANES);
+    QUANT_UNROLL
+    for (int l = 1; l < TOK_LANES; l++) {
+        const float a = __shfl_sync(0xffffffffu, mn, l, TOK_LANES);
+        const float b = __shfl_sync(0xffffffffu, mx, l, TOK_LANES);
+        lo = a < lo ? a : lo;
+        hi = b > hi ? b : hi;
+    }
+    *lo_p = lo;
+    *hi_p = hi;
+}
+
+/* kvc_row_minmax over element c = get(c) (lane l: channels l, l + 8, ..., then the merge), this
+ * thread being lane l of its token. */
+template <typename F>
+static __device__ __forceinline__ void tl_minmax(F get, uint32_t d, uint32_t l, float *lo_p,
+                                                 float *hi_p)
+{
+    float mn = get(l), mx = mn;
+    for (uint32_t c = 8; c + 8 <= d; c += 8) {
+        const float x = get(c + l);
+        mn = x < mn ? x : mn;
+        mx = x > mx ? x : mx;
+    }
+    tl_merge(mn, mx, lo_p, hi_p);
+}
+
+/* rotate_kernel on rows staged in shared memory (rows x d, `stride` floats apart): the same
+ * butterflies in the same stages, then the same scale, so every value equals the rotated copy
+ * rotate_kernel writes. The whole block calls it. */
+static __device__ void sm_hadamard_rows(float *x, uint32_t rows, uint32_t d, uint32_t stride,
+                                        float scale)
+{
+    // d is a power of two: shifts and masks instead of divisions.
+    const uint32_t half = d / 2, lg_half = (uint32_t)__ffs((int)half) - 1;
+    for (uint32_t len = 1, lg = 0; len < d; len <<= 1, lg++) {
+        for (uint32_t i2 = threadIdx.x; i2 < rows * half; i2 += blockDim.x) {
+            uint32_t r = i2 >> lg_half, j = i2 & (half - 1);
+            uint32_t i = ((j >> lg) << (lg + 1)) | (j & (len - 1));
+            float *row = x + (size_t)r * stride;
+            float p = row[i], q = row[i + len];
+            row[i] = kadd(p, q);
+            row[i + len] = ksub(p, q);
+        }
+        __syncthreads();
+    }
+    for (uint32_t i2 = threadIdx.x; i2 < rows * d; i2 += blockDim.x) {
+        float *px = x + (size_t)(i2 >> (lg_half + 1)) * stride + (i2 & (d - 1));
+        *px = kmul(*px, scale);
+    }
+    __syncthreads();
 }
 
 typedef struct {
@@ -126,44 +278,205 @@ static __device__ __forceinline__ void st16(uint8_t *p, uint16_t x)
     p[1] = (uint8_t)(x >> 8);
 }
 
-/* Halves c .. c + E - 1 of row (h, t) of K or V, two to a word (the lower half first): one
- * vector load when s.vec, else a load per half. Half of ld_hE_raw's registers where the rows are
- * not aligned, so that a warp can hold many rows' loads. */
-template <int E> constexpr int qw_words()
+static __device__ __forceinline__ float q_x(const quant_args_t &a, bool val, bool rot, uint32_t h,
+                                            uint32_t t, uint32_t c)
 {
-    return E >= 2 ? E / 2 : 1;
+    return src_x(a.src, val, rot, h, t, c);
 }
 
-template <int E>
-static __device__ __forceinline__ void ld_pairs(const kv_src_t &s, bool val, uint32_t h,
-                                                uint32_t t, uint32_t c,
-                                                uint32_t (&w)[qw_words<E>()])
+/* Element c of the group's j-th token (t): from the staged rows, or read where it lives. */
+static __device__ __forceinline__ float g_x(const quant_args_t &a, const float *sk, const float *sv,
+                                            bool val, bool rot, uint32_t h, uint32_t j, uint32_t t,
+                                            uint32_t c)
 {
-    const uint16_t *p = (val ? s.v : s.k) + (size_t)h * s.hs + (size_t)t * s.ts + c;
-    if constexpr (E == 1) {
-        w[0] = p[0];
-    } else {
-        if (s.vec) {
-            uint32_t raw[E];
-            ld_hE_raw<E>(s, val, h, t, c, raw);
-QUANT_UNROLL
-            for (int i = 0; i < E / 2; i++)
-                w[i] = raw[i];
-            return;
+    if (a.stage)
+        return (val ? sv : sk)[(size_t)j * a.d + c];
+    return q_x(a, val, rot, h, t, c);
+}
+
+/* quant_kernel's shared arrays besides the staged group. */
+typedef struct {
+    uint32_t tok[256];
+    float mn[KVC_MAX_HEAD_DIM], mx[KVC_MAX_HEAD_DIM], kz[KVC_MAX_HEAD_DIM], kinv[KVC_MAX_HEAD_DIM];
+    float vz[256], vinv[256];
+    uint8_t prot[KVC_MAX_HEAD_DIM];
+    uint16_t pidx[KVC_MAX_PROTECT];
+} quant_smem_t;
+
+/* The body of quant_kernel, one block per quantized group: quant.c's kvc_quant_group with cap =
+ * m, written in place. With a.stage the group's rows are read once, coalesced, into shared
+ * memory (q_sm). */
+static __device__ void quant_body(const quant_args_t &a, float *q_sm, quant_smem_t &qs)
+{
+    // q_sm, with a.stage: [G][d] K rows, then [G][d] V rows (a.stage: the staged group size)
+    float *sk = q_sm, *sv = q_sm + (size_t)a.stage * a.d;
+    uint32_t *s_tok = qs.tok;
+    float *s_mn = qs.mn, *s_mx = qs.mx, *s_kz = qs.kz, *s_kinv = qs.kinv;
+    float *s_vz = qs.vz, *s_vinv = qs.vinv;
+    uint8_t *s_prot = qs.prot;
+    uint16_t *s_pidx = qs.pidx;
+    uint32_t d = a.d;
+    size_t n0 = a.plan->n_f16, n_work = a.plan->n_work - n0;
+    for (size_t gi = blockIdx.x; gi < n_work; gi += gridDim.x) {
+        work_t w = a.work[n0 + gi];
+        int o = w.opt;
+        uint32_t m = (uint32_t)w.m_minus_1 + 1, h = w.head;
+        int kb = o == KVC_OPT_Q8 ? 8 : 4, vb = o == KVC_OPT_Q8 ? 8 : (o == KVC_OPT_Q4 ? 4 : 2);
+        if (o == KVC_OPT_Q2)
+            kb = 2;
+        float kq = (float)((1 << kb) - 1), vq = (float)((1 << vb) - 1);
+        bool rot = a.rotate && o >= KVC_OPT_Q4;
+        bool prot = a.P > 0 && o >= KVC_OPT_Q4;
+        uint32_t P = prot ? a.P : 0;
+        uint32_t rowk = d * kb / 8, rowv = d * vb / 8;
+        uint8_t *g = a.out + w.out_off;
+        uint8_t *ks = g, *kz = g + 2 * d, *vs = g + 4 * d, *vz = vs + 2 * m;
+        uint8_t *kc = g + 4 * d + 4 * m, *vc = kc + (size_t)m * rowk;
+        __syncthreads(); // shared arrays free from the previous group
+        for (uint32_t j = threadIdx.x; j < m; j += blockDim.x)
+            s_tok[j] = a.tok[w.tok + j];
+        for (uint32_t c = threadIdx.x; c < d; c += blockDim.x)
+            s_prot[c] = 0;
+        __syncthreads();
+        if (a.stage) {
+            bool rs = rot && !a.fused; // fused: load as given and rotate here
+            auto tok = [&](uint32_t j) { return s_tok[j]; };
+            if (rs || !stage_rows(a.src, h, tok, m, sk, sv, d, rot && a.fused, a.rot_scale)) {
+                for (uint32_t i = threadIdx.x; i < m * d; i += blockDim.x) {
+                    uint32_t j = i / d, c = i % d;
+                    sk[i] = q_x(a, false, rs, h, s_tok[j], c);
+                    sv[i] = q_x(a, true, rs, h, s_tok[j], c);
+                }
+                __syncthreads();
+                if (rot && a.fused) {
+                    sm_hadamard_rows(sk, m, d, d, a.rot_scale);
+                    sm_hadamard_rows(sv, m, d, d, a.rot_scale);
+                }
+            }
+            __syncthreads();
         }
-QUANT_UNROLL
-        for (int i = 0; i < E / 2; i++)
-            w[i] = (uint32_t)p[2 * i] | (uint32_t)p[2 * i + 1] << 16;
+        // Key range per channel over the group, in token order.
+        for (uint32_t c = threadIdx.x; c < d; c += blockDim.x) {
+            float mn = g_x(a, sk, sv, false, rot, h, 0, s_tok[0], c), mx = mn;
+            for (uint32_t j = 1; j < m; j++) {
+                float x = g_x(a, sk, sv, false, rot, h, j, s_tok[j], c);
+                mn = x < mn ? x : mn;
+                mx = x > mx ? x : mx;
+            }
+            s_mn[c] = mn;
+            s_mx[c] = mx;
+        }
+        __syncthreads();
+        if (prot && threadIdx.x < 32) {
+            // pick_protected: P rounds of "largest salience, lowest index on ties" among the
+            // channels not taken (lanes scan their channels in order, then a shuffle tree).
+            uint32_t lane = threadIdx.x;
+            for (uint32_t j = 0; j < P; j++) {
+                float bs = 0;
+                int best = -1;
+                for (uint32_t c = lane; c < d; c += 32) {
+                    if (s_prot[c])
+                        continue;
+                    float cw = rot ? 1.0f : __fsqrt_rn(a.qsq[(size_t)h * d + c]);
+                    float sal = kmul(ksub(s_mx[c], s_mn[c]), cw);
+                    if (best < 0 || sal > bs) {
+                        best = (int)c;
+                        bs = sal;
+                    }
+                }
+                for (int off = 16; off > 0; off >>= 1) {
+                    float os = __shfl_xor_sync(0xffffffffu, bs, off);
+                    int ob = __shfl_xor_sync(0xffffffffu, best, off);
+                    bool take = ob >= 0 && (best < 0 || os > bs || (os == bs && ob < best));
+                    if (take) {
+                        bs = os;
+                        best = ob;
+                    }
+                }
+                if (lane == 0)
+                    s_prot[best] = 1;
+                __syncwarp();
+            }
+            if (lane == 0) {
+                uint32_t n_p = 0;
+                for (uint32_t c = 0; c < d && n_p < P; c++)
+                    if (s_prot[c])
+                        s_pidx[n_p++] = (uint16_t)c;
+            }
+        }
+        __syncthreads();
+        // Key parameters: protected channels at 8 bits.
+        for (uint32_t c = threadIdx.x; c < d; c += blockDim.x) {
+            uint16_t s16, z16;
+            float s, z, inv;
+            kvc_dev_asym(s_mn[c], s_mx[c], s_prot[c] ? 255.0f : kq, &s16, &z16, &s, &z, &inv);
+            st16(ks + 2 * c, s16);
+            st16(kz + 2 * c, z16);
+            s_kz[c] = z;
+            s_kinv[c] = inv;
+        }
+        // Value parameters per token, TOK_LANES threads a token (every thread runs the loop
+        // body for the shuffles; a lane group past the end repeats the last token).
+        const uint32_t l = threadIdx.x % TOK_LANES, per = blockDim.x / TOK_LANES;
+        for (uint32_t j0 = 0; j0 < m; j0 += per) {
+            const uint32_t jj = j0 + threadIdx.x / TOK_LANES, j = min(jj, m - 1);
+            float lo, hi;
+            if (a.stage) {
+                const float *row = sv + (size_t)j * d;
+                tl_minmax([&](uint32_t c) { return row[c]; }, d, l, &lo, &hi);
+            } else {
+                const uint32_t t = s_tok[j];
+                tl_minmax([&](uint32_t c) { return src_x(a.src, true, rot, h, t, c); }, d, l, &lo,
+                          &hi);
+            }
+            if (jj < m && l == 0) {
+                uint16_t s16, z16;
+                float s, z, inv;
+                kvc_dev_asym(lo, hi, vq, &s16, &z16, &s, &z, &inv);
+                st16(vs + 2 * j, s16);
+                st16(vz + 2 * j, z16);
+                s_vz[j] = z;
+                s_vinv[j] = inv;
+            }
+        }
+        __syncthreads();
+        // Key codes, one output byte per thread step (protected channels code 0).
+        uint32_t per_k = 8 / kb;
+        for (uint32_t i = threadIdx.x; i < m * rowk; i += blockDim.x) {
+            uint32_t j = i / rowk, c0 = (i % rowk) * per_k;
+            uint32_t byte = 0;
+            for (uint32_t q = 0; q < per_k; q++) {
+                uint32_t c = c0 + q;
+                uint32_t code =
+                    s_prot[c] ? 0
+                              : kvc_dev_quant_one(g_x(a, sk, sv, false, rot, h, j, s_tok[j], c),
+                                                  s_kz[c], s_kinv[c], kq);
+                byte |= code << (q * kb);
+            }
+            kc[i] = (uint8_t)byte;
+        }
+        uint32_t per_v = 8 / vb;
+        for (uint32_t i = threadIdx.x; i < m * rowv; i += blockDim.x) {
+            uint32_t j = i / rowv, c0 = (i % rowv) * per_v;
+            uint32_t byte = 0;
+            for (uint32_t q = 0; q < per_v; q++) {
+                uint32_t code = kvc_dev_quant_one(g_x(a, sk, sv, true, rot, h, j, s_tok[j], c0 + q),
+                                                  s_vz[j], s_vinv[j], vq);
+                byte |= code << (q * vb);
+            }
+            vc[i] = (uint8_t)byte;
+        }
+        if (prot) {
+            uint8_t *pi = vc + (size_t)m * rowv, *pc = pi + 2 * P;
+            for (uint32_t j = threadIdx.x; j < P; j += blockDim.x)
+                st16(pi + 2 * j, s_pidx[j]);
+            for (uint32_t i = threadIdx.x; i < m * P; i += blockDim.x) {
+                uint32_t j = i / P, c = s_pidx[i % P];
+                pc[i] = (uint8_t)kvc_dev_quant_one(g_x(a, sk, sv, false, rot, h, j, s_tok[j], c),
+                                                   s_kz[c], s_kinv[c], 255.0f);
+            }
+        }
     }
-}
-
-/* ld_pairs' halves as fp32. */
-template <int E>
-static __device__ __forceinline__ void cvt_pairs(const uint32_t (&w)[qw_words<E>()], float (&x)[E])
-{
-QUANT_UNROLL
-    for (int e = 0; e < E; e++)
-        x[e] = fy_dev_h2f((uint16_t)(w[e / 2] >> (16 * (e % 2))));
 }
 
 /* kvc_row_minmax's and key_params' choice among equal values (only +0 and -0 compare equal
@@ -198,12 +511,12 @@ static __device__ __forceinline__ void warp_row_minmax(const float (&x)[E], floa
     };
     float lo = x[0], hi = x[0];
     uint32_t kl = place(0), kh = kl;
-QUANT_UNROLL
+    QUANT_UNROLL
     for (int e = 1; e < E; e++) {
         mm_min(lo, kl, x[e], place(e));
         mm_max(hi, kh, x[e], place(e));
     }
-QUANT_UNROLL
+    QUANT_UNROLL
     for (uint32_t s = 1; s < 32; s <<= 1) {
         const float ol = __shfl_xor_sync(0xffffffffu, lo, s);
         const uint32_t okl = __shfl_xor_sync(0xffffffffu, kl, s);
@@ -226,7 +539,7 @@ static __device__ __forceinline__ void warp_pack_row(const uint32_t (&code)[E], 
 {
     const uint32_t lane = threadIdx.x % 32;
     uint32_t bits = 0;
-QUANT_UNROLL
+    QUANT_UNROLL
     for (int e = 0; e < E; e++)
         bits |= code[e] << ((uint32_t)e * b);
     const uint32_t lb = E * b; // bits a lane: at least 8 for E 4
@@ -283,26 +596,26 @@ static __device__ void quant_warp_body(const quant_args_t &a, float (*s_pmn)[32 
         // (nj, uniform in the warp, which the compiler cannot know) are zeros that go through
         // the same steps and are never stored: no shuffle sits behind a branch.
         uint32_t rk[QW_ROWS][qw_words<E>()], rv[QW_ROWS][qw_words<E>()];
-QUANT_UNROLL
+        QUANT_UNROLL
         for (int i = 0; i < QW_ROWS; i++) {
             if ((uint32_t)i < nj) {
                 const uint32_t t = a.tok[w.tok + j0 + i];
                 ld_pairs<E>(a.src, false, h, t, E * lane, rk[i]);
                 ld_pairs<E>(a.src, true, h, t, E * lane, rv[i]);
             } else {
-QUANT_UNROLL
+                QUANT_UNROLL
                 for (int u = 0; u < qw_words<E>(); u++)
                     rk[i][u] = rv[i][u] = 0;
             }
         }
         // Keys: rotated in registers, each channel's range over the warp's tokens in order.
         float kx[QW_ROWS][E], mn[E], mx[E];
-QUANT_UNROLL
+        QUANT_UNROLL
         for (int i = 0; i < QW_ROWS; i++) {
             cvt_pairs<E>(rk[i], kx[i]);
             if (rot)
                 warp_hadamard<E>(kx[i], a.rot_scale);
-QUANT_UNROLL
+            QUANT_UNROLL
             for (int e = 0; e < E; e++) {
                 const float x = kx[i][e];
                 if (i == 0) {
@@ -315,7 +628,7 @@ QUANT_UNROLL
         }
         __syncthreads(); // the previous group's ranges are read
         if (nj > 0) {
-QUANT_UNROLL
+            QUANT_UNROLL
             for (int e = 0; e < E; e++) {
                 s_pmn[warp][E * lane + e] = mn[e];
                 s_pmx[warp][E * lane + e] = mx[e];
@@ -325,7 +638,7 @@ QUANT_UNROLL
         // The group's key parameters for this lane's channels: the warps' ranges merged in
         // token order (warp 0 always has tokens).
         float kzf[E], kinv[E];
-QUANT_UNROLL
+        QUANT_UNROLL
         for (int e = 0; e < E; e++) {
             const uint32_t c = E * lane + e;
             float lo = s_pmn[0][c], hi = s_pmx[0][c];
@@ -342,16 +655,16 @@ QUANT_UNROLL
                 st16(kz + 2 * c, z16);
             }
         }
-QUANT_UNROLL
+        QUANT_UNROLL
         for (int i = 0; i < QW_ROWS; i++) {
             uint32_t code[E];
-QUANT_UNROLL
+            QUANT_UNROLL
             for (int e = 0; e < E; e++)
                 code[e] = kvc_dev_quant_one(kx[i][e], kzf[e], kinv[e], kq);
             warp_pack_row<E>(code, kb, (uint32_t)i < nj ? kc + (size_t)(j0 + i) * rowk : NULL);
         }
         // Values: a row at a time, its range, parameters and codes in this warp.
-QUANT_UNROLL
+        QUANT_UNROLL
         for (int i = 0; i < QW_ROWS; i++) {
             const uint32_t j = j0 + i;
             const bool store = (uint32_t)i < nj;
@@ -368,7 +681,7 @@ QUANT_UNROLL
                 st16(vz + 2 * j, z16);
             }
             uint32_t code[E];
-QUANT_UNROLL
+            QUANT_UNROLL
             for (int e = 0; e < E; e++)
                 code[e] = kvc_dev_quant_one(x[e], z, inv, vq);
             warp_pack_row<E>(code, vb, store ? vc + (size_t)j * rowv : NULL);

@@ -30,6 +30,13 @@ struct alignas(16) uint4 {
 struct alignas(8) uint2 {
     unsigned x, y;
 };
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+static inline float4 make_float4(float x, float y, float z, float w)
+{
+    return {x, y, z, w};
+}
 
 struct emu_idx {
     unsigned x, y, z;
@@ -205,6 +212,10 @@ static inline float kdiv(float a, float b)
 static inline float __fdiv_rn(float a, float b)
 {
     return a / b;
+}
+static inline float __fsqrt_rn(float a)
+{
+    return sqrtf(a);
 }
 static inline double __dadd_rn(double a, double b)
 {
