@@ -221,7 +221,7 @@ static void load_rows(const uint16_t *src, size_t stride, uint32_t n, uint32_t d
 }
 
 /* Modelled errors: a uniform quantizer with step s has mean squared error s^2 / 12. */
-static void model_errors(int bits, uint32_t d, uint32_t m, const float *k, const float *v,
+void kvc_model_errors(int bits, uint32_t d, uint32_t m, const float *k, const float *v,
                          const float *kw, float *errk, float *errv)
 {
     float qmax = (float)((1 << bits) - 1);
@@ -353,7 +353,7 @@ static void build_items(kvc_encoder_t *e, const kvc_scores_t *sc, const kvc_err_
             // At 8 bits the step^2/12 model is accurate (errors are nearly uniform), so only
             // the 4- and 2-bit errors are measured.
             if (pol->dist == KVC_DIST_MODEL || b == 8) {
-                model_errors(b, d, m, ks, vs, rot ? kw_rot : qsq, e->errk + (size_t)b * G,
+                kvc_model_errors(b, d, m, ks, vs, rot ? kw_rot : qsq, e->errk + (size_t)b * G,
                              e->errv + (size_t)b * G);
                 continue;
             }

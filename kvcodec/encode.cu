@@ -45,10 +45,9 @@ namespace cg = cooperative_groups;
 #include "crc_dev_int.h"
 #include "layout_dev_int.h"
 #include "quant_rows_dev_int.h"
+#include "stats_dev_int.h"
 
-#define STATS_THREADS 64
 #define ROT_THREADS   256
-#define ST_PAD        8 // stats_kernel's staged rows are d + ST_PAD floats apart
 
 /* Layers queued and not yet finished (kvc_encoder_enqueue_layer_cuda*). */
 #define ENC_QUEUE 2
@@ -163,291 +162,13 @@ __global__ void rotate_kernel(const uint16_t *k, const uint16_t *v, size_t hs, s
 }
 
 
-typedef struct {
-    kv_src_t src;
-    const float *obar, *qsq; // [n_kv][d] device scores
-    uint32_t n_kv, n, d, G;
-    int model;  // KVC_DIST_MODEL: every width modelled
-    int rotate; // widths <= 4 use the rotated rows and the mean sensitivity
-    int need8, need4, needv4, need2, needk2;
-    float *tab; // [TAB_COUNT][n_kv][n]
-    int stage;  // the group's K and V rows of the 4/2-bit source staged in shared memory
-    int fused;  // with stage and rotate: the staged rows are rotated here (no rotated copy)
-    float rot_scale;
-    uint32_t zero; // 0, which the compiler cannot know (ld_h8)
-} stats_args_t;
-
-static __device__ __forceinline__ float st_x(const stats_args_t &a, bool val, bool rot, uint32_t h,
-                                             uint32_t t, uint32_t c)
-{
-    return src_x(a.src, val, rot, h, t, c);
-}
-
-/* Element c of the group's token j (t0 + j): staged rows (d + ST_PAD floats apart, so that the
- * 4 tokens a warp reads at once sit in different banks) when they hold this source, else where
- * it lives. */
-static __device__ __forceinline__ float st_g(const stats_args_t &a, const float *sk,
-                                             const float *sv, bool val, bool rot, uint32_t h,
-                                             uint32_t t0, uint32_t j, uint32_t c)
-{
-    if (a.stage && rot == (a.rotate != 0))
-        return (val ? sv : sk)[(size_t)j * (a.d + ST_PAD) + c];
-    return st_x(a, val, rot, h, t0 + j, c);
-}
-
-/* Up to 8 halves at p + u stride (those with u < n; the rest 0), loaded together: each loaded
- * half is folded into the first through zero (a 0 the compiler cannot see), so all of them have
- * landed before any is used. (Read one at a time behind a branch, as st_g does, each half
- * waited out a whole memory latency.) */
-static __device__ __forceinline__ void ld_h8(const uint16_t *p, size_t stride, uint32_t n,
-                                             uint32_t zero, uint32_t (&raw)[8])
-{
-    uint32_t fold = 0;
-#pragma unroll
-    for (int u = 0; u < 8; u++) {
-        raw[u] = (uint32_t)u < n ? (uint32_t)p[(size_t)u * stride] : 0u;
-        fold ^= raw[u];
-    }
-    raw[0] ^= fold & zero;
-}
-
-/* The error of x after quantizing it from base lo with step s (inverse inv, codes 0 .. qmax):
- * the CPU's trial quantization, operation for operation. */
-static __device__ __forceinline__ float trial_err(float x, float lo, float inv, float s, float qmax)
-{
-    float r = kvc_dev_round_clamp(kmul(ksub(x, lo), inv), qmax);
-    return ksub(kadd(kmul(r, s), lo), x);
-}
-
-/* One block per (kv head, group of G consecutive tokens): the distortion inputs of build_items.
- * 5 blocks an SM: what the staged rows (40 KiB at head_dim 128) allow anyway; more registers
- * for the rows in flight would cost occupancy. */
+/* stats_body (stats_dev_int.h). 5 blocks an SM: what the staged rows (40 KiB at head_dim 128)
+ * allow anyway; more registers for the rows in flight would cost occupancy. */
 __global__ void __launch_bounds__(2 * STATS_THREADS, 5) stats_kernel(stats_args_t a)
 {
-    // Per channel, sized by head_dim so that small heads leave room for more blocks:
-    // range [unrotated, rotated], and per width slot (8, 4, 2 bits) the step and 1 / step.
-    extern __shared__ float st_sm[]; // [10][d], then with a.stage K and V rows [G][d + ST_PAD]
-    const uint32_t d = a.d, SS = d + ST_PAD;
-    float *sk = st_sm + 10 * d, *sv = sk + (size_t)a.G * SS;
-    // (Offsets, not arrays of pointers: a runtime index into those puts them in local memory.)
-    auto s_mn = [&](int r) { return st_sm + r * d; };
-    auto s_mx = [&](int r) { return st_sm + (2 + r) * d; };
-    auto s_s = [&](int w) { return st_sm + (4 + w) * d; };
-    auto s_inv = [&](int w) { return st_sm + (7 + w) * d; };
-    __shared__ float s_ke[3]; // modelled key error per width slot
-    __shared__ float s_kwrot;
-    uint32_t chunks = (a.n + a.G - 1) / a.G;
-    size_t plane = (size_t)a.n_kv * a.n;
-    const uint32_t zero = a.zero;
-    for (size_t blk = blockIdx.x; blk < (size_t)a.n_kv * chunks; blk += gridDim.x) {
-        uint32_t h = (uint32_t)(blk / chunks);
-        uint32_t t0 = (uint32_t)(blk % chunks) * a.G;
-        uint32_t m = min(a.G, a.n - t0);
-        const float *qsq = a.qsq + (size_t)h * d;
-        const float *obar = a.obar + (size_t)h * d;
-        __syncthreads(); // shared arrays free from the previous block
-        if (a.stage) {
-            bool rs = a.rotate != 0 && !a.fused; // fused: load as given and rotate here
-            auto tok = [&](uint32_t j) { return t0 + j; };
-            if (rs || !stage_rows(a.src, h, tok, m, sk, sv, SS, a.fused != 0, a.rot_scale)) {
-                for (uint32_t i = threadIdx.x; i < m * d; i += blockDim.x) {
-                    uint32_t j = i / d, c = i % d;
-                    sk[(size_t)j * SS + c] = st_x(a, false, rs, h, t0 + j, c);
-                    sv[(size_t)j * SS + c] = st_x(a, true, rs, h, t0 + j, c);
-                }
-                __syncthreads();
-                if (a.fused) {
-                    sm_hadamard_rows(sk, m, d, SS, a.rot_scale);
-                    sm_hadamard_rows(sv, m, d, SS, a.rot_scale);
-                }
-            }
-            __syncthreads();
-        }
-        if (threadIdx.x == 0) {
-            float s = 0;
-            for (uint32_t c = 0; c < d; c++)
-                s = kadd(s, qsq[c]);
-            s_kwrot = kdiv(s, (float)d);
-        }
-        // Per-channel min/max over the group: [0] unrotated, [1] rotated. The unrotated keys
-        // are not staged under a rotating policy: read 8 tokens at a time.
-        const bool u_global = a.rotate || !a.stage;
-        for (uint32_t c = threadIdx.x; c < d; c += blockDim.x) {
-            for (int r = 0; r < (a.rotate ? 2 : 1); r++) {
-                float mn = 0, mx = 0;
-                if (r == 0 && u_global) {
-                    const uint16_t *kp = a.src.k + (size_t)h * a.src.hs + (size_t)t0 * a.src.ts + c;
-                    for (uint32_t j0 = 0; j0 < m; j0 += 8) {
-                        uint32_t raw[8];
-                        ld_h8(kp + (size_t)j0 * a.src.ts, a.src.ts, m - j0, zero, raw);
-#pragma unroll
-                        for (uint32_t u = 0; u < 8 && j0 + u < m; u++) {
-                            const float x = fy_dev_h2f((uint16_t)raw[u]);
-                            if (j0 + u == 0) {
-                                mn = mx = x;
-                            } else {
-                                mn = x < mn ? x : mn;
-                                mx = x > mx ? x : mx;
-                            }
-                        }
-                    }
-                } else {
-                    mn = mx = st_g(a, sk, sv, false, r == 1, h, t0, 0, c);
-                    for (uint32_t j = 1; j < m; j++) {
-                        float x = st_g(a, sk, sv, false, r == 1, h, t0, j, c);
-                        mn = x < mn ? x : mn;
-                        mx = x > mx ? x : mx;
-                    }
-                }
-                s_mn(r)[c] = mn;
-                s_mx(r)[c] = mx;
-            }
-        }
-        __syncthreads();
-        // Per width: step and its inverse per channel; width slot w: 0 -> 8, 1 -> 4, 2 -> 2 bits.
-        for (int w = 0; w < 3; w++) {
-            int b = w == 0 ? 8 : (w == 1 ? 4 : 2);
-            bool rot = a.rotate && b <= 4;
-            float qmax = (float)((1 << b) - 1);
-            for (uint32_t c = threadIdx.x; c < d; c += blockDim.x) {
-                float s = kdiv(ksub(s_mx(rot)[c], s_mn(rot)[c]), qmax);
-                s_s(w)[c] = s;
-                s_inv(w)[c] = s > 0 ? kdiv(1.0f, s) : 0.0f;
-            }
-        }
-        __syncthreads();
-        // Modelled key error (a serial sum over channels, as model_errors).
-        if (threadIdx.x < 3) {
-            int w = threadIdx.x, b = w == 0 ? 8 : (w == 1 ? 4 : 2);
-            bool rot = a.rotate && b <= 4;
-            float ke = 0;
-            for (uint32_t c = 0; c < d; c++) {
-                float kw = rot ? s_kwrot : qsq[c];
-                ke = kadd(ke, kmul(kmul(kw, s_s(w)[c]), s_s(w)[c]));
-            }
-            s_ke[w] = kdiv(ke, 12.0f);
-        }
-        __syncthreads();
-        // Per token: four passes over its row, each feeding every width that reads the same
-        // data (each accumulator keeps the CPU's own chain and final tree). A token's
-        // TOK_LANES threads take one accumulator lane each.
-        bool trial = !a.model;
-        bool kerr4 = trial && a.need4, kerr2 = trial && a.need2 && a.needk2;
-        bool verr4 = trial && a.need4 && a.needv4, verr2 = trial && a.need2;
-        bool want_r = (a.model && (a.need4 || a.need2)) || verr4 || verr2; // V range, 4/2 bits
-        bool rot = a.rotate != 0; // the source of the 4- and 2-bit widths
-        float rot_kw = s_kwrot;
-        const float *kmn = s_mn(rot);
-        const float *s4k = s_s(1), *i4k = s_inv(1), *s2k = s_s(2), *i2k = s_inv(2);
-        const uint32_t l = threadIdx.x % TOK_LANES, per = blockDim.x / TOK_LANES;
-        for (uint32_t j0 = 0; j0 < m; j0 += per) {
-            // Every thread runs the body (the shuffles take whole warps); a lane group past
-            // the group's end repeats its last token and stores nothing.
-            const uint32_t jj = j0 + threadIdx.x / TOK_LANES, j = min(jj, m - 1);
-            const bool store = jj < m && l == 0;
-            uint32_t t = t0 + j;
-            size_t it = (size_t)h * a.n + t;
-            // Pass 1, unrotated V: |v - obar|^2 (kvc_dot's lanes) and the row range; from
-            // global memory (8 channels of the lane at a time) unless staged.
-            float dacc = 0, umn = 0, umx = 0;
-            auto pass1 = [&](uint32_t c, float x) {
-                float df = ksub(x, obar[c]);
-                dacc = kadd(dacc, kmul(df, df));
-                if (c == l) {
-                    umn = umx = x;
-                } else {
-                    umn = x < umn ? x : umn;
-                    umx = x > umx ? x : umx;
-                }
-            };
-            if (u_global) {
-                const uint16_t *vp = a.src.v + (size_t)h * a.src.hs + (size_t)t * a.src.ts;
-                for (uint32_t c0 = l; c0 < d; c0 += 64) {
-                    uint32_t raw[8];
-                    ld_h8(vp + c0, 8, (d - c0 + 7) / 8, zero, raw);
-#pragma unroll
-                    for (uint32_t u = 0; u < 8 && c0 + 8 * u < d; u++)
-                        pass1(c0 + 8 * u, fy_dev_h2f((uint16_t)raw[u]));
-                }
-            } else {
-                for (uint32_t c = l; c < d; c += 8)
-                    pass1(c, st_g(a, sk, sv, true, false, h, t0, j, c));
-            }
-            dacc = tl_sum8(dacc);
-            if (store)
-                a.tab[TAB_DEV * plane + it] = dacc;
-            float ulo, uhi;
-            tl_merge(umn, umx, &ulo, &uhi);
-            // Pass 2, K of the 4/2-bit source: trial key errors of both widths.
-            if (kerr4 || kerr2) {
-                float k4 = 0, k2 = 0;
-                for (uint32_t c = l; c < d; c += 8) {
-                    float x = st_g(a, sk, sv, false, rot, h, t0, j, c);
-                    float mn = kmn[c];
-                    float kw = rot ? rot_kw : qsq[c];
-                    if (kerr4) {
-                        float err = trial_err(x, mn, i4k[c], s4k[c], 15.0f);
-                        k4 = kadd(k4, kmul(kmul(kw, err), err));
-                    }
-                    if (kerr2) {
-                        float err = trial_err(x, mn, i2k[c], s2k[c], 3.0f);
-                        k2 = kadd(k2, kmul(kmul(kw, err), err));
-                    }
-                }
-                k4 = tl_sum8(k4);
-                k2 = tl_sum8(k2);
-                if (store && kerr4)
-                    a.tab[TAB_EK4 * plane + it] = k4;
-                if (store && kerr2)
-                    a.tab[TAB_EK2 * plane + it] = k2;
-            }
-            // Pass 3, the V range of the 4/2-bit source (the unrotated one is pass 1's).
-            float rlo = ulo, rhi = uhi;
-            if (want_r && rot && a.stage) {
-                const float *row = sv + (size_t)j * SS;
-                tl_minmax([&](uint32_t c) { return row[c]; }, d, l, &rlo, &rhi);
-            } else if (want_r && rot) {
-                tl_minmax([&](uint32_t c) { return src_x(a.src, true, true, h, t, c); }, d, l, &rlo,
-                          &rhi);
-            }
-            float s4 = kdiv(ksub(rhi, rlo), 15.0f), s2 = kdiv(ksub(rhi, rlo), 3.0f);
-            if (store && a.need8) { // 8 bits: always the step^2 / 12 model, unrotated
-                float s8 = kdiv(ksub(uhi, ulo), 255.0f);
-                a.tab[TAB_EK8 * plane + it] = s_ke[0];
-                a.tab[TAB_EV8 * plane + it] = kdiv(kmul(kmul((float)d, s8), s8), 12.0f);
-            }
-            if (store && a.model && a.need4) {
-                a.tab[TAB_EK4 * plane + it] = s_ke[1];
-                a.tab[TAB_EV4 * plane + it] = kdiv(kmul(kmul((float)d, s4), s4), 12.0f);
-            }
-            if (store && a.model && a.need2) {
-                a.tab[TAB_EK2 * plane + it] = s_ke[2];
-                a.tab[TAB_EV2 * plane + it] = kdiv(kmul(kmul((float)d, s2), s2), 12.0f);
-            }
-            // Pass 4, V of the 4/2-bit source: trial value errors of both widths.
-            if (verr4 || verr2) {
-                float i4 = s4 > 0 ? kdiv(1.0f, s4) : 0.0f, i2 = s2 > 0 ? kdiv(1.0f, s2) : 0.0f;
-                float v4 = 0, v2 = 0;
-                for (uint32_t c = l; c < d; c += 8) {
-                    float x = st_g(a, sk, sv, true, rot, h, t0, j, c);
-                    if (verr4) {
-                        float err = trial_err(x, rlo, i4, s4, 15.0f);
-                        v4 = kadd(v4, kmul(err, err));
-                    }
-                    if (verr2) {
-                        float err = trial_err(x, rlo, i2, s2, 3.0f);
-                        v2 = kadd(v2, kmul(err, err));
-                    }
-                }
-                v4 = tl_sum8(v4);
-                v2 = tl_sum8(v2);
-                if (store && verr4)
-                    a.tab[TAB_EV4 * plane + it] = v4;
-                if (store && verr2)
-                    a.tab[TAB_EV2 * plane + it] = v2;
-            }
-        }
-    }
+    extern __shared__ float st_sm[];
+    __shared__ float s_ke[3], s_kwrot;
+    stats_body(a, st_sm, s_ke, &s_kwrot);
 }
 
 /* Copies bytes with the destination at any alignment (the source 2-byte aligned): single
@@ -1341,15 +1062,8 @@ static fy_status_t enqueue_layer(kvc_encoder_cuda_t *e, const kvc_layer_input_t 
                        a.stage ? st_sm_stage : st_sm, cs>>>(a);
         KVC_LAUNCH_GOTO(st, out);
         // Only the tables the optimizer will read come back.
-        bool want[TAB_COUNT] = {true,
-                                (bool)a.need8,
-                                (bool)a.need8,
-                                (bool)a.need4,
-                                a.need4 && (a.model || a.needv4),
-                                a.need2 && (a.model || a.needk2),
-                                (bool)a.need2};
         for (int ti = 0; ti < TAB_COUNT && !e->opt_on; ti++) {
-            if (!want[ti])
+            if (!stats_wants(a, ti))
                 continue;
             size_t at = (size_t)ti * plane;
             KVC_CUDA_GOTO(cudaMemcpyAsync(e->h_tab + at, e->d_tab + at, plane * sizeof(float),

@@ -136,6 +136,10 @@ void kvc_dequant_group(int o, uint32_t d, uint32_t m, uint32_t cap, uint32_t P,
 void kvc_key_errors(int bits, uint32_t d, uint32_t m, const float *k, const float *kw,
                     float *errk);
 void kvc_value_errors(int bits, uint32_t d, uint32_t m, const float *v, float *errv);
+/* Modelled errors of a group of m rows at a bit width (a uniform quantizer's step^2 / 12): the
+ * key error, the same for every row, weighted by kw per channel; the value error per row. */
+void kvc_model_errors(int bits, uint32_t d, uint32_t m, const float *k, const float *v,
+                      const float *kw, float *errk, float *errv);
 
 /* In-place orthonormal Walsh-Hadamard transform (H / sqrt(d)); d a power of two. H is
  * symmetric and orthonormal, so it is its own inverse. */

@@ -59,14 +59,7 @@ static void check(bool warp, bool vec, bool rotate, uint32_t P, uint32_t n_kv, u
 {
     const uint32_t d = 32 * E, ts = vec ? d : d + 4, hs = ts * n + (vec ? 8 : 4);
     std::vector<uint16_t> K((size_t)hs * n_kv), V((size_t)hs * n_kv);
-    for (uint32_t h = 0; h < n_kv; h++)
-        for (uint32_t t = 0; t < n; t++)
-            for (uint32_t c = 0; c < d; c++) {
-                const size_t i = (size_t)h * hs + (size_t)t * ts + c;
-                const float sc = 1.0f + (float)(c % 7);
-                K[i] = kvt_zero_tie(t, c, 0, fy_fp32_to_fp16(rnd_sym() * sc));
-                V[i] = kvt_zero_tie(t, c, 1, fy_fp32_to_fp16(0.5f * rnd_sym() * sc));
-            }
+    kvt_tied_layer(K.data(), V.data(), n_kv, n, d, hs, ts, &g_rng);
     // Groups of several sizes over every head, options in turn, a byte of gap after each; a
     // group takes every other token where the head has room (evicted tokens leave gaps).
     static const uint32_t sizes[] = {32, 29, 5, 1, 9, 32, 16, 31, 8};

@@ -4,7 +4,10 @@
 #ifndef FERRY_TESTS_KVCODEC_ZERO_TIES_H
 #define FERRY_TESTS_KVCODEC_ZERO_TIES_H
 
+#include <stddef.h>
 #include <stdint.h>
+
+#include "common.h"
 
 /* Element c of token t (val: of V) given its FP16 bits x. Key channels c % 16 == 5 are
  * non-negative and zero at t % 3 != 2: -0 at the even tokens of the first 8 of every 32, +0
@@ -26,6 +29,31 @@ static inline uint16_t kvt_zero_tie(uint32_t t, uint32_t c, int val, uint16_t x)
         return neg ? (uint16_t)(ax | 0x8000u) : ax;
     }
     return x;
+}
+
+/* Random FP16 K and V rows of n_kv heads x n tokens x d channels (element c of token t of head h
+ * at h hs + t ts + c; the scale grows with c % 7, V at half of K's) with kvt_zero_tie's
+ * pattern; *rng is a xorshift64 state (not 0). */
+static inline void kvt_tied_layer(uint16_t *K, uint16_t *V, uint32_t n_kv, uint32_t n, uint32_t d,
+                                  size_t hs, size_t ts, uint64_t *rng)
+{
+    for (uint32_t h = 0; h < n_kv; h++)
+        for (uint32_t t = 0; t < n; t++)
+            for (uint32_t c = 0; c < d; c++) {
+                float x[2];
+                for (int u = 0; u < 2; u++) {
+                    uint64_t r = *rng;
+                    r ^= r << 13;
+                    r ^= r >> 7;
+                    r ^= r << 17;
+                    *rng = r;
+                    x[u] = (float)(r >> 40) / (float)(1u << 23) - 1.0f; // [-1, 1]
+                }
+                const float sc = 1.0f + (float)(c % 7);
+                const size_t i = (size_t)h * hs + (size_t)t * ts + c;
+                K[i] = kvt_zero_tie(t, c, 0, fy_fp32_to_fp16(x[0] * sc));
+                V[i] = kvt_zero_tie(t, c, 1, fy_fp32_to_fp16(0.5f * x[1] * sc));
+            }
 }
 
 #endif
