@@ -30,7 +30,7 @@ typedef struct {
     int stage;  // the group's K and V rows of the 4/2-bit source staged in shared memory
     int fused;  // with stage and rotate: the staged rows are rotated here (no rotated copy)
     float rot_scale;
-    uint32_t zero; // 0, which the compiler cannot know (ld_h8)
+    uint32_t zero; // 0, which the compiler cannot know (ld_hn)
 } stats_args_t;
 
 /* Whether the optimizer reads table ti (TAB_*) under these arguments: the ones stats_body
@@ -72,16 +72,18 @@ static __device__ __forceinline__ float st_g(const stats_args_t &a, const float 
     return st_x(a, val, rot, h, t0 + j, c);
 }
 
-/* Up to 8 halves at p + u stride (those with u < n; the rest 0), loaded together: each loaded
- * half is folded into the first through zero (a 0 the compiler cannot see), so all of them have
- * landed before any is used. (Read one at a time behind a branch, as st_g does, each half
- * waited out a whole memory latency.) */
-static __device__ __forceinline__ void ld_h8(const uint16_t *p, size_t stride, uint32_t n,
-                                             uint32_t zero, uint32_t (&raw)[8])
+/* Up to LD_HN halves at p + u stride (those with u < n; the rest 0), loaded together: each
+ * loaded half is folded into the first through zero (a 0 the compiler cannot see), so all of
+ * them have landed before any is used. (Read one at a time behind a branch, as st_g does, each
+ * half waited out a whole memory latency; 16 at once: a 32-token group's unrotated keys in two
+ * round trips, a 128-channel row's lane in one.) */
+#define LD_HN 16
+static __device__ __forceinline__ void ld_hn(const uint16_t *p, size_t stride, uint32_t n,
+                                             uint32_t zero, uint32_t (&raw)[LD_HN])
 {
     uint32_t fold = 0;
     STATS_UNROLL
-    for (int u = 0; u < 8; u++) {
+    for (int u = 0; u < LD_HN; u++) {
         raw[u] = (uint32_t)u < n ? (uint32_t)p[(size_t)u * stride] : 0u;
         fold ^= raw[u];
     }
@@ -146,18 +148,18 @@ static __device__ void stats_body(const stats_args_t &a, float *st_sm, float *s_
             s_kwrot = kdiv(s, (float)d);
         }
         // Per-channel min/max over the group: [0] unrotated, [1] rotated. The unrotated keys
-        // are not staged under a rotating policy: read 8 tokens at a time.
+        // are not staged under a rotating policy: read LD_HN tokens at a time.
         const bool u_global = a.rotate || !a.stage;
         for (uint32_t c = threadIdx.x; c < d; c += blockDim.x) {
             for (int r = 0; r < (a.rotate ? 2 : 1); r++) {
                 float mn = 0, mx = 0;
                 if (r == 0 && u_global) {
                     const uint16_t *kp = a.src.k + (size_t)h * a.src.hs + (size_t)t0 * a.src.ts + c;
-                    for (uint32_t j0 = 0; j0 < m; j0 += 8) {
-                        uint32_t raw[8];
-                        ld_h8(kp + (size_t)j0 * a.src.ts, a.src.ts, m - j0, zero, raw);
+                    for (uint32_t j0 = 0; j0 < m; j0 += LD_HN) {
+                        uint32_t raw[LD_HN];
+                        ld_hn(kp + (size_t)j0 * a.src.ts, a.src.ts, m - j0, zero, raw);
                         STATS_UNROLL
-                        for (uint32_t u = 0; u < 8 && j0 + u < m; u++) {
+                        for (uint32_t u = 0; u < LD_HN && j0 + u < m; u++) {
                             const float x = fy_dev_h2f((uint16_t)raw[u]);
                             if (j0 + u == 0) {
                                 mn = mx = x;
@@ -224,7 +226,7 @@ static __device__ void stats_body(const stats_args_t &a, float *st_sm, float *s_
             uint32_t t = t0 + j;
             size_t it = (size_t)h * a.n + t;
             // Pass 1, unrotated V: |v - obar|^2 (kvc_dot's lanes) and the row range; from
-            // global memory (8 channels of the lane at a time) unless staged.
+            // global memory (LD_HN channels of the lane at a time) unless staged.
             float dacc = 0, umn = 0, umx = 0;
             auto pass1 = [&](uint32_t c, float x) {
                 float df = ksub(x, obar[c]);
@@ -238,11 +240,11 @@ static __device__ void stats_body(const stats_args_t &a, float *st_sm, float *s_
             };
             if (u_global) {
                 const uint16_t *vp = a.src.v + (size_t)h * a.src.hs + (size_t)t * a.src.ts;
-                for (uint32_t c0 = l; c0 < d; c0 += 64) {
-                    uint32_t raw[8];
-                    ld_h8(vp + c0, 8, (d - c0 + 7) / 8, zero, raw);
+                for (uint32_t c0 = l; c0 < d; c0 += 8 * LD_HN) {
+                    uint32_t raw[LD_HN];
+                    ld_hn(vp + c0, 8, (d - c0 + 7) / 8, zero, raw);
                     STATS_UNROLL
-                    for (uint32_t u = 0; u < 8 && c0 + 8 * u < d; u++)
+                    for (uint32_t u = 0; u < LD_HN && c0 + 8 * u < d; u++)
                         pass1(c0 + 8 * u, fy_dev_h2f((uint16_t)raw[u]));
                 }
             } else {
