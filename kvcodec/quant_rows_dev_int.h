@@ -568,7 +568,8 @@ static __device__ __forceinline__ void warp_pack_row(const uint32_t (&code)[E], 
  * barrier merges the four warps' ranges in warp order; each value row is ranged, quantized and
  * packed by its warp alone. Same bytes as quant_kernel (the same float operations on the same
  * values; ranges taken in the CPU's order, mm_min). No staged group: 4 KiB of shared memory a
- * block, and a warp's 16 rows in flight at once instead of 4 at a time between barriers. */
+ * block (quant_body stages up to 32 KiB), two barriers a group instead of six, and a warp's 16
+ * rows in flight at once (quant_body's staging: 8 at a time at head_dim 128). */
 #define QW_ROWS 8 // tokens a warp at most
 
 template <int E>

@@ -37,11 +37,13 @@ static inline uint16_t fy_dev_f2h(float f)
 
 #define OPT_MAX_KV 64 // (the layout's, whose work items the quantizer reads)
 #pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wunused-function" // the layout's own bodies
+#pragma GCC diagnostic ignored "-Wunused-function" // the other kernels' bodies
+#include "../../kvcodec/choose_dev_int.h"
 #include "../../kvcodec/layout_dev_int.h"
-#pragma GCC diagnostic pop
 #include "../../kvcodec/quant_dev_int.h"
 #include "../../kvcodec/quant_rows_dev_int.h"
+#include "../../kvcodec/stats_dev_int.h" // ST_PAD, for stage_plan's rule
+#pragma GCC diagnostic pop
 
 static uint64_t g_rng = 0x9e3779b97f4a7c15ULL;
 static float rnd_sym() // uniform in [-1, 1]
@@ -50,12 +52,13 @@ static float rnd_sym() // uniform in [-1, 1]
 }
 
 /* One layer of n_kv heads x n tokens, head_dim 32 E, quantized by a grid of `blocks` blocks of
- * quant_warp_body (warp) or quant_body (its group staged in shared memory where 2 x 32 x d
- * floats fit 32 KiB, as encode.cu stages it; P protected channels): frame bytes against
+ * quant_warp_body (warp) or quant_body (P protected channels), groups of at most G tokens
+ * (quant_body: staged in shared memory and rotated there or copied from the rotated rows as
+ * encode.cu's stage_plan decides for a measured policy): frame bytes against
  * kvc_quant_group's, and the bytes between groups untouched. */
 template <int E>
 static void check(bool warp, bool vec, bool rotate, uint32_t P, uint32_t n_kv, uint32_t n,
-                  unsigned blocks)
+                  unsigned blocks, uint32_t G = 32)
 {
     const uint32_t d = 32 * E, ts = vec ? d : d + 4, hs = ts * n + (vec ? 8 : 4);
     std::vector<uint16_t> K((size_t)hs * n_kv), V((size_t)hs * n_kv);
@@ -68,7 +71,8 @@ static void check(bool warp, bool vec, bool rotate, uint32_t P, uint32_t n_kv, u
     uint64_t off = 3;
     for (uint32_t h = 0, k = 0; h < n_kv; h++) {
         for (uint32_t t = 0; t < n; k++) {
-            const uint32_t m = sizes[k % 9] < n - t ? sizes[k % 9] : n - t;
+            const uint32_t sz = sizes[k % 9] * G / 32 > 0 ? sizes[k % 9] * G / 32 : 1;
+            const uint32_t m = sz < n - t ? sz : n - t;
             const uint32_t step = t + 2 * (m - 1) < n ? 2 : 1;
             work_t w;
             w.out_off = off;
@@ -121,9 +125,13 @@ static void check(bool warp, bool vec, bool rotate, uint32_t P, uint32_t n_kv, u
             },
             true);
     } else {
-        a.stage = 2 * 32 * d * sizeof(float) <= 32768 ? 32 : 0; // stage_plan's rule, G 32
-        a.fused = a.stage && rotate;
-        if (rotate && !a.stage) { // rotate_kernel's rotated copy of every row
+        // stage_plan's rules: the quantizer's staged group in 32 KiB, the stats kernel's in 40
+        // KiB beside its own arrays; rotated in shared memory only where both fit.
+        const bool q_stage = 2 * G * d * sizeof(float) <= 32768;
+        const bool st_stage = (10 * d + 2 * G * (d + ST_PAD)) * sizeof(float) <= 40960;
+        a.stage = q_stage ? (int)G : 0;
+        a.fused = rotate && q_stage && st_stage;
+        if (rotate && !a.fused) { // rotate_kernel's rotated copy of every row
             kr.resize((size_t)n_kv * n * d);
             vr.resize(kr.size());
             for (uint32_t h = 0; h < n_kv; h++)
@@ -137,15 +145,15 @@ static void check(bool warp, bool vec, bool rotate, uint32_t P, uint32_t n_kv, u
             a.src.kr = kr.data();
             a.src.vr = vr.data();
         }
-        std::vector<float> stage((size_t)blocks * 2 * 32 * d);
+        std::vector<float> stage((size_t)blocks * 2 * G * d);
         std::vector<quant_smem_t> qs(blocks);
         emu_launch(
             blocks, QUANT_THREADS,
-            [&] { quant_body(a, stage.data() + (size_t)blockIdx.x * 2 * 32 * d, qs[blockIdx.x]); },
+            [&] { quant_body(a, stage.data() + (size_t)blockIdx.x * 2 * G * d, qs[blockIdx.x]); },
             true);
     }
     // The CPU encoder's rows: FP16 to fp32, rotated (kvc_hadamard) for the <= 4-bit options.
-    std::vector<float> gk(32 * d), gv(32 * d), chan_w(d);
+    std::vector<float> gk((size_t)G * d), gv((size_t)G * d), chan_w(d);
     for (const work_t &w : work) {
         for (uint32_t c = 0; c < d; c++) // encode.c's channel weights: sqrt of the salience
             chan_w[c] = sqrtf(qsq[(size_t)w.head * d + c]);
@@ -192,6 +200,11 @@ static void test_block(void **state)
         check<4>(false, true, rot, 0, 1, 200, 3);
         check<4>(false, false, rot, 0, 1, 120, 2);
         check<8>(false, true, rot, 0, 1, 70, 2); // too big to stage: read where the rows are
+        // Other group sizes: staged and copied from the rotated rows (d 256, G 16; d 32, G
+        // 128: the stats kernel's staging would not fit), staged and rotated here (d 64, G 64).
+        check<8>(false, true, rot, 0, 1, 60, 2, 16);
+        check<1>(false, false, rot, 0, 1, 300, 2, 128);
+        check<2>(false, true, rot, 0, 2, 150, 2, 64);
     }
     // Protected channels of the 4- and 2-bit keys (8-bit codes of their own): by salience
     // unrotated (MixKVQ), by range alone rotated.

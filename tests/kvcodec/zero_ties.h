@@ -9,24 +9,28 @@
 
 #include "common.h"
 
-/* Element c of token t (val: of V) given its FP16 bits x. Key channels c % 16 == 5 are
- * non-negative and zero at t % 3 != 2: -0 at the even tokens of the first 8 of every 32, +0
- * elsewhere, so a group's channel range meets -0 first in some of its warps' token runs and +0
- * in others. Value rows t % 7 == 0 are non-negative and t % 7 == 3 non-positive, with a zero
- * of one sign at channel 3 (first in channel order) and of the other at channels 10, 18, ...
- * (first in kvc_row_minmax's lane order, lane 2 before lane 3). */
+/* Element c of token t (val: of V) given its FP16 bits x. Only a range's lower end can change
+ * the bytes (its zero point is the FP16 floor of the minimum; the scale comes from max - zero,
+ * the same for +0 and -0), so the pattern puts zeros of both signs at the minimum:
+ * - channels c % 16 == 5 of K and V are non-negative and zero at t % 3 != 2: -0 at the even
+ *   tokens of the first 8 of every 32, +0 elsewhere, so a group's channel range meets -0 first
+ *   in some of its warps' token runs and +0 first in others;
+ * - value rows t % 7 == 0 are non-negative with zeros at channel 3 (first in channel order) and
+ *   at channels 10, 18, 26, ... (kvc_row_minmax's lane 2, which comes before lane 3): channel
+ *   10, first within lane 2, has one sign, alternating with t, and channel 3 and the rest of
+ *   lane 2 the other. */
 static inline uint16_t kvt_zero_tie(uint32_t t, uint32_t c, int val, uint16_t x)
 {
     const uint16_t ax = (uint16_t)(x & 0x7fffu), pz = 0, nz = 0x8000u;
     if (c % 16 == 5)
         return t % 3 == 2 ? ax : (t % 32 < 8 && t % 2 == 0) ? nz : pz;
-    if (val && (t % 7 == 0 || t % 7 == 3)) {
-        const int neg = t % 7 == 3; // the zero is the row's maximum
-        if (c == 3)
-            return neg ? pz : nz;
-        if (c % 8 == 2 && c >= 8)
-            return neg ? nz : pz;
-        return neg ? (uint16_t)(ax | 0x8000u) : ax;
+    if (val && t % 7 == 0) {
+        const uint16_t first = (t / 7) % 2 ? nz : pz, other = first ^ 0x8000u;
+        if (c == 10)
+            return first;
+        if (c == 3 || (c % 8 == 2 && c > 10))
+            return other;
+        return ax;
     }
     return x;
 }
