@@ -439,23 +439,10 @@ extern "C" void kvc_encoder_cuda_destroy(kvc_encoder_cuda_t *e)
     free(e);
 }
 
-/* Where the stats and quantizer kernels stage a group's rows in shared memory: where they fit
- * the default 48 KiB beside their own arrays (G 32, d 128: 38 and 32 KiB). When both do, a
- * rotating policy rotates the staged rows there and no rotated copy of the layer exists. */
-typedef struct {
-    size_t st_sm, st_sm_stage, q_stage_bytes;
-    bool st_stage, q_stage, fused;
-} stage_t;
-
 static void stage_plan(const kvc_encoder_cuda_t *e, stage_t *sg)
 {
     bool measured = e->policy.dist == KVC_DIST_TRIAL || e->policy.dist == KVC_DIST_MODEL;
-    sg->st_sm = (size_t)10 * e->d * sizeof(float);
-    sg->st_sm_stage = sg->st_sm + (size_t)2 * e->G * (e->d + ST_PAD) * sizeof(float);
-    sg->st_stage = sg->st_sm_stage <= 40960;
-    sg->q_stage_bytes = (size_t)2 * e->G * e->d * sizeof(float);
-    sg->q_stage = sg->q_stage_bytes <= 32768;
-    sg->fused = e->policy.rotate && sg->q_stage && (!measured || sg->st_stage);
+    stage_rule(e->d, e->G, e->policy.rotate, measured, sg);
 }
 
 /* The device optimizer's buffers, when the device runs cooperative grids and the heads fit

@@ -33,6 +33,25 @@ typedef struct {
     uint32_t zero; // 0, which the compiler cannot know (ld_hn)
 } stats_args_t;
 
+/* Where the stats and quantizer kernels stage a group's rows in shared memory (host code):
+ * where they fit the default 48 KiB beside their own arrays (G 32, d 128: 38 and 32 KiB). When
+ * both do (or only the quantizer runs: not measured), a rotating policy rotates the staged rows
+ * there and no rotated copy of the layer exists. */
+typedef struct {
+    size_t st_sm, st_sm_stage, q_stage_bytes; // stats_kernel's shared bytes unstaged, staged
+    bool st_stage, q_stage, fused;
+} stage_t;
+
+static inline void stage_rule(uint32_t d, uint32_t G, bool rotate, bool measured, stage_t *sg)
+{
+    sg->st_sm = (size_t)10 * d * sizeof(float);
+    sg->st_sm_stage = sg->st_sm + (size_t)2 * G * (d + ST_PAD) * sizeof(float);
+    sg->st_stage = sg->st_sm_stage <= 40960;
+    sg->q_stage_bytes = (size_t)2 * G * d * sizeof(float);
+    sg->q_stage = sg->q_stage_bytes <= 32768;
+    sg->fused = rotate && sg->q_stage && (!measured || sg->st_stage);
+}
+
 /* Whether the optimizer reads table ti (TAB_*) under these arguments: the ones stats_body
  * writes. */
 static __host__ __device__ inline bool stats_wants(const stats_args_t &a, int ti)

@@ -42,7 +42,7 @@ static inline uint16_t fy_dev_f2h(float f)
 #include "../../kvcodec/layout_dev_int.h"
 #include "../../kvcodec/quant_dev_int.h"
 #include "../../kvcodec/quant_rows_dev_int.h"
-#include "../../kvcodec/stats_dev_int.h" // ST_PAD, for stage_plan's rule
+#include "../../kvcodec/stats_dev_int.h" // stage_rule
 #pragma GCC diagnostic pop
 
 static uint64_t g_rng = 0x9e3779b97f4a7c15ULL;
@@ -125,12 +125,10 @@ static void check(bool warp, bool vec, bool rotate, uint32_t P, uint32_t n_kv, u
             },
             true);
     } else {
-        // stage_plan's rules: the quantizer's staged group in 32 KiB, the stats kernel's in 40
-        // KiB beside its own arrays; rotated in shared memory only where both fit.
-        const bool q_stage = 2 * G * d * sizeof(float) <= 32768;
-        const bool st_stage = (10 * d + 2 * G * (d + ST_PAD)) * sizeof(float) <= 40960;
-        a.stage = q_stage ? (int)G : 0;
-        a.fused = rotate && q_stage && st_stage;
+        stage_t sg; // encode.cu's stage_plan for a measured policy
+        stage_rule(d, G, rotate, true, &sg);
+        a.stage = sg.q_stage ? (int)G : 0;
+        a.fused = sg.fused;
         if (rotate && !a.fused) { // rotate_kernel's rotated copy of every row
             kr.resize((size_t)n_kv * n * d);
             vr.resize(kr.size());

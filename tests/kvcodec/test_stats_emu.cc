@@ -85,12 +85,10 @@ static void check(const scase &c)
             kvc_hadamard(&vr[at], d);
         }
 
-    // encode.cu's launch: stage_plan's rules, the stats_args_t it fills.
-    const size_t st_sm = (size_t)10 * d * sizeof(float);
-    const size_t st_sm_stage = st_sm + (size_t)2 * G * (d + ST_PAD) * sizeof(float);
-    const bool st_stage = st_sm_stage <= 40960;
-    const bool q_stage = (size_t)2 * G * d * sizeof(float) <= 32768;
-    const bool fused = c.rotate && q_stage && st_stage;
+    // encode.cu's launch: stage_plan's rule (a measured policy), the stats_args_t it fills.
+    stage_t sg;
+    stage_rule(d, G, c.rotate, true, &sg);
+    const bool fused = sg.fused;
     stats_args_t a;
     memset(&a, 0, sizeof(a));
     a.src.k = K.data();
@@ -117,11 +115,11 @@ static void check(const scase &c)
     a.needk2 = (c.opts & KVC_OPT_BIT(KVC_OPT_Q2)) != 0;
     std::vector<float> tab(TAB_COUNT * plane, NAN);
     a.tab = tab.data();
-    a.stage = st_stage;
+    a.stage = sg.st_stage;
     a.fused = fused;
     a.rot_scale = 1.0f / sqrtf((float)d);
     const uint32_t chunks = (n + G - 1) / G, blocks = n_kv * chunks;
-    const size_t sm_floats = (a.stage ? st_sm_stage : st_sm) / sizeof(float);
+    const size_t sm_floats = (a.stage ? sg.st_sm_stage : sg.st_sm) / sizeof(float);
     std::vector<float> sm((size_t)blocks * sm_floats), ke((size_t)blocks * 3), kwrot(blocks);
     emu_launch(
         blocks, a.stage ? 2 * STATS_THREADS : STATS_THREADS,
