@@ -1,12 +1,12 @@
 // CUDA on host threads, for tests that run device code without a GPU: the names a kernel body
 // uses (threadIdx, blockIdx, blockDim, gridDim, __syncthreads, cg::grid_group::sync, warp
-// shuffles and votes, atomics, the rounded arithmetic intrinsics) and emu_launch, which runs a
-// grid's threads as pthreads. Each barrier is a pthread barrier: the block's, the grid's, or a
-// warp's, through which a warp's shuffles and votes exchange their values, so the threads of a
-// warp must call the same intrinsics in the same order (as convergent CUDA code does). Shared
-// memory is the caller's: a kernel body takes its block's shared arrays as arguments. Compile
-// the test without floating-point contraction (-ffp-contract=off), as the device code's
-// roundings assume.
+// shuffles and votes, atomics, the rounded arithmetic intrinsics, cp.async copies, done at once)
+// and emu_launch, which runs a grid's threads (one- or two-dimensional) as pthreads. Each barrier
+// is a pthread barrier: the block's, the grid's, or a warp's, through which a warp's shuffles and
+// votes exchange their values, so the threads of a warp must call the same intrinsics in the same
+// order (as convergent CUDA code does). Shared memory is the caller's: a kernel body takes its
+// block's shared arrays as arguments. Compile the test without floating-point contraction
+// (-ffp-contract=off), as the device code's roundings assume.
 #ifndef FERRY_TESTS_KVCODEC_CUDA_EMU_H
 #define FERRY_TESTS_KVCODEC_CUDA_EMU_H
 
@@ -27,6 +27,10 @@
 struct alignas(16) uint4 {
     unsigned x, y, z, w;
 };
+static inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w)
+{
+    return {x, y, z, w};
+}
 struct alignas(8) uint2 {
     unsigned x, y;
 };
@@ -48,13 +52,19 @@ struct emu_state {
     pthread_barrier_t grid;
     std::vector<pthread_barrier_t> block, warp;
     std::vector<uint64_t> xs; // [warps][2][32]: each warp's exchange, double-buffered
+    std::vector<uint32_t> xw; // [warps][2][32][EMU_XW]: the same for warp_gather
 };
+#define EMU_XW 8 // words a lane publishes in one warp_gather
 static emu_state g_emu;
 static thread_local int t_phase;
 
+static inline unsigned emu_block()
+{
+    return blockIdx.y * gridDim.x + blockIdx.x;
+}
 static inline unsigned emu_warp()
 {
-    return blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    return emu_block() * (blockDim.x / 32) + threadIdx.x / 32;
 }
 
 // Every lane of the warp publishes v; each gets lane src's. One barrier: a lane writes the
@@ -68,6 +78,19 @@ static inline uint64_t warp_xchg(uint64_t v, unsigned src)
     const uint64_t r = x[src % 32];
     t_phase ^= 1;
     return r;
+}
+
+// Every lane of the warp publishes n (<= EMU_XW) words; all[l][i] gets lane l's word i. One
+// barrier, as warp_xchg (the phases alternate per lane whichever of the two a call uses).
+static inline void warp_gather(const uint32_t *mine, unsigned n, uint32_t (*all)[EMU_XW])
+{
+    const unsigned w = emu_warp(), lane = threadIdx.x % 32;
+    uint32_t *x = g_emu.xw.data() + ((size_t)w * 2 + (size_t)t_phase) * 32 * EMU_XW;
+    memcpy(x + (size_t)lane * EMU_XW, mine, n * sizeof(uint32_t));
+    pthread_barrier_wait(&g_emu.warp[w]);
+    for (unsigned l = 0; l < 32; l++)
+        memcpy(all[l], x + (size_t)l * EMU_XW, n * sizeof(uint32_t));
+    t_phase ^= 1;
 }
 
 template <typename T> static uint64_t to_bits(T v)
@@ -132,7 +155,7 @@ static inline void __syncwarp(unsigned = 0xffffffffu)
 }
 static inline void __syncthreads()
 {
-    pthread_barrier_wait(&g_emu.block[blockIdx.x]);
+    pthread_barrier_wait(&g_emu.block[emu_block()]);
 }
 namespace cg
 {
@@ -174,6 +197,35 @@ static inline unsigned __float_as_uint(float x)
     memcpy(&u, &x, sizeof u);
     return u;
 }
+static inline float __uint_as_float(unsigned u)
+{
+    float x;
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
+// Byte i of the result is byte (s >> 4 i) & 7 of the 8 bytes y:x (the selector's low 3 bits of
+// each of its low 4 nibbles, as CUDA documents it).
+static inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s)
+{
+    const uint64_t v = ((uint64_t)y << 32) | x;
+    unsigned r = 0;
+    for (int i = 0; i < 4; i++)
+        r |= (unsigned)((v >> (8 * ((s >> (4 * i)) & 7u))) & 0xffu) << (8 * i);
+    return r;
+}
+// (glibc declares an __expf it does not export.)
+#define __expf(x) expf(x)
+template <typename T> static T __ldg(const T *p)
+{
+    return *p;
+}
+// cp.async: the copy is done when issued, so commit and wait have nothing left to do.
+static inline void __pipeline_memcpy_async(void *dst, const void *src, size_t n)
+{
+    memcpy(dst, src, n);
+}
+static inline void __pipeline_commit() {}
+static inline void __pipeline_wait_prior(size_t) {}
 template <typename T> static T max(T a, T b)
 {
     return a < b ? b : a;
@@ -238,18 +290,20 @@ static inline double __ull2double_rn(unsigned long long x)
     return (double)x;
 }
 
-// Runs fn on a grid of `blocks` x `threads` host threads: all at once (the grid barrier needs
-// every thread of the grid resident, as a cooperative launch does), or with `one_by_one` one
-// block after another (kernels without a grid barrier; fewer threads at a time).
-static inline void emu_launch(unsigned blocks, unsigned threads, const std::function<void()> &fn,
-                       bool one_by_one = false)
+// Runs fn on a grid of gx x gy blocks of `threads` host threads: all at once (the grid barrier
+// needs every thread of the grid resident, as a cooperative launch does), or with `one_by_one`
+// one block after another (kernels without a grid barrier; fewer threads at a time).
+static inline void emu_launch_2d(unsigned gx, unsigned gy, unsigned threads,
+                                 const std::function<void()> &fn, bool one_by_one = false)
 {
+    const unsigned blocks = gx * gy;
     blockDim = {threads, 1, 1};
-    gridDim = {blocks, 1, 1};
+    gridDim = {gx, gy, 1};
     const unsigned warps = blocks * threads / 32;
     g_emu.block.resize(blocks);
     g_emu.warp.resize(warps);
     g_emu.xs.assign((size_t)warps * 2 * 32, 0);
+    g_emu.xw.assign((size_t)warps * 2 * 32 * EMU_XW, 0);
     pthread_barrier_init(&g_emu.grid, NULL, one_by_one ? threads : blocks * threads);
     for (auto &b : g_emu.block)
         pthread_barrier_init(&b, NULL, threads);
@@ -272,7 +326,7 @@ static inline void emu_launch(unsigned blocks, unsigned threads, const std::func
                 &tids[i], &attr,
                 [](void *p) -> void * {
                     const arg_t *a = (const arg_t *)p;
-                    blockIdx = {a->b, 0, 0};
+                    blockIdx = {a->b % gridDim.x, a->b / gridDim.x, 0};
                     threadIdx = {a->t, 0, 0};
                     t_phase = 0;
                     (*a->fn)();
@@ -290,6 +344,12 @@ static inline void emu_launch(unsigned blocks, unsigned threads, const std::func
         pthread_barrier_destroy(&b);
     for (auto &w : g_emu.warp)
         pthread_barrier_destroy(&w);
+}
+
+static inline void emu_launch(unsigned blocks, unsigned threads, const std::function<void()> &fn,
+                              bool one_by_one = false)
+{
+    emu_launch_2d(blocks, 1, threads, fn, one_by_one);
 }
 
 #endif
