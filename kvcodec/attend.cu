@@ -48,13 +48,16 @@
 namespace
 {
 
-/* The kernels: their shared arrays around the bodies of attend_dev_int.h. */
-template <int NQ, int CPT>
+/* The kernels: their shared arrays around the bodies of attend_dev_int.h. FUSE: the split
+ * kernel combines each list itself (FERRY_ATTEND_FUSE=1; instances for head_dim up to 256 and
+ * the tensor-core kernel's default register cap), so that the default instances compile as
+ * they did without it. */
+template <int NQ, int CPT, bool FUSE = false>
 __global__ void __launch_bounds__(kThreads, min_blocks(NQ, CPT)) attend_split_kernel(attn_params A)
 {
     extern __shared__ __align__(16) uint8_t smem[];
-    __shared__ float s_m[NQ], s_l[NQ], s_alpha[NQ];
-    attend_split_body<NQ, CPT>(A, smem, s_m, s_l, s_alpha);
+    __shared__ float s_m[NQ], s_l[NQ], s_alpha[NQ], s_red[kThreads / 32];
+    attend_split_body<NQ, CPT, FUSE>(A, smem, s_m, s_l, s_alpha, s_red);
 }
 
 __global__ void __launch_bounds__(kCombThreads) attend_combine_kernel(attn_params A, uint32_t rows)
@@ -67,11 +70,12 @@ __global__ void __launch_bounds__(kCombThreads) attend_combine_kernel(attn_param
 /* MINB: resident blocks per SM the registers are capped for. 3 (168 registers at D 128, no
  * spills) is the default; 4 (128 registers, a few spills) is FERRY_ATTEND_BLOCKS=4, for pages
  * small enough that shared memory lets 4 blocks in (16 KiB pages: ~44 KB per block). */
-template <int D, int MINB, bool WIDE = false>
+template <int D, int MINB, bool WIDE = false, bool FUSE = false>
 __global__ void __launch_bounds__(kMmaThreads, MINB) attend_mma_kernel(attn_params A)
 {
     extern __shared__ __align__(16) uint8_t smem[];
-    attend_mma_body<D, WIDE>(A, smem);
+    __shared__ float s_red[kMmaThreads / 32];
+    attend_mma_body<D, WIDE, FUSE>(A, smem, s_red);
 }
 
 /* Everything the host derives from the pool, the batch shape and the device. */
@@ -79,7 +83,8 @@ struct plan {
     attend_geom g; // shared memory layouts (attend_shape)
     attend_ws ws;  // the workspace and the combine kernel's shared memory (attend_ws_plan)
     uint32_t n_splits;
-    bool pdl; // the combine kernel by programmatic dependent launch (pdl_wanted)
+    bool pdl;  // the combine kernel by programmatic dependent launch (pdl_wanted)
+    bool fuse; // no combine kernel: the split kernel combines (fuse_wanted, its FUSE instance)
     void (*kernel)(attn_params); // kernel 1 for rows and cpt
     bool mma;                    // the tensor-core kernel runs instead (attend_mma_kernel)
     bool kdq;                    // ... with keys dequantized in registers (attn_params.kdq)
@@ -89,12 +94,14 @@ struct plan {
 
 typedef void (*split_kernel_t)(attn_params);
 
-/* The instance of kernel 1 for a GQA group size (1..8) and channels per lane (8 or 16). */
-split_kernel_t split_kernel(uint32_t rows, uint32_t cpt)
+/* The instance of kernel 1 for a GQA group size (1..8) and channels per lane (8 or 16), fused
+ * (8 channels a lane only). */
+split_kernel_t split_kernel(uint32_t rows, uint32_t cpt, bool fuse)
 {
 #define KVC_SPLIT_CASE(n)                                                                          \
     case n:                                                                                        \
-        return cpt == 8 ? attend_split_kernel<n, 8> : attend_split_kernel<n, 16>;
+        return cpt == 8 ? (fuse ? attend_split_kernel<n, 8, true> : attend_split_kernel<n, 8>)     \
+                        : attend_split_kernel<n, 16>;
     switch (rows) {
         KVC_SPLIT_CASE(1)
         KVC_SPLIT_CASE(2)
@@ -244,11 +251,18 @@ fy_status_t kernel_occupancy(int dev, const void *fn, int threads, size_t smem, 
 }
 
 /* The instance of the tensor-core kernel for head_dim d (64 or 128): the wide one, or the one
- * for the register cap FERRY_ATTEND_BLOCKS asks for (see attend_mma_kernel). */
-split_kernel_t mma_kernel(uint32_t d, bool wide)
+ * for the register cap FERRY_ATTEND_BLOCKS asks for (see attend_mma_kernel); fused ones at the
+ * default cap. */
+split_kernel_t mma_kernel(uint32_t d, bool wide, bool fuse)
 {
+    if (wide && fuse)
+        return d == 64 ? attend_mma_kernel<64, 3, true, true>
+                       : attend_mma_kernel<128, 3, true, true>;
     if (wide)
         return d == 64 ? attend_mma_kernel<64, 3, true> : attend_mma_kernel<128, 3, true>;
+    if (fuse)
+        return d == 64 ? attend_mma_kernel<64, 3, false, true>
+                       : attend_mma_kernel<128, 3, false, true>;
     const char *e = getenv("FERRY_ATTEND_BLOCKS");
     const bool four = e != NULL && strcmp(e, "4") == 0;
     if (d == 64)
@@ -268,6 +282,14 @@ bool pdl_wanted(int major)
         return false;
     const char *e = getenv("FERRY_ATTEND_PDL");
     return e == NULL || strcmp(e, "0") != 0;
+}
+
+/* Whether the split kernel combines each list's splits itself (its last block to finish, see
+ * attend_fused_combine) instead of a combine kernel: FERRY_ATTEND_FUSE=1. */
+bool fuse_wanted()
+{
+    const char *e = getenv("FERRY_ATTEND_FUSE");
+    return e != NULL && strcmp(e, "1") == 0;
 }
 
 /* The kernel a batch asks for: its impl field, else FERRY_ATTEND_IMPL ("simt", "mma",
@@ -300,7 +322,16 @@ fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt,
     // Leave room for the kernels' static shared memory (a few hundred bytes).
     if (g.smem_split + 1024 > (size_t)optin)
         return FY_ERR_UNSUPPORTED; // pages too large to stage in shared memory
-    pl->kernel = split_kernel(g.rows, g.cpt);
+    // FERRY_ATTEND_FUSE=1: the kernels' fused instances, where there is one and the combine fits
+    // in the kernel's own shared memory (free by then) at any number of splits.
+    const bool fuse = fuse_wanted();
+    const bool fuse_split =
+        fuse && g.cpt == 8 &&
+        combine_smem_floats(kMaxSplits, g.d, kThreads) * sizeof(float) <= g.smem_split;
+    const bool fuse_mma =
+        fuse && g.mma_shape &&
+        combine_smem_floats(kMaxSplits, g.d, kMmaThreads) * sizeof(float) <= g.smem_mma;
+    pl->kernel = split_kernel(g.rows, g.cpt, fuse_split);
     if (pl->kernel == NULL)
         return FY_ERR_UNSUPPORTED;
     int per_sm = 0;
@@ -317,7 +348,7 @@ fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt,
     pl->mma = false;
     pl->kdq = false;
     pl->wide = false;
-    pl->mma_kernel = mma_kernel(g.d, impl == KVC_ATTEND_IMPL_MMA_WIDE);
+    pl->mma_kernel = mma_kernel(g.d, impl == KVC_ATTEND_IMPL_MMA_WIDE, fuse_mma);
     if (g.mma_shape) {
         int mper = 0;
         if (g.smem_mma + 1024 <= (size_t)optin) {
@@ -342,6 +373,7 @@ fy_status_t make_plan(const kvc_gpu_pages_t *pool, const kvc_attend_batch_t *bt,
     attend_ws_plan(g, max_splits, &pl->ws);
     if (pl->ws.smem_combine + 1024 > (size_t)optin)
         return FY_ERR_UNSUPPORTED;
+    pl->fuse = pl->mma ? fuse_mma : fuse_split;
     return FY_OK;
 }
 
@@ -405,7 +437,7 @@ extern "C" fy_status_t kvc_attend_batch_cuda(const kvc_gpu_pages_t *pool,
     const attn_params A = attend_params(pl.g, pl.ws, pool, batch, pl.n_splits, pl.kdq, q, scale,
                                         out, static_cast<uint8_t *>(workspace));
     cudaStream_t s = static_cast<cudaStream_t>(stream);
-    st = kvc_cuda_status(cudaMemsetAsync(A.ws_err, 0, sizeof(uint32_t), s));
+    st = kvc_cuda_status(cudaMemsetAsync(workspace, 0, pl.ws.zero_bytes, s));
     if (st != FY_OK)
         return st;
     dim3 grid(pl.n_splits, pl.g.n_items);
@@ -415,7 +447,7 @@ extern "C" fy_status_t kvc_attend_batch_cuda(const kvc_gpu_pages_t *pool,
     else
         pl.kernel<<<grid, kThreads, pl.g.smem_split, s>>>(A);
     st = kvc_cuda_status(cudaGetLastError());
-    if (st != FY_OK)
+    if (st != FY_OK || pl.fuse)
         return st;
     if (pl.ws.smem_combine > 48 * 1024) {
         int dev = 0;

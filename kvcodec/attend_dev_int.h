@@ -38,6 +38,7 @@ struct attn_params {
     float *ws_acc, *ws_accr; // [n_items][n_splits][rows][d] plain / rotated accumulators
     uint32_t *ws_rot;        // [n_items][n_splits]
     uint32_t *ws_err;        // [1] pages skipped
+    uint32_t *ws_cnt;        // [n_items] splits done per list (FUSE kernels), zero at launch
     // Tensor-core path (attend_mma_kernel) only: shared memory layout, see mma_layout.
     uint32_t rows;   // query rows per list
     uint32_t m_pbuf; // bytes of one page buffer (two of them)
@@ -390,11 +391,15 @@ constexpr int min_blocks(int nq, int cpt)
     return nq * cpt <= 40 ? 3 : 2;
 }
 
+__device__ __forceinline__ void attend_fused_combine(const attn_params &A, uint32_t item,
+                                                     uint32_t rows, uint8_t *smem, float *red);
+
 /* The body of attend_split_kernel<NQ, CPT> (kernel 1, SIMT): smem is its dynamic shared memory
- * (16-byte aligned), s_m, s_l, s_alpha its [NQ] arrays. */
-template <int NQ, int CPT>
+ * (16-byte aligned), s_m, s_l, s_alpha its [NQ] arrays, s_red its [kThreads / 32] array. FUSE:
+ * no combine kernel follows (attend_fused_combine). */
+template <int NQ, int CPT, bool FUSE = false>
 __device__ __forceinline__ void attend_split_body(const attn_params &A, uint8_t *smem, float *s_m,
-                                                  float *s_l, float *s_alpha)
+                                                  float *s_l, float *s_alpha, float *s_red)
 {
     constexpr int NQP = pow2ceil(NQ);
 
@@ -682,6 +687,8 @@ __device__ __forceinline__ void attend_split_body(const attn_params &A, uint8_t 
     }
     if (tid == 0)
         A.ws_rot[slot] = any_rot ? 1u : 0u;
+    if constexpr (FUSE)
+        attend_fused_combine(A, item, NQ, smem, s_red);
 }
 
 constexpr int kCombThreads = 256; // threads per block of kernel 2
@@ -704,17 +711,33 @@ static __device__ float block_reduce(float v, int op, float *red)
     return v;
 }
 
-/* One block per (list, query row), the splits spread over the threads: weights exp(m_s - M)
- * per split and the softmax sum, then each thread sums its channel over a share of the splits
- * (plain and rotated parts), the shares are added, H is applied to the rotated sum once and
- * the row is divided by the sum. The body of attend_combine_kernel: smem its dynamic shared
- * memory, red its [kCombThreads / 32] array. */
-__device__ __forceinline__ void attend_combine_body(const attn_params &A, uint32_t rows,
-                                                    uint8_t *smem, float *red)
+/* A workspace word: with CG past L1 (the fused combine reads what other blocks of its own
+ * launch wrote). */
+template <bool CG, typename T> __device__ __forceinline__ T ws_ld(const T *p)
 {
-    const uint32_t item = blockIdx.x, r = blockIdx.y, tid = threadIdx.x, d = A.d, S = A.n_splits;
+    return CG ? __ldcg(p) : *p;
+}
+
+/* Shared floats attend_combine_row needs for n_splits splits at head_dim d with `threads`
+ * threads (host and device). */
+__host__ __device__ inline size_t combine_smem_floats(uint32_t n_splits, uint32_t d,
+                                                      uint32_t threads)
+{
+    const uint32_t cw = d < threads ? d : threads;
+    return (size_t)2 * n_splits + (size_t)2 * (threads / cw) * d;
+}
+
+/* Output row r of list `item` from the splits' partial results, by the whole block: weights
+ * exp(m_s - M) per split and the softmax sum, then each thread sums its channel over a share of
+ * the splits (plain and rotated parts), the shares are added, H is applied to the rotated sum
+ * once and the row is divided by the sum. smem: combine_smem_floats floats; red: [blockDim.x /
+ * 32] scratch. */
+template <bool CG>
+__device__ __forceinline__ void attend_combine_row(const attn_params &A, uint32_t item, uint32_t r,
+                                                   uint32_t rows, uint8_t *smem, float *red)
+{
+    const uint32_t tid = threadIdx.x, d = A.d, S = A.n_splits;
     const uint32_t cw = min(d, blockDim.x), groups = blockDim.x / cw;
-    pdl_wait(); // the split kernel's workspace is complete and visible from here on
     float *w = reinterpret_cast<float *>(smem); // [S] exp(m_s - M)
     float *wp = w + S;                          // [S] exp(mp_s - M), the plain part's weight
     float *acc = wp + S;                        // [groups][d] plain sums
@@ -723,19 +746,20 @@ __device__ __forceinline__ void attend_combine_body(const attn_params &A, uint32
 
     float mx = -INFINITY, anyr = 0.0f;
     for (uint32_t s = tid; s < S; s += blockDim.x) {
-        mx = fmaxf(mx, A.ws_m[(base + s) * rows + r]);
-        if (A.ws_rot[base + s])
+        mx = fmaxf(mx, ws_ld<CG>(A.ws_m + (base + s) * rows + r));
+        if (ws_ld<CG>(A.ws_rot + base + s))
             anyr = 1.0f;
     }
     const float M = block_reduce(mx, 1, red);
     const bool any_rot = block_reduce(anyr, 1, red) != 0.0f;
     float lsum = 0.0f;
     for (uint32_t s = tid; s < S; s += blockDim.x) {
-        const float m = A.ws_m[(base + s) * rows + r], mp = A.ws_mp[(base + s) * rows + r];
+        const float m = ws_ld<CG>(A.ws_m + (base + s) * rows + r);
+        const float mp = ws_ld<CG>(A.ws_mp + (base + s) * rows + r);
         const float ws = m == -INFINITY ? 0.0f : expf(m - M);
         w[s] = ws;
         wp[s] = mp == -INFINITY ? 0.0f : expf(mp - M);
-        lsum += A.ws_l[(base + s) * rows + r] * ws;
+        lsum += ws_ld<CG>(A.ws_l + (base + s) * rows + r) * ws;
     }
     const float L = block_reduce(lsum, 0, red); // its barriers publish w and wp
 
@@ -751,15 +775,15 @@ __device__ __forceinline__ void attend_combine_body(const attn_params &A, uint32
 #pragma unroll
                 for (int k = 0; k < 4; k++) {
                     const uint32_t sk = s + k * groups;
-                    a[k] += src[sk * stride] * wp[sk];
-                    if (any_rot && A.ws_rot[base + sk])
-                        b[k] += srcr[sk * stride] * w[sk];
+                    a[k] += ws_ld<CG>(src + sk * stride) * wp[sk];
+                    if (any_rot && ws_ld<CG>(A.ws_rot + base + sk))
+                        b[k] += ws_ld<CG>(srcr + sk * stride) * w[sk];
                 }
             }
             for (; s < S; s += groups) {
-                a[0] += src[s * stride] * wp[s];
-                if (any_rot && A.ws_rot[base + s])
-                    b[0] += srcr[s * stride] * w[s];
+                a[0] += ws_ld<CG>(src + s * stride) * wp[s];
+                if (any_rot && ws_ld<CG>(A.ws_rot + base + s))
+                    b[0] += ws_ld<CG>(srcr + s * stride) * w[s];
             }
             acc[grp * d + c] = (a[0] + a[1]) + (a[2] + a[3]);
             accr[grp * d + c] = (b[0] + b[1]) + (b[2] + b[3]);
@@ -783,6 +807,39 @@ __device__ __forceinline__ void attend_combine_body(const attn_params &A, uint32
     for (uint32_t c = tid; c < d; c += blockDim.x) {
         const float v = acc[c] + (any_rot ? accr[c] : 0.0f);
         out[c] = L > 0.0f ? v / L : 0.0f;
+    }
+}
+
+/* The body of attend_combine_kernel, one block per (list, query row): smem its dynamic shared
+ * memory, red its [kCombThreads / 32] array. */
+__device__ __forceinline__ void attend_combine_body(const attn_params &A, uint32_t rows,
+                                                    uint8_t *smem, float *red)
+{
+    pdl_wait(); // the split kernel's workspace is complete and visible from here on
+    attend_combine_row<false>(A, blockIdx.x, blockIdx.y, rows, smem, red);
+}
+
+/* The end of a block of a FUSE split kernel: the last block of list `item` to finish combines
+ * the list's splits (each of its rows) instead of a combine kernel. Each thread fences
+ * its workspace writes before the block's arrival is counted, so the last block to arrive sees
+ * every split's and reads them past L1. smem: at least
+ * combine_smem_floats floats, free; red: [blockDim.x / 32]. */
+__device__ __forceinline__ void attend_fused_combine(const attn_params &A, uint32_t item,
+                                                     uint32_t rows, uint8_t *smem, float *red)
+{
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0)
+        red[0] = atomicAdd(A.ws_cnt + item, 1u) == A.n_splits - 1 ? 1.0f : 0.0f;
+    __syncthreads();
+    const bool last = red[0] != 0.0f;
+    __syncthreads(); // red is the combine's scratch
+    if (!last)
+        return;
+    __threadfence();
+    for (uint32_t r = 0; r < rows; r++) {
+        attend_combine_row<true>(A, item, r, rows, smem, red);
+        __syncthreads(); // smem and red are reused by the next row
     }
 }
 
@@ -1629,11 +1686,12 @@ __device__ void mma_finish(const attn_params &A, mma_state<D> &st, uint8_t *red_
             st.acc[u][k] = 0.0f;
 }
 
-/* The body of attend_mma_kernel<D, MINB, WIDE>: smem its dynamic shared memory. WIDE: the
+/* The body of attend_mma_kernel<D, MINB, WIDE>: smem its dynamic shared memory, s_red its
+ * [kMmaThreads / 32] array. FUSE: no combine kernel follows (attend_fused_combine). WIDE: the
  * wide kernel (KVC_ATTEND_IMPL_MMA_WIDE): the query scaled by log2 e, softmax in base 2,
  * mma_tokens_wide for keys of at most 4 bits. */
-template <int D, bool WIDE>
-__device__ __forceinline__ void attend_mma_body(const attn_params &A, uint8_t *smem)
+template <int D, bool WIDE, bool FUSE = false>
+__device__ __forceinline__ void attend_mma_body(const attn_params &A, uint8_t *smem, float *s_red)
 {
     float *qf = reinterpret_cast<float *>(smem + A.m_off_q); // [4][D] q (pass 1: H q), * scale
     uint8_t *tab = smem + A.m_off_tab;
@@ -1738,6 +1796,8 @@ __device__ __forceinline__ void attend_mma_body(const attn_params &A, uint8_t *s
     }
     if (tid == 0)
         A.ws_rot[slot] = any_rot ? 1u : 0u;
+    if constexpr (FUSE)
+        attend_fused_combine(A, item, rows, smem, s_red);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -1830,18 +1890,18 @@ static inline fy_status_t attend_shape(const kvc_gpu_pages_t *pool, const kvc_at
 /* The workspace of a launch whose kernel 1 runs up to max_splits splits per list, and the
  * combine kernel's shared memory. */
 struct attend_ws {
-    size_t off_m, off_l, off_mp, off_acc, off_accr, off_rot, bytes; // offset 0: the error counter
+    size_t off_m, off_l, off_mp, off_acc, off_accr, off_rot, bytes; // 0: counters (zero_bytes)
+    size_t zero_bytes; // the bytes a launch zeroes first: the bad pages, the split counters
     size_t smem_combine;
 };
 
 static inline void attend_ws_plan(const attend_geom &g, uint32_t max_splits, attend_ws *w)
 {
     const uint32_t d = g.d, rows = g.rows;
-    const uint32_t cw = d < (uint32_t)kCombThreads ? d : (uint32_t)kCombThreads;
-    w->smem_combine =
-        ((size_t)2 * max_splits + (size_t)2 * (kCombThreads / cw) * d) * sizeof(float);
+    w->smem_combine = combine_smem_floats(max_splits, d, kCombThreads) * sizeof(float);
     const size_t parts = (size_t)g.n_items * max_splits;
-    size_t off = kWsAlign; // the bad-page counter
+    // The bad-page counter, then the lists' split counters (FUSE), both zeroed by one memset.
+    size_t off = align_up(sizeof(uint32_t) * (1 + (size_t)g.n_items), kWsAlign);
     w->off_m = off;
     off = align_up(off + parts * rows * sizeof(float), kWsAlign);
     w->off_l = off;
@@ -1855,10 +1915,12 @@ static inline void attend_ws_plan(const attend_geom &g, uint32_t max_splits, att
     w->off_rot = off;
     off = align_up(off + parts * sizeof(uint32_t), kWsAlign);
     w->bytes = off;
+    w->zero_bytes = sizeof(uint32_t) * (1 + (size_t)g.n_items);
 }
 
 /* The kernels' arguments for a launch of n_splits splits per list (kdq: the tensor-core kernel
- * dequantizes keys in registers) with workspace ws (laid out by w). */
+ * dequantizes keys in registers) with workspace ws (laid out by w, its first w.zero_bytes
+ * zeroed). */
 static inline attn_params attend_params(const attend_geom &g, const attend_ws &w,
                                         const kvc_gpu_pages_t *pool,
                                         const kvc_attend_batch_t *batch, uint32_t n_splits,
@@ -1887,6 +1949,7 @@ static inline attn_params attend_params(const attend_geom &g, const attend_ws &w
     A.scale = scale;
     A.out = out;
     A.ws_err = reinterpret_cast<uint32_t *>(ws);
+    A.ws_cnt = A.ws_err + 1;
     A.ws_m = reinterpret_cast<float *>(ws + w.off_m);
     A.ws_l = reinterpret_cast<float *>(ws + w.off_l);
     A.ws_acc = reinterpret_cast<float *>(ws + w.off_acc);

@@ -177,7 +177,13 @@ static inline unsigned long long atomicAdd(unsigned long long *p, unsigned long 
 }
 template <typename T> static T __ldcg(const T *p)
 {
-    return __atomic_load_n(p, __ATOMIC_RELAXED);
+    T v;
+    __atomic_load(p, &v, __ATOMIC_RELAXED);
+    return v;
+}
+static inline void __threadfence()
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
 }
 static inline int __popc(unsigned x)
 {

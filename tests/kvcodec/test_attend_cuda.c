@@ -10,8 +10,8 @@
 // head_dim 64 and 128 (and 72, 256, 512 for the other lane layouts), odd token counts, empty lists
 // (zeros), one split per list and many, and invalid page ids (skipped and counted); each with every
 // kernel (SIMT, and MMA, MMA_QTAB and MMA_WIDE where the shape allows them; group sizes 24, 32, 40
-// and 64 for MMA_WIDE's steps). Outputs are poisoned with NaN first. Exits 77 (skipped) without a
-// CUDA build or a GPU.
+// and 64 for MMA_WIDE's steps), and each again with FERRY_ATTEND_FUSE=1 (no combine kernel).
+// Outputs are poisoned with NaN first. Exits 77 (skipped) without a CUDA build or a GPU.
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -143,6 +143,12 @@ static void test_parity(void **state)
         run_and_compare(&B, 0, 0, KVC_ATTEND_IMPL_MMA);
         run_and_compare(&B, 0, 0, KVC_ATTEND_IMPL_MMA_QTAB);
         unsetenv("FERRY_ATTEND_BLOCKS");
+        // Each list combined by its last split instead of the combine kernel: the same results.
+        setenv("FERRY_ATTEND_FUSE", "1", 1);
+        for (uint32_t impl = KVC_ATTEND_IMPL_SIMT; impl <= KVC_ATTEND_IMPL_MMA_WIDE; impl++)
+            run_and_compare(&B, 0, 0, impl);
+        run_and_compare(&B, 0, 1, KVC_ATTEND_IMPL_MMA);
+        unsetenv("FERRY_ATTEND_FUSE");
         kva_unbuild(&B);
     }
     for (int o = 0; o < KVC_OPT_DROP; o++) {
@@ -163,6 +169,10 @@ static void test_bad_ids(void **state)
     run_and_compare(&B, 2, 0, KVC_ATTEND_IMPL_MMA);
     run_and_compare(&B, 2, 0, KVC_ATTEND_IMPL_MMA_QTAB);
     run_and_compare(&B, 2, 0, KVC_ATTEND_IMPL_MMA_WIDE);
+    setenv("FERRY_ATTEND_FUSE", "1", 1);
+    run_and_compare(&B, 2, 0, KVC_ATTEND_IMPL_SIMT);
+    run_and_compare(&B, 2, 0, KVC_ATTEND_IMPL_MMA);
+    unsetenv("FERRY_ATTEND_FUSE");
     kva_unbuild(&B);
 }
 

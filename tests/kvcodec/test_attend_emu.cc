@@ -133,44 +133,51 @@ static inline void prefetch_l2(const void *) {}
 #include "../../kvcodec/attend_dev_int.h"
 #pragma GCC diagnostic pop
 
-/* The SIMT split body for a GQA group of NQ rows and cpt channels a lane. */
+/* The SIMT split body for a GQA group of NQ rows and cpt channels a lane; s4: the block's static
+ * shared arrays, s_m, s_l, s_alpha ([NQ] each) and s_red. */
 template <int NQ>
-static void split_body(const attn_params &A, uint32_t cpt, uint8_t *smem, float *s3)
+static void split_body(const attn_params &A, uint32_t cpt, bool fuse, uint8_t *smem, float *s4)
 {
-    if (cpt == 8)
-        attend_split_body<NQ, 8>(A, smem, s3, s3 + NQ, s3 + 2 * NQ);
+    if (cpt == 8 && fuse)
+        attend_split_body<NQ, 8, true>(A, smem, s4, s4 + NQ, s4 + 2 * NQ, s4 + 3 * NQ);
+    else if (cpt == 8)
+        attend_split_body<NQ, 8>(A, smem, s4, s4 + NQ, s4 + 2 * NQ, s4 + 3 * NQ);
     else
-        attend_split_body<NQ, 16>(A, smem, s3, s3 + NQ, s3 + 2 * NQ);
+        attend_split_body<NQ, 16>(A, smem, s4, s4 + NQ, s4 + 2 * NQ, s4 + 3 * NQ);
 }
 
-static void split_any(const attn_params &A, uint32_t rows, uint32_t cpt, uint8_t *smem, float *s3)
+static void split_any(const attn_params &A, uint32_t rows, uint32_t cpt, bool fuse, uint8_t *smem,
+                      float *s4)
 {
     switch (rows) {
     case 1:
-        return split_body<1>(A, cpt, smem, s3);
+        return split_body<1>(A, cpt, fuse, smem, s4);
     case 2:
-        return split_body<2>(A, cpt, smem, s3);
+        return split_body<2>(A, cpt, fuse, smem, s4);
     case 3:
-        return split_body<3>(A, cpt, smem, s3);
+        return split_body<3>(A, cpt, fuse, smem, s4);
     case 4:
-        return split_body<4>(A, cpt, smem, s3);
+        return split_body<4>(A, cpt, fuse, smem, s4);
     case 5:
-        return split_body<5>(A, cpt, smem, s3);
+        return split_body<5>(A, cpt, fuse, smem, s4);
     case 6:
-        return split_body<6>(A, cpt, smem, s3);
+        return split_body<6>(A, cpt, fuse, smem, s4);
     case 7:
-        return split_body<7>(A, cpt, smem, s3);
+        return split_body<7>(A, cpt, fuse, smem, s4);
     default:
-        return split_body<8>(A, cpt, smem, s3);
+        return split_body<8>(A, cpt, fuse, smem, s4);
     }
 }
 
-static void mma_any(const attn_params &A, uint32_t d, bool wide, uint8_t *smem)
+template <bool FUSE>
+static void mma_body(const attn_params &A, uint32_t d, bool wide, uint8_t *smem, float *s_red)
 {
     if (d == 64)
-        wide ? attend_mma_body<64, true>(A, smem) : attend_mma_body<64, false>(A, smem);
+        wide ? attend_mma_body<64, true, FUSE>(A, smem, s_red)
+             : attend_mma_body<64, false, FUSE>(A, smem, s_red);
     else
-        wide ? attend_mma_body<128, true>(A, smem) : attend_mma_body<128, false>(A, smem);
+        wide ? attend_mma_body<128, true, FUSE>(A, smem, s_red)
+             : attend_mma_body<128, false, FUSE>(A, smem, s_red);
 }
 
 /* Per-block shared memory of a grid, 16-byte aligned, poisoned with NaN bytes (a read before a
@@ -190,9 +197,10 @@ struct block_smem {
 
 /* Kernel `impl` over every list of B with n_splits splits a list (the SIMT kernel where the
  * tensor-core one does not take the shape, as kvc_attend_batch_cuda_impl says), then the combine
- * kernel: out ([n_seqs][n_heads][d]) and the count of pages skipped. Returns the kernel run. */
+ * kernel, or with `fuse` none (each list's last split combines it): out ([n_seqs][n_heads][d])
+ * and the count of pages skipped. Returns the kernel run. */
 static uint32_t emu_attend(const kva_built_t *B, const kva_lists_t *L, const float *q, float scale,
-                           uint32_t impl, uint32_t n_splits, float *out, uint32_t *n_bad)
+                           uint32_t impl, uint32_t n_splits, bool fuse, float *out, uint32_t *n_bad)
 {
     kvc_gpu_pages_t gp;
     gp.base = kvc_page_data(B->pool, 0);
@@ -218,26 +226,42 @@ static uint32_t emu_attend(const kva_built_t *B, const kva_lists_t *L, const flo
     std::vector<uint8_t> ws_raw(w.bytes + kWsAlign, 0xff); // NaN: unwritten partials show
     uint8_t *ws =
         (uint8_t *)(((uintptr_t)ws_raw.data() + kWsAlign - 1) & ~(uintptr_t)(kWsAlign - 1));
-    memset(ws, 0, sizeof(uint32_t)); // the bad-page counter
+    memset(ws, 0, w.zero_bytes); // the bad-page and split counters
     const attn_params A = attend_params(g, w, &gp, &bt, n_splits, impl != KVC_ATTEND_IMPL_MMA_QTAB,
                                         q, scale, out, ws);
+    fuse = fuse && (mma || g.cpt == 8); // (the kernels' fused instances)
     const size_t blocks = (size_t)n_splits * g.n_items;
     if (mma) {
         block_smem sm(blocks, g.smem_mma);
+        std::vector<float> s_red(blocks * (kMmaThreads / 32));
         const bool wide = impl == KVC_ATTEND_IMPL_MMA_WIDE;
         emu_launch_2d(
-            n_splits, g.n_items, kMmaThreads, [&] { mma_any(A, g.d, wide, sm.at(emu_block())); },
+            n_splits, g.n_items, kMmaThreads,
+            [&] {
+                const size_t b = emu_block();
+                float *red = s_red.data() + b * (kMmaThreads / 32);
+                fuse ? mma_body<true>(A, g.d, wide, sm.at(b), red)
+                     : mma_body<false>(A, g.d, wide, sm.at(b), red);
+            },
             true);
     } else {
         block_smem sm(blocks, g.smem_split);
-        std::vector<float> s3(blocks * 3 * kMaxRows);
+        const size_t per = 3 * kMaxRows + kThreads / 32;
+        std::vector<float> s4(blocks * per);
         emu_launch_2d(
             n_splits, g.n_items, kThreads,
             [&] {
                 const size_t b = emu_block();
-                split_any(A, g.rows, g.cpt, sm.at(b), s3.data() + b * 3 * kMaxRows);
+                split_any(A, g.rows, g.cpt, fuse, sm.at(b), s4.data() + b * per);
             },
             true);
+    }
+    memcpy(n_bad, ws, sizeof(uint32_t));
+    if (fuse) {
+        // Every split of every list arrived (and the last one combined the list).
+        for (uint32_t i = 0; i < g.n_items; i++)
+            assert_int_equal(A.ws_cnt[i], n_splits);
+        return !mma ? (uint32_t)KVC_ATTEND_IMPL_SIMT : impl;
     }
     block_smem cs((size_t)g.n_items * g.rows, w.smem_combine);
     std::vector<float> red((size_t)g.n_items * g.rows * (kCombThreads / 32));
@@ -248,7 +272,6 @@ static uint32_t emu_attend(const kva_built_t *B, const kva_lists_t *L, const flo
             attend_combine_body(A, g.rows, cs.at(b), red.data() + b * (kCombThreads / 32));
         },
         true);
-    memcpy(n_bad, ws, sizeof(uint32_t));
     return !mma ? (uint32_t)KVC_ATTEND_IMPL_SIMT : impl;
 }
 
@@ -262,7 +285,7 @@ static const char *impl_name(uint32_t impl)
 
 /* One kernel over the built pages against kvc_attend. */
 static void run_and_compare(const kva_built_t *B, uint32_t extra_bad, uint32_t n_splits,
-                            uint32_t impl)
+                            uint32_t impl, bool fuse = false)
 {
     kva_lists_t L;
     kva_lists(B, extra_bad, &L);
@@ -272,13 +295,14 @@ static void run_and_compare(const kva_built_t *B, uint32_t extra_bad, uint32_t n
     std::vector<float> got(nq);
     memset(got.data(), 0xff, nq * sizeof(float)); // NaN: unwritten rows show
     uint32_t n_bad = 0;
-    const uint32_t ran = emu_attend(B, &L, q, scale, impl, n_splits, got.data(), &n_bad);
+    const uint32_t ran = emu_attend(B, &L, q, scale, impl, n_splits, fuse, got.data(), &n_bad);
     assert_int_equal(n_bad, L.expect_bad);
     const bool f16_keys = ran == KVC_ATTEND_IMPL_MMA || ran == KVC_ATTEND_IMPL_MMA_WIDE;
     const double worst = kva_check(B, got.data(), ref, f16_keys);
-    printf("  %s d %u, %u seqs x %u kv heads x %u rows, %u splits, %u pages: worst rel err %.2e\n",
-           impl_name(ran), B->d, B->n_seqs, B->n_kv, B->n_heads / B->n_kv, n_splits, L.n_ids,
-           worst);
+    printf("  %s d %u, %u seqs x %u kv heads x %u rows, %u splits%s, %u pages: worst rel err "
+           "%.2e\n",
+           impl_name(ran), B->d, B->n_seqs, B->n_kv, B->n_heads / B->n_kv, n_splits,
+           fuse ? " (fused)" : "", L.n_ids, worst);
     kva_lists_free(&L);
     free(q);
     free(ref);
@@ -296,24 +320,29 @@ enum : uint32_t {
  * it reaches). */
 struct emu_case_t {
     uint32_t config, impls, splits, extra_bad;
+    bool fuse; // each list combined by its last split (FERRY_ATTEND_FUSE=1)
 };
 static const emu_case_t k_cases[] = {
-    {4, MMA | WIDE, 3, 0},  // Llama-3's shape: every option, FP16 tails, a converted head
-    {9, WIDE, 2, 0},        // G 40: wide steps across two slots, the rest in tiles
-    {10, WIDE | MMA, 1, 0}, // G 64: wide steps within a slot; each list in one block
-    {7, MMA | QTAB, 2, 0},  // G 24: 16-token tiles across two slots
-    {8, SIMT | MMA | QTAB | WIDE, 4, 2}, // G 8, d 64, MixKVQ P 2; page ids past the pool
-    {1, SIMT | QTAB, 2, 0},              // d 128, P 4, GQA 1:1, a sequence of empty lists
-    {5, MMA | QTAB, 2, 0},               // d 64, GQA 4:1, P 3
-    {11, SIMT, 2, 0}, // d 72: 9 of 16 lanes a token hold channels, nothing rotated
-    {12, SIMT, 2, 0}, // d 256, GQA 8:1: 32 lanes a token
-    {13, SIMT, 1, 1}, // d 512: 16 channels a lane
+    {4, MMA | WIDE, 3, 0, false},  // Llama-3's shape: every option, FP16 tails, a converted head
+    {9, WIDE, 2, 0, false},        // G 40: wide steps across two slots, the rest in tiles
+    {10, WIDE | MMA, 1, 0, false}, // G 64: wide steps within a slot; each list in one block
+    {7, MMA | QTAB, 2, 0, false},  // G 24: 16-token tiles across two slots
+    {8, SIMT | MMA | QTAB | WIDE, 4, 2, false}, // G 8, d 64, MixKVQ P 2; page ids past the pool
+    {1, SIMT | QTAB, 2, 0, false},              // d 128, P 4, GQA 1:1, a sequence of empty lists
+    {5, MMA | QTAB, 2, 0, false},               // d 64, GQA 4:1, P 3
+    {11, SIMT, 2, 0, false}, // d 72: 9 of 16 lanes a token hold channels, nothing rotated
+    {12, SIMT, 2, 0, false}, // d 256, GQA 8:1: 32 lanes a token
+    {13, SIMT, 1, 1, false}, // d 512: 16 channels a lane
+    // The fused combine: rotated and plain parts, empty lists, one split and several.
+    {0, SIMT | WIDE, 3, 1, true}, // d 64, GQA 3:1, rotated pages, page ids past the pool
+    {1, MMA, 1, 0, true},         // empty lists, each list in one block
+    {12, SIMT, 3, 0, true},       // d 256, GQA 8:1: eight rows combined by one block
 };
 
 static void test_parity(void **state)
 {
     (void)state;
-    // FERRY_EMU_ATTEND_ALL=1: every config with every kernel at 1 and 3 splits.
+    // FERRY_EMU_ATTEND_ALL=1: every config with every kernel at 1 and 3 splits, and fused at 2.
     const char *all = getenv("FERRY_EMU_ATTEND_ALL");
     if (all != NULL && strcmp(all, "1") == 0) {
         for (uint32_t c = 0; c < kva_n_configs; c++) {
@@ -322,6 +351,7 @@ static void test_parity(void **state)
             for (uint32_t impl = KVC_ATTEND_IMPL_SIMT; impl <= KVC_ATTEND_IMPL_MMA_WIDE; impl++) {
                 run_and_compare(&B, 0, 1, impl);
                 run_and_compare(&B, 1, 3, impl);
+                run_and_compare(&B, 0, 2, impl, true);
             }
             kva_unbuild(&B);
         }
@@ -333,7 +363,7 @@ static void test_parity(void **state)
         kva_build(&B, &kva_configs[c.config]);
         for (uint32_t impl = KVC_ATTEND_IMPL_SIMT; impl <= KVC_ATTEND_IMPL_MMA_WIDE; impl++)
             if (c.impls & (1u << impl))
-                run_and_compare(&B, c.extra_bad, c.splits, impl);
+                run_and_compare(&B, c.extra_bad, c.splits, impl, c.fuse);
         kva_unbuild(&B);
     }
 }
