@@ -118,16 +118,13 @@ template <typename T> static T __shfl_xor_sync(unsigned, T v, int m, int width =
 }
 static inline unsigned __ballot_sync(unsigned, bool p)
 {
+    // All 32 predicates in one exchange (one warp_xchg per lane read would be 32 barriers).
+    const uint32_t mine = p ? 1u : 0u;
+    uint32_t all[32][EMU_XW];
+    warp_gather(&mine, 1, all);
     unsigned m = 0;
-    const uint64_t mine = p ? 1 : 0;
-    // One exchange per lane read would be 32 barriers; gather all 32 at once instead.
-    const unsigned w = emu_warp(), lane = threadIdx.x % 32;
-    uint64_t *x = g_emu.xs.data() + ((size_t)w * 2 + (size_t)t_phase) * 32;
-    x[lane] = mine;
-    pthread_barrier_wait(&g_emu.warp[w]);
     for (unsigned l = 0; l < 32; l++)
-        m |= (unsigned)(x[l] & 1) << l;
-    t_phase ^= 1;
+        m |= (all[l][0] & 1u) << l;
     return m;
 }
 static inline bool __all_sync(unsigned mask, bool p)
