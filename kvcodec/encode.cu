@@ -95,6 +95,7 @@ struct kvc_encoder_cuda {
     unsigned opt_grid;         // blocks of the cooperative choose_kernel
     int opt_tree;              // multipliers a search pass measures (opt_args_t.tree)
     uint32_t quant_e; // FERRY_QUANT_IMPL=warp and the shape allows: quant_warp_kernel<quant_e>
+    int stats_generic; // FERRY_STATS_IMPL=generic: stats_kernel's per-token passes all generic
     float *d_dist;             // [n_items][KVC_OPT_COUNT]
     uint8_t *d_opt8;           // [4][n_items]: allowed, choice, tmp, cand_opt
     unsigned long long *d_cnt; // [3][OPT_SLOTS][n_kv][8]
@@ -563,6 +564,8 @@ extern "C" fy_status_t kvc_encoder_cuda_create(const kvc_encoder_params_t *param
     e->G = e->policy.group;
     e->P = e->policy.protect_channels;
     e->quant_e = quant_warp_e(e);
+    const char *si = getenv("FERRY_STATS_IMPL"); // for timing the two side by side
+    e->stats_generic = si != NULL && strcmp(si, "generic") == 0;
     e->n_items = (size_t)e->n_kv * e->n;
     if (e->n_items > UINT32_MAX) { // work items index tokens with 32 bits
         kvc_encoder_destroy(e->enc);
@@ -1045,6 +1048,7 @@ static fy_status_t enqueue_layer(kvc_encoder_cuda_t *e, const kvc_layer_input_t 
         a.stage = st_stage;
         a.fused = fused;
         a.rot_scale = rot_scale;
+        a.generic = e->stats_generic;
         stats_kernel<<<kvc_grid(blocks, 1), a.stage ? 2 * STATS_THREADS : STATS_THREADS,
                        a.stage ? st_sm_stage : st_sm, cs>>>(a);
         KVC_LAUNCH_GOTO(st, out);

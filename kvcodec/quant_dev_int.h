@@ -59,15 +59,15 @@ static __device__ __forceinline__ void kvc_dev_asym(float mn, float mx, float qm
     *inv = *s > 0 ? kdiv(1.0f, *s) : 0.0f;
 }
 
-/* quant.c's round_clamp: round half to even by the 1.5 * 2^23 trick after clamping. */
+/* quant.c's round_clamp, the same value for every x (NaN included): clamped to [0, qmax] first,
+ * then rounded half to even by the 1.5 * 2^23 trick, which needs no clamp after it (rounding is
+ * monotone and 0 and qmax are integers). quant.c clamps to [-1, qmax + 1], rounds and clamps
+ * again: two more operations on every code. */
 static __device__ __forceinline__ float kvc_dev_round_clamp(float x, float qmax)
 {
-    x = x > -1.0f ? x : -1.0f; // NaN lands here as -1
-    float hi = kadd(qmax, 1.0f);
-    x = x < hi ? x : hi;
-    float r = ksub(kadd(x, 12582912.0f), 12582912.0f);
-    r = r > 0 ? r : 0;
-    return r < qmax ? r : qmax;
+    x = x > 0 ? x : 0; // NaN and -0 land here as +0
+    x = x < qmax ? x : qmax;
+    return ksub(kadd(x, 12582912.0f), 12582912.0f);
 }
 
 static __device__ __forceinline__ uint32_t kvc_dev_quant_one(float x, float z, float inv,

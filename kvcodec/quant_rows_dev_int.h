@@ -11,7 +11,7 @@
  * plan_dev_t (layout_dev_int.h), fy_dev_h2f, KVC_OPT_*, KVC_MAX_HEAD_DIM, KVC_MAX_PROTECT;
  * and outside CUDA __device__, __forceinline__, threadIdx, blockIdx, blockDim, gridDim,
  * __syncthreads, __syncwarp, __shfl_sync, __shfl_xor_sync, __shfl_down_sync, __ffs,
- * __fsqrt_rn, uint2, uint4, float4, make_float4 and min. */
+ * __fsqrt_rn, __fmaf_rn, uint2, uint4, float4, make_float4 and min. */
 #ifndef FERRY_KVCODEC_QUANT_ROWS_DEV_INT_H
 #define FERRY_KVCODEC_QUANT_ROWS_DEV_INT_H
 
@@ -83,13 +83,31 @@ static __device__ __forceinline__ void ld_pairs(const kv_src_t &s, bool val, uin
     }
 }
 
-/* ld_pairs' halves as fp32. */
-template <int E>
+/* An FP16 half as fp32 by the conversion instruction alone (one instruction; fy_dev_h2f takes
+ * eight): a NaN comes out as the canonical NaN instead of keeping its payload, which matters
+ * only where a value is stored without arithmetic on it (a range's ends in a frame), never in
+ * the distortion tables, whose NaNs all come out of arithmetic. The emulated build keeps
+ * fy_dev_h2f. */
+static __device__ __forceinline__ float h2f_arith(uint16_t h)
+{
+#ifdef __CUDACC__
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+#else
+    return fy_dev_h2f(h);
+#endif
+}
+
+/* ld_pairs' halves as fp32 (ARITH: by h2f_arith). */
+template <int E, bool ARITH = false>
 static __device__ __forceinline__ void cvt_pairs(const uint32_t (&w)[qw_words<E>()], float (&x)[E])
 {
     QUANT_UNROLL
-    for (int e = 0; e < E; e++)
-        x[e] = fy_dev_h2f((uint16_t)(w[e / 2] >> (16 * (e % 2))));
+    for (int e = 0; e < E; e++) {
+        const uint16_t h = (uint16_t)(w[e / 2] >> (16 * (e % 2)));
+        x[e] = ARITH ? h2f_arith(h) : fy_dev_h2f(h);
+    }
 }
 
 /* kvc_hadamard on a row of d = 32 E floats held by a warp, lane L holding elements E L ..
@@ -108,13 +126,16 @@ template <int E> static __device__ __forceinline__ void warp_hadamard(float (&x)
             x[e] = kadd(p, q);
             x[e + len] = ksub(p, q);
         }
+    // Between lanes: the upper's o - x and the lower's x + o are both fma(x, +-1, o), one
+    // rounding of the same exact sum (zeros' signs included), one instruction instead of a
+    // sum, a difference and a select.
     QUANT_UNROLL
     for (uint32_t m = 1; m < 32; m <<= 1) {
-        const bool upper = (lane & m) != 0;
+        const float sg = (lane & m) != 0 ? -1.0f : 1.0f;
         QUANT_UNROLL
         for (int e = 0; e < E; e++) {
             const float o = __shfl_xor_sync(0xffffffffu, x[e], m);
-            x[e] = upper ? ksub(o, x[e]) : kadd(x[e], o);
+            x[e] = __fmaf_rn(x[e], sg, o);
         }
     }
     QUANT_UNROLL
@@ -127,7 +148,7 @@ template <int E> static __device__ __forceinline__ void warp_hadamard(float (&x)
  * before it rotates the first: one row at a time, each row waited the whole load latency
  * (a group of 32 tokens is 16 rows per warp), which left the short layers' encode kernels
  * mostly waiting. */
-template <int E, typename F>
+template <int E, bool ARITH, typename F>
 static __device__ void stage_rows_warp(const kv_src_t &s, uint32_t h, F tok, uint32_t m, float *sk,
                                        float *sv, uint32_t stride, bool rot, float scale)
 {
@@ -155,7 +176,7 @@ static __device__ void stage_rows_warp(const kv_src_t &s, uint32_t h, F tok, uin
             const bool val = row >= m;
             const uint32_t j = val ? row - m : row;
             float x[E];
-            cvt_pairs<E>(w[i], x);
+            cvt_pairs<E, ARITH>(w[i], x);
             if (rot)
                 warp_hadamard<E>(x, scale);
             float *dst = (val ? sv : sk) + (size_t)j * stride + E * lane;
@@ -174,17 +195,18 @@ static __device__ void stage_rows_warp(const kv_src_t &s, uint32_t h, F tok, uin
 }
 
 /* stage_rows_warp for the head dims it serves (32 E for E = E0, 2 E0, .. 8); false for the
- * others, which stage element by element and rotate with sm_hadamard_rows. */
-template <int E0 = 1, typename F>
+ * others, which stage element by element and rotate with sm_hadamard_rows. ARITH: the halves
+ * converted by h2f_arith (for rows whose values are only computed with). */
+template <int E0 = 1, bool ARITH = false, typename F>
 static __device__ bool stage_rows(const kv_src_t &s, uint32_t h, F tok, uint32_t m, float *sk,
                                   float *sv, uint32_t stride, bool rot, float scale)
 {
     if (s.d == 32 * E0) {
-        stage_rows_warp<E0>(s, h, tok, m, sk, sv, stride, rot, scale);
+        stage_rows_warp<E0, ARITH>(s, h, tok, m, sk, sv, stride, rot, scale);
         return true;
     }
     if constexpr (E0 < 8)
-        return stage_rows<2 * E0>(s, h, tok, m, sk, sv, stride, rot, scale);
+        return stage_rows<2 * E0, ARITH>(s, h, tok, m, sk, sv, stride, rot, scale);
     return false;
 }
 

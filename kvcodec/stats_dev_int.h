@@ -31,6 +31,7 @@ typedef struct {
     int fused;  // with stage and rotate: the staged rows are rotated here (no rotated copy)
     float rot_scale;
     uint32_t zero; // 0, which the compiler cannot know (ld_hn)
+    int generic;   // per-token passes by stats_tok_generic even where stats_tok_staged serves
 } stats_args_t;
 
 /* Where the stats and quantizer kernels stage a group's rows in shared memory (host code):
@@ -109,12 +110,352 @@ static __device__ __forceinline__ void ld_hn(const uint16_t *p, size_t stride, u
     raw[0] ^= fold & zero;
 }
 
+/* kvc's range of x(0) .. x(m - 1) in order (mn = x < mn ? x : mn, from x(0)): in chunks of
+ * COL_U with every load of a chunk issued before its first use (folding x(0) in again changes
+ * nothing), then the rest one at a time. */
+#define COL_U 16
+template <typename F>
+static __device__ __forceinline__ void col_range(F x, uint32_t m, float *mn_p, float *mx_p)
+{
+    float mn = x(0), mx = mn;
+    uint32_t j0 = 0;
+    for (; j0 + COL_U <= m; j0 += COL_U) {
+        float v[COL_U];
+        STATS_UNROLL
+        for (uint32_t u = 0; u < COL_U; u++)
+            v[u] = x(j0 + u);
+        STATS_UNROLL
+        for (uint32_t u = 0; u < COL_U; u++) {
+            mn = v[u] < mn ? v[u] : mn;
+            mx = v[u] > mx ? v[u] : mx;
+        }
+    }
+    for (; j0 < m; j0++) {
+        const float v = x(j0);
+        mn = v < mn ? v : mn;
+        mx = v > mx ? v : mx;
+    }
+    *mn_p = mn;
+    *mx_p = mx;
+}
+
 /* The error of x after quantizing it from base lo with step s (inverse inv, codes 0 .. qmax):
  * the CPU's trial quantization, operation for operation. */
 static __device__ __forceinline__ float trial_err(float x, float lo, float inv, float s, float qmax)
 {
     float r = kvc_dev_round_clamp(kmul(ksub(x, lo), inv), qmax);
     return ksub(kadd(kmul(r, s), lo), x);
+}
+
+/* A token's modelled tables (step^2 / 12 a channel): 8 bits always (unrotated range
+ * [ulo, uhi]); with model, 4 and 2 bits too (steps s4, s2 of the 4/2-bit source). */
+static __device__ __forceinline__ void st_modelled(const stats_args_t &a, bool model,
+                                                   const float *s_ke, float d, float ulo, float uhi,
+                                                   float s4, float s2, size_t plane, size_t it)
+{
+    if (a.need8) {
+        const float s8 = kdiv(ksub(uhi, ulo), 255.0f);
+        a.tab[TAB_EK8 * plane + it] = s_ke[0];
+        a.tab[TAB_EV8 * plane + it] = kdiv(kmul(kmul(d, s8), s8), 12.0f);
+    }
+    if (model && a.need4) {
+        a.tab[TAB_EK4 * plane + it] = s_ke[1];
+        a.tab[TAB_EV4 * plane + it] = kdiv(kmul(kmul(d, s4), s4), 12.0f);
+    }
+    if (model && a.need2) {
+        a.tab[TAB_EK2 * plane + it] = s_ke[2];
+        a.tab[TAB_EV2 * plane + it] = kdiv(kmul(kmul(d, s2), s2), 12.0f);
+    }
+}
+
+/* Which per-token passes and tables stats_body's arguments ask for. */
+typedef struct {
+    bool kerr4, kerr2, verr4, verr2; // trial key and value errors at 4 and 2 bits
+    bool want_r;                     // the V range of the 4/2-bit source
+    bool rot;                        // the 4- and 2-bit widths read the rotated rows
+} stats_flags_t;
+
+static __device__ __forceinline__ stats_flags_t stats_flags(const stats_args_t &a)
+{
+    stats_flags_t f;
+    const bool trial = !a.model;
+    f.kerr4 = trial && a.need4;
+    f.kerr2 = trial && a.need2 && a.needk2;
+    f.verr4 = trial && a.need4 && a.needv4;
+    f.verr2 = trial && a.need2;
+    f.want_r = (a.model && (a.need4 || a.need2)) || f.verr4 || f.verr2;
+    f.rot = a.rotate != 0;
+    return f;
+}
+
+/* stats_body's per-token passes for any head_dim and source: four passes over a token's row,
+ * each feeding every width that reads the same data (each accumulator keeps the CPU's own chain
+ * and final tree). A token's TOK_LANES threads take one accumulator lane each. st_sm as
+ * stats_body's; u_global: the unrotated V rows are read where they live (not staged). */
+static __device__ void stats_tok_generic(const stats_args_t &a, const float *st_sm,
+                                         const float *s_ke, float rot_kw, uint32_t h, uint32_t t0,
+                                         uint32_t m, bool u_global)
+{
+    const uint32_t d = a.d, SS = d + ST_PAD;
+    const float *sk = st_sm + 10 * d, *sv = sk + (size_t)a.G * SS;
+    auto s_mn = [&](int r) { return st_sm + r * d; };
+    auto s_s = [&](int w) { return st_sm + (4 + w) * d; };
+    auto s_inv = [&](int w) { return st_sm + (7 + w) * d; };
+    const size_t plane = (size_t)a.n_kv * a.n;
+    const uint32_t zero = a.zero;
+    const float *qsq = a.qsq + (size_t)h * d, *obar = a.obar + (size_t)h * d;
+    const stats_flags_t f = stats_flags(a);
+    const bool kerr4 = f.kerr4, kerr2 = f.kerr2, verr4 = f.verr4, verr2 = f.verr2;
+    const bool want_r = f.want_r, rot = f.rot;
+    const float *kmn = s_mn(rot);
+    const float *s4k = s_s(1), *i4k = s_inv(1), *s2k = s_s(2), *i2k = s_inv(2);
+    const uint32_t l = threadIdx.x % TOK_LANES, per = blockDim.x / TOK_LANES;
+    for (uint32_t j0 = 0; j0 < m; j0 += per) {
+        // Every thread runs the body (the shuffles take whole warps); a lane group past
+        // the group's end repeats its last token and stores nothing.
+        const uint32_t jj = j0 + threadIdx.x / TOK_LANES, j = min(jj, m - 1);
+        const bool store = jj < m && l == 0;
+        uint32_t t = t0 + j;
+        size_t it = (size_t)h * a.n + t;
+        // Pass 1, unrotated V: |v - obar|^2 (kvc_dot's lanes) and the row range; from
+        // global memory (LD_HN channels of the lane at a time) unless staged.
+        float dacc = 0, umn = 0, umx = 0;
+        auto pass1 = [&](uint32_t c, float x) {
+            float df = ksub(x, obar[c]);
+            dacc = kadd(dacc, kmul(df, df));
+            if (c == l) {
+                umn = umx = x;
+            } else {
+                umn = x < umn ? x : umn;
+                umx = x > umx ? x : umx;
+            }
+        };
+        if (u_global) {
+            const uint16_t *vp = a.src.v + (size_t)h * a.src.hs + (size_t)t * a.src.ts;
+            for (uint32_t c0 = l; c0 < d; c0 += 8 * LD_HN) {
+                uint32_t raw[LD_HN];
+                ld_hn(vp + c0, 8, (d - c0 + 7) / 8, zero, raw);
+                STATS_UNROLL
+                for (uint32_t u = 0; u < LD_HN && c0 + 8 * u < d; u++)
+                    pass1(c0 + 8 * u, h2f_arith((uint16_t)raw[u]));
+            }
+        } else {
+            for (uint32_t c = l; c < d; c += 8)
+                pass1(c, st_g(a, sk, sv, true, false, h, t0, j, c));
+        }
+        dacc = tl_sum8(dacc);
+        if (store)
+            a.tab[TAB_DEV * plane + it] = dacc;
+        float ulo, uhi;
+        tl_merge(umn, umx, &ulo, &uhi);
+        // Pass 2, K of the 4/2-bit source: trial key errors of both widths.
+        if (kerr4 || kerr2) {
+            float k4 = 0, k2 = 0;
+            for (uint32_t c = l; c < d; c += 8) {
+                float x = st_g(a, sk, sv, false, rot, h, t0, j, c);
+                float mn = kmn[c];
+                float kw = rot ? rot_kw : qsq[c];
+                if (kerr4) {
+                    float err = trial_err(x, mn, i4k[c], s4k[c], 15.0f);
+                    k4 = kadd(k4, kmul(kmul(kw, err), err));
+                }
+                if (kerr2) {
+                    float err = trial_err(x, mn, i2k[c], s2k[c], 3.0f);
+                    k2 = kadd(k2, kmul(kmul(kw, err), err));
+                }
+            }
+            k4 = tl_sum8(k4);
+            k2 = tl_sum8(k2);
+            if (store && kerr4)
+                a.tab[TAB_EK4 * plane + it] = k4;
+            if (store && kerr2)
+                a.tab[TAB_EK2 * plane + it] = k2;
+        }
+        // Pass 3, the V range of the 4/2-bit source (the unrotated one is pass 1's).
+        float rlo = ulo, rhi = uhi;
+        if (want_r && rot && a.stage) {
+            const float *row = sv + (size_t)j * SS;
+            tl_minmax([&](uint32_t c) { return row[c]; }, d, l, &rlo, &rhi);
+        } else if (want_r && rot) {
+            tl_minmax([&](uint32_t c) { return src_x(a.src, true, true, h, t, c); }, d, l, &rlo,
+                      &rhi);
+        }
+        float s4 = kdiv(ksub(rhi, rlo), 15.0f), s2 = kdiv(ksub(rhi, rlo), 3.0f);
+        if (store)
+            st_modelled(a, a.model != 0, s_ke, (float)d, ulo, uhi, s4, s2, plane, it);
+        // Pass 4, V of the 4/2-bit source: trial value errors of both widths.
+        if (verr4 || verr2) {
+            float i4 = s4 > 0 ? kdiv(1.0f, s4) : 0.0f, i2 = s2 > 0 ? kdiv(1.0f, s2) : 0.0f;
+            float v4 = 0, v2 = 0;
+            for (uint32_t c = l; c < d; c += 8) {
+                float x = st_g(a, sk, sv, true, rot, h, t0, j, c);
+                if (verr4) {
+                    float err = trial_err(x, rlo, i4, s4, 15.0f);
+                    v4 = kadd(v4, kmul(err, err));
+                }
+                if (verr2) {
+                    float err = trial_err(x, rlo, i2, s2, 3.0f);
+                    v2 = kadd(v2, kmul(err, err));
+                }
+            }
+            v4 = tl_sum8(v4);
+            v2 = tl_sum8(v2);
+            if (store && verr4)
+                a.tab[TAB_EV4 * plane + it] = v4;
+            if (store && verr2)
+                a.tab[TAB_EV2 * plane + it] = v2;
+        }
+    }
+}
+
+/* stats_tok_generic for head_dim D with the group staged (a.stage) and either every trial error
+ * measured (TRIAL) or every width modelled (!TRIAL, a.model): the same passes on the same values
+ * in the same order, bit for bit, with fewer instructions a token. Each channel loop is unrolled
+ * over the lane's D / TOK_LANES channels, the passes and the source (ROT: the staged rows are
+ * the rotated ones) are fixed at compile time instead of tested at every channel, the
+ * per-channel tables are read at fixed offsets from one base, and each row comes into registers
+ * once: the unrotated V of pass 1 (from global memory when ROT, all of a lane's loads in flight
+ * together), the staged K of pass 2, the staged V of passes 3 and 4. */
+template <uint32_t D, bool ROT, bool TRIAL>
+static __device__ void stats_tok_staged(const stats_args_t &a, const float *st_sm,
+                                        const float *s_ke, float rot_kw, uint32_t h, uint32_t t0,
+                                        uint32_t m)
+{
+    constexpr uint32_t N = D / TOK_LANES, SS = D + ST_PAD;
+    const float *sk = st_sm + 10 * D, *sv = sk + (size_t)a.G * SS;
+    const size_t plane = (size_t)a.n_kv * a.n;
+    const uint32_t l = threadIdx.x % TOK_LANES, per = blockDim.x / TOK_LANES;
+    // This lane's channels l + 8 u of the per-channel tables (stats_body's layout) and scores.
+    const float *kmn = st_sm + (ROT ? D : 0) + l, *s4k = st_sm + 5 * D + l;
+    const float *s2k = st_sm + 6 * D + l, *i4k = st_sm + 8 * D + l, *i2k = st_sm + 9 * D + l;
+    const float *obar = a.obar + (size_t)h * D + l, *qsq = a.qsq + (size_t)h * D + l;
+    const bool want_r = TRIAL || a.need4 || a.need2; // the V range of the 4/2-bit source
+    for (uint32_t j0 = 0; j0 < m; j0 += per) {
+        // As stats_tok_generic: a lane group past the group's end repeats its last token.
+        const uint32_t jj = j0 + threadIdx.x / TOK_LANES, j = min(jj, m - 1);
+        const bool store = jj < m && l == 0;
+        const uint32_t t = t0 + j;
+        const size_t it = (size_t)h * a.n + t;
+        const float *krow = sk + (size_t)j * SS + l, *vrow = sv + (size_t)j * SS + l;
+        // Pass 1, unrotated V: |v - obar|^2 and the row range.
+        float uv[N];
+        if constexpr (ROT) {
+            const uint16_t *vp = a.src.v + (size_t)h * a.src.hs + (size_t)t * a.src.ts + l;
+            STATS_UNROLL
+            for (uint32_t u = 0; u < N; u++)
+                uv[u] = h2f_arith(vp[8 * u]);
+        } else {
+            STATS_UNROLL
+            for (uint32_t u = 0; u < N; u++)
+                uv[u] = vrow[8 * u];
+        }
+        float dacc = 0, umn = uv[0], umx = uv[0];
+        STATS_UNROLL
+        for (uint32_t u = 0; u < N; u++) {
+            const float x = uv[u], df = ksub(x, obar[8 * u]);
+            dacc = kadd(dacc, kmul(df, df));
+            if (u > 0) {
+                umn = x < umn ? x : umn;
+                umx = x > umx ? x : umx;
+            }
+        }
+        dacc = tl_sum8(dacc);
+        if (store)
+            a.tab[TAB_DEV * plane + it] = dacc;
+        float ulo, uhi;
+        tl_merge(umn, umx, &ulo, &uhi);
+        // Pass 2, staged K: trial key errors of both widths.
+        if constexpr (TRIAL) {
+            float k4 = 0, k2 = 0;
+            STATS_UNROLL
+            for (uint32_t u = 0; u < N; u++) {
+                const uint32_t c = 8 * u;
+                const float x = krow[c], mn = kmn[c], kw = ROT ? rot_kw : qsq[c];
+                const float e4 = trial_err(x, mn, i4k[c], s4k[c], 15.0f);
+                k4 = kadd(k4, kmul(kmul(kw, e4), e4));
+                const float e2 = trial_err(x, mn, i2k[c], s2k[c], 3.0f);
+                k2 = kadd(k2, kmul(kmul(kw, e2), e2));
+            }
+            k4 = tl_sum8(k4);
+            k2 = tl_sum8(k2);
+            if (store) {
+                a.tab[TAB_EK4 * plane + it] = k4;
+                a.tab[TAB_EK2 * plane + it] = k2;
+            }
+        }
+        // Pass 3, the V range of the staged (rotated) rows; unrotated, pass 1's.
+        float xv[N];
+        STATS_UNROLL
+        for (uint32_t u = 0; u < N; u++)
+            xv[u] = ROT ? vrow[8 * u] : uv[u];
+        float rlo = ulo, rhi = uhi;
+        if (ROT && want_r) {
+            float mn = xv[0], mx = xv[0];
+            STATS_UNROLL
+            for (uint32_t u = 1; u < N; u++) {
+                mn = xv[u] < mn ? xv[u] : mn;
+                mx = xv[u] > mx ? xv[u] : mx;
+            }
+            tl_merge(mn, mx, &rlo, &rhi);
+        }
+        const float s4 = kdiv(ksub(rhi, rlo), 15.0f), s2 = kdiv(ksub(rhi, rlo), 3.0f);
+        if (store)
+            st_modelled(a, !TRIAL, s_ke, (float)D, ulo, uhi, s4, s2, plane, it);
+        // Pass 4, staged V: trial value errors of both widths.
+        if constexpr (TRIAL) {
+            const float i4 = s4 > 0 ? kdiv(1.0f, s4) : 0.0f, i2 = s2 > 0 ? kdiv(1.0f, s2) : 0.0f;
+            float v4 = 0, v2 = 0;
+            STATS_UNROLL
+            for (uint32_t u = 0; u < N; u++) {
+                const float e4 = trial_err(xv[u], rlo, i4, s4, 15.0f);
+                v4 = kadd(v4, kmul(e4, e4));
+                const float e2 = trial_err(xv[u], rlo, i2, s2, 3.0f);
+                v2 = kadd(v2, kmul(e2, e2));
+            }
+            v4 = tl_sum8(v4);
+            v2 = tl_sum8(v2);
+            if (store) {
+                a.tab[TAB_EV4 * plane + it] = v4;
+                a.tab[TAB_EV2 * plane + it] = v2;
+            }
+        }
+    }
+}
+
+template <uint32_t D>
+static __device__ void stats_tok_d(const stats_args_t &a, bool rot, bool trial, const float *st_sm,
+                                   const float *s_ke, float rot_kw, uint32_t h, uint32_t t0,
+                                   uint32_t m)
+{
+    if (rot && trial)
+        stats_tok_staged<D, true, true>(a, st_sm, s_ke, rot_kw, h, t0, m);
+    else if (rot)
+        stats_tok_staged<D, true, false>(a, st_sm, s_ke, rot_kw, h, t0, m);
+    else if (trial)
+        stats_tok_staged<D, false, true>(a, st_sm, s_ke, rot_kw, h, t0, m);
+    else
+        stats_tok_staged<D, false, false>(a, st_sm, s_ke, rot_kw, h, t0, m);
+}
+
+/* stats_body's per-token passes: stats_tok_staged where it serves (head_dim 64 and 128, the
+ * group staged, every trial error or none; not a.generic), else stats_tok_generic. */
+static __device__ void stats_tokens(const stats_args_t &a, const float *st_sm, const float *s_ke,
+                                    float rot_kw, uint32_t h, uint32_t t0, uint32_t m,
+                                    bool u_global)
+{
+    const stats_flags_t f = stats_flags(a);
+    const bool trial = f.kerr4 && f.kerr2 && f.verr4 && f.verr2;
+    if (a.stage && !a.generic && (trial || a.model)) {
+        if (a.d == 128) {
+            stats_tok_d<128>(a, f.rot, trial, st_sm, s_ke, rot_kw, h, t0, m);
+            return;
+        }
+        if (a.d == 64) {
+            stats_tok_d<64>(a, f.rot, trial, st_sm, s_ke, rot_kw, h, t0, m);
+            return;
+        }
+    }
+    stats_tok_generic(a, st_sm, s_ke, rot_kw, h, t0, m, u_global);
 }
 
 /* The body of stats_kernel, one block per (kv head, group of G consecutive tokens): the
@@ -134,19 +475,17 @@ static __device__ void stats_body(const stats_args_t &a, float *st_sm, float *s_
     auto s_inv = [&](int w) { return st_sm + (7 + w) * d; };
     float &s_kwrot = *s_kwrot_p;
     uint32_t chunks = (a.n + a.G - 1) / a.G;
-    size_t plane = (size_t)a.n_kv * a.n;
-    const uint32_t zero = a.zero;
     for (size_t blk = blockIdx.x; blk < (size_t)a.n_kv * chunks; blk += gridDim.x) {
         uint32_t h = (uint32_t)(blk / chunks);
         uint32_t t0 = (uint32_t)(blk % chunks) * a.G;
         uint32_t m = min(a.G, a.n - t0);
         const float *qsq = a.qsq + (size_t)h * d;
-        const float *obar = a.obar + (size_t)h * d;
         __syncthreads(); // shared arrays free from the previous block
         if (a.stage) {
             bool rs = a.rotate != 0 && !a.fused; // fused: load as given and rotate here
             auto tok = [&](uint32_t j) { return t0 + j; };
-            if (rs || !stage_rows(a.src, h, tok, m, sk, sv, SS, a.fused != 0, a.rot_scale)) {
+            if (rs ||
+                !stage_rows<1, true>(a.src, h, tok, m, sk, sv, SS, a.fused != 0, a.rot_scale)) {
                 for (uint32_t i = threadIdx.x; i < m * d; i += blockDim.x) {
                     uint32_t j = i / d, c = i % d;
                     sk[(size_t)j * SS + c] = st_x(a, false, rs, h, t0 + j, c);
@@ -167,34 +506,21 @@ static __device__ void stats_body(const stats_args_t &a, float *st_sm, float *s_
             s_kwrot = kdiv(s, (float)d);
         }
         // Per-channel min/max over the group: [0] unrotated, [1] rotated. The unrotated keys
-        // are not staged under a rotating policy: read LD_HN tokens at a time.
+        // are not staged under a rotating policy: read from global memory, 16 tokens in flight.
         const bool u_global = a.rotate || !a.stage;
         for (uint32_t c = threadIdx.x; c < d; c += blockDim.x) {
             for (int r = 0; r < (a.rotate ? 2 : 1); r++) {
                 float mn = 0, mx = 0;
                 if (r == 0 && u_global) {
                     const uint16_t *kp = a.src.k + (size_t)h * a.src.hs + (size_t)t0 * a.src.ts + c;
-                    for (uint32_t j0 = 0; j0 < m; j0 += LD_HN) {
-                        uint32_t raw[LD_HN];
-                        ld_hn(kp + (size_t)j0 * a.src.ts, a.src.ts, m - j0, zero, raw);
-                        STATS_UNROLL
-                        for (uint32_t u = 0; u < LD_HN && j0 + u < m; u++) {
-                            const float x = fy_dev_h2f((uint16_t)raw[u]);
-                            if (j0 + u == 0) {
-                                mn = mx = x;
-                            } else {
-                                mn = x < mn ? x : mn;
-                                mx = x > mx ? x : mx;
-                            }
-                        }
-                    }
+                    col_range([&](uint32_t j) { return h2f_arith(kp[(size_t)j * a.src.ts]); }, m,
+                              &mn, &mx);
+                } else if (a.stage) { // the staged rows hold this source
+                    const float *col = sk + c;
+                    col_range([&](uint32_t j) { return col[(size_t)j * SS]; }, m, &mn, &mx);
                 } else {
-                    mn = mx = st_g(a, sk, sv, false, r == 1, h, t0, 0, c);
-                    for (uint32_t j = 1; j < m; j++) {
-                        float x = st_g(a, sk, sv, false, r == 1, h, t0, j, c);
-                        mn = x < mn ? x : mn;
-                        mx = x > mx ? x : mx;
-                    }
+                    col_range([&](uint32_t j) { return st_x(a, false, r == 1, h, t0 + j, c); }, m,
+                              &mn, &mx);
                 }
                 s_mn(r)[c] = mn;
                 s_mx(r)[c] = mx;
@@ -225,125 +551,7 @@ static __device__ void stats_body(const stats_args_t &a, float *st_sm, float *s_
             s_ke[w] = kdiv(ke, 12.0f);
         }
         __syncthreads();
-        // Per token: four passes over its row, each feeding every width that reads the same
-        // data (each accumulator keeps the CPU's own chain and final tree). A token's
-        // TOK_LANES threads take one accumulator lane each.
-        bool trial = !a.model;
-        bool kerr4 = trial && a.need4, kerr2 = trial && a.need2 && a.needk2;
-        bool verr4 = trial && a.need4 && a.needv4, verr2 = trial && a.need2;
-        bool want_r = (a.model && (a.need4 || a.need2)) || verr4 || verr2; // V range, 4/2 bits
-        bool rot = a.rotate != 0; // the source of the 4- and 2-bit widths
-        float rot_kw = s_kwrot;
-        const float *kmn = s_mn(rot);
-        const float *s4k = s_s(1), *i4k = s_inv(1), *s2k = s_s(2), *i2k = s_inv(2);
-        const uint32_t l = threadIdx.x % TOK_LANES, per = blockDim.x / TOK_LANES;
-        for (uint32_t j0 = 0; j0 < m; j0 += per) {
-            // Every thread runs the body (the shuffles take whole warps); a lane group past
-            // the group's end repeats its last token and stores nothing.
-            const uint32_t jj = j0 + threadIdx.x / TOK_LANES, j = min(jj, m - 1);
-            const bool store = jj < m && l == 0;
-            uint32_t t = t0 + j;
-            size_t it = (size_t)h * a.n + t;
-            // Pass 1, unrotated V: |v - obar|^2 (kvc_dot's lanes) and the row range; from
-            // global memory (LD_HN channels of the lane at a time) unless staged.
-            float dacc = 0, umn = 0, umx = 0;
-            auto pass1 = [&](uint32_t c, float x) {
-                float df = ksub(x, obar[c]);
-                dacc = kadd(dacc, kmul(df, df));
-                if (c == l) {
-                    umn = umx = x;
-                } else {
-                    umn = x < umn ? x : umn;
-                    umx = x > umx ? x : umx;
-                }
-            };
-            if (u_global) {
-                const uint16_t *vp = a.src.v + (size_t)h * a.src.hs + (size_t)t * a.src.ts;
-                for (uint32_t c0 = l; c0 < d; c0 += 8 * LD_HN) {
-                    uint32_t raw[LD_HN];
-                    ld_hn(vp + c0, 8, (d - c0 + 7) / 8, zero, raw);
-                    STATS_UNROLL
-                    for (uint32_t u = 0; u < LD_HN && c0 + 8 * u < d; u++)
-                        pass1(c0 + 8 * u, fy_dev_h2f((uint16_t)raw[u]));
-                }
-            } else {
-                for (uint32_t c = l; c < d; c += 8)
-                    pass1(c, st_g(a, sk, sv, true, false, h, t0, j, c));
-            }
-            dacc = tl_sum8(dacc);
-            if (store)
-                a.tab[TAB_DEV * plane + it] = dacc;
-            float ulo, uhi;
-            tl_merge(umn, umx, &ulo, &uhi);
-            // Pass 2, K of the 4/2-bit source: trial key errors of both widths.
-            if (kerr4 || kerr2) {
-                float k4 = 0, k2 = 0;
-                for (uint32_t c = l; c < d; c += 8) {
-                    float x = st_g(a, sk, sv, false, rot, h, t0, j, c);
-                    float mn = kmn[c];
-                    float kw = rot ? rot_kw : qsq[c];
-                    if (kerr4) {
-                        float err = trial_err(x, mn, i4k[c], s4k[c], 15.0f);
-                        k4 = kadd(k4, kmul(kmul(kw, err), err));
-                    }
-                    if (kerr2) {
-                        float err = trial_err(x, mn, i2k[c], s2k[c], 3.0f);
-                        k2 = kadd(k2, kmul(kmul(kw, err), err));
-                    }
-                }
-                k4 = tl_sum8(k4);
-                k2 = tl_sum8(k2);
-                if (store && kerr4)
-                    a.tab[TAB_EK4 * plane + it] = k4;
-                if (store && kerr2)
-                    a.tab[TAB_EK2 * plane + it] = k2;
-            }
-            // Pass 3, the V range of the 4/2-bit source (the unrotated one is pass 1's).
-            float rlo = ulo, rhi = uhi;
-            if (want_r && rot && a.stage) {
-                const float *row = sv + (size_t)j * SS;
-                tl_minmax([&](uint32_t c) { return row[c]; }, d, l, &rlo, &rhi);
-            } else if (want_r && rot) {
-                tl_minmax([&](uint32_t c) { return src_x(a.src, true, true, h, t, c); }, d, l, &rlo,
-                          &rhi);
-            }
-            float s4 = kdiv(ksub(rhi, rlo), 15.0f), s2 = kdiv(ksub(rhi, rlo), 3.0f);
-            if (store && a.need8) { // 8 bits: always the step^2 / 12 model, unrotated
-                float s8 = kdiv(ksub(uhi, ulo), 255.0f);
-                a.tab[TAB_EK8 * plane + it] = s_ke[0];
-                a.tab[TAB_EV8 * plane + it] = kdiv(kmul(kmul((float)d, s8), s8), 12.0f);
-            }
-            if (store && a.model && a.need4) {
-                a.tab[TAB_EK4 * plane + it] = s_ke[1];
-                a.tab[TAB_EV4 * plane + it] = kdiv(kmul(kmul((float)d, s4), s4), 12.0f);
-            }
-            if (store && a.model && a.need2) {
-                a.tab[TAB_EK2 * plane + it] = s_ke[2];
-                a.tab[TAB_EV2 * plane + it] = kdiv(kmul(kmul((float)d, s2), s2), 12.0f);
-            }
-            // Pass 4, V of the 4/2-bit source: trial value errors of both widths.
-            if (verr4 || verr2) {
-                float i4 = s4 > 0 ? kdiv(1.0f, s4) : 0.0f, i2 = s2 > 0 ? kdiv(1.0f, s2) : 0.0f;
-                float v4 = 0, v2 = 0;
-                for (uint32_t c = l; c < d; c += 8) {
-                    float x = st_g(a, sk, sv, true, rot, h, t0, j, c);
-                    if (verr4) {
-                        float err = trial_err(x, rlo, i4, s4, 15.0f);
-                        v4 = kadd(v4, kmul(err, err));
-                    }
-                    if (verr2) {
-                        float err = trial_err(x, rlo, i2, s2, 3.0f);
-                        v2 = kadd(v2, kmul(err, err));
-                    }
-                }
-                v4 = tl_sum8(v4);
-                v2 = tl_sum8(v2);
-                if (store && verr4)
-                    a.tab[TAB_EV4 * plane + it] = v4;
-                if (store && verr2)
-                    a.tab[TAB_EV2 * plane + it] = v2;
-            }
-        }
+        stats_tokens(a, st_sm, s_ke, s_kwrot, h, t0, m, u_global);
     }
 }
 

@@ -5,7 +5,8 @@
 // head_dim 32 to 256 (staged in shared memory and rotated there up to 128 with groups of 32,
 // read where the rows are past it, from rotated copies where rotating), groups of 8 to 64 tokens
 // with a partial last one, rotation on and off, trial and modelled distortion, every subset of
-// the options that changes which tables are measured, rows 16-byte aligned and not.
+// the options that changes which tables are measured, rows 16-byte aligned and not; each
+// through both per-token paths (stats_tok_staged where it serves, stats_tok_generic).
 #include <math.h>
 #include <pthread.h>
 #include <setjmp.h>
@@ -59,7 +60,7 @@ struct scase {
 
 /* One layer through stats_body on emulated blocks, launched as encode.cu launches
  * stats_kernel, against the CPU's measurements of every table the optimizer reads. */
-static void check(const scase &c)
+static void check(const scase &c, bool generic)
 {
     const uint32_t d = c.d, G = c.G, n = c.n, n_kv = c.n_kv;
     const uint32_t ts = c.vec ? d : d + 4, hs = ts * n + (c.vec ? 8 : 4);
@@ -118,6 +119,7 @@ static void check(const scase &c)
     a.stage = sg.st_stage;
     a.fused = fused;
     a.rot_scale = 1.0f / sqrtf((float)d);
+    a.generic = generic;
     const uint32_t chunks = (n + G - 1) / G, blocks = n_kv * chunks;
     const size_t sm_floats = (a.stage ? sg.st_sm_stage : sg.st_sm) / sizeof(float);
     std::vector<float> sm((size_t)blocks * sm_floats), ke((size_t)blocks * 3), kwrot(blocks);
@@ -177,11 +179,20 @@ static void check(const scase &c)
         for (size_t i = 0; i < plane; i++) {
             const float g = tab[ti * plane + i], r = ref[ti * plane + i];
             if (memcmp(&g, &r, sizeof g) != 0)
-                fail_msg("d %u G %u n %u rotate %d model %d vec %d opts %#x: table %d item %zu "
-                         "is %.9g, the CPU's %.9g",
-                         d, G, n, c.rotate, c.model, c.vec, c.opts, ti, i, (double)g, (double)r);
+                fail_msg("d %u G %u n %u rotate %d model %d vec %d opts %#x generic %d: table %d "
+                         "item %zu is %.9g, the CPU's %.9g",
+                         d, G, n, c.rotate, c.model, c.vec, c.opts, generic, ti, i, (double)g,
+                         (double)r);
         }
     }
+}
+
+/* check() through both per-token paths: stats_tok_staged where it serves, and
+ * stats_tok_generic everywhere. */
+static void check(const scase &c)
+{
+    check(c, false);
+    check(c, true);
 }
 
 static const uint32_t ALL = KVC_OPT_BIT(KVC_OPT_Q8) | KVC_OPT_BIT(KVC_OPT_Q4) |
