@@ -325,6 +325,93 @@ typedef struct {
     uint16_t pidx[KVC_MAX_PROTECT];
 } quant_smem_t;
 
+/* kvc_range of x(0) .. x(m - 1) in order (mn = x < mn ? x : mn, from x(0)): in chunks of
+ * COL_U with every load of a chunk issued before its first use (folding x(0) in again changes
+ * nothing), then the rest one at a time. */
+#define COL_U 16
+template <typename F>
+static __device__ __forceinline__ void col_range(F x, uint32_t m, float *mn_p, float *mx_p)
+{
+    float mn = x(0), mx = mn;
+    uint32_t j0 = 0;
+    for (; j0 + COL_U <= m; j0 += COL_U) {
+        float v[COL_U];
+        QUANT_UNROLL
+        for (uint32_t u = 0; u < COL_U; u++)
+            v[u] = x(j0 + u);
+        QUANT_UNROLL
+        for (uint32_t u = 0; u < COL_U; u++) {
+            mn = v[u] < mn ? v[u] : mn;
+            mx = v[u] > mx ? v[u] : mx;
+        }
+    }
+    for (; j0 < m; j0++) {
+        const float v = x(j0);
+        mn = v < mn ? v : mn;
+        mx = v > mx ? v : mx;
+    }
+    *mn_p = mn;
+    *mx_p = mx;
+}
+
+/* pack_row's bytes of m staged rows of D values (d apart) at B bits, a thread per output byte:
+ * element (j, c) coded with zero zp(j, c) and inverse step inv(j, c). D and B fixed at compile
+ * time: a byte's row and channel by shifts, its codes unrolled. */
+template <uint32_t D, uint32_t B, typename Z, typename I>
+static __device__ __forceinline__ void codes_staged(const float *x, uint32_t m, Z zp, I inv,
+                                                    uint8_t *dst)
+{
+    constexpr uint32_t ROW = D * B / 8, PER = 8 / B;
+    constexpr float Q = (float)((1u << B) - 1);
+    for (uint32_t i = threadIdx.x; i < m * ROW; i += blockDim.x) {
+        const uint32_t j = i / ROW, c0 = (i % ROW) * PER;
+        uint32_t byte = 0;
+        QUANT_UNROLL
+        for (uint32_t u = 0; u < PER; u++) {
+            const uint32_t c = c0 + u;
+            byte |= kvc_dev_quant_one(x[j * D + c], zp(j, c), inv(j, c), Q) << (u * B);
+        }
+        dst[i] = (uint8_t)byte;
+    }
+}
+
+template <uint32_t D, typename Z, typename I>
+static __device__ __forceinline__ void codes_staged_b(const float *x, uint32_t m, uint32_t b, Z zp,
+                                                      I inv, uint8_t *dst)
+{
+    if (b == 8)
+        codes_staged<D, 8>(x, m, zp, inv, dst);
+    else if (b == 4)
+        codes_staged<D, 4>(x, m, zp, inv, dst);
+    else
+        codes_staged<D, 2>(x, m, zp, inv, dst);
+}
+
+/* quant_body's key and value codes of a staged group without protected channels at head_dim 64
+ * or 128 (false for other head dims: the caller's loops write them). The same codes (the same
+ * quant_one on the same values), without a division or a branch per element. */
+static __device__ bool quant_codes_staged(const float *sk, const float *sv, uint32_t d, uint32_t m,
+                                          uint32_t kb, uint32_t vb, const float *s_kz,
+                                          const float *s_kinv, const float *s_vz,
+                                          const float *s_vinv, uint8_t *kc, uint8_t *vc)
+{
+    auto kz = [&](uint32_t, uint32_t c) { return s_kz[c]; };
+    auto ki = [&](uint32_t, uint32_t c) { return s_kinv[c]; };
+    auto vz = [&](uint32_t j, uint32_t) { return s_vz[j]; };
+    auto vi = [&](uint32_t j, uint32_t) { return s_vinv[j]; };
+    if (d == 128) {
+        codes_staged_b<128>(sk, m, kb, kz, ki, kc);
+        codes_staged_b<128>(sv, m, vb, vz, vi, vc);
+        return true;
+    }
+    if (d == 64) {
+        codes_staged_b<64>(sk, m, kb, kz, ki, kc);
+        codes_staged_b<64>(sv, m, vb, vz, vi, vc);
+        return true;
+    }
+    return false;
+}
+
 /* The body of quant_kernel, one block per quantized group: quant.c's kvc_quant_group with cap =
  * m, written in place. With a.stage the group's rows are read once, coalesced, into shared
  * memory (q_sm). */
@@ -363,7 +450,11 @@ static __device__ void quant_body(const quant_args_t &a, float *q_sm, quant_smem
         if (a.stage) {
             bool rs = rot && !a.fused; // fused: load as given and rotate here
             auto tok = [&](uint32_t j) { return s_tok[j]; };
-            if (rs || !stage_rows(a.src, h, tok, m, sk, sv, d, rot && a.fused, a.rot_scale)) {
+            // Rotated rows come out of arithmetic, which keeps no NaN payload anyway: their
+            // halves convert by h2f_arith.
+            const bool fr = rot && a.fused;
+            if (rs || !(fr ? stage_rows<1, true>(a.src, h, tok, m, sk, sv, d, true, a.rot_scale)
+                           : stage_rows(a.src, h, tok, m, sk, sv, d, false, a.rot_scale))) {
                 for (uint32_t i = threadIdx.x; i < m * d; i += blockDim.x) {
                     uint32_t j = i / d, c = i % d;
                     sk[i] = q_x(a, false, rs, h, s_tok[j], c);
@@ -379,14 +470,13 @@ static __device__ void quant_body(const quant_args_t &a, float *q_sm, quant_smem
         }
         // Key range per channel over the group, in token order.
         for (uint32_t c = threadIdx.x; c < d; c += blockDim.x) {
-            float mn = g_x(a, sk, sv, false, rot, h, 0, s_tok[0], c), mx = mn;
-            for (uint32_t j = 1; j < m; j++) {
-                float x = g_x(a, sk, sv, false, rot, h, j, s_tok[j], c);
-                mn = x < mn ? x : mn;
-                mx = x > mx ? x : mx;
+            if (a.stage) {
+                const float *col = sk + c;
+                col_range([&](uint32_t j) { return col[(size_t)j * d]; }, m, &s_mn[c], &s_mx[c]);
+            } else {
+                col_range([&](uint32_t j) { return q_x(a, false, rot, h, s_tok[j], c); }, m,
+                          &s_mn[c], &s_mx[c]);
             }
-            s_mn[c] = mn;
-            s_mx[c] = mx;
         }
         __syncthreads();
         if (prot && threadIdx.x < 32) {
@@ -463,6 +553,9 @@ static __device__ void quant_body(const quant_args_t &a, float *q_sm, quant_smem
         }
         __syncthreads();
         // Key codes, one output byte per thread step (protected channels code 0).
+        if (a.stage && !prot &&
+            quant_codes_staged(sk, sv, d, m, kb, vb, s_kz, s_kinv, s_vz, s_vinv, kc, vc))
+            continue;
         uint32_t per_k = 8 / kb;
         for (uint32_t i = threadIdx.x; i < m * rowk; i += blockDim.x) {
             uint32_t j = i / rowk, c0 = (i % rowk) * per_k;

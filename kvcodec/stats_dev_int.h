@@ -110,35 +110,6 @@ static __device__ __forceinline__ void ld_hn(const uint16_t *p, size_t stride, u
     raw[0] ^= fold & zero;
 }
 
-/* kvc's range of x(0) .. x(m - 1) in order (mn = x < mn ? x : mn, from x(0)): in chunks of
- * COL_U with every load of a chunk issued before its first use (folding x(0) in again changes
- * nothing), then the rest one at a time. */
-#define COL_U 16
-template <typename F>
-static __device__ __forceinline__ void col_range(F x, uint32_t m, float *mn_p, float *mx_p)
-{
-    float mn = x(0), mx = mn;
-    uint32_t j0 = 0;
-    for (; j0 + COL_U <= m; j0 += COL_U) {
-        float v[COL_U];
-        STATS_UNROLL
-        for (uint32_t u = 0; u < COL_U; u++)
-            v[u] = x(j0 + u);
-        STATS_UNROLL
-        for (uint32_t u = 0; u < COL_U; u++) {
-            mn = v[u] < mn ? v[u] : mn;
-            mx = v[u] > mx ? v[u] : mx;
-        }
-    }
-    for (; j0 < m; j0++) {
-        const float v = x(j0);
-        mn = v < mn ? v : mn;
-        mx = v > mx ? v : mx;
-    }
-    *mn_p = mn;
-    *mx_p = mx;
-}
-
 /* The error of x after quantizing it from base lo with step s (inverse inv, codes 0 .. qmax):
  * the CPU's trial quantization, operation for operation. */
 static __device__ __forceinline__ float trial_err(float x, float lo, float inv, float s, float qmax)
