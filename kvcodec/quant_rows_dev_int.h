@@ -8,8 +8,9 @@
  * channels, aligned rows and not, zeros of both signs at the ends of ranges).
  *
  * Not a standalone header. The includer provides quant_dev_int.h's functions, work_t and
- * plan_dev_t (layout_dev_int.h), fy_dev_h2f, KVC_OPT_*, KVC_MAX_HEAD_DIM, KVC_MAX_PROTECT;
- * and outside CUDA __device__, __forceinline__, threadIdx, blockIdx, blockDim, gridDim,
+ * plan_dev_t (layout_dev_int.h), fy_dev_h2f, fy_dev_h2f_arith, KVC_OPT_*, KVC_MAX_HEAD_DIM,
+ * KVC_MAX_PROTECT; and outside CUDA __device__, __forceinline__, threadIdx, blockIdx, blockDim,
+ * gridDim,
  * __syncthreads, __syncwarp, __shfl_sync, __shfl_xor_sync, __shfl_down_sync, __ffs,
  * __fsqrt_rn, __fmaf_rn, uint2, uint4, float4, make_float4 and min. */
 #ifndef FERRY_KVCODEC_QUANT_ROWS_DEV_INT_H
@@ -83,30 +84,14 @@ static __device__ __forceinline__ void ld_pairs(const kv_src_t &s, bool val, uin
     }
 }
 
-/* An FP16 half as fp32 by the conversion instruction alone (one instruction; fy_dev_h2f takes
- * eight): a NaN comes out as the canonical NaN instead of keeping its payload, which matters
- * only where a value is stored without arithmetic on it (a range's ends in a frame), never in
- * the distortion tables, whose NaNs all come out of arithmetic. The emulated build keeps
- * fy_dev_h2f. */
-static __device__ __forceinline__ float h2f_arith(uint16_t h)
-{
-#ifdef __CUDACC__
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-#else
-    return fy_dev_h2f(h);
-#endif
-}
-
-/* ld_pairs' halves as fp32 (ARITH: by h2f_arith). */
+/* ld_pairs' halves as fp32 (ARITH: by fy_dev_h2f_arith, for rows only computed with). */
 template <int E, bool ARITH = false>
 static __device__ __forceinline__ void cvt_pairs(const uint32_t (&w)[qw_words<E>()], float (&x)[E])
 {
     QUANT_UNROLL
     for (int e = 0; e < E; e++) {
         const uint16_t h = (uint16_t)(w[e / 2] >> (16 * (e % 2)));
-        x[e] = ARITH ? h2f_arith(h) : fy_dev_h2f(h);
+        x[e] = ARITH ? fy_dev_h2f_arith(h) : fy_dev_h2f(h);
     }
 }
 
@@ -196,7 +181,7 @@ static __device__ void stage_rows_warp(const kv_src_t &s, uint32_t h, F tok, uin
 
 /* stage_rows_warp for the head dims it serves (32 E for E = E0, 2 E0, .. 8); false for the
  * others, which stage element by element and rotate with sm_hadamard_rows. ARITH: the halves
- * converted by h2f_arith (for rows whose values are only computed with). */
+ * converted by fy_dev_h2f_arith (for rows whose values are only computed with). */
 template <int E0 = 1, bool ARITH = false, typename F>
 static __device__ bool stage_rows(const kv_src_t &s, uint32_t h, F tok, uint32_t m, float *sk,
                                   float *sv, uint32_t stride, bool rot, float scale)
@@ -451,7 +436,7 @@ static __device__ void quant_body(const quant_args_t &a, float *q_sm, quant_smem
             bool rs = rot && !a.fused; // fused: load as given and rotate here
             auto tok = [&](uint32_t j) { return s_tok[j]; };
             // Rotated rows come out of arithmetic, which keeps no NaN payload anyway: their
-            // halves convert by h2f_arith.
+            // halves convert by fy_dev_h2f_arith.
             const bool fr = rot && a.fused;
             if (rs || !(fr ? stage_rows<1, true>(a.src, h, tok, m, sk, sv, d, true, a.rot_scale)
                            : stage_rows(a.src, h, tok, m, sk, sv, d, false, a.rot_scale))) {

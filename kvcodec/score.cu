@@ -485,60 +485,12 @@ __global__ void group_kernel(score_args_t a, const float *ah, const float *ah2, 
         group_one(a, i, ah, ah2, have_q, reduce_max, &pbar[i], &acc_out[i]);
 }
 
-#define OBAR_T       128 // tokens per tile of obar_tile_kernel
-#define OBAR_THREADS 256 // its block: the chain warp and 7 loader warps
-#define OBAR_LOADERS (OBAR_THREADS - 32)
-#define OBAR_PER     ((OBAR_T * 32 + OBAR_LOADERS - 1) / OBAR_LOADERS) // loads per loader and tile
-
-/* obar_c = sum_t pbar_t v_tc, tokens in order, with the memory traffic off the chain: a block per
- * (kv head, 32 channels); warps 1.. load tiles of OBAR_T tokens and form the products pbar_t v_tc
- * into shared memory (double-buffered) while warp 0 adds them, a lane per channel, tokens in order:
- * the same products and the same serial sums as score.c. A loader issues all its loads of a tile
- * before it stores any, so a tile costs one memory latency, not one per load. */
+/* obar_tile_body (score_dev_int.h). */
 __global__ void __launch_bounds__(OBAR_THREADS)
     obar_tile_kernel(score_args_t a, const float *pbar, float *obar)
 {
     __shared__ float tile[2][OBAR_T][33];
-    uint32_t slices = (a.d + 31) / 32;
-    uint32_t g = blockIdx.x / slices, c0 = (blockIdx.x % slices) * 32;
-    const float *pb = pbar + (size_t)g * a.n;
-    const uint16_t *vh = a.v + (size_t)g * a.hs;
-    uint32_t tiles = (a.n + OBAR_T - 1) / OBAR_T;
-    uint32_t lane = threadIdx.x % 32;
-    bool chain = threadIdx.x < 32;
-    float s = 0;
-    for (uint32_t k = 0; k <= tiles; k++) {
-        // Loaders fill tile k while the chain adds tile k - 1.
-        if (!chain && k < tiles) {
-            float(*tl)[33] = tile[k % 2];
-            float pv[OBAR_PER];
-            uint16_t vv[OBAR_PER];
-#pragma unroll
-            for (int u = 0; u < OBAR_PER; u++) {
-                uint32_t i = threadIdx.x - 32 + u * OBAR_LOADERS;
-                uint32_t tt = i / 32, cc = i % 32, t = k * OBAR_T + tt, c = c0 + cc;
-                bool in = i < OBAR_T * 32 && t < a.n && c < a.d;
-                pv[u] = in ? pb[t] : 0.0f;
-                vv[u] = in ? vh[(size_t)t * a.ts + c] : (uint16_t)0;
-            }
-#pragma unroll
-            for (int u = 0; u < OBAR_PER; u++) {
-                uint32_t i = threadIdx.x - 32 + u * OBAR_LOADERS;
-                if (i < OBAR_T * 32)
-                    tl[i / 32][i % 32] = kmul(pv[u], fy_dev_h2f(vv[u]));
-            }
-        }
-        if (chain && k > 0) {
-            float(*tl)[33] = tile[(k - 1) % 2];
-            uint32_t m = min((uint32_t)OBAR_T, a.n - (k - 1) * OBAR_T);
-#pragma unroll 16
-            for (uint32_t tt = 0; tt < m; tt++)
-                s = kadd(s, tl[tt][lane]);
-        }
-        __syncthreads();
-    }
-    if (chain && c0 + lane < a.d)
-        obar[(size_t)g * a.d + c0 + lane] = s;
+    obar_tile_body(a, pbar, obar, tile);
 }
 
 /* static_one for every kv head, a thread each. */

@@ -208,7 +208,7 @@ static __device__ void stats_tok_generic(const stats_args_t &a, const float *st_
                 ld_hn(vp + c0, 8, (d - c0 + 7) / 8, zero, raw);
                 STATS_UNROLL
                 for (uint32_t u = 0; u < LD_HN && c0 + 8 * u < d; u++)
-                    pass1(c0 + 8 * u, h2f_arith((uint16_t)raw[u]));
+                    pass1(c0 + 8 * u, fy_dev_h2f_arith((uint16_t)raw[u]));
             }
         } else {
             for (uint32_t c = l; c < d; c += 8)
@@ -314,7 +314,7 @@ static __device__ void stats_tok_staged(const stats_args_t &a, const float *st_s
             const uint16_t *vp = a.src.v + (size_t)h * a.src.hs + (size_t)t * a.src.ts + l;
             STATS_UNROLL
             for (uint32_t u = 0; u < N; u++)
-                uv[u] = h2f_arith(vp[8 * u]);
+                uv[u] = fy_dev_h2f_arith(vp[8 * u]);
         } else {
             STATS_UNROLL
             for (uint32_t u = 0; u < N; u++)
@@ -484,8 +484,9 @@ static __device__ void stats_body(const stats_args_t &a, float *st_sm, float *s_
                 float mn = 0, mx = 0;
                 if (r == 0 && u_global) {
                     const uint16_t *kp = a.src.k + (size_t)h * a.src.hs + (size_t)t0 * a.src.ts + c;
-                    col_range([&](uint32_t j) { return h2f_arith(kp[(size_t)j * a.src.ts]); }, m,
-                              &mn, &mx);
+                    col_range(
+                        [&](uint32_t j) { return fy_dev_h2f_arith(kp[(size_t)j * a.src.ts]); }, m,
+                        &mn, &mx);
                 } else if (a.stage) { // the staged rows hold this source
                     const float *col = sk + c;
                     col_range([&](uint32_t j) { return col[(size_t)j * SS]; }, m, &mn, &mx);

@@ -4,7 +4,8 @@
 // kvc_score bit for bit (importance, obar, qsq, head classes), as the per-step kernels do; from
 // window queries (the attention sums given) the same values as the per-element functions the
 // per-step kernels run. Shapes of 1-4 kv heads, GQA groups of 1-4, 1 to 2048 items, head_dim
-// 32-128; mean and max reduction, pooling 1-7, HybridKV on and off.
+// 32-128; mean and max reduction, pooling 1-7, HybridKV on and off. And obar_tile_body, the
+// window output of longer prompts, against score.c's sum.
 #include <math.h>
 #include <pthread.h>
 #include <setjmp.h>
@@ -26,6 +27,11 @@ extern "C" {
 static inline float fy_dev_h2f(uint16_t h)
 {
     return fy_fp16_to_fp32(h); // the device's conversion, bit for bit (common/half_cuda.h)
+}
+// The device's conversion for values only computed with (a NaN's payload aside, the same).
+static inline float fy_dev_h2f_arith(uint16_t h)
+{
+    return fy_fp16_to_fp32(h);
 }
 
 #include "../../kvcodec/score_dev_int.h"
@@ -200,11 +206,63 @@ static void test_from_queries(void **state)
     }
 }
 
+// obar_tile_body (score.cu's obar_tile_kernel for prompts past the small tail) on emulated
+// blocks of 256 threads against score.c's serial sum: head_dim not a multiple of 32, partial
+// and whole tiles, strided rows, a chain of several tiles with the loads of the next in flight.
+static void test_obar_tiles(void **state)
+{
+    (void)state;
+    const uint32_t dims[] = {32, 80, 128}, lens[] = {1, 127, 128, 129, 300, 1000};
+    for (uint32_t di = 0; di < 3; di++)
+        for (uint32_t li = 0; li < 6; li++) {
+            const uint32_t d = dims[di], n = lens[li], n_kv = 1 + (di + li) % 3;
+            const size_t ts = d + 8, hs = ts * n + 16;
+            std::vector<uint16_t> v(hs * n_kv);
+            for (auto &x : v)
+                x = fy_fp32_to_fp16(2.0f * rnd01() - 1.0f);
+            std::vector<float> pbar((size_t)n_kv * n);
+            for (auto &x : pbar)
+                x = rnd01() / (float)n;
+            score_args_t a;
+            memset(&a, 0, sizeof a);
+            a.v = v.data();
+            a.hs = hs;
+            a.ts = ts;
+            a.n_kv = n_kv;
+            a.n = n;
+            a.d = d;
+            const uint32_t blocks = n_kv * ((d + 31) / 32);
+            std::vector<float> obar((size_t)n_kv * d, NAN), tiles((size_t)blocks * 2 * OBAR_T * 33);
+            emu_launch(
+                blocks, OBAR_THREADS,
+                [&] {
+                    float(*tile)[OBAR_T][33] =
+                        (float(*)[OBAR_T][33])(tiles.data() + (size_t)blockIdx.x * 2 * OBAR_T * 33);
+                    obar_tile_body(a, pbar.data(), obar.data(), tile);
+                },
+                true);
+            for (uint32_t g = 0; g < n_kv; g++)
+                for (uint32_t c = 0; c < d; c++) {
+                    float want = 0; // score.c: obar[c] += p * vr[c], tokens in order
+                    for (uint32_t t = 0; t < n; t++)
+                        want += pbar[(size_t)g * n + t] *
+                                fy_fp16_to_fp32(v[(size_t)g * hs + (size_t)t * ts + c]);
+                    const float got = obar[(size_t)g * d + c], one = obar_one(a, pbar.data(), g, c);
+                    if (memcmp(&got, &want, sizeof got) != 0 ||
+                        memcmp(&one, &want, sizeof one) != 0)
+                        fail_msg("d %u n %u n_kv %u: obar[%u][%u] is %.9g (obar_one %.9g), the "
+                                 "CPU's %.9g",
+                                 d, n, n_kv, g, c, (double)got, (double)one, (double)want);
+                }
+        }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_from_window_attn),
         cmocka_unit_test(test_from_queries),
+        cmocka_unit_test(test_obar_tiles),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
