@@ -7,7 +7,8 @@
  *
  * Not a standalone header. The includer provides, before including it: kadd, kmul, kdiv
  * (float arithmetic rounded once), fy_dev_h2f, fy_dev_h2f_arith, KVC_MAX_HEAD_DIM; and outside
- * CUDA __device__, __forceinline__, threadIdx, blockIdx, blockDim, __syncthreads and min. */
+ * CUDA __device__, __forceinline__, threadIdx, blockIdx, blockDim, __syncthreads, min,
+ * __float_as_uint and __uint_as_float. */
 #ifndef FERRY_KVCODEC_SCORE_DEV_INT_H
 #define FERRY_KVCODEC_SCORE_DEV_INT_H
 
@@ -27,33 +28,50 @@ typedef struct {
     int vec; // k, hs and ts allow 16-byte loads of 8 channels (the mma kernels' staging)
 } score_args_t;
 
-#define QSQ_BATCH 16 // window rows whose loads qsq_one issues together
+#define QSQ_BATCH 64 // window rows whose loads qsq_one issues together at most
+
+/* s plus the squares of x(w) for w in [*w0, W), in order, B rows' loads at a time while B of
+ * them remain (advancing *w0). Left to itself, ptxas issues each load a few adds ahead of its
+ * use (eight at B = 64); zero, a 0 it cannot see through, folds every loaded value into the
+ * first, so all of them are in flight before the first add. */
+template <int B, typename F>
+static __device__ __forceinline__ float qsq_rows(F x, uint32_t *w0, uint32_t W, float s,
+                                                 uint32_t zero)
+{
+    for (; *w0 + B <= W; *w0 += B) {
+        float v[B];
+        uint32_t fold = 0;
+        SCORE_UNROLL
+        for (int u = 0; u < B; u++) {
+            v[u] = x(*w0 + u);
+            fold ^= u > 0 ? __float_as_uint(v[u]) : 0u;
+        }
+        v[0] = __uint_as_float(__float_as_uint(v[0]) ^ (fold & zero));
+        SCORE_UNROLL
+        for (int u = 0; u < B; u++)
+            s = kadd(s, kmul(v[u], v[u]));
+    }
+    return s;
+}
 
 /* Element i = (kv head g, channel c) of the mean squared query, scaled as the logit
- * sensitivity. The loads of QSQ_BATCH window rows go out before their squares are added (in
- * score.c's order): the grid is only n_kv x d threads, and a load per add left each thread
- * waiting out one memory latency per few rows of its grp x W. */
+ * sensitivity. The loads of up to QSQ_BATCH window rows go out before their squares are added
+ * (in score.c's order): the grid is only n_kv x d threads, and a load per add left each thread
+ * waiting out one memory latency per few rows of its grp x W (at 16 rows a batch, a 32k-token
+ * Llama-3 layer still took 31 us on an H200 for 32 round trips a thread). */
 static __device__ float qsq_one(const score_args_t &a, size_t i)
 {
     uint32_t g = (uint32_t)(i / a.d), c = (uint32_t)(i % a.d);
+    const uint32_t zero = a.W >> 31; // windows are far shorter: 0
     float s = 0;
     if (a.q != NULL) {
         for (uint32_t hh = 0; hh < a.grp; hh++) {
             const float *qh = a.q + (size_t)(g * a.grp + hh) * a.qs * a.d + c;
+            auto x = [&](uint32_t w) { return qh[(size_t)w * a.d]; };
             uint32_t w0 = 0;
-            for (; w0 + QSQ_BATCH <= a.W; w0 += QSQ_BATCH) {
-                float x[QSQ_BATCH];
-                SCORE_UNROLL
-                for (int u = 0; u < QSQ_BATCH; u++)
-                    x[u] = qh[(size_t)(w0 + u) * a.d];
-                SCORE_UNROLL
-                for (int u = 0; u < QSQ_BATCH; u++)
-                    s = kadd(s, kmul(x[u], x[u]));
-            }
-            for (; w0 < a.W; w0++) {
-                float x = qh[(size_t)w0 * a.d];
-                s = kadd(s, kmul(x, x));
-            }
+            s = qsq_rows<QSQ_BATCH>(x, &w0, a.W, s, zero);
+            s = qsq_rows<16>(x, &w0, a.W, s, zero);
+            s = qsq_rows<1>(x, &w0, a.W, s, zero);
         }
         float qn = kdiv(1.0f, kmul((float)a.grp, (float)a.W));
         s = kmul(kmul(kmul(s, qn), a.scale), a.scale);

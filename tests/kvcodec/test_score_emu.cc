@@ -61,7 +61,8 @@ static shape_t random_shape(int i)
     s.d = dims[rnd_below(3)];
     const uint32_t cap = SCORE_SMALL_ITEMS / s.n_kv;
     s.n = i % 5 == 0 ? cap : 1 + rnd_below(i % 2 ? 40 : cap);
-    s.W = 1 + rnd_below(s.n < 40 ? s.n : 40);
+    const uint32_t wmax = i % 3 == 0 ? 150 : 40; // past 64: qsq_one's widest batch
+    s.W = 1 + rnd_below(s.n < wmax ? s.n : wmax);
     kvc_policy_t &p = s.pol;
     p.reduce = rnd_below(2) ? KVC_REDUCE_MAX : KVC_REDUCE_MEAN;
     p.pool_kernel = 1 + 2 * rnd_below(4);
@@ -162,7 +163,8 @@ static void test_from_window_attn(void **state)
 }
 
 // From window queries (the attention kernels' sums given): the per-element functions, each
-// element on its own, as the per-step kernels compute them.
+// element on its own, as the per-step kernels compute them; and the mean squared query against
+// score.c's sum (windows of up to 150 rows: every batch width of qsq_one).
 static void test_from_queries(void **state)
 {
     (void)state;
@@ -191,7 +193,17 @@ static void test_from_queries(void **state)
         for (size_t j = 0; j < items; j++)
             group_one(a, j, ah.data(), a2, 1, p.reduce_max, &pbar[j], &acc[j]);
         for (size_t j = 0; j < chans; j++) {
+            // score.c's mean squared query: heads of the group, then window rows, in order.
+            const uint32_t g = (uint32_t)(j / s.d), c = (uint32_t)(j % s.d);
+            float cpu_q = 0;
+            for (uint32_t hh = 0; hh < s.grp; hh++)
+                for (uint32_t w = 0; w < s.W; w++) {
+                    const float x = q[((size_t)(g * s.grp + hh) * s.W + w) * s.d + c];
+                    cpu_q += x * x;
+                }
+            cpu_q = cpu_q * (1.0f / ((float)s.grp * (float)s.W)) * a.scale * a.scale;
             const float want_q = qsq_one(a, j);
+            assert_memory_equal(&want_q, &cpu_q, sizeof(float));
             const float want_o = obar_one(a, pbar.data(), (uint32_t)(j / s.d), (uint32_t)(j % s.d));
             assert_memory_equal(&o.qsq[j], &want_q, sizeof(float));
             assert_memory_equal(&o.obar[j], &want_o, sizeof(float));
