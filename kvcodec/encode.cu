@@ -144,7 +144,7 @@ __global__ void rotate_kernel(const uint16_t *k, const uint16_t *v, size_t hs, s
         uint32_t h = (uint32_t)(r / n), t = (uint32_t)(r % n);
         const uint16_t *src = (is_v ? v : k) + (size_t)h * hs + (size_t)t * ts;
         for (uint32_t c = lane; c < d; c += 32)
-            x[c] = fy_dev_h2f(src[c]);
+            x[c] = fy_dev_h2f_arith(src[c]); // (every value goes through arithmetic)
         __syncwarp();
         for (uint32_t len = 1, lg = 0; len < d; len <<= 1, lg++) { // d: a power of two
             for (uint32_t j = lane; j < d / 2; j += 32) {

@@ -89,7 +89,7 @@ static __device__ float logit(const score_args_t &a, const float *q, uint32_t g,
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (uint32_t c = 0; c < a.d; c += 8)
         for (int l = 0; l < 8; l++)
-            acc[l] = kadd(acc[l], kmul(q[c + l], fy_dev_h2f(kr[c + l])));
+            acc[l] = kadd(acc[l], kmul(q[c + l], fy_dev_h2f_arith(kr[c + l])));
     return kmul(kvc_dev_sum8(acc), a.scale);
 }
 
