@@ -63,11 +63,15 @@ static __device__ __forceinline__ void kvc_dev_asym(float mn, float mx, float qm
  * then rounded half to even by the 1.5 * 2^23 trick, which needs no clamp after it (rounding is
  * monotone and 0 and qmax are integers). quant.c clamps to [-1, qmax + 1], rounds and clamps
  * again: two more operations on every code. */
-static __device__ __forceinline__ float kvc_dev_round_clamp(float x, float qmax)
+static __device__ __forceinline__ float kvc_dev_clamp_q(float x, float qmax)
 {
     x = x > 0 ? x : 0; // NaN and -0 land here as +0
-    x = x < qmax ? x : qmax;
-    return ksub(kadd(x, 12582912.0f), 12582912.0f);
+    return x < qmax ? x : qmax;
+}
+
+static __device__ __forceinline__ float kvc_dev_round_clamp(float x, float qmax)
+{
+    return ksub(kadd(kvc_dev_clamp_q(x, qmax), 12582912.0f), 12582912.0f);
 }
 
 /* kvc_quant_one's code: kvc_dev_round_clamp's integer, read from the bits of x + 1.5 * 2^23
@@ -76,10 +80,8 @@ static __device__ __forceinline__ float kvc_dev_round_clamp(float x, float qmax)
 static __device__ __forceinline__ uint32_t kvc_dev_quant_one(float x, float z, float inv,
                                                              float qmax)
 {
-    x = kmul(ksub(x, z), inv);
-    x = x > 0 ? x : 0;
-    x = x < qmax ? x : qmax;
-    return __float_as_uint(kadd(x, 12582912.0f)) - 0x4b400000u;
+    const float r = kadd(kvc_dev_clamp_q(kmul(ksub(x, z), inv), qmax), 12582912.0f);
+    return __float_as_uint(r) - 0x4b400000u;
 }
 
 /* kvc_v8_sum's tree over eight partial sums. */

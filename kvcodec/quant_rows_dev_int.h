@@ -10,8 +10,7 @@
  * Not a standalone header. The includer provides quant_dev_int.h's functions, work_t and
  * plan_dev_t (layout_dev_int.h), fy_dev_h2f, fy_dev_h2f_arith, KVC_OPT_*, KVC_MAX_HEAD_DIM,
  * KVC_MAX_PROTECT; and outside CUDA __device__, __forceinline__, threadIdx, blockIdx, blockDim,
- * gridDim,
- * __syncthreads, __syncwarp, __shfl_sync, __shfl_xor_sync, __shfl_down_sync, __ffs,
+ * gridDim, __syncthreads, __syncwarp, __shfl_sync, __shfl_xor_sync, __shfl_down_sync, __ffs,
  * __fsqrt_rn, __fmaf_rn, uint2, uint4, float4, make_float4 and min. */
 #ifndef FERRY_KVCODEC_QUANT_ROWS_DEV_INT_H
 #define FERRY_KVCODEC_QUANT_ROWS_DEV_INT_H
@@ -310,7 +309,7 @@ typedef struct {
     uint16_t pidx[KVC_MAX_PROTECT];
 } quant_smem_t;
 
-/* kvc_range of x(0) .. x(m - 1) in order (mn = x < mn ? x : mn, from x(0)): in chunks of
+/* The range of x(0) .. x(m - 1) in order (mn = x < mn ? x : mn, from x(0)): in chunks of
  * COL_U with every load of a chunk issued before its first use (folding x(0) in again changes
  * nothing), then the rest one at a time. */
 #define COL_U 16

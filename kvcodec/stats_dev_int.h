@@ -139,6 +139,20 @@ static __device__ __forceinline__ void st_modelled(const stats_args_t &a, bool m
     }
 }
 
+/* Two of a token's accumulators summed over its lanes (tl_sum8; every thread takes part) and
+ * stored by its first lane into tables t4 and t2 where on4, on2. */
+static __device__ __forceinline__ void st_sums(const stats_args_t &a, bool store, int t4, bool on4,
+                                               float x4, int t2, bool on2, float x2, size_t plane,
+                                               size_t it)
+{
+    x4 = tl_sum8(x4);
+    x2 = tl_sum8(x2);
+    if (store && on4)
+        a.tab[t4 * plane + it] = x4;
+    if (store && on2)
+        a.tab[t2 * plane + it] = x2;
+}
+
 /* Which per-token passes and tables stats_body's arguments ask for. */
 typedef struct {
     bool kerr4, kerr2, verr4, verr2; // trial key and value errors at 4 and 2 bits
@@ -235,12 +249,7 @@ static __device__ void stats_tok_generic(const stats_args_t &a, const float *st_
                     k2 = kadd(k2, kmul(kmul(kw, err), err));
                 }
             }
-            k4 = tl_sum8(k4);
-            k2 = tl_sum8(k2);
-            if (store && kerr4)
-                a.tab[TAB_EK4 * plane + it] = k4;
-            if (store && kerr2)
-                a.tab[TAB_EK2 * plane + it] = k2;
+            st_sums(a, store, TAB_EK4, kerr4, k4, TAB_EK2, kerr2, k2, plane, it);
         }
         // Pass 3, the V range of the 4/2-bit source (the unrotated one is pass 1's).
         float rlo = ulo, rhi = uhi;
@@ -269,12 +278,7 @@ static __device__ void stats_tok_generic(const stats_args_t &a, const float *st_
                     v2 = kadd(v2, kmul(err, err));
                 }
             }
-            v4 = tl_sum8(v4);
-            v2 = tl_sum8(v2);
-            if (store && verr4)
-                a.tab[TAB_EV4 * plane + it] = v4;
-            if (store && verr2)
-                a.tab[TAB_EV2 * plane + it] = v2;
+            st_sums(a, store, TAB_EV4, verr4, v4, TAB_EV2, verr2, v2, plane, it);
         }
     }
 }
@@ -347,12 +351,7 @@ static __device__ void stats_tok_staged(const stats_args_t &a, const float *st_s
                 const float e2 = trial_err(x, mn, i2k[c], s2k[c], 3.0f);
                 k2 = kadd(k2, kmul(kmul(kw, e2), e2));
             }
-            k4 = tl_sum8(k4);
-            k2 = tl_sum8(k2);
-            if (store) {
-                a.tab[TAB_EK4 * plane + it] = k4;
-                a.tab[TAB_EK2 * plane + it] = k2;
-            }
+            st_sums(a, store, TAB_EK4, true, k4, TAB_EK2, true, k2, plane, it);
         }
         // Pass 3, the V range of the staged (rotated) rows; unrotated, pass 1's.
         float xv[N];
@@ -383,12 +382,7 @@ static __device__ void stats_tok_staged(const stats_args_t &a, const float *st_s
                 const float e2 = trial_err(xv[u], rlo, i2, s2, 3.0f);
                 v2 = kadd(v2, kmul(e2, e2));
             }
-            v4 = tl_sum8(v4);
-            v2 = tl_sum8(v2);
-            if (store) {
-                a.tab[TAB_EV4 * plane + it] = v4;
-                a.tab[TAB_EV2 * plane + it] = v2;
-            }
+            st_sums(a, store, TAB_EV4, true, v4, TAB_EV2, true, v2, plane, it);
         }
     }
 }
