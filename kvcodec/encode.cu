@@ -18,8 +18,9 @@
  * 4. the layout on the device (maps_kernel, layout_kernel, scatter_kernel): maps, header, run
  *    offsets and the payload's work items, the twin of kvc_encoder_write_head and plan_payload;
  * 5. f16_kernel (a warp per FP16 token) and quant_kernel (a block per quantized group) write
- *    the payload; crc_kernel computes CRC32C of 256-byte chunks, a thread each, shifts each to
- *    its place in the body and XORs them per block; crc_final_kernel XORs the blocks' parts.
+ *    the payload; crc_kernel computes CRC32C of a warp's share of 128-byte rows (a word of
+ *    each a lane, braided), shifts each to its place in the body and XORs them per block;
+ *    crc_final_kernel XORs the blocks' parts.
  *
  * The frame equals kvc_encoder_encode_layer's byte for byte for finite inputs (the rules are in
  * kvcodec_cuda_int.h and above choose_kernel). The layer is one chain of kernels on the stream;
@@ -73,14 +74,15 @@ struct kvc_encoder_cuda {
     uint32_t n_heads, n_kv, n, d, G, P;
     size_t max_frame;
     size_t n_items;
-    size_t max_chunks;
-    unsigned crc_grid; // crc_kernel's blocks: enough for a full frame, at most 4 per SM
+    unsigned crc_grid; // crc_kernel's blocks: enough for a full frame, as many as are resident
+    unsigned crc_r;    // its copies of the tables: 32 (1024-thread blocks) or 8 (256)
+    size_t crc_smem;   // its dynamic shared memory
     // device
     float *d_kr, *d_vr;    // [n_kv][n][d] rotated K, V (rotating policies)
     float *d_tab;          // [TAB_COUNT][n_kv][n]
     uint32_t *d_tok;       // [n_items] token indices of the quantized groups
     work_t *d_work;        // [n_items]
-    uint32_t *d_crc;       // [crc_grid + 1] crc_kernel's parts (the blocks', the last chunk's)
+    uint32_t *d_crc;       // [crc_grid + 1] crc_kernel's parts (the blocks', the last piece's)
     kvc_scores_t d_scores; // own scores when the caller passes none
     // host, pinned; only for the host optimizer (host_opt_create)
     float *h_tab;                  // [TAB_COUNT][n_kv][n]
@@ -243,22 +245,25 @@ __global__ void __launch_bounds__(QUANT_THREADS, 4) quant_warp_kernel(quant_args
     quant_warp_body<E>(a, s_pmn, s_pmx);
 }
 
-__global__ void __launch_bounds__(CRC_THREADS)
+/* crc_parts with R copies of the tables in THREADS-thread blocks (crc_smem_words(R, THREADS)
+ * words of dynamic shared memory): R = 32 where a block may have 133 KiB (sm_80, sm_90), one
+ * block an SM; else R = 8 (37 KiB). */
+template <int R, int THREADS>
+__global__ void __launch_bounds__(THREADS)
     crc_kernel(const uint8_t *buf, const plan_dev_t *plan, uint32_t *parts)
 {
-    __shared__ uint32_t tab[4][256];
-    __shared__ uint32_t s_warp[CRC_THREADS / 32];
-    crc_parts(buf, plan->body, parts, tab, s_warp);
+    extern __shared__ uint32_t crc_sm[];
+    crc_parts<R, THREADS>(buf, plan->body, parts, crc_sm);
 }
 
 /* crc_join for the layer's frame; with rc (the device optimizer), the frame's bytes and the
  * optimizer's multiplier (res) passed on to the next layer's rate control. */
 __global__ void __launch_bounds__(CRC_FINAL_THREADS)
-    crc_final_kernel(const uint32_t *parts, uint32_t n_parts, const plan_dev_t *plan, uint8_t *out,
-                     rc_dev_t *rc, const opt_out_t *res)
+    crc_final_kernel(const uint32_t *parts, uint32_t n_parts, uint32_t log_warps,
+                     const plan_dev_t *plan, uint8_t *out, rc_dev_t *rc, const opt_out_t *res)
 {
-    __shared__ uint32_t s[CRC_MAX_PARTS];
-    crc_join(parts, n_parts, plan->body, out, s);
+    __shared__ uint32_t s[CRC_MAX_PARTS + CRC_POW_WORDS];
+    crc_join(parts, n_parts, log_warps, plan->body, out, s);
     if (threadIdx.x == 0 && rc != NULL) { // kvc_encoder_set_lambda and kvc_encoder_commit_dist
         rc->spent += plan->total;
         rc->lambda_prev = res->lambda;
@@ -446,6 +451,40 @@ static void stage_plan(const kvc_encoder_cuda_t *e, stage_t *sg)
     stage_rule(e->d, e->G, e->policy.rotate, measured, sg);
 }
 
+/* crc_kernel's form and grid for frames of up to max_frame bytes: 32 copies of the tables in
+ * 1024-thread blocks where the device lets a block have their shared memory, else 8 in 256-thread
+ * blocks; a row per warp at least, at most the blocks that are resident at once. The trees
+ * multiply by row[lq + log2(warps a block) + log2(blocks)] at most (crc_pow_t has 32): the rows
+ * per warp are bounded so. */
+static fy_status_t crc_setup(kvc_encoder_cuda_t *e, int dev)
+{
+    fy_status_t st = FY_OK;
+    int optin = 0, per_sm = 0;
+    KVC_CUDA_GOTO(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), st,
+                  out);
+    e->crc_r = (size_t)optin >= crc_smem_words(32, 1024) * sizeof(uint32_t) ? 32 : 8;
+    {
+        const unsigned threads = e->crc_r == 32 ? 1024 : 256;
+        e->crc_smem = crc_smem_words(e->crc_r, threads) * sizeof(uint32_t);
+        const void *fn =
+            e->crc_r == 32 ? (const void *)crc_kernel<32, 1024> : (const void *)crc_kernel<8, 256>;
+        KVC_CUDA_GOTO(
+            cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)e->crc_smem),
+            st, out);
+        KVC_CUDA_GOTO(
+            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, (int)threads, e->crc_smem),
+            st, out);
+        const size_t rows = (e->max_frame + CRC_ROW - 1) / CRC_ROW, warps = threads / 32;
+        e->crc_grid = (unsigned)FY_MIN(
+            FY_MIN((size_t)kvc_grid(rows, (unsigned)warps), (size_t)FY_MAX(per_sm, 1) * e->sms),
+            (size_t)CRC_MAX_PARTS);
+        if (rows > ((size_t)e->crc_grid * warps << 16)) // lq <= 16: 16 + 5 + 10 < 32
+            st = FY_ERR_INVALID_ARG;
+    }
+out:
+    return st;
+}
+
 /* The device optimizer's buffers, when the device runs cooperative grids and the heads fit
  * its count histogram; otherwise opt_on stays false and the host optimizer runs. */
 static fy_status_t opt_create(kvc_encoder_cuda_t *e)
@@ -573,7 +612,6 @@ extern "C" fy_status_t kvc_encoder_cuda_create(const kvc_encoder_params_t *param
         return FY_ERR_INVALID_ARG;
     }
     e->max_frame = kvc_encoder_max_frame_bytes(e->enc);
-    e->max_chunks = (e->max_frame + CRC_CHUNK - 1) / CRC_CHUNK;
     size_t head_max =
         KVC_FRAME_HEADER_BYTES + FY_ALIGN_UP((size_t)e->n_kv * kvc_map_bytes(e->n), 8);
     size_t rows = e->n_items * e->d * sizeof(float);
@@ -610,14 +648,8 @@ extern "C" fy_status_t kvc_encoder_cuda_create(const kvc_encoder_params_t *param
         KVC_CUDA_GOTO(cudaGetDevice(&dev), st, fail);
         KVC_CUDA_GOTO(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), st, fail);
         e->sms = (unsigned)FY_MAX(sms, 1);
-        e->crc_grid = (unsigned)FY_MIN(
-            FY_MIN((size_t)kvc_grid(e->max_chunks, CRC_THREADS), 4 * (size_t)e->sms),
-            (size_t)CRC_MAX_PARTS);
-    }
-    // The CRC trees multiply by chunk[lq + 17] at most (c_crc_pow has 32): lq <= 14.
-    if (e->max_chunks > ((size_t)e->crc_grid * CRC_THREADS << 14)) {
-        st = FY_ERR_INVALID_ARG;
-        goto fail;
+        if ((st = crc_setup(e, dev)) != FY_OK)
+            goto fail;
     }
     KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_crc, (e->crc_grid + 1) * sizeof(uint32_t)), st, fail);
     KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_plan, sizeof(plan_dev_t)), st, fail);
@@ -1098,7 +1130,7 @@ static fy_status_t enqueue_layer(kvc_encoder_cuda_t *e, const kvc_layer_input_t 
         uint64_t tokens[KVC_OPT_COUNT] = {0};
         size_t total;
         size_t head = kvc_encoder_write_head(e->enc, in->layer, e->h_head, tokens, &total);
-        FY_ASSERT(total <= out_cap && total - 4 <= e->max_chunks * CRC_CHUNK);
+        FY_ASSERT(total <= out_cap && total - 4 <= e->max_frame);
         size_t n_f16, n_work;
         plan_payload(e, head, &n_f16, &n_work);
         size_t n_tok = 0;
@@ -1160,9 +1192,13 @@ static fy_status_t enqueue_layer(kvc_encoder_cuda_t *e, const kvc_layer_input_t 
         else
             quant_kernel<<<q_grid, QUANT_THREADS, a.stage ? q_stage_bytes : 0, cs>>>(a);
         KVC_LAUNCH_GOTO(st, out);
-        crc_kernel<<<e->crc_grid, CRC_THREADS, 0, cs>>>(out, e->d_plan, e->d_crc);
+        if (e->crc_r == 32)
+            crc_kernel<32, 1024><<<e->crc_grid, 1024, e->crc_smem, cs>>>(out, e->d_plan, e->d_crc);
+        else
+            crc_kernel<8, 256><<<e->crc_grid, 256, e->crc_smem, cs>>>(out, e->d_plan, e->d_crc);
         KVC_LAUNCH_GOTO(st, out);
-        crc_final_kernel<<<1, CRC_FINAL_THREADS, 0, cs>>>(e->d_crc, e->crc_grid, e->d_plan, out,
+        crc_final_kernel<<<1, CRC_FINAL_THREADS, 0, cs>>>(e->d_crc, e->crc_grid,
+                                                          e->crc_r == 32 ? 5u : 3u, e->d_plan, out,
                                                           e->opt_on ? e->d_rc : NULL, e->d_out);
         KVC_LAUNCH_GOTO(st, out);
         KVC_CUDA_GOTO(
