@@ -4,11 +4,11 @@
  * The pool is one device allocation of n_pages x page_bytes; page p lives at
  * base + p x page_bytes and holds the same bytes a CPU pool page holds after the same
  * placements (docs/kvcodec-format.md §3). Everything that decides — free list, reference
- * counts, page lists, the header of each page — is on the host, computed by the same walk
- * kvc_place does. Placing a frame turns that walk into a list of byte-range copies (frame
- * payload -> page slot, a page header from a small host-built blob, or zero fill for the
- * unused capacity of a partial group) that one kernel executes, one op per block. Ops never
- * overlap, so their order inside the kernel does not matter.
+ * counts, page lists, the header of each page — is on the host. Placing a frame uploads a
+ * table of its (head, option) runs and the page ids they take; one kernel then fills a page
+ * per block (its header and full groups, all of which follow from the run's token count, as
+ * kvc_place's walk leaves them) and runs the few byte-range ops of each run's partial last
+ * group (place_dev_int.h). Nothing two blocks write overlaps.
  */
 #include <pthread.h>
 #include <stdlib.h>
@@ -19,6 +19,7 @@ extern "C" {
 #include "kvcodec_int.h"
 }
 #include "kvcodec_cuda_int.h"
+#include "place_dev_int.h"
 
 struct kvc_gpu_pool {
     kvc_pool_params_t p;
@@ -383,171 +384,28 @@ extern "C" fy_status_t kvc_gpu_pool_pages_needed(const kvc_gpu_pool_t *pool,
     return kvc_frame_pages(&pool->p, pool->cap_slots, f, n_pages_p);
 }
 
-/* ---- the placement plan and its kernel ---- */
+/* ---- the placement plan and its kernel (place_dev_int.h) ---- */
 
-enum { SRC_FRAME = 0, SRC_BLOB = 1, SRC_ZERO = 2 };
-
-/* One byte-range copy: [src + src_off, +bytes) -> [pool + dst_off, +bytes). */
-typedef struct {
-    uint64_t src_off, dst_off;
-    uint32_t bytes, src;
-} place_op_t;
-
-typedef struct {
-    place_op_t *ops;
-    size_t n, cap;
-    uint8_t *blob; // page headers, KVC_PAGE_HEADER_BYTES each
-    size_t blob_n, blob_cap;
-    bool oom;
-} plan_t;
-
-static void plan_op(plan_t *pl, uint32_t src, uint64_t src_off, uint64_t dst_off, size_t bytes)
+/* Item i (a page, then the partial groups' ops) per block, grid-stride. */
+__global__ void __launch_bounds__(256)
+    place_kernel(place_geom_t g, const place_run_t *runs, uint32_t n_runs, const kvc_page_id_t *ids,
+                 uint32_t n_pages, const place_op_t *ops, size_t n_ops, const uint8_t *frame,
+                 uint8_t *pool)
 {
-    if (bytes == 0 || pl->oom)
-        return;
-    if (pl->n == pl->cap) {
-        size_t cap = pl->cap ? pl->cap * 2 : 256;
-        place_op_t *ops = (place_op_t *)realloc(pl->ops, cap * sizeof(place_op_t));
-        if (ops == NULL) {
-            pl->oom = true;
-            return;
-        }
-        pl->ops = ops;
-        pl->cap = cap;
-    }
-    FY_ASSERT(bytes <= UINT32_MAX);
-    place_op_t op = {src_off, dst_off, (uint32_t)bytes, src};
-    pl->ops[pl->n++] = op;
+    for (size_t i = blockIdx.x; i < n_pages + n_ops; i += gridDim.x)
+        place_item(&g, runs, n_runs, ids, n_pages, ops, frame, pool, i);
 }
 
-/* Records the final header of a page: into the pool's host copy (by the caller, once the
- * placement succeeded) and as a copy from the blob. */
-static void plan_header(plan_t *pl, uint64_t page_off, const kvc_page_hdr_t *hd)
-{
-    if (pl->oom)
-        return;
-    if (pl->blob_n + KVC_PAGE_HEADER_BYTES > pl->blob_cap) {
-        size_t cap = pl->blob_cap ? pl->blob_cap * 2 : 4096;
-        uint8_t *b = (uint8_t *)realloc(pl->blob, cap);
-        if (b == NULL) {
-            pl->oom = true;
-            return;
-        }
-        pl->blob = b;
-        pl->blob_cap = cap;
-    }
-    kvc_page_hdr_write(pl->blob + pl->blob_n, hd);
-    plan_op(pl, SRC_BLOB, pl->blob_n, page_off, KVC_PAGE_HEADER_BYTES);
-    pl->blob_n += KVC_PAGE_HEADER_BYTES;
-}
-
-/* pool.c's copy_group as ops: a frame group of m tokens (capacity m) at src_off into a slot of
- * capacity cap at dst_off; the unused capacity of a partial group is zero-filled. */
-static void plan_group(plan_t *pl, int o, uint32_t d, uint32_t m, uint32_t cap, uint32_t P,
-                       uint64_t src, uint64_t dst)
-{
-    if (o == KVC_OPT_F16 || m == cap) {
-        plan_op(pl, SRC_FRAME, src, dst, kvc_group_bytes(o, d, m, P));
-        return;
-    }
-    size_t rowk = (size_t)d * kvc_opt_kbits((kvc_opt_t)o) / 8;
-    size_t rowv = (size_t)d * kvc_opt_vbits((kvc_opt_t)o) / 8;
-    size_t gap = cap - m;
-    plan_op(pl, SRC_FRAME, src, dst, 4 * (size_t)d); // kscale, kzero
-    uint64_t s = src + 4 * (uint64_t)d, t = dst + 4 * (uint64_t)d;
-    plan_op(pl, SRC_FRAME, s, t, 2 * (size_t)m); // vscale
-    plan_op(pl, SRC_ZERO, 0, t + 2 * m, 2 * gap);
-    plan_op(pl, SRC_FRAME, s + 2 * m, t + 2 * (uint64_t)cap, 2 * (size_t)m); // vzero
-    plan_op(pl, SRC_ZERO, 0, t + 2 * (uint64_t)cap + 2 * m, 2 * gap);
-    s += 4 * (uint64_t)m; // kcodes
-    t += 4 * (uint64_t)cap;
-    plan_op(pl, SRC_FRAME, s, t, m * rowk);
-    plan_op(pl, SRC_ZERO, 0, t + m * rowk, gap * rowk);
-    s += m * rowk; // vcodes
-    t += cap * rowk;
-    plan_op(pl, SRC_FRAME, s, t, m * rowv);
-    plan_op(pl, SRC_ZERO, 0, t + m * rowv, gap * rowv);
-    if (P && kvc_opt_protectable(o)) { // pidx, then pcodes
-        s = src + kvc_group_bytes(o, d, m, 0);
-        t = dst + kvc_group_bytes(o, d, cap, 0);
-        plan_op(pl, SRC_FRAME, s, t, 2 * (size_t)P);
-        plan_op(pl, SRC_FRAME, s + 2 * P, t + 2 * P, (size_t)m * P);
-        plan_op(pl, SRC_ZERO, 0, t + 2 * P + (uint64_t)m * P, gap * P);
-    }
-}
-
-/* Copies `bytes` bytes (src NULL: zeros) with the whole block: single bytes up to the first
- * 16-byte-aligned destination, then 16-byte stores whose source is read with the widest loads
- * its alignment allows (16, 8 or 4 bytes; at an odd alignment, 4-byte words assembled from
- * the aligned words around them, which never leave the allocation since each holds a byte of
- * the range), then the last bytes. Frame payloads sit at 8-byte offsets and page slots at
- * 16-byte ones, so the big copies take the 16- or 8-byte path. */
-static __device__ void block_copy(uint8_t *dst, const uint8_t *src, uint32_t bytes)
-{
-    uint32_t head = (uint32_t)((16 - ((uintptr_t)dst & 15)) & 15);
-    if (head > bytes)
-        head = bytes;
-    for (uint32_t i = threadIdx.x; i < head; i += blockDim.x)
-        dst[i] = src ? src[i] : 0;
-    uint32_t vecs = (bytes - head) / 16;
-    uint4 *dv = (uint4 *)(dst + head);
-    if (src == NULL) {
-        for (uint32_t i = threadIdx.x; i < vecs; i += blockDim.x)
-            dv[i] = make_uint4(0, 0, 0, 0);
-    } else {
-        const uint8_t *s = src + head;
-        uintptr_t a = (uintptr_t)s;
-        if ((a & 15) == 0) {
-            const uint4 *sv = (const uint4 *)s;
-            for (uint32_t i = threadIdx.x; i < vecs; i += blockDim.x)
-                dv[i] = __ldg(sv + i);
-        } else if ((a & 7) == 0) {
-            const uint2 *s2 = (const uint2 *)s;
-            for (uint32_t i = threadIdx.x; i < vecs; i += blockDim.x) {
-                uint2 x = __ldg(s2 + 2 * i), y = __ldg(s2 + 2 * i + 1);
-                dv[i] = make_uint4(x.x, x.y, y.x, y.y);
-            }
-        } else if ((a & 3) == 0) {
-            const uint32_t *s4 = (const uint32_t *)s;
-            for (uint32_t i = threadIdx.x; i < vecs; i += blockDim.x)
-                dv[i] = make_uint4(__ldg(s4 + 4 * i), __ldg(s4 + 4 * i + 1),
-                                   __ldg(s4 + 4 * i + 2), __ldg(s4 + 4 * i + 3));
-        } else {
-            uint32_t sh = 8 * (uint32_t)(a & 3);
-            const uint32_t *sw = (const uint32_t *)(s - (a & 3));
-            for (uint32_t i = threadIdx.x; i < vecs; i += blockDim.x) {
-                const uint32_t *w = sw + 4 * i;
-                uint32_t w0 = __ldg(w), w1 = __ldg(w + 1), w2 = __ldg(w + 2), w3 = __ldg(w + 3),
-                         w4 = __ldg(w + 4);
-                dv[i] = make_uint4(__funnelshift_r(w0, w1, sh), __funnelshift_r(w1, w2, sh),
-                                   __funnelshift_r(w2, w3, sh), __funnelshift_r(w3, w4, sh));
-            }
-        }
-    }
-    for (uint32_t i = head + 16 * vecs + threadIdx.x; i < bytes; i += blockDim.x)
-        dst[i] = src ? src[i] : 0;
-}
-
-__global__ void place_kernel(const place_op_t *ops, size_t n_ops, const uint8_t *frame,
-                             const uint8_t *blob, uint8_t *pool)
-{
-    for (size_t i = blockIdx.x; i < n_ops; i += gridDim.x) {
-        place_op_t op = ops[i];
-        const uint8_t *src = op.src == SRC_FRAME  ? frame + op.src_off
-                             : op.src == SRC_BLOB ? blob + op.src_off
-                                                  : NULL;
-        block_copy(pool + op.dst_off, src, op.bytes);
-    }
-}
-
-/* The plan (ops, then the header blob at ops_bytes) to dst through the pool's pinned staging
- * buffer, so the copy is a real asynchronous one; the buffer is reused once the previous
- * upload from it has run (its event). */
-static fy_status_t upload_plan(kvc_gpu_pool_t *pool, const plan_t *pl, size_t ops_bytes,
-                               uint8_t *dst, cudaStream_t cs)
+/* The plan's parts (runs, ids, ops), each 16-byte aligned, to dst through the pool's pinned
+ * staging buffer, so the copy is a real asynchronous one; the buffer is reused once the
+ * previous upload from it has run (its event). */
+static fy_status_t upload_plan(kvc_gpu_pool_t *pool, const void *const *part, const size_t *bytes,
+                               int n_parts, uint8_t *dst, cudaStream_t cs)
 {
     fy_status_t st = FY_OK;
-    size_t up = ops_bytes + pl->blob_n;
+    size_t up = 0, off = 0;
+    for (int i = 0; i < n_parts; i++)
+        up += FY_ALIGN_UP(bytes[i], 16);
     pthread_mutex_lock(&pool->cnt_lock);
     KVC_CUDA_GOTO(cudaEventSynchronize(pool->stage_ev), st, out);
     if (up > pool->stage_cap) {
@@ -558,8 +416,11 @@ static fy_status_t upload_plan(kvc_gpu_pool_t *pool, const plan_t *pl, size_t op
         KVC_CUDA_GOTO(cudaMallocHost((void **)&pool->h_stage, cap), st, out);
         pool->stage_cap = cap;
     }
-    memcpy(pool->h_stage, pl->ops, pl->n * sizeof(place_op_t));
-    memcpy(pool->h_stage + ops_bytes, pl->blob, pl->blob_n);
+    for (int i = 0; i < n_parts; i++) {
+        if (bytes[i])
+            memcpy(pool->h_stage + off, part[i], bytes[i]);
+        off += FY_ALIGN_UP(bytes[i], 16);
+    }
     KVC_CUDA_GOTO(cudaMemcpyAsync(dst, pool->h_stage, up, cudaMemcpyHostToDevice, cs), st, out);
     KVC_CUDA_GOTO(cudaEventRecord(pool->stage_ev, cs), st, out);
 out:
@@ -612,15 +473,19 @@ extern "C" fy_status_t kvc_place_cuda(kvc_gpu_seq_t *s, const kvc_frame_t *f,
         }
     }
     kvc_page_id_t *ids = (kvc_page_id_t *)malloc((size_t)FY_MAX(need, 1) * sizeof(kvc_page_id_t));
-    uint32_t *head_pages = (uint32_t *)calloc((size_t)f->n_kv_heads + 1, sizeof(uint32_t));
-    uint32_t *head_tokens = (uint32_t *)calloc(f->n_kv_heads, sizeof(uint32_t));
+    place_run_t *runs =
+        (place_run_t *)malloc((size_t)f->n_kv_heads * KVC_OPT_DROP * sizeof(place_run_t));
     plan_t pl;
     memset(&pl, 0, sizeof(pl));
+    place_geom_t g;
+    place_geom(&g, pool->p.page_bytes, f->head_dim, f->group, pool->p.protect, pool->slot_bytes,
+               pool->cap_slots);
+    uint32_t n_runs = 0;
     uint8_t *dbuf = NULL;
     cudaStream_t cs = (cudaStream_t)stream;
     bool have_pages = false;
     bool pools = kvc_cuda_pools();
-    if (ids == NULL || head_pages == NULL || head_tokens == NULL) {
+    if (ids == NULL || runs == NULL) {
         st = FY_ERR_NO_MEMORY;
         goto out;
     }
@@ -628,102 +493,52 @@ extern "C" fy_status_t kvc_place_cuda(kvc_gpu_seq_t *s, const kvc_frame_t *f,
         goto out;
     have_pages = true;
     {
-        // The walk of kvc_place, recording copies instead of doing them.
-        uint32_t d = f->head_dim, G = f->group, P = pool->p.protect, used = 0;
-        bool rotated = (f->flags & KVC_FRAME_FLAG_ROTATED) != 0;
-        uint64_t r = payload_off;
-        for (uint32_t h = 0; h < f->n_kv_heads; h++) {
-            const uint64_t *cnt = counts + (size_t)h * 16;
-            head_pages[h] = used;
-            for (int o = 0; o < KVC_OPT_DROP; o++) {
-                uint32_t gs = kvc_group_tokens(o, G);
-                uint64_t left = cnt[o];
-                uint64_t page_off = 0;
-                bool have_pg = false;
-                kvc_page_hdr_t hd;
-                size_t gb = kvc_group_bytes(o, d, gs, P);
-                size_t sb = pool->slot_bytes[o];
-                bool dense = sb == gb;
-                while (left > 0) {
-                    if (!have_pg || hd.n_slots == hd.cap_slots) {
-                        if (have_pg)
-                            plan_header(&pl, page_off, &hd);
-                        kvc_page_id_t id = ids[used++];
-                        page_off = (uint64_t)id * pool->p.page_bytes;
-                        hd.opt = (uint8_t)o;
-                        hd.flags = (uint8_t)(rotated && kvc_opt_rotatable(o)
-                                                 ? KVC_PAGE_FLAG_ROTATED
-                                                 : 0);
-                        hd.head_dim = (uint16_t)d;
-                        hd.n_slots = 0;
-                        hd.last_tokens = 0;
-                        hd.group = (uint16_t)gs;
-                        hd.cap_slots = (uint16_t)pool->cap_slots[o];
-                        hd.n_tokens = 0;
-                        have_pg = true;
-                    }
-                    uint64_t slot = page_off + KVC_PAGE_HEADER_BYTES + (uint64_t)hd.n_slots * sb;
-                    uint64_t full = left / gs;
-                    uint32_t room = hd.cap_slots - hd.n_slots;
-                    if (dense && full > 1) {
-                        uint32_t k = (uint32_t)FY_MIN(full, (uint64_t)room);
-                        plan_op(&pl, SRC_FRAME, r, slot, (size_t)k * gb);
-                        r += (uint64_t)k * gb;
-                        hd.n_slots = (uint16_t)(hd.n_slots + k);
-                        hd.last_tokens = (uint16_t)gs;
-                        hd.n_tokens += k * gs;
-                        head_tokens[h] += k * gs;
-                        left -= (uint64_t)k * gs;
-                        continue;
-                    }
-                    uint32_t m = (uint32_t)FY_MIN((uint64_t)gs, left);
-                    plan_group(&pl, o, d, m, gs, P, r, slot);
-                    r += kvc_group_bytes(o, d, m, P);
-                    hd.n_slots++;
-                    hd.last_tokens = (uint16_t)m;
-                    hd.n_tokens += m;
-                    if (m < gs)
-                        hd.flags |= KVC_PAGE_FLAG_SEALED;
-                    head_tokens[h] += m;
-                    left -= m;
-                }
-                if (have_pg)
-                    plan_header(&pl, page_off, &hd);
-            }
-        }
-        head_pages[f->n_kv_heads] = used;
-        FY_ASSERT(used == need);
-        FY_ASSERT(r == payload_off + f->payload_bytes);
-    }
-    if (pl.oom) {
-        st = FY_ERR_NO_MEMORY;
-        goto out;
-    }
-    if (pl.n > 0) {
-        // One upload: the ops, then the header blob (16-byte aligned behind them).
-        size_t ops_bytes = FY_ALIGN_UP(pl.n * sizeof(place_op_t), 16);
-        KVC_CUDA_GOTO(kvc_cuda_scratch_alloc((void **)&dbuf, ops_bytes + pl.blob_n, cs, pools),
-                      st, out);
-        if ((st = upload_plan(pool, &pl, ops_bytes, dbuf, cs)) != FY_OK)
+        const uint32_t used =
+            place_plan(&g, counts, f->n_kv_heads, (f->flags & KVC_FRAME_FLAG_ROTATED) != 0,
+                       payload_off, ids, runs, &n_runs, &pl);
+        if (used == UINT32_MAX) {
+            st = FY_ERR_NO_MEMORY;
             goto out;
-        unsigned grid = (unsigned)FY_MIN(pl.n, (size_t)65535);
-        place_kernel<<<grid, 256, 0, cs>>>((const place_op_t *)dbuf, pl.n, frame_dev,
-                                            dbuf + ops_bytes, pool->dev);
+        }
+        FY_ASSERT(used == need);
+        if (n_runs > 0) {
+            const place_run_t *lr = &runs[n_runs - 1];
+            FY_ASSERT(lr->src + kvc_run_bytes((int)lr->o, g.d, f->group, g.P, lr->count) ==
+                      payload_off + f->payload_bytes);
+        }
+    }
+    if (need > 0) {
+        // One upload: the runs, the page ids, the partial groups' ops.
+        const void *part[3] = {runs, ids, pl.ops};
+        const size_t bytes[3] = {n_runs * sizeof(place_run_t), need * sizeof(kvc_page_id_t),
+                                 pl.n * sizeof(place_op_t)};
+        const size_t off_ids = FY_ALIGN_UP(bytes[0], 16),
+                     off_ops = off_ids + FY_ALIGN_UP(bytes[1], 16);
+        KVC_CUDA_GOTO(
+            kvc_cuda_scratch_alloc((void **)&dbuf, off_ops + FY_ALIGN_UP(bytes[2], 16), cs, pools),
+            st, out);
+        if ((st = upload_plan(pool, part, bytes, 3, dbuf, cs)) != FY_OK)
+            goto out;
+        unsigned grid = (unsigned)FY_MIN((size_t)need + pl.n, (size_t)65535);
+        place_kernel<<<grid, 256, 0, cs>>>(
+            g, (const place_run_t *)dbuf, n_runs, (const kvc_page_id_t *)(dbuf + off_ids), need,
+            (const place_op_t *)(dbuf + off_ops), pl.n, frame_dev, pool->dev);
         KVC_LAUNCH_GOTO(st, out);
     }
-    // Committed: the host side of the pages and lists, as kvc_place leaves them.
-    for (size_t i = 0; i < pl.n; i++) {
-        if (pl.ops[i].src != SRC_BLOB)
-            continue;
-        uint64_t id = pl.ops[i].dst_off / pool->p.page_bytes;
-        memcpy(pool->hdrs + id * KVC_PAGE_HEADER_BYTES, pl.blob + pl.ops[i].src_off,
-               KVC_PAGE_HEADER_BYTES);
-    }
-    for (uint32_t h = 0; h < f->n_kv_heads; h++) {
-        kvc_page_list_t *l = &s->lists[(size_t)f->layer * s->n_kv + h];
-        for (uint32_t i = head_pages[h]; i < head_pages[h + 1]; i++)
-            l->ids[l->n++] = ids[i];
-        l->n_tokens += head_tokens[h];
+    // Committed: the host side of the pages and lists, as kvc_place leaves them (while the
+    // kernel runs).
+    for (uint32_t i = 0; i < n_runs; i++) {
+        const place_run_t *r = &runs[i];
+        kvc_page_list_t *l = &s->lists[(size_t)f->layer * s->n_kv + r->head];
+        for (uint32_t j = 0; j < r->pages; j++) {
+            kvc_page_hdr_t hd;
+            uint32_t full;
+            place_page_hdr(&g, r, j, &hd, &full);
+            const kvc_page_id_t id = ids[r->first + j];
+            kvc_page_hdr_write(pool->hdrs + (size_t)id * KVC_PAGE_HEADER_BYTES, &hd);
+            l->ids[l->n++] = id;
+        }
+        l->n_tokens += r->count;
     }
     s->placed[f->layer] = 1;
     have_pages = false; // now owned by the lists
@@ -739,7 +554,7 @@ out:
         for (uint32_t i = 0; i < need; i++)
             kvc_gpu_page_unref(pool, ids[i]);
     }
-    free(ids), free(head_pages), free(head_tokens), free(pl.ops), free(pl.blob), free(counts);
+    free(ids), free(runs), free(pl.ops), free(counts);
     return st;
 }
 

@@ -1,11 +1,11 @@
 // CUDA on host threads, for tests that run device code without a GPU: the names a kernel body
 // uses (threadIdx, blockIdx, blockDim, gridDim, __syncthreads, cg::grid_group::sync, warp
-// shuffles and votes, atomics, the rounded arithmetic intrinsics, cp.async copies, done at once)
-// and emu_launch, which runs a grid's threads (one- or two-dimensional) as pthreads. Each barrier
-// is a pthread barrier: the block's, the grid's, or a warp's, through which a warp's shuffles and
-// votes exchange their values, so the threads of a warp must call the same intrinsics in the same
-// order (as convergent CUDA code does). Shared memory is the caller's: a kernel body takes its
-// block's shared arrays as arguments. Compile the test without floating-point contraction
+// shuffles and votes, atomics, the rounded arithmetic intrinsics, funnel shifts, cp.async copies,
+// done at once) and emu_launch, which runs a grid's threads (one- or two-dimensional) as pthreads.
+// Each barrier is a pthread barrier: the block's, the grid's, or a warp's, through which a warp's
+// shuffles and votes exchange their values, so the threads of a warp must call the same intrinsics
+// in the same order (as convergent CUDA code does). Shared memory is the caller's: a kernel body
+// takes its block's shared arrays as arguments. Compile the test without floating-point contraction
 // (-ffp-contract=off), as the device code's roundings assume.
 #ifndef FERRY_TESTS_KVCODEC_CUDA_EMU_H
 #define FERRY_TESTS_KVCODEC_CUDA_EMU_H
@@ -221,6 +221,11 @@ static inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s)
 template <typename T> static T __ldg(const T *p)
 {
     return *p;
+}
+// The low word of (hi:lo) >> (shift & 31).
+static inline unsigned __funnelshift_r(unsigned lo, unsigned hi, unsigned shift)
+{
+    return (unsigned)((((unsigned long long)hi << 32) | lo) >> (shift & 31u));
 }
 // cp.async: the copy is done when issued, so commit and wait have nothing left to do.
 static inline void __pipeline_memcpy_async(void *dst, const void *src, size_t n)

@@ -1,4 +1,5 @@
-// Helpers shared by the kvcodec tests: a synthetic layer and a whole-request encode.
+// Helpers shared by the kvcodec tests: a synthetic layer and a whole-request encode (C, and
+// C++ for the emulated device tests).
 #ifndef FERRY_TESTS_KVTEST_H
 #define FERRY_TESTS_KVTEST_H
 
@@ -22,9 +23,9 @@ static inline void kvt_layer_make(kvt_layer_t *L, uint64_t seed, uint32_t n_head
     L->n = n;
     L->d = d;
     L->W = W > n ? n : W;
-    L->k = malloc((size_t)n_kv * n * d * 2);
-    L->v = malloc((size_t)n_kv * n * d * 2);
-    L->q = malloc((size_t)n_heads * (L->W ? L->W : 1) * d * sizeof(float));
+    L->k = (uint16_t *)malloc((size_t)n_kv * n * d * 2);
+    L->v = (uint16_t *)malloc((size_t)n_kv * n * d * 2);
+    L->q = (float *)malloc((size_t)n_heads * (L->W ? L->W : 1) * d * sizeof(float));
     kvc_synth_layer(seed, n_heads, n_kv, n, d, L->W, L->k, L->v, L->q);
 }
 

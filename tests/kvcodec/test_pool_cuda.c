@@ -22,15 +22,9 @@
 #if FY_HAVE_CUDA
 #include <cuda_runtime.h>
 
-#define CK(call) assert_int_equal((int)(call), (int)cudaSuccess)
+#include "pool_cases.h"
 
-typedef struct {
-    const char *policy;
-    double budget;
-    int rotate; // -1: as the policy says
-    uint32_t protect, n_heads, n_kv, n, d, n_layers;
-    size_t page_bytes;
-} pcase_t;
+#define CK(call) assert_int_equal((int)(call), (int)cudaSuccess)
 
 /* Bytes of a page that carry meaning: the header and each used slot at full capacity (the
  * padding between a slot's group bytes and slot_bytes is never written, on either side). */
@@ -156,16 +150,8 @@ static void append_tokens(const pcase_t *c, kvc_pool_t *cpu, kvc_seq_t *cs, kvc_
 static void run_case(const pcase_t *c, uint64_t seed)
 {
     kvc_policy_t pol;
-    assert_int_equal(kvc_policy_builtin(c->policy, &pol), FY_OK);
-    if (c->rotate >= 0)
-        pol.rotate = c->rotate != 0;
-    pol.protect_channels = c->protect;
     kvc_pool_params_t pp;
-    kvc_pool_params_default(&pp);
-    pp.head_dim = c->d;
-    pp.group = pol.group;
-    pp.protect = c->protect;
-    pp.page_bytes = c->page_bytes;
+    assert_int_equal(kvt_pool_case(c, &pol, &pp), FY_OK);
     pp.n_pages = 4096;
     kvc_pool_t *cpu;
     kvc_gpu_pool_t *gpu;
@@ -190,15 +176,9 @@ static void run_case(const pcase_t *c, uint64_t seed)
     uint8_t *dframe;
     CK(cudaMalloc((void **)&dframe, cap));
     for (uint32_t l = 0; l < c->n_layers; l++) {
-        kvt_layer_t Ll;
-        kvt_layer_make(&Ll, seed * 31 + l, c->n_heads, c->n_kv, c->n, c->d, 32);
-        kvc_layer_input_t in = kvt_input(&Ll, l);
-        size_t len;
-        assert_int_equal(kvc_encoder_encode_layer(enc, &in, NULL, frame, cap, &len, NULL), FY_OK);
-        kvt_layer_free(&Ll);
         kvc_frame_t f;
-        assert_int_equal(kvc_frame_parse(frame, len, &f), FY_OK);
-        CK(cudaMemcpy(dframe, frame, len, cudaMemcpyHostToDevice));
+        assert_int_equal(kvt_pool_case_frame(c, enc, seed, l, frame, cap, &f), FY_OK);
+        CK(cudaMemcpy(dframe, frame, f.frame_bytes, cudaMemcpyHostToDevice));
         assert_int_equal(kvc_place(cs, &f), FY_OK);
         assert_int_equal(kvc_place_cuda(gs, &f, dframe, NULL), FY_OK);
         assert_true(kvc_gpu_seq_layer_placed(gs, l));
@@ -227,28 +207,8 @@ static void run_case(const pcase_t *c, uint64_t seed)
 static void test_parity(void **state)
 {
     (void)state;
-    static const pcase_t cases[] = {
-        {"ferry", 0.25, -1, 0, 8, 2, 301, 64, 2, 8192},
-        {"ferry", 0.25, 0, 0, 8, 2, 301, 64, 2, 8192},
-        {"ferry", 0.125, 1, 4, 9, 3, 517, 64, 3, 16384},
-        {"ferry", 0.0625, 0, 7, 4, 1, 1001, 128, 2, 32768},
-        {"fp16", -1, 0, 0, 4, 2, 133, 64, 2, 8192},
-        {"int8", -1, 0, 0, 4, 2, 299, 64, 2, 8192},
-        {"int4", -1, 1, 0, 6, 3, 77, 128, 2, 32768},
-        {"int4", -1, 0, 3, 6, 3, 77, 128, 2, 32768},
-        {"kivi2", -1, 0, 0, 4, 2, 333, 64, 2, 16384},
-        {"kivi2", -1, 1, 5, 4, 2, 333, 64, 2, 16384},
-        {"snapkv", 0.25, 0, 0, 4, 2, 257, 64, 2, 8192},
-        {"spectrum3", 0.25, 0, 0, 8, 4, 95, 64, 4, 8192},
-        {"pdtrim", 0.25, 0, 0, 4, 4, 255, 96, 2, 16384},
-        {"ferry", 0.5, 1, 0, 2, 1, 37, 32, 2, 4096},
-        {"ferry", 0.25, 0, 2, 8, 8, 2049, 64, 1, 65536},
-        // Long layers: the placement counts the maps on the device.
-        {"ferry", 0.25, -1, 0, 4, 2, 9001, 64, 2, 32768},
-        {"int4", -1, 0, 0, 4, 1, 8192, 128, 1, 65536},
-    };
-    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
-        run_case(&cases[i], 1000 + i);
+    for (size_t i = 0; i < sizeof(kvt_pool_cases) / sizeof(kvt_pool_cases[0]); i++)
+        run_case(&kvt_pool_cases[i], 1000 + i);
 }
 
 /* Exhaustion leaves pool and sequence unchanged; a mismatched frame is refused. */
