@@ -17,7 +17,7 @@
  *    (opt_small_kernel);
  * 4. the layout on the device (maps_kernel, layout_kernel, scatter_kernel): maps, header, run
  *    offsets and the payload's work items, the twin of kvc_encoder_write_head and plan_payload;
- * 5. f16_kernel (a warp per FP16 token) and quant_kernel (a block per quantized group) write
+ * 5. f16_kernel (a warp per 4 FP16 tokens) and quant_kernel (a block per quantized group) write
  *    the payload; crc_kernel computes CRC32C of a warp's share of 128-byte rows (a word of
  *    each a lane, braided), shifts each to its place in the body and XORs them per block;
  *    crc_final_kernel XORs the blocks' parts.
@@ -174,59 +174,15 @@ __global__ void __launch_bounds__(2 * STATS_THREADS, 5) stats_kernel(stats_args_
     stats_body(a, st_sm, s_ke, &s_kwrot);
 }
 
-/* Copies bytes with the destination at any alignment (the source 2-byte aligned): single
- * bytes up to an aligned destination word, words assembled from the two aligned source words
- * around them (both hold bytes of the range, so they stay inside the allocation), single
- * bytes at the end. Threads `lane` of `width` share the work. */
-static __device__ void copy_bytes(uint8_t *dst, const uint8_t *src, uint32_t bytes, uint32_t lane,
-                                  uint32_t width)
+/* f16_body (layout_dev_int.h): 8 warps a block, 4 blocks an SM (64 registers). */
+__global__ void __launch_bounds__(256, 3)
+    f16_kernel(const work_t *work, const plan_dev_t *plan, const uint16_t *k, const uint16_t *v,
+               size_t hs, size_t ts, uint32_t d, uint8_t *out)
 {
-    uint32_t head = (uint32_t)((4 - ((uintptr_t)dst & 3)) & 3);
-    if (head > bytes)
-        head = bytes;
-    for (uint32_t i = lane; i < head; i += width)
-        dst[i] = src[i];
-    uint32_t words = (bytes - head) / 4;
-    uint32_t *dw = (uint32_t *)(dst + head);
-    const uint8_t *s = src + head;
-    uint32_t sh = (uint32_t)((uintptr_t)s & 3);
-    const uint32_t *sw = (const uint32_t *)(s - sh);
-    for (uint32_t i = lane; i < words; i += width)
-        dw[i] = sh ? __funnelshift_r(sw[i], sw[i + 1], 8 * sh) : sw[i];
-    for (uint32_t i = head + 4 * words + lane; i < bytes; i += width)
-        dst[i] = src[i];
+    const size_t wpb = blockDim.x / 32;
+    f16_body(work, plan->n_f16, k, v, hs, ts, d, out, (size_t)blockIdx.x * wpb + threadIdx.x / 32,
+             (size_t)gridDim.x * wpb);
 }
-
-/* A warp per FP16 token: K row then V row, unchanged. */
-__global__ void f16_kernel(const work_t *work, const plan_dev_t *plan, const uint16_t *k,
-                           const uint16_t *v, size_t hs, size_t ts, uint32_t d, uint8_t *out)
-{
-    size_t n_work = plan->n_f16; // the FP16 tokens come first
-    size_t wpb = blockDim.x / 32;
-    uint32_t lane = threadIdx.x % 32;
-    for (size_t i = (size_t)blockIdx.x * wpb + threadIdx.x / 32; i < n_work;
-         i += (size_t)gridDim.x * wpb) {
-        work_t w = work[i];
-        size_t row = (size_t)w.head * hs + (size_t)w.tok * ts;
-        uint8_t *dst = out + w.out_off;
-        const uint16_t *kr = k + row, *vr = v + row;
-        if ((((uintptr_t)dst | (uintptr_t)kr | (uintptr_t)vr) & 7) == 0) {
-            // The usual case (payload at an 8-byte offset, rows of 4 or more halves): 8 bytes
-            // a lane; d % 8 == 0 keeps both rows whole words.
-            uint2 *dw = (uint2 *)dst;
-            const uint2 *kw = (const uint2 *)kr, *vw = (const uint2 *)vr;
-            uint32_t words = d / 4; // 8-byte words per row
-            for (uint32_t j = lane; j < words; j += 32) {
-                dw[j] = kw[j];
-                dw[words + j] = vw[j];
-            }
-            continue;
-        }
-        copy_bytes(dst, (const uint8_t *)kr, 2 * d, lane, 32);
-        copy_bytes(dst + 2 * d, (const uint8_t *)vr, 2 * d, lane, 32);
-    }
-}
-
 
 /* quant_body (quant_rows_dev_int.h): 5 blocks an SM, as stats_kernel (the staged group is 32 KiB
  * at head_dim 128). */
@@ -1160,8 +1116,9 @@ static fy_status_t enqueue_layer(kvc_encoder_cuda_t *e, const kvc_layer_input_t 
         // The payload and the CRC, sized on the device (grid-stride loops over the counts in
         // d_plan).
         unsigned wide = FY_MAX(e->sms, 1u) * 16;
-        f16_kernel<<<(unsigned)FY_MIN((size_t)wide, (size_t)kvc_grid(plane, 8)), 256, 0, cs>>>(
-            e->d_work, e->d_plan, in->k, in->v, in->head_stride, in->token_stride, d, out);
+        f16_kernel<<<(unsigned)FY_MIN((size_t)wide, (size_t)kvc_grid(plane, 8 * F16_BATCH)), 256, 0,
+                     cs>>>(e->d_work, e->d_plan, in->k, in->v, in->head_stride, in->token_stride, d,
+                           out);
         KVC_LAUNCH_GOTO(st, out);
         quant_args_t a;
         memset(&a, 0, sizeof(a));

@@ -1,13 +1,15 @@
 /* The frame layout on the GPU (the twin of kvc_encoder_write_head and plan_payload): each
  * head's map bytes and option counts (maps_body), the run offsets, header and plan (layout_body)
- * and the payload's work items (scatter_body), device code that two places compile:
+ * and the payload's work items (scatter_body), and the FP16 tokens' payload from them
+ * (f16_body), device code that two places compile:
  * kvcodec/encode.cu (maps_kernel, layout_kernel and scatter_kernel; plan_small_kernel, all
  * three in one block for a short layer) and tests/kvcodec/test_layout_emu.cc, which runs the
  * one-block form on host threads against the three-kernel form.
  *
  * Not a standalone header. The includer provides, before including it: kvcodec.h and
  * OPT_MAX_KV; and outside CUDA __device__, __forceinline__, threadIdx, blockDim,
- * __syncthreads, __shfl_xor_sync, __ballot_sync, __popc, atomicAdd (unsigned) and min. */
+ * __syncthreads, __shfl_sync, __shfl_xor_sync, __ballot_sync, __popc, atomicAdd (unsigned), min,
+ * uint2, uint4, make_uint4 and __funnelshift_r. */
 #ifndef FERRY_KVCODEC_LAYOUT_DEV_INT_H
 #define FERRY_KVCODEC_LAYOUT_DEV_INT_H
 
@@ -266,6 +268,110 @@ static __device__ void plan_small_body(const plan_args_t &a, plan_small_smem_t *
     __syncthreads();
     for (uint32_t h = 0; h < a.n_kv; h++)
         scatter_body(a, 0, h, sm->w, sm->base);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* The FP16 tokens' payload (f16_kernel)                                                       */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Copies bytes with the destination at any alignment (the source 2-byte aligned): single
+ * bytes up to an aligned destination word, words assembled from the two aligned source words
+ * around them (both hold bytes of the range, so they stay inside the allocation), single
+ * bytes at the end. Threads `lane` of `width` share the work. */
+static __device__ __noinline__ void copy_bytes(uint8_t *dst, const uint8_t *src, uint32_t bytes,
+                                               uint32_t lane, uint32_t width)
+{
+    uint32_t head = (uint32_t)((4 - ((uintptr_t)dst & 3)) & 3);
+    if (head > bytes)
+        head = bytes;
+    for (uint32_t i = lane; i < head; i += width)
+        dst[i] = src[i];
+    uint32_t words = (bytes - head) / 4;
+    uint32_t *dw = (uint32_t *)(dst + head);
+    const uint8_t *s = src + head;
+    uint32_t sh = (uint32_t)((uintptr_t)s & 3);
+    const uint32_t *sw = (const uint32_t *)(s - sh);
+    for (uint32_t i = lane; i < words; i += width)
+        dw[i] = sh ? __funnelshift_r(sw[i], sw[i + 1], 8 * sh) : sw[i];
+    for (uint32_t i = head + 4 * words + lane; i < bytes; i += width)
+        dst[i] = src[i];
+}
+
+#define F16_BATCH 4 // tokens a warp has in flight
+
+/* Work items [0, n_f16) (the FP16 tokens come first): token w.tok of head w.head, its K row then
+ * its V row (d halves each, rows at head stride hs and token stride ts) at out + w.out_off,
+ * unchanged. Warp `warp` of `warps` takes F16_BATCH items at a time: their descriptors in one
+ * load of F16_BATCH lanes, issued a batch ahead, then, where every row and destination is 8-byte
+ * aligned and a row is at most 32 words (head_dim <= 128, the usual case), all of their rows
+ * loaded before the first store, so that a warp waits out about one memory latency per batch
+ * instead of two per token. */
+static __device__ void f16_body(const work_t *work, size_t n_f16, const uint16_t *k,
+                                const uint16_t *v, size_t hs, size_t ts, uint32_t d, uint8_t *out,
+                                size_t warp, size_t warps)
+{
+    const uint32_t lane = threadIdx.x % 32, words = d / 4; // 8-byte words a row (d % 8 == 0)
+    // Lane b < F16_BATCH holds item i0 + b's work_t: out_off (x, y), tok (z), head (w, low half);
+    // the next batch's are loaded while this one's rows are.
+    uint4 next = make_uint4(0, 0, 0, 0);
+    if (lane < F16_BATCH && warp * F16_BATCH + lane < n_f16)
+        next = *(const uint4 *)(work + warp * F16_BATCH + lane);
+    for (size_t i0 = warp * F16_BATCH; i0 < n_f16; i0 += warps * F16_BATCH) {
+        const uint4 wv = next;
+        const size_t i1 = i0 + warps * F16_BATCH;
+        if (lane < F16_BATCH && i1 + lane < n_f16)
+            next = *(const uint4 *)(work + i1 + lane);
+        const uint32_t nb = n_f16 - i0 < F16_BATCH ? (uint32_t)(n_f16 - i0) : F16_BATCH;
+        size_t row[F16_BATCH];   // of K and V, in halves
+        uint64_t off[F16_BATCH]; // in out
+        uintptr_t align = 0;
+        LAYOUT_UNROLL
+        for (uint32_t b = 0; b < F16_BATCH; b++) {
+            off[b] = (uint64_t)__shfl_sync(0xffffffffu, wv.x, (int)b) |
+                     (uint64_t)__shfl_sync(0xffffffffu, wv.y, (int)b) << 32;
+            const uint32_t tok = __shfl_sync(0xffffffffu, wv.z, (int)b);
+            const uint32_t head = __shfl_sync(0xffffffffu, wv.w, (int)b) & 0xffffu;
+            row[b] = (size_t)head * hs + (size_t)tok * ts;
+            if (b < nb)
+                align |=
+                    (uintptr_t)(k + row[b]) | (uintptr_t)(v + row[b]) | (uintptr_t)(out + off[b]);
+        }
+        if ((align & 7) == 0 && words <= 32) {
+            uint2 kk[F16_BATCH], vv[F16_BATCH];
+            LAYOUT_UNROLL
+            for (uint32_t b = 0; b < F16_BATCH; b++)
+                if (b < nb && lane < words) {
+                    kk[b] = ((const uint2 *)(k + row[b]))[lane];
+                    vv[b] = ((const uint2 *)(v + row[b]))[lane];
+                }
+            LAYOUT_UNROLL
+            for (uint32_t b = 0; b < F16_BATCH; b++)
+                if (b < nb && lane < words) {
+                    uint2 *dw = (uint2 *)(out + off[b]);
+                    dw[lane] = kk[b];
+                    dw[words + lane] = vv[b];
+                }
+            continue;
+        }
+        LAYOUT_UNROLL
+        for (uint32_t b = 0; b < F16_BATCH; b++) { // (indices fixed: row and off stay in registers)
+            if (b >= nb)
+                break;
+            const uint16_t *kr = k + row[b], *vr = v + row[b];
+            uint8_t *dst = out + off[b];
+            if ((((uintptr_t)kr | (uintptr_t)vr | (uintptr_t)dst) & 7) == 0) {
+                const uint2 *kw = (const uint2 *)kr, *vw = (const uint2 *)vr;
+                uint2 *dw = (uint2 *)dst;
+                for (uint32_t j = lane; j < words; j += 32) {
+                    dw[j] = kw[j];
+                    dw[words + j] = vw[j];
+                }
+                continue;
+            }
+            copy_bytes(dst, (const uint8_t *)kr, 2 * d, lane, 32);
+            copy_bytes(dst + 2 * d, (const uint8_t *)vr, 2 * d, lane, 32);
+        }
+    }
 }
 
 #endif

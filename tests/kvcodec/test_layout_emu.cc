@@ -4,7 +4,9 @@
 // which Round 3-5 checked on the GPU against the CPU's frames) writes: the header and maps, the
 // payload's work items and token lists, the per-head counts and run offsets, and the plan.
 // Random choices over 1-8 heads and 1 to 2048 items, with every option, one option only, and
-// evictions only.
+// evictions only. And the FP16 payload from such work items (f16_body): each token's K row then
+// V row at its offset, nothing else written, aligned or not, head_dim 8 to 256, head-major and
+// token-major rows, batches that end early.
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -145,10 +147,59 @@ static void test_layouts(void **state)
     }
 }
 
+// f16_body over n_work random FP16 items of n_kv heads x n tokens at head_dim d, packed from a
+// payload offset `base` (8-byte aligned in frames; otherwise the any-alignment path), with rows
+// head-major (token_major false: hs = n d, ts = d) or token-major (hs = d, ts = n_kv d), on
+// `blocks` blocks of 64 threads.
+static void check_f16(uint32_t n_kv, uint32_t n, uint32_t d, size_t n_work, size_t base,
+                      bool token_major, unsigned blocks)
+{
+    std::vector<uint16_t> k((size_t)n_kv * n * d + 8), v(k.size());
+    for (size_t i = 0; i < k.size(); i++) {
+        k[i] = (uint16_t)rnd_below(65536);
+        v[i] = (uint16_t)rnd_below(65536);
+    }
+    const size_t hs = token_major ? d : (size_t)n * d, ts = token_major ? (size_t)n_kv * d : d;
+    std::vector<work_t> work(n_work + 1, work_t{~0ull, ~0u, 0xffff, 0xff, 0xff});
+    for (size_t i = 0; i < n_work; i++)
+        work[i] = work_t{base + i * 4 * d, rnd_below(n), (uint16_t)rnd_below(n_kv), KVC_OPT_F16, 0};
+    std::vector<uint64_t> out_v((base + n_work * 4 * d + 64) / 8 + 1);
+    uint8_t *out = (uint8_t *)out_v.data();
+    const size_t out_bytes = out_v.size() * 8;
+    memset(out, 0xee, out_bytes);
+    emu_launch(blocks, 64, [&] {
+        f16_body(work.data(), n_work, k.data(), v.data(), hs, ts, d, out,
+                 (size_t)blockIdx.x * 2 + threadIdx.x / 32, (size_t)gridDim.x * 2);
+    });
+    for (size_t i = 0; i < n_work; i++) {
+        const size_t row = (size_t)work[i].head * hs + (size_t)work[i].tok * ts;
+        assert_memory_equal(out + work[i].out_off, &k[row], 2 * (size_t)d);
+        assert_memory_equal(out + work[i].out_off + 2 * d, &v[row], 2 * (size_t)d);
+    }
+    for (size_t b = 0; b < out_bytes; b++)
+        if (b < base || b >= base + n_work * 4 * d)
+            assert_int_equal(out[b], 0xee);
+}
+
+static void test_f16_payload(void **state)
+{
+    (void)state;
+    const uint32_t dims[] = {8, 32, 64, 96, 128, 136, 256};
+    for (size_t i = 0; i < sizeof dims / sizeof dims[0]; i++) {
+        const uint32_t d = dims[i];
+        check_f16(3, 50, d, 1 + rnd_below(150), 8 * rnd_below(40), i % 2 == 0, 1 + rnd_below(3));
+        check_f16(2, 40, d, 37, 2 + 2 * rnd_below(8) + (i % 2) * 1, i % 2 == 1, 2);
+    }
+    check_f16(1, 9, 128, 4, 0, false, 1);  // one whole batch
+    check_f16(1, 9, 128, 3, 16, false, 1); // one batch that ends early
+    check_f16(4, 300, 128, 1200, 40, true, 3);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_layouts),
+        cmocka_unit_test(test_f16_payload),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
