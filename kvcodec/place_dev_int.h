@@ -12,13 +12,22 @@
  * last group (plan_group: its parts at their capacity offsets, the gaps zero-filled), a block
  * per op. Nothing a block writes overlaps another's.
  *
+ * The maps' counts per head and option (map_count_body), which the host needs before it can
+ * allocate pages, are here too.
+ *
  * Not a standalone header: the includer provides kvcodec_int.h (C linkage), and outside CUDA
- * __device__, __host__, __forceinline__, threadIdx, blockDim, uint2, uint4, make_uint4, __ldg
- * and __funnelshift_r. */
+ * __device__, __host__, __forceinline__, threadIdx, blockIdx, blockDim, gridDim, uint2, uint4,
+ * make_uint4, __ldg, __funnelshift_r, __shfl_xor_sync and atomicAdd (unsigned). */
 #ifndef FERRY_KVCODEC_PLACE_DEV_INT_H
 #define FERRY_KVCODEC_PLACE_DEV_INT_H
 
 #include <stdlib.h>
+
+#ifdef __CUDACC__
+#define PLACE_UNROLL _Pragma("unroll")
+#else
+#define PLACE_UNROLL
+#endif
 
 enum { SRC_FRAME = 0, SRC_ZERO = 2 };
 
@@ -280,6 +289,47 @@ static __device__ void place_item(const place_geom_t *g, const place_run_t *runs
     } else {
         for (uint32_t s = 0; s < full; s++)
             block_copy(dst + s * sb, src + s * gb, gb);
+    }
+}
+
+/* Items per option of each head from the frame's maps in device memory (map_count_kernel): a
+ * block of 256 threads per (1024 map bytes, head) of a grid (x, n_kv heads; more bytes a block in
+ * turn where a head's maps are longer than the grid's share), 4 bytes a thread loaded at once
+ * (so that a thread waits out one memory latency, not one per byte), per-thread counters summed
+ * by warps into cnt[h * 8 + code] (zero before; code 6 and 7 collect the codes that are not
+ * options). */
+#define MAP_COUNT_BYTES 4
+static __device__ void map_count_body(const uint8_t *maps, size_t map_bytes, uint32_t n_tokens,
+                                      uint32_t *cnt)
+{
+    uint32_t h = blockIdx.y;
+    const uint8_t *mp = maps + (size_t)h * map_bytes;
+    uint32_t c[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    const size_t stride = (size_t)gridDim.x * blockDim.x * MAP_COUNT_BYTES;
+    for (size_t b0 = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * MAP_COUNT_BYTES;
+         b0 < map_bytes; b0 += stride) {
+        uint32_t x[MAP_COUNT_BYTES];
+        PLACE_UNROLL
+        for (int j = 0; j < MAP_COUNT_BYTES; j++)
+            x[j] = b0 + j < map_bytes ? mp[b0 + j] : 0u;
+        PLACE_UNROLL
+        for (int j = 0; j < MAP_COUNT_BYTES; j++) {
+            const size_t b = b0 + j;
+            if (b >= map_bytes)
+                break;
+            uint32_t lo = x[j] & 15, hi = x[j] >> 4;
+            bool two = 2 * b + 1 < n_tokens;
+            for (int o = 0; o < 8; o++)
+                c[o] += (lo == (uint32_t)o || (o == 7 && lo >= 7)) +
+                        (two && (hi == (uint32_t)o || (o == 7 && hi >= 7)));
+        }
+    }
+    for (int o = 0; o < 8; o++) {
+        uint32_t v = c[o];
+        for (int off = 16; off > 0; off >>= 1)
+            v += __shfl_xor_sync(0xffffffffu, v, off);
+        if (threadIdx.x % 32 == 0 && v)
+            atomicAdd(&cnt[h * 8 + o], v);
     }
 }
 

@@ -319,30 +319,11 @@ static fy_status_t frame_counts_all(const kvc_frame_t *f, uint64_t *cnt)
     return FY_OK;
 }
 
-/* Items per option of each head from the frame's maps in device memory: a block per (range
- * of map bytes, head), per-thread counters summed by warps into cnt[h * 8 + code] (code 6 and 7
- * collect the codes that are not options). */
+/* map_count_body (place_dev_int.h): a block per (1024 map bytes, head). */
 __global__ void __launch_bounds__(256) map_count_kernel(const uint8_t *maps, size_t map_bytes,
                                                         uint32_t n_tokens, uint32_t *cnt)
 {
-    uint32_t h = blockIdx.y;
-    const uint8_t *mp = maps + (size_t)h * map_bytes;
-    uint32_t c[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (size_t b = (size_t)blockIdx.x * blockDim.x + threadIdx.x; b < map_bytes;
-         b += (size_t)gridDim.x * blockDim.x) {
-        uint32_t x = mp[b], lo = x & 15, hi = x >> 4;
-        bool two = 2 * b + 1 < n_tokens;
-        for (int o = 0; o < 8; o++)
-            c[o] += (lo == (uint32_t)o || (o == 7 && lo >= 7)) +
-                    (two && (hi == (uint32_t)o || (o == 7 && hi >= 7)));
-    }
-    for (int o = 0; o < 8; o++) {
-        uint32_t v = c[o];
-        for (int off = 16; off > 0; off >>= 1)
-            v += __shfl_xor_sync(0xffffffffu, v, off);
-        if (threadIdx.x % 32 == 0 && v)
-            atomicAdd(&cnt[h * 8 + o], v);
-    }
+    map_count_body(maps, map_bytes, n_tokens, cnt);
 }
 
 /* frame_counts_all on the device (the maps are the frame's bytes after its header): waits for
@@ -352,7 +333,8 @@ static fy_status_t frame_counts_dev(kvc_gpu_pool_t *pool, const kvc_frame_t *f,
 {
     fy_status_t st = FY_OK;
     size_t mb = kvc_map_bytes(f->n_tokens);
-    unsigned bx = (unsigned)FY_MIN((mb + 4095) / 4096, (size_t)64);
+    const size_t per_block = (size_t)256 * MAP_COUNT_BYTES;
+    unsigned bx = (unsigned)FY_MIN((mb + per_block - 1) / per_block, (size_t)65535);
     pthread_mutex_lock(&pool->cnt_lock);
     KVC_CUDA_GOTO(cudaMemsetAsync(pool->d_cnt, 0, (size_t)f->n_kv_heads * 8 * 4, cs), st, out);
     map_count_kernel<<<dim3(FY_MAX(bx, 1u), f->n_kv_heads), 256, 0, cs>>>(

@@ -5,6 +5,7 @@
 // rotated and not, with and without protected channels, odd token counts, pages that fill up,
 // dense and padded slots, partial groups; and nothing else (the pool is poisoned first: slot
 // padding, unused slots and other pages must keep the poison), whichever order the blocks run.
+// And the device's count of a frame's maps (map_count_body) is the host's.
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -92,6 +93,18 @@ static void run_case(const pcase_t *c, uint64_t seed)
             uint32_t np;
             const kvc_page_id_t *ip = kvc_seq_pages(cs, l, h, &np);
             ids.insert(ids.end(), ip, ip + np);
+        }
+        // The device's count of the maps (map_count_kernel's grid, 256 bytes a block here so
+        // that a short frame has several) equals the host's.
+        {
+            const size_t mb = kvc_map_bytes(f.n_tokens);
+            std::vector<uint32_t> dcnt((size_t)c->n_kv * 8, 0);
+            emu_launch_2d((unsigned)((mb + 255) / 256 < 3 ? (mb + 255) / 256 : 3), c->n_kv, 64,
+                          [&] { map_count_body(f.maps, mb, f.n_tokens, dcnt.data()); });
+            for (uint32_t h = 0; h < c->n_kv; h++)
+                for (int o = 0; o < 8; o++)
+                    assert_int_equal(dcnt[(size_t)h * 8 + o],
+                                     o < KVC_OPT_COUNT ? cnt[(size_t)h * 16 + o] : 0);
         }
         std::vector<place_run_t> runs((size_t)c->n_kv * KVC_OPT_DROP);
         uint32_t n_runs = 0;
