@@ -8,8 +8,8 @@
  *
  * Not a standalone header. The includer provides, before including it: kvcodec.h and
  * OPT_MAX_KV; and outside CUDA __device__, __forceinline__, threadIdx, blockDim,
- * __syncthreads, __shfl_sync, __shfl_xor_sync, __ballot_sync, __popc, atomicAdd (unsigned), min,
- * uint2, uint4, make_uint4 and __funnelshift_r. */
+ * __syncthreads, __shfl_sync, __shfl_up_sync, __shfl_xor_sync, __ballot_sync, __popc, atomicAdd
+ * (unsigned), min, uint2, uint4, make_uint4 and __funnelshift_r. */
 #ifndef FERRY_KVCODEC_LAYOUT_DEV_INT_H
 #define FERRY_KVCODEC_LAYOUT_DEV_INT_H
 
@@ -55,13 +55,15 @@ typedef struct {
     uint8_t *out;
 } plan_args_t;
 
+/* kvc_run_bytes from the byte model; a head's count fits 32 bits (n_tokens <= KVC_MAX_TOKENS), so
+ * the division is a 32-bit one. */
 static __device__ __forceinline__ unsigned long long plan_run_bytes(const plan_args_t &a, int o,
-                                                                    unsigned long long count)
+                                                                    uint32_t count)
 {
     if (o == KVC_OPT_DROP || count == 0)
         return 0;
-    unsigned long long gs = a.gsz[o], full = count / gs, rest = count % gs;
-    unsigned long long b = full * (a.gfix[o] + gs * a.gtok[o]);
+    const uint32_t gs = (uint32_t)a.gsz[o], full = count / gs, rest = count - full * gs;
+    unsigned long long b = (unsigned long long)full * (a.gfix[o] + gs * a.gtok[o]);
     if (rest)
         b += a.gfix[o] + rest * a.gtok[o];
     return b;
@@ -106,12 +108,55 @@ typedef struct {
     unsigned long long hcnt[OPT_MAX_KV * KVC_OPT_COUNT]; // n_kv <= OPT_MAX_KV
     unsigned long long tokens[KVC_OPT_COUNT];
     unsigned long long payload, total;
+    unsigned long long scan[LAYOUT_THREADS / 32][4];
     uint32_t mask;
 } layout_smem_t;
 
+/* Exclusive prefix sums, in thread order, of the block's four values a thread (v, replaced by
+ * its sums; the block's totals into tot): a scan within each warp, then over the warps' totals
+ * (s: a row per warp of the block's shared memory). Integers, so exact. Every thread calls it. */
+static __device__ void layout_exscan4(unsigned long long v[4], unsigned long long tot[4],
+                                      unsigned long long (*s)[4])
+{
+    const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+    unsigned long long inc[4];
+    LAYOUT_UNROLL
+    for (int k = 0; k < 4; k++) {
+        inc[k] = v[k];
+        for (uint32_t off = 1; off < 32; off <<= 1) {
+            const unsigned long long x = __shfl_up_sync(0xffffffffu, inc[k], off);
+            if (lane >= off)
+                inc[k] += x;
+        }
+        if (lane == 31)
+            s[warp][k] = inc[k];
+    }
+    __syncthreads();
+    if (warp == 0) {
+        LAYOUT_UNROLL
+        for (int k = 0; k < 4; k++) {
+            unsigned long long w = lane < nw ? s[lane][k] : 0;
+            for (uint32_t off = 1; off < 32; off <<= 1) {
+                const unsigned long long x = __shfl_up_sync(0xffffffffu, w, off);
+                if (lane >= off)
+                    w += x;
+            }
+            if (lane < nw)
+                s[lane][k] = w;
+        }
+    }
+    __syncthreads();
+    LAYOUT_UNROLL
+    for (int k = 0; k < 4; k++) {
+        v[k] = (warp > 0 ? s[warp - 1][k] : 0) + inc[k] - v[k];
+        tot[k] = s[nw - 1][k];
+    }
+    __syncthreads(); // s is free again
+}
+
 /* One block: plan_payload's run offsets (per head, the options in order), the header, the
  * zero padding of the maps. A thread per (head, option) sums its segments; the run offsets are
- * one pass over shared memory. (A single thread walking the counts in global memory waited on
+ * a prefix sum over the block. (A single thread walking the counts in global memory waited on
  * each load in turn: 8.5-19 us a layer.) */
 static __device__ void layout_body(const plan_args_t &a, layout_smem_t *sm)
 {
@@ -141,38 +186,56 @@ static __device__ void layout_body(const plan_args_t &a, layout_smem_t *sm)
         a.plan->tokens[threadIdx.x] = t;
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-        const unsigned long long n_f16 = s_tokens[KVC_OPT_F16];
-        const unsigned long long head = KVC_FRAME_HEADER_BYTES + a.maps_total;
-        unsigned long long o_off = head, o_f16 = 0, o_q = n_f16, o_tok = 0;
-        for (uint32_t h = 0; h < a.n_kv; h++) {
-            for (int o = 0; o < KVC_OPT_DROP; o++) {
-                unsigned long long cnt = s_hcnt[h * KVC_OPT_COUNT + o];
-                unsigned long long *r = a.runs + ((size_t)h * 8 + o) * 3;
-                r[0] = o_off;
-                o_off += plan_run_bytes(a, o, cnt);
-                if (o == KVC_OPT_F16) {
-                    r[1] = o_f16;
-                    o_f16 += cnt;
-                } else {
-                    r[1] = o_q;
-                    o_q += (cnt + a.G - 1) / a.G;
-                    r[2] = o_tok;
-                    o_tok += cnt;
-                }
-            }
+    // The runs in (head, option) order, a few consecutive ones a thread: their frame bytes, FP16
+    // tokens, quantized groups and quantized tokens, prefix-summed over the block. (Thread 0
+    // walking every run, with a 64-bit division or two each, took most of the layout's time.)
+    const uint32_t n_runs = a.n_kv * KVC_OPT_DROP;
+    const uint32_t per = (n_runs + blockDim.x - 1) / blockDim.x;
+    const uint32_t p0 = min(threadIdx.x * per, n_runs), p1 = min(p0 + per, n_runs);
+    unsigned long long v[4] = {0, 0, 0, 0}, tot[4];
+    for (uint32_t p = p0; p < p1; p++) {
+        const uint32_t h = p / KVC_OPT_DROP, o = p % KVC_OPT_DROP;
+        const uint32_t cnt = (uint32_t)s_hcnt[h * KVC_OPT_COUNT + o]; // <= KVC_MAX_TOKENS
+        v[0] += plan_run_bytes(a, (int)o, cnt);
+        if (o == KVC_OPT_F16) {
+            v[1] += cnt;
+        } else {
+            v[2] += (cnt + a.G - 1) / a.G;
+            v[3] += cnt;
         }
+    }
+    layout_exscan4(v, tot, sm->scan);
+    const unsigned long long n_f16 = s_tokens[KVC_OPT_F16];
+    const unsigned long long head = KVC_FRAME_HEADER_BYTES + a.maps_total;
+    unsigned long long o_off = head + v[0], o_f16 = v[1], o_q = n_f16 + v[2], o_tok = v[3];
+    for (uint32_t p = p0; p < p1; p++) {
+        const uint32_t h = p / KVC_OPT_DROP, o = p % KVC_OPT_DROP;
+        const uint32_t cnt = (uint32_t)s_hcnt[h * KVC_OPT_COUNT + o];
+        unsigned long long *r = a.runs + ((size_t)h * 8 + o) * 3;
+        r[0] = o_off;
+        o_off += plan_run_bytes(a, (int)o, cnt);
+        if (o == KVC_OPT_F16) {
+            r[1] = o_f16;
+            o_f16 += cnt;
+        } else {
+            r[1] = o_q;
+            o_q += (cnt + a.G - 1) / a.G;
+            r[2] = o_tok;
+            o_tok += cnt;
+        }
+    }
+    if (threadIdx.x == 0) {
         uint32_t mask = 0;
         for (int o = 0; o < KVC_OPT_COUNT; o++)
             if (s_tokens[o])
                 mask |= 1u << o;
         s_mask = mask;
-        s_payload = o_off - head;
-        s_total = o_off + 4;
+        s_payload = tot[0];
+        s_total = head + tot[0] + 4;
         a.plan->n_f16 = n_f16;
-        a.plan->n_work = o_q;
-        a.plan->total = o_off + 4;
-        a.plan->body = o_off;
+        a.plan->n_work = n_f16 + tot[2];
+        a.plan->total = head + tot[0] + 4;
+        a.plan->body = head + tot[0];
     }
     __syncthreads();
     uint8_t *hd = a.out;

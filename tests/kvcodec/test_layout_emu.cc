@@ -3,8 +3,8 @@
 // what the three-kernel form (maps_kernel, layout_kernel, scatter_kernel, emulated the same way,
 // which Round 3-5 checked on the GPU against the CPU's frames) writes: the header and maps, the
 // payload's work items and token lists, the per-head counts and run offsets, and the plan.
-// Random choices over 1-8 heads and 1 to 2048 items, with every option, one option only, and
-// evictions only. And the FP16 payload from such work items (f16_body): each token's K row then
+// Random choices over 1-8 and 48-64 heads and 1 to 2048 items, with every option, one option only,
+// and evictions only. And the FP16 payload from such work items (f16_body): each token's K row then
 // V row at its offset, nothing else written, aligned or not, head_dim 8 to 256, head-major and
 // token-major rows, batches that end early.
 #include <setjmp.h>
@@ -126,6 +126,38 @@ static void check_layer(uint32_t n_kv, uint32_t n, int mode)
     assert_true(three.plan.n_work <= items);
     assert_memory_equal(one.work.data(), three.work.data(), three.plan.n_work * sizeof(work_t));
     assert_memory_equal(one.tok.data(), three.tok.data(), items * sizeof(uint32_t));
+    // The runs and the plan as plan_payload lays them out, walked serially on the host.
+    {
+        const unsigned long long n_f16 = three.plan.tokens[KVC_OPT_F16];
+        const unsigned long long head = KVC_FRAME_HEADER_BYTES + a.maps_total;
+        unsigned long long o_off = head, o_f16 = 0, o_q = n_f16, o_tok = 0;
+        for (uint32_t h = 0; h < n_kv; h++) {
+            for (int o = 0; o < KVC_OPT_DROP; o++) {
+                const unsigned long long cnt = three.hcnt[(size_t)h * 8 + o];
+                const unsigned long long *r = &three.runs[((size_t)h * 8 + o) * 3];
+                assert_int_equal(r[0], o_off);
+                o_off += kvc_run_bytes(o, d, G, P, cnt);
+                if (o == KVC_OPT_F16) {
+                    assert_int_equal(r[1], o_f16);
+                    o_f16 += cnt;
+                } else {
+                    assert_int_equal(r[1], o_q);
+                    assert_int_equal(r[2], o_tok);
+                    o_q += (cnt + G - 1) / G;
+                    o_tok += cnt;
+                }
+            }
+        }
+        assert_int_equal(three.plan.n_f16, n_f16);
+        assert_int_equal(three.plan.n_work, o_q);
+        assert_int_equal(three.plan.body, o_off);
+        assert_int_equal(three.plan.total, o_off + 4);
+        unsigned long long payload = 0, total = 0;
+        memcpy(&payload, &three.out[48], 8); // little-endian hosts
+        memcpy(&total, &three.out[56], 8);
+        assert_int_equal(payload, o_off - head);
+        assert_int_equal(total, o_off + 4);
+    }
     // The layout itself: every FP16 token and every quantized token placed once.
     unsigned long long placed = 0;
     for (int o = 0; o < KVC_OPT_DROP; o++)
@@ -139,10 +171,11 @@ static void check_layer(uint32_t n_kv, uint32_t n, int mode)
 static void test_layouts(void **state)
 {
     (void)state;
-    for (int i = 0; i < 20; i++) {
-        const uint32_t n_kv = 1 + rnd_below(8);
+    for (int i = 0; i < 21; i++) {
+        // The last: OPT_MAX_KV heads of a few tokens, more runs than the layout block's threads.
+        const uint32_t n_kv = i == 20 ? OPT_MAX_KV : 1 + rnd_below(8);
         const uint32_t cap = 2048 / n_kv;
-        const uint32_t n = i % 6 == 0 ? cap : 1 + rnd_below(i % 2 ? 70 : cap);
+        const uint32_t n = i == 20 ? 5 : i % 6 == 0 ? cap : 1 + rnd_below(i % 2 ? 70 : cap);
         check_layer(n_kv, n, i % 10 == 3 ? 1 : i % 10 == 7 ? 2 : 0);
     }
 }
