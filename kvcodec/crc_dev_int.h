@@ -12,8 +12,8 @@
  * copies (R = 32: 128 KiB), so that no lookup waits on another lane's.
  *
  * Not a standalone header. Outside CUDA the includer provides __device__, __host__,
- * __forceinline__, __constant__, threadIdx, blockIdx, blockDim, gridDim, __syncthreads,
- * __shfl_sync and __shfl_xor_sync. */
+ * __forceinline__, threadIdx, blockIdx, blockDim, gridDim, __syncthreads, __shfl_sync and
+ * __shfl_xor_sync. */
 #ifndef FERRY_KVCODEC_CRC_DEV_INT_H
 #define FERRY_KVCODEC_CRC_DEV_INT_H
 
