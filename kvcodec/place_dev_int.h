@@ -217,13 +217,34 @@ static __device__ void block_copy(uint8_t *dst, const uint8_t *src, uint64_t byt
     } else {
         const uint8_t *s = src + head;
         uintptr_t a = (uintptr_t)s;
+        // Four vectors a thread at a time, all loaded before the first store (so that a thread
+        // waits out one memory latency per four, not per vector), then the rest one by one.
+        const uint64_t bd = blockDim.x;
+        uint64_t i = threadIdx.x;
         if ((a & 15) == 0) {
             const uint4 *sv = (const uint4 *)s;
-            for (uint64_t i = threadIdx.x; i < vecs; i += blockDim.x)
+            for (; i + 3 * bd < vecs; i += 4 * bd) {
+                const uint4 x0 = __ldg(sv + i), x1 = __ldg(sv + i + bd),
+                            x2 = __ldg(sv + i + 2 * bd), x3 = __ldg(sv + i + 3 * bd);
+                dv[i] = x0, dv[i + bd] = x1, dv[i + 2 * bd] = x2, dv[i + 3 * bd] = x3;
+            }
+            for (; i < vecs; i += bd)
                 dv[i] = __ldg(sv + i);
         } else if ((a & 7) == 0) {
             const uint2 *s2 = (const uint2 *)s;
-            for (uint64_t i = threadIdx.x; i < vecs; i += blockDim.x) {
+            for (; i + 3 * bd < vecs; i += 4 * bd) {
+                uint2 x[8];
+                PLACE_UNROLL
+                for (int k = 0; k < 4; k++) {
+                    x[2 * k] = __ldg(s2 + 2 * (i + k * bd));
+                    x[2 * k + 1] = __ldg(s2 + 2 * (i + k * bd) + 1);
+                }
+                PLACE_UNROLL
+                for (int k = 0; k < 4; k++)
+                    dv[i + k * bd] =
+                        make_uint4(x[2 * k].x, x[2 * k].y, x[2 * k + 1].x, x[2 * k + 1].y);
+            }
+            for (; i < vecs; i += bd) {
                 uint2 x = __ldg(s2 + 2 * i), y = __ldg(s2 + 2 * i + 1);
                 dv[i] = make_uint4(x.x, x.y, y.x, y.y);
             }
