@@ -6,7 +6,8 @@
  *    - mma (the default for head_dim <= 128): tensor-core logits, each query split into an FP16
  *      high and low part (two MMAs against the FP16 keys, FP32 accumulation: the logits differ
  *      from the CPU's by FP32 rounding, about 1e-6 of the sum of |q_c k_c|). A block per (kv
- *      head, 64 tokens) stages its keys once for the whole GQA group. score_stats_mma_kernel
+ *      head, 64 tokens) stages its keys once for the whole GQA group, and reads the window rows
+ *      as fragments sc_frag_kernel split once for all blocks. score_stats_mma_kernel
  *      writes each row's max and sum of exp over the block's tokens, stats_combine_kernel
  *      merges them into the row's max and 1 / (W * sum), and score_attn_mma_kernel computes the
  *      logits again and sums each token's probabilities over the rows (and, for the RMS or max
@@ -41,6 +42,18 @@ extern "C" {
 #include "kvcodec_int.h"
 }
 #include "kvcodec_cuda_int.h"
+
+/* A float through FP16 (to nearest) and back; two floats as an FP16 pair, x in the low half. */
+static __device__ __forceinline__ float sc_half_round(float x)
+{
+    return __half2float(__float2half_rn(x));
+}
+static __device__ __forceinline__ uint32_t sc_half_pack(float x, float y)
+{
+    const __half2 h = __floats2half2_rn(x, y);
+    return *reinterpret_cast<const uint32_t *>(&h);
+}
+
 #include "score_dev_int.h"
 
 #define ROW_THREADS 256
@@ -167,10 +180,9 @@ __global__ void attn_kernel(score_args_t a, const float2 *stats, int imp, float 
 #define SC_TT    64 // tokens per block
 #define SC_WARPS 8  // warps per block; warp w takes the m-tiles (16 window rows) w, w + 8, ...
 #define SC_MIN_BLOCKS 264 // blocks the window softmax kernels aim for (two per SM of an H100)
-// k steps of 16 channels: one instance for every head_dim up to 128 (narrower heads are padded
-// with zero channels; the exponentials, not the MMAs, bound these kernels), which keeps the
-// device code that every program linking the kvcodec carries small.
-#define SC_KS 8
+// (SC_KS, score_dev_int.h: one instance for every head_dim up to 128, narrower heads padded
+// with zero channels; the exponentials, not the MMAs, were thought to bound these kernels; it
+// keeps the device code that every program linking the kvcodec carries small.)
 
 static __device__ __forceinline__ void sc_mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                               uint32_t b1)
@@ -181,67 +193,68 @@ static __device__ __forceinline__ void sc_mma(float (&c)[4], const uint32_t (&a)
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-/* Two floats as an FP16 pair, x in the low half. */
-static __device__ __forceinline__ uint32_t sc_pack(float x, float y)
-{
-    const __half2 h = __floats2half2_rn(x, y);
-    return *reinterpret_cast<const uint32_t *>(&h);
-}
-
 /* Words (FP16 channel pairs) per staged key row: KS * 16 channels, 4 words of padding, so the
  * 8 tokens x 4 channel pairs of one B fragment load fall in 32 different banks. */
 template <int KS> struct sc_tile {
     static constexpr uint32_t RW = KS * 8 + 4;
 };
 
-/* Keys of tokens [t0, t0 + SC_TT) of kv head g into ks, channels past d and tokens past n 0. */
+/* Keys of tokens [t0, t0 + SC_TT) of kv head g into ks, channels past d and tokens past n 0,
+ * by a block of SC_WARPS warps: a thread's chunks all loaded before the first is stored (one
+ * memory latency a block, not one per chunk). */
 template <int KS>
 static __device__ void sc_stage_keys(const score_args_t &a, uint32_t g, uint32_t t0, uint32_t *ks)
 {
     constexpr uint32_t RW = sc_tile<KS>::RW, C8 = KS * 2; // 8-channel chunks per row
+    constexpr uint32_t N = SC_TT * C8, T = SC_WARPS * 32, PER = (N + T - 1) / T;
     const uint16_t *kh = a.k + (size_t)g * a.hs;
-    for (uint32_t i = threadIdx.x; i < SC_TT * C8; i += blockDim.x) {
-        const uint32_t tt = i / C8, c = 8 * (i % C8), t = t0 + tt;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (t < a.n && c < a.d) { // d % 8 == 0: the whole chunk is in the row
+    uint4 v[PER];
+#pragma unroll
+    for (uint32_t u = 0; u < PER; u++) {
+        const uint32_t i = threadIdx.x + u * T, tt = i / C8, c = 8 * (i % C8), t = t0 + tt;
+        v[u] = make_uint4(0, 0, 0, 0);
+        if (i < N && t < a.n && c < a.d) { // d % 8 == 0: the whole chunk is in the row
             const uint16_t *p = kh + (size_t)t * a.ts + c;
             if (a.vec) {
-                v = *reinterpret_cast<const uint4 *>(p);
+                v[u] = *reinterpret_cast<const uint4 *>(p);
             } else {
-                v.x = (uint32_t)p[0] | (uint32_t)p[1] << 16;
-                v.y = (uint32_t)p[2] | (uint32_t)p[3] << 16;
-                v.z = (uint32_t)p[4] | (uint32_t)p[5] << 16;
-                v.w = (uint32_t)p[6] | (uint32_t)p[7] << 16;
+                v[u].x = (uint32_t)p[0] | (uint32_t)p[1] << 16;
+                v[u].y = (uint32_t)p[2] | (uint32_t)p[3] << 16;
+                v[u].z = (uint32_t)p[4] | (uint32_t)p[5] << 16;
+                v[u].w = (uint32_t)p[6] | (uint32_t)p[7] << 16;
             }
         }
-        *reinterpret_cast<uint4 *>(ks + tt * RW + c / 2) = v;
+    }
+#pragma unroll
+    for (uint32_t u = 0; u < PER; u++) {
+        const uint32_t i = threadIdx.x + u * T, tt = i / C8, c = 8 * (i % C8);
+        if (i < N)
+            *reinterpret_cast<uint4 *>(ks + tt * RW + c / 2) = v[u];
     }
 }
 
-/* The A fragments of window rows [w0, w0 + 16) of query head h, times the logit scale, split
- * into FP16 high and low parts (x = hi + lo to about 2^-22 of x); rows past W and channels
- * past d are 0. Lane (gq, tq) holds rows w0 + gq and w0 + gq + 8, channels 2 tq, 2 tq + 1 and
- * 8 more of each k step. */
+/* sc_frag_make for every (query head, m-tile), a warp each (blocks of 256 threads). */
+__global__ void __launch_bounds__(256)
+    sc_frag_kernel(score_args_t a, uint32_t tiles, sc_frag_t *frag)
+{
+    const uint32_t i = blockIdx.x * 8 + threadIdx.x / 32, MT = (a.W + 15) / 16;
+    if (i < tiles)
+        sc_frag_make(a, i / MT, i % MT, threadIdx.x % 32, frag);
+}
+
+/* Lane `lane`'s A fragments of m-tile mt of query head h (sc_frag_make's), two 16-byte loads a
+ * k step: a warp reads its tile as whole lines. */
 template <int KS>
-static __device__ void sc_load_a(const score_args_t &a, uint32_t h, uint32_t w0, uint32_t gq,
-                                 uint32_t tq, uint32_t (&hi)[KS][4], uint32_t (&lo)[KS][4])
+static __device__ __forceinline__ void sc_load_a(const score_args_t &a, const sc_frag_t *frag,
+                                                 uint32_t h, uint32_t mt, uint32_t lane,
+                                                 uint32_t (&hi)[KS][4], uint32_t (&lo)[KS][4])
 {
 #pragma unroll
     for (int s = 0; s < KS; s++) {
-#pragma unroll
-        for (int f = 0; f < 4; f++) {
-            const uint32_t w = w0 + gq + 8 * (f & 1), c = 16 * s + 2 * tq + 8 * (f >> 1);
-            float x0 = 0.0f, x1 = 0.0f;
-            if (w < a.W && c < a.d) {
-                const float *q = a.q + ((size_t)h * a.qs + w) * a.d + c;
-                x0 = q[0] * a.scale;
-                x1 = q[1] * a.scale;
-            }
-            const float h0 = __half2float(__float2half_rn(x0));
-            const float h1 = __half2float(__float2half_rn(x1));
-            hi[s][f] = sc_pack(h0, h1);
-            lo[s][f] = sc_pack(x0 - h0, x1 - h1);
-        }
+        const sc_frag_t *f = frag + sc_frag_at(a.W, h, mt, (uint32_t)s, lane);
+        const uint4 x = __ldg(&f->hi), y = __ldg(&f->lo);
+        hi[s][0] = x.x, hi[s][1] = x.y, hi[s][2] = x.z, hi[s][3] = x.w;
+        lo[s][0] = y.x, lo[s][1] = y.y, lo[s][2] = y.z, lo[s][3] = y.w;
     }
 }
 
@@ -295,7 +308,7 @@ static __device__ __forceinline__ bool sc_sees(const score_args_t &a, uint32_t w
  * part[(h * W + w) * n_tiles + tile] (-inf and 0 when it sees none). */
 template <int KS>
 __global__ void __launch_bounds__(SC_WARPS * 32)
-    score_stats_mma_kernel(score_args_t a, float2 *part, uint32_t n_tiles)
+    score_stats_mma_kernel(score_args_t a, const sc_frag_t *frag, float2 *part, uint32_t n_tiles)
 {
     __shared__ __align__(16) uint32_t ks[SC_TT * sc_tile<KS>::RW];
     const uint32_t tile = blockIdx.x, g = blockIdx.y, t0 = tile * SC_TT;
@@ -307,7 +320,7 @@ __global__ void __launch_bounds__(SC_WARPS * 32)
         const uint32_t h = g * a.grp + hh;
         for (uint32_t mt = warp; mt < MT; mt += SC_WARPS) {
             uint32_t hi[KS][4], lo[KS][4];
-            sc_load_a<KS>(a, h, 16 * mt, gq, tq, hi, lo);
+            sc_load_a<KS>(a, frag, h, mt, lane, hi, lo);
             float m[2] = {-INFINITY, -INFINITY}, z[2] = {0.0f, 0.0f};
 #pragma unroll 1
             for (uint32_t j = 0; j < SC_TT / 8 && t0 + 8 * j < a.n; j++) { // warp-uniform
@@ -376,7 +389,8 @@ __global__ void stats_combine_kernel(const float2 *part, size_t rows, uint32_t n
  * into ah2), as attn_kernel. */
 template <int KS>
 __global__ void __launch_bounds__(SC_WARPS * 32)
-    score_attn_mma_kernel(score_args_t a, const float2 *stats, int imp, float *ah, float *ah2)
+    score_attn_mma_kernel(score_args_t a, const sc_frag_t *frag, const float2 *stats, int imp,
+                          float *ah, float *ah2)
 {
     __shared__ __align__(16) uint32_t ks[SC_TT * sc_tile<KS>::RW];
     __shared__ float red[2][SC_WARPS][SC_TT]; // per warp: its rows' sums (maxima) per token
@@ -393,7 +407,7 @@ __global__ void __launch_bounds__(SC_WARPS * 32)
         __syncwarp();
         for (uint32_t mt = warp; mt < MT; mt += SC_WARPS) {
             uint32_t hi[KS][4], lo[KS][4];
-            sc_load_a<KS>(a, h, 16 * mt, gq, tq, hi, lo);
+            sc_load_a<KS>(a, frag, h, mt, lane, hi, lo);
             float2 st[2];
 #pragma unroll
             for (int r = 0; r < 2; r++) {
@@ -565,6 +579,7 @@ extern "C" fy_status_t kvc_score_cuda(const kvc_policy_t *policy, uint32_t n_hea
     float *pbar = NULL, *acc = NULL, *ah = NULL, *ah2 = NULL;
     const int imp = have_q ? (int)policy->importance : KVC_IMP_MEAN; // score.c: needs queries
     float2 *stats = NULL, *part = NULL;
+    sc_frag_t *frag = NULL;
     fy_status_t st = FY_OK;
     bool pools = kvc_cuda_pools();
     // A short prompt's tail runs in one block, pbar and acc in its shared memory.
@@ -602,12 +617,21 @@ extern "C" fy_status_t kvc_score_cuda(const kvc_policy_t *policy, uint32_t n_hea
             while (shares < a.grp && (size_t)n_tiles * n_kv * shares < SC_MIN_BLOCKS)
                 shares *= 2;
             dim3 grid(n_tiles, n_kv, shares < a.grp ? shares : a.grp);
-            score_stats_mma_kernel<SC_KS><<<grid, SC_WARPS * 32, 0, cs>>>(a, part, n_tiles);
+            // The window rows split into FP16 fragments once for both passes and every block.
+            const uint32_t frag_tiles = n_heads * ((a.W + 15) / 16);
+            KVC_CUDA_GOTO(
+                kvc_cuda_scratch_alloc(
+                    (void **)&frag, (size_t)frag_tiles * SC_KS * 32 * sizeof(sc_frag_t), cs, pools),
+                st, out);
+            sc_frag_kernel<<<kvc_grid(frag_tiles, 8), 256, 0, cs>>>(a, frag_tiles, frag);
+            KVC_LAUNCH_GOTO(st, out);
+            score_stats_mma_kernel<SC_KS><<<grid, SC_WARPS * 32, 0, cs>>>(a, frag, part, n_tiles);
             KVC_LAUNCH_GOTO(st, out);
             stats_combine_kernel<<<kvc_grid(rows, 8), 256, 0, cs>>>(part, rows, n_tiles, a.W,
                                                                     stats);
             KVC_LAUNCH_GOTO(st, out);
-            score_attn_mma_kernel<SC_KS><<<grid, SC_WARPS * 32, 0, cs>>>(a, stats, imp, ah, ah2);
+            score_attn_mma_kernel<SC_KS>
+                <<<grid, SC_WARPS * 32, 0, cs>>>(a, frag, stats, imp, ah, ah2);
             KVC_LAUNCH_GOTO(st, out);
         } else {
             row_stats_kernel<<<kvc_grid((size_t)n_heads * a.W, 1), ROW_THREADS, 0, cs>>>(a, stats);
@@ -635,8 +659,8 @@ extern "C" fy_status_t kvc_score_cuda(const kvc_policy_t *policy, uint32_t n_hea
     pool_kernel<<<kvc_grid(items, 256), 256, 0, cs>>>(a, acc, tail.pool_kernel, out->importance);
     KVC_LAUNCH_GOTO(st, out);
 out: // scratch goes back to the stream's pool once the kernels are done
-    void *scratch[6] = {pbar, acc, ah, ah2, stats, part};
-    for (int i = 0; i < 6; i++) {
+    void *scratch[7] = {pbar, acc, ah, ah2, stats, part, frag};
+    for (int i = 0; i < 7; i++) {
         if (scratch[i] == NULL)
             continue;
         cudaError_t e = kvc_cuda_scratch_free(scratch[i], cs, pools);

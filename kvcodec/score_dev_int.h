@@ -5,10 +5,13 @@
  * tests/kvcodec/test_score_emu.cc, which runs score_tail_small on host threads against the CPU's
  * kvc_score and the per-element functions. Each repeats score.c's arithmetic in its order.
  *
- * Not a standalone header. The includer provides, before including it: kadd, kmul, kdiv
- * (float arithmetic rounded once), fy_dev_h2f, fy_dev_h2f_arith, KVC_MAX_HEAD_DIM; and outside
- * CUDA __device__, __forceinline__, threadIdx, blockIdx, blockDim, __syncthreads, min,
- * __float_as_uint and __uint_as_float. */
+ * The window queries' tensor-core fragments (sc_frag_make) are here too: test_kvc_score_emu
+ * checks their layout.
+ *
+ * Not a standalone header. The includer provides, before including it: kadd, ksub, kmul, kdiv
+ * (float arithmetic rounded once), fy_dev_h2f, fy_dev_h2f_arith, sc_half_round, sc_half_pack,
+ * KVC_MAX_HEAD_DIM; and outside CUDA __device__, __forceinline__, threadIdx, blockIdx,
+ * blockDim, __syncthreads, min, __float_as_uint, __uint_as_float, uint4 and make_uint4. */
 #ifndef FERRY_KVCODEC_SCORE_DEV_INT_H
 #define FERRY_KVCODEC_SCORE_DEV_INT_H
 
@@ -258,6 +261,57 @@ static __device__ void score_tail_small(const score_args_t &a, const float *ah, 
             static_one(a, pbar, p.static_active, p.sinks, p.recent, p.threshold, g);
     for (size_t i = threadIdx.x; i < items; i += blockDim.x)
         imp[i] = pool_one(a, acc, p.pool_kernel, i);
+}
+
+/* ---- The window queries as tensor-core A fragments (score.cu's mma path) ---------------- */
+
+#define SC_KS 8 // k steps of 16 channels: every head_dim up to 128 (narrower heads: zero channels)
+
+/* One lane's A fragments of one m-tile (16 window rows) and k step: FP16 channel pairs of the
+ * query times the logit scale, the high parts (hi) and what they leave (lo: x = hi + lo to about
+ * 2^-22 of x). */
+typedef struct {
+    uint4 hi, lo;
+} sc_frag_t;
+
+/* Where lane `lane`'s fragment of k step s of m-tile mt of query head h is kept: m-tiles of
+ * MT = ceil(W / 16) a head, SC_KS steps a tile, 32 lanes a step (a warp's loads of a step are
+ * two 512-byte lines). */
+static __device__ __forceinline__ size_t sc_frag_at(uint32_t W, uint32_t h, uint32_t mt, uint32_t s,
+                                                    uint32_t lane)
+{
+    const size_t MT = (W + 15) / 16;
+    return (((size_t)h * MT + mt) * SC_KS + s) * 32 + lane;
+}
+
+/* The fragments of m-tile mt of head h for lane (gq, tq) = (lane / 4, lane % 4), as
+ * mma.m16n8k16's A layout wants them: register f of step s holds rows 16 mt + gq + 8 (f & 1),
+ * channels 16 s + 2 tq + 8 (f >> 1) and the next one; rows past W and channels past d are 0.
+ * Each window row is split once here (sc_frag_kernel), not again by every block of tokens that
+ * uses it. The includer provides sc_half_round (a float through FP16, to nearest) and
+ * sc_half_pack (two floats as an FP16 pair, the first in the low half). */
+static __device__ void sc_frag_make(const score_args_t &a, uint32_t h, uint32_t mt, uint32_t lane,
+                                    sc_frag_t *out)
+{
+    const uint32_t gq = lane >> 2, tq = lane & 3;
+    for (uint32_t s = 0; s < SC_KS; s++) {
+        uint32_t hi[4], lo[4];
+        SCORE_UNROLL
+        for (int f = 0; f < 4; f++) {
+            const uint32_t w = 16 * mt + gq + 8 * (f & 1), c = 16 * s + 2 * tq + 8 * (f >> 1);
+            float x0 = 0.0f, x1 = 0.0f;
+            if (w < a.W && c < a.d) {
+                const float *q = a.q + ((size_t)h * a.qs + w) * a.d + c;
+                x0 = kmul(q[0], a.scale);
+                x1 = kmul(q[1], a.scale);
+            }
+            const float h0 = sc_half_round(x0), h1 = sc_half_round(x1);
+            hi[f] = sc_half_pack(h0, h1);
+            lo[f] = sc_half_pack(ksub(x0, h0), ksub(x1, h1));
+        }
+        out[sc_frag_at(a.W, h, mt, s, lane)].hi = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+        out[sc_frag_at(a.W, h, mt, s, lane)].lo = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+    }
 }
 
 #endif

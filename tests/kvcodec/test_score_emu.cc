@@ -5,7 +5,8 @@
 // window queries (the attention sums given) the same values as the per-element functions the
 // per-step kernels run. Shapes of 1-4 kv heads, GQA groups of 1-4, 1 to 2048 items, head_dim
 // 32-128; mean and max reduction, pooling 1-7, HybridKV on and off. And obar_tile_body, the
-// window output of longer prompts, against score.c's sum.
+// window output of longer prompts, against score.c's sum. And the layout of the window queries'
+// tensor-core fragments (sc_frag_make).
 #include <math.h>
 #include <pthread.h>
 #include <setjmp.h>
@@ -32,6 +33,16 @@ static inline float fy_dev_h2f(uint16_t h)
 static inline float fy_dev_h2f_arith(uint16_t h)
 {
     return fy_fp16_to_fp32(h);
+}
+
+// FP16 rounding to nearest, as __float2half_rn (common.h's conversion).
+static inline float sc_half_round(float x)
+{
+    return fy_fp16_to_fp32(fy_fp32_to_fp16(x));
+}
+static inline uint32_t sc_half_pack(float x, float y)
+{
+    return (uint32_t)fy_fp32_to_fp16(x) | (uint32_t)fy_fp32_to_fp16(y) << 16;
 }
 
 #include "../../kvcodec/score_dev_int.h"
@@ -269,12 +280,66 @@ static void test_obar_tiles(void **state)
         }
 }
 
+// The window queries' tensor-core fragments (sc_frag_make, the body of sc_frag_kernel): for
+// every query head, m-tile, k step and lane, at sc_frag_at, the FP16 high part of scale x q and
+// the FP16 of what it leaves, for the rows and channels mma.m16n8k16's A layout gives that lane
+// and register, zeros past the window and the head; and every entry written once.
+static void test_window_fragments(void **state)
+{
+    (void)state;
+    const uint32_t shapes[][3] = {{2, 128, 128}, {3, 37, 64}, {1, 16, 72}, {4, 9, 32}};
+    for (const auto &sh : shapes) {
+        const uint32_t n_heads = sh[0], W = sh[1], d = sh[2], MT = (W + 15) / 16;
+        std::vector<float> q((size_t)n_heads * W * d);
+        for (auto &x : q)
+            x = 8.0f * rnd01() - 4.0f;
+        score_args_t a;
+        memset(&a, 0, sizeof a);
+        a.q = q.data();
+        a.n_heads = n_heads;
+        a.W = a.qs = W;
+        a.d = d;
+        a.scale = 1.0f / sqrtf((float)d);
+        const size_t n = (size_t)n_heads * MT * SC_KS * 32;
+        std::vector<sc_frag_t> frag(n);
+        memset(frag.data(), 0xee, n * sizeof(sc_frag_t));
+        emu_launch(n_heads * MT, 32, [&] {
+            sc_frag_make(a, blockIdx.x / MT, blockIdx.x % MT, threadIdx.x, frag.data());
+        });
+        for (uint32_t h = 0; h < n_heads; h++)
+            for (uint32_t mt = 0; mt < MT; mt++)
+                for (uint32_t s = 0; s < SC_KS; s++)
+                    for (uint32_t lane = 0; lane < 32; lane++) {
+                        const sc_frag_t &f = frag[sc_frag_at(W, h, mt, s, lane)];
+                        const uint32_t got_hi[4] = {f.hi.x, f.hi.y, f.hi.z, f.hi.w};
+                        const uint32_t got_lo[4] = {f.lo.x, f.lo.y, f.lo.z, f.lo.w};
+                        for (int r = 0; r < 4; r++) {
+                            const uint32_t w = 16 * mt + lane / 4 + 8 * (r & 1);
+                            const uint32_t c = 16 * s + 2 * (lane % 4) + 8 * (r >> 1);
+                            uint32_t want_hi = 0, want_lo = 0;
+                            for (int e = 0; e < 2; e++) {
+                                float x = 0.0f;
+                                if (w < W && c + e < d)
+                                    x = q[((size_t)h * W + w) * d + c + e] * a.scale;
+                                const uint16_t hi = fy_fp32_to_fp16(x);
+                                want_hi |= (uint32_t)hi << (16 * e);
+                                want_lo |= (uint32_t)fy_fp32_to_fp16(x - fy_fp16_to_fp32(hi))
+                                           << (16 * e);
+                            }
+                            assert_int_equal(got_hi[r], want_hi);
+                            assert_int_equal(got_lo[r], want_lo);
+                        }
+                    }
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_from_window_attn),
         cmocka_unit_test(test_from_queries),
         cmocka_unit_test(test_obar_tiles),
+        cmocka_unit_test(test_window_fragments),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
