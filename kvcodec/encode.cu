@@ -408,10 +408,10 @@ static void stage_plan(const kvc_encoder_cuda_t *e, stage_t *sg)
 }
 
 /* crc_kernel's form and grid for frames of up to max_frame bytes: 32 copies of the tables in
- * 1024-thread blocks where the device lets a block have their shared memory, else 8 in 256-thread
- * blocks; a row per warp at least, at most the blocks that are resident at once. The trees
- * multiply by row[lq + log2(warps a block) + log2(blocks)] at most (crc_pow_t has 32): the rows
- * per warp are bounded so. */
+ * 1024-thread blocks where the device lets a block have their shared memory, else (or with
+ * FERRY_CRC_COPIES=8) 8 in 256-thread blocks; a row per warp at least, at most the blocks that are
+ * resident at once. The trees multiply by row[lq + log2(warps a block) + log2(blocks)] at most
+ * (crc_pow_t has 32): the rows per warp are bounded so. */
 static fy_status_t crc_setup(kvc_encoder_cuda_t *e, int dev)
 {
     fy_status_t st = FY_OK;
@@ -419,6 +419,8 @@ static fy_status_t crc_setup(kvc_encoder_cuda_t *e, int dev)
     KVC_CUDA_GOTO(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), st,
                   out);
     e->crc_r = (size_t)optin >= crc_smem_words(32, 1024) * sizeof(uint32_t) ? 32 : 8;
+    if (kvc_cuda_knob("FERRY_CRC_COPIES", 8, 8, 0) == 8) // the smaller form, for testing it
+        e->crc_r = 8;
     {
         const unsigned threads = e->crc_r == 32 ? 1024 : 256;
         e->crc_smem = crc_smem_words(e->crc_r, threads) * sizeof(uint32_t);

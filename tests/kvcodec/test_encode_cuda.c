@@ -3,9 +3,10 @@
 // variants (modelled distortion, HybridKV, MixKVQ protected channels, rotation on and off),
 // budgets from 1 to 1/16, odd token counts, one to 72 kv heads (past 64 the optimizer runs on
 // the host), head_dim 32..256 (at 256 the groups do not fit shared memory: the rotated copy and
-// unstaged passes), strided K/V, several layers through the rate controller. The output buffer is poisoned first. Also
-// the encoder scoring by itself from window_attn on the GPU (bit-exact path) against the CPU
-// encoder scoring from the same window_attn. Exits 77 without a GPU.
+// unstaged passes), strided K/V, several layers through the rate controller. The output buffer is
+// poisoned first. Also the encoder scoring by itself from window_attn on the GPU (bit-exact path)
+// against the CPU encoder scoring from the same window_attn. Some cases again with the
+// register-resident quantizer and with the frame CRC's smaller form. Exits 77 without a GPU.
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -334,6 +335,17 @@ static void test_parity_quant_warp(void **state)
     unsetenv("FERRY_QUANT_IMPL");
 }
 
+/* A few cases with the frame CRC's smaller form (FERRY_CRC_COPIES=8: 8 copies of its tables in
+ * 256-thread blocks, what devices with less shared memory a block take). */
+static void test_parity_crc8(void **state)
+{
+    (void)state;
+    setenv("FERRY_CRC_COPIES", "8", 1);
+    for (size_t i = 0; i < sizeof(parity_cases) / sizeof(parity_cases[0]); i += 4)
+        run_case(&parity_cases[i], 900 + i);
+    unsetenv("FERRY_CRC_COPIES");
+}
+
 /* Layers queued ahead (kvc_encoder_enqueue_layer_cuda*): the rate controller carries each
  * layer's size to the next on the device, so the frames equal the CPU's with two layers in
  * flight; a full queue, an empty one and the one-layer calls while layers are queued say
@@ -637,11 +649,9 @@ int main(void)
         return 77;
     }
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_parity),
-        cmocka_unit_test(test_parity_quant_warp),
-        cmocka_unit_test(test_queue),
-        cmocka_unit_test(test_queue_host),
-        cmocka_unit_test(test_destroy_queued),
+        cmocka_unit_test(test_parity),      cmocka_unit_test(test_parity_quant_warp),
+        cmocka_unit_test(test_parity_crc8), cmocka_unit_test(test_queue),
+        cmocka_unit_test(test_queue_host),  cmocka_unit_test(test_destroy_queued),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 #endif
