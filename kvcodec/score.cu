@@ -177,7 +177,7 @@ __global__ void attn_kernel(score_args_t a, const float2 *stats, int imp, float 
 
 /* ---- Tensor-core window softmax (the mma path) ------------------------------------------- */
 
-#define SC_TT    64 // tokens per block
+#define SC_TT         64 // tokens per block (FERRY_SCORE_TT=128: 128, for timing the two)
 #define SC_WARPS 8  // warps per block; warp w takes the m-tiles (16 window rows) w, w + 8, ...
 #define SC_MIN_BLOCKS 264 // blocks the window softmax kernels aim for (two per SM of an H100)
 // (SC_KS, score_dev_int.h: one instance for every head_dim up to 128, narrower heads padded
@@ -199,14 +199,14 @@ template <int KS> struct sc_tile {
     static constexpr uint32_t RW = KS * 8 + 4;
 };
 
-/* Keys of tokens [t0, t0 + SC_TT) of kv head g into ks, channels past d and tokens past n 0,
- * by a block of SC_WARPS warps: a thread's chunks all loaded before the first is stored (one
- * memory latency a block, not one per chunk). */
-template <int KS>
+/* Keys of tokens [t0, t0 + TT) of kv head g into ks, channels past d and tokens past n 0, by a
+ * block of SC_WARPS warps: a thread's chunks all loaded before the first is stored (one memory
+ * latency a block, not one per chunk). */
+template <int KS, int TT>
 static __device__ void sc_stage_keys(const score_args_t &a, uint32_t g, uint32_t t0, uint32_t *ks)
 {
     constexpr uint32_t RW = sc_tile<KS>::RW, C8 = KS * 2; // 8-channel chunks per row
-    constexpr uint32_t N = SC_TT * C8, T = SC_WARPS * 32, PER = (N + T - 1) / T;
+    constexpr uint32_t N = TT * C8, T = SC_WARPS * 32, PER = (N + T - 1) / T;
     const uint16_t *kh = a.k + (size_t)g * a.hs;
     uint4 v[PER];
 #pragma unroll
@@ -301,19 +301,19 @@ static __device__ __forceinline__ bool sc_sees(const score_args_t &a, uint32_t w
     return w < a.W && t < a.n && t <= a.n - a.W + w;
 }
 
-/* Pass 1, a block per (64 tokens, kv head, share of the group's query heads: heads z, z +
+/* Pass 1, a block per (TT tokens, kv head, share of the group's query heads: heads z, z +
  * gridDim.z, ...; more than one share only when tiles x kv heads leave SMs idle, and each head's
  * arithmetic is the same whatever its block): for every query head of its share and window row,
  * the max logit over the block's tokens the row sees and the sum of exp(s - max) into
  * part[(h * W + w) * n_tiles + tile] (-inf and 0 when it sees none). */
-template <int KS>
+template <int KS, int TT>
 __global__ void __launch_bounds__(SC_WARPS * 32)
     score_stats_mma_kernel(score_args_t a, const sc_frag_t *frag, float2 *part, uint32_t n_tiles)
 {
-    __shared__ __align__(16) uint32_t ks[SC_TT * sc_tile<KS>::RW];
-    const uint32_t tile = blockIdx.x, g = blockIdx.y, t0 = tile * SC_TT;
+    __shared__ __align__(16) uint32_t ks[TT * sc_tile<KS>::RW];
+    const uint32_t tile = blockIdx.x, g = blockIdx.y, t0 = tile * TT;
     const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane >> 2, tq = lane & 3;
-    sc_stage_keys<KS>(a, g, t0, ks);
+    sc_stage_keys<KS, TT>(a, g, t0, ks);
     __syncthreads();
     const uint32_t MT = (a.W + 15) / 16;
     for (uint32_t hh = blockIdx.z; hh < a.grp; hh += gridDim.z) {
@@ -323,7 +323,7 @@ __global__ void __launch_bounds__(SC_WARPS * 32)
             sc_load_a<KS>(a, frag, h, mt, lane, hi, lo);
             float m[2] = {-INFINITY, -INFINITY}, z[2] = {0.0f, 0.0f};
 #pragma unroll 1
-            for (uint32_t j = 0; j < SC_TT / 8 && t0 + 8 * j < a.n; j++) { // warp-uniform
+            for (uint32_t j = 0; j < TT / 8 && t0 + 8 * j < a.n; j++) { // warp-uniform
                 float c[4];
                 sc_logits<KS>(ks, j, gq, tq, hi, lo, c);
 #pragma unroll
@@ -383,26 +383,26 @@ __global__ void stats_combine_kernel(const float2 *part, size_t rows, uint32_t n
     }
 }
 
-/* Pass 2, a block per (64 tokens, kv head, share of the heads, as pass 1): the logits again,
+/* Pass 2, a block per (TT tokens, kv head, share of the heads, as pass 1): the logits again,
  * and for every query head of its share and token the sum over the window rows of p = exp(s - max)
  * / (W * sum) into ah (and, for the RMS or max importance, the root mean square or maximum of W p
  * into ah2), as attn_kernel. */
-template <int KS>
+template <int KS, int TT>
 __global__ void __launch_bounds__(SC_WARPS * 32)
     score_attn_mma_kernel(score_args_t a, const sc_frag_t *frag, const float2 *stats, int imp,
                           float *ah, float *ah2)
 {
-    __shared__ __align__(16) uint32_t ks[SC_TT * sc_tile<KS>::RW];
-    __shared__ float red[2][SC_WARPS][SC_TT]; // per warp: its rows' sums (maxima) per token
-    const uint32_t tile = blockIdx.x, g = blockIdx.y, t0 = tile * SC_TT;
+    __shared__ __align__(16) uint32_t ks[TT * sc_tile<KS>::RW];
+    __shared__ float red[2][SC_WARPS][TT]; // per warp: its rows' sums (maxima) per token
+    const uint32_t tile = blockIdx.x, g = blockIdx.y, t0 = tile * TT;
     const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane >> 2, tq = lane & 3;
-    sc_stage_keys<KS>(a, g, t0, ks);
+    sc_stage_keys<KS, TT>(a, g, t0, ks);
     __syncthreads();
     const uint32_t MT = (a.W + 15) / 16;
     const float fw = (float)a.W;
     for (uint32_t hh = blockIdx.z; hh < a.grp; hh += gridDim.z) {
         const uint32_t h = g * a.grp + hh;
-        for (uint32_t i = lane; i < SC_TT; i += 32)
+        for (uint32_t i = lane; i < TT; i += 32)
             red[0][warp][i] = red[1][warp][i] = 0.0f;
         __syncwarp();
         for (uint32_t mt = warp; mt < MT; mt += SC_WARPS) {
@@ -415,7 +415,7 @@ __global__ void __launch_bounds__(SC_WARPS * 32)
                 st[r] = w < a.W ? stats[(size_t)h * a.W + w] : make_float2(0.0f, 0.0f);
             }
 #pragma unroll 1
-            for (uint32_t j = 0; j < SC_TT / 8 && t0 + 8 * j < a.n; j++) { // warp-uniform
+            for (uint32_t j = 0; j < TT / 8 && t0 + 8 * j < a.n; j++) { // warp-uniform
                 float c[4];
                 sc_logits<KS>(ks, j, gq, tq, hi, lo, c);
                 float acc[2] = {0.0f, 0.0f}, acc2[2] = {0.0f, 0.0f};
@@ -456,7 +456,7 @@ __global__ void __launch_bounds__(SC_WARPS * 32)
         }
         __syncthreads();
         const uint32_t t = t0 + threadIdx.x;
-        if (threadIdx.x < SC_TT && t < a.n) {
+        if (threadIdx.x < TT && t < a.n) {
             float s = 0.0f, s2 = 0.0f;
 #pragma unroll
             for (int w = 0; w < SC_WARPS; w++) {
@@ -606,7 +606,9 @@ extern "C" fy_status_t kvc_score_cuda(const kvc_policy_t *policy, uint32_t n_hea
                                                  cs, pools),
                           st, out);
         if (score_use_mma(d)) {
-            uint32_t n_tiles = (n + SC_TT - 1) / SC_TT;
+            const uint32_t tt =
+                kvc_cuda_knob("FERRY_SCORE_TT", 128, 128, SC_TT) == 128 ? 128 : SC_TT;
+            uint32_t n_tiles = (n + tt - 1) / tt;
             size_t rows = (size_t)n_heads * a.W;
             KVC_CUDA_GOTO(
                 kvc_cuda_scratch_alloc((void **)&part, rows * n_tiles * sizeof(float2), cs, pools),
@@ -625,13 +627,22 @@ extern "C" fy_status_t kvc_score_cuda(const kvc_policy_t *policy, uint32_t n_hea
                 st, out);
             sc_frag_kernel<<<kvc_grid(frag_tiles, 8), 256, 0, cs>>>(a, frag_tiles, frag);
             KVC_LAUNCH_GOTO(st, out);
-            score_stats_mma_kernel<SC_KS><<<grid, SC_WARPS * 32, 0, cs>>>(a, frag, part, n_tiles);
+            if (tt == 128)
+                score_stats_mma_kernel<SC_KS, 128>
+                    <<<grid, SC_WARPS * 32, 0, cs>>>(a, frag, part, n_tiles);
+            else
+                score_stats_mma_kernel<SC_KS, SC_TT>
+                    <<<grid, SC_WARPS * 32, 0, cs>>>(a, frag, part, n_tiles);
             KVC_LAUNCH_GOTO(st, out);
             stats_combine_kernel<<<kvc_grid(rows, 8), 256, 0, cs>>>(part, rows, n_tiles, a.W,
                                                                     stats);
             KVC_LAUNCH_GOTO(st, out);
-            score_attn_mma_kernel<SC_KS>
-                <<<grid, SC_WARPS * 32, 0, cs>>>(a, frag, stats, imp, ah, ah2);
+            if (tt == 128)
+                score_attn_mma_kernel<SC_KS, 128>
+                    <<<grid, SC_WARPS * 32, 0, cs>>>(a, frag, stats, imp, ah, ah2);
+            else
+                score_attn_mma_kernel<SC_KS, SC_TT>
+                    <<<grid, SC_WARPS * 32, 0, cs>>>(a, frag, stats, imp, ah, ah2);
             KVC_LAUNCH_GOTO(st, out);
         } else {
             row_stats_kernel<<<kvc_grid((size_t)n_heads * a.W, 1), ROW_THREADS, 0, cs>>>(a, stats);

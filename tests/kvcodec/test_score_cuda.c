@@ -7,9 +7,9 @@
 // Each with the mean, RMS and max importance over the window. Odd token counts, GQA groups of
 // 1 to 4, head_dim 40, 64, 128 and 256, windows that are not a multiple of 16 rows, keys too
 // misaligned for 16-byte loads. From the window queries both window-softmax kernels run: the
-// tensor-core one (the default up to head_dim 128) and FERRY_SCORE_IMPL=simt. A real-size case
-// checks the scores against a copy of the CPU's that kvc_score_cuda_host brings back.
-// Exits 77 without a GPU.
+// tensor-core one (the default up to head_dim 128; blocks of 64 tokens, and of 128 with
+// FERRY_SCORE_TT=128) and FERRY_SCORE_IMPL=simt. A real-size case checks the scores against a
+// copy of the CPU's that kvc_score_cuda_host brings back. Exits 77 without a GPU.
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -165,17 +165,21 @@ static void test_parity(void **state)
         {6, 2, 150, 40, 20, KVC_REDUCE_MAX, 3, 0, 1},     // head_dim padded to 64 in the MMA
         {4, 2, 100, 256, 16, KVC_REDUCE_MEAN, 5, 0, 1},   // too wide for the MMA: simt
     };
-    static const char *const impls[] = {"mma", "simt"};
-    for (int k = 0; k < 2; k++) {
+    // The tensor-core kernels with blocks of 64 tokens (the default) and of 128
+    // (FERRY_SCORE_TT=128), then the SIMT ones.
+    static const char *const impls[] = {"mma", "mma", "simt"};
+    for (int k = 0; k < 3; k++) {
         assert_int_equal(setenv("FERRY_SCORE_IMPL", impls[k], 1), 0);
+        assert_int_equal(setenv("FERRY_SCORE_TT", k == 1 ? "128" : "64", 1), 0);
         for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
-            if (k == 1 && !cases[i].from_q)
+            if (k > 0 && !cases[i].from_q)
                 continue; // from window_attn the implementations share every kernel
             for (int imp = KVC_IMP_MEAN; imp <= KVC_IMP_MAX; imp++)
                 run_case(&cases[i], 300 + i, (kvc_importance_t)imp);
         }
     }
     assert_int_equal(unsetenv("FERRY_SCORE_IMPL"), 0);
+    assert_int_equal(unsetenv("FERRY_SCORE_TT"), 0);
 }
 
 /* kvc_score_cuda_host: host in, host out, the same scores as kvc_score_cuda on device copies. */
