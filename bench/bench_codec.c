@@ -397,6 +397,10 @@ typedef struct {
     // the tensor-core window softmax [0] and FERRY_SCORE_IMPL=simt [1]; 0 without a window.
     uint32_t scoreq_window;
     double scoreq_ms[2], scoreq_gbs[2];
+    // The decode worker's path for a frame received in host memory (kvc_gpu_stage_place: upload,
+    // place, wait), wall time, from pageable [0] and page-locked [1] memory.
+    double upload_ms[2];
+    size_t frame_bytes;
     bool identical;
     bool checked; // the CPU encoder ran on the same layer (too slow for the longest layers)
 } cuda_row_t;
@@ -482,7 +486,10 @@ static int cuda_row(const model_shape_t *m, uint32_t n, const char *policy, doub
     kvc_encoder_t *cenc = NULL;
     kvc_gpu_pool_t *pool = NULL;
     kvc_gpu_seq_t *seq = NULL;
-    double te[16], tp[16], tg[16];
+    kvc_gpu_stage_t *stage = NULL;
+    uint8_t *hup = NULL; // the frame in memory of its own (page-aligned), as a receive pool
+    bool locked = false;
+    double te[16], tp[16], tg[16], tu[16];
     float *hq2 = NULL, *dq2 = NULL;
     kvc_scores_t qsc = {0};
     char *impl_env = NULL;
@@ -638,6 +645,37 @@ static int cuda_row(const model_shape_t *m, uint32_t n, const char *policy, doub
         kvc_gpu_seq_destroy(seq);
         seq = NULL;
     }
+    // The same frame from host memory, as a decode worker receives it: pageable, then locked
+    // (what the worker does to its receive pool).
+    {
+        size_t alen = FY_ALIGN_UP(len, (size_t)4096);
+        if (posix_memalign((void **)&hup, 4096, alen) != 0) {
+            hup = NULL;
+            fprintf(stderr, "codec: out of host memory\n");
+            goto fail;
+        }
+        memcpy(hup, hframe, len);
+        kvc_frame_t fu;
+        FY(kvc_frame_parse(hup, len, &fu));
+        FY(kvc_gpu_stage_create(&stage));
+        for (int k = 0; k < 2; k++) {
+            if (k == 1) {
+                FY(kvc_cuda_host_register(hup, alen));
+                locked = true;
+            }
+            for (int r = 0; r < warm + reps; r++) {
+                FY(kvc_gpu_seq_create(pool, fu.n_layers, m->n_kv, 42, 1, &seq));
+                uint64_t a = fy_clock_ns();
+                FY(kvc_gpu_stage_place(stage, seq, &fu, hup, len));
+                if (r >= warm)
+                    tu[r - warm] = (double)(fy_clock_ns() - a) * 1e-6;
+                kvc_gpu_seq_destroy(seq);
+                seq = NULL;
+            }
+            row->upload_ms[k] = median(tu, reps);
+        }
+        row->frame_bytes = len;
+    }
     row->shape = m->name;
     row->policy = policy;
     row->n = n;
@@ -656,6 +694,10 @@ static int cuda_row(const model_shape_t *m, uint32_t n, const char *policy, doub
     rc = 0;
 fail:
     kvc_gpu_seq_destroy(seq);
+    kvc_gpu_stage_destroy(stage);
+    if (locked)
+        kvc_cuda_host_unregister(hup);
+    free(hup);
     kvc_gpu_pool_destroy(pool);
     kvc_encoder_cuda_destroy(enc);
     kvc_encoder_destroy(cenc);
@@ -920,6 +962,20 @@ static int codec_cuda_main(int argc, char **argv)
         }
     }
 done:
+    if (n_rows > 0) {
+        printf("from host: a frame in host memory as a decode worker receives it, uploaded and "
+               "placed (kvc_gpu_stage_place, wall time), from pageable and from page-locked "
+               "memory; GB/s of frame bytes\n");
+        printf("%-8s %-6s %6s %9s %10s %10s %10s %10s %7s\n", "shape", "policy", "tokens",
+               "frame MB", "pageable", "GB/s", "locked", "GB/s", "ratio");
+        for (int i = 0; i < n_rows; i++) {
+            const cuda_row_t *r = &rows[i];
+            double mb = (double)r->frame_bytes / 1e6;
+            printf("%-8s %-6s %6u %9.2f %7.3f ms %5.1f GB/s %7.3f ms %5.1f GB/s %6.2fx\n", r->shape,
+                   r->policy, r->n, mb, r->upload_ms[0], mb / r->upload_ms[0], r->upload_ms[1],
+                   mb / r->upload_ms[1], r->upload_ms[0] / r->upload_ms[1]);
+        }
+    }
     rc = 0;
     for (int i = 0; i < n_rows; i++)
         if (!rows[i].identical)
@@ -952,12 +1008,14 @@ done:
                     "\"place_vs_copy\": %.4f, \"score_ms\": %.4f, \"score_gbps\": %.3f, "
                     "\"scoreq_window\": %u, \"scoreq_mma_ms\": %.4f, \"scoreq_mma_gbps\": %.3f, "
                     "\"scoreq_simt_ms\": %.4f, \"scoreq_simt_gbps\": %.3f, "
+                    "\"frame_bytes\": %zu, \"from_host_pageable_ms\": %.4f, "
+                    "\"from_host_locked_ms\": %.4f, "
                     "\"identical_to_cpu\": %s}%s\n",
                     r->shape, r->policy, r->n, r->fp16_mb, r->wire_ratio, r->encode_ms,
                     r->encode_gbs, r->encode_vs_copy, r->gpu_ms, r->gpu_gbs, r->gpu_vs_copy,
                     r->place_ms, r->place_gbs, r->place_vs_copy, r->score_ms, r->score_gbs,
                     r->scoreq_window, r->scoreq_ms[0], r->scoreq_gbs[0], r->scoreq_ms[1],
-                    r->scoreq_gbs[1],
+                    r->scoreq_gbs[1], r->frame_bytes, r->upload_ms[0], r->upload_ms[1],
                     !r->checked    ? "null"
                     : r->identical ? "true"
                                    : "false",

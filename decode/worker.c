@@ -185,6 +185,7 @@ struct decode_worker {
     uv_timer_t kv_sweep;
     kvlink_ctx_t *kv_ctx;
     kvlink_t *link;
+    void *pinned; // the link's receive pool, page-locked for uploads (device CUDA)
     int kv_port;
     kv_cmd_t *cmds; // under mu
     bool kv_stop;
@@ -209,6 +210,7 @@ struct decode_worker {
 
     // Metrics.
     fy_metrics_t *metrics;
+    fy_metric_t *m_locked; // receive pool bytes page-locked (kvlink thread sets it)
     fy_metric_t *m_running, *m_free_pages, *m_avail_pages, *m_total_pages, *m_requests;
     fy_metric_t *m_tokens, *m_step, *m_batch, *m_wire, *m_frames, *m_reserved, *m_refused;
     fy_metric_t *m_completed, *m_fail[FAIL_COUNT], *m_pair_frames, *m_pairs;
@@ -929,6 +931,30 @@ static void on_kv_sweep(uv_timer_t *t)
     update_gauges(w);
 }
 
+/* Page-locks the receive pool, so that frames go to the GPU by DMA straight from where they
+ * were received (kvc_gpu_stage_place); pageable memory makes the driver copy them through
+ * staging buffers first, on the kvlink thread, while the next frames wait. Optional: without
+ * it uploads still work, only slower. */
+static void pin_recv_pool(decode_worker_t *w)
+{
+    void *pool = NULL;
+    size_t len = 0;
+    kvlink_recv_pool(w->link, &pool, &len);
+    if (pool == NULL)
+        return;
+    fy_status_t st = kvc_cuda_host_register(pool, len);
+    if (st == FY_OK) {
+        w->pinned = pool;
+        fy_metric_set(w->m_locked, (double)len);
+        FY_LOG_INFO(MODULE, "receive pool page-locked for uploads (%zu MiB)", len >> 20);
+    } else {
+        FY_LOG_WARN(MODULE,
+                    "receive pool of %zu MiB not page-locked (%s): uploads go through "
+                    "the driver's staging copies",
+                    len >> 20, fy_status_str(st));
+    }
+}
+
 static void *kv_main(void *arg)
 {
     decode_worker_t *w = arg;
@@ -950,6 +976,8 @@ static void *kv_main(void *arg)
         kp.cb_arg = w;
         st = kvlink_create(w->kv_ctx, &w->kv_loop, &kp, &w->link);
     }
+    if (st == FY_OK && w->gstage != NULL)
+        pin_recv_pool(w);
     uint16_t port = 0;
     if (st == FY_OK)
         st = kvlink_listen(w->link, w->kv_host, (uint16_t)w->p.kv_port, &port);
@@ -980,6 +1008,9 @@ static void *kv_main(void *arg)
     uv_timer_stop(&w->pair_timer);
     uv_idle_stop(&w->pair_idle);
     pairs_destroy(w);
+    kvc_cuda_host_unregister(w->pinned); // placements ran on this thread: none is left
+    w->pinned = NULL;
+    fy_metric_set(w->m_locked, 0);
     kvlink_destroy(w->link);
     w->link = NULL;
     run_cmds(w); // commands that came meanwhile (answered as failures)
@@ -1626,6 +1657,9 @@ static fy_status_t make_metrics(decode_worker_t *w)
     w->m_avail_pages = fy_metrics_gauge(m, "ferry_decode_available_pages", NULL,
                                         "KV pool pages neither allocated nor reserved");
     w->m_total_pages = fy_metrics_gauge(m, "ferry_decode_total_pages", NULL, "KV pool pages");
+    w->m_locked = fy_metrics_gauge(m, "ferry_decode_recv_pool_locked_bytes", NULL,
+                                   "Receive pool bytes page-locked for GPU uploads "
+                                   "(0: pageable, or the worker runs on the CPU)");
     w->m_requests = fy_metrics_gauge(m, "ferry_decode_requests", NULL,
                                      "Reservations alive (receiving, waiting or decoding)");
     w->m_tokens = fy_metrics_counter(m, "ferry_decode_tokens_generated_total", NULL,
@@ -1661,9 +1695,9 @@ static fy_status_t make_metrics(decode_worker_t *w)
             return FY_ERR_NO_MEMORY;
     }
     if (!w->m_running || !w->m_free_pages || !w->m_avail_pages || !w->m_total_pages ||
-        !w->m_requests || !w->m_tokens || !w->m_step || !w->m_batch || !w->m_wire ||
-        !w->m_frames || !w->m_reserved || !w->m_refused || !w->m_completed ||
-        !w->m_pair_frames || !w->m_pairs || !w->m_pairs_up)
+        !w->m_requests || !w->m_tokens || !w->m_step || !w->m_batch || !w->m_wire || !w->m_frames ||
+        !w->m_reserved || !w->m_refused || !w->m_completed || !w->m_pair_frames || !w->m_pairs ||
+        !w->m_pairs_up || !w->m_locked)
         return FY_ERR_NO_MEMORY;
     fy_metric_set(w->m_total_pages, kv_total_pages(w));
     return FY_OK;

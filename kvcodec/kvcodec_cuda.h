@@ -226,6 +226,16 @@ fy_status_t kvc_gpu_stage_fetch(kvc_gpu_stage_t *stage, uint8_t *host, const uin
 fy_status_t kvc_gpu_stage_place_dev(kvc_gpu_stage_t *stage, kvc_gpu_seq_t *seq,
                                     const kvc_frame_t *frame, const uint8_t *frame_dev);
 
+/* Page-locks host memory the caller owns and keeps (a decode worker's receive pool), so that
+ * kvc_gpu_stage_place uploads frames from it by DMA instead of through the driver's pageable
+ * staging copies. kvc_cuda_host_unregister undoes it and must come before the memory is freed
+ * or unmapped; it accepts NULL. FY_ERR_NO_DEVICE without CUDA or a GPU, FY_ERR_INVALID_ARG for
+ * NULL or an empty range, FY_ERR_EXISTS where part of it is already registered; any error
+ * (a limit on locked memory, too) leaves the range as it was, and uploads from it still work,
+ * only slower. Thread: any. */
+fy_status_t kvc_cuda_host_register(void *host, size_t len);
+void kvc_cuda_host_unregister(void *host);
+
 /* Device memory for a frame that leaves the encoder for another user of the device (the NCCL
  * link): stream-ordered on a stream of the codec's own where the device has memory pools, so
  * that kvc_cuda_frame_free never waits for the device (a thread that drives an NCCL pair must

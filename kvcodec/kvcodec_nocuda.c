@@ -201,6 +201,11 @@ fy_status_t kvc_gpu_stage_place_dev(kvc_gpu_stage_t *stage, kvc_gpu_seq_t *seq,
 {
     return FY_ERR_NO_DEVICE;
 }
+fy_status_t kvc_cuda_host_register(void *host, size_t len)
+{
+    return FY_ERR_NO_DEVICE;
+}
+void kvc_cuda_host_unregister(void *host) {}
 fy_status_t kvc_cuda_frame_alloc(size_t bytes, uint8_t **dev_p)
 {
     return FY_ERR_NO_DEVICE;

@@ -767,6 +767,35 @@ extern "C" fy_status_t kvc_gpu_stage_place_dev(kvc_gpu_stage_t *g, kvc_gpu_seq_t
     return st;
 }
 
+/* ---- host memory uploads come from (kvc_cuda_host_register) ---- */
+
+extern "C" fy_status_t kvc_cuda_host_register(void *host, size_t len)
+{
+    if (host == NULL || len == 0)
+        return FY_ERR_INVALID_ARG;
+    if (fy_cuda_device_count() == 0)
+        return FY_ERR_NO_DEVICE;
+    cudaError_t e = cudaHostRegister(host, len, cudaHostRegisterDefault);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError(); // not sticky: clear it for the next call on this thread
+        FY_LOG_WARN("kvcodec", "page-locking %zu bytes of host memory: %s", len,
+                    cudaGetErrorString(e));
+        return e == cudaErrorHostMemoryAlreadyRegistered ? FY_ERR_EXISTS : kvc_cuda_status(e);
+    }
+    return FY_OK;
+}
+
+extern "C" void kvc_cuda_host_unregister(void *host)
+{
+    if (host == NULL)
+        return;
+    cudaError_t e = cudaHostUnregister(host);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        FY_LOG_WARN("kvcodec", "unlocking host memory: %s", cudaGetErrorString(e));
+    }
+}
+
 /* ---- frames handed to another user of the device (kvc_cuda_frame_alloc) ---- */
 
 static pthread_once_t g_frame_once = PTHREAD_ONCE_INIT;

@@ -56,6 +56,8 @@ typedef struct {
 #define DECODE_TEST_CUDA 0
 #endif
 
+#define RECV_BUFFER (16u << 20) // each worker's kvlink receive pool
+
 static struct {
     mdl_model_t *m;  // CPU: prefill, frames and the local reference runs
     mdl_model_t *gm; // DECODE_TEST_CUDA: the same file on the GPU, which the worker runs
@@ -298,7 +300,7 @@ static fy_status_t start_worker_at(uint64_t kv_memory, const char *router,
     p.threads = 2;
     p.max_batch = 8;
     p.kv_memory = kv_memory;
-    p.recv_buffer = 16u << 20;
+    p.recv_buffer = RECV_BUFFER;
     char err[256] = "";
     fy_status_t st = decode_worker_create(&p, w_p, err, sizeof(err));
     if (st != FY_OK)
@@ -499,6 +501,14 @@ static void test_stream_equals_local_greedy(void **state)
     assert_int_equal(fy_metrics_render(m, &text, &len), FY_OK);
     assert_non_null(strstr(text, "ferry_decode_placed_wire_bytes_total"));
     assert_non_null(strstr(text, "ferry_decode_step_seconds_count"));
+    // On the GPU the receive pool is page-locked for uploads: all of it, as the gauge says.
+    const char *locked = strstr(text, "\nferry_decode_recv_pool_locked_bytes ");
+    assert_non_null(locked);
+    double locked_bytes = strtod(locked + strlen("\nferry_decode_recv_pool_locked_bytes "), NULL);
+    if (DECODE_TEST_CUDA)
+        assert_true(locked_bytes >= (double)RECV_BUFFER);
+    else
+        assert_true(locked_bytes == 0);
     free(text);
 }
 

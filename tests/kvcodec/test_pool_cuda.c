@@ -268,8 +268,10 @@ static void test_all_or_nothing(void **state)
 
 /* Frames that arrive in device memory (the NCCL pair's path): kvc_cuda_frame_upload,
  * kvc_gpu_stage_fetch back to the host and kvc_gpu_stage_place_dev give the same pages as
- * kvc_gpu_stage_place from the host copy; a layer placed twice is refused; frames freed
- * stream-ordered. The device UUID is 32 hex digits and the same on every call. */
+ * kvc_gpu_stage_place from the host copy, which is pageable for the first layer and then
+ * page-locked (kvc_cuda_host_register, as a decode worker's receive pool); a layer placed
+ * twice is refused; frames freed stream-ordered. The device UUID is 32 hex digits and the same on
+ * every call. */
 static void test_device_frames(void **state)
 {
     (void)state;
@@ -311,11 +313,18 @@ static void test_device_frames(void **state)
     kvc_encoder_params_t p = kvt_params(&pol, &L, n_layers, 0.25);
     kvc_encoder_t *enc;
     assert_int_equal(kvc_encoder_create(&p, &enc), FY_OK);
-    size_t cap = kvc_encoder_max_frame_bytes(enc);
-    uint8_t *frame = malloc(cap), *fetched = malloc(cap);
-    assert_non_null(frame);
+    size_t cap = kvc_encoder_max_frame_bytes(enc), alen = (cap + 4095) / 4096 * 4096;
+    uint8_t *frame = NULL, *fetched = malloc(cap);
+    assert_int_equal(posix_memalign((void **)&frame, 4096, alen), 0);
     assert_non_null(fetched);
+    assert_int_equal(kvc_cuda_host_register(NULL, alen), FY_ERR_INVALID_ARG);
+    assert_int_equal(kvc_cuda_host_register(frame, 0), FY_ERR_INVALID_ARG);
+    kvc_cuda_host_unregister(NULL);
     for (uint32_t l = 0; l < n_layers; l++) {
+        if (l == 1) {
+            assert_int_equal(kvc_cuda_host_register(frame, alen), FY_OK);
+            assert_int_equal(kvc_cuda_host_register(frame, alen), FY_ERR_EXISTS);
+        }
         kvt_layer_t Ll;
         kvt_layer_make(&Ll, 500 + l, n_heads, n_kv, n, d, 32);
         kvc_layer_input_t in = kvt_input(&Ll, l);
@@ -354,6 +363,7 @@ static void test_device_frames(void **state)
     kvc_cuda_frame_free(big);
     free(a);
     free(b);
+    kvc_cuda_host_unregister(frame);
     free(frame);
     free(fetched);
     kvt_layer_free(&L);

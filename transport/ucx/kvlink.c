@@ -1815,3 +1815,9 @@ void kvlink_stats(const kvlink_t *link, kvlink_stats_t *stats_p)
 {
     *stats_p = link->st;
 }
+
+void kvlink_recv_pool(const kvlink_t *link, void **mem_p, size_t *len_p)
+{
+    *mem_p = link->pool_mem;
+    *len_p = link->pool_mem != NULL ? link->pool.size : 0;
+}

@@ -289,6 +289,13 @@ typedef struct {
 /* Copies the counters. Thread: loop thread. */
 void kvlink_stats(const kvlink_t *link, kvlink_stats_t *stats_p);
 
+/* The receive pool's memory, where frames within it are received and delivered to on_frame
+ * (NULL and 0 where recv_pool_bytes was 0). It lives until kvlink_destroy, so that the
+ * application may register it with another user of the memory (page-locking it for GPU
+ * uploads) and undo that before destroying the link; frames outside the pool (fragmentation,
+ * stats.pool_fallbacks) come in memory of their own. Thread: any. */
+void kvlink_recv_pool(const kvlink_t *link, void **mem_p, size_t *len_p);
+
 /* Runs the link's progress once without blocking (for callers that drive the loop with
  * UV_RUN_NOWAIT). Thread: loop thread. */
 void kvlink_progress(kvlink_t *link);

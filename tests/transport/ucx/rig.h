@@ -19,6 +19,7 @@ typedef struct {
     kvlink_buf_t *held[RIG_MAX_HELD]; /* delivered, not yet released */
     size_t n_held;
     uint64_t frames_ok, frames_bad, bytes_rx;
+    uint64_t frames_in_pool; /* delivered inside kvlink_recv_pool's memory */
     uint64_t rx_end_id[RIG_MAX_REQ];
     fy_status_t rx_end_st[RIG_MAX_REQ];
     int n_rx_end;
@@ -43,6 +44,12 @@ static inline void rig_on_frame(kvlink_t *link, uint64_t request_id, uint32_t la
     else
         r->frames_bad++;
     r->bytes_rx += len;
+    void *pool = NULL;
+    size_t pool_len = 0;
+    kvlink_recv_pool(link, &pool, &pool_len);
+    const uint8_t *p = data, *lo = pool;
+    if (pool != NULL && p >= lo && len <= pool_len && (size_t)(p - lo) <= pool_len - len)
+        r->frames_in_pool++;
     if (r->release_inline || r->n_held == RIG_MAX_HELD)
         kvlink_buf_release(buf);
     else

@@ -109,6 +109,9 @@ static void test_thousand_frames(void **state)
     assert_true(rs.max_outstanding > 0);
     assert_true(ts.credit_stalls > 0);
     assert_int_equal(rs.frames_delivered, 1000);
+    // Frames land in the receive pool the application may page-lock, but for fallbacks.
+    assert_int_equal(r.frames_in_pool + rs.pool_fallbacks, 1000);
+    assert_true(r.frames_in_pool > 0);
     assert_int_equal(rs.rejected, 0);
     assert_int_equal(rs.crc_errors, 0);
     assert_true(h_run_until(&r.loop, (h_cond_fn)rig_idle, r.rx, 5000));
@@ -493,10 +496,23 @@ static void test_ctx_params(void **state)
     p.recv_pool_bytes = 1u << 20;
     kvlink_t *link;
     assert_int_equal(kvlink_create(ctx, &loop, &p, &link), FY_OK);
+    void *pool = NULL;
+    size_t pool_len = 0;
+    kvlink_recv_pool(link, &pool, &pool_len);
+    assert_non_null(pool);
+    assert_true(pool_len >= p.recv_pool_bytes);
+    memset(pool, 0xa5, pool_len); // all of it is the link's, and writable
     uint16_t port = 0;
     assert_int_equal(kvlink_listen(link, "127.0.0.1", 0, &port), FY_OK);
     assert_true(port != 0);
     assert_int_equal(kvlink_listen(link, "127.0.0.1", 0, &port), FY_ERR_STATE);
+    kvlink_t *sender; // no receive pool
+    p.recv_pool_bytes = 0;
+    assert_int_equal(kvlink_create(ctx, &loop, &p, &sender), FY_OK);
+    kvlink_recv_pool(sender, &pool, &pool_len);
+    assert_null(pool);
+    assert_int_equal(pool_len, 0);
+    kvlink_destroy(sender);
     p.max_frame_bytes = 0;
     kvlink_t *bad;
     assert_int_equal(kvlink_create(ctx, &loop, &p, &bad), FY_ERR_INVALID_ARG);
