@@ -30,6 +30,8 @@ struct kvc_encoder {
     float *cand;        // [n_items] greedy-fill candidate ratios
     uint32_t *cand_idx; // [n_items]
     uint8_t *cand_opt;  // [n_items]
+    size_t greedy_window; // candidates sorted at a time by the greedy fill
+    size_t greedy_sorted; // candidates the last layer's fill put in order (both passes)
     uint64_t *counts;   // [n_kv_heads][KVC_OPT_COUNT]
     uint8_t *backbone;  // [n_tokens] 1 = HEX backbone token
     kvc_scores_t scores;
@@ -447,17 +449,106 @@ static int cmp_cand(const void *a, const void *b, void *ctx)
     return ia < ib ? -1 : ia > ib; // deterministic order on ties
 }
 
+/* cmp_cand's order: ratio descending, then index. */
+static inline bool cand_before(const float *r, uint32_t a, uint32_t b)
+{
+    return r[a] != r[b] ? r[a] > r[b] : a < b;
+}
+
+static inline void swap_u32(uint32_t *x, uint32_t *y)
+{
+    uint32_t t = *x;
+    *x = *y;
+    *y = t;
+}
+
+/* Rearranges idx[0 .. n) so that its first k (0 < k < n) are the k first in cand_before order,
+ * in any order among themselves (quickselect on a median of three; past a depth of twice
+ * log2 n the range is sorted instead, so a bad input costs n log n, not n^2). */
+static void select_first(uint32_t *idx, size_t n, size_t k, const float *r)
+{
+    size_t lo = 0, hi = n; // the k-th lies in [lo, hi)
+    int depth = 0;
+    for (size_t m = n; m > 1; m >>= 1)
+        depth += 2;
+    while (hi - lo > 1) {
+        if (depth-- == 0) {
+            qsort_r(idx + lo, hi - lo, sizeof(uint32_t), cmp_cand, (void *)r);
+            return;
+        }
+        // Median of the first, middle and last as the pivot, moved to lo.
+        size_t mid = lo + (hi - lo) / 2, last = hi - 1;
+        if (cand_before(r, idx[mid], idx[lo]))
+            swap_u32(&idx[mid], &idx[lo]);
+        if (cand_before(r, idx[last], idx[lo]))
+            swap_u32(&idx[last], &idx[lo]);
+        if (cand_before(r, idx[last], idx[mid]))
+            swap_u32(&idx[last], &idx[mid]);
+        swap_u32(&idx[lo], &idx[mid]);
+        const uint32_t piv = idx[lo];
+        // Lomuto: [lo + 1, s) before the pivot, [s, j) after it (the order is strict).
+        size_t st = lo + 1;
+        for (size_t j = lo + 1; j < hi; j++)
+            if (cand_before(r, idx[j], piv))
+                swap_u32(&idx[j], &idx[st++]);
+        swap_u32(&idx[lo], &idx[st - 1]); // the pivot at its place, st - 1
+        const size_t p = st - 1;
+        if (p == k) // the k before it are the first k
+            return;
+        if (p < k)
+            lo = p + 1;
+        else
+            hi = p;
+    }
+}
+
+/* The exact frame byte change of moving one token of head counts c from option cur to to. */
+static int64_t move_delta(const kvc_encoder_t *e, const uint64_t *c, int cur, int to)
+{
+    uint32_t d = e->p.head_dim, G = e->policy.group, P = e->policy.protect_channels;
+    return (int64_t)kvc_run_bytes(to, d, G, P, c[to] + 1) -
+           (int64_t)kvc_run_bytes(to, d, G, P, c[to]) +
+           (int64_t)kvc_run_bytes(cur, d, G, P, c[cur] - 1) -
+           (int64_t)kvc_run_bytes(cur, d, G, P, c[cur]);
+}
+
+/* Whether some one-token upgrade (a head's option cur -> to with lcost[to] > lcost[cur], the
+ * kind the fill proposes) still fits the target under the counts. A candidate's byte change
+ * depends only on its (head, cur, to), so when none fits no candidate can be taken, and the
+ * state changes only by a take: the rest of the fill takes nothing. */
+static bool any_upgrade_fits(const kvc_encoder_t *e, const uint64_t *cnt, size_t total,
+                             size_t target)
+{
+    for (uint32_t h = 0; h < e->p.n_kv_heads; h++) {
+        const uint64_t *c = cnt + (size_t)h * KVC_OPT_COUNT;
+        for (int cur = 0; cur < KVC_OPT_COUNT; cur++) {
+            if (c[cur] == 0)
+                continue;
+            for (int to = 0; to < KVC_OPT_COUNT; to++)
+                if (e->lcost[to] > e->lcost[cur] &&
+                    (int64_t)total + move_delta(e, c, cur, to) <= (int64_t)target)
+                    return true;
+        }
+    }
+    return false;
+}
+
 /* Upgrades items along their hulls, best distortion saved per byte first, while the exact
- * frame size stays <= target (a token that opens a new group pays the group's scales). */
+ * frame size stays <= target (a token that opens a new group pays the group's scales): each
+ * candidate in order is taken if its byte change fits the state the earlier takes left. The
+ * candidates are put in order greedy_window at a time (the next best selected, then sorted),
+ * since the fill is over long before the end of the list (no upgrade fits any more: usually
+ * within the first thousand of a layer's hundreds of thousands). */
 static size_t greedy_fill(kvc_encoder_t *e, size_t total, size_t target)
 {
-    uint32_t n = e->p.n_tokens, d = e->p.head_dim, G = e->policy.group;
-    uint32_t P = e->policy.protect_channels;
+    uint32_t n = e->p.n_tokens;
     uint64_t *cnt = e->counts; // [n_kv][KVC_OPT_COUNT]
     memset(cnt, 0, (size_t)e->p.n_kv_heads * KVC_OPT_COUNT * sizeof(uint64_t));
     for (size_t i = 0; i < e->n_items; i++)
         cnt[(i / n) * KVC_OPT_COUNT + e->choice[i]]++;
-    for (int pass = 0; pass < 2; pass++) {
+    const size_t window = e->greedy_window > 0 ? e->greedy_window : KVC_GREEDY_WINDOW;
+    e->greedy_sorted = 0;
+    for (int pass = 0; pass < 2 && any_upgrade_fits(e, cnt, total, target); pass++) {
         size_t nc = 0;
         for (size_t i = 0; i < e->n_items; i++) {
             const float *D = e->dist + i * KVC_OPT_COUNT;
@@ -479,23 +570,27 @@ static size_t greedy_fill(kvc_encoder_t *e, size_t total, size_t target)
                 e->cand_idx[nc++] = (uint32_t)i;
             }
         }
-        if (nc == 0)
-            break;
-        qsort_r(e->cand_idx, nc, sizeof(uint32_t), cmp_cand, e->cand);
-        for (size_t k = 0; k < nc; k++) {
-            uint32_t i = e->cand_idx[k];
-            int cur = e->choice[i], to = e->cand_opt[i];
-            uint64_t *c = cnt + (i / n) * KVC_OPT_COUNT;
-            int64_t delta = (int64_t)kvc_run_bytes(to, d, G, P, c[to] + 1) -
-                            (int64_t)kvc_run_bytes(to, d, G, P, c[to]) +
-                            (int64_t)kvc_run_bytes(cur, d, G, P, c[cur] - 1) -
-                            (int64_t)kvc_run_bytes(cur, d, G, P, c[cur]);
-            if ((int64_t)total + delta <= (int64_t)target) {
-                total = (size_t)((int64_t)total + delta);
-                c[to]++;
-                c[cur]--;
-                e->choice[i] = (uint8_t)to;
+        for (size_t done = 0; done < nc;) {
+            size_t k = FY_MIN(window, nc - done);
+            if (k < nc - done)
+                select_first(e->cand_idx + done, nc - done, k, e->cand);
+            qsort_r(e->cand_idx + done, k, sizeof(uint32_t), cmp_cand, e->cand);
+            e->greedy_sorted += k;
+            for (size_t j = done; j < done + k; j++) {
+                uint32_t i = e->cand_idx[j];
+                int cur = e->choice[i], to = e->cand_opt[i];
+                uint64_t *c = cnt + (i / n) * KVC_OPT_COUNT;
+                int64_t delta = move_delta(e, c, cur, to);
+                if ((int64_t)total + delta <= (int64_t)target) {
+                    total = (size_t)((int64_t)total + delta);
+                    c[to]++;
+                    c[cur]--;
+                    e->choice[i] = (uint8_t)to;
+                }
             }
+            done += k;
+            if (done < nc && !any_upgrade_fits(e, cnt, total, target))
+                break;
         }
     }
     return total;
@@ -707,6 +802,16 @@ void kvc_encoder_opt_inputs(const kvc_encoder_t *e, uint32_t layer, kvc_opt_inpu
 void kvc_encoder_set_lambda(kvc_encoder_t *e, double lambda)
 {
     e->lambda_prev = lambda;
+}
+
+void kvc_encoder_set_greedy_window(kvc_encoder_t *e, size_t window)
+{
+    e->greedy_window = window;
+}
+
+size_t kvc_encoder_greedy_sorted(const kvc_encoder_t *e)
+{
+    return e->greedy_sorted;
 }
 
 fy_status_t kvc_encoder_choose(kvc_encoder_t *e, const kvc_layer_input_t *in,

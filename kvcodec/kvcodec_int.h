@@ -317,4 +317,11 @@ static inline double kvc_share(double remain, uint32_t r, double w, double left)
 /* The multiplier an outside optimizer ended at (the next layer starts from it). */
 void kvc_encoder_set_lambda(kvc_encoder_t *e, double lambda);
 
+/* Candidates the greedy fill puts in order at a time (0: KVC_GREEDY_WINDOW). Any window gives
+ * the same choice; tests set small ones to cover the selection. */
+#define KVC_GREEDY_WINDOW 4096
+void kvc_encoder_set_greedy_window(kvc_encoder_t *e, size_t window);
+/* Candidates the last greedy fill put in order, both passes (0 where none ran). */
+size_t kvc_encoder_greedy_sorted(const kvc_encoder_t *e);
+
 #endif /* FERRY_KVCODEC_INT_H */

@@ -9,6 +9,7 @@
 
 #include <stdio.h>
 
+#include "../../kvcodec/kvcodec_int.h"
 #include "kvtest.h"
 
 typedef struct {
@@ -336,13 +337,85 @@ static void test_bad_params(void **state)
     kvt_layer_free(&L);
 }
 
+/* The greedy fill puts its candidates in order a window at a time and stops once no upgrade
+ * fits: every window gives the frames of one sort of the whole list (SIZE_MAX), for every
+ * builtin policy with a budget, several budgets and layers (the rate controller's state
+ * carried along). The small windows must take the selection path more than once, and the
+ * stop must leave candidates unsorted somewhere. */
+static void test_greedy_window(void **state)
+{
+    (void)state;
+    const char *const *names = kvc_policy_builtin_names();
+    static const shape_t shapes[] = {{4, 2, 333, 64}, {8, 2, 700, 128}};
+    static const double budgets[] = {0.5, 0.2, 0.1};
+    static const size_t windows[] = {SIZE_MAX, 1, 2, 7, 100, KVC_GREEDY_WINDOW};
+    enum { N_WIN = sizeof(windows) / sizeof(windows[0]), LAYERS = 3 };
+    size_t many_windows = 0, stopped_early = 0, fills = 0;
+    for (size_t pi = 0; names[pi]; pi++) {
+        kvc_policy_t pol;
+        assert_int_equal(kvc_policy_builtin(names[pi], &pol), FY_OK);
+        if (pol.budget <= 0)
+            continue; // no budget, no fill
+        for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++) {
+            const shape_t *sh = &shapes[si];
+            for (size_t bi = 0; bi < sizeof(budgets) / sizeof(budgets[0]); bi++) {
+                kvt_layer_t L;
+                kvt_layer_make(&L, 40 + si * 7 + bi, sh->n_heads, sh->n_kv, sh->n, sh->d, 32);
+                kvc_encoder_params_t p = kvt_params(&pol, &L, LAYERS, budgets[bi]);
+                kvc_encoder_t *enc[N_WIN];
+                uint8_t *buf[N_WIN];
+                size_t cap = 0;
+                for (size_t w = 0; w < N_WIN; w++) {
+                    assert_int_equal(kvc_encoder_create(&p, &enc[w]), FY_OK);
+                    kvc_encoder_set_greedy_window(enc[w], windows[w]);
+                    cap = kvc_encoder_max_frame_bytes(enc[w]);
+                    buf[w] = malloc(cap);
+                    assert_non_null(buf[w]);
+                }
+                for (uint32_t l = 0; l < LAYERS; l++) {
+                    if (l > 0)
+                        kvc_synth_layer(900 + l, sh->n_heads, sh->n_kv, sh->n, sh->d, L.W, L.k, L.v,
+                                        L.q);
+                    kvc_layer_input_t in = kvt_input(&L, l);
+                    size_t len[N_WIN], sorted[N_WIN];
+                    for (size_t w = 0; w < N_WIN; w++) {
+                        assert_int_equal(
+                            kvc_encoder_encode_layer(enc[w], &in, NULL, buf[w], cap, &len[w], NULL),
+                            FY_OK);
+                        sorted[w] = kvc_encoder_greedy_sorted(enc[w]);
+                    }
+                    for (size_t w = 1; w < N_WIN; w++) {
+                        assert_int_equal(len[w], len[0]);
+                        assert_memory_equal(buf[w], buf[0], len[0]);
+                        assert_true(sorted[w] <= sorted[0]);
+                    }
+                    fills += sorted[0] > 0;
+                    many_windows += sorted[3] > 7; // windows of 7: more than one
+                    stopped_early += sorted[3] < sorted[0];
+                }
+                for (size_t w = 0; w < N_WIN; w++) {
+                    kvc_encoder_destroy(enc[w]);
+                    free(buf[w]);
+                }
+                kvt_layer_free(&L);
+            }
+        }
+    }
+    printf("greedy windows: %zu fills, %zu over several windows of 7, %zu stopped early\n", fills,
+           many_windows, stopped_early);
+    assert_true(fills > 10);
+    assert_true(many_windows > 0);
+    assert_true(stopped_early > 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_budget_adherence), cmocka_unit_test(test_below_floor),
         cmocka_unit_test(test_determinism),      cmocka_unit_test(test_builtin_policies),
-        cmocka_unit_test(test_bad_params),      cmocka_unit_test(test_prior),
+        cmocka_unit_test(test_bad_params),       cmocka_unit_test(test_prior),
         cmocka_unit_test(test_importance_kinds), cmocka_unit_test(test_window_div),
+        cmocka_unit_test(test_greedy_window),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
