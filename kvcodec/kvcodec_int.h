@@ -240,6 +240,11 @@ fy_status_t kvc_page_list_reserve(kvc_page_list_t *l, uint32_t extra);
 /* Pages a run of `count` tokens of option o takes, cap_slots[o] groups to a page. */
 uint32_t kvc_run_pages(const uint32_t *cap_slots, uint32_t group, int o, uint64_t count);
 
+/* Tokens per option code in one head's map of n_tokens 4-bit codes (two a byte, low nibble
+ * first): cnt[o] for each option o < KVC_OPT_COUNT, and cnt[KVC_OPT_COUNT] the tokens whose
+ * code is no option. Thread: any. */
+void kvc_map_counts(const uint8_t *map, uint32_t n_tokens, uint64_t *cnt);
+
 /* Tokens per option of kv head h of a parsed frame: cnt[KVC_OPT_COUNT]. */
 void kvc_frame_head_counts(const kvc_frame_t *f, uint32_t h, uint64_t *cnt);
 

@@ -375,10 +375,9 @@ uint32_t kvc_run_pages(const uint32_t *cap_slots, uint32_t group, int o, uint64_
 
 void kvc_frame_head_counts(const kvc_frame_t *f, uint32_t h, uint64_t *cnt)
 {
-    for (int o = 0; o < KVC_OPT_COUNT; o++)
-        cnt[o] = 0;
-    for (uint32_t t = 0; t < f->n_tokens; t++)
-        cnt[kvc_frame_opt(f, h, t)]++;
+    uint64_t all[KVC_OPT_COUNT + 1]; // a parsed frame has no code outside the options
+    kvc_map_counts(f->maps + (size_t)h * kvc_map_bytes(f->n_tokens), f->n_tokens, all);
+    memcpy(cnt, all, KVC_OPT_COUNT * sizeof(uint64_t));
 }
 
 /* Pages of each (head, option) run of a frame. */

@@ -284,37 +284,17 @@ static uint32_t run_pages(const kvc_gpu_pool_t *pool, int o, uint64_t count)
     return kvc_run_pages(pool->cap_slots, pool->p.group, o, count);
 }
 
-/* Items per option of every head in one pass over the maps (two nibbles per byte):
- * cnt[h * 16 + code]. FY_ERR_FORMAT for a code that is not an option (a frame that did not
- * come from kvc_frame_parse). */
+/* Items per option of every head (kvc_map_counts): cnt[h * 16 + code]. FY_ERR_FORMAT for a
+ * code that is not an option (a frame that did not come from kvc_frame_parse). */
 static fy_status_t frame_counts_all(const kvc_frame_t *f, uint64_t *cnt)
 {
-    size_t mb = kvc_map_bytes(f->n_tokens), full = f->n_tokens / 2;
-    uint32_t hist[4][256]; // four byte histograms, so consecutive bytes rarely hit one counter
+    size_t mb = kvc_map_bytes(f->n_tokens);
     for (uint32_t h = 0; h < f->n_kv_heads; h++) {
-        const uint8_t *mp = f->maps + h * mb;
         uint64_t *c = cnt + (size_t)h * 16;
         memset(c, 0, 16 * sizeof(uint64_t));
-        memset(hist, 0, sizeof(hist));
-        size_t i = 0;
-        for (; i + 4 <= full; i += 4) {
-            hist[0][mp[i]]++;
-            hist[1][mp[i + 1]]++;
-            hist[2][mp[i + 2]]++;
-            hist[3][mp[i + 3]]++;
-        }
-        for (; i < full; i++)
-            hist[0][mp[i]]++;
-        for (int b = 0; b < 256; b++) {
-            uint64_t k = (uint64_t)hist[0][b] + hist[1][b] + hist[2][b] + hist[3][b];
-            c[b & 15] += k;
-            c[b >> 4] += k;
-        }
-        if (f->n_tokens & 1)
-            c[mp[full] & 15]++;
-        for (int o = KVC_OPT_COUNT; o < 16; o++)
-            if (c[o])
-                return FY_ERR_FORMAT;
+        kvc_map_counts(f->maps + h * mb, f->n_tokens, c);
+        if (c[KVC_OPT_COUNT])
+            return FY_ERR_FORMAT;
     }
     return FY_OK;
 }
@@ -410,6 +390,21 @@ out:
     return st;
 }
 
+/* Whether the pages a frame needs are counted on the device: the host waits for that count
+ * (a kernel, a copy back and a synchronization, some 20 us at 32k tokens on an H200), while
+ * kvc_map_counts reads the maps at about 10 GB/s on one core (13 us for 8 heads of 32k tokens
+ * on a 2-core EPYC build host): the device from 65536 tokens. FERRY_PLACE_COUNT=host|device
+ * chooses, for timing the two side by side. */
+static bool counts_on_device(const kvc_frame_t *f)
+{
+    const char *e = getenv("FERRY_PLACE_COUNT");
+    if (e != NULL && strcmp(e, "host") == 0)
+        return false;
+    if (e != NULL && strcmp(e, "device") == 0)
+        return true;
+    return f->n_tokens >= 65536;
+}
+
 extern "C" fy_status_t kvc_place_cuda(kvc_gpu_seq_t *s, const kvc_frame_t *f,
                                       const uint8_t *frame_dev, void *stream)
 {
@@ -432,8 +427,7 @@ extern "C" fy_status_t kvc_place_cuda(kvc_gpu_seq_t *s, const kvc_frame_t *f,
     uint64_t *counts = (uint64_t *)malloc((size_t)f->n_kv_heads * 16 * sizeof(uint64_t));
     if (counts == NULL)
         return FY_ERR_NO_MEMORY;
-    // Counting the maps on the device beats the host's pass over them for big frames.
-    fy_status_t st = f->n_tokens >= 8192
+    fy_status_t st = counts_on_device(f)
                          ? frame_counts_dev(pool, f, frame_dev, (cudaStream_t)stream, counts)
                          : frame_counts_all(f, counts);
     uint64_t need64 = 0;

@@ -163,12 +163,53 @@ static void test_forged_fields(void **state)
     assert_int_equal(parse_forged(fx, 64, 1, 0x66), FY_ERR_FORMAT);        // option code 6
 }
 
+/* kvc_map_counts against one nibble at a time: lengths around its 32-byte vectors and its
+ * 127-vector flushes, odd token counts (the last byte's high nibble is not a token), maps
+ * starting at every alignment, codes from options only, from every nibble value, and runs of
+ * one code (a lane counter at its limit). */
+static void test_map_counts(void **state)
+{
+    (void)state;
+    static const uint32_t lens[] = {0,    1,    2,     3,     31,    63,    64,
+                                    65,   127,  128,   129,   8127,  8128,  8129,
+                                    8191, 8192, 16257, 16258, 16259, 65537, 100001};
+    uint8_t *buf = malloc(100001 / 2 + 1 + 64);
+    assert_non_null(buf);
+    uint64_t rng = 0x9e3779b97f4a7c15ull;
+    for (size_t li = 0; li < sizeof(lens) / sizeof(lens[0]); li++) {
+        const uint32_t n = lens[li];
+        const size_t nb = kvc_map_bytes(n);
+        for (int kind = 0; kind < 4; kind++) {
+            const uint32_t off = (uint32_t)(li * 7 + (uint32_t)kind * 13) % 32;
+            uint8_t *mp = buf + off;
+            for (size_t i = 0; i < nb; i++) {
+                rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+                uint8_t b = (uint8_t)(rng >> 33);
+                if (kind == 0) // options only
+                    b = (uint8_t)((b & 15) % KVC_OPT_COUNT | (((b >> 4) % KVC_OPT_COUNT) << 4));
+                else if (kind == 2) // one code everywhere
+                    b = 0x33;
+                else if (kind == 3) // mostly one option, now and then a stray code
+                    b = (rng >> 40) % 97 == 0 ? (uint8_t)(0x0f & (rng >> 50)) : 0x55;
+                mp[i] = b;
+            }
+            uint64_t want[KVC_OPT_COUNT + 1] = {0}, got[KVC_OPT_COUNT + 1];
+            for (uint32_t t = 0; t < n; t++) {
+                uint32_t c = (mp[t / 2] >> (4 * (t & 1))) & 15;
+                want[c < KVC_OPT_COUNT ? c : KVC_OPT_COUNT]++;
+            }
+            kvc_map_counts(mp, n, got);
+            assert_memory_equal(got, want, sizeof(want));
+        }
+    }
+    free(buf);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_valid),
-        cmocka_unit_test(test_every_byte_flip),
-        cmocka_unit_test(test_every_truncation),
+        cmocka_unit_test(test_map_counts),      cmocka_unit_test(test_valid),
+        cmocka_unit_test(test_every_byte_flip), cmocka_unit_test(test_every_truncation),
         cmocka_unit_test(test_forged_fields),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
