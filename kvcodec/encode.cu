@@ -40,6 +40,7 @@ extern "C" {
 
 #include <cooperative_groups.h>
 #include <cub/device/device_radix_sort.cuh>
+#include <cub/device/device_segmented_radix_sort.cuh>
 namespace cg = cooperative_groups;
 
 #include "choose_dev_int.h"
@@ -105,6 +106,7 @@ struct kvc_encoder_cuda {
     float *d_dev_mean;         // [n_kv]
     uint8_t *d_backbone;       // [n]
     uint32_t *d_keys, *d_idx;  // [2][n_items] greedy candidates and their sorted order
+    int *d_seg; // [2] the second pass's sort: one segment [0, d_seg[1]), empty when not needed
     void *d_sort_tmp;
     size_t sort_tmp_bytes;
     opt_out_t *d_out; // device result (each queued layer copies it to its slot)
@@ -255,9 +257,12 @@ __global__ void __launch_bounds__(OPT_THREADS) choose_kernel(opt_args_t a)
     choose_body(a, &grid, s_cnt, s_tot);
 }
 
-/* The greedy fill's candidates of one pass (greedy_cand), for the radix sort. */
-__global__ void cand_kernel(opt_args_t a, uint32_t *keys, uint32_t *idx)
+/* The greedy fill's candidates of one pass (greedy_cand), for the radix sort; none where the
+ * pass is not needed (more: the second pass's flag, NULL for the first). */
+__global__ void cand_kernel(opt_args_t a, uint32_t *keys, uint32_t *idx, const int *more)
 {
+    if (more != NULL && *more == 0)
+        return; // nothing fits after the first pass: no sort reads the keys
     bool on = a.out->need_greedy != 0;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < a.n_items;
          i += (size_t)gridDim.x * blockDim.x) {
@@ -269,15 +274,21 @@ __global__ void cand_kernel(opt_args_t a, uint32_t *keys, uint32_t *idx)
 }
 
 /* One pass of the greedy fill over the sorted candidates (keys, idx), GREEDY_CHUNK of them
- * staged in shared memory at a time for greedy_walk. */
+ * staged in shared memory at a time for greedy_walk. The first pass (seg_end not NULL) ends by
+ * saying whether the second has anything to do: seg_end, the end of the second pass's sort
+ * segment, is n_items when some upgrade still fits, else 0 (the CPU skips the second pass then;
+ * its candidates, sort and walk would take nothing). */
 __global__ void __launch_bounds__(GREEDY_THREADS)
-    greedy_kernel(opt_args_t a, const uint32_t *keys, const uint32_t *idx)
+    greedy_kernel(opt_args_t a, const uint32_t *keys, const uint32_t *idx, int *seg_end)
 {
     __shared__ greedy_state_t st;
     __shared__ uint32_t s_idx[GREEDY_CHUNK];
     __shared__ uint8_t s_cur[GREEDY_CHUNK], s_to[GREEDY_CHUNK];
-    if (!a.out->need_greedy)
+    if (!a.out->need_greedy) {
+        if (seg_end != NULL && threadIdx.x == 0)
+            *seg_end = 0;
         return;
+    }
     const uint32_t none = 0xffffffffu;
     const long long target = (long long)a.out->target;
     greedy_begin(a, &st, target);
@@ -299,6 +310,11 @@ __global__ void __launch_bounds__(GREEDY_THREADS)
                 st.over = over;
         }
         __syncthreads(); // st.over for every thread; the window free for the next stage
+    }
+    if (seg_end != NULL && threadIdx.x < 32) {
+        const bool more = greedy_any_fits(&a, st.cnt, st.total, target);
+        if (threadIdx.x == 0)
+            *seg_end = more ? (int)a.n_items : 0;
     }
     greedy_end(a, &st);
 }
@@ -381,7 +397,7 @@ extern "C" void kvc_encoder_cuda_destroy(kvc_encoder_cuda_t *e)
     cudaFree(e->d_work), cudaFree(e->d_crc);
     cudaFree(e->d_dist), cudaFree(e->d_opt8), cudaFree(e->d_cnt), cudaFree(e->d_gcnt);
     cudaFree(e->d_dev_mean), cudaFree(e->d_backbone), cudaFree(e->d_keys), cudaFree(e->d_idx);
-    cudaFree(e->d_sort_tmp), cudaFree(e->d_out), cudaFree(e->d_rc);
+    cudaFree(e->d_sort_tmp), cudaFree(e->d_out), cudaFree(e->d_rc), cudaFree(e->d_seg);
     cudaFree(e->d_plan), cudaFreeHost(e->h_lay), cudaFree(e->d_hcnt), cudaFree(e->d_runs);
     cudaFree(e->d_scnt);
     for (int q = 0; q < ENC_QUEUE; q++) {
@@ -487,10 +503,18 @@ static fy_status_t opt_create(kvc_encoder_cuda_t *e)
         KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_scnt, (size_t)2 * e->n_kv * e->n_seg * 8 * 8), st,
                       fail);
         KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_rc, sizeof(rc_dev_t)), st, fail);
+        KVC_CUDA_GOTO(cudaMalloc((void **)&e->d_seg, 2 * sizeof(int)), st, fail);
+        KVC_CUDA_GOTO(cudaMemset(e->d_seg, 0, 2 * sizeof(int)), st, fail);
         KVC_CUDA_GOTO(cub::DeviceRadixSort::SortPairsDescending(NULL, e->sort_tmp_bytes, e->d_keys,
                                                                 e->d_keys + items, e->d_idx,
                                                                 e->d_idx + items, (int)items),
                       st, fail);
+        size_t seg_tmp = 0;
+        KVC_CUDA_GOTO(cub::DeviceSegmentedRadixSort::SortPairsDescending(
+                          NULL, seg_tmp, e->d_keys, e->d_keys + items, e->d_idx, e->d_idx + items,
+                          (int)items, 1, e->d_seg, e->d_seg + 1),
+                      st, fail);
+        e->sort_tmp_bytes = FY_MAX(e->sort_tmp_bytes, seg_tmp);
         KVC_CUDA_GOTO(cudaMalloc(&e->d_sort_tmp, FY_MAX(e->sort_tmp_bytes, (size_t)16)), st, fail);
         kvc_opt_inputs_t oi;
         kvc_encoder_opt_inputs(e->enc, 0, &oi);
@@ -803,15 +827,27 @@ static fy_status_t opt_enqueue(kvc_encoder_cuda_t *e, uint32_t layer, const kvc_
         greedy_small_kernel<<<1, GREEDY_THREADS, 0, cs>>>(a);
         KVC_LAUNCH_GOTO(st, out);
     }
+    // The second pass (hardly ever needed: the first ends once no upgrade fits, usually within
+    // its first thousand candidates) sorts one segment whose end the first pass wrote on the
+    // device: empty, so that the sort costs its launches alone, or every item (one block, slow,
+    // but the same order as the full sort, which the host cannot choose without waiting).
     for (int pass = 0; pass < 2 && !oi.no_budget && items > GREEDY_CHUNK; pass++) {
-        cand_kernel<<<kvc_grid(items, 256), 256, 0, cs>>>(a, e->d_keys, e->d_idx);
+        cand_kernel<<<kvc_grid(items, 256), 256, 0, cs>>>(a, e->d_keys, e->d_idx,
+                                                          pass == 0 ? NULL : e->d_seg + 1);
         KVC_LAUNCH_GOTO(st, out);
         size_t tmp_bytes = e->sort_tmp_bytes;
-        KVC_CUDA_GOTO(cub::DeviceRadixSort::SortPairsDescending(
-                          e->d_sort_tmp, tmp_bytes, e->d_keys, e->d_keys + items, e->d_idx,
-                          e->d_idx + items, (int)items, 0, 32, cs),
-                      st, out);
-        greedy_kernel<<<1, GREEDY_THREADS, 0, cs>>>(a, e->d_keys + items, e->d_idx + items);
+        if (pass == 0)
+            KVC_CUDA_GOTO(cub::DeviceRadixSort::SortPairsDescending(
+                              e->d_sort_tmp, tmp_bytes, e->d_keys, e->d_keys + items, e->d_idx,
+                              e->d_idx + items, (int)items, 0, 32, cs),
+                          st, out);
+        else
+            KVC_CUDA_GOTO(cub::DeviceSegmentedRadixSort::SortPairsDescending(
+                              e->d_sort_tmp, tmp_bytes, e->d_keys, e->d_keys + items, e->d_idx,
+                              e->d_idx + items, (int)items, 1, e->d_seg, e->d_seg + 1, 0, 32, cs),
+                          st, out);
+        greedy_kernel<<<1, GREEDY_THREADS, 0, cs>>>(a, e->d_keys + items, e->d_idx + items,
+                                                    pass == 0 ? e->d_seg + 1 : NULL);
         KVC_LAUNCH_GOTO(st, out);
     }
     {
