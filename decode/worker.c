@@ -197,6 +197,7 @@ struct decode_worker {
     uv_idle_t pair_idle;   // ... at every loop turn while one has a transfer open
     uint8_t *fetch;        // host copy of a frame received into device memory
     size_t fetch_cap;
+    bool fetch_locked; // fetch is page-locked (kvc_cuda_host_register)
     bool kv_closed; // the thread takes no more commands (under mu)
 
     // Scheduler thread.
@@ -585,6 +586,31 @@ static const char *pair_kind(const decode_worker_t *w)
     return kvlink_pair_kind_name(w->pairing.kind);
 }
 
+static void fetch_free(decode_worker_t *w)
+{
+    if (w->fetch_locked)
+        kvc_cuda_host_unregister(w->fetch);
+    free(w->fetch);
+    w->fetch = NULL;
+    w->fetch_cap = 0;
+    w->fetch_locked = false;
+}
+
+/* The host copy of frames received into device memory, grown to len (whole MiB): page-locked
+ * where the device allows, so that the copy back runs by DMA; pageable otherwise. */
+static fy_status_t fetch_grow(decode_worker_t *w, size_t len)
+{
+    size_t cap = FY_ALIGN_UP(len, (size_t)1 << 20);
+    uint8_t *p = NULL;
+    if (posix_memalign((void **)&p, 4096, cap) != 0)
+        return FY_ERR_NO_MEMORY;
+    fetch_free(w);
+    w->fetch = p;
+    w->fetch_cap = cap;
+    w->fetch_locked = kvc_cuda_host_register(p, cap) == FY_OK;
+    return FY_OK;
+}
+
 static void on_pair_frame(kvlink_nccl_t *pair, uint64_t request_id, uint32_t layer,
                           kvlink_nccl_buf_t *buf, void *data, size_t len, void *arg)
 {
@@ -601,15 +627,8 @@ static void on_pair_frame(kvlink_nccl_t *pair, uint64_t request_id, uint32_t lay
     if (w->pairing.kind == KVLINK_PAIR_NCCL) {
         // The frame is in device memory: its header, maps and CRC are checked on a host copy,
         // the pages are filled from the device copy.
-        if (len > w->fetch_cap) {
-            uint8_t *grown = realloc(w->fetch, len);
-            if (grown == NULL) {
-                st = FY_ERR_NO_MEMORY;
-            } else {
-                w->fetch = grown;
-                w->fetch_cap = len;
-            }
-        }
+        if (len > w->fetch_cap)
+            st = fetch_grow(w, len);
         if (st == FY_OK)
             st = kvc_gpu_stage_fetch(w->gstage, w->fetch, data, len);
         host = w->fetch;
@@ -1751,7 +1770,7 @@ static void free_worker(decode_worker_t *w)
     free(w->tokens);
     free(w->positions);
     free(w->logits);
-    free(w->fetch);
+    fetch_free(w);
     mdl_ctx_destroy(w->ctx);
     decode_leases_destroy(w->leases);
     kvc_pool_destroy(w->pool);
