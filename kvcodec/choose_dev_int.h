@@ -503,6 +503,79 @@ static __device__ void greedy_end(const opt_args_t &a, const greedy_state_t *st)
         a.out->total = (unsigned long long)st->total;
 }
 
+/* The greedy fill's candidates of one pass for the radix sort (cand_kernel; a grid-stride loop
+ * over the items): keys[i] = greedy_cand's key (0: no candidate), idx[i] = i, a.cand_opt[i] its
+ * upgrade. Nothing where the pass is not needed: more is the second pass's flag (the first
+ * pass's seg_end), NULL for the first pass. */
+static __device__ void cand_body(const opt_args_t &a, uint32_t *keys, uint32_t *idx,
+                                 const int *more)
+{
+    if (more != NULL && *more == 0)
+        return; // nothing fits after the first pass: no sort reads the keys
+    const bool on = a.out->need_greedy != 0;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < a.n_items;
+         i += (size_t)gridDim.x * blockDim.x) {
+        idx[i] = (uint32_t)i;
+        uint8_t to = 0;
+        keys[i] = on ? greedy_cand(a, i, &to) : 0u;
+        a.cand_opt[i] = to;
+    }
+}
+
+/* One pass of the greedy fill over the candidates sorted by key (keys, idx: descending, then
+ * by item), by a block of GREEDY_THREADS (greedy_kernel): GREEDY_CHUNK of them staged at a time
+ * in s_idx, s_cur and s_to (shared) for greedy_walk, until the fill is over. The first pass
+ * (seg_end not NULL) ends by saying whether the second has anything to do: *seg_end, the end of
+ * the second pass's sort segment, is n_items when some upgrade still fits, else 0 (the CPU
+ * skips the second pass then; its candidates, sort and walk would take nothing). Each thread
+ * loads its slots' keys and items first, then their options, so that the loads of a stage are
+ * in flight together. */
+static __device__ void greedy_pass_body(const opt_args_t &a, greedy_state_t *st_p,
+                                        const uint32_t *keys, const uint32_t *idx, int *seg_end,
+                                        uint32_t *s_idx, uint8_t *s_cur, uint8_t *s_to)
+{
+    enum { PER = GREEDY_CHUNK / GREEDY_THREADS };
+    greedy_state_t &st = *st_p;
+    if (!a.out->need_greedy) {
+        if (seg_end != NULL && threadIdx.x == 0)
+            *seg_end = 0;
+        return;
+    }
+    const uint32_t none = 0xffffffffu;
+    const long long target = (long long)a.out->target;
+    greedy_begin(a, &st, target);
+    for (size_t base = 0; base < a.n_items && !st.over; base += GREEDY_CHUNK) {
+        uint32_t it[PER];
+        OPT_UNROLL
+        for (uint32_t j = 0; j < PER; j++) {
+            const size_t pos = base + threadIdx.x + (size_t)j * GREEDY_THREADS;
+            it[j] = pos < a.n_items && keys[pos] != 0 ? idx[pos] : none;
+        }
+        OPT_UNROLL
+        for (uint32_t j = 0; j < PER; j++) {
+            const uint32_t k = threadIdx.x + j * GREEDY_THREADS;
+            if (it[j] != none) {
+                s_cur[k] = a.choice[it[j]];
+                s_to[k] = a.cand_opt[it[j]];
+            }
+            s_idx[k] = it[j];
+        }
+        __syncthreads();
+        if (threadIdx.x < 32) {
+            const bool over = greedy_walk(&a, &st, target, s_idx, s_cur, s_to);
+            if (threadIdx.x == 0)
+                st.over = over;
+        }
+        __syncthreads(); // st.over for every thread; the window free for the next stage
+    }
+    if (seg_end != NULL && threadIdx.x < 32) {
+        const bool more = greedy_any_fits(&a, st.cnt, st.total, target);
+        if (threadIdx.x == 0)
+            *seg_end = more ? (int)a.n_items : 0;
+    }
+    greedy_end(a, &st);
+}
+
 /* Both passes of the greedy fill for a layer of at most GREEDY_CHUNK items in one block (the
  * candidates, their sort and the walk; in place of cand_kernel, the radix sort and greedy_kernel
  * twice, six launches that a layer accepting the previous multiplier ran for nothing). The

@@ -257,66 +257,20 @@ __global__ void __launch_bounds__(OPT_THREADS) choose_kernel(opt_args_t a)
     choose_body(a, &grid, s_cnt, s_tot);
 }
 
-/* The greedy fill's candidates of one pass (greedy_cand), for the radix sort; none where the
- * pass is not needed (more: the second pass's flag, NULL for the first). */
+/* The greedy fill's candidates of one pass (cand_body), for the radix sort. */
 __global__ void cand_kernel(opt_args_t a, uint32_t *keys, uint32_t *idx, const int *more)
 {
-    if (more != NULL && *more == 0)
-        return; // nothing fits after the first pass: no sort reads the keys
-    bool on = a.out->need_greedy != 0;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < a.n_items;
-         i += (size_t)gridDim.x * blockDim.x) {
-        idx[i] = (uint32_t)i;
-        uint8_t to = 0;
-        keys[i] = on ? greedy_cand(a, i, &to) : 0u;
-        a.cand_opt[i] = to;
-    }
+    cand_body(a, keys, idx, more);
 }
 
-/* One pass of the greedy fill over the sorted candidates (keys, idx), GREEDY_CHUNK of them
- * staged in shared memory at a time for greedy_walk. The first pass (seg_end not NULL) ends by
- * saying whether the second has anything to do: seg_end, the end of the second pass's sort
- * segment, is n_items when some upgrade still fits, else 0 (the CPU skips the second pass then;
- * its candidates, sort and walk would take nothing). */
+/* One pass of the greedy fill over the sorted candidates (greedy_pass_body). */
 __global__ void __launch_bounds__(GREEDY_THREADS)
     greedy_kernel(opt_args_t a, const uint32_t *keys, const uint32_t *idx, int *seg_end)
 {
     __shared__ greedy_state_t st;
     __shared__ uint32_t s_idx[GREEDY_CHUNK];
     __shared__ uint8_t s_cur[GREEDY_CHUNK], s_to[GREEDY_CHUNK];
-    if (!a.out->need_greedy) {
-        if (seg_end != NULL && threadIdx.x == 0)
-            *seg_end = 0;
-        return;
-    }
-    const uint32_t none = 0xffffffffu;
-    const long long target = (long long)a.out->target;
-    greedy_begin(a, &st, target);
-    for (size_t base = 0; base < a.n_items && !st.over; base += GREEDY_CHUNK) {
-        for (uint32_t k = threadIdx.x; k < GREEDY_CHUNK; k += blockDim.x) {
-            size_t pos = base + k;
-            uint32_t i = none;
-            if (pos < a.n_items && keys[pos] != 0) {
-                i = idx[pos];
-                s_cur[k] = a.choice[i];
-                s_to[k] = a.cand_opt[i];
-            }
-            s_idx[k] = i;
-        }
-        __syncthreads();
-        if (threadIdx.x < 32) {
-            const bool over = greedy_walk(&a, &st, target, s_idx, s_cur, s_to);
-            if (threadIdx.x == 0)
-                st.over = over;
-        }
-        __syncthreads(); // st.over for every thread; the window free for the next stage
-    }
-    if (seg_end != NULL && threadIdx.x < 32) {
-        const bool more = greedy_any_fits(&a, st.cnt, st.total, target);
-        if (threadIdx.x == 0)
-            *seg_end = more ? (int)a.n_items : 0;
-    }
-    greedy_end(a, &st);
+    greedy_pass_body(a, &st, keys, idx, seg_end, s_idx, s_cur, s_to);
 }
 
 /* greedy_small_body as a kernel of its own (layers of OPT_ONE_BLOCK to GREEDY_CHUNK items). */

@@ -504,12 +504,148 @@ static void test_small_layers(void **state)
     assert_true(takes > 0);
 }
 
+// encode.cu's fill of a layer past GREEDY_CHUNK items, both passes, from a's choice, counts and
+// bytes (a.gcnt, a.out): cand_body on a grid, the stable radix sort (a stable sort by key,
+// descending, here), greedy_pass_body in one block of GREEDY_THREADS; the second pass's
+// candidates and sort only where the first pass's seg_end says an upgrade still fits (an empty
+// segment leaves the sorted arrays as they were). Returns seg_end; *far: the first pass took a
+// candidate past 3 * GREEDY_THREADS in its list.
+static int emu_two_pass_fill(opt_args_t &a, bool *far)
+{
+    const size_t items = a.n_items;
+    const std::vector<uint8_t> before_fill(a.choice, a.choice + items);
+    std::vector<uint32_t> keys(2 * items, 0xdeadbeefu), idx(2 * items, 0xdeadbeefu);
+    std::vector<uint32_t> s_idx(GREEDY_CHUNK);
+    std::vector<uint8_t> s_cur(GREEDY_CHUNK), s_to(GREEDY_CHUNK);
+    greedy_state_t *st = new greedy_state_t;
+    int seg[2] = {0, -7};
+    *far = false;
+    for (int pass = 0; pass < 2; pass++) {
+        const std::vector<uint32_t> before(keys.begin(), keys.begin() + items);
+        emu_launch(2, 64,
+                   [&] { cand_body(a, keys.data(), idx.data(), pass == 0 ? NULL : &seg[1]); });
+        if (pass == 1 && seg[1] == 0) // no candidate written: nothing reads them
+            assert_memory_equal(keys.data(), before.data(), items * sizeof(uint32_t));
+        const int end = pass == 0 ? (int)items : seg[1];
+        if (end > 0) {
+            assert_int_equal(end, (int)items);
+            std::vector<uint32_t> order(idx.begin(), idx.begin() + items);
+            std::stable_sort(order.begin(), order.end(),
+                             [&](uint32_t x, uint32_t y) { return keys[x] > keys[y]; });
+            for (size_t k = 0; k < items; k++) {
+                idx[items + k] = order[k];
+                keys[items + k] = keys[order[k]];
+            }
+        }
+        emu_launch(1, GREEDY_THREADS, [&] {
+            greedy_pass_body(a, st, keys.data() + items, idx.data() + items,
+                             pass == 0 ? &seg[1] : NULL, s_idx.data(), s_cur.data(), s_to.data());
+        });
+        if (pass == 0) {
+            assert_true(seg[1] == 0 || seg[1] == (int)items);
+            // Whether the first pass took a candidate past 3 * GREEDY_THREADS in its list.
+            for (size_t k = 3 * GREEDY_THREADS; k < items; k++) {
+                const uint32_t it = idx[items + k];
+                if (keys[items + k] != 0 && before_fill[it] != a.choice[it]) {
+                    *far = true;
+                    break;
+                }
+            }
+        }
+    }
+    delete st;
+    return seg[1];
+}
+
+// The greedy fill of layers past GREEDY_CHUNK items, as encode.cu runs it: cand_body on a grid,
+// the stable radix sort (here a stable sort by key, descending), greedy_pass_body in one block
+// of GREEDY_THREADS; then the second pass, whose candidates are written and sorted only where
+// the first pass's seg_end says an upgrade still fits (an empty segment leaves the sorted
+// arrays as they were). It must end where the CPU's two passes end: the same choice, counts
+// and bytes. Both outcomes of the first pass occur.
+static void test_two_pass_fill(void **state)
+{
+    (void)state;
+    tally_t t = {};
+    int fills = 0, second = 0, skipped = 0, big = 0, far = 0;
+    for (int i = 0; i < 40; i++) {
+        layer_t L;
+        if (i % 4 == 3) // past GREEDY_CHUNK items: the walk goes over stages
+            make_layer(&L, 2, GREEDY_CHUNK / 2 + 1 + rnd_below(600));
+        else
+            make_layer(&L, 1 + rnd_below(4), 20 + rnd_below(i % 2 ? 600 : 60));
+        opt_args_t &a = L.a;
+        check_layer(&L, 1 + rnd_below(2), 64, &t); // the choice the fill starts from
+        if (!L.out.need_greedy || a.no_budget)
+            continue;
+        ref_result ref;
+        ref.choice.assign(a.choice, a.choice + a.n_items);
+        ref.target = L.out.target;
+        ref_greedy(a, &ref);
+        bool went_far = false;
+        const int seg_end = emu_two_pass_fill(a, &went_far);
+        far += went_far;
+        const size_t items = a.n_items;
+        assert_memory_equal(a.choice, ref.choice.data(), items);
+        assert_memory_equal(a.gcnt, ref.gcnt.data(), ref.gcnt.size() * sizeof(long long));
+        assert_int_equal(L.out.total, ref.total);
+        fills++;
+        big += items > GREEDY_CHUNK;
+        second += seg_end != 0;
+        skipped += seg_end == 0;
+    }
+    print_message("%d fills: %d with a second pass, %d without; %d past %d items, %d walked "
+                  "past its first %d candidates\n",
+                  fills, second, skipped, big, GREEDY_CHUNK, far, 3 * GREEDY_THREADS);
+    assert_true(second > 0);
+    assert_true(skipped > 0);
+    assert_true(big > 0);
+    assert_true(far > 0);
+}
+
+// The same fill with room for every upgrade: both passes take every candidate, so the walk
+// stages and takes all of a list longer than GREEDY_CHUNK.
+static void test_fill_everything(void **state)
+{
+    (void)state;
+    tally_t t = {};
+    int filled = 0;
+    for (int i = 0; i < 3; i++) {
+        layer_t L;
+        make_layer(&L, 2, GREEDY_CHUNK / 2 + 200 + rnd_below(400));
+        opt_args_t &a = L.a;
+        check_layer(&L, 2, 64, &t); // distortions, options and a choice to start from
+        std::vector<long long> cnt;
+        const unsigned long long total = ref_bytes(a, a.choice, &cnt);
+        memcpy(a.gcnt, cnt.data(), cnt.size() * sizeof(long long));
+        L.out.total = total;
+        L.out.target = total + (unsigned long long)a.n_items * 4 * 64; // all FP16 fits
+        L.out.need_greedy = 1;
+        ref_result ref;
+        ref.choice.assign(a.choice, a.choice + a.n_items);
+        ref.target = L.out.target;
+        ref_greedy(a, &ref);
+        size_t taken = 0;
+        for (size_t k = 0; k < a.n_items; k++)
+            taken += ref.choice[k] != a.choice[k];
+        bool went_far = false;
+        emu_two_pass_fill(a, &went_far);
+        assert_memory_equal(a.choice, ref.choice.data(), a.n_items);
+        assert_memory_equal(a.gcnt, ref.gcnt.data(), ref.gcnt.size() * sizeof(long long));
+        assert_int_equal(L.out.total, ref.total);
+        assert_true(went_far);
+        filled += taken > GREEDY_CHUNK;
+    }
+    print_message("%d of 3 layers changed more than %d items\n", filled, GREEDY_CHUNK);
+    assert_true(filled > 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_random_layers),
-        cmocka_unit_test(test_extreme_budgets),
-        cmocka_unit_test(test_small_layers),
+        cmocka_unit_test(test_random_layers),   cmocka_unit_test(test_extreme_budgets),
+        cmocka_unit_test(test_small_layers),    cmocka_unit_test(test_two_pass_fill),
+        cmocka_unit_test(test_fill_everything),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
