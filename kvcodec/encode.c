@@ -440,19 +440,17 @@ static size_t exact_bytes(const kvc_encoder_t *e, const uint8_t *choice)
     return total;
 }
 
+/* The fill's order: ratio descending, then index (deterministic on ties). */
+static inline bool cand_before(const float *r, uint32_t a, uint32_t b)
+{
+    return r[a] != r[b] ? r[a] > r[b] : a < b;
+}
+
 static int cmp_cand(const void *a, const void *b, void *ctx)
 {
     const float *r = ctx;
     uint32_t ia = *(const uint32_t *)a, ib = *(const uint32_t *)b;
-    if (r[ia] != r[ib])
-        return r[ia] > r[ib] ? -1 : 1;
-    return ia < ib ? -1 : ia > ib; // deterministic order on ties
-}
-
-/* cmp_cand's order: ratio descending, then index. */
-static inline bool cand_before(const float *r, uint32_t a, uint32_t b)
-{
-    return r[a] != r[b] ? r[a] > r[b] : a < b;
+    return cand_before(r, ia, ib) ? -1 : cand_before(r, ib, ia);
 }
 
 static inline void swap_u32(uint32_t *x, uint32_t *y)

@@ -394,15 +394,17 @@ out:
  * (a kernel, a copy back and a synchronization, some 20 us at 32k tokens on an H200), while
  * kvc_map_counts reads the maps at about 10 GB/s on one core (13 us for 8 heads of 32k tokens
  * on a 2-core EPYC build host): the device from 65536 tokens. FERRY_PLACE_COUNT=host|device
- * chooses, for timing the two side by side. */
+ * chooses, for timing the two side by side (read once: every placement asks). */
 static bool counts_on_device(const kvc_frame_t *f)
 {
-    const char *e = getenv("FERRY_PLACE_COUNT");
-    if (e != NULL && strcmp(e, "host") == 0)
-        return false;
-    if (e != NULL && strcmp(e, "device") == 0)
-        return true;
-    return f->n_tokens >= 65536;
+    static int forced = -2; // -1: by size, 0: host, 1: device (a benign race: same value)
+    int v = __atomic_load_n(&forced, __ATOMIC_RELAXED);
+    if (v == -2) {
+        const char *e = getenv("FERRY_PLACE_COUNT");
+        v = e == NULL ? -1 : strcmp(e, "host") == 0 ? 0 : strcmp(e, "device") == 0 ? 1 : -1;
+        __atomic_store_n(&forced, v, __ATOMIC_RELAXED);
+    }
+    return v < 0 ? f->n_tokens >= 65536 : v == 1;
 }
 
 extern "C" fy_status_t kvc_place_cuda(kvc_gpu_seq_t *s, const kvc_frame_t *f,
