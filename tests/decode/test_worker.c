@@ -417,6 +417,13 @@ static int setup(void **state)
     return 0;
 }
 
+static void close_left(uv_handle_t *h, void *arg)
+{
+    (void)arg;
+    if (!uv_is_closing(h))
+        uv_close(h, NULL);
+}
+
 static int teardown(void **state)
 {
     (void)state;
@@ -425,6 +432,9 @@ static int teardown(void **state)
     kvlink_ctx_destroy(G.kctx);
     uv_timer_stop(&G.tick);
     uv_close((uv_handle_t *)&G.tick, NULL);
+    // A test that failed midway left its servers and channels on the loop: close them, or the
+    // loop below would run until the test's timeout. (Nothing is left after passing tests.)
+    uv_walk(&G.loop, close_left, NULL);
     uv_run(&G.loop, UV_RUN_DEFAULT);
     uv_loop_close(&G.loop);
     decode_worker_destroy(G.w);
