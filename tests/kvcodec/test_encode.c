@@ -77,26 +77,28 @@ static uint64_t encode_request(const kvc_policy_t *pol, const shape_t *s, uint32
 
 static void test_budget_adherence(void **state)
 {
-    kvc_policy_t pol;
-    assert_int_equal(kvc_policy_builtin("ferry", &pol), FY_OK);
-    for (size_t i = 0; i < FY_ARRAY_SIZE(k_shapes); i++) {
-        for (size_t j = 0; j < FY_ARRAY_SIZE(k_budgets); j++) {
-            uint64_t budget;
-            bool met;
-            uint64_t total =
-                encode_request(&pol, &k_shapes[i], 4, k_budgets[j], 100 + i, &budget, &met,
-                               NULL, NULL);
-            const shape_t *s = &k_shapes[i];
-            uint64_t fp16 = 4ull * 4 * s->n_kv * s->n * s->d;
-            assert_int_equal(budget, (uint64_t)floor(k_budgets[j] * (double)fp16));
-            assert_true(met); // every shape here is above the frame floor
-            assert_true(total <= budget);
-            // Ends within 3 % under the budget.
-            assert_true((double)total >= 0.97 * (double)budget);
-            if (getenv("KVC_TEST_VERBOSE"))
-                printf("shape %zu b %.4f: %llu / %llu (%.3f)\n", i, k_budgets[j],
-                       (unsigned long long)total, (unsigned long long)budget,
-                       (double)total / (double)budget);
+    for (int dist = 0; dist < 2; dist++) {
+        kvc_policy_t pol;
+        assert_int_equal(kvc_policy_builtin("ferry", &pol), FY_OK);
+        pol.dist = dist == 0 ? KVC_DIST_TRIAL : KVC_DIST_MODEL; // measured (ferry's) or modelled
+        for (size_t i = 0; i < FY_ARRAY_SIZE(k_shapes); i++) {
+            for (size_t j = 0; j < FY_ARRAY_SIZE(k_budgets); j++) {
+                uint64_t budget;
+                bool met;
+                uint64_t total = encode_request(&pol, &k_shapes[i], 4, k_budgets[j], 100 + i,
+                                                &budget, &met, NULL, NULL);
+                const shape_t *s = &k_shapes[i];
+                uint64_t fp16 = 4ull * 4 * s->n_kv * s->n * s->d;
+                assert_int_equal(budget, (uint64_t)floor(k_budgets[j] * (double)fp16));
+                assert_true(met); // every shape here is above the frame floor
+                assert_true(total <= budget);
+                // Ends within 3 % under the budget.
+                assert_true((double)total >= 0.97 * (double)budget);
+                if (getenv("KVC_TEST_VERBOSE"))
+                    printf("dist %d shape %zu b %.4f: %llu / %llu (%.3f)\n", dist, i, k_budgets[j],
+                           (unsigned long long)total, (unsigned long long)budget,
+                           (double)total / (double)budget);
+            }
         }
     }
 }

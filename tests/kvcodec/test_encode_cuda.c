@@ -265,53 +265,57 @@ static void run_case(const ecase_t *c, uint64_t seed)
 }
 
 static const ecase_t parity_cases[] = {
-        // policy, b, rot, P, variant, heads, kv, n, d, layers, pad, from_attn
-        {"ferry", 0.25, -1, 0, 0, 8, 2, 301, 64, 3, 0, 0},
-        {"ferry", 0.25, 0, 0, 0, 8, 2, 301, 64, 2, 8, 0},
-        {"ferry", 0.125, 1, 4, 0, 9, 3, 517, 64, 2, 0, 0},
-        {"ferry", 0.0625, 0, 7, 0, 4, 1, 1001, 128, 2, 16, 0},
-        {"ferry", 0.5, 1, 0, 1, 4, 2, 255, 128, 3, 0, 0},
-        {"ferry", 0.25, 0, 0, 1, 4, 2, 255, 64, 2, 0, 0},
-        {"ferry", 0.25, 1, 3, 2, 8, 4, 400, 64, 2, 0, 0},
-        {"ferry", 0.125, 1, 0, 3, 2, 1, 37, 32, 2, 0, 0},
-        {"ferry", 0.125, 0, 0, 4, 8, 2, 301, 64, 3, 0, 0},
-        {"ferry", 0.25, 1, 2, 4, 4, 2, 255, 128, 4, 0, 0},
-        {"ferry", 1.0, 1, 0, 0, 2, 2, 129, 64, 1, 0, 0},
-        {"ferry", 0.25, 1, 2, 0, 6, 2, 2049, 64, 2, 0, 0},
-        {"fp16", -1, 0, 0, 0, 4, 2, 133, 64, 2, 8, 0},
-        {"int8", -1, 0, 0, 0, 4, 2, 299, 64, 2, 0, 0},
-        {"int4", -1, 1, 0, 0, 6, 3, 77, 128, 2, 0, 0},
-        {"int4", -1, 0, 3, 0, 6, 3, 77, 128, 2, 0, 0},
-        {"kivi2", -1, 0, 0, 0, 4, 2, 333, 64, 2, 0, 0},
-        {"kivi2", -1, 1, 5, 0, 4, 2, 333, 64, 2, 0, 0},
-        {"snapkv", 0.25, 0, 0, 0, 4, 2, 257, 64, 2, 0, 0},
-        {"h2o", 0.25, 0, 0, 0, 4, 2, 257, 64, 2, 0, 0},
-        {"spectrum3", 0.25, 0, 0, 0, 8, 4, 95, 64, 3, 0, 0},
-        {"pdtrim", 0.25, 0, 0, 0, 4, 4, 255, 96, 2, 0, 0},
-        // Groups too big for shared memory: the rotated copy and unstaged passes.
-        {"ferry", 0.25, 1, 3, 0, 4, 2, 131, 256, 2, 0, 0},
-        // More kv heads than the device optimizer's histogram: the host optimizer.
-        {"ferry", 0.25, 1, 0, 0, 72, 72, 67, 32, 2, 0, 0},
-        // Several layout segments per head.
-        {"ferry", 0.25, 1, 0, 0, 4, 2, 4500, 64, 2, 0, 0},
-        // The greedy fill's one-launch kernel at its largest layer (4096 tokens over all kv
-        // heads), and the multi-launch one just past it.
-        {"ferry", 0.0625, 1, 0, 0, 4, 2, 2048, 64, 2, 0, 0},
-        {"ferry", 0.0625, 1, 0, 0, 4, 1, 4097, 64, 2, 0, 0},
-        // A long layer: the fill's walk takes runs of hundreds of candidates, 32 a step.
-        {"ferry", 0.25, 1, 0, 0, 8, 4, 16384, 64, 1, 0, 0},
-        // The encoder scoring by itself on the GPU from window_attn.
-        {"ferry", 0.25, 1, 0, 0, 8, 2, 301, 64, 2, 0, 1},
-        {"ferry", 0.125, 0, 2, 2, 6, 3, 211, 64, 2, 8, 1},
-        {"h2o", 0.25, 0, 0, 0, 4, 2, 257, 64, 1, 0, 1},
-        // Zeros of both signs at the ends of key and value ranges (unrotated: INT8 and the
-        // unrotated 4- and 2-bit options).
-        {"ferry", 0.25, 0, 0, 5, 4, 2, 203, 64, 2, 0, 0},
-        {"int8", -1, 0, 0, 5, 4, 2, 99, 128, 1, 0, 0},
-        {"kivi2", -1, 0, 0, 5, 4, 2, 99, 32, 1, 0, 0},
-        // Rows 8-byte aligned only (4 halves of padding): loads a half at a time.
-        {"ferry", 0.25, 1, 0, 0, 8, 2, 301, 64, 2, 4, 0},
-        {"int8", -1, 0, 0, 0, 4, 2, 75, 32, 1, 4, 0},
+    // policy, b, rot, P, variant, heads, kv, n, d, layers, pad, from_attn
+    {"ferry", 0.25, -1, 0, 0, 8, 2, 301, 64, 3, 0, 0},
+    {"ferry", 0.25, 0, 0, 0, 8, 2, 301, 64, 2, 8, 0},
+    {"ferry", 0.125, 1, 4, 0, 9, 3, 517, 64, 2, 0, 0},
+    {"ferry", 0.0625, 0, 7, 0, 4, 1, 1001, 128, 2, 16, 0},
+    {"ferry", 0.5, 1, 0, 1, 4, 2, 255, 128, 3, 0, 0},
+    {"ferry", 0.25, 0, 0, 1, 4, 2, 255, 64, 2, 0, 0},
+    // Modelled errors with protected channels, padded rows and unstaged groups.
+    {"ferry", 0.125, 1, 4, 1, 9, 3, 517, 64, 2, 0, 0},
+    {"ferry", 0.25, 0, 0, 1, 8, 2, 301, 64, 2, 8, 0},
+    {"ferry", 0.25, 1, 3, 1, 4, 2, 131, 256, 2, 0, 0},
+    {"ferry", 0.25, 1, 3, 2, 8, 4, 400, 64, 2, 0, 0},
+    {"ferry", 0.125, 1, 0, 3, 2, 1, 37, 32, 2, 0, 0},
+    {"ferry", 0.125, 0, 0, 4, 8, 2, 301, 64, 3, 0, 0},
+    {"ferry", 0.25, 1, 2, 4, 4, 2, 255, 128, 4, 0, 0},
+    {"ferry", 1.0, 1, 0, 0, 2, 2, 129, 64, 1, 0, 0},
+    {"ferry", 0.25, 1, 2, 0, 6, 2, 2049, 64, 2, 0, 0},
+    {"fp16", -1, 0, 0, 0, 4, 2, 133, 64, 2, 8, 0},
+    {"int8", -1, 0, 0, 0, 4, 2, 299, 64, 2, 0, 0},
+    {"int4", -1, 1, 0, 0, 6, 3, 77, 128, 2, 0, 0},
+    {"int4", -1, 0, 3, 0, 6, 3, 77, 128, 2, 0, 0},
+    {"kivi2", -1, 0, 0, 0, 4, 2, 333, 64, 2, 0, 0},
+    {"kivi2", -1, 1, 5, 0, 4, 2, 333, 64, 2, 0, 0},
+    {"snapkv", 0.25, 0, 0, 0, 4, 2, 257, 64, 2, 0, 0},
+    {"h2o", 0.25, 0, 0, 0, 4, 2, 257, 64, 2, 0, 0},
+    {"spectrum3", 0.25, 0, 0, 0, 8, 4, 95, 64, 3, 0, 0},
+    {"pdtrim", 0.25, 0, 0, 0, 4, 4, 255, 96, 2, 0, 0},
+    // Groups too big for shared memory: the rotated copy and unstaged passes.
+    {"ferry", 0.25, 1, 3, 0, 4, 2, 131, 256, 2, 0, 0},
+    // More kv heads than the device optimizer's histogram: the host optimizer.
+    {"ferry", 0.25, 1, 0, 0, 72, 72, 67, 32, 2, 0, 0},
+    // Several layout segments per head.
+    {"ferry", 0.25, 1, 0, 0, 4, 2, 4500, 64, 2, 0, 0},
+    // The greedy fill's one-launch kernel at its largest layer (4096 tokens over all kv
+    // heads), and the multi-launch one just past it.
+    {"ferry", 0.0625, 1, 0, 0, 4, 2, 2048, 64, 2, 0, 0},
+    {"ferry", 0.0625, 1, 0, 0, 4, 1, 4097, 64, 2, 0, 0},
+    // A long layer: the fill's walk takes runs of hundreds of candidates, 32 a step.
+    {"ferry", 0.25, 1, 0, 0, 8, 4, 16384, 64, 1, 0, 0},
+    // The encoder scoring by itself on the GPU from window_attn.
+    {"ferry", 0.25, 1, 0, 0, 8, 2, 301, 64, 2, 0, 1},
+    {"ferry", 0.125, 0, 2, 2, 6, 3, 211, 64, 2, 8, 1},
+    {"h2o", 0.25, 0, 0, 0, 4, 2, 257, 64, 1, 0, 1},
+    // Zeros of both signs at the ends of key and value ranges (unrotated: INT8 and the
+    // unrotated 4- and 2-bit options).
+    {"ferry", 0.25, 0, 0, 5, 4, 2, 203, 64, 2, 0, 0},
+    {"int8", -1, 0, 0, 5, 4, 2, 99, 128, 1, 0, 0},
+    {"kivi2", -1, 0, 0, 5, 4, 2, 99, 32, 1, 0, 0},
+    // Rows 8-byte aligned only (4 halves of padding): loads a half at a time.
+    {"ferry", 0.25, 1, 0, 0, 8, 2, 301, 64, 2, 4, 0},
+    {"int8", -1, 0, 0, 0, 4, 2, 75, 32, 1, 4, 0},
 };
 
 static void test_parity(void **state)

@@ -153,12 +153,82 @@ static void test_option_names(void **state)
     assert_string_equal(kvc_opt_name((kvc_opt_t)9), "?");
 }
 
+/* Spearman's rank correlation of x and y (no ties expected). */
+static double rank_corr(const float *x, const float *y, uint32_t n)
+{
+    double sum = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t rx = 0, ry = 0;
+        for (uint32_t j = 0; j < n; j++) {
+            rx += x[j] < x[i];
+            ry += y[j] < y[i];
+        }
+        double dr = (double)rx - (double)ry;
+        sum += dr * dr;
+    }
+    return 1 - 6 * sum / ((double)n * ((double)n * n - 1));
+}
+
+/* The modelled errors (step^2 / 12 an element, ferry's distortion) against the trial
+ * quantization's on rotated rows of the synthetic K/V (outlier channels, value rows at 9
+ * scales), at 8, 4 and 2 bits: the same size on average (keys per group, values per row) and
+ * the same order of a group's value rows. */
+static void test_model_errors(void **state)
+{
+    enum { D = 64, M = 32, GROUPS = 8 };
+    uint16_t *kh = malloc((size_t)GROUPS * M * D * 2), *vh = malloc((size_t)GROUPS * M * D * 2);
+    kvc_synth_layer(77, 1, 1, GROUPS * M, D, 0, kh, vh, NULL);
+    float kw[D];
+    for (int c = 0; c < D; c++)
+        kw[c] = 0.5f + (float)(c % 5) * 0.25f;
+    const int bits[3] = {8, 4, 2};
+    for (int bi = 0; bi < 3; bi++) {
+        int b = bits[bi];
+        double vsum_m = 0, vsum_t = 0, ksum_m = 0, ksum_t = 0, corr_min = 1;
+        for (int g = 0; g < GROUPS; g++) {
+            float k[M * D], v[M * D];
+            for (int t = 0; t < M; t++) {
+                float scale = 0.25f + 0.5f * (float)((t * 7 + g) % 9);
+                for (int c = 0; c < D; c++) {
+                    size_t i = ((size_t)g * M + t) * D + c;
+                    k[t * D + c] = fy_fp16_to_fp32(kh[i]);
+                    v[t * D + c] = fy_fp16_to_fp32(vh[i]) * scale;
+                }
+                kvc_hadamard(k + t * D, D);
+                kvc_hadamard(v + t * D, D);
+            }
+            float ek_m[M], ev_m[M], ek_t[M], ev_t[M];
+            kvc_model_errors(b, D, M, k, v, kw, ek_m, ev_m);
+            kvc_key_errors(b, D, M, k, kw, ek_t);
+            kvc_value_errors(b, D, M, v, ev_t);
+            for (int t = 0; t < M; t++) {
+                assert_true(ek_m[t] == ek_m[0]); // a key group shares its steps
+                assert_true(ev_m[t] > 0 && ev_t[t] > 0);
+                vsum_m += ev_m[t], vsum_t += ev_t[t];
+                ksum_m += ek_m[t], ksum_t += ek_t[t];
+                double r = (double)ev_m[t] / ev_t[t]; // each row within a factor of 2
+                assert_true(r > 0.5 && r < 2.0);
+            }
+            double rc = rank_corr(ev_m, ev_t, M);
+            corr_min = rc < corr_min ? rc : corr_min;
+        }
+        double vr = vsum_m / vsum_t, kr = ksum_m / ksum_t;
+        if (getenv("KVC_TEST_VERBOSE"))
+            printf("%d bits: values model/trial %.3f, keys %.3f, rank correlation >= %.3f\n", b, vr,
+                   kr, corr_min);
+        assert_true(vr > 0.8 && vr < 1.25);
+        assert_true(kr > 0.8 && kr < 1.25);
+        assert_true(corr_min > 0.9);
+    }
+    free(kh), free(vh);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_roundtrip_bounds), cmocka_unit_test(test_constant_group),
         cmocka_unit_test(test_hostile_values),   cmocka_unit_test(test_hadamard),
-        cmocka_unit_test(test_option_names),
+        cmocka_unit_test(test_option_names),     cmocka_unit_test(test_model_errors),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
