@@ -201,9 +201,8 @@ fy_status_t kvc_frame_parse(const uint8_t *buf, size_t len, kvc_frame_t *frame_p
         const uint8_t *r = maps + maps_total;
         for (uint32_t h = 0; h < f.n_kv_heads; h++) {
             const uint8_t *mp = maps + (size_t)h * map_bytes;
-            uint64_t cnt[KVC_OPT_COUNT] = {0};
-            for (uint32_t t = 0; t < f.n_tokens; t++)
-                cnt[(mp[t / 2] >> (4 * (t & 1))) & 15]++;
+            uint64_t cnt[KVC_OPT_COUNT + 1]; // the walk above found no other code
+            kvc_map_counts(mp, f.n_tokens, cnt);
             for (int o = 0; o < KVC_OPT_DROP; o++) {
                 uint32_t gs = kvc_group_tokens(o, f.group);
                 for (uint64_t left = cnt[o]; left > 0;) {

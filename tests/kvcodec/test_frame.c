@@ -163,6 +163,57 @@ static void test_forged_fields(void **state)
     assert_int_equal(parse_forged(fx, 64, 1, 0x66), FY_ERR_FORMAT);        // option code 6
 }
 
+/* Rewrites two bytes of the payload (CRC recomputed). */
+static fy_status_t parse_with(const fixture_t *fx, size_t off, uint16_t a, uint16_t b)
+{
+    uint8_t *buf = malloc(fx->len);
+    memcpy(buf, fx->buf, fx->len);
+    kvc_wr16(buf + off, a);
+    kvc_wr16(buf + off + 2, b);
+    kvc_wr32(buf + fx->len - 4, fy_crc32c(0, buf, fx->len - 4));
+    kvc_frame_t f;
+    fy_status_t st = kvc_frame_parse(buf, fx->len, &f);
+    free(buf);
+    return st;
+}
+
+/* The protected channel lists of every 4/4, 4/2 and 2/2 group (found here from the maps, a
+ * token at a time): another increasing pair inside head_dim parses; a channel at head_dim, or
+ * one not above the one before it, is refused. */
+static void test_forged_channels(void **state)
+{
+    fixture_t *fx = *state;
+    kvc_frame_t f;
+    assert_int_equal(kvc_frame_parse(fx->buf, fx->len, &f), FY_OK);
+    assert_int_equal(f.protect, 2);
+    size_t off = (size_t)(f.payload - fx->buf), mb = kvc_map_bytes(f.n_tokens);
+    int lists = 0;
+    for (uint32_t h = 0; h < f.n_kv_heads; h++) {
+        uint64_t cnt[KVC_OPT_COUNT] = {0};
+        for (uint32_t t = 0; t < f.n_tokens; t++)
+            cnt[(f.maps[h * mb + t / 2] >> (4 * (t & 1))) & 15]++;
+        for (int o = 0; o < KVC_OPT_DROP; o++) {
+            uint32_t gs = kvc_group_tokens(o, f.group);
+            for (uint64_t left = cnt[o]; left > 0;) {
+                uint32_t m = (uint32_t)(left < gs ? left : gs);
+                if (kvc_opt_protectable(o)) {
+                    size_t at = off + kvc_group_bytes(o, f.head_dim, m, 0);
+                    assert_int_equal(parse_with(fx, at, 0, 15), FY_OK);
+                    assert_int_equal(parse_with(fx, at, 3, 16), FY_ERR_FORMAT);
+                    assert_int_equal(parse_with(fx, at, 16, 17), FY_ERR_FORMAT);
+                    assert_int_equal(parse_with(fx, at, 5, 5), FY_ERR_FORMAT);
+                    assert_int_equal(parse_with(fx, at, 6, 2), FY_ERR_FORMAT);
+                    lists++;
+                }
+                off += kvc_group_bytes(o, f.head_dim, m, f.protect);
+                left -= m;
+            }
+        }
+    }
+    assert_int_equal(off + 4, fx->len);
+    assert_true(lists >= 2);
+}
+
 /* kvc_map_counts against one nibble at a time: lengths around its 32-byte vectors and its
  * 127-vector flushes, odd token counts (the last byte's high nibble is not a token), maps
  * starting at every alignment, codes from options only, from every nibble value, and runs of
@@ -210,7 +261,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_map_counts),      cmocka_unit_test(test_valid),
         cmocka_unit_test(test_every_byte_flip), cmocka_unit_test(test_every_truncation),
-        cmocka_unit_test(test_forged_fields),
+        cmocka_unit_test(test_forged_fields),   cmocka_unit_test(test_forged_channels),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
