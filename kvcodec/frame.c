@@ -175,6 +175,8 @@ fy_status_t kvc_frame_parse(const uint8_t *buf, size_t len, kvc_frame_t *frame_p
         if (cnt[KVC_OPT_COUNT])
             return FY_ERR_FORMAT; // a code that is no option
         for (int o = 0; o < KVC_OPT_COUNT; o++) {
+            if (h < KVC_FRAME_COUNTED_HEADS)
+                f.counts[h][o] = (uint32_t)cnt[o]; // n_tokens < 2^24
             if (cnt[o])
                 seen |= 1u << o;
             size_t b = kvc_run_bytes(o, f.head_dim, f.group, f.protect, cnt[o]);
@@ -202,7 +204,11 @@ fy_status_t kvc_frame_parse(const uint8_t *buf, size_t len, kvc_frame_t *frame_p
         for (uint32_t h = 0; h < f.n_kv_heads; h++) {
             const uint8_t *mp = maps + (size_t)h * map_bytes;
             uint64_t cnt[KVC_OPT_COUNT + 1]; // the walk above found no other code
-            kvc_map_counts(mp, f.n_tokens, cnt);
+            if (h < KVC_FRAME_COUNTED_HEADS)
+                for (int o = 0; o < KVC_OPT_COUNT; o++)
+                    cnt[o] = f.counts[h][o];
+            else
+                kvc_map_counts(mp, f.n_tokens, cnt);
             for (int o = 0; o < KVC_OPT_DROP; o++) {
                 uint32_t gs = kvc_group_tokens(o, f.group);
                 for (uint64_t left = cnt[o]; left > 0;) {
@@ -227,6 +233,7 @@ fy_status_t kvc_frame_parse(const uint8_t *buf, size_t len, kvc_frame_t *frame_p
     f.payload = maps + maps_total;
     f.payload_bytes = need;
     f.frame_bytes = len;
+    f.counted = f.n_kv_heads <= KVC_FRAME_COUNTED_HEADS;
     *frame_p = f;
     return FY_OK;
 }

@@ -267,6 +267,8 @@ void kvc_encoder_totals(const kvc_encoder_t *enc, uint64_t *bytes_p, uint64_t *b
 #define KVC_FRAME_VERSION 1
 #define KVC_FRAME_HEADER_BYTES 64
 #define KVC_FRAME_FLAG_ROTATED 0x1u // the <= 4-bit options are stored Hadamard-rotated
+/* Frames of up to this many kv heads keep their parser's option counts (kvc_frame_t.counts). */
+#define KVC_FRAME_COUNTED_HEADS 32
 
 /* A validated frame: views into the caller's buffer, valid while that buffer is. */
 typedef struct {
@@ -281,6 +283,11 @@ typedef struct {
     const uint8_t *payload;
     size_t payload_bytes;
     size_t frame_bytes;
+    /* Tokens of each option per kv head as kvc_frame_parse counted them from the maps, so that
+     * sizing and placing the frame need not read the maps again: set (counted) for frames of
+     * up to KVC_FRAME_COUNTED_HEADS kv heads, and only by the parser. */
+    bool counted;
+    uint32_t counts[KVC_FRAME_COUNTED_HEADS][KVC_OPT_COUNT];
 } kvc_frame_t;
 
 /* Validates a frame from outside: length, magic, version, CRC32C, every field and every

@@ -245,8 +245,13 @@ uint32_t kvc_run_pages(const uint32_t *cap_slots, uint32_t group, int o, uint64_
  * code is no option. Thread: any. */
 void kvc_map_counts(const uint8_t *map, uint32_t n_tokens, uint64_t *cnt);
 
-/* Tokens per option of kv head h of a parsed frame: cnt[KVC_OPT_COUNT]. */
+/* Tokens per option of kv head h of a parsed frame: cnt[KVC_OPT_COUNT], the parser's counts
+ * where it kept them (kvc_frame_counts_kept), else from the head's map. */
 void kvc_frame_head_counts(const kvc_frame_t *f, uint32_t h, uint64_t *cnt);
+
+/* Whether f carries head h's option counts from kvc_frame_parse (counted, h below
+ * KVC_FRAME_COUNTED_HEADS, and they add up to n_tokens). */
+bool kvc_frame_counts_kept(const kvc_frame_t *f, uint32_t h);
 
 /* Pages a frame takes in a pool of params p (kvc_pool_pages_needed for either pool):
  * FY_ERR_MISMATCH for another geometry, FY_ERR_OUT_OF_RANGE past 2^32 pages. */

@@ -373,8 +373,23 @@ uint32_t kvc_run_pages(const uint32_t *cap_slots, uint32_t group, int o, uint64_
     return (uint32_t)((groups + cap_slots[o] - 1) / cap_slots[o]);
 }
 
+bool kvc_frame_counts_kept(const kvc_frame_t *f, uint32_t h)
+{
+    if (!f->counted || h >= KVC_FRAME_COUNTED_HEADS)
+        return false;
+    uint64_t sum = 0; // the parser's add up to the tokens (else: not the parser's, count again)
+    for (int o = 0; o < KVC_OPT_COUNT; o++)
+        sum += f->counts[h][o];
+    return sum == f->n_tokens;
+}
+
 void kvc_frame_head_counts(const kvc_frame_t *f, uint32_t h, uint64_t *cnt)
 {
+    if (kvc_frame_counts_kept(f, h)) {
+        for (int o = 0; o < KVC_OPT_COUNT; o++)
+            cnt[o] = f->counts[h][o];
+        return;
+    }
     uint64_t all[KVC_OPT_COUNT + 1]; // a parsed frame has no code outside the options
     kvc_map_counts(f->maps + (size_t)h * kvc_map_bytes(f->n_tokens), f->n_tokens, all);
     memcpy(cnt, all, KVC_OPT_COUNT * sizeof(uint64_t));

@@ -284,14 +284,20 @@ static uint32_t run_pages(const kvc_gpu_pool_t *pool, int o, uint64_t count)
     return kvc_run_pages(pool->cap_slots, pool->p.group, o, count);
 }
 
-/* Items per option of every head (kvc_map_counts): cnt[h * 16 + code]. FY_ERR_FORMAT for a
- * code that is not an option (a frame that did not come from kvc_frame_parse). */
-static fy_status_t frame_counts_all(const kvc_frame_t *f, uint64_t *cnt)
+/* Items per option of every head: cnt[h * 16 + code], the parser's counts (kept: where the
+ * frame has them) or kvc_map_counts of the maps. FY_ERR_FORMAT for a code that is not an
+ * option (a frame that did not come from kvc_frame_parse). */
+static fy_status_t frame_counts_all(const kvc_frame_t *f, bool kept, uint64_t *cnt)
 {
     size_t mb = kvc_map_bytes(f->n_tokens);
     for (uint32_t h = 0; h < f->n_kv_heads; h++) {
         uint64_t *c = cnt + (size_t)h * 16;
         memset(c, 0, 16 * sizeof(uint64_t));
+        if (kept && kvc_frame_counts_kept(f, h)) {
+            for (int o = 0; o < KVC_OPT_COUNT; o++)
+                c[o] = f->counts[h][o];
+            continue;
+        }
         kvc_map_counts(f->maps + h * mb, f->n_tokens, c);
         if (c[KVC_OPT_COUNT])
             return FY_ERR_FORMAT;
@@ -390,21 +396,33 @@ out:
     return st;
 }
 
-/* Whether the pages a frame needs are counted on the device: the host waits for that count
- * (a kernel, a copy back and a synchronization, some 20 us at 32k tokens on an H200), while
- * kvc_map_counts reads the maps at about 10 GB/s on one core (13 us for 8 heads of 32k tokens
- * on a 2-core EPYC build host): the device from 65536 tokens. FERRY_PLACE_COUNT=host|device
- * chooses, for timing the two side by side (read once: every placement asks). */
-static bool counts_on_device(const kvc_frame_t *f)
+/* How the pages a frame needs are counted. The parser's counts, where the frame keeps them
+ * (up to KVC_FRAME_COUNTED_HEADS kv heads), cost nothing. Else the device's count makes the
+ * host wait (a kernel, a copy back and a synchronization, some 20 us at 32k tokens on an
+ * H200), while kvc_map_counts reads the maps at about 10 GB/s on one core (13 us for 8 heads
+ * of 32k tokens on a 2-core EPYC build host): the device from 65536 tokens.
+ * FERRY_PLACE_COUNT=frame|host|device chooses (host: the maps even where the frame has
+ * counts), for timing them side by side (read once: every placement asks). */
+typedef enum { COUNT_FRAME, COUNT_HOST, COUNT_DEVICE } count_how_t;
+
+static count_how_t count_how(const kvc_frame_t *f)
 {
-    static int forced = -2; // -1: by size, 0: host, 1: device (a benign race: same value)
+    static int forced = -2; // -1: by the frame, else a count_how_t (a benign race: same value)
     int v = __atomic_load_n(&forced, __ATOMIC_RELAXED);
     if (v == -2) {
         const char *e = getenv("FERRY_PLACE_COUNT");
-        v = e == NULL ? -1 : strcmp(e, "host") == 0 ? 0 : strcmp(e, "device") == 0 ? 1 : -1;
+        v = e == NULL                  ? -1
+            : strcmp(e, "frame") == 0  ? COUNT_FRAME
+            : strcmp(e, "host") == 0   ? COUNT_HOST
+            : strcmp(e, "device") == 0 ? COUNT_DEVICE
+                                       : -1;
         __atomic_store_n(&forced, v, __ATOMIC_RELAXED);
     }
-    return v < 0 ? f->n_tokens >= 65536 : v == 1;
+    if (v >= 0 && v != COUNT_FRAME)
+        return (count_how_t)v;
+    if (f->counted && f->n_kv_heads <= KVC_FRAME_COUNTED_HEADS)
+        return COUNT_FRAME;
+    return f->n_tokens >= 65536 ? COUNT_DEVICE : COUNT_HOST;
 }
 
 extern "C" fy_status_t kvc_place_cuda(kvc_gpu_seq_t *s, const kvc_frame_t *f,
@@ -429,9 +447,10 @@ extern "C" fy_status_t kvc_place_cuda(kvc_gpu_seq_t *s, const kvc_frame_t *f,
     uint64_t *counts = (uint64_t *)malloc((size_t)f->n_kv_heads * 16 * sizeof(uint64_t));
     if (counts == NULL)
         return FY_ERR_NO_MEMORY;
-    fy_status_t st = counts_on_device(f)
+    const count_how_t how = count_how(f);
+    fy_status_t st = how == COUNT_DEVICE
                          ? frame_counts_dev(pool, f, frame_dev, (cudaStream_t)stream, counts)
-                         : frame_counts_all(f, counts);
+                         : frame_counts_all(f, how == COUNT_FRAME, counts);
     uint64_t need64 = 0;
     for (uint32_t h = 0; h < f->n_kv_heads && st == FY_OK; h++)
         for (int o = 0; o < KVC_OPT_DROP; o++)

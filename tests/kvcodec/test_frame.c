@@ -84,6 +84,75 @@ static void test_valid(void **state)
     free(k), free(v);
 }
 
+/* Option counts of head h, a token at a time. */
+static void nibble_counts(const kvc_frame_t *f, uint32_t h, uint64_t *cnt)
+{
+    size_t mb = kvc_map_bytes(f->n_tokens);
+    memset(cnt, 0, KVC_OPT_COUNT * sizeof(uint64_t));
+    for (uint32_t t = 0; t < f->n_tokens; t++)
+        cnt[(f->maps[h * mb + t / 2] >> (4 * (t & 1))) & 15]++;
+}
+
+/* The parser keeps each head's option counts for frames of up to KVC_FRAME_COUNTED_HEADS kv
+ * heads, and kvc_frame_head_counts gives the maps' counts either way: from the frame, from the
+ * maps past that many heads, and from the maps where the kept counts do not add up to the
+ * tokens (a frame not filled in by the parser). */
+static void test_kept_counts(void **state)
+{
+    fixture_t *fx = *state;
+    kvc_frame_t f;
+    uint64_t want[KVC_OPT_COUNT], got[KVC_OPT_COUNT];
+    assert_int_equal(kvc_frame_parse(fx->buf, fx->len, &f), FY_OK);
+    assert_true(f.counted);
+    for (uint32_t h = 0; h < f.n_kv_heads; h++) {
+        nibble_counts(&f, h, want);
+        assert_true(kvc_frame_counts_kept(&f, h));
+        for (int o = 0; o < KVC_OPT_COUNT; o++)
+            assert_int_equal(f.counts[h][o], want[o]);
+        kvc_frame_head_counts(&f, h, got);
+        assert_memory_equal(got, want, sizeof(want));
+    }
+    // Kept counts that do not add up are not used.
+    kvc_frame_t g = f;
+    g.counts[1][KVC_OPT_F16] += 1;
+    assert_false(kvc_frame_counts_kept(&g, 1));
+    nibble_counts(&f, 1, want);
+    kvc_frame_head_counts(&g, 1, got);
+    assert_memory_equal(got, want, sizeof(want));
+    g.counted = false;
+    assert_false(kvc_frame_counts_kept(&g, 0));
+
+    // A frame of more kv heads than the parser keeps counts for.
+    for (uint32_t n_kv = KVC_FRAME_COUNTED_HEADS; n_kv <= KVC_FRAME_COUNTED_HEADS + 1; n_kv++) {
+        kvc_policy_t pol;
+        kvc_policy_builtin("ferry", &pol);
+        pol.recent = 4;
+        kvt_layer_t L;
+        kvt_layer_make(&L, 5, n_kv, n_kv, 45, 16, 8);
+        kvc_encoder_params_t p = kvt_params(&pol, &L, 1, 0.3);
+        kvc_encoder_t *enc;
+        assert_int_equal(kvc_encoder_create(&p, &enc), FY_OK);
+        size_t cap = kvc_encoder_max_frame_bytes(enc), len;
+        uint8_t *buf = malloc(cap);
+        kvc_layer_input_t in = kvt_input(&L, 0);
+        assert_int_equal(kvc_encoder_encode_layer(enc, &in, NULL, buf, cap, &len, NULL), FY_OK);
+        assert_int_equal(kvc_frame_parse(buf, len, &f), FY_OK);
+        assert_int_equal(f.counted, n_kv <= KVC_FRAME_COUNTED_HEADS);
+        bool mixed = false;
+        for (uint32_t h = 0; h < n_kv; h++) {
+            nibble_counts(&f, h, want);
+            kvc_frame_head_counts(&f, h, got);
+            assert_memory_equal(got, want, sizeof(want));
+            assert_int_equal(kvc_frame_counts_kept(&f, h), n_kv <= KVC_FRAME_COUNTED_HEADS);
+            mixed = mixed || want[KVC_OPT_F16] < f.n_tokens;
+        }
+        assert_true(mixed);
+        free(buf);
+        kvc_encoder_destroy(enc);
+        kvt_layer_free(&L);
+    }
+}
+
 static void test_every_byte_flip(void **state)
 {
     fixture_t *fx = *state;
@@ -262,6 +331,7 @@ int main(void)
         cmocka_unit_test(test_map_counts),      cmocka_unit_test(test_valid),
         cmocka_unit_test(test_every_byte_flip), cmocka_unit_test(test_every_truncation),
         cmocka_unit_test(test_forged_fields),   cmocka_unit_test(test_forged_channels),
+        cmocka_unit_test(test_kept_counts),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
