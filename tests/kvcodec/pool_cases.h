@@ -1,7 +1,8 @@
 // The placement cases test_pool_cuda (kvc_place_cuda on a GPU) and test_place_emu (its device
 // code on host threads) share: every option, rotated and not, with and without protected
 // channels, odd token counts, several layers and heads, pages that fill up, dense and padded
-// slots, partial groups, and long layers (whose maps the GPU counts on the device).
+// slots, partial groups, and long layers (test_pool_cuda places the odd layers of each case
+// without the parser's counts: the host counts their maps, and from 65536 tokens the device).
 #ifndef FERRY_TESTS_KVCODEC_POOL_CASES_H
 #define FERRY_TESTS_KVCODEC_POOL_CASES_H
 
@@ -36,9 +37,10 @@ static const pcase_t kvt_pool_cases[] = {
     {"pdtrim", 0.25, 0, 0, 4, 4, 255, 96, 2, 16384},
     {"ferry", 0.5, 1, 0, 2, 1, 37, 32, 2, 4096},
     {"ferry", 0.25, 0, 2, 8, 8, 2049, 64, 1, 65536},
-    // Long layers: the GPU placement counts the maps on the device.
+    // Long layers; at 65536 tokens and more, maps without counts are counted on the device.
     {"ferry", 0.25, -1, 0, 4, 2, 9001, 64, 2, 32768},
     {"int4", -1, 0, 0, 4, 1, 8192, 128, 1, 65536},
+    {"int4", -1, 0, 0, 2, 1, 65537, 32, 2, 16384},
 };
 
 /* The case's policy and pool parameters (n_pages left at the default). */
