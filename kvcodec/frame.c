@@ -198,17 +198,14 @@ fy_status_t kvc_frame_parse(const uint8_t *buf, size_t len, kvc_frame_t *frame_p
         return FY_ERR_TRUNCATED;
     if (total != len)
         return FY_ERR_FORMAT;
+    f.maps = maps;
+    f.counted = f.n_kv_heads <= KVC_FRAME_COUNTED_HEADS;
     // Protected channel lists: strictly increasing and inside head_dim, in every group.
     if (f.protect > 0) {
         const uint8_t *r = maps + maps_total;
         for (uint32_t h = 0; h < f.n_kv_heads; h++) {
-            const uint8_t *mp = maps + (size_t)h * map_bytes;
-            uint64_t cnt[KVC_OPT_COUNT + 1]; // the walk above found no other code
-            if (h < KVC_FRAME_COUNTED_HEADS)
-                for (int o = 0; o < KVC_OPT_COUNT; o++)
-                    cnt[o] = f.counts[h][o];
-            else
-                kvc_map_counts(mp, f.n_tokens, cnt);
+            uint64_t cnt[KVC_OPT_COUNT];
+            kvc_frame_head_counts(&f, h, cnt);
             for (int o = 0; o < KVC_OPT_DROP; o++) {
                 uint32_t gs = kvc_group_tokens(o, f.group);
                 for (uint64_t left = cnt[o]; left > 0;) {
@@ -229,11 +226,9 @@ fy_status_t kvc_frame_parse(const uint8_t *buf, size_t len, kvc_frame_t *frame_p
             }
         }
     }
-    f.maps = maps;
     f.payload = maps + maps_total;
     f.payload_bytes = need;
     f.frame_bytes = len;
-    f.counted = f.n_kv_heads <= KVC_FRAME_COUNTED_HEADS;
     *frame_p = f;
     return FY_OK;
 }

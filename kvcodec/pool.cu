@@ -294,8 +294,7 @@ static fy_status_t frame_counts_all(const kvc_frame_t *f, bool kept, uint64_t *c
         uint64_t *c = cnt + (size_t)h * 16;
         memset(c, 0, 16 * sizeof(uint64_t));
         if (kept && kvc_frame_counts_kept(f, h)) {
-            for (int o = 0; o < KVC_OPT_COUNT; o++)
-                c[o] = f->counts[h][o];
+            kvc_frame_head_counts(f, h, c);
             continue;
         }
         kvc_map_counts(f->maps + h * mb, f->n_tokens, c);
@@ -420,7 +419,7 @@ static count_how_t count_how(const kvc_frame_t *f)
     }
     if (v >= 0 && v != COUNT_FRAME)
         return (count_how_t)v;
-    if (f->counted && f->n_kv_heads <= KVC_FRAME_COUNTED_HEADS)
+    if (f->counted) // heads past KVC_FRAME_COUNTED_HEADS are counted from their maps
         return COUNT_FRAME;
     return f->n_tokens >= 65536 ? COUNT_DEVICE : COUNT_HOST;
 }

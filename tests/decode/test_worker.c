@@ -31,6 +31,7 @@
 #include "kvlink.h"
 #include "prefill.h"
 #include "prefill_frames.h"
+#include "../transport/ucx/harness.h"
 #include "router.h"
 #include "rpc.h"
 
@@ -417,13 +418,6 @@ static int setup(void **state)
     return 0;
 }
 
-static void close_left(uv_handle_t *h, void *arg)
-{
-    (void)arg;
-    if (!uv_is_closing(h))
-        uv_close(h, NULL);
-}
-
 static int teardown(void **state)
 {
     (void)state;
@@ -434,7 +428,7 @@ static int teardown(void **state)
     uv_close((uv_handle_t *)&G.tick, NULL);
     // A test that failed midway left its servers and channels on the loop: close them, or the
     // loop below would run until the test's timeout. (Nothing is left after passing tests.)
-    uv_walk(&G.loop, close_left, NULL);
+    uv_walk(&G.loop, h_close_walk, NULL);
     uv_run(&G.loop, UV_RUN_DEFAULT);
     uv_loop_close(&G.loop);
     decode_worker_destroy(G.w);

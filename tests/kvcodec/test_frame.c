@@ -15,6 +15,21 @@ typedef struct {
     kvt_layer_t L;
 } fixture_t;
 
+/* Layer 0 of L encoded under pol as the first of n_layers at budget b: a malloc'd frame. */
+static uint8_t *encode_first(const kvc_policy_t *pol, const kvt_layer_t *L, uint32_t n_layers,
+                             double b, size_t *len_p)
+{
+    kvc_encoder_params_t p = kvt_params(pol, L, n_layers, b);
+    kvc_encoder_t *enc;
+    assert_int_equal(kvc_encoder_create(&p, &enc), FY_OK);
+    size_t cap = kvc_encoder_max_frame_bytes(enc);
+    uint8_t *buf = malloc(cap);
+    kvc_layer_input_t in = kvt_input(L, 0);
+    assert_int_equal(kvc_encoder_encode_layer(enc, &in, NULL, buf, cap, len_p, NULL), FY_OK);
+    kvc_encoder_destroy(enc);
+    return buf;
+}
+
 static int setup(void **state)
 {
     fixture_t *fx = calloc(1, sizeof(*fx));
@@ -24,15 +39,7 @@ static int setup(void **state)
     pol.group = 8;
     pol.protect_channels = 2; // exercise the MixKVQ block too
     kvt_layer_make(&fx->L, 21, 4, 2, 61, 16, 8);
-    kvc_encoder_params_t p = kvt_params(&pol, &fx->L, 3, 0.3);
-    kvc_encoder_t *enc;
-    assert_int_equal(kvc_encoder_create(&p, &enc), FY_OK);
-    size_t cap = kvc_encoder_max_frame_bytes(enc);
-    fx->buf = malloc(cap);
-    kvc_layer_input_t in = kvt_input(&fx->L, 0);
-    assert_int_equal(kvc_encoder_encode_layer(enc, &in, NULL, fx->buf, cap, &fx->len, NULL),
-                     FY_OK);
-    kvc_encoder_destroy(enc);
+    fx->buf = encode_first(&pol, &fx->L, 3, 0.3, &fx->len);
     *state = fx;
     return 0;
 }
@@ -129,13 +136,8 @@ static void test_kept_counts(void **state)
         pol.recent = 4;
         kvt_layer_t L;
         kvt_layer_make(&L, 5, n_kv, n_kv, 45, 16, 8);
-        kvc_encoder_params_t p = kvt_params(&pol, &L, 1, 0.3);
-        kvc_encoder_t *enc;
-        assert_int_equal(kvc_encoder_create(&p, &enc), FY_OK);
-        size_t cap = kvc_encoder_max_frame_bytes(enc), len;
-        uint8_t *buf = malloc(cap);
-        kvc_layer_input_t in = kvt_input(&L, 0);
-        assert_int_equal(kvc_encoder_encode_layer(enc, &in, NULL, buf, cap, &len, NULL), FY_OK);
+        size_t len;
+        uint8_t *buf = encode_first(&pol, &L, 1, 0.3, &len);
         assert_int_equal(kvc_frame_parse(buf, len, &f), FY_OK);
         assert_int_equal(f.counted, n_kv <= KVC_FRAME_COUNTED_HEADS);
         bool mixed = false;
@@ -148,7 +150,6 @@ static void test_kept_counts(void **state)
         }
         assert_true(mixed);
         free(buf);
-        kvc_encoder_destroy(enc);
         kvt_layer_free(&L);
     }
 }
@@ -186,24 +187,26 @@ static void test_every_truncation(void **state)
     free(b);
 }
 
-/* Rewrites a header field and recomputes the CRC, as an attacker could. */
-static fy_status_t parse_forged(const fixture_t *fx, size_t off, int width, uint64_t value)
+/* Parses the fixture's frame with n bytes at off replaced and the CRC recomputed, as an
+ * attacker could. */
+static fy_status_t parse_patched(const fixture_t *fx, size_t off, const uint8_t *bytes, size_t n)
 {
     uint8_t *b = malloc(fx->len);
     memcpy(b, fx->buf, fx->len);
-    if (width == 1)
-        b[off] = (uint8_t)value;
-    else if (width == 2)
-        kvc_wr16(b + off, (uint16_t)value);
-    else if (width == 4)
-        kvc_wr32(b + off, (uint32_t)value);
-    else
-        kvc_wr64(b + off, value);
+    memcpy(b + off, bytes, n);
     kvc_wr32(b + fx->len - 4, fy_crc32c(0, b, fx->len - 4));
     kvc_frame_t f;
     fy_status_t st = kvc_frame_parse(b, fx->len, &f);
     free(b);
     return st;
+}
+
+/* Rewrites a header field (1, 2, 4 or 8 bytes, little-endian). */
+static fy_status_t parse_forged(const fixture_t *fx, size_t off, int width, uint64_t value)
+{
+    uint8_t v[8];
+    kvc_wr64(v, value);
+    return parse_patched(fx, off, v, (size_t)width);
 }
 
 static void test_forged_fields(void **state)
@@ -232,18 +235,13 @@ static void test_forged_fields(void **state)
     assert_int_equal(parse_forged(fx, 64, 1, 0x66), FY_ERR_FORMAT);        // option code 6
 }
 
-/* Rewrites two bytes of the payload (CRC recomputed). */
+/* Rewrites a channel list's first two entries. */
 static fy_status_t parse_with(const fixture_t *fx, size_t off, uint16_t a, uint16_t b)
 {
-    uint8_t *buf = malloc(fx->len);
-    memcpy(buf, fx->buf, fx->len);
-    kvc_wr16(buf + off, a);
-    kvc_wr16(buf + off + 2, b);
-    kvc_wr32(buf + fx->len - 4, fy_crc32c(0, buf, fx->len - 4));
-    kvc_frame_t f;
-    fy_status_t st = kvc_frame_parse(buf, fx->len, &f);
-    free(buf);
-    return st;
+    uint8_t v[4];
+    kvc_wr16(v, a);
+    kvc_wr16(v + 2, b);
+    return parse_patched(fx, off, v, sizeof(v));
 }
 
 /* The protected channel lists of every 4/4, 4/2 and 2/2 group (found here from the maps, a
@@ -255,12 +253,11 @@ static void test_forged_channels(void **state)
     kvc_frame_t f;
     assert_int_equal(kvc_frame_parse(fx->buf, fx->len, &f), FY_OK);
     assert_int_equal(f.protect, 2);
-    size_t off = (size_t)(f.payload - fx->buf), mb = kvc_map_bytes(f.n_tokens);
+    size_t off = (size_t)(f.payload - fx->buf);
     int lists = 0;
     for (uint32_t h = 0; h < f.n_kv_heads; h++) {
-        uint64_t cnt[KVC_OPT_COUNT] = {0};
-        for (uint32_t t = 0; t < f.n_tokens; t++)
-            cnt[(f.maps[h * mb + t / 2] >> (4 * (t & 1))) & 15]++;
+        uint64_t cnt[KVC_OPT_COUNT];
+        nibble_counts(&f, h, cnt);
         for (int o = 0; o < KVC_OPT_DROP; o++) {
             uint32_t gs = kvc_group_tokens(o, f.group);
             for (uint64_t left = cnt[o]; left > 0;) {
