@@ -68,7 +68,7 @@ typedef struct {
     uint32_t n_kv, n, G;
     size_t n_items;
     // policy
-    int dist_kind, joint_kv, stat_on, measured, pins_ok;
+    int dist_kind, joint_kv, stat_on, measured, pins_ok, sinks_kept;
     uint32_t sinks, recent, options, backbone_opt;
     float hybrid_factor;
     float prior; // importance prior per token (pol->prior / n when measured, else 0)
@@ -122,7 +122,7 @@ static __device__ __forceinline__ unsigned long long run_bytes(const opt_args_t 
 }
 
 /* build_items for one item. */
-static __device__ void build_item(const opt_args_t &a, size_t it, bool pins)
+static __device__ void build_item(const opt_args_t &a, size_t it, int pins)
 {
     uint32_t h = (uint32_t)(it / a.n), t = (uint32_t)(it % a.n), n = a.n;
     float *D = a.dist + it * KVC_OPT_COUNT;
@@ -132,10 +132,8 @@ static __device__ void build_item(const opt_args_t &a, size_t it, bool pins)
     if (a.stat_on && a.is_static[h] && middle)
         w = kmul(w, a.hybrid_factor);
     uint8_t mask = (uint8_t)a.options;
-    if (pins && (t < a.sinks || t + a.recent >= n))
-        mask = KVC_OPT_BIT(KVC_OPT_F16);
-    else if (pins && a.backbone[t])
-        mask = (uint8_t)KVC_OPT_BIT(a.backbone_opt);
+    mask = kvc_pin_mask(mask, pins, t, n, a.sinks, a.sinks_kept, a.recent, a.backbone[t],
+                        a.backbone_opt);
     a.allowed[it] = mask;
     if (!a.measured) {
         for (int o = 0; o < KVC_OPT_COUNT; o++)
@@ -146,7 +144,8 @@ static __device__ void build_item(const opt_args_t &a, size_t it, bool pins)
     float dv = a.joint_kv ? a.tab[TAB_DEV * plane + it] : a.dev_mean[h];
     float w2 = kmul(w, w);
     D[KVC_OPT_F16] = 0;
-    D[KVC_OPT_DROP] = kmul(w2, dv);
+    float rest = ksub(1.0f, fminf(w, KVC_DROP_MASS_MAX)); // the others' share
+    D[KVC_OPT_DROP] = __fdiv_rn(kmul(w2, dv), kmul(rest, rest));
     float q8 = 0, q4 = 0, q42 = 0, q2 = 0;
     if (a.need8)
         q8 = kmul(w2, kadd(a.tab[TAB_EV8 * plane + it], kmul(dv, a.tab[TAB_EK8 * plane + it])));
@@ -341,7 +340,6 @@ static __device__ void choose_body(const opt_args_t &a, cg::grid_group *grid, un
     unsigned long long g_total = 0, g_target = 0;
     size_t stride = (size_t)gridDim.x * blockDim.x;
     size_t first = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    bool pins = true;
     // kvc_encoder_opt_inputs' remain and share from the device state, the host's roundings.
     const unsigned long long spent = a.rc->spent;
     const double lambda_prev = a.rc->lambda_prev;
@@ -357,7 +355,7 @@ static __device__ void choose_body(const opt_args_t &a, cg::grid_group *grid, un
     const int width = a.tree >= 1 && a.tree <= OPT_SLOTS ? a.tree : OPT_SLOTS;
 #define PASS(mode, lam, dst, src)                                                                  \
     count_pass(a, grid, mode, lam, dst, src, 0, NULL, NULL, buf++ % 3, s_cnt, s_tot)
-    for (int attempt = 0; attempt < 2; attempt++, pins = false) {
+    for (int pins = KVC_PINS_ALL; pins >= KVC_PINS_NONE; pins--) {
         for (size_t it = first; it < a.n_items; it += stride)
             build_item(a, it, pins);
         grid_barrier(grid);
@@ -384,8 +382,8 @@ static __device__ void choose_body(const opt_args_t &a, cg::grid_group *grid, un
             cap = cap < c2 ? cap : c2;
         }
         if (floor_l > cap) {
-            if (pins)
-                continue; // the pins alone do not fit: retry with every item free
+            if (pins > KVC_PINS_NONE)
+                continue; // the pins alone do not fit: retry with fewer
             PASS(PASS_COPY, 0, a.choice, a.tmp);
             budget_met = floor_l <= remain;
             break;

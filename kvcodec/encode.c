@@ -253,7 +253,7 @@ void kvc_model_errors(int bits, uint32_t d, uint32_t m, const float *k, const fl
 }
 
 static void build_items(kvc_encoder_t *e, const kvc_scores_t *sc, const kvc_err_tables_t *tab,
-                        uint32_t h, bool pins)
+                        uint32_t h, int pins)
 {
     const kvc_policy_t *pol = &e->policy;
     uint32_t n = e->p.n_tokens, d = e->p.head_dim, G = pol->group;
@@ -305,16 +305,15 @@ static void build_items(kvc_encoder_t *e, const kvc_scores_t *sc, const kvc_err_
         if (stat && middle)
             w *= pol->hybrid_factor;
         uint8_t mask = (uint8_t)pol->options;
-        if (pins && (t < pol->sinks || t + pol->recent >= n))
-            mask = KVC_OPT_BIT(KVC_OPT_F16);
-        else if (pins && e->backbone[t])
-            mask = (uint8_t)KVC_OPT_BIT(pol->backbone_opt);
+        mask = kvc_pin_mask(mask, pins, t, n, pol->sinks, pol->sinks_kept, pol->recent,
+                            e->backbone[t], pol->backbone_opt);
         e->allowed[it] = mask;
         float dv = pol->joint_kv ? dev[t] : (float)dev_mean;
         if (measured) {
             float w2 = w * w; // output error ~ p^2 |delta|^2
             D[KVC_OPT_F16] = 0;
-            D[KVC_OPT_DROP] = w2 * dv;
+            float rest = 1.0f - fminf(w, KVC_DROP_MASS_MAX); // the others' share
+            D[KVC_OPT_DROP] = w2 * dv / (rest * rest);
             for (int o = KVC_OPT_Q8; o <= KVC_OPT_Q2; o++)
                 D[o] = 0; // filled by the trial pass below
             (void)w2;
@@ -823,10 +822,9 @@ fy_status_t kvc_encoder_choose(kvc_encoder_t *e, const kvc_layer_input_t *in,
     uint32_t r = oi.r;
     double remain = oi.remain;
     memcpy(e->lcost, oi.cost, sizeof(e->lcost));
-    bool pins = true;
     bool measured = e->policy.dist == KVC_DIST_TRIAL || e->policy.dist == KVC_DIST_MODEL;
     double lambda = 0;
-    for (int attempt = 0; attempt < 2; attempt++, pins = false) {
+    for (int pins = KVC_PINS_ALL; pins >= KVC_PINS_NONE; pins--) {
         for (uint32_t h = 0; h < n_kv; h++) {
             if (measured && tab == NULL) {
                 const uint16_t *kh = in->k + (size_t)h * in->head_stride;
@@ -857,8 +855,8 @@ fy_status_t kvc_encoder_choose(kvc_encoder_t *e, const kvc_layer_input_t *in,
         if (r > 1)
             cap = FY_MIN(cap, share * (1 + e->policy.rate_flex));
         if (floor_l > cap) {
-            if (pins)
-                continue; // the pins alone do not fit: retry with every item free
+            if (pins > KVC_PINS_NONE)
+                continue; // the pins alone do not fit: retry with fewer
             memcpy(e->choice, e->tmp_choice, e->n_items);
             info->budget_met = floor_l <= remain;
             break;

@@ -96,7 +96,8 @@ typedef struct {
     char name[32];
     uint32_t options;     // allowed options, KVC_OPT_BIT mask; F16 is always allowed for pins
     uint32_t group;       // G: tokens per key quantization group (8..256, multiple of 8)
-    uint32_t sinks;       // first tokens pinned to F16
+    uint32_t sinks;       // first tokens pinned to F16 (or only kept: sinks_kept)
+    bool sinks_kept;      // the sinks may take any option but DROP instead of F16
     uint32_t recent;      // last tokens pinned to F16
     uint32_t window;      // observation window W the prefill side should pass
     uint32_t window_div;  // score from at most max(32, n_tokens / window_div) of the window

@@ -32,6 +32,43 @@
 #define KVC_MAX_LAYERS 4096
 #define KVC_MAX_QROWS 64
 
+/* Dropping a token that holds attention mass p gives its share to the others: the output moves
+ * by p (o - v) / (1 - p), not p (o - v). The trial and model distortions take the token's
+ * importance w for p, capped here, and divide the drop term w^2 |v - obar|^2 by (1 - w)^2, so that
+ * a sink (p near 1, v near the output it dominates) no longer looks free to drop. */
+#define KVC_DROP_MASS_MAX 0.99f
+
+/* What the optimizer pins, attempt by attempt, when a layer's pins do not fit its allowance:
+ * every pin (sinks, recent window, backbone), then only "never drop the sinks", then nothing.
+ * A short prompt at a small budget cannot hold its last tokens at 16/16, but keeping its first
+ * tokens, which most heads use as a sink, at any precision costs little
+ * (bench/results/quality-short-prompts.md). */
+enum { KVC_PINS_NONE = 0, KVC_PINS_SINKS = 1, KVC_PINS_ALL = 2 };
+
+/* The options token t of n may take at pin level `pins` (allowed: the policy's). */
+#ifdef __CUDACC__
+#define KVC_HOST_DEVICE __host__ __device__
+#else
+#define KVC_HOST_DEVICE
+#endif
+static inline KVC_HOST_DEVICE uint8_t kvc_pin_mask(uint8_t allowed, int pins, uint32_t t,
+                                                   uint32_t n, uint32_t sinks, bool sinks_kept,
+                                                   uint32_t recent, bool backbone, int backbone_opt)
+{
+    const uint8_t f16 = KVC_OPT_BIT(KVC_OPT_F16), drop = KVC_OPT_BIT(KVC_OPT_DROP);
+    if (pins == KVC_PINS_ALL) {
+        if (t < sinks)
+            return sinks_kept && allowed != drop ? (uint8_t)(allowed & ~drop) : f16;
+        if (t + recent >= n)
+            return f16;
+        if (backbone)
+            return (uint8_t)KVC_OPT_BIT(backbone_opt);
+    } else if (pins == KVC_PINS_SINKS && t < sinks && allowed != drop) {
+        return (uint8_t)(allowed & ~drop);
+    }
+    return allowed;
+}
+
 static inline bool kvc_opt_quantized(int o)
 {
     return o >= KVC_OPT_Q8 && o <= KVC_OPT_Q2;

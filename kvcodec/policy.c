@@ -17,6 +17,9 @@ void kvc_policy_default(kvc_policy_t *p)
     p->options = KVC_OPT_ALL_MASK;
     p->group = 32;
     p->sinks = 4;
+    // Kept, not pinned to 16/16: the optimizer picks their precision but never drops them
+    // (bench/results/quality-short-prompts.md: better from 32 to 2048 tokens).
+    p->sinks_kept = true;
     // 16, not 64: at b = 0.25 and 2048 tokens the 48 extra FP16 tokens cost more than they
     // save (bench/results/quality-variants.md).
     p->recent = 16;
@@ -72,6 +75,7 @@ fy_status_t kvc_policy_builtin(const char *name, kvc_policy_t *out)
     p.backbone_frac = 0;
     p.rotate = false;
     p.prior = 0;
+    p.sinks_kept = false; // sinks (where they have any) pinned to 16/16
     // Their scoring as published: the mean attention of a 32-query window (SnapKV's w).
     p.importance = KVC_IMP_MEAN;
     p.window = 32;
@@ -389,6 +393,8 @@ static fy_status_t apply_key(kvc_policy_t *p, const cJSON *it, const char *dir, 
         st = j_uint(it, 256, &p->group, err, err_len);
     } else if (strcmp(k, "sinks") == 0) {
         st = j_uint(it, KVC_MAX_TOKENS, &p->sinks, err, err_len);
+    } else if (strcmp(k, "sinks_kept") == 0) {
+        st = j_bool(it, &p->sinks_kept, err, err_len);
     } else if (strcmp(k, "recent") == 0) {
         st = j_uint(it, KVC_MAX_TOKENS, &p->recent, err, err_len);
     } else if (strcmp(k, "window") == 0) {

@@ -78,8 +78,7 @@ static ref_result ref_choose(const opt_args_t &a)
     const double share = a.share_left > 0 ? remain * a.share_w / a.share_left
                          : a.r > 0        ? remain / (double)a.r
                                           : 0;
-    bool pins = true;
-    for (int attempt = 0; attempt < 2; attempt++, pins = false) {
+    for (int pins = KVC_PINS_ALL; pins >= KVC_PINS_NONE; pins--) {
         for (size_t it = 0; it < a.n_items; it++)
             build_item(a, it, pins);
         if (a.no_budget) {
@@ -95,7 +94,7 @@ static ref_result ref_choose(const opt_args_t &a)
             cap = cap < c2 ? cap : c2;
         }
         if (floor_l > cap) {
-            if (pins)
+            if (pins > KVC_PINS_NONE)
                 continue;
             r.choice = r.tmp;
             r.budget_met = floor_l <= remain;
@@ -253,6 +252,7 @@ static void make_layer(layer_t *L, uint32_t n_kv, uint32_t n)
     a.stat_on = (int)rnd_below(2);
     a.hybrid_factor = 0.25f;
     a.sinks = rnd_below(3) == 0 ? 0 : rnd_below(8);
+    a.sinks_kept = (int)(a.tree % 2); // (no draw: the layers stay as they were)
     a.recent = rnd_below(3) == 0 ? 0 : rnd_below(n / 2 + 1);
     a.pins_ok = 1;
     uint32_t opts = KVC_OPT_BIT(KVC_OPT_F16);
@@ -504,6 +504,20 @@ static void test_small_layers(void **state)
     assert_true(takes > 0);
 }
 
+// Sets a's choice to the cheapest (drops where allowed) and the fill's bytes, counts and target
+// to `room` bytes above it: a start far below the target, whatever the layer's budget was.
+static void start_from_cheapest(layer_t *L, unsigned long long room)
+{
+    opt_args_t &a = L->a;
+    ref_cheap(a, true, a.choice);
+    std::vector<long long> cnt;
+    const unsigned long long total = ref_bytes(a, a.choice, &cnt);
+    memcpy(a.gcnt, cnt.data(), cnt.size() * sizeof(long long));
+    L->out.total = total;
+    L->out.target = total + room;
+    L->out.need_greedy = 1;
+}
+
 // encode.cu's fill of a layer past GREEDY_CHUNK items, both passes, from a's choice, counts and
 // bytes (a.gcnt, a.out): cand_body on a grid, the stable radix sort (a stable sort by key,
 // descending, here), greedy_pass_body in one block of GREEDY_THREADS; the second pass's
@@ -576,7 +590,11 @@ static void test_two_pass_fill(void **state)
             make_layer(&L, 1 + rnd_below(4), 20 + rnd_below(i % 2 ? 600 : 60));
         opt_args_t &a = L.a;
         check_layer(&L, 1 + rnd_below(2), 64, &t); // the choice the fill starts from
-        if (!L.out.need_greedy || a.no_budget)
+        if (a.no_budget)
+            continue;
+        if (i % 8 == 7) // room for a few hundred to a few thousand upgrades: walks go far
+            start_from_cheapest(&L, (unsigned long long)((double)a.n_items * 64 * (0.2 + rnd01())));
+        else if (!L.out.need_greedy)
             continue;
         ref_result ref;
         ref.choice.assign(a.choice, a.choice + a.n_items);
@@ -614,13 +632,9 @@ static void test_fill_everything(void **state)
         layer_t L;
         make_layer(&L, 2, GREEDY_CHUNK / 2 + 200 + rnd_below(400));
         opt_args_t &a = L.a;
-        check_layer(&L, 2, 64, &t); // distortions, options and a choice to start from
-        std::vector<long long> cnt;
-        const unsigned long long total = ref_bytes(a, a.choice, &cnt);
-        memcpy(a.gcnt, cnt.data(), cnt.size() * sizeof(long long));
-        L.out.total = total;
-        L.out.target = total + (unsigned long long)a.n_items * 4 * 64; // all FP16 fits
-        L.out.need_greedy = 1;
+        check_layer(&L, 2, 64, &t); // distortions and options
+        // From the cheapest choice with room for all of it at FP16.
+        start_from_cheapest(&L, (unsigned long long)a.n_items * 4 * 64);
         ref_result ref;
         ref.choice.assign(a.choice, a.choice + a.n_items);
         ref.target = L.out.target;

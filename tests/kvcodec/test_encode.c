@@ -235,6 +235,95 @@ static void test_prior(void **state)
     assert_true(dropped[1] < dropped[0]);
 }
 
+/* Encodes one layer of L under pol at budget b into a malloc'd frame (parsed into *f). */
+static uint8_t *encode_one(const kvc_policy_t *pol, const kvt_layer_t *L, double b, kvc_frame_t *f,
+                           kvc_layer_info_t *info)
+{
+    kvc_encoder_params_t p = kvt_params(pol, L, 1, b);
+    kvc_encoder_t *enc = NULL;
+    assert_int_equal(kvc_encoder_create(&p, &enc), FY_OK);
+    size_t cap = kvc_encoder_max_frame_bytes(enc), len = 0;
+    uint8_t *buf = malloc(cap);
+    kvc_layer_input_t in = kvt_input(L, 0);
+    assert_int_equal(kvc_encoder_encode_layer(enc, &in, NULL, buf, cap, &len, info), FY_OK);
+    assert_int_equal(kvc_frame_parse(buf, len, f), FY_OK);
+    kvc_encoder_destroy(enc);
+    return buf;
+}
+
+/* A token that holds most of the window's attention (the synthetic layer's token 0) is not
+ * dropped even unpinned and under a budget that drops most tokens: its value is close to the
+ * window output it dominates, so w^2 |v - obar|^2 alone made it look free to drop; losing it
+ * moves every output by p (o - v) / (1 - p). */
+static void test_sink_mass(void **state)
+{
+    kvt_layer_t L;
+    kvt_layer_make(&L, 5, 4, 2, 300, 64, 32);
+    // Every window query gets 8 along channel 0 and token 0's key 24 there: 24 logit units
+    // more, about 2/3 and 0.99 of the window's attention in the two kv heads.
+    for (size_t i = 0; i < (size_t)L.n_heads * L.W; i++)
+        L.q[i * L.d] += 8.0f;
+    for (uint32_t h = 0; h < L.n_kv; h++)
+        for (uint32_t c = 0; c < L.d; c++)
+            L.k[(size_t)h * L.n * L.d + c] = fy_fp32_to_fp16(c == 0 ? 24.0f : 0.0f);
+    kvc_policy_t pol;
+    assert_int_equal(kvc_policy_builtin("ferry", &pol), FY_OK);
+    pol.sinks = pol.recent = 0; // nothing pinned
+    kvc_layer_input_t in = kvt_input(&L, 0);
+    kvc_scores_t sc;
+    assert_int_equal(kvc_scores_init(&sc, L.n_kv, L.n, L.d), FY_OK);
+    assert_int_equal(kvc_score(&pol, L.n_heads, L.n_kv, L.n, L.d, &in, &sc), FY_OK);
+    kvc_frame_t f;
+    kvc_layer_info_t info;
+    uint8_t *buf = encode_one(&pol, &L, 0.0625, &f, &info);
+    assert_true(info.budget_met);
+    assert_true(info.tokens[KVC_OPT_DROP] > (uint64_t)L.n_kv * L.n / 2); // most tokens go
+    for (uint32_t h = 0; h < L.n_kv; h++) {
+        assert_true(sc.importance[(size_t)h * L.n] > 0.5f); // token 0 is the sink here
+        assert_int_not_equal(kvc_frame_opt(&f, h, 0), KVC_OPT_DROP);
+    }
+    free(buf);
+    kvc_scores_cleanup(&sc);
+    kvt_layer_free(&L);
+}
+
+/* A prompt too short for its pins at the budget (37 tokens at b = 1/8: 4 sinks and 16 recent
+ * tokens at 16/16 are more than the frame may hold) gives up the recent window's 16/16 but
+ * keeps its sinks, at some precision, in every head; only where even that does not fit is
+ * everything free. */
+static void test_short_prompt_pins(void **state)
+{
+    kvt_layer_t L;
+    kvt_layer_make(&L, 9, 2, 1, 37, 64, 32);
+    for (int kept = 0; kept < 2; kept++) {
+        kvc_policy_t pol;
+        assert_int_equal(kvc_policy_builtin("ferry", &pol), FY_OK);
+        pol.sinks_kept = kept;
+        kvc_frame_t f;
+        kvc_layer_info_t info;
+        uint8_t *buf = encode_one(&pol, &L, 0.125, &f, &info);
+        assert_true(info.budget_met);
+        assert_true(f.frame_bytes <= (size_t)(0.125 * 4.0 * L.n * L.d));
+        uint32_t recent16 = 0;
+        for (uint32_t t = 0; t < pol.sinks; t++)
+            assert_int_not_equal(kvc_frame_opt(&f, 0, t), KVC_OPT_DROP);
+        for (uint32_t t = L.n - pol.recent; t < L.n; t++)
+            recent16 += kvc_frame_opt(&f, 0, t) == KVC_OPT_F16;
+        assert_true(recent16 < pol.recent);
+        free(buf);
+    }
+    // At a budget that holds every pin they are all 16/16, the sinks only where not kept.
+    kvc_policy_t pol;
+    assert_int_equal(kvc_policy_builtin("spectrum3", &pol), FY_OK);
+    kvc_frame_t f;
+    kvc_layer_info_t info;
+    uint8_t *buf = encode_one(&pol, &L, 0.5, &f, &info);
+    for (uint32_t t = 0; t < pol.sinks; t++)
+        assert_int_equal(kvc_frame_opt(&f, 0, t), KVC_OPT_F16);
+    free(buf);
+    kvt_layer_free(&L);
+}
+
 /* Importance over the window: mean <= RMS <= max for every token (GQA mean, no pooling), all
  * three equal with a window of one query; the window output and query sensitivity do not
  * depend on it. */
@@ -413,11 +502,12 @@ static void test_greedy_window(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_budget_adherence), cmocka_unit_test(test_below_floor),
-        cmocka_unit_test(test_determinism),      cmocka_unit_test(test_builtin_policies),
-        cmocka_unit_test(test_bad_params),       cmocka_unit_test(test_prior),
-        cmocka_unit_test(test_importance_kinds), cmocka_unit_test(test_window_div),
-        cmocka_unit_test(test_greedy_window),
+        cmocka_unit_test(test_budget_adherence),  cmocka_unit_test(test_below_floor),
+        cmocka_unit_test(test_determinism),       cmocka_unit_test(test_builtin_policies),
+        cmocka_unit_test(test_bad_params),        cmocka_unit_test(test_prior),
+        cmocka_unit_test(test_importance_kinds),  cmocka_unit_test(test_window_div),
+        cmocka_unit_test(test_greedy_window),     cmocka_unit_test(test_sink_mass),
+        cmocka_unit_test(test_short_prompt_pins),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
