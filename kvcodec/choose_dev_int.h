@@ -68,7 +68,7 @@ typedef struct {
     uint32_t n_kv, n, G;
     size_t n_items;
     // policy
-    int dist_kind, joint_kv, stat_on, measured, pins_ok, sinks_kept;
+    int dist_kind, joint_kv, stat_on, measured, pins_ok, pins_kept;
     uint32_t sinks, recent, options, backbone_opt;
     float hybrid_factor;
     float prior; // importance prior per token (pol->prior / n when measured, else 0)
@@ -132,7 +132,7 @@ static __device__ void build_item(const opt_args_t &a, size_t it, int pins)
     if (a.stat_on && a.is_static[h] && middle)
         w = kmul(w, a.hybrid_factor);
     uint8_t mask = (uint8_t)a.options;
-    mask = kvc_pin_mask(mask, pins, t, n, a.sinks, a.sinks_kept, a.recent, a.backbone[t],
+    mask = kvc_pin_mask(mask, pins, t, n, a.sinks, a.recent, a.pins_kept, a.backbone[t],
                         a.backbone_opt);
     a.allowed[it] = mask;
     if (!a.measured) {
@@ -390,7 +390,11 @@ static __device__ void choose_body(const opt_args_t &a, cg::grid_group *grid, un
         }
         if (check_prev) {
             double x = (double)s_tot[1];
-            if (x <= cap && x >= o_dmul(share, __dsub_rn(1, a.flex))) {
+            // (kvc_encoder_choose: top, the layer's frame with every token at 16/16)
+            const double top =
+                (double)(a.fixed + a.n_items * (a.gfix[KVC_OPT_F16] + a.gtok[KVC_OPT_F16]));
+            if (x <= cap && x >= o_dmul(share, __dsub_rn(1, a.flex)) &&
+                x >= __dsub_rn(remain, o_dmul((double)(a.r - 1), top))) {
                 lambda = lambda_prev; // its choice is in place
                 budget_met = 1;
                 break;

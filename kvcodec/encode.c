@@ -305,7 +305,7 @@ static void build_items(kvc_encoder_t *e, const kvc_scores_t *sc, const kvc_err_
         if (stat && middle)
             w *= pol->hybrid_factor;
         uint8_t mask = (uint8_t)pol->options;
-        mask = kvc_pin_mask(mask, pins, t, n, pol->sinks, pol->sinks_kept, pol->recent,
+        mask = kvc_pin_mask(mask, pins, t, n, pol->sinks, pol->recent, pol->pins_kept,
                             e->backbone[t], pol->backbone_opt);
         e->allowed[it] = mask;
         float dv = pol->joint_kv ? dev[t] : (float)dev_mean;
@@ -869,7 +869,11 @@ fy_status_t kvc_encoder_choose(kvc_encoder_t *e, const kvc_layer_input_t *in,
             double a = assign(e, e->lambda_prev, e->choice);
             double x = (double)exact_bytes(e, e->choice);
             (void)a;
-            if (x <= cap && x >= share * (1 - e->policy.rate_flex)) {
+            // ... and while what it leaves, later layers can still spend (at most all of
+            // their tokens at 16/16: near b = 1 a layer under its share loses the rest).
+            double top_l = (double)(frame_fixed_bytes(n_kv, n) + (size_t)n_kv * n * 4 * d);
+            if (x <= cap && x >= share * (1 - e->policy.rate_flex) &&
+                x >= remain - (double)(r - 1) * top_l) {
                 accepted = true;
                 lambda = e->lambda_prev;
             }

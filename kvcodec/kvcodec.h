@@ -96,9 +96,10 @@ typedef struct {
     char name[32];
     uint32_t options;     // allowed options, KVC_OPT_BIT mask; F16 is always allowed for pins
     uint32_t group;       // G: tokens per key quantization group (8..256, multiple of 8)
-    uint32_t sinks;       // first tokens pinned to F16 (or only kept: sinks_kept)
-    bool sinks_kept;      // the sinks may take any option but DROP instead of F16
-    uint32_t recent;      // last tokens pinned to F16
+    uint32_t sinks;       // first tokens pinned to F16 (or only kept: pins_kept)
+    uint32_t recent;      // last tokens pinned to F16 (likewise)
+    bool pins_kept;       // sinks and recent tokens may take any option but DROP (the
+                          // optimizer picks) instead of F16
     uint32_t window;      // observation window W the prefill side should pass
     uint32_t window_div;  // score from at most max(32, n_tokens / window_div) of the window
                           // queries, the last ones (0 = all W; kvc_score only: the GPU scorer
@@ -134,7 +135,7 @@ typedef struct {
     double lambda_first[KVC_POLICY_MAX_LAMBDAS];  // layer 0's multiplier at that b
 } kvc_policy_t;
 
-/* The `ferry` defaults (all options, G 32, sinks 4, recent 16, W 128 with RMS importance,
+/* The `ferry` defaults (all options, G 32, sinks 4 and recent 16 kept, W 128 with RMS importance,
  * pool 9, prior 2, no backbone, budget 0.25; layer_alloc 0.2 once a calibration is loaded).
  * Thread: any. */
 void kvc_policy_default(kvc_policy_t *policy);

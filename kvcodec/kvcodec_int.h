@@ -39,33 +39,31 @@
 #define KVC_DROP_MASS_MAX 0.99f
 
 /* What the optimizer pins, attempt by attempt, when a layer's pins do not fit its allowance:
- * every pin (sinks, recent window, backbone), then only "never drop the sinks", then nothing.
- * A short prompt at a small budget cannot hold its last tokens at 16/16, but keeping its first
- * tokens, which most heads use as a sink, at any precision costs little
- * (bench/results/quality-short-prompts.md). */
-enum { KVC_PINS_NONE = 0, KVC_PINS_SINKS = 1, KVC_PINS_ALL = 2 };
+ * every pin as the policy says (sinks and recent window at 16/16 or kept, backbone), then the
+ * sinks and the recent window only kept (any option but drop), then nothing. A short prompt at
+ * a small budget cannot hold its first and last tokens at 16/16, but it can keep them at some
+ * precision, and losing them costs most (bench/results/quality-short-prompts.md). */
+enum { KVC_PINS_NONE = 0, KVC_PINS_KEPT = 1, KVC_PINS_ALL = 2 };
 
-/* The options token t of n may take at pin level `pins` (allowed: the policy's). */
 #ifdef __CUDACC__
 #define KVC_HOST_DEVICE __host__ __device__
 #else
 #define KVC_HOST_DEVICE
 #endif
+/* The options token t of n may take at pin level `pins` (allowed: the policy's). */
 static inline KVC_HOST_DEVICE uint8_t kvc_pin_mask(uint8_t allowed, int pins, uint32_t t,
-                                                   uint32_t n, uint32_t sinks, bool sinks_kept,
-                                                   uint32_t recent, bool backbone, int backbone_opt)
+                                                   uint32_t n, uint32_t sinks, uint32_t recent,
+                                                   bool pins_kept, bool backbone, int backbone_opt)
 {
     const uint8_t f16 = KVC_OPT_BIT(KVC_OPT_F16), drop = KVC_OPT_BIT(KVC_OPT_DROP);
-    if (pins == KVC_PINS_ALL) {
-        if (t < sinks)
-            return sinks_kept && allowed != drop ? (uint8_t)(allowed & ~drop) : f16;
-        if (t + recent >= n)
-            return f16;
-        if (backbone)
-            return (uint8_t)KVC_OPT_BIT(backbone_opt);
-    } else if (pins == KVC_PINS_SINKS && t < sinks && allowed != drop) {
-        return (uint8_t)(allowed & ~drop);
-    }
+    const bool pinned = t < sinks || t + recent >= n;
+    const uint8_t kept = allowed != drop ? (uint8_t)(allowed & ~drop) : allowed;
+    if (pins == KVC_PINS_ALL && pinned)
+        return pins_kept ? kept : f16;
+    if (pins == KVC_PINS_ALL && backbone)
+        return (uint8_t)KVC_OPT_BIT(backbone_opt);
+    if (pins == KVC_PINS_KEPT && pinned)
+        return kept;
     return allowed;
 }
 

@@ -17,12 +17,12 @@ void kvc_policy_default(kvc_policy_t *p)
     p->options = KVC_OPT_ALL_MASK;
     p->group = 32;
     p->sinks = 4;
-    // Kept, not pinned to 16/16: the optimizer picks their precision but never drops them
-    // (bench/results/quality-short-prompts.md: better from 32 to 2048 tokens).
-    p->sinks_kept = true;
     // 16, not 64: at b = 0.25 and 2048 tokens the 48 extra FP16 tokens cost more than they
     // save (bench/results/quality-variants.md).
     p->recent = 16;
+    // Both kept, not pinned to 16/16: the optimizer picks their precision but never drops
+    // them (bench/results/quality-short-prompts.md: better from 32 to 2048 tokens).
+    p->pins_kept = true;
     // 128 queries, RMS of their attention, pooling 9: at b = 0.125 SmolLM2 went from +5.9 %
     // to +2.7 % dPPL with these and prior 2 (bench/results/quality-variants.md). The scoring
     // work grows with W (W x n x d per head, ~2 % of a 2048-token prefill at W 128).
@@ -75,7 +75,7 @@ fy_status_t kvc_policy_builtin(const char *name, kvc_policy_t *out)
     p.backbone_frac = 0;
     p.rotate = false;
     p.prior = 0;
-    p.sinks_kept = false; // sinks (where they have any) pinned to 16/16
+    p.pins_kept = false; // sinks and recent tokens pinned to 16/16, as published
     // Their scoring as published: the mean attention of a 32-query window (SnapKV's w).
     p.importance = KVC_IMP_MEAN;
     p.window = 32;
@@ -393,8 +393,8 @@ static fy_status_t apply_key(kvc_policy_t *p, const cJSON *it, const char *dir, 
         st = j_uint(it, 256, &p->group, err, err_len);
     } else if (strcmp(k, "sinks") == 0) {
         st = j_uint(it, KVC_MAX_TOKENS, &p->sinks, err, err_len);
-    } else if (strcmp(k, "sinks_kept") == 0) {
-        st = j_bool(it, &p->sinks_kept, err, err_len);
+    } else if (strcmp(k, "pins_kept") == 0) {
+        st = j_bool(it, &p->pins_kept, err, err_len);
     } else if (strcmp(k, "recent") == 0) {
         st = j_uint(it, KVC_MAX_TOKENS, &p->recent, err, err_len);
     } else if (strcmp(k, "window") == 0) {

@@ -104,7 +104,9 @@ static ref_result ref_choose(const opt_args_t &a)
         if (lambda_prev >= 0 && a.r > 1) {
             ref_assign(a, lambda_prev, r.choice.data());
             double x = (double)ref_bytes(a, r.choice.data(), NULL);
-            if (x <= cap && x >= share * (1 - a.flex)) {
+            const double top =
+                (double)(a.fixed + a.n_items * (a.gfix[KVC_OPT_F16] + a.gtok[KVC_OPT_F16]));
+            if (x <= cap && x >= share * (1 - a.flex) && x >= remain - (double)(a.r - 1) * top) {
                 accepted = true;
                 r.lambda = lambda_prev;
             }
@@ -252,7 +254,7 @@ static void make_layer(layer_t *L, uint32_t n_kv, uint32_t n)
     a.stat_on = (int)rnd_below(2);
     a.hybrid_factor = 0.25f;
     a.sinks = rnd_below(3) == 0 ? 0 : rnd_below(8);
-    a.sinks_kept = (int)(a.tree % 2); // (no draw: the layers stay as they were)
+    a.pins_kept = (int)(a.tree % 2); // (no draw: the layers stay as they were)
     a.recent = rnd_below(3) == 0 ? 0 : rnd_below(n / 2 + 1);
     a.pins_ok = 1;
     uint32_t opts = KVC_OPT_BIT(KVC_OPT_F16);

@@ -288,9 +288,9 @@ static void test_sink_mass(void **state)
 }
 
 /* A prompt too short for its pins at the budget (37 tokens at b = 1/8: 4 sinks and 16 recent
- * tokens at 16/16 are more than the frame may hold) gives up the recent window's 16/16 but
- * keeps its sinks, at some precision, in every head; only where even that does not fit is
- * everything free. */
+ * tokens at 16/16 are more than the frame may hold) gives up their 16/16 but keeps them, at some
+ * precision, while most of the middle goes; only where even that does not fit is everything
+ * free. The same with pins that are only kept to begin with. */
 static void test_short_prompt_pins(void **state)
 {
     kvt_layer_t L;
@@ -298,21 +298,27 @@ static void test_short_prompt_pins(void **state)
     for (int kept = 0; kept < 2; kept++) {
         kvc_policy_t pol;
         assert_int_equal(kvc_policy_builtin("ferry", &pol), FY_OK);
-        pol.sinks_kept = kept;
+        pol.pins_kept = kept;
         kvc_frame_t f;
         kvc_layer_info_t info;
         uint8_t *buf = encode_one(&pol, &L, 0.125, &f, &info);
         assert_true(info.budget_met);
         assert_true(f.frame_bytes <= (size_t)(0.125 * 4.0 * L.n * L.d));
-        uint32_t recent16 = 0;
-        for (uint32_t t = 0; t < pol.sinks; t++)
-            assert_int_not_equal(kvc_frame_opt(&f, 0, t), KVC_OPT_DROP);
-        for (uint32_t t = L.n - pol.recent; t < L.n; t++)
-            recent16 += kvc_frame_opt(&f, 0, t) == KVC_OPT_F16;
-        assert_true(recent16 < pol.recent);
+        uint32_t f16 = 0, middle_dropped = 0;
+        for (uint32_t t = 0; t < L.n; t++) {
+            kvc_opt_t o = kvc_frame_opt(&f, 0, t);
+            if (t < pol.sinks || t + pol.recent >= L.n) {
+                assert_int_not_equal(o, KVC_OPT_DROP);
+                f16 += o == KVC_OPT_F16;
+            } else {
+                middle_dropped += o == KVC_OPT_DROP;
+            }
+        }
+        assert_true(f16 < pol.sinks + pol.recent);
+        assert_true(middle_dropped > 0);
         free(buf);
     }
-    // At a budget that holds every pin they are all 16/16, the sinks only where not kept.
+    // At a budget that holds every pin, pins that are not kept are 16/16.
     kvc_policy_t pol;
     assert_int_equal(kvc_policy_builtin("spectrum3", &pol), FY_OK);
     kvc_frame_t f;

@@ -32,10 +32,10 @@ static void test_builtins(void **state)
     kvc_policy_builtin("spectrum3", &p);
     assert_int_equal(p.options, KVC_OPT_BIT(KVC_OPT_F16) | KVC_OPT_BIT(KVC_OPT_Q8) |
                                     KVC_OPT_BIT(KVC_OPT_Q4));
-    assert_false(p.sinks_kept); // the baselines pin their sinks to 16/16, as published
+    assert_false(p.pins_kept); // the baselines pin their sinks and recent tokens to 16/16
     kvc_policy_builtin("ferry", &p);
     assert_int_equal(p.sinks, 4);
-    assert_true(p.sinks_kept);
+    assert_true(p.pins_kept);
 }
 
 static void test_file(void **state)
@@ -52,7 +52,7 @@ static void test_file(void **state)
                                     KVC_OPT_BIT(KVC_OPT_Q4) | KVC_OPT_BIT(KVC_OPT_DROP));
     assert_int_equal(p.group, 64);
     assert_int_equal(p.sinks, 8);
-    assert_false(p.sinks_kept);
+    assert_false(p.pins_kept);
     assert_int_equal(p.recent, 128);
     assert_int_equal(p.window, 16);
     assert_int_equal(p.pool_kernel, 5);
@@ -99,7 +99,7 @@ static void test_errors(void **state)
     expect_fail("{\"prior\": 65}", "prior");
     expect_fail("[1, 2]", "object");
     expect_fail("{\"group\": ", "JSON");
-    expect_fail("{\"sinks_kept\": 1}", "sinks_kept");
+    expect_fail("{\"pins_kept\": 1}", "pins_kept");
 }
 
 static void test_prior(void **state)
@@ -122,10 +122,10 @@ static void test_base(void **state)
     assert_string_equal(p.name, "snapkv");
     assert_int_equal(p.options, KVC_OPT_BIT(KVC_OPT_F16) | KVC_OPT_BIT(KVC_OPT_DROP));
     assert_true(p.budget == 0.1);
-    assert_false(p.sinks_kept);
-    js = "{\"base\": \"spectrum3\", \"sinks_kept\": true}";
+    assert_false(p.pins_kept);
+    js = "{\"base\": \"spectrum3\", \"pins_kept\": true}";
     assert_int_equal(kvc_policy_parse_json(js, strlen(js), &p, NULL, 0), FY_OK);
-    assert_true(p.sinks_kept);
+    assert_true(p.pins_kept);
     assert_int_equal(p.sinks, 4);
 }
 
