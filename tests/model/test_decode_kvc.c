@@ -3,7 +3,7 @@
 // kvc pool still compressed, then 16 greedy tokens decoded over the pages. With FP16 frames
 // the tokens equal mdl_decode over the FP16 mdl_kv cache; with `ferry` at b = 0.5 they mostly
 // agree and the next-token distributions stay close (KL). Batching, a full pool and a
-// missing layer are checked too.
+// missing layer are checked too, and a short chat prompt at b = 0.25.
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -51,15 +51,20 @@ static kvc_pool_t *make_pool(uint32_t n_pages)
     return pool;
 }
 
-static kvc_seq_t *placed_seq(kvc_pool_t *pool, int stream)
+static kvc_seq_t *placed_stream(kvc_pool_t *pool, const pf_stream_t *stream)
 {
     const mdl_config_t *c = mdl_model_config(G.m);
     kvc_seq_t *seq = NULL;
     assert_int_equal(kvc_seq_create(pool, (uint32_t)c->n_layers, (uint32_t)c->n_kv_heads,
                                     mdl_model_fingerprint(G.m), SEQ_ID, &seq),
                      FY_OK);
-    assert_int_equal(pf_place(&G.streams[stream], seq), FY_OK);
+    assert_int_equal(pf_place(stream, seq), FY_OK);
     return seq;
+}
+
+static kvc_seq_t *placed_seq(kvc_pool_t *pool, int stream)
+{
+    return placed_stream(pool, &G.streams[stream]);
 }
 
 static int setup(void **state)
@@ -329,6 +334,64 @@ static void test_full_pool_and_missing_layer(void **state)
     kvc_pool_destroy(pool);
 }
 
+// A short chat prompt (the demo's first, 37 tokens with SmolLM2's default system prompt) at
+// b = 0.25: its 4 sinks and 16 recent tokens at 16/16 would be more than the budget, and
+// `ferry` once dropped its first and last tokens then (docs/kvcodec-policies.md §4); the
+// teacher-forced next tokens must stay close to the FP16 cache's.
+static void test_short_prompt_quarter(void **state)
+{
+    (void)state;
+    static const char prompt[] =
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+        "Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+        "<|im_start|>assistant\n";
+    int32_t toks[128];
+    size_t n = 0;
+    assert_int_equal(
+        mdl_tokenizer_encode(mdl_model_tokenizer(G.m), prompt, strlen(prompt), true, toks, 128, &n),
+        FY_OK);
+    pf_stream_t st;
+    memset(&st, 0, sizeof(st));
+    assert_int_equal(kvc_policy_builtin("ferry", &st.policy), FY_OK);
+    st.budget = 0.25;
+    mdl_kv_params_t kp;
+    mdl_kv_params_default(&kp, G.m);
+    kp.n_pages = mdl_kv_pages_for(&kp, (int)n + N_GEN + 1);
+    mdl_kv_t *kv;
+    mdl_kv_seq_t *ref;
+    assert_int_equal(mdl_kv_create(&kp, &kv), FY_OK);
+    assert_int_equal(mdl_kv_seq_create(kv, &ref), FY_OK);
+    float *ref_logits = malloc(sizeof(float) * (size_t)G.n_vocab);
+    float *logits = malloc(sizeof(float) * (size_t)G.n_vocab);
+    assert_int_equal(pf_prefill(G.ctx, G.m, toks, (int)n, &st, 1, SEQ_ID, ref, ref_logits), FY_OK);
+    assert_true(st.wire_bytes <= (uint64_t)(0.25 * (double)st.fp16_bytes));
+    kvc_pool_t *pool = make_pool(1024);
+    kvc_seq_t *seq = placed_stream(pool, &st);
+    int agree = 0;
+    double kl_sum = 0;
+    int32_t t = pf_argmax(ref_logits, G.n_vocab);
+    for (int i = 0; i < N_GEN; i++) {
+        int32_t pos = (int)n + i, tk = t, tr = t;
+        assert_int_equal(mdl_decode_kvc(G.ctx, pool, &seq, &pos, &tk, 1, logits), FY_OK);
+        assert_int_equal(mdl_decode(G.ctx, &ref, &tr, 1, ref_logits), FY_OK);
+        agree += pf_argmax(logits, G.n_vocab) == pf_argmax(ref_logits, G.n_vocab);
+        kl_sum += kl_div(ref_logits, logits, G.n_vocab);
+        t = pf_argmax(ref_logits, G.n_vocab); // the reference's token is fed to both
+    }
+    printf("short prompt (%zu tokens), ferry b=0.25 (%.3f of FP16): top-1 agreement %d/%d "
+           "(teacher-forced), mean KL %.4f\n",
+           n, (double)st.wire_bytes / (double)st.fp16_bytes, agree, N_GEN, kl_sum / N_GEN);
+    assert_true(agree >= 14); // 16 measured (5 before the sinks and recent tokens were kept)
+    assert_true(kl_sum / N_GEN < 0.1); // 0.010 measured (2.91 before)
+    kvc_seq_destroy(seq);
+    kvc_pool_destroy(pool);
+    pf_stream_cleanup(&st);
+    mdl_kv_seq_destroy(ref);
+    mdl_kv_destroy(kv);
+    free(logits);
+    free(ref_logits);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -336,6 +399,7 @@ int main(void)
         cmocka_unit_test(test_ferry_frames_close),
         cmocka_unit_test(test_batch_equals_alone),
         cmocka_unit_test(test_full_pool_and_missing_layer),
+        cmocka_unit_test(test_short_prompt_quarter),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
