@@ -65,4 +65,25 @@ static inline kvc_encoder_params_t kvt_params(const kvc_policy_t *pol, const kvt
     return p;
 }
 
+/* Layer 0 of L encoded under pol as the first of n_layers at budget b: a malloc'd frame of
+ * *len_p bytes (and the layer's info where info_p is not NULL), or NULL if anything failed. */
+static inline uint8_t *kvt_encode_first(const kvc_policy_t *pol, const kvt_layer_t *L,
+                                        uint32_t n_layers, double b, size_t *len_p,
+                                        kvc_layer_info_t *info_p)
+{
+    kvc_encoder_params_t p = kvt_params(pol, L, n_layers, b);
+    kvc_encoder_t *enc = NULL;
+    if (kvc_encoder_create(&p, &enc) != FY_OK)
+        return NULL;
+    size_t cap = kvc_encoder_max_frame_bytes(enc);
+    uint8_t *buf = (uint8_t *)malloc(cap);
+    kvc_layer_input_t in = kvt_input(L, 0);
+    if (buf != NULL && kvc_encoder_encode_layer(enc, &in, NULL, buf, cap, len_p, info_p) != FY_OK) {
+        free(buf);
+        buf = NULL;
+    }
+    kvc_encoder_destroy(enc);
+    return buf;
+}
+
 #endif

@@ -239,15 +239,10 @@ static void test_prior(void **state)
 static uint8_t *encode_one(const kvc_policy_t *pol, const kvt_layer_t *L, double b, kvc_frame_t *f,
                            kvc_layer_info_t *info)
 {
-    kvc_encoder_params_t p = kvt_params(pol, L, 1, b);
-    kvc_encoder_t *enc = NULL;
-    assert_int_equal(kvc_encoder_create(&p, &enc), FY_OK);
-    size_t cap = kvc_encoder_max_frame_bytes(enc), len = 0;
-    uint8_t *buf = malloc(cap);
-    kvc_layer_input_t in = kvt_input(L, 0);
-    assert_int_equal(kvc_encoder_encode_layer(enc, &in, NULL, buf, cap, &len, info), FY_OK);
+    size_t len = 0;
+    uint8_t *buf = kvt_encode_first(pol, L, 1, b, &len, info);
+    assert_non_null(buf);
     assert_int_equal(kvc_frame_parse(buf, len, f), FY_OK);
-    kvc_encoder_destroy(enc);
     return buf;
 }
 

@@ -19,14 +19,8 @@ typedef struct {
 static uint8_t *encode_first(const kvc_policy_t *pol, const kvt_layer_t *L, uint32_t n_layers,
                              double b, size_t *len_p)
 {
-    kvc_encoder_params_t p = kvt_params(pol, L, n_layers, b);
-    kvc_encoder_t *enc;
-    assert_int_equal(kvc_encoder_create(&p, &enc), FY_OK);
-    size_t cap = kvc_encoder_max_frame_bytes(enc);
-    uint8_t *buf = malloc(cap);
-    kvc_layer_input_t in = kvt_input(L, 0);
-    assert_int_equal(kvc_encoder_encode_layer(enc, &in, NULL, buf, cap, len_p, NULL), FY_OK);
-    kvc_encoder_destroy(enc);
+    uint8_t *buf = kvt_encode_first(pol, L, n_layers, b, len_p, NULL);
+    assert_non_null(buf);
     return buf;
 }
 
