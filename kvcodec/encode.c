@@ -292,6 +292,8 @@ static void build_items(kvc_encoder_t *e, const kvc_scores_t *sc, const kvc_err_
         dev_mean += s;
     }
     dev_mean /= n;
+    // The spread of later queries' outputs around the window's (float, as the GPU has it).
+    float spread = measured && pol->drop_spread > 0 ? pol->drop_spread * (float)dev_mean : 0.0f;
 
     for (uint32_t t = 0; t < n; t++) {
         size_t it = (size_t)h * n + t;
@@ -314,6 +316,8 @@ static void build_items(kvc_encoder_t *e, const kvc_scores_t *sc, const kvc_err_
             D[KVC_OPT_F16] = 0;
             float rest = 1.0f - fminf(w, KVC_DROP_MASS_MAX); // the others' share
             D[KVC_OPT_DROP] = w2 * dv / (rest * rest);
+            if (spread > 0)
+                D[KVC_OPT_DROP] += w2 * spread;
             for (int o = KVC_OPT_Q8; o <= KVC_OPT_Q2; o++)
                 D[o] = 0; // filled by the trial pass below
             (void)w2;

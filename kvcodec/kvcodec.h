@@ -123,6 +123,10 @@ typedef struct {
     float prior;          // trial/model distortion: every token's importance gets prior / n
                           // added, the attention of queries after the window spread evenly
                           // over the prompt (0 = window attention alone)
+    float drop_spread;    // trial/model distortion: dropping a token of importance w costs
+                          // w^2 x this x the head's mean |v - obar|^2 besides its deviation
+                          // from the window output: later queries' outputs are not obar
+                          // (0 = the window output alone)
     /* Calibration (`ferry calibrate`, docs/kvcodec-policies.md §4): per-layer sensitivity
      * weights and the rate controller's first multiplier per budget. Nothing here acts while
      * n_layer_weights and n_lambdas are 0 (every built-in policy). */
@@ -136,8 +140,8 @@ typedef struct {
 } kvc_policy_t;
 
 /* The `ferry` defaults (all options, G 32, sinks 4 and recent 16 kept, W 128 with RMS importance,
- * pool 9, prior 2, no backbone, budget 0.25; layer_alloc 0.2 once a calibration is loaded).
- * Thread: any. */
+ * pool 9, prior 2, drop spread 1, no backbone, budget 0.25; layer_alloc 0.2 once a calibration is
+ * loaded). Thread: any. */
 void kvc_policy_default(kvc_policy_t *policy);
 
 /* Fills one of the built-in named policies: fp16, int8, int4, kivi2, snapkv, h2o, pdtrim,

@@ -49,6 +49,11 @@ void kvc_policy_default(kvc_policy_t *p)
     // tokens and b = 0.25 went from +2.5 % to +0.5 % dPPL and NIAH from 5/11 to 11/11. With
     // the RMS importance 2 beats 4 (which beat 1 and 2 with the mean).
     p->prior = 2.0f;
+    // The window's output stands in for every later query's, but theirs spread around it: with
+    // a drop term of w^2 (|v - obar|^2 / (1 - w)^2 + 1 x the head's mean deviation) SmolLM2's KL
+    // at 2048 tokens fell 60 % at b = 0.25 and 37 % at 0.125, and at most budgets from 64 to 512
+    // tokens (0.5 and 2 did less; bench/results/quality-drop-spread.md).
+    p->drop_spread = 1.0f;
     // With a calibration only: byte shares ~ weight^0.2 halved SmolLM2's KL at b = 0.25 and
     // cut it ~10 % at 0.125; larger exponents starve the layers the probe found insensitive
     // (0.5: +2.6 %, 1: +7.5 % dPPL at 0.25). Distortion weights did not help at 0.125.
@@ -75,6 +80,7 @@ fy_status_t kvc_policy_builtin(const char *name, kvc_policy_t *out)
     p.backbone_frac = 0;
     p.rotate = false;
     p.prior = 0;
+    p.drop_spread = 0;
     p.pins_kept = false; // sinks and recent tokens pinned to 16/16, as published
     // Their scoring as published: the mean attention of a 32-query window (SnapKV's w).
     p.importance = KVC_IMP_MEAN;
@@ -181,6 +187,8 @@ fy_status_t kvc_policy_validate(const kvc_policy_t *p, char *err, size_t err_len
         FAIL("rate_flex %g: must be in [0, 4]", p->rate_flex);
     if (!(p->prior >= 0 && p->prior <= 64))
         FAIL("prior %g: must be in [0, 64]", (double)p->prior);
+    if (!(p->drop_spread >= 0 && p->drop_spread <= 64))
+        FAIL("drop_spread %g: must be in [0, 64]", (double)p->drop_spread);
     if (p->n_layer_weights > KVC_POLICY_MAX_LAYERS)
         FAIL("layer weights: %u layers, at most %d", p->n_layer_weights, KVC_POLICY_MAX_LAYERS);
     for (uint32_t l = 0; l < p->n_layer_weights; l++)
@@ -459,6 +467,9 @@ static fy_status_t apply_key(kvc_policy_t *p, const cJSON *it, const char *dir, 
     } else if (strcmp(k, "prior") == 0) {
         if ((st = j_num(it, 0, 64, &d, err, err_len)) == FY_OK)
             p->prior = (float)d;
+    } else if (strcmp(k, "drop_spread") == 0) {
+        if ((st = j_num(it, 0, 64, &d, err, err_len)) == FY_OK)
+            p->drop_spread = (float)d;
     } else if (strcmp(k, "layer_alloc") == 0) {
         if ((st = j_num(it, 0, 4, &d, err, err_len)) == FY_OK)
             p->layer_alloc = (float)d;

@@ -282,6 +282,51 @@ static void test_sink_mass(void **state)
     kvt_layer_free(&L);
 }
 
+/* A middle token that takes all of the window's attention (every other weight is below FP32's
+ * resolution) has v = obar to rounding, so its deviation from the window output is ~0 even
+ * divided by (1 - 0.99)^2; the spread of later queries' outputs (drop_spread) still prices its
+ * drop, and it is kept under a budget that drops most tokens. */
+static void test_whole_mass(void **state)
+{
+    kvt_layer_t L;
+    kvt_layer_make(&L, 6, 4, 2, 300, 64, 32);
+    const uint32_t t_all = 150;
+    // Every window query gets 8 along channel 0 and token t_all's key 64 there: 64 logit units
+    // more than any other token.
+    for (size_t i = 0; i < (size_t)L.n_heads * L.W; i++)
+        L.q[i * L.d] += 8.0f;
+    for (uint32_t h = 0; h < L.n_kv; h++)
+        for (uint32_t c = 0; c < L.d; c++)
+            L.k[((size_t)h * L.n + t_all) * L.d + c] = fy_fp32_to_fp16(c == 0 ? 64.0f : 0.0f);
+    kvc_policy_t pol;
+    assert_int_equal(kvc_policy_builtin("ferry", &pol), FY_OK);
+    assert_true(pol.drop_spread > 0);
+    kvc_layer_input_t in = kvt_input(&L, 0);
+    kvc_scores_t sc;
+    assert_int_equal(kvc_scores_init(&sc, L.n_kv, L.n, L.d), FY_OK);
+    assert_int_equal(kvc_score(&pol, L.n_heads, L.n_kv, L.n, L.d, &in, &sc), FY_OK);
+    for (uint32_t h = 0; h < L.n_kv; h++) {
+        assert_true(sc.importance[(size_t)h * L.n + t_all] > 0.99f);
+        double dev = 0; // |v - obar|^2: the window output is the token's value (to ~1e-7)
+        for (uint32_t c = 0; c < L.d; c++) {
+            double e = sc.obar[(size_t)h * L.d + c] -
+                       fy_fp16_to_fp32(L.v[((size_t)h * L.n + t_all) * L.d + c]);
+            dev += e * e;
+        }
+        assert_true(dev < 1e-9);
+    }
+    kvc_frame_t f;
+    kvc_layer_info_t info;
+    uint8_t *buf = encode_one(&pol, &L, 0.0625, &f, &info);
+    assert_true(info.budget_met);
+    assert_true(info.tokens[KVC_OPT_DROP] > (uint64_t)L.n_kv * L.n / 2); // most tokens go
+    for (uint32_t h = 0; h < L.n_kv; h++)
+        assert_int_not_equal(kvc_frame_opt(&f, h, t_all), KVC_OPT_DROP);
+    free(buf);
+    kvc_scores_cleanup(&sc);
+    kvt_layer_free(&L);
+}
+
 /* A prompt too short for its pins at the budget (37 tokens at b = 1/8: 4 sinks and 16 recent
  * tokens at 16/16 are more than the frame may hold) gives up their 16/16 but keeps them, at some
  * precision, while most of the middle goes; only where even that does not fit is everything
@@ -508,7 +553,7 @@ int main(void)
         cmocka_unit_test(test_bad_params),        cmocka_unit_test(test_prior),
         cmocka_unit_test(test_importance_kinds),  cmocka_unit_test(test_window_div),
         cmocka_unit_test(test_greedy_window),     cmocka_unit_test(test_sink_mass),
-        cmocka_unit_test(test_short_prompt_pins),
+        cmocka_unit_test(test_short_prompt_pins), cmocka_unit_test(test_whole_mass),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
