@@ -268,6 +268,9 @@ static void build_items(kvc_encoder_t *e, const kvc_scores_t *sc, const kvc_err_
     for (uint32_t c = 0; c < d; c++)
         kw_rot[c] = qsq_mean;
     bool stat = pol->hybrid_threshold > 0 && sc->is_static[h];
+    // Kept pins let the optimizer trade their precision for bytes; with no budget there is
+    // nothing to trade for and every free token goes to the cheapest option, so they stay 16/16.
+    bool kept = pol->pins_kept && e->budget > 0;
 
     // Value deviation from the window output: what losing the token costs (per token when
     // joint_kv, else the head's mean).
@@ -307,8 +310,8 @@ static void build_items(kvc_encoder_t *e, const kvc_scores_t *sc, const kvc_err_
         if (stat && middle)
             w *= pol->hybrid_factor;
         uint8_t mask = (uint8_t)pol->options;
-        mask = kvc_pin_mask(mask, pins, t, n, pol->sinks, pol->recent, pol->pins_kept,
-                            e->backbone[t], pol->backbone_opt);
+        mask = kvc_pin_mask(mask, pins, t, n, pol->sinks, pol->recent, kept, e->backbone[t],
+                            pol->backbone_opt);
         e->allowed[it] = mask;
         float dv = pol->joint_kv ? dev[t] : (float)dev_mean;
         if (measured) {

@@ -710,7 +710,7 @@ static fy_status_t opt_enqueue(kvc_encoder_cuda_t *e, uint32_t layer, const kvc_
     a.stat_on = pol->hybrid_threshold > 0;
     a.measured = measured;
     a.sinks = pol->sinks;
-    a.pins_kept = pol->pins_kept;
+    a.pins_kept = pol->pins_kept && !oi.no_budget; // build_items: no budget, pins at 16/16
     a.recent = pol->recent;
     a.options = opts;
     a.backbone_opt = pol->backbone_opt;

@@ -327,6 +327,29 @@ static void test_whole_mass(void **state)
     kvt_layer_free(&L);
 }
 
+/* With no budget every free token takes the cheapest allowed option; kept pins have nothing to
+ * trade their precision for and stay at 16/16, as pinned ones do (what `ferry calibrate`'s
+ * option probes rely on: the option on the middle tokens, the ends at full precision). */
+static void test_no_budget_pins(void **state)
+{
+    kvt_layer_t L;
+    kvt_layer_make(&L, 10, 4, 2, 100, 64, 32);
+    kvc_policy_t pol;
+    assert_int_equal(kvc_policy_builtin("ferry", &pol), FY_OK);
+    assert_true(pol.pins_kept);
+    pol.options = KVC_OPT_BIT(KVC_OPT_F16) | KVC_OPT_BIT(KVC_OPT_Q8) | KVC_OPT_BIT(KVC_OPT_Q4);
+    kvc_frame_t f;
+    kvc_layer_info_t info;
+    uint8_t *buf = encode_one(&pol, &L, 0.0, &f, &info);
+    for (uint32_t h = 0; h < L.n_kv; h++)
+        for (uint32_t t = 0; t < L.n; t++) {
+            bool pinned = t < pol.sinks || t + pol.recent >= L.n;
+            assert_int_equal(kvc_frame_opt(&f, h, t), pinned ? KVC_OPT_F16 : KVC_OPT_Q4);
+        }
+    free(buf);
+    kvt_layer_free(&L);
+}
+
 /* A prompt too short for its pins at the budget (37 tokens at b = 1/8: 4 sinks and 16 recent
  * tokens at 16/16 are more than the frame may hold) gives up their 16/16 but keeps them, at some
  * precision, while most of the middle goes; only where even that does not fit is everything
@@ -554,6 +577,7 @@ int main(void)
         cmocka_unit_test(test_importance_kinds),  cmocka_unit_test(test_window_div),
         cmocka_unit_test(test_greedy_window),     cmocka_unit_test(test_sink_mass),
         cmocka_unit_test(test_short_prompt_pins), cmocka_unit_test(test_whole_mass),
+        cmocka_unit_test(test_no_budget_pins),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
