@@ -89,14 +89,6 @@ KVC_HOT static void attend_page(attn_t *A, const kvc_pool_t *pool, const uint8_t
     for (uint32_t s = 0; s < h.n_slots && h.opt != KVC_OPT_F16; s++) {
         const uint8_t *slot = pg + KVC_PAGE_HEADER_BYTES + s * sb;
         uint32_t m = s + 1 == h.n_slots ? h.last_tokens : cap;
-        if (h.opt == KVC_OPT_F16) {
-            memcpy(tmp16, slot, 2 * (size_t)d);
-            fy_fp16_to_fp32_buf(A->row, tmp16, d);
-            for (uint32_t r = 0; r < nq; r++)
-                A->lg[(size_t)r * T + tok] = kvc_dot(qq + (size_t)r * d, A->row, d) * scale;
-            tok++;
-            continue;
-        }
         float ks[KVC_MAX_HEAD_DIM], kz[KVC_MAX_HEAD_DIM], qz[KVC_MAX_QROWS];
         memcpy(tmp16, slot, 2 * (size_t)d);
         fy_fp16_to_fp32_buf(ks, tmp16, d);
@@ -178,14 +170,6 @@ KVC_HOT static void attend_page(attn_t *A, const kvc_pool_t *pool, const uint8_t
     for (uint32_t s = 0; s < h.n_slots; s++) {
         const uint8_t *slot = pg + KVC_PAGE_HEADER_BYTES + s * sb;
         uint32_t m = s + 1 == h.n_slots ? h.last_tokens : cap;
-        if (h.opt == KVC_OPT_F16) {
-            memcpy(tmp16, slot + 2 * d, 2 * (size_t)d);
-            fy_fp16_to_fp32_buf(A->row, tmp16, d);
-            for (uint32_t r = 0; r < nq; r++)
-                axpy(accbase + (size_t)r * d, A->lg[(size_t)r * T + tok], A->row, d);
-            tok++;
-            continue;
-        }
         const uint8_t *vs = slot + 4 * d, *vz = vs + 2 * cap;
         const uint8_t *vc = slot + 4 * d + 4 * (size_t)cap + (size_t)cap * rowk;
         for (uint32_t j = 0; j < m; j++, tok++) {
@@ -199,12 +183,10 @@ KVC_HOT static void attend_page(attn_t *A, const kvc_pool_t *pool, const uint8_t
             }
         }
     }
-    if (h.opt != KVC_OPT_F16) {
-        for (uint32_t r = 0; r < nq; r++) {
-            float *acc = accbase + (size_t)r * d;
-            for (uint32_t c = 0; c < d; c++)
-                acc[c] += zsum[r];
-        }
+    for (uint32_t r = 0; r < nq; r++) {
+        float *acc = accbase + (size_t)r * d;
+        for (uint32_t c = 0; c < d; c++)
+            acc[c] += zsum[r];
     }
 }
 
