@@ -33,7 +33,7 @@ enum { N_PROBES = 4 };
 typedef struct {
     const char *model, *out, *corpus[16];
     int n_corpus;
-    int trials, haystack, context, continuation, threads;
+    int trials, haystack, context, continuation, samples, threads;
     double kl_max, probe_budget;
     qual_decode_t decode;
 } opts_t;
@@ -42,8 +42,8 @@ static void usage(FILE *f)
 {
     fprintf(f,
             "usage: ferry calibrate --model M [--out FILE] [--corpus FILE|DIR]... [--trials 3]\n"
-            "         [--haystack 2048] [--context 1024] [--continuation 64] [--kl-max 0.05]\n"
-            "         [--probe-budget 0.25] [--threads 2] [--decode kvc|dequant]\n"
+            "         [--haystack 2048] [--context 1024] [--continuation 64] [--samples 3]\n"
+            "         [--kl-max 0.05] [--probe-budget 0.25] [--threads 2] [--decode kvc|dequant]\n"
             "Writes FILE (default M with .policy.json) and FILE's .calibration.json beside it.\n"
             "Default corpus: build/quality-corpus (scripts/build-corpus.sh).\n");
 }
@@ -54,6 +54,7 @@ static int parse_opts(int argc, char **argv, opts_t *o)
     o->trials = 3;
     o->haystack = 2048;
     o->context = 1024;
+    o->samples = 3;
     o->continuation = 64;
     o->threads = 2;
     o->kl_max = 0.05;
@@ -83,6 +84,8 @@ static int parse_opts(int argc, char **argv, opts_t *o)
             o->context = atoi(v);
         else if (strcmp(a, "--continuation") == 0)
             o->continuation = atoi(v);
+        else if (strcmp(a, "--samples") == 0)
+            o->samples = atoi(v);
         else if (strcmp(a, "--threads") == 0)
             o->threads = atoi(v);
         else if (strcmp(a, "--kl-max") == 0)
@@ -97,8 +100,8 @@ static int parse_opts(int argc, char **argv, opts_t *o)
         }
     }
     if (o->model == NULL || o->trials < 1 || o->trials > 32 || o->haystack < 64 ||
-        o->context < 64 || o->continuation < 2 || o->threads < 1 || !(o->kl_max > 0) ||
-        !(o->probe_budget > 0 && o->probe_budget <= 1)) {
+        o->context < 64 || o->continuation < 2 || o->samples < 1 || o->samples > 64 ||
+        o->threads < 1 || !(o->kl_max > 0) || !(o->probe_budget > 0 && o->probe_budget <= 1)) {
         usage(stderr);
         return -1;
     }
@@ -115,23 +118,24 @@ static void ferry_with(uint32_t mask, double budget, qual_config_t *c, const cha
     snprintf(c->label, sizeof(c->label), "%s", label);
 }
 
-/* Teacher forcing of one corpus text over a batch; fills acc [rows]. */
+/* Teacher forcing of o->samples corpus texts (spread over the documents; main checked that the
+ * corpus has them) over a batch; sums into acc [rows]. One text's KL per layer is too noisy to
+ * rank the layers by (bench/results/quality-calibration-samples.md). */
 static fy_status_t eval_kl(mdl_ctx_t *ctx, const mdl_model_t *m, const opts_t *o,
                            const qual_corpus_t *corpus, const qual_config_t *cfg, int n,
                            qual_acc_t *acc)
 {
-    const int32_t *ids;
-    fy_status_t st = qual_corpus_sample(corpus, o->context + o->continuation, 1, 0, &ids, NULL);
-    if (st != FY_OK) {
-        fprintf(stderr, "ferry calibrate: the corpus has no run of %d tokens\n",
-                o->context + o->continuation);
-        return st;
-    }
     qual_batch_t *b;
-    if ((st = qual_batch_create(ctx, m, o->decode, cfg, n, &b)) != FY_OK)
+    fy_status_t st = qual_batch_create(ctx, m, o->decode, cfg, n, &b);
+    if (st != FY_OK)
         return st;
     memset(acc, 0, sizeof(qual_acc_t) * (size_t)(n + 1));
-    st = qual_eval_text(b, ids, o->context, o->continuation, acc, NULL, NULL);
+    for (int s = 0; s < o->samples && st == FY_OK; s++) {
+        const int32_t *ids;
+        st = qual_corpus_sample(corpus, o->context + o->continuation, o->samples, s, &ids, NULL);
+        if (st == FY_OK)
+            st = qual_eval_text(b, ids, o->context, o->continuation, acc, NULL, NULL);
+    }
     qual_batch_destroy(b);
     return st;
 }
@@ -184,10 +188,18 @@ int cli_calibrate_main(int argc, char **argv)
                 o.haystack);
         goto out;
     }
+    const int32_t *ids; // the KL texts exist
+    if (qual_corpus_sample(&corpus, o.context + o.continuation, o.samples, o.samples - 1, &ids,
+                           NULL) != FY_OK) {
+        fprintf(stderr, "ferry calibrate: the corpus has no %d separate runs of %d tokens%s\n",
+                o.samples, o.context + o.continuation, o.samples > 1 ? " (--samples)" : "");
+        goto out;
+    }
 
     // ---- 1. options ----
-    fprintf(stderr, "calibrate: probing options (%d NIAH trials of %d tokens, KL on %d+%d)\n",
-            o.trials, o.haystack, o.context, o.continuation);
+    fprintf(stderr,
+            "calibrate: probing options (%d NIAH trials of %d tokens, KL on %d texts of %d+%d)\n",
+            o.trials, o.haystack, o.samples, o.context, o.continuation);
     for (int i = 0; i < N_PROBES; i++) {
         kvc_opt_t opt = k_probe_opts[i];
         char label[48];
@@ -273,17 +285,20 @@ int cli_calibrate_main(int argc, char **argv)
     for (int i = 0; i < N_BUDGETS; i++) {
         qual_metrics_t q;
         qual_acc_metrics(acc, i + 1, &q);
+        // The multipliers' means over the texts.
+        double texts = acc[i + 1].n_contexts ? (double)acc[i + 1].n_contexts : 1.0;
+        double lam_first = acc[i + 1].lambda_first_sum / texts;
+        double lam_mean = acc[i + 1].lambda_mean_sum / texts;
         cJSON *e = cJSON_CreateObject();
         cJSON_AddNumberToObject(e, "budget", k_budgets[i]);
-        cJSON_AddNumberToObject(e, "lambda_first", acc[i + 1].lambda_first_sum);
-        cJSON_AddNumberToObject(e, "lambda_mean", acc[i + 1].lambda_mean_sum);
+        cJSON_AddNumberToObject(e, "lambda_first", lam_first);
+        cJSON_AddNumberToObject(e, "lambda_mean", lam_mean);
         cJSON_AddNumberToObject(e, "kl", q.kl_mean);
         cJSON_AddNumberToObject(e, "dppl_pct", q.dppl_pct);
         cJSON_AddNumberToObject(e, "wire_ratio", q.wire_ratio);
         cJSON_AddItemToArray(lam, e);
         fprintf(stderr, "calibrate: b %-6g lambda %.4g (mean %.4g), KL %.4f, dPPL %+.2f %%\n",
-                k_budgets[i], acc[i + 1].lambda_first_sum, acc[i + 1].lambda_mean_sum, q.kl_mean,
-                q.dppl_pct);
+                k_budgets[i], lam_first, lam_mean, q.kl_mean, q.dppl_pct);
     }
     double kl_sum = 0;
     for (int l = 0; l < n_layers; l++) {
@@ -328,6 +343,9 @@ int cli_calibrate_main(int argc, char **argv)
     cJSON_AddStringToObject(cal, "decode", qual_decode_name(o.decode));
     cJSON_AddNumberToObject(cal, "kl_max", o.kl_max);
     cJSON_AddNumberToObject(cal, "probe_budget", o.probe_budget);
+    cJSON_AddNumberToObject(cal, "samples", o.samples);
+    cJSON_AddNumberToObject(cal, "context", o.context);
+    cJSON_AddNumberToObject(cal, "continuation", o.continuation);
     FILE *f = fopen(out_path, "w");
     char *ct = cJSON_Print(cal);
     FILE *g = fopen(cal_path, "w");
