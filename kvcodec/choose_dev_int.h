@@ -73,7 +73,6 @@ typedef struct {
     float hybrid_factor;
     float prior; // importance prior per token (pol->prior / n when measured, else 0)
     float drop_spread; // pol->drop_spread when measured, else 0
-    int need_dev_mean; // measured, and !joint_kv or drop_spread > 0: dev_mean is read
     int need8, need4, needv4, need2, needk2;
     double flex;
     float cost[KVC_OPT_COUNT], pen[KVC_OPT_COUNT];
@@ -107,6 +106,13 @@ static __device__ __forceinline__ double o_dadd(double a, double b)
 static __device__ __forceinline__ double o_dmul(double a, double b)
 {
     return __dmul_rn(a, b);
+}
+
+/* Whether build_item reads the heads' mean deviations (dev_mean): the policies that weigh every
+ * token by them (no joint_kv) or add them to the drop term (drop_spread). */
+static __host__ __device__ __forceinline__ bool opt_need_dev_mean(const opt_args_t &a)
+{
+    return a.measured && (!a.joint_kv || a.drop_spread > 0);
 }
 
 /* kvc_run_bytes from the byte model. */
@@ -149,8 +155,7 @@ static __device__ void build_item(const opt_args_t &a, size_t it, int pins)
     float rest = ksub(1.0f, fminf(w, KVC_DROP_MASS_MAX)); // the others' share
     D[KVC_OPT_DROP] = __fdiv_rn(kmul(w2, dv), kmul(rest, rest));
     float spread = a.drop_spread > 0 ? kmul(a.drop_spread, a.dev_mean[h]) : 0.0f;
-    if (spread > 0)
-        D[KVC_OPT_DROP] = kadd(D[KVC_OPT_DROP], kmul(w2, spread));
+    D[KVC_OPT_DROP] = kadd(D[KVC_OPT_DROP], kmul(w2, spread));
     float q8 = 0, q4 = 0, q42 = 0, q2 = 0;
     if (a.need8)
         q8 = kmul(w2, kadd(a.tab[TAB_EV8 * plane + it], kmul(dv, a.tab[TAB_EK8 * plane + it])));
@@ -658,8 +663,7 @@ static __device__ void greedy_small_body(const opt_args_t &a, greedy_state_t *st
 }
 
 /* Mean of the head's value deviations in the CPU's order (a double sum over tokens, dev[0 .. n));
- * the policies that weigh every token by it (no joint_kv) or add it to the drop term
- * (drop_spread) need it. */
+ * only where opt_need_dev_mean. */
 static __device__ float dev_mean_of(const float *dev, uint32_t n)
 {
     double s = 0;
@@ -748,7 +752,7 @@ typedef union {
  * counts instead of adding them, so the count buffers need no clearing. */
 static __device__ void opt_small_body(const opt_args_t &a, float *dev_mean, opt_small_smem_t *sm)
 {
-    if (a.need_dev_mean) {
+    if (opt_need_dev_mean(a)) {
         for (uint32_t h = threadIdx.x; h < a.n_kv; h += blockDim.x)
             dev_mean[h] = dev_mean_of(a.tab + (size_t)TAB_DEV * a.n_items + (size_t)h * a.n, a.n);
         __syncthreads();

@@ -318,12 +318,9 @@ static void build_items(kvc_encoder_t *e, const kvc_scores_t *sc, const kvc_err_
             float w2 = w * w; // output error ~ p^2 |delta|^2
             D[KVC_OPT_F16] = 0;
             float rest = 1.0f - fminf(w, KVC_DROP_MASS_MAX); // the others' share
-            D[KVC_OPT_DROP] = w2 * dv / (rest * rest);
-            if (spread > 0)
-                D[KVC_OPT_DROP] += w2 * spread;
+            D[KVC_OPT_DROP] = w2 * dv / (rest * rest) + w2 * spread;
             for (int o = KVC_OPT_Q8; o <= KVC_OPT_Q2; o++)
                 D[o] = 0; // filled by the trial pass below
-            (void)w2;
         } else {
             for (int o = 0; o < KVC_OPT_COUNT; o++)
                 D[o] = w * k_rank_pen[o];

@@ -718,7 +718,6 @@ static fy_status_t opt_enqueue(kvc_encoder_cuda_t *e, uint32_t layer, const kvc_
     // encode.c's build_items: the same float division on the host, added to every importance.
     a.prior = measured ? pol->prior / (float)e->n : 0.0f;
     a.drop_spread = measured ? pol->drop_spread : 0.0f;
-    a.need_dev_mean = measured && (!pol->joint_kv || pol->drop_spread > 0);
     a.need8 = (opts & KVC_OPT_BIT(KVC_OPT_Q8)) != 0;
     a.need4 = (opts & (KVC_OPT_BIT(KVC_OPT_Q4) | KVC_OPT_BIT(KVC_OPT_Q4V2))) != 0;
     a.needv4 = (opts & KVC_OPT_BIT(KVC_OPT_Q4)) != 0;
@@ -767,7 +766,7 @@ static fy_status_t opt_enqueue(kvc_encoder_cuda_t *e, uint32_t layer, const kvc_
         KVC_LAUNCH_GOTO(st, out);
         goto fetch;
     }
-    if (a.need_dev_mean) {
+    if (opt_need_dev_mean(a)) {
         dev_mean_kernel<<<kvc_grid(e->n_kv, 32), 32, 0, cs>>>(e->d_tab + TAB_DEV * items, e->n_kv,
                                                               e->n, e->d_dev_mean);
         KVC_LAUNCH_GOTO(st, out);

@@ -267,7 +267,6 @@ static void make_layer(layer_t *L, uint32_t n_kv, uint32_t n)
     a.backbone_opt = rnd_below(2) ? KVC_OPT_Q8 : KVC_OPT_F16;
     a.prior = a.measured ? (float)(0.1 / n) : 0.0f;
     a.drop_spread = a.measured && a.tree > OPT_SLOTS / 2 ? 1.0f : 0.0f; // (no draw, as above)
-    a.need_dev_mean = a.measured && (!a.joint_kv || a.drop_spread > 0);
     a.need8 = (opts & KVC_OPT_BIT(KVC_OPT_Q8)) != 0;
     a.need4 = (opts & (KVC_OPT_BIT(KVC_OPT_Q4) | KVC_OPT_BIT(KVC_OPT_Q4V2))) != 0;
     a.needv4 = (opts & KVC_OPT_BIT(KVC_OPT_Q4)) != 0;
@@ -474,7 +473,7 @@ static void test_small_layers(void **state)
         opt_args_t &a = L.a;
         // The means opt_small_body computes where the policy reads them, for the reference;
         // then cleared, so that the kernel has to compute them.
-        const bool means = a.need_dev_mean;
+        const bool means = opt_need_dev_mean(a);
         if (means)
             for (uint32_t h = 0; h < n_kv; h++)
                 L.dev_mean[h] = dev_mean_of(a.tab + (size_t)TAB_DEV * a.n_items + (size_t)h * n, n);

@@ -246,6 +246,33 @@ static uint8_t *encode_one(const kvc_policy_t *pol, const kvt_layer_t *L, double
     return buf;
 }
 
+/* A synthetic layer (4 query heads, 2 kv heads, 300 tokens, d 64, W 32) where every window query
+ * gets 8 along channel 0 and token t's key `key` there, in every kv head: key logit units more
+ * than its own. */
+static void make_heavy_token(kvt_layer_t *L, uint64_t seed, uint32_t t, float key)
+{
+    kvt_layer_make(L, seed, 4, 2, 300, 64, 32);
+    for (size_t i = 0; i < (size_t)L->n_heads * L->W; i++)
+        L->q[i * L->d] += 8.0f;
+    for (uint32_t h = 0; h < L->n_kv; h++)
+        for (uint32_t c = 0; c < L->d; c++)
+            L->k[((size_t)h * L->n + t) * L->d + c] = fy_fp32_to_fp16(c == 0 ? key : 0.0f);
+}
+
+/* L's layer under pol at b = 1/16 meets its budget by dropping most tokens, but not token t in
+ * any kv head. */
+static void assert_kept_among_drops(const kvc_policy_t *pol, const kvt_layer_t *L, uint32_t t)
+{
+    kvc_frame_t f;
+    kvc_layer_info_t info;
+    uint8_t *buf = encode_one(pol, L, 0.0625, &f, &info);
+    assert_true(info.budget_met);
+    assert_true(info.tokens[KVC_OPT_DROP] > (uint64_t)L->n_kv * L->n / 2); // most tokens go
+    for (uint32_t h = 0; h < L->n_kv; h++)
+        assert_int_not_equal(kvc_frame_opt(&f, h, t), KVC_OPT_DROP);
+    free(buf);
+}
+
 /* A token that holds most of the window's attention (the synthetic layer's token 0) is not
  * dropped even unpinned and under a budget that drops most tokens: its value is close to the
  * window output it dominates, so w^2 |v - obar|^2 alone made it look free to drop; losing it
@@ -253,14 +280,9 @@ static uint8_t *encode_one(const kvc_policy_t *pol, const kvt_layer_t *L, double
 static void test_sink_mass(void **state)
 {
     kvt_layer_t L;
-    kvt_layer_make(&L, 5, 4, 2, 300, 64, 32);
-    // Every window query gets 8 along channel 0 and token 0's key 24 there: 24 logit units
-    // more, about 2/3 and 0.99 of the window's attention in the two kv heads.
-    for (size_t i = 0; i < (size_t)L.n_heads * L.W; i++)
-        L.q[i * L.d] += 8.0f;
-    for (uint32_t h = 0; h < L.n_kv; h++)
-        for (uint32_t c = 0; c < L.d; c++)
-            L.k[(size_t)h * L.n * L.d + c] = fy_fp32_to_fp16(c == 0 ? 24.0f : 0.0f);
+    // Token 0 gets 24 logit units more: about 2/3 and 0.99 of the window's attention in the two
+    // kv heads.
+    make_heavy_token(&L, 5, 0, 24.0f);
     kvc_policy_t pol;
     assert_int_equal(kvc_policy_builtin("ferry", &pol), FY_OK);
     pol.sinks = pol.recent = 0; // nothing pinned
@@ -268,16 +290,9 @@ static void test_sink_mass(void **state)
     kvc_scores_t sc;
     assert_int_equal(kvc_scores_init(&sc, L.n_kv, L.n, L.d), FY_OK);
     assert_int_equal(kvc_score(&pol, L.n_heads, L.n_kv, L.n, L.d, &in, &sc), FY_OK);
-    kvc_frame_t f;
-    kvc_layer_info_t info;
-    uint8_t *buf = encode_one(&pol, &L, 0.0625, &f, &info);
-    assert_true(info.budget_met);
-    assert_true(info.tokens[KVC_OPT_DROP] > (uint64_t)L.n_kv * L.n / 2); // most tokens go
-    for (uint32_t h = 0; h < L.n_kv; h++) {
+    for (uint32_t h = 0; h < L.n_kv; h++)
         assert_true(sc.importance[(size_t)h * L.n] > 0.5f); // token 0 is the sink here
-        assert_int_not_equal(kvc_frame_opt(&f, h, 0), KVC_OPT_DROP);
-    }
-    free(buf);
+    assert_kept_among_drops(&pol, &L, 0);
     kvc_scores_cleanup(&sc);
     kvt_layer_free(&L);
 }
@@ -289,15 +304,8 @@ static void test_sink_mass(void **state)
 static void test_whole_mass(void **state)
 {
     kvt_layer_t L;
-    kvt_layer_make(&L, 6, 4, 2, 300, 64, 32);
     const uint32_t t_all = 150;
-    // Every window query gets 8 along channel 0 and token t_all's key 64 there: 64 logit units
-    // more than any other token.
-    for (size_t i = 0; i < (size_t)L.n_heads * L.W; i++)
-        L.q[i * L.d] += 8.0f;
-    for (uint32_t h = 0; h < L.n_kv; h++)
-        for (uint32_t c = 0; c < L.d; c++)
-            L.k[((size_t)h * L.n + t_all) * L.d + c] = fy_fp32_to_fp16(c == 0 ? 64.0f : 0.0f);
+    make_heavy_token(&L, 6, t_all, 64.0f); // 64 logit units more than any other token
     kvc_policy_t pol;
     assert_int_equal(kvc_policy_builtin("ferry", &pol), FY_OK);
     assert_true(pol.drop_spread > 0);
@@ -315,14 +323,7 @@ static void test_whole_mass(void **state)
         }
         assert_true(dev < 1e-9);
     }
-    kvc_frame_t f;
-    kvc_layer_info_t info;
-    uint8_t *buf = encode_one(&pol, &L, 0.0625, &f, &info);
-    assert_true(info.budget_met);
-    assert_true(info.tokens[KVC_OPT_DROP] > (uint64_t)L.n_kv * L.n / 2); // most tokens go
-    for (uint32_t h = 0; h < L.n_kv; h++)
-        assert_int_not_equal(kvc_frame_opt(&f, h, t_all), KVC_OPT_DROP);
-    free(buf);
+    assert_kept_among_drops(&pol, &L, t_all);
     kvc_scores_cleanup(&sc);
     kvt_layer_free(&L);
 }
