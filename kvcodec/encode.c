@@ -362,10 +362,21 @@ static void build_items(kvc_encoder_t *e, const kvc_scores_t *sc, const kvc_err_
                              e->errv + (size_t)b * G);
                 continue;
             }
-            if (b != 2 || needk2)
-                kvc_key_errors(b, d, m, ks, rot ? kw_rot : qsq, e->errk + (size_t)b * G);
-            if (b != 4 || needv4)
-                kvc_value_errors(b, d, m, vs, e->errv + (size_t)b * G);
+            // The 4- and 2-bit errors share their rows and ranges: measured together, when
+            // b = 4 (b = 2 then only measures what the 4-bit pass did not).
+            float *k2 = needk2 ? e->errk + 2 * (size_t)G : NULL;
+            float *v2 = need[2] ? e->errv + 2 * (size_t)G : NULL;
+            if (b == 4) {
+                kvc_key_errors2(4, e->errk + 4 * (size_t)G, 2, k2, d, m, ks, rot ? kw_rot : qsq);
+                if (needv4)
+                    kvc_value_errors2(4, e->errv + 4 * (size_t)G, 2, v2, d, m, vs);
+                else if (v2)
+                    kvc_value_errors(2, d, m, vs, v2);
+            } else if (!need[4]) { // b = 2 alone
+                if (k2)
+                    kvc_key_errors(2, d, m, ks, rot ? kw_rot : qsq, k2);
+                kvc_value_errors(2, d, m, vs, v2);
+            }
         }
         for (uint32_t j = 0; j < m; j++) {
             uint32_t t = t0 + j;
@@ -836,11 +847,9 @@ fy_status_t kvc_encoder_choose(kvc_encoder_t *e, const kvc_layer_input_t *in,
                 load_rows(kh, in->token_stride, n, d, e->kf);
                 load_rows(vh, in->token_stride, n, d, e->vf);
                 if (e->policy.rotate) {
-                    memcpy(e->kr, e->kf, (size_t)n * d * sizeof(float));
-                    memcpy(e->vr, e->vf, (size_t)n * d * sizeof(float));
-                    for (uint32_t t = 0; t < n; t++) {
-                        kvc_hadamard(e->kr + (size_t)t * d, d);
-                        kvc_hadamard(e->vr + (size_t)t * d, d);
+                    for (size_t i = 0; i < (size_t)n * d; i += d) {
+                        kvc_hadamard_to(e->kf + i, e->kr + i, d);
+                        kvc_hadamard_to(e->vf + i, e->vr + i, d);
                     }
                 }
             }

@@ -171,6 +171,12 @@ void kvc_dequant_group(int o, uint32_t d, uint32_t m, uint32_t cap, uint32_t P,
 void kvc_key_errors(int bits, uint32_t d, uint32_t m, const float *k, const float *kw,
                     float *errk);
 void kvc_value_errors(int bits, uint32_t d, uint32_t m, const float *v, float *errv);
+/* Both at two bit widths in one pass (the group's ranges found once): err1 at b1 and, unless
+ * err2 is NULL, err2 at b2, each bit for bit what the one-width call gives. */
+void kvc_key_errors2(int b1, float *err1, int b2, float *err2, uint32_t d, uint32_t m,
+                     const float *k, const float *kw);
+void kvc_value_errors2(int b1, float *err1, int b2, float *err2, uint32_t d, uint32_t m,
+                       const float *v);
 /* Modelled errors of a group of m rows at a bit width (a uniform quantizer's step^2 / 12): the
  * key error, the same for every row, weighted by kw per channel; the value error per row. */
 void kvc_model_errors(int bits, uint32_t d, uint32_t m, const float *k, const float *v,
@@ -179,6 +185,9 @@ void kvc_model_errors(int bits, uint32_t d, uint32_t m, const float *k, const fl
 /* In-place orthonormal Walsh-Hadamard transform (H / sqrt(d)); d a power of two. H is
  * symmetric and orthonormal, so it is its own inverse. */
 void kvc_hadamard(float *x, uint32_t d);
+/* The same transform of src written to dst (dst may equal src; otherwise they must not
+ * overlap). */
+void kvc_hadamard_to(const float *src, float *dst, uint32_t d);
 
 /* Eight fp32 lanes as a GCC/Clang vector: elementwise semantics, so the result is identical
  * whether the compiler lowers it to AVX2 or to SSE pairs. */

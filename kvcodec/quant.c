@@ -427,11 +427,36 @@ void kvc_dequant_group(int o, uint32_t d, uint32_t m, uint32_t cap, uint32_t P,
 /* Trial quantization uses the same rounding rule with fp32 scale and zero (the FP16 rounding
  * of the stored parameters changes the error by well under a percent, and skipping it keeps
  * trial quantization cheap). */
-KVC_HOT void kvc_key_errors(int bits, uint32_t d, uint32_t m, const float *k, const float *kw,
-                            float *errk)
+/* Rounding constants of one bit width, broadcast. */
+typedef struct {
+    kvc_v8 q8, lo8, hi8, magic8, zero8;
+} round8_t;
+
+static inline void round8_init(round8_t *r, float qmax)
 {
-    float qmax = (float)((1 << bits) - 1);
-    float mn[KVC_MAX_HEAD_DIM], mx[KVC_MAX_HEAD_DIM], s[KVC_MAX_HEAD_DIM], inv[KVC_MAX_HEAD_DIM];
+    kvc_v8 z = {0};
+    r->q8 = z + qmax;
+    r->lo8 = z - 1.0f;
+    r->hi8 = z + (qmax + 1.0f);
+    r->magic8 = z + KVC_ROUND_MAGIC;
+    r->zero8 = z;
+}
+
+/* The squared error of x quantized with zero vmn and step vs (1 / step: vinv). */
+#define KVC_TRIAL_ERR8(err, x, vmn, vinv, vs, R)                                                   \
+    do {                                                                                           \
+        kvc_v8 code_;                                                                              \
+        KVC_ROUND_CLAMP8(code_, ((x) - (vmn)) * (vinv), (R).q8, (R).lo8, (R).hi8, (R).magic8,      \
+                         (R).zero8);                                                               \
+        (err) = code_ * (vs) + (vmn) - (x);                                                        \
+    } while (0)
+
+KVC_HOT void kvc_key_errors2(int b1, float *err1, int b2, float *err2, uint32_t d, uint32_t m,
+                             const float *k, const float *kw)
+{
+    float mn[KVC_MAX_HEAD_DIM], mx[KVC_MAX_HEAD_DIM];
+    float s1[KVC_MAX_HEAD_DIM], inv1[KVC_MAX_HEAD_DIM], s2[KVC_MAX_HEAD_DIM],
+        inv2[KVC_MAX_HEAD_DIM];
     memcpy(mn, k, d * sizeof(float));
     memcpy(mx, k, d * sizeof(float));
     for (uint32_t t = 1; t < m; t++) {
@@ -441,95 +466,199 @@ KVC_HOT void kvc_key_errors(int bits, uint32_t d, uint32_t m, const float *k, co
             mx[c] = row[c] > mx[c] ? row[c] : mx[c];
         }
     }
+    float q1 = (float)((1 << b1) - 1), q2 = err2 ? (float)((1 << b2) - 1) : 1.0f;
     for (uint32_t c = 0; c < d; c++) {
-        s[c] = (mx[c] - mn[c]) / qmax;
-        inv[c] = s[c] > 0 ? 1.0f / s[c] : 0.0f;
+        s1[c] = (mx[c] - mn[c]) / q1;
+        inv1[c] = s1[c] > 0 ? 1.0f / s1[c] : 0.0f;
+        s2[c] = (mx[c] - mn[c]) / q2;
+        inv2[c] = s2[c] > 0 ? 1.0f / s2[c] : 0.0f;
     }
-    kvc_v8 q8 = {0}, lo8 = {0}, hi8 = {0}, magic8 = {0}, zero8 = {0};
-    q8 += qmax;
-    lo8 += -1.0f;
-    hi8 += qmax + 1.0f;
-    magic8 += KVC_ROUND_MAGIC;
+    round8_t R1, R2;
+    round8_init(&R1, q1);
+    round8_init(&R2, q2);
     for (uint32_t t = 0; t < m; t++) {
         const float *row = k + (size_t)t * d;
-        kvc_v8 acc = {0};
+        kvc_v8 acc1 = {0}, acc2 = {0};
         for (uint32_t c = 0; c < d; c += 8) {
-            kvc_v8 x, vmn, vinv, vs, w, r;
+            kvc_v8 x, vmn, vinv, vs, w, err;
             KVC_V8_LOAD(x, row + c);
             KVC_V8_LOAD(vmn, mn + c);
-            KVC_V8_LOAD(vinv, inv + c);
-            KVC_V8_LOAD(vs, s + c);
             KVC_V8_LOAD(w, kw + c);
-            KVC_ROUND_CLAMP8(r, (x - vmn) * vinv, q8, lo8, hi8, magic8, zero8);
-            kvc_v8 err = r * vs + vmn - x;
-            acc += w * err * err;
+            KVC_V8_LOAD(vinv, inv1 + c);
+            KVC_V8_LOAD(vs, s1 + c);
+            KVC_TRIAL_ERR8(err, x, vmn, vinv, vs, R1);
+            acc1 += w * err * err;
+            if (err2) {
+                KVC_V8_LOAD(vinv, inv2 + c);
+                KVC_V8_LOAD(vs, s2 + c);
+                KVC_TRIAL_ERR8(err, x, vmn, vinv, vs, R2);
+                acc2 += w * err * err;
+            }
         }
-        errk[t] = kvc_v8_sum(&acc);
+        err1[t] = kvc_v8_sum(&acc1);
+        if (err2)
+            err2[t] = kvc_v8_sum(&acc2);
     }
 }
 
-KVC_HOT void kvc_value_errors(int bits, uint32_t d, uint32_t m, const float *v, float *errv)
+void kvc_key_errors(int bits, uint32_t d, uint32_t m, const float *k, const float *kw, float *errk)
 {
-    float qmax = (float)((1 << bits) - 1);
-    kvc_v8 q8 = {0}, lo8 = {0}, hi8 = {0}, magic8 = {0}, zero8 = {0};
-    q8 += qmax;
-    lo8 += -1.0f;
-    hi8 += qmax + 1.0f;
-    magic8 += KVC_ROUND_MAGIC;
+    kvc_key_errors2(bits, errk, 0, NULL, d, m, k, kw);
+}
+
+KVC_HOT void kvc_value_errors2(int b1, float *err1, int b2, float *err2, uint32_t d, uint32_t m,
+                               const float *v)
+{
+    float q1 = (float)((1 << b1) - 1), q2 = err2 ? (float)((1 << b2) - 1) : 1.0f;
+    round8_t R1, R2;
+    round8_init(&R1, q1);
+    round8_init(&R2, q2);
     for (uint32_t t = 0; t < m; t++) {
         const float *row = v + (size_t)t * d;
         float mn, mx;
         kvc_row_minmax(row, d, &mn, &mx);
-        float s = (mx - mn) / qmax, inv = s > 0 ? 1.0f / s : 0.0f;
-        kvc_v8 acc = {0}, vmn = {0}, vinv = {0}, vs = {0};
-        vmn += mn;
-        vinv += inv;
-        vs += s;
+        float s1 = (mx - mn) / q1, i1 = s1 > 0 ? 1.0f / s1 : 0.0f;
+        float s2 = (mx - mn) / q2, i2 = s2 > 0 ? 1.0f / s2 : 0.0f;
+        kvc_v8 z = {0}, vmn = z + mn, vs1 = z + s1, vi1 = z + i1, vs2 = z + s2, vi2 = z + i2;
+        kvc_v8 acc1 = {0}, acc2 = {0};
         for (uint32_t c = 0; c < d; c += 8) {
-            kvc_v8 x, r;
+            kvc_v8 x, err;
             KVC_V8_LOAD(x, row + c);
-            KVC_ROUND_CLAMP8(r, (x - vmn) * vinv, q8, lo8, hi8, magic8, zero8);
-            kvc_v8 err = r * vs + vmn - x;
-            acc += err * err;
+            KVC_TRIAL_ERR8(err, x, vmn, vi1, vs1, R1);
+            acc1 += err * err;
+            if (err2) {
+                KVC_TRIAL_ERR8(err, x, vmn, vi2, vs2, R2);
+                acc2 += err * err;
+            }
         }
-        errv[t] = kvc_v8_sum(&acc);
+        err1[t] = kvc_v8_sum(&acc1);
+        if (err2)
+            err2[t] = kvc_v8_sum(&acc2);
     }
 }
 
-KVC_HOT void kvc_hadamard(float *x, uint32_t d)
+void kvc_value_errors(int bits, uint32_t d, uint32_t m, const float *v, float *errv)
 {
-    uint32_t len = 1;
-    if (d >= 8) {
-        // The first three butterfly stages inside each block of 8, written out (the generic
-        // loop below only vectorizes once a stage's run is at least 8 long).
-        for (uint32_t i = 0; i < d; i += 8) {
-            float *b = x + i;
-            float a0 = b[0] + b[1], a1 = b[0] - b[1], a2 = b[2] + b[3], a3 = b[2] - b[3];
-            float a4 = b[4] + b[5], a5 = b[4] - b[5], a6 = b[6] + b[7], a7 = b[6] - b[7];
-            float c0 = a0 + a2, c1 = a1 + a3, c2 = a0 - a2, c3 = a1 - a3;
-            float c4 = a4 + a6, c5 = a5 + a7, c6 = a4 - a6, c7 = a5 - a7;
-            b[0] = c0 + c4;
-            b[1] = c1 + c5;
-            b[2] = c2 + c6;
-            b[3] = c3 + c7;
-            b[4] = c0 - c4;
-            b[5] = c1 - c5;
-            b[6] = c2 - c6;
-            b[7] = c3 - c7;
-        }
-        len = 8;
-    }
-    for (; len < d; len <<= 1) {
-        for (uint32_t i = 0; i < d; i += 2 * len) {
-            float *lo = x + i, *hi = x + i + len;
-            for (uint32_t j = 0; j < len; j++) {
-                float a = lo[j], b = hi[j];
-                lo[j] = a + b;
-                hi[j] = a - b;
-            }
-        }
-    }
+    kvc_value_errors2(bits, errv, 0, NULL, d, m, v);
+}
+
+/* Butterfly of two lane blocks: a + b into a, a - b into b. */
+#define KVC_BFLY(a, b)                                                                             \
+    do {                                                                                           \
+        kvc_v8 t_ = (a);                                                                           \
+        (a) = t_ + (b);                                                                            \
+        (b) = t_ - (b);                                                                            \
+    } while (0)
+
+/* The first three butterfly stages inside a block of 8 lanes: each stage pairs a lane with
+ * its partner (a shuffle) and takes x + partner on the low side, partner - x on the high side
+ * as (-x) + partner, which is the same IEEE operation. */
+static inline __attribute__((always_inline)) void hadamard8(kvc_v8 *xp)
+{
+    kvc_v8 x = *xp;
+    const kvc_v8 s1 = {1, -1, 1, -1, 1, -1, 1, -1}, s2 = {1, 1, -1, -1, 1, 1, -1, -1};
+    const kvc_v8 s3 = {1, 1, 1, 1, -1, -1, -1, -1};
+    x = x * s1 + __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6);
+    x = x * s2 + __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5);
+    *xp = x * s3 + __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3);
+}
+
+KVC_HOT void kvc_hadamard_to(const float *src, float *dst, uint32_t d)
+{
     float s = 1.0f / sqrtf((float)d);
-    for (uint32_t c = 0; c < d; c++)
-        x[c] *= s;
+    if (d < 8 || d % 8 != 0) {
+        if (dst != src)
+            memcpy(dst, src, d * sizeof(float));
+        for (uint32_t len = 1; len < d; len <<= 1)
+            for (uint32_t i = 0; i < d; i += 2 * len)
+                for (uint32_t j = i; j < i + len; j++) {
+                    float a = dst[j], b = dst[j + len];
+                    dst[j] = a + b;
+                    dst[j + len] = a - b;
+                }
+        for (uint32_t c = 0; c < d; c++)
+            dst[c] *= s;
+        return;
+    }
+    kvc_v8 sv = {0};
+    sv += s;
+    uint32_t len = 8;
+    if (d >= 64) {
+        // Each block of 64 through all six of its stages in registers.
+        for (uint32_t i = 0; i < d; i += 64) {
+            kvc_v8 x0, x1, x2, x3, x4, x5, x6, x7;
+            KVC_V8_LOAD(x0, src + i);
+            KVC_V8_LOAD(x1, src + i + 8);
+            KVC_V8_LOAD(x2, src + i + 16);
+            KVC_V8_LOAD(x3, src + i + 24);
+            KVC_V8_LOAD(x4, src + i + 32);
+            KVC_V8_LOAD(x5, src + i + 40);
+            KVC_V8_LOAD(x6, src + i + 48);
+            KVC_V8_LOAD(x7, src + i + 56);
+            hadamard8(&x0);
+            hadamard8(&x1);
+            hadamard8(&x2);
+            hadamard8(&x3);
+            hadamard8(&x4);
+            hadamard8(&x5);
+            hadamard8(&x6);
+            hadamard8(&x7);
+            KVC_BFLY(x0, x1);
+            KVC_BFLY(x2, x3);
+            KVC_BFLY(x4, x5);
+            KVC_BFLY(x6, x7);
+            KVC_BFLY(x0, x2);
+            KVC_BFLY(x1, x3);
+            KVC_BFLY(x4, x6);
+            KVC_BFLY(x5, x7);
+            KVC_BFLY(x0, x4);
+            KVC_BFLY(x1, x5);
+            KVC_BFLY(x2, x6);
+            KVC_BFLY(x3, x7);
+            if (d == 64) {
+                x0 *= sv, x1 *= sv, x2 *= sv, x3 *= sv;
+                x4 *= sv, x5 *= sv, x6 *= sv, x7 *= sv;
+            }
+            memcpy(dst + i, &x0, sizeof x0);
+            memcpy(dst + i + 8, &x1, sizeof x1);
+            memcpy(dst + i + 16, &x2, sizeof x2);
+            memcpy(dst + i + 24, &x3, sizeof x3);
+            memcpy(dst + i + 32, &x4, sizeof x4);
+            memcpy(dst + i + 40, &x5, sizeof x5);
+            memcpy(dst + i + 48, &x6, sizeof x6);
+            memcpy(dst + i + 56, &x7, sizeof x7);
+        }
+        len = 64;
+    } else {
+        for (uint32_t i = 0; i < d; i += 8) {
+            kvc_v8 x;
+            KVC_V8_LOAD(x, src + i);
+            hadamard8(&x);
+            if (d == 8)
+                x *= sv;
+            memcpy(dst + i, &x, sizeof x);
+        }
+    }
+    // The later stages pair whole blocks in memory; the last one also scales.
+    for (; len < d; len <<= 1) {
+        bool last = 2 * len == d;
+        for (uint32_t i = 0; i < d; i += 2 * len)
+            for (uint32_t j = i; j < i + len; j += 8) {
+                kvc_v8 lo, hi;
+                KVC_V8_LOAD(lo, dst + j);
+                KVC_V8_LOAD(hi, dst + j + len);
+                KVC_BFLY(lo, hi);
+                if (last) {
+                    lo *= sv;
+                    hi *= sv;
+                }
+                memcpy(dst + j, &lo, sizeof lo);
+                memcpy(dst + j + len, &hi, sizeof hi);
+            }
+    }
+}
+
+void kvc_hadamard(float *x, uint32_t d)
+{
+    kvc_hadamard_to(x, x, d);
 }

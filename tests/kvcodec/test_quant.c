@@ -141,6 +141,70 @@ static void test_hadamard(void **state)
         assert_true(fabsf(y[i] - x[i]) <= 1e-5f * (1 + fabsf(x[i])));
 }
 
+/* The butterflies in their plain order, one element at a time: the GPU's rotation (and so the
+ * frames) follow this exact sequence of fp32 operations. */
+static void hadamard_ref(float *x, uint32_t d)
+{
+    for (uint32_t len = 1; len < d; len <<= 1)
+        for (uint32_t i = 0; i < d; i += 2 * len)
+            for (uint32_t j = i; j < i + len; j++) {
+                float a = x[j], b = x[j + len];
+                x[j] = a + b;
+                x[j + len] = a - b;
+            }
+    float s = 1.0f / sqrtf((float)d);
+    for (uint32_t c = 0; c < d; c++)
+        x[c] *= s;
+}
+
+static void test_hadamard_exact(void **state)
+{
+    float x[512], ref[512], y[512];
+    fill(x, 512, 9, 50.0f);
+    x[3] = -0.0f, x[70] = 0.0f, x[71] = -0.0f; // signed zeros take the same path
+    for (uint32_t d = 1; d <= 512; d *= 2) {
+        memcpy(ref, x, sizeof x);
+        hadamard_ref(ref, d);
+        memcpy(y, x, sizeof x);
+        kvc_hadamard(y, d);
+        assert_memory_equal(y, ref, d * sizeof(float));
+        memset(y, 0, sizeof y);
+        kvc_hadamard_to(x, y, d); // out of place
+        assert_memory_equal(y, ref, d * sizeof(float));
+    }
+}
+
+/* Two bit widths measured in one pass give each width's one-pass errors, bit for bit. */
+static void test_errors_pair(void **state)
+{
+    enum { M = 29 };
+    static float k[M * 256], v[M * 256];
+    float kw[256], e1[M], e2[M], r1[M], r2[M];
+    fill(k, M * 256, 21, 8.0f);
+    fill(v, M * 256, 22, 3.0f);
+    for (int c = 0; c < 256; c++)
+        kw[c] = 0.25f + (float)(c % 7) * 0.5f;
+    const uint32_t dims[] = {8, 32, 64, 128, 256};
+    for (int di = 0; di < 5; di++) {
+        uint32_t d = dims[di];
+        for (uint32_t m = 1; m <= M; m += 7) {
+            kvc_key_errors2(4, e1, 2, e2, d, m, k, kw);
+            kvc_key_errors(4, d, m, k, kw, r1);
+            kvc_key_errors(2, d, m, k, kw, r2);
+            assert_memory_equal(e1, r1, m * sizeof(float));
+            assert_memory_equal(e2, r2, m * sizeof(float));
+            kvc_value_errors2(4, e1, 2, e2, d, m, v);
+            kvc_value_errors(4, d, m, v, r1);
+            kvc_value_errors(2, d, m, v, r2);
+            assert_memory_equal(e1, r1, m * sizeof(float));
+            assert_memory_equal(e2, r2, m * sizeof(float));
+            kvc_value_errors2(8, e1, 2, NULL, d, m, v); // one width
+            kvc_value_errors(8, d, m, v, r1);
+            assert_memory_equal(e1, r1, m * sizeof(float));
+        }
+    }
+}
+
 static void test_option_names(void **state)
 {
     for (int o = 0; o < KVC_OPT_COUNT; o++) {
@@ -228,6 +292,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_roundtrip_bounds), cmocka_unit_test(test_constant_group),
         cmocka_unit_test(test_hostile_values),   cmocka_unit_test(test_hadamard),
+        cmocka_unit_test(test_hadamard_exact),   cmocka_unit_test(test_errors_pair),
         cmocka_unit_test(test_option_names),     cmocka_unit_test(test_model_errors),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
