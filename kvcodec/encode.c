@@ -280,19 +280,13 @@ static void build_items(kvc_encoder_t *e, const kvc_scores_t *sc, const kvc_err_
     float prior = measured ? pol->prior / (float)n : 0.0f;
     float *dev = e->cand; // scratch [n]
     double dev_mean = 0;
-    for (uint32_t t = 0; t < n && measured; t++) {
-        float s;
-        if (tab) {
-            s = tab->dev[(size_t)h * n + t];
-        } else {
-            const float *vr = e->vf + (size_t)t * d;
-            float diff[KVC_MAX_HEAD_DIM];
-            for (uint32_t c = 0; c < d; c++)
-                diff[c] = vr[c] - obar[c];
-            s = kvc_dot(diff, diff, d);
-        }
-        dev[t] = s;
-        dev_mean += s;
+    if (measured) {
+        if (tab)
+            memcpy(dev, tab->dev + (size_t)h * n, n * sizeof(float));
+        else
+            kvc_sq_dists(e->vf, n, d, obar, dev);
+        for (uint32_t t = 0; t < n; t++)
+            dev_mean += dev[t];
     }
     dev_mean /= n;
     // The spread of later queries' outputs around the window's (float, as the GPU has it).

@@ -177,6 +177,8 @@ void kvc_key_errors2(int b1, float *err1, int b2, float *err2, uint32_t d, uint3
                      const float *k, const float *kw);
 void kvc_value_errors2(int b1, float *err1, int b2, float *err2, uint32_t d, uint32_t m,
                        const float *v);
+/* out[t] = |rows[t] - x|^2 for n rows of d floats (kvc_dot of the difference). */
+void kvc_sq_dists(const float *rows, uint32_t n, uint32_t d, const float *x, float *out);
 /* Modelled errors of a group of m rows at a bit width (a uniform quantizer's step^2 / 12): the
  * key error, the same for every row, weighted by kw per channel; the value error per row. */
 void kvc_model_errors(int bits, uint32_t d, uint32_t m, const float *k, const float *v,

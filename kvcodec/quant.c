@@ -506,6 +506,17 @@ void kvc_key_errors(int bits, uint32_t d, uint32_t m, const float *k, const floa
     kvc_key_errors2(bits, errk, 0, NULL, d, m, k, kw);
 }
 
+KVC_HOT void kvc_sq_dists(const float *rows, uint32_t n, uint32_t d, const float *x, float *out)
+{
+    for (uint32_t t = 0; t < n; t++) {
+        const float *r = rows + (size_t)t * d;
+        float diff[KVC_MAX_HEAD_DIM];
+        for (uint32_t c = 0; c < d; c++)
+            diff[c] = r[c] - x[c];
+        out[t] = kvc_dot(diff, diff, d);
+    }
+}
+
 KVC_HOT void kvc_value_errors2(int b1, float *err1, int b2, float *err2, uint32_t d, uint32_t m,
                                const float *v)
 {
