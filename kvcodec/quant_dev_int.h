@@ -59,10 +59,9 @@ static __device__ __forceinline__ void kvc_dev_asym(float mn, float mx, float qm
     *inv = *s > 0 ? kdiv(1.0f, *s) : 0.0f;
 }
 
-/* quant.c's round_clamp, the same value for every x (NaN included): clamped to [0, qmax] first,
- * then rounded half to even by the 1.5 * 2^23 trick, which needs no clamp after it (rounding is
- * monotone and 0 and qmax are integers). quant.c clamps to [-1, qmax + 1], rounds and clamps
- * again: two more operations on every code. */
+/* quant.c's round_clamp: clamped to [0, qmax] (NaN to 0), then rounded half to even by the
+ * 1.5 * 2^23 trick, which needs no clamp after it (rounding is monotone and 0 and qmax are
+ * integers). */
 static __device__ __forceinline__ float kvc_dev_clamp_q(float x, float qmax)
 {
     x = x > 0 ? x : 0; // NaN and -0 land here as +0
