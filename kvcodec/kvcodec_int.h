@@ -28,6 +28,7 @@
 
 #define KVC_MAX_HEAD_DIM 512
 #define KVC_MAX_KV_HEADS 1024
+#define KVC_MAX_GROUP    256 // tokens per key group (kvc_policy_validate)
 #define KVC_MAX_TOKENS (1u << 24)
 #define KVC_MAX_LAYERS 4096
 #define KVC_MAX_QROWS 64

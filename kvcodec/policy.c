@@ -157,8 +157,8 @@ fy_status_t kvc_policy_validate(const kvc_policy_t *p, char *err, size_t err_len
         FAIL("no policy");
     if (p->options == 0 || (p->options & ~KVC_OPT_ALL_MASK))
         FAIL("options: empty or unknown option bits 0x%x", p->options);
-    if (p->group < 8 || p->group > 256 || p->group % 8)
-        FAIL("group %u: must be 8..256 and a multiple of 8", p->group);
+    if (p->group < 8 || p->group > KVC_MAX_GROUP || p->group % 8)
+        FAIL("group %u: must be 8..%d and a multiple of 8", p->group, KVC_MAX_GROUP);
     if (p->window > 4096)
         FAIL("window %u: at most 4096", p->window);
     if (p->window_div > 1024)

@@ -210,7 +210,8 @@ KVC_HOT void kvc_unpack_row(const uint8_t *src, uint32_t d, int bits, float *dst
     }
 }
 
-KVC_HOT void kvc_row_minmax(const float *x, uint32_t d, float *mn_p, float *mx_p)
+static inline __attribute__((always_inline)) void row_minmax(const float *x, uint32_t d,
+                                                             float *mn_p, float *mx_p)
 {
     float a = x[0], b = x[0];
     uint32_t c = 0;
@@ -237,6 +238,11 @@ KVC_HOT void kvc_row_minmax(const float *x, uint32_t d, float *mn_p, float *mx_p
     }
     *mn_p = a;
     *mx_p = b;
+}
+
+KVC_HOT void kvc_row_minmax(const float *x, uint32_t d, float *mn_p, float *mx_p)
+{
+    row_minmax(x, d, mn_p, mx_p);
 }
 
 /* Per-group parameters in fp32, decoded from the FP16 values actually stored. */
@@ -520,13 +526,21 @@ KVC_HOT void kvc_value_errors2(int b1, float *err1, int b2, float *err2, uint32_
     round8_t R1, R2;
     round8_init(&R1, q1);
     round8_init(&R2, q2);
+    // Every row's range, then the steps of all rows (the divisions vectorize across rows).
+    float mn[KVC_MAX_GROUP], mx[KVC_MAX_GROUP], s1[KVC_MAX_GROUP], i1[KVC_MAX_GROUP],
+        s2[KVC_MAX_GROUP], i2[KVC_MAX_GROUP];
+    for (uint32_t t = 0; t < m; t++)
+        row_minmax(v + (size_t)t * d, d, &mn[t], &mx[t]);
+    for (uint32_t t = 0; t < m; t++) {
+        s1[t] = (mx[t] - mn[t]) / q1;
+        i1[t] = s1[t] > 0 ? 1.0f / s1[t] : 0.0f;
+        s2[t] = (mx[t] - mn[t]) / q2;
+        i2[t] = s2[t] > 0 ? 1.0f / s2[t] : 0.0f;
+    }
     for (uint32_t t = 0; t < m; t++) {
         const float *row = v + (size_t)t * d;
-        float mn, mx;
-        kvc_row_minmax(row, d, &mn, &mx);
-        float s1 = (mx - mn) / q1, i1 = s1 > 0 ? 1.0f / s1 : 0.0f;
-        float s2 = (mx - mn) / q2, i2 = s2 > 0 ? 1.0f / s2 : 0.0f;
-        kvc_v8 z = {0}, vmn = z + mn, vs1 = z + s1, vi1 = z + i1, vs2 = z + s2, vi2 = z + i2;
+        kvc_v8 z = {0}, vmn = z + mn[t], vs1 = z + s1[t], vi1 = z + i1[t], vs2 = z + s2[t],
+               vi2 = z + i2[t];
         kvc_v8 acc1 = {0}, acc2 = {0};
         for (uint32_t c = 0; c < d; c += 8) {
             kvc_v8 x, err;
