@@ -222,36 +222,6 @@ static void load_rows(const uint16_t *src, size_t stride, uint32_t n, uint32_t d
         fy_fp16_to_fp32_buf(dst + (size_t)t * d, src + (size_t)t * stride, d);
 }
 
-/* Modelled errors: a uniform quantizer with step s has mean squared error s^2 / 12. */
-void kvc_model_errors(int bits, uint32_t d, uint32_t m, const float *k, const float *v,
-                         const float *kw, float *errk, float *errv)
-{
-    float qmax = (float)((1 << bits) - 1);
-    float mn[KVC_MAX_HEAD_DIM], mx[KVC_MAX_HEAD_DIM];
-    memcpy(mn, k, d * sizeof(float));
-    memcpy(mx, k, d * sizeof(float));
-    for (uint32_t t = 1; t < m; t++) {
-        const float *row = k + (size_t)t * d;
-        for (uint32_t c = 0; c < d; c++) {
-            mn[c] = row[c] < mn[c] ? row[c] : mn[c];
-            mx[c] = row[c] > mx[c] ? row[c] : mx[c];
-        }
-    }
-    float ke = 0;
-    for (uint32_t c = 0; c < d; c++) {
-        float s = (mx[c] - mn[c]) / qmax;
-        ke += kw[c] * s * s;
-    }
-    ke /= 12.0f;
-    for (uint32_t t = 0; t < m; t++) {
-        float a, b;
-        kvc_row_minmax(v + (size_t)t * d, d, &a, &b);
-        float s = (b - a) / qmax;
-        errk[t] = ke;
-        errv[t] = (float)d * s * s / 12.0f;
-    }
-}
-
 static void build_items(kvc_encoder_t *e, const kvc_scores_t *sc, const kvc_err_tables_t *tab,
                         uint32_t h, int pins)
 {

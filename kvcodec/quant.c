@@ -245,6 +245,21 @@ KVC_HOT void kvc_row_minmax(const float *x, uint32_t d, float *mn_p, float *mx_p
     row_minmax(x, d, mn_p, mx_p);
 }
 
+/* Per-channel minimum and maximum over m rows of d floats (m >= 1). */
+static inline __attribute__((always_inline)) void col_minmax(const float *k, uint32_t d,
+                                                             uint32_t m, float *mn, float *mx)
+{
+    memcpy(mn, k, d * sizeof(float));
+    memcpy(mx, k, d * sizeof(float));
+    for (uint32_t t = 1; t < m; t++) {
+        const float *row = k + (size_t)t * d;
+        for (uint32_t c = 0; c < d; c++) {
+            mn[c] = row[c] < mn[c] ? row[c] : mn[c];
+            mx[c] = row[c] > mx[c] ? row[c] : mx[c];
+        }
+    }
+}
+
 /* Per-group parameters in fp32, decoded from the FP16 values actually stored. */
 typedef struct {
     float ks[KVC_MAX_HEAD_DIM], kz[KVC_MAX_HEAD_DIM], kinv[KVC_MAX_HEAD_DIM];
@@ -260,15 +275,7 @@ static void key_params(const float *k, uint32_t d, uint32_t m, float qmax, uint8
                        uint16_t *pidx)
 {
     float mn[KVC_MAX_HEAD_DIM], mx[KVC_MAX_HEAD_DIM];
-    memcpy(mn, k, d * sizeof(float));
-    memcpy(mx, k, d * sizeof(float));
-    for (uint32_t t = 1; t < m; t++) {
-        const float *row = k + (size_t)t * d;
-        for (uint32_t c = 0; c < d; c++) {
-            mn[c] = row[c] < mn[c] ? row[c] : mn[c];
-            mx[c] = row[c] > mx[c] ? row[c] : mx[c];
-        }
-    }
+    col_minmax(k, d, m, mn, mx);
     uint16_t s16[KVC_MAX_HEAD_DIM], z16[KVC_MAX_HEAD_DIM];
     asym_params_buf(mn, mx, d, qmax, s16, z16, p->ks, p->kz, p->kinv);
     if (P > 0) {
@@ -450,6 +457,30 @@ static inline void round8_init(round8_t *r, float qmax)
         (err) = code_ * (vs) + (vmn) - (x);                                                        \
     } while (0)
 
+/* Modelled errors: a uniform quantizer with step s has mean squared error s^2 / 12. */
+KVC_HOT void kvc_model_errors(int bits, uint32_t d, uint32_t m, const float *k, const float *v,
+                              const float *kw, float *errk, float *errv)
+{
+    float qmax = (float)((1 << bits) - 1);
+    float mn[KVC_MAX_HEAD_DIM], mx[KVC_MAX_HEAD_DIM];
+    col_minmax(k, d, m, mn, mx);
+    float ke = 0;
+    for (uint32_t c = 0; c < d; c++) {
+        float s = (mx[c] - mn[c]) / qmax;
+        ke += kw[c] * s * s;
+    }
+    ke /= 12.0f;
+    // Every row's range, then the steps of all rows (the divisions vectorize across rows).
+    float vmn[KVC_MAX_GROUP], vmx[KVC_MAX_GROUP];
+    for (uint32_t t = 0; t < m; t++)
+        row_minmax(v + (size_t)t * d, d, &vmn[t], &vmx[t]);
+    for (uint32_t t = 0; t < m; t++) {
+        float s = (vmx[t] - vmn[t]) / qmax;
+        errk[t] = ke;
+        errv[t] = (float)d * s * s / 12.0f;
+    }
+}
+
 /* Trial quantization uses the same rounding rule with fp32 scale and zero (the FP16 rounding
  * of the stored parameters changes the error by well under a percent, and skipping it keeps
  * trial quantization cheap). */
@@ -459,15 +490,7 @@ KVC_HOT void kvc_key_errors2(int b1, float *err1, int b2, float *err2, uint32_t 
     float mn[KVC_MAX_HEAD_DIM], mx[KVC_MAX_HEAD_DIM];
     float s1[KVC_MAX_HEAD_DIM], inv1[KVC_MAX_HEAD_DIM], s2[KVC_MAX_HEAD_DIM],
         inv2[KVC_MAX_HEAD_DIM];
-    memcpy(mn, k, d * sizeof(float));
-    memcpy(mx, k, d * sizeof(float));
-    for (uint32_t t = 1; t < m; t++) {
-        const float *row = k + (size_t)t * d;
-        for (uint32_t c = 0; c < d; c++) {
-            mn[c] = row[c] < mn[c] ? row[c] : mn[c];
-            mx[c] = row[c] > mx[c] ? row[c] : mx[c];
-        }
-    }
+    col_minmax(k, d, m, mn, mx);
     float q1 = (float)((1 << b1) - 1), q2 = err2 ? (float)((1 << b2) - 1) : 1.0f;
     for (uint32_t c = 0; c < d; c++) {
         s1[c] = (mx[c] - mn[c]) / q1;
