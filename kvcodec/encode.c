@@ -216,12 +216,6 @@ void kvc_encoder_totals(const kvc_encoder_t *e, uint64_t *bytes_p, uint64_t *bud
 
 /* ---- distortion model ---- */
 
-static void load_rows(const uint16_t *src, size_t stride, uint32_t n, uint32_t d, float *dst)
-{
-    for (uint32_t t = 0; t < n; t++)
-        fy_fp16_to_fp32_buf(dst + (size_t)t * d, src + (size_t)t * stride, d);
-}
-
 static void build_items(kvc_encoder_t *e, const kvc_scores_t *sc, const kvc_err_tables_t *tab,
                         uint32_t h, int pins)
 {
@@ -808,8 +802,8 @@ fy_status_t kvc_encoder_choose(kvc_encoder_t *e, const kvc_layer_input_t *in,
             if (measured && tab == NULL) {
                 const uint16_t *kh = in->k + (size_t)h * in->head_stride;
                 const uint16_t *vh = in->v + (size_t)h * in->head_stride;
-                load_rows(kh, in->token_stride, n, d, e->kf);
-                load_rows(vh, in->token_stride, n, d, e->vf);
+                kvc_load_rows(kh, in->token_stride, n, d, e->kf);
+                kvc_load_rows(vh, in->token_stride, n, d, e->vf);
                 if (e->policy.rotate) {
                     for (size_t i = 0; i < (size_t)n * d; i += d) {
                         kvc_hadamard_to(e->kf + i, e->kr + i, d);

@@ -245,6 +245,16 @@ KVC_HOT void kvc_row_minmax(const float *x, uint32_t d, float *mn_p, float *mx_p
     row_minmax(x, d, mn_p, mx_p);
 }
 
+void kvc_load_rows(const uint16_t *src, size_t stride, uint32_t n, uint32_t d, float *dst)
+{
+    if (stride == d) { // one run: one call
+        fy_fp16_to_fp32_buf(dst, src, (size_t)n * d);
+        return;
+    }
+    for (uint32_t t = 0; t < n; t++)
+        fy_fp16_to_fp32_buf(dst + (size_t)t * d, src + (size_t)t * stride, d);
+}
+
 /* Per-channel minimum and maximum over m rows of d floats (m >= 1). */
 static inline __attribute__((always_inline)) void col_minmax(const float *k, uint32_t d,
                                                              uint32_t m, float *mn, float *mx)

@@ -40,13 +40,6 @@ void kvc_scores_cleanup(kvc_scores_t *s)
     memset(s, 0, sizeof(*s));
 }
 
-static void load_head(const uint16_t *src, size_t token_stride, uint32_t n, uint32_t d,
-                      float *dst)
-{
-    for (uint32_t t = 0; t < n; t++)
-        fy_fp16_to_fp32_buf(dst + (size_t)t * d, src + (size_t)t * token_stride, d);
-}
-
 static void max_pool(const float *in, uint32_t n, uint32_t kernel, float *out)
 {
     uint32_t r = kernel / 2;
@@ -101,13 +94,13 @@ KVC_HOT fy_status_t kvc_score(const kvc_policy_t *policy, uint32_t n_heads, uint
     for (uint32_t g = 0; g < n_kv; g++) {
         const uint16_t *kh = in->k + (size_t)g * in->head_stride;
         const uint16_t *vh = in->v + (size_t)g * in->head_stride;
-        load_head(vh, in->token_stride, n, d, vf);
+        kvc_load_rows(vh, in->token_stride, n, d, vf);
         float *imp = out->importance + (size_t)g * n;
         float *obar = out->obar + (size_t)g * d;
         float *qsq = out->qsq + (size_t)g * d;
         bool have_attn = have_q || in->window_attn != NULL;
         if (have_q)
-            load_head(kh, in->token_stride, n, d, kf);
+            kvc_load_rows(kh, in->token_stride, n, d, kf);
         for (uint32_t t = 0; t < n; t++)
             acc[t] = pbar[t] = 0;
         for (uint32_t c = 0; c < d; c++)
