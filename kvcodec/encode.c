@@ -670,6 +670,9 @@ static size_t write_frame(kvc_encoder_t *e, const kvc_layer_input_t *in,
         float chan_w[KVC_MAX_HEAD_DIM]; // sqrt of the mean squared query per channel
         for (uint32_t c = 0; c < d; c++)
             chan_w[c] = sqrtf(sc->qsq[(size_t)h * d + c]);
+        // The head's rows in fp32 once (the quantized options take most of them).
+        kvc_load_rows(kh, in->token_stride, n, d, e->kf);
+        kvc_load_rows(vh, in->token_stride, n, d, e->vf);
         for (int o = 0; o < KVC_OPT_DROP; o++) {
             if (o == KVC_OPT_F16) {
                 for (uint32_t t = 0; t < n; t++) {
@@ -686,11 +689,13 @@ static size_t write_frame(kvc_encoder_t *e, const kvc_layer_input_t *in,
             for (uint32_t t = 0; t <= n; t++) {
                 if (t < n && ch[t] == o) {
                     float *gk = e->gk + (size_t)m * d, *gv = e->gv + (size_t)m * d;
-                    fy_fp16_to_fp32_buf(gk, kh + (size_t)t * in->token_stride, d);
-                    fy_fp16_to_fp32_buf(gv, vh + (size_t)t * in->token_stride, d);
+                    const float *kt = e->kf + (size_t)t * d, *vt = e->vf + (size_t)t * d;
                     if (rot) {
-                        kvc_hadamard(gk, d);
-                        kvc_hadamard(gv, d);
+                        kvc_hadamard_to(kt, gk, d);
+                        kvc_hadamard_to(vt, gv, d);
+                    } else {
+                        memcpy(gk, kt, d * sizeof(float));
+                        memcpy(gv, vt, d * sizeof(float));
                     }
                     m++;
                 }
