@@ -175,7 +175,8 @@ static inline uint8_t quant_one(float x, float z, float inv, float qmax)
     return (uint8_t)round_clamp((x - z) * inv, qmax);
 }
 
-static void pack_row(const uint8_t *codes, uint32_t d, int bits, uint8_t *dst)
+static inline __attribute__((always_inline)) void pack_row(const uint8_t *codes, uint32_t d,
+                                                           int bits, uint8_t *dst)
 {
     if (bits == 8) {
         memcpy(dst, codes, d);
@@ -384,7 +385,7 @@ KVC_HOT void kvc_quant_group(int o, uint32_t d, uint32_t m, uint32_t cap, uint32
     float vmn[256] = {0}, vmx[256] = {0}, sv[256], zv[256], iv[256];
     uint16_t sv16[256], zv16[256];
     for (uint32_t t = 0; t < m; t++)
-        kvc_row_minmax(v + (size_t)t * d, d, &vmn[t], &vmx[t]);
+        row_minmax(v + (size_t)t * d, d, &vmn[t], &vmx[t]);
     asym_params_buf(vmn, vmx, m, vq, sv16, zv16, sv, zv, iv);
     for (uint32_t t = 0; t < m; t++) {
         const float *row = v + (size_t)t * d;
