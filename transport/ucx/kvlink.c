@@ -251,6 +251,12 @@ fy_status_t kvlink_ctx_create(const kvlink_ctx_params_t *params, kvlink_ctx_t **
         snprintf(v, sizeof(v), "%ums", params->keepalive_ms);
         ucp_config_modify(config, "KEEPALIVE_INTERVAL", v); // best effort: older UCX lacks it
     }
+    // A listener restarted on its port (a decode worker after a crash) must bind while the
+    // old connections still sit in TIME_WAIT: SO_REUSEADDR on the connection managers'
+    // listeners (never a second live listener on Linux).
+    if (getenv("UCX_CM_REUSEADDR") == NULL && getenv("UCX_TCP_CM_REUSEADDR") == NULL &&
+        ucp_config_modify(config, "CM_REUSEADDR", "y") != UCS_OK)
+        FY_LOG_DEBUG(MOD, "this UCX has no CM_REUSEADDR setting");
     // UCX 1.13 leaves shared memory out of endpoints that need peer failure detection (ours
     // do) unless its error handling is enabled.
     if (params->tls != NULL && ucp_config_modify(config, "TLS", params->tls) != UCS_OK) {

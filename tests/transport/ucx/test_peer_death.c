@@ -1,10 +1,12 @@
 // Two processes over loopback, one killed mid-transfer with SIGKILL. The survivor's request
 // fails with a transport status (FY_ERR_UNAVAILABLE, not the deadline) well within its
 // deadline, nothing stays allocated, and a new connection to the same address then works.
-// Both directions: the sender dies (the receiver survives) and the receiver dies.
+// Both directions: the sender dies (the receiver survives) and the receiver dies; a receiver
+// restarted on the dead one's port binds it although its connections sit in TIME_WAIT (as a
+// decode worker restarted after a crash does).
 //
 // The same executable plays the other process: test_kvlink_peer_death --sender ADDR ID N FINISH
-// or --receiver ID (prints its port on stdout, then serves until killed or done).
+// or --receiver ID [PORT] (prints its port on stdout, then serves until killed or done).
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -95,8 +97,9 @@ static bool child_rx_ended(void *arg)
     return ((rig_t *)arg)->n_rx_end > 0;
 }
 
-/* Listens, expects request id with a 2 MiB window, holds every buffer; prints the port. */
-static int child_receiver(uint64_t id)
+/* Listens (on port, 0 = any), expects request id with a 2 MiB window, holds every buffer;
+ * prints the port. */
+static int child_receiver(uint64_t id, uint16_t want_port)
 {
     uv_loop_t loop;
     uv_loop_init(&loop);
@@ -105,7 +108,7 @@ static int child_receiver(uint64_t id)
     memset(&rec, 0, sizeof(rec));
     kvlink_t *link = child_link(&loop, &ctx, &rec, 16u << 20);
     uint16_t port;
-    if (kvlink_listen(link, "127.0.0.1", 0, &port) != FY_OK)
+    if (kvlink_listen(link, "127.0.0.1", want_port, &port) != FY_OK)
         return 3;
     kvlink_recv_params_t rp;
     kvlink_recv_params_default(link, &rp);
@@ -281,11 +284,17 @@ static void test_receiver_dies(void **state)
     assert_true(h_run_until(&r.loop, (h_cond_fn)rig_idle, r.tx, 5000));
     assert_int_equal(r.frames_done_ok + r.frames_done_err, 20);
 
-    // Reconnect: a new receiver process; the dead endpoint is not reused.
+    // Reconnect: a new receiver process on the same port; the dead endpoint is not reused.
     r.n_tx_end = 0;
-    char *argv2[] = {(char *)g_self, "--receiver", "2", NULL};
+    char port_s[16];
+    snprintf(port_s, sizeof(port_s), "%u", port);
+    char *argv2[] = {(char *)g_self, "--receiver", "2", port_s, NULL};
     pid = spawn(argv2, &fd);
-    port = read_port(fd);
+    uint16_t port2 = read_port(fd);
+    if (port2 == 0)
+        fail_msg("the restarted receiver could not listen on port %u (exit %d)", port,
+                 wait_exit(pid));
+    assert_int_equal(port2, port);
     snprintf(addr, sizeof(addr), "127.0.0.1:%u", port);
     sp.deadline_ns = fy_clock_ns() + 15ull * 1000 * 1000 * 1000;
     assert_int_equal(kvlink_send_open(r.tx, addr, 2, &sp, &req), FY_OK);
@@ -312,8 +321,8 @@ int main(int argc, char **argv)
     if (argc == 6 && strcmp(argv[1], "--sender") == 0)
         return child_sender(argv[2], strtoull(argv[3], NULL, 10), atoi(argv[4]),
                             atoi(argv[5]) != 0);
-    if (argc == 3 && strcmp(argv[1], "--receiver") == 0)
-        return child_receiver(strtoull(argv[2], NULL, 10));
+    if ((argc == 3 || argc == 4) && strcmp(argv[1], "--receiver") == 0)
+        return child_receiver(strtoull(argv[2], NULL, 10), argc == 4 ? (uint16_t)atoi(argv[3]) : 0);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_sender_dies),
         cmocka_unit_test(test_receiver_dies),
