@@ -175,10 +175,12 @@ static int generate_remote(const remote_opts_t *o, const mdl_sampler_params_t *s
     ferry_error_t err;
     int code = ferry_generate(client, &req, on_chunk, &st, &err);
     uint64_t t_end = fy_clock_ns();
-    fputc('\n', stdout);
-    fflush(stdout);
-    if (o->show_ids)
-        fputc('\n', stderr);
+    if (code == 0 || st.n_msgs > 0) { // ends the streamed text; a refused request printed none
+        fputc('\n', stdout);
+        fflush(stdout);
+        if (o->show_ids)
+            fputc('\n', stderr);
+    }
     ferry_client_destroy(client);
     if (code != 0) {
         fprintf(stderr, "ferry generate: %s: %s\n", ferry_code_name(code), err.message);
