@@ -45,17 +45,9 @@ void krn_attention_causal_f32(float *out, int out_stride, const float *q, int q_
     }
 }
 
-/* The same attention as two GEMMs per block of queries (OpenBLAS): S = Q·Kᵀ over the keys the
- * block can see, a causal mask and row softmax, then O = P·V. Work is O(n_q · n_keys) in
- * BLAS instead of scalar loops; scratch holds [n_q][q_begin + n_q] scores. */
-void krn_attention_causal_blas_f32(float *out, int out_stride, const float *q, int q_stride,
-                                   const float *k, const float *v, int q_begin, int n_q,
-                                   int head_dim, float scale, float *scratch)
+/* Row softmax of the block's scores: row i sees keys 0 .. q_begin + i, the rest become 0. */
+static void softmax_rows_ref(float *scratch, int n_q, int n_keys, int q_begin)
 {
-    int n_keys = q_begin + n_q;
-    // S [n_q][n_keys] = scale · Q [n_q][hd] · K[n_keys][hd]ᵀ
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n_q, n_keys, head_dim, scale, q,
-                q_stride, k, head_dim, 0.0f, scratch, n_keys);
     for (int i = 0; i < n_q; i++) {
         float *s = scratch + (size_t)i * n_keys;
         int visible = q_begin + i + 1;
@@ -73,6 +65,120 @@ void krn_attention_causal_blas_f32(float *out, int out_stride, const float *q, i
         for (int j = visible; j < n_keys; j++)
             s[j] = 0.0f;
     }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define ATT_AVX2 __attribute__((target("avx2,fma")))
+
+/* e^x on 8 lanes for x <= 0 (softmax arguments): x = n ln2 + r with |r| <= ln2 / 2 (ln2 in
+ * two parts), e^r by Cephes' degree-6 expf polynomial, 2^n into the exponent bits. Within
+ * 2 ulp of expf down to -86; 0 below (e^-86 < 1e-37, nothing next to the row's maximum, whose
+ * term is 1) and for -inf; NaN stays NaN. */
+static ATT_AVX2 __m256 exp8_nonpos(__m256 x)
+{
+    const __m256 lo = _mm256_set1_ps(-86.0f);
+    __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ); // also true for -inf
+    x = _mm256_max_ps(lo, x);                        // NaN passes (the second operand)
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+    p = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+    return _mm256_andnot_ps(under, p);
+}
+
+/* softmax_rows_ref on 8 lanes: max, e^(s - max) and its sum (the last partial 8 through
+ * masked loads and stores, so the row's neighbour is never touched), 1 / sum. */
+static ATT_AVX2 void softmax_rows_avx2(float *scratch, int n_q, int n_keys, int q_begin)
+{
+    static const int32_t ones[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+    for (int i = 0; i < n_q; i++) {
+        float *s = scratch + (size_t)i * n_keys;
+        int visible = q_begin + i + 1, full = visible & ~7, rest = visible - full;
+        __m256i tail = _mm256_loadu_si256((const __m256i *)(ones + 8 - rest));
+        __m256 vmx = _mm256_set1_ps(-INFINITY);
+        for (int j = 0; j < full; j += 8)
+            vmx = _mm256_max_ps(vmx, _mm256_loadu_ps(s + j));
+        if (rest)
+            vmx = _mm256_max_ps(vmx, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY),
+                                                      _mm256_maskload_ps(s + full, tail),
+                                                      _mm256_castsi256_ps(tail)));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmx), _mm256_extractf128_ps(vmx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        __m256 mx = _mm256_broadcastss_ps(m4);
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        int j = 0;
+        for (; j + 16 <= full; j += 16) {
+            __m256 e0 = exp8_nonpos(_mm256_sub_ps(_mm256_loadu_ps(s + j), mx));
+            __m256 e1 = exp8_nonpos(_mm256_sub_ps(_mm256_loadu_ps(s + j + 8), mx));
+            _mm256_storeu_ps(s + j, e0);
+            _mm256_storeu_ps(s + j + 8, e1);
+            acc0 = _mm256_add_ps(acc0, e0);
+            acc1 = _mm256_add_ps(acc1, e1);
+        }
+        for (; j < full; j += 8) {
+            __m256 e0 = exp8_nonpos(_mm256_sub_ps(_mm256_loadu_ps(s + j), mx));
+            _mm256_storeu_ps(s + j, e0);
+            acc0 = _mm256_add_ps(acc0, e0);
+        }
+        if (rest) {
+            __m256 e0 = exp8_nonpos(_mm256_sub_ps(_mm256_maskload_ps(s + full, tail), mx));
+            e0 = _mm256_and_ps(e0, _mm256_castsi256_ps(tail));
+            _mm256_maskstore_ps(s + full, tail, e0);
+            acc0 = _mm256_add_ps(acc0, e0);
+        }
+        acc0 = _mm256_add_ps(acc0, acc1);
+        __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc0), _mm256_extractf128_ps(acc0, 1));
+        s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+        __m256 inv = _mm256_set1_ps(1.0f / _mm_cvtss_f32(s4));
+        for (j = 0; j < full; j += 8)
+            _mm256_storeu_ps(s + j, _mm256_mul_ps(_mm256_loadu_ps(s + j), inv));
+        if (rest)
+            _mm256_maskstore_ps(s + full, tail,
+                                _mm256_mul_ps(_mm256_maskload_ps(s + full, tail), inv));
+        memset(s + visible, 0, sizeof(float) * (size_t)(n_keys - visible));
+    }
+}
+
+static bool have_avx2_fma(void)
+{
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    }
+    return cached != 0;
+}
+#endif
+
+/* The same attention as two GEMMs per block of queries (OpenBLAS): S = Q·Kᵀ over the keys the
+ * block can see, a causal mask and row softmax, then O = P·V. Work is O(n_q · n_keys) in
+ * BLAS instead of scalar loops; scratch holds [n_q][q_begin + n_q] scores. */
+void krn_attention_causal_blas_f32(float *out, int out_stride, const float *q, int q_stride,
+                                   const float *k, const float *v, int q_begin, int n_q,
+                                   int head_dim, float scale, float *scratch)
+{
+    int n_keys = q_begin + n_q;
+    // S [n_q][n_keys] = scale · Q [n_q][hd] · K[n_keys][hd]ᵀ
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n_q, n_keys, head_dim, scale, q, q_stride,
+                k, head_dim, 0.0f, scratch, n_keys);
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (have_avx2_fma())
+        softmax_rows_avx2(scratch, n_q, n_keys, q_begin);
+    else
+#endif
+        softmax_rows_ref(scratch, n_q, n_keys, q_begin);
     // O [n_q][hd] = P [n_q][n_keys] · V [n_keys][hd]
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n_q, head_dim, n_keys, 1.0f, scratch,
                 n_keys, v, head_dim, 0.0f, out, out_stride);
