@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "kernels.h"
+#include "vexp.h"
 
 void krn_attention_causal_f32(float *out, int out_stride, const float *q, int q_stride,
                               const float *k, const float *v, int q_begin, int n_q,
@@ -71,29 +72,12 @@ static void softmax_rows_ref(float *scratch, int n_q, int n_keys, int q_begin)
 #include <immintrin.h>
 #define ATT_AVX2 __attribute__((target("avx2,fma")))
 
-/* e^x on 8 lanes for x <= 0 (softmax arguments): x = n ln2 + r with |r| <= ln2 / 2 (ln2 in
- * two parts), e^r by Cephes' degree-6 expf polynomial, 2^n into the exponent bits. Within
- * 2 ulp of expf down to -86; 0 below (e^-86 < 1e-37, nothing next to the row's maximum, whose
- * term is 1) and for -inf; NaN stays NaN. */
+/* e^x on 8 lanes for x <= 0 (vexp.h). */
 static ATT_AVX2 __m256 exp8_nonpos(__m256 x)
 {
-    const __m256 lo = _mm256_set1_ps(-86.0f);
-    __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ); // also true for -inf
-    x = _mm256_max_ps(lo, x);                        // NaN passes (the second operand)
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
-    p = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
-    return _mm256_andnot_ps(under, p);
+    fy_v8f v = (fy_v8f)x;
+    fy_exp8_nonpos(&v);
+    return (__m256)v;
 }
 
 /* softmax_rows_ref on 8 lanes: max, e^(s - max) and its sum (the last partial 8 through

@@ -14,6 +14,7 @@
 #include <stdlib.h>
 
 #include "kvcodec_int.h"
+#include "vexp.h"
 
 typedef struct {
     uint32_t d, n_q, max_tokens;
@@ -54,6 +55,48 @@ static void axpy(float *y, float a, const float *x, uint32_t d)
 {
     for (uint32_t c = 0; c < d; c++)
         y[c] += a * x[c];
+}
+
+/* max(init, x[0 .. n)) (8 lanes, then the tail). */
+static inline __attribute__((always_inline)) float row_max(const float *x, uint32_t n, float init)
+{
+    float mx = init;
+    uint32_t t = 0;
+    if (n >= 8) {
+        kvc_v8 m, v;
+        KVC_V8_LOAD(m, x);
+        for (t = 8; t + 8 <= n; t += 8) {
+            KVC_V8_LOAD(v, x + t);
+            kvc_v8i gt = v > m;
+            m = (kvc_v8)((gt & (kvc_v8i)v) | (~gt & (kvc_v8i)m));
+        }
+        for (int j = 0; j < 8; j++)
+            mx = m[j] > mx ? m[j] : mx;
+    }
+    for (; t < n; t++)
+        mx = x[t] > mx ? x[t] : mx;
+    return mx;
+}
+
+/* x[t] = e^(x[t] - mx) for t < n; returns their sum (8 lanes, then the tail by expf). */
+static inline __attribute__((always_inline)) float exp_shift_sum(float *x, uint32_t n, float mx)
+{
+    kvc_v8 acc = {0}, vmx = acc + mx;
+    uint32_t t = 0;
+    for (; t + 8 <= n; t += 8) {
+        kvc_v8 v;
+        KVC_V8_LOAD(v, x + t);
+        v -= vmx;
+        fy_exp8_nonpos(&v);
+        memcpy(x + t, &v, sizeof v);
+        acc += v;
+    }
+    float sum = kvc_v8_sum(&acc);
+    for (; t < n; t++) {
+        x[t] = expf(x[t] - mx);
+        sum += x[t];
+    }
+    return sum;
 }
 
 KVC_HOT static void attend_page(attn_t *A, const kvc_pool_t *pool, const uint8_t *pg, const float *q,
@@ -131,15 +174,9 @@ KVC_HOT static void attend_page(attn_t *A, const kvc_pool_t *pool, const uint8_t
     float zsum[KVC_MAX_QROWS];
     for (uint32_t r = 0; r < nq; r++) {
         float *lg = A->lg + (size_t)r * T;
-        float mx = A->m[r];
-        for (uint32_t t = 0; t < n; t++)
-            mx = lg[t] > mx ? lg[t] : mx;
+        float mx = row_max(lg, n, A->m[r]);
         float alpha = A->m[r] == -INFINITY ? 0.0f : expf(A->m[r] - mx);
-        float sum = 0;
-        for (uint32_t t = 0; t < n; t++) {
-            lg[t] = expf(lg[t] - mx);
-            sum += lg[t];
-        }
+        float sum = exp_shift_sum(lg, n, mx);
         A->l[r] = A->l[r] * alpha + sum;
         A->m[r] = mx;
         if (alpha != 1.0f) {

@@ -190,24 +190,37 @@ static inline __attribute__((always_inline)) void pack_row(const uint8_t *codes,
     }
 }
 
+/* Every byte's four 2-bit codes as floats, low bits first. */
+#define KVC_U2(b)                                                                                  \
+    {                                                                                              \
+        (float)((b)&3), (float)(((b) >> 2) & 3), (float)(((b) >> 4) & 3), (float)((b) >> 6)        \
+    }
+#define KVC_X16(F, h)                                                                              \
+    F(16 * (h) + 0), F(16 * (h) + 1), F(16 * (h) + 2), F(16 * (h) + 3), F(16 * (h) + 4),           \
+        F(16 * (h) + 5), F(16 * (h) + 6), F(16 * (h) + 7), F(16 * (h) + 8), F(16 * (h) + 9),       \
+        F(16 * (h) + 10), F(16 * (h) + 11), F(16 * (h) + 12), F(16 * (h) + 13), F(16 * (h) + 14),  \
+        F(16 * (h) + 15)
+#define KVC_X256(F)                                                                                \
+    KVC_X16(F, 0), KVC_X16(F, 1), KVC_X16(F, 2), KVC_X16(F, 3), KVC_X16(F, 4), KVC_X16(F, 5),      \
+        KVC_X16(F, 6), KVC_X16(F, 7), KVC_X16(F, 8), KVC_X16(F, 9), KVC_X16(F, 10),                \
+        KVC_X16(F, 11), KVC_X16(F, 12), KVC_X16(F, 13), KVC_X16(F, 14), KVC_X16(F, 15)
+static const float g_unpack2[256][4] = {KVC_X256(KVC_U2)};
+
 KVC_HOT void kvc_unpack_row(const uint8_t *src, uint32_t d, int bits, float *dst)
 {
     if (bits == 8) {
         for (uint32_t c = 0; c < d; c++)
             dst[c] = (float)src[c];
-    } else if (bits == 4) {
+        return;
+    }
+    if (bits == 4) { // the compiler vectorizes this one well
         for (uint32_t c = 0; c < d / 2; c++) {
             dst[2 * c] = (float)(src[c] & 15);
             dst[2 * c + 1] = (float)(src[c] >> 4);
         }
     } else {
-        for (uint32_t c = 0; c < d / 4; c++) {
-            uint8_t b = src[c];
-            dst[4 * c] = (float)(b & 3);
-            dst[4 * c + 1] = (float)((b >> 2) & 3);
-            dst[4 * c + 2] = (float)((b >> 4) & 3);
-            dst[4 * c + 3] = (float)(b >> 6);
-        }
+        for (uint32_t c = 0; c < d / 4; c++)
+            memcpy(dst + 4 * c, g_unpack2[src[c]], sizeof(g_unpack2[0]));
     }
 }
 

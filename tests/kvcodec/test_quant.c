@@ -205,6 +205,26 @@ static void test_errors_pair(void **state)
     }
 }
 
+/* Every byte value unpacks to its codes, low bits first, at 2, 4 and 8 bits. */
+static void test_unpack_row(void **state)
+{
+    uint8_t src[256];
+    for (int i = 0; i < 256; i++)
+        src[i] = (uint8_t)(i * 37 + 11);
+    float dst[1024];
+    const int bits[3] = {2, 4, 8};
+    for (int bi = 0; bi < 3; bi++) {
+        int b = bits[bi];
+        uint32_t d = 256 * 8 / (uint32_t)b;
+        kvc_unpack_row(src, d, b, dst);
+        for (uint32_t c = 0; c < d; c++) {
+            uint32_t bit = c * (uint32_t)b;
+            int code = (src[bit / 8] >> (bit % 8)) & ((1 << b) - 1);
+            assert_true(dst[c] == (float)code);
+        }
+    }
+}
+
 static void test_option_names(void **state)
 {
     for (int o = 0; o < KVC_OPT_COUNT; o++) {
@@ -293,7 +313,8 @@ int main(void)
         cmocka_unit_test(test_roundtrip_bounds), cmocka_unit_test(test_constant_group),
         cmocka_unit_test(test_hostile_values),   cmocka_unit_test(test_hadamard),
         cmocka_unit_test(test_hadamard_exact),   cmocka_unit_test(test_errors_pair),
-        cmocka_unit_test(test_option_names),     cmocka_unit_test(test_model_errors),
+        cmocka_unit_test(test_unpack_row),       cmocka_unit_test(test_option_names),
+        cmocka_unit_test(test_model_errors),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
