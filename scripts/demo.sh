@@ -106,8 +106,10 @@ run() { # label policy budget prompt
   [ "$b" != 0 ] && args=(--budget "$b")
   echo
   echo ">>> [$label] $prompt"
-  "$bin/client/ferry" generate "$router" --chat --temperature 0 --max-tokens 96 \
-    --policy "$pol" "${args[@]}" --stats "$prompt" 2>"$work/stats.txt" || true
+  # Greedy, so both policies' answers can be compared; a light repetition penalty keeps the
+  # small default model out of loops ("a life-affirming, a life-affirming, ...").
+  "$bin/client/ferry" generate "$router" --chat --temperature 0 --repeat-penalty 1.1 \
+    --max-tokens 96 --policy "$pol" "${args[@]}" --stats "$prompt" 2>"$work/stats.txt" || true
   stats=$(cat "$work/stats.txt")
   echo "$stats" | sed 's/^/    /'
   local ttft tps raw wire ratio
@@ -130,7 +132,7 @@ if [ -z "${FERRY_DEMO_POLICY:-}" ]; then
 fi
 
 echo
-echo "== per request (greedy, 96 tokens at most, chat template) =="
+echo "== per request (greedy, repetition penalty 1.1, 96 tokens at most, chat template) =="
 printf '%-16s %-48s %8s %7s %9s %9s %6s\n' policy prompt "TTFT ms" "tok/s" "KV raw B" \
   "KV wire B" ratio
 for line in "${summary[@]}"; do echo "$line"; done
