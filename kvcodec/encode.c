@@ -670,9 +670,14 @@ static size_t write_frame(kvc_encoder_t *e, const kvc_layer_input_t *in,
         float chan_w[KVC_MAX_HEAD_DIM]; // sqrt of the mean squared query per channel
         for (uint32_t c = 0; c < d; c++)
             chan_w[c] = sqrtf(sc->qsq[(size_t)h * d + c]);
-        // The head's rows in fp32 once (the quantized options take most of them).
-        kvc_load_rows(kh, in->token_stride, n, d, e->kf);
-        kvc_load_rows(vh, in->token_stride, n, d, e->vf);
+        // The head's rows in fp32 once, when some option quantizes (16/16 copies FP16 bits).
+        bool quantized = false;
+        for (uint32_t t = 0; t < n && !quantized; t++)
+            quantized = ch[t] != KVC_OPT_F16 && ch[t] != KVC_OPT_DROP;
+        if (quantized) {
+            kvc_load_rows(kh, in->token_stride, n, d, e->kf);
+            kvc_load_rows(vh, in->token_stride, n, d, e->vf);
+        }
         for (int o = 0; o < KVC_OPT_DROP; o++) {
             if (o == KVC_OPT_F16) {
                 for (uint32_t t = 0; t < n; t++) {
