@@ -228,9 +228,6 @@ static inline float kvc_dot(const float *a, const float *b, uint32_t d)
 /* n rows of d FP16 values, stride elements apart, to [n][d] fp32. */
 void kvc_load_rows(const uint16_t *src, size_t stride, uint32_t n, uint32_t d, float *dst);
 
-/* Minimum and maximum of a row (8 independent lanes). */
-void kvc_row_minmax(const float *x, uint32_t d, float *mn_p, float *mx_p);
-
 /* Unpacks one row of d codes of b bits into floats. */
 void kvc_unpack_row(const uint8_t *src, uint32_t d, int bits, float *dst);
 

@@ -224,8 +224,9 @@ KVC_HOT void kvc_unpack_row(const uint8_t *src, uint32_t d, int bits, float *dst
     }
 }
 
-static inline __attribute__((always_inline)) void row_minmax(const float *x, uint32_t d,
-                                                             float *mn_p, float *mx_p)
+/* Minimum and maximum of a row (8 independent lanes, then merged in lane order). */
+static inline __attribute__((always_inline)) void kvc_row_minmax(const float *x, uint32_t d,
+                                                                 float *mn_p, float *mx_p)
 {
     float a = x[0], b = x[0];
     uint32_t c = 0;
@@ -252,11 +253,6 @@ static inline __attribute__((always_inline)) void row_minmax(const float *x, uin
     }
     *mn_p = a;
     *mx_p = b;
-}
-
-KVC_HOT void kvc_row_minmax(const float *x, uint32_t d, float *mn_p, float *mx_p)
-{
-    row_minmax(x, d, mn_p, mx_p);
 }
 
 void kvc_load_rows(const uint16_t *src, size_t stride, uint32_t n, uint32_t d, float *dst)
@@ -398,7 +394,7 @@ KVC_HOT void kvc_quant_group(int o, uint32_t d, uint32_t m, uint32_t cap, uint32
     float vmn[256] = {0}, vmx[256] = {0}, sv[256], zv[256], iv[256];
     uint16_t sv16[256], zv16[256];
     for (uint32_t t = 0; t < m; t++)
-        row_minmax(v + (size_t)t * d, d, &vmn[t], &vmx[t]);
+        kvc_row_minmax(v + (size_t)t * d, d, &vmn[t], &vmx[t]);
     asym_params_buf(vmn, vmx, m, vq, sv16, zv16, sv, zv, iv);
     for (uint32_t t = 0; t < m; t++) {
         const float *row = v + (size_t)t * d;
@@ -497,7 +493,7 @@ KVC_HOT void kvc_model_errors(int bits, uint32_t d, uint32_t m, const float *k, 
     // Every row's range, then the steps of all rows (the divisions vectorize across rows).
     float vmn[KVC_MAX_GROUP], vmx[KVC_MAX_GROUP];
     for (uint32_t t = 0; t < m; t++)
-        row_minmax(v + (size_t)t * d, d, &vmn[t], &vmx[t]);
+        kvc_row_minmax(v + (size_t)t * d, d, &vmn[t], &vmx[t]);
     for (uint32_t t = 0; t < m; t++) {
         float s = (vmx[t] - vmn[t]) / qmax;
         errk[t] = ke;
@@ -577,7 +573,7 @@ KVC_HOT void kvc_value_errors2(int b1, float *err1, int b2, float *err2, uint32_
     float mn[KVC_MAX_GROUP], mx[KVC_MAX_GROUP], s1[KVC_MAX_GROUP], i1[KVC_MAX_GROUP],
         s2[KVC_MAX_GROUP], i2[KVC_MAX_GROUP];
     for (uint32_t t = 0; t < m; t++)
-        row_minmax(v + (size_t)t * d, d, &mn[t], &mx[t]);
+        kvc_row_minmax(v + (size_t)t * d, d, &mn[t], &mx[t]);
     for (uint32_t t = 0; t < m; t++) {
         s1[t] = (mx[t] - mn[t]) / q1;
         i1[t] = s1[t] > 0 ? 1.0f / s1[t] : 0.0f;
