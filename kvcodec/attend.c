@@ -57,15 +57,16 @@ static void axpy(float *y, float a, const float *x, uint32_t d)
         y[c] += a * x[c];
 }
 
-/* max(init, x[0 .. n)) (8 lanes, then the tail). */
+/* max(init, x[0 .. n)) (8 lanes, then the tail); NaN never wins, as in a scalar
+ * x > mx ? x : mx loop. */
 static inline __attribute__((always_inline)) float row_max(const float *x, uint32_t n, float init)
 {
     float mx = init;
     uint32_t t = 0;
     if (n >= 8) {
-        kvc_v8 m, v;
-        KVC_V8_LOAD(m, x);
-        for (t = 8; t + 8 <= n; t += 8) {
+        kvc_v8 m = {0}, v;
+        m += init; // not x's first 8: a NaN there would hold its lane for the whole row
+        for (; t + 8 <= n; t += 8) {
             KVC_V8_LOAD(v, x + t);
             kvc_v8i gt = v > m;
             m = (kvc_v8)((gt & (kvc_v8i)v) | (~gt & (kvc_v8i)m));
