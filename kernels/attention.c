@@ -135,15 +135,6 @@ static ATT_AVX2 void softmax_rows_avx2(float *scratch, int n_q, int n_keys, int 
     }
 }
 
-static bool have_avx2_fma(void)
-{
-    static int cached = -1;
-    if (cached < 0) {
-        __builtin_cpu_init();
-        cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    }
-    return cached != 0;
-}
 #endif
 
 /* The same attention as two GEMMs per block of queries (OpenBLAS): S = Q·Kᵀ over the keys the
@@ -158,7 +149,7 @@ void krn_attention_causal_blas_f32(float *out, int out_stride, const float *q, i
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n_q, n_keys, head_dim, scale, q, q_stride,
                 k, head_dim, 0.0f, scratch, n_keys);
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (have_avx2_fma())
+    if (krn_cpu_avx2())
         softmax_rows_avx2(scratch, n_q, n_keys, q_begin);
     else
 #endif

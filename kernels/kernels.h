@@ -45,6 +45,9 @@ void krn_gemm_set_threads(int n);
  * wants it sets it and re-executes itself. Thread: any. */
 const char *krn_gemm_better_coretype(void);
 
+/* Whether this CPU runs the kernels' AVX2 paths (AVX2, FMA and F16C; cached). Thread: any. */
+bool krn_cpu_avx2(void);
+
 /* ------------------------------------------------------------------------------------------ */
 /* Matmul from stored weight types (matmul_q.c): decode                                        */
 /* ------------------------------------------------------------------------------------------ */

@@ -480,7 +480,7 @@ MQ_AVX2 static void dot2x4_avx2(const float *w0, const float *w1, const float *x
     }
 }
 
-static bool have_avx2(void)
+bool krn_cpu_avx2(void)
 {
     static int cached = -1; // a CPU property, the same for every caller
     if (cached < 0) {
@@ -491,7 +491,7 @@ static bool have_avx2(void)
     return cached == 1;
 }
 #else
-static bool have_avx2(void)
+bool krn_cpu_avx2(void)
 {
     return false;
 }
@@ -653,7 +653,7 @@ fy_status_t krn_matmul_q_multi_f32(fy_pool_t *pool, int m, const float *x, int l
     if (n_mats < 0 || n_mats > KRN_MATMUL_Q_MAX_MATS)
         return FY_ERR_INVALID_ARG;
     mq_multi_t mm = {.n = n_mats};
-    bool simd = have_avx2(), any_block = false;
+    bool simd = krn_cpu_avx2(), any_block = false;
     for (int i = 0; i < n_mats; i++) {
         if (!mq_shape_ok(w[i]) || w[i]->cols != w[0]->cols)
             return FY_ERR_UNSUPPORTED;
