@@ -2,9 +2,10 @@
  * main.c: ferry-router, the frontend daemon.
  *
  * Serves ferry.v1.Ferry to clients and ferry.v1.Worker RegisterWorker/Heartbeat to workers on
- * --listen (plus GET /metrics and /healthz on the same port); loads only the GGUF's tokenizer
- * and metadata. Workers silent for 3 leases are dropped. SIGTERM: refuse new requests, finish
- * those in flight (at most --drain-timeout), exit.
+ * --listen (plus GET /metrics and /healthz on the same port) and, with --http-listen, the
+ * OpenAI-compatible API (openai.h) as a client of its own gRPC port; loads only the GGUF's
+ * tokenizer and metadata. Workers silent for 3 leases are dropped. SIGTERM: refuse new requests,
+ * finish those in flight (at most --drain-timeout), exit.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -12,30 +13,41 @@
 
 #include "daemon.h"
 #include "frontend.h"
+#include "openai.h"
 #include "router.h"
 
 #define MODULE "router"
 
 static const fy_opt_t k_opts[] = {
-    {"listen", FY_OPT_STRING, "127.0.0.1:50051", "RPC address HOST:PORT (port 0 picks one)",
+    {"listen", FY_OPT_STRING, "127.0.0.1:50051", "RPC address HOST:PORT (port 0 picks one)", false},
+    {"http-listen", FY_OPT_STRING, "",
+     "serve the OpenAI-compatible HTTP API (/v1/completions, "
+     "/v1/chat/completions, /v1/models) on HOST:PORT",
      false},
+    {"http-port-file", FY_OPT_STRING, "", "write the bound HTTP port to this file", false},
     {"model", FY_OPT_STRING, NULL, "GGUF model file (only its tokenizer and metadata are read)",
      true},
-    {"model-name", FY_OPT_STRING, "", "name clients use (default: the file's general.name)",
-     false},
+    {"model-name", FY_OPT_STRING, "", "name clients use (default: the file's general.name)", false},
     {"lease", FY_OPT_DURATION, "1s", "worker heartbeat lease; 3 missed leases drop a worker",
      false},
     {"max-tokens", FY_OPT_INT, "256", "completion tokens when a request sets none", false},
-    {"retries", FY_OPT_INT, "1", "retries on another worker pair after a failed prefill or "
-                                 "KV transfer", false},
-    {"reserve-lease", FY_OPT_DURATION, "30s", "how long a decode worker holds pages for KV "
-                                              "that has not arrived", false},
-    {"worker-timeout", FY_OPT_DURATION, "5s", "deadline of ReserveKV and Cancel calls", false},
-    {"prefill-timeout", FY_OPT_DURATION, "5m", "longest a Prefill call may take (queue "
-                                               "included) when the client set no deadline",
+    {"retries", FY_OPT_INT, "1",
+     "retries on another worker pair after a failed prefill or "
+     "KV transfer",
      false},
-    {"policy", FY_OPT_STRING, "", "codec policy when a request names none (empty: the prefill "
-                                  "worker's default)", false},
+    {"reserve-lease", FY_OPT_DURATION, "30s",
+     "how long a decode worker holds pages for KV "
+     "that has not arrived",
+     false},
+    {"worker-timeout", FY_OPT_DURATION, "5s", "deadline of ReserveKV and Cancel calls", false},
+    {"prefill-timeout", FY_OPT_DURATION, "5m",
+     "longest a Prefill call may take (queue "
+     "included) when the client set no deadline",
+     false},
+    {"policy", FY_OPT_STRING, "",
+     "codec policy when a request names none (empty: the prefill "
+     "worker's default)",
+     false},
     {"budget", FY_OPT_DOUBLE, "0", "codec budget when a request sets none (0: the policy's)",
      false},
     {"drain-timeout", FY_OPT_DURATION, "30s", "longest wait for requests in flight at SIGTERM",
@@ -55,6 +67,7 @@ typedef struct {
     fy_metrics_t *metrics;
     fy_metric_t *workers_prefill, *workers_decode, *expired;
     rpc_server_t *srv;
+    oai_server_t *oai;
     rt_t *rt;
     daemon_signals_t sig;
     uv_timer_t tick;
@@ -80,6 +93,8 @@ static void stop_now(void *arg)
     if (a->stopping)
         return;
     a->stopping = true;
+    oai_server_destroy(a->oai); // its generations are cancelled with the rest below
+    a->oai = NULL;
     if (!a->aborted) {
         a->aborted = true;
         rt_abort_all(a->rt, "router stopping");
@@ -127,6 +142,43 @@ static void start_drain(void *arg)
     a->drain_deadline_ns =
         fy_clock_ns() + fy_config_duration_ms(a->cfg, "drain-timeout") * 1000000ull;
     uv_timer_start(&a->tick, on_tick, 0, 20);
+}
+
+/* The OpenAI front on --http-listen, calling this router's own gRPC port. */
+static fy_status_t start_http(app_t *a, const char *rpc_host, int rpc_port, const char *name)
+{
+    const char *listen = fy_config_str(a->cfg, "http-listen");
+    if (listen == NULL || listen[0] == '\0')
+        return FY_OK;
+    char host[128], upstream[192];
+    int port;
+    if (daemon_hostport(listen, host, sizeof(host), &port) != FY_OK) {
+        FY_LOG_ERROR(MODULE, "--http-listen must be HOST:PORT");
+        return FY_ERR_INVALID_ARG;
+    }
+    // A wildcard listener is reached on loopback.
+    bool v6 = strchr(rpc_host, ':') != NULL;
+    bool any = strcmp(rpc_host, "0.0.0.0") == 0 || strcmp(rpc_host, "::") == 0;
+    snprintf(upstream, sizeof(upstream), v6 ? "[%s]:%d" : "%s:%d",
+             any ? (v6 ? "::1" : "127.0.0.1") : rpc_host, rpc_port);
+    oai_server_params_t op;
+    oai_server_params_default(&op);
+    op.host = host;
+    op.port = port;
+    op.upstream = upstream;
+    op.model_name = name;
+    fy_status_t st = oai_server_create(&a->loop, &op, &a->oai);
+    if (st != FY_OK) {
+        FY_LOG_ERROR(MODULE, "--http-listen %s: %s", listen, fy_status_str(st));
+        return st;
+    }
+    port = oai_server_port(a->oai);
+    if (daemon_port_file(fy_config_str(a->cfg, "http-port-file"), port) != FY_OK) {
+        FY_LOG_ERROR(MODULE, "cannot write --http-port-file");
+        return FY_ERR_IO;
+    }
+    FY_LOG_INFO(MODULE, "OpenAI-compatible API on http://%s:%d/v1", host, port);
+    return FY_OK;
 }
 
 static int run(app_t *a)
@@ -213,6 +265,8 @@ static int run(app_t *a)
         return 1;
     }
     port = rpc_server_port(a->srv);
+    if ((st = start_http(a, host, port, name)) != FY_OK)
+        return st == FY_ERR_INVALID_ARG ? 2 : 1;
     uv_timer_init(&a->loop, &a->tick);
     a->tick.data = a;
     uv_timer_start(&a->tick, on_tick, lease, lease);
@@ -241,6 +295,7 @@ int main(int argc, char **argv)
         return rc;
     uv_loop_init(&a.loop);
     rc = run(&a);
+    oai_server_destroy(a.oai);
     rt_destroy(a.rt);
     rpc_server_destroy(a.srv);
     daemon_signals_close(&a.sig);

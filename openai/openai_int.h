@@ -1,0 +1,129 @@
+/*
+ * openai_int.h: the OpenAI front's pieces that touch no socket, so that tests and fuzzers
+ * drive them directly:
+ * - oai_reader_t: HTTP/1.1 requests out of a byte stream (http-parser), one at a time, with
+ *   limits on the target, the headers and the body;
+ * - oai_request_t: a JSON request body turned into a ferry.v1 GenerateRequest, or a 400 with
+ *   the reason;
+ * - the JSON answers: completions, stream chunks, model lists and errors.
+ */
+#ifndef FERRY_OPENAI_INT_H
+#define FERRY_OPENAI_INT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cjson/cJSON.h>
+#include <http_parser.h>
+
+#include "ferry.pb-c.h"
+#include "openai.h"
+
+#define OAI_MODULE       "openai"
+#define OAI_MAX_TARGET   2048  // longest request target; longer gets 414
+#define OAI_MAX_HEAD     32768 // request line plus headers; more gets 431
+#define OAI_MAX_MESSAGES 4096  // chat messages in one request
+#define OAI_MAX_STOP     16    // stop strings
+#define OAI_MAX_ID       64    // response id, "chatcmpl-" and 32 hex digits fit
+
+/* ---- HTTP/1.1 requests from a byte stream ------------------------------------------------ */
+
+typedef struct {
+    http_parser parser;
+    size_t max_body;
+    size_t head_bytes;    // request line and header bytes of this request
+    bool in_value;        // the last header piece was a value
+    bool in_value_expect; // the header value being read belongs to "Expect"
+    char field[16];       // header name so far (only "expect" matters), lower case
+    size_t field_len;
+    bool field_long;
+    // The request, valid once complete:
+    char method[8]; // "GET", "POST", ...
+    char target[OAI_MAX_TARGET + 1];
+    size_t target_len;
+    char *body; // malloc'd, NUL-terminated; body_len bytes
+    size_t body_len, body_cap;
+    bool expect_continue; // the client waits for "100 Continue" before its body
+    bool keep_alive;
+    bool complete; // a whole request is here: the reader consumes nothing more
+    int error;     // HTTP status to answer before closing (400, 413, 414, 431, 505), or 0
+} oai_reader_t;
+
+/* Thread: any (one reader per connection). */
+void oai_reader_init(oai_reader_t *r, size_t max_body);
+void oai_reader_cleanup(oai_reader_t *r);
+
+/* Feeds bytes; returns how many were consumed. Stops after a whole request (r->complete) or at
+ * the first error (r->error); the rest waits for oai_reader_next. Thread: any. */
+size_t oai_reader_feed(oai_reader_t *r, const char *data, size_t len);
+
+/* Forgets the complete request and reads the next one of the same connection. */
+void oai_reader_next(oai_reader_t *r);
+
+/* The target's path: up to '?' (not NUL-terminated; *len_p bytes). */
+const char *oai_reader_path(const oai_reader_t *r, size_t *len_p);
+
+/* ---- JSON request bodies ------------------------------------------------------------------- */
+
+typedef enum { OAI_COMPLETION, OAI_CHAT } oai_kind_t;
+
+/* A parsed request: msg is ready to send; every string it points to lives in root or in the
+ * arrays below, until oai_request_clear. */
+typedef struct {
+    oai_kind_t kind;
+    cJSON *root;
+    Ferry__V1__GenerateRequest msg;
+    Ferry__V1__SamplingParams sampling;
+    Ferry__V1__CodecParams codec;
+    Ferry__V1__ChatMessages chat;
+    Ferry__V1__TokenIds ids;
+    Ferry__V1__ChatMessage *messages;   // [chat.n_messages]
+    Ferry__V1__ChatMessage **message_p; // [chat.n_messages]
+    char **joined;                      // [chat.n_messages] contents joined from parts, or NULL
+    uint32_t *id_buf;                   // [ids.n_ids]
+    char *stop[OAI_MAX_STOP];
+    bool stream, include_usage;
+    const char *model; // as requested, or NULL
+} oai_request_t;
+
+/* Parses body (len bytes, NUL-terminated at body[len]) as kind. Returns 0, or the HTTP status to
+ * answer (400) with the reason in err. r is always left clearable. Thread: any. */
+int oai_request_parse(oai_request_t *r, oai_kind_t kind, const char *body, size_t len, char *err,
+                      size_t err_len);
+void oai_request_clear(oai_request_t *r);
+
+/* ---- JSON answers (malloc'd text, NULL when out of memory) --------------------------------- */
+
+/* "stop" or "length" for a finish reason. */
+const char *oai_finish_name(Ferry__V1__FinishReason reason);
+
+/* A whole completion (kind's object) with its text, finish reason and usage (stats may be
+ * NULL). */
+char *oai_render_completion(oai_kind_t kind, const char *id, int64_t created, const char *model,
+                            const char *text, size_t text_len, Ferry__V1__FinishReason reason,
+                            const Ferry__V1__RequestStats *stats);
+
+/* One stream chunk: text (may be empty), role (chat's first chunk) and finish reason (NULL
+ * until the last); with_usage adds "usage": null, as streams that include usage do. */
+char *oai_render_chunk(oai_kind_t kind, const char *id, int64_t created, const char *model,
+                       const char *role, const char *text, size_t text_len, const char *finish,
+                       bool with_usage);
+
+/* The usage chunk that ends a stream with include_usage (no choices). */
+char *oai_render_usage_chunk(oai_kind_t kind, const char *id, int64_t created, const char *model,
+                             const Ferry__V1__RequestStats *stats);
+
+/* {"object":"list","data":[...]} from a ListModels answer. */
+char *oai_render_models(const Ferry__V1__ListModelsResponse *models);
+
+/* {"error":{"message":...,"type":...,"param":null,"code":...}}. */
+char *oai_render_error(int http_status, const char *message);
+
+/* The HTTP status for a gRPC code. */
+int oai_http_status(int grpc_code);
+
+/* The reason phrase of an HTTP status. */
+const char *oai_status_text(int status);
+
+#endif /* FERRY_OPENAI_INT_H */

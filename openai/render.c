@@ -1,0 +1,242 @@
+/*
+ * render.c: the OpenAI front's JSON answers (see openai_int.h), built with cJSON so that every
+ * string, generated text included, is escaped.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "openai_int.h"
+
+const char *oai_finish_name(Ferry__V1__FinishReason reason)
+{
+    return reason == FERRY__V1__FINISH_REASON__FINISH_REASON_LENGTH ? "length" : "stop";
+}
+
+/* A string of n bytes (not NUL-terminated) as a JSON value. */
+static cJSON *string_n(const char *s, size_t n)
+{
+    char *tmp = malloc(n + 1);
+    if (tmp == NULL)
+        return NULL;
+    memcpy(tmp, s, n);
+    tmp[n] = '\0';
+    cJSON *v = cJSON_CreateString(tmp);
+    free(tmp);
+    return v;
+}
+
+static char *print_and_free(cJSON *root, bool ok)
+{
+    char *out = ok ? cJSON_PrintUnformatted(root) : NULL;
+    cJSON_Delete(root);
+    return out;
+}
+
+/* id, object, created, model: the head of every completion object. */
+static cJSON *head(const char *id, const char *object, int64_t created, const char *model, bool *ok)
+{
+    cJSON *root = cJSON_CreateObject();
+    *ok = root != NULL && cJSON_AddStringToObject(root, "id", id) &&
+          cJSON_AddStringToObject(root, "object", object) &&
+          cJSON_AddNumberToObject(root, "created", (double)created) &&
+          cJSON_AddStringToObject(root, "model", model ? model : "");
+    return root;
+}
+
+static bool add_usage(cJSON *root, const Ferry__V1__RequestStats *st)
+{
+    cJSON *u = cJSON_AddObjectToObject(root, "usage");
+    uint32_t p = st ? st->prompt_tokens : 0, c = st ? st->completion_tokens : 0;
+    bool ok = u != NULL && cJSON_AddNumberToObject(u, "prompt_tokens", p) &&
+              cJSON_AddNumberToObject(u, "completion_tokens", c) &&
+              cJSON_AddNumberToObject(u, "total_tokens", (double)p + c);
+    if (!ok || st == NULL)
+        return ok;
+    // Ferry's own figures: what the KV cache cost on the wire and how fast the answer came.
+    cJSON *f = cJSON_AddObjectToObject(root, "ferry");
+    return f != NULL && cJSON_AddNumberToObject(f, "kv_raw_bytes", (double)st->kv_raw_bytes) &&
+           cJSON_AddNumberToObject(f, "kv_wire_bytes", (double)st->kv_wire_bytes) &&
+           cJSON_AddStringToObject(f, "kv_policy", st->policy ? st->policy : "") &&
+           cJSON_AddNumberToObject(f, "kv_budget", st->budget) &&
+           cJSON_AddNumberToObject(f, "ttft_ms", st->ttft_ms) &&
+           cJSON_AddNumberToObject(f, "tpot_ms", st->tpot_ms) &&
+           cJSON_AddNumberToObject(f, "transfer_ms", st->transfer_ms);
+}
+
+static const char *object_name(oai_kind_t kind, bool chunk)
+{
+    if (kind == OAI_CHAT)
+        return chunk ? "chat.completion.chunk" : "chat.completion";
+    return "text_completion";
+}
+
+char *oai_render_completion(oai_kind_t kind, const char *id, int64_t created, const char *model,
+                            const char *text, size_t text_len, Ferry__V1__FinishReason reason,
+                            const Ferry__V1__RequestStats *stats)
+{
+    bool ok;
+    cJSON *root = head(id, object_name(kind, false), created, model, &ok);
+    cJSON *choices = ok ? cJSON_AddArrayToObject(root, "choices") : NULL;
+    cJSON *c = choices ? cJSON_CreateObject() : NULL;
+    ok = c != NULL && cJSON_AddItemToArray(choices, c) && cJSON_AddNumberToObject(c, "index", 0);
+    cJSON *t = ok ? string_n(text, text_len) : NULL;
+    if (kind == OAI_CHAT) {
+        cJSON *m = ok ? cJSON_AddObjectToObject(c, "message") : NULL;
+        ok = m != NULL && t != NULL && cJSON_AddStringToObject(m, "role", "assistant") &&
+             cJSON_AddItemToObject(m, "content", t);
+    } else {
+        ok = ok && t != NULL && cJSON_AddItemToObject(c, "text", t);
+    }
+    if (!ok)
+        cJSON_Delete(t); // not attached (attached items go with root)
+    ok = ok && cJSON_AddNullToObject(c, "logprobs") &&
+         cJSON_AddStringToObject(c, "finish_reason", oai_finish_name(reason)) &&
+         add_usage(root, stats);
+    return print_and_free(root, ok);
+}
+
+char *oai_render_chunk(oai_kind_t kind, const char *id, int64_t created, const char *model,
+                       const char *role, const char *text, size_t text_len, const char *finish,
+                       bool with_usage)
+{
+    bool ok;
+    cJSON *root = head(id, object_name(kind, true), created, model, &ok);
+    cJSON *choices = ok ? cJSON_AddArrayToObject(root, "choices") : NULL;
+    cJSON *c = choices ? cJSON_CreateObject() : NULL;
+    ok = c != NULL && cJSON_AddItemToArray(choices, c) && cJSON_AddNumberToObject(c, "index", 0);
+    cJSON *t =
+        ok && (kind != OAI_CHAT || text_len > 0 || role != NULL) ? string_n(text, text_len) : NULL;
+    if (kind == OAI_CHAT) {
+        cJSON *d = ok ? cJSON_AddObjectToObject(c, "delta") : NULL;
+        ok = d != NULL && (role == NULL || cJSON_AddStringToObject(d, "role", role));
+        if (ok && t != NULL)
+            ok = cJSON_AddItemToObject(d, "content", t);
+        else
+            cJSON_Delete(t);
+    } else {
+        ok = ok && t != NULL && cJSON_AddItemToObject(c, "text", t);
+        if (!ok)
+            cJSON_Delete(t);
+    }
+    ok = ok && cJSON_AddNullToObject(c, "logprobs") &&
+         (finish ? cJSON_AddStringToObject(c, "finish_reason", finish) != NULL
+                 : cJSON_AddNullToObject(c, "finish_reason") != NULL) &&
+         (!with_usage || cJSON_AddNullToObject(root, "usage"));
+    return print_and_free(root, ok);
+}
+
+char *oai_render_usage_chunk(oai_kind_t kind, const char *id, int64_t created, const char *model,
+                             const Ferry__V1__RequestStats *stats)
+{
+    bool ok;
+    cJSON *root = head(id, object_name(kind, true), created, model, &ok);
+    ok = ok && cJSON_AddArrayToObject(root, "choices") && add_usage(root, stats);
+    return print_and_free(root, ok);
+}
+
+char *oai_render_models(const Ferry__V1__ListModelsResponse *models)
+{
+    cJSON *root = cJSON_CreateObject();
+    cJSON *data = root ? cJSON_AddArrayToObject(root, "data") : NULL;
+    bool ok = data != NULL && cJSON_AddStringToObject(root, "object", "list");
+    for (size_t i = 0; ok && i < models->n_models; i++) {
+        const Ferry__V1__ModelInfo *mi = models->models[i];
+        cJSON *m = cJSON_CreateObject();
+        ok = m != NULL && cJSON_AddItemToArray(data, m) &&
+             cJSON_AddStringToObject(m, "id", mi->name ? mi->name : "") &&
+             cJSON_AddStringToObject(m, "object", "model") &&
+             cJSON_AddNumberToObject(m, "created", 0) &&
+             cJSON_AddStringToObject(m, "owned_by", "ferry") &&
+             cJSON_AddNumberToObject(m, "max_model_len", mi->context_length);
+    }
+    return print_and_free(root, ok);
+}
+
+char *oai_render_error(int http_status, const char *message)
+{
+    const char *type = http_status == 400 || http_status == 404 || http_status == 405 ||
+                               http_status == 413 || http_status == 414 || http_status == 431 ||
+                               http_status == 505
+                           ? "invalid_request_error"
+                       : http_status == 401 ? "authentication_error"
+                       : http_status == 429 ? "rate_limit_error"
+                       : http_status == 503 ? "service_unavailable"
+                                            : "server_error";
+    cJSON *root = cJSON_CreateObject();
+    cJSON *e = root ? cJSON_AddObjectToObject(root, "error") : NULL;
+    bool ok = e != NULL && cJSON_AddStringToObject(e, "message", message ? message : "") &&
+              cJSON_AddStringToObject(e, "type", type) && cJSON_AddNullToObject(e, "param") &&
+              cJSON_AddNumberToObject(e, "code", http_status);
+    return print_and_free(root, ok);
+}
+
+int oai_http_status(int grpc_code)
+{
+    switch (grpc_code) {
+    case 0:
+        return 200;
+    case 1: // CANCELLED
+        return 499;
+    case 3:  // INVALID_ARGUMENT
+    case 9:  // FAILED_PRECONDITION
+    case 11: // OUT_OF_RANGE
+        return 400;
+    case 4: // DEADLINE_EXCEEDED
+        return 504;
+    case 5: // NOT_FOUND
+        return 404;
+    case 7: // PERMISSION_DENIED
+        return 403;
+    case 8: // RESOURCE_EXHAUSTED
+        return 429;
+    case 12: // UNIMPLEMENTED
+        return 501;
+    case 14: // UNAVAILABLE
+        return 503;
+    case 16: // UNAUTHENTICATED
+        return 401;
+    default:
+        return 500;
+    }
+}
+
+const char *oai_status_text(int status)
+{
+    switch (status) {
+    case 100:
+        return "Continue";
+    case 200:
+        return "OK";
+    case 400:
+        return "Bad Request";
+    case 401:
+        return "Unauthorized";
+    case 403:
+        return "Forbidden";
+    case 404:
+        return "Not Found";
+    case 405:
+        return "Method Not Allowed";
+    case 413:
+        return "Content Too Large";
+    case 414:
+        return "URI Too Long";
+    case 429:
+        return "Too Many Requests";
+    case 431:
+        return "Request Header Fields Too Large";
+    case 499:
+        return "Client Closed Request";
+    case 501:
+        return "Not Implemented";
+    case 503:
+        return "Service Unavailable";
+    case 504:
+        return "Gateway Timeout";
+    case 505:
+        return "HTTP Version Not Supported";
+    default:
+        return "Internal Server Error";
+    }
+}

@@ -1,0 +1,374 @@
+/*
+ * request.c: an OpenAI request body (chat or completion) to a ferry.v1 GenerateRequest.
+ *
+ * Field by field, as OpenAI documents them and vLLM extends them:
+ *   model                      GenerateRequest.model (the router checks the name)
+ *   messages (chat)            ChatMessages: role system|developer|user|assistant, content a
+ *                              string, null, or an array of {"type":"text","text":...} parts
+ *   prompt (completion)        a string, [string], [token ids] or [[token ids]]
+ *   max_tokens, max_completion_tokens, temperature, top_p, seed, stop, ignore_eos,
+ *   top_k (-1 or 0 = off), repetition_penalty      SamplingParams
+ *   stream, stream_options.include_usage           how the answer is sent
+ *   kv_policy, kv_budget       CodecParams (Ferry's own)
+ * Refused with 400, because Ferry would silently do something else: n > 1, best_of > 1,
+ * logprobs, top_logprobs, echo, suffix, tools, a non-empty logit_bias, a response_format other
+ * than text, presence or frequency penalties other than 0. Other fields are ignored (as
+ * "user" is by every server).
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "openai_int.h"
+
+static int bad(char *err, size_t err_len, const char *fmt, const char *field)
+{
+    snprintf(err, err_len, fmt, field);
+    return 400;
+}
+
+/* A present, non-null member, or NULL. */
+static const cJSON *member(const cJSON *obj, const char *name)
+{
+    const cJSON *m = cJSON_GetObjectItemCaseSensitive(obj, name);
+    return m == NULL || cJSON_IsNull(m) ? NULL : m;
+}
+
+static bool is_number(const cJSON *v)
+{
+    return cJSON_IsNumber(v) && isfinite(v->valuedouble);
+}
+
+static bool is_integer(const cJSON *v, double lo, double hi)
+{
+    return is_number(v) && v->valuedouble == floor(v->valuedouble) && v->valuedouble >= lo &&
+           v->valuedouble <= hi;
+}
+
+static int parse_stop(oai_request_t *r, const cJSON *stop, char *err, size_t err_len)
+{
+    size_t n = 0;
+    if (cJSON_IsString(stop)) {
+        r->stop[n++] = stop->valuestring;
+    } else if (cJSON_IsArray(stop)) {
+        const cJSON *s;
+        cJSON_ArrayForEach(s, stop)
+        {
+            if (!cJSON_IsString(s))
+                return bad(err, err_len, "'%s' must be a string or an array of strings", "stop");
+            if (n == OAI_MAX_STOP) {
+                snprintf(err, err_len, "'stop' has more than %d strings", OAI_MAX_STOP);
+                return 400;
+            }
+            r->stop[n++] = s->valuestring;
+        }
+    } else {
+        return bad(err, err_len, "'%s' must be a string or an array of strings", "stop");
+    }
+    for (size_t i = 0; i < n; i++)
+        if (r->stop[i][0] == '\0')
+            return bad(err, err_len, "'%s' strings must not be empty", "stop");
+    r->sampling.n_stop = n;
+    r->sampling.stop = r->stop;
+    return 0;
+}
+
+/* Sampling and codec fields shared by both kinds. */
+static int parse_common(oai_request_t *r, const cJSON *root, char *err, size_t err_len)
+{
+    const cJSON *v;
+    static const char *const k_refused[] = {"tools", "functions", "tool_choice", "suffix"};
+    for (size_t i = 0; i < FY_ARRAY_SIZE(k_refused); i++)
+        if ((v = member(root, k_refused[i])) != NULL &&
+            !(cJSON_IsArray(v) && cJSON_GetArraySize(v) == 0) &&
+            !(cJSON_IsString(v) && strcmp(k_refused[i], "tool_choice") == 0 &&
+              strcmp(v->valuestring, "none") == 0))
+            return bad(err, err_len, "'%s' is not supported", k_refused[i]);
+
+    if ((v = member(root, "model")) != NULL) {
+        if (!cJSON_IsString(v))
+            return bad(err, err_len, "'%s' must be a string", "model");
+        r->model = v->valuestring;
+        r->msg.model = v->valuestring;
+    }
+    uint32_t max_tokens = 0;
+    const char *mt_name =
+        member(root, "max_completion_tokens") ? "max_completion_tokens" : "max_tokens";
+    if ((v = member(root, mt_name)) != NULL) {
+        if (!is_integer(v, 1, 1 << 20))
+            return bad(err, err_len, "'%s' must be an integer in [1, 1048576]", mt_name);
+        max_tokens = (uint32_t)v->valuedouble;
+    }
+    r->sampling.max_tokens = max_tokens;
+
+    // OpenAI's default temperature is 1 (sampling), not Ferry's server default.
+    r->sampling.temperature = 1.0f;
+    if ((v = member(root, "temperature")) != NULL) {
+        if (!is_number(v) || v->valuedouble < 0 || v->valuedouble > 2)
+            return bad(err, err_len, "'%s' must be a number in [0, 2]", "temperature");
+        r->sampling.temperature = (float)v->valuedouble;
+    }
+    if ((v = member(root, "top_p")) != NULL) {
+        if (!is_number(v) || v->valuedouble <= 0 || v->valuedouble > 1)
+            return bad(err, err_len, "'%s' must be a number in (0, 1]", "top_p");
+        r->sampling.top_p = (float)v->valuedouble;
+    }
+    if ((v = member(root, "top_k")) != NULL) {
+        if (!is_integer(v, -1, 1 << 20))
+            return bad(err, err_len, "'%s' must be an integer >= -1 (-1 or 0: off)", "top_k");
+        r->sampling.top_k = v->valuedouble > 0 ? (uint32_t)v->valuedouble : 0;
+    }
+    if ((v = member(root, "repetition_penalty")) != NULL) {
+        if (!is_number(v) || v->valuedouble <= 0 || v->valuedouble > 10)
+            return bad(err, err_len, "'%s' must be a number in (0, 10]", "repetition_penalty");
+        r->sampling.repetition_penalty = (float)v->valuedouble;
+    }
+    static const char *const k_penalties[] = {"presence_penalty", "frequency_penalty"};
+    for (size_t i = 0; i < FY_ARRAY_SIZE(k_penalties); i++)
+        if ((v = member(root, k_penalties[i])) != NULL) {
+            if (!is_number(v))
+                return bad(err, err_len, "'%s' must be a number", k_penalties[i]);
+            if (v->valuedouble != 0)
+                return bad(err, err_len, "'%s' is not supported (use repetition_penalty)",
+                           k_penalties[i]);
+        }
+    if ((v = member(root, "seed")) != NULL) {
+        if (!is_integer(v, -9.2e18, 1.8e19))
+            return bad(err, err_len, "'%s' must be an integer", "seed");
+        r->sampling.seed =
+            v->valuedouble < 0 ? (uint64_t)(int64_t)v->valuedouble : (uint64_t)v->valuedouble;
+    }
+    if ((v = member(root, "stop")) != NULL) {
+        int rc = parse_stop(r, v, err, err_len);
+        if (rc)
+            return rc;
+    }
+    if ((v = member(root, "ignore_eos")) != NULL) {
+        if (!cJSON_IsBool(v))
+            return bad(err, err_len, "'%s' must be true or false", "ignore_eos");
+        r->sampling.ignore_eos = cJSON_IsTrue(v);
+    }
+    if ((v = member(root, "n")) != NULL && !is_integer(v, 1, 1))
+        return bad(err, err_len, "'%s' other than 1 is not supported", "n");
+    if ((v = member(root, "best_of")) != NULL && !is_integer(v, 1, 1))
+        return bad(err, err_len, "'%s' other than 1 is not supported", "best_of");
+    if ((v = member(root, "logprobs")) != NULL && !cJSON_IsFalse(v))
+        return bad(err, err_len, "'%s' is not supported", "logprobs");
+    if ((v = member(root, "top_logprobs")) != NULL && !is_integer(v, 0, 0))
+        return bad(err, err_len, "'%s' is not supported", "top_logprobs");
+    if ((v = member(root, "echo")) != NULL && !cJSON_IsFalse(v))
+        return bad(err, err_len, "'%s' is not supported", "echo");
+    if ((v = member(root, "logit_bias")) != NULL &&
+        !(cJSON_IsObject(v) && cJSON_GetArraySize(v) == 0))
+        return bad(err, err_len, "'%s' is not supported", "logit_bias");
+    if ((v = member(root, "response_format")) != NULL) {
+        const cJSON *t = cJSON_IsObject(v) ? member(v, "type") : NULL;
+        if (!cJSON_IsString(t) || strcmp(t->valuestring, "text") != 0)
+            return bad(err, err_len, "'%s' other than text is not supported", "response_format");
+    }
+
+    if ((v = member(root, "stream")) != NULL) {
+        if (!cJSON_IsBool(v))
+            return bad(err, err_len, "'%s' must be true or false", "stream");
+        r->stream = cJSON_IsTrue(v);
+    }
+    if ((v = member(root, "stream_options")) != NULL) {
+        if (!cJSON_IsObject(v))
+            return bad(err, err_len, "'%s' must be an object", "stream_options");
+        const cJSON *u = member(v, "include_usage");
+        if (u != NULL && !cJSON_IsBool(u))
+            return bad(err, err_len, "'%s' must be true or false", "include_usage");
+        r->include_usage = cJSON_IsTrue(u);
+    }
+
+    if ((v = member(root, "kv_policy")) != NULL) {
+        if (!cJSON_IsString(v))
+            return bad(err, err_len, "'%s' must be a string", "kv_policy");
+        r->codec.policy = v->valuestring;
+    }
+    if ((v = member(root, "kv_budget")) != NULL) {
+        if (!is_number(v) || v->valuedouble < 0 || v->valuedouble > 1)
+            return bad(err, err_len, "'%s' must be a number in [0, 1]", "kv_budget");
+        r->codec.budget = (float)v->valuedouble;
+    }
+    return 0;
+}
+
+/* A message's content: a string, null (""), or text parts joined. */
+static int parse_content(oai_request_t *r, size_t i, const cJSON *content, char *err,
+                         size_t err_len)
+{
+    Ferry__V1__ChatMessage *m = &r->messages[i];
+    if (content == NULL) {
+        m->content = "";
+        return 0;
+    }
+    if (cJSON_IsString(content)) {
+        m->content = content->valuestring;
+        return 0;
+    }
+    if (!cJSON_IsArray(content))
+        return bad(err, err_len, "'%s' must be a string or an array of text parts", "content");
+    size_t total = 0;
+    const cJSON *part;
+    cJSON_ArrayForEach(part, content)
+    {
+        const cJSON *type = cJSON_IsObject(part) ? member(part, "type") : NULL;
+        const cJSON *text = cJSON_IsObject(part) ? member(part, "text") : NULL;
+        if (!cJSON_IsString(type) || strcmp(type->valuestring, "text") != 0 ||
+            !cJSON_IsString(text))
+            return bad(err, err_len, "only text parts are supported in '%s'", "content");
+        total += strlen(text->valuestring);
+    }
+    char *joined = malloc(total + 1);
+    if (joined == NULL)
+        return bad(err, err_len, "out of memory reading '%s'", "content");
+    r->joined[i] = joined;
+    size_t off = 0;
+    cJSON_ArrayForEach(part, content)
+    {
+        size_t n = strlen(member(part, "text")->valuestring);
+        memcpy(joined + off, member(part, "text")->valuestring, n);
+        off += n;
+    }
+    joined[off] = '\0';
+    m->content = joined;
+    return 0;
+}
+
+static int parse_messages(oai_request_t *r, const cJSON *msgs, char *err, size_t err_len)
+{
+    if (!cJSON_IsArray(msgs) || cJSON_GetArraySize(msgs) == 0)
+        return bad(err, err_len, "'%s' must be a non-empty array", "messages");
+    size_t n = (size_t)cJSON_GetArraySize(msgs);
+    if (n > OAI_MAX_MESSAGES) {
+        snprintf(err, err_len, "'messages' has more than %d entries", OAI_MAX_MESSAGES);
+        return 400;
+    }
+    r->messages = calloc(n, sizeof(*r->messages));
+    r->message_p = calloc(n, sizeof(*r->message_p));
+    r->joined = calloc(n, sizeof(*r->joined));
+    if (r->messages == NULL || r->message_p == NULL || r->joined == NULL)
+        return bad(err, err_len, "out of memory reading '%s'", "messages");
+    r->chat.n_messages = n;
+    size_t i = 0;
+    const cJSON *m;
+    cJSON_ArrayForEach(m, msgs)
+    {
+        ferry__v1__chat_message__init(&r->messages[i]);
+        r->message_p[i] = &r->messages[i];
+        const cJSON *role = cJSON_IsObject(m) ? member(m, "role") : NULL;
+        if (!cJSON_IsString(role))
+            return bad(err, err_len, "each message needs a string '%s'", "role");
+        const char *rs = role->valuestring;
+        if (strcmp(rs, "developer") == 0)
+            rs = "system"; // OpenAI's newer name for the system role
+        else if (strcmp(rs, "system") != 0 && strcmp(rs, "user") != 0 &&
+                 strcmp(rs, "assistant") != 0)
+            return bad(err, err_len, "role '%.32s' is not supported (system, user, assistant)", rs);
+        r->messages[i].role = (char *)rs;
+        int rc = parse_content(r, i, member(m, "content"), err, err_len);
+        if (rc)
+            return rc;
+        i++;
+    }
+    r->chat.messages = r->message_p;
+    r->msg.input_case = FERRY__V1__GENERATE_REQUEST__INPUT_CHAT;
+    r->msg.chat = &r->chat;
+    return 0;
+}
+
+static int parse_ids(oai_request_t *r, const cJSON *arr, char *err, size_t err_len)
+{
+    size_t n = (size_t)cJSON_GetArraySize(arr);
+    r->id_buf = malloc(FY_MAX(n, (size_t)1) * sizeof(*r->id_buf));
+    if (r->id_buf == NULL)
+        return bad(err, err_len, "out of memory reading '%s'", "prompt");
+    size_t i = 0;
+    const cJSON *t;
+    cJSON_ArrayForEach(t, arr)
+    {
+        if (!is_integer(t, 0, UINT32_MAX))
+            return bad(err, err_len, "'%s' token ids must be integers >= 0", "prompt");
+        r->id_buf[i++] = (uint32_t)t->valuedouble;
+    }
+    r->ids.n_ids = n;
+    r->ids.ids = r->id_buf;
+    r->msg.input_case = FERRY__V1__GENERATE_REQUEST__INPUT_PROMPT_TOKEN_IDS;
+    r->msg.prompt_token_ids = &r->ids;
+    return 0;
+}
+
+static int parse_prompt(oai_request_t *r, const cJSON *p, char *err, size_t err_len)
+{
+    static const char k_shape[] =
+        "'%s' must be a string, [string], [token ids] or [[token ids]] (one prompt a request)";
+    if (cJSON_IsArray(p) && cJSON_GetArraySize(p) == 1 &&
+        (cJSON_IsString(p->child) || cJSON_IsArray(p->child)))
+        p = p->child; // one prompt in a batch of one
+    if (cJSON_IsString(p)) {
+        r->msg.input_case = FERRY__V1__GENERATE_REQUEST__INPUT_PROMPT;
+        r->msg.prompt = p->valuestring;
+        return 0;
+    }
+    if (!cJSON_IsArray(p) || cJSON_GetArraySize(p) == 0)
+        return bad(err, err_len, k_shape, "prompt");
+    if (!cJSON_IsNumber(p->child))
+        return bad(err, err_len, k_shape, "prompt");
+    return parse_ids(r, p, err, err_len);
+}
+
+int oai_request_parse(oai_request_t *r, oai_kind_t kind, const char *body, size_t len, char *err,
+                      size_t err_len)
+{
+    memset(r, 0, sizeof(*r));
+    r->kind = kind;
+    ferry__v1__generate_request__init(&r->msg);
+    ferry__v1__sampling_params__init(&r->sampling);
+    ferry__v1__codec_params__init(&r->codec);
+    ferry__v1__chat_messages__init(&r->chat);
+    ferry__v1__token_ids__init(&r->ids);
+    r->msg.sampling = &r->sampling;
+    r->msg.codec = &r->codec;
+    if (body == NULL || body[len] != '\0' || memchr(body, '\0', len) != NULL)
+        return bad(err, err_len, "the body is not valid JSON (%s)", "a NUL byte");
+    // len + 1: cJSON then requires the NUL right after the value and whitespace.
+    const char *end = NULL;
+    r->root = cJSON_ParseWithLengthOpts(body, len + 1, &end, true);
+    if (r->root == NULL) {
+        snprintf(err, err_len, "the body is not valid JSON (at byte %zu)",
+                 end != NULL && end >= body ? (size_t)(end - body) : (size_t)0);
+        return 400;
+    }
+    if (!cJSON_IsObject(r->root))
+        return bad(err, err_len, "the body must be a JSON %s", "object");
+    int rc = parse_common(r, r->root, err, err_len);
+    if (rc)
+        return rc;
+    if (kind == OAI_CHAT) {
+        const cJSON *msgs = member(r->root, "messages");
+        if (msgs == NULL)
+            return bad(err, err_len, "'%s' is required", "messages");
+        return parse_messages(r, msgs, err, err_len);
+    }
+    const cJSON *p = member(r->root, "prompt");
+    if (p == NULL)
+        return bad(err, err_len, "'%s' is required", "prompt");
+    return parse_prompt(r, p, err, err_len);
+}
+
+void oai_request_clear(oai_request_t *r)
+{
+    if (r == NULL)
+        return;
+    if (r->joined != NULL)
+        for (size_t i = 0; i < r->chat.n_messages; i++)
+            free(r->joined[i]);
+    free(r->joined);
+    free(r->messages);
+    free(r->message_p);
+    free(r->id_buf);
+    cJSON_Delete(r->root);
+    memset(r, 0, sizeof(*r));
+}

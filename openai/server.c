@@ -1,0 +1,730 @@
+/*
+ * server.c: the OpenAI front's HTTP/1.1 server on libuv (see openai.h).
+ *
+ * A connection reads requests one at a time (oai_reader_t); each POST becomes one Generate
+ * call upstream through the client SDK, answered as one JSON object or, with "stream": true,
+ * as server-sent events in a chunked body. Bytes that arrive while a request is in flight wait
+ * in the connection's buffer (pipelining); reading continues meanwhile, so that a client that
+ * hangs up cancels its generation at once. A client that does not read its stream (more than
+ * OAI_MAX_QUEUED bytes unsent) is cut off the same way.
+ *
+ * Lifetimes: the server owns its connections; a connection owns its request in flight. A
+ * connection's memory goes when both its handles (socket and idle timer) have closed.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "ferry_client.h"
+#include "openai_int.h"
+
+#define OAI_MAX_QUEUED (16u << 20) // unsent answer bytes a connection may hold
+#define OAI_READ_CHUNK 65536
+
+typedef enum { EX_NONE, EX_GENERATE, EX_MODELS, EX_HEALTH } oai_ex_t;
+
+typedef struct oai_conn oai_conn_t;
+
+struct oai_server {
+    uv_loop_t *loop;
+    uv_tcp_t listener;
+    ferry_client_t *client;
+    oai_server_params_t params;
+    char model_name[128];
+    int port;
+    oai_conn_t *conns; // open connections (doubly linked)
+    size_t n_conns;
+};
+
+struct oai_conn {
+    oai_server_t *srv;
+    oai_conn_t *prev, *next;
+    uv_tcp_t tcp;
+    uv_timer_t idle;
+    int handles_open;
+    bool closing, reading, in_process, close_after_write, continue_sent, chunked;
+    size_t writes_pending;
+    oai_reader_t reader;
+    char *pending; // [pending_cap] bytes read, not yet fed: pending_off .. pending_len
+    size_t pending_off, pending_len, pending_cap;
+    char rbuf[OAI_READ_CHUNK];
+    // The exchange in flight (ex != EX_NONE):
+    oai_ex_t ex;
+    ferry_call_t *call;
+    oai_request_t req;
+    bool keep_alive, headers_sent, upstream_serving;
+    char id[OAI_MAX_ID];
+    int64_t created;
+    char *text; // non-streamed answer so far: [text_cap], text_len used
+    size_t text_len, text_cap;
+    Ferry__V1__FinishReason finish;
+    Ferry__V1__RequestStats *stats; // unpacked copy of the last message's
+    char *answer;                   // a unary answer's body (models), malloc'd
+};
+
+static void conn_process(oai_conn_t *c);
+static void conn_close(oai_conn_t *c);
+
+/* ---- writing ------------------------------------------------------------------------------ */
+
+typedef struct {
+    uv_write_t req;
+    oai_conn_t *conn;
+    char data[];
+} oai_write_t;
+
+static void on_written(uv_write_t *req, int status)
+{
+    oai_write_t *w = (oai_write_t *)req;
+    oai_conn_t *c = w->conn;
+    free(w);
+    c->writes_pending--;
+    if (c->closing)
+        return;
+    if (status < 0) {
+        FY_LOG_DEBUG(OAI_MODULE, "write: %s", uv_strerror(status));
+        conn_close(c);
+    } else if (c->close_after_write && c->writes_pending == 0) {
+        conn_close(c);
+    }
+}
+
+/* Sends the concatenation of up to three pieces (NULL pieces are skipped). */
+static void conn_send3(oai_conn_t *c, const char *a, size_t an, const char *b, size_t bn,
+                       const char *d, size_t dn)
+{
+    if (c->closing)
+        return;
+    if (uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) > OAI_MAX_QUEUED) {
+        FY_LOG_WARN(OAI_MODULE, "client is not reading its answer: closing the connection");
+        conn_close(c);
+        return;
+    }
+    size_t n = (a ? an : 0) + (b ? bn : 0) + (d ? dn : 0);
+    oai_write_t *w = malloc(sizeof(*w) + n + 1);
+    if (w == NULL) {
+        conn_close(c);
+        return;
+    }
+    size_t off = 0;
+    if (a)
+        memcpy(w->data, a, an), off += an;
+    if (b)
+        memcpy(w->data + off, b, bn), off += bn;
+    if (d)
+        memcpy(w->data + off, d, dn), off += dn;
+    w->conn = c;
+    uv_buf_t buf = uv_buf_init(w->data, (unsigned)n);
+    int rv = uv_write(&w->req, (uv_stream_t *)&c->tcp, &buf, 1, on_written);
+    if (rv != 0) {
+        free(w);
+        conn_close(c);
+        return;
+    }
+    c->writes_pending++;
+}
+
+static void conn_send(oai_conn_t *c, const char *s, size_t n)
+{
+    conn_send3(c, s, n, NULL, 0, NULL, 0);
+}
+
+/* A whole answer with a body; the connection stays open when keep_alive. */
+static void respond(oai_conn_t *c, int status, const char *type, const char *body, size_t len,
+                    bool keep_alive)
+{
+    char head[256];
+    int hn =
+        snprintf(head, sizeof(head),
+                 "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
+                 "Connection: %s\r\n\r\n",
+                 status, oai_status_text(status), type, len, keep_alive ? "keep-alive" : "close");
+    conn_send3(c, head, (size_t)hn, body, len, NULL, 0);
+    if (!keep_alive) {
+        c->close_after_write = true;
+        if (c->writes_pending == 0)
+            conn_close(c);
+    }
+}
+
+static void respond_json(oai_conn_t *c, int status, char *json, bool keep_alive)
+{
+    if (json == NULL) {
+        static const char k_oom[] = "{\"error\":{\"message\":\"out of memory\",\"type\":"
+                                    "\"server_error\",\"param\":null,\"code\":500}}";
+        respond(c, 500, "application/json", k_oom, sizeof(k_oom) - 1, false);
+        return;
+    }
+    respond(c, status, "application/json", json, strlen(json), keep_alive);
+    free(json);
+}
+
+static void respond_error(oai_conn_t *c, int status, const char *message, bool keep_alive)
+{
+    respond_json(c, status, oai_render_error(status, message), keep_alive);
+}
+
+/* One server-sent event: "data: <payload>\n\n", in a chunk when the body is chunked. */
+static void send_event(oai_conn_t *c, const char *payload, size_t n)
+{
+    if (payload == NULL) {
+        conn_close(c);
+        return;
+    }
+    char head[32];
+    int hn = c->chunked ? snprintf(head, sizeof(head), "%zx\r\ndata: ", n + 8)
+                        : snprintf(head, sizeof(head), "data: ");
+    conn_send3(c, head, (size_t)hn, payload, n, c->chunked ? "\n\n\r\n" : "\n\n",
+               c->chunked ? 4 : 2);
+}
+
+static void send_event_json(oai_conn_t *c, char *json)
+{
+    send_event(c, json, json ? strlen(json) : 0);
+    free(json);
+}
+
+/* ---- the exchange in flight --------------------------------------------------------------- */
+
+static const char *answer_model(const oai_conn_t *c)
+{
+    return c->req.model && c->req.model[0] ? c->req.model : c->srv->model_name;
+}
+
+/* Ends the exchange; reads the next request unless the connection closes. */
+static void exchange_end(oai_conn_t *c)
+{
+    oai_request_clear(&c->req);
+    free(c->text);
+    c->text = NULL;
+    c->text_len = c->text_cap = 0;
+    if (c->stats)
+        ferry__v1__request_stats__free_unpacked(c->stats, NULL);
+    c->stats = NULL;
+    free(c->answer);
+    c->answer = NULL;
+    c->ex = EX_NONE;
+    c->call = NULL;
+    c->headers_sent = c->upstream_serving = false;
+    c->finish = FERRY__V1__FINISH_REASON__FINISH_REASON_UNSPECIFIED;
+    if (c->closing)
+        return;
+    if (!c->keep_alive) {
+        c->close_after_write = true;
+        if (c->writes_pending == 0)
+            conn_close(c);
+        return;
+    }
+    oai_reader_next(&c->reader);
+    c->continue_sent = false;
+    uv_timer_again(&c->idle);
+    if (!c->in_process)
+        conn_process(c);
+}
+
+static void start_stream(oai_conn_t *c)
+{
+    c->headers_sent = true;
+    c->chunked = c->reader.parser.http_major == 1 && c->reader.parser.http_minor >= 1;
+    if (!c->chunked)
+        c->keep_alive = false; // HTTP/1.0: the body ends with the connection
+    char head[256];
+    int hn = snprintf(head, sizeof(head),
+                      "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                      "Cache-Control: no-cache\r\n%sConnection: %s\r\n\r\n",
+                      c->chunked ? "Transfer-Encoding: chunked\r\n" : "",
+                      c->keep_alive ? "keep-alive" : "close");
+    conn_send(c, head, (size_t)hn);
+    if (c->req.kind == OAI_CHAT) // the role comes first, as OpenAI streams it
+        send_event_json(c, oai_render_chunk(OAI_CHAT, c->id, c->created, answer_model(c),
+                                            "assistant", "", 0, NULL, c->req.include_usage));
+}
+
+static void keep_stats(oai_conn_t *c, const Ferry__V1__RequestStats *st)
+{
+    size_t n = protobuf_c_message_get_packed_size(&st->base);
+    uint8_t *buf = malloc(n ? n : 1);
+    if (buf == NULL)
+        return;
+    protobuf_c_message_pack(&st->base, buf);
+    if (c->stats)
+        ferry__v1__request_stats__free_unpacked(c->stats, NULL);
+    c->stats = ferry__v1__request_stats__unpack(NULL, n, buf);
+    free(buf);
+}
+
+static void on_generate_msg(ferry_call_t *call, const ProtobufCMessage *msg, void *arg)
+{
+    oai_conn_t *c = arg;
+    const Ferry__V1__GenerateResponse *r = (const Ferry__V1__GenerateResponse *)msg;
+    if (c->closing)
+        return;
+    if (r->finish_reason != FERRY__V1__FINISH_REASON__FINISH_REASON_UNSPECIFIED)
+        c->finish = r->finish_reason;
+    if (r->stats != NULL)
+        keep_stats(c, r->stats);
+    size_t n = r->text ? strlen(r->text) : 0;
+    if (c->req.stream) {
+        if (!c->headers_sent)
+            start_stream(c);
+        if (n > 0)
+            send_event_json(c, oai_render_chunk(c->req.kind, c->id, c->created, answer_model(c),
+                                                NULL, r->text, n, NULL, c->req.include_usage));
+        return;
+    }
+    if (c->text_len + n + 1 > c->text_cap) {
+        size_t cap = FY_MAX(c->text_cap * 2, c->text_len + n + 1);
+        char *t = realloc(c->text, FY_MAX(cap, (size_t)256));
+        if (t == NULL) {
+            ferry_call_cancel(call);
+            return;
+        }
+        c->text = t;
+        c->text_cap = FY_MAX(cap, (size_t)256);
+    }
+    memcpy(c->text + c->text_len, r->text, n);
+    c->text_len += n;
+}
+
+static void on_generate_done(ferry_call_t *call, int code, const char *message, void *arg)
+{
+    oai_conn_t *c = arg;
+    c->call = NULL; // over: never cancelled again, whatever the answer's writes do
+    if (c->closing) {
+        exchange_end(c);
+        return;
+    }
+    if (code != 0)
+        FY_LOG_DEBUG(OAI_MODULE, "%s: %s %s", c->id, ferry_code_name(code), message);
+    if (!c->req.stream) {
+        if (code == 0)
+            respond_json(c, 200,
+                         oai_render_completion(c->req.kind, c->id, c->created, answer_model(c),
+                                               c->text ? c->text : "", c->text_len, c->finish,
+                                               c->stats),
+                         c->keep_alive);
+        else
+            respond_error(c, oai_http_status(code), message, c->keep_alive);
+        exchange_end(c);
+        return;
+    }
+    if (!c->headers_sent) {
+        if (code != 0) {
+            respond_error(c, oai_http_status(code), message, c->keep_alive);
+            exchange_end(c);
+            return;
+        }
+        start_stream(c);
+    }
+    if (code == 0) {
+        send_event_json(c,
+                        oai_render_chunk(c->req.kind, c->id, c->created, answer_model(c), NULL, "",
+                                         0, oai_finish_name(c->finish), c->req.include_usage));
+        if (c->req.include_usage)
+            send_event_json(c, oai_render_usage_chunk(c->req.kind, c->id, c->created,
+                                                      answer_model(c), c->stats));
+    } else {
+        // Too late for a status: the error goes as an event, as vLLM sends it.
+        send_event_json(c, oai_render_error(oai_http_status(code), message));
+    }
+    send_event(c, "[DONE]", 6);
+    if (c->chunked)
+        conn_send(c, "0\r\n\r\n", 5);
+    exchange_end(c);
+}
+
+static void on_unary_msg(ferry_call_t *call, const ProtobufCMessage *msg, void *arg)
+{
+    oai_conn_t *c = arg;
+    if (c->closing)
+        return;
+    if (c->ex == EX_MODELS) {
+        free(c->answer);
+        c->answer = oai_render_models((const Ferry__V1__ListModelsResponse *)msg);
+    } else {
+        const Ferry__V1__HealthResponse *h = (const Ferry__V1__HealthResponse *)msg;
+        c->upstream_serving = h->status == FERRY__V1__HEALTH_RESPONSE__SERVING_STATUS__SERVING;
+    }
+}
+
+static void on_unary_done(ferry_call_t *call, int code, const char *message, void *arg)
+{
+    oai_conn_t *c = arg;
+    c->call = NULL;
+    if (c->closing) {
+        exchange_end(c);
+        return;
+    }
+    if (c->ex == EX_HEALTH) {
+        bool ok = code == 0 && c->upstream_serving;
+        respond(c, ok ? 200 : 503, "text/plain; charset=utf-8", ok ? "ok\n" : "unavailable\n",
+                ok ? 3 : 12, c->keep_alive);
+    } else if (code != 0) {
+        respond_error(c, oai_http_status(code), message, c->keep_alive);
+    } else {
+        respond_json(c, 200, c->answer, c->keep_alive);
+        c->answer = NULL;
+    }
+    exchange_end(c);
+}
+
+static void make_id(oai_conn_t *c, const char *prefix)
+{
+    uint8_t rnd[16];
+    if (uv_random(NULL, NULL, rnd, sizeof(rnd), 0, NULL) != 0) {
+        uint64_t t = (uint64_t)fy_clock_ns() ^ (uint64_t)(uintptr_t)c;
+        for (size_t i = 0; i < sizeof(rnd); i++)
+            rnd[i] = (uint8_t)(t >> (8 * (i % 8))) ^ (uint8_t)(i * 37);
+    }
+    int n = snprintf(c->id, sizeof(c->id), "%s", prefix);
+    for (size_t i = 0; i < sizeof(rnd) && n + 2 < (int)sizeof(c->id); i++)
+        n += snprintf(c->id + n, sizeof(c->id) - (size_t)n, "%02x", rnd[i]);
+}
+
+static void start_generate(oai_conn_t *c, oai_kind_t kind)
+{
+    char err[256] = "";
+    oai_reader_t *r = &c->reader;
+    int status = oai_request_parse(&c->req, kind, r->body, r->body_len, err, sizeof(err));
+    if (status != 0) {
+        respond_error(c, status, err, c->keep_alive);
+        exchange_end(c);
+        return;
+    }
+    make_id(c, kind == OAI_CHAT ? "chatcmpl-" : "cmpl-");
+    c->created = (int64_t)time(NULL);
+    c->req.msg.request_id = c->id;
+    ferry_call_opts_t o = {.timeout_ms = c->srv->params.request_timeout_ms};
+    int rv = ferry_call_async(c->srv->client, "/ferry.v1.Ferry/Generate", &c->req.msg.base,
+                              &ferry__v1__generate_response__descriptor, &o, on_generate_msg,
+                              on_generate_done, c, &c->call);
+    if (rv != 0) {
+        respond_error(c, 503, "cannot reach the router", c->keep_alive);
+        exchange_end(c);
+    }
+}
+
+static void start_unary(oai_conn_t *c, oai_ex_t ex)
+{
+    static Ferry__V1__ListModelsRequest lm = FERRY__V1__LIST_MODELS_REQUEST__INIT;
+    static Ferry__V1__HealthRequest hr = FERRY__V1__HEALTH_REQUEST__INIT;
+    ferry_call_opts_t o = {.timeout_ms = 10000, .idempotent = true};
+    int rv = ex == EX_MODELS
+                 ? ferry_call_async(c->srv->client, "/ferry.v1.Ferry/ListModels", &lm.base,
+                                    &ferry__v1__list_models_response__descriptor, &o, on_unary_msg,
+                                    on_unary_done, c, &c->call)
+                 : ferry_call_async(c->srv->client, "/ferry.v1.Ferry/Health", &hr.base,
+                                    &ferry__v1__health_response__descriptor, &o, on_unary_msg,
+                                    on_unary_done, c, &c->call);
+    if (rv != 0) {
+        respond_error(c, 503, "cannot reach the router", c->keep_alive);
+        exchange_end(c);
+    }
+}
+
+static bool path_is(const char *path, size_t n, const char *want)
+{
+    return n == strlen(want) && memcmp(path, want, n) == 0;
+}
+
+/* A whole request (or a reader error) is here: answer it. */
+static void dispatch(oai_conn_t *c)
+{
+    oai_reader_t *r = &c->reader;
+    uv_timer_stop(&c->idle);
+    if (r->error) {
+        c->keep_alive = false;
+        c->ex = EX_HEALTH; // any: exchange_end closes the connection
+        respond_error(c, r->error, "malformed or oversized HTTP request", false);
+        exchange_end(c);
+        return;
+    }
+    c->keep_alive = r->keep_alive;
+    size_t n;
+    const char *path = oai_reader_path(r, &n);
+    bool get = strcmp(r->method, "GET") == 0, post = strcmp(r->method, "POST") == 0;
+    FY_LOG_DEBUG(OAI_MODULE, "%s %.*s (%zu body bytes)", r->method, (int)n, path, r->body_len);
+    oai_ex_t ex = EX_NONE;
+    int kind = -1;
+    if (path_is(path, n, "/v1/chat/completions") && post)
+        ex = EX_GENERATE, kind = OAI_CHAT;
+    else if (path_is(path, n, "/v1/completions") && post)
+        ex = EX_GENERATE, kind = OAI_COMPLETION;
+    else if (path_is(path, n, "/v1/models") && get)
+        ex = EX_MODELS;
+    else if ((path_is(path, n, "/health") || path_is(path, n, "/healthz")) && get)
+        ex = EX_HEALTH;
+    c->ex = ex != EX_NONE ? ex : EX_HEALTH;
+    if (ex == EX_NONE) {
+        bool known = path_is(path, n, "/v1/chat/completions") ||
+                     path_is(path, n, "/v1/completions") || path_is(path, n, "/v1/models") ||
+                     path_is(path, n, "/health") || path_is(path, n, "/healthz");
+        char m[128];
+        snprintf(m, sizeof(m), known ? "method %s is not allowed here" : "no route for %s %.64s",
+                 r->method, r->target);
+        respond_error(c, known ? 405 : 404, m, c->keep_alive);
+        exchange_end(c);
+    } else if (ex == EX_GENERATE) {
+        start_generate(c, (oai_kind_t)kind);
+    } else {
+        start_unary(c, ex);
+    }
+}
+
+/* ---- reading ------------------------------------------------------------------------------ */
+
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+{
+    oai_conn_t *c = h->data;
+    *buf = uv_buf_init(c->rbuf, sizeof(c->rbuf));
+}
+
+static size_t pending_limit(const oai_conn_t *c)
+{
+    return (size_t)c->srv->params.max_body + OAI_MAX_HEAD + OAI_READ_CHUNK;
+}
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf);
+
+/* Feeds buffered bytes to the reader and answers whole requests, one at a time. */
+static void conn_process(oai_conn_t *c)
+{
+    c->in_process = true;
+    while (!c->closing && !c->close_after_write && c->ex == EX_NONE &&
+           c->pending_off < c->pending_len) {
+        oai_reader_t *r = &c->reader;
+        size_t used =
+            oai_reader_feed(r, c->pending + c->pending_off, c->pending_len - c->pending_off);
+        c->pending_off += used;
+        if (r->complete || r->error) {
+            dispatch(c);
+            continue;
+        }
+        if (r->expect_continue && !c->continue_sent) {
+            c->continue_sent = true;
+            static const char k_continue[] = "HTTP/1.1 100 Continue\r\n\r\n";
+            conn_send(c, k_continue, sizeof(k_continue) - 1);
+        }
+        if (used == 0)
+            break;
+    }
+    if (c->pending_off == c->pending_len)
+        c->pending_off = c->pending_len = 0;
+    c->in_process = false;
+    if (!c->closing && !c->reading && c->pending_len - c->pending_off < pending_limit(c) / 2) {
+        c->reading = uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0;
+        if (!c->reading)
+            conn_close(c);
+    }
+}
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
+{
+    oai_conn_t *c = s->data;
+    if (c->closing)
+        return;
+    if (nread > 0 && c->close_after_write)
+        return; // the answer ends the connection: nothing more is read
+    if (nread < 0) {
+        if (nread != UV_EOF)
+            FY_LOG_DEBUG(OAI_MODULE, "read: %s", uv_strerror((int)nread));
+        conn_close(c); // cancels a generation in flight
+        return;
+    }
+    if (nread == 0)
+        return;
+    if (c->ex == EX_NONE)
+        uv_timer_again(&c->idle);
+    if (c->pending_off > 0 && c->pending_off == c->pending_len)
+        c->pending_off = c->pending_len = 0;
+    if (c->pending_off > 0 && c->pending_len + (size_t)nread > c->pending_cap) {
+        memmove(c->pending, c->pending + c->pending_off, c->pending_len - c->pending_off);
+        c->pending_len -= c->pending_off;
+        c->pending_off = 0;
+    }
+    if (c->pending_len + (size_t)nread > c->pending_cap) {
+        size_t cap = FY_MAX(c->pending_cap * 2, c->pending_len + (size_t)nread);
+        char *p = realloc(c->pending, cap);
+        if (p == NULL) {
+            conn_close(c);
+            return;
+        }
+        c->pending = p;
+        c->pending_cap = cap;
+    }
+    memcpy(c->pending + c->pending_len, buf->base, (size_t)nread);
+    c->pending_len += (size_t)nread;
+    if (c->pending_len - c->pending_off >= pending_limit(c)) {
+        uv_read_stop(s); // a client far ahead of its answers: wait
+        c->reading = false;
+    }
+    if (c->ex == EX_NONE)
+        conn_process(c);
+}
+
+static void on_idle(uv_timer_t *t)
+{
+    oai_conn_t *c = t->data;
+    if (c->ex == EX_NONE) {
+        FY_LOG_DEBUG(OAI_MODULE, "closing an idle connection");
+        conn_close(c);
+    }
+}
+
+/* ---- connections -------------------------------------------------------------------------- */
+
+static void on_conn_handle_closed(uv_handle_t *h)
+{
+    oai_conn_t *c = h->data;
+    if (--c->handles_open > 0)
+        return;
+    oai_reader_cleanup(&c->reader);
+    free(c->pending);
+    free(c);
+}
+
+static void conn_close(oai_conn_t *c)
+{
+    if (c->closing)
+        return;
+    c->closing = true;
+    if (c->call != NULL)
+        ferry_call_cancel(c->call); // its done callback ends the exchange now
+    if (c->ex != EX_NONE)
+        exchange_end(c); // a synchronous exchange (or one whose call never started)
+    oai_server_t *srv = c->srv;
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        srv->conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    srv->n_conns--;
+    uv_close((uv_handle_t *)&c->tcp, on_conn_handle_closed);
+    uv_close((uv_handle_t *)&c->idle, on_conn_handle_closed);
+}
+
+static void on_connection(uv_stream_t *listener, int status)
+{
+    oai_server_t *srv = listener->data;
+    if (status < 0) {
+        FY_LOG_WARN(OAI_MODULE, "accept: %s", uv_strerror(status));
+        return;
+    }
+    oai_conn_t *c = calloc(1, sizeof(*c));
+    if (c == NULL)
+        return;
+    c->srv = srv;
+    uv_tcp_init(srv->loop, &c->tcp);
+    uv_timer_init(srv->loop, &c->idle);
+    c->tcp.data = c->idle.data = c;
+    c->handles_open = 2;
+    oai_reader_init(&c->reader, srv->params.max_body);
+    c->next = srv->conns;
+    if (srv->conns)
+        srv->conns->prev = c;
+    srv->conns = c;
+    srv->n_conns++;
+    if (uv_accept(listener, (uv_stream_t *)&c->tcp) != 0) {
+        conn_close(c);
+        return;
+    }
+    if (srv->n_conns > srv->params.max_connections) {
+        FY_LOG_WARN(OAI_MODULE, "more than %u connections: refusing one",
+                    srv->params.max_connections);
+        conn_close(c);
+        return;
+    }
+    uv_tcp_nodelay(&c->tcp, 1);
+    uv_timer_start(&c->idle, on_idle, srv->params.idle_timeout_ms, srv->params.idle_timeout_ms);
+    c->reading = uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0;
+    if (!c->reading)
+        conn_close(c);
+}
+
+/* ---- the server --------------------------------------------------------------------------- */
+
+void oai_server_params_default(oai_server_params_t *p)
+{
+    memset(p, 0, sizeof(*p));
+    p->host = "127.0.0.1";
+    p->max_body = 4u << 20;
+    p->max_connections = 1024;
+    p->idle_timeout_ms = 60000;
+}
+
+static void on_listener_closed(uv_handle_t *h)
+{
+    free(h->data);
+}
+
+fy_status_t oai_server_create(uv_loop_t *loop, const oai_server_params_t *params,
+                              oai_server_t **srv_p)
+{
+    if (loop == NULL || params == NULL || srv_p == NULL || params->upstream == NULL ||
+        params->port < 0 || params->port > 65535 || params->max_body == 0 ||
+        params->max_body > (1u << 30) || params->max_connections == 0 ||
+        params->idle_timeout_ms == 0)
+        return FY_ERR_INVALID_ARG;
+    const char *host =
+        params->host && strcmp(params->host, "localhost") != 0 ? params->host : "127.0.0.1";
+    struct sockaddr_storage ss;
+    memset(&ss, 0, sizeof(ss));
+    if (strchr(host, ':') ? uv_ip6_addr(host, params->port, (struct sockaddr_in6 *)&ss) != 0
+                          : uv_ip4_addr(host, params->port, (struct sockaddr_in *)&ss) != 0)
+        return FY_ERR_INVALID_ARG;
+    oai_server_t *srv = calloc(1, sizeof(*srv));
+    if (srv == NULL)
+        return FY_ERR_NO_MEMORY;
+    srv->loop = loop;
+    srv->params = *params;
+    srv->params.host = NULL;
+    srv->params.upstream = NULL;
+    srv->params.model_name = NULL;
+    snprintf(srv->model_name, sizeof(srv->model_name), "%s",
+             params->model_name ? params->model_name : "");
+    ferry_client_params_t cp;
+    ferry_client_params_default(&cp);
+    cp.addresses = params->upstream;
+    cp.timeout_ms = 0; // generations take as long as they take; unary calls set their own
+    cp.max_message = 16u << 20;
+    int rv = ferry_client_create_on_loop(loop, &cp, &srv->client);
+    if (rv != 0) {
+        free(srv);
+        return rv == FY_ERR_INVALID_ARG ? FY_ERR_INVALID_ARG : FY_ERR_NO_MEMORY;
+    }
+    uv_tcp_init(loop, &srv->listener);
+    srv->listener.data = srv;
+    rv = uv_tcp_bind(&srv->listener, (const struct sockaddr *)&ss, 0);
+    if (rv == 0)
+        rv = uv_listen((uv_stream_t *)&srv->listener, 256, on_connection);
+    if (rv != 0) {
+        FY_LOG_ERROR(OAI_MODULE, "cannot listen on %s:%d: %s", host, params->port, uv_strerror(rv));
+        ferry_client_destroy(srv->client);
+        uv_close((uv_handle_t *)&srv->listener, on_listener_closed);
+        return FY_ERR_UNAVAILABLE;
+    }
+    struct sockaddr_storage bound;
+    int blen = sizeof(bound);
+    uv_tcp_getsockname(&srv->listener, (struct sockaddr *)&bound, &blen);
+    srv->port = bound.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)&bound)->sin6_port)
+                                            : ntohs(((struct sockaddr_in *)&bound)->sin_port);
+    *srv_p = srv;
+    return FY_OK;
+}
+
+int oai_server_port(const oai_server_t *srv)
+{
+    return srv->port;
+}
+
+void oai_server_destroy(oai_server_t *srv)
+{
+    if (srv == NULL)
+        return;
+    while (srv->conns != NULL)
+        conn_close(srv->conns);
+    ferry_client_destroy(srv->client);
+    uv_close((uv_handle_t *)&srv->listener, on_listener_closed);
+}

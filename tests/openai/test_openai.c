@@ -1,0 +1,411 @@
+// The OpenAI front's socket-free parts: HTTP/1.1 requests out of a byte stream in any
+// chunking (pipelined, chunked bodies, Expect: 100-continue, limits), request bodies to
+// GenerateRequest (every field, every refusal) and the JSON answers, parsed back.
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "openai_int.h"
+
+/* ---- reader ---------------------------------------------------------------------------- */
+
+typedef struct {
+    int n;
+    char method[4][8];
+    char target[4][64];
+    char body[4][128];
+    bool keep_alive[4];
+    int error;
+} reqs_t;
+
+/* Feeds data step bytes at a time, answering (forgetting) each request as it completes. */
+static void read_all(const char *data, size_t len, size_t step, size_t max_body, reqs_t *out)
+{
+    memset(out, 0, sizeof(*out));
+    oai_reader_t r;
+    oai_reader_init(&r, max_body);
+    size_t off = 0, end = 0;
+    while (off < len && !r.error) {
+        end = FY_MAX(end, FY_MIN(off + step, len));
+        size_t used = oai_reader_feed(&r, data + off, end - off);
+        off += used;
+        if (r.complete) {
+            assert_true(out->n < 4);
+            snprintf(out->method[out->n], 8, "%s", r.method);
+            snprintf(out->target[out->n], 64, "%.63s", r.target);
+            assert_int_equal(strlen(r.body), r.body_len);
+            snprintf(out->body[out->n], 128, "%s", r.body);
+            out->keep_alive[out->n] = r.keep_alive;
+            out->n++;
+            oai_reader_next(&r);
+        } else if (used == 0 && end == len) {
+            break;
+        }
+    }
+    out->error = r.error;
+    oai_reader_cleanup(&r);
+}
+
+static void test_reader_pipelined_any_chunking(void **state)
+{
+    static const char k_in[] =
+        "POST /v1/completions?x=1 HTTP/1.1\r\nHost: a\r\n"
+        "Content-Length: 13\r\n\r\n{\"prompt\":\"\"}"
+        "GET /v1/models HTTP/1.1\r\nHost: a\r\n\r\n"
+        "POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n"
+        "Connection: close\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+    for (size_t step = 1; step <= sizeof(k_in); step++) {
+        reqs_t q;
+        read_all(k_in, sizeof(k_in) - 1, step, 1 << 20, &q);
+        assert_int_equal(q.error, 0);
+        assert_int_equal(q.n, 3);
+        assert_string_equal(q.method[0], "POST");
+        assert_string_equal(q.target[0], "/v1/completions?x=1");
+        assert_string_equal(q.body[0], "{\"prompt\":\"\"}");
+        assert_true(q.keep_alive[0]);
+        assert_string_equal(q.method[1], "GET");
+        assert_string_equal(q.body[1], "");
+        assert_string_equal(q.body[2], "abcde");
+        assert_false(q.keep_alive[2]);
+    }
+}
+
+static void test_reader_path_and_expect(void **state)
+{
+    static const char k_in[] = "POST /v1/completions?stream=1 HTTP/1.1\r\nX-Expectation: no\r\n"
+                               "EXPECT: 100-Continue\r\nContent-Length: 4\r\n\r\n";
+    oai_reader_t r;
+    oai_reader_init(&r, 100);
+    assert_int_equal(oai_reader_feed(&r, k_in, sizeof(k_in) - 1), sizeof(k_in) - 1);
+    assert_false(r.complete);
+    assert_true(r.expect_continue);
+    assert_int_equal(oai_reader_feed(&r, "abcdEXTRA", 9), 4);
+    assert_true(r.complete);
+    size_t n;
+    const char *p = oai_reader_path(&r, &n);
+    assert_int_equal(n, strlen("/v1/completions"));
+    assert_memory_equal(p, "/v1/completions", n);
+    // HTTP/1.0 without keep-alive closes; the next request starts clean.
+    oai_reader_next(&r);
+    static const char k_10[] = "GET /health HTTP/1.0\r\n\r\n";
+    assert_int_equal(oai_reader_feed(&r, k_10, sizeof(k_10) - 1), sizeof(k_10) - 1);
+    assert_true(r.complete);
+    assert_false(r.keep_alive);
+    assert_false(r.expect_continue);
+    oai_reader_cleanup(&r);
+}
+
+static void test_reader_limits(void **state)
+{
+    reqs_t q;
+    // A declared body over the limit is refused before it arrives.
+    static const char k_big[] = "POST /v1/completions HTTP/1.1\r\nContent-Length: 101\r\n\r\n";
+    read_all(k_big, sizeof(k_big) - 1, 1000, 100, &q);
+    assert_int_equal(q.error, 413);
+    // ... and a chunked one once it grows past it.
+    char chunked[512];
+    int n = snprintf(chunked, sizeof(chunked),
+                     "POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     "40\r\n%064d\r\n40\r\n%064d\r\n0\r\n\r\n",
+                     0, 0);
+    read_all(chunked, (size_t)n, 7, 100, &q);
+    assert_int_equal(q.error, 413);
+    assert_int_equal(q.n, 0);
+    // A long target: 414. Long headers: 431.
+    char *big = malloc(OAI_MAX_HEAD + 256);
+    n = snprintf(big, OAI_MAX_HEAD + 256, "GET /%0*d HTTP/1.1\r\n\r\n", OAI_MAX_TARGET, 0);
+    read_all(big, (size_t)n, 512, 100, &q);
+    assert_int_equal(q.error, 414);
+    n = snprintf(big, OAI_MAX_HEAD + 256, "GET / HTTP/1.1\r\nX: %0*d\r\n\r\n", OAI_MAX_HEAD, 0);
+    read_all(big, (size_t)n, 4096, 100, &q);
+    assert_int_equal(q.error, 431);
+    free(big);
+    // HTTP/2 or later spoken as text: 505.
+    static const char k_v9[] = "GET / HTTP/9.9\r\n\r\n";
+    read_all(k_v9, sizeof(k_v9) - 1, 5, 100, &q);
+    assert_int_equal(q.error, 505);
+    // Not HTTP: 400.
+    static const char *const k_bad[] = {
+        "GARBAGE\r\n\r\n", "POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+        "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"};
+    for (size_t i = 0; i < FY_ARRAY_SIZE(k_bad); i++) {
+        read_all(k_bad[i], strlen(k_bad[i]), 3, 100, &q);
+        assert_int_equal(q.error, 400);
+    }
+}
+
+/* ---- request bodies ---------------------------------------------------------------------- */
+
+static int parse(oai_request_t *r, oai_kind_t kind, const char *body, char *err)
+{
+    return oai_request_parse(r, kind, body, strlen(body), err, 256);
+}
+
+static void test_chat_request(void **state)
+{
+    static const char k_body[] =
+        "{\"model\":\"m\",\"messages\":[{\"role\":\"developer\",\"content\":\"be brief\"},"
+        "{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"a\"},{\"type\":\"text\","
+        "\"text\":\"b\\u00e9\"}]},{\"role\":\"assistant\",\"content\":null}],"
+        "\"max_completion_tokens\":7,\"temperature\":0,\"top_p\":0.5,\"top_k\":-1,\"seed\":-1,"
+        "\"stop\":[\"x\",\"yz\"],\"repetition_penalty\":1.1,\"presence_penalty\":0,\"n\":1,"
+        "\"logprobs\":false,\"stream\":true,\"stream_options\":{\"include_usage\":true},"
+        "\"kv_policy\":\"ferry\",\"kv_budget\":0.25,\"user\":\"ignored\",\"tools\":[]}";
+    oai_request_t r;
+    char err[256] = "";
+    assert_int_equal(parse(&r, OAI_CHAT, k_body, err), 0);
+    const Ferry__V1__GenerateRequest *g = &r.msg;
+    assert_string_equal(g->model, "m");
+    assert_int_equal(g->input_case, FERRY__V1__GENERATE_REQUEST__INPUT_CHAT);
+    assert_int_equal(g->chat->n_messages, 3);
+    assert_string_equal(g->chat->messages[0]->role, "system");
+    assert_string_equal(g->chat->messages[0]->content, "be brief");
+    assert_string_equal(g->chat->messages[1]->content, "ab\xc3\xa9");
+    assert_string_equal(g->chat->messages[2]->role, "assistant");
+    assert_string_equal(g->chat->messages[2]->content, "");
+    assert_int_equal(g->sampling->max_tokens, 7);
+    assert_true(g->sampling->temperature == 0.0f);
+    assert_true(g->sampling->top_p == 0.5f);
+    assert_int_equal(g->sampling->top_k, 0);
+    assert_true(g->sampling->seed == UINT64_MAX);
+    assert_int_equal(g->sampling->n_stop, 2);
+    assert_string_equal(g->sampling->stop[1], "yz");
+    assert_true(fabsf(g->sampling->repetition_penalty - 1.1f) < 1e-6f);
+    assert_string_equal(g->codec->policy, "ferry");
+    assert_true(g->codec->budget == 0.25f);
+    assert_true(r.stream && r.include_usage);
+    // The message packs and unpacks to the same fields.
+    size_t n = protobuf_c_message_get_packed_size(&g->base);
+    uint8_t *buf = malloc(n);
+    protobuf_c_message_pack(&g->base, buf);
+    Ferry__V1__GenerateRequest *u = ferry__v1__generate_request__unpack(NULL, n, buf);
+    assert_non_null(u);
+    assert_string_equal(u->chat->messages[1]->content, "ab\xc3\xa9");
+    ferry__v1__generate_request__free_unpacked(u, NULL);
+    free(buf);
+    oai_request_clear(&r);
+
+    // OpenAI's defaults: temperature 1, no stream, the server's max_tokens.
+    assert_int_equal(
+        parse(&r, OAI_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", err), 0);
+    assert_true(r.msg.sampling->temperature == 1.0f);
+    assert_int_equal(r.msg.sampling->max_tokens, 0);
+    assert_false(r.stream);
+    assert_null(r.model);
+    oai_request_clear(&r);
+}
+
+static void test_completion_prompts(void **state)
+{
+    oai_request_t r;
+    char err[256];
+    assert_int_equal(parse(&r, OAI_COMPLETION, "{\"prompt\":\"hello\",\"max_tokens\":3}", err), 0);
+    assert_int_equal(r.msg.input_case, FERRY__V1__GENERATE_REQUEST__INPUT_PROMPT);
+    assert_string_equal(r.msg.prompt, "hello");
+    oai_request_clear(&r);
+    assert_int_equal(parse(&r, OAI_COMPLETION, "{\"prompt\":[\"one\"],\"stop\":\"\\n\"}", err), 0);
+    assert_string_equal(r.msg.prompt, "one");
+    assert_int_equal(r.msg.sampling->n_stop, 1);
+    oai_request_clear(&r);
+    static const char *const k_ids[] = {"{\"prompt\":[1,2,4294967295]}",
+                                        "{\"prompt\":[[1,2,4294967295]]}"};
+    for (size_t i = 0; i < 2; i++) {
+        assert_int_equal(parse(&r, OAI_COMPLETION, k_ids[i], err), 0);
+        assert_int_equal(r.msg.input_case, FERRY__V1__GENERATE_REQUEST__INPUT_PROMPT_TOKEN_IDS);
+        assert_int_equal(r.msg.prompt_token_ids->n_ids, 3);
+        assert_int_equal(r.msg.prompt_token_ids->ids[2], 4294967295u);
+        oai_request_clear(&r);
+    }
+}
+
+static void test_refusals(void **state)
+{
+    static const struct {
+        oai_kind_t kind;
+        const char *body, *says;
+    } k_cases[] = {
+        {OAI_CHAT, "", "not valid JSON"},
+        {OAI_CHAT, "{\"messages\":[]} x", "not valid JSON"},
+        {OAI_CHAT, "[1]", "JSON object"},
+        {OAI_CHAT, "{}", "'messages' is required"},
+        {OAI_CHAT, "{\"messages\":[]}", "non-empty array"},
+        {OAI_CHAT, "{\"messages\":[{\"content\":\"x\"}]}", "'role'"},
+        {OAI_CHAT, "{\"messages\":[{\"role\":\"tool\",\"content\":\"x\"}]}", "not supported"},
+        {OAI_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"image_url\"}]}]}",
+         "only text parts"},
+        {OAI_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":7}]}", "'content'"},
+        {OAI_COMPLETION, "{}", "'prompt' is required"},
+        {OAI_COMPLETION, "{\"prompt\":[\"a\",\"b\"]}", "one prompt"},
+        {OAI_COMPLETION, "{\"prompt\":[]}", "one prompt"},
+        {OAI_COMPLETION, "{\"prompt\":[1,-2]}", "token ids"},
+        {OAI_COMPLETION, "{\"prompt\":[1,2.5]}", "token ids"},
+        {OAI_COMPLETION, "{\"prompt\":[1,\"a\"]}", "token ids"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"max_tokens\":0}", "max_tokens"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"max_tokens\":1.5}", "max_tokens"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"temperature\":3}", "temperature"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"temperature\":\"hot\"}", "temperature"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"top_p\":0}", "top_p"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"top_k\":-2}", "top_k"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"n\":2}", "'n'"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"best_of\":3}", "best_of"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"logprobs\":1}", "logprobs"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"echo\":true}", "echo"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"suffix\":\"z\"}", "suffix"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"frequency_penalty\":0.5}", "frequency_penalty"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"logit_bias\":{\"1\":5}}", "logit_bias"},
+        {OAI_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"tools\":[{}]}",
+         "tools"},
+        {OAI_CHAT,
+         "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"response_format\":"
+         "{\"type\":\"json_object\"}}",
+         "response_format"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"stop\":[\"\"]}", "empty"},
+        {OAI_COMPLETION,
+         "{\"prompt\":\"a\",\"stop\":[\"1\",\"2\",\"3\",\"4\",\"5\",\"6\",\"7\",\"8\",\"9\","
+         "\"10\",\"11\",\"12\",\"13\",\"14\",\"15\",\"16\",\"17\"]}",
+         "more than"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"stream\":1}", "stream"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"kv_budget\":2}", "kv_budget"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"kv_policy\":5}", "kv_policy"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"model\":5}", "model"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"seed\":0.5}", "seed"},
+    };
+    for (size_t i = 0; i < FY_ARRAY_SIZE(k_cases); i++) {
+        oai_request_t r;
+        char err[256] = "";
+        int st = parse(&r, k_cases[i].kind, k_cases[i].body, err);
+        if (st != 400 || strstr(err, k_cases[i].says) == NULL)
+            fail_msg("case %zu (%s): status %d, \"%s\"", i, k_cases[i].body, st, err);
+        oai_request_clear(&r);
+    }
+    // A NUL inside the body.
+    oai_request_t r;
+    char err[256];
+    assert_int_equal(oai_request_parse(&r, OAI_COMPLETION, "{\"prompt\":\"a\"}\0", 15, err, 256),
+                     400);
+    oai_request_clear(&r);
+}
+
+/* ---- answers --------------------------------------------------------------------------- */
+
+static cJSON *parse_json(char *text)
+{
+    assert_non_null(text);
+    cJSON *j = cJSON_Parse(text);
+    assert_non_null(j);
+    free(text);
+    return j;
+}
+
+static const cJSON *at(const cJSON *j, const char *path)
+{
+    // "a.b.0.c": members and array indices.
+    char buf[128];
+    snprintf(buf, sizeof(buf), "%s", path);
+    for (char *tok = strtok(buf, "."); tok != NULL && j != NULL; tok = strtok(NULL, "."))
+        j = (tok[0] >= '0' && tok[0] <= '9') ? cJSON_GetArrayItem(j, atoi(tok))
+                                             : cJSON_GetObjectItemCaseSensitive(j, tok);
+    assert_non_null(j);
+    return j;
+}
+
+static void test_answers(void **state)
+{
+    Ferry__V1__RequestStats st = FERRY__V1__REQUEST_STATS__INIT;
+    st.prompt_tokens = 5;
+    st.completion_tokens = 3;
+    st.kv_wire_bytes = 1234;
+    st.policy = "ferry";
+    static const char k_text[] = "say \"hi\"\n\\ \x01 caf\xc3\xa9";
+    cJSON *j =
+        parse_json(oai_render_completion(OAI_CHAT, "chatcmpl-1", 7, "m", k_text, sizeof(k_text) - 1,
+                                         FERRY__V1__FINISH_REASON__FINISH_REASON_LENGTH, &st));
+    assert_string_equal(at(j, "object")->valuestring, "chat.completion");
+    assert_string_equal(at(j, "choices.0.message.content")->valuestring, k_text);
+    assert_string_equal(at(j, "choices.0.message.role")->valuestring, "assistant");
+    assert_string_equal(at(j, "choices.0.finish_reason")->valuestring, "length");
+    assert_int_equal(at(j, "usage.total_tokens")->valueint, 8);
+    assert_int_equal(at(j, "ferry.kv_wire_bytes")->valueint, 1234);
+    assert_int_equal(at(j, "created")->valueint, 7);
+    cJSON_Delete(j);
+
+    j = parse_json(oai_render_completion(OAI_COMPLETION, "cmpl-1", 7, "m", "ab", 1,
+                                         FERRY__V1__FINISH_REASON__FINISH_REASON_STOP, NULL));
+    assert_string_equal(at(j, "object")->valuestring, "text_completion");
+    assert_string_equal(at(j, "choices.0.text")->valuestring, "a");
+    assert_string_equal(at(j, "choices.0.finish_reason")->valuestring, "stop");
+    assert_int_equal(at(j, "usage.prompt_tokens")->valueint, 0);
+    assert_null(cJSON_GetObjectItem(j, "ferry"));
+    cJSON_Delete(j);
+
+    // Chat chunks: the role first, then content deltas, then an empty delta with the reason.
+    j = parse_json(oai_render_chunk(OAI_CHAT, "c", 1, "m", "assistant", "", 0, NULL, true));
+    assert_string_equal(at(j, "object")->valuestring, "chat.completion.chunk");
+    assert_string_equal(at(j, "choices.0.delta.role")->valuestring, "assistant");
+    assert_string_equal(at(j, "choices.0.delta.content")->valuestring, "");
+    assert_true(cJSON_IsNull(at(j, "choices.0.finish_reason")));
+    assert_true(cJSON_IsNull(at(j, "usage")));
+    cJSON_Delete(j);
+    j = parse_json(oai_render_chunk(OAI_CHAT, "c", 1, "m", NULL, "xyz", 2, NULL, false));
+    assert_string_equal(at(j, "choices.0.delta.content")->valuestring, "xy");
+    assert_null(cJSON_GetObjectItem(j, "usage"));
+    cJSON_Delete(j);
+    j = parse_json(oai_render_chunk(OAI_CHAT, "c", 1, "m", NULL, "", 0, "stop", false));
+    assert_int_equal(cJSON_GetArraySize(at(j, "choices.0.delta")), 0);
+    assert_string_equal(at(j, "choices.0.finish_reason")->valuestring, "stop");
+    cJSON_Delete(j);
+    j = parse_json(oai_render_chunk(OAI_COMPLETION, "c", 1, "m", NULL, "", 0, "length", false));
+    assert_string_equal(at(j, "choices.0.text")->valuestring, "");
+    cJSON_Delete(j);
+    j = parse_json(oai_render_usage_chunk(OAI_CHAT, "c", 1, "m", &st));
+    assert_int_equal(cJSON_GetArraySize(at(j, "choices")), 0);
+    assert_int_equal(at(j, "usage.completion_tokens")->valueint, 3);
+    cJSON_Delete(j);
+
+    Ferry__V1__ModelInfo mi = FERRY__V1__MODEL_INFO__INIT, *mp = &mi;
+    mi.name = "smol";
+    mi.context_length = 8192;
+    Ferry__V1__ListModelsResponse lm = FERRY__V1__LIST_MODELS_RESPONSE__INIT;
+    lm.n_models = 1;
+    lm.models = &mp;
+    j = parse_json(oai_render_models(&lm));
+    assert_string_equal(at(j, "object")->valuestring, "list");
+    assert_string_equal(at(j, "data.0.id")->valuestring, "smol");
+    assert_int_equal(at(j, "data.0.max_model_len")->valueint, 8192);
+    cJSON_Delete(j);
+
+    j = parse_json(oai_render_error(404, "no \"such\" model"));
+    assert_string_equal(at(j, "error.message")->valuestring, "no \"such\" model");
+    assert_string_equal(at(j, "error.type")->valuestring, "invalid_request_error");
+    assert_int_equal(at(j, "error.code")->valueint, 404);
+    cJSON_Delete(j);
+
+    assert_int_equal(oai_http_status(0), 200);
+    assert_int_equal(oai_http_status(3), 400);
+    assert_int_equal(oai_http_status(4), 504);
+    assert_int_equal(oai_http_status(5), 404);
+    assert_int_equal(oai_http_status(8), 429);
+    assert_int_equal(oai_http_status(14), 503);
+    assert_int_equal(oai_http_status(13), 500);
+    assert_string_equal(oai_status_text(413), "Content Too Large");
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_reader_pipelined_any_chunking),
+        cmocka_unit_test(test_reader_path_and_expect),
+        cmocka_unit_test(test_reader_limits),
+        cmocka_unit_test(test_chat_request),
+        cmocka_unit_test(test_completion_prompts),
+        cmocka_unit_test(test_refusals),
+        cmocka_unit_test(test_answers),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
