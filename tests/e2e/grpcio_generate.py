@@ -6,20 +6,10 @@ usage: grpcio_generate.py BUILD_ROOT STUB_DIR
 """
 import importlib
 import os
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+from local_cluster import LocalCluster, model_path
 
 
 def load_stubs(out_dir):
@@ -42,43 +32,14 @@ def load_stubs(out_dir):
 
 def main():
     build, stub_dir = sys.argv[1], sys.argv[2]
-    src = os.environ.get("FERRY_SOURCE_ROOT", ".")
-    model = os.environ.get("FERRY_MODEL") or os.path.join(
-        src, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
-    if not os.path.exists(model):
-        print("missing model %s: run scripts/setup.sh" % model)
+    model = model_path()
+    if model is None:
         return 1
     import grpc
 
     pb, pb_grpc = load_stubs(stub_dir)
-    work = tempfile.mkdtemp(prefix="ferry-grpcio-")
-    procs = []
-
-    def start(name, args):
-        log = open(os.path.join(work, name + ".log"), "w")
-        p = subprocess.Popen([os.path.join(build, args[0])] + args[1:], stdout=log,
-                             stderr=subprocess.STDOUT)
-        procs.append((name, p))
-        return p
-
-    def wait_port_file(path, name):
-        for _ in range(600):
-            if os.path.exists(path) and open(path).read().strip():
-                return int(open(path).read())
-            time.sleep(0.1)
-        raise RuntimeError(name + " did not start")
-
-    try:
-        rport_file = os.path.join(work, "router.port")
-        start("router", ["router/ferry-router", "--model", model, "--listen", "127.0.0.1:0",
-                         "--port-file", rport_file, "--log-level", "warn"])
-        router = "127.0.0.1:%d" % wait_port_file(rport_file, "router")
-        start("decode", ["decode/ferry-decode", "--model", model,
-                         "--listen", "127.0.0.1:%d" % free_port(),
-                         "--kv-listen", "127.0.0.1:%d" % free_port(), "--router", router,
-                         "--threads", "1", "--log-level", "warn"])
-        start("prefill", ["prefill/ferry-prefill", "--model", model, "--listen", "127.0.0.1:0",
-                          "--router", router, "--threads", "1", "--log-level", "warn"])
+    with LocalCluster(build, model) as cluster:
+        router = cluster.router
         channel = grpc.insecure_channel(router)
         stub = pb_grpc.FerryStub(channel)
         deadline = time.time() + 300
@@ -133,19 +94,6 @@ def main():
         channel.close()
         print("1 passed, 0 failed")
         return 0
-    finally:
-        for name, p in reversed(procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for name, p in reversed(procs):
-            try:
-                rc = p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                rc = p.wait()
-            if rc != 0:
-                print("%s exited %s; log:" % (name, rc))
-                print(open(os.path.join(work, name + ".log")).read())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,154 @@
+"""The stock OpenAI Python client against ferry-router's OpenAI-compatible API (--http-listen),
+with ferry-prefill and ferry-decode behind it, all three started here on free ports with the
+real model (missing model = failure): greedy answers equal the gRPC CLI's, streams equal whole
+answers, Ferry's codec is chosen per request, errors come back as the client's exceptions, a
+stream closed early is cancelled upstream.
+
+usage: openai_api.py BUILD_ROOT
+"""
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+from local_cluster import LocalCluster, model_path
+
+
+def metric(port, name):
+    text = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=10).read()
+    for line in text.decode().splitlines():
+        if line.startswith(name + " "):  # name with its labels, as the exposition writes it
+            return float(line.split(" ")[-1])
+    return 0.0
+
+
+def main():
+    build = sys.argv[1]
+    model = model_path()
+    if model is None:
+        return 1
+    import openai
+
+    failures, passed = [], []
+
+    def check(what, ok, detail=""):
+        print("%s %s %s" % ("ok  " if ok else "FAIL", what, detail))
+        (passed if ok else failures).append(what)
+
+    cluster = LocalCluster(build, model)
+    http_port_file = cluster.port_file("http")
+    cluster.router_args = ["--http-listen", "127.0.0.1:0", "--http-port-file", http_port_file,
+                           "--model-name", "smollm2"]
+    with cluster:
+        hport = cluster.wait_port(http_port_file, "router (http)")
+        rport, router = cluster.router_port, cluster.router
+        deadline = time.time() + 300
+        while True:
+            try:
+                if urllib.request.urlopen("http://127.0.0.1:%d/health" % hport,
+                                          timeout=5).status == 200:
+                    break
+            except Exception:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("the HTTP API never became ready")
+            time.sleep(0.2)
+
+        client = openai.OpenAI(base_url="http://127.0.0.1:%d/v1" % hport, api_key="unused",
+                               timeout=300, max_retries=0)
+        models = client.models.list().data
+        check("models", [m.id for m in models] == ["smollm2"], [m.id for m in models])
+
+        def cli(*args):
+            p = subprocess.run([os.path.join(build, "client/ferry"), "generate", router,
+                                "--temperature", "0", "--policy", "fp16"] + list(args),
+                               capture_output=True, text=True, timeout=300)
+            assert p.returncode == 0, p.stderr
+            return p.stdout[:-1] if p.stdout.endswith("\n") else p.stdout
+
+        # Greedy chat and completion: the same text as the gRPC CLI's.
+        for prompt in ["What is the capital of France?", "Name three colors."]:
+            r = client.chat.completions.create(
+                model="smollm2", messages=[{"role": "user", "content": prompt}],
+                max_tokens=24, temperature=0, extra_body={"kv_policy": "fp16"})
+            want = cli("--max-tokens", "24", "--chat", prompt)
+            got = r.choices[0].message.content
+            check("chat greedy = CLI: %s" % prompt, got == want, "%r vs %r" % (got, want))
+            check("chat usage", r.usage.completion_tokens > 0 and r.usage.prompt_tokens > 0
+                  and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens,
+                  r.usage)
+            check("chat finish", r.choices[0].finish_reason in ("stop", "length"),
+                  r.choices[0].finish_reason)
+            # The stream carries the same text, the role first and the usage last.
+            s = client.chat.completions.create(
+                model="smollm2", messages=[{"role": "user", "content": prompt}],
+                max_tokens=24, temperature=0, stream=True, stream_options={"include_usage": True},
+                extra_body={"kv_policy": "fp16"})
+            chunks = list(s)
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            check("stream = whole: %s" % prompt, text == got, "%r vs %r" % (text, got))
+            check("stream role first", chunks[0].choices[0].delta.role == "assistant")
+            check("stream usage last", chunks[-1].usage is not None and not chunks[-1].choices
+                  and chunks[-1].usage.completion_tokens == r.usage.completion_tokens)
+            check("stream one id", len({c.id for c in chunks}) == 1)
+        r = client.completions.create(model="smollm2", prompt="The capital of France is",
+                                      max_tokens=12, temperature=0,
+                                      extra_body={"kv_policy": "fp16"})
+        want = cli("--max-tokens", "12", "The capital of France is")
+        check("completion greedy = CLI", r.choices[0].text == want,
+              "%r vs %r" % (r.choices[0].text, want))
+        # A stop string ends the text before it.
+        r = client.completions.create(model="smollm2", prompt="The capital of France is",
+                                      max_tokens=12, temperature=0, stop=["Paris"])
+        check("stop string", "Paris" not in r.choices[0].text
+              and r.choices[0].finish_reason == "stop", r.choices[0])
+        # Ferry's codec per request: int8 crosses the wire in about half the FP16 bytes.
+        r = client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": "Say hi."}], max_tokens=4,
+            temperature=0, extra_body={"kv_policy": "int8"})
+        f = (r.model_extra or {}).get("ferry", {})
+        check("kv_policy int8", f.get("kv_policy") == "int8"
+              and 0 < f.get("kv_wire_bytes", 0) < 0.6 * f.get("kv_raw_bytes", 0), f)
+        # Errors: the client's exceptions, with the server's reason.
+        try:
+            client.chat.completions.create(model="nope",
+                                           messages=[{"role": "user", "content": "x"}])
+            check("unknown model", False)
+        except openai.NotFoundError as e:
+            check("unknown model", "unknown model" in str(e), e)
+        try:
+            client.chat.completions.create(model="smollm2", n=2,
+                                           messages=[{"role": "user", "content": "x"}])
+            check("n=2 refused", False)
+        except openai.BadRequestError as e:
+            check("n=2 refused", "'n'" in str(e), e)
+        # A stream closed after two chunks is cancelled upstream.
+        before = metric(rport, 'ferry_router_requests_total{status="cancelled"}')
+        s = client.completions.create(model="smollm2", prompt="Write a long story about a ship.",
+                                      max_tokens=400, temperature=0, stream=True,
+                                      extra_body={"ignore_eos": True})
+        got = 0
+        for _ in s:
+            got += 1
+            if got == 2:
+                break
+        s.close()
+        deadline = time.time() + 30
+        while (metric(rport, 'ferry_router_requests_total{status="cancelled"}') <= before
+               and time.time() < deadline):
+            time.sleep(0.1)
+        after = metric(rport, 'ferry_router_requests_total{status="cancelled"}')
+        check("closed stream cancelled", after == before + 1, (before, after))
+        r = client.completions.create(model="smollm2", prompt="Hello", max_tokens=2)
+        check("serving after the cancel", r.usage.completion_tokens >= 1, r.usage)
+        if failures:
+            for name, _ in cluster.procs:
+                print("---- %s log (end)" % name)
+                print(cluster.log(name)[-3000:])
+    print("%d passed, %d failed" % (len(passed), len(failures)))
+    return 1 if failures or not passed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
