@@ -67,10 +67,13 @@ wait_file() { # path seconds name
 echo
 echo "== Ferry demo: router + prefill + decode on this machine =="
 "$bin/router/ferry-router" --model "$model" --listen 127.0.0.1:0 --port-file "$work/router.port" \
+  --http-listen 127.0.0.1:0 --http-port-file "$work/http.port" --model-name smollm2 \
   >"$work/router.log" 2>&1 &
 pids+=($!)
 wait_file "$work/router.port" 30 router
+wait_file "$work/http.port" 30 router
 router=127.0.0.1:$(cat "$work/router.port")
+http=127.0.0.1:$(cat "$work/http.port")
 
 decode_port=$(free_port)
 kv_port=$(free_port)
@@ -136,5 +139,26 @@ echo "== per request (greedy, repetition penalty 1.1, 96 tokens at most, chat te
 printf '%-16s %-48s %8s %7s %9s %9s %6s\n' policy prompt "TTFT ms" "tok/s" "KV raw B" \
   "KV wire B" ratio
 for line in "${summary[@]}"; do echo "$line"; done
+# The same cluster through the OpenAI-compatible API (what the openai client or curl sends).
+openai_prompt="In one sentence, what is a ferry?"
+echo
+echo ">>> [OpenAI API] POST http://$http/v1/chat/completions  \"$openai_prompt\""
+python3 - "$http" "$openai_prompt" "$policy" "$budget" <<'PY' || echo "demo: the OpenAI API call failed" >&2
+import json, sys, urllib.request
+addr, prompt, policy, budget = sys.argv[1:5]
+body = {"model": "smollm2", "messages": [{"role": "user", "content": prompt}], "max_tokens": 64,
+        "temperature": 0, "repetition_penalty": 1.1, "kv_policy": policy}
+if float(budget) > 0:
+    body["kv_budget"] = float(budget)
+req = urllib.request.Request("http://%s/v1/chat/completions" % addr, json.dumps(body).encode(),
+                             {"Content-Type": "application/json"})
+r = json.load(urllib.request.urlopen(req, timeout=300))
+f = r["ferry"]
+print(r["choices"][0]["message"]["content"])
+print("    usage %(prompt_tokens)d + %(completion_tokens)d tokens" % r["usage"]
+      + "; KV %d bytes raw -> %d on the wire (%s), TTFT %.1f ms"
+      % (f["kv_raw_bytes"], f["kv_wire_bytes"], f["kv_policy"], f["ttft_ms"]))
+PY
 echo
 echo "router metrics: curl http://$router/metrics   (also on each worker's port)"
+echo "OpenAI-compatible API: http://$http/v1   (e.g. OpenAI(base_url=..., api_key=\"unused\"))"
