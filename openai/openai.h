@@ -39,6 +39,8 @@ typedef struct {
     uint32_t idle_timeout_ms;    // a connection with no request in flight closes after this
                                  // long without bytes (default 60000)
     uint32_t request_timeout_ms; // deadline of each generation upstream; 0 = none (default)
+    fy_metrics_t *metrics;       // borrowed, or NULL: ferry_http_requests_total{route,code}
+                                 // and the ferry_http_connections gauge
 } oai_server_params_t;
 
 /* Fills the defaults above. Thread: any. */

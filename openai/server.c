@@ -35,6 +35,7 @@ struct oai_server {
     int port;
     oai_conn_t *conns; // open connections (doubly linked)
     size_t n_conns;
+    fy_metric_t *connections; // gauge, or NULL
 };
 
 struct oai_conn {
@@ -51,6 +52,7 @@ struct oai_conn {
     char rbuf[OAI_READ_CHUNK];
     // The exchange in flight (ex != EX_NONE):
     oai_ex_t ex;
+    const char *route; // its metrics label: a known path or "other"
     ferry_call_t *call;
     oai_request_t req;
     bool keep_alive, headers_sent, upstream_serving;
@@ -130,10 +132,25 @@ static void conn_send(oai_conn_t *c, const char *s, size_t n)
     conn_send3(c, s, n, NULL, 0, NULL, 0);
 }
 
+/* Counts an answer by route and status (the status line's, so 200 for a stream that failed
+ * later). */
+static void count_answer(oai_conn_t *c, int status)
+{
+    fy_metrics_t *m = c->srv->params.metrics;
+    if (m == NULL)
+        return;
+    char labels[96];
+    snprintf(labels, sizeof(labels), "route=\"%s\",code=\"%d\"", c->route ? c->route : "other",
+             status);
+    fy_metric_inc(fy_metrics_counter(m, "ferry_http_requests_total", labels,
+                                     "OpenAI-compatible API requests answered"));
+}
+
 /* A whole answer with a body; the connection stays open when keep_alive. */
 static void respond(oai_conn_t *c, int status, const char *type, const char *body, size_t len,
                     bool keep_alive)
 {
+    count_answer(c, status);
     char head[256];
     int hn =
         snprintf(head, sizeof(head),
@@ -205,6 +222,7 @@ static void exchange_end(oai_conn_t *c)
     free(c->answer);
     c->answer = NULL;
     c->ex = EX_NONE;
+    c->route = NULL;
     c->call = NULL;
     c->headers_sent = c->upstream_serving = false;
     c->finish = FERRY__V1__FINISH_REASON__FINISH_REASON_UNSPECIFIED;
@@ -226,6 +244,7 @@ static void exchange_end(oai_conn_t *c)
 static void start_stream(oai_conn_t *c)
 {
     c->headers_sent = true;
+    count_answer(c, 200);
     c->chunked = c->reader.parser.http_major == 1 && c->reader.parser.http_minor >= 1;
     if (!c->chunked)
         c->keep_alive = false; // HTTP/1.0: the body ends with the connection
@@ -445,6 +464,11 @@ static void dispatch(oai_conn_t *c)
     const char *path = oai_reader_path(r, &n);
     bool get = strcmp(r->method, "GET") == 0, post = strcmp(r->method, "POST") == 0;
     FY_LOG_DEBUG(OAI_MODULE, "%s %.*s (%zu body bytes)", r->method, (int)n, path, r->body_len);
+    static const char *const k_routes[] = {"/v1/chat/completions", "/v1/completions", "/v1/models",
+                                           "/health", "/healthz"};
+    for (size_t i = 0; i < FY_ARRAY_SIZE(k_routes); i++)
+        if (path_is(path, n, k_routes[i]))
+            c->route = k_routes[i];
     oai_ex_t ex = EX_NONE;
     int kind = -1;
     if (path_is(path, n, "/v1/chat/completions") && post)
@@ -457,13 +481,10 @@ static void dispatch(oai_conn_t *c)
         ex = EX_HEALTH;
     c->ex = ex != EX_NONE ? ex : EX_HEALTH;
     if (ex == EX_NONE) {
-        bool known = path_is(path, n, "/v1/chat/completions") ||
-                     path_is(path, n, "/v1/completions") || path_is(path, n, "/v1/models") ||
-                     path_is(path, n, "/health") || path_is(path, n, "/healthz");
         char m[128];
-        snprintf(m, sizeof(m), known ? "method %s is not allowed here" : "no route for %s %.64s",
+        snprintf(m, sizeof(m), c->route ? "method %s is not allowed here" : "no route for %s %.64s",
                  r->method, r->target);
-        respond_error(c, known ? 405 : 404, m, c->keep_alive);
+        respond_error(c, c->route ? 405 : 404, m, c->keep_alive);
         exchange_end(c);
     } else if (ex == EX_GENERATE) {
         start_generate(c, (oai_kind_t)kind);
@@ -601,6 +622,7 @@ static void conn_close(oai_conn_t *c)
     if (c->next)
         c->next->prev = c->prev;
     srv->n_conns--;
+    fy_metric_set(srv->connections, (double)srv->n_conns);
     uv_close((uv_handle_t *)&c->tcp, on_conn_handle_closed);
     uv_close((uv_handle_t *)&c->idle, on_conn_handle_closed);
 }
@@ -626,6 +648,7 @@ static void on_connection(uv_stream_t *listener, int status)
         srv->conns->prev = c;
     srv->conns = c;
     srv->n_conns++;
+    fy_metric_set(srv->connections, (double)srv->n_conns);
     if (uv_accept(listener, (uv_stream_t *)&c->tcp) != 0) {
         conn_close(c);
         return;
@@ -684,6 +707,9 @@ fy_status_t oai_server_create(uv_loop_t *loop, const oai_server_params_t *params
     srv->params.model_name = NULL;
     snprintf(srv->model_name, sizeof(srv->model_name), "%s",
              params->model_name ? params->model_name : "");
+    if (params->metrics != NULL)
+        srv->connections = fy_metrics_gauge(params->metrics, "ferry_http_connections", NULL,
+                                            "open OpenAI-compatible API connections");
     ferry_client_params_t cp;
     ferry_client_params_default(&cp);
     cp.addresses = params->upstream;

@@ -167,6 +167,7 @@ static fy_status_t start_http(app_t *a, const char *rpc_host, int rpc_port, cons
     op.port = port;
     op.upstream = upstream;
     op.model_name = name;
+    op.metrics = a->metrics;
     fy_status_t st = oai_server_create(&a->loop, &op, &a->oai);
     if (st != FY_OK) {
         FY_LOG_ERROR(MODULE, "--http-listen %s: %s", listen, fy_status_str(st));

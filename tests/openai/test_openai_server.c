@@ -124,6 +124,7 @@ typedef struct {
     uv_thread_t thread;
     uv_async_t stop;
     rpc_server_t *upstream;
+    fy_metrics_t *metrics;
     oai_server_t *front, *orphan, *brief; // brief: 300 ms idle timeout; orphan: no upstream
     int port, orphan_port, brief_port;
 } fixture_t;
@@ -164,7 +165,10 @@ static int setup(void **state)
     op.upstream = up;
     op.model_name = "fake";
     op.max_body = 4096;
+    assert_int_equal(fy_metrics_create(&f->metrics), FY_OK);
+    op.metrics = f->metrics;
     assert_int_equal(oai_server_create(&f->loop, &op, &f->front), FY_OK);
+    op.metrics = NULL;
     op.idle_timeout_ms = 300;
     assert_int_equal(oai_server_create(&f->loop, &op, &f->brief), FY_OK);
     op.idle_timeout_ms = 60000;
@@ -186,6 +190,7 @@ static int teardown(void **state)
     uv_async_send(&f->stop);
     uv_thread_join(&f->thread);
     assert_int_equal(uv_loop_close(&f->loop), 0);
+    fy_metrics_destroy(f->metrics);
     free(f);
     return 0;
 }
@@ -494,6 +499,16 @@ static void test_keep_alive_and_routes(void **state)
     }
     assert_null(strstr(p, "HTTP/1.1 "));
     assert_non_null(strstr(resp, "\"id\":\"fake\""));
+    // Counted by route and status.
+    char *text;
+    size_t len;
+    assert_int_equal(fy_metrics_render(f->metrics, &text, &len), FY_OK);
+    assert_non_null(strstr(text, "ferry_http_requests_total{route=\"/v1/models\",code=\"200\"} 1"));
+    assert_non_null(strstr(text, "ferry_http_requests_total{route=\"/health\",code=\"200\"} 1"));
+    assert_non_null(strstr(text, "ferry_http_requests_total{route=\"other\",code=\"404\"} 1"));
+    assert_non_null(strstr(text, "ferry_http_requests_total{route=\"/v1/models\",code=\"405\"} 1"));
+    assert_non_null(strstr(text, "ferry_http_connections "));
+    free(text);
     assert_non_null(strstr(resp, "\"max_model_len\":4096"));
     free(resp);
     // Expect: 100-continue gets its interim answer before the body is sent.
