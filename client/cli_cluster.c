@@ -34,7 +34,14 @@ static void usage(FILE *out)
             "See docs/cluster.md for the spec.\n");
 }
 
-
+/* The router's OpenAI-compatible API, when the spec gives it a port. */
+static void print_http_api(const fy_cluster_spec_t *spec)
+{
+    for (int i = 0; i < spec->n_daemons; i++)
+        if (spec->daemons[i].role == FY_CLUSTER_ROUTER && spec->daemons[i].http_port > 0)
+            printf("OpenAI-compatible API: http://%s:%d/v1\n", fy_cluster_daemon_host_addr(spec, i),
+                   spec->daemons[i].http_port);
+}
 static int wait_router(const fy_cluster_spec_t *spec, uint64_t timeout_ms)
 {
     char router[128];
@@ -49,6 +56,7 @@ static int wait_router(const fy_cluster_spec_t *spec, uint64_t timeout_ms)
         fy_sleep_ns(500 * 1000000ull);
     }
     printf("cluster %s: router %s SERVING\n", spec->name, router);
+    print_http_api(spec);
     return 0;
 }
 
@@ -202,6 +210,7 @@ int cli_cluster_main(int argc, char **argv)
                 fy_cluster_router_addr(spec, router, sizeof(router));
                 printf("cluster %s is up (%s): router %s, logs in %s\n", spec->name,
                        fy_cluster_backend_name(spec->backend), router, spec->log_dir);
+                print_http_api(spec);
             }
         } else if (spec->backend == FY_CLUSTER_SSH) {
             rc = run_ssh(spec, false, dry_run, timeout_ms);

@@ -59,6 +59,7 @@ typedef struct {
     int host;             /* index into hosts */
     int port;             /* RPC port (0 = a free one, local backend only) */
     int kv_port;          /* decode: UCX listener port */
+    int http_port;        /* router: the OpenAI-compatible API's port, 0 = not served */
     int threads;          /* 0 = the spec's threads */
     int gpu;              /* -1 = CPU */
     char kv_memory[32];   /* decode: empty = the spec's kv_memory */

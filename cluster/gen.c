@@ -300,6 +300,9 @@ fy_status_t fy_cluster_gen_k8s(const fy_cluster_spec_t *spec, FILE *out)
                      "%d\n", d->port);
         if (role == FY_CLUSTER_DECODE)
             fprintf(out, "            - name: kv\n              containerPort: %d\n", d->kv_port);
+        if (d->http_port > 0)
+            fprintf(out, "            - name: http\n              containerPort: %d\n",
+                    d->http_port);
         if (d->gpu >= 0)
             fprintf(out, "          resources:\n            limits:\n"
                          "              nvidia.com/gpu: 1\n");
@@ -317,6 +320,9 @@ fy_status_t fy_cluster_gen_k8s(const fy_cluster_spec_t *spec, FILE *out)
         if (role == FY_CLUSTER_DECODE)
             fprintf(out, "    - name: kv\n      port: %d\n      targetPort: %d\n", d->kv_port,
                     d->kv_port);
+        if (d->http_port > 0)
+            fprintf(out, "    - name: http\n      port: %d\n      targetPort: %d\n", d->http_port,
+                    d->http_port);
     }
     free(s);
     return FY_OK;

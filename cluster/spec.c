@@ -313,7 +313,8 @@ static int host_index(const fy_cluster_spec_t *s, const char *name)
 }
 
 /* One daemon entry: {host: H, port: P, kv_port: K, threads: T, gpu: G, kv_memory: M,
- * count: N}. The hosts are parsed before the roles (validation happens after both). */
+ * count: N}; the router's {host: H, port: P, http_port: A}. The hosts are parsed before the roles
+ * (validation happens after both). */
 static fy_status_t parse_daemon(pctx_t *c, yaml_node_t *n, fy_cluster_spec_t *s,
                                 fy_cluster_role_t role, int *count_p, yaml_node_t **host_node_p)
 {
@@ -345,6 +346,8 @@ static fy_status_t parse_daemon(pctx_t *c, yaml_node_t *n, fy_cluster_spec_t *s,
             st = get_int(c, v, key, 0, 65535, &d->port);
         } else if (strcmp(key, "kv_port") == 0 && role == FY_CLUSTER_DECODE) {
             st = get_int(c, v, key, 0, 65535, &d->kv_port);
+        } else if (strcmp(key, "http_port") == 0 && role == FY_CLUSTER_ROUTER) {
+            st = get_int(c, v, key, 1, 65535, &d->http_port);
         } else if (strcmp(key, "threads") == 0 && role != FY_CLUSTER_ROUTER) {
             st = get_int(c, v, key, 0, 1024, &d->threads);
         } else if (strcmp(key, "gpu") == 0 && role != FY_CLUSTER_ROUTER) {
@@ -357,11 +360,10 @@ static fy_status_t parse_daemon(pctx_t *c, yaml_node_t *n, fy_cluster_spec_t *s,
         } else if (strcmp(key, "count") == 0 && role != FY_CLUSTER_ROUTER) {
             st = get_int(c, v, key, 1, FY_CLUSTER_MAX_DAEMONS, count_p);
         } else {
-            return perr(c, k, "unknown %s key '%s' (host, port%s)", fy_cluster_role_name(role),
-                        key,
+            return perr(c, k, "unknown %s key '%s' (host, port%s)", fy_cluster_role_name(role), key,
                         role == FY_CLUSTER_DECODE    ? ", kv_port, threads, gpu, kv_memory, count"
                         : role == FY_CLUSTER_PREFILL ? ", threads, gpu, count"
-                                                     : "");
+                                                     : ", http_port");
         }
         if (st != FY_OK)
             return st;
@@ -634,10 +636,11 @@ static fy_status_t validate(pctx_t *c, fy_cluster_spec_t *s)
                 clash = false;
                 for (int j = 0; j < s->n_daemons; j++) {
                     const fy_cluster_daemon_t *e = &s->daemons[j];
-                    if (j != i && e->host == d->host && (e->port == base || e->kv_port == base))
+                    if (j != i && e->host == d->host &&
+                        (e->port == base || e->kv_port == base || e->http_port == base))
                         clash = true;
                 }
-                if (which == 1 && d->port == base)
+                if ((which == 1 && d->port == base) || d->http_port == base)
                     clash = true;
                 if (!clash)
                     *port = base;
@@ -652,9 +655,10 @@ static fy_status_t validate(pctx_t *c, fy_cluster_spec_t *s)
             bool same = s->backend == FY_CLUSTER_LOCAL || e->host == d->host;
             if (!same)
                 continue;
-            int dp[2] = {d->port, d->kv_port}, ep[2] = {e->port, e->kv_port};
-            for (int a = 0; a < 2; a++) {
-                for (int b = 0; b < 2; b++) {
+            int dp[3] = {d->port, d->kv_port, d->http_port};
+            int ep[3] = {e->port, e->kv_port, e->http_port};
+            for (int a = 0; a < 3; a++) {
+                for (int b = 0; b < 3; b++) {
                     if (dp[a] != 0 && dp[a] == ep[b]) {
                         snprintf(c->err, c->err_len, "%s:%d: %s uses port %d, as %s (line %d) "
                                  "on the same host does", c->file, d->line, d->name, dp[a],
@@ -987,6 +991,8 @@ fy_status_t fy_cluster_daemon_cmd(const fy_cluster_spec_t *spec, int i, const ch
             st = st ? st : cmd_addf(cmd, "--lease=%s", spec->lease);
         if (spec->reserve_lease[0])
             st = st ? st : cmd_addf(cmd, "--reserve-lease=%s", spec->reserve_lease);
+        if (d->http_port > 0)
+            st = st ? st : cmd_addf(cmd, "--http-listen=%s:%d", bind, d->http_port);
     } else {
         st = st ? st : cmd_addf(cmd, "--router=%s", router);
         if (threads > 0)

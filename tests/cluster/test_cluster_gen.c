@@ -33,7 +33,7 @@ static const char k_spec[] = "name: prod\n"
                              "  - {name: g1, address: 10.0.0.2, gpus: 4}\n"
                              "  - {name: g2, address: 10.0.0.3, gpus: 4}\n"
                              "roles:\n"
-                             "  router: {host: head, port: 8080}\n"
+                             "  router: {host: head, port: 8080, http_port: 8000}\n"
                              "  prefill: [{host: g1, gpu: 0, count: 2}]\n"
                              "  decode: [{host: g2, gpu: 1}, {host: g2, gpu: 2}]\n";
 
@@ -100,6 +100,7 @@ static void test_ssh(void **state)
     assert_non_null(strstr(up, "/opt/ferry/bin/ferry-router --model /srv/models/m.gguf "
                                "--listen=10.0.0.1:8080"));
     assert_non_null(strstr(up, "--router=10.0.0.1:8080"));
+    assert_non_null(strstr(up, "--http-listen=10.0.0.1:8000"));
     assert_non_null(strstr(up, "mkdir -p /var/log/ferry && { nohup env "));
     assert_non_null(strstr(up, ">/var/log/ferry/decode-1.log 2>&1 </dev/null & echo $! "
                                ">/var/log/ferry/decode-1.pid; }"));
@@ -261,7 +262,10 @@ static void test_k8s(void **state)
             if (strcmp(name, "prod-router") == 0) {
                 assert_string_equal(replicas, "1");
                 assert_string_equal(str(&d, c, "ports.0.containerPort"), "8080");
+                assert_string_equal(str(&d, c, "ports.1.name"), "http");
+                assert_string_equal(str(&d, c, "ports.1.containerPort"), "8000");
                 assert_true(seq_has(&d, args, "--listen=0.0.0.0:8080"));
+                assert_true(seq_has(&d, args, "--http-listen=0.0.0.0:8000"));
             } else if (strcmp(name, "prod-prefill") == 0) {
                 assert_string_equal(replicas, "2");
                 assert_true(seq_has(&d, args, "--router=prod-router:8080"));
@@ -286,6 +290,8 @@ static void test_k8s(void **state)
             n_svc++;
             assert_string_equal(str(&d, root, "spec.selector.app"), name);
             assert_non_null(str(&d, root, "spec.ports.0.port"));
+            if (strcmp(name, "prod-router") == 0)
+                assert_string_equal(str(&d, root, "spec.ports.1.port"), "8000");
         } else {
             fail_msg("unexpected kind %s", kind);
         }

@@ -455,9 +455,9 @@ static void test_ssh_lines_run(void **state)
              "name: ssh%u\nbackend: ssh\nmodel: %s\nbin_dir: %s\nlog_dir: %s/ssh\n"
              "threads: 1\nkv_memory: 64M\nlease: 500ms\nucx: {tls: tcp}\n"
              "hosts: [{name: h, address: 127.0.0.1}]\nroles:\n"
-             "  router: {host: h, port: %d}\n  prefill: {host: h, port: %d}\n"
+             "  router: {host: h, port: %d, http_port: %d}\n  prefill: {host: h, port: %d}\n"
              "  decode: {host: h, port: %d, kv_port: %d}\n",
-             (unsigned)getpid() % 1000, G.model_path, build ? build : "build", G.dir,
+             (unsigned)getpid() % 1000, G.model_path, build ? build : "build", G.dir, free_port(),
              free_port(), free_port(), free_port(), free_port());
     fy_cluster_spec_t *s = malloc(sizeof(*s));
     if (fy_cluster_spec_parse(text, strlen(text), "ssh.yaml", NULL, -1, s, err, sizeof(err)) !=
@@ -485,6 +485,12 @@ static void test_ssh_lines_run(void **state)
     batch_t *b = serve(2, 1);
     assert_int_equal(b[0].ok, 2);
     free(b);
+    // The router's http_port serves the OpenAI-compatible API.
+    char http[64];
+    static char models[4096];
+    snprintf(http, sizeof(http), "127.0.0.1:%d", s->daemons[0].http_port);
+    assert_int_equal(fy_cluster_http_get(http, "/v1/models", 3000, models, sizeof(models)), FY_OK);
+    assert_non_null(strstr(models, "\"object\":\"list\""));
     for (int i = 0; i < s->n_daemons; i++) {
         fy_cluster_cmd_t c, sh = {0};
         assert_int_equal(fy_cluster_ssh_cmd(s, i, true, &c), FY_OK);

@@ -17,27 +17,27 @@
 #include "cluster.h"
 
 static const char k_spec[] =
-    "name: t1\n"                                  /* 1 */
-    "backend: netns\n"                            /* 2 */
-    "model: /models/m.gguf\n"                     /* 3 */
-    "bin_dir: /opt/ferry/bin\n"                   /* 4 */
-    "log_dir: /tmp/ferry-t1\n"                    /* 5 */
-    "max_tokens: 64\n"                            /* 6 */
-    "threads: 1\n"                                /* 7 */
-    "kv_memory: 64M\n"                            /* 8 */
+    "name: t1\n"                                                                    /* 1 */
+    "backend: netns\n"                                                              /* 2 */
+    "model: /models/m.gguf\n"                                                       /* 3 */
+    "bin_dir: /opt/ferry/bin\n"                                                     /* 4 */
+    "log_dir: /tmp/ferry-t1\n"                                                      /* 5 */
+    "max_tokens: 64\n"                                                              /* 6 */
+    "threads: 1\n"                                                                  /* 7 */
+    "kv_memory: 64M\n"                                                              /* 8 */
     "codec: {policy: ferry, budget: 0.25, ttft_target: 300ms, min_budget: 0.125}\n" /* 9 */
-    "ucx: {tls: tcp}\n"                           /* 10 */
-    "network: {subnet: 10.88.1.0/24}\n"           /* 11 */
-    "hosts:\n"                                    /* 12 */
-    "  - {name: r, ssh_user: ops}\n"              /* 13 */
-    "  - {name: p0, link: {bandwidth: 1gbit, delay: 2ms, loss: 0.1}}\n" /* 14 */
-    "  - {name: d0, address: 10.88.1.50, gpus: 2, link: {bandwidth: 100mbit}}\n" /* 15 */
-    "roles:\n"                                    /* 16 */
-    "  decode:\n"                                 /* 17 */
-    "    - {host: d0, count: 2, gpu: 1, kv_memory: 32M}\n" /* 18 */
-    "  router: {host: r}\n"                       /* 19 */
-    "  prefill:\n"                                /* 20 */
-    "    - {host: p0, port: 6000, threads: 2}\n"; /* 21 */
+    "ucx: {tls: tcp}\n"                                                             /* 10 */
+    "network: {subnet: 10.88.1.0/24}\n"                                             /* 11 */
+    "hosts:\n"                                                                      /* 12 */
+    "  - {name: r, ssh_user: ops}\n"                                                /* 13 */
+    "  - {name: p0, link: {bandwidth: 1gbit, delay: 2ms, loss: 0.1}}\n"             /* 14 */
+    "  - {name: d0, address: 10.88.1.50, gpus: 2, link: {bandwidth: 100mbit}}\n"    /* 15 */
+    "roles:\n"                                                                      /* 16 */
+    "  decode:\n"                                                                   /* 17 */
+    "    - {host: d0, count: 2, gpu: 1, kv_memory: 32M}\n"                          /* 18 */
+    "  router: {host: r, http_port: 8000}\n"                                        /* 19 */
+    "  prefill:\n"                                                                  /* 20 */
+    "    - {host: p0, port: 6000, threads: 2}\n";                                   /* 21 */
 
 static fy_cluster_spec_t *parse_ok(const char *text)
 {
@@ -112,6 +112,7 @@ static void test_daemon_cmds(void **state)
     assert_string_equal(c.argv[0], "/opt/ferry/bin/ferry-router");
     assert_true(has_word(&c, "--listen=10.88.1.10:50051"));
     assert_true(has_word(&c, "--max-tokens=64"));
+    assert_true(has_word(&c, "--http-listen=10.88.1.10:8000"));
     assert_false(has_word(&c, "--router=10.88.1.10:50051"));
     fy_cluster_cmd_free(&c);
     assert_int_equal(fy_cluster_daemon_cmd(s, 1, NULL, &c), FY_OK);
@@ -122,6 +123,8 @@ static void test_daemon_cmds(void **state)
     assert_true(has_word(&c, "--policy=ferry"));
     assert_true(has_word(&c, "--budget=0.25"));
     assert_true(has_word(&c, "--ucx-tls=tcp"));
+    for (int i = 0; i < c.argc; i++)
+        assert_null(strstr(c.argv[i], "--http-listen"));
     fy_cluster_cmd_free(&c);
     assert_int_equal(fy_cluster_daemon_cmd(s, 3, NULL, &c), FY_OK);
     assert_string_equal(c.argv[0], "/opt/ferry/bin/ferry-decode");
@@ -243,6 +246,13 @@ static void test_errors(void **state)
     expect_error(with_line(21, "    - {host: p0, port: 70000}"), "t.yaml:21:", "out of range");
     expect_error(with_line(21, "    - {host: p0, kv_port: 1}"), "t.yaml:21:",
                  "unknown prefill key");
+    expect_error(with_line(21, "    - {host: p0, http_port: 8080}"),
+                 "t.yaml:21:", "unknown prefill key 'http_port'");
+    expect_error(with_line(19, "  router: {host: r, http_port: 0}"), "t.yaml:19:", "out of range");
+    expect_error("name: x\nmodel: m\nhosts: [{name: a}]\nroles:\n"
+                 "  router: {host: a, port: 7000, http_port: 7001}\n"
+                 "  prefill: [{host: a, port: 7001}]\n  decode: [{host: a}]\n",
+                 "t.yaml:6:", "prefill-0 uses port 7001, as router (line 5)");
     expect_error("name: x\nmodel: m\nhosts: [{name: a}]\nroles:\n  router: {host: a}\n"
                  "  prefill: [{host: a, port: 7001}]\n"
                  "  decode: [{host: a, port: 7000, kv_port: 7001}]\n",
