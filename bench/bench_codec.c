@@ -15,7 +15,8 @@
  * With --device cuda: the GPU encoder and placement against the device's copy bandwidth (see
  * codec_cuda_main below).
  * Usage: ferry-bench codec [--json FILE] [--model smollm2|llama3] [--tokens N] [--budget B]
- *                          [--reps R] [--policy NAME] [--gguf PATH [--layer L] [--text FILE]]
+ *                          [--reps R] [--policy NAME] [--threads N (the decode step's)]
+ *                          [--gguf PATH [--layer L] [--text FILE]]
  *        ferry-bench codec --device cuda [--json FILE] [--model ..] [--policy ..] [--tokens N]
  *                          [--budget B] [--reps R] [--short]
  * --short (GPU only): the short requests alone (128-token prompts of every layer), seconds.
@@ -229,9 +230,9 @@ static fy_status_t get_policy(const char *name, kvc_policy_t *pol)
     return FY_OK;
 }
 
-static int run_policy(const char *name, double budget, const model_shape_t *m, uint32_t n,
-                      int reps, uint16_t *k, uint16_t *v, float *q, uint32_t W,
-                      const float *ref_out, row_t *row)
+static int run_policy(const char *name, double budget, const model_shape_t *m, uint32_t n, int reps,
+                      uint16_t *k, uint16_t *v, float *q, uint32_t W, const float *ref_out,
+                      fy_pool_t *threads, row_t *row)
 {
     kvc_policy_t pol;
     if (get_policy(name, &pol) != FY_OK)
@@ -337,7 +338,8 @@ static int run_policy(const char *name, double budget, const model_shape_t *m, u
         qd[i] = q[i];
     double a = now_s();
     for (int r = 0; r < reps * 4; r++)
-        kvc_attend_layer(seq, (uint32_t)reps, m->n_heads, qd, 1.0f / sqrtf((float)m->d), od, NULL);
+        kvc_attend_layer(seq, (uint32_t)reps, m->n_heads, qd, 1.0f / sqrtf((float)m->d), od,
+                         threads);
     double t_att = (now_s() - a) / (reps * 4);
 
     snprintf(row->policy, sizeof(row->policy), "%s", name);
@@ -1049,7 +1051,7 @@ int bench_codec_main(int argc, char **argv)
     const model_shape_t *m = &k_models[0];
     uint32_t n = 4096, W = 32;
     double budget = 0.25;
-    int reps = 3;
+    int reps = 3, n_threads = 1;
     for (int i = 1; i + 1 < argc; i++) {
         if (strcmp(argv[i], "--device") != 0 || strcmp(argv[i + 1], "cpu") == 0)
             continue;
@@ -1095,17 +1097,25 @@ int bench_codec_main(int argc, char **argv)
             layer = atoi(val), i++;
         } else if (strcmp(a, "--text") == 0 && val) {
             text_path = val, i++;
+        } else if (strcmp(a, "--threads") == 0 && val) {
+            n_threads = atoi(val), i++;
         } else {
-            fprintf(stderr,
-                    "usage: ferry-bench codec [--json FILE] [--model smollm2|llama3] "
-                    "[--tokens N] [--budget B] [--reps R] [--policy NAME] "
-                    "[--gguf PATH [--layer L] [--text FILE]]\n");
+            fprintf(stderr, "usage: ferry-bench codec [--json FILE] [--model smollm2|llama3] "
+                            "[--tokens N] [--budget B] [--reps R] [--policy NAME] [--threads N] "
+                            "[--gguf PATH [--layer L] [--text FILE]]\n");
             return strcmp(a, "--help") == 0 ? 0 : 2;
         }
     }
-    if (n < W || n > (1u << 20) || reps < 1 || !(budget > 0 && budget <= 1)) {
-        fprintf(stderr, "codec: bad --tokens, --reps or --budget\n");
+    if (n < W || n > (1u << 20) || reps < 1 || !(budget > 0 && budget <= 1) || n_threads < 1 ||
+        n_threads > 256) {
+        fprintf(stderr, "codec: bad --tokens, --reps, --budget or --threads\n");
         return 2;
+    }
+    // The decode step's thread pool (the encoder and placement run on one core regardless).
+    fy_pool_t *attend_threads = NULL;
+    if (n_threads > 1 && fy_pool_create(n_threads, &attend_threads) != FY_OK) {
+        fprintf(stderr, "codec: cannot start %d threads\n", n_threads);
+        return 1;
     }
     uint16_t *k, *v;
     float *q;
@@ -1178,8 +1188,8 @@ int bench_codec_main(int argc, char **argv)
     }
 
     printf("ferry-bench codec: model shape %s (%u q heads, %u kv heads, head_dim %u), %u tokens, "
-           "1 layer, budget %.3g, %d reps, 1 thread\n",
-           m->name, m->n_heads, m->n_kv, m->d, n, budget, reps);
+           "1 layer, budget %.3g, %d reps, 1 thread (the decode step: %d)\n",
+           m->name, m->n_heads, m->n_kv, m->d, n, budget, reps, n_threads);
     printf("%-12s %6s %7s %9s %9s %9s %9s %8s %10s  %s\n", "policy", "b", "wire", "score", "encode",
            "place", "attn_err", "v_err", "step_us", "tokens 16/8/4/4-2/2/drop");
     const char *names[32];
@@ -1196,7 +1206,7 @@ int bench_codec_main(int argc, char **argv)
             continue;
         row_t *r = &rows[n_rows];
         memset(r, 0, sizeof(*r));
-        if (run_policy(names[i], budget, m, n, reps, k, v, q, W, ref, r) != 0) {
+        if (run_policy(names[i], budget, m, n, reps, k, v, q, W, ref, attend_threads, r) != 0) {
             fprintf(stderr, "codec: policy %s failed\n", names[i]);
             return 1;
         }
@@ -1215,10 +1225,11 @@ int bench_codec_main(int argc, char **argv)
             fprintf(stderr, "codec: cannot write %s\n", json);
             return 1;
         }
-        fprintf(f, "{\"model_shape\": \"%s\", \"n_heads\": %u, \"n_kv_heads\": %u, "
-                   "\"head_dim\": %u, \"tokens\": %u, \"budget\": %g, \"reps\": %d, "
-                   "\"threads\": 1, \"results\": [\n",
-                m->name, m->n_heads, m->n_kv, m->d, n, budget, reps);
+        fprintf(f,
+                "{\"model_shape\": \"%s\", \"n_heads\": %u, \"n_kv_heads\": %u, "
+                "\"head_dim\": %u, \"tokens\": %u, \"budget\": %g, \"reps\": %d, "
+                "\"threads\": 1, \"decode_step_threads\": %d, \"results\": [\n",
+                m->name, m->n_heads, m->n_kv, m->d, n, budget, reps, n_threads);
         for (int i = 0; i < n_rows; i++) {
             row_t *r = &rows[i];
             fprintf(f,
@@ -1237,5 +1248,6 @@ int bench_codec_main(int argc, char **argv)
         fclose(f);
     }
     free(k), free(v), free(q), free(ref);
+    fy_pool_destroy(attend_threads);
     return 0;
 }

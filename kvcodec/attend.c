@@ -228,12 +228,14 @@ KVC_HOT static void attend_page(attn_t *A, const kvc_pool_t *pool, const uint8_t
     }
 }
 
-fy_status_t kvc_attend(const kvc_pool_t *pool, const kvc_page_id_t *pages, uint32_t n_pages,
-                       const float *q, uint32_t n_q, float scale, float *out)
+/* Attention of n_q rows over a page list, not yet normalized: per row the running maximum
+ * m[r] of the logits, l[r] = sum exp(logit - m[r]) and o[r] = sum exp(logit - m[r]) v (the
+ * rotated pages' share turned back), o: [n_q][d]. Parts over disjoint page lists combine into
+ * the attention over their union (combine_parts). */
+static fy_status_t attend_part(const kvc_pool_t *pool, const kvc_page_id_t *pages, uint32_t n_pages,
+                               const float *q, uint32_t n_q, float scale, float *m, float *l,
+                               float *o)
 {
-    if (pool == NULL || q == NULL || out == NULL || n_q == 0 || n_q > KVC_MAX_QROWS ||
-        (n_pages > 0 && pages == NULL))
-        return FY_ERR_INVALID_ARG;
     uint32_t d = kvc_pool_head_dim(pool), n_total = kvc_pool_n_pages(pool);
     attn_t A;
     memset(&A, 0, sizeof(A));
@@ -277,39 +279,99 @@ fy_status_t kvc_attend(const kvc_pool_t *pool, const kvc_page_id_t *pages, uint3
     for (uint32_t i = 0; i < n_pages; i++)
         attend_page(&A, pool, kvc_page_data(pool, pages[i]), q, scale);
     for (uint32_t r = 0; r < n_q; r++) {
-        float *o = out + (size_t)r * d;
         float *acc = A.acc + (size_t)r * d, *accr = A.accr + (size_t)r * d;
         if (A.any_rot) {
             kvc_hadamard(accr, d); // H is its own inverse
             for (uint32_t c = 0; c < d; c++)
                 acc[c] += accr[c];
         }
-        float inv = A.l[r] > 0 ? 1.0f / A.l[r] : 0.0f;
-        for (uint32_t c = 0; c < d; c++)
-            o[c] = acc[c] * inv;
+        memcpy(o + (size_t)r * d, acc, d * sizeof(float));
+        m[r] = A.m[r];
+        l[r] = A.l[r];
     }
     free(mem);
     return FY_OK;
 }
 
+fy_status_t kvc_attend(const kvc_pool_t *pool, const kvc_page_id_t *pages, uint32_t n_pages,
+                       const float *q, uint32_t n_q, float scale, float *out)
+{
+    if (pool == NULL || q == NULL || out == NULL || n_q == 0 || n_q > KVC_MAX_QROWS ||
+        (n_pages > 0 && pages == NULL))
+        return FY_ERR_INVALID_ARG;
+    float m[KVC_MAX_QROWS], l[KVC_MAX_QROWS];
+    fy_status_t st = attend_part(pool, pages, n_pages, q, n_q, scale, m, l, out);
+    if (st != FY_OK)
+        return st;
+    uint32_t d = kvc_pool_head_dim(pool);
+    for (uint32_t r = 0; r < n_q; r++) {
+        float *o = out + (size_t)r * d;
+        float inv = l[r] > 0 ? 1.0f / l[r] : 0.0f;
+        for (uint32_t c = 0; c < d; c++)
+            o[c] *= inv;
+    }
+    return FY_OK;
+}
+
+/* A layer's kv heads, each split into n_split parts over its page list: work item
+ * g * n_split + p is part p of head g. */
 typedef struct {
     const kvc_seq_t *seq;
-    uint32_t layer, grp, d;
+    uint32_t layer, grp, d, n_split;
     const float *q;
     float scale;
     float *out;
-    fy_status_t st[KVC_MAX_KV_HEADS];
+    float *part_ml;  // [n_kv][n_split][2][grp] m, then l, of each part (n_split > 1)
+    float *part_o;   // [n_kv][n_split][grp][d] unnormalized output of each part
+    fy_status_t *st; // [n_kv * n_split]
 } layer_ctx_t;
 
 static void layer_range(void *arg, size_t begin, size_t end, int thread)
 {
     layer_ctx_t *c = arg;
-    for (size_t g = begin; g < end; g++) {
-        uint32_t n;
-        const kvc_page_id_t *ids = kvc_seq_pages(c->seq, c->layer, (uint32_t)g, &n);
+    for (size_t i = begin; i < end; i++) {
+        uint32_t g = (uint32_t)(i / c->n_split), p = (uint32_t)(i % c->n_split), n;
+        const kvc_page_id_t *ids = kvc_seq_pages(c->seq, c->layer, g, &n);
         size_t off = (size_t)g * c->grp * c->d;
-        c->st[g] = kvc_attend(kvc_seq_pool(c->seq), ids, n, c->q + off, c->grp, c->scale,
-                              c->out + off);
+        if (c->n_split == 1) {
+            c->st[i] = kvc_attend(kvc_seq_pool(c->seq), ids, n, c->q + off, c->grp, c->scale,
+                                  c->out + off);
+            continue;
+        }
+        uint32_t lo = (uint32_t)((uint64_t)n * p / c->n_split);
+        uint32_t hi = (uint32_t)((uint64_t)n * (p + 1) / c->n_split);
+        float *ml = c->part_ml + i * 2 * c->grp;
+        c->st[i] = attend_part(kvc_seq_pool(c->seq), ids + lo, hi - lo, c->q + off, c->grp,
+                               c->scale, ml, ml + c->grp, c->part_o + i * c->grp * c->d);
+    }
+}
+
+/* out[r] of head g from its parts: rescaled to the largest maximum, summed, normalized. */
+static void combine_parts(const layer_ctx_t *c, uint32_t g)
+{
+    uint32_t S = c->n_split, grp = c->grp, d = c->d;
+    for (uint32_t r = 0; r < grp; r++) {
+        float mx = -INFINITY;
+        for (uint32_t p = 0; p < S; p++) {
+            const float *ml = c->part_ml + ((size_t)g * S + p) * 2 * grp;
+            if (ml[grp + r] > 0 && ml[r] > mx)
+                mx = ml[r];
+        }
+        float *o = c->out + ((size_t)g * grp + r) * d, l = 0;
+        memset(o, 0, d * sizeof(float));
+        for (uint32_t p = 0; p < S; p++) {
+            const float *ml = c->part_ml + ((size_t)g * S + p) * 2 * grp;
+            if (!(ml[grp + r] > 0))
+                continue; // no token in this part (or a row of hostile logits)
+            float w = expf(ml[r] - mx);
+            l += ml[grp + r] * w;
+            const float *po = c->part_o + (((size_t)g * S + p) * grp + r) * d;
+            for (uint32_t k = 0; k < d; k++)
+                o[k] += po[k] * w;
+        }
+        float inv = l > 0 ? 1.0f / l : 0.0f;
+        for (uint32_t k = 0; k < d; k++)
+            o[k] *= inv;
     }
 }
 
@@ -321,20 +383,42 @@ fy_status_t kvc_attend_layer(const kvc_seq_t *seq, uint32_t layer, uint32_t n_he
     uint32_t n_kv = kvc_seq_n_kv_heads(seq);
     if (n_heads == 0 || n_heads % n_kv || n_heads / n_kv > KVC_MAX_QROWS)
         return FY_ERR_INVALID_ARG;
-    layer_ctx_t *c = malloc(sizeof(*c));
+    uint32_t grp = n_heads / n_kv, d = kvc_pool_head_dim(kvc_seq_pool(seq));
+    // Heads that do not divide evenly over the pool (SmolLM2's 3 on 2 threads run 2:1) are
+    // split into as many parts as there are threads, so every thread gets the same share of
+    // pages; a short context is not worth the parts' set-up and stays one item a head.
+    uint32_t nt = threads ? (uint32_t)fy_pool_size(threads) : 1, S = 1, most = 0;
+    for (uint32_t g = 0; g < n_kv && nt > 1 && n_kv % nt != 0; g++) {
+        uint32_t n;
+        kvc_seq_pages(seq, layer, g, &n);
+        most = FY_MAX(most, n);
+    }
+    if (most >= 4 * nt)
+        S = nt;
+    size_t n_items = (size_t)n_kv * S;
+    size_t bytes = sizeof(layer_ctx_t) + n_items * sizeof(fy_status_t);
+    if (S > 1)
+        bytes += n_items * (2 + (size_t)d) * grp * sizeof(float);
+    layer_ctx_t *c = malloc(bytes);
     if (c == NULL)
         return FY_ERR_NO_MEMORY;
     c->seq = seq;
     c->layer = layer;
-    c->grp = n_heads / n_kv;
-    c->d = kvc_pool_head_dim(kvc_seq_pool(seq));
+    c->grp = grp;
+    c->d = d;
+    c->n_split = S;
     c->q = q;
     c->scale = scale;
     c->out = out;
-    fy_pool_parallel_for(threads, n_kv, 1, layer_range, c);
+    c->st = (fy_status_t *)(c + 1);
+    c->part_ml = S > 1 ? (float *)(c->st + n_items) : NULL;
+    c->part_o = S > 1 ? c->part_ml + n_items * 2 * grp : NULL;
+    fy_pool_parallel_for(threads, n_items, 1, layer_range, c);
     fy_status_t st = FY_OK;
-    for (uint32_t g = 0; g < n_kv && st == FY_OK; g++)
-        st = c->st[g];
+    for (size_t i = 0; i < n_items && st == FY_OK; i++)
+        st = c->st[i];
+    for (uint32_t g = 0; g < n_kv && st == FY_OK && S > 1; g++)
+        combine_parts(c, g);
     free(c);
     return st;
 }

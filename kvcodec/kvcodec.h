@@ -419,6 +419,9 @@ fy_status_t kvc_attend(const kvc_pool_t *pool, const kvc_page_id_t *pages, uint3
 
 /* One decode step of one layer of a sequence: q [n_heads][head_dim] -> out [n_heads][head_dim],
  * GQA groups mapped to kv heads, kv heads spread over the thread pool (NULL = this thread).
+ * When the kv heads do not divide evenly over the pool's threads and the context is long, each
+ * head's page list is split into one part per thread and the parts' partial softmax results
+ * combined (equal to kvc_attend up to rounding; the same bytes for the same pool size).
  * Thread: one caller per fy_pool_t at a time. */
 fy_status_t kvc_attend_layer(const kvc_seq_t *seq, uint32_t layer, uint32_t n_heads,
                              const float *q, float scale, float *out, fy_pool_t *threads);

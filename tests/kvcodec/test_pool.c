@@ -338,6 +338,50 @@ static void test_attend_layer_threads(void **state)
     enc_free(&E);
 }
 
+/* Three kv heads on two threads: each head's pages are split in two parts and combined, which
+ * must give the one-pass attention up to rounding, for every policy (rotated pages included). */
+static void test_attend_layer_split(void **state)
+{
+    uint32_t d = 64, n_heads = 9, n_kv = 3;
+    static const char *const k_policies[] = {"fp16", "int4", "ferry", "kivi2"};
+    for (size_t pi = 0; pi < FY_ARRAY_SIZE(k_policies); pi++) {
+        enc_t E;
+        encode_one(&E, k_policies[pi], 0.25, n_heads, n_kv, 1500, d, 11);
+        kvc_pool_t *pool = make_pool(d, 2048, 8192); // small pages: many per head
+        kvc_seq_t *seq;
+        assert_int_equal(kvc_seq_create(pool, 2, n_kv, E.f.model_fingerprint, E.f.seq_id, &seq),
+                         FY_OK);
+        assert_int_equal(kvc_place(seq, &E.f), FY_OK);
+        uint32_t np;
+        kvc_seq_pages(seq, 0, 0, &np);
+        assert_true(np >= 8); // enough to be split
+        float *q = malloc((size_t)n_heads * d * 4), *o1 = malloc((size_t)n_heads * d * 4);
+        float *o2 = malloc((size_t)n_heads * d * 4);
+        for (uint32_t i = 0; i < n_heads * d; i++)
+            q[i] = 2.0f * cosf(0.37f * (float)i);
+        fy_pool_t *threads;
+        assert_int_equal(fy_pool_create(2, &threads), FY_OK);
+        assert_int_equal(kvc_attend_layer(seq, 0, n_heads, q, 0.125f, o1, threads), FY_OK);
+        assert_int_equal(kvc_attend_layer(seq, 0, n_heads, q, 0.125f, o2, NULL), FY_OK);
+        double num = 0, den = 0;
+        for (uint32_t i = 0; i < n_heads * d; i++) {
+            num += ((double)o1[i] - o2[i]) * ((double)o1[i] - o2[i]);
+            den += (double)o2[i] * o2[i];
+        }
+        if (!(den > 0 && sqrt(num / den) < 1e-5))
+            fail_msg("%s: split attention differs by %g (relative)", k_policies[pi],
+                     sqrt(num / (den > 0 ? den : 1)));
+        // The same split twice gives the same bytes (the parts do not depend on scheduling).
+        assert_int_equal(kvc_attend_layer(seq, 0, n_heads, q, 0.125f, o2, threads), FY_OK);
+        assert_memory_equal(o1, o2, (size_t)n_heads * d * 4);
+        fy_pool_destroy(threads);
+        free(q), free(o1), free(o2);
+        kvc_seq_destroy(seq);
+        kvc_pool_destroy(pool);
+        enc_free(&E);
+    }
+}
+
 static void test_protected_channels(void **state)
 {
     // MixKVQ: 4 key channels of every 4/4, 4/2, 2/2 group at 8 bits, rotated and not.
@@ -384,9 +428,12 @@ static void test_protected_channels(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_place_and_attend),   cmocka_unit_test(test_place_all_or_nothing),
-        cmocka_unit_test(test_refcounts),          cmocka_unit_test(test_append_and_convert),
+        cmocka_unit_test(test_place_and_attend),
+        cmocka_unit_test(test_place_all_or_nothing),
+        cmocka_unit_test(test_refcounts),
+        cmocka_unit_test(test_append_and_convert),
         cmocka_unit_test(test_attend_layer_threads),
+        cmocka_unit_test(test_attend_layer_split),
         cmocka_unit_test(test_protected_channels),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
