@@ -12,7 +12,7 @@
  * extra body fields "kv_policy" and "kv_budget"; "top_k" and "repetition_penalty" are taken
  * as vLLM takes them. What Ferry cannot do (n > 1, logprobs, tools, presence or frequency
  * penalties) is refused with 400 rather than ignored. A client that disconnects cancels its
- * generation.
+ * generation. With an API key, requests without it get 401.
  *
  * Everything runs on one libuv loop.
  */
@@ -41,6 +41,9 @@ typedef struct {
     uint32_t request_timeout_ms; // deadline of each generation upstream; 0 = none (default)
     fy_metrics_t *metrics;       // borrowed, or NULL: ferry_http_requests_total{route,code}
                                  // and the ferry_http_connections gauge
+    const char *api_key;         // NULL or "": no authentication; else every route but the
+                                 // health check needs "Authorization: Bearer <api_key>" (401
+                                 // without); at most 256 bytes; borrowed for create
 } oai_server_params_t;
 
 /* Fills the defaults above. Thread: any. */

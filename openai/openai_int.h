@@ -26,6 +26,7 @@
 #define OAI_MAX_MESSAGES 4096  // chat messages in one request
 #define OAI_MAX_STOP     16    // stop strings
 #define OAI_MAX_ID       64    // response id, "chatcmpl-" and 32 hex digits fit
+#define OAI_MAX_AUTH     512   // longest Authorization header value kept
 
 /* ---- HTTP/1.1 requests from a byte stream ------------------------------------------------ */
 
@@ -35,7 +36,8 @@ typedef struct {
     size_t head_bytes;    // request line and header bytes of this request
     bool in_value;        // the last header piece was a value
     bool in_value_expect; // the header value being read belongs to "Expect"
-    char field[16];       // header name so far (only "expect" matters), lower case
+    bool in_value_auth;   // ... to "Authorization"
+    char field[16];       // header name so far ("expect", "authorization"), lower case
     size_t field_len;
     bool field_long;
     // The request, valid once complete:
@@ -45,6 +47,9 @@ typedef struct {
     char *body; // malloc'd, NUL-terminated; body_len bytes
     size_t body_len, body_cap;
     bool expect_continue; // the client waits for "100 Continue" before its body
+    char auth[OAI_MAX_AUTH + 1]; // the Authorization header's value ("" when absent)
+    size_t auth_len;
+    bool auth_long; // longer than OAI_MAX_AUTH, or sent twice: never a valid key
     bool keep_alive;
     bool complete; // a whole request is here: the reader consumes nothing more
     int error;     // HTTP status to answer before closing (400, 413, 414, 431, 505), or 0

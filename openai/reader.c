@@ -38,7 +38,10 @@ static int on_message_begin(http_parser *p)
     r->field_len = 0;
     r->field_long = false;
     r->in_value = false;
-    r->in_value_expect = false;
+    r->in_value_expect = r->in_value_auth = false;
+    r->auth_len = 0;
+    r->auth[0] = '\0';
+    r->auth_long = false;
     return 0;
 }
 
@@ -89,11 +92,23 @@ static int on_header_value(http_parser *p, const char *at, size_t n)
     if (!r->in_value) {
         r->in_value = true;
         r->in_value_expect = !r->field_long && strcmp(r->field, "expect") == 0;
+        r->in_value_auth = !r->field_long && strcmp(r->field, "authorization") == 0;
+        if (r->in_value_auth && r->auth_len > 0)
+            r->auth_long = true; // a second Authorization header: refuse rather than pick
     }
     // "100-continue" is the only expectation defined (RFC 9110 10.1.1).
     for (size_t i = 0; r->in_value_expect && i + 12 <= n; i++)
         if (strncasecmp(at + i, "100-continue", 12) == 0)
             r->expect_continue = true;
+    if (r->in_value_auth) {
+        if (n > OAI_MAX_AUTH - r->auth_len) {
+            r->auth_long = true;
+        } else {
+            memcpy(r->auth + r->auth_len, at, n);
+            r->auth_len += n;
+            r->auth[r->auth_len] = '\0';
+        }
+    }
     return 0;
 }
 

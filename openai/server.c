@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 
 #include "ferry_client.h"
@@ -32,6 +33,7 @@ struct oai_server {
     ferry_client_t *client;
     oai_server_params_t params;
     char model_name[128];
+    char api_key[257]; // "" = no authentication
     int port;
     oai_conn_t *conns; // open connections (doubly linked)
     size_t n_conns;
@@ -447,6 +449,22 @@ static bool path_is(const char *path, size_t n, const char *want)
     return n == strlen(want) && memcmp(path, want, n) == 0;
 }
 
+/* Whether the request may be served: no key set, or "Bearer <key>" (compared in a time that
+ * does not depend on where a wrong key differs). */
+static bool authorized(const oai_server_t *srv, const oai_reader_t *r)
+{
+    if (srv->api_key[0] == '\0')
+        return true;
+    if (r->auth_long || r->auth_len < 7 || strncasecmp(r->auth, "Bearer ", 7) != 0)
+        return false;
+    const char *got = r->auth + 7;
+    size_t n = r->auth_len - 7, kl = strlen(srv->api_key);
+    unsigned diff = n != kl;
+    for (size_t i = 0; i < kl; i++)
+        diff |= (unsigned char)srv->api_key[i] ^ (unsigned char)(i < n ? got[i] : 0);
+    return diff == 0;
+}
+
 /* A whole request (or a reader error) is here: answer it. */
 static void dispatch(oai_conn_t *c)
 {
@@ -480,7 +498,11 @@ static void dispatch(oai_conn_t *c)
     else if ((path_is(path, n, "/health") || path_is(path, n, "/healthz")) && get)
         ex = EX_HEALTH;
     c->ex = ex != EX_NONE ? ex : EX_HEALTH;
-    if (ex == EX_NONE) {
+    if (ex != EX_HEALTH && !authorized(c->srv, r)) {
+        respond_error(c, 401, "a valid API key is needed (Authorization: Bearer <key>)",
+                      c->keep_alive);
+        exchange_end(c);
+    } else if (ex == EX_NONE) {
         char m[128];
         snprintf(m, sizeof(m), c->route ? "method %s is not allowed here" : "no route for %s %.64s",
                  r->method, r->target);
@@ -688,7 +710,7 @@ fy_status_t oai_server_create(uv_loop_t *loop, const oai_server_params_t *params
     if (loop == NULL || params == NULL || srv_p == NULL || params->upstream == NULL ||
         params->port < 0 || params->port > 65535 || params->max_body == 0 ||
         params->max_body > (1u << 30) || params->max_connections == 0 ||
-        params->idle_timeout_ms == 0)
+        params->idle_timeout_ms == 0 || (params->api_key && strlen(params->api_key) > 256))
         return FY_ERR_INVALID_ARG;
     const char *host =
         params->host && strcmp(params->host, "localhost") != 0 ? params->host : "127.0.0.1";
@@ -705,6 +727,8 @@ fy_status_t oai_server_create(uv_loop_t *loop, const oai_server_params_t *params
     srv->params.host = NULL;
     srv->params.upstream = NULL;
     srv->params.model_name = NULL;
+    srv->params.api_key = NULL;
+    snprintf(srv->api_key, sizeof(srv->api_key), "%s", params->api_key ? params->api_key : "");
     snprintf(srv->model_name, sizeof(srv->model_name), "%s",
              params->model_name ? params->model_name : "");
     if (params->metrics != NULL)

@@ -25,6 +25,10 @@ static const fy_opt_t k_opts[] = {
      "/v1/chat/completions, /v1/models) on HOST:PORT",
      false},
     {"http-port-file", FY_OPT_STRING, "", "write the bound HTTP port to this file", false},
+    {"http-api-key", FY_OPT_STRING, "",
+     "require \"Authorization: Bearer KEY\" on the HTTP API "
+     "(default: $FERRY_API_KEY; unset = open)",
+     false},
     {"model", FY_OPT_STRING, NULL, "GGUF model file (only its tokenizer and metadata are read)",
      true},
     {"model-name", FY_OPT_STRING, "", "name clients use (default: the file's general.name)", false},
@@ -168,6 +172,12 @@ static fy_status_t start_http(app_t *a, const char *rpc_host, int rpc_port, cons
     op.upstream = upstream;
     op.model_name = name;
     op.metrics = a->metrics;
+    const char *key = fy_config_str(a->cfg, "http-api-key");
+    op.api_key = key && key[0] ? key : getenv("FERRY_API_KEY");
+    if (op.api_key && strlen(op.api_key) > 256) {
+        FY_LOG_ERROR(MODULE, "--http-api-key: at most 256 bytes");
+        return FY_ERR_INVALID_ARG;
+    }
     fy_status_t st = oai_server_create(&a->loop, &op, &a->oai);
     if (st != FY_OK) {
         FY_LOG_ERROR(MODULE, "--http-listen %s: %s", listen, fy_status_str(st));
@@ -178,7 +188,8 @@ static fy_status_t start_http(app_t *a, const char *rpc_host, int rpc_port, cons
         FY_LOG_ERROR(MODULE, "cannot write --http-port-file");
         return FY_ERR_IO;
     }
-    FY_LOG_INFO(MODULE, "OpenAI-compatible API on http://%s:%d/v1", host, port);
+    FY_LOG_INFO(MODULE, "OpenAI-compatible API on http://%s:%d/v1%s", host, port,
+                op.api_key && op.api_key[0] ? " (API key required)" : "");
     return FY_OK;
 }
 

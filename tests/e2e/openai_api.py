@@ -1,8 +1,8 @@
 """The stock OpenAI Python client against ferry-router's OpenAI-compatible API (--http-listen),
 with ferry-prefill and ferry-decode behind it, all three started here on free ports with the
 real model (missing model = failure): greedy answers equal the gRPC CLI's, streams equal whole
-answers, Ferry's codec is chosen per request, errors come back as the client's exceptions, a
-stream closed early is cancelled upstream.
+answers, Ferry's codec is chosen per request, errors come back as the client's exceptions (a
+wrong API key among them), a stream closed early is cancelled upstream.
 
 usage: openai_api.py BUILD_ROOT
 """
@@ -39,7 +39,7 @@ def main():
     cluster = LocalCluster(build, model)
     http_port_file = cluster.port_file("http")
     cluster.router_args = ["--http-listen", "127.0.0.1:0", "--http-port-file", http_port_file,
-                           "--model-name", "smollm2"]
+                           "--model-name", "smollm2", "--http-api-key", "e2e-key"]
     with cluster:
         hport = cluster.wait_port(http_port_file, "router (http)")
         rport, router = cluster.router_port, cluster.router
@@ -55,8 +55,14 @@ def main():
                 raise RuntimeError("the HTTP API never became ready")
             time.sleep(0.2)
 
-        client = openai.OpenAI(base_url="http://127.0.0.1:%d/v1" % hport, api_key="unused",
+        client = openai.OpenAI(base_url="http://127.0.0.1:%d/v1" % hport, api_key="e2e-key",
                                timeout=300, max_retries=0)
+        try:
+            openai.OpenAI(base_url="http://127.0.0.1:%d/v1" % hport, api_key="wrong",
+                          max_retries=0).models.list()
+            check("wrong API key refused", False)
+        except openai.AuthenticationError as e:
+            check("wrong API key refused", "API key" in str(e), e)
         models = client.models.list().data
         check("models", [m.id for m in models] == ["smollm2"], [m.id for m in models])
 

@@ -79,12 +79,15 @@ static void test_reader_pipelined_any_chunking(void **state)
 static void test_reader_path_and_expect(void **state)
 {
     static const char k_in[] = "POST /v1/completions?stream=1 HTTP/1.1\r\nX-Expectation: no\r\n"
-                               "EXPECT: 100-Continue\r\nContent-Length: 4\r\n\r\n";
+                               "EXPECT: 100-Continue\r\nAuthorization: Bearer k\r\n"
+                               "Content-Length: 4\r\n\r\n";
     oai_reader_t r;
     oai_reader_init(&r, 100);
     assert_int_equal(oai_reader_feed(&r, k_in, sizeof(k_in) - 1), sizeof(k_in) - 1);
     assert_false(r.complete);
     assert_true(r.expect_continue);
+    assert_string_equal(r.auth, "Bearer k");
+    assert_false(r.auth_long);
     assert_int_equal(oai_reader_feed(&r, "abcdEXTRA", 9), 4);
     assert_true(r.complete);
     size_t n;
@@ -98,6 +101,15 @@ static void test_reader_path_and_expect(void **state)
     assert_true(r.complete);
     assert_false(r.keep_alive);
     assert_false(r.expect_continue);
+    assert_string_equal(r.auth, "");
+    // An Authorization value longer than kept is marked, never cut to a prefix.
+    oai_reader_next(&r);
+    char big[OAI_MAX_AUTH + 128];
+    int bn = snprintf(big, sizeof(big), "GET / HTTP/1.1\r\nAuthorization: Bearer %0*d\r\n\r\n",
+                      OAI_MAX_AUTH, 0);
+    assert_int_equal(oai_reader_feed(&r, big, (size_t)bn), (size_t)bn);
+    assert_true(r.complete);
+    assert_true(r.auth_long);
     oai_reader_cleanup(&r);
 }
 

@@ -125,8 +125,9 @@ typedef struct {
     uv_async_t stop;
     rpc_server_t *upstream;
     fy_metrics_t *metrics;
-    oai_server_t *front, *orphan, *brief; // brief: 300 ms idle timeout; orphan: no upstream
-    int port, orphan_port, brief_port;
+    oai_server_t *front, *orphan, *brief, *keyed; // brief: 300 ms idle timeout; orphan: no
+                                                  // upstream; keyed: an API key
+    int port, orphan_port, brief_port, keyed_port;
 } fixture_t;
 
 static void on_stop(uv_async_t *a)
@@ -135,6 +136,7 @@ static void on_stop(uv_async_t *a)
     oai_server_destroy(f->front);
     oai_server_destroy(f->orphan);
     oai_server_destroy(f->brief);
+    oai_server_destroy(f->keyed);
     rpc_server_destroy(f->upstream);
     uv_close((uv_handle_t *)&f->stop, NULL);
 }
@@ -169,6 +171,9 @@ static int setup(void **state)
     op.metrics = f->metrics;
     assert_int_equal(oai_server_create(&f->loop, &op, &f->front), FY_OK);
     op.metrics = NULL;
+    op.api_key = "s3cret key";
+    assert_int_equal(oai_server_create(&f->loop, &op, &f->keyed), FY_OK);
+    op.api_key = NULL;
     op.idle_timeout_ms = 300;
     assert_int_equal(oai_server_create(&f->loop, &op, &f->brief), FY_OK);
     op.idle_timeout_ms = 60000;
@@ -177,6 +182,7 @@ static int setup(void **state)
     f->port = oai_server_port(f->front);
     f->brief_port = oai_server_port(f->brief);
     f->orphan_port = oai_server_port(f->orphan);
+    f->keyed_port = oai_server_port(f->keyed);
     uv_async_init(&f->loop, &f->stop, on_stop);
     f->stop.data = f;
     uv_thread_create(&f->thread, run_loop, f);
@@ -237,15 +243,16 @@ static char *read_to_eof(int s, size_t *len_p)
     return buf;
 }
 
-/* One request on a fresh connection (Connection: close): the whole response. */
-static char *exchange(int port, const char *method, const char *path, const char *body,
-                      const char *version)
+/* One request on a fresh connection (Connection: close) with extra header lines (each ending
+ * in CRLF): the whole response. */
+static char *exchange_with(int port, const char *extra, const char *method, const char *path,
+                           const char *body, const char *version)
 {
-    char head[512];
+    char head[1024];
     int n = snprintf(head, sizeof(head),
-                     "%s %s HTTP/%s\r\nHost: t\r\nContent-Type: application/json\r\n"
+                     "%s %s HTTP/%s\r\nHost: t\r\nContent-Type: application/json\r\n%s"
                      "Content-Length: %zu\r\nConnection: close\r\n\r\n",
-                     method, path, version, body ? strlen(body) : 0);
+                     method, path, version, extra, body ? strlen(body) : 0);
     int s = connect_to(port);
     send_all(s, head, (size_t)n);
     if (body)
@@ -253,6 +260,12 @@ static char *exchange(int port, const char *method, const char *path, const char
     char *resp = read_to_eof(s, NULL);
     close(s);
     return resp;
+}
+
+static char *exchange(int port, const char *method, const char *path, const char *body,
+                      const char *version)
+{
+    return exchange_with(port, "", method, path, body, version);
 }
 
 static int status_of(const char *resp)
@@ -554,6 +567,39 @@ static void test_unreachable_upstream(void **state)
     free(resp);
 }
 
+static void test_api_key(void **state)
+{
+    fixture_t *f = *state;
+    static const struct {
+        const char *headers;
+        int want;
+    } k_cases[] = {
+        {"", 401},
+        {"Authorization: Bearer s3cret\r\n", 401},
+        {"Authorization: Bearer s3cret key!\r\n", 401},
+        {"Authorization: Basic s3cret key\r\n", 401},
+        {"Authorization: Bearer s3cret key\r\nAuthorization: Bearer s3cret key\r\n", 401},
+        {"Authorization: Bearer s3cret key\r\n", 200},
+        {"authorization: bearer s3cret key\r\n", 200},
+    };
+    for (size_t i = 0; i < FY_ARRAY_SIZE(k_cases); i++) {
+        char *resp = exchange_with(f->keyed_port, k_cases[i].headers, "POST", "/v1/completions",
+                                   "{\"prompt\":\"p\"}", "1.1");
+        if (status_of(resp) != k_cases[i].want)
+            fail_msg("case %zu: %d, want %d", i, status_of(resp), k_cases[i].want);
+        if (k_cases[i].want == 401)
+            assert_non_null(strstr(resp, "\"type\":\"authentication_error\""));
+        free(resp);
+    }
+    // The model list needs the key too; the health check does not.
+    char *resp = exchange(f->keyed_port, "GET", "/v1/models", NULL, "1.1");
+    assert_int_equal(status_of(resp), 401);
+    free(resp);
+    resp = exchange(f->keyed_port, "GET", "/health", NULL, "1.1");
+    assert_int_equal(status_of(resp), 200);
+    free(resp);
+}
+
 static void test_idle_connection_closes(void **state)
 {
     fixture_t *f = *state;
@@ -566,10 +612,15 @@ static void test_idle_connection_closes(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_chat_answer),          cmocka_unit_test(test_completion_stream),
-        cmocka_unit_test(test_chat_stream_roles),    cmocka_unit_test(test_upstream_errors),
-        cmocka_unit_test(test_hang_up_cancels),      cmocka_unit_test(test_keep_alive_and_routes),
-        cmocka_unit_test(test_unreachable_upstream), cmocka_unit_test(test_idle_connection_closes),
+        cmocka_unit_test(test_chat_answer),
+        cmocka_unit_test(test_completion_stream),
+        cmocka_unit_test(test_chat_stream_roles),
+        cmocka_unit_test(test_upstream_errors),
+        cmocka_unit_test(test_hang_up_cancels),
+        cmocka_unit_test(test_keep_alive_and_routes),
+        cmocka_unit_test(test_unreachable_upstream),
+        cmocka_unit_test(test_api_key),
+        cmocka_unit_test(test_idle_connection_closes),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
