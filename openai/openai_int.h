@@ -87,6 +87,7 @@ typedef struct {
     Ferry__V1__ChatMessage **message_p; // [chat.n_messages]
     char **joined;                      // [chat.n_messages] contents joined from parts, or NULL
     uint32_t *id_buf;                   // [ids.n_ids]
+    uint32_t *stop_ids;                 // [sampling.n_stop_token_ids]
     char *stop[OAI_MAX_STOP];
     bool stream, include_usage;
     const char *model; // as requested, or NULL
@@ -119,8 +120,13 @@ char *oai_render_chunk(oai_kind_t kind, const char *id, int64_t created, const c
 char *oai_render_usage_chunk(oai_kind_t kind, const char *id, int64_t created, const char *model,
                              const Ferry__V1__RequestStats *stats);
 
-/* {"object":"list","data":[...]} from a ListModels answer. */
+/* {"object":"list","data":[...]} from a ListModels answer; one model's object. */
 char *oai_render_models(const Ferry__V1__ListModelsResponse *models);
+char *oai_render_model(const Ferry__V1__ModelInfo *model);
+
+/* Decodes %XX escapes of s[0..n) in place (a '%' not followed by two hex digits stays);
+ * NUL-terminates and returns the new length. s must have room for n + 1 bytes. */
+size_t oai_percent_decode(char *s, size_t n);
 
 /* {"error":{"message":...,"type":...,"param":null,"code":...}}. */
 char *oai_render_error(int http_status, const char *message);

@@ -8,6 +8,14 @@
 
 #include "openai_int.h"
 
+static int hex_digit(char c)
+{
+    return c >= '0' && c <= '9'   ? c - '0'
+           : c >= 'a' && c <= 'f' ? c - 'a' + 10
+           : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                  : -1;
+}
+
 const char *oai_finish_name(Ferry__V1__FinishReason reason)
 {
     return reason == FERRY__V1__FINISH_REASON__FINISH_REASON_LENGTH ? "length" : "stop";
@@ -135,22 +143,48 @@ char *oai_render_usage_chunk(oai_kind_t kind, const char *id, int64_t created, c
     return print_and_free(root, ok);
 }
 
+static bool add_model_fields(cJSON *m, const Ferry__V1__ModelInfo *mi)
+{
+    return cJSON_AddStringToObject(m, "id", mi->name ? mi->name : "") &&
+           cJSON_AddStringToObject(m, "object", "model") &&
+           cJSON_AddNumberToObject(m, "created", 0) &&
+           cJSON_AddStringToObject(m, "owned_by", "ferry") &&
+           cJSON_AddNumberToObject(m, "max_model_len", mi->context_length);
+}
+
 char *oai_render_models(const Ferry__V1__ListModelsResponse *models)
 {
     cJSON *root = cJSON_CreateObject();
     cJSON *data = root ? cJSON_AddArrayToObject(root, "data") : NULL;
     bool ok = data != NULL && cJSON_AddStringToObject(root, "object", "list");
     for (size_t i = 0; ok && i < models->n_models; i++) {
-        const Ferry__V1__ModelInfo *mi = models->models[i];
         cJSON *m = cJSON_CreateObject();
-        ok = m != NULL && cJSON_AddItemToArray(data, m) &&
-             cJSON_AddStringToObject(m, "id", mi->name ? mi->name : "") &&
-             cJSON_AddStringToObject(m, "object", "model") &&
-             cJSON_AddNumberToObject(m, "created", 0) &&
-             cJSON_AddStringToObject(m, "owned_by", "ferry") &&
-             cJSON_AddNumberToObject(m, "max_model_len", mi->context_length);
+        ok = m != NULL && cJSON_AddItemToArray(data, m) && add_model_fields(m, models->models[i]);
     }
     return print_and_free(root, ok);
+}
+
+char *oai_render_model(const Ferry__V1__ModelInfo *model)
+{
+    cJSON *root = cJSON_CreateObject();
+    return print_and_free(root, root != NULL && add_model_fields(root, model));
+}
+
+size_t oai_percent_decode(char *s, size_t n)
+{
+    size_t o = 0;
+    for (size_t i = 0; i < n; i++) {
+        int hi, lo;
+        if (s[i] == '%' && i + 2 < n && (hi = hex_digit(s[i + 1])) >= 0 &&
+            (lo = hex_digit(s[i + 2])) >= 0) {
+            s[o++] = (char)(hi * 16 + lo);
+            i += 2;
+        } else {
+            s[o++] = s[i];
+        }
+    }
+    s[o] = '\0';
+    return o;
 }
 
 char *oai_render_error(int http_status, const char *message)

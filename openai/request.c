@@ -7,7 +7,7 @@
  *                              string, null, or an array of {"type":"text","text":...} parts
  *   prompt (completion)        a string, [string], [token ids] or [[token ids]]
  *   max_tokens, max_completion_tokens, temperature, top_p, seed, stop, ignore_eos,
- *   top_k (-1 or 0 = off), repetition_penalty      SamplingParams
+ *   top_k (-1 or 0 = off), repetition_penalty, stop_token_ids      SamplingParams
  *   stream, stream_options.include_usage           how the answer is sent
  *   kv_policy, kv_budget       CodecParams (Ferry's own)
  * Refused with 400, because Ferry would silently do something else: n > 1, best_of > 1,
@@ -143,6 +143,24 @@ static int parse_common(oai_request_t *r, const cJSON *root, char *err, size_t e
         int rc = parse_stop(r, v, err, err_len);
         if (rc)
             return rc;
+    }
+    if ((v = member(root, "stop_token_ids")) != NULL) {
+        if (!cJSON_IsArray(v) || cJSON_GetArraySize(v) > 1024)
+            return bad(err, err_len, "'%s' must be an array of at most 1024 token ids",
+                       "stop_token_ids");
+        size_t n = (size_t)cJSON_GetArraySize(v), i = 0;
+        r->stop_ids = malloc(FY_MAX(n, (size_t)1) * sizeof(*r->stop_ids));
+        if (r->stop_ids == NULL)
+            return bad(err, err_len, "out of memory reading '%s'", "stop_token_ids");
+        const cJSON *t;
+        cJSON_ArrayForEach(t, v)
+        {
+            if (!is_integer(t, 0, UINT32_MAX))
+                return bad(err, err_len, "'%s' must hold integers >= 0", "stop_token_ids");
+            r->stop_ids[i++] = (uint32_t)t->valuedouble;
+        }
+        r->sampling.n_stop_token_ids = n;
+        r->sampling.stop_token_ids = r->stop_ids;
     }
     if ((v = member(root, "ignore_eos")) != NULL) {
         if (!cJSON_IsBool(v))
@@ -369,6 +387,7 @@ void oai_request_clear(oai_request_t *r)
     free(r->messages);
     free(r->message_p);
     free(r->id_buf);
+    free(r->stop_ids);
     cJSON_Delete(r->root);
     memset(r, 0, sizeof(*r));
 }

@@ -65,6 +65,7 @@ struct oai_conn {
     Ferry__V1__FinishReason finish;
     Ferry__V1__RequestStats *stats; // unpacked copy of the last message's
     char *answer;                   // a unary answer's body (models), malloc'd
+    char model_id[OAI_MAX_TARGET + 1]; // GET /v1/models/{id}: the id, decoded; "" for the list
 };
 
 static void conn_process(oai_conn_t *c);
@@ -225,6 +226,7 @@ static void exchange_end(oai_conn_t *c)
     c->answer = NULL;
     c->ex = EX_NONE;
     c->route = NULL;
+    c->model_id[0] = '\0';
     c->call = NULL;
     c->headers_sent = c->upstream_serving = false;
     c->finish = FERRY__V1__FINISH_REASON__FINISH_REASON_UNSPECIFIED;
@@ -361,8 +363,14 @@ static void on_unary_msg(ferry_call_t *call, const ProtobufCMessage *msg, void *
     if (c->closing)
         return;
     if (c->ex == EX_MODELS) {
+        const Ferry__V1__ListModelsResponse *lm = (const Ferry__V1__ListModelsResponse *)msg;
         free(c->answer);
-        c->answer = oai_render_models((const Ferry__V1__ListModelsResponse *)msg);
+        c->answer = NULL;
+        if (c->model_id[0] == '\0')
+            c->answer = oai_render_models(lm);
+        for (size_t i = 0; c->model_id[0] != '\0' && i < lm->n_models; i++)
+            if (lm->models[i]->name && strcmp(lm->models[i]->name, c->model_id) == 0)
+                c->answer = oai_render_model(lm->models[i]);
     } else {
         const Ferry__V1__HealthResponse *h = (const Ferry__V1__HealthResponse *)msg;
         c->upstream_serving = h->status == FERRY__V1__HEALTH_RESPONSE__SERVING_STATUS__SERVING;
@@ -383,6 +391,10 @@ static void on_unary_done(ferry_call_t *call, int code, const char *message, voi
                 ok ? 3 : 12, c->keep_alive);
     } else if (code != 0) {
         respond_error(c, oai_http_status(code), message, c->keep_alive);
+    } else if (c->answer == NULL && c->model_id[0] != '\0') {
+        char m[160];
+        snprintf(m, sizeof(m), "model '%.128s' does not exist", c->model_id);
+        respond_error(c, 404, m, c->keep_alive);
     } else {
         respond_json(c, 200, c->answer, c->keep_alive);
         c->answer = NULL;
@@ -480,23 +492,36 @@ static void dispatch(oai_conn_t *c)
     c->keep_alive = r->keep_alive;
     size_t n;
     const char *path = oai_reader_path(r, &n);
-    bool get = strcmp(r->method, "GET") == 0, post = strcmp(r->method, "POST") == 0;
     FY_LOG_DEBUG(OAI_MODULE, "%s %.*s (%zu body bytes)", r->method, (int)n, path, r->body_len);
-    static const char *const k_routes[] = {"/v1/chat/completions", "/v1/completions", "/v1/models",
-                                           "/health", "/healthz"};
-    for (size_t i = 0; i < FY_ARRAY_SIZE(k_routes); i++)
-        if (path_is(path, n, k_routes[i]))
-            c->route = k_routes[i];
+    // The routes; a prefix route takes the rest of the path as its argument.
+    static const struct {
+        const char *path, *label, *method;
+        bool prefix;
+        oai_ex_t ex;
+        oai_kind_t kind;
+    } k_routes[] = {
+        {"/v1/chat/completions", "/v1/chat/completions", "POST", false, EX_GENERATE, OAI_CHAT},
+        {"/v1/completions", "/v1/completions", "POST", false, EX_GENERATE, OAI_COMPLETION},
+        {"/v1/models", "/v1/models", "GET", false, EX_MODELS, 0},
+        {"/v1/models/", "/v1/models/{id}", "GET", true, EX_MODELS, 0},
+        {"/health", "/health", "GET", false, EX_HEALTH, 0},
+        {"/healthz", "/healthz", "GET", false, EX_HEALTH, 0},
+    };
     oai_ex_t ex = EX_NONE;
-    int kind = -1;
-    if (path_is(path, n, "/v1/chat/completions") && post)
-        ex = EX_GENERATE, kind = OAI_CHAT;
-    else if (path_is(path, n, "/v1/completions") && post)
-        ex = EX_GENERATE, kind = OAI_COMPLETION;
-    else if (path_is(path, n, "/v1/models") && get)
-        ex = EX_MODELS;
-    else if ((path_is(path, n, "/health") || path_is(path, n, "/healthz")) && get)
-        ex = EX_HEALTH;
+    oai_kind_t kind = OAI_COMPLETION;
+    for (size_t i = 0; i < FY_ARRAY_SIZE(k_routes) && c->route == NULL; i++) {
+        size_t pl = strlen(k_routes[i].path);
+        if (k_routes[i].prefix ? n <= pl || memcmp(path, k_routes[i].path, pl) != 0
+                               : !path_is(path, n, k_routes[i].path))
+            continue;
+        c->route = k_routes[i].label;
+        if (strcmp(r->method, k_routes[i].method) == 0)
+            ex = k_routes[i].ex, kind = k_routes[i].kind;
+        if (k_routes[i].prefix) {
+            memcpy(c->model_id, path + pl, n - pl);
+            oai_percent_decode(c->model_id, n - pl);
+        }
+    }
     c->ex = ex != EX_NONE ? ex : EX_HEALTH;
     if (ex != EX_HEALTH && !authorized(c->srv, r)) {
         respond_error(c, 401, "a valid API key is needed (Authorization: Bearer <key>)",
@@ -509,7 +534,7 @@ static void dispatch(oai_conn_t *c)
         respond_error(c, c->route ? 405 : 404, m, c->keep_alive);
         exchange_end(c);
     } else if (ex == EX_GENERATE) {
-        start_generate(c, (oai_kind_t)kind);
+        start_generate(c, kind);
     } else {
         start_unary(c, ex);
     }

@@ -59,6 +59,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 abort();
             size_t n;
             const char *p = oai_reader_path(&r, &n);
+            char id[OAI_MAX_TARGET + 1];
+            memcpy(id, p, n);
+            if (oai_percent_decode(id, n) > n)
+                abort();
             body(n > 8 && memcmp(p, "/v1/chat", 8) == 0 ? OAI_CHAT : OAI_COMPLETION, r.body,
                  r.body_len);
             oai_reader_next(&r);

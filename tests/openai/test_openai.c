@@ -168,7 +168,8 @@ static void test_chat_request(void **state)
         "\"max_completion_tokens\":7,\"temperature\":0,\"top_p\":0.5,\"top_k\":-1,\"seed\":-1,"
         "\"stop\":[\"x\",\"yz\"],\"repetition_penalty\":1.1,\"presence_penalty\":0,\"n\":1,"
         "\"logprobs\":false,\"stream\":true,\"stream_options\":{\"include_usage\":true},"
-        "\"kv_policy\":\"ferry\",\"kv_budget\":0.25,\"user\":\"ignored\",\"tools\":[]}";
+        "\"kv_policy\":\"ferry\",\"kv_budget\":0.25,\"user\":\"ignored\",\"tools\":[],"
+        "\"stop_token_ids\":[2,49152]}";
     oai_request_t r;
     char err[256] = "";
     assert_int_equal(parse(&r, OAI_CHAT, k_body, err), 0);
@@ -188,6 +189,8 @@ static void test_chat_request(void **state)
     assert_true(g->sampling->seed == UINT64_MAX);
     assert_int_equal(g->sampling->n_stop, 2);
     assert_string_equal(g->sampling->stop[1], "yz");
+    assert_int_equal(g->sampling->n_stop_token_ids, 2);
+    assert_int_equal(g->sampling->stop_token_ids[1], 49152);
     assert_true(fabsf(g->sampling->repetition_penalty - 1.1f) < 1e-6f);
     assert_string_equal(g->codec->policy, "ferry");
     assert_true(g->codec->budget == 0.25f);
@@ -287,6 +290,8 @@ static void test_refusals(void **state)
         {OAI_COMPLETION, "{\"prompt\":\"a\",\"kv_policy\":5}", "kv_policy"},
         {OAI_COMPLETION, "{\"prompt\":\"a\",\"model\":5}", "model"},
         {OAI_COMPLETION, "{\"prompt\":\"a\",\"seed\":0.5}", "seed"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"stop_token_ids\":[1,-1]}", "stop_token_ids"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"stop_token_ids\":5}", "stop_token_ids"},
     };
     for (size_t i = 0; i < FY_ARRAY_SIZE(k_cases); i++) {
         oai_request_t r;
@@ -397,6 +402,10 @@ static void test_answers(void **state)
     assert_string_equal(at(j, "error.type")->valuestring, "invalid_request_error");
     assert_int_equal(at(j, "error.code")->valueint, 404);
     cJSON_Delete(j);
+
+    char pct[] = "a%20b%2Fc%zz%4";
+    assert_int_equal(oai_percent_decode(pct, strlen(pct)), 10);
+    assert_string_equal(pct, "a b/c%zz%4");
 
     assert_int_equal(oai_http_status(0), 200);
     assert_int_equal(oai_http_status(3), 400);

@@ -524,6 +524,24 @@ static void test_keep_alive_and_routes(void **state)
     free(text);
     assert_non_null(strstr(resp, "\"max_model_len\":4096"));
     free(resp);
+    // One model by id (percent-encoded or not); an unknown one is 404.
+    static const struct {
+        const char *path;
+        int want;
+    } k_models[] = {{"/v1/models/fake", 200}, {"/v1/models/f%61ke", 200}, {"/v1/models/nope", 404}};
+    for (size_t i = 0; i < FY_ARRAY_SIZE(k_models); i++) {
+        resp = exchange(f->port, "GET", k_models[i].path, NULL, "1.1");
+        assert_int_equal(status_of(resp), k_models[i].want);
+        cJSON *j = cJSON_Parse(body_of(resp));
+        if (k_models[i].want == 200) {
+            assert_string_equal(str_at(j, "id"), "fake");
+            assert_string_equal(str_at(j, "object"), "model");
+        } else {
+            assert_non_null(strstr(str_at(j, "error.message"), "'nope' does not exist"));
+        }
+        cJSON_Delete(j);
+        free(resp);
+    }
     // Expect: 100-continue gets its interim answer before the body is sent.
     static const char k_body[] = "{\"prompt\":\"p\"}";
     char head[256];
