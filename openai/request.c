@@ -46,6 +46,24 @@ static bool is_integer(const cJSON *v, double lo, double hi)
            v->valuedouble <= hi;
 }
 
+/* An array of token ids (integers in [0, 2^32)) into *ids_p (malloc'd, even when refused). */
+static int token_ids(const cJSON *arr, const char *field, uint32_t **ids_p, char *err,
+                     size_t err_len)
+{
+    size_t n = (size_t)cJSON_GetArraySize(arr), i = 0;
+    uint32_t *ids = *ids_p = malloc(FY_MAX(n, (size_t)1) * sizeof(*ids));
+    if (ids == NULL)
+        return bad(err, err_len, "out of memory reading '%s'", field);
+    const cJSON *t;
+    cJSON_ArrayForEach(t, arr)
+    {
+        if (!is_integer(t, 0, UINT32_MAX))
+            return bad(err, err_len, "'%s' token ids must be integers >= 0", field);
+        ids[i++] = (uint32_t)t->valuedouble;
+    }
+    return 0;
+}
+
 static int parse_stop(oai_request_t *r, const cJSON *stop, char *err, size_t err_len)
 {
     size_t n = 0;
@@ -148,18 +166,10 @@ static int parse_common(oai_request_t *r, const cJSON *root, char *err, size_t e
         if (!cJSON_IsArray(v) || cJSON_GetArraySize(v) > 1024)
             return bad(err, err_len, "'%s' must be an array of at most 1024 token ids",
                        "stop_token_ids");
-        size_t n = (size_t)cJSON_GetArraySize(v), i = 0;
-        r->stop_ids = malloc(FY_MAX(n, (size_t)1) * sizeof(*r->stop_ids));
-        if (r->stop_ids == NULL)
-            return bad(err, err_len, "out of memory reading '%s'", "stop_token_ids");
-        const cJSON *t;
-        cJSON_ArrayForEach(t, v)
-        {
-            if (!is_integer(t, 0, UINT32_MAX))
-                return bad(err, err_len, "'%s' must hold integers >= 0", "stop_token_ids");
-            r->stop_ids[i++] = (uint32_t)t->valuedouble;
-        }
-        r->sampling.n_stop_token_ids = n;
+        int rc = token_ids(v, "stop_token_ids", &r->stop_ids, err, err_len);
+        if (rc)
+            return rc;
+        r->sampling.n_stop_token_ids = (size_t)cJSON_GetArraySize(v);
         r->sampling.stop_token_ids = r->stop_ids;
     }
     if ((v = member(root, "ignore_eos")) != NULL) {
@@ -299,19 +309,10 @@ static int parse_messages(oai_request_t *r, const cJSON *msgs, char *err, size_t
 
 static int parse_ids(oai_request_t *r, const cJSON *arr, char *err, size_t err_len)
 {
-    size_t n = (size_t)cJSON_GetArraySize(arr);
-    r->id_buf = malloc(FY_MAX(n, (size_t)1) * sizeof(*r->id_buf));
-    if (r->id_buf == NULL)
-        return bad(err, err_len, "out of memory reading '%s'", "prompt");
-    size_t i = 0;
-    const cJSON *t;
-    cJSON_ArrayForEach(t, arr)
-    {
-        if (!is_integer(t, 0, UINT32_MAX))
-            return bad(err, err_len, "'%s' token ids must be integers >= 0", "prompt");
-        r->id_buf[i++] = (uint32_t)t->valuedouble;
-    }
-    r->ids.n_ids = n;
+    int rc = token_ids(arr, "prompt", &r->id_buf, err, err_len);
+    if (rc)
+        return rc;
+    r->ids.n_ids = (size_t)cJSON_GetArraySize(arr);
     r->ids.ids = r->id_buf;
     r->msg.input_case = FERRY__V1__GENERATE_REQUEST__INPUT_PROMPT_TOKEN_IDS;
     r->msg.prompt_token_ids = &r->ids;
