@@ -326,6 +326,37 @@ typedef struct {
     fy_status_t *st; // [n_kv * n_split]
 } layer_ctx_t;
 
+/* A page's share of the work: its tokens (a 2-bit page holds about 8 times the tokens of an
+ * FP16 one, and the time goes with the tokens), plus one so that empty pages count. */
+static uint64_t page_cost(const kvc_pool_t *pool, kvc_page_id_t id)
+{
+    return id < kvc_pool_n_pages(pool) ? (uint64_t)kvc_rd32(kvc_page_data(pool, id) + 12) + 1 : 1;
+}
+
+/* The first page at which the pages before it cost at least target. */
+static uint32_t cut_at(const kvc_pool_t *pool, const kvc_page_id_t *ids, uint32_t n,
+                       uint64_t target)
+{
+    uint64_t seen = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        if (seen >= target)
+            return i;
+        seen += page_cost(pool, ids[i]);
+    }
+    return n;
+}
+
+/* Part p of n_split of a page list: pages [lo, hi), cut at equal shares of the cost. */
+static void split_pages(const kvc_pool_t *pool, const kvc_page_id_t *ids, uint32_t n, uint32_t p,
+                        uint32_t n_split, uint32_t *lo_p, uint32_t *hi_p)
+{
+    uint64_t total = 0;
+    for (uint32_t i = 0; i < n; i++)
+        total += page_cost(pool, ids[i]);
+    *lo_p = p == 0 ? 0 : cut_at(pool, ids, n, total * p / n_split);
+    *hi_p = p + 1 == n_split ? n : cut_at(pool, ids, n, total * (p + 1) / n_split);
+}
+
 static void layer_range(void *arg, size_t begin, size_t end, int thread)
 {
     layer_ctx_t *c = arg;
@@ -338,8 +369,8 @@ static void layer_range(void *arg, size_t begin, size_t end, int thread)
                                   c->out + off);
             continue;
         }
-        uint32_t lo = (uint32_t)((uint64_t)n * p / c->n_split);
-        uint32_t hi = (uint32_t)((uint64_t)n * (p + 1) / c->n_split);
+        uint32_t lo, hi;
+        split_pages(kvc_seq_pool(c->seq), ids, n, p, c->n_split, &lo, &hi);
         float *ml = c->part_ml + i * 2 * c->grp;
         c->st[i] = attend_part(kvc_seq_pool(c->seq), ids + lo, hi - lo, c->q + off, c->grp,
                                c->scale, ml, ml + c->grp, c->part_o + i * c->grp * c->d);
