@@ -306,7 +306,8 @@ static void on_generate_msg(ferry_call_t *call, const ProtobufCMessage *msg, voi
         c->text = t;
         c->text_cap = FY_MAX(cap, (size_t)256);
     }
-    memcpy(c->text + c->text_len, r->text, n);
+    if (n > 0)
+        memcpy(c->text + c->text_len, r->text, n);
     c->text_len += n;
 }
 
