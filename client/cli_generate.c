@@ -57,7 +57,8 @@ static void usage(FILE *out)
             "worker's)\n"
             "  --budget B            KV codec budget in (0, 1] (remote)\n"
             "  --timeout DURATION    deadline of a remote request (default 300s)\n"
-            "  --token TOKEN         bearer token for the router\n"
+            "  --token TOKEN         bearer token for the router (default: $FERRY_TOKEN, else\n"
+            "                        $FERRY_API_KEY: the router's --api-key)\n"
             "  --ids                 print the generated token ids to stderr (remote)\n"
             "  --stats               print TTFT, speed and KV transfer figures to stderr\n");
 }
@@ -216,7 +217,9 @@ int cli_generate_main(int argc, char **argv)
 {
     tune_blas(argc, argv, "generate");
     const char *model_path = NULL, *prompt = NULL, *system = NULL, *router = NULL;
-    const char *policy = NULL, *token = NULL, *positional[2] = {NULL, NULL};
+    const char *policy = NULL, *token = getenv("FERRY_TOKEN"), *positional[2] = {NULL, NULL};
+    if (token == NULL || token[0] == '\0')
+        token = getenv("FERRY_API_KEY");
     const char *stops[8];
     size_t n_stops = 0, n_positional = 0;
     bool local = false, chat = false, stats = false, show_ids = false;

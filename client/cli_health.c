@@ -16,7 +16,7 @@ static void usage(FILE *out)
                  " [--service NAME]\n"
                  "  ADDR is host:port of a Ferry router or worker (gRPC, h2c).\n"
                  "  --timeout MS   deadline of the call (default 5000)\n"
-                 "  --token TOKEN  bearer token (default: $FERRY_TOKEN)\n"
+                 "  --token TOKEN  bearer token (default: $FERRY_TOKEN, else $FERRY_API_KEY)\n"
                  "  --service NAME service to ask about (default: the server itself)\n");
 }
 
@@ -37,6 +37,8 @@ static const char *status_name(Ferry__V1__HealthResponse__ServingStatus s)
 int cli_health_main(int argc, char **argv)
 {
     const char *addr = NULL, *service = NULL, *token = getenv("FERRY_TOKEN");
+    if (token == NULL || token[0] == '\0')
+        token = getenv("FERRY_API_KEY");
     uint64_t timeout_ms = 5000;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];

@@ -262,6 +262,15 @@ void *fy_arena_calloc(fy_arena_t *arena, size_t count, size_t size, size_t align
 void fy_arena_reset(fy_arena_t *arena);
 
 /* ------------------------------------------------------------------------------------------ */
+/* API keys                                                                                    */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Whether an Authorization header value (len bytes, not necessarily NUL-terminated; NULL when
+ * absent) is "Bearer <key>" (the scheme in any case), compared in a time that does not depend
+ * on where a wrong key differs. Always true when key is NULL or "". Thread: any. */
+bool fy_bearer_ok(const char *authorization, size_t len, const char *key);
+
+/* ------------------------------------------------------------------------------------------ */
 /* Configuration: defaults < config file (YAML) < command-line flags                           */
 /* ------------------------------------------------------------------------------------------ */
 

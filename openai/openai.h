@@ -44,6 +44,8 @@ typedef struct {
     const char *api_key;         // NULL or "": no authentication; else every route but the
                                  // health check needs "Authorization: Bearer <api_key>" (401
                                  // without); at most 256 bytes; borrowed for create
+    const char *upstream_token;  // bearer token for the upstream's calls, or NULL; borrowed
+                                 // for create
 } oai_server_params_t;
 
 /* Fills the defaults above. Thread: any. */

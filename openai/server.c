@@ -14,7 +14,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 #include <time.h>
 
 #include "ferry_client.h"
@@ -462,20 +461,11 @@ static bool path_is(const char *path, size_t n, const char *want)
     return n == strlen(want) && memcmp(path, want, n) == 0;
 }
 
-/* Whether the request may be served: no key set, or "Bearer <key>" (compared in a time that
- * does not depend on where a wrong key differs). */
+/* Whether the request may be served: no key set, or "Bearer <key>". */
 static bool authorized(const oai_server_t *srv, const oai_reader_t *r)
 {
-    if (srv->api_key[0] == '\0')
-        return true;
-    if (r->auth_long || r->auth_len < 7 || strncasecmp(r->auth, "Bearer ", 7) != 0)
-        return false;
-    const char *got = r->auth + 7;
-    size_t n = r->auth_len - 7, kl = strlen(srv->api_key);
-    unsigned diff = n != kl;
-    for (size_t i = 0; i < kl; i++)
-        diff |= (unsigned char)srv->api_key[i] ^ (unsigned char)(i < n ? got[i] : 0);
-    return diff == 0;
+    return srv->api_key[0] == '\0' ||
+           (!r->auth_long && fy_bearer_ok(r->auth, r->auth_len, srv->api_key));
 }
 
 /* A whole request (or a reader error) is here: answer it. */
@@ -754,6 +744,7 @@ fy_status_t oai_server_create(uv_loop_t *loop, const oai_server_params_t *params
     srv->params.upstream = NULL;
     srv->params.model_name = NULL;
     srv->params.api_key = NULL;
+    srv->params.upstream_token = NULL;
     snprintf(srv->api_key, sizeof(srv->api_key), "%s", params->api_key ? params->api_key : "");
     snprintf(srv->model_name, sizeof(srv->model_name), "%s",
              params->model_name ? params->model_name : "");
@@ -763,6 +754,7 @@ fy_status_t oai_server_create(uv_loop_t *loop, const oai_server_params_t *params
     ferry_client_params_t cp;
     ferry_client_params_default(&cp);
     cp.addresses = params->upstream;
+    cp.token = params->upstream_token && params->upstream_token[0] ? params->upstream_token : NULL;
     cp.timeout_ms = 0; // generations take as long as they take; unary calls set their own
     cp.max_message = 16u << 20;
     int rv = ferry_client_create_on_loop(loop, &cp, &srv->client);

@@ -25,8 +25,8 @@ static const fy_opt_t k_opts[] = {
      "/v1/chat/completions, /v1/models) on HOST:PORT",
      false},
     {"http-port-file", FY_OPT_STRING, "", "write the bound HTTP port to this file", false},
-    {"http-api-key", FY_OPT_STRING, "",
-     "require \"Authorization: Bearer KEY\" on the HTTP API "
+    {"api-key", FY_OPT_STRING, "",
+     "require \"Authorization: Bearer KEY\" of clients, over gRPC and HTTP "
      "(default: $FERRY_API_KEY; unset = open)",
      false},
     {"model", FY_OPT_STRING, NULL, "GGUF model file (only its tokenizer and metadata are read)",
@@ -72,12 +72,25 @@ typedef struct {
     fy_metric_t *workers_prefill, *workers_decode, *expired;
     rpc_server_t *srv;
     oai_server_t *oai;
+    const char *api_key; // --api-key or $FERRY_API_KEY, NULL when clients need none
     rt_t *rt;
     daemon_signals_t sig;
     uv_timer_t tick;
     uint64_t drain_deadline_ns;
     bool draining, aborted, stopping;
 } app_t;
+
+/* The client service needs the API key, when one is set; Health stays open for probes, and the
+ * worker service (registration, heartbeats) for the workers. */
+static fy_status_t authorize(void *arg, const char *path, const char *authorization)
+{
+    app_t *a = arg;
+    if (strncmp(path, "/ferry.v1.Ferry/", 16) != 0 || strcmp(path, "/ferry.v1.Ferry/Health") == 0)
+        return FY_OK;
+    return fy_bearer_ok(authorization, authorization ? strlen(authorization) : 0, a->api_key)
+               ? FY_OK
+               : FY_ERR_UNAUTHENTICATED;
+}
 
 static bool healthy(void *arg)
 {
@@ -172,12 +185,7 @@ static fy_status_t start_http(app_t *a, const char *rpc_host, int rpc_port, cons
     op.upstream = upstream;
     op.model_name = name;
     op.metrics = a->metrics;
-    const char *key = fy_config_str(a->cfg, "http-api-key");
-    op.api_key = key && key[0] ? key : getenv("FERRY_API_KEY");
-    if (op.api_key && strlen(op.api_key) > 256) {
-        FY_LOG_ERROR(MODULE, "--http-api-key: at most 256 bytes");
-        return FY_ERR_INVALID_ARG;
-    }
+    op.api_key = op.upstream_token = a->api_key;
     fy_status_t st = oai_server_create(&a->loop, &op, &a->oai);
     if (st != FY_OK) {
         FY_LOG_ERROR(MODULE, "--http-listen %s: %s", listen, fy_status_str(st));
@@ -262,8 +270,20 @@ static int run(app_t *a)
     if ((st = rt_create(&a->loop, &tp, &a->rt)) != FY_OK)
         return 1;
 
+    const char *key = fy_config_str(cfg, "api-key");
+    a->api_key = key && key[0] ? key : getenv("FERRY_API_KEY");
+    if (a->api_key && a->api_key[0] == '\0')
+        a->api_key = NULL;
+    if (a->api_key && strlen(a->api_key) > 256) {
+        FY_LOG_ERROR(MODULE, "--api-key: at most 256 bytes");
+        return 2;
+    }
     rpc_server_params_t sp;
     rpc_server_params_default(&sp);
+    if (a->api_key) {
+        sp.auth = authorize;
+        sp.auth_arg = a;
+    }
     sp.host = host;
     sp.port = port;
     sp.max_message = 16u << 20;

@@ -155,6 +155,30 @@ static void test_help_lists_options(void **state)
     fy_config_destroy(cfg);
 }
 
+/* API keys: the scheme in any case, the key exactly (no prefix, no extension), none = open. */
+static void test_bearer(void **state)
+{
+    static const struct {
+        const char *auth, *key;
+        bool ok;
+    } k_cases[] = {
+        {"Bearer k3y", "k3y", true}, {"bearer k3y", "k3y", true},   {"BEARER k3y", "k3y", true},
+        {"Bearer k3", "k3y", false}, {"Bearer k3yy", "k3y", false}, {"Bearer K3Y", "k3y", false},
+        {"Basic k3y", "k3y", false}, {"Bearer", "k3y", false},      {"", "k3y", false},
+        {NULL, "k3y", false},        {"Bearer  k3y", "k3y", false}, {NULL, NULL, true},
+        {"anything", "", true},
+    };
+    for (size_t i = 0; i < FY_ARRAY_SIZE(k_cases); i++) {
+        const char *a = k_cases[i].auth;
+        if (fy_bearer_ok(a, a ? strlen(a) : 0, k_cases[i].key) != k_cases[i].ok)
+            fail_msg("case %zu: \"%s\" against \"%s\"", i, a ? a : "(none)",
+                     k_cases[i].key ? k_cases[i].key : "(none)");
+    }
+    // Only len bytes count: a longer buffer holding the key is not the key.
+    assert_false(fy_bearer_ok("Bearer k3yXYZ", 10, "k3yX"));
+    assert_true(fy_bearer_ok("Bearer k3yXYZ", 10, "k3y"));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -162,6 +186,7 @@ int main(void)
         cmocka_unit_test(test_errors_are_clear),
         cmocka_unit_test(test_value_parsers),
         cmocka_unit_test(test_help_lists_options),
+        cmocka_unit_test(test_bearer),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -2,7 +2,7 @@
 with ferry-prefill and ferry-decode behind it, all three started here on free ports with the
 real model (missing model = failure): greedy answers equal the gRPC CLI's, streams equal whole
 answers, Ferry's codec is chosen per request, errors come back as the client's exceptions (a
-wrong API key among them), a stream closed early is cancelled upstream.
+wrong API key among them; the key guards the gRPC client service too), a stream closed early is cancelled upstream.
 
 usage: openai_api.py BUILD_ROOT
 """
@@ -39,7 +39,7 @@ def main():
     cluster = LocalCluster(build, model)
     http_port_file = cluster.port_file("http")
     cluster.router_args = ["--http-listen", "127.0.0.1:0", "--http-port-file", http_port_file,
-                           "--model-name", "smollm2", "--http-api-key", "e2e-key"]
+                           "--model-name", "smollm2", "--api-key", "e2e-key"]
     with cluster:
         hport = cluster.wait_port(http_port_file, "router (http)")
         rport, router = cluster.router_port, cluster.router
@@ -63,12 +63,21 @@ def main():
             check("wrong API key refused", False)
         except openai.AuthenticationError as e:
             check("wrong API key refused", "API key" in str(e), e)
+        # The same key guards the gRPC client service; its Health stays open for probes.
+        p = subprocess.run([os.path.join(build, "client/ferry"), "generate", router, "hi"],
+                           capture_output=True, text=True, timeout=60)
+        check("gRPC without the key refused", p.returncode == 1
+              and "UNAUTHENTICATED" in p.stderr, p.stderr.strip())
+        p = subprocess.run([os.path.join(build, "client/ferry"), "health", router],
+                           capture_output=True, text=True, timeout=60)
+        check("gRPC Health open", p.returncode == 0 and "SERVING" in p.stdout, p.stdout.strip())
         models = client.models.list().data
         check("models", [m.id for m in models] == ["smollm2"], [m.id for m in models])
 
         def cli(*args):
             p = subprocess.run([os.path.join(build, "client/ferry"), "generate", router,
-                                "--temperature", "0", "--policy", "fp16"] + list(args),
+                                "--token", "e2e-key", "--temperature", "0", "--policy", "fp16"]
+                               + list(args),
                                capture_output=True, text=True, timeout=300)
             assert p.returncode == 0, p.stderr
             return p.stdout[:-1] if p.stdout.endswith("\n") else p.stdout
