@@ -4,15 +4,16 @@
  * Serves, over HTTP/1.1 on its own port, what clients of vLLM and SGLang call:
  *   POST /v1/chat/completions   messages rendered with the model's chat template
  *   POST /v1/completions        a raw prompt (text or token ids)
- *   GET  /v1/models             the served model
+ *   GET  /v1/models[/{id}]      the served model
  *   GET  /health                200 when the upstream serves, 503 otherwise
  * with "stream": true answered as server-sent events ("data: {...}\n\n", then "data: [DONE]").
- * Each request becomes one ferry.v1.Ferry/Generate call to the upstream (the router) through
- * the client SDK on the caller's libuv loop. Ferry's codec is chosen per request with the
- * extra body fields "kv_policy" and "kv_budget"; "top_k" and "repetition_penalty" are taken
- * as vLLM takes them. What Ferry cannot do (n > 1, logprobs, tools, presence or frequency
- * penalties) is refused with 400 rather than ignored. A client that disconnects cancels its
- * generation. With an API key, requests without it get 401.
+ * Each choice of a request ("n", default 1) becomes one ferry.v1.Ferry/Generate call to the
+ * upstream (the router) through the client SDK on the caller's libuv loop. Ferry's codec is
+ * chosen per request with the extra body fields "kv_policy" and "kv_budget"; "top_k",
+ * "repetition_penalty" and "stop_token_ids" are taken as vLLM takes them. What Ferry cannot do
+ * (logprobs, tools, presence or frequency penalties) is refused with 400 rather than ignored.
+ * A client that disconnects cancels its generations. With an API key, requests without it get
+ * 401.
  *
  * Everything runs on one libuv loop.
  */

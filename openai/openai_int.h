@@ -27,6 +27,7 @@
 #define OAI_MAX_STOP     16    // stop strings
 #define OAI_MAX_ID       64    // response id, "chatcmpl-" and 32 hex digits fit
 #define OAI_MAX_AUTH     512   // longest Authorization header value kept
+#define OAI_MAX_N        16    // choices a request may ask for ("n")
 
 /* ---- HTTP/1.1 requests from a byte stream ------------------------------------------------ */
 
@@ -90,6 +91,8 @@ typedef struct {
     uint32_t *stop_ids;                 // [sampling.n_stop_token_ids]
     char *stop[OAI_MAX_STOP];
     bool stream, include_usage;
+    bool has_seed;     // "seed" given: choice i samples with seed + i
+    uint32_t n;        // choices, 1..OAI_MAX_N
     const char *model; // as requested, or NULL
 } oai_request_t;
 
@@ -104,17 +107,23 @@ void oai_request_clear(oai_request_t *r);
 /* "stop" or "length" for a finish reason. */
 const char *oai_finish_name(Ferry__V1__FinishReason reason);
 
-/* A whole completion (kind's object) with its text, finish reason and usage (stats may be
- * NULL). */
+/* One choice of an answer: its text (text_len bytes) and finish reason. */
+typedef struct {
+    const char *text;
+    size_t text_len;
+    Ferry__V1__FinishReason finish;
+} oai_choice_out_t;
+
+/* A whole completion (kind's object) with n choices and the usage (stats may be NULL). */
 char *oai_render_completion(oai_kind_t kind, const char *id, int64_t created, const char *model,
-                            const char *text, size_t text_len, Ferry__V1__FinishReason reason,
+                            const oai_choice_out_t *choices, uint32_t n,
                             const Ferry__V1__RequestStats *stats);
 
-/* One stream chunk: text (may be empty), role (chat's first chunk) and finish reason (NULL
- * until the last); with_usage adds "usage": null, as streams that include usage do. */
+/* One stream chunk of choice `index`: text (may be empty), role (chat's first chunk) and finish
+ * reason (NULL until the last); with_usage adds "usage": null, as streams that include usage do. */
 char *oai_render_chunk(oai_kind_t kind, const char *id, int64_t created, const char *model,
-                       const char *role, const char *text, size_t text_len, const char *finish,
-                       bool with_usage);
+                       uint32_t index, const char *role, const char *text, size_t text_len,
+                       const char *finish, bool with_usage);
 
 /* The usage chunk that ends a stream with include_usage (no choices). */
 char *oai_render_usage_chunk(oai_kind_t kind, const char *id, int64_t created, const char *model,

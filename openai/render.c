@@ -79,16 +79,13 @@ static const char *object_name(oai_kind_t kind, bool chunk)
     return "text_completion";
 }
 
-char *oai_render_completion(oai_kind_t kind, const char *id, int64_t created, const char *model,
-                            const char *text, size_t text_len, Ferry__V1__FinishReason reason,
-                            const Ferry__V1__RequestStats *stats)
+/* One choice of a whole completion, appended to choices. */
+static bool add_choice(oai_kind_t kind, cJSON *choices, uint32_t index, const oai_choice_out_t *ch)
 {
-    bool ok;
-    cJSON *root = head(id, object_name(kind, false), created, model, &ok);
-    cJSON *choices = ok ? cJSON_AddArrayToObject(root, "choices") : NULL;
-    cJSON *c = choices ? cJSON_CreateObject() : NULL;
-    ok = c != NULL && cJSON_AddItemToArray(choices, c) && cJSON_AddNumberToObject(c, "index", 0);
-    cJSON *t = ok ? string_n(text, text_len) : NULL;
+    cJSON *c = cJSON_CreateObject();
+    bool ok =
+        c != NULL && cJSON_AddItemToArray(choices, c) && cJSON_AddNumberToObject(c, "index", index);
+    cJSON *t = ok ? string_n(ch->text ? ch->text : "", ch->text_len) : NULL;
     if (kind == OAI_CHAT) {
         cJSON *m = ok ? cJSON_AddObjectToObject(c, "message") : NULL;
         ok = m != NULL && t != NULL && cJSON_AddStringToObject(m, "role", "assistant") &&
@@ -97,22 +94,35 @@ char *oai_render_completion(oai_kind_t kind, const char *id, int64_t created, co
         ok = ok && t != NULL && cJSON_AddItemToObject(c, "text", t);
     }
     if (!ok)
-        cJSON_Delete(t); // not attached (attached items go with root)
-    ok = ok && cJSON_AddNullToObject(c, "logprobs") &&
-         cJSON_AddStringToObject(c, "finish_reason", oai_finish_name(reason)) &&
-         add_usage(root, stats);
+        cJSON_Delete(t); // not attached (attached items go with their parent)
+    return ok && cJSON_AddNullToObject(c, "logprobs") &&
+           cJSON_AddStringToObject(c, "finish_reason", oai_finish_name(ch->finish));
+}
+
+char *oai_render_completion(oai_kind_t kind, const char *id, int64_t created, const char *model,
+                            const oai_choice_out_t *choices, uint32_t n,
+                            const Ferry__V1__RequestStats *stats)
+{
+    bool ok;
+    cJSON *root = head(id, object_name(kind, false), created, model, &ok);
+    cJSON *arr = ok ? cJSON_AddArrayToObject(root, "choices") : NULL;
+    ok = arr != NULL;
+    for (uint32_t i = 0; ok && i < n; i++)
+        ok = add_choice(kind, arr, i, &choices[i]);
+    ok = ok && add_usage(root, stats);
     return print_and_free(root, ok);
 }
 
 char *oai_render_chunk(oai_kind_t kind, const char *id, int64_t created, const char *model,
-                       const char *role, const char *text, size_t text_len, const char *finish,
-                       bool with_usage)
+                       uint32_t index, const char *role, const char *text, size_t text_len,
+                       const char *finish, bool with_usage)
 {
     bool ok;
     cJSON *root = head(id, object_name(kind, true), created, model, &ok);
     cJSON *choices = ok ? cJSON_AddArrayToObject(root, "choices") : NULL;
     cJSON *c = choices ? cJSON_CreateObject() : NULL;
-    ok = c != NULL && cJSON_AddItemToArray(choices, c) && cJSON_AddNumberToObject(c, "index", 0);
+    ok =
+        c != NULL && cJSON_AddItemToArray(choices, c) && cJSON_AddNumberToObject(c, "index", index);
     cJSON *t =
         ok && (kind != OAI_CHAT || text_len > 0 || role != NULL) ? string_n(text, text_len) : NULL;
     if (kind == OAI_CHAT) {

@@ -10,7 +10,8 @@
  *   top_k (-1 or 0 = off), repetition_penalty, stop_token_ids      SamplingParams
  *   stream, stream_options.include_usage           how the answer is sent
  *   kv_policy, kv_budget       CodecParams (Ferry's own)
- * Refused with 400, because Ferry would silently do something else: n > 1, best_of > 1,
+ *   n (1..16)                  that many Generate calls (seed + i for choice i when seeded)
+ * Refused with 400, because Ferry would silently do something else: best_of > 1,
  * logprobs, top_logprobs, echo, suffix, tools, a non-empty logit_bias, a response_format other
  * than text, presence or frequency penalties other than 0. Other fields are ignored (as
  * "user" is by every server).
@@ -156,6 +157,7 @@ static int parse_common(oai_request_t *r, const cJSON *root, char *err, size_t e
             return bad(err, err_len, "'%s' must be an integer", "seed");
         r->sampling.seed =
             v->valuedouble < 0 ? (uint64_t)(int64_t)v->valuedouble : (uint64_t)v->valuedouble;
+        r->has_seed = true;
     }
     if ((v = member(root, "stop")) != NULL) {
         int rc = parse_stop(r, v, err, err_len);
@@ -177,8 +179,13 @@ static int parse_common(oai_request_t *r, const cJSON *root, char *err, size_t e
             return bad(err, err_len, "'%s' must be true or false", "ignore_eos");
         r->sampling.ignore_eos = cJSON_IsTrue(v);
     }
-    if ((v = member(root, "n")) != NULL && !is_integer(v, 1, 1))
-        return bad(err, err_len, "'%s' other than 1 is not supported", "n");
+    if ((v = member(root, "n")) != NULL) {
+        if (!is_integer(v, 1, OAI_MAX_N)) {
+            snprintf(err, err_len, "'n' must be an integer in [1, %d]", OAI_MAX_N);
+            return 400;
+        }
+        r->n = (uint32_t)v->valuedouble;
+    }
     if ((v = member(root, "best_of")) != NULL && !is_integer(v, 1, 1))
         return bad(err, err_len, "'%s' other than 1 is not supported", "best_of");
     if ((v = member(root, "logprobs")) != NULL && !cJSON_IsFalse(v))
@@ -343,6 +350,7 @@ int oai_request_parse(oai_request_t *r, oai_kind_t kind, const char *body, size_
 {
     memset(r, 0, sizeof(*r));
     r->kind = kind;
+    r->n = 1;
     ferry__v1__generate_request__init(&r->msg);
     ferry__v1__sampling_params__init(&r->sampling);
     ferry__v1__codec_params__init(&r->codec);

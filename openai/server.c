@@ -39,6 +39,18 @@ struct oai_server {
     fy_metric_t *connections; // gauge, or NULL
 };
 
+/* One choice of a generation: one Generate call upstream. */
+typedef struct {
+    oai_conn_t *conn;
+    uint32_t index;
+    ferry_call_t *call; // NULL once its done callback ran
+    char *text;         // non-streamed answer so far: [text_cap], text_len used
+    size_t text_len, text_cap;
+    Ferry__V1__FinishReason finish;
+    Ferry__V1__RequestStats *stats; // unpacked copy of the last message's
+    bool finish_sent;               // its last stream chunk (with the reason) went out
+} oai_choice_t;
+
 struct oai_conn {
     oai_server_t *srv;
     oai_conn_t *prev, *next;
@@ -53,17 +65,18 @@ struct oai_conn {
     char rbuf[OAI_READ_CHUNK];
     // The exchange in flight (ex != EX_NONE):
     oai_ex_t ex;
-    const char *route; // its metrics label: a known path or "other"
-    ferry_call_t *call;
+    const char *route;  // its metrics label: a known path or "other"
+    ferry_call_t *call; // a unary call (models, health)
     oai_request_t req;
     bool keep_alive, headers_sent, upstream_serving;
     char id[OAI_MAX_ID];
     int64_t created;
-    char *text; // non-streamed answer so far: [text_cap], text_len used
-    size_t text_len, text_cap;
-    Ferry__V1__FinishReason finish;
-    Ferry__V1__RequestStats *stats; // unpacked copy of the last message's
-    char *answer;                   // a unary answer's body (models), malloc'd
+    oai_choice_t choices[OAI_MAX_N];   // a generation's, req.n of them
+    uint32_t running;                  // choices whose call has not ended
+    bool cancelling;                   // inside cancel_choices: done callbacks only count down
+    int error_code;                    // the first failed choice's gRPC code, 0 = none
+    char error[256];                   // ... and message
+    char *answer;                      // a unary answer's body (models), malloc'd
     char model_id[OAI_MAX_TARGET + 1]; // GET /v1/models/{id}: the id, decoded; "" for the list
 };
 
@@ -215,12 +228,16 @@ static const char *answer_model(const oai_conn_t *c)
 static void exchange_end(oai_conn_t *c)
 {
     oai_request_clear(&c->req);
-    free(c->text);
-    c->text = NULL;
-    c->text_len = c->text_cap = 0;
-    if (c->stats)
-        ferry__v1__request_stats__free_unpacked(c->stats, NULL);
-    c->stats = NULL;
+    for (uint32_t i = 0; i < OAI_MAX_N; i++) {
+        oai_choice_t *ch = &c->choices[i];
+        free(ch->text);
+        if (ch->stats)
+            ferry__v1__request_stats__free_unpacked(ch->stats, NULL);
+        memset(ch, 0, sizeof(*ch));
+    }
+    c->running = 0;
+    c->error_code = 0;
+    c->error[0] = '\0';
     free(c->answer);
     c->answer = NULL;
     c->ex = EX_NONE;
@@ -228,7 +245,6 @@ static void exchange_end(oai_conn_t *c)
     c->model_id[0] = '\0';
     c->call = NULL;
     c->headers_sent = c->upstream_serving = false;
-    c->finish = FERRY__V1__FINISH_REASON__FINISH_REASON_UNSPECIFIED;
     if (c->closing)
         return;
     if (!c->keep_alive) {
@@ -258,103 +274,168 @@ static void start_stream(oai_conn_t *c)
                       c->chunked ? "Transfer-Encoding: chunked\r\n" : "",
                       c->keep_alive ? "keep-alive" : "close");
     conn_send(c, head, (size_t)hn);
-    if (c->req.kind == OAI_CHAT) // the role comes first, as OpenAI streams it
-        send_event_json(c, oai_render_chunk(OAI_CHAT, c->id, c->created, answer_model(c),
+    for (uint32_t i = 0; i < c->req.n && c->req.kind == OAI_CHAT; i++) // the role first
+        send_event_json(c, oai_render_chunk(OAI_CHAT, c->id, c->created, answer_model(c), i,
                                             "assistant", "", 0, NULL, c->req.include_usage));
 }
 
-static void keep_stats(oai_conn_t *c, const Ferry__V1__RequestStats *st)
+static void keep_stats(oai_choice_t *ch, const Ferry__V1__RequestStats *st)
 {
     size_t n = protobuf_c_message_get_packed_size(&st->base);
     uint8_t *buf = malloc(n ? n : 1);
     if (buf == NULL)
         return;
     protobuf_c_message_pack(&st->base, buf);
-    if (c->stats)
-        ferry__v1__request_stats__free_unpacked(c->stats, NULL);
-    c->stats = ferry__v1__request_stats__unpack(NULL, n, buf);
+    if (ch->stats)
+        ferry__v1__request_stats__free_unpacked(ch->stats, NULL);
+    ch->stats = ferry__v1__request_stats__unpack(NULL, n, buf);
     free(buf);
 }
 
 static void on_generate_msg(ferry_call_t *call, const ProtobufCMessage *msg, void *arg)
 {
-    oai_conn_t *c = arg;
+    oai_choice_t *ch = arg;
+    oai_conn_t *c = ch->conn;
     const Ferry__V1__GenerateResponse *r = (const Ferry__V1__GenerateResponse *)msg;
-    if (c->closing)
+    if (c->closing || c->error_code != 0)
         return;
     if (r->finish_reason != FERRY__V1__FINISH_REASON__FINISH_REASON_UNSPECIFIED)
-        c->finish = r->finish_reason;
+        ch->finish = r->finish_reason;
     if (r->stats != NULL)
-        keep_stats(c, r->stats);
+        keep_stats(ch, r->stats);
     size_t n = r->text ? strlen(r->text) : 0;
     if (c->req.stream) {
         if (!c->headers_sent)
             start_stream(c);
         if (n > 0)
             send_event_json(c, oai_render_chunk(c->req.kind, c->id, c->created, answer_model(c),
-                                                NULL, r->text, n, NULL, c->req.include_usage));
+                                                ch->index, NULL, r->text, n, NULL,
+                                                c->req.include_usage));
         return;
     }
-    if (c->text_len + n + 1 > c->text_cap) {
-        size_t cap = FY_MAX(c->text_cap * 2, c->text_len + n + 1);
-        char *t = realloc(c->text, FY_MAX(cap, (size_t)256));
+    if (ch->text_len + n + 1 > ch->text_cap) {
+        size_t cap = FY_MAX(FY_MAX(ch->text_cap * 2, ch->text_len + n + 1), (size_t)256);
+        char *t = realloc(ch->text, cap);
         if (t == NULL) {
             ferry_call_cancel(call);
             return;
         }
-        c->text = t;
-        c->text_cap = FY_MAX(cap, (size_t)256);
+        ch->text = t;
+        ch->text_cap = cap;
     }
     if (n > 0)
-        memcpy(c->text + c->text_len, r->text, n);
-    c->text_len += n;
+        memcpy(ch->text + ch->text_len, r->text, n);
+    ch->text_len += n;
 }
 
-static void on_generate_done(ferry_call_t *call, int code, const char *message, void *arg)
+/* A choice's last stream chunk: no text, its finish reason. */
+static void send_finish_chunk(oai_conn_t *c, oai_choice_t *ch)
 {
-    oai_conn_t *c = arg;
-    c->call = NULL; // over: never cancelled again, whatever the answer's writes do
-    if (c->closing) {
-        exchange_end(c);
-        return;
+    ch->finish_sent = true;
+    send_event_json(c, oai_render_chunk(c->req.kind, c->id, c->created, answer_model(c), ch->index,
+                                        NULL, "", 0, oai_finish_name(ch->finish),
+                                        c->req.include_usage));
+}
+
+/* Cancels the choices still running (their done callbacks only count down meanwhile). */
+static void cancel_choices(oai_conn_t *c)
+{
+    c->cancelling = true;
+    for (uint32_t i = 0; i < c->req.n; i++)
+        if (c->choices[i].call != NULL)
+            ferry_call_cancel(c->choices[i].call);
+    c->cancelling = false;
+}
+
+/* The usage of all choices: the prompt once, the completions and KV bytes summed. */
+static void sum_stats(const oai_conn_t *c, Ferry__V1__RequestStats *sum)
+{
+    ferry__v1__request_stats__init(sum);
+    bool first = true;
+    for (uint32_t i = 0; i < c->req.n; i++) {
+        const Ferry__V1__RequestStats *st = c->choices[i].stats;
+        if (st == NULL)
+            continue;
+        if (first) {
+            *sum = *st; // the first choice's figures (prompt, policy, times)
+            sum->completion_tokens = sum->kv_raw_bytes = sum->kv_wire_bytes = 0;
+            first = false;
+        }
+        sum->completion_tokens += st->completion_tokens;
+        sum->kv_raw_bytes += st->kv_raw_bytes;
+        sum->kv_wire_bytes += st->kv_wire_bytes;
     }
-    if (code != 0)
-        FY_LOG_DEBUG(OAI_MODULE, "%s: %s %s", c->id, ferry_code_name(code), message);
+}
+
+/* Every choice has ended: the answer (or the first error). */
+static void finish_generation(oai_conn_t *c)
+{
+    Ferry__V1__RequestStats sum;
+    sum_stats(c, &sum);
+    bool any_stats = false;
+    for (uint32_t i = 0; i < c->req.n; i++)
+        any_stats |= c->choices[i].stats != NULL;
+    const Ferry__V1__RequestStats *st = any_stats ? &sum : NULL;
     if (!c->req.stream) {
-        if (code == 0)
+        if (c->error_code == 0) {
+            oai_choice_out_t out[OAI_MAX_N];
+            for (uint32_t i = 0; i < c->req.n; i++)
+                out[i] = (oai_choice_out_t){c->choices[i].text, c->choices[i].text_len,
+                                            c->choices[i].finish};
             respond_json(c, 200,
-                         oai_render_completion(c->req.kind, c->id, c->created, answer_model(c),
-                                               c->text ? c->text : "", c->text_len, c->finish,
-                                               c->stats),
+                         oai_render_completion(c->req.kind, c->id, c->created, answer_model(c), out,
+                                               c->req.n, st),
                          c->keep_alive);
-        else
-            respond_error(c, oai_http_status(code), message, c->keep_alive);
+        } else {
+            respond_error(c, oai_http_status(c->error_code), c->error, c->keep_alive);
+        }
         exchange_end(c);
         return;
     }
     if (!c->headers_sent) {
-        if (code != 0) {
-            respond_error(c, oai_http_status(code), message, c->keep_alive);
+        if (c->error_code != 0) {
+            respond_error(c, oai_http_status(c->error_code), c->error, c->keep_alive);
             exchange_end(c);
             return;
         }
         start_stream(c);
     }
-    if (code == 0) {
-        send_event_json(c,
-                        oai_render_chunk(c->req.kind, c->id, c->created, answer_model(c), NULL, "",
-                                         0, oai_finish_name(c->finish), c->req.include_usage));
-        if (c->req.include_usage)
-            send_event_json(c, oai_render_usage_chunk(c->req.kind, c->id, c->created,
-                                                      answer_model(c), c->stats));
-    } else {
-        // Too late for a status: the error goes as an event, as vLLM sends it.
-        send_event_json(c, oai_render_error(oai_http_status(code), message));
-    }
+    for (uint32_t i = 0; i < c->req.n && c->error_code == 0; i++)
+        if (!c->choices[i].finish_sent) // ended before the stream began
+            send_finish_chunk(c, &c->choices[i]);
+    if (c->error_code == 0 && c->req.include_usage)
+        send_event_json(
+            c, oai_render_usage_chunk(c->req.kind, c->id, c->created, answer_model(c), st));
+    else if (c->error_code != 0) // too late for a status: an event, as vLLM sends it
+        send_event_json(c, oai_render_error(oai_http_status(c->error_code), c->error));
     send_event(c, "[DONE]", 6);
     if (c->chunked)
         conn_send(c, "0\r\n\r\n", 5);
     exchange_end(c);
+}
+
+static void on_generate_done(ferry_call_t *call, int code, const char *message, void *arg)
+{
+    oai_choice_t *ch = arg;
+    oai_conn_t *c = ch->conn;
+    ch->call = NULL; // over: never cancelled again, whatever the answer's writes do
+    c->running--;
+    if (code != 0 && c->error_code == 0 && !c->closing) {
+        FY_LOG_DEBUG(OAI_MODULE, "%s/%u: %s %s", c->id, ch->index, ferry_code_name(code), message);
+        c->error_code = code;
+        snprintf(c->error, sizeof(c->error), "%s", message ? message : ferry_code_name(code));
+        if (!c->cancelling)
+            cancel_choices(c); // one failed: the answer is that error
+    } else if (code == 0 && c->req.stream && c->headers_sent && !c->closing && c->error_code == 0) {
+        send_finish_chunk(c, ch);
+    }
+    if (c->cancelling || c->running > 0)
+        return;
+    if (c->closing) {
+        exchange_end(c);
+        return;
+    }
+    finish_generation(c);
 }
 
 static void on_unary_msg(ferry_call_t *call, const ProtobufCMessage *msg, void *arg)
@@ -427,15 +508,32 @@ static void start_generate(oai_conn_t *c, oai_kind_t kind)
     }
     make_id(c, kind == OAI_CHAT ? "chatcmpl-" : "cmpl-");
     c->created = (int64_t)time(NULL);
-    c->req.msg.request_id = c->id;
+    // One Generate call a choice; with n > 1 each has its own request id and, when seeded,
+    // seed + i (the message is packed when the call starts, so it can change between calls).
     ferry_call_opts_t o = {.timeout_ms = c->srv->params.request_timeout_ms};
-    int rv = ferry_call_async(c->srv->client, "/ferry.v1.Ferry/Generate", &c->req.msg.base,
-                              &ferry__v1__generate_response__descriptor, &o, on_generate_msg,
-                              on_generate_done, c, &c->call);
-    if (rv != 0) {
-        respond_error(c, 503, "cannot reach the router", c->keep_alive);
-        exchange_end(c);
+    uint64_t seed = c->req.sampling.seed;
+    char rid[OAI_MAX_ID + 16];
+    for (uint32_t i = 0; i < c->req.n; i++) {
+        oai_choice_t *ch = &c->choices[i];
+        ch->conn = c;
+        ch->index = i;
+        snprintf(rid, sizeof(rid), c->req.n > 1 ? "%s-%u" : "%s", c->id, i);
+        c->req.msg.request_id = rid;
+        if (c->req.has_seed)
+            c->req.sampling.seed = seed + i;
+        int rv = ferry_call_async(c->srv->client, "/ferry.v1.Ferry/Generate", &c->req.msg.base,
+                                  &ferry__v1__generate_response__descriptor, &o, on_generate_msg,
+                                  on_generate_done, ch, &ch->call);
+        if (rv != 0) {
+            ch->call = NULL;
+            cancel_choices(c); // the ones started end now, counting down
+            respond_error(c, 503, "cannot reach the router", c->keep_alive);
+            exchange_end(c);
+            return;
+        }
+        c->running++;
     }
+    c->req.msg.request_id = NULL; // rid goes out of scope
 }
 
 static void start_unary(oai_conn_t *c, oai_ex_t ex)
@@ -650,6 +748,7 @@ static void conn_close(oai_conn_t *c)
     c->closing = true;
     if (c->call != NULL)
         ferry_call_cancel(c->call); // its done callback ends the exchange now
+    cancel_choices(c);
     if (c->ex != EX_NONE)
         exchange_end(c); // a synchronous exchange (or one whose call never started)
     oai_server_t *srv = c->srv;

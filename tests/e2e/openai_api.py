@@ -133,11 +133,18 @@ def main():
         except openai.NotFoundError as e:
             check("unknown model", "unknown model" in str(e), e)
         try:
-            client.chat.completions.create(model="smollm2", n=2,
+            client.chat.completions.create(model="smollm2", logprobs=True,
                                            messages=[{"role": "user", "content": "x"}])
-            check("n=2 refused", False)
+            check("logprobs refused", False)
         except openai.BadRequestError as e:
-            check("n=2 refused", "'n'" in str(e), e)
+            check("logprobs refused", "'logprobs'" in str(e), e)
+        # n = 2: two generations; greedy, so the same text twice, the tokens counted twice.
+        r = client.completions.create(model="smollm2", prompt="The capital of France is",
+                                      max_tokens=12, temperature=0, n=2,
+                                      extra_body={"kv_policy": "fp16"})
+        texts = [c.text for c in sorted(r.choices, key=lambda c: c.index)]
+        check("n=2", len(texts) == 2 and texts[0] == texts[1] == want
+              and r.usage.completion_tokens == 2 * 12, (texts, r.usage))
         # A stream closed after two chunks is cancelled upstream.
         before = metric(rport, 'ferry_router_requests_total{status="cancelled"}')
         s = client.completions.create(model="smollm2", prompt="Write a long story about a ship.",

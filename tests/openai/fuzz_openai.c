@@ -18,9 +18,15 @@ static void body(oai_kind_t kind, const char *data, size_t len)
                            : r.msg.input_case == FERRY__V1__GENERATE_REQUEST__INPUT_CHAT
                                ? r.msg.chat->messages[0]->content
                                : "";
-        char *a = oai_render_completion(kind, "id", 1, r.model ? r.model : "m", text, strlen(text),
-                                        FERRY__V1__FINISH_REASON__FINISH_REASON_STOP, NULL);
-        char *b = oai_render_chunk(kind, "id", 1, "m", NULL, text, strlen(text), NULL, true);
+        if (r.n < 1 || r.n > OAI_MAX_N)
+            abort();
+        oai_choice_out_t out[OAI_MAX_N];
+        for (uint32_t i = 0; i < r.n; i++)
+            out[i] = (oai_choice_out_t){text, strlen(text) / (i + 1),
+                                        FERRY__V1__FINISH_REASON__FINISH_REASON_STOP};
+        char *a = oai_render_completion(kind, "id", 1, r.model ? r.model : "m", out, r.n, NULL);
+        char *b =
+            oai_render_chunk(kind, "id", 1, "m", r.n - 1, NULL, text, strlen(text), NULL, true);
         if (a == NULL || b == NULL)
             abort(); // rendering may not fail on parsed input
         free(a);

@@ -267,7 +267,8 @@ static void test_refusals(void **state)
         {OAI_COMPLETION, "{\"prompt\":\"a\",\"temperature\":\"hot\"}", "temperature"},
         {OAI_COMPLETION, "{\"prompt\":\"a\",\"top_p\":0}", "top_p"},
         {OAI_COMPLETION, "{\"prompt\":\"a\",\"top_k\":-2}", "top_k"},
-        {OAI_COMPLETION, "{\"prompt\":\"a\",\"n\":2}", "'n'"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"n\":17}", "'n'"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"n\":0}", "'n'"},
         {OAI_COMPLETION, "{\"prompt\":\"a\",\"best_of\":3}", "best_of"},
         {OAI_COMPLETION, "{\"prompt\":\"a\",\"logprobs\":1}", "logprobs"},
         {OAI_COMPLETION, "{\"prompt\":\"a\",\"echo\":true}", "echo"},
@@ -340,9 +341,9 @@ static void test_answers(void **state)
     st.kv_wire_bytes = 1234;
     st.policy = "ferry";
     static const char k_text[] = "say \"hi\"\n\\ \x01 caf\xc3\xa9";
-    cJSON *j =
-        parse_json(oai_render_completion(OAI_CHAT, "chatcmpl-1", 7, "m", k_text, sizeof(k_text) - 1,
-                                         FERRY__V1__FINISH_REASON__FINISH_REASON_LENGTH, &st));
+    oai_choice_out_t one = {k_text, sizeof(k_text) - 1,
+                            FERRY__V1__FINISH_REASON__FINISH_REASON_LENGTH};
+    cJSON *j = parse_json(oai_render_completion(OAI_CHAT, "chatcmpl-1", 7, "m", &one, 1, &st));
     assert_string_equal(at(j, "object")->valuestring, "chat.completion");
     assert_string_equal(at(j, "choices.0.message.content")->valuestring, k_text);
     assert_string_equal(at(j, "choices.0.message.role")->valuestring, "assistant");
@@ -352,32 +353,38 @@ static void test_answers(void **state)
     assert_int_equal(at(j, "created")->valueint, 7);
     cJSON_Delete(j);
 
-    j = parse_json(oai_render_completion(OAI_COMPLETION, "cmpl-1", 7, "m", "ab", 1,
-                                         FERRY__V1__FINISH_REASON__FINISH_REASON_STOP, NULL));
+    // Two choices, each with its index, text and reason.
+    oai_choice_out_t two[2] = {{"ab", 1, FERRY__V1__FINISH_REASON__FINISH_REASON_STOP},
+                               {"xyz", 3, FERRY__V1__FINISH_REASON__FINISH_REASON_LENGTH}};
+    j = parse_json(oai_render_completion(OAI_COMPLETION, "cmpl-1", 7, "m", two, 2, NULL));
     assert_string_equal(at(j, "object")->valuestring, "text_completion");
     assert_string_equal(at(j, "choices.0.text")->valuestring, "a");
     assert_string_equal(at(j, "choices.0.finish_reason")->valuestring, "stop");
+    assert_int_equal(at(j, "choices.1.index")->valueint, 1);
+    assert_string_equal(at(j, "choices.1.text")->valuestring, "xyz");
+    assert_string_equal(at(j, "choices.1.finish_reason")->valuestring, "length");
     assert_int_equal(at(j, "usage.prompt_tokens")->valueint, 0);
     assert_null(cJSON_GetObjectItem(j, "ferry"));
     cJSON_Delete(j);
 
     // Chat chunks: the role first, then content deltas, then an empty delta with the reason.
-    j = parse_json(oai_render_chunk(OAI_CHAT, "c", 1, "m", "assistant", "", 0, NULL, true));
+    j = parse_json(oai_render_chunk(OAI_CHAT, "c", 1, "m", 0, "assistant", "", 0, NULL, true));
     assert_string_equal(at(j, "object")->valuestring, "chat.completion.chunk");
     assert_string_equal(at(j, "choices.0.delta.role")->valuestring, "assistant");
     assert_string_equal(at(j, "choices.0.delta.content")->valuestring, "");
     assert_true(cJSON_IsNull(at(j, "choices.0.finish_reason")));
     assert_true(cJSON_IsNull(at(j, "usage")));
     cJSON_Delete(j);
-    j = parse_json(oai_render_chunk(OAI_CHAT, "c", 1, "m", NULL, "xyz", 2, NULL, false));
+    j = parse_json(oai_render_chunk(OAI_CHAT, "c", 1, "m", 3, NULL, "xyz", 2, NULL, false));
+    assert_int_equal(at(j, "choices.0.index")->valueint, 3);
     assert_string_equal(at(j, "choices.0.delta.content")->valuestring, "xy");
     assert_null(cJSON_GetObjectItem(j, "usage"));
     cJSON_Delete(j);
-    j = parse_json(oai_render_chunk(OAI_CHAT, "c", 1, "m", NULL, "", 0, "stop", false));
+    j = parse_json(oai_render_chunk(OAI_CHAT, "c", 1, "m", 0, NULL, "", 0, "stop", false));
     assert_int_equal(cJSON_GetArraySize(at(j, "choices.0.delta")), 0);
     assert_string_equal(at(j, "choices.0.finish_reason")->valuestring, "stop");
     cJSON_Delete(j);
-    j = parse_json(oai_render_chunk(OAI_COMPLETION, "c", 1, "m", NULL, "", 0, "length", false));
+    j = parse_json(oai_render_chunk(OAI_COMPLETION, "c", 1, "m", 0, NULL, "", 0, "length", false));
     assert_string_equal(at(j, "choices.0.text")->valuestring, "");
     cJSON_Delete(j);
     j = parse_json(oai_render_usage_chunk(OAI_CHAT, "c", 1, "m", &st));

@@ -73,6 +73,13 @@ static void on_generate(rpc_call_t *call, const ProtobufCMessage *req, void *arg
         rpc_call_finish(call, 14, "worker lost");
         return;
     }
+    if (strcmp(what, "fail-odd") == 0) { // n > 1: odd seeds fail, even ones wait
+        if (g->sampling->seed % 2) {
+            rpc_call_finish(call, 3, "odd seed");
+            return;
+        }
+        what = "hang";
+    }
     if (strcmp(what, "hang") == 0) {
         rpc_call_set_cancel_cb(call, on_cancel, NULL);
         return;
@@ -461,11 +468,85 @@ static void test_upstream_errors(void **state)
     free(resp);
     // A bad body never reaches the upstream.
     int before = atomic_load(&g_generates);
-    resp = exchange(f->port, "POST", "/v1/completions", "{\"prompt\":\"a\",\"n\":3}", "1.1");
+    resp = exchange(f->port, "POST", "/v1/completions", "{\"prompt\":\"a\",\"n\":17}", "1.1");
     assert_int_equal(status_of(resp), 400);
-    assert_non_null(strstr(body_of(resp), "'n' other than 1"));
+    assert_non_null(strstr(body_of(resp), "'n' must be an integer in [1, 16]"));
     free(resp);
     assert_int_equal(atomic_load(&g_generates), before);
+}
+
+/* n > 1: one Generate call a choice (seed + i), choices by index, usage summed; one failing
+ * choice fails the request and cancels the others. */
+static void test_several_choices(void **state)
+{
+    fixture_t *f = *state;
+    int before = atomic_load(&g_generates);
+    char *resp = exchange(f->port, "POST", "/v1/chat/completions",
+                          "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"n\":3,"
+                          "\"seed\":9}",
+                          "1.1");
+    assert_int_equal(status_of(resp), 200);
+    assert_int_equal(atomic_load(&g_generates), before + 3);
+    cJSON *j = cJSON_Parse(body_of(resp));
+    assert_int_equal(cJSON_GetArraySize(get(j, "choices")), 3);
+    static const char *const k_seeds[] = {"seed=9 ", "seed=10 ", "seed=11 "};
+    for (int i = 0; i < 3; i++) {
+        char path[64];
+        snprintf(path, sizeof(path), "choices.%d.index", i);
+        assert_int_equal(get(j, path)->valueint, i);
+        snprintf(path, sizeof(path), "choices.%d.message.content", i);
+        assert_non_null(strstr(str_at(j, path), k_seeds[i]));
+        snprintf(path, sizeof(path), "choices.%d.finish_reason", i);
+        assert_string_equal(str_at(j, path), "length");
+    }
+    assert_int_equal(get(j, "usage.completion_tokens")->valueint, 9); // 3 a choice
+    assert_int_equal(get(j, "usage.prompt_tokens")->valueint, 2);
+    cJSON_Delete(j);
+    free(resp);
+
+    // Streamed: every chunk names its choice; each choice ends once; one usage chunk.
+    resp = exchange(f->port, "POST", "/v1/completions",
+                    "{\"prompt\":\"p\",\"n\":2,\"stream\":true,\"stream_options\":"
+                    "{\"include_usage\":true}}",
+                    "1.1");
+    assert_int_equal(status_of(resp), 200);
+    cJSON *ev[32];
+    int n = events(dechunk((char *)body_of(resp)), ev, 32);
+    int texts[2] = {0, 0}, finishes[2] = {0, 0}, usage = 0;
+    for (int i = 0; i + 1 < n; i++) {
+        const cJSON *ch = get(ev[i], "choices.0");
+        if (ch == NULL) {
+            usage++;
+            assert_int_equal(get(ev[i], "usage.completion_tokens")->valueint, 6);
+            continue;
+        }
+        int k = get(ch, "index")->valueint;
+        assert_true(k == 0 || k == 1);
+        if (cJSON_IsString(get(ch, "finish_reason")))
+            finishes[k]++;
+        else
+            texts[k]++;
+    }
+    assert_int_equal(texts[0], 2);
+    assert_int_equal(texts[1], 2);
+    assert_int_equal(finishes[0], 1);
+    assert_int_equal(finishes[1], 1);
+    assert_int_equal(usage, 1);
+    assert_string_equal(ev[n - 1]->valuestring, "[DONE]");
+    for (int i = 0; i < n; i++)
+        cJSON_Delete(ev[i]);
+    free(resp);
+
+    // Choices 1 and 3 fail, 0 and 2 wait: the answer is the failure; the waiting are cancelled.
+    int cancelled = atomic_load(&g_cancelled);
+    resp = exchange(f->port, "POST", "/v1/completions",
+                    "{\"prompt\":\"fail-odd\",\"n\":4,\"seed\":0}", "1.1");
+    assert_int_equal(status_of(resp), 400);
+    assert_non_null(strstr(body_of(resp), "odd seed"));
+    free(resp);
+    for (int i = 0; i < 500 && atomic_load(&g_cancelled) < cancelled + 2; i++)
+        usleep(10 * 1000);
+    assert_int_equal(atomic_load(&g_cancelled), cancelled + 2);
 }
 
 static void test_hang_up_cancels(void **state)
@@ -634,6 +715,7 @@ int main(void)
         cmocka_unit_test(test_completion_stream),
         cmocka_unit_test(test_chat_stream_roles),
         cmocka_unit_test(test_upstream_errors),
+        cmocka_unit_test(test_several_choices),
         cmocka_unit_test(test_hang_up_cancels),
         cmocka_unit_test(test_keep_alive_and_routes),
         cmocka_unit_test(test_unreachable_upstream),
