@@ -108,6 +108,8 @@ typedef struct {
     uint32_t default_max_tokens; // when a request says 0 (default 256)
     uint32_t default_lease_ms;   // when ReserveKV says 0 (default 10000)
     const char *router;          // "host:port" to register with, or NULL
+    const char *api_key;         // required of callers but Health, sent to the router; NULL =
+                                 // open (at most 256 bytes)
     const char *worker_id;       // NULL = "decode@<rpc address>"
     uint32_t heartbeat_ms;       // 0 = half the router's lease
     const char *ucx_tls;         // UCX transports (as UCX_TLS), NULL = UCX's choice

@@ -26,9 +26,12 @@ static const fy_opt_t k_opts[] = {
     {"kv-listen", FY_OPT_STRING, "127.0.0.1:50072",
      "KV data plane (UCX) address HOST:PORT (port 0 picks one)", false},
     {"advertise-host", FY_OPT_STRING, "",
-     "host the router and prefill workers reach this worker at (default: the listen host)",
-     false},
+     "host the router and prefill workers reach this worker at (default: the listen host)", false},
     {"router", FY_OPT_STRING, "", "router HOST:PORT to register with (empty: standalone)", false},
+    {"api-key", FY_OPT_STRING, "",
+     "the cluster's API key: required of callers (but Health) and sent to the router "
+     "(default: $FERRY_API_KEY; unset = open)",
+     false},
     {"worker-id", FY_OPT_STRING, "", "id in the cluster (default decode@HOST:PORT)", false},
     {"heartbeat", FY_OPT_DURATION, "0", "heartbeat period (0 = half the router's lease)", false},
     {"model", FY_OPT_STRING, NULL, "GGUF model file", true},
@@ -121,6 +124,8 @@ int main(int argc, char **argv)
     p.kv_host = kv_host;
     p.advertise_host = opt_str(cfg, "advertise-host");
     p.router = opt_str(cfg, "router");
+    if (daemon_api_key(cfg, &p.api_key) != FY_OK)
+        return 2;
     p.worker_id = opt_str(cfg, "worker-id");
     p.ucx_tls = opt_str(cfg, "ucx-tls");
     p.ucx_devices = opt_str(cfg, "ucx-devices");

@@ -32,6 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "daemon.h"
 #include "decode.h"
 #include "ferry.pb-c.h"
 #include "kvcodec.h"
@@ -142,6 +143,7 @@ typedef struct {
 struct decode_worker {
     decode_worker_params_t p;
     char listen_host[64], kv_host[64], advertise_host[64], router_addr[128], worker_id[64];
+    char api_key[257]; // "" = none
     char ucx_tls[128], ucx_devices[128];
     mdl_model_t *own_model;
     const mdl_model_t *model;
@@ -1559,6 +1561,10 @@ static void *rpc_main(void *arg)
     sp.metrics = w->metrics;
     sp.healthy = is_healthy;
     sp.healthy_arg = w;
+    if (w->api_key[0] != '\0') { // the router's calls carry the key; Health stays open
+        sp.auth = daemon_auth;
+        sp.auth_arg = w->api_key;
+    }
     fy_status_t st = rpc_server_create(&w->rpc_loop, &sp, &w->srv);
     const ProtobufCServiceDescriptor *wd = &ferry__v1__worker__descriptor;
     const ProtobufCServiceDescriptor *fd = &ferry__v1__ferry__descriptor;
@@ -1604,7 +1610,8 @@ static void *rpc_main(void *arg)
                                         .model_fingerprint = w->fingerprint,
                                         .heartbeat_ms = w->p.heartbeat_ms,
                                         .load = agent_load,
-                                        .load_arg = w};
+                                        .load_arg = w,
+                                        .api_key = w->api_key[0] ? w->api_key : NULL};
             st = router_agent_create(&w->rpc_loop, &ap, &w->agent);
         }
     }
@@ -1808,6 +1815,8 @@ fy_status_t decode_worker_create(const decode_worker_params_t *params,
                                                     : w->listen_host;
     snprintf(w->advertise_host, sizeof(w->advertise_host), "%s", adv);
     snprintf(w->router_addr, sizeof(w->router_addr), "%s", p.router != NULL ? p.router : "");
+    snprintf(w->api_key, sizeof(w->api_key), "%s", p.api_key != NULL ? p.api_key : "");
+    p.api_key = NULL;
     snprintf(w->ucx_tls, sizeof(w->ucx_tls), "%s", p.ucx_tls != NULL ? p.ucx_tls : "");
     snprintf(w->ucx_devices, sizeof(w->ucx_devices), "%s",
              p.ucx_devices != NULL ? p.ucx_devices : "");

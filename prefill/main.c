@@ -17,33 +17,48 @@
 #define MODULE "prefill"
 
 static const fy_opt_t k_opts[] = {
-    {"listen", FY_OPT_STRING, "127.0.0.1:50061", "RPC address HOST:PORT (port 0 picks one)",
-     false},
+    {"listen", FY_OPT_STRING, "127.0.0.1:50061", "RPC address HOST:PORT (port 0 picks one)", false},
     {"advertise", FY_OPT_STRING, "", "address given to the router (default: the bound --listen)",
      false},
     {"router", FY_OPT_STRING, "", "router HOST:PORT to register with (empty: standalone)", false},
+    {"api-key", FY_OPT_STRING, "",
+     "the cluster's API key: required of callers (but Health) and sent to the router "
+     "(default: $FERRY_API_KEY; unset = open)",
+     false},
     {"model", FY_OPT_STRING, NULL, "GGUF model file", true},
-    {"device", FY_OPT_STRING, "cpu", "where the model runs: cpu or cuda (with cuda the codec "
-                                     "scores and encodes on the GPU too)", false},
-    {"host-codec", FY_OPT_BOOL, "false", "with --device cuda, score and encode on the CPU "
-                                         "instead (from host copies of each layer)", false},
+    {"device", FY_OPT_STRING, "cpu",
+     "where the model runs: cpu or cuda (with cuda the codec "
+     "scores and encodes on the GPU too)",
+     false},
+    {"host-codec", FY_OPT_BOOL, "false",
+     "with --device cuda, score and encode on the CPU "
+     "instead (from host copies of each layer)",
+     false},
     {"threads", FY_OPT_INT, "0", "compute threads (0 = all CPUs)", false},
     {"prefill-chunk", FY_OPT_INT, "0", "prompt rows per GEMM chunk (0 = model default)", false},
-    {"max-batch-tokens", FY_OPT_INT, "2048", "queued prompts run together up to this many "
-                                            "tokens (a longer prompt runs alone; 1 = one "
-                                            "prompt at a time)", false},
+    {"max-batch-tokens", FY_OPT_INT, "2048",
+     "queued prompts run together up to this many "
+     "tokens (a longer prompt runs alone; 1 = one "
+     "prompt at a time)",
+     false},
     {"policy", FY_OPT_STRING, "ferry", "default codec policy: a built-in name or a JSON file",
      false},
     {"budget", FY_OPT_DOUBLE, "0", "default budget b in (0, 1]; 0 = the policy's", false},
-    {"calibration", FY_OPT_STRING, "", "calibration file of the model (`ferry calibrate`'s "
-                                       ".calibration.json) for the default policy: per-layer "
-                                       "weights, starting multipliers", false},
-    {"ttft-target", FY_OPT_DURATION, "0", "bandwidth-adaptive budget: pick b per request so "
-                                          "the KV transfer fits this TTFT (0 = off)", false},
+    {"calibration", FY_OPT_STRING, "",
+     "calibration file of the model (`ferry calibrate`'s "
+     ".calibration.json) for the default policy: per-layer "
+     "weights, starting multipliers",
+     false},
+    {"ttft-target", FY_OPT_DURATION, "0",
+     "bandwidth-adaptive budget: pick b per request so "
+     "the KV transfer fits this TTFT (0 = off)",
+     false},
     {"min-budget", FY_OPT_DOUBLE, "0.125", "lowest adaptive budget", false},
     {"max-budget", FY_OPT_DOUBLE, "1", "highest adaptive budget", false},
-    {"max-queued-tokens", FY_OPT_INT, "0", "refuse prompts beyond this many queued tokens "
-                                           "(0 = no limit)", false},
+    {"max-queued-tokens", FY_OPT_INT, "0",
+     "refuse prompts beyond this many queued tokens "
+     "(0 = no limit)",
+     false},
     {"worker-id", FY_OPT_STRING, "", "id in the cluster (default prefill@ADVERTISE)", false},
     {"heartbeat", FY_OPT_DURATION, "0", "heartbeat period (0 = half the router's lease)", false},
     {"drain-timeout", FY_OPT_DURATION, "30s", "longest wait for work in hand at SIGTERM", false},
@@ -54,8 +69,10 @@ static const fy_opt_t k_opts[] = {
     {"node-id", FY_OPT_STRING, "", "node identity for pairing (default: the kernel's boot id)",
      false},
     {"port-file", FY_OPT_STRING, "", "write the bound RPC port to this file", false},
-    {"test-corrupt-frames", FY_OPT_INT, "0", "test hook: damage one KV frame of each of the "
-                                             "first N requests", false},
+    {"test-corrupt-frames", FY_OPT_INT, "0",
+     "test hook: damage one KV frame of each of the "
+     "first N requests",
+     false},
     {"log-format", FY_OPT_STRING, "text", "text or json", false},
     {"log-level", FY_OPT_STRING, "", "trace|debug|info|warn|error (default info or $FERRY_LOG)",
      false},
@@ -231,8 +248,15 @@ static int run(app_t *a)
         return 1;
     }
 
+    const char *api_key;
+    if (daemon_api_key(cfg, &api_key) != FY_OK)
+        return 2;
     rpc_server_params_t sp;
     rpc_server_params_default(&sp);
+    if (api_key != NULL) { // the router's calls carry the key; Health stays open
+        sp.auth = daemon_auth;
+        sp.auth_arg = (void *)api_key;
+    }
     sp.host = host;
     sp.port = port;
     sp.max_message = 64u << 20; // long prompts as token ids
@@ -309,6 +333,7 @@ static int run(app_t *a)
         ap.role = ROUTER_ROLE_PREFILL;
         ap.rpc_address = advertise;
         ap.model_name = mp.path;
+        ap.api_key = api_key;
         ap.pair_link = kvlink_pair_kind_name(pairing.kind);
         ap.node_id = pairing.node_id;
         ap.pair_device = pairing.pair_device;

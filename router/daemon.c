@@ -86,6 +86,28 @@ fy_status_t daemon_hostport(const char *addr, char *host, size_t cap, int *port_
     return FY_OK;
 }
 
+fy_status_t daemon_api_key(const fy_config_t *cfg, const char **key_p)
+{
+    const char *key = fy_config_str(cfg, "api-key");
+    if (key == NULL || key[0] == '\0')
+        key = getenv("FERRY_API_KEY");
+    if (key != NULL && strlen(key) > 256) {
+        FY_LOG_ERROR("daemon", "--api-key: at most 256 bytes");
+        return FY_ERR_INVALID_ARG;
+    }
+    *key_p = key != NULL && key[0] != '\0' ? key : NULL;
+    return FY_OK;
+}
+
+fy_status_t daemon_auth(void *arg, const char *path, const char *authorization)
+{
+    if (strcmp(path, "/ferry.v1.Ferry/Health") == 0)
+        return FY_OK;
+    return fy_bearer_ok(authorization, authorization ? strlen(authorization) : 0, arg)
+               ? FY_OK
+               : FY_ERR_UNAUTHENTICATED;
+}
+
 fy_status_t daemon_port_file(const char *path, int port)
 {
     if (path == NULL || path[0] == '\0')

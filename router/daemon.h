@@ -29,6 +29,15 @@ fy_status_t daemon_config(const fy_opt_t *opts, size_t n_opts, int argc, char **
  * FY_ERR_INVALID_ARG otherwise. Thread: any. */
 fy_status_t daemon_hostport(const char *addr, char *host, size_t cap, int *port_p);
 
+/* The cluster's API key: the "api-key" option when set, else $FERRY_API_KEY; *key_p = NULL
+ * when there is none. FY_ERR_INVALID_ARG (logged) for a key over 256 bytes. Thread: main. */
+fy_status_t daemon_api_key(const fy_config_t *cfg, const char **key_p);
+
+/* An rpc_auth_cb for a daemon with an API key (arg: the key, NUL-terminated, borrowed for the
+ * server's lifetime): every call needs "Bearer <key>" except ferry.v1.Ferry/Health, which
+ * probes call. */
+fy_status_t daemon_auth(void *arg, const char *path, const char *authorization);
+
 /* Writes "port\n" to path (atomically: a temporary file renamed), when path is set. */
 fy_status_t daemon_port_file(const char *path, int port);
 

@@ -271,6 +271,11 @@ static rpc_channel_t *chan_get(rt_t *rt, const char *addr)
     cp.connect_timeout_ms = 2000;
     cp.backoff_initial_ms = 50;
     cp.backoff_max_ms = 1000;
+    char bearer[300];
+    if (rt->params.api_key != NULL) {
+        snprintf(bearer, sizeof(bearer), "Bearer %.256s", rt->params.api_key);
+        cp.authorization = bearer; // copied by the channel
+    }
     rt_chan_t *c = &rt->chans[rt->n_chans];
     if (rpc_channel_create(rt->loop, &cp, &c->ch) != FY_OK)
         return NULL;

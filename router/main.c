@@ -26,8 +26,8 @@ static const fy_opt_t k_opts[] = {
      false},
     {"http-port-file", FY_OPT_STRING, "", "write the bound HTTP port to this file", false},
     {"api-key", FY_OPT_STRING, "",
-     "require \"Authorization: Bearer KEY\" of clients, over gRPC and HTTP "
-     "(default: $FERRY_API_KEY; unset = open)",
+     "require \"Authorization: Bearer KEY\" of clients (gRPC and HTTP) and workers, and send it "
+     "to the workers (default: $FERRY_API_KEY; unset = open)",
      false},
     {"model", FY_OPT_STRING, NULL, "GGUF model file (only its tokenizer and metadata are read)",
      true},
@@ -79,18 +79,6 @@ typedef struct {
     uint64_t drain_deadline_ns;
     bool draining, aborted, stopping;
 } app_t;
-
-/* The client service needs the API key, when one is set; Health stays open for probes, and the
- * worker service (registration, heartbeats) for the workers. */
-static fy_status_t authorize(void *arg, const char *path, const char *authorization)
-{
-    app_t *a = arg;
-    if (strncmp(path, "/ferry.v1.Ferry/", 16) != 0 || strcmp(path, "/ferry.v1.Ferry/Health") == 0)
-        return FY_OK;
-    return fy_bearer_ok(authorization, authorization ? strlen(authorization) : 0, a->api_key)
-               ? FY_OK
-               : FY_ERR_UNAUTHENTICATED;
-}
 
 static bool healthy(void *arg)
 {
@@ -219,6 +207,8 @@ static int run(app_t *a)
                              "10 ms..10 min");
         return 2;
     }
+    if (daemon_api_key(cfg, &a->api_key) != FY_OK)
+        return 2;
     const char *path = fy_config_str(cfg, "model");
     char err[MDL_ERR_LEN] = "";
     fy_status_t st = mdl_gguf_open(path, &a->gguf, err, sizeof(err));
@@ -257,6 +247,7 @@ static int run(app_t *a)
     tp.gguf = a->gguf;
     tp.tok = a->tok;
     tp.model_name = name;
+    tp.api_key = a->api_key;
     tp.reg = a->reg;
     tp.metrics = a->metrics;
     tp.default_max_tokens = (uint32_t)max_tokens;
@@ -270,19 +261,11 @@ static int run(app_t *a)
     if ((st = rt_create(&a->loop, &tp, &a->rt)) != FY_OK)
         return 1;
 
-    const char *key = fy_config_str(cfg, "api-key");
-    a->api_key = key && key[0] ? key : getenv("FERRY_API_KEY");
-    if (a->api_key && a->api_key[0] == '\0')
-        a->api_key = NULL;
-    if (a->api_key && strlen(a->api_key) > 256) {
-        FY_LOG_ERROR(MODULE, "--api-key: at most 256 bytes");
-        return 2;
-    }
     rpc_server_params_t sp;
     rpc_server_params_default(&sp);
-    if (a->api_key) {
-        sp.auth = authorize;
-        sp.auth_arg = a;
+    if (a->api_key) { // clients and workers alike; Health stays open for probes
+        sp.auth = daemon_auth;
+        sp.auth_arg = (void *)a->api_key;
     }
     sp.host = host;
     sp.port = port;

@@ -174,6 +174,7 @@ typedef struct {
     const char *node_id;        // its node, for pairing; NULL or "" = no pairing
     const char *pair_device;    // the GPU its pair end uses (nccl), or NULL
     const char *model_name;     // for status output, or NULL
+    const char *api_key;        // the router's --api-key (sent as a bearer token), or NULL
     uint64_t model_fingerprint;
     uint32_t heartbeat_ms;      // 0 = half the lease the router announces; never above it
     uint32_t retry_ms;          // first retry after a failed registration (default 200),

@@ -52,10 +52,10 @@ class LocalCluster:
             time.sleep(0.1)
         raise RuntimeError(what + " did not start")
 
-    def start(self, name, args):
+    def start(self, name, args, env=None):
         log = open(os.path.join(self.work, name + ".log"), "w")
         p = subprocess.Popen([os.path.join(self.build, args[0])] + args[1:], stdout=log,
-                             stderr=subprocess.STDOUT)
+                             stderr=subprocess.STDOUT, env=env)
         self.procs.append((name, p))
         return p
 

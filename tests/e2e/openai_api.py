@@ -36,10 +36,13 @@ def main():
         print("%s %s %s" % ("ok  " if ok else "FAIL", what, detail))
         (passed if ok else failures).append(what)
 
+    # The cluster's API key, from the environment of every daemon (and of the CLI below).
+    os.environ["FERRY_API_KEY"] = "e2e-key"
+    keyless = {k: v for k, v in os.environ.items() if k not in ("FERRY_API_KEY", "FERRY_TOKEN")}
     cluster = LocalCluster(build, model)
     http_port_file = cluster.port_file("http")
     cluster.router_args = ["--http-listen", "127.0.0.1:0", "--http-port-file", http_port_file,
-                           "--model-name", "smollm2", "--api-key", "e2e-key"]
+                           "--model-name", "smollm2"]
     with cluster:
         hport = cluster.wait_port(http_port_file, "router (http)")
         rport, router = cluster.router_port, cluster.router
@@ -65,12 +68,22 @@ def main():
             check("wrong API key refused", "API key" in str(e), e)
         # The same key guards the gRPC client service; its Health stays open for probes.
         p = subprocess.run([os.path.join(build, "client/ferry"), "generate", router, "hi"],
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, timeout=60, env=keyless)
         check("gRPC without the key refused", p.returncode == 1
               and "UNAUTHENTICATED" in p.stderr, p.stderr.strip())
         p = subprocess.run([os.path.join(build, "client/ferry"), "health", router],
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, timeout=60, env=keyless)
         check("gRPC Health open", p.returncode == 0 and "SERVING" in p.stdout, p.stdout.strip())
+        # A worker without the key is not let in: its registration is refused.
+        cluster.start("prefill-keyless", ["prefill/ferry-prefill", "--model", model,
+                                          "--listen", "127.0.0.1:0", "--router", router,
+                                          "--threads", "1", "--log-level", "warn"], env=keyless)
+        deadline = time.time() + 60
+        while "UNAUTHENTICATED" not in cluster.log("prefill-keyless") and time.time() < deadline:
+            time.sleep(0.2)
+        check("keyless worker refused", "UNAUTHENTICATED" in cluster.log("prefill-keyless")
+              and metric(rport, 'ferry_router_workers{role="prefill"}') == 1,
+              cluster.log("prefill-keyless").strip()[-200:])
         models = client.models.list().data
         check("models", [m.id for m in models] == ["smollm2"], [m.id for m in models])
 
