@@ -18,11 +18,13 @@
 
 #include "ferry_client.h"
 #include "openai_int.h"
+#include "rpc.h"
 
 #define OAI_MAX_QUEUED (16u << 20) // unsent answer bytes a connection may hold
 #define OAI_READ_CHUNK 65536
 
-typedef enum { EX_NONE, EX_GENERATE, EX_MODELS, EX_HEALTH } oai_ex_t;
+// EX_LOCAL: answered here without an upstream call (errors, refusals, unknown routes).
+typedef enum { EX_NONE, EX_LOCAL, EX_GENERATE, EX_MODELS, EX_HEALTH } oai_ex_t;
 
 typedef struct oai_conn oai_conn_t;
 
@@ -161,6 +163,14 @@ static void count_answer(oai_conn_t *c, int status)
                                      "OpenAI-compatible API requests answered"));
 }
 
+/* Closes the connection once what was sent is written (at once when nothing is pending). */
+static void close_when_written(oai_conn_t *c)
+{
+    c->close_after_write = true;
+    if (c->writes_pending == 0)
+        conn_close(c);
+}
+
 /* A whole answer with a body; the connection stays open when keep_alive. */
 static void respond(oai_conn_t *c, int status, const char *type, const char *body, size_t len,
                     bool keep_alive)
@@ -173,11 +183,8 @@ static void respond(oai_conn_t *c, int status, const char *type, const char *bod
                  "Connection: %s\r\n\r\n",
                  status, oai_status_text(status), type, len, keep_alive ? "keep-alive" : "close");
     conn_send3(c, head, (size_t)hn, body, len, NULL, 0);
-    if (!keep_alive) {
-        c->close_after_write = true;
-        if (c->writes_pending == 0)
-            conn_close(c);
-    }
+    if (!keep_alive)
+        close_when_written(c);
 }
 
 static void respond_json(oai_conn_t *c, int status, char *json, bool keep_alive)
@@ -248,9 +255,7 @@ static void exchange_end(oai_conn_t *c)
     if (c->closing)
         return;
     if (!c->keep_alive) {
-        c->close_after_write = true;
-        if (c->writes_pending == 0)
-            conn_close(c);
+        close_when_written(c);
         return;
     }
     oai_reader_next(&c->reader);
@@ -347,8 +352,9 @@ static void cancel_choices(oai_conn_t *c)
     c->cancelling = false;
 }
 
-/* The usage of all choices: the prompt once, the completions and KV bytes summed. */
-static void sum_stats(const oai_conn_t *c, Ferry__V1__RequestStats *sum)
+/* The usage of all choices into *sum: the prompt once, the completions and KV bytes summed.
+ * Returns sum, or NULL when no choice reported any. */
+static const Ferry__V1__RequestStats *sum_stats(const oai_conn_t *c, Ferry__V1__RequestStats *sum)
 {
     ferry__v1__request_stats__init(sum);
     bool first = true;
@@ -365,17 +371,14 @@ static void sum_stats(const oai_conn_t *c, Ferry__V1__RequestStats *sum)
         sum->kv_raw_bytes += st->kv_raw_bytes;
         sum->kv_wire_bytes += st->kv_wire_bytes;
     }
+    return first ? NULL : sum;
 }
 
 /* Every choice has ended: the answer (or the first error). */
 static void finish_generation(oai_conn_t *c)
 {
     Ferry__V1__RequestStats sum;
-    sum_stats(c, &sum);
-    bool any_stats = false;
-    for (uint32_t i = 0; i < c->req.n; i++)
-        any_stats |= c->choices[i].stats != NULL;
-    const Ferry__V1__RequestStats *st = any_stats ? &sum : NULL;
+    const Ferry__V1__RequestStats *st = sum_stats(c, &sum);
     if (!c->req.stream) {
         if (c->error_code == 0) {
             oai_choice_out_t out[OAI_MAX_N];
@@ -573,7 +576,7 @@ static void dispatch(oai_conn_t *c)
     uv_timer_stop(&c->idle);
     if (r->error) {
         c->keep_alive = false;
-        c->ex = EX_HEALTH; // any: exchange_end closes the connection
+        c->ex = EX_LOCAL;
         respond_error(c, r->error, "malformed or oversized HTTP request", false);
         exchange_end(c);
         return;
@@ -611,7 +614,7 @@ static void dispatch(oai_conn_t *c)
             oai_percent_decode(c->model_id, n - pl);
         }
     }
-    c->ex = ex != EX_NONE ? ex : EX_HEALTH;
+    c->ex = ex != EX_NONE ? ex : EX_LOCAL;
     if (ex != EX_HEALTH && !authorized(c->srv, r)) {
         respond_error(c, 401, "a valid API key is needed (Authorization: Bearer <key>)",
                       c->keep_alive);
@@ -827,12 +830,10 @@ fy_status_t oai_server_create(uv_loop_t *loop, const oai_server_params_t *params
         params->max_body > (1u << 30) || params->max_connections == 0 ||
         params->idle_timeout_ms == 0 || (params->api_key && strlen(params->api_key) > 256))
         return FY_ERR_INVALID_ARG;
-    const char *host =
-        params->host && strcmp(params->host, "localhost") != 0 ? params->host : "127.0.0.1";
+    const char *host = params->host ? params->host : "127.0.0.1"; // for messages
     struct sockaddr_storage ss;
     memset(&ss, 0, sizeof(ss));
-    if (strchr(host, ':') ? uv_ip6_addr(host, params->port, (struct sockaddr_in6 *)&ss) != 0
-                          : uv_ip4_addr(host, params->port, (struct sockaddr_in *)&ss) != 0)
+    if (rpc_listen_addr(params->host, params->port, &ss) != FY_OK)
         return FY_ERR_INVALID_ARG;
     oai_server_t *srv = calloc(1, sizeof(*srv));
     if (srv == NULL)
@@ -872,11 +873,7 @@ fy_status_t oai_server_create(uv_loop_t *loop, const oai_server_params_t *params
         uv_close((uv_handle_t *)&srv->listener, on_listener_closed);
         return FY_ERR_UNAVAILABLE;
     }
-    struct sockaddr_storage bound;
-    int blen = sizeof(bound);
-    uv_tcp_getsockname(&srv->listener, (struct sockaddr *)&bound, &blen);
-    srv->port = bound.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)&bound)->sin6_port)
-                                            : ntohs(((struct sockaddr_in *)&bound)->sin_port);
+    srv->port = rpc_bound_port(&srv->listener);
     *srv_p = srv;
     return FY_OK;
 }

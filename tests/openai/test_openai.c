@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "json_path.h"
 #include "openai_int.h"
 
 /* ---- reader ---------------------------------------------------------------------------- */
@@ -323,12 +324,7 @@ static cJSON *parse_json(char *text)
 
 static const cJSON *at(const cJSON *j, const char *path)
 {
-    // "a.b.0.c": members and array indices.
-    char buf[128];
-    snprintf(buf, sizeof(buf), "%s", path);
-    for (char *tok = strtok(buf, "."); tok != NULL && j != NULL; tok = strtok(NULL, "."))
-        j = (tok[0] >= '0' && tok[0] <= '9') ? cJSON_GetArrayItem(j, atoi(tok))
-                                             : cJSON_GetObjectItemCaseSensitive(j, tok);
+    j = json_path(j, path);
     assert_non_null(j);
     return j;
 }

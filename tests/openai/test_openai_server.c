@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "ferry.pb-c.h"
+#include "json_path.h"
 #include "openai.h"
 #include "openai_int.h"
 #include "rpc.h"
@@ -325,20 +326,9 @@ static int events(char *body, cJSON **ev, int max)
     return n;
 }
 
-static const cJSON *get(const cJSON *j, const char *path)
-{
-    char buf[128];
-    snprintf(buf, sizeof(buf), "%s", path);
-    char *save = NULL;
-    for (char *tok = strtok_r(buf, ".", &save); tok && j; tok = strtok_r(NULL, ".", &save))
-        j = (tok[0] >= '0' && tok[0] <= '9') ? cJSON_GetArrayItem(j, atoi(tok))
-                                             : cJSON_GetObjectItemCaseSensitive(j, tok);
-    return j;
-}
-
 static const char *str_at(const cJSON *j, const char *path)
 {
-    const cJSON *v = get(j, path);
+    const cJSON *v = json_path(j, path);
     if (!cJSON_IsString(v))
         fail_msg("no string at %s", path);
     return v->valuestring;
@@ -371,8 +361,8 @@ static void test_chat_answer(void **state)
     assert_memory_equal(str_at(j, "id"), "chatcmpl-", 9);
     assert_int_equal(strlen(str_at(j, "id")), 9 + 32);
     assert_string_equal(str_at(j, "choices.0.finish_reason"), "length");
-    assert_int_equal(get(j, "usage.total_tokens")->valueint, 5);
-    assert_int_equal(get(j, "ferry.kv_wire_bytes")->valueint, 1000);
+    assert_int_equal(json_path(j, "usage.total_tokens")->valueint, 5);
+    assert_int_equal(json_path(j, "ferry.kv_wire_bytes")->valueint, 1000);
     cJSON_Delete(j);
     free(resp);
 }
@@ -396,12 +386,12 @@ static void test_completion_stream(void **state)
         // Two text chunks, the finish chunk, the usage chunk, [DONE].
         assert_int_equal(n, 5);
         assert_non_null(strstr(str_at(ev[0], "choices.0.text"), "input=4 n=3 last=]"));
-        assert_true(cJSON_IsNull(get(ev[0], "choices.0.finish_reason")));
-        assert_true(cJSON_IsNull(get(ev[0], "usage")));
+        assert_true(cJSON_IsNull(json_path(ev[0], "choices.0.finish_reason")));
+        assert_true(cJSON_IsNull(json_path(ev[0], "usage")));
         assert_string_equal(str_at(ev[1], "choices.0.text"), "tail \"q\" \xc3\xa9");
         assert_string_equal(str_at(ev[2], "choices.0.finish_reason"), "length");
-        assert_int_equal(cJSON_GetArraySize(get(ev[3], "choices")), 0);
-        assert_int_equal(get(ev[3], "usage.completion_tokens")->valueint, 3);
+        assert_int_equal(cJSON_GetArraySize(json_path(ev[3], "choices")), 0);
+        assert_int_equal(json_path(ev[3], "usage.completion_tokens")->valueint, 3);
         assert_string_equal(ev[4]->valuestring, "[DONE]");
         for (int i = 0; i < 4; i++) {
             assert_string_equal(str_at(ev[i], "object"), "text_completion");
@@ -425,9 +415,9 @@ static void test_chat_stream_roles(void **state)
     assert_int_equal(n, 5); // role, two deltas, finish, [DONE]
     assert_string_equal(str_at(ev[0], "choices.0.delta.role"), "assistant");
     assert_non_null(strstr(str_at(ev[1], "choices.0.delta.content"), "model= "));
-    assert_null(get(ev[1], "usage"));
+    assert_null(json_path(ev[1], "usage"));
     assert_string_equal(str_at(ev[3], "choices.0.finish_reason"), "length");
-    assert_int_equal(cJSON_GetArraySize(get(ev[3], "choices.0.delta")), 0);
+    assert_int_equal(cJSON_GetArraySize(json_path(ev[3], "choices.0.delta")), 0);
     assert_string_equal(str_at(ev[0], "object"), "chat.completion.chunk");
     for (int i = 0; i < n; i++)
         cJSON_Delete(ev[i]);
@@ -458,7 +448,7 @@ static void test_upstream_errors(void **state)
     assert_int_equal(n, 3);
     assert_string_equal(str_at(ev[0], "choices.0.text"), "partial");
     assert_string_equal(str_at(ev[1], "error.message"), "worker lost");
-    assert_int_equal(get(ev[1], "error.code")->valueint, 503);
+    assert_int_equal(json_path(ev[1], "error.code")->valueint, 503);
     assert_string_equal(ev[2]->valuestring, "[DONE]");
     for (int i = 0; i < n; i++)
         cJSON_Delete(ev[i]);
@@ -488,19 +478,19 @@ static void test_several_choices(void **state)
     assert_int_equal(status_of(resp), 200);
     assert_int_equal(atomic_load(&g_generates), before + 3);
     cJSON *j = cJSON_Parse(body_of(resp));
-    assert_int_equal(cJSON_GetArraySize(get(j, "choices")), 3);
+    assert_int_equal(cJSON_GetArraySize(json_path(j, "choices")), 3);
     static const char *const k_seeds[] = {"seed=9 ", "seed=10 ", "seed=11 "};
     for (int i = 0; i < 3; i++) {
         char path[64];
         snprintf(path, sizeof(path), "choices.%d.index", i);
-        assert_int_equal(get(j, path)->valueint, i);
+        assert_int_equal(json_path(j, path)->valueint, i);
         snprintf(path, sizeof(path), "choices.%d.message.content", i);
         assert_non_null(strstr(str_at(j, path), k_seeds[i]));
         snprintf(path, sizeof(path), "choices.%d.finish_reason", i);
         assert_string_equal(str_at(j, path), "length");
     }
-    assert_int_equal(get(j, "usage.completion_tokens")->valueint, 9); // 3 a choice
-    assert_int_equal(get(j, "usage.prompt_tokens")->valueint, 2);
+    assert_int_equal(json_path(j, "usage.completion_tokens")->valueint, 9); // 3 a choice
+    assert_int_equal(json_path(j, "usage.prompt_tokens")->valueint, 2);
     cJSON_Delete(j);
     free(resp);
 
@@ -514,15 +504,15 @@ static void test_several_choices(void **state)
     int n = events(dechunk((char *)body_of(resp)), ev, 32);
     int texts[2] = {0, 0}, finishes[2] = {0, 0}, usage = 0;
     for (int i = 0; i + 1 < n; i++) {
-        const cJSON *ch = get(ev[i], "choices.0");
+        const cJSON *ch = json_path(ev[i], "choices.0");
         if (ch == NULL) {
             usage++;
-            assert_int_equal(get(ev[i], "usage.completion_tokens")->valueint, 6);
+            assert_int_equal(json_path(ev[i], "usage.completion_tokens")->valueint, 6);
             continue;
         }
-        int k = get(ch, "index")->valueint;
+        int k = json_path(ch, "index")->valueint;
         assert_true(k == 0 || k == 1);
-        if (cJSON_IsString(get(ch, "finish_reason")))
+        if (cJSON_IsString(json_path(ch, "finish_reason")))
             finishes[k]++;
         else
             texts[k]++;

@@ -182,6 +182,13 @@ fy_status_t rpc_server_create(uv_loop_t *loop, const rpc_server_params_t *params
 /* The port actually bound. Thread: any. */
 int rpc_server_port(const rpc_server_t *srv);
 
+/* A listen address as rpc_server_params_t takes it (IPv4/IPv6 literal, "localhost" or NULL =
+ * 127.0.0.1) into ss. FY_ERR_INVALID_ARG for anything else. Thread: any. */
+fy_status_t rpc_listen_addr(const char *host, int port, struct sockaddr_storage *ss);
+
+/* The port a bound TCP handle listens on. Thread: the handle's loop. */
+int rpc_bound_port(const uv_tcp_t *tcp);
+
 /* One handler per method of desc, in desc->methods order (NULL entries answer
  * UNIMPLEMENTED). streaming[i] marks server-streaming methods (NULL = all unary); unary
  * handlers that send a number of messages other than one end with INTERNAL. desc, handlers

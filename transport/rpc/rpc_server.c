@@ -1034,7 +1034,7 @@ static void server_maybe_done(rpc_server_t *srv)
     }
 }
 
-static fy_status_t parse_listen_addr(const char *host, int port, struct sockaddr_storage *ss)
+fy_status_t rpc_listen_addr(const char *host, int port, struct sockaddr_storage *ss)
 {
     if (host == NULL || strcmp(host, "localhost") == 0)
         host = "127.0.0.1";
@@ -1054,7 +1054,7 @@ fy_status_t rpc_server_create(uv_loop_t *loop, const rpc_server_params_t *params
         return FY_ERR_INVALID_ARG;
     struct sockaddr_storage ss;
     memset(&ss, 0, sizeof(ss));
-    if (parse_listen_addr(params->host, params->port, &ss) != FY_OK)
+    if (rpc_listen_addr(params->host, params->port, &ss) != FY_OK)
         return FY_ERR_INVALID_ARG;
     rpc_server_t *srv = calloc(1, sizeof(*srv));
     if (srv == NULL)
@@ -1094,13 +1094,19 @@ fy_status_t rpc_server_create(uv_loop_t *loop, const rpc_server_params_t *params
         return FY_ERR_UNAVAILABLE;
     }
     srv->listening = true;
-    struct sockaddr_storage bound;
-    int blen = sizeof(bound);
-    uv_tcp_getsockname(&srv->listener, (struct sockaddr *)&bound, &blen);
-    srv->port = bound.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)&bound)->sin6_port)
-                                            : ntohs(((struct sockaddr_in *)&bound)->sin_port);
+    srv->port = rpc_bound_port(&srv->listener);
     *srv_p = srv;
     return FY_OK;
+}
+
+int rpc_bound_port(const uv_tcp_t *tcp)
+{
+    struct sockaddr_storage bound;
+    int blen = sizeof(bound);
+    if (uv_tcp_getsockname(tcp, (struct sockaddr *)&bound, &blen) != 0)
+        return -1;
+    return bound.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)&bound)->sin6_port)
+                                       : ntohs(((struct sockaddr_in *)&bound)->sin_port);
 }
 
 int rpc_server_port(const rpc_server_t *srv)
