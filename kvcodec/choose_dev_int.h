@@ -662,13 +662,33 @@ static __device__ void greedy_small_body(const opt_args_t &a, greedy_state_t *st
     greedy_end(a, &st);
 }
 
-/* Mean of the head's value deviations in the CPU's order (a double sum over tokens, dev[0 .. n));
+/* Mean of the head's value deviations in the CPU's order (KVC_DEV_CHUNK's), by one thread;
  * only where opt_need_dev_mean. */
 static __device__ float dev_mean_of(const float *dev, uint32_t n)
 {
     double s = 0;
-    for (uint32_t t = 0; t < n; t++)
-        s = o_dadd(s, (double)dev[t]);
+    for (uint32_t c = 0; c < (n + KVC_DEV_CHUNK - 1) / KVC_DEV_CHUNK; c++)
+        s = o_dadd(s, kvc_dev_chunk_sum(dev, n, c));
+    return (float)__ddiv_rn(s, (double)n);
+}
+
+#define DEV_MEAN_THREADS 256
+
+/* dev_mean_of by a block of DEV_MEAN_THREADS threads, a chunk a thread; part: their sums. */
+static __device__ float dev_mean_block(const float *dev, uint32_t n, double *part)
+{
+    const uint32_t chunks = (n + KVC_DEV_CHUNK - 1) / KVC_DEV_CHUNK;
+    double s = 0; // thread 0's
+    for (uint32_t c0 = 0; c0 < chunks; c0 += DEV_MEAN_THREADS) {
+        const uint32_t c = c0 + threadIdx.x;
+        if (c < chunks)
+            part[threadIdx.x] = kvc_dev_chunk_sum(dev, n, c);
+        __syncthreads();
+        if (threadIdx.x == 0)
+            for (uint32_t i = 0; i < min(chunks - c0, (uint32_t)DEV_MEAN_THREADS); i++)
+                s = o_dadd(s, part[i]);
+        __syncthreads(); // part is rewritten
+    }
     return (float)__ddiv_rn(s, (double)n);
 }
 

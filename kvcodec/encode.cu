@@ -233,13 +233,14 @@ __global__ void __launch_bounds__(CRC_FINAL_THREADS)
 /* multiplier bisection and greedy slack fill), the choice never leaving the GPU              */
 /* ------------------------------------------------------------------------------------------ */
 
-
-/* dev_mean_of for every head, a thread each. */
-__global__ void dev_mean_kernel(const float *dev, uint32_t n_kv, uint32_t n, float *mean)
+/* dev_mean_of for every head, a block each. */
+__global__ void __launch_bounds__(DEV_MEAN_THREADS)
+    dev_mean_kernel(const float *dev, uint32_t n, float *mean)
 {
-    uint32_t h = blockIdx.x * blockDim.x + threadIdx.x;
-    if (h < n_kv)
-        mean[h] = dev_mean_of(dev + (size_t)h * n, n);
+    __shared__ double part[DEV_MEAN_THREADS];
+    const float m = dev_mean_block(dev + (size_t)blockIdx.x * n, n, part);
+    if (threadIdx.x == 0)
+        mean[blockIdx.x] = m;
 }
 
 /* opt_small_body as a kernel: one block of OPT_THREADS threads. */
@@ -767,8 +768,8 @@ static fy_status_t opt_enqueue(kvc_encoder_cuda_t *e, uint32_t layer, const kvc_
         goto fetch;
     }
     if (opt_need_dev_mean(a)) {
-        dev_mean_kernel<<<kvc_grid(e->n_kv, 32), 32, 0, cs>>>(e->d_tab + TAB_DEV * items, e->n_kv,
-                                                              e->n, e->d_dev_mean);
+        dev_mean_kernel<<<e->n_kv, DEV_MEAN_THREADS, 0, cs>>>(e->d_tab + TAB_DEV * items, e->n,
+                                                              e->d_dev_mean);
         KVC_LAUNCH_GOTO(st, out);
     }
     KVC_CUDA_GOTO(cudaMemsetAsync(e->d_cnt, 0, 3 * (size_t)OPT_SLOTS * e->n_kv * 8 * 8, cs), st,

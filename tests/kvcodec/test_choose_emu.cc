@@ -507,6 +507,42 @@ static void test_small_layers(void **state)
     assert_true(takes > 0);
 }
 
+// A head's mean deviation by a block (dev_mean_block, dev_mean_kernel's) and by one thread
+// (dev_mean_of) equal the CPU encoder's chunked sum (encode.c), bit for bit, at lengths around
+// the chunk and the block's round of chunks; and they are the mean to within rounding.
+static void test_dev_mean(void **state)
+{
+    (void)state;
+    const uint32_t chunks = DEV_MEAN_THREADS * KVC_DEV_CHUNK;
+    const uint32_t lens[] = {
+        1,          7,      KVC_DEV_CHUNK - 1, KVC_DEV_CHUNK,    KVC_DEV_CHUNK + 1, 4099,
+        chunks - 1, chunks, chunks + 1,        2 * chunks + 1000};
+    for (uint32_t n : lens) {
+        std::vector<float> dev(n);
+        double naive = 0;
+        for (auto &x : dev) {
+            x = (float)(rnd01() * rnd01() * 50.0);
+            naive += x;
+        }
+        double cpu = 0; // encode.c's build_items
+        for (uint32_t c = 0; c < (n + KVC_DEV_CHUNK - 1) / KVC_DEV_CHUNK; c++)
+            cpu += kvc_dev_chunk_sum(dev.data(), n, c);
+        const float want = (float)(cpu / n);
+        float got_block = -1.0f, got_one = -1.0f;
+        double *part = new double[DEV_MEAN_THREADS];
+        emu_launch(1, DEV_MEAN_THREADS, [&] {
+            const float m = dev_mean_block(dev.data(), n, part);
+            if (threadIdx.x == 0)
+                got_block = m;
+        });
+        delete[] part;
+        emu_launch(1, 1, [&] { got_one = dev_mean_of(dev.data(), n); });
+        assert_memory_equal(&got_block, &want, sizeof(float));
+        assert_memory_equal(&got_one, &want, sizeof(float));
+        assert_true(fabs(want - naive / n) <= 1e-6 * (naive / n) + 1e-30);
+    }
+}
+
 // Sets a's choice to the cheapest (drops where allowed) and the fill's bytes, counts and target
 // to `room` bytes above it: a start far below the target, whatever the layer's budget was.
 static void start_from_cheapest(layer_t *L, unsigned long long room)
@@ -662,7 +698,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_random_layers),   cmocka_unit_test(test_extreme_budgets),
         cmocka_unit_test(test_small_layers),    cmocka_unit_test(test_two_pass_fill),
-        cmocka_unit_test(test_fill_everything),
+        cmocka_unit_test(test_fill_everything), cmocka_unit_test(test_dev_mean),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
