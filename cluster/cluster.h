@@ -72,6 +72,7 @@ typedef struct {
     char model[FY_CLUSTER_PATH_MAX];   /* absolute */
     char bin_dir[FY_CLUSTER_PATH_MAX]; /* absolute: a build tree or a bundle's bin/ */
     char log_dir[FY_CLUSTER_PATH_MAX]; /* absolute */
+    char api_key_file[FY_CLUSTER_PATH_MAX]; /* absolute: the cluster's API key, "" = none */
     char policy[128];     /* codec policy of the prefill workers (empty: their default) */
     double budget;        /* 0 = the policy's */
     double ttft_target_ms; /* > 0: bandwidth-adaptive budget aiming at this TTFT */

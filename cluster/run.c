@@ -637,6 +637,10 @@ fy_status_t fy_cluster_up(fy_cluster_spec_t *spec, const fy_cluster_run_opts_t *
         snprintf(err, err_len, "model %s: %s", spec->model, strerror(errno));
         return FY_ERR_NOT_FOUND;
     }
+    if (spec->api_key_file[0] && access(spec->api_key_file, R_OK) != 0) {
+        snprintf(err, err_len, "api_key_file %s: %s", spec->api_key_file, strerror(errno));
+        return FY_ERR_NOT_FOUND;
+    }
     fy_status_t rc = mkdir_p(spec->log_dir);
     if (rc != FY_OK) {
         snprintf(err, err_len, "log_dir %s: %s", spec->log_dir, fy_status_str(rc));

@@ -702,6 +702,8 @@ static fy_status_t parse_root(pctx_t *c, yaml_node_t *root, fy_cluster_spec_t *s
             st = abs_path(c, v, key, s->bin_dir, sizeof(s->bin_dir));
         } else if (strcmp(key, "log_dir") == 0) {
             st = abs_path(c, v, key, s->log_dir, sizeof(s->log_dir));
+        } else if (strcmp(key, "api_key_file") == 0) {
+            st = abs_path(c, v, key, s->api_key_file, sizeof(s->api_key_file));
         } else if (strcmp(key, "codec") == 0) {
             st = parse_codec(c, v, s);
         } else if (strcmp(key, "ucx") == 0) {
@@ -748,9 +750,11 @@ static fy_status_t parse_root(pctx_t *c, yaml_node_t *root, fy_cluster_spec_t *s
         } else if (strcmp(key, "roles") == 0) {
             roles = v;
         } else {
-            return perr(c, k, "unknown key '%s' (name, backend, model, bin_dir, log_dir, codec, "
-                              "ucx, network, kv_memory, threads, max_tokens, lease, reserve_lease, "
-                              "log_level, image, partition, hosts, roles)", key);
+            return perr(c, k,
+                        "unknown key '%s' (name, backend, model, bin_dir, log_dir, "
+                        "api_key_file, codec, ucx, network, kv_memory, threads, max_tokens, "
+                        "lease, reserve_lease, log_level, image, partition, hosts, roles)",
+                        key);
         }
         if (st != FY_OK)
             return st;
@@ -983,6 +987,8 @@ fy_status_t fy_cluster_daemon_cmd(const fy_cluster_spec_t *spec, int i, const ch
     st = st ? st : fy_cluster_cmd_add(cmd, spec->model);
     st = st ? st : cmd_addf(cmd, "--listen=%s:%d", bind, d->port);
     st = st ? st : cmd_addf(cmd, "--log-level=%s", spec->log_level);
+    if (spec->api_key_file[0]) // every daemon: the router requires it, the workers send it
+        st = st ? st : cmd_addf(cmd, "--api-key-file=%s", spec->api_key_file);
     int threads = d->threads ? d->threads : spec->threads;
     if (d->role == FY_CLUSTER_ROUTER) {
         if (spec->max_tokens > 0)

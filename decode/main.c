@@ -32,6 +32,9 @@ static const fy_opt_t k_opts[] = {
      "the cluster's API key: required of callers (but Health) and sent to the router "
      "(default: $FERRY_API_KEY; unset = open)",
      false},
+    {"api-key-file", FY_OPT_STRING, "",
+     "read the API key from the first line of this file instead (default: $FERRY_API_KEY_FILE)",
+     false},
     {"worker-id", FY_OPT_STRING, "", "id in the cluster (default decode@HOST:PORT)", false},
     {"heartbeat", FY_OPT_DURATION, "0", "heartbeat period (0 = half the router's lease)", false},
     {"model", FY_OPT_STRING, NULL, "GGUF model file", true},

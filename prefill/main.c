@@ -25,6 +25,9 @@ static const fy_opt_t k_opts[] = {
      "the cluster's API key: required of callers (but Health) and sent to the router "
      "(default: $FERRY_API_KEY; unset = open)",
      false},
+    {"api-key-file", FY_OPT_STRING, "",
+     "read the API key from the first line of this file instead (default: $FERRY_API_KEY_FILE)",
+     false},
     {"model", FY_OPT_STRING, NULL, "GGUF model file", true},
     {"device", FY_OPT_STRING, "cpu",
      "where the model runs: cpu or cuda (with cuda the codec "

@@ -1,10 +1,12 @@
 /*
  * daemon.c: start-up pieces shared by the ferry-* daemons (see daemon.h).
  */
+#include <errno.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "daemon.h"
@@ -86,16 +88,77 @@ fy_status_t daemon_hostport(const char *addr, char *host, size_t cap, int *port_
     return FY_OK;
 }
 
+/* Reads the key from the first line of path into key (cap bytes): trailing blanks and the line
+ * end dropped; 1..256 bytes of visible ASCII, else FY_ERR_INVALID_ARG (logged). */
+static fy_status_t read_key_file(const char *path, char *key, size_t cap)
+{
+    FILE *f = fopen(path, "r");
+    if (f == NULL) {
+        FY_LOG_ERROR("daemon", "--api-key-file %s: %s", path, strerror(errno));
+        return errno == ENOENT ? FY_ERR_NOT_FOUND : FY_ERR_IO;
+    }
+    struct stat sb;
+    if (fstat(fileno(f), &sb) == 0 && (sb.st_mode & 0004) != 0)
+        FY_LOG_WARN("daemon", "--api-key-file %s: every user can read it (chmod 600)", path);
+    char line[1024];
+    const size_t got = fread(line, 1, sizeof(line), f);
+    const bool failed = ferror(f) != 0;
+    fclose(f);
+    if (failed) {
+        FY_LOG_ERROR("daemon", "--api-key-file %s: read error", path);
+        return FY_ERR_IO;
+    }
+    const char *what = got == 0 ? "is empty" : NULL;
+    size_t n = 0; // the first line
+    while (n < got && line[n] != '\n')
+        n++;
+    while (n > 0 && (line[n - 1] == '\r' || line[n - 1] == ' ' || line[n - 1] == '\t'))
+        n--;
+    if (what == NULL && n == 0)
+        what = "has no key on its first line";
+    else if (what == NULL && n > 256)
+        what = "holds a key over 256 bytes";
+    for (size_t i = 0; what == NULL && i < n; i++)
+        if (line[i] < 0x21 || line[i] > 0x7e)
+            what = "holds a byte that is not visible ASCII (a key is one word)";
+    if (what != NULL || n >= cap) {
+        FY_LOG_ERROR("daemon", "--api-key-file %s: the file %s", path, what ? what : "is too long");
+        return FY_ERR_INVALID_ARG;
+    }
+    memcpy(key, line, n);
+    key[n] = '\0';
+    return FY_OK;
+}
+
 fy_status_t daemon_api_key(const fy_config_t *cfg, const char **key_p)
 {
+    static char from_file[257];
+    *key_p = NULL;
     const char *key = fy_config_str(cfg, "api-key");
-    if (key == NULL || key[0] == '\0')
+    const char *file = fy_config_str(cfg, "api-key-file");
+    if (key != NULL && key[0] != '\0' && file != NULL && file[0] != '\0') {
+        FY_LOG_ERROR("daemon", "--api-key and --api-key-file: give one");
+        return FY_ERR_INVALID_ARG;
+    }
+    if ((key == NULL || key[0] == '\0') && (file == NULL || file[0] == '\0')) {
         key = getenv("FERRY_API_KEY");
-    if (key != NULL && strlen(key) > 256) {
+        file = getenv("FERRY_API_KEY_FILE");
+        if (key != NULL && key[0] != '\0')
+            file = NULL; // the key itself wins over a file named beside it
+    }
+    if (key == NULL || key[0] == '\0') {
+        if (file == NULL || file[0] == '\0')
+            return FY_OK;
+        fy_status_t st = read_key_file(file, from_file, sizeof(from_file));
+        if (st != FY_OK)
+            return st;
+        key = from_file;
+    }
+    if (strlen(key) > 256) {
         FY_LOG_ERROR("daemon", "--api-key: at most 256 bytes");
         return FY_ERR_INVALID_ARG;
     }
-    *key_p = key != NULL && key[0] != '\0' ? key : NULL;
+    *key_p = key;
     return FY_OK;
 }
 

@@ -29,8 +29,12 @@ fy_status_t daemon_config(const fy_opt_t *opts, size_t n_opts, int argc, char **
  * FY_ERR_INVALID_ARG otherwise. Thread: any. */
 fy_status_t daemon_hostport(const char *addr, char *host, size_t cap, int *port_p);
 
-/* The cluster's API key: the "api-key" option when set, else $FERRY_API_KEY; *key_p = NULL
- * when there is none. FY_ERR_INVALID_ARG (logged) for a key over 256 bytes. Thread: main. */
+/* The cluster's API key: the "api-key" option, else the first line of the "api-key-file"
+ * option's file (both given: an error), else $FERRY_API_KEY, else $FERRY_API_KEY_FILE's file;
+ * *key_p = NULL when there is none (a key read from a file stays in a static buffer). Errors,
+ * logged: FY_ERR_INVALID_ARG for a key over 256 bytes, an empty file or a key with blanks or
+ * control bytes; FY_ERR_NOT_FOUND or FY_ERR_IO for a file it cannot read. A file every user can
+ * read is used, with a warning. Thread: main. */
 fy_status_t daemon_api_key(const fy_config_t *cfg, const char **key_p);
 
 /* An rpc_auth_cb for a daemon with an API key (arg: the key, NUL-terminated, borrowed for the

@@ -2,7 +2,8 @@
  * The generated backends: ssh command lines (shell syntax, targets, the remote daemon command),
  * the Slurm batch script (bash syntax, #SBATCH fields, one srun step per daemon placed on its
  * node) and the Kubernetes manifests (valid YAML; a ConfigMap, a Deployment and a Service per
- * role with replicas, probes, ports and the worker arguments).
+ * role with replicas, probes, ports and the worker arguments); every daemon reads the cluster's
+ * API key from the spec's api_key_file, or in Kubernetes from a Secret mounted as that file.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -23,6 +24,7 @@ static const char k_spec[] = "name: prod\n"
                              "model: /srv/models/m.gguf\n"
                              "bin_dir: /opt/ferry/bin\n"
                              "log_dir: /var/log/ferry\n"
+                             "api_key_file: /srv/ferry/api.key\n"
                              "partition: gpu\n"
                              "image: registry.example/ferry:1.0\n"
                              "codec: {policy: ferry, budget: 0.25}\n"
@@ -110,6 +112,7 @@ static void test_ssh(void **state)
     /* the two prefill workers on g1 take consecutive ports */
     assert_non_null(strstr(up, "--listen=10.0.0.2:50061"));
     assert_non_null(strstr(up, "--listen=10.0.0.2:50062"));
+    assert_int_equal(count(up, " --api-key-file=/srv/ferry/api.key "), 5);
     assert_int_equal(count(down, "p=$(cat /var/log/ferry/"), 5);
     assert_int_equal(count(down, " && kill -TERM $p && "), 5);
 
@@ -157,6 +160,7 @@ static void test_slurm(void **state)
     assert_non_null(strstr(text, "exec 3<>/dev/tcp/${ips[0]}/8080"));
     assert_true(strstr(text, "exec 3<>/dev/tcp") < strstr(text, "# prefill-0"));
     assert_non_null(strstr(text, "\nwait\n"));
+    assert_int_equal(count(text, " --api-key-file=/srv/ferry/api.key "), 5);
     free(text);
     free(s);
 }
@@ -219,6 +223,9 @@ static void test_k8s(void **state)
     (void)state;
     fy_cluster_spec_t *s = spec(FY_CLUSTER_K8S);
     char *text = gen(s, 3);
+    /* how to make the Secret, from the spec's file */
+    assert_non_null(strstr(text, "kubectl create secret generic prod-api-key "
+                                 "--from-file=api-key=/srv/ferry/api.key\n"));
     yaml_parser_t p;
     yaml_parser_initialize(&p);
     yaml_parser_set_input_string(&p, (unsigned char *)text, strlen(text));
@@ -258,6 +265,14 @@ static void test_k8s(void **state)
             assert_string_equal(str(&d, root, "spec.template.metadata.labels.app"), name);
             yaml_node_t *args = path(&d, c, "args");
             assert_true(seq_has(&d, args, "--model=") || seq_has(&d, args, "/models/m.gguf"));
+            /* the key: the Secret as a read-only file */
+            assert_true(seq_has(&d, args, "--api-key-file=/etc/ferry/api-key/api-key"));
+            assert_string_equal(str(&d, c, "volumeMounts.0.name"), "api-key");
+            assert_string_equal(str(&d, c, "volumeMounts.0.mountPath"), "/etc/ferry/api-key");
+            assert_string_equal(str(&d, c, "volumeMounts.0.readOnly"), "true");
+            assert_string_equal(str(&d, root, "spec.template.spec.volumes.0.name"), "api-key");
+            assert_string_equal(str(&d, root, "spec.template.spec.volumes.0.secret.secretName"),
+                                "prod-api-key");
             const char *replicas = str(&d, root, "spec.replicas");
             if (strcmp(name, "prod-router") == 0) {
                 assert_string_equal(replicas, "1");

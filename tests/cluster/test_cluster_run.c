@@ -43,6 +43,7 @@ static struct {
     fy_cluster_spec_t *spec;
     fy_cluster_run_opts_t opts;
     char router[64];
+    char token[64]; // the clients' API key, "" = none
     mdl_model_t *model;
     const mdl_config_t *cfg;
     mdl_ctx_t *ctx;
@@ -125,6 +126,7 @@ static void *run_batch(void *arg)
     p.addresses = G.router;
     p.timeout_ms = 300000;
     p.max_attempts = 1;
+    p.token = G.token[0] ? G.token : NULL;
     ferry_client_t *c;
     if (ferry_client_create(&p, &c) != 0) {
         b->other = b->count;
@@ -449,16 +451,24 @@ static void test_ssh_lines_run(void **state)
     (void)state;
     if (G.netns)
         skip();
-    char text[2048], err[512];
+    char text[2048], err[512], key[128];
     const char *build = getenv("FERRY_BUILD_ROOT");
+    // The cluster's API key from a file every daemon reads (api_key_file).
+    snprintf(key, sizeof(key), "%s/ssh-api-key", G.dir);
+    FILE *kf = fopen(key, "w");
+    assert_non_null(kf);
+    fputs("ssh-cluster-key\n", kf);
+    assert_int_equal(fclose(kf), 0);
+    assert_int_equal(chmod(key, 0600), 0);
     snprintf(text, sizeof(text),
              "name: ssh%u\nbackend: ssh\nmodel: %s\nbin_dir: %s\nlog_dir: %s/ssh\n"
+             "api_key_file: %s\n"
              "threads: 1\nkv_memory: 64M\nlease: 500ms\nucx: {tls: tcp}\n"
              "hosts: [{name: h, address: 127.0.0.1}]\nroles:\n"
              "  router: {host: h, port: %d, http_port: %d}\n  prefill: {host: h, port: %d}\n"
              "  decode: {host: h, port: %d, kv_port: %d}\n",
-             (unsigned)getpid() % 1000, G.model_path, build ? build : "build", G.dir, free_port(),
-             free_port(), free_port(), free_port(), free_port());
+             (unsigned)getpid() % 1000, G.model_path, build ? build : "build", G.dir, key,
+             free_port(), free_port(), free_port(), free_port(), free_port());
     fy_cluster_spec_t *s = malloc(sizeof(*s));
     if (fy_cluster_spec_parse(text, strlen(text), "ssh.yaml", NULL, -1, s, err, sizeof(err)) !=
         FY_OK)
@@ -482,15 +492,24 @@ static void test_ssh_lines_run(void **state)
     assert_true(w == 1);
     for (int t = 0; t < 6000 && router_workers("prefill") != 1; t++)
         usleep(100000);
-    batch_t *b = serve(2, 1);
+    // The workers registered with the key; clients need it too.
+    batch_t *b = serve(1, 1);
+    assert_int_equal(b[0].ok, 0);
+    assert_int_equal(b[0].other, 1);
+    free(b);
+    snprintf(G.token, sizeof(G.token), "ssh-cluster-key");
+    b = serve(2, 1);
+    G.token[0] = '\0';
     assert_int_equal(b[0].ok, 2);
     free(b);
-    // The router's http_port serves the OpenAI-compatible API.
+    // The router's http_port serves the OpenAI-compatible API, behind the key but /health.
     char http[64];
-    static char models[4096];
+    static char body[4096];
     snprintf(http, sizeof(http), "127.0.0.1:%d", s->daemons[0].http_port);
-    assert_int_equal(fy_cluster_http_get(http, "/v1/models", 3000, models, sizeof(models)), FY_OK);
-    assert_non_null(strstr(models, "\"object\":\"list\""));
+    assert_int_equal(fy_cluster_http_get(http, "/health", 3000, body, sizeof(body)), FY_OK);
+    assert_int_equal(fy_cluster_http_get(http, "/v1/models", 3000, body, sizeof(body)),
+                     FY_ERR_UNAVAILABLE);
+    assert_non_null(strstr(body, "API key"));
     for (int i = 0; i < s->n_daemons; i++) {
         fy_cluster_cmd_t c, sh = {0};
         assert_int_equal(fy_cluster_ssh_cmd(s, i, true, &c), FY_OK);

@@ -91,6 +91,13 @@ static void test_full_spec(void **state)
     char router[64];
     fy_cluster_router_addr(s, router, sizeof(router));
     assert_string_equal(router, "10.88.1.10:50051");
+    assert_string_equal(s->api_key_file, ""); // no key: an open cluster
+    free(s);
+    // The API key's file resolves as the other paths do.
+    char text[sizeof(k_spec) + 64];
+    snprintf(text, sizeof(text), "%sapi_key_file: keys/api.key\n", k_spec);
+    s = parse_ok(text);
+    assert_string_equal(s->api_key_file, "/base/keys/api.key");
     free(s);
 }
 
