@@ -568,6 +568,15 @@ int32_t mdl_sampler_sample(mdl_sampler_t *s, float *logits);
 /* Whether generation should stop after this token: a stop token, or max_tokens sampled. */
 bool mdl_sampler_done(const mdl_sampler_t *s, int32_t token);
 
+/* Log-probabilities under the model's own distribution, softmax(logits), before any sampling
+ * setting (temperature, penalties, top-k, top-p): returns chosen's, and writes the n_top most
+ * likely tokens (descending; ties by lower id) to top_ids and their log-probabilities to
+ * top_lps (n_top 0: neither is touched). NAN for bad arguments or logits with no finite
+ * maximum. Thread: any (reads logits only). */
+#define MDL_MAX_TOP_LOGPROBS 20
+float mdl_logprobs(const float *logits, int n_vocab, int32_t chosen, int n_top, int32_t *top_ids,
+                   float *top_lps);
+
 #ifdef __cplusplus
 }
 #endif

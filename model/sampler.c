@@ -201,3 +201,40 @@ bool mdl_sampler_done(const mdl_sampler_t *s, int32_t token)
     }
     return s->p.max_tokens > 0 && s->n_sampled >= s->p.max_tokens;
 }
+
+float mdl_logprobs(const float *logits, int n_vocab, int32_t chosen, int n_top, int32_t *top_ids,
+                   float *top_lps)
+{
+    if (logits == NULL || n_vocab <= 0 || chosen < 0 || chosen >= n_vocab || n_top < 0 ||
+        (n_top > 0 && (top_ids == NULL || top_lps == NULL)))
+        return NAN;
+    float max = logits[0];
+    for (int i = 1; i < n_vocab; i++)
+        if (logits[i] > max)
+            max = logits[i];
+    if (!isfinite(max))
+        return NAN;
+    double sum = 0.0;
+    for (int i = 0; i < n_vocab; i++)
+        sum += exp((double)logits[i] - max);
+    const double log_z = (double)max + log(sum);
+    // The n_top largest logits, in descending order (ties: the lower id first), by insertion
+    // into the sorted prefix: n_top is at most a few dozen.
+    if (n_top > n_vocab)
+        n_top = n_vocab;
+    int have = 0;
+    for (int i = 0; i < n_vocab && n_top > 0; i++) {
+        const float v = logits[i];
+        if (have == n_top && !(v > logits[top_ids[have - 1]]))
+            continue;
+        int j = have < n_top ? have++ : have - 1;
+        while (j > 0 && v > logits[top_ids[j - 1]]) {
+            top_ids[j] = top_ids[j - 1];
+            j--;
+        }
+        top_ids[j] = i;
+    }
+    for (int j = 0; j < n_top; j++)
+        top_lps[j] = (float)((double)logits[top_ids[j]] - log_z);
+    return (float)((double)logits[chosen] - log_z);
+}

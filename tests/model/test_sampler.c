@@ -1,6 +1,7 @@
 // Sampler: greedy is the argmax; a seed reproduces a sequence and another seed changes it;
 // top-k 1 and a tiny top-p are greedy; temperature spreads choices in proportion; the
-// repetition penalty moves the choice off a repeated token; stop tokens and max tokens end.
+// repetition penalty moves the choice off a repeated token; stop tokens and max tokens end;
+// log-probabilities are the softmax's, with the most likely alternatives in order.
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -127,12 +128,60 @@ static void test_penalty_and_stop(void **state)
     assert_int_equal(mdl_sampler_create(&p, 0, &s), FY_ERR_INVALID_ARG);
 }
 
+static void test_logprobs(void **state)
+{
+    (void)state;
+    float l[NV];
+    for (int rep = 0; rep < 20; rep++) {
+        for (int i = 0; i < NV; i++)
+            l[i] = (float)((i * 37 + rep * 11) % 23) * 0.37f - 4.0f + (rep % 3 == 0 ? 900 : 0);
+        double z = 0;
+        for (int i = 0; i < NV; i++)
+            z += exp((double)l[i] - l[0]);
+        int32_t ids[MDL_MAX_TOP_LOGPROBS];
+        float lps[MDL_MAX_TOP_LOGPROBS];
+        const int chosen = (rep * 13) % NV, n_top = 1 + rep % 8;
+        float lp = mdl_logprobs(l, NV, chosen, n_top, ids, lps);
+        assert_float_equal(lp, (double)l[chosen] - l[0] - log(z), 1e-5);
+        double total = 0; // the distribution sums to one
+        for (int i = 0; i < NV; i++)
+            total += exp(mdl_logprobs(l, NV, i, 0, NULL, NULL));
+        assert_float_equal(total, 1.0, 1e-5);
+        // The n_top largest, descending, ties by id, each with its own log-probability.
+        bool taken[NV] = {false};
+        for (int j = 0; j < n_top; j++) {
+            int best = -1;
+            for (int i = 0; i < NV; i++)
+                if (!taken[i] && (best < 0 || l[i] > l[best]))
+                    best = i;
+            taken[best] = true;
+            assert_int_equal(ids[j], best);
+            assert_float_equal(lps[j], mdl_logprobs(l, NV, best, 0, NULL, NULL), 1e-6);
+        }
+    }
+    // More alternatives than the vocabulary: all of it; bad arguments: NAN.
+    float small[3] = {0.0f, 1.0f, 1.0f};
+    int32_t ids[5] = {-1, -1, -1, -1, -1};
+    float lps[5];
+    assert_false(isnan(mdl_logprobs(small, 3, 0, 5, ids, lps)));
+    assert_int_equal(ids[0], 1);
+    assert_int_equal(ids[1], 2);
+    assert_int_equal(ids[2], 0);
+    assert_int_equal(ids[3], -1);
+    assert_true(isnan(mdl_logprobs(small, 3, 3, 0, NULL, NULL)));
+    assert_true(isnan(mdl_logprobs(small, 3, -1, 0, NULL, NULL)));
+    assert_true(isnan(mdl_logprobs(small, 3, 0, 2, NULL, NULL)));
+    small[1] = INFINITY;
+    assert_true(isnan(mdl_logprobs(small, 3, 0, 0, NULL, NULL)));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_greedy),
         cmocka_unit_test(test_seed_and_distribution),
         cmocka_unit_test(test_penalty_and_stop),
+        cmocka_unit_test(test_logprobs),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
