@@ -94,6 +94,8 @@ struct req {
     // Decode call (set by the RPC thread).
     rpc_call_t *call;
     bool return_ids;
+    bool logprobs; // sampling.logprobs: each token's log-probability goes with it
+    int n_top;     // sampling.top_logprobs
     uint32_t first_token;
     uint32_t already_sent; // completion tokens the client has
     uint32_t limit;        // completion tokens in all (max_tokens)
@@ -210,6 +212,7 @@ struct decode_worker {
     kvc_gpu_seq_t **gseqs; // [max_batch] (device CUDA)
     int32_t *tokens, *positions; // [max_batch]
     float *logits;       // [max_batch][n_vocab]
+    float *raw_row;      // [n_vocab]: a row before the sampler changes it (logprobs)
 
     // Metrics.
     fy_metrics_t *metrics;
@@ -1147,6 +1150,8 @@ static void *sched_main(void *arg)
         for (int i = 0; i < n_rows; i++) {
             req_t *r = w->batch[i];
             float *row = w->logits + (size_t)i * n_vocab;
+            if (r->logprobs) // the model's distribution, before the sampler's settings
+                memcpy(w->raw_row, row, (size_t)n_vocab * sizeof(float));
             int32_t tok = mdl_sampler_sample(r->sampler, row);
             mdl_sampler_accept(r->sampler, tok);
             if (r->generated == 0)
@@ -1169,6 +1174,24 @@ static void *sched_main(void *arg)
             if (r->return_ids) {
                 resp.n_token_ids = 1;
                 resp.token_ids = &id;
+            }
+            Ferry__V1__TokenLogprob lp = FERRY__V1__TOKEN_LOGPROB__INIT, *lp_p = &lp;
+            Ferry__V1__TopLogprob top[MDL_MAX_TOP_LOGPROBS], *top_p[MDL_MAX_TOP_LOGPROBS];
+            if (r->logprobs) {
+                int32_t top_ids[MDL_MAX_TOP_LOGPROBS];
+                float top_lps[MDL_MAX_TOP_LOGPROBS];
+                lp.token_id = id;
+                lp.logprob = mdl_logprobs(w->raw_row, n_vocab, tok, r->n_top, top_ids, top_lps);
+                for (int k = 0; k < r->n_top; k++) {
+                    ferry__v1__top_logprob__init(&top[k]);
+                    top[k].token_id = (uint32_t)top_ids[k];
+                    top[k].logprob = top_lps[k];
+                    top_p[k] = &top[k];
+                }
+                lp.top = top_p;
+                lp.n_top = (size_t)r->n_top;
+                resp.logprobs = &lp_p;
+                resp.n_logprobs = 1;
             }
             rpc_call_send(r->call, &resp.base);
             if (r->already_sent + r->generated >= r->limit || r->pos + 1 >= w->cfg->n_ctx_train) {
@@ -1367,6 +1390,10 @@ static void h_decode(rpc_call_t *call, const ProtobufCMessage *m, void *arg)
         rpc_call_finish(call, RPC_CODE_INVALID_ARGUMENT, "first_token_id outside the vocabulary");
         return;
     }
+    if (req->sampling != NULL && req->sampling->top_logprobs > MDL_MAX_TOP_LOGPROBS) {
+        rpc_call_finish(call, RPC_CODE_INVALID_ARGUMENT, "top_logprobs: at most 20");
+        return;
+    }
     for (size_t i = 0; i < req->n_prompt_token_ids; i++) {
         if (req->prompt_token_ids[i] >= (uint32_t)w->cfg->n_vocab) {
             rpc_call_finish(call, RPC_CODE_INVALID_ARGUMENT, "prompt token outside the vocabulary");
@@ -1409,6 +1436,9 @@ static void h_decode(rpc_call_t *call, const ProtobufCMessage *m, void *arg)
         r->call = call;
         r->sampler = sampler;
         r->return_ids = req->return_token_ids;
+        r->logprobs =
+            req->sampling != NULL && (req->sampling->logprobs || req->sampling->top_logprobs > 0);
+        r->n_top = r->logprobs ? (int)req->sampling->top_logprobs : 0;
         r->first_token = req->first_token_id;
         r->already_sent = req->completion_tokens_sent;
         r->limit = FY_MIN(limit, r->already_sent + r->max_new_tokens);
@@ -1777,6 +1807,7 @@ static void free_worker(decode_worker_t *w)
     free(w->tokens);
     free(w->positions);
     free(w->logits);
+    free(w->raw_row);
     fetch_free(w);
     mdl_ctx_destroy(w->ctx);
     decode_leases_destroy(w->leases);
@@ -1913,7 +1944,9 @@ fy_status_t decode_worker_create(const decode_worker_params_t *params,
     w->tokens = calloc(nb, sizeof(*w->tokens));
     w->positions = calloc(nb, sizeof(*w->positions));
     w->logits = malloc(nb * (size_t)w->cfg->n_vocab * sizeof(float));
-    if (!w->batch || !w->seqs || !w->gseqs || !w->tokens || !w->positions || !w->logits) {
+    w->raw_row = malloc((size_t)w->cfg->n_vocab * sizeof(float));
+    if (!w->batch || !w->seqs || !w->gseqs || !w->tokens || !w->positions || !w->logits ||
+        !w->raw_row) {
         st = FY_ERR_NO_MEMORY;
         goto fail;
     }

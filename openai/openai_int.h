@@ -28,6 +28,7 @@
 #define OAI_MAX_ID       64    // response id, "chatcmpl-" and 32 hex digits fit
 #define OAI_MAX_AUTH     512   // longest Authorization header value kept
 #define OAI_MAX_N        16    // choices a request may ask for ("n")
+#define OAI_MAX_TOP_LOGPROBS 20    // alternatives a token's log-probability may come with
 
 /* ---- HTTP/1.1 requests from a byte stream ------------------------------------------------ */
 
@@ -91,6 +92,7 @@ typedef struct {
     uint32_t *stop_ids;                 // [sampling.n_stop_token_ids]
     char *stop[OAI_MAX_STOP];
     bool stream, include_usage;
+    bool logprobs;     // the answer carries each token's log-probability (sampling.logprobs)
     bool has_seed;     // "seed" given: choice i samples with seed + i
     uint32_t n;        // choices, 1..OAI_MAX_N
     const char *model; // as requested, or NULL
@@ -107,23 +109,40 @@ void oai_request_clear(oai_request_t *r);
 /* "stop" or "length" for a finish reason. */
 const char *oai_finish_name(Ferry__V1__FinishReason reason);
 
-/* One choice of an answer: its text (text_len bytes) and finish reason. */
+/* One choice of an answer: its text (text_len bytes), finish reason and logprobs object (NULL:
+ * null). */
 typedef struct {
     const char *text;
     size_t text_len;
     Ferry__V1__FinishReason finish;
+    const cJSON *logprobs;
 } oai_choice_out_t;
+
+/* A choice's "logprobs" object of kind's form, empty: chat {"content": [], "refusal": null};
+ * completions {"tokens", "token_logprobs", "top_logprobs", "text_offset"} (empty arrays).
+ * NULL when out of memory. */
+cJSON *oai_logprobs_new(oai_kind_t kind);
+
+/* Appends the log-probability entries e[n] (a GenerateResponse's) to lp: chat entries have
+ * token, logprob, bytes and top_logprobs; completions' the token, its logprob, {token:
+ * logprob} of the alternatives and its byte offset in the text (*offset, advanced by the
+ * token's bytes). A token's bytes that are not whole UTF-8 characters show as U+FFFD in its
+ * string (chat's bytes keep them); a logprob the worker did not send is null. false when out
+ * of memory (lp then holds part of the entries). */
+bool oai_logprobs_add(cJSON *lp, oai_kind_t kind, Ferry__V1__TokenLogprob *const *e, size_t n,
+                      size_t *offset);
 
 /* A whole completion (kind's object) with n choices and the usage (stats may be NULL). */
 char *oai_render_completion(oai_kind_t kind, const char *id, int64_t created, const char *model,
                             const oai_choice_out_t *choices, uint32_t n,
                             const Ferry__V1__RequestStats *stats);
 
-/* One stream chunk of choice `index`: text (may be empty), role (chat's first chunk) and finish
- * reason (NULL until the last); with_usage adds "usage": null, as streams that include usage do. */
+/* One stream chunk of choice `index`: text (may be empty), role (chat's first chunk), the
+ * logprobs of its tokens (NULL: null) and finish reason (NULL until the last); with_usage adds
+ * "usage": null, as streams that include usage do. */
 char *oai_render_chunk(oai_kind_t kind, const char *id, int64_t created, const char *model,
                        uint32_t index, const char *role, const char *text, size_t text_len,
-                       const char *finish, bool with_usage);
+                       const cJSON *logprobs, const char *finish, bool with_usage);
 
 /* The usage chunk that ends a stream with include_usage (no choices). */
 char *oai_render_usage_chunk(oai_kind_t kind, const char *id, int64_t created, const char *model,

@@ -79,6 +79,160 @@ static const char *object_name(oai_kind_t kind, bool chunk)
     return "text_completion";
 }
 
+/* A token's bytes as a JSON string: a byte that is not part of a valid UTF-8 character (a
+ * token may hold part of one) becomes U+FFFD. */
+static cJSON *token_string(const uint8_t *s, size_t n)
+{
+    char *out = malloc(3 * n + 1), *o = out;
+    if (out == NULL)
+        return NULL;
+    for (size_t i = 0; i < n;) {
+        const uint8_t b = s[i];
+        size_t len = b < 0x80                 ? 1
+                     : b >= 0xc2 && b <= 0xdf ? 2
+                     : b >= 0xe0 && b <= 0xef ? 3
+                     : b >= 0xf0 && b <= 0xf4 ? 4
+                                              : 0;
+        bool ok = len > 0 && i + len <= n;
+        for (size_t k = 1; ok && k < len; k++)
+            ok = (s[i + k] & 0xc0) == 0x80;
+        if (ok && len == 3) // no overlong forms, no surrogates
+            ok = !(b == 0xe0 && s[i + 1] < 0xa0) && !(b == 0xed && s[i + 1] >= 0xa0);
+        if (ok && len == 4) // no overlong forms, nothing past U+10FFFF
+            ok = !(b == 0xf0 && s[i + 1] < 0x90) && !(b == 0xf4 && s[i + 1] >= 0x90);
+        if (ok && b != 0) {
+            memcpy(o, s + i, len);
+            o += len;
+            i += len;
+        } else {
+            memcpy(o, "\xef\xbf\xbd", 3);
+            o += 3;
+            i++;
+        }
+    }
+    *o = '\0';
+    cJSON *v = cJSON_CreateString(out);
+    free(out);
+    return v;
+}
+
+/* A JSON number for a log-probability; null for one a worker did not send (NAN). */
+static cJSON *logprob_value(float lp)
+{
+    return lp == lp ? cJSON_CreateNumber(lp) : cJSON_CreateNull();
+}
+
+/* Chat's form of one token: token, logprob, bytes (and top_logprobs for the chosen ones). */
+static cJSON *chat_token(const uint8_t *bytes, size_t n, float lp)
+{
+    cJSON *t = cJSON_CreateObject(), *b = cJSON_CreateArray(), *s = token_string(bytes, n);
+    bool ok = t != NULL && b != NULL && s != NULL && cJSON_AddItemToObject(t, "token", s);
+    if (!ok)
+        cJSON_Delete(s);
+    cJSON *v = ok ? logprob_value(lp) : NULL;
+    ok = ok && v != NULL && cJSON_AddItemToObject(t, "logprob", v);
+    for (size_t i = 0; ok && i < n; i++) {
+        cJSON *x = cJSON_CreateNumber(bytes[i]);
+        ok = x != NULL && cJSON_AddItemToArray(b, x);
+    }
+    if (ok && cJSON_AddItemToObject(t, "bytes", b))
+        return t;
+    cJSON_Delete(b);
+    cJSON_Delete(t);
+    return NULL;
+}
+
+cJSON *oai_logprobs_new(oai_kind_t kind)
+{
+    cJSON *lp = cJSON_CreateObject();
+    bool ok = lp != NULL;
+    if (kind == OAI_CHAT)
+        ok = ok && cJSON_AddArrayToObject(lp, "content") && cJSON_AddNullToObject(lp, "refusal");
+    else
+        ok = ok && cJSON_AddArrayToObject(lp, "tokens") &&
+             cJSON_AddArrayToObject(lp, "token_logprobs") &&
+             cJSON_AddArrayToObject(lp, "top_logprobs") &&
+             cJSON_AddArrayToObject(lp, "text_offset");
+    if (ok)
+        return lp;
+    cJSON_Delete(lp);
+    return NULL;
+}
+
+bool oai_logprobs_add(cJSON *lp, oai_kind_t kind, Ferry__V1__TokenLogprob *const *e, size_t n,
+                      size_t *offset)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (e[i] == NULL)
+            continue;
+        const uint8_t *bytes = e[i]->token.data ? e[i]->token.data : (const uint8_t *)"";
+        if (kind == OAI_CHAT) {
+            cJSON *t = chat_token(bytes, e[i]->token.len, e[i]->logprob);
+            cJSON *top = t ? cJSON_AddArrayToObject(t, "top_logprobs") : NULL;
+            bool ok = top != NULL && cJSON_AddItemToArray(cJSON_GetObjectItem(lp, "content"), t);
+            if (!ok) {
+                cJSON_Delete(t);
+                return false;
+            }
+            for (size_t k = 0; k < e[i]->n_top; k++) {
+                const Ferry__V1__TopLogprob *a = e[i]->top[k];
+                cJSON *x = a ? chat_token(a->token.data ? a->token.data : (const uint8_t *)"",
+                                          a->token.len, a->logprob)
+                             : NULL;
+                if (a != NULL && (x == NULL || !cJSON_AddItemToArray(top, x))) {
+                    cJSON_Delete(x);
+                    return false;
+                }
+            }
+            continue;
+        }
+        // Completions: parallel arrays, the alternatives as {token: logprob}, byte offsets.
+        static const char *const keys[4] = {"tokens", "token_logprobs", "top_logprobs",
+                                            "text_offset"};
+        cJSON *items[4] = {token_string(bytes, e[i]->token.len), logprob_value(e[i]->logprob),
+                           cJSON_CreateObject(), cJSON_CreateNumber((double)*offset)};
+        bool ok = true;
+        for (int k = 0; k < 4; k++) {
+            if (ok && items[k] != NULL &&
+                cJSON_AddItemToArray(cJSON_GetObjectItem(lp, keys[k]), items[k]))
+                continue;
+            ok = false; // the items not attached are freed here, the rest go with lp
+            cJSON_Delete(items[k]);
+        }
+        if (!ok)
+            return false;
+        cJSON *top = items[2];
+        *offset += e[i]->token.len;
+        for (size_t k = 0; k < e[i]->n_top; k++) {
+            const Ferry__V1__TopLogprob *a = e[i]->top[k];
+            if (a == NULL)
+                continue;
+            cJSON *key =
+                token_string(a->token.data ? a->token.data : (const uint8_t *)"", a->token.len);
+            cJSON *x = logprob_value(a->logprob);
+            bool added = key && x && cJSON_AddItemToObject(top, key->valuestring, x);
+            cJSON_Delete(key);
+            if (!added) {
+                cJSON_Delete(x);
+                return false;
+            }
+        }
+    }
+    return true;
+}
+
+/* A choice's "logprobs": a copy of lp, or null. */
+static bool add_logprobs(cJSON *choice, const cJSON *lp)
+{
+    if (lp == NULL)
+        return cJSON_AddNullToObject(choice, "logprobs") != NULL;
+    cJSON *copy = cJSON_Duplicate(lp, true);
+    if (copy != NULL && cJSON_AddItemToObject(choice, "logprobs", copy))
+        return true;
+    cJSON_Delete(copy);
+    return false;
+}
+
 /* One choice of a whole completion, appended to choices. */
 static bool add_choice(oai_kind_t kind, cJSON *choices, uint32_t index, const oai_choice_out_t *ch)
 {
@@ -95,7 +249,7 @@ static bool add_choice(oai_kind_t kind, cJSON *choices, uint32_t index, const oa
     }
     if (!ok)
         cJSON_Delete(t); // not attached (attached items go with their parent)
-    return ok && cJSON_AddNullToObject(c, "logprobs") &&
+    return ok && add_logprobs(c, ch->logprobs) &&
            cJSON_AddStringToObject(c, "finish_reason", oai_finish_name(ch->finish));
 }
 
@@ -115,7 +269,7 @@ char *oai_render_completion(oai_kind_t kind, const char *id, int64_t created, co
 
 char *oai_render_chunk(oai_kind_t kind, const char *id, int64_t created, const char *model,
                        uint32_t index, const char *role, const char *text, size_t text_len,
-                       const char *finish, bool with_usage)
+                       const cJSON *logprobs, const char *finish, bool with_usage)
 {
     bool ok;
     cJSON *root = head(id, object_name(kind, true), created, model, &ok);
@@ -137,7 +291,7 @@ char *oai_render_chunk(oai_kind_t kind, const char *id, int64_t created, const c
         if (!ok)
             cJSON_Delete(t);
     }
-    ok = ok && cJSON_AddNullToObject(c, "logprobs") &&
+    ok = ok && add_logprobs(c, logprobs) &&
          (finish ? cJSON_AddStringToObject(c, "finish_reason", finish) != NULL
                  : cJSON_AddNullToObject(c, "finish_reason") != NULL) &&
          (!with_usage || cJSON_AddNullToObject(root, "usage"));

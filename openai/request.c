@@ -11,8 +11,10 @@
  *   stream, stream_options.include_usage           how the answer is sent
  *   kv_policy, kv_budget       CodecParams (Ferry's own)
  *   n (1..16)                  that many Generate calls (seed + i for choice i when seeded)
+ *   logprobs, top_logprobs (chat: a boolean and 0..20; completions: logprobs 0..20)
+ *                              SamplingParams.logprobs, top_logprobs
  * Refused with 400, because Ferry would silently do something else: best_of > 1,
- * logprobs, top_logprobs, echo, suffix, tools, a non-empty logit_bias, a response_format other
+ * echo, suffix, tools, a non-empty logit_bias, a response_format other
  * than text, presence or frequency penalties other than 0. Other fields are ignored (as
  * "user" is by every server).
  */
@@ -188,10 +190,32 @@ static int parse_common(oai_request_t *r, const cJSON *root, char *err, size_t e
     }
     if ((v = member(root, "best_of")) != NULL && !is_integer(v, 1, 1))
         return bad(err, err_len, "'%s' other than 1 is not supported", "best_of");
-    if ((v = member(root, "logprobs")) != NULL && !cJSON_IsFalse(v))
-        return bad(err, err_len, "'%s' is not supported", "logprobs");
-    if ((v = member(root, "top_logprobs")) != NULL && !is_integer(v, 0, 0))
-        return bad(err, err_len, "'%s' is not supported", "top_logprobs");
+    // Log-probabilities: chat's "logprobs": true with "top_logprobs" alternatives (0..20);
+    // completions' "logprobs": N alternatives (OpenAI allows up to 5, Ferry 20).
+    if (r->kind == OAI_CHAT) {
+        if ((v = member(root, "logprobs")) != NULL && !cJSON_IsBool(v))
+            return bad(err, err_len, "'%s' must be a boolean", "logprobs");
+        r->logprobs = v != NULL && cJSON_IsTrue(v);
+        if ((v = member(root, "top_logprobs")) != NULL) {
+            if (!is_integer(v, 0, OAI_MAX_TOP_LOGPROBS)) {
+                snprintf(err, err_len, "'top_logprobs' must be an integer in [0, %d]",
+                         OAI_MAX_TOP_LOGPROBS);
+                return 400;
+            }
+            if (!r->logprobs && v->valuedouble > 0)
+                return bad(err, err_len, "'%s' needs \"logprobs\": true", "top_logprobs");
+            r->sampling.top_logprobs = (uint32_t)v->valuedouble;
+        }
+    } else if ((v = member(root, "logprobs")) != NULL) {
+        if (!is_integer(v, 0, OAI_MAX_TOP_LOGPROBS)) {
+            snprintf(err, err_len, "'logprobs' must be an integer in [0, %d]",
+                     OAI_MAX_TOP_LOGPROBS);
+            return 400;
+        }
+        r->logprobs = true;
+        r->sampling.top_logprobs = (uint32_t)v->valuedouble;
+    }
+    r->sampling.logprobs = r->logprobs;
     if ((v = member(root, "echo")) != NULL && !cJSON_IsFalse(v))
         return bad(err, err_len, "'%s' is not supported", "echo");
     if ((v = member(root, "logit_bias")) != NULL &&

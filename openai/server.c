@@ -51,6 +51,8 @@ typedef struct {
     Ferry__V1__FinishReason finish;
     Ferry__V1__RequestStats *stats; // unpacked copy of the last message's
     bool finish_sent;               // its last stream chunk (with the reason) went out
+    cJSON *logprobs;                // non-streamed answer's, with req.logprobs
+    size_t lp_offset;               // completions' text_offset so far
 } oai_choice_t;
 
 struct oai_conn {
@@ -238,6 +240,7 @@ static void exchange_end(oai_conn_t *c)
     for (uint32_t i = 0; i < OAI_MAX_N; i++) {
         oai_choice_t *ch = &c->choices[i];
         free(ch->text);
+        cJSON_Delete(ch->logprobs);
         if (ch->stats)
             ferry__v1__request_stats__free_unpacked(ch->stats, NULL);
         memset(ch, 0, sizeof(*ch));
@@ -281,7 +284,7 @@ static void start_stream(oai_conn_t *c)
     conn_send(c, head, (size_t)hn);
     for (uint32_t i = 0; i < c->req.n && c->req.kind == OAI_CHAT; i++) // the role first
         send_event_json(c, oai_render_chunk(OAI_CHAT, c->id, c->created, answer_model(c), i,
-                                            "assistant", "", 0, NULL, c->req.include_usage));
+                                            "assistant", "", 0, NULL, NULL, c->req.include_usage));
 }
 
 static void keep_stats(oai_choice_t *ch, const Ferry__V1__RequestStats *st)
@@ -309,13 +312,28 @@ static void on_generate_msg(ferry_call_t *call, const ProtobufCMessage *msg, voi
     if (r->stats != NULL)
         keep_stats(ch, r->stats);
     size_t n = r->text ? strlen(r->text) : 0;
+    const bool lps = c->req.logprobs && r->n_logprobs > 0;
     if (c->req.stream) {
         if (!c->headers_sent)
             start_stream(c);
-        if (n > 0)
+        cJSON *lp = lps ? oai_logprobs_new(c->req.kind) : NULL;
+        if (lps && (lp == NULL || !oai_logprobs_add(lp, c->req.kind, r->logprobs, r->n_logprobs,
+                                                    &ch->lp_offset))) {
+            cJSON_Delete(lp);
+            ferry_call_cancel(call);
+            return;
+        }
+        if (n > 0 || lps)
             send_event_json(c, oai_render_chunk(c->req.kind, c->id, c->created, answer_model(c),
-                                                ch->index, NULL, r->text, n, NULL,
-                                                c->req.include_usage));
+                                                ch->index, NULL, r->text ? r->text : "", n, lp,
+                                                NULL, c->req.include_usage));
+        cJSON_Delete(lp);
+        return;
+    }
+    if (lps && ((ch->logprobs == NULL && (ch->logprobs = oai_logprobs_new(c->req.kind)) == NULL) ||
+                !oai_logprobs_add(ch->logprobs, c->req.kind, r->logprobs, r->n_logprobs,
+                                  &ch->lp_offset))) {
+        ferry_call_cancel(call);
         return;
     }
     if (ch->text_len + n + 1 > ch->text_cap) {
@@ -338,7 +356,7 @@ static void send_finish_chunk(oai_conn_t *c, oai_choice_t *ch)
 {
     ch->finish_sent = true;
     send_event_json(c, oai_render_chunk(c->req.kind, c->id, c->created, answer_model(c), ch->index,
-                                        NULL, "", 0, oai_finish_name(ch->finish),
+                                        NULL, "", 0, NULL, oai_finish_name(ch->finish),
                                         c->req.include_usage));
 }
 
@@ -384,7 +402,7 @@ static void finish_generation(oai_conn_t *c)
             oai_choice_out_t out[OAI_MAX_N];
             for (uint32_t i = 0; i < c->req.n; i++)
                 out[i] = (oai_choice_out_t){c->choices[i].text, c->choices[i].text_len,
-                                            c->choices[i].finish};
+                                            c->choices[i].finish, c->choices[i].logprobs};
             respond_json(c, 200,
                          oai_render_completion(c->req.kind, c->id, c->created, answer_model(c), out,
                                                c->req.n, st),

@@ -82,6 +82,11 @@ struct pf_job {
     // Written by the compute thread before OP_COMPUTED.
     fy_status_t compute_st;
     int32_t first_token;
+    bool logprobs; // sampling.logprobs: the first token's log-probability goes back too
+    int n_top;     // sampling.top_logprobs
+    float first_lp;
+    int32_t top_ids[MDL_MAX_TOP_LOGPROBS];
+    float top_lps[MDL_MAX_TOP_LOGPROBS];
     uint64_t t_enqueued, t_compute_start, t_compute_end;
     uint64_t raw_bytes, wire_bytes;
     int batch_jobs;    // jobs in the batch it was computed in
@@ -461,6 +466,21 @@ static void job_maybe_finish(pf_job_t *job)
     resp.transfer_ms = transfer_ms;
     resp.hidden_transfer_fraction = hidden;
     resp.queue_ms = (job->t_compute_start - job->t_enqueued) / 1e6;
+    Ferry__V1__TokenLogprob lp = FERRY__V1__TOKEN_LOGPROB__INIT;
+    Ferry__V1__TopLogprob top[MDL_MAX_TOP_LOGPROBS], *top_p[MDL_MAX_TOP_LOGPROBS];
+    if (job->logprobs) {
+        lp.token_id = (uint32_t)job->first_token;
+        lp.logprob = job->first_lp;
+        for (int i = 0; i < job->n_top; i++) {
+            ferry__v1__top_logprob__init(&top[i]);
+            top[i].token_id = (uint32_t)job->top_ids[i];
+            top[i].logprob = job->top_lps[i];
+            top_p[i] = &top[i];
+        }
+        lp.top = top_p;
+        lp.n_top = (size_t)job->n_top;
+        resp.first_logprob = &lp;
+    }
     FY_LOG_INFO(MODULE,
                 "%s: %d tokens in %.1f ms (batch of %d, %d tokens; queued %.1f ms), KV %llu -> "
                 "%llu bytes (%s), transfer %.1f ms, %.0f%% hidden, first token %d",
@@ -752,8 +772,20 @@ static fy_status_t job_sample(prefill_t *pf, pf_job_t *job, float *logits)
         return st;
     for (int i = 0; i < job->n_tokens; i++)
         mdl_sampler_accept(smp, job->tokens[i]);
+    float *raw = NULL; // the sampler changes the logits in place; log-probabilities are the raw's
+    if (job->logprobs && (raw = malloc((size_t)pf->cfg->n_vocab * sizeof(float))) == NULL) {
+        mdl_sampler_destroy(smp);
+        return FY_ERR_NO_MEMORY;
+    }
+    if (raw != NULL)
+        memcpy(raw, logits, (size_t)pf->cfg->n_vocab * sizeof(float));
     job->first_token = mdl_sampler_sample(smp, logits);
     mdl_sampler_destroy(smp);
+    if (raw != NULL) {
+        job->first_lp = mdl_logprobs(raw, pf->cfg->n_vocab, job->first_token, job->n_top,
+                                     job->top_ids, job->top_lps);
+        free(raw);
+    }
     return job_check(job);
 }
 
@@ -1157,6 +1189,15 @@ static void on_prefill(rpc_call_t *call, const ProtobufCMessage *msg, void *arg)
     if (st == FY_OK && prefill_sampler_params(req->sampling, &job->sp) != FY_OK) {
         snprintf(err, sizeof(err), "sampling parameters out of range");
         st = FY_ERR_INVALID_ARG;
+    }
+    if (st == FY_OK && req->sampling != NULL &&
+        (req->sampling->logprobs || req->sampling->top_logprobs > 0)) {
+        job->logprobs = true;
+        job->n_top = (int)req->sampling->top_logprobs;
+        if (req->sampling->top_logprobs > MDL_MAX_TOP_LOGPROBS) {
+            snprintf(err, sizeof(err), "top_logprobs: at most %d", MDL_MAX_TOP_LOGPROBS);
+            st = FY_ERR_INVALID_ARG;
+        }
     }
     if (st == FY_OK)
         st = pick_policy(pf, req->codec, job, err, sizeof(err));

@@ -6,6 +6,7 @@
  * freed once its client call has finished and no worker call of it is in flight.
  */
 #include <inttypes.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -66,6 +67,18 @@ static const char *const k_fail_names[] = {"no_workers", "pool_full", "reserve",
 
 typedef enum { ST_NEW, ST_RESERVE, ST_PREFILL, ST_DECODE, ST_DONE } rt_state_t;
 
+typedef struct {
+    uint32_t id;
+    float lp;
+} rt_top_t;
+
+/* A token's log-probability as a worker sent it, checked (rt_lp_from). */
+typedef struct {
+    float lp;
+    rt_top_t top[MDL_MAX_TOP_LOGPROBS];
+    uint32_t n_top;
+} rt_lp_t;
+
 typedef struct rt_req {
     struct rt_req *prev, *next;
     rt_t *rt;
@@ -114,6 +127,16 @@ typedef struct rt_req {
     size_t text_len, text_cap, sent;
     uint32_t *out_ids;
     size_t n_out, cap_out, ids_sent;
+    // sampling.logprobs: out_lp[i] is out_ids[i]'s log-probability (NAN when its worker sent
+    // none), out_top[i * n_top ..] its alternatives (out_n_top[i] of them); lp_sent as ids_sent.
+    bool logprobs;
+    uint32_t n_top;
+    float *out_lp;
+    rt_top_t *out_top;
+    uint8_t *out_n_top;
+    size_t lp_sent;
+    rt_lp_t first_lp; // the prefill worker's, until the first token is pushed
+    bool has_first_lp;
     uint32_t completion_tokens;
     Ferry__V1__FinishReason finish;
     bool stopped; // the stream ended here (stop token or string, length)
@@ -302,6 +325,9 @@ static void req_free(rt_req_t *r)
     free(r->prompt);
     free(r->text);
     free(r->out_ids);
+    free(r->out_lp);
+    free(r->out_top);
+    free(r->out_n_top);
     free(r);
 }
 
@@ -412,8 +438,59 @@ static bool is_stop_id(const rt_req_t *r, uint32_t id)
     return false;
 }
 
-/* One generated token: detokenize, record, check stops. Returns false once the stream ended. */
-static bool push_token(rt_req_t *r, uint32_t id)
+/* Grows the completion's arrays to hold one more token; false when out of memory. */
+static bool out_grow(rt_req_t *r)
+{
+    if (r->n_out < r->cap_out)
+        return true;
+    size_t cap = r->cap_out ? r->cap_out * 2 : 64;
+    uint32_t *o = realloc(r->out_ids, cap * sizeof(uint32_t));
+    if (o == NULL)
+        return false;
+    r->out_ids = o;
+    if (r->logprobs) {
+        float *lp = realloc(r->out_lp, cap * sizeof(float));
+        if (lp == NULL)
+            return false;
+        r->out_lp = lp;
+        uint8_t *nt = realloc(r->out_n_top, cap);
+        if (nt == NULL)
+            return false;
+        r->out_n_top = nt;
+        if (r->n_top > 0) {
+            rt_top_t *t = realloc(r->out_top, cap * r->n_top * sizeof(rt_top_t));
+            if (t == NULL)
+                return false;
+            r->out_top = t;
+        }
+    }
+    r->cap_out = cap;
+    return true;
+}
+
+/* A worker's log-probability entry for token id into out: false when it is for another token
+ * or missing. Alternatives past the request's n_top or outside the vocabulary are dropped. */
+static bool rt_lp_from(const rt_req_t *r, const Ferry__V1__TokenLogprob *in, uint32_t id,
+                       rt_lp_t *out)
+{
+    if (in == NULL || in->token_id != id)
+        return false;
+    const uint32_t n_vocab = (uint32_t)mdl_tokenizer_n_vocab(r->rt->params.tok);
+    out->lp = in->logprob;
+    out->n_top = 0;
+    for (size_t j = 0; j < in->n_top && out->n_top < r->n_top; j++) {
+        if (in->top[j] == NULL || in->top[j]->token_id >= n_vocab)
+            continue;
+        out->top[out->n_top].id = in->top[j]->token_id;
+        out->top[out->n_top].lp = in->top[j]->logprob;
+        out->n_top++;
+    }
+    return true;
+}
+
+/* One generated token: detokenize, record (with its log-probability lp, NULL when its worker
+ * sent none), check stops. Returns false once the stream ended. */
+static bool push_token(rt_req_t *r, uint32_t id, const rt_lp_t *lp)
 {
     if (r->stopped)
         return false;
@@ -423,16 +500,16 @@ static bool push_token(rt_req_t *r, uint32_t id)
         r->finish = FERRY__V1__FINISH_REASON__FINISH_REASON_STOP;
         return false;
     }
-    if (r->n_out == r->cap_out) {
-        size_t cap = r->cap_out ? r->cap_out * 2 : 64;
-        uint32_t *o = realloc(r->out_ids, cap * sizeof(uint32_t));
-        if (o != NULL) {
-            r->out_ids = o;
-            r->cap_out = cap;
+    if (out_grow(r)) {
+        size_t i = r->n_out++;
+        r->out_ids[i] = id;
+        if (r->logprobs) {
+            r->out_lp[i] = lp != NULL ? lp->lp : NAN;
+            r->out_n_top[i] = lp != NULL ? (uint8_t)lp->n_top : 0;
+            if (lp != NULL && lp->n_top > 0)
+                memcpy(r->out_top + i * r->n_top, lp->top, lp->n_top * sizeof(rt_top_t));
         }
     }
-    if (r->n_out < r->cap_out)
-        r->out_ids[r->n_out++] = id;
     char piece[512];
     int n = mdl_detok_push(&r->detok, (int32_t)id, piece, sizeof(piece));
     if (n > 0)
@@ -466,6 +543,66 @@ static void fill_stats(rt_req_t *r, Ferry__V1__RequestStats *s)
     s->budget = r->codec.budget;
 }
 
+/* The log-probabilities of completion tokens [from, to) as messages, with each token's bytes:
+ * *n_p entries in one allocation (*arena_p, the caller frees it); NULL when out of memory. */
+static Ferry__V1__TokenLogprob **lp_msgs(const rt_req_t *r, size_t from, size_t to, size_t *n_p,
+                                         void **arena_p)
+{
+    const mdl_tokenizer_t *tok = r->rt->params.tok;
+    char piece[1024];
+    size_t n = to - from, tops = 0, bytes = 0;
+    for (size_t i = from; i < to; i++) {
+        int l = mdl_tokenizer_token_bytes(tok, (int32_t)r->out_ids[i], piece, sizeof(piece));
+        bytes += l > 0 ? FY_MIN((size_t)l, sizeof(piece)) : 0;
+        for (uint8_t k = 0; k < r->out_n_top[i]; k++) {
+            l = mdl_tokenizer_token_bytes(tok, (int32_t)r->out_top[i * r->n_top + k].id, piece,
+                                          sizeof(piece));
+            bytes += l > 0 ? FY_MIN((size_t)l, sizeof(piece)) : 0;
+        }
+        tops += r->out_n_top[i];
+    }
+    size_t size = n * (sizeof(Ferry__V1__TokenLogprob) + sizeof(void *)) +
+                  tops * (sizeof(Ferry__V1__TopLogprob) + sizeof(void *)) + bytes + 1;
+    char *arena = malloc(size);
+    if (arena == NULL)
+        return NULL;
+    Ferry__V1__TokenLogprob **out = (Ferry__V1__TokenLogprob **)arena;
+    Ferry__V1__TokenLogprob *ent = (Ferry__V1__TokenLogprob *)(out + n);
+    Ferry__V1__TopLogprob **top_p = (Ferry__V1__TopLogprob **)(ent + n);
+    Ferry__V1__TopLogprob *top = (Ferry__V1__TopLogprob *)(top_p + tops);
+    uint8_t *text = (uint8_t *)(top + tops);
+    for (size_t i = from; i < to; i++) {
+        Ferry__V1__TokenLogprob *e = &ent[i - from];
+        ferry__v1__token_logprob__init(e);
+        e->token_id = r->out_ids[i];
+        e->logprob = r->out_lp[i];
+        int l = mdl_tokenizer_token_bytes(tok, (int32_t)e->token_id, (char *)text,
+                                          FY_MIN(sizeof(piece), bytes));
+        e->token.data = text;
+        e->token.len = l > 0 ? FY_MIN((size_t)l, FY_MIN(sizeof(piece), bytes)) : 0;
+        text += e->token.len;
+        bytes -= e->token.len;
+        e->top = top_p;
+        e->n_top = r->out_n_top[i];
+        for (uint8_t k = 0; k < r->out_n_top[i]; k++) {
+            ferry__v1__top_logprob__init(top);
+            top->token_id = r->out_top[i * r->n_top + k].id;
+            top->logprob = r->out_top[i * r->n_top + k].lp;
+            l = mdl_tokenizer_token_bytes(tok, (int32_t)top->token_id, (char *)text,
+                                          FY_MIN(sizeof(piece), bytes));
+            top->token.data = text;
+            top->token.len = l > 0 ? FY_MIN((size_t)l, FY_MIN(sizeof(piece), bytes)) : 0;
+            text += top->token.len;
+            bytes -= top->token.len;
+            *top_p++ = top++;
+        }
+        out[i - from] = e;
+    }
+    *n_p = n;
+    *arena_p = arena;
+    return out;
+}
+
 /* Streams what may be sent (Generate); final adds finish_reason and stats. */
 static void stream_out(rt_req_t *r, bool final)
 {
@@ -492,14 +629,19 @@ static void stream_out(rt_req_t *r, bool final)
             resp.token_ids = r->out_ids;
             resp.n_token_ids = r->n_out;
         }
+        void *arena = NULL;
+        if (r->logprobs && r->n_out > 0)
+            resp.logprobs = lp_msgs(r, 0, r->n_out, &resp.n_logprobs, &arena);
         resp.finish_reason = r->finish;
         resp.stats = &stats;
         resp.request_id = r->client_id;
         rpc_call_send(r->call, &resp.base);
+        free(arena);
         return;
     }
     bool new_ids = r->return_ids && r->ids_sent < r->n_out;
-    if (!final && can <= r->sent && !new_ids && r->first_sent)
+    bool new_lps = r->logprobs && r->lp_sent < r->n_out;
+    if (!final && can <= r->sent && !new_ids && !new_lps && r->first_sent)
         return;
     r->first_sent = true; // the first message goes out even without text: that is TTFT
     Ferry__V1__GenerateResponse resp = FERRY__V1__GENERATE_RESPONSE__INIT;
@@ -516,6 +658,9 @@ static void stream_out(rt_req_t *r, bool final)
         resp.token_ids = r->out_ids + r->ids_sent;
         resp.n_token_ids = r->n_out - r->ids_sent;
     }
+    void *arena = NULL;
+    if (new_lps)
+        resp.logprobs = lp_msgs(r, r->lp_sent, r->n_out, &resp.n_logprobs, &arena);
     resp.request_id = r->client_id;
     if (final) {
         fill_stats(r, &stats);
@@ -523,11 +668,14 @@ static void stream_out(rt_req_t *r, bool final)
         resp.stats = &stats;
     }
     rpc_call_send(r->call, &resp.base);
+    free(arena);
     if (can > r->sent) {
         r->text[can] = saved;
         r->sent = can;
     }
     r->ids_sent = r->n_out;
+    if (resp.logprobs != NULL)
+        r->lp_sent = r->n_out;
 }
 
 /* ---- finishing -------------------------------------------------------------------------- */
@@ -608,8 +756,12 @@ static void on_decode_msg(rpc_ccall_t *call, const ProtobufCMessage *msg, void *
         return;
     const Ferry__V1__GenerateResponse *m = (const Ferry__V1__GenerateResponse *)msg;
     bool more = true;
-    for (size_t i = 0; i < m->n_token_ids && more; i++)
-        more = push_token(r, m->token_ids[i]);
+    for (size_t i = 0; i < m->n_token_ids && more; i++) {
+        rt_lp_t lp;
+        bool has =
+            r->logprobs && i < m->n_logprobs && rt_lp_from(r, m->logprobs[i], m->token_ids[i], &lp);
+        more = push_token(r, m->token_ids[i], has ? &lp : NULL);
+    }
     if (m->stats != NULL) {
         r->decode_tpot_ms = m->stats->tpot_ms;
         r->decode_completion_tokens = m->stats->completion_tokens;
@@ -698,6 +850,8 @@ static void on_prefill_msg(rpc_ccall_t *call, const ProtobufCMessage *msg, void 
     r->queue_ms = m->queue_ms;
     r->hidden = m->hidden_transfer_fraction;
     r->first_token = m->first_token_id;
+    r->has_first_lp =
+        r->logprobs && rt_lp_from(r, m->first_logprob, m->first_token_id, &r->first_lp);
     r->got_prefill = true;
 }
 
@@ -773,7 +927,7 @@ static void on_prefill_done(rpc_ccall_t *call, int code, const char *message, vo
     fy_metric_set(rt->m.ratio, raw > 0 ? fy_metric_value(rt->m.wire) / raw : 0);
     fy_metric_observe(rt->m.transfer, r->transfer_ms / 1e3);
     fy_metric_set(rt->m.hidden, r->hidden);
-    bool more = push_token(r, first);
+    bool more = push_token(r, first, r->has_first_lp ? &r->first_lp : NULL);
     stream_out(r, false);
     if (!more) {
         worker_cancel(rt, r->dw.rpc_address, r->wid); // nothing to decode
@@ -1062,6 +1216,14 @@ static fy_status_t build_sampling(rt_t *rt, const Ferry__V1__GenerateRequest *g,
         s->seed = in->seed;
         s->max_tokens = in->max_tokens;
         s->ignore_eos = in->ignore_eos;
+        s->logprobs = in->logprobs || in->top_logprobs > 0;
+        s->top_logprobs = in->top_logprobs;
+        if (in->top_logprobs > MDL_MAX_TOP_LOGPROBS) {
+            snprintf(err, err_len, "top_logprobs: at most %d", MDL_MAX_TOP_LOGPROBS);
+            return FY_ERR_INVALID_ARG;
+        }
+        r->logprobs = s->logprobs;
+        r->n_top = s->top_logprobs;
         if (!(in->temperature >= 0) || !(in->top_p >= 0) || in->top_p > 1 ||
             !(in->repetition_penalty >= 0)) {
             snprintf(err, err_len, "sampling parameters out of range");

@@ -1,8 +1,9 @@
 """The stock OpenAI Python client against ferry-router's OpenAI-compatible API (--http-listen),
 with ferry-prefill and ferry-decode behind it, all three started here on free ports with the
 real model (missing model = failure): greedy answers equal the gRPC CLI's, streams equal whole
-answers, Ferry's codec is chosen per request, errors come back as the client's exceptions (a
-wrong API key among them; the key guards the gRPC client service too), a stream closed early is cancelled upstream.
+answers, Ferry's codec is chosen per request, log-probabilities come with the tokens, errors
+come back as the client's exceptions (a wrong API key among them; the key guards the gRPC
+client service too), a stream closed early is cancelled upstream.
 
 usage: openai_api.py BUILD_ROOT
 """
@@ -146,11 +147,44 @@ def main():
         except openai.NotFoundError as e:
             check("unknown model", "unknown model" in str(e), e)
         try:
-            client.chat.completions.create(model="smollm2", logprobs=True,
+            client.chat.completions.create(model="smollm2", logprobs=True, top_logprobs=21,
                                            messages=[{"role": "user", "content": "x"}])
-            check("logprobs refused", False)
+            check("top_logprobs over 20 refused", False)
         except openai.BadRequestError as e:
-            check("logprobs refused", "'logprobs'" in str(e), e)
+            check("top_logprobs over 20 refused", "'top_logprobs'" in str(e), e)
+        # Log-probabilities: each greedy token its own most likely alternative, the tokens
+        # spelling the text, a stream carrying the same entries.
+        msgs = [{"role": "user", "content": "What is the capital of France?"}]
+        r = client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=12,
+                                           temperature=0, logprobs=True, top_logprobs=3,
+                                           extra_body={"kv_policy": "fp16"})
+        content = r.choices[0].logprobs.content
+        check("chat logprobs", len(content) == r.usage.completion_tokens
+              and "".join(t.token for t in content) == r.choices[0].message.content
+              and all(t.logprob <= 0 and len(t.top_logprobs) == 3
+                      and t.top_logprobs[0].token == t.token
+                      and t.top_logprobs[0].logprob >= t.top_logprobs[2].logprob
+                      and bytes(t.bytes).decode("utf-8", "replace") == t.token
+                      for t in content), content[:2])
+        s = client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=12,
+                                           temperature=0, logprobs=True, top_logprobs=3,
+                                           stream=True, extra_body={"kv_policy": "fp16"})
+        streamed = [t for c in s if c.choices and c.choices[0].logprobs
+                    for t in c.choices[0].logprobs.content]
+        check("chat stream logprobs = whole",
+              [(t.token, round(t.logprob, 5)) for t in streamed]
+              == [(t.token, round(t.logprob, 5)) for t in content], len(streamed))
+        r = client.completions.create(model="smollm2", prompt="The capital of France is",
+                                      max_tokens=12, temperature=0, logprobs=2,
+                                      extra_body={"kv_policy": "fp16"})
+        lp = r.choices[0].logprobs
+        check("completion logprobs", "".join(lp.tokens) == r.choices[0].text == want
+              and len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 12
+              and all(len(t) == 2 for t in lp.top_logprobs)
+              and lp.text_offset[1] == len(lp.tokens[0].encode()), lp.tokens)
+        r = client.completions.create(model="smollm2", prompt="The capital of France is",
+                                      max_tokens=4, temperature=0)
+        check("no logprobs unless asked", r.choices[0].logprobs is None, r.choices[0].logprobs)
         # n = 2: two generations; greedy, so the same text twice, the tokens counted twice.
         r = client.completions.create(model="smollm2", prompt="The capital of France is",
                                       max_tokens=12, temperature=0, n=2,

@@ -65,7 +65,16 @@ static bool is_stop(int32_t id)
 
 /* Greedy continuation of ids[n] as `ferry generate --local --temperature 0` produces it: up to
  * max_tokens sampled, the stop token ending it (and not part of the output). */
+static size_t local_greedy_lp(const int32_t *ids, size_t n, int max_tokens, int32_t *out,
+                              float *lp);
+
 static size_t local_greedy(const int32_t *ids, size_t n, int max_tokens, int32_t *out)
+{
+    return local_greedy_lp(ids, n, max_tokens, out, NULL);
+}
+
+/* local_greedy, with each output token's log-probability in lp[] when lp is not NULL. */
+static size_t local_greedy_lp(const int32_t *ids, size_t n, int max_tokens, int32_t *out, float *lp)
 {
     mdl_kv_params_t kp;
     mdl_kv_params_default(&kp, G.model);
@@ -86,6 +95,8 @@ static size_t local_greedy(const int32_t *ids, size_t n, int max_tokens, int32_t
             best = logits[v] > logits[best] ? v : best;
         if (is_stop(best))
             break;
+        if (lp != NULL)
+            lp[n_out] = mdl_logprobs(logits, G.cfg->n_vocab, best, 0, NULL, NULL);
         out[n_out++] = best;
         if (i + 1 == max_tokens)
             break;
@@ -223,6 +234,9 @@ typedef struct {
     bool have_stats;
     unsigned cancel_after; // return non-zero from the callback after this many messages
     void (*on_first)(void);
+    uint32_t lp_ids[1024]; // the stream's log-probability entries: token and log-probability
+    float lps[1024];
+    size_t n_lps;
 } gen_t;
 
 static int on_chunk(void *arg, const Ferry__V1__GenerateResponse *m)
@@ -231,6 +245,10 @@ static int on_chunk(void *arg, const Ferry__V1__GenerateResponse *m)
     g->n_msgs++;
     for (size_t i = 0; i < m->n_token_ids && g->n_ids < 1024; i++)
         g->ids[g->n_ids++] = m->token_ids[i];
+    for (size_t i = 0; i < m->n_logprobs && g->n_lps < 1024; i++) {
+        g->lp_ids[g->n_lps] = m->logprobs[i]->token_id;
+        g->lps[g->n_lps++] = m->logprobs[i]->logprob;
+    }
     size_t l = strlen(m->text);
     if (g->text_len + l < sizeof(g->text)) {
         memcpy(g->text + g->text_len, m->text, l + 1);
@@ -257,6 +275,7 @@ typedef struct {
     float budget;
     uint32_t max_tokens;
     const char *stop;
+    uint32_t logprobs; // > 0: logprobs with that many alternatives
 } gen_req_t;
 
 static int generate(ferry_client_t *client, const gen_req_t *q, gen_t *g, ferry_error_t *err)
@@ -287,6 +306,8 @@ static int generate(ferry_client_t *client, const gen_req_t *q, gen_t *g, ferry_
     }
     s.temperature = 0;
     s.max_tokens = q->max_tokens;
+    s.logprobs = q->logprobs > 0;
+    s.top_logprobs = q->logprobs;
     if (q->stop != NULL) {
         s.stop = stops;
         s.n_stop = 1;
@@ -406,17 +427,27 @@ static void test_ferry_budget(void **state)
     free(g);
 }
 
+/* "The capital of France is", 8 tokens, greedy, FP16 KV. */
+static void france_request(Ferry__V1__GenerateRequest *req, Ferry__V1__SamplingParams *s,
+                           Ferry__V1__CodecParams *codec)
+{
+    ferry__v1__generate_request__init(req);
+    ferry__v1__sampling_params__init(s);
+    ferry__v1__codec_params__init(codec);
+    req->input_case = FERRY__V1__GENERATE_REQUEST__INPUT_PROMPT;
+    req->prompt = "The capital of France is";
+    s->max_tokens = 8;
+    req->sampling = s;
+    codec->policy = "fp16";
+    req->codec = codec;
+}
+
 static void test_complete_tokenize_models(void **state)
 {
-    Ferry__V1__GenerateRequest req = FERRY__V1__GENERATE_REQUEST__INIT;
-    Ferry__V1__SamplingParams s = FERRY__V1__SAMPLING_PARAMS__INIT;
-    Ferry__V1__CodecParams codec = FERRY__V1__CODEC_PARAMS__INIT;
-    req.input_case = FERRY__V1__GENERATE_REQUEST__INPUT_PROMPT;
-    req.prompt = "The capital of France is";
-    s.max_tokens = 8;
-    req.sampling = &s;
-    codec.policy = "fp16";
-    req.codec = &codec;
+    Ferry__V1__GenerateRequest req;
+    Ferry__V1__SamplingParams s;
+    Ferry__V1__CodecParams codec;
+    france_request(&req, &s, &codec);
     req.request_id = "mine-1";
     Ferry__V1__CompleteResponse *c = NULL;
     ferry_error_t err;
@@ -487,6 +518,69 @@ static void test_complete_tokenize_models(void **state)
     s.stop = NULL;
     tr.text = "caf\xc3";
     assert_int_equal(ferry_tokenize(G.client, &tr, &t, &err), RPC_CODE_INVALID_ARGUMENT);
+}
+
+/* Log-probabilities: greedy tokens come with the model's own log-probability (the local
+ * model's within fp16 rounding), the chosen token first among its alternatives, which are in
+ * descending order with their bytes; a stream carries the same entries; more than 20
+ * alternatives is refused. */
+static void test_logprobs(void **state)
+{
+    (void)state;
+    Ferry__V1__GenerateRequest req;
+    Ferry__V1__SamplingParams s;
+    Ferry__V1__CodecParams codec;
+    france_request(&req, &s, &codec);
+    s.logprobs = true;
+    s.top_logprobs = 3;
+    Ferry__V1__CompleteResponse *c = NULL;
+    ferry_error_t err;
+    assert_int_equal(ferry_complete(G.client, &req, &c, &err), 0);
+    size_t n;
+    int32_t *ids = tokenize_local(req.prompt, false, &n);
+    int32_t want[16];
+    float want_lp[16];
+    size_t n_want = local_greedy_lp(ids, n, 8, want, want_lp);
+    free(ids);
+    assert_int_equal(c->n_logprobs, n_want);
+    const mdl_tokenizer_t *tok = mdl_model_tokenizer(G.model);
+    for (size_t i = 0; i < c->n_logprobs; i++) {
+        const Ferry__V1__TokenLogprob *e = c->logprobs[i];
+        assert_int_equal(e->token_id, (uint32_t)want[i]);
+        assert_true(e->logprob <= 0.0f);
+        assert_float_equal(e->logprob, want_lp[i], 0.05);
+        char piece[256];
+        int l = mdl_tokenizer_token_bytes(tok, want[i], piece, sizeof(piece));
+        assert_int_equal(e->token.len, (size_t)l);
+        assert_memory_equal(e->token.data, piece, (size_t)l);
+        assert_int_equal(e->n_top, 3);
+        assert_int_equal(e->top[0]->token_id, e->token_id); // greedy: the most likely
+        assert_float_equal(e->top[0]->logprob, e->logprob, 1e-6);
+        for (size_t k = 1; k < e->n_top; k++) {
+            assert_true(e->top[k]->logprob <= e->top[k - 1]->logprob);
+            assert_int_not_equal(e->top[k]->token_id, e->token_id);
+            assert_true(e->top[k]->token.len > 0);
+        }
+    }
+    // A stream: the same entries, over its messages.
+    gen_t *g = calloc(1, sizeof(*g));
+    gen_req_t q = {.prompt = req.prompt, .policy = "fp16", .max_tokens = 8, .logprobs = 3};
+    assert_int_equal(generate(G.client, &q, g, &err), 0);
+    assert_int_equal(g->n_lps, c->n_logprobs);
+    for (size_t i = 0; i < g->n_lps; i++) {
+        assert_int_equal(g->lp_ids[i], c->logprobs[i]->token_id);
+        assert_float_equal(g->lps[i], c->logprobs[i]->logprob, 1e-6);
+    }
+    free(g);
+    ferry_message_free(c);
+    // Without logprobs, none; more than 20 alternatives: refused.
+    s.logprobs = false;
+    s.top_logprobs = 0;
+    assert_int_equal(ferry_complete(G.client, &req, &c, &err), 0);
+    assert_int_equal(c->n_logprobs, 0);
+    ferry_message_free(c);
+    s.top_logprobs = 21;
+    assert_int_equal(ferry_complete(G.client, &req, &c, &err), RPC_CODE_INVALID_ARGUMENT);
 }
 
 static void test_stop_string(void **state)
@@ -833,6 +927,7 @@ int main(void)
         cmocka_unit_test(test_ferry_budget),
         cmocka_unit_test(test_complete_tokenize_models),
         cmocka_unit_test(test_stop_string),
+        cmocka_unit_test(test_logprobs),
         cmocka_unit_test(test_concurrent_streams),
         cmocka_unit_test(test_cancel_and_deadline),
         cmocka_unit_test(test_router_metrics),

@@ -1,7 +1,8 @@
 // Fuzz target: bytes from a socket through the OpenAI front's HTTP reader, each request's body
 // through the chat and completion parsers, and what parses back out through the answers.
 // The first byte picks the mode: 0 = an HTTP stream (the next byte sets the chunk size), 1 =
-// a chat body, 2 = a completion body.
+// a chat body, 2 = a completion body, 3 = token bytes through both logprobs forms (the answer
+// must stay valid UTF-8 whatever bytes the tokens hold).
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,10 +24,10 @@ static void body(oai_kind_t kind, const char *data, size_t len)
         oai_choice_out_t out[OAI_MAX_N];
         for (uint32_t i = 0; i < r.n; i++)
             out[i] = (oai_choice_out_t){text, strlen(text) / (i + 1),
-                                        FERRY__V1__FINISH_REASON__FINISH_REASON_STOP};
+                                        FERRY__V1__FINISH_REASON__FINISH_REASON_STOP, NULL};
         char *a = oai_render_completion(kind, "id", 1, r.model ? r.model : "m", out, r.n, NULL);
-        char *b =
-            oai_render_chunk(kind, "id", 1, "m", r.n - 1, NULL, text, strlen(text), NULL, true);
+        char *b = oai_render_chunk(kind, "id", 1, "m", r.n - 1, NULL, text, strlen(text), NULL,
+                                   NULL, true);
         if (a == NULL || b == NULL)
             abort(); // rendering may not fail on parsed input
         free(a);
@@ -41,11 +42,87 @@ static void body(oai_kind_t kind, const char *data, size_t len)
     oai_request_clear(&r);
 }
 
+/* Whether s is valid UTF-8 (no overlong forms, surrogates or code points past U+10FFFF). */
+static int utf8_ok(const unsigned char *s)
+{
+    while (*s) {
+        unsigned char b = *s;
+        int len = b < 0x80                 ? 1
+                  : b >= 0xc2 && b <= 0xdf ? 2
+                  : b >= 0xe0 && b <= 0xef ? 3
+                  : b >= 0xf0 && b <= 0xf4 ? 4
+                                           : 0;
+        if (len == 0)
+            return 0;
+        for (int k = 1; k < len; k++)
+            if ((s[k] & 0xc0) != 0x80)
+                return 0;
+        if ((b == 0xe0 && s[1] < 0xa0) || (b == 0xed && s[1] >= 0xa0) ||
+            (b == 0xf0 && s[1] < 0x90) || (b == 0xf4 && s[1] >= 0x90))
+            return 0;
+        s += len;
+    }
+    return 1;
+}
+
+/* Token bytes from data: each token takes 1 + (its first byte % 6) bytes; every token has the
+ * next two as alternatives. */
+static void logprobs(const uint8_t *data, size_t size)
+{
+    Ferry__V1__TokenLogprob ent[64], *ep[64];
+    Ferry__V1__TopLogprob top[64], *tp[64];
+    size_t n = 0;
+    for (size_t off = 0; off < size && n < 64;) {
+        size_t len = 1 + data[off] % 6;
+        len = len < size - off ? len : size - off;
+        ferry__v1__token_logprob__init(&ent[n]);
+        ent[n].token_id = (uint32_t)n;
+        ent[n].logprob = n % 5 == 4 ? __builtin_nanf("") : -(float)n / 3;
+        ent[n].token.data = (uint8_t *)data + off;
+        ent[n].token.len = len;
+        ferry__v1__top_logprob__init(&top[n]);
+        top[n].token = ent[n].token;
+        top[n].logprob = -1;
+        tp[n] = &top[n];
+        ep[n] = &ent[n];
+        off += len;
+        n++;
+    }
+    for (size_t i = 0; i < n; i++) {
+        ent[i].top = &tp[i];
+        ent[i].n_top = i + 1 < n ? 2 : 1;
+    }
+    for (int k = 0; k < 2; k++) {
+        oai_kind_t kind = k ? OAI_CHAT : OAI_COMPLETION;
+        cJSON *lp = oai_logprobs_new(kind);
+        size_t offset = 0;
+        if (lp == NULL || !oai_logprobs_add(lp, kind, ep, n, &offset))
+            abort();
+        char *chunk = oai_render_chunk(kind, "id", 1, "m", 0, NULL, "", 0, lp, NULL, false);
+        oai_choice_out_t one = {"", 0, FERRY__V1__FINISH_REASON__FINISH_REASON_STOP, lp};
+        char *whole = oai_render_completion(kind, "id", 1, "m", &one, 1, NULL);
+        if (chunk == NULL || whole == NULL || !utf8_ok((unsigned char *)chunk) ||
+            !utf8_ok((unsigned char *)whole))
+            abort();
+        cJSON *back = cJSON_Parse(whole);
+        if (back == NULL)
+            abort();
+        cJSON_Delete(back);
+        free(chunk);
+        free(whole);
+        cJSON_Delete(lp);
+    }
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     if (size < 2)
         return 0;
-    uint8_t mode = data[0] % 3;
+    uint8_t mode = data[0] % 4;
+    if (mode == 3) {
+        logprobs(data + 1, size - 1);
+        return 0;
+    }
     if (mode != 0) {
         char *copy = malloc(size);
         memcpy(copy, data + 1, size - 1);

@@ -271,7 +271,16 @@ static void test_refusals(void **state)
         {OAI_COMPLETION, "{\"prompt\":\"a\",\"n\":17}", "'n'"},
         {OAI_COMPLETION, "{\"prompt\":\"a\",\"n\":0}", "'n'"},
         {OAI_COMPLETION, "{\"prompt\":\"a\",\"best_of\":3}", "best_of"},
-        {OAI_COMPLETION, "{\"prompt\":\"a\",\"logprobs\":1}", "logprobs"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"logprobs\":21}", "logprobs"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"logprobs\":true}", "logprobs"},
+        {OAI_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"logprobs\":1}",
+         "boolean"},
+        {OAI_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"top_logprobs\":2}",
+         "needs"},
+        {OAI_CHAT,
+         "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"logprobs\":true,"
+         "\"top_logprobs\":21}",
+         "top_logprobs"},
         {OAI_COMPLETION, "{\"prompt\":\"a\",\"echo\":true}", "echo"},
         {OAI_COMPLETION, "{\"prompt\":\"a\",\"suffix\":\"z\"}", "suffix"},
         {OAI_COMPLETION, "{\"prompt\":\"a\",\"frequency_penalty\":0.5}", "frequency_penalty"},
@@ -329,6 +338,98 @@ static const cJSON *at(const cJSON *j, const char *path)
     return j;
 }
 
+/* Log-probabilities: what requests ask for, and both answers' forms. */
+static void test_logprobs(void **state)
+{
+    (void)state;
+    static const struct {
+        oai_kind_t kind;
+        const char *body;
+        bool logprobs;
+        uint32_t top;
+    } k_asks[] = {
+        {OAI_CHAT,
+         "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"logprobs\":true,"
+         "\"top_logprobs\":2}",
+         true, 2},
+        {OAI_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"logprobs\":false}",
+         false, 0},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"logprobs\":0}", true, 0},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"logprobs\":20}", true, 20},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"logprobs\":null}", false, 0},
+    };
+    for (size_t i = 0; i < FY_ARRAY_SIZE(k_asks); i++) {
+        oai_request_t r;
+        char err[256];
+        const char *b = k_asks[i].body;
+        assert_int_equal(oai_request_parse(&r, k_asks[i].kind, b, strlen(b), err, sizeof(err)), 0);
+        assert_int_equal(r.logprobs, k_asks[i].logprobs);
+        assert_int_equal(r.sampling.logprobs, k_asks[i].logprobs);
+        assert_int_equal(r.sampling.top_logprobs, k_asks[i].top);
+        oai_request_clear(&r);
+    }
+
+    // Two tokens: " Paris" (with two alternatives), then half of a character, whose string
+    // shows U+FFFD while its bytes stay; a log-probability the worker did not send is null.
+    Ferry__V1__TopLogprob a = FERRY__V1__TOP_LOGPROB__INIT, b = FERRY__V1__TOP_LOGPROB__INIT;
+    a.token.data = (uint8_t *)" Paris", a.token.len = 6, a.logprob = -0.25f;
+    b.token.data = (uint8_t *)" Lyon", b.token.len = 5, b.logprob = -2.5f;
+    Ferry__V1__TopLogprob *tops[2] = {&a, &b};
+    Ferry__V1__TokenLogprob e0 = FERRY__V1__TOKEN_LOGPROB__INIT,
+                            e1 = FERRY__V1__TOKEN_LOGPROB__INIT;
+    e0.token = a.token, e0.logprob = -0.25f, e0.top = tops, e0.n_top = 2;
+    e1.token.data = (uint8_t *)"\xc3", e1.token.len = 1, e1.logprob = NAN;
+    Ferry__V1__TokenLogprob *es[2] = {&e0, &e1};
+
+    cJSON *lp = oai_logprobs_new(OAI_CHAT);
+    size_t off = 0;
+    assert_true(oai_logprobs_add(lp, OAI_CHAT, es, 2, &off));
+    oai_choice_out_t one = {" Paris\xef\xbf\xbd", 9, FERRY__V1__FINISH_REASON__FINISH_REASON_STOP,
+                            lp};
+    cJSON *j = parse_json(oai_render_completion(OAI_CHAT, "c", 1, "m", &one, 1, NULL));
+    assert_string_equal(at(j, "choices.0.logprobs.content.0.token")->valuestring, " Paris");
+    assert_float_equal(at(j, "choices.0.logprobs.content.0.logprob")->valuedouble, -0.25, 1e-6);
+    assert_int_equal(cJSON_GetArraySize(at(j, "choices.0.logprobs.content.0.bytes")), 6);
+    assert_int_equal(at(j, "choices.0.logprobs.content.0.bytes.0")->valueint, ' ');
+    assert_string_equal(at(j, "choices.0.logprobs.content.0.top_logprobs.1.token")->valuestring,
+                        " Lyon");
+    assert_float_equal(at(j, "choices.0.logprobs.content.0.top_logprobs.1.logprob")->valuedouble,
+                       -2.5, 1e-6);
+    assert_string_equal(at(j, "choices.0.logprobs.content.1.token")->valuestring, "\xef\xbf\xbd");
+    assert_true(cJSON_IsNull(at(j, "choices.0.logprobs.content.1.logprob")));
+    assert_int_equal(at(j, "choices.0.logprobs.content.1.bytes.0")->valueint, 0xc3);
+    assert_int_equal(cJSON_GetArraySize(at(j, "choices.0.logprobs.content.1.top_logprobs")), 0);
+    assert_true(cJSON_IsNull(at(j, "choices.0.logprobs.refusal")));
+    cJSON_Delete(j);
+    // A stream chunk carries its tokens'.
+    j = parse_json(oai_render_chunk(OAI_CHAT, "c", 1, "m", 0, NULL, " Paris", 6, lp, NULL, false));
+    assert_string_equal(at(j, "choices.0.logprobs.content.0.token")->valuestring, " Paris");
+    cJSON_Delete(j);
+    cJSON_Delete(lp);
+
+    lp = oai_logprobs_new(OAI_COMPLETION);
+    off = 3; // after earlier tokens
+    assert_true(oai_logprobs_add(lp, OAI_COMPLETION, es, 2, &off));
+    assert_int_equal(off, 3 + 6 + 1);
+    one.logprobs = lp;
+    j = parse_json(oai_render_completion(OAI_COMPLETION, "c", 1, "m", &one, 1, NULL));
+    assert_string_equal(at(j, "choices.0.logprobs.tokens.0")->valuestring, " Paris");
+    assert_float_equal(at(j, "choices.0.logprobs.token_logprobs.0")->valuedouble, -0.25, 1e-6);
+    assert_true(cJSON_IsNull(at(j, "choices.0.logprobs.token_logprobs.1")));
+    assert_float_equal(
+        cJSON_GetObjectItem(at(j, "choices.0.logprobs.top_logprobs.0"), " Lyon")->valuedouble, -2.5,
+        1e-6);
+    assert_int_equal(at(j, "choices.0.logprobs.text_offset.0")->valueint, 3);
+    assert_int_equal(at(j, "choices.0.logprobs.text_offset.1")->valueint, 9);
+    cJSON_Delete(j);
+    cJSON_Delete(lp);
+    // Without logprobs: null.
+    one.logprobs = NULL;
+    j = parse_json(oai_render_completion(OAI_COMPLETION, "c", 1, "m", &one, 1, NULL));
+    assert_true(cJSON_IsNull(at(j, "choices.0.logprobs")));
+    cJSON_Delete(j);
+}
+
 static void test_answers(void **state)
 {
     Ferry__V1__RequestStats st = FERRY__V1__REQUEST_STATS__INIT;
@@ -338,7 +439,7 @@ static void test_answers(void **state)
     st.policy = "ferry";
     static const char k_text[] = "say \"hi\"\n\\ \x01 caf\xc3\xa9";
     oai_choice_out_t one = {k_text, sizeof(k_text) - 1,
-                            FERRY__V1__FINISH_REASON__FINISH_REASON_LENGTH};
+                            FERRY__V1__FINISH_REASON__FINISH_REASON_LENGTH, NULL};
     cJSON *j = parse_json(oai_render_completion(OAI_CHAT, "chatcmpl-1", 7, "m", &one, 1, &st));
     assert_string_equal(at(j, "object")->valuestring, "chat.completion");
     assert_string_equal(at(j, "choices.0.message.content")->valuestring, k_text);
@@ -350,8 +451,8 @@ static void test_answers(void **state)
     cJSON_Delete(j);
 
     // Two choices, each with its index, text and reason.
-    oai_choice_out_t two[2] = {{"ab", 1, FERRY__V1__FINISH_REASON__FINISH_REASON_STOP},
-                               {"xyz", 3, FERRY__V1__FINISH_REASON__FINISH_REASON_LENGTH}};
+    oai_choice_out_t two[2] = {{"ab", 1, FERRY__V1__FINISH_REASON__FINISH_REASON_STOP, NULL},
+                               {"xyz", 3, FERRY__V1__FINISH_REASON__FINISH_REASON_LENGTH, NULL}};
     j = parse_json(oai_render_completion(OAI_COMPLETION, "cmpl-1", 7, "m", two, 2, NULL));
     assert_string_equal(at(j, "object")->valuestring, "text_completion");
     assert_string_equal(at(j, "choices.0.text")->valuestring, "a");
@@ -364,23 +465,25 @@ static void test_answers(void **state)
     cJSON_Delete(j);
 
     // Chat chunks: the role first, then content deltas, then an empty delta with the reason.
-    j = parse_json(oai_render_chunk(OAI_CHAT, "c", 1, "m", 0, "assistant", "", 0, NULL, true));
+    j = parse_json(
+        oai_render_chunk(OAI_CHAT, "c", 1, "m", 0, "assistant", "", 0, NULL, NULL, true));
     assert_string_equal(at(j, "object")->valuestring, "chat.completion.chunk");
     assert_string_equal(at(j, "choices.0.delta.role")->valuestring, "assistant");
     assert_string_equal(at(j, "choices.0.delta.content")->valuestring, "");
     assert_true(cJSON_IsNull(at(j, "choices.0.finish_reason")));
     assert_true(cJSON_IsNull(at(j, "usage")));
     cJSON_Delete(j);
-    j = parse_json(oai_render_chunk(OAI_CHAT, "c", 1, "m", 3, NULL, "xyz", 2, NULL, false));
+    j = parse_json(oai_render_chunk(OAI_CHAT, "c", 1, "m", 3, NULL, "xyz", 2, NULL, NULL, false));
     assert_int_equal(at(j, "choices.0.index")->valueint, 3);
     assert_string_equal(at(j, "choices.0.delta.content")->valuestring, "xy");
     assert_null(cJSON_GetObjectItem(j, "usage"));
     cJSON_Delete(j);
-    j = parse_json(oai_render_chunk(OAI_CHAT, "c", 1, "m", 0, NULL, "", 0, "stop", false));
+    j = parse_json(oai_render_chunk(OAI_CHAT, "c", 1, "m", 0, NULL, "", 0, NULL, "stop", false));
     assert_int_equal(cJSON_GetArraySize(at(j, "choices.0.delta")), 0);
     assert_string_equal(at(j, "choices.0.finish_reason")->valuestring, "stop");
     cJSON_Delete(j);
-    j = parse_json(oai_render_chunk(OAI_COMPLETION, "c", 1, "m", 0, NULL, "", 0, "length", false));
+    j = parse_json(
+        oai_render_chunk(OAI_COMPLETION, "c", 1, "m", 0, NULL, "", 0, NULL, "length", false));
     assert_string_equal(at(j, "choices.0.text")->valuestring, "");
     cJSON_Delete(j);
     j = parse_json(oai_render_usage_chunk(OAI_CHAT, "c", 1, "m", &st));
@@ -430,6 +533,7 @@ int main(void)
         cmocka_unit_test(test_completion_prompts),
         cmocka_unit_test(test_refusals),
         cmocka_unit_test(test_answers),
+        cmocka_unit_test(test_logprobs),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
