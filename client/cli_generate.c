@@ -6,6 +6,7 @@
  * --stats prints, after the text, the request's figures (remote: the router's RequestStats).
  */
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -60,6 +61,8 @@ static void usage(FILE *out)
             "  --token TOKEN         bearer token for the router (default: $FERRY_TOKEN, else\n"
             "                        $FERRY_API_KEY: the router's --api-key)\n"
             "  --ids                 print the generated token ids to stderr (remote)\n"
+            "  --logprobs N          print each token's log-probability and its N most likely\n"
+            "                        alternatives (0-20) to stderr, with the sum (remote)\n"
             "  --stats               print TTFT, speed and KV transfer figures to stderr\n");
 }
 
@@ -81,6 +84,7 @@ typedef struct {
     uint64_t timeout_ms;
     const char *const *stops;
     size_t n_stops;
+    int logprobs; // alternatives per token, -1 = no log-probabilities
 } remote_opts_t;
 
 typedef struct {
@@ -91,7 +95,47 @@ typedef struct {
     bool have_stats;
     char policy[64], prefill[64], decode[64];
     Ferry__V1__FinishReason finish;
+    FILE *lp; // --logprobs: the lines, printed after the text (a memory stream)
+    char *lp_text;
+    size_t lp_len, lp_tokens;
+    double lp_sum;
 } remote_state_t;
+
+/* A token's bytes in quotes, C-escaped where not printable ASCII. */
+static void put_token(FILE *f, const ProtobufCBinaryData *t)
+{
+    fputc('"', f);
+    for (size_t i = 0; i < t->len; i++) {
+        uint8_t c = t->data[i];
+        if (c == '"' || c == '\\')
+            fprintf(f, "\\%c", c);
+        else if (c == '\n')
+            fputs("\\n", f);
+        else if (c < 0x20 || c >= 0x7f)
+            fprintf(f, "\\x%02x", c);
+        else
+            fputc(c, f);
+    }
+    fputc('"', f);
+}
+
+/* One line per token: its log-probability, the token, then the alternatives. */
+static void put_logprobs(remote_state_t *st, const Ferry__V1__GenerateResponse *m)
+{
+    for (size_t i = 0; st->lp != NULL && i < m->n_logprobs; i++) {
+        const Ferry__V1__TokenLogprob *e = m->logprobs[i];
+        fprintf(st->lp, "%10.4f  ", (double)e->logprob);
+        put_token(st->lp, &e->token);
+        for (size_t k = 0; k < e->n_top; k++) {
+            fputs(k == 0 ? "  | " : ", ", st->lp);
+            put_token(st->lp, &e->top[k]->token);
+            fprintf(st->lp, " %.4f", (double)e->top[k]->logprob);
+        }
+        fputc('\n', st->lp);
+        st->lp_sum += e->logprob;
+        st->lp_tokens++;
+    }
+}
 
 static int on_chunk(void *arg, const Ferry__V1__GenerateResponse *m)
 {
@@ -105,6 +149,7 @@ static int on_chunk(void *arg, const Ferry__V1__GenerateResponse *m)
     if (st->o->show_ids)
         for (size_t i = 0; i < m->n_token_ids; i++)
             fprintf(stderr, "%s%u", i == 0 && st->n_msgs == 1 ? "ids:" : " ", m->token_ids[i]);
+    put_logprobs(st, m);
     if (m->stats != NULL) {
         st->stats = *m->stats;
         snprintf(st->policy, sizeof(st->policy), "%s", m->stats->policy ? m->stats->policy : "");
@@ -172,7 +217,14 @@ static int generate_remote(const remote_opts_t *o, const mdl_sampler_params_t *s
     codec.budget = (float)o->budget;
     req.codec = &codec;
     req.return_token_ids = o->show_ids;
+    s.logprobs = o->logprobs >= 0;
+    s.top_logprobs = o->logprobs > 0 ? (uint32_t)o->logprobs : 0;
     remote_state_t st = {.o = o, .t0 = fy_clock_ns()};
+    if (o->logprobs >= 0 && (st.lp = open_memstream(&st.lp_text, &st.lp_len)) == NULL) {
+        fprintf(stderr, "ferry generate: out of memory\n");
+        ferry_client_destroy(client);
+        return 1;
+    }
     ferry_error_t err;
     int code = ferry_generate(client, &req, on_chunk, &st, &err);
     uint64_t t_end = fy_clock_ns();
@@ -181,6 +233,16 @@ static int generate_remote(const remote_opts_t *o, const mdl_sampler_params_t *s
         fflush(stdout);
         if (o->show_ids)
             fputc('\n', stderr);
+    }
+    if (st.lp != NULL) {
+        fclose(st.lp);
+        if (code == 0) {
+            fprintf(stderr, "logprobs: %zu tokens, sum %.4f, mean %.4f (perplexity %.3f)\n",
+                    st.lp_tokens, st.lp_sum, st.lp_tokens ? st.lp_sum / st.lp_tokens : 0.0,
+                    st.lp_tokens ? exp(-st.lp_sum / st.lp_tokens) : 1.0);
+            fwrite(st.lp_text, 1, st.lp_len, stderr);
+        }
+        free(st.lp_text);
     }
     ferry_client_destroy(client);
     if (code != 0) {
@@ -223,7 +285,7 @@ int cli_generate_main(int argc, char **argv)
     const char *stops[8];
     size_t n_stops = 0, n_positional = 0;
     bool local = false, chat = false, stats = false, show_ids = false;
-    int threads = 0;
+    int threads = 0, logprobs = -1;
     double budget = 0;
     uint64_t timeout_ms = 300000;
     mdl_device_t device = MDL_DEVICE_CPU;
@@ -302,6 +364,8 @@ int cli_generate_main(int argc, char **argv)
             sp.seed = (uint64_t)x;
         } else if (NUM("--threads", 0, 1024)) {
             threads = (int)x;
+        } else if (NUM("--logprobs", 0, MDL_MAX_TOP_LOGPROBS)) {
+            logprobs = (int)x;
         } else if (a[0] == '-' && a[1] == '-') {
             fprintf(stderr, "ferry generate: unknown option %s\n", a);
             usage(stderr);
@@ -328,15 +392,28 @@ int cli_generate_main(int argc, char **argv)
         fprintf(stderr, "ferry generate: --local and --router exclude each other\n");
         return 2;
     }
+    if (local && logprobs >= 0) {
+        fprintf(stderr, "ferry generate: --logprobs goes through a router (not --local)\n");
+        return 2;
+    }
     if (!local) {
         if (router == NULL || prompt == NULL) {
             usage(stderr);
             return 2;
         }
-        remote_opts_t ro = {.router = router, .prompt = prompt, .system = system, .chat = chat,
-                            .policy = policy, .budget = budget, .token = token,
-                            .timeout_ms = timeout_ms, .stops = stops, .n_stops = n_stops,
-                            .stats = stats, .show_ids = show_ids};
+        remote_opts_t ro = {.router = router,
+                            .prompt = prompt,
+                            .system = system,
+                            .chat = chat,
+                            .policy = policy,
+                            .budget = budget,
+                            .token = token,
+                            .timeout_ms = timeout_ms,
+                            .stops = stops,
+                            .n_stops = n_stops,
+                            .stats = stats,
+                            .show_ids = show_ids,
+                            .logprobs = logprobs};
         return generate_remote(&ro, &sp);
     }
     if (model_path == NULL || prompt == NULL) {

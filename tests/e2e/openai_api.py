@@ -182,6 +182,17 @@ def main():
               and len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 12
               and all(len(t) == 2 for t in lp.top_logprobs)
               and lp.text_offset[1] == len(lp.tokens[0].encode()), lp.tokens)
+        # The CLI's --logprobs: the same figures over gRPC, a line per token after the sum.
+        p = subprocess.run([os.path.join(build, "client/ferry"), "generate", router, "--token",
+                            "e2e-key", "--temperature", "0", "--policy", "fp16", "--max-tokens",
+                            "12", "--logprobs", "2", "The capital of France is"],
+                           capture_output=True, text=True, timeout=300)
+        lines = p.stderr.splitlines()
+        head = lines[0].split() if lines else []
+        check("cli --logprobs", p.returncode == 0 and p.stdout[:-1] == want
+              and head[:3] == ["logprobs:", "12", "tokens,"]
+              and abs(float(head[4].rstrip(",")) - sum(lp.token_logprobs)) < 1e-3
+              and len(lines) == 13 and all(" | " in line for line in lines[1:]), p.stderr)
         r = client.completions.create(model="smollm2", prompt="The capital of France is",
                                       max_tokens=4, temperature=0)
         check("no logprobs unless asked", r.choices[0].logprobs is None, r.choices[0].logprobs)
