@@ -63,6 +63,8 @@ static void usage(FILE *out)
             "  --ids                 print the generated token ids to stderr (remote)\n"
             "  --logprobs N          print each token's log-probability and its N most likely\n"
             "                        alternatives (0-20) to stderr, with the sum (remote)\n"
+            "  --score TEXT          the completion is TEXT (tokenized on its own): print its\n"
+            "                        tokens' log-probabilities as --logprobs does (remote)\n"
             "  --stats               print TTFT, speed and KV transfer figures to stderr\n");
 }
 
@@ -85,6 +87,7 @@ typedef struct {
     const char *const *stops;
     size_t n_stops;
     int logprobs; // alternatives per token, -1 = no log-probabilities
+    const char *score; // the continuation to force and score, or NULL
 } remote_opts_t;
 
 typedef struct {
@@ -219,6 +222,25 @@ static int generate_remote(const remote_opts_t *o, const mdl_sampler_params_t *s
     req.return_token_ids = o->show_ids;
     s.logprobs = o->logprobs >= 0;
     s.top_logprobs = o->logprobs > 0 ? (uint32_t)o->logprobs : 0;
+    Ferry__V1__TokenizeResponse *forced = NULL;
+    if (o->score != NULL) { // the router's tokenizer, so the ids are the model's
+        Ferry__V1__TokenizeRequest tr = FERRY__V1__TOKENIZE_REQUEST__INIT;
+        tr.text = (char *)o->score;
+        ferry_error_t terr;
+        int tc = ferry_tokenize(client, &tr, &forced, &terr);
+        if (tc != 0 || forced->n_ids == 0) {
+            fprintf(stderr, "ferry generate: --score: %s\n",
+                    tc != 0 ? terr.message : "the text has no tokens");
+            ferry_message_free(forced);
+            ferry_client_destroy(client);
+            return 1;
+        }
+        s.forced_token_ids = forced->ids;
+        s.n_forced_token_ids = forced->n_ids;
+        s.max_tokens = 0;
+        s.stop = NULL;
+        s.n_stop = 0;
+    }
     remote_state_t st = {.o = o, .t0 = fy_clock_ns()};
     if (o->logprobs >= 0 && (st.lp = open_memstream(&st.lp_text, &st.lp_len)) == NULL) {
         fprintf(stderr, "ferry generate: out of memory\n");
@@ -228,6 +250,7 @@ static int generate_remote(const remote_opts_t *o, const mdl_sampler_params_t *s
     ferry_error_t err;
     int code = ferry_generate(client, &req, on_chunk, &st, &err);
     uint64_t t_end = fy_clock_ns();
+    ferry_message_free(forced);
     if (code == 0 || st.n_msgs > 0) { // ends the streamed text; a refused request printed none
         fputc('\n', stdout);
         fflush(stdout);
@@ -280,6 +303,7 @@ int cli_generate_main(int argc, char **argv)
     tune_blas(argc, argv, "generate");
     const char *model_path = NULL, *prompt = NULL, *system = NULL, *router = NULL;
     const char *policy = NULL, *token = getenv("FERRY_TOKEN"), *positional[2] = {NULL, NULL};
+    const char *score = NULL;
     if (token == NULL || token[0] == '\0')
         token = getenv("FERRY_API_KEY");
     const char *stops[8];
@@ -328,6 +352,9 @@ int cli_generate_main(int argc, char **argv)
             i++;
         } else if (strcmp(a, "--policy") == 0 && val != NULL) {
             policy = val;
+            i++;
+        } else if (strcmp(a, "--score") == 0 && val != NULL) {
+            score = val;
             i++;
         } else if (strcmp(a, "--token") == 0 && val != NULL) {
             token = val;
@@ -392,10 +419,13 @@ int cli_generate_main(int argc, char **argv)
         fprintf(stderr, "ferry generate: --local and --router exclude each other\n");
         return 2;
     }
-    if (local && logprobs >= 0) {
-        fprintf(stderr, "ferry generate: --logprobs goes through a router (not --local)\n");
+    if (local && (logprobs >= 0 || score != NULL)) {
+        fprintf(stderr, "ferry generate: --logprobs and --score go through a router (not "
+                        "--local)\n");
         return 2;
     }
+    if (score != NULL && logprobs < 0)
+        logprobs = 0; // scoring prints the log-probabilities
     if (!local) {
         if (router == NULL || prompt == NULL) {
             usage(stderr);
@@ -413,7 +443,8 @@ int cli_generate_main(int argc, char **argv)
                             .n_stops = n_stops,
                             .stats = stats,
                             .show_ids = show_ids,
-                            .logprobs = logprobs};
+                            .logprobs = logprobs,
+                            .score = score};
         return generate_remote(&ro, &sp);
     }
     if (model_path == NULL || prompt == NULL) {

@@ -96,6 +96,8 @@ struct req {
     bool return_ids;
     bool logprobs; // sampling.logprobs: each token's log-probability goes with it
     int n_top;     // sampling.top_logprobs
+    uint32_t *forced; // sampling.forced_token_ids: completion token i is forced[i] (malloc'd)
+    uint32_t n_forced;
     uint32_t first_token;
     uint32_t already_sent; // completion tokens the client has
     uint32_t limit;        // completion tokens in all (max_tokens)
@@ -388,6 +390,7 @@ static void req_end(decode_worker_t *w, req_t *r, int code, const char *msg,
     if (r->call != NULL)
         rpc_call_finish(r->call, code, code == RPC_CODE_OK ? NULL : msg);
     mdl_sampler_destroy(r->sampler);
+    free(r->forced);
     free(r);
     update_gauges(w);
 }
@@ -1153,6 +1156,12 @@ static void *sched_main(void *arg)
             if (r->logprobs) // the model's distribution, before the sampler's settings
                 memcpy(w->raw_row, row, (size_t)n_vocab * sizeof(float));
             int32_t tok = mdl_sampler_sample(r->sampler, row);
+            // Completion token already_sent + generated: a forced one replaces the draw (made
+            // all the same, so that a seeded stream stays in step) and no stop token ends it.
+            const uint32_t idx = r->already_sent + r->generated;
+            const bool forced = idx < r->n_forced;
+            if (forced)
+                tok = (int32_t)r->forced[idx];
             mdl_sampler_accept(r->sampler, tok);
             if (r->generated == 0)
                 r->first_step_ns = t1;
@@ -1160,7 +1169,7 @@ static void *sched_main(void *arg)
             r->next_token = tok;
             // Stop tokens (EOS unless ignored, the request's stop ids) end the completion
             // without being part of it, as `ferry generate` prints them.
-            if (mdl_sampler_done(r->sampler, tok)) {
+            if (!forced && mdl_sampler_done(r->sampler, tok)) {
                 send_final(r, FERRY__V1__FINISH_REASON__FINISH_REASON_STOP);
                 r->finished = true;
                 continue;
@@ -1403,9 +1412,27 @@ static void h_decode(rpc_call_t *call, const ProtobufCMessage *m, void *arg)
     uint32_t limit = req->sampling != NULL && req->sampling->max_tokens
                          ? req->sampling->max_tokens
                          : w->p.default_max_tokens;
+    uint32_t *forced = NULL, n_forced = 0;
+    if (req->sampling != NULL && req->sampling->n_forced_token_ids > 0) {
+        n_forced = (uint32_t)FY_MIN(req->sampling->n_forced_token_ids, (size_t)1u << 24);
+        for (uint32_t i = 0; i < n_forced; i++) {
+            if (req->sampling->forced_token_ids[i] >= (uint32_t)w->cfg->n_vocab) {
+                rpc_call_finish(call, RPC_CODE_INVALID_ARGUMENT,
+                                "forced token id outside the vocabulary");
+                return;
+            }
+        }
+        if ((forced = malloc(n_forced * sizeof(uint32_t))) == NULL) {
+            rpc_call_finish(call, RPC_CODE_RESOURCE_EXHAUSTED, "out of memory");
+            return;
+        }
+        memcpy(forced, req->sampling->forced_token_ids, n_forced * sizeof(uint32_t));
+        limit = FY_MIN(limit, n_forced); // the forced tokens and no more
+    }
     mdl_sampler_t *sampler = NULL;
     fy_status_t st = make_sampler(w, req, &sampler);
     if (st != FY_OK) {
+        free(forced);
         rpc_call_finish(call, rpc_code_from_status(st),
                         "sampling: at most 8 stop tokens (EOS included), each in the vocabulary");
         return;
@@ -1439,6 +1466,9 @@ static void h_decode(rpc_call_t *call, const ProtobufCMessage *m, void *arg)
         r->logprobs =
             req->sampling != NULL && (req->sampling->logprobs || req->sampling->top_logprobs > 0);
         r->n_top = r->logprobs ? (int)req->sampling->top_logprobs : 0;
+        r->forced = forced;
+        r->n_forced = n_forced;
+        forced = NULL;
         r->first_token = req->first_token_id;
         r->already_sent = req->completion_tokens_sent;
         r->limit = FY_MIN(limit, r->already_sent + r->max_new_tokens);
@@ -1449,6 +1479,7 @@ static void h_decode(rpc_call_t *call, const ProtobufCMessage *m, void *arg)
     pthread_cond_broadcast(&w->cond); // the scheduler takes it once the KV is complete
     pthread_mutex_unlock(&w->mu);
     mdl_sampler_destroy(sampler);
+    free(forced);
     if (code != RPC_CODE_OK)
         rpc_call_finish(call, code, msg);
 }

@@ -83,6 +83,7 @@ struct pf_job {
     fy_status_t compute_st;
     int32_t first_token;
     bool logprobs; // sampling.logprobs: the first token's log-probability goes back too
+    int32_t forced; // sampling.forced_token_ids[0], the first token, or -1 to sample
     int n_top;     // sampling.top_logprobs
     float first_lp;
     int32_t top_ids[MDL_MAX_TOP_LOGPROBS];
@@ -780,6 +781,8 @@ static fy_status_t job_sample(prefill_t *pf, pf_job_t *job, float *logits)
     if (raw != NULL)
         memcpy(raw, logits, (size_t)pf->cfg->n_vocab * sizeof(float));
     job->first_token = mdl_sampler_sample(smp, logits);
+    if (job->forced >= 0)
+        job->first_token = job->forced; // drawn all the same: a seeded stream stays in step
     mdl_sampler_destroy(smp);
     if (raw != NULL) {
         job->first_lp = mdl_logprobs(raw, pf->cfg->n_vocab, job->first_token, job->n_top,
@@ -1189,6 +1192,15 @@ static void on_prefill(rpc_call_t *call, const ProtobufCMessage *msg, void *arg)
     if (st == FY_OK && prefill_sampler_params(req->sampling, &job->sp) != FY_OK) {
         snprintf(err, sizeof(err), "sampling parameters out of range");
         st = FY_ERR_INVALID_ARG;
+    }
+    job->forced = -1;
+    if (st == FY_OK && req->sampling != NULL && req->sampling->n_forced_token_ids > 0) {
+        if (req->sampling->forced_token_ids[0] >= (uint32_t)c->n_vocab) {
+            snprintf(err, sizeof(err), "forced token id outside the vocabulary");
+            st = FY_ERR_INVALID_ARG;
+        } else {
+            job->forced = (int32_t)req->sampling->forced_token_ids[0];
+        }
     }
     if (st == FY_OK && req->sampling != NULL &&
         (req->sampling->logprobs || req->sampling->top_logprobs > 0)) {

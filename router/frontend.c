@@ -137,6 +137,7 @@ typedef struct rt_req {
     size_t lp_sent;
     rt_lp_t first_lp; // the prefill worker's, until the first token is pushed
     bool has_first_lp;
+    uint32_t *forced; // sampling.forced_token_ids (malloc'd): no stop ends the completion
     uint32_t completion_tokens;
     Ferry__V1__FinishReason finish;
     bool stopped; // the stream ended here (stop token or string, length)
@@ -327,6 +328,7 @@ static void req_free(rt_req_t *r)
     free(r->out_ids);
     free(r->out_lp);
     free(r->out_top);
+    free(r->forced);
     free(r->out_n_top);
     free(r);
 }
@@ -495,7 +497,7 @@ static bool push_token(rt_req_t *r, uint32_t id, const rt_lp_t *lp)
     if (r->stopped)
         return false;
     r->completion_tokens++;
-    if (is_stop_id(r, id)) {
+    if (r->forced == NULL && is_stop_id(r, id)) {
         r->stopped = true;
         r->finish = FERRY__V1__FINISH_REASON__FINISH_REASON_STOP;
         return false;
@@ -1224,6 +1226,31 @@ static fy_status_t build_sampling(rt_t *rt, const Ferry__V1__GenerateRequest *g,
         }
         r->logprobs = s->logprobs;
         r->n_top = s->top_logprobs;
+        if (in->n_forced_token_ids > 0) {
+            const size_t n = in->n_forced_token_ids;
+            const uint32_t n_vocab = (uint32_t)mdl_tokenizer_n_vocab(rt->params.tok);
+            if (in->n_stop > 0 || in->n_stop_token_ids > 0 ||
+                (in->max_tokens != 0 && in->max_tokens < n) || n > (size_t)rt->n_ctx) {
+                snprintf(err, err_len,
+                         "forced_token_ids: no stop strings or stop ids with "
+                         "them, and max_tokens 0 or at least their count");
+                return FY_ERR_INVALID_ARG;
+            }
+            if ((r->forced = malloc(n * sizeof(uint32_t))) == NULL)
+                return FY_ERR_NO_MEMORY;
+            for (size_t i = 0; i < n; i++) {
+                if (in->forced_token_ids[i] >= n_vocab) {
+                    snprintf(err, err_len, "forced token id %u outside the vocabulary",
+                             in->forced_token_ids[i]);
+                    return FY_ERR_INVALID_ARG;
+                }
+                r->forced[i] = in->forced_token_ids[i];
+            }
+            s->forced_token_ids = r->forced;
+            s->n_forced_token_ids = n;
+            s->max_tokens = (uint32_t)n;
+            s->ignore_eos = true; // the workers take the forced tokens, EOS among them
+        }
         if (!(in->temperature >= 0) || !(in->top_p >= 0) || in->top_p > 1 ||
             !(in->repetition_penalty >= 0)) {
             snprintf(err, err_len, "sampling parameters out of range");
@@ -1260,6 +1287,13 @@ static fy_status_t build_sampling(rt_t *rt, const Ferry__V1__GenerateRequest *g,
     if (room == 0) {
         snprintf(err, err_len, "prompt of %zu tokens fills the context (%d)", r->n_prompt,
                  rt->n_ctx);
+        return FY_ERR_INVALID_ARG;
+    }
+    if (r->forced != NULL && s->n_forced_token_ids > room) {
+        snprintf(err, err_len,
+                 "prompt of %zu tokens and %zu forced tokens overflow the context "
+                 "(%d)",
+                 r->n_prompt, s->n_forced_token_ids, rt->n_ctx);
         return FY_ERR_INVALID_ARG;
     }
     r->max_tokens = (uint32_t)FY_MIN((uint64_t)max, room);

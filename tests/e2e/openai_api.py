@@ -193,6 +193,19 @@ def main():
               and head[:3] == ["logprobs:", "12", "tokens,"]
               and abs(float(head[4].rstrip(",")) - sum(lp.token_logprobs)) < 1e-3
               and len(lines) == 13 and all(" | " in line for line in lines[1:]), p.stderr)
+        # --score: the given continuation is the completion, its tokens scored; over FP16 KV
+        # the expected answer scores far higher than an unlikely one.
+        sums = []
+        for cont in [" Paris, the city of lights.", " Mars, the red planet."]:
+            p = subprocess.run([os.path.join(build, "client/ferry"), "generate", router,
+                                "--token", "e2e-key", "--policy", "fp16", "--score", cont,
+                                "The capital of France is"],
+                               capture_output=True, text=True, timeout=300)
+            head = p.stderr.split()
+            check("cli --score: %s" % cont, p.returncode == 0 and p.stdout[:-1] == cont
+                  and head[0] == "logprobs:" and int(head[1]) >= 5, p.stderr[:300])
+            sums.append(float(head[4].rstrip(",")) if len(head) > 4 else 0.0)
+        check("cli --score ranks", sums[0] > sums[1] + 3, sums)
         r = client.completions.create(model="smollm2", prompt="The capital of France is",
                                       max_tokens=4, temperature=0)
         check("no logprobs unless asked", r.choices[0].logprobs is None, r.choices[0].logprobs)

@@ -65,17 +65,15 @@ static bool is_stop(int32_t id)
 
 /* Greedy continuation of ids[n] as `ferry generate --local --temperature 0` produces it: up to
  * max_tokens sampled, the stop token ending it (and not part of the output). */
-static size_t local_greedy_lp(const int32_t *ids, size_t n, int max_tokens, int32_t *out,
-                              float *lp);
-
-static size_t local_greedy(const int32_t *ids, size_t n, int max_tokens, int32_t *out)
+/* A local run after ids[n], as `ferry generate --local --temperature 0` makes it: greedy, up to
+ * max_tokens, a stop token ending it (and not part of the output); or, with forced, those
+ * n_forced tokens in turn (teacher forcing). Each output token goes to out and its
+ * log-probability to lp (either may be NULL). Returns the tokens output. */
+static size_t local_run(const int32_t *ids, size_t n, int max_tokens, const int32_t *forced,
+                        size_t n_forced, int32_t *out, float *lp)
 {
-    return local_greedy_lp(ids, n, max_tokens, out, NULL);
-}
-
-/* local_greedy, with each output token's log-probability in lp[] when lp is not NULL. */
-static size_t local_greedy_lp(const int32_t *ids, size_t n, int max_tokens, int32_t *out, float *lp)
-{
+    if (forced != NULL)
+        max_tokens = (int)n_forced;
     mdl_kv_params_t kp;
     mdl_kv_params_default(&kp, G.model);
     kp.n_pages = mdl_kv_pages_for(&kp, (int64_t)n + max_tokens + 1);
@@ -90,22 +88,34 @@ static size_t local_greedy_lp(const int32_t *ids, size_t n, int max_tokens, int3
     assert_int_equal(mdl_prefill(G.ctx, ids, (int)n, &pp, logits), FY_OK);
     size_t n_out = 0;
     for (int i = 0; i < max_tokens; i++) {
-        int32_t best = 0;
-        for (int v = 1; v < G.cfg->n_vocab; v++)
-            best = logits[v] > logits[best] ? v : best;
-        if (is_stop(best))
-            break;
+        int32_t next = 0;
+        if (forced != NULL) {
+            next = forced[i];
+        } else {
+            for (int v = 1; v < G.cfg->n_vocab; v++)
+                next = logits[v] > logits[next] ? v : next;
+            if (is_stop(next))
+                break;
+        }
         if (lp != NULL)
-            lp[n_out] = mdl_logprobs(logits, G.cfg->n_vocab, best, 0, NULL, NULL);
-        out[n_out++] = best;
+            lp[n_out] = mdl_logprobs(logits, G.cfg->n_vocab, next, 0, NULL, NULL);
+        if (out != NULL)
+            out[n_out] = next;
+        n_out++;
         if (i + 1 == max_tokens)
             break;
-        assert_int_equal(mdl_decode(G.ctx, &seq, &best, 1, logits), FY_OK);
+        assert_int_equal(mdl_decode(G.ctx, &seq, &next, 1, logits), FY_OK);
     }
     free(logits);
     mdl_kv_seq_destroy(seq);
     mdl_kv_destroy(kv);
     return n_out;
+}
+
+/* Greedy continuation of ids[n] (local_run). */
+static size_t local_greedy(const int32_t *ids, size_t n, int max_tokens, int32_t *out)
+{
+    return local_run(ids, n, max_tokens, NULL, 0, out, NULL);
 }
 
 /* ---- cluster ------------------------------------------------------------------------------ */
@@ -540,7 +550,7 @@ static void test_logprobs(void **state)
     int32_t *ids = tokenize_local(req.prompt, false, &n);
     int32_t want[16];
     float want_lp[16];
-    size_t n_want = local_greedy_lp(ids, n, 8, want, want_lp);
+    size_t n_want = local_run(ids, n, 8, NULL, 0, want, want_lp);
     free(ids);
     assert_int_equal(c->n_logprobs, n_want);
     const mdl_tokenizer_t *tok = mdl_model_tokenizer(G.model);
@@ -580,6 +590,77 @@ static void test_logprobs(void **state)
     assert_int_equal(c->n_logprobs, 0);
     ferry_message_free(c);
     s.top_logprobs = 21;
+    assert_int_equal(ferry_complete(G.client, &req, &c, &err), RPC_CODE_INVALID_ARGUMENT);
+}
+
+/* Teacher forcing: the completion is the forced tokens, an EOS among them included, each with
+ * the local model's log-probability (within fp16 rounding); the greedy tokens forced give the
+ * greedy run's log-probabilities; out-of-vocabulary ids, stop strings and a short max_tokens
+ * are refused. */
+static void test_forced_tokens(void **state)
+{
+    (void)state;
+    Ferry__V1__GenerateRequest req;
+    Ferry__V1__SamplingParams s;
+    Ferry__V1__CodecParams codec;
+    france_request(&req, &s, &codec);
+    s.logprobs = true;
+    req.return_token_ids = true;
+    ferry_error_t err;
+    Ferry__V1__CompleteResponse *greedy = NULL, *c = NULL;
+    assert_int_equal(ferry_complete(G.client, &req, &greedy, &err), 0);
+    s.forced_token_ids = greedy->token_ids;
+    s.n_forced_token_ids = greedy->n_token_ids;
+    s.max_tokens = 0;
+    assert_int_equal(ferry_complete(G.client, &req, &c, &err), 0);
+    assert_int_equal(c->n_token_ids, greedy->n_token_ids);
+    assert_memory_equal(c->token_ids, greedy->token_ids, c->n_token_ids * sizeof(uint32_t));
+    assert_string_equal(c->text, greedy->text);
+    for (size_t i = 0; i < c->n_logprobs; i++)
+        assert_float_equal(c->logprobs[i]->logprob, greedy->logprobs[i]->logprob, 1e-4);
+    ferry_message_free(c);
+    ferry_message_free(greedy);
+
+    // Another continuation, EOS in its middle.
+    size_t n, n_cont;
+    int32_t *ids = tokenize_local(req.prompt, false, &n);
+    int32_t *cont = tokenize_local(" Lyon, a city of lights and", false, &n_cont);
+    const size_t bos = mdl_tokenizer_add_bos(mdl_model_tokenizer(G.model)) ? 1 : 0;
+    int32_t f[16];
+    uint32_t fu[16];
+    size_t n_f = 0;
+    for (size_t i = bos; i < n_cont && n_f < 12; i++)
+        f[n_f++] = cont[i];
+    assert_true(n_f >= 4);
+    f[n_f++] = G.stops[0];
+    f[n_f++] = f[0];
+    for (size_t i = 0; i < n_f; i++)
+        fu[i] = (uint32_t)f[i];
+    free(cont);
+    float want[16];
+    local_run(ids, n, 0, f, n_f, NULL, want);
+    s.forced_token_ids = fu;
+    s.n_forced_token_ids = n_f;
+    assert_int_equal(ferry_complete(G.client, &req, &c, &err), 0);
+    assert_int_equal(c->n_token_ids, n_f);
+    assert_memory_equal(c->token_ids, fu, n_f * sizeof(uint32_t));
+    assert_int_equal(c->n_logprobs, n_f);
+    for (size_t i = 0; i < n_f; i++)
+        assert_float_equal(c->logprobs[i]->logprob, want[i], 0.05);
+    assert_int_equal(c->finish_reason, FERRY__V1__FINISH_REASON__FINISH_REASON_LENGTH);
+    ferry_message_free(c);
+    free(ids);
+
+    // Refused: an id outside the vocabulary, stop strings with them, max_tokens below them.
+    fu[1] = (uint32_t)G.cfg->n_vocab;
+    assert_int_equal(ferry_complete(G.client, &req, &c, &err), RPC_CODE_INVALID_ARGUMENT);
+    fu[1] = fu[0];
+    char *stop = "x";
+    s.stop = &stop;
+    s.n_stop = 1;
+    assert_int_equal(ferry_complete(G.client, &req, &c, &err), RPC_CODE_INVALID_ARGUMENT);
+    s.n_stop = 0;
+    s.max_tokens = 2;
     assert_int_equal(ferry_complete(G.client, &req, &c, &err), RPC_CODE_INVALID_ARGUMENT);
 }
 
@@ -928,6 +1009,7 @@ int main(void)
         cmocka_unit_test(test_complete_tokenize_models),
         cmocka_unit_test(test_stop_string),
         cmocka_unit_test(test_logprobs),
+        cmocka_unit_test(test_forced_tokens),
         cmocka_unit_test(test_concurrent_streams),
         cmocka_unit_test(test_cancel_and_deadline),
         cmocka_unit_test(test_router_metrics),
