@@ -112,6 +112,21 @@ static inline bool fy_size_add(size_t a, size_t b, size_t *out_p)
     return true;
 }
 
+/* A request's KV budget b (wire bytes over FP16 bytes of the prompt's K and V) for a prompt of
+ * n tokens, raised so that it holds at least FY_KV_FLOOR_TOKENS tokens' FP16 bytes: a prompt
+ * that short goes whole (1), one a few times longer at the budget that keeps that many tokens'
+ * worth. Below that the bytes saved are too few to matter on any link, and the few compressed
+ * tokens are all the model has to go on (bench/results/score-policies.md). b <= 0 (no budget)
+ * stays. The router applies it to the budgets it sends, the prefill worker to those it picks. */
+#define FY_KV_FLOOR_TOKENS 16
+static inline double fy_kv_budget_floor(double b, size_t n_tokens)
+{
+    if (!(b > 0) || n_tokens == 0)
+        return b;
+    const double f = (double)FY_KV_FLOOR_TOKENS / (double)n_tokens;
+    return f >= 1 ? 1 : b > f ? b : f;
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* Logging                                                                                     */
 /* ------------------------------------------------------------------------------------------ */

@@ -737,7 +737,8 @@ static fy_status_t job_encoder(prefill_t *pf, pf_job_t *job, pf_run_t *r)
     kvc_encoder_params_t ep;
     kvc_encoder_params_default(&ep);
     ep.policy = &job->policy;
-    ep.budget = job->budget;
+    const double b = job->budget >= 0 ? job->budget : job->policy.budget;
+    ep.budget = b > 0 ? fy_kv_budget_floor(b, (size_t)job->n_tokens) : job->budget;
     ep.n_layers = (uint32_t)c->n_layers;
     ep.n_heads = (uint32_t)c->n_heads;
     ep.n_kv_heads = (uint32_t)c->n_kv_heads;

@@ -1354,6 +1354,8 @@ static void start_request(rpc_call_t *call, const ProtobufCMessage *msg, rt_t *r
         req_fail(r, rpc_code_from_status(st), err[0] ? err : fy_status_str(st), FAIL_INVALID);
         return;
     }
+    if (r->codec.budget > 0) // a prompt under FY_KV_FLOOR_TOKENS goes whole, and so on
+        r->codec.budget = (float)fy_kv_budget_floor(r->codec.budget, r->n_prompt);
     mdl_detok_init(&r->detok, rt->params.tok, true);
     // KV the decode side must hold: b x FP16 of the prompt (b = 1 unless the request says),
     // frame headers and option maps, plus 10%; pages as the decode workers report them.

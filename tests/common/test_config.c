@@ -179,6 +179,22 @@ static void test_bearer(void **state)
     assert_true(fy_bearer_ok("Bearer k3yXYZ", 10, "k3y"));
 }
 
+/* The KV budget floor: at least FY_KV_FLOOR_TOKENS FP16 tokens' bytes, never above 1; no budget
+ * stays none. */
+static void test_kv_budget_floor(void **state)
+{
+    (void)state;
+    assert_true(fy_kv_budget_floor(0.25, 5) == 1.0);
+    assert_true(fy_kv_budget_floor(0.25, FY_KV_FLOOR_TOKENS) == 1.0);
+    assert_true(fy_kv_budget_floor(0.125, 2 * FY_KV_FLOOR_TOKENS) == 0.5);
+    assert_true(fy_kv_budget_floor(0.75, 2 * FY_KV_FLOOR_TOKENS) == 0.75);
+    assert_true(fy_kv_budget_floor(0.25, 4 * FY_KV_FLOOR_TOKENS) == 0.25);
+    assert_true(fy_kv_budget_floor(0.25, 1000) == 0.25);
+    assert_true(fy_kv_budget_floor(0, 5) == 0);
+    assert_true(fy_kv_budget_floor(-1, 5) == -1);
+    assert_true(fy_kv_budget_floor(0.25, 0) == 0.25);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -187,6 +203,7 @@ int main(void)
         cmocka_unit_test(test_value_parsers),
         cmocka_unit_test(test_help_lists_options),
         cmocka_unit_test(test_bearer),
+        cmocka_unit_test(test_kv_budget_floor),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

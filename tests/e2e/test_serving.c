@@ -434,6 +434,31 @@ static void test_ferry_budget(void **state)
     assert_true(g->stats.completion_tokens >= 1);
     assert_true(fabs(g->stats.budget - 0.25) < 1e-6);
     expect_stage_times(&g->stats);
+    // A prompt under FY_KV_FLOOR_TOKENS goes whole whatever the budget (fy_kv_budget_floor);
+    // one of 2 x that many at half.
+    static const struct {
+        const char *prompt;
+        double budget;
+    } k_short[] = {{"The capital of France is", 1.0},
+                   {"one two three four five six seven eight nine ten eleven twelve thirteen "
+                    "fourteen fifteen sixteen seventeen eighteen nineteen twenty twenty-one "
+                    "twenty-two twenty-three twenty-four twenty-five twenty-six",
+                    0}};
+    for (size_t i = 0; i < FY_ARRAY_SIZE(k_short); i++) {
+        memset(g, 0, sizeof(*g));
+        q.prompt = k_short[i].prompt;
+        q.max_tokens = 4;
+        assert_int_equal(generate(G.client, &q, g, &err), 0);
+        const double want = k_short[i].budget > 0
+                                ? k_short[i].budget
+                                : (double)FY_KV_FLOOR_TOKENS / g->stats.prompt_tokens;
+        ratio = (double)g->stats.kv_wire_bytes / (double)g->stats.kv_raw_bytes;
+        fprintf(stderr, "ferry b=0.25, %u prompt tokens: budget %.4f, wire/raw %.4f\n",
+                g->stats.prompt_tokens, (double)g->stats.budget, ratio);
+        assert_true(fabs(g->stats.budget - want) < 1e-6);
+        assert_true(want > 0.25 && want <= 1);
+        assert_true(ratio <= want * 1.01 && ratio >= want * 0.8);
+    }
     free(g);
 }
 
