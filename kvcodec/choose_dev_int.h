@@ -666,10 +666,7 @@ static __device__ void greedy_small_body(const opt_args_t &a, greedy_state_t *st
  * only where opt_need_dev_mean. */
 static __device__ float dev_mean_of(const float *dev, uint32_t n)
 {
-    double s = 0;
-    for (uint32_t c = 0; c < (n + KVC_DEV_CHUNK - 1) / KVC_DEV_CHUNK; c++)
-        s = o_dadd(s, kvc_dev_chunk_sum(dev, n, c));
-    return (float)__ddiv_rn(s, (double)n);
+    return (float)__ddiv_rn(kvc_dev_sum(dev, n), (double)n);
 }
 
 #define DEV_MEAN_THREADS 256

@@ -249,8 +249,7 @@ static void build_items(kvc_encoder_t *e, const kvc_scores_t *sc, const kvc_err_
             memcpy(dev, tab->dev + (size_t)h * n, n * sizeof(float));
         else
             kvc_sq_dists(e->vf, n, d, obar, dev);
-        for (uint32_t c = 0; c < (n + KVC_DEV_CHUNK - 1) / KVC_DEV_CHUNK; c++)
-            dev_mean += kvc_dev_chunk_sum(dev, n, c);
+        dev_mean = kvc_dev_sum(dev, n);
     }
     dev_mean /= n;
     // The spread of later queries' outputs around the window's (float, as the GPU has it).

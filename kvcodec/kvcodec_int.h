@@ -68,6 +68,15 @@ static inline KVC_HOST_DEVICE double kvc_dev_chunk_sum(const float *dev, uint32_
     return s;
 }
 
+/* The sum of dev[0 .. n) in that order: the chunks' sums, one after the other. */
+static inline KVC_HOST_DEVICE double kvc_dev_sum(const float *dev, uint32_t n)
+{
+    double s = 0;
+    for (uint32_t c = 0; c < (n + KVC_DEV_CHUNK - 1) / KVC_DEV_CHUNK; c++)
+        s += kvc_dev_chunk_sum(dev, n, c);
+    return s;
+}
+
 /* The options token t of n may take at pin level `pins` (allowed: the policy's). */
 static inline KVC_HOST_DEVICE uint8_t kvc_pin_mask(uint8_t allowed, int pins, uint32_t t,
                                                    uint32_t n, uint32_t sinks, uint32_t recent,

@@ -21,13 +21,7 @@ static const fy_opt_t k_opts[] = {
     {"advertise", FY_OPT_STRING, "", "address given to the router (default: the bound --listen)",
      false},
     {"router", FY_OPT_STRING, "", "router HOST:PORT to register with (empty: standalone)", false},
-    {"api-key", FY_OPT_STRING, "",
-     "the cluster's API key: required of callers (but Health) and sent to the router "
-     "(default: $FERRY_API_KEY; unset = open)",
-     false},
-    {"api-key-file", FY_OPT_STRING, "",
-     "read the API key from the first line of this file instead (default: $FERRY_API_KEY_FILE)",
-     false},
+    DAEMON_OPTS_WORKER_API_KEY,
     {"model", FY_OPT_STRING, NULL, "GGUF model file", true},
     {"device", FY_OPT_STRING, "cpu",
      "where the model runs: cpu or cuda (with cuda the codec "

@@ -37,6 +37,22 @@ fy_status_t daemon_hostport(const char *addr, char *host, size_t cap, int *port_
  * read is used, with a warning. Thread: main. */
 fy_status_t daemon_api_key(const fy_config_t *cfg, const char **key_p);
 
+/* The option table entries daemon_api_key reads: "api-key-file" for every daemon, and both for
+ * a worker (the router words its "api-key" itself). */
+#define DAEMON_OPT_API_KEY_FILE                                                                    \
+    {                                                                                              \
+        "api-key-file", FY_OPT_STRING, "",                                                         \
+            "read the API key from the first line of this file instead (default: "                 \
+            "$FERRY_API_KEY_FILE)",                                                                \
+            false                                                                                  \
+    }
+#define DAEMON_OPTS_WORKER_API_KEY                                                                 \
+    {"api-key", FY_OPT_STRING, "",                                                                 \
+     "the cluster's API key: required of callers (but Health) and sent to the router "             \
+     "(default: $FERRY_API_KEY; unset = open)",                                                    \
+     false},                                                                                       \
+        DAEMON_OPT_API_KEY_FILE
+
 /* An rpc_auth_cb for a daemon with an API key (arg: the key, NUL-terminated, borrowed for the
  * server's lifetime): every call needs "Bearer <key>" except ferry.v1.Ferry/Health, which
  * probes call. */

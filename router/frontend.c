@@ -128,9 +128,8 @@ typedef struct rt_req {
     uint32_t *out_ids;
     size_t n_out, cap_out, ids_sent;
     // sampling.logprobs: out_lp[i] is out_ids[i]'s log-probability (NAN when its worker sent
-    // none), out_top[i * n_top ..] its alternatives (out_n_top[i] of them); lp_sent as ids_sent.
-    bool logprobs;
-    uint32_t n_top;
+    // none), out_top[i * sampling.top_logprobs ..] its alternatives (out_n_top[i] of them);
+    // lp_sent as ids_sent.
     float *out_lp;
     rt_top_t *out_top;
     uint8_t *out_n_top;
@@ -450,7 +449,7 @@ static bool out_grow(rt_req_t *r)
     if (o == NULL)
         return false;
     r->out_ids = o;
-    if (r->logprobs) {
+    if (r->sampling.logprobs) {
         float *lp = realloc(r->out_lp, cap * sizeof(float));
         if (lp == NULL)
             return false;
@@ -459,8 +458,8 @@ static bool out_grow(rt_req_t *r)
         if (nt == NULL)
             return false;
         r->out_n_top = nt;
-        if (r->n_top > 0) {
-            rt_top_t *t = realloc(r->out_top, cap * r->n_top * sizeof(rt_top_t));
+        if (r->sampling.top_logprobs > 0) {
+            rt_top_t *t = realloc(r->out_top, cap * r->sampling.top_logprobs * sizeof(rt_top_t));
             if (t == NULL)
                 return false;
             r->out_top = t;
@@ -480,7 +479,7 @@ static bool rt_lp_from(const rt_req_t *r, const Ferry__V1__TokenLogprob *in, uin
     const uint32_t n_vocab = (uint32_t)mdl_tokenizer_n_vocab(r->rt->params.tok);
     out->lp = in->logprob;
     out->n_top = 0;
-    for (size_t j = 0; j < in->n_top && out->n_top < r->n_top; j++) {
+    for (size_t j = 0; j < in->n_top && out->n_top < r->sampling.top_logprobs; j++) {
         if (in->top[j] == NULL || in->top[j]->token_id >= n_vocab)
             continue;
         out->top[out->n_top].id = in->top[j]->token_id;
@@ -505,11 +504,12 @@ static bool push_token(rt_req_t *r, uint32_t id, const rt_lp_t *lp)
     if (out_grow(r)) {
         size_t i = r->n_out++;
         r->out_ids[i] = id;
-        if (r->logprobs) {
+        if (r->sampling.logprobs) {
             r->out_lp[i] = lp != NULL ? lp->lp : NAN;
             r->out_n_top[i] = lp != NULL ? (uint8_t)lp->n_top : 0;
             if (lp != NULL && lp->n_top > 0)
-                memcpy(r->out_top + i * r->n_top, lp->top, lp->n_top * sizeof(rt_top_t));
+                memcpy(r->out_top + i * r->sampling.top_logprobs, lp->top,
+                       lp->n_top * sizeof(rt_top_t));
         }
     }
     char piece[512];
@@ -545,22 +545,39 @@ static void fill_stats(rt_req_t *r, Ferry__V1__RequestStats *s)
     s->budget = r->codec.budget;
 }
 
+#define RT_TOKEN_BYTES 1024 // the most of a token's bytes a log-probability entry carries
+
+/* The bytes token id's entry carries (token_put writes them). */
+static size_t token_len(const mdl_tokenizer_t *tok, uint32_t id)
+{
+    char buf[RT_TOKEN_BYTES];
+    int l = mdl_tokenizer_token_bytes(tok, (int32_t)id, buf, sizeof(buf));
+    return l > 0 ? FY_MIN((size_t)l, sizeof(buf)) : 0;
+}
+
+/* Writes token id's bytes at *text (token_len of them), points b at them, advances *text. */
+static void token_put(const mdl_tokenizer_t *tok, uint32_t id, ProtobufCBinaryData *b,
+                      uint8_t **text)
+{
+    b->len = token_len(tok, id);
+    b->data = *text;
+    if (b->len > 0)
+        mdl_tokenizer_token_bytes(tok, (int32_t)id, (char *)*text, b->len);
+    *text += b->len;
+}
+
 /* The log-probabilities of completion tokens [from, to) as messages, with each token's bytes:
  * *n_p entries in one allocation (*arena_p, the caller frees it); NULL when out of memory. */
 static Ferry__V1__TokenLogprob **lp_msgs(const rt_req_t *r, size_t from, size_t to, size_t *n_p,
                                          void **arena_p)
 {
     const mdl_tokenizer_t *tok = r->rt->params.tok;
-    char piece[1024];
+    const uint32_t n_top = r->sampling.top_logprobs;
     size_t n = to - from, tops = 0, bytes = 0;
     for (size_t i = from; i < to; i++) {
-        int l = mdl_tokenizer_token_bytes(tok, (int32_t)r->out_ids[i], piece, sizeof(piece));
-        bytes += l > 0 ? FY_MIN((size_t)l, sizeof(piece)) : 0;
-        for (uint8_t k = 0; k < r->out_n_top[i]; k++) {
-            l = mdl_tokenizer_token_bytes(tok, (int32_t)r->out_top[i * r->n_top + k].id, piece,
-                                          sizeof(piece));
-            bytes += l > 0 ? FY_MIN((size_t)l, sizeof(piece)) : 0;
-        }
+        bytes += token_len(tok, r->out_ids[i]);
+        for (uint8_t k = 0; k < r->out_n_top[i]; k++)
+            bytes += token_len(tok, r->out_top[i * n_top + k].id);
         tops += r->out_n_top[i];
     }
     size_t size = n * (sizeof(Ferry__V1__TokenLogprob) + sizeof(void *)) +
@@ -578,24 +595,14 @@ static Ferry__V1__TokenLogprob **lp_msgs(const rt_req_t *r, size_t from, size_t 
         ferry__v1__token_logprob__init(e);
         e->token_id = r->out_ids[i];
         e->logprob = r->out_lp[i];
-        int l = mdl_tokenizer_token_bytes(tok, (int32_t)e->token_id, (char *)text,
-                                          FY_MIN(sizeof(piece), bytes));
-        e->token.data = text;
-        e->token.len = l > 0 ? FY_MIN((size_t)l, FY_MIN(sizeof(piece), bytes)) : 0;
-        text += e->token.len;
-        bytes -= e->token.len;
+        token_put(tok, e->token_id, &e->token, &text);
         e->top = top_p;
         e->n_top = r->out_n_top[i];
         for (uint8_t k = 0; k < r->out_n_top[i]; k++) {
             ferry__v1__top_logprob__init(top);
-            top->token_id = r->out_top[i * r->n_top + k].id;
-            top->logprob = r->out_top[i * r->n_top + k].lp;
-            l = mdl_tokenizer_token_bytes(tok, (int32_t)top->token_id, (char *)text,
-                                          FY_MIN(sizeof(piece), bytes));
-            top->token.data = text;
-            top->token.len = l > 0 ? FY_MIN((size_t)l, FY_MIN(sizeof(piece), bytes)) : 0;
-            text += top->token.len;
-            bytes -= top->token.len;
+            top->token_id = r->out_top[i * n_top + k].id;
+            top->logprob = r->out_top[i * n_top + k].lp;
+            token_put(tok, top->token_id, &top->token, &text);
             *top_p++ = top++;
         }
         out[i - from] = e;
@@ -632,7 +639,7 @@ static void stream_out(rt_req_t *r, bool final)
             resp.n_token_ids = r->n_out;
         }
         void *arena = NULL;
-        if (r->logprobs && r->n_out > 0)
+        if (r->sampling.logprobs && r->n_out > 0)
             resp.logprobs = lp_msgs(r, 0, r->n_out, &resp.n_logprobs, &arena);
         resp.finish_reason = r->finish;
         resp.stats = &stats;
@@ -642,7 +649,7 @@ static void stream_out(rt_req_t *r, bool final)
         return;
     }
     bool new_ids = r->return_ids && r->ids_sent < r->n_out;
-    bool new_lps = r->logprobs && r->lp_sent < r->n_out;
+    bool new_lps = r->sampling.logprobs && r->lp_sent < r->n_out;
     if (!final && can <= r->sent && !new_ids && !new_lps && r->first_sent)
         return;
     r->first_sent = true; // the first message goes out even without text: that is TTFT
@@ -760,8 +767,8 @@ static void on_decode_msg(rpc_ccall_t *call, const ProtobufCMessage *msg, void *
     bool more = true;
     for (size_t i = 0; i < m->n_token_ids && more; i++) {
         rt_lp_t lp;
-        bool has =
-            r->logprobs && i < m->n_logprobs && rt_lp_from(r, m->logprobs[i], m->token_ids[i], &lp);
+        bool has = r->sampling.logprobs && i < m->n_logprobs &&
+                   rt_lp_from(r, m->logprobs[i], m->token_ids[i], &lp);
         more = push_token(r, m->token_ids[i], has ? &lp : NULL);
     }
     if (m->stats != NULL) {
@@ -853,7 +860,7 @@ static void on_prefill_msg(rpc_ccall_t *call, const ProtobufCMessage *msg, void 
     r->hidden = m->hidden_transfer_fraction;
     r->first_token = m->first_token_id;
     r->has_first_lp =
-        r->logprobs && rt_lp_from(r, m->first_logprob, m->first_token_id, &r->first_lp);
+        r->sampling.logprobs && rt_lp_from(r, m->first_logprob, m->first_token_id, &r->first_lp);
     r->got_prefill = true;
 }
 
@@ -1224,13 +1231,11 @@ static fy_status_t build_sampling(rt_t *rt, const Ferry__V1__GenerateRequest *g,
             snprintf(err, err_len, "top_logprobs: at most %d", MDL_MAX_TOP_LOGPROBS);
             return FY_ERR_INVALID_ARG;
         }
-        r->logprobs = s->logprobs;
-        r->n_top = s->top_logprobs;
         if (in->n_forced_token_ids > 0) {
             const size_t n = in->n_forced_token_ids;
             const uint32_t n_vocab = (uint32_t)mdl_tokenizer_n_vocab(rt->params.tok);
             if (in->n_stop > 0 || in->n_stop_token_ids > 0 ||
-                (in->max_tokens != 0 && in->max_tokens < n) || n > (size_t)rt->n_ctx) {
+                (in->max_tokens != 0 && in->max_tokens < n)) {
                 snprintf(err, err_len,
                          "forced_token_ids: no stop strings or stop ids with "
                          "them, and max_tokens 0 or at least their count");

@@ -29,9 +29,7 @@ static const fy_opt_t k_opts[] = {
      "require \"Authorization: Bearer KEY\" of clients (gRPC and HTTP) and workers, and send it "
      "to the workers (default: $FERRY_API_KEY; unset = open)",
      false},
-    {"api-key-file", FY_OPT_STRING, "",
-     "read the API key from the first line of this file instead (default: $FERRY_API_KEY_FILE)",
-     false},
+    DAEMON_OPT_API_KEY_FILE,
     {"model", FY_OPT_STRING, NULL, "GGUF model file (only its tokenizer and metadata are read)",
      true},
     {"model-name", FY_OPT_STRING, "", "name clients use (default: the file's general.name)", false},
