@@ -952,6 +952,20 @@ static fy_status_t pick_policy(prefill_t *pf, const Ferry__V1__CodecParams *code
     return FY_OK;
 }
 
+/* A budget that reaches 1 (asked for, or raised there by fy_kv_budget_floor for a short prompt)
+ * sends the KV whole: every token FP16, as policy "fp16" does. A budgeted policy would count the
+ * frame's headers and maps against the FP16 bytes and quantize a few tokens to pay for them;
+ * "fp16" also skips the scoring and the option search. */
+static void whole_at_full(pf_job_t *job)
+{
+    const double b = job->budget >= 0 ? job->budget : job->policy.budget;
+    if (!(b > 0) || fy_kv_budget_floor(b, (size_t)job->n_tokens) < 1 ||
+        !(job->policy.options & KVC_OPT_BIT(KVC_OPT_F16)))
+        return;
+    if (kvc_policy_builtin("fp16", &job->policy) == FY_OK)
+        job->budget = -1; // the policy's: none
+}
+
 /* The bandwidth-adaptive budget (adaptive.h) for a job whose request and worker set none. */
 static void adaptive_pick(prefill_t *pf, const Ferry__V1__CodecParams *codec, pf_job_t *job)
 {
@@ -1227,6 +1241,7 @@ static void on_prefill(rpc_call_t *call, const ProtobufCMessage *msg, void *arg)
     snprintf(job->kv_addr, sizeof(job->kv_addr), "%s", req->decode_kv_address);
     job->reservation_id = req->reservation_id;
     adaptive_pick(pf, req->codec, job);
+    whole_at_full(job);
     uint64_t now = fy_clock_ns();
     job->deadline_ns = rpc_call_deadline_ns(call);
     if (req->deadline_unix_ms != 0) {
