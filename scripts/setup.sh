@@ -22,6 +22,7 @@ done
 packages=(
   build-essential pkg-config meson ninja-build clang lld
   libucx-dev ucx-utils libuv1-dev libprotobuf-c-dev protobuf-c-compiler libnghttp2-dev
+  libssl-dev openssl
   libopenblas-dev libcmocka-dev libyaml-dev libcjson-dev libhttp-parser-dev
   python3 python3-pip python3-venv iproute2 procps patchelf
 )

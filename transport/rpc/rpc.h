@@ -2,7 +2,8 @@
  * rpc.h: the gRPC wire protocol on libuv + nghttp2, server and client.
  *
  * Any stock gRPC client or server speaks to these: HTTP/2 cleartext with prior knowledge
- * (h2c), each message framed as
+ * (h2c), or HTTP/2 over TLS (ALPN "h2") where the server has a certificate and the channel a
+ * CA file (rpc_tls_t), each message framed as
  *   1. compressed flag, 1 byte (Ferry never compresses; a set flag is refused)
  *   2. message length, 4 bytes big-endian
  *   3. the protobuf-encoded message
@@ -124,6 +125,60 @@ char *rpc_message_encode(const char *s);
 char *rpc_message_decode(const char *s, size_t len);
 
 /* ------------------------------------------------------------------------------------------ */
+/* TLS                                                                                         */
+/* ------------------------------------------------------------------------------------------ */
+
+/* A TLS configuration (OpenSSL, TLS 1.2 and later): a server's certificate and key, or what a
+ * client verifies servers with. Shared by the connections of a server or channel (and the
+ * OpenAI front's), borrowed by them: it must outlive them. */
+typedef struct rpc_tls rpc_tls_t;
+
+typedef struct {
+    const char *cert_file; // server: PEM certificate chain (leaf first); NULL = a client config
+    const char *key_file;  // server: its PEM private key
+    const char *ca_file;   // client: PEM certificates that verify the server; any of them is
+                           // trusted as it stands (a CA, or the server's own certificate)
+    bool http2;            // server: offer "h2" before "http/1.1" by ALPN; client: ask for
+                           // "h2", else "http/1.1" (default true)
+    bool check_name;       // client: the certificate must name the host dialled (a DNS name,
+                           // or an IP literal's IP address entry) (default true)
+} rpc_tls_params_t;
+
+void rpc_tls_params_default(rpc_tls_params_t *p);
+
+/* Reads the files. FY_ERR_INVALID_ARG with the reason in err (file, OpenSSL's words) for a
+ * missing or unreadable file, a key that is not the certificate's, or neither certificate nor
+ * CA file. Thread: any. */
+fy_status_t rpc_tls_create(const rpc_tls_params_t *p, rpc_tls_t **tls_p, char *err, size_t err_len);
+void rpc_tls_destroy(rpc_tls_t *tls); // accepts NULL
+bool rpc_tls_is_server(const rpc_tls_t *tls);
+
+/* One connection's TLS over memory buffers: the owner feeds the socket's bytes to
+ * rpc_tls_conn_recv, hands plaintext to rpc_tls_conn_send and writes what rpc_tls_conn_take
+ * gives it to the socket after either (handshake messages and alerts included). */
+typedef struct rpc_tls_conn rpc_tls_conn_t;
+
+/* host: a client's server name (SNI and the name check), or NULL. */
+fy_status_t rpc_tls_conn_create(const rpc_tls_t *tls, const char *host, rpc_tls_conn_t **c_p);
+void rpc_tls_conn_destroy(rpc_tls_conn_t *c); // accepts NULL
+/* A client's first handshake message (rpc_tls_conn_take has it afterwards). */
+fy_status_t rpc_tls_conn_start(rpc_tls_conn_t *c);
+/* Plaintext out of ciphertext; cb may refuse it (its status is returned). FY_ERR_CLOSED after
+ * the peer's close_notify; FY_ERR_TRANSPORT when the handshake or a record fails
+ * (rpc_tls_conn_error says why; an alert for the peer may be pending). */
+typedef fy_status_t (*rpc_tls_plain_cb)(void *arg, const uint8_t *data, size_t len);
+fy_status_t rpc_tls_conn_recv(rpc_tls_conn_t *c, const uint8_t *data, size_t len,
+                              rpc_tls_plain_cb cb, void *arg);
+/* Encrypts plaintext (held until the handshake has ended). */
+fy_status_t rpc_tls_conn_send(rpc_tls_conn_t *c, const uint8_t *data, size_t len);
+/* Ciphertext waiting for the socket: its size, and up to max bytes of it into dst. */
+size_t rpc_tls_conn_pending(const rpc_tls_conn_t *c);
+size_t rpc_tls_conn_take(rpc_tls_conn_t *c, uint8_t *dst, size_t max);
+bool rpc_tls_conn_ready(const rpc_tls_conn_t *c);        // the handshake has ended
+const char *rpc_tls_conn_alpn(const rpc_tls_conn_t *c);  // the protocol agreed, or ""
+const char *rpc_tls_conn_error(const rpc_tls_conn_t *c); // the failure, or ""
+
+/* ------------------------------------------------------------------------------------------ */
 /* Server                                                                                      */
 /* ------------------------------------------------------------------------------------------ */
 
@@ -169,6 +224,9 @@ typedef struct {
     fy_metrics_t *metrics;           // borrowed; rendered on the loop thread
     rpc_healthy_cb healthy;          // loop thread
     void *healthy_arg;               // borrowed
+    const rpc_tls_t *tls;            // a server configuration: every connection is TLS (HTTP/2
+                                     // and the HTTP/1.1 GETs inside it); NULL = cleartext;
+                                     // borrowed
 } rpc_server_params_t;
 
 void rpc_server_params_default(rpc_server_params_t *p);
@@ -262,6 +320,8 @@ typedef struct {
     uint32_t backoff_max_ms;     // cap (default 5000); the delay grows 1.6x per failure
     uint32_t connect_timeout_ms; // default 5000
     const char *authorization;   // sent as `authorization` on every call, e.g. "Bearer x"
+    const rpc_tls_t *tls;        // a client configuration: connections are TLS, each server
+                                 // checked against it; NULL = cleartext; borrowed
 } rpc_channel_params_t;
 
 void rpc_channel_params_default(rpc_channel_params_t *p);

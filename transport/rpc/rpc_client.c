@@ -93,6 +93,7 @@ struct rpc_channel {
     int handles_open;  // backoff timers
     size_t calls_open; // call objects not yet freed (timers closing)
     bool destroyed;
+    char last_error[160]; // the last connection's TLS failure, "" when it had none
 };
 
 static void call_dispatch(rpc_ccall_t *call);
@@ -470,6 +471,10 @@ static void on_cconn_closed(rpc_h2_t *h)
     rpc_channel_t *ch = conn->ch;
     rpc_subch_t *sub = conn->sub;
     conn->sub = NULL;
+    const char *why = h->error[0] ? h->error : "connection lost";
+    snprintf(ch->last_error, sizeof(ch->last_error), "%s", h->error);
+    if (h->error[0]) // TLS never came up: a failed attempt, not a lost connection
+        conn->ready = false;
     if (sub) {
         sub->conn = NULL;
         if (ch->destroyed) {
@@ -494,7 +499,7 @@ static void on_cconn_closed(rpc_h2_t *h)
         if (call->local_code >= 0)
             call_complete(call, call->local_code, call->local_message);
         else
-            call_attempt_failed(call, RPC_CODE_UNAVAILABLE, "connection lost");
+            call_attempt_failed(call, RPC_CODE_UNAVAILABLE, why);
     }
     nghttp2_session_del(conn->h2.session);
     free(conn);
@@ -502,7 +507,7 @@ static void on_cconn_closed(rpc_h2_t *h)
     if (!ch->destroyed && ch->pending && sub && sub->state == SUB_IDLE)
         sub_connect(sub);
     if (!ch->destroyed)
-        fail_pending_fast(ch, "no connection to any address");
+        fail_pending_fast(ch, ch->last_error[0] ? ch->last_error : "no connection to any address");
     channel_maybe_free(ch);
 }
 
@@ -536,6 +541,27 @@ static fy_status_t cconn_session(rpc_cconn_t *conn)
     return FY_OK;
 }
 
+/* TLS on a new connection of a channel with a client configuration, checked against the
+ * host of the subchannel's address ("[v6]:port" unbracketed). Its ClientHello goes out with
+ * the first flush; the HTTP/2 preface waits inside rpc_tls_conn_send for the handshake. */
+static fy_status_t tls_begin(rpc_cconn_t *conn)
+{
+    const rpc_tls_t *tls = conn->ch->params.tls;
+    if (tls == NULL)
+        return FY_OK;
+    char host[sizeof(conn->sub->authority)] = "";
+    if (conn->sub != NULL) {
+        const char *a = conn->sub->authority, *end = strrchr(a, ':');
+        size_t n = end != NULL ? (size_t)(end - a) : strlen(a);
+        if (n >= 2 && a[0] == '[' && a[n - 1] == ']')
+            a++, n -= 2;
+        snprintf(host, sizeof(host), "%.*s", (int)n, a);
+    }
+    conn->h2.tls_client = true;
+    fy_status_t st = rpc_tls_conn_create(tls, host, &conn->h2.tls);
+    return st == FY_OK ? rpc_tls_conn_start(conn->h2.tls) : st;
+}
+
 static void on_connect(uv_connect_t *req, int status)
 {
     rpc_cconn_t *conn = req->data;
@@ -543,7 +569,8 @@ static void on_connect(uv_connect_t *req, int status)
         return;
     rpc_subch_t *sub = conn->sub;
     uv_timer_stop(&conn->h2.timer);
-    if (status != 0 || cconn_session(conn) != FY_OK || rpc_h2_start_read(&conn->h2) != FY_OK) {
+    if (status != 0 || cconn_session(conn) != FY_OK || tls_begin(conn) != FY_OK ||
+        rpc_h2_start_read(&conn->h2) != FY_OK) {
         FY_LOG_DEBUG(RPC_MODULE, "%s: connect failed: %s", sub ? sub->authority : "?",
                      status ? uv_strerror(status) : "setup");
         rpc_h2_close(&conn->h2);

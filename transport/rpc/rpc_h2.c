@@ -6,6 +6,7 @@
  * bytes is in flight to the socket, no more is pulled, so data frames wait inside nghttp2
  * (and in the callers' queues) rather than piling up in write requests.
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -78,7 +79,14 @@ typedef struct {
 static void on_handle_closed(uv_handle_t *handle)
 {
     rpc_h2_t *h = handle->data;
-    if (--h->handles_open == 0 && h->on_closed)
+    if (--h->handles_open > 0)
+        return;
+    if (h->tls != NULL && !rpc_tls_conn_ready(h->tls) && !h->error[0])
+        snprintf(h->error, sizeof(h->error),
+                 "TLS handshake: the connection closed before it ended");
+    rpc_tls_conn_destroy(h->tls);
+    h->tls = NULL;
+    if (h->on_closed)
         h->on_closed(h);
 }
 
@@ -127,7 +135,57 @@ static void on_write(uv_write_t *req, int status)
     rpc_h2_flush(h);
 }
 
+static bool write_socket(rpc_h2_t *h, rpc_write_t *w);
+
+/* Writes the ciphertext TLS has for the socket (handshake, records, alerts). */
+static bool tls_out(rpc_h2_t *h)
+{
+    size_t n;
+    while ((n = rpc_tls_conn_pending(h->tls)) > 0) {
+        rpc_write_t *w = malloc(sizeof(*w) + n);
+        if (w == NULL) {
+            rpc_h2_close(h);
+            return false;
+        }
+        w->len = rpc_tls_conn_take(h->tls, w->data, n);
+        if (!write_socket(h, w))
+            return false;
+    }
+    return true;
+}
+
+/* A TLS failure: the alert goes out, the connection closes once it is written. */
+static void tls_failed(rpc_h2_t *h)
+{
+    snprintf(h->error, sizeof(h->error), "%s", rpc_tls_conn_error(h->tls));
+    if (h->tls_client)
+        FY_LOG_WARN(RPC_MODULE, "%s", h->error);
+    else
+        FY_LOG_DEBUG(RPC_MODULE, "%s", h->error);
+    h->fatal = true;
+    h->hold = true; // nothing more from nghttp2
+    if (h->reading) {
+        uv_read_stop((uv_stream_t *)&h->tcp);
+        h->reading = false;
+    }
+    if (tls_out(h) && h->write_inflight == 0)
+        rpc_h2_close(h);
+}
+
 static bool write_batch(rpc_h2_t *h, rpc_write_t *w)
+{
+    if (h->tls == NULL)
+        return write_socket(h, w);
+    fy_status_t st = rpc_tls_conn_send(h->tls, w->data, w->len);
+    free(w);
+    if (st != FY_OK) {
+        tls_failed(h);
+        return false;
+    }
+    return tls_out(h);
+}
+
+static bool write_socket(rpc_h2_t *h, rpc_write_t *w)
 {
     uv_buf_t buf = uv_buf_init((char *)w->data, (unsigned)w->len);
     w->h = h;
@@ -212,6 +270,41 @@ static void on_alloc(uv_handle_t *handle, size_t suggested, uv_buf_t *buf)
     *buf = uv_buf_init((char *)h->rbuf, sizeof(h->rbuf));
 }
 
+/* The connection's plaintext (what came off the socket, or out of TLS). FY_ERR_CLOSED once
+ * the connection is closing or done reading. */
+static fy_status_t on_plain(void *arg, const uint8_t *data, size_t len)
+{
+    rpc_h2_t *h = arg;
+    if (h->closing || (h->fatal && h->sniff == NULL))
+        return FY_ERR_CLOSED;
+    if (h->sniff != NULL) {
+        if (h->sniff(h, data, len))
+            return h->closing ? FY_ERR_CLOSED : FY_OK;
+        h->sniff = NULL;
+        h->hold = false;
+    }
+    h->busy++;
+    ssize_t n = nghttp2_session_mem_recv(h->session, data, len);
+    h->busy--;
+    if (h->closing)
+        return FY_ERR_CLOSED;
+    if (n < 0) {
+        FY_LOG_DEBUG(RPC_MODULE, "http2 receive failed: %s", nghttp2_strerror((int)n));
+        // nghttp2 queued a GOAWAY for protocol errors; send it, then close.
+        if (n != NGHTTP2_ERR_BAD_CLIENT_MAGIC && h->session)
+            nghttp2_session_terminate_session(h->session, NGHTTP2_PROTOCOL_ERROR);
+        h->fatal = true;
+        if (h->reading) {
+            uv_read_stop((uv_stream_t *)&h->tcp);
+            h->reading = false;
+        }
+        rpc_h2_flush(h); // closes once the GOAWAY is written
+        return FY_ERR_CLOSED;
+    }
+    rpc_h2_flush(h);
+    return FY_OK;
+}
+
 static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
 {
     rpc_h2_t *h = stream->data;
@@ -224,31 +317,23 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
     }
     if (nread == 0)
         return;
-    if (h->sniff != NULL) {
-        if (h->sniff(h, (const uint8_t *)buf->base, (size_t)nread))
-            return;
-        h->sniff = NULL;
-        h->hold = false;
+    if (h->tls == NULL) {
+        on_plain(h, (const uint8_t *)buf->base, (size_t)nread);
+        return;
     }
-    h->busy++;
-    ssize_t n = nghttp2_session_mem_recv(h->session, (const uint8_t *)buf->base, (size_t)nread);
-    h->busy--;
+    fy_status_t st =
+        rpc_tls_conn_recv(h->tls, (const uint8_t *)buf->base, (size_t)nread, on_plain, h);
     if (h->closing)
         return;
-    if (n < 0) {
-        FY_LOG_DEBUG(RPC_MODULE, "http2 receive failed: %s", nghttp2_strerror((int)n));
-        // nghttp2 queued a GOAWAY for protocol errors; send it, then close.
-        if (n != NGHTTP2_ERR_BAD_CLIENT_MAGIC && h->session)
-            nghttp2_session_terminate_session(h->session, NGHTTP2_PROTOCOL_ERROR);
-        h->fatal = true;
-        if (h->reading) {
-            uv_read_stop(stream);
-            h->reading = false;
-        }
-        rpc_h2_flush(h); // closes once the GOAWAY is written
+    if (st == FY_ERR_TRANSPORT) {
+        tls_failed(h);
         return;
     }
-    rpc_h2_flush(h);
+    if (st == FY_ERR_CLOSED && h->reading && !h->fatal) {
+        rpc_h2_close(h); // the peer's close_notify
+        return;
+    }
+    tls_out(h); // handshake messages
 }
 
 fy_status_t rpc_h2_start_read(rpc_h2_t *h)

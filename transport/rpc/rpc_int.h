@@ -60,6 +60,9 @@ struct rpc_h2 {
     int busy;   // inside nghttp2 mem_recv/mem_send: flush later, not now
     rpc_h2_sniff_cb sniff; // see rpc_h2_sniff_cb; NULL = HTTP/2 only
     bool hold;  // nghttp2 output held (the protocol is not known yet, or it is not HTTP/2)
+    rpc_tls_conn_t *tls; // NULL = cleartext; else every byte in and out goes through it
+    bool tls_client;     // a failed handshake is worth a warning (the server's is a debug line)
+    char error[160];     // why TLS failed (set by the time on_closed runs), or "
     uint8_t rbuf[65536];
 };
 

@@ -971,6 +971,8 @@ static void on_connection(uv_stream_t *listener, int status)
         srv->conns->prev = conn;
     srv->conns = conn;
     if (uv_accept(listener, (uv_stream_t *)&conn->h2.tcp) != 0 || session_create(conn) != FY_OK ||
+        (srv->params.tls != NULL &&
+         rpc_tls_conn_create(srv->params.tls, NULL, &conn->h2.tls) != FY_OK) ||
         rpc_h2_start_read(&conn->h2) != FY_OK) {
         rpc_h2_close(&conn->h2);
         return;

@@ -1,8 +1,11 @@
 """A stock Python grpcio client calls Ferry's rpc server (rpc_echo_server): unary, Health,
 10,000 streamed messages, deadline, client cancel mid-stream, messages near and over the
-size limit, unknown methods, status codes and metadata auth.
+size limit, unknown methods, status codes and metadata auth; all of it in cleartext (h2c),
+then again over TLS (certificates from tests/fixtures/tls/make_certs.sh, the client trusting
+the test CA).
 
 usage: interop_client.py RPC_ECHO_SERVER_BINARY OUT_DIR"""
+import os
 import subprocess
 import sys
 import threading
@@ -27,15 +30,30 @@ def expect_code(code, fn):
 def main():
     binary, out_dir = sys.argv[1], sys.argv[2]
     pb, pb_grpc, fpb, fpb_grpc = load_stubs(out_dir)
-    srv = subprocess.Popen([binary, "--max-message", str(LIMIT), "--token", "s3cret"],
+    certs = os.path.join(out_dir, "tls")
+    subprocess.run(["sh", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                       "../../fixtures/tls/make_certs.sh"), certs], check=True)
+    with open(os.path.join(certs, "ca.crt"), "rb") as f:
+        creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+    rc = serve_and_check(binary, [], None, pb, pb_grpc, fpb, fpb_grpc)
+    if rc == 0:
+        print("-- again over TLS")
+        rc = serve_and_check(binary, ["--tls-cert", os.path.join(certs, "chain.crt"),
+                                      "--tls-key", os.path.join(certs, "server.key")],
+                             creds, pb, pb_grpc, fpb, fpb_grpc)
+    return rc
+
+
+def serve_and_check(binary, extra, creds, pb, pb_grpc, fpb, fpb_grpc):
+    srv = subprocess.Popen([binary, "--max-message", str(LIMIT), "--token", "s3cret"] + extra,
                            stdout=subprocess.PIPE, text=True)
     try:
         line = srv.stdout.readline().split()
         if len(line) != 2 or line[0] != "PORT":
             print("server did not start: %r" % line)
             return 1
-        addr = "127.0.0.1:" + line[1]
-        rc = run_checks(addr, pb, pb_grpc, fpb, fpb_grpc)
+        addr = ("localhost:" if creds else "127.0.0.1:") + line[1]
+        rc = run_checks(addr, creds, pb, pb_grpc, fpb, fpb_grpc)
     finally:
         srv.terminate()
         try:
@@ -49,9 +67,11 @@ def main():
     return rc
 
 
-def run_checks(addr, pb, pb_grpc, fpb, fpb_grpc):
+def run_checks(addr, creds, pb, pb_grpc, fpb, fpb_grpc):
     c = Checks()
-    channel = grpc.insecure_channel(addr, options=[("grpc.max_receive_message_length", 8 << 20)])
+    opts = [("grpc.max_receive_message_length", 8 << 20)]
+    channel = (grpc.secure_channel(addr, creds, options=opts) if creds
+               else grpc.insecure_channel(addr, options=opts))
     echo = pb_grpc.EchoStub(channel)
     health = fpb_grpc.FerryStub(channel)
     md = (("authorization", "Bearer s3cret"),)

@@ -2,7 +2,7 @@
  * rpc_echo_server: serves the interop test service with Ferry's rpc server so that a stock
  * gRPC client (Python grpcio in interop_client.py) can call it.
  *
- *   rpc_echo_server [--port N] [--max-message BYTES] [--token T]
+ *   rpc_echo_server [--port N] [--max-message BYTES] [--token T] [--tls-cert PEM --tls-key PEM]
  * Prints "PORT <n>" once listening; drains and exits on SIGTERM or SIGINT.
  */
 #include <signal.h>
@@ -44,6 +44,8 @@ int main(int argc, char **argv)
 {
     rpc_server_params_t p;
     rpc_server_params_default(&p);
+    rpc_tls_params_t tp;
+    rpc_tls_params_default(&tp);
     for (int i = 1; i + 1 < argc; i += 2) {
         if (strcmp(argv[i], "--port") == 0)
             p.port = atoi(argv[i + 1]);
@@ -51,7 +53,18 @@ int main(int argc, char **argv)
             p.max_message = (uint32_t)strtoul(argv[i + 1], NULL, 10);
         else if (strcmp(argv[i], "--token") == 0)
             g_token = argv[i + 1];
+        else if (strcmp(argv[i], "--tls-cert") == 0)
+            tp.cert_file = argv[i + 1];
+        else if (strcmp(argv[i], "--tls-key") == 0)
+            tp.key_file = argv[i + 1];
     }
+    rpc_tls_t *tls = NULL;
+    char err[200];
+    if (tp.cert_file != NULL && rpc_tls_create(&tp, &tls, err, sizeof(err)) != FY_OK) {
+        fprintf(stderr, "rpc_echo_server: %s\n", err);
+        return 1;
+    }
+    p.tls = tls;
     if (g_token) {
         p.auth = check_token;
     }
@@ -71,5 +84,6 @@ int main(int argc, char **argv)
     fflush(stdout);
     uv_run(loop, UV_RUN_DEFAULT);
     uv_loop_close(loop);
+    rpc_tls_destroy(tls);
     return 0;
 }
