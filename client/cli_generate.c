@@ -60,6 +60,9 @@ static void usage(FILE *out)
             "  --timeout DURATION    deadline of a remote request (default 300s)\n"
             "  --token TOKEN         bearer token for the router (default: $FERRY_TOKEN, else\n"
             "                        $FERRY_API_KEY: the router's --api-key)\n"
+            "  --tls-ca FILE         TLS to the router, verified with the PEM certificates in\n"
+            "                        FILE (default: $FERRY_TLS_CA; unset = cleartext)\n"
+            "  --tls-any-name        accept a certificate FILE verifies whatever host it names\n"
             "  --ids                 print the generated token ids to stderr (remote)\n"
             "  --logprobs N          print each token's log-probability and its N most likely\n"
             "                        alternatives (0-20) to stderr, with the sum (remote)\n"
@@ -80,8 +83,8 @@ static bool parse_num(const char *s, double lo, double hi, double *v)
 }
 
 typedef struct {
-    const char *router, *prompt, *system, *policy, *token;
-    bool chat, stats, show_ids;
+    const char *router, *prompt, *system, *policy, *token, *tls_ca;
+    bool chat, stats, show_ids, tls_any_name;
     double budget;
     uint64_t timeout_ms;
     const char *const *stops;
@@ -176,9 +179,12 @@ static int generate_remote(const remote_opts_t *o, const mdl_sampler_params_t *s
     p.token = o->token;
     p.timeout_ms = (uint32_t)FY_MIN(o->timeout_ms, (uint64_t)UINT32_MAX);
     p.max_message = 64u << 20;
+    p.tls_ca = o->tls_ca;
+    p.tls_any_name = o->tls_any_name;
     ferry_client_t *client = NULL;
     if (ferry_client_create(&p, &client) != 0) {
-        fprintf(stderr, "ferry generate: bad router address '%s'\n", o->router);
+        fprintf(stderr, "ferry generate: bad router address '%s'%s\n", o->router,
+                o->tls_ca && o->tls_ca[0] ? " or --tls-ca file" : "");
         return 2;
     }
     Ferry__V1__GenerateRequest req = FERRY__V1__GENERATE_REQUEST__INIT;
@@ -303,7 +309,8 @@ int cli_generate_main(int argc, char **argv)
     tune_blas(argc, argv, "generate");
     const char *model_path = NULL, *prompt = NULL, *system = NULL, *router = NULL;
     const char *policy = NULL, *token = getenv("FERRY_TOKEN"), *positional[2] = {NULL, NULL};
-    const char *score = NULL;
+    const char *score = NULL, *tls_ca = getenv("FERRY_TLS_CA");
+    bool tls_any_name = false;
     if (token == NULL || token[0] == '\0')
         token = getenv("FERRY_API_KEY");
     const char *stops[8];
@@ -359,6 +366,11 @@ int cli_generate_main(int argc, char **argv)
         } else if (strcmp(a, "--token") == 0 && val != NULL) {
             token = val;
             i++;
+        } else if (strcmp(a, "--tls-ca") == 0 && val != NULL) {
+            tls_ca = val;
+            i++;
+        } else if (strcmp(a, "--tls-any-name") == 0) {
+            tls_any_name = true;
         } else if (strcmp(a, "--stop") == 0 && val != NULL) {
             if (n_stops == FY_ARRAY_SIZE(stops)) {
                 fprintf(stderr, "ferry generate: at most %zu --stop strings\n",
@@ -438,6 +450,8 @@ int cli_generate_main(int argc, char **argv)
                             .policy = policy,
                             .budget = budget,
                             .token = token,
+                            .tls_ca = tls_ca,
+                            .tls_any_name = tls_any_name,
                             .timeout_ms = timeout_ms,
                             .stops = stops,
                             .n_stops = n_stops,

@@ -13,11 +13,14 @@
 static void usage(FILE *out)
 {
     fprintf(out, "usage: ferry health ADDR[,ADDR...] [--timeout MS] [--token TOKEN]"
-                 " [--service NAME]\n"
-                 "  ADDR is host:port of a Ferry router or worker (gRPC, h2c).\n"
+                 " [--service NAME] [--tls-ca FILE [--tls-any-name]]\n"
+                 "  ADDR is host:port of a Ferry router or worker (gRPC).\n"
                  "  --timeout MS   deadline of the call (default 5000)\n"
                  "  --token TOKEN  bearer token (default: $FERRY_TOKEN, else $FERRY_API_KEY)\n"
-                 "  --service NAME service to ask about (default: the server itself)\n");
+                 "  --service NAME service to ask about (default: the server itself)\n"
+                 "  --tls-ca FILE  TLS, the server verified with the PEM certificates in FILE\n"
+                 "                 (default: $FERRY_TLS_CA; unset = cleartext h2c)\n"
+                 "  --tls-any-name accept a certificate FILE verifies whatever host it names\n");
 }
 
 static const char *status_name(Ferry__V1__HealthResponse__ServingStatus s)
@@ -37,6 +40,8 @@ static const char *status_name(Ferry__V1__HealthResponse__ServingStatus s)
 int cli_health_main(int argc, char **argv)
 {
     const char *addr = NULL, *service = NULL, *token = getenv("FERRY_TOKEN");
+    const char *tls_ca = getenv("FERRY_TLS_CA");
+    bool tls_any_name = false;
     if (token == NULL || token[0] == '\0')
         token = getenv("FERRY_API_KEY");
     uint64_t timeout_ms = 5000;
@@ -55,6 +60,10 @@ int cli_health_main(int argc, char **argv)
             token = argv[++i];
         } else if (strcmp(a, "--service") == 0 && i + 1 < argc) {
             service = argv[++i];
+        } else if (strcmp(a, "--tls-ca") == 0 && i + 1 < argc) {
+            tls_ca = argv[++i];
+        } else if (strcmp(a, "--tls-any-name") == 0) {
+            tls_any_name = true;
         } else if (a[0] == '-' || addr != NULL) {
             fprintf(stderr, "ferry health: unexpected argument '%s'\n", a);
             usage(stderr);
@@ -73,11 +82,13 @@ int cli_health_main(int argc, char **argv)
     p.token = token;
     p.timeout_ms = (uint32_t)timeout_ms;
     p.connect_timeout_ms = (uint32_t)timeout_ms;
+    p.tls_ca = tls_ca;
+    p.tls_any_name = tls_any_name;
     ferry_client_t *c;
     int st = ferry_client_create(&p, &c);
     if (st != 0) {
-        fprintf(stderr, "ferry health: bad address '%s': %s\n", addr,
-                fy_status_str((fy_status_t)st));
+        fprintf(stderr, "ferry health: bad address '%s'%s: %s\n", addr,
+                tls_ca && tls_ca[0] ? " or --tls-ca file" : "", fy_status_str((fy_status_t)st));
         return 2;
     }
     Ferry__V1__HealthResponse *resp = NULL;

@@ -15,6 +15,7 @@ struct ferry_client {
     uv_loop_t own_loop; // the loop of a blocking client
     bool owns_loop;
     rpc_channel_t *ch;
+    rpc_tls_t *tls; // the channel's, with params.tls_ca
     ferry_client_params_t params;
 };
 
@@ -81,11 +82,28 @@ static int client_init(ferry_client_t *c, const ferry_client_params_t *p)
         }
         cp.authorization = auth;
     }
-    int st = n == 0 ? FY_ERR_INVALID_ARG : rpc_channel_create(c->loop, &cp, &c->ch);
+    int st = n == 0 ? FY_ERR_INVALID_ARG : FY_OK;
+    if (st == FY_OK && p->tls_ca != NULL && p->tls_ca[0]) {
+        rpc_tls_params_t tp;
+        rpc_tls_params_default(&tp);
+        tp.ca_file = p->tls_ca;
+        tp.check_name = !p->tls_any_name;
+        char err[200];
+        if ((st = rpc_tls_create(&tp, &c->tls, err, sizeof(err))) != FY_OK)
+            FY_LOG_ERROR("client", "%s", err);
+        cp.tls = c->tls;
+    }
+    if (st == FY_OK)
+        st = rpc_channel_create(c->loop, &cp, &c->ch);
     free(copy);
+    if (st != FY_OK) {
+        rpc_tls_destroy(c->tls);
+        c->tls = NULL;
+    }
     c->params = *p;
     c->params.addresses = NULL;
     c->params.token = NULL;
+    c->params.tls_ca = NULL;
     if (c->params.max_attempts == 0)
         c->params.max_attempts = 3;
     return st;
@@ -137,6 +155,7 @@ void ferry_client_destroy(ferry_client_t *c)
     if (c == NULL)
         return;
     rpc_channel_destroy(c->ch);
+    rpc_tls_destroy(c->tls); // connections still closing keep its OpenSSL context alive
     if (c->owns_loop) {
         // Run the close callbacks so every handle is gone before the loop closes.
         while (uv_run(&c->own_loop, UV_RUN_NOWAIT) != 0)

@@ -44,6 +44,10 @@ typedef struct {
     uint32_t max_message;        // largest message sent or received (default 4 MiB)
     uint32_t max_attempts;       // attempts for idempotent calls (default 3)
     uint32_t connect_timeout_ms; // default 5000
+    const char *tls_ca;          // TLS: PEM certificates that verify the server (its CA, or its
+                                 // own certificate); NULL or "" = cleartext; borrowed for create
+    bool tls_any_name;           // with tls_ca: skip the check that the certificate names the
+                                 // host dialled (a pinned certificate)
 } ferry_client_params_t;
 
 /* Fills the defaults above. Thread: any. */

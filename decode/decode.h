@@ -16,6 +16,7 @@
 
 #include "common.h"
 #include "model.h"
+#include "rpc.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -110,6 +111,9 @@ typedef struct {
     const char *router;          // "host:port" to register with, or NULL
     const char *api_key;         // required of callers but Health, sent to the router; NULL =
                                  // open (at most 256 bytes)
+    const rpc_tls_t *rpc_tls;    // TLS on the RPC port (a server configuration), or NULL;
+                                 // borrowed for the worker's lifetime
+    const rpc_tls_t *router_tls; // TLS to the router (a client configuration), or NULL; borrowed
     const char *worker_id;       // NULL = "decode@<rpc address>"
     uint32_t heartbeat_ms;       // 0 = half the router's lease
     const char *ucx_tls;         // UCX transports (as UCX_TLS), NULL = UCX's choice

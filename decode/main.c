@@ -29,6 +29,7 @@ static const fy_opt_t k_opts[] = {
      "host the router and prefill workers reach this worker at (default: the listen host)", false},
     {"router", FY_OPT_STRING, "", "router HOST:PORT to register with (empty: standalone)", false},
     DAEMON_OPTS_WORKER_API_KEY,
+    DAEMON_OPTS_TLS,
     {"worker-id", FY_OPT_STRING, "", "id in the cluster (default decode@HOST:PORT)", false},
     {"heartbeat", FY_OPT_DURATION, "0", "heartbeat period (0 = half the router's lease)", false},
     {"model", FY_OPT_STRING, NULL, "GGUF model file", true},
@@ -164,17 +165,26 @@ int main(int argc, char **argv)
     pthread_sigmask(SIG_BLOCK, &sigs, NULL);
     signal(SIGPIPE, SIG_IGN);
 
+    daemon_tls_t tls;
+    if (daemon_tls(cfg, &tls) != FY_OK) {
+        fy_config_destroy(cfg);
+        return 2;
+    }
+    p.rpc_tls = tls.server;
+    p.router_tls = tls.client;
     decode_worker_t *w = NULL;
     char err[256] = "";
     fy_status_t st = decode_worker_create(&p, &w, err, sizeof(err));
     if (st != FY_OK) {
         FY_LOG_ERROR(MODULE, "cannot start: %s", err[0] ? err : fy_status_str(st));
+        daemon_tls_free(&tls);
         fy_config_destroy(cfg);
         return 1;
     }
     if (daemon_port_file(fy_config_str(cfg, "port-file"), decode_worker_rpc_port(w)) != FY_OK) {
         FY_LOG_ERROR(MODULE, "cannot write --port-file");
         decode_worker_destroy(w);
+        daemon_tls_free(&tls);
         fy_config_destroy(cfg);
         return 1;
     }
@@ -184,6 +194,7 @@ int main(int argc, char **argv)
     fflush(stdout);
     serve_until_signal(w, &sigs, drain_ms);
     decode_worker_destroy(w);
+    daemon_tls_free(&tls);
     FY_LOG_INFO(MODULE, "stopped");
     fy_config_destroy(cfg);
     return 0;

@@ -1622,6 +1622,7 @@ static void *rpc_main(void *arg)
     sp.metrics = w->metrics;
     sp.healthy = is_healthy;
     sp.healthy_arg = w;
+    sp.tls = w->p.rpc_tls;
     if (w->api_key[0] != '\0') { // the router's calls carry the key; Health stays open
         sp.auth = daemon_auth;
         sp.auth_arg = w->api_key;
@@ -1672,7 +1673,8 @@ static void *rpc_main(void *arg)
                                         .heartbeat_ms = w->p.heartbeat_ms,
                                         .load = agent_load,
                                         .load_arg = w,
-                                        .api_key = w->api_key[0] ? w->api_key : NULL};
+                                        .api_key = w->api_key[0] ? w->api_key : NULL,
+                                        .tls = w->p.router_tls};
             st = router_agent_create(&w->rpc_loop, &ap, &w->agent);
         }
     }

@@ -11,15 +11,16 @@
  * upstream (the router) through the client SDK on the caller's libuv loop. Ferry's codec is
  * chosen per request with the extra body fields "kv_policy" and "kv_budget"; "top_k",
  * "repetition_penalty" and "stop_token_ids" are taken as vLLM takes them. What Ferry cannot do
- * (logprobs, tools, presence or frequency penalties) is refused with 400 rather than ignored.
+ * (tools, presence or frequency penalties, echo) is refused with 400 rather than ignored.
  * A client that disconnects cancels its generations. With an API key, requests without it get
- * 401.
+ * 401. With a certificate the port speaks HTTPS only (TLS, ALPN http/1.1).
  *
  * Everything runs on one libuv loop.
  */
 #ifndef FERRY_OPENAI_H
 #define FERRY_OPENAI_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include <uv.h>
@@ -47,6 +48,12 @@ typedef struct {
                                  // without); at most 256 bytes; borrowed for create
     const char *upstream_token;  // bearer token for the upstream's calls, or NULL; borrowed
                                  // for create
+    const char *tls_cert;        // HTTPS: PEM certificate chain, or NULL for plain HTTP;
+                                 // borrowed for create
+    const char *tls_key;         // its PEM private key
+    const char *upstream_tls_ca; // TLS to the upstream, verified with this PEM file; NULL =
+                                 // cleartext
+    bool upstream_tls_any_name;  // ... whatever names its certificate carries (pinned)
 } oai_server_params_t;
 
 /* Fills the defaults above. Thread: any. */

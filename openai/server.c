@@ -36,6 +36,7 @@ struct oai_server {
     char model_name[128];
     char api_key[257]; // "" = no authentication
     int port;
+    rpc_tls_t *tls, *upstream_tls; // HTTPS (tls_cert), TLS to the upstream (upstream_tls_ca)
     oai_conn_t *conns; // open connections (doubly linked)
     size_t n_conns;
     fy_metric_t *connections; // gauge, or NULL
@@ -60,6 +61,7 @@ struct oai_conn {
     oai_conn_t *prev, *next;
     uv_tcp_t tcp;
     uv_timer_t idle;
+    rpc_tls_conn_t *tls; // with the server's tls: every byte in and out goes through it
     int handles_open;
     bool closing, reading, in_process, close_after_write, continue_sent, chunked;
     size_t writes_pending;
@@ -111,6 +113,34 @@ static void on_written(uv_write_t *req, int status)
     }
 }
 
+/* Writes w's first n bytes to the socket (w is taken). */
+static void socket_write(oai_conn_t *c, oai_write_t *w, size_t n)
+{
+    w->conn = c;
+    uv_buf_t buf = uv_buf_init(w->data, (unsigned)n);
+    int rv = uv_write(&w->req, (uv_stream_t *)&c->tcp, &buf, 1, on_written);
+    if (rv != 0) {
+        free(w);
+        conn_close(c);
+        return;
+    }
+    c->writes_pending++;
+}
+
+/* Writes the ciphertext TLS has for the socket (records, handshake messages, alerts). */
+static void tls_flush(oai_conn_t *c)
+{
+    size_t n;
+    while (!c->closing && (n = rpc_tls_conn_pending(c->tls)) > 0) {
+        oai_write_t *w = malloc(sizeof(*w) + n);
+        if (w == NULL) {
+            conn_close(c);
+            return;
+        }
+        socket_write(c, w, rpc_tls_conn_take(c->tls, (uint8_t *)w->data, n));
+    }
+}
+
 /* Sends the concatenation of up to three pieces (NULL pieces are skipped). */
 static void conn_send3(oai_conn_t *c, const char *a, size_t an, const char *b, size_t bn,
                        const char *d, size_t dn)
@@ -135,15 +165,17 @@ static void conn_send3(oai_conn_t *c, const char *a, size_t an, const char *b, s
         memcpy(w->data + off, b, bn), off += bn;
     if (d)
         memcpy(w->data + off, d, dn), off += dn;
-    w->conn = c;
-    uv_buf_t buf = uv_buf_init(w->data, (unsigned)n);
-    int rv = uv_write(&w->req, (uv_stream_t *)&c->tcp, &buf, 1, on_written);
-    if (rv != 0) {
-        free(w);
+    if (c->tls == NULL) {
+        socket_write(c, w, n);
+        return;
+    }
+    fy_status_t st = rpc_tls_conn_send(c->tls, (const uint8_t *)w->data, n);
+    free(w);
+    if (st != FY_OK) {
         conn_close(c);
         return;
     }
-    c->writes_pending++;
+    tls_flush(c);
 }
 
 static void conn_send(oai_conn_t *c, const char *s, size_t n)
@@ -697,6 +729,42 @@ static void conn_process(oai_conn_t *c)
     }
 }
 
+/* The connection's plaintext: buffered, and read as requests when none is in flight. */
+static fy_status_t conn_input(void *arg, const uint8_t *data, size_t nread)
+{
+    oai_conn_t *c = arg;
+    if (c->closing || c->close_after_write)
+        return FY_ERR_CLOSED;
+    if (c->ex == EX_NONE)
+        uv_timer_again(&c->idle);
+    if (c->pending_off > 0 && c->pending_off == c->pending_len)
+        c->pending_off = c->pending_len = 0;
+    if (c->pending_off > 0 && c->pending_len + (size_t)nread > c->pending_cap) {
+        memmove(c->pending, c->pending + c->pending_off, c->pending_len - c->pending_off);
+        c->pending_len -= c->pending_off;
+        c->pending_off = 0;
+    }
+    if (c->pending_len + (size_t)nread > c->pending_cap) {
+        size_t cap = FY_MAX(c->pending_cap * 2, c->pending_len + (size_t)nread);
+        char *p = realloc(c->pending, cap);
+        if (p == NULL) {
+            conn_close(c);
+            return FY_ERR_CLOSED;
+        }
+        c->pending = p;
+        c->pending_cap = cap;
+    }
+    memcpy(c->pending + c->pending_len, data, (size_t)nread);
+    c->pending_len += (size_t)nread;
+    if (c->reading && c->pending_len - c->pending_off >= pending_limit(c)) {
+        uv_read_stop((uv_stream_t *)&c->tcp); // a client far ahead of its answers: wait
+        c->reading = false;
+    }
+    if (c->ex == EX_NONE)
+        conn_process(c);
+    return c->closing ? FY_ERR_CLOSED : FY_OK;
+}
+
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 {
     oai_conn_t *c = s->data;
@@ -712,33 +780,19 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     }
     if (nread == 0)
         return;
-    if (c->ex == EX_NONE)
-        uv_timer_again(&c->idle);
-    if (c->pending_off > 0 && c->pending_off == c->pending_len)
-        c->pending_off = c->pending_len = 0;
-    if (c->pending_off > 0 && c->pending_len + (size_t)nread > c->pending_cap) {
-        memmove(c->pending, c->pending + c->pending_off, c->pending_len - c->pending_off);
-        c->pending_len -= c->pending_off;
-        c->pending_off = 0;
+    if (c->tls == NULL) {
+        conn_input(c, (const uint8_t *)buf->base, (size_t)nread);
+        return;
     }
-    if (c->pending_len + (size_t)nread > c->pending_cap) {
-        size_t cap = FY_MAX(c->pending_cap * 2, c->pending_len + (size_t)nread);
-        char *p = realloc(c->pending, cap);
-        if (p == NULL) {
-            conn_close(c);
-            return;
-        }
-        c->pending = p;
-        c->pending_cap = cap;
-    }
-    memcpy(c->pending + c->pending_len, buf->base, (size_t)nread);
-    c->pending_len += (size_t)nread;
-    if (c->pending_len - c->pending_off >= pending_limit(c)) {
-        uv_read_stop(s); // a client far ahead of its answers: wait
-        c->reading = false;
-    }
-    if (c->ex == EX_NONE)
-        conn_process(c);
+    fy_status_t st =
+        rpc_tls_conn_recv(c->tls, (const uint8_t *)buf->base, (size_t)nread, conn_input, c);
+    if (c->closing)
+        return;
+    if (st == FY_ERR_TRANSPORT)
+        FY_LOG_DEBUG(OAI_MODULE, "%s", rpc_tls_conn_error(c->tls));
+    tls_flush(c); // handshake messages, or the alert
+    if (st == FY_ERR_TRANSPORT || (st == FY_ERR_CLOSED && !c->close_after_write))
+        close_when_written(c);
 }
 
 static void on_idle(uv_timer_t *t)
@@ -758,6 +812,7 @@ static void on_conn_handle_closed(uv_handle_t *h)
     if (--c->handles_open > 0)
         return;
     oai_reader_cleanup(&c->reader);
+    rpc_tls_conn_destroy(c->tls);
     free(c->pending);
     free(c);
 }
@@ -817,6 +872,10 @@ static void on_connection(uv_stream_t *listener, int status)
         conn_close(c);
         return;
     }
+    if (srv->tls != NULL && rpc_tls_conn_create(srv->tls, NULL, &c->tls) != FY_OK) {
+        conn_close(c);
+        return;
+    }
     uv_tcp_nodelay(&c->tcp, 1);
     uv_timer_start(&c->idle, on_idle, srv->params.idle_timeout_ms, srv->params.idle_timeout_ms);
     c->reading = uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0;
@@ -863,20 +922,37 @@ fy_status_t oai_server_create(uv_loop_t *loop, const oai_server_params_t *params
     srv->params.model_name = NULL;
     srv->params.api_key = NULL;
     srv->params.upstream_token = NULL;
+    srv->params.tls_cert = srv->params.tls_key = srv->params.upstream_tls_ca = NULL;
     snprintf(srv->api_key, sizeof(srv->api_key), "%s", params->api_key ? params->api_key : "");
     snprintf(srv->model_name, sizeof(srv->model_name), "%s",
              params->model_name ? params->model_name : "");
     if (params->metrics != NULL)
         srv->connections = fy_metrics_gauge(params->metrics, "ferry_http_connections", NULL,
                                             "open OpenAI-compatible API connections");
+    if (params->tls_cert != NULL && params->tls_cert[0]) {
+        rpc_tls_params_t tp;
+        rpc_tls_params_default(&tp);
+        tp.cert_file = params->tls_cert;
+        tp.key_file = params->tls_key;
+        tp.http2 = false; // HTTP/1.1 only
+        char err[200];
+        if (rpc_tls_create(&tp, &srv->tls, err, sizeof(err)) != FY_OK) {
+            FY_LOG_ERROR(OAI_MODULE, "%s", err);
+            free(srv);
+            return FY_ERR_INVALID_ARG;
+        }
+    }
     ferry_client_params_t cp;
     ferry_client_params_default(&cp);
     cp.addresses = params->upstream;
+    cp.tls_ca = params->upstream_tls_ca;
+    cp.tls_any_name = params->upstream_tls_any_name;
     cp.token = params->upstream_token && params->upstream_token[0] ? params->upstream_token : NULL;
     cp.timeout_ms = 0; // generations take as long as they take; unary calls set their own
     cp.max_message = 16u << 20;
     int rv = ferry_client_create_on_loop(loop, &cp, &srv->client);
     if (rv != 0) {
+        rpc_tls_destroy(srv->tls);
         free(srv);
         return rv == FY_ERR_INVALID_ARG ? FY_ERR_INVALID_ARG : FY_ERR_NO_MEMORY;
     }
@@ -888,6 +964,7 @@ fy_status_t oai_server_create(uv_loop_t *loop, const oai_server_params_t *params
     if (rv != 0) {
         FY_LOG_ERROR(OAI_MODULE, "cannot listen on %s:%d: %s", host, params->port, uv_strerror(rv));
         ferry_client_destroy(srv->client);
+        rpc_tls_destroy(srv->tls);
         uv_close((uv_handle_t *)&srv->listener, on_listener_closed);
         return FY_ERR_UNAVAILABLE;
     }
@@ -908,5 +985,6 @@ void oai_server_destroy(oai_server_t *srv)
     while (srv->conns != NULL)
         conn_close(srv->conns);
     ferry_client_destroy(srv->client);
+    rpc_tls_destroy(srv->tls); // connections still closing keep its OpenSSL context alive
     uv_close((uv_handle_t *)&srv->listener, on_listener_closed);
 }

@@ -22,6 +22,7 @@ static const fy_opt_t k_opts[] = {
      false},
     {"router", FY_OPT_STRING, "", "router HOST:PORT to register with (empty: standalone)", false},
     DAEMON_OPTS_WORKER_API_KEY,
+    DAEMON_OPTS_TLS,
     {"model", FY_OPT_STRING, NULL, "GGUF model file", true},
     {"device", FY_OPT_STRING, "cpu",
      "where the model runs: cpu or cuda (with cuda the codec "
@@ -85,6 +86,7 @@ typedef struct {
     rpc_server_t *srv;
     prefill_t *pf;
     router_agent_t *agent;
+    daemon_tls_t tls; // --tls-*: the RPC port, the calls to the router
     daemon_signals_t sig;
     uv_timer_t poll_timer;
     uint64_t drain_deadline_ns;
@@ -246,7 +248,7 @@ static int run(app_t *a)
     }
 
     const char *api_key;
-    if (daemon_api_key(cfg, &api_key) != FY_OK)
+    if (daemon_api_key(cfg, &api_key) != FY_OK || daemon_tls(cfg, &a->tls) != FY_OK)
         return 2;
     rpc_server_params_t sp;
     rpc_server_params_default(&sp);
@@ -260,6 +262,7 @@ static int run(app_t *a)
     sp.metrics = a->metrics;
     sp.healthy = healthy;
     sp.healthy_arg = a;
+    sp.tls = a->tls.server;
     if ((st = rpc_server_create(&a->loop, &sp, &a->srv)) != FY_OK)
         return 1;
     port = rpc_server_port(a->srv);
@@ -331,6 +334,7 @@ static int run(app_t *a)
         ap.rpc_address = advertise;
         ap.model_name = mp.path;
         ap.api_key = api_key;
+        ap.tls = a->tls.client;
         ap.pair_link = kvlink_pair_kind_name(pairing.kind);
         ap.node_id = pairing.node_id;
         ap.pair_device = pairing.pair_device;
@@ -380,6 +384,7 @@ int main(int argc, char **argv)
     kvlink_ctx_destroy(a.kctx);
     mdl_model_destroy(a.model);
     fy_metrics_destroy(a.metrics);
+    daemon_tls_free(&a.tls);
     fy_config_destroy(a.cfg);
     if (rc == 0)
         FY_LOG_INFO(MODULE, "stopped");

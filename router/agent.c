@@ -276,6 +276,7 @@ fy_status_t router_agent_create(struct uv_loop_s *loop, const router_agent_param
     cp.backoff_initial_ms = 50;
     cp.backoff_max_ms = 1000;
     cp.connect_timeout_ms = 2000;
+    cp.tls = params->tls;
     char bearer[300];
     if (params->api_key != NULL) {
         snprintf(bearer, sizeof(bearer), "Bearer %.256s", params->api_key);

@@ -162,6 +162,49 @@ fy_status_t daemon_api_key(const fy_config_t *cfg, const char **key_p)
     return FY_OK;
 }
 
+fy_status_t daemon_tls(const fy_config_t *cfg, daemon_tls_t *t)
+{
+    memset(t, 0, sizeof(*t));
+    const char *cert = fy_config_str(cfg, "tls-cert"), *key = fy_config_str(cfg, "tls-key");
+    const char *ca = fy_config_str(cfg, "tls-ca");
+    cert = cert != NULL ? cert : "";
+    key = key != NULL ? key : "";
+    ca = ca != NULL && ca[0] ? ca : cert;
+    if (!cert[0] != !key[0]) {
+        FY_LOG_ERROR("daemon", "--tls-cert and --tls-key go together");
+        return FY_ERR_INVALID_ARG;
+    }
+    char err[200];
+    rpc_tls_params_t p;
+    if (cert[0]) {
+        rpc_tls_params_default(&p);
+        p.cert_file = cert;
+        p.key_file = key;
+        if (rpc_tls_create(&p, &t->server, err, sizeof(err)) != FY_OK) {
+            FY_LOG_ERROR("daemon", "--tls-cert: %s", err);
+            return FY_ERR_INVALID_ARG;
+        }
+    }
+    if (ca[0]) {
+        rpc_tls_params_default(&p);
+        p.ca_file = ca;
+        p.check_name = !fy_config_bool(cfg, "tls-any-name");
+        if (rpc_tls_create(&p, &t->client, err, sizeof(err)) != FY_OK) {
+            FY_LOG_ERROR("daemon", "--tls-ca: %s", err);
+            daemon_tls_free(t);
+            return FY_ERR_INVALID_ARG;
+        }
+    }
+    return FY_OK;
+}
+
+void daemon_tls_free(daemon_tls_t *t)
+{
+    rpc_tls_destroy(t->server);
+    rpc_tls_destroy(t->client);
+    t->server = t->client = NULL;
+}
+
 fy_status_t daemon_auth(void *arg, const char *path, const char *authorization)
 {
     if (strcmp(path, "/ferry.v1.Ferry/Health") == 0)

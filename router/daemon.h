@@ -53,6 +53,35 @@ fy_status_t daemon_api_key(const fy_config_t *cfg, const char **key_p);
      false},                                                                                       \
         DAEMON_OPT_API_KEY_FILE
 
+/* TLS for a daemon's RPC (and the router's HTTP) ports and the connections it dials, from the
+ * options DAEMON_OPTS_TLS names. A cluster runs all daemons alike: with TLS every daemon has a
+ * certificate, and each verifies the others with the CA file. */
+typedef struct {
+    rpc_tls_t *server; // "tls-cert" and "tls-key": the ports speak TLS only; NULL = cleartext
+    rpc_tls_t *client; // "tls-ca" (default: the "tls-cert" file): what the daemon dials is
+                       // TLS, verified with it; NULL = cleartext
+} daemon_tls_t;
+
+/* Reads the files; FY_ERR_INVALID_ARG, logged with the reason, for a bad file or a key without
+ * a certificate or the other way round. Thread: main. */
+fy_status_t daemon_tls(const fy_config_t *cfg, daemon_tls_t *t);
+void daemon_tls_free(daemon_tls_t *t);
+
+#define DAEMON_OPTS_TLS                                                                            \
+    {"tls-cert", FY_OPT_STRING, "",                                                                \
+     "serve TLS only, with this PEM certificate chain (leaf first; needs --tls-key)", false},      \
+        {"tls-key", FY_OPT_STRING, "", "the PEM private key of --tls-cert", false},                \
+        {"tls-ca", FY_OPT_STRING, "",                                                              \
+         "dial the other daemons over TLS, verifying them with the PEM certificates in this "      \
+         "file (default: --tls-cert's file)",                                                      \
+         false},                                                                                   \
+    {                                                                                              \
+        "tls-any-name", FY_OPT_BOOL, "false",                                                      \
+            "accept a certificate --tls-ca verifies whatever host it names (one certificate "      \
+            "shared by the cluster)",                                                              \
+            false                                                                                  \
+    }
+
 /* An rpc_auth_cb for a daemon with an API key (arg: the key, NUL-terminated, borrowed for the
  * server's lifetime): every call needs "Bearer <key>" except ferry.v1.Ferry/Health, which
  * probes call. */

@@ -294,6 +294,7 @@ static rpc_channel_t *chan_get(rt_t *rt, const char *addr)
     cp.connect_timeout_ms = 2000;
     cp.backoff_initial_ms = 50;
     cp.backoff_max_ms = 1000;
+    cp.tls = rt->params.tls;
     char bearer[300];
     if (rt->params.api_key != NULL) {
         snprintf(bearer, sizeof(bearer), "Bearer %.256s", rt->params.api_key);

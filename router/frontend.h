@@ -43,6 +43,8 @@ typedef struct {
     uint32_t prefill_timeout_ms;    // Prefill deadline when the client set none (default 5 min)
     const char *default_policy;     // codec policy when the request names none ("" = workers')
     const char *api_key;            // sent to the workers as a bearer token, or NULL; borrowed
+    const rpc_tls_t *tls;           // TLS to the workers (a client configuration), or NULL;
+                                    // borrowed
     float default_budget;           // 0 = the policy's
 } rt_params_t;
 

@@ -30,6 +30,7 @@ static const fy_opt_t k_opts[] = {
      "to the workers (default: $FERRY_API_KEY; unset = open)",
      false},
     DAEMON_OPT_API_KEY_FILE,
+    DAEMON_OPTS_TLS,
     {"model", FY_OPT_STRING, NULL, "GGUF model file (only its tokenizer and metadata are read)",
      true},
     {"model-name", FY_OPT_STRING, "", "name clients use (default: the file's general.name)", false},
@@ -74,6 +75,7 @@ typedef struct {
     rpc_server_t *srv;
     oai_server_t *oai;
     const char *api_key; // --api-key or $FERRY_API_KEY, NULL when clients need none
+    daemon_tls_t tls;    // --tls-*: the gRPC and HTTP ports, the calls to the workers
     rt_t *rt;
     daemon_signals_t sig;
     uv_timer_t tick;
@@ -175,6 +177,13 @@ static fy_status_t start_http(app_t *a, const char *rpc_host, int rpc_port, cons
     op.model_name = name;
     op.metrics = a->metrics;
     op.api_key = op.upstream_token = a->api_key;
+    if (a->tls.server != NULL) {
+        // HTTPS with the router's certificate; the front calls the gRPC port over loopback,
+        // trusting exactly that certificate whatever names it carries.
+        op.tls_cert = op.upstream_tls_ca = fy_config_str(a->cfg, "tls-cert");
+        op.tls_key = fy_config_str(a->cfg, "tls-key");
+        op.upstream_tls_any_name = true;
+    }
     fy_status_t st = oai_server_create(&a->loop, &op, &a->oai);
     if (st != FY_OK) {
         FY_LOG_ERROR(MODULE, "--http-listen %s: %s", listen, fy_status_str(st));
@@ -185,8 +194,8 @@ static fy_status_t start_http(app_t *a, const char *rpc_host, int rpc_port, cons
         FY_LOG_ERROR(MODULE, "cannot write --http-port-file");
         return FY_ERR_IO;
     }
-    FY_LOG_INFO(MODULE, "OpenAI-compatible API on http://%s:%d/v1%s", host, port,
-                op.api_key && op.api_key[0] ? " (API key required)" : "");
+    FY_LOG_INFO(MODULE, "OpenAI-compatible API on %s://%s:%d/v1%s", op.tls_cert ? "https" : "http",
+                host, port, op.api_key && op.api_key[0] ? " (API key required)" : "");
     return FY_OK;
 }
 
@@ -208,7 +217,7 @@ static int run(app_t *a)
                              "10 ms..10 min");
         return 2;
     }
-    if (daemon_api_key(cfg, &a->api_key) != FY_OK)
+    if (daemon_api_key(cfg, &a->api_key) != FY_OK || daemon_tls(cfg, &a->tls) != FY_OK)
         return 2;
     const char *path = fy_config_str(cfg, "model");
     char err[MDL_ERR_LEN] = "";
@@ -249,6 +258,7 @@ static int run(app_t *a)
     tp.tok = a->tok;
     tp.model_name = name;
     tp.api_key = a->api_key;
+    tp.tls = a->tls.client;
     tp.reg = a->reg;
     tp.metrics = a->metrics;
     tp.default_max_tokens = (uint32_t)max_tokens;
@@ -274,6 +284,7 @@ static int run(app_t *a)
     sp.metrics = a->metrics;
     sp.healthy = healthy;
     sp.healthy_arg = a;
+    sp.tls = a->tls.server;
     if ((st = rpc_server_create(&a->loop, &sp, &a->srv)) != FY_OK ||
         (st = rt_serve(a->rt, a->srv)) != FY_OK ||
         (st = router_registry_serve(a->srv, a->reg)) != FY_OK) {
@@ -292,8 +303,8 @@ static int run(app_t *a)
         FY_LOG_ERROR(MODULE, "cannot write --port-file");
         return 1;
     }
-    FY_LOG_INFO(MODULE, "serving %s on %s:%d (worker lease %llu ms)", name, host, port,
-                (unsigned long long)lease);
+    FY_LOG_INFO(MODULE, "serving %s on %s:%d%s (worker lease %llu ms)", name, host, port,
+                a->tls.server ? " over TLS" : "", (unsigned long long)lease);
     uv_run(&a->loop, UV_RUN_DEFAULT);
     return 0;
 }
@@ -322,6 +333,7 @@ int main(int argc, char **argv)
     fy_metrics_destroy(a.metrics);
     mdl_tokenizer_destroy(a.tok);
     mdl_gguf_close(a.gguf);
+    daemon_tls_free(&a.tls);
     fy_config_destroy(a.cfg);
     if (rc == 0)
         FY_LOG_INFO(MODULE, "stopped");

@@ -149,6 +149,7 @@ uint32_t router_registry_lease_ms(const router_registry_t *reg);
 /* ------------------------------------------------------------------------------------------ */
 
 struct rpc_server;
+struct rpc_tls;
 struct uv_loop_s;
 
 /* Serves RegisterWorker and Heartbeat of ferry.v1.Worker on srv from reg (borrowed; must
@@ -175,6 +176,8 @@ typedef struct {
     const char *pair_device;    // the GPU its pair end uses (nccl), or NULL
     const char *model_name;     // for status output, or NULL
     const char *api_key;        // the router's --api-key (sent as a bearer token), or NULL
+    const struct rpc_tls *tls;  // TLS to the router (a client configuration), or NULL;
+                                // borrowed for the agent's lifetime
     uint64_t model_fingerprint;
     uint32_t heartbeat_ms;      // 0 = half the lease the router announces; never above it
     uint32_t retry_ms;          // first retry after a failed registration (default 200),

@@ -1,7 +1,7 @@
 """A router, a decode and a prefill worker with the real model on free loopback ports, for the
 Python end-to-end tests (tests/e2e/*.py).
 
-    with LocalCluster(build_root, model, router_args=[...]) as c:
+    with LocalCluster(build_root, model, router_args=[...], daemon_args=[...]) as c:
         c.router          # "127.0.0.1:PORT", the gRPC address
         c.port_file(...)  # a path in the cluster's work folder, for --*-port-file options
         c.wait_port(path) # the port a daemon wrote there
@@ -37,8 +37,10 @@ def free_port():
 
 
 class LocalCluster:
-    def __init__(self, build, model, router_args=()):
+    def __init__(self, build, model, router_args=(), daemon_args=()):
+        """router_args go to the router; daemon_args to all three (TLS options, say)."""
         self.build, self.model, self.router_args = build, model, list(router_args)
+        self.daemon_args = list(daemon_args)
         self.work = tempfile.mkdtemp(prefix="ferry-e2e-")
         self.procs = []
 
@@ -67,17 +69,17 @@ class LocalCluster:
             rport_file = self.port_file("router")
             self.start("router", ["router/ferry-router", "--model", self.model,
                                   "--listen", "127.0.0.1:0", "--port-file", rport_file,
-                                  "--log-level", "warn"] + self.router_args)
+                                  "--log-level", "warn"] + self.router_args + self.daemon_args)
             self.router_port = self.wait_port(rport_file, "router")
             self.router = "127.0.0.1:%d" % self.router_port
             self.start("decode", ["decode/ferry-decode", "--model", self.model,
                                   "--listen", "127.0.0.1:%d" % free_port(),
                                   "--kv-listen", "127.0.0.1:%d" % free_port(),
                                   "--router", self.router, "--threads", "1",
-                                  "--log-level", "warn"])
+                                  "--log-level", "warn"] + self.daemon_args)
             self.start("prefill", ["prefill/ferry-prefill", "--model", self.model,
                                    "--listen", "127.0.0.1:0", "--router", self.router,
-                                   "--threads", "1", "--log-level", "warn"])
+                                   "--threads", "1", "--log-level", "warn"] + self.daemon_args)
         except BaseException:
             self.__exit__(None, None, None)
             raise

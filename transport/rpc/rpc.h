@@ -130,7 +130,8 @@ char *rpc_message_decode(const char *s, size_t len);
 
 /* A TLS configuration (OpenSSL, TLS 1.2 and later): a server's certificate and key, or what a
  * client verifies servers with. Shared by the connections of a server or channel (and the
- * OpenAI front's), borrowed by them: it must outlive them. */
+ * OpenAI front's): it must outlive the server or channel's use of it, though connections
+ * still closing after rpc_tls_destroy keep its OpenSSL context. */
 typedef struct rpc_tls rpc_tls_t;
 
 typedef struct {
