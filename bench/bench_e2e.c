@@ -484,6 +484,7 @@ int bench_e2e_main(int argc, char **argv)
     fy_cluster_run_opts_t o;
     fy_cluster_run_opts_default(&o);
     o.health = fy_cluster_sdk_health;
+    o.health_arg = spec;
     o.timeout_ms = 600000;
     fprintf(stderr, "e2e: bringing up cluster %s (%s)\n", spec->name,
             fy_cluster_backend_name(spec->backend));

@@ -39,15 +39,15 @@ static void print_http_api(const fy_cluster_spec_t *spec)
 {
     for (int i = 0; i < spec->n_daemons; i++)
         if (spec->daemons[i].role == FY_CLUSTER_ROUTER && spec->daemons[i].http_port > 0)
-            printf("OpenAI-compatible API: http://%s:%d/v1\n", fy_cluster_daemon_host_addr(spec, i),
-                   spec->daemons[i].http_port);
+            printf("OpenAI-compatible API: %s://%s:%d/v1\n", spec->tls_cert[0] ? "https" : "http",
+                   fy_cluster_daemon_host_addr(spec, i), spec->daemons[i].http_port);
 }
 static int wait_router(const fy_cluster_spec_t *spec, uint64_t timeout_ms)
 {
     char router[128];
     fy_cluster_router_addr(spec, router, sizeof(router));
     uint64_t deadline = fy_clock_ns() + timeout_ms * 1000000ull;
-    while (fy_cluster_sdk_health(NULL, router) != 0) {
+    while (fy_cluster_sdk_health((void *)spec, router) != 0) {
         if (fy_clock_ns() >= deadline) {
             fprintf(stderr, "ferry cluster: router %s not SERVING after %llu ms\n", router,
                     (unsigned long long)timeout_ms);
@@ -194,6 +194,7 @@ int cli_cluster_main(int argc, char **argv)
     fy_cluster_run_opts_t o;
     fy_cluster_run_opts_default(&o);
     o.health = fy_cluster_sdk_health;
+    o.health_arg = spec;
     o.timeout_ms = timeout_ms;
     o.drain_timeout_ms = drain_ms;
     o.quiet = quiet;

@@ -73,6 +73,10 @@ typedef struct {
     char bin_dir[FY_CLUSTER_PATH_MAX]; /* absolute: a build tree or a bundle's bin/ */
     char log_dir[FY_CLUSTER_PATH_MAX]; /* absolute */
     char api_key_file[FY_CLUSTER_PATH_MAX]; /* absolute: the cluster's API key, "" = none */
+    char tls_cert[FY_CLUSTER_PATH_MAX]; /* absolute: every daemon's --tls-cert, "" = cleartext */
+    char tls_key[FY_CLUSTER_PATH_MAX];  /* absolute: --tls-key */
+    char tls_ca[FY_CLUSTER_PATH_MAX];   /* absolute: --tls-ca, "" = the certificate file */
+    bool tls_any_name;                  /* --tls-any-name */
     char policy[128];     /* codec policy of the prefill workers (empty: their default) */
     double budget;        /* 0 = the policy's */
     double ttft_target_ms; /* > 0: bandwidth-adaptive budget aiming at this TTFT */
@@ -135,7 +139,8 @@ fy_status_t fy_cluster_cmd_shell(const fy_cluster_cmd_t *cmd, char *out, size_t 
 
 /* ---- running a cluster (local and netns backends) ---- */
 
-/* Asks addr (HOST:PORT) for its gRPC Health; returns 0 when SERVING. */
+/* Asks addr (HOST:PORT) for its gRPC Health; returns 0 when SERVING. fy_cluster_sdk_health
+ * (cluster_health.h) takes the spec as arg (its TLS), or NULL. */
 typedef int (*fy_cluster_health_cb)(void *arg, const char *addr);
 
 typedef struct {
@@ -179,9 +184,12 @@ typedef struct {
 fy_status_t fy_cluster_state_read(const char *log_dir, fy_cluster_state_t *st);
 fy_status_t fy_cluster_state_write(const char *log_dir, const fy_cluster_state_t *st);
 
-/* Fetches GET path from HOST:PORT (plain HTTP/1.1 on the RPC port) into buf (NUL-ended). */
-fy_status_t fy_cluster_http_get(const char *addr, const char *path, uint64_t timeout_ms,
-                                char *buf, size_t buf_len);
+/* Fetches GET path from HOST:PORT (HTTP/1.1 on the RPC port) into buf (NUL-ended): inside TLS,
+ * as the daemons of spec speak it, when spec has tls_cert; spec NULL = cleartext. */
+fy_status_t fy_cluster_http_get(const fy_cluster_spec_t *spec, const char *addr, const char *path,
+                                uint64_t timeout_ms, char *buf, size_t buf_len);
+/* The file that verifies the daemons' certificates (tls_ca, else tls_cert); NULL without TLS. */
+const char *fy_cluster_tls_ca(const fy_cluster_spec_t *spec);
 /* The value of the first sample of `metric` (with `labels` exactly, or none) in a Prometheus
  * text body; NaN when absent. */
 double fy_cluster_metric(const char *body, const char *metric, const char *labels);

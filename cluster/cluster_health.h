@@ -9,13 +9,18 @@
 
 #include "ferry_client.h"
 
-/* 0 when addr (HOST:PORT) answers Health with SERVING within a few seconds. */
+#include "cluster.h"
+
+/* 0 when addr (HOST:PORT) answers Health with SERVING within a few seconds; arg: the cluster's
+ * spec (TLS as its daemons speak it), or NULL (cleartext). */
 static inline int fy_cluster_sdk_health(void *arg, const char *addr)
 {
-    (void)arg;
+    const fy_cluster_spec_t *spec = (const fy_cluster_spec_t *)arg;
     ferry_client_params_t p;
     ferry_client_params_default(&p);
     p.addresses = addr;
+    p.tls_ca = fy_cluster_tls_ca(spec);
+    p.tls_any_name = spec != NULL && spec->tls_any_name;
     p.timeout_ms = 3000;
     p.connect_timeout_ms = 1000;
     p.max_attempts = 1;

@@ -20,6 +20,10 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+
 #include "cluster.h"
 
 #define MOD "cluster"
@@ -363,8 +367,65 @@ static int connect_timeout(const char *addr, uint64_t timeout_ms)
     return fd;
 }
 
-fy_status_t fy_cluster_http_get(const char *addr, const char *path, uint64_t timeout_ms,
-                                char *buf, size_t buf_len)
+const char *fy_cluster_tls_ca(const fy_cluster_spec_t *spec)
+{
+    if (spec == NULL || !spec->tls_cert[0])
+        return NULL;
+    return spec->tls_ca[0] ? spec->tls_ca : spec->tls_cert;
+}
+
+/* A TLS session on fd for a GET, verified as the daemons verify each other (OpenSSL on the
+ * socket itself: this is a blocking one-off request). NULL, with the reason logged, on
+ * failure. */
+static SSL *tls_connect(const fy_cluster_spec_t *spec, int fd, const char *addr,
+                        uint64_t timeout_ms, SSL_CTX **ctx_p)
+{
+    SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+    SSL *ssl = NULL;
+    if (ctx == NULL || SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) != 1 ||
+        SSL_CTX_load_verify_locations(ctx, fy_cluster_tls_ca(spec), NULL) != 1)
+        goto fail;
+    X509_VERIFY_PARAM_set_flags(SSL_CTX_get0_param(ctx), X509_V_FLAG_PARTIAL_CHAIN);
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
+    static const unsigned char k_h1[] = {8, 'h', 't', 't', 'p', '/', '1', '.', '1'};
+    if (SSL_CTX_set_alpn_protos(ctx, k_h1, sizeof(k_h1)) != 0 || (ssl = SSL_new(ctx)) == NULL ||
+        SSL_set_fd(ssl, fd) != 1)
+        goto fail;
+    if (!spec->tls_any_name) {
+        char host[128];
+        const char *colon = strrchr(addr, ':');
+        size_t n = colon ? (size_t)(colon - addr) : strlen(addr);
+        if (n >= 2 && addr[0] == '[')
+            addr++, n -= 2;
+        snprintf(host, sizeof(host), "%.*s", (int)n, addr);
+        struct in6_addr a6;
+        bool ip = inet_pton(AF_INET, host, &a6) == 1 || inet_pton(AF_INET6, host, &a6) == 1;
+        if ((ip ? X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), host)
+                : SSL_set1_host(ssl, host)) != 1)
+            goto fail;
+    }
+    /* blocking from here, each read and write bounded by the request's timeout */
+    struct timeval tv = {.tv_sec = (time_t)(timeout_ms / 1000),
+                         .tv_usec = (suseconds_t)(timeout_ms % 1000 * 1000)};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+    if (SSL_connect(ssl) != 1) {
+        long v = SSL_get_verify_result(ssl);
+        FY_LOG_DEBUG("cluster", "%s: TLS: %s", addr,
+                     v != X509_V_OK ? X509_verify_cert_error_string(v) : "handshake failed");
+        goto fail;
+    }
+    *ctx_p = ctx;
+    return ssl;
+fail:
+    SSL_free(ssl);
+    SSL_CTX_free(ctx);
+    ERR_clear_error();
+    return NULL;
+}
+
+fy_status_t fy_cluster_http_get(const fy_cluster_spec_t *spec, const char *addr, const char *path,
+                                uint64_t timeout_ms, char *buf, size_t buf_len)
 {
     if (addr == NULL || path == NULL || buf == NULL || buf_len < 2)
         return FY_ERR_INVALID_ARG;
@@ -372,34 +433,52 @@ fy_status_t fy_cluster_http_get(const char *addr, const char *path, uint64_t tim
     int fd = connect_timeout(addr, timeout_ms);
     if (fd < 0)
         return FY_ERR_UNAVAILABLE;
+    SSL_CTX *ctx = NULL;
+    SSL *ssl = NULL;
+    if (fy_cluster_tls_ca(spec) != NULL) {
+        int fl = fcntl(fd, F_GETFL);
+        if (fl < 0 || fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) != 0 ||
+            (ssl = tls_connect(spec, fd, addr, timeout_ms, &ctx)) == NULL) {
+            close(fd);
+            return FY_ERR_UNAVAILABLE;
+        }
+    }
     char req[256];
     int n = snprintf(req, sizeof(req),
                      "GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n", path, addr);
-    if (n < 0 || (size_t)n >= sizeof(req) || send(fd, req, (size_t)n, MSG_NOSIGNAL) != n) {
-        close(fd);
-        return FY_ERR_UNAVAILABLE;
-    }
+    fy_status_t st = FY_OK;
+    if (n < 0 || (size_t)n >= sizeof(req) ||
+        (ssl ? SSL_write(ssl, req, n) : send(fd, req, (size_t)n, MSG_NOSIGNAL)) != n)
+        st = FY_ERR_UNAVAILABLE;
     size_t len = 0;
     uint64_t deadline = fy_clock_ns() + timeout_ms * 1000000ull;
-    for (;;) {
+    while (st == FY_OK) {
         uint64_t now = fy_clock_ns();
         if (now >= deadline) {
-            close(fd);
-            return FY_ERR_TIMEOUT;
+            st = FY_ERR_TIMEOUT;
+            break;
         }
-        struct pollfd p = {.fd = fd, .events = POLLIN};
-        if (poll(&p, 1, (int)((deadline - now) / 1000000 + 1)) <= 0)
-            continue;
         if (len + 1 >= buf_len)
             break;
-        ssize_t r = recv(fd, buf + len, buf_len - 1 - len, 0);
-        if (r < 0 && (errno == EINTR || errno == EAGAIN))
+        if (ssl == NULL || SSL_pending(ssl) == 0) {
+            struct pollfd p = {.fd = fd, .events = POLLIN};
+            if (poll(&p, 1, (int)((deadline - now) / 1000000 + 1)) <= 0)
+                continue;
+        }
+        ssize_t r = ssl ? SSL_read(ssl, buf + len, (int)(buf_len - 1 - len))
+                        : recv(fd, buf + len, buf_len - 1 - len, 0);
+        if (r < 0 && ssl == NULL && (errno == EINTR || errno == EAGAIN))
             continue;
         if (r <= 0)
             break;
         len += (size_t)r;
     }
+    SSL_free(ssl);
+    SSL_CTX_free(ctx);
+    ERR_clear_error();
     close(fd);
+    if (st != FY_OK)
+        return st;
     buf[len] = '\0';
     char *body = strstr(buf, "\r\n\r\n");
     if (strncmp(buf, "HTTP/1.", 7) != 0 || body == NULL)
@@ -598,10 +677,11 @@ fy_status_t fy_cluster_down(const fy_cluster_spec_t *spec, const fy_cluster_run_
     return rc;
 }
 
-static bool worker_count_ok(const char *router, int want_prefill, int want_decode)
+static bool worker_count_ok(const fy_cluster_spec_t *spec, const char *router, int want_prefill,
+                            int want_decode)
 {
     static char body[65536];
-    if (fy_cluster_http_get(router, "/metrics", 2000, body, sizeof(body)) != FY_OK)
+    if (fy_cluster_http_get(spec, router, "/metrics", 2000, body, sizeof(body)) != FY_OK)
         return false;
     double p = fy_cluster_metric(body, "ferry_router_workers", "role=\"prefill\"");
     double d = fy_cluster_metric(body, "ferry_router_workers", "role=\"decode\"");
@@ -640,6 +720,14 @@ fy_status_t fy_cluster_up(fy_cluster_spec_t *spec, const fy_cluster_run_opts_t *
     if (spec->api_key_file[0] && access(spec->api_key_file, R_OK) != 0) {
         snprintf(err, err_len, "api_key_file %s: %s", spec->api_key_file, strerror(errno));
         return FY_ERR_NOT_FOUND;
+    }
+    const char *tls_files[][2] = {
+        {"tls.cert", spec->tls_cert}, {"tls.key", spec->tls_key}, {"tls.ca", spec->tls_ca}};
+    for (size_t i = 0; i < FY_ARRAY_SIZE(tls_files); i++) {
+        if (tls_files[i][1][0] && access(tls_files[i][1], R_OK) != 0) {
+            snprintf(err, err_len, "%s %s: %s", tls_files[i][0], tls_files[i][1], strerror(errno));
+            return FY_ERR_NOT_FOUND;
+        }
     }
     fy_status_t rc = mkdir_p(spec->log_dir);
     if (rc != FY_OK) {
@@ -779,7 +867,7 @@ fy_status_t fy_cluster_up(fy_cluster_spec_t *spec, const fy_cluster_run_opts_t *
             if (opts->health != NULL && opts->health(opts->health_arg, st->daemons[i].addr) != 0)
                 not_ready = i;
         }
-        if (not_ready < 0 && worker_count_ok(router, n_prefill, n_decode))
+        if (not_ready < 0 && worker_count_ok(spec, router, n_prefill, n_decode))
             break;
         if (fy_clock_ns() >= deadline) {
             snprintf(err, err_len, "not healthy after %llu ms (%s%s); logs in %s",
@@ -888,7 +976,8 @@ fy_status_t fy_cluster_status(const fy_cluster_spec_t *spec, const fy_cluster_ru
                 d->addr, health);
         if (d->kv_addr[0])
             fprintf(out, "  kv %s", d->kv_addr);
-        if (alive && fy_cluster_http_get(d->addr, "/metrics", 2000, body, sizeof(body)) == FY_OK) {
+        if (alive &&
+            fy_cluster_http_get(spec, d->addr, "/metrics", 2000, body, sizeof(body)) == FY_OK) {
             if (strncmp(d->name, "router", 6) == 0) {
                 fprintf(out, "  workers prefill %.0f decode %.0f, in flight %.0f, requests %.0f",
                         fy_cluster_metric(body, "ferry_router_workers", "role=\"prefill\""),

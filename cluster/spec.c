@@ -525,6 +525,40 @@ static fy_status_t parse_ucx(pctx_t *c, yaml_node_t *n, fy_cluster_spec_t *s)
     return FY_OK;
 }
 
+static fy_status_t parse_tls(pctx_t *c, yaml_node_t *n, fy_cluster_spec_t *s)
+{
+    if (n->type != YAML_MAPPING_NODE)
+        return perr(c, n, "'tls' must be a mapping (cert, key, ca, any_name)");
+    FOR_PAIRS(n, p)
+    {
+        yaml_node_t *k = node_at(c, p->key), *v = node_at(c, p->value);
+        const char *key = scalar(k);
+        fy_status_t st;
+        if (key == NULL)
+            return perr(c, k, "keys must be strings");
+        if (strcmp(key, "cert") == 0) {
+            st = abs_path(c, v, key, s->tls_cert, sizeof(s->tls_cert));
+        } else if (strcmp(key, "key") == 0) {
+            st = abs_path(c, v, key, s->tls_key, sizeof(s->tls_key));
+        } else if (strcmp(key, "ca") == 0) {
+            st = abs_path(c, v, key, s->tls_ca, sizeof(s->tls_ca));
+        } else if (strcmp(key, "any_name") == 0) {
+            const char *b = scalar(v);
+            if (b == NULL || (strcmp(b, "true") != 0 && strcmp(b, "false") != 0))
+                return perr(c, v, "'any_name' must be true or false");
+            s->tls_any_name = strcmp(b, "true") == 0;
+            st = FY_OK;
+        } else {
+            return perr(c, k, "unknown tls key '%s' (cert, key, ca, any_name)", key);
+        }
+        if (st != FY_OK)
+            return st;
+    }
+    if (!s->tls_cert[0] || !s->tls_key[0])
+        return perr(c, n, "'tls' needs both cert and key (every daemon serves TLS with them)");
+    return FY_OK;
+}
+
 static fy_status_t parse_network(pctx_t *c, yaml_node_t *n, fy_cluster_spec_t *s)
 {
     if (n->type != YAML_MAPPING_NODE)
@@ -704,6 +738,8 @@ static fy_status_t parse_root(pctx_t *c, yaml_node_t *root, fy_cluster_spec_t *s
             st = abs_path(c, v, key, s->log_dir, sizeof(s->log_dir));
         } else if (strcmp(key, "api_key_file") == 0) {
             st = abs_path(c, v, key, s->api_key_file, sizeof(s->api_key_file));
+        } else if (strcmp(key, "tls") == 0) {
+            st = parse_tls(c, v, s);
         } else if (strcmp(key, "codec") == 0) {
             st = parse_codec(c, v, s);
         } else if (strcmp(key, "ucx") == 0) {
@@ -752,7 +788,7 @@ static fy_status_t parse_root(pctx_t *c, yaml_node_t *root, fy_cluster_spec_t *s
         } else {
             return perr(c, k,
                         "unknown key '%s' (name, backend, model, bin_dir, log_dir, "
-                        "api_key_file, codec, ucx, network, kv_memory, threads, max_tokens, "
+                        "api_key_file, tls, codec, ucx, network, kv_memory, threads, max_tokens, "
                         "lease, reserve_lease, log_level, image, partition, hosts, roles)",
                         key);
         }
@@ -989,6 +1025,14 @@ fy_status_t fy_cluster_daemon_cmd(const fy_cluster_spec_t *spec, int i, const ch
     st = st ? st : cmd_addf(cmd, "--log-level=%s", spec->log_level);
     if (spec->api_key_file[0]) // every daemon: the router requires it, the workers send it
         st = st ? st : cmd_addf(cmd, "--api-key-file=%s", spec->api_key_file);
+    if (spec->tls_cert[0]) { // every daemon serves TLS and dials the others with it
+        st = st ? st : cmd_addf(cmd, "--tls-cert=%s", spec->tls_cert);
+        st = st ? st : cmd_addf(cmd, "--tls-key=%s", spec->tls_key);
+        if (spec->tls_ca[0])
+            st = st ? st : cmd_addf(cmd, "--tls-ca=%s", spec->tls_ca);
+        if (spec->tls_any_name)
+            st = st ? st : fy_cluster_cmd_add(cmd, "--tls-any-name");
+    }
     int threads = d->threads ? d->threads : spec->threads;
     if (d->role == FY_CLUSTER_ROUTER) {
         if (spec->max_tokens > 0)

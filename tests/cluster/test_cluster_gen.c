@@ -3,7 +3,8 @@
  * the Slurm batch script (bash syntax, #SBATCH fields, one srun step per daemon placed on its
  * node) and the Kubernetes manifests (valid YAML; a ConfigMap, a Deployment and a Service per
  * role with replicas, probes, ports and the worker arguments); every daemon reads the cluster's
- * API key from the spec's api_key_file, or in Kubernetes from a Secret mounted as that file.
+ * API key from the spec's api_key_file and serves TLS with the spec's tls files, or in
+ * Kubernetes from Secrets mounted as those files (the readiness probe speaking TLS too).
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -25,6 +26,8 @@ static const char k_spec[] = "name: prod\n"
                              "bin_dir: /opt/ferry/bin\n"
                              "log_dir: /var/log/ferry\n"
                              "api_key_file: /srv/ferry/api.key\n"
+                             "tls: {cert: /srv/ferry/chain.pem, key: /srv/ferry/key.pem, "
+                             "ca: /srv/ferry/ca.pem, any_name: true}\n"
                              "partition: gpu\n"
                              "image: registry.example/ferry:1.0\n"
                              "codec: {policy: ferry, budget: 0.25}\n"
@@ -113,6 +116,9 @@ static void test_ssh(void **state)
     assert_non_null(strstr(up, "--listen=10.0.0.2:50061"));
     assert_non_null(strstr(up, "--listen=10.0.0.2:50062"));
     assert_int_equal(count(up, " --api-key-file=/srv/ferry/api.key "), 5);
+    assert_int_equal(count(up, " --tls-cert=/srv/ferry/chain.pem --tls-key=/srv/ferry/key.pem "
+                               "--tls-ca=/srv/ferry/ca.pem --tls-any-name "),
+                     5);
     assert_int_equal(count(down, "p=$(cat /var/log/ferry/"), 5);
     assert_int_equal(count(down, " && kill -TERM $p && "), 5);
 
@@ -161,6 +167,7 @@ static void test_slurm(void **state)
     assert_true(strstr(text, "exec 3<>/dev/tcp") < strstr(text, "# prefill-0"));
     assert_non_null(strstr(text, "\nwait\n"));
     assert_int_equal(count(text, " --api-key-file=/srv/ferry/api.key "), 5);
+    assert_int_equal(count(text, " --tls-cert=/srv/ferry/chain.pem "), 5);
     free(text);
     free(s);
 }
@@ -226,6 +233,11 @@ static void test_k8s(void **state)
     /* how to make the Secret, from the spec's file */
     assert_non_null(strstr(text, "kubectl create secret generic prod-api-key "
                                  "--from-file=api-key=/srv/ferry/api.key\n"));
+    assert_non_null(strstr(text, "kubectl create secret generic prod-tls "
+                                 "--from-file=tls.crt=/srv/ferry/chain.pem "
+                                 "--from-file=tls.key=/srv/ferry/key.pem "
+                                 "--from-file=ca.crt=/srv/ferry/ca.pem\n"));
+    assert_null(strstr(text, "must name")); // any_name: no warning about pod IPs
     yaml_parser_t p;
     yaml_parser_initialize(&p);
     yaml_parser_set_input_string(&p, (unsigned char *)text, strlen(text));
@@ -273,6 +285,19 @@ static void test_k8s(void **state)
             assert_string_equal(str(&d, root, "spec.template.spec.volumes.0.name"), "api-key");
             assert_string_equal(str(&d, root, "spec.template.spec.volumes.0.secret.secretName"),
                                 "prod-api-key");
+            /* TLS: the Secret's files, and a probe that speaks it */
+            assert_true(seq_has(&d, args, "--tls-cert=/etc/ferry/tls/tls.crt"));
+            assert_true(seq_has(&d, args, "--tls-key=/etc/ferry/tls/tls.key"));
+            assert_true(seq_has(&d, args, "--tls-ca=/etc/ferry/tls/ca.crt"));
+            assert_true(seq_has(&d, args, "--tls-any-name"));
+            assert_string_equal(str(&d, c, "volumeMounts.1.name"), "tls");
+            assert_string_equal(str(&d, c, "volumeMounts.1.mountPath"), "/etc/ferry/tls");
+            assert_string_equal(str(&d, root, "spec.template.spec.volumes.1.secret.secretName"),
+                                "prod-tls");
+            assert_string_equal(str(&d, c, "readinessProbe.exec.command.5"), "--tls-ca");
+            assert_string_equal(str(&d, c, "readinessProbe.exec.command.6"),
+                                "/etc/ferry/tls/ca.crt");
+            assert_string_equal(str(&d, c, "readinessProbe.exec.command.7"), "--tls-any-name");
             const char *replicas = str(&d, root, "spec.replicas");
             if (strcmp(name, "prod-router") == 0) {
                 assert_string_equal(replicas, "1");

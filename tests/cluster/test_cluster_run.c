@@ -44,6 +44,7 @@ static struct {
     fy_cluster_run_opts_t opts;
     char router[64];
     char token[64]; // the clients' API key, "" = none
+    const fy_cluster_spec_t *tls; // the spec whose TLS clients and GETs speak, NULL = none
     mdl_model_t *model;
     const mdl_config_t *cfg;
     mdl_ctx_t *ctx;
@@ -127,6 +128,8 @@ static void *run_batch(void *arg)
     p.timeout_ms = 300000;
     p.max_attempts = 1;
     p.token = G.token[0] ? G.token : NULL;
+    p.tls_ca = fy_cluster_tls_ca(G.tls);
+    p.tls_any_name = G.tls != NULL && G.tls->tls_any_name;
     ferry_client_t *c;
     if (ferry_client_create(&p, &c) != 0) {
         b->other = b->count;
@@ -284,7 +287,7 @@ static int teardown(void **state)
 static double daemon_metric(const char *addr, const char *name)
 {
     static char body[131072];
-    if (fy_cluster_http_get(addr, "/metrics", 3000, body, sizeof(body)) != FY_OK)
+    if (fy_cluster_http_get(G.tls, addr, "/metrics", 3000, body, sizeof(body)) != FY_OK)
         return NAN;
     return fy_cluster_metric(body, name, NULL);
 }
@@ -294,7 +297,7 @@ static double router_workers(const char *role)
     static char body[131072];
     char labels[32];
     snprintf(labels, sizeof(labels), "role=\"%s\"", role);
-    if (fy_cluster_http_get(G.router, "/metrics", 3000, body, sizeof(body)) != FY_OK)
+    if (fy_cluster_http_get(G.tls, G.router, "/metrics", 3000, body, sizeof(body)) != FY_OK)
         return NAN;
     return fy_cluster_metric(body, "ferry_router_workers", labels);
 }
@@ -451,8 +454,12 @@ static void test_ssh_lines_run(void **state)
     (void)state;
     if (G.netns)
         skip();
-    char text[2048], err[512], key[128];
-    const char *build = getenv("FERRY_BUILD_ROOT");
+    char text[2048], err[512], key[128], cmd[512];
+    const char *build = getenv("FERRY_BUILD_ROOT"), *src = getenv("FERRY_SOURCE_ROOT");
+    // TLS on every daemon, from a spec's tls (certificates of the test CA for 127.0.0.1).
+    snprintf(cmd, sizeof(cmd), "sh %s/tests/fixtures/tls/make_certs.sh %s/tls", src ? src : ".",
+             G.dir);
+    assert_int_equal(system(cmd), 0);
     // The cluster's API key from a file every daemon reads (api_key_file).
     snprintf(key, sizeof(key), "%s/ssh-api-key", G.dir);
     FILE *kf = fopen(key, "w");
@@ -463,12 +470,13 @@ static void test_ssh_lines_run(void **state)
     snprintf(text, sizeof(text),
              "name: ssh%u\nbackend: ssh\nmodel: %s\nbin_dir: %s\nlog_dir: %s/ssh\n"
              "api_key_file: %s\n"
+             "tls: {cert: %s/tls/chain.crt, key: %s/tls/server.key, ca: %s/tls/ca.crt}\n"
              "threads: 1\nkv_memory: 64M\nlease: 500ms\nucx: {tls: tcp}\n"
              "hosts: [{name: h, address: 127.0.0.1}]\nroles:\n"
              "  router: {host: h, port: %d, http_port: %d}\n  prefill: {host: h, port: %d}\n"
              "  decode: {host: h, port: %d, kv_port: %d}\n",
-             (unsigned)getpid() % 1000, G.model_path, build ? build : "build", G.dir, key,
-             free_port(), free_port(), free_port(), free_port(), free_port());
+             (unsigned)getpid() % 1000, G.model_path, build ? build : "build", G.dir, key, G.dir,
+             G.dir, G.dir, free_port(), free_port(), free_port(), free_port(), free_port());
     fy_cluster_spec_t *s = malloc(sizeof(*s));
     if (fy_cluster_spec_parse(text, strlen(text), "ssh.yaml", NULL, -1, s, err, sizeof(err)) !=
         FY_OK)
@@ -486,12 +494,19 @@ static void test_ssh_lines_run(void **state)
     char router[64];
     fy_cluster_router_addr(s, router, sizeof(router));
     snprintf(G.router, sizeof(G.router), "%s", router);
+    // Cleartext gets nothing from a TLS cluster.
+    static char body[4096];
+    assert_int_not_equal(fy_cluster_http_get(NULL, router, "/metrics", 3000, body, sizeof(body)),
+                         FY_OK);
+    G.tls = s;
     double w = NAN;
     for (int t = 0; t < 6000 && (w = router_workers("decode")) != 1; t++)
         usleep(100000);
     assert_true(w == 1);
     for (int t = 0; t < 6000 && router_workers("prefill") != 1; t++)
         usleep(100000);
+    assert_int_equal(fy_cluster_sdk_health(s, router), 0);
+    assert_int_not_equal(fy_cluster_sdk_health(NULL, router), 0); // a cleartext client
     // The workers registered with the key; clients need it too.
     batch_t *b = serve(1, 1);
     assert_int_equal(b[0].ok, 0);
@@ -502,12 +517,12 @@ static void test_ssh_lines_run(void **state)
     G.token[0] = '\0';
     assert_int_equal(b[0].ok, 2);
     free(b);
-    // The router's http_port serves the OpenAI-compatible API, behind the key but /health.
+    // The router's http_port serves the OpenAI-compatible API (HTTPS), behind the key but
+    // /health.
     char http[64];
-    static char body[4096];
     snprintf(http, sizeof(http), "127.0.0.1:%d", s->daemons[0].http_port);
-    assert_int_equal(fy_cluster_http_get(http, "/health", 3000, body, sizeof(body)), FY_OK);
-    assert_int_equal(fy_cluster_http_get(http, "/v1/models", 3000, body, sizeof(body)),
+    assert_int_equal(fy_cluster_http_get(s, http, "/health", 3000, body, sizeof(body)), FY_OK);
+    assert_int_equal(fy_cluster_http_get(s, http, "/v1/models", 3000, body, sizeof(body)),
                      FY_ERR_UNAVAILABLE);
     assert_non_null(strstr(body, "API key"));
     for (int i = 0; i < s->n_daemons; i++) {
@@ -523,7 +538,8 @@ static void test_ssh_lines_run(void **state)
         snprintf(pid, sizeof(pid), "%s/%s.pid", s->log_dir, s->daemons[i].name);
         assert_int_not_equal(access(pid, F_OK), 0);
     }
-    assert_int_not_equal(fy_cluster_sdk_health(NULL, router), 0);
+    assert_int_not_equal(fy_cluster_sdk_health(s, router), 0);
+    G.tls = NULL;
     free(s);
 }
 

@@ -51,6 +51,8 @@ static fy_cluster_spec_t *parse_ok(const char *text)
     return s;
 }
 
+static bool has_word(const fy_cluster_cmd_t *c, const char *w);
+
 static void test_full_spec(void **state)
 {
     (void)state;
@@ -98,6 +100,35 @@ static void test_full_spec(void **state)
     snprintf(text, sizeof(text), "%sapi_key_file: keys/api.key\n", k_spec);
     s = parse_ok(text);
     assert_string_equal(s->api_key_file, "/base/keys/api.key");
+    assert_null(fy_cluster_tls_ca(s)); // no tls: cleartext
+    free(s);
+    // TLS files too; the CA defaults to the certificate file; every daemon gets the flags.
+    char tls_text[sizeof(k_spec) + 128];
+    snprintf(tls_text, sizeof(tls_text), "%stls: {cert: tls/chain.pem, key: /k.pem}\n", k_spec);
+    s = parse_ok(tls_text);
+    assert_string_equal(s->tls_cert, "/base/tls/chain.pem");
+    assert_string_equal(s->tls_key, "/k.pem");
+    assert_string_equal(s->tls_ca, "");
+    assert_false(s->tls_any_name);
+    assert_string_equal(fy_cluster_tls_ca(s), "/base/tls/chain.pem");
+    for (int i = 0; i < s->n_daemons; i++) {
+        fy_cluster_cmd_t c;
+        assert_int_equal(fy_cluster_daemon_cmd(s, i, NULL, &c), FY_OK);
+        assert_true(has_word(&c, "--tls-cert=/base/tls/chain.pem"));
+        assert_true(has_word(&c, "--tls-key=/k.pem"));
+        assert_false(has_word(&c, "--tls-any-name"));
+        fy_cluster_cmd_free(&c);
+    }
+    free(s);
+    snprintf(tls_text, sizeof(tls_text),
+             "%stls: {cert: /c.pem, key: /k.pem, ca: /ca.pem, any_name: true}\n", k_spec);
+    s = parse_ok(tls_text);
+    assert_string_equal(fy_cluster_tls_ca(s), "/ca.pem");
+    fy_cluster_cmd_t c;
+    assert_int_equal(fy_cluster_daemon_cmd(s, 0, NULL, &c), FY_OK);
+    assert_true(has_word(&c, "--tls-ca=/ca.pem"));
+    assert_true(has_word(&c, "--tls-any-name"));
+    fy_cluster_cmd_free(&c);
     free(s);
 }
 
@@ -265,6 +296,12 @@ static void test_errors(void **state)
                  "  decode: [{host: a, port: 7000, kv_port: 7001}]\n",
                  "t.yaml:7:", "decode-0 uses port 7001, as prefill-0 (line 6)");
     expect_error(with_line(1, "nome: t1"), "t.yaml:1:", "unknown key 'nome'");
+    expect_error(with_line(10, "tls: {cert: c.pem}"), "t.yaml:10:", "needs both cert and key");
+    expect_error(with_line(10, "tls: {cert: c.pem, key: k.pem, any_name: sure}"),
+                 "t.yaml:10:", "true or false");
+    expect_error(with_line(10, "tls: {cert: c.pem, key: k.pem, crl: x}"),
+                 "t.yaml:10:", "unknown tls key 'crl'");
+    expect_error(with_line(10, "tls: c.pem"), "t.yaml:10:", "must be a mapping");
     expect_error(with_line(3, "#"), "t.yaml:", "needs a 'model'");
     expect_error("name: x\nmodel: m\nhosts: [{name: a}]\nroles:\n  router: {host: a}\n"
                  "  prefill: []\n  decode: [{host: a}]\n",
