@@ -28,6 +28,22 @@ def model_path():
     return model
 
 
+class Checks:
+    """A script's checks: one "ok"/"FAIL" line each, and the closing count."""
+
+    def __init__(self):
+        self.passed, self.failures = [], []
+
+    def __call__(self, what, ok, detail=""):
+        print("%s %s %s" % ("ok  " if ok else "FAIL", what, detail))
+        (self.passed if ok else self.failures).append(what)
+
+    def finish(self):
+        """Prints the count; the exit status (1 when a check failed or none ran)."""
+        print("%d passed, %d failed" % (len(self.passed), len(self.failures)))
+        return 1 if self.failures or not self.passed else 0
+
+
 def free_port():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.request
 
-from local_cluster import LocalCluster, model_path
+from local_cluster import Checks, LocalCluster, model_path
 
 
 def metric(port, name):
@@ -31,11 +31,7 @@ def main():
         return 1
     import openai
 
-    failures, passed = [], []
-
-    def check(what, ok, detail=""):
-        print("%s %s %s" % ("ok  " if ok else "FAIL", what, detail))
-        (passed if ok else failures).append(what)
+    check = Checks()
 
     # The cluster's API key, from the environment of every daemon (and of the CLI below).
     os.environ["FERRY_API_KEY"] = "e2e-key"
@@ -235,12 +231,11 @@ def main():
         check("closed stream cancelled", after == before + 1, (before, after))
         r = client.completions.create(model="smollm2", prompt="Hello", max_tokens=2)
         check("serving after the cancel", r.usage.completion_tokens >= 1, r.usage)
-        if failures:
+        if check.failures:
             for name, _ in cluster.procs:
                 print("---- %s log (end)" % name)
                 print(cluster.log(name)[-3000:])
-    print("%d passed, %d failed" % (len(passed), len(failures)))
-    return 1 if failures or not passed else 0
+    return check.finish()
 
 
 if __name__ == "__main__":

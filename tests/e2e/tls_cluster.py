@@ -15,7 +15,7 @@ import tempfile
 import time
 import urllib.request
 
-from local_cluster import LocalCluster, model_path
+from local_cluster import Checks, LocalCluster, model_path
 
 PROMPT = "The capital of France is"
 
@@ -27,11 +27,7 @@ def main():
         return 1
     import openai
 
-    failures, passed = [], []
-
-    def check(what, ok, detail=""):
-        print("%s %s %s" % ("ok  " if ok else "FAIL", what, detail))
-        (passed if ok else failures).append(what)
+    check = Checks()
 
     certs = tempfile.mkdtemp(prefix="ferry-tls-")
     src = os.environ.get("FERRY_SOURCE_ROOT", ".")
@@ -101,8 +97,7 @@ def main():
                                           context=ctx, timeout=10).read().decode()
             check("GET /metrics inside TLS on the gRPC port",
                   "ferry_router_workers" in body)
-    print("%d passed, %d failed" % (len(passed), len(failures)))
-    return 1 if failures else 0
+    return check.finish()
 
 
 if __name__ == "__main__":
