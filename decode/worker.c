@@ -1162,7 +1162,7 @@ static void *sched_main(void *arg)
             const bool forced = idx < r->n_forced;
             if (forced)
                 tok = (int32_t)r->forced[idx];
-            mdl_sampler_accept(r->sampler, tok);
+            mdl_sampler_accept_output(r->sampler, tok);
             if (r->generated == 0)
                 r->first_step_ns = t1;
             r->pos++;
@@ -1352,6 +1352,17 @@ static fy_status_t make_sampler(decode_worker_t *w, const Ferry__V1__DecodeReque
         in != NULL && in->repetition_penalty > 0.0f ? in->repetition_penalty : 1.0f;
     if (in != NULL && in->seed != 0)
         sp.seed = in->seed;
+    if (in != NULL) { // mdl_sampler_create checks the ranges and ids
+        sp.presence_penalty = in->presence_penalty;
+        sp.frequency_penalty = in->frequency_penalty;
+        if (in->n_logit_bias > MDL_MAX_LOGIT_BIAS)
+            return FY_ERR_OUT_OF_RANGE;
+        sp.n_logit_bias = (int)in->n_logit_bias;
+        for (size_t i = 0; i < in->n_logit_bias; i++) {
+            sp.bias_token[i] = (int32_t)FY_MIN(in->logit_bias[i]->token_id, (uint32_t)INT32_MAX);
+            sp.bias[i] = in->logit_bias[i]->bias;
+        }
+    }
     sp.max_tokens = 0; // the scheduler counts against its own limit
     sp.n_stop = 0;
     int32_t eos = mdl_tokenizer_eos(mdl_model_tokenizer(w->model));
@@ -1371,7 +1382,7 @@ static fy_status_t make_sampler(decode_worker_t *w, const Ferry__V1__DecodeReque
         return st;
     for (size_t i = 0; i < req->n_prompt_token_ids; i++)
         mdl_sampler_accept(s, (int32_t)req->prompt_token_ids[i]);
-    mdl_sampler_accept(s, (int32_t)req->first_token_id);
+    mdl_sampler_accept_output(s, (int32_t)req->first_token_id);
     // The prefill worker drew the tokens the client has from the same seed, one random draw
     // per sampled token: skip as many draws so this stream continues the request's, and a
     // seeded run gives the tokens a local run with that seed gives.
@@ -1434,7 +1445,8 @@ static void h_decode(rpc_call_t *call, const ProtobufCMessage *m, void *arg)
     if (st != FY_OK) {
         free(forced);
         rpc_call_finish(call, rpc_code_from_status(st),
-                        "sampling: at most 8 stop tokens (EOS included), each in the vocabulary");
+                        "sampling: at most 8 stop tokens (EOS included), each in the vocabulary; "
+                        "penalties and logit biases in range, on tokens of the vocabulary");
         return;
     }
     pthread_mutex_lock(&w->mu);

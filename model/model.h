@@ -537,7 +537,10 @@ fy_status_t mdl_decode_kvc_cuda(mdl_ctx_t *ctx, kvc_gpu_pool_t *pool, kvc_gpu_se
 /* Sampler (sampler.c)                                                                          */
 /* ------------------------------------------------------------------------------------------ */
 
-#define MDL_MAX_STOP 8
+#define MDL_MAX_STOP       8
+#define MDL_MAX_LOGIT_BIAS 300
+#define MDL_MAX_PENALTY    2.0f   /* |presence_penalty|, |frequency_penalty| (OpenAI's range) */
+#define MDL_MAX_BIAS       100.0f /* |logit bias| */
 
 typedef struct {
     float temperature;        /* <= 0: greedy (default 0.7) */
@@ -545,6 +548,15 @@ typedef struct {
     float top_p;              /* 1 = off (default 0.95) */
     float repetition_penalty; /* 1 = off (default 1.0); over the last penalty_last_n tokens */
     int penalty_last_n;       /* default 64 */
+    /* OpenAI's penalties over the tokens generated so far (mdl_sampler_accept_output): each
+     * such token's logit loses presence_penalty once and frequency_penalty per occurrence;
+     * within +-MDL_MAX_PENALTY, 0 = off (default). */
+    float presence_penalty, frequency_penalty;
+    /* Added to these tokens' logits before anything else (within +-MDL_MAX_BIAS; a token may
+     * appear once). */
+    int n_logit_bias;
+    int32_t bias_token[MDL_MAX_LOGIT_BIAS];
+    float bias[MDL_MAX_LOGIT_BIAS];
     uint64_t seed;            /* default 0x5eed */
     int max_tokens;           /* default 256 */
     int n_stop;
@@ -555,12 +567,18 @@ void mdl_sampler_params_default(mdl_sampler_params_t *p);
 
 typedef struct mdl_sampler mdl_sampler_t;
 
+/* FY_ERR_INVALID_ARG for parameters mdl_sampler_create refuses (a value out of range, a bias
+ * on a token outside [0, n_vocab) or on one token twice). Thread: any. */
+fy_status_t mdl_sampler_params_check(const mdl_sampler_params_t *params, int n_vocab);
+
 fy_status_t mdl_sampler_create(const mdl_sampler_params_t *params, int n_vocab,
                                mdl_sampler_t **s_p);
 void mdl_sampler_destroy(mdl_sampler_t *s);
 
 /* Remembers tokens for the repetition penalty (the prompt, then each sampled token). */
 void mdl_sampler_accept(mdl_sampler_t *s, int32_t token);
+/* The same for a generated token, which the presence and frequency penalties count too. */
+void mdl_sampler_accept_output(mdl_sampler_t *s, int32_t token);
 
 /* Picks the next token from logits [n_vocab] (modified in place). Thread: not thread-safe. */
 int32_t mdl_sampler_sample(mdl_sampler_t *s, float *logits);

@@ -1,8 +1,9 @@
 /*
- * sampler.c: next-token selection. In order: repetition penalty over the recent tokens
- * (CTRL-style: positive logits divided, negative multiplied), then greedy when temperature is
- * 0, else temperature, top-k, top-p (nucleus) and a draw from a seeded generator
- * (xoshiro256**), so a seed reproduces a generation exactly.
+ * sampler.c: next-token selection. In order: the logit biases, the repetition penalty over the
+ * recent tokens (CTRL-style: positive logits divided, negative multiplied), the presence and
+ * frequency penalties over the generated tokens (OpenAI's: subtracted), then greedy when
+ * temperature is 0, else temperature, top-k, top-p (nucleus) and a draw from a seeded
+ * generator (xoshiro256**), so a seed reproduces a generation exactly.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -18,6 +19,9 @@ struct mdl_sampler {
     int n_recent;
     int recent_pos;
     int n_sampled;
+    uint32_t *out_count; /* [n_vocab] generated tokens' occurrences, with presence/frequency */
+    int32_t *out_seen;   /* the distinct generated tokens, in order: [n_seen] of [cap_seen] */
+    int n_seen, cap_seen;
     int32_t *idx;  /* [n_vocab] candidate order */
     float *probs;  /* [n_vocab] */
 };
@@ -59,14 +63,31 @@ static uint64_t next_u64(uint64_t *s)
     return r;
 }
 
-fy_status_t mdl_sampler_create(const mdl_sampler_params_t *params, int n_vocab,
-                               mdl_sampler_t **s_p)
+fy_status_t mdl_sampler_params_check(const mdl_sampler_params_t *params, int n_vocab)
 {
     if (params == NULL || n_vocab <= 0 || params->top_k < 0 || params->penalty_last_n < 0 ||
-        !(params->top_p > 0.0f && params->top_p <= 1.0f) ||
-        !(params->repetition_penalty > 0.0f) || params->n_stop < 0 ||
-        params->n_stop > MDL_MAX_STOP || isnan(params->temperature))
+        !(params->top_p > 0.0f && params->top_p <= 1.0f) || !(params->repetition_penalty > 0.0f) ||
+        params->n_stop < 0 || params->n_stop > MDL_MAX_STOP || isnan(params->temperature) ||
+        !(fabsf(params->presence_penalty) <= MDL_MAX_PENALTY) ||
+        !(fabsf(params->frequency_penalty) <= MDL_MAX_PENALTY) || params->n_logit_bias < 0 ||
+        params->n_logit_bias > MDL_MAX_LOGIT_BIAS)
         return FY_ERR_INVALID_ARG;
+    for (int i = 0; i < params->n_logit_bias; i++) {
+        if (params->bias_token[i] < 0 || params->bias_token[i] >= n_vocab ||
+            !(fabsf(params->bias[i]) <= MDL_MAX_BIAS))
+            return FY_ERR_INVALID_ARG;
+        for (int j = 0; j < i; j++)
+            if (params->bias_token[j] == params->bias_token[i])
+                return FY_ERR_INVALID_ARG;
+    }
+    return FY_OK;
+}
+
+fy_status_t mdl_sampler_create(const mdl_sampler_params_t *params, int n_vocab, mdl_sampler_t **s_p)
+{
+    fy_status_t st = mdl_sampler_params_check(params, n_vocab);
+    if (st != FY_OK)
+        return st;
     mdl_sampler_t *s = calloc(1, sizeof(*s));
     if (s == NULL)
         return FY_ERR_NO_MEMORY;
@@ -78,7 +99,11 @@ fy_status_t mdl_sampler_create(const mdl_sampler_params_t *params, int n_vocab,
     s->recent = malloc((size_t)FY_MAX(params->penalty_last_n, 1) * sizeof(int32_t));
     s->idx = malloc((size_t)n_vocab * sizeof(int32_t));
     s->probs = malloc((size_t)n_vocab * sizeof(float));
-    if (s->recent == NULL || s->idx == NULL || s->probs == NULL) {
+    if (params->presence_penalty != 0.0f || params->frequency_penalty != 0.0f)
+        s->out_count = calloc((size_t)n_vocab, sizeof(uint32_t));
+    if (s->recent == NULL || s->idx == NULL || s->probs == NULL ||
+        ((params->presence_penalty != 0.0f || params->frequency_penalty != 0.0f) &&
+         s->out_count == NULL)) {
         mdl_sampler_destroy(s);
         return FY_ERR_NO_MEMORY;
     }
@@ -91,6 +116,8 @@ void mdl_sampler_destroy(mdl_sampler_t *s)
     if (s == NULL)
         return;
     free(s->recent);
+    free(s->out_count);
+    free(s->out_seen);
     free(s->idx);
     free(s->probs);
     free(s);
@@ -104,6 +131,26 @@ void mdl_sampler_accept(mdl_sampler_t *s, int32_t token)
     s->recent_pos = (s->recent_pos + 1) % s->p.penalty_last_n;
     if (s->n_recent < s->p.penalty_last_n)
         s->n_recent++;
+}
+
+void mdl_sampler_accept_output(mdl_sampler_t *s, int32_t token)
+{
+    mdl_sampler_accept(s, token);
+    if (s->out_count == NULL || token < 0 || token >= s->n_vocab)
+        return;
+    if (s->out_count[token]++ > 0)
+        return;
+    if (s->n_seen == s->cap_seen) {
+        int cap = s->cap_seen ? 2 * s->cap_seen : 64;
+        int32_t *p = realloc(s->out_seen, (size_t)cap * sizeof(int32_t));
+        if (p == NULL) { // out of memory: the penalties miss this token rather than fail
+            s->out_count[token] = 0;
+            return;
+        }
+        s->out_seen = p;
+        s->cap_seen = cap;
+    }
+    s->out_seen[s->n_seen++] = token;
 }
 
 /* Sorts candidate indices by logit, descending (ties: lower id first). */
@@ -120,6 +167,8 @@ int32_t mdl_sampler_sample(mdl_sampler_t *s, float *logits)
 {
     int n = s->n_vocab;
     s->n_sampled++;
+    for (int i = 0; i < s->p.n_logit_bias; i++)
+        logits[s->p.bias_token[i]] += s->p.bias[i];
     if (s->p.repetition_penalty != 1.0f) {
         // Penalize each distinct recent token once.
         for (int i = 0; i < s->n_recent; i++) {
@@ -134,6 +183,10 @@ int32_t mdl_sampler_sample(mdl_sampler_t *s, float *logits)
             logits[t] = logits[t] > 0 ? logits[t] / s->p.repetition_penalty
                                       : logits[t] * s->p.repetition_penalty;
         }
+    }
+    for (int i = 0; i < s->n_seen; i++) {
+        int32_t t = s->out_seen[i];
+        logits[t] -= s->p.presence_penalty + s->p.frequency_penalty * (float)s->out_count[t];
     }
     if (s->p.temperature <= 0.0f) {
         int32_t best = 0;

@@ -29,6 +29,7 @@
 #define OAI_MAX_AUTH     512   // longest Authorization header value kept
 #define OAI_MAX_N        16    // choices a request may ask for ("n")
 #define OAI_MAX_TOP_LOGPROBS 20    // alternatives a token's log-probability may come with
+#define OAI_MAX_LOGIT_BIAS   300   // tokens a logit_bias object may name (as the router takes)
 
 /* ---- HTTP/1.1 requests from a byte stream ------------------------------------------------ */
 
@@ -90,6 +91,8 @@ typedef struct {
     char **joined;                      // [chat.n_messages] contents joined from parts, or NULL
     uint32_t *id_buf;                   // [ids.n_ids]
     uint32_t *stop_ids;                 // [sampling.n_stop_token_ids]
+    Ferry__V1__LogitBias *bias;         // [sampling.n_logit_bias]
+    Ferry__V1__LogitBias **bias_p;      // [sampling.n_logit_bias]
     char *stop[OAI_MAX_STOP];
     bool stream, include_usage;
     bool logprobs;     // the answer carries each token's log-probability (sampling.logprobs)

@@ -18,6 +18,7 @@
  * than text, presence or frequency penalties other than 0. Other fields are ignored (as
  * "user" is by every server).
  */
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -95,6 +96,46 @@ static int parse_stop(oai_request_t *r, const cJSON *stop, char *err, size_t err
     return 0;
 }
 
+/* "logit_bias": {"TOKEN_ID": BIAS, ...}, ids as decimal strings, biases in [-100, 100], at most
+ * OAI_MAX_LOGIT_BIAS of them (the router checks the ids against the vocabulary). */
+static int parse_logit_bias(oai_request_t *r, const cJSON *obj, char *err, size_t err_len)
+{
+    if (!cJSON_IsObject(obj))
+        return bad(err, err_len, "'%s' must be an object of token ids and biases", "logit_bias");
+    int n = cJSON_GetArraySize(obj);
+    if (n == 0)
+        return 0;
+    if (n > OAI_MAX_LOGIT_BIAS) {
+        snprintf(err, err_len, "'logit_bias' has more than %d tokens", OAI_MAX_LOGIT_BIAS);
+        return 400;
+    }
+    r->bias = calloc((size_t)n, sizeof(*r->bias));
+    r->bias_p = calloc((size_t)n, sizeof(*r->bias_p));
+    if (r->bias == NULL || r->bias_p == NULL)
+        return bad(err, err_len, "out of memory reading '%s'", "logit_bias");
+    size_t i = 0;
+    const cJSON *b;
+    cJSON_ArrayForEach(b, obj)
+    {
+        const char *k = b->string;
+        char *end = NULL;
+        errno = 0;
+        unsigned long id = k != NULL && k[0] >= '0' && k[0] <= '9' ? strtoul(k, &end, 10) : 0;
+        if (end == NULL || *end != '\0' || errno != 0 || id > UINT32_MAX)
+            return bad(err, err_len, "'%s' keys must be token ids (decimal)", "logit_bias");
+        if (!is_number(b) || fabs(b->valuedouble) > 100)
+            return bad(err, err_len, "'%s' biases must be numbers in [-100, 100]", "logit_bias");
+        ferry__v1__logit_bias__init(&r->bias[i]);
+        r->bias[i].token_id = (uint32_t)id;
+        r->bias[i].bias = (float)b->valuedouble;
+        r->bias_p[i] = &r->bias[i];
+        i++;
+    }
+    r->sampling.logit_bias = r->bias_p;
+    r->sampling.n_logit_bias = i;
+    return 0;
+}
+
 /* Sampling and codec fields shared by both kinds. */
 static int parse_common(oai_request_t *r, const cJSON *root, char *err, size_t err_len)
 {
@@ -148,12 +189,16 @@ static int parse_common(oai_request_t *r, const cJSON *root, char *err, size_t e
     static const char *const k_penalties[] = {"presence_penalty", "frequency_penalty"};
     for (size_t i = 0; i < FY_ARRAY_SIZE(k_penalties); i++)
         if ((v = member(root, k_penalties[i])) != NULL) {
-            if (!is_number(v))
-                return bad(err, err_len, "'%s' must be a number", k_penalties[i]);
-            if (v->valuedouble != 0)
-                return bad(err, err_len, "'%s' is not supported (use repetition_penalty)",
-                           k_penalties[i]);
+            if (!is_number(v) || fabs(v->valuedouble) > 2)
+                return bad(err, err_len, "'%s' must be a number in [-2, 2]", k_penalties[i]);
+            *(i == 0 ? &r->sampling.presence_penalty : &r->sampling.frequency_penalty) =
+                (float)v->valuedouble;
         }
+    if ((v = member(root, "logit_bias")) != NULL && !cJSON_IsNull(v)) {
+        int rc = parse_logit_bias(r, v, err, err_len);
+        if (rc)
+            return rc;
+    }
     if ((v = member(root, "seed")) != NULL) {
         if (!is_integer(v, -9.2e18, 1.8e19))
             return bad(err, err_len, "'%s' must be an integer", "seed");
@@ -218,9 +263,6 @@ static int parse_common(oai_request_t *r, const cJSON *root, char *err, size_t e
     r->sampling.logprobs = r->logprobs;
     if ((v = member(root, "echo")) != NULL && !cJSON_IsFalse(v))
         return bad(err, err_len, "'%s' is not supported", "echo");
-    if ((v = member(root, "logit_bias")) != NULL &&
-        !(cJSON_IsObject(v) && cJSON_GetArraySize(v) == 0))
-        return bad(err, err_len, "'%s' is not supported", "logit_bias");
     if ((v = member(root, "response_format")) != NULL) {
         const cJSON *t = cJSON_IsObject(v) ? member(v, "type") : NULL;
         if (!cJSON_IsString(t) || strcmp(t->valuestring, "text") != 0)
@@ -421,6 +463,8 @@ void oai_request_clear(oai_request_t *r)
     free(r->message_p);
     free(r->id_buf);
     free(r->stop_ids);
+    free(r->bias);
+    free(r->bias_p);
     cJSON_Delete(r->root);
     memset(r, 0, sizeof(*r));
 }

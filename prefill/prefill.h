@@ -99,9 +99,12 @@ void prefill_abort_all(prefill_t *pf, const char *reason);
 void prefill_destroy(prefill_t *pf);
 
 /* The proto's SamplingParams mapped onto the model's sampler: temperature 0 = greedy, top_k 0
- * = off, top_p 0 or 1 = off, repetition_penalty 0 or 1 = off; max_tokens is not the prefill
- * side's concern. NULL = greedy. FY_ERR_INVALID_ARG for values out of range (negative or NaN
- * temperature, top_p outside [0, 1], a negative penalty). Thread: any. */
+ * = off, top_p 0 or 1 = off, repetition_penalty 0 or 1 = off, presence and frequency
+ * penalties and logit biases as given; max_tokens is not the prefill side's concern. NULL =
+ * greedy. FY_ERR_INVALID_ARG for values out of range (negative or NaN temperature, top_p
+ * outside [0, 1], a negative repetition penalty, the others outside OpenAI's ranges, more than
+ * MDL_MAX_LOGIT_BIAS biases); mdl_sampler_params_check says whether the biased ids exist.
+ * Thread: any. */
 struct Ferry__V1__SamplingParams;
 fy_status_t prefill_sampler_params(const struct Ferry__V1__SamplingParams *s,
                                    mdl_sampler_params_t *out);

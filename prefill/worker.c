@@ -171,6 +171,19 @@ fy_status_t prefill_sampler_params(const Ferry__V1__SamplingParams *s, mdl_sampl
     out->top_p = s->top_p > 0 ? s->top_p : 1;
     out->repetition_penalty = s->repetition_penalty > 0 ? s->repetition_penalty : 1;
     out->seed = s->seed;
+    out->presence_penalty = s->presence_penalty;
+    out->frequency_penalty = s->frequency_penalty;
+    if (!(fabsf(s->presence_penalty) <= MDL_MAX_PENALTY) ||
+        !(fabsf(s->frequency_penalty) <= MDL_MAX_PENALTY) || s->n_logit_bias > MDL_MAX_LOGIT_BIAS)
+        return FY_ERR_INVALID_ARG;
+    out->n_logit_bias = (int)s->n_logit_bias;
+    for (size_t i = 0; i < s->n_logit_bias; i++) {
+        if (s->logit_bias[i] == NULL || s->logit_bias[i]->token_id > INT32_MAX ||
+            !(fabsf(s->logit_bias[i]->bias) <= MDL_MAX_BIAS))
+            return FY_ERR_INVALID_ARG;
+        out->bias_token[i] = (int32_t)s->logit_bias[i]->token_id;
+        out->bias[i] = s->logit_bias[i]->bias;
+    }
     return FY_OK;
 }
 
@@ -1204,7 +1217,8 @@ static void on_prefill(rpc_call_t *call, const ProtobufCMessage *msg, void *arg)
     job->iv = calloc(2 * (size_t)job->n_iv_cap, sizeof(uint64_t));
     atomic_init(&job->abort, 0);
     fy_status_t st = job->tokens && job->iv ? FY_OK : FY_ERR_NO_MEMORY;
-    if (st == FY_OK && prefill_sampler_params(req->sampling, &job->sp) != FY_OK) {
+    if (st == FY_OK && (prefill_sampler_params(req->sampling, &job->sp) != FY_OK ||
+                        mdl_sampler_params_check(&job->sp, c->n_vocab) != FY_OK)) {
         snprintf(err, sizeof(err), "sampling parameters out of range");
         st = FY_ERR_INVALID_ARG;
     }

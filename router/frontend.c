@@ -137,6 +137,8 @@ typedef struct rt_req {
     rt_lp_t first_lp; // the prefill worker's, until the first token is pushed
     bool has_first_lp;
     uint32_t *forced; // sampling.forced_token_ids (malloc'd): no stop ends the completion
+    Ferry__V1__LogitBias *bias;    // sampling.logit_bias: the entries (malloc'd) ...
+    Ferry__V1__LogitBias **bias_p; // ... and the pointers the message holds
     uint32_t completion_tokens;
     Ferry__V1__FinishReason finish;
     bool stopped; // the stream ended here (stop token or string, length)
@@ -329,6 +331,8 @@ static void req_free(rt_req_t *r)
     free(r->out_lp);
     free(r->out_top);
     free(r->forced);
+    free(r->bias);
+    free(r->bias_p);
     free(r->out_n_top);
     free(r);
 }
@@ -1212,6 +1216,54 @@ static fy_status_t build_prompt(rt_t *rt, const Ferry__V1__GenerateRequest *g, r
     return st;
 }
 
+/* OpenAI's presence and frequency penalties and the logit biases into the request's own
+ * sampling message, checked: penalties within +-MDL_MAX_PENALTY, at most MDL_MAX_LOGIT_BIAS
+ * biases within +-MDL_MAX_BIAS on distinct tokens of the vocabulary. */
+static fy_status_t copy_penalties(rt_t *rt, const Ferry__V1__SamplingParams *in, rt_req_t *r,
+                                  char *err, size_t err_len)
+{
+    Ferry__V1__SamplingParams *s = &r->sampling;
+    if (!(fabsf(in->presence_penalty) <= MDL_MAX_PENALTY) ||
+        !(fabsf(in->frequency_penalty) <= MDL_MAX_PENALTY)) {
+        snprintf(err, err_len, "presence_penalty and frequency_penalty must be in [-%g, %g]",
+                 (double)MDL_MAX_PENALTY, (double)MDL_MAX_PENALTY);
+        return FY_ERR_INVALID_ARG;
+    }
+    s->presence_penalty = in->presence_penalty;
+    s->frequency_penalty = in->frequency_penalty;
+    const size_t n = in->n_logit_bias;
+    if (n == 0)
+        return FY_OK;
+    if (n > MDL_MAX_LOGIT_BIAS) {
+        snprintf(err, err_len, "logit_bias: at most %d tokens", MDL_MAX_LOGIT_BIAS);
+        return FY_ERR_INVALID_ARG;
+    }
+    if ((r->bias = calloc(n, sizeof(*r->bias))) == NULL ||
+        (r->bias_p = calloc(n, sizeof(*r->bias_p))) == NULL)
+        return FY_ERR_NO_MEMORY;
+    const uint32_t n_vocab = (uint32_t)mdl_tokenizer_n_vocab(rt->params.tok);
+    for (size_t i = 0; i < n; i++) {
+        const Ferry__V1__LogitBias *b = in->logit_bias[i];
+        bool dup = false;
+        for (size_t j = 0; j < i; j++)
+            dup |= r->bias[j].token_id == b->token_id;
+        if (b->token_id >= n_vocab || dup || !(fabsf(b->bias) <= MDL_MAX_BIAS)) {
+            snprintf(err, err_len, "logit_bias: token %u %s", b->token_id,
+                     b->token_id >= n_vocab ? "outside the vocabulary"
+                     : dup                  ? "given twice"
+                                            : "with a bias outside [-100, 100]");
+            return FY_ERR_INVALID_ARG;
+        }
+        ferry__v1__logit_bias__init(&r->bias[i]);
+        r->bias[i].token_id = b->token_id;
+        r->bias[i].bias = b->bias;
+        r->bias_p[i] = &r->bias[i];
+    }
+    s->logit_bias = r->bias_p;
+    s->n_logit_bias = n;
+    return FY_OK;
+}
+
 static fy_status_t build_sampling(rt_t *rt, const Ferry__V1__GenerateRequest *g, rt_req_t *r,
                                   char *err, size_t err_len)
 {
@@ -1262,6 +1314,9 @@ static fy_status_t build_sampling(rt_t *rt, const Ferry__V1__GenerateRequest *g,
             snprintf(err, err_len, "sampling parameters out of range");
             return FY_ERR_INVALID_ARG;
         }
+        fy_status_t st = copy_penalties(rt, in, r, err, err_len);
+        if (st != FY_OK)
+            return st;
         if (in->n_stop > RT_MAX_STOPS || in->n_stop_token_ids > RT_MAX_STOP_IDS - 2) {
             snprintf(err, err_len, "at most %d stop strings and %d stop token ids", RT_MAX_STOPS,
                      RT_MAX_STOP_IDS - 2);

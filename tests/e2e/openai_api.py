@@ -123,6 +123,23 @@ def main():
         want = cli("--max-tokens", "12", "The capital of France is")
         check("completion greedy = CLI", r.choices[0].text == want,
               "%r vs %r" % (r.choices[0].text, want))
+        # logit_bias bans the greedy first token (its id from the CLI's --ids); the penalties
+        # are taken (nothing generated yet: the first token stays).
+        p = subprocess.run([os.path.join(build, "client/ferry"), "generate", router, "--token",
+                            "e2e-key", "--temperature", "0", "--policy", "fp16", "--ids",
+                            "--max-tokens", "1", "The capital of France is"],
+                           capture_output=True, text=True, timeout=300)
+        tid = int(p.stderr.split("ids:")[1].split()[0])
+        first = client.completions.create(model="smollm2", prompt="The capital of France is",
+                                          max_tokens=1, temperature=0,
+                                          frequency_penalty=0.5, presence_penalty=0.5)
+        banned = client.completions.create(model="smollm2", prompt="The capital of France is",
+                                           max_tokens=1, temperature=0,
+                                           logit_bias={str(tid): -100})
+        check("penalties taken; logit_bias bans a token",
+              first.choices[0].text == want[:len(first.choices[0].text)]
+              and banned.choices[0].text != first.choices[0].text,
+              (tid, first.choices[0].text, banned.choices[0].text))
         # A stop string ends the text before it.
         r = client.completions.create(model="smollm2", prompt="The capital of France is",
                                       max_tokens=12, temperature=0, stop=["Paris"])

@@ -700,6 +700,86 @@ static void test_forced_tokens(void **state)
     assert_int_equal(ferry_complete(G.client, &req, &c, &err), RPC_CODE_INVALID_ARGUMENT);
 }
 
+/* Tokens of ids[n] that appeared before them. */
+static size_t repeats(const uint32_t *ids, size_t n)
+{
+    size_t r = 0;
+    for (size_t i = 0; i < n; i++) {
+        size_t j = 0;
+        while (j < i && ids[j] != ids[i])
+            j++;
+        r += j < i;
+    }
+    return r;
+}
+
+/* Logit biases and OpenAI's penalties reach both workers: banning the greedy first token
+ * changes it (the prefill worker samples it), a +100 bias on one token makes every token that
+ * token (the decode worker samples the rest), a frequency penalty breaks a repetition the
+ * greedy run has; out-of-range values and ids outside the vocabulary are refused. */
+static void test_bias_and_penalties(void **state)
+{
+    (void)state;
+    Ferry__V1__GenerateRequest req;
+    Ferry__V1__SamplingParams s;
+    Ferry__V1__CodecParams codec;
+    france_request(&req, &s, &codec);
+    req.return_token_ids = true;
+    s.max_tokens = 24;
+    s.ignore_eos = true;
+    ferry_error_t err;
+    Ferry__V1__CompleteResponse *greedy = NULL, *c = NULL;
+    assert_int_equal(ferry_complete(G.client, &req, &greedy, &err), 0);
+    assert_true(greedy->n_token_ids >= 8);
+
+    Ferry__V1__LogitBias b = FERRY__V1__LOGIT_BIAS__INIT, *bp = &b;
+    b.token_id = greedy->token_ids[0];
+    b.bias = -100;
+    s.logit_bias = &bp;
+    s.n_logit_bias = 1;
+    assert_int_equal(ferry_complete(G.client, &req, &c, &err), 0);
+    assert_true(c->n_token_ids >= 1);
+    assert_int_not_equal(c->token_ids[0], greedy->token_ids[0]);
+    for (size_t i = 0; i < c->n_token_ids; i++)
+        assert_int_not_equal(c->token_ids[i], b.token_id); // banned at every step
+    ferry_message_free(c);
+    b.token_id = 1000;
+    b.bias = 100;
+    s.max_tokens = 6;
+    assert_int_equal(ferry_complete(G.client, &req, &c, &err), 0);
+    assert_int_equal(c->n_token_ids, 6);
+    for (size_t i = 0; i < c->n_token_ids; i++)
+        assert_int_equal(c->token_ids[i], 1000);
+    ferry_message_free(c);
+    s.n_logit_bias = 0;
+
+    // The greedy run repeats some token; a frequency penalty of 2 makes repeats rarer.
+    const size_t rep_greedy = repeats(greedy->token_ids, greedy->n_token_ids);
+    s.max_tokens = 24;
+    s.frequency_penalty = 2;
+    s.presence_penalty = 1;
+    assert_int_equal(ferry_complete(G.client, &req, &c, &err), 0);
+    const size_t rep_pen = repeats(c->token_ids, c->n_token_ids);
+    fprintf(stderr, "repeated tokens in 24: greedy %zu, with penalties %zu\n", rep_greedy, rep_pen);
+    assert_true(rep_greedy > 0);
+    assert_true(rep_pen < rep_greedy);
+    ferry_message_free(c);
+    ferry_message_free(greedy);
+
+    // Refused by the router.
+    s.frequency_penalty = 2.5f;
+    assert_int_equal(ferry_complete(G.client, &req, &c, &err), RPC_CODE_INVALID_ARGUMENT);
+    s.frequency_penalty = 0;
+    s.n_logit_bias = 1;
+    b.token_id = (uint32_t)G.cfg->n_vocab;
+    assert_int_equal(ferry_complete(G.client, &req, &c, &err), RPC_CODE_INVALID_ARGUMENT);
+    assert_non_null(strstr(err.message, "vocabulary"));
+    b.token_id = 5;
+    b.bias = 150;
+    assert_int_equal(ferry_complete(G.client, &req, &c, &err), RPC_CODE_INVALID_ARGUMENT);
+    s.n_logit_bias = 0;
+}
+
 static void test_stop_string(void **state)
 {
     size_t n;
@@ -1046,6 +1126,7 @@ int main(void)
         cmocka_unit_test(test_stop_string),
         cmocka_unit_test(test_logprobs),
         cmocka_unit_test(test_forced_tokens),
+        cmocka_unit_test(test_bias_and_penalties),
         cmocka_unit_test(test_concurrent_streams),
         cmocka_unit_test(test_cancel_and_deadline),
         cmocka_unit_test(test_router_metrics),

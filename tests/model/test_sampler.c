@@ -1,7 +1,8 @@
 // Sampler: greedy is the argmax; a seed reproduces a sequence and another seed changes it;
 // top-k 1 and a tiny top-p are greedy; temperature spreads choices in proportion; the
 // repetition penalty moves the choice off a repeated token; stop tokens and max tokens end;
-// log-probabilities are the softmax's, with the most likely alternatives in order.
+// log-probabilities are the softmax's, with the most likely alternatives in order; logit
+// biases move or ban a token; presence and frequency penalties count generated tokens only.
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -175,6 +176,89 @@ static void test_logprobs(void **state)
     assert_true(isnan(mdl_logprobs(small, 3, 0, 0, NULL, NULL)));
 }
 
+/* fill's logits: 13 (3.0), 21 (2.5), 34 (2.0). */
+static void test_bias_and_openai_penalties(void **state)
+{
+    mdl_sampler_params_t p;
+    mdl_sampler_params_default(&p);
+    p.temperature = 0.0f;
+    p.n_logit_bias = 2;
+    p.bias_token[0] = 13;
+    p.bias[0] = -100.0f; // banned
+    p.bias_token[1] = 0;
+    p.bias[1] = 2.4f; // 0 + 2.4: below 21's 2.5
+    mdl_sampler_t *s;
+    assert_int_equal(mdl_sampler_create(&p, NV, &s), FY_OK);
+    assert_int_equal(draw(s), 21);
+    mdl_sampler_destroy(s);
+    p.bias[1] = 2.7f; // above it
+    assert_int_equal(mdl_sampler_create(&p, NV, &s), FY_OK);
+    assert_int_equal(draw(s), 0);
+    mdl_sampler_destroy(s);
+
+    // Presence: 13 generated once loses 0.6 > 0.5 and 21 wins; prompt tokens do not count.
+    mdl_sampler_params_default(&p);
+    p.temperature = 0.0f;
+    p.presence_penalty = 0.6f;
+    assert_int_equal(mdl_sampler_create(&p, NV, &s), FY_OK);
+    for (int i = 0; i < 10; i++)
+        mdl_sampler_accept(s, 13);
+    assert_int_equal(draw(s), 13);
+    mdl_sampler_accept_output(s, 13);
+    assert_int_equal(draw(s), 21);
+    mdl_sampler_accept_output(s, 13); // presence is once, whatever the count
+    mdl_sampler_accept_output(s, 21);
+    assert_int_equal(draw(s), 13); // 2.4 against 1.9
+    mdl_sampler_destroy(s);
+    // Frequency: per occurrence; 13 drops below 21 after three (3.0 - 0.6 < 2.5).
+    p.presence_penalty = 0.0f;
+    p.frequency_penalty = 0.2f;
+    assert_int_equal(mdl_sampler_create(&p, NV, &s), FY_OK);
+    for (int k = 1; k <= 3; k++) {
+        mdl_sampler_accept_output(s, 13);
+        assert_int_equal(draw(s), k < 3 ? 13 : 21);
+    }
+    mdl_sampler_destroy(s);
+    // Negative penalties favour what was generated.
+    p.frequency_penalty = -1.5f; // 34: 2.0 + 1.5
+    assert_int_equal(mdl_sampler_create(&p, NV, &s), FY_OK);
+    mdl_sampler_accept_output(s, 34);
+    assert_int_equal(draw(s), 34);
+    mdl_sampler_destroy(s);
+
+    // Refused: penalties beyond 2, a bias beyond 100, a token outside the vocabulary or twice,
+    // too many biases.
+    mdl_sampler_params_t bad;
+    for (int c = 0; c < 6; c++) {
+        mdl_sampler_params_default(&bad);
+        bad.n_logit_bias = 2;
+        bad.bias_token[0] = 1;
+        bad.bias_token[1] = 2;
+        switch (c) {
+        case 0:
+            bad.presence_penalty = 2.5f;
+            break;
+        case 1:
+            bad.frequency_penalty = NAN;
+            break;
+        case 2:
+            bad.bias[1] = 101.0f;
+            break;
+        case 3:
+            bad.bias_token[1] = NV;
+            break;
+        case 4:
+            bad.bias_token[1] = 1;
+            break;
+        default:
+            bad.n_logit_bias = MDL_MAX_LOGIT_BIAS + 1;
+            break;
+        }
+        assert_int_equal(mdl_sampler_params_check(&bad, NV), FY_ERR_INVALID_ARG);
+        assert_int_equal(mdl_sampler_create(&bad, NV, &s), FY_ERR_INVALID_ARG);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -182,6 +266,7 @@ int main(void)
         cmocka_unit_test(test_seed_and_distribution),
         cmocka_unit_test(test_penalty_and_stop),
         cmocka_unit_test(test_logprobs),
+        cmocka_unit_test(test_bias_and_openai_penalties),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -3,6 +3,7 @@
 // The first byte picks the mode: 0 = an HTTP stream (the next byte sets the chunk size), 1 =
 // a chat body, 2 = a completion body, 3 = token bytes through both logprobs forms (the answer
 // must stay valid UTF-8 whatever bytes the tokens hold).
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,6 +33,13 @@ static void body(oai_kind_t kind, const char *data, size_t len)
             abort(); // rendering may not fail on parsed input
         free(a);
         free(b);
+        const Ferry__V1__SamplingParams *sp = r.msg.sampling;
+        if (sp->n_logit_bias > OAI_MAX_LOGIT_BIAS || !(fabsf(sp->presence_penalty) <= 2) ||
+            !(fabsf(sp->frequency_penalty) <= 2))
+            abort(); // the parser's own limits
+        for (size_t i = 0; i < sp->n_logit_bias; i++)
+            if (!(fabsf(sp->logit_bias[i]->bias) <= 100))
+                abort();
         size_t n = protobuf_c_message_get_packed_size(&r.msg.base);
         uint8_t *buf = malloc(n ? n : 1);
         protobuf_c_message_pack(&r.msg.base, buf);

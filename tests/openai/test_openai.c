@@ -167,7 +167,8 @@ static void test_chat_request(void **state)
         "{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"a\"},{\"type\":\"text\","
         "\"text\":\"b\\u00e9\"}]},{\"role\":\"assistant\",\"content\":null}],"
         "\"max_completion_tokens\":7,\"temperature\":0,\"top_p\":0.5,\"top_k\":-1,\"seed\":-1,"
-        "\"stop\":[\"x\",\"yz\"],\"repetition_penalty\":1.1,\"presence_penalty\":0,\"n\":1,"
+        "\"stop\":[\"x\",\"yz\"],\"repetition_penalty\":1.1,\"presence_penalty\":0.5,\"n\":1,"
+        "\"frequency_penalty\":-1.25,\"logit_bias\":{\"42\":-100,\"7\":2.5},"
         "\"logprobs\":false,\"stream\":true,\"stream_options\":{\"include_usage\":true},"
         "\"kv_policy\":\"ferry\",\"kv_budget\":0.25,\"user\":\"ignored\",\"tools\":[],"
         "\"stop_token_ids\":[2,49152]}";
@@ -193,6 +194,13 @@ static void test_chat_request(void **state)
     assert_int_equal(g->sampling->n_stop_token_ids, 2);
     assert_int_equal(g->sampling->stop_token_ids[1], 49152);
     assert_true(fabsf(g->sampling->repetition_penalty - 1.1f) < 1e-6f);
+    assert_true(g->sampling->presence_penalty == 0.5f);
+    assert_true(g->sampling->frequency_penalty == -1.25f);
+    assert_int_equal(g->sampling->n_logit_bias, 2);
+    assert_int_equal(g->sampling->logit_bias[0]->token_id, 42);
+    assert_true(g->sampling->logit_bias[0]->bias == -100.0f);
+    assert_int_equal(g->sampling->logit_bias[1]->token_id, 7);
+    assert_true(g->sampling->logit_bias[1]->bias == 2.5f);
     assert_string_equal(g->codec->policy, "ferry");
     assert_true(g->codec->budget == 0.25f);
     assert_true(r.stream && r.include_usage);
@@ -283,8 +291,14 @@ static void test_refusals(void **state)
          "top_logprobs"},
         {OAI_COMPLETION, "{\"prompt\":\"a\",\"echo\":true}", "echo"},
         {OAI_COMPLETION, "{\"prompt\":\"a\",\"suffix\":\"z\"}", "suffix"},
-        {OAI_COMPLETION, "{\"prompt\":\"a\",\"frequency_penalty\":0.5}", "frequency_penalty"},
-        {OAI_COMPLETION, "{\"prompt\":\"a\",\"logit_bias\":{\"1\":5}}", "logit_bias"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"frequency_penalty\":2.5}", "frequency_penalty"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"presence_penalty\":\"1\"}", "presence_penalty"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"logit_bias\":{\"1\":101}}", "[-100, 100]"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"logit_bias\":{\"x\":1}}", "token ids"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"logit_bias\":{\"-1\":1}}", "token ids"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"logit_bias\":{\"4294967296\":1}}", "token ids"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"logit_bias\":[1]}", "object"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"logit_bias\":{\"1\":\"5\"}}", "numbers"},
         {OAI_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"tools\":[{}]}",
          "tools"},
         {OAI_CHAT,
@@ -312,9 +326,32 @@ static void test_refusals(void **state)
             fail_msg("case %zu (%s): status %d, \"%s\"", i, k_cases[i].body, st, err);
         oai_request_clear(&r);
     }
-    // A NUL inside the body.
+    // logit_bias: null and {} are no biases; 300 tokens are taken, 301 refused.
     oai_request_t r;
     char err[256];
+    static const char *const k_none[] = {"{\"prompt\":\"a\",\"logit_bias\":null}",
+                                         "{\"prompt\":\"a\",\"logit_bias\":{}}"};
+    for (size_t i = 0; i < FY_ARRAY_SIZE(k_none); i++) {
+        assert_int_equal(parse(&r, OAI_COMPLETION, k_none[i], err), 0);
+        assert_int_equal(r.msg.sampling->n_logit_bias, 0);
+        oai_request_clear(&r);
+    }
+    char *big = malloc(16 * 400);
+    for (int n = 300; n <= 301; n++) {
+        size_t len = (size_t)sprintf(big, "{\"prompt\":\"a\",\"logit_bias\":{");
+        for (int i = 0; i < n; i++)
+            len += (size_t)sprintf(big + len, "%s\"%d\":-1", i ? "," : "", i);
+        sprintf(big + len, "}}");
+        int st = parse(&r, OAI_COMPLETION, big, err);
+        assert_int_equal(st, n == 300 ? 0 : 400);
+        if (st == 0)
+            assert_int_equal(r.msg.sampling->n_logit_bias, 300);
+        else
+            assert_non_null(strstr(err, "more than 300"));
+        oai_request_clear(&r);
+    }
+    free(big);
+    // A NUL inside the body.
     assert_int_equal(oai_request_parse(&r, OAI_COMPLETION, "{\"prompt\":\"a\"}\0", 15, err, 256),
                      400);
     oai_request_clear(&r);

@@ -514,6 +514,29 @@ static void test_seeded_sampling(void **state)
     sp.temperature = 0;
     sp.top_p = 1.5f;
     assert_int_equal(prefill_sampler_params(&sp, &msp), FY_ERR_INVALID_ARG);
+    sp.top_p = 0;
+    // OpenAI's penalties and logit biases pass through; out of range, refused.
+    Ferry__V1__LogitBias b = FERRY__V1__LOGIT_BIAS__INIT, *bp = &b;
+    b.token_id = 7;
+    b.bias = -3.5f;
+    sp.logit_bias = &bp;
+    sp.n_logit_bias = 1;
+    sp.presence_penalty = 0.25f;
+    sp.frequency_penalty = -2;
+    assert_int_equal(prefill_sampler_params(&sp, &msp), FY_OK);
+    assert_int_equal(msp.n_logit_bias, 1);
+    assert_int_equal(msp.bias_token[0], 7);
+    assert_true(msp.bias[0] == -3.5f && msp.presence_penalty == 0.25f &&
+                msp.frequency_penalty == -2.0f);
+    assert_int_equal(mdl_sampler_params_check(&msp, G.cfg->n_vocab), FY_OK);
+    b.token_id = (uint32_t)G.cfg->n_vocab; // mapped, but not a token of this model
+    assert_int_equal(prefill_sampler_params(&sp, &msp), FY_OK);
+    assert_int_equal(mdl_sampler_params_check(&msp, G.cfg->n_vocab), FY_ERR_INVALID_ARG);
+    b.bias = 100.5f;
+    assert_int_equal(prefill_sampler_params(&sp, &msp), FY_ERR_INVALID_ARG);
+    sp.n_logit_bias = 0;
+    sp.presence_penalty = -2.01f;
+    assert_int_equal(prefill_sampler_params(&sp, &msp), FY_ERR_INVALID_ARG);
     assert_int_equal(prefill_sampler_params(NULL, &msp), FY_OK);
     assert_true(msp.temperature <= 0);
 }
