@@ -95,6 +95,7 @@ typedef struct {
     Ferry__V1__LogitBias **bias_p;      // [sampling.n_logit_bias]
     char *stop[OAI_MAX_STOP];
     bool stream, include_usage;
+    bool echo;         // completions: the prompt comes first in the text (and logprobs)
     bool logprobs;     // the answer carries each token's log-probability (sampling.logprobs)
     bool has_seed;     // "seed" given: choice i samples with seed + i
     uint32_t n;        // choices, 1..OAI_MAX_N
@@ -125,6 +126,10 @@ typedef struct {
  * completions {"tokens", "token_logprobs", "top_logprobs", "text_offset"} (empty arrays).
  * NULL when out of memory. */
 cJSON *oai_logprobs_new(oai_kind_t kind);
+
+/* s[n] as valid UTF-8 into out (3 n + 1 bytes): what is not (a character cut short, a stray
+ * byte, NUL) becomes U+FFFD. Returns the length written (out is NUL-terminated). */
+size_t oai_utf8_sanitize(const uint8_t *s, size_t n, char *out);
 
 /* Appends the log-probability entries e[n] (a GenerateResponse's) to lp: chat entries have
  * token, logprob, bytes and top_logprobs; completions' the token, its logprob, {token:

@@ -81,11 +81,9 @@ static const char *object_name(oai_kind_t kind, bool chunk)
 
 /* A token's bytes as a JSON string: a byte that is not part of a valid UTF-8 character (a
  * token may hold part of one) becomes U+FFFD. */
-static cJSON *token_string(const uint8_t *s, size_t n)
+size_t oai_utf8_sanitize(const uint8_t *s, size_t n, char *out)
 {
-    char *out = malloc(3 * n + 1), *o = out;
-    if (out == NULL)
-        return NULL;
+    char *o = out;
     for (size_t i = 0; i < n;) {
         const uint8_t b = s[i];
         size_t len = b < 0x80                 ? 1
@@ -111,6 +109,15 @@ static cJSON *token_string(const uint8_t *s, size_t n)
         }
     }
     *o = '\0';
+    return (size_t)(o - out);
+}
+
+static cJSON *token_string(const uint8_t *s, size_t n)
+{
+    char *out = malloc(3 * n + 1);
+    if (out == NULL)
+        return NULL;
+    oai_utf8_sanitize(s, n, out);
     cJSON *v = cJSON_CreateString(out);
     free(out);
     return v;
@@ -189,8 +196,11 @@ bool oai_logprobs_add(cJSON *lp, oai_kind_t kind, Ferry__V1__TokenLogprob *const
         // Completions: parallel arrays, the alternatives as {token: logprob}, byte offsets.
         static const char *const keys[4] = {"tokens", "token_logprobs", "top_logprobs",
                                             "text_offset"};
+        // (an echoed prompt's first token has no log-probability: null, null)
         cJSON *items[4] = {token_string(bytes, e[i]->token.len), logprob_value(e[i]->logprob),
-                           cJSON_CreateObject(), cJSON_CreateNumber((double)*offset)};
+                           e[i]->logprob == e[i]->logprob ? cJSON_CreateObject()
+                                                          : cJSON_CreateNull(),
+                           cJSON_CreateNumber((double)*offset)};
         bool ok = true;
         for (int k = 0; k < 4; k++) {
             if (ok && items[k] != NULL &&
@@ -203,7 +213,7 @@ bool oai_logprobs_add(cJSON *lp, oai_kind_t kind, Ferry__V1__TokenLogprob *const
             return false;
         cJSON *top = items[2];
         *offset += e[i]->token.len;
-        for (size_t k = 0; k < e[i]->n_top; k++) {
+        for (size_t k = 0; k < e[i]->n_top && cJSON_IsObject(top); k++) {
             const Ferry__V1__TopLogprob *a = e[i]->top[k];
             if (a == NULL)
                 continue;

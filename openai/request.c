@@ -13,9 +13,11 @@
  *   n (1..16)                  that many Generate calls (seed + i for choice i when seeded)
  *   logprobs, top_logprobs (chat: a boolean and 0..20; completions: logprobs 0..20)
  *                              SamplingParams.logprobs, top_logprobs
- * Refused with 400, because Ferry would silently do something else: best_of > 1,
- * echo, suffix, tools, a non-empty logit_bias, a response_format other
- * than text, presence or frequency penalties other than 0. Other fields are ignored (as
+ *   presence_penalty, frequency_penalty, logit_bias   SamplingParams (OpenAI's meanings)
+ *   echo (completions)         the prompt before the completion, with its log-probabilities
+ *                              (SamplingParams.prompt_logprobs) when logprobs is given
+ * Refused with 400, because Ferry would silently do something else: best_of > 1, echo with a
+ * stream, suffix, tools, a response_format other than text. Other fields are ignored (as
  * "user" is by every server).
  */
 #include <errno.h>
@@ -261,8 +263,13 @@ static int parse_common(oai_request_t *r, const cJSON *root, char *err, size_t e
         r->sampling.top_logprobs = (uint32_t)v->valuedouble;
     }
     r->sampling.logprobs = r->logprobs;
-    if ((v = member(root, "echo")) != NULL && !cJSON_IsFalse(v))
-        return bad(err, err_len, "'%s' is not supported", "echo");
+    if ((v = member(root, "echo")) != NULL && !cJSON_IsNull(v)) {
+        if (!cJSON_IsBool(v))
+            return bad(err, err_len, "'%s' must be true or false", "echo");
+        r->echo = cJSON_IsTrue(v);
+        if (r->echo && r->kind == OAI_CHAT)
+            return bad(err, err_len, "'%s' is for completions", "echo");
+    }
     if ((v = member(root, "response_format")) != NULL) {
         const cJSON *t = cJSON_IsObject(v) ? member(v, "type") : NULL;
         if (!cJSON_IsString(t) || strcmp(t->valuestring, "text") != 0)
@@ -439,6 +446,8 @@ int oai_request_parse(oai_request_t *r, oai_kind_t kind, const char *body, size_
     int rc = parse_common(r, r->root, err, err_len);
     if (rc)
         return rc;
+    if (r->echo && r->stream)
+        return bad(err, err_len, "'%s' with a stream is not supported", "echo");
     if (kind == OAI_CHAT) {
         const cJSON *msgs = member(r->root, "messages");
         if (msgs == NULL)
@@ -448,7 +457,13 @@ int oai_request_parse(oai_request_t *r, oai_kind_t kind, const char *body, size_
     const cJSON *p = member(r->root, "prompt");
     if (p == NULL)
         return bad(err, err_len, "'%s' is required", "prompt");
-    return parse_prompt(r, p, err, err_len);
+    rc = parse_prompt(r, p, err, err_len);
+    // echo: the prompt's log-probabilities come with logprobs; a prompt of token ids needs its
+    // tokens' bytes (they come with them) for the text.
+    r->sampling.prompt_logprobs =
+        rc == 0 && r->echo &&
+        (r->logprobs || r->msg.input_case == FERRY__V1__GENERATE_REQUEST__INPUT_PROMPT_TOKEN_IDS);
+    return rc;
 }
 
 void oai_request_clear(oai_request_t *r)

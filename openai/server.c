@@ -54,6 +54,7 @@ typedef struct {
     bool finish_sent;               // its last stream chunk (with the reason) went out
     cJSON *logprobs;                // non-streamed answer's, with req.logprobs
     size_t lp_offset;               // completions' text_offset so far
+    bool echoed;                    // req.echo: the prompt went into text (and logprobs)
 } oai_choice_t;
 
 struct oai_conn {
@@ -332,6 +333,58 @@ static void keep_stats(oai_choice_t *ch, const Ferry__V1__RequestStats *st)
     free(buf);
 }
 
+/* Appends n bytes of text to a non-streamed choice's answer; false without memory. */
+static bool choice_text(oai_choice_t *ch, const char *text, size_t n)
+{
+    if (ch->text_len + n + 1 > ch->text_cap) {
+        size_t cap = FY_MAX(FY_MAX(ch->text_cap * 2, ch->text_len + n + 1), (size_t)256);
+        char *t = realloc(ch->text, cap);
+        if (t == NULL)
+            return false;
+        ch->text = t;
+        ch->text_cap = cap;
+    }
+    if (n > 0)
+        memcpy(ch->text + ch->text_len, text, n);
+    ch->text_len += n;
+    return true;
+}
+
+/* echo, on a choice's first message: the prompt into the text (as sent, or its tokens' bytes
+ * for a prompt of token ids) and its tokens into logprobs, ahead of the completion's. */
+static bool echo_prompt(oai_conn_t *c, oai_choice_t *ch, const Ferry__V1__GenerateResponse *r)
+{
+    ch->echoed = true;
+    if (c->req.msg.input_case == FERRY__V1__GENERATE_REQUEST__INPUT_PROMPT) {
+        if (!choice_text(ch, c->req.msg.prompt, strlen(c->req.msg.prompt)))
+            return false;
+    } else {
+        // The tokens' bytes together (a character may span tokens), then made valid UTF-8.
+        size_t len = 0;
+        for (size_t i = 0; i < r->n_prompt_logprobs; i++)
+            len += r->prompt_logprobs[i]->token.len;
+        uint8_t *raw = malloc(len + 1);
+        char *t = malloc(3 * len + 1);
+        bool ok = raw != NULL && t != NULL;
+        for (size_t i = 0, off = 0; ok && i < r->n_prompt_logprobs; i++) {
+            const ProtobufCBinaryData *b = &r->prompt_logprobs[i]->token;
+            if (b->len > 0)
+                memcpy(raw + off, b->data, b->len);
+            off += b->len;
+        }
+        ok = ok && choice_text(ch, t, oai_utf8_sanitize(raw, len, t));
+        free(raw);
+        free(t);
+        if (!ok)
+            return false;
+    }
+    if (!c->req.logprobs || r->n_prompt_logprobs == 0)
+        return true;
+    return (ch->logprobs != NULL || (ch->logprobs = oai_logprobs_new(c->req.kind)) != NULL) &&
+           oai_logprobs_add(ch->logprobs, c->req.kind, r->prompt_logprobs, r->n_prompt_logprobs,
+                            &ch->lp_offset);
+}
+
 static void on_generate_msg(ferry_call_t *call, const ProtobufCMessage *msg, void *arg)
 {
     oai_choice_t *ch = arg;
@@ -362,25 +415,18 @@ static void on_generate_msg(ferry_call_t *call, const ProtobufCMessage *msg, voi
         cJSON_Delete(lp);
         return;
     }
+    if (c->req.echo && !ch->echoed && !echo_prompt(c, ch, r)) {
+        ferry_call_cancel(call);
+        return;
+    }
     if (lps && ((ch->logprobs == NULL && (ch->logprobs = oai_logprobs_new(c->req.kind)) == NULL) ||
                 !oai_logprobs_add(ch->logprobs, c->req.kind, r->logprobs, r->n_logprobs,
                                   &ch->lp_offset))) {
         ferry_call_cancel(call);
         return;
     }
-    if (ch->text_len + n + 1 > ch->text_cap) {
-        size_t cap = FY_MAX(FY_MAX(ch->text_cap * 2, ch->text_len + n + 1), (size_t)256);
-        char *t = realloc(ch->text, cap);
-        if (t == NULL) {
-            ferry_call_cancel(call);
-            return;
-        }
-        ch->text = t;
-        ch->text_cap = cap;
-    }
-    if (n > 0)
-        memcpy(ch->text + ch->text_len, r->text, n);
-    ch->text_len += n;
+    if (!choice_text(ch, r->text, n))
+        ferry_call_cancel(call);
 }
 
 /* A choice's last stream chunk: no text, its finish reason. */

@@ -47,6 +47,10 @@ typedef struct {
 
 enum { MAX_PAIRS = 16 }; // decode workers of this node paired at once
 
+/* The logits of every position a prompt_logprobs request holds at once: n_tokens x n_vocab
+ * floats, at most this (SmolLM2: 2730 tokens; Llama-3: 1048). */
+#define PF_MAX_PROMPT_LOGITS ((size_t)512 << 20)
+
 /* This worker's end of a pair with one decode worker of its node (loop thread). */
 typedef struct {
     char addr[160]; // the decode worker's kv address
@@ -88,6 +92,11 @@ struct pf_job {
     float first_lp;
     int32_t top_ids[MDL_MAX_TOP_LOGPROBS];
     float top_lps[MDL_MAX_TOP_LOGPROBS];
+    // sampling.prompt_logprobs: tokens 1 .. n-1 given those before each, n_top alternatives
+    // each ([n_tokens - 1], [(n_tokens - 1) * n_top]), written by the compute thread.
+    bool prompt_lp;
+    float *p_lp, *p_top_lps;
+    int32_t *p_top_ids;
     uint64_t t_enqueued, t_compute_start, t_compute_end;
     uint64_t raw_bytes, wire_bytes;
     int batch_jobs;    // jobs in the batch it was computed in
@@ -254,7 +263,56 @@ static void job_free(pf_job_t *job)
     fy_metric_set(pf->m.in_flight, (double)pf->n_live);
     free(job->tokens);
     free(job->iv);
+    free(job->p_lp);
+    free(job->p_top_lps);
+    free(job->p_top_ids);
     free(job);
+}
+
+/* The response's prompt_logprobs, from the compute thread's arrays (messages malloc'd). */
+typedef struct {
+    Ferry__V1__TokenLogprob *ent, **ent_p;
+    Ferry__V1__TopLogprob *top, **top_p;
+    size_t n;
+} prompt_lp_t;
+
+static void prompt_lp_free(prompt_lp_t *p)
+{
+    free(p->ent);
+    free(p->ent_p);
+    free(p->top);
+    free(p->top_p);
+}
+
+static fy_status_t prompt_lp_build(const pf_job_t *job, prompt_lp_t *p)
+{
+    const size_t n = job->n_tokens > 1 ? (size_t)job->n_tokens - 1 : 0, k = (size_t)job->n_top;
+    if (n == 0)
+        return FY_OK;
+    p->ent = calloc(n, sizeof(*p->ent));
+    p->ent_p = calloc(n, sizeof(*p->ent_p));
+    p->top = calloc(FY_MAX(n * k, (size_t)1), sizeof(*p->top));
+    p->top_p = calloc(FY_MAX(n * k, (size_t)1), sizeof(*p->top_p));
+    if (p->ent == NULL || p->ent_p == NULL || p->top == NULL || p->top_p == NULL)
+        return FY_ERR_NO_MEMORY;
+    for (size_t i = 0; i < n; i++) {
+        Ferry__V1__TokenLogprob *e = &p->ent[i];
+        ferry__v1__token_logprob__init(e);
+        e->token_id = (uint32_t)job->tokens[i + 1];
+        e->logprob = job->p_lp[i];
+        for (size_t j = 0; j < k; j++) {
+            Ferry__V1__TopLogprob *t = &p->top[i * k + j];
+            ferry__v1__top_logprob__init(t);
+            t->token_id = (uint32_t)job->p_top_ids[i * k + j];
+            t->logprob = job->p_top_lps[i * k + j];
+            p->top_p[i * k + j] = t;
+        }
+        e->top = k ? &p->top_p[i * k] : NULL;
+        e->n_top = k;
+        p->ent_p[i] = e;
+    }
+    p->n = n;
+    return FY_OK;
 }
 
 /* Whether the job has a transfer (over UCX or a pair). */
@@ -495,6 +553,14 @@ static void job_maybe_finish(pf_job_t *job)
         lp.n_top = (size_t)job->n_top;
         resp.first_logprob = &lp;
     }
+    prompt_lp_t plp = {0};
+    if (job->prompt_lp && prompt_lp_build(job, &plp) != FY_OK) {
+        prompt_lp_free(&plp);
+        rpc_call_finish(call, RPC_CODE_RESOURCE_EXHAUSTED, "out of memory");
+        return;
+    }
+    resp.prompt_logprobs = plp.ent_p;
+    resp.n_prompt_logprobs = plp.n;
     FY_LOG_INFO(MODULE,
                 "%s: %d tokens in %.1f ms (batch of %d, %d tokens; queued %.1f ms), KV %llu -> "
                 "%llu bytes (%s), transfer %.1f ms, %.0f%% hidden, first token %d",
@@ -520,6 +586,7 @@ static void job_maybe_finish(pf_job_t *job)
                             prefill_ms);
     }
     rpc_call_send(call, &resp.base);
+    prompt_lp_free(&plp);
     rpc_call_finish(call, RPC_CODE_OK, NULL);
 }
 
@@ -806,6 +873,25 @@ static fy_status_t job_sample(prefill_t *pf, pf_job_t *job, float *logits)
     return job_check(job);
 }
 
+/* Each prompt token's log-probability given the ones before it, from all_logits [n][n_vocab]
+ * (row i predicts token i + 1), with the job's n_top alternatives. */
+static fy_status_t prompt_logprobs(prefill_t *pf, pf_job_t *job, const float *all)
+{
+    const size_t nv = (size_t)pf->cfg->n_vocab, n = (size_t)job->n_tokens - 1;
+    const size_t k = (size_t)job->n_top;
+    if (n == 0)
+        return FY_OK;
+    job->p_lp = malloc(n * sizeof(float));
+    job->p_top_lps = malloc(FY_MAX(n * k, (size_t)1) * sizeof(float));
+    job->p_top_ids = malloc(FY_MAX(n * k, (size_t)1) * sizeof(int32_t));
+    if (job->p_lp == NULL || job->p_top_lps == NULL || job->p_top_ids == NULL)
+        return FY_ERR_NO_MEMORY;
+    for (size_t i = 0; i < n; i++)
+        job->p_lp[i] = mdl_logprobs(all + i * nv, (int)nv, job->tokens[i + 1], (int)k,
+                                    job->p_top_ids + i * k, job->p_top_lps + i * k);
+    return FY_OK;
+}
+
 /* Runs jobs[n] as one batch; each job's compute_st says how it went. */
 static void run_batch(prefill_t *pf, pf_job_t **jobs, int n)
 {
@@ -854,6 +940,15 @@ static void run_batch(prefill_t *pf, pf_job_t **jobs, int n)
         pp[m].window = (int)job->policy.window;
         pp[m].device_kv = r->genc != NULL;
         logits[m] = pf->logits + (size_t)m * nv;
+        if (job->prompt_lp) { // every position's logits, in a buffer of the job's own
+            pp[m].all_logits = true;
+            if ((logits[m] = malloc((size_t)job->n_tokens * nv * sizeof(float))) == NULL) {
+                job->compute_st = FY_ERR_NO_MEMORY;
+                kvc_encoder_destroy(r->enc);
+                kvc_encoder_cuda_destroy(r->genc);
+                continue;
+            }
+        }
         m++;
     }
     if (m > 0) {
@@ -869,9 +964,18 @@ static void run_batch(prefill_t *pf, pf_job_t **jobs, int n)
             kvc_encoder_cuda_destroy(r->genc); // waits for its queued work
             for (int q = 0; q < 2; q++)        // frames of layers that never went out
                 kvc_cuda_frame_free(r->qdev[q]);
+            float *last = logits[i];
+            if (r->job->prompt_lp) {
+                last += (size_t)(r->job->n_tokens - 1) * nv;
+                if (r->st == FY_OK && st == FY_OK &&
+                    prompt_logprobs(pf, r->job, logits[i]) != FY_OK)
+                    r->st = FY_ERR_NO_MEMORY;
+            }
             r->job->compute_st = r->st != FY_OK ? r->st
                                  : st != FY_OK  ? st
-                                                : job_sample(pf, r->job, logits[i]);
+                                                : job_sample(pf, r->job, last);
+            if (r->job->prompt_lp)
+                free(logits[i]);
         }
     }
     free(runs);
@@ -1232,11 +1336,20 @@ static void on_prefill(rpc_call_t *call, const ProtobufCMessage *msg, void *arg)
         }
     }
     if (st == FY_OK && req->sampling != NULL &&
-        (req->sampling->logprobs || req->sampling->top_logprobs > 0)) {
-        job->logprobs = true;
+        (req->sampling->logprobs || req->sampling->top_logprobs > 0 ||
+         req->sampling->prompt_logprobs)) {
+        job->logprobs = req->sampling->logprobs || req->sampling->top_logprobs > 0;
+        job->prompt_lp = req->sampling->prompt_logprobs;
         job->n_top = (int)req->sampling->top_logprobs;
+        const size_t max_prompt = PF_MAX_PROMPT_LOGITS / ((size_t)c->n_vocab * sizeof(float));
         if (req->sampling->top_logprobs > MDL_MAX_TOP_LOGPROBS) {
             snprintf(err, sizeof(err), "top_logprobs: at most %d", MDL_MAX_TOP_LOGPROBS);
+            st = FY_ERR_INVALID_ARG;
+        } else if (job->prompt_lp && (size_t)job->n_tokens > max_prompt) {
+            snprintf(err, sizeof(err),
+                     "prompt_logprobs: prompts of at most %zu tokens (the logits of every "
+                     "position are held at once)",
+                     max_prompt);
             st = FY_ERR_INVALID_ARG;
         }
     }

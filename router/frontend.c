@@ -136,6 +136,11 @@ typedef struct rt_req {
     size_t lp_sent;
     rt_lp_t first_lp; // the prefill worker's, until the first token is pushed
     bool has_first_lp;
+    // sampling.prompt_logprobs: prompt[i]'s log-probability (NAN for the first, and where the
+    // prefill worker sent none) and alternatives, laid out as out_lp, out_top and out_n_top.
+    float *p_lp;
+    rt_top_t *p_top;
+    uint8_t *p_n_top;
     uint32_t *forced; // sampling.forced_token_ids (malloc'd): no stop ends the completion
     Ferry__V1__LogitBias *bias;    // sampling.logit_bias: the entries (malloc'd) ...
     Ferry__V1__LogitBias **bias_p; // ... and the pointers the message holds
@@ -329,6 +334,9 @@ static void req_free(rt_req_t *r)
     free(r->text);
     free(r->out_ids);
     free(r->out_lp);
+    free(r->p_lp);
+    free(r->p_top);
+    free(r->p_n_top);
     free(r->out_top);
     free(r->forced);
     free(r->bias);
@@ -571,19 +579,38 @@ static void token_put(const mdl_tokenizer_t *tok, uint32_t id, ProtobufCBinaryDa
     *text += b->len;
 }
 
-/* The log-probabilities of completion tokens [from, to) as messages, with each token's bytes:
- * *n_p entries in one allocation (*arena_p, the caller frees it); NULL when out of memory. */
-static Ferry__V1__TokenLogprob **lp_msgs(const rt_req_t *r, size_t from, size_t to, size_t *n_p,
-                                         void **arena_p)
+/* Tokens and their log-probabilities: ids[i], lp[i], n_top[i] alternatives at top[i * the
+ * request's top_logprobs ..]. */
+typedef struct {
+    const uint32_t *ids;
+    const float *lp;
+    const rt_top_t *top;
+    const uint8_t *n_top;
+} rt_lp_table_t;
+
+static rt_lp_table_t completion_lps(const rt_req_t *r)
+{
+    return (rt_lp_table_t){r->out_ids, r->out_lp, r->out_top, r->out_n_top};
+}
+
+static rt_lp_table_t prompt_lps(const rt_req_t *r)
+{
+    return (rt_lp_table_t){r->prompt, r->p_lp, r->p_top, r->p_n_top};
+}
+
+/* Entries [from, to) of t as messages, with each token's bytes: *n_p entries in one allocation
+ * (*arena_p, the caller frees it); NULL when out of memory. */
+static Ferry__V1__TokenLogprob **lp_msgs(const rt_req_t *r, rt_lp_table_t t, size_t from, size_t to,
+                                         size_t *n_p, void **arena_p)
 {
     const mdl_tokenizer_t *tok = r->rt->params.tok;
     const uint32_t n_top = r->sampling.top_logprobs;
     size_t n = to - from, tops = 0, bytes = 0;
     for (size_t i = from; i < to; i++) {
-        bytes += token_len(tok, r->out_ids[i]);
-        for (uint8_t k = 0; k < r->out_n_top[i]; k++)
-            bytes += token_len(tok, r->out_top[i * n_top + k].id);
-        tops += r->out_n_top[i];
+        bytes += token_len(tok, t.ids[i]);
+        for (uint8_t k = 0; k < t.n_top[i]; k++)
+            bytes += token_len(tok, t.top[i * n_top + k].id);
+        tops += t.n_top[i];
     }
     size_t size = n * (sizeof(Ferry__V1__TokenLogprob) + sizeof(void *)) +
                   tops * (sizeof(Ferry__V1__TopLogprob) + sizeof(void *)) + bytes + 1;
@@ -598,15 +625,15 @@ static Ferry__V1__TokenLogprob **lp_msgs(const rt_req_t *r, size_t from, size_t 
     for (size_t i = from; i < to; i++) {
         Ferry__V1__TokenLogprob *e = &ent[i - from];
         ferry__v1__token_logprob__init(e);
-        e->token_id = r->out_ids[i];
-        e->logprob = r->out_lp[i];
+        e->token_id = t.ids[i];
+        e->logprob = t.lp[i];
         token_put(tok, e->token_id, &e->token, &text);
         e->top = top_p;
-        e->n_top = r->out_n_top[i];
-        for (uint8_t k = 0; k < r->out_n_top[i]; k++) {
+        e->n_top = t.n_top[i];
+        for (uint8_t k = 0; k < t.n_top[i]; k++) {
             ferry__v1__top_logprob__init(top);
-            top->token_id = r->out_top[i * n_top + k].id;
-            top->logprob = r->out_top[i * n_top + k].lp;
+            top->token_id = t.top[i * n_top + k].id;
+            top->logprob = t.top[i * n_top + k].lp;
             token_put(tok, top->token_id, &top->token, &text);
             *top_p++ = top++;
         }
@@ -643,20 +670,25 @@ static void stream_out(rt_req_t *r, bool final)
             resp.token_ids = r->out_ids;
             resp.n_token_ids = r->n_out;
         }
-        void *arena = NULL;
+        void *arena = NULL, *p_arena = NULL;
         if (r->sampling.logprobs && r->n_out > 0)
-            resp.logprobs = lp_msgs(r, 0, r->n_out, &resp.n_logprobs, &arena);
+            resp.logprobs = lp_msgs(r, completion_lps(r), 0, r->n_out, &resp.n_logprobs, &arena);
+        if (r->p_lp != NULL)
+            resp.prompt_logprobs =
+                lp_msgs(r, prompt_lps(r), 0, r->n_prompt, &resp.n_prompt_logprobs, &p_arena);
         resp.finish_reason = r->finish;
         resp.stats = &stats;
         resp.request_id = r->client_id;
         rpc_call_send(r->call, &resp.base);
         free(arena);
+        free(p_arena);
         return;
     }
     bool new_ids = r->return_ids && r->ids_sent < r->n_out;
     bool new_lps = r->sampling.logprobs && r->lp_sent < r->n_out;
     if (!final && can <= r->sent && !new_ids && !new_lps && r->first_sent)
         return;
+    const bool first = !r->first_sent;
     r->first_sent = true; // the first message goes out even without text: that is TTFT
     Ferry__V1__GenerateResponse resp = FERRY__V1__GENERATE_RESPONSE__INIT;
     Ferry__V1__RequestStats stats = FERRY__V1__REQUEST_STATS__INIT;
@@ -672,9 +704,13 @@ static void stream_out(rt_req_t *r, bool final)
         resp.token_ids = r->out_ids + r->ids_sent;
         resp.n_token_ids = r->n_out - r->ids_sent;
     }
-    void *arena = NULL;
+    void *arena = NULL, *p_arena = NULL;
     if (new_lps)
-        resp.logprobs = lp_msgs(r, r->lp_sent, r->n_out, &resp.n_logprobs, &arena);
+        resp.logprobs =
+            lp_msgs(r, completion_lps(r), r->lp_sent, r->n_out, &resp.n_logprobs, &arena);
+    if (first && r->p_lp != NULL)
+        resp.prompt_logprobs =
+            lp_msgs(r, prompt_lps(r), 0, r->n_prompt, &resp.n_prompt_logprobs, &p_arena);
     resp.request_id = r->client_id;
     if (final) {
         fill_stats(r, &stats);
@@ -683,6 +719,7 @@ static void stream_out(rt_req_t *r, bool final)
     }
     rpc_call_send(r->call, &resp.base);
     free(arena);
+    free(p_arena);
     if (can > r->sent) {
         r->text[can] = saved;
         r->sent = can;
@@ -853,6 +890,37 @@ static void start_decode(rt_req_t *r, uint32_t first)
 
 /* ---- prefill ------------------------------------------------------------------------------ */
 
+/* The prompt's log-probabilities from the prefill worker's answer: entry i for prompt token
+ * i + 1, checked against the prompt (a mismatched or missing entry leaves NAN). Without memory
+ * for them the answer goes without. */
+static void take_prompt_lps(rt_req_t *r, const Ferry__V1__PrefillResponse *m)
+{
+    const size_t n = r->n_prompt, k = r->sampling.top_logprobs;
+    if (r->p_lp == NULL) {
+        r->p_lp = malloc(n * sizeof(float));
+        r->p_top = malloc(FY_MAX(n * k, (size_t)1) * sizeof(rt_top_t));
+        r->p_n_top = calloc(n, 1);
+        if (r->p_lp == NULL || r->p_top == NULL || r->p_n_top == NULL) {
+            free(r->p_lp), free(r->p_top), free(r->p_n_top);
+            r->p_lp = NULL, r->p_top = NULL, r->p_n_top = NULL;
+            return;
+        }
+    }
+    for (size_t i = 0; i < n; i++) {
+        rt_lp_t lp;
+        const Ferry__V1__TokenLogprob *in =
+            i > 0 && i - 1 < m->n_prompt_logprobs ? m->prompt_logprobs[i - 1] : NULL;
+        if (!rt_lp_from(r, in, r->prompt[i], &lp)) {
+            r->p_lp[i] = NAN;
+            r->p_n_top[i] = 0;
+            continue;
+        }
+        r->p_lp[i] = lp.lp;
+        r->p_n_top[i] = lp.n_top;
+        memcpy(r->p_top + i * k, lp.top, lp.n_top * sizeof(rt_top_t));
+    }
+}
+
 static void on_prefill_msg(rpc_ccall_t *call, const ProtobufCMessage *msg, void *arg)
 {
     rt_req_t *r = arg;
@@ -866,6 +934,8 @@ static void on_prefill_msg(rpc_ccall_t *call, const ProtobufCMessage *msg, void 
     r->first_token = m->first_token_id;
     r->has_first_lp =
         r->sampling.logprobs && rt_lp_from(r, m->first_logprob, m->first_token_id, &r->first_lp);
+    if (r->sampling.prompt_logprobs)
+        take_prompt_lps(r, m);
     r->got_prefill = true;
 }
 
@@ -1280,6 +1350,7 @@ static fy_status_t build_sampling(rt_t *rt, const Ferry__V1__GenerateRequest *g,
         s->ignore_eos = in->ignore_eos;
         s->logprobs = in->logprobs || in->top_logprobs > 0;
         s->top_logprobs = in->top_logprobs;
+        s->prompt_logprobs = in->prompt_logprobs; // the prefill worker checks the length
         if (in->top_logprobs > MDL_MAX_TOP_LOGPROBS) {
             snprintf(err, err_len, "top_logprobs: at most %d", MDL_MAX_TOP_LOGPROBS);
             return FY_ERR_INVALID_ARG;

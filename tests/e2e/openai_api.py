@@ -140,6 +140,30 @@ def main():
               first.choices[0].text == want[:len(first.choices[0].text)]
               and banned.choices[0].text != first.choices[0].text,
               (tid, first.choices[0].text, banned.choices[0].text))
+        # echo: the prompt first, with its tokens' log-probabilities (lm-eval's loglikelihood
+        # requests: token ids, echo, logprobs, one token); a string prompt echoes as sent.
+        p = subprocess.run([os.path.join(build, "client/ferry"), "generate", router, "--token",
+                            "e2e-key", "--temperature", "0", "--policy", "fp16", "--ids",
+                            "--max-tokens", "8", "The capital of France is"],
+                           capture_output=True, text=True, timeout=300)
+        ids = [int(x) for x in p.stderr.split("ids:")[1].splitlines()[0].split()]
+        ids_text = p.stdout[:-1] if p.stdout.endswith("\n") else p.stdout
+        r = client.completions.create(model="smollm2", prompt=ids, max_tokens=1, temperature=0,
+                                      logprobs=1, echo=True)
+        lp = r.choices[0].logprobs
+        check("echo of token ids with logprobs",
+              len(lp.tokens) == len(ids) + 1 and lp.token_logprobs[0] is None
+              and lp.top_logprobs[0] is None
+              and all(x is not None and x <= 0 for x in lp.token_logprobs[1:])
+              and r.choices[0].text.startswith(ids_text) and lp.text_offset[0] == 0
+              and "".join(lp.tokens[:len(ids)]) == ids_text,
+              (ids, r.choices[0].text, lp.token_logprobs))
+        r = client.completions.create(model="smollm2", prompt="The capital of France is",
+                                      max_tokens=4, temperature=0, echo=True)
+        t = r.choices[0].text
+        check("echo of a string prompt",
+              t.startswith("The capital of France is")
+              and want.startswith(t[len("The capital of France is"):]), repr(t))
         # A stop string ends the text before it.
         r = client.completions.create(model="smollm2", prompt="The capital of France is",
                                       max_tokens=12, temperature=0, stop=["Paris"])

@@ -247,6 +247,9 @@ typedef struct {
     uint32_t lp_ids[1024]; // the stream's log-probability entries: token and log-probability
     float lps[1024];
     size_t n_lps;
+    float prompt_lps[1024]; // the stream's prompt_logprobs, and in which message they came
+    size_t n_prompt_lps;
+    unsigned prompt_lps_msg;
 } gen_t;
 
 static int on_chunk(void *arg, const Ferry__V1__GenerateResponse *m)
@@ -259,6 +262,10 @@ static int on_chunk(void *arg, const Ferry__V1__GenerateResponse *m)
         g->lp_ids[g->n_lps] = m->logprobs[i]->token_id;
         g->lps[g->n_lps++] = m->logprobs[i]->logprob;
     }
+    if (m->n_prompt_logprobs > 0)
+        g->prompt_lps_msg = g->n_msgs;
+    for (size_t i = 0; i < m->n_prompt_logprobs && g->n_prompt_lps < 1024; i++)
+        g->prompt_lps[g->n_prompt_lps++] = m->prompt_logprobs[i]->logprob;
     size_t l = strlen(m->text);
     if (g->text_len + l < sizeof(g->text)) {
         memcpy(g->text + g->text_len, m->text, l + 1);
@@ -286,6 +293,7 @@ typedef struct {
     uint32_t max_tokens;
     const char *stop;
     uint32_t logprobs; // > 0: logprobs with that many alternatives
+    bool prompt_logprobs;
 } gen_req_t;
 
 static int generate(ferry_client_t *client, const gen_req_t *q, gen_t *g, ferry_error_t *err)
@@ -318,6 +326,7 @@ static int generate(ferry_client_t *client, const gen_req_t *q, gen_t *g, ferry_
     s.max_tokens = q->max_tokens;
     s.logprobs = q->logprobs > 0;
     s.top_logprobs = q->logprobs;
+    s.prompt_logprobs = q->prompt_logprobs;
     if (q->stop != NULL) {
         s.stop = stops;
         s.n_stop = 1;
@@ -627,6 +636,91 @@ static void test_logprobs(void **state)
     ferry_message_free(c);
     s.top_logprobs = 21;
     assert_int_equal(ferry_complete(G.client, &req, &c, &err), RPC_CODE_INVALID_ARGUMENT);
+}
+
+/* Prompt log-probabilities: every prompt token, the first without one, each token i the local
+ * model's log-probability of it after tokens 0 .. i-1 (every position's logits), with its
+ * alternatives in order and the token's bytes; a stream carries them in its first message;
+ * they score the prompt as teacher forcing scores the same tokens as a completion. */
+static void test_prompt_logprobs(void **state)
+{
+    (void)state;
+    Ferry__V1__GenerateRequest req;
+    Ferry__V1__SamplingParams s;
+    Ferry__V1__CodecParams codec;
+    france_request(&req, &s, &codec);
+    req.prompt = "The capital of France is Paris, and the capital of Italy is";
+    s.prompt_logprobs = true;
+    s.top_logprobs = 2;
+    s.max_tokens = 2;
+    ferry_error_t err;
+    Ferry__V1__CompleteResponse *c = NULL;
+    assert_int_equal(ferry_complete(G.client, &req, &c, &err), 0);
+    size_t n;
+    int32_t *ids = tokenize_local(req.prompt, false, &n);
+    assert_int_equal(c->n_prompt_logprobs, n);
+    // The reference: every position's logits from the local model.
+    float *all = malloc(n * (size_t)G.cfg->n_vocab * sizeof(float));
+    mdl_prefill_params_t pp;
+    mdl_prefill_params_default(&pp);
+    pp.all_logits = true;
+    assert_int_equal(mdl_prefill(G.ctx, ids, (int)n, &pp, all), FY_OK);
+    const mdl_tokenizer_t *tok = mdl_model_tokenizer(G.model);
+    double sum = 0;
+    for (size_t i = 0; i < n; i++) {
+        const Ferry__V1__TokenLogprob *e = c->prompt_logprobs[i];
+        assert_int_equal(e->token_id, (uint32_t)ids[i]);
+        char piece[256];
+        int l = mdl_tokenizer_token_bytes(tok, ids[i], piece, sizeof(piece));
+        assert_int_equal(e->token.len, (size_t)l);
+        assert_memory_equal(e->token.data, piece, (size_t)l);
+        if (i == 0) {
+            assert_true(isnan(e->logprob));
+            assert_int_equal(e->n_top, 0);
+            continue;
+        }
+        float want = mdl_logprobs(all + (i - 1) * (size_t)G.cfg->n_vocab, G.cfg->n_vocab, ids[i], 0,
+                                  NULL, NULL);
+        assert_float_equal(e->logprob, want, 1e-3);
+        assert_int_equal(e->n_top, 2);
+        assert_true(e->top[0]->logprob >= e->top[1]->logprob);
+        assert_true(e->top[0]->logprob >= e->logprob - 1e-6f);
+        sum += e->logprob;
+    }
+    fprintf(stderr, "prompt of %zu tokens: log-probability %.3f\n", n, sum);
+    assert_true(sum < 0);
+    ferry_message_free(c);
+
+    // A stream: the same numbers, all in the first message.
+    gen_t *g = calloc(1, sizeof(*g));
+    gen_req_t q = {
+        .prompt = req.prompt, .policy = "fp16", .max_tokens = 4, .prompt_logprobs = true};
+    assert_int_equal(generate(G.client, &q, g, &err), 0);
+    assert_int_equal(g->n_prompt_lps, n);
+    assert_int_equal(g->prompt_lps_msg, 1);
+    for (size_t i = 1; i < n; i++)
+        assert_float_equal(g->prompt_lps[i],
+                           mdl_logprobs(all + (i - 1) * (size_t)G.cfg->n_vocab, G.cfg->n_vocab,
+                                        ids[i], 0, NULL, NULL),
+                           1e-3);
+    assert_int_equal(g->n_lps, 0); // no completion log-probabilities asked for
+    free(g);
+    free(all);
+    free(ids);
+
+    // Longer than the logits the prefill worker holds at once (512 MiB): refused, saying so.
+    const size_t n_long = ((size_t)512 << 20) / ((size_t)G.cfg->n_vocab * sizeof(float)) + 1;
+    Ferry__V1__TokenIds tids = FERRY__V1__TOKEN_IDS__INIT;
+    tids.ids = calloc(n_long, sizeof(uint32_t));
+    tids.n_ids = n_long;
+    for (size_t i = 0; i < n_long; i++)
+        tids.ids[i] = 100 + (uint32_t)(i % 1000);
+    req.input_case = FERRY__V1__GENERATE_REQUEST__INPUT_PROMPT_TOKEN_IDS;
+    req.prompt_token_ids = &tids;
+    assert_int_equal(ferry_complete(G.client, &req, &c, &err), RPC_CODE_INVALID_ARGUMENT);
+    fprintf(stderr, "%zu tokens: %s\n", n_long, err.message);
+    assert_non_null(strstr(err.message, "prompt_logprobs"));
+    free(tids.ids);
 }
 
 /* Teacher forcing: the completion is the forced tokens, an EOS among them included, each with
@@ -1127,6 +1221,7 @@ int main(void)
         cmocka_unit_test(test_logprobs),
         cmocka_unit_test(test_forced_tokens),
         cmocka_unit_test(test_bias_and_penalties),
+        cmocka_unit_test(test_prompt_logprobs),
         cmocka_unit_test(test_concurrent_streams),
         cmocka_unit_test(test_cancel_and_deadline),
         cmocka_unit_test(test_router_metrics),

@@ -289,7 +289,10 @@ static void test_refusals(void **state)
          "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"logprobs\":true,"
          "\"top_logprobs\":21}",
          "top_logprobs"},
-        {OAI_COMPLETION, "{\"prompt\":\"a\",\"echo\":true}", "echo"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"echo\":true,\"stream\":true}", "with a stream"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"echo\":1}", "true or false"},
+        {OAI_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"echo\":true}",
+         "for completions"},
         {OAI_COMPLETION, "{\"prompt\":\"a\",\"suffix\":\"z\"}", "suffix"},
         {OAI_COMPLETION, "{\"prompt\":\"a\",\"frequency_penalty\":2.5}", "frequency_penalty"},
         {OAI_COMPLETION, "{\"prompt\":\"a\",\"presence_penalty\":\"1\"}", "presence_penalty"},
@@ -324,6 +327,26 @@ static void test_refusals(void **state)
         int st = parse(&r, k_cases[i].kind, k_cases[i].body, err);
         if (st != 400 || strstr(err, k_cases[i].says) == NULL)
             fail_msg("case %zu (%s): status %d, \"%s\"", i, k_cases[i].body, st, err);
+        oai_request_clear(&r);
+    }
+    // echo asks for the prompt's log-probabilities when they are wanted (logprobs) or its text
+    // is not at hand (token ids).
+    static const struct {
+        const char *body;
+        bool echo, prompt_lps;
+    } k_echo[] = {
+        {"{\"prompt\":\"a\",\"echo\":true}", true, false},
+        {"{\"prompt\":\"a\",\"echo\":true,\"logprobs\":1}", true, true},
+        {"{\"prompt\":[1,2,3],\"echo\":true}", true, true},
+        {"{\"prompt\":[1,2,3],\"echo\":false,\"logprobs\":1}", false, false},
+        {"{\"prompt\":\"a\",\"echo\":null}", false, false},
+    };
+    for (size_t i = 0; i < FY_ARRAY_SIZE(k_echo); i++) {
+        oai_request_t r;
+        char err[256] = "";
+        assert_int_equal(parse(&r, OAI_COMPLETION, k_echo[i].body, err), 0);
+        assert_int_equal(r.echo, k_echo[i].echo);
+        assert_int_equal(r.msg.sampling->prompt_logprobs, k_echo[i].prompt_lps);
         oai_request_clear(&r);
     }
     // logit_bias: null and {} are no biases; 300 tokens are taken, 301 refused.
