@@ -50,6 +50,8 @@ static void usage(FILE *out)
             "  --top-k K             0 = off (default 40)\n"
             "  --top-p P             1 = off (default 0.95)\n"
             "  --repeat-penalty R    1 = off (default 1.0)\n"
+            "  --presence-penalty P  each generated token's logit lowered by P once (-2..2)\n"
+            "  --frequency-penalty F ... and by F per occurrence (-2..2; default 0: off)\n"
             "  --seed S              sampling seed (default 0x5eed)\n"
             "  --threads N           worker threads (default: all CPUs; --local)\n"
             "  --device cpu|cuda     where the model runs (default cpu; --local)\n"
@@ -217,6 +219,8 @@ static int generate_remote(const remote_opts_t *o, const mdl_sampler_params_t *s
     s.top_k = (uint32_t)sp->top_k;
     s.top_p = sp->top_p;
     s.repetition_penalty = sp->repetition_penalty;
+    s.presence_penalty = sp->presence_penalty;
+    s.frequency_penalty = sp->frequency_penalty;
     s.seed = sp->seed;
     s.max_tokens = (uint32_t)sp->max_tokens;
     s.stop = (char **)o->stops;
@@ -399,6 +403,10 @@ int cli_generate_main(int argc, char **argv)
             sp.top_p = (float)x;
         } else if (NUM("--repeat-penalty", 1e-3, 100)) {
             sp.repetition_penalty = (float)x;
+        } else if (NUM("--presence-penalty", -2, 2)) {
+            sp.presence_penalty = (float)x;
+        } else if (NUM("--frequency-penalty", -2, 2)) {
+            sp.frequency_penalty = (float)x;
         } else if (NUM("--seed", 0, 1.8e19)) {
             sp.seed = (uint64_t)x;
         } else if (NUM("--threads", 0, 1024)) {
@@ -565,7 +573,7 @@ int cli_generate_main(int argc, char **argv)
     int n_gen = 0;
     for (;;) {
         int32_t next = mdl_sampler_sample(smp, logits);
-        mdl_sampler_accept(smp, next);
+        mdl_sampler_accept_output(smp, next);
         n_gen++;
         bool stop = mdl_sampler_done(smp, next);
         bool is_stop = false;
