@@ -535,9 +535,9 @@ int cli_generate_main(int argc, char **argv)
     }
     if (mdl_tokenizer_eos(tok) >= 0 && sp.n_stop < MDL_MAX_STOP)
         sp.stop[sp.n_stop++] = mdl_tokenizer_eos(tok);
-    int32_t im_end = mdl_tokenizer_find(tok, "<|im_end|>");
-    if (im_end >= 0 && im_end != mdl_tokenizer_eos(tok) && sp.n_stop < MDL_MAX_STOP)
-        sp.stop[sp.n_stop++] = im_end;
+    int32_t turn_end = mdl_chat_end_token(tok); // <|im_end|>, <|eot_id|>, ...
+    if (turn_end >= 0 && sp.n_stop < MDL_MAX_STOP)
+        sp.stop[sp.n_stop++] = turn_end;
 
     mdl_ctx_params_t cp;
     mdl_ctx_params_default(&cp);

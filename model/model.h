@@ -241,13 +241,36 @@ typedef struct {
     const char *content;
 } mdl_chat_msg_t;
 
-/* Renders messages with the model's ChatML-style template (<|im_start|>role\ncontent
- * <|im_end|>\n), adding the template's default system prompt when the first message is not a
- * system message, and "<|im_start|>assistant\n" when add_assistant. Returns a malloc'd string
- * (caller frees) or NULL with FY_ERR_UNSUPPORTED when the model has no ChatML template.
- * Thread: any. */
+/* The chat formats mdl_chat_render writes, told apart by the GGUF's tokenizer.chat_template
+ * (a Jinja template Ferry does not run: each family's markers pick the format). */
+typedef enum {
+    MDL_CHAT_NONE = 0, /* no template, or one of none of these families */
+    MDL_CHAT_CHATML,   /* <|im_start|>role\ncontent<|im_end|>\n (SmolLM2, Qwen) */
+    MDL_CHAT_LLAMA3,   /* <|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|> */
+    MDL_CHAT_MISTRAL,  /* [INST] user [/INST]assistant</s> (Mistral, Mixtral; a system message
+                          goes before the first user message's text) */
+    MDL_CHAT_LLAMA2,   /* [INST] <<SYS>>\nsystem\n<</SYS>>\n\nuser [/INST] assistant </s><s> */
+    MDL_CHAT_GEMMA,    /* <start_of_turn>user\ncontent<end_of_turn>\n, assistant as "model" */
+    MDL_CHAT_PHI3,     /* <|user|>\ncontent<|end|>\n */
+} mdl_chat_kind_t;
+
+mdl_chat_kind_t mdl_chat_kind(const mdl_tokenizer_t *tok);
+const char *mdl_chat_kind_name(mdl_chat_kind_t kind);
+
+/* Renders messages in the model's chat format (mdl_chat_kind): ChatML adds the template's
+ * default system prompt when it writes one literally and the first message is not a system
+ * message; formats without a system turn (Mistral, Gemma) put a system message's text before
+ * the first user message's; the model's BOS is not written (the tokenizer adds it). With
+ * add_assistant, the opening of the assistant's turn follows. Returns a malloc'd string
+ * (caller frees), FY_ERR_UNSUPPORTED when the model has no template of these families,
+ * FY_ERR_INVALID_ARG for a message without role or content. Thread: any. */
 fy_status_t mdl_chat_render(const mdl_tokenizer_t *tok, const mdl_chat_msg_t *msgs, size_t n,
                             bool add_assistant, char **text_p);
+
+/* The token that ends an assistant's turn in the model's chat format, when it is not EOS:
+ * <|im_end|>, <|eot_id|>, <end_of_turn>, <|end|>; -1 when there is none (Mistral's turns end
+ * with EOS) or the vocabulary lacks it. Generation stops there. Thread: any. */
+int32_t mdl_chat_end_token(const mdl_tokenizer_t *tok);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Model (llama.c)                                                                              */

@@ -10,6 +10,7 @@
  * Decoding turns tokens back into bytes; the streaming detokenizer holds back an incomplete
  * UTF-8 character until its last byte arrives.
  */
+#include <ctype.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1092,42 +1093,161 @@ int mdl_detok_flush(mdl_detok_t *d, char *out, size_t cap)
 /* Chat template                                                                                */
 /* ------------------------------------------------------------------------------------------ */
 
+mdl_chat_kind_t mdl_chat_kind(const mdl_tokenizer_t *t)
+{
+    const char *tmpl = t->chat_template;
+    if (tmpl == NULL)
+        return MDL_CHAT_NONE;
+    if (strstr(tmpl, "<|im_start|>") != NULL)
+        return MDL_CHAT_CHATML;
+    if (strstr(tmpl, "<|start_header_id|>") != NULL)
+        return MDL_CHAT_LLAMA3;
+    if (strstr(tmpl, "<start_of_turn>") != NULL)
+        return MDL_CHAT_GEMMA;
+    if (strstr(tmpl, "<|user|>") != NULL && strstr(tmpl, "<|end|>") != NULL)
+        return MDL_CHAT_PHI3;
+    if (strstr(tmpl, "[INST]") != NULL)
+        return strstr(tmpl, "<<SYS>>") != NULL ? MDL_CHAT_LLAMA2 : MDL_CHAT_MISTRAL;
+    return MDL_CHAT_NONE;
+}
+
+const char *mdl_chat_kind_name(mdl_chat_kind_t kind)
+{
+    static const char *const k_names[] = {"none",   "chatml", "llama3", "mistral",
+                                          "llama2", "gemma",  "phi3"};
+    return (unsigned)kind < sizeof(k_names) / sizeof(k_names[0]) ? k_names[kind] : "none";
+}
+
+int32_t mdl_chat_end_token(const mdl_tokenizer_t *t)
+{
+    static const char *const k_end[] = {
+        [MDL_CHAT_CHATML] = "<|im_end|>",
+        [MDL_CHAT_LLAMA3] = "<|eot_id|>",
+        [MDL_CHAT_GEMMA] = "<end_of_turn>",
+        [MDL_CHAT_PHI3] = "<|end|>",
+    };
+    mdl_chat_kind_t k = mdl_chat_kind(t);
+    if ((unsigned)k >= sizeof(k_end) / sizeof(k_end[0]) || k_end[k] == NULL)
+        return -1;
+    int32_t id = mdl_tokenizer_find(t, k_end[k]);
+    return id == mdl_tokenizer_eos(t) ? -1 : id;
+}
+
+/* ChatML's default system prompt, when the template writes one literally (no Jinja inside):
+ * *len_p bytes at the returned pointer, or NULL. */
+static const char *chatml_default_system(const char *tmpl, size_t *len_p)
+{
+    const char *sys = strstr(tmpl, "<|im_start|>system\n");
+    if (sys == NULL)
+        return NULL;
+    const char *def = sys + strlen("<|im_start|>system\n");
+    const char *end = strstr(def, "<|im_end|>");
+    if (end == NULL || memchr(def, '{', (size_t)(end - def)) != NULL ||
+        memchr(def, '\'', (size_t)(end - def)) != NULL)
+        return NULL;
+    *len_p = (size_t)(end - def);
+    return def;
+}
+
+/* Text without leading and trailing white space (Llama-3's template trims each message). */
+static size_t trimmed(const char *s, const char **start_p)
+{
+    size_t n = strlen(s);
+    while (n > 0 && isspace((unsigned char)*s))
+        s++, n--;
+    while (n > 0 && isspace((unsigned char)s[n - 1]))
+        n--;
+    *start_p = s;
+    return n;
+}
+
 fy_status_t mdl_chat_render(const mdl_tokenizer_t *t, const mdl_chat_msg_t *msgs, size_t n,
                             bool add_assistant, char **text_p)
 {
-    const char *tmpl = t->chat_template;
-    if (tmpl == NULL || strstr(tmpl, "<|im_start|>") == NULL)
+    const mdl_chat_kind_t kind = mdl_chat_kind(t);
+    if (kind == MDL_CHAT_NONE)
         return FY_ERR_UNSUPPORTED;
-    // The template's default system prompt, when it writes one literally.
-    const char *def = NULL;
     size_t def_len = 0;
-    const char *sys = strstr(tmpl, "<|im_start|>system\n");
-    if (sys != NULL) {
-        def = sys + strlen("<|im_start|>system\n");
-        const char *end = strstr(def, "<|im_end|>");
-        if (end != NULL && memchr(def, '{', (size_t)(end - def)) == NULL &&
-            memchr(def, '\'', (size_t)(end - def)) == NULL)
-            def_len = (size_t)(end - def);
-        else
-            def = NULL;
-    }
-    size_t total = 64 + def_len;
+    const char *def =
+        kind == MDL_CHAT_CHATML ? chatml_default_system(t->chat_template, &def_len) : NULL;
+    size_t total = 96 + def_len;
     for (size_t i = 0; i < n; i++) {
         if (msgs[i].role == NULL || msgs[i].content == NULL)
             return FY_ERR_INVALID_ARG;
-        total += strlen(msgs[i].role) + strlen(msgs[i].content) + 32;
+        total += strlen(msgs[i].role) + strlen(msgs[i].content) + 64;
     }
     char *s = malloc(total);
     if (s == NULL)
         return FY_ERR_NO_MEMORY;
     size_t w = 0;
+    // Formats without a system turn: its text opens the first user message.
+    const char *sys = NULL;
+    size_t first = 0;
+    const bool no_system_turn =
+        kind == MDL_CHAT_MISTRAL || kind == MDL_CHAT_GEMMA || kind == MDL_CHAT_LLAMA2;
+    if (no_system_turn && n > 0 && strcmp(msgs[0].role, "system") == 0) {
+        sys = msgs[0].content;
+        first = 1;
+    }
     if (def != NULL && (n == 0 || strcmp(msgs[0].role, "system") != 0))
         w += (size_t)sprintf(s + w, "<|im_start|>system\n%.*s<|im_end|>\n", (int)def_len, def);
-    for (size_t i = 0; i < n; i++)
-        w += (size_t)sprintf(s + w, "<|im_start|>%s\n%s<|im_end|>\n", msgs[i].role,
-                             msgs[i].content);
-    if (add_assistant)
-        w += (size_t)sprintf(s + w, "<|im_start|>assistant\n");
+    bool sys_done = sys == NULL;
+    for (size_t i = first; i < n; i++) {
+        const char *role = msgs[i].role, *c = msgs[i].content;
+        const bool user = strcmp(role, "user") == 0, assistant = strcmp(role, "assistant") == 0;
+        const char *tc;
+        size_t tn;
+        switch (kind) {
+        case MDL_CHAT_CHATML:
+            w += (size_t)sprintf(s + w, "<|im_start|>%s\n%s<|im_end|>\n", role, c);
+            break;
+        case MDL_CHAT_LLAMA3:
+            tn = trimmed(c, &tc);
+            w += (size_t)sprintf(s + w, "<|start_header_id|>%s<|end_header_id|>\n\n%.*s<|eot_id|>",
+                                 role, (int)tn, tc);
+            break;
+        case MDL_CHAT_GEMMA: // trimmed, as Gemma's template does
+            w += (size_t)sprintf(s + w, "<start_of_turn>%s\n", assistant ? "model" : role);
+            if (!sys_done && user) {
+                tn = trimmed(sys, &tc);
+                w += (size_t)sprintf(s + w, "%.*s\n\n", (int)tn, tc);
+                sys_done = true;
+            }
+            tn = trimmed(c, &tc);
+            w += (size_t)sprintf(s + w, "%.*s<end_of_turn>\n", (int)tn, tc);
+            break;
+        case MDL_CHAT_PHI3:
+            w += (size_t)sprintf(s + w, "<|%s|>\n%s<|end|>\n", role, c);
+            break;
+        case MDL_CHAT_LLAMA2:
+        case MDL_CHAT_MISTRAL:
+            if (assistant) {
+                w += (size_t)sprintf(s + w, kind == MDL_CHAT_LLAMA2 ? " %s </s>" : "%s</s>", c);
+                break;
+            }
+            w += (size_t)sprintf(s + w, "[INST] ");
+            if (!sys_done) {
+                w += (size_t)sprintf(
+                    s + w, kind == MDL_CHAT_LLAMA2 ? "<<SYS>>\n%s\n<</SYS>>\n\n" : "%s\n\n", sys);
+                sys_done = true;
+            }
+            w += (size_t)sprintf(s + w, "%s [/INST]", c);
+            break;
+        default:
+            break;
+        }
+    }
+    if (add_assistant) {
+        static const char *const k_open[] = {
+            [MDL_CHAT_CHATML] = "<|im_start|>assistant\n",
+            [MDL_CHAT_LLAMA3] = "<|start_header_id|>assistant<|end_header_id|>\n\n",
+            [MDL_CHAT_GEMMA] = "<start_of_turn>model\n",
+            [MDL_CHAT_PHI3] = "<|assistant|>\n",
+            [MDL_CHAT_MISTRAL] = "",
+            [MDL_CHAT_LLAMA2] = "",
+        };
+        w += (size_t)sprintf(s + w, "%s", k_open[kind]);
+    }
     s[w] = '\0';
     *text_p = s;
     return FY_OK;

@@ -41,7 +41,7 @@ struct rt {
     uint64_t seq;
     uint32_t instance;
     bool draining;
-    int32_t stop_eos, stop_im_end;
+    int32_t stop_eos, stop_turn;
     struct {
         fy_metric_t *ok, *err, *cancelled, *ttft, *tpot, *raw, *wire, *ratio, *transfer,
             *tokens, *retries, *in_flight, *hidden;
@@ -253,7 +253,8 @@ fy_status_t rt_create(uv_loop_t *loop, const rt_params_t *params, rt_t **rt_p)
                             dim / FY_MAX(rt->n_heads, 1));
     rt->n_ctx = meta_int(params->gguf, rt->arch, "context_length", 2048);
     rt->stop_eos = mdl_tokenizer_eos(params->tok);
-    rt->stop_im_end = mdl_tokenizer_find(params->tok, "<|im_end|>");
+    rt->stop_turn = mdl_chat_end_token(params->tok); // <|im_end|>, <|eot_id|>, ...
+    FY_LOG_INFO(MODULE, "chat format: %s", mdl_chat_kind_name(mdl_chat_kind(params->tok)));
     rt->instance = (uint32_t)(fy_clock_realtime_ns() / 1000u) ^ (uint32_t)getpid();
     register_metrics(rt);
     *rt_p = rt;
@@ -1242,7 +1243,9 @@ static fy_status_t build_prompt(rt_t *rt, const Ferry__V1__GenerateRequest *g, r
         fy_status_t st = mdl_chat_render(tok, msgs, c->n_messages, true, &text);
         free(msgs);
         if (st != FY_OK) {
-            snprintf(err, err_len, "this model has no chat template");
+            snprintf(err, err_len,
+                     "this model has no chat template of a known family "
+                     "(ChatML, Llama-3, Mistral, Llama-2, Gemma, Phi-3)");
             return FY_ERR_INVALID_ARG;
         }
         special = true;
@@ -1410,8 +1413,8 @@ static fy_status_t build_sampling(rt_t *rt, const Ferry__V1__GenerateRequest *g,
     if (!s->ignore_eos) {
         if (rt->stop_eos >= 0)
             r->stop_ids[s->n_stop_token_ids++] = (uint32_t)rt->stop_eos;
-        if (rt->stop_im_end >= 0 && rt->stop_im_end != rt->stop_eos)
-            r->stop_ids[s->n_stop_token_ids++] = (uint32_t)rt->stop_im_end;
+        if (rt->stop_turn >= 0 && rt->stop_turn != rt->stop_eos)
+            r->stop_ids[s->n_stop_token_ids++] = (uint32_t)rt->stop_turn;
     }
     s->stop_token_ids = r->stop_ids;
     uint32_t max = s->max_tokens ? s->max_tokens : rt->params.default_max_tokens;

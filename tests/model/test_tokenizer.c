@@ -147,6 +147,121 @@ static void test_spm(void **state)
     mdl_tokenizer_destroy(t);
 }
 
+/* An SPM vocabulary (<unk> <s> </s>, the chat families' turn tokens, bytes) with a chat
+ * template. */
+static mdl_tokenizer_t *chat_tok(const char *tmpl)
+{
+    static const char *const specials[] = {
+        "<unk>",      "<s>",           "</s>",    "<|im_end|>",
+        "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|start_header_id|>"};
+    enum { NS = sizeof(specials) / sizeof(specials[0]), NV = NS + 256 };
+    const char *toks[NV];
+    char bytes[256][8];
+    int32_t types[NV];
+    float scores[NV] = {0};
+    for (int i = 0; i < NS; i++) {
+        toks[i] = specials[i];
+        types[i] = i == 0 ? 2 : 3;
+    }
+    for (int b = 0; b < 256; b++) {
+        snprintf(bytes[b], sizeof(bytes[b]), "<0x%02X>", b);
+        toks[NS + b] = bytes[b];
+        types[NS + b] = 6;
+    }
+    mdlt_gguf_t *w = mdlt_gguf_new();
+    mdlt_gguf_str(w, "tokenizer.ggml.model", "llama");
+    mdlt_gguf_arr_str(w, "tokenizer.ggml.tokens", toks, NV);
+    mdlt_gguf_arr_f32(w, "tokenizer.ggml.scores", scores, NV);
+    mdlt_gguf_arr_i32(w, "tokenizer.ggml.token_type", types, NV);
+    mdlt_gguf_u32(w, "tokenizer.ggml.bos_token_id", 1);
+    mdlt_gguf_u32(w, "tokenizer.ggml.eos_token_id", 2);
+    mdlt_gguf_u32(w, "tokenizer.ggml.unknown_token_id", 0);
+    if (tmpl != NULL)
+        mdlt_gguf_str(w, "tokenizer.chat_template", tmpl);
+    mdl_tokenizer_t *t = tok_from(w);
+    mdlt_gguf_free(w);
+    assert_non_null(t);
+    return t;
+}
+
+/* Each chat family by its template's markers (abridged templates of the real models): the
+ * conversation as that model's own Jinja template renders it (without the BOS the tokenizer
+ * adds), and the token that ends the assistant's turn. */
+static void test_chat_formats(void **state)
+{
+    const mdl_chat_msg_t conv[] = {{"system", "Be brief."},
+                                   {"user", "Hi"},
+                                   {"assistant", "Hello."},
+                                   {"user", " What is 2+2? "}};
+    static const struct {
+        const char *tmpl;
+        mdl_chat_kind_t kind;
+        const char *want;
+        int32_t end; // the turn token's id, -1: EOS ends the turn
+    } k_cases[] = {
+        {"{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
+         "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}",
+         MDL_CHAT_CHATML,
+         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+         "<|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\n What is 2+2? <|im_end|>\n"
+         "<|im_start|>assistant\n",
+         3},
+        {"{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] "
+         "+ '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}",
+         MDL_CHAT_LLAMA3,
+         "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+         "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+         "<|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>"
+         "<|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"
+         "<|start_header_id|>assistant<|end_header_id|>\n\n",
+         4},
+        {"{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+         "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% else %}{{ message['content'] + "
+         "eos_token }}{% endif %}{% endfor %}",
+         MDL_CHAT_MISTRAL, "[INST] Be brief.\n\nHi [/INST]Hello.</s>[INST]  What is 2+2?  [/INST]",
+         -1},
+        {"{% if messages[0]['role'] == 'system' %}<<SYS>>{% endif %}[INST]", MDL_CHAT_LLAMA2,
+         "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello. </s>[INST]  What is 2+2?  "
+         "[/INST]",
+         -1},
+        {"{{ bos_token }}{% for message in messages %}{{ '<start_of_turn>' + role + '\\n' + "
+         "message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}",
+         MDL_CHAT_GEMMA,
+         "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello."
+         "<end_of_turn>\n<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n"
+         "<start_of_turn>model\n",
+         5},
+        {"{% for message in messages %}{% if message['role'] == 'user' %}{{'<|user|>\\n' + "
+         "message['content'] + '<|end|>\\n'}}{% endif %}{% endfor %}",
+         MDL_CHAT_PHI3,
+         "<|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\nHello.<|end|>\n"
+         "<|user|>\n What is 2+2? <|end|>\n<|assistant|>\n",
+         6},
+    };
+    for (size_t i = 0; i < sizeof(k_cases) / sizeof(k_cases[0]); i++) {
+        mdl_tokenizer_t *t = chat_tok(k_cases[i].tmpl);
+        assert_int_equal(mdl_chat_kind(t), k_cases[i].kind);
+        char *s = NULL;
+        assert_int_equal(mdl_chat_render(t, conv, 4, true, &s), FY_OK);
+        if (strcmp(s, k_cases[i].want) != 0)
+            fail_msg("%s: rendered\n%s\nwant\n%s", mdl_chat_kind_name(k_cases[i].kind), s,
+                     k_cases[i].want);
+        free(s);
+        assert_int_equal(mdl_chat_end_token(t), k_cases[i].end);
+        mdl_tokenizer_destroy(t);
+    }
+    // No template, or one of another family: unsupported, no turn token.
+    static const char *const k_none[] = {NULL, "{{ messages | tojson }}"};
+    for (size_t i = 0; i < 2; i++) {
+        mdl_tokenizer_t *t = chat_tok(k_none[i]);
+        char *s = NULL;
+        assert_int_equal(mdl_chat_kind(t), MDL_CHAT_NONE);
+        assert_int_equal(mdl_chat_render(t, conv, 4, true, &s), FY_ERR_UNSUPPORTED);
+        assert_int_equal(mdl_chat_end_token(t), -1);
+        mdl_tokenizer_destroy(t);
+    }
+}
+
 static void test_bad_metadata(void **state)
 {
     mdlt_gguf_t *w = mdlt_gguf_new();
@@ -214,9 +329,8 @@ static void test_utf8(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_tiny_bpe),
-        cmocka_unit_test(test_spm),
-        cmocka_unit_test(test_bad_metadata),
+        cmocka_unit_test(test_tiny_bpe),     cmocka_unit_test(test_spm),
+        cmocka_unit_test(test_chat_formats), cmocka_unit_test(test_bad_metadata),
         cmocka_unit_test(test_utf8),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
