@@ -80,44 +80,77 @@ static void test_tiny_bpe(void **state)
     mdl_model_destroy(m);
 }
 
+/* An SPM ("llama") tokenizer: specials[ns] (the first <unk>, the rest control tokens; BOS 1,
+ * EOS 2), the 256 byte tokens, then pieces[np] scored by length (longer pieces win); with a
+ * chat template when tmpl is set. */
+static mdl_tokenizer_t *spm_tok(const char *const *specials, int ns, const char *const *pieces,
+                                int np, const char *tmpl)
+{
+    const int nv = ns + 256 + np;
+    const char **toks = calloc((size_t)nv, sizeof(*toks));
+    char(*bytes)[8] = calloc(256, sizeof(*bytes));
+    int32_t *types = calloc((size_t)nv, sizeof(*types));
+    float *scores = calloc((size_t)nv, sizeof(*scores));
+    assert_true(toks && bytes && types && scores);
+    for (int i = 0; i < ns; i++) {
+        toks[i] = specials[i];
+        types[i] = i == 0 ? 2 : 3;
+    }
+    for (int b = 0; b < 256; b++) {
+        snprintf(bytes[b], sizeof(bytes[b]), "<0x%02X>", b);
+        toks[ns + b] = bytes[b];
+        types[ns + b] = 6;
+    }
+    for (int i = 0; i < np; i++) {
+        toks[ns + 256 + i] = pieces[i];
+        types[ns + 256 + i] = 1;
+        scores[ns + 256 + i] = (float)strlen(pieces[i]);
+    }
+    mdlt_gguf_t *w = mdlt_gguf_new();
+    mdlt_gguf_str(w, "tokenizer.ggml.model", "llama");
+    mdlt_gguf_arr_str(w, "tokenizer.ggml.tokens", toks, (size_t)nv);
+    mdlt_gguf_arr_f32(w, "tokenizer.ggml.scores", scores, (size_t)nv);
+    mdlt_gguf_arr_i32(w, "tokenizer.ggml.token_type", types, (size_t)nv);
+    mdlt_gguf_u32(w, "tokenizer.ggml.bos_token_id", 1);
+    mdlt_gguf_u32(w, "tokenizer.ggml.eos_token_id", 2);
+    mdlt_gguf_u32(w, "tokenizer.ggml.unknown_token_id", 0);
+    if (tmpl != NULL)
+        mdlt_gguf_str(w, "tokenizer.chat_template", tmpl);
+    mdl_tokenizer_t *t = tok_from(w);
+    mdlt_gguf_free(w);
+    free(toks);
+    free(bytes);
+    free(types);
+    free(scores);
+    assert_non_null(t);
+    return t;
+}
+
 // SentencePiece-style BPE: the best-scoring merges win, spaces are U+2581 with a leading one,
 // and characters outside the vocabulary become byte tokens.
 static void test_spm(void **state)
 {
     // <unk> <s> </s>, byte tokens, then pieces with scores.
-    const char *pieces[] = {"\xe2\x96\x81", "h", "e", "l", "o", "w", "r", "d", "\xe2\x96\x81h",
-                            "ll", "\xe2\x96\x81he", "\xe2\x96\x81hell", "\xe2\x96\x81hello",
-                            "\xe2\x96\x81w", "or", "\xe2\x96\x81wor", "ld", "\xe2\x96\x81world"};
-    enum { NP = sizeof(pieces) / sizeof(pieces[0]), NV = 3 + 256 + NP };
-    const char *toks[NV];
-    char bytes[256][8];
-    int32_t types[NV];
-    float scores[NV];
-    toks[0] = "<unk>", toks[1] = "<s>", toks[2] = "</s>";
-    types[0] = 2, types[1] = 3, types[2] = 3;
-    scores[0] = scores[1] = scores[2] = 0;
-    for (int b = 0; b < 256; b++) {
-        snprintf(bytes[b], sizeof(bytes[b]), "<0x%02X>", b);
-        toks[3 + b] = bytes[b];
-        types[3 + b] = 6;
-        scores[3 + b] = 0;
-    }
-    for (int i = 0; i < NP; i++) {
-        toks[259 + i] = pieces[i];
-        types[259 + i] = 1;
-        scores[259 + i] = (float)strlen(pieces[i]); // longer pieces win
-    }
-    mdlt_gguf_t *w = mdlt_gguf_new();
-    mdlt_gguf_str(w, "tokenizer.ggml.model", "llama");
-    mdlt_gguf_arr_str(w, "tokenizer.ggml.tokens", toks, NV);
-    mdlt_gguf_arr_f32(w, "tokenizer.ggml.scores", scores, NV);
-    mdlt_gguf_arr_i32(w, "tokenizer.ggml.token_type", types, NV);
-    mdlt_gguf_u32(w, "tokenizer.ggml.bos_token_id", 1);
-    mdlt_gguf_u32(w, "tokenizer.ggml.eos_token_id", 2);
-    mdlt_gguf_u32(w, "tokenizer.ggml.unknown_token_id", 0);
-    mdl_tokenizer_t *t = tok_from(w);
-    mdlt_gguf_free(w);
-    assert_non_null(t);
+    static const char *const specials[] = {"<unk>", "<s>", "</s>"};
+    const char *pieces[] = {"\xe2\x96\x81",
+                            "h",
+                            "e",
+                            "l",
+                            "o",
+                            "w",
+                            "r",
+                            "d",
+                            "\xe2\x96\x81h",
+                            "ll",
+                            "\xe2\x96\x81he",
+                            "\xe2\x96\x81hell",
+                            "\xe2\x96\x81hello",
+                            "\xe2\x96\x81w",
+                            "or",
+                            "\xe2\x96\x81wor",
+                            "ld",
+                            "\xe2\x96\x81world"};
+    mdl_tokenizer_t *t = spm_tok(specials, 3, pieces, sizeof(pieces) / sizeof(pieces[0]), NULL);
     assert_int_equal(mdl_tokenizer_kind(t), MDL_TOK_SPM);
     assert_true(mdl_tokenizer_add_bos(t));
     int32_t ids[64];
@@ -154,34 +187,7 @@ static mdl_tokenizer_t *chat_tok(const char *tmpl)
     static const char *const specials[] = {
         "<unk>",      "<s>",           "</s>",    "<|im_end|>",
         "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|start_header_id|>"};
-    enum { NS = sizeof(specials) / sizeof(specials[0]), NV = NS + 256 };
-    const char *toks[NV];
-    char bytes[256][8];
-    int32_t types[NV];
-    float scores[NV] = {0};
-    for (int i = 0; i < NS; i++) {
-        toks[i] = specials[i];
-        types[i] = i == 0 ? 2 : 3;
-    }
-    for (int b = 0; b < 256; b++) {
-        snprintf(bytes[b], sizeof(bytes[b]), "<0x%02X>", b);
-        toks[NS + b] = bytes[b];
-        types[NS + b] = 6;
-    }
-    mdlt_gguf_t *w = mdlt_gguf_new();
-    mdlt_gguf_str(w, "tokenizer.ggml.model", "llama");
-    mdlt_gguf_arr_str(w, "tokenizer.ggml.tokens", toks, NV);
-    mdlt_gguf_arr_f32(w, "tokenizer.ggml.scores", scores, NV);
-    mdlt_gguf_arr_i32(w, "tokenizer.ggml.token_type", types, NV);
-    mdlt_gguf_u32(w, "tokenizer.ggml.bos_token_id", 1);
-    mdlt_gguf_u32(w, "tokenizer.ggml.eos_token_id", 2);
-    mdlt_gguf_u32(w, "tokenizer.ggml.unknown_token_id", 0);
-    if (tmpl != NULL)
-        mdlt_gguf_str(w, "tokenizer.chat_template", tmpl);
-    mdl_tokenizer_t *t = tok_from(w);
-    mdlt_gguf_free(w);
-    assert_non_null(t);
-    return t;
+    return spm_tok(specials, 8, NULL, 0, tmpl);
 }
 
 /* Each chat family by its template's markers (abridged templates of the real models): the
