@@ -16,8 +16,8 @@
  *   presence_penalty, frequency_penalty, logit_bias   SamplingParams (OpenAI's meanings)
  *   echo (completions)         the prompt before the completion, with its log-probabilities
  *                              (SamplingParams.prompt_logprobs) when logprobs is given
- * Refused with 400, because Ferry would silently do something else: best_of > 1, echo with a
- * stream, suffix, tools, a response_format other than text. Other fields are ignored (as
+ * Refused with 400, because Ferry would silently do something else: best_of > 1, echo in chat,
+ * suffix, tools, a response_format other than text. Other fields are ignored (as
  * "user" is by every server).
  */
 #include <errno.h>
@@ -446,8 +446,6 @@ int oai_request_parse(oai_request_t *r, oai_kind_t kind, const char *body, size_
     int rc = parse_common(r, r->root, err, err_len);
     if (rc)
         return rc;
-    if (r->echo && r->stream)
-        return bad(err, err_len, "'%s' with a stream is not supported", "echo");
     if (kind == OAI_CHAT) {
         const cJSON *msgs = member(r->root, "messages");
         if (msgs == NULL)

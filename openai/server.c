@@ -401,6 +401,19 @@ static void on_generate_msg(ferry_call_t *call, const ProtobufCMessage *msg, voi
     if (c->req.stream) {
         if (!c->headers_sent)
             start_stream(c);
+        if (c->req.echo && !ch->echoed) { // the prompt, in a chunk of its own
+            if (!echo_prompt(c, ch, r)) {
+                ferry_call_cancel(call);
+                return;
+            }
+            send_event_json(c, oai_render_chunk(c->req.kind, c->id, c->created, answer_model(c),
+                                                ch->index, NULL, ch->text ? ch->text : "",
+                                                ch->text_len, ch->logprobs, NULL,
+                                                c->req.include_usage));
+            ch->text_len = 0;
+            cJSON_Delete(ch->logprobs);
+            ch->logprobs = NULL;
+        }
         cJSON *lp = lps ? oai_logprobs_new(c->req.kind) : NULL;
         if (lps && (lp == NULL || !oai_logprobs_add(lp, c->req.kind, r->logprobs, r->n_logprobs,
                                                     &ch->lp_offset))) {

@@ -164,6 +164,15 @@ def main():
         check("echo of a string prompt",
               t.startswith("The capital of France is")
               and want.startswith(t[len("The capital of France is"):]), repr(t))
+        chunks = list(client.completions.create(model="smollm2", prompt=ids, max_tokens=4,
+                                                temperature=0, logprobs=0, echo=True,
+                                                stream=True))
+        first = chunks[0].choices[0]
+        streamed = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+        check("echo in a stream: the prompt's chunk first",
+              first.text == ids_text and len(first.logprobs.tokens) == len(ids)
+              and first.logprobs.token_logprobs[0] is None and streamed.startswith(ids_text)
+              and len(streamed) > len(ids_text), (first.text, streamed))
         # A stop string ends the text before it.
         r = client.completions.create(model="smollm2", prompt="The capital of France is",
                                       max_tokens=12, temperature=0, stop=["Paris"])

@@ -289,7 +289,6 @@ static void test_refusals(void **state)
          "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"logprobs\":true,"
          "\"top_logprobs\":21}",
          "top_logprobs"},
-        {OAI_COMPLETION, "{\"prompt\":\"a\",\"echo\":true,\"stream\":true}", "with a stream"},
         {OAI_COMPLETION, "{\"prompt\":\"a\",\"echo\":1}", "true or false"},
         {OAI_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"echo\":true}",
          "for completions"},
