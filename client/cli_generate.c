@@ -70,6 +70,7 @@ static void usage(FILE *out)
             "                        alternatives (0-20) to stderr, with the sum (remote)\n"
             "  --score TEXT          the completion is TEXT (tokenized on its own): print its\n"
             "                        tokens' log-probabilities as --logprobs does (remote)\n"
+            "  --json                JSON mode: the completion is one JSON object\n"
             "  --stats               print TTFT, speed and KV transfer figures to stderr\n");
 }
 
@@ -86,7 +87,7 @@ static bool parse_num(const char *s, double lo, double hi, double *v)
 
 typedef struct {
     const char *router, *prompt, *system, *policy, *token, *tls_ca;
-    bool chat, stats, show_ids, tls_any_name;
+    bool chat, stats, show_ids, tls_any_name, json;
     double budget;
     uint64_t timeout_ms;
     const char *const *stops;
@@ -221,6 +222,7 @@ static int generate_remote(const remote_opts_t *o, const mdl_sampler_params_t *s
     s.repetition_penalty = sp->repetition_penalty;
     s.presence_penalty = sp->presence_penalty;
     s.frequency_penalty = sp->frequency_penalty;
+    s.json_object = o->json;
     s.seed = sp->seed;
     s.max_tokens = (uint32_t)sp->max_tokens;
     s.stop = (char **)o->stops;
@@ -319,7 +321,7 @@ int cli_generate_main(int argc, char **argv)
         token = getenv("FERRY_API_KEY");
     const char *stops[8];
     size_t n_stops = 0, n_positional = 0;
-    bool local = false, chat = false, stats = false, show_ids = false;
+    bool local = false, chat = false, stats = false, show_ids = false, json = false;
     int threads = 0, logprobs = -1;
     double budget = 0;
     uint64_t timeout_ms = 300000;
@@ -346,6 +348,8 @@ int cli_generate_main(int argc, char **argv)
             chat = true;
         } else if (strcmp(a, "--stats") == 0) {
             stats = true;
+        } else if (strcmp(a, "--json") == 0) {
+            json = true;
         } else if (strcmp(a, "--model") == 0 && val != NULL) {
             model_path = val;
             i++;
@@ -466,7 +470,8 @@ int cli_generate_main(int argc, char **argv)
                             .stats = stats,
                             .show_ids = show_ids,
                             .logprobs = logprobs,
-                            .score = score};
+                            .score = score,
+                            .json = json};
         return generate_remote(&ro, &sp);
     }
     if (model_path == NULL || prompt == NULL) {
@@ -484,6 +489,7 @@ int cli_generate_main(int argc, char **argv)
     mdl_kv_t *kv = NULL;
     mdl_kv_seq_t *seq = NULL;
     mdl_sampler_t *smp = NULL;
+    mdl_json_vocab_t *jv = NULL;
     int32_t *ids = NULL;
     float *logits = NULL;
     char *text = NULL;
@@ -547,7 +553,9 @@ int cli_generate_main(int argc, char **argv)
     mdl_kv_params_t kp;
     mdl_kv_params_default(&kp, model);
     kp.n_pages = mdl_kv_pages_for(&kp, (int64_t)n_ids + sp.max_tokens + 1);
-    if ((st = mdl_ctx_create(model, &cp, &ctx)) != FY_OK ||
+    if (json && (st = mdl_json_vocab_create(tok, &jv)) == FY_OK)
+        sp.json = jv;
+    if (st != FY_OK || (st = mdl_ctx_create(model, &cp, &ctx)) != FY_OK ||
         (st = mdl_kv_create(&kp, &kv)) != FY_OK || (st = mdl_kv_seq_create(kv, &seq)) != FY_OK ||
         (st = mdl_sampler_create(&sp, cfg->n_vocab, &smp)) != FY_OK) {
         fprintf(stderr, "ferry generate: setup failed: %s\n", fy_status_str(st));
@@ -603,6 +611,7 @@ out:
     free(ids);
     free(text);
     mdl_sampler_destroy(smp);
+    mdl_json_vocab_destroy(jv);
     mdl_kv_seq_destroy(seq);
     mdl_kv_destroy(kv);
     mdl_ctx_destroy(ctx);

@@ -153,6 +153,7 @@ struct decode_worker {
     const mdl_model_t *model;
     const mdl_config_t *cfg;
     uint64_t fingerprint;
+    mdl_json_vocab_t *json; // the tokens' bytes, for JSON mode (sampling.json_object)
     mdl_ctx_t *ctx;
     kvc_pool_t *pool;        // device CPU
     kvc_gpu_pool_t *gpool;   // device CUDA
@@ -1353,6 +1354,7 @@ static fy_status_t make_sampler(decode_worker_t *w, const Ferry__V1__DecodeReque
     if (in != NULL && in->seed != 0)
         sp.seed = in->seed;
     if (in != NULL) { // mdl_sampler_create checks the ranges and ids
+        sp.json = in->json_object ? w->json : NULL;
         sp.presence_penalty = in->presence_penalty;
         sp.frequency_penalty = in->frequency_penalty;
         if (in->n_logit_bias > MDL_MAX_LOGIT_BIAS)
@@ -1855,6 +1857,7 @@ static void free_worker(decode_worker_t *w)
     free(w->raw_row);
     fetch_free(w);
     mdl_ctx_destroy(w->ctx);
+    mdl_json_vocab_destroy(w->json);
     decode_leases_destroy(w->leases);
     kvc_pool_destroy(w->pool);
     kvc_gpu_stage_destroy(w->gstage);
@@ -1929,6 +1932,10 @@ fy_status_t decode_worker_create(const decode_worker_params_t *params,
     }
     w->cfg = mdl_model_config(w->model);
     w->fingerprint = mdl_model_fingerprint(w->model);
+    if ((st = mdl_json_vocab_create(mdl_model_tokenizer(w->model), &w->json)) != FY_OK) {
+        errf(err, err_len, st, "JSON mode's token table");
+        goto fail;
+    }
     if (w->cfg->n_layers > MAX_LAYERS) {
         st = errf(err, err_len, FY_ERR_UNSUPPORTED, "model has too many layers");
         goto fail;

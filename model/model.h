@@ -560,6 +560,37 @@ fy_status_t mdl_decode_kvc_cuda(mdl_ctx_t *ctx, kvc_gpu_pool_t *pool, kvc_gpu_se
 /* Sampler (sampler.c)                                                                          */
 /* ------------------------------------------------------------------------------------------ */
 
+/* JSON mode (json_guide.c): the output is one JSON object (RFC 8259), OpenAI's
+ * response_format json_object. mdl_json_t is where the text so far stands in it; a token that
+ * would make the text anything but the start of an object is masked out, and once the object
+ * is complete only a stop token may follow. */
+#define MDL_JSON_MAX_DEPTH 64 /* nesting of objects and arrays */
+#define MDL_JSON_MAX_WS    64 /* white-space bytes in a row between tokens */
+
+typedef struct {
+    uint8_t st, lit, word, ws; /* recognizer state, literal / \u progress, white space run */
+    bool key;                  /* the string being read is an object key */
+    uint16_t depth;
+    uint8_t stack[MDL_JSON_MAX_DEPTH / 8]; /* open containers: bit set = object */
+} mdl_json_t;
+
+void mdl_json_init(mdl_json_t *j);
+/* Feeds bytes: true (and *j advanced) when the text so far is still the start of a JSON
+ * object, false (and *j unchanged) otherwise. */
+bool mdl_json_feed(mdl_json_t *j, const uint8_t *bytes, size_t n);
+bool mdl_json_complete(const mdl_json_t *j);
+
+/* Every token's bytes, once per model; special tokens have none (never allowed in JSON). */
+typedef struct mdl_json_vocab mdl_json_vocab_t;
+fy_status_t mdl_json_vocab_create(const mdl_tokenizer_t *tok, mdl_json_vocab_t **v_p);
+void mdl_json_vocab_destroy(mdl_json_vocab_t *v); /* accepts NULL */
+/* Feeds token's bytes (mdl_json_feed); false for a special token. */
+bool mdl_json_accept(const mdl_json_vocab_t *v, mdl_json_t *j, int32_t token);
+/* Sets logits[n_vocab] of the tokens that may not follow to -inf: those that break the
+ * object, or, once it is complete, all but stops[n_stops]. Returns how many remain. */
+int mdl_json_mask(const mdl_json_vocab_t *v, const mdl_json_t *j, const int32_t *stops, int n_stops,
+                  float *logits);
+
 #define MDL_MAX_STOP       8
 #define MDL_MAX_LOGIT_BIAS 300
 #define MDL_MAX_PENALTY    2.0f   /* |presence_penalty|, |frequency_penalty| (OpenAI's range) */
@@ -580,6 +611,9 @@ typedef struct {
     int n_logit_bias;
     int32_t bias_token[MDL_MAX_LOGIT_BIAS];
     float bias[MDL_MAX_LOGIT_BIAS];
+    /* JSON mode: the generated tokens (mdl_sampler_accept_output) form one JSON object, then
+     * a stop token; NULL = off. Borrowed for the sampler's life. */
+    const mdl_json_vocab_t *json;
     uint64_t seed;            /* default 0x5eed */
     int max_tokens;           /* default 256 */
     int n_stop;

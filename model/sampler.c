@@ -22,6 +22,8 @@ struct mdl_sampler {
     uint32_t *out_count; /* [n_vocab] generated tokens' occurrences, with presence/frequency */
     int32_t *out_seen;   /* the distinct generated tokens, in order: [n_seen] of [cap_seen] */
     int n_seen, cap_seen;
+    mdl_json_t json; /* JSON mode: where the generated text stands */
+    bool json_off;   /* JSON mode gave up (a forced token broke the object) */
     int32_t *idx;  /* [n_vocab] candidate order */
     float *probs;  /* [n_vocab] */
 };
@@ -93,6 +95,7 @@ fy_status_t mdl_sampler_create(const mdl_sampler_params_t *params, int n_vocab, 
         return FY_ERR_NO_MEMORY;
     s->p = *params;
     s->n_vocab = n_vocab;
+    mdl_json_init(&s->json);
     uint64_t x = params->seed;
     for (int i = 0; i < 4; i++)
         s->rng[i] = splitmix(&x);
@@ -136,6 +139,9 @@ void mdl_sampler_accept(mdl_sampler_t *s, int32_t token)
 void mdl_sampler_accept_output(mdl_sampler_t *s, int32_t token)
 {
     mdl_sampler_accept(s, token);
+    if (s->p.json != NULL && !s->json_off && !mdl_json_complete(&s->json) &&
+        !mdl_json_accept(s->p.json, &s->json, token))
+        s->json_off = true; // not a token the mask allowed (forced): stop guiding
     if (s->out_count == NULL || token < 0 || token >= s->n_vocab)
         return;
     if (s->out_count[token]++ > 0)
@@ -187,6 +193,15 @@ int32_t mdl_sampler_sample(mdl_sampler_t *s, float *logits)
     for (int i = 0; i < s->n_seen; i++) {
         int32_t t = s->out_seen[i];
         logits[t] -= s->p.presence_penalty + s->p.frequency_penalty * (float)s->out_count[t];
+    }
+    if (s->p.json != NULL && !s->json_off) {
+        // Nothing allowed (a complete object and no stop token, say): unguided rather than a
+        // draw from nothing. probs is scratch until the draw below.
+        memcpy(s->probs, logits, (size_t)n * sizeof(float));
+        if (mdl_json_mask(s->p.json, &s->json, s->p.stop, s->p.n_stop, logits) == 0) {
+            memcpy(logits, s->probs, (size_t)n * sizeof(float));
+            s->json_off = true;
+        }
     }
     if (s->p.temperature <= 0.0f) {
         int32_t best = 0;

@@ -11,8 +11,7 @@
  * upstream (the router) through the client SDK on the caller's libuv loop. Ferry's codec is
  * chosen per request with the extra body fields "kv_policy" and "kv_budget"; "top_k",
  * "repetition_penalty" and "stop_token_ids" are taken as vLLM takes them. What Ferry cannot do
- * (tools, echo, suffix, a response_format other than text) is refused with 400 rather than
- * ignored.
+ * (tools, echo in chat, suffix, a JSON schema) is refused with 400 rather than ignored.
  * A client that disconnects cancels its generations. With an API key, requests without it get
  * 401. With a certificate the port speaks HTTPS only (TLS, ALPN http/1.1).
  *

@@ -14,10 +14,11 @@
  *   logprobs, top_logprobs (chat: a boolean and 0..20; completions: logprobs 0..20)
  *                              SamplingParams.logprobs, top_logprobs
  *   presence_penalty, frequency_penalty, logit_bias   SamplingParams (OpenAI's meanings)
+ *   response_format            json_object: SamplingParams.json_object (JSON mode); text
  *   echo (completions)         the prompt before the completion, with its log-probabilities
  *                              (SamplingParams.prompt_logprobs) when logprobs is given
  * Refused with 400, because Ferry would silently do something else: best_of > 1, echo in chat,
- * suffix, tools, a response_format other than text. Other fields are ignored (as
+ * suffix, tools, a response_format json_schema. Other fields are ignored (as
  * "user" is by every server).
  */
 #include <errno.h>
@@ -270,10 +271,15 @@ static int parse_common(oai_request_t *r, const cJSON *root, char *err, size_t e
         if (r->echo && r->kind == OAI_CHAT)
             return bad(err, err_len, "'%s' is for completions", "echo");
     }
-    if ((v = member(root, "response_format")) != NULL) {
+    if ((v = member(root, "response_format")) != NULL && !cJSON_IsNull(v)) {
         const cJSON *t = cJSON_IsObject(v) ? member(v, "type") : NULL;
-        if (!cJSON_IsString(t) || strcmp(t->valuestring, "text") != 0)
-            return bad(err, err_len, "'%s' other than text is not supported", "response_format");
+        if (!cJSON_IsString(t) ||
+            (strcmp(t->valuestring, "text") != 0 && strcmp(t->valuestring, "json_object") != 0))
+            return bad(err, err_len,
+                       "'%s' must be {\"type\": \"text\"} or {\"type\": "
+                       "\"json_object\"} (JSON schemas are not supported)",
+                       "response_format");
+        r->sampling.json_object = strcmp(t->valuestring, "json_object") == 0;
     }
 
     if ((v = member(root, "stream")) != NULL) {

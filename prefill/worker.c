@@ -122,6 +122,7 @@ struct prefill {
     kvc_policy_t policy;
     const mdl_config_t *cfg;
     mdl_ctx_t *ctx;
+    mdl_json_vocab_t *json; // the tokens' bytes, for JSON mode (sampling.json_object)
     uv_thread_t thread;
     uv_mutex_t mu;
     uv_cond_t cond;
@@ -1326,6 +1327,8 @@ static void on_prefill(rpc_call_t *call, const ProtobufCMessage *msg, void *arg)
         snprintf(err, sizeof(err), "sampling parameters out of range");
         st = FY_ERR_INVALID_ARG;
     }
+    if (st == FY_OK && req->sampling != NULL && req->sampling->json_object)
+        job->sp.json = pf->json; // JSON mode: the first token opens the object
     job->forced = -1;
     if (st == FY_OK && req->sampling != NULL && req->sampling->n_forced_token_ids > 0) {
         if (req->sampling->forced_token_ids[0] >= (uint32_t)c->n_vocab) {
@@ -1548,8 +1551,11 @@ fy_status_t prefill_create(uv_loop_t *loop, const prefill_params_t *params, pref
         if (pf->logits == NULL)
             st = FY_ERR_NO_MEMORY;
     }
+    if (st == FY_OK)
+        st = mdl_json_vocab_create(mdl_model_tokenizer(params->model), &pf->json);
     if (st != FY_OK) {
         mdl_ctx_destroy(pf->ctx);
+        free(pf->logits);
         free(pf);
         return st;
     }
@@ -1649,6 +1655,7 @@ void prefill_destroy(prefill_t *pf)
         job_free(j);
     }
     mdl_ctx_destroy(pf->ctx);
+    mdl_json_vocab_destroy(pf->json);
     free(pf->logits);
     free(pf->k16);
     free(pf->v16);

@@ -1354,6 +1354,11 @@ static fy_status_t build_sampling(rt_t *rt, const Ferry__V1__GenerateRequest *g,
         s->logprobs = in->logprobs || in->top_logprobs > 0;
         s->top_logprobs = in->top_logprobs;
         s->prompt_logprobs = in->prompt_logprobs; // the prefill worker checks the length
+        s->json_object = in->json_object;
+        if (in->json_object && in->n_forced_token_ids > 0) {
+            snprintf(err, err_len, "json_object: not with forced_token_ids");
+            return FY_ERR_INVALID_ARG;
+        }
         if (in->top_logprobs > MDL_MAX_TOP_LOGPROBS) {
             snprintf(err, err_len, "top_logprobs: at most %d", MDL_MAX_TOP_LOGPROBS);
             return FY_ERR_INVALID_ARG;

@@ -7,6 +7,7 @@ client service too), a stream closed early is cancelled upstream.
 
 usage: openai_api.py BUILD_ROOT
 """
+import json
 import os
 import subprocess
 import sys
@@ -173,6 +174,18 @@ def main():
               first.text == ids_text and len(first.logprobs.tokens) == len(ids)
               and first.logprobs.token_logprobs[0] is None and streamed.startswith(ids_text)
               and len(streamed) > len(ids_text), (first.text, streamed))
+        # JSON mode: response_format json_object gives one JSON object.
+        r = client.chat.completions.create(
+            model="smollm2", max_tokens=80, temperature=0,
+            messages=[{"role": "user", "content": "Give the name and capital of France as JSON "
+                                                  "with keys country and capital."}],
+            response_format={"type": "json_object"})
+        try:
+            obj = json.loads(r.choices[0].message.content)
+        except ValueError:
+            obj = None
+        check("response_format json_object", isinstance(obj, dict)
+              and r.choices[0].finish_reason == "stop", r.choices[0].message.content)
         # A stop string ends the text before it.
         r = client.completions.create(model="smollm2", prompt="The capital of France is",
                                       max_tokens=12, temperature=0, stop=["Paris"])

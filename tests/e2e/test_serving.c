@@ -794,6 +794,48 @@ static void test_forced_tokens(void **state)
     assert_int_equal(ferry_complete(G.client, &req, &c, &err), RPC_CODE_INVALID_ARGUMENT);
 }
 
+/* JSON mode through the router: a chat asking for JSON gets one complete JSON object (the
+ * prefill worker samples its first token, the decode worker the rest) and stops there; the
+ * same request without it answers in prose; with forced tokens it is refused. */
+static void test_json_mode(void **state)
+{
+    (void)state;
+    Ferry__V1__GenerateRequest req;
+    Ferry__V1__SamplingParams s;
+    Ferry__V1__CodecParams codec;
+    france_request(&req, &s, &codec);
+    Ferry__V1__ChatMessages chat = FERRY__V1__CHAT_MESSAGES__INIT;
+    Ferry__V1__ChatMessage user = FERRY__V1__CHAT_MESSAGE__INIT, *msgs[1] = {&user};
+    user.role = "user";
+    user.content = "Give the name and capital of France as JSON with keys country and capital.";
+    chat.messages = msgs;
+    chat.n_messages = 1;
+    req.input_case = FERRY__V1__GENERATE_REQUEST__INPUT_CHAT;
+    req.chat = &chat;
+    s.max_tokens = 80;
+    s.json_object = true;
+    ferry_error_t err;
+    Ferry__V1__CompleteResponse *c = NULL;
+    assert_int_equal(ferry_complete(G.client, &req, &c, &err), 0);
+    fprintf(stderr, "JSON mode: %s\n", c->text);
+    mdl_json_t j;
+    mdl_json_init(&j);
+    assert_true(mdl_json_feed(&j, (const uint8_t *)c->text, strlen(c->text)));
+    assert_true(mdl_json_complete(&j));
+    assert_int_equal(c->finish_reason, FERRY__V1__FINISH_REASON__FINISH_REASON_STOP);
+    ferry_message_free(c);
+    s.json_object = false;
+    assert_int_equal(ferry_complete(G.client, &req, &c, &err), 0);
+    assert_true(c->text[0] != '{');
+    ferry_message_free(c);
+    // Not with forced tokens.
+    uint32_t f[2] = {100, 101};
+    s.json_object = true;
+    s.forced_token_ids = f;
+    s.n_forced_token_ids = 2;
+    assert_int_equal(ferry_complete(G.client, &req, &c, &err), RPC_CODE_INVALID_ARGUMENT);
+}
+
 /* Tokens of ids[n] that appeared before them. */
 static size_t repeats(const uint32_t *ids, size_t n)
 {
@@ -1222,6 +1264,7 @@ int main(void)
         cmocka_unit_test(test_forced_tokens),
         cmocka_unit_test(test_bias_and_penalties),
         cmocka_unit_test(test_prompt_logprobs),
+        cmocka_unit_test(test_json_mode),
         cmocka_unit_test(test_concurrent_streams),
         cmocka_unit_test(test_cancel_and_deadline),
         cmocka_unit_test(test_router_metrics),

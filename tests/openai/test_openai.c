@@ -305,8 +305,8 @@ static void test_refusals(void **state)
          "tools"},
         {OAI_CHAT,
          "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"response_format\":"
-         "{\"type\":\"json_object\"}}",
-         "response_format"},
+         "{\"type\":\"json_schema\",\"json_schema\":{}}}",
+         "JSON schemas"},
         {OAI_COMPLETION, "{\"prompt\":\"a\",\"stop\":[\"\"]}", "empty"},
         {OAI_COMPLETION,
          "{\"prompt\":\"a\",\"stop\":[\"1\",\"2\",\"3\",\"4\",\"5\",\"6\",\"7\",\"8\",\"9\","
@@ -346,6 +346,22 @@ static void test_refusals(void **state)
         assert_int_equal(parse(&r, OAI_COMPLETION, k_echo[i].body, err), 0);
         assert_int_equal(r.echo, k_echo[i].echo);
         assert_int_equal(r.msg.sampling->prompt_logprobs, k_echo[i].prompt_lps);
+        oai_request_clear(&r);
+    }
+    // response_format json_object is JSON mode; text and null are not.
+    static const struct {
+        const char *body;
+        bool json;
+    } k_formats[] = {
+        {"{\"prompt\":\"a\",\"response_format\":{\"type\":\"json_object\"}}", true},
+        {"{\"prompt\":\"a\",\"response_format\":{\"type\":\"text\"}}", false},
+        {"{\"prompt\":\"a\",\"response_format\":null}", false},
+    };
+    for (size_t i = 0; i < FY_ARRAY_SIZE(k_formats); i++) {
+        oai_request_t r;
+        char err[256] = "";
+        assert_int_equal(parse(&r, OAI_COMPLETION, k_formats[i].body, err), 0);
+        assert_int_equal(r.msg.sampling->json_object, k_formats[i].json);
         oai_request_clear(&r);
     }
     // logit_bias: null and {} are no biases; 300 tokens are taken, 301 refused.
