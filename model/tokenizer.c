@@ -1219,16 +1219,29 @@ fy_status_t mdl_chat_render(const mdl_tokenizer_t *t, const mdl_chat_msg_t *msgs
         case MDL_CHAT_PHI3:
             w += (size_t)sprintf(s + w, "<|%s|>\n%s<|end|>\n", role, c);
             break;
-        case MDL_CHAT_LLAMA2:
+        case MDL_CHAT_LLAMA2: // stripped, each turn after the first opening with BOS
+            tn = trimmed(c, &tc);
+            if (assistant) {
+                w += (size_t)sprintf(s + w, " %.*s </s>", (int)tn, tc);
+                break;
+            }
+            w += (size_t)sprintf(s + w, "%s[INST] ", w > 0 ? "<s>" : "");
+            if (!sys_done) {
+                const char *ts;
+                size_t sn = trimmed(sys, &ts);
+                w += (size_t)sprintf(s + w, "<<SYS>>\n%.*s\n<</SYS>>\n\n", (int)sn, ts);
+                sys_done = true;
+            }
+            w += (size_t)sprintf(s + w, "%.*s [/INST]", (int)tn, tc);
+            break;
         case MDL_CHAT_MISTRAL:
             if (assistant) {
-                w += (size_t)sprintf(s + w, kind == MDL_CHAT_LLAMA2 ? " %s </s>" : "%s</s>", c);
+                w += (size_t)sprintf(s + w, "%s</s>", c);
                 break;
             }
             w += (size_t)sprintf(s + w, "[INST] ");
             if (!sys_done) {
-                w += (size_t)sprintf(
-                    s + w, kind == MDL_CHAT_LLAMA2 ? "<<SYS>>\n%s\n<</SYS>>\n\n" : "%s\n\n", sys);
+                w += (size_t)sprintf(s + w, "%s\n\n", sys);
                 sys_done = true;
             }
             w += (size_t)sprintf(s + w, "%s [/INST]", c);

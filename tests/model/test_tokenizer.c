@@ -227,7 +227,7 @@ static void test_chat_formats(void **state)
          MDL_CHAT_MISTRAL, "[INST] Be brief.\n\nHi [/INST]Hello.</s>[INST]  What is 2+2?  [/INST]",
          -1},
         {"{% if messages[0]['role'] == 'system' %}<<SYS>>{% endif %}[INST]", MDL_CHAT_LLAMA2,
-         "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello. </s>[INST]  What is 2+2?  "
+         "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello. </s><s>[INST] What is 2+2? "
          "[/INST]",
          -1},
         {"{{ bos_token }}{% for message in messages %}{{ '<start_of_turn>' + role + '\\n' + "
