@@ -271,6 +271,8 @@ struct mdl_json_vocab {
     int n_vocab;
     uint32_t *off, *len; // token id's bytes: text[off .. off + len]; len 0 for special tokens
     uint8_t *text;
+    uint8_t *plain; // [n_vocab]: no quote, backslash or control byte (inside a string it only
+                    // extends the string: the common case needs no stepping)
 };
 
 fy_status_t mdl_json_vocab_create(const mdl_tokenizer_t *tok, mdl_json_vocab_t **v_p)
@@ -290,7 +292,8 @@ fy_status_t mdl_json_vocab_create(const mdl_tokenizer_t *tok, mdl_json_vocab_t *
         total += v->len[i];
     }
     v->text = malloc(total ? total : 1);
-    if (v->off == NULL || v->len == NULL || v->text == NULL) {
+    v->plain = calloc((size_t)n, 1);
+    if (v->off == NULL || v->len == NULL || v->text == NULL || v->plain == NULL) {
         mdl_json_vocab_destroy(v);
         return FY_ERR_NO_MEMORY;
     }
@@ -299,6 +302,12 @@ fy_status_t mdl_json_vocab_create(const mdl_tokenizer_t *tok, mdl_json_vocab_t *
         v->off[i] = (uint32_t)o;
         if (v->len[i] > 0)
             mdl_tokenizer_token_bytes(tok, i, (char *)v->text + o, v->len[i]);
+        bool plain = v->len[i] > 0;
+        for (uint32_t k = 0; k < v->len[i]; k++) {
+            const uint8_t c = v->text[o + k];
+            plain &= c != '"' && c != '\\' && c >= 0x20;
+        }
+        v->plain[i] = plain;
         o += v->len[i];
     }
     *v_p = v;
@@ -312,6 +321,7 @@ void mdl_json_vocab_destroy(mdl_json_vocab_t *v)
     free(v->off);
     free(v->len);
     free(v->text);
+    free(v->plain);
     free(v);
 }
 
@@ -345,10 +355,12 @@ int mdl_json_mask(const mdl_json_vocab_t *v, const mdl_json_t *j, const int32_t 
         uint8_t c = (uint8_t)b;
         first[b] = mdl_json_feed(&t, &c, 1);
     }
+    const bool in_string = j->st == J_STR;
     for (int t = 0; t < v->n_vocab; t++) {
         const uint32_t n = v->len[t];
         mdl_json_t s = *j;
-        if (n > 0 && first[v->text[v->off[t]]] && mdl_json_feed(&s, v->text + v->off[t], n))
+        if ((in_string && v->plain[t]) ||
+            (n > 0 && first[v->text[v->off[t]]] && mdl_json_feed(&s, v->text + v->off[t], n)))
             allowed++;
         else
             logits[t] = -INFINITY;
