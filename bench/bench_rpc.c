@@ -8,6 +8,7 @@
  * Pairs: Ferry client -> Ferry server, grpcio -> grpcio, and both crossings. The Ferry server
  * runs on its own thread and loop in this process; the grpcio side runs
  * tests/transport/rpc/bench_grpcio.py from the project .venv (skipped with --no-python).
+ * With --tls-cert/--tls-key/--tls-ca, Ferry to Ferry again over TLS, in the same run.
  * Output: a table, and JSON with --json FILE.
  */
 #include <signal.h>
@@ -58,6 +59,7 @@ typedef struct {
     uv_sem_t ready;
     rpc_server_t *srv;
     int port;
+    const rpc_tls_t *tls; // a server configuration, or NULL
 } bench_server_t;
 
 static void on_stop(uv_async_t *a)
@@ -75,6 +77,7 @@ static void server_main(void *arg)
     s->stop.data = s;
     rpc_server_params_t p;
     rpc_server_params_default(&p);
+    p.tls = s->tls;
     if (rpc_server_create(&s->loop, &p, &s->srv) == FY_OK &&
         rpc_server_add_service(s->srv, &ferry__v1__ferry__descriptor, k_handlers, k_streaming,
                                NULL) == FY_OK)
@@ -138,7 +141,8 @@ static void start_one(load_t *l)
 }
 
 /* Runs one workload; returns calls/s (unary) or messages/s (stream), or -1 on errors. */
-static double ferry_client_run(int port, bool stream, int conc, double seconds)
+static double ferry_client_run(int port, bool stream, int conc, double seconds,
+                               const rpc_tls_t *tls)
 {
     uv_loop_t loop;
     uv_loop_init(&loop);
@@ -149,6 +153,7 @@ static double ferry_client_run(int port, bool stream, int conc, double seconds)
     rpc_channel_params_default(&p);
     p.addresses = addrs;
     p.n_addresses = 1;
+    p.tls = tls;
     load_t l = {.loop = &loop, .stream = stream};
     double rate = -1;
     if (rpc_channel_create(&loop, &p, &l.ch) == FY_OK) {
@@ -190,7 +195,9 @@ static const workload_t k_work[] = {
     {"stream msgs/s, 64 streams", true, 64},
 };
 
-static const char *k_pairs[] = {"ferry->ferry", "grpcio->grpcio", "ferry->grpcio", "grpcio->ferry"};
+static const char *k_pairs[] = {"ferry->ferry", "grpcio->grpcio", "ferry->grpcio", "grpcio->ferry",
+                                "ferry TLS"};
+enum { N_PAIRS = sizeof(k_pairs) / sizeof(k_pairs[0]) };
 
 /* Starts `python bench_grpcio.py serve`; returns its pid and port, or -1. */
 static pid_t py_serve(const char *python, const char *script, int *port_p)
@@ -241,13 +248,16 @@ static bool py_client(const char *python, const char *script, int port, double s
 static void usage(FILE *out)
 {
     fprintf(out, "usage: ferry-bench rpc [--json FILE] [--seconds S] [--no-python]\n"
+                 "                       [--tls-cert PEM --tls-key PEM --tls-ca PEM]\n"
                  "  unary calls/s and streamed messages/s with 1 and 64 calls in flight,\n"
-                 "  Ferry's rpc layer beside Python grpcio (from $FERRY_SOURCE_ROOT/.venv).\n");
+                 "  Ferry's rpc layer beside Python grpcio (from $FERRY_SOURCE_ROOT/.venv);\n"
+                 "  with the TLS files, Ferry to Ferry over TLS too (tests/fixtures/tls/\n"
+                 "  make_certs.sh DIR makes a set: DIR/chain.crt, DIR/server.key, DIR/ca.crt).\n");
 }
 
 int bench_rpc_main(int argc, char **argv)
 {
-    const char *json_path = NULL;
+    const char *json_path = NULL, *tls_files[3] = {NULL, NULL, NULL}; // cert, key, CA
     double seconds = 2.0;
     bool python = true;
     for (int i = 1; i < argc; i++) {
@@ -261,6 +271,11 @@ int bench_rpc_main(int argc, char **argv)
             }
         } else if (strcmp(argv[i], "--no-python") == 0) {
             python = false;
+        } else if (strncmp(argv[i], "--tls-", 6) == 0 && i + 1 < argc &&
+                   (strcmp(argv[i] + 6, "cert") == 0 || strcmp(argv[i] + 6, "key") == 0 ||
+                    strcmp(argv[i] + 6, "ca") == 0)) {
+            const char *k = argv[i] + 6;
+            tls_files[k[0] == 'c' ? (k[1] == 'e' ? 0 : 2) : 1] = argv[++i];
         } else {
             usage(strcmp(argv[i], "--help") == 0 ? stdout : stderr);
             return strcmp(argv[i], "--help") == 0 ? 0 : 2;
@@ -277,8 +292,26 @@ int bench_rpc_main(int argc, char **argv)
         return 1;
     }
 
-    double rate[4][FY_ARRAY_SIZE(k_work)];
-    for (size_t p = 0; p < 4; p++)
+    rpc_tls_t *stls = NULL, *ctls = NULL;
+    if (tls_files[0] || tls_files[1] || tls_files[2]) {
+        rpc_tls_params_t tp;
+        rpc_tls_params_default(&tp);
+        tp.cert_file = tls_files[0];
+        tp.key_file = tls_files[1];
+        char err[200];
+        fy_status_t st = rpc_tls_create(&tp, &stls, err, sizeof(err));
+        rpc_tls_params_default(&tp);
+        tp.ca_file = tls_files[2];
+        if (st == FY_OK)
+            st = rpc_tls_create(&tp, &ctls, err, sizeof(err));
+        if (st != FY_OK) {
+            fprintf(stderr, "rpc: TLS: %s (--tls-cert, --tls-key and --tls-ca together)\n", err);
+            rpc_tls_destroy(stls);
+            return 2;
+        }
+    }
+    double rate[N_PAIRS][FY_ARRAY_SIZE(k_work)];
+    for (size_t p = 0; p < N_PAIRS; p++)
         for (size_t w = 0; w < FY_ARRAY_SIZE(k_work); w++)
             rate[p][w] = -1;
 
@@ -291,7 +324,17 @@ int bench_rpc_main(int argc, char **argv)
         return 1;
     }
     for (size_t w = 0; w < FY_ARRAY_SIZE(k_work); w++)
-        rate[0][w] = ferry_client_run(s.port, k_work[w].stream, k_work[w].conc, seconds);
+        rate[0][w] = ferry_client_run(s.port, k_work[w].stream, k_work[w].conc, seconds, NULL);
+    if (stls != NULL) { // the same server code over TLS, cell by cell after the cleartext run
+        bench_server_t ts = {.tls = stls};
+        uv_sem_init(&ts.ready, 0);
+        uv_thread_create(&ts.thread, server_main, &ts);
+        uv_sem_wait(&ts.ready);
+        for (size_t w = 0; w < FY_ARRAY_SIZE(k_work) && ts.port != 0; w++)
+            rate[4][w] = ferry_client_run(ts.port, k_work[w].stream, k_work[w].conc, seconds, ctls);
+        uv_async_send(&ts.stop);
+        uv_thread_join(&ts.thread);
+    }
     if (python) {
         double r[4];
         if (py_client(py, script, s.port, seconds, r))
@@ -301,7 +344,8 @@ int bench_rpc_main(int argc, char **argv)
         pid_t pid = py_serve(py, script, &py_port);
         if (pid > 0) {
             for (size_t w = 0; w < FY_ARRAY_SIZE(k_work); w++)
-                rate[2][w] = ferry_client_run(py_port, k_work[w].stream, k_work[w].conc, seconds);
+                rate[2][w] =
+                    ferry_client_run(py_port, k_work[w].stream, k_work[w].conc, seconds, NULL);
             if (py_client(py, script, py_port, seconds, r))
                 for (size_t w = 0; w < 4; w++)
                     rate[1][w] = r[w];
@@ -313,12 +357,12 @@ int bench_rpc_main(int argc, char **argv)
     uv_thread_join(&s.thread);
 
     printf("%-30s", "workload (client->server)");
-    for (size_t p = 0; p < 4; p++)
+    for (size_t p = 0; p < N_PAIRS; p++)
         printf(" %15s", k_pairs[p]);
     printf("\n");
     for (size_t w = 0; w < FY_ARRAY_SIZE(k_work); w++) {
         printf("%-30s", k_work[w].name);
-        for (size_t p = 0; p < 4; p++) {
+        for (size_t p = 0; p < N_PAIRS; p++) {
             if (rate[p][w] < 0)
                 printf(" %15s", "-");
             else
@@ -333,7 +377,7 @@ int bench_rpc_main(int argc, char **argv)
         cJSON_AddNumberToObject(root_j, "stream_messages_per_call", STREAM_MSGS);
         cJSON *arr = cJSON_AddArrayToObject(root_j, "results");
         for (size_t w = 0; w < FY_ARRAY_SIZE(k_work); w++) {
-            for (size_t p = 0; p < 4; p++) {
+            for (size_t p = 0; p < N_PAIRS; p++) {
                 if (rate[p][w] < 0)
                     continue;
                 cJSON *o = cJSON_CreateObject();
@@ -358,5 +402,7 @@ int bench_rpc_main(int argc, char **argv)
         free(text);
         cJSON_Delete(root_j);
     }
+    rpc_tls_destroy(stls);
+    rpc_tls_destroy(ctls);
     return rate[0][0] < 0 ? 1 : 0;
 }

@@ -321,8 +321,12 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
         on_plain(h, (const uint8_t *)buf->base, (size_t)nread);
         return;
     }
+    // One flush after every record of this read, as one cleartext read gets: a burst of
+    // requests is answered in one write, not a write (and a record) each.
+    h->busy++;
     fy_status_t st =
         rpc_tls_conn_recv(h->tls, (const uint8_t *)buf->base, (size_t)nread, on_plain, h);
+    h->busy--;
     if (h->closing)
         return;
     if (st == FY_ERR_TRANSPORT) {
@@ -333,7 +337,8 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
         rpc_h2_close(h); // the peer's close_notify
         return;
     }
-    tls_out(h); // handshake messages
+    if (tls_out(h)) // handshake messages
+        rpc_h2_flush(h);
 }
 
 fy_status_t rpc_h2_start_read(rpc_h2_t *h)
