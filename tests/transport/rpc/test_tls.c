@@ -1,8 +1,9 @@
 // TLS on the gRPC port: calls (unary, a large payload, a stream) through a CA-signed and a
 // pinned self-signed certificate; the refusals a client must see (an unknown certificate, a
-// name that does not match, a cleartext server), a cleartext client and garbage refused by the
-// TLS server without harm to it; HTTP/1.1 GET /healthz inside TLS; bad configurations.
-// Certificates come from tests/fixtures/tls/make_certs.sh, made afresh per run.
+// name that does not match, a cleartext server), a cleartext client, garbage and a record that
+// fails its authentication refused by the TLS server without harm to it; HTTP/1.1 GET /healthz
+// inside TLS; bad configurations. Certificates come from tests/fixtures/tls/make_certs.sh, made
+// afresh per run.
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -292,6 +293,61 @@ static ssize_t tls_exchange(int port, const rpc_tls_t *tls, const char *req, cha
     return got;
 }
 
+static fy_status_t discard(void *arg, const uint8_t *data, size_t len)
+{
+    return FY_OK;
+}
+
+/* After a handshake, a record that fails its authentication (one flipped byte): the server
+ * drops that connection and goes on serving. */
+static void test_bad_record(void **state)
+{
+    rpc_tls_t *st = server_tls("chain.crt", "server.key");
+    echo_thread_t *t = serve(st);
+    rpc_tls_t *ct = client_tls("ca.crt", true);
+    int fd = tcp_connect_local(echo_thread_port(t));
+    assert_true(fd >= 0);
+    rpc_tls_conn_t *c = NULL;
+    assert_int_equal(rpc_tls_conn_create(ct, "127.0.0.1", &c), FY_OK);
+    assert_int_equal(rpc_tls_conn_start(c), FY_OK);
+    uint8_t buf[16384];
+    for (int waited = 0; !rpc_tls_conn_ready(c) && waited < 5000;) {
+        size_t n;
+        while ((n = rpc_tls_conn_take(c, buf, sizeof(buf))) > 0)
+            assert_int_equal(write(fd, buf, n), (ssize_t)n);
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        if (poll(&p, 1, 50) <= 0) {
+            waited += 50;
+            continue;
+        }
+        ssize_t r = read(fd, buf, sizeof(buf));
+        assert_true(r > 0);
+        assert_int_equal(rpc_tls_conn_recv(c, buf, (size_t)r, discard, NULL), FY_OK);
+    }
+    assert_true(rpc_tls_conn_ready(c));
+    assert_string_equal(rpc_tls_conn_alpn(c), "h2");
+    // The client's Finished may still wait; then a record of plaintext, one byte flipped.
+    size_t n;
+    while ((n = rpc_tls_conn_take(c, buf, sizeof(buf))) > 0)
+        assert_int_equal(write(fd, buf, n), (ssize_t)n);
+    static const char preface[] = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    assert_int_equal(rpc_tls_conn_send(c, (const uint8_t *)preface, sizeof(preface) - 1), FY_OK);
+    n = rpc_tls_conn_take(c, buf, sizeof(buf));
+    assert_true(n > 20);
+    buf[n - 3] ^= 0x40;
+    assert_int_equal(write(fd, buf, n), (ssize_t)n);
+    assert_true(wait_closed(fd, 2000));
+    close(fd);
+    rpc_tls_conn_destroy(c);
+    client_t cl;
+    client_open(&cl, "127.0.0.1", echo_thread_port(t), ct);
+    echo_ok(&cl, "still serving", 0);
+    client_close(&cl);
+    echo_thread_stop(t, 1000);
+    rpc_tls_destroy(ct);
+    rpc_tls_destroy(st);
+}
+
 /* GET /healthz inside TLS on the gRPC port (a client that asks for http/1.1 by ALPN). */
 static void test_http_get(void **state)
 {
@@ -346,9 +402,8 @@ static void test_bad_config(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_calls),
-        cmocka_unit_test(test_refusals),
-        cmocka_unit_test(test_http_get),
+        cmocka_unit_test(test_calls),      cmocka_unit_test(test_refusals),
+        cmocka_unit_test(test_bad_record), cmocka_unit_test(test_http_get),
         cmocka_unit_test(test_bad_config),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
