@@ -113,6 +113,244 @@ static void test_invalid(void **state)
     assert_int_equal(first_refused(&j, spaces), MDL_JSON_MAX_WS + 1);
 }
 
+/* ---- a second, independent reading of JSON: recursive descent over a whole text ---- */
+
+typedef struct {
+    const char *s;
+    size_t i, n;
+} rd_t;
+
+static void rd_ws(rd_t *r)
+{
+    while (r->i < r->n && strchr(" \t\n\r", r->s[r->i]) && r->s[r->i])
+        r->i++;
+}
+
+static bool rd_value(rd_t *r, int depth);
+
+static bool rd_string(rd_t *r)
+{
+    if (r->i >= r->n || r->s[r->i] != '"')
+        return false;
+    for (r->i++; r->i < r->n; r->i++) {
+        unsigned char c = (unsigned char)r->s[r->i];
+        if (c == '"') {
+            r->i++;
+            return true;
+        }
+        if (c < 0x20)
+            return false;
+        if (c == '\\') {
+            if (++r->i >= r->n)
+                return false;
+            c = (unsigned char)r->s[r->i];
+            if (c == 'u') {
+                for (int k = 0; k < 4; k++)
+                    if (++r->i >= r->n || !strchr("0123456789abcdefABCDEF", r->s[r->i]) ||
+                        !r->s[r->i])
+                        return false;
+            } else if (!strchr("\"\\/bfnrt", c) || !c) {
+                return false;
+            }
+        }
+    }
+    return false;
+}
+
+static bool rd_digits(rd_t *r)
+{
+    size_t start = r->i;
+    while (r->i < r->n && r->s[r->i] >= '0' && r->s[r->i] <= '9')
+        r->i++;
+    return r->i > start;
+}
+
+static bool rd_number(rd_t *r)
+{
+    if (r->i < r->n && r->s[r->i] == '-')
+        r->i++;
+    if (r->i < r->n && r->s[r->i] == '0')
+        r->i++;
+    else if (!rd_digits(r))
+        return false;
+    if (r->i < r->n && r->s[r->i] == '.') {
+        r->i++;
+        if (!rd_digits(r))
+            return false;
+    }
+    if (r->i < r->n && (r->s[r->i] == 'e' || r->s[r->i] == 'E')) {
+        r->i++;
+        if (r->i < r->n && (r->s[r->i] == '+' || r->s[r->i] == '-'))
+            r->i++;
+        if (!rd_digits(r))
+            return false;
+    }
+    return true;
+}
+
+static bool rd_container(rd_t *r, int depth, bool object)
+{
+    r->i++; // '{' or '['
+    rd_ws(r);
+    if (r->i < r->n && r->s[r->i] == (object ? '}' : ']')) {
+        r->i++;
+        return true;
+    }
+    for (;;) {
+        if (object) {
+            if (!rd_string(r))
+                return false;
+            rd_ws(r);
+            if (r->i >= r->n || r->s[r->i] != ':')
+                return false;
+            r->i++;
+            rd_ws(r);
+        }
+        if (!rd_value(r, depth + 1))
+            return false;
+        rd_ws(r);
+        if (r->i < r->n && r->s[r->i] == ',') {
+            r->i++;
+            rd_ws(r);
+            continue;
+        }
+        if (r->i < r->n && r->s[r->i] == (object ? '}' : ']')) {
+            r->i++;
+            return true;
+        }
+        return false;
+    }
+}
+
+static bool rd_value(rd_t *r, int depth)
+{
+    if (r->i >= r->n || depth > MDL_JSON_MAX_DEPTH)
+        return false;
+    char c = r->s[r->i];
+    if (c == '{' || c == '[')
+        return rd_container(r, depth, c == '{');
+    if (c == '"')
+        return rd_string(r);
+    static const char *const words[] = {"true", "false", "null"};
+    for (int w = 0; w < 3; w++) {
+        size_t l = strlen(words[w]);
+        if (r->n - r->i >= l && memcmp(r->s + r->i, words[w], l) == 0) {
+            r->i += l;
+            return true;
+        }
+    }
+    return rd_number(r);
+}
+
+/* One JSON object, white space before it, nothing after it. */
+static bool rd_object(const char *s, size_t n)
+{
+    rd_t r = {s, 0, n};
+    rd_ws(&r);
+    return r.i < n && s[r.i] == '{' && rd_value(&r, 1) && r.i == n;
+}
+
+/* A random, mostly valid JSON object (depth and white space small). */
+static void gen_value(char *out, size_t *w, size_t cap, uint64_t *x, int depth);
+
+static uint32_t rnd(uint64_t *x, uint32_t n)
+{
+    *x = *x * 6364136223846793005ull + 1442695040888963407ull;
+    return (uint32_t)((*x >> 33) % n);
+}
+
+static void put(char *out, size_t *w, size_t cap, const char *s)
+{
+    size_t l = strlen(s);
+    if (*w + l < cap) {
+        memcpy(out + *w, s, l);
+        *w += l;
+    }
+}
+
+static void gen_ws(char *out, size_t *w, size_t cap, uint64_t *x)
+{
+    static const char *const k_ws[] = {"", "", "", " ", "\n", "  ", "\t", "\r\n"};
+    put(out, w, cap, k_ws[rnd(x, 8)]);
+}
+
+static void gen_object(char *out, size_t *w, size_t cap, uint64_t *x, int depth, bool object)
+{
+    static const char *const k_keys[] = {"\"a\"", "\"key\"", "\"\\u00e9\"", "\"\"", "\"x y\""};
+    put(out, w, cap, object ? "{" : "[");
+    int n = depth > 3 ? 0 : (int)rnd(x, 4);
+    for (int i = 0; i < n; i++) {
+        gen_ws(out, w, cap, x);
+        if (object) {
+            put(out, w, cap, k_keys[rnd(x, 5)]);
+            gen_ws(out, w, cap, x);
+            put(out, w, cap, ":");
+            gen_ws(out, w, cap, x);
+        }
+        gen_value(out, w, cap, x, depth + 1);
+        gen_ws(out, w, cap, x);
+        if (i + 1 < n)
+            put(out, w, cap, ",");
+    }
+    put(out, w, cap, object ? "}" : "]");
+}
+
+static void gen_value(char *out, size_t *w, size_t cap, uint64_t *x, int depth)
+{
+    static const char *const k_atoms[] = {"0",        "-1",          "12.5",         "1e9",
+                                          "-0.25E-3", "true",        "null",         "false",
+                                          "\"s\"",    "\"\\n\\\"\"", "\"\xc3\xa9\"", "3"};
+    uint32_t k = rnd(x, 16);
+    if (k < 12)
+        put(out, w, cap, k_atoms[k]);
+    else
+        gen_object(out, w, cap, x, depth, k < 14);
+}
+
+/* Both readings agree on random texts: valid objects (every prefix of them accepted, the
+ * whole complete) and the same texts with a byte changed, dropped or added. */
+static void test_against_recursive_descent(void **state)
+{
+    static const char k_bytes[] = "{}[]:,\" \\/0123456789.-+eEtrufalsn \n\x01a\xc3";
+    uint64_t x = 12345;
+    int agree_valid = 0, agree_invalid = 0;
+    for (int it = 0; it < 20000; it++) {
+        char s[1024];
+        size_t n = 0;
+        gen_ws(s, &n, sizeof(s), &x);
+        gen_object(s, &n, sizeof(s), &x, 1, true);
+        s[n] = '\0';
+        if (it % 2 == 1) { // damage it
+            uint32_t at = rnd(&x, (uint32_t)n), how = rnd(&x, 3);
+            char b = k_bytes[rnd(&x, sizeof(k_bytes) - 1)];
+            if (how == 0) {
+                s[at] = b;
+            } else if (how == 1) {
+                memmove(s + at, s + at + 1, n - at);
+                n--;
+            } else if (n + 1 < sizeof(s)) {
+                memmove(s + at + 1, s + at, n - at + 1);
+                s[at] = b;
+                n++;
+            }
+            s[n] = '\0';
+        }
+        const bool want = rd_object(s, n);
+        mdl_json_t j;
+        mdl_json_init(&j);
+        bool prefix = true;
+        for (size_t i = 0; i < n && prefix; i++)
+            prefix = mdl_json_feed(&j, (const uint8_t *)s + i, 1);
+        const bool got = prefix && mdl_json_complete(&j);
+        if (got != want)
+            fail_msg("disagree on %zu bytes \"%s\": recognizer %d, recursive descent %d", n, s, got,
+                     want);
+        *(want ? &agree_valid : &agree_invalid) += 1;
+    }
+    fprintf(stderr, "agreed on %d valid and %d invalid texts\n", agree_valid, agree_invalid);
+    assert_true(agree_valid > 5000 && agree_invalid > 2000);
+}
+
 /* The mask over the tiny model's byte-level vocabulary: at the start only tokens that open the
  * object (its '{' token, white space), never a special token; once complete, only the stops. */
 static void test_mask(void **state)
@@ -217,6 +455,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_valid),
         cmocka_unit_test(test_invalid),
+        cmocka_unit_test(test_against_recursive_descent),
         cmocka_unit_test(test_mask),
         cmocka_unit_test(test_sampler_json),
     };
