@@ -28,6 +28,8 @@
 #define OAI_MAX_ID       64    // response id, "chatcmpl-" and 32 hex digits fit
 #define OAI_MAX_AUTH     512   // longest Authorization header value kept
 #define OAI_MAX_N        16    // choices a request may ask for ("n")
+#define OAI_MAX_PROMPTS      64    // prompts of one completions request (a batch)
+#define OAI_MAX_CHOICES      64    // prompts x n
 #define OAI_MAX_TOP_LOGPROBS 20    // alternatives a token's log-probability may come with
 #define OAI_MAX_LOGIT_BIAS   300   // tokens a logit_bias object may name (as the router takes)
 
@@ -85,11 +87,14 @@ typedef struct {
     Ferry__V1__SamplingParams sampling;
     Ferry__V1__CodecParams codec;
     Ferry__V1__ChatMessages chat;
-    Ferry__V1__TokenIds ids;
+    Ferry__V1__TokenIds ids[OAI_MAX_PROMPTS]; // completions: the prompts given as token ids
     Ferry__V1__ChatMessage *messages;   // [chat.n_messages]
     Ferry__V1__ChatMessage **message_p; // [chat.n_messages]
     char **joined;                      // [chat.n_messages] contents joined from parts, or NULL
-    uint32_t *id_buf;                   // [ids.n_ids]
+    uint32_t *id_buf[OAI_MAX_PROMPTS];  // [ids[p].n_ids]
+    const char *texts[OAI_MAX_PROMPTS]; // completions: the prompts given as text (in root)
+    uint32_t n_prompts;                 // completions: 1..OAI_MAX_PROMPTS (chat: 1)
+    uint32_t n_choices;                 // n x n_prompts; choice i is prompt i / n's i % n-th
     uint32_t *stop_ids;                 // [sampling.n_stop_token_ids]
     Ferry__V1__LogitBias *bias;         // [sampling.n_logit_bias]
     Ferry__V1__LogitBias **bias_p;      // [sampling.n_logit_bias]
@@ -97,8 +102,8 @@ typedef struct {
     bool stream, include_usage;
     bool echo;         // completions: the prompt comes first in the text (and logprobs)
     bool logprobs;     // the answer carries each token's log-probability (sampling.logprobs)
-    bool has_seed;     // "seed" given: choice i samples with seed + i
-    uint32_t n;        // choices, 1..OAI_MAX_N
+    bool has_seed;     // "seed" given: a prompt's choice k samples with seed + k
+    uint32_t n;        // choices per prompt, 1..OAI_MAX_N
     const char *model; // as requested, or NULL
 } oai_request_t;
 
@@ -107,6 +112,8 @@ typedef struct {
 int oai_request_parse(oai_request_t *r, oai_kind_t kind, const char *body, size_t len, char *err,
                       size_t err_len);
 void oai_request_clear(oai_request_t *r);
+/* Points msg at prompt p (< n_prompts) of a completions request. Thread: any. */
+void oai_request_select(oai_request_t *r, uint32_t p);
 
 /* ---- JSON answers (malloc'd text, NULL when out of memory) --------------------------------- */
 

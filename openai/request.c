@@ -5,7 +5,8 @@
  *   model                      GenerateRequest.model (the router checks the name)
  *   messages (chat)            ChatMessages: role system|developer|user|assistant, content a
  *                              string, null, or an array of {"type":"text","text":...} parts
- *   prompt (completion)        a string, [string], [token ids] or [[token ids]]
+ *   prompt (completion)        a string or [token ids]; or a batch of up to 64: [string, ...]
+ *                              or [[token ids], ...], each prompt with its own n choices
  *   max_tokens, max_completion_tokens, temperature, top_p, seed, stop, ignore_eos,
  *   top_k (-1 or 0 = off), repetition_penalty, stop_token_ids      SamplingParams
  *   stream, stream_options.include_usage           how the answer is sent
@@ -393,35 +394,78 @@ static int parse_messages(oai_request_t *r, const cJSON *msgs, char *err, size_t
     return 0;
 }
 
-static int parse_ids(oai_request_t *r, const cJSON *arr, char *err, size_t err_len)
+/* Prompt p as token ids (an array of integers). */
+static int parse_ids(oai_request_t *r, uint32_t p, const cJSON *arr, char *err, size_t err_len)
 {
-    int rc = token_ids(arr, "prompt", &r->id_buf, err, err_len);
+    if (!cJSON_IsArray(arr) || cJSON_GetArraySize(arr) == 0)
+        return bad(err, err_len, "'%s' token-id prompts must be non-empty arrays", "prompt");
+    int rc = token_ids(arr, "prompt", &r->id_buf[p], err, err_len);
     if (rc)
         return rc;
-    r->ids.n_ids = (size_t)cJSON_GetArraySize(arr);
-    r->ids.ids = r->id_buf;
-    r->msg.input_case = FERRY__V1__GENERATE_REQUEST__INPUT_PROMPT_TOKEN_IDS;
-    r->msg.prompt_token_ids = &r->ids;
+    ferry__v1__token_ids__init(&r->ids[p]);
+    r->ids[p].n_ids = (size_t)cJSON_GetArraySize(arr);
+    r->ids[p].ids = r->id_buf[p];
     return 0;
 }
 
+void oai_request_select(oai_request_t *r, uint32_t p)
+{
+    if (r->texts[p] != NULL) {
+        r->msg.input_case = FERRY__V1__GENERATE_REQUEST__INPUT_PROMPT;
+        r->msg.prompt = (char *)r->texts[p];
+    } else {
+        r->msg.input_case = FERRY__V1__GENERATE_REQUEST__INPUT_PROMPT_TOKEN_IDS;
+        r->msg.prompt_token_ids = &r->ids[p];
+    }
+}
+
+/* "prompt": a string, token ids, or a batch: an array of strings or of token-id arrays (at
+ * most OAI_MAX_PROMPTS, each answered with its own n choices). */
 static int parse_prompt(oai_request_t *r, const cJSON *p, char *err, size_t err_len)
 {
     static const char k_shape[] =
-        "'%s' must be a string, [string], [token ids] or [[token ids]] (one prompt a request)";
-    if (cJSON_IsArray(p) && cJSON_GetArraySize(p) == 1 &&
-        (cJSON_IsString(p->child) || cJSON_IsArray(p->child)))
-        p = p->child; // one prompt in a batch of one
+        "'%s' must be a string, [token ids], or an array of strings or of [token ids]";
+    r->n_prompts = 1;
     if (cJSON_IsString(p)) {
-        r->msg.input_case = FERRY__V1__GENERATE_REQUEST__INPUT_PROMPT;
-        r->msg.prompt = p->valuestring;
-        return 0;
+        r->texts[0] = p->valuestring;
+    } else if (!cJSON_IsArray(p) || cJSON_GetArraySize(p) == 0) {
+        return bad(err, err_len, k_shape, "prompt");
+    } else if (cJSON_IsNumber(p->child)) {
+        int rc = parse_ids(r, 0, p, err, err_len);
+        if (rc)
+            return rc;
+    } else {
+        int n = cJSON_GetArraySize(p);
+        if (n > OAI_MAX_PROMPTS) {
+            snprintf(err, err_len, "'prompt' has more than %d prompts", OAI_MAX_PROMPTS);
+            return 400;
+        }
+        const bool text = cJSON_IsString(p->child);
+        uint32_t k = 0;
+        const cJSON *e;
+        cJSON_ArrayForEach(e, p)
+        {
+            if (text ? !cJSON_IsString(e) : !cJSON_IsArray(e))
+                return bad(err, err_len, k_shape, "prompt");
+            if (text) {
+                r->texts[k] = e->valuestring;
+            } else {
+                int rc = parse_ids(r, k, e, err, err_len);
+                if (rc)
+                    return rc;
+            }
+            k++;
+        }
+        r->n_prompts = k;
     }
-    if (!cJSON_IsArray(p) || cJSON_GetArraySize(p) == 0)
-        return bad(err, err_len, k_shape, "prompt");
-    if (!cJSON_IsNumber(p->child))
-        return bad(err, err_len, k_shape, "prompt");
-    return parse_ids(r, p, err, err_len);
+    if (r->n_prompts * r->n > OAI_MAX_CHOICES) {
+        snprintf(err, err_len, "%u prompts of 'n' %u: more than %d choices", r->n_prompts, r->n,
+                 OAI_MAX_CHOICES);
+        return 400;
+    }
+    r->n_choices = r->n_prompts * r->n;
+    oai_request_select(r, 0);
+    return 0;
 }
 
 int oai_request_parse(oai_request_t *r, oai_kind_t kind, const char *body, size_t len, char *err,
@@ -430,11 +474,12 @@ int oai_request_parse(oai_request_t *r, oai_kind_t kind, const char *body, size_
     memset(r, 0, sizeof(*r));
     r->kind = kind;
     r->n = 1;
+    r->n_prompts = 1;
+    r->n_choices = 1;
     ferry__v1__generate_request__init(&r->msg);
     ferry__v1__sampling_params__init(&r->sampling);
     ferry__v1__codec_params__init(&r->codec);
     ferry__v1__chat_messages__init(&r->chat);
-    ferry__v1__token_ids__init(&r->ids);
     r->msg.sampling = &r->sampling;
     r->msg.codec = &r->codec;
     if (body == NULL || body[len] != '\0' || memchr(body, '\0', len) != NULL)
@@ -456,7 +501,9 @@ int oai_request_parse(oai_request_t *r, oai_kind_t kind, const char *body, size_
         const cJSON *msgs = member(r->root, "messages");
         if (msgs == NULL)
             return bad(err, err_len, "'%s' is required", "messages");
-        return parse_messages(r, msgs, err, err_len);
+        rc = parse_messages(r, msgs, err, err_len);
+        r->n_choices = r->n; // one conversation
+        return rc;
     }
     const cJSON *p = member(r->root, "prompt");
     if (p == NULL)
@@ -480,7 +527,8 @@ void oai_request_clear(oai_request_t *r)
     free(r->joined);
     free(r->messages);
     free(r->message_p);
-    free(r->id_buf);
+    for (uint32_t p = 0; p < OAI_MAX_PROMPTS; p++)
+        free(r->id_buf[p]);
     free(r->stop_ids);
     free(r->bias);
     free(r->bias_p);

@@ -55,6 +55,7 @@ typedef struct {
     cJSON *logprobs;                // non-streamed answer's, with req.logprobs
     size_t lp_offset;               // completions' text_offset so far
     bool echoed;                    // req.echo: the prompt went into text (and logprobs)
+    uint32_t prompt;                // completions: the prompt it answers (req.texts / ids)
 } oai_choice_t;
 
 struct oai_conn {
@@ -78,7 +79,7 @@ struct oai_conn {
     bool keep_alive, headers_sent, upstream_serving;
     char id[OAI_MAX_ID];
     int64_t created;
-    oai_choice_t choices[OAI_MAX_N];   // a generation's, req.n of them
+    oai_choice_t choices[OAI_MAX_CHOICES]; // a generation's, req.n_choices of them
     uint32_t running;                  // choices whose call has not ended
     bool cancelling;                   // inside cancel_choices: done callbacks only count down
     int error_code;                    // the first failed choice's gRPC code, 0 = none
@@ -270,7 +271,7 @@ static const char *answer_model(const oai_conn_t *c)
 static void exchange_end(oai_conn_t *c)
 {
     oai_request_clear(&c->req);
-    for (uint32_t i = 0; i < OAI_MAX_N; i++) {
+    for (uint32_t i = 0; i < OAI_MAX_CHOICES; i++) {
         oai_choice_t *ch = &c->choices[i];
         free(ch->text);
         cJSON_Delete(ch->logprobs);
@@ -315,7 +316,7 @@ static void start_stream(oai_conn_t *c)
                       c->chunked ? "Transfer-Encoding: chunked\r\n" : "",
                       c->keep_alive ? "keep-alive" : "close");
     conn_send(c, head, (size_t)hn);
-    for (uint32_t i = 0; i < c->req.n && c->req.kind == OAI_CHAT; i++) // the role first
+    for (uint32_t i = 0; i < c->req.n_choices && c->req.kind == OAI_CHAT; i++) // the role first
         send_event_json(c, oai_render_chunk(OAI_CHAT, c->id, c->created, answer_model(c), i,
                                             "assistant", "", 0, NULL, NULL, c->req.include_usage));
 }
@@ -355,8 +356,9 @@ static bool choice_text(oai_choice_t *ch, const char *text, size_t n)
 static bool echo_prompt(oai_conn_t *c, oai_choice_t *ch, const Ferry__V1__GenerateResponse *r)
 {
     ch->echoed = true;
-    if (c->req.msg.input_case == FERRY__V1__GENERATE_REQUEST__INPUT_PROMPT) {
-        if (!choice_text(ch, c->req.msg.prompt, strlen(c->req.msg.prompt)))
+    const char *text = c->req.texts[ch->prompt];
+    if (text != NULL) {
+        if (!choice_text(ch, text, strlen(text)))
             return false;
     } else {
         // The tokens' bytes together (a character may span tokens), then made valid UTF-8.
@@ -455,31 +457,35 @@ static void send_finish_chunk(oai_conn_t *c, oai_choice_t *ch)
 static void cancel_choices(oai_conn_t *c)
 {
     c->cancelling = true;
-    for (uint32_t i = 0; i < c->req.n; i++)
+    for (uint32_t i = 0; i < c->req.n_choices; i++)
         if (c->choices[i].call != NULL)
             ferry_call_cancel(c->choices[i].call);
     c->cancelling = false;
 }
 
-/* The usage of all choices into *sum: the prompt once, the completions and KV bytes summed.
+/* The usage of all choices into *sum: each prompt once, the completions and KV bytes summed.
  * Returns sum, or NULL when no choice reported any. */
 static const Ferry__V1__RequestStats *sum_stats(const oai_conn_t *c, Ferry__V1__RequestStats *sum)
 {
     ferry__v1__request_stats__init(sum);
     bool first = true;
-    for (uint32_t i = 0; i < c->req.n; i++) {
+    uint32_t prompt_tokens = 0;
+    for (uint32_t i = 0; i < c->req.n_choices; i++) {
         const Ferry__V1__RequestStats *st = c->choices[i].stats;
         if (st == NULL)
             continue;
         if (first) {
-            *sum = *st; // the first choice's figures (prompt, policy, times)
+            *sum = *st; // the first choice's figures (policy, times)
             sum->completion_tokens = sum->kv_raw_bytes = sum->kv_wire_bytes = 0;
             first = false;
         }
+        if (i % c->req.n == 0) // a prompt's first choice: its prompt
+            prompt_tokens += st->prompt_tokens;
         sum->completion_tokens += st->completion_tokens;
         sum->kv_raw_bytes += st->kv_raw_bytes;
         sum->kv_wire_bytes += st->kv_wire_bytes;
     }
+    sum->prompt_tokens = prompt_tokens;
     return first ? NULL : sum;
 }
 
@@ -490,13 +496,13 @@ static void finish_generation(oai_conn_t *c)
     const Ferry__V1__RequestStats *st = sum_stats(c, &sum);
     if (!c->req.stream) {
         if (c->error_code == 0) {
-            oai_choice_out_t out[OAI_MAX_N];
-            for (uint32_t i = 0; i < c->req.n; i++)
+            oai_choice_out_t out[OAI_MAX_CHOICES];
+            for (uint32_t i = 0; i < c->req.n_choices; i++)
                 out[i] = (oai_choice_out_t){c->choices[i].text, c->choices[i].text_len,
                                             c->choices[i].finish, c->choices[i].logprobs};
             respond_json(c, 200,
                          oai_render_completion(c->req.kind, c->id, c->created, answer_model(c), out,
-                                               c->req.n, st),
+                                               c->req.n_choices, st),
                          c->keep_alive);
         } else {
             respond_error(c, oai_http_status(c->error_code), c->error, c->keep_alive);
@@ -512,7 +518,7 @@ static void finish_generation(oai_conn_t *c)
         }
         start_stream(c);
     }
-    for (uint32_t i = 0; i < c->req.n && c->error_code == 0; i++)
+    for (uint32_t i = 0; i < c->req.n_choices && c->error_code == 0; i++)
         if (!c->choices[i].finish_sent) // ended before the stream began
             send_finish_chunk(c, &c->choices[i]);
     if (c->error_code == 0 && c->req.include_usage)
@@ -620,19 +626,23 @@ static void start_generate(oai_conn_t *c, oai_kind_t kind)
     }
     make_id(c, kind == OAI_CHAT ? "chatcmpl-" : "cmpl-");
     c->created = (int64_t)time(NULL);
-    // One Generate call a choice; with n > 1 each has its own request id and, when seeded,
-    // seed + i (the message is packed when the call starts, so it can change between calls).
+    // One Generate call a choice: choice i is prompt i / n's (i % n)-th; with several each has
+    // its own request id and, when seeded, seed + i % n (the message is packed when the call
+    // starts, so it can change between calls).
     ferry_call_opts_t o = {.timeout_ms = c->srv->params.request_timeout_ms};
     uint64_t seed = c->req.sampling.seed;
     char rid[OAI_MAX_ID + 16];
-    for (uint32_t i = 0; i < c->req.n; i++) {
+    for (uint32_t i = 0; i < c->req.n_choices; i++) {
         oai_choice_t *ch = &c->choices[i];
         ch->conn = c;
         ch->index = i;
-        snprintf(rid, sizeof(rid), c->req.n > 1 ? "%s-%u" : "%s", c->id, i);
+        ch->prompt = i / c->req.n;
+        snprintf(rid, sizeof(rid), c->req.n_choices > 1 ? "%s-%u" : "%s", c->id, i);
         c->req.msg.request_id = rid;
+        if (kind == OAI_COMPLETION)
+            oai_request_select(&c->req, ch->prompt);
         if (c->req.has_seed)
-            c->req.sampling.seed = seed + i;
+            c->req.sampling.seed = seed + i % c->req.n;
         int rv = ferry_call_async(c->srv->client, "/ferry.v1.Ferry/Generate", &c->req.msg.base,
                                   &ferry__v1__generate_response__descriptor, &o, on_generate_msg,
                                   on_generate_done, ch, &ch->call);

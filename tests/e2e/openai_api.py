@@ -186,6 +186,18 @@ def main():
             obj = None
         check("response_format json_object", isinstance(obj, dict)
               and r.choices[0].finish_reason == "stop", r.choices[0].message.content)
+        # A batch of prompts (lm-eval sends them with batch_size > 1): choice i answers prompt i
+        # as it would alone; usage counts each prompt.
+        single = [client.completions.create(model="smollm2", prompt=p, max_tokens=6,
+                                            temperature=0) for p in ("The capital of France is",
+                                                                     "Once upon a time")]
+        r = client.completions.create(model="smollm2", max_tokens=6, temperature=0,
+                                      prompt=["The capital of France is", "Once upon a time"])
+        check("a batch of two prompts",
+              [ch.index for ch in r.choices] == [0, 1]
+              and [ch.text for ch in r.choices] == [s.choices[0].text for s in single]
+              and r.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in single),
+              ([ch.text for ch in r.choices], r.usage))
         # A stop string ends the text before it.
         r = client.completions.create(model="smollm2", prompt="The capital of France is",
                                       max_tokens=12, temperature=0, stop=["Paris"])

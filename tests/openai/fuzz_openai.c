@@ -20,7 +20,8 @@ static void body(oai_kind_t kind, const char *data, size_t len)
                            : r.msg.input_case == FERRY__V1__GENERATE_REQUEST__INPUT_CHAT
                                ? r.msg.chat->messages[0]->content
                                : "";
-        if (r.n < 1 || r.n > OAI_MAX_N)
+        if (r.n < 1 || r.n > OAI_MAX_N || r.n_prompts < 1 || r.n_prompts > OAI_MAX_PROMPTS ||
+            r.n_choices != r.n * r.n_prompts || r.n_choices > OAI_MAX_CHOICES)
             abort();
         oai_choice_out_t out[OAI_MAX_N];
         for (uint32_t i = 0; i < r.n; i++)

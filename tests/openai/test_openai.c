@@ -246,6 +246,36 @@ static void test_completion_prompts(void **state)
         assert_int_equal(r.msg.prompt_token_ids->ids[2], 4294967295u);
         oai_request_clear(&r);
     }
+    // A batch: prompts as text or token ids, n choices each, msg pointed at one by select.
+    assert_int_equal(parse(&r, OAI_COMPLETION, "{\"prompt\":[\"a\",\"b\",\"c\"],\"n\":2}", err), 0);
+    assert_int_equal(r.n_prompts, 3);
+    assert_int_equal(r.n_choices, 6);
+    assert_string_equal(r.msg.prompt, "a");
+    oai_request_select(&r, 2);
+    assert_int_equal(r.msg.input_case, FERRY__V1__GENERATE_REQUEST__INPUT_PROMPT);
+    assert_string_equal(r.msg.prompt, "c");
+    oai_request_clear(&r);
+    assert_int_equal(parse(&r, OAI_COMPLETION, "{\"prompt\":[[1,2],[3]]}", err), 0);
+    assert_int_equal(r.n_prompts, 2);
+    oai_request_select(&r, 1);
+    assert_int_equal(r.msg.input_case, FERRY__V1__GENERATE_REQUEST__INPUT_PROMPT_TOKEN_IDS);
+    assert_int_equal(r.msg.prompt_token_ids->n_ids, 1);
+    assert_int_equal(r.msg.prompt_token_ids->ids[0], 3);
+    oai_request_clear(&r);
+    // At most 64 prompts and 64 choices in all.
+    char body[2048];
+    size_t len = (size_t)sprintf(body, "{\"prompt\":[");
+    for (int i = 0; i < 65; i++)
+        len += (size_t)sprintf(body + len, "%s\"p\"", i ? "," : "");
+    sprintf(body + len, "]}");
+    assert_int_equal(parse(&r, OAI_COMPLETION, body, err), 400);
+    assert_non_null(strstr(err, "more than 64 prompts"));
+    oai_request_clear(&r);
+    assert_int_equal(
+        parse(&r, OAI_COMPLETION, "{\"prompt\":[\"a\",\"b\",\"c\",\"d\",\"e\"],\"n\":16}", err),
+        400);
+    assert_non_null(strstr(err, "more than 64 choices"));
+    oai_request_clear(&r);
 }
 
 static void test_refusals(void **state)
@@ -265,8 +295,10 @@ static void test_refusals(void **state)
          "only text parts"},
         {OAI_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":7}]}", "'content'"},
         {OAI_COMPLETION, "{}", "'prompt' is required"},
-        {OAI_COMPLETION, "{\"prompt\":[\"a\",\"b\"]}", "one prompt"},
-        {OAI_COMPLETION, "{\"prompt\":[]}", "one prompt"},
+        {OAI_COMPLETION, "{\"prompt\":[\"a\",[1]]}", "array of strings"},
+        {OAI_COMPLETION, "{\"prompt\":[[1],\"a\"]}", "array of strings"},
+        {OAI_COMPLETION, "{\"prompt\":[[1],[]]}", "non-empty"},
+        {OAI_COMPLETION, "{\"prompt\":[]}", "array of strings"},
         {OAI_COMPLETION, "{\"prompt\":[1,-2]}", "token ids"},
         {OAI_COMPLETION, "{\"prompt\":[1,2.5]}", "token ids"},
         {OAI_COMPLETION, "{\"prompt\":[1,\"a\"]}", "token ids"},
