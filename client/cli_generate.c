@@ -36,42 +36,45 @@ static void tune_blas(int argc, char **argv, const char *sub)
 
 static void usage(FILE *out)
 {
-    fprintf(out,
-            "usage: ferry generate --router HOST:PORT [options] \"prompt\"\n"
-            "       ferry generate HOST:PORT [options] \"prompt\"\n"
-            "       ferry generate --local --model PATH [options] \"prompt\"\n"
-            "  --router HOST:PORT    generate through this router (ferry-router)\n"
-            "  --local               run the model in this process\n"
-            "  --model PATH          GGUF model file (with --local)\n"
-            "  --chat                wrap the prompt in the model's chat template\n"
-            "  --system TEXT         system message (with --chat)\n"
-            "  --max-tokens N        tokens to generate (default 256)\n"
-            "  --temperature T       0 = greedy (default 0.7)\n"
-            "  --top-k K             0 = off (default 40)\n"
-            "  --top-p P             1 = off (default 0.95)\n"
-            "  --repeat-penalty R    1 = off (default 1.0)\n"
-            "  --presence-penalty P  each generated token's logit lowered by P once (-2..2)\n"
-            "  --frequency-penalty F ... and by F per occurrence (-2..2; default 0: off)\n"
-            "  --seed S              sampling seed (default 0x5eed)\n"
-            "  --threads N           worker threads (default: all CPUs; --local)\n"
-            "  --device cpu|cuda     where the model runs (default cpu; --local)\n"
-            "  --stop TEXT           stop string (repeatable; remote)\n"
-            "  --policy NAME         KV codec policy for the transfer (remote; default: the "
-            "worker's)\n"
-            "  --budget B            KV codec budget in (0, 1] (remote)\n"
-            "  --timeout DURATION    deadline of a remote request (default 300s)\n"
-            "  --token TOKEN         bearer token for the router (default: $FERRY_TOKEN, else\n"
-            "                        $FERRY_API_KEY: the router's --api-key)\n"
-            "  --tls-ca FILE         TLS to the router, verified with the PEM certificates in\n"
-            "                        FILE (default: $FERRY_TLS_CA; unset = cleartext)\n"
-            "  --tls-any-name        accept a certificate FILE verifies whatever host it names\n"
-            "  --ids                 print the generated token ids to stderr (remote)\n"
-            "  --logprobs N          print each token's log-probability and its N most likely\n"
-            "                        alternatives (0-20) to stderr, with the sum (remote)\n"
-            "  --score TEXT          the completion is TEXT (tokenized on its own): print its\n"
-            "                        tokens' log-probabilities as --logprobs does (remote)\n"
-            "  --json                JSON mode: the completion is one JSON object\n"
-            "  --stats               print TTFT, speed and KV transfer figures to stderr\n");
+    fprintf(
+        out,
+        "usage: ferry generate --router HOST:PORT [options] \"prompt\"\n"
+        "       ferry generate HOST:PORT [options] \"prompt\"\n"
+        "       ferry generate --local --model PATH [options] \"prompt\"\n"
+        "  --router HOST:PORT    generate through this router (ferry-router)\n"
+        "  --local               run the model in this process\n"
+        "  --model PATH          GGUF model file (with --local)\n"
+        "  --chat                wrap the prompt in the model's chat template\n"
+        "  --system TEXT         system message (with --chat)\n"
+        "  --max-tokens N        tokens to generate (default 256)\n"
+        "  --temperature T       0 = greedy (default 0.7)\n"
+        "  --top-k K             0 = off (default 40)\n"
+        "  --top-p P             1 = off (default 0.95)\n"
+        "  --repeat-penalty R    1 = off (default 1.0)\n"
+        "  --presence-penalty P  each generated token's logit lowered by P once (-2..2)\n"
+        "  --frequency-penalty F ... and by F per occurrence (-2..2; default 0: off)\n"
+        "  --seed S              sampling seed (default 0x5eed)\n"
+        "  --threads N           worker threads (default: all CPUs; --local)\n"
+        "  --device cpu|cuda     where the model runs (default cpu; --local)\n"
+        "  --stop TEXT           stop string (repeatable; remote)\n"
+        "  --policy NAME         KV codec policy for the transfer (remote; default: the "
+        "worker's)\n"
+        "  --budget B            KV codec budget in (0, 1] (remote)\n"
+        "  --timeout DURATION    deadline of a remote request (default 300s)\n"
+        "  --token TOKEN         bearer token for the router (default: $FERRY_TOKEN, else\n"
+        "                        $FERRY_API_KEY: the router's --api-key)\n"
+        "  --tls-ca FILE         TLS to the router, verified with the PEM certificates in\n"
+        "                        FILE (default: $FERRY_TLS_CA; unset = cleartext)\n"
+        "  --tls-any-name        accept a certificate FILE verifies whatever host it names\n"
+        "  --ids                 print the generated token ids to stderr (remote)\n"
+        "  --logprobs N          print each token's log-probability and its N most likely\n"
+        "                        alternatives (0-20) to stderr, with the sum (remote)\n"
+        "  --score TEXT          the completion is TEXT (tokenized on its own): print its\n"
+        "                        tokens' log-probabilities as --logprobs does (remote)\n"
+        "  --json                JSON mode: the completion is one JSON object\n"
+        "  --prompt-logprobs     print each prompt token's log-probability given those\n"
+        "                        before it (the prefill worker's, FP16), with the sum (remote)\n"
+        "  --stats               print TTFT, speed and KV transfer figures to stderr\n");
 }
 
 static bool parse_num(const char *s, double lo, double hi, double *v)
@@ -87,7 +90,7 @@ static bool parse_num(const char *s, double lo, double hi, double *v)
 
 typedef struct {
     const char *router, *prompt, *system, *policy, *token, *tls_ca;
-    bool chat, stats, show_ids, tls_any_name, json;
+    bool chat, stats, show_ids, tls_any_name, json, prompt_logprobs;
     double budget;
     uint64_t timeout_ms;
     const char *const *stops;
@@ -108,6 +111,10 @@ typedef struct {
     char *lp_text;
     size_t lp_len, lp_tokens;
     double lp_sum;
+    FILE *plp; // --prompt-logprobs: the prompt's lines, likewise
+    char *plp_text;
+    size_t plp_len, plp_tokens;
+    double plp_sum;
 } remote_state_t;
 
 /* A token's bytes in quotes, C-escaped where not printable ASCII. */
@@ -128,22 +135,32 @@ static void put_token(FILE *f, const ProtobufCBinaryData *t)
     fputc('"', f);
 }
 
-/* One line per token: its log-probability, the token, then the alternatives. */
-static void put_logprobs(remote_state_t *st, const Ferry__V1__GenerateResponse *m)
+/* One line per token: its log-probability, the token, then the alternatives; the sum and
+ * count of those with a log-probability (a prompt's first token has none). */
+static void put_logprobs(FILE *f, Ferry__V1__TokenLogprob *const *es, size_t n, double *sum,
+                         size_t *count)
 {
-    for (size_t i = 0; st->lp != NULL && i < m->n_logprobs; i++) {
-        const Ferry__V1__TokenLogprob *e = m->logprobs[i];
-        fprintf(st->lp, "%10.4f  ", (double)e->logprob);
-        put_token(st->lp, &e->token);
+    for (size_t i = 0; f != NULL && i < n; i++) {
+        const Ferry__V1__TokenLogprob *e = es[i];
+        fprintf(f, "%10.4f  ", (double)e->logprob);
+        put_token(f, &e->token);
         for (size_t k = 0; k < e->n_top; k++) {
-            fputs(k == 0 ? "  | " : ", ", st->lp);
-            put_token(st->lp, &e->top[k]->token);
-            fprintf(st->lp, " %.4f", (double)e->top[k]->logprob);
+            fputs(k == 0 ? "  | " : ", ", f);
+            put_token(f, &e->top[k]->token);
+            fprintf(f, " %.4f", (double)e->top[k]->logprob);
         }
-        fputc('\n', st->lp);
-        st->lp_sum += e->logprob;
-        st->lp_tokens++;
+        fputc('\n', f);
+        if (e->logprob == e->logprob) {
+            *sum += e->logprob;
+            (*count)++;
+        }
     }
+}
+
+static void put_summary(const char *what, size_t n, double sum)
+{
+    fprintf(stderr, "%s: %zu tokens, sum %.4f, mean %.4f (perplexity %.3f)\n", what, n, sum,
+            n ? sum / (double)n : 0.0, n ? exp(-sum / (double)n) : 1.0);
 }
 
 static int on_chunk(void *arg, const Ferry__V1__GenerateResponse *m)
@@ -158,7 +175,8 @@ static int on_chunk(void *arg, const Ferry__V1__GenerateResponse *m)
     if (st->o->show_ids)
         for (size_t i = 0; i < m->n_token_ids; i++)
             fprintf(stderr, "%s%u", i == 0 && st->n_msgs == 1 ? "ids:" : " ", m->token_ids[i]);
-    put_logprobs(st, m);
+    put_logprobs(st->lp, m->logprobs, m->n_logprobs, &st->lp_sum, &st->lp_tokens);
+    put_logprobs(st->plp, m->prompt_logprobs, m->n_prompt_logprobs, &st->plp_sum, &st->plp_tokens);
     if (m->stats != NULL) {
         st->stats = *m->stats;
         snprintf(st->policy, sizeof(st->policy), "%s", m->stats->policy ? m->stats->policy : "");
@@ -223,6 +241,7 @@ static int generate_remote(const remote_opts_t *o, const mdl_sampler_params_t *s
     s.presence_penalty = sp->presence_penalty;
     s.frequency_penalty = sp->frequency_penalty;
     s.json_object = o->json;
+    s.prompt_logprobs = o->prompt_logprobs;
     s.seed = sp->seed;
     s.max_tokens = (uint32_t)sp->max_tokens;
     s.stop = (char **)o->stops;
@@ -254,7 +273,11 @@ static int generate_remote(const remote_opts_t *o, const mdl_sampler_params_t *s
         s.n_stop = 0;
     }
     remote_state_t st = {.o = o, .t0 = fy_clock_ns()};
-    if (o->logprobs >= 0 && (st.lp = open_memstream(&st.lp_text, &st.lp_len)) == NULL) {
+    if ((o->logprobs >= 0 && (st.lp = open_memstream(&st.lp_text, &st.lp_len)) == NULL) ||
+        (o->prompt_logprobs && (st.plp = open_memstream(&st.plp_text, &st.plp_len)) == NULL)) {
+        if (st.lp != NULL)
+            fclose(st.lp);
+        free(st.lp_text);
         fprintf(stderr, "ferry generate: out of memory\n");
         ferry_client_destroy(client);
         return 1;
@@ -269,12 +292,18 @@ static int generate_remote(const remote_opts_t *o, const mdl_sampler_params_t *s
         if (o->show_ids)
             fputc('\n', stderr);
     }
+    if (st.plp != NULL) {
+        fclose(st.plp);
+        if (code == 0) {
+            put_summary("prompt logprobs", st.plp_tokens, st.plp_sum);
+            fwrite(st.plp_text, 1, st.plp_len, stderr);
+        }
+        free(st.plp_text);
+    }
     if (st.lp != NULL) {
         fclose(st.lp);
         if (code == 0) {
-            fprintf(stderr, "logprobs: %zu tokens, sum %.4f, mean %.4f (perplexity %.3f)\n",
-                    st.lp_tokens, st.lp_sum, st.lp_tokens ? st.lp_sum / st.lp_tokens : 0.0,
-                    st.lp_tokens ? exp(-st.lp_sum / st.lp_tokens) : 1.0);
+            put_summary("logprobs", st.lp_tokens, st.lp_sum);
             fwrite(st.lp_text, 1, st.lp_len, stderr);
         }
         free(st.lp_text);
@@ -322,6 +351,7 @@ int cli_generate_main(int argc, char **argv)
     const char *stops[8];
     size_t n_stops = 0, n_positional = 0;
     bool local = false, chat = false, stats = false, show_ids = false, json = false;
+    bool prompt_lps = false;
     int threads = 0, logprobs = -1;
     double budget = 0;
     uint64_t timeout_ms = 300000;
@@ -350,6 +380,8 @@ int cli_generate_main(int argc, char **argv)
             stats = true;
         } else if (strcmp(a, "--json") == 0) {
             json = true;
+        } else if (strcmp(a, "--prompt-logprobs") == 0) {
+            prompt_lps = true;
         } else if (strcmp(a, "--model") == 0 && val != NULL) {
             model_path = val;
             i++;
@@ -443,9 +475,9 @@ int cli_generate_main(int argc, char **argv)
         fprintf(stderr, "ferry generate: --local and --router exclude each other\n");
         return 2;
     }
-    if (local && (logprobs >= 0 || score != NULL)) {
-        fprintf(stderr, "ferry generate: --logprobs and --score go through a router (not "
-                        "--local)\n");
+    if (local && (logprobs >= 0 || score != NULL || prompt_lps)) {
+        fprintf(stderr, "ferry generate: --logprobs, --prompt-logprobs and --score go through a "
+                        "router (not --local)\n");
         return 2;
     }
     if (score != NULL && logprobs < 0)
@@ -471,7 +503,8 @@ int cli_generate_main(int argc, char **argv)
                             .show_ids = show_ids,
                             .logprobs = logprobs,
                             .score = score,
-                            .json = json};
+                            .json = json,
+                            .prompt_logprobs = prompt_lps};
         return generate_remote(&ro, &sp);
     }
     if (model_path == NULL || prompt == NULL) {

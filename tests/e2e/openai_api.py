@@ -277,6 +277,19 @@ def main():
                   and head[0] == "logprobs:" and int(head[1]) >= 5, p.stderr[:300])
             sums.append(float(head[4].rstrip(",")) if len(head) > 4 else 0.0)
         check("cli --score ranks", sums[0] > sums[1] + 3, sums)
+        # --prompt-logprobs: the prompt's tokens scored, the same sum as echo's.
+        text = "The capital of France is Paris, a city on the Seine."
+        p = subprocess.run([os.path.join(build, "client/ferry"), "generate", router, "--token",
+                            "e2e-key", "--max-tokens", "1", "--prompt-logprobs", text],
+                           capture_output=True, text=True, timeout=300)
+        head = p.stderr.split()
+        r = client.completions.create(model="smollm2", prompt=text, max_tokens=1, temperature=0,
+                                      logprobs=0, echo=True)
+        n_prompt = r.usage.prompt_tokens
+        echo_sum = sum(r.choices[0].logprobs.token_logprobs[1:n_prompt])
+        check("cli --prompt-logprobs = echo's", p.returncode == 0
+              and head[:3] == ["prompt", "logprobs:", str(n_prompt - 1)]
+              and abs(float(head[5].rstrip(",")) - echo_sum) < 1e-3, (p.stderr[:200], echo_sum))
         r = client.completions.create(model="smollm2", prompt="The capital of France is",
                                       max_tokens=4, temperature=0)
         check("no logprobs unless asked", r.choices[0].logprobs is None, r.choices[0].logprobs)
