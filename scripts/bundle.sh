@@ -101,6 +101,7 @@ done
 cp scripts/gpu-check.sh "$out/bin/ferry-gpu-check"
 cp scripts/ab.sh "$out/bin/ferry-ab"
 cp scripts/gpu-check.sh "$out/scripts/gpu-check.sh"
+cp scripts/model-parts.sh "$out/scripts/model-parts.sh"
 cp scripts/bundle.sh "$out/scripts/bundle.sh"
 cp bench/gpu-benchmarks.txt "$out/bench/gpu-benchmarks.txt"
 # Files of the source tree that a benchmark line names (bench/attend_sdpa.py...), so the
