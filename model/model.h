@@ -254,8 +254,8 @@ typedef enum {
     MDL_CHAT_PHI3,     /* <|user|>\ncontent<|end|>\n */
 } mdl_chat_kind_t;
 
-mdl_chat_kind_t mdl_chat_kind(const mdl_tokenizer_t *tok);
-const char *mdl_chat_kind_name(mdl_chat_kind_t kind);
+mdl_chat_kind_t mdl_chat_kind(const mdl_tokenizer_t *tok); // Thread: any
+const char *mdl_chat_kind_name(mdl_chat_kind_t kind);      // Thread: any
 
 /* Renders messages in the model's chat format (mdl_chat_kind): ChatML adds the template's
  * default system prompt when it writes one literally and the first message is not a system
@@ -563,7 +563,8 @@ fy_status_t mdl_decode_kvc_cuda(mdl_ctx_t *ctx, kvc_gpu_pool_t *pool, kvc_gpu_se
 /* JSON mode (json_guide.c): the output is one JSON object (RFC 8259), OpenAI's
  * response_format json_object. mdl_json_t is where the text so far stands in it; a token that
  * would make the text anything but the start of an object is masked out, and once the object
- * is complete only a stop token may follow. */
+ * is complete only a stop token may follow. The recognizer functions are pure (Thread: any,
+ * one mdl_json_t per thread); a vocabulary is read-only once created (Thread: any). */
 #define MDL_JSON_MAX_DEPTH 64 /* nesting of objects and arrays */
 #define MDL_JSON_MAX_WS    64 /* white-space bytes in a row between tokens */
 

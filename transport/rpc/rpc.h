@@ -145,18 +145,19 @@ typedef struct {
                            // or an IP literal's IP address entry) (default true)
 } rpc_tls_params_t;
 
-void rpc_tls_params_default(rpc_tls_params_t *p);
+void rpc_tls_params_default(rpc_tls_params_t *p); // Thread: any
 
 /* Reads the files. FY_ERR_INVALID_ARG with the reason in err (file, OpenSSL's words) for a
  * missing or unreadable file, a key that is not the certificate's, or neither certificate nor
  * CA file. Thread: any. */
 fy_status_t rpc_tls_create(const rpc_tls_params_t *p, rpc_tls_t **tls_p, char *err, size_t err_len);
-void rpc_tls_destroy(rpc_tls_t *tls); // accepts NULL
-bool rpc_tls_is_server(const rpc_tls_t *tls);
+void rpc_tls_destroy(rpc_tls_t *tls);         // accepts NULL; Thread: any
+bool rpc_tls_is_server(const rpc_tls_t *tls); // Thread: any
 
 /* One connection's TLS over memory buffers: the owner feeds the socket's bytes to
  * rpc_tls_conn_recv, hands plaintext to rpc_tls_conn_send and writes what rpc_tls_conn_take
- * gives it to the socket after either (handshake messages and alerts included). */
+ * gives it to the socket after either (handshake messages and alerts included). Its functions
+ * are not thread-safe: one thread at a time per connection (the connection's loop). */
 typedef struct rpc_tls_conn rpc_tls_conn_t;
 
 /* host: a client's server name (SNI and the name check), or NULL. */
