@@ -271,11 +271,13 @@ static void on_alloc(uv_handle_t *handle, size_t suggested, uv_buf_t *buf)
 }
 
 /* The connection's plaintext (what came off the socket, or out of TLS). FY_ERR_CLOSED once
- * the connection is closing or done reading. */
+ * the connection is closing or stopped reading (a protocol error: the rest of a read's TLS
+ * records are dropped); a draining connection (fatal, still reading) goes on feeding
+ * nghttp2, which refuses new streams. */
 static fy_status_t on_plain(void *arg, const uint8_t *data, size_t len)
 {
     rpc_h2_t *h = arg;
-    if (h->closing || (h->fatal && h->sniff == NULL))
+    if (h->closing || (h->fatal && !h->reading && h->sniff == NULL))
         return FY_ERR_CLOSED;
     if (h->sniff != NULL) {
         if (h->sniff(h, data, len))
