@@ -228,7 +228,8 @@ typedef struct {
     void *healthy_arg;               // borrowed
     const rpc_tls_t *tls;            // a server configuration: every connection is TLS (HTTP/2
                                      // and the HTTP/1.1 GETs inside it); NULL = cleartext;
-                                     // borrowed
+                                     // borrowed. With metrics: ferry_rpc_tls_failures_total
+                                     // counts the connections TLS refused or dropped
 } rpc_server_params_t;
 
 void rpc_server_params_default(rpc_server_params_t *p);

@@ -63,6 +63,7 @@ struct rpc_server {
     bool destroyed;
     rpc_server_drained_cb drained_cb;
     void *drained_arg;
+    fy_metric_t *tls_failures; // ferry_rpc_tls_failures_total (with tls and metrics), or NULL
 };
 
 struct rpc_sconn {
@@ -779,6 +780,8 @@ static void on_conn_closed(rpc_h2_t *h)
         call->pins--;
         call_maybe_free(call);
     }
+    if (conn->h2.error[0]) // TLS refused it: a client without TLS, an unknown certificate...
+        fy_metric_inc(srv->tls_failures);
     nghttp2_session_del(conn->h2.session);
     free(conn->http1);
     if (conn->prev)
@@ -1073,6 +1076,10 @@ fy_status_t rpc_server_create(uv_loop_t *loop, const rpc_server_params_t *params
         srv->params.keepalive_timeout_ms = 20000;
     snprintf(srv->host, sizeof(srv->host), "%s", params->host ? params->host : "127.0.0.1");
     srv->params.host = srv->host;
+    if (params->tls != NULL && params->metrics != NULL)
+        srv->tls_failures =
+            fy_metrics_counter(params->metrics, "ferry_rpc_tls_failures_total", NULL,
+                               "connections whose TLS handshake or records failed");
     srv->loop_thread = uv_thread_self();
     if (uv_mutex_init(&srv->mu) != 0) {
         free(srv);

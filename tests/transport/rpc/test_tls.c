@@ -348,6 +348,44 @@ static void test_bad_record(void **state)
     rpc_tls_destroy(st);
 }
 
+/* ferry_rpc_tls_failures_total counts the connections TLS refused: a cleartext client's and one
+ * of garbage; a good TLS client's is not counted. */
+static void test_failure_metric(void **state)
+{
+    fy_metrics_t *m = NULL;
+    assert_int_equal(fy_metrics_create(&m), FY_OK);
+    rpc_tls_t *st = server_tls("chain.crt", "server.key");
+    rpc_server_params_t p;
+    rpc_server_params_default(&p);
+    p.tls = st;
+    p.metrics = m;
+    echo_thread_t *t = NULL;
+    assert_int_equal(echo_thread_start(&p, &t), FY_OK);
+    rpc_tls_t *ct = client_tls("ca.crt", true);
+    client_t c;
+    client_open(&c, "127.0.0.1", echo_thread_port(t), ct);
+    echo_ok(&c, "counted not", 0);
+    client_close(&c);
+    int fd = tcp_connect_local(echo_thread_port(t));
+    static const char junk[] = "\x16\x03\x01\xff\xffnot a handshake";
+    assert_int_equal(write(fd, junk, sizeof(junk) - 1), (ssize_t)sizeof(junk) - 1);
+    assert_true(wait_closed(fd, 2000));
+    close(fd);
+    fd = tcp_connect_local(echo_thread_port(t));
+    static const char preface[] = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    assert_int_equal(write(fd, preface, sizeof(preface) - 1), (ssize_t)sizeof(preface) - 1);
+    assert_true(wait_closed(fd, 2000));
+    close(fd);
+    fy_metric_t *f = fy_metrics_counter(m, "ferry_rpc_tls_failures_total", NULL, "");
+    for (int i = 0; i < 200 && fy_metric_value(f) < 2; i++)
+        usleep(10000); // the server counts when the connection's handles have closed
+    assert_true(fy_metric_value(f) == 2);
+    echo_thread_stop(t, 1000);
+    rpc_tls_destroy(ct);
+    rpc_tls_destroy(st);
+    fy_metrics_destroy(m);
+}
+
 /* GET /healthz inside TLS on the gRPC port (a client that asks for http/1.1 by ALPN). */
 static void test_http_get(void **state)
 {
@@ -403,8 +441,8 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_calls),      cmocka_unit_test(test_refusals),
-        cmocka_unit_test(test_bad_record), cmocka_unit_test(test_http_get),
-        cmocka_unit_test(test_bad_config),
+        cmocka_unit_test(test_bad_record), cmocka_unit_test(test_failure_metric),
+        cmocka_unit_test(test_http_get),   cmocka_unit_test(test_bad_config),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
