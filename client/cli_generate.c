@@ -99,6 +99,14 @@ typedef struct {
     const char *score; // the continuation to force and score, or NULL
 } remote_opts_t;
 
+/* Log-probability lines, kept in a memory stream to print after the text, with their sum. */
+typedef struct {
+    FILE *f; // NULL: not asked for
+    char *text;
+    size_t len, tokens;
+    double sum;
+} lp_sink_t;
+
 typedef struct {
     const remote_opts_t *o;
     uint64_t t0, t_first;
@@ -107,14 +115,8 @@ typedef struct {
     bool have_stats;
     char policy[64], prefill[64], decode[64];
     Ferry__V1__FinishReason finish;
-    FILE *lp; // --logprobs: the lines, printed after the text (a memory stream)
-    char *lp_text;
-    size_t lp_len, lp_tokens;
-    double lp_sum;
-    FILE *plp; // --prompt-logprobs: the prompt's lines, likewise
-    char *plp_text;
-    size_t plp_len, plp_tokens;
-    double plp_sum;
+    lp_sink_t lp;  // --logprobs: the completion's tokens
+    lp_sink_t plp; // --prompt-logprobs: the prompt's
 } remote_state_t;
 
 /* A token's bytes in quotes, C-escaped where not printable ASCII. */
@@ -137,9 +139,9 @@ static void put_token(FILE *f, const ProtobufCBinaryData *t)
 
 /* One line per token: its log-probability, the token, then the alternatives; the sum and
  * count of those with a log-probability (a prompt's first token has none). */
-static void put_logprobs(FILE *f, Ferry__V1__TokenLogprob *const *es, size_t n, double *sum,
-                         size_t *count)
+static void put_logprobs(lp_sink_t *sink, Ferry__V1__TokenLogprob *const *es, size_t n)
 {
+    FILE *f = sink->f;
     for (size_t i = 0; f != NULL && i < n; i++) {
         const Ferry__V1__TokenLogprob *e = es[i];
         fprintf(f, "%10.4f  ", (double)e->logprob);
@@ -151,16 +153,27 @@ static void put_logprobs(FILE *f, Ferry__V1__TokenLogprob *const *es, size_t n, 
         }
         fputc('\n', f);
         if (e->logprob == e->logprob) {
-            *sum += e->logprob;
-            (*count)++;
+            sink->sum += e->logprob;
+            sink->tokens++;
         }
     }
 }
 
-static void put_summary(const char *what, size_t n, double sum)
+/* Closes the sink; when the call succeeded, prints "what: N tokens, sum, mean (perplexity)"
+ * and the lines to stderr. */
+static void lp_sink_finish(lp_sink_t *k, const char *what, bool print)
 {
-    fprintf(stderr, "%s: %zu tokens, sum %.4f, mean %.4f (perplexity %.3f)\n", what, n, sum,
-            n ? sum / (double)n : 0.0, n ? exp(-sum / (double)n) : 1.0);
+    if (k->f == NULL)
+        return;
+    fclose(k->f);
+    if (print) {
+        size_t n = k->tokens;
+        fprintf(stderr, "%s: %zu tokens, sum %.4f, mean %.4f (perplexity %.3f)\n", what, n, k->sum,
+                n ? k->sum / (double)n : 0.0, n ? exp(-k->sum / (double)n) : 1.0);
+        fwrite(k->text, 1, k->len, stderr);
+    }
+    free(k->text);
+    k->f = NULL;
 }
 
 static int on_chunk(void *arg, const Ferry__V1__GenerateResponse *m)
@@ -175,8 +188,8 @@ static int on_chunk(void *arg, const Ferry__V1__GenerateResponse *m)
     if (st->o->show_ids)
         for (size_t i = 0; i < m->n_token_ids; i++)
             fprintf(stderr, "%s%u", i == 0 && st->n_msgs == 1 ? "ids:" : " ", m->token_ids[i]);
-    put_logprobs(st->lp, m->logprobs, m->n_logprobs, &st->lp_sum, &st->lp_tokens);
-    put_logprobs(st->plp, m->prompt_logprobs, m->n_prompt_logprobs, &st->plp_sum, &st->plp_tokens);
+    put_logprobs(&st->lp, m->logprobs, m->n_logprobs);
+    put_logprobs(&st->plp, m->prompt_logprobs, m->n_prompt_logprobs);
     if (m->stats != NULL) {
         st->stats = *m->stats;
         snprintf(st->policy, sizeof(st->policy), "%s", m->stats->policy ? m->stats->policy : "");
@@ -273,11 +286,9 @@ static int generate_remote(const remote_opts_t *o, const mdl_sampler_params_t *s
         s.n_stop = 0;
     }
     remote_state_t st = {.o = o, .t0 = fy_clock_ns()};
-    if ((o->logprobs >= 0 && (st.lp = open_memstream(&st.lp_text, &st.lp_len)) == NULL) ||
-        (o->prompt_logprobs && (st.plp = open_memstream(&st.plp_text, &st.plp_len)) == NULL)) {
-        if (st.lp != NULL)
-            fclose(st.lp);
-        free(st.lp_text);
+    if ((o->logprobs >= 0 && (st.lp.f = open_memstream(&st.lp.text, &st.lp.len)) == NULL) ||
+        (o->prompt_logprobs && (st.plp.f = open_memstream(&st.plp.text, &st.plp.len)) == NULL)) {
+        lp_sink_finish(&st.lp, "logprobs", false);
         fprintf(stderr, "ferry generate: out of memory\n");
         ferry_client_destroy(client);
         return 1;
@@ -292,22 +303,8 @@ static int generate_remote(const remote_opts_t *o, const mdl_sampler_params_t *s
         if (o->show_ids)
             fputc('\n', stderr);
     }
-    if (st.plp != NULL) {
-        fclose(st.plp);
-        if (code == 0) {
-            put_summary("prompt logprobs", st.plp_tokens, st.plp_sum);
-            fwrite(st.plp_text, 1, st.plp_len, stderr);
-        }
-        free(st.plp_text);
-    }
-    if (st.lp != NULL) {
-        fclose(st.lp);
-        if (code == 0) {
-            put_summary("logprobs", st.lp_tokens, st.lp_sum);
-            fwrite(st.lp_text, 1, st.lp_len, stderr);
-        }
-        free(st.lp_text);
-    }
+    lp_sink_finish(&st.plp, "prompt logprobs", code == 0);
+    lp_sink_finish(&st.lp, "logprobs", code == 0);
     ferry_client_destroy(client);
     if (code != 0) {
         fprintf(stderr, "ferry generate: %s: %s\n", ferry_code_name(code), err.message);

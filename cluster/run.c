@@ -391,19 +391,12 @@ static SSL *tls_connect(const fy_cluster_spec_t *spec, int fd, const char *addr,
     if (SSL_CTX_set_alpn_protos(ctx, k_h1, sizeof(k_h1)) != 0 || (ssl = SSL_new(ctx)) == NULL ||
         SSL_set_fd(ssl, fd) != 1)
         goto fail;
-    if (!spec->tls_any_name) {
-        char host[128];
-        const char *colon = strrchr(addr, ':');
-        size_t n = colon ? (size_t)(colon - addr) : strlen(addr);
-        if (n >= 2 && addr[0] == '[')
-            addr++, n -= 2;
-        snprintf(host, sizeof(host), "%.*s", (int)n, addr);
-        struct in6_addr a6;
-        bool ip = inet_pton(AF_INET, host, &a6) == 1 || inet_pton(AF_INET6, host, &a6) == 1;
-        if ((ip ? X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), host)
-                : SSL_set1_host(ssl, host)) != 1)
-            goto fail;
-    }
+    // The certificate must name the address dialled (connect_timeout dials IPv4 literals).
+    char host[64];
+    int port;
+    if (!spec->tls_any_name && (split_addr(addr, host, sizeof(host), &port) != FY_OK ||
+                                X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), host) != 1))
+        goto fail;
     /* blocking from here, each read and write bounded by the request's timeout */
     struct timeval tv = {.tv_sec = (time_t)(timeout_ms / 1000),
                          .tv_usec = (suseconds_t)(timeout_ms % 1000 * 1000)};
