@@ -72,9 +72,34 @@ static void usage(FILE *out)
         "  --score TEXT          the completion is TEXT (tokenized on its own): print its\n"
         "                        tokens' log-probabilities as --logprobs does (remote)\n"
         "  --json                JSON mode: the completion is one JSON object\n"
+        "  --json-schema FILE    structured output: the completion is one document of the\n"
+        "                        JSON Schema in FILE (the keywords model/model.h lists)\n"
         "  --prompt-logprobs     print each prompt token's log-probability given those\n"
         "                        before it (the prefill worker's, FP16), with the sum (remote)\n"
         "  --stats               print TTFT, speed and KV transfer figures to stderr\n");
+}
+
+/* --json-schema's file (at most MDL_SCHEMA_MAX_TEXT bytes), NUL-terminated; NULL with the
+ * reason on stderr. */
+static char *read_schema(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    if (f == NULL) {
+        fprintf(stderr, "ferry generate: --json-schema %s: %s\n", path, strerror(errno));
+        return NULL;
+    }
+    char *text = malloc(MDL_SCHEMA_MAX_TEXT + 2);
+    size_t n = text != NULL ? fread(text, 1, MDL_SCHEMA_MAX_TEXT + 1, f) : 0;
+    bool bad = ferror(f) || n == 0 || n > MDL_SCHEMA_MAX_TEXT;
+    fclose(f);
+    if (text == NULL || bad) {
+        fprintf(stderr, "ferry generate: --json-schema %s: not 1 to %d bytes\n", path,
+                MDL_SCHEMA_MAX_TEXT);
+        free(text);
+        return NULL;
+    }
+    text[n] = '\0';
+    return text;
 }
 
 static bool parse_num(const char *s, double lo, double hi, double *v)
@@ -97,6 +122,7 @@ typedef struct {
     size_t n_stops;
     int logprobs; // alternatives per token, -1 = no log-probabilities
     const char *score; // the continuation to force and score, or NULL
+    char *schema;      // --json-schema's text, or NULL
 } remote_opts_t;
 
 /* Log-probability lines, kept in a memory stream to print after the text, with their sum. */
@@ -254,6 +280,8 @@ static int generate_remote(const remote_opts_t *o, const mdl_sampler_params_t *s
     s.presence_penalty = sp->presence_penalty;
     s.frequency_penalty = sp->frequency_penalty;
     s.json_object = o->json;
+    if (o->schema != NULL)
+        s.json_schema = o->schema;
     s.prompt_logprobs = o->prompt_logprobs;
     s.seed = sp->seed;
     s.max_tokens = (uint32_t)sp->max_tokens;
@@ -349,6 +377,7 @@ int cli_generate_main(int argc, char **argv)
     size_t n_stops = 0, n_positional = 0;
     bool local = false, chat = false, stats = false, show_ids = false, json = false;
     bool prompt_lps = false;
+    const char *schema_path = NULL;
     int threads = 0, logprobs = -1;
     double budget = 0;
     uint64_t timeout_ms = 300000;
@@ -377,6 +406,9 @@ int cli_generate_main(int argc, char **argv)
             stats = true;
         } else if (strcmp(a, "--json") == 0) {
             json = true;
+        } else if (strcmp(a, "--json-schema") == 0 && val != NULL) {
+            schema_path = val;
+            i++;
         } else if (strcmp(a, "--prompt-logprobs") == 0) {
             prompt_lps = true;
         } else if (strcmp(a, "--model") == 0 && val != NULL) {
@@ -479,6 +511,13 @@ int cli_generate_main(int argc, char **argv)
     }
     if (score != NULL && logprobs < 0)
         logprobs = 0; // scoring prints the log-probabilities
+    if (schema_path != NULL && json) {
+        fprintf(stderr, "ferry generate: --json and --json-schema exclude each other\n");
+        return 2;
+    }
+    char *schema_text = schema_path != NULL ? read_schema(schema_path) : NULL;
+    if (schema_path != NULL && schema_text == NULL)
+        return 2;
     if (!local) {
         if (router == NULL || prompt == NULL) {
             usage(stderr);
@@ -501,12 +540,27 @@ int cli_generate_main(int argc, char **argv)
                             .logprobs = logprobs,
                             .score = score,
                             .json = json,
+                            .schema = schema_text,
                             .prompt_logprobs = prompt_lps};
-        return generate_remote(&ro, &sp);
+        int rc = generate_remote(&ro, &sp);
+        free(schema_text);
+        return rc;
     }
     if (model_path == NULL || prompt == NULL) {
         usage(stderr);
+        free(schema_text);
         return 2;
+    }
+    mdl_schema_t *schema = NULL;
+    if (schema_text != NULL) {
+        char why[200];
+        fy_status_t cs =
+            mdl_schema_compile(schema_text, strlen(schema_text), &schema, why, sizeof(why));
+        free(schema_text);
+        if (cs != FY_OK) {
+            fprintf(stderr, "ferry generate: --json-schema %s: %s\n", schema_path, why);
+            return 2;
+        }
     }
 
     char err[MDL_ERR_LEN] = "";
@@ -528,6 +582,7 @@ int cli_generate_main(int argc, char **argv)
     if (st != FY_OK) {
         fprintf(stderr, "ferry generate: %s (%s)\n", err[0] ? err : "cannot load model",
                 fy_status_str(st));
+        mdl_schema_destroy(schema);
         return 1;
     }
     const mdl_config_t *cfg = mdl_model_config(model);
@@ -583,8 +638,10 @@ int cli_generate_main(int argc, char **argv)
     mdl_kv_params_t kp;
     mdl_kv_params_default(&kp, model);
     kp.n_pages = mdl_kv_pages_for(&kp, (int64_t)n_ids + sp.max_tokens + 1);
-    if (json && (st = mdl_json_vocab_create(tok, &jv)) == FY_OK)
+    if ((json || schema != NULL) && (st = mdl_json_vocab_create(tok, &jv)) == FY_OK) {
         sp.json = jv;
+        sp.schema = schema;
+    }
     if (st != FY_OK || (st = mdl_ctx_create(model, &cp, &ctx)) != FY_OK ||
         (st = mdl_kv_create(&kp, &kv)) != FY_OK || (st = mdl_kv_seq_create(kv, &seq)) != FY_OK ||
         (st = mdl_sampler_create(&sp, cfg->n_vocab, &smp)) != FY_OK) {
@@ -641,6 +698,7 @@ out:
     free(ids);
     free(text);
     mdl_sampler_destroy(smp);
+    mdl_schema_destroy(schema);
     mdl_json_vocab_destroy(jv);
     mdl_kv_seq_destroy(seq);
     mdl_kv_destroy(kv);

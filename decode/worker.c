@@ -102,6 +102,7 @@ struct req {
     uint32_t already_sent; // completion tokens the client has
     uint32_t limit;        // completion tokens in all (max_tokens)
     mdl_sampler_t *sampler;
+    mdl_schema_t *schema; // the sampler's json_schema (owned), or NULL
     bool cancel; // Cancel RPC: the scheduler ends it between steps
     bool ending; // claimed by a thread that ends it outside the usual owner (under mu)
     // Scheduler state.
@@ -391,6 +392,7 @@ static void req_end(decode_worker_t *w, req_t *r, int code, const char *msg,
     if (r->call != NULL)
         rpc_call_finish(r->call, code, code == RPC_CODE_OK ? NULL : msg);
     mdl_sampler_destroy(r->sampler);
+    mdl_schema_destroy(r->schema);
     free(r->forced);
     free(r);
     update_gauges(w);
@@ -1340,8 +1342,9 @@ static void h_reserve(rpc_call_t *call, const ProtobufCMessage *m, void *arg)
     update_gauges(w);
 }
 
-static fy_status_t make_sampler(decode_worker_t *w, const Ferry__V1__DecodeRequest *req,
-                                mdl_sampler_t **s_p)
+/* The request's sampler; schema (borrowed, may be NULL) guides it. */
+static fy_status_t sampler_for(decode_worker_t *w, const Ferry__V1__DecodeRequest *req,
+                               const mdl_schema_t *schema, mdl_sampler_t **s_p)
 {
     mdl_sampler_params_t sp;
     mdl_sampler_params_default(&sp);
@@ -1355,6 +1358,10 @@ static fy_status_t make_sampler(decode_worker_t *w, const Ferry__V1__DecodeReque
         sp.seed = in->seed;
     if (in != NULL) { // mdl_sampler_create checks the ranges and ids
         sp.json = in->json_object ? w->json : NULL;
+        if (schema != NULL) {
+            sp.json = w->json;
+            sp.schema = schema;
+        }
         sp.presence_penalty = in->presence_penalty;
         sp.frequency_penalty = in->frequency_penalty;
         if (in->n_logit_bias > MDL_MAX_LOGIT_BIAS)
@@ -1404,6 +1411,26 @@ static fy_status_t make_sampler(decode_worker_t *w, const Ferry__V1__DecodeReque
     return FY_OK;
 }
 
+/* The request's sampler, and the schema it borrows (*schema_p, NULL without json_schema; the
+ * caller destroys it after the sampler). */
+static fy_status_t make_sampler(decode_worker_t *w, const Ferry__V1__DecodeRequest *req,
+                                mdl_sampler_t **s_p, mdl_schema_t **schema_p)
+{
+    const Ferry__V1__SamplingParams *in = req->sampling;
+    mdl_schema_t *schema = NULL;
+    fy_status_t st = FY_OK;
+    if (in != NULL && in->json_schema != NULL && in->json_schema[0] != '\0')
+        st = mdl_schema_compile(in->json_schema, strlen(in->json_schema), &schema, NULL, 0);
+    if (st == FY_OK)
+        st = sampler_for(w, req, schema, s_p);
+    if (st != FY_OK) {
+        mdl_schema_destroy(schema);
+        return st;
+    }
+    *schema_p = schema;
+    return FY_OK;
+}
+
 static void h_decode(rpc_call_t *call, const ProtobufCMessage *m, void *arg)
 {
     decode_worker_t *w = arg;
@@ -1443,12 +1470,14 @@ static void h_decode(rpc_call_t *call, const ProtobufCMessage *m, void *arg)
         limit = FY_MIN(limit, n_forced); // the forced tokens and no more
     }
     mdl_sampler_t *sampler = NULL;
-    fy_status_t st = make_sampler(w, req, &sampler);
+    mdl_schema_t *schema = NULL;
+    fy_status_t st = make_sampler(w, req, &sampler, &schema);
     if (st != FY_OK) {
         free(forced);
         rpc_call_finish(call, rpc_code_from_status(st),
                         "sampling: at most 8 stop tokens (EOS included), each in the vocabulary; "
-                        "penalties and logit biases in range, on tokens of the vocabulary");
+                        "penalties and logit biases in range, on tokens of the vocabulary; a "
+                        "json_schema that compiles");
         return;
     }
     pthread_mutex_lock(&w->mu);
@@ -1476,6 +1505,7 @@ static void h_decode(rpc_call_t *call, const ProtobufCMessage *m, void *arg)
     } else {
         r->call = call;
         r->sampler = sampler;
+        r->schema = schema;
         r->return_ids = req->return_token_ids;
         r->logprobs =
             req->sampling != NULL && (req->sampling->logprobs || req->sampling->top_logprobs > 0);
@@ -1487,12 +1517,14 @@ static void h_decode(rpc_call_t *call, const ProtobufCMessage *m, void *arg)
         r->already_sent = req->completion_tokens_sent;
         r->limit = FY_MIN(limit, r->already_sent + r->max_new_tokens);
         sampler = NULL;
+        schema = NULL;
         if (r->already_sent >= r->limit)
             r->limit = r->already_sent + 1; // asked for nothing more: one step, then LENGTH
     }
     pthread_cond_broadcast(&w->cond); // the scheduler takes it once the KV is complete
     pthread_mutex_unlock(&w->mu);
     mdl_sampler_destroy(sampler);
+    mdl_schema_destroy(schema);
     free(forced);
     if (code != RPC_CODE_OK)
         rpc_call_finish(call, code, msg);

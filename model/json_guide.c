@@ -46,6 +46,18 @@ void mdl_json_init(mdl_json_t *j)
     j->st = J_START;
 }
 
+void mdl_json_init_value(mdl_json_t *j)
+{
+    memset(j, 0, sizeof(*j));
+    j->st = J_VALUE;
+}
+
+bool mdl_json_number_open(const mdl_json_t *j)
+{
+    return j->depth == 0 &&
+           (j->st == J_NUM_ZERO || j->st == J_NUM_INT || j->st == J_NUM_FRAC || j->st == J_NUM_EXP);
+}
+
 bool mdl_json_complete(const mdl_json_t *j)
 {
     return j->st == J_DONE;
@@ -267,14 +279,6 @@ bool mdl_json_feed(mdl_json_t *j, const uint8_t *bytes, size_t n)
     return true;
 }
 
-struct mdl_json_vocab {
-    int n_vocab;
-    uint32_t *off, *len; // token id's bytes: text[off .. off + len]; len 0 for special tokens
-    uint8_t *text;
-    uint8_t *plain; // [n_vocab]: no quote, backslash or control byte (inside a string it only
-                    // extends the string: the common case needs no stepping)
-};
-
 fy_status_t mdl_json_vocab_create(const mdl_tokenizer_t *tok, mdl_json_vocab_t **v_p)
 {
     const int n = mdl_tokenizer_n_vocab(tok);
@@ -293,7 +297,9 @@ fy_status_t mdl_json_vocab_create(const mdl_tokenizer_t *tok, mdl_json_vocab_t *
     }
     v->text = malloc(total ? total : 1);
     v->plain = calloc((size_t)n, 1);
-    if (v->off == NULL || v->len == NULL || v->text == NULL || v->plain == NULL) {
+    v->chars = calloc((size_t)n, sizeof(uint16_t));
+    if (v->off == NULL || v->len == NULL || v->text == NULL || v->plain == NULL ||
+        v->chars == NULL) {
         mdl_json_vocab_destroy(v);
         return FY_ERR_NO_MEMORY;
     }
@@ -303,11 +309,14 @@ fy_status_t mdl_json_vocab_create(const mdl_tokenizer_t *tok, mdl_json_vocab_t *
         if (v->len[i] > 0)
             mdl_tokenizer_token_bytes(tok, i, (char *)v->text + o, v->len[i]);
         bool plain = v->len[i] > 0;
+        uint16_t chars = 0;
         for (uint32_t k = 0; k < v->len[i]; k++) {
             const uint8_t c = v->text[o + k];
             plain &= c != '"' && c != '\\' && c >= 0x20;
+            chars += (c & 0xc0) != 0x80;
         }
         v->plain[i] = plain;
+        v->chars[i] = chars;
         o += v->len[i];
     }
     *v_p = v;
@@ -322,6 +331,7 @@ void mdl_json_vocab_destroy(mdl_json_vocab_t *v)
     free(v->len);
     free(v->text);
     free(v->plain);
+    free(v->chars);
     free(v);
 }
 
@@ -332,22 +342,27 @@ bool mdl_json_accept(const mdl_json_vocab_t *v, mdl_json_t *j, int32_t token)
     return mdl_json_feed(j, v->text + v->off[token], v->len[token]);
 }
 
+int mdl_json_mask_stops(const mdl_json_vocab_t *v, const int32_t *stops, int n_stops, float *logits)
+{
+    int allowed = 0;
+    for (int t = 0; t < v->n_vocab; t++) {
+        bool stop = false;
+        for (int k = 0; k < n_stops; k++)
+            stop |= stops[k] == t;
+        if (stop)
+            allowed++;
+        else
+            logits[t] = -INFINITY;
+    }
+    return allowed;
+}
+
 int mdl_json_mask(const mdl_json_vocab_t *v, const mdl_json_t *j, const int32_t *stops, int n_stops,
                   float *logits)
 {
+    if (mdl_json_complete(j)) // the object is whole: only a stop token may follow
+        return mdl_json_mask_stops(v, stops, n_stops, logits);
     int allowed = 0;
-    if (mdl_json_complete(j)) { // the object is whole: only a stop token may follow
-        for (int t = 0; t < v->n_vocab; t++) {
-            bool stop = false;
-            for (int k = 0; k < n_stops; k++)
-                stop |= stops[k] == t;
-            if (stop)
-                allowed++;
-            else
-                logits[t] = -INFINITY;
-        }
-        return allowed;
-    }
     // Which first bytes can follow at all: most tokens fail on theirs.
     bool first[256];
     for (int b = 0; b < 256; b++) {

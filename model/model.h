@@ -592,6 +592,60 @@ bool mdl_json_accept(const mdl_json_vocab_t *v, mdl_json_t *j, int32_t token);
 int mdl_json_mask(const mdl_json_vocab_t *v, const mdl_json_t *j, const int32_t *stops, int n_stops,
                   float *logits);
 
+/* JSON schema (json_schema.c): structured output, OpenAI's response_format json_schema. A
+ * schema (JSON Schema text, at most MDL_SCHEMA_MAX_TEXT bytes) compiles to an automaton over
+ * the output's bytes; a token that would take the text off every document the schema allows
+ * is masked out, and once the document is whole only a stop token may follow. The top level
+ * must be an object or an array. Supported: type (one or a list), properties, required,
+ * additionalProperties (false, or a schema for objects without properties), items, minItems,
+ * maxItems, minLength, maxLength, enum, const, anyOf and oneOf whose branches start with
+ * different bytes (types) or are objects told apart by a first required const property,
+ * allOf of one schema, and local $ref (#/$defs/..., #/definitions/...); annotations (title,
+ * description, default, examples, format, ...) are ignored. Any other keyword (pattern,
+ * minimum, ...) fails the compile, naming it, rather than produce output that breaks it.
+ * Objects' properties come in the schema's order, optional ones may be left out; the
+ * document starts at once, and between tokens come one space, or a line break and up to 20
+ * spaces or tabs of indent; a number has at most 16 digits before and after its point and 3
+ * in its exponent (inside a value the schema leaves free, white space and numbers as in JSON
+ * mode). A compiled schema is read-only (Thread: any); a state is one thread's. */
+#define MDL_SCHEMA_MAX_TEXT  (64 * 1024)
+#define MDL_SCHEMA_MAX_DEPTH 32 /* nesting of objects and arrays the schema describes */
+
+typedef struct mdl_schema mdl_schema_t;
+
+typedef struct {
+    uint16_t node;  /* the schema node this value follows */
+    uint8_t phase;  /* where in the value the text stands */
+    uint8_t prop;   /* object: properties of the schema's order already passed */
+    uint32_t count; /* array: items so far */
+} mdl_schema_frame_t;
+
+typedef struct {
+    uint8_t depth, done, ws; /* open values, the document is whole, white space run */
+    uint8_t str, num;        /* the top value's string escape / number state */
+    uint16_t lit_pos;        /* bytes of a key or literal matched */
+    uint16_t lit_done;       /* the literal a completed literal value matched */
+    uint32_t chars;          /* string: characters so far */
+    uint64_t cand;           /* key or literal candidates still matching */
+    mdl_json_t any;          /* a value the schema leaves free */
+    mdl_schema_frame_t frame[MDL_SCHEMA_MAX_DEPTH]; /* [depth] */
+} mdl_schema_state_t;
+
+/* Compiles text[len]; on failure the reason in err. */
+fy_status_t mdl_schema_compile(const char *text, size_t len, mdl_schema_t **s_p, char *err,
+                               size_t err_len);
+void mdl_schema_destroy(mdl_schema_t *s); /* accepts NULL */
+void mdl_schema_start(const mdl_schema_t *s, mdl_schema_state_t *st);
+/* Feeds bytes: true (and *st advanced) when the text so far still begins a document the schema
+ * allows, false (and *st unchanged) otherwise. */
+bool mdl_schema_feed(const mdl_schema_t *s, mdl_schema_state_t *st, const uint8_t *bytes, size_t n);
+bool mdl_schema_complete(const mdl_schema_state_t *st);
+/* Token by token over a vocabulary, as mdl_json_accept and mdl_json_mask. */
+bool mdl_schema_accept(const mdl_schema_t *s, const mdl_json_vocab_t *v, mdl_schema_state_t *st,
+                       int32_t token);
+int mdl_schema_mask(const mdl_schema_t *s, const mdl_json_vocab_t *v, const mdl_schema_state_t *st,
+                    const int32_t *stops, int n_stops, float *logits);
+
 #define MDL_MAX_STOP       8
 #define MDL_MAX_LOGIT_BIAS 300
 #define MDL_MAX_PENALTY    2.0f   /* |presence_penalty|, |frequency_penalty| (OpenAI's range) */
@@ -615,6 +669,9 @@ typedef struct {
     /* JSON mode: the generated tokens (mdl_sampler_accept_output) form one JSON object, then
      * a stop token; NULL = off. Borrowed for the sampler's life. */
     const mdl_json_vocab_t *json;
+    /* With json: the output is one document of this schema instead of any object (borrowed
+     * for the sampler's life). */
+    const mdl_schema_t *schema;
     uint64_t seed;            /* default 0x5eed */
     int max_tokens;           /* default 256 */
     int n_stop;

@@ -101,4 +101,26 @@ bool mdl_uni_is_number(uint32_t cp);
 bool mdl_uni_is_space(uint32_t cp);
 /* Simple lowercase mapping for the case-insensitive contractions (ASCII is enough there). */
 
+/* ---- JSON mode's pieces that the JSON schema guide reuses (json_guide.c) ---- */
+
+struct mdl_json_vocab {
+    int n_vocab;
+    uint32_t *off, *len; // token id's bytes: text[off .. off + len]; len 0 for special tokens
+    uint8_t *text;
+    uint8_t *plain;  // [n_vocab]: no quote, backslash or control byte (inside a string it only
+                     // extends the string: the common case needs no stepping)
+    uint16_t *chars; // [n_vocab]: a plain token's characters (bytes that start one)
+};
+
+/* A recognizer of any one JSON value (not only an object), complete once the value is: the
+ * piece of text a schema leaves free. A number is complete only when a byte that is not
+ * part of it comes; mdl_json_feed refuses that byte, and mdl_json_number_open then says that
+ * the number read so far is whole. Thread: any. */
+void mdl_json_init_value(mdl_json_t *j);
+bool mdl_json_number_open(const mdl_json_t *j);
+/* Sets the logits of every token but stops[n_stops] to -inf (a whole document); returns how
+ * many remain. */
+int mdl_json_mask_stops(const mdl_json_vocab_t *v, const int32_t *stops, int n_stops,
+                        float *logits);
+
 #endif /* FERRY_MODEL_INT_H */

@@ -23,6 +23,7 @@ struct mdl_sampler {
     int32_t *out_seen;   /* the distinct generated tokens, in order: [n_seen] of [cap_seen] */
     int n_seen, cap_seen;
     mdl_json_t json; /* JSON mode: where the generated text stands */
+    mdl_schema_state_t schema; /* ... with a schema */
     bool json_off;   /* JSON mode gave up (a forced token broke the object) */
     int32_t *idx;  /* [n_vocab] candidate order */
     float *probs;  /* [n_vocab] */
@@ -72,7 +73,8 @@ fy_status_t mdl_sampler_params_check(const mdl_sampler_params_t *params, int n_v
         params->n_stop < 0 || params->n_stop > MDL_MAX_STOP || isnan(params->temperature) ||
         !(fabsf(params->presence_penalty) <= MDL_MAX_PENALTY) ||
         !(fabsf(params->frequency_penalty) <= MDL_MAX_PENALTY) || params->n_logit_bias < 0 ||
-        params->n_logit_bias > MDL_MAX_LOGIT_BIAS)
+        params->n_logit_bias > MDL_MAX_LOGIT_BIAS ||
+        (params->schema != NULL && params->json == NULL))
         return FY_ERR_INVALID_ARG;
     for (int i = 0; i < params->n_logit_bias; i++) {
         if (params->bias_token[i] < 0 || params->bias_token[i] >= n_vocab ||
@@ -96,6 +98,8 @@ fy_status_t mdl_sampler_create(const mdl_sampler_params_t *params, int n_vocab, 
     s->p = *params;
     s->n_vocab = n_vocab;
     mdl_json_init(&s->json);
+    if (params->schema != NULL)
+        mdl_schema_start(params->schema, &s->schema);
     uint64_t x = params->seed;
     for (int i = 0; i < 4; i++)
         s->rng[i] = splitmix(&x);
@@ -139,8 +143,11 @@ void mdl_sampler_accept(mdl_sampler_t *s, int32_t token)
 void mdl_sampler_accept_output(mdl_sampler_t *s, int32_t token)
 {
     mdl_sampler_accept(s, token);
-    if (s->p.json != NULL && !s->json_off && !mdl_json_complete(&s->json) &&
-        !mdl_json_accept(s->p.json, &s->json, token))
+    if (s->p.json != NULL && !s->json_off &&
+        (s->p.schema != NULL
+             ? !mdl_schema_complete(&s->schema) &&
+                   !mdl_schema_accept(s->p.schema, s->p.json, &s->schema, token)
+             : !mdl_json_complete(&s->json) && !mdl_json_accept(s->p.json, &s->json, token)))
         s->json_off = true; // not a token the mask allowed (forced): stop guiding
     if (s->out_count == NULL || token < 0 || token >= s->n_vocab)
         return;
@@ -198,7 +205,11 @@ int32_t mdl_sampler_sample(mdl_sampler_t *s, float *logits)
         // Nothing allowed (a complete object and no stop token, say): unguided rather than a
         // draw from nothing. probs is scratch until the draw below.
         memcpy(s->probs, logits, (size_t)n * sizeof(float));
-        if (mdl_json_mask(s->p.json, &s->json, s->p.stop, s->p.n_stop, logits) == 0) {
+        int allowed = s->p.schema != NULL
+                          ? mdl_schema_mask(s->p.schema, s->p.json, &s->schema, s->p.stop,
+                                            s->p.n_stop, logits)
+                          : mdl_json_mask(s->p.json, &s->json, s->p.stop, s->p.n_stop, logits);
+        if (allowed == 0) {
             memcpy(logits, s->probs, (size_t)n * sizeof(float));
             s->json_off = true;
         }

@@ -98,6 +98,7 @@ typedef struct {
     uint32_t *stop_ids;                 // [sampling.n_stop_token_ids]
     Ferry__V1__LogitBias *bias;         // [sampling.n_logit_bias]
     Ferry__V1__LogitBias **bias_p;      // [sampling.n_logit_bias]
+    char *schema_text;                  // sampling.json_schema (malloc'd), or NULL
     char *stop[OAI_MAX_STOP];
     bool stream, include_usage;
     bool echo;         // completions: the prompt comes first in the text (and logprobs)

@@ -15,11 +15,14 @@
  *   logprobs, top_logprobs (chat: a boolean and 0..20; completions: logprobs 0..20)
  *                              SamplingParams.logprobs, top_logprobs
  *   presence_penalty, frequency_penalty, logit_bias   SamplingParams (OpenAI's meanings)
- *   response_format            json_object: SamplingParams.json_object (JSON mode); text
+ *   response_format            json_object: SamplingParams.json_object (JSON mode);
+ *                              json_schema: its "schema" as SamplingParams.json_schema (the
+ *                              router refuses what it cannot follow); text
+ *   guided_json (vLLM's)       a schema, as with response_format json_schema
  *   echo (completions)         the prompt before the completion, with its log-probabilities
  *                              (SamplingParams.prompt_logprobs) when logprobs is given
  * Refused with 400, because Ferry would silently do something else: best_of > 1, echo in chat,
- * suffix, tools, a response_format json_schema. Other fields are ignored (as
+ * suffix, tools. Other fields are ignored (as
  * "user" is by every server).
  */
 #include <errno.h>
@@ -272,15 +275,45 @@ static int parse_common(oai_request_t *r, const cJSON *root, char *err, size_t e
         if (r->echo && r->kind == OAI_CHAT)
             return bad(err, err_len, "'%s' is for completions", "echo");
     }
+    const cJSON *schema = NULL;
     if ((v = member(root, "response_format")) != NULL && !cJSON_IsNull(v)) {
         const cJSON *t = cJSON_IsObject(v) ? member(v, "type") : NULL;
         if (!cJSON_IsString(t) ||
-            (strcmp(t->valuestring, "text") != 0 && strcmp(t->valuestring, "json_object") != 0))
+            (strcmp(t->valuestring, "text") != 0 && strcmp(t->valuestring, "json_object") != 0 &&
+             strcmp(t->valuestring, "json_schema") != 0))
             return bad(err, err_len,
-                       "'%s' must be {\"type\": \"text\"} or {\"type\": "
-                       "\"json_object\"} (JSON schemas are not supported)",
+                       "'%s' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                       "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., "
+                       "\"schema\": {...}}}",
                        "response_format");
         r->sampling.json_object = strcmp(t->valuestring, "json_object") == 0;
+        if (strcmp(t->valuestring, "json_schema") == 0) {
+            const cJSON *js = member(v, "json_schema");
+            if (!cJSON_IsObject(js))
+                return bad(err, err_len, "'%s' must be an object with the schema",
+                           "response_format.json_schema");
+            schema = member(js, "schema");
+            if (schema == NULL) // no schema: any JSON object
+                r->sampling.json_object = true;
+        }
+    }
+    // vLLM's guided_json: the schema itself, or its text.
+    if ((v = member(root, "guided_json")) != NULL) {
+        if (schema != NULL || r->sampling.json_object)
+            return bad(err, err_len, "'%s': not with a JSON response_format", "guided_json");
+        schema = v;
+    }
+    if (schema != NULL) {
+        if (cJSON_IsString(schema)) {
+            if ((r->schema_text = strdup(schema->valuestring)) == NULL)
+                return bad(err, err_len, "out of memory reading '%s'", "schema");
+        } else if (cJSON_IsObject(schema) || cJSON_IsBool(schema)) {
+            if ((r->schema_text = cJSON_PrintUnformatted(schema)) == NULL)
+                return bad(err, err_len, "out of memory reading '%s'", "schema");
+        } else {
+            return bad(err, err_len, "'%s' must be a JSON Schema (an object)", "schema");
+        }
+        r->sampling.json_schema = r->schema_text;
     }
 
     if ((v = member(root, "stream")) != NULL) {
@@ -532,6 +565,7 @@ void oai_request_clear(oai_request_t *r)
     free(r->stop_ids);
     free(r->bias);
     free(r->bias_p);
+    free(r->schema_text);
     cJSON_Delete(r->root);
     memset(r, 0, sizeof(*r));
 }

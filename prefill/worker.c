@@ -79,6 +79,7 @@ struct pf_job {
     int32_t *tokens;
     int n_tokens;
     mdl_sampler_params_t sp;
+    mdl_schema_t *schema; // sp.schema, compiled from sampling.json_schema (owned)
     kvc_policy_t policy;
     double budget; // < 0: the policy's
     uint64_t deadline_ns;
@@ -264,6 +265,7 @@ static void job_free(pf_job_t *job)
     fy_metric_set(pf->m.in_flight, (double)pf->n_live);
     free(job->tokens);
     free(job->iv);
+    mdl_schema_destroy(job->schema);
     free(job->p_lp);
     free(job->p_top_lps);
     free(job->p_top_ids);
@@ -1329,6 +1331,16 @@ static void on_prefill(rpc_call_t *call, const ProtobufCMessage *msg, void *arg)
     }
     if (st == FY_OK && req->sampling != NULL && req->sampling->json_object)
         job->sp.json = pf->json; // JSON mode: the first token opens the object
+    if (st == FY_OK && req->sampling != NULL && req->sampling->json_schema != NULL &&
+        req->sampling->json_schema[0] != '\0') {
+        char why[140];
+        st = mdl_schema_compile(req->sampling->json_schema, strlen(req->sampling->json_schema),
+                                &job->schema, why, sizeof(why));
+        if (st != FY_OK)
+            snprintf(err, sizeof(err), "json_schema: %s", why);
+        job->sp.json = pf->json; // the first token begins a document of the schema
+        job->sp.schema = job->schema;
+    }
     job->forced = -1;
     if (st == FY_OK && req->sampling != NULL && req->sampling->n_forced_token_ids > 0) {
         if (req->sampling->forced_token_ids[0] >= (uint32_t)c->n_vocab) {
@@ -1362,6 +1374,7 @@ static void on_prefill(rpc_call_t *call, const ProtobufCMessage *msg, void *arg)
         rpc_call_finish(call, status_code(st), err[0] ? err : fy_status_str(st));
         free(job->tokens);
         free(job->iv);
+        mdl_schema_destroy(job->schema);
         free(job);
         return;
     }

@@ -142,6 +142,7 @@ typedef struct rt_req {
     rt_top_t *p_top;
     uint8_t *p_n_top;
     uint32_t *forced; // sampling.forced_token_ids (malloc'd): no stop ends the completion
+    char *json_schema;             // sampling.json_schema (malloc'd), checked
     Ferry__V1__LogitBias *bias;    // sampling.logit_bias: the entries (malloc'd) ...
     Ferry__V1__LogitBias **bias_p; // ... and the pointers the message holds
     uint32_t completion_tokens;
@@ -340,6 +341,7 @@ static void req_free(rt_req_t *r)
     free(r->p_n_top);
     free(r->out_top);
     free(r->forced);
+    free(r->json_schema);
     free(r->bias);
     free(r->bias_p);
     free(r->out_n_top);
@@ -1358,6 +1360,25 @@ static fy_status_t build_sampling(rt_t *rt, const Ferry__V1__GenerateRequest *g,
         if (in->json_object && in->n_forced_token_ids > 0) {
             snprintf(err, err_len, "json_object: not with forced_token_ids");
             return FY_ERR_INVALID_ARG;
+        }
+        if (in->json_schema != NULL && in->json_schema[0] != '\0') {
+            // Compiled here only to refuse a bad schema before any worker sees it.
+            if (in->json_object || in->n_forced_token_ids > 0) {
+                snprintf(err, err_len, "json_schema: not with json_object or forced_token_ids");
+                return FY_ERR_INVALID_ARG;
+            }
+            mdl_schema_t *schema = NULL;
+            char why[140];
+            fy_status_t st = mdl_schema_compile(in->json_schema, strlen(in->json_schema), &schema,
+                                                why, sizeof(why));
+            mdl_schema_destroy(schema);
+            if (st != FY_OK) {
+                snprintf(err, err_len, "json_schema: %s", why);
+                return st == FY_ERR_NO_MEMORY ? st : FY_ERR_INVALID_ARG;
+            }
+            if ((r->json_schema = strdup(in->json_schema)) == NULL)
+                return FY_ERR_NO_MEMORY;
+            s->json_schema = r->json_schema;
         }
         if (in->top_logprobs > MDL_MAX_TOP_LOGPROBS) {
             snprintf(err, err_len, "top_logprobs: at most %d", MDL_MAX_TOP_LOGPROBS);

@@ -186,6 +186,46 @@ def main():
             obj = None
         check("response_format json_object", isinstance(obj, dict)
               and r.choices[0].finish_reason == "stop", r.choices[0].message.content)
+        # Structured output: the client's own parse() with a pydantic model (nested model,
+        # enum, list, optional field through $defs, anyOf and strict additionalProperties);
+        # a schema the guide cannot follow is a 400 that names the keyword.
+        import enum
+        import typing
+        import pydantic
+
+        class Continent(str, enum.Enum):
+            EUROPE = "Europe"
+            ASIA = "Asia"
+            AFRICA = "Africa"
+
+        class City(pydantic.BaseModel):
+            name: str = pydantic.Field(max_length=30)
+            population: int
+
+        class Country(pydantic.BaseModel):
+            name: str = pydantic.Field(max_length=30)
+            capital: City
+            continent: Continent
+            languages: typing.List[str] = pydantic.Field(max_length=3)
+            motto: typing.Optional[str] = pydantic.Field(max_length=40)
+
+        for temperature in (0, 1):
+            r = client.beta.chat.completions.parse(
+                model="smollm2", max_tokens=500, temperature=temperature, seed=3,
+                messages=[{"role": "user", "content": "Describe France."}],
+                response_format=Country)
+            check("response_format json_schema (pydantic, temperature %d)" % temperature,
+                  isinstance(r.choices[0].message.parsed, Country)
+                  and r.choices[0].finish_reason == "stop", r.choices[0].message.content)
+        try:
+            client.chat.completions.create(
+                model="smollm2", messages=[{"role": "user", "content": "x"}],
+                response_format={"type": "json_schema", "json_schema": {
+                    "name": "n", "schema": {"type": "object", "properties": {
+                        "n": {"type": "integer", "minimum": 0}}}}})
+            check("json_schema with minimum refused", False)
+        except openai.BadRequestError as e:
+            check("json_schema with minimum refused", '"minimum" is not supported' in str(e), e)
         # A batch of prompts (lm-eval sends them with batch_size > 1): choice i answers prompt i
         # as it would alone; usage counts each prompt.
         single = [client.completions.create(model="smollm2", prompt=p, max_tokens=6,

@@ -16,6 +16,8 @@
 #include <math.h>
 #include <poll.h>
 
+#include <cjson/cJSON.h>
+
 #include "client_util.h"
 #include "model.h"
 
@@ -497,6 +499,27 @@ static void france_request(Ferry__V1__GenerateRequest *req, Ferry__V1__SamplingP
     req->codec = codec;
 }
 
+/* france_request's, as one user message of a chat (the message and list in *chat). */
+typedef struct {
+    Ferry__V1__ChatMessages list;
+    Ferry__V1__ChatMessage user, *msgs[1];
+} one_chat_t;
+
+static void chat_request(Ferry__V1__GenerateRequest *req, Ferry__V1__SamplingParams *s,
+                         Ferry__V1__CodecParams *codec, one_chat_t *chat, const char *content)
+{
+    france_request(req, s, codec);
+    ferry__v1__chat_messages__init(&chat->list);
+    ferry__v1__chat_message__init(&chat->user);
+    chat->user.role = "user";
+    chat->user.content = (char *)content;
+    chat->msgs[0] = &chat->user;
+    chat->list.messages = chat->msgs;
+    chat->list.n_messages = 1;
+    req->input_case = FERRY__V1__GENERATE_REQUEST__INPUT_CHAT;
+    req->chat = &chat->list;
+}
+
 static void test_complete_tokenize_models(void **state)
 {
     Ferry__V1__GenerateRequest req;
@@ -803,15 +826,9 @@ static void test_json_mode(void **state)
     Ferry__V1__GenerateRequest req;
     Ferry__V1__SamplingParams s;
     Ferry__V1__CodecParams codec;
-    france_request(&req, &s, &codec);
-    Ferry__V1__ChatMessages chat = FERRY__V1__CHAT_MESSAGES__INIT;
-    Ferry__V1__ChatMessage user = FERRY__V1__CHAT_MESSAGE__INIT, *msgs[1] = {&user};
-    user.role = "user";
-    user.content = "Give the name and capital of France as JSON with keys country and capital.";
-    chat.messages = msgs;
-    chat.n_messages = 1;
-    req.input_case = FERRY__V1__GENERATE_REQUEST__INPUT_CHAT;
-    req.chat = &chat;
+    one_chat_t chat;
+    chat_request(&req, &s, &codec, &chat,
+                 "Give the name and capital of France as JSON with keys country and capital.");
     s.max_tokens = 80;
     s.json_object = true;
     ferry_error_t err;
@@ -833,6 +850,77 @@ static void test_json_mode(void **state)
     s.json_object = true;
     s.forced_token_ids = f;
     s.n_forced_token_ids = 2;
+    assert_int_equal(ferry_complete(G.client, &req, &c, &err), RPC_CODE_INVALID_ARGUMENT);
+}
+
+/* Structured output through the router: with a schema, the answer is a document of it (the
+ * country and capital as strings, the population an integer, the continent one of the enum's
+ * values, in that order) and stops there, whichever worker samples which token; a schema the
+ * guide cannot follow, or one with JSON mode, is refused with the reason. */
+static void test_json_schema(void **state)
+{
+    (void)state;
+    Ferry__V1__GenerateRequest req;
+    Ferry__V1__SamplingParams s;
+    Ferry__V1__CodecParams codec;
+    one_chat_t chat;
+    chat_request(&req, &s, &codec, &chat,
+                 "Describe France as JSON: its name, capital, population and continent.");
+    s.max_tokens = 120;
+    char schema[] = "{\"type\": \"object\", \"properties\": {"
+                    "\"country\": {\"type\": \"string\", \"maxLength\": 40},"
+                    "\"capital\": {\"type\": \"string\", \"maxLength\": 40},"
+                    "\"population\": {\"type\": \"integer\"},"
+                    "\"continent\": {\"enum\": [\"Europe\", \"Asia\", \"Africa\", \"America\"]}},"
+                    "\"required\": [\"country\", \"capital\", \"population\", \"continent\"],"
+                    "\"additionalProperties\": false}";
+    s.json_schema = schema;
+    for (int temp = 0; temp < 2; temp++) {
+        s.temperature = temp ? 1.0f : 0.0f;
+        s.seed = 7;
+        ferry_error_t err;
+        Ferry__V1__CompleteResponse *c = NULL;
+        assert_int_equal(ferry_complete(G.client, &req, &c, &err), 0);
+        fprintf(stderr, "JSON schema (temperature %d): %s\n", temp, c->text);
+        assert_int_equal(c->finish_reason, FERRY__V1__FINISH_REASON__FINISH_REASON_STOP);
+        cJSON *doc = cJSON_Parse(c->text);
+        assert_true(cJSON_IsObject(doc));
+        assert_int_equal(cJSON_GetArraySize(doc), 4);
+        static const char *const keys[] = {"country", "capital", "population", "continent"};
+        const cJSON *f = doc->child;
+        for (int i = 0; i < 4; i++, f = f->next)
+            assert_string_equal(f->string, keys[i]);
+        assert_true(cJSON_IsString(cJSON_GetObjectItem(doc, "country")));
+        assert_true(cJSON_IsString(cJSON_GetObjectItem(doc, "capital")));
+        const cJSON *pop = cJSON_GetObjectItem(doc, "population");
+        assert_true(cJSON_IsNumber(pop) && pop->valuedouble == floor(pop->valuedouble));
+        const cJSON *cont = cJSON_GetObjectItem(doc, "continent");
+        assert_true(cJSON_IsString(cont));
+        assert_non_null(strstr("Europe Asia Africa America", cont->valuestring));
+        cJSON_Delete(doc);
+        ferry_message_free(c);
+    }
+    static const struct {
+        const char *schema, *says;
+    } k_bad[] = {
+        {"{\"type\": \"object\", \"properties\": {\"a\": {\"type\": \"string\", "
+         "\"pattern\": \"x\"}}}",
+         "\"pattern\" is not supported"},
+        {"{\"type\": \"string\"}", "top level"},
+        {"{\"type\": ", "not valid JSON"},
+    };
+    for (size_t i = 0; i < sizeof(k_bad) / sizeof(k_bad[0]); i++) {
+        s.json_schema = (char *)k_bad[i].schema;
+        ferry_error_t err;
+        Ferry__V1__CompleteResponse *c = NULL;
+        assert_int_equal(ferry_complete(G.client, &req, &c, &err), RPC_CODE_INVALID_ARGUMENT);
+        if (strstr(err.message, k_bad[i].says) == NULL)
+            fail_msg("%s: \"%s\"", k_bad[i].schema, err.message);
+    }
+    s.json_schema = schema;
+    s.json_object = true;
+    ferry_error_t err;
+    Ferry__V1__CompleteResponse *c = NULL;
     assert_int_equal(ferry_complete(G.client, &req, &c, &err), RPC_CODE_INVALID_ARGUMENT);
 }
 
@@ -1265,6 +1353,7 @@ int main(void)
         cmocka_unit_test(test_bias_and_penalties),
         cmocka_unit_test(test_prompt_logprobs),
         cmocka_unit_test(test_json_mode),
+        cmocka_unit_test(test_json_schema),
         cmocka_unit_test(test_concurrent_streams),
         cmocka_unit_test(test_cancel_and_deadline),
         cmocka_unit_test(test_router_metrics),

@@ -337,8 +337,18 @@ static void test_refusals(void **state)
          "tools"},
         {OAI_CHAT,
          "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"response_format\":"
-         "{\"type\":\"json_schema\",\"json_schema\":{}}}",
-         "JSON schemas"},
+         "{\"type\":\"json_schema\"}}",
+         "object with the schema"},
+        {OAI_CHAT,
+         "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"response_format\":"
+         "{\"type\":\"json_schema\",\"json_schema\":{\"name\":\"a\",\"schema\":[1]}}}",
+         "a JSON Schema"},
+        {OAI_COMPLETION,
+         "{\"prompt\":\"a\",\"response_format\":{\"type\":\"json_object\"},"
+         "\"guided_json\":{}}",
+         "not with a JSON response_format"},
+        {OAI_COMPLETION, "{\"prompt\":\"a\",\"response_format\":{\"type\":\"xml\"}}",
+         "json_schema"},
         {OAI_COMPLETION, "{\"prompt\":\"a\",\"stop\":[\"\"]}", "empty"},
         {OAI_COMPLETION,
          "{\"prompt\":\"a\",\"stop\":[\"1\",\"2\",\"3\",\"4\",\"5\",\"6\",\"7\",\"8\",\"9\","
@@ -394,6 +404,32 @@ static void test_refusals(void **state)
         char err[256] = "";
         assert_int_equal(parse(&r, OAI_COMPLETION, k_formats[i].body, err), 0);
         assert_int_equal(r.msg.sampling->json_object, k_formats[i].json);
+        oai_request_clear(&r);
+    }
+    // response_format json_schema and guided_json carry the schema's text (the router
+    // compiles it); json_schema without a schema is JSON mode.
+    static const struct {
+        const char *body, *schema;
+        bool json;
+    } k_schemas[] = {
+        {"{\"prompt\":\"a\",\"response_format\":{\"type\":\"json_schema\",\"json_schema\":"
+         "{\"name\":\"p\",\"strict\":true,\"schema\":{\"type\":\"object\",\"properties\":"
+         "{\"n\":{\"type\":\"integer\"}}}}}}",
+         "{\"type\":\"object\",\"properties\":{\"n\":{\"type\":\"integer\"}}}", false},
+        {"{\"prompt\":\"a\",\"response_format\":{\"type\":\"json_schema\",\"json_schema\":"
+         "{\"name\":\"p\"}}}",
+         "", true},
+        {"{\"prompt\":\"a\",\"guided_json\":{\"type\":\"array\"}}", "{\"type\":\"array\"}", false},
+        {"{\"prompt\":\"a\",\"guided_json\":\"{\\\"type\\\": \\\"array\\\"}\"}",
+         "{\"type\": \"array\"}", false},
+    };
+    for (size_t i = 0; i < FY_ARRAY_SIZE(k_schemas); i++) {
+        oai_request_t r;
+        char err[256] = "";
+        if (parse(&r, OAI_COMPLETION, k_schemas[i].body, err) != 0)
+            fail_msg("%s: %s", k_schemas[i].body, err);
+        assert_string_equal(r.msg.sampling->json_schema, k_schemas[i].schema);
+        assert_int_equal(r.msg.sampling->json_object, k_schemas[i].json);
         oai_request_clear(&r);
     }
     // logit_bias: null and {} are no biases; 300 tokens are taken, 301 refused.
