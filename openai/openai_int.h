@@ -32,6 +32,7 @@
 #define OAI_MAX_CHOICES      64    // prompts x n
 #define OAI_MAX_TOP_LOGPROBS 20    // alternatives a token's log-probability may come with
 #define OAI_MAX_LOGIT_BIAS   300   // tokens a logit_bias object may name (as the router takes)
+#define OAI_MAX_TOOLS        64    // functions in "tools"
 
 /* ---- HTTP/1.1 requests from a byte stream ------------------------------------------------ */
 
@@ -78,6 +79,14 @@ const char *oai_reader_path(const oai_reader_t *r, size_t *len_p);
 
 typedef enum { OAI_COMPLETION, OAI_CHAT } oai_kind_t;
 
+/* How the model may call the request's tools ("tool_choice"). */
+typedef enum {
+    OAI_TOOLS_NONE,     // not at all (the tools stay out of the prompt)
+    OAI_TOOLS_AUTO,     // as it decides: calls read back from its answer
+    OAI_TOOLS_REQUIRED, // one call of any tool, the sampler guided by their schemas
+    OAI_TOOLS_NAMED,    // one call of named_tool, likewise
+} oai_tool_choice_t;
+
 /* A parsed request: msg is ready to send; every string it points to lives in root or in the
  * arrays below, until oai_request_clear. */
 typedef struct {
@@ -90,7 +99,7 @@ typedef struct {
     Ferry__V1__TokenIds ids[OAI_MAX_PROMPTS]; // completions: the prompts given as token ids
     Ferry__V1__ChatMessage *messages;   // [chat.n_messages]
     Ferry__V1__ChatMessage **message_p; // [chat.n_messages]
-    char **joined;                      // [chat.n_messages] contents joined from parts, or NULL
+    char **joined; // [chat.n_messages] contents joined from parts or with tool calls, or NULL
     uint32_t *id_buf[OAI_MAX_PROMPTS];  // [ids[p].n_ids]
     const char *texts[OAI_MAX_PROMPTS]; // completions: the prompts given as text (in root)
     uint32_t n_prompts;                 // completions: 1..OAI_MAX_PROMPTS (chat: 1)
@@ -99,6 +108,11 @@ typedef struct {
     Ferry__V1__LogitBias *bias;         // [sampling.n_logit_bias]
     Ferry__V1__LogitBias **bias_p;      // [sampling.n_logit_bias]
     char *schema_text;                  // sampling.json_schema (malloc'd), or NULL
+    const cJSON *tools[OAI_MAX_TOOLS];  // chat: the "tools" entries (in root)
+    uint32_t n_tools;
+    oai_tool_choice_t tool_choice;
+    uint32_t named_tool; // OAI_TOOLS_NAMED: its index
+    char *tool_system;   // the system message with the tools (malloc'd), or NULL
     char *stop[OAI_MAX_STOP];
     bool stream, include_usage;
     bool echo;         // completions: the prompt comes first in the text (and logprobs)
@@ -108,6 +122,11 @@ typedef struct {
     const char *model; // as requested, or NULL
 } oai_request_t;
 
+/* Writes the reason (fmt with field) into err and returns 400. Thread: any. */
+int oai_bad(char *err, size_t err_len, const char *fmt, const char *field);
+/* obj's member name when present and not null, else NULL. Thread: any. */
+const cJSON *oai_member(const cJSON *obj, const char *name);
+
 /* Parses body (len bytes, NUL-terminated at body[len]) as kind. Returns 0, or the HTTP status to
  * answer (400) with the reason in err. r is always left clearable. Thread: any. */
 int oai_request_parse(oai_request_t *r, oai_kind_t kind, const char *body, size_t len, char *err,
@@ -116,18 +135,45 @@ void oai_request_clear(oai_request_t *r);
 /* Points msg at prompt p (< n_prompts) of a completions request. Thread: any. */
 void oai_request_select(oai_request_t *r, uint32_t p);
 
+/* ---- Tool calling (tools.c) ---------------------------------------------------------------- */
+
+/* "tools", "tool_choice" and "parallel_tool_calls" of a chat request into r (after the
+ * sampling fields: a required or named call sets sampling.json_schema). 0 or 400 with the
+ * reason in err. Thread: any. */
+int oai_tools_parse(oai_request_t *r, const cJSON *root, char *err, size_t err_len);
+/* The tools reach the model (some, and tool_choice not "none"). */
+bool oai_tools_active(const oai_request_t *r);
+const char *oai_tool_name(const oai_request_t *r, uint32_t i);
+/* The system message's content with the tools' block after it (system may be NULL). malloc'd;
+ * NULL when out of memory. */
+char *oai_tools_system(const oai_request_t *r, const char *system);
+/* A "tool" message's content, or an "assistant" message's content with its tool_calls, as the
+ * conversation shows them to the model, into *out_p (malloc'd). 0 or 400 with the reason. */
+int oai_tools_message(const char *role, const char *content, const cJSON *calls, char **out_p,
+                      char *err, size_t err_len);
+/* The calls in an answer text[len]: OpenAI's tool_calls array (ids prefix + 0, 1, ...), and
+ * in *content_len_p the length of the text before them (the content). NULL, and the whole
+ * text content, when the answer holds no call to a tool of the request. */
+cJSON *oai_tools_extract(const oai_request_t *r, const char *text, size_t len, const char *prefix,
+                         size_t *content_len_p);
+/* How much of an answer so far (text[len]) is content for sure: what a stream may send
+ * before the answer is whole. */
+size_t oai_tools_streamable(const oai_request_t *r, const char *text, size_t len);
+
 /* ---- JSON answers (malloc'd text, NULL when out of memory) --------------------------------- */
 
 /* "stop" or "length" for a finish reason. */
 const char *oai_finish_name(Ferry__V1__FinishReason reason);
 
 /* One choice of an answer: its text (text_len bytes), finish reason and logprobs object (NULL:
- * null). */
+ * null); with tool_calls (an array, or NULL) the text is the content before them (null when
+ * empty) and the finish reason "tool_calls". */
 typedef struct {
     const char *text;
     size_t text_len;
     Ferry__V1__FinishReason finish;
     const cJSON *logprobs;
+    const cJSON *tool_calls;
 } oai_choice_out_t;
 
 /* A choice's "logprobs" object of kind's form, empty: chat {"content": [], "refusal": null};
@@ -159,6 +205,11 @@ char *oai_render_completion(oai_kind_t kind, const char *id, int64_t created, co
 char *oai_render_chunk(oai_kind_t kind, const char *id, int64_t created, const char *model,
                        uint32_t index, const char *role, const char *text, size_t text_len,
                        const cJSON *logprobs, const char *finish, bool with_usage);
+
+/* A chat stream chunk of choice `index` with its tool calls (OpenAI's tool_calls array; each
+ * goes out whole, with its "index"). */
+char *oai_render_tool_chunk(const char *id, int64_t created, const char *model, uint32_t index,
+                            const cJSON *tool_calls, bool with_usage);
 
 /* The usage chunk that ends a stream with include_usage (no choices). */
 char *oai_render_usage_chunk(oai_kind_t kind, const char *id, int64_t created, const char *model,

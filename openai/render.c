@@ -249,18 +249,30 @@ static bool add_choice(oai_kind_t kind, cJSON *choices, uint32_t index, const oa
     cJSON *c = cJSON_CreateObject();
     bool ok =
         c != NULL && cJSON_AddItemToArray(choices, c) && cJSON_AddNumberToObject(c, "index", index);
-    cJSON *t = ok ? string_n(ch->text ? ch->text : "", ch->text_len) : NULL;
+    // With tool calls and no text before them, the content is null.
+    cJSON *t = !ok ? NULL
+               : ch->tool_calls != NULL && ch->text_len == 0
+                   ? cJSON_CreateNull()
+                   : string_n(ch->text ? ch->text : "", ch->text_len);
     if (kind == OAI_CHAT) {
         cJSON *m = ok ? cJSON_AddObjectToObject(c, "message") : NULL;
         ok = m != NULL && t != NULL && cJSON_AddStringToObject(m, "role", "assistant") &&
              cJSON_AddItemToObject(m, "content", t);
+        cJSON *calls = ok && ch->tool_calls != NULL ? cJSON_Duplicate(ch->tool_calls, true) : NULL;
+        if (ok && ch->tool_calls != NULL &&
+            !(calls && cJSON_AddItemToObject(m, "tool_calls", calls))) {
+            cJSON_Delete(calls);
+            return false;
+        }
     } else {
         ok = ok && t != NULL && cJSON_AddItemToObject(c, "text", t);
     }
     if (!ok)
         cJSON_Delete(t); // not attached (attached items go with their parent)
     return ok && add_logprobs(c, ch->logprobs) &&
-           cJSON_AddStringToObject(c, "finish_reason", oai_finish_name(ch->finish));
+           cJSON_AddStringToObject(c, "finish_reason",
+                                   ch->tool_calls != NULL ? "tool_calls"
+                                                          : oai_finish_name(ch->finish));
 }
 
 char *oai_render_completion(oai_kind_t kind, const char *id, int64_t created, const char *model,
@@ -277,16 +289,29 @@ char *oai_render_completion(oai_kind_t kind, const char *id, int64_t created, co
     return print_and_free(root, ok);
 }
 
-char *oai_render_chunk(oai_kind_t kind, const char *id, int64_t created, const char *model,
-                       uint32_t index, const char *role, const char *text, size_t text_len,
-                       const cJSON *logprobs, const char *finish, bool with_usage)
+/* A stream chunk's object with one choice of that index: the root (NULL without memory), the
+ * choice in *c_p (NULL if it could not be added). */
+static cJSON *chunk_head(oai_kind_t kind, const char *id, int64_t created, const char *model,
+                         uint32_t index, cJSON **c_p)
 {
     bool ok;
     cJSON *root = head(id, object_name(kind, true), created, model, &ok);
     cJSON *choices = ok ? cJSON_AddArrayToObject(root, "choices") : NULL;
     cJSON *c = choices ? cJSON_CreateObject() : NULL;
-    ok =
-        c != NULL && cJSON_AddItemToArray(choices, c) && cJSON_AddNumberToObject(c, "index", index);
+    ok = c != NULL && cJSON_AddItemToArray(choices, c);
+    if (c != NULL && !ok)
+        cJSON_Delete(c);
+    *c_p = ok && cJSON_AddNumberToObject(c, "index", index) ? c : NULL;
+    return root;
+}
+
+char *oai_render_chunk(oai_kind_t kind, const char *id, int64_t created, const char *model,
+                       uint32_t index, const char *role, const char *text, size_t text_len,
+                       const cJSON *logprobs, const char *finish, bool with_usage)
+{
+    cJSON *c;
+    cJSON *root = chunk_head(kind, id, created, model, index, &c);
+    bool ok = c != NULL;
     cJSON *t =
         ok && (kind != OAI_CHAT || text_len > 0 || role != NULL) ? string_n(text, text_len) : NULL;
     if (kind == OAI_CHAT) {
@@ -304,6 +329,38 @@ char *oai_render_chunk(oai_kind_t kind, const char *id, int64_t created, const c
     ok = ok && add_logprobs(c, logprobs) &&
          (finish ? cJSON_AddStringToObject(c, "finish_reason", finish) != NULL
                  : cJSON_AddNullToObject(c, "finish_reason") != NULL) &&
+         (!with_usage || cJSON_AddNullToObject(root, "usage"));
+    return print_and_free(root, ok);
+}
+
+char *oai_render_tool_chunk(const char *id, int64_t created, const char *model, uint32_t index,
+                            const cJSON *tool_calls, bool with_usage)
+{
+    cJSON *c;
+    cJSON *root = chunk_head(OAI_CHAT, id, created, model, index, &c);
+    cJSON *d = c != NULL ? cJSON_AddObjectToObject(c, "delta") : NULL;
+    bool ok;
+    cJSON *calls = d != NULL ? cJSON_AddArrayToObject(d, "tool_calls") : NULL;
+    ok = calls != NULL;
+    int k = 0;
+    const cJSON *call;
+    cJSON_ArrayForEach(call, tool_calls)
+    {
+        cJSON *e = ok ? cJSON_CreateObject() : NULL; // {"index": k, the call's fields}
+        if (e == NULL || !cJSON_AddItemToArray(calls, e)) {
+            cJSON_Delete(e);
+            ok = false;
+            break;
+        }
+        ok = cJSON_AddNumberToObject(e, "index", k++) != NULL;
+        for (const cJSON *f = call->child; f != NULL && ok; f = f->next) {
+            cJSON *x = cJSON_Duplicate(f, true);
+            ok = x != NULL && cJSON_AddItemToObject(e, f->string, x);
+            if (!ok)
+                cJSON_Delete(x);
+        }
+    }
+    ok = ok && add_logprobs(c, NULL) && cJSON_AddNullToObject(c, "finish_reason") &&
          (!with_usage || cJSON_AddNullToObject(root, "usage"));
     return print_and_free(root, ok);
 }

@@ -21,8 +21,10 @@
  *   guided_json (vLLM's)       a schema, as with response_format json_schema
  *   echo (completions)         the prompt before the completion, with its log-probabilities
  *                              (SamplingParams.prompt_logprobs) when logprobs is given
+ *   tools, tool_choice, parallel_tool_calls (chat)   tools.c: the tools in the system prompt,
+ *                              the calls read back from the answer (or guided by a schema)
  * Refused with 400, because Ferry would silently do something else: best_of > 1, echo in chat,
- * suffix, tools. Other fields are ignored (as
+ * suffix, the legacy functions and function_call. Other fields are ignored (as
  * "user" is by every server).
  */
 #include <errno.h>
@@ -33,14 +35,13 @@
 
 #include "openai_int.h"
 
-static int bad(char *err, size_t err_len, const char *fmt, const char *field)
+int oai_bad(char *err, size_t err_len, const char *fmt, const char *field)
 {
     snprintf(err, err_len, fmt, field);
     return 400;
 }
 
-/* A present, non-null member, or NULL. */
-static const cJSON *member(const cJSON *obj, const char *name)
+const cJSON *oai_member(const cJSON *obj, const char *name)
 {
     const cJSON *m = cJSON_GetObjectItemCaseSensitive(obj, name);
     return m == NULL || cJSON_IsNull(m) ? NULL : m;
@@ -64,12 +65,12 @@ static int token_ids(const cJSON *arr, const char *field, uint32_t **ids_p, char
     size_t n = (size_t)cJSON_GetArraySize(arr), i = 0;
     uint32_t *ids = *ids_p = malloc(FY_MAX(n, (size_t)1) * sizeof(*ids));
     if (ids == NULL)
-        return bad(err, err_len, "out of memory reading '%s'", field);
+        return oai_bad(err, err_len, "out of memory reading '%s'", field);
     const cJSON *t;
     cJSON_ArrayForEach(t, arr)
     {
         if (!is_integer(t, 0, UINT32_MAX))
-            return bad(err, err_len, "'%s' token ids must be integers >= 0", field);
+            return oai_bad(err, err_len, "'%s' token ids must be integers >= 0", field);
         ids[i++] = (uint32_t)t->valuedouble;
     }
     return 0;
@@ -85,7 +86,8 @@ static int parse_stop(oai_request_t *r, const cJSON *stop, char *err, size_t err
         cJSON_ArrayForEach(s, stop)
         {
             if (!cJSON_IsString(s))
-                return bad(err, err_len, "'%s' must be a string or an array of strings", "stop");
+                return oai_bad(err, err_len, "'%s' must be a string or an array of strings",
+                               "stop");
             if (n == OAI_MAX_STOP) {
                 snprintf(err, err_len, "'stop' has more than %d strings", OAI_MAX_STOP);
                 return 400;
@@ -93,11 +95,11 @@ static int parse_stop(oai_request_t *r, const cJSON *stop, char *err, size_t err
             r->stop[n++] = s->valuestring;
         }
     } else {
-        return bad(err, err_len, "'%s' must be a string or an array of strings", "stop");
+        return oai_bad(err, err_len, "'%s' must be a string or an array of strings", "stop");
     }
     for (size_t i = 0; i < n; i++)
         if (r->stop[i][0] == '\0')
-            return bad(err, err_len, "'%s' strings must not be empty", "stop");
+            return oai_bad(err, err_len, "'%s' strings must not be empty", "stop");
     r->sampling.n_stop = n;
     r->sampling.stop = r->stop;
     return 0;
@@ -108,7 +110,8 @@ static int parse_stop(oai_request_t *r, const cJSON *stop, char *err, size_t err
 static int parse_logit_bias(oai_request_t *r, const cJSON *obj, char *err, size_t err_len)
 {
     if (!cJSON_IsObject(obj))
-        return bad(err, err_len, "'%s' must be an object of token ids and biases", "logit_bias");
+        return oai_bad(err, err_len, "'%s' must be an object of token ids and biases",
+                       "logit_bias");
     int n = cJSON_GetArraySize(obj);
     if (n == 0)
         return 0;
@@ -119,7 +122,7 @@ static int parse_logit_bias(oai_request_t *r, const cJSON *obj, char *err, size_
     r->bias = calloc((size_t)n, sizeof(*r->bias));
     r->bias_p = calloc((size_t)n, sizeof(*r->bias_p));
     if (r->bias == NULL || r->bias_p == NULL)
-        return bad(err, err_len, "out of memory reading '%s'", "logit_bias");
+        return oai_bad(err, err_len, "out of memory reading '%s'", "logit_bias");
     size_t i = 0;
     const cJSON *b;
     cJSON_ArrayForEach(b, obj)
@@ -129,9 +132,10 @@ static int parse_logit_bias(oai_request_t *r, const cJSON *obj, char *err, size_
         errno = 0;
         unsigned long id = k != NULL && k[0] >= '0' && k[0] <= '9' ? strtoul(k, &end, 10) : 0;
         if (end == NULL || *end != '\0' || errno != 0 || id > UINT32_MAX)
-            return bad(err, err_len, "'%s' keys must be token ids (decimal)", "logit_bias");
+            return oai_bad(err, err_len, "'%s' keys must be token ids (decimal)", "logit_bias");
         if (!is_number(b) || fabs(b->valuedouble) > 100)
-            return bad(err, err_len, "'%s' biases must be numbers in [-100, 100]", "logit_bias");
+            return oai_bad(err, err_len, "'%s' biases must be numbers in [-100, 100]",
+                           "logit_bias");
         ferry__v1__logit_bias__init(&r->bias[i]);
         r->bias[i].token_id = (uint32_t)id;
         r->bias[i].bias = (float)b->valuedouble;
@@ -147,118 +151,120 @@ static int parse_logit_bias(oai_request_t *r, const cJSON *obj, char *err, size_
 static int parse_common(oai_request_t *r, const cJSON *root, char *err, size_t err_len)
 {
     const cJSON *v;
-    static const char *const k_refused[] = {"tools", "functions", "tool_choice", "suffix"};
+    static const char *const k_refused[] = {"functions", "function_call", "suffix"};
     for (size_t i = 0; i < FY_ARRAY_SIZE(k_refused); i++)
-        if ((v = member(root, k_refused[i])) != NULL &&
-            !(cJSON_IsArray(v) && cJSON_GetArraySize(v) == 0) &&
-            !(cJSON_IsString(v) && strcmp(k_refused[i], "tool_choice") == 0 &&
-              strcmp(v->valuestring, "none") == 0))
-            return bad(err, err_len, "'%s' is not supported", k_refused[i]);
+        if ((v = oai_member(root, k_refused[i])) != NULL &&
+            !(cJSON_IsArray(v) && cJSON_GetArraySize(v) == 0))
+            return oai_bad(err, err_len, "'%s' is not supported (chat's 'tools' are)",
+                           k_refused[i]);
+    if (r->kind == OAI_COMPLETION && (v = oai_member(root, "tools")) != NULL &&
+        !(cJSON_IsArray(v) && cJSON_GetArraySize(v) == 0))
+        return oai_bad(err, err_len, "'%s' are for chat completions", "tools");
 
-    if ((v = member(root, "model")) != NULL) {
+    if ((v = oai_member(root, "model")) != NULL) {
         if (!cJSON_IsString(v))
-            return bad(err, err_len, "'%s' must be a string", "model");
+            return oai_bad(err, err_len, "'%s' must be a string", "model");
         r->model = v->valuestring;
         r->msg.model = v->valuestring;
     }
     uint32_t max_tokens = 0;
     const char *mt_name =
-        member(root, "max_completion_tokens") ? "max_completion_tokens" : "max_tokens";
-    if ((v = member(root, mt_name)) != NULL) {
+        oai_member(root, "max_completion_tokens") ? "max_completion_tokens" : "max_tokens";
+    if ((v = oai_member(root, mt_name)) != NULL) {
         if (!is_integer(v, 1, 1 << 20))
-            return bad(err, err_len, "'%s' must be an integer in [1, 1048576]", mt_name);
+            return oai_bad(err, err_len, "'%s' must be an integer in [1, 1048576]", mt_name);
         max_tokens = (uint32_t)v->valuedouble;
     }
     r->sampling.max_tokens = max_tokens;
 
     // OpenAI's default temperature is 1 (sampling), not Ferry's server default.
     r->sampling.temperature = 1.0f;
-    if ((v = member(root, "temperature")) != NULL) {
+    if ((v = oai_member(root, "temperature")) != NULL) {
         if (!is_number(v) || v->valuedouble < 0 || v->valuedouble > 2)
-            return bad(err, err_len, "'%s' must be a number in [0, 2]", "temperature");
+            return oai_bad(err, err_len, "'%s' must be a number in [0, 2]", "temperature");
         r->sampling.temperature = (float)v->valuedouble;
     }
-    if ((v = member(root, "top_p")) != NULL) {
+    if ((v = oai_member(root, "top_p")) != NULL) {
         if (!is_number(v) || v->valuedouble <= 0 || v->valuedouble > 1)
-            return bad(err, err_len, "'%s' must be a number in (0, 1]", "top_p");
+            return oai_bad(err, err_len, "'%s' must be a number in (0, 1]", "top_p");
         r->sampling.top_p = (float)v->valuedouble;
     }
-    if ((v = member(root, "top_k")) != NULL) {
+    if ((v = oai_member(root, "top_k")) != NULL) {
         if (!is_integer(v, -1, 1 << 20))
-            return bad(err, err_len, "'%s' must be an integer >= -1 (-1 or 0: off)", "top_k");
+            return oai_bad(err, err_len, "'%s' must be an integer >= -1 (-1 or 0: off)", "top_k");
         r->sampling.top_k = v->valuedouble > 0 ? (uint32_t)v->valuedouble : 0;
     }
-    if ((v = member(root, "repetition_penalty")) != NULL) {
+    if ((v = oai_member(root, "repetition_penalty")) != NULL) {
         if (!is_number(v) || v->valuedouble <= 0 || v->valuedouble > 10)
-            return bad(err, err_len, "'%s' must be a number in (0, 10]", "repetition_penalty");
+            return oai_bad(err, err_len, "'%s' must be a number in (0, 10]", "repetition_penalty");
         r->sampling.repetition_penalty = (float)v->valuedouble;
     }
     static const char *const k_penalties[] = {"presence_penalty", "frequency_penalty"};
     for (size_t i = 0; i < FY_ARRAY_SIZE(k_penalties); i++)
-        if ((v = member(root, k_penalties[i])) != NULL) {
+        if ((v = oai_member(root, k_penalties[i])) != NULL) {
             if (!is_number(v) || fabs(v->valuedouble) > 2)
-                return bad(err, err_len, "'%s' must be a number in [-2, 2]", k_penalties[i]);
+                return oai_bad(err, err_len, "'%s' must be a number in [-2, 2]", k_penalties[i]);
             *(i == 0 ? &r->sampling.presence_penalty : &r->sampling.frequency_penalty) =
                 (float)v->valuedouble;
         }
-    if ((v = member(root, "logit_bias")) != NULL && !cJSON_IsNull(v)) {
+    if ((v = oai_member(root, "logit_bias")) != NULL && !cJSON_IsNull(v)) {
         int rc = parse_logit_bias(r, v, err, err_len);
         if (rc)
             return rc;
     }
-    if ((v = member(root, "seed")) != NULL) {
+    if ((v = oai_member(root, "seed")) != NULL) {
         if (!is_integer(v, -9.2e18, 1.8e19))
-            return bad(err, err_len, "'%s' must be an integer", "seed");
+            return oai_bad(err, err_len, "'%s' must be an integer", "seed");
         r->sampling.seed =
             v->valuedouble < 0 ? (uint64_t)(int64_t)v->valuedouble : (uint64_t)v->valuedouble;
         r->has_seed = true;
     }
-    if ((v = member(root, "stop")) != NULL) {
+    if ((v = oai_member(root, "stop")) != NULL) {
         int rc = parse_stop(r, v, err, err_len);
         if (rc)
             return rc;
     }
-    if ((v = member(root, "stop_token_ids")) != NULL) {
+    if ((v = oai_member(root, "stop_token_ids")) != NULL) {
         if (!cJSON_IsArray(v) || cJSON_GetArraySize(v) > 1024)
-            return bad(err, err_len, "'%s' must be an array of at most 1024 token ids",
-                       "stop_token_ids");
+            return oai_bad(err, err_len, "'%s' must be an array of at most 1024 token ids",
+                           "stop_token_ids");
         int rc = token_ids(v, "stop_token_ids", &r->stop_ids, err, err_len);
         if (rc)
             return rc;
         r->sampling.n_stop_token_ids = (size_t)cJSON_GetArraySize(v);
         r->sampling.stop_token_ids = r->stop_ids;
     }
-    if ((v = member(root, "ignore_eos")) != NULL) {
+    if ((v = oai_member(root, "ignore_eos")) != NULL) {
         if (!cJSON_IsBool(v))
-            return bad(err, err_len, "'%s' must be true or false", "ignore_eos");
+            return oai_bad(err, err_len, "'%s' must be true or false", "ignore_eos");
         r->sampling.ignore_eos = cJSON_IsTrue(v);
     }
-    if ((v = member(root, "n")) != NULL) {
+    if ((v = oai_member(root, "n")) != NULL) {
         if (!is_integer(v, 1, OAI_MAX_N)) {
             snprintf(err, err_len, "'n' must be an integer in [1, %d]", OAI_MAX_N);
             return 400;
         }
         r->n = (uint32_t)v->valuedouble;
     }
-    if ((v = member(root, "best_of")) != NULL && !is_integer(v, 1, 1))
-        return bad(err, err_len, "'%s' other than 1 is not supported", "best_of");
+    if ((v = oai_member(root, "best_of")) != NULL && !is_integer(v, 1, 1))
+        return oai_bad(err, err_len, "'%s' other than 1 is not supported", "best_of");
     // Log-probabilities: chat's "logprobs": true with "top_logprobs" alternatives (0..20);
     // completions' "logprobs": N alternatives (OpenAI allows up to 5, Ferry 20).
     if (r->kind == OAI_CHAT) {
-        if ((v = member(root, "logprobs")) != NULL && !cJSON_IsBool(v))
-            return bad(err, err_len, "'%s' must be a boolean", "logprobs");
+        if ((v = oai_member(root, "logprobs")) != NULL && !cJSON_IsBool(v))
+            return oai_bad(err, err_len, "'%s' must be a boolean", "logprobs");
         r->logprobs = v != NULL && cJSON_IsTrue(v);
-        if ((v = member(root, "top_logprobs")) != NULL) {
+        if ((v = oai_member(root, "top_logprobs")) != NULL) {
             if (!is_integer(v, 0, OAI_MAX_TOP_LOGPROBS)) {
                 snprintf(err, err_len, "'top_logprobs' must be an integer in [0, %d]",
                          OAI_MAX_TOP_LOGPROBS);
                 return 400;
             }
             if (!r->logprobs && v->valuedouble > 0)
-                return bad(err, err_len, "'%s' needs \"logprobs\": true", "top_logprobs");
+                return oai_bad(err, err_len, "'%s' needs \"logprobs\": true", "top_logprobs");
             r->sampling.top_logprobs = (uint32_t)v->valuedouble;
         }
-    } else if ((v = member(root, "logprobs")) != NULL) {
+    } else if ((v = oai_member(root, "logprobs")) != NULL) {
         if (!is_integer(v, 0, OAI_MAX_TOP_LOGPROBS)) {
             snprintf(err, err_len, "'logprobs' must be an integer in [0, %d]",
                      OAI_MAX_TOP_LOGPROBS);
@@ -268,76 +274,76 @@ static int parse_common(oai_request_t *r, const cJSON *root, char *err, size_t e
         r->sampling.top_logprobs = (uint32_t)v->valuedouble;
     }
     r->sampling.logprobs = r->logprobs;
-    if ((v = member(root, "echo")) != NULL && !cJSON_IsNull(v)) {
+    if ((v = oai_member(root, "echo")) != NULL && !cJSON_IsNull(v)) {
         if (!cJSON_IsBool(v))
-            return bad(err, err_len, "'%s' must be true or false", "echo");
+            return oai_bad(err, err_len, "'%s' must be true or false", "echo");
         r->echo = cJSON_IsTrue(v);
         if (r->echo && r->kind == OAI_CHAT)
-            return bad(err, err_len, "'%s' is for completions", "echo");
+            return oai_bad(err, err_len, "'%s' is for completions", "echo");
     }
     const cJSON *schema = NULL;
-    if ((v = member(root, "response_format")) != NULL && !cJSON_IsNull(v)) {
-        const cJSON *t = cJSON_IsObject(v) ? member(v, "type") : NULL;
+    if ((v = oai_member(root, "response_format")) != NULL && !cJSON_IsNull(v)) {
+        const cJSON *t = cJSON_IsObject(v) ? oai_member(v, "type") : NULL;
         if (!cJSON_IsString(t) ||
             (strcmp(t->valuestring, "text") != 0 && strcmp(t->valuestring, "json_object") != 0 &&
              strcmp(t->valuestring, "json_schema") != 0))
-            return bad(err, err_len,
-                       "'%s' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
-                       "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., "
-                       "\"schema\": {...}}}",
-                       "response_format");
+            return oai_bad(err, err_len,
+                           "'%s' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                           "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., "
+                           "\"schema\": {...}}}",
+                           "response_format");
         r->sampling.json_object = strcmp(t->valuestring, "json_object") == 0;
         if (strcmp(t->valuestring, "json_schema") == 0) {
-            const cJSON *js = member(v, "json_schema");
+            const cJSON *js = oai_member(v, "json_schema");
             if (!cJSON_IsObject(js))
-                return bad(err, err_len, "'%s' must be an object with the schema",
-                           "response_format.json_schema");
-            schema = member(js, "schema");
+                return oai_bad(err, err_len, "'%s' must be an object with the schema",
+                               "response_format.json_schema");
+            schema = oai_member(js, "schema");
             if (schema == NULL) // no schema: any JSON object
                 r->sampling.json_object = true;
         }
     }
     // vLLM's guided_json: the schema itself, or its text.
-    if ((v = member(root, "guided_json")) != NULL) {
+    if ((v = oai_member(root, "guided_json")) != NULL) {
         if (schema != NULL || r->sampling.json_object)
-            return bad(err, err_len, "'%s': not with a JSON response_format", "guided_json");
+            return oai_bad(err, err_len, "'%s': not with a JSON response_format", "guided_json");
         schema = v;
     }
     if (schema != NULL) {
         if (cJSON_IsString(schema)) {
             if ((r->schema_text = strdup(schema->valuestring)) == NULL)
-                return bad(err, err_len, "out of memory reading '%s'", "schema");
+                return oai_bad(err, err_len, "out of memory reading '%s'", "schema");
         } else if (cJSON_IsObject(schema) || cJSON_IsBool(schema)) {
             if ((r->schema_text = cJSON_PrintUnformatted(schema)) == NULL)
-                return bad(err, err_len, "out of memory reading '%s'", "schema");
+                return oai_bad(err, err_len, "out of memory reading '%s'", "schema");
         } else {
-            return bad(err, err_len, "'%s' must be a JSON Schema (an object)", "schema");
+            return oai_bad(err, err_len, "'%s' must be a JSON Schema (an object)", "schema");
         }
         r->sampling.json_schema = r->schema_text;
     }
 
-    if ((v = member(root, "stream")) != NULL) {
+    if ((v = oai_member(root, "stream")) != NULL) {
         if (!cJSON_IsBool(v))
-            return bad(err, err_len, "'%s' must be true or false", "stream");
+            return oai_bad(err, err_len, "'%s' must be true or false", "stream");
         r->stream = cJSON_IsTrue(v);
     }
-    if ((v = member(root, "stream_options")) != NULL) {
+    if ((v = oai_member(root, "stream_options")) != NULL) {
         if (!cJSON_IsObject(v))
-            return bad(err, err_len, "'%s' must be an object", "stream_options");
-        const cJSON *u = member(v, "include_usage");
+            return oai_bad(err, err_len, "'%s' must be an object", "stream_options");
+        const cJSON *u = oai_member(v, "include_usage");
         if (u != NULL && !cJSON_IsBool(u))
-            return bad(err, err_len, "'%s' must be true or false", "include_usage");
+            return oai_bad(err, err_len, "'%s' must be true or false", "include_usage");
         r->include_usage = cJSON_IsTrue(u);
     }
 
-    if ((v = member(root, "kv_policy")) != NULL) {
+    if ((v = oai_member(root, "kv_policy")) != NULL) {
         if (!cJSON_IsString(v))
-            return bad(err, err_len, "'%s' must be a string", "kv_policy");
+            return oai_bad(err, err_len, "'%s' must be a string", "kv_policy");
         r->codec.policy = v->valuestring;
     }
-    if ((v = member(root, "kv_budget")) != NULL) {
+    if ((v = oai_member(root, "kv_budget")) != NULL) {
         if (!is_number(v) || v->valuedouble < 0 || v->valuedouble > 1)
-            return bad(err, err_len, "'%s' must be a number in [0, 1]", "kv_budget");
+            return oai_bad(err, err_len, "'%s' must be a number in [0, 1]", "kv_budget");
         r->codec.budget = (float)v->valuedouble;
     }
     return 0;
@@ -357,27 +363,27 @@ static int parse_content(oai_request_t *r, size_t i, const cJSON *content, char 
         return 0;
     }
     if (!cJSON_IsArray(content))
-        return bad(err, err_len, "'%s' must be a string or an array of text parts", "content");
+        return oai_bad(err, err_len, "'%s' must be a string or an array of text parts", "content");
     size_t total = 0;
     const cJSON *part;
     cJSON_ArrayForEach(part, content)
     {
-        const cJSON *type = cJSON_IsObject(part) ? member(part, "type") : NULL;
-        const cJSON *text = cJSON_IsObject(part) ? member(part, "text") : NULL;
+        const cJSON *type = cJSON_IsObject(part) ? oai_member(part, "type") : NULL;
+        const cJSON *text = cJSON_IsObject(part) ? oai_member(part, "text") : NULL;
         if (!cJSON_IsString(type) || strcmp(type->valuestring, "text") != 0 ||
             !cJSON_IsString(text))
-            return bad(err, err_len, "only text parts are supported in '%s'", "content");
+            return oai_bad(err, err_len, "only text parts are supported in '%s'", "content");
         total += strlen(text->valuestring);
     }
     char *joined = malloc(total + 1);
     if (joined == NULL)
-        return bad(err, err_len, "out of memory reading '%s'", "content");
+        return oai_bad(err, err_len, "out of memory reading '%s'", "content");
     r->joined[i] = joined;
     size_t off = 0;
     cJSON_ArrayForEach(part, content)
     {
-        size_t n = strlen(member(part, "text")->valuestring);
-        memcpy(joined + off, member(part, "text")->valuestring, n);
+        size_t n = strlen(oai_member(part, "text")->valuestring);
+        memcpy(joined + off, oai_member(part, "text")->valuestring, n);
         off += n;
     }
     joined[off] = '\0';
@@ -388,17 +394,18 @@ static int parse_content(oai_request_t *r, size_t i, const cJSON *content, char 
 static int parse_messages(oai_request_t *r, const cJSON *msgs, char *err, size_t err_len)
 {
     if (!cJSON_IsArray(msgs) || cJSON_GetArraySize(msgs) == 0)
-        return bad(err, err_len, "'%s' must be a non-empty array", "messages");
+        return oai_bad(err, err_len, "'%s' must be a non-empty array", "messages");
     size_t n = (size_t)cJSON_GetArraySize(msgs);
     if (n > OAI_MAX_MESSAGES) {
         snprintf(err, err_len, "'messages' has more than %d entries", OAI_MAX_MESSAGES);
         return 400;
     }
-    r->messages = calloc(n, sizeof(*r->messages));
-    r->message_p = calloc(n, sizeof(*r->message_p));
-    r->joined = calloc(n, sizeof(*r->joined));
+    // One more: the system message the tools may need.
+    r->messages = calloc(n + 1, sizeof(*r->messages));
+    r->message_p = calloc(n + 1, sizeof(*r->message_p));
+    r->joined = calloc(n + 1, sizeof(*r->joined));
     if (r->messages == NULL || r->message_p == NULL || r->joined == NULL)
-        return bad(err, err_len, "out of memory reading '%s'", "messages");
+        return oai_bad(err, err_len, "out of memory reading '%s'", "messages");
     r->chat.n_messages = n;
     size_t i = 0;
     const cJSON *m;
@@ -406,20 +413,48 @@ static int parse_messages(oai_request_t *r, const cJSON *msgs, char *err, size_t
     {
         ferry__v1__chat_message__init(&r->messages[i]);
         r->message_p[i] = &r->messages[i];
-        const cJSON *role = cJSON_IsObject(m) ? member(m, "role") : NULL;
+        const cJSON *role = cJSON_IsObject(m) ? oai_member(m, "role") : NULL;
         if (!cJSON_IsString(role))
-            return bad(err, err_len, "each message needs a string '%s'", "role");
+            return oai_bad(err, err_len, "each message needs a string '%s'", "role");
         const char *rs = role->valuestring;
         if (strcmp(rs, "developer") == 0)
             rs = "system"; // OpenAI's newer name for the system role
         else if (strcmp(rs, "system") != 0 && strcmp(rs, "user") != 0 &&
-                 strcmp(rs, "assistant") != 0)
-            return bad(err, err_len, "role '%.32s' is not supported (system, user, assistant)", rs);
+                 strcmp(rs, "assistant") != 0 && strcmp(rs, "tool") != 0)
+            return oai_bad(err, err_len,
+                           "role '%.32s' is not supported (system, user, assistant, tool)", rs);
         r->messages[i].role = (char *)rs;
-        int rc = parse_content(r, i, member(m, "content"), err, err_len);
+        int rc = parse_content(r, i, oai_member(m, "content"), err, err_len);
         if (rc)
             return rc;
+        // A tool's result, or the assistant's calls: into the text in the tools' tags (a
+        // tool's result comes from the user's side, as Qwen2.5's and Hermes' templates put it).
+        const cJSON *calls = strcmp(rs, "assistant") == 0 ? oai_member(m, "tool_calls") : NULL;
+        if (strcmp(rs, "tool") == 0 || (calls != NULL && cJSON_GetArraySize(calls) > 0)) {
+            char *text = NULL;
+            rc = oai_tools_message(rs, r->messages[i].content, calls, &text, err, err_len);
+            if (rc)
+                return rc;
+            free(r->joined[i]);
+            r->joined[i] = text;
+            r->messages[i].content = text;
+            if (strcmp(rs, "tool") == 0)
+                r->messages[i].role = "user";
+        }
         i++;
+    }
+    if (oai_tools_active(r)) { // the tools' block ends the system message (one comes first)
+        if (strcmp(r->messages[0].role, "system") != 0) {
+            memmove(r->message_p + 1, r->message_p, n * sizeof(*r->message_p));
+            r->message_p[0] = &r->messages[n];
+            ferry__v1__chat_message__init(&r->messages[n]);
+            r->messages[n].role = "system";
+            r->messages[n].content = "";
+            r->chat.n_messages = ++n;
+        }
+        if ((r->tool_system = oai_tools_system(r, r->message_p[0]->content)) == NULL)
+            return oai_bad(err, err_len, "out of memory reading '%s'", "tools");
+        r->message_p[0]->content = r->tool_system;
     }
     r->chat.messages = r->message_p;
     r->msg.input_case = FERRY__V1__GENERATE_REQUEST__INPUT_CHAT;
@@ -431,7 +466,7 @@ static int parse_messages(oai_request_t *r, const cJSON *msgs, char *err, size_t
 static int parse_ids(oai_request_t *r, uint32_t p, const cJSON *arr, char *err, size_t err_len)
 {
     if (!cJSON_IsArray(arr) || cJSON_GetArraySize(arr) == 0)
-        return bad(err, err_len, "'%s' token-id prompts must be non-empty arrays", "prompt");
+        return oai_bad(err, err_len, "'%s' token-id prompts must be non-empty arrays", "prompt");
     int rc = token_ids(arr, "prompt", &r->id_buf[p], err, err_len);
     if (rc)
         return rc;
@@ -462,7 +497,7 @@ static int parse_prompt(oai_request_t *r, const cJSON *p, char *err, size_t err_
     if (cJSON_IsString(p)) {
         r->texts[0] = p->valuestring;
     } else if (!cJSON_IsArray(p) || cJSON_GetArraySize(p) == 0) {
-        return bad(err, err_len, k_shape, "prompt");
+        return oai_bad(err, err_len, k_shape, "prompt");
     } else if (cJSON_IsNumber(p->child)) {
         int rc = parse_ids(r, 0, p, err, err_len);
         if (rc)
@@ -479,7 +514,7 @@ static int parse_prompt(oai_request_t *r, const cJSON *p, char *err, size_t err_
         cJSON_ArrayForEach(e, p)
         {
             if (text ? !cJSON_IsString(e) : !cJSON_IsArray(e))
-                return bad(err, err_len, k_shape, "prompt");
+                return oai_bad(err, err_len, k_shape, "prompt");
             if (text) {
                 r->texts[k] = e->valuestring;
             } else {
@@ -516,7 +551,7 @@ int oai_request_parse(oai_request_t *r, oai_kind_t kind, const char *body, size_
     r->msg.sampling = &r->sampling;
     r->msg.codec = &r->codec;
     if (body == NULL || body[len] != '\0' || memchr(body, '\0', len) != NULL)
-        return bad(err, err_len, "the body is not valid JSON (%s)", "a NUL byte");
+        return oai_bad(err, err_len, "the body is not valid JSON (%s)", "a NUL byte");
     // len + 1: cJSON then requires the NUL right after the value and whitespace.
     const char *end = NULL;
     r->root = cJSON_ParseWithLengthOpts(body, len + 1, &end, true);
@@ -526,21 +561,23 @@ int oai_request_parse(oai_request_t *r, oai_kind_t kind, const char *body, size_
         return 400;
     }
     if (!cJSON_IsObject(r->root))
-        return bad(err, err_len, "the body must be a JSON %s", "object");
+        return oai_bad(err, err_len, "the body must be a JSON %s", "object");
     int rc = parse_common(r, r->root, err, err_len);
     if (rc)
         return rc;
     if (kind == OAI_CHAT) {
-        const cJSON *msgs = member(r->root, "messages");
+        const cJSON *msgs = oai_member(r->root, "messages");
         if (msgs == NULL)
-            return bad(err, err_len, "'%s' is required", "messages");
+            return oai_bad(err, err_len, "'%s' is required", "messages");
+        if ((rc = oai_tools_parse(r, r->root, err, err_len)) != 0)
+            return rc;
         rc = parse_messages(r, msgs, err, err_len);
         r->n_choices = r->n; // one conversation
         return rc;
     }
-    const cJSON *p = member(r->root, "prompt");
+    const cJSON *p = oai_member(r->root, "prompt");
     if (p == NULL)
-        return bad(err, err_len, "'%s' is required", "prompt");
+        return oai_bad(err, err_len, "'%s' is required", "prompt");
     rc = parse_prompt(r, p, err, err_len);
     // echo: the prompt's log-probabilities come with logprobs; a prompt of token ids needs its
     // tokens' bytes (they come with them) for the text.
@@ -566,6 +603,7 @@ void oai_request_clear(oai_request_t *r)
     free(r->bias);
     free(r->bias_p);
     free(r->schema_text);
+    free(r->tool_system);
     cJSON_Delete(r->root);
     memset(r, 0, sizeof(*r));
 }

@@ -56,6 +56,9 @@ typedef struct {
     size_t lp_offset;               // completions' text_offset so far
     bool echoed;                    // req.echo: the prompt went into text (and logprobs)
     uint32_t prompt;                // completions: the prompt it answers (req.texts / ids)
+    // With tools (oai_tools_active): text holds the whole answer, streamed included.
+    size_t streamed;   // bytes of text a stream has sent as content
+    cJSON *tool_calls; // the calls read from the answer once it ended, or NULL
 } oai_choice_t;
 
 struct oai_conn {
@@ -275,6 +278,7 @@ static void exchange_end(oai_conn_t *c)
         oai_choice_t *ch = &c->choices[i];
         free(ch->text);
         cJSON_Delete(ch->logprobs);
+        cJSON_Delete(ch->tool_calls);
         if (ch->stats)
             ferry__v1__request_stats__free_unpacked(ch->stats, NULL);
         memset(ch, 0, sizeof(*ch));
@@ -387,6 +391,29 @@ static bool echo_prompt(oai_conn_t *c, oai_choice_t *ch, const Ferry__V1__Genera
                             &ch->lp_offset);
 }
 
+/* The request's tools may be called: answers are read for calls. */
+static bool with_tools(const oai_conn_t *c)
+{
+    return c->req.kind == OAI_CHAT && oai_tools_active(&c->req);
+}
+
+/* A choice's answer has ended (stopped, not cut by max_tokens): its calls into ch->tool_calls,
+ * and the length of the content before them. */
+static size_t read_calls(oai_conn_t *c, oai_choice_t *ch)
+{
+    size_t content = ch->text_len;
+    cJSON_Delete(ch->tool_calls);
+    ch->tool_calls = NULL;
+    if (ch->finish != FERRY__V1__FINISH_REASON__FINISH_REASON_STOP)
+        return content; // cut short: the text as it stands
+    char prefix[48];
+    snprintf(prefix, sizeof(prefix), "call_%.16s%02x", c->id + strcspn(c->id, "-") + 1,
+             ch->index & 0xff);
+    ch->tool_calls =
+        oai_tools_extract(&c->req, ch->text ? ch->text : "", ch->text_len, prefix, &content);
+    return content;
+}
+
 static void on_generate_msg(ferry_call_t *call, const ProtobufCMessage *msg, void *arg)
 {
     oai_choice_t *ch = arg;
@@ -423,10 +450,22 @@ static void on_generate_msg(ferry_call_t *call, const ProtobufCMessage *msg, voi
             ferry_call_cancel(call);
             return;
         }
+        const char *text = r->text ? r->text : "";
+        if (with_tools(c)) { // only what surely is no call goes out now
+            if (!choice_text(ch, text, n)) {
+                cJSON_Delete(lp);
+                ferry_call_cancel(call);
+                return;
+            }
+            size_t sure = oai_tools_streamable(&c->req, ch->text, ch->text_len);
+            text = ch->text + ch->streamed;
+            n = sure > ch->streamed ? sure - ch->streamed : 0;
+            ch->streamed += n;
+        }
         if (n > 0 || lps)
             send_event_json(c, oai_render_chunk(c->req.kind, c->id, c->created, answer_model(c),
-                                                ch->index, NULL, r->text ? r->text : "", n, lp,
-                                                NULL, c->req.include_usage));
+                                                ch->index, NULL, text, n, lp, NULL,
+                                                c->req.include_usage));
         cJSON_Delete(lp);
         return;
     }
@@ -444,13 +483,28 @@ static void on_generate_msg(ferry_call_t *call, const ProtobufCMessage *msg, voi
         ferry_call_cancel(call);
 }
 
-/* A choice's last stream chunk: no text, its finish reason. */
+/* A choice's last stream chunk: no text, its finish reason. With tools, first the content held
+ * back and the calls. */
 static void send_finish_chunk(oai_conn_t *c, oai_choice_t *ch)
 {
     ch->finish_sent = true;
-    send_event_json(c, oai_render_chunk(c->req.kind, c->id, c->created, answer_model(c), ch->index,
-                                        NULL, "", 0, NULL, oai_finish_name(ch->finish),
-                                        c->req.include_usage));
+    if (with_tools(c)) {
+        size_t content = read_calls(c, ch);
+        if (content > ch->streamed)
+            send_event_json(c, oai_render_chunk(OAI_CHAT, c->id, c->created, answer_model(c),
+                                                ch->index, NULL, ch->text + ch->streamed,
+                                                content - ch->streamed, NULL, NULL,
+                                                c->req.include_usage));
+        ch->streamed = FY_MAX(ch->streamed, content);
+        if (ch->tool_calls != NULL)
+            send_event_json(c, oai_render_tool_chunk(c->id, c->created, answer_model(c), ch->index,
+                                                     ch->tool_calls, c->req.include_usage));
+    }
+    send_event_json(
+        c,
+        oai_render_chunk(c->req.kind, c->id, c->created, answer_model(c), ch->index, NULL, "", 0,
+                         NULL, ch->tool_calls != NULL ? "tool_calls" : oai_finish_name(ch->finish),
+                         c->req.include_usage));
 }
 
 /* Cancels the choices still running (their done callbacks only count down meanwhile). */
@@ -497,9 +551,12 @@ static void finish_generation(oai_conn_t *c)
     if (!c->req.stream) {
         if (c->error_code == 0) {
             oai_choice_out_t out[OAI_MAX_CHOICES];
-            for (uint32_t i = 0; i < c->req.n_choices; i++)
-                out[i] = (oai_choice_out_t){c->choices[i].text, c->choices[i].text_len,
-                                            c->choices[i].finish, c->choices[i].logprobs};
+            for (uint32_t i = 0; i < c->req.n_choices; i++) {
+                oai_choice_t *ch = &c->choices[i];
+                size_t len = with_tools(c) ? read_calls(c, ch) : ch->text_len;
+                out[i] =
+                    (oai_choice_out_t){ch->text, len, ch->finish, ch->logprobs, ch->tool_calls};
+            }
             respond_json(c, 200,
                          oai_render_completion(c->req.kind, c->id, c->created, answer_model(c), out,
                                                c->req.n_choices, st),

@@ -226,6 +226,69 @@ def main():
             check("json_schema with minimum refused", False)
         except openai.BadRequestError as e:
             check("json_schema with minimum refused", '"minimum" is not supported' in str(e), e)
+        # Tool calling: the tools reach the prompt; "required" and a named function give one
+        # call whose arguments follow the function's parameters, streamed as one delta equal
+        # to the whole answer's; the assistant's call and the tool's result go back in.
+        tools = [{"type": "function", "function": {
+                     "name": "get_weather", "description": "The current weather in a city",
+                     "parameters": {"type": "object", "required": ["city"], "properties": {
+                         "city": {"type": "string", "maxLength": 40},
+                         "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}}}},
+                 {"type": "function", "function": {
+                     "name": "add", "description": "Add two numbers",
+                     "parameters": {"type": "object", "required": ["a", "b"], "properties": {
+                         "a": {"type": "number"}, "b": {"type": "number"}}}}}]
+        ask = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+        plain = client.chat.completions.create(model="smollm2", messages=ask, max_tokens=1)
+        auto = client.chat.completions.create(model="smollm2", messages=ask, tools=tools,
+                                              max_tokens=40, temperature=0)
+        check("tools in the prompt", auto.usage.prompt_tokens > plain.usage.prompt_tokens + 100
+              and auto.choices[0].finish_reason in ("stop", "length", "tool_calls"),
+              (plain.usage.prompt_tokens, auto.usage.prompt_tokens, auto.choices[0].message))
+
+        def args_ok(call):
+            a = json.loads(call.function.arguments)
+            if call.function.name == "get_weather":
+                return isinstance(a.get("city"), str) and set(a) <= {"city", "unit"}
+            return call.function.name == "add" and all(
+                isinstance(a.get(k), (int, float)) for k in "ab") and set(a) == {"a", "b"}
+
+        for choice in ("required", {"type": "function", "function": {"name": "add"}}):
+            r = client.chat.completions.create(model="smollm2", messages=ask, tools=tools,
+                                               tool_choice=choice, max_tokens=80, temperature=0)
+            m = r.choices[0].message
+            calls = m.tool_calls or []
+            check("tool_choice %s" % json.dumps(choice),
+                  r.choices[0].finish_reason == "tool_calls" and m.content is None
+                  and len(calls) == 1 and calls[0].id.startswith("call_") and args_ok(calls[0])
+                  and (choice == "required" or calls[0].function.name == "add"), m)
+            deltas = [c for c in client.chat.completions.create(
+                model="smollm2", messages=ask, tools=tools, tool_choice=choice, max_tokens=80,
+                temperature=0, stream=True)]
+            streamed = [t for d in deltas for t in (d.choices[0].delta.tool_calls or [])]
+            check("tool_choice %s streamed" % json.dumps(choice),
+                  len(streamed) == 1 and streamed[0].index == 0
+                  and streamed[0].function.name == calls[0].function.name
+                  and streamed[0].function.arguments == calls[0].function.arguments
+                  and deltas[-1].choices[0].finish_reason == "tool_calls"
+                  and not any(d.choices[0].delta.content for d in deltas), streamed)
+        r = client.chat.completions.create(model="smollm2", tools=tools, max_tokens=30,
+                                           temperature=0, messages=ask + [
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1",
+             "content": '{"temperature_celsius": 21, "sky": "sunny"}'}])
+        check("a tool's result answered", r.choices[0].finish_reason in ("stop", "length",
+                                                                          "tool_calls"),
+              r.choices[0].message)
+        try:
+            client.chat.completions.create(model="smollm2", messages=ask, tools=tools,
+                                           tool_choice={"type": "function",
+                                                        "function": {"name": "nope"}})
+            check("unknown tool refused", False)
+        except openai.BadRequestError as e:
+            check("unknown tool refused", 'no tool "nope"' in str(e), e)
         # A batch of prompts (lm-eval sends them with batch_size > 1): choice i answers prompt i
         # as it would alone; usage counts each prompt.
         single = [client.completions.create(model="smollm2", prompt=p, max_tokens=6,

@@ -2,7 +2,8 @@
 // through the chat and completion parsers, and what parses back out through the answers.
 // The first byte picks the mode: 0 = an HTTP stream (the next byte sets the chunk size), 1 =
 // a chat body, 2 = a completion body, 3 = token bytes through both logprobs forms (the answer
-// must stay valid UTF-8 whatever bytes the tokens hold).
+// must stay valid UTF-8 whatever bytes the tokens hold), 4 = a model's answer read for tool
+// calls.
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -26,7 +27,7 @@ static void body(oai_kind_t kind, const char *data, size_t len)
         oai_choice_out_t out[OAI_MAX_N];
         for (uint32_t i = 0; i < r.n; i++)
             out[i] = (oai_choice_out_t){text, strlen(text) / (i + 1),
-                                        FERRY__V1__FINISH_REASON__FINISH_REASON_STOP, NULL};
+                                        FERRY__V1__FINISH_REASON__FINISH_REASON_STOP, NULL, NULL};
         char *a = oai_render_completion(kind, "id", 1, r.model ? r.model : "m", out, r.n, NULL);
         char *b = oai_render_chunk(kind, "id", 1, "m", r.n - 1, NULL, text, strlen(text), NULL,
                                    NULL, true);
@@ -108,7 +109,7 @@ static void logprobs(const uint8_t *data, size_t size)
         if (lp == NULL || !oai_logprobs_add(lp, kind, ep, n, &offset))
             abort();
         char *chunk = oai_render_chunk(kind, "id", 1, "m", 0, NULL, "", 0, lp, NULL, false);
-        oai_choice_out_t one = {"", 0, FERRY__V1__FINISH_REASON__FINISH_REASON_STOP, lp};
+        oai_choice_out_t one = {"", 0, FERRY__V1__FINISH_REASON__FINISH_REASON_STOP, lp, NULL};
         char *whole = oai_render_completion(kind, "id", 1, "m", &one, 1, NULL);
         if (chunk == NULL || whole == NULL || !utf8_ok((unsigned char *)chunk) ||
             !utf8_ok((unsigned char *)whole))
@@ -123,13 +124,66 @@ static void logprobs(const uint8_t *data, size_t size)
     }
 }
 
+/* An answer text[len] to a chat with two tools: the calls read from it name those tools and
+ * carry arguments that are JSON objects, the content before them is a prefix of the text, and
+ * a stream never sends past it; the answer renders. */
+static void tool_answer(const char *text, size_t len)
+{
+    static const char k_req[] =
+        "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"tools\":[{\"type\":"
+        "\"function\",\"function\":{\"name\":\"f\"}},{\"type\":\"function\",\"function\":"
+        "{\"name\":\"get_weather\",\"parameters\":{\"type\":\"object\"}}}]}";
+    oai_request_t r;
+    char err[256];
+    if (oai_request_parse(&r, OAI_CHAT, k_req, sizeof(k_req) - 1, err, sizeof(err)) != 0)
+        abort();
+    size_t content = 0;
+    cJSON *calls = oai_tools_extract(&r, text, len, "call_", &content);
+    const size_t sure = oai_tools_streamable(&r, text, len);
+    const char *tag = strstr(text, "<tool_call>"); // a stream stops before any call
+    if (content > len || sure > len ||
+        (calls != NULL && sure > (tag != NULL ? (size_t)(tag - text) : 0)))
+        abort();
+    const cJSON *c;
+    cJSON_ArrayForEach(c, calls)
+    {
+        const cJSON *name = cJSON_GetObjectItem(cJSON_GetObjectItem(c, "function"), "name");
+        const cJSON *args = cJSON_GetObjectItem(cJSON_GetObjectItem(c, "function"), "arguments");
+        cJSON *parsed = cJSON_IsString(args) ? cJSON_Parse(args->valuestring) : NULL;
+        if (!cJSON_IsString(name) ||
+            (strcmp(name->valuestring, "f") != 0 &&
+             strcmp(name->valuestring, "get_weather") != 0) ||
+            !cJSON_IsObject(parsed))
+            abort();
+        cJSON_Delete(parsed);
+    }
+    oai_choice_out_t out = {text, content, FERRY__V1__FINISH_REASON__FINISH_REASON_STOP, NULL,
+                            calls};
+    char *a = oai_render_completion(OAI_CHAT, "id", 1, "m", &out, 1, NULL);
+    char *b = calls != NULL ? oai_render_tool_chunk("id", 1, "m", 0, calls, true) : strdup("");
+    if (a == NULL || b == NULL)
+        abort();
+    free(a);
+    free(b);
+    cJSON_Delete(calls);
+    oai_request_clear(&r);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     if (size < 2)
         return 0;
-    uint8_t mode = data[0] % 4;
+    uint8_t mode = data[0] % 5;
     if (mode == 3) {
         logprobs(data + 1, size - 1);
+        return 0;
+    }
+    if (mode == 4) {
+        char *copy = malloc(size);
+        memcpy(copy, data + 1, size - 1);
+        copy[size - 1] = '\0';
+        tool_answer(copy, strlen(copy));
+        free(copy);
         return 0;
     }
     if (mode != 0) {

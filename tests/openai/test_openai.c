@@ -290,7 +290,7 @@ static void test_refusals(void **state)
         {OAI_CHAT, "{}", "'messages' is required"},
         {OAI_CHAT, "{\"messages\":[]}", "non-empty array"},
         {OAI_CHAT, "{\"messages\":[{\"content\":\"x\"}]}", "'role'"},
-        {OAI_CHAT, "{\"messages\":[{\"role\":\"tool\",\"content\":\"x\"}]}", "not supported"},
+        {OAI_CHAT, "{\"messages\":[{\"role\":\"function\",\"content\":\"x\"}]}", "not supported"},
         {OAI_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"image_url\"}]}]}",
          "only text parts"},
         {OAI_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":7}]}", "'content'"},
@@ -334,7 +334,10 @@ static void test_refusals(void **state)
         {OAI_COMPLETION, "{\"prompt\":\"a\",\"logit_bias\":[1]}", "object"},
         {OAI_COMPLETION, "{\"prompt\":\"a\",\"logit_bias\":{\"1\":\"5\"}}", "numbers"},
         {OAI_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"tools\":[{}]}",
-         "tools"},
+         "\"type\": \"function\""},
+        {OAI_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"functions\":[{}]}",
+         "'functions' is not supported"},
+        {OAI_COMPLETION, "{\"prompt\":\"x\",\"tools\":[{}]}", "for chat completions"},
         {OAI_CHAT,
          "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"response_format\":"
          "{\"type\":\"json_schema\"}}",
@@ -528,7 +531,7 @@ static void test_logprobs(void **state)
     size_t off = 0;
     assert_true(oai_logprobs_add(lp, OAI_CHAT, es, 2, &off));
     oai_choice_out_t one = {" Paris\xef\xbf\xbd", 9, FERRY__V1__FINISH_REASON__FINISH_REASON_STOP,
-                            lp};
+                            lp, NULL};
     cJSON *j = parse_json(oai_render_completion(OAI_CHAT, "c", 1, "m", &one, 1, NULL));
     assert_string_equal(at(j, "choices.0.logprobs.content.0.token")->valuestring, " Paris");
     assert_float_equal(at(j, "choices.0.logprobs.content.0.logprob")->valuedouble, -0.25, 1e-6);
@@ -582,7 +585,7 @@ static void test_answers(void **state)
     st.policy = "ferry";
     static const char k_text[] = "say \"hi\"\n\\ \x01 caf\xc3\xa9";
     oai_choice_out_t one = {k_text, sizeof(k_text) - 1,
-                            FERRY__V1__FINISH_REASON__FINISH_REASON_LENGTH, NULL};
+                            FERRY__V1__FINISH_REASON__FINISH_REASON_LENGTH, NULL, NULL};
     cJSON *j = parse_json(oai_render_completion(OAI_CHAT, "chatcmpl-1", 7, "m", &one, 1, &st));
     assert_string_equal(at(j, "object")->valuestring, "chat.completion");
     assert_string_equal(at(j, "choices.0.message.content")->valuestring, k_text);
@@ -594,8 +597,9 @@ static void test_answers(void **state)
     cJSON_Delete(j);
 
     // Two choices, each with its index, text and reason.
-    oai_choice_out_t two[2] = {{"ab", 1, FERRY__V1__FINISH_REASON__FINISH_REASON_STOP, NULL},
-                               {"xyz", 3, FERRY__V1__FINISH_REASON__FINISH_REASON_LENGTH, NULL}};
+    oai_choice_out_t two[2] = {
+        {"ab", 1, FERRY__V1__FINISH_REASON__FINISH_REASON_STOP, NULL, NULL},
+        {"xyz", 3, FERRY__V1__FINISH_REASON__FINISH_REASON_LENGTH, NULL, NULL}};
     j = parse_json(oai_render_completion(OAI_COMPLETION, "cmpl-1", 7, "m", two, 2, NULL));
     assert_string_equal(at(j, "object")->valuestring, "text_completion");
     assert_string_equal(at(j, "choices.0.text")->valuestring, "a");
@@ -666,6 +670,236 @@ static void test_answers(void **state)
     assert_string_equal(oai_status_text(413), "Content Too Large");
 }
 
+/* ---- tools --------------------------------------------------------------------------------- */
+
+#define TOOLS                                                                                      \
+    "\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"get_weather\",\"description\":"    \
+    "\"The weather\",\"parameters\":{\"type\":\"object\",\"properties\":{\"city\":{\"type\":"      \
+    "\"string\"}},\"required\":[\"city\"]}}},{\"type\":\"function\",\"function\":{\"name\":"       \
+    "\"add\",\"parameters\":{\"type\":\"object\",\"properties\":{\"a\":{\"$ref\":\"#/$defs/N\"},"  \
+    "\"b\":{\"$ref\":\"#/$defs/N\"}},\"$defs\":{\"N\":{\"type\":\"number\"}}}}}]"
+
+/* The tools go into the system message (a new one first, or after the one there); earlier
+ * calls and results into the conversation in the tools' tags; "none" leaves them out;
+ * "required" and a named function guide the answer by a schema of the call. */
+static void test_tool_requests(void **state)
+{
+    oai_request_t r;
+    char err[256] = "";
+    assert_int_equal(
+        parse(&r, OAI_CHAT,
+              "{\"messages\":[{\"role\":\"user\",\"content\":\"weather in Paris?\"},"
+              "{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[{\"id\":\"c1\","
+              "\"type\":\"function\",\"function\":{\"name\":\"get_weather\",\"arguments\":"
+              "\"{\\\"city\\\": \\\"Paris\\\"}\"}}]},{\"role\":\"tool\",\"tool_call_id\":\"c1\","
+              "\"content\":\"sunny\"}]," TOOLS "}",
+              err),
+        0);
+    assert_int_equal(r.n_tools, 2);
+    assert_int_equal(r.tool_choice, OAI_TOOLS_AUTO);
+    assert_true(oai_tools_active(&r));
+    assert_int_equal(r.chat.n_messages, 4);
+    const char *sys = r.chat.messages[0]->content;
+    assert_string_equal(r.chat.messages[0]->role, "system");
+    assert_true(strncmp(sys, "# Tools", 7) == 0);
+    assert_non_null(strstr(sys, "<tools>\n{\"type\":\"function\",\"function\":{\"name\":"
+                                "\"get_weather\""));
+    assert_non_null(strstr(sys, "\"name\":\"add\""));
+    assert_non_null(strstr(sys, "<tool_call>\n{\"name\": <function-name>"));
+    assert_string_equal(r.chat.messages[1]->content, "weather in Paris?");
+    assert_string_equal(r.chat.messages[2]->role, "assistant");
+    assert_string_equal(r.chat.messages[2]->content,
+                        "<tool_call>\n{\"name\":\"get_weather\",\"arguments\":{\"city\":"
+                        "\"Paris\"}}\n</tool_call>");
+    assert_string_equal(r.chat.messages[3]->role, "user");
+    assert_string_equal(r.chat.messages[3]->content, "<tool_response>\nsunny\n</tool_response>");
+    assert_string_equal(r.sampling.json_schema, "");
+    oai_request_clear(&r);
+
+    // A system message of its own comes first, the tools after it; "none" leaves them out.
+    assert_int_equal(parse(&r, OAI_CHAT,
+                           "{\"messages\":[{\"role\":\"system\",\"content\":\"Be brief.\"},"
+                           "{\"role\":\"user\",\"content\":\"x\"}]," TOOLS "}",
+                           err),
+                     0);
+    assert_int_equal(r.chat.n_messages, 2);
+    assert_true(strncmp(r.chat.messages[0]->content, "Be brief.\n\n# Tools", 18) == 0);
+    oai_request_clear(&r);
+    assert_int_equal(parse(&r, OAI_CHAT,
+                           "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],"
+                           "\"tool_choice\":\"none\"," TOOLS "}",
+                           err),
+                     0);
+    assert_false(oai_tools_active(&r));
+    assert_int_equal(r.chat.n_messages, 1);
+    oai_request_clear(&r);
+
+    // required: a schema of either call, their $defs on top; a named function: its call only.
+    assert_int_equal(parse(&r, OAI_CHAT,
+                           "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],"
+                           "\"tool_choice\":\"required\"," TOOLS "}",
+                           err),
+                     0);
+    cJSON *schema = cJSON_Parse(r.sampling.json_schema);
+    assert_int_equal(cJSON_GetArraySize(at(schema, "anyOf")), 2);
+    assert_string_equal(at(schema, "anyOf.1.properties.name.const")->valuestring, "add");
+    assert_string_equal(at(schema, "anyOf.0.properties.arguments.required.0")->valuestring, "city");
+    assert_string_equal(at(schema, "$defs.N.type")->valuestring, "number");
+    assert_null(json_path(schema, "anyOf.1.properties.arguments.$defs"));
+    cJSON_Delete(schema);
+    oai_request_clear(&r);
+    assert_int_equal(
+        parse(&r, OAI_CHAT,
+              "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],"
+              "\"tool_choice\":{\"type\":\"function\",\"function\":{\"name\":\"get_weather\"}},"
+              "\"parallel_tool_calls\":false," TOOLS "}",
+              err),
+        0);
+    assert_int_equal(r.tool_choice, OAI_TOOLS_NAMED);
+    schema = cJSON_Parse(r.sampling.json_schema);
+    assert_string_equal(at(schema, "properties.name.const")->valuestring, "get_weather");
+    assert_null(json_path(schema, "anyOf"));
+    cJSON_Delete(schema);
+    oai_request_clear(&r);
+
+    static const struct {
+        const char *body, *says;
+    } k_bad[] = {
+        {"\"tool_choice\":\"required\"}", "needs 'tools'"},
+        {"\"tool_choice\":{\"type\":\"function\",\"function\":{\"name\":\"nope\"}}," TOOLS "}",
+         "no tool \"nope\""},
+        {"\"tool_choice\":\"sometimes\"," TOOLS "}", "'tool_choice' must be"},
+        {"\"tool_choice\":\"required\",\"response_format\":{\"type\":\"json_object\"}," TOOLS "}",
+         "not with response_format"},
+        {"\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"a b\"}}]}", "\"a b\""},
+        {"\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"f\"}},{\"type\":"
+         "\"function\",\"function\":{\"name\":\"f\"}}]}",
+         "given twice"},
+        {"\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"f\",\"parameters\":3}}]}",
+         "object of parameters"},
+        {"\"parallel_tool_calls\":1}", "parallel_tool_calls"},
+    };
+    for (size_t i = 0; i < FY_ARRAY_SIZE(k_bad); i++) {
+        char body[1024];
+        snprintf(body, sizeof(body), "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],%s",
+                 k_bad[i].body);
+        err[0] = '\0';
+        int st = parse(&r, OAI_CHAT, body, err);
+        if (st != 400 || strstr(err, k_bad[i].says) == NULL)
+            fail_msg("%s: status %d, \"%s\"", body, st, err);
+        oai_request_clear(&r);
+    }
+    // An assistant's tool_calls must name a function.
+    assert_int_equal(parse(&r, OAI_CHAT,
+                           "{\"messages\":[{\"role\":\"assistant\",\"tool_calls\":[{\"x\":1}]}]}",
+                           err),
+                     400);
+    assert_non_null(strstr(err, "tool_calls"));
+    oai_request_clear(&r);
+}
+
+/* Answers read back: the content before the first <tool_call>, each call's JSON (arguments as
+ * an object or a string of one, Llama's "parameters", a last call without its closing tag, a
+ * bare JSON call); anything else is content. A stream holds back what may be a call. */
+#define WHOLE SIZE_MAX // the whole text is content
+
+static void test_tool_answers(void **state)
+{
+    oai_request_t r;
+    char err[256] = "";
+    assert_int_equal(parse(&r, OAI_CHAT,
+                           "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]," TOOLS "}", err),
+                     0);
+    static const struct {
+        const char *text;
+        int calls;
+        size_t content;
+        const char *first_name, *first_args;
+    } k_cases[] = {
+        {"Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": "
+         "\"Paris\"}}\n</tool_call>",
+         1, 13, "get_weather", "{\"city\":\"Paris\"}"},
+        {"<tool_call>{\"name\":\"add\",\"arguments\":{\"a\":1,\"b\":2}}</tool_call>\n<tool_call>"
+         "{\"name\":\"get_weather\",\"arguments\":\"{\\\"city\\\":\\\"Oslo\\\"}\"}</tool_call>",
+         2, 0, "add", "{\"a\":1,\"b\":2}"},
+        {"<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 1, \"b\": 2}}", 1, 0, "add",
+         "{\"a\":1,\"b\":2}"},
+        {" {\"name\": \"add\", \"parameters\": {\"a\": 3, \"b\": 4}}", 1, 0, "add",
+         "{\"a\":3,\"b\":4}"},
+        {"<tool_call>{\"name\": \"get_weather\"}</tool_call>", 1, 0, "get_weather", "{}"},
+        {"<tool_call>[{\"name\": \"add\", \"arguments\": {\"a\": 1, \"b\": 2}}, {\"name\": "
+         "\"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}]</tool_call>",
+         2, 0, "add", "{\"a\":1,\"b\":2}"},
+        {"<tool_call>[]</tool_call>", 0, WHOLE, NULL, NULL},
+        {"It is sunny.", 0, WHOLE, NULL, NULL},
+        {"<tool_call>{\"name\": \"launch\", \"arguments\": {}}</tool_call>", 0, WHOLE, NULL, NULL},
+        {"<tool_call>{\"name\": \"add\", \"arguments\": {\"a\": </tool_call>", 0, WHOLE, NULL,
+         NULL},
+        {"<tool_call>{\"name\": \"add\", \"arguments\": [1]}</tool_call>", 0, WHOLE, NULL, NULL},
+        {"{\"answer\": 42}", 0, WHOLE, NULL, NULL},
+    };
+    for (size_t i = 0; i < FY_ARRAY_SIZE(k_cases); i++) {
+        size_t content = 999;
+        const size_t len = strlen(k_cases[i].text);
+        cJSON *calls = oai_tools_extract(&r, k_cases[i].text, len, "call_x", &content);
+        if (cJSON_GetArraySize(calls) != k_cases[i].calls ||
+            content != (k_cases[i].content == WHOLE ? len : k_cases[i].content))
+            fail_msg("%s: %d calls, content %zu", k_cases[i].text, cJSON_GetArraySize(calls),
+                     content);
+        if (k_cases[i].calls > 0) {
+            assert_string_equal(at(calls, "0.id")->valuestring, "call_x0");
+            assert_string_equal(at(calls, "0.type")->valuestring, "function");
+            assert_string_equal(at(calls, "0.function.name")->valuestring, k_cases[i].first_name);
+            assert_string_equal(at(calls, "0.function.arguments")->valuestring,
+                                k_cases[i].first_args);
+        }
+        if (k_cases[i].calls > 1)
+            assert_string_equal(at(calls, "1.function.arguments")->valuestring,
+                                "{\"city\":\"Oslo\"}");
+        // A whole answer renders with its calls; the content is null when empty.
+        oai_choice_out_t out = {k_cases[i].text, content,
+                                FERRY__V1__FINISH_REASON__FINISH_REASON_STOP, NULL, calls};
+        cJSON *j = parse_json(oai_render_completion(OAI_CHAT, "c", 1, "m", &out, 1, NULL));
+        assert_string_equal(at(j, "choices.0.finish_reason")->valuestring,
+                            calls ? "tool_calls" : "stop");
+        assert_true(calls && content == 0 ? cJSON_IsNull(at(j, "choices.0.message.content"))
+                                          : cJSON_IsString(at(j, "choices.0.message.content")));
+        assert_int_equal(cJSON_GetArraySize(json_path(j, "choices.0.message.tool_calls")),
+                         k_cases[i].calls);
+        cJSON_Delete(j);
+        if (calls != NULL) {
+            j = parse_json(oai_render_tool_chunk("c", 1, "m", 2, calls, false));
+            assert_int_equal(at(j, "choices.0.index")->valueint, 2);
+            assert_int_equal(at(j, "choices.0.delta.tool_calls.0.index")->valueint, 0);
+            assert_string_equal(at(j, "choices.0.delta.tool_calls.0.function.name")->valuestring,
+                                k_cases[i].first_name);
+            cJSON_Delete(j);
+        }
+        cJSON_Delete(calls);
+    }
+    static const struct {
+        const char *text;
+        size_t sure;
+    } k_stream[] = {
+        {"Hello", 5},       {"Hello <tool", 5},
+        {"Hello <", 5},     {"Hello <tool_call>{\"na", 5},
+        {"  {\"name\"", 0}, {"", 0},
+        {"a <b> c", 7},     {"a\n\n", 1},
+    };
+    for (size_t i = 0; i < FY_ARRAY_SIZE(k_stream); i++)
+        assert_int_equal(oai_tools_streamable(&r, k_stream[i].text, strlen(k_stream[i].text)),
+                         k_stream[i].sure);
+    oai_request_clear(&r);
+    // A guided call streams nothing before it is whole.
+    assert_int_equal(parse(&r, OAI_CHAT,
+                           "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],"
+                           "\"tool_choice\":\"required\"," TOOLS "}",
+                           err),
+                     0);
+    assert_int_equal(oai_tools_streamable(&r, "Hello", 5), 0);
+    oai_request_clear(&r);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -677,6 +911,8 @@ int main(void)
         cmocka_unit_test(test_refusals),
         cmocka_unit_test(test_answers),
         cmocka_unit_test(test_logprobs),
+        cmocka_unit_test(test_tool_requests),
+        cmocka_unit_test(test_tool_answers),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -81,6 +81,16 @@ static void on_generate(rpc_call_t *call, const ProtobufCMessage *req, void *arg
         }
         what = "hang";
     }
+    if (strcmp(what, "call-tools") == 0) { // a model's answer with a call, the tag split
+        send_text(call, "Let me check. <tool", FERRY__V1__FINISH_REASON__FINISH_REASON_UNSPECIFIED);
+        send_text(call,
+                  "_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n"
+                  "</tool_call>",
+                  FERRY__V1__FINISH_REASON__FINISH_REASON_UNSPECIFIED);
+        send_text(call, "", FERRY__V1__FINISH_REASON__FINISH_REASON_STOP);
+        rpc_call_finish(call, 0, NULL);
+        return;
+    }
     if (strcmp(what, "hang") == 0) {
         rpc_call_set_cancel_cb(call, on_cancel, NULL);
         return;
@@ -424,6 +434,48 @@ static void test_chat_stream_roles(void **state)
     free(resp);
 }
 
+/* With tools, an answer that calls one: whole, the content before the call and the call; as
+ * a stream, the content as it comes (never a byte of the call), then the call in one delta,
+ * then "tool_calls". The system message the upstream got carries the tools. */
+static void test_tool_calls(void **state)
+{
+    fixture_t *f = *state;
+    static const char k_body[] =
+        "{\"messages\":[{\"role\":\"user\",\"content\":\"call-tools\"}],%s"
+        "\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"get_weather\","
+        "\"parameters\":{\"type\":\"object\",\"properties\":{\"city\":{\"type\":\"string\"}}}}}]}";
+    char body[1024];
+    snprintf(body, sizeof(body), k_body, "");
+    char *resp = exchange(f->port, "POST", "/v1/chat/completions", body, "1.1");
+    assert_int_equal(status_of(resp), 200);
+    cJSON *j = cJSON_Parse(body_of(resp));
+    assert_string_equal(str_at(j, "choices.0.message.content"), "Let me check.");
+    assert_string_equal(str_at(j, "choices.0.message.tool_calls.0.function.name"), "get_weather");
+    assert_string_equal(str_at(j, "choices.0.message.tool_calls.0.function.arguments"),
+                        "{\"city\":\"Paris\"}");
+    assert_memory_equal(str_at(j, "choices.0.message.tool_calls.0.id"), "call_", 5);
+    assert_string_equal(str_at(j, "choices.0.message.tool_calls.0.type"), "function");
+    assert_string_equal(str_at(j, "choices.0.finish_reason"), "tool_calls");
+    cJSON_Delete(j);
+    free(resp);
+
+    snprintf(body, sizeof(body), k_body, "\"stream\":true,");
+    resp = exchange(f->port, "POST", "/v1/chat/completions", body, "1.1");
+    assert_int_equal(status_of(resp), 200);
+    cJSON *ev[16];
+    int n = events(dechunk((char *)body_of(resp)), ev, 16);
+    assert_int_equal(n, 5); // role, content, the call, finish, [DONE]
+    assert_string_equal(str_at(ev[1], "choices.0.delta.content"), "Let me check.");
+    assert_int_equal(json_path(ev[2], "choices.0.delta.tool_calls.0.index")->valueint, 0);
+    assert_string_equal(str_at(ev[2], "choices.0.delta.tool_calls.0.function.arguments"),
+                        "{\"city\":\"Paris\"}");
+    assert_null(json_path(ev[2], "choices.0.delta.content"));
+    assert_string_equal(str_at(ev[3], "choices.0.finish_reason"), "tool_calls");
+    for (int i = 0; i < n; i++)
+        cJSON_Delete(ev[i]);
+    free(resp);
+}
+
 static void test_upstream_errors(void **state)
 {
     fixture_t *f = *state;
@@ -704,6 +756,7 @@ int main(void)
         cmocka_unit_test(test_chat_answer),
         cmocka_unit_test(test_completion_stream),
         cmocka_unit_test(test_chat_stream_roles),
+        cmocka_unit_test(test_tool_calls),
         cmocka_unit_test(test_upstream_errors),
         cmocka_unit_test(test_several_choices),
         cmocka_unit_test(test_hang_up_cancels),
