@@ -161,7 +161,8 @@ static uint32_t add_refs(sc_compiler_t *c, const sc_ref_t *r, uint32_t n)
         s->ref = p;
         s->cap_ref = cap;
     }
-    memcpy(s->ref + s->n_ref, r, n * sizeof(*r));
+    if (n > 0)
+        memcpy(s->ref + s->n_ref, r, n * sizeof(*r));
     uint32_t first = s->n_ref;
     s->n_ref += n;
     return first;

@@ -227,7 +227,7 @@ typedef struct {
 
 static void put(buf_t *b, const char *s, size_t n)
 {
-    if (!b->ok)
+    if (!b->ok || n == 0)
         return;
     if (b->len + n + 1 > b->cap) {
         size_t cap = FY_MAX(b->cap * 2, b->len + n + 256);

@@ -23,6 +23,8 @@ static size_t state_bytes(const mdl_schema_state_t *st)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
+    if (size == 0)
+        return 0;
     const uint8_t *nul = memchr(data, 0, size);
     const size_t n_schema = nul != NULL ? (size_t)(nul - data) : size;
     const uint8_t *doc = nul != NULL ? nul + 1 : data + size;
