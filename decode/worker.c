@@ -78,6 +78,8 @@ struct req {
     uint32_t prompt_tokens;  // as reserved
     uint32_t max_new_tokens; // as reserved
     uint32_t lease_ms;
+    bool sealed; // ReserveKVRequest.kv_key given: UCX frames must open under it
+    uint8_t kv_key[KVLINK_SEAL_KEY_BYTES];
     // Transfer (kvlink thread until kv_done). One of the two, by the worker's device.
     kvc_seq_t *seq;
     kvc_gpu_seq_t *gseq;
@@ -222,7 +224,8 @@ struct decode_worker {
     fy_metrics_t *metrics;
     fy_metric_t *m_locked; // receive pool bytes page-locked (kvlink thread sets it)
     fy_metric_t *m_running, *m_free_pages, *m_avail_pages, *m_total_pages, *m_requests;
-    fy_metric_t *m_tokens, *m_step, *m_batch, *m_wire, *m_frames, *m_reserved, *m_refused;
+    fy_metric_t *m_tokens, *m_step, *m_batch, *m_wire, *m_frames, *m_opened, *m_reserved,
+        *m_refused;
     fy_metric_t *m_completed, *m_fail[FAIL_COUNT], *m_pair_frames, *m_pairs;
     fy_metric_t *m_pairs_up;
     atomic_uint_fast64_t tokens_generated, steps, failures;
@@ -528,7 +531,23 @@ static void on_frame(kvlink_t *link, uint64_t request_id, uint32_t layer, kvlink
     }
     char msg[160] = "";
     fail_reason_t reason = FAIL_PLACEMENT;
-    fy_status_t st = place_frame(w, r, layer, data, NULL, len, &reason, msg, sizeof(msg));
+    fy_status_t st = FY_OK;
+    if (r->sealed) { // opened in place: the buffer is ours until released
+        uint8_t *frame = NULL;
+        size_t frame_len = 0;
+        st = kvlink_unseal(r->kv_key, request_id, layer, (uint8_t *)data, len, &frame, &frame_len);
+        if (st != FY_OK) {
+            reason = FAIL_CORRUPT_FRAME;
+            snprintf(msg, sizeof(msg),
+                     "layer %u: sealed frame did not open (another key, or altered)", layer);
+        }
+        data = frame;
+        len = frame_len;
+        if (st == FY_OK)
+            fy_metric_inc(w->m_opened);
+    }
+    if (st == FY_OK)
+        st = place_frame(w, r, layer, data, NULL, len, &reason, msg, sizeof(msg));
     kvlink_buf_release(buf); // placing copied the bytes
     if (st != FY_OK) {
         FY_LOG_WARN(MODULE, "request %s: %s: %s", r->request_id, msg, fy_status_str(st));
@@ -1277,6 +1296,10 @@ static void h_reserve(rpc_call_t *call, const ProtobufCMessage *m, void *arg)
     }
     // Two layers in flight when the buffer allows: layer l+1 travels while l is placed.
     credit = FY_MIN(2 * credit, w->p.recv_buffer / 2 > credit ? w->p.recv_buffer / 2 : credit);
+    if (req->kv_key.len != 0 && req->kv_key.len != KVLINK_SEAL_KEY_BYTES) {
+        rpc_call_finish(call, RPC_CODE_INVALID_ARGUMENT, "kv_key: 32 bytes, or none");
+        return;
+    }
     uint64_t pages = pages_for(w, req->prompt_tokens, max_new, req->expected_wire_bytes);
     req_t *r = calloc(1, sizeof(*r));
     if (r == NULL) {
@@ -1293,6 +1316,9 @@ static void h_reserve(rpc_call_t *call, const ProtobufCMessage *m, void *arg)
         r->prompt_tokens = req->prompt_tokens;
         r->max_new_tokens = max_new;
         r->lease_ms = lease_ms;
+        r->sealed = req->kv_key.len == KVLINK_SEAL_KEY_BYTES;
+        if (r->sealed)
+            memcpy(r->kv_key, req->kv_key.data, KVLINK_SEAL_KEY_BYTES);
         r->next = w->reqs;
         w->reqs = r;
         w->n_reqs++;
@@ -1809,6 +1835,8 @@ static fy_status_t make_metrics(decode_worker_t *w)
                                    "KV frame bytes received and placed");
     w->m_frames = fy_metrics_counter(m, "ferry_decode_frames_placed_total", NULL,
                                      "KV frames placed");
+    w->m_opened = fy_metrics_counter(m, "ferry_decode_frames_opened_total", NULL,
+                                     "Sealed KV frames opened (their AES-GCM tag checked)");
     w->m_reserved = fy_metrics_counter(m, "ferry_decode_reservations_total", NULL,
                                        "Reservations granted");
     w->m_refused = fy_metrics_counter(m, "ferry_decode_reservations_refused_total", NULL,

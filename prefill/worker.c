@@ -43,6 +43,7 @@ typedef struct {
     size_t len;
     uint32_t crc;
     bool dev;
+    bool sealed; // data is the sealed frame (the tag checks it: no CRC on the link)
 } pf_frame_t;
 
 enum { MAX_PAIRS = 16 }; // decode workers of this node paired at once
@@ -80,6 +81,8 @@ struct pf_job {
     int n_tokens;
     mdl_sampler_params_t sp;
     mdl_schema_t *schema; // sp.schema, compiled from sampling.json_schema (owned)
+    bool sealed;          // PrefillRequest.kv_key given: frames over the UCX link are sealed
+    uint8_t kv_key[KVLINK_SEAL_KEY_BYTES];
     kvc_policy_t policy;
     double budget; // < 0: the policy's
     uint64_t deadline_ns;
@@ -429,6 +432,8 @@ static void handle_frame(prefill_t *pf, pf_frame_t *fr)
     fy_status_t st =
         job->nsend != NULL
             ? kvlink_nccl_send_frame(job->nsend, layer, fr->data, fr->len, on_pair_frame_done, fr)
+        : fr->sealed
+            ? kvlink_send_frame_self_checked(job->send, layer, fr->data, fr->len, on_frame_done, fr)
             : kvlink_send_frame_crc(job->send, layer, fr->data, fr->len, fr->crc, on_frame_done,
                                     fr);
     if (st != FY_OK) {
@@ -682,15 +687,31 @@ static fy_status_t post_frame(pf_run_t *r, uint32_t layer, uint8_t *buf, size_t 
         buf[len - 1] ^= 0x5a;
         FY_LOG_WARN(MODULE, "%s: test hook: frame of layer %u damaged", job->request_id, layer);
     }
-    uint8_t *shrunk = realloc(buf, len);
     fr->job = job;
     fr->layer = layer;
-    fr->data = shrunk ? shrunk : buf;
-    fr->len = len;
-    // The UCX link wants the frame's CRC32C; a pair carries none (see handle_frame).
-    fr->crc = job->nsend == NULL ? fy_crc32c(0, fr->data, len) : 0;
+    fr->sealed = job->sealed && job->nsend == NULL; // a pair stays within one node
+    if (fr->sealed) {
+        uint8_t *sealed = malloc(len + KVLINK_SEAL_OVERHEAD);
+        fy_status_t st =
+            sealed != NULL ? kvlink_seal(job->kv_key, job->reservation_id, layer, buf, len, sealed)
+                           : FY_ERR_NO_MEMORY;
+        free(buf);
+        if (st != FY_OK) {
+            free(sealed);
+            free(fr);
+            return st;
+        }
+        fr->data = sealed;
+        fr->len = len + KVLINK_SEAL_OVERHEAD;
+    } else {
+        uint8_t *shrunk = realloc(buf, len);
+        fr->data = shrunk ? shrunk : buf;
+        fr->len = len;
+        // The UCX link wants the frame's CRC32C; a pair carries none (see handle_frame).
+        fr->crc = job->nsend == NULL ? fy_crc32c(0, fr->data, len) : 0;
+    }
     job->raw_bytes += info->fp16_bytes;
-    job->wire_bytes += len;
+    job->wire_bytes += fr->len;
     post_op(pf, OP_FRAME, job, fr);
     return FY_OK;
 }
@@ -1307,6 +1328,10 @@ static void on_prefill(rpc_call_t *call, const ProtobufCMessage *msg, void *arg)
                         "need reservation_id, decode_kv_address and a request_id under 64 bytes");
         return;
     }
+    if (req->kv_key.len != 0 && req->kv_key.len != KVLINK_SEAL_KEY_BYTES) {
+        rpc_call_finish(call, RPC_CODE_INVALID_ARGUMENT, "kv_key: 32 bytes, or none");
+        return;
+    }
     uint64_t limit = pf->params.max_queued_tokens;
     if (limit != 0 && atomic_load(&pf->queued_tokens) + req->n_prompt_token_ids > limit) {
         rpc_call_finish(call, RPC_CODE_RESOURCE_EXHAUSTED, "prefill queue full");
@@ -1383,6 +1408,9 @@ static void on_prefill(rpc_call_t *call, const ProtobufCMessage *msg, void *arg)
     snprintf(job->request_id, sizeof(job->request_id), "%s", req->request_id);
     snprintf(job->kv_addr, sizeof(job->kv_addr), "%s", req->decode_kv_address);
     job->reservation_id = req->reservation_id;
+    job->sealed = req->kv_key.len == KVLINK_SEAL_KEY_BYTES;
+    if (job->sealed)
+        memcpy(job->kv_key, req->kv_key.data, KVLINK_SEAL_KEY_BYTES);
     adaptive_pick(pf, req->codec, job);
     whole_at_full(job);
     uint64_t now = fy_clock_ns();

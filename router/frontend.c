@@ -143,6 +143,7 @@ typedef struct rt_req {
     uint8_t *p_n_top;
     uint32_t *forced; // sampling.forced_token_ids (malloc'd): no stop ends the completion
     char *json_schema;             // sampling.json_schema (malloc'd), checked
+    uint8_t kv_key[32];            // params.kv_seal: this attempt's key (ReserveKV, Prefill)
     Ferry__V1__LogitBias *bias;    // sampling.logit_bias: the entries (malloc'd) ...
     Ferry__V1__LogitBias **bias_p; // ... and the pointers the message holds
     uint32_t completion_tokens;
@@ -1044,6 +1045,10 @@ static void start_prefill(rt_req_t *r)
     req.pair_id.len = r->pair_id_len;
     req.pair_generation = r->pair_generation;
     req.via_pair = r->via_pair;
+    if (rt->params.kv_seal) {
+        req.kv_key.data = r->kv_key;
+        req.kv_key.len = sizeof(r->kv_key);
+    }
     if (r->deadline_ns != 0)
         req.deadline_unix_ms =
             (fy_clock_realtime_ns() + (r->deadline_ns - FY_MIN(r->deadline_ns, fy_clock_ns()))) /
@@ -1172,6 +1177,14 @@ static void req_place(rt_req_t *r)
     req.max_new_tokens = r->max_tokens;
     req.expected_wire_bytes = r->expected_wire;
     req.lease_ms = rt->params.reserve_lease_ms;
+    if (rt->params.kv_seal) { // a fresh key each attempt, so no two transfers share one
+        if (uv_random(NULL, NULL, r->kv_key, sizeof(r->kv_key), 0, NULL) != 0) {
+            req_fail(r, RPC_CODE_INTERNAL, "no random bytes for the KV key", FAIL_RESERVE);
+            return;
+        }
+        req.kv_key.data = r->kv_key;
+        req.kv_key.len = sizeof(r->kv_key);
+    }
     char peer[96] = "";
     if (router_can_pair(&r->pw, &r->dw))
         snprintf(peer, sizeof(peer), "%s#%016llx", r->pw.id, (unsigned long long)r->pw.instance);

@@ -46,6 +46,7 @@ typedef struct {
     const rpc_tls_t *tls;           // TLS to the workers (a client configuration), or NULL;
                                     // borrowed
     float default_budget;           // 0 = the policy's
+    bool kv_seal;                   // a fresh key a request: its KV frames cross sealed
 } rt_params_t;
 
 void rt_params_default(rt_params_t *p);

@@ -56,6 +56,10 @@ static const fy_opt_t k_opts[] = {
      false},
     {"budget", FY_OPT_DOUBLE, "0", "codec budget when a request sets none (0: the policy's)",
      false},
+    {"kv-seal", FY_OPT_STRING, "auto",
+     "seal each request's KV frames (AES-256-GCM, a fresh key a request, sent to both "
+     "workers): on, off, or auto = on with --tls-cert (the key then travels encrypted)",
+     false},
     {"drain-timeout", FY_OPT_DURATION, "30s", "longest wait for requests in flight at SIGTERM",
      false},
     {"port-file", FY_OPT_STRING, "", "write the bound RPC port to this file", false},
@@ -269,6 +273,14 @@ static int run(app_t *a)
                                              (uint64_t)UINT32_MAX);
     tp.default_policy = fy_config_str(cfg, "policy");
     tp.default_budget = (float)budget;
+    const char *seal = fy_config_str(cfg, "kv-seal");
+    if (strcmp(seal, "on") != 0 && strcmp(seal, "off") != 0 && strcmp(seal, "auto") != 0) {
+        FY_LOG_ERROR(MODULE, "--kv-seal takes on, off or auto, not \"%s\"", seal);
+        return 1;
+    }
+    tp.kv_seal = strcmp(seal, "on") == 0 || (strcmp(seal, "auto") == 0 && a->tls.client != NULL);
+    if (tp.kv_seal)
+        FY_LOG_INFO(MODULE, "KV frames sealed: AES-256-GCM, a key a request (--kv-seal %s)", seal);
     if ((st = rt_create(&a->loop, &tp, &a->rt)) != FY_OK)
         return 1;
 

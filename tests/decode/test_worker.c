@@ -163,11 +163,14 @@ static void start_call(call_t *r, const char *method, const ProtobufCMessage *re
     start_call_on(G.ch, r, method, req, resp_desc);
 }
 
-static int reserve(const char *request_id, const prompt_t *p, int policy, uint32_t lease_ms,
-                   call_t *r)
+/* ReserveKV with a sealing key (NULL: none). */
+static int reserve_sealed(const char *request_id, const prompt_t *p, int policy, uint32_t lease_ms,
+                          const uint8_t *key, call_t *r)
 {
     Ferry__V1__ReserveKVRequest req = FERRY__V1__RESERVE_KVREQUEST__INIT;
     req.request_id = (char *)request_id;
+    req.kv_key.data = (uint8_t *)key;
+    req.kv_key.len = key != NULL ? KVLINK_SEAL_KEY_BYTES : 0;
     req.prompt_tokens = (uint32_t)p->n;
     req.max_new_tokens = N_GEN + 1;
     req.expected_wire_bytes = p->stream[policy].wire_bytes;
@@ -175,6 +178,12 @@ static int reserve(const char *request_id, const prompt_t *p, int policy, uint32
     start_call(r, "ReserveKV", &req.base, &ferry__v1__reserve_kvresponse__descriptor);
     assert_true(run_until(&r->done, 30000));
     return r->code;
+}
+
+static int reserve(const char *request_id, const prompt_t *p, int policy, uint32_t lease_ms,
+                   call_t *r)
+{
+    return reserve_sealed(request_id, p, policy, lease_ms, NULL, r);
 }
 
 static void start_decode_with(call_t *r, const char *request_id, uint64_t reservation,
@@ -597,6 +606,89 @@ static void test_corrupt_frame_fails_that_request(void **state)
     assert_pool_idle(G.w);
 }
 
+/* s's frames sealed for reservation id under key; the layers listed in swap[2] (when not
+ * -1) sealed each as the other, as an attacker moving sealed frames around would send them. */
+static pf_stream_t seal_stream(const pf_stream_t *s, uint64_t id, const uint8_t *key,
+                               const int swap[2])
+{
+    pf_stream_t out = *s;
+    out.frames = calloc((size_t)s->n_layers, sizeof(uint8_t *));
+    out.lens = calloc((size_t)s->n_layers, sizeof(size_t));
+    for (int l = 0; l < s->n_layers; l++) {
+        const int from = l == swap[0] ? swap[1] : l == swap[1] ? swap[0] : l;
+        out.lens[l] = s->lens[from] + KVLINK_SEAL_OVERHEAD;
+        out.frames[l] = malloc(out.lens[l]);
+        assert_int_equal(
+            kvlink_seal(key, id, (uint32_t)from, s->frames[from], s->lens[from], out.frames[l]),
+            FY_OK);
+    }
+    return out;
+}
+
+static void free_stream_copy(pf_stream_t *s)
+{
+    for (int l = 0; l < s->n_layers; l++)
+        free(s->frames[l]);
+    free(s->frames);
+    free(s->lens);
+}
+
+/* A reservation with a key takes frames sealed under it (the stream equals the local greedy
+ * run); frames in the clear, sealed under another key, or sealed for another layer fail that
+ * request with DATA_LOSS; a key of the wrong size is refused. */
+static void test_sealed_frames(void **state)
+{
+    (void)state;
+    const prompt_t *p = &G.prompts[0];
+    uint8_t key[KVLINK_SEAL_KEY_BYTES], other[KVLINK_SEAL_KEY_BYTES];
+    for (int i = 0; i < KVLINK_SEAL_KEY_BYTES; i++) {
+        key[i] = (uint8_t)(i * 7 + 1);
+        other[i] = (uint8_t)(i * 7 + 2);
+    }
+    static const int k_none[2] = {-1, -1}, k_swap[2] = {3, 4};
+    static const struct {
+        const char *what;
+        int sealed; // 0 clear, 1 under key, 2 under the other key, 3 layers swapped
+    } k_cases[] = {
+        {"sealed", 1}, {"in the clear", 0}, {"under another key", 2}, {"layers swapped", 3}};
+    for (size_t c = 0; c < sizeof(k_cases) / sizeof(k_cases[0]); c++) {
+        char id[32];
+        snprintf(id, sizeof(id), "%s", next_id());
+        call_t r, d;
+        assert_int_equal(reserve_sealed(id, p, 0, 10000, key, &r), RPC_CODE_OK);
+        start_decode(&d, id, r.reservation_id, p, N_GEN + 1, false);
+        pf_stream_t s = p->stream[0];
+        if (k_cases[c].sealed > 0)
+            s = seal_stream(&p->stream[0], r.reservation_id, k_cases[c].sealed == 2 ? other : key,
+                            k_cases[c].sealed == 3 ? k_swap : k_none);
+        fy_status_t st = send_frames(r.reservation_id, &s, -1);
+        assert_true(run_until(&d.done, 120000));
+        printf("frames %s: transfer %s, Decode %s %s\n", k_cases[c].what, fy_status_str(st),
+               rpc_code_name(d.code), d.msg);
+        if (k_cases[c].sealed == 1) {
+            assert_int_equal(st, FY_OK);
+            assert_same_as_local(&d, p);
+        } else {
+            assert_true(st != FY_OK);
+            assert_int_equal(d.code, RPC_CODE_DATA_LOSS);
+            assert_non_null(strstr(d.msg, "sealed frame did not open"));
+            assert_int_equal(d.n_tokens, 0);
+        }
+        if (k_cases[c].sealed > 0)
+            free_stream_copy(&s);
+        assert_pool_idle(G.w);
+    }
+    call_t r;
+    Ferry__V1__ReserveKVRequest req = FERRY__V1__RESERVE_KVREQUEST__INIT;
+    req.request_id = "short-key";
+    req.prompt_tokens = (uint32_t)p->n;
+    req.kv_key.data = key;
+    req.kv_key.len = 16;
+    start_call(&r, "ReserveKV", &req.base, &ferry__v1__reserve_kvresponse__descriptor);
+    assert_true(run_until(&r.done, 30000));
+    assert_int_equal(r.code, RPC_CODE_INVALID_ARGUMENT);
+}
+
 static void test_lease_expires(void **state)
 {
     (void)state;
@@ -894,14 +986,21 @@ static void test_with_prefill_worker(void **state)
     static const struct {
         const char *policy;
         float budget;
-    } runs[] = {{"fp16", 0}, {"ferry", 0.25f}};
-    for (int k = 0; k < 2; k++) {
+        int stream;  // G.prompts[i].stream[] the sizes come from
+        bool sealed; // the KV frames cross sealed (kv_key to both workers)
+    } runs[] = {{"fp16", 0, 0, false}, {"ferry", 0.25f, 1, false}, {"fp16", 0, 0, true}};
+    uint8_t key[KVLINK_SEAL_KEY_BYTES];
+    for (int i = 0; i < KVLINK_SEAL_KEY_BYTES; i++)
+        key[i] = (uint8_t)(0xa5 ^ i);
+    for (int k = 0; k < 3; k++) {
         for (int i = 0; i < N_PROMPTS; i++) {
             const prompt_t *p = &G.prompts[i];
             char id[32];
             snprintf(id, sizeof(id), "%s", next_id());
             call_t r, pr, d;
-            assert_int_equal(reserve(id, p, k, 10000, &r), RPC_CODE_OK);
+            assert_int_equal(
+                reserve_sealed(id, p, runs[k].stream, 10000, runs[k].sealed ? key : NULL, &r),
+                RPC_CODE_OK);
             Ferry__V1__CodecParams codec = FERRY__V1__CODEC_PARAMS__INIT;
             codec.policy = (char *)runs[k].policy;
             codec.budget = runs[k].budget;
@@ -915,6 +1014,8 @@ static void test_with_prefill_worker(void **state)
             req.codec = &codec;
             req.decode_kv_address = G.kv_addr;
             req.reservation_id = r.reservation_id;
+            req.kv_key.data = key;
+            req.kv_key.len = runs[k].sealed ? KVLINK_SEAL_KEY_BYTES : 0;
             start_call_on(pch, &pr, "Prefill", &req.base, &ferry__v1__prefill_response__descriptor);
             free(ids);
             assert_true(run_until(&pr.done, 120000));
@@ -927,11 +1028,12 @@ static void test_with_prefill_worker(void **state)
             int agree = 0;
             while (agree < d.n_tokens && agree < p->n_ref && (int32_t)d.tokens[agree] == p->ref[agree])
                 agree++;
-            printf("prefill worker -> decode worker, %s b=%.2f, prompt %d: wire/raw %.3f, "
+            printf("prefill worker -> decode worker, %s b=%.2f%s, prompt %d: wire/raw %.3f, "
                    "%d tokens, first %d equal the local greedy run\n",
-                   runs[k].policy, runs[k].budget, i, ratio, d.n_tokens, agree);
+                   runs[k].policy, runs[k].budget, runs[k].sealed ? " sealed" : "", i, ratio,
+                   d.n_tokens, agree);
             assert_int_equal(d.code, RPC_CODE_OK);
-            if (k == 0) {
+            if (runs[k].stream == 0) {
                 assert_same_as_local(&d, p);
             } else {
                 assert_true(d.n_tokens > 0);
@@ -1034,6 +1136,7 @@ int main(void)
         cmocka_unit_test(test_stream_equals_local_greedy),
         cmocka_unit_test(test_two_in_one_batch),
         cmocka_unit_test(test_corrupt_frame_fails_that_request),
+        cmocka_unit_test(test_sealed_frames),
         cmocka_unit_test(test_lease_expires),
         cmocka_unit_test(test_cancel_mid_stream),
         cmocka_unit_test(test_pool_full),

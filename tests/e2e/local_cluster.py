@@ -88,8 +88,9 @@ class LocalCluster:
                                   "--log-level", "warn"] + self.router_args + self.daemon_args)
             self.router_port = self.wait_port(rport_file, "router")
             self.router = "127.0.0.1:%d" % self.router_port
+            self.decode_port = free_port()  # its RPC port (and /metrics)
             self.start("decode", ["decode/ferry-decode", "--model", self.model,
-                                  "--listen", "127.0.0.1:%d" % free_port(),
+                                  "--listen", "127.0.0.1:%d" % self.decode_port,
                                   "--kv-listen", "127.0.0.1:%d" % free_port(),
                                   "--router", self.router, "--threads", "1",
                                   "--log-level", "warn"] + self.daemon_args)

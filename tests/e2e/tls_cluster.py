@@ -2,7 +2,7 @@
 --tls-cert/--tls-key, the test CA verifying them): the workers register and serve, `ferry
 health` and `ferry generate` reach the router with --tls-ca, the stock OpenAI client reaches
 its HTTPS port trusting the CA, GET /metrics answers inside TLS; a cleartext client, one that
-does not trust the certificate and plain HTTP are refused. Certificates come from
+does not trust the certificate and plain HTTP are refused; the KV frames cross sealed. Certificates come from
 tests/fixtures/tls/make_certs.sh.
 
 usage: tls_cluster.py BUILD_ROOT
@@ -97,6 +97,13 @@ def main():
                                           context=ctx, timeout=10).read().decode()
             check("GET /metrics inside TLS on the gRPC port",
                   "ferry_router_workers" in body)
+            # With TLS the router seals the KV frames (--kv-seal auto): the decode worker opened
+            # every frame of the requests above (30 layers each).
+            body = urllib.request.urlopen("https://127.0.0.1:%d/metrics" % c.decode_port,
+                                          context=ctx, timeout=10).read().decode()
+            opened = [float(line.split()[-1]) for line in body.splitlines()
+                      if line.startswith("ferry_decode_frames_opened_total ")]
+            check("KV frames sealed under TLS", opened and opened[0] >= 3 * 30, opened)
     return check.finish()
 
 

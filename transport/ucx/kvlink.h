@@ -304,4 +304,22 @@ void kvlink_progress(kvlink_t *link);
 }
 #endif
 
+/* ---- Sealed frames (kvlink_seal.c) ---------------------------------------------------------- */
+
+/* AES-256-GCM under a key of one request (KVLINK_SEAL_KEY_BYTES, from the router): a sealed
+ * frame is KVLINK_SEAL_OVERHEAD bytes longer than the frame ("FYSL", a random nonce, the
+ * ciphertext, the tag), bound to its request id and layer. */
+#define KVLINK_SEAL_KEY_BYTES 32
+#define KVLINK_SEAL_OVERHEAD  32
+
+/* Seals frame[len] into out[len + KVLINK_SEAL_OVERHEAD]. Thread: any. */
+fy_status_t kvlink_seal(const uint8_t key[KVLINK_SEAL_KEY_BYTES], uint64_t request_id,
+                        uint32_t layer, const void *frame, size_t len, uint8_t *out);
+/* Opens sealed[len] in place: *frame_p (inside sealed) and *frame_len_p are the frame.
+ * FY_ERR_CORRUPT when it is not a sealed frame, or was sealed under another key, for another
+ * request or layer, or changed since (sealed then holds garbage). Thread: any. */
+fy_status_t kvlink_unseal(const uint8_t key[KVLINK_SEAL_KEY_BYTES], uint64_t request_id,
+                          uint32_t layer, uint8_t *sealed, size_t len, uint8_t **frame_p,
+                          size_t *frame_len_p);
+
 #endif /* FERRY_KVLINK_H */
