@@ -89,6 +89,7 @@ typedef struct {
     int max_tokens;       /* router default, 0 = its own */
     char lease[16];       /* router worker lease, empty = its own */
     char reserve_lease[16]; /* router --reserve-lease (decode pages awaiting KV), empty = its own */
+    char kv_seal[8];        /* router --kv-seal (on, off, auto), empty = its own (auto) */
     char log_level[8];    /* daemons' --log-level (default info: status reads UCX lanes) */
     char subnet[32];      /* netns: A.B.C.0/24 of the bridge (bridge gets .1) */
     char image[256];      /* k8s: container image */

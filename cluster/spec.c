@@ -771,6 +771,11 @@ static fy_status_t parse_root(pctx_t *c, yaml_node_t *root, fy_cluster_spec_t *s
             st = get_str(c, v, key, s->reserve_lease, sizeof(s->reserve_lease));
             if (st == FY_OK && (fy_parse_duration_ms(s->reserve_lease, &ms) != FY_OK || ms == 0))
                 return perr(c, v, "bad reserve_lease '%s' (e.g. 30s, 5m)", s->reserve_lease);
+        } else if (strcmp(key, "kv_seal") == 0) {
+            st = get_str(c, v, key, s->kv_seal, sizeof(s->kv_seal));
+            if (st == FY_OK && strcmp(s->kv_seal, "on") != 0 && strcmp(s->kv_seal, "off") != 0 &&
+                strcmp(s->kv_seal, "auto") != 0)
+                return perr(c, v, "bad kv_seal '%s' (on, off, auto)", s->kv_seal);
         } else if (strcmp(key, "log_level") == 0) {
             st = get_str(c, v, key, s->log_level, sizeof(s->log_level));
             fy_log_level_t lv;
@@ -789,7 +794,8 @@ static fy_status_t parse_root(pctx_t *c, yaml_node_t *root, fy_cluster_spec_t *s
             return perr(c, k,
                         "unknown key '%s' (name, backend, model, bin_dir, log_dir, "
                         "api_key_file, tls, codec, ucx, network, kv_memory, threads, max_tokens, "
-                        "lease, reserve_lease, log_level, image, partition, hosts, roles)",
+                        "lease, reserve_lease, kv_seal, log_level, image, partition, hosts, "
+                        "roles)",
                         key);
         }
         if (st != FY_OK)
@@ -1041,6 +1047,8 @@ fy_status_t fy_cluster_daemon_cmd(const fy_cluster_spec_t *spec, int i, const ch
             st = st ? st : cmd_addf(cmd, "--lease=%s", spec->lease);
         if (spec->reserve_lease[0])
             st = st ? st : cmd_addf(cmd, "--reserve-lease=%s", spec->reserve_lease);
+        if (spec->kv_seal[0])
+            st = st ? st : cmd_addf(cmd, "--kv-seal=%s", spec->kv_seal);
         if (d->http_port > 0)
             st = st ? st : cmd_addf(cmd, "--http-listen=%s:%d", bind, d->http_port);
     } else {

@@ -338,6 +338,23 @@ static void test_reserve_lease(void **state)
     expect_error(with_line(6, "reserve_lease: 0"), "t.yaml:6:", "bad reserve_lease");
 }
 
+/* kv_seal is the router's --kv-seal; only its three values parse. */
+static void test_kv_seal(void **state)
+{
+    (void)state;
+    fy_cluster_spec_t *s = parse_ok(with_line(6, "kv_seal: off"));
+    fy_cluster_cmd_t c;
+    assert_int_equal(fy_cluster_daemon_cmd(s, 0, NULL, &c), FY_OK);
+    assert_true(has_word(&c, "--kv-seal=off"));
+    fy_cluster_cmd_free(&c);
+    assert_int_equal(fy_cluster_daemon_cmd(s, 1, NULL, &c), FY_OK);
+    for (int i = 0; i < c.argc; i++)
+        assert_null(strstr(c.argv[i], "kv-seal"));
+    fy_cluster_cmd_free(&c);
+    free(s);
+    expect_error(with_line(6, "kv_seal: yes"), "t.yaml:6:", "bad kv_seal");
+}
+
 static void test_local_backend(void **state)
 {
     (void)state;
@@ -481,11 +498,11 @@ static void test_state_and_metrics(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_full_spec),    cmocka_unit_test(test_daemon_cmds),
-        cmocka_unit_test(test_pair_link),
-        cmocka_unit_test(test_shell_quoting), cmocka_unit_test(test_errors),
-        cmocka_unit_test(test_local_backend), cmocka_unit_test(test_netns_plan),
-        cmocka_unit_test(test_state_and_metrics), cmocka_unit_test(test_reserve_lease),
+        cmocka_unit_test(test_full_spec),     cmocka_unit_test(test_daemon_cmds),
+        cmocka_unit_test(test_pair_link),     cmocka_unit_test(test_shell_quoting),
+        cmocka_unit_test(test_errors),        cmocka_unit_test(test_local_backend),
+        cmocka_unit_test(test_netns_plan),    cmocka_unit_test(test_state_and_metrics),
+        cmocka_unit_test(test_reserve_lease), cmocka_unit_test(test_kv_seal),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
