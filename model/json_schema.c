@@ -40,7 +40,7 @@ typedef enum {
     S_ARRAY,   // items child, min..max of them
     S_STRING,  // min..max characters
     S_NUMBER,  //
-    S_INTEGER, // a number without fraction or exponent
+    S_INTEGER, // a number without fraction or exponent, within lo..hi
     S_LITS,    // one of the JSON texts refs[first .. first + n)
     S_CHOICE,  // one of the nodes refs[first .. first + n), told apart by the first byte
 } sc_kind_t;
@@ -57,6 +57,8 @@ typedef struct {
     uint64_t required; // object: bit i = property i
     uint8_t start[32]; // the bytes a value of this node may start with (a bit set)
     uint8_t depth;     // frames the deepest value of this node opens
+    bool bounded;      // integer: lo..hi narrower than any
+    int64_t lo, hi;    // integer: the values allowed
 } sc_node_t;
 
 /* A property (name text[off..off+len], value node), a literal (its JSON text; node: the
@@ -121,6 +123,8 @@ static uint32_t new_node(sc_compiler_t *c, sc_kind_t kind)
     n->max = NO_LIMIT;
     n->child = NO_NODE;
     n->depth = 1;
+    n->lo = INT64_MIN;
+    n->hi = INT64_MAX;
     return s->n_node++;
 }
 
@@ -361,6 +365,44 @@ static uint32_t compile_array(sc_compiler_t *c, const cJSON *j, int depth)
     return id;
 }
 
+static const char *const k_bounds[] = {"minimum", "maximum", "exclusiveMinimum",
+                                       "exclusiveMaximum"};
+#define MAX_BOUND 1e15 /* |bounds|: well inside 16 digits and int64 */
+
+static bool has_bounds(const cJSON *j)
+{
+    for (size_t i = 0; i < FY_ARRAY_SIZE(k_bounds); i++)
+        if (cJSON_HasObjectItem(j, k_bounds[i]))
+            return true;
+    return false;
+}
+
+/* An integer's minimum, maximum, exclusiveMinimum and exclusiveMaximum as lo..hi. */
+static bool int_bounds(sc_compiler_t *c, const cJSON *j, int64_t *lo, int64_t *hi)
+{
+    for (size_t i = 0; i < FY_ARRAY_SIZE(k_bounds); i++) {
+        const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, k_bounds[i]);
+        if (v == NULL)
+            continue;
+        if (!cJSON_IsNumber(v) || !(fabs(v->valuedouble) <= MAX_BOUND)) {
+            fail(c, "%s: a number within +-1e15", k_bounds[i]);
+            return false;
+        }
+        const double x = v->valuedouble;
+        const int64_t b = i % 2 == 0 ? (int64_t)(i == 0 ? ceil(x) : floor(x) + 1)
+                                     : (int64_t)(i == 1 ? floor(x) : ceil(x) - 1);
+        if (i % 2 == 0)
+            *lo = FY_MAX(*lo, b);
+        else
+            *hi = FY_MIN(*hi, b);
+    }
+    if (*lo > *hi) {
+        fail(c, "%s: no integer lies within the bounds", "minimum");
+        return false;
+    }
+    return true;
+}
+
 /* A node for one type name, from the keywords of j that apply to it. */
 static uint32_t compile_type(sc_compiler_t *c, const cJSON *j, const char *type, int depth)
 {
@@ -383,9 +425,18 @@ static uint32_t compile_type(sc_compiler_t *c, const cJSON *j, const char *type,
         return id;
     }
     if (strcmp(type, "number") == 0 || strcmp(type, "integer") == 0) {
+        int64_t lo = INT64_MIN, hi = INT64_MAX;
+        if (type[0] == 'n' && has_bounds(j))
+            return fail(c, "%s", "minimum and maximum: for integers only (not numbers)");
+        if (type[0] == 'i' && !int_bounds(c, j, &lo, &hi))
+            return NO_NODE;
         uint32_t id = new_node(c, type[0] == 'n' ? S_NUMBER : S_INTEGER);
-        if (id != NO_NODE)
+        if (id != NO_NODE) {
             start_kinds(c->s->node[id].start, K_NUMBER);
+            c->s->node[id].lo = lo;
+            c->s->node[id].hi = hi;
+            c->s->node[id].bounded = lo != INT64_MIN || hi != INT64_MAX;
+        }
         return id;
     }
     if (strcmp(type, "boolean") == 0 || strcmp(type, "null") == 0) {
@@ -488,10 +539,25 @@ static const char *const k_annotations[] = {
 };
 
 static const char *const k_handled[] = {
-    "type",      "properties", "required", "additionalProperties",
-    "items",     "minItems",   "maxItems", "minLength",
-    "maxLength", "enum",       "const",    "anyOf",
-    "oneOf",     "allOf",      "$ref",
+    "type",
+    "properties",
+    "required",
+    "additionalProperties",
+    "items",
+    "minItems",
+    "maxItems",
+    "minLength",
+    "maxLength",
+    "enum",
+    "const",
+    "anyOf",
+    "oneOf",
+    "allOf",
+    "$ref",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
 };
 
 static bool in_list(const char *s, const char *const *list, size_t n)
@@ -620,6 +686,8 @@ static uint32_t compile(sc_compiler_t *c, const cJSON *j, int depth)
         return fail(c, "%s: must be a type name or a list of them", "type");
     }
     // No type: the keywords say which.
+    if (has_bounds(j))
+        return fail(c, "%s", "minimum and maximum: give \"type\": \"integer\"");
     if (cJSON_HasObjectItem(j, "properties") || cJSON_HasObjectItem(j, "required") ||
         cJSON_HasObjectItem(j, "additionalProperties"))
         return compile_object(c, j, depth);
@@ -833,10 +901,51 @@ static int string_byte(mdl_schema_state_t *st, uint8_t c, uint32_t min, uint32_t
 #define MAX_DIGITS     16
 #define MAX_EXP_DIGITS 3
 
-static sc_result_t number_byte(const mdl_schema_t *s, mdl_schema_state_t *st, uint8_t c,
-                               bool integer)
+/* Whether an integer that starts with these digits (mag, digits of them; a leading zero ends
+ * it) and sign can still land in lo..hi: some value with up to MAX_DIGITS digits does. */
+static bool int_viable(const sc_node_t *n, bool neg, int64_t mag, uint32_t digits)
 {
-    const bool digit = c >= '0' && c <= '9';
+    if (digits == 0) // "-" alone: any value <= 0 may follow
+        return n->lo <= 0;
+    int64_t scale = 1; // 10^j: the values mag * 10^j .. mag * 10^j + 10^j - 1
+    for (uint32_t j = 0; digits + j <= MAX_DIGITS; j++, scale *= 10) {
+        const int64_t a = mag * scale, b = a + scale - 1;
+        const int64_t lo = neg ? -b : a, hi = neg ? -a : b;
+        if (lo <= n->hi && hi >= n->lo)
+            return true;
+        if (mag == 0 || a > (int64_t)MAX_BOUND) // no more digits, or past every bound
+            break;
+    }
+    return false;
+}
+
+static sc_result_t number_byte(const mdl_schema_t *s, mdl_schema_state_t *st, uint8_t c,
+                               const sc_node_t *n)
+{
+    const bool digit = c >= '0' && c <= '9', integer = n->kind == S_INTEGER;
+    if (integer && n->bounded) {
+        // Bounds: a digit only where some value in range can still come of it, and the end
+        // only at a value in range.
+        const bool neg = st->num == N_MINUS || (st->num != N_START && st->neg);
+        if (st->num == N_START && c == '-') {
+            st->neg = 1;
+            st->mag = 0;
+            if (!int_viable(n, true, 0, 0))
+                return R_FAIL;
+        } else if (digit && (st->num == N_START || st->num == N_MINUS || st->num == N_INT)) {
+            if (st->num == N_START)
+                st->neg = 0;
+            const int64_t mag = (st->num == N_INT ? st->mag * 10 : 0) + (c - '0');
+            const uint32_t digits = st->num == N_INT ? st->chars + 1 : 1;
+            if (digits > MAX_DIGITS || !int_viable(n, neg, mag, digits))
+                return R_FAIL;
+            st->mag = mag;
+        } else if (!digit && (st->num == N_INT || st->num == N_ZERO)) {
+            const int64_t v = neg ? -st->mag : st->mag;
+            if (v < n->lo || v > n->hi)
+                return R_FAIL; // the value so far is out of range: it may not end here
+        }
+    }
     switch (st->num) {
     case N_START:
         st->num = c == '-' ? N_MINUS : c == '0' ? N_ZERO : digit ? N_INT : N_START;
@@ -1092,7 +1201,7 @@ static sc_result_t step_top(const mdl_schema_t *s, mdl_schema_state_t *st, uint8
         if (st->num == N_START && ws)
             return ws_between(st, c) ? R_OK : R_FAIL;
         st->ws = 0;
-        return number_byte(s, st, c, n->kind == S_INTEGER);
+        return number_byte(s, st, c, n);
     case P_LIT:
         if (st->lit_pos == 0 && ws)
             return ws_between(st, c) ? R_OK : R_FAIL;

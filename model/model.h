@@ -598,11 +598,13 @@ int mdl_json_mask(const mdl_json_vocab_t *v, const mdl_json_t *j, const int32_t 
  * is masked out, and once the document is whole only a stop token may follow. The top level
  * must be an object or an array. Supported: type (one or a list), properties, required,
  * additionalProperties (false, or a schema for objects without properties), items, minItems,
- * maxItems, minLength, maxLength, enum, const, anyOf and oneOf whose branches start with
+ * maxItems, minLength, maxLength, minimum, maximum, exclusiveMinimum and exclusiveMaximum of
+ * integers (within +-1e15), enum, const, anyOf and oneOf whose branches start with
  * different bytes (types) or are objects told apart by a first required const property,
  * allOf of one schema, and local $ref (#/$defs/..., #/definitions/...); annotations (title,
  * description, default, examples, format, ...) are ignored. Any other keyword (pattern,
- * minimum, ...) fails the compile, naming it, rather than produce output that breaks it.
+ * multipleOf, ...) or bounds of non-integer numbers fail the compile, naming them, rather than
+ * produce output that breaks them.
  * Objects' properties come in the schema's order, optional ones may be left out; the
  * document starts at once, and between tokens come one space, or a line break and up to 20
  * spaces or tabs of indent; a number has at most 16 digits before and after its point and 3
@@ -622,10 +624,11 @@ typedef struct {
 
 typedef struct {
     uint8_t depth, done, ws; /* open values, the document is whole, white space run */
-    uint8_t str, num;        /* the top value's string escape / number state */
+    uint8_t str, num, neg;   /* the top value's string escape / number state, its sign */
     uint16_t lit_pos;        /* bytes of a key or literal matched */
     uint16_t lit_done;       /* the literal a completed literal value matched */
-    uint32_t chars;          /* string: characters so far */
+    uint32_t chars;          /* string: characters so far; number: digits of this part */
+    int64_t mag;             /* integer with bounds: the digits so far as a number */
     uint64_t cand;           /* key or literal candidates still matching */
     mdl_json_t any;          /* a value the schema leaves free */
     mdl_schema_frame_t frame[MDL_SCHEMA_MAX_DEPTH]; /* [depth] */

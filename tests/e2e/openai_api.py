@@ -200,7 +200,7 @@ def main():
 
         class City(pydantic.BaseModel):
             name: str = pydantic.Field(max_length=30)
-            population: int
+            population: int = pydantic.Field(ge=1000, le=40000000)
 
         class Country(pydantic.BaseModel):
             name: str = pydantic.Field(max_length=30)
@@ -222,10 +222,11 @@ def main():
                 model="smollm2", messages=[{"role": "user", "content": "x"}],
                 response_format={"type": "json_schema", "json_schema": {
                     "name": "n", "schema": {"type": "object", "properties": {
-                        "n": {"type": "integer", "minimum": 0}}}}})
-            check("json_schema with minimum refused", False)
+                        "n": {"type": "integer", "multipleOf": 2}}}}})
+            check("json_schema with multipleOf refused", False)
         except openai.BadRequestError as e:
-            check("json_schema with minimum refused", '"minimum" is not supported' in str(e), e)
+            check("json_schema with multipleOf refused", '"multipleOf" is not supported' in str(e),
+                  e)
         # Tool calling: the tools reach the prompt; "required" and a named function give one
         # call whose arguments follow the function's parameters, streamed as one delta equal
         # to the whole answer's; the assistant's call and the tool's result go back in.

@@ -3,7 +3,8 @@
 // The compile succeeds or fails with a reason, never a crash or a leak; with a compiled schema,
 // the output is fed byte by byte: a refused byte leaves the state as it was, feeding the taken
 // prefix at once gives the same state, and whatever the recognizer takes as a whole document
-// is valid JSON (cJSON parses it), whose top level is an object or an array.
+// is valid JSON (cJSON parses it, lone surrogate escapes aside), whose top level is an object
+// or an array.
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -53,7 +54,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (!mdl_schema_feed(s, &b, doc, taken) || memcmp(&a, &b, state_bytes(&a)) != 0)
         FAIL("%zu bytes at once differ from byte by byte", taken);
     if (mdl_schema_complete(&a)) {
-        cJSON *j = cJSON_ParseWithLength((const char *)doc, taken);
+        // cJSON refuses \u escapes of lone surrogates, which RFC 8259's grammar (and JSON
+        // mode, for values a schema leaves free) allows: each escape becomes \u0041 first.
+        char *copy = malloc(taken + 1);
+        if (copy == NULL)
+            abort();
+        memcpy(copy, doc, taken);
+        for (size_t i = 0; i + 6 <= taken; i++)
+            if (copy[i] == '\\' && copy[i + 1] == 'u')
+                memcpy(copy + i + 2, "0041", 4);
+            else if (copy[i] == '\\')
+                i++; // an escaped character: not the start of an escape
+        cJSON *j = cJSON_ParseWithLength(copy, taken);
+        free(copy);
         if (j == NULL || !(cJSON_IsObject(j) || cJSON_IsArray(j)))
             FAIL("took \"%.*s\", which is not a JSON object or array", (int)taken, doc);
         cJSON_Delete(j);

@@ -79,7 +79,8 @@ static void check(const char *schema, const char *const *ok, size_t n_ok, const 
 static const char k_person[] =
     "{\"type\": \"object\", \"title\": \"Person\", \"properties\": {"
     "\"name\": {\"type\": \"string\", \"minLength\": 1, \"maxLength\": 5},"
-    "\"age\": {\"type\": \"integer\", \"description\": \"years\"},"
+    "\"age\": {\"type\": \"integer\", \"description\": \"years\", \"minimum\": -1, "
+    "\"maximum\": 150},"
     "\"tags\": {\"type\": \"array\", \"items\": {\"enum\": [\"a\", \"b\"]}, \"maxItems\": 2},"
     "\"nick\": {\"type\": [\"string\", \"null\"]},"
     "\"score\": {\"type\": \"number\", \"format\": \"double\"},"
@@ -103,7 +104,8 @@ static void test_object(void **state)
         "{\"name\":\"|\",\"age\":1}", // minLength 1
         "{\"name\":\"a\",\"age\":1|.5}",
         "{\"name\":\"a\",\"age\":0|1}",
-        "{\"name\":\"a\",\"age\":-1234567890123456|7}", // 16 digits at most
+        "{\"name\":\"a\",\"age\":-|2}",  // minimum -1
+        "{\"name\":\"a\",\"age\":15|1}", // maximum 150
         "{\"name\":\"a\",\"age\":1,\"score\":0.1234567890123456|7}",
         "{\"name\":\"a\",\"age\":1,\"score\":1e-123|4}",
         "{\"name\":\"a\",\"age\":1,\"tags\":[\"a\",\"b\"|,\"a\"]}",
@@ -155,7 +157,8 @@ static void test_union(void **state)
 static void test_maps_free_values_and_enums(void **state)
 {
     static const char *const map_ok[] = {"{}", "{\"x\":1,\"y\\\"\":-2}", "{ \"k\" : 3 }"};
-    static const char *const map_bad[] = {"{\"x\":|\"s\"}", "{\"x\":1|.0}", "{\"x\":1,|}"};
+    static const char *const map_bad[] = {"{\"x\":|\"s\"}", "{\"x\":1|.0}", "{\"x\":1,|}",
+                                          "{\"x\":-1234567890123456|7}"}; // 16 digits at most
     CHECK("{\"type\": \"object\", \"additionalProperties\": {\"type\": \"integer\"}}", map_ok,
           map_bad);
 
@@ -173,6 +176,28 @@ static void test_maps_free_values_and_enums(void **state)
                                            "{\"n\":12|,\"n\":1}"};
     CHECK("{\"properties\": {\"n\": {\"enum\": [1, 12, null, {\"a\": [true]}]}}}", enum_ok,
           enum_bad);
+
+    // Integer bounds: a digit only while some value in range can still come of it, the end
+    // only at a value in range.
+    static const char *const int_ok[] = {"{\"a\":1,\"b\":-10}", "{\"a\":100,\"b\":-50}",
+                                         "{\"a\":57,\"b\":-11,\"c\":0}",
+                                         "{\"a\":9,\"b\":-49,\"c\":-0}"};
+    static const char *const int_bad[] = {
+        "{\"a\":|0",
+        "{\"a\":10|1}",
+        "{\"a\":|-5}",
+        "{\"a\":1,\"b\":-|9}",
+        "{\"a\":1,\"b\":-5|}",
+        "{\"a\":1,\"b\":|3}",
+        "{\"a\":1,\"b\":-10,\"c\":|1}",
+        "{\"a\":1,\"b\":-10,\"c\":-|1}",
+    };
+    CHECK("{\"type\": \"object\", \"properties\": {"
+          "\"a\": {\"type\": \"integer\", \"minimum\": 1, \"maximum\": 100},"
+          "\"b\": {\"type\": \"integer\", \"exclusiveMinimum\": -51, \"exclusiveMaximum\": -9},"
+          "\"c\": {\"type\": [\"integer\", \"null\"], \"minimum\": 0, \"maximum\": 0.5}},"
+          "\"required\": [\"a\", \"b\"]}",
+          int_ok, int_bad);
 
     static const char *const arr_ok[] = {"[\"x\",\"yz\"]", "[ \"a\" ]"};
     static const char *const arr_bad[] = {"[|]", "[\"x\",\"y\",\"z\"|,\"w\"]", "[\"|\"]"};
@@ -197,8 +222,13 @@ static void test_refused(void **state)
         {"{\"type\": \"object\", \"properties\": {\"a\": {\"type\": \"string\", \"pattern\": "
          "\"^a\"}}}",
          "\"pattern\" is not supported"},
-        {"{\"properties\": {\"n\": {\"type\": \"integer\", \"minimum\": 0}}}",
-         "\"minimum\" is not supported"},
+        {"{\"properties\": {\"n\": {\"type\": \"integer\", \"multipleOf\": 2}}}",
+         "\"multipleOf\" is not supported"},
+        {"{\"properties\": {\"x\": {\"type\": \"number\", \"minimum\": 0}}}", "for integers only"},
+        {"{\"properties\": {\"x\": {\"maximum\": 3}}}", "give \"type\": \"integer\""},
+        {"{\"properties\": {\"x\": {\"type\": \"integer\", \"minimum\": 5, \"maximum\": 4}}}",
+         "no integer lies within"},
+        {"{\"properties\": {\"x\": {\"type\": \"integer\", \"maximum\": 1e16}}}", "within +-1e15"},
         {"{\"type\": \"string\"}", "top level must be an object or an array"},
         {"{\"enum\": [{\"a\": 1}]}", "top level must be an object or an array"},
         {"{\"properties\": {\"a\": {}}, \"required\": [\"b\"]}", "\"b\" is not among"},
@@ -256,7 +286,8 @@ static bool person_ok(const char *text)
     const cJSON *name = cJSON_GetObjectItemCaseSensitive(doc, "name");
     const cJSON *age = cJSON_GetObjectItemCaseSensitive(doc, "age");
     ok = ok && cJSON_IsString(name) && cJSON_IsNumber(age) &&
-         age->valuedouble == floor(age->valuedouble) && strlen(name->valuestring) >= 1;
+         age->valuedouble == floor(age->valuedouble) && age->valuedouble >= -1 &&
+         age->valuedouble <= 150 && strlen(name->valuestring) >= 1;
     const cJSON *f;
     for (f = ok ? doc->child : NULL; f != NULL; f = f->next) {
         static const char *const known[] = {"name", "age", "tags", "nick", "score", "ok"};

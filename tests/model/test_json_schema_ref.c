@@ -2,8 +2,9 @@
 // BPE tokens, many of several bytes): at each of a set of places in documents of several
 // schemas, the tokens the mask keeps are exactly those whose bytes the recognizer takes, its
 // count is theirs, and special tokens never pass. The mask's shortcuts (first and second
-// bytes, plain tokens inside a string counted in characters against maxLength) are checked
-// here against stepping every token. Needs the real model (scripts/setup.sh fetches it).
+// bytes, plain tokens inside a string counted in characters against maxLength) and integer
+// bounds (digits that can still reach 18..65) are checked here against stepping every token.
+// Needs the real model (scripts/setup.sh fetches it).
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -18,13 +19,14 @@ static const struct {
     const char *places[8];
 } k_cases[] = {
     {"{\"type\": \"object\", \"properties\": {\"name\": {\"type\": \"string\", \"maxLength\": 6},"
-     "\"bio\": {\"type\": \"string\"}, \"age\": {\"type\": \"integer\"},"
+     "\"bio\": {\"type\": \"string\"}, \"age\": {\"type\": \"integer\", \"minimum\": 18, "
+     "\"maximum\": 65},"
      "\"scores\": {\"type\": \"array\", \"items\": {\"type\": \"number\"}, \"maxItems\": 3},"
      "\"color\": {\"enum\": [\"red\", \"green\", \"blue\", 12, 123]}},"
      "\"required\": [\"name\", \"age\"]}",
-     {"", "{", "{\"na", "{\"name\": \"abc", "{\"name\": \"abcde", "{\"name\": \"a\\\\",
-      "{\"name\": \"a\", \"age\": 3, \"scores\": [1, 2.5",
-      "{\"name\": \"a\", \"age\": 3,\n  \"color\": 12"}},
+     {"", "{", "{\"name\": \"a\", \"age\": 6", "{\"name\": \"abc", "{\"name\": \"abcde",
+      "{\"name\": \"a\\\\", "{\"name\": \"a\", \"age\": 30, \"scores\": [1, 2.5",
+      "{\"name\": \"a\", \"age\": 30,\n  \"color\": 12"}},
     {"{\"anyOf\": [{\"type\": \"object\", \"properties\": {\"name\": {\"const\": \"search\"},"
      "\"arguments\": {\"type\": \"object\", \"properties\": {\"query\": {\"type\": \"string\"}},"
      "\"required\": [\"query\"]}}, \"required\": [\"name\", \"arguments\"]},"
