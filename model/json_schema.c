@@ -1009,20 +1009,31 @@ static sc_result_t number_byte(const mdl_schema_t *s, mdl_schema_state_t *st, ui
     return R_AGAIN;
 }
 
+/* One byte c against the texts refs[first + i] still matching (bits of st->cand, lit_pos
+ * bytes matched): the candidates c continues; *whole_p the first that ended before c, or 0. */
+static uint64_t cand_step(const mdl_schema_t *s, uint32_t first, const mdl_schema_state_t *st,
+                          uint8_t c, uint64_t *whole_p)
+{
+    uint64_t next = 0, whole = 0;
+    for (uint64_t m = st->cand; m != 0; m &= m - 1) {
+        const unsigned i = (unsigned)__builtin_ctzll(m);
+        const sc_ref_t *r = &s->ref[first + i];
+        if (r->len > st->lit_pos && (uint8_t)s->text[r->off + st->lit_pos] == c)
+            next |= 1ull << i;
+        else if (r->len == st->lit_pos && whole == 0)
+            whole = 1ull << i;
+    }
+    *whole_p = whole;
+    return next;
+}
+
 static sc_result_t literal_byte(const mdl_schema_t *s, mdl_schema_state_t *st, const sc_node_t *n,
                                 uint8_t c)
 {
     if (st->lit_pos == 0)
         st->cand = n->n == 64 ? ~0ull : (1ull << n->n) - 1;
-    uint64_t next = 0, whole = 0;
-    for (uint64_t m = st->cand; m != 0; m &= m - 1) {
-        const unsigned i = (unsigned)__builtin_ctzll(m);
-        const sc_ref_t *r = &s->ref[n->first + i];
-        if (r->len > st->lit_pos && (uint8_t)s->text[r->off + st->lit_pos] == c)
-            next |= 1ull << i;
-        else if (r->len == st->lit_pos)
-            whole = whole ? whole : 1ull << i;
-    }
+    uint64_t whole;
+    const uint64_t next = cand_step(s, n->first, st, c, &whole);
     if (next != 0) {
         st->cand = next;
         st->lit_pos++;
@@ -1095,18 +1106,13 @@ static sc_result_t step_object(const mdl_schema_t *s, mdl_schema_state_t *st, md
         st->chars = 0;
         f->phase = P_OBJ_FKEY;
         return R_OK;
-    case P_OBJ_KEY: {
-        uint64_t next = 0;
-        for (uint64_t m = st->cand; m != 0; m &= m - 1) {
-            const unsigned i = (unsigned)__builtin_ctzll(m);
-            const sc_ref_t *r = &s->ref[n->first + i];
-            if (c == '"' && r->len == st->lit_pos) {
-                f->prop = (uint8_t)(i + 1);
-                f->phase = P_OBJ_COLON;
-                return R_OK;
-            }
-            if (r->len > st->lit_pos && (uint8_t)s->text[r->off + st->lit_pos] == c)
-                next |= 1ull << i;
+    case P_OBJ_KEY: { // names hold no quote: a quote ends the one matched whole, if any
+        uint64_t whole;
+        const uint64_t next = cand_step(s, n->first, st, c, &whole);
+        if (c == '"' && whole != 0) {
+            f->prop = (uint8_t)(__builtin_ctzll(whole) + 1);
+            f->phase = P_OBJ_COLON;
+            return R_OK;
         }
         st->cand = next;
         st->lit_pos++;

@@ -343,11 +343,7 @@ static const char *skip_ws(const char *s, const char *end)
 
 static const char *find(const char *s, const char *end, const char *what)
 {
-    const size_t n = strlen(what);
-    for (; s + n <= end; s++)
-        if (memcmp(s, what, n) == 0)
-            return s;
-    return NULL;
+    return memmem(s, (size_t)(end - s), what, strlen(what));
 }
 
 /* One call j: {"name": a tool's, "arguments" (or Llama's "parameters"): an object, or a
